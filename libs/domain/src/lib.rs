@@ -1,0 +1,11 @@
+//! Pure domain rules of omoi: no I/O, every rule unit-tested here.
+
+pub mod backoff;
+pub mod classify;
+pub mod error;
+pub mod graph;
+pub mod task;
+pub mod validate;
+
+pub use error::{DomainError, FieldError};
+pub use task::{Action, ErrorClass, Phase, TaskStatus};

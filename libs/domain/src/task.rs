@@ -1,0 +1,318 @@
+//! The task state machine.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::DomainError;
+
+/// Status of a task; the string forms are the values stored in PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskStatus {
+    Pending,
+    Assigned,
+    Running,
+    Completed,
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 7] = [
+        TaskStatus::Pending,
+        TaskStatus::Assigned,
+        TaskStatus::Running,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::TimedOut,
+        TaskStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "pending",
+            TaskStatus::Assigned => "assigned",
+            TaskStatus::Running => "running",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::TimedOut => "timed_out",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Final unless the task is retried, which only the queue itself does.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled
+        )
+    }
+
+    /// The protobuf enum value (`omoi.common.v1.TaskStatus`).
+    pub fn to_proto(self) -> i32 {
+        match self {
+            TaskStatus::Pending => 1,
+            TaskStatus::Assigned => 2,
+            TaskStatus::Running => 3,
+            TaskStatus::Completed => 4,
+            TaskStatus::Failed => 5,
+            TaskStatus::TimedOut => 6,
+            TaskStatus::Cancelled => 7,
+        }
+    }
+
+    /// `None` for UNSPECIFIED (0) and unknown values.
+    pub fn from_proto(value: i32) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.to_proto() == value)
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| format!("unknown task status {s:?}"))
+    }
+}
+
+/// What can happen to a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// The dispatcher hands the task to an agent.
+    Assign,
+    /// The agent starts its attempt.
+    Start,
+    /// The agent's attempt succeeded.
+    Complete,
+    /// The attempt failed; with retries left the task goes back to pending.
+    Fail { retry: bool },
+    /// The attempt ran past its deadline; with retries left it goes back to pending.
+    TimeOut { retry: bool },
+    /// An assigned task whose agent went away before starting it.
+    Requeue,
+    /// A stale agent's task is taken back (counted as a retry).
+    Reclaim,
+    Cancel,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Assign => "assign",
+            Action::Start => "start",
+            Action::Complete => "complete",
+            Action::Fail { .. } => "fail",
+            Action::TimeOut { .. } => "time out",
+            Action::Requeue => "requeue",
+            Action::Reclaim => "reclaim",
+            Action::Cancel => "cancel",
+        })
+    }
+}
+
+impl TaskStatus {
+    /// The status after `action`, or why it is illegal.
+    pub fn apply(self, action: Action) -> Result<TaskStatus, DomainError> {
+        use Action as A;
+        use TaskStatus as S;
+        let next = match (self, action) {
+            (S::Pending, A::Assign) => S::Assigned,
+            (S::Assigned, A::Start) => S::Running,
+            (S::Running, A::Complete) => S::Completed,
+            (S::Assigned | S::Running, A::Fail { retry: true }) => S::Pending,
+            (S::Assigned | S::Running, A::Fail { retry: false }) => S::Failed,
+            (S::Running, A::TimeOut { retry: true }) => S::Pending,
+            (S::Running, A::TimeOut { retry: false }) => S::Failed,
+            (S::Assigned, A::Requeue) => S::Pending,
+            (S::Assigned | S::Running, A::Reclaim) => S::Pending,
+            (S::Pending | S::Assigned | S::Running, A::Cancel) => S::Cancelled,
+            (from, action) => return Err(DomainError::IllegalTransition { from, action }),
+        };
+        Ok(next)
+    }
+}
+
+/// Development phase of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    Initial,
+    Implementation,
+    Integration,
+    Refactoring,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 4] = [
+        Phase::Initial,
+        Phase::Implementation,
+        Phase::Integration,
+        Phase::Refactoring,
+    ];
+
+    /// The protobuf value (`omoi.common.v1.Phase`), also the stored value.
+    pub fn to_proto(self) -> i32 {
+        match self {
+            Phase::Initial => 1,
+            Phase::Implementation => 2,
+            Phase::Integration => 3,
+            Phase::Refactoring => 4,
+        }
+    }
+
+    pub fn from_proto(value: i32) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.to_proto() == value)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Initial => "PHASE_INITIAL",
+            Phase::Implementation => "PHASE_IMPLEMENTATION",
+            Phase::Integration => "PHASE_INTEGRATION",
+            Phase::Refactoring => "PHASE_REFACTORING",
+        }
+    }
+}
+
+/// How a failure is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    Retryable,
+    Permanent,
+}
+
+impl ErrorClass {
+    pub fn to_proto(self) -> i32 {
+        match self {
+            ErrorClass::Retryable => 1,
+            ErrorClass::Permanent => 2,
+        }
+    }
+
+    /// `None` for UNSPECIFIED (let the server classify) and unknown values.
+    pub fn from_proto(value: i32) -> Option<Self> {
+        match value {
+            1 => Some(ErrorClass::Retryable),
+            2 => Some(ErrorClass::Permanent),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Retryable => "retryable",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "retryable" => Some(ErrorClass::Retryable),
+            "permanent" => Some(ErrorClass::Permanent),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ACTIONS: [Action; 11] = [
+        Action::Assign,
+        Action::Start,
+        Action::Complete,
+        Action::Fail { retry: true },
+        Action::Fail { retry: false },
+        Action::TimeOut { retry: true },
+        Action::TimeOut { retry: false },
+        Action::Requeue,
+        Action::Reclaim,
+        Action::Cancel,
+        Action::Cancel,
+    ];
+
+    /// Every legal transition; anything not listed must be refused.
+    fn legal() -> Vec<(TaskStatus, Action, TaskStatus)> {
+        use Action as A;
+        use TaskStatus as S;
+        vec![
+            (S::Pending, A::Assign, S::Assigned),
+            (S::Pending, A::Cancel, S::Cancelled),
+            (S::Assigned, A::Start, S::Running),
+            (S::Assigned, A::Fail { retry: true }, S::Pending),
+            (S::Assigned, A::Fail { retry: false }, S::Failed),
+            (S::Assigned, A::Requeue, S::Pending),
+            (S::Assigned, A::Reclaim, S::Pending),
+            (S::Assigned, A::Cancel, S::Cancelled),
+            (S::Running, A::Complete, S::Completed),
+            (S::Running, A::Fail { retry: true }, S::Pending),
+            (S::Running, A::Fail { retry: false }, S::Failed),
+            (S::Running, A::TimeOut { retry: true }, S::Pending),
+            (S::Running, A::TimeOut { retry: false }, S::Failed),
+            (S::Running, A::Reclaim, S::Pending),
+            (S::Running, A::Cancel, S::Cancelled),
+        ]
+    }
+
+    #[test]
+    fn every_transition_is_legal_or_refused_as_listed() {
+        let legal = legal();
+        for from in TaskStatus::ALL {
+            for action in ACTIONS {
+                let expected = legal
+                    .iter()
+                    .find(|(f, a, _)| *f == from && *a == action)
+                    .map(|(_, _, to)| *to);
+                match (from.apply(action), expected) {
+                    (Ok(to), Some(want)) => assert_eq!(to, want, "{from} --{action}-->"),
+                    (Err(DomainError::IllegalTransition { from: f, action: a }), None) => {
+                        assert_eq!((f, a), (from, action))
+                    }
+                    (got, want) => panic!("{from} --{action}--> got {got:?}, want {want:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn terminal_states_accept_nothing() {
+        for from in TaskStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
+            for action in ACTIONS {
+                assert!(from.apply(action).is_err(), "{from} accepted {action}");
+            }
+        }
+    }
+
+    #[test]
+    fn status_round_trips_through_strings_and_proto() {
+        for s in TaskStatus::ALL {
+            assert_eq!(s.as_str().parse::<TaskStatus>(), Ok(s));
+            assert_eq!(TaskStatus::from_proto(s.to_proto()), Some(s));
+        }
+        assert_eq!(TaskStatus::from_proto(0), None);
+        assert_eq!(TaskStatus::from_proto(99), None);
+        assert!("done".parse::<TaskStatus>().is_err());
+    }
+
+    #[test]
+    fn phases_and_error_classes_round_trip() {
+        for p in Phase::ALL {
+            assert_eq!(Phase::from_proto(p.to_proto()), Some(p));
+        }
+        assert_eq!(Phase::from_proto(0), None);
+        for c in [ErrorClass::Retryable, ErrorClass::Permanent] {
+            assert_eq!(ErrorClass::from_proto(c.to_proto()), Some(c));
+            assert_eq!(ErrorClass::parse(c.as_str()), Some(c));
+        }
+        assert_eq!(ErrorClass::from_proto(0), None);
+    }
+}

@@ -1,0 +1,273 @@
+//! Validation of request fields into domain values. Every refusal names the
+//! field, so a client can tell exactly what to fix.
+
+use uuid::Uuid;
+
+use crate::backoff::DEFAULT_MAX_RETRIES;
+use crate::error::DomainError;
+use crate::task::{Phase, TaskStatus};
+
+pub const MAX_TITLE_CHARS: usize = 200;
+pub const MAX_DESCRIPTION_BYTES: usize = 64 * 1024;
+pub const MAX_RETRIES_LIMIT: i32 = 100;
+pub const MAX_TIMEOUT_SECONDS: i32 = 7 * 24 * 3600;
+pub const MAX_DEPENDENCIES: usize = 1000;
+pub const MAX_BATCH: usize = 1000;
+pub const MAX_REASON_BYTES: usize = 4096;
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// A validated task to enqueue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    pub id: Uuid,
+    pub ticket_id: Option<Uuid>,
+    pub title: String,
+    pub description: String,
+    pub phase: Phase,
+    pub priority: i32,
+    pub depends_on: Vec<Uuid>,
+    pub max_retries: i32,
+    pub timeout_seconds: i32,
+}
+
+/// A task as a request carries it, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct RawNewTask<'a> {
+    pub id: &'a str,
+    pub ticket_id: &'a str,
+    pub title: &'a str,
+    pub description: &'a str,
+    pub phase: i32,
+    pub priority: i32,
+    pub depends_on: &'a [String],
+    pub max_retries: Option<i32>,
+    pub timeout_seconds: i32,
+}
+
+/// A required UUID.
+pub fn uuid(field: &str, value: &str) -> Result<Uuid, DomainError> {
+    if value.is_empty() {
+        return Err(DomainError::invalid(field, "is required"));
+    }
+    Uuid::parse_str(value)
+        .map_err(|_| DomainError::invalid(field, format!("{:?} is not a UUID", truncate(value, 64))))
+}
+
+/// An optional UUID: empty means none.
+pub fn optional_uuid(field: &str, value: &str) -> Result<Option<Uuid>, DomainError> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        uuid(field, value).map(Some)
+    }
+}
+
+pub fn title(field: &str, value: &str) -> Result<String, DomainError> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(DomainError::invalid(field, "must not be empty"));
+    }
+    let chars = trimmed.chars().count();
+    if chars > MAX_TITLE_CHARS {
+        return Err(DomainError::invalid(
+            field,
+            format!("is {chars} characters; at most {MAX_TITLE_CHARS} allowed"),
+        ));
+    }
+    no_control_chars(field, trimmed)?;
+    Ok(trimmed.to_owned())
+}
+
+/// Free text with a size limit (descriptions, reasons, error messages).
+pub fn text(field: &str, value: &str, max_bytes: usize) -> Result<String, DomainError> {
+    if value.len() > max_bytes {
+        return Err(DomainError::invalid(
+            field,
+            format!("is {} bytes; at most {max_bytes} allowed", value.len()),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(DomainError::invalid(field, "must not contain NUL characters"));
+    }
+    Ok(value.to_owned())
+}
+
+pub fn phase(field: &str, value: i32) -> Result<Phase, DomainError> {
+    Phase::from_proto(value).ok_or_else(|| {
+        if value == 0 {
+            DomainError::invalid(field, "is required")
+        } else {
+            DomainError::invalid(field, format!("{value} is not a known phase"))
+        }
+    })
+}
+
+/// An optional status filter: UNSPECIFIED means any.
+pub fn status_filter(field: &str, value: i32) -> Result<Option<TaskStatus>, DomainError> {
+    if value == 0 {
+        return Ok(None);
+    }
+    TaskStatus::from_proto(value)
+        .map(Some)
+        .ok_or_else(|| DomainError::invalid(field, format!("{value} is not a known task status")))
+}
+
+/// An optional phase filter: UNSPECIFIED means any.
+pub fn phase_filter(field: &str, value: i32) -> Result<Option<Phase>, DomainError> {
+    if value == 0 {
+        Ok(None)
+    } else {
+        phase(field, value).map(Some)
+    }
+}
+
+/// A positive attempt number from a report.
+pub fn attempt(field: &str, value: i32) -> Result<i32, DomainError> {
+    if value < 1 {
+        return Err(DomainError::invalid(field, format!("must be 1 or more, got {value}")));
+    }
+    Ok(value)
+}
+
+pub fn range(field: &str, value: i32, min: i32, max: i32) -> Result<i32, DomainError> {
+    if value < min || value > max {
+        return Err(DomainError::invalid(
+            field,
+            format!("must be between {min} and {max}, got {value}"),
+        ));
+    }
+    Ok(value)
+}
+
+pub fn new_task(field: &str, raw: &RawNewTask<'_>) -> Result<NewTask, DomainError> {
+    let id = if raw.id.is_empty() {
+        Uuid::now_v7()
+    } else {
+        uuid(&format!("{field}.id"), raw.id)?
+    };
+    if raw.depends_on.len() > MAX_DEPENDENCIES {
+        return Err(DomainError::invalid(
+            format!("{field}.depends_on"),
+            format!("has {} entries; at most {MAX_DEPENDENCIES} allowed", raw.depends_on.len()),
+        ));
+    }
+    let depends_on = raw
+        .depends_on
+        .iter()
+        .enumerate()
+        .map(|(j, d)| uuid(&format!("{field}.depends_on[{j}]"), d))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(NewTask {
+        id,
+        ticket_id: optional_uuid(&format!("{field}.ticket_id"), raw.ticket_id)?,
+        title: title(&format!("{field}.title"), raw.title)?,
+        description: text(&format!("{field}.description"), raw.description, MAX_DESCRIPTION_BYTES)?,
+        phase: phase(&format!("{field}.phase"), raw.phase)?,
+        priority: range(&format!("{field}.priority"), raw.priority, 0, i32::MAX)?,
+        depends_on,
+        max_retries: range(
+            &format!("{field}.max_retries"),
+            raw.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
+            0,
+            MAX_RETRIES_LIMIT,
+        )?,
+        timeout_seconds: range(
+            &format!("{field}.timeout_seconds"),
+            raw.timeout_seconds,
+            0,
+            MAX_TIMEOUT_SECONDS,
+        )?,
+    })
+}
+
+fn no_control_chars(field: &str, value: &str) -> Result<(), DomainError> {
+    if value.chars().any(char::is_control) {
+        return Err(DomainError::invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    s.chars().take(max_chars).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(err: DomainError) -> String {
+        match err {
+            DomainError::InvalidArgument(e) => e.field,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn good() -> RawNewTask<'static> {
+        RawNewTask {
+            title: "Set up the project",
+            phase: 1,
+            priority: 2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_good_task_gets_defaults() {
+        let t = new_task("tasks[0]", &good()).unwrap();
+        assert_eq!(t.title, "Set up the project");
+        assert_eq!(t.phase, Phase::Initial);
+        assert_eq!(t.max_retries, DEFAULT_MAX_RETRIES);
+        assert_eq!(t.timeout_seconds, 0);
+        assert_eq!(t.ticket_id, None);
+        assert!(t.depends_on.is_empty());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let deps = vec!["not-a-uuid".to_string()];
+        let long = "x".repeat(201);
+        let desc = "d".repeat(MAX_DESCRIPTION_BYTES + 1);
+        let cases: Vec<(RawNewTask<'_>, &str)> = vec![
+            (RawNewTask { id: "42", ..good() }, "tasks[3].id"),
+            (RawNewTask { ticket_id: "zz", ..good() }, "tasks[3].ticket_id"),
+            (RawNewTask { title: "", ..good() }, "tasks[3].title"),
+            (RawNewTask { title: "   ", ..good() }, "tasks[3].title"),
+            (RawNewTask { title: &long, ..good() }, "tasks[3].title"),
+            (RawNewTask { title: "a\u{7}b", ..good() }, "tasks[3].title"),
+            (RawNewTask { description: &desc, ..good() }, "tasks[3].description"),
+            (RawNewTask { phase: 0, ..good() }, "tasks[3].phase"),
+            (RawNewTask { phase: 9, ..good() }, "tasks[3].phase"),
+            (RawNewTask { priority: -1, ..good() }, "tasks[3].priority"),
+            (RawNewTask { max_retries: Some(-1), ..good() }, "tasks[3].max_retries"),
+            (RawNewTask { max_retries: Some(101), ..good() }, "tasks[3].max_retries"),
+            (RawNewTask { timeout_seconds: -5, ..good() }, "tasks[3].timeout_seconds"),
+            (
+                RawNewTask { timeout_seconds: MAX_TIMEOUT_SECONDS + 1, ..good() },
+                "tasks[3].timeout_seconds",
+            ),
+            (RawNewTask { depends_on: &deps, ..good() }, "tasks[3].depends_on[0]"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(field_of(new_task("tasks[3]", &raw).unwrap_err()), want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn title_counts_characters_not_bytes() {
+        let title_200 = "é".repeat(200);
+        assert!(title("t", &title_200).is_ok());
+        assert!(title("t", &"é".repeat(201)).is_err());
+    }
+
+    #[test]
+    fn filters_and_attempts() {
+        assert_eq!(status_filter("s", 0), Ok(None));
+        assert_eq!(status_filter("s", 4), Ok(Some(TaskStatus::Completed)));
+        assert_eq!(field_of(status_filter("status", 42).unwrap_err()), "status");
+        assert_eq!(phase_filter("p", 0), Ok(None));
+        assert_eq!(field_of(attempt("attempt", 0).unwrap_err()), "attempt");
+        assert_eq!(attempt("attempt", 3), Ok(3));
+        assert_eq!(field_of(uuid("task_id", "").unwrap_err()), "task_id");
+        assert_eq!(optional_uuid("x", ""), Ok(None));
+    }
+}

@@ -1,0 +1,27 @@
+//! Compiles `proto/` with protox (pure Rust), so building omoi needs no `protoc`.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+const FILES: &[&str] = &[
+    "omoi/common/v1/common.proto",
+    "omoi/events/v1/events.proto",
+    "omoi/taskqueue/v1/taskqueue.proto",
+    "omoi/ticket/v1/ticket.proto",
+    "omoi/health/v1/health.proto",
+    "omoi/executor/v1/executor.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
+    println!("cargo:rerun-if-changed={}", root.display());
+    let fds = protox::compile(FILES, [&root])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("omoi_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}
