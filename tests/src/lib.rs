@@ -1,1 +1,108 @@
+//! Harness for omoi's integration tests: isolated databases and NATS
+//! topologies, services started in-process or as real processes, clients,
+//! scripted agents, and readers of the events stream.
 
+pub mod agent;
+pub mod events;
+pub mod infra;
+pub mod process;
+
+use std::time::Duration;
+
+use omoi_proto::taskqueue::task_queue_service_client::TaskQueueServiceClient;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub use infra::{Infra, TestDb};
+
+pub type TaskQueueClient = TaskQueueServiceClient<Channel>;
+
+/// A task-queue served inside the test process.
+pub struct InProcess {
+    pub url: String,
+    pub shutdown: CancellationToken,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    /// Starts a task-queue on a free loopback port and waits until it
+    /// reports SERVING.
+    pub async fn start(config: omoi_task_queue::Config) -> anyhow::Result<Self> {
+        omoi_runtime::telemetry::init(omoi_runtime::config::LogFormat::Text);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(omoi_task_queue::serve(
+            config,
+            omoi_runtime::grpc::incoming(listener),
+            shutdown.clone(),
+        ));
+        wait_serving(&url, Duration::from_secs(30)).await?;
+        Ok(Self {
+            url,
+            shutdown,
+            handle,
+        })
+    }
+
+    pub fn client(&self) -> TaskQueueClient {
+        client(&self.url)
+    }
+
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.handle.await?
+    }
+}
+
+pub fn client(url: &str) -> TaskQueueClient {
+    let channel = omoi_runtime::grpc::channel(url).expect("valid url");
+    TaskQueueServiceClient::new(channel)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024)
+}
+
+/// Waits until the server's overall grpc.health.v1 status is SERVING.
+pub async fn wait_serving(url: &str, within: Duration) -> anyhow::Result<()> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let deadline = tokio::time::Instant::now() + within;
+    let mut last = String::from("never answered");
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(channel) = omoi_runtime::grpc::channel(url) {
+            let mut health = HealthClient::new(channel);
+            match health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+            {
+                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
+                Ok(r) => last = format!("status {}", r.get_ref().status),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{url} not SERVING within {within:?}: {last}")
+}
+
+/// Polls `check` until it returns Some, or fails after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

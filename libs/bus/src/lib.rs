@@ -1,1 +1,135 @@
+//! omoi's event bus on NATS JetStream: subjects, the events stream, and the
+//! relay that publishes the PostgreSQL outbox exactly once per event.
 
+mod relay;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+pub use relay::Relay;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot reach NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("JetStream stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+    #[error("publishing failed: {0}")]
+    Publish(String),
+    #[error(transparent)]
+    Store(#[from] omoi_store::StoreError),
+}
+
+/// Where omoi's messages go. Tests give each run its own prefix and stream,
+/// so runs sharing one NATS server never see each other's messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// Subject prefix, `omoi` by default: events go under `<prefix>.events.>`,
+    /// replica-to-replica control messages under `<prefix>.control.>`.
+    pub prefix: String,
+    /// The JetStream stream holding the events, `OMOI_EVENTS` by default.
+    pub stream: String,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self {
+            prefix: "omoi".to_owned(),
+            stream: "OMOI_EVENTS".to_owned(),
+        }
+    }
+}
+
+impl Topology {
+    /// `<prefix>.events.<entity_type>.<event_type lowercased>.<ticket_id or "none">`.
+    pub fn event_subject(
+        &self,
+        entity_type: &str,
+        event_type: &str,
+        ticket_id: Option<&str>,
+    ) -> String {
+        format!(
+            "{}.events.{}.{}.{}",
+            self.prefix,
+            entity_type,
+            event_type.to_ascii_lowercase(),
+            ticket_id.unwrap_or("none")
+        )
+    }
+
+    /// Every event subject.
+    pub fn events_wildcard(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+
+    /// A core-NATS subject for control messages between replicas.
+    pub fn control_subject(&self, name: &str) -> String {
+        format!("{}.control.{name}", self.prefix)
+    }
+}
+
+/// Connects to NATS; the client reconnects by itself for as long as the
+/// process lives, and buffers publications meanwhile.
+pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusError> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|source| BusError::Connect {
+            url: url.to_owned(),
+            source,
+        })
+}
+
+/// Creates the events stream if it does not exist. The duplicate window is
+/// what turns the relay's at-least-once publishing into exactly-once storage.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    topology: &Topology,
+) -> Result<stream::Stream, BusError> {
+    js.get_or_create_stream(stream::Config {
+        name: topology.stream.clone(),
+        subjects: vec![topology.events_wildcard()],
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BusError::Stream {
+        stream: topology.stream.clone(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_filter_by_entity_event_and_ticket() {
+        let t = Topology::default();
+        assert_eq!(
+            t.event_subject(
+                "task",
+                "TASK_COMPLETED",
+                Some("0190f1c2-aaaa-7bbb-8ccc-000000000001")
+            ),
+            "omoi.events.task.task_completed.0190f1c2-aaaa-7bbb-8ccc-000000000001"
+        );
+        assert_eq!(
+            t.event_subject("agent", "AGENT_STALE", None),
+            "omoi.events.agent.agent_stale.none"
+        );
+        assert_eq!(t.events_wildcard(), "omoi.events.>");
+        assert_eq!(t.control_subject("wake"), "omoi.control.wake");
+    }
+}

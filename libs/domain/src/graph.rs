@@ -102,7 +102,10 @@ pub fn validate_batch(
                 return Err(DomainError::invalid(at, "a task cannot depend on itself"));
             }
             if !seen.insert(*dep) {
-                return Err(DomainError::invalid(at, format!("duplicate dependency {dep}")));
+                return Err(DomainError::invalid(
+                    at,
+                    format!("duplicate dependency {dep}"),
+                ));
             }
             match index.get(dep) {
                 Some(&to) => edges.push(to),
@@ -156,7 +159,9 @@ mod tests {
     #[test]
     fn long_chains_do_not_overflow() {
         let n = 200_000;
-        let chain: Vec<Vec<usize>> = (0..n).map(|i| if i == 0 { vec![] } else { vec![i - 1] }).collect();
+        let chain: Vec<Vec<usize>> = (0..n)
+            .map(|i| if i == 0 { vec![] } else { vec![i - 1] })
+            .collect();
         assert_eq!(find_cycle(&chain), None);
         let mut ring = chain;
         ring[0] = vec![n - 1];
@@ -167,7 +172,11 @@ mod tests {
     fn batch_accepts_in_batch_and_known_dependencies() {
         let id = ids(4);
         let known: HashSet<Uuid> = [id[3]].into();
-        let nodes = [node(id[0], &[id[3]]), node(id[1], &[id[0]]), node(id[2], &[id[0], id[1]])];
+        let nodes = [
+            node(id[0], &[id[3]]),
+            node(id[1], &[id[0]]),
+            node(id[2], &[id[0], id[1]]),
+        ];
         assert_eq!(validate_batch("tasks", &nodes, &known), Ok(()));
         assert_eq!(external_dependencies(&nodes), vec![id[3]]);
     }
@@ -182,11 +191,19 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         };
         assert_eq!(
-            field_of(validate_batch("tasks", &[node(id[0], &[]), node(id[0], &[])], &none)),
+            field_of(validate_batch(
+                "tasks",
+                &[node(id[0], &[]), node(id[0], &[])],
+                &none
+            )),
             "tasks[1].id"
         );
         assert_eq!(
-            field_of(validate_batch("tasks", &[node(id[0], &[]), node(id[1], &[id[1]])], &none)),
+            field_of(validate_batch(
+                "tasks",
+                &[node(id[0], &[]), node(id[1], &[id[1]])],
+                &none
+            )),
             "tasks[1].depends_on[0]"
         );
         assert_eq!(
@@ -194,7 +211,11 @@ mod tests {
             "tasks[0].depends_on[0]"
         );
         assert_eq!(
-            field_of(validate_batch("tasks", &[node(id[0], &[]), node(id[1], &[id[0], id[0]])], &none)),
+            field_of(validate_batch(
+                "tasks",
+                &[node(id[0], &[]), node(id[1], &[id[0], id[0]])],
+                &none
+            )),
             "tasks[1].depends_on[1]"
         );
     }
@@ -202,7 +223,11 @@ mod tests {
     #[test]
     fn batch_cycle_lists_members() {
         let id = ids(3);
-        let nodes = [node(id[0], &[id[2]]), node(id[1], &[id[0]]), node(id[2], &[id[1]])];
+        let nodes = [
+            node(id[0], &[id[2]]),
+            node(id[1], &[id[0]]),
+            node(id[2], &[id[1]]),
+        ];
         match validate_batch("tasks", &nodes, &HashSet::new()) {
             Err(DomainError::Cycle { field, members }) => {
                 assert_eq!(field, "tasks[0].depends_on");

@@ -44,7 +44,10 @@ impl TaskStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled
+            TaskStatus::Completed
+                | TaskStatus::Failed
+                | TaskStatus::TimedOut
+                | TaskStatus::Cancelled
         )
     }
 
@@ -94,9 +97,13 @@ pub enum Action {
     /// The agent's attempt succeeded.
     Complete,
     /// The attempt failed; with retries left the task goes back to pending.
-    Fail { retry: bool },
+    Fail {
+        retry: bool,
+    },
     /// The attempt ran past its deadline; with retries left it goes back to pending.
-    TimeOut { retry: bool },
+    TimeOut {
+        retry: bool,
+    },
     /// An assigned task whose agent went away before starting it.
     Requeue,
     /// A stale agent's task is taken back (counted as a retry).

@@ -5,7 +5,8 @@
 
 /// Encoded `FileDescriptorSet` of every omoi proto file (with its imports),
 /// for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/omoi_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/omoi_descriptor.bin"));
 
 pub mod omoi {
     pub mod common {
@@ -47,3 +48,5 @@ pub use omoi::health::v1 as health;
 pub use omoi::taskqueue::v1 as taskqueue;
 pub use omoi::ticket::v1 as ticket;
 pub use prost_types;
+
+pub mod convert;

@@ -1,1 +1,10 @@
+//! What every omoi binary shares: common configuration, telemetry, the gRPC
+//! server's health, reflection and auth, client channels, and shutdown.
 
+pub mod auth;
+pub mod config;
+pub mod grpc;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use tokio_util::sync::CancellationToken;

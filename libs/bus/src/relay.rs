@@ -1,0 +1,164 @@
+//! The outbox relay: publishes committed events in order, many in flight at
+//! once, and deletes a batch only after JetStream acknowledged all of it.
+//! A crash between publish and delete republishes the batch; the stream's
+//! duplicate window (keyed by `Nats-Msg-Id` = event id) drops the copies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use futures::future::join_all;
+use omoi_proto::convert;
+use omoi_proto::events::Event;
+use omoi_store::Store;
+use omoi_store::outbox::{self, OutboxEvent};
+use prost::Message;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::{BusError, Topology, ensure_stream};
+
+pub struct Relay {
+    store: Store,
+    js: jetstream::Context,
+    topology: Topology,
+    wake: Arc<Notify>,
+    batch: i64,
+    poll: Duration,
+}
+
+impl Relay {
+    pub fn new(
+        store: Store,
+        client: async_nats::Client,
+        topology: Topology,
+        wake: Arc<Notify>,
+    ) -> Self {
+        let mut js = jetstream::new(client);
+        js.set_timeout(Duration::from_secs(5));
+        Self {
+            store,
+            js,
+            topology,
+            wake,
+            batch: 500,
+            poll: Duration::from_millis(250),
+        }
+    }
+
+    /// Publishes until `shutdown`, then drains what is left (bounded by
+    /// `drain_for`) so that a clean stop leaves no event behind.
+    pub async fn run(self, shutdown: CancellationToken, drain_for: Duration) {
+        let mut failures = 0u32;
+        let mut stream_ready = false;
+        loop {
+            if !stream_ready {
+                match ensure_stream(&self.js, &self.topology).await {
+                    Ok(_) => stream_ready = true,
+                    Err(e) => tracing::warn!(error = %e, "events stream not ready"),
+                }
+            }
+            let pause = if stream_ready {
+                match self.publish_batch().await {
+                    Ok(n) if n as i64 == self.batch => {
+                        failures = 0;
+                        continue;
+                    }
+                    Ok(_) => {
+                        failures = 0;
+                        None
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        stream_ready = false;
+                        tracing::warn!(error = %e, failures, "outbox relay failed; events stay in the outbox");
+                        Some(Duration::from_millis(100 * 2u64.pow(failures.min(6))))
+                    }
+                }
+            } else {
+                failures += 1;
+                Some(Duration::from_millis(100 * 2u64.pow(failures.min(6))))
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.wake.notified(), if pause.is_none() => {}
+                _ = tokio::time::sleep(pause.unwrap_or(self.poll)) => {}
+            }
+        }
+        let drained = tokio::time::timeout(drain_for, async {
+            loop {
+                match self.publish_batch().await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        match drained {
+            Ok(Ok(())) => tracing::info!("outbox drained"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "outbox not drained at shutdown; events wait for the next start")
+            }
+            Err(_) => tracing::warn!("outbox drain timed out; events wait for the next start"),
+        }
+    }
+
+    /// Publishes one batch; returns how many events it published (0 when the
+    /// outbox is empty or another relay holds the lock).
+    pub async fn publish_batch(&self) -> Result<usize, BusError> {
+        let mut tx = self
+            .store
+            .pool()
+            .begin()
+            .await
+            .map_err(omoi_store::StoreError::from)?;
+        let Some(events) = outbox::lock_batch(&mut tx, self.batch).await? else {
+            return Ok(0);
+        };
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut pending = Vec::with_capacity(events.len());
+        for event in &events {
+            let (subject, headers, payload) = self.message(event);
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, payload.into())
+                .await
+                .map_err(|e| BusError::Publish(e.to_string()))?;
+            pending.push(ack.into_future());
+        }
+        for ack in join_all(pending).await {
+            ack.map_err(|e| BusError::Publish(e.to_string()))?;
+        }
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        outbox::delete(&mut tx, &seqs).await?;
+        tx.commit().await.map_err(omoi_store::StoreError::from)?;
+        Ok(events.len())
+    }
+
+    fn message(&self, event: &OutboxEvent) -> (String, HeaderMap, Vec<u8>) {
+        let ticket = event.ticket_id.map(|t| t.to_string());
+        let subject =
+            self.topology
+                .event_subject(&event.entity_type, &event.event_type, ticket.as_deref());
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+        headers.insert("Omoi-Event-Type", event.event_type.as_str());
+        if let Some(tp) = &event.trace_context {
+            headers.insert("traceparent", tp.as_str());
+        }
+        let proto = Event {
+            id: event.id.to_string(),
+            event_type: event.event_type.clone(),
+            entity_type: event.entity_type.clone(),
+            entity_id: event.entity_id.to_string(),
+            ticket_id: ticket.unwrap_or_default(),
+            occurred_at: Some(convert::timestamp(event.occurred_at)),
+            payload: Some(convert::json_to_struct(&event.payload)),
+        };
+        (subject, headers, proto.encode_to_vec())
+    }
+}

@@ -1,0 +1,59 @@
+//! Settings every service shares; each binary flattens these into its own
+//! clap configuration, so one `--help` lists them all with their variables.
+
+use std::net::SocketAddr;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for pods).
+    Json,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/omoi"
+    )]
+    pub database_url: String,
+
+    /// NATS URL (JetStream enabled).
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// Bearer token required on every RPC but health and reflection; unset = no auth.
+    #[arg(long, env = "OMOI_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+
+    /// Subject prefix of omoi's NATS messages.
+    #[arg(long, env = "OMOI_SUBJECT_PREFIX", default_value = "omoi")]
+    pub subject_prefix: String,
+
+    /// JetStream stream holding the events.
+    #[arg(long, env = "OMOI_EVENTS_STREAM", default_value = "OMOI_EVENTS")]
+    pub events_stream: String,
+
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "OMOI_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Log format.
+    #[arg(long, env = "OMOI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Seconds a stopping service waits for streams and in-flight work.
+    #[arg(long, env = "OMOI_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
+    pub shutdown_grace_seconds: u64,
+}
+
+/// A listen address flag with a per-service default.
+pub fn parse_listen(value: &str) -> Result<SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a socket address like 0.0.0.0:50052"))
+}

@@ -1,0 +1,101 @@
+//! gRPC plumbing shared by the services: health probes that follow the
+//! service's dependencies, reflection, listeners and client channels.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+pub use tonic_health::server::health_reporter;
+
+/// Reflection v1 and v1alpha (grpcurl 1.8 speaks v1alpha) over omoi's API and
+/// grpc.health.v1.
+pub fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(omoi_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
+/// Keeps the health status of `services` (and the server as a whole, "")
+/// at SERVING while `ready()` holds and NOT_SERVING otherwise, re-checking
+/// every `every`, until `shutdown`, when everything turns NOT_SERVING.
+pub async fn follow_readiness<F, Fut>(
+    reporter: HealthReporter,
+    services: Vec<&'static str>,
+    every: Duration,
+    shutdown: CancellationToken,
+    mut ready: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut last: Option<bool> = None;
+    loop {
+        let now = ready().await;
+        if last != Some(now) {
+            let status = if now {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            tracing::info!(ready = now, "health status changed");
+            set_all(&reporter, &services, status).await;
+            last = Some(now);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+    set_all(&reporter, &services, ServingStatus::NotServing).await;
+}
+
+async fn set_all(reporter: &HealthReporter, services: &[&'static str], status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for s in services {
+        reporter.set_service_status(*s, status).await;
+    }
+}
+
+/// Binds a listener with TCP_NODELAY (small gRPC frames must not wait for
+/// Nagle) and keepalive.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpIncoming> {
+    Ok(TcpIncoming::bind(addr)?
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30))))
+}
+
+/// Takes an already bound listener (tests bind port 0 to learn the port).
+pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30)))
+}
+
+/// A lazily connecting client channel to `url` (`http://host:port`).
+pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}

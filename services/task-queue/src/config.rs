@@ -1,0 +1,56 @@
+//! The task-queue's whole configuration: flags with environment fallbacks.
+
+use std::net::SocketAddr;
+
+use clap::{Parser, Subcommand};
+use omoi_runtime::config::{CommonArgs, parse_listen};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "omoi-task-queue",
+    version,
+    about = "omoi's durable priority task queue and dispatcher"
+)]
+pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "OMOI_LISTEN_ADDR", default_value = "0.0.0.0:50052", value_parser = parse_listen)]
+    pub listen_addr: SocketAddr,
+
+    /// How often running tasks are checked against their deadline.
+    #[arg(
+        long,
+        env = "OMOI_TIMEOUT_CHECK_INTERVAL_SECONDS",
+        default_value_t = 10.0
+    )]
+    pub timeout_check_interval_seconds: f64,
+
+    /// Longest the dispatcher waits without a wake-up before it looks for
+    /// ready tasks anyway (a safety net; enqueues and completions wake it).
+    #[arg(long, env = "OMOI_DISPATCH_SWEEP_MS", default_value_t = 2000)]
+    pub dispatch_sweep_ms: u64,
+
+    /// Most PostgreSQL connections of this process.
+    #[arg(long, env = "OMOI_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Serve gRPC (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+impl Config {
+    /// A configuration from defaults and the environment only (tests, tools).
+    pub fn from_env() -> Self {
+        Config::parse_from(["omoi-task-queue"])
+    }
+}

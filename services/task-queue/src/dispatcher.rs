@@ -1,0 +1,442 @@
+//! The dispatcher: pushes ready tasks to the agents connected to this replica
+//! over their WatchAssignments streams, and tells agents to stop attempts
+//! that were cancelled or timed out.
+//!
+//! It sleeps until woken (enqueue, completion, connect, a peer replica's
+//! wake on NATS, or the next backed-off retry) with a slow sweep as a safety
+//! net. Replicas share nothing but the database: claims use
+//! `FOR UPDATE SKIP LOCKED`, so a task is never handed out twice.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use omoi_bus::Topology;
+use omoi_domain::Phase;
+use omoi_proto::taskqueue::{self as pb, watch_assignments_response::Event as StreamEvent};
+use omoi_store::Store;
+use omoi_store::tasks::{Revoked, Slot};
+use serde_json::json;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::convert;
+
+type Outbound = mpsc::UnboundedSender<Result<pb::WatchAssignmentsResponse, Status>>;
+
+/// Most tasks claimed in one statement.
+const MAX_SLOTS_PER_ROUND: usize = 1000;
+
+struct Connection {
+    agent_id: Uuid,
+    /// Sorted; `None` accepts every phase.
+    phases: Option<Vec<Phase>>,
+    capacity: i64,
+    tx: Outbound,
+}
+
+pub struct Dispatcher {
+    store: Store,
+    sessions: Mutex<HashMap<Uuid, Connection>>,
+    wake: Notify,
+    /// Wakes the outbox relay after this replica wrote events.
+    relay_wake: Arc<Notify>,
+    nats: Option<async_nats::Client>,
+    topology: Topology,
+    replica: Uuid,
+    sweep: Duration,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Store,
+        relay_wake: Arc<Notify>,
+        nats: Option<async_nats::Client>,
+        topology: Topology,
+        sweep: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            sessions: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            relay_wake,
+            nats,
+            topology,
+            replica: Uuid::new_v4(),
+            sweep,
+        })
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<Uuid, Connection>> {
+        // A poisoned map is still consistent: every mutation is a single insert or remove.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn connected_agents(&self) -> usize {
+        self.sessions().len()
+    }
+
+    /// Registers an agent's stream. Assigned tasks the agent left on earlier
+    /// streams go back to the queue first: it reconnected, so they were lost.
+    pub async fn connect(
+        self: &Arc<Self>,
+        agent_id: Uuid,
+        phases: Option<Vec<Phase>>,
+        capacity: i64,
+    ) -> Result<AgentStream, omoi_store::StoreError> {
+        let session = Uuid::new_v4();
+        let requeued = self.store.requeue_agent_except(agent_id, session).await?;
+        if !requeued.is_empty() {
+            tracing::info!(%agent_id, count = requeued.len(), "requeued tasks of an earlier stream");
+            self.relay_wake.notify_one();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.sessions().insert(
+            session,
+            Connection {
+                agent_id,
+                phases,
+                capacity,
+                tx,
+            },
+        );
+        tracing::info!(%agent_id, %session, capacity, "agent stream opened");
+        self.wake_local();
+        Ok(AgentStream {
+            inner: UnboundedReceiverStream::new(rx),
+            _guard: Disconnect {
+                dispatcher: Arc::clone(self),
+                session,
+            },
+        })
+    }
+
+    /// The stream is gone: forget it and put back what it had not started.
+    fn disconnect(self: &Arc<Self>, session: Uuid) {
+        let Some(conn) = self.sessions().remove(&session) else {
+            return;
+        };
+        tracing::info!(agent_id = %conn.agent_id, %session, "agent stream closed");
+        let this = Arc::clone(self);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { this.requeue(session).await });
+        }
+    }
+
+    async fn requeue(&self, session: Uuid) {
+        match self.store.requeue_session(session).await {
+            Ok(ids) if !ids.is_empty() => {
+                tracing::info!(%session, count = ids.len(), "requeued unstarted tasks of a closed stream");
+                self.relay_wake.notify_one();
+                self.wake();
+            }
+            Ok(_) => {}
+            // Not lost: the agent's next connection, or stale-agent
+            // handling, puts them back.
+            Err(e) => tracing::warn!(%session, error = %e, "requeue after stream close failed"),
+        }
+    }
+
+    /// Ends every stream (shutdown) and puts their unstarted tasks back.
+    pub async fn close_all(&self) {
+        let drained: Vec<(Uuid, Connection)> = self.sessions().drain().collect();
+        for (session, conn) in drained {
+            drop(conn.tx);
+            self.requeue(session).await;
+        }
+    }
+
+    /// Wakes this replica's dispatch loop and, through NATS, the others'.
+    pub fn wake(&self) {
+        self.wake_local();
+        if let Some(nats) = &self.nats {
+            let nats = nats.clone();
+            let subject = self.topology.control_subject("wake");
+            let origin = self.replica.to_string();
+            tokio::spawn(async move {
+                let _ = nats.publish(subject, origin.into()).await;
+            });
+        }
+    }
+
+    fn wake_local(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Tells the agent holding an attempt to stop, wherever it is connected.
+    pub fn revoke(&self, revoked: &Revoked) {
+        self.revoke_local(revoked);
+        if let Some(nats) = &self.nats {
+            let nats = nats.clone();
+            let subject = self.topology.control_subject("revoke");
+            let body = json!({
+                "origin": self.replica,
+                "agent_id": revoked.agent_id,
+                "task_id": revoked.task_id,
+                "attempt": revoked.attempt,
+                "reason": revoked.reason,
+            })
+            .to_string();
+            tokio::spawn(async move {
+                let _ = nats.publish(subject, body.into()).await;
+            });
+        }
+    }
+
+    fn revoke_local(&self, revoked: &Revoked) {
+        let message = pb::WatchAssignmentsResponse {
+            event: Some(StreamEvent::Cancellation(pb::Cancellation {
+                task_id: revoked.task_id.to_string(),
+                attempt: revoked.attempt,
+                reason: revoked.reason.clone(),
+            })),
+        };
+        for conn in self
+            .sessions()
+            .values()
+            .filter(|c| c.agent_id == revoked.agent_id)
+        {
+            let _ = conn.tx.send(Ok(message.clone()));
+        }
+    }
+
+    /// Follows peer replicas' wake-ups and revocations until `shutdown`.
+    pub async fn follow_peers(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(nats) = self.nats.clone() else {
+            return;
+        };
+        let subscribe = |name: &str| nats.subscribe(self.topology.control_subject(name));
+        let (mut wakes, mut revokes) = match (subscribe("wake").await, subscribe("revoke").await) {
+            (Ok(w), Ok(r)) => (w, r),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot follow peer replicas; relying on the sweep");
+                return;
+            }
+        };
+        let me = self.replica.to_string();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                Some(msg) = wakes.next() => {
+                    if msg.payload.as_ref() != me.as_bytes() {
+                        self.wake_local();
+                    }
+                }
+                Some(msg) = revokes.next() => {
+                    if let Some(r) = parse_revoke(&msg.payload, &me) {
+                        self.revoke_local(&r);
+                    }
+                }
+                else => return,
+            }
+        }
+    }
+
+    /// The dispatch loop.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let next = match self.round().await {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dispatch round failed");
+                    Some(Instant::now() + Duration::from_millis(500))
+                }
+            };
+            let sweep = Instant::now() + self.sweep;
+            let until = next.map_or(sweep, |n| n.min(sweep));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    /// Fills every connected agent's free capacity. Returns when the next
+    /// backed-off task becomes ready, if some capacity stayed free.
+    async fn round(&self) -> Result<Option<Instant>, omoi_store::StoreError> {
+        // One stream per agent: the newest.
+        let conns: Vec<(Uuid, Uuid, Option<Vec<Phase>>, i64)> = {
+            let sessions = self.sessions();
+            let mut newest: HashMap<Uuid, (Uuid, &Connection)> = HashMap::new();
+            for (session, conn) in sessions.iter() {
+                newest.insert(conn.agent_id, (*session, conn));
+            }
+            newest
+                .into_values()
+                .map(|(s, c)| (s, c.agent_id, c.phases.clone(), c.capacity))
+                .collect()
+        };
+        if conns.is_empty() {
+            return Ok(None);
+        }
+        let agents: Vec<Uuid> = conns.iter().map(|c| c.1).collect();
+        let held = self.store.held_counts(&agents).await?;
+
+        let mut groups: HashMap<Option<Vec<Phase>>, Vec<(Slot, i64)>> = HashMap::new();
+        for (session, agent_id, phases, capacity) in conns {
+            let free = capacity - held.get(&agent_id).copied().unwrap_or(0);
+            if free > 0 {
+                groups
+                    .entry(phases)
+                    .or_default()
+                    .push((Slot { agent_id, session }, free));
+            }
+        }
+        let mut unfilled = false;
+        for (phases, agents) in groups {
+            let slots = interleave(agents, MAX_SLOTS_PER_ROUND);
+            let tasks = self.store.assign(phases.as_deref(), &slots).await?;
+            if tasks.len() < slots.len() {
+                unfilled = true;
+            }
+            if !tasks.is_empty() {
+                self.relay_wake.notify_one();
+            }
+            self.deliver(&slots, tasks).await;
+        }
+        if !unfilled {
+            return Ok(None);
+        }
+        let next = self.store.next_retry_at().await?;
+        Ok(next.map(|at| {
+            let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+            Instant::now() + wait + Duration::from_millis(5)
+        }))
+    }
+
+    async fn deliver(&self, slots: &[Slot], tasks: Vec<omoi_store::Task>) {
+        let session_of: HashMap<Uuid, Uuid> =
+            slots.iter().map(|s| (s.agent_id, s.session)).collect();
+        let mut dead = Vec::new();
+        {
+            let sessions = self.sessions();
+            for task in tasks {
+                let Some(agent) = task.assigned_agent_id else {
+                    continue;
+                };
+                let Some(session) = session_of.get(&agent) else {
+                    continue;
+                };
+                let message = pb::WatchAssignmentsResponse {
+                    event: Some(StreamEvent::Assignment(pb::Assignment {
+                        attempt: task.attempt,
+                        task: Some(convert::task(&task)),
+                    })),
+                };
+                let sent = sessions
+                    .get(session)
+                    .is_some_and(|c| c.tx.send(Ok(message)).is_ok());
+                if !sent {
+                    dead.push(*session);
+                }
+            }
+        }
+        dead.sort_unstable();
+        dead.dedup();
+        for session in dead {
+            // The stream closed while we claimed: its disconnect may have
+            // run before the claim committed, so put the tasks back here.
+            self.requeue(session).await;
+        }
+    }
+}
+
+/// Round-robin slots over agents, so that the highest-priority tasks spread
+/// across agents instead of filling the first one.
+fn interleave(mut agents: Vec<(Slot, i64)>, max: usize) -> Vec<Slot> {
+    agents.sort_by_key(|(s, _)| s.agent_id);
+    let mut out = Vec::new();
+    loop {
+        let mut any = false;
+        for (slot, free) in agents.iter_mut() {
+            if *free > 0 && out.len() < max {
+                out.push(*slot);
+                *free -= 1;
+                any = true;
+            }
+        }
+        if !any {
+            return out;
+        }
+    }
+}
+
+fn parse_revoke(payload: &[u8], me: &str) -> Option<Revoked> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    if v.get("origin")?.as_str()? == me {
+        return None;
+    }
+    Some(Revoked {
+        agent_id: v.get("agent_id")?.as_str()?.parse().ok()?,
+        task_id: v.get("task_id")?.as_str()?.parse().ok()?,
+        attempt: i32::try_from(v.get("attempt")?.as_i64()?).ok()?,
+        reason: v.get("reason")?.as_str()?.to_owned(),
+    })
+}
+
+/// An agent's assignment stream; closing it returns its unstarted tasks.
+pub struct AgentStream {
+    inner: UnboundedReceiverStream<Result<pb::WatchAssignmentsResponse, Status>>,
+    _guard: Disconnect,
+}
+
+struct Disconnect {
+    dispatcher: Arc<Dispatcher>,
+    session: Uuid,
+}
+
+impl Drop for Disconnect {
+    fn drop(&mut self) {
+        self.dispatcher.disconnect(self.session);
+    }
+}
+
+impl Stream for AgentStream {
+    type Item = Result<pb::WatchAssignmentsResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleave_spreads_slots_round_robin() {
+        let a = Slot {
+            agent_id: Uuid::from_u128(1),
+            session: Uuid::from_u128(10),
+        };
+        let b = Slot {
+            agent_id: Uuid::from_u128(2),
+            session: Uuid::from_u128(20),
+        };
+        let slots = interleave(vec![(b, 1), (a, 3)], 100);
+        assert_eq!(slots, vec![a, b, a, a]);
+        assert_eq!(interleave(vec![(a, 3), (b, 3)], 4).len(), 4);
+        assert!(interleave(vec![(a, 0)], 10).is_empty());
+    }
+
+    #[test]
+    fn revocations_from_self_or_malformed_are_ignored() {
+        let me = Uuid::from_u128(5).to_string();
+        let other = json!({"origin": Uuid::from_u128(6), "agent_id": Uuid::from_u128(1),
+                           "task_id": Uuid::from_u128(2), "attempt": 3, "reason": "cancelled"});
+        let r = parse_revoke(other.to_string().as_bytes(), &me).unwrap();
+        assert_eq!(r.attempt, 3);
+        let own = json!({"origin": me, "agent_id": Uuid::from_u128(1),
+                         "task_id": Uuid::from_u128(2), "attempt": 3, "reason": "x"});
+        assert!(parse_revoke(own.to_string().as_bytes(), &me).is_none());
+        assert!(parse_revoke(b"not json", &me).is_none());
+    }
+}

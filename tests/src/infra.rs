@@ -1,0 +1,121 @@
+//! Isolation on the shared PostgreSQL and NATS: every test gets its own
+//! database, subject prefix and stream.
+
+use std::time::Duration;
+
+use omoi_bus::Topology;
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+/// The server tests create their databases on; `OMOI_TEST_DATABASE_URL`
+/// overrides it.
+pub fn admin_url() -> String {
+    std::env::var("OMOI_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+pub fn nats_url() -> String {
+    std::env::var("OMOI_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// A database of its own, dropped by `drop_now` (tests that fail leave it
+/// behind for inspection).
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> anyhow::Result<Self> {
+        let name = format!("omoi_t_{}", Uuid::new_v4().simple());
+        let admin = admin_url();
+        let mut conn = PgConnection::connect(&admin).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        Ok(Self {
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+
+    pub async fn drop_now(self) -> anyhow::Result<()> {
+        let mut conn = PgConnection::connect(&admin_url()).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<sqlx::PgPool> {
+        Ok(sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&self.url)
+            .await?)
+    }
+}
+
+/// Everything one test needs: a database, a NATS topology, and a config
+/// for the task-queue pointing at both.
+pub struct Infra {
+    pub db: TestDb,
+    pub nats_url: String,
+    pub topology: Topology,
+}
+
+impl Infra {
+    pub async fn new() -> anyhow::Result<Self> {
+        let id = Uuid::new_v4().simple().to_string();
+        Ok(Self {
+            db: TestDb::create().await?,
+            nats_url: nats_url(),
+            topology: Topology {
+                prefix: format!("t{}", &id[..12]),
+                stream: format!("T_{}", &id[..12].to_uppercase()),
+            },
+        })
+    }
+
+    /// A task-queue configuration for this test; tests adjust fields.
+    pub fn task_queue_config(&self) -> omoi_task_queue::Config {
+        let mut config = omoi_task_queue::Config::from_env();
+        config.common.database_url = self.db.url.clone();
+        config.common.nats_url = self.nats_url.clone();
+        config.common.subject_prefix = self.topology.prefix.clone();
+        config.common.events_stream = self.topology.stream.clone();
+        config.common.auth_token = None;
+        config.common.shutdown_grace_seconds = 10;
+        config.timeout_check_interval_seconds = 0.2;
+        config.db_max_connections = 8;
+        config
+    }
+
+    /// The environment a task-queue process needs for this test.
+    pub fn task_queue_env(&self, listen: &str) -> Vec<(String, String)> {
+        vec![
+            ("DATABASE_URL".into(), self.db.url.clone()),
+            ("NATS_URL".into(), self.nats_url.clone()),
+            ("OMOI_SUBJECT_PREFIX".into(), self.topology.prefix.clone()),
+            ("OMOI_EVENTS_STREAM".into(), self.topology.stream.clone()),
+            ("OMOI_LISTEN_ADDR".into(), listen.to_owned()),
+            ("OMOI_TIMEOUT_CHECK_INTERVAL_SECONDS".into(), "0.2".into()),
+            ("OMOI_SHUTDOWN_GRACE_SECONDS".into(), "10".into()),
+            ("OMOI_DB_MAX_CONNECTIONS".into(), "8".into()),
+        ]
+    }
+
+    /// Drops the database and the stream.
+    pub async fn cleanup(self) -> anyhow::Result<()> {
+        if let Ok(client) = async_nats::connect(&self.nats_url).await {
+            let js = async_nats::jetstream::new(client);
+            let _ = js.delete_stream(&self.topology.stream).await;
+        }
+        self.db.drop_now().await
+    }
+}

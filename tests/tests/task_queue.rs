@@ -1,0 +1,856 @@
+//! TaskQueueService against real PostgreSQL and NATS, served in-process.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use omoi_proto::taskqueue::watch_assignments_response::Event as StreamEvent;
+use omoi_proto::taskqueue::{self as pb};
+use omoi_tests::agent::ScriptedAgent;
+use omoi_tests::{InProcess, Infra, TaskQueueClient, events, eventually};
+use tonic::Code;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(10);
+const QUIET: Duration = Duration::from_millis(400);
+
+const INITIAL: i32 = 1;
+const IMPLEMENTATION: i32 = 2;
+const PENDING: i32 = 1;
+const ASSIGNED: i32 = 2;
+const RUNNING: i32 = 3;
+const COMPLETED: i32 = 4;
+const FAILED: i32 = 5;
+const CANCELLED: i32 = 7;
+const RETRYABLE: i32 = 1;
+const PERMANENT: i32 = 2;
+
+fn new_task(title: &str, priority: i32) -> pb::NewTask {
+    pb::NewTask {
+        title: title.to_owned(),
+        phase: INITIAL,
+        priority,
+        ..Default::default()
+    }
+}
+
+async fn enqueue(client: &TaskQueueClient, tasks: Vec<pb::NewTask>) -> Vec<pb::Task> {
+    client
+        .clone()
+        .enqueue_tasks(pb::EnqueueTasksRequest { tasks })
+        .await
+        .expect("enqueue")
+        .into_inner()
+        .tasks
+}
+
+async fn get(client: &TaskQueueClient, id: &str) -> pb::Task {
+    client
+        .clone()
+        .get_task(pb::GetTaskRequest {
+            task_id: id.to_owned(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .task
+        .expect("task")
+}
+
+async fn count_rows(infra: &Infra, table: &str) -> i64 {
+    let pool = infra.db.connect().await.unwrap();
+    let n = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+struct Setup {
+    infra: Infra,
+    tq: InProcess,
+    client: TaskQueueClient,
+}
+
+async fn setup() -> Setup {
+    let infra = Infra::new().await.expect("infra");
+    let tq = InProcess::start(infra.task_queue_config())
+        .await
+        .expect("task-queue");
+    let client = tq.client();
+    Setup { infra, tq, client }
+}
+
+impl Setup {
+    async fn finish(self) {
+        self.tq.stop().await.expect("clean stop");
+        self.infra.cleanup().await.expect("cleanup");
+    }
+}
+
+#[tokio::test]
+async fn ready_tasks_go_out_by_priority_then_age() {
+    let s = setup().await;
+    let tasks = enqueue(
+        &s.client,
+        vec![
+            new_task("low", 1),
+            new_task("high-old", 5),
+            new_task("mid", 3),
+            new_task("high-new", 5),
+        ],
+    )
+    .await;
+    assert!(tasks.iter().all(|t| t.status == PENDING && t.attempt == 0));
+    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let a = agent.next_assignment(WAIT).await.expect("assignment");
+        let t = a.task.clone().unwrap();
+        assert_eq!(a.attempt, 1);
+        assert_eq!(t.status, ASSIGNED);
+        order.push(t.title.clone());
+        // Capacity 1: nothing more arrives until this one is done.
+        assert!(
+            agent.next(QUIET).await.is_none() || order.len() == 4,
+            "capacity exceeded"
+        );
+        agent.start(&a).await.unwrap();
+        let done = agent.complete(&a).await.unwrap();
+        assert_eq!(done.status, COMPLETED);
+    }
+    assert_eq!(order, ["high-old", "high-new", "mid", "low"]);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn agents_only_get_their_phases_and_never_more_than_capacity() {
+    let s = setup().await;
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        tasks.push(new_task(&format!("initial {i}"), 1));
+        tasks.push(pb::NewTask {
+            phase: IMPLEMENTATION,
+            ..new_task(&format!("impl {i}"), 1)
+        });
+    }
+    enqueue(&s.client, tasks).await;
+    let mut implementer = ScriptedAgent::connect(&s.client, 2, vec![IMPLEMENTATION])
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Some(a) = implementer.next_assignment(QUIET).await {
+        got.push(a.task.unwrap());
+    }
+    assert_eq!(got.len(), 2, "capacity 2");
+    assert!(got.iter().all(|t| t.phase == IMPLEMENTATION));
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn completion_releases_dependents_and_failure_cascades() {
+    let s = setup().await;
+    let (a, b, c, d) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
+    let with = |id: Uuid, title: &str, deps: &[Uuid]| pb::NewTask {
+        id: id.to_string(),
+        depends_on: deps.iter().map(ToString::to_string).collect(),
+        max_retries: Some(0),
+        ..new_task(title, 1)
+    };
+    // a <- b <- c, and d depends on a and c.
+    let created = enqueue(
+        &s.client,
+        vec![
+            with(a, "a", &[]),
+            with(b, "b", &[a]),
+            with(c, "c", &[b]),
+            with(d, "d", &[a, c]),
+        ],
+    )
+    .await;
+    assert_eq!(
+        created
+            .iter()
+            .map(|t| t.unmet_dependencies)
+            .collect::<Vec<_>>(),
+        [0, 1, 1, 2]
+    );
+    let mut agent = ScriptedAgent::connect(&s.client, 4, vec![]).await.unwrap();
+    let first = agent.next_assignment(WAIT).await.unwrap();
+    assert_eq!(first.task.as_ref().unwrap().title, "a");
+    assert!(agent.next(QUIET).await.is_none(), "b must wait for a");
+    agent.start(&first).await.unwrap();
+    agent.complete(&first).await.unwrap();
+    let second = agent.next_assignment(WAIT).await.unwrap();
+    assert_eq!(second.task.as_ref().unwrap().title, "b");
+    assert_eq!(get(&s.client, &d.to_string()).await.unmet_dependencies, 1);
+    // b fails for good: c and, through c, d are cancelled with the reason.
+    agent.start(&second).await.unwrap();
+    let failed = agent
+        .fail(&second, "syntax error in main.rs", 0)
+        .await
+        .unwrap();
+    assert_eq!(failed.status, FAILED);
+    assert_eq!(failed.error_class, PERMANENT);
+    for id in [c, d] {
+        let t = get(&s.client, &id.to_string()).await;
+        assert_eq!(t.status, CANCELLED, "{}", t.title);
+        assert!(
+            t.error_message.contains(&b.to_string()),
+            "{}",
+            t.error_message
+        );
+    }
+    assert!(agent.next(QUIET).await.is_none());
+    // A new task cannot depend on a failed one.
+    let err = s
+        .client
+        .clone()
+        .enqueue_tasks(pb::EnqueueTasksRequest {
+            tasks: vec![with(Uuid::now_v7(), "late", &[b])],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("tasks[0].depends_on[0]"),
+        "{}",
+        err.message()
+    );
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_cycle_or_bad_field_is_refused_and_nothing_is_written() {
+    let s = setup().await;
+    let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let with = |id: Uuid, deps: &[Uuid]| pb::NewTask {
+        id: id.to_string(),
+        depends_on: deps.iter().map(ToString::to_string).collect(),
+        ..new_task("t", 1)
+    };
+    let cases: Vec<(Vec<pb::NewTask>, Code, &str)> = vec![
+        (
+            vec![with(a, &[c]), with(b, &[a]), with(c, &[b])],
+            Code::InvalidArgument,
+            "cycle",
+        ),
+        (
+            vec![with(a, &[a])],
+            Code::InvalidArgument,
+            "tasks[0].depends_on[0]",
+        ),
+        (
+            vec![with(a, &[Uuid::now_v7()])],
+            Code::InvalidArgument,
+            "unknown task id",
+        ),
+        (
+            vec![pb::NewTask {
+                title: String::new(),
+                ..new_task("", 1)
+            }],
+            Code::InvalidArgument,
+            "tasks[0].title",
+        ),
+        (
+            vec![new_task("ok", 1), new_task("neg", -1)],
+            Code::InvalidArgument,
+            "tasks[1].priority",
+        ),
+        (
+            vec![pb::NewTask {
+                timeout_seconds: -1,
+                ..new_task("t", 1)
+            }],
+            Code::InvalidArgument,
+            "timeout_seconds",
+        ),
+        (
+            vec![pb::NewTask {
+                max_retries: Some(-2),
+                ..new_task("t", 1)
+            }],
+            Code::InvalidArgument,
+            "max_retries",
+        ),
+        (
+            vec![pb::NewTask {
+                phase: 0,
+                ..new_task("t", 1)
+            }],
+            Code::InvalidArgument,
+            "tasks[0].phase",
+        ),
+        (
+            vec![pb::NewTask {
+                id: "nope".into(),
+                ..new_task("t", 1)
+            }],
+            Code::InvalidArgument,
+            "tasks[0].id",
+        ),
+        (
+            vec![pb::NewTask {
+                ticket_id: "x".into(),
+                ..new_task("t", 1)
+            }],
+            Code::InvalidArgument,
+            "ticket_id",
+        ),
+        (
+            vec![with(a, &[]), with(a, &[])],
+            Code::InvalidArgument,
+            "tasks[1].id",
+        ),
+        (vec![], Code::InvalidArgument, "tasks"),
+        (
+            (0..1001).map(|i| new_task(&i.to_string(), 1)).collect(),
+            Code::InvalidArgument,
+            "tasks",
+        ),
+    ];
+    for (tasks, code, needle) in cases {
+        let err = s
+            .client
+            .clone()
+            .enqueue_tasks(pb::EnqueueTasksRequest { tasks })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{needle}: {}", err.message());
+        assert!(
+            err.message().contains(needle),
+            "{needle} not in {:?}",
+            err.message()
+        );
+    }
+    assert_eq!(count_rows(&s.infra, "tasks").await, 0);
+    assert_eq!(count_rows(&s.infra, "task_dependencies").await, 0);
+    // Nothing was published either: the stream holds no event.
+    let events = events::read_all(
+        &s.infra.nats_url,
+        &s.infra.topology.stream,
+        0,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    assert!(events.is_empty(), "{events:?}");
+    // A task id that already exists.
+    let t = enqueue(&s.client, vec![with(a, &[])]).await;
+    let err = s
+        .client
+        .clone()
+        .enqueue_tasks(pb::EnqueueTasksRequest {
+            tasks: vec![with(b, &[]), with(a, &[])],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+    assert_eq!(count_rows(&s.infra, "tasks").await, 1);
+    assert_eq!(t.len(), 1);
+    s.finish().await;
+}
+
+fn expect<T: std::fmt::Debug>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    field: &str,
+) {
+    let err = r.expect_err("must be refused");
+    assert_eq!(err.code(), code, "{field}: {}", err.message());
+    assert!(
+        err.message().contains(field),
+        "{field} not in {:?}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_to_every_rpc_name_the_field() {
+    let s = setup().await;
+    let mut c = s.client.clone();
+    let missing = Uuid::now_v7().to_string();
+    expect(
+        c.get_task(pb::GetTaskRequest {
+            task_id: "1".into(),
+        })
+        .await,
+        Code::InvalidArgument,
+        "task_id",
+    );
+    expect(
+        c.get_task(pb::GetTaskRequest {
+            task_id: missing.clone(),
+        })
+        .await,
+        Code::NotFound,
+        &missing,
+    );
+    expect(
+        c.list_tasks(pb::ListTasksRequest {
+            page_size: -1,
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "page_size",
+    );
+    expect(
+        c.list_tasks(pb::ListTasksRequest {
+            page_token: "abc".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "page_token",
+    );
+    expect(
+        c.list_tasks(pb::ListTasksRequest {
+            status: 42,
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "status",
+    );
+    expect(
+        c.cancel_task(pb::CancelTaskRequest {
+            task_id: String::new(),
+            reason: String::new(),
+        })
+        .await,
+        Code::InvalidArgument,
+        "task_id",
+    );
+    expect(
+        c.start_task(pb::StartTaskRequest {
+            task_id: missing.clone(),
+            attempt: 0,
+        })
+        .await,
+        Code::InvalidArgument,
+        "attempt",
+    );
+    expect(
+        c.start_task(pb::StartTaskRequest {
+            task_id: missing.clone(),
+            attempt: 1,
+        })
+        .await,
+        Code::NotFound,
+        &missing,
+    );
+    expect(
+        c.complete_task(pb::CompleteTaskRequest {
+            task_id: "zz".into(),
+            attempt: 1,
+            result: None,
+        })
+        .await,
+        Code::InvalidArgument,
+        "task_id",
+    );
+    expect(
+        c.fail_task(pb::FailTaskRequest {
+            task_id: missing.clone(),
+            attempt: 1,
+            error_message: String::new(),
+            error_class: 9,
+        })
+        .await,
+        Code::InvalidArgument,
+        "error_class",
+    );
+    for (agent_id, capacity, phases, field) in [
+        ("x".to_string(), 1, vec![], "agent_id"),
+        (missing.clone(), 0, vec![], "capacity"),
+        (missing.clone(), 1001, vec![], "capacity"),
+        (missing.clone(), 1, vec![7], "phases[0]"),
+    ] {
+        expect(
+            c.watch_assignments(pb::WatchAssignmentsRequest {
+                agent_id,
+                phases,
+                capacity,
+            })
+            .await,
+            Code::InvalidArgument,
+            field,
+        );
+    }
+    assert_eq!(count_rows(&s.infra, "tasks").await, 0);
+    assert_eq!(count_rows(&s.infra, "event_outbox").await, 0);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_retryable_failure_is_retried_after_a_stored_backoff() {
+    let s = setup().await;
+    let t = &enqueue(&s.client, vec![new_task("flaky", 1)]).await[0];
+    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let a1 = agent.next_assignment(WAIT).await.unwrap();
+    agent.start(&a1).await.unwrap();
+    let before = chrono::Utc::now();
+    let retried = agent
+        .fail(&a1, "connection reset by peer", 0)
+        .await
+        .unwrap();
+    let after = chrono::Utc::now();
+    assert_eq!(retried.status, PENDING);
+    assert_eq!(retried.retry_count, 1);
+    assert_eq!(retried.error_class, RETRYABLE);
+    assert!(retried.assigned_agent_id.is_empty());
+    // First retry: 1 s ± 25 %, measured from the failure.
+    let next =
+        omoi_proto::convert::from_timestamp(retried.next_attempt_at.as_ref().unwrap()).unwrap();
+    let (lo, hi) = omoi_domain::backoff::bounds(0);
+    assert!(
+        next >= before + chrono::Duration::from_std(lo).unwrap()
+            - chrono::Duration::milliseconds(50),
+        "{next} too early"
+    );
+    assert!(
+        next <= after
+            + chrono::Duration::from_std(hi).unwrap()
+            + chrono::Duration::milliseconds(50),
+        "{next} too late"
+    );
+    // Not handed out before its time, then handed out again with attempt 2.
+    let a2 = agent.next_assignment(WAIT).await.expect("retried");
+    let received = chrono::Utc::now();
+    assert!(received >= next, "handed out at {received}, before {next}");
+    assert_eq!(a2.attempt, 2);
+    assert_eq!(a2.task.as_ref().unwrap().id, t.id);
+    // The first attempt's reports are now refused.
+    let stale = agent.complete(&a1).await.unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    agent.start(&a2).await.unwrap();
+    assert_eq!(agent.complete(&a2).await.unwrap().status, COMPLETED);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn permanent_errors_fail_at_once_and_retries_run_out() {
+    let s = setup().await;
+    let perm = &enqueue(&s.client, vec![new_task("perm", 2)]).await[0];
+    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let a = agent.next_assignment(WAIT).await.unwrap();
+    assert_eq!(a.task.as_ref().unwrap().id, perm.id);
+    agent.start(&a).await.unwrap();
+    let failed = agent
+        .fail(&a, "Permission denied (publickey)", 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (failed.status, failed.retry_count, failed.error_class),
+        (FAILED, 0, PERMANENT)
+    );
+    // An explicit class overrides the message.
+    let explicit = &enqueue(&s.client, vec![new_task("explicit", 1)]).await[0];
+    let a = agent.next_assignment(WAIT).await.unwrap();
+    assert_eq!(a.task.as_ref().unwrap().id, explicit.id);
+    let failed = agent.fail(&a, "connection reset", PERMANENT).await.unwrap();
+    assert_eq!(failed.status, FAILED);
+
+    let limited = &enqueue(
+        &s.client,
+        vec![pb::NewTask {
+            max_retries: Some(1),
+            ..new_task("twice", 1)
+        }],
+    )
+    .await[0];
+    let a1 = agent.next_assignment(WAIT).await.unwrap();
+    agent.start(&a1).await.unwrap();
+    assert_eq!(
+        agent
+            .fail(&a1, "timeout talking to LLM", 0)
+            .await
+            .unwrap()
+            .status,
+        PENDING
+    );
+    let a2 = agent.next_assignment(WAIT).await.unwrap();
+    assert_eq!(a2.attempt, 2);
+    agent.start(&a2).await.unwrap();
+    let out = agent.fail(&a2, "timeout talking to LLM", 0).await.unwrap();
+    assert_eq!((out.status, out.retry_count), (FAILED, 1));
+    assert_eq!(out.id, limited.id);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_running_task_past_its_deadline_is_cancelled_on_the_stream_and_retried() {
+    let s = setup().await;
+    let t = &enqueue(
+        &s.client,
+        vec![pb::NewTask {
+            timeout_seconds: 1,
+            max_retries: Some(1),
+            ..new_task("slow", 1)
+        }],
+    )
+    .await[0];
+    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let a1 = agent.next_assignment(WAIT).await.unwrap();
+    agent.start(&a1).await.unwrap();
+    let cancel = agent
+        .next_cancellation(WAIT)
+        .await
+        .expect("cancellation on the stream");
+    assert_eq!(
+        (cancel.task_id.as_str(), cancel.attempt),
+        (t.id.as_str(), 1)
+    );
+    assert!(cancel.reason.contains("timed out"), "{}", cancel.reason);
+    let late = agent.complete(&a1).await.unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition);
+    let a2 = agent
+        .next_assignment(WAIT)
+        .await
+        .expect("retried after the timeout");
+    assert_eq!(a2.attempt, 2);
+    agent.start(&a2).await.unwrap();
+    // Out of retries: the second timeout fails the task.
+    let cancel = agent.next_cancellation(WAIT).await.unwrap();
+    assert_eq!(cancel.attempt, 2);
+    let t = eventually(WAIT, "task failed", || async {
+        let t = get(&s.client, &t.id).await;
+        (t.status == FAILED).then_some(t)
+    })
+    .await;
+    assert!(t.error_message.contains("timed out"));
+    let events = events::read_all(&s.infra.nats_url, &s.infra.topology.stream, 9, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        events::history(&events, &t.id),
+        [
+            "TASK_CREATED",
+            "TASK_ASSIGNED",
+            "TASK_STARTED",
+            "TASK_TIMED_OUT",
+            "TASK_RETRIED",
+            "TASK_ASSIGNED",
+            "TASK_STARTED",
+            "TASK_TIMED_OUT",
+            "TASK_FAILED"
+        ]
+    );
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn cancel_works_in_every_open_state_and_not_after() {
+    let s = setup().await;
+    let ids: Vec<String> = enqueue(
+        &s.client,
+        (0..4).map(|i| new_task(&format!("t{i}"), 10 - i)).collect(),
+    )
+    .await
+    .into_iter()
+    .map(|t| t.id)
+    .collect();
+    let cancel = |id: String| {
+        let mut c = s.client.clone();
+        async move {
+            c.cancel_task(pb::CancelTaskRequest {
+                task_id: id,
+                reason: "no longer needed".into(),
+            })
+            .await
+        }
+    };
+    let mut agent = ScriptedAgent::connect(&s.client, 2, vec![]).await.unwrap();
+    let running = agent.next_assignment(WAIT).await.unwrap();
+    let assigned = agent.next_assignment(WAIT).await.unwrap();
+    agent.start(&running).await.unwrap();
+    assert_eq!(running.task.as_ref().unwrap().id, ids[0]);
+    assert_eq!(assigned.task.as_ref().unwrap().id, ids[1]);
+
+    // Pending: never handed out.
+    cancel(ids[3].clone()).await.unwrap();
+    // Running and assigned: the agent is told at once, and the freed
+    // capacity takes the one task left.
+    let t = cancel(ids[0].clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(t.status, CANCELLED);
+    cancel(ids[1].clone()).await.unwrap();
+    let mut cancellations = HashSet::new();
+    let mut assignments = Vec::new();
+    while let Some(event) = agent.next(QUIET).await {
+        match event {
+            StreamEvent::Cancellation(c) => {
+                assert_eq!((c.attempt, c.reason.as_str()), (1, "no longer needed"));
+                cancellations.insert(c.task_id);
+            }
+            StreamEvent::Assignment(a) => assignments.push(a),
+        }
+    }
+    assert_eq!(
+        cancellations,
+        HashSet::from([ids[0].clone(), ids[1].clone()])
+    );
+    assert_eq!(
+        assignments.len(),
+        1,
+        "only the task still pending: {assignments:?}"
+    );
+    let next = assignments.remove(0);
+    assert_eq!(next.task.as_ref().unwrap().id, ids[2]);
+    assert_eq!(
+        agent.start(&assigned).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    agent.start(&next).await.unwrap();
+    agent.complete(&next).await.unwrap();
+    // Terminal states refuse.
+    for id in [&ids[0], &ids[2], &ids[3]] {
+        assert_eq!(
+            cancel(id.clone()).await.unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+    }
+    assert_eq!(
+        cancel(Uuid::now_v7().to_string()).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn stale_attempts_and_illegal_reports_are_refused() {
+    let s = setup().await;
+    enqueue(&s.client, vec![new_task("t", 1)]).await;
+    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let a = agent.next_assignment(WAIT).await.unwrap();
+    // Completing before starting is illegal.
+    assert_eq!(
+        agent.complete(&a).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    let wrong = pb::Assignment {
+        attempt: a.attempt + 1,
+        ..a.clone()
+    };
+    let err = agent.start(&wrong).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("not current"), "{}", err.message());
+    agent.start(&a).await.unwrap();
+    assert_eq!(
+        agent.start(&a).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    agent.complete(&a).await.unwrap();
+    assert_eq!(
+        agent.complete(&a).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        agent.fail(&a, "x", 0).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_dropped_stream_requeues_its_unstarted_tasks_at_once() {
+    let s = setup().await;
+    enqueue(
+        &s.client,
+        (0..3).map(|i| new_task(&format!("t{i}"), 1)).collect(),
+    )
+    .await;
+    let mut first = ScriptedAgent::connect(&s.client, 3, vec![]).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(first.next_assignment(WAIT).await.unwrap());
+    }
+    first.start(&got[0]).await.unwrap();
+    let started_id = got[0].task.as_ref().unwrap().id.clone();
+    drop(first);
+    let mut second = ScriptedAgent::connect(&s.client, 3, vec![]).await.unwrap();
+    let mut again = HashSet::new();
+    for _ in 0..2 {
+        let a = second.next_assignment(WAIT).await.expect("requeued task");
+        assert_eq!(a.attempt, 2, "a new attempt");
+        again.insert(a.task.unwrap().id);
+    }
+    let expected: HashSet<String> = got[1..]
+        .iter()
+        .map(|a| a.task.as_ref().unwrap().id.clone())
+        .collect();
+    assert_eq!(again, expected);
+    // The started task stays with its agent (stale detection takes it back).
+    assert!(second.next(QUIET).await.is_none());
+    assert_eq!(get(&s.client, &started_id).await.status, RUNNING);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn list_filters_and_pages_and_stats_count() {
+    let s = setup().await;
+    let ticket = Uuid::now_v7().to_string();
+    let mut tasks: Vec<pb::NewTask> = (0..5)
+        .map(|i| pb::NewTask {
+            ticket_id: ticket.clone(),
+            ..new_task(&format!("t{i}"), 1)
+        })
+        .collect();
+    tasks.push(pb::NewTask {
+        phase: IMPLEMENTATION,
+        ..new_task("other", 1)
+    });
+    enqueue(&s.client, tasks).await;
+    let mut c = s.client.clone();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_tasks(pb::ListTasksRequest {
+                ticket_id: ticket.clone(),
+                page_size: 2,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.tasks.len() <= 2);
+        seen.extend(page.tasks.into_iter().map(|t| t.title));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ["t0", "t1", "t2", "t3", "t4"]);
+    let by_phase = c
+        .list_tasks(pb::ListTasksRequest {
+            phase: IMPLEMENTATION,
+            status: PENDING,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_phase.tasks.len(), 1);
+    let stats = c
+        .get_queue_stats(pb::GetQueueStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((stats.pending, stats.ready, stats.running), (6, 6, 0));
+    assert!(stats.oldest_ready_age_seconds >= 0.0);
+    assert_eq!(stats.counts.iter().map(|c| c.count).sum::<i64>(), 6);
+    s.finish().await;
+}
