@@ -47,6 +47,21 @@ impl Store {
         &self.pool
     }
 
+    /// Creates the database named in `url` when it does not exist yet (a
+    /// fresh local set-up); a server that refuses is left to the migration
+    /// to report.
+    pub async fn ensure_database(url: &str) -> Result<()> {
+        use sqlx::migrate::MigrateDatabase;
+        if !sqlx::Postgres::database_exists(url).await? {
+            tracing::info!("creating database");
+            if let Err(e) = sqlx::Postgres::create_database(url).await {
+                // Lost a race with another replica, or no CREATEDB right.
+                tracing::warn!(error = %e, "could not create the database");
+            }
+        }
+        Ok(())
+    }
+
     /// Applies pending migrations. sqlx holds a PostgreSQL advisory lock while
     /// it migrates, so replicas starting together apply each migration once.
     pub async fn migrate(&self) -> Result<()> {

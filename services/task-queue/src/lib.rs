@@ -32,6 +32,7 @@ const SERVICE_NAME: &str = "omoi.taskqueue.v1.TaskQueueService";
 
 /// Applies migrations and exits (`omoi-task-queue migrate`).
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    Store::ensure_database(&config.common.database_url).await?;
     let store = Store::connect_lazy(&config.common.database_url, 2)?;
     store
         .migrate()
@@ -101,6 +102,7 @@ pub async fn serve(
     // Migrate (retrying while the database is down), then start the loops.
     let mut tasks = tokio::task::JoinSet::new();
     {
+        let database_url = common.database_url.clone();
         let (store, background, dispatcher, relay_wake) = (
             store.clone(),
             background.clone(),
@@ -117,7 +119,11 @@ pub async fn serve(
         tasks.spawn(async move {
             let mut delay = Duration::from_millis(200);
             loop {
-                match store.migrate().await {
+                let attempt = async {
+                    Store::ensure_database(&database_url).await?;
+                    store.migrate().await
+                };
+                match attempt.await {
                     Ok(()) => break,
                     Err(e) => tracing::warn!(error = %e, "migration failed; retrying"),
                 }

@@ -1,1 +1,302 @@
-fn main() {}
+//! omoi-bench: drives a running task-queue over real gRPC and reports
+//! throughput and dispatch latency.
+//!
+//! It enqueues N tasks in batches (optionally paced at R tasks/s), runs M
+//! simulated agents that start and complete each task as soon as they get it,
+//! and measures enqueue rate, end-to-end rate, dispatch latency (task ready →
+//! assignment received) and how fast the events reach JetStream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::Parser;
+use omoi_proto::convert::from_timestamp;
+use omoi_proto::taskqueue::watch_assignments_response::Event as StreamEvent;
+use omoi_proto::taskqueue::{self as pb};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(name = "omoi-bench", about = "Benchmark a running omoi task-queue")]
+struct Args {
+    /// Tasks to run.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: usize,
+    /// Simulated agents (one WatchAssignments stream each).
+    #[arg(long, default_value_t = 8)]
+    agents: usize,
+    /// Tasks each agent holds at once.
+    #[arg(long, default_value_t = 64)]
+    capacity: i32,
+    /// Pace enqueues at this many tasks per second (unpaced when unset).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Tasks per EnqueueTasks call when unpaced.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Task-queue address.
+    #[arg(
+        long,
+        env = "OMOI_TASK_QUEUE_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    url: String,
+    /// NATS URL, to count the published events.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// The events stream.
+    #[arg(long, env = "OMOI_EVENTS_STREAM", default_value = "OMOI_EVENTS")]
+    events_stream: String,
+    /// Bearer token, when the task-queue requires one.
+    #[arg(long, env = "OMOI_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+}
+
+type Client = pb::task_queue_service_client::TaskQueueServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        omoi_runtime::auth::AttachBearer,
+    >,
+>;
+
+fn client(args: &Args) -> anyhow::Result<Client> {
+    let channel = omoi_runtime::grpc::channel(&args.url)?;
+    let auth = omoi_runtime::auth::AttachBearer::new(args.auth_token.as_deref())?;
+    Ok(pb::task_queue_service_client::TaskQueueServiceClient::with_interceptor(channel, auth))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.tasks > 0 && args.agents > 0,
+        "--tasks and --agents must be positive"
+    );
+    omoi_tests::wait_serving(&args.url, Duration::from_secs(30)).await?;
+    let nats = async_nats::connect(&args.nats_url).await?;
+    let js = async_nats::jetstream::new(nats);
+    let events_before = stream_messages(&js, &args.events_stream).await;
+
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.tasks)));
+    let done = Arc::new(AtomicUsize::new(0));
+    let all_done = CancellationToken::new();
+    let stop = CancellationToken::new();
+    // Agents connect first, so that dispatch starts with the first enqueue.
+    let mut agents = Vec::new();
+    for _ in 0..args.agents {
+        let mut c = client(&args)?;
+        let stream = c
+            .watch_assignments(pb::WatchAssignmentsRequest {
+                agent_id: Uuid::new_v4().to_string(),
+                phases: vec![],
+                capacity: args.capacity,
+            })
+            .await?
+            .into_inner();
+        agents.push(tokio::spawn(agent(
+            c,
+            stream,
+            Arc::clone(&latencies),
+            Arc::clone(&done),
+            args.tasks,
+            all_done.clone(),
+            stop.clone(),
+        )));
+    }
+
+    let start = Instant::now();
+    let mut enq = client(&args)?;
+    let mut sent = 0usize;
+    let mut n = 0u64;
+    match args.rate {
+        None => {
+            while sent < args.tasks {
+                let k = args.batch.min(args.tasks - sent);
+                enq.enqueue_tasks(batch(sent, k)).await?;
+                sent += k;
+            }
+        }
+        Some(rate) => {
+            anyhow::ensure!(rate > 0.0, "--rate must be positive");
+            let tick = Duration::from_millis(10);
+            let mut interval = tokio::time::interval(tick);
+            while sent < args.tasks {
+                interval.tick().await;
+                n += 1;
+                let due = ((n as f64) * rate * tick.as_secs_f64()).round() as usize;
+                let k = due.saturating_sub(sent).min(args.tasks - sent);
+                if k > 0 {
+                    enq.enqueue_tasks(batch(sent, k)).await?;
+                    sent += k;
+                }
+            }
+        }
+    }
+    let enqueue_secs = start.elapsed().as_secs_f64();
+    tokio::select! {
+        _ = all_done.cancelled() => {}
+        _ = tokio::time::sleep(Duration::from_secs(600)) => anyhow::bail!(
+            "only {} of {} tasks completed within 600 s", done.load(Ordering::Relaxed), args.tasks
+        ),
+    }
+    let e2e_secs = start.elapsed().as_secs_f64();
+    stop.cancel();
+    for a in agents {
+        let _ = a.await;
+    }
+
+    // Created, assigned, started, completed: four events per task.
+    let expected = events_before + 4 * args.tasks as u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut events_now = stream_messages(&js, &args.events_stream).await;
+    while events_now < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        events_now = stream_messages(&js, &args.events_stream).await;
+    }
+    let events_secs = start.elapsed().as_secs_f64();
+    let published = events_now.saturating_sub(events_before);
+
+    let mut lat = latencies.lock().await.clone();
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((p / 100.0) * (lat.len() - 1) as f64).round() as usize;
+        lat[i.min(lat.len() - 1)]
+    };
+    let report = serde_json::json!({
+        "tasks": args.tasks,
+        "agents": args.agents,
+        "capacity": args.capacity,
+        "rate": args.rate,
+        "enqueue_tasks_per_s": round(args.tasks as f64 / enqueue_secs),
+        "end_to_end_tasks_per_s": round(args.tasks as f64 / e2e_secs),
+        "dispatch_p50_ms": round(pct(50.0)),
+        "dispatch_p90_ms": round(pct(90.0)),
+        "dispatch_p99_ms": round(pct(99.0)),
+        "events_per_s": round(published as f64 / events_secs),
+        "events_published": published,
+        "events_expected": 4 * args.tasks,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "omoi-bench: {} tasks, {} agents x capacity {}{}",
+            args.tasks,
+            args.agents,
+            args.capacity,
+            args.rate
+                .map(|r| format!(", paced at {r} tasks/s"))
+                .unwrap_or_default()
+        );
+        println!(
+            "  enqueue          {:>10.0} tasks/s",
+            report["enqueue_tasks_per_s"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "  end to end       {:>10.0} tasks/s",
+            report["end_to_end_tasks_per_s"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "  dispatch latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
+            pct(50.0),
+            pct(90.0),
+            pct(99.0)
+        );
+        println!(
+            "  events           {:>10.0} events/s ({published} of {} published)",
+            report["events_per_s"].as_f64().unwrap_or(0.0),
+            4 * args.tasks
+        );
+    }
+    Ok(())
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn batch(from: usize, k: usize) -> pb::EnqueueTasksRequest {
+    pb::EnqueueTasksRequest {
+        tasks: (from..from + k)
+            .map(|i| pb::NewTask {
+                title: format!("bench task {i}"),
+                phase: 1 + (i % 4) as i32,
+                priority: (i % 3) as i32,
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+async fn stream_messages(js: &async_nats::jetstream::Context, name: &str) -> u64 {
+    match js.get_stream(name).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+async fn agent(
+    client: Client,
+    mut stream: tonic::Streaming<pb::WatchAssignmentsResponse>,
+    latencies: Arc<Mutex<Vec<f64>>>,
+    done: Arc<AtomicUsize>,
+    total: usize,
+    all_done: CancellationToken,
+    stop: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = stream.message() => m,
+        };
+        let Ok(Some(msg)) = msg else { return };
+        let Some(StreamEvent::Assignment(a)) = msg.event else {
+            continue;
+        };
+        let received = SystemTime::now();
+        let Some(task) = a.task else { continue };
+        let ready = [task.created_at.as_ref(), task.next_attempt_at.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(from_timestamp)
+            .max();
+        if let Some(ready) = ready {
+            let ready: SystemTime = ready.into();
+            let ms = received
+                .duration_since(ready)
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1000.0;
+            latencies.lock().await.push(ms);
+        }
+        let (mut c, done, all_done) = (client.clone(), Arc::clone(&done), all_done.clone());
+        tokio::spawn(async move {
+            let started = c
+                .start_task(pb::StartTaskRequest {
+                    task_id: task.id.clone(),
+                    attempt: a.attempt,
+                })
+                .await;
+            if started.is_ok()
+                && c.complete_task(pb::CompleteTaskRequest {
+                    task_id: task.id,
+                    attempt: a.attempt,
+                    result: None,
+                })
+                .await
+                .is_ok()
+                && done.fetch_add(1, Ordering::Relaxed) + 1 == total
+            {
+                all_done.cancel();
+            }
+        });
+    }
+}
