@@ -6,11 +6,13 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber: `RUST_LOG` filters (default `info`), text
-/// or JSON lines on stdout. Safe to call twice (the second call is ignored),
-/// which tests that start several services in one process rely on.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global subscriber: `RUST_LOG` filters (`default_filter`
+/// when unset), text or JSON lines on stdout. Safe to call twice (the second
+/// call is ignored), which tests that start several services in one process
+/// rely on.
+pub fn init(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
         LogFormat::Json => registry

@@ -52,6 +52,10 @@ struct Args {
     /// The events stream.
     #[arg(long, env = "OMOI_EVENTS_STREAM", default_value = "OMOI_EVENTS")]
     events_stream: String,
+    /// Start a task-queue inside this process (configured from the
+    /// environment: DATABASE_URL, NATS_URL, …) instead of using --url.
+    #[arg(long)]
+    spawn: bool,
     /// Bearer token, when the task-queue requires one.
     #[arg(long, env = "OMOI_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
@@ -72,11 +76,24 @@ fn client(args: &Args) -> anyhow::Result<Client> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     anyhow::ensure!(
         args.tasks > 0 && args.agents > 0,
         "--tasks and --agents must be positive"
     );
+    omoi_runtime::telemetry::init(omoi_runtime::config::LogFormat::Text, "warn");
+    let spawned = if args.spawn {
+        let mut config = omoi_task_queue::Config::from_env();
+        config.common.auth_token = args.auth_token.clone();
+        config.common.events_stream = args.events_stream.clone();
+        config.common.nats_url = args.nats_url.clone();
+        let tq = omoi_tests::InProcess::start(config).await?;
+        eprintln!("omoi-bench: task-queue serving at {}", tq.url);
+        args.url = tq.url.clone();
+        Some(tq)
+    } else {
+        None
+    };
     omoi_tests::wait_serving(&args.url, Duration::from_secs(30)).await?;
     let nats = async_nats::connect(&args.nats_url).await?;
     let js = async_nats::jetstream::new(nats);
@@ -215,6 +232,9 @@ async fn main() -> anyhow::Result<()> {
             report["events_per_s"].as_f64().unwrap_or(0.0),
             4 * args.tasks
         );
+    }
+    if let Some(tq) = spawned {
+        tq.stop().await?;
     }
     Ok(())
 }

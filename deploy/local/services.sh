@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Makes sure the local PostgreSQL and NATS (JetStream) that omoi uses are
+# running, starting (and if need be installing) them. Sourced by the run and
+# test commands; safe to run on its own.
+
+ensure_postgres() {
+    if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then return; fi
+    echo "omoi: starting PostgreSQL" >&2
+    if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    fi
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    for _ in $(seq 1 60); do
+        pg_isready -q -h 127.0.0.1 -p 5432 && break
+        sleep 1
+    done
+    pg_isready -h 127.0.0.1 -p 5432
+}
+
+nats_up() { (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; }
+
+ensure_nats() {
+    if nats_up; then return; fi
+    echo "omoi: starting nats-server with JetStream" >&2
+    if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+    fi
+    local bin store
+    bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+    store=/var/lib/nats-server
+    mkdir -p "$store"
+    start-stop-daemon --start --oknodo --background --exec "$bin" -- \
+        -a 127.0.0.1 -p 4222 -js -sd "$store" -l /var/log/nats-server.log
+    for _ in $(seq 1 60); do
+        nats_up && return
+        sleep 0.5
+    done
+    echo "nats-server did not come up on 127.0.0.1:4222" >&2
+    exit 1
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    set -euo pipefail
+    ensure_postgres
+    ensure_nats
+fi
