@@ -8,7 +8,7 @@ use std::time::Duration;
 use omoi_proto::taskqueue::watch_assignments_response::Event as StreamEvent;
 use omoi_proto::taskqueue::{self as pb};
 use tokio_util::sync::CancellationToken;
-use tonic::Streaming;
+use tonic::{Code, Streaming};
 use uuid::Uuid;
 
 use crate::TaskQueueClient;
@@ -21,11 +21,7 @@ pub struct ScriptedAgent {
 }
 
 impl ScriptedAgent {
-    pub async fn connect(
-        client: &TaskQueueClient,
-        capacity: i32,
-        phases: Vec<i32>,
-    ) -> anyhow::Result<Self> {
+    pub async fn connect(client: &TaskQueueClient, capacity: i32, phases: Vec<i32>) -> anyhow::Result<Self> {
         Self::connect_as(client, Uuid::new_v4(), capacity, phases).await
     }
 
@@ -100,12 +96,7 @@ impl ScriptedAgent {
         Ok(r.into_inner().task.unwrap_or_default())
     }
 
-    pub async fn fail(
-        &mut self,
-        a: &pb::Assignment,
-        message: &str,
-        class: i32,
-    ) -> Result<pb::Task, tonic::Status> {
+    pub async fn fail(&mut self, a: &pb::Assignment, message: &str, class: i32) -> Result<pb::Task, tonic::Status> {
         let task_id = a.task.as_ref().map(|t| t.id.clone()).unwrap_or_default();
         let r = self
             .client
@@ -128,12 +119,7 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn record(&self, task_id: &str) {
-        *self
-            .inner
-            .lock()
-            .unwrap()
-            .entry(task_id.to_owned())
-            .or_insert(0) += 1;
+        *self.inner.lock().unwrap().entry(task_id.to_owned()).or_insert(0) += 1;
     }
 
     pub fn completed(&self) -> usize {
@@ -165,9 +151,7 @@ pub fn spawn_workers(
                     let url = &urls[turn % urls.len()];
                     turn += 1;
                     let client = crate::client(url);
-                    let Ok(mut agent) =
-                        ScriptedAgent::connect_as(&client, id, capacity, vec![]).await
-                    else {
+                    let Ok(mut agent) = ScriptedAgent::connect_as(&client, id, capacity, vec![]).await else {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     };
@@ -179,10 +163,41 @@ pub fn spawn_workers(
                         match event {
                             Some(StreamEvent::Assignment(a)) => {
                                 let id = a.task.as_ref().map(|t| t.id.clone()).unwrap_or_default();
-                                if agent.start(&a).await.is_ok() && agent.complete(&a).await.is_ok()
-                                {
-                                    ledger.record(&id);
-                                }
+                                let c = agent.client.clone();
+                                let (ledger, stop) = (ledger.clone(), stop.clone());
+                                tokio::spawn(async move {
+                                    let attempt = a.attempt;
+                                    let started = report(&stop, || {
+                                        let mut c1 = c.clone();
+                                        let task_id = id.clone();
+                                        async move {
+                                            c1.start_task(pb::StartTaskRequest { task_id, attempt })
+                                                .await
+                                                .map(|_| ())
+                                        }
+                                    })
+                                    .await;
+                                    if !started {
+                                        return;
+                                    }
+                                    let completed = report(&stop, || {
+                                        let task_id = id.clone();
+                                        let mut c2 = c.clone();
+                                        async move {
+                                            c2.complete_task(pb::CompleteTaskRequest {
+                                                task_id,
+                                                attempt,
+                                                result: None,
+                                            })
+                                            .await
+                                            .map(|_| ())
+                                        }
+                                    })
+                                    .await;
+                                    if completed {
+                                        ledger.record(&id);
+                                    }
+                                });
                             }
                             Some(StreamEvent::Cancellation(_)) => {}
                             None => break,
@@ -193,4 +208,32 @@ pub fn spawn_workers(
             })
         })
         .collect()
+}
+
+/// Sends a report until it is answered: a service that is restarting
+/// (unavailable, connection refused) gets it again; a refusal (the attempt
+/// was taken back) ends it. True when the report was accepted.
+async fn report<F, Fut>(stop: &CancellationToken, mut send: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match send().await {
+            Ok(()) => return true,
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+                ) =>
+            {
+                if stop.is_cancelled() || tokio::time::Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(_) => return false,
+        }
+    }
 }

@@ -10,12 +10,7 @@ use prost::Message;
 
 /// Every event in `stream`, in stream order, once at least `at_least` are
 /// there (or after `within`, whatever arrived).
-pub async fn read_all(
-    nats_url: &str,
-    stream: &str,
-    at_least: u64,
-    within: Duration,
-) -> anyhow::Result<Vec<Event>> {
+pub async fn read_all(nats_url: &str, stream: &str, at_least: u64, within: Duration) -> anyhow::Result<Vec<Event>> {
     let client = async_nats::connect(nats_url).await?;
     let js = jetstream::new(client);
     let deadline = tokio::time::Instant::now() + within;

@@ -10,8 +10,7 @@ use uuid::Uuid;
 /// The server tests create their databases on; `OMOI_TEST_DATABASE_URL`
 /// overrides it.
 pub fn admin_url() -> String {
-    std::env::var("OMOI_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    std::env::var("OMOI_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
 pub fn nats_url() -> String {

@@ -38,11 +38,7 @@ impl InProcess {
             shutdown.clone(),
         ));
         wait_serving(&url, Duration::from_secs(30)).await?;
-        Ok(Self {
-            url,
-            shutdown,
-            handle,
-        })
+        Ok(Self { url, shutdown, handle })
     }
 
     pub fn client(&self) -> TaskQueueClient {
@@ -72,12 +68,7 @@ pub async fn wait_serving(url: &str, within: Duration) -> anyhow::Result<()> {
     while tokio::time::Instant::now() < deadline {
         if let Ok(channel) = omoi_runtime::grpc::channel(url) {
             let mut health = HealthClient::new(channel);
-            match health
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-            {
+            match health.check(HealthCheckRequest { service: String::new() }).await {
                 Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
                 Ok(r) => last = format!("status {}", r.get_ref().status),
                 Err(e) => last = e.to_string(),
@@ -99,10 +90,7 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

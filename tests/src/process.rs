@@ -128,14 +128,7 @@ impl PrivateNats {
     /// Starts it (again), on the same port and storage.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         let child = Command::new(nats_server_binary())
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -143,10 +136,7 @@ impl PrivateNats {
             .spawn()?;
         self.child = Some(child);
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -46,9 +46,7 @@ async fn enqueue(client: &TaskQueueClient, tasks: Vec<pb::NewTask>) -> Vec<pb::T
 async fn get(client: &TaskQueueClient, id: &str) -> pb::Task {
     client
         .clone()
-        .get_task(pb::GetTaskRequest {
-            task_id: id.to_owned(),
-        })
+        .get_task(pb::GetTaskRequest { task_id: id.to_owned() })
         .await
         .expect("get")
         .into_inner()
@@ -74,9 +72,7 @@ struct Setup {
 
 async fn setup() -> Setup {
     let infra = Infra::new().await.expect("infra");
-    let tq = InProcess::start(infra.task_queue_config())
-        .await
-        .expect("task-queue");
+    let tq = InProcess::start(infra.task_queue_config()).await.expect("task-queue");
     let client = tq.client();
     Setup { infra, tq, client }
 }
@@ -150,12 +146,7 @@ async fn agents_only_get_their_phases_and_never_more_than_capacity() {
 #[tokio::test]
 async fn completion_releases_dependents_and_failure_cascades() {
     let s = setup().await;
-    let (a, b, c, d) = (
-        Uuid::now_v7(),
-        Uuid::now_v7(),
-        Uuid::now_v7(),
-        Uuid::now_v7(),
-    );
+    let (a, b, c, d) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     let with = |id: Uuid, title: &str, deps: &[Uuid]| pb::NewTask {
         id: id.to_string(),
         depends_on: deps.iter().map(ToString::to_string).collect(),
@@ -174,10 +165,7 @@ async fn completion_releases_dependents_and_failure_cascades() {
     )
     .await;
     assert_eq!(
-        created
-            .iter()
-            .map(|t| t.unmet_dependencies)
-            .collect::<Vec<_>>(),
+        created.iter().map(|t| t.unmet_dependencies).collect::<Vec<_>>(),
         [0, 1, 1, 2]
     );
     let mut agent = ScriptedAgent::connect(&s.client, 4, vec![]).await.unwrap();
@@ -191,20 +179,13 @@ async fn completion_releases_dependents_and_failure_cascades() {
     assert_eq!(get(&s.client, &d.to_string()).await.unmet_dependencies, 1);
     // b fails for good: c and, through c, d are cancelled with the reason.
     agent.start(&second).await.unwrap();
-    let failed = agent
-        .fail(&second, "syntax error in main.rs", 0)
-        .await
-        .unwrap();
+    let failed = agent.fail(&second, "syntax error in main.rs", 0).await.unwrap();
     assert_eq!(failed.status, FAILED);
     assert_eq!(failed.error_class, PERMANENT);
     for id in [c, d] {
         let t = get(&s.client, &id.to_string()).await;
         assert_eq!(t.status, CANCELLED, "{}", t.title);
-        assert!(
-            t.error_message.contains(&b.to_string()),
-            "{}",
-            t.error_message
-        );
+        assert!(t.error_message.contains(&b.to_string()), "{}", t.error_message);
     }
     assert!(agent.next(QUIET).await.is_none());
     // A new task cannot depend on a failed one.
@@ -217,11 +198,7 @@ async fn completion_releases_dependents_and_failure_cascades() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(
-        err.message().contains("tasks[0].depends_on[0]"),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("tasks[0].depends_on[0]"), "{}", err.message());
     s.finish().await;
 }
 
@@ -240,11 +217,7 @@ async fn a_cycle_or_bad_field_is_refused_and_nothing_is_written() {
             Code::InvalidArgument,
             "cycle",
         ),
-        (
-            vec![with(a, &[a])],
-            Code::InvalidArgument,
-            "tasks[0].depends_on[0]",
-        ),
+        (vec![with(a, &[a])], Code::InvalidArgument, "tasks[0].depends_on[0]"),
         (
             vec![with(a, &[Uuid::now_v7()])],
             Code::InvalidArgument,
@@ -303,11 +276,7 @@ async fn a_cycle_or_bad_field_is_refused_and_nothing_is_written() {
             Code::InvalidArgument,
             "ticket_id",
         ),
-        (
-            vec![with(a, &[]), with(a, &[])],
-            Code::InvalidArgument,
-            "tasks[1].id",
-        ),
+        (vec![with(a, &[]), with(a, &[])], Code::InvalidArgument, "tasks[1].id"),
         (vec![], Code::InvalidArgument, "tasks"),
         (
             (0..1001).map(|i| new_task(&i.to_string(), 1)).collect(),
@@ -323,23 +292,14 @@ async fn a_cycle_or_bad_field_is_refused_and_nothing_is_written() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), code, "{needle}: {}", err.message());
-        assert!(
-            err.message().contains(needle),
-            "{needle} not in {:?}",
-            err.message()
-        );
+        assert!(err.message().contains(needle), "{needle} not in {:?}", err.message());
     }
     assert_eq!(count_rows(&s.infra, "tasks").await, 0);
     assert_eq!(count_rows(&s.infra, "task_dependencies").await, 0);
     // Nothing was published either: the stream holds no event.
-    let events = events::read_all(
-        &s.infra.nats_url,
-        &s.infra.topology.stream,
-        0,
-        Duration::ZERO,
-    )
-    .await
-    .unwrap();
+    let events = events::read_all(&s.infra.nats_url, &s.infra.topology.stream, 0, Duration::ZERO)
+        .await
+        .unwrap();
     assert!(events.is_empty(), "{events:?}");
     // A task id that already exists.
     let t = enqueue(&s.client, vec![with(a, &[])]).await;
@@ -357,18 +317,10 @@ async fn a_cycle_or_bad_field_is_refused_and_nothing_is_written() {
     s.finish().await;
 }
 
-fn expect<T: std::fmt::Debug>(
-    r: Result<tonic::Response<T>, tonic::Status>,
-    code: Code,
-    field: &str,
-) {
+fn expect<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, code: Code, field: &str) {
     let err = r.expect_err("must be refused");
     assert_eq!(err.code(), code, "{field}: {}", err.message());
-    assert!(
-        err.message().contains(field),
-        "{field} not in {:?}",
-        err.message()
-    );
+    assert!(err.message().contains(field), "{field} not in {:?}", err.message());
 }
 
 #[tokio::test]
@@ -377,10 +329,7 @@ async fn malformed_requests_to_every_rpc_name_the_field() {
     let mut c = s.client.clone();
     let missing = Uuid::now_v7().to_string();
     expect(
-        c.get_task(pb::GetTaskRequest {
-            task_id: "1".into(),
-        })
-        .await,
+        c.get_task(pb::GetTaskRequest { task_id: "1".into() }).await,
         Code::InvalidArgument,
         "task_id",
     );
@@ -497,28 +446,21 @@ async fn a_retryable_failure_is_retried_after_a_stored_backoff() {
     let a1 = agent.next_assignment(WAIT).await.unwrap();
     agent.start(&a1).await.unwrap();
     let before = chrono::Utc::now();
-    let retried = agent
-        .fail(&a1, "connection reset by peer", 0)
-        .await
-        .unwrap();
+    let retried = agent.fail(&a1, "connection reset by peer", 0).await.unwrap();
     let after = chrono::Utc::now();
     assert_eq!(retried.status, PENDING);
     assert_eq!(retried.retry_count, 1);
     assert_eq!(retried.error_class, RETRYABLE);
     assert!(retried.assigned_agent_id.is_empty());
     // First retry: 1 s ± 25 %, measured from the failure.
-    let next =
-        omoi_proto::convert::from_timestamp(retried.next_attempt_at.as_ref().unwrap()).unwrap();
+    let next = omoi_proto::convert::from_timestamp(retried.next_attempt_at.as_ref().unwrap()).unwrap();
     let (lo, hi) = omoi_domain::backoff::bounds(0);
     assert!(
-        next >= before + chrono::Duration::from_std(lo).unwrap()
-            - chrono::Duration::milliseconds(50),
+        next >= before + chrono::Duration::from_std(lo).unwrap() - chrono::Duration::milliseconds(50),
         "{next} too early"
     );
     assert!(
-        next <= after
-            + chrono::Duration::from_std(hi).unwrap()
-            + chrono::Duration::milliseconds(50),
+        next <= after + chrono::Duration::from_std(hi).unwrap() + chrono::Duration::milliseconds(50),
         "{next} too late"
     );
     // Not handed out before its time, then handed out again with attempt 2.
@@ -543,10 +485,7 @@ async fn permanent_errors_fail_at_once_and_retries_run_out() {
     let a = agent.next_assignment(WAIT).await.unwrap();
     assert_eq!(a.task.as_ref().unwrap().id, perm.id);
     agent.start(&a).await.unwrap();
-    let failed = agent
-        .fail(&a, "Permission denied (publickey)", 0)
-        .await
-        .unwrap();
+    let failed = agent.fail(&a, "Permission denied (publickey)", 0).await.unwrap();
     assert_eq!(
         (failed.status, failed.retry_count, failed.error_class),
         (FAILED, 0, PERMANENT)
@@ -569,11 +508,7 @@ async fn permanent_errors_fail_at_once_and_retries_run_out() {
     let a1 = agent.next_assignment(WAIT).await.unwrap();
     agent.start(&a1).await.unwrap();
     assert_eq!(
-        agent
-            .fail(&a1, "timeout talking to LLM", 0)
-            .await
-            .unwrap()
-            .status,
+        agent.fail(&a1, "timeout talking to LLM", 0).await.unwrap().status,
         PENDING
     );
     let a2 = agent.next_assignment(WAIT).await.unwrap();
@@ -600,21 +535,12 @@ async fn a_running_task_past_its_deadline_is_cancelled_on_the_stream_and_retried
     let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
     let a1 = agent.next_assignment(WAIT).await.unwrap();
     agent.start(&a1).await.unwrap();
-    let cancel = agent
-        .next_cancellation(WAIT)
-        .await
-        .expect("cancellation on the stream");
-    assert_eq!(
-        (cancel.task_id.as_str(), cancel.attempt),
-        (t.id.as_str(), 1)
-    );
+    let cancel = agent.next_cancellation(WAIT).await.expect("cancellation on the stream");
+    assert_eq!((cancel.task_id.as_str(), cancel.attempt), (t.id.as_str(), 1));
     assert!(cancel.reason.contains("timed out"), "{}", cancel.reason);
     let late = agent.complete(&a1).await.unwrap_err();
     assert_eq!(late.code(), Code::FailedPrecondition);
-    let a2 = agent
-        .next_assignment(WAIT)
-        .await
-        .expect("retried after the timeout");
+    let a2 = agent.next_assignment(WAIT).await.expect("retried after the timeout");
     assert_eq!(a2.attempt, 2);
     agent.start(&a2).await.unwrap();
     // Out of retries: the second timeout fails the task.
@@ -649,14 +575,11 @@ async fn a_running_task_past_its_deadline_is_cancelled_on_the_stream_and_retried
 #[tokio::test]
 async fn cancel_works_in_every_open_state_and_not_after() {
     let s = setup().await;
-    let ids: Vec<String> = enqueue(
-        &s.client,
-        (0..4).map(|i| new_task(&format!("t{i}"), 10 - i)).collect(),
-    )
-    .await
-    .into_iter()
-    .map(|t| t.id)
-    .collect();
+    let ids: Vec<String> = enqueue(&s.client, (0..4).map(|i| new_task(&format!("t{i}"), 10 - i)).collect())
+        .await
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
     let cancel = |id: String| {
         let mut c = s.client.clone();
         async move {
@@ -678,12 +601,7 @@ async fn cancel_works_in_every_open_state_and_not_after() {
     cancel(ids[3].clone()).await.unwrap();
     // Running and assigned: the agent is told at once, and the freed
     // capacity takes the one task left.
-    let t = cancel(ids[0].clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let t = cancel(ids[0].clone()).await.unwrap().into_inner().task.unwrap();
     assert_eq!(t.status, CANCELLED);
     cancel(ids[1].clone()).await.unwrap();
     let mut cancellations = HashSet::new();
@@ -697,15 +615,8 @@ async fn cancel_works_in_every_open_state_and_not_after() {
             StreamEvent::Assignment(a) => assignments.push(a),
         }
     }
-    assert_eq!(
-        cancellations,
-        HashSet::from([ids[0].clone(), ids[1].clone()])
-    );
-    assert_eq!(
-        assignments.len(),
-        1,
-        "only the task still pending: {assignments:?}"
-    );
+    assert_eq!(cancellations, HashSet::from([ids[0].clone(), ids[1].clone()]));
+    assert_eq!(assignments.len(), 1, "only the task still pending: {assignments:?}");
     let next = assignments.remove(0);
     assert_eq!(next.task.as_ref().unwrap().id, ids[2]);
     assert_eq!(
@@ -716,10 +627,7 @@ async fn cancel_works_in_every_open_state_and_not_after() {
     agent.complete(&next).await.unwrap();
     // Terminal states refuse.
     for id in [&ids[0], &ids[2], &ids[3]] {
-        assert_eq!(
-            cancel(id.clone()).await.unwrap_err().code(),
-            Code::FailedPrecondition
-        );
+        assert_eq!(cancel(id.clone()).await.unwrap_err().code(), Code::FailedPrecondition);
     }
     assert_eq!(
         cancel(Uuid::now_v7().to_string()).await.unwrap_err().code(),
@@ -735,10 +643,7 @@ async fn stale_attempts_and_illegal_reports_are_refused() {
     let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
     let a = agent.next_assignment(WAIT).await.unwrap();
     // Completing before starting is illegal.
-    assert_eq!(
-        agent.complete(&a).await.unwrap_err().code(),
-        Code::FailedPrecondition
-    );
+    assert_eq!(agent.complete(&a).await.unwrap_err().code(), Code::FailedPrecondition);
     let wrong = pb::Assignment {
         attempt: a.attempt + 1,
         ..a.clone()
@@ -747,18 +652,23 @@ async fn stale_attempts_and_illegal_reports_are_refused() {
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("not current"), "{}", err.message());
     agent.start(&a).await.unwrap();
-    assert_eq!(
-        agent.start(&a).await.unwrap_err().code(),
-        Code::FailedPrecondition
-    );
+    // A retried report of the same attempt (its answer was lost) succeeds
+    // again and changes nothing.
+    assert_eq!(agent.start(&a).await.unwrap().status, RUNNING);
     agent.complete(&a).await.unwrap();
-    assert_eq!(
-        agent.complete(&a).await.unwrap_err().code(),
-        Code::FailedPrecondition
-    );
+    assert_eq!(agent.complete(&a).await.unwrap().status, COMPLETED);
+    assert_eq!(agent.start(&a).await.unwrap_err().code(), Code::FailedPrecondition);
     assert_eq!(
         agent.fail(&a, "x", 0).await.unwrap_err().code(),
         Code::FailedPrecondition
+    );
+    let events = events::read_all(&s.infra.nats_url, &s.infra.topology.stream, 4, WAIT)
+        .await
+        .unwrap();
+    let history = events::history(&events, &a.task.as_ref().unwrap().id);
+    assert_eq!(
+        history,
+        ["TASK_CREATED", "TASK_ASSIGNED", "TASK_STARTED", "TASK_COMPLETED"]
     );
     s.finish().await;
 }
@@ -766,11 +676,7 @@ async fn stale_attempts_and_illegal_reports_are_refused() {
 #[tokio::test]
 async fn a_dropped_stream_requeues_its_unstarted_tasks_at_once() {
     let s = setup().await;
-    enqueue(
-        &s.client,
-        (0..3).map(|i| new_task(&format!("t{i}"), 1)).collect(),
-    )
-    .await;
+    enqueue(&s.client, (0..3).map(|i| new_task(&format!("t{i}"), 1)).collect()).await;
     let mut first = ScriptedAgent::connect(&s.client, 3, vec![]).await.unwrap();
     let mut got = Vec::new();
     for _ in 0..3 {
@@ -786,10 +692,7 @@ async fn a_dropped_stream_requeues_its_unstarted_tasks_at_once() {
         assert_eq!(a.attempt, 2, "a new attempt");
         again.insert(a.task.unwrap().id);
     }
-    let expected: HashSet<String> = got[1..]
-        .iter()
-        .map(|a| a.task.as_ref().unwrap().id.clone())
-        .collect();
+    let expected: HashSet<String> = got[1..].iter().map(|a| a.task.as_ref().unwrap().id.clone()).collect();
     assert_eq!(again, expected);
     // The started task stays with its agent (stale detection takes it back).
     assert!(second.next(QUIET).await.is_none());

@@ -47,12 +47,7 @@ impl Default for Topology {
 
 impl Topology {
     /// `<prefix>.events.<entity_type>.<event_type lowercased>.<ticket_id or "none">`.
-    pub fn event_subject(
-        &self,
-        entity_type: &str,
-        event_type: &str,
-        ticket_id: Option<&str>,
-    ) -> String {
+    pub fn event_subject(&self, entity_type: &str, event_type: &str, ticket_id: Option<&str>) -> String {
         format!(
             "{}.events.{}.{}.{}",
             self.prefix,
@@ -91,10 +86,7 @@ pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusErr
 
 /// Creates the events stream if it does not exist. The duplicate window is
 /// what turns the relay's at-least-once publishing into exactly-once storage.
-pub async fn ensure_stream(
-    js: &jetstream::Context,
-    topology: &Topology,
-) -> Result<stream::Stream, BusError> {
+pub async fn ensure_stream(js: &jetstream::Context, topology: &Topology) -> Result<stream::Stream, BusError> {
     js.get_or_create_stream(stream::Config {
         name: topology.stream.clone(),
         subjects: vec![topology.events_wildcard()],
@@ -118,11 +110,7 @@ mod tests {
     fn subjects_filter_by_entity_event_and_ticket() {
         let t = Topology::default();
         assert_eq!(
-            t.event_subject(
-                "task",
-                "TASK_COMPLETED",
-                Some("0190f1c2-aaaa-7bbb-8ccc-000000000001")
-            ),
+            t.event_subject("task", "TASK_COMPLETED", Some("0190f1c2-aaaa-7bbb-8ccc-000000000001")),
             "omoi.events.task.task_completed.0190f1c2-aaaa-7bbb-8ccc-000000000001"
         );
         assert_eq!(

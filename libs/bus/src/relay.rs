@@ -29,12 +29,7 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(
-        store: Store,
-        client: async_nats::Client,
-        topology: Topology,
-        wake: Arc<Notify>,
-    ) -> Self {
+    pub fn new(store: Store, client: async_nats::Client, topology: Topology, wake: Arc<Notify>) -> Self {
         let mut js = jetstream::new(client);
         js.set_timeout(Duration::from_secs(5));
         Self {
@@ -108,12 +103,7 @@ impl Relay {
     /// Publishes one batch; returns how many events it published (0 when the
     /// outbox is empty or another relay holds the lock).
     pub async fn publish_batch(&self) -> Result<usize, BusError> {
-        let mut tx = self
-            .store
-            .pool()
-            .begin()
-            .await
-            .map_err(omoi_store::StoreError::from)?;
+        let mut tx = self.store.pool().begin().await.map_err(omoi_store::StoreError::from)?;
         let Some(events) = outbox::lock_batch(&mut tx, self.batch).await? else {
             return Ok(0);
         };
@@ -141,9 +131,9 @@ impl Relay {
 
     fn message(&self, event: &OutboxEvent) -> (String, HeaderMap, Vec<u8>) {
         let ticket = event.ticket_id.map(|t| t.to_string());
-        let subject =
-            self.topology
-                .event_subject(&event.entity_type, &event.event_type, ticket.as_deref());
+        let subject = self
+            .topology
+            .event_subject(&event.entity_type, &event.event_type, ticket.as_deref());
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
         headers.insert("Omoi-Event-Type", event.event_type.as_str());

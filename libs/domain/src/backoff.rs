@@ -55,14 +55,8 @@ mod tests {
         ];
         for (retry, low, high) in table {
             let (lo, hi) = bounds(retry);
-            assert!(
-                (lo.as_secs_f64() - low).abs() < 1e-9,
-                "retry {retry}: low {lo:?}"
-            );
-            assert!(
-                (hi.as_secs_f64() - high).abs() < 1e-9,
-                "retry {retry}: high {hi:?}"
-            );
+            assert!((lo.as_secs_f64() - low).abs() < 1e-9, "retry {retry}: low {lo:?}");
+            assert!((hi.as_secs_f64() - high).abs() < 1e-9, "retry {retry}: high {hi:?}");
         }
         assert_eq!(delay_with_factor(0, 1.0), Duration::from_secs(1));
         assert_eq!(delay_with_factor(3, 1.0), Duration::from_secs(8));
@@ -76,10 +70,7 @@ mod tests {
             let (da, db) = (delay(retry, &mut a), delay(retry, &mut b));
             assert_eq!(da, db);
             let (lo, hi) = bounds(retry);
-            assert!(
-                lo <= da && da <= hi,
-                "retry {retry}: {da:?} outside {lo:?}..{hi:?}"
-            );
+            assert!(lo <= da && da <= hi, "retry {retry}: {da:?} outside {lo:?}..{hi:?}");
         }
     }
 

@@ -33,10 +33,7 @@ pub enum DomainError {
     InvalidArgument(FieldError),
     #[error("illegal transition: cannot {action} a task that is {from}")]
     IllegalTransition { from: TaskStatus, action: Action },
-    #[error(
-        "invalid argument {field}: dependency cycle through {}",
-        format_ids(members)
-    )]
+    #[error("invalid argument {field}: dependency cycle through {}", format_ids(members))]
     Cycle { field: String, members: Vec<Uuid> },
 }
 
@@ -47,8 +44,5 @@ impl DomainError {
 }
 
 fn format_ids(ids: &[Uuid]) -> String {
-    ids.iter()
-        .map(Uuid::to_string)
-        .collect::<Vec<_>>()
-        .join(" -> ")
+    ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(" -> ")
 }

@@ -78,11 +78,7 @@ pub fn external_dependencies(nodes: &[BatchNode]) -> Vec<Uuid> {
 /// duplicate edge, every dependency either in the batch or `known` (existing
 /// tasks), and no cycle. Existing tasks never depend on new ones, so a cycle
 /// can only run through the batch. `field` names the request list, e.g. "tasks".
-pub fn validate_batch(
-    field: &str,
-    nodes: &[BatchNode],
-    known: &HashSet<Uuid>,
-) -> Result<(), DomainError> {
+pub fn validate_batch(field: &str, nodes: &[BatchNode], known: &HashSet<Uuid>) -> Result<(), DomainError> {
     let mut index: HashMap<Uuid, usize> = HashMap::with_capacity(nodes.len());
     for (i, node) in nodes.iter().enumerate() {
         if index.insert(node.id, i).is_some() {
@@ -102,10 +98,7 @@ pub fn validate_batch(
                 return Err(DomainError::invalid(at, "a task cannot depend on itself"));
             }
             if !seen.insert(*dep) {
-                return Err(DomainError::invalid(
-                    at,
-                    format!("duplicate dependency {dep}"),
-                ));
+                return Err(DomainError::invalid(at, format!("duplicate dependency {dep}")));
             }
             match index.get(dep) {
                 Some(&to) => edges.push(to),
@@ -159,9 +152,7 @@ mod tests {
     #[test]
     fn long_chains_do_not_overflow() {
         let n = 200_000;
-        let chain: Vec<Vec<usize>> = (0..n)
-            .map(|i| if i == 0 { vec![] } else { vec![i - 1] })
-            .collect();
+        let chain: Vec<Vec<usize>> = (0..n).map(|i| if i == 0 { vec![] } else { vec![i - 1] }).collect();
         assert_eq!(find_cycle(&chain), None);
         let mut ring = chain;
         ring[0] = vec![n - 1];
@@ -191,11 +182,7 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         };
         assert_eq!(
-            field_of(validate_batch(
-                "tasks",
-                &[node(id[0], &[]), node(id[0], &[])],
-                &none
-            )),
+            field_of(validate_batch("tasks", &[node(id[0], &[]), node(id[0], &[])], &none)),
             "tasks[1].id"
         );
         assert_eq!(
@@ -223,11 +210,7 @@ mod tests {
     #[test]
     fn batch_cycle_lists_members() {
         let id = ids(3);
-        let nodes = [
-            node(id[0], &[id[2]]),
-            node(id[1], &[id[0]]),
-            node(id[2], &[id[1]]),
-        ];
+        let nodes = [node(id[0], &[id[2]]), node(id[1], &[id[0]]), node(id[2], &[id[1]])];
         match validate_batch("tasks", &nodes, &HashSet::new()) {
             Err(DomainError::Cycle { field, members }) => {
                 assert_eq!(field, "tasks[0].depends_on");

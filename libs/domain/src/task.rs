@@ -44,10 +44,7 @@ impl TaskStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            TaskStatus::Completed
-                | TaskStatus::Failed
-                | TaskStatus::TimedOut
-                | TaskStatus::Cancelled
+            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled
         )
     }
 

@@ -49,9 +49,7 @@ pub fn uuid(field: &str, value: &str) -> Result<Uuid, DomainError> {
     if value.is_empty() {
         return Err(DomainError::invalid(field, "is required"));
     }
-    Uuid::parse_str(value).map_err(|_| {
-        DomainError::invalid(field, format!("{:?} is not a UUID", truncate(value, 64)))
-    })
+    Uuid::parse_str(value).map_err(|_| DomainError::invalid(field, format!("{:?} is not a UUID", truncate(value, 64))))
 }
 
 /// An optional UUID: empty means none.
@@ -88,10 +86,7 @@ pub fn text(field: &str, value: &str, max_bytes: usize) -> Result<String, Domain
         ));
     }
     if value.contains('\0') {
-        return Err(DomainError::invalid(
-            field,
-            "must not contain NUL characters",
-        ));
+        return Err(DomainError::invalid(field, "must not contain NUL characters"));
     }
     Ok(value.to_owned())
 }
@@ -128,10 +123,7 @@ pub fn phase_filter(field: &str, value: i32) -> Result<Option<Phase>, DomainErro
 /// A positive attempt number from a report.
 pub fn attempt(field: &str, value: i32) -> Result<i32, DomainError> {
     if value < 1 {
-        return Err(DomainError::invalid(
-            field,
-            format!("must be 1 or more, got {value}"),
-        ));
+        return Err(DomainError::invalid(field, format!("must be 1 or more, got {value}")));
     }
     Ok(value)
 }
@@ -171,11 +163,7 @@ pub fn new_task(field: &str, raw: &RawNewTask<'_>) -> Result<NewTask, DomainErro
         id,
         ticket_id: optional_uuid(&format!("{field}.ticket_id"), raw.ticket_id)?,
         title: title(&format!("{field}.title"), raw.title)?,
-        description: text(
-            &format!("{field}.description"),
-            raw.description,
-            MAX_DESCRIPTION_BYTES,
-        )?,
+        description: text(&format!("{field}.description"), raw.description, MAX_DESCRIPTION_BYTES)?,
         phase: phase(&format!("{field}.phase"), raw.phase)?,
         priority: range(&format!("{field}.priority"), raw.priority, 0, i32::MAX)?,
         depends_on,
@@ -196,10 +184,7 @@ pub fn new_task(field: &str, raw: &RawNewTask<'_>) -> Result<NewTask, DomainErro
 
 fn no_control_chars(field: &str, value: &str) -> Result<(), DomainError> {
     if value.chars().any(char::is_control) {
-        return Err(DomainError::invalid(
-            field,
-            "must not contain control characters",
-        ));
+        return Err(DomainError::invalid(field, "must not contain control characters"));
     }
     Ok(())
 }
@@ -253,27 +238,9 @@ mod tests {
                 },
                 "tasks[3].ticket_id",
             ),
-            (
-                RawNewTask {
-                    title: "",
-                    ..good()
-                },
-                "tasks[3].title",
-            ),
-            (
-                RawNewTask {
-                    title: "   ",
-                    ..good()
-                },
-                "tasks[3].title",
-            ),
-            (
-                RawNewTask {
-                    title: &long,
-                    ..good()
-                },
-                "tasks[3].title",
-            ),
+            (RawNewTask { title: "", ..good() }, "tasks[3].title"),
+            (RawNewTask { title: "   ", ..good() }, "tasks[3].title"),
+            (RawNewTask { title: &long, ..good() }, "tasks[3].title"),
             (
                 RawNewTask {
                     title: "a\u{7}b",
@@ -290,13 +257,7 @@ mod tests {
             ),
             (RawNewTask { phase: 0, ..good() }, "tasks[3].phase"),
             (RawNewTask { phase: 9, ..good() }, "tasks[3].phase"),
-            (
-                RawNewTask {
-                    priority: -1,
-                    ..good()
-                },
-                "tasks[3].priority",
-            ),
+            (RawNewTask { priority: -1, ..good() }, "tasks[3].priority"),
             (
                 RawNewTask {
                     max_retries: Some(-1),
@@ -334,11 +295,7 @@ mod tests {
             ),
         ];
         for (raw, want) in cases {
-            assert_eq!(
-                field_of(new_task("tasks[3]", &raw).unwrap_err()),
-                want,
-                "{raw:?}"
-            );
+            assert_eq!(field_of(new_task("tasks[3]", &raw).unwrap_err()), want, "{raw:?}");
         }
     }
 

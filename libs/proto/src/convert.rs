@@ -23,10 +23,7 @@ pub fn json_to_value(json: &Json) -> Value {
 
 pub fn map_to_struct(map: &Map<String, Json>) -> Struct {
     Struct {
-        fields: map
-            .iter()
-            .map(|(k, v)| (k.clone(), json_to_value(v)))
-            .collect(),
+        fields: map.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect(),
     }
 }
 
@@ -53,12 +50,7 @@ pub fn value_to_json(value: &Value) -> Json {
 }
 
 pub fn struct_to_json(s: &Struct) -> Json {
-    Json::Object(
-        s.fields
-            .iter()
-            .map(|(k, v)| (k.clone(), value_to_json(v)))
-            .collect(),
-    )
+    Json::Object(s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect())
 }
 
 /// Whole numbers stay integers in JSON; NaN and infinities (not JSON) become null.
@@ -94,10 +86,7 @@ mod tests {
 
     #[test]
     fn non_objects_are_wrapped() {
-        assert_eq!(
-            struct_to_json(&json_to_struct(&json!(7))),
-            json!({"value": 7})
-        );
+        assert_eq!(struct_to_json(&json_to_struct(&json!(7))), json!({"value": 7}));
     }
 
     #[test]
@@ -112,12 +101,6 @@ mod tests {
     fn timestamps_round_trip() {
         let now = Utc::now();
         assert_eq!(from_timestamp(&timestamp(now)), Some(now));
-        assert_eq!(
-            from_timestamp(&Timestamp {
-                seconds: 0,
-                nanos: -1
-            }),
-            None
-        );
+        assert_eq!(from_timestamp(&Timestamp { seconds: 0, nanos: -1 }), None);
     }
 }

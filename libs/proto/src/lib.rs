@@ -5,8 +5,7 @@
 
 /// Encoded `FileDescriptorSet` of every omoi proto file (with its imports),
 /// for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/omoi_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/omoi_descriptor.bin"));
 
 pub mod omoi {
     pub mod common {

@@ -16,9 +16,7 @@ pub struct RequireBearer {
 impl RequireBearer {
     pub fn new(token: Option<&str>) -> Self {
         Self {
-            token: token
-                .filter(|t| !t.is_empty())
-                .map(|t| Arc::from(t.as_bytes())),
+            token: token.filter(|t| !t.is_empty()).map(|t| Arc::from(t.as_bytes())),
         }
     }
 }
@@ -37,9 +35,7 @@ impl Interceptor for RequireBearer {
         match presented {
             Some(p) if constant_time_eq(p, expected) => Ok(request),
             Some(_) => Err(Status::unauthenticated("invalid bearer token")),
-            None => Err(Status::unauthenticated(
-                "missing authorization: Bearer <token>",
-            )),
+            None => Err(Status::unauthenticated("missing authorization: Bearer <token>")),
         }
     }
 }
@@ -54,9 +50,11 @@ impl AttachBearer {
     /// Fails when the token holds characters a header cannot carry.
     pub fn new(token: Option<&str>) -> Result<Self, Status> {
         let header = match token.filter(|t| !t.is_empty()) {
-            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
-                Status::invalid_argument("auth token holds characters not allowed in a header")
-            })?),
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| Status::invalid_argument("auth token holds characters not allowed in a header"))?,
+            ),
             None => None,
         };
         Ok(Self { header })

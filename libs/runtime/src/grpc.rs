@@ -17,9 +17,7 @@ pub use tonic_health::server::health_reporter;
 /// grpc.health.v1.
 pub fn reflection() -> Result<
     (
-        tonic_reflection::server::v1::ServerReflectionServer<
-            impl tonic_reflection::server::v1::ServerReflection,
-        >,
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
         tonic_reflection::server::v1alpha::ServerReflectionServer<
             impl tonic_reflection::server::v1alpha::ServerReflection,
         >,

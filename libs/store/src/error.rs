@@ -9,11 +9,7 @@ pub enum StoreError {
     #[error("{entity} {id} not found")]
     NotFound { entity: &'static str, id: Uuid },
     #[error("attempt {reported} of task {task_id} is not current (current attempt is {current})")]
-    StaleAttempt {
-        task_id: Uuid,
-        reported: i32,
-        current: i32,
-    },
+    StaleAttempt { task_id: Uuid, reported: i32, current: i32 },
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
@@ -40,9 +36,7 @@ impl From<sqlx::Error> for StoreError {
                 StoreError::AlreadyExists(db.message().to_owned())
             }
             // admin_shutdown, crash_shutdown, cannot_connect_now: the server is going away.
-            sqlx::Error::Database(db)
-                if matches!(db.code().as_deref(), Some("57P01" | "57P02" | "57P03")) =>
-            {
+            sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("57P01" | "57P02" | "57P03")) => {
                 StoreError::Unavailable(err)
             }
             _ => StoreError::Database(err),

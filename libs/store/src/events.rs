@@ -17,12 +17,7 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
-    pub fn task(
-        event_type: &'static str,
-        task_id: Uuid,
-        ticket_id: Option<Uuid>,
-        payload: Value,
-    ) -> Self {
+    pub fn task(event_type: &'static str, task_id: Uuid, ticket_id: Option<Uuid>, payload: Value) -> Self {
         Self {
             event_type,
             entity_type: "task",

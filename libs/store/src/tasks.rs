@@ -67,8 +67,7 @@ impl<'r> FromRow<'r, PgRow> for Task {
             ticket_id: row.try_get("ticket_id")?,
             title: row.try_get("title")?,
             description: row.try_get("description")?,
-            phase: Phase::from_proto(i32::from(phase))
-                .ok_or_else(|| corrupt(format!("phase {phase}")))?,
+            phase: Phase::from_proto(i32::from(phase)).ok_or_else(|| corrupt(format!("phase {phase}")))?,
             priority: row.try_get("priority")?,
             status: status.parse().map_err(corrupt)?,
             unmet_deps: row.try_get("unmet_deps")?,
@@ -178,11 +177,10 @@ impl Store {
                 _ => {}
             }
         }
-        let clash: Option<Uuid> =
-            sqlx::query_scalar("SELECT id FROM tasks WHERE id = ANY($1) LIMIT 1")
-                .bind(&ids)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let clash: Option<Uuid> = sqlx::query_scalar("SELECT id FROM tasks WHERE id = ANY($1) LIMIT 1")
+            .bind(&ids)
+            .fetch_optional(&mut *tx)
+            .await?;
         if let Some(id) = clash {
             let i = ids.iter().position(|x| *x == id).unwrap_or(0);
             return Err(StoreError::AlreadyExists(format!(
@@ -192,12 +190,7 @@ impl Store {
 
         let unmet: Vec<i32> = tasks
             .iter()
-            .map(|t| {
-                t.depends_on
-                    .iter()
-                    .filter(|d| !completed.contains(d))
-                    .count() as i32
-            })
+            .map(|t| t.depends_on.iter().filter(|d| !completed.contains(d)).count() as i32)
             .collect();
         sqlx::query(
             "INSERT INTO tasks (id, ticket_id, title, description, phase, priority, status,
@@ -213,18 +206,8 @@ impl Store {
         .bind(&ids)
         .bind(tasks.iter().map(|t| t.ticket_id).collect::<Vec<_>>())
         .bind(tasks.iter().map(|t| t.title.as_str()).collect::<Vec<_>>())
-        .bind(
-            tasks
-                .iter()
-                .map(|t| t.description.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            tasks
-                .iter()
-                .map(|t| t.phase.to_proto() as i16)
-                .collect::<Vec<_>>(),
-        )
+        .bind(tasks.iter().map(|t| t.description.as_str()).collect::<Vec<_>>())
+        .bind(tasks.iter().map(|t| t.phase.to_proto() as i16).collect::<Vec<_>>())
         .bind(tasks.iter().map(|t| t.priority).collect::<Vec<_>>())
         .bind(&unmet)
         .bind(tasks.iter().map(|t| t.max_retries).collect::<Vec<_>>())
@@ -284,12 +267,7 @@ impl Store {
 
     /// A page of tasks in insertion order after `after_seq`; the second value
     /// is the cursor of the next page, if there is one.
-    pub async fn list(
-        &self,
-        filter: &ListFilter,
-        page_size: i64,
-        after_seq: i64,
-    ) -> Result<(Vec<Task>, Option<i64>)> {
+    pub async fn list(&self, filter: &ListFilter, page_size: i64, after_seq: i64) -> Result<(Vec<Task>, Option<i64>)> {
         let mut rows: Vec<Task> = sqlx::query_as(concat!(
             "SELECT ",
             task_columns!(),
@@ -324,8 +302,7 @@ impl Store {
         if slots.is_empty() {
             return Ok(Vec::new());
         }
-        let phases: Option<Vec<i16>> =
-            phases.map(|p| p.iter().map(|p| p.to_proto() as i16).collect());
+        let phases: Option<Vec<i16>> = phases.map(|p| p.iter().map(|p| p.to_proto() as i16).collect());
         let rows = sqlx::query_as(concat!(
             "WITH slots AS (
                  SELECT s.agent, s.session, s.ord
@@ -486,11 +463,7 @@ impl Store {
         let mut tx = self.pool().begin().await?;
         let task = lock_task(&mut tx, task_id).await?;
         task.status.apply(Action::Cancel)?;
-        let reason = if reason.is_empty() {
-            "cancelled"
-        } else {
-            reason
-        };
+        let reason = if reason.is_empty() { "cancelled" } else { reason };
         let revoked = holder(&task, reason);
         sqlx::query(
             "UPDATE tasks SET status = 'cancelled', error_message = $2, completed_at = now(),
@@ -563,16 +536,7 @@ impl Store {
             .await?;
             let retry = task.retry_count < task.max_retries;
             task.status.apply(Action::TimeOut { retry })?;
-            outcomes.push(
-                retry_or_fail(
-                    &mut tx,
-                    &task,
-                    &reason,
-                    ErrorClass::Retryable,
-                    "TASK_FAILED",
-                )
-                .await?,
-            );
+            outcomes.push(retry_or_fail(&mut tx, &task, &reason, ErrorClass::Retryable, "TASK_FAILED").await?);
         }
         tx.commit().await?;
         Ok(outcomes)
@@ -587,16 +551,10 @@ impl Store {
     /// Puts back an agent's assigned tasks delivered on any stream but
     /// `current` (an earlier connection that is gone).
     pub async fn requeue_agent_except(&self, agent_id: Uuid, current: Uuid) -> Result<Vec<Uuid>> {
-        self.requeue_where(Some(agent_id), current, "agent reconnected")
-            .await
+        self.requeue_where(Some(agent_id), current, "agent reconnected").await
     }
 
-    async fn requeue_where(
-        &self,
-        agent: Option<Uuid>,
-        session: Uuid,
-        reason: &str,
-    ) -> Result<Vec<Uuid>> {
+    async fn requeue_where(&self, agent: Option<Uuid>, session: Uuid, reason: &str) -> Result<Vec<Uuid>> {
         Ok(sqlx::query_scalar(
             "WITH t AS (
                  UPDATE tasks t
@@ -622,16 +580,15 @@ impl Store {
     }
 
     pub async fn stats(&self) -> Result<Stats> {
-        let rows: Vec<(String, i16, i64)> = sqlx::query_as(
-            "SELECT status, phase, count(*) FROM tasks GROUP BY status, phase ORDER BY 1, 2",
-        )
-        .fetch_all(self.pool())
-        .await?;
+        let rows: Vec<(String, i16, i64)> =
+            sqlx::query_as("SELECT status, phase, count(*) FROM tasks GROUP BY status, phase ORDER BY 1, 2")
+                .fetch_all(self.pool())
+                .await?;
         let mut counts = Vec::with_capacity(rows.len());
         for (status, phase, n) in rows {
             let status: TaskStatus = status.parse().map_err(StoreError::Corrupt)?;
-            let phase = Phase::from_proto(i32::from(phase))
-                .ok_or_else(|| StoreError::Corrupt(format!("phase {phase}")))?;
+            let phase =
+                Phase::from_proto(i32::from(phase)).ok_or_else(|| StoreError::Corrupt(format!("phase {phase}")))?;
             counts.push((status, phase, n));
         }
         let (ready, age): (i64, Option<f64>) = sqlx::query_as(
@@ -648,12 +605,7 @@ impl Store {
     }
 
     /// Explains the reports a batch statement did not apply.
-    async fn match_reports(
-        &self,
-        reports: &[Report],
-        rows: Vec<Task>,
-        action: Action,
-    ) -> Result<Vec<Result<Task>>> {
+    async fn match_reports(&self, reports: &[Report], rows: Vec<Task>, action: Action) -> Result<Vec<Result<Task>>> {
         let mut applied: HashMap<Uuid, Task> = rows.into_iter().map(|t| (t.id, t)).collect();
         let missing: Vec<Uuid> = reports
             .iter()
@@ -679,6 +631,9 @@ impl Store {
                         entity: "task",
                         id: r.task_id,
                     }),
+                    // A retried report of the same attempt that already
+                    // took effect (its answer was lost) succeeds again.
+                    Some(task) if task.attempt == r.attempt && Some(task.status) == already(action) => Ok(task.clone()),
                     Some(task) => Err(check_attempt(task, r.attempt)
                         .and_then(|()| task.status.apply(action).map_err(StoreError::from))
                         .err()
@@ -692,6 +647,15 @@ impl Store {
                 },
             })
             .collect())
+    }
+}
+
+/// The status a report leaves its task in, for recognising a retried report.
+fn already(action: Action) -> Option<TaskStatus> {
+    match action {
+        Action::Start => Some(TaskStatus::Running),
+        Action::Complete => Some(TaskStatus::Completed),
+        _ => None,
     }
 }
 
@@ -876,12 +840,8 @@ async fn retry_or_fail(
             )],
         )
         .await?;
-        cancelled_dependents = cancel_dependents(
-            conn,
-            task.id,
-            &format!("dependency {} failed: {message}", task.id),
-        )
-        .await?;
+        cancelled_dependents =
+            cancel_dependents(conn, task.id, &format!("dependency {} failed: {message}", task.id)).await?;
     }
     let task = lock_task(conn, task.id).await?;
     Ok(Outcome {

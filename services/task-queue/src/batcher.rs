@@ -14,8 +14,7 @@ use tonic::Status;
 use crate::error;
 
 type Reply = oneshot::Sender<Result<Task, Status>>;
-type BatchFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Vec<Result<Task, StoreError>>, StoreError>> + Send + 'a>>;
+type BatchFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<Result<Task, StoreError>>, StoreError>> + Send + 'a>>;
 
 /// Largest batch written at once.
 const MAX_BATCH: usize = 512;
@@ -33,11 +32,7 @@ pub enum Kind {
 
 impl Batcher {
     /// Spawns the batch writer; it ends when every handle is dropped.
-    pub fn spawn(
-        store: Store,
-        kind: Kind,
-        after_commit: impl Fn(&[Task]) + Send + 'static,
-    ) -> Self {
+    pub fn spawn(store: Store, kind: Kind, after_commit: impl Fn(&[Task]) + Send + 'static) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(run(store, kind, rx, after_commit));
         Self { tx }
@@ -49,9 +44,7 @@ impl Batcher {
             .send((report, reply))
             .await
             .map_err(|_| Status::unavailable("shutting down"))?;
-        answer
-            .await
-            .map_err(|_| Status::unavailable("shutting down"))?
+        answer.await.map_err(|_| Status::unavailable("shutting down"))?
     }
 }
 
@@ -79,8 +72,7 @@ async fn run(
         // Two reports of one task go to separate batches, so each gets its
         // own verdict (the second sees what the first did).
         let mut seen = HashSet::new();
-        let (batch, later): (Vec<_>, Vec<_>) =
-            batch.into_iter().partition(|(r, _)| seen.insert(r.task_id));
+        let (batch, later): (Vec<_>, Vec<_>) = batch.into_iter().partition(|(r, _)| seen.insert(r.task_id));
         carried = later;
 
         let reports: Vec<Report> = batch.iter().map(|(r, _)| r.clone()).collect();
@@ -90,10 +82,7 @@ async fn run(
         };
         match write.await {
             Ok(results) => {
-                let applied: Vec<Task> = results
-                    .iter()
-                    .filter_map(|r| r.as_ref().ok().cloned())
-                    .collect();
+                let applied: Vec<Task> = results.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
                 if !applied.is_empty() {
                     after_commit(&applied);
                 }

@@ -23,11 +23,7 @@ pub struct Config {
     pub listen_addr: SocketAddr,
 
     /// How often running tasks are checked against their deadline.
-    #[arg(
-        long,
-        env = "OMOI_TIMEOUT_CHECK_INTERVAL_SECONDS",
-        default_value_t = 10.0
-    )]
+    #[arg(long, env = "OMOI_TIMEOUT_CHECK_INTERVAL_SECONDS", default_value_t = 10.0)]
     pub timeout_check_interval_seconds: f64,
 
     /// Longest the dispatcher waits without a wake-up before it looks for

@@ -18,10 +18,7 @@ pub fn task(t: &Task) -> pb::Task {
         max_retries: t.max_retries,
         timeout_seconds: t.timeout_seconds,
         attempt: t.attempt,
-        assigned_agent_id: t
-            .assigned_agent_id
-            .map(|id| id.to_string())
-            .unwrap_or_default(),
+        assigned_agent_id: t.assigned_agent_id.map(|id| id.to_string()).unwrap_or_default(),
         result: t.result.as_ref().map(json_to_struct),
         error_message: t.error_message.clone().unwrap_or_default(),
         error_class: t.error_class.map_or(0, |c| c.to_proto()),

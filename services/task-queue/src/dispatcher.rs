@@ -198,11 +198,7 @@ impl Dispatcher {
                 reason: revoked.reason.clone(),
             })),
         };
-        for conn in self
-            .sessions()
-            .values()
-            .filter(|c| c.agent_id == revoked.agent_id)
-        {
+        for conn in self.sessions().values().filter(|c| c.agent_id == revoked.agent_id) {
             let _ = conn.tx.send(Ok(message.clone()));
         }
     }
@@ -313,8 +309,7 @@ impl Dispatcher {
     }
 
     async fn deliver(&self, slots: &[Slot], tasks: Vec<omoi_store::Task>) {
-        let session_of: HashMap<Uuid, Uuid> =
-            slots.iter().map(|s| (s.agent_id, s.session)).collect();
+        let session_of: HashMap<Uuid, Uuid> = slots.iter().map(|s| (s.agent_id, s.session)).collect();
         let mut dead = Vec::new();
         {
             let sessions = self.sessions();
@@ -331,9 +326,7 @@ impl Dispatcher {
                         task: Some(convert::task(&task)),
                     })),
                 };
-                let sent = sessions
-                    .get(session)
-                    .is_some_and(|c| c.tx.send(Ok(message)).is_ok());
+                let sent = sessions.get(session).is_some_and(|c| c.tx.send(Ok(message)).is_ok());
                 if !sent {
                     dead.push(*session);
                 }

@@ -25,9 +25,7 @@ pub fn status(err: StoreError) -> Status {
 
 pub fn domain_status(err: DomainError) -> Status {
     match err {
-        DomainError::InvalidArgument(_) | DomainError::Cycle { .. } => {
-            Status::invalid_argument(err.to_string())
-        }
+        DomainError::InvalidArgument(_) | DomainError::Cycle { .. } => Status::invalid_argument(err.to_string()),
         DomainError::IllegalTransition { .. } => Status::failed_precondition(err.to_string()),
     }
 }

@@ -45,20 +45,14 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 /// Runs the service on `incoming` until `shutdown`, then drains: agent
 /// streams end (their unstarted tasks return to the queue), in-flight RPCs
 /// finish, and the outbox is flushed to JetStream.
-pub async fn serve(
-    config: Config,
-    incoming: TcpIncoming,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
     let common = &config.common;
-    let store = Store::connect_lazy(&common.database_url, config.db_max_connections).with_context(
-        || {
-            format!(
-                "DATABASE_URL {} is not a valid PostgreSQL URL",
-                redact(&common.database_url)
-            )
-        },
-    )?;
+    let store = Store::connect_lazy(&common.database_url, config.db_max_connections).with_context(|| {
+        format!(
+            "DATABASE_URL {} is not a valid PostgreSQL URL",
+            redact(&common.database_url)
+        )
+    })?;
     let nats = omoi_bus::connect(&common.nats_url, "omoi-task-queue").await?;
     let topology = Topology {
         prefix: common.subject_prefix.clone(),
@@ -110,12 +104,7 @@ pub async fn serve(
             Arc::clone(&relay_wake),
         );
         let interval = Duration::from_secs_f64(config.timeout_check_interval_seconds.max(0.05));
-        let relay = Relay::new(
-            store.clone(),
-            nats.clone(),
-            topology.clone(),
-            Arc::clone(&relay_wake),
-        );
+        let relay = Relay::new(store.clone(), nats.clone(), topology.clone(), Arc::clone(&relay_wake));
         tasks.spawn(async move {
             let mut delay = Duration::from_millis(200);
             loop {
@@ -137,20 +126,22 @@ pub async fn serve(
             let mut loops = tokio::task::JoinSet::new();
             loops.spawn(Arc::clone(&dispatcher).run(background.clone()));
             loops.spawn(Arc::clone(&dispatcher).follow_peers(background.clone()));
-            loops.spawn(monitor::run(store, dispatcher, relay_wake, interval, background.clone()));
+            loops.spawn(monitor::run(
+                store,
+                dispatcher,
+                relay_wake,
+                interval,
+                background.clone(),
+            ));
             loops.spawn(relay.run(background.clone(), grace));
             while loops.join_next().await.is_some() {}
         });
     }
 
     let auth = RequireBearer::new(common.auth_token.as_deref());
-    let api = TaskQueueServiceServer::new(TaskQueue::new(
-        store.clone(),
-        Arc::clone(&dispatcher),
-        relay_wake,
-    ))
-    .max_decoding_message_size(common.max_message_bytes)
-    .max_encoding_message_size(common.max_message_bytes);
+    let api = TaskQueueServiceServer::new(TaskQueue::new(store.clone(), Arc::clone(&dispatcher), relay_wake))
+        .max_decoding_message_size(common.max_message_bytes)
+        .max_encoding_message_size(common.max_message_bytes);
     let stop = {
         let (shutdown, dispatcher) = (shutdown.clone(), Arc::clone(&dispatcher));
         async move {
@@ -184,12 +175,7 @@ pub fn redact(url: &str) -> String {
         (Some(scheme), Some(at)) if at > scheme => {
             let creds = &url[scheme + 3..at];
             match creds.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &creds[..colon],
-                    &url[at..]
-                ),
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &creds[..colon], &url[at..]),
                 None => url.to_owned(),
             }
         }
@@ -201,10 +187,7 @@ pub fn redact(url: &str) -> String {
 mod tests {
     #[test]
     fn redact_hides_passwords_only() {
-        assert_eq!(
-            super::redact("postgres://u:pw@h/db"),
-            "postgres://u:***@h/db"
-        );
+        assert_eq!(super::redact("postgres://u:pw@h/db"), "postgres://u:***@h/db");
         assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(super::redact("nats://h:4222"), "nats://h:4222");
     }

@@ -9,14 +9,7 @@ async fn main() -> std::process::ExitCode {
     let result = match config.command {
         Some(Command::Migrate) => migrate(&config).await,
         Some(Command::Serve) | None => match omoi_runtime::grpc::bind(config.listen_addr) {
-            Ok(incoming) => {
-                serve(
-                    config.clone(),
-                    incoming,
-                    omoi_runtime::shutdown::on_signal(),
-                )
-                .await
-            }
+            Ok(incoming) => serve(config.clone(), incoming, omoi_runtime::shutdown::on_signal()).await,
             Err(e) => Err(anyhow::anyhow!(
                 "cannot listen on {} ({e}); set OMOI_LISTEN_ADDR or --listen-addr to a free address",
                 config.listen_addr

@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use omoi_domain::validate::{
-    self, MAX_BATCH, MAX_ERROR_MESSAGE_BYTES, MAX_REASON_BYTES, RawNewTask,
-};
+use omoi_domain::validate::{self, MAX_BATCH, MAX_ERROR_MESSAGE_BYTES, MAX_REASON_BYTES, RawNewTask};
 use omoi_domain::{ErrorClass, Phase, TaskStatus};
 use omoi_proto::convert::struct_to_json;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_server::TaskQueueService};
@@ -85,9 +83,7 @@ impl TaskQueueService for TaskQueue {
     ) -> Result<Response<pb::EnqueueTasksResponse>, Status> {
         let req = request.into_inner();
         if req.tasks.is_empty() {
-            return Err(Status::invalid_argument(
-                "tasks: at least one task is required",
-            ));
+            return Err(Status::invalid_argument("tasks: at least one task is required"));
         }
         if req.tasks.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -127,15 +123,10 @@ impl TaskQueueService for TaskQueue {
         }))
     }
 
-    async fn get_task(
-        &self,
-        request: Request<pb::GetTaskRequest>,
-    ) -> Result<Response<pb::GetTaskResponse>, Status> {
+    async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::GetTaskResponse>, Status> {
         let id = validate::uuid("task_id", &request.get_ref().task_id).map_err(invalid)?;
         let task = self.store.get(id).await.map_err(status)?;
-        Ok(Response::new(pb::GetTaskResponse {
-            task: one_task(task),
-        }))
+        Ok(Response::new(pb::GetTaskResponse { task: one_task(task) }))
     }
 
     async fn list_tasks(
@@ -159,9 +150,7 @@ impl TaskQueueService for TaskQueue {
                 .parse::<i64>()
                 .ok()
                 .filter(|n| *n >= 0)
-                .ok_or_else(|| {
-                    Status::invalid_argument("page_token: not a token from a previous response")
-                })?
+                .ok_or_else(|| Status::invalid_argument("page_token: not a token from a previous response"))?
         };
         let (tasks, next) = self
             .store
@@ -196,8 +185,7 @@ impl TaskQueueService for TaskQueue {
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
         let req = request.into_inner();
         let agent_id = validate::uuid("agent_id", &req.agent_id).map_err(invalid)?;
-        let capacity =
-            validate::range("capacity", req.capacity, 1, MAX_CAPACITY).map_err(invalid)?;
+        let capacity = validate::range("capacity", req.capacity, 1, MAX_CAPACITY).map_err(invalid)?;
         let mut phases = req
             .phases
             .iter()
@@ -225,13 +213,8 @@ impl TaskQueueService for TaskQueue {
         request: Request<pb::StartTaskRequest>,
     ) -> Result<Response<pb::StartTaskResponse>, Status> {
         let req = request.get_ref();
-        let task = self
-            .starts
-            .submit(report(&req.task_id, req.attempt)?)
-            .await?;
-        Ok(Response::new(pb::StartTaskResponse {
-            task: one_task(task),
-        }))
+        let task = self.starts.submit(report(&req.task_id, req.attempt)?).await?;
+        Ok(Response::new(pb::StartTaskResponse { task: one_task(task) }))
     }
 
     async fn complete_task(
@@ -250,24 +233,19 @@ impl TaskQueueService for TaskQueue {
             report.result = Some(struct_to_json(result));
         }
         let task = self.completions.submit(report).await?;
-        Ok(Response::new(pb::CompleteTaskResponse {
-            task: one_task(task),
-        }))
+        Ok(Response::new(pb::CompleteTaskResponse { task: one_task(task) }))
     }
 
-    async fn fail_task(
-        &self,
-        request: Request<pb::FailTaskRequest>,
-    ) -> Result<Response<pb::FailTaskResponse>, Status> {
+    async fn fail_task(&self, request: Request<pb::FailTaskRequest>) -> Result<Response<pb::FailTaskResponse>, Status> {
         let req = request.into_inner();
         let report = report(&req.task_id, req.attempt)?;
-        let message = validate::text("error_message", &req.error_message, MAX_ERROR_MESSAGE_BYTES)
-            .map_err(invalid)?;
+        let message = validate::text("error_message", &req.error_message, MAX_ERROR_MESSAGE_BYTES).map_err(invalid)?;
         let class = match req.error_class {
             0 => None,
-            n => Some(ErrorClass::from_proto(n).ok_or_else(|| {
-                Status::invalid_argument(format!("error_class: {n} is not a known error class"))
-            })?),
+            n => Some(
+                ErrorClass::from_proto(n)
+                    .ok_or_else(|| Status::invalid_argument(format!("error_class: {n} is not a known error class")))?,
+            ),
         };
         let outcome = self
             .store

@@ -40,11 +40,7 @@ struct Args {
     #[arg(long)]
     json: bool,
     /// Task-queue address.
-    #[arg(
-        long,
-        env = "OMOI_TASK_QUEUE_URL",
-        default_value = "http://127.0.0.1:50052"
-    )]
+    #[arg(long, env = "OMOI_TASK_QUEUE_URL", default_value = "http://127.0.0.1:50052")]
     url: String,
     /// NATS URL, to count the published events.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
@@ -62,16 +58,15 @@ struct Args {
 }
 
 type Client = pb::task_queue_service_client::TaskQueueServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        omoi_runtime::auth::AttachBearer,
-    >,
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, omoi_runtime::auth::AttachBearer>,
 >;
 
 fn client(args: &Args) -> anyhow::Result<Client> {
     let channel = omoi_runtime::grpc::channel(&args.url)?;
     let auth = omoi_runtime::auth::AttachBearer::new(args.auth_token.as_deref())?;
-    Ok(pb::task_queue_service_client::TaskQueueServiceClient::with_interceptor(channel, auth))
+    Ok(pb::task_queue_service_client::TaskQueueServiceClient::with_interceptor(
+        channel, auth,
+    ))
 }
 
 #[tokio::main]
@@ -209,9 +204,7 @@ async fn main() -> anyhow::Result<()> {
             args.tasks,
             args.agents,
             args.capacity,
-            args.rate
-                .map(|r| format!(", paced at {r} tasks/s"))
-                .unwrap_or_default()
+            args.rate.map(|r| format!(", paced at {r} tasks/s")).unwrap_or_default()
         );
         println!(
             "  enqueue          {:>10.0} tasks/s",
@@ -290,11 +283,7 @@ async fn agent(
             .max();
         if let Some(ready) = ready {
             let ready: SystemTime = ready.into();
-            let ms = received
-                .duration_since(ready)
-                .unwrap_or_default()
-                .as_secs_f64()
-                * 1000.0;
+            let ms = received.duration_since(ready).unwrap_or_default().as_secs_f64() * 1000.0;
             latencies.lock().await.push(ms);
         }
         let (mut c, done, all_done) = (client.clone(), Arc::clone(&done), all_done.clone());

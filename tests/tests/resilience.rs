@@ -1,0 +1,275 @@
+//! The task queue under replicas, restarts and broker outages, with the
+//! services as real processes: no task assigned twice, none lost, and every
+//! event in JetStream exactly once.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use omoi_proto::events::Event;
+use omoi_proto::taskqueue::{self as pb};
+use omoi_tests::agent::{Ledger, spawn_workers};
+use omoi_tests::process::{PrivateNats, Service, free_port};
+use omoi_tests::{InProcess, Infra, TaskQueueClient, client, events, eventually, wait_serving};
+use tokio_util::sync::CancellationToken;
+
+const LONG: Duration = Duration::from_secs(120);
+
+async fn enqueue_many(client: &TaskQueueClient, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    let mut c = client.clone();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(250) {
+        let tasks = chunk
+            .iter()
+            .map(|i| pb::NewTask {
+                title: format!("task {i}"),
+                phase: 1 + (*i % 4) as i32,
+                priority: (*i % 5) as i32,
+                ..Default::default()
+            })
+            .collect();
+        let created = c
+            .enqueue_tasks(pb::EnqueueTasksRequest { tasks })
+            .await
+            .expect("enqueue")
+            .into_inner()
+            .tasks;
+        ids.extend(created.into_iter().map(|t| t.id));
+    }
+    ids
+}
+
+async fn completed_in_db(infra: &Infra) -> (i64, i64) {
+    let pool = infra.db.connect().await.unwrap();
+    let row: (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status <> 'completed') FROM tasks",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    row
+}
+
+async fn outbox_backlog(infra: &Infra) -> i64 {
+    let pool = infra.db.connect().await.unwrap();
+    let n = sqlx::query_scalar("SELECT count(*) FROM event_outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+/// Every task has exactly one event of each of `types`, and nothing is doubled.
+fn assert_exactly_once(events: &[Event], ids: &[String], types: &[&str]) {
+    let mut seen = HashMap::new();
+    for e in events {
+        assert!(
+            seen.insert(e.id.clone(), ()).is_none(),
+            "event {} published twice",
+            e.id
+        );
+    }
+    for t in types {
+        let per = events::per_entity(events, t);
+        for id in ids {
+            assert_eq!(per.get(id).copied().unwrap_or(0), 1, "{t} for task {id}");
+        }
+        assert_eq!(per.len(), ids.len(), "{t} for unknown tasks");
+    }
+}
+
+fn spawn_task_queue(infra: &Infra, port: u16) -> Service {
+    Service::spawn(
+        "omoi-task-queue",
+        port,
+        &infra.task_queue_env(&format!("127.0.0.1:{port}")),
+    )
+    .expect("spawn")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_and_eight_agents_run_two_thousand_tasks_exactly_once() {
+    const N: usize = 2000;
+    let infra = Infra::new().await.unwrap();
+    let (pa, pb_) = (free_port(), free_port());
+    let a = spawn_task_queue(&infra, pa);
+    let b = spawn_task_queue(&infra, pb_);
+    wait_serving(&a.url, LONG).await.unwrap();
+    wait_serving(&b.url, LONG).await.unwrap();
+
+    let ledger = Ledger::default();
+    let stop = CancellationToken::new();
+    let workers = spawn_workers(vec![a.url.clone(), b.url.clone()], 8, 16, ledger.clone(), stop.clone());
+    // Enqueue through both replicas.
+    let mut ids = enqueue_many(&client(&a.url), N / 2).await;
+    ids.extend(enqueue_many(&client(&b.url), N / 2).await);
+    eventually(LONG, "all tasks completed", || async {
+        (ledger.completed() == N).then_some(())
+    })
+    .await;
+    stop.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+    assert!(ledger.snapshot().values().all(|n| *n == 1), "a task completed twice");
+    assert_eq!(completed_in_db(&infra).await, (N as i64, 0));
+    let pool = infra.db.connect().await.unwrap();
+    let max_attempt: i32 = sqlx::query_scalar("SELECT max(attempt) FROM tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(max_attempt, 1, "a task was assigned more than once");
+    pool.close().await;
+
+    let events = events::read_all(&infra.nats_url, &infra.topology.stream, 4 * N as u64, LONG)
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 4 * N);
+    assert_exactly_once(
+        &events,
+        &ids,
+        &["TASK_CREATED", "TASK_ASSIGNED", "TASK_STARTED", "TASK_COMPLETED"],
+    );
+    assert_eq!(a.terminate(LONG).await.unwrap().code(), Some(0));
+    assert_eq!(b.terminate(LONG).await.unwrap().code(), Some(0));
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_mid_run_loses_and_doubles_no_event() {
+    const N: usize = 600;
+    let mut nats = PrivateNats::start().await.unwrap();
+    let mut infra = Infra::new().await.unwrap();
+    infra.nats_url = nats.url();
+    let tq = InProcess::start(infra.task_queue_config()).await.unwrap();
+    let ledger = Ledger::default();
+    let stop = CancellationToken::new();
+    let workers = spawn_workers(vec![tq.url.clone()], 4, 8, ledger.clone(), stop.clone());
+    let mut ids = enqueue_many(&tq.client(), N / 2).await;
+    eventually(LONG, "some progress", || async {
+        (ledger.completed() >= N / 6).then_some(())
+    })
+    .await;
+
+    nats.stop().await.unwrap();
+    // State changes still commit while NATS is away; their events wait.
+    ids.extend(enqueue_many(&tq.client(), N / 2).await);
+    let before = ledger.completed();
+    eventually(LONG, "progress without NATS", || async {
+        (ledger.completed() > before + 50).then_some(())
+    })
+    .await;
+    assert!(outbox_backlog(&infra).await > 0, "events must wait in the outbox");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.restart().await.unwrap();
+
+    eventually(LONG, "all tasks completed", || async {
+        (ledger.completed() == N).then_some(())
+    })
+    .await;
+    eventually(LONG, "outbox drained", || async {
+        (outbox_backlog(&infra).await == 0).then_some(())
+    })
+    .await;
+    stop.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+    let events = events::read_all(&infra.nats_url, &infra.topology.stream, 4 * N as u64, LONG)
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 4 * N, "every event exactly once");
+    assert_exactly_once(
+        &events,
+        &ids,
+        &["TASK_CREATED", "TASK_ASSIGNED", "TASK_STARTED", "TASK_COMPLETED"],
+    );
+    tq.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_loses_nothing() {
+    const N: usize = 2000;
+    let infra = Infra::new().await.unwrap();
+    let port = free_port();
+    let first = spawn_task_queue(&infra, port);
+    wait_serving(&first.url, LONG).await.unwrap();
+    let url = first.url.clone();
+    let ledger = Ledger::default();
+    let stop = CancellationToken::new();
+    let workers = spawn_workers(vec![url.clone()], 4, 8, ledger.clone(), stop.clone());
+    let ids = enqueue_many(&client(&url), N).await;
+    eventually(LONG, "some progress", || async {
+        (ledger.completed() >= N / 4).then_some(())
+    })
+    .await;
+
+    let status = first.terminate(LONG).await.unwrap();
+    assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
+    assert!(ledger.completed() < N, "stopped mid-run");
+    // Nothing acknowledged was lost, and the clean stop flushed the outbox.
+    assert_eq!(outbox_backlog(&infra).await, 0, "outbox flushed at shutdown");
+
+    let second = spawn_task_queue(&infra, port);
+    wait_serving(&second.url, LONG).await.unwrap();
+    eventually(LONG, "all tasks completed", || async {
+        (ledger.completed() == N).then_some(())
+    })
+    .await;
+    stop.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+    assert!(ledger.snapshot().values().all(|n| *n == 1));
+    assert_eq!(completed_in_db(&infra).await, (N as i64, 0));
+    let events = events::read_all(&infra.nats_url, &infra.topology.stream, 4 * N as u64, LONG)
+        .await
+        .unwrap();
+    assert_exactly_once(&events, &ids, &["TASK_CREATED", "TASK_COMPLETED"]);
+    second.terminate(LONG).await.unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_and_restart_completes_every_task_once() {
+    const N: usize = 2000;
+    let infra = Infra::new().await.unwrap();
+    let port = free_port();
+    let first = spawn_task_queue(&infra, port);
+    wait_serving(&first.url, LONG).await.unwrap();
+    let url = first.url.clone();
+    let ledger = Ledger::default();
+    let stop = CancellationToken::new();
+    let workers = spawn_workers(vec![url.clone()], 4, 8, ledger.clone(), stop.clone());
+    let ids = enqueue_many(&client(&url), N).await;
+    eventually(LONG, "some progress", || async {
+        (ledger.completed() >= N / 4).then_some(())
+    })
+    .await;
+    first.kill9().await.unwrap();
+
+    let second = spawn_task_queue(&infra, port);
+    wait_serving(&second.url, LONG).await.unwrap();
+    eventually(LONG, "all tasks completed", || async {
+        (ledger.completed() == N).then_some(())
+    })
+    .await;
+    stop.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+    assert!(ledger.snapshot().values().all(|n| *n == 1));
+    assert_eq!(completed_in_db(&infra).await, (N as i64, 0));
+    eventually(LONG, "outbox drained", || async {
+        (outbox_backlog(&infra).await == 0).then_some(())
+    })
+    .await;
+    let events = events::read_all(&infra.nats_url, &infra.topology.stream, 2 * N as u64, LONG)
+        .await
+        .unwrap();
+    assert_exactly_once(&events, &ids, &["TASK_CREATED", "TASK_COMPLETED"]);
+    second.terminate(LONG).await.unwrap();
+    infra.cleanup().await.unwrap();
+}
