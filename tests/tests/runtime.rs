@@ -1,0 +1,197 @@
+//! What every omoi server offers besides its API: health that follows its
+//! dependencies, reflection v1 and v1alpha, bearer-token auth, size limits.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use omoi_proto::taskqueue::{self as pb};
+use omoi_tests::process::PrivateNats;
+use omoi_tests::{InProcess, Infra, client, eventually};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn health(url: &str, service: &str) -> i32 {
+    let mut h = HealthClient::new(omoi_runtime::grpc::channel(url).unwrap());
+    h.check(HealthCheckRequest {
+        service: service.to_owned(),
+    })
+    .await
+    .map(|r| r.into_inner().status)
+    .unwrap_or(-1)
+}
+
+#[tokio::test]
+async fn reflection_v1_and_v1alpha_list_the_services() {
+    let infra = Infra::new().await.unwrap();
+    let tq = InProcess::start(infra.task_queue_config()).await.unwrap();
+    let channel = omoi_runtime::grpc::channel(&tq.url).unwrap();
+
+    use tonic_reflection::pb::v1 as r1;
+    let mut c1 = r1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = r1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(r1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut resp = c1
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(Ok(msg)) = resp.next().await else {
+        panic!("no reflection answer")
+    };
+    let Some(r1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected answer")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["omoi.taskqueue.v1.TaskQueueService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+
+    use tonic_reflection::pb::v1alpha as ra;
+    let mut ca = ra::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = ra::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(ra::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "omoi.taskqueue.v1.TaskQueueService".into(),
+        )),
+    };
+    let mut resp = ca
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(Ok(msg)) = resp.next().await else {
+        panic!("no v1alpha answer")
+    };
+    match msg.message_response {
+        Some(ra::server_reflection_response::MessageResponse::FileDescriptorResponse(fd)) => {
+            assert!(!fd.file_descriptor_proto.is_empty())
+        }
+        other => panic!("unexpected v1alpha answer {other:?}"),
+    }
+    tq.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn with_a_token_every_rpc_needs_it_but_health_and_nothing_is_done_without() {
+    let infra = Infra::new().await.unwrap();
+    let mut config = infra.task_queue_config();
+    config.common.auth_token = Some("s3cret-token".into());
+    let tq = InProcess::start(config).await.unwrap();
+    assert_eq!(
+        health(&tq.url, "omoi.taskqueue.v1.TaskQueueService").await,
+        ServingStatus::Serving as i32
+    );
+
+    let req = || pb::EnqueueTasksRequest {
+        tasks: vec![pb::NewTask {
+            title: "t".into(),
+            phase: 1,
+            ..Default::default()
+        }],
+    };
+    let mut anonymous = client(&tq.url);
+    let err = anonymous.enqueue_tasks(req()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = anonymous
+        .get_queue_stats(pb::GetQueueStatsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let mut wrong = tonic::Request::new(req());
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret-tokem".parse().unwrap());
+    assert_eq!(
+        anonymous.enqueue_tasks(wrong).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    let pool = infra.db.connect().await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "a refused request wrote nothing");
+
+    let mut right = tonic::Request::new(req());
+    right
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret-token".parse().unwrap());
+    assert_eq!(
+        anonymous.enqueue_tasks(right).await.unwrap().into_inner().tasks.len(),
+        1
+    );
+    pool.close().await;
+    tq.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused_and_the_server_stays_up() {
+    let infra = Infra::new().await.unwrap();
+    let mut config = infra.task_queue_config();
+    config.common.max_message_bytes = 64 * 1024;
+    let tq = InProcess::start(config).await.unwrap();
+    let mut c = tq.client();
+    let big = pb::EnqueueTasksRequest {
+        tasks: vec![pb::NewTask {
+            title: "big".into(),
+            description: "x".repeat(100 * 1024),
+            phase: 1,
+            ..Default::default()
+        }],
+    };
+    let err = c.enqueue_tasks(big).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument
+        ),
+        "{err:?}"
+    );
+    assert!(c.get_queue_stats(pb::GetQueueStatsRequest {}).await.is_ok());
+    tq.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_serving_until_nats_is_reachable_then_serving() {
+    let mut nats = PrivateNats::start().await.unwrap();
+    nats.stop().await.unwrap();
+    let mut infra = Infra::new().await.unwrap();
+    infra.nats_url = nats.url();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(omoi_task_queue::serve(
+        infra.task_queue_config(),
+        omoi_runtime::grpc::incoming(listener),
+        shutdown.clone(),
+    ));
+    eventually(WAIT, "NOT_SERVING reported", || async {
+        (health(&url, "").await == ServingStatus::NotServing as i32).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        health(&url, "omoi.taskqueue.v1.TaskQueueService").await,
+        ServingStatus::NotServing as i32
+    );
+    nats.restart().await.unwrap();
+    eventually(WAIT, "SERVING once NATS is up", || async {
+        (health(&url, "omoi.taskqueue.v1.TaskQueueService").await == ServingStatus::Serving as i32).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+    infra.cleanup().await.unwrap();
+}
