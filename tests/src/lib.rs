@@ -28,7 +28,7 @@ impl InProcess {
     /// Starts a task-queue on a free loopback port and waits until it
     /// reports SERVING.
     pub async fn start(config: omoi_task_queue::Config) -> anyhow::Result<Self> {
-        omoi_runtime::telemetry::init(omoi_runtime::config::LogFormat::Text, "info");
+        let _ = omoi_runtime::telemetry::init("omoi-tests", omoi_runtime::config::LogFormat::Text, "info");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();

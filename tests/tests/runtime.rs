@@ -52,6 +52,8 @@ async fn reflection_v1_and_v1alpha_list_the_services() {
     for want in ["omoi.taskqueue.v1.TaskQueueService", "grpc.health.v1.Health"] {
         assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
+    // Only what this server serves is listed.
+    assert!(!names.iter().any(|n| n.starts_with("omoi.ticket")), "{names:?}");
 
     use tonic_reflection::pb::v1alpha as ra;
     let mut ca = ra::server_reflection_client::ServerReflectionClient::new(channel);

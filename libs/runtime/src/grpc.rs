@@ -13,9 +13,12 @@ use tonic_health::server::HealthReporter;
 
 pub use tonic_health::server::health_reporter;
 
-/// Reflection v1 and v1alpha (grpcurl 1.8 speaks v1alpha) over omoi's API and
-/// grpc.health.v1.
-pub fn reflection() -> Result<
+/// Reflection v1 and v1alpha (grpcurl 1.8 speaks v1alpha) listing `served`
+/// (full service names), grpc.health.v1 and reflection itself; the types of
+/// the whole omoi API resolve.
+pub fn reflection(
+    served: &[&str],
+) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
         tonic_reflection::server::v1alpha::ServerReflectionServer<
@@ -25,9 +28,17 @@ pub fn reflection() -> Result<
     tonic_reflection::server::Error,
 > {
     let builder = || {
-        tonic_reflection::server::Builder::configure()
+        let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(omoi_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for name in served.iter().copied().chain([
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]) {
+            b = b.with_service_name(name);
+        }
+        b
     };
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
@@ -58,9 +69,15 @@ pub async fn follow_readiness<F, Fut>(
             set_all(&reporter, &services, status).await;
             last = Some(now);
         }
+        // Until first ready, look often: a probe should not wait a full period.
+        let wait = if now {
+            every
+        } else {
+            every.min(Duration::from_millis(250))
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
     set_all(&reporter, &services, ServingStatus::NotServing).await;

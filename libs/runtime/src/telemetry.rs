@@ -1,19 +1,55 @@
-//! Logging and tracing set-up.
+//! Logging and tracing set-up: `tracing` to stdout (text or JSON), and spans
+//! exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
+/// Flushes exported spans when dropped; keep it alive for the process.
+#[must_use = "spans are flushed when the guard drops"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("flushing traces failed: {e}");
+        }
+    }
+}
+
 /// Installs the global subscriber: `RUST_LOG` filters (`default_filter`
-/// when unset), text or JSON lines on stdout. Safe to call twice (the second
-/// call is ignored), which tests that start several services in one process
-/// rely on.
-pub fn init(format: LogFormat, default_filter: &str) {
+/// when unset), text or JSON lines on stdout, plus an OTLP span exporter for
+/// `service` when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Safe to call twice
+/// (later calls are ignored), which tests that start several services in
+/// one process rely on.
+pub fn init(service: &'static str, format: LogFormat, default_filter: &str) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let registry = tracing_subscriber::registry().with(filter);
-    let _ = match format {
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty());
+    let provider = endpoint.and_then(|endpoint| match otlp_provider(service, &endpoint) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("{service}: OTLP exporter for {endpoint} not started: {e}");
+            None
+        }
+    });
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let installed = match format {
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
@@ -24,4 +60,24 @@ pub fn init(format: LogFormat, default_filter: &str) {
             .try_init(),
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
     };
+    if installed.is_err() {
+        return Telemetry { provider: None };
+    }
+    if let Some(p) = &provider {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        opentelemetry::global::set_tracer_provider(p.clone());
+    }
+    Telemetry { provider }
+}
+
+fn otlp_provider(service: &'static str, endpoint: &str) -> Result<SdkTracerProvider, String> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(Resource::builder().with_service_name(service).build())
+        .build())
 }

@@ -73,7 +73,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     );
 
     let (reporter, health) = grpc::health_reporter();
-    let (reflection_v1, reflection_v1alpha) = grpc::reflection()?;
+    let (reflection_v1, reflection_v1alpha) = grpc::reflection(&[SERVICE_NAME])?;
     let migrated = Arc::new(tokio::sync::OnceCell::new());
     {
         let (store, nats, migrated) = (store.clone(), nats.clone(), Arc::clone(&migrated));
@@ -151,6 +151,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     };
     tracing::info!(addr = ?incoming.local_addr().ok(), "omoi-task-queue serving");
     let served = tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

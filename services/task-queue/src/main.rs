@@ -5,7 +5,7 @@ use omoi_task_queue::{Config, migrate, redact, serve};
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();
-    omoi_runtime::telemetry::init(config.common.log_format, "info");
+    let _telemetry = omoi_runtime::telemetry::init("omoi-task-queue", config.common.log_format, "info");
     let result = match config.command {
         Some(Command::Migrate) => migrate(&config).await,
         Some(Command::Serve) | None => match omoi_runtime::grpc::bind(config.listen_addr) {

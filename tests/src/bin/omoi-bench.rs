@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
         args.tasks > 0 && args.agents > 0,
         "--tasks and --agents must be positive"
     );
-    omoi_runtime::telemetry::init(omoi_runtime::config::LogFormat::Text, "warn");
+    let _telemetry = omoi_runtime::telemetry::init("omoi-bench", omoi_runtime::config::LogFormat::Text, "warn");
     let spawned = if args.spawn {
         let mut config = omoi_task_queue::Config::from_env();
         config.common.auth_token = args.auth_token.clone();
