@@ -189,51 +189,17 @@ async fn a_nats_outage_mid_run_loses_and_doubles_no_event() {
     infra.cleanup().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_mid_run_loses_nothing() {
-    const N: usize = 2000;
-    let infra = Infra::new().await.unwrap();
-    let port = free_port();
-    let first = spawn_task_queue(&infra, port);
-    wait_serving(&first.url, LONG).await.unwrap();
-    let url = first.url.clone();
-    let ledger = Ledger::default();
-    let stop = CancellationToken::new();
-    let workers = spawn_workers(vec![url.clone()], 4, 8, ledger.clone(), stop.clone());
-    let ids = enqueue_many(&client(&url), N).await;
-    eventually(LONG, "some progress", || async {
-        (ledger.completed() >= N / 4).then_some(())
-    })
-    .await;
-
-    let status = first.terminate(LONG).await.unwrap();
-    assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
-    assert!(ledger.completed() < N, "stopped mid-run");
-    // Nothing acknowledged was lost, and the clean stop flushed the outbox.
-    assert_eq!(outbox_backlog(&infra).await, 0, "outbox flushed at shutdown");
-
-    let second = spawn_task_queue(&infra, port);
-    wait_serving(&second.url, LONG).await.unwrap();
-    eventually(LONG, "all tasks completed", || async {
-        (ledger.completed() == N).then_some(())
-    })
-    .await;
-    stop.cancel();
-    for w in workers {
-        let _ = w.await;
-    }
-    assert!(ledger.snapshot().values().all(|n| *n == 1));
-    assert_eq!(completed_in_db(&infra).await, (N as i64, 0));
-    let events = events::read_all(&infra.nats_url, &infra.topology.stream, 4 * N as u64, LONG)
-        .await
-        .unwrap();
-    assert_exactly_once(&events, &ids, &["TASK_CREATED", "TASK_COMPLETED"]);
-    second.terminate(LONG).await.unwrap();
-    infra.cleanup().await.unwrap();
+enum Stop {
+    /// SIGTERM: a clean stop that must exit 0 and flush the outbox.
+    Term,
+    /// SIGKILL: the process dies mid-whatever.
+    Kill,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_run_and_restart_completes_every_task_once() {
+/// Runs N tasks through a task-queue process that is stopped mid-run and
+/// started again on the same port and database: every task completes exactly
+/// once and its events are in JetStream exactly once.
+async fn restart_mid_run(how: Stop) {
     const N: usize = 2000;
     let infra = Infra::new().await.unwrap();
     let port = free_port();
@@ -248,7 +214,15 @@ async fn kill_9_mid_run_and_restart_completes_every_task_once() {
         (ledger.completed() >= N / 4).then_some(())
     })
     .await;
-    first.kill9().await.unwrap();
+    match how {
+        Stop::Term => {
+            let status = first.terminate(LONG).await.unwrap();
+            assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
+            assert!(ledger.completed() < N, "stopped mid-run");
+            assert_eq!(outbox_backlog(&infra).await, 0, "outbox flushed at shutdown");
+        }
+        Stop::Kill => first.kill9().await.unwrap(),
+    }
 
     let second = spawn_task_queue(&infra, port);
     wait_serving(&second.url, LONG).await.unwrap();
@@ -260,7 +234,7 @@ async fn kill_9_mid_run_and_restart_completes_every_task_once() {
     for w in workers {
         let _ = w.await;
     }
-    assert!(ledger.snapshot().values().all(|n| *n == 1));
+    assert!(ledger.snapshot().values().all(|n| *n == 1), "a task completed twice");
     assert_eq!(completed_in_db(&infra).await, (N as i64, 0));
     eventually(LONG, "outbox drained", || async {
         (outbox_backlog(&infra).await == 0).then_some(())
@@ -272,4 +246,14 @@ async fn kill_9_mid_run_and_restart_completes_every_task_once() {
     assert_exactly_once(&events, &ids, &["TASK_CREATED", "TASK_COMPLETED"]);
     second.terminate(LONG).await.unwrap();
     infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_loses_nothing() {
+    restart_mid_run(Stop::Term).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_and_restart_completes_every_task_once() {
+    restart_mid_run(Stop::Kill).await;
 }
