@@ -1,0 +1,243 @@
+//! The life of an omoi service process, shared by every service: connect to
+//! PostgreSQL and NATS, report health, migrate (retrying while the database
+//! is down), run the outbox relay and the service's own loops, serve gRPC
+//! with health, reflection and auth, and stop cleanly.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use omoi_bus::{Relay, Topology};
+use omoi_store::Store;
+use tokio::sync::{Notify, OnceCell};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::{Router, TcpIncoming};
+
+use crate::auth::RequireBearer;
+use crate::config::CommonArgs;
+use crate::grpc;
+
+type Job = Box<dyn FnOnce(CancellationToken) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// A service's shared machinery, from start to stop.
+pub struct Base {
+    pub name: &'static str,
+    pub store: Store,
+    pub nats: async_nats::Client,
+    pub topology: Topology,
+    /// Wake the outbox relay after committing events.
+    pub relay_wake: Arc<Notify>,
+    auth: RequireBearer,
+    grace: Duration,
+    database_url: String,
+    jobs: Vec<Job>,
+}
+
+impl Base {
+    /// Connects lazily to PostgreSQL and NATS: nothing here waits for them,
+    /// so the server comes up and reports NOT_SERVING until they are there.
+    pub async fn connect(common: &CommonArgs, name: &'static str, db_max_connections: u32) -> anyhow::Result<Self> {
+        let store = Store::connect_lazy(&common.database_url, db_max_connections).with_context(|| {
+            format!(
+                "DATABASE_URL {} is not a valid PostgreSQL URL",
+                redact(&common.database_url)
+            )
+        })?;
+        let nats = omoi_bus::connect(&common.nats_url, name).await?;
+        Ok(Self {
+            name,
+            store,
+            nats,
+            topology: Topology {
+                prefix: common.subject_prefix.clone(),
+                stream: common.events_stream.clone(),
+            },
+            relay_wake: Arc::new(Notify::new()),
+            auth: RequireBearer::new(common.auth_token.as_deref()),
+            grace: Duration::from_secs(common.shutdown_grace_seconds),
+            database_url: common.database_url.clone(),
+            jobs: Vec::new(),
+        })
+    }
+
+    /// The interceptor that enforces `OMOI_AUTH_TOKEN` on the service's API.
+    pub fn auth(&self) -> RequireBearer {
+        self.auth.clone()
+    }
+
+    /// Runs `job` once the schema is migrated, until the stop token fires
+    /// (after the server has stopped serving).
+    pub fn spawn_after_migration<F, Fut>(&mut self, job: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.jobs.push(Box::new(move |stop| Box::pin(job(stop))));
+    }
+
+    /// A server with per-RPC spans, grpc.health.v1 following readiness, and
+    /// reflection listing `services`; add the API and pass it to `run`.
+    pub fn router(
+        &self,
+        services: &[&'static str],
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<(Router, Readiness)> {
+        let (reporter, health) = grpc::health_reporter();
+        let (reflection_v1, reflection_v1alpha) = grpc::reflection(services)?;
+        let readiness = Readiness {
+            migrated: Arc::new(OnceCell::new()),
+        };
+        {
+            let (store, nats, migrated) = (self.store.clone(), self.nats.clone(), Arc::clone(&readiness.migrated));
+            tokio::spawn(grpc::follow_readiness(
+                reporter,
+                services.to_vec(),
+                Duration::from_secs(2),
+                shutdown.clone(),
+                move || {
+                    let (store, nats, migrated) = (store.clone(), nats.clone(), Arc::clone(&migrated));
+                    async move {
+                        migrated.initialized()
+                            && nats.connection_state() == async_nats::connection::State::Connected
+                            && store.ping().await
+                    }
+                },
+            ));
+        }
+        let router = tonic::transport::Server::builder()
+            .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        Ok((router, readiness))
+    }
+
+    /// Serves until `shutdown`; then runs `before_stop` (e.g. ending
+    /// streams), lets in-flight RPCs finish, stops the background jobs and
+    /// flushes the outbox within the grace period.
+    pub async fn run(
+        self,
+        router: Router,
+        readiness: Readiness,
+        incoming: TcpIncoming,
+        shutdown: CancellationToken,
+        before_stop: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let background = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        {
+            let (store, background, database_url) = (self.store.clone(), background.clone(), self.database_url.clone());
+            let relay = Relay::new(
+                self.store.clone(),
+                self.nats.clone(),
+                self.topology.clone(),
+                Arc::clone(&self.relay_wake),
+            );
+            let (jobs, grace, migrated) = (self.jobs, self.grace, readiness.migrated);
+            tasks.spawn(async move {
+                let mut delay = Duration::from_millis(200);
+                loop {
+                    let attempt = async {
+                        Store::ensure_database(&database_url).await?;
+                        store.migrate().await
+                    };
+                    match attempt.await {
+                        Ok(()) => break,
+                        Err(e) => tracing::warn!(error = %e, "migration failed; retrying"),
+                    }
+                    tokio::select! {
+                        _ = background.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => delay = (delay * 2).min(Duration::from_secs(5)),
+                    }
+                }
+                let _ = migrated.set(());
+                tracing::info!("database migrated");
+                let mut loops = JoinSet::new();
+                loops.spawn(relay.run(background.clone(), grace));
+                for job in jobs {
+                    loops.spawn(job(background.clone()));
+                }
+                while loops.join_next().await.is_some() {}
+            });
+        }
+        let stop = async move {
+            shutdown.cancelled().await;
+            before_stop.await;
+        };
+        tracing::info!(addr = ?incoming.local_addr().ok(), service = self.name, "serving");
+        let served = router.serve_with_incoming_shutdown(incoming, stop).await;
+        background.cancel();
+        // The relay drains within `grace`; give it that long plus a margin.
+        let _ = tokio::time::timeout(self.grace + Duration::from_secs(1), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.store.close().await;
+        served.context("gRPC server failed")?;
+        tracing::info!(service = self.name, "stopped");
+        Ok(())
+    }
+}
+
+/// Whether the schema is in place (one of the readiness conditions).
+pub struct Readiness {
+    migrated: Arc<OnceCell<()>>,
+}
+
+/// Applies migrations and exits (each service's `migrate` command).
+pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
+    Store::ensure_database(database_url).await?;
+    let store = Store::connect_lazy(database_url, 2)?;
+    store
+        .migrate()
+        .await
+        .with_context(|| format!("migrating {}", redact(database_url)))?;
+    store.close().await;
+    Ok(())
+}
+
+/// Binds the listen address, or explains what to change.
+pub fn listen(addr: std::net::SocketAddr) -> anyhow::Result<TcpIncoming> {
+    grpc::bind(addr).map_err(|e| {
+        anyhow::anyhow!("cannot listen on {addr} ({e}); set OMOI_LISTEN_ADDR or --listen-addr to a free address")
+    })
+}
+
+/// Runs a service binary's main: `result` is its outcome; errors are logged
+/// and printed, and become the exit code.
+pub fn exit(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{name} failed");
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A URL with its password hidden, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &creds[..colon], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_passwords_only() {
+        assert_eq!(super::redact("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact("nats://h:4222"), "nats://h:4222");
+    }
+}
