@@ -84,15 +84,37 @@ impl Infra {
     /// A task-queue configuration for this test; tests adjust fields.
     pub fn task_queue_config(&self) -> omoi_task_queue::Config {
         let mut config = omoi_task_queue::Config::from_env();
-        config.common.database_url = self.db.url.clone();
-        config.common.nats_url = self.nats_url.clone();
-        config.common.subject_prefix = self.topology.prefix.clone();
-        config.common.events_stream = self.topology.stream.clone();
-        config.common.auth_token = None;
-        config.common.shutdown_grace_seconds = 10;
+        self.common(&mut config.common);
         config.timeout_check_interval_seconds = 0.2;
         config.db_max_connections = 8;
         config
+    }
+
+    pub fn health_config(&self) -> omoi_health::Config {
+        let mut config = omoi_health::Config::from_env();
+        self.common(&mut config.common);
+        config.stale_check_interval_seconds = 0.2;
+        config.heartbeat_flush_ms = 100;
+        config.db_max_connections = 4;
+        config
+    }
+
+    pub fn ticket_config(&self, task_queue_url: &str) -> omoi_ticket::Config {
+        let mut config = omoi_ticket::Config::from_env();
+        self.common(&mut config.common);
+        config.task_queue_url = task_queue_url.to_owned();
+        config.enqueue_retry_seconds = 0.2;
+        config.db_max_connections = 4;
+        config
+    }
+
+    fn common(&self, common: &mut omoi_runtime::config::CommonArgs) {
+        common.database_url = self.db.url.clone();
+        common.nats_url = self.nats_url.clone();
+        common.subject_prefix = self.topology.prefix.clone();
+        common.events_stream = self.topology.stream.clone();
+        common.auth_token = None;
+        common.shutdown_grace_seconds = 10;
     }
 
     /// The environment a task-queue process needs for this test.

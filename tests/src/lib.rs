@@ -9,15 +9,18 @@ pub mod process;
 
 use std::time::Duration;
 
+use omoi_proto::health::agent_health_service_client::AgentHealthServiceClient;
 use omoi_proto::taskqueue::task_queue_service_client::TaskQueueServiceClient;
+use omoi_proto::ticket::ticket_service_client::TicketServiceClient;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+use tonic::transport::server::TcpIncoming;
 
 pub use infra::{Infra, TestDb};
 
 pub type TaskQueueClient = TaskQueueServiceClient<Channel>;
 
-/// A task-queue served inside the test process.
+/// A service served inside the test process.
 pub struct InProcess {
     pub url: String,
     pub shutdown: CancellationToken,
@@ -28,15 +31,36 @@ impl InProcess {
     /// Starts a task-queue on a free loopback port and waits until it
     /// reports SERVING.
     pub async fn start(config: omoi_task_queue::Config) -> anyhow::Result<Self> {
+        Self::spawn(move |incoming, stop| omoi_task_queue::serve(config, incoming, stop)).await
+    }
+
+    pub async fn health(config: omoi_health::Config) -> anyhow::Result<Self> {
+        Self::spawn(move |incoming, stop| omoi_health::serve(config, incoming, stop)).await
+    }
+
+    pub async fn ticket(config: omoi_ticket::Config) -> anyhow::Result<Self> {
+        Self::spawn(move |incoming, stop| omoi_ticket::serve(config, incoming, stop)).await
+    }
+
+    /// Serves `serve` on a free loopback port and waits for SERVING.
+    pub async fn spawn<F, Fut>(serve: F) -> anyhow::Result<Self>
+    where
+        F: FnOnce(TcpIncoming, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        Self::spawn_on(tokio::net::TcpListener::bind("127.0.0.1:0").await?, serve).await
+    }
+
+    /// Serves `serve` on `listener` and waits for SERVING.
+    pub async fn spawn_on<F, Fut>(listener: tokio::net::TcpListener, serve: F) -> anyhow::Result<Self>
+    where
+        F: FnOnce(TcpIncoming, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
         let _ = omoi_runtime::telemetry::init("omoi-tests", omoi_runtime::config::LogFormat::Text, "info");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(omoi_task_queue::serve(
-            config,
-            omoi_runtime::grpc::incoming(listener),
-            shutdown.clone(),
-        ));
+        let handle = tokio::spawn(serve(omoi_runtime::grpc::incoming(listener), shutdown.clone()));
         wait_serving(&url, Duration::from_secs(30)).await?;
         Ok(Self { url, shutdown, handle })
     }
@@ -49,6 +73,59 @@ impl InProcess {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.handle.await?
+    }
+}
+
+pub type TicketClient = TicketServiceClient<Channel>;
+pub type HealthClient = AgentHealthServiceClient<Channel>;
+
+pub fn ticket_client(url: &str) -> TicketClient {
+    TicketServiceClient::new(omoi_runtime::grpc::channel(url).expect("valid url"))
+}
+
+pub fn health_client(url: &str) -> HealthClient {
+    AgentHealthServiceClient::new(omoi_runtime::grpc::channel(url).expect("valid url"))
+}
+
+/// The task-queue, health and ticket services of one test, in-process.
+pub struct Mesh {
+    pub task_queue: InProcess,
+    pub health: InProcess,
+    pub ticket: InProcess,
+}
+
+impl Mesh {
+    /// Starts the three services; `tune` adjusts the health configuration
+    /// (stale windows for tests).
+    pub async fn start(infra: &Infra, tune: impl FnOnce(&mut omoi_health::Config)) -> anyhow::Result<Self> {
+        let task_queue = InProcess::start(infra.task_queue_config()).await?;
+        let mut health_config = infra.health_config();
+        tune(&mut health_config);
+        let health = InProcess::health(health_config).await?;
+        let ticket = InProcess::ticket(infra.ticket_config(&task_queue.url)).await?;
+        Ok(Self {
+            task_queue,
+            health,
+            ticket,
+        })
+    }
+
+    pub fn tickets(&self) -> TicketClient {
+        ticket_client(&self.ticket.url)
+    }
+
+    pub fn agents(&self) -> HealthClient {
+        health_client(&self.health.url)
+    }
+
+    pub fn queue(&self) -> TaskQueueClient {
+        self.task_queue.client()
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.ticket.stop().await?;
+        self.health.stop().await?;
+        self.task_queue.stop().await
     }
 }
 

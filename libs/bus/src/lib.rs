@@ -1,6 +1,7 @@
 //! omoi's event bus on NATS JetStream: subjects, the events stream, and the
 //! relay that publishes the PostgreSQL outbox exactly once per event.
 
+pub mod consumer;
 mod relay;
 
 use std::time::Duration;
@@ -55,6 +56,26 @@ impl Topology {
             event_type.to_ascii_lowercase(),
             ticket_id.unwrap_or("none")
         )
+    }
+
+    /// Every event of one type, e.g. ("agent", "AGENT_STALE").
+    pub fn event_filter(&self, entity_type: &str, event_type: &str) -> String {
+        format!(
+            "{}.events.{}.{}.>",
+            self.prefix,
+            entity_type,
+            event_type.to_ascii_lowercase()
+        )
+    }
+
+    /// Every event of one entity type, e.g. "task".
+    pub fn entity_filter(&self, entity_type: &str) -> String {
+        format!("{}.events.{}.>", self.prefix, entity_type)
+    }
+
+    /// Every event about one ticket (the ticket's own and its tasks').
+    pub fn ticket_filter(&self, ticket_id: &str) -> String {
+        format!("{}.events.*.*.{}", self.prefix, ticket_id)
     }
 
     /// Every event subject.

@@ -1,10 +1,12 @@
 //! Pure domain rules of omoi: no I/O, every rule unit-tested here.
 
+pub mod agent;
 pub mod backoff;
 pub mod classify;
 pub mod error;
 pub mod graph;
 pub mod task;
+pub mod ticket;
 pub mod validate;
 
 pub use error::{DomainError, FieldError};

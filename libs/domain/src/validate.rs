@@ -182,6 +182,56 @@ pub fn new_task(field: &str, raw: &RawNewTask<'_>) -> Result<NewTask, DomainErro
     })
 }
 
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_KEY: usize = 63;
+pub const MAX_LABEL_VALUE: usize = 256;
+
+/// Labels: at most 64; keys of letters, digits and `- _ . /`; short values.
+pub fn labels<'a>(
+    field: &str,
+    labels: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), DomainError> {
+    if labels.len() > MAX_LABELS {
+        return Err(DomainError::invalid(
+            field,
+            format!("{} labels; at most {MAX_LABELS} allowed", labels.len()),
+        ));
+    }
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= MAX_LABEL_KEY
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        if !key_ok {
+            return Err(DomainError::invalid(
+                field,
+                format!(
+                    "key {:?} must be 1 to {MAX_LABEL_KEY} characters of letters, digits, - _ . /",
+                    truncate(k, 80)
+                ),
+            ));
+        }
+        if v.len() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
+            return Err(DomainError::invalid(
+                format!("{field}[{k}]"),
+                format!("value must be at most {MAX_LABEL_VALUE} bytes without control characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A short identifier-like string (agent types, request ids).
+pub fn token(field: &str, value: &str, max: usize, extra: &str) -> Result<String, DomainError> {
+    let v = value.trim();
+    if v.is_empty() || v.len() > max || !v.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c)) {
+        return Err(DomainError::invalid(
+            field,
+            format!("must be 1 to {max} characters of letters, digits and {extra:?}"),
+        ));
+    }
+    Ok(v.to_owned())
+}
+
 fn no_control_chars(field: &str, value: &str) -> Result<(), DomainError> {
     if value.chars().any(char::is_control) {
         return Err(DomainError::invalid(field, "must not contain control characters"));
@@ -304,6 +354,22 @@ mod tests {
         let title_200 = "é".repeat(200);
         assert!(title("t", &title_200).is_ok());
         assert!(title("t", &"é".repeat(201)).is_err());
+    }
+
+    #[test]
+    fn labels_and_tokens() {
+        use std::collections::HashMap;
+        let ok: HashMap<String, String> = [("team".to_string(), "billing".to_string())].into();
+        assert!(labels("labels", ok.iter()).is_ok());
+        let bad_key: HashMap<String, String> = [("bad key".to_string(), "v".to_string())].into();
+        assert_eq!(field_of(labels("labels", bad_key.iter()).unwrap_err()), "labels");
+        let bad_value: HashMap<String, String> = [("k".to_string(), "a\nb".to_string())].into();
+        assert_eq!(field_of(labels("labels", bad_value.iter()).unwrap_err()), "labels[k]");
+        let many: HashMap<String, String> = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(labels("labels", many.iter()).is_err());
+        assert_eq!(token("agent_type", " executor ", 64, "-_."), Ok("executor".to_string()));
+        assert!(token("agent_type", "", 64, "-_.").is_err());
+        assert!(token("agent_type", "a b", 64, "-_.").is_err());
     }
 
     #[test]

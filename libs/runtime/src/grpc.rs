@@ -83,7 +83,7 @@ pub async fn follow_readiness<F, Fut>(
     set_all(&reporter, &services, ServingStatus::NotServing).await;
 }
 
-async fn set_all(reporter: &HealthReporter, services: &[&'static str], status: ServingStatus) {
+pub async fn set_all(reporter: &HealthReporter, services: &[&'static str], status: ServingStatus) {
     reporter.set_service_status("", status).await;
     for s in services {
         reporter.set_service_status(*s, status).await;

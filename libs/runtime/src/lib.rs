@@ -6,6 +6,7 @@ pub mod config;
 pub mod grpc;
 pub mod service;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 
 pub use tokio_util::sync::CancellationToken;

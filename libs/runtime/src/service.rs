@@ -19,7 +19,7 @@ use crate::auth::RequireBearer;
 use crate::config::CommonArgs;
 use crate::grpc;
 
-type Job = Box<dyn FnOnce(CancellationToken) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+type Job = Box<dyn FnOnce(CancellationToken) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// A service's shared machinery, from start to stop.
 pub struct Base {
@@ -71,7 +71,7 @@ impl Base {
     /// (after the server has stopped serving).
     pub fn spawn_after_migration<F, Fut>(&mut self, job: F)
     where
-        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        F: FnOnce(CancellationToken) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         self.jobs.push(Box::new(move |stop| Box::pin(job(stop))));
@@ -79,12 +79,14 @@ impl Base {
 
     /// A server with per-RPC spans, grpc.health.v1 following readiness, and
     /// reflection listing `services`; add the API and pass it to `run`.
-    pub fn router(
+    pub async fn router(
         &self,
         services: &[&'static str],
         shutdown: &CancellationToken,
     ) -> anyhow::Result<(Router, Readiness)> {
         let (reporter, health) = grpc::health_reporter();
+        // The reporter starts out SERVING; nothing is ready yet.
+        grpc::set_all(&reporter, services, tonic_health::ServingStatus::NotServing).await;
         let (reflection_v1, reflection_v1alpha) = grpc::reflection(services)?;
         let readiness = Readiness {
             migrated: Arc::new(OnceCell::new()),

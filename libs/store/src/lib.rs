@@ -1,10 +1,13 @@
 //! PostgreSQL storage of omoi. All SQL lives here; every state change writes
 //! its events to the outbox in the same transaction.
 
+pub mod agents;
+pub mod consumed;
 mod error;
 pub mod events;
 pub mod outbox;
 pub mod tasks;
+pub mod tickets;
 
 use std::time::Duration;
 

@@ -319,7 +319,7 @@ impl Store {
              ), t AS (
                  UPDATE tasks t
                  SET status = 'assigned', attempt = t.attempt + 1, assigned_agent_id = s.agent,
-                     assignment_session = s.session, updated_at = now()
+                     assignment_session = s.session, assigned_at = now(), updated_at = now()
                  FROM numbered n JOIN slots s ON s.ord = n.ord
                  WHERE t.id = n.id
                  RETURNING t.*
@@ -577,6 +577,33 @@ impl Store {
         .bind(reason)
         .fetch_all(self.pool())
         .await?)
+    }
+
+    /// Takes back the work of an agent that went stale at `stale_at`: its
+    /// assigned and running tasks handed out before then are retried (the
+    /// lost attempt counts as a retry) or failed when out of retries. Later
+    /// reports for those attempts are refused by the attempt fence.
+    pub async fn reclaim_agent(&self, agent_id: Uuid, stale_at: DateTime<Utc>) -> Result<Vec<Outcome>> {
+        let mut tx = self.pool().begin().await?;
+        let held: Vec<Task> = sqlx::query_as(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks t
+             WHERE t.assigned_agent_id = $1 AND t.status IN ('assigned', 'running') AND t.assigned_at <= $2
+             ORDER BY t.seq FOR UPDATE"
+        ))
+        .bind(agent_id)
+        .bind(stale_at)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut outcomes = Vec::with_capacity(held.len());
+        let reason = format!("agent {agent_id} stopped heartbeating");
+        for task in held {
+            task.status.apply(Action::Reclaim)?;
+            outcomes.push(retry_or_fail(&mut tx, &task, &reason, ErrorClass::Retryable, "TASK_FAILED").await?);
+        }
+        tx.commit().await?;
+        Ok(outcomes)
     }
 
     pub async fn stats(&self) -> Result<Stats> {

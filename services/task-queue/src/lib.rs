@@ -50,9 +50,18 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
             Arc::clone(&base.relay_wake),
         );
         base.spawn_after_migration(move |stop| monitor::run(store, d, relay_wake, interval, stop));
+        let (store, d, relay_wake) = (
+            base.store.clone(),
+            Arc::clone(&dispatcher),
+            Arc::clone(&base.relay_wake),
+        );
+        let (nats, topology) = (base.nats.clone(), base.topology.clone());
+        base.spawn_after_migration(move |stop| {
+            monitor::reclaim_from_stale_agents(nats, topology, store, d, relay_wake, stop)
+        });
     }
 
-    let (router, readiness) = base.router(&[SERVICE_NAME], &shutdown)?;
+    let (router, readiness) = base.router(&[SERVICE_NAME], &shutdown).await?;
     let api = TaskQueueServiceServer::new(TaskQueue::new(
         base.store.clone(),
         Arc::clone(&dispatcher),

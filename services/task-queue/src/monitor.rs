@@ -1,5 +1,7 @@
-//! The timeout monitor: running tasks past their deadline are timed out,
-//! their agents told to stop, and the tasks retried or failed.
+//! Taking work back: the timeout monitor times out running tasks past their
+//! deadline, and the stale-agent consumer takes back the tasks of agents the
+//! health service declared stale. Their agents are told to stop, and the
+//! tasks are retried or failed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,4 +52,57 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Follows AGENT_STALE events (durable consumer) and takes back each stale
+/// agent's assigned and running tasks, counted as a retry.
+pub async fn reclaim_from_stale_agents(
+    nats: async_nats::Client,
+    topology: omoi_bus::Topology,
+    store: Store,
+    dispatcher: Arc<Dispatcher>,
+    relay_wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let filter = topology.event_filter("agent", "AGENT_STALE");
+    omoi_bus::consumer::consume(
+        nats,
+        topology,
+        "omoi-task-queue-stale-agents".to_owned(),
+        filter,
+        shutdown,
+        move |event| {
+            let (store, dispatcher, relay_wake) = (store.clone(), Arc::clone(&dispatcher), Arc::clone(&relay_wake));
+            async move {
+                let Ok(agent_id) = event.entity_id.parse::<uuid::Uuid>() else {
+                    return Ok(());
+                };
+                let stale_at = event
+                    .payload
+                    .as_ref()
+                    .map(omoi_proto::convert::struct_to_json)
+                    .and_then(|p| p.get("stale_at").and_then(|v| v.as_str()).map(str::to_owned))
+                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc))
+                    .or_else(|| event.occurred_at.as_ref().and_then(omoi_proto::convert::from_timestamp))
+                    .unwrap_or_else(chrono::Utc::now);
+                let outcomes = store
+                    .reclaim_agent(agent_id, stale_at)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !outcomes.is_empty() {
+                    tracing::info!(%agent_id, count = outcomes.len(), "took back the tasks of a stale agent");
+                    for outcome in &outcomes {
+                        if let Some(revoked) = &outcome.revoked {
+                            dispatcher.revoke(revoked);
+                        }
+                    }
+                    relay_wake.notify_one();
+                    dispatcher.wake();
+                }
+                Ok(())
+            }
+        },
+    )
+    .await;
 }

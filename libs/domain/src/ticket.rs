@@ -1,0 +1,397 @@
+//! Tickets: splitting into phase tasks, and deriving a ticket's status from
+//! its tasks.
+
+use std::fmt;
+
+use crate::error::DomainError;
+use crate::graph;
+use crate::task::Phase;
+use crate::validate;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TicketStatus {
+    Open,
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TicketStatus {
+    pub const ALL: [TicketStatus; 5] = [
+        TicketStatus::Open,
+        TicketStatus::InProgress,
+        TicketStatus::Completed,
+        TicketStatus::Failed,
+        TicketStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TicketStatus::Open => "open",
+            TicketStatus::InProgress => "in_progress",
+            TicketStatus::Completed => "completed",
+            TicketStatus::Failed => "failed",
+            TicketStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    pub fn to_proto(self) -> i32 {
+        match self {
+            TicketStatus::Open => 1,
+            TicketStatus::InProgress => 2,
+            TicketStatus::Completed => 3,
+            TicketStatus::Failed => 4,
+            TicketStatus::Cancelled => 5,
+        }
+    }
+
+    pub fn from_proto(v: i32) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.to_proto() == v)
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TicketStatus::Completed | TicketStatus::Failed | TicketStatus::Cancelled
+        )
+    }
+
+    /// The event recorded when a ticket enters this status.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            TicketStatus::Open => "TICKET_CREATED",
+            TicketStatus::InProgress => "TICKET_STARTED",
+            TicketStatus::Completed => "TICKET_COMPLETED",
+            TicketStatus::Failed => "TICKET_FAILED",
+            TicketStatus::Cancelled => "TICKET_CANCELLED",
+        }
+    }
+}
+
+impl fmt::Display for TicketStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the ticket knows of one of its tasks, from task events. Both parts
+/// only ever move forward, so events may be applied in any order and more
+/// than once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TaskProgress {
+    pub started: bool,
+    pub outcome: Option<TaskOutcome>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskOutcome {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskOutcome::Completed => "completed",
+            TaskOutcome::Failed => "failed",
+            TaskOutcome::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "completed" => Some(TaskOutcome::Completed),
+            "failed" => Some(TaskOutcome::Failed),
+            "cancelled" => Some(TaskOutcome::Cancelled),
+            _ => None,
+        }
+    }
+
+    /// The outcome a task event settles, if any.
+    pub fn of_event(event_type: &str) -> Option<Self> {
+        match event_type {
+            "TASK_COMPLETED" => Some(TaskOutcome::Completed),
+            "TASK_FAILED" => Some(TaskOutcome::Failed),
+            "TASK_CANCELLED" => Some(TaskOutcome::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a task event shows the task has started work.
+pub fn event_starts(event_type: &str) -> bool {
+    matches!(event_type, "TASK_STARTED" | "TASK_COMPLETED")
+}
+
+/// The ticket's status given its tasks: failed as soon as one task failed
+/// for good; completed when all completed; cancelled when all ended and some
+/// were cancelled; in progress once one started; open before.
+pub fn derive_status(tasks: &[TaskProgress]) -> TicketStatus {
+    if tasks.iter().any(|t| t.outcome == Some(TaskOutcome::Failed)) {
+        return TicketStatus::Failed;
+    }
+    if !tasks.is_empty() && tasks.iter().all(|t| t.outcome == Some(TaskOutcome::Completed)) {
+        return TicketStatus::Completed;
+    }
+    if !tasks.is_empty() && tasks.iter().all(|t| t.outcome.is_some()) {
+        return TicketStatus::Cancelled;
+    }
+    if tasks.iter().any(|t| t.started || t.outcome.is_some()) {
+        return TicketStatus::InProgress;
+    }
+    TicketStatus::Open
+}
+
+/// Ticket priority (proto value 1..=4) as task priority: LOW 1 .. CRITICAL 4.
+pub fn task_priority(ticket_priority: i32) -> i32 {
+    ticket_priority.clamp(1, 4)
+}
+
+/// A task of a ticket's plan; dependencies are indexes into the plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTask {
+    pub title: String,
+    pub description: String,
+    pub phase: Phase,
+    pub priority: i32,
+    pub depends_on: Vec<usize>,
+    pub max_retries: i32,
+    pub timeout_seconds: i32,
+}
+
+/// A plan entry as the request carries it.
+#[derive(Debug, Clone, Default)]
+pub struct RawTaskSpec<'a> {
+    pub title: &'a str,
+    pub description: &'a str,
+    pub phase: i32,
+    pub priority: Option<i32>,
+    pub depends_on: &'a [i32],
+    pub max_retries: Option<i32>,
+    pub timeout_seconds: i32,
+}
+
+/// Most tasks in one plan.
+pub const MAX_PLAN: usize = 100;
+
+/// The four chained phase tasks of a ticket without an explicit plan.
+pub fn default_plan(title: &str, description: &str, priority: i32) -> Vec<PlannedTask> {
+    let steps: [(Phase, &str, &str); 4] = [
+        (
+            Phase::Initial,
+            "Set up",
+            "Prepare the ground for the ticket: study the repository, scaffold what is missing, \
+             and write down the plan.",
+        ),
+        (
+            Phase::Implementation,
+            "Implement",
+            "Implement what the ticket asks for, following the plan from the initial phase.",
+        ),
+        (
+            Phase::Integration,
+            "Integrate",
+            "Integrate the change with the rest of the system: wire it up, write and run the tests, \
+             and fix what they find.",
+        ),
+        (
+            Phase::Refactoring,
+            "Refactor",
+            "Clean up the change: simplify, remove duplication, and make sure it reads well.",
+        ),
+    ];
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, (phase, verb, what))| PlannedTask {
+            title: truncate_title(&format!("{verb}: {title}")),
+            description: format!("{what}\n\nTicket: {title}\n\n{description}")
+                .trim_end()
+                .to_owned(),
+            phase: *phase,
+            priority: task_priority(priority),
+            depends_on: if i == 0 { vec![] } else { vec![i - 1] },
+            max_retries: crate::backoff::DEFAULT_MAX_RETRIES,
+            timeout_seconds: 0,
+        })
+        .collect()
+}
+
+/// Validates an explicit plan: fields, index dependencies, and no cycle.
+pub fn explicit_plan(specs: &[RawTaskSpec<'_>], ticket_priority: i32) -> Result<Vec<PlannedTask>, DomainError> {
+    if specs.len() > MAX_PLAN {
+        return Err(DomainError::invalid(
+            "plan",
+            format!("has {} tasks; at most {MAX_PLAN} allowed", specs.len()),
+        ));
+    }
+    let mut plan = Vec::with_capacity(specs.len());
+    for (i, s) in specs.iter().enumerate() {
+        let f = |name: &str| format!("plan[{i}].{name}");
+        let mut deps = Vec::with_capacity(s.depends_on.len());
+        for (j, d) in s.depends_on.iter().enumerate() {
+            let at = format!("plan[{i}].depends_on[{j}]");
+            let idx = usize::try_from(*d)
+                .ok()
+                .filter(|d| *d < specs.len())
+                .ok_or_else(|| DomainError::invalid(&at, format!("{d} is not an index into the plan")))?;
+            if idx == i {
+                return Err(DomainError::invalid(at, "a task cannot depend on itself"));
+            }
+            if deps.contains(&idx) {
+                return Err(DomainError::invalid(at, format!("duplicate dependency {idx}")));
+            }
+            deps.push(idx);
+        }
+        plan.push(PlannedTask {
+            title: validate::title(&f("title"), s.title)?,
+            description: validate::text(&f("description"), s.description, validate::MAX_DESCRIPTION_BYTES)?,
+            phase: validate::phase(&f("phase"), s.phase)?,
+            priority: validate::range(
+                &f("priority"),
+                s.priority.unwrap_or(task_priority(ticket_priority)),
+                0,
+                i32::MAX,
+            )?,
+            depends_on: deps,
+            max_retries: validate::range(
+                &f("max_retries"),
+                s.max_retries.unwrap_or(crate::backoff::DEFAULT_MAX_RETRIES),
+                0,
+                validate::MAX_RETRIES_LIMIT,
+            )?,
+            timeout_seconds: validate::range(
+                &f("timeout_seconds"),
+                s.timeout_seconds,
+                0,
+                validate::MAX_TIMEOUT_SECONDS,
+            )?,
+        });
+    }
+    let graph: Vec<Vec<usize>> = plan.iter().map(|t| t.depends_on.clone()).collect();
+    if let Some(cycle) = graph::find_cycle(&graph) {
+        let names: Vec<String> = cycle.iter().map(|i| format!("plan[{i}]")).collect();
+        return Err(DomainError::invalid(
+            format!("plan[{}].depends_on", cycle[0]),
+            format!("dependency cycle {} -> {}", names.join(" -> "), names[0]),
+        ));
+    }
+    Ok(plan)
+}
+
+fn truncate_title(s: &str) -> String {
+    s.chars().take(validate::MAX_TITLE_CHARS).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use TaskOutcome::*;
+
+    fn p(started: bool, outcome: Option<TaskOutcome>) -> TaskProgress {
+        TaskProgress { started, outcome }
+    }
+
+    #[test]
+    fn status_follows_tasks() {
+        let open = p(false, None);
+        let started = p(true, None);
+        let table: Vec<(Vec<TaskProgress>, TicketStatus)> = vec![
+            (vec![], TicketStatus::Open),
+            (vec![open, open], TicketStatus::Open),
+            (vec![started, open], TicketStatus::InProgress),
+            (vec![p(true, Some(Completed)), open], TicketStatus::InProgress),
+            (
+                vec![p(true, Some(Completed)), p(true, Some(Completed))],
+                TicketStatus::Completed,
+            ),
+            (
+                vec![p(true, Some(Failed)), p(false, Some(Cancelled))],
+                TicketStatus::Failed,
+            ),
+            (vec![p(true, Some(Failed)), started], TicketStatus::Failed),
+            (
+                vec![p(true, Some(Completed)), p(false, Some(Cancelled))],
+                TicketStatus::Cancelled,
+            ),
+            (vec![p(false, Some(Cancelled)), open], TicketStatus::InProgress),
+        ];
+        for (tasks, want) in table {
+            assert_eq!(derive_status(&tasks), want, "{tasks:?}");
+        }
+    }
+
+    #[test]
+    fn default_plan_chains_the_four_phases() {
+        let plan = default_plan("Add OAuth login", "to billing", 3);
+        let phases: Vec<Phase> = plan.iter().map(|t| t.phase).collect();
+        assert_eq!(
+            phases,
+            [
+                Phase::Initial,
+                Phase::Implementation,
+                Phase::Integration,
+                Phase::Refactoring
+            ]
+        );
+        let deps: Vec<Vec<usize>> = plan.iter().map(|t| t.depends_on.clone()).collect();
+        assert_eq!(deps, [vec![], vec![0], vec![1], vec![2]]);
+        assert!(
+            plan.iter()
+                .all(|t| t.priority == 3 && t.description.contains("to billing"))
+        );
+        assert_eq!(plan[1].title, "Implement: Add OAuth login");
+        let long = "x".repeat(200);
+        assert!(
+            default_plan(&long, "", 1)
+                .iter()
+                .all(|t| t.title.chars().count() <= 200)
+        );
+    }
+
+    #[test]
+    fn explicit_plans_are_validated() {
+        let spec = |deps: &'static [i32]| RawTaskSpec {
+            title: "t",
+            phase: 2,
+            depends_on: deps,
+            ..Default::default()
+        };
+        let ok = explicit_plan(&[spec(&[]), spec(&[0]), spec(&[0, 1])], 4).unwrap();
+        assert_eq!(ok[2].depends_on, vec![0, 1]);
+        assert_eq!(ok[0].priority, 4);
+        let err = |specs: &[RawTaskSpec<'_>]| match explicit_plan(specs, 2).unwrap_err() {
+            DomainError::InvalidArgument(e) => format!("{}: {}", e.field, e.reason),
+            other => panic!("{other:?}"),
+        };
+        assert!(err(&[spec(&[1])]).starts_with("plan[0].depends_on[0]"));
+        assert!(err(&[spec(&[-1])]).starts_with("plan[0].depends_on[0]"));
+        assert!(err(&[spec(&[0])]).contains("itself"));
+        assert!(err(&[spec(&[]), spec(&[0, 0])]).starts_with("plan[1].depends_on[1]"));
+        let cycle = err(&[spec(&[2]), spec(&[0]), spec(&[1])]);
+        assert!(
+            cycle.contains("cycle plan[0] -> plan[2] -> plan[1] -> plan[0]"),
+            "{cycle}"
+        );
+        let bad_phase = RawTaskSpec { phase: 0, ..spec(&[]) };
+        assert!(err(&[bad_phase]).starts_with("plan[0].phase"));
+    }
+
+    #[test]
+    fn events_map_to_progress() {
+        assert!(event_starts("TASK_STARTED"));
+        assert!(!event_starts("TASK_ASSIGNED"));
+        assert_eq!(TaskOutcome::of_event("TASK_FAILED"), Some(Failed));
+        assert_eq!(TaskOutcome::of_event("TASK_RETRIED"), None);
+        for s in TicketStatus::ALL {
+            assert_eq!(TicketStatus::parse(s.as_str()), Some(s));
+            assert_eq!(TicketStatus::from_proto(s.to_proto()), Some(s));
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The agent registry: registration, batched heartbeats, staleness, and
+//! per-agent task counts.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use omoi_domain::Phase;
+use omoi_domain::agent::AgentStatus;
+use serde_json::{Value, json};
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgConnection, Row};
+use uuid::Uuid;
+
+use crate::events::{self, NewEvent};
+use crate::{Result, Store, StoreError, consumed};
+
+const AGENT_COLUMNS: &str = "id, agent_type, phases, capacity, labels, status, registered_at, last_heartbeat_at,
+     running_task_ids, status_changed_at, completed_tasks, failed_tasks";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agent {
+    pub id: Uuid,
+    pub agent_type: String,
+    /// Empty = all phases.
+    pub phases: Vec<Phase>,
+    pub capacity: i32,
+    pub labels: Value,
+    pub status: AgentStatus,
+    pub registered_at: DateTime<Utc>,
+    pub last_heartbeat_at: DateTime<Utc>,
+    pub running_task_ids: Vec<Uuid>,
+    pub status_changed_at: DateTime<Utc>,
+    pub completed_tasks: i64,
+    pub failed_tasks: i64,
+}
+
+impl<'r> FromRow<'r, PgRow> for Agent {
+    fn from_row(row: &'r PgRow) -> sqlx::Result<Self> {
+        let status: String = row.try_get("status")?;
+        let phases: Vec<i16> = row.try_get("phases")?;
+        Ok(Agent {
+            id: row.try_get("id")?,
+            agent_type: row.try_get("agent_type")?,
+            phases: phases
+                .into_iter()
+                .filter_map(|p| Phase::from_proto(i32::from(p)))
+                .collect(),
+            capacity: row.try_get("capacity")?,
+            labels: row.try_get("labels")?,
+            status: AgentStatus::parse(&status)
+                .ok_or_else(|| sqlx::Error::Decode(format!("agent status {status}").into()))?,
+            registered_at: row.try_get("registered_at")?,
+            last_heartbeat_at: row.try_get("last_heartbeat_at")?,
+            running_task_ids: row.try_get("running_task_ids")?,
+            status_changed_at: row.try_get("status_changed_at")?,
+            completed_tasks: row.try_get("completed_tasks")?,
+            failed_tasks: row.try_get("failed_tasks")?,
+        })
+    }
+}
+
+/// A registration request, validated.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// Re-register under a known id; a new id when None.
+    pub id: Option<Uuid>,
+    pub agent_type: String,
+    pub phases: Vec<Phase>,
+    pub capacity: i32,
+    pub labels: Value,
+}
+
+/// A buffered heartbeat.
+#[derive(Debug, Clone)]
+pub struct Beat {
+    pub agent_id: Uuid,
+    pub at: DateTime<Utc>,
+    pub running_task_ids: Vec<Uuid>,
+}
+
+/// Counts for health statistics.
+#[derive(Debug, Clone, Default)]
+pub struct AgentStats {
+    pub by_status: Vec<(AgentStatus, i64)>,
+    pub by_type: Vec<(String, i64)>,
+    pub agents: Vec<Agent>,
+}
+
+fn agent_event(event_type: &'static str, agent: &Agent, extra: Value) -> NewEvent {
+    let mut payload = json!({
+        "agent_type": agent.agent_type,
+        "status": agent.status.as_str(),
+        "last_heartbeat_at": agent.last_heartbeat_at,
+    });
+    if let (Some(p), Value::Object(extra)) = (payload.as_object_mut(), extra) {
+        p.extend(extra);
+    }
+    NewEvent {
+        event_type,
+        entity_type: "agent",
+        entity_id: agent.id,
+        ticket_id: None,
+        payload,
+    }
+}
+
+impl Store {
+    pub async fn register_agent(&self, r: &Registration) -> Result<Agent> {
+        let mut tx = self.pool().begin().await?;
+        let phases: Vec<i16> = r.phases.iter().map(|p| p.to_proto() as i16).collect();
+        let agent: Agent = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO agents (id, agent_type, phases, capacity, labels, status)
+             VALUES ($1, $2, $3, $4, $5, 'healthy')
+             ON CONFLICT (id) DO UPDATE SET agent_type = EXCLUDED.agent_type, phases = EXCLUDED.phases,
+                 capacity = EXCLUDED.capacity, labels = EXCLUDED.labels, status = 'healthy',
+                 last_heartbeat_at = now(), status_changed_at = now(), running_task_ids = '{{}}'
+             RETURNING {AGENT_COLUMNS}"
+        )))
+        .bind(r.id.unwrap_or_else(Uuid::now_v7))
+        .bind(&r.agent_type)
+        .bind(&phases)
+        .bind(r.capacity)
+        .bind(&r.labels)
+        .fetch_one(&mut *tx)
+        .await?;
+        events::insert(
+            &mut tx,
+            &[agent_event(
+                "AGENT_REGISTERED",
+                &agent,
+                json!({"capacity": agent.capacity, "phases": phases}),
+            )],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    pub async fn get_agent(&self, id: Uuid) -> Result<Agent> {
+        let mut conn = self.pool().acquire().await?;
+        select_agent(&mut conn, id).await
+    }
+
+    pub async fn agent_status(&self, id: Uuid) -> Result<Option<AgentStatus>> {
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM agents WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(status.as_deref().and_then(AgentStatus::parse))
+    }
+
+    pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE ($1::text IS NULL OR status = $1) ORDER BY seq"
+        )))
+        .bind(status.map(AgentStatus::as_str))
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    pub async fn deregister_agent(&self, id: Uuid) -> Result<Agent> {
+        let mut tx = self.pool().begin().await?;
+        let before = select_agent(&mut tx, id).await?;
+        if before.status == AgentStatus::Deregistered {
+            return Err(StoreError::FailedPrecondition(format!(
+                "agent {id} is already deregistered"
+            )));
+        }
+        let agent: Agent = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE agents SET status = 'deregistered', status_changed_at = now(), running_task_ids = '{{}}'
+             WHERE id = $1 RETURNING {AGENT_COLUMNS}"
+        )))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        events::insert(&mut tx, &[agent_event("AGENT_DEREGISTERED", &agent, json!({}))]).await?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    /// Writes buffered heartbeats in one transaction. A stale agent that
+    /// heartbeats is recovered (AGENT_RECOVERED); deregistered and unknown
+    /// agents are left out. Returns the agents written with their status now.
+    pub async fn flush_heartbeats(&self, beats: &[Beat]) -> Result<Vec<(Uuid, AgentStatus)>> {
+        if beats.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = beats.iter().map(|b| b.agent_id).collect();
+        let ats: Vec<DateTime<Utc>> = beats.iter().map(|b| b.at).collect();
+        let running: Vec<String> = beats.iter().map(|b| json!(b.running_task_ids).to_string()).collect();
+        let mut tx = self.pool().begin().await?;
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "WITH beat AS (
+                 SELECT DISTINCT ON (b.id) b.id, b.at, b.running
+                 FROM unnest($1::uuid[], $2::timestamptz[], $3::text[]) AS b(id, at, running)
+                 ORDER BY b.id, b.at DESC
+             ), prev AS (
+                 SELECT a.id, a.status FROM agents a JOIN beat ON beat.id = a.id
+                 WHERE a.status <> 'deregistered' ORDER BY a.id FOR UPDATE OF a
+             )
+             UPDATE agents a
+             SET last_heartbeat_at = greatest(a.last_heartbeat_at, beat.at),
+                 running_task_ids = ARRAY(SELECT jsonb_array_elements_text(beat.running::jsonb)::uuid),
+                 status = 'healthy',
+                 status_changed_at = CASE WHEN prev.status = 'stale' THEN now() ELSE a.status_changed_at END
+             FROM beat, prev
+             WHERE a.id = beat.id AND prev.id = a.id
+             RETURNING a.id, prev.status",
+        )
+        .bind(&ids)
+        .bind(&ats)
+        .bind(&running)
+        .fetch_all(&mut *tx)
+        .await?;
+        let recovered: Vec<Uuid> = rows
+            .iter()
+            .filter(|(_, prev)| prev == "stale")
+            .map(|(id, _)| *id)
+            .collect();
+        if !recovered.is_empty() {
+            let agents: Vec<Agent> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {AGENT_COLUMNS} FROM agents WHERE id = ANY($1) ORDER BY seq"
+            )))
+            .bind(&recovered)
+            .fetch_all(&mut *tx)
+            .await?;
+            let evs: Vec<NewEvent> = agents
+                .iter()
+                .map(|a| agent_event("AGENT_RECOVERED", a, json!({})))
+                .collect();
+            events::insert(&mut tx, &evs).await?;
+        }
+        tx.commit().await?;
+        Ok(rows.into_iter().map(|(id, _)| (id, AgentStatus::Healthy)).collect())
+    }
+
+    /// Marks healthy agents silent for longer than `stale_after` as stale,
+    /// with an AGENT_STALE event each. Safe with several replicas: each
+    /// agent turns stale once.
+    pub async fn mark_stale(&self, stale_after: Duration) -> Result<Vec<Agent>> {
+        let mut tx = self.pool().begin().await?;
+        let agents: Vec<Agent> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE agents SET status = 'stale', status_changed_at = now()
+             WHERE id IN (SELECT id FROM agents
+                          WHERE status = 'healthy'
+                            AND last_heartbeat_at < now() - make_interval(secs => $1)
+                          ORDER BY id FOR UPDATE SKIP LOCKED)
+             RETURNING {AGENT_COLUMNS}"
+        )))
+        .bind(stale_after.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await?;
+        let evs: Vec<NewEvent> = agents
+            .iter()
+            .map(|a| {
+                agent_event(
+                    "AGENT_STALE",
+                    a,
+                    json!({"stale_at": a.status_changed_at, "stale_after_seconds": stale_after.as_secs_f64()}),
+                )
+            })
+            .collect();
+        events::insert(&mut tx, &evs).await?;
+        tx.commit().await?;
+        Ok(agents)
+    }
+
+    /// Counts a task outcome for the agent that held it, once per event.
+    pub async fn count_agent_outcome(
+        &self,
+        consumer: &str,
+        event_id: Uuid,
+        agent_id: Uuid,
+        completed: bool,
+    ) -> Result<()> {
+        let mut tx = self.pool().begin().await?;
+        if consumed::first_time(&mut tx, consumer, event_id).await? {
+            let sql = if completed {
+                "UPDATE agents SET completed_tasks = completed_tasks + 1 WHERE id = $1"
+            } else {
+                "UPDATE agents SET failed_tasks = failed_tasks + 1 WHERE id = $1"
+            };
+            sqlx::query(sql).bind(agent_id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn agent_stats(&self) -> Result<AgentStats> {
+        let by_status: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM agents GROUP BY status ORDER BY status")
+                .fetch_all(self.pool())
+                .await?;
+        let by_type: Vec<(String, i64)> =
+            sqlx::query_as("SELECT agent_type, count(*) FROM agents GROUP BY agent_type ORDER BY agent_type")
+                .fetch_all(self.pool())
+                .await?;
+        Ok(AgentStats {
+            by_status: by_status
+                .into_iter()
+                .filter_map(|(s, n)| AgentStatus::parse(&s).map(|s| (s, n)))
+                .collect(),
+            by_type,
+            agents: self.list_agents(None).await?,
+        })
+    }
+}
+
+async fn select_agent(conn: &mut PgConnection, id: Uuid) -> Result<Agent> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?
+    .ok_or(StoreError::NotFound { entity: "agent", id })
+}

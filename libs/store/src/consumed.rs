@@ -1,0 +1,32 @@
+//! Exactly-once application of consumed events: a consumer records each event
+//! id in the same transaction as its effect.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::{Result, Store};
+
+/// Records `event_id` for `consumer`; false when it was already applied.
+pub async fn first_time(conn: &mut PgConnection, consumer: &str, event_id: Uuid) -> Result<bool> {
+    let inserted =
+        sqlx::query("INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(consumer)
+            .bind(event_id)
+            .execute(conn)
+            .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+impl Store {
+    /// Forgets applied events older than the stream keeps messages (they can
+    /// no longer be redelivered).
+    pub async fn prune_processed_events(&self, older_than_days: i32) -> Result<u64> {
+        Ok(
+            sqlx::query("DELETE FROM processed_events WHERE processed_at < now() - make_interval(days => $1)")
+                .bind(older_than_days)
+                .execute(self.pool())
+                .await?
+                .rows_affected(),
+        )
+    }
+}

@@ -1,0 +1,400 @@
+//! Tickets, their plans, and their status as task events report it.
+
+use chrono::{DateTime, Utc};
+use omoi_domain::Phase;
+use omoi_domain::ticket::{PlannedTask, TaskOutcome, TaskProgress, TicketStatus, derive_status};
+use serde_json::{Value, json};
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgConnection, Row};
+use uuid::Uuid;
+
+use crate::events::{self, NewEvent};
+use crate::{Result, Store, StoreError, consumed};
+
+const TICKET_COLUMNS: &str = "id, seq, title, description, priority, status, repository, labels, request_id, tasks_enqueued, created_at, updated_at";
+const TICKET_TASK_COLUMNS: &str = "ticket_id, task_id, position, title, description, phase, priority, depends_on,
+     max_retries, timeout_seconds, started, outcome";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ticket {
+    pub id: Uuid,
+    pub seq: i64,
+    pub title: String,
+    pub description: String,
+    /// 1 (LOW) .. 4 (CRITICAL).
+    pub priority: i32,
+    pub status: TicketStatus,
+    pub repository: String,
+    pub labels: Value,
+    pub request_id: Option<String>,
+    pub tasks_enqueued: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl<'r> FromRow<'r, PgRow> for Ticket {
+    fn from_row(row: &'r PgRow) -> sqlx::Result<Self> {
+        let status: String = row.try_get("status")?;
+        let priority: i16 = row.try_get("priority")?;
+        Ok(Ticket {
+            id: row.try_get("id")?,
+            seq: row.try_get("seq")?,
+            title: row.try_get("title")?,
+            description: row.try_get("description")?,
+            priority: i32::from(priority),
+            status: TicketStatus::parse(&status)
+                .ok_or_else(|| sqlx::Error::Decode(format!("ticket status {status}").into()))?,
+            repository: row.try_get("repository")?,
+            labels: row.try_get("labels")?,
+            request_id: row.try_get("request_id")?,
+            tasks_enqueued: row.try_get("tasks_enqueued")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+        })
+    }
+}
+
+/// One task of a ticket's plan, with what its events reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TicketTask {
+    pub ticket_id: Uuid,
+    pub task_id: Uuid,
+    pub position: i32,
+    pub planned: PlannedTask,
+    pub progress: TaskProgress,
+}
+
+impl<'r> FromRow<'r, PgRow> for TicketTask {
+    fn from_row(row: &'r PgRow) -> sqlx::Result<Self> {
+        let phase: i16 = row.try_get("phase")?;
+        let deps: Vec<i32> = row.try_get("depends_on")?;
+        let outcome: Option<String> = row.try_get("outcome")?;
+        Ok(TicketTask {
+            ticket_id: row.try_get("ticket_id")?,
+            task_id: row.try_get("task_id")?,
+            position: row.try_get("position")?,
+            planned: PlannedTask {
+                title: row.try_get("title")?,
+                description: row.try_get("description")?,
+                phase: Phase::from_proto(i32::from(phase))
+                    .ok_or_else(|| sqlx::Error::Decode(format!("phase {phase}").into()))?,
+                priority: row.try_get("priority")?,
+                depends_on: deps.into_iter().filter_map(|d| usize::try_from(d).ok()).collect(),
+                max_retries: row.try_get("max_retries")?,
+                timeout_seconds: row.try_get("timeout_seconds")?,
+            },
+            progress: TaskProgress {
+                started: row.try_get("started")?,
+                outcome: outcome.as_deref().and_then(TaskOutcome::parse),
+            },
+        })
+    }
+}
+
+/// A validated ticket to create.
+#[derive(Debug, Clone)]
+pub struct NewTicket {
+    pub id: Uuid,
+    pub title: String,
+    pub description: String,
+    pub priority: i32,
+    pub repository: String,
+    pub labels: Value,
+    pub request_id: Option<String>,
+}
+
+/// What `create_ticket` did.
+#[derive(Debug, Clone)]
+pub enum Created {
+    New(Ticket, Vec<TicketTask>),
+    /// A create with the same request id happened before: that ticket.
+    Existing(Ticket, Vec<TicketTask>),
+}
+
+fn ticket_event(ticket: &Ticket, extra: Value) -> NewEvent {
+    let mut payload = json!({"status": ticket.status.as_str(), "title": ticket.title});
+    if let (Some(p), Value::Object(extra)) = (payload.as_object_mut(), extra) {
+        p.extend(extra);
+    }
+    NewEvent {
+        event_type: ticket.status.event_type(),
+        entity_type: "ticket",
+        entity_id: ticket.id,
+        ticket_id: Some(ticket.id),
+        payload,
+    }
+}
+
+impl Store {
+    /// Stores a ticket and its plan (task ids chosen up front, so enqueueing
+    /// them later is idempotent). A known request id returns that ticket.
+    pub async fn create_ticket(&self, t: &NewTicket, plan: &[(Uuid, PlannedTask)]) -> Result<Created> {
+        if let Some(rid) = &t.request_id
+            && let Some(existing) = self.ticket_by_request(rid).await?
+        {
+            return Ok(Created::Existing(existing.0, existing.1));
+        }
+        let mut tx = self.pool().begin().await?;
+        let inserted: Option<Ticket> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO tickets (id, title, description, priority, status, repository, labels, request_id)
+             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7)
+             ON CONFLICT (request_id) DO NOTHING
+             RETURNING {TICKET_COLUMNS}"
+        )))
+        .bind(t.id)
+        .bind(&t.title)
+        .bind(&t.description)
+        .bind(t.priority as i16)
+        .bind(&t.repository)
+        .bind(&t.labels)
+        .bind(&t.request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(ticket) = inserted else {
+            // A concurrent create with the same request id won.
+            drop(tx);
+            let rid = t.request_id.as_deref().unwrap_or_default();
+            let (ticket, tasks) = self
+                .ticket_by_request(rid)
+                .await?
+                .ok_or_else(|| StoreError::FailedPrecondition(format!("request_id {rid:?} conflicts")))?;
+            return Ok(Created::Existing(ticket, tasks));
+        };
+        sqlx::query(
+            "INSERT INTO ticket_tasks (ticket_id, task_id, position, title, description, phase, priority,
+                                       depends_on, max_retries, timeout_seconds)
+             SELECT $1, p.task_id, p.position, p.title, p.description, p.phase, p.priority,
+                    ARRAY(SELECT jsonb_array_elements_text(p.deps::jsonb)::int), p.max_retries, p.timeout_seconds
+             FROM unnest($2::uuid[], $3::int4[], $4::text[], $5::text[], $6::int2[], $7::int4[], $8::text[],
+                         $9::int4[], $10::int4[])
+                  AS p(task_id, position, title, description, phase, priority, deps, max_retries, timeout_seconds)",
+        )
+        .bind(ticket.id)
+        .bind(plan.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind((0..plan.len() as i32).collect::<Vec<_>>())
+        .bind(plan.iter().map(|(_, p)| p.title.as_str()).collect::<Vec<_>>())
+        .bind(plan.iter().map(|(_, p)| p.description.as_str()).collect::<Vec<_>>())
+        .bind(plan.iter().map(|(_, p)| p.phase.to_proto() as i16).collect::<Vec<_>>())
+        .bind(plan.iter().map(|(_, p)| p.priority).collect::<Vec<_>>())
+        .bind(
+            plan.iter()
+                .map(|(_, p)| json!(p.depends_on).to_string())
+                .collect::<Vec<_>>(),
+        )
+        .bind(plan.iter().map(|(_, p)| p.max_retries).collect::<Vec<_>>())
+        .bind(plan.iter().map(|(_, p)| p.timeout_seconds).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        events::insert(
+            &mut tx,
+            &[ticket_event(
+                &ticket,
+                json!({
+                    "priority": ticket.priority,
+                    "repository": ticket.repository,
+                    "task_ids": plan.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>(),
+                }),
+            )],
+        )
+        .await?;
+        let tasks = select_ticket_tasks(&mut tx, ticket.id).await?;
+        tx.commit().await?;
+        Ok(Created::New(ticket, tasks))
+    }
+
+    pub async fn ticket_by_request(&self, request_id: &str) -> Result<Option<(Ticket, Vec<TicketTask>)>> {
+        let mut conn = self.pool().acquire().await?;
+        let ticket: Option<Ticket> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {TICKET_COLUMNS} FROM tickets WHERE request_id = $1"
+        )))
+        .bind(request_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match ticket {
+            Some(t) => {
+                let tasks = select_ticket_tasks(&mut conn, t.id).await?;
+                Ok(Some((t, tasks)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub async fn get_ticket(&self, id: Uuid) -> Result<(Ticket, Vec<TicketTask>)> {
+        let mut conn = self.pool().acquire().await?;
+        let ticket = select_ticket(&mut conn, id, false).await?;
+        let tasks = select_ticket_tasks(&mut conn, id).await?;
+        Ok((ticket, tasks))
+    }
+
+    /// Newest first; `before_seq` is the cursor of the previous page.
+    pub async fn list_tickets(
+        &self,
+        status: Option<TicketStatus>,
+        page_size: i64,
+        before_seq: Option<i64>,
+    ) -> Result<(Vec<Ticket>, Option<i64>)> {
+        let mut rows: Vec<Ticket> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {TICKET_COLUMNS} FROM tickets
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR seq < $2)
+             ORDER BY seq DESC LIMIT $3"
+        )))
+        .bind(status.map(TicketStatus::as_str))
+        .bind(before_seq)
+        .bind(page_size + 1)
+        .fetch_all(self.pool())
+        .await?;
+        let next = if rows.len() as i64 > page_size {
+            rows.truncate(page_size as usize);
+            rows.last().map(|t| t.seq)
+        } else {
+            None
+        };
+        Ok((rows, next))
+    }
+
+    pub async fn mark_tasks_enqueued(&self, id: Uuid) -> Result<()> {
+        sqlx::query("UPDATE tickets SET tasks_enqueued = true, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a ticket whose tasks the task queue refused for good, with a
+    /// TICKET_FAILED event so that watchers learn why.
+    pub async fn discard_ticket(&self, id: Uuid, reason: &str) -> Result<()> {
+        let mut tx = self.pool().begin().await?;
+        let mut ticket = select_ticket(&mut tx, id, true).await?;
+        sqlx::query("DELETE FROM tickets WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        ticket.status = TicketStatus::Failed;
+        events::insert(
+            &mut tx,
+            &[ticket_event(&ticket, json!({"reason": reason, "discarded": true}))],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Tickets whose tasks are not on the queue yet (the queue was down).
+    pub async fn tickets_to_enqueue(&self, limit: i64) -> Result<Vec<(Ticket, Vec<TicketTask>)>> {
+        let tickets: Vec<Ticket> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {TICKET_COLUMNS} FROM tickets WHERE NOT tasks_enqueued AND status <> 'cancelled'
+             ORDER BY seq LIMIT $1"
+        )))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        let mut out = Vec::with_capacity(tickets.len());
+        let mut conn = self.pool().acquire().await?;
+        for t in tickets {
+            let tasks = select_ticket_tasks(&mut conn, t.id).await?;
+            out.push((t, tasks));
+        }
+        Ok(out)
+    }
+
+    /// Sets a ticket's status to CANCELLED unless it already ended.
+    pub async fn cancel_ticket(&self, id: Uuid, reason: &str) -> Result<Ticket> {
+        let mut tx = self.pool().begin().await?;
+        let mut ticket = select_ticket(&mut tx, id, true).await?;
+        if ticket.status.is_final() {
+            return Err(StoreError::FailedPrecondition(format!(
+                "ticket {id} is already {}",
+                ticket.status
+            )));
+        }
+        ticket = set_status(&mut tx, id, TicketStatus::Cancelled).await?;
+        events::insert(&mut tx, &[ticket_event(&ticket, json!({"reason": reason}))]).await?;
+        tx.commit().await?;
+        Ok(ticket)
+    }
+
+    /// Applies one task event to the ticket that owns the task, once per
+    /// event id. Returns the ticket when its status changed.
+    pub async fn apply_task_event(
+        &self,
+        consumer: &str,
+        event_id: Uuid,
+        task_id: Uuid,
+        started: bool,
+        outcome: Option<TaskOutcome>,
+    ) -> Result<Option<Ticket>> {
+        let mut tx = self.pool().begin().await?;
+        if !consumed::first_time(&mut tx, consumer, event_id).await? {
+            return Ok(None);
+        }
+        let owner: Option<Uuid> = sqlx::query_scalar(
+            "UPDATE ticket_tasks SET started = started OR $2, outcome = COALESCE(outcome, $3)
+             WHERE task_id = $1 RETURNING ticket_id",
+        )
+        .bind(task_id)
+        .bind(started)
+        .bind(outcome.map(TaskOutcome::as_str))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(ticket_id) = owner else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let ticket = select_ticket(&mut tx, ticket_id, true).await?;
+        let mut changed = None;
+        if !ticket.status.is_final() {
+            let progress: Vec<TaskProgress> = select_ticket_tasks(&mut tx, ticket_id)
+                .await?
+                .into_iter()
+                .map(|t| t.progress)
+                .collect();
+            let status = derive_status(&progress);
+            if status != ticket.status {
+                let updated = set_status(&mut tx, ticket_id, status).await?;
+                events::insert(
+                    &mut tx,
+                    &[ticket_event(
+                        &updated,
+                        json!({"previous_status": ticket.status.as_str(), "task_id": task_id}),
+                    )],
+                )
+                .await?;
+                changed = Some(updated);
+            }
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+}
+
+async fn select_ticket(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result<Ticket> {
+    let sql = if lock {
+        format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = $1 FOR UPDATE")
+    } else {
+        format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = $1")
+    };
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .ok_or(StoreError::NotFound { entity: "ticket", id })
+}
+
+async fn select_ticket_tasks(conn: &mut PgConnection, ticket_id: Uuid) -> Result<Vec<TicketTask>> {
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TICKET_TASK_COLUMNS} FROM ticket_tasks WHERE ticket_id = $1 ORDER BY position"
+    )))
+    .bind(ticket_id)
+    .fetch_all(conn)
+    .await?)
+}
+
+async fn set_status(conn: &mut PgConnection, id: Uuid, status: TicketStatus) -> Result<Ticket> {
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE tickets SET status = $2, updated_at = now() WHERE id = $1 RETURNING {TICKET_COLUMNS}"
+    )))
+    .bind(id)
+    .bind(status.as_str())
+    .fetch_one(conn)
+    .await?)
+}

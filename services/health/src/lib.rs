@@ -1,0 +1,51 @@
+//! omoi's agent health service: the agent registry, heartbeats (buffered in
+//! memory and written in batches), stale detection with AGENT_STALE events
+//! that the task-queue acts on, and health statistics.
+
+pub mod config;
+mod registry;
+mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use omoi_proto::health::agent_health_service_server::AgentHealthServiceServer;
+use omoi_runtime::service::Base;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+
+pub use config::Config;
+pub use registry::Registry;
+pub use service::Health;
+
+pub const SERVICE_NAME: &str = "omoi.health.v1.AgentHealthService";
+
+/// Runs the service on `incoming` until `shutdown`; buffered heartbeats are
+/// written before it exits.
+pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let common = &config.common;
+    let mut base = Base::connect(common, "omoi-health", config.db_max_connections).await?;
+    let registry = Arc::new(Registry::new(base.store.clone(), Arc::clone(&base.relay_wake)));
+    let flush_every = Duration::from_millis(config.heartbeat_flush_ms.max(10));
+    let stale_after = Duration::from_secs_f64(config.stale_after_seconds.max(0.1));
+    let check_every = Duration::from_secs_f64(config.stale_check_interval_seconds.max(0.05));
+    {
+        let r = Arc::clone(&registry);
+        base.spawn_after_migration(move |stop| r.flush_loop(flush_every, stop));
+        let r = Arc::clone(&registry);
+        base.spawn_after_migration(move |stop| r.stale_loop(stale_after, check_every, stop));
+        let (r, nats, topology) = (Arc::clone(&registry), base.nats.clone(), base.topology.clone());
+        base.spawn_after_migration(move |stop| r.count_outcomes(nats, topology, stop));
+    }
+    let (router, readiness) = base.router(&[SERVICE_NAME], &shutdown).await?;
+    let api = AgentHealthServiceServer::new(Health::new(
+        base.store.clone(),
+        Arc::clone(&registry),
+        config.heartbeat_interval_seconds,
+    ))
+    .max_decoding_message_size(common.max_message_bytes)
+    .max_encoding_message_size(common.max_message_bytes);
+    let router = router.add_service(InterceptedService::new(api, base.auth()));
+    base.run(router, readiness, incoming, shutdown, async {}).await
+}

@@ -1,0 +1,207 @@
+//! Heartbeats in memory, written in batches; agent statuses cached so that
+//! a heartbeat is answered without touching the database.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::Utc;
+use omoi_domain::agent::AgentStatus;
+use omoi_store::agents::Beat;
+use omoi_store::{Store, StoreError};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Buffered heartbeats beyond which a flush starts at once.
+const FLUSH_AT: usize = 5000;
+
+pub struct Registry {
+    store: Store,
+    relay_wake: Arc<Notify>,
+    statuses: Mutex<HashMap<Uuid, AgentStatus>>,
+    pending: Mutex<HashMap<Uuid, Beat>>,
+    flush_now: Notify,
+}
+
+impl Registry {
+    pub fn new(store: Store, relay_wake: Arc<Notify>) -> Self {
+        Self {
+            store,
+            relay_wake,
+            statuses: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            flush_now: Notify::new(),
+        }
+    }
+
+    fn statuses(&self) -> MutexGuard<'_, HashMap<Uuid, AgentStatus>> {
+        self.statuses.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<Uuid, Beat>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn remember(&self, id: Uuid, status: AgentStatus) {
+        self.statuses().insert(id, status);
+    }
+
+    /// The agent's status as far as this replica knows; read from the
+    /// database the first time.
+    pub async fn status(&self, id: Uuid) -> Result<Option<AgentStatus>, StoreError> {
+        if let Some(s) = self.statuses().get(&id).copied() {
+            return Ok(Some(s));
+        }
+        let status = self.store.agent_status(id).await?;
+        if let Some(s) = status {
+            self.remember(id, s);
+        }
+        Ok(status)
+    }
+
+    /// Buffers a heartbeat of a known, registered agent. A stale agent is
+    /// recovered at once rather than at the next flush.
+    pub async fn beat(&self, beat: Beat) -> Result<(), StoreError> {
+        let id = beat.agent_id;
+        let stale = self.statuses().get(&id) == Some(&AgentStatus::Stale);
+        let size = {
+            let mut pending = self.pending();
+            pending.insert(id, beat);
+            pending.len()
+        };
+        if stale {
+            self.flush().await?;
+        } else if size >= FLUSH_AT {
+            self.flush_now.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Writes the buffered heartbeats; on failure they are kept for the next try.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let beats: Vec<Beat> = self.pending().drain().map(|(_, b)| b).collect();
+        if beats.is_empty() {
+            return Ok(());
+        }
+        match self.store.flush_heartbeats(&beats).await {
+            Ok(written) => {
+                let mut statuses = self.statuses();
+                // Agents left out were deregistered (or vanished) meanwhile.
+                for b in &beats {
+                    statuses.insert(b.agent_id, AgentStatus::Deregistered);
+                }
+                for (id, status) in written {
+                    statuses.insert(id, status);
+                }
+                drop(statuses);
+                self.relay_wake.notify_one();
+                Ok(())
+            }
+            Err(e) => {
+                let mut pending = self.pending();
+                for b in beats {
+                    pending.entry(b.agent_id).or_insert(b);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn flush_loop(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+                _ = self.flush_now.notified() => {}
+            }
+            if let Err(e) = self.flush().await {
+                tracing::warn!(error = %e, "writing heartbeats failed; keeping them for the next try");
+            }
+        }
+        if let Err(e) = self.flush().await {
+            tracing::warn!(error = %e, "heartbeats not written at shutdown");
+        }
+    }
+
+    /// Marks silent agents stale; the AGENT_STALE events make the task-queue
+    /// take their work back.
+    pub async fn stale_loop(self: Arc<Self>, stale_after: Duration, every: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            // Heartbeats this replica holds must count before judging.
+            if let Err(e) = self.flush().await {
+                tracing::warn!(error = %e, "writing heartbeats before the stale check failed");
+                continue;
+            }
+            match self.store.mark_stale(stale_after).await {
+                Ok(agents) if !agents.is_empty() => {
+                    for a in &agents {
+                        tracing::info!(agent_id = %a.id, last_heartbeat_at = %a.last_heartbeat_at, "agent stale");
+                        self.remember(a.id, AgentStatus::Stale);
+                    }
+                    self.relay_wake.notify_one();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "stale check failed"),
+            }
+        }
+    }
+
+    /// Counts completed and failed tasks per agent from task events.
+    pub async fn count_outcomes(
+        self: Arc<Self>,
+        nats: async_nats::Client,
+        topology: omoi_bus::Topology,
+        shutdown: CancellationToken,
+    ) {
+        let filter = topology.entity_filter("task");
+        let store = self.store.clone();
+        omoi_bus::consumer::consume(
+            nats,
+            topology,
+            "omoi-health-task-outcomes".to_owned(),
+            filter,
+            shutdown,
+            move |event| {
+                let store = store.clone();
+                async move {
+                    let completed = match event.event_type.as_str() {
+                        "TASK_COMPLETED" => true,
+                        "TASK_FAILED" => false,
+                        _ => return Ok(()),
+                    };
+                    let agent = event
+                        .payload
+                        .as_ref()
+                        .and_then(|p| p.fields.get("agent_id"))
+                        .and_then(|v| match &v.kind {
+                            Some(prost_types::value::Kind::StringValue(s)) => s.parse::<Uuid>().ok(),
+                            _ => None,
+                        });
+                    let (Some(agent), Ok(event_id)) = (agent, event.id.parse::<Uuid>()) else {
+                        return Ok(());
+                    };
+                    store
+                        .count_agent_outcome("omoi-health-task-outcomes", event_id, agent, completed)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            },
+        )
+        .await;
+    }
+
+    pub fn now_beat(agent_id: Uuid, running_task_ids: Vec<Uuid>) -> Beat {
+        Beat {
+            agent_id,
+            at: Utc::now(),
+            running_task_ids,
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! omoi's ticket service: validates tickets, splits them into phase tasks on
+//! the task queue, follows their tasks' events to keep each ticket's status,
+//! and streams a ticket's events to watchers.
+
+pub mod config;
+mod planner;
+mod service;
+mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use omoi_proto::ticket::ticket_service_server::TicketServiceServer;
+use omoi_runtime::service::Base;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+
+pub use config::Config;
+pub use service::Tickets;
+
+pub const SERVICE_NAME: &str = "omoi.ticket.v1.TicketService";
+
+/// Runs the service on `incoming` until `shutdown`; open WatchTicket
+/// streams end first.
+pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let common = &config.common;
+    let mut base = Base::connect(common, "omoi-ticket", config.db_max_connections).await?;
+    let queue = planner::Queue::connect(&config.task_queue_url, common.auth_token.as_deref())?;
+    let planner = Arc::new(planner::Planner::new(
+        base.store.clone(),
+        queue,
+        Arc::clone(&base.relay_wake),
+    ));
+    {
+        let p = Arc::clone(&planner);
+        let every = Duration::from_secs_f64(config.enqueue_retry_seconds.max(0.05));
+        base.spawn_after_migration(move |stop| p.retry_loop(every, stop));
+        let p = Arc::clone(&planner);
+        let (nats, topology) = (base.nats.clone(), base.topology.clone());
+        base.spawn_after_migration(move |stop| p.follow_tasks(nats, topology, stop));
+    }
+    let watchers = CancellationToken::new();
+    let (router, readiness) = base.router(&[SERVICE_NAME], &shutdown).await?;
+    let api = TicketServiceServer::new(Tickets::new(
+        base.store.clone(),
+        planner,
+        base.nats.clone(),
+        base.topology.clone(),
+        watchers.clone(),
+    ))
+    .max_decoding_message_size(common.max_message_bytes)
+    .max_encoding_message_size(common.max_message_bytes);
+    let router = router.add_service(InterceptedService::new(api, base.auth()));
+    base.run(router, readiness, incoming, shutdown, async move { watchers.cancel() })
+        .await
+}

@@ -1,0 +1,263 @@
+//! Getting a ticket's tasks onto the task queue, and keeping the ticket's
+//! status in step with its tasks' events.
+//!
+//! A ticket is stored with its plan (task ids chosen up front) before its
+//! tasks are enqueued. When the task queue cannot be reached the ticket
+//! stays, marked not enqueued, and a retry loop enqueues it once the queue is
+//! back; the fixed task ids make a repeated enqueue harmless (the queue
+//! answers ALREADY_EXISTS). Only a permanent refusal removes the ticket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use omoi_domain::ticket::{TaskOutcome, TicketStatus, event_starts};
+use omoi_proto::taskqueue::{self as pb, task_queue_service_client::TaskQueueServiceClient};
+use omoi_runtime::auth::AttachBearer;
+use omoi_store::tickets::{Ticket, TicketTask};
+use omoi_store::{Store, StoreError};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+const CONSUMER: &str = "omoi-ticket-status";
+
+type Client = TaskQueueServiceClient<InterceptedService<Channel, AttachBearer>>;
+
+/// The task-queue, as the ticket service uses it.
+#[derive(Clone)]
+pub struct Queue {
+    client: Client,
+}
+
+impl Queue {
+    pub fn connect(url: &str, token: Option<&str>) -> anyhow::Result<Self> {
+        let channel = omoi_runtime::grpc::channel(url)
+            .map_err(|e| anyhow::anyhow!("OMOI_TASK_QUEUE_URL {url:?} is not a usable URL: {e}"))?;
+        let auth = AttachBearer::new(token).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        Ok(Self {
+            client: TaskQueueServiceClient::with_interceptor(channel, auth),
+        })
+    }
+
+    async fn enqueue(&self, ticket: &Ticket, tasks: &[TicketTask]) -> Result<Vec<pb::Task>, Status> {
+        let request = pb::EnqueueTasksRequest {
+            tasks: tasks
+                .iter()
+                .map(|t| pb::NewTask {
+                    id: t.task_id.to_string(),
+                    ticket_id: ticket.id.to_string(),
+                    title: t.planned.title.clone(),
+                    description: t.planned.description.clone(),
+                    phase: t.planned.phase.to_proto(),
+                    priority: t.planned.priority,
+                    depends_on: dependency_ids(t, tasks),
+                    max_retries: Some(t.planned.max_retries),
+                    timeout_seconds: t.planned.timeout_seconds,
+                })
+                .collect(),
+        };
+        let mut c = self.client.clone();
+        Ok(c.enqueue_tasks(request).await?.into_inner().tasks)
+    }
+
+    /// Every task of the ticket, in creation order.
+    pub async fn list(&self, ticket_id: Uuid) -> Result<Vec<pb::Task>, Status> {
+        let mut c = self.client.clone();
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = c
+                .list_tasks(pb::ListTasksRequest {
+                    ticket_id: ticket_id.to_string(),
+                    page_size: 1000,
+                    page_token: token,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            out.extend(page.tasks);
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    pub async fn cancel(&self, task_id: &str, reason: &str) -> Result<(), Status> {
+        let mut c = self.client.clone();
+        c.cancel_task(pb::CancelTaskRequest {
+            task_id: task_id.to_owned(),
+            reason: reason.to_owned(),
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+fn dependency_ids(task: &TicketTask, all: &[TicketTask]) -> Vec<String> {
+    task.planned
+        .depends_on
+        .iter()
+        .filter_map(|i| all.get(*i))
+        .map(|d| d.task_id.to_string())
+        .collect()
+}
+
+/// The tasks of a ticket not on the queue yet, as the queue will show them.
+pub fn planned_tasks(ticket: &Ticket, tasks: &[TicketTask]) -> Vec<pb::Task> {
+    tasks
+        .iter()
+        .map(|t| pb::Task {
+            id: t.task_id.to_string(),
+            ticket_id: ticket.id.to_string(),
+            title: t.planned.title.clone(),
+            description: t.planned.description.clone(),
+            phase: t.planned.phase.to_proto(),
+            priority: t.planned.priority,
+            status: omoi_domain::TaskStatus::Pending.to_proto(),
+            depends_on: dependency_ids(t, tasks),
+            max_retries: t.planned.max_retries,
+            timeout_seconds: t.planned.timeout_seconds,
+            unmet_dependencies: t.planned.depends_on.len() as i32,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// What became of an attempt to enqueue a ticket's tasks.
+pub enum Enqueued {
+    /// The queue has them.
+    Done(Vec<pb::Task>),
+    /// The queue is unreachable; the retry loop will try again.
+    Deferred(Status),
+    /// The queue refused them for good; the ticket was removed.
+    Refused(Status),
+}
+
+fn transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Internal
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Cancelled
+            | Code::Unauthenticated
+    )
+}
+
+pub struct Planner {
+    pub store: Store,
+    pub queue: Queue,
+    relay_wake: Arc<Notify>,
+}
+
+impl Planner {
+    pub fn new(store: Store, queue: Queue, relay_wake: Arc<Notify>) -> Self {
+        Self {
+            store,
+            queue,
+            relay_wake,
+        }
+    }
+
+    pub fn relay(&self) {
+        self.relay_wake.notify_one();
+    }
+
+    pub async fn enqueue(&self, ticket: &Ticket, tasks: &[TicketTask]) -> Result<Enqueued, StoreError> {
+        let created = match self.queue.enqueue(ticket, tasks).await {
+            Ok(created) => created,
+            // An earlier try got through (its answer was lost).
+            Err(s) if s.code() == Code::AlreadyExists => match self.queue.list(ticket.id).await {
+                Ok(existing) => existing,
+                Err(s) => return Ok(Enqueued::Deferred(s)),
+            },
+            Err(s) if transient(s.code()) => return Ok(Enqueued::Deferred(s)),
+            Err(s) => {
+                tracing::warn!(ticket_id = %ticket.id, error = %s.message(), "task queue refused the ticket's tasks");
+                self.store.discard_ticket(ticket.id, s.message()).await?;
+                self.relay();
+                return Ok(Enqueued::Refused(s));
+            }
+        };
+        self.store.mark_tasks_enqueued(ticket.id).await?;
+        // Cancelled while its tasks were on their way: cancel them too.
+        let (now, _) = self.store.get_ticket(ticket.id).await?;
+        if now.status == TicketStatus::Cancelled {
+            for t in &created {
+                let _ = self.queue.cancel(&t.id, "ticket cancelled").await;
+            }
+        }
+        Ok(Enqueued::Done(created))
+    }
+
+    /// Enqueues the tickets stored while the queue was unreachable.
+    pub async fn retry_loop(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
+        loop {
+            match self.store.tickets_to_enqueue(50).await {
+                Ok(waiting) => {
+                    for (ticket, tasks) in waiting {
+                        match self.enqueue(&ticket, &tasks).await {
+                            Ok(Enqueued::Done(_)) => tracing::info!(ticket_id = %ticket.id, "ticket's tasks enqueued"),
+                            Ok(Enqueued::Refused(_)) => {}
+                            Ok(Enqueued::Deferred(s)) => {
+                                tracing::debug!(error = %s.message(), "task queue still unreachable");
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "enqueue retry failed");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading tickets to enqueue failed"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// Keeps ticket statuses in step with task events (durable consumer).
+    pub async fn follow_tasks(
+        self: Arc<Self>,
+        nats: async_nats::Client,
+        topology: omoi_bus::Topology,
+        shutdown: CancellationToken,
+    ) {
+        let filter = topology.entity_filter("task");
+        let this = Arc::clone(&self);
+        omoi_bus::consumer::consume(nats, topology, CONSUMER.to_owned(), filter, shutdown, move |event| {
+            let this = Arc::clone(&this);
+            async move {
+                let started = event_starts(&event.event_type);
+                let outcome = TaskOutcome::of_event(&event.event_type);
+                if event.ticket_id.is_empty() || (!started && outcome.is_none()) {
+                    return Ok(());
+                }
+                let (Ok(event_id), Ok(task_id)) = (event.id.parse::<Uuid>(), event.entity_id.parse::<Uuid>()) else {
+                    return Ok(());
+                };
+                let changed = this
+                    .store
+                    .apply_task_event(CONSUMER, event_id, task_id, started, outcome)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(ticket) = changed {
+                    tracing::info!(ticket_id = %ticket.id, status = %ticket.status, "ticket status changed");
+                    this.relay();
+                }
+                Ok(())
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,93 @@
+//! WatchTicket: a ticket's events from JetStream, the history first, then
+//! live, ending after the ticket's final event.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use omoi_bus::Topology;
+use omoi_proto::events::Event;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+pub type Sink = mpsc::Sender<Result<Event, Status>>;
+
+/// Whether this event ends a ticket's stream.
+fn is_final(event: &Event) -> bool {
+    event.entity_type == "ticket"
+        && matches!(
+            event.event_type.as_str(),
+            "TICKET_COMPLETED" | "TICKET_FAILED" | "TICKET_CANCELLED"
+        )
+}
+
+/// Streams the events about `ticket_id` into `sink` until the ticket's final
+/// event, the client going away, or `shutdown`.
+pub async fn follow(
+    nats: async_nats::Client,
+    topology: Topology,
+    ticket_id: String,
+    sink: Sink,
+    shutdown: CancellationToken,
+) {
+    let js = jetstream::new(nats);
+    let opened = async {
+        let stream = omoi_bus::ensure_stream(&js, &topology)
+            .await
+            .map_err(|e| e.to_string())?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: topology.ticket_filter(&ticket_id),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        consumer.messages().await.map_err(|e| e.to_string())
+    };
+    let mut messages = match tokio::time::timeout(Duration::from_secs(10), opened).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            let _ = sink
+                .send(Err(Status::unavailable(format!("event stream unavailable: {e}"))))
+                .await;
+            return;
+        }
+        Err(_) => {
+            let _ = sink.send(Err(Status::unavailable("event stream unavailable"))).await;
+            return;
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = sink.send(Err(Status::unavailable("server shutting down; watch again"))).await;
+                return;
+            }
+            _ = sink.closed() => return,
+            m = messages.next() => m,
+        };
+        let msg = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "watch consumer hiccup");
+                continue;
+            }
+            None => {
+                let _ = sink
+                    .send(Err(Status::unavailable("event stream ended; watch again")))
+                    .await;
+                return;
+            }
+        };
+        let Ok(event) = Event::decode(msg.payload.as_ref()) else {
+            continue;
+        };
+        let done = is_final(&event);
+        if sink.send(Ok(event)).await.is_err() || done {
+            return;
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! TicketService on the real mesh (task-queue, health, ticket) over gRPC,
+//! PostgreSQL and JetStream.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use omoi_proto::taskqueue as tq;
+use omoi_proto::ticket::{self as pb};
+use omoi_tests::agent::ScriptedAgent;
+use omoi_tests::{InProcess, Infra, Mesh, TicketClient, eventually, ticket_client};
+use tonic::Code;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+const OPEN: i32 = 1;
+const IN_PROGRESS: i32 = 2;
+const COMPLETED: i32 = 3;
+const FAILED: i32 = 4;
+const CANCELLED: i32 = 5;
+const TASK_PENDING: i32 = 1;
+const TASK_CANCELLED: i32 = 7;
+
+fn create(title: &str) -> pb::CreateTicketRequest {
+    pb::CreateTicketRequest {
+        title: title.to_owned(),
+        description: "Users sign in with OAuth.".to_owned(),
+        priority: 3,
+        ..Default::default()
+    }
+}
+
+async fn ticket_status(c: &TicketClient, id: &str) -> i32 {
+    c.clone()
+        .get_ticket(pb::GetTicketRequest {
+            ticket_id: id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap()
+        .status
+}
+
+async fn wait_status(c: &TicketClient, id: &str, want: i32) {
+    eventually(WAIT, &format!("ticket status {want}"), || async {
+        (ticket_status(c, id).await == want).then_some(())
+    })
+    .await;
+}
+
+async fn count(infra: &Infra, table: &str) -> i64 {
+    let pool = infra.db.connect().await.unwrap();
+    let n = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+/// Runs each assignment to completion (start, complete) until `n` are done;
+/// returns the titles in the order they were handed out.
+async fn work(agent: &mut ScriptedAgent, n: usize) -> Vec<tq::Task> {
+    let mut done = Vec::new();
+    while done.len() < n {
+        let a = agent.next_assignment(WAIT).await.expect("an assignment");
+        agent.start(&a).await.unwrap();
+        agent.complete(&a).await.unwrap();
+        done.push(a.task.unwrap());
+    }
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_plan_runs_through_its_phases_and_the_ticket_follows() {
+    let infra = Infra::new().await.unwrap();
+    let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
+    let tickets = mesh.tickets();
+    let created = tickets
+        .clone()
+        .create_ticket(create("Add OAuth login"))
+        .await
+        .unwrap()
+        .into_inner();
+    let t = created.ticket.unwrap();
+    assert_eq!((t.status, t.priority, t.title.as_str()), (OPEN, 3, "Add OAuth login"));
+    assert_eq!(created.tasks.len(), 4);
+    let phases: Vec<i32> = created.tasks.iter().map(|t| t.phase).collect();
+    assert_eq!(phases, [1, 2, 3, 4]);
+    for (i, task) in created.tasks.iter().enumerate() {
+        assert_eq!(task.ticket_id, t.id);
+        assert_eq!(task.priority, 3);
+        assert!(task.description.contains("Users sign in with OAuth."));
+        let want: Vec<String> = if i == 0 {
+            vec![]
+        } else {
+            vec![created.tasks[i - 1].id.clone()]
+        };
+        assert_eq!(task.depends_on, want);
+    }
+
+    // A watcher from the start sees every event in order and then the end.
+    let mut watch = tickets
+        .clone()
+        .watch_ticket(pb::WatchTicketRequest {
+            ticket_id: t.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), 2, vec![]).await.unwrap();
+    let first = agent.next_assignment(WAIT).await.unwrap();
+    assert_eq!(first.task.as_ref().unwrap().phase, 1);
+    agent.start(&first).await.unwrap();
+    wait_status(&tickets, &t.id, IN_PROGRESS).await;
+    agent.complete(&first).await.unwrap();
+    let rest = work(&mut agent, 3).await;
+    assert_eq!(
+        rest.iter().map(|t| t.phase).collect::<Vec<_>>(),
+        [2, 3, 4],
+        "dependency order"
+    );
+    wait_status(&tickets, &t.id, COMPLETED).await;
+
+    let mut seen = Vec::new();
+    while let Some(Ok(event)) = tokio::time::timeout(WAIT, watch.next()).await.unwrap() {
+        seen.push((
+            event.entity_type.clone(),
+            event.entity_id.clone(),
+            event.event_type.clone(),
+        ));
+    }
+    let ticket_events: Vec<&str> = seen.iter().filter(|e| e.0 == "ticket").map(|e| e.2.as_str()).collect();
+    assert_eq!(ticket_events, ["TICKET_CREATED", "TICKET_STARTED", "TICKET_COMPLETED"]);
+    assert_eq!(
+        seen.last().unwrap().2,
+        "TICKET_COMPLETED",
+        "the stream ends with the final event"
+    );
+    for task in &created.tasks {
+        let history: Vec<&str> = seen.iter().filter(|e| e.1 == task.id).map(|e| e.2.as_str()).collect();
+        assert_eq!(
+            history,
+            ["TASK_CREATED", "TASK_ASSIGNED", "TASK_STARTED", "TASK_COMPLETED"],
+            "{}",
+            task.title
+        );
+    }
+    // A task completes only after the one before it (stream order).
+    let pos = |id: &str, ty: &str| seen.iter().position(|e| e.1 == id && e.2 == ty).unwrap();
+    for w in created.tasks.windows(2) {
+        assert!(pos(&w[0].id, "TASK_COMPLETED") < pos(&w[1].id, "TASK_ASSIGNED"));
+    }
+    // Watching a finished ticket replays its history and ends.
+    let replay: Vec<_> = tickets
+        .clone()
+        .watch_ticket(pb::WatchTicketRequest {
+            ticket_id: t.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(replay.len(), seen.len());
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_dag_is_kept_and_a_cycle_is_refused_with_nothing_written() {
+    let infra = Infra::new().await.unwrap();
+    let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
+    let tickets = mesh.tickets();
+    let spec = |title: &str, phase: i32, deps: &[i32]| pb::TaskSpec {
+        title: title.to_owned(),
+        phase,
+        depends_on: deps.to_vec(),
+        ..Default::default()
+    };
+    let cyclic = pb::CreateTicketRequest {
+        plan: vec![spec("a", 1, &[2]), spec("b", 2, &[0]), spec("c", 3, &[1])],
+        ..create("cyclic")
+    };
+    let err = tickets.clone().create_ticket(cyclic).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("cycle plan[0] -> plan[2] -> plan[1] -> plan[0]"),
+        "{}",
+        err.message()
+    );
+    for (plan, needle) in [
+        (vec![spec("a", 1, &[5])], "plan[0].depends_on[0]"),
+        (vec![spec("a", 1, &[0])], "plan[0].depends_on[0]"),
+        (vec![spec("", 1, &[])], "plan[0].title"),
+        (vec![spec("a", 9, &[])], "plan[0].phase"),
+    ] {
+        let err = tickets
+            .clone()
+            .create_ticket(pb::CreateTicketRequest { plan, ..create("bad") })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(needle), "{needle}: {}", err.message());
+    }
+    for (req, needle) in [
+        (create(""), "title"),
+        (create(&"x".repeat(201)), "title"),
+        (
+            pb::CreateTicketRequest {
+                priority: 9,
+                ..create("t")
+            },
+            "priority",
+        ),
+        (
+            pb::CreateTicketRequest {
+                repository: "--upload-pack=evil".into(),
+                ..create("t")
+            },
+            "repository",
+        ),
+        (
+            pb::CreateTicketRequest {
+                description: "d".repeat(70_000),
+                ..create("t")
+            },
+            "description",
+        ),
+        (
+            pb::CreateTicketRequest {
+                request_id: "a b".into(),
+                ..create("t")
+            },
+            "request_id",
+        ),
+        (
+            pb::CreateTicketRequest {
+                labels: [("bad key".to_string(), "v".to_string())].into(),
+                ..create("t")
+            },
+            "labels",
+        ),
+    ] {
+        let err = tickets.clone().create_ticket(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{needle}");
+        assert!(err.message().contains(needle), "{needle}: {}", err.message());
+    }
+    assert_eq!(count(&infra, "tickets").await, 0);
+    assert_eq!(count(&infra, "tasks").await, 0);
+
+    // A diamond: b and c after a, d after both.
+    let dag = pb::CreateTicketRequest {
+        plan: vec![
+            spec("a", 1, &[]),
+            spec("b", 2, &[0]),
+            spec("c", 2, &[0]),
+            spec("d", 3, &[1, 2]),
+        ],
+        ..create("diamond")
+    };
+    let created = tickets.clone().create_ticket(dag).await.unwrap().into_inner();
+    let ids: Vec<&str> = created.tasks.iter().map(|t| t.id.as_str()).collect();
+    let mut d_deps = created.tasks[3].depends_on.clone();
+    d_deps.sort();
+    let mut want = vec![ids[1].to_string(), ids[2].to_string()];
+    want.sort();
+    assert_eq!(d_deps, want);
+    assert_eq!(created.tasks[0].priority, 3, "ticket priority HIGH -> 3");
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), 4, vec![]).await.unwrap();
+    let order = work(&mut agent, 4).await;
+    assert_eq!(order[0].title, "a");
+    assert_eq!(order[3].title, "d");
+    wait_status(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_create_with_the_same_request_id_returns_the_first_ticket() {
+    let infra = Infra::new().await.unwrap();
+    let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
+    let req = pb::CreateTicketRequest {
+        request_id: "req-42".into(),
+        ..create("once")
+    };
+    let first = mesh.tickets().create_ticket(req.clone()).await.unwrap().into_inner();
+    let again = mesh.tickets().create_ticket(req).await.unwrap().into_inner();
+    assert_eq!(first.ticket.as_ref().unwrap().id, again.ticket.as_ref().unwrap().id);
+    let ids = |r: &pb::CreateTicketResponse| r.tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&first), ids(&again));
+    assert_eq!(count(&infra, "tickets").await, 1);
+    assert_eq!(count(&infra, "tasks").await, 4);
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_ticket_mid_run_stops_its_agent_and_cancels_its_tasks() {
+    let infra = Infra::new().await.unwrap();
+    let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
+    let tickets = mesh.tickets();
+    let created = tickets
+        .clone()
+        .create_ticket(create("to cancel"))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.ticket.unwrap().id;
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), 1, vec![]).await.unwrap();
+    let a = agent.next_assignment(WAIT).await.unwrap();
+    agent.start(&a).await.unwrap();
+    wait_status(&tickets, &id, IN_PROGRESS).await;
+    let cancelled = tickets
+        .clone()
+        .cancel_ticket(pb::CancelTicketRequest {
+            ticket_id: id.clone(),
+            reason: "priorities changed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    assert_eq!(cancelled.status, CANCELLED);
+    let c = agent
+        .next_cancellation(WAIT)
+        .await
+        .expect("the running task is stopped");
+    assert_eq!(c.reason, "priorities changed");
+    let got = tickets
+        .clone()
+        .get_ticket(pb::GetTicketRequest { ticket_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.tasks.iter().all(|t| t.status == TASK_CANCELLED), "{:?}", got.tasks);
+    // It stays cancelled once the task events arrive, and cannot be cancelled twice.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ticket_status(&tickets, &id).await, CANCELLED);
+    let err = tickets
+        .clone()
+        .cancel_ticket(pb::CancelTicketRequest {
+            ticket_id: id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_failing_for_good_fails_the_ticket() {
+    let infra = Infra::new().await.unwrap();
+    let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
+    let tickets = mesh.tickets();
+    let created = tickets
+        .clone()
+        .create_ticket(create("doomed"))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.ticket.unwrap().id;
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), 1, vec![]).await.unwrap();
+    let a = agent.next_assignment(WAIT).await.unwrap();
+    agent.start(&a).await.unwrap();
+    agent.fail(&a, "permission denied", 0).await.unwrap();
+    wait_status(&tickets, &id, FAILED).await;
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_list_newest_first_by_status_and_page() {
+    let infra = Infra::new().await.unwrap();
+    let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
+    let tickets = mesh.tickets();
+    for i in 0..5 {
+        tickets.clone().create_ticket(create(&format!("t{i}"))).await.unwrap();
+    }
+    let mut titles = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = tickets
+            .clone()
+            .list_tickets(pb::ListTicketsRequest {
+                page_size: 2,
+                page_token: token.clone(),
+                status: OPEN,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        titles.extend(page.tickets.into_iter().map(|t| t.title));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(titles, ["t4", "t3", "t2", "t1", "t0"]);
+    let none = tickets
+        .clone()
+        .list_tickets(pb::ListTicketsRequest {
+            status: COMPLETED,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.tickets.is_empty());
+    for (req, field) in [
+        (
+            pb::ListTicketsRequest {
+                page_size: -1,
+                ..Default::default()
+            },
+            "page_size",
+        ),
+        (
+            pb::ListTicketsRequest {
+                page_token: "x".into(),
+                ..Default::default()
+            },
+            "page_token",
+        ),
+        (
+            pb::ListTicketsRequest {
+                status: 77,
+                ..Default::default()
+            },
+            "status",
+        ),
+    ] {
+        let err = tickets.clone().list_tickets(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(field));
+    }
+    let missing = Uuid::now_v7().to_string();
+    let err = tickets
+        .clone()
+        .get_ticket(pb::GetTicketRequest {
+            ticket_id: missing.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = tickets
+        .clone()
+        .watch_ticket(pb::WatchTicketRequest {
+            ticket_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_task_queue_down_a_ticket_is_kept_and_its_tasks_created_once_it_is_back() {
+    let infra = Infra::new().await.unwrap();
+    // The ticket service points at a port where the task-queue is not yet.
+    let port = omoi_tests::process::free_port();
+    let queue_url = format!("http://127.0.0.1:{port}");
+    let ticket = InProcess::ticket(infra.ticket_config(&queue_url)).await.unwrap();
+    let tickets = ticket_client(&ticket.url);
+    let created = tickets
+        .clone()
+        .create_ticket(create("queued later"))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.ticket.unwrap().id;
+    assert_eq!(created.tasks.len(), 4);
+    assert!(created.tasks.iter().all(|t| t.status == TASK_PENDING));
+    assert_eq!(count(&infra, "tasks").await, 0, "nothing on the queue yet");
+
+    let config = infra.task_queue_config();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let queue = InProcess::spawn_on(listener, move |incoming, stop| {
+        omoi_task_queue::serve(config, incoming, stop)
+    })
+    .await
+    .unwrap();
+    eventually(WAIT, "tasks created", || async {
+        (count(&infra, "tasks").await == 4).then_some(())
+    })
+    .await;
+    let got = tickets
+        .clone()
+        .get_ticket(pb::GetTicketRequest { ticket_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids = |ts: &[tq::Task]| ts.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&got.tasks),
+        ids(&created.tasks),
+        "the tasks announced are the tasks created"
+    );
+    ticket.stop().await.unwrap();
+    queue.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
