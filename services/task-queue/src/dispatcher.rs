@@ -144,6 +144,27 @@ impl Dispatcher {
         }
     }
 
+    /// Ends the streams of an agent declared stale, so that nothing more is
+    /// handed to it; a live agent reconnects and is served again.
+    pub async fn evict(&self, agent_id: Uuid) {
+        let gone: Vec<Uuid> = {
+            let mut sessions = self.sessions();
+            let ids: Vec<Uuid> = sessions
+                .iter()
+                .filter(|(_, c)| c.agent_id == agent_id)
+                .map(|(s, _)| *s)
+                .collect();
+            for id in &ids {
+                sessions.remove(id);
+            }
+            ids
+        };
+        for session in gone {
+            tracing::info!(%agent_id, %session, "closing the stream of a stale agent");
+            self.requeue(session).await;
+        }
+    }
+
     /// Ends every stream (shutdown) and puts their unstarted tasks back.
     pub async fn close_all(&self) {
         let drained: Vec<(Uuid, Connection)> = self.sessions().drain().collect();

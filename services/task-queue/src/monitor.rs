@@ -90,6 +90,7 @@ pub async fn reclaim_from_stale_agents(
                     .reclaim_agent(agent_id, stale_at)
                     .await
                     .map_err(|e| e.to_string())?;
+                dispatcher.evict(agent_id).await;
                 if !outcomes.is_empty() {
                     tracing::info!(%agent_id, count = outcomes.len(), "took back the tasks of a stale agent");
                     for outcome in &outcomes {
