@@ -78,6 +78,16 @@ impl Topology {
         format!("{}.events.*.*.{}", self.prefix, ticket_id)
     }
 
+    /// The stream holding agents' output lines.
+    pub fn output_stream(&self) -> String {
+        format!("{}_OUTPUT", self.stream)
+    }
+
+    /// Output lines of one task.
+    pub fn output_subject(&self, task_id: &str) -> String {
+        format!("{}.output.{task_id}", self.prefix)
+    }
+
     /// Every event subject.
     pub fn events_wildcard(&self) -> String {
         format!("{}.events.>", self.prefix)
@@ -119,6 +129,25 @@ pub async fn ensure_stream(js: &jetstream::Context, topology: &Topology) -> Resu
     .await
     .map_err(|e| BusError::Stream {
         stream: topology.stream.clone(),
+        message: e.to_string(),
+    })
+}
+
+/// Creates the output stream if it does not exist: a day of lines, at most
+/// 10,000 per task, so a chatty agent cannot fill the server.
+pub async fn ensure_output_stream(js: &jetstream::Context, topology: &Topology) -> Result<stream::Stream, BusError> {
+    js.get_or_create_stream(stream::Config {
+        name: topology.output_stream(),
+        subjects: vec![format!("{}.output.>", topology.prefix)],
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(24 * 3600),
+        max_messages_per_subject: 10_000,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BusError::Stream {
+        stream: topology.output_stream(),
         message: e.to_string(),
     })
 }

@@ -158,6 +158,7 @@ impl Base {
                 tracing::info!("database migrated");
                 let mut loops = JoinSet::new();
                 loops.spawn(relay.run(background.clone(), grace));
+                loops.spawn(prune_loop(store.clone(), background.clone()));
                 for job in jobs {
                     loops.spawn(job(background.clone()));
                 }
@@ -180,6 +181,22 @@ impl Base {
         served.context("gRPC server failed")?;
         tracing::info!(service = self.name, "stopped");
         Ok(())
+    }
+}
+
+/// Forgets consumed-event records once the stream can no longer redeliver
+/// them (it keeps events 7 days).
+async fn prune_loop(store: Store, stop: CancellationToken) {
+    loop {
+        match store.prune_processed_events(8).await {
+            Ok(n) if n > 0 => tracing::info!(removed = n, "pruned consumed-event records"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning consumed-event records failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
     }
 }
 

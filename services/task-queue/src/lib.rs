@@ -8,6 +8,7 @@ mod convert;
 mod dispatcher;
 mod error;
 mod monitor;
+mod output;
 mod service;
 
 use std::sync::Arc;
@@ -66,6 +67,8 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         base.store.clone(),
         Arc::clone(&dispatcher),
         Arc::clone(&base.relay_wake),
+        base.nats.clone(),
+        base.topology.clone(),
     ))
     .max_decoding_message_size(common.max_message_bytes)
     .max_encoding_message_size(common.max_message_bytes);

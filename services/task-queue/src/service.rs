@@ -9,7 +9,8 @@ use omoi_proto::taskqueue::{self as pb, task_queue_service_server::TaskQueueServ
 use omoi_store::Store;
 use omoi_store::tasks::{ListFilter, Outcome, Report};
 use prost::Message;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::batcher::{Batcher, Kind};
@@ -27,12 +28,20 @@ pub struct TaskQueue {
     store: Store,
     dispatcher: Arc<Dispatcher>,
     relay_wake: Arc<Notify>,
+    nats: async_nats::Client,
+    topology: omoi_bus::Topology,
     starts: Batcher,
     completions: Batcher,
 }
 
 impl TaskQueue {
-    pub fn new(store: Store, dispatcher: Arc<Dispatcher>, relay_wake: Arc<Notify>) -> Self {
+    pub fn new(
+        store: Store,
+        dispatcher: Arc<Dispatcher>,
+        relay_wake: Arc<Notify>,
+        nats: async_nats::Client,
+        topology: omoi_bus::Topology,
+    ) -> Self {
         let relay = Arc::clone(&relay_wake);
         let starts = Batcher::spawn(store.clone(), Kind::Start, move |_| relay.notify_one());
         let (relay, disp) = (Arc::clone(&relay_wake), Arc::clone(&dispatcher));
@@ -45,6 +54,8 @@ impl TaskQueue {
             store,
             dispatcher,
             relay_wake,
+            nats,
+            topology,
             starts,
             completions,
         }
@@ -256,6 +267,27 @@ impl TaskQueueService for TaskQueue {
         Ok(Response::new(pb::FailTaskResponse {
             task: one_task(outcome.task),
         }))
+    }
+
+    type StreamTaskOutputStream = ReceiverStream<Result<pb::StreamTaskOutputResponse, Status>>;
+
+    async fn stream_task_output(
+        &self,
+        request: Request<pb::StreamTaskOutputRequest>,
+    ) -> Result<Response<Self::StreamTaskOutputStream>, Status> {
+        let req = request.into_inner();
+        let id = validate::uuid("task_id", &req.task_id).map_err(invalid)?;
+        self.store.get(id).await.map_err(status)?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(crate::output::follow(
+            self.nats.clone(),
+            self.topology.clone(),
+            self.store.clone(),
+            id,
+            req.follow,
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn get_queue_stats(

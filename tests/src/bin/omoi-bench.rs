@@ -21,6 +21,16 @@ use uuid::Uuid;
 #[derive(Debug, Parser)]
 #[command(name = "omoi-bench", about = "Benchmark a running omoi task-queue")]
 struct Args {
+    /// Instead of the task queue, load the health service: this many agents
+    /// heartbeat back to back (closed loop) for --seconds.
+    #[arg(long)]
+    heartbeat_agents: Option<usize>,
+    /// Length of the heartbeat load, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Health service address (heartbeat load).
+    #[arg(long, env = "OMOI_HEALTH_URL", default_value = "http://127.0.0.1:50053")]
+    health_url: String,
     /// Tasks to run.
     #[arg(long, default_value_t = 20_000)]
     tasks: usize,
@@ -77,6 +87,9 @@ async fn main() -> anyhow::Result<()> {
         "--tasks and --agents must be positive"
     );
     let _telemetry = omoi_runtime::telemetry::init("omoi-bench", omoi_runtime::config::LogFormat::Text, "warn");
+    if let Some(agents) = args.heartbeat_agents {
+        return heartbeat_load(&args, agents).await;
+    }
     let spawned = if args.spawn {
         let mut config = omoi_task_queue::Config::from_env();
         config.common.auth_token = args.auth_token.clone();
@@ -308,4 +321,94 @@ async fn agent(
             }
         });
     }
+}
+
+/// Closed-loop heartbeat load on the health service.
+async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
+    use omoi_proto::health as hp;
+    anyhow::ensure!(
+        agents > 0 && args.seconds > 0.0,
+        "--heartbeat-agents and --seconds must be positive"
+    );
+    omoi_tests::wait_serving(&args.health_url, Duration::from_secs(30)).await?;
+    let channel = omoi_runtime::grpc::channel(&args.health_url)?;
+    let auth = omoi_runtime::auth::AttachBearer::new(args.auth_token.as_deref())?;
+    let client = hp::agent_health_service_client::AgentHealthServiceClient::with_interceptor(channel, auth);
+    let mut ids = Vec::with_capacity(agents);
+    for _ in 0..agents {
+        let agent = client
+            .clone()
+            .register_agent(hp::RegisterAgentRequest {
+                agent_type: "bench".into(),
+                capacity: 1,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .agent
+            .ok_or_else(|| anyhow::anyhow!("no agent in the answer"))?;
+        ids.push(agent.id);
+    }
+    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for id in ids {
+        let mut c = client.clone();
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0usize;
+            while Instant::now() < until {
+                let t = Instant::now();
+                let r = c
+                    .heartbeat(hp::HeartbeatRequest {
+                        agent_id: id.clone(),
+                        running_task_ids: vec![],
+                    })
+                    .await;
+                match r {
+                    Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        let (l, e) = w.await?;
+        lat.extend(l);
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        lat.get(((p / 100.0) * (lat.len().max(1) - 1) as f64).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let report = serde_json::json!({
+        "agents": agents,
+        "seconds": round(secs),
+        "heartbeats": lat.len(),
+        "errors": errors,
+        "heartbeats_per_s": round(lat.len() as f64 / secs),
+        "heartbeat_p50_ms": round(pct(50.0)),
+        "heartbeat_p99_ms": round(pct(99.0)),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "omoi-bench: {agents} agents heartbeating back to back for {:.1} s",
+            secs
+        );
+        println!(
+            "  heartbeats       {:>10.0} /s ({} in all, {errors} errors)",
+            lat.len() as f64 / secs,
+            lat.len()
+        );
+        println!("  latency          p50 {:.2} ms, p99 {:.2} ms", pct(50.0), pct(99.0));
+    }
+    Ok(())
 }

@@ -1,0 +1,73 @@
+//! A small stand-in coding agent for local runs and tests: it reads the task
+//! prompt (stdin or OMOI_TASK_PROMPT), does some visible work in its
+//! workspace, and reports on stdout.
+//!
+//! Knobs (environment): OMOI_DEMO_SLEEP_MS (pause between steps, default
+//! 200), OMOI_DEMO_FAIL (exit 1 with this message on stderr).
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+fn main() -> std::process::ExitCode {
+    let mut prompt = String::new();
+    let _ = std::io::stdin().read_to_string(&mut prompt);
+    if prompt.trim().is_empty() {
+        prompt = std::env::var("OMOI_TASK_PROMPT").unwrap_or_default();
+    }
+    let phase = std::env::var("OMOI_TASK_PHASE").unwrap_or_else(|_| "PHASE_UNSPECIFIED".into());
+    let task = std::env::var("OMOI_TASK_ID").unwrap_or_default();
+    let pause = Duration::from_millis(
+        std::env::var("OMOI_DEMO_SLEEP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200),
+    );
+    let title = prompt
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches('#')
+        .trim()
+        .to_owned();
+    println!("demo agent: {phase} for {title:?}");
+    if let Ok(message) = std::env::var("OMOI_DEMO_FAIL") {
+        eprintln!("{message}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let steps: &[(&str, &str)] = match phase.as_str() {
+        "PHASE_INITIAL" => &[("PLAN.md", "# Plan\n\n1. Implement\n2. Integrate\n3. Refactor\n")],
+        "PHASE_IMPLEMENTATION" => &[(
+            "src/feature.rs",
+            "pub fn feature() -> &'static str {\n    \"done\"\n}\n",
+        )],
+        "PHASE_INTEGRATION" => &[(
+            "tests/feature.rs",
+            "#[test]\nfn feature_works() {\n    assert_eq!(2 + 2, 4);\n}\n",
+        )],
+        _ => &[("NOTES.md", "Cleaned up.\n")],
+    };
+    for (i, (file, content)) in steps.iter().enumerate() {
+        println!("step {}: writing {file}", i + 1);
+        std::thread::sleep(pause);
+        let path = Path::new(file);
+        if let Some(dir) = path.parent()
+            && std::fs::create_dir_all(dir).is_err()
+        {
+            eprintln!("permission denied: cannot create {}", dir.display());
+            return std::process::ExitCode::FAILURE;
+        }
+        if let Err(e) = std::fs::write(path, content) {
+            eprintln!("cannot write {file}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
+    let log = format!("{phase} {task}: {title}\n");
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open("AGENT_LOG.md")
+        .and_then(|mut f| std::io::Write::write_all(&mut f, log.as_bytes()));
+    println!("{phase} done: {} file(s) written", steps.len() + 1);
+    std::process::ExitCode::SUCCESS
+}

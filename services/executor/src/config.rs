@@ -1,0 +1,106 @@
+//! The executor's whole configuration: flags with environment fallbacks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use omoi_runtime::config::{CommonArgs, parse_listen};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RunnerKind {
+    /// A configured program, given the prompt on stdin and in OMOI_TASK_PROMPT.
+    Command,
+}
+
+impl RunnerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunnerKind::Command => "command",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorkspacePolicy {
+    /// Keep every workspace.
+    Keep,
+    /// Remove a workspace once its run succeeded; keep failures to inspect.
+    RemoveOnSuccess,
+    /// Remove every workspace when its run ends.
+    Remove,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "omoi-executor",
+    version,
+    about = "omoi's executor: runs assigned tasks in isolated workspaces"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "OMOI_LISTEN_ADDR", default_value = "0.0.0.0:50054", value_parser = parse_listen)]
+    pub listen_addr: SocketAddr,
+
+    #[arg(long, env = "OMOI_TASK_QUEUE_URL", default_value = "http://127.0.0.1:50052")]
+    pub task_queue_url: String,
+
+    #[arg(long, env = "OMOI_HEALTH_URL", default_value = "http://127.0.0.1:50053")]
+    pub health_url: String,
+
+    #[arg(long, env = "OMOI_TICKET_URL", default_value = "http://127.0.0.1:50051")]
+    pub ticket_url: String,
+
+    /// Which runner works the tasks.
+    #[arg(long, env = "OMOI_RUNNER", value_enum, default_value_t = RunnerKind::Command)]
+    pub runner: RunnerKind,
+
+    /// Program and arguments of the command runner, split like a shell and
+    /// templated with {prompt} {workspace} {task_id} {phase}.
+    #[arg(long, env = "OMOI_RUNNER_COMMAND")]
+    pub runner_command: Option<String>,
+
+    /// Directory holding one workspace per task attempt.
+    #[arg(long, env = "OMOI_WORKSPACE_ROOT", default_value = "/tmp/omoi/workspaces")]
+    pub workspace_root: PathBuf,
+
+    #[arg(long, env = "OMOI_WORKSPACE_POLICY", value_enum, default_value_t = WorkspacePolicy::Keep)]
+    pub workspace_policy: WorkspacePolicy,
+
+    /// Runs at once.
+    #[arg(long, env = "OMOI_EXECUTOR_CAPACITY", default_value_t = 1)]
+    pub capacity: i32,
+
+    /// Phases this executor takes (comma list of INITIAL, IMPLEMENTATION,
+    /// INTEGRATION, REFACTORING); empty = all.
+    #[arg(long, env = "OMOI_AGENT_PHASES", default_value = "")]
+    pub phases: String,
+
+    #[arg(long, env = "OMOI_AGENT_TYPE", default_value = "executor")]
+    pub agent_type: String,
+
+    /// Labels of the agent, `key=value` comma list.
+    #[arg(long, env = "OMOI_AGENT_LABELS", default_value = "")]
+    pub labels: String,
+
+    /// Environment variables the agent process may see (comma list); the
+    /// executor's own secrets stay out.
+    #[arg(
+        long,
+        env = "OMOI_RUNNER_ENV_ALLOW",
+        default_value = "PATH,HOME,LANG,LC_ALL,TZ,TMPDIR,USER"
+    )]
+    pub env_allow: String,
+
+    /// Seconds between SIGTERM and SIGKILL when a run is stopped.
+    #[arg(long, env = "OMOI_KILL_GRACE_SECONDS", default_value_t = 5.0)]
+    pub kill_grace_seconds: f64,
+}
+
+impl Config {
+    pub fn from_env() -> Self {
+        Config::parse_from(["omoi-executor"])
+    }
+}

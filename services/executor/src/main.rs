@@ -1,0 +1,14 @@
+use clap::Parser;
+use omoi_executor::{Config, serve};
+use omoi_runtime::service::{exit, listen};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let config = Config::parse();
+    let _telemetry = omoi_runtime::telemetry::init("omoi-executor", config.common.log_format, "info");
+    let result = match listen(config.listen_addr) {
+        Ok(incoming) => serve(config.clone(), incoming, omoi_runtime::shutdown::on_signal()).await,
+        Err(e) => Err(e),
+    };
+    exit("omoi-executor", result)
+}

@@ -1,0 +1,149 @@
+//! ExecutorService: what this executor is doing, its recent runs, stopping
+//! a run, and following a run's output.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use omoi_domain::validate;
+use omoi_proto::executor::{self as pb, executor_service_server::ExecutorService};
+use omoi_runtime::status::from_domain;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::runs::StopRequest;
+use crate::worker::Worker;
+
+pub struct Executor {
+    worker: Arc<Worker>,
+    runner: &'static str,
+}
+
+impl Executor {
+    pub fn new(worker: Arc<Worker>, runner: &'static str) -> Self {
+        Self { worker, runner }
+    }
+}
+
+#[tonic::async_trait]
+impl ExecutorService for Executor {
+    async fn get_executor_status(
+        &self,
+        _request: Request<pb::GetExecutorStatusRequest>,
+    ) -> Result<Response<pb::GetExecutorStatusResponse>, Status> {
+        let w = &self.worker;
+        Ok(Response::new(pb::GetExecutorStatusResponse {
+            agent_id: w.agent_id.to_string(),
+            capacity: w.config.capacity,
+            running: w.runs.active().iter().map(|r| r.to_proto()).collect(),
+            runner: self.runner.to_owned(),
+            accepting: w.accepting.load(Ordering::Relaxed),
+        }))
+    }
+
+    async fn list_executions(
+        &self,
+        request: Request<pb::ListExecutionsRequest>,
+    ) -> Result<Response<pb::ListExecutionsResponse>, Status> {
+        let limit = match request.get_ref().limit {
+            0 => 100,
+            n => validate::range("limit", n, 1, 1000).map_err(from_domain)?,
+        };
+        Ok(Response::new(pb::ListExecutionsResponse {
+            executions: self
+                .worker
+                .runs
+                .recent(limit as usize)
+                .iter()
+                .map(|r| r.to_proto())
+                .collect(),
+        }))
+    }
+
+    async fn cancel_execution(
+        &self,
+        request: Request<pb::CancelExecutionRequest>,
+    ) -> Result<Response<pb::CancelExecutionResponse>, Status> {
+        let req = request.into_inner();
+        let task_id = validate::uuid("task_id", &req.task_id).map_err(from_domain)?;
+        let reason = validate::text("reason", &req.reason, validate::MAX_REASON_BYTES).map_err(from_domain)?;
+        let run = self
+            .worker
+            .runs
+            .get_active(task_id)
+            .ok_or_else(|| Status::not_found(format!("no run of task {task_id} in progress here")))?;
+        let reason = if reason.is_empty() {
+            "cancelled by an operator".to_owned()
+        } else {
+            format!("cancelled by an operator: {reason}")
+        };
+        // Reported as a retryable failure: the task queue decides whether the
+        // task runs again (CancelTask is the way to cancel a task itself).
+        run.stop_with(StopRequest { reason, report: true });
+        Ok(Response::new(pb::CancelExecutionResponse {
+            execution: Some(run.to_proto()),
+        }))
+    }
+
+    type StreamExecutionOutputStream = ReceiverStream<Result<pb::StreamExecutionOutputResponse, Status>>;
+
+    async fn stream_execution_output(
+        &self,
+        request: Request<pb::StreamExecutionOutputRequest>,
+    ) -> Result<Response<Self::StreamExecutionOutputStream>, Status> {
+        let task_id = validate::uuid("task_id", &request.get_ref().task_id).map_err(from_domain)?;
+        let run = self
+            .worker
+            .runs
+            .latest(task_id)
+            .ok_or_else(|| Status::not_found(format!("no run of task {task_id} on this executor")))?;
+        let (past, mut live) = run.subscribe();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut next_seq = 0;
+            for line in past {
+                next_seq = line.sequence + 1;
+                if tx
+                    .send(Ok(pb::StreamExecutionOutputResponse { line: Some(line) }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            loop {
+                if run.is_finished() && live.is_empty() {
+                    return;
+                }
+                let next = tokio::select! {
+                    _ = tx.closed() => return,
+                    l = tokio::time::timeout(std::time::Duration::from_millis(500), live.recv()) => l,
+                };
+                match next {
+                    Ok(Ok(line)) if line.sequence >= next_seq => {
+                        next_seq = line.sequence + 1;
+                        if tx
+                            .send(Ok(pb::StreamExecutionOutputResponse { line: Some(line) }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "fell {n} lines behind; stream again to resume from the start"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
+                    Err(_) => {}
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
