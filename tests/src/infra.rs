@@ -117,18 +117,24 @@ impl Infra {
         common.shutdown_grace_seconds = 10;
     }
 
-    /// The environment a task-queue process needs for this test.
-    pub fn task_queue_env(&self, listen: &str) -> Vec<(String, String)> {
+    /// The environment every service process of this test shares.
+    pub fn service_env(&self, listen: &str) -> Vec<(String, String)> {
         vec![
             ("DATABASE_URL".into(), self.db.url.clone()),
             ("NATS_URL".into(), self.nats_url.clone()),
             ("OMOI_SUBJECT_PREFIX".into(), self.topology.prefix.clone()),
             ("OMOI_EVENTS_STREAM".into(), self.topology.stream.clone()),
             ("OMOI_LISTEN_ADDR".into(), listen.to_owned()),
-            ("OMOI_TIMEOUT_CHECK_INTERVAL_SECONDS".into(), "0.2".into()),
             ("OMOI_SHUTDOWN_GRACE_SECONDS".into(), "10".into()),
-            ("OMOI_DB_MAX_CONNECTIONS".into(), "8".into()),
+            ("OMOI_DB_MAX_CONNECTIONS".into(), "6".into()),
         ]
+    }
+
+    /// The environment a task-queue process needs for this test.
+    pub fn task_queue_env(&self, listen: &str) -> Vec<(String, String)> {
+        let mut env = self.service_env(listen);
+        env.push(("OMOI_TIMEOUT_CHECK_INTERVAL_SECONDS".into(), "0.2".into()));
+        env
     }
 
     /// Drops the database and the stream.

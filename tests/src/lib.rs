@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod events;
 pub mod infra;
+pub mod mesh;
 pub mod process;
 
 use std::time::Duration;

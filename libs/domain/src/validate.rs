@@ -232,6 +232,58 @@ pub fn token(field: &str, value: &str, max: usize, extra: &str) -> Result<String
     Ok(v.to_owned())
 }
 
+pub const MAX_REPOSITORY_BYTES: usize = 2048;
+
+/// What a ticket's repository names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repository {
+    /// An absolute local path to a git repository.
+    Local(std::path::PathBuf),
+    /// A URL git understands (https, http, ssh, git, file).
+    Url(String),
+}
+
+/// A repository: empty (none), a git URL, or an absolute local path without
+/// `..`. Anything that could read as a command-line option, climb out of a
+/// directory or smuggle control characters is refused.
+pub fn repository(field: &str, value: &str) -> Result<Option<Repository>, DomainError> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    if v.len() > MAX_REPOSITORY_BYTES {
+        return Err(DomainError::invalid(
+            field,
+            format!("at most {MAX_REPOSITORY_BYTES} bytes"),
+        ));
+    }
+    if v.starts_with('-') || v.chars().any(char::is_control) {
+        return Err(DomainError::invalid(
+            field,
+            "must be a path or a git URL, not starting with '-' and without control characters",
+        ));
+    }
+    for scheme in ["https://", "http://", "ssh://", "git://", "file://"] {
+        if v.starts_with(scheme) {
+            return Ok(Some(Repository::Url(v.to_owned())));
+        }
+    }
+    let p = std::path::Path::new(v);
+    if !p.is_absolute() {
+        return Err(DomainError::invalid(
+            field,
+            format!("{:?}: a local repository must be an absolute path", truncate(v, 80)),
+        ));
+    }
+    if p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(DomainError::invalid(
+            field,
+            format!("{:?}: '..' is not allowed", truncate(v, 80)),
+        ));
+    }
+    Ok(Some(Repository::Local(p.to_path_buf())))
+}
+
 fn no_control_chars(field: &str, value: &str) -> Result<(), DomainError> {
     if value.chars().any(char::is_control) {
         return Err(DomainError::invalid(field, "must not contain control characters"));
@@ -354,6 +406,26 @@ mod tests {
         let title_200 = "é".repeat(200);
         assert!(title("t", &title_200).is_ok());
         assert!(title("t", &"é".repeat(201)).is_err());
+    }
+
+    #[test]
+    fn repositories_are_urls_or_absolute_paths() {
+        assert_eq!(
+            repository("r", "https://example.com/r.git"),
+            Ok(Some(Repository::Url("https://example.com/r.git".into())))
+        );
+        assert_eq!(
+            repository("r", "/srv/repo"),
+            Ok(Some(Repository::Local("/srv/repo".into())))
+        );
+        assert_eq!(repository("r", "  "), Ok(None));
+        for bad in ["../secret", "relative/path", "/srv/../etc", "--upload-pack=x", "/a\nb"] {
+            assert_eq!(
+                field_of(repository("repository", bad).unwrap_err()),
+                "repository",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -4,13 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
+
 use std::time::SystemTime;
 
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
-    #[error("invalid argument repository: {0}")]
+    #[error("{0}")]
     Repository(String),
     #[error("workspace {path}: {source}")]
     Io {
@@ -45,38 +46,11 @@ pub fn contained(root: &Path, p: &Path) -> Result<(), WorkspaceError> {
     Ok(())
 }
 
-/// What a repository string means.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Repository {
-    /// An absolute local path to a git repository.
-    Local(PathBuf),
-    /// A URL git understands (https, http, ssh, git, file).
-    Url(String),
-}
+pub use omoi_domain::validate::{Repository, repository as parse_repository_field};
 
+/// The ticket's repository, or why it is refused.
 pub fn parse_repository(value: &str) -> Result<Option<Repository>, WorkspaceError> {
-    let v = value.trim();
-    if v.is_empty() {
-        return Ok(None);
-    }
-    if v.starts_with('-') || v.chars().any(char::is_control) {
-        return Err(WorkspaceError::Repository(format!("{v:?} is not a path or URL")));
-    }
-    for scheme in ["https://", "http://", "ssh://", "git://", "file://"] {
-        if v.starts_with(scheme) {
-            return Ok(Some(Repository::Url(v.to_owned())));
-        }
-    }
-    let p = Path::new(v);
-    if !p.is_absolute() {
-        return Err(WorkspaceError::Repository(format!(
-            "{v:?}: a local repository must be an absolute path"
-        )));
-    }
-    if p.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(WorkspaceError::Repository(format!("{v:?}: '..' is not allowed")));
-    }
-    Ok(Some(Repository::Local(p.to_path_buf())))
+    parse_repository_field("repository", value).map_err(|e| WorkspaceError::Repository(e.to_string()))
 }
 
 /// Creates the workspace, cloning the repository into it when there is one.

@@ -22,7 +22,6 @@ use uuid::Uuid;
 use crate::planner::{Enqueued, Planner, planned_tasks};
 use crate::watch;
 
-pub const MAX_REPOSITORY_BYTES: usize = 2048;
 pub const MAX_REQUEST_ID: usize = 128;
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
 pub const MAX_PAGE_SIZE: i32 = 1000;
@@ -85,21 +84,10 @@ fn ticket(t: &Ticket) -> pb::Ticket {
     }
 }
 
-/// A repository is a local path or a git URL; refuse what could be read as
-/// an option or smuggle control characters.
+/// A repository is a git URL or an absolute local path (see the domain rules).
 fn repository(value: &str) -> Result<String, Status> {
-    let v = value.trim();
-    if v.len() > MAX_REPOSITORY_BYTES {
-        return Err(Status::invalid_argument(format!(
-            "repository: at most {MAX_REPOSITORY_BYTES} bytes"
-        )));
-    }
-    if v.starts_with('-') || v.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(
-            "repository: must be a path or a git URL, not starting with '-' and without control characters",
-        ));
-    }
-    Ok(v.to_owned())
+    validate::repository("repository", value).map_err(from_domain)?;
+    Ok(value.trim().to_owned())
 }
 
 fn ticket_id(value: &str) -> Result<Uuid, Status> {

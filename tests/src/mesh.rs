@@ -1,0 +1,133 @@
+//! The whole mesh as real processes, the way pods run it: task-queue,
+//! health, ticket and executors whose command runner is the demo agent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::process::{Service, binary, free_port};
+use crate::{Infra, TicketClient, wait_serving};
+
+pub struct Options {
+    pub executors: usize,
+    /// Extra environment of every executor (e.g. demo agent knobs).
+    pub executor_env: Vec<(String, String)>,
+    pub stale_after_seconds: f64,
+    pub heartbeat_interval_seconds: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            executors: 2,
+            executor_env: vec![("OMOI_DEMO_SLEEP_MS".into(), "50".into())],
+            stale_after_seconds: 90.0,
+            heartbeat_interval_seconds: 30,
+        }
+    }
+}
+
+pub struct ProcessMesh {
+    pub task_queue: Service,
+    pub health: Service,
+    pub ticket: Service,
+    pub executors: Vec<Service>,
+    pub workspace_root: PathBuf,
+    executor_env: Vec<(String, String)>,
+}
+
+const WAIT: Duration = Duration::from_secs(60);
+
+impl ProcessMesh {
+    pub async fn start(infra: &Infra, options: Options) -> anyhow::Result<Self> {
+        let tq_port = free_port();
+        let task_queue = Service::spawn(
+            "omoi-task-queue",
+            tq_port,
+            &infra.task_queue_env(&format!("127.0.0.1:{tq_port}")),
+        )?;
+        wait_serving(&task_queue.url, WAIT).await?;
+        let h_port = free_port();
+        let mut env = infra.service_env(&format!("127.0.0.1:{h_port}"));
+        env.push((
+            "OMOI_STALE_AFTER_SECONDS".into(),
+            options.stale_after_seconds.to_string(),
+        ));
+        env.push(("OMOI_STALE_CHECK_INTERVAL_SECONDS".into(), "0.2".into()));
+        env.push((
+            "OMOI_HEARTBEAT_INTERVAL_SECONDS".into(),
+            options.heartbeat_interval_seconds.to_string(),
+        ));
+        env.push(("OMOI_HEARTBEAT_FLUSH_MS".into(), "100".into()));
+        let health = Service::spawn("omoi-health", h_port, &env)?;
+        let t_port = free_port();
+        let mut env = infra.service_env(&format!("127.0.0.1:{t_port}"));
+        env.push(("OMOI_TASK_QUEUE_URL".into(), task_queue.url.clone()));
+        env.push(("OMOI_ENQUEUE_RETRY_SECONDS".into(), "0.2".into()));
+        let ticket = Service::spawn("omoi-ticket", t_port, &env)?;
+        wait_serving(&health.url, WAIT).await?;
+        wait_serving(&ticket.url, WAIT).await?;
+        let workspace_root = std::env::temp_dir().join(format!("omoi-ws-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&workspace_root)?;
+        let mut mesh = Self {
+            task_queue,
+            health,
+            ticket,
+            executors: Vec::new(),
+            workspace_root,
+            executor_env: options.executor_env,
+        };
+        for _ in 0..options.executors {
+            mesh.add_executor(infra, &[]).await?;
+        }
+        Ok(mesh)
+    }
+
+    /// Starts one more executor (with `extra` environment) and waits until
+    /// it is registered.
+    pub async fn add_executor(&mut self, infra: &Infra, extra: &[(String, String)]) -> anyhow::Result<()> {
+        let port = free_port();
+        let mut env = infra.service_env(&format!("127.0.0.1:{port}"));
+        env.extend([
+            ("OMOI_TASK_QUEUE_URL".to_string(), self.task_queue.url.clone()),
+            ("OMOI_HEALTH_URL".to_string(), self.health.url.clone()),
+            ("OMOI_TICKET_URL".to_string(), self.ticket.url.clone()),
+            ("OMOI_RUNNER".to_string(), "command".to_string()),
+            (
+                "OMOI_RUNNER_COMMAND".to_string(),
+                binary("omoi-demo-agent").display().to_string(),
+            ),
+            (
+                "OMOI_WORKSPACE_ROOT".to_string(),
+                self.workspace_root.display().to_string(),
+            ),
+            (
+                "OMOI_RUNNER_ENV_ALLOW".to_string(),
+                "PATH,HOME,OMOI_DEMO_SLEEP_MS,OMOI_DEMO_FAIL".to_string(),
+            ),
+            ("OMOI_KILL_GRACE_SECONDS".to_string(), "1".to_string()),
+        ]);
+        env.extend(self.executor_env.iter().cloned());
+        env.extend(extra.iter().cloned());
+        let executor = Service::spawn("omoi-executor", port, &env)?;
+        wait_serving(&executor.url, WAIT).await?;
+        self.executors.push(executor);
+        Ok(())
+    }
+
+    pub fn tickets(&self) -> TicketClient {
+        crate::ticket_client(&self.ticket.url)
+    }
+
+    /// SIGTERM to everything, executors first; returns their exit codes.
+    pub async fn stop(self) -> anyhow::Result<Vec<Option<i32>>> {
+        let mut codes = Vec::new();
+        for e in self.executors {
+            codes.push(e.terminate(WAIT).await?.code());
+        }
+        codes.push(self.ticket.terminate(WAIT).await?.code());
+        codes.push(self.health.terminate(WAIT).await?.code());
+        codes.push(self.task_queue.terminate(WAIT).await?.code());
+        let _ = std::fs::remove_dir_all(&self.workspace_root);
+        Ok(codes)
+    }
+}
