@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs omoi locally on this machine's PostgreSQL and NATS (started if need
-# be): builds the release binaries, then drives a task-queue with simulated
-# agents and prints what it measured. DATABASE_URL and NATS_URL override the
-# local defaults (database `omoi`, created when missing).
+# be): builds the release binaries, starts the task-queue, health and ticket
+# services and two executors running the bundled demo agent, files a sample
+# ticket and follows it to the end, then keeps the mesh up for grpcurl until
+# Ctrl-C. DATABASE_URL and NATS_URL override the local defaults (database
+# `omoi`, created when missing). Extra arguments go to `omoi up`
+# (e.g. --exit-when-done).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=services.sh
@@ -10,4 +13,4 @@ cd "$(dirname "$0")/../.."
 ensure_postgres
 ensure_nats
 cargo build --release --bins
-exec target/release/omoi-bench --spawn "${@:---tasks=5000}"
+exec target/release/omoi up "$@"

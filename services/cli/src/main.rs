@@ -1,0 +1,283 @@
+//! `omoi`: the command-line client of the mesh, and `omoi up`, which runs
+//! the whole mesh on this machine and puts a sample ticket through it.
+
+mod up;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use omoi_proto::ticket::{self as pb, ticket_service_client::TicketServiceClient};
+use omoi_runtime::auth::AttachBearer;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(name = "omoi", version, about = "omoi: orchestrate coding agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// The ticket service.
+    #[arg(
+        long,
+        global = true,
+        env = "OMOI_TICKET_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    ticket_url: String,
+    /// Bearer token, when the services require one.
+    #[arg(long, global = true, env = "OMOI_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole mesh locally (task-queue, health, ticket, two executors
+    /// running the demo agent), file a sample ticket and follow it.
+    Up(up::Up),
+    /// File a ticket and print it with its tasks.
+    Create {
+        title: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A git URL or an absolute path the agents work on.
+        #[arg(long, default_value = "")]
+        repository: String,
+        /// LOW, MEDIUM, HIGH or CRITICAL.
+        #[arg(long, default_value = "MEDIUM")]
+        priority: String,
+    },
+    /// Print a ticket and its tasks.
+    Get { ticket_id: String },
+    /// List tickets, newest first.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: i32,
+    },
+    /// Follow a ticket's events until it ends.
+    Watch { ticket_id: String },
+    /// Cancel a ticket and its open tasks.
+    Cancel {
+        ticket_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+pub type Tickets = TicketServiceClient<InterceptedService<Channel, AttachBearer>>;
+
+pub fn tickets(url: &str, token: Option<&str>) -> anyhow::Result<Tickets> {
+    let channel = omoi_runtime::grpc::channel(url)?;
+    let auth = AttachBearer::new(token).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    Ok(TicketServiceClient::with_interceptor(channel, auth))
+}
+
+fn priority(name: &str) -> anyhow::Result<i32> {
+    Ok(match name.to_ascii_uppercase().trim_start_matches("TICKET_PRIORITY_") {
+        "LOW" => 1,
+        "MEDIUM" => 2,
+        "HIGH" => 3,
+        "CRITICAL" => 4,
+        other => anyhow::bail!("priority {other:?}: use LOW, MEDIUM, HIGH or CRITICAL"),
+    })
+}
+
+pub fn status_name(status: i32) -> &'static str {
+    match status {
+        1 => "OPEN",
+        2 => "IN_PROGRESS",
+        3 => "COMPLETED",
+        4 => "FAILED",
+        5 => "CANCELLED",
+        _ => "UNSPECIFIED",
+    }
+}
+
+pub fn task_status_name(status: i32) -> &'static str {
+    match status {
+        1 => "PENDING",
+        2 => "ASSIGNED",
+        3 => "RUNNING",
+        4 => "COMPLETED",
+        5 => "FAILED",
+        6 => "TIMED_OUT",
+        7 => "CANCELLED",
+        _ => "UNSPECIFIED",
+    }
+}
+
+fn print_ticket(t: &pb::Ticket, tasks: &[omoi_proto::taskqueue::Task]) {
+    println!("ticket {}  {}  {:?}", t.id, status_name(t.status), t.title);
+    for task in tasks {
+        println!(
+            "  task {}  {:<11} attempt {}  {}",
+            task.id,
+            task_status_name(task.status),
+            task.attempt,
+            task.title
+        );
+    }
+}
+
+/// The ticket's outcome: each task with its result and workspace.
+pub fn print_ticket_summary(r: &pb::GetTicketResponse, workspaces: &std::path::Path) {
+    let t = r.ticket.clone().unwrap_or_default();
+    println!("Ticket {} is {}.", t.id, status_name(t.status));
+    for task in &r.tasks {
+        let result = task
+            .result
+            .as_ref()
+            .map(omoi_proto::convert::struct_to_json)
+            .unwrap_or_default();
+        let changed: Vec<&str> = result["changed_files"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "  {:<11} {}  attempt {}  changed {:?}",
+            task_status_name(task.status),
+            task.title,
+            task.attempt,
+            changed
+        );
+        if let Some(ws) = result["workspace"].as_str() {
+            println!("              workspace {ws}");
+        } else if !task.error_message.is_empty() {
+            println!("              error: {}", task.error_message);
+        }
+    }
+    println!("Workspaces are under {}.", workspaces.display());
+}
+
+/// Prints events of a ticket as they come, until its stream ends.
+pub async fn watch(client: &mut Tickets, ticket_id: &str) -> anyhow::Result<()> {
+    let mut events = client
+        .watch_ticket(pb::WatchTicketRequest {
+            ticket_id: ticket_id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    while let Some(event) = events.next().await {
+        let e = event?;
+        let at = e
+            .occurred_at
+            .as_ref()
+            .and_then(omoi_proto::convert::from_timestamp)
+            .map(|t| t.format("%H:%M:%S%.3f").to_string())
+            .unwrap_or_default();
+        let payload = e
+            .payload
+            .as_ref()
+            .map(omoi_proto::convert::struct_to_json)
+            .unwrap_or_default();
+        let detail = ["title", "phase", "agent_id", "error", "reason", "status"]
+            .iter()
+            .filter_map(|k| payload.get(*k).and_then(|v| v.as_str()).map(|v| format!("{k}={v}")))
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!(
+            "{at}  {:<18} {:<6} {}  {detail}",
+            e.event_type,
+            e.entity_type,
+            short(&e.entity_id)
+        );
+    }
+    Ok(())
+}
+
+/// The random tail of a (time-ordered) UUID: enough to tell ids apart.
+pub fn short(id: &str) -> &str {
+    id.get(id.len().saturating_sub(12)..).unwrap_or(id)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = run(cli).await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("omoi: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let token = cli.auth_token.as_deref();
+    match cli.command {
+        Command::Up(up) => up.run().await,
+        Command::Create {
+            title,
+            description,
+            repository,
+            priority: p,
+        } => {
+            let r = tickets(&cli.ticket_url, token)?
+                .create_ticket(pb::CreateTicketRequest {
+                    title,
+                    description,
+                    repository,
+                    priority: priority(&p)?,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            print_ticket(&r.ticket.unwrap_or_default(), &r.tasks);
+            Ok(())
+        }
+        Command::Get { ticket_id } => {
+            let r = tickets(&cli.ticket_url, token)?
+                .get_ticket(pb::GetTicketRequest { ticket_id })
+                .await?
+                .into_inner();
+            print_ticket(&r.ticket.unwrap_or_default(), &r.tasks);
+            Ok(())
+        }
+        Command::List { limit } => {
+            let r = tickets(&cli.ticket_url, token)?
+                .list_tickets(pb::ListTicketsRequest {
+                    page_size: limit,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            for t in r.tickets {
+                println!("{}  {:<11} {:?}", t.id, status_name(t.status), t.title);
+            }
+            Ok(())
+        }
+        Command::Watch { ticket_id } => watch(&mut tickets(&cli.ticket_url, token)?, &ticket_id).await,
+        Command::Cancel { ticket_id, reason } => {
+            let r = tickets(&cli.ticket_url, token)?
+                .cancel_ticket(pb::CancelTicketRequest { ticket_id, reason })
+                .await?
+                .into_inner();
+            let t = r.ticket.unwrap_or_default();
+            println!("ticket {}  {}", t.id, status_name(t.status));
+            Ok(())
+        }
+    }
+}
+
+/// Waits until `url` answers SERVING on grpc.health.v1.
+pub async fn wait_serving(url: &str, within: Duration) -> anyhow::Result<()> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Ok(channel) = omoi_runtime::grpc::channel(url)
+            && let Ok(r) = HealthClient::new(channel)
+                .check(HealthCheckRequest { service: String::new() })
+                .await
+            && r.get_ref().status == ServingStatus::Serving as i32
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{url} did not become ready within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
