@@ -6,6 +6,7 @@ pub mod agent;
 pub mod events;
 pub mod infra;
 pub mod mesh;
+pub mod openhands;
 pub mod process;
 
 use std::time::Duration;

@@ -10,12 +10,15 @@ use omoi_runtime::config::{CommonArgs, parse_listen};
 pub enum RunnerKind {
     /// A configured program, given the prompt on stdin and in OMOI_TASK_PROMPT.
     Command,
+    /// An OpenHands agent server over its HTTP API.
+    Openhands,
 }
 
 impl RunnerKind {
     pub fn as_str(self) -> &'static str {
         match self {
             RunnerKind::Command => "command",
+            RunnerKind::Openhands => "openhands",
         }
     }
 }
@@ -97,6 +100,26 @@ pub struct Config {
     /// Seconds between SIGTERM and SIGKILL when a run is stopped.
     #[arg(long, env = "OMOI_KILL_GRACE_SECONDS", default_value_t = 5.0)]
     pub kill_grace_seconds: f64,
+
+    /// OpenHands agent server (openhands runner).
+    #[arg(long, env = "OPENHANDS_URL", default_value = "http://127.0.0.1:8000")]
+    pub openhands_url: String,
+
+    /// Session API key of the OpenHands server, when it has one.
+    #[arg(long, env = "OPENHANDS_API_KEY", hide_env_values = true)]
+    pub openhands_api_key: Option<String>,
+
+    /// How often a running conversation is polled, in milliseconds.
+    #[arg(long, env = "OPENHANDS_POLL_MS", default_value_t = 1000)]
+    pub openhands_poll_ms: u64,
+
+    /// The model the OpenHands agent uses.
+    #[arg(long, env = "LLM_MODEL", default_value = "openhands/claude-sonnet-4-5-20250929")]
+    pub llm_model: String,
+
+    /// The model's API key (from a secret; never logged).
+    #[arg(long, env = "LLM_API_KEY", hide_env_values = true)]
+    pub llm_api_key: Option<String>,
 }
 
 impl Config {

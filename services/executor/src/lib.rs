@@ -3,6 +3,7 @@
 //! streams the output, reports the outcome, and drains on SIGTERM.
 
 pub mod config;
+mod openhands;
 mod runner;
 mod runs;
 mod service;

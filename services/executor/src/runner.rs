@@ -52,6 +52,10 @@ pub enum RunnerError {
     },
     #[error("waiting for the agent process failed: {0}")]
     Wait(std::io::Error),
+    /// The agent server failed the run; `permanent` when retrying cannot help
+    /// (refused credentials, a malformed request).
+    #[error("{message}")]
+    Agent { message: String, permanent: bool },
 }
 
 /// Receives a run's output lines.

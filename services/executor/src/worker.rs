@@ -23,18 +23,39 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
-use crate::config::{Config, WorkspacePolicy};
+use crate::config::{Config, RunnerKind, WorkspacePolicy};
+use crate::openhands::OpenHandsRunner;
 use crate::runner::{CommandRunner, OutputSink, RunContext, RunnerError, Stopped};
 use crate::runs::{NewRun, Run, Runs, StopRequest};
 use crate::workspace;
 
 type Ch = InterceptedService<Channel, AttachBearer>;
 
+/// The configured runner.
+enum Runner {
+    Command(CommandRunner),
+    OpenHands(OpenHandsRunner),
+}
+
+impl Runner {
+    async fn run(
+        &self,
+        ctx: &RunContext,
+        out: &dyn OutputSink,
+        stop: &CancellationToken,
+    ) -> Result<crate::runner::RunOutcome, RunnerError> {
+        match self {
+            Runner::Command(r) => r.run(ctx, out, stop).await,
+            Runner::OpenHands(r) => r.run(ctx, out, stop).await,
+        }
+    }
+}
+
 pub struct Worker {
     pub agent_id: Uuid,
     pub config: Config,
     pub runs: Arc<Runs>,
-    runner: CommandRunner,
+    runner: Runner,
     phases: Vec<Phase>,
     labels: HashMap<String, String>,
     queue: TaskQueueServiceClient<Ch>,
@@ -122,14 +143,25 @@ where
 
 impl Worker {
     pub fn new(config: Config, runs: Arc<Runs>, agent_id: Uuid) -> anyhow::Result<Self> {
-        let command = config.runner_command.clone().ok_or_else(|| {
-            anyhow::anyhow!("OMOI_RUNNER_COMMAND is required for the command runner (e.g. \"omoi-demo-agent\")")
-        })?;
-        let runner = CommandRunner::new(
-            &command,
-            &config.env_allow,
-            Duration::from_secs_f64(config.kill_grace_seconds.max(0.0)),
-        )?;
+        let runner = match config.runner {
+            RunnerKind::Command => {
+                let command = config.runner_command.clone().ok_or_else(|| {
+                    anyhow::anyhow!("OMOI_RUNNER_COMMAND is required for the command runner (e.g. \"omoi-demo-agent\")")
+                })?;
+                Runner::Command(CommandRunner::new(
+                    &command,
+                    &config.env_allow,
+                    Duration::from_secs_f64(config.kill_grace_seconds.max(0.0)),
+                )?)
+            }
+            RunnerKind::Openhands => Runner::OpenHands(OpenHandsRunner::new(
+                &config.openhands_url,
+                config.openhands_api_key.clone(),
+                config.llm_model.clone(),
+                config.llm_api_key.clone(),
+                Duration::from_millis(config.openhands_poll_ms.max(10)),
+            )?),
+        };
         anyhow::ensure!(
             (1..=1000).contains(&config.capacity),
             "OMOI_EXECUTOR_CAPACITY must be 1 to 1000, got {}",
@@ -425,11 +457,16 @@ impl Worker {
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
+                let class = match &e {
+                    // The agent cannot even start: retrying elsewhere will not help.
+                    RunnerError::Spawn { .. } | RunnerError::Config(_) => ErrorClass::Permanent,
+                    RunnerError::Agent { permanent: true, .. } => ErrorClass::Permanent,
+                    RunnerError::Agent { permanent: false, .. } | RunnerError::Wait(_) => ErrorClass::Retryable,
+                };
                 let message = e.to_string();
                 run.line(OutputStream::System, message.clone());
                 run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), changed);
-                // The agent cannot even start: retrying elsewhere will not help.
-                self.fail(task_id, attempt, &message, Some(ErrorClass::Permanent)).await;
+                self.fail(task_id, attempt, &message, Some(class)).await;
                 return false;
             }
         };
