@@ -34,7 +34,7 @@ type Ch = InterceptedService<Channel, AttachBearer>;
 /// The configured runner.
 enum Runner {
     Command(CommandRunner),
-    OpenHands(OpenHandsRunner),
+    OpenHands(Box<OpenHandsRunner>),
 }
 
 impl Runner {
@@ -154,13 +154,13 @@ impl Worker {
                     Duration::from_secs_f64(config.kill_grace_seconds.max(0.0)),
                 )?)
             }
-            RunnerKind::Openhands => Runner::OpenHands(OpenHandsRunner::new(
+            RunnerKind::Openhands => Runner::OpenHands(Box::new(OpenHandsRunner::new(
                 &config.openhands_url,
                 config.openhands_api_key.clone(),
                 config.llm_model.clone(),
                 config.llm_api_key.clone(),
                 Duration::from_millis(config.openhands_poll_ms.max(10)),
-            )?),
+            )?)),
         };
         anyhow::ensure!(
             (1..=1000).contains(&config.capacity),
