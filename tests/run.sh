@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # The whole test suite: starts PostgreSQL and NATS if they are not running,
-# then builds and runs every test of the workspace against them.
+# installs the pinned chart tools (for the pods test, which renders the Helm
+# chart), then builds and runs every test of the workspace against them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=../deploy/local/services.sh
 . deploy/local/services.sh
 ensure_postgres
 ensure_nats
+venv=.ci/.venv
+if ! "$venv/bin/python" -c 'import helm_python' 2>/dev/null; then
+    echo "omoi: installing the pinned tools into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q -r .ci/requirements.txt
+fi
+export OMOI_HELM_PYTHON="$PWD/$venv/bin/python"
 cargo build --workspace --bins
 cargo test --workspace "$@"

@@ -188,6 +188,8 @@ async fn not_serving_until_nats_is_reachable_then_serving() {
         health(&url, "omoi.taskqueue.v1.TaskQueueService").await,
         ServingStatus::NotServing as i32
     );
+    // Liveness stays SERVING: an outage must not get the pod restarted.
+    assert_eq!(health(&url, "liveness").await, ServingStatus::Serving as i32);
     nats.restart().await.unwrap();
     eventually(WAIT, "SERVING once NATS is up", || async {
         (health(&url, "omoi.taskqueue.v1.TaskQueueService").await == ServingStatus::Serving as i32).then_some(())

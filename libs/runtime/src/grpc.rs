@@ -83,6 +83,11 @@ pub async fn follow_readiness<F, Fut>(
     set_all(&reporter, &services, ServingStatus::NotServing).await;
 }
 
+/// Health service name that stays SERVING while the process runs: the
+/// liveness probe's, so that a database outage (NOT_SERVING on readiness)
+/// does not get pods restarted.
+pub const LIVENESS: &str = "liveness";
+
 pub async fn set_all(reporter: &HealthReporter, services: &[&'static str], status: ServingStatus) {
     reporter.set_service_status("", status).await;
     for s in services {

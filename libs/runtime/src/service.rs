@@ -87,6 +87,9 @@ impl Base {
         let (reporter, health) = grpc::health_reporter();
         // The reporter starts out SERVING; nothing is ready yet.
         grpc::set_all(&reporter, services, tonic_health::ServingStatus::NotServing).await;
+        reporter
+            .set_service_status(grpc::LIVENESS, tonic_health::ServingStatus::Serving)
+            .await;
         let (reflection_v1, reflection_v1alpha) = grpc::reflection(services)?;
         let readiness = Readiness {
             migrated: Arc::new(OnceCell::new()),

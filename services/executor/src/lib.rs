@@ -57,6 +57,9 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
 
     let (reporter, health) = grpc::health_reporter();
     grpc::set_all(&reporter, &[SERVICE_NAME], tonic_health::ServingStatus::NotServing).await;
+    reporter
+        .set_service_status(grpc::LIVENESS, tonic_health::ServingStatus::Serving)
+        .await;
     let (reflection_v1, reflection_v1alpha) = grpc::reflection(&[SERVICE_NAME])?;
     {
         let (w, nats) = (Arc::clone(&worker), nats.clone());

@@ -1,0 +1,239 @@
+//! The Helm chart's pods, run here: render the chart with Helm's SDK, start
+//! each service's real binary with exactly the command and environment its
+//! Deployment sets (cluster addresses rewritten to loopback), check the gRPC
+//! probes the chart declares, and put a ticket through.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use omoi_proto::ticket as pb;
+use omoi_tests::process::{Service, binary, free_port};
+use omoi_tests::{Infra, eventually, ticket_client};
+use serde_json::{Value, json};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The Python that has helm-python-sdk (tests/run.sh and .ci/run set it up).
+fn helm_python() -> PathBuf {
+    let p = std::env::var("OMOI_HELM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join(".ci/.venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} not found: run the tests with `bash tests/run.sh`, which installs the chart tools",
+        p.display()
+    );
+    p
+}
+
+fn render(overrides: &Value) -> Vec<Value> {
+    let out = std::env::temp_dir().join(format!("omoi-render-{}.json", uuid::Uuid::new_v4().simple()));
+    let status = std::process::Command::new(helm_python())
+        .arg(workspace_root().join("deploy/k8s/check.py"))
+        .arg("render-json")
+        .arg(&out)
+        .arg("--set-json")
+        .arg(overrides.to_string())
+        .status()
+        .expect("python runs");
+    assert!(status.success(), "rendering the chart failed");
+    let docs: Vec<Value> = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let _ = std::fs::remove_file(out);
+    docs
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the rendered chart"))
+}
+
+struct Pod {
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    /// (readiness port, liveness port, liveness service); None for a Job.
+    probes: Option<(u16, u16, String)>,
+}
+
+/// A container as the kubelet would run it, with cluster addresses mapped
+/// to local ports (`ports`: in-cluster port -> local port).
+fn pod(docs: &[Value], workload: &Value, ports: &HashMap<u64, u16>, workspaces: &Path) -> Pod {
+    let container = &workload["spec"]["template"]["spec"]["containers"][0];
+    let rewrite = |v: &str| -> String {
+        let mut out = v.to_owned();
+        for (cluster, local) in ports {
+            if let Some(rest) = v.strip_prefix("http://")
+                && rest.ends_with(&format!(".svc:{cluster}"))
+            {
+                out = format!("http://127.0.0.1:{local}");
+            }
+            if v == format!("0.0.0.0:{cluster}") {
+                out = format!("127.0.0.1:{local}");
+            }
+        }
+        if v == "/workspaces" {
+            out = workspaces.display().to_string();
+        }
+        out
+    };
+    let mut env: Vec<(String, String)> = Vec::new();
+    for from in container["envFrom"].as_array().into_iter().flatten() {
+        let cm = find(docs, "ConfigMap", from["configMapRef"]["name"].as_str().unwrap());
+        for (k, v) in cm["data"].as_object().into_iter().flatten() {
+            env.push((k.clone(), v.as_str().unwrap().to_owned()));
+        }
+    }
+    for e in container["env"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().unwrap().to_owned();
+        if let Some(v) = e["value"].as_str() {
+            env.push((name, rewrite(v)));
+        } else if let Some(r) = e["valueFrom"]["secretKeyRef"].as_object() {
+            let secret = find(docs, "Secret", r["name"].as_str().unwrap());
+            match secret["stringData"][r["key"].as_str().unwrap()].as_str() {
+                Some(v) => env.push((name, v.to_owned())),
+                None => assert_eq!(r.get("optional"), Some(&json!(true)), "secret key {name} missing"),
+            }
+        }
+    }
+    // The image's PATH, with the binaries where the image has them.
+    let bins = binary("omoi").parent().unwrap().display().to_string();
+    env.push((
+        "PATH".into(),
+        format!("{bins}:{}", std::env::var("PATH").unwrap_or_default()),
+    ));
+    let command: Vec<String> = container["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    let port = |probe: &str| container[probe]["grpc"]["port"].as_u64().map(|p| ports[&p]);
+    let probes = match (port("readinessProbe"), port("livenessProbe")) {
+        (Some(r), Some(l)) => Some((
+            r,
+            l,
+            container["livenessProbe"]["grpc"]["service"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        )),
+        _ => None,
+    };
+    Pod { command, env, probes }
+}
+
+async fn probe(port: u16, service: &str) -> bool {
+    let Ok(channel) = omoi_runtime::grpc::channel(&format!("http://127.0.0.1:{port}")) else {
+        return false;
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .is_ok_and(|r| r.get_ref().status == ServingStatus::Serving as i32)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_pods_serve_and_run_a_ticket() {
+    let infra = Infra::new().await.unwrap();
+    let docs = render(&json!({
+        "database": {"url": infra.db.url},
+        "nats": {"url": infra.nats_url},
+        "config": {
+            "subjectPrefix": infra.topology.prefix,
+            "eventsStream": infra.topology.stream,
+            "rustLog": "warn",
+            "timeoutCheckIntervalSeconds": 1,
+        },
+        "executor": {"replicas": 1, "command": "omoi-demo-agent"},
+    }));
+    let ports: HashMap<u64, u16> = [50051u64, 50052, 50053, 50054]
+        .into_iter()
+        .map(|p| (p, free_port()))
+        .collect();
+    let workspaces = std::env::temp_dir().join(format!("omoi-pods-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&workspaces).unwrap();
+
+    // The pre-install hook first: the migration Job.
+    let job = pod(&docs, find(&docs, "Job", "omoi-migrate"), &ports, &workspaces);
+    let out = std::process::Command::new(binary(
+        Path::new(&job.command[0]).file_name().unwrap().to_str().unwrap(),
+    ))
+    .args(&job.command[1..])
+    .env_clear()
+    .envs(job.env.iter().map(|(k, v)| (k, v)))
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "migration job: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut running = Vec::new();
+    for component in ["task-queue", "health", "ticket", "executor"] {
+        let p = pod(
+            &docs,
+            find(&docs, "Deployment", &format!("omoi-{component}")),
+            &ports,
+            &workspaces,
+        );
+        let bin = Path::new(&p.command[0])
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(p.command.len(), 1, "{component}: no arguments expected");
+        let (ready_port, live_port, live_service) = p.probes.clone().expect("gRPC probes declared");
+        let svc = Service::spawn(&bin, ready_port, &p.env).unwrap();
+        eventually(WAIT, &format!("{component} ready on its readiness probe"), || async {
+            probe(ready_port, "").await.then_some(())
+        })
+        .await;
+        assert!(probe(live_port, &live_service).await, "{component} liveness probe");
+        running.push((component, svc));
+    }
+
+    let tickets = ticket_client(&format!("http://127.0.0.1:{}", ports[&50051]));
+    let created = tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "from the chart".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.ticket.unwrap().id;
+    eventually(WAIT, "ticket completed", || async {
+        let t = tickets
+            .clone()
+            .get_ticket(pb::GetTicketRequest { ticket_id: id.clone() })
+            .await
+            .ok()?
+            .into_inner();
+        (t.ticket?.status == 3).then_some(())
+    })
+    .await;
+
+    // SIGTERM, as the kubelet sends it: each exits cleanly within its grace period.
+    for (component, svc) in running.into_iter().rev() {
+        let grace = find(&docs, "Deployment", &format!("omoi-{component}"))["spec"]["template"]["spec"]
+            ["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap();
+        let status = svc.terminate(Duration::from_secs(grace)).await.unwrap();
+        assert_eq!(status.code(), Some(0), "{component} exit");
+    }
+    let _ = std::fs::remove_dir_all(&workspaces);
+    infra.cleanup().await.unwrap();
+}
