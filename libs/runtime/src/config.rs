@@ -23,7 +23,12 @@ pub struct CommonArgs {
     pub database_url: String,
 
     /// NATS URL (JetStream enabled).
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
     pub nats_url: String,
 
     /// Bearer token required on every RPC but health and reflection; unset = no auth.
@@ -41,6 +46,10 @@ pub struct CommonArgs {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "OMOI_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+
+    /// Requests one client connection may have in progress; more wait.
+    #[arg(long, env = "OMOI_MAX_CONCURRENT_REQUESTS_PER_CONNECTION", default_value_t = 256)]
+    pub max_concurrent_requests_per_connection: usize,
 
     /// Log format.
     #[arg(long, env = "OMOI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -31,6 +31,7 @@ pub struct Base {
     pub relay_wake: Arc<Notify>,
     auth: RequireBearer,
     grace: Duration,
+    per_connection: usize,
     database_url: String,
     jobs: Vec<Job>,
 }
@@ -57,6 +58,7 @@ impl Base {
             relay_wake: Arc::new(Notify::new()),
             auth: RequireBearer::new(common.auth_token.as_deref()),
             grace: Duration::from_secs(common.shutdown_grace_seconds),
+            per_connection: common.max_concurrent_requests_per_connection.max(1),
             database_url: common.database_url.clone(),
             jobs: Vec::new(),
         })
@@ -112,6 +114,7 @@ impl Base {
             ));
         }
         let router = tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(self.per_connection)
             .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
             .add_service(health)
             .add_service(reflection_v1)
