@@ -27,6 +27,8 @@ impl Default for Options {
 }
 
 pub struct ProcessMesh {
+    /// Where the task-queue and health serve /metrics.
+    pub metrics: (u16, u16),
     pub task_queue: Service,
     pub health: Service,
     pub ticket: Service,
@@ -40,11 +42,10 @@ const WAIT: Duration = Duration::from_secs(60);
 impl ProcessMesh {
     pub async fn start(infra: &Infra, options: Options) -> anyhow::Result<Self> {
         let tq_port = free_port();
-        let task_queue = Service::spawn(
-            "omoi-task-queue",
-            tq_port,
-            &infra.task_queue_env(&format!("127.0.0.1:{tq_port}")),
-        )?;
+        let metrics = (free_port(), free_port());
+        let mut env = infra.task_queue_env(&format!("127.0.0.1:{tq_port}"));
+        env.push(("OMOI_METRICS_ADDR".into(), format!("127.0.0.1:{}", metrics.0)));
+        let task_queue = Service::spawn("omoi-task-queue", tq_port, &env)?;
         wait_serving(&task_queue.url, WAIT).await?;
         let h_port = free_port();
         let mut env = infra.service_env(&format!("127.0.0.1:{h_port}"));
@@ -58,6 +59,7 @@ impl ProcessMesh {
             options.heartbeat_interval_seconds.to_string(),
         ));
         env.push(("OMOI_HEARTBEAT_FLUSH_MS".into(), "100".into()));
+        env.push(("OMOI_METRICS_ADDR".into(), format!("127.0.0.1:{}", metrics.1)));
         let health = Service::spawn("omoi-health", h_port, &env)?;
         let t_port = free_port();
         let mut env = infra.service_env(&format!("127.0.0.1:{t_port}"));
@@ -69,6 +71,7 @@ impl ProcessMesh {
         let workspace_root = std::env::temp_dir().join(format!("omoi-ws-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&workspace_root)?;
         let mut mesh = Self {
+            metrics,
             task_queue,
             health,
             ticket,
@@ -130,4 +133,22 @@ impl ProcessMesh {
         let _ = std::fs::remove_dir_all(&self.workspace_root);
         Ok(codes)
     }
+}
+
+/// The text of `GET /metrics` on a local port.
+pub async fn scrape(port: u16) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+/// The value of one sample line (`name{labels} value`) in a scrape.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }

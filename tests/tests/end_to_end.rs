@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use omoi_proto::taskqueue as tq;
 use omoi_proto::ticket::{self as pb};
-use omoi_tests::mesh::{Options, ProcessMesh};
+use omoi_tests::mesh::{Options, ProcessMesh, sample, scrape};
 use omoi_tests::{Infra, TicketClient, client, events, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -126,6 +126,39 @@ async fn a_ticket_runs_through_two_executors_in_phase_order_with_workspaces() {
         lines.push(m.line.unwrap().line);
     }
     assert!(lines.iter().any(|l| l.contains("writing PLAN.md")), "{lines:?}");
+
+    // Prometheus metrics of the run.
+    let tq = eventually(Duration::from_secs(15), "queue depth sampled", || async {
+        let text = scrape(mesh.metrics.0).await.ok()?;
+        (sample(&text, r#"omoi_tasks{phase="PHASE_REFACTORING",status="completed"}"#) == Some(1.0)).then_some(text)
+    })
+    .await;
+    assert_eq!(
+        sample(&tq, r#"omoi_task_outcomes_total{outcome="completed"}"#),
+        Some(4.0)
+    );
+    assert_eq!(sample(&tq, "omoi_dispatch_latency_seconds_count"), Some(4.0));
+    assert_eq!(
+        sample(
+            &tq,
+            r#"omoi_grpc_requests_total{code="OK",method="/omoi.taskqueue.v1.TaskQueueService/StartTask"}"#
+        ),
+        Some(4.0)
+    );
+    assert!(sample(&tq, "omoi_outbox_backlog").is_some());
+    let health = scrape(mesh.metrics.1).await.unwrap();
+    assert_eq!(
+        sample(&health, r#"omoi_agents{status="healthy"}"#),
+        Some(2.0),
+        "{health}"
+    );
+    assert!(
+        sample(
+            &health,
+            r#"omoi_grpc_requests_total{code="OK",method="/omoi.health.v1.AgentHealthService/RegisterAgent"}"#
+        )
+        .is_some()
+    );
     let codes = mesh.stop().await.unwrap();
     assert!(codes.iter().all(|c| *c == Some(0)), "clean exits: {codes:?}");
     infra.cleanup().await.unwrap();

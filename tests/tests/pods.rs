@@ -78,6 +78,10 @@ fn pod(docs: &[Value], workload: &Value, ports: &HashMap<u64, u16>, workspaces: 
                 out = format!("127.0.0.1:{local}");
             }
         }
+        // Any other listener (metrics) gets a port of its own here.
+        if out == v && v.starts_with("0.0.0.0:") {
+            out = format!("127.0.0.1:{}", free_port());
+        }
         if v == "/workspaces" {
             out = workspaces.display().to_string();
         }

@@ -73,6 +73,22 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ include "omoi.url" (dict "root" . "component" "task-queue" "port" .Values.taskQueue.port) | quote }}
 - name: OMOI_HEALTH_URL
   value: {{ include "omoi.url" (dict "root" . "component" "health" "port" .Values.health.port) | quote }}
+{{- if .Values.metrics.enabled }}
+- name: OMOI_METRICS_ADDR
+  value: "0.0.0.0:{{ .Values.metrics.port }}"
+{{- end }}
+{{- end -}}
+
+{{/* The container ports: gRPC, and metrics when on. */}}
+{{- define "omoi.ports" -}}
+- name: grpc
+  containerPort: {{ .port }}
+  protocol: TCP
+{{- if .root.Values.metrics.enabled }}
+- name: metrics
+  containerPort: {{ .root.Values.metrics.port }}
+  protocol: TCP
+{{- end }}
 {{- end -}}
 
 {{/* gRPC probes on grpc.health.v1: readiness follows the dependencies,

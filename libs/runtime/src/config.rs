@@ -51,6 +51,10 @@ pub struct CommonArgs {
     #[arg(long, env = "OMOI_MAX_CONCURRENT_REQUESTS_PER_CONNECTION", default_value_t = 256)]
     pub max_concurrent_requests_per_connection: usize,
 
+    /// Where to serve Prometheus metrics (`/metrics`), e.g. 0.0.0.0:9090; unset = off.
+    #[arg(long, env = "OMOI_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Log format.
     #[arg(long, env = "OMOI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

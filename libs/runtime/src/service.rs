@@ -14,10 +14,17 @@ use tokio::sync::{Notify, OnceCell};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Router, TcpIncoming};
+use tower::layer::util::{Identity, Stack};
+
+use crate::metrics::GrpcMetricsLayer;
 
 use crate::auth::RequireBearer;
 use crate::config::CommonArgs;
 use crate::grpc;
+
+/// A service's server: metrics around every RPC, then health, reflection
+/// and the API.
+pub type MeshRouter = Router<Stack<GrpcMetricsLayer, Identity>>;
 
 type Job = Box<dyn FnOnce(CancellationToken) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
@@ -32,6 +39,7 @@ pub struct Base {
     auth: RequireBearer,
     grace: Duration,
     per_connection: usize,
+    metrics_addr: Option<std::net::SocketAddr>,
     database_url: String,
     jobs: Vec<Job>,
 }
@@ -59,6 +67,7 @@ impl Base {
             auth: RequireBearer::new(common.auth_token.as_deref()),
             grace: Duration::from_secs(common.shutdown_grace_seconds),
             per_connection: common.max_concurrent_requests_per_connection.max(1),
+            metrics_addr: common.metrics_addr,
             database_url: common.database_url.clone(),
             jobs: Vec::new(),
         })
@@ -85,7 +94,7 @@ impl Base {
         &self,
         services: &[&'static str],
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<(Router, Readiness)> {
+    ) -> anyhow::Result<(MeshRouter, Readiness)> {
         let (reporter, health) = grpc::health_reporter();
         // The reporter starts out SERVING; nothing is ready yet.
         grpc::set_all(&reporter, services, tonic_health::ServingStatus::NotServing).await;
@@ -116,6 +125,7 @@ impl Base {
         let router = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(self.per_connection)
             .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
+            .layer(GrpcMetricsLayer)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
@@ -127,7 +137,7 @@ impl Base {
     /// flushes the outbox within the grace period.
     pub async fn run(
         self,
-        router: Router,
+        router: MeshRouter,
         readiness: Readiness,
         incoming: TcpIncoming,
         shutdown: CancellationToken,
@@ -165,10 +175,19 @@ impl Base {
                 let mut loops = JoinSet::new();
                 loops.spawn(relay.run(background.clone(), grace));
                 loops.spawn(prune_loop(store.clone(), background.clone()));
+                loops.spawn(sample_outbox(store.clone(), background.clone()));
                 for job in jobs {
                     loops.spawn(job(background.clone()));
                 }
                 while loops.join_next().await.is_some() {}
+            });
+        }
+        if let Some(addr) = self.metrics_addr {
+            let stop = background.clone();
+            tasks.spawn(async move {
+                if let Err(e) = crate::metrics::serve(addr, stop).await {
+                    tracing::error!(%addr, error = %e, "metrics endpoint failed");
+                }
             });
         }
         let stop = async move {
@@ -202,6 +221,19 @@ async fn prune_loop(store: Store, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}
+
+/// Keeps the outbox backlog gauge current.
+async fn sample_outbox(store: Store, stop: CancellationToken) {
+    loop {
+        if let Ok(n) = store.outbox_backlog().await {
+            crate::metrics::OUTBOX_BACKLOG.set(n);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
 }

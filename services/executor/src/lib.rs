@@ -78,6 +78,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     }
     let stop_taking = CancellationToken::new();
     let stop_heartbeats = CancellationToken::new();
+    let metrics_stop = stop_heartbeats.clone();
     let loops = [
         tokio::spawn(Arc::clone(&worker).heartbeat_loop(stop_heartbeats.clone())),
         tokio::spawn(Arc::clone(&worker).assignment_loop(stop_taking.clone())),
@@ -95,10 +96,19 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
             stop_heartbeats.cancel();
         }
     };
+    if let Some(addr) = common.metrics_addr {
+        let stop = metrics_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = omoi_runtime::metrics::serve(addr, stop).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
     tracing::info!(addr = ?incoming.local_addr().ok(), "omoi-executor serving");
     let served = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(common.max_concurrent_requests_per_connection.max(1))
         .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
+        .layer(omoi_runtime::metrics::GrpcMetricsLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

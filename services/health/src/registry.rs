@@ -139,8 +139,17 @@ impl Registry {
                 tracing::warn!(error = %e, "writing heartbeats before the stale check failed");
                 continue;
             }
+            if let Ok(stats) = self.store.agent_stats().await {
+                omoi_runtime::metrics::AGENTS.reset();
+                for (status, n) in stats.by_status {
+                    omoi_runtime::metrics::AGENTS
+                        .with_label_values(&[status.as_str()])
+                        .set(n);
+                }
+            }
             match self.store.mark_stale(stale_after).await {
                 Ok(agents) if !agents.is_empty() => {
+                    omoi_runtime::metrics::STALE_AGENTS.inc_by(agents.len() as u64);
                     for a in &agents {
                         tracing::info!(agent_id = %a.id, last_heartbeat_at = %a.last_heartbeat_at, "agent stale");
                         self.remember(a.id, AgentStatus::Stale);

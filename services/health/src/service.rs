@@ -137,6 +137,7 @@ impl AgentHealthService for Health {
             .beat(Registry::now_beat(id, running))
             .await
             .map_err(from_store)?;
+        omoi_runtime::metrics::HEARTBEATS.inc();
         Ok(Response::new(pb::HeartbeatResponse {
             interval_seconds: self.interval_seconds,
             status: AgentStatus::Healthy.to_proto(),

@@ -133,6 +133,9 @@ impl Dispatcher {
     async fn requeue(&self, session: Uuid) {
         match self.store.requeue_session(session).await {
             Ok(ids) if !ids.is_empty() => {
+                omoi_runtime::metrics::TASK_OUTCOMES
+                    .with_label_values(&["requeued"])
+                    .inc_by(ids.len() as u64);
                 tracing::info!(%session, count = ids.len(), "requeued unstarted tasks of a closed stream");
                 self.relay_wake.notify_one();
                 self.wake();
@@ -334,7 +337,11 @@ impl Dispatcher {
         let mut dead = Vec::new();
         {
             let sessions = self.sessions();
+            let now = chrono::Utc::now();
             for task in tasks {
+                let ready = task.created_at.max(task.next_attempt_at);
+                let waited = (now - ready).to_std().unwrap_or_default();
+                omoi_runtime::metrics::DISPATCH_SECONDS.observe(waited.as_secs_f64());
                 let Some(agent) = task.assigned_agent_id else {
                     continue;
                 };

@@ -51,6 +51,8 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
             Arc::clone(&base.relay_wake),
         );
         base.spawn_after_migration(move |stop| monitor::run(store, d, relay_wake, interval, stop));
+        let store = base.store.clone();
+        base.spawn_after_migration(move |stop| monitor::sample(store, Duration::from_secs(5), stop));
         let (store, d, relay_wake) = (
             base.store.clone(),
             Arc::clone(&dispatcher),

@@ -32,6 +32,8 @@ pub async fn run(
             match store.time_out_expired(BATCH).await {
                 Ok(outcomes) => {
                     for outcome in &outcomes {
+                        omoi_runtime::metrics::TASK_TIMEOUTS.inc();
+                        count(outcome);
                         tracing::info!(task_id = %outcome.task.id, status = %outcome.task.status, "task timed out");
                         if let Some(revoked) = &outcome.revoked {
                             dispatcher.revoke(revoked);
@@ -94,6 +96,7 @@ pub async fn reclaim_from_stale_agents(
                 if !outcomes.is_empty() {
                     tracing::info!(%agent_id, count = outcomes.len(), "took back the tasks of a stale agent");
                     for outcome in &outcomes {
+                        count(outcome);
                         if let Some(revoked) = &outcome.revoked {
                             dispatcher.revoke(revoked);
                         }
@@ -106,4 +109,39 @@ pub async fn reclaim_from_stale_agents(
         },
     )
     .await;
+}
+
+/// Records what a failure, timeout, reclaim or cancellation did.
+pub fn count(outcome: &omoi_store::tasks::Outcome) {
+    use omoi_domain::TaskStatus;
+    use omoi_runtime::metrics::{TASK_OUTCOMES, TASK_RETRIES};
+    match outcome.task.status {
+        TaskStatus::Pending => TASK_RETRIES.inc(),
+        TaskStatus::Failed => TASK_OUTCOMES.with_label_values(&["failed"]).inc(),
+        TaskStatus::Cancelled => TASK_OUTCOMES.with_label_values(&["cancelled"]).inc(),
+        _ => {}
+    }
+    if !outcome.cancelled_dependents.is_empty() {
+        TASK_OUTCOMES
+            .with_label_values(&["cancelled"])
+            .inc_by(outcome.cancelled_dependents.len() as u64);
+    }
+}
+
+/// Keeps the queue-depth gauges current.
+pub async fn sample(store: Store, every: Duration, shutdown: CancellationToken) {
+    use omoi_runtime::metrics::{TASKS, TASKS_READY};
+    loop {
+        if let Ok(stats) = store.stats().await {
+            TASKS.reset();
+            for (status, phase, n) in stats.counts {
+                TASKS.with_label_values(&[status.as_str(), phase.as_str()]).set(n);
+            }
+            TASKS_READY.set(stats.ready);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }

@@ -45,7 +45,10 @@ impl TaskQueue {
         let relay = Arc::clone(&relay_wake);
         let starts = Batcher::spawn(store.clone(), Kind::Start, move |_| relay.notify_one());
         let (relay, disp) = (Arc::clone(&relay_wake), Arc::clone(&dispatcher));
-        let completions = Batcher::spawn(store.clone(), Kind::Complete, move |_| {
+        let completions = Batcher::spawn(store.clone(), Kind::Complete, move |done| {
+            omoi_runtime::metrics::TASK_OUTCOMES
+                .with_label_values(&["completed"])
+                .inc_by(done.len() as u64);
             relay.notify_one();
             // Capacity freed and dependents may be ready.
             disp.wake();
@@ -62,6 +65,7 @@ impl TaskQueue {
     }
 
     fn after_outcome(&self, outcome: &Outcome) {
+        crate::monitor::count(outcome);
         self.relay_wake.notify_one();
         if let Some(revoked) = &outcome.revoked {
             self.dispatcher.revoke(revoked);
