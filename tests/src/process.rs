@@ -170,3 +170,110 @@ fn nats_server_binary() -> PathBuf {
     }
     PathBuf::from("nats-server")
 }
+
+/// A PostgreSQL server of the test's own (initdb in a temp dir, trust auth,
+/// run as the `postgres` user when the test runs as root), which the test
+/// may stop, crash and start again.
+pub struct PrivatePostgres {
+    pub port: u16,
+    pub dir: PathBuf,
+    bin: PathBuf,
+}
+
+fn postgres_bin_dir() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .pop()
+        .expect("PostgreSQL server binaries under /usr/lib/postgresql")
+}
+
+fn as_postgres(program: &Path) -> std::process::Command {
+    // initdb and postgres refuse to run as root.
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if root {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        std::process::Command::new(program)
+    }
+}
+
+impl PrivatePostgres {
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("omoi-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let _ = std::process::Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status();
+        let bin = postgres_bin_dir();
+        let out = as_postgres(&bin.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(dir.join("data"))
+            .output()?;
+        anyhow::ensure!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let pg = Self {
+            port: free_port(),
+            dir,
+            bin,
+        };
+        pg.up()?;
+        Ok(pg)
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub fn up(&self) -> anyhow::Result<()> {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+            self.port,
+            self.dir.display()
+        );
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .args(["-w", "-t", "60", "-D"])
+            .arg(self.dir.join("data"))
+            .args(["-l"])
+            .arg(self.dir.join("log"))
+            .args(["-o", &opts, "start"])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Stops the server the hard way (`immediate`: no checkpoint, like a
+    /// crash); committed transactions survive through the WAL.
+    pub fn crash(&self) -> anyhow::Result<()> {
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .args(["-w", "-D"])
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.crash();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use omoi_proto::events::Event;
 use omoi_proto::taskqueue::{self as pb};
 use omoi_tests::agent::{Ledger, spawn_workers};
-use omoi_tests::process::{PrivateNats, Service, free_port};
+use omoi_tests::process::{PrivateNats, PrivatePostgres, Service, free_port};
 use omoi_tests::{InProcess, Infra, TaskQueueClient, client, events, eventually, wait_serving};
 use tokio_util::sync::CancellationToken;
 
@@ -161,8 +161,17 @@ async fn a_nats_outage_mid_run_loses_and_doubles_no_event() {
     })
     .await;
     assert!(outbox_backlog(&infra).await > 0, "events must wait in the outbox");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually(LONG, "NOT_SERVING while NATS is down", || async {
+        omoi_tests::wait_serving(&tq.url, Duration::from_millis(200))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // A 20 s outage: longer than every publish timeout and backoff step.
+    tokio::time::sleep(Duration::from_secs(20)).await;
     nats.restart().await.unwrap();
+    wait_serving(&tq.url, LONG).await.unwrap();
 
     eventually(LONG, "all tasks completed", || async {
         (ledger.completed() == N).then_some(())
@@ -256,4 +265,78 @@ async fn sigterm_mid_run_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_run_and_restart_completes_every_task_once() {
     restart_mid_run(Stop::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_crash_mid_run_loses_no_acknowledged_work() {
+    const N: usize = 600;
+    let pg = PrivatePostgres::start().unwrap();
+    let mut infra = Infra::new().await.unwrap();
+    // This test's database lives on the private server.
+    infra.db.url = pg.url("omoi");
+    let tq = InProcess::start(infra.task_queue_config()).await.unwrap();
+    let ledger = Ledger::default();
+    let stop = CancellationToken::new();
+    let ids = enqueue_many(&tq.client(), N).await;
+    let workers = spawn_workers(vec![tq.url.clone()], 4, 8, ledger.clone(), stop.clone());
+    eventually(LONG, "some progress", || async {
+        (ledger.completed() >= N / 4).then_some(())
+    })
+    .await;
+
+    pg.crash().unwrap();
+    let acknowledged_before = ledger.snapshot();
+    eventually(LONG, "NOT_SERVING while the database is down", || async {
+        omoi_tests::wait_serving(&tq.url, Duration::from_millis(200))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.up().unwrap();
+    wait_serving(&tq.url, LONG).await.unwrap();
+
+    eventually(LONG, "all tasks completed", || async {
+        (ledger.completed() == N).then_some(())
+    })
+    .await;
+    stop.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+    assert!(ledger.snapshot().values().all(|n| *n == 1), "a task completed twice");
+    let pool = sqlx::PgPool::connect(&infra.db.url).await.unwrap();
+    let completed: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM tasks WHERE status = 'completed'")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(completed.len(), N);
+    for id in acknowledged_before.keys() {
+        assert!(
+            completed.contains(&id.parse().unwrap()),
+            "acknowledged completion of {id} lost"
+        );
+    }
+    pool.close().await;
+    eventually(LONG, "events published", || async {
+        let events = events::read_all(
+            &infra.nats_url,
+            &infra.topology.stream,
+            2 * N as u64,
+            Duration::from_secs(1),
+        )
+        .await
+        .ok()?;
+        (events::per_entity(&events, "TASK_COMPLETED").len() == N).then_some(events)
+    })
+    .await;
+    let events = events::read_all(&infra.nats_url, &infra.topology.stream, 4 * N as u64, LONG)
+        .await
+        .unwrap();
+    assert_exactly_once(&events, &ids, &["TASK_CREATED", "TASK_COMPLETED"]);
+    tq.stop().await.unwrap();
+    // The stream, and the unused database made on the shared server; the
+    // test's own database goes with the private server.
+    infra.cleanup().await.unwrap();
 }
