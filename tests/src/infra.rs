@@ -108,6 +108,19 @@ impl Infra {
         config
     }
 
+    /// An in-process executor's configuration: runner `true` (succeeds at
+    /// once), pointed at the given services.
+    pub fn executor_config(&self, task_queue: &str, health: &str, ticket: &str) -> omoi_executor::Config {
+        let mut config = omoi_executor::Config::from_env();
+        self.common(&mut config.common);
+        config.task_queue_url = task_queue.to_owned();
+        config.health_url = health.to_owned();
+        config.ticket_url = ticket.to_owned();
+        config.runner_command = Some("true".into());
+        config.workspace_root = std::env::temp_dir().join(format!("omoi-ws-{}", Uuid::new_v4().simple()));
+        config
+    }
+
     fn common(&self, common: &mut omoi_runtime::config::CommonArgs) {
         common.database_url = self.db.url.clone();
         common.nats_url = self.nats_url.clone();

@@ -2,27 +2,20 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-/// Path of a workspace binary, built once per test process (a no-op when
-/// `cargo build` already made it).
+/// Path of a workspace binary. `tests/run.sh` builds them all before the
+/// tests (`cargo build --workspace --bins`); a build from inside a test
+/// would see a different environment and rebuild half the tree.
 pub fn binary(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let dir = target_dir();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "--bins", "--workspace"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo build runs");
-        assert!(status.success(), "building the workspace binaries failed");
-    });
-    let path = dir.join(name);
-    assert!(path.exists(), "{} missing after build", path.display());
+    let path = target_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, as tests/run.sh does)",
+        path.display()
+    );
     path
 }
 

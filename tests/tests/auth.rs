@@ -34,16 +34,8 @@ async fn every_service_requires_the_token_and_presents_it_to_the_others() {
     let mut tc = infra.ticket_config(&queue.url);
     secure(&mut tc.common);
     let ticket = InProcess::ticket(tc).await.unwrap();
-    let mut ec = omoi_executor::Config::from_env();
-    ec.common.nats_url = infra.nats_url.clone();
-    ec.common.subject_prefix = infra.topology.prefix.clone();
-    ec.common.events_stream = infra.topology.stream.clone();
+    let mut ec = infra.executor_config(&queue.url, &health.url, &ticket.url);
     ec.common.auth_token = Some(TOKEN.into());
-    ec.task_queue_url = queue.url.clone();
-    ec.health_url = health.url.clone();
-    ec.ticket_url = ticket.url.clone();
-    ec.runner_command = Some("true".into());
-    ec.workspace_root = std::env::temp_dir().join(format!("omoi-auth-{}", uuid::Uuid::new_v4().simple()));
     let executor = InProcess::spawn(move |incoming, stop| omoi_executor::serve(ec, incoming, stop))
         .await
         .unwrap();

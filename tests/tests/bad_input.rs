@@ -103,15 +103,7 @@ async fn counts(pool: &sqlx::PgPool) -> Vec<i64> {
 async fn malformed_requests_get_proper_statuses_and_change_nothing() {
     let infra = Infra::new().await.unwrap();
     let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
-    let mut ec = omoi_executor::Config::from_env();
-    ec.common.nats_url = infra.nats_url.clone();
-    ec.common.subject_prefix = infra.topology.prefix.clone();
-    ec.common.events_stream = infra.topology.stream.clone();
-    ec.task_queue_url = mesh.task_queue.url.clone();
-    ec.health_url = mesh.health.url.clone();
-    ec.ticket_url = mesh.ticket.url.clone();
-    ec.runner_command = Some("true".into());
-    ec.workspace_root = std::env::temp_dir().join(format!("omoi-fuzz-{}", uuid::Uuid::new_v4().simple()));
+    let ec = infra.executor_config(&mesh.task_queue.url, &mesh.health.url, &mesh.ticket.url);
     let executor = InProcess::spawn(move |incoming, stop| omoi_executor::serve(ec, incoming, stop))
         .await
         .unwrap();

@@ -70,3 +70,12 @@ pub fn parse_listen(value: &str) -> Result<SocketAddr, String> {
         .parse()
         .map_err(|_| format!("{value:?} is not a socket address like 0.0.0.0:50052"))
 }
+
+/// What a service binary does; serving is the default.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Serve gRPC (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+}

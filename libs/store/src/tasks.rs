@@ -298,7 +298,9 @@ impl Store {
     /// first, one task per slot, in one statement. `phases` = None accepts
     /// every phase. Rows locked by another dispatcher are skipped, so
     /// replicas never hand out the same task.
-    pub async fn assign(&self, phases: Option<&[Phase]>, slots: &[Slot]) -> Result<Vec<Task>> {
+    /// `stamp` becomes the tasks' `assigned_at`: when the statement's answer
+    /// is lost, `assigned_in_round` finds what it did.
+    pub async fn assign(&self, phases: Option<&[Phase]>, slots: &[Slot], stamp: DateTime<Utc>) -> Result<Vec<Task>> {
         if slots.is_empty() {
             return Ok(Vec::new());
         }
@@ -319,7 +321,7 @@ impl Store {
              ), t AS (
                  UPDATE tasks t
                  SET status = 'assigned', attempt = t.attempt + 1, assigned_agent_id = s.agent,
-                     assignment_session = s.session, assigned_at = now(), updated_at = now()
+                     assignment_session = s.session, assigned_at = $5, updated_at = now()
                  FROM numbered n JOIN slots s ON s.ord = n.ord
                  WHERE t.id = n.id
                  RETURNING t.*
@@ -338,9 +340,25 @@ impl Store {
         .bind(slots.iter().map(|s| s.session).collect::<Vec<_>>())
         .bind(phases)
         .bind(slots.len() as i64)
+        .bind(stamp)
         .fetch_all(self.pool())
         .await?;
         Ok(rows)
+    }
+
+    /// The tasks an `assign` with this stamp handed to these sessions and
+    /// that are still waiting to start.
+    pub async fn assigned_in_round(&self, stamp: DateTime<Utc>, sessions: &[Uuid]) -> Result<Vec<Task>> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks t
+             WHERE t.status = 'assigned' AND t.assigned_at = $1 AND t.assignment_session = ANY($2)"
+        ))
+        .bind(stamp)
+        .bind(sessions)
+        .fetch_all(self.pool())
+        .await?)
     }
 
     /// Tasks held (assigned or running) by each of the given agents.

@@ -1,6 +1,6 @@
 use clap::Parser;
-use omoi_health::config::Command;
 use omoi_health::{Config, serve};
+use omoi_runtime::config::Command;
 use omoi_runtime::service::{exit, listen, migrate};
 
 #[tokio::main]

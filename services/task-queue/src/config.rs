@@ -2,8 +2,8 @@
 
 use std::net::SocketAddr;
 
-use clap::{Parser, Subcommand};
-use omoi_runtime::config::{CommonArgs, parse_listen};
+use clap::Parser;
+use omoi_runtime::config::{Command, CommonArgs, parse_listen};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -34,14 +34,6 @@ pub struct Config {
     /// Most PostgreSQL connections of this process.
     #[arg(long, env = "OMOI_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
-}
-
-#[derive(Debug, Clone, Subcommand)]
-pub enum Command {
-    /// Serve gRPC (the default).
-    Serve,
-    /// Apply database migrations and exit.
-    Migrate,
 }
 
 impl Config {

@@ -52,6 +52,9 @@ pub struct Dispatcher {
     topology: Topology,
     replica: Uuid,
     sweep: Duration,
+    /// Claims whose answer was lost (the database went away mid-statement):
+    /// they may have committed, so their tasks are looked up and delivered.
+    unsure: Mutex<Vec<(chrono::DateTime<chrono::Utc>, Vec<Slot>)>>,
 }
 
 impl Dispatcher {
@@ -71,6 +74,7 @@ impl Dispatcher {
             topology,
             replica: Uuid::new_v4(),
             sweep,
+            unsure: Mutex::new(Vec::new()),
         })
     }
 
@@ -297,6 +301,7 @@ impl Dispatcher {
         if conns.is_empty() {
             return Ok(None);
         }
+        self.recover_unsure().await?;
         let agents: Vec<Uuid> = conns.iter().map(|c| c.1).collect();
         let held = self.store.held_counts(&agents).await?;
 
@@ -313,7 +318,17 @@ impl Dispatcher {
         let mut unfilled = false;
         for (phases, agents) in groups {
             let slots = interleave(agents, MAX_SLOTS_PER_ROUND);
-            let tasks = self.store.assign(phases.as_deref(), &slots).await?;
+            let stamp = chrono::Utc::now();
+            let tasks = match self.store.assign(phases.as_deref(), &slots, stamp).await {
+                Ok(tasks) => tasks,
+                Err(e) => {
+                    self.unsure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((stamp, slots));
+                    return Err(e);
+                }
+            };
             if tasks.len() < slots.len() {
                 unfilled = true;
             }
@@ -330,6 +345,34 @@ impl Dispatcher {
             let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
             Instant::now() + wait + Duration::from_millis(5)
         }))
+    }
+
+    /// Delivers what claims with a lost answer did commit (at most once:
+    /// each is looked up once, successfully).
+    async fn recover_unsure(&self) -> Result<(), omoi_store::StoreError> {
+        loop {
+            let next = self.unsure.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let Some((stamp, slots)) = next else { return Ok(()) };
+            let sessions: Vec<Uuid> = slots.iter().map(|s| s.session).collect();
+            match self.store.assigned_in_round(stamp, &sessions).await {
+                Ok(tasks) => {
+                    if !tasks.is_empty() {
+                        tracing::info!(
+                            count = tasks.len(),
+                            "delivering assignments whose claim lost its answer"
+                        );
+                    }
+                    self.deliver(&slots, tasks).await;
+                }
+                Err(e) => {
+                    self.unsure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((stamp, slots));
+                    return Err(e);
+                }
+            }
+        }
     }
 
     async fn deliver(&self, slots: &[Slot], tasks: Vec<omoi_store::Task>) {

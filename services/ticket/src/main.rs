@@ -1,6 +1,6 @@
 use clap::Parser;
+use omoi_runtime::config::Command;
 use omoi_runtime::service::{exit, listen, migrate};
-use omoi_ticket::config::Command;
 use omoi_ticket::{Config, serve};
 
 #[tokio::main]
