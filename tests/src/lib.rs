@@ -140,22 +140,9 @@ pub fn client(url: &str) -> TaskQueueClient {
 
 /// Waits until the server's overall grpc.health.v1 status is SERVING.
 pub async fn wait_serving(url: &str, within: Duration) -> anyhow::Result<()> {
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
-    let deadline = tokio::time::Instant::now() + within;
-    let mut last = String::from("never answered");
-    while tokio::time::Instant::now() < deadline {
-        if let Ok(channel) = omoi_runtime::grpc::channel(url) {
-            let mut health = HealthClient::new(channel);
-            match health.check(HealthCheckRequest { service: String::new() }).await {
-                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
-                Ok(r) => last = format!("status {}", r.get_ref().status),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("{url} not SERVING within {within:?}: {last}")
+    omoi_runtime::grpc::wait_serving(url, within)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 /// Polls `check` until it returns Some, or fails after `within`.

@@ -66,10 +66,7 @@ impl Service {
 
     pub fn signal(&self, signal: i32) {
         if let Some(pid) = self.child.id() {
-            // SAFETY: kill(2) with a pid we spawned; no memory is touched.
-            unsafe {
-                libc_kill(pid as i32, signal);
-            }
+            omoi_runtime::shutdown::send_signal(pid as i32, signal);
         }
     }
 
@@ -86,12 +83,7 @@ impl Service {
     }
 }
 
-pub const SIGTERM: i32 = 15;
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
+pub use omoi_runtime::shutdown::SIGTERM;
 
 /// A NATS server of the test's own (JetStream on, storage in a temp dir),
 /// which the test may stop and restart.

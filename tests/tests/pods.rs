@@ -11,8 +11,6 @@ use omoi_proto::ticket as pb;
 use omoi_tests::process::{Service, binary, free_port};
 use omoi_tests::{Infra, eventually, ticket_client};
 use serde_json::{Value, json};
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -134,15 +132,8 @@ fn pod(docs: &[Value], workload: &Value, ports: &HashMap<u64, u16>, workspaces: 
 }
 
 async fn probe(port: u16, service: &str) -> bool {
-    let Ok(channel) = omoi_runtime::grpc::channel(&format!("http://127.0.0.1:{port}")) else {
-        return false;
-    };
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await
-        .is_ok_and(|r| r.get_ref().status == ServingStatus::Serving as i32)
+    omoi_runtime::grpc::health_status(&format!("http://127.0.0.1:{port}"), service).await
+        == Ok(tonic_health::ServingStatus::Serving)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,3 +119,39 @@ pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
         .keep_alive_while_idle(true)
         .connect_lazy())
 }
+
+/// The grpc.health.v1 status of `service` ("" = the whole server) at `url`,
+/// or why there is none.
+pub async fn health_status(url: &str, service: &str) -> Result<ServingStatus, String> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Wire;
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = channel(url).map_err(|e| e.to_string())?;
+    let r = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map_err(|e| e.message().to_owned())?;
+    Ok(match Wire::try_from(r.get_ref().status) {
+        Ok(Wire::Serving) => ServingStatus::Serving,
+        Ok(Wire::NotServing) => ServingStatus::NotServing,
+        _ => ServingStatus::Unknown,
+    })
+}
+
+/// Waits until the server at `url` reports SERVING as a whole.
+pub async fn wait_serving(url: &str, within: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let last = match health_status(url, "").await {
+            Ok(ServingStatus::Serving) => return Ok(()),
+            Ok(other) => format!("status {other:?}"),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("{url} not SERVING within {within:?}: {last}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -29,3 +29,17 @@ async fn wait_for_signal() {
         }
     }
 }
+
+pub const SIGTERM: i32 = 15;
+pub const SIGKILL: i32 = 9;
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+/// kill(2): `pid` < 0 signals the process group -pid; signal 0 only probes.
+/// True when the signal was delivered.
+pub fn send_signal(pid: i32, signal: i32) -> bool {
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    unsafe { kill(pid, signal) == 0 }
+}

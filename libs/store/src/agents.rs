@@ -286,20 +286,25 @@ impl Store {
         Ok(())
     }
 
-    pub async fn agent_stats(&self) -> Result<AgentStats> {
-        let by_status: Vec<(String, i64)> =
+    /// Agents by status (one aggregate; cheap enough for a metrics sampler).
+    pub async fn agent_status_counts(&self) -> Result<Vec<(AgentStatus, i64)>> {
+        let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT status, count(*) FROM agents GROUP BY status ORDER BY status")
                 .fetch_all(self.pool())
                 .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(s, n)| AgentStatus::parse(&s).map(|s| (s, n)))
+            .collect())
+    }
+
+    pub async fn agent_stats(&self) -> Result<AgentStats> {
         let by_type: Vec<(String, i64)> =
             sqlx::query_as("SELECT agent_type, count(*) FROM agents GROUP BY agent_type ORDER BY agent_type")
                 .fetch_all(self.pool())
                 .await?;
         Ok(AgentStats {
-            by_status: by_status
-                .into_iter()
-                .filter_map(|(s, n)| AgentStatus::parse(&s).map(|s| (s, n)))
-                .collect(),
+            by_status: self.agent_status_counts().await?,
             by_type,
             agents: self.list_agents(None).await?,
         })

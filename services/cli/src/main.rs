@@ -3,8 +3,6 @@
 
 mod up;
 
-use std::time::Duration;
-
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use omoi_proto::ticket::{self as pb, ticket_service_client::TicketServiceClient};
@@ -257,27 +255,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("ticket {}  {}", t.id, status_name(t.status));
             Ok(())
         }
-    }
-}
-
-/// Waits until `url` answers SERVING on grpc.health.v1.
-pub async fn wait_serving(url: &str, within: Duration) -> anyhow::Result<()> {
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Ok(channel) = omoi_runtime::grpc::channel(url)
-            && let Ok(r) = HealthClient::new(channel)
-                .check(HealthCheckRequest { service: String::new() })
-                .await
-            && r.get_ref().status == ServingStatus::Serving as i32
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{url} did not become ready within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

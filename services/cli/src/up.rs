@@ -8,7 +8,9 @@ use std::time::Duration;
 use omoi_proto::ticket as pb;
 use tokio::process::{Child, Command};
 
-use crate::{print_ticket_summary, status_name, tickets, wait_serving, watch};
+use omoi_runtime::grpc::wait_serving;
+
+use crate::{print_ticket_summary, status_name, tickets, watch};
 
 #[derive(Debug, clap::Args)]
 pub struct Up {
@@ -37,17 +39,10 @@ struct Proc {
     log: PathBuf,
 }
 
-unsafe extern "C" {
-    fn kill(pid: i32, sig: i32) -> i32;
-}
-
 impl Proc {
     fn terminate(&self) {
         if let Some(pid) = self.child.id() {
-            // SAFETY: kill(2) on our own child; no memory is shared.
-            unsafe {
-                kill(pid as i32, 15);
-            }
+            omoi_runtime::shutdown::send_signal(pid as i32, omoi_runtime::shutdown::SIGTERM);
         }
     }
 }
@@ -215,7 +210,7 @@ impl Up {
 async fn ready(p: &mut Proc) -> anyhow::Result<()> {
     tokio::select! {
         r = wait_serving(&p.url, Duration::from_secs(60)) => r.map_err(|e| {
-            anyhow::anyhow!("{} not ready: {e}; see {}", p.name, p.log.display())
+            anyhow::anyhow!("{} not ready ({e}); see {}", p.name, p.log.display())
         }),
         status = p.child.wait() => anyhow::bail!(
             "{} exited ({}) at start; see {}",

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use omoi_domain::Phase;
 use omoi_proto::common::OutputStream;
+use omoi_runtime::shutdown::{SIGKILL, SIGTERM};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -191,18 +192,8 @@ impl CommandRunner {
     }
 }
 
-const SIGTERM: i32 = 15;
-const SIGKILL: i32 = 9;
-
-unsafe extern "C" {
-    fn kill(pid: i32, sig: i32) -> i32;
-}
-
 fn signal_group(pgid: i32, sig: i32) {
-    // SAFETY: kill(2) on a process group we created; no memory is shared.
-    unsafe {
-        kill(-pgid, sig);
-    }
+    omoi_runtime::shutdown::send_signal(-pgid, sig);
 }
 
 /// SIGTERM to the group, SIGKILL after `grace` if the leader still runs,
@@ -310,7 +301,7 @@ mod tests {
         let mut alive = true;
         for _ in 0..50 {
             // Signal 0 probes existence; a zombie is reaped by init soon after.
-            alive = unsafe { kill(pid, 0) } == 0
+            alive = omoi_runtime::shutdown::send_signal(pid, 0)
                 && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "));
             if !alive {
                 break;

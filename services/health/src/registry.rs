@@ -139,9 +139,9 @@ impl Registry {
                 tracing::warn!(error = %e, "writing heartbeats before the stale check failed");
                 continue;
             }
-            if let Ok(stats) = self.store.agent_stats().await {
+            if let Ok(counts) = self.store.agent_status_counts().await {
                 omoi_runtime::metrics::AGENTS.reset();
-                for (status, n) in stats.by_status {
+                for (status, n) in counts {
                     omoi_runtime::metrics::AGENTS
                         .with_label_values(&[status.as_str()])
                         .set(n);
