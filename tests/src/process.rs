@@ -28,12 +28,22 @@ fn target_dir() -> PathBuf {
         .expect("test executable under target/<profile>/deps")
 }
 
-/// A free loopback port (bound then released; fine for tests).
+/// A free loopback port (bound then released), never handed out twice in
+/// this process: a test that restarts a service on its port must not find
+/// another test's service there.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A running service process.

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -45,6 +46,8 @@ struct Connection {
 pub struct Dispatcher {
     store: Store,
     sessions: Mutex<HashMap<Uuid, Connection>>,
+    /// Set (under the sessions lock) by `close_all`: no stream opens after.
+    closed: AtomicBool,
     wake: Notify,
     /// Wakes the outbox relay after this replica wrote events.
     relay_wake: Arc<Notify>,
@@ -68,6 +71,7 @@ impl Dispatcher {
         Arc::new(Self {
             store,
             sessions: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
             wake: Notify::new(),
             relay_wake,
             nats,
@@ -89,12 +93,17 @@ impl Dispatcher {
 
     /// Registers an agent's stream. Assigned tasks the agent left on earlier
     /// streams go back to the queue first: it reconnected, so they were lost.
+    /// None once `close_all` ran: a stream opened then would keep the
+    /// stopping server waiting for it.
     pub async fn connect(
         self: &Arc<Self>,
         agent_id: Uuid,
         phases: Option<Vec<Phase>>,
         capacity: i64,
-    ) -> Result<AgentStream, omoi_store::StoreError> {
+    ) -> Result<Option<AgentStream>, omoi_store::StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(None);
+        }
         let session = Uuid::new_v4();
         let requeued = self.store.requeue_agent_except(agent_id, session).await?;
         if !requeued.is_empty() {
@@ -102,24 +111,30 @@ impl Dispatcher {
             self.relay_wake.notify_one();
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        self.sessions().insert(
-            session,
-            Connection {
-                agent_id,
-                phases,
-                capacity,
-                tx,
-            },
-        );
+        {
+            let mut sessions = self.sessions();
+            if self.closed.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            sessions.insert(
+                session,
+                Connection {
+                    agent_id,
+                    phases,
+                    capacity,
+                    tx,
+                },
+            );
+        }
         tracing::info!(%agent_id, %session, capacity, "agent stream opened");
         self.wake_local();
-        Ok(AgentStream {
+        Ok(Some(AgentStream {
             inner: UnboundedReceiverStream::new(rx),
             _guard: Disconnect {
                 dispatcher: Arc::clone(self),
                 session,
             },
-        })
+        }))
     }
 
     /// The stream is gone: forget it and put back what it had not started.
@@ -174,7 +189,11 @@ impl Dispatcher {
 
     /// Ends every stream (shutdown) and puts their unstarted tasks back.
     pub async fn close_all(&self) {
-        let drained: Vec<(Uuid, Connection)> = self.sessions().drain().collect();
+        let drained: Vec<(Uuid, Connection)> = {
+            let mut sessions = self.sessions();
+            self.closed.store(true, Ordering::Release);
+            sessions.drain().collect()
+        };
         for (session, conn) in drained {
             drop(conn.tx);
             self.requeue(session).await;

@@ -219,7 +219,8 @@ impl TaskQueueService for TaskQueue {
             .dispatcher
             .connect(agent_id, phases, i64::from(capacity))
             .await
-            .map_err(status)?;
+            .map_err(status)?
+            .ok_or_else(|| Status::unavailable("the task-queue is shutting down; reconnect"))?;
         Ok(Response::new(stream))
     }
 
