@@ -160,3 +160,23 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Waits (up to a minute) until the ticket has `status`; returns it.
+pub async fn wait_ticket(c: &TicketClient, id: &str, status: i32) -> omoi_proto::ticket::GetTicketResponse {
+    eventually(
+        Duration::from_secs(60),
+        &format!("ticket {id} status {status}"),
+        || async {
+            let t = c
+                .clone()
+                .get_ticket(omoi_proto::ticket::GetTicketRequest {
+                    ticket_id: id.to_owned(),
+                })
+                .await
+                .expect("GetTicket")
+                .into_inner();
+            (t.ticket.as_ref()?.status == status).then_some(t)
+        },
+    )
+    .await
+}

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::process::{Service, binary, free_port};
-use crate::{Infra, TicketClient, wait_serving};
+use omoi_runtime::grpc::Connector;
+
+use crate::{Infra, TicketClient};
 
 pub struct Options {
     pub executors: usize,
@@ -13,6 +15,11 @@ pub struct Options {
     pub executor_env: Vec<(String, String)>,
     pub stale_after_seconds: f64,
     pub heartbeat_interval_seconds: u32,
+    /// Extra environment of every service process (TLS, tracing).
+    pub env: Vec<(String, String)>,
+    /// Set: the services serve TLS (configured through `env`), are reached
+    /// at https:// URLs, and the mesh's own calls go through this.
+    pub tls: Option<Connector>,
 }
 
 impl Default for Options {
@@ -22,6 +29,8 @@ impl Default for Options {
             executor_env: vec![("OMOI_DEMO_SLEEP_MS".into(), "50".into())],
             stale_after_seconds: 90.0,
             heartbeat_interval_seconds: 30,
+            env: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -35,6 +44,8 @@ pub struct ProcessMesh {
     pub executors: Vec<Service>,
     pub workspace_root: PathBuf,
     executor_env: Vec<(String, String)>,
+    env: Vec<(String, String)>,
+    connector: Option<Connector>,
 }
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -45,8 +56,17 @@ impl ProcessMesh {
         let metrics = (free_port(), free_port());
         let mut env = infra.task_queue_env(&format!("127.0.0.1:{tq_port}"));
         env.push(("OMOI_METRICS_ADDR".into(), format!("127.0.0.1:{}", metrics.0)));
-        let task_queue = Service::spawn("omoi-task-queue", tq_port, &env)?;
-        wait_serving(&task_queue.url, WAIT).await?;
+        env.extend(options.env.iter().cloned());
+        let spawn = |bin: &str, port: u16, env: &[(String, String)]| -> anyhow::Result<Service> {
+            let mut service = Service::spawn(bin, port, env)?;
+            if options.tls.is_some() {
+                service.url = format!("https://127.0.0.1:{port}");
+            }
+            Ok(service)
+        };
+        let connector = options.tls.clone().unwrap_or_default();
+        let task_queue = spawn("omoi-task-queue", tq_port, &env)?;
+        wait(&connector, &task_queue.url).await?;
         let h_port = free_port();
         let mut env = infra.service_env(&format!("127.0.0.1:{h_port}"));
         env.push((
@@ -60,14 +80,16 @@ impl ProcessMesh {
         ));
         env.push(("OMOI_HEARTBEAT_FLUSH_MS".into(), "100".into()));
         env.push(("OMOI_METRICS_ADDR".into(), format!("127.0.0.1:{}", metrics.1)));
-        let health = Service::spawn("omoi-health", h_port, &env)?;
+        env.extend(options.env.iter().cloned());
+        let health = spawn("omoi-health", h_port, &env)?;
         let t_port = free_port();
         let mut env = infra.service_env(&format!("127.0.0.1:{t_port}"));
         env.push(("OMOI_TASK_QUEUE_URL".into(), task_queue.url.clone()));
         env.push(("OMOI_ENQUEUE_RETRY_SECONDS".into(), "0.2".into()));
-        let ticket = Service::spawn("omoi-ticket", t_port, &env)?;
-        wait_serving(&health.url, WAIT).await?;
-        wait_serving(&ticket.url, WAIT).await?;
+        env.extend(options.env.iter().cloned());
+        let ticket = spawn("omoi-ticket", t_port, &env)?;
+        wait(&connector, &health.url).await?;
+        wait(&connector, &ticket.url).await?;
         let workspace_root = std::env::temp_dir().join(format!("omoi-ws-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&workspace_root)?;
         let mut mesh = Self {
@@ -78,6 +100,8 @@ impl ProcessMesh {
             executors: Vec::new(),
             workspace_root,
             executor_env: options.executor_env,
+            env: options.env,
+            connector: options.tls,
         };
         for _ in 0..options.executors {
             mesh.add_executor(infra, &[]).await?;
@@ -109,16 +133,23 @@ impl ProcessMesh {
             ),
             ("OMOI_KILL_GRACE_SECONDS".to_string(), "1".to_string()),
         ]);
+        env.extend(self.env.iter().cloned());
         env.extend(self.executor_env.iter().cloned());
         env.extend(extra.iter().cloned());
-        let executor = Service::spawn("omoi-executor", port, &env)?;
-        wait_serving(&executor.url, WAIT).await?;
+        let mut executor = Service::spawn("omoi-executor", port, &env)?;
+        if self.connector.is_some() {
+            executor.url = format!("https://127.0.0.1:{port}");
+        }
+        wait(&self.connector.clone().unwrap_or_default(), &executor.url).await?;
         self.executors.push(executor);
         Ok(())
     }
 
     pub fn tickets(&self) -> TicketClient {
-        crate::ticket_client(&self.ticket.url)
+        match &self.connector {
+            Some(c) => TicketClient::new(c.channel(&self.ticket.url).expect("valid url")),
+            None => crate::ticket_client(&self.ticket.url),
+        }
     }
 
     /// SIGTERM to everything, executors first; returns their exit codes.
@@ -133,6 +164,10 @@ impl ProcessMesh {
         let _ = std::fs::remove_dir_all(&self.workspace_root);
         Ok(codes)
     }
+}
+
+async fn wait(connector: &Connector, url: &str) -> anyhow::Result<()> {
+    connector.wait_serving(url, WAIT).await.map_err(anyhow::Error::msg)
 }
 
 /// The text of `GET /metrics` on a local port.

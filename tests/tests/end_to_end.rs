@@ -8,30 +8,12 @@ use futures::StreamExt;
 use omoi_proto::taskqueue as tq;
 use omoi_proto::ticket::{self as pb};
 use omoi_tests::mesh::{Options, ProcessMesh, sample, scrape};
-use omoi_tests::{Infra, TicketClient, client, events, eventually};
+use omoi_tests::{Infra, client, events, eventually, wait_ticket};
 
 const WAIT: Duration = Duration::from_secs(60);
 const COMPLETED: i32 = 3;
 const FAILED: i32 = 4;
 const CANCELLED: i32 = 5;
-
-async fn ticket(c: &TicketClient, id: &str) -> pb::GetTicketResponse {
-    c.clone()
-        .get_ticket(pb::GetTicketRequest {
-            ticket_id: id.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn wait_ticket(c: &TicketClient, id: &str, status: i32) -> pb::GetTicketResponse {
-    eventually(WAIT, &format!("ticket {status}"), || async {
-        let t = ticket(c, id).await;
-        (t.ticket.as_ref().unwrap().status == status).then_some(t)
-    })
-    .await
-}
 
 fn pid_alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
@@ -266,6 +248,7 @@ async fn an_executor_killed_mid_task_loses_it_to_the_other_after_stale_detection
         executor_env: vec![("OMOI_DEMO_SLEEP_MS".into(), "2000".into())],
         stale_after_seconds: 2.0,
         heartbeat_interval_seconds: 1,
+        ..Options::default()
     };
     let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
     let tickets = mesh.tickets();

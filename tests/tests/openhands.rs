@@ -6,7 +6,7 @@ use std::time::Duration;
 use omoi_proto::ticket::{self as pb};
 use omoi_tests::mesh::{Options, ProcessMesh};
 use omoi_tests::openhands::StandIn;
-use omoi_tests::{Infra, TicketClient, eventually};
+use omoi_tests::{Infra, TicketClient, eventually, wait_ticket};
 
 const WAIT: Duration = Duration::from_secs(60);
 const COMPLETED: i32 = 3;
@@ -30,21 +30,6 @@ async fn file(c: &TicketClient, title: &str, phase: i32, max_retries: i32) -> (S
         .unwrap()
         .into_inner();
     (r.ticket.unwrap().id, r.tasks[0].id.clone())
-}
-
-async fn wait_ticket(c: &TicketClient, id: &str, status: i32) -> pb::GetTicketResponse {
-    eventually(WAIT, &format!("ticket {status}"), || async {
-        let t = c
-            .clone()
-            .get_ticket(pb::GetTicketRequest {
-                ticket_id: id.to_owned(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        (t.ticket.as_ref().unwrap().status == status).then_some(t)
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,7 +46,8 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* The address of a service inside the cluster: (dict "root" $ "component" "ticket" "port" 50051) */}}
 {{- define "omoi.url" -}}
-{{- printf "http://%s-%s.%s.svc:%v" (include "omoi.fullname" .root) .component .root.Release.Namespace .port -}}
+{{- $scheme := ternary "https" "http" .root.Values.tls.enabled -}}
+{{- printf "%s://%s-%s.%s.svc:%v" $scheme (include "omoi.fullname" .root) .component .root.Release.Namespace .port -}}
 {{- end -}}
 
 {{/* Environment every container shares: config, secrets and peers. */}}
@@ -77,6 +78,34 @@ app.kubernetes.io/component: {{ .component }}
 - name: OMOI_METRICS_ADDR
   value: "0.0.0.0:{{ .Values.metrics.port }}"
 {{- end }}
+{{- if .Values.tls.enabled }}
+- name: OMOI_TLS_CERT
+  value: /etc/omoi/tls/tls.crt
+- name: OMOI_TLS_KEY
+  value: /etc/omoi/tls/tls.key
+- name: OMOI_TLS_CA
+  value: /etc/omoi/tls/ca.crt
+{{- if .Values.tls.mutual }}
+- name: OMOI_TLS_CLIENT_CA
+  value: /etc/omoi/tls/ca.crt
+{{- end }}
+- name: OMOI_PROBE_ADDR
+  value: "0.0.0.0:{{ .Values.tls.probePort }}"
+{{- end }}
+{{- end -}}
+
+{{/* The TLS Secret, mounted read-only where omoi.env points. */}}
+{{- define "omoi.tlsMount" -}}
+- name: tls
+  mountPath: /etc/omoi/tls
+  readOnly: true
+{{- end -}}
+
+{{- define "omoi.tlsVolume" -}}
+- name: tls
+  secret:
+    secretName: {{ required "tls.secretName is required when tls.enabled" .Values.tls.secretName }}
+    defaultMode: 0440
 {{- end -}}
 
 {{/* The container ports: gRPC, and metrics when on. */}}
@@ -89,27 +118,34 @@ app.kubernetes.io/component: {{ .component }}
   containerPort: {{ .root.Values.metrics.port }}
   protocol: TCP
 {{- end }}
+{{- if .root.Values.tls.enabled }}
+- name: probe
+  containerPort: {{ .root.Values.tls.probePort }}
+  protocol: TCP
+{{- end }}
 {{- end -}}
 
 {{/* gRPC probes on grpc.health.v1: readiness follows the dependencies,
-     liveness and start-up only the process ("liveness" stays SERVING). */}}
+     liveness and start-up only the process ("liveness" stays SERVING).
+     With TLS on they use the plaintext probe port. */}}
 {{- define "omoi.probes" -}}
+{{- $port := ternary .root.Values.tls.probePort .port .root.Values.tls.enabled -}}
 startupProbe:
   grpc:
-    port: {{ .port }}
+    port: {{ $port }}
     service: liveness
   periodSeconds: 2
   failureThreshold: 60
 livenessProbe:
   grpc:
-    port: {{ .port }}
+    port: {{ $port }}
     service: liveness
   periodSeconds: 10
   timeoutSeconds: 3
   failureThreshold: 3
 readinessProbe:
   grpc:
-    port: {{ .port }}
+    port: {{ $port }}
   periodSeconds: 5
   timeoutSeconds: 3
   failureThreshold: 2

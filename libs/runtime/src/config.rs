@@ -53,7 +53,20 @@ pub struct CommonArgs {
 
     /// Where to serve Prometheus metrics (`/metrics`), e.g. 0.0.0.0:9090; unset = off.
     #[arg(long, env = "OMOI_METRICS_ADDR")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+
+    /// PEM CA certificates client certificates must chain to: set, the server
+    /// requires one from every caller (mTLS). Needs OMOI_TLS_CERT.
+    #[arg(long, env = "OMOI_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// A plaintext address serving only grpc.health.v1, e.g. 0.0.0.0:8086,
+    /// for probes that cannot speak TLS (the kubelet's); unset = none.
+    #[arg(long, env = "OMOI_PROBE_ADDR")]
+    pub probe_addr: Option<SocketAddr>,
 
     /// Log format.
     #[arg(long, env = "OMOI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -78,4 +91,11 @@ pub enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+}
+
+impl CommonArgs {
+    /// How this process calls the other services.
+    pub fn connector(&self) -> anyhow::Result<crate::grpc::Connector> {
+        crate::grpc::Connector::new(self.auth_token.as_deref(), &self.tls)
+    }
 }

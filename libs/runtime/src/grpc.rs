@@ -6,12 +6,16 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 pub use tonic_health::server::health_reporter;
+
+use crate::auth::AttachBearer;
+use crate::tls::TlsArgs;
 
 /// Reflection v1 and v1alpha (grpcurl 1.8 speaks v1alpha) listing `served`
 /// (full service names), grpc.health.v1 and reflection itself; the types of
@@ -110,48 +114,101 @@ pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
         .with_keepalive(Some(Duration::from_secs(30)))
 }
 
-/// A lazily connecting client channel to `url` (`http://host:port`).
-pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(url.to_owned())?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+/// How this process reaches other services: TLS for `https://` URLs
+/// (OMOI_TLS_CA or the system roots; its own certificate for mTLS) and the
+/// bearer token on every call. The default is plaintext without a token.
+#[derive(Clone, Default)]
+pub struct Connector {
+    tls: Option<ClientTlsConfig>,
+    outgoing: AttachBearer,
 }
 
-/// The grpc.health.v1 status of `service` ("" = the whole server) at `url`,
-/// or why there is none.
-pub async fn health_status(url: &str, service: &str) -> Result<ServingStatus, String> {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_check_response::ServingStatus as Wire;
-    use tonic_health::pb::health_client::HealthClient;
-    let channel = channel(url).map_err(|e| e.to_string())?;
-    let r = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.to_owned(),
+/// A client stub's transport: a channel with the connector's metadata.
+pub type Client = InterceptedService<Channel, AttachBearer>;
+
+impl Connector {
+    pub fn new(token: Option<&str>, tls: &TlsArgs) -> anyhow::Result<Self> {
+        Ok(Self {
+            tls: Some(tls.client()?),
+            outgoing: AttachBearer::new(token).map_err(|e| anyhow::anyhow!("{}", e.message()))?,
         })
-        .await
-        .map_err(|e| e.message().to_owned())?;
-    Ok(match Wire::try_from(r.get_ref().status) {
-        Ok(Wire::Serving) => ServingStatus::Serving,
-        Ok(Wire::NotServing) => ServingStatus::NotServing,
-        _ => ServingStatus::Unknown,
-    })
+    }
+
+    /// A lazily connecting channel to `url` (`http://` or `https://host:port`).
+    pub fn channel(&self, url: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut endpoint = Endpoint::from_shared(url.to_owned())?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        if url.starts_with("https://") {
+            let tls = self
+                .tls
+                .clone()
+                .unwrap_or_else(|| ClientTlsConfig::new().with_native_roots());
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        Ok(endpoint.connect_lazy())
+    }
+
+    /// `channel(url)` with the bearer token attached to every call; `what`
+    /// names the setting the URL came from, for the error.
+    pub fn client(&self, url: &str, what: &str) -> anyhow::Result<Client> {
+        let channel = self
+            .channel(url)
+            .map_err(|e| anyhow::anyhow!("{what} {url:?} is not a usable URL: {e}"))?;
+        Ok(InterceptedService::new(channel, self.outgoing.clone()))
+    }
+
+    /// The grpc.health.v1 status of `service` ("" = the whole server) at
+    /// `url`, or why there is none.
+    pub async fn health_status(&self, url: &str, service: &str) -> Result<ServingStatus, String> {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_check_response::ServingStatus as Wire;
+        use tonic_health::pb::health_client::HealthClient;
+        let channel = self.channel(url).map_err(|e| e.to_string())?;
+        let r = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .map_err(|e| e.message().to_owned())?;
+        Ok(match Wire::try_from(r.get_ref().status) {
+            Ok(Wire::Serving) => ServingStatus::Serving,
+            Ok(Wire::NotServing) => ServingStatus::NotServing,
+            _ => ServingStatus::Unknown,
+        })
+    }
+
+    /// Waits until the server at `url` reports SERVING as a whole.
+    pub async fn wait_serving(&self, url: &str, within: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let last = match self.health_status(url, "").await {
+                Ok(ServingStatus::Serving) => return Ok(()),
+                Ok(other) => format!("status {other:?}"),
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("{url} not SERVING within {within:?}: {last}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
-/// Waits until the server at `url` reports SERVING as a whole.
+/// A lazily connecting plaintext (or, for `https://`, system-trusted)
+/// channel to `url`.
+pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
+    Connector::default().channel(url)
+}
+
+/// [`Connector::health_status`] with the default connector.
+pub async fn health_status(url: &str, service: &str) -> Result<ServingStatus, String> {
+    Connector::default().health_status(url, service).await
+}
+
+/// [`Connector::wait_serving`] with the default connector.
 pub async fn wait_serving(url: &str, within: Duration) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let last = match health_status(url, "").await {
-            Ok(ServingStatus::Serving) => return Ok(()),
-            Ok(other) => format!("status {other:?}"),
-            Err(e) => e,
-        };
-        if tokio::time::Instant::now() >= deadline {
-            return Err(format!("{url} not SERVING within {within:?}: {last}"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    Connector::default().wait_serving(url, within).await
 }

@@ -14,6 +14,7 @@ use tokio::sync::{Notify, OnceCell};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Router, TcpIncoming};
+use tonic_health::pb::health_server::{Health, HealthServer};
 use tower::layer::util::{Identity, Stack};
 
 use crate::metrics::GrpcMetricsLayer;
@@ -38,8 +39,8 @@ pub struct Base {
     pub relay_wake: Arc<Notify>,
     auth: RequireBearer,
     grace: Duration,
-    per_connection: usize,
     metrics_addr: Option<std::net::SocketAddr>,
+    common: CommonArgs,
     database_url: String,
     jobs: Vec<Job>,
 }
@@ -54,6 +55,8 @@ impl Base {
                 redact(&common.database_url)
             )
         })?;
+        // Bad TLS files stop the start here, before anything connects.
+        common.tls.server(common.tls_client_ca.as_deref())?;
         let nats = omoi_bus::connect(&common.nats_url, name).await?;
         Ok(Self {
             name,
@@ -66,8 +69,8 @@ impl Base {
             relay_wake: Arc::new(Notify::new()),
             auth: RequireBearer::new(common.auth_token.as_deref()),
             grace: Duration::from_secs(common.shutdown_grace_seconds),
-            per_connection: common.max_concurrent_requests_per_connection.max(1),
             metrics_addr: common.metrics_addr,
+            common: common.clone(),
             database_url: common.database_url.clone(),
             jobs: Vec::new(),
         })
@@ -122,11 +125,7 @@ impl Base {
                 },
             ));
         }
-        let router = tonic::transport::Server::builder()
-            .concurrency_limit_per_connection(self.per_connection)
-            .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
-            .layer(GrpcMetricsLayer)
-            .add_service(health)
+        let router = server(&self.common, health, shutdown)?
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
         Ok((router, readiness))
@@ -209,6 +208,39 @@ impl Base {
     }
 }
 
+/// The gRPC server of every omoi process: TLS when configured, the
+/// per-connection concurrency limit, a span and metrics per RPC, and
+/// grpc.health.v1 (also on the plaintext probe address, when set).
+pub fn server<H: Health>(
+    common: &CommonArgs,
+    health: HealthServer<H>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<MeshRouter> {
+    if let Some(addr) = common.probe_addr {
+        let (health, incoming, stop) = (health.clone(), probe_listener(addr)?, shutdown.clone());
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(%addr, error = %e, "probe endpoint failed");
+            }
+        });
+    }
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = common.tls.server(common.tls_client_ca.as_deref())? {
+        server = server
+            .tls_config(tls)
+            .context("OMOI_TLS_CERT, OMOI_TLS_KEY or OMOI_TLS_CLIENT_CA is not usable")?;
+    }
+    Ok(server
+        .concurrency_limit_per_connection(common.max_concurrent_requests_per_connection.max(1))
+        .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
+        .layer(GrpcMetricsLayer)
+        .add_service(health))
+}
+
 /// Forgets consumed-event records once the stream can no longer redeliver
 /// them (it keeps events 7 days).
 async fn prune_loop(store: Store, stop: CancellationToken) {
@@ -260,6 +292,11 @@ pub fn listen(addr: std::net::SocketAddr) -> anyhow::Result<TcpIncoming> {
     grpc::bind(addr).map_err(|e| {
         anyhow::anyhow!("cannot listen on {addr} ({e}); set OMOI_LISTEN_ADDR or --listen-addr to a free address")
     })
+}
+
+fn probe_listener(addr: std::net::SocketAddr) -> anyhow::Result<TcpIncoming> {
+    grpc::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for probes ({e}); set OMOI_PROBE_ADDR to a free address"))
 }
 
 /// Runs a service binary's main: `result` is its outcome; errors are logged

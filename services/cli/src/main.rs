@@ -6,9 +6,7 @@ mod up;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use omoi_proto::ticket::{self as pb, ticket_service_client::TicketServiceClient};
-use omoi_runtime::auth::AttachBearer;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use omoi_runtime::grpc::Connector;
 
 #[derive(Debug, Parser)]
 #[command(name = "omoi", version, about = "omoi: orchestrate coding agents")]
@@ -26,6 +24,9 @@ struct Cli {
     /// Bearer token, when the services require one.
     #[arg(long, global = true, env = "OMOI_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
+    /// TLS for an https:// ticket URL (before the subcommand, or from the environment).
+    #[command(flatten)]
+    tls: omoi_runtime::tls::TlsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,12 +63,10 @@ enum Command {
     },
 }
 
-pub type Tickets = TicketServiceClient<InterceptedService<Channel, AttachBearer>>;
+pub type Tickets = TicketServiceClient<omoi_runtime::grpc::Client>;
 
-pub fn tickets(url: &str, token: Option<&str>) -> anyhow::Result<Tickets> {
-    let channel = omoi_runtime::grpc::channel(url)?;
-    let auth = AttachBearer::new(token).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    Ok(TicketServiceClient::with_interceptor(channel, auth))
+pub fn tickets(url: &str, connector: &Connector) -> anyhow::Result<Tickets> {
+    Ok(TicketServiceClient::new(connector.client(url, "OMOI_TICKET_URL")?))
 }
 
 fn priority(name: &str) -> anyhow::Result<i32> {
@@ -202,7 +201,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let token = cli.auth_token.as_deref();
+    let connector = &Connector::new(cli.auth_token.as_deref(), &cli.tls)?;
     match cli.command {
         Command::Up(up) => up.run().await,
         Command::Create {
@@ -211,7 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             repository,
             priority: p,
         } => {
-            let r = tickets(&cli.ticket_url, token)?
+            let r = tickets(&cli.ticket_url, connector)?
                 .create_ticket(pb::CreateTicketRequest {
                     title,
                     description,
@@ -225,7 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Get { ticket_id } => {
-            let r = tickets(&cli.ticket_url, token)?
+            let r = tickets(&cli.ticket_url, connector)?
                 .get_ticket(pb::GetTicketRequest { ticket_id })
                 .await?
                 .into_inner();
@@ -233,7 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::List { limit } => {
-            let r = tickets(&cli.ticket_url, token)?
+            let r = tickets(&cli.ticket_url, connector)?
                 .list_tickets(pb::ListTicketsRequest {
                     page_size: limit,
                     ..Default::default()
@@ -245,9 +244,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Watch { ticket_id } => watch(&mut tickets(&cli.ticket_url, token)?, &ticket_id).await,
+        Command::Watch { ticket_id } => watch(&mut tickets(&cli.ticket_url, connector)?, &ticket_id).await,
         Command::Cancel { ticket_id, reason } => {
-            let r = tickets(&cli.ticket_url, token)?
+            let r = tickets(&cli.ticket_url, connector)?
                 .cancel_ticket(pb::CancelTicketRequest { ticket_id, reason })
                 .await?
                 .into_inner();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use omoi_proto::ticket as pb;
 use tokio::process::{Child, Command};
 
-use omoi_runtime::grpc::wait_serving;
+use omoi_runtime::grpc::{Connector, wait_serving};
 
 use crate::{print_ticket_summary, status_name, tickets, watch};
 
@@ -178,7 +178,11 @@ impl Up {
 
     /// Files the sample ticket and follows it; returns its final status.
     async fn sample(&self, ticket_url: &str, workspaces: &Path) -> anyhow::Result<i32> {
-        let mut client = tickets(ticket_url, std::env::var("OMOI_AUTH_TOKEN").ok().as_deref())?;
+        let connector = Connector::new(
+            std::env::var("OMOI_AUTH_TOKEN").ok().as_deref(),
+            &omoi_runtime::tls::TlsArgs::default(),
+        )?;
+        let mut client = tickets(ticket_url, &connector)?;
         let created = client
             .create_ticket(pb::CreateTicketRequest {
                 title: "Add a greeting feature".into(),

@@ -105,11 +105,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         });
     }
     tracing::info!(addr = ?incoming.local_addr().ok(), "omoi-executor serving");
-    let served = tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(common.max_concurrent_requests_per_connection.max(1))
-        .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
-        .layer(omoi_runtime::metrics::GrpcMetricsLayer)
-        .add_service(health)
+    let served = omoi_runtime::service::server(&common, health, &metrics_stop)?
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(

@@ -15,11 +15,8 @@ use omoi_proto::health::{self as hp, agent_health_service_client::AgentHealthSer
 use omoi_proto::taskqueue::watch_assignments_response::Event as StreamEvent;
 use omoi_proto::taskqueue::{self as tq, task_queue_service_client::TaskQueueServiceClient};
 use omoi_proto::ticket::{self as tk, ticket_service_client::TicketServiceClient};
-use omoi_runtime::auth::AttachBearer;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
@@ -29,7 +26,7 @@ use crate::runner::{CommandRunner, OutputSink, RunContext, RunnerError, Stopped}
 use crate::runs::{NewRun, Run, Runs, StopRequest};
 use crate::workspace;
 
-type Ch = InterceptedService<Channel, AttachBearer>;
+type Ch = omoi_runtime::grpc::Client;
 
 /// The configured runner.
 enum Runner {
@@ -65,10 +62,6 @@ pub struct Worker {
     pub accepting: AtomicBool,
     interval_secs: AtomicU64,
     repositories: Mutex<HashMap<String, String>>,
-}
-
-fn client_channel(url: &str, what: &str) -> anyhow::Result<Channel> {
-    omoi_runtime::grpc::channel(url).map_err(|e| anyhow::anyhow!("{what} {url:?} is not a usable URL: {e}"))
 }
 
 /// Phases from `INITIAL,IMPLEMENTATION` (with or without the PHASE_ prefix).
@@ -167,24 +160,14 @@ impl Worker {
             "OMOI_EXECUTOR_CAPACITY must be 1 to 1000, got {}",
             config.capacity
         );
-        let auth =
-            AttachBearer::new(config.common.auth_token.as_deref()).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        let connector = config.common.connector()?;
         Ok(Self {
             agent_id,
             phases: parse_phases(&config.phases)?,
             labels: parse_labels(&config.labels)?,
-            queue: TaskQueueServiceClient::with_interceptor(
-                client_channel(&config.task_queue_url, "OMOI_TASK_QUEUE_URL")?,
-                auth.clone(),
-            ),
-            health: AgentHealthServiceClient::with_interceptor(
-                client_channel(&config.health_url, "OMOI_HEALTH_URL")?,
-                auth.clone(),
-            ),
-            tickets: TicketServiceClient::with_interceptor(
-                client_channel(&config.ticket_url, "OMOI_TICKET_URL")?,
-                auth,
-            ),
+            queue: TaskQueueServiceClient::new(connector.client(&config.task_queue_url, "OMOI_TASK_QUEUE_URL")?),
+            health: AgentHealthServiceClient::new(connector.client(&config.health_url, "OMOI_HEALTH_URL")?),
+            tickets: TicketServiceClient::new(connector.client(&config.ticket_url, "OMOI_TICKET_URL")?),
             runner,
             runs,
             config,

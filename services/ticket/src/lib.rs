@@ -26,7 +26,7 @@ pub const SERVICE_NAME: &str = "omoi.ticket.v1.TicketService";
 pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
     let common = &config.common;
     let mut base = Base::connect(common, "omoi-ticket", config.db_max_connections).await?;
-    let queue = planner::Queue::connect(&config.task_queue_url, common.auth_token.as_deref())?;
+    let queue = planner::Queue::connect(&config.task_queue_url, &common.connector()?)?;
     let planner = Arc::new(planner::Planner::new(
         base.store.clone(),
         queue,

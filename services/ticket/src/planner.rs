@@ -12,19 +12,16 @@ use std::time::Duration;
 
 use omoi_domain::ticket::{TaskOutcome, TicketStatus, event_starts};
 use omoi_proto::taskqueue::{self as pb, task_queue_service_client::TaskQueueServiceClient};
-use omoi_runtime::auth::AttachBearer;
 use omoi_store::tickets::{Ticket, TicketTask};
 use omoi_store::{Store, StoreError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
 const CONSUMER: &str = "omoi-ticket-status";
 
-type Client = TaskQueueServiceClient<InterceptedService<Channel, AttachBearer>>;
+type Client = TaskQueueServiceClient<omoi_runtime::grpc::Client>;
 
 /// The task-queue, as the ticket service uses it.
 #[derive(Clone)]
@@ -33,12 +30,9 @@ pub struct Queue {
 }
 
 impl Queue {
-    pub fn connect(url: &str, token: Option<&str>) -> anyhow::Result<Self> {
-        let channel = omoi_runtime::grpc::channel(url)
-            .map_err(|e| anyhow::anyhow!("OMOI_TASK_QUEUE_URL {url:?} is not a usable URL: {e}"))?;
-        let auth = AttachBearer::new(token).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    pub fn connect(url: &str, connector: &omoi_runtime::grpc::Connector) -> anyhow::Result<Self> {
         Ok(Self {
-            client: TaskQueueServiceClient::with_interceptor(channel, auth),
+            client: TaskQueueServiceClient::new(connector.client(url, "OMOI_TASK_QUEUE_URL")?),
         })
     }
 

@@ -65,17 +65,20 @@ struct Args {
     /// Bearer token, when the task-queue requires one.
     #[arg(long, env = "OMOI_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
+    /// TLS, for https:// URLs.
+    #[command(flatten)]
+    tls: omoi_runtime::tls::TlsArgs,
 }
 
-type Client = pb::task_queue_service_client::TaskQueueServiceClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, omoi_runtime::auth::AttachBearer>,
->;
+type Client = pb::task_queue_service_client::TaskQueueServiceClient<omoi_runtime::grpc::Client>;
+
+fn connector(args: &Args) -> anyhow::Result<omoi_runtime::grpc::Connector> {
+    omoi_runtime::grpc::Connector::new(args.auth_token.as_deref(), &args.tls)
+}
 
 fn client(args: &Args) -> anyhow::Result<Client> {
-    let channel = omoi_runtime::grpc::channel(&args.url)?;
-    let auth = omoi_runtime::auth::AttachBearer::new(args.auth_token.as_deref())?;
-    Ok(pb::task_queue_service_client::TaskQueueServiceClient::with_interceptor(
-        channel, auth,
+    Ok(pb::task_queue_service_client::TaskQueueServiceClient::new(
+        connector(args)?.client(&args.url, "--url")?,
     ))
 }
 
@@ -102,7 +105,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    omoi_tests::wait_serving(&args.url, Duration::from_secs(30)).await?;
+    connector(&args)?
+        .wait_serving(&args.url, Duration::from_secs(30))
+        .await
+        .map_err(anyhow::Error::msg)?;
     let nats = async_nats::connect(&args.nats_url).await?;
     let js = async_nats::jetstream::new(nats);
     let events_before = stream_messages(&js, &args.events_stream).await;
@@ -330,10 +336,14 @@ async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
         agents > 0 && args.seconds > 0.0,
         "--heartbeat-agents and --seconds must be positive"
     );
-    omoi_tests::wait_serving(&args.health_url, Duration::from_secs(30)).await?;
-    let channel = omoi_runtime::grpc::channel(&args.health_url)?;
-    let auth = omoi_runtime::auth::AttachBearer::new(args.auth_token.as_deref())?;
-    let client = hp::agent_health_service_client::AgentHealthServiceClient::with_interceptor(channel, auth);
+    let connector = connector(args)?;
+    connector
+        .wait_serving(&args.health_url, Duration::from_secs(30))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let client = hp::agent_health_service_client::AgentHealthServiceClient::new(
+        connector.client(&args.health_url, "--health-url")?,
+    );
     let mut ids = Vec::with_capacity(agents);
     for _ in 0..agents {
         let agent = client
