@@ -25,7 +25,7 @@ pub async fn consume<F, Fut>(
     shutdown: CancellationToken,
     mut handle: F,
 ) where
-    F: FnMut(Event) -> Fut,
+    F: FnMut(Event, Option<String>) -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
     let js = jetstream::new(client);
@@ -67,7 +67,13 @@ pub async fn consume<F, Fut>(
                             continue;
                         }
                     };
-                    match handle(event).await {
+                    // The publisher's trace context, for the handler's span.
+                    let traceparent = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("traceparent"))
+                        .map(|v| v.as_str().to_owned());
+                    match handle(event, traceparent).await {
                         Ok(()) => {
                             let _ = msg.ack().await;
                         }

@@ -40,13 +40,14 @@ impl Interceptor for RequireBearer {
     }
 }
 
-/// Client side: adds the bearer token to every request when one is set.
+/// Client side: adds the bearer token (when one is set) and the caller's
+/// trace context to every request.
 #[derive(Clone, Default)]
-pub struct AttachBearer {
+pub struct Outgoing {
     header: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
-impl AttachBearer {
+impl Outgoing {
     /// Fails when the token holds characters a header cannot carry.
     pub fn new(token: Option<&str>) -> Result<Self, Status> {
         let header = match token.filter(|t| !t.is_empty()) {
@@ -61,11 +62,12 @@ impl AttachBearer {
     }
 }
 
-impl Interceptor for AttachBearer {
+impl Interceptor for Outgoing {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(h) = &self.header {
             request.metadata_mut().insert("authorization", h.clone());
         }
+        crate::trace::inject_current(request.metadata_mut());
         Ok(request)
     }
 }
@@ -116,10 +118,10 @@ mod tests {
 
     #[test]
     fn client_attaches_the_token() {
-        let mut attach = AttachBearer::new(Some("abc")).unwrap();
+        let mut attach = Outgoing::new(Some("abc")).unwrap();
         let r = attach.call(Request::new(())).unwrap();
         assert_eq!(r.metadata().get("authorization").unwrap(), "Bearer abc");
-        assert!(AttachBearer::new(Some("bad\ntoken")).is_err());
+        assert!(Outgoing::new(Some("bad\ntoken")).is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tonic_health::server::HealthReporter;
 
 pub use tonic_health::server::health_reporter;
 
-use crate::auth::AttachBearer;
+use crate::auth::Outgoing;
 use crate::tls::TlsArgs;
 
 /// Reflection v1 and v1alpha (grpcurl 1.8 speaks v1alpha) listing `served`
@@ -120,17 +120,17 @@ pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
 #[derive(Clone, Default)]
 pub struct Connector {
     tls: Option<ClientTlsConfig>,
-    outgoing: AttachBearer,
+    outgoing: Outgoing,
 }
 
 /// A client stub's transport: a channel with the connector's metadata.
-pub type Client = InterceptedService<Channel, AttachBearer>;
+pub type Client = InterceptedService<Channel, Outgoing>;
 
 impl Connector {
     pub fn new(token: Option<&str>, tls: &TlsArgs) -> anyhow::Result<Self> {
         Ok(Self {
             tls: Some(tls.client()?),
-            outgoing: AttachBearer::new(token).map_err(|e| anyhow::anyhow!("{}", e.message()))?,
+            outgoing: Outgoing::new(token).map_err(|e| anyhow::anyhow!("{}", e.message()))?,
         })
     }
 

@@ -10,5 +10,6 @@ pub mod shutdown;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 
 pub use tokio_util::sync::CancellationToken;

@@ -236,7 +236,17 @@ pub fn server<H: Health>(
     }
     Ok(server
         .concurrency_limit_per_connection(common.max_concurrent_requests_per_connection.max(1))
-        .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
+        .trace_fn(|req| {
+            let path = req.uri().path();
+            // Probes and reflection are not worth a trace each.
+            let span = if path.starts_with("/grpc.") {
+                tracing::debug_span!("grpc", method = path)
+            } else {
+                tracing::info_span!("grpc", otel.name = path, otel.kind = "server", method = path)
+            };
+            crate::trace::adopt(&span, &crate::trace::Headers(req.headers()));
+            span
+        })
         .layer(GrpcMetricsLayer)
         .add_service(health))
 }

@@ -6,11 +6,14 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::config::LogFormat;
+
+/// What is exported as spans: omoi's own at info, not its libraries' inner workings.
+const TRACE_FILTER: &str = "info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,sqlx=warn,async_nats=warn";
 
 /// Flushes exported spans when dropped; keep it alive for the process.
 #[must_use = "spans are flushed when the guard drops"]
@@ -45,20 +48,27 @@ pub fn init(service: &'static str, format: LogFormat, default_filter: &str) -> T
             None
         }
     });
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    // RUST_LOG quiets the logs, not the traces: exported spans have their
+    // own filter, so a deployment logging warnings still traces requests.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service))
+            .with_filter(EnvFilter::new(TRACE_FILTER))
+    });
+    let registry = tracing_subscriber::registry().with(otel);
     let installed = match format {
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_current_span(true),
+                    .with_current_span(true)
+                    .with_filter(filter),
             )
             .try_init(),
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_filter(filter))
+            .try_init(),
     };
     if installed.is_err() {
         return Telemetry { provider: None };
@@ -66,6 +76,8 @@ pub fn init(service: &'static str, format: LogFormat, default_filter: &str) -> T
     if let Some(p) = &provider {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         opentelemetry::global::set_tracer_provider(p.clone());
+        // Events written to the outbox carry the trace they were written in.
+        omoi_store::events::set_trace_source(crate::trace::current);
     }
     Telemetry { provider }
 }

@@ -28,7 +28,22 @@ impl NewEvent {
     }
 }
 
-/// Appends events to the outbox in one statement.
+static TRACE_SOURCE: std::sync::OnceLock<fn() -> Option<String>> = std::sync::OnceLock::new();
+
+/// Where events get their trace context (a W3C `traceparent`): the binary's
+/// tracing set-up installs the reader of its current span. Unset, events
+/// carry none.
+pub fn set_trace_source(source: fn() -> Option<String>) {
+    let _ = TRACE_SOURCE.set(source);
+}
+
+/// The trace context of the work being done now, if any.
+pub fn current_trace() -> Option<String> {
+    TRACE_SOURCE.get().and_then(|source| source())
+}
+
+/// Appends events to the outbox in one statement, with the current trace
+/// context.
 pub async fn insert(conn: &mut PgConnection, events: &[NewEvent]) -> Result<()> {
     if events.is_empty() {
         return Ok(());
@@ -39,8 +54,8 @@ pub async fn insert(conn: &mut PgConnection, events: &[NewEvent]) -> Result<()> 
     let tickets: Vec<Option<Uuid>> = events.iter().map(|e| e.ticket_id).collect();
     let payloads: Vec<String> = events.iter().map(|e| e.payload.to_string()).collect();
     sqlx::query(
-        "INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload)
-         SELECT e.event_type, e.entity_type, e.entity_id, e.ticket_id, e.payload::jsonb
+        "INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload, trace_context)
+         SELECT e.event_type, e.entity_type, e.entity_id, e.ticket_id, e.payload::jsonb, $6
          FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::text[])
               WITH ORDINALITY AS e(event_type, entity_type, entity_id, ticket_id, payload, ord)
          ORDER BY e.ord",
@@ -50,6 +65,7 @@ pub async fn insert(conn: &mut PgConnection, events: &[NewEvent]) -> Result<()> 
     .bind(ids)
     .bind(tickets)
     .bind(payloads)
+    .bind(current_trace())
     .execute(conn)
     .await?;
     Ok(())

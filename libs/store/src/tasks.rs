@@ -21,7 +21,7 @@ macro_rules! task_columns {
         "t.id, t.seq, t.ticket_id, t.title, t.description, t.phase, t.priority, t.status,
          t.unmet_deps, t.retry_count, t.max_retries, t.timeout_seconds, t.attempt,
          t.assigned_agent_id, t.error_message, t.error_class, t.result, t.created_at,
-         t.updated_at, t.started_at, t.completed_at, t.next_attempt_at,
+         t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context,
          ARRAY(SELECT d.depends_on FROM task_dependencies d WHERE d.task_id = t.id
                ORDER BY d.depends_on) AS depends_on"
     };
@@ -52,6 +52,8 @@ pub struct Task {
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub next_attempt_at: DateTime<Utc>,
+    /// The `traceparent` of the request that enqueued it.
+    pub trace_context: Option<String>,
     pub depends_on: Vec<Uuid>,
 }
 
@@ -84,6 +86,7 @@ impl<'r> FromRow<'r, PgRow> for Task {
             started_at: row.try_get("started_at")?,
             completed_at: row.try_get("completed_at")?,
             next_attempt_at: row.try_get("next_attempt_at")?,
+            trace_context: row.try_get("trace_context")?,
             depends_on: row.try_get("depends_on")?,
         })
     }
@@ -137,6 +140,8 @@ pub struct Report {
     pub task_id: Uuid,
     pub attempt: i32,
     pub result: Option<Value>,
+    /// The reporting request's `traceparent`, for the event it causes.
+    pub trace: Option<String>,
 }
 
 impl Store {
@@ -194,9 +199,9 @@ impl Store {
             .collect();
         sqlx::query(
             "INSERT INTO tasks (id, ticket_id, title, description, phase, priority, status,
-                                unmet_deps, max_retries, timeout_seconds)
+                                unmet_deps, max_retries, timeout_seconds, trace_context)
              SELECT n.id, n.ticket_id, n.title, n.description, n.phase, n.priority, 'pending',
-                    n.unmet, n.max_retries, n.timeout_seconds
+                    n.unmet, n.max_retries, n.timeout_seconds, $10
              FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int2[], $6::int4[],
                          $7::int4[], $8::int4[], $9::int4[]) WITH ORDINALITY
                   AS n(id, ticket_id, title, description, phase, priority, unmet, max_retries,
@@ -212,6 +217,7 @@ impl Store {
         .bind(&unmet)
         .bind(tasks.iter().map(|t| t.max_retries).collect::<Vec<_>>())
         .bind(tasks.iter().map(|t| t.timeout_seconds).collect::<Vec<_>>())
+        .bind(events::current_trace())
         .execute(&mut *tx)
         .await?;
 
@@ -326,10 +332,11 @@ impl Store {
                  WHERE t.id = n.id
                  RETURNING t.*
              ), ev AS (
-                 INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload)
+                 INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload, trace_context)
                  SELECT 'TASK_ASSIGNED', 'task', t.id, t.ticket_id,
                         jsonb_build_object('attempt', t.attempt, 'agent_id', t.assigned_agent_id,
-                                           'priority', t.priority)
+                                           'priority', t.priority),
+                        t.trace_context
                  FROM t ORDER BY t.priority DESC, t.seq
              )
              SELECT ",
@@ -393,13 +400,14 @@ impl Store {
                  SET status = 'running', started_at = now(), updated_at = now(),
                      deadline_at = CASE WHEN t.timeout_seconds > 0
                                         THEN now() + make_interval(secs => t.timeout_seconds) END
-                 FROM unnest($1::uuid[], $2::int4[]) AS r(id, attempt)
+                 FROM unnest($1::uuid[], $2::int4[], $3::text[]) AS r(id, attempt, trace)
                  WHERE t.id = r.id AND t.attempt = r.attempt AND t.status = 'assigned'
-                 RETURNING t.*
+                 RETURNING t.*, r.trace AS report_trace
              ), ev AS (
-                 INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload)
+                 INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload, trace_context)
                  SELECT 'TASK_STARTED', 'task', t.id, t.ticket_id,
-                        jsonb_build_object('attempt', t.attempt, 'agent_id', t.assigned_agent_id)
+                        jsonb_build_object('attempt', t.attempt, 'agent_id', t.assigned_agent_id),
+                        coalesce(t.report_trace, t.trace_context)
                  FROM t
              )
              SELECT ",
@@ -408,6 +416,7 @@ impl Store {
         ))
         .bind(&ids)
         .bind(&attempts)
+        .bind(traces(reports))
         .fetch_all(self.pool())
         .await?;
         self.match_reports(reports, rows, Action::Start).await
@@ -427,14 +436,15 @@ impl Store {
                  UPDATE tasks t
                  SET status = 'completed', result = r.result::jsonb, completed_at = now(),
                      updated_at = now(), deadline_at = NULL, error_message = NULL, error_class = NULL
-                 FROM unnest($1::uuid[], $2::int4[], $3::text[]) AS r(id, attempt, result)
+                 FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[]) AS r(id, attempt, result, trace)
                  WHERE t.id = r.id AND t.attempt = r.attempt AND t.status = 'running'
-                 RETURNING t.*
+                 RETURNING t.*, r.trace AS report_trace
              ), ev AS (
-                 INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload)
+                 INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload, trace_context)
                  SELECT 'TASK_COMPLETED', 'task', t.id, t.ticket_id,
                         jsonb_build_object('attempt', t.attempt, 'agent_id', t.assigned_agent_id,
-                                           'result', t.result)
+                                           'result', t.result),
+                        coalesce(t.report_trace, t.trace_context)
                  FROM t
              )
              SELECT ",
@@ -444,6 +454,7 @@ impl Store {
         .bind(&ids)
         .bind(&attempts)
         .bind(&results)
+        .bind(traces(reports))
         .fetch_all(&mut *tx)
         .await?;
         // A separate statement, so that its snapshot includes dependents
@@ -581,11 +592,11 @@ impl Store {
                  WHERE t.status = 'assigned'
                    AND CASE WHEN $1::uuid IS NULL THEN t.assignment_session = $2
                             ELSE t.assigned_agent_id = $1 AND t.assignment_session IS DISTINCT FROM $2 END
-                 RETURNING t.id, t.ticket_id, t.attempt
+                 RETURNING t.id, t.ticket_id, t.attempt, t.trace_context
              ), ev AS (
-                 INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload)
+                 INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload, trace_context)
                  SELECT 'TASK_REQUEUED', 'task', t.id, t.ticket_id,
-                        jsonb_build_object('attempt', t.attempt, 'reason', $3::text)
+                        jsonb_build_object('attempt', t.attempt, 'reason', $3::text), t.trace_context
                  FROM t
              )
              SELECT id FROM t",
@@ -704,6 +715,10 @@ fn already(action: Action) -> Option<TaskStatus> {
     }
 }
 
+fn traces(reports: &[Report]) -> Vec<Option<&str>> {
+    reports.iter().map(|r| r.trace.as_deref()).collect()
+}
+
 fn ids_and_attempts(reports: &[Report]) -> (Vec<Uuid>, Vec<i32>) {
     reports.iter().map(|r| (r.task_id, r.attempt)).unzip()
 }
@@ -796,12 +811,13 @@ async fn cancel_dependents(conn: &mut PgConnection, root: Uuid, reason: &str) ->
              UPDATE tasks t
              SET status = 'cancelled', error_message = $2, completed_at = now(), updated_at = now()
              FROM down WHERE t.id = down.id AND t.status = 'pending'
-             RETURNING t.id, t.ticket_id, t.seq
+             RETURNING t.id, t.ticket_id, t.seq, t.trace_context
          ), ev AS (
-             INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload)
+             INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload, trace_context)
              SELECT 'TASK_CANCELLED', 'task', t.id, t.ticket_id,
                     jsonb_build_object('reason', $2::text, 'cause_task_id', $1::uuid,
-                                       'previous_status', 'pending')
+                                       'previous_status', 'pending'),
+                    t.trace_context
              FROM t ORDER BY t.seq
          )
          SELECT id FROM t",

@@ -18,6 +18,7 @@ use omoi_proto::ticket::{self as tk, ticket_service_client::TicketServiceClient}
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::config::{Config, RunnerKind, WorkspacePolicy};
@@ -62,6 +63,20 @@ pub struct Worker {
     pub accepting: AtomicBool,
     interval_secs: AtomicU64,
     repositories: Mutex<HashMap<String, String>>,
+}
+
+/// The span of one attempt, continuing the trace the dispatch sent along.
+fn run_span(a: &tq::Assignment) -> tracing::Span {
+    let task_id = a.task.as_ref().map(|t| t.id.as_str()).unwrap_or_default();
+    let span = tracing::info_span!(
+        "run",
+        otel.name = "run",
+        otel.kind = "consumer",
+        task_id,
+        attempt = a.attempt
+    );
+    omoi_runtime::trace::adopt(&span, &a.trace_context);
+    span
 }
 
 /// Phases from `INITIAL,IMPLEMENTATION` (with or without the PHASE_ prefix).
@@ -270,7 +285,8 @@ impl Worker {
                         match msg {
                             Ok(Some(m)) => match m.event {
                                 Some(StreamEvent::Assignment(a)) => {
-                                    tokio::spawn(Arc::clone(&self).execute(a));
+                                    let span = run_span(&a);
+                                    tokio::spawn(Arc::clone(&self).execute(a).instrument(span));
                                 }
                                 Some(StreamEvent::Cancellation(c)) => {
                                     if let Ok(id) = c.task_id.parse() {

@@ -171,7 +171,7 @@ impl Registry {
     ) {
         let filter = topology.entity_filter("task");
         let store = self.store.clone();
-        omoi_bus::consumer::consume(
+        omoi_runtime::trace::consume(
             nats,
             topology,
             "omoi-health-task-outcomes".to_owned(),

@@ -413,6 +413,7 @@ impl Dispatcher {
                 let message = pb::WatchAssignmentsResponse {
                     event: Some(StreamEvent::Assignment(pb::Assignment {
                         attempt: task.attempt,
+                        trace_context: dispatch_trace(&task, agent),
                         task: Some(convert::task(&task)),
                     })),
                 };
@@ -430,6 +431,24 @@ impl Dispatcher {
             self.requeue(session).await;
         }
     }
+}
+
+/// A span for handing `task` to `agent`, in the trace of the request that
+/// enqueued it; its context goes with the assignment to the agent's run.
+fn dispatch_trace(task: &omoi_store::Task, agent: Uuid) -> HashMap<String, String> {
+    let Some(traceparent) = task.trace_context.as_deref() else {
+        return HashMap::new();
+    };
+    let span = tracing::info_span!(
+        "dispatch",
+        otel.name = "dispatch",
+        otel.kind = "producer",
+        task_id = %task.id,
+        attempt = task.attempt,
+        agent_id = %agent,
+    );
+    omoi_runtime::trace::adopt_traceparent(&span, Some(traceparent));
+    span.in_scope(omoi_runtime::trace::current_carrier)
 }
 
 /// Round-robin slots over agents, so that the highest-priority tasks spread

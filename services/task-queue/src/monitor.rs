@@ -67,7 +67,7 @@ pub async fn reclaim_from_stale_agents(
     shutdown: CancellationToken,
 ) {
     let filter = topology.event_filter("agent", "AGENT_STALE");
-    omoi_bus::consumer::consume(
+    omoi_runtime::trace::consume(
         nats,
         topology,
         "omoi-task-queue-stale-agents".to_owned(),

@@ -83,6 +83,8 @@ fn report(task_id: &str, attempt: i32) -> Result<Report, Status> {
         task_id: validate::uuid("task_id", task_id).map_err(invalid)?,
         attempt: validate::attempt("attempt", attempt).map_err(invalid)?,
         result: None,
+        // Read here, in the RPC's span: the batch runs in a task of its own.
+        trace: omoi_runtime::trace::current(),
     })
 }
 

@@ -229,7 +229,7 @@ impl Planner {
     ) {
         let filter = topology.entity_filter("task");
         let this = Arc::clone(&self);
-        omoi_bus::consumer::consume(nats, topology, CONSUMER.to_owned(), filter, shutdown, move |event| {
+        omoi_runtime::trace::consume(nats, topology, CONSUMER.to_owned(), filter, shutdown, move |event| {
             let this = Arc::clone(&this);
             async move {
                 let started = event_starts(&event.event_type);

@@ -1,0 +1,162 @@
+//! W3C trace context across process boundaries: in gRPC metadata, in NATS
+//! headers (through the outbox's `trace_context`), and in assignments, so
+//! one trace follows a ticket from CreateTicket to its last status change.
+//! Without an OTLP exporter spans have no context and nothing is carried.
+
+use std::collections::HashMap;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The header (and carrier key) of W3C trace context.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// The current span's context as a carrier (`traceparent`, `tracestate`);
+/// empty when there is none to carry.
+pub fn current_carrier() -> HashMap<String, String> {
+    let cx = tracing::Span::current().context();
+    let mut carrier = HashMap::new();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    }
+    carrier
+}
+
+/// The current span's `traceparent`, if it has a context.
+pub fn current() -> Option<String> {
+    current_carrier().remove(TRACEPARENT)
+}
+
+/// Makes `span` a child of the context in `carrier`, when it holds a valid
+/// one; call before the span is first entered.
+pub fn adopt(span: &tracing::Span, carrier: &dyn Extractor) {
+    let cx = TraceContextPropagator::new().extract(carrier);
+    if cx.span().span_context().is_valid() {
+        // Fails only when the span is disabled or already started: then it
+        // simply keeps its own parent.
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// [`adopt`] from a bare `traceparent` value.
+pub fn adopt_traceparent(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(tp) = traceparent {
+        adopt(span, &Single(tp));
+    }
+}
+
+struct Single<'a>(&'a str);
+
+impl Extractor for Single<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == TRACEPARENT).then_some(self.0)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![TRACEPARENT]
+    }
+}
+
+/// Reads trace context from HTTP/2 (gRPC) request headers.
+pub struct Headers<'a>(pub &'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// Writes trace context into outgoing gRPC metadata.
+pub struct Metadata<'a>(pub &'a mut tonic::metadata::MetadataMap);
+
+impl Injector for Metadata<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), value.parse()) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// Adds the current span's context to outgoing gRPC metadata.
+pub fn inject_current(metadata: &mut tonic::metadata::MetadataMap) {
+    let cx = tracing::Span::current().context();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut Metadata(metadata));
+    }
+}
+
+/// The span of work done on behalf of a consumed event, child of the
+/// context its publisher recorded.
+pub fn consumed(consumer: &str, event_type: &str, traceparent: Option<&str>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "consume",
+        otel.name = format!("{consumer} {event_type}"),
+        otel.kind = "consumer",
+        event_type,
+    );
+    adopt_traceparent(&span, traceparent);
+    span
+}
+
+/// [`omoi_bus::consumer::consume`] with each event handled in a span that
+/// continues the trace its publisher recorded.
+pub async fn consume<F, Fut>(
+    client: async_nats::Client,
+    topology: omoi_bus::Topology,
+    durable: String,
+    filter: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    mut handle: F,
+) where
+    F: FnMut(omoi_proto::events::Event) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    use tracing::Instrument as _;
+    let name = durable.clone();
+    omoi_bus::consumer::consume(
+        client,
+        topology,
+        durable,
+        filter,
+        shutdown,
+        move |event, traceparent| {
+            let span = consumed(&name, &event.event_type, traceparent.as_deref());
+            handle(event).instrument(span)
+        },
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_tracer_nothing_is_carried() {
+        assert!(current().is_none());
+        let mut md = tonic::metadata::MetadataMap::new();
+        inject_current(&mut md);
+        assert!(md.is_empty());
+    }
+
+    #[test]
+    fn headers_and_metadata_carry_traceparent() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut md = tonic::metadata::MetadataMap::new();
+        Metadata(&mut md).set(TRACEPARENT, tp.to_owned());
+        let headers = md.into_headers();
+        assert_eq!(Headers(&headers).get(TRACEPARENT), Some(tp));
+        let cx = TraceContextPropagator::new().extract(&Headers(&headers));
+        assert_eq!(
+            cx.span().span_context().trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(Single(tp).get(TRACEPARENT), Some(tp));
+    }
+}
