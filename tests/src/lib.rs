@@ -7,6 +7,7 @@ pub mod events;
 pub mod infra;
 pub mod mesh;
 pub mod openhands;
+pub mod pki;
 pub mod process;
 
 use std::time::Duration;

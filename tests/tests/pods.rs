@@ -7,7 +7,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use omoi_proto::ticket as pb;
+use omoi_proto::ticket::{self as pb, ticket_service_client::TicketServiceClient};
+use omoi_runtime::grpc::Connector;
+use omoi_runtime::tls::TlsArgs;
+use omoi_tests::pki::Pki;
 use omoi_tests::process::{Service, binary, free_port};
 use omoi_tests::{Infra, eventually, ticket_client};
 use serde_json::{Value, json};
@@ -61,16 +64,25 @@ struct Pod {
 }
 
 /// A container as the kubelet would run it, with cluster addresses mapped
-/// to local ports (`ports`: in-cluster port -> local port).
-fn pod(docs: &[Value], workload: &Value, ports: &HashMap<u64, u16>, workspaces: &Path) -> Pod {
+/// to local ports (`ports`: in-cluster port -> local port; the pod's other
+/// ports get their own) and mounted files to local ones (`files`).
+fn pod(docs: &[Value], workload: &Value, ports: &HashMap<u64, u16>, files: &HashMap<String, String>) -> Pod {
     let container = &workload["spec"]["template"]["spec"]["containers"][0];
+    let mut ports = ports.clone();
+    for p in container["ports"].as_array().into_iter().flatten() {
+        ports
+            .entry(p["containerPort"].as_u64().unwrap())
+            .or_insert_with(free_port);
+    }
     let rewrite = |v: &str| -> String {
         let mut out = v.to_owned();
-        for (cluster, local) in ports {
-            if let Some(rest) = v.strip_prefix("http://")
-                && rest.ends_with(&format!(".svc:{cluster}"))
-            {
-                out = format!("http://127.0.0.1:{local}");
+        for (cluster, local) in &ports {
+            for scheme in ["http", "https"] {
+                if let Some(rest) = v.strip_prefix(&format!("{scheme}://"))
+                    && rest.ends_with(&format!(".svc:{cluster}"))
+                {
+                    out = format!("{scheme}://127.0.0.1:{local}");
+                }
             }
             if v == format!("0.0.0.0:{cluster}") {
                 out = format!("127.0.0.1:{local}");
@@ -80,8 +92,8 @@ fn pod(docs: &[Value], workload: &Value, ports: &HashMap<u64, u16>, workspaces: 
         if out == v && v.starts_with("0.0.0.0:") {
             out = format!("127.0.0.1:{}", free_port());
         }
-        if v == "/workspaces" {
-            out = workspaces.display().to_string();
+        if let Some(local) = files.get(v) {
+            out = local.clone();
         }
         out
     };
@@ -138,6 +150,20 @@ async fn probe(port: u16, service: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_charts_pods_serve_and_run_a_ticket() {
+    run_the_charts_pods(None).await;
+}
+
+/// `tls.enabled`: mTLS between the pods, probes on their plaintext port, the
+/// Secret's files where the chart mounts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_pods_run_a_ticket_over_mtls() {
+    let pki = Pki::new();
+    let ca = pki.ca("ca");
+    pki.leaf("tls", &ca);
+    run_the_charts_pods(Some(&pki)).await;
+}
+
+async fn run_the_charts_pods(tls: Option<&Pki>) {
     let infra = Infra::new().await.unwrap();
     let docs = render(&json!({
         "database": {"url": infra.db.url},
@@ -149,6 +175,7 @@ async fn the_charts_pods_serve_and_run_a_ticket() {
             "timeoutCheckIntervalSeconds": 1,
         },
         "executor": {"replicas": 1, "command": "omoi-demo-agent"},
+        "tls": {"enabled": tls.is_some(), "secretName": "omoi-tls"},
     }));
     let ports: HashMap<u64, u16> = [50051u64, 50052, 50053, 50054]
         .into_iter()
@@ -156,9 +183,18 @@ async fn the_charts_pods_serve_and_run_a_ticket() {
         .collect();
     let workspaces = std::env::temp_dir().join(format!("omoi-pods-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&workspaces).unwrap();
+    let mut files = HashMap::from([("/workspaces".to_string(), workspaces.display().to_string())]);
+    if let Some(pki) = tls {
+        for (mounted, local) in [("tls.crt", "tls.pem"), ("tls.key", "tls.key"), ("ca.crt", "ca.pem")] {
+            files.insert(
+                format!("/etc/omoi/tls/{mounted}"),
+                pki.path(local).display().to_string(),
+            );
+        }
+    }
 
     // The pre-install hook first: the migration Job.
-    let job = pod(&docs, find(&docs, "Job", "omoi-migrate"), &ports, &workspaces);
+    let job = pod(&docs, find(&docs, "Job", "omoi-migrate"), &ports, &files);
     let out = std::process::Command::new(binary(
         Path::new(&job.command[0]).file_name().unwrap().to_str().unwrap(),
     ))
@@ -179,7 +215,7 @@ async fn the_charts_pods_serve_and_run_a_ticket() {
             &docs,
             find(&docs, "Deployment", &format!("omoi-{component}")),
             &ports,
-            &workspaces,
+            &files,
         );
         let bin = Path::new(&p.command[0])
             .file_name()
@@ -198,7 +234,27 @@ async fn the_charts_pods_serve_and_run_a_ticket() {
         running.push((component, svc));
     }
 
-    let tickets = ticket_client(&format!("http://127.0.0.1:{}", ports[&50051]));
+    let tickets = match tls {
+        Some(pki) => {
+            // A client of the mesh's own CA (here: with the pods' certificate).
+            let client = TlsArgs {
+                tls_cert: Some(pki.path("tls.pem")),
+                tls_key: Some(pki.path("tls.key")),
+                tls_ca: Some(pki.path("ca.pem")),
+            };
+            let connector = Connector::new(None, &client).unwrap();
+            let url = format!("https://127.0.0.1:{}", ports[&50051]);
+            // Plaintext is refused on the API port.
+            assert!(
+                ticket_client(&format!("http://127.0.0.1:{}", ports[&50051]))
+                    .list_tickets(pb::ListTicketsRequest::default())
+                    .await
+                    .is_err()
+            );
+            TicketServiceClient::new(connector.channel(&url).unwrap())
+        }
+        None => ticket_client(&format!("http://127.0.0.1:{}", ports[&50051])),
+    };
     let created = tickets
         .clone()
         .create_ticket(pb::CreateTicketRequest {

@@ -2,7 +2,7 @@
 //! made here: a ticket goes through a mesh whose every connection is mTLS,
 //! and callers without the right certificate get nothing done.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use omoi_proto::ticket::{self as pb, ticket_service_client::TicketServiceClient};
@@ -10,63 +10,9 @@ use omoi_runtime::grpc::Connector;
 use omoi_runtime::tls::TlsArgs;
 use omoi_tests::Infra;
 use omoi_tests::mesh::{Options, ProcessMesh};
+use omoi_tests::pki::Pki;
 use omoi_tests::process::free_port;
-use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use tonic_health::ServingStatus;
-
-/// A CA and the certificates it issued, as PEM files in a directory.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("omoi-pki-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    /// A self-signed CA written as `<name>.pem`; returns what signs with it.
-    fn ca(&self, name: &str) -> Issuer<'static, KeyPair> {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("omoi test {name}"));
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
-        Issuer::new(params, key)
-    }
-
-    /// A leaf for 127.0.0.1 and localhost, good as server and as client,
-    /// written as `<name>.pem` and `<name>.key`.
-    fn leaf(&self, name: &str, ca: &Issuer<'static, KeyPair>) -> TlsArgs {
-        let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, ca).unwrap();
-        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
-        std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).unwrap();
-        TlsArgs {
-            tls_cert: Some(self.path(&format!("{name}.pem"))),
-            tls_key: Some(self.path(&format!("{name}.key"))),
-            tls_ca: None,
-        }
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn trusting(mut args: TlsArgs, ca: &Path) -> TlsArgs {
     args.tls_ca = Some(ca.to_owned());
