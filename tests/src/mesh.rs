@@ -57,13 +57,7 @@ impl ProcessMesh {
         let mut env = infra.task_queue_env(&format!("127.0.0.1:{tq_port}"));
         env.push(("OMOI_METRICS_ADDR".into(), format!("127.0.0.1:{}", metrics.0)));
         env.extend(options.env.iter().cloned());
-        let spawn = |bin: &str, port: u16, env: &[(String, String)]| -> anyhow::Result<Service> {
-            let mut service = Service::spawn(bin, port, env)?;
-            if options.tls.is_some() {
-                service.url = format!("https://127.0.0.1:{port}");
-            }
-            Ok(service)
-        };
+        let spawn = |bin: &str, port: u16, env: &[(String, String)]| spawn(bin, port, env, options.tls.is_some());
         let connector = options.tls.clone().unwrap_or_default();
         let task_queue = spawn("omoi-task-queue", tq_port, &env)?;
         wait(&connector, &task_queue.url).await?;
@@ -136,10 +130,7 @@ impl ProcessMesh {
         env.extend(self.env.iter().cloned());
         env.extend(self.executor_env.iter().cloned());
         env.extend(extra.iter().cloned());
-        let mut executor = Service::spawn("omoi-executor", port, &env)?;
-        if self.connector.is_some() {
-            executor.url = format!("https://127.0.0.1:{port}");
-        }
+        let executor = spawn("omoi-executor", port, &env, self.connector.is_some())?;
         wait(&self.connector.clone().unwrap_or_default(), &executor.url).await?;
         self.executors.push(executor);
         Ok(())
@@ -164,6 +155,15 @@ impl ProcessMesh {
         let _ = std::fs::remove_dir_all(&self.workspace_root);
         Ok(codes)
     }
+}
+
+/// Starts a service process, reached at https:// when the mesh runs TLS.
+fn spawn(bin: &str, port: u16, env: &[(String, String)], tls: bool) -> anyhow::Result<Service> {
+    let mut service = Service::spawn(bin, port, env)?;
+    if tls {
+        service.url = format!("https://127.0.0.1:{port}");
+    }
+    Ok(service)
 }
 
 async fn wait(connector: &Connector, url: &str) -> anyhow::Result<()> {

@@ -12,7 +12,7 @@ use omoi_runtime::grpc::Connector;
 use omoi_runtime::tls::TlsArgs;
 use omoi_tests::pki::Pki;
 use omoi_tests::process::{Service, binary, free_port};
-use omoi_tests::{Infra, eventually, ticket_client};
+use omoi_tests::{Infra, eventually, ticket_client, wait_ticket};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -265,16 +265,7 @@ async fn run_the_charts_pods(tls: Option<&Pki>) {
         .unwrap()
         .into_inner();
     let id = created.ticket.unwrap().id;
-    eventually(WAIT, "ticket completed", || async {
-        let t = tickets
-            .clone()
-            .get_ticket(pb::GetTicketRequest { ticket_id: id.clone() })
-            .await
-            .ok()?
-            .into_inner();
-        (t.ticket?.status == 3).then_some(())
-    })
-    .await;
+    wait_ticket(&tickets, &id, omoi_proto::common::TicketStatus::Completed as i32).await;
 
     // SIGTERM, as the kubelet sends it: each exits cleanly within its grace period.
     for (component, svc) in running.into_iter().rev() {

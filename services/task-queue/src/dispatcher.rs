@@ -341,10 +341,7 @@ impl Dispatcher {
             let tasks = match self.store.assign(phases.as_deref(), &slots, stamp).await {
                 Ok(tasks) => tasks,
                 Err(e) => {
-                    self.unsure
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((stamp, slots));
+                    self.remember_unsure(stamp, slots);
                     return Err(e);
                 }
             };
@@ -384,14 +381,20 @@ impl Dispatcher {
                     self.deliver(&slots, tasks).await;
                 }
                 Err(e) => {
-                    self.unsure
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((stamp, slots));
+                    self.remember_unsure(stamp, slots);
                     return Err(e);
                 }
             }
         }
+    }
+
+    /// A claim failed without an answer: it may have committed, so the next
+    /// round looks its tasks up by `stamp`.
+    fn remember_unsure(&self, stamp: chrono::DateTime<chrono::Utc>, slots: Vec<Slot>) {
+        self.unsure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((stamp, slots));
     }
 
     async fn deliver(&self, slots: &[Slot], tasks: Vec<omoi_store::Task>) {
