@@ -7,6 +7,7 @@ mod relay;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
+use omoi_domain::{Entity, EventType};
 
 pub use relay::Relay;
 
@@ -58,19 +59,19 @@ impl Topology {
         )
     }
 
-    /// Every event of one type, e.g. ("agent", "AGENT_STALE").
-    pub fn event_filter(&self, entity_type: &str, event_type: &str) -> String {
+    /// Every event of one type.
+    pub fn event_filter(&self, event_type: EventType) -> String {
         format!(
             "{}.events.{}.{}.>",
             self.prefix,
-            entity_type,
-            event_type.to_ascii_lowercase()
+            event_type.entity().as_str(),
+            event_type.as_str().to_ascii_lowercase()
         )
     }
 
-    /// Every event of one entity type, e.g. "task".
-    pub fn entity_filter(&self, entity_type: &str) -> String {
-        format!("{}.events.{}.>", self.prefix, entity_type)
+    /// Every event about one kind of entity.
+    pub fn entity_filter(&self, entity: Entity) -> String {
+        format!("{}.events.{}.>", self.prefix, entity.as_str())
     }
 
     /// Every event about one ticket (the ticket's own and its tasks').
@@ -168,6 +169,8 @@ mod tests {
             "omoi.events.agent.agent_stale.none"
         );
         assert_eq!(t.events_wildcard(), "omoi.events.>");
+        assert_eq!(t.event_filter(EventType::AgentStale), "omoi.events.agent.agent_stale.>");
+        assert_eq!(t.entity_filter(Entity::Task), "omoi.events.task.>");
         assert_eq!(t.control_subject("wake"), "omoi.control.wake");
     }
 }

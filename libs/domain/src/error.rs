@@ -35,6 +35,10 @@ pub enum DomainError {
     IllegalTransition { from: TaskStatus, action: Action },
     #[error("invalid argument {field}: dependency cycle through {}", format_ids(members))]
     Cycle { field: String, members: Vec<Uuid> },
+    #[error("attempt {reported} of task {task_id} is not current (current attempt is {current})")]
+    StaleAttempt { task_id: Uuid, reported: i32, current: i32 },
+    #[error("task {task_id} changed concurrently; it is now {status}")]
+    Concurrent { task_id: Uuid, status: TaskStatus },
 }
 
 impl DomainError {

@@ -4,10 +4,13 @@ pub mod agent;
 pub mod backoff;
 pub mod classify;
 pub mod error;
+pub mod event;
 pub mod graph;
+pub mod rules;
 pub mod task;
 pub mod ticket;
 pub mod validate;
 
 pub use error::{DomainError, FieldError};
-pub use task::{Action, ErrorClass, Phase, TaskStatus};
+pub use event::{Entity, Envelope, Event, EventType};
+pub use task::{Action, ErrorClass, Phase, Task, TaskStatus};

@@ -3,6 +3,10 @@
 use std::fmt;
 use std::str::FromStr;
 
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
 use crate::error::DomainError;
 
 /// Status of a task; the string forms are the values stored in PostgreSQL.
@@ -81,6 +85,59 @@ impl FromStr for TaskStatus {
             .into_iter()
             .find(|status| status.as_str() == s)
             .ok_or_else(|| format!("unknown task status {s:?}"))
+    }
+}
+
+/// A task as the queue keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub id: Uuid,
+    /// Insertion order; the cursor of listings and the tie-break of claims.
+    pub seq: i64,
+    pub ticket_id: Option<Uuid>,
+    pub title: String,
+    pub description: String,
+    pub phase: Phase,
+    pub priority: i32,
+    pub status: TaskStatus,
+    /// Dependencies not completed yet; ready at zero.
+    pub unmet_deps: i32,
+    pub retry_count: i32,
+    pub max_retries: i32,
+    /// 0 = no timeout.
+    pub timeout_seconds: i32,
+    /// Bumped by every assignment; reports name the attempt they are about.
+    pub attempt: i32,
+    pub assigned_agent_id: Option<Uuid>,
+    pub error_message: Option<String>,
+    pub error_class: Option<ErrorClass>,
+    pub result: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub next_attempt_at: DateTime<Utc>,
+    /// The `traceparent` of the request that enqueued it.
+    pub trace_context: Option<String>,
+    pub depends_on: Vec<Uuid>,
+}
+
+impl Task {
+    /// Refuses a report about any attempt but the current one.
+    pub fn check_attempt(&self, reported: i32) -> Result<(), DomainError> {
+        if self.attempt != reported {
+            return Err(DomainError::StaleAttempt {
+                task_id: self.id,
+                reported,
+                current: self.attempt,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether another retry is allowed.
+    pub fn retries_left(&self) -> bool {
+        self.retry_count < self.max_retries
     }
 }
 
@@ -183,6 +240,10 @@ impl Phase {
             Phase::Integration => "PHASE_INTEGRATION",
             Phase::Refactoring => "PHASE_REFACTORING",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
     }
 }
 

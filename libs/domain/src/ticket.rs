@@ -4,6 +4,7 @@
 use std::fmt;
 
 use crate::error::DomainError;
+use crate::event::EventType;
 use crate::graph;
 use crate::task::Phase;
 use crate::validate;
@@ -60,17 +61,6 @@ impl TicketStatus {
             TicketStatus::Completed | TicketStatus::Failed | TicketStatus::Cancelled
         )
     }
-
-    /// The event recorded when a ticket enters this status.
-    pub fn event_type(self) -> &'static str {
-        match self {
-            TicketStatus::Open => "TICKET_CREATED",
-            TicketStatus::InProgress => "TICKET_STARTED",
-            TicketStatus::Completed => "TICKET_COMPLETED",
-            TicketStatus::Failed => "TICKET_FAILED",
-            TicketStatus::Cancelled => "TICKET_CANCELLED",
-        }
-    }
 }
 
 impl fmt::Display for TicketStatus {
@@ -114,19 +104,19 @@ impl TaskOutcome {
     }
 
     /// The outcome a task event settles, if any.
-    pub fn of_event(event_type: &str) -> Option<Self> {
+    pub fn of_event(event_type: EventType) -> Option<Self> {
         match event_type {
-            "TASK_COMPLETED" => Some(TaskOutcome::Completed),
-            "TASK_FAILED" => Some(TaskOutcome::Failed),
-            "TASK_CANCELLED" => Some(TaskOutcome::Cancelled),
+            EventType::TaskCompleted => Some(TaskOutcome::Completed),
+            EventType::TaskFailed => Some(TaskOutcome::Failed),
+            EventType::TaskCancelled => Some(TaskOutcome::Cancelled),
             _ => None,
         }
     }
 }
 
 /// Whether a task event shows the task has started work.
-pub fn event_starts(event_type: &str) -> bool {
-    matches!(event_type, "TASK_STARTED" | "TASK_COMPLETED")
+pub fn event_starts(event_type: EventType) -> bool {
+    matches!(event_type, EventType::TaskStarted | EventType::TaskCompleted)
 }
 
 /// The ticket's status given its tasks: failed as soon as one task failed
@@ -385,10 +375,10 @@ mod tests {
 
     #[test]
     fn events_map_to_progress() {
-        assert!(event_starts("TASK_STARTED"));
-        assert!(!event_starts("TASK_ASSIGNED"));
-        assert_eq!(TaskOutcome::of_event("TASK_FAILED"), Some(Failed));
-        assert_eq!(TaskOutcome::of_event("TASK_RETRIED"), None);
+        assert!(event_starts(EventType::TaskStarted));
+        assert!(!event_starts(EventType::TaskAssigned));
+        assert_eq!(TaskOutcome::of_event(EventType::TaskFailed), Some(Failed));
+        assert_eq!(TaskOutcome::of_event(EventType::TaskRetried), None);
         for s in TicketStatus::ALL {
             assert_eq!(TicketStatus::parse(s.as_str()), Some(s));
             assert_eq!(TicketStatus::from_proto(s.to_proto()), Some(s));

@@ -73,6 +73,43 @@ pub fn from_timestamp(t: &Timestamp) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
 }
 
+/// Why a published event could not be read as a domain event.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// A type this version does not know (a newer publisher); consumers skip it.
+    #[error("unknown event type {0:?}")]
+    UnknownType(String),
+    #[error("event {field}: {reason}")]
+    Malformed { field: &'static str, reason: String },
+}
+
+/// A published event read back as the domain's: its type, entity and
+/// typed payload.
+impl TryFrom<&crate::events::Event> for omoi_domain::Envelope {
+    type Error = EventError;
+
+    fn try_from(e: &crate::events::Event) -> Result<Self, EventError> {
+        let event_type = omoi_domain::EventType::parse(&e.event_type)
+            .ok_or_else(|| EventError::UnknownType(e.event_type.clone()))?;
+        let malformed = |field: &'static str, reason: String| EventError::Malformed { field, reason };
+        let entity_id = e
+            .entity_id
+            .parse()
+            .map_err(|err: uuid::Error| malformed("entity_id", err.to_string()))?;
+        let ticket_id = match e.ticket_id.as_str() {
+            "" => None,
+            id => Some(
+                id.parse()
+                    .map_err(|err: uuid::Error| malformed("ticket_id", err.to_string()))?,
+            ),
+        };
+        let payload = e.payload.as_ref().map(struct_to_json).unwrap_or(Json::Null);
+        let event =
+            omoi_domain::Event::parse(event_type, payload).map_err(|err| malformed("payload", err.to_string()))?;
+        Ok(omoi_domain::Envelope::new(entity_id, ticket_id, event))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +132,44 @@ mod tests {
             kind: Some(Kind::NumberValue(f64::NAN)),
         };
         assert_eq!(value_to_json(&v), Json::Null);
+    }
+
+    #[test]
+    fn published_events_read_back_typed() {
+        use omoi_domain::event::{Event as Domain, TaskStarted};
+        let task = uuid::Uuid::now_v7();
+        let agent = uuid::Uuid::now_v7();
+        let started = Domain::TaskStarted(TaskStarted {
+            attempt: 2,
+            agent_id: Some(agent),
+        });
+        let wire = crate::events::Event {
+            id: uuid::Uuid::now_v7().to_string(),
+            event_type: "TASK_STARTED".into(),
+            entity_type: "task".into(),
+            entity_id: task.to_string(),
+            ticket_id: String::new(),
+            occurred_at: None,
+            payload: Some(json_to_struct(&started.payload())),
+        };
+        let read = omoi_domain::Envelope::try_from(&wire).unwrap();
+        assert_eq!(read, omoi_domain::Envelope::new(task, None, started));
+        let unknown = crate::events::Event {
+            event_type: "TASK_TELEPORTED".into(),
+            ..wire.clone()
+        };
+        assert!(matches!(
+            omoi_domain::Envelope::try_from(&unknown),
+            Err(EventError::UnknownType(_))
+        ));
+        let bad = crate::events::Event {
+            payload: Some(json_to_struct(&serde_json::json!({"attempt": "x"}))),
+            ..wire
+        };
+        assert!(matches!(
+            omoi_domain::Envelope::try_from(&bad),
+            Err(EventError::Malformed { field: "payload", .. })
+        ));
     }
 
     #[test]

@@ -10,9 +10,7 @@ pub fn from_store(err: StoreError) -> Status {
     match err {
         StoreError::Domain(d) => from_domain(d),
         StoreError::NotFound { .. } => Status::not_found(err.to_string()),
-        StoreError::StaleAttempt { .. } | StoreError::FailedPrecondition(_) => {
-            Status::failed_precondition(err.to_string())
-        }
+        StoreError::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
         StoreError::AlreadyExists(_) => Status::already_exists(err.to_string()),
         StoreError::Unavailable(_) => {
             tracing::warn!(error = %err, "database unavailable");
@@ -28,7 +26,9 @@ pub fn from_store(err: StoreError) -> Status {
 pub fn from_domain(err: DomainError) -> Status {
     match err {
         DomainError::InvalidArgument(_) | DomainError::Cycle { .. } => Status::invalid_argument(err.to_string()),
-        DomainError::IllegalTransition { .. } => Status::failed_precondition(err.to_string()),
+        DomainError::IllegalTransition { .. } | DomainError::StaleAttempt { .. } | DomainError::Concurrent { .. } => {
+            Status::failed_precondition(err.to_string())
+        }
     }
 }
 
@@ -46,11 +46,11 @@ mod tests {
             Code::NotFound
         );
         assert_eq!(
-            from_store(StoreError::StaleAttempt {
+            from_store(StoreError::Domain(DomainError::StaleAttempt {
                 task_id: id,
                 reported: 1,
                 current: 2
-            })
+            }))
             .code(),
             Code::FailedPrecondition
         );

@@ -104,8 +104,9 @@ pub fn consumed(consumer: &str, event_type: &str, traceparent: Option<&str>) -> 
     span
 }
 
-/// [`omoi_bus::consumer::consume`] with each event handled in a span that
-/// continues the trace its publisher recorded.
+/// [`omoi_bus::consumer::consume`] with each event read as the domain's
+/// (id and envelope) and handled in a span that continues the trace its
+/// publisher recorded. Events this version cannot read are skipped.
 pub async fn consume<F, Fut>(
     client: async_nats::Client,
     topology: omoi_bus::Topology,
@@ -114,9 +115,10 @@ pub async fn consume<F, Fut>(
     shutdown: tokio_util::sync::CancellationToken,
     mut handle: F,
 ) where
-    F: FnMut(omoi_proto::events::Event) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    F: FnMut(uuid::Uuid, omoi_domain::Envelope) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
 {
+    use futures::FutureExt as _;
     use tracing::Instrument as _;
     let name = durable.clone();
     omoi_bus::consumer::consume(
@@ -127,7 +129,18 @@ pub async fn consume<F, Fut>(
         shutdown,
         move |event, traceparent| {
             let span = consumed(&name, &event.event_type, traceparent.as_deref());
-            handle(event).instrument(span)
+            let read = event
+                .id
+                .parse::<uuid::Uuid>()
+                .map_err(|e| e.to_string())
+                .and_then(|id| Ok((id, omoi_domain::Envelope::try_from(&event).map_err(|e| e.to_string())?)));
+            match read {
+                Ok((id, envelope)) => handle(id, envelope).instrument(span).boxed(),
+                Err(error) => {
+                    span.in_scope(|| tracing::warn!(%error, event_id = %event.id, "skipping an unreadable event"));
+                    futures::future::ready(Ok(())).boxed()
+                }
+            }
         },
     )
     .await

@@ -11,7 +11,10 @@ use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
-use crate::events::{self, NewEvent};
+use omoi_domain::event::{AgentChanged, AgentRegistered, AgentStale};
+use omoi_domain::{Envelope, Event};
+
+use crate::events;
 use crate::{Result, Store, StoreError, consumed};
 
 const AGENT_COLUMNS: &str = "id, agent_type, phases, capacity, labels, status, registered_at, last_heartbeat_at,
@@ -86,21 +89,15 @@ pub struct AgentStats {
     pub agents: Vec<Agent>,
 }
 
-fn agent_event(event_type: &'static str, agent: &Agent, extra: Value) -> NewEvent {
-    let mut payload = json!({
-        "agent_type": agent.agent_type,
-        "status": agent.status.as_str(),
-        "last_heartbeat_at": agent.last_heartbeat_at,
-    });
-    if let (Some(p), Value::Object(extra)) = (payload.as_object_mut(), extra) {
-        p.extend(extra);
-    }
-    NewEvent {
-        event_type,
-        entity_type: "agent",
-        entity_id: agent.id,
-        ticket_id: None,
-        payload,
+fn agent_event(agent: &Agent, event: fn(AgentChanged) -> Event) -> Envelope {
+    Envelope::new(agent.id, None, event(agent_changed(agent)))
+}
+
+fn agent_changed(agent: &Agent) -> AgentChanged {
+    AgentChanged {
+        agent_type: agent.agent_type.clone(),
+        status: agent.status,
+        last_heartbeat_at: agent.last_heartbeat_at,
     }
 }
 
@@ -123,15 +120,12 @@ impl Store {
         .bind(&r.labels)
         .fetch_one(&mut *tx)
         .await?;
-        events::insert(
-            &mut tx,
-            &[agent_event(
-                "AGENT_REGISTERED",
-                &agent,
-                json!({"capacity": agent.capacity, "phases": phases}),
-            )],
-        )
-        .await?;
+        let registered = Event::AgentRegistered(AgentRegistered {
+            agent: agent_changed(&agent),
+            capacity: agent.capacity,
+            phases: agent.phases.clone(),
+        });
+        events::insert(&mut tx, &[Envelope::new(agent.id, None, registered)]).await?;
         tx.commit().await?;
         Ok(agent)
     }
@@ -173,7 +167,7 @@ impl Store {
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
-        events::insert(&mut tx, &[agent_event("AGENT_DEREGISTERED", &agent, json!({}))]).await?;
+        events::insert(&mut tx, &[agent_event(&agent, Event::AgentDeregistered)]).await?;
         tx.commit().await?;
         Ok(agent)
     }
@@ -224,10 +218,7 @@ impl Store {
             .bind(&recovered)
             .fetch_all(&mut *tx)
             .await?;
-            let evs: Vec<NewEvent> = agents
-                .iter()
-                .map(|a| agent_event("AGENT_RECOVERED", a, json!({})))
-                .collect();
+            let evs: Vec<Envelope> = agents.iter().map(|a| agent_event(a, Event::AgentRecovered)).collect();
             events::insert(&mut tx, &evs).await?;
         }
         tx.commit().await?;
@@ -250,14 +241,15 @@ impl Store {
         .bind(stale_after.as_secs_f64())
         .fetch_all(&mut *tx)
         .await?;
-        let evs: Vec<NewEvent> = agents
+        let evs: Vec<Envelope> = agents
             .iter()
             .map(|a| {
-                agent_event(
-                    "AGENT_STALE",
-                    a,
-                    json!({"stale_at": a.status_changed_at, "stale_after_seconds": stale_after.as_secs_f64()}),
-                )
+                let stale = AgentStale {
+                    agent: agent_changed(a),
+                    stale_at: a.status_changed_at,
+                    stale_after_seconds: stale_after.as_secs_f64(),
+                };
+                Envelope::new(a.id, None, Event::AgentStale(stale))
             })
             .collect();
         events::insert(&mut tx, &evs).await?;

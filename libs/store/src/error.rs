@@ -8,8 +8,6 @@ pub enum StoreError {
     Domain(#[from] DomainError),
     #[error("{entity} {id} not found")]
     NotFound { entity: &'static str, id: Uuid },
-    #[error("attempt {reported} of task {task_id} is not current (current attempt is {current})")]
-    StaleAttempt { task_id: Uuid, reported: i32, current: i32 },
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]

@@ -1,32 +1,11 @@
-//! Writing events to the outbox inside a transaction.
+//! Writing events to the outbox inside the transaction of their change.
+//! The events and their payloads are the domain's (`omoi_domain::event`).
 
-use serde_json::Value;
+use omoi_domain::Envelope;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::Result;
-
-/// An event to record with a state change.
-#[derive(Debug, Clone)]
-pub struct NewEvent {
-    pub event_type: &'static str,
-    pub entity_type: &'static str,
-    pub entity_id: Uuid,
-    pub ticket_id: Option<Uuid>,
-    pub payload: Value,
-}
-
-impl NewEvent {
-    pub fn task(event_type: &'static str, task_id: Uuid, ticket_id: Option<Uuid>, payload: Value) -> Self {
-        Self {
-            event_type,
-            entity_type: "task",
-            entity_id: task_id,
-            ticket_id,
-            payload,
-        }
-    }
-}
 
 static TRACE_SOURCE: std::sync::OnceLock<fn() -> Option<String>> = std::sync::OnceLock::new();
 
@@ -42,22 +21,30 @@ pub fn current_trace() -> Option<String> {
     TRACE_SOURCE.get().and_then(|source| source())
 }
 
-/// Appends events to the outbox in one statement, with the current trace
-/// context.
-pub async fn insert(conn: &mut PgConnection, events: &[NewEvent]) -> Result<()> {
+/// Appends events to the outbox in one statement, in the current trace.
+pub async fn insert(conn: &mut PgConnection, events: &[Envelope]) -> Result<()> {
+    let trace = current_trace();
+    let traces = vec![trace; events.len()];
+    insert_traced(conn, events, &traces).await
+}
+
+/// Appends events to the outbox in one statement, each with its own trace
+/// context (`traces[i]` for `events[i]`).
+pub async fn insert_traced(conn: &mut PgConnection, events: &[Envelope], traces: &[Option<String>]) -> Result<()> {
     if events.is_empty() {
         return Ok(());
     }
-    let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
-    let entities: Vec<&str> = events.iter().map(|e| e.entity_type).collect();
+    debug_assert_eq!(events.len(), traces.len());
+    let types: Vec<&str> = events.iter().map(|e| e.event.event_type().as_str()).collect();
+    let entities: Vec<&str> = events.iter().map(|e| e.entity().as_str()).collect();
     let ids: Vec<Uuid> = events.iter().map(|e| e.entity_id).collect();
     let tickets: Vec<Option<Uuid>> = events.iter().map(|e| e.ticket_id).collect();
-    let payloads: Vec<String> = events.iter().map(|e| e.payload.to_string()).collect();
+    let payloads: Vec<String> = events.iter().map(|e| e.event.payload().to_string()).collect();
     sqlx::query(
         "INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload, trace_context)
-         SELECT e.event_type, e.entity_type, e.entity_id, e.ticket_id, e.payload::jsonb, $6
-         FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::text[])
-              WITH ORDINALITY AS e(event_type, entity_type, entity_id, ticket_id, payload, ord)
+         SELECT e.event_type, e.entity_type, e.entity_id, e.ticket_id, e.payload::jsonb, e.trace
+         FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[])
+              WITH ORDINALITY AS e(event_type, entity_type, entity_id, ticket_id, payload, trace, ord)
          ORDER BY e.ord",
     )
     .bind(types)
@@ -65,7 +52,7 @@ pub async fn insert(conn: &mut PgConnection, events: &[NewEvent]) -> Result<()> 
     .bind(ids)
     .bind(tickets)
     .bind(payloads)
-    .bind(current_trace())
+    .bind(traces)
     .execute(conn)
     .await?;
     Ok(())

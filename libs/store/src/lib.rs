@@ -15,8 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 pub use error::{Result, StoreError};
-pub use events::NewEvent;
-pub use tasks::Task;
+pub use omoi_domain::Task;
 
 /// The schema history, embedded in every binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
@@ -40,10 +39,6 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
         Ok(Self { pool })
-    }
-
-    pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -8,7 +8,10 @@ use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
-use crate::events::{self, NewEvent};
+use omoi_domain::event::{TicketChanged, TicketCreated};
+use omoi_domain::{Envelope, Event};
+
+use crate::events;
 use crate::{Result, Store, StoreError, consumed};
 
 const TICKET_COLUMNS: &str = "id, seq, title, description, priority, status, repository, labels, request_id, tasks_enqueued, created_at, updated_at";
@@ -111,18 +114,18 @@ pub enum Created {
     Existing(Ticket, Vec<TicketTask>),
 }
 
-fn ticket_event(ticket: &Ticket, extra: Value) -> NewEvent {
-    let mut payload = json!({"status": ticket.status.as_str(), "title": ticket.title});
-    if let (Some(p), Value::Object(extra)) = (payload.as_object_mut(), extra) {
-        p.extend(extra);
-    }
-    NewEvent {
-        event_type: ticket.status.event_type(),
-        entity_type: "ticket",
-        entity_id: ticket.id,
-        ticket_id: Some(ticket.id),
-        payload,
-    }
+/// The event of the ticket's change to its current status.
+fn ticket_event(ticket: &Ticket, cause: impl FnOnce(&mut TicketChanged)) -> Envelope {
+    let mut change = TicketChanged {
+        status: ticket.status,
+        title: ticket.title.clone(),
+        previous_status: None,
+        task_id: None,
+        reason: None,
+        discarded: false,
+    };
+    cause(&mut change);
+    Envelope::new(ticket.id, Some(ticket.id), Event::ticket(ticket.status, change))
 }
 
 impl Store {
@@ -185,18 +188,14 @@ impl Store {
         .bind(plan.iter().map(|(_, p)| p.timeout_seconds).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
-        events::insert(
-            &mut tx,
-            &[ticket_event(
-                &ticket,
-                json!({
-                    "priority": ticket.priority,
-                    "repository": ticket.repository,
-                    "task_ids": plan.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>(),
-                }),
-            )],
-        )
-        .await?;
+        let created = Event::TicketCreated(TicketCreated {
+            status: ticket.status,
+            title: ticket.title.clone(),
+            priority: ticket.priority,
+            repository: ticket.repository.clone(),
+            task_ids: plan.iter().map(|(id, _)| *id).collect(),
+        });
+        events::insert(&mut tx, &[Envelope::new(ticket.id, Some(ticket.id), created)]).await?;
         let tasks = select_ticket_tasks(&mut tx, ticket.id).await?;
         tx.commit().await?;
         Ok(Created::New(ticket, tasks))
@@ -270,11 +269,11 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         ticket.status = TicketStatus::Failed;
-        events::insert(
-            &mut tx,
-            &[ticket_event(&ticket, json!({"reason": reason, "discarded": true}))],
-        )
-        .await?;
+        let discarded = ticket_event(&ticket, |c| {
+            c.reason = Some(reason.to_owned());
+            c.discarded = true;
+        });
+        events::insert(&mut tx, &[discarded]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -308,7 +307,11 @@ impl Store {
             )));
         }
         ticket = set_status(&mut tx, id, TicketStatus::Cancelled).await?;
-        events::insert(&mut tx, &[ticket_event(&ticket, json!({"reason": reason}))]).await?;
+        events::insert(
+            &mut tx,
+            &[ticket_event(&ticket, |c| c.reason = Some(reason.to_owned()))],
+        )
+        .await?;
         tx.commit().await?;
         Ok(ticket)
     }
@@ -351,14 +354,11 @@ impl Store {
             let status = derive_status(&progress);
             if status != ticket.status {
                 let updated = set_status(&mut tx, ticket_id, status).await?;
-                events::insert(
-                    &mut tx,
-                    &[ticket_event(
-                        &updated,
-                        json!({"previous_status": ticket.status.as_str(), "task_id": task_id}),
-                    )],
-                )
-                .await?;
+                let changed_by = ticket_event(&updated, |c| {
+                    c.previous_status = Some(ticket.status);
+                    c.task_id = Some(task_id);
+                });
+                events::insert(&mut tx, &[changed_by]).await?;
                 changed = Some(updated);
             }
         }

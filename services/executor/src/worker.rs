@@ -542,7 +542,7 @@ impl Worker {
                 let message = format!("agent exited with code {exit}: {detail}");
                 run.line(OutputStream::System, message.clone());
                 run.finish(ExecutionState::Failed, exit, last_out, message.clone(), changed);
-                // The queue classifies the message (RULES.md word lists).
+                // The queue classifies the message (docs/rules.md word lists).
                 self.fail(task_id, attempt, &message, None).await;
                 false
             }

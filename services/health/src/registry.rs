@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use omoi_domain::agent::AgentStatus;
+use omoi_domain::{Entity, EventType};
 use omoi_store::agents::Beat;
 use omoi_store::{Store, StoreError};
 use tokio::sync::Notify;
@@ -169,7 +170,7 @@ impl Registry {
         topology: omoi_bus::Topology,
         shutdown: CancellationToken,
     ) {
-        let filter = topology.entity_filter("task");
+        let filter = topology.entity_filter(Entity::Task);
         let store = self.store.clone();
         omoi_runtime::trace::consume(
             nats,
@@ -177,23 +178,15 @@ impl Registry {
             "omoi-health-task-outcomes".to_owned(),
             filter,
             shutdown,
-            move |event| {
+            move |event_id, envelope| {
                 let store = store.clone();
                 async move {
-                    let completed = match event.event_type.as_str() {
-                        "TASK_COMPLETED" => true,
-                        "TASK_FAILED" => false,
+                    let completed = match envelope.event.event_type() {
+                        EventType::TaskCompleted => true,
+                        EventType::TaskFailed => false,
                         _ => return Ok(()),
                     };
-                    let agent = event
-                        .payload
-                        .as_ref()
-                        .and_then(|p| p.fields.get("agent_id"))
-                        .and_then(|v| match &v.kind {
-                            Some(prost_types::value::Kind::StringValue(s)) => s.parse::<Uuid>().ok(),
-                            _ => None,
-                        });
-                    let (Some(agent), Ok(event_id)) = (agent, event.id.parse::<Uuid>()) else {
+                    let Some(agent) = envelope.event.agent_id() else {
                         return Ok(());
                     };
                     store

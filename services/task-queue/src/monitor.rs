@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use omoi_domain::{Event, EventType};
 use omoi_store::Store;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -66,28 +67,20 @@ pub async fn reclaim_from_stale_agents(
     relay_wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let filter = topology.event_filter("agent", "AGENT_STALE");
+    let filter = topology.event_filter(EventType::AgentStale);
     omoi_runtime::trace::consume(
         nats,
         topology,
         "omoi-task-queue-stale-agents".to_owned(),
         filter,
         shutdown,
-        move |event| {
+        move |_, envelope| {
             let (store, dispatcher, relay_wake) = (store.clone(), Arc::clone(&dispatcher), Arc::clone(&relay_wake));
             async move {
-                let Ok(agent_id) = event.entity_id.parse::<uuid::Uuid>() else {
+                let Event::AgentStale(stale) = envelope.event else {
                     return Ok(());
                 };
-                let stale_at = event
-                    .payload
-                    .as_ref()
-                    .map(omoi_proto::convert::struct_to_json)
-                    .and_then(|p| p.get("stale_at").and_then(|v| v.as_str()).map(str::to_owned))
-                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok())
-                    .map(|t| t.with_timezone(&chrono::Utc))
-                    .or_else(|| event.occurred_at.as_ref().and_then(omoi_proto::convert::from_timestamp))
-                    .unwrap_or_else(chrono::Utc::now);
+                let (agent_id, stale_at) = (envelope.entity_id, stale.stale_at);
                 let outcomes = store
                     .reclaim_agent(agent_id, stale_at)
                     .await

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use omoi_domain::Entity;
 use omoi_domain::ticket::{TaskOutcome, TicketStatus, event_starts};
 use omoi_proto::taskqueue::{self as pb, task_queue_service_client::TaskQueueServiceClient};
 use omoi_store::tickets::{Ticket, TicketTask};
@@ -227,31 +228,37 @@ impl Planner {
         topology: omoi_bus::Topology,
         shutdown: CancellationToken,
     ) {
-        let filter = topology.entity_filter("task");
+        let filter = topology.entity_filter(Entity::Task);
         let this = Arc::clone(&self);
-        omoi_runtime::trace::consume(nats, topology, CONSUMER.to_owned(), filter, shutdown, move |event| {
-            let this = Arc::clone(&this);
-            async move {
-                let started = event_starts(&event.event_type);
-                let outcome = TaskOutcome::of_event(&event.event_type);
-                if event.ticket_id.is_empty() || (!started && outcome.is_none()) {
-                    return Ok(());
+        omoi_runtime::trace::consume(
+            nats,
+            topology,
+            CONSUMER.to_owned(),
+            filter,
+            shutdown,
+            move |event_id, envelope| {
+                let this = Arc::clone(&this);
+                async move {
+                    let event_type = envelope.event.event_type();
+                    let started = event_starts(event_type);
+                    let outcome = TaskOutcome::of_event(event_type);
+                    if envelope.ticket_id.is_none() || (!started && outcome.is_none()) {
+                        return Ok(());
+                    }
+                    let task_id = envelope.entity_id;
+                    let changed = this
+                        .store
+                        .apply_task_event(CONSUMER, event_id, task_id, started, outcome)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if let Some(ticket) = changed {
+                        tracing::info!(ticket_id = %ticket.id, status = %ticket.status, "ticket status changed");
+                        this.relay();
+                    }
+                    Ok(())
                 }
-                let (Ok(event_id), Ok(task_id)) = (event.id.parse::<Uuid>(), event.entity_id.parse::<Uuid>()) else {
-                    return Ok(());
-                };
-                let changed = this
-                    .store
-                    .apply_task_event(CONSUMER, event_id, task_id, started, outcome)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if let Some(ticket) = changed {
-                    tracing::info!(ticket_id = %ticket.id, status = %ticket.status, "ticket status changed");
-                    this.relay();
-                }
-                Ok(())
-            }
-        })
+            },
+        )
         .await;
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use omoi_bus::Topology;
+use omoi_domain::EventType;
 use omoi_proto::events::Event;
 use prost::Message;
 use tokio::sync::mpsc;
@@ -16,11 +17,7 @@ pub type Sink = mpsc::Sender<Result<Event, Status>>;
 
 /// Whether this event ends a ticket's stream.
 fn is_final(event: &Event) -> bool {
-    event.entity_type == "ticket"
-        && matches!(
-            event.event_type.as_str(),
-            "TICKET_COMPLETED" | "TICKET_FAILED" | "TICKET_CANCELLED"
-        )
+    EventType::parse(&event.event_type).is_some_and(EventType::ends_ticket)
 }
 
 /// Streams the events about `ticket_id` into `sink` until the ticket's final

@@ -1,0 +1,491 @@
+//! Every event omoi records: its type, the entity it is about, and its
+//! payload as a typed struct. This is the one place where event-type names
+//! and payload shapes are written down; the outbox stores what `payload()`
+//! serializes and consumers read it back with `Event::parse`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::agent::AgentStatus;
+use crate::task::{ErrorClass, Phase, TaskStatus};
+use crate::ticket::TicketStatus;
+
+/// What an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Entity {
+    Ticket,
+    Task,
+    Agent,
+}
+
+impl Entity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Entity::Ticket => "ticket",
+            Entity::Task => "task",
+            Entity::Agent => "agent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Entity::Ticket, Entity::Task, Entity::Agent]
+            .into_iter()
+            .find(|e| e.as_str() == s)
+    }
+}
+
+/// Declares the event types, their names and entities, and the `Event` enum
+/// with one payload struct per type, so that the three cannot drift apart.
+macro_rules! events {
+    ($($variant:ident($payload:ident) = $name:literal, $entity:ident;)*) => {
+        /// The type of an event, as `event_type` carries it on the wire.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum EventType {
+            $($variant,)*
+        }
+
+        impl EventType {
+            pub const ALL: &[EventType] = &[$(EventType::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(EventType::$variant => $name,)*
+                }
+            }
+
+            pub fn entity(self) -> Entity {
+                match self {
+                    $(EventType::$variant => Entity::$entity,)*
+                }
+            }
+
+            /// `None` for a type this version does not know.
+            pub fn parse(s: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|t| t.as_str() == s)
+            }
+        }
+
+        /// An event with its payload.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Event {
+            $($variant($payload),)*
+        }
+
+        impl Event {
+            pub fn event_type(&self) -> EventType {
+                match self {
+                    $(Event::$variant(_) => EventType::$variant,)*
+                }
+            }
+
+            /// The payload as stored in the outbox and published.
+            pub fn payload(&self) -> Value {
+                let value = match self {
+                    $(Event::$variant(p) => serde_json::to_value(p),)*
+                };
+                // Payloads are plain structs of strings, numbers and ids.
+                value.expect("event payloads always serialize")
+            }
+
+            /// An event read back from its type and payload.
+            pub fn parse(event_type: EventType, payload: Value) -> Result<Self, serde_json::Error> {
+                Ok(match event_type {
+                    $(EventType::$variant => Event::$variant(serde_json::from_value(payload)?),)*
+                })
+            }
+        }
+    };
+}
+
+events! {
+    TaskCreated(TaskCreated) = "TASK_CREATED", Task;
+    TaskAssigned(TaskAssigned) = "TASK_ASSIGNED", Task;
+    TaskStarted(TaskStarted) = "TASK_STARTED", Task;
+    TaskCompleted(TaskCompleted) = "TASK_COMPLETED", Task;
+    TaskFailed(TaskFailed) = "TASK_FAILED", Task;
+    TaskRetried(TaskRetried) = "TASK_RETRIED", Task;
+    TaskTimedOut(TaskTimedOut) = "TASK_TIMED_OUT", Task;
+    TaskCancelled(TaskCancelled) = "TASK_CANCELLED", Task;
+    TaskRequeued(TaskRequeued) = "TASK_REQUEUED", Task;
+    TicketCreated(TicketCreated) = "TICKET_CREATED", Ticket;
+    TicketStarted(TicketChanged) = "TICKET_STARTED", Ticket;
+    TicketCompleted(TicketChanged) = "TICKET_COMPLETED", Ticket;
+    TicketFailed(TicketChanged) = "TICKET_FAILED", Ticket;
+    TicketCancelled(TicketChanged) = "TICKET_CANCELLED", Ticket;
+    AgentRegistered(AgentRegistered) = "AGENT_REGISTERED", Agent;
+    AgentDeregistered(AgentChanged) = "AGENT_DEREGISTERED", Agent;
+    AgentStale(AgentStale) = "AGENT_STALE", Agent;
+    AgentRecovered(AgentChanged) = "AGENT_RECOVERED", Agent;
+}
+
+impl std::fmt::Display for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EventType {
+    /// A ticket event after which the ticket changes no more.
+    pub fn ends_ticket(self) -> bool {
+        matches!(
+            self,
+            EventType::TicketCompleted | EventType::TicketFailed | EventType::TicketCancelled
+        )
+    }
+}
+
+impl Event {
+    pub fn entity(&self) -> Entity {
+        self.event_type().entity()
+    }
+
+    /// The agent that held the attempt a task event is about, if any.
+    pub fn agent_id(&self) -> Option<Uuid> {
+        match self {
+            Event::TaskAssigned(e) => e.agent_id,
+            Event::TaskStarted(e) => e.agent_id,
+            Event::TaskCompleted(e) => e.agent_id,
+            Event::TaskFailed(e) => e.agent_id,
+            Event::TaskRetried(e) => e.agent_id,
+            Event::TaskTimedOut(e) => e.agent_id,
+            Event::TaskCancelled(e) => e.agent_id,
+            _ => None,
+        }
+    }
+
+    /// The event a ticket records when it enters `status`.
+    pub fn ticket(status: TicketStatus, change: TicketChanged) -> Event {
+        match status {
+            TicketStatus::Open | TicketStatus::InProgress => Event::TicketStarted(change),
+            TicketStatus::Completed => Event::TicketCompleted(change),
+            TicketStatus::Failed => Event::TicketFailed(change),
+            TicketStatus::Cancelled => Event::TicketCancelled(change),
+        }
+    }
+}
+
+/// An event about one entity, ready for the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub entity_id: Uuid,
+    /// The ticket the entity belongs to (a ticket's own id for its events).
+    pub ticket_id: Option<Uuid>,
+    pub event: Event,
+}
+
+impl Envelope {
+    pub fn new(entity_id: Uuid, ticket_id: Option<Uuid>, event: Event) -> Self {
+        Self {
+            entity_id,
+            ticket_id,
+            event,
+        }
+    }
+
+    pub fn entity(&self) -> Entity {
+        self.event.entity()
+    }
+}
+
+/// Stored enums appear in payloads by their stored (or proto) names.
+macro_rules! named {
+    ($($ty:ty => $parse:expr;)*) => {$(
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                let parse: fn(&str) -> Option<$ty> = $parse;
+                parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown value {s:?}")))
+            }
+        }
+    )*};
+}
+
+named! {
+    TaskStatus => |s| s.parse().ok();
+    Phase => Phase::parse;
+    ErrorClass => ErrorClass::parse;
+    TicketStatus => TicketStatus::parse;
+    AgentStatus => AgentStatus::parse;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskCreated {
+    pub title: String,
+    pub phase: Phase,
+    pub priority: i32,
+    pub depends_on: Vec<Uuid>,
+    pub unmet_dependencies: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskAssigned {
+    pub attempt: i32,
+    pub agent_id: Option<Uuid>,
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStarted {
+    pub attempt: i32,
+    pub agent_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskCompleted {
+    pub attempt: i32,
+    pub agent_id: Option<Uuid>,
+    pub result: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskFailed {
+    pub attempt: i32,
+    pub agent_id: Option<Uuid>,
+    pub error: String,
+    pub error_class: ErrorClass,
+    pub retry_count: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRetried {
+    pub attempt: i32,
+    pub agent_id: Option<Uuid>,
+    pub error: String,
+    pub error_class: ErrorClass,
+    /// Retries spent, this one included.
+    pub retry_count: i32,
+    pub max_retries: i32,
+    pub delay_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskTimedOut {
+    pub attempt: i32,
+    pub agent_id: Option<Uuid>,
+    pub timeout_seconds: i32,
+}
+
+/// A cancellation: asked for (with the attempt it ended), or caused by a
+/// dependency that failed or was cancelled (`cause_task_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskCancelled {
+    pub reason: String,
+    pub previous_status: TaskStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause_task_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRequeued {
+    pub attempt: i32,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TicketCreated {
+    pub status: TicketStatus,
+    pub title: String,
+    pub priority: i32,
+    pub repository: String,
+    pub task_ids: Vec<Uuid>,
+}
+
+/// A ticket's status change, with what caused it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TicketChanged {
+    pub status: TicketStatus,
+    pub title: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_status: Option<TicketStatus>,
+    /// The task whose event moved the ticket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The ticket was removed because the queue refused its tasks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub discarded: bool,
+}
+
+/// An agent as its events show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentChanged {
+    pub agent_type: String,
+    pub status: AgentStatus,
+    pub last_heartbeat_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRegistered {
+    #[serde(flatten)]
+    pub agent: AgentChanged,
+    pub capacity: i32,
+    pub phases: Vec<Phase>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStale {
+    #[serde(flatten)]
+    pub agent: AgentChanged,
+    pub stale_at: DateTime<Utc>,
+    pub stale_after_seconds: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names_are_unique_and_parse_back() {
+        let mut seen = std::collections::HashSet::new();
+        for t in EventType::ALL {
+            assert!(seen.insert(t.as_str()), "{t} twice");
+            assert_eq!(EventType::parse(t.as_str()), Some(*t));
+            assert!(t.as_str().starts_with(&t.entity().as_str().to_ascii_uppercase()), "{t}");
+        }
+        assert_eq!(EventType::parse("TASK_EXPLODED"), None);
+    }
+
+    #[test]
+    fn payloads_round_trip_through_json() {
+        let agent = AgentChanged {
+            agent_type: "executor".into(),
+            status: AgentStatus::Stale,
+            last_heartbeat_at: DateTime::from_timestamp(1_700_000_000, 5).unwrap(),
+        };
+        let events = [
+            Event::TaskCreated(TaskCreated {
+                title: "t".into(),
+                phase: Phase::Integration,
+                priority: 3,
+                depends_on: vec![Uuid::nil()],
+                unmet_dependencies: 1,
+            }),
+            Event::TaskCompleted(TaskCompleted {
+                attempt: 2,
+                agent_id: Some(Uuid::now_v7()),
+                result: Some(json!({"summary": "ok"})),
+            }),
+            Event::TaskRetried(TaskRetried {
+                attempt: 1,
+                agent_id: None,
+                error: "timeout".into(),
+                error_class: ErrorClass::Retryable,
+                retry_count: 1,
+                max_retries: 3,
+                delay_ms: 1100,
+            }),
+            Event::TaskCancelled(TaskCancelled {
+                reason: "dependency failed".into(),
+                previous_status: TaskStatus::Pending,
+                attempt: None,
+                agent_id: None,
+                cause_task_id: Some(Uuid::now_v7()),
+            }),
+            Event::TicketFailed(TicketChanged {
+                status: TicketStatus::Failed,
+                title: "x".into(),
+                previous_status: None,
+                task_id: None,
+                reason: Some("refused".into()),
+                discarded: true,
+            }),
+            Event::AgentRegistered(AgentRegistered {
+                agent: agent.clone(),
+                capacity: 2,
+                phases: vec![Phase::Initial],
+            }),
+            Event::AgentStale(AgentStale {
+                agent,
+                stale_at: DateTime::from_timestamp(1_700_000_090, 0).unwrap(),
+                stale_after_seconds: 90.0,
+            }),
+        ];
+        for e in events {
+            let back = Event::parse(e.event_type(), e.payload()).unwrap();
+            assert_eq!(back, e);
+        }
+    }
+
+    #[test]
+    fn payloads_keep_their_wire_shape() {
+        let e = Event::TaskCreated(TaskCreated {
+            title: "t".into(),
+            phase: Phase::Initial,
+            priority: 2,
+            depends_on: vec![],
+            unmet_dependencies: 0,
+        });
+        assert_eq!(
+            e.payload(),
+            json!({"title": "t", "phase": "PHASE_INITIAL", "priority": 2, "depends_on": [], "unmet_dependencies": 0})
+        );
+        let stale = Event::AgentStale(AgentStale {
+            agent: AgentChanged {
+                agent_type: "x".into(),
+                status: AgentStatus::Stale,
+                last_heartbeat_at: DateTime::from_timestamp(0, 0).unwrap(),
+            },
+            stale_at: DateTime::from_timestamp(90, 0).unwrap(),
+            stale_after_seconds: 90.0,
+        });
+        assert_eq!(
+            stale.payload(),
+            json!({"agent_type": "x", "status": "stale", "last_heartbeat_at": "1970-01-01T00:00:00Z",
+                   "stale_at": "1970-01-01T00:01:30Z", "stale_after_seconds": 90.0})
+        );
+        // Optional causes are left out, not null.
+        let cancelled = Event::TaskCancelled(TaskCancelled {
+            reason: "r".into(),
+            previous_status: TaskStatus::Running,
+            attempt: Some(1),
+            agent_id: None,
+            cause_task_id: None,
+        });
+        assert_eq!(
+            cancelled.payload(),
+            json!({"reason": "r", "previous_status": "running", "attempt": 1})
+        );
+    }
+
+    #[test]
+    fn a_payload_of_the_wrong_shape_is_refused() {
+        assert!(Event::parse(EventType::TaskStarted, json!({"attempt": "one"})).is_err());
+        assert!(Event::parse(EventType::AgentStale, json!({"stale_at": "yesterday"})).is_err());
+    }
+
+    #[test]
+    fn ticket_events_follow_the_status() {
+        let change = |status| TicketChanged {
+            status,
+            title: "t".into(),
+            previous_status: None,
+            task_id: None,
+            reason: None,
+            discarded: false,
+        };
+        for (status, ty) in [
+            (TicketStatus::InProgress, EventType::TicketStarted),
+            (TicketStatus::Completed, EventType::TicketCompleted),
+            (TicketStatus::Failed, EventType::TicketFailed),
+            (TicketStatus::Cancelled, EventType::TicketCancelled),
+        ] {
+            let e = Event::ticket(status, change(status));
+            assert_eq!(e.event_type(), ty);
+            assert_eq!(ty.ends_ticket(), status.is_final());
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! The queue's decisions, as pure functions of a task: what each report,
+//! timeout, cancellation or lost agent does to it, and which events say so.
+//! The store persists the `Transition` these return and decides nothing.
+
+use std::time::Duration;
+
+use rand::Rng;
+use uuid::Uuid;
+
+use crate::error::DomainError;
+use crate::event::{
+    Envelope, Event, TaskAssigned, TaskCancelled, TaskCompleted, TaskCreated, TaskFailed, TaskRequeued, TaskRetried,
+    TaskStarted, TaskTimedOut,
+};
+use crate::task::{Action, ErrorClass, Task, TaskStatus};
+use crate::{backoff, classify};
+
+/// An attempt that its agent must stop working on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub agent_id: Uuid,
+    pub task_id: Uuid,
+    pub attempt: i32,
+    pub reason: String,
+}
+
+/// Where an ended attempt leaves its task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Back to pending after `delay`, one retry spent.
+    Retry {
+        delay: Duration,
+        error: String,
+        class: ErrorClass,
+    },
+    /// Failed for good.
+    Fail { error: String, class: ErrorClass },
+    /// Cancelled; the reason is kept as the task's error message.
+    Cancel { reason: String },
+}
+
+impl Change {
+    pub fn status(&self) -> TaskStatus {
+        match self {
+            Change::Retry { .. } => TaskStatus::Pending,
+            Change::Fail { .. } => TaskStatus::Failed,
+            Change::Cancel { .. } => TaskStatus::Cancelled,
+        }
+    }
+}
+
+/// What a failure, timeout, cancellation or reclaim does to one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub task_id: Uuid,
+    pub change: Change,
+    /// Recorded with the change, in order.
+    pub events: Vec<Envelope>,
+    /// The agent holding the attempt, to be told to stop.
+    pub revoke: Option<Revoked>,
+    /// When set, the task's pending dependents (transitively) are cancelled
+    /// with this reason; their events come from `dependent_cancelled`.
+    pub cancel_dependents: Option<String>,
+}
+
+/// A failure report of the current attempt. The class is the reporter's when
+/// given, else read from the message; the reporter is the holder, so nobody
+/// needs telling.
+pub fn on_failure(
+    task: &Task,
+    attempt: i32,
+    message: &str,
+    explicit: Option<ErrorClass>,
+    rng: &mut impl Rng,
+) -> Result<Transition, DomainError> {
+    task.check_attempt(attempt)?;
+    let class = classify::classify(message, explicit);
+    task.status.apply(Action::Fail {
+        retry: retries(task, class),
+    })?;
+    let mut transition = end_attempt(task, message, class, Vec::new(), rng);
+    transition.revoke = None;
+    Ok(transition)
+}
+
+/// A running attempt past its deadline: retried like a retryable failure, or
+/// failed when out of retries.
+pub fn on_timeout(task: &Task, rng: &mut impl Rng) -> Result<Transition, DomainError> {
+    task.status.apply(Action::TimeOut {
+        retry: task.retries_left(),
+    })?;
+    let timed_out = task_event(
+        task,
+        Event::TaskTimedOut(TaskTimedOut {
+            attempt: task.attempt,
+            agent_id: task.assigned_agent_id,
+            timeout_seconds: task.timeout_seconds,
+        }),
+    );
+    let reason = format!("timed out after {} s", task.timeout_seconds);
+    Ok(end_attempt(task, &reason, ErrorClass::Retryable, vec![timed_out], rng))
+}
+
+/// The work of an agent that stopped heartbeating: the lost attempt counts
+/// as a retry.
+pub fn on_stale_agent(task: &Task, agent_id: Uuid, rng: &mut impl Rng) -> Result<Transition, DomainError> {
+    task.status.apply(Action::Reclaim)?;
+    let reason = format!("agent {agent_id} stopped heartbeating");
+    Ok(end_attempt(task, &reason, ErrorClass::Retryable, Vec::new(), rng))
+}
+
+/// A cancellation of a pending, assigned or running task; its pending
+/// dependents are cancelled with it.
+pub fn on_cancel(task: &Task, reason: &str) -> Result<Transition, DomainError> {
+    task.status.apply(Action::Cancel)?;
+    let reason = if reason.is_empty() { "cancelled" } else { reason };
+    Ok(Transition {
+        task_id: task.id,
+        change: Change::Cancel {
+            reason: reason.to_owned(),
+        },
+        events: vec![task_event(
+            task,
+            Event::TaskCancelled(TaskCancelled {
+                reason: reason.to_owned(),
+                previous_status: task.status,
+                attempt: Some(task.attempt),
+                agent_id: task.assigned_agent_id,
+                cause_task_id: None,
+            }),
+        )],
+        revoke: holder(task, reason),
+        cancel_dependents: Some(format!("dependency {} was cancelled: {reason}", task.id)),
+    })
+}
+
+/// The event of a pending task cancelled because `cause` will never complete.
+pub fn dependent_cancelled(task_id: Uuid, ticket_id: Option<Uuid>, cause: Uuid, reason: &str) -> Envelope {
+    Envelope::new(
+        task_id,
+        ticket_id,
+        Event::TaskCancelled(TaskCancelled {
+            reason: reason.to_owned(),
+            previous_status: TaskStatus::Pending,
+            attempt: None,
+            agent_id: None,
+            cause_task_id: Some(cause),
+        }),
+    )
+}
+
+/// The event of a task just stored; `unmet` of its dependencies are not
+/// completed yet.
+pub fn created(task: &Task) -> Envelope {
+    task_event(
+        task,
+        Event::TaskCreated(TaskCreated {
+            title: task.title.clone(),
+            phase: task.phase,
+            priority: task.priority,
+            depends_on: task.depends_on.clone(),
+            unmet_dependencies: task.unmet_deps,
+        }),
+    )
+}
+
+/// The event of a task handed to an agent (`attempt` already bumped).
+pub fn assigned(task: &Task) -> Envelope {
+    task_event(
+        task,
+        Event::TaskAssigned(TaskAssigned {
+            attempt: task.attempt,
+            agent_id: task.assigned_agent_id,
+            priority: task.priority,
+        }),
+    )
+}
+
+pub fn started(task: &Task) -> Envelope {
+    task_event(
+        task,
+        Event::TaskStarted(TaskStarted {
+            attempt: task.attempt,
+            agent_id: task.assigned_agent_id,
+        }),
+    )
+}
+
+pub fn completed(task: &Task) -> Envelope {
+    task_event(
+        task,
+        Event::TaskCompleted(TaskCompleted {
+            attempt: task.attempt,
+            agent_id: task.assigned_agent_id,
+            result: task.result.clone(),
+        }),
+    )
+}
+
+/// The event of an assigned task put back unstarted (its stream closed);
+/// the attempt stays spent.
+pub fn requeued(task_id: Uuid, ticket_id: Option<Uuid>, attempt: i32, reason: &str) -> Envelope {
+    Envelope::new(
+        task_id,
+        ticket_id,
+        Event::TaskRequeued(TaskRequeued {
+            attempt,
+            reason: reason.to_owned(),
+        }),
+    )
+}
+
+/// The status a report leaves its task in, for recognising a retried report
+/// whose first answer was lost.
+pub fn reported_status(action: Action) -> Option<TaskStatus> {
+    match action {
+        Action::Start => Some(TaskStatus::Running),
+        Action::Complete => Some(TaskStatus::Completed),
+        _ => None,
+    }
+}
+
+/// Why a start or completion report of `attempt` does not apply to `task`
+/// as it is now; `Ok(())` for a retried report that already took effect.
+pub fn explain_report(task: &Task, attempt: i32, action: Action) -> Result<(), DomainError> {
+    if task.attempt == attempt && Some(task.status) == reported_status(action) {
+        return Ok(());
+    }
+    task.check_attempt(attempt)?;
+    task.status.apply(action)?;
+    // The report was legal but the row changed between the batch and now.
+    Err(DomainError::Concurrent {
+        task_id: task.id,
+        status: task.status,
+    })
+}
+
+fn retries(task: &Task, class: ErrorClass) -> bool {
+    class == ErrorClass::Retryable && task.retries_left()
+}
+
+/// Ends the current attempt: back to pending with a backoff drawn from
+/// `rng` while retryable and retries remain, else failed with its
+/// dependents cancelled.
+fn end_attempt(
+    task: &Task,
+    message: &str,
+    class: ErrorClass,
+    mut events: Vec<Envelope>,
+    rng: &mut impl Rng,
+) -> Transition {
+    let revoke = holder(task, message);
+    if retries(task, class) {
+        let delay = backoff::delay(task.retry_count as u32, rng);
+        events.push(task_event(
+            task,
+            Event::TaskRetried(TaskRetried {
+                attempt: task.attempt,
+                agent_id: task.assigned_agent_id,
+                error: message.to_owned(),
+                error_class: class,
+                retry_count: task.retry_count + 1,
+                max_retries: task.max_retries,
+                delay_ms: delay.as_millis() as i64,
+            }),
+        ));
+        return Transition {
+            task_id: task.id,
+            change: Change::Retry {
+                // Whole milliseconds, as the event tells.
+                delay: Duration::from_millis(delay.as_millis() as u64),
+                error: message.to_owned(),
+                class,
+            },
+            events,
+            revoke,
+            cancel_dependents: None,
+        };
+    }
+    events.push(task_event(
+        task,
+        Event::TaskFailed(TaskFailed {
+            attempt: task.attempt,
+            agent_id: task.assigned_agent_id,
+            error: message.to_owned(),
+            error_class: class,
+            retry_count: task.retry_count,
+        }),
+    ));
+    Transition {
+        task_id: task.id,
+        change: Change::Fail {
+            error: message.to_owned(),
+            class,
+        },
+        events,
+        revoke,
+        cancel_dependents: Some(format!("dependency {} failed: {message}", task.id)),
+    }
+}
+
+/// The agent holding the task's current attempt, if any.
+fn holder(task: &Task, reason: &str) -> Option<Revoked> {
+    match (task.status, task.assigned_agent_id) {
+        (TaskStatus::Assigned | TaskStatus::Running, Some(agent_id)) => Some(Revoked {
+            agent_id,
+            task_id: task.id,
+            attempt: task.attempt,
+            reason: reason.to_owned(),
+        }),
+        _ => None,
+    }
+}
+
+fn task_event(task: &Task, event: Event) -> Envelope {
+    Envelope::new(task.id, task.ticket_id, event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventType;
+    use crate::task::Phase;
+    use chrono::Utc;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn task(status: TaskStatus, retry_count: i32, max_retries: i32) -> Task {
+        let now = Utc::now();
+        Task {
+            id: Uuid::now_v7(),
+            seq: 1,
+            ticket_id: Some(Uuid::now_v7()),
+            title: "t".into(),
+            description: String::new(),
+            phase: Phase::Implementation,
+            priority: 2,
+            status,
+            unmet_deps: 0,
+            retry_count,
+            max_retries,
+            timeout_seconds: 30,
+            attempt: 2,
+            assigned_agent_id: matches!(status, TaskStatus::Assigned | TaskStatus::Running).then(Uuid::now_v7),
+            error_message: None,
+            error_class: None,
+            result: None,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            completed_at: None,
+            next_attempt_at: now,
+            trace_context: None,
+            depends_on: Vec::new(),
+        }
+    }
+
+    fn types(t: &Transition) -> Vec<EventType> {
+        t.events.iter().map(|e| e.event.event_type()).collect()
+    }
+
+    fn rng() -> StdRng {
+        StdRng::seed_from_u64(7)
+    }
+
+    /// (status, retries spent, max, message, explicit class) → (resulting
+    /// status, events, dependents cancelled).
+    type FailureCase<'a> = (
+        TaskStatus,
+        i32,
+        i32,
+        &'a str,
+        Option<ErrorClass>,
+        TaskStatus,
+        &'a [EventType],
+        bool,
+    );
+
+    #[test]
+    fn failure_reports() {
+        use ErrorClass::*;
+        use EventType::*;
+        use TaskStatus::*;
+        let cases: [FailureCase; 6] = [
+            (Running, 0, 3, "connection reset", None, Pending, &[TaskRetried], false),
+            (Assigned, 0, 3, "connection reset", None, Pending, &[TaskRetried], false),
+            (Running, 3, 3, "connection reset", None, Failed, &[TaskFailed], true),
+            (
+                Running,
+                0,
+                3,
+                "syntax error in main.rs",
+                None,
+                Failed,
+                &[TaskFailed],
+                true,
+            ),
+            (
+                Running,
+                0,
+                3,
+                "syntax error",
+                Some(Retryable),
+                Pending,
+                &[TaskRetried],
+                false,
+            ),
+            (Running, 0, 3, "timeout", Some(Permanent), Failed, &[TaskFailed], true),
+        ];
+        for (status, spent, max, message, class, want, events, cascades) in cases {
+            let t = task(status, spent, max);
+            let tr = on_failure(&t, t.attempt, message, class, &mut rng()).unwrap();
+            assert_eq!(tr.change.status(), want, "{message} {class:?}");
+            assert_eq!(types(&tr), events);
+            assert_eq!(tr.cancel_dependents.is_some(), cascades);
+            assert_eq!(tr.revoke, None, "the reporter knows its attempt ended");
+        }
+    }
+
+    #[test]
+    fn a_retry_waits_the_backoff_its_event_tells() {
+        let t = task(TaskStatus::Running, 2, 5);
+        let tr = on_failure(&t, 2, "connection reset", None, &mut rng()).unwrap();
+        let Change::Retry { delay, class, .. } = &tr.change else {
+            panic!("{tr:?}")
+        };
+        let (low, high) = backoff::bounds(2);
+        assert!(*delay >= low.saturating_sub(Duration::from_millis(1)) && *delay <= high);
+        assert_eq!(*class, ErrorClass::Retryable);
+        let Event::TaskRetried(e) = &tr.events[0].event else {
+            panic!()
+        };
+        assert_eq!(e.delay_ms as u128, delay.as_millis());
+        assert_eq!((e.retry_count, e.max_retries), (3, 5));
+    }
+
+    #[test]
+    fn reports_of_other_attempts_and_finished_tasks_are_refused() {
+        let t = task(TaskStatus::Running, 0, 3);
+        assert!(matches!(
+            on_failure(&t, 1, "x", None, &mut rng()),
+            Err(DomainError::StaleAttempt {
+                reported: 1,
+                current: 2,
+                ..
+            })
+        ));
+        let done = task(TaskStatus::Completed, 0, 3);
+        assert!(matches!(
+            on_failure(&done, 2, "x", None, &mut rng()),
+            Err(DomainError::IllegalTransition { .. })
+        ));
+    }
+
+    #[test]
+    fn timeouts_record_the_timeout_then_retry_or_fail() {
+        let t = task(TaskStatus::Running, 0, 1);
+        let tr = on_timeout(&t, &mut rng()).unwrap();
+        assert_eq!(types(&tr), [EventType::TaskTimedOut, EventType::TaskRetried]);
+        assert_eq!(tr.change.status(), TaskStatus::Pending);
+        assert_eq!(
+            tr.revoke.as_ref().map(|r| r.attempt),
+            Some(2),
+            "the holder is told to stop"
+        );
+        let out = task(TaskStatus::Running, 1, 1);
+        let tr = on_timeout(&out, &mut rng()).unwrap();
+        assert_eq!(types(&tr), [EventType::TaskTimedOut, EventType::TaskFailed]);
+        assert_eq!(
+            tr.change,
+            Change::Fail {
+                error: "timed out after 30 s".into(),
+                class: ErrorClass::Retryable
+            }
+        );
+        assert!(on_timeout(&task(TaskStatus::Assigned, 0, 1), &mut rng()).is_err());
+    }
+
+    #[test]
+    fn cancellation_tells_the_holder_and_cascades() {
+        for status in [TaskStatus::Pending, TaskStatus::Assigned, TaskStatus::Running] {
+            let t = task(status, 0, 3);
+            let tr = on_cancel(&t, "").unwrap();
+            assert_eq!(
+                tr.change,
+                Change::Cancel {
+                    reason: "cancelled".into()
+                }
+            );
+            assert_eq!(tr.revoke.is_some(), status != TaskStatus::Pending);
+            assert_eq!(
+                tr.cancel_dependents.as_deref(),
+                Some(format!("dependency {} was cancelled: cancelled", t.id).as_str())
+            );
+            let Event::TaskCancelled(e) = &tr.events[0].event else {
+                panic!()
+            };
+            assert_eq!(e.previous_status, status);
+        }
+        assert!(on_cancel(&task(TaskStatus::Failed, 0, 3), "x").is_err());
+    }
+
+    #[test]
+    fn a_stale_agents_work_is_retried_or_failed() {
+        let agent = Uuid::now_v7();
+        let tr = on_stale_agent(&task(TaskStatus::Assigned, 0, 3), agent, &mut rng()).unwrap();
+        assert_eq!(tr.change.status(), TaskStatus::Pending);
+        assert!(tr.revoke.is_some());
+        let tr = on_stale_agent(&task(TaskStatus::Running, 3, 3), agent, &mut rng()).unwrap();
+        assert_eq!(tr.change.status(), TaskStatus::Failed);
+        assert!(on_stale_agent(&task(TaskStatus::Pending, 0, 3), agent, &mut rng()).is_err());
+    }
+
+    #[test]
+    fn unapplied_reports_are_explained() {
+        let running = task(TaskStatus::Running, 0, 3);
+        // A retried StartTask that already took effect succeeds again.
+        assert_eq!(explain_report(&running, 2, Action::Start), Ok(()));
+        assert!(matches!(
+            explain_report(&running, 1, Action::Start),
+            Err(DomainError::StaleAttempt { .. })
+        ));
+        assert!(matches!(
+            explain_report(&task(TaskStatus::Pending, 0, 3), 2, Action::Complete),
+            Err(DomainError::IllegalTransition { .. })
+        ));
+        assert!(matches!(
+            explain_report(&task(TaskStatus::Assigned, 0, 3), 2, Action::Start),
+            Err(DomainError::Concurrent { .. })
+        ));
+    }
+}

@@ -1,0 +1,148 @@
+//! Dispatch: claiming ready tasks for agents' free slots, and putting back
+//! what a closed stream never started.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use omoi_domain::{Phase, Task, rules};
+use uuid::Uuid;
+
+use super::{TaskRow, phase_code, task_columns, unwrap_rows};
+use crate::events;
+use crate::{Result, Store};
+
+/// One free place on a connected agent's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub agent_id: Uuid,
+    pub session: Uuid,
+}
+
+impl Store {
+    /// Hands ready tasks to the given slots, highest priority then oldest
+    /// first, one task per slot. `phases` = None accepts every phase. Rows
+    /// locked by another dispatcher are skipped, so replicas never hand out
+    /// the same task.
+    /// `stamp` becomes the tasks' `assigned_at`: when the statement's answer
+    /// is lost, `assigned_in_round` finds what it did.
+    pub async fn assign(&self, phases: Option<&[Phase]>, slots: &[Slot], stamp: DateTime<Utc>) -> Result<Vec<Task>> {
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let phases: Option<Vec<i16>> = phases.map(|p| p.iter().copied().map(phase_code).collect());
+        let mut tx = self.pool().begin().await?;
+        let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+            "WITH slots AS (
+                 SELECT s.agent, s.session, s.ord
+                 FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS s(agent, session, ord)
+             ), picked AS MATERIALIZED (
+                 SELECT id, priority, seq FROM tasks
+                 WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at <= now()
+                   AND ($3::int2[] IS NULL OR phase = ANY($3))
+                 ORDER BY priority DESC, seq
+                 LIMIT $4
+                 FOR UPDATE SKIP LOCKED
+             ), numbered AS (
+                 SELECT id, row_number() OVER (ORDER BY priority DESC, seq) AS ord FROM picked
+             ), t AS (
+                 UPDATE tasks t
+                 SET status = 'assigned', attempt = t.attempt + 1, assigned_agent_id = s.agent,
+                     assignment_session = s.session, assigned_at = $5, updated_at = now()
+                 FROM numbered n JOIN slots s ON s.ord = n.ord
+                 WHERE t.id = n.id
+                 RETURNING t.*
+             )
+             SELECT ",
+            task_columns!(),
+            " FROM t ORDER BY t.priority DESC, t.seq"
+        ))
+        .bind(slots.iter().map(|s| s.agent_id).collect::<Vec<_>>())
+        .bind(slots.iter().map(|s| s.session).collect::<Vec<_>>())
+        .bind(phases)
+        .bind(slots.len() as i64)
+        .bind(stamp)
+        .fetch_all(&mut *tx)
+        .await?;
+        let tasks = unwrap_rows(rows);
+        let assigned: Vec<_> = tasks.iter().map(rules::assigned).collect();
+        let traces: Vec<_> = tasks.iter().map(|t| t.trace_context.clone()).collect();
+        events::insert_traced(&mut tx, &assigned, &traces).await?;
+        tx.commit().await?;
+        Ok(tasks)
+    }
+
+    /// The tasks an `assign` with this stamp handed to these sessions and
+    /// that are still waiting to start.
+    pub async fn assigned_in_round(&self, stamp: DateTime<Utc>, sessions: &[Uuid]) -> Result<Vec<Task>> {
+        let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks t
+             WHERE t.status = 'assigned' AND t.assigned_at = $1 AND t.assignment_session = ANY($2)"
+        ))
+        .bind(stamp)
+        .bind(sessions)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(unwrap_rows(rows))
+    }
+
+    /// Tasks held (assigned or running) by each of the given agents.
+    pub async fn held_counts(&self, agents: &[Uuid]) -> Result<HashMap<Uuid, i64>> {
+        let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+            "SELECT assigned_agent_id, count(*) FROM tasks
+             WHERE assigned_agent_id = ANY($1) AND status IN ('assigned', 'running')
+             GROUP BY assigned_agent_id",
+        )
+        .bind(agents)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// When the earliest backed-off task becomes ready, if any waits.
+    pub async fn next_retry_at(&self) -> Result<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar(
+            "SELECT min(next_attempt_at) FROM tasks
+             WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at > now()",
+        )
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// Puts back the tasks delivered on an assignment stream that were not
+    /// started; their attempt stays spent, so a late StartTask is refused.
+    pub async fn requeue_session(&self, session: Uuid) -> Result<Vec<Uuid>> {
+        self.requeue_where(None, session, "stream closed").await
+    }
+
+    /// Puts back an agent's assigned tasks delivered on any stream but
+    /// `current` (an earlier connection that is gone).
+    pub async fn requeue_agent_except(&self, agent_id: Uuid, current: Uuid) -> Result<Vec<Uuid>> {
+        self.requeue_where(Some(agent_id), current, "agent reconnected").await
+    }
+
+    async fn requeue_where(&self, agent: Option<Uuid>, session: Uuid, reason: &str) -> Result<Vec<Uuid>> {
+        let mut tx = self.pool().begin().await?;
+        let rows: Vec<(Uuid, Option<Uuid>, i32, Option<String>)> = sqlx::query_as(
+            "UPDATE tasks t
+             SET status = 'pending', assigned_agent_id = NULL, assignment_session = NULL,
+                 updated_at = now(), next_attempt_at = now()
+             WHERE t.status = 'assigned'
+               AND CASE WHEN $1::uuid IS NULL THEN t.assignment_session = $2
+                        ELSE t.assigned_agent_id = $1 AND t.assignment_session IS DISTINCT FROM $2 END
+             RETURNING t.id, t.ticket_id, t.attempt, t.trace_context",
+        )
+        .bind(agent)
+        .bind(session)
+        .fetch_all(&mut *tx)
+        .await?;
+        let (evs, traces): (Vec<_>, Vec<_>) = rows
+            .iter()
+            .map(|(id, ticket, attempt, trace)| (rules::requeued(*id, *ticket, *attempt, reason), trace.clone()))
+            .unzip();
+        events::insert_traced(&mut tx, &evs, &traces).await?;
+        tx.commit().await?;
+        Ok(rows.into_iter().map(|(id, ..)| id).collect())
+    }
+}

@@ -1,0 +1,227 @@
+//! The task queue's storage, by concern: `enqueue`, `claim` (dispatch),
+//! `reports` (start, complete, fail), `maintenance` (timeouts, cancellation,
+//! requeues, stale agents) and `query` (reads). The decisions are the
+//! domain's (`omoi_domain::rules`); this module persists what they return.
+
+mod claim;
+mod enqueue;
+mod maintenance;
+mod query;
+mod reports;
+
+use omoi_domain::rules::{self, Change, Revoked, Transition};
+use omoi_domain::{ErrorClass, Phase, Task};
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgConnection, Row};
+use uuid::Uuid;
+
+use crate::events;
+use crate::{Result, StoreError};
+
+pub use claim::Slot;
+pub use query::{ListFilter, Stats};
+pub use reports::Report;
+
+/// Columns of a task as every query returns it (`t` is the tasks alias).
+macro_rules! task_columns {
+    () => {
+        "t.id, t.seq, t.ticket_id, t.title, t.description, t.phase, t.priority, t.status,
+         t.unmet_deps, t.retry_count, t.max_retries, t.timeout_seconds, t.attempt,
+         t.assigned_agent_id, t.error_message, t.error_class, t.result, t.created_at,
+         t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context,
+         ARRAY(SELECT d.depends_on FROM task_dependencies d WHERE d.task_id = t.id
+               ORDER BY d.depends_on) AS depends_on"
+    };
+}
+use task_columns;
+
+/// A task read from a row.
+struct TaskRow(Task);
+
+impl<'r> FromRow<'r, PgRow> for TaskRow {
+    fn from_row(row: &'r PgRow) -> sqlx::Result<Self> {
+        let corrupt = |what: String| sqlx::Error::Decode(what.into());
+        let status: String = row.try_get("status")?;
+        let phase: i16 = row.try_get("phase")?;
+        let error_class: Option<String> = row.try_get("error_class")?;
+        Ok(TaskRow(Task {
+            id: row.try_get("id")?,
+            seq: row.try_get("seq")?,
+            ticket_id: row.try_get("ticket_id")?,
+            title: row.try_get("title")?,
+            description: row.try_get("description")?,
+            phase: phase_of(phase).ok_or_else(|| corrupt(format!("phase {phase}")))?,
+            priority: row.try_get("priority")?,
+            status: status.parse().map_err(corrupt)?,
+            unmet_deps: row.try_get("unmet_deps")?,
+            retry_count: row.try_get("retry_count")?,
+            max_retries: row.try_get("max_retries")?,
+            timeout_seconds: row.try_get("timeout_seconds")?,
+            attempt: row.try_get("attempt")?,
+            assigned_agent_id: row.try_get("assigned_agent_id")?,
+            error_message: row.try_get("error_message")?,
+            error_class: error_class.as_deref().and_then(ErrorClass::parse),
+            result: row.try_get("result")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+            started_at: row.try_get("started_at")?,
+            completed_at: row.try_get("completed_at")?,
+            next_attempt_at: row.try_get("next_attempt_at")?,
+            trace_context: row.try_get("trace_context")?,
+            depends_on: row.try_get("depends_on")?,
+        }))
+    }
+}
+
+fn unwrap_rows(rows: Vec<TaskRow>) -> Vec<Task> {
+    rows.into_iter().map(|TaskRow(t)| t).collect()
+}
+
+/// The stored code of a phase (its `omoi.common.v1.Phase` number).
+pub(crate) fn phase_code(phase: Phase) -> i16 {
+    phase.to_proto() as i16
+}
+
+pub(crate) fn phase_of(code: i16) -> Option<Phase> {
+    Phase::from_proto(i32::from(code))
+}
+
+/// What a failure report, timeout, reclaim or cancellation did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub task: Task,
+    /// The agent held the attempt and must be told to stop.
+    pub revoked: Option<Revoked>,
+    /// Dependents cancelled because this task failed or was cancelled.
+    pub cancelled_dependents: Vec<Uuid>,
+}
+
+async fn select_tasks(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Task>> {
+    let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks t WHERE t.id = ANY($1)"
+    ))
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(unwrap_rows(rows))
+}
+
+async fn lock_task(conn: &mut PgConnection, id: Uuid) -> Result<Task> {
+    let row: Option<TaskRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks t WHERE t.id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|TaskRow(t)| t)
+        .ok_or(StoreError::NotFound { entity: "task", id })
+}
+
+/// Writes a decided transition of a locked task: its new state, its events,
+/// and the cancellation of its dependents.
+async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
+    match &tr.change {
+        Change::Retry { delay, error, class } => {
+            sqlx::query(
+                "UPDATE tasks SET status = 'pending', retry_count = retry_count + 1,
+                     next_attempt_at = now() + make_interval(secs => $2::float8 / 1000.0),
+                     assigned_agent_id = NULL, assignment_session = NULL, deadline_at = NULL,
+                     started_at = NULL, error_message = $3, error_class = $4, updated_at = now()
+                 WHERE id = $1",
+            )
+            .bind(tr.task_id)
+            .bind(delay.as_millis() as f64)
+            .bind(error)
+            .bind(class.as_str())
+            .execute(&mut *conn)
+            .await?;
+        }
+        Change::Fail { error, class } => {
+            sqlx::query(
+                "UPDATE tasks SET status = 'failed', error_message = $2, error_class = $3,
+                     completed_at = now(), deadline_at = NULL, updated_at = now()
+                 WHERE id = $1",
+            )
+            .bind(tr.task_id)
+            .bind(error)
+            .bind(class.as_str())
+            .execute(&mut *conn)
+            .await?;
+        }
+        Change::Cancel { reason } => {
+            sqlx::query(
+                "UPDATE tasks SET status = 'cancelled', error_message = $2, completed_at = now(),
+                     updated_at = now(), deadline_at = NULL
+                 WHERE id = $1",
+            )
+            .bind(tr.task_id)
+            .bind(reason)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    events::insert(conn, &tr.events).await?;
+    let cancelled_dependents = match &tr.cancel_dependents {
+        Some(reason) => cancel_dependents(conn, tr.task_id, reason).await?,
+        None => Vec::new(),
+    };
+    let task = lock_task(conn, tr.task_id).await?;
+    debug_assert_eq!(task.status, tr.change.status());
+    Ok(Outcome {
+        task,
+        revoked: tr.revoke,
+        cancelled_dependents,
+    })
+}
+
+/// Cancels the pending tasks that depend, directly or not, on `root`.
+async fn cancel_dependents(conn: &mut PgConnection, root: Uuid, reason: &str) -> Result<Vec<Uuid>> {
+    let rows: Vec<(Uuid, Option<Uuid>, Option<String>)> = sqlx::query_as(
+        "WITH RECURSIVE down(id) AS (
+             SELECT task_id FROM task_dependencies WHERE depends_on = $1
+             UNION
+             SELECT d.task_id FROM task_dependencies d JOIN down ON d.depends_on = down.id
+         ), t AS (
+             UPDATE tasks t
+             SET status = 'cancelled', error_message = $2, completed_at = now(), updated_at = now()
+             FROM down WHERE t.id = down.id AND t.status = 'pending'
+             RETURNING t.id, t.ticket_id, t.seq, t.trace_context
+         )
+         SELECT id, ticket_id, trace_context FROM t ORDER BY seq",
+    )
+    .bind(root)
+    .bind(reason)
+    .fetch_all(&mut *conn)
+    .await?;
+    let (evs, traces): (Vec<_>, Vec<_>) = rows
+        .iter()
+        .map(|(id, ticket, trace)| (rules::dependent_cancelled(*id, *ticket, root, reason), trace.clone()))
+        .unzip();
+    events::insert_traced(conn, &evs, &traces).await?;
+    Ok(rows.into_iter().map(|(id, _, _)| id).collect())
+}
+
+/// Decrements the unmet-dependency counters of the dependents of `done`;
+/// a dependent reaching zero becomes ready now.
+async fn release_dependents(conn: &mut PgConnection, done: &[Uuid]) -> Result<u64> {
+    if done.is_empty() {
+        return Ok(0);
+    }
+    let released = sqlx::query(
+        "UPDATE tasks t
+         SET unmet_deps = t.unmet_deps - c.n, updated_at = now(),
+             next_attempt_at = CASE WHEN t.unmet_deps = c.n THEN greatest(t.next_attempt_at, now())
+                                    ELSE t.next_attempt_at END
+         FROM (SELECT task_id, count(*)::int AS n FROM task_dependencies
+               WHERE depends_on = ANY($1) GROUP BY task_id ORDER BY task_id) c
+         WHERE t.id = c.task_id",
+    )
+    .bind(done)
+    .execute(conn)
+    .await?;
+    Ok(released.rows_affected())
+}

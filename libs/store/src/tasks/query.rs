@@ -1,0 +1,89 @@
+//! Reading tasks: one, a page, and the queue's statistics.
+
+use std::time::Duration;
+
+use omoi_domain::{Phase, Task, TaskStatus};
+use uuid::Uuid;
+
+use super::{TaskRow, phase_code, phase_of, select_tasks, task_columns, unwrap_rows};
+use crate::{Result, Store, StoreError};
+
+/// Filters of `list`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub ticket_id: Option<Uuid>,
+    pub status: Option<TaskStatus>,
+    pub phase: Option<Phase>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// (status, phase, count), non-zero only.
+    pub counts: Vec<(TaskStatus, Phase, i64)>,
+    pub ready: i64,
+    pub oldest_ready_age: Duration,
+}
+
+impl Store {
+    pub async fn get(&self, id: Uuid) -> Result<Task> {
+        let mut conn = self.pool().acquire().await?;
+        select_tasks(&mut conn, &[id])
+            .await?
+            .pop()
+            .ok_or(StoreError::NotFound { entity: "task", id })
+    }
+
+    /// A page of tasks in insertion order after `after_seq`; the second value
+    /// is the cursor of the next page, if there is one.
+    pub async fn list(&self, filter: &ListFilter, page_size: i64, after_seq: i64) -> Result<(Vec<Task>, Option<i64>)> {
+        let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks t
+             WHERE ($1::uuid IS NULL OR t.ticket_id = $1)
+               AND ($2::text IS NULL OR t.status = $2)
+               AND ($3::int2 IS NULL OR t.phase = $3)
+               AND t.seq > $4
+             ORDER BY t.seq LIMIT $5"
+        ))
+        .bind(filter.ticket_id)
+        .bind(filter.status.map(TaskStatus::as_str))
+        .bind(filter.phase.map(phase_code))
+        .bind(after_seq)
+        .bind(page_size + 1)
+        .fetch_all(self.pool())
+        .await?;
+        let mut rows = unwrap_rows(rows);
+        let next = if rows.len() as i64 > page_size {
+            rows.truncate(page_size as usize);
+            rows.last().map(|t| t.seq)
+        } else {
+            None
+        };
+        Ok((rows, next))
+    }
+
+    pub async fn stats(&self) -> Result<Stats> {
+        let rows: Vec<(String, i16, i64)> =
+            sqlx::query_as("SELECT status, phase, count(*) FROM tasks GROUP BY status, phase ORDER BY 1, 2")
+                .fetch_all(self.pool())
+                .await?;
+        let mut counts = Vec::with_capacity(rows.len());
+        for (status, phase, n) in rows {
+            let status: TaskStatus = status.parse().map_err(StoreError::Corrupt)?;
+            let phase = phase_of(phase).ok_or_else(|| StoreError::Corrupt(format!("phase {phase}")))?;
+            counts.push((status, phase, n));
+        }
+        let (ready, age): (i64, Option<f64>) = sqlx::query_as(
+            "SELECT count(*), extract(epoch FROM now() - min(next_attempt_at))::float8 FROM tasks
+             WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at <= now()",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(Stats {
+            counts,
+            ready,
+            oldest_ready_age: Duration::from_secs_f64(age.unwrap_or(0.0).max(0.0)),
+        })
+    }
+}

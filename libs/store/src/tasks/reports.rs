@@ -1,0 +1,170 @@
+//! Agents' reports of their attempts: start and completion in batches (one
+//! statement for many reports), failure one at a time.
+
+use std::collections::HashMap;
+
+use omoi_domain::{Action, Envelope, ErrorClass, Task, rules};
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{Outcome, TaskRow, lock_task, persist, release_dependents, select_tasks, task_columns, unwrap_rows};
+use crate::events;
+use crate::{Result, Store, StoreError};
+
+/// A report of an attempt: task, attempt, and (for completions) the result.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub task_id: Uuid,
+    pub attempt: i32,
+    pub result: Option<Value>,
+    /// The reporting request's `traceparent`, for the event it causes.
+    pub trace: Option<String>,
+}
+
+impl Store {
+    /// Starts a batch of attempts in one statement; one result per report.
+    pub async fn start_batch(&self, reports: &[Report]) -> Result<Vec<Result<Task>>> {
+        let (ids, attempts) = ids_and_attempts(reports);
+        let mut tx = self.pool().begin().await?;
+        let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+            "WITH t AS (
+                 UPDATE tasks t
+                 SET status = 'running', started_at = now(), updated_at = now(),
+                     deadline_at = CASE WHEN t.timeout_seconds > 0
+                                        THEN now() + make_interval(secs => t.timeout_seconds) END
+                 FROM unnest($1::uuid[], $2::int4[]) AS r(id, attempt)
+                 WHERE t.id = r.id AND t.attempt = r.attempt AND t.status = 'assigned'
+                 RETURNING t.*
+             )
+             SELECT ",
+            task_columns!(),
+            " FROM t"
+        ))
+        .bind(&ids)
+        .bind(&attempts)
+        .fetch_all(&mut *tx)
+        .await?;
+        let tasks = unwrap_rows(rows);
+        record(&mut tx, reports, &tasks, rules::started).await?;
+        tx.commit().await?;
+        self.match_reports(reports, tasks, Action::Start).await
+    }
+
+    /// Completes a batch of attempts in one transaction and releases their
+    /// dependents; one result per report.
+    pub async fn complete_batch(&self, reports: &[Report]) -> Result<Vec<Result<Task>>> {
+        let (ids, attempts) = ids_and_attempts(reports);
+        let results: Vec<Option<String>> = reports
+            .iter()
+            .map(|r| r.result.as_ref().map(Value::to_string))
+            .collect();
+        let mut tx = self.pool().begin().await?;
+        let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+            "WITH t AS (
+                 UPDATE tasks t
+                 SET status = 'completed', result = r.result::jsonb, completed_at = now(),
+                     updated_at = now(), deadline_at = NULL, error_message = NULL, error_class = NULL
+                 FROM unnest($1::uuid[], $2::int4[], $3::text[]) AS r(id, attempt, result)
+                 WHERE t.id = r.id AND t.attempt = r.attempt AND t.status = 'running'
+                 RETURNING t.*
+             )
+             SELECT ",
+            task_columns!(),
+            " FROM t"
+        ))
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&results)
+        .fetch_all(&mut *tx)
+        .await?;
+        let tasks = unwrap_rows(rows);
+        record(&mut tx, reports, &tasks, rules::completed).await?;
+        // A separate statement, so that its snapshot includes dependents
+        // enqueued by transactions that held our rows until just now.
+        let done: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
+        release_dependents(&mut tx, &done).await?;
+        tx.commit().await?;
+        self.match_reports(reports, tasks, Action::Complete).await
+    }
+
+    /// A failure report: retried with backoff when retryable and retries
+    /// remain, otherwise failed for good with its dependents cancelled.
+    pub async fn fail(
+        &self,
+        task_id: Uuid,
+        attempt: i32,
+        message: &str,
+        explicit: Option<ErrorClass>,
+    ) -> Result<Outcome> {
+        let mut tx = self.pool().begin().await?;
+        let task = lock_task(&mut tx, task_id).await?;
+        let transition = rules::on_failure(&task, attempt, message, explicit, &mut rand::rng())?;
+        let outcome = persist(&mut tx, transition).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Explains the reports a batch statement did not apply.
+    async fn match_reports(&self, reports: &[Report], rows: Vec<Task>, action: Action) -> Result<Vec<Result<Task>>> {
+        let mut applied: HashMap<Uuid, Task> = rows.into_iter().map(|t| (t.id, t)).collect();
+        let missing: Vec<Uuid> = reports
+            .iter()
+            .filter(|r| !applied.contains_key(&r.task_id))
+            .map(|r| r.task_id)
+            .collect();
+        let current: HashMap<Uuid, Task> = if missing.is_empty() {
+            HashMap::new()
+        } else {
+            let mut conn = self.pool().acquire().await?;
+            select_tasks(&mut conn, &missing)
+                .await?
+                .into_iter()
+                .map(|t| (t.id, t))
+                .collect()
+        };
+        Ok(reports
+            .iter()
+            .map(|r| match applied.remove(&r.task_id) {
+                Some(task) => Ok(task),
+                None => match current.get(&r.task_id) {
+                    None => Err(StoreError::NotFound {
+                        entity: "task",
+                        id: r.task_id,
+                    }),
+                    // A retried report of the same attempt that already took
+                    // effect (its answer was lost) succeeds again.
+                    Some(task) => rules::explain_report(task, r.attempt, action)
+                        .map(|()| task.clone())
+                        .map_err(StoreError::from),
+                },
+            })
+            .collect())
+    }
+}
+
+/// Records the events of applied reports, each in the trace of the request
+/// that reported it (or of the task's enqueue).
+async fn record(
+    conn: &mut PgConnection,
+    reports: &[Report],
+    tasks: &[Task],
+    event: fn(&Task) -> Envelope,
+) -> Result<()> {
+    let by_id: HashMap<Uuid, &Report> = reports.iter().map(|r| (r.task_id, r)).collect();
+    let evs: Vec<Envelope> = tasks.iter().map(event).collect();
+    let traces: Vec<Option<String>> = tasks
+        .iter()
+        .map(|t| {
+            by_id
+                .get(&t.id)
+                .and_then(|r| r.trace.clone())
+                .or_else(|| t.trace_context.clone())
+        })
+        .collect();
+    events::insert_traced(conn, &evs, &traces).await
+}
+
+fn ids_and_attempts(reports: &[Report]) -> (Vec<Uuid>, Vec<i32>) {
+    reports.iter().map(|r| (r.task_id, r.attempt)).unzip()
+}

@@ -1,0 +1,396 @@
+//! The store against a real PostgreSQL: every write persists what the
+//! domain decided, with its events in the outbox in the same transaction.
+//! Each test has a database of its own (`OMOI_TEST_DATABASE_URL` names the
+//! server, default the local one).
+
+use std::time::Duration;
+
+use chrono::Utc;
+use omoi_domain::event::{Event, EventType};
+use omoi_domain::validate::NewTask;
+use omoi_domain::{ErrorClass, Phase, TaskStatus};
+use omoi_store::tasks::{Report, Slot};
+use omoi_store::{Store, StoreError};
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+/// A migrated database of this test's own, dropped when the test passes.
+struct Db {
+    name: String,
+    admin: String,
+    store: Store,
+}
+
+impl Db {
+    async fn new() -> Db {
+        let admin = std::env::var("OMOI_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let name = format!("omoi_s_{}", Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect(&admin).await.expect("PostgreSQL is reachable");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        let store = Store::connect_lazy(&format!("{base}/{name}"), 4).unwrap();
+        store.migrate().await.unwrap();
+        Db { name, admin, store }
+    }
+
+    async fn drop(self) {
+        self.store.close().await;
+        let mut conn = PgConnection::connect(&self.admin).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {} WITH (FORCE)", self.name)))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    /// The outbox, oldest first, read back as the domain's events.
+    async fn events(&self) -> Vec<(Uuid, Event)> {
+        let rows: Vec<(String, Uuid, serde_json::Value)> =
+            sqlx::query_as("SELECT event_type, entity_id, payload FROM event_outbox ORDER BY seq")
+                .fetch_all(self.store.pool())
+                .await
+                .unwrap();
+        rows.into_iter()
+            .map(|(ty, id, payload)| {
+                let ty = EventType::parse(&ty).unwrap_or_else(|| panic!("unknown event type {ty}"));
+                (id, Event::parse(ty, payload).unwrap())
+            })
+            .collect()
+    }
+
+    async fn event_types(&self) -> Vec<EventType> {
+        self.events().await.into_iter().map(|(_, e)| e.event_type()).collect()
+    }
+
+    async fn clear_events(&self) {
+        sqlx::query("DELETE FROM event_outbox")
+            .execute(self.store.pool())
+            .await
+            .unwrap();
+    }
+
+    async fn count_tasks(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM tasks")
+            .fetch_one(self.store.pool())
+            .await
+            .unwrap()
+    }
+}
+
+fn new_task(title: &str, priority: i32, depends_on: &[Uuid]) -> NewTask {
+    NewTask {
+        id: Uuid::now_v7(),
+        ticket_id: None,
+        title: title.to_owned(),
+        description: String::new(),
+        phase: Phase::Implementation,
+        priority,
+        depends_on: depends_on.to_vec(),
+        max_retries: 3,
+        timeout_seconds: 0,
+    }
+}
+
+fn slot(agent_id: Uuid) -> Slot {
+    Slot {
+        agent_id,
+        session: Uuid::now_v7(),
+    }
+}
+
+fn report(task_id: Uuid, attempt: i32) -> Report {
+    Report {
+        task_id,
+        attempt,
+        result: None,
+        trace: None,
+    }
+}
+
+/// Enqueues, assigns and starts one task; returns it running.
+async fn running(db: &Db, task: NewTask, agent: Uuid) -> omoi_domain::Task {
+    db.store.enqueue(&[task]).await.unwrap();
+    let assigned = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
+    assert_eq!(assigned.len(), 1);
+    let started = db.store.start_batch(&[report(assigned[0].id, 1)]).await.unwrap();
+    started.into_iter().next().unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn enqueue_records_each_task_with_its_event_or_nothing() {
+    let db = Db::new().await;
+    let first = new_task("first", 1, &[]);
+    let second = new_task("second", 1, &[first.id]);
+    let stored = db.store.enqueue(&[first.clone(), second.clone()]).await.unwrap();
+    assert_eq!(stored.iter().map(|t| t.id).collect::<Vec<_>>(), [first.id, second.id]);
+    assert_eq!((stored[0].unmet_deps, stored[1].unmet_deps), (0, 1));
+    let events = db.events().await;
+    assert_eq!(events.len(), 2);
+    let Event::TaskCreated(created) = &events[1].1 else {
+        panic!("{events:?}")
+    };
+    assert_eq!(events[1].0, second.id);
+    assert_eq!(created.depends_on, [first.id]);
+    assert_eq!(created.unmet_dependencies, 1);
+
+    // The same id again: refused, nothing written.
+    let err = db
+        .store
+        .enqueue(&[new_task("x", 1, &[]), first.clone()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::AlreadyExists(ref m) if m.starts_with("tasks[1].id")),
+        "{err}"
+    );
+    assert_eq!(db.count_tasks().await, 2);
+    assert_eq!(db.events().await.len(), 2);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn claims_go_by_priority_then_age_each_with_an_assigned_event() {
+    let db = Db::new().await;
+    let low = new_task("low", 1, &[]);
+    let high = new_task("high", 5, &[]);
+    let blocked = new_task("blocked", 9, &[low.id]);
+    db.store.enqueue(&[low.clone(), high.clone(), blocked]).await.unwrap();
+    db.clear_events().await;
+    let agent = Uuid::now_v7();
+    let got = db
+        .store
+        .assign(None, &[slot(agent), slot(agent), slot(agent)], Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(got.iter().map(|t| t.id).collect::<Vec<_>>(), [high.id, low.id]);
+    assert!(got.iter().all(|t| t.status == TaskStatus::Assigned && t.attempt == 1));
+    let events = db.events().await;
+    assert_eq!(events.len(), 2);
+    for ((id, e), t) in events.iter().zip(&got) {
+        assert_eq!(*id, t.id);
+        assert_eq!(e.agent_id(), Some(agent));
+    }
+    // Other phases are not handed out.
+    db.store.enqueue(&[new_task("more", 1, &[])]).await.unwrap();
+    let none = db
+        .store
+        .assign(Some(&[Phase::Refactoring]), &[slot(agent)], Utc::now())
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn reports_apply_once_and_completion_releases_dependents() {
+    let db = Db::new().await;
+    let agent = Uuid::now_v7();
+    let first = new_task("first", 1, &[]);
+    let second = new_task("second", 1, &[first.id]);
+    db.store.enqueue(std::slice::from_ref(&second)).await.unwrap_err();
+    db.store.enqueue(&[first.clone(), second.clone()]).await.unwrap();
+    let t = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
+    assert_eq!(t.len(), 1, "the dependent waits");
+
+    // Wrong attempt, and completing before starting: refused.
+    let stale = db.store.start_batch(&[report(first.id, 2)]).await.unwrap();
+    assert!(matches!(
+        stale[0],
+        Err(StoreError::Domain(omoi_domain::DomainError::StaleAttempt { .. }))
+    ));
+    let early = db.store.complete_batch(&[report(first.id, 1)]).await.unwrap();
+    assert!(matches!(
+        early[0],
+        Err(StoreError::Domain(omoi_domain::DomainError::IllegalTransition { .. }))
+    ));
+
+    // A start retried after its answer was lost succeeds again, once.
+    db.clear_events().await;
+    for _ in 0..2 {
+        let started = db.store.start_batch(&[report(first.id, 1)]).await.unwrap();
+        assert_eq!(started[0].as_ref().unwrap().status, TaskStatus::Running);
+    }
+    let done = Report {
+        result: Some(serde_json::json!({"summary": "ok"})),
+        ..report(first.id, 1)
+    };
+    let completed = db.store.complete_batch(&[done]).await.unwrap();
+    assert_eq!(completed[0].as_ref().unwrap().status, TaskStatus::Completed);
+    let events = db.events().await;
+    assert_eq!(
+        events.iter().map(|(_, e)| e.event_type()).collect::<Vec<_>>(),
+        [EventType::TaskStarted, EventType::TaskCompleted]
+    );
+    let Event::TaskCompleted(c) = &events[1].1 else {
+        panic!()
+    };
+    assert_eq!(c.result, Some(serde_json::json!({"summary": "ok"})));
+    assert_eq!(db.store.get(second.id).await.unwrap().unmet_deps, 0);
+    let next = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
+    assert_eq!(next[0].id, second.id);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_retryable_failure_waits_its_backoff() {
+    let db = Db::new().await;
+    let agent = Uuid::now_v7();
+    let task = running(&db, new_task("t", 1, &[]), agent).await;
+    db.clear_events().await;
+    let before = Utc::now();
+    let outcome = db.store.fail(task.id, 1, "connection reset", None).await.unwrap();
+    assert_eq!(outcome.task.status, TaskStatus::Pending);
+    assert_eq!(outcome.task.retry_count, 1);
+    assert_eq!(outcome.task.assigned_agent_id, None);
+    assert_eq!(outcome.task.error_class, Some(ErrorClass::Retryable));
+    assert!(outcome.revoked.is_none(), "the reporter is the holder");
+    let (low, high) = omoi_domain::backoff::bounds(0);
+    let wait = (outcome.task.next_attempt_at - before).to_std().unwrap();
+    assert!(
+        wait + Duration::from_millis(50) >= low && wait <= high + Duration::from_secs(1),
+        "{wait:?}"
+    );
+    let events = db.events().await;
+    let Event::TaskRetried(r) = &events[0].1 else {
+        panic!("{events:?}")
+    };
+    assert_eq!((r.retry_count, r.max_retries, r.agent_id), (1, 3, Some(agent)));
+    // Not ready before its time.
+    assert!(
+        db.store
+            .assign(None, &[slot(agent)], Utc::now())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A report of the old attempt changes nothing.
+    assert!(db.store.fail(task.id, 1, "again", None).await.is_err());
+    assert_eq!(db.events().await.len(), 1);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_permanent_failure_cancels_its_dependents_transitively() {
+    let db = Db::new().await;
+    let agent = Uuid::now_v7();
+    let root = new_task("root", 1, &[]);
+    let child = new_task("child", 1, &[root.id]);
+    let grandchild = new_task("grandchild", 1, &[child.id]);
+    db.store
+        .enqueue(&[root.clone(), child.clone(), grandchild.clone()])
+        .await
+        .unwrap();
+    let t = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
+    db.store.start_batch(&[report(t[0].id, 1)]).await.unwrap();
+    db.clear_events().await;
+    let outcome = db.store.fail(root.id, 1, "permission denied", None).await.unwrap();
+    assert_eq!(outcome.task.status, TaskStatus::Failed);
+    assert_eq!(outcome.cancelled_dependents.len(), 2);
+    for id in [child.id, grandchild.id] {
+        let t = db.store.get(id).await.unwrap();
+        assert_eq!(t.status, TaskStatus::Cancelled);
+        assert!(t.error_message.unwrap().contains("failed: permission denied"));
+    }
+    let events = db.events().await;
+    assert_eq!(
+        events.iter().map(|(_, e)| e.event_type()).collect::<Vec<_>>(),
+        [
+            EventType::TaskFailed,
+            EventType::TaskCancelled,
+            EventType::TaskCancelled
+        ]
+    );
+    let Event::TaskCancelled(c) = &events[1].1 else {
+        panic!()
+    };
+    assert_eq!(c.cause_task_id, Some(root.id));
+    assert_eq!(c.previous_status, TaskStatus::Pending);
+    // A dependency that will never complete refuses new dependents.
+    let late = db.store.enqueue(&[new_task("late", 1, &[root.id])]).await.unwrap_err();
+    assert!(matches!(late, StoreError::FailedPrecondition(ref m) if m.contains("tasks[0].depends_on[0]")));
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_running_task_revokes_its_attempt() {
+    let db = Db::new().await;
+    let agent = Uuid::now_v7();
+    let task = running(&db, new_task("t", 1, &[]), agent).await;
+    let outcome = db.store.cancel(task.id, "no longer needed").await.unwrap();
+    assert_eq!(outcome.task.status, TaskStatus::Cancelled);
+    let revoked = outcome.revoked.unwrap();
+    assert_eq!((revoked.agent_id, revoked.attempt), (agent, 1));
+    assert!(db.store.cancel(task.id, "again").await.is_err(), "already cancelled");
+    assert_eq!(
+        db.event_types().await.last(),
+        Some(&EventType::TaskCancelled),
+        "one cancellation event"
+    );
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn expired_attempts_time_out_and_stale_agents_lose_their_work() {
+    let db = Db::new().await;
+    let agent = Uuid::now_v7();
+    let task = running(
+        &db,
+        NewTask {
+            timeout_seconds: 1,
+            max_retries: 0,
+            ..new_task("slow", 1, &[])
+        },
+        agent,
+    )
+    .await;
+    sqlx::query("UPDATE tasks SET deadline_at = now() - interval '1 second'")
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    db.clear_events().await;
+    let outcomes = db.store.time_out_expired(10).await.unwrap();
+    assert_eq!(outcomes.len(), 1);
+    assert_eq!(outcomes[0].task.status, TaskStatus::Failed, "no retries left");
+    assert_eq!(outcomes[0].revoked.as_ref().map(|r| r.task_id), Some(task.id));
+    assert_eq!(db.event_types().await, [EventType::TaskTimedOut, EventType::TaskFailed]);
+
+    let other = running(&db, new_task("held", 1, &[]), agent).await;
+    db.clear_events().await;
+    let reclaimed = db.store.reclaim_agent(agent, Utc::now()).await.unwrap();
+    assert_eq!(reclaimed.len(), 1);
+    assert_eq!(reclaimed[0].task.id, other.id);
+    assert_eq!(reclaimed[0].task.status, TaskStatus::Pending);
+    assert_eq!(db.event_types().await, [EventType::TaskRetried]);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_closed_stream_gives_back_what_it_never_started() {
+    let db = Db::new().await;
+    let agent = Uuid::now_v7();
+    db.store
+        .enqueue(&[new_task("a", 1, &[]), new_task("b", 1, &[])])
+        .await
+        .unwrap();
+    let s = slot(agent);
+    let got = db.store.assign(None, &[s, s], Utc::now()).await.unwrap();
+    db.store.start_batch(&[report(got[0].id, 1)]).await.unwrap();
+    db.clear_events().await;
+    let back = db.store.requeue_session(s.session).await.unwrap();
+    assert_eq!(back, [got[1].id]);
+    let events = db.events().await;
+    let Event::TaskRequeued(r) = &events[0].1 else {
+        panic!("{events:?}")
+    };
+    assert_eq!((r.attempt, r.reason.as_str()), (1, "stream closed"));
+    let again = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
+    assert_eq!(
+        (again[0].id, again[0].attempt),
+        (got[1].id, 2),
+        "its attempt stays spent"
+    );
+    db.drop().await;
+}
