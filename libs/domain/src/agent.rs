@@ -2,6 +2,43 @@
 
 use std::fmt;
 
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::Phase;
+use crate::event::AgentChanged;
+
+/// A registered agent as the health service knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agent {
+    pub id: Uuid,
+    pub agent_type: String,
+    /// Empty = all phases.
+    pub phases: Vec<Phase>,
+    pub capacity: i32,
+    /// String labels as a JSON object.
+    pub labels: Value,
+    pub status: AgentStatus,
+    pub registered_at: DateTime<Utc>,
+    pub last_heartbeat_at: DateTime<Utc>,
+    pub running_task_ids: Vec<Uuid>,
+    pub status_changed_at: DateTime<Utc>,
+    pub completed_tasks: i64,
+    pub failed_tasks: i64,
+}
+
+impl Agent {
+    /// What every agent event says about the agent.
+    pub fn change(&self) -> AgentChanged {
+        AgentChanged {
+            agent_type: self.agent_type.clone(),
+            status: self.status,
+            last_heartbeat_at: self.last_heartbeat_at,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AgentStatus {
     Healthy,
@@ -22,18 +59,6 @@ impl AgentStatus {
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|a| a.as_str() == s)
-    }
-
-    pub fn to_proto(self) -> i32 {
-        match self {
-            AgentStatus::Healthy => 1,
-            AgentStatus::Stale => 2,
-            AgentStatus::Deregistered => 3,
-        }
-    }
-
-    pub fn from_proto(v: i32) -> Option<Self> {
-        Self::ALL.into_iter().find(|a| a.to_proto() == v)
     }
 }
 
@@ -56,9 +81,7 @@ mod tests {
     fn round_trips() {
         for s in AgentStatus::ALL {
             assert_eq!(AgentStatus::parse(s.as_str()), Some(s));
-            assert_eq!(AgentStatus::from_proto(s.to_proto()), Some(s));
         }
-        assert_eq!(AgentStatus::from_proto(0), None);
         assert_eq!(AgentStatus::parse("dead"), None);
     }
 }

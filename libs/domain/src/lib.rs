@@ -11,6 +11,8 @@ pub mod task;
 pub mod ticket;
 pub mod validate;
 
+pub use agent::{Agent, AgentStatus};
 pub use error::{DomainError, FieldError};
 pub use event::{Entity, Envelope, Event, EventType};
 pub use task::{Action, ErrorClass, Phase, Task, TaskStatus};
+pub use ticket::{Ticket, TicketStatus};

@@ -51,24 +51,6 @@ impl TaskStatus {
             TaskStatus::Completed | TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled
         )
     }
-
-    /// The protobuf enum value (`omoi.common.v1.TaskStatus`).
-    pub fn to_proto(self) -> i32 {
-        match self {
-            TaskStatus::Pending => 1,
-            TaskStatus::Assigned => 2,
-            TaskStatus::Running => 3,
-            TaskStatus::Completed => 4,
-            TaskStatus::Failed => 5,
-            TaskStatus::TimedOut => 6,
-            TaskStatus::Cancelled => 7,
-        }
-    }
-
-    /// `None` for UNSPECIFIED (0) and unknown values.
-    pub fn from_proto(value: i32) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.to_proto() == value)
-    }
 }
 
 impl fmt::Display for TaskStatus {
@@ -219,20 +201,6 @@ impl Phase {
         Phase::Refactoring,
     ];
 
-    /// The protobuf value (`omoi.common.v1.Phase`), also the stored value.
-    pub fn to_proto(self) -> i32 {
-        match self {
-            Phase::Initial => 1,
-            Phase::Implementation => 2,
-            Phase::Integration => 3,
-            Phase::Refactoring => 4,
-        }
-    }
-
-    pub fn from_proto(value: i32) -> Option<Self> {
-        Self::ALL.into_iter().find(|p| p.to_proto() == value)
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Initial => "PHASE_INITIAL",
@@ -255,22 +223,6 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
-    pub fn to_proto(self) -> i32 {
-        match self {
-            ErrorClass::Retryable => 1,
-            ErrorClass::Permanent => 2,
-        }
-    }
-
-    /// `None` for UNSPECIFIED (let the server classify) and unknown values.
-    pub fn from_proto(value: i32) -> Option<Self> {
-        match value {
-            1 => Some(ErrorClass::Retryable),
-            2 => Some(ErrorClass::Permanent),
-            _ => None,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorClass::Retryable => "retryable",
@@ -358,26 +310,20 @@ mod tests {
     }
 
     #[test]
-    fn status_round_trips_through_strings_and_proto() {
+    fn status_round_trips_through_strings() {
         for s in TaskStatus::ALL {
             assert_eq!(s.as_str().parse::<TaskStatus>(), Ok(s));
-            assert_eq!(TaskStatus::from_proto(s.to_proto()), Some(s));
         }
-        assert_eq!(TaskStatus::from_proto(0), None);
-        assert_eq!(TaskStatus::from_proto(99), None);
         assert!("done".parse::<TaskStatus>().is_err());
     }
 
     #[test]
     fn phases_and_error_classes_round_trip() {
         for p in Phase::ALL {
-            assert_eq!(Phase::from_proto(p.to_proto()), Some(p));
+            assert_eq!(Phase::parse(p.as_str()), Some(p));
         }
-        assert_eq!(Phase::from_proto(0), None);
         for c in [ErrorClass::Retryable, ErrorClass::Permanent] {
-            assert_eq!(ErrorClass::from_proto(c.to_proto()), Some(c));
             assert_eq!(ErrorClass::parse(c.as_str()), Some(c));
         }
-        assert_eq!(ErrorClass::from_proto(0), None);
     }
 }

@@ -3,11 +3,51 @@
 
 use std::fmt;
 
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
 use crate::error::DomainError;
-use crate::event::EventType;
+use crate::event::{EventType, TicketChanged};
 use crate::graph;
 use crate::task::Phase;
 use crate::validate;
+
+/// A ticket: a piece of work split into phase tasks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ticket {
+    pub id: Uuid,
+    /// Creation order, for stable paging.
+    pub seq: i64,
+    pub title: String,
+    pub description: String,
+    /// 1 (LOW) .. 4 (CRITICAL).
+    pub priority: i32,
+    pub status: TicketStatus,
+    pub repository: String,
+    /// String labels as a JSON object.
+    pub labels: Value,
+    pub request_id: Option<String>,
+    pub tasks_enqueued: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Ticket {
+    /// The change to its current status, for its event; `cause` adds why.
+    pub fn change(&self, cause: impl FnOnce(&mut TicketChanged)) -> TicketChanged {
+        let mut change = TicketChanged {
+            status: self.status,
+            title: self.title.clone(),
+            previous_status: None,
+            task_id: None,
+            reason: None,
+            discarded: false,
+        };
+        cause(&mut change);
+        change
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TicketStatus {
@@ -39,20 +79,6 @@ impl TicketStatus {
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.as_str() == s)
-    }
-
-    pub fn to_proto(self) -> i32 {
-        match self {
-            TicketStatus::Open => 1,
-            TicketStatus::InProgress => 2,
-            TicketStatus::Completed => 3,
-            TicketStatus::Failed => 4,
-            TicketStatus::Cancelled => 5,
-        }
-    }
-
-    pub fn from_proto(v: i32) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.to_proto() == v)
     }
 
     pub fn is_final(self) -> bool {
@@ -138,7 +164,7 @@ pub fn derive_status(tasks: &[TaskProgress]) -> TicketStatus {
     TicketStatus::Open
 }
 
-/// Ticket priority (proto value 1..=4) as task priority: LOW 1 .. CRITICAL 4.
+/// Ticket priority (1..=4) as task priority: LOW 1 .. CRITICAL 4.
 pub fn task_priority(ticket_priority: i32) -> i32 {
     ticket_priority.clamp(1, 4)
 }
@@ -160,7 +186,7 @@ pub struct PlannedTask {
 pub struct RawTaskSpec<'a> {
     pub title: &'a str,
     pub description: &'a str,
-    pub phase: i32,
+    pub phase: validate::Given<Phase>,
     pub priority: Option<i32>,
     pub depends_on: &'a [i32],
     pub max_retries: Option<i32>,
@@ -349,7 +375,7 @@ mod tests {
     fn explicit_plans_are_validated() {
         let spec = |deps: &'static [i32]| RawTaskSpec {
             title: "t",
-            phase: 2,
+            phase: validate::Given::Known(Phase::Implementation),
             depends_on: deps,
             ..Default::default()
         };
@@ -369,7 +395,10 @@ mod tests {
             cycle.contains("cycle plan[0] -> plan[2] -> plan[1] -> plan[0]"),
             "{cycle}"
         );
-        let bad_phase = RawTaskSpec { phase: 0, ..spec(&[]) };
+        let bad_phase = RawTaskSpec {
+            phase: validate::Given::Missing,
+            ..spec(&[])
+        };
         assert!(err(&[bad_phase]).starts_with("plan[0].phase"));
     }
 
@@ -381,7 +410,6 @@ mod tests {
         assert_eq!(TaskOutcome::of_event(EventType::TaskRetried), None);
         for s in TicketStatus::ALL {
             assert_eq!(TicketStatus::parse(s.as_str()), Some(s));
-            assert_eq!(TicketStatus::from_proto(s.to_proto()), Some(s));
         }
     }
 }

@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use crate::backoff::DEFAULT_MAX_RETRIES;
 use crate::error::DomainError;
-use crate::task::{Phase, TaskStatus};
+use crate::task::Phase;
 
 pub const MAX_TITLE_CHARS: usize = 200;
 pub const MAX_DESCRIPTION_BYTES: usize = 64 * 1024;
@@ -37,7 +37,7 @@ pub struct RawNewTask<'a> {
     pub ticket_id: &'a str,
     pub title: &'a str,
     pub description: &'a str,
-    pub phase: i32,
+    pub phase: Given<Phase>,
     pub priority: i32,
     pub depends_on: &'a [String],
     pub max_retries: Option<i32>,
@@ -91,33 +91,45 @@ pub fn text(field: &str, value: &str, max_bytes: usize) -> Result<String, Domain
     Ok(value.to_owned())
 }
 
-pub fn phase(field: &str, value: i32) -> Result<Phase, DomainError> {
-    Phase::from_proto(value).ok_or_else(|| {
-        if value == 0 {
-            DomainError::invalid(field, "is required")
-        } else {
-            DomainError::invalid(field, format!("{value} is not a known phase"))
+/// An enumerated field as a request carries it: absent (the wire's
+/// UNSPECIFIED), a value this version knows, or a number it does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Given<T> {
+    #[default]
+    Missing,
+    Known(T),
+    Unknown(i32),
+}
+
+impl<T> Given<T> {
+    /// The value when this version knows it.
+    pub fn known(self) -> Option<T> {
+        match self {
+            Given::Known(v) => Some(v),
+            Given::Missing | Given::Unknown(_) => None,
         }
-    })
+    }
 }
 
-/// An optional status filter: UNSPECIFIED means any.
-pub fn status_filter(field: &str, value: i32) -> Result<Option<TaskStatus>, DomainError> {
-    if value == 0 {
-        return Ok(None);
+/// A required enumerated field; `what` names its kind in the refusal.
+pub fn required<T>(field: &str, value: Given<T>, what: &str) -> Result<T, DomainError> {
+    match value {
+        Given::Known(v) => Ok(v),
+        Given::Missing => Err(DomainError::invalid(field, "is required")),
+        Given::Unknown(n) => Err(DomainError::invalid(field, format!("{n} is not a known {what}"))),
     }
-    TaskStatus::from_proto(value)
-        .map(Some)
-        .ok_or_else(|| DomainError::invalid(field, format!("{value} is not a known task status")))
 }
 
-/// An optional phase filter: UNSPECIFIED means any.
-pub fn phase_filter(field: &str, value: i32) -> Result<Option<Phase>, DomainError> {
-    if value == 0 {
-        Ok(None)
-    } else {
-        phase(field, value).map(Some)
+/// An optional enumerated field (a filter, a hint): absent means none.
+pub fn optional<T>(field: &str, value: Given<T>, what: &str) -> Result<Option<T>, DomainError> {
+    match value {
+        Given::Missing => Ok(None),
+        other => required(field, other, what).map(Some),
     }
+}
+
+pub fn phase(field: &str, value: Given<Phase>) -> Result<Phase, DomainError> {
+    required(field, value, "phase")
 }
 
 /// A positive attempt number from a report.
@@ -309,7 +321,7 @@ mod tests {
     fn good() -> RawNewTask<'static> {
         RawNewTask {
             title: "Set up the project",
-            phase: 1,
+            phase: Given::Known(Phase::Initial),
             priority: 2,
             ..Default::default()
         }
@@ -357,8 +369,20 @@ mod tests {
                 },
                 "tasks[3].description",
             ),
-            (RawNewTask { phase: 0, ..good() }, "tasks[3].phase"),
-            (RawNewTask { phase: 9, ..good() }, "tasks[3].phase"),
+            (
+                RawNewTask {
+                    phase: Given::Missing,
+                    ..good()
+                },
+                "tasks[3].phase",
+            ),
+            (
+                RawNewTask {
+                    phase: Given::Unknown(9),
+                    ..good()
+                },
+                "tasks[3].phase",
+            ),
             (RawNewTask { priority: -1, ..good() }, "tasks[3].priority"),
             (
                 RawNewTask {
@@ -446,10 +470,22 @@ mod tests {
 
     #[test]
     fn filters_and_attempts() {
-        assert_eq!(status_filter("s", 0), Ok(None));
-        assert_eq!(status_filter("s", 4), Ok(Some(TaskStatus::Completed)));
-        assert_eq!(field_of(status_filter("status", 42).unwrap_err()), "status");
-        assert_eq!(phase_filter("p", 0), Ok(None));
+        assert_eq!(optional::<Phase>("s", Given::Missing, "phase"), Ok(None));
+        assert_eq!(
+            optional("s", Given::Known(Phase::Integration), "phase"),
+            Ok(Some(Phase::Integration))
+        );
+        let unknown = optional::<Phase>("status", Given::Unknown(42), "task status").unwrap_err();
+        assert_eq!(
+            unknown.to_string(),
+            "invalid argument status: 42 is not a known task status"
+        );
+        assert_eq!(
+            required::<Phase>("phase", Given::Missing, "phase")
+                .unwrap_err()
+                .to_string(),
+            "invalid argument phase: is required"
+        );
         assert_eq!(field_of(attempt("attempt", 0).unwrap_err()), "attempt");
         assert_eq!(attempt("attempt", 3), Ok(3));
         assert_eq!(field_of(uuid("task_id", "").unwrap_err()), "task_id");

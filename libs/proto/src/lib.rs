@@ -49,3 +49,4 @@ pub use omoi::ticket::v1 as ticket;
 pub use prost_types;
 
 pub mod convert;
+pub mod domain;

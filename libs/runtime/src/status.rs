@@ -1,14 +1,52 @@
-//! The one mapping from omoi's library errors to gRPC statuses.
+//! The one error type of every RPC handler, and its one mapping to the
+//! gRPC status a client sees.
 
 use omoi_domain::DomainError;
 use omoi_store::StoreError;
 use tonic::Status;
 
-/// A store error as the status a client sees; internal details are logged,
-/// not sent.
-pub fn from_store(err: StoreError) -> Status {
+/// What an RPC handler can fail with. Handlers return it and use `?` on
+/// domain and store results; the service trait turns it into a `Status`
+/// with `?` too.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A status the handler decided itself or passes on from a peer.
+    #[error("{}", .0.message())]
+    Status(#[from] Status),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ApiError::Domain(DomainError::invalid(field, reason))
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The status of an error sent where a `Status` travels by itself (a
+/// stream's item, a batch's reply).
+pub fn status(err: impl Into<ApiError>) -> Status {
+    Status::from(err.into())
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Status {
+        match err {
+            ApiError::Domain(d) => domain(d),
+            ApiError::Store(s) => store(s),
+            ApiError::Status(s) => s,
+        }
+    }
+}
+
+/// Internal details are logged, not sent.
+fn store(err: StoreError) -> Status {
     match err {
-        StoreError::Domain(d) => from_domain(d),
+        StoreError::Domain(d) => domain(d),
         StoreError::NotFound { .. } => Status::not_found(err.to_string()),
         StoreError::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
         StoreError::AlreadyExists(_) => Status::already_exists(err.to_string()),
@@ -23,7 +61,7 @@ pub fn from_store(err: StoreError) -> Status {
     }
 }
 
-pub fn from_domain(err: DomainError) -> Status {
+fn domain(err: DomainError) -> Status {
     match err {
         DomainError::InvalidArgument(_) | DomainError::Cycle { .. } => Status::invalid_argument(err.to_string()),
         DomainError::IllegalTransition { .. } | DomainError::StaleAttempt { .. } | DomainError::Concurrent { .. } => {
@@ -42,11 +80,11 @@ mod tests {
     fn codes() {
         let id = Uuid::nil();
         assert_eq!(
-            from_store(StoreError::NotFound { entity: "task", id }).code(),
+            store(StoreError::NotFound { entity: "task", id }).code(),
             Code::NotFound
         );
         assert_eq!(
-            from_store(StoreError::Domain(DomainError::StaleAttempt {
+            store(StoreError::Domain(DomainError::StaleAttempt {
                 task_id: id,
                 reported: 1,
                 current: 2
@@ -54,18 +92,15 @@ mod tests {
             .code(),
             Code::FailedPrecondition
         );
+        assert_eq!(store(StoreError::AlreadyExists("x".into())).code(), Code::AlreadyExists);
         assert_eq!(
-            from_store(StoreError::AlreadyExists("x".into())).code(),
-            Code::AlreadyExists
-        );
-        assert_eq!(
-            from_store(StoreError::Unavailable(sqlx::Error::PoolTimedOut)).code(),
+            store(StoreError::Unavailable(sqlx::Error::PoolTimedOut)).code(),
             Code::Unavailable
         );
-        let internal = from_store(StoreError::Corrupt("secret detail".into()));
+        let internal = store(StoreError::Corrupt("secret detail".into()));
         assert_eq!(internal.code(), Code::Internal);
         assert!(!internal.message().contains("secret"));
-        let invalid = from_domain(DomainError::invalid("tasks[0].title", "must not be empty"));
+        let invalid = domain(DomainError::invalid("tasks[0].title", "must not be empty"));
         assert_eq!(invalid.code(), Code::InvalidArgument);
         assert!(invalid.message().contains("tasks[0].title"));
     }

@@ -4,14 +4,15 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use omoi_domain::Phase;
-use omoi_domain::agent::AgentStatus;
+use omoi_domain::{Agent, AgentStatus, Phase};
 use serde_json::{Value, json};
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
 use omoi_domain::event::{AgentChanged, AgentRegistered, AgentStale};
+
+use crate::codes::{phase_code, phase_of};
 use omoi_domain::{Envelope, Event};
 
 use crate::events;
@@ -20,34 +21,17 @@ use crate::{Result, Store, StoreError, consumed};
 const AGENT_COLUMNS: &str = "id, agent_type, phases, capacity, labels, status, registered_at, last_heartbeat_at,
      running_task_ids, status_changed_at, completed_tasks, failed_tasks";
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Agent {
-    pub id: Uuid,
-    pub agent_type: String,
-    /// Empty = all phases.
-    pub phases: Vec<Phase>,
-    pub capacity: i32,
-    pub labels: Value,
-    pub status: AgentStatus,
-    pub registered_at: DateTime<Utc>,
-    pub last_heartbeat_at: DateTime<Utc>,
-    pub running_task_ids: Vec<Uuid>,
-    pub status_changed_at: DateTime<Utc>,
-    pub completed_tasks: i64,
-    pub failed_tasks: i64,
-}
+/// An `agents` row.
+struct AgentRow(Agent);
 
-impl<'r> FromRow<'r, PgRow> for Agent {
+impl<'r> FromRow<'r, PgRow> for AgentRow {
     fn from_row(row: &'r PgRow) -> sqlx::Result<Self> {
         let status: String = row.try_get("status")?;
         let phases: Vec<i16> = row.try_get("phases")?;
-        Ok(Agent {
+        Ok(AgentRow(Agent {
             id: row.try_get("id")?,
             agent_type: row.try_get("agent_type")?,
-            phases: phases
-                .into_iter()
-                .filter_map(|p| Phase::from_proto(i32::from(p)))
-                .collect(),
+            phases: phases.into_iter().filter_map(phase_of).collect(),
             capacity: row.try_get("capacity")?,
             labels: row.try_get("labels")?,
             status: AgentStatus::parse(&status)
@@ -58,7 +42,7 @@ impl<'r> FromRow<'r, PgRow> for Agent {
             status_changed_at: row.try_get("status_changed_at")?,
             completed_tasks: row.try_get("completed_tasks")?,
             failed_tasks: row.try_get("failed_tasks")?,
-        })
+        }))
     }
 }
 
@@ -90,22 +74,14 @@ pub struct AgentStats {
 }
 
 fn agent_event(agent: &Agent, event: fn(AgentChanged) -> Event) -> Envelope {
-    Envelope::new(agent.id, None, event(agent_changed(agent)))
-}
-
-fn agent_changed(agent: &Agent) -> AgentChanged {
-    AgentChanged {
-        agent_type: agent.agent_type.clone(),
-        status: agent.status,
-        last_heartbeat_at: agent.last_heartbeat_at,
-    }
+    Envelope::new(agent.id, None, event(agent.change()))
 }
 
 impl Store {
     pub async fn register_agent(&self, r: &Registration) -> Result<Agent> {
         let mut tx = self.pool().begin().await?;
-        let phases: Vec<i16> = r.phases.iter().map(|p| p.to_proto() as i16).collect();
-        let agent: Agent = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let phases: Vec<i16> = r.phases.iter().copied().map(phase_code).collect();
+        let AgentRow(agent) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "INSERT INTO agents (id, agent_type, phases, capacity, labels, status)
              VALUES ($1, $2, $3, $4, $5, 'healthy')
              ON CONFLICT (id) DO UPDATE SET agent_type = EXCLUDED.agent_type, phases = EXCLUDED.phases,
@@ -121,7 +97,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let registered = Event::AgentRegistered(AgentRegistered {
-            agent: agent_changed(&agent),
+            agent: agent.change(),
             capacity: agent.capacity,
             phases: agent.phases.clone(),
         });
@@ -144,12 +120,13 @@ impl Store {
     }
 
     pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
-        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE ($1::text IS NULL OR status = $1) ORDER BY seq"
         )))
         .bind(status.map(AgentStatus::as_str))
         .fetch_all(self.pool())
-        .await?)
+        .await?;
+        Ok(unwrap_rows(rows))
     }
 
     pub async fn deregister_agent(&self, id: Uuid) -> Result<Agent> {
@@ -160,7 +137,7 @@ impl Store {
                 "agent {id} is already deregistered"
             )));
         }
-        let agent: Agent = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let AgentRow(agent) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE agents SET status = 'deregistered', status_changed_at = now(), running_task_ids = '{{}}'
              WHERE id = $1 RETURNING {AGENT_COLUMNS}"
         )))
@@ -212,12 +189,13 @@ impl Store {
             .map(|(id, _)| *id)
             .collect();
         if !recovered.is_empty() {
-            let agents: Vec<Agent> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            let agents = sqlx::query_as::<_, AgentRow>(sqlx::AssertSqlSafe(format!(
                 "SELECT {AGENT_COLUMNS} FROM agents WHERE id = ANY($1) ORDER BY seq"
             )))
             .bind(&recovered)
             .fetch_all(&mut *tx)
             .await?;
+            let agents = unwrap_rows(agents);
             let evs: Vec<Envelope> = agents.iter().map(|a| agent_event(a, Event::AgentRecovered)).collect();
             events::insert(&mut tx, &evs).await?;
         }
@@ -230,7 +208,7 @@ impl Store {
     /// agent turns stale once.
     pub async fn mark_stale(&self, stale_after: Duration) -> Result<Vec<Agent>> {
         let mut tx = self.pool().begin().await?;
-        let agents: Vec<Agent> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let agents = sqlx::query_as::<_, AgentRow>(sqlx::AssertSqlSafe(format!(
             "UPDATE agents SET status = 'stale', status_changed_at = now()
              WHERE id IN (SELECT id FROM agents
                           WHERE status = 'healthy'
@@ -241,11 +219,12 @@ impl Store {
         .bind(stale_after.as_secs_f64())
         .fetch_all(&mut *tx)
         .await?;
+        let agents = unwrap_rows(agents);
         let evs: Vec<Envelope> = agents
             .iter()
             .map(|a| {
                 let stale = AgentStale {
-                    agent: agent_changed(a),
+                    agent: a.change(),
                     stale_at: a.status_changed_at,
                     stale_after_seconds: stale_after.as_secs_f64(),
                 };
@@ -310,5 +289,10 @@ async fn select_agent(conn: &mut PgConnection, id: Uuid) -> Result<Agent> {
     .bind(id)
     .fetch_optional(conn)
     .await?
+    .map(|AgentRow(a)| a)
     .ok_or(StoreError::NotFound { entity: "agent", id })
+}
+
+fn unwrap_rows(rows: Vec<AgentRow>) -> Vec<Agent> {
+    rows.into_iter().map(|AgentRow(a)| a).collect()
 }

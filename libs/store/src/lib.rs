@@ -2,6 +2,7 @@
 //! its events to the outbox in the same transaction.
 
 pub mod agents;
+mod codes;
 pub mod consumed;
 mod error;
 pub mod events;

@@ -1,8 +1,7 @@
 //! Tickets, their plans, and their status as task events report it.
 
-use chrono::{DateTime, Utc};
-use omoi_domain::Phase;
-use omoi_domain::ticket::{PlannedTask, TaskOutcome, TaskProgress, TicketStatus, derive_status};
+use omoi_domain::ticket::{PlannedTask, TaskOutcome, TaskProgress, derive_status};
+use omoi_domain::{Ticket, TicketStatus};
 use serde_json::{Value, json};
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, Row};
@@ -11,6 +10,7 @@ use uuid::Uuid;
 use omoi_domain::event::{TicketChanged, TicketCreated};
 use omoi_domain::{Envelope, Event};
 
+use crate::codes::{phase_code, phase_of};
 use crate::events;
 use crate::{Result, Store, StoreError, consumed};
 
@@ -18,28 +18,14 @@ const TICKET_COLUMNS: &str = "id, seq, title, description, priority, status, rep
 const TICKET_TASK_COLUMNS: &str = "ticket_id, task_id, position, title, description, phase, priority, depends_on,
      max_retries, timeout_seconds, started, outcome";
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Ticket {
-    pub id: Uuid,
-    pub seq: i64,
-    pub title: String,
-    pub description: String,
-    /// 1 (LOW) .. 4 (CRITICAL).
-    pub priority: i32,
-    pub status: TicketStatus,
-    pub repository: String,
-    pub labels: Value,
-    pub request_id: Option<String>,
-    pub tasks_enqueued: bool,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
+/// A `tickets` row.
+struct TicketRow(Ticket);
 
-impl<'r> FromRow<'r, PgRow> for Ticket {
+impl<'r> FromRow<'r, PgRow> for TicketRow {
     fn from_row(row: &'r PgRow) -> sqlx::Result<Self> {
         let status: String = row.try_get("status")?;
         let priority: i16 = row.try_get("priority")?;
-        Ok(Ticket {
+        Ok(TicketRow(Ticket {
             id: row.try_get("id")?,
             seq: row.try_get("seq")?,
             title: row.try_get("title")?,
@@ -53,7 +39,7 @@ impl<'r> FromRow<'r, PgRow> for Ticket {
             tasks_enqueued: row.try_get("tasks_enqueued")?,
             created_at: row.try_get("created_at")?,
             updated_at: row.try_get("updated_at")?,
-        })
+        }))
     }
 }
 
@@ -79,8 +65,7 @@ impl<'r> FromRow<'r, PgRow> for TicketTask {
             planned: PlannedTask {
                 title: row.try_get("title")?,
                 description: row.try_get("description")?,
-                phase: Phase::from_proto(i32::from(phase))
-                    .ok_or_else(|| sqlx::Error::Decode(format!("phase {phase}").into()))?,
+                phase: phase_of(phase).ok_or_else(|| sqlx::Error::Decode(format!("phase {phase}").into()))?,
                 priority: row.try_get("priority")?,
                 depends_on: deps.into_iter().filter_map(|d| usize::try_from(d).ok()).collect(),
                 max_retries: row.try_get("max_retries")?,
@@ -116,16 +101,11 @@ pub enum Created {
 
 /// The event of the ticket's change to its current status.
 fn ticket_event(ticket: &Ticket, cause: impl FnOnce(&mut TicketChanged)) -> Envelope {
-    let mut change = TicketChanged {
-        status: ticket.status,
-        title: ticket.title.clone(),
-        previous_status: None,
-        task_id: None,
-        reason: None,
-        discarded: false,
-    };
-    cause(&mut change);
-    Envelope::new(ticket.id, Some(ticket.id), Event::ticket(ticket.status, change))
+    Envelope::new(
+        ticket.id,
+        Some(ticket.id),
+        Event::ticket(ticket.status, ticket.change(cause)),
+    )
 }
 
 impl Store {
@@ -138,7 +118,7 @@ impl Store {
             return Ok(Created::Existing(existing.0, existing.1));
         }
         let mut tx = self.pool().begin().await?;
-        let inserted: Option<Ticket> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let inserted: Option<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "INSERT INTO tickets (id, title, description, priority, status, repository, labels, request_id)
              VALUES ($1, $2, $3, $4, 'open', $5, $6, $7)
              ON CONFLICT (request_id) DO NOTHING
@@ -153,7 +133,7 @@ impl Store {
         .bind(&t.request_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(ticket) = inserted else {
+        let Some(TicketRow(ticket)) = inserted else {
             // A concurrent create with the same request id won.
             drop(tx);
             let rid = t.request_id.as_deref().unwrap_or_default();
@@ -177,7 +157,7 @@ impl Store {
         .bind((0..plan.len() as i32).collect::<Vec<_>>())
         .bind(plan.iter().map(|(_, p)| p.title.as_str()).collect::<Vec<_>>())
         .bind(plan.iter().map(|(_, p)| p.description.as_str()).collect::<Vec<_>>())
-        .bind(plan.iter().map(|(_, p)| p.phase.to_proto() as i16).collect::<Vec<_>>())
+        .bind(plan.iter().map(|(_, p)| phase_code(p.phase)).collect::<Vec<_>>())
         .bind(plan.iter().map(|(_, p)| p.priority).collect::<Vec<_>>())
         .bind(
             plan.iter()
@@ -203,14 +183,14 @@ impl Store {
 
     pub async fn ticket_by_request(&self, request_id: &str) -> Result<Option<(Ticket, Vec<TicketTask>)>> {
         let mut conn = self.pool().acquire().await?;
-        let ticket: Option<Ticket> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let ticket: Option<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {TICKET_COLUMNS} FROM tickets WHERE request_id = $1"
         )))
         .bind(request_id)
         .fetch_optional(&mut *conn)
         .await?;
         match ticket {
-            Some(t) => {
+            Some(TicketRow(t)) => {
                 let tasks = select_ticket_tasks(&mut conn, t.id).await?;
                 Ok(Some((t, tasks)))
             }
@@ -232,7 +212,7 @@ impl Store {
         page_size: i64,
         before_seq: Option<i64>,
     ) -> Result<(Vec<Ticket>, Option<i64>)> {
-        let mut rows: Vec<Ticket> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let rows: Vec<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {TICKET_COLUMNS} FROM tickets
              WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR seq < $2)
              ORDER BY seq DESC LIMIT $3"
@@ -242,6 +222,7 @@ impl Store {
         .bind(page_size + 1)
         .fetch_all(self.pool())
         .await?;
+        let mut rows = unwrap_rows(rows);
         let next = if rows.len() as i64 > page_size {
             rows.truncate(page_size as usize);
             rows.last().map(|t| t.seq)
@@ -280,13 +261,14 @@ impl Store {
 
     /// Tickets whose tasks are not on the queue yet (the queue was down).
     pub async fn tickets_to_enqueue(&self, limit: i64) -> Result<Vec<(Ticket, Vec<TicketTask>)>> {
-        let tickets: Vec<Ticket> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let tickets: Vec<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {TICKET_COLUMNS} FROM tickets WHERE NOT tasks_enqueued AND status <> 'cancelled'
              ORDER BY seq LIMIT $1"
         )))
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
+        let tickets = unwrap_rows(tickets);
         let mut out = Vec::with_capacity(tickets.len());
         let mut conn = self.pool().acquire().await?;
         for t in tickets {
@@ -377,7 +359,12 @@ async fn select_ticket(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result<
         .bind(id)
         .fetch_optional(conn)
         .await?
+        .map(|TicketRow(t)| t)
         .ok_or(StoreError::NotFound { entity: "ticket", id })
+}
+
+fn unwrap_rows(rows: Vec<TicketRow>) -> Vec<Ticket> {
+    rows.into_iter().map(|TicketRow(t)| t).collect()
 }
 
 async fn select_ticket_tasks(conn: &mut PgConnection, ticket_id: Uuid) -> Result<Vec<TicketTask>> {
@@ -390,11 +377,12 @@ async fn select_ticket_tasks(conn: &mut PgConnection, ticket_id: Uuid) -> Result
 }
 
 async fn set_status(conn: &mut PgConnection, id: Uuid, status: TicketStatus) -> Result<Ticket> {
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let TicketRow(ticket) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE tickets SET status = $2, updated_at = now() WHERE id = $1 RETURNING {TICKET_COLUMNS}"
     )))
     .bind(id)
     .bind(status.as_str())
     .fetch_one(conn)
-    .await?)
+    .await?;
+    Ok(ticket)
 }

@@ -5,6 +5,7 @@ mod up;
 
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
+use omoi_proto::common::{TaskStatus, TicketPriority, TicketStatus};
 use omoi_proto::ticket::{self as pb, ticket_service_client::TicketServiceClient};
 use omoi_runtime::grpc::Connector;
 
@@ -70,37 +71,28 @@ pub fn tickets(url: &str, connector: &Connector) -> anyhow::Result<Tickets> {
 }
 
 fn priority(name: &str) -> anyhow::Result<i32> {
-    Ok(match name.to_ascii_uppercase().trim_start_matches("TICKET_PRIORITY_") {
-        "LOW" => 1,
-        "MEDIUM" => 2,
-        "HIGH" => 3,
-        "CRITICAL" => 4,
-        other => anyhow::bail!("priority {other:?}: use LOW, MEDIUM, HIGH or CRITICAL"),
-    })
+    let upper = name.to_ascii_uppercase();
+    let full = format!("TICKET_PRIORITY_{}", upper.trim_start_matches("TICKET_PRIORITY_"));
+    match TicketPriority::from_str_name(&full) {
+        Some(p) if p != TicketPriority::Unspecified => Ok(p.into()),
+        _ => anyhow::bail!("priority {name:?}: use LOW, MEDIUM, HIGH or CRITICAL"),
+    }
+}
+
+/// An enum value's name without its prefix (`IN_PROGRESS`); UNSPECIFIED
+/// for numbers this version does not know.
+fn short_name(full: &'static str, prefix: &str) -> &'static str {
+    full.strip_prefix(prefix).unwrap_or(full)
 }
 
 pub fn status_name(status: i32) -> &'static str {
-    match status {
-        1 => "OPEN",
-        2 => "IN_PROGRESS",
-        3 => "COMPLETED",
-        4 => "FAILED",
-        5 => "CANCELLED",
-        _ => "UNSPECIFIED",
-    }
+    let s = TicketStatus::try_from(status).unwrap_or(TicketStatus::Unspecified);
+    short_name(s.as_str_name(), "TICKET_STATUS_")
 }
 
 pub fn task_status_name(status: i32) -> &'static str {
-    match status {
-        1 => "PENDING",
-        2 => "ASSIGNED",
-        3 => "RUNNING",
-        4 => "COMPLETED",
-        5 => "FAILED",
-        6 => "TIMED_OUT",
-        7 => "CANCELLED",
-        _ => "UNSPECIFIED",
-    }
+    let s = TaskStatus::try_from(status).unwrap_or(TaskStatus::Unspecified);
+    short_name(s.as_str_name(), "TASK_STATUS_")
 }
 
 fn print_ticket(t: &pb::Ticket, tasks: &[omoi_proto::taskqueue::Task]) {

@@ -171,7 +171,9 @@ impl Up {
             let _ = tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await;
         }
         match result? {
-            Some(status) if status != 3 => anyhow::bail!("the sample ticket ended {}", status_name(status)),
+            Some(status) if status != i32::from(omoi_proto::common::TicketStatus::Completed) => {
+                anyhow::bail!("the sample ticket ended {}", status_name(status))
+            }
             _ => Ok(()),
         }
     }

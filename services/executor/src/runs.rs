@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use omoi_domain::Phase;
 use omoi_proto::common::{OutputLine, OutputStream};
 use omoi_proto::convert::timestamp;
+use omoi_proto::domain::WireEnum;
 use omoi_proto::executor::{self as pb, ExecutionState};
 use prost::Message;
 use tokio::sync::broadcast;
@@ -120,7 +121,7 @@ impl Run {
             task_id: self.task_id.to_string(),
             attempt: self.attempt,
             ticket_id: self.ticket_id.clone(),
-            phase: self.phase.to_proto(),
+            phase: self.phase.wire(),
             state: s.state as i32,
             workspace: self.workspace.display().to_string(),
             started_at: Some(timestamp(self.started_at)),

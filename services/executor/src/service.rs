@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use omoi_domain::validate;
 use omoi_proto::executor::{self as pb, executor_service_server::ExecutorService};
-use omoi_runtime::status::from_domain;
+use omoi_runtime::status::ApiResult;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -23,50 +23,21 @@ impl Executor {
     pub fn new(worker: Arc<Worker>, runner: &'static str) -> Self {
         Self { worker, runner }
     }
-}
 
-#[tonic::async_trait]
-impl ExecutorService for Executor {
-    async fn get_executor_status(
-        &self,
-        _request: Request<pb::GetExecutorStatusRequest>,
-    ) -> Result<Response<pb::GetExecutorStatusResponse>, Status> {
-        let w = &self.worker;
-        Ok(Response::new(pb::GetExecutorStatusResponse {
-            agent_id: w.agent_id.to_string(),
-            capacity: w.config.capacity,
-            running: w.runs.active().iter().map(|r| r.to_proto()).collect(),
-            runner: self.runner.to_owned(),
-            accepting: w.accepting.load(Ordering::Relaxed),
-        }))
-    }
-
-    async fn list_executions(
-        &self,
-        request: Request<pb::ListExecutionsRequest>,
-    ) -> Result<Response<pb::ListExecutionsResponse>, Status> {
-        let limit = match request.get_ref().limit {
+    fn list(&self, req: &pb::ListExecutionsRequest) -> ApiResult<pb::ListExecutionsResponse> {
+        let limit = match req.limit {
             0 => 100,
-            n => validate::range("limit", n, 1, 1000).map_err(from_domain)?,
+            n => validate::range("limit", n, 1, 1000)?,
         };
-        Ok(Response::new(pb::ListExecutionsResponse {
-            executions: self
-                .worker
-                .runs
-                .recent(limit as usize)
-                .iter()
-                .map(|r| r.to_proto())
-                .collect(),
-        }))
+        let runs = self.worker.runs.recent(limit as usize);
+        Ok(pb::ListExecutionsResponse {
+            executions: runs.iter().map(|r| r.to_proto()).collect(),
+        })
     }
 
-    async fn cancel_execution(
-        &self,
-        request: Request<pb::CancelExecutionRequest>,
-    ) -> Result<Response<pb::CancelExecutionResponse>, Status> {
-        let req = request.into_inner();
-        let task_id = validate::uuid("task_id", &req.task_id).map_err(from_domain)?;
-        let reason = validate::text("reason", &req.reason, validate::MAX_REASON_BYTES).map_err(from_domain)?;
+    fn cancel(&self, req: &pb::CancelExecutionRequest) -> ApiResult<pb::CancelExecutionResponse> {
+        let task_id = validate::uuid("task_id", &req.task_id)?;
+        let reason = validate::text("reason", &req.reason, validate::MAX_REASON_BYTES)?;
         let run = self
             .worker
             .runs
@@ -80,18 +51,13 @@ impl ExecutorService for Executor {
         // Reported as a retryable failure: the task queue decides whether the
         // task runs again (CancelTask is the way to cancel a task itself).
         run.stop_with(StopRequest { reason, report: true });
-        Ok(Response::new(pb::CancelExecutionResponse {
+        Ok(pb::CancelExecutionResponse {
             execution: Some(run.to_proto()),
-        }))
+        })
     }
 
-    type StreamExecutionOutputStream = ReceiverStream<Result<pb::StreamExecutionOutputResponse, Status>>;
-
-    async fn stream_execution_output(
-        &self,
-        request: Request<pb::StreamExecutionOutputRequest>,
-    ) -> Result<Response<Self::StreamExecutionOutputStream>, Status> {
-        let task_id = validate::uuid("task_id", &request.get_ref().task_id).map_err(from_domain)?;
+    fn output(&self, req: &pb::StreamExecutionOutputRequest) -> ApiResult<OutputStream> {
+        let task_id = validate::uuid("task_id", &req.task_id)?;
         let run = self
             .worker
             .runs
@@ -144,6 +110,48 @@ impl ExecutorService for Executor {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(ReceiverStream::new(rx))
+    }
+}
+
+type OutputStream = ReceiverStream<Result<pb::StreamExecutionOutputResponse, Status>>;
+
+#[tonic::async_trait]
+impl ExecutorService for Executor {
+    async fn get_executor_status(
+        &self,
+        _request: Request<pb::GetExecutorStatusRequest>,
+    ) -> Result<Response<pb::GetExecutorStatusResponse>, Status> {
+        let w = &self.worker;
+        Ok(Response::new(pb::GetExecutorStatusResponse {
+            agent_id: w.agent_id.to_string(),
+            capacity: w.config.capacity,
+            running: w.runs.active().iter().map(|r| r.to_proto()).collect(),
+            runner: self.runner.to_owned(),
+            accepting: w.accepting.load(Ordering::Relaxed),
+        }))
+    }
+
+    async fn list_executions(
+        &self,
+        request: Request<pb::ListExecutionsRequest>,
+    ) -> Result<Response<pb::ListExecutionsResponse>, Status> {
+        Ok(Response::new(self.list(request.get_ref())?))
+    }
+
+    async fn cancel_execution(
+        &self,
+        request: Request<pb::CancelExecutionRequest>,
+    ) -> Result<Response<pb::CancelExecutionResponse>, Status> {
+        Ok(Response::new(self.cancel(request.get_ref())?))
+    }
+
+    type StreamExecutionOutputStream = OutputStream;
+
+    async fn stream_execution_output(
+        &self,
+        request: Request<pb::StreamExecutionOutputRequest>,
+    ) -> Result<Response<Self::StreamExecutionOutputStream>, Status> {
+        Ok(Response::new(self.output(request.get_ref())?))
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use omoi_domain::{ErrorClass, Phase, classify};
 use omoi_proto::common::OutputStream;
+use omoi_proto::domain::WireEnum;
 use omoi_proto::executor::ExecutionState;
 use omoi_proto::health::{self as hp, agent_health_service_client::AgentHealthServiceClient};
 use omoi_proto::taskqueue::watch_assignments_response::Event as StreamEvent;
@@ -200,8 +201,8 @@ impl Worker {
             .register_agent(hp::RegisterAgentRequest {
                 agent_id: self.agent_id.to_string(),
                 agent_type: self.config.agent_type.clone(),
-                phase: 0,
-                phases: self.phases.iter().map(|p| p.to_proto()).collect(),
+                phase: omoi_proto::common::Phase::Unspecified.into(),
+                phases: self.phases.iter().map(|p| p.wire()).collect(),
                 capacity: self.config.capacity,
                 labels: self.labels.clone(),
             })
@@ -268,7 +269,7 @@ impl Worker {
                 .clone()
                 .watch_assignments(tq::WatchAssignmentsRequest {
                     agent_id: self.agent_id.to_string(),
-                    phases: self.phases.iter().map(|p| p.to_proto()).collect(),
+                    phases: self.phases.iter().map(|p| p.wire()).collect(),
                     capacity: self.config.capacity,
                 })
                 .await;
@@ -362,7 +363,7 @@ impl Worker {
     /// Works one assignment from start to report.
     async fn execute(self: Arc<Self>, a: tq::Assignment) {
         let Some(task) = a.task else { return };
-        let (Ok(task_id), Some(phase)) = (task.id.parse::<Uuid>(), Phase::from_proto(task.phase)) else {
+        let (Ok(task_id), Some(phase)) = (task.id.parse::<Uuid>(), Phase::given(task.phase).known()) else {
             tracing::warn!(task_id = %task.id, "malformed assignment ignored");
             return;
         };
@@ -560,7 +561,7 @@ impl Worker {
                     task_id: task_id.to_string(),
                     attempt,
                     error_message: message,
-                    error_class: class.to_proto(),
+                    error_class: class.wire(),
                 })
                 .await
             }

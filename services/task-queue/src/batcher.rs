@@ -6,12 +6,11 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 
+use omoi_runtime::status::status;
 use omoi_store::tasks::Report;
 use omoi_store::{Store, StoreError, Task};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
-
-use crate::error;
 
 type Reply = oneshot::Sender<Result<Task, Status>>;
 type BatchFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<Result<Task, StoreError>>, StoreError>> + Send + 'a>>;
@@ -87,13 +86,13 @@ async fn run(
                     after_commit(&applied);
                 }
                 for ((_, reply), result) in batch.into_iter().zip(results) {
-                    let _ = reply.send(result.map_err(error::status));
+                    let _ = reply.send(result.map_err(status));
                 }
             }
             Err(e) => {
-                let status = error::status(e);
+                let refused = status(e);
                 for (_, reply) in batch {
-                    let _ = reply.send(Err(status.clone()));
+                    let _ = reply.send(Err(refused.clone()));
                 }
             }
         }

@@ -29,8 +29,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
 
-use crate::convert;
-
 type Outbound = mpsc::UnboundedSender<Result<pb::WatchAssignmentsResponse, Status>>;
 
 /// Most tasks claimed in one statement.
@@ -418,7 +416,7 @@ impl Dispatcher {
                     event: Some(StreamEvent::Assignment(pb::Assignment {
                         attempt: task.attempt,
                         trace_context: dispatch_trace(&task, agent),
-                        task: Some(convert::task(&task)),
+                        task: Some(pb::Task::from(&task)),
                     })),
                 };
                 let sent = sessions.get(session).is_some_and(|c| c.tx.send(Ok(message)).is_ok());

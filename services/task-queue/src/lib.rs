@@ -4,9 +4,7 @@
 
 mod batcher;
 pub mod config;
-mod convert;
 mod dispatcher;
-mod error;
 mod monitor;
 mod output;
 mod service;

@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use omoi_domain::Entity;
+use omoi_domain::Ticket;
 use omoi_domain::ticket::{TaskOutcome, TicketStatus, event_starts};
+use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_client::TaskQueueServiceClient};
-use omoi_store::tickets::{Ticket, TicketTask};
+use omoi_store::tickets::TicketTask;
 use omoi_store::{Store, StoreError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +48,7 @@ impl Queue {
                     ticket_id: ticket.id.to_string(),
                     title: t.planned.title.clone(),
                     description: t.planned.description.clone(),
-                    phase: t.planned.phase.to_proto(),
+                    phase: t.planned.phase.wire(),
                     priority: t.planned.priority,
                     depends_on: dependency_ids(t, tasks),
                     max_retries: Some(t.planned.max_retries),
@@ -110,9 +112,9 @@ pub fn planned_tasks(ticket: &Ticket, tasks: &[TicketTask]) -> Vec<pb::Task> {
             ticket_id: ticket.id.to_string(),
             title: t.planned.title.clone(),
             description: t.planned.description.clone(),
-            phase: t.planned.phase.to_proto(),
+            phase: t.planned.phase.wire(),
             priority: t.planned.priority,
-            status: omoi_domain::TaskStatus::Pending.to_proto(),
+            status: omoi_domain::TaskStatus::Pending.wire(),
             depends_on: dependency_ids(t, tasks),
             max_retries: t.planned.max_retries,
             timeout_seconds: t.planned.timeout_seconds,

@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 use omoi_domain::{Phase, Task, rules};
 use uuid::Uuid;
 
-use super::{TaskRow, phase_code, task_columns, unwrap_rows};
+use super::{TaskRow, task_columns, unwrap_rows};
+use crate::codes::phase_code;
 use crate::events;
 use crate::{Result, Store};
 

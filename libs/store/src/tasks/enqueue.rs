@@ -6,7 +6,8 @@ use omoi_domain::validate::NewTask;
 use omoi_domain::{Task, TaskStatus, graph, rules};
 use uuid::Uuid;
 
-use super::{phase_code, select_tasks};
+use super::select_tasks;
+use crate::codes::phase_code;
 use crate::events;
 use crate::{Result, Store, StoreError};
 

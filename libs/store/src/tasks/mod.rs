@@ -10,11 +10,12 @@ mod query;
 mod reports;
 
 use omoi_domain::rules::{self, Change, Revoked, Transition};
-use omoi_domain::{ErrorClass, Phase, Task};
+use omoi_domain::{ErrorClass, Task};
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
+use crate::codes::phase_of;
 use crate::events;
 use crate::{Result, StoreError};
 
@@ -75,15 +76,6 @@ impl<'r> FromRow<'r, PgRow> for TaskRow {
 
 fn unwrap_rows(rows: Vec<TaskRow>) -> Vec<Task> {
     rows.into_iter().map(|TaskRow(t)| t).collect()
-}
-
-/// The stored code of a phase (its `omoi.common.v1.Phase` number).
-pub(crate) fn phase_code(phase: Phase) -> i16 {
-    phase.to_proto() as i16
-}
-
-pub(crate) fn phase_of(code: i16) -> Option<Phase> {
-    Phase::from_proto(i32::from(code))
 }
 
 /// What a failure report, timeout, reclaim or cancellation did.

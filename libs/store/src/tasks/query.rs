@@ -5,7 +5,8 @@ use std::time::Duration;
 use omoi_domain::{Phase, Task, TaskStatus};
 use uuid::Uuid;
 
-use super::{TaskRow, phase_code, phase_of, select_tasks, task_columns, unwrap_rows};
+use super::{TaskRow, select_tasks, task_columns, unwrap_rows};
+use crate::codes::{phase_code, phase_of};
 use crate::{Result, Store, StoreError};
 
 /// Filters of `list`.

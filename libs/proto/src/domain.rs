@@ -1,0 +1,182 @@
+//! Every conversion between the API's messages and the domain's types.
+//! Enumerations map by name onto the generated enums, so no wire number is
+//! written anywhere but the `.proto` files.
+
+use std::collections::HashMap;
+
+use omoi_domain::validate::Given;
+use omoi_domain::{Agent, AgentStatus, ErrorClass, Phase, Task, TaskStatus, Ticket, TicketStatus};
+use serde_json::Value;
+
+use crate::common as c;
+use crate::convert::{json_to_struct, timestamp};
+use crate::{health, taskqueue, ticket};
+
+/// A domain enumeration that travels as a protobuf enum field (an `i32`).
+pub trait WireEnum: Sized + Copy {
+    /// The field's value.
+    fn wire(self) -> i32;
+    /// A field's value as the request gave it: UNSPECIFIED is missing, a
+    /// number this version does not know stays unknown.
+    fn given(value: i32) -> Given<Self>;
+}
+
+macro_rules! wire_enums {
+    ($($name:ident { $($variant:ident),+ $(,)? })+) => {$(
+        impl From<$name> for c::$name {
+            fn from(v: $name) -> Self {
+                match v {
+                    $($name::$variant => c::$name::$variant,)+
+                }
+            }
+        }
+
+        impl WireEnum for $name {
+            fn wire(self) -> i32 {
+                c::$name::from(self).into()
+            }
+
+            fn given(value: i32) -> Given<Self> {
+                match c::$name::try_from(value) {
+                    Ok(c::$name::Unspecified) => Given::Missing,
+                    $(Ok(c::$name::$variant) => Given::Known($name::$variant),)+
+                    #[allow(unreachable_patterns)]
+                    _ => Given::Unknown(value),
+                }
+            }
+        }
+    )+};
+}
+
+wire_enums! {
+    TaskStatus { Pending, Assigned, Running, Completed, Failed, TimedOut, Cancelled }
+    Phase { Initial, Implementation, Integration, Refactoring }
+    ErrorClass { Retryable, Permanent }
+    TicketStatus { Open, InProgress, Completed, Failed, Cancelled }
+    AgentStatus { Healthy, Stale, Deregistered }
+}
+
+/// The API's `map<string, string>` labels from the stored JSON object.
+fn labels(value: &Value) -> HashMap<String, String> {
+    match value {
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
+
+fn id_or_empty(id: Option<uuid::Uuid>) -> String {
+    id.map(|id| id.to_string()).unwrap_or_default()
+}
+
+impl From<&Task> for taskqueue::Task {
+    fn from(t: &Task) -> Self {
+        taskqueue::Task {
+            id: t.id.to_string(),
+            ticket_id: id_or_empty(t.ticket_id),
+            title: t.title.clone(),
+            description: t.description.clone(),
+            phase: t.phase.wire(),
+            priority: t.priority,
+            status: t.status.wire(),
+            depends_on: t.depends_on.iter().map(ToString::to_string).collect(),
+            retry_count: t.retry_count,
+            max_retries: t.max_retries,
+            timeout_seconds: t.timeout_seconds,
+            attempt: t.attempt,
+            assigned_agent_id: id_or_empty(t.assigned_agent_id),
+            result: t.result.as_ref().map(json_to_struct),
+            error_message: t.error_message.clone().unwrap_or_default(),
+            error_class: t.error_class.map_or(c::ErrorClass::Unspecified.into(), WireEnum::wire),
+            created_at: Some(timestamp(t.created_at)),
+            updated_at: Some(timestamp(t.updated_at)),
+            started_at: t.started_at.map(timestamp),
+            completed_at: t.completed_at.map(timestamp),
+            next_attempt_at: Some(timestamp(t.next_attempt_at)),
+            unmet_dependencies: t.unmet_deps,
+        }
+    }
+}
+
+impl From<&Ticket> for ticket::Ticket {
+    fn from(t: &Ticket) -> Self {
+        ticket::Ticket {
+            id: t.id.to_string(),
+            title: t.title.clone(),
+            description: t.description.clone(),
+            priority: t.priority,
+            status: t.status.wire(),
+            repository: t.repository.clone(),
+            labels: labels(&t.labels),
+            created_at: Some(timestamp(t.created_at)),
+            updated_at: Some(timestamp(t.updated_at)),
+        }
+    }
+}
+
+impl From<&Agent> for health::Agent {
+    fn from(a: &Agent) -> Self {
+        health::Agent {
+            id: a.id.to_string(),
+            agent_type: a.agent_type.clone(),
+            // The single-phase field predates `phases`: set when there is exactly one.
+            phase: match a.phases.as_slice() {
+                [one] => one.wire(),
+                _ => c::Phase::Unspecified.into(),
+            },
+            capacity: a.capacity,
+            labels: labels(&a.labels),
+            status: a.status.wire(),
+            last_heartbeat_at: Some(timestamp(a.last_heartbeat_at)),
+            registered_at: Some(timestamp(a.registered_at)),
+            running_task_ids: a.running_task_ids.iter().map(ToString::to_string).collect(),
+            phases: a.phases.iter().map(|p| p.wire()).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trips<T: WireEnum + PartialEq + std::fmt::Debug>(all: &[T]) {
+        for v in all {
+            assert_eq!(T::given(v.wire()), Given::Known(*v));
+            assert_ne!(v.wire(), 0, "a domain value never travels as UNSPECIFIED");
+        }
+        assert_eq!(T::given(0), Given::Missing);
+        assert_eq!(T::given(99), Given::Unknown(99));
+    }
+
+    #[test]
+    fn enums_round_trip_and_keep_unknown_numbers() {
+        round_trips(&TaskStatus::ALL);
+        round_trips(&Phase::ALL);
+        round_trips(&[ErrorClass::Retryable, ErrorClass::Permanent]);
+        round_trips(&TicketStatus::ALL);
+        round_trips(&AgentStatus::ALL);
+    }
+
+    #[test]
+    fn enums_map_by_name() {
+        assert_eq!(
+            c::TaskStatus::from(TaskStatus::TimedOut).as_str_name(),
+            "TASK_STATUS_TIMED_OUT"
+        );
+        assert_eq!(c::Phase::from(Phase::Initial).as_str_name(), "PHASE_INITIAL");
+        assert_eq!(
+            c::TicketStatus::from(TicketStatus::InProgress).as_str_name(),
+            "TICKET_STATUS_IN_PROGRESS"
+        );
+        assert_eq!(
+            c::AgentStatus::from(AgentStatus::Stale).as_str_name(),
+            "AGENT_STATUS_STALE"
+        );
+        assert_eq!(
+            c::ErrorClass::from(ErrorClass::Permanent).as_str_name(),
+            "ERROR_CLASS_PERMANENT"
+        );
+    }
+}
