@@ -29,7 +29,9 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(store: Store, client: async_nats::Client, topology: Topology, wake: Arc<Notify>) -> Self {
+    /// A relay woken by every commit through `store` (and its clones).
+    pub fn new(store: Store, client: async_nats::Client, topology: Topology) -> Self {
+        let wake = store.committed();
         let mut js = jetstream::new(client);
         js.set_timeout(Duration::from_secs(5));
         Self {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use omoi_bus::{Relay, Topology};
 use omoi_store::Store;
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::OnceCell;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Router, TcpIncoming};
@@ -35,8 +35,6 @@ pub struct Base {
     pub store: Store,
     pub nats: async_nats::Client,
     pub topology: Topology,
-    /// Wake the outbox relay after committing events.
-    pub relay_wake: Arc<Notify>,
     auth: RequireBearer,
     grace: Duration,
     metrics_addr: Option<std::net::SocketAddr>,
@@ -66,7 +64,6 @@ impl Base {
                 prefix: common.subject_prefix.clone(),
                 stream: common.events_stream.clone(),
             },
-            relay_wake: Arc::new(Notify::new()),
             auth: RequireBearer::new(common.auth_token.as_deref()),
             grace: Duration::from_secs(common.shutdown_grace_seconds),
             metrics_addr: common.metrics_addr,
@@ -146,12 +143,7 @@ impl Base {
         let mut tasks = JoinSet::new();
         {
             let (store, background, database_url) = (self.store.clone(), background.clone(), self.database_url.clone());
-            let relay = Relay::new(
-                self.store.clone(),
-                self.nats.clone(),
-                self.topology.clone(),
-                Arc::clone(&self.relay_wake),
-            );
+            let relay = Relay::new(self.store.clone(), self.nats.clone(), self.topology.clone());
             let (jobs, grace, migrated) = (self.jobs, self.grace, readiness.migrated);
             tasks.spawn(async move {
                 let mut delay = Duration::from_millis(200);

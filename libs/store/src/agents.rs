@@ -102,7 +102,7 @@ impl Store {
             phases: agent.phases.clone(),
         });
         events::insert(&mut tx, &[Envelope::new(agent.id, None, registered)]).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(agent)
     }
 
@@ -145,7 +145,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         events::insert(&mut tx, &[agent_event(&agent, Event::AgentDeregistered)]).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(agent)
     }
 
@@ -199,7 +199,7 @@ impl Store {
             let evs: Vec<Envelope> = agents.iter().map(|a| agent_event(a, Event::AgentRecovered)).collect();
             events::insert(&mut tx, &evs).await?;
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(rows.into_iter().map(|(id, _)| (id, AgentStatus::Healthy)).collect())
     }
 
@@ -232,7 +232,7 @@ impl Store {
             })
             .collect();
         events::insert(&mut tx, &evs).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(agents)
     }
 
@@ -253,7 +253,7 @@ impl Store {
             };
             sqlx::query(sql).bind(agent_id).execute(&mut *tx).await?;
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 

@@ -10,10 +10,12 @@ pub mod outbox;
 pub mod tasks;
 pub mod tickets;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::{ConnectOptions, PgPool, Postgres, Transaction};
+use tokio::sync::Notify;
 
 pub use error::{Result, StoreError};
 pub use omoi_domain::Task;
@@ -25,6 +27,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations"
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// Signalled after every commit, so the outbox relay publishes what a
+    /// write added without anyone having to remember to wake it.
+    committed: Arc<Notify>,
 }
 
 impl Store {
@@ -39,11 +44,27 @@ impl Store {
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            committed: Arc::new(Notify::new()),
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Fires after a write through this handle (or a clone) committed:
+    /// the outbox relay waits on it.
+    pub fn committed(&self) -> Arc<Notify> {
+        Arc::clone(&self.committed)
+    }
+
+    /// Commits a write; the events it put in the outbox are visible now.
+    pub(crate) async fn commit(&self, tx: Transaction<'_, Postgres>) -> Result<()> {
+        tx.commit().await?;
+        self.committed.notify_one();
+        Ok(())
     }
 
     /// Creates the database named in `url` when it does not exist yet (a

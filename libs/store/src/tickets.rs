@@ -177,7 +177,7 @@ impl Store {
         });
         events::insert(&mut tx, &[Envelope::new(ticket.id, Some(ticket.id), created)]).await?;
         let tasks = select_ticket_tasks(&mut tx, ticket.id).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(Created::New(ticket, tasks))
     }
 
@@ -255,7 +255,7 @@ impl Store {
             c.discarded = true;
         });
         events::insert(&mut tx, &[discarded]).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
@@ -294,7 +294,7 @@ impl Store {
             &[ticket_event(&ticket, |c| c.reason = Some(reason.to_owned()))],
         )
         .await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(ticket)
     }
 
@@ -322,7 +322,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(ticket_id) = owner else {
-            tx.commit().await?;
+            self.commit(tx).await?;
             return Ok(None);
         };
         let ticket = select_ticket(&mut tx, ticket_id, true).await?;
@@ -344,7 +344,7 @@ impl Store {
                 changed = Some(updated);
             }
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(changed)
     }
 }

@@ -122,9 +122,14 @@ async fn running(db: &Db, task: NewTask, agent: Uuid) -> omoi_domain::Task {
 #[tokio::test]
 async fn enqueue_records_each_task_with_its_event_or_nothing() {
     let db = Db::new().await;
+    let committed = db.store.committed();
     let first = new_task("first", 1, &[]);
     let second = new_task("second", 1, &[first.id]);
     let stored = db.store.enqueue(&[first.clone(), second.clone()]).await.unwrap();
+    // The relay learns of the write from the store itself.
+    tokio::time::timeout(Duration::from_secs(5), committed.notified())
+        .await
+        .expect("a committed write wakes the outbox relay");
     assert_eq!(stored.iter().map(|t| t.id).collect::<Vec<_>>(), [first.id, second.id]);
     assert_eq!((stored[0].unmet_deps, stored[1].unmet_deps), (0, 1));
     let events = db.events().await;

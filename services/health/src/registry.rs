@@ -19,17 +19,15 @@ const FLUSH_AT: usize = 5000;
 
 pub struct Registry {
     store: Store,
-    relay_wake: Arc<Notify>,
     statuses: Mutex<HashMap<Uuid, AgentStatus>>,
     pending: Mutex<HashMap<Uuid, Beat>>,
     flush_now: Notify,
 }
 
 impl Registry {
-    pub fn new(store: Store, relay_wake: Arc<Notify>) -> Self {
+    pub fn new(store: Store) -> Self {
         Self {
             store,
-            relay_wake,
             statuses: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             flush_now: Notify::new(),
@@ -96,7 +94,6 @@ impl Registry {
                     statuses.insert(id, status);
                 }
                 drop(statuses);
-                self.relay_wake.notify_one();
                 Ok(())
             }
             Err(e) => {
@@ -155,7 +152,6 @@ impl Registry {
                         tracing::info!(agent_id = %a.id, last_heartbeat_at = %a.last_heartbeat_at, "agent stale");
                         self.remember(a.id, AgentStatus::Stale);
                     }
-                    self.relay_wake.notify_one();
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "stale check failed"),

@@ -48,8 +48,6 @@ pub struct Dispatcher {
     /// Set (under the sessions lock) by `close_all`: no stream opens after.
     closed: AtomicBool,
     wake: Notify,
-    /// Wakes the outbox relay after this replica wrote events.
-    relay_wake: Arc<Notify>,
     nats: Option<async_nats::Client>,
     topology: Topology,
     replica: Uuid,
@@ -60,19 +58,12 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(
-        store: Store,
-        relay_wake: Arc<Notify>,
-        nats: Option<async_nats::Client>,
-        topology: Topology,
-        sweep: Duration,
-    ) -> Arc<Self> {
+    pub fn new(store: Store, nats: Option<async_nats::Client>, topology: Topology, sweep: Duration) -> Arc<Self> {
         Arc::new(Self {
             store,
             sessions: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             wake: Notify::new(),
-            relay_wake,
             nats,
             topology,
             replica: Uuid::new_v4(),
@@ -107,7 +98,6 @@ impl Dispatcher {
         let requeued = self.store.requeue_agent_except(agent_id, session).await?;
         if !requeued.is_empty() {
             tracing::info!(%agent_id, count = requeued.len(), "requeued tasks of an earlier stream");
-            self.relay_wake.notify_one();
         }
         let (tx, rx) = mpsc::unbounded_channel();
         {
@@ -155,7 +145,6 @@ impl Dispatcher {
                     .with_label_values(&["requeued"])
                     .inc_by(ids.len() as u64);
                 tracing::info!(%session, count = ids.len(), "requeued unstarted tasks of a closed stream");
-                self.relay_wake.notify_one();
                 self.wake();
             }
             Ok(_) => {}
@@ -346,9 +335,6 @@ impl Dispatcher {
             };
             if tasks.len() < slots.len() {
                 unfilled = true;
-            }
-            if !tasks.is_empty() {
-                self.relay_wake.notify_one();
             }
             self.deliver(&slots, tasks).await;
         }

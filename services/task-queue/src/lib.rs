@@ -32,7 +32,6 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     let mut base = Base::connect(common, "omoi-task-queue", config.db_max_connections).await?;
     let dispatcher = Dispatcher::new(
         base.store.clone(),
-        Arc::clone(&base.relay_wake),
         Some(base.nats.clone()),
         base.topology.clone(),
         Duration::from_millis(config.dispatch_sweep_ms.max(10)),
@@ -43,30 +42,19 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         base.spawn_after_migration(move |stop| d.run(stop));
         let d = Arc::clone(&dispatcher);
         base.spawn_after_migration(move |stop| d.follow_peers(stop));
-        let (store, d, relay_wake) = (
-            base.store.clone(),
-            Arc::clone(&dispatcher),
-            Arc::clone(&base.relay_wake),
-        );
-        base.spawn_after_migration(move |stop| monitor::run(store, d, relay_wake, interval, stop));
+        let (store, d) = (base.store.clone(), Arc::clone(&dispatcher));
+        base.spawn_after_migration(move |stop| monitor::run(store, d, interval, stop));
         let store = base.store.clone();
         base.spawn_after_migration(move |stop| monitor::sample(store, Duration::from_secs(5), stop));
-        let (store, d, relay_wake) = (
-            base.store.clone(),
-            Arc::clone(&dispatcher),
-            Arc::clone(&base.relay_wake),
-        );
+        let (store, d) = (base.store.clone(), Arc::clone(&dispatcher));
         let (nats, topology) = (base.nats.clone(), base.topology.clone());
-        base.spawn_after_migration(move |stop| {
-            monitor::reclaim_from_stale_agents(nats, topology, store, d, relay_wake, stop)
-        });
+        base.spawn_after_migration(move |stop| monitor::reclaim_from_stale_agents(nats, topology, store, d, stop));
     }
 
     let (router, readiness) = base.router(&[SERVICE_NAME], &shutdown).await?;
     let api = TaskQueueServiceServer::new(TaskQueue::new(
         base.store.clone(),
         Arc::clone(&dispatcher),
-        Arc::clone(&base.relay_wake),
         base.nats.clone(),
         base.topology.clone(),
     ))

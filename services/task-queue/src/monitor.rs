@@ -8,20 +8,13 @@ use std::time::Duration;
 
 use omoi_domain::{Event, EventType};
 use omoi_store::Store;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatcher::Dispatcher;
 
 const BATCH: i64 = 100;
 
-pub async fn run(
-    store: Store,
-    dispatcher: Arc<Dispatcher>,
-    relay_wake: Arc<Notify>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
+pub async fn run(store: Store, dispatcher: Arc<Dispatcher>, every: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -41,7 +34,6 @@ pub async fn run(
                         }
                     }
                     if !outcomes.is_empty() {
-                        relay_wake.notify_one();
                         dispatcher.wake();
                     }
                     if (outcomes.len() as i64) < BATCH {
@@ -64,7 +56,6 @@ pub async fn reclaim_from_stale_agents(
     topology: omoi_bus::Topology,
     store: Store,
     dispatcher: Arc<Dispatcher>,
-    relay_wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let filter = topology.event_filter(EventType::AgentStale);
@@ -75,7 +66,7 @@ pub async fn reclaim_from_stale_agents(
         filter,
         shutdown,
         move |_, envelope| {
-            let (store, dispatcher, relay_wake) = (store.clone(), Arc::clone(&dispatcher), Arc::clone(&relay_wake));
+            let (store, dispatcher) = (store.clone(), Arc::clone(&dispatcher));
             async move {
                 let Event::AgentStale(stale) = envelope.event else {
                     return Ok(());
@@ -94,7 +85,6 @@ pub async fn reclaim_from_stale_agents(
                             dispatcher.revoke(revoked);
                         }
                     }
-                    relay_wake.notify_one();
                     dispatcher.wake();
                 }
                 Ok(())

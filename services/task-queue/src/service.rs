@@ -11,7 +11,7 @@ use omoi_runtime::status::{ApiError, ApiResult};
 use omoi_store::Store;
 use omoi_store::tasks::{ListFilter, Outcome, Report};
 use prost::Message;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -27,7 +27,6 @@ pub const MAX_PAGE_SIZE: i32 = 1000;
 pub struct TaskQueue {
     store: Store,
     dispatcher: Arc<Dispatcher>,
-    relay_wake: Arc<Notify>,
     nats: async_nats::Client,
     topology: omoi_bus::Topology,
     starts: Batcher,
@@ -38,25 +37,21 @@ impl TaskQueue {
     pub fn new(
         store: Store,
         dispatcher: Arc<Dispatcher>,
-        relay_wake: Arc<Notify>,
         nats: async_nats::Client,
         topology: omoi_bus::Topology,
     ) -> Self {
-        let relay = Arc::clone(&relay_wake);
-        let starts = Batcher::spawn(store.clone(), Kind::Start, move |_| relay.notify_one());
-        let (relay, disp) = (Arc::clone(&relay_wake), Arc::clone(&dispatcher));
+        let starts = Batcher::spawn(store.clone(), Kind::Start, |_| {});
+        let disp = Arc::clone(&dispatcher);
         let completions = Batcher::spawn(store.clone(), Kind::Complete, move |done| {
             omoi_runtime::metrics::TASK_OUTCOMES
                 .with_label_values(&["completed"])
                 .inc_by(done.len() as u64);
-            relay.notify_one();
             // Capacity freed and dependents may be ready.
             disp.wake();
         });
         Self {
             store,
             dispatcher,
-            relay_wake,
             nats,
             topology,
             starts,
@@ -66,7 +61,6 @@ impl TaskQueue {
 
     fn after_outcome(&self, outcome: &Outcome) {
         crate::monitor::count(outcome);
-        self.relay_wake.notify_one();
         if let Some(revoked) = &outcome.revoked {
             self.dispatcher.revoke(revoked);
         }
@@ -135,7 +129,6 @@ impl TaskQueue {
             .map(|(i, t)| new_task(&format!("tasks[{i}]"), t))
             .collect::<Result<Vec<_>, _>>()?;
         let created = self.store.enqueue(&tasks).await?;
-        self.relay_wake.notify_one();
         if created.iter().any(|t| t.unmet_deps == 0) {
             self.dispatcher.wake();
         }

@@ -27,11 +27,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     let common = &config.common;
     let mut base = Base::connect(common, "omoi-ticket", config.db_max_connections).await?;
     let queue = planner::Queue::connect(&config.task_queue_url, &common.connector()?)?;
-    let planner = Arc::new(planner::Planner::new(
-        base.store.clone(),
-        queue,
-        Arc::clone(&base.relay_wake),
-    ));
+    let planner = Arc::new(planner::Planner::new(base.store.clone(), queue));
     {
         let p = Arc::clone(&planner);
         let every = Duration::from_secs_f64(config.enqueue_retry_seconds.max(0.05));

@@ -17,7 +17,6 @@ use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_client::TaskQueueServiceClient};
 use omoi_store::tickets::TicketTask;
 use omoi_store::{Store, StoreError};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use uuid::Uuid;
@@ -151,20 +150,11 @@ fn transient(code: Code) -> bool {
 pub struct Planner {
     pub store: Store,
     pub queue: Queue,
-    relay_wake: Arc<Notify>,
 }
 
 impl Planner {
-    pub fn new(store: Store, queue: Queue, relay_wake: Arc<Notify>) -> Self {
-        Self {
-            store,
-            queue,
-            relay_wake,
-        }
-    }
-
-    pub fn relay(&self) {
-        self.relay_wake.notify_one();
+    pub fn new(store: Store, queue: Queue) -> Self {
+        Self { store, queue }
     }
 
     pub async fn enqueue(&self, ticket: &Ticket, tasks: &[TicketTask]) -> Result<Enqueued, StoreError> {
@@ -179,7 +169,6 @@ impl Planner {
             Err(s) => {
                 tracing::warn!(ticket_id = %ticket.id, error = %s.message(), "task queue refused the ticket's tasks");
                 self.store.discard_ticket(ticket.id, s.message()).await?;
-                self.relay();
                 return Ok(Enqueued::Refused(s));
             }
         };
@@ -255,7 +244,6 @@ impl Planner {
                         .map_err(|e| e.to_string())?;
                     if let Some(ticket) = changed {
                         tracing::info!(ticket_id = %ticket.id, status = %ticket.status, "ticket status changed");
-                        this.relay();
                     }
                     Ok(())
                 }

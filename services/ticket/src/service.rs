@@ -100,7 +100,6 @@ impl Tickets {
             }
             Created::New(t, planned) => (t, planned),
         };
-        self.planner.relay();
         let tasks = match self.planner.enqueue(&t, &planned).await? {
             Enqueued::Done(tasks) => tasks,
             Enqueued::Deferred(s) => {
@@ -167,7 +166,6 @@ impl Tickets {
             Err(omoi_store::StoreError::FailedPrecondition(_)) => self.store.get_ticket(id).await?.0,
             Err(e) => return Err(e.into()),
         };
-        self.planner.relay();
         Ok(pb::CancelTicketResponse {
             ticket: Some(pb::Ticket::from(&t)),
         })

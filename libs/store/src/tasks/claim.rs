@@ -68,7 +68,7 @@ impl Store {
         let assigned: Vec<_> = tasks.iter().map(rules::assigned).collect();
         let traces: Vec<_> = tasks.iter().map(|t| t.trace_context.clone()).collect();
         events::insert_traced(&mut tx, &assigned, &traces).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(tasks)
     }
 
@@ -143,7 +143,7 @@ impl Store {
             .map(|(id, ticket, attempt, trace)| (rules::requeued(*id, *ticket, *attempt, reason), trace.clone()))
             .unzip();
         events::insert_traced(&mut tx, &evs, &traces).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(rows.into_iter().map(|(id, ..)| id).collect())
     }
 }

@@ -94,7 +94,7 @@ impl Store {
         rows.sort_by_key(|t| order.get(&t.id).copied().unwrap_or(usize::MAX));
         let created: Vec<_> = rows.iter().map(rules::created).collect();
         events::insert(&mut tx, &created).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(rows)
     }
 }

@@ -14,7 +14,7 @@ impl Store {
         let mut tx = self.pool().begin().await?;
         let task = lock_task(&mut tx, task_id).await?;
         let outcome = persist(&mut tx, rules::on_cancel(&task, reason)?).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(outcome)
     }
 
@@ -36,7 +36,7 @@ impl Store {
             let transition = rules::on_timeout(&task, &mut rand::rng())?;
             outcomes.push(persist(&mut tx, transition).await?);
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(outcomes)
     }
 
@@ -63,7 +63,7 @@ impl Store {
             let transition = rules::on_stale_agent(&task, agent_id, &mut rand::rng())?;
             outcomes.push(persist(&mut tx, transition).await?);
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(outcomes)
     }
 }

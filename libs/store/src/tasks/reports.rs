@@ -47,7 +47,7 @@ impl Store {
         .await?;
         let tasks = unwrap_rows(rows);
         record(&mut tx, reports, &tasks, rules::started).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         self.match_reports(reports, tasks, Action::Start).await
     }
 
@@ -84,7 +84,7 @@ impl Store {
         // enqueued by transactions that held our rows until just now.
         let done: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
         release_dependents(&mut tx, &done).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         self.match_reports(reports, tasks, Action::Complete).await
     }
 
@@ -101,7 +101,7 @@ impl Store {
         let task = lock_task(&mut tx, task_id).await?;
         let transition = rules::on_failure(&task, attempt, message, explicit, &mut rand::rng())?;
         let outcome = persist(&mut tx, transition).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(outcome)
     }
 
