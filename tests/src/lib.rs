@@ -82,12 +82,27 @@ impl InProcess {
 pub type TicketClient = TicketServiceClient<Channel>;
 pub type HealthClient = AgentHealthServiceClient<Channel>;
 
+/// A lazily connecting plaintext (or, for `https://`, system-trusted)
+/// channel to `url`.
+pub fn channel(url: &str) -> Channel {
+    omoi_runtime::grpc::Connector::default()
+        .channel(url)
+        .expect("valid url")
+}
+
+/// The grpc.health.v1 status of `service` at `url`.
+pub async fn health_status(url: &str, service: &str) -> Result<tonic_health::ServingStatus, String> {
+    omoi_runtime::grpc::Connector::default()
+        .health_status(url, service)
+        .await
+}
+
 pub fn ticket_client(url: &str) -> TicketClient {
-    TicketServiceClient::new(omoi_runtime::grpc::channel(url).expect("valid url"))
+    TicketServiceClient::new(channel(url))
 }
 
 pub fn health_client(url: &str) -> HealthClient {
-    AgentHealthServiceClient::new(omoi_runtime::grpc::channel(url).expect("valid url"))
+    AgentHealthServiceClient::new(channel(url))
 }
 
 /// The task-queue, health and ticket services of one test, in-process.
@@ -133,7 +148,7 @@ impl Mesh {
 }
 
 pub fn client(url: &str) -> TaskQueueClient {
-    let channel = omoi_runtime::grpc::channel(url).expect("valid url");
+    let channel = channel(url);
     TaskQueueServiceClient::new(channel)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024)
@@ -141,7 +156,8 @@ pub fn client(url: &str) -> TaskQueueClient {
 
 /// Waits until the server's overall grpc.health.v1 status is SERVING.
 pub async fn wait_serving(url: &str, within: Duration) -> anyhow::Result<()> {
-    omoi_runtime::grpc::wait_serving(url, within)
+    omoi_runtime::grpc::Connector::default()
+        .wait_serving(url, within)
         .await
         .map_err(anyhow::Error::msg)
 }

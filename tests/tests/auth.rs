@@ -43,7 +43,7 @@ async fn every_service_requires_the_token_and_presents_it_to_the_others() {
     let tickets = omoi_tests::ticket_client(&ticket.url);
     let agents = omoi_tests::health_client(&health.url);
     let q = queue.client();
-    let mut exec = ExecutorServiceClient::new(omoi_runtime::grpc::channel(&executor.url).unwrap());
+    let mut exec = ExecutorServiceClient::new(omoi_tests::channel(&executor.url));
     let create = || pb::CreateTicketRequest {
         title: "guarded".into(),
         ..Default::default()

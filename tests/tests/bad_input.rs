@@ -108,7 +108,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
         .await
         .unwrap();
     let (mut q, mut t, mut h) = (mesh.queue(), mesh.tickets(), mesh.agents());
-    let mut e = ExecutorServiceClient::new(omoi_runtime::grpc::channel(&executor.url).unwrap());
+    let mut e = ExecutorServiceClient::new(omoi_tests::channel(&executor.url));
     let pool = infra.db.connect().await.unwrap();
     let mut rng = Rng(0x5eed_1234_abcd_0042);
     let mut accepted = 0;

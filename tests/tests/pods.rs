@@ -144,7 +144,7 @@ fn pod(docs: &[Value], workload: &Value, ports: &HashMap<u64, u16>, files: &Hash
 }
 
 async fn probe(port: u16, service: &str) -> bool {
-    omoi_runtime::grpc::health_status(&format!("http://127.0.0.1:{port}"), service).await
+    omoi_tests::health_status(&format!("http://127.0.0.1:{port}"), service).await
         == Ok(tonic_health::ServingStatus::Serving)
 }
 

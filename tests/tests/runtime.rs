@@ -14,7 +14,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn health(url: &str, service: &str) -> i32 {
-    let mut h = HealthClient::new(omoi_runtime::grpc::channel(url).unwrap());
+    let mut h = HealthClient::new(omoi_tests::channel(url));
     h.check(HealthCheckRequest {
         service: service.to_owned(),
     })
@@ -27,7 +27,7 @@ async fn health(url: &str, service: &str) -> i32 {
 async fn reflection_v1_and_v1alpha_list_the_services() {
     let infra = Infra::new().await.unwrap();
     let tq = InProcess::start(infra.task_queue_config()).await.unwrap();
-    let channel = omoi_runtime::grpc::channel(&tq.url).unwrap();
+    let channel = omoi_tests::channel(&tq.url);
 
     use tonic_reflection::pb::v1 as r1;
     let mut c1 = r1::server_reflection_client::ServerReflectionClient::new(channel.clone());

@@ -141,7 +141,7 @@ async fn the_probe_port_answers_health_in_plaintext_while_the_api_needs_tls() {
         .await
         .unwrap();
     assert_eq!(
-        omoi_runtime::grpc::health_status(&probe_url, omoi_task_queue::SERVICE_NAME).await,
+        omoi_tests::health_status(&probe_url, omoi_task_queue::SERVICE_NAME).await,
         Ok(ServingStatus::Serving)
     );
     // Only health is there: the API is not served on the probe port.
@@ -152,7 +152,7 @@ async fn the_probe_port_answers_health_in_plaintext_while_the_api_needs_tls() {
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
     // The API port refuses plaintext and serves TLS to who trusts the CA.
     assert!(
-        omoi_runtime::grpc::health_status(&format!("http://127.0.0.1:{port}"), "")
+        omoi_tests::health_status(&format!("http://127.0.0.1:{port}"), "")
             .await
             .is_err()
     );

@@ -30,6 +30,7 @@ pub async fn consume<F, Fut>(
 {
     let js = jetstream::new(client);
     let mut failures = 0u32;
+    let mut backoff = crate::retry_backoff();
     while !shutdown.is_cancelled() {
         let result = async {
             let stream = ensure_stream(&js, &topology).await.map_err(|e| e.to_string())?;
@@ -59,6 +60,7 @@ pub async fn consume<F, Fut>(
                 while let Some(msg) = batch.next().await {
                     let msg = msg.map_err(|e| e.to_string())?;
                     failures = 0;
+                    backoff.reset();
                     let event = match Event::decode(msg.payload.as_ref()) {
                         Ok(e) => e,
                         Err(e) => {
@@ -97,10 +99,9 @@ pub async fn consume<F, Fut>(
                 }
             }
         }
-        let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
 }

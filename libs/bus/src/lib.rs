@@ -100,6 +100,12 @@ impl Topology {
     }
 }
 
+/// Pauses between attempts to reach NATS or JetStream: 200 ms doubling
+/// to 6.4 s, back to the start after a success.
+pub fn retry_backoff() -> omoi_domain::backoff::Backoff {
+    omoi_domain::backoff::Backoff::new(Duration::from_millis(200), Duration::from_millis(6400))
+}
+
 /// Connects to NATS; the client reconnects by itself for as long as the
 /// process lives, and buffers publications meanwhile.
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusError> {

@@ -48,6 +48,7 @@ impl Relay {
     /// `drain_for`) so that a clean stop leaves no event behind.
     pub async fn run(self, shutdown: CancellationToken, drain_for: Duration) {
         let mut failures = 0u32;
+        let mut backoff = crate::retry_backoff();
         let mut stream_ready = false;
         loop {
             if !stream_ready {
@@ -58,24 +59,23 @@ impl Relay {
             }
             let pause = if stream_ready {
                 match self.publish_batch().await {
-                    Ok(n) if n as i64 == self.batch => {
+                    Ok(n) => {
                         failures = 0;
-                        continue;
-                    }
-                    Ok(_) => {
-                        failures = 0;
+                        backoff.reset();
+                        if n as i64 == self.batch {
+                            continue;
+                        }
                         None
                     }
                     Err(e) => {
                         failures += 1;
                         stream_ready = false;
                         tracing::warn!(error = %e, failures, "outbox relay failed; events stay in the outbox");
-                        Some(Duration::from_millis(100 * 2u64.pow(failures.min(6))))
+                        Some(backoff.next_delay())
                     }
                 }
             } else {
-                failures += 1;
-                Some(Duration::from_millis(100 * 2u64.pow(failures.min(6))))
+                Some(backoff.next_delay())
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,

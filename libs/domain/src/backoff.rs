@@ -1,4 +1,6 @@
-//! Retry backoff: delay(n) = min(1 s · 2^n · U(0.75, 1.25), 60 s).
+//! Delays between attempts: a task's retries, delay(n) = min(1 s · 2^n ·
+//! U(0.75, 1.25), 60 s), and the reconnect loops of the processes
+//! ([`Backoff`]).
 
 use std::time::Duration;
 
@@ -34,11 +36,50 @@ pub fn bounds(retry: u32) -> (Duration, Duration) {
     )
 }
 
+/// Exponential delays for a loop that retries a connection or a call:
+/// `first`, doubling up to `max`; `reset` after a success.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub const fn new(first: Duration, max: Duration) -> Self {
+        Self {
+            first,
+            max,
+            next: first,
+        }
+    }
+
+    /// The delay before the next attempt; the one after is twice as long.
+    pub fn next_delay(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (self.next * 2).min(self.max);
+        now
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+
+    #[test]
+    fn reconnect_backoff_doubles_caps_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let delays: Vec<u128> = (0..5).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 500, 500]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
 
     #[test]
     fn doubles_from_one_second_within_jitter_and_caps() {

@@ -196,19 +196,3 @@ impl Connector {
         }
     }
 }
-
-/// A lazily connecting plaintext (or, for `https://`, system-trusted)
-/// channel to `url`.
-pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
-    Connector::default().channel(url)
-}
-
-/// [`Connector::health_status`] with the default connector.
-pub async fn health_status(url: &str, service: &str) -> Result<ServingStatus, String> {
-    Connector::default().health_status(url, service).await
-}
-
-/// [`Connector::wait_serving`] with the default connector.
-pub async fn wait_serving(url: &str, within: Duration) -> Result<(), String> {
-    Connector::default().wait_serving(url, within).await
-}

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod config;
 pub mod grpc;
+pub mod host;
 pub mod metrics;
 pub mod service;
 pub mod shutdown;

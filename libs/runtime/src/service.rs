@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use omoi_bus::{Relay, Topology};
+use omoi_domain::backoff::Backoff;
 use omoi_store::Store;
 use tokio::sync::OnceCell;
 use tokio::task::JoinSet;
@@ -17,11 +18,11 @@ use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tower::layer::util::{Identity, Stack};
 
-use crate::metrics::GrpcMetricsLayer;
-
 use crate::auth::RequireBearer;
 use crate::config::CommonArgs;
 use crate::grpc;
+use crate::host::Host;
+use crate::metrics::GrpcMetricsLayer;
 
 /// A service's server: metrics around every RPC, then health, reflection
 /// and the API.
@@ -29,18 +30,17 @@ pub type MeshRouter = Router<Stack<GrpcMetricsLayer, Identity>>;
 
 type Job = Box<dyn FnOnce(CancellationToken) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-/// A service's shared machinery, from start to stop.
+/// The PostgreSQL and NATS part of a service, on top of its [`Host`]:
+/// connections, migration (retried while the database is down), the
+/// outbox relay, readiness on both, and the service's own loops.
 pub struct Base {
-    pub name: &'static str,
+    pub host: Host,
     pub store: Store,
     pub nats: async_nats::Client,
     pub topology: Topology,
-    auth: RequireBearer,
-    grace: Duration,
-    metrics_addr: Option<std::net::SocketAddr>,
-    common: CommonArgs,
     database_url: String,
     jobs: Vec<Job>,
+    migrated: Arc<OnceCell<()>>,
 }
 
 impl Base {
@@ -53,29 +53,25 @@ impl Base {
                 redact(&common.database_url)
             )
         })?;
-        // Bad TLS files stop the start here, before anything connects.
-        common.tls.server(common.tls_client_ca.as_deref())?;
+        let host = Host::new(common, name)?;
         let nats = omoi_bus::connect(&common.nats_url, name).await?;
         Ok(Self {
-            name,
+            host,
             store,
             nats,
             topology: Topology {
                 prefix: common.subject_prefix.clone(),
                 stream: common.events_stream.clone(),
             },
-            auth: RequireBearer::new(common.auth_token.as_deref()),
-            grace: Duration::from_secs(common.shutdown_grace_seconds),
-            metrics_addr: common.metrics_addr,
-            common: common.clone(),
             database_url: common.database_url.clone(),
             jobs: Vec::new(),
+            migrated: Arc::new(OnceCell::new()),
         })
     }
 
     /// The interceptor that enforces `OMOI_AUTH_TOKEN` on the service's API.
     pub fn auth(&self) -> RequireBearer {
-        self.auth.clone()
+        self.host.auth()
     }
 
     /// Runs `job` once the schema is migrated, until the stop token fires
@@ -88,115 +84,77 @@ impl Base {
         self.jobs.push(Box::new(move |stop| Box::pin(job(stop))));
     }
 
-    /// A server with per-RPC spans, grpc.health.v1 following readiness, and
-    /// reflection listing `services`; add the API and pass it to `run`.
-    pub async fn router(
-        &self,
-        services: &[&'static str],
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<(MeshRouter, Readiness)> {
-        let (reporter, health) = grpc::health_reporter();
-        // The reporter starts out SERVING; nothing is ready yet.
-        grpc::set_all(&reporter, services, tonic_health::ServingStatus::NotServing).await;
-        reporter
-            .set_service_status(grpc::LIVENESS, tonic_health::ServingStatus::Serving)
-            .await;
-        let (reflection_v1, reflection_v1alpha) = grpc::reflection(services)?;
-        let readiness = Readiness {
-            migrated: Arc::new(OnceCell::new()),
+    /// The host's server, ready once the schema is migrated, NATS is
+    /// connected and the database answers; add the API and pass it to `run`.
+    pub async fn router(&self, services: &[&'static str], shutdown: &CancellationToken) -> anyhow::Result<MeshRouter> {
+        let (store, nats, migrated) = (self.store.clone(), self.nats.clone(), Arc::clone(&self.migrated));
+        let ready = move || {
+            let (store, nats, migrated) = (store.clone(), nats.clone(), Arc::clone(&migrated));
+            async move {
+                migrated.initialized()
+                    && nats.connection_state() == async_nats::connection::State::Connected
+                    && store.ping().await
+            }
         };
-        {
-            let (store, nats, migrated) = (self.store.clone(), self.nats.clone(), Arc::clone(&readiness.migrated));
-            tokio::spawn(grpc::follow_readiness(
-                reporter,
-                services.to_vec(),
-                Duration::from_secs(2),
-                shutdown.clone(),
-                move || {
-                    let (store, nats, migrated) = (store.clone(), nats.clone(), Arc::clone(&migrated));
-                    async move {
-                        migrated.initialized()
-                            && nats.connection_state() == async_nats::connection::State::Connected
-                            && store.ping().await
-                    }
-                },
-            ));
-        }
-        let router = server(&self.common, health, shutdown)?
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
-        Ok((router, readiness))
+        self.host.router(services, shutdown, ready).await
     }
 
     /// Serves until `shutdown`; then runs `before_stop` (e.g. ending
     /// streams), lets in-flight RPCs finish, stops the background jobs and
     /// flushes the outbox within the grace period.
     pub async fn run(
-        self,
+        mut self,
         router: MeshRouter,
-        readiness: Readiness,
         incoming: TcpIncoming,
         shutdown: CancellationToken,
         before_stop: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let background = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-        {
-            let (store, background, database_url) = (self.store.clone(), background.clone(), self.database_url.clone());
-            let relay = Relay::new(self.store.clone(), self.nats.clone(), self.topology.clone());
-            let (jobs, grace, migrated) = (self.jobs, self.grace, readiness.migrated);
-            tasks.spawn(async move {
-                let mut delay = Duration::from_millis(200);
-                loop {
-                    let attempt = async {
-                        Store::ensure_database(&database_url).await?;
-                        store.migrate().await
-                    };
-                    match attempt.await {
-                        Ok(()) => break,
-                        Err(e) => tracing::warn!(error = %e, "migration failed; retrying"),
-                    }
-                    tokio::select! {
-                        _ = background.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => delay = (delay * 2).min(Duration::from_secs(5)),
-                    }
-                }
-                let _ = migrated.set(());
-                tracing::info!("database migrated");
-                let mut loops = JoinSet::new();
-                loops.spawn(relay.run(background.clone(), grace));
-                loops.spawn(prune_loop(store.clone(), background.clone()));
-                loops.spawn(sample_outbox(store.clone(), background.clone()));
-                for job in jobs {
-                    loops.spawn(job(background.clone()));
-                }
-                while loops.join_next().await.is_some() {}
-            });
-        }
-        if let Some(addr) = self.metrics_addr {
-            let stop = background.clone();
-            tasks.spawn(async move {
-                if let Err(e) = crate::metrics::serve(addr, stop).await {
-                    tracing::error!(%addr, error = %e, "metrics endpoint failed");
-                }
-            });
-        }
+        let background = self.host.background();
+        let relay = Relay::new(self.store.clone(), self.nats.clone(), self.topology.clone());
+        let (store, database_url, jobs) = (self.store.clone(), self.database_url.clone(), self.jobs);
+        let (grace, migrated) = (self.host.grace(), self.migrated);
+        self.host.spawn(async move {
+            if !migrate_until_done(&store, &database_url, &background).await {
+                return;
+            }
+            let _ = migrated.set(());
+            tracing::info!("database migrated");
+            let mut loops = JoinSet::new();
+            loops.spawn(relay.run(background.clone(), grace));
+            loops.spawn(prune_loop(store.clone(), background.clone()));
+            loops.spawn(sample_outbox(store, background.clone()));
+            for job in jobs {
+                loops.spawn(job(background.clone()));
+            }
+            while loops.join_next().await.is_some() {}
+        });
         let stop = async move {
             shutdown.cancelled().await;
             before_stop.await;
         };
-        tracing::info!(addr = ?incoming.local_addr().ok(), service = self.name, "serving");
-        let served = router.serve_with_incoming_shutdown(incoming, stop).await;
-        background.cancel();
-        // The relay drains within `grace`; give it that long plus a margin.
-        let _ = tokio::time::timeout(self.grace + Duration::from_secs(1), async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
+        let served = self.host.serve(router, incoming, stop).await;
         self.store.close().await;
-        served.context("gRPC server failed")?;
-        tracing::info!(service = self.name, "stopped");
-        Ok(())
+        served
+    }
+}
+
+/// Migrates, retrying with backoff while the database is not there; false
+/// when `stop` came first.
+async fn migrate_until_done(store: &Store, database_url: &str, stop: &CancellationToken) -> bool {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let attempt = async {
+            Store::ensure_database(database_url).await?;
+            store.migrate().await
+        };
+        match attempt.await {
+            Ok(()) => return true,
+            Err(e) => tracing::warn!(error = %e, "migration failed; retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
     }
 }
 
@@ -270,11 +228,6 @@ async fn sample_outbox(store: Store, stop: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
-}
-
-/// Whether the schema is in place (one of the readiness conditions).
-pub struct Readiness {
-    migrated: Arc<OnceCell<()>>,
 }
 
 /// Applies migrations and exits (each service's `migrate` command).

@@ -43,6 +43,24 @@ impl From<ApiError> for Status {
     }
 }
 
+/// Whether a call that failed with `code` may succeed when sent again:
+/// the peer is restarting, overloaded, cut off mid-call, or not accepting
+/// credentials yet (a token being rolled out). Any other code is an answer.
+pub fn transient(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Internal
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Cancelled
+            | Code::Unauthenticated
+    )
+}
+
 /// Internal details are logged, not sent.
 fn store(err: StoreError) -> Status {
     match err {
@@ -75,6 +93,26 @@ mod tests {
     use super::*;
     use tonic::Code;
     use uuid::Uuid;
+
+    #[test]
+    fn only_failures_to_reach_the_peer_are_transient() {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Cancelled,
+            Code::ResourceExhausted,
+        ] {
+            assert!(transient(code), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::NotFound,
+            Code::AlreadyExists,
+        ] {
+            assert!(!transient(code), "{code:?}");
+        }
+    }
 
     #[test]
     fn codes() {

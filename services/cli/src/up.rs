@@ -8,7 +8,7 @@ use std::time::Duration;
 use omoi_proto::ticket as pb;
 use tokio::process::{Child, Command};
 
-use omoi_runtime::grpc::{Connector, wait_serving};
+use omoi_runtime::grpc::Connector;
 
 use crate::{print_ticket_summary, status_name, tickets, watch};
 
@@ -214,8 +214,9 @@ impl Up {
 }
 
 async fn ready(p: &mut Proc) -> anyhow::Result<()> {
+    let probe = Connector::default();
     tokio::select! {
-        r = wait_serving(&p.url, Duration::from_secs(60)) => r.map_err(|e| {
+        r = probe.wait_serving(&p.url, Duration::from_secs(60)) => r.map_err(|e| {
             anyhow::anyhow!("{} not ready ({e}); see {}", p.name, p.log.display())
         }),
         status = p.child.wait() => anyhow::bail!(

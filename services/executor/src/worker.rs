@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use omoi_domain::backoff::Backoff;
 use omoi_domain::{ErrorClass, Phase, classify};
 use omoi_proto::common::OutputStream;
 use omoi_proto::domain::WireEnum;
@@ -16,6 +17,7 @@ use omoi_proto::health::{self as hp, agent_health_service_client::AgentHealthSer
 use omoi_proto::taskqueue::watch_assignments_response::Event as StreamEvent;
 use omoi_proto::taskqueue::{self as tq, task_queue_service_client::TaskQueueServiceClient};
 use omoi_proto::ticket::{self as tk, ticket_service_client::TicketServiceClient};
+use omoi_runtime::status::transient;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
@@ -114,13 +116,6 @@ pub fn parse_labels(list: &str) -> anyhow::Result<HashMap<String, String>> {
         .collect()
 }
 
-fn transient(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal
-    )
-}
-
 /// Sends a report until a service answers it (restarts are ridden out);
 /// `Ok(false)` when it was refused, i.e. the attempt is no longer ours.
 async fn report<F, Fut, T>(what: &str, mut send: F) -> bool
@@ -128,14 +123,13 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,
 {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     for _ in 0..60 {
         match send().await {
             Ok(_) => return true,
-            Err(s) if transient(&s) => {
+            Err(s) if transient(s.code()) => {
                 tracing::debug!(what, error = %s.message(), "report not delivered; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                tokio::time::sleep(backoff.next_delay()).await;
             }
             Err(s) => {
                 tracing::info!(what, code = ?s.code(), error = %s.message(), "report refused");
@@ -218,19 +212,18 @@ impl Worker {
     /// Registers (again whenever the registry lost us) and heartbeats at the
     /// interval the health service tells, until `stop`.
     pub async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !stop.is_cancelled() {
             if !self.registered.load(Ordering::Relaxed) {
                 if let Err(e) = self.register().await {
                     tracing::warn!(error = %e.message(), "registration failed; retrying");
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                     continue;
                 }
-                delay = Duration::from_millis(100);
+                backoff.reset();
             }
             let wait = Duration::from_secs(self.interval_secs.load(Ordering::Relaxed));
             tokio::select! {
@@ -262,7 +255,7 @@ impl Worker {
     /// Takes assignments until `stop` (reconnecting with backoff whenever the
     /// task queue goes away).
     pub async fn assignment_loop(self: Arc<Self>, stop: CancellationToken) {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !stop.is_cancelled() {
             let opened = self
                 .queue
@@ -276,7 +269,7 @@ impl Worker {
             match opened {
                 Ok(stream) => {
                     tracing::info!("assignment stream open");
-                    delay = Duration::from_millis(100);
+                    backoff.reset();
                     let mut stream = stream.into_inner();
                     loop {
                         let msg = tokio::select! {
@@ -314,9 +307,8 @@ impl Worker {
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 

@@ -38,7 +38,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         let (r, nats, topology) = (Arc::clone(&registry), base.nats.clone(), base.topology.clone());
         base.spawn_after_migration(move |stop| r.count_outcomes(nats, topology, stop));
     }
-    let (router, readiness) = base.router(&[SERVICE_NAME], &shutdown).await?;
+    let router = base.router(&[SERVICE_NAME], &shutdown).await?;
     let api = AgentHealthServiceServer::new(Health::new(
         base.store.clone(),
         Arc::clone(&registry),
@@ -47,5 +47,5 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     .max_decoding_message_size(common.max_message_bytes)
     .max_encoding_message_size(common.max_message_bytes);
     let router = router.add_service(InterceptedService::new(api, base.auth()));
-    base.run(router, readiness, incoming, shutdown, async {}).await
+    base.run(router, incoming, shutdown, async {}).await
 }

@@ -51,7 +51,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         base.spawn_after_migration(move |stop| monitor::reclaim_from_stale_agents(nats, topology, store, d, stop));
     }
 
-    let (router, readiness) = base.router(&[SERVICE_NAME], &shutdown).await?;
+    let router = base.router(&[SERVICE_NAME], &shutdown).await?;
     let api = TaskQueueServiceServer::new(TaskQueue::new(
         base.store.clone(),
         Arc::clone(&dispatcher),
@@ -62,5 +62,5 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     .max_encoding_message_size(common.max_message_bytes);
     let router = router.add_service(InterceptedService::new(api, base.auth()));
     let before_stop = async move { dispatcher.close_all().await };
-    base.run(router, readiness, incoming, shutdown, before_stop).await
+    base.run(router, incoming, shutdown, before_stop).await
 }

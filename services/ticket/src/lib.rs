@@ -37,7 +37,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         base.spawn_after_migration(move |stop| p.follow_tasks(nats, topology, stop));
     }
     let watchers = CancellationToken::new();
-    let (router, readiness) = base.router(&[SERVICE_NAME], &shutdown).await?;
+    let router = base.router(&[SERVICE_NAME], &shutdown).await?;
     let api = TicketServiceServer::new(Tickets::new(
         base.store.clone(),
         planner,
@@ -48,6 +48,6 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     .max_decoding_message_size(common.max_message_bytes)
     .max_encoding_message_size(common.max_message_bytes);
     let router = router.add_service(InterceptedService::new(api, base.auth()));
-    base.run(router, readiness, incoming, shutdown, async move { watchers.cancel() })
+    base.run(router, incoming, shutdown, async move { watchers.cancel() })
         .await
 }

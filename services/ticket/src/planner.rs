@@ -133,20 +133,6 @@ pub enum Enqueued {
     Refused(Status),
 }
 
-fn transient(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Unknown
-            | Code::Internal
-            | Code::ResourceExhausted
-            | Code::Aborted
-            | Code::Cancelled
-            | Code::Unauthenticated
-    )
-}
-
 pub struct Planner {
     pub store: Store,
     pub queue: Queue,
@@ -165,7 +151,7 @@ impl Planner {
                 Ok(existing) => existing,
                 Err(s) => return Ok(Enqueued::Deferred(s)),
             },
-            Err(s) if transient(s.code()) => return Ok(Enqueued::Deferred(s)),
+            Err(s) if omoi_runtime::status::transient(s.code()) => return Ok(Enqueued::Deferred(s)),
             Err(s) => {
                 tracing::warn!(ticket_id = %ticket.id, error = %s.message(), "task queue refused the ticket's tasks");
                 self.store.discard_ticket(ticket.id, s.message()).await?;
