@@ -23,6 +23,18 @@ pub use omoi_domain::Task;
 /// The schema history, embedded in every binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
+/// One page of rows fetched with a limit of `page_size + 1`: the rows, and
+/// the position to continue after when there are more.
+fn page<T>(mut rows: Vec<T>, page_size: i64, seq: impl Fn(&T) -> i64) -> (Vec<T>, Option<i64>) {
+    if rows.len() as i64 > page_size {
+        rows.truncate(page_size as usize);
+        let next = rows.last().map(seq);
+        (rows, next)
+    } else {
+        (rows, None)
+    }
+}
+
 /// A handle on the database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {

@@ -51,25 +51,88 @@ fn port_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
 }
 
-impl Up {
-    pub async fn run(self) -> anyhow::Result<()> {
+/// The omoi binaries this one was built with.
+const BINARIES: [&str; 5] = [
+    "omoi-task-queue",
+    "omoi-health",
+    "omoi-ticket",
+    "omoi-executor",
+    "omoi-demo-agent",
+];
+
+/// Starts mesh processes from the binaries next to this one, each logging
+/// to a file of its own and knowing where its peers are.
+struct Launcher {
+    bin_dir: PathBuf,
+    logs: PathBuf,
+    peers: Vec<(String, String)>,
+}
+
+fn url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+impl Launcher {
+    fn new(logs: PathBuf, ports: &[u16]) -> anyhow::Result<Self> {
         let bin_dir = std::env::current_exe()?
             .parent()
             .map(Path::to_path_buf)
             .ok_or_else(|| anyhow::anyhow!("cannot tell where the omoi binaries are"))?;
-        for bin in [
-            "omoi-task-queue",
-            "omoi-health",
-            "omoi-ticket",
-            "omoi-executor",
-            "omoi-demo-agent",
-        ] {
+        for bin in BINARIES {
             anyhow::ensure!(
                 bin_dir.join(bin).exists(),
                 "{} is missing next to omoi; build them all with `cargo build --release --bins`",
                 bin_dir.join(bin).display()
             );
         }
+        let peers = vec![
+            ("OMOI_TICKET_URL".into(), url(ports[0])),
+            ("OMOI_TASK_QUEUE_URL".into(), url(ports[1])),
+            ("OMOI_HEALTH_URL".into(), url(ports[2])),
+        ];
+        Ok(Self { bin_dir, logs, peers })
+    }
+
+    fn start(&self, name: &str, bin: &str, port: u16, extra: Vec<(String, String)>) -> anyhow::Result<Proc> {
+        let log = self.logs.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(self.bin_dir.join(bin))
+            .env("OMOI_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(self.peers.iter().cloned())
+            .envs(extra)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start {bin}: {e}"))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            url: url(port),
+            child,
+            log,
+        })
+    }
+
+    /// An executor running the demo agent in `workspaces`.
+    fn executor(&self, n: u16, port: u16, workspaces: &Path) -> anyhow::Result<Proc> {
+        let agent = self.bin_dir.join("omoi-demo-agent").display().to_string();
+        let env = vec![
+            ("OMOI_RUNNER".to_string(), "command".to_string()),
+            ("OMOI_RUNNER_COMMAND".to_string(), agent),
+            ("OMOI_WORKSPACE_ROOT".to_string(), workspaces.display().to_string()),
+            (
+                "OMOI_RUNNER_ENV_ALLOW".to_string(),
+                "PATH,HOME,LANG,OMOI_DEMO_SLEEP_MS".to_string(),
+            ),
+        ];
+        self.start(&format!("executor-{n}"), "omoi-executor", port, env)
+    }
+}
+
+impl Up {
+    pub async fn run(self) -> anyhow::Result<()> {
         let ports: Vec<u16> = (0..3 + self.executors).map(|i| self.base_port + i).collect();
         for p in &ports {
             anyhow::ensure!(
@@ -82,100 +145,60 @@ impl Up {
         let workspaces = self.workspace_root.clone().unwrap_or_else(|| base.join("workspaces"));
         std::fs::create_dir_all(&logs)?;
         std::fs::create_dir_all(&workspaces)?;
-        let url = |port: u16| format!("http://127.0.0.1:{port}");
-        let (ticket_url, queue_url, health_url) = (url(ports[0]), url(ports[1]), url(ports[2]));
-        let shared: Vec<(String, String)> = vec![
-            ("OMOI_TASK_QUEUE_URL".into(), queue_url.clone()),
-            ("OMOI_HEALTH_URL".into(), health_url.clone()),
-            ("OMOI_TICKET_URL".into(), ticket_url.clone()),
-        ];
-        let start = |name: &str, bin: &str, port: u16, extra: Vec<(String, String)>| -> anyhow::Result<Proc> {
-            let log = logs.join(format!("{name}.log"));
-            let file = std::fs::File::create(&log)?;
-            let child = Command::new(bin_dir.join(bin))
-                .env("OMOI_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-                .envs(shared.iter().cloned())
-                .envs(extra)
-                .stdin(Stdio::null())
-                .stdout(file.try_clone()?)
-                .stderr(file)
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| anyhow::anyhow!("cannot start {bin}: {e}"))?;
-            Ok(Proc {
-                name: name.to_owned(),
-                url: url(port),
-                child,
-                log,
-            })
-        };
+        let launcher = Launcher::new(logs.clone(), &ports)?;
         println!("omoi: starting the mesh (logs in {})", logs.display());
-        let mut procs = vec![start("task-queue", "omoi-task-queue", ports[1], vec![])?];
-        let result: anyhow::Result<Option<i32>> = async {
-            ready(&mut procs[0]).await?;
-            procs.push(start("health", "omoi-health", ports[2], vec![])?);
-            procs.push(start("ticket", "omoi-ticket", ports[0], vec![])?);
-            ready(&mut procs[1]).await?;
-            ready(&mut procs[2]).await?;
-            for i in 0..self.executors {
-                let env = vec![
-                    ("OMOI_RUNNER".to_string(), "command".to_string()),
-                    (
-                        "OMOI_RUNNER_COMMAND".to_string(),
-                        bin_dir.join("omoi-demo-agent").display().to_string(),
-                    ),
-                    ("OMOI_WORKSPACE_ROOT".to_string(), workspaces.display().to_string()),
-                    ("OMOI_RUNNER_ENV_ALLOW".to_string(), "PATH,HOME,LANG,OMOI_DEMO_SLEEP_MS".to_string()),
-                ];
-                let name = format!("executor-{}", i + 1);
-                procs.push(start(&name, "omoi-executor", ports[3 + i as usize], env)?);
-                let last = procs.len() - 1;
-                ready(&mut procs[last]).await?;
+        let mut procs = Vec::new();
+        let result = async {
+            self.start_mesh(&launcher, &ports, &workspaces, &mut procs).await?;
+            let outcome = if self.no_ticket {
+                None
+            } else {
+                Some(self.sample(&url(ports[0]), &workspaces).await?)
+            };
+            print_hints(&ports);
+            if !self.exit_when_done {
+                println!("Ctrl-C stops everything.");
+                wait_for_stop().await?;
             }
-            println!();
-            for p in &procs {
-                println!("  {:<12} {}", p.name, p.url);
-            }
-            println!();
-            let outcome = if self.no_ticket { None } else { Some(self.sample(&ticket_url, &workspaces).await?) };
-            println!();
-            println!("The mesh is up. Try, from another terminal:");
-            println!("  grpcurl -plaintext 127.0.0.1:{} list", ports[0]);
-            println!(
-                "  grpcurl -plaintext -d '{{\"title\":\"Write a changelog\"}}' 127.0.0.1:{} omoi.ticket.v1.TicketService/CreateTicket",
-                ports[0]
-            );
-            println!("  grpcurl -plaintext 127.0.0.1:{} omoi.taskqueue.v1.TaskQueueService/GetQueueStats", ports[1]);
-            println!("  grpcurl -plaintext 127.0.0.1:{} omoi.health.v1.AgentHealthService/ListAgents", ports[2]);
-            println!("  grpcurl -plaintext 127.0.0.1:{} omoi.executor.v1.ExecutorService/ListExecutions", ports[3]);
-            if self.exit_when_done {
-                return Ok(outcome);
-            }
-            println!("Ctrl-C stops everything.");
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            Ok(outcome)
+            Ok::<_, anyhow::Error>(outcome)
         }
         .await;
         println!("omoi: stopping the mesh");
-        // Executors first (they hand back their work), the task-queue last.
-        for p in procs.iter().rev() {
-            p.terminate();
-            // Wait per process so that each drains before the next stops.
-        }
-        for p in procs.iter_mut().rev() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await;
-        }
+        stop_all(&mut procs).await;
         match result? {
             Some(status) if status != i32::from(omoi_proto::common::TicketStatus::Completed) => {
                 anyhow::bail!("the sample ticket ended {}", status_name(status))
             }
             _ => Ok(()),
         }
+    }
+
+    /// Task-queue first (the others need it), then health and ticket, then
+    /// the executors; each ready before the next that needs it.
+    async fn start_mesh(
+        &self,
+        launcher: &Launcher,
+        ports: &[u16],
+        workspaces: &Path,
+        procs: &mut Vec<Proc>,
+    ) -> anyhow::Result<()> {
+        procs.push(launcher.start("task-queue", "omoi-task-queue", ports[1], vec![])?);
+        ready(&mut procs[0]).await?;
+        procs.push(launcher.start("health", "omoi-health", ports[2], vec![])?);
+        procs.push(launcher.start("ticket", "omoi-ticket", ports[0], vec![])?);
+        ready(&mut procs[1]).await?;
+        ready(&mut procs[2]).await?;
+        for i in 0..self.executors {
+            procs.push(launcher.executor(i + 1, ports[3 + i as usize], workspaces)?);
+            let last = procs.len() - 1;
+            ready(&mut procs[last]).await?;
+        }
+        println!();
+        for p in procs.iter() {
+            println!("  {:<12} {}", p.name, p.url);
+        }
+        println!();
+        Ok(())
     }
 
     /// Files the sample ticket and follows it; returns its final status.
@@ -210,6 +233,46 @@ impl Up {
         println!();
         print_ticket_summary(&done, workspaces);
         Ok(done.ticket.map(|t| t.status).unwrap_or_default())
+    }
+}
+
+fn print_hints(ports: &[u16]) {
+    println!();
+    println!("The mesh is up. Try, from another terminal:");
+    println!("  grpcurl -plaintext 127.0.0.1:{} list", ports[0]);
+    println!(
+        "  grpcurl -plaintext -d '{{\"title\":\"Write a changelog\"}}' 127.0.0.1:{} omoi.ticket.v1.TicketService/CreateTicket",
+        ports[0]
+    );
+    println!(
+        "  grpcurl -plaintext 127.0.0.1:{} omoi.taskqueue.v1.TaskQueueService/GetQueueStats",
+        ports[1]
+    );
+    println!(
+        "  grpcurl -plaintext 127.0.0.1:{} omoi.health.v1.AgentHealthService/ListAgents",
+        ports[2]
+    );
+    if let Some(executor) = ports.get(3) {
+        println!("  grpcurl -plaintext 127.0.0.1:{executor} omoi.executor.v1.ExecutorService/ListExecutions");
+    }
+}
+
+async fn wait_for_stop() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Executors first (they hand back their work), the task-queue last.
+async fn stop_all(procs: &mut [Proc]) {
+    for p in procs.iter().rev() {
+        p.terminate();
+    }
+    for p in procs.iter_mut().rev() {
+        let _ = tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await;
     }
 }
 

@@ -181,19 +181,7 @@ impl OpenHandsRunner {
         stop: &CancellationToken,
         started: Instant,
     ) -> Result<RunOutcome, RunnerError> {
-        let sent = self
-            .call(
-                Method::POST,
-                &format!("/api/conversations/{id}/events"),
-                Some(json!({"role": "user", "content": [{"type": "text", "text": ctx.prompt}], "run": false})),
-            )
-            .await?;
-        Self::expect_ok(&sent, "send the prompt", &[])?;
-        let run = self
-            .call(Method::POST, &format!("/api/conversations/{id}/run"), None)
-            .await?;
-        Self::expect_ok(&run, "run", &[StatusCode::CONFLICT])?;
-
+        self.start_conversation(id, &ctx.prompt).await?;
         let deadline = ctx.timeout.map(|t| started + t);
         let mut page = Cursor::default();
         let mut last_status = String::new();
@@ -208,52 +196,25 @@ impl OpenHandsRunner {
                 out.line(OutputStream::System, format!("openhands status: {status}"));
                 last_status = status.clone();
             }
-            match status.as_str() {
-                "finished" => {
-                    self.relay_events(id, &mut page, out).await;
-                    let final_response = self
-                        .call(
-                            Method::GET,
-                            &format!("/api/conversations/{id}/agent_final_response"),
-                            None,
-                        )
-                        .await
-                        .ok()
-                        .and_then(|a| a.body["response"].as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    if !final_response.is_empty() {
-                        out.line(OutputStream::Stdout, final_response);
-                    }
-                    return Ok(RunOutcome {
-                        exit_code: Some(0),
-                        stopped: None,
-                        duration: started.elapsed(),
-                    });
-                }
-                "error" | "stuck" => {
-                    self.relay_events(id, &mut page, out).await;
+            let exit_code = match status.as_str() {
+                "finished" => Some(0),
+                "error" | "stuck" => Some(1),
+                _ => None,
+            };
+            if let Some(exit_code) = exit_code {
+                self.relay_events(id, &mut page, out).await;
+                if exit_code == 0 {
+                    self.relay_final_response(id, out).await;
+                } else {
                     out.line(OutputStream::Stderr, format!("openhands conversation ended: {status}"));
-                    return Ok(RunOutcome {
-                        exit_code: Some(1),
-                        stopped: None,
-                        duration: started.elapsed(),
-                    });
                 }
-                _ => {}
+                return Ok(RunOutcome {
+                    exit_code: Some(exit_code),
+                    stopped: None,
+                    duration: started.elapsed(),
+                });
             }
-            let wait = tokio::time::sleep(self.poll);
-            let timed_out = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let stopped = tokio::select! {
-                _ = wait => None,
-                _ = stop.cancelled() => Some(Stopped::Cancelled),
-                _ = timed_out => Some(Stopped::TimedOut),
-            };
-            if let Some(stopped) = stopped {
+            if let Some(stopped) = self.pause(deadline, stop).await {
                 out.line(OutputStream::System, "interrupting the openhands conversation".into());
                 let _ = self
                     .call(Method::POST, &format!("/api/conversations/{id}/interrupt"), None)
@@ -264,6 +225,54 @@ impl OpenHandsRunner {
                     duration: started.elapsed(),
                 });
             }
+        }
+    }
+
+    /// Sends the prompt and sets the agent running (already running is fine).
+    async fn start_conversation(&self, id: &str, prompt: &str) -> Result<(), RunnerError> {
+        let sent = self
+            .call(
+                Method::POST,
+                &format!("/api/conversations/{id}/events"),
+                Some(json!({"role": "user", "content": [{"type": "text", "text": prompt}], "run": false})),
+            )
+            .await?;
+        Self::expect_ok(&sent, "send the prompt", &[])?;
+        let run = self
+            .call(Method::POST, &format!("/api/conversations/{id}/run"), None)
+            .await?;
+        Self::expect_ok(&run, "run", &[StatusCode::CONFLICT])
+    }
+
+    /// The agent's last word, as the run's last output line.
+    async fn relay_final_response(&self, id: &str, out: &dyn OutputSink) {
+        let final_response = self
+            .call(
+                Method::GET,
+                &format!("/api/conversations/{id}/agent_final_response"),
+                None,
+            )
+            .await
+            .ok()
+            .and_then(|a| a.body["response"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        if !final_response.is_empty() {
+            out.line(OutputStream::Stdout, final_response);
+        }
+    }
+
+    /// Waits one poll period; why the run must stop instead, if it must.
+    async fn pause(&self, deadline: Option<Instant>, stop: &CancellationToken) -> Option<Stopped> {
+        let timed_out = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(self.poll) => None,
+            _ = stop.cancelled() => Some(Stopped::Cancelled),
+            _ = timed_out => Some(Stopped::TimedOut),
         }
     }
 

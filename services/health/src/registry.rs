@@ -22,6 +22,10 @@ pub struct Registry {
     statuses: Mutex<HashMap<Uuid, AgentStatus>>,
     pending: Mutex<HashMap<Uuid, Beat>>,
     flush_now: Notify,
+    /// Held while a flush writes, so that a flush asked for by a read
+    /// (GetAgent) waits for one already under way instead of finding the
+    /// buffer empty and reading before that write committed.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -31,6 +35,7 @@ impl Registry {
             statuses: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             flush_now: Notify::new(),
+            flushing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -79,6 +84,7 @@ impl Registry {
 
     /// Writes the buffered heartbeats; on failure they are kept for the next try.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let _writing = self.flushing.lock().await;
         let beats: Vec<Beat> = self.pending().drain().map(|(_, b)| b).collect();
         if beats.is_empty() {
             return Ok(());

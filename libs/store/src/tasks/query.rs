@@ -54,14 +54,7 @@ impl Store {
         .bind(page_size + 1)
         .fetch_all(self.pool())
         .await?;
-        let mut rows = unwrap_rows(rows);
-        let next = if rows.len() as i64 > page_size {
-            rows.truncate(page_size as usize);
-            rows.last().map(|t| t.seq)
-        } else {
-            None
-        };
-        Ok((rows, next))
+        Ok(crate::page(unwrap_rows(rows), page_size, |t| t.seq))
     }
 
     pub async fn stats(&self) -> Result<Stats> {

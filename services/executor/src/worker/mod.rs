@@ -1,0 +1,212 @@
+//! The executor's life as an agent: register with the health service and
+//! heartbeat, and deregister after draining (`lifecycle`); take
+//! assignments from the task queue (`stream`); work each in its own
+//! workspace through the runner and report the outcome (`run`).
+
+mod lifecycle;
+mod run;
+mod stream;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use omoi_domain::backoff::Backoff;
+use omoi_domain::{ErrorClass, Phase, classify};
+use omoi_proto::domain::WireEnum;
+use omoi_proto::health::agent_health_service_client::AgentHealthServiceClient;
+use omoi_proto::taskqueue::{self as tq, task_queue_service_client::TaskQueueServiceClient};
+use omoi_proto::ticket::ticket_service_client::TicketServiceClient;
+use omoi_runtime::status::transient;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::config::{Config, RunnerKind};
+use crate::openhands::OpenHandsRunner;
+use crate::runner::{CommandRunner, OutputSink, RunContext, RunnerError};
+use crate::runs::Runs;
+
+type Ch = omoi_runtime::grpc::Client;
+
+/// The configured runner.
+enum Runner {
+    Command(CommandRunner),
+    OpenHands(Box<OpenHandsRunner>),
+}
+
+impl Runner {
+    async fn run(
+        &self,
+        ctx: &RunContext,
+        out: &dyn OutputSink,
+        stop: &CancellationToken,
+    ) -> Result<crate::runner::RunOutcome, RunnerError> {
+        match self {
+            Runner::Command(r) => r.run(ctx, out, stop).await,
+            Runner::OpenHands(r) => r.run(ctx, out, stop).await,
+        }
+    }
+}
+
+pub struct Worker {
+    pub agent_id: Uuid,
+    pub config: Config,
+    pub runs: Arc<Runs>,
+    runner: Runner,
+    phases: Vec<Phase>,
+    labels: HashMap<String, String>,
+    queue: TaskQueueServiceClient<Ch>,
+    health: AgentHealthServiceClient<Ch>,
+    tickets: TicketServiceClient<Ch>,
+    pub registered: AtomicBool,
+    pub accepting: AtomicBool,
+    interval_secs: AtomicU64,
+    repositories: Mutex<HashMap<String, String>>,
+}
+
+/// Phases from `INITIAL,IMPLEMENTATION` (with or without the PHASE_ prefix).
+pub fn parse_phases(list: &str) -> anyhow::Result<Vec<Phase>> {
+    let mut out = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let name = item.to_ascii_uppercase();
+        let name = name.strip_prefix("PHASE_").unwrap_or(&name).to_owned();
+        let phase = Phase::ALL
+            .into_iter()
+            .find(|p| p.as_str().trim_start_matches("PHASE_") == name)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "OMOI_AGENT_PHASES: {item:?} is not INITIAL, IMPLEMENTATION, INTEGRATION or REFACTORING"
+                )
+            })?;
+        if !out.contains(&phase) {
+            out.push(phase);
+        }
+    }
+    Ok(out)
+}
+
+/// Labels from `key=value,key=value`.
+pub fn parse_labels(list: &str) -> anyhow::Result<HashMap<String, String>> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| anyhow::anyhow!("OMOI_AGENT_LABELS: {kv:?} is not key=value"))
+        })
+        .collect()
+}
+
+/// Sends a report until a service answers it (restarts are ridden out);
+/// `Ok(false)` when it was refused, i.e. the attempt is no longer ours.
+async fn report<F, Fut, T>(what: &str, mut send: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    for _ in 0..60 {
+        match send().await {
+            Ok(_) => return true,
+            Err(s) if transient(s.code()) => {
+                tracing::debug!(what, error = %s.message(), "report not delivered; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(s) => {
+                tracing::info!(what, code = ?s.code(), error = %s.message(), "report refused");
+                return false;
+            }
+        }
+    }
+    tracing::warn!(
+        what,
+        "report undelivered; the task queue's timeouts and stale detection take over"
+    );
+    false
+}
+
+impl Worker {
+    pub fn new(config: Config, runs: Arc<Runs>, agent_id: Uuid) -> anyhow::Result<Self> {
+        let runner = match config.runner {
+            RunnerKind::Command => {
+                let command = config.runner_command.clone().ok_or_else(|| {
+                    anyhow::anyhow!("OMOI_RUNNER_COMMAND is required for the command runner (e.g. \"omoi-demo-agent\")")
+                })?;
+                Runner::Command(CommandRunner::new(
+                    &command,
+                    &config.env_allow,
+                    Duration::from_secs_f64(config.kill_grace_seconds.max(0.0)),
+                )?)
+            }
+            RunnerKind::Openhands => Runner::OpenHands(Box::new(OpenHandsRunner::new(
+                &config.openhands_url,
+                config.openhands_api_key.clone(),
+                config.llm_model.clone(),
+                config.llm_api_key.clone(),
+                Duration::from_millis(config.openhands_poll_ms.max(10)),
+            )?)),
+        };
+        anyhow::ensure!(
+            (1..=1000).contains(&config.capacity),
+            "OMOI_EXECUTOR_CAPACITY must be 1 to 1000, got {}",
+            config.capacity
+        );
+        let connector = config.common.connector()?;
+        Ok(Self {
+            agent_id,
+            phases: parse_phases(&config.phases)?,
+            labels: parse_labels(&config.labels)?,
+            queue: TaskQueueServiceClient::new(connector.client(&config.task_queue_url, "OMOI_TASK_QUEUE_URL")?),
+            health: AgentHealthServiceClient::new(connector.client(&config.health_url, "OMOI_HEALTH_URL")?),
+            tickets: TicketServiceClient::new(connector.client(&config.ticket_url, "OMOI_TICKET_URL")?),
+            runner,
+            runs,
+            config,
+            registered: AtomicBool::new(false),
+            accepting: AtomicBool::new(true),
+            interval_secs: AtomicU64::new(30),
+            repositories: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn fail(&self, task_id: Uuid, attempt: i32, message: &str, class: Option<ErrorClass>) {
+        let message: String = message.chars().take(8000).collect();
+        let class = class.unwrap_or_else(|| classify::classify(&message, None));
+        report("FailTask", || {
+            let mut q = self.queue.clone();
+            let message = message.clone();
+            async move {
+                q.fail_task(tq::FailTaskRequest {
+                    task_id: task_id.to_string(),
+                    attempt,
+                    error_message: message,
+                    error_class: class.wire(),
+                })
+                .await
+            }
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_and_labels_parse() {
+        assert_eq!(
+            parse_phases("initial, PHASE_REFACTORING,initial").unwrap(),
+            vec![Phase::Initial, Phase::Refactoring]
+        );
+        assert!(parse_phases("").unwrap().is_empty());
+        assert!(parse_phases("testing").is_err());
+        let labels = parse_labels("zone=a, tier = gpu").unwrap();
+        assert_eq!(labels.get("tier").map(String::as_str), Some("gpu"));
+        assert!(parse_labels("novalue").is_err());
+    }
+}

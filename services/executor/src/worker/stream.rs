@@ -1,0 +1,76 @@
+//! The assignment stream: assignments start runs, cancellations stop them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use omoi_domain::backoff::Backoff;
+use omoi_proto::domain::WireEnum;
+use omoi_proto::taskqueue::{self as tq, watch_assignments_response::Event as StreamEvent};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::Worker;
+use super::run::run_span;
+use crate::runs::StopRequest;
+
+impl Worker {
+    /// Takes assignments until `stop` (reconnecting with backoff whenever the
+    /// task queue goes away).
+    pub async fn assignment_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        while !stop.is_cancelled() {
+            let opened = self
+                .queue
+                .clone()
+                .watch_assignments(tq::WatchAssignmentsRequest {
+                    agent_id: self.agent_id.to_string(),
+                    phases: self.phases.iter().map(|p| p.wire()).collect(),
+                    capacity: self.config.capacity,
+                })
+                .await;
+            match opened {
+                Ok(stream) => {
+                    tracing::info!("assignment stream open");
+                    backoff.reset();
+                    let mut stream = stream.into_inner();
+                    loop {
+                        let msg = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            m = stream.message() => m,
+                        };
+                        match msg {
+                            Ok(Some(m)) => match m.event {
+                                Some(StreamEvent::Assignment(a)) => {
+                                    let span = run_span(&a);
+                                    tokio::spawn(Arc::clone(&self).execute(a).instrument(span));
+                                }
+                                Some(StreamEvent::Cancellation(c)) => {
+                                    if let Ok(id) = c.task_id.parse() {
+                                        let request = StopRequest {
+                                            reason: c.reason,
+                                            report: false,
+                                        };
+                                        if self.runs.stop(id, Some(c.attempt), request) {
+                                            tracing::info!(task_id = %id, "run stopped by the task queue");
+                                        }
+                                    }
+                                }
+                                None => {}
+                            },
+                            Ok(None) => break,
+                            Err(s) => {
+                                tracing::warn!(error = %s.message(), "assignment stream broke");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(s) => tracing::warn!(error = %s.message(), "cannot open the assignment stream"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+}
