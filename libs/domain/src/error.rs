@@ -39,6 +39,12 @@ pub enum DomainError {
     StaleAttempt { task_id: Uuid, reported: i32, current: i32 },
     #[error("task {task_id} changed concurrently; it is now {status}")]
     Concurrent { task_id: Uuid, status: TaskStatus },
+    #[error("{field}: dependency {id} is {status} and will never complete")]
+    DependencyEnded {
+        field: String,
+        id: Uuid,
+        status: TaskStatus,
+    },
 }
 
 impl DomainError {

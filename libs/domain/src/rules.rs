@@ -2,6 +2,7 @@
 //! timeout, cancellation or lost agent does to it, and which events say so.
 //! The store persists the `Transition` these return and decides nothing.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use rand::Rng;
@@ -13,6 +14,7 @@ use crate::event::{
     TaskStarted, TaskTimedOut,
 };
 use crate::task::{Action, ErrorClass, Task, TaskStatus};
+use crate::validate::NewTask;
 use crate::{backoff, classify};
 
 /// An attempt that its agent must stop working on.
@@ -316,6 +318,35 @@ fn task_event(task: &Task, event: Event) -> Envelope {
     Envelope::new(task.id, task.ticket_id, event)
 }
 
+/// The dependencies of a new batch that are already met. A completed
+/// dependency is met; one that ended any other way (failed, cancelled,
+/// timed out) never will be, so the batch is refused, naming the field that
+/// points at it. `existing` holds the stored dependencies and their status.
+pub fn met_dependencies(tasks: &[NewTask], existing: &[(Uuid, TaskStatus)]) -> Result<HashSet<Uuid>, DomainError> {
+    let mut met = HashSet::new();
+    for (id, status) in existing {
+        if *status == TaskStatus::Completed {
+            met.insert(*id);
+        } else if status.is_terminal() {
+            return Err(DomainError::DependencyEnded {
+                field: dependency_field(tasks, *id),
+                id: *id,
+                status: *status,
+            });
+        }
+    }
+    Ok(met)
+}
+
+fn dependency_field(tasks: &[NewTask], dep: Uuid) -> String {
+    for (i, t) in tasks.iter().enumerate() {
+        if let Some(j) = t.depends_on.iter().position(|d| *d == dep) {
+            return format!("tasks[{i}].depends_on[{j}]");
+        }
+    }
+    "tasks".to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,5 +559,33 @@ mod tests {
             explain_report(&task(TaskStatus::Assigned, 0, 3), 2, Action::Start),
             Err(DomainError::Concurrent { .. })
         ));
+    }
+
+    #[test]
+    fn only_completed_dependencies_are_met_and_ended_ones_refuse_the_batch() {
+        let (done, open, failed) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let task = |deps: Vec<Uuid>| NewTask {
+            id: Uuid::now_v7(),
+            ticket_id: None,
+            title: "t".into(),
+            description: String::new(),
+            phase: crate::Phase::Initial,
+            priority: 0,
+            depends_on: deps,
+            max_retries: 3,
+            timeout_seconds: 0,
+        };
+        let batch = [task(vec![done]), task(vec![open, failed])];
+        let met = met_dependencies(&batch[..1], &[(done, TaskStatus::Completed)]).unwrap();
+        assert_eq!(met, HashSet::from([done]));
+        let running = met_dependencies(&batch, &[(done, TaskStatus::Completed), (open, TaskStatus::Running)]);
+        assert_eq!(running.unwrap(), HashSet::from([done]));
+        for ended in [TaskStatus::Failed, TaskStatus::Cancelled, TaskStatus::TimedOut] {
+            let err = met_dependencies(&batch, &[(failed, ended)]).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("tasks[1].depends_on[1]: dependency {failed} is {ended} and will never complete")
+            );
+        }
     }
 }

@@ -82,9 +82,10 @@ fn store(err: StoreError) -> Status {
 fn domain(err: DomainError) -> Status {
     match err {
         DomainError::InvalidArgument(_) | DomainError::Cycle { .. } => Status::invalid_argument(err.to_string()),
-        DomainError::IllegalTransition { .. } | DomainError::StaleAttempt { .. } | DomainError::Concurrent { .. } => {
-            Status::failed_precondition(err.to_string())
-        }
+        DomainError::IllegalTransition { .. }
+        | DomainError::StaleAttempt { .. }
+        | DomainError::Concurrent { .. }
+        | DomainError::DependencyEnded { .. } => Status::failed_precondition(err.to_string()),
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use omoi_domain::event::{Event, EventType};
 use omoi_domain::validate::NewTask;
-use omoi_domain::{ErrorClass, Phase, TaskStatus};
+use omoi_domain::{DomainError, ErrorClass, Phase, TaskStatus};
 use omoi_store::tasks::{Report, Slot};
 use omoi_store::{Store, StoreError};
 use sqlx::{Connection, PgConnection};
@@ -315,7 +315,10 @@ async fn a_permanent_failure_cancels_its_dependents_transitively() {
     assert_eq!(c.previous_status, TaskStatus::Pending);
     // A dependency that will never complete refuses new dependents.
     let late = db.store.enqueue(&[new_task("late", 1, &[root.id])]).await.unwrap_err();
-    assert!(matches!(late, StoreError::FailedPrecondition(ref m) if m.contains("tasks[0].depends_on[0]")));
+    assert!(
+        matches!(late, StoreError::Domain(DomainError::DependencyEnded { ref field, .. }) if field == "tasks[0].depends_on[0]"),
+        "{late}"
+    );
     db.drop().await;
 }
 
