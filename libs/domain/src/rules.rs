@@ -18,7 +18,7 @@ use crate::validate::NewTask;
 use crate::{backoff, classify};
 
 /// An attempt that its agent must stop working on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Revoked {
     pub agent_id: Uuid,
     pub task_id: Uuid,

@@ -21,7 +21,6 @@ use omoi_domain::rules::Revoked;
 use omoi_proto::taskqueue::{self as pb, watch_assignments_response::Event as StreamEvent};
 use omoi_store::Store;
 use omoi_store::tasks::Slot;
-use serde_json::json;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -211,14 +210,11 @@ impl Dispatcher {
         if let Some(nats) = &self.nats {
             let nats = nats.clone();
             let subject = self.topology.control_subject("revoke");
-            let body = json!({
-                "origin": self.replica,
-                "agent_id": revoked.agent_id,
-                "task_id": revoked.task_id,
-                "attempt": revoked.attempt,
-                "reason": revoked.reason,
-            })
-            .to_string();
+            let message = RevokeMessage {
+                origin: self.replica,
+                revoked: revoked.clone(),
+            };
+            let body = serde_json::to_vec(&message).unwrap_or_default();
             tokio::spawn(async move {
                 let _ = nats.publish(subject, body.into()).await;
             });
@@ -261,7 +257,7 @@ impl Dispatcher {
                     }
                 }
                 Some(msg) = revokes.next() => {
-                    if let Some(r) = parse_revoke(&msg.payload, &me) {
+                    if let Some(r) = parse_revoke(&msg.payload, self.replica) {
                         self.revoke_local(&r);
                     }
                 }
@@ -459,17 +455,20 @@ fn interleave(mut agents: Vec<(Slot, i64)>, max: usize) -> Vec<Slot> {
     }
 }
 
-fn parse_revoke(payload: &[u8], me: &str) -> Option<Revoked> {
-    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    if v.get("origin")?.as_str()? == me {
-        return None;
-    }
-    Some(Revoked {
-        agent_id: v.get("agent_id")?.as_str()?.parse().ok()?,
-        task_id: v.get("task_id")?.as_str()?.parse().ok()?,
-        attempt: i32::try_from(v.get("attempt")?.as_i64()?).ok()?,
-        reason: v.get("reason")?.as_str()?.to_owned(),
-    })
+/// A revocation told to the other replicas: the agent may be connected to
+/// any of them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RevokeMessage {
+    /// The replica that sent it (and already acted on it).
+    origin: Uuid,
+    #[serde(flatten)]
+    revoked: Revoked,
+}
+
+/// A peer's revocation; `None` for our own and for unreadable ones.
+fn parse_revoke(payload: &[u8], me: Uuid) -> Option<Revoked> {
+    let message: RevokeMessage = serde_json::from_slice(payload).ok()?;
+    (message.origin != me).then_some(message.revoked)
 }
 
 /// An agent's assignment stream; closing it returns its unstarted tasks.
@@ -500,6 +499,7 @@ impl Stream for AgentStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn interleave_spreads_slots_round_robin() {
@@ -519,14 +519,14 @@ mod tests {
 
     #[test]
     fn revocations_from_self_or_malformed_are_ignored() {
-        let me = Uuid::from_u128(5).to_string();
+        let me = Uuid::from_u128(5);
         let other = json!({"origin": Uuid::from_u128(6), "agent_id": Uuid::from_u128(1),
                            "task_id": Uuid::from_u128(2), "attempt": 3, "reason": "cancelled"});
-        let r = parse_revoke(other.to_string().as_bytes(), &me).unwrap();
+        let r = parse_revoke(other.to_string().as_bytes(), me).unwrap();
         assert_eq!(r.attempt, 3);
         let own = json!({"origin": me, "agent_id": Uuid::from_u128(1),
                          "task_id": Uuid::from_u128(2), "attempt": 3, "reason": "x"});
-        assert!(parse_revoke(own.to_string().as_bytes(), &me).is_none());
-        assert!(parse_revoke(b"not json", &me).is_none());
+        assert!(parse_revoke(own.to_string().as_bytes(), me).is_none());
+        assert!(parse_revoke(b"not json", me).is_none());
     }
 }
