@@ -71,8 +71,14 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(|_| {}).await
+}
+
+async fn setup_with(tune: impl FnOnce(&mut omoi_task_queue::Config)) -> Setup {
     let infra = Infra::new().await.expect("infra");
-    let tq = InProcess::start(infra.task_queue_config()).await.expect("task-queue");
+    let mut config = infra.task_queue_config();
+    tune(&mut config);
+    let tq = InProcess::start(config).await.expect("task-queue");
     let client = tq.client();
     Setup { infra, tq, client }
 }
@@ -82,6 +88,23 @@ impl Setup {
         self.tq.stop().await.expect("clean stop");
         self.infra.cleanup().await.expect("cleanup");
     }
+}
+
+#[tokio::test]
+async fn a_task_without_a_timeout_gets_the_default_deadline() {
+    let s = setup().await;
+    let mut timed = new_task("timed", 1);
+    timed.timeout_seconds = 5;
+    let created = enqueue(&s.client, vec![new_task("untimed", 1), timed]).await;
+    let timeouts: Vec<i32> = created.iter().map(|t| t.timeout_seconds).collect();
+    assert_eq!(timeouts, [7200, 5], "two hours unless the task says");
+    assert_eq!(get(&s.client, &created[0].id).await.timeout_seconds, 7200);
+    s.finish().await;
+
+    let s = setup_with(|c| c.default_task_timeout_seconds = 0).await;
+    let created = enqueue(&s.client, vec![new_task("untimed", 1)]).await;
+    assert_eq!(created[0].timeout_seconds, 0, "0 turns the default off");
+    s.finish().await;
 }
 
 #[tokio::test]

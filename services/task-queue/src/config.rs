@@ -26,6 +26,11 @@ pub struct Config {
     #[arg(long, env = "OMOI_TIMEOUT_CHECK_INTERVAL_SECONDS", default_value_t = 10.0)]
     pub timeout_check_interval_seconds: f64,
 
+    /// Deadline of an attempt whose task gives none (timeout_seconds 0), so
+    /// that no run holds its task forever; 0 = no deadline.
+    #[arg(long, env = "OMOI_DEFAULT_TASK_TIMEOUT_SECONDS", default_value_t = 7200)]
+    pub default_task_timeout_seconds: i32,
+
     /// Longest the dispatcher waits without a wake-up before it looks for
     /// ready tasks anyway (a safety net; enqueues and completions wake it).
     #[arg(long, env = "OMOI_DISPATCH_SWEEP_MS", default_value_t = 2000)]

@@ -12,6 +12,7 @@ mod service;
 use std::sync::Arc;
 use std::time::Duration;
 
+use omoi_domain::validate::MAX_TIMEOUT_SECONDS;
 use omoi_proto::taskqueue::task_queue_service_server::TaskQueueServiceServer;
 use omoi_runtime::service::Base;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,11 @@ pub const SERVICE_NAME: &str = "omoi.taskqueue.v1.TaskQueueService";
 /// finish, and the outbox is flushed to JetStream.
 pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
     let common = &config.common;
+    anyhow::ensure!(
+        (0..=MAX_TIMEOUT_SECONDS).contains(&config.default_task_timeout_seconds),
+        "OMOI_DEFAULT_TASK_TIMEOUT_SECONDS must be 0 (none) to {MAX_TIMEOUT_SECONDS}, got {}",
+        config.default_task_timeout_seconds
+    );
     let mut base = Base::connect(common, "omoi-task-queue", config.db_max_connections).await?;
     let dispatcher = Dispatcher::new(
         base.store.clone(),
@@ -57,6 +63,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         Arc::clone(&dispatcher),
         base.nats.clone(),
         base.topology.clone(),
+        config.default_task_timeout_seconds,
     ))
     .max_decoding_message_size(common.max_message_bytes)
     .max_encoding_message_size(common.max_message_bytes);

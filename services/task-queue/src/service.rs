@@ -31,6 +31,7 @@ pub struct TaskQueue {
     topology: omoi_bus::Topology,
     starts: Batcher,
     completions: Batcher,
+    default_timeout_seconds: i32,
 }
 
 impl TaskQueue {
@@ -39,6 +40,7 @@ impl TaskQueue {
         dispatcher: Arc<Dispatcher>,
         nats: async_nats::Client,
         topology: omoi_bus::Topology,
+        default_timeout_seconds: i32,
     ) -> Self {
         let starts = Batcher::spawn(store.clone(), Kind::Start, |_| {});
         let disp = Arc::clone(&dispatcher);
@@ -56,6 +58,7 @@ impl TaskQueue {
             topology,
             starts,
             completions,
+            default_timeout_seconds,
         }
     }
 
@@ -122,12 +125,15 @@ impl TaskQueue {
             let reason = format!("{} tasks in one request; at most {MAX_BATCH} allowed", req.tasks.len());
             return Err(ApiError::invalid("tasks", reason));
         }
-        let tasks = req
+        let mut tasks = req
             .tasks
             .iter()
             .enumerate()
             .map(|(i, t)| new_task(&format!("tasks[{i}]"), t))
             .collect::<Result<Vec<_>, _>>()?;
+        for t in tasks.iter_mut().filter(|t| t.timeout_seconds == 0) {
+            t.timeout_seconds = self.default_timeout_seconds;
+        }
         let created = self.store.enqueue(&tasks).await?;
         if created.iter().any(|t| t.unmet_deps == 0) {
             self.dispatcher.wake();
