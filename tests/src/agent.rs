@@ -105,6 +105,23 @@ impl ScriptedAgent {
                 attempt: a.attempt,
                 error_message: message.to_owned(),
                 error_class: class,
+                timed_out: false,
+            })
+            .await?;
+        Ok(r.into_inner().task.unwrap_or_default())
+    }
+
+    /// Reports that the attempt ran past the task's deadline.
+    pub async fn timed_out(&mut self, a: &pb::Assignment) -> Result<pb::Task, tonic::Status> {
+        let task_id = a.task.as_ref().map(|t| t.id.clone()).unwrap_or_default();
+        let r = self
+            .client
+            .fail_task(pb::FailTaskRequest {
+                task_id,
+                attempt: a.attempt,
+                error_message: "deadline reached".to_owned(),
+                timed_out: true,
+                ..Default::default()
             })
             .await?;
         Ok(r.into_inner().task.unwrap_or_default())

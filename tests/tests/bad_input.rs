@@ -175,6 +175,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                     attempt: rng.int(),
                     error_message: rng.text(),
                     error_class: rng.int(),
+                    timed_out: rng.int() % 2 == 0,
                 })
                 .await
                 .map(|_| ()),

@@ -236,6 +236,13 @@ async fn cancelling_kills_the_agent_process_group_and_a_timeout_kills_it_too() {
         "{}",
         failed.tasks[0].error_message
     );
+    // Whichever noticed the deadline first, the executor or the queue, the
+    // attempt ended as a timeout.
+    let all = events::read_all(&infra.nats_url, &infra.topology.stream, 0, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let history = events::history(&all, &task_id);
+    assert!(history.contains(&"TASK_TIMED_OUT".to_owned()), "{history:?}");
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }

@@ -434,6 +434,7 @@ async fn malformed_requests_to_every_rpc_name_the_field() {
             attempt: 1,
             error_message: String::new(),
             error_class: 9,
+            timed_out: false,
         })
         .await,
         Code::InvalidArgument,
@@ -575,6 +576,54 @@ async fn a_running_task_past_its_deadline_is_cancelled_on_the_stream_and_retried
     })
     .await;
     assert!(t.error_message.contains("timed out"));
+    let events = events::read_all(&s.infra.nats_url, &s.infra.topology.stream, 9, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        events::history(&events, &t.id),
+        [
+            "TASK_CREATED",
+            "TASK_ASSIGNED",
+            "TASK_STARTED",
+            "TASK_TIMED_OUT",
+            "TASK_RETRIED",
+            "TASK_ASSIGNED",
+            "TASK_STARTED",
+            "TASK_TIMED_OUT",
+            "TASK_FAILED"
+        ]
+    );
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_timeout_the_agent_notices_first_is_still_a_timeout() {
+    let s = setup().await;
+    let t = &enqueue(
+        &s.client,
+        vec![pb::NewTask {
+            timeout_seconds: 60,
+            max_retries: Some(1),
+            ..new_task("slow", 1)
+        }],
+    )
+    .await[0];
+    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let a1 = agent.next_assignment(WAIT).await.unwrap();
+    agent.start(&a1).await.unwrap();
+    let retried = agent.timed_out(&a1).await.unwrap();
+    assert_eq!((retried.status, retried.retry_count), (PENDING, 1));
+    assert!(
+        retried.error_message.contains("timed out after 60 s"),
+        "{}",
+        retried.error_message
+    );
+    let late = agent.timed_out(&a1).await.unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "a stale attempt changes nothing");
+    let a2 = agent.next_assignment(WAIT).await.expect("retried after the timeout");
+    agent.start(&a2).await.unwrap();
+    let failed = agent.timed_out(&a2).await.unwrap();
+    assert_eq!(failed.status, FAILED);
     let events = events::read_all(&s.infra.nats_url, &s.infra.topology.stream, 9, WAIT)
         .await
         .unwrap();

@@ -103,6 +103,16 @@ pub fn on_timeout(task: &Task, rng: &mut impl Rng) -> Result<Transition, DomainE
     Ok(end_attempt(task, &reason, ErrorClass::Retryable, vec![timed_out], rng))
 }
 
+/// An agent's report that its own timer for the task's deadline ran out
+/// first: the same as the monitor noticing it, except that the agent has
+/// already stopped (nobody to tell).
+pub fn on_reported_timeout(task: &Task, attempt: i32, rng: &mut impl Rng) -> Result<Transition, DomainError> {
+    task.check_attempt(attempt)?;
+    let mut transition = on_timeout(task, rng)?;
+    transition.revoke = None;
+    Ok(transition)
+}
+
 /// The work of an agent that stopped heartbeating: the lost attempt counts
 /// as a retry.
 pub fn on_stale_agent(task: &Task, agent_id: Uuid, rng: &mut impl Rng) -> Result<Transition, DomainError> {
@@ -505,6 +515,21 @@ mod tests {
             }
         );
         assert!(on_timeout(&task(TaskStatus::Assigned, 0, 1), &mut rng()).is_err());
+    }
+
+    #[test]
+    fn a_timeout_the_agent_reports_is_a_timeout_with_nobody_to_stop() {
+        let t = task(TaskStatus::Running, 0, 1);
+        let tr = on_reported_timeout(&t, t.attempt, &mut rng()).unwrap();
+        assert_eq!(types(&tr), [EventType::TaskTimedOut, EventType::TaskRetried]);
+        assert_eq!(tr.revoke, None);
+        assert!(matches!(
+            on_reported_timeout(&t, t.attempt - 1, &mut rng()),
+            Err(DomainError::StaleAttempt { .. })
+        ));
+        let out = task(TaskStatus::Running, 1, 1);
+        let tr = on_reported_timeout(&out, out.attempt, &mut rng()).unwrap();
+        assert_eq!(types(&tr), [EventType::TaskTimedOut, EventType::TaskFailed]);
     }
 
     #[test]

@@ -208,7 +208,11 @@ impl TaskQueue {
         let report = report(&req.task_id, req.attempt)?;
         let message = validate::text("error_message", &req.error_message, MAX_ERROR_MESSAGE_BYTES)?;
         let class = validate::optional("error_class", ErrorClass::given(req.error_class), "error class")?;
-        let outcome = self.store.fail(report.task_id, report.attempt, &message, class).await?;
+        let outcome = if req.timed_out {
+            self.store.time_out_attempt(report.task_id, report.attempt).await?
+        } else {
+            self.store.fail(report.task_id, report.attempt, &message, class).await?
+        };
         self.after_outcome(&outcome);
         Ok(pb::FailTaskResponse {
             task: one_task(outcome.task),

@@ -105,6 +105,16 @@ impl Store {
         Ok(outcome)
     }
 
+    /// An agent's report that the attempt ran past the task's deadline.
+    pub async fn time_out_attempt(&self, task_id: Uuid, attempt: i32) -> Result<Outcome> {
+        let mut tx = self.pool().begin().await?;
+        let task = lock_task(&mut tx, task_id).await?;
+        let transition = rules::on_reported_timeout(&task, attempt, &mut rand::rng())?;
+        let outcome = persist(&mut tx, transition).await?;
+        self.commit(tx).await?;
+        Ok(outcome)
+    }
+
     /// Explains the reports a batch statement did not apply.
     async fn match_reports(&self, reports: &[Report], rows: Vec<Task>, action: Action) -> Result<Vec<Result<Task>>> {
         let mut applied: HashMap<Uuid, Task> = rows.into_iter().map(|t| (t.id, t)).collect();

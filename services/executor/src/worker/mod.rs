@@ -174,6 +174,18 @@ impl Worker {
     }
 
     async fn fail(&self, task_id: Uuid, attempt: i32, message: &str, class: Option<ErrorClass>) {
+        self.report_failure(task_id, attempt, message, class, false).await;
+    }
+
+    /// FailTask, delivered; `timed_out` when the task's deadline stopped it.
+    async fn report_failure(
+        &self,
+        task_id: Uuid,
+        attempt: i32,
+        message: &str,
+        class: Option<ErrorClass>,
+        timed_out: bool,
+    ) {
         let message: String = message.chars().take(8000).collect();
         let class = class.unwrap_or_else(|| classify::classify(&message, None));
         report("FailTask", || {
@@ -185,6 +197,7 @@ impl Worker {
                     attempt,
                     error_message: message,
                     error_class: class.wire(),
+                    timed_out,
                 })
                 .await
             }

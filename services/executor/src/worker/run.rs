@@ -219,11 +219,14 @@ impl Worker {
                 }
                 return false;
             }
-            Some(Stopped::TimedOut) => (
-                ExecutionState::TimedOut,
-                format!("timed out after {timeout_seconds} s"),
-                None,
-            ),
+            Some(Stopped::TimedOut) => {
+                let message = format!("timed out after {timeout_seconds} s");
+                run.line(OutputStream::System, message.clone());
+                run.finish(ExecutionState::TimedOut, exit, last_out, message.clone(), changed);
+                // Our timer ran out before the queue noticed: still a timeout.
+                self.report_failure(task_id, attempt, &message, None, true).await;
+                return false;
+            }
             None => {
                 let detail = run.tail(OutputStream::Stderr, 1).pop().unwrap_or(last_out.clone());
                 // The queue classifies the message (docs/rules.md word lists).
