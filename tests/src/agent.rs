@@ -97,33 +97,32 @@ impl ScriptedAgent {
     }
 
     pub async fn fail(&mut self, a: &pb::Assignment, message: &str, class: i32) -> Result<pb::Task, tonic::Status> {
-        let task_id = a.task.as_ref().map(|t| t.id.clone()).unwrap_or_default();
-        let r = self
-            .client
-            .fail_task(pb::FailTaskRequest {
-                task_id,
-                attempt: a.attempt,
-                error_message: message.to_owned(),
-                error_class: class,
-                timed_out: false,
-            })
-            .await?;
-        Ok(r.into_inner().task.unwrap_or_default())
+        let request = pb::FailTaskRequest {
+            error_message: message.to_owned(),
+            error_class: class,
+            ..Default::default()
+        };
+        self.send_failure(a, request).await
     }
 
     /// Reports that the attempt ran past the task's deadline.
     pub async fn timed_out(&mut self, a: &pb::Assignment) -> Result<pb::Task, tonic::Status> {
-        let task_id = a.task.as_ref().map(|t| t.id.clone()).unwrap_or_default();
-        let r = self
-            .client
-            .fail_task(pb::FailTaskRequest {
-                task_id,
-                attempt: a.attempt,
-                error_message: "deadline reached".to_owned(),
-                timed_out: true,
-                ..Default::default()
-            })
-            .await?;
+        let request = pb::FailTaskRequest {
+            error_message: "deadline reached".to_owned(),
+            timed_out: true,
+            ..Default::default()
+        };
+        self.send_failure(a, request).await
+    }
+
+    async fn send_failure(
+        &mut self,
+        a: &pb::Assignment,
+        mut request: pb::FailTaskRequest,
+    ) -> Result<pb::Task, tonic::Status> {
+        request.task_id = a.task.as_ref().map(|t| t.id.clone()).unwrap_or_default();
+        request.attempt = a.attempt;
+        let r = self.client.fail_task(request).await?;
         Ok(r.into_inner().task.unwrap_or_default())
     }
 }

@@ -24,6 +24,19 @@ const CANCELLED: i32 = 7;
 const RETRYABLE: i32 = 1;
 const PERMANENT: i32 = 2;
 
+/// The history of a task with one retry whose two attempts both time out.
+const TIMED_OUT_TWICE: [&str; 9] = [
+    "TASK_CREATED",
+    "TASK_ASSIGNED",
+    "TASK_STARTED",
+    "TASK_TIMED_OUT",
+    "TASK_RETRIED",
+    "TASK_ASSIGNED",
+    "TASK_STARTED",
+    "TASK_TIMED_OUT",
+    "TASK_FAILED",
+];
+
 fn new_task(title: &str, priority: i32) -> pb::NewTask {
     pb::NewTask {
         title: title.to_owned(),
@@ -544,21 +557,24 @@ async fn permanent_errors_fail_at_once_and_retries_run_out() {
     s.finish().await;
 }
 
-#[tokio::test]
-async fn a_running_task_past_its_deadline_is_cancelled_on_the_stream_and_retried() {
-    let s = setup().await;
-    let t = &enqueue(
-        &s.client,
-        vec![pb::NewTask {
-            timeout_seconds: 1,
-            max_retries: Some(1),
-            ..new_task("slow", 1)
-        }],
-    )
-    .await[0];
+/// A task with `timeout_seconds` and one retry, started by an agent.
+async fn started_with_one_retry(s: &Setup, timeout_seconds: i32) -> (pb::Task, ScriptedAgent, pb::Assignment) {
+    let task = pb::NewTask {
+        timeout_seconds,
+        max_retries: Some(1),
+        ..new_task("slow", 1)
+    };
+    let t = enqueue(&s.client, vec![task]).await.remove(0);
     let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
     let a1 = agent.next_assignment(WAIT).await.unwrap();
     agent.start(&a1).await.unwrap();
+    (t, agent, a1)
+}
+
+#[tokio::test]
+async fn a_running_task_past_its_deadline_is_cancelled_on_the_stream_and_retried() {
+    let s = setup().await;
+    let (t, mut agent, a1) = started_with_one_retry(&s, 1).await;
     let cancel = agent.next_cancellation(WAIT).await.expect("cancellation on the stream");
     assert_eq!((cancel.task_id.as_str(), cancel.attempt), (t.id.as_str(), 1));
     assert!(cancel.reason.contains("timed out"), "{}", cancel.reason);
@@ -579,38 +595,14 @@ async fn a_running_task_past_its_deadline_is_cancelled_on_the_stream_and_retried
     let events = events::read_all(&s.infra.nats_url, &s.infra.topology.stream, 9, WAIT)
         .await
         .unwrap();
-    assert_eq!(
-        events::history(&events, &t.id),
-        [
-            "TASK_CREATED",
-            "TASK_ASSIGNED",
-            "TASK_STARTED",
-            "TASK_TIMED_OUT",
-            "TASK_RETRIED",
-            "TASK_ASSIGNED",
-            "TASK_STARTED",
-            "TASK_TIMED_OUT",
-            "TASK_FAILED"
-        ]
-    );
+    assert_eq!(events::history(&events, &t.id), TIMED_OUT_TWICE);
     s.finish().await;
 }
 
 #[tokio::test]
 async fn a_timeout_the_agent_notices_first_is_still_a_timeout() {
     let s = setup().await;
-    let t = &enqueue(
-        &s.client,
-        vec![pb::NewTask {
-            timeout_seconds: 60,
-            max_retries: Some(1),
-            ..new_task("slow", 1)
-        }],
-    )
-    .await[0];
-    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
-    let a1 = agent.next_assignment(WAIT).await.unwrap();
-    agent.start(&a1).await.unwrap();
+    let (t, mut agent, a1) = started_with_one_retry(&s, 60).await;
     let retried = agent.timed_out(&a1).await.unwrap();
     assert_eq!((retried.status, retried.retry_count), (PENDING, 1));
     assert!(
@@ -627,20 +619,7 @@ async fn a_timeout_the_agent_notices_first_is_still_a_timeout() {
     let events = events::read_all(&s.infra.nats_url, &s.infra.topology.stream, 9, WAIT)
         .await
         .unwrap();
-    assert_eq!(
-        events::history(&events, &t.id),
-        [
-            "TASK_CREATED",
-            "TASK_ASSIGNED",
-            "TASK_STARTED",
-            "TASK_TIMED_OUT",
-            "TASK_RETRIED",
-            "TASK_ASSIGNED",
-            "TASK_STARTED",
-            "TASK_TIMED_OUT",
-            "TASK_FAILED"
-        ]
-    );
+    assert_eq!(events::history(&events, &t.id), TIMED_OUT_TWICE);
     s.finish().await;
 }
 
