@@ -2,20 +2,16 @@
 //! and taking back a stale agent's work.
 
 use chrono::{DateTime, Utc};
-use omoi_domain::{Task, rules};
+use omoi_domain::rules;
 use uuid::Uuid;
 
-use super::{Outcome, TaskRow, lock_task, persist, task_columns, unwrap_rows};
+use super::{Outcome, TaskRow, task_columns, unwrap_rows};
 use crate::{Result, Store};
 
 impl Store {
     /// Cancels a pending, assigned or running task and its pending dependents.
     pub async fn cancel(&self, task_id: Uuid, reason: &str) -> Result<Outcome> {
-        let mut tx = self.pool().begin().await?;
-        let task = lock_task(&mut tx, task_id).await?;
-        let outcome = persist(&mut tx, rules::on_cancel(&task, reason)?).await?;
-        self.commit(tx).await?;
-        Ok(outcome)
+        self.change_one(task_id, |task| rules::on_cancel(task, reason)).await
     }
 
     /// Times out running tasks past their deadline (at most `limit` per call):
@@ -31,13 +27,8 @@ impl Store {
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
-        let mut outcomes = Vec::with_capacity(rows.len());
-        for task in unwrap_rows(rows) {
-            let transition = rules::on_timeout(&task, &mut rand::rng())?;
-            outcomes.push(persist(&mut tx, transition).await?);
-        }
-        self.commit(tx).await?;
-        Ok(outcomes)
+        self.change_locked(tx, unwrap_rows(rows), |task| rules::on_timeout(task, &mut rand::rng()))
+            .await
     }
 
     /// Takes back the work of an agent that went stale at `stale_at`: its
@@ -57,13 +48,9 @@ impl Store {
         .bind(stale_at)
         .fetch_all(&mut *tx)
         .await?;
-        let held: Vec<Task> = unwrap_rows(rows);
-        let mut outcomes = Vec::with_capacity(held.len());
-        for task in held {
-            let transition = rules::on_stale_agent(&task, agent_id, &mut rand::rng())?;
-            outcomes.push(persist(&mut tx, transition).await?);
-        }
-        self.commit(tx).await?;
-        Ok(outcomes)
+        self.change_locked(tx, unwrap_rows(rows), |task| {
+            rules::on_stale_agent(task, agent_id, &mut rand::rng())
+        })
+        .await
     }
 }

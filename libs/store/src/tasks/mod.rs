@@ -10,14 +10,14 @@ mod query;
 mod reports;
 
 use omoi_domain::rules::{self, Change, Revoked, Transition};
-use omoi_domain::{ErrorClass, Task};
+use omoi_domain::{DomainError, ErrorClass, Task};
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
 use crate::codes::phase_of;
 use crate::events;
-use crate::{Result, StoreError};
+use crate::{Result, Store, StoreError};
 
 pub use claim::Slot;
 pub use query::{ListFilter, Stats};
@@ -111,6 +111,38 @@ async fn lock_task(conn: &mut PgConnection, id: Uuid) -> Result<Task> {
     .await?;
     row.map(|TaskRow(t)| t)
         .ok_or(StoreError::NotFound { entity: "task", id })
+}
+
+impl Store {
+    /// Locks one task, lets `decide` say what becomes of it, and persists
+    /// that in the same transaction.
+    async fn change_one(
+        &self,
+        task_id: Uuid,
+        decide: impl FnOnce(&Task) -> std::result::Result<Transition, DomainError>,
+    ) -> Result<Outcome> {
+        let mut tx = self.pool().begin().await?;
+        let task = lock_task(&mut tx, task_id).await?;
+        let outcome = persist(&mut tx, decide(&task)?).await?;
+        self.commit(tx).await?;
+        Ok(outcome)
+    }
+
+    /// Persists what `decide` says of each of `tasks`, locked by `tx`, and
+    /// commits.
+    async fn change_locked(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        tasks: Vec<Task>,
+        mut decide: impl FnMut(&Task) -> std::result::Result<Transition, DomainError>,
+    ) -> Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            outcomes.push(persist(&mut tx, decide(&task)?).await?);
+        }
+        self.commit(tx).await?;
+        Ok(outcomes)
+    }
 }
 
 /// Writes a decided transition of a locked task: its new state, its events,

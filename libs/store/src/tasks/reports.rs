@@ -8,7 +8,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{Outcome, TaskRow, lock_task, persist, release_dependents, select_tasks, task_columns, unwrap_rows};
+use super::{Outcome, TaskRow, release_dependents, select_tasks, task_columns, unwrap_rows};
 use crate::events;
 use crate::{Result, Store, StoreError};
 
@@ -97,22 +97,18 @@ impl Store {
         message: &str,
         explicit: Option<ErrorClass>,
     ) -> Result<Outcome> {
-        let mut tx = self.pool().begin().await?;
-        let task = lock_task(&mut tx, task_id).await?;
-        let transition = rules::on_failure(&task, attempt, message, explicit, &mut rand::rng())?;
-        let outcome = persist(&mut tx, transition).await?;
-        self.commit(tx).await?;
-        Ok(outcome)
+        self.change_one(task_id, |task| {
+            rules::on_failure(task, attempt, message, explicit, &mut rand::rng())
+        })
+        .await
     }
 
     /// An agent's report that the attempt ran past the task's deadline.
     pub async fn time_out_attempt(&self, task_id: Uuid, attempt: i32) -> Result<Outcome> {
-        let mut tx = self.pool().begin().await?;
-        let task = lock_task(&mut tx, task_id).await?;
-        let transition = rules::on_reported_timeout(&task, attempt, &mut rand::rng())?;
-        let outcome = persist(&mut tx, transition).await?;
-        self.commit(tx).await?;
-        Ok(outcome)
+        self.change_one(task_id, |task| {
+            rules::on_reported_timeout(task, attempt, &mut rand::rng())
+        })
+        .await
     }
 
     /// Explains the reports a batch statement did not apply.
