@@ -132,6 +132,19 @@ pub fn phase(field: &str, value: Given<Phase>) -> Result<Phase, DomainError> {
     required(field, value, "phase")
 }
 
+/// A list of phases (an agent's affinity), each named `field[i]` when
+/// refused; in phase order, each once.
+pub fn phase_set(
+    field: &str,
+    values: impl IntoIterator<Item = Given<Phase>>,
+) -> Result<std::collections::BTreeSet<Phase>, DomainError> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| phase(&format!("{field}[{i}]"), p))
+        .collect()
+}
+
 /// A positive attempt number from a report.
 pub fn attempt(field: &str, value: i32) -> Result<i32, DomainError> {
     if value < 1 {
@@ -486,6 +499,16 @@ mod tests {
                 .to_string(),
             "invalid argument phase: is required"
         );
+        let set = phase_set(
+            "phases",
+            [Phase::Refactoring, Phase::Initial, Phase::Refactoring].map(Given::Known),
+        );
+        assert_eq!(
+            set.unwrap().into_iter().collect::<Vec<_>>(),
+            [Phase::Initial, Phase::Refactoring]
+        );
+        let bad = phase_set("phases", [Given::Known(Phase::Initial), Given::Unknown(9)]).unwrap_err();
+        assert_eq!(field_of(bad), "phases[1]");
         assert_eq!(field_of(attempt("attempt", 0).unwrap_err()), "attempt");
         assert_eq!(attempt("attempt", 3), Ok(3));
         assert_eq!(field_of(uuid("task_id", "").unwrap_err()), "task_id");

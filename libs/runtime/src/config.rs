@@ -98,4 +98,12 @@ impl CommonArgs {
     pub fn connector(&self) -> anyhow::Result<crate::grpc::Connector> {
         crate::grpc::Connector::new(self.auth_token.as_deref(), &self.tls)
     }
+
+    /// Where this process's events and output go on NATS.
+    pub fn topology(&self) -> omoi_bus::Topology {
+        omoi_bus::Topology {
+            prefix: self.subject_prefix.clone(),
+            stream: self.events_stream.clone(),
+        }
+    }
 }

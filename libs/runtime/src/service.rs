@@ -59,10 +59,7 @@ impl Base {
             host,
             store,
             nats,
-            topology: Topology {
-                prefix: common.subject_prefix.clone(),
-                stream: common.events_stream.clone(),
-            },
+            topology: common.topology(),
             database_url: common.database_url.clone(),
             jobs: Vec::new(),
             migrated: Arc::new(OnceCell::new()),

@@ -32,10 +32,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     let common = config.common.clone();
     let mut host = Host::new(&common, "omoi-executor")?;
     let nats = omoi_bus::connect(&common.nats_url, "omoi-executor").await?;
-    let topology = Topology {
-        prefix: common.subject_prefix.clone(),
-        stream: common.events_stream.clone(),
-    };
+    let topology = common.topology();
     let agent_id = Uuid::now_v7();
     let runs = Arc::new(runs::Runs::new(agent_id, Some(nats.clone()), topology.clone()));
     let runner = config.runner.as_str();

@@ -42,18 +42,9 @@ fn labels(map: &HashMap<String, String>) -> ApiResult<Value> {
 
 /// The phases an agent takes: the list and the older single field, each once.
 fn phases(req: &pb::RegisterAgentRequest) -> ApiResult<Vec<Phase>> {
-    let mut phases = req
-        .phases
-        .iter()
-        .enumerate()
-        .map(|(i, p)| validate::phase(&format!("phases[{i}]"), Phase::given(*p)))
-        .collect::<Result<Vec<_>, _>>()?;
-    if let Some(p) = validate::optional("phase", Phase::given(req.phase), "phase")? {
-        phases.push(p);
-    }
-    phases.sort_unstable();
-    phases.dedup();
-    Ok(phases)
+    let mut phases = validate::phase_set("phases", req.phases.iter().map(|p| Phase::given(*p)))?;
+    phases.extend(validate::optional("phase", Phase::given(req.phase), "phase")?);
+    Ok(phases.into_iter().collect())
 }
 
 impl Health {

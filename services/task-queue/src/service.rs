@@ -102,18 +102,9 @@ fn new_task(field: &str, t: &pb::NewTask) -> Result<omoi_domain::validate::NewTa
 
 /// The phases an agent takes; `None` for all of them.
 fn phases(given: &[i32]) -> ApiResult<Option<Vec<Phase>>> {
-    let mut phases = given
-        .iter()
-        .enumerate()
-        .map(|(i, p)| validate::phase(&format!("phases[{i}]"), Phase::given(*p)))
-        .collect::<Result<Vec<Phase>, _>>()?;
-    phases.sort_unstable();
-    phases.dedup();
-    Ok(if phases.is_empty() || phases.len() == Phase::ALL.len() {
-        None
-    } else {
-        Some(phases)
-    })
+    let phases = validate::phase_set("phases", given.iter().map(|p| Phase::given(*p)))?;
+    let some = !phases.is_empty() && phases.len() < Phase::ALL.len();
+    Ok(some.then(|| phases.into_iter().collect()))
 }
 
 impl TaskQueue {
