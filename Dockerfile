@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # Images of omoi. Two runtime targets:
 #   runtime   omoi-ticket, omoi-task-queue, omoi-health and omoi (non-root, minimal)
-#   executor  omoi-executor and omoi-demo-agent, plus git for repository checkouts
+#   executor  omoi-executor and omoi-demo-agent, plus git for repository checkouts and
+#             the coding-agent CLIs (Claude Code, Codex, Gemini CLI) at the versions
+#             pinned in deploy/agents/package-lock.json
 # Build: docker build --target runtime -t omoi . && docker build --target executor -t omoi-executor .
 
 FROM rust:1.95-bookworm AS build
@@ -27,12 +29,19 @@ USER 10001:10001
 EXPOSE 50051 50052 50053
 ENTRYPOINT ["/usr/local/bin/omoi-task-queue"]
 
+FROM node:22-bookworm-slim AS agents
+WORKDIR /opt/omoi-agents
+COPY deploy/agents/package.json deploy/agents/package-lock.json ./
+RUN npm ci --omit=dev --no-audit --no-fund
+
 FROM base AS executor
 RUN apt-get update \
  && apt-get install -y --no-install-recommends git openssh-client \
  && rm -rf /var/lib/apt/lists/*
+COPY --from=agents /usr/local/bin/node /usr/local/bin/node
+COPY --from=agents /opt/omoi-agents /opt/omoi-agents
 COPY --from=build /out/omoi-executor /out/omoi-demo-agent /usr/local/bin/
 USER 10001:10001
-ENV OMOI_WORKSPACE_ROOT=/workspaces HOME=/tmp
+ENV OMOI_WORKSPACE_ROOT=/workspaces HOME=/tmp PATH=/opt/omoi-agents/node_modules/.bin:$PATH
 EXPOSE 50054
 ENTRYPOINT ["/usr/local/bin/omoi-executor"]

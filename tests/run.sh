@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: starts PostgreSQL and NATS if they are not running,
 # installs the pinned chart tools (for the pods test, which renders the Helm
-# chart), then builds and runs every test of the workspace against them.
+# chart) and the pinned coding-agent CLIs (for the agent tests, which run
+# them against a stand-in model API), then builds and runs every test of the
+# workspace against them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=../deploy/local/services.sh
@@ -15,5 +17,13 @@ if ! "$venv/bin/python" -c 'import helm_python' 2>/dev/null; then
     "$venv/bin/pip" install -q -r .ci/requirements.txt
 fi
 export OMOI_HELM_PYTHON="$PWD/$venv/bin/python"
+# The coding-agent CLIs the agent tests drive, at the pinned versions.
+agents=.ci/agents
+if [ ! -x "$agents/node_modules/.bin/claude" ] || ! cmp -s deploy/agents/package-lock.json "$agents/package-lock.json"; then
+    echo "omoi: installing the pinned agent CLIs into $agents" >&2
+    mkdir -p "$agents"
+    cp deploy/agents/package.json deploy/agents/package-lock.json "$agents/"
+    (cd "$agents" && npm ci --no-audit --no-fund --loglevel=error)
+fi
 cargo build --workspace --bins
 cargo test --workspace "$@"

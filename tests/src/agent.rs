@@ -91,6 +91,7 @@ impl ScriptedAgent {
                 task_id,
                 attempt: a.attempt,
                 result: None,
+                ..Default::default()
             })
             .await?;
         Ok(r.into_inner().task.unwrap_or_default())
@@ -204,6 +205,7 @@ pub fn spawn_workers(
                                                 task_id,
                                                 attempt,
                                                 result: None,
+                                                ..Default::default()
                                             })
                                             .await
                                             .map(|_| ())

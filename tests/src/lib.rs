@@ -6,6 +6,7 @@ pub mod agent;
 pub mod events;
 pub mod infra;
 pub mod mesh;
+pub mod model_api;
 pub mod openhands;
 pub mod pki;
 pub mod process;

@@ -19,6 +19,21 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A coding-agent CLI (`claude`, `codex`, `gemini`) at the version the
+/// project pins (deploy/agents/package.json), as tests/run.sh installs it.
+pub fn agent_cli(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root");
+    let path = root.join(".ci/agents/node_modules/.bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: install the pinned agent CLIs first (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// target/<profile>, from where this test executable lives (target/<profile>/deps/…).
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

@@ -166,6 +166,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                     task_id: rng.text(),
                     attempt: rng.int(),
                     result: None,
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ()),
@@ -176,6 +177,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                     error_message: rng.text(),
                     error_class: rng.int(),
                     timed_out: rng.int() % 2 == 0,
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ()),

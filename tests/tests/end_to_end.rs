@@ -31,7 +31,7 @@ async fn agent_pid(queue_url: &str, task_id: &str) -> i32 {
             .ok()?
             .into_inner();
         while let Some(Ok(msg)) = stream.next().await {
-            let line = msg.line?.line;
+            let line = msg.event?.text;
             if let Some(pid) = line.split("(pid ").nth(1) {
                 return pid.trim_end_matches(')').parse().ok();
             }
@@ -105,7 +105,7 @@ async fn a_ticket_runs_through_two_executors_in_phase_order_with_workspaces() {
         .unwrap()
         .into_inner();
     while let Some(Ok(m)) = out.next().await {
-        lines.push(m.line.unwrap().line);
+        lines.push(m.event.unwrap().text);
     }
     assert!(lines.iter().any(|l| l.contains("writing PLAN.md")), "{lines:?}");
 

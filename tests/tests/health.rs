@@ -228,6 +228,7 @@ async fn a_silent_agent_goes_stale_its_tasks_move_to_another_and_a_heartbeat_rec
             task_id,
             attempt: a.attempt,
             result: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();

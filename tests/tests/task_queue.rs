@@ -436,6 +436,7 @@ async fn malformed_requests_to_every_rpc_name_the_field() {
             task_id: "zz".into(),
             attempt: 1,
             result: None,
+            ..Default::default()
         })
         .await,
         Code::InvalidArgument,
@@ -448,6 +449,7 @@ async fn malformed_requests_to_every_rpc_name_the_field() {
             error_message: String::new(),
             error_class: 9,
             timed_out: false,
+            ..Default::default()
         })
         .await,
         Code::InvalidArgument,

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use crate::agent::AgentStatus;
 use crate::task::{ErrorClass, Phase, TaskStatus};
 use crate::ticket::TicketStatus;
+use crate::usage::Usage;
 
 /// What an event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -155,6 +156,34 @@ impl Event {
         }
     }
 
+    /// What the attempt this event ended spent, as its agent reported it.
+    /// Each attempt's usage is on exactly one event, so that summing the
+    /// events sums the attempts.
+    pub fn attempt_usage(&self) -> Option<&Usage> {
+        self.usage_slot_ref().and_then(Option::as_ref)
+    }
+
+    /// Where an attempt-ending event keeps its usage.
+    pub fn usage_slot(&mut self) -> Option<&mut Option<Usage>> {
+        match self {
+            Event::TaskCompleted(e) => Some(&mut e.usage),
+            Event::TaskFailed(e) => Some(&mut e.usage),
+            Event::TaskRetried(e) => Some(&mut e.usage),
+            Event::TaskTimedOut(e) => Some(&mut e.usage),
+            _ => None,
+        }
+    }
+
+    fn usage_slot_ref(&self) -> Option<&Option<Usage>> {
+        match self {
+            Event::TaskCompleted(e) => Some(&e.usage),
+            Event::TaskFailed(e) => Some(&e.usage),
+            Event::TaskRetried(e) => Some(&e.usage),
+            Event::TaskTimedOut(e) => Some(&e.usage),
+            _ => None,
+        }
+    }
+
     /// The event a ticket records when it enters `status`.
     pub fn ticket(status: TicketStatus, change: TicketChanged) -> Event {
         match status {
@@ -243,6 +272,9 @@ pub struct TaskCompleted {
     pub attempt: i32,
     pub agent_id: Option<Uuid>,
     pub result: Option<Value>,
+    /// What the attempt spent, when its agent reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,6 +284,9 @@ pub struct TaskFailed {
     pub error: String,
     pub error_class: ErrorClass,
     pub retry_count: i32,
+    /// What the attempt spent, when its agent reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +299,9 @@ pub struct TaskRetried {
     pub retry_count: i32,
     pub max_retries: i32,
     pub delay_ms: i64,
+    /// What the attempt spent, when its agent reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -271,6 +309,9 @@ pub struct TaskTimedOut {
     pub attempt: i32,
     pub agent_id: Option<Uuid>,
     pub timeout_seconds: i32,
+    /// What the attempt spent, when its agent reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 /// A cancellation: asked for (with the attempt it ended), or caused by a
@@ -378,6 +419,12 @@ mod tests {
                 attempt: 2,
                 agent_id: Some(Uuid::now_v7()),
                 result: Some(json!({"summary": "ok"})),
+                usage: Some(Usage {
+                    input_tokens: 120,
+                    cost_usd: 0.5,
+                    model: "m".into(),
+                    ..Default::default()
+                }),
             }),
             Event::TaskRetried(TaskRetried {
                 attempt: 1,
@@ -387,6 +434,7 @@ mod tests {
                 retry_count: 1,
                 max_retries: 3,
                 delay_ms: 1100,
+                usage: None,
             }),
             Event::TaskCancelled(TaskCancelled {
                 reason: "dependency failed".into(),

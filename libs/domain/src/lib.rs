@@ -9,6 +9,7 @@ pub mod graph;
 pub mod rules;
 pub mod task;
 pub mod ticket;
+pub mod usage;
 pub mod validate;
 
 pub use agent::{Agent, AgentStatus};
@@ -16,3 +17,4 @@ pub use error::{DomainError, FieldError};
 pub use event::{Entity, Envelope, Event, EventType};
 pub use task::{Action, ErrorClass, Phase, Task, TaskStatus};
 pub use ticket::{Ticket, TicketStatus};
+pub use usage::Usage;

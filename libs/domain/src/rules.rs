@@ -14,6 +14,7 @@ use crate::event::{
     TaskStarted, TaskTimedOut,
 };
 use crate::task::{Action, ErrorClass, Task, TaskStatus};
+use crate::usage::Usage;
 use crate::validate::NewTask;
 use crate::{backoff, classify};
 
@@ -63,26 +64,46 @@ pub struct Transition {
     /// When set, the task's pending dependents (transitively) are cancelled
     /// with this reason; their events come from `dependent_cancelled`.
     pub cancel_dependents: Option<String>,
+    /// What the ended attempt spent, added to the task's usage.
+    pub usage: Option<Usage>,
+}
+
+impl Transition {
+    /// Records what the ended attempt spent: added to the task, and told by
+    /// the first event that ends the attempt (only one, so that summing
+    /// events sums attempts).
+    fn spent(mut self, usage: Option<Usage>) -> Self {
+        let usage = usage.filter(|u| !u.is_empty());
+        if let Some(slot) = self.events.iter_mut().find_map(|e| e.event.usage_slot()) {
+            slot.clone_from(&usage);
+        }
+        self.usage = usage;
+        self
+    }
 }
 
 /// A failure report of the current attempt. The class is the reporter's when
 /// given, else read from the message; the reporter is the holder, so nobody
 /// needs telling.
-pub fn on_failure(
-    task: &Task,
-    attempt: i32,
-    message: &str,
-    explicit: Option<ErrorClass>,
-    rng: &mut impl Rng,
-) -> Result<Transition, DomainError> {
-    task.check_attempt(attempt)?;
-    let class = classify::classify(message, explicit);
+pub fn on_failure(task: &Task, report: &Failure, rng: &mut impl Rng) -> Result<Transition, DomainError> {
+    task.check_attempt(report.attempt)?;
+    let class = classify::classify(&report.message, report.class);
     task.status.apply(Action::Fail {
         retry: retries(task, class),
     })?;
-    let mut transition = end_attempt(task, message, class, Vec::new(), rng);
+    let mut transition = end_attempt(task, &report.message, class, Vec::new(), rng);
     transition.revoke = None;
-    Ok(transition)
+    Ok(transition.spent(report.usage.clone()))
+}
+
+/// An agent's report that an attempt failed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Failure {
+    pub attempt: i32,
+    pub message: String,
+    /// The reporter's class; `None` lets the message decide.
+    pub class: Option<ErrorClass>,
+    pub usage: Option<Usage>,
 }
 
 /// A running attempt past its deadline: retried like a retryable failure, or
@@ -97,6 +118,7 @@ pub fn on_timeout(task: &Task, rng: &mut impl Rng) -> Result<Transition, DomainE
             attempt: task.attempt,
             agent_id: task.assigned_agent_id,
             timeout_seconds: task.timeout_seconds,
+            usage: None,
         }),
     );
     let reason = format!("timed out after {} s", task.timeout_seconds);
@@ -106,11 +128,16 @@ pub fn on_timeout(task: &Task, rng: &mut impl Rng) -> Result<Transition, DomainE
 /// An agent's report that its own timer for the task's deadline ran out
 /// first: the same as the monitor noticing it, except that the agent has
 /// already stopped (nobody to tell).
-pub fn on_reported_timeout(task: &Task, attempt: i32, rng: &mut impl Rng) -> Result<Transition, DomainError> {
+pub fn on_reported_timeout(
+    task: &Task,
+    attempt: i32,
+    usage: Option<Usage>,
+    rng: &mut impl Rng,
+) -> Result<Transition, DomainError> {
     task.check_attempt(attempt)?;
     let mut transition = on_timeout(task, rng)?;
     transition.revoke = None;
-    Ok(transition)
+    Ok(transition.spent(usage))
 }
 
 /// The work of an agent that stopped heartbeating: the lost attempt counts
@@ -143,6 +170,7 @@ pub fn on_cancel(task: &Task, reason: &str) -> Result<Transition, DomainError> {
         )],
         revoke: holder(task, reason),
         cancel_dependents: Some(format!("dependency {} was cancelled: {reason}", task.id)),
+        usage: None,
     })
 }
 
@@ -198,13 +226,15 @@ pub fn started(task: &Task) -> Envelope {
     )
 }
 
-pub fn completed(task: &Task) -> Envelope {
+/// The event of a completed attempt and what it spent.
+pub fn completed(task: &Task, usage: Option<Usage>) -> Envelope {
     task_event(
         task,
         Event::TaskCompleted(TaskCompleted {
             attempt: task.attempt,
             agent_id: task.assigned_agent_id,
             result: task.result.clone(),
+            usage: usage.filter(|u| !u.is_empty()),
         }),
     )
 }
@@ -274,6 +304,7 @@ fn end_attempt(
                 retry_count: task.retry_count + 1,
                 max_retries: task.max_retries,
                 delay_ms: delay.as_millis() as i64,
+                usage: None,
             }),
         ));
         return Transition {
@@ -287,6 +318,7 @@ fn end_attempt(
             events,
             revoke,
             cancel_dependents: None,
+            usage: None,
         };
     }
     events.push(task_event(
@@ -297,6 +329,7 @@ fn end_attempt(
             error: message.to_owned(),
             error_class: class,
             retry_count: task.retry_count,
+            usage: None,
         }),
     ));
     Transition {
@@ -308,6 +341,7 @@ fn end_attempt(
         events,
         revoke,
         cancel_dependents: Some(format!("dependency {} failed: {message}", task.id)),
+        usage: None,
     }
 }
 
@@ -386,6 +420,7 @@ mod tests {
             error_message: None,
             error_class: None,
             result: None,
+            usage: None,
             created_at: now,
             updated_at: now,
             started_at: None,
@@ -450,7 +485,7 @@ mod tests {
         ];
         for (status, spent, max, message, class, want, events, cascades) in cases {
             let t = task(status, spent, max);
-            let tr = on_failure(&t, t.attempt, message, class, &mut rng()).unwrap();
+            let tr = on_failure(&t, &failure(t.attempt, message, class), &mut rng()).unwrap();
             assert_eq!(tr.change.status(), want, "{message} {class:?}");
             assert_eq!(types(&tr), events);
             assert_eq!(tr.cancel_dependents.is_some(), cascades);
@@ -458,10 +493,45 @@ mod tests {
         }
     }
 
+    fn failure(attempt: i32, message: &str, class: Option<ErrorClass>) -> Failure {
+        Failure {
+            attempt,
+            message: message.to_owned(),
+            class,
+            usage: None,
+        }
+    }
+
+    #[test]
+    fn an_attempts_usage_is_told_once_and_added_to_the_task() {
+        let spent = Usage {
+            input_tokens: 100,
+            output_tokens: 20,
+            cost_usd: 0.01,
+            ..Default::default()
+        };
+        let t = task(TaskStatus::Running, 0, 1);
+        let report = Failure {
+            usage: Some(spent.clone()),
+            ..failure(t.attempt, "connection reset", None)
+        };
+        let tr = on_failure(&t, &report, &mut rng()).unwrap();
+        assert_eq!(tr.usage.as_ref(), Some(&spent));
+        assert_eq!(tr.events[0].event.attempt_usage(), Some(&spent));
+        // A reported timeout: on TASK_TIMED_OUT, not again on TASK_RETRIED.
+        let tr = on_reported_timeout(&t, t.attempt, Some(spent.clone()), &mut rng()).unwrap();
+        let told: Vec<Option<&Usage>> = tr.events.iter().map(|e| e.event.attempt_usage()).collect();
+        assert_eq!(told, [Some(&spent), None]);
+        // Nothing spent is nothing recorded.
+        let tr = on_reported_timeout(&t, t.attempt, Some(Usage::default()), &mut rng()).unwrap();
+        assert_eq!(tr.usage, None);
+        assert_eq!(completed(&t, Some(Usage::default())).event.attempt_usage(), None);
+    }
+
     #[test]
     fn a_retry_waits_the_backoff_its_event_tells() {
         let t = task(TaskStatus::Running, 2, 5);
-        let tr = on_failure(&t, 2, "connection reset", None, &mut rng()).unwrap();
+        let tr = on_failure(&t, &failure(2, "connection reset", None), &mut rng()).unwrap();
         let Change::Retry { delay, class, .. } = &tr.change else {
             panic!("{tr:?}")
         };
@@ -479,7 +549,7 @@ mod tests {
     fn reports_of_other_attempts_and_finished_tasks_are_refused() {
         let t = task(TaskStatus::Running, 0, 3);
         assert!(matches!(
-            on_failure(&t, 1, "x", None, &mut rng()),
+            on_failure(&t, &failure(1, "x", None), &mut rng()),
             Err(DomainError::StaleAttempt {
                 reported: 1,
                 current: 2,
@@ -488,7 +558,7 @@ mod tests {
         ));
         let done = task(TaskStatus::Completed, 0, 3);
         assert!(matches!(
-            on_failure(&done, 2, "x", None, &mut rng()),
+            on_failure(&done, &failure(2, "x", None), &mut rng()),
             Err(DomainError::IllegalTransition { .. })
         ));
     }
@@ -520,15 +590,15 @@ mod tests {
     #[test]
     fn a_timeout_the_agent_reports_is_a_timeout_with_nobody_to_stop() {
         let t = task(TaskStatus::Running, 0, 1);
-        let tr = on_reported_timeout(&t, t.attempt, &mut rng()).unwrap();
+        let tr = on_reported_timeout(&t, t.attempt, None, &mut rng()).unwrap();
         assert_eq!(types(&tr), [EventType::TaskTimedOut, EventType::TaskRetried]);
         assert_eq!(tr.revoke, None);
         assert!(matches!(
-            on_reported_timeout(&t, t.attempt - 1, &mut rng()),
+            on_reported_timeout(&t, t.attempt - 1, None, &mut rng()),
             Err(DomainError::StaleAttempt { .. })
         ));
         let out = task(TaskStatus::Running, 1, 1);
-        let tr = on_reported_timeout(&out, out.attempt, &mut rng()).unwrap();
+        let tr = on_reported_timeout(&out, out.attempt, None, &mut rng()).unwrap();
         assert_eq!(types(&tr), [EventType::TaskTimedOut, EventType::TaskFailed]);
     }
 

@@ -94,6 +94,8 @@ pub struct Task {
     pub error_message: Option<String>,
     pub error_class: Option<ErrorClass>,
     pub result: Option<Value>,
+    /// What its attempts spent, summed; `None` until one reported usage.
+    pub usage: Option<crate::usage::Usage>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,

@@ -29,6 +29,8 @@ pub struct Ticket {
     pub labels: Value,
     pub request_id: Option<String>,
     pub tasks_enqueued: bool,
+    /// What its tasks' attempts spent, summed; `None` until one reported.
+    pub usage: Option<crate::usage::Usage>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

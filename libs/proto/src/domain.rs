@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use omoi_domain::validate::Given;
-use omoi_domain::{Agent, AgentStatus, ErrorClass, Phase, Task, TaskStatus, Ticket, TicketStatus};
+use omoi_domain::{Agent, AgentStatus, ErrorClass, Phase, Task, TaskStatus, Ticket, TicketStatus, Usage};
 use serde_json::Value;
 
 use crate::common as c;
@@ -96,6 +96,40 @@ impl From<&Task> for taskqueue::Task {
             completed_at: t.completed_at.map(timestamp),
             next_attempt_at: Some(timestamp(t.next_attempt_at)),
             unmet_dependencies: t.unmet_deps,
+            usage: t.usage.as_ref().map(c::Usage::from),
+        }
+    }
+}
+
+impl From<&Usage> for c::Usage {
+    fn from(u: &Usage) -> Self {
+        c::Usage {
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cache_read_tokens: u.cache_read_tokens,
+            cache_write_tokens: u.cache_write_tokens,
+            cost_usd: u.cost_usd,
+            cost_estimated: u.cost_estimated,
+            model: u.model.clone(),
+            turns: u.turns,
+            duration_ms: u.duration_ms,
+        }
+    }
+}
+
+/// A reported usage, before the domain checks it (`Usage::validated`).
+impl From<c::Usage> for Usage {
+    fn from(u: c::Usage) -> Self {
+        Usage {
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cache_read_tokens: u.cache_read_tokens,
+            cache_write_tokens: u.cache_write_tokens,
+            cost_usd: u.cost_usd,
+            cost_estimated: u.cost_estimated,
+            model: u.model,
+            turns: u.turns,
+            duration_ms: u.duration_ms,
         }
     }
 }
@@ -112,6 +146,7 @@ impl From<&Ticket> for ticket::Ticket {
             labels: labels(&t.labels),
             created_at: Some(timestamp(t.created_at)),
             updated_at: Some(timestamp(t.updated_at)),
+            usage: t.usage.as_ref().map(c::Usage::from),
         }
     }
 }

@@ -13,8 +13,8 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +54,25 @@ pub static GRPC_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["method"],
+        )
+        .expect("valid metric"),
+    )
+});
+pub static AGENT_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "omoi_agent_tokens_total",
+        "Tokens coding agents reported, by model and kind (input, output, cache_read, cache_write).",
+        &["model", "kind"],
+    )
+});
+pub static AGENT_COST_USD: LazyLock<CounterVec> = LazyLock::new(|| {
+    register(
+        CounterVec::new(
+            Opts::new(
+                "omoi_agent_cost_usd_total",
+                "US dollars coding agents spent (reported or estimated), by model.",
+            ),
+            &["model"],
         )
         .expect("valid metric"),
     )

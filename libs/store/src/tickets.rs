@@ -1,7 +1,7 @@
 //! Tickets, their plans, and their status as task events report it.
 
 use omoi_domain::ticket::{PlannedTask, TaskOutcome, TaskProgress, derive_status};
-use omoi_domain::{Ticket, TicketStatus};
+use omoi_domain::{Ticket, TicketStatus, Usage};
 use serde_json::{Value, json};
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, Row};
@@ -14,7 +14,7 @@ use crate::codes::{phase_code, phase_of};
 use crate::events;
 use crate::{Result, Store, StoreError, consumed};
 
-const TICKET_COLUMNS: &str = "id, seq, title, description, priority, status, repository, labels, request_id, tasks_enqueued, created_at, updated_at";
+const TICKET_COLUMNS: &str = "id, seq, title, description, priority, status, repository, labels, request_id, tasks_enqueued, usage, created_at, updated_at";
 const TICKET_TASK_COLUMNS: &str = "ticket_id, task_id, position, title, description, phase, priority, depends_on,
      max_retries, timeout_seconds, started, outcome";
 
@@ -37,6 +37,8 @@ impl<'r> FromRow<'r, PgRow> for TicketRow {
             labels: row.try_get("labels")?,
             request_id: row.try_get("request_id")?,
             tasks_enqueued: row.try_get("tasks_enqueued")?,
+            usage: crate::tasks::usage_of(row.try_get("usage")?)
+                .map_err(|e| sqlx::Error::Decode(format!("ticket usage: {e}").into()))?,
             created_at: row.try_get("created_at")?,
             updated_at: row.try_get("updated_at")?,
         }))
@@ -300,10 +302,21 @@ impl Store {
         task_id: Uuid,
         started: bool,
         outcome: Option<TaskOutcome>,
+        usage: Option<&Usage>,
     ) -> Result<Option<Ticket>> {
         let mut tx = self.pool().begin().await?;
         if !consumed::first_time(&mut tx, consumer, event_id).await? {
             return Ok(None);
+        }
+        if usage.is_some() {
+            sqlx::query(
+                "UPDATE tickets SET usage = usage_add(usage, $2::jsonb)
+                 WHERE id = (SELECT ticket_id FROM ticket_tasks WHERE task_id = $1)",
+            )
+            .bind(task_id)
+            .bind(crate::tasks::usage_json(usage))
+            .execute(&mut *tx)
+            .await?;
         }
         let owner: Option<Uuid> = sqlx::query_scalar(
             "UPDATE ticket_tasks SET started = started OR $2, outcome = COALESCE(outcome, $3)

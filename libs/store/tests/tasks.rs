@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use omoi_domain::event::{Event, EventType};
+use omoi_domain::rules::Failure;
 use omoi_domain::validate::NewTask;
-use omoi_domain::{DomainError, ErrorClass, Phase, TaskStatus};
+use omoi_domain::{DomainError, ErrorClass, Phase, TaskStatus, Usage};
 use omoi_store::tasks::{Report, Slot};
 use omoi_store::{Store, StoreError};
 use sqlx::{Connection, PgConnection};
@@ -106,7 +107,16 @@ fn report(task_id: Uuid, attempt: i32) -> Report {
         task_id,
         attempt,
         result: None,
+        usage: None,
         trace: None,
+    }
+}
+
+fn failure(attempt: i32, message: &str) -> Failure {
+    Failure {
+        attempt,
+        message: message.to_owned(),
+        ..Default::default()
     }
 }
 
@@ -246,7 +256,7 @@ async fn a_retryable_failure_waits_its_backoff() {
     let task = running(&db, new_task("t", 1, &[]), agent).await;
     db.clear_events().await;
     let before = Utc::now();
-    let outcome = db.store.fail(task.id, 1, "connection reset", None).await.unwrap();
+    let outcome = db.store.fail(task.id, &failure(1, "connection reset")).await.unwrap();
     assert_eq!(outcome.task.status, TaskStatus::Pending);
     assert_eq!(outcome.task.retry_count, 1);
     assert_eq!(outcome.task.assigned_agent_id, None);
@@ -272,8 +282,76 @@ async fn a_retryable_failure_waits_its_backoff() {
             .is_empty()
     );
     // A report of the old attempt changes nothing.
-    assert!(db.store.fail(task.id, 1, "again", None).await.is_err());
+    assert!(db.store.fail(task.id, &failure(1, "again")).await.is_err());
     assert_eq!(db.events().await.len(), 1);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn usage_adds_up_over_attempts_and_each_event_tells_its_own() {
+    let db = Db::new().await;
+    let agent = Uuid::now_v7();
+    let task = running(&db, new_task("t", 1, &[]), agent).await;
+    assert_eq!(task.usage, None);
+    let first = Usage {
+        input_tokens: 100,
+        output_tokens: 10,
+        cost_usd: 0.25,
+        model: "claude-sonnet-4-5".into(),
+        turns: 2,
+        ..Default::default()
+    };
+    let second = Usage {
+        input_tokens: 50,
+        cache_read_tokens: 7,
+        cost_usd: 0.5,
+        cost_estimated: true,
+        model: "gpt-5-codex".into(),
+        turns: 1,
+        ..Default::default()
+    };
+    let report_first = Failure {
+        usage: Some(first.clone()),
+        ..failure(1, "connection reset")
+    };
+    let retried = db.store.fail(task.id, &report_first).await.unwrap();
+    assert_eq!(retried.task.usage.as_ref(), Some(&first));
+    // Due now rather than after its backoff.
+    sqlx::query("UPDATE tasks SET next_attempt_at = now()")
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    let again = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
+    db.store.start_batch(&[report(again[0].id, 2)]).await.unwrap();
+    let done = Report {
+        usage: Some(second.clone()),
+        ..report(task.id, 2)
+    };
+    let completed = db.store.complete_batch(&[done]).await.unwrap().remove(0).unwrap();
+    let sum = completed.usage.expect("the sum is kept");
+    assert_eq!(
+        (sum.input_tokens, sum.output_tokens, sum.cache_read_tokens),
+        (150, 10, 7)
+    );
+    assert!((sum.cost_usd - 0.75).abs() < 1e-9);
+    assert!(sum.cost_estimated, "part of it was estimated");
+    assert_eq!(sum.model, "claude-sonnet-4-5, gpt-5-codex");
+    assert_eq!(sum.turns, 3);
+    assert_eq!(db.store.get(task.id).await.unwrap().usage, Some(sum));
+    let told: Vec<(EventType, Option<Usage>)> = db
+        .events()
+        .await
+        .into_iter()
+        .map(|(_, e)| (e.event_type(), e.attempt_usage().cloned()))
+        .filter(|(_, u)| u.is_some())
+        .collect();
+    assert_eq!(
+        told,
+        [
+            (EventType::TaskRetried, Some(first)),
+            (EventType::TaskCompleted, Some(second))
+        ]
+    );
     db.drop().await;
 }
 
@@ -291,7 +369,7 @@ async fn a_permanent_failure_cancels_its_dependents_transitively() {
     let t = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
     db.store.start_batch(&[report(t[0].id, 1)]).await.unwrap();
     db.clear_events().await;
-    let outcome = db.store.fail(root.id, 1, "permission denied", None).await.unwrap();
+    let outcome = db.store.fail(root.id, &failure(1, "permission denied")).await.unwrap();
     assert_eq!(outcome.task.status, TaskStatus::Failed);
     assert_eq!(outcome.cancelled_dependents.len(), 2);
     for id in [child.id, grandchild.id] {

@@ -12,6 +12,8 @@ pub enum RunnerKind {
     Command,
     /// An OpenHands agent server over its HTTP API.
     Openhands,
+    /// Claude Code (`claude -p ... --output-format stream-json`).
+    ClaudeCode,
 }
 
 impl RunnerKind {
@@ -19,6 +21,15 @@ impl RunnerKind {
         match self {
             RunnerKind::Command => "command",
             RunnerKind::Openhands => "openhands",
+            RunnerKind::ClaudeCode => "claude-code",
+        }
+    }
+
+    /// The CLI a coding-agent runner starts unless OMOI_AGENT_BIN says.
+    pub fn default_bin(self) -> Option<&'static str> {
+        match self {
+            RunnerKind::ClaudeCode => Some("claude"),
+            RunnerKind::Command | RunnerKind::Openhands => None,
         }
     }
 }
@@ -100,6 +111,28 @@ pub struct Config {
     /// Seconds between SIGTERM and SIGKILL when a run is stopped.
     #[arg(long, env = "OMOI_KILL_GRACE_SECONDS", default_value_t = 5.0)]
     pub kill_grace_seconds: f64,
+
+    /// The coding-agent CLI (claude-code runner); default `claude` on PATH.
+    #[arg(long, env = "OMOI_AGENT_BIN")]
+    pub agent_bin: Option<String>,
+
+    /// The model the coding agent uses; its own default when unset.
+    #[arg(long, env = "OMOI_AGENT_MODEL")]
+    pub agent_model: Option<String>,
+
+    /// Arguments appended to the coding agent's command line (split like a
+    /// shell).
+    #[arg(long, env = "OMOI_AGENT_ARGS", default_value = "")]
+    pub agent_args: String,
+
+    /// Claude Code's API key (from a secret; only the claude-code agent
+    /// sees it, never logged).
+    #[arg(long, env = "ANTHROPIC_API_KEY", hide_env_values = true)]
+    pub anthropic_api_key: Option<String>,
+
+    /// Claude Code's model API address, when not Anthropic's.
+    #[arg(long, env = "ANTHROPIC_BASE_URL")]
+    pub anthropic_base_url: Option<String>,
 
     /// OpenHands agent server (openhands runner).
     #[arg(long, env = "OPENHANDS_URL", default_value = "http://127.0.0.1:8000")]

@@ -2,8 +2,12 @@
 //! queue, runs each through the configured runner in its own workspace,
 //! streams the output, reports the outcome, and drains on SIGTERM.
 
+mod claude;
 pub mod config;
+mod events;
 mod openhands;
+mod process;
+mod publish;
 mod runner;
 mod runs;
 mod service;

@@ -15,7 +15,8 @@ use omoi_proto::common::OutputStream;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::runner::{OutputSink, RunContext, RunOutcome, RunnerError, Stopped};
+use crate::events::EventSink;
+use crate::runner::{RunContext, RunOutcome, RunnerError, Stopped};
 
 pub struct OpenHandsRunner {
     base: String,
@@ -42,12 +43,15 @@ impl OpenHandsRunner {
     ) -> Result<Self, RunnerError> {
         let base = url.trim_end_matches('/').to_owned();
         if !base.starts_with("http://") {
-            return Err(RunnerError::Config(format!(
-                "OPENHANDS_URL {url:?} must be an http:// URL (the agent server runs beside the executor)"
-            )));
+            return Err(RunnerError::Config {
+                setting: "OPENHANDS_URL",
+                message: format!("{url:?} must be an http:// URL (the agent server runs beside the executor)"),
+            });
         }
-        base.parse::<http::Uri>()
-            .map_err(|e| RunnerError::Config(format!("OPENHANDS_URL {url:?}: {e}")))?;
+        base.parse::<http::Uri>().map_err(|e| RunnerError::Config {
+            setting: "OPENHANDS_URL",
+            message: format!("{url:?}: {e}"),
+        })?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -130,7 +134,7 @@ impl OpenHandsRunner {
     pub async fn run(
         &self,
         ctx: &RunContext,
-        out: &dyn OutputSink,
+        out: &dyn EventSink,
         stop: &CancellationToken,
     ) -> Result<RunOutcome, RunnerError> {
         let started = Instant::now();
@@ -177,7 +181,7 @@ impl OpenHandsRunner {
         &self,
         ctx: &RunContext,
         id: &str,
-        out: &dyn OutputSink,
+        out: &dyn EventSink,
         stop: &CancellationToken,
         started: Instant,
     ) -> Result<RunOutcome, RunnerError> {
@@ -212,6 +216,8 @@ impl OpenHandsRunner {
                     exit_code: Some(exit_code),
                     stopped: None,
                     duration: started.elapsed(),
+                    usage: None,
+                    verdict: None,
                 });
             }
             if let Some(stopped) = self.pause(deadline, stop).await {
@@ -223,6 +229,8 @@ impl OpenHandsRunner {
                     exit_code: None,
                     stopped: Some(stopped),
                     duration: started.elapsed(),
+                    usage: None,
+                    verdict: None,
                 });
             }
         }
@@ -245,7 +253,7 @@ impl OpenHandsRunner {
     }
 
     /// The agent's last word, as the run's last output line.
-    async fn relay_final_response(&self, id: &str, out: &dyn OutputSink) {
+    async fn relay_final_response(&self, id: &str, out: &dyn EventSink) {
         let final_response = self
             .call(
                 Method::GET,
@@ -277,7 +285,7 @@ impl OpenHandsRunner {
     }
 
     /// Streams the conversation's new events as output lines.
-    async fn relay_events(&self, id: &str, cursor: &mut Cursor, out: &dyn OutputSink) {
+    async fn relay_events(&self, id: &str, cursor: &mut Cursor, out: &dyn EventSink) {
         let page = &mut cursor.page;
         for _ in 0..20 {
             let mut path = format!("/api/conversations/{id}/events/search?limit=100");

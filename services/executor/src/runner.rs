@@ -1,18 +1,18 @@
-//! The `command` runner: a configured program in its own process group,
-//! given the task prompt on stdin and in `OMOI_TASK_PROMPT`, with only an
-//! allow-listed environment; its output is streamed line by line, and a stop
-//! (cancellation, timeout, shutdown) terminates the whole group.
+//! What every runner shares (the run's context, its outcome, its errors)
+//! and the `command` runner: a configured program given the task prompt as
+//! an argument, on stdin and in `OMOI_TASK_PROMPT`, whose output lines are
+//! the run's events.
 
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use omoi_domain::Phase;
-use omoi_proto::common::OutputStream;
-use omoi_runtime::shutdown::{SIGKILL, SIGTERM};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use omoi_domain::{ErrorClass, Phase};
+use omoi_proto::common::{OutputStream, Usage};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::events::EventSink;
+use crate::process::{self, Spawn};
 
 /// What a run is given.
 #[derive(Debug, Clone)]
@@ -26,11 +26,37 @@ pub struct RunContext {
     pub timeout: Option<Duration>,
 }
 
+impl RunContext {
+    /// The variables every agent process gets about its task.
+    pub fn task_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("OMOI_TASK_PROMPT".into(), self.prompt.clone()),
+            ("OMOI_TASK_ID".into(), self.task_id.to_string()),
+            ("OMOI_TASK_ATTEMPT".into(), self.attempt.to_string()),
+            ("OMOI_TASK_PHASE".into(), self.phase.as_str().into()),
+            ("OMOI_WORKSPACE".into(), self.workspace.display().to_string()),
+        ]
+    }
+}
+
 /// Why a run was stopped before it ended by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
     Cancelled,
     TimedOut,
+}
+
+/// The agent's own account of how its run ended, for runners that read one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Succeeded {
+        summary: String,
+    },
+    /// `class` None lets the queue classify the message.
+    Failed {
+        message: String,
+        class: Option<ErrorClass>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -39,15 +65,32 @@ pub struct RunOutcome {
     pub exit_code: Option<i32>,
     pub stopped: Option<Stopped>,
     pub duration: Duration,
+    /// What the agent reported spending.
+    pub usage: Option<Usage>,
+    /// None: the exit code decides.
+    pub verdict: Option<Verdict>,
+}
+
+impl From<process::Ended> for RunOutcome {
+    fn from(e: process::Ended) -> Self {
+        RunOutcome {
+            exit_code: e.exit_code,
+            stopped: e.stopped,
+            duration: e.duration,
+            usage: None,
+            verdict: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
-    #[error("invalid argument OMOI_RUNNER_COMMAND: {0}")]
-    Config(String),
-    #[error("cannot start {program}: {source}")]
+    #[error("invalid argument {setting}: {message}")]
+    Config { setting: &'static str, message: String },
+    #[error("cannot start {program} (set by {setting}): {source}")]
     Spawn {
         program: String,
+        setting: &'static str,
         #[source]
         source: std::io::Error,
     },
@@ -59,9 +102,12 @@ pub enum RunnerError {
     Agent { message: String, permanent: bool },
 }
 
-/// Receives a run's output lines.
-pub trait OutputSink: Send + Sync {
-    fn line(&self, stream: OutputStream, text: String);
+/// `value` split like a shell, for the setting it came from.
+pub fn split_args(setting: &'static str, value: &str) -> Result<Vec<String>, RunnerError> {
+    shlex::split(value).ok_or_else(|| RunnerError::Config {
+        setting,
+        message: format!("cannot split {value:?}"),
+    })
 }
 
 pub struct CommandRunner {
@@ -74,15 +120,18 @@ impl CommandRunner {
     /// `command` is split like a shell; `allow` names the environment
     /// variables of the executor that the agent may see.
     pub fn new(command: &str, allow: &str, kill_grace: Duration) -> Result<Self, RunnerError> {
-        let argv = shlex::split(command).ok_or_else(|| RunnerError::Config(format!("cannot split {command:?}")))?;
+        let argv = split_args("OMOI_RUNNER_COMMAND", command)?;
         if argv.is_empty() {
-            return Err(RunnerError::Config("no program given".into()));
+            return Err(RunnerError::Config {
+                setting: "OMOI_RUNNER_COMMAND",
+                message: "no program given".into(),
+            });
         }
-        let allowed: Vec<&str> = allow.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-        let env = std::env::vars()
-            .filter(|(k, _)| allowed.contains(&k.as_str()))
-            .collect();
-        Ok(Self { argv, env, kill_grace })
+        Ok(Self {
+            argv,
+            env: process::allowed_env(allow),
+            kill_grace,
+        })
     }
 
     fn render(&self, ctx: &RunContext) -> Vec<String> {
@@ -102,108 +151,23 @@ impl CommandRunner {
     pub async fn run(
         &self,
         ctx: &RunContext,
-        out: &dyn OutputSink,
+        out: &dyn EventSink,
         stop: &CancellationToken,
     ) -> Result<RunOutcome, RunnerError> {
-        let argv = self.render(ctx);
-        let started = Instant::now();
-        let mut child = tokio::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .current_dir(&ctx.workspace)
-            .env_clear()
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("OMOI_TASK_PROMPT", &ctx.prompt)
-            .env("OMOI_TASK_ID", ctx.task_id.to_string())
-            .env("OMOI_TASK_ATTEMPT", ctx.attempt.to_string())
-            .env("OMOI_TASK_PHASE", ctx.phase.as_str())
-            .env("OMOI_WORKSPACE", &ctx.workspace)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own group, so that a stop reaches everything it started.
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| RunnerError::Spawn {
-                program: argv[0].clone(),
-                source,
-            })?;
-        let pgid = child.id().map(|p| p as i32);
-        out.line(
-            OutputStream::System,
-            format!("started {} (pid {})", argv[0], pgid.unwrap_or_default()),
-        );
-        if let Some(mut stdin) = child.stdin.take() {
-            let prompt = ctx.prompt.clone();
-            tokio::spawn(async move {
-                // An agent that does not read its stdin is fine.
-                let _ = stdin.write_all(prompt.as_bytes()).await;
-                let _ = stdin.shutdown().await;
-            });
-        }
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let pump = async {
-            let read_out = async {
-                if let Some(s) = stdout {
-                    let mut lines = BufReader::new(s).lines();
-                    while let Ok(Some(l)) = lines.next_line().await {
-                        out.line(OutputStream::Stdout, l);
-                    }
-                }
-            };
-            let read_err = async {
-                if let Some(s) = stderr {
-                    let mut lines = BufReader::new(s).lines();
-                    while let Ok(Some(l)) = lines.next_line().await {
-                        out.line(OutputStream::Stderr, l);
-                    }
-                }
-            };
-            tokio::join!(read_out, read_err);
+        let mut env = self.env.clone();
+        env.extend(ctx.task_env());
+        let spawn = Spawn {
+            argv: self.render(ctx),
+            setting: "OMOI_RUNNER_COMMAND",
+            env,
+            cwd: ctx.workspace.clone(),
+            stdin: Some(ctx.prompt.clone()),
+            timeout: ctx.timeout,
+            kill_grace: self.kill_grace,
         };
-        let deadline = async {
-            match ctx.timeout {
-                Some(t) => tokio::time::sleep(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let mut stopped = None;
-        let status = tokio::select! {
-            (status, ()) = async { tokio::join!(child.wait(), pump) } => Some(status),
-            _ = stop.cancelled() => { stopped = Some(Stopped::Cancelled); None }
-            _ = deadline => { stopped = Some(Stopped::TimedOut); None }
-        };
-        let status = match status {
-            Some(s) => s.map_err(RunnerError::Wait)?,
-            None => {
-                out.line(OutputStream::System, "stopping the agent process group".into());
-                if let Some(pgid) = pgid {
-                    terminate_group(pgid, self.kill_grace, &mut child).await;
-                }
-                child.wait().await.map_err(RunnerError::Wait)?
-            }
-        };
-        Ok(RunOutcome {
-            exit_code: status.code(),
-            stopped,
-            duration: started.elapsed(),
-        })
+        let ended = process::run(spawn, out, &mut |l| out.line(OutputStream::Stdout, l), stop).await?;
+        Ok(ended.into())
     }
-}
-
-fn signal_group(pgid: i32, sig: i32) {
-    omoi_runtime::shutdown::send_signal(-pgid, sig);
-}
-
-/// SIGTERM to the group, SIGKILL after `grace` if the leader still runs,
-/// and SIGKILL to the group anyway so that no straggler survives.
-async fn terminate_group(pgid: i32, grace: Duration, child: &mut tokio::process::Child) {
-    signal_group(pgid, SIGTERM);
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        signal_group(pgid, SIGKILL);
-    }
-    signal_group(pgid, SIGKILL);
 }
 
 #[cfg(test)]
@@ -215,9 +179,9 @@ mod tests {
     #[derive(Default)]
     struct Lines(Mutex<Vec<(OutputStream, String)>>);
 
-    impl OutputSink for Lines {
-        fn line(&self, stream: OutputStream, text: String) {
-            self.0.lock().unwrap().push((stream, text));
+    impl EventSink for Lines {
+        fn emit(&self, event: omoi_proto::common::AgentEvent) {
+            self.0.lock().unwrap().push((event.stream(), event.text));
         }
     }
 

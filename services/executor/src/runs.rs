@@ -1,27 +1,27 @@
-//! The executor's runs: their state, their output (kept in memory for
-//! StreamExecutionOutput, published on JetStream for everyone), and stopping
-//! them.
+//! The executor's runs: their state, their agent events (kept in memory for
+//! StreamExecutionOutput, published on JetStream in order for everyone), and
+//! stopping them.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use omoi_domain::Phase;
-use omoi_proto::common::{OutputLine, OutputStream};
+use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
 use omoi_proto::convert::timestamp;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::executor::{self as pb, ExecutionState};
-use prost::Message;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::runner::OutputSink;
+use crate::events::EventSink;
+use crate::publish::Publisher;
 
-/// Lines kept per run for StreamExecutionOutput.
-const MAX_LINES: usize = 10_000;
+/// Events kept per run for StreamExecutionOutput.
+const MAX_EVENTS: usize = 10_000;
 /// Finished runs remembered for ListExecutions.
 const RECENT: usize = 200;
 
@@ -46,6 +46,13 @@ struct State {
     summary: String,
     error_message: String,
     changed_files: Vec<String>,
+    usage: Option<Usage>,
+}
+
+/// A run's events so far: the newest `MAX_EVENTS` of them and the count.
+struct Log {
+    events: VecDeque<AgentEvent>,
+    next_seq: i64,
 }
 
 pub struct Run {
@@ -58,11 +65,10 @@ pub struct Run {
     pub stop: CancellationToken,
     stop_request: Mutex<Option<StopRequest>>,
     state: Mutex<State>,
-    lines: Mutex<VecDeque<OutputLine>>,
-    sequence: AtomicI64,
-    live: broadcast::Sender<OutputLine>,
+    log: Mutex<Log>,
+    live: broadcast::Sender<AgentEvent>,
     agent_id: String,
-    publish: Option<(async_nats::Client, String)>,
+    publisher: Option<Publisher>,
 }
 
 impl Run {
@@ -89,30 +95,45 @@ impl Run {
         s.changed_files = changed;
     }
 
+    pub fn set_usage(&self, usage: Option<Usage>) {
+        lock(&self.state).usage = usage;
+    }
+
+    /// Waits (up to `within`) until every event so far is on JetStream, so
+    /// that a follower of the task sees all of them before its end.
+    pub async fn flush(&self, within: Duration) -> bool {
+        let count = lock(&self.log).next_seq;
+        match &self.publisher {
+            Some(p) => p.flush(count, within).await,
+            None => true,
+        }
+    }
+
     pub fn is_finished(&self) -> bool {
         lock(&self.state).finished_at.is_some()
     }
 
-    /// The last `n` lines of one stream.
+    /// The last `n` raw lines of one stream.
     pub fn tail(&self, stream: OutputStream, n: usize) -> Vec<String> {
-        let lines = lock(&self.lines);
-        let mut out: Vec<String> = lines
+        let log = lock(&self.log);
+        let mut out: Vec<String> = log
+            .events
             .iter()
             .rev()
-            .filter(|l| l.stream == stream as i32)
+            .filter(|e| e.kind() == AgentEventKind::Output && e.stream() == stream)
             .take(n)
-            .map(|l| l.line.clone())
+            .map(|e| e.text.clone())
             .collect();
         out.reverse();
         out
     }
 
-    /// The lines so far and a receiver of the ones to come.
-    pub fn subscribe(&self) -> (Vec<OutputLine>, broadcast::Receiver<OutputLine>) {
-        let lines = lock(&self.lines);
-        // Subscribing under the lock: no line falls between the two.
+    /// The events so far and a receiver of the ones to come.
+    pub fn subscribe(&self) -> (Vec<AgentEvent>, broadcast::Receiver<AgentEvent>) {
+        let log = lock(&self.log);
+        // Subscribing under the lock: no event falls between the two.
         let rx = self.live.subscribe();
-        (lines.iter().cloned().collect(), rx)
+        (log.events.iter().cloned().collect(), rx)
     }
 
     pub fn to_proto(&self) -> pb::Execution {
@@ -130,42 +151,37 @@ impl Run {
             summary: s.summary,
             error_message: s.error_message,
             changed_files: s.changed_files,
+            usage: s.usage,
         }
     }
 }
 
-impl OutputSink for Run {
-    fn line(&self, stream: OutputStream, text: String) {
-        let line = OutputLine {
-            task_id: self.task_id.to_string(),
-            attempt: self.attempt,
-            sequence: self.sequence.fetch_add(1, Ordering::Relaxed),
-            stream: stream as i32,
-            line: text,
-            emitted_at: Some(timestamp(Utc::now())),
-            agent_id: self.agent_id.clone(),
-        };
-        if let Some((nats, subject)) = &self.publish {
-            let (nats, subject, payload) = (nats.clone(), subject.clone(), line.encode_to_vec());
-            tokio::spawn(async move {
-                let _ = nats.publish(subject, payload.into()).await;
-            });
+impl EventSink for Run {
+    fn emit(&self, mut event: AgentEvent) {
+        event.task_id = self.task_id.to_string();
+        event.attempt = self.attempt;
+        event.agent_id.clone_from(&self.agent_id);
+        event.at = Some(timestamp(Utc::now()));
+        // Numbered, kept and queued for publishing under one lock, so that
+        // the stream gets them in their order.
+        let mut log = lock(&self.log);
+        event.seq = log.next_seq;
+        log.next_seq += 1;
+        if log.events.len() == MAX_EVENTS {
+            log.events.pop_front();
         }
-        {
-            let mut lines = lock(&self.lines);
-            if lines.len() == MAX_LINES {
-                lines.pop_front();
-            }
-            lines.push_back(line.clone());
+        log.events.push_back(event.clone());
+        if let Some(p) = &self.publisher {
+            p.send(event.clone());
         }
-        let _ = self.live.send(line);
+        let _ = self.live.send(event);
     }
 }
 
 /// Every run of this executor: the ones in progress and the recent ones.
 pub struct Runs {
     agent_id: String,
-    nats: Option<async_nats::Client>,
+    jetstream: Option<async_nats::jetstream::Context>,
     topology: omoi_bus::Topology,
     active: Mutex<HashMap<Uuid, Arc<Run>>>,
     recent: Mutex<VecDeque<Arc<Run>>>,
@@ -183,7 +199,7 @@ impl Runs {
     pub fn new(agent_id: Uuid, nats: Option<async_nats::Client>, topology: omoi_bus::Topology) -> Self {
         Self {
             agent_id: agent_id.to_string(),
-            nats,
+            jetstream: nats.map(async_nats::jetstream::new),
             topology,
             active: Mutex::new(HashMap::new()),
             recent: Mutex::new(VecDeque::new()),
@@ -207,15 +223,21 @@ impl Runs {
                 summary: String::new(),
                 error_message: String::new(),
                 changed_files: Vec::new(),
+                usage: None,
             }),
-            lines: Mutex::new(VecDeque::new()),
-            sequence: AtomicI64::new(0),
+            log: Mutex::new(Log {
+                events: VecDeque::new(),
+                next_seq: 0,
+            }),
             live: broadcast::channel(1024).0,
             agent_id: self.agent_id.clone(),
-            publish: self
-                .nats
-                .clone()
-                .map(|n| (n, self.topology.output_subject(&new.task_id.to_string()))),
+            publisher: self.jetstream.clone().map(|js| {
+                Publisher::start(
+                    js,
+                    self.topology.output_subject(&new.task_id.to_string()),
+                    format!("{}:{}", new.task_id, new.attempt),
+                )
+            }),
         });
         lock(&self.active).insert(run.task_id, Arc::clone(&run));
         {

@@ -67,10 +67,10 @@ impl Executor {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             let mut next_seq = 0;
-            for line in past {
-                next_seq = line.sequence + 1;
+            for event in past {
+                next_seq = event.seq + 1;
                 if tx
-                    .send(Ok(pb::StreamExecutionOutputResponse { line: Some(line) }))
+                    .send(Ok(pb::StreamExecutionOutputResponse { event: Some(event) }))
                     .await
                     .is_err()
                 {
@@ -86,10 +86,10 @@ impl Executor {
                     l = tokio::time::timeout(std::time::Duration::from_millis(500), live.recv()) => l,
                 };
                 match next {
-                    Ok(Ok(line)) if line.sequence >= next_seq => {
-                        next_seq = line.sequence + 1;
+                    Ok(Ok(event)) if event.seq >= next_seq => {
+                        next_seq = event.seq + 1;
                         if tx
-                            .send(Ok(pb::StreamExecutionOutputResponse { line: Some(line) }))
+                            .send(Ok(pb::StreamExecutionOutputResponse { event: Some(event) }))
                             .await
                             .is_err()
                         {
@@ -100,7 +100,7 @@ impl Executor {
                     Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
                         let _ = tx
                             .send(Err(Status::resource_exhausted(format!(
-                                "fell {n} lines behind; stream again to resume from the start"
+                                "fell {n} events behind; stream again to resume from the start"
                             ))))
                             .await;
                         return;

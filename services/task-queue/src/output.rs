@@ -1,12 +1,12 @@
-//! StreamTaskOutput: a task's output lines from JetStream, what is kept so
-//! far and then, when following, live lines until the task ends.
+//! StreamTaskOutput: a task's agent events from JetStream, what is kept so
+//! far and then, when following, live events until the task ends.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use omoi_bus::Topology;
-use omoi_proto::common::OutputLine;
+use omoi_proto::common::AgentEvent;
 use omoi_proto::taskqueue as pb;
 use omoi_store::Store;
 use prost::Message;
@@ -58,11 +58,11 @@ pub async fn follow(nats: async_nats::Client, topology: Topology, store: Store, 
         match next {
             Ok(Some(Ok(msg))) => {
                 pending = pending.saturating_sub(1);
-                let Ok(line) = OutputLine::decode(msg.payload.as_ref()) else {
+                let Ok(event) = AgentEvent::decode(msg.payload.as_ref()) else {
                     continue;
                 };
                 if sink
-                    .send(Ok(pb::StreamTaskOutputResponse { line: Some(line) }))
+                    .send(Ok(pb::StreamTaskOutputResponse { event: Some(event) }))
                     .await
                     .is_err()
                 {

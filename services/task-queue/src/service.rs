@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use omoi_domain::rules::Failure;
 use omoi_domain::validate::{self, MAX_BATCH, MAX_ERROR_MESSAGE_BYTES, MAX_REASON_BYTES, RawNewTask};
-use omoi_domain::{ErrorClass, Phase, TaskStatus};
+use omoi_domain::{ErrorClass, Phase, TaskStatus, Usage};
 use omoi_proto::convert::struct_to_json;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_server::TaskQueueService};
@@ -76,9 +77,15 @@ fn report(task_id: &str, attempt: i32) -> ApiResult<Report> {
         task_id: validate::uuid("task_id", task_id)?,
         attempt: validate::attempt("attempt", attempt)?,
         result: None,
+        usage: None,
         // Read here, in the RPC's span: the batch runs in a task of its own.
         trace: omoi_runtime::trace::current(),
     })
+}
+
+/// A reported usage, checked.
+fn usage(given: Option<&omoi_proto::common::Usage>) -> ApiResult<Option<Usage>> {
+    Ok(given.map(|u| Usage::from(u.clone()).validated("usage")).transpose()?)
 }
 
 fn one_task(task: omoi_store::Task) -> Option<pb::Task> {
@@ -191,6 +198,7 @@ impl TaskQueue {
             }
             report.result = Some(struct_to_json(result));
         }
+        report.usage = usage(req.usage.as_ref())?;
         let task = self.completions.submit(report).await?;
         Ok(pb::CompleteTaskResponse { task: one_task(task) })
     }
@@ -199,10 +207,19 @@ impl TaskQueue {
         let report = report(&req.task_id, req.attempt)?;
         let message = validate::text("error_message", &req.error_message, MAX_ERROR_MESSAGE_BYTES)?;
         let class = validate::optional("error_class", ErrorClass::given(req.error_class), "error class")?;
+        let usage = usage(req.usage.as_ref())?;
         let outcome = if req.timed_out {
-            self.store.time_out_attempt(report.task_id, report.attempt).await?
+            self.store
+                .time_out_attempt(report.task_id, report.attempt, usage)
+                .await?
         } else {
-            self.store.fail(report.task_id, report.attempt, &message, class).await?
+            let failure = Failure {
+                attempt: report.attempt,
+                message,
+                class,
+                usage,
+            };
+            self.store.fail(report.task_id, &failure).await?
         };
         self.after_outcome(&outcome);
         Ok(pb::FailTaskResponse {

@@ -219,13 +219,14 @@ impl Planner {
                     let event_type = envelope.event.event_type();
                     let started = event_starts(event_type);
                     let outcome = TaskOutcome::of_event(event_type);
-                    if envelope.ticket_id.is_none() || (!started && outcome.is_none()) {
+                    let usage = envelope.event.attempt_usage();
+                    if envelope.ticket_id.is_none() || (!started && outcome.is_none() && usage.is_none()) {
                         return Ok(());
                     }
                     let task_id = envelope.entity_id;
                     let changed = this
                         .store
-                        .apply_task_event(CONSUMER, event_id, task_id, started, outcome)
+                        .apply_task_event(CONSUMER, event_id, task_id, started, outcome, usage)
                         .await
                         .map_err(|e| e.to_string())?;
                     if let Some(ticket) = changed {

@@ -318,6 +318,7 @@ async fn agent(
                     task_id: task.id,
                     attempt: a.attempt,
                     result: None,
+                    ..Default::default()
                 })
                 .await
                 .is_ok()

@@ -10,7 +10,8 @@ mod query;
 mod reports;
 
 use omoi_domain::rules::{self, Change, Revoked, Transition};
-use omoi_domain::{DomainError, ErrorClass, Task};
+use omoi_domain::{DomainError, ErrorClass, Task, Usage};
+use serde_json::Value;
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
@@ -28,7 +29,7 @@ macro_rules! task_columns {
     () => {
         "t.id, t.seq, t.ticket_id, t.title, t.description, t.phase, t.priority, t.status,
          t.unmet_deps, t.retry_count, t.max_retries, t.timeout_seconds, t.attempt,
-         t.assigned_agent_id, t.error_message, t.error_class, t.result, t.created_at,
+         t.assigned_agent_id, t.error_message, t.error_class, t.result, t.usage, t.created_at,
          t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context,
          ARRAY(SELECT d.depends_on FROM task_dependencies d WHERE d.task_id = t.id
                ORDER BY d.depends_on) AS depends_on"
@@ -63,6 +64,7 @@ impl<'r> FromRow<'r, PgRow> for TaskRow {
             error_message: row.try_get("error_message")?,
             error_class: error_class.as_deref().and_then(ErrorClass::parse),
             result: row.try_get("result")?,
+            usage: usage_of(row.try_get("usage")?).map_err(|e| corrupt(format!("usage: {e}")))?,
             created_at: row.try_get("created_at")?,
             updated_at: row.try_get("updated_at")?,
             started_at: row.try_get("started_at")?,
@@ -72,6 +74,16 @@ impl<'r> FromRow<'r, PgRow> for TaskRow {
             depends_on: row.try_get("depends_on")?,
         }))
     }
+}
+
+/// A stored usage (the `usage` jsonb of tasks and tickets).
+pub(crate) fn usage_of(value: Option<Value>) -> std::result::Result<Option<Usage>, serde_json::Error> {
+    value.map(serde_json::from_value).transpose()
+}
+
+/// A usage as the `usage_add` of the schema takes it.
+pub(crate) fn usage_json(usage: Option<&Usage>) -> Option<String> {
+    usage.map(|u| serde_json::to_string(u).expect("a usage always serializes"))
 }
 
 fn unwrap_rows(rows: Vec<TaskRow>) -> Vec<Task> {
@@ -154,25 +166,29 @@ async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
                 "UPDATE tasks SET status = 'pending', retry_count = retry_count + 1,
                      next_attempt_at = now() + make_interval(secs => $2::float8 / 1000.0),
                      assigned_agent_id = NULL, assignment_session = NULL, deadline_at = NULL,
-                     started_at = NULL, error_message = $3, error_class = $4, updated_at = now()
+                     started_at = NULL, error_message = $3, error_class = $4, updated_at = now(),
+                     usage = usage_add(usage, $5::jsonb)
                  WHERE id = $1",
             )
             .bind(tr.task_id)
             .bind(delay.as_millis() as f64)
             .bind(error)
             .bind(class.as_str())
+            .bind(usage_json(tr.usage.as_ref()))
             .execute(&mut *conn)
             .await?;
         }
         Change::Fail { error, class } => {
             sqlx::query(
                 "UPDATE tasks SET status = 'failed', error_message = $2, error_class = $3,
-                     completed_at = now(), deadline_at = NULL, updated_at = now()
+                     completed_at = now(), deadline_at = NULL, updated_at = now(),
+                     usage = usage_add(usage, $4::jsonb)
                  WHERE id = $1",
             )
             .bind(tr.task_id)
             .bind(error)
             .bind(class.as_str())
+            .bind(usage_json(tr.usage.as_ref()))
             .execute(&mut *conn)
             .await?;
         }

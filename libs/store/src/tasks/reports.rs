@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 
-use omoi_domain::{Action, Envelope, ErrorClass, Task, rules};
+use omoi_domain::rules::Failure;
+use omoi_domain::{Action, Envelope, Task, Usage, rules};
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{Outcome, TaskRow, release_dependents, select_tasks, task_columns, unwrap_rows};
+use super::{Outcome, TaskRow, release_dependents, select_tasks, task_columns, unwrap_rows, usage_json};
 use crate::events;
 use crate::{Result, Store, StoreError};
 
@@ -18,6 +19,8 @@ pub struct Report {
     pub task_id: Uuid,
     pub attempt: i32,
     pub result: Option<Value>,
+    /// What a completed attempt spent.
+    pub usage: Option<Usage>,
     /// The reporting request's `traceparent`, for the event it causes.
     pub trace: Option<String>,
 }
@@ -46,7 +49,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let tasks = unwrap_rows(rows);
-        record(&mut tx, reports, &tasks, rules::started).await?;
+        record(&mut tx, reports, &tasks, |task, _| rules::started(task)).await?;
         self.commit(tx).await?;
         self.match_reports(reports, tasks, Action::Start).await
     }
@@ -59,13 +62,15 @@ impl Store {
             .iter()
             .map(|r| r.result.as_ref().map(Value::to_string))
             .collect();
+        let usages: Vec<Option<String>> = reports.iter().map(|r| usage_json(r.usage.as_ref())).collect();
         let mut tx = self.pool().begin().await?;
         let rows: Vec<TaskRow> = sqlx::query_as(concat!(
             "WITH t AS (
                  UPDATE tasks t
                  SET status = 'completed', result = r.result::jsonb, completed_at = now(),
-                     updated_at = now(), deadline_at = NULL, error_message = NULL, error_class = NULL
-                 FROM unnest($1::uuid[], $2::int4[], $3::text[]) AS r(id, attempt, result)
+                     updated_at = now(), deadline_at = NULL, error_message = NULL, error_class = NULL,
+                     usage = usage_add(t.usage, r.usage::jsonb)
+                 FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[]) AS r(id, attempt, result, usage)
                  WHERE t.id = r.id AND t.attempt = r.attempt AND t.status = 'running'
                  RETURNING t.*
              )
@@ -76,10 +81,14 @@ impl Store {
         .bind(&ids)
         .bind(&attempts)
         .bind(&results)
+        .bind(&usages)
         .fetch_all(&mut *tx)
         .await?;
         let tasks = unwrap_rows(rows);
-        record(&mut tx, reports, &tasks, rules::completed).await?;
+        record(&mut tx, reports, &tasks, |task, report| {
+            rules::completed(task, report.and_then(|r| r.usage.clone()))
+        })
+        .await?;
         // A separate statement, so that its snapshot includes dependents
         // enqueued by transactions that held our rows until just now.
         let done: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
@@ -90,23 +99,15 @@ impl Store {
 
     /// A failure report: retried with backoff when retryable and retries
     /// remain, otherwise failed for good with its dependents cancelled.
-    pub async fn fail(
-        &self,
-        task_id: Uuid,
-        attempt: i32,
-        message: &str,
-        explicit: Option<ErrorClass>,
-    ) -> Result<Outcome> {
-        self.change_one(task_id, |task| {
-            rules::on_failure(task, attempt, message, explicit, &mut rand::rng())
-        })
-        .await
+    pub async fn fail(&self, task_id: Uuid, report: &Failure) -> Result<Outcome> {
+        self.change_one(task_id, |task| rules::on_failure(task, report, &mut rand::rng()))
+            .await
     }
 
     /// An agent's report that the attempt ran past the task's deadline.
-    pub async fn time_out_attempt(&self, task_id: Uuid, attempt: i32) -> Result<Outcome> {
+    pub async fn time_out_attempt(&self, task_id: Uuid, attempt: i32, usage: Option<Usage>) -> Result<Outcome> {
         self.change_one(task_id, |task| {
-            rules::on_reported_timeout(task, attempt, &mut rand::rng())
+            rules::on_reported_timeout(task, attempt, usage, &mut rand::rng())
         })
         .await
     }
@@ -155,10 +156,10 @@ async fn record(
     conn: &mut PgConnection,
     reports: &[Report],
     tasks: &[Task],
-    event: fn(&Task) -> Envelope,
+    event: impl Fn(&Task, Option<&Report>) -> Envelope,
 ) -> Result<()> {
     let by_id: HashMap<Uuid, &Report> = reports.iter().map(|r| (r.task_id, r)).collect();
-    let evs: Vec<Envelope> = tasks.iter().map(event).collect();
+    let evs: Vec<Envelope> = tasks.iter().map(|t| event(t, by_id.get(&t.id).copied())).collect();
     let traces: Vec<Option<String>> = tasks
         .iter()
         .map(|t| {

@@ -24,9 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
 
+use crate::claude::{AgentCli, ClaudeRunner};
 use crate::config::{Config, RunnerKind};
+use crate::events::EventSink;
 use crate::openhands::OpenHandsRunner;
-use crate::runner::{CommandRunner, OutputSink, RunContext, RunnerError};
+use crate::runner::{CommandRunner, RunContext, RunnerError, split_args};
 use crate::runs::Runs;
 
 type Ch = omoi_runtime::grpc::Client;
@@ -35,20 +37,76 @@ type Ch = omoi_runtime::grpc::Client;
 enum Runner {
     Command(CommandRunner),
     OpenHands(Box<OpenHandsRunner>),
+    Claude(ClaudeRunner),
 }
 
 impl Runner {
+    fn new(config: &Config) -> anyhow::Result<Self> {
+        let kill_grace = Duration::from_secs_f64(config.kill_grace_seconds.max(0.0));
+        Ok(match config.runner {
+            RunnerKind::Command => {
+                let command = config.runner_command.clone().ok_or_else(|| {
+                    anyhow::anyhow!("OMOI_RUNNER_COMMAND is required for the command runner (e.g. \"omoi-demo-agent\")")
+                })?;
+                Runner::Command(CommandRunner::new(&command, &config.env_allow, kill_grace)?)
+            }
+            RunnerKind::Openhands => Runner::OpenHands(Box::new(OpenHandsRunner::new(
+                &config.openhands_url,
+                config.openhands_api_key.clone(),
+                config.llm_model.clone(),
+                config.llm_api_key.clone(),
+                Duration::from_millis(config.openhands_poll_ms.max(10)),
+            )?)),
+            RunnerKind::ClaudeCode => {
+                let mut cli = agent_cli(config, kill_grace)?;
+                // The agent's key and API reach only the agent.
+                let keys = [
+                    ("ANTHROPIC_API_KEY", &config.anthropic_api_key),
+                    ("ANTHROPIC_BASE_URL", &config.anthropic_base_url),
+                ];
+                for (name, value) in keys {
+                    if let Some(v) = value.as_ref().filter(|v| !v.is_empty()) {
+                        cli.env.push((name.to_owned(), v.clone()));
+                    }
+                }
+                Runner::Claude(ClaudeRunner::new(cli))
+            }
+        })
+    }
+
     async fn run(
         &self,
         ctx: &RunContext,
-        out: &dyn OutputSink,
+        out: &dyn EventSink,
         stop: &CancellationToken,
     ) -> Result<crate::runner::RunOutcome, RunnerError> {
         match self {
             Runner::Command(r) => r.run(ctx, out, stop).await,
             Runner::OpenHands(r) => r.run(ctx, out, stop).await,
+            Runner::Claude(r) => r.run(ctx, out, stop).await,
         }
     }
+}
+
+/// How a coding-agent CLI is started, from the common agent settings.
+fn agent_cli(config: &Config, kill_grace: Duration) -> Result<AgentCli, RunnerError> {
+    let bin = match (&config.agent_bin, config.runner.default_bin()) {
+        (Some(bin), _) if !bin.trim().is_empty() => bin.trim().to_owned(),
+        (_, Some(default)) => default.to_owned(),
+        (_, None) => {
+            return Err(RunnerError::Config {
+                setting: "OMOI_AGENT_BIN",
+                message: format!("the {} runner starts no agent CLI", config.runner.as_str()),
+            });
+        }
+    };
+    Ok(AgentCli {
+        bin,
+        model: config.agent_model.clone().filter(|m| !m.trim().is_empty()),
+        args: split_args("OMOI_AGENT_ARGS", &config.agent_args)?,
+        env: crate::process::allowed_env(&config.env_allow),
+        kill_grace,
+    })
 }
 
 pub struct Worker {
@@ -131,25 +189,7 @@ where
 
 impl Worker {
     pub fn new(config: Config, runs: Arc<Runs>, agent_id: Uuid) -> anyhow::Result<Self> {
-        let runner = match config.runner {
-            RunnerKind::Command => {
-                let command = config.runner_command.clone().ok_or_else(|| {
-                    anyhow::anyhow!("OMOI_RUNNER_COMMAND is required for the command runner (e.g. \"omoi-demo-agent\")")
-                })?;
-                Runner::Command(CommandRunner::new(
-                    &command,
-                    &config.env_allow,
-                    Duration::from_secs_f64(config.kill_grace_seconds.max(0.0)),
-                )?)
-            }
-            RunnerKind::Openhands => Runner::OpenHands(Box::new(OpenHandsRunner::new(
-                &config.openhands_url,
-                config.openhands_api_key.clone(),
-                config.llm_model.clone(),
-                config.llm_api_key.clone(),
-                Duration::from_millis(config.openhands_poll_ms.max(10)),
-            )?)),
-        };
+        let runner = Runner::new(&config)?;
         anyhow::ensure!(
             (1..=1000).contains(&config.capacity),
             "OMOI_EXECUTOR_CAPACITY must be 1 to 1000, got {}",
@@ -174,7 +214,7 @@ impl Worker {
     }
 
     async fn fail(&self, task_id: Uuid, attempt: i32, message: &str, class: Option<ErrorClass>) {
-        self.report_failure(task_id, attempt, message, class, false).await;
+        self.report_failure(task_id, attempt, message, class, false, None).await;
     }
 
     /// FailTask, delivered; `timed_out` when the task's deadline stopped it.
@@ -185,12 +225,13 @@ impl Worker {
         message: &str,
         class: Option<ErrorClass>,
         timed_out: bool,
+        usage: Option<omoi_proto::common::Usage>,
     ) {
         let message: String = message.chars().take(8000).collect();
         let class = class.unwrap_or_else(|| classify::classify(&message, None));
         report("FailTask", || {
             let mut q = self.queue.clone();
-            let message = message.clone();
+            let (message, usage) = (message.clone(), usage.clone());
             async move {
                 q.fail_task(tq::FailTaskRequest {
                     task_id: task_id.to_string(),
@@ -198,6 +239,7 @@ impl Worker {
                     error_message: message,
                     error_class: class.wire(),
                     timed_out,
+                    usage,
                 })
                 .await
             }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use omoi_domain::{ErrorClass, Phase};
-use omoi_proto::common::OutputStream;
+use omoi_proto::common::{OutputStream, Usage};
 use omoi_proto::domain::WireEnum;
 use omoi_proto::executor::ExecutionState;
 use omoi_proto::taskqueue as tq;
@@ -18,7 +18,8 @@ use uuid::Uuid;
 
 use super::{Worker, report};
 use crate::config::WorkspacePolicy;
-use crate::runner::{OutputSink, RunContext, RunOutcome, RunnerError, Stopped};
+use crate::events::EventSink;
+use crate::runner::{RunContext, RunOutcome, RunnerError, Stopped, Verdict};
 use crate::runs::{NewRun, Run, StopRequest};
 use crate::workspace;
 
@@ -179,73 +180,84 @@ impl Worker {
         changed: Vec<String>,
         timeout_seconds: i32,
     ) -> bool {
-        let (task_id, attempt) = (run.task_id, run.attempt);
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
                 let class = match &e {
                     // The agent cannot even start: retrying elsewhere will not help.
-                    RunnerError::Spawn { .. } | RunnerError::Config(_) => ErrorClass::Permanent,
+                    RunnerError::Spawn { .. } | RunnerError::Config { .. } => ErrorClass::Permanent,
                     RunnerError::Agent { permanent: true, .. } => ErrorClass::Permanent,
                     RunnerError::Agent { permanent: false, .. } | RunnerError::Wait(_) => ErrorClass::Retryable,
                 };
-                let message = e.to_string();
-                run.line(OutputStream::System, message.clone());
-                run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), changed);
-                self.fail(task_id, attempt, &message, Some(class)).await;
+                let end = End::failed(ExecutionState::Failed, e.to_string(), Some(class));
+                self.end_failed(run, end, -1, changed, None).await;
                 return false;
             }
         };
         let exit = outcome.exit_code.unwrap_or(-1);
+        if let Some(usage) = &outcome.usage {
+            crate::events::count_usage(usage);
+        }
+        run.set_usage(outcome.usage.clone());
         let last_out = run.tail(OutputStream::Stdout, 1).pop().unwrap_or_default();
-        let (state, message, class) = match outcome.stopped {
-            None if exit == 0 => return self.succeeded(run, &outcome, last_out, changed).await,
-            Some(Stopped::Cancelled) => {
+        let end = match (outcome.stopped, outcome.verdict.clone()) {
+            (Some(Stopped::Cancelled), _) => {
                 let request = run.stop_request().unwrap_or(StopRequest {
                     reason: "stopped".into(),
                     report: false,
                 });
-                run.line(OutputStream::System, format!("stopped: {}", request.reason));
-                run.finish(
-                    ExecutionState::Cancelled,
-                    exit,
-                    last_out,
-                    request.reason.clone(),
-                    changed,
-                );
-                if request.report {
-                    self.fail(task_id, attempt, &request.reason, Some(ErrorClass::Retryable))
-                        .await;
+                End {
+                    state: ExecutionState::Cancelled,
+                    message: format!("stopped: {}", request.reason),
+                    class: Some(ErrorClass::Retryable),
+                    // The queue itself took the attempt back: nothing to tell.
+                    report: request.report.then_some(request.reason),
+                    timed_out: false,
                 }
-                return false;
             }
-            Some(Stopped::TimedOut) => {
-                let message = format!("timed out after {timeout_seconds} s");
-                run.line(OutputStream::System, message.clone());
-                run.finish(ExecutionState::TimedOut, exit, last_out, message.clone(), changed);
+            (Some(Stopped::TimedOut), _) => End {
                 // Our timer ran out before the queue noticed: still a timeout.
-                self.report_failure(task_id, attempt, &message, None, true).await;
-                return false;
+                timed_out: true,
+                ..End::failed(
+                    ExecutionState::TimedOut,
+                    format!("timed out after {timeout_seconds} s"),
+                    None,
+                )
+            },
+            (None, Some(Verdict::Succeeded { summary })) => {
+                return self.succeeded(run, &outcome, summary, changed).await;
             }
-            None => {
-                let detail = run.tail(OutputStream::Stderr, 1).pop().unwrap_or(last_out.clone());
+            (None, None) if exit == 0 => return self.succeeded(run, &outcome, last_out, changed).await,
+            (None, Some(Verdict::Failed { message, class })) => End::failed(ExecutionState::Failed, message, class),
+            (None, None) => {
+                let detail = run.tail(OutputStream::Stderr, 1).pop().unwrap_or(last_out);
                 // The queue classifies the message (docs/rules.md word lists).
-                (
+                End::failed(
                     ExecutionState::Failed,
                     format!("agent exited with code {exit}: {detail}"),
                     None,
                 )
             }
         };
-        run.line(OutputStream::System, message.clone());
-        run.finish(state, exit, last_out, message.clone(), changed);
-        self.fail(task_id, attempt, &message, class).await;
+        self.end_failed(run, end, exit, changed, outcome.usage).await;
         false
     }
 
-    /// A clean exit: the result (summary, changed files, output tail)
+    /// Records a run that did not succeed and reports it when it should.
+    async fn end_failed(&self, run: &Run, end: End, exit: i32, changed: Vec<String>, usage: Option<Usage>) {
+        let last_out = run.tail(OutputStream::Stdout, 1).pop().unwrap_or_default();
+        run.line(OutputStream::System, end.message.clone());
+        let error = end.report.clone().unwrap_or_else(|| end.message.clone());
+        run.finish(end.state, exit, last_out, error, changed);
+        let Some(message) = end.report else { return };
+        run.flush(FLUSH_WITHIN).await;
+        self.report_failure(run.task_id, run.attempt, &message, end.class, end.timed_out, usage)
+            .await;
+    }
+
+    /// A successful run: the result (summary, changed files, output tail)
     /// reported as the task's completion.
-    async fn succeeded(&self, run: &Run, outcome: &RunOutcome, last_out: String, changed: Vec<String>) -> bool {
+    async fn succeeded(&self, run: &Run, outcome: &RunOutcome, summary: String, changed: Vec<String>) -> bool {
         let mut tail = run.tail(OutputStream::Stdout, 20);
         tail.extend(
             run.tail(OutputStream::Stderr, 10)
@@ -254,7 +266,7 @@ impl Worker {
         );
         let result = json!({
             "exit_code": 0,
-            "summary": last_out,
+            "summary": summary,
             "changed_files": changed,
             "duration_ms": outcome.duration.as_millis() as u64,
             "output_tail": tail,
@@ -265,23 +277,52 @@ impl Worker {
             OutputStream::System,
             format!("succeeded; {} files changed", changed.len()),
         );
-        run.finish(ExecutionState::Succeeded, 0, last_out, String::new(), changed);
+        run.finish(ExecutionState::Succeeded, 0, summary, String::new(), changed);
         let Some(result) = result.as_object().map(omoi_proto::convert::map_to_struct) else {
             return false;
         };
-        let (task_id, attempt) = (run.task_id, run.attempt);
+        run.flush(FLUSH_WITHIN).await;
+        let (task_id, attempt, usage) = (run.task_id, run.attempt, outcome.usage.clone());
         report("CompleteTask", || {
             let mut q = self.queue.clone();
-            let result = result.clone();
+            let (result, usage) = (result.clone(), usage.clone());
             async move {
                 q.complete_task(tq::CompleteTaskRequest {
                     task_id: task_id.to_string(),
                     attempt,
                     result: Some(result),
+                    usage,
                 })
                 .await
             }
         })
         .await
+    }
+}
+
+/// How long a run's end waits for its events to reach JetStream before it
+/// reports anyway (they follow when NATS is back).
+const FLUSH_WITHIN: Duration = Duration::from_secs(10);
+
+/// How a run that did not succeed ended.
+struct End {
+    state: ExecutionState,
+    /// Said in the run's output.
+    message: String,
+    class: Option<ErrorClass>,
+    /// The failure to report (None: nothing to report).
+    report: Option<String>,
+    timed_out: bool,
+}
+
+impl End {
+    fn failed(state: ExecutionState, message: String, class: Option<ErrorClass>) -> Self {
+        End {
+            state,
+            report: Some(message.clone()),
+            message,
+            class,
+            timed_out: false,
+        }
     }
 }

@@ -1,0 +1,572 @@
+//! The `claude-code` runner: Claude Code headless (`claude -p <prompt>
+//! --output-format stream-json --verbose`) in the task's workspace, its
+//! stream read line by line into agent events, its final `result` line
+//! deciding the outcome and the usage.
+//!
+//! Lines (one JSON object each): `system` (`init` with the model and tools,
+//! `api_retry` while the API fails), `assistant` and `user` messages whose
+//! content blocks are `text`, `thinking`, `tool_use` and `tool_result`, and
+//! the closing `result` (`subtype`, `is_error`, `api_error_status`,
+//! `result`, `num_turns`, `duration_ms`, `total_cost_usd`, `usage`,
+//! `modelUsage`). Anything else is passed on as OUTPUT.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use omoi_domain::ErrorClass;
+use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::{self, EventSink, event};
+use crate::process::{self, Spawn};
+use crate::runner::{RunContext, RunOutcome, RunnerError, Verdict};
+
+/// Tools an unattended run may use without asking (Claude Code refuses
+/// `--dangerously-skip-permissions` as root). Edits are accepted by the
+/// permission mode; `OMOI_AGENT_ARGS` can change both.
+const ALLOWED_TOOLS: &str = "Bash,Edit,MultiEdit,Write,Read,Glob,Grep,LS,NotebookEdit,TodoWrite";
+
+/// Tools that write the file named in their input.
+const FILE_TOOLS: [&str; 4] = ["Write", "Edit", "MultiEdit", "NotebookEdit"];
+
+/// How an agent CLI is started: shared by the CLI runners.
+#[derive(Debug, Clone)]
+pub struct AgentCli {
+    pub bin: String,
+    pub model: Option<String>,
+    /// Appended to the runner's own arguments.
+    pub args: Vec<String>,
+    /// The agent's whole environment, but for the task's variables.
+    pub env: Vec<(String, String)>,
+    pub kill_grace: Duration,
+}
+
+pub struct ClaudeRunner {
+    cli: AgentCli,
+}
+
+impl ClaudeRunner {
+    pub fn new(cli: AgentCli) -> Self {
+        Self { cli }
+    }
+
+    fn argv(&self, prompt: &str) -> Vec<String> {
+        let mut argv: Vec<String> = [
+            self.cli.bin.as_str(),
+            "-p",
+            prompt,
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--permission-mode",
+            "acceptEdits",
+            "--allowedTools",
+            ALLOWED_TOOLS,
+        ]
+        .map(str::to_owned)
+        .into();
+        if let Some(model) = &self.cli.model {
+            argv.extend(["--model".to_owned(), model.clone()]);
+        }
+        argv.extend(self.cli.args.iter().cloned());
+        argv
+    }
+
+    pub async fn run(
+        &self,
+        ctx: &RunContext,
+        out: &dyn EventSink,
+        stop: &CancellationToken,
+    ) -> Result<RunOutcome, RunnerError> {
+        let mut env = self.cli.env.clone();
+        env.extend(ctx.task_env());
+        // No update checks, telemetry or error reporting from a worker.
+        env.push(("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(), "1".into()));
+        env.push(("DISABLE_AUTOUPDATER".into(), "1".into()));
+        let spawn = Spawn {
+            argv: self.argv(&ctx.prompt),
+            setting: "OMOI_AGENT_BIN",
+            env,
+            cwd: ctx.workspace.clone(),
+            stdin: None,
+            timeout: ctx.timeout,
+            kill_grace: self.cli.kill_grace,
+        };
+        let mut stream = ClaudeStream::new(&ctx.workspace);
+        let ended = process::run(
+            spawn,
+            out,
+            &mut |line| {
+                for e in stream.line(&line) {
+                    out.emit(e);
+                }
+            },
+            stop,
+        )
+        .await?;
+        let mut outcome = RunOutcome::from(ended);
+        outcome.usage = stream.usage();
+        outcome.verdict = stream.verdict(outcome.exit_code);
+        Ok(outcome)
+    }
+}
+
+/// A tool call waiting for its result.
+#[derive(Debug, Clone)]
+struct Pending {
+    tool: String,
+    path: Option<String>,
+    command: Option<String>,
+}
+
+/// The closing `result` line.
+#[derive(Debug, Clone)]
+struct Closing {
+    subtype: String,
+    is_error: bool,
+    text: String,
+    api_error_status: Option<i64>,
+    usage: Usage,
+}
+
+/// Reads Claude Code's stream-json output, one line at a time.
+#[derive(Debug)]
+pub struct ClaudeStream {
+    workspace: PathBuf,
+    model: String,
+    tools: HashMap<String, Pending>,
+    /// Usage per assistant message id (the parts of one message repeat it),
+    /// for a run that ends without its result line.
+    messages: BTreeMap<String, Usage>,
+    /// The last API failure the CLI retried.
+    api_error: Option<String>,
+    closing: Option<Closing>,
+}
+
+impl ClaudeStream {
+    pub fn new(workspace: &Path) -> Self {
+        Self {
+            workspace: workspace.to_path_buf(),
+            model: String::new(),
+            tools: HashMap::new(),
+            messages: BTreeMap::new(),
+            api_error: None,
+            closing: None,
+        }
+    }
+
+    /// The events one line of output says.
+    pub fn line(&mut self, line: &str) -> Vec<AgentEvent> {
+        let raw = || vec![events::output(OutputStream::Stdout, line.to_owned())];
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            return raw();
+        };
+        match str_at(&v, "type") {
+            "system" => self.system(&v),
+            "assistant" => self.assistant(&v),
+            "user" => self.user(&v),
+            "result" => self.result(&v),
+            _ => raw(),
+        }
+    }
+
+    fn system(&mut self, v: &Value) -> Vec<AgentEvent> {
+        match str_at(v, "subtype") {
+            "init" => {
+                self.model = str_at(v, "model").to_owned();
+                Vec::new()
+            }
+            "api_retry" => {
+                let error = format!(
+                    "{} ({})",
+                    str_at(v, "error"),
+                    v.get("error_status").map(Value::to_string).unwrap_or_default()
+                );
+                let text = format!(
+                    "model API failed: {error}; retry {} of {} in {} ms",
+                    v.get("attempt").and_then(Value::as_i64).unwrap_or_default(),
+                    v.get("max_retries").and_then(Value::as_i64).unwrap_or_default(),
+                    v.get("retry_delay_ms").and_then(Value::as_i64).unwrap_or_default()
+                );
+                self.api_error = Some(error);
+                vec![event(AgentEventKind::Error, text)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn assistant(&mut self, v: &Value) -> Vec<AgentEvent> {
+        let message = &v["message"];
+        if let (Some(id), Some(u)) = (message.get("id").and_then(Value::as_str), message.get("usage")) {
+            let mut usage = token_usage(u);
+            usage.model = str_at(message, "model").to_owned();
+            self.messages.insert(id.to_owned(), usage);
+        }
+        let mut out = Vec::new();
+        for block in blocks(message) {
+            match str_at(block, "type") {
+                "text" => out.push(event(AgentEventKind::Message, str_at(block, "text"))),
+                "thinking" => out.push(event(AgentEventKind::Thinking, str_at(block, "thinking"))),
+                "tool_use" => out.extend(self.tool_use(block)),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn tool_use(&mut self, block: &Value) -> Vec<AgentEvent> {
+        let tool = str_at(block, "name").to_owned();
+        let input = &block["input"];
+        let path = ["file_path", "notebook_path", "path"]
+            .into_iter()
+            .find_map(|k| input.get(k).and_then(Value::as_str))
+            .map(|p| self.relative(p));
+        let mut out = vec![events::tool_call(&tool, input.to_string(), path.as_deref())];
+        if tool == "TodoWrite"
+            && let Some(todos) = input.get("todos").and_then(Value::as_array)
+        {
+            let plan: Vec<String> = todos
+                .iter()
+                .map(|t| format!("[{}] {}", str_at(t, "status"), str_at(t, "content")))
+                .collect();
+            out.push(event(AgentEventKind::Plan, plan.join("\n")));
+        }
+        let command = input.get("command").and_then(Value::as_str).map(str::to_owned);
+        self.tools
+            .insert(str_at(block, "id").to_owned(), Pending { tool, path, command });
+        out
+    }
+
+    fn user(&mut self, v: &Value) -> Vec<AgentEvent> {
+        let mut out = Vec::new();
+        for block in blocks(&v["message"]) {
+            if str_at(block, "type") != "tool_result" {
+                continue;
+            }
+            let pending = self.tools.remove(str_at(block, "tool_use_id")).unwrap_or(Pending {
+                tool: String::new(),
+                path: None,
+                command: None,
+            });
+            let is_error = block.get("is_error").and_then(Value::as_bool).unwrap_or(false);
+            out.push(events::tool_result(&pending.tool, text_of(&block["content"]), is_error));
+            if let Some(command) = &pending.command
+                && pending.tool == "Bash"
+            {
+                out.push(events::command(command, None, is_error));
+            }
+            if !is_error
+                && FILE_TOOLS.contains(&pending.tool.as_str())
+                && let Some(path) = &pending.path
+            {
+                let how = match str_at(&v["tool_use_result"], "type") {
+                    "create" => "created",
+                    _ => "edited",
+                };
+                out.push(events::file_change(path, how));
+            }
+        }
+        out
+    }
+
+    fn result(&mut self, v: &Value) -> Vec<AgentEvent> {
+        let mut usage = token_usage(&v["usage"]);
+        usage.cost_usd = v.get("total_cost_usd").and_then(Value::as_f64).unwrap_or_default();
+        usage.turns = v
+            .get("num_turns")
+            .and_then(Value::as_i64)
+            .and_then(|n| i32::try_from(n).ok())
+            .unwrap_or_default();
+        usage.duration_ms = v.get("duration_ms").and_then(Value::as_i64).unwrap_or_default();
+        usage.model = match v.get("modelUsage").and_then(Value::as_object) {
+            Some(models) if !models.is_empty() => models.keys().cloned().collect::<Vec<_>>().join(", "),
+            _ => self.model.clone(),
+        };
+        let closing = Closing {
+            subtype: str_at(v, "subtype").to_owned(),
+            is_error: v.get("is_error").and_then(Value::as_bool).unwrap_or(false),
+            text: match v.get("result").and_then(Value::as_str) {
+                Some(text) => text.to_owned(),
+                // Error subtypes carry a list of errors instead.
+                None => text_of(&v["errors"]),
+            },
+            api_error_status: v.get("api_error_status").and_then(Value::as_i64),
+            usage,
+        };
+        let kind = if closing.is_error {
+            AgentEventKind::Error
+        } else {
+            AgentEventKind::Result
+        };
+        let out = vec![events::usage(&closing.usage), event(kind, closing.text.clone())];
+        self.closing = Some(closing);
+        out
+    }
+
+    /// What the run spent: the result line's account, else the sum of the
+    /// messages seen (no cost known then).
+    pub fn usage(&self) -> Option<Usage> {
+        if let Some(c) = &self.closing {
+            return Some(c.usage.clone());
+        }
+        if self.messages.is_empty() {
+            return None;
+        }
+        let mut sum = Usage {
+            model: self.model.clone(),
+            turns: i32::try_from(self.messages.len()).unwrap_or(i32::MAX),
+            ..Default::default()
+        };
+        for u in self.messages.values() {
+            sum.input_tokens += u.input_tokens;
+            sum.output_tokens += u.output_tokens;
+            sum.cache_read_tokens += u.cache_read_tokens;
+            sum.cache_write_tokens += u.cache_write_tokens;
+        }
+        Some(sum)
+    }
+
+    /// How the run ended, as the agent tells it; None leaves it to the exit
+    /// code.
+    pub fn verdict(&self, exit_code: Option<i32>) -> Option<Verdict> {
+        let Some(c) = &self.closing else {
+            return match (&self.api_error, exit_code) {
+                (_, Some(0)) => Some(Verdict::Failed {
+                    message: "claude ended without reporting a result".into(),
+                    class: Some(ErrorClass::Retryable),
+                }),
+                (Some(error), _) => Some(Verdict::Failed {
+                    message: format!("claude stopped after model API errors: {error}"),
+                    class: Some(ErrorClass::Retryable),
+                }),
+                (None, _) => None,
+            };
+        };
+        if !c.is_error && c.subtype == "success" {
+            return Some(Verdict::Succeeded {
+                summary: c.text.clone(),
+            });
+        }
+        let class = match (c.subtype.as_str(), c.api_error_status) {
+            // Limits the deployment set: another attempt hits them again.
+            ("error_max_budget_usd" | "error_max_turns", _) => Some(ErrorClass::Permanent),
+            // Refused credentials or a request the API will never take.
+            (_, Some(400 | 401 | 403 | 404 | 413 | 422)) => Some(ErrorClass::Permanent),
+            // Rate limits, overload, timeouts, server errors.
+            (_, Some(408 | 409 | 429 | 500..=599)) => Some(ErrorClass::Retryable),
+            ("error_during_execution", _) => Some(ErrorClass::Retryable),
+            _ => None,
+        };
+        let detail = if c.text.is_empty() { c.subtype.as_str() } else { &c.text };
+        Some(Verdict::Failed {
+            message: format!("claude: {detail}"),
+            class,
+        })
+    }
+
+    /// `path` relative to the workspace when it is inside it.
+    fn relative(&self, path: &str) -> String {
+        Path::new(path)
+            .strip_prefix(&self.workspace)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| path.to_owned())
+    }
+}
+
+fn str_at<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or_default()
+}
+
+fn blocks(message: &Value) -> &[Value] {
+    message
+        .get("content")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// A tool result's or error list's text: a string, or the text of its parts.
+fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| match p {
+                Value::String(s) => s.clone(),
+                other => str_at(other, "text").to_owned(),
+            })
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// The token counts of a Messages API `usage` object.
+fn token_usage(u: &Value) -> Usage {
+    let n = |k: &str| u.get(k).and_then(Value::as_i64).unwrap_or_default();
+    Usage {
+        input_tokens: n("input_tokens"),
+        output_tokens: n("output_tokens"),
+        cache_read_tokens: n("cache_read_input_tokens"),
+        cache_write_tokens: n("cache_creation_input_tokens"),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run recorded from Claude Code 2.1 against a stand-in model API
+    /// (trimmed of fields the parser does not read): a text, a Write, a
+    /// Bash command, a to-do list, the final answer.
+    const RECORDED: &str = r#"{"type":"system","subtype":"init","cwd":"/ws","session_id":"s1","tools":["Bash","Edit","Write"],"model":"claude-sonnet-4-5","permissionMode":"acceptEdits"}
+{"type":"assistant","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"I will write the file."}],"usage":{"input_tokens":100,"output_tokens":1,"cache_creation_input_tokens":10,"cache_read_input_tokens":20}},"session_id":"s1"}
+{"type":"assistant","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"tool_use","id":"toolu_1","name":"Write","input":{"file_path":"/ws/src/hello.txt","content":"hello\n"}}],"usage":{"input_tokens":100,"output_tokens":1,"cache_creation_input_tokens":10,"cache_read_input_tokens":20}},"session_id":"s1"}
+{"type":"user","message":{"role":"user","content":[{"tool_use_id":"toolu_1","type":"tool_result","content":"File created successfully at: /ws/src/hello.txt"}]},"session_id":"s1","tool_use_result":{"type":"create","filePath":"/ws/src/hello.txt"}}
+{"type":"assistant","message":{"id":"msg_2","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"thinking","thinking":"now test it"},{"type":"tool_use","id":"toolu_2","name":"Bash","input":{"command":"cat src/hello.txt","description":"show"}}],"usage":{"input_tokens":100,"output_tokens":1}},"session_id":"s1"}
+{"type":"user","message":{"role":"user","content":[{"tool_use_id":"toolu_2","type":"tool_result","content":[{"type":"text","text":"hello"}],"is_error":false}]},"session_id":"s1"}
+{"type":"assistant","message":{"id":"msg_3","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"tool_use","id":"toolu_3","name":"TodoWrite","input":{"todos":[{"content":"write","status":"completed"},{"content":"test","status":"in_progress"}]}}],"usage":{"input_tokens":100,"output_tokens":1}},"session_id":"s1"}
+{"type":"assistant","message":{"id":"msg_4","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"Done: wrote hello.txt"}],"usage":{"input_tokens":100,"output_tokens":1}},"session_id":"s1"}
+{"type":"result","subtype":"success","is_error":false,"api_error_status":null,"duration_ms":194,"num_turns":4,"result":"Done: wrote hello.txt","session_id":"s1","total_cost_usd":0.002187,"usage":{"input_tokens":200,"cache_creation_input_tokens":20,"cache_read_input_tokens":40,"output_tokens":100},"modelUsage":{"claude-sonnet-4-5":{"inputTokens":200,"outputTokens":100,"costUSD":0.002187}},"terminal_reason":"completed"}"#;
+
+    fn read(lines: &str) -> (ClaudeStream, Vec<AgentEvent>) {
+        let mut s = ClaudeStream::new(Path::new("/ws"));
+        let events = lines.lines().flat_map(|l| s.line(l)).collect();
+        (s, events)
+    }
+
+    fn kinds(events: &[AgentEvent]) -> Vec<AgentEventKind> {
+        events.iter().map(AgentEvent::kind).collect()
+    }
+
+    #[test]
+    fn a_recorded_run_reads_as_events_usage_and_success() {
+        use AgentEventKind::*;
+        let (s, events) = read(RECORDED);
+        assert_eq!(
+            kinds(&events),
+            [
+                Message, ToolCall, ToolResult, FileChange, Thinking, ToolCall, ToolResult, Command, ToolCall, Plan,
+                Message, Usage, Result
+            ]
+        );
+        let write = &events[1];
+        assert_eq!((write.tool.as_str(), write.path.as_str()), ("Write", "src/hello.txt"));
+        assert_eq!(events[3].path, "src/hello.txt");
+        assert_eq!(events[3].text, "created");
+        assert_eq!(events[6].text, "hello");
+        assert_eq!(events[7].text, "cat src/hello.txt");
+        assert_eq!(events[9].text, "[completed] write\n[in_progress] test");
+        let usage = s.usage().unwrap();
+        assert_eq!(
+            (
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cache_read_tokens,
+                usage.cache_write_tokens
+            ),
+            (200, 100, 40, 20)
+        );
+        assert_eq!((usage.cost_usd, usage.turns, usage.duration_ms), (0.002187, 4, 194));
+        assert_eq!(usage.model, "claude-sonnet-4-5");
+        assert!(!usage.cost_estimated);
+        assert_eq!(events[11].usage.as_ref(), Some(&usage));
+        assert_eq!(
+            s.verdict(Some(0)),
+            Some(Verdict::Succeeded {
+                summary: "Done: wrote hello.txt".into()
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_and_unknown_lines_pass_through_as_output() {
+        let (s, events) = read(
+            "not json\n{\"type\":\"stream_event\"}\n{\"type\":\"assistant\",\"message\":{\"content\":[{\"type\":\"te",
+        );
+        assert_eq!(kinds(&events), [AgentEventKind::Output; 3]);
+        assert_eq!(events[0].stream(), OutputStream::Stdout);
+        assert_eq!(events[0].text, "not json");
+        assert_eq!(s.usage(), None);
+        // Killed mid-run: the exit code decides.
+        assert_eq!(s.verdict(None), None);
+        assert!(matches!(
+            s.verdict(Some(0)),
+            Some(Verdict::Failed {
+                class: Some(ErrorClass::Retryable),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_run_cut_short_counts_each_message_once() {
+        // The first seven lines: no result line.
+        let cut: String = RECORDED.lines().take(7).collect::<Vec<_>>().join("\n");
+        let (s, _) = read(&cut);
+        let usage = s.usage().unwrap();
+        // msg_1 twice (counted once), msg_2, msg_3.
+        assert_eq!((usage.input_tokens, usage.cache_read_tokens, usage.turns), (300, 20, 3));
+        assert_eq!(usage.cost_usd, 0.0);
+    }
+
+    fn closing(subtype: &str, status: Option<i64>, text: &str) -> String {
+        serde_json::json!({
+            "type": "result", "subtype": subtype, "is_error": true, "api_error_status": status,
+            "result": text, "num_turns": 1, "total_cost_usd": 0, "usage": {}
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn failures_are_classified_from_the_result_not_the_words() {
+        let cases = [
+            (
+                closing("success", Some(401), "Failed to authenticate. API Error: 401"),
+                Some(ErrorClass::Permanent),
+            ),
+            (
+                closing("success", Some(429), "API Error: Request rejected (429)"),
+                Some(ErrorClass::Retryable),
+            ),
+            (closing("success", Some(529), "Overloaded"), Some(ErrorClass::Retryable)),
+            (closing("error_max_budget_usd", None, ""), Some(ErrorClass::Permanent)),
+            (closing("error_max_turns", None, ""), Some(ErrorClass::Permanent)),
+            (closing("error_during_execution", None, ""), Some(ErrorClass::Retryable)),
+            // A permanent-sounding text with no structured cause: the queue decides.
+            (closing("success", None, "permission denied"), None),
+        ];
+        for (line, want) in cases {
+            let (s, events) = read(&line);
+            assert_eq!(kinds(&events), [AgentEventKind::Usage, AgentEventKind::Error], "{line}");
+            match s.verdict(Some(1)) {
+                Some(Verdict::Failed { class, message }) => {
+                    assert_eq!(class, want, "{line}");
+                    assert!(message.starts_with("claude: "), "{message}");
+                }
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+        let budget = read(&closing("error_max_budget_usd", None, "")).0.verdict(Some(1));
+        assert!(matches!(budget, Some(Verdict::Failed { message, .. }) if message == "claude: error_max_budget_usd"));
+    }
+
+    #[test]
+    fn api_retries_are_errors_and_explain_a_run_that_gave_up() {
+        let line = r#"{"type":"system","subtype":"api_retry","attempt":1,"max_retries":10,"retry_delay_ms":507,"error_status":429,"error":"rate_limit"}"#;
+        let (s, events) = read(line);
+        assert_eq!(kinds(&events), [AgentEventKind::Error]);
+        assert!(events[0].text.contains("rate_limit (429)"), "{}", events[0].text);
+        assert_eq!(
+            s.verdict(Some(1)),
+            Some(Verdict::Failed {
+                message: "claude stopped after model API errors: rate_limit (429)".into(),
+                class: Some(ErrorClass::Retryable)
+            })
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! An agent process: started in the task's workspace in its own process
+//! group with only the environment it is given, its output read line by
+//! line while it runs, and the whole group terminated when the run is
+//! stopped (cancellation, timeout, shutdown).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use omoi_proto::common::OutputStream;
+use omoi_runtime::shutdown::{SIGKILL, SIGTERM};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use crate::events::EventSink;
+use crate::runner::{RunnerError, Stopped};
+
+/// What to start.
+pub struct Spawn {
+    pub argv: Vec<String>,
+    /// The setting that chose the program, named when it cannot start.
+    pub setting: &'static str,
+    /// The complete environment of the process.
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    /// Written to its stdin, which is then closed.
+    pub stdin: Option<String>,
+    pub timeout: Option<Duration>,
+    /// Between SIGTERM and SIGKILL when stopped.
+    pub kill_grace: Duration,
+}
+
+/// How it ended.
+pub struct Ended {
+    /// None when killed by a signal.
+    pub exit_code: Option<i32>,
+    pub stopped: Option<Stopped>,
+    pub duration: Duration,
+}
+
+/// Runs `spawn` to its end or until `stop` or its timeout; each stdout line
+/// goes to `on_stdout`, each stderr line to `out` as OUTPUT.
+pub async fn run(
+    spawn: Spawn,
+    out: &dyn EventSink,
+    on_stdout: &mut (dyn FnMut(String) + Send),
+    stop: &CancellationToken,
+) -> Result<Ended, RunnerError> {
+    let started = Instant::now();
+    let program = &spawn.argv[0];
+    let mut child = tokio::process::Command::new(program)
+        .args(&spawn.argv[1..])
+        .current_dir(&spawn.cwd)
+        .env_clear()
+        .envs(spawn.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group, so that a stop reaches everything it started.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| RunnerError::Spawn {
+            program: program.clone(),
+            setting: spawn.setting,
+            source,
+        })?;
+    let pgid = child.id().map(|p| p as i32);
+    out.line(
+        OutputStream::System,
+        format!("started {program} (pid {})", pgid.unwrap_or_default()),
+    );
+    if let Some(mut stdin) = child.stdin.take() {
+        let input = spawn.stdin.clone().unwrap_or_default();
+        tokio::spawn(async move {
+            // An agent that does not read its stdin is fine.
+            let _ = stdin.write_all(input.as_bytes()).await;
+            let _ = stdin.shutdown().await;
+        });
+    }
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let pump = async {
+        let read_out = async {
+            if let Some(s) = stdout {
+                let mut lines = BufReader::new(s).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    on_stdout(l);
+                }
+            }
+        };
+        let read_err = async {
+            if let Some(s) = stderr {
+                let mut lines = BufReader::new(s).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    out.line(OutputStream::Stderr, l);
+                }
+            }
+        };
+        tokio::join!(read_out, read_err);
+    };
+    let deadline = async {
+        match spawn.timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut stopped = None;
+    let status = tokio::select! {
+        (status, ()) = async { tokio::join!(child.wait(), pump) } => Some(status),
+        _ = stop.cancelled() => { stopped = Some(Stopped::Cancelled); None }
+        _ = deadline => { stopped = Some(Stopped::TimedOut); None }
+    };
+    let status = match status {
+        Some(s) => s.map_err(RunnerError::Wait)?,
+        None => {
+            out.line(OutputStream::System, "stopping the agent process group".into());
+            if let Some(pgid) = pgid {
+                terminate_group(pgid, spawn.kill_grace, &mut child).await;
+            }
+            child.wait().await.map_err(RunnerError::Wait)?
+        }
+    };
+    Ok(Ended {
+        exit_code: status.code(),
+        stopped,
+        duration: started.elapsed(),
+    })
+}
+
+/// The variables of the executor's own environment named in `allow` (a
+/// comma list): all of it the agent may see.
+pub fn allowed_env(allow: &str) -> Vec<(String, String)> {
+    let allowed: Vec<&str> = allow.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    std::env::vars()
+        .filter(|(k, _)| allowed.contains(&k.as_str()))
+        .collect()
+}
+
+fn signal_group(pgid: i32, sig: i32) {
+    omoi_runtime::shutdown::send_signal(-pgid, sig);
+}
+
+/// SIGTERM to the group, SIGKILL after `grace` if the leader still runs,
+/// and SIGKILL to the group anyway so that no straggler survives.
+async fn terminate_group(pgid: i32, grace: Duration, child: &mut tokio::process::Child) {
+    signal_group(pgid, SIGTERM);
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        signal_group(pgid, SIGKILL);
+    }
+    signal_group(pgid, SIGKILL);
+}

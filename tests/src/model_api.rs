@@ -1,0 +1,258 @@
+//! A stand-in for Anthropic's Messages API, enough for the real Claude Code
+//! CLI to run against it offline (`ANTHROPIC_BASE_URL`). Every answer is
+//! streamed as server-sent events the way the API streams them. The prompt
+//! picks the script with `outcome=<name>`:
+//!
+//! - `write` (the default): turn 1 writes `hello.txt` in the agent's working
+//!   directory with the Write tool, turn 2 runs `cat hello.txt` with Bash,
+//!   turn 3 answers "Done: wrote hello.txt".
+//! - `unauthorized`: 401 authentication_error.
+//! - `rate_limited`: 429 rate_limit_error.
+//!
+//! It adds up the usage it reported, so that a test can compare what the
+//! agent and omoi made of it; `hold(turn)` keeps that turn's answer back
+//! until `release()`, so that a test can look at a run in the middle.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+/// The usage the stand-in reported, summed over its answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub answers: u32,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_read_tokens: i64,
+    pub cache_write_tokens: i64,
+}
+
+impl Tally {
+    /// What these tokens cost at Claude Sonnet 4.5's list prices (USD per
+    /// million: input 3, output 15, cache write 3.75, cache read 0.30).
+    pub fn sonnet_4_5_cost(&self) -> f64 {
+        (self.input_tokens as f64 * 3.0
+            + self.output_tokens as f64 * 15.0
+            + self.cache_write_tokens as f64 * 3.75
+            + self.cache_read_tokens as f64 * 0.30)
+            / 1e6
+    }
+}
+
+#[derive(Default)]
+struct State {
+    tally: Mutex<Tally>,
+    hold: Mutex<Option<usize>>,
+    held: Notify,
+    release: Notify,
+    /// The working directories of the runs seen.
+    directories: Mutex<Vec<String>>,
+}
+
+pub struct ModelApi {
+    pub url: String,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ModelApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ModelApi {
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let state = Arc::new(State::default());
+        let s = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let s = Arc::clone(&s);
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(Arc::clone(&s), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self { url, state, task })
+    }
+
+    pub fn tally(&self) -> Tally {
+        *self.state.tally.lock().unwrap()
+    }
+
+    pub fn directories(&self) -> Vec<String> {
+        self.state.directories.lock().unwrap().clone()
+    }
+
+    /// Keeps the answer to turn `turn` (from 1) back until `release`.
+    pub fn hold(&self, turn: usize) {
+        *self.state.hold.lock().unwrap() = Some(turn);
+    }
+
+    /// Waits until a held turn was asked for.
+    pub async fn held(&self) {
+        self.state.held.notified().await;
+    }
+
+    pub fn release(&self) {
+        *self.state.hold.lock().unwrap() = None;
+        self.state.release.notify_one();
+    }
+}
+
+fn outcome(body: &Value) -> String {
+    let first = body["messages"][0].to_string();
+    first
+        .split("outcome=")
+        .nth(1)
+        .and_then(|rest| rest.split(|ch: char| !ch.is_ascii_alphanumeric() && ch != '_').next())
+        .unwrap_or("write")
+        .to_owned()
+}
+
+/// The agent's working directory, as its prompt states it.
+fn working_directory(body: &Value) -> String {
+    body.to_string()
+        .split("Primary working directory: ")
+        .nth(1)
+        .and_then(|rest| rest.split(['\\', '"']).next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn error(status: StatusCode, kind: &str) -> Response<Full<Bytes>> {
+    let body = json!({"type": "error", "error": {"type": kind, "message": format!("stand-in: {kind}")}});
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+fn sse(out: &mut String, event: &str, data: Value) {
+    out.push_str(&format!("event: {event}\ndata: {data}\n\n"));
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    if !req.uri().path().ends_with("/v1/messages") {
+        return Ok(error(StatusCode::NOT_FOUND, "not_found_error"));
+    }
+    let body: Value = req
+        .into_body()
+        .collect()
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b.to_bytes()).ok())
+        .unwrap_or(Value::Null);
+    match outcome(&body).as_str() {
+        "unauthorized" => return Ok(error(StatusCode::UNAUTHORIZED, "authentication_error")),
+        "rate_limited" => return Ok(error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error")),
+        _ => {}
+    }
+    let dir = working_directory(&body);
+    if dir.is_empty() {
+        // Never script a write to a path we do not know.
+        return Ok(error(StatusCode::BAD_REQUEST, "invalid_request_error"));
+    }
+    let turn = 1 + body["messages"]
+        .as_array()
+        .map_or(0, |m| m.iter().filter(|m| m["role"] == "assistant").count());
+    let held = *state.hold.lock().unwrap() == Some(turn);
+    if held {
+        let released = state.release.notified();
+        state.held.notify_one();
+        released.await;
+    }
+    let blocks = match turn {
+        1 => {
+            state.directories.lock().unwrap().push(dir.clone());
+            vec![
+                json!({"type": "text", "text": "I will write the file."}),
+                json!({"type": "tool_use", "id": "toolu_write", "name": "Write",
+                       "input": {"file_path": format!("{dir}/hello.txt"), "content": "hello from claude\n"}}),
+            ]
+        }
+        2 => vec![json!({"type": "tool_use", "id": "toolu_cat", "name": "Bash",
+                         "input": {"command": "cat hello.txt", "description": "Show the file"}})],
+        _ => vec![json!({"type": "text", "text": "Done: wrote hello.txt"})],
+    };
+    let (input, output, cache_read, cache_write) = (100 + 10 * turn as i64, 30 + turn as i64, 20, 10);
+    {
+        let mut t = state.tally.lock().unwrap();
+        t.answers += 1;
+        t.input_tokens += input;
+        t.output_tokens += output;
+        t.cache_read_tokens += cache_read;
+        t.cache_write_tokens += cache_write;
+    }
+    let mut out = String::new();
+    sse(
+        &mut out,
+        "message_start",
+        json!({"type": "message_start", "message": {
+            "id": format!("msg_{turn}_{}", uuid::Uuid::new_v4().simple()), "type": "message", "role": "assistant",
+            "model": body["model"], "content": [], "stop_reason": null,
+            "usage": {"input_tokens": input, "output_tokens": 1,
+                      "cache_read_input_tokens": cache_read, "cache_creation_input_tokens": cache_write}}}),
+    );
+    let mut stop_reason = "end_turn";
+    for (index, block) in blocks.iter().enumerate() {
+        if block["type"] == "tool_use" {
+            stop_reason = "tool_use";
+            let start = json!({"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}});
+            sse(
+                &mut out,
+                "content_block_start",
+                json!({"type": "content_block_start", "index": index, "content_block": start}),
+            );
+            let delta = json!({"type": "input_json_delta", "partial_json": block["input"].to_string()});
+            sse(
+                &mut out,
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": index, "delta": delta}),
+            );
+        } else {
+            let start = json!({"type": "text", "text": ""});
+            sse(
+                &mut out,
+                "content_block_start",
+                json!({"type": "content_block_start", "index": index, "content_block": start}),
+            );
+            let delta = json!({"type": "text_delta", "text": block["text"]});
+            sse(
+                &mut out,
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": index, "delta": delta}),
+            );
+        }
+        sse(
+            &mut out,
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": index}),
+        );
+    }
+    sse(
+        &mut out,
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+               "usage": {"output_tokens": output}}),
+    );
+    sse(&mut out, "message_stop", json!({"type": "message_stop"}));
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .body(Full::new(Bytes::from(out)))
+        .unwrap())
+}

@@ -1,0 +1,285 @@
+//! Real coding-agent CLIs driven by the executor, against a stand-in model
+//! API, on the whole mesh with every service a process: the agent's work in
+//! the workspace, its events streamed live, its usage and cost on the task
+//! and the ticket, its failures classified from what it reports.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use omoi_proto::common::{AgentEvent, AgentEventKind};
+use omoi_proto::taskqueue as tq;
+use omoi_proto::ticket::{self as pb};
+use omoi_tests::mesh::{Options, ProcessMesh};
+use omoi_tests::model_api::{ModelApi, Tally};
+use omoi_tests::process::agent_cli;
+use omoi_tests::{Infra, TicketClient, client, wait_ticket};
+
+const WAIT: Duration = Duration::from_secs(90);
+const COMPLETED: i32 = 3;
+const FAILED: i32 = 4;
+const RETRYABLE: i32 = 1;
+const PERMANENT: i32 = 2;
+const SECRET: &str = "sk-ant-test-do-not-leak";
+
+/// An executor running Claude Code against `api`, for `phases`.
+fn claude(api: &ModelApi, home: &std::path::Path, phases: &str, bin: &str) -> Vec<(String, String)> {
+    [
+        ("OMOI_RUNNER", "claude-code"),
+        ("OMOI_AGENT_BIN", bin),
+        ("OMOI_AGENT_MODEL", "claude-sonnet-4-5"),
+        ("OMOI_AGENT_PHASES", phases),
+        ("ANTHROPIC_BASE_URL", api.url.as_str()),
+        ("ANTHROPIC_API_KEY", SECRET),
+        ("HOME", &home.display().to_string()),
+        // The CLI's own retries of a failing API: none, so a test does not
+        // wait out its backoff.
+        ("CLAUDE_CODE_MAX_RETRIES", "0"),
+        ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME,CLAUDE_CODE_MAX_RETRIES"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+fn spec(title: &str, phase: i32, depends_on: Vec<i32>, max_retries: i32) -> pb::TaskSpec {
+    pb::TaskSpec {
+        title: title.to_owned(),
+        phase,
+        depends_on,
+        max_retries: Some(max_retries),
+        ..Default::default()
+    }
+}
+
+async fn file(c: &TicketClient, title: &str, plan: Vec<pb::TaskSpec>) -> pb::CreateTicketResponse {
+    c.clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: title.to_owned(),
+            plan,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// What one run of the stand-in's `write` script reports: turns 1 to 3.
+fn one_run() -> Tally {
+    let mut t = Tally::default();
+    for turn in 1..=3 {
+        t.answers += 1;
+        t.input_tokens += 100 + 10 * turn;
+        t.output_tokens += 30 + turn;
+        t.cache_read_tokens += 20;
+        t.cache_write_tokens += 10;
+    }
+    t
+}
+
+fn assert_usage(usage: &omoi_proto::common::Usage, tally: &Tally, turns: i32) {
+    assert_eq!(
+        (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_tokens,
+            usage.cache_write_tokens
+        ),
+        (
+            tally.input_tokens,
+            tally.output_tokens,
+            tally.cache_read_tokens,
+            tally.cache_write_tokens
+        )
+    );
+    // Claude Code's own total_cost_usd, carried through.
+    assert!(
+        (usage.cost_usd - tally.sonnet_4_5_cost()).abs() < 1e-9,
+        "{} vs {}",
+        usage.cost_usd,
+        tally.sonnet_4_5_cost()
+    );
+    assert!(!usage.cost_estimated);
+    assert_eq!(usage.model, "claude-sonnet-4-5");
+    assert_eq!(usage.turns, turns);
+}
+
+fn kinds(events: &[AgentEvent]) -> Vec<AgentEventKind> {
+    events
+        .iter()
+        .map(AgentEvent::kind)
+        .filter(|k| *k != AgentEventKind::Output)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_works_a_ticket_streaming_its_events_and_cost() {
+    let infra = Infra::new().await.unwrap();
+    let api = ModelApi::start().await.unwrap();
+    let home = tempdir("claude-home");
+    let mut mesh = ProcessMesh::start(
+        &infra,
+        Options {
+            executors: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let bin = agent_cli("claude").display().to_string();
+    mesh.add_executor(&infra, &claude(&api, &home, "", &bin)).await.unwrap();
+    let tickets = mesh.tickets();
+    let queue = client(&mesh.task_queue.url);
+
+    // The first run's second turn waits, so that we join it in the middle.
+    api.hold(2);
+    let created = file(
+        &tickets,
+        "hello, claude",
+        vec![spec("write hello.txt", 1, vec![], 0), spec("check it", 2, vec![0], 0)],
+    )
+    .await;
+    let first = created.tasks[0].id.clone();
+    tokio::time::timeout(WAIT, api.held()).await.expect("turn 2 asked for");
+    let mut follow = queue
+        .clone()
+        .stream_task_output(tq::StreamTaskOutputRequest {
+            task_id: first.clone(),
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    api.release();
+    let mut events = Vec::new();
+    let collected = tokio::time::timeout(WAIT, async {
+        while let Some(m) = follow.next().await {
+            events.push(m.unwrap().event.unwrap());
+        }
+    })
+    .await;
+    assert!(collected.is_ok(), "the stream ends once the task is done: {events:?}");
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+
+    // History, then the live events, then the end: every event, in order.
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (0..events.len() as i64).collect::<Vec<_>>());
+    use AgentEventKind::*;
+    assert_eq!(
+        kinds(&events),
+        [
+            Message, ToolCall, ToolResult, FileChange, ToolCall, ToolResult, Command, Message, Usage, Result
+        ]
+    );
+    let agent: Vec<&AgentEvent> = events.iter().filter(|e| e.kind() != Output).collect();
+    assert_eq!((agent[1].tool.as_str(), agent[1].path.as_str()), ("Write", "hello.txt"));
+    assert_eq!(
+        (agent[3].path.as_str(), agent[3].text.as_str()),
+        ("hello.txt", "created")
+    );
+    assert_eq!(agent[6].text, "cat hello.txt");
+    assert_eq!(agent[5].text.trim(), "hello from claude");
+    assert_eq!(agent[9].text, "Done: wrote hello.txt");
+    assert!(events.iter().all(|e| e.task_id == first && e.attempt == 1));
+
+    // The agent's file is in its workspace; its answer is the summary.
+    let task = done.tasks.iter().find(|t| t.id == first).unwrap();
+    let result = omoi_proto::convert::struct_to_json(task.result.as_ref().unwrap());
+    assert_eq!(result["summary"], "Done: wrote hello.txt");
+    assert_eq!(result["changed_files"], serde_json::json!(["hello.txt"]));
+    let ws = std::path::Path::new(result["workspace"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(ws.join("hello.txt")).unwrap(),
+        "hello from claude\n"
+    );
+    assert_eq!(api.directories().len(), 2, "one run per task");
+
+    // Each task's usage is its run's; the ticket's is the sum.
+    let run = one_run();
+    for t in &done.tasks {
+        assert_usage(t.usage.as_ref().expect("usage on the task"), &run, 3);
+    }
+    let ticket = done.ticket.as_ref().unwrap();
+    assert_eq!(api.tally().answers, 6);
+    assert_usage(ticket.usage.as_ref().expect("usage on the ticket"), &api.tally(), 6);
+
+    // The key reached the agent, and nothing else.
+    let everything = format!("{events:?}{done:?}");
+    assert!(!everything.contains(SECRET));
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(home);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_failures_are_classified_from_what_it_reports() {
+    let infra = Infra::new().await.unwrap();
+    let api = ModelApi::start().await.unwrap();
+    let home = tempdir("claude-home");
+    let mut mesh = ProcessMesh::start(
+        &infra,
+        Options {
+            executors: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let bin = agent_cli("claude").display().to_string();
+    mesh.add_executor(&infra, &claude(&api, &home, "INITIAL", &bin))
+        .await
+        .unwrap();
+    mesh.add_executor(&infra, &claude(&api, &home, "REFACTORING", "/nonexistent/bin/claude"))
+        .await
+        .unwrap();
+    let tickets = mesh.tickets();
+
+    // Refused credentials: permanent, at once.
+    let t = file(&tickets, "a", vec![spec("outcome=unauthorized", 1, vec![], 2)]).await;
+    let failed = wait_ticket(&tickets, &t.ticket.unwrap().id, FAILED).await;
+    let task = &failed.tasks[0];
+    assert_eq!(
+        (task.attempt, task.error_class),
+        (1, PERMANENT),
+        "{}",
+        task.error_message
+    );
+    assert!(task.error_message.starts_with("claude: "), "{}", task.error_message);
+    assert!(task.error_message.contains("401"), "{}", task.error_message);
+
+    // A rate limit: retryable, so retried until the retries run out.
+    let t = file(&tickets, "b", vec![spec("outcome=rate_limited", 1, vec![], 1)]).await;
+    let failed = wait_ticket(&tickets, &t.ticket.unwrap().id, FAILED).await;
+    let task = &failed.tasks[0];
+    assert_eq!(
+        (task.attempt, task.retry_count, task.error_class),
+        (2, 1, RETRYABLE),
+        "{}",
+        task.error_message
+    );
+    assert!(task.error_message.contains("429"), "{}", task.error_message);
+
+    // A CLI that is not there: permanent, naming the binary and the setting.
+    let t = file(&tickets, "c", vec![spec("anything", 4, vec![], 3)]).await;
+    let failed = wait_ticket(&tickets, &t.ticket.unwrap().id, FAILED).await;
+    let task = &failed.tasks[0];
+    assert_eq!(
+        (task.attempt, task.error_class),
+        (1, PERMANENT),
+        "{}",
+        task.error_message
+    );
+    assert!(
+        task.error_message.contains("/nonexistent/bin/claude") && task.error_message.contains("OMOI_AGENT_BIN"),
+        "{}",
+        task.error_message
+    );
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(home);
+}
+
+fn tempdir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("omoi-{what}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
