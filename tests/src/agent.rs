@@ -116,7 +116,8 @@ impl ScriptedAgent {
         self.send_failure(a, request).await
     }
 
-    async fn send_failure(
+    /// FailTask for `a`'s attempt, with the rest of `request` as given.
+    pub async fn send_failure(
         &mut self,
         a: &pb::Assignment,
         mut request: pb::FailTaskRequest,

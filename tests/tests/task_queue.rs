@@ -810,3 +810,69 @@ async fn list_filters_and_pages_and_stats_count() {
     assert_eq!(stats.counts.iter().map(|c| c.count).sum::<i64>(), 6);
     s.finish().await;
 }
+
+#[tokio::test]
+async fn a_report_with_a_bad_usage_is_refused_and_a_good_one_kept() {
+    let s = setup().await;
+    let (t, mut agent, a1) = started_with_one_retry(&s, 0).await;
+    let spent = omoi_proto::common::Usage {
+        input_tokens: 1200,
+        output_tokens: 300,
+        cost_usd: 0.042,
+        model: "claude-sonnet-4-5".into(),
+        turns: 3,
+        ..Default::default()
+    };
+    let bad = [
+        (
+            omoi_proto::common::Usage {
+                input_tokens: -5,
+                ..spent.clone()
+            },
+            "usage.input_tokens",
+        ),
+        (
+            omoi_proto::common::Usage {
+                cost_usd: f64::INFINITY,
+                ..spent.clone()
+            },
+            "usage.cost_usd",
+        ),
+    ];
+    for (usage, field) in bad {
+        let failure = pb::FailTaskRequest {
+            error_message: "connection reset".into(),
+            usage: Some(usage.clone()),
+            ..Default::default()
+        };
+        let e = agent.send_failure(&a1, failure).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains(field), "{}", e.message());
+        let completion = pb::CompleteTaskRequest {
+            task_id: t.id.clone(),
+            attempt: a1.attempt,
+            usage: Some(usage),
+            ..Default::default()
+        };
+        let e = agent.client.complete_task(completion).await.unwrap_err();
+        assert!(e.message().contains(field), "{}", e.message());
+    }
+    let unchanged = get(&s.client, &t.id).await;
+    assert_eq!((unchanged.status, unchanged.usage), (RUNNING, None));
+    let completion = pb::CompleteTaskRequest {
+        task_id: t.id.clone(),
+        attempt: a1.attempt,
+        usage: Some(spent.clone()),
+        ..Default::default()
+    };
+    let done = agent
+        .client
+        .complete_task(completion)
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!((done.status, done.usage), (COMPLETED, Some(spent)));
+    s.finish().await;
+}
