@@ -1,13 +1,15 @@
-//! A stand-in for Anthropic's Messages API, enough for the real Claude Code
-//! CLI to run against it offline (`ANTHROPIC_BASE_URL`). Every answer is
-//! streamed as server-sent events the way the API streams them. The prompt
-//! picks the script with `outcome=<name>`:
+//! A stand-in for the model APIs of the coding agents, enough for the real
+//! CLIs to run against it offline: Anthropic's Messages API
+//! (`POST /v1/messages`, for Claude Code) and OpenAI's Responses API
+//! (`POST /v1/responses`, for Codex). Every answer is streamed as
+//! server-sent events the way the API streams them. The prompt picks the
+//! script with `outcome=<name>`:
 //!
 //! - `write` (the default): turn 1 writes `hello.txt` in the agent's working
-//!   directory with the Write tool, turn 2 runs `cat hello.txt` with Bash,
-//!   turn 3 answers "Done: wrote hello.txt".
-//! - `unauthorized`: 401 authentication_error.
-//! - `rate_limited`: 429 rate_limit_error.
+//!   directory (Claude's Write tool; Codex's `exec_command`), turn 2 runs
+//!   `cat hello.txt`, turn 3 answers "Done: wrote hello.txt".
+//! - `unauthorized`: 401.
+//! - `rate_limited`: 429.
 //!
 //! It adds up the usage it reported, so that a test can compare what the
 //! agent and omoi made of it; `hold(turn)` keeps that turn's answer back
@@ -28,6 +30,8 @@ use tokio::sync::Notify;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {
     pub answers: u32,
+    /// Uncached input tokens (the Responses API counts cached ones inside
+    /// its `input_tokens`; they are taken out here).
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub cache_read_tokens: i64,
@@ -42,6 +46,13 @@ impl Tally {
             + self.output_tokens as f64 * 15.0
             + self.cache_write_tokens as f64 * 3.75
             + self.cache_read_tokens as f64 * 0.30)
+            / 1e6
+    }
+
+    /// What these tokens cost at GPT-5-Codex's list prices (USD per
+    /// million: input 1.25, cached input 0.125, output 10).
+    pub fn gpt_5_codex_cost(&self) -> f64 {
+        (self.input_tokens as f64 * 1.25 + self.cache_read_tokens as f64 * 0.125 + self.output_tokens as f64 * 10.0)
             / 1e6
     }
 }
@@ -112,9 +123,8 @@ impl ModelApi {
     }
 }
 
-fn outcome(body: &Value) -> String {
-    let first = body["messages"][0].to_string();
-    first
+fn outcome(script: &str) -> String {
+    script
         .split("outcome=")
         .nth(1)
         .and_then(|rest| rest.split(|ch: char| !ch.is_ascii_alphanumeric() && ch != '_').next())
@@ -122,12 +132,14 @@ fn outcome(body: &Value) -> String {
         .to_owned()
 }
 
-/// The agent's working directory, as its prompt states it.
+/// The agent's working directory, as its prompt states it (Claude Code:
+/// "Primary working directory: <dir>"; Codex: "<cwd><dir></cwd>").
 fn working_directory(body: &Value) -> String {
-    body.to_string()
-        .split("Primary working directory: ")
-        .nth(1)
-        .and_then(|rest| rest.split(['\\', '"']).next())
+    let text = body.to_string();
+    ["Primary working directory: ", "<cwd>"]
+        .iter()
+        .find_map(|marker| text.split(marker).nth(1))
+        .and_then(|rest| rest.split(['\\', '"', '<']).next())
         .unwrap_or_default()
         .to_owned()
 }
@@ -145,10 +157,19 @@ fn sse(out: &mut String, event: &str, data: Value) {
     out.push_str(&format!("event: {event}\ndata: {data}\n\n"));
 }
 
+/// Which API a request is for.
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Messages,
+    Responses,
+}
+
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    if !req.uri().path().ends_with("/v1/messages") {
-        return Ok(error(StatusCode::NOT_FOUND, "not_found_error"));
-    }
+    let api = match req.uri().path() {
+        p if p.ends_with("/v1/messages") => Api::Messages,
+        p if p.ends_with("/v1/responses") => Api::Responses,
+        _ => return Ok(error(StatusCode::NOT_FOUND, "not_found_error")),
+    };
     let body: Value = req
         .into_body()
         .collect()
@@ -156,7 +177,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         .ok()
         .and_then(|b| serde_json::from_slice(&b.to_bytes()).ok())
         .unwrap_or(Value::Null);
-    match outcome(&body).as_str() {
+    let script = match api {
+        Api::Messages => body["messages"][0].to_string(),
+        Api::Responses => body["input"].to_string(),
+    };
+    match outcome(&script).as_str() {
         "unauthorized" => return Ok(error(StatusCode::UNAUTHORIZED, "authentication_error")),
         "rate_limited" => return Ok(error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error")),
         _ => {}
@@ -166,28 +191,23 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         // Never script a write to a path we do not know.
         return Ok(error(StatusCode::BAD_REQUEST, "invalid_request_error"));
     }
-    let turn = 1 + body["messages"]
-        .as_array()
-        .map_or(0, |m| m.iter().filter(|m| m["role"] == "assistant").count());
+    let turn = 1 + match api {
+        Api::Messages => body["messages"]
+            .as_array()
+            .map_or(0, |m| m.iter().filter(|m| m["role"] == "assistant").count()),
+        Api::Responses => body["input"]
+            .as_array()
+            .map_or(0, |i| i.iter().filter(|i| i["type"] == "function_call_output").count()),
+    };
     let held = *state.hold.lock().unwrap() == Some(turn);
     if held {
         let released = state.release.notified();
         state.held.notify_one();
         released.await;
     }
-    let blocks = match turn {
-        1 => {
-            state.directories.lock().unwrap().push(dir.clone());
-            vec![
-                json!({"type": "text", "text": "I will write the file."}),
-                json!({"type": "tool_use", "id": "toolu_write", "name": "Write",
-                       "input": {"file_path": format!("{dir}/hello.txt"), "content": "hello from claude\n"}}),
-            ]
-        }
-        2 => vec![json!({"type": "tool_use", "id": "toolu_cat", "name": "Bash",
-                         "input": {"command": "cat hello.txt", "description": "Show the file"}})],
-        _ => vec![json!({"type": "text", "text": "Done: wrote hello.txt"})],
-    };
+    if turn == 1 {
+        state.directories.lock().unwrap().push(dir.clone());
+    }
     let (input, output, cache_read, cache_write) = (100 + 10 * turn as i64, 30 + turn as i64, 20, 10);
     {
         let mut t = state.tally.lock().unwrap();
@@ -195,8 +215,80 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         t.input_tokens += input;
         t.output_tokens += output;
         t.cache_read_tokens += cache_read;
-        t.cache_write_tokens += cache_write;
+        if api == Api::Messages {
+            t.cache_write_tokens += cache_write;
+        }
     }
+    let out = match api {
+        Api::Messages => messages(&body, turn, &dir, (input, output, cache_read, cache_write)),
+        Api::Responses => responses(turn, (input, output, cache_read)),
+    };
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .body(Full::new(Bytes::from(out)))
+        .unwrap())
+}
+
+/// A turn of the Responses API: Codex's `exec_command` function, then the answer.
+fn responses(turn: usize, (input, output, cached): (i64, i64, i64)) -> String {
+    let call = |cmd: &str| {
+        json!({"type": "function_call", "id": format!("fc_{turn}"), "call_id": format!("call_{turn}"),
+               "name": "exec_command", "arguments": json!({"cmd": cmd}).to_string(), "status": "completed"})
+    };
+    let item = match turn {
+        1 => call("printf 'hello from codex\\n' > hello.txt"),
+        2 => call("cat hello.txt"),
+        _ => json!({"type": "message", "role": "assistant", "id": format!("msg_{turn}"), "status": "completed",
+                    "content": [{"type": "output_text", "text": "Done: wrote hello.txt", "annotations": []}]}),
+    };
+    let id = format!("resp_{turn}_{}", uuid::Uuid::new_v4().simple());
+    let mut out = String::new();
+    sse(
+        &mut out,
+        "response.created",
+        json!({"type": "response.created", "response": {"id": id, "object": "response", "status": "in_progress", "output": []}}),
+    );
+    sse(
+        &mut out,
+        "response.output_item.added",
+        json!({"type": "response.output_item.added", "output_index": 0, "item": item}),
+    );
+    sse(
+        &mut out,
+        "response.output_item.done",
+        json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+    );
+    // The Responses API counts cached tokens inside input_tokens.
+    let usage = json!({"input_tokens": input + cached, "input_tokens_details": {"cached_tokens": cached},
+                       "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
+                       "total_tokens": input + cached + output});
+    sse(
+        &mut out,
+        "response.completed",
+        json!({"type": "response.completed", "response": {"id": id, "object": "response", "status": "completed",
+               "output": [item], "usage": usage}}),
+    );
+    out
+}
+
+/// A turn of the Messages API: Claude's Write, then Bash, then the answer.
+fn messages(
+    body: &Value,
+    turn: usize,
+    dir: &str,
+    (input, output, cache_read, cache_write): (i64, i64, i64, i64),
+) -> String {
+    let blocks = match turn {
+        1 => vec![
+            json!({"type": "text", "text": "I will write the file."}),
+            json!({"type": "tool_use", "id": "toolu_write", "name": "Write",
+                   "input": {"file_path": format!("{dir}/hello.txt"), "content": "hello from claude\n"}}),
+        ],
+        2 => vec![json!({"type": "tool_use", "id": "toolu_cat", "name": "Bash",
+                         "input": {"command": "cat hello.txt", "description": "Show the file"}})],
+        _ => vec![json!({"type": "text", "text": "Done: wrote hello.txt"})],
+    };
     let mut out = String::new();
     sse(
         &mut out,
@@ -250,9 +342,5 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
                "usage": {"output_tokens": output}}),
     );
     sse(&mut out, "message_stop", json!({"type": "message_stop"}));
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "text/event-stream")
-        .body(Full::new(Bytes::from(out)))
-        .unwrap())
+    out
 }

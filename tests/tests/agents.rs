@@ -41,6 +41,28 @@ fn claude(api: &ModelApi, home: &std::path::Path, phases: &str, bin: &str) -> Ve
     .collect()
 }
 
+/// An executor running Codex against `api`'s Responses API.
+fn codex(api: &ModelApi, home: &std::path::Path) -> Vec<(String, String)> {
+    let base_url = format!("{}/v1", api.url);
+    [
+        ("OMOI_RUNNER", "codex"),
+        ("OMOI_AGENT_BIN", &agent_cli("codex").display().to_string()),
+        ("OMOI_AGENT_MODEL", "gpt-5-codex"),
+        // No retries of a failing API, so a test does not wait them out.
+        (
+            "OMOI_AGENT_ARGS",
+            "-c model_providers.omoi.request_max_retries=0 -c model_providers.omoi.stream_max_retries=0",
+        ),
+        ("OPENAI_BASE_URL", &base_url),
+        ("OPENAI_API_KEY", SECRET),
+        ("HOME", &home.display().to_string()),
+        ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
 fn spec(title: &str, phase: i32, depends_on: Vec<i32>, max_retries: i32) -> pb::TaskSpec {
     pb::TaskSpec {
         title: title.to_owned(),
@@ -273,6 +295,96 @@ async fn claude_code_failures_are_classified_from_what_it_reports() {
         "{}",
         task.error_message
     );
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(home);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_works_a_ticket_with_an_estimated_cost_and_classified_failures() {
+    let infra = Infra::new().await.unwrap();
+    let api = ModelApi::start().await.unwrap();
+    let home = tempdir("codex-home");
+    let mut mesh = ProcessMesh::start(
+        &infra,
+        Options {
+            executors: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    mesh.add_executor(&infra, &codex(&api, &home)).await.unwrap();
+    let tickets = mesh.tickets();
+    let queue = client(&mesh.task_queue.url);
+
+    let created = file(&tickets, "hello, codex", vec![spec("write hello.txt", 1, vec![], 0)]).await;
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let task = &done.tasks[0];
+    let result = omoi_proto::convert::struct_to_json(task.result.as_ref().unwrap());
+    assert_eq!(result["summary"], "Done: wrote hello.txt");
+    let ws = std::path::Path::new(result["workspace"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(ws.join("hello.txt")).unwrap(),
+        "hello from codex\n"
+    );
+    let events: Vec<AgentEvent> = queue
+        .clone()
+        .stream_task_output(tq::StreamTaskOutputRequest {
+            task_id: task.id.clone(),
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|m| m.unwrap().event.unwrap())
+        .collect()
+        .await;
+    use AgentEventKind::*;
+    let seen: Vec<AgentEventKind> = kinds(&events).into_iter().filter(|k| *k != Error).collect();
+    assert_eq!(
+        seen,
+        [
+            ToolCall, ToolResult, Command, ToolCall, ToolResult, Command, Message, Usage
+        ]
+    );
+    let commands: Vec<&AgentEvent> = events.iter().filter(|e| e.kind() == Command).collect();
+    assert!(commands[1].text.contains("cat hello.txt"), "{}", commands[1].text);
+    assert_eq!(commands[1].exit_code, Some(0));
+    // Tokens as the stand-in reported them; the cost from the price table.
+    let usage = task.usage.as_ref().expect("usage on the task");
+    let tally = api.tally();
+    assert_eq!(tally.answers, 3);
+    assert_eq!(
+        (usage.input_tokens, usage.cache_read_tokens, usage.output_tokens),
+        (tally.input_tokens, tally.cache_read_tokens, tally.output_tokens)
+    );
+    assert!((usage.cost_usd - tally.gpt_5_codex_cost()).abs() < 1e-9, "{usage:?}");
+    assert!(usage.cost_estimated);
+    assert_eq!(usage.model, "gpt-5-codex");
+    assert_eq!(done.ticket.as_ref().unwrap().usage.as_ref(), Some(usage));
+
+    // Refused credentials fail for good; a rate limit is retried.
+    let t = file(&tickets, "a", vec![spec("outcome=unauthorized", 1, vec![], 2)]).await;
+    let failed = wait_ticket(&tickets, &t.ticket.unwrap().id, FAILED).await;
+    let task = &failed.tasks[0];
+    assert_eq!(
+        (task.attempt, task.error_class),
+        (1, PERMANENT),
+        "{}",
+        task.error_message
+    );
+    assert!(task.error_message.starts_with("codex: "), "{}", task.error_message);
+    let t = file(&tickets, "b", vec![spec("outcome=rate_limited", 1, vec![], 1)]).await;
+    let failed = wait_ticket(&tickets, &t.ticket.unwrap().id, FAILED).await;
+    let task = &failed.tasks[0];
+    assert_eq!(
+        (task.attempt, task.error_class),
+        (2, RETRYABLE),
+        "{}",
+        task.error_message
+    );
+    assert!(!format!("{done:?}{failed:?}{events:?}").contains(SECRET));
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
     let _ = std::fs::remove_dir_all(home);

@@ -14,6 +14,8 @@ pub enum RunnerKind {
     Openhands,
     /// Claude Code (`claude -p ... --output-format stream-json`).
     ClaudeCode,
+    /// Codex (`codex exec --json`).
+    Codex,
 }
 
 impl RunnerKind {
@@ -22,6 +24,7 @@ impl RunnerKind {
             RunnerKind::Command => "command",
             RunnerKind::Openhands => "openhands",
             RunnerKind::ClaudeCode => "claude-code",
+            RunnerKind::Codex => "codex",
         }
     }
 
@@ -29,6 +32,7 @@ impl RunnerKind {
     pub fn default_bin(self) -> Option<&'static str> {
         match self {
             RunnerKind::ClaudeCode => Some("claude"),
+            RunnerKind::Codex => Some("codex"),
             RunnerKind::Command | RunnerKind::Openhands => None,
         }
     }
@@ -112,7 +116,8 @@ pub struct Config {
     #[arg(long, env = "OMOI_KILL_GRACE_SECONDS", default_value_t = 5.0)]
     pub kill_grace_seconds: f64,
 
-    /// The coding-agent CLI (claude-code runner); default `claude` on PATH.
+    /// The coding-agent CLI (claude-code, codex runners); default `claude`
+    /// or `codex` on PATH.
     #[arg(long, env = "OMOI_AGENT_BIN")]
     pub agent_bin: Option<String>,
 
@@ -133,6 +138,20 @@ pub struct Config {
     /// Claude Code's model API address, when not Anthropic's.
     #[arg(long, env = "ANTHROPIC_BASE_URL")]
     pub anthropic_base_url: Option<String>,
+
+    /// Codex's API key (from a secret; only the codex agent sees it).
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+
+    /// Codex's Responses API address, when not OpenAI's (configured as a
+    /// model provider of its own).
+    #[arg(long, env = "OPENAI_BASE_URL")]
+    pub openai_base_url: Option<String>,
+
+    /// Prices (USD per million tokens) to add to or override the built-in
+    /// table that estimates the cost of agents that report no money.
+    #[arg(long, env = "OMOI_PRICE_TABLE_FILE")]
+    pub price_table_file: Option<PathBuf>,
 
     /// OpenHands agent server (openhands runner).
     #[arg(long, env = "OPENHANDS_URL", default_value = "http://127.0.0.1:8000")]

@@ -2,10 +2,11 @@
 //! queue, runs each through the configured runner in its own workspace,
 //! streams the output, reports the outcome, and drains on SIGTERM.
 
-mod claude;
+mod agents;
 pub mod config;
 mod events;
 mod openhands;
+mod prices;
 mod process;
 mod publish;
 mod runner;

@@ -24,10 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
 
-use crate::claude::{AgentCli, ClaudeRunner};
+use crate::agents::{AgentCli, CliKind, CliRunner};
 use crate::config::{Config, RunnerKind};
 use crate::events::EventSink;
 use crate::openhands::OpenHandsRunner;
+use crate::prices::PriceTable;
 use crate::runner::{CommandRunner, RunContext, RunnerError, split_args};
 use crate::runs::Runs;
 
@@ -37,7 +38,7 @@ type Ch = omoi_runtime::grpc::Client;
 enum Runner {
     Command(CommandRunner),
     OpenHands(Box<OpenHandsRunner>),
-    Claude(ClaudeRunner),
+    Cli(CliRunner),
 }
 
 impl Runner {
@@ -57,20 +58,16 @@ impl Runner {
                 config.llm_api_key.clone(),
                 Duration::from_millis(config.openhands_poll_ms.max(10)),
             )?)),
-            RunnerKind::ClaudeCode => {
-                let mut cli = agent_cli(config, kill_grace)?;
-                // The agent's key and API reach only the agent.
-                let keys = [
-                    ("ANTHROPIC_API_KEY", &config.anthropic_api_key),
-                    ("ANTHROPIC_BASE_URL", &config.anthropic_base_url),
-                ];
-                for (name, value) in keys {
-                    if let Some(v) = value.as_ref().filter(|v| !v.is_empty()) {
-                        cli.env.push((name.to_owned(), v.clone()));
-                    }
-                }
-                Runner::Claude(ClaudeRunner::new(cli))
-            }
+            RunnerKind::ClaudeCode => Runner::Cli(CliRunner::new(
+                CliKind::Claude,
+                agent_cli(config, kill_grace)?,
+                PriceTable::load(config.price_table_file.as_deref())?,
+            )),
+            RunnerKind::Codex => Runner::Cli(CliRunner::new(
+                CliKind::Codex,
+                agent_cli(config, kill_grace)?,
+                PriceTable::load(config.price_table_file.as_deref())?,
+            )),
         })
     }
 
@@ -83,7 +80,7 @@ impl Runner {
         match self {
             Runner::Command(r) => r.run(ctx, out, stop).await,
             Runner::OpenHands(r) => r.run(ctx, out, stop).await,
-            Runner::Claude(r) => r.run(ctx, out, stop).await,
+            Runner::Cli(r) => r.run(ctx, out, stop).await,
         }
     }
 }
@@ -100,11 +97,28 @@ fn agent_cli(config: &Config, kill_grace: Duration) -> Result<AgentCli, RunnerEr
             });
         }
     };
+    let mut env = crate::process::allowed_env(&config.env_allow);
+    // The agent's key and API reach only the agent that uses them.
+    let keys = match config.runner {
+        RunnerKind::ClaudeCode => [
+            ("ANTHROPIC_API_KEY", &config.anthropic_api_key),
+            ("ANTHROPIC_BASE_URL", &config.anthropic_base_url),
+        ],
+        _ => [
+            ("OPENAI_API_KEY", &config.openai_api_key),
+            ("OPENAI_BASE_URL", &config.openai_base_url),
+        ],
+    };
+    for (name, value) in keys {
+        if let Some(v) = value.as_ref().filter(|v| !v.is_empty()) {
+            env.push((name.to_owned(), v.clone()));
+        }
+    }
     Ok(AgentCli {
         bin,
         model: config.agent_model.clone().filter(|m| !m.trim().is_empty()),
         args: split_args("OMOI_AGENT_ARGS", &config.agent_args)?,
-        env: crate::process::allowed_env(&config.env_allow),
+        env,
         kill_grace,
     })
 }

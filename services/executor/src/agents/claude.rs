@@ -12,105 +12,53 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use omoi_domain::ErrorClass;
 use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
-use crate::events::{self, EventSink, event};
-use crate::process::{self, Spawn};
-use crate::runner::{RunContext, RunOutcome, RunnerError, Verdict};
+use super::{AgentCli, AgentStream, class_of_status, relative, str_at, text_of};
+use crate::events::{self, event};
+use crate::runner::Verdict;
 
 /// Tools an unattended run may use without asking (Claude Code refuses
 /// `--dangerously-skip-permissions` as root). Edits are accepted by the
-/// permission mode; `OMOI_AGENT_ARGS` can change both.
+/// permission mode; `OMOI_AGENT_ARGS` can add to both.
 const ALLOWED_TOOLS: &str = "Bash,Edit,MultiEdit,Write,Read,Glob,Grep,LS,NotebookEdit,TodoWrite";
 
 /// Tools that write the file named in their input.
 const FILE_TOOLS: [&str; 4] = ["Write", "Edit", "MultiEdit", "NotebookEdit"];
 
-/// How an agent CLI is started: shared by the CLI runners.
-#[derive(Debug, Clone)]
-pub struct AgentCli {
-    pub bin: String,
-    pub model: Option<String>,
-    /// Appended to the runner's own arguments.
-    pub args: Vec<String>,
-    /// The agent's whole environment, but for the task's variables.
-    pub env: Vec<(String, String)>,
-    pub kill_grace: Duration,
+/// The command line of a run.
+pub fn argv(cli: &AgentCli, prompt: &str) -> Vec<String> {
+    let mut argv: Vec<String> = [
+        cli.bin.as_str(),
+        "-p",
+        prompt,
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--permission-mode",
+        "acceptEdits",
+        "--allowedTools",
+        ALLOWED_TOOLS,
+    ]
+    .map(str::to_owned)
+    .into();
+    if let Some(model) = &cli.model {
+        argv.extend(["--model".to_owned(), model.clone()]);
+    }
+    argv.extend(cli.args.iter().cloned());
+    argv
 }
 
-pub struct ClaudeRunner {
-    cli: AgentCli,
-}
-
-impl ClaudeRunner {
-    pub fn new(cli: AgentCli) -> Self {
-        Self { cli }
-    }
-
-    fn argv(&self, prompt: &str) -> Vec<String> {
-        let mut argv: Vec<String> = [
-            self.cli.bin.as_str(),
-            "-p",
-            prompt,
-            "--output-format",
-            "stream-json",
-            "--verbose",
-            "--permission-mode",
-            "acceptEdits",
-            "--allowedTools",
-            ALLOWED_TOOLS,
-        ]
-        .map(str::to_owned)
-        .into();
-        if let Some(model) = &self.cli.model {
-            argv.extend(["--model".to_owned(), model.clone()]);
-        }
-        argv.extend(self.cli.args.iter().cloned());
-        argv
-    }
-
-    pub async fn run(
-        &self,
-        ctx: &RunContext,
-        out: &dyn EventSink,
-        stop: &CancellationToken,
-    ) -> Result<RunOutcome, RunnerError> {
-        let mut env = self.cli.env.clone();
-        env.extend(ctx.task_env());
-        // No update checks, telemetry or error reporting from a worker.
-        env.push(("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(), "1".into()));
-        env.push(("DISABLE_AUTOUPDATER".into(), "1".into()));
-        let spawn = Spawn {
-            argv: self.argv(&ctx.prompt),
-            setting: "OMOI_AGENT_BIN",
-            env,
-            cwd: ctx.workspace.clone(),
-            stdin: None,
-            timeout: ctx.timeout,
-            kill_grace: self.cli.kill_grace,
-        };
-        let mut stream = ClaudeStream::new(&ctx.workspace);
-        let ended = process::run(
-            spawn,
-            out,
-            &mut |line| {
-                for e in stream.line(&line) {
-                    out.emit(e);
-                }
-            },
-            stop,
-        )
-        .await?;
-        let mut outcome = RunOutcome::from(ended);
-        outcome.usage = stream.usage();
-        outcome.verdict = stream.verdict(outcome.exit_code);
-        Ok(outcome)
-    }
+/// What the CLI needs in its environment besides the agent's own.
+pub fn env() -> Vec<(String, String)> {
+    // No update checks, telemetry or error reporting from a worker.
+    vec![
+        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(), "1".into()),
+        ("DISABLE_AUTOUPDATER".into(), "1".into()),
+    ]
 }
 
 /// A tool call waiting for its result.
@@ -145,6 +93,20 @@ pub struct ClaudeStream {
     closing: Option<Closing>,
 }
 
+impl AgentStream for ClaudeStream {
+    fn line(&mut self, line: &str) -> Vec<AgentEvent> {
+        self.read(line)
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.spent()
+    }
+
+    fn verdict(&self, exit_code: Option<i32>) -> Option<Verdict> {
+        self.outcome(exit_code)
+    }
+}
+
 impl ClaudeStream {
     pub fn new(workspace: &Path) -> Self {
         Self {
@@ -158,7 +120,7 @@ impl ClaudeStream {
     }
 
     /// The events one line of output says.
-    pub fn line(&mut self, line: &str) -> Vec<AgentEvent> {
+    fn read(&mut self, line: &str) -> Vec<AgentEvent> {
         let raw = || vec![events::output(OutputStream::Stdout, line.to_owned())];
         let Ok(v) = serde_json::from_str::<Value>(line) else {
             return raw();
@@ -222,7 +184,7 @@ impl ClaudeStream {
         let path = ["file_path", "notebook_path", "path"]
             .into_iter()
             .find_map(|k| input.get(k).and_then(Value::as_str))
-            .map(|p| self.relative(p));
+            .map(|p| relative(&self.workspace, p));
         let mut out = vec![events::tool_call(&tool, input.to_string(), path.as_deref())];
         if tool == "TodoWrite"
             && let Some(todos) = input.get("todos").and_then(Value::as_array)
@@ -307,7 +269,7 @@ impl ClaudeStream {
 
     /// What the run spent: the result line's account, else the sum of the
     /// messages seen (no cost known then).
-    pub fn usage(&self) -> Option<Usage> {
+    fn spent(&self) -> Option<Usage> {
         if let Some(c) = &self.closing {
             return Some(c.usage.clone());
         }
@@ -330,7 +292,7 @@ impl ClaudeStream {
 
     /// How the run ended, as the agent tells it; None leaves it to the exit
     /// code.
-    pub fn verdict(&self, exit_code: Option<i32>) -> Option<Verdict> {
+    fn outcome(&self, exit_code: Option<i32>) -> Option<Verdict> {
         let Some(c) = &self.closing else {
             return match (&self.api_error, exit_code) {
                 (_, Some(0)) => Some(Verdict::Failed {
@@ -349,13 +311,10 @@ impl ClaudeStream {
                 summary: c.text.clone(),
             });
         }
-        let class = match (c.subtype.as_str(), c.api_error_status) {
+        let class = match (c.subtype.as_str(), c.api_error_status.and_then(class_of_status)) {
             // Limits the deployment set: another attempt hits them again.
             ("error_max_budget_usd" | "error_max_turns", _) => Some(ErrorClass::Permanent),
-            // Refused credentials or a request the API will never take.
-            (_, Some(400 | 401 | 403 | 404 | 413 | 422)) => Some(ErrorClass::Permanent),
-            // Rate limits, overload, timeouts, server errors.
-            (_, Some(408 | 409 | 429 | 500..=599)) => Some(ErrorClass::Retryable),
+            (_, Some(class)) => Some(class),
             ("error_during_execution", _) => Some(ErrorClass::Retryable),
             _ => None,
         };
@@ -365,18 +324,6 @@ impl ClaudeStream {
             class,
         })
     }
-
-    /// `path` relative to the workspace when it is inside it.
-    fn relative(&self, path: &str) -> String {
-        Path::new(path)
-            .strip_prefix(&self.workspace)
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| path.to_owned())
-    }
-}
-
-fn str_at<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or_default()
 }
 
 fn blocks(message: &Value) -> &[Value] {
@@ -384,24 +331,6 @@ fn blocks(message: &Value) -> &[Value] {
         .get("content")
         .and_then(Value::as_array)
         .map_or(&[], Vec::as_slice)
-}
-
-/// A tool result's or error list's text: a string, or the text of its parts.
-fn text_of(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .map(|p| match p {
-                Value::String(s) => s.clone(),
-                other => str_at(other, "text").to_owned(),
-            })
-            .filter(|s| !s.is_empty())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
 }
 
 /// The token counts of a Messages API `usage` object.
