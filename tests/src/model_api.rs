@@ -1,12 +1,14 @@
 //! A stand-in for the model APIs of the coding agents, enough for the real
 //! CLIs to run against it offline: Anthropic's Messages API
-//! (`POST /v1/messages`, for Claude Code) and OpenAI's Responses API
-//! (`POST /v1/responses`, for Codex). Every answer is streamed as
+//! (`POST /v1/messages`, for Claude Code), OpenAI's Responses API
+//! (`POST /v1/responses`, for Codex) and the Gemini API
+//! (`POST /v1beta/models/<model>:streamGenerateContent`, for Gemini CLI). Every answer is streamed as
 //! server-sent events the way the API streams them. The prompt picks the
 //! script with `outcome=<name>`:
 //!
 //! - `write` (the default): turn 1 writes `hello.txt` in the agent's working
-//!   directory (Claude's Write tool; Codex's `exec_command`), turn 2 runs
+//!   directory (Claude's Write tool; Codex's `exec_command`; Gemini's
+//!   `write_file`), turn 2 runs
 //!   `cat hello.txt`, turn 3 answers "Done: wrote hello.txt".
 //! - `unauthorized`: 401.
 //! - `rate_limited`: 429.
@@ -46,6 +48,13 @@ impl Tally {
             + self.output_tokens as f64 * 15.0
             + self.cache_write_tokens as f64 * 3.75
             + self.cache_read_tokens as f64 * 0.30)
+            / 1e6
+    }
+
+    /// What these tokens cost at Gemini 2.5 Flash's list prices (USD per
+    /// million: input 0.30, cached input 0.075, output 2.50).
+    pub fn gemini_2_5_flash_cost(&self) -> f64 {
+        (self.input_tokens as f64 * 0.30 + self.cache_read_tokens as f64 * 0.075 + self.output_tokens as f64 * 2.50)
             / 1e6
     }
 
@@ -133,19 +142,52 @@ fn outcome(script: &str) -> String {
 }
 
 /// The agent's working directory, as its prompt states it (Claude Code:
-/// "Primary working directory: <dir>"; Codex: "<cwd><dir></cwd>").
+/// "Primary working directory: <dir>"; Codex: "<cwd><dir></cwd>"; Gemini
+/// CLI: "**Workspace Directories:**\n  - <dir>").
 fn working_directory(body: &Value) -> String {
     let text = body.to_string();
-    ["Primary working directory: ", "<cwd>"]
-        .iter()
-        .find_map(|marker| text.split(marker).nth(1))
-        .and_then(|rest| rest.split(['\\', '"', '<']).next())
-        .unwrap_or_default()
-        .to_owned()
+    [
+        "Primary working directory: ",
+        "<cwd>",
+        "Workspace Directories:**\\n  - ",
+    ]
+    .iter()
+    .find_map(|marker| text.split(marker).nth(1))
+    .and_then(|rest| rest.split(['\\', '"', '<']).next())
+    .unwrap_or_default()
+    .to_owned()
 }
 
-fn error(status: StatusCode, kind: &str) -> Response<Full<Bytes>> {
-    let body = json!({"type": "error", "error": {"type": kind, "message": format!("stand-in: {kind}")}});
+/// An error answer in the shape of `api`'s own errors.
+fn error(api: Api, status: StatusCode) -> Response<Full<Bytes>> {
+    let message = format!("stand-in: {status}");
+    let body = match api {
+        Api::Messages => {
+            let kind = match status {
+                StatusCode::UNAUTHORIZED => "authentication_error",
+                StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+                StatusCode::NOT_FOUND => "not_found_error",
+                _ => "invalid_request_error",
+            };
+            json!({"type": "error", "error": {"type": kind, "message": message}})
+        }
+        Api::Responses => {
+            let kind = match status {
+                StatusCode::UNAUTHORIZED => "invalid_api_key",
+                StatusCode::TOO_MANY_REQUESTS => "rate_limit_exceeded",
+                _ => "invalid_request_error",
+            };
+            json!({"error": {"type": kind, "code": kind, "message": message}})
+        }
+        Api::Gemini => {
+            let kind = match status {
+                StatusCode::UNAUTHORIZED => "UNAUTHENTICATED",
+                StatusCode::TOO_MANY_REQUESTS => "RESOURCE_EXHAUSTED",
+                _ => "INVALID_ARGUMENT",
+            };
+            json!({"error": {"code": status.as_u16(), "message": message, "status": kind}})
+        }
+    };
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -162,13 +204,15 @@ fn sse(out: &mut String, event: &str, data: Value) {
 enum Api {
     Messages,
     Responses,
+    Gemini,
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let api = match req.uri().path() {
         p if p.ends_with("/v1/messages") => Api::Messages,
         p if p.ends_with("/v1/responses") => Api::Responses,
-        _ => return Ok(error(StatusCode::NOT_FOUND, "not_found_error")),
+        p if p.ends_with(":streamGenerateContent") => Api::Gemini,
+        _ => return Ok(error(Api::Messages, StatusCode::NOT_FOUND)),
     };
     let body: Value = req
         .into_body()
@@ -180,16 +224,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
     let script = match api {
         Api::Messages => body["messages"][0].to_string(),
         Api::Responses => body["input"].to_string(),
+        Api::Gemini => body["contents"].to_string(),
     };
     match outcome(&script).as_str() {
-        "unauthorized" => return Ok(error(StatusCode::UNAUTHORIZED, "authentication_error")),
-        "rate_limited" => return Ok(error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error")),
+        "unauthorized" => return Ok(error(api, StatusCode::UNAUTHORIZED)),
+        "rate_limited" => return Ok(error(api, StatusCode::TOO_MANY_REQUESTS)),
         _ => {}
     }
     let dir = working_directory(&body);
     if dir.is_empty() {
         // Never script a write to a path we do not know.
-        return Ok(error(StatusCode::BAD_REQUEST, "invalid_request_error"));
+        return Ok(error(api, StatusCode::BAD_REQUEST));
     }
     let turn = 1 + match api {
         Api::Messages => body["messages"]
@@ -198,6 +243,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         Api::Responses => body["input"]
             .as_array()
             .map_or(0, |i| i.iter().filter(|i| i["type"] == "function_call_output").count()),
+        Api::Gemini => script.matches("\"functionResponse\"").count(),
     };
     let held = *state.hold.lock().unwrap() == Some(turn);
     if held {
@@ -222,12 +268,32 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
     let out = match api {
         Api::Messages => messages(&body, turn, &dir, (input, output, cache_read, cache_write)),
         Api::Responses => responses(turn, (input, output, cache_read)),
+        Api::Gemini => gemini(turn, &dir, (input, output, cache_read)),
     };
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "text/event-stream")
         .body(Full::new(Bytes::from(out)))
         .unwrap())
+}
+
+/// A turn of the Gemini API: `write_file`, then `run_shell_command`, then
+/// the answer, in one streamed chunk.
+fn gemini(turn: usize, dir: &str, (input, output, cached): (i64, i64, i64)) -> String {
+    let parts = match turn {
+        1 => json!([{"text": "I will write the file."},
+                     {"functionCall": {"name": "write_file",
+                                       "args": {"file_path": format!("{dir}/hello.txt"), "content": "hello from gemini\n"}}}]),
+        2 => json!([{"functionCall": {"name": "run_shell_command",
+                                      "args": {"command": "cat hello.txt", "description": "Show the file"}}}]),
+        _ => json!([{"text": "Done: wrote hello.txt"}]),
+    };
+    // The Gemini API counts cached tokens inside promptTokenCount.
+    let chunk = json!({"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
+                       "usageMetadata": {"promptTokenCount": input + cached, "cachedContentTokenCount": cached,
+                                         "candidatesTokenCount": output, "totalTokenCount": input + cached + output},
+                       "modelVersion": "gemini-2.5-flash"});
+    format!("data: {chunk}\r\n\r\n")
 }
 
 /// A turn of the Responses API: Codex's `exec_command` function, then the answer.

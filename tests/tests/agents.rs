@@ -63,6 +63,22 @@ fn codex(api: &ModelApi, home: &std::path::Path) -> Vec<(String, String)> {
     .collect()
 }
 
+/// An executor running Gemini CLI against `api`'s Gemini API.
+fn gemini(api: &ModelApi, home: &std::path::Path) -> Vec<(String, String)> {
+    [
+        ("OMOI_RUNNER", "gemini"),
+        ("OMOI_AGENT_BIN", &agent_cli("gemini").display().to_string()),
+        ("OMOI_AGENT_MODEL", "gemini-2.5-flash"),
+        ("GOOGLE_GEMINI_BASE_URL", api.url.as_str()),
+        ("GEMINI_API_KEY", SECRET),
+        ("HOME", &home.display().to_string()),
+        ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
 fn spec(title: &str, phase: i32, depends_on: Vec<i32>, max_retries: i32) -> pb::TaskSpec {
     pb::TaskSpec {
         title: title.to_owned(),
@@ -384,6 +400,88 @@ async fn codex_works_a_ticket_with_an_estimated_cost_and_classified_failures() {
         "{}",
         task.error_message
     );
+    assert!(!format!("{done:?}{failed:?}{events:?}").contains(SECRET));
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(home);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_works_a_ticket_with_an_estimated_cost_and_a_refused_key_fails_for_good() {
+    let infra = Infra::new().await.unwrap();
+    let api = ModelApi::start().await.unwrap();
+    let home = tempdir("gemini-home");
+    let mut mesh = ProcessMesh::start(
+        &infra,
+        Options {
+            executors: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    mesh.add_executor(&infra, &gemini(&api, &home)).await.unwrap();
+    let tickets = mesh.tickets();
+    let queue = client(&mesh.task_queue.url);
+
+    let created = file(&tickets, "hello, gemini", vec![spec("write hello.txt", 1, vec![], 0)]).await;
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let task = &done.tasks[0];
+    let result = omoi_proto::convert::struct_to_json(task.result.as_ref().unwrap());
+    assert_eq!(result["summary"], "Done: wrote hello.txt");
+    let ws = std::path::Path::new(result["workspace"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(ws.join("hello.txt")).unwrap(),
+        "hello from gemini\n"
+    );
+    let events: Vec<AgentEvent> = queue
+        .clone()
+        .stream_task_output(tq::StreamTaskOutputRequest {
+            task_id: task.id.clone(),
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|m| m.unwrap().event.unwrap())
+        .collect()
+        .await;
+    use AgentEventKind::*;
+    assert_eq!(
+        kinds(&events),
+        [
+            Message, ToolCall, ToolResult, FileChange, ToolCall, ToolResult, Command, Message, Usage, Result
+        ]
+    );
+    let usage = task.usage.as_ref().expect("usage on the task");
+    let tally = api.tally();
+    assert_eq!(tally.answers, 3);
+    assert_eq!(
+        (
+            usage.input_tokens,
+            usage.cache_read_tokens,
+            usage.output_tokens,
+            usage.turns
+        ),
+        (tally.input_tokens, tally.cache_read_tokens, tally.output_tokens, 3)
+    );
+    assert!(
+        (usage.cost_usd - tally.gemini_2_5_flash_cost()).abs() < 1e-9,
+        "{usage:?}"
+    );
+    assert!(usage.cost_estimated);
+    assert_eq!(usage.model, "gemini-2.5-flash");
+
+    let t = file(&tickets, "a", vec![spec("outcome=unauthorized", 1, vec![], 2)]).await;
+    let failed = wait_ticket(&tickets, &t.ticket.unwrap().id, FAILED).await;
+    let task = &failed.tasks[0];
+    assert_eq!(
+        (task.attempt, task.error_class),
+        (1, PERMANENT),
+        "{}",
+        task.error_message
+    );
+    assert!(task.error_message.starts_with("gemini: "), "{}", task.error_message);
     assert!(!format!("{done:?}{failed:?}{events:?}").contains(SECRET));
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();

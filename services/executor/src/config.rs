@@ -16,6 +16,8 @@ pub enum RunnerKind {
     ClaudeCode,
     /// Codex (`codex exec --json`).
     Codex,
+    /// Gemini CLI (`gemini -p ... --output-format stream-json`).
+    Gemini,
 }
 
 impl RunnerKind {
@@ -25,6 +27,7 @@ impl RunnerKind {
             RunnerKind::Openhands => "openhands",
             RunnerKind::ClaudeCode => "claude-code",
             RunnerKind::Codex => "codex",
+            RunnerKind::Gemini => "gemini",
         }
     }
 
@@ -33,6 +36,7 @@ impl RunnerKind {
         match self {
             RunnerKind::ClaudeCode => Some("claude"),
             RunnerKind::Codex => Some("codex"),
+            RunnerKind::Gemini => Some("gemini"),
             RunnerKind::Command | RunnerKind::Openhands => None,
         }
     }
@@ -116,8 +120,8 @@ pub struct Config {
     #[arg(long, env = "OMOI_KILL_GRACE_SECONDS", default_value_t = 5.0)]
     pub kill_grace_seconds: f64,
 
-    /// The coding-agent CLI (claude-code, codex runners); default `claude`
-    /// or `codex` on PATH.
+    /// The coding-agent CLI (claude-code, codex, gemini runners); default
+    /// `claude`, `codex` or `gemini` on PATH.
     #[arg(long, env = "OMOI_AGENT_BIN")]
     pub agent_bin: Option<String>,
 
@@ -147,6 +151,14 @@ pub struct Config {
     /// model provider of its own).
     #[arg(long, env = "OPENAI_BASE_URL")]
     pub openai_base_url: Option<String>,
+
+    /// Gemini CLI's API key (from a secret; only the gemini agent sees it).
+    #[arg(long, env = "GEMINI_API_KEY", hide_env_values = true)]
+    pub gemini_api_key: Option<String>,
+
+    /// Gemini CLI's model API address, when not Google's.
+    #[arg(long, env = "GOOGLE_GEMINI_BASE_URL")]
+    pub google_gemini_base_url: Option<String>,
 
     /// Prices (USD per million tokens) to add to or override the built-in
     /// table that estimates the cost of agents that report no money.

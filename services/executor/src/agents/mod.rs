@@ -1,12 +1,13 @@
-//! The coding-agent CLI runners (`claude-code`, `codex`): the CLI started
+//! The coding-agent CLI runners (`claude-code`, `codex`, `gemini`): the CLI started
 //! headless in the task's workspace with the prompt, its structured output
 //! read line by line into agent events by the CLI's own reader, which also
 //! says what the run spent and how it ended.
 
 mod claude;
 mod codex;
+mod gemini;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use omoi_domain::ErrorClass;
@@ -36,6 +37,7 @@ pub struct AgentCli {
 pub enum CliKind {
     Claude,
     Codex,
+    Gemini,
 }
 
 /// Reads one CLI's output.
@@ -52,6 +54,8 @@ pub struct CliRunner {
     kind: CliKind,
     cli: AgentCli,
     prices: PriceTable,
+    /// Gemini CLI's home of its own (see `gemini::env`).
+    home: Option<PathBuf>,
 }
 
 impl CliKind {
@@ -62,8 +66,26 @@ impl CliKind {
 }
 
 impl CliRunner {
-    pub fn new(kind: CliKind, cli: AgentCli, prices: PriceTable) -> Self {
-        Self { kind, cli, prices }
+    /// `state` is a directory of the executor's own, for what a CLI needs
+    /// set up once.
+    pub fn new(kind: CliKind, cli: AgentCli, prices: PriceTable, state: &Path) -> Result<Self, RunnerError> {
+        let home = match kind {
+            CliKind::Gemini => {
+                let home = state.join("gemini");
+                gemini::prepare_home(&home).map_err(|e| RunnerError::Config {
+                    setting: "OMOI_WORKSPACE_ROOT",
+                    message: format!("cannot prepare {}: {e}", home.display()),
+                })?;
+                Some(home)
+            }
+            CliKind::Claude | CliKind::Codex => None,
+        };
+        Ok(Self {
+            kind,
+            cli,
+            prices,
+            home,
+        })
     }
 
     pub async fn run(
@@ -86,6 +108,13 @@ impl CliRunner {
                 codex::argv(&self.cli, &ctx.prompt),
                 Box::new(codex::CodexStream::new(&ctx.workspace, self.cli.model.clone())),
             ),
+            CliKind::Gemini => {
+                env.extend(gemini::env(&self.cli, self.home.as_deref()));
+                (
+                    gemini::argv(&self.cli, &ctx.prompt),
+                    Box::new(gemini::GeminiStream::new(&ctx.workspace)),
+                )
+            }
         };
         let spawn = Spawn {
             argv,

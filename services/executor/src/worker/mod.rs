@@ -58,16 +58,20 @@ impl Runner {
                 config.llm_api_key.clone(),
                 Duration::from_millis(config.openhands_poll_ms.max(10)),
             )?)),
-            RunnerKind::ClaudeCode => Runner::Cli(CliRunner::new(
-                CliKind::Claude,
-                agent_cli(config, kill_grace)?,
-                PriceTable::load(config.price_table_file.as_deref())?,
-            )),
-            RunnerKind::Codex => Runner::Cli(CliRunner::new(
-                CliKind::Codex,
-                agent_cli(config, kill_grace)?,
-                PriceTable::load(config.price_table_file.as_deref())?,
-            )),
+            RunnerKind::ClaudeCode | RunnerKind::Codex | RunnerKind::Gemini => {
+                let kind = match config.runner {
+                    RunnerKind::ClaudeCode => CliKind::Claude,
+                    RunnerKind::Codex => CliKind::Codex,
+                    _ => CliKind::Gemini,
+                };
+                Runner::Cli(CliRunner::new(
+                    kind,
+                    agent_cli(config, kill_grace)?,
+                    PriceTable::load(config.price_table_file.as_deref())?,
+                    // Beside the workspaces, which are <root>/<task id>/<attempt>.
+                    &config.workspace_root.join(".omoi"),
+                )?)
+            }
         })
     }
 
@@ -103,6 +107,10 @@ fn agent_cli(config: &Config, kill_grace: Duration) -> Result<AgentCli, RunnerEr
         RunnerKind::ClaudeCode => [
             ("ANTHROPIC_API_KEY", &config.anthropic_api_key),
             ("ANTHROPIC_BASE_URL", &config.anthropic_base_url),
+        ],
+        RunnerKind::Gemini => [
+            ("GEMINI_API_KEY", &config.gemini_api_key),
+            ("GOOGLE_GEMINI_BASE_URL", &config.google_gemini_base_url),
         ],
         _ => [
             ("OPENAI_API_KEY", &config.openai_api_key),
