@@ -488,6 +488,61 @@ async fn gemini_works_a_ticket_with_an_estimated_cost_and_a_refused_key_fails_fo
     let _ = std::fs::remove_dir_all(home);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_read_the_executors_secrets() {
+    use std::os::unix::fs::PermissionsExt;
+    let infra = Infra::new().await.unwrap();
+    let secrets = tempdir("secrets");
+    let token_file = secrets.join("auth-token");
+    let token = format!("omoi-token-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut mesh = ProcessMesh::start(
+        &infra,
+        Options {
+            executors: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // The agent tries the executor's environment and its secret file, and
+    // writes in its workspace; its last line says how each went.
+    let script = format!(
+        "e=denied; f=denied; w=no; \
+         cat /proc/$PPID/environ >/dev/null 2>&1 && e=READ; \
+         cat {file} >/dev/null 2>&1 && f=READ; \
+         echo proof > proof.txt && w=yes; \
+         echo \"user=$(id -un) home=$HOME environ=$e file=$f wrote=$w\"",
+        file = token_file.display()
+    );
+    let command = format!("sh -c '{script}'");
+    let env: Vec<(String, String)> = [
+        ("OMOI_RUNNER_COMMAND", command.as_str()),
+        ("OMOI_AGENT_USER", "nobody"),
+        ("OMOI_AUTH_TOKEN_FILE", &token_file.display().to_string()),
+        ("ANTHROPIC_API_KEY", SECRET),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    mesh.add_executor(&infra, &env).await.unwrap();
+    let tickets = mesh.tickets();
+    let created = file(&tickets, "try the secrets", vec![spec("try", 1, vec![], 0)]).await;
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let result = omoi_proto::convert::struct_to_json(done.tasks[0].result.as_ref().unwrap());
+    let summary = result["summary"].as_str().unwrap();
+    assert!(summary.starts_with("user=nobody home="), "{summary}");
+    assert!(summary.ends_with("environ=denied file=denied wrote=yes"), "{summary}");
+    let ws = std::path::Path::new(result["workspace"].as_str().unwrap());
+    assert_eq!(std::fs::read_to_string(ws.join("proof.txt")).unwrap(), "proof\n");
+    let everything = format!("{done:?}");
+    assert!(!everything.contains(SECRET) && !everything.contains(&token));
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(secrets);
+}
+
 fn tempdir(what: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("omoi-{what}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -22,6 +22,12 @@ pub struct CommonArgs {
     )]
     pub database_url: String,
 
+    /// A file holding the PostgreSQL URL, read instead of DATABASE_URL (so
+    /// that the secret is not in the process's environment). Parsed, the
+    /// field holds the file's content.
+    #[arg(long, env = "DATABASE_URL_FILE", value_parser = secret_file, hide_env_values = true)]
+    pub database_url_file: Option<String>,
+
     /// NATS URL (JetStream enabled).
     #[arg(
         long,
@@ -31,9 +37,17 @@ pub struct CommonArgs {
     )]
     pub nats_url: String,
 
+    /// A file holding the NATS URL, read instead of NATS_URL.
+    #[arg(long, env = "NATS_URL_FILE", value_parser = secret_file, hide_env_values = true)]
+    pub nats_url_file: Option<String>,
+
     /// Bearer token required on every RPC but health and reflection; unset = no auth.
     #[arg(long, env = "OMOI_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+
+    /// A file holding the bearer token, read instead of OMOI_AUTH_TOKEN.
+    #[arg(long, env = "OMOI_AUTH_TOKEN_FILE", value_parser = secret_file, hide_env_values = true)]
+    pub auth_token_file: Option<String>,
 
     /// Subject prefix of omoi's NATS messages.
     #[arg(long, env = "OMOI_SUBJECT_PREFIX", default_value = "omoi")]
@@ -77,6 +91,18 @@ pub struct CommonArgs {
     pub shutdown_grace_seconds: u64,
 }
 
+/// The secret in the file a `*_FILE` setting names, without its trailing
+/// line break.
+pub fn secret_file(path: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+/// A secret given by a file (preferred) or by value.
+pub fn secret(value: &Option<String>, file: &Option<String>) -> Option<String> {
+    file.clone().or_else(|| value.clone()).filter(|s| !s.is_empty())
+}
+
 /// A listen address flag with a per-service default.
 pub fn parse_listen(value: &str) -> Result<SocketAddr, String> {
     value
@@ -94,9 +120,21 @@ pub enum Command {
 }
 
 impl CommonArgs {
+    pub fn database_url(&self) -> &str {
+        self.database_url_file.as_deref().unwrap_or(&self.database_url)
+    }
+
+    pub fn nats_url(&self) -> &str {
+        self.nats_url_file.as_deref().unwrap_or(&self.nats_url)
+    }
+
+    pub fn auth_token(&self) -> Option<String> {
+        secret(&self.auth_token, &self.auth_token_file)
+    }
+
     /// How this process calls the other services.
     pub fn connector(&self) -> anyhow::Result<crate::grpc::Connector> {
-        crate::grpc::Connector::new(self.auth_token.as_deref(), &self.tls)
+        crate::grpc::Connector::new(self.auth_token().as_deref(), &self.tls)
     }
 
     /// Where this process's events and output go on NATS.

@@ -38,7 +38,7 @@ impl Host {
         Ok(Self {
             name,
             common: common.clone(),
-            auth: RequireBearer::new(common.auth_token.as_deref()),
+            auth: RequireBearer::new(common.auth_token().as_deref()),
             grace: Duration::from_secs(common.shutdown_grace_seconds),
             background: CancellationToken::new(),
             tasks: JoinSet::new(),

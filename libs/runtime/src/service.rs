@@ -47,20 +47,20 @@ impl Base {
     /// Connects lazily to PostgreSQL and NATS: nothing here waits for them,
     /// so the server comes up and reports NOT_SERVING until they are there.
     pub async fn connect(common: &CommonArgs, name: &'static str, db_max_connections: u32) -> anyhow::Result<Self> {
-        let store = Store::connect_lazy(&common.database_url, db_max_connections).with_context(|| {
+        let store = Store::connect_lazy(common.database_url(), db_max_connections).with_context(|| {
             format!(
                 "DATABASE_URL {} is not a valid PostgreSQL URL",
-                redact(&common.database_url)
+                redact(common.database_url())
             )
         })?;
         let host = Host::new(common, name)?;
-        let nats = omoi_bus::connect(&common.nats_url, name).await?;
+        let nats = omoi_bus::connect(common.nats_url(), name).await?;
         Ok(Self {
             host,
             store,
             nats,
             topology: common.topology(),
-            database_url: common.database_url.clone(),
+            database_url: common.database_url().to_owned(),
             jobs: Vec::new(),
             migrated: Arc::new(OnceCell::new()),
         })

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
-use omoi_runtime::config::{CommonArgs, parse_listen};
+use omoi_runtime::config::{CommonArgs, parse_listen, secret_file};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RunnerKind {
@@ -107,6 +107,12 @@ pub struct Config {
     #[arg(long, env = "OMOI_AGENT_LABELS", default_value = "")]
     pub labels: String,
 
+    /// The unprivileged user (name or uid) agent processes run as, so that
+    /// they cannot read the executor's secrets; needs the executor to run as
+    /// root. Unset: the executor's own user.
+    #[arg(long, env = "OMOI_AGENT_USER")]
+    pub agent_user: Option<String>,
+
     /// Environment variables the agent process may see (comma list); the
     /// executor's own secrets stay out.
     #[arg(
@@ -139,6 +145,11 @@ pub struct Config {
     #[arg(long, env = "ANTHROPIC_API_KEY", hide_env_values = true)]
     pub anthropic_api_key: Option<String>,
 
+    /// A file holding ANTHROPIC_API_KEY, read instead of it (the secret stays out of
+    /// the executor's environment). Parsed, the field holds the content.
+    #[arg(long, env = "ANTHROPIC_API_KEY_FILE", value_parser = secret_file, hide_env_values = true)]
+    pub anthropic_api_key_file: Option<String>,
+
     /// Claude Code's model API address, when not Anthropic's.
     #[arg(long, env = "ANTHROPIC_BASE_URL")]
     pub anthropic_base_url: Option<String>,
@@ -146,6 +157,11 @@ pub struct Config {
     /// Codex's API key (from a secret; only the codex agent sees it).
     #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
     pub openai_api_key: Option<String>,
+
+    /// A file holding OPENAI_API_KEY, read instead of it (the secret stays out of
+    /// the executor's environment). Parsed, the field holds the content.
+    #[arg(long, env = "OPENAI_API_KEY_FILE", value_parser = secret_file, hide_env_values = true)]
+    pub openai_api_key_file: Option<String>,
 
     /// Codex's Responses API address, when not OpenAI's (configured as a
     /// model provider of its own).
@@ -155,6 +171,11 @@ pub struct Config {
     /// Gemini CLI's API key (from a secret; only the gemini agent sees it).
     #[arg(long, env = "GEMINI_API_KEY", hide_env_values = true)]
     pub gemini_api_key: Option<String>,
+
+    /// A file holding GEMINI_API_KEY, read instead of it (the secret stays out of
+    /// the executor's environment). Parsed, the field holds the content.
+    #[arg(long, env = "GEMINI_API_KEY_FILE", value_parser = secret_file, hide_env_values = true)]
+    pub gemini_api_key_file: Option<String>,
 
     /// Gemini CLI's model API address, when not Google's.
     #[arg(long, env = "GOOGLE_GEMINI_BASE_URL")]
@@ -173,6 +194,11 @@ pub struct Config {
     #[arg(long, env = "OPENHANDS_API_KEY", hide_env_values = true)]
     pub openhands_api_key: Option<String>,
 
+    /// A file holding OPENHANDS_API_KEY, read instead of it (the secret stays out of
+    /// the executor's environment). Parsed, the field holds the content.
+    #[arg(long, env = "OPENHANDS_API_KEY_FILE", value_parser = secret_file, hide_env_values = true)]
+    pub openhands_api_key_file: Option<String>,
+
     /// How often a running conversation is polled, in milliseconds.
     #[arg(long, env = "OPENHANDS_POLL_MS", default_value_t = 1000)]
     pub openhands_poll_ms: u64,
@@ -184,6 +210,11 @@ pub struct Config {
     /// The model's API key (from a secret; never logged).
     #[arg(long, env = "LLM_API_KEY", hide_env_values = true)]
     pub llm_api_key: Option<String>,
+
+    /// A file holding LLM_API_KEY, read instead of it (the secret stays out of
+    /// the executor's environment). Parsed, the field holds the content.
+    #[arg(long, env = "LLM_API_KEY_FILE", value_parser = secret_file, hide_env_values = true)]
+    pub llm_api_key_file: Option<String>,
 }
 
 impl Config {

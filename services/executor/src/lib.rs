@@ -2,6 +2,7 @@
 //! queue, runs each through the configured runner in its own workspace,
 //! streams the output, reports the outcome, and drains on SIGTERM.
 
+mod agent_user;
 mod agents;
 pub mod config;
 mod events;
@@ -34,9 +35,10 @@ pub const SERVICE_NAME: &str = "omoi.executor.v1.ExecutorService";
 /// Runs the executor until `shutdown`, then drains: no new work, runs get
 /// the grace period to finish, the rest is stopped and handed back.
 pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
+    agent_user::protect_executor();
     let common = config.common.clone();
     let mut host = Host::new(&common, "omoi-executor")?;
-    let nats = omoi_bus::connect(&common.nats_url, "omoi-executor").await?;
+    let nats = omoi_bus::connect(common.nats_url(), "omoi-executor").await?;
     let topology = common.topology();
     let agent_id = Uuid::now_v7();
     let runs = Arc::new(runs::Runs::new(agent_id, Some(nats.clone()), topology.clone()));

@@ -28,6 +28,8 @@ pub struct Spawn {
     pub timeout: Option<Duration>,
     /// Between SIGTERM and SIGKILL when stopped.
     pub kill_grace: Duration,
+    /// (uid, gid) to run as; None: the executor's own.
+    pub identity: Option<(u32, u32)>,
 }
 
 /// How it ended.
@@ -48,7 +50,12 @@ pub async fn run(
 ) -> Result<Ended, RunnerError> {
     let started = Instant::now();
     let program = &spawn.argv[0];
-    let mut child = tokio::process::Command::new(program)
+    let mut command = tokio::process::Command::new(program);
+    if let Some((uid, gid)) = spawn.identity {
+        // Dropping from root also drops the supplementary groups.
+        command.uid(uid).gid(gid);
+    }
+    let mut child = command
         .args(&spawn.argv[1..])
         .current_dir(&spawn.cwd)
         .env_clear()

@@ -4,6 +4,7 @@
 //! the run's events.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use omoi_domain::{ErrorClass, Phase};
@@ -11,6 +12,7 @@ use omoi_proto::common::{OutputStream, Usage};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::agent_user::AgentUser;
 use crate::events::EventSink;
 use crate::process::{self, Spawn};
 
@@ -24,18 +26,31 @@ pub struct RunContext {
     pub workspace: PathBuf,
     /// Kill the run after this long (the task's own timeout).
     pub timeout: Option<Duration>,
+    /// Who the agent process runs as; None: the executor's own user.
+    pub user: Option<Arc<AgentUser>>,
 }
 
 impl RunContext {
-    /// The variables every agent process gets about its task.
+    /// The variables every agent process gets about its task (and, run as
+    /// an agent user, its HOME, over the allow-listed one).
     pub fn task_env(&self) -> Vec<(String, String)> {
-        vec![
+        let mut env = vec![
             ("OMOI_TASK_PROMPT".into(), self.prompt.clone()),
             ("OMOI_TASK_ID".into(), self.task_id.to_string()),
             ("OMOI_TASK_ATTEMPT".into(), self.attempt.to_string()),
             ("OMOI_TASK_PHASE".into(), self.phase.as_str().into()),
             ("OMOI_WORKSPACE".into(), self.workspace.display().to_string()),
-        ]
+        ];
+        if let Some(user) = &self.user {
+            env.push(("HOME".into(), user.home.display().to_string()));
+            env.push(("USER".into(), user.name.clone()));
+        }
+        env
+    }
+
+    /// The (uid, gid) the agent process runs as, if not the executor's.
+    pub fn identity(&self) -> Option<(u32, u32)> {
+        self.user.as_ref().map(|u| (u.uid, u.gid))
     }
 }
 
@@ -164,6 +179,7 @@ impl CommandRunner {
             stdin: Some(ctx.prompt.clone()),
             timeout: ctx.timeout,
             kill_grace: self.kill_grace,
+            identity: ctx.identity(),
         };
         let ended = process::run(spawn, out, &mut |l| out.line(OutputStream::Stdout, l), stop).await?;
         Ok(ended.into())
@@ -193,6 +209,7 @@ mod tests {
             prompt: "do the thing".into(),
             workspace: dir.to_path_buf(),
             timeout: None,
+            user: None,
         }
     }
 

@@ -8,7 +8,7 @@ async fn main() -> std::process::ExitCode {
     let config = Config::parse();
     let _telemetry = omoi_runtime::telemetry::init("omoi-ticket", config.common.log_format, "info");
     let result = match config.command {
-        Some(Command::Migrate) => migrate(&config.common.database_url).await,
+        Some(Command::Migrate) => migrate(config.common.database_url()).await,
         Some(Command::Serve) | None => match listen(config.listen_addr) {
             Ok(incoming) => serve(config.clone(), incoming, omoi_runtime::shutdown::on_signal()).await,
             Err(e) => Err(e),

@@ -15,6 +15,7 @@ use omoi_proto::common::{AgentEvent, OutputStream, Usage};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent_user::AgentUser;
 use crate::events::EventSink;
 use crate::prices::PriceTable;
 use crate::process::{self, Spawn};
@@ -68,11 +69,21 @@ impl CliKind {
 impl CliRunner {
     /// `state` is a directory of the executor's own, for what a CLI needs
     /// set up once.
-    pub fn new(kind: CliKind, cli: AgentCli, prices: PriceTable, state: &Path) -> Result<Self, RunnerError> {
+    pub fn new(
+        kind: CliKind,
+        cli: AgentCli,
+        prices: PriceTable,
+        state: &Path,
+        user: Option<&AgentUser>,
+    ) -> Result<Self, RunnerError> {
         let home = match kind {
             CliKind::Gemini => {
                 let home = state.join("gemini");
-                gemini::prepare_home(&home).map_err(|e| RunnerError::Config {
+                let prepared = gemini::prepare_home(&home).and_then(|()| match user {
+                    Some(u) => u.give(&home),
+                    None => Ok(()),
+                });
+                prepared.map_err(|e| RunnerError::Config {
                     setting: "OMOI_WORKSPACE_ROOT",
                     message: format!("cannot prepare {}: {e}", home.display()),
                 })?;
@@ -124,6 +135,7 @@ impl CliRunner {
             stdin: None,
             timeout: ctx.timeout,
             kill_grace: self.cli.kill_grace,
+            identity: ctx.identity(),
         };
         let ended = process::run(
             spawn,

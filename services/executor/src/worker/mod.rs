@@ -19,11 +19,13 @@ use omoi_proto::domain::WireEnum;
 use omoi_proto::health::agent_health_service_client::AgentHealthServiceClient;
 use omoi_proto::taskqueue::{self as tq, task_queue_service_client::TaskQueueServiceClient};
 use omoi_proto::ticket::ticket_service_client::TicketServiceClient;
+use omoi_runtime::config::secret;
 use omoi_runtime::status::transient;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
 
+use crate::agent_user::AgentUser;
 use crate::agents::{AgentCli, CliKind, CliRunner};
 use crate::config::{Config, RunnerKind};
 use crate::events::EventSink;
@@ -41,8 +43,14 @@ enum Runner {
     Cli(CliRunner),
 }
 
+/// The executor's own directory beside the workspaces, which are
+/// `<root>/<task id>/<attempt>`.
+fn state_dir(config: &Config) -> std::path::PathBuf {
+    config.workspace_root.join(".omoi")
+}
+
 impl Runner {
-    fn new(config: &Config) -> anyhow::Result<Self> {
+    fn new(config: &Config, user: Option<&AgentUser>) -> anyhow::Result<Self> {
         let kill_grace = Duration::from_secs_f64(config.kill_grace_seconds.max(0.0));
         Ok(match config.runner {
             RunnerKind::Command => {
@@ -53,9 +61,9 @@ impl Runner {
             }
             RunnerKind::Openhands => Runner::OpenHands(Box::new(OpenHandsRunner::new(
                 &config.openhands_url,
-                config.openhands_api_key.clone(),
+                secret(&config.openhands_api_key, &config.openhands_api_key_file),
                 config.llm_model.clone(),
-                config.llm_api_key.clone(),
+                secret(&config.llm_api_key, &config.llm_api_key_file),
                 Duration::from_millis(config.openhands_poll_ms.max(10)),
             )?)),
             RunnerKind::ClaudeCode | RunnerKind::Codex | RunnerKind::Gemini => {
@@ -68,8 +76,8 @@ impl Runner {
                     kind,
                     agent_cli(config, kill_grace)?,
                     PriceTable::load(config.price_table_file.as_deref())?,
-                    // Beside the workspaces, which are <root>/<task id>/<attempt>.
-                    &config.workspace_root.join(".omoi"),
+                    &state_dir(config),
+                    user,
                 )?)
             }
         })
@@ -105,21 +113,30 @@ fn agent_cli(config: &Config, kill_grace: Duration) -> Result<AgentCli, RunnerEr
     // The agent's key and API reach only the agent that uses them.
     let keys = match config.runner {
         RunnerKind::ClaudeCode => [
-            ("ANTHROPIC_API_KEY", &config.anthropic_api_key),
-            ("ANTHROPIC_BASE_URL", &config.anthropic_base_url),
+            (
+                "ANTHROPIC_API_KEY",
+                secret(&config.anthropic_api_key, &config.anthropic_api_key_file),
+            ),
+            ("ANTHROPIC_BASE_URL", config.anthropic_base_url.clone()),
         ],
         RunnerKind::Gemini => [
-            ("GEMINI_API_KEY", &config.gemini_api_key),
-            ("GOOGLE_GEMINI_BASE_URL", &config.google_gemini_base_url),
+            (
+                "GEMINI_API_KEY",
+                secret(&config.gemini_api_key, &config.gemini_api_key_file),
+            ),
+            ("GOOGLE_GEMINI_BASE_URL", config.google_gemini_base_url.clone()),
         ],
         _ => [
-            ("OPENAI_API_KEY", &config.openai_api_key),
-            ("OPENAI_BASE_URL", &config.openai_base_url),
+            (
+                "OPENAI_API_KEY",
+                secret(&config.openai_api_key, &config.openai_api_key_file),
+            ),
+            ("OPENAI_BASE_URL", config.openai_base_url.clone()),
         ],
     };
     for (name, value) in keys {
-        if let Some(v) = value.as_ref().filter(|v| !v.is_empty()) {
-            env.push((name.to_owned(), v.clone()));
+        if let Some(v) = value.filter(|v| !v.is_empty()) {
+            env.push((name.to_owned(), v));
         }
     }
     Ok(AgentCli {
@@ -145,6 +162,8 @@ pub struct Worker {
     pub accepting: AtomicBool,
     interval_secs: AtomicU64,
     repositories: Mutex<HashMap<String, String>>,
+    /// Who agents run as (`OMOI_AGENT_USER`).
+    agent_user: Option<Arc<AgentUser>>,
 }
 
 /// Phases from `INITIAL,IMPLEMENTATION` (with or without the PHASE_ prefix).
@@ -211,7 +230,13 @@ where
 
 impl Worker {
     pub fn new(config: Config, runs: Arc<Runs>, agent_id: Uuid) -> anyhow::Result<Self> {
-        let runner = Runner::new(&config)?;
+        let agent_user = config
+            .agent_user
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .map(|u| AgentUser::resolve(u, &state_dir(&config)).map(Arc::new))
+            .transpose()?;
+        let runner = Runner::new(&config, agent_user.as_deref())?;
         anyhow::ensure!(
             (1..=1000).contains(&config.capacity),
             "OMOI_EXECUTOR_CAPACITY must be 1 to 1000, got {}",
@@ -232,6 +257,7 @@ impl Worker {
             accepting: AtomicBool::new(true),
             interval_secs: AtomicU64::new(30),
             repositories: Mutex::new(HashMap::new()),
+            agent_user,
         })
     }
 

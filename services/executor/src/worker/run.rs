@@ -125,6 +125,7 @@ impl Worker {
             prompt: Self::prompt(&task, phase),
             workspace: dir.clone(),
             timeout: (task.timeout_seconds > 0).then(|| Duration::from_secs(task.timeout_seconds as u64)),
+            user: self.agent_user.clone(),
         };
         let outcome = self.runner.run(&ctx, &*run, &run.stop).await;
         let changed = workspace::changed(&before, &workspace::snapshot(&dir));
@@ -158,7 +159,14 @@ impl Worker {
         let parsed = workspace::parse_repository(&repo).map_err(|e| (e.to_string(), Some(ErrorClass::Permanent)))?;
         workspace::prepare(dir, parsed.as_ref())
             .await
-            .map_err(|e| (e.to_string(), None))
+            .map_err(|e| (e.to_string(), None))?;
+        if let Some(user) = &self.agent_user {
+            user.give(dir).map_err(|e| {
+                let message = format!("cannot hand the workspace to {}: {e}", user.name);
+                (message, Some(ErrorClass::Permanent))
+            })?;
+        }
+        Ok(())
     }
 
     async fn clean_up(&self, dir: &Path, succeeded: bool) {
