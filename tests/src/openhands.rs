@@ -165,9 +165,20 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
                             _ => {}
                         }
                     }
+                    // What the agent-server's ConversationStats reports: the
+                    // agent's LLM and a condenser's, each with its metrics.
+                    let metrics = |model: &str, cost: f64, prompt: i64, completion: i64, cache_read: i64| {
+                        json!({"model_name": model, "accumulated_cost": cost,
+                               "accumulated_token_usage": {"model": model, "prompt_tokens": prompt,
+                                   "completion_tokens": completion, "cache_read_tokens": cache_read,
+                                   "cache_write_tokens": 5, "reasoning_tokens": 0, "context_window": 200000}})
+                    };
+                    let stats = json!({"usage_to_metrics": {
+                        "agent": metrics(&c.model, 0.0125, 1200, 300, 200),
+                        "condenser": metrics(&c.model, 0.0025, 400, 50, 0)}});
                     reply(
                         StatusCode::OK,
-                        json!({"id": id, "execution_status": c.status, "stats": {"accumulated_cost": 0.01}}),
+                        json!({"id": id, "execution_status": c.status, "stats": stats}),
                     )
                 }
                 (Method::GET, ["events", "search"]) => {

@@ -85,6 +85,24 @@ async fn conversations_finish_fail_stop_and_refuse_as_scripted() {
     let conv = server.conversation(&task).expect("the task id is the conversation id");
     assert!(conv.deleted, "conversations are deleted when done");
     assert_eq!(conv.model, "scripted/model");
+    // The conversation's stats, summed over its LLMs (agent and condenser),
+    // cached prompt tokens taken out of the input.
+    let usage = done.tasks[0]
+        .usage
+        .as_ref()
+        .expect("usage from the conversation's stats");
+    assert_eq!(
+        (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_tokens,
+            usage.cache_write_tokens
+        ),
+        (1390, 350, 200, 10)
+    );
+    assert!((usage.cost_usd - 0.015).abs() < 1e-9 && !usage.cost_estimated);
+    assert_eq!(usage.model, "scripted/model");
+    assert_eq!(done.ticket.as_ref().unwrap().usage.as_ref(), Some(usage));
 
     let (id, _) = file(&tickets, "outcome=error", 1, 0).await;
     let failed = wait_ticket(&tickets, &id, FAILED).await;

@@ -11,11 +11,11 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use omoi_proto::common::OutputStream;
+use omoi_proto::common::{OutputStream, Usage};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::events::EventSink;
+use crate::events::{self, EventSink};
 use crate::runner::{RunContext, RunOutcome, RunnerError, Stopped};
 
 pub struct OpenHandsRunner {
@@ -212,11 +212,15 @@ impl OpenHandsRunner {
                 } else {
                     out.line(OutputStream::Stderr, format!("openhands conversation ended: {status}"));
                 }
+                let usage = usage_of(&info.body["stats"]);
+                if let Some(u) = &usage {
+                    out.emit(events::usage(u));
+                }
                 return Ok(RunOutcome {
                     exit_code: Some(exit_code),
                     stopped: None,
                     duration: started.elapsed(),
-                    usage: None,
+                    usage,
                     verdict: None,
                 });
             }
@@ -356,4 +360,31 @@ fn describe(e: &Value) -> String {
         }
     }
     String::new()
+}
+
+/// What a conversation spent, from its info's `stats` (the agent-server's
+/// ConversationStats: `usage_to_metrics`, one entry per LLM the
+/// conversation used, each with `accumulated_cost` and
+/// `accumulated_token_usage`). Prompt tokens count the cached ones, which
+/// are taken out of the input here.
+fn usage_of(stats: &Value) -> Option<Usage> {
+    let metrics = stats.get("usage_to_metrics")?.as_object()?;
+    let mut sum = Usage::default();
+    let mut models: Vec<String> = Vec::new();
+    for m in metrics.values() {
+        let t = &m["accumulated_token_usage"];
+        let n = |k: &str| t.get(k).and_then(Value::as_i64).unwrap_or_default();
+        let (cache_read, cache_write) = (n("cache_read_tokens"), n("cache_write_tokens"));
+        sum.input_tokens += (n("prompt_tokens") - cache_read - cache_write).max(0);
+        sum.output_tokens += n("completion_tokens");
+        sum.cache_read_tokens += cache_read;
+        sum.cache_write_tokens += cache_write;
+        sum.cost_usd += m.get("accumulated_cost").and_then(Value::as_f64).unwrap_or_default();
+        let model = m.get("model_name").and_then(Value::as_str).unwrap_or_default();
+        if !model.is_empty() && !models.iter().any(|x| x == model) {
+            models.push(model.to_owned());
+        }
+    }
+    sum.model = models.join(", ");
+    (sum != Usage::default()).then_some(sum)
 }
