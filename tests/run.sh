@@ -18,12 +18,6 @@ if ! "$venv/bin/python" -c 'import helm_python' 2>/dev/null; then
 fi
 export OMOI_HELM_PYTHON="$PWD/$venv/bin/python"
 # The coding-agent CLIs the agent tests drive, at the pinned versions.
-agents=.ci/agents
-if [ ! -x "$agents/node_modules/.bin/claude" ] || ! cmp -s deploy/agents/package-lock.json "$agents/package-lock.json"; then
-    echo "omoi: installing the pinned agent CLIs into $agents" >&2
-    mkdir -p "$agents"
-    cp deploy/agents/package.json deploy/agents/package-lock.json "$agents/"
-    (cd "$agents" && npm ci --no-audit --no-fund --loglevel=error)
-fi
+ensure_agent_clis
 cargo build --workspace --bins
 cargo test --workspace "$@"

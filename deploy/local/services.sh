@@ -46,3 +46,21 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     ensure_postgres
     ensure_nats
 fi
+
+# Installs the coding-agent CLIs (Claude Code, Codex, Gemini CLI) at the
+# versions pinned in deploy/agents/package-lock.json into .ci/agents, unless
+# they are there already, and puts them first on PATH.
+ensure_agent_clis() {
+    local agents=.ci/agents
+    if [ ! -x "$agents/node_modules/.bin/claude" ] || ! cmp -s deploy/agents/package-lock.json "$agents/package-lock.json"; then
+        if ! command -v npm >/dev/null 2>&1; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+        fi
+        echo "omoi: installing the pinned agent CLIs into $agents" >&2
+        mkdir -p "$agents"
+        cp deploy/agents/package.json deploy/agents/package-lock.json "$agents/"
+        (cd "$agents" && npm ci --no-audit --no-fund --loglevel=error)
+    fi
+    PATH="$PWD/$agents/node_modules/.bin:$PATH"
+    export PATH
+}

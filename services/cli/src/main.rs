@@ -134,8 +134,27 @@ pub fn print_ticket_summary(r: &pb::GetTicketResponse, workspaces: &std::path::P
         } else if !task.error_message.is_empty() {
             println!("              error: {}", task.error_message);
         }
+        if let Some(u) = &task.usage {
+            println!("              {}", usage_line(u));
+        }
+    }
+    if let Some(u) = &t.usage {
+        println!("Spent: {}", usage_line(u));
     }
     println!("Workspaces are under {}.", workspaces.display());
+}
+
+/// Tokens, cost and model of a usage, on one line.
+pub fn usage_line(u: &omoi_proto::common::Usage) -> String {
+    format!(
+        "{} in / {} out / {} cached tokens, ${:.4}{}, {}",
+        u.input_tokens,
+        u.output_tokens,
+        u.cache_read_tokens + u.cache_write_tokens,
+        u.cost_usd,
+        if u.cost_estimated { " (estimated)" } else { "" },
+        if u.model.is_empty() { "model unknown" } else { &u.model }
+    )
 }
 
 /// Prints events of a ticket as they come, until its stream ends.

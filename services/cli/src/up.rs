@@ -30,6 +30,21 @@ pub struct Up {
     /// Where the executors make their workspaces.
     #[arg(long, env = "OMOI_WORKSPACE_ROOT")]
     workspace_root: Option<PathBuf>,
+    /// Who does the work: the bundled demo agent (`command`) or a coding
+    /// agent, with its key from this environment (ANTHROPIC_API_KEY,
+    /// OPENAI_API_KEY or GEMINI_API_KEY, or their *_FILE forms).
+    #[arg(long, default_value = "command", value_parser = ["command", "claude-code", "codex", "gemini"])]
+    runner: String,
+}
+
+/// The key a coding-agent runner needs, by the variable that holds it.
+fn key_of(runner: &str) -> Option<&'static str> {
+    match runner {
+        "claude-code" => Some("ANTHROPIC_API_KEY"),
+        "codex" => Some("OPENAI_API_KEY"),
+        "gemini" => Some("GEMINI_API_KEY"),
+        _ => None,
+    }
 }
 
 struct Proc {
@@ -115,11 +130,12 @@ impl Launcher {
         })
     }
 
-    /// An executor running the demo agent in `workspaces`.
-    fn executor(&self, n: u16, port: u16, workspaces: &Path) -> anyhow::Result<Proc> {
+    /// An executor running `runner` (the demo agent for `command`) in
+    /// `workspaces`; a coding agent's key comes from this environment.
+    fn executor(&self, n: u16, port: u16, workspaces: &Path, runner: &str) -> anyhow::Result<Proc> {
         let agent = self.bin_dir.join("omoi-demo-agent").display().to_string();
         let env = vec![
-            ("OMOI_RUNNER".to_string(), "command".to_string()),
+            ("OMOI_RUNNER".to_string(), runner.to_string()),
             ("OMOI_RUNNER_COMMAND".to_string(), agent),
             ("OMOI_WORKSPACE_ROOT".to_string(), workspaces.display().to_string()),
             (
@@ -133,6 +149,14 @@ impl Launcher {
 
 impl Up {
     pub async fn run(self) -> anyhow::Result<()> {
+        if let Some(key) = key_of(&self.runner) {
+            let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+            anyhow::ensure!(
+                set(key) || set(&format!("{key}_FILE")),
+                "--runner {} needs {key} (or {key}_FILE) in the environment",
+                self.runner
+            );
+        }
         let ports: Vec<u16> = (0..3 + self.executors).map(|i| self.base_port + i).collect();
         for p in &ports {
             anyhow::ensure!(
@@ -189,7 +213,7 @@ impl Up {
         ready(&mut procs[1]).await?;
         ready(&mut procs[2]).await?;
         for i in 0..self.executors {
-            procs.push(launcher.executor(i + 1, ports[3 + i as usize], workspaces)?);
+            procs.push(launcher.executor(i + 1, ports[3 + i as usize], workspaces, &self.runner)?);
             let last = procs.len() - 1;
             ready(&mut procs[last]).await?;
         }
