@@ -8,7 +8,7 @@ use std::time::Duration;
 use omoi_proto::taskqueue::watch_assignments_response::Event as StreamEvent;
 use omoi_proto::taskqueue::{self as pb};
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Streaming};
+use tonic::Streaming;
 use uuid::Uuid;
 
 use crate::TaskQueueClient;
@@ -230,8 +230,9 @@ pub fn spawn_workers(
 }
 
 /// Sends a report until it is answered: a service that is restarting
-/// (unavailable, connection refused) gets it again; a refusal (the attempt
-/// was taken back) ends it. True when the report was accepted.
+/// (unavailable, connection refused, a stream reset) gets it again; a
+/// refusal (the attempt was taken back) ends it. True when the report was
+/// accepted.
 async fn report<F, Fut>(stop: &CancellationToken, mut send: F) -> bool
 where
     F: FnMut() -> Fut,
@@ -241,12 +242,8 @@ where
     loop {
         match send().await {
             Ok(()) => return true,
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-                ) =>
-            {
+            // The executor's rule for what is worth sending again.
+            Err(s) if omoi_runtime::status::transient(s.code()) => {
                 if stop.is_cancelled() || tokio::time::Instant::now() > deadline {
                     return false;
                 }

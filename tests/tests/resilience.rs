@@ -50,6 +50,37 @@ async fn completed_in_db(infra: &Infra) -> (i64, i64) {
     row
 }
 
+/// The tasks not completed yet, by status, attempt and agent: what a
+/// failure to finish shows.
+async fn unfinished(infra: &Infra) -> String {
+    let pool = infra.db.connect().await.unwrap();
+    let rows: Vec<(String, i32, Option<uuid::Uuid>, i64)> = sqlx::query_as(
+        "SELECT status, attempt, assigned_agent_id, count(*) FROM tasks WHERE status <> 'completed'
+         GROUP BY 1, 2, 3 ORDER BY 4 DESC LIMIT 20",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    format!("{rows:?}")
+}
+
+/// Waits until the ledger has all `n` completions; fails showing what is
+/// left unfinished.
+async fn wait_all_completed(infra: &Infra, ledger: &Ledger, n: usize) {
+    let deadline = tokio::time::Instant::now() + LONG;
+    while ledger.completed() < n {
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "{} of {n} tasks completed; unfinished (status, attempt, agent, count): {}",
+                ledger.completed(),
+                unfinished(infra).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn outbox_backlog(infra: &Infra) -> i64 {
     let pool = infra.db.connect().await.unwrap();
     let n = sqlx::query_scalar("SELECT count(*) FROM event_outbox")
@@ -235,10 +266,7 @@ async fn restart_mid_run(how: Stop) {
 
     let second = spawn_task_queue(&infra, port);
     wait_serving(&second.url, LONG).await.unwrap();
-    eventually(LONG, "all tasks completed", || async {
-        (ledger.completed() == N).then_some(())
-    })
-    .await;
+    wait_all_completed(&infra, &ledger, N).await;
     stop.cancel();
     for w in workers {
         let _ = w.await;

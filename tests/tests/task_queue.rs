@@ -876,3 +876,44 @@ async fn a_report_with_a_bad_usage_is_refused_and_a_good_one_kept() {
     assert_eq!((done.status, done.usage), (COMPLETED, Some(spent)));
     s.finish().await;
 }
+
+#[tokio::test]
+async fn an_assignment_not_started_within_its_lease_goes_back_to_the_queue() {
+    let s = setup_with(|c| c.start_timeout_seconds = 1.0).await;
+    let t = enqueue(&s.client, vec![new_task("lost", 1)]).await.remove(0);
+    // An agent that takes the task and never says a word about it.
+    let mut silent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let a1 = silent.next_assignment(WAIT).await.unwrap();
+    assert_eq!(a1.attempt, 1);
+    let revoked = silent.next_cancellation(WAIT).await.expect("told to drop it");
+    assert_eq!((revoked.task_id.as_str(), revoked.attempt), (t.id.as_str(), 1));
+    assert!(revoked.reason.contains("not started within 1 s"), "{}", revoked.reason);
+    // Back in the queue for whoever takes it next; the lost attempt's late
+    // start is refused.
+    let late = silent.start(&a1).await.unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition);
+    let a2 = silent.next_assignment(WAIT).await.expect("assigned again");
+    assert_eq!(a2.attempt, 2);
+    silent.start(&a2).await.unwrap();
+    let done = silent.complete(&a2).await.unwrap();
+    assert_eq!(
+        (done.status, done.retry_count),
+        (COMPLETED, 0),
+        "a lapsed lease spends no retry"
+    );
+    let events = events::read_all(&s.infra.nats_url, &s.infra.topology.stream, 6, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        events::history(&events, &t.id),
+        [
+            "TASK_CREATED",
+            "TASK_ASSIGNED",
+            "TASK_REQUEUED",
+            "TASK_ASSIGNED",
+            "TASK_STARTED",
+            "TASK_COMPLETED"
+        ]
+    );
+    s.finish().await;
+}

@@ -252,6 +252,12 @@ pub fn requeued(task_id: Uuid, ticket_id: Option<Uuid>, attempt: i32, reason: &s
     )
 }
 
+/// Why an assignment not started within the start lease went back to the
+/// queue.
+pub fn start_lapsed(seconds: f64) -> String {
+    format!("not started within {seconds} s of its assignment")
+}
+
 /// The status a report leaves its task in, for recognising a retried report
 /// whose first answer was lost.
 pub fn reported_status(action: Action) -> Option<TaskStatus> {

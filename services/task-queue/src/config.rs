@@ -31,6 +31,12 @@ pub struct Config {
     #[arg(long, env = "OMOI_DEFAULT_TASK_TIMEOUT_SECONDS", default_value_t = 7200)]
     pub default_task_timeout_seconds: i32,
 
+    /// Start lease: an assignment its agent has not started within this
+    /// many seconds goes back to the queue (TASK_REQUEUED), so that a lost
+    /// assignment or a vanished agent or replica strands nothing; 0 = never.
+    #[arg(long, env = "OMOI_START_TIMEOUT_SECONDS", default_value_t = 60.0)]
+    pub start_timeout_seconds: f64,
+
     /// Longest the dispatcher waits without a wake-up before it looks for
     /// ready tasks anyway (a safety net; enqueues and completions wake it).
     #[arg(long, env = "OMOI_DISPATCH_SWEEP_MS", default_value_t = 2000)]

@@ -35,6 +35,11 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         "OMOI_DEFAULT_TASK_TIMEOUT_SECONDS must be 0 (none) to {MAX_TIMEOUT_SECONDS}, got {}",
         config.default_task_timeout_seconds
     );
+    anyhow::ensure!(
+        config.start_timeout_seconds.is_finite() && (0.0..=86_400.0).contains(&config.start_timeout_seconds),
+        "OMOI_START_TIMEOUT_SECONDS must be 0 (never) to 86400, got {}",
+        config.start_timeout_seconds
+    );
     let mut base = Base::connect(common, "omoi-task-queue", config.db_max_connections).await?;
     let dispatcher = Dispatcher::new(
         base.store.clone(),
@@ -49,7 +54,8 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         let d = Arc::clone(&dispatcher);
         base.spawn_after_migration(move |stop| d.follow_peers(stop));
         let (store, d) = (base.store.clone(), Arc::clone(&dispatcher));
-        base.spawn_after_migration(move |stop| monitor::run(store, d, interval, stop));
+        let start_lease = (config.start_timeout_seconds > 0.0).then_some(config.start_timeout_seconds);
+        base.spawn_after_migration(move |stop| monitor::run(store, d, interval, start_lease, stop));
         let store = base.store.clone();
         base.spawn_after_migration(move |stop| monitor::sample(store, Duration::from_secs(5), stop));
         let (store, d) = (base.store.clone(), Arc::clone(&dispatcher));

@@ -1,7 +1,8 @@
 //! Taking work back: the timeout monitor times out running tasks past their
-//! deadline, and the stale-agent consumer takes back the tasks of agents the
-//! health service declared stale. Their agents are told to stop, and the
-//! tasks are retried or failed.
+//! deadline and puts back assignments not started within the start lease,
+//! and the stale-agent consumer takes back the tasks of agents the health
+//! service declared stale. Their agents are told to stop, and the tasks are
+//! retried, failed or requeued.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,13 +15,22 @@ use crate::dispatcher::Dispatcher;
 
 const BATCH: i64 = 100;
 
-pub async fn run(store: Store, dispatcher: Arc<Dispatcher>, every: Duration, shutdown: CancellationToken) {
+pub async fn run(
+    store: Store,
+    dispatcher: Arc<Dispatcher>,
+    every: Duration,
+    start_lease: Option<f64>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if let Some(seconds) = start_lease {
+            put_back_unstarted(&store, &dispatcher, seconds).await;
         }
         loop {
             match store.time_out_expired(BATCH).await {
@@ -46,6 +56,25 @@ pub async fn run(store: Store, dispatcher: Arc<Dispatcher>, every: Duration, shu
                 }
             }
         }
+    }
+}
+
+/// Assignments whose start lease lapsed go back to the queue; their holders
+/// are told to drop them.
+async fn put_back_unstarted(store: &Store, dispatcher: &Dispatcher, seconds: f64) {
+    match store.requeue_unstarted(seconds).await {
+        Ok(revoked) if !revoked.is_empty() => {
+            omoi_runtime::metrics::TASK_OUTCOMES
+                .with_label_values(&["requeued"])
+                .inc_by(revoked.len() as u64);
+            tracing::info!(count = revoked.len(), "requeued assignments not started in time");
+            for r in &revoked {
+                dispatcher.revoke(r);
+            }
+            dispatcher.wake();
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "start lease check failed"),
     }
 }
 

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use omoi_domain::{Phase, Task, rules};
+use omoi_domain::rules::{self, Revoked};
+use omoi_domain::{Phase, Task};
 use uuid::Uuid;
 
 use super::{TaskRow, task_columns, unwrap_rows};
@@ -114,36 +115,89 @@ impl Store {
     /// Puts back the tasks delivered on an assignment stream that were not
     /// started; their attempt stays spent, so a late StartTask is refused.
     pub async fn requeue_session(&self, session: Uuid) -> Result<Vec<Uuid>> {
-        self.requeue_where(None, session, "stream closed").await
+        let put_back = self.requeue_where(Unstarted::OnStream(session)).await?;
+        Ok(put_back.into_iter().map(|r| r.task_id).collect())
     }
 
     /// Puts back an agent's assigned tasks delivered on any stream but
     /// `current` (an earlier connection that is gone).
     pub async fn requeue_agent_except(&self, agent_id: Uuid, current: Uuid) -> Result<Vec<Uuid>> {
-        self.requeue_where(Some(agent_id), current, "agent reconnected").await
+        let put_back = self.requeue_where(Unstarted::OtherStreams(agent_id, current)).await?;
+        Ok(put_back.into_iter().map(|r| r.task_id).collect())
     }
 
-    async fn requeue_where(&self, agent: Option<Uuid>, session: Uuid, reason: &str) -> Result<Vec<Uuid>> {
-        let mut tx = self.pool().begin().await?;
-        let rows: Vec<(Uuid, Option<Uuid>, i32, Option<String>)> = sqlx::query_as(
-            "UPDATE tasks t
+    /// Puts back the tasks assigned more than `seconds` ago and still not
+    /// started (the start lease lapsed: the assignment was lost, or its
+    /// agent or replica went away without a word); their holders are to be
+    /// told.
+    pub async fn requeue_unstarted(&self, seconds: f64) -> Result<Vec<Revoked>> {
+        self.requeue_where(Unstarted::Lapsed(seconds)).await
+    }
+
+    async fn requeue_where(&self, which: Unstarted) -> Result<Vec<Revoked>> {
+        // The statement per case, so that each uses its own index.
+        let (filter, reason) = match which {
+            Unstarted::OnStream(_) => ("t.assignment_session = $1", "stream closed".to_owned()),
+            Unstarted::OtherStreams(..) => (
+                "t.assignment_session IS DISTINCT FROM $1 AND t.assigned_agent_id = $2",
+                "agent reconnected".to_owned(),
+            ),
+            Unstarted::Lapsed(seconds) => (
+                "t.assigned_at < now() - make_interval(secs => $1)",
+                rules::start_lapsed(seconds),
+            ),
+        };
+        let sql = format!(
+            "WITH held AS (
+                 SELECT t.id, t.assigned_agent_id FROM tasks t
+                 WHERE t.status = 'assigned' AND {filter}
+                 ORDER BY t.seq FOR UPDATE SKIP LOCKED
+             )
+             UPDATE tasks t
              SET status = 'pending', assigned_agent_id = NULL, assignment_session = NULL,
                  updated_at = now(), next_attempt_at = now()
-             WHERE t.status = 'assigned'
-               AND CASE WHEN $1::uuid IS NULL THEN t.assignment_session = $2
-                        ELSE t.assigned_agent_id = $1 AND t.assignment_session IS DISTINCT FROM $2 END
-             RETURNING t.id, t.ticket_id, t.attempt, t.trace_context",
-        )
-        .bind(agent)
-        .bind(session)
-        .fetch_all(&mut *tx)
-        .await?;
+             FROM held WHERE t.id = held.id
+             RETURNING t.id, t.ticket_id, t.attempt, t.trace_context, held.assigned_agent_id"
+        );
+        let query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+        let query = match which {
+            Unstarted::OnStream(session) => query.bind(session),
+            Unstarted::OtherStreams(agent, session) => query.bind(session).bind(agent),
+            Unstarted::Lapsed(seconds) => query.bind(seconds),
+        };
+        let mut tx = self.pool().begin().await?;
+        let rows: Vec<PutBack> = query.fetch_all(&mut *tx).await?;
         let (evs, traces): (Vec<_>, Vec<_>) = rows
             .iter()
-            .map(|(id, ticket, attempt, trace)| (rules::requeued(*id, *ticket, *attempt, reason), trace.clone()))
+            .map(|(id, ticket, attempt, trace, _)| (rules::requeued(*id, *ticket, *attempt, &reason), trace.clone()))
             .unzip();
         events::insert_traced(&mut tx, &evs, &traces).await?;
         self.commit(tx).await?;
-        Ok(rows.into_iter().map(|(id, ..)| id).collect())
+        Ok(rows
+            .into_iter()
+            .filter_map(|(task_id, _, attempt, _, agent)| {
+                agent.map(|agent_id| Revoked {
+                    agent_id,
+                    task_id,
+                    attempt,
+                    reason: reason.clone(),
+                })
+            })
+            .collect())
     }
+}
+
+/// A task put back: id, ticket, attempt, trace context, and the agent that
+/// held it.
+type PutBack = (Uuid, Option<Uuid>, i32, Option<String>, Option<Uuid>);
+
+/// Which assigned, unstarted tasks go back to the queue.
+#[derive(Debug, Clone, Copy)]
+enum Unstarted {
+    /// Those delivered on this stream.
+    OnStream(Uuid),
+    /// The agent's, delivered on any stream but this one.
+    OtherStreams(Uuid, Uuid),
+    /// Any assigned more than this many seconds ago.
+    Lapsed(f64),
 }
