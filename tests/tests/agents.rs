@@ -149,29 +149,97 @@ fn kinds(events: &[AgentEvent]) -> Vec<AgentEventKind> {
         .collect()
 }
 
+/// A mesh of processes with no executor yet, a stand-in model API and a
+/// home directory for the agents.
+struct Rig {
+    infra: Infra,
+    api: ModelApi,
+    home: std::path::PathBuf,
+    mesh: ProcessMesh,
+    tickets: TicketClient,
+}
+
+impl Rig {
+    async fn start() -> Rig {
+        let infra = Infra::new().await.unwrap();
+        let api = ModelApi::start().await.unwrap();
+        let home = tempdir("agent-home");
+        let mesh = ProcessMesh::start(
+            &infra,
+            Options {
+                executors: 0,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let tickets = mesh.tickets();
+        Rig {
+            infra,
+            api,
+            home,
+            mesh,
+            tickets,
+        }
+    }
+
+    async fn executor(&mut self, env: &[(String, String)]) {
+        self.mesh.add_executor(&self.infra, env).await.unwrap();
+    }
+
+    /// A one-task ticket of the `write` script, completed: the ticket, the
+    /// task's result, and its agent events once it ended. The agent's answer
+    /// is the summary and its file, saying `hello`, is in the workspace.
+    async fn write_hello(&self, hello: &str) -> (pb::GetTicketResponse, serde_json::Value, Vec<AgentEvent>) {
+        let created = file(&self.tickets, "hello", vec![spec("write hello.txt", 1, vec![], 0)]).await;
+        let done = wait_ticket(&self.tickets, &created.ticket.unwrap().id, COMPLETED).await;
+        let task = &done.tasks[0];
+        let result = omoi_proto::convert::struct_to_json(task.result.as_ref().unwrap());
+        assert_eq!(result["summary"], "Done: wrote hello.txt");
+        let ws = std::path::Path::new(result["workspace"].as_str().unwrap());
+        assert_eq!(std::fs::read_to_string(ws.join("hello.txt")).unwrap(), hello);
+        let events = client(&self.mesh.task_queue.url)
+            .stream_task_output(tq::StreamTaskOutputRequest {
+                task_id: task.id.clone(),
+                follow: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .map(|m| m.unwrap().event.unwrap())
+            .collect()
+            .await;
+        (done, result, events)
+    }
+
+    /// The task of a one-task ticket of `phase` that failed for good.
+    async fn failed(&self, title: &str, phase: i32, max_retries: i32) -> tq::Task {
+        let t = file(&self.tickets, title, vec![spec(title, phase, vec![], max_retries)]).await;
+        let failed = wait_ticket(&self.tickets, &t.ticket.unwrap().id, FAILED).await;
+        let task = failed.tasks[0].clone();
+        assert!(!format!("{task:?}").contains(SECRET));
+        task
+    }
+
+    async fn stop(self) {
+        self.mesh.stop().await.unwrap();
+        self.infra.cleanup().await.unwrap();
+        let _ = std::fs::remove_dir_all(self.home);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claude_code_works_a_ticket_streaming_its_events_and_cost() {
-    let infra = Infra::new().await.unwrap();
-    let api = ModelApi::start().await.unwrap();
-    let home = tempdir("claude-home");
-    let mut mesh = ProcessMesh::start(
-        &infra,
-        Options {
-            executors: 0,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut rig = Rig::start().await;
     let bin = agent_cli("claude").display().to_string();
-    mesh.add_executor(&infra, &claude(&api, &home, "", &bin)).await.unwrap();
-    let tickets = mesh.tickets();
-    let queue = client(&mesh.task_queue.url);
+    rig.executor(&claude(&rig.api, &rig.home, "", &bin)).await;
+    let (api, tickets) = (&rig.api, &rig.tickets);
+    let queue = client(&rig.mesh.task_queue.url);
 
     // The first run's second turn waits, so that we join it in the middle.
     api.hold(2);
     let created = file(
-        &tickets,
+        tickets,
         "hello, claude",
         vec![spec("write hello.txt", 1, vec![], 0), spec("check it", 2, vec![0], 0)],
     )
@@ -196,7 +264,7 @@ async fn claude_code_works_a_ticket_streaming_its_events_and_cost() {
     })
     .await;
     assert!(collected.is_ok(), "the stream ends once the task is done: {events:?}");
-    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let done = wait_ticket(tickets, &created.ticket.unwrap().id, COMPLETED).await;
 
     // History, then the live events, then the end: every event, in order.
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
@@ -243,38 +311,19 @@ async fn claude_code_works_a_ticket_streaming_its_events_and_cost() {
     // The key reached the agent, and nothing else.
     let everything = format!("{events:?}{done:?}");
     assert!(!everything.contains(SECRET));
-    mesh.stop().await.unwrap();
-    infra.cleanup().await.unwrap();
-    let _ = std::fs::remove_dir_all(home);
+    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claude_code_failures_are_classified_from_what_it_reports() {
-    let infra = Infra::new().await.unwrap();
-    let api = ModelApi::start().await.unwrap();
-    let home = tempdir("claude-home");
-    let mut mesh = ProcessMesh::start(
-        &infra,
-        Options {
-            executors: 0,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut rig = Rig::start().await;
     let bin = agent_cli("claude").display().to_string();
-    mesh.add_executor(&infra, &claude(&api, &home, "INITIAL", &bin))
-        .await
-        .unwrap();
-    mesh.add_executor(&infra, &claude(&api, &home, "REFACTORING", "/nonexistent/bin/claude"))
-        .await
-        .unwrap();
-    let tickets = mesh.tickets();
+    rig.executor(&claude(&rig.api, &rig.home, "INITIAL", &bin)).await;
+    rig.executor(&claude(&rig.api, &rig.home, "REFACTORING", "/nonexistent/bin/claude"))
+        .await;
 
     // Refused credentials: permanent, at once.
-    let t = file(&tickets, "a", vec![spec("outcome=unauthorized", 1, vec![], 2)]).await;
-    let failed = wait_ticket(&tickets, &t.ticket.unwrap().id, FAILED).await;
-    let task = &failed.tasks[0];
+    let task = rig.failed("outcome=unauthorized", 1, 2).await;
     assert_eq!(
         (task.attempt, task.error_class),
         (1, PERMANENT),
@@ -285,9 +334,7 @@ async fn claude_code_failures_are_classified_from_what_it_reports() {
     assert!(task.error_message.contains("401"), "{}", task.error_message);
 
     // A rate limit: retryable, so retried until the retries run out.
-    let t = file(&tickets, "b", vec![spec("outcome=rate_limited", 1, vec![], 1)]).await;
-    let failed = wait_ticket(&tickets, &t.ticket.unwrap().id, FAILED).await;
-    let task = &failed.tasks[0];
+    let task = rig.failed("outcome=rate_limited", 1, 1).await;
     assert_eq!(
         (task.attempt, task.retry_count, task.error_class),
         (2, 1, RETRYABLE),
@@ -297,9 +344,7 @@ async fn claude_code_failures_are_classified_from_what_it_reports() {
     assert!(task.error_message.contains("429"), "{}", task.error_message);
 
     // A CLI that is not there: permanent, naming the binary and the setting.
-    let t = file(&tickets, "c", vec![spec("anything", 4, vec![], 3)]).await;
-    let failed = wait_ticket(&tickets, &t.ticket.unwrap().id, FAILED).await;
-    let task = &failed.tasks[0];
+    let task = rig.failed("anything", 4, 3).await;
     assert_eq!(
         (task.attempt, task.error_class),
         (1, PERMANENT),
@@ -311,51 +356,14 @@ async fn claude_code_failures_are_classified_from_what_it_reports() {
         "{}",
         task.error_message
     );
-    mesh.stop().await.unwrap();
-    infra.cleanup().await.unwrap();
-    let _ = std::fs::remove_dir_all(home);
+    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn codex_works_a_ticket_with_an_estimated_cost_and_classified_failures() {
-    let infra = Infra::new().await.unwrap();
-    let api = ModelApi::start().await.unwrap();
-    let home = tempdir("codex-home");
-    let mut mesh = ProcessMesh::start(
-        &infra,
-        Options {
-            executors: 0,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    mesh.add_executor(&infra, &codex(&api, &home)).await.unwrap();
-    let tickets = mesh.tickets();
-    let queue = client(&mesh.task_queue.url);
-
-    let created = file(&tickets, "hello, codex", vec![spec("write hello.txt", 1, vec![], 0)]).await;
-    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
-    let task = &done.tasks[0];
-    let result = omoi_proto::convert::struct_to_json(task.result.as_ref().unwrap());
-    assert_eq!(result["summary"], "Done: wrote hello.txt");
-    let ws = std::path::Path::new(result["workspace"].as_str().unwrap());
-    assert_eq!(
-        std::fs::read_to_string(ws.join("hello.txt")).unwrap(),
-        "hello from codex\n"
-    );
-    let events: Vec<AgentEvent> = queue
-        .clone()
-        .stream_task_output(tq::StreamTaskOutputRequest {
-            task_id: task.id.clone(),
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|m| m.unwrap().event.unwrap())
-        .collect()
-        .await;
+    let mut rig = Rig::start().await;
+    rig.executor(&codex(&rig.api, &rig.home)).await;
+    let (done, _, events) = rig.write_hello("hello from codex\n").await;
     use AgentEventKind::*;
     let seen: Vec<AgentEventKind> = kinds(&events).into_iter().filter(|k| *k != Error).collect();
     assert_eq!(
@@ -368,8 +376,8 @@ async fn codex_works_a_ticket_with_an_estimated_cost_and_classified_failures() {
     assert!(commands[1].text.contains("cat hello.txt"), "{}", commands[1].text);
     assert_eq!(commands[1].exit_code, Some(0));
     // Tokens as the stand-in reported them; the cost from the price table.
-    let usage = task.usage.as_ref().expect("usage on the task");
-    let tally = api.tally();
+    let usage = done.tasks[0].usage.as_ref().expect("usage on the task");
+    let tally = rig.api.tally();
     assert_eq!(tally.answers, 3);
     assert_eq!(
         (usage.input_tokens, usage.cache_read_tokens, usage.output_tokens),
@@ -379,11 +387,10 @@ async fn codex_works_a_ticket_with_an_estimated_cost_and_classified_failures() {
     assert!(usage.cost_estimated);
     assert_eq!(usage.model, "gpt-5-codex");
     assert_eq!(done.ticket.as_ref().unwrap().usage.as_ref(), Some(usage));
+    assert!(!format!("{done:?}{events:?}").contains(SECRET));
 
     // Refused credentials fail for good; a rate limit is retried.
-    let t = file(&tickets, "a", vec![spec("outcome=unauthorized", 1, vec![], 2)]).await;
-    let failed = wait_ticket(&tickets, &t.ticket.unwrap().id, FAILED).await;
-    let task = &failed.tasks[0];
+    let task = rig.failed("outcome=unauthorized", 1, 2).await;
     assert_eq!(
         (task.attempt, task.error_class),
         (1, PERMANENT),
@@ -391,61 +398,21 @@ async fn codex_works_a_ticket_with_an_estimated_cost_and_classified_failures() {
         task.error_message
     );
     assert!(task.error_message.starts_with("codex: "), "{}", task.error_message);
-    let t = file(&tickets, "b", vec![spec("outcome=rate_limited", 1, vec![], 1)]).await;
-    let failed = wait_ticket(&tickets, &t.ticket.unwrap().id, FAILED).await;
-    let task = &failed.tasks[0];
+    let task = rig.failed("outcome=rate_limited", 1, 1).await;
     assert_eq!(
         (task.attempt, task.error_class),
         (2, RETRYABLE),
         "{}",
         task.error_message
     );
-    assert!(!format!("{done:?}{failed:?}{events:?}").contains(SECRET));
-    mesh.stop().await.unwrap();
-    infra.cleanup().await.unwrap();
-    let _ = std::fs::remove_dir_all(home);
+    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemini_works_a_ticket_with_an_estimated_cost_and_a_refused_key_fails_for_good() {
-    let infra = Infra::new().await.unwrap();
-    let api = ModelApi::start().await.unwrap();
-    let home = tempdir("gemini-home");
-    let mut mesh = ProcessMesh::start(
-        &infra,
-        Options {
-            executors: 0,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    mesh.add_executor(&infra, &gemini(&api, &home)).await.unwrap();
-    let tickets = mesh.tickets();
-    let queue = client(&mesh.task_queue.url);
-
-    let created = file(&tickets, "hello, gemini", vec![spec("write hello.txt", 1, vec![], 0)]).await;
-    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
-    let task = &done.tasks[0];
-    let result = omoi_proto::convert::struct_to_json(task.result.as_ref().unwrap());
-    assert_eq!(result["summary"], "Done: wrote hello.txt");
-    let ws = std::path::Path::new(result["workspace"].as_str().unwrap());
-    assert_eq!(
-        std::fs::read_to_string(ws.join("hello.txt")).unwrap(),
-        "hello from gemini\n"
-    );
-    let events: Vec<AgentEvent> = queue
-        .clone()
-        .stream_task_output(tq::StreamTaskOutputRequest {
-            task_id: task.id.clone(),
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|m| m.unwrap().event.unwrap())
-        .collect()
-        .await;
+    let mut rig = Rig::start().await;
+    rig.executor(&gemini(&rig.api, &rig.home)).await;
+    let (done, _, events) = rig.write_hello("hello from gemini\n").await;
     use AgentEventKind::*;
     assert_eq!(
         kinds(&events),
@@ -453,8 +420,8 @@ async fn gemini_works_a_ticket_with_an_estimated_cost_and_a_refused_key_fails_fo
             Message, ToolCall, ToolResult, FileChange, ToolCall, ToolResult, Command, Message, Usage, Result
         ]
     );
-    let usage = task.usage.as_ref().expect("usage on the task");
-    let tally = api.tally();
+    let usage = done.tasks[0].usage.as_ref().expect("usage on the task");
+    let tally = rig.api.tally();
     assert_eq!(tally.answers, 3);
     assert_eq!(
         (
@@ -471,10 +438,9 @@ async fn gemini_works_a_ticket_with_an_estimated_cost_and_a_refused_key_fails_fo
     );
     assert!(usage.cost_estimated);
     assert_eq!(usage.model, "gemini-2.5-flash");
+    assert!(!format!("{done:?}{events:?}").contains(SECRET));
 
-    let t = file(&tickets, "a", vec![spec("outcome=unauthorized", 1, vec![], 2)]).await;
-    let failed = wait_ticket(&tickets, &t.ticket.unwrap().id, FAILED).await;
-    let task = &failed.tasks[0];
+    let task = rig.failed("outcome=unauthorized", 1, 2).await;
     assert_eq!(
         (task.attempt, task.error_class),
         (1, PERMANENT),
@@ -482,30 +448,18 @@ async fn gemini_works_a_ticket_with_an_estimated_cost_and_a_refused_key_fails_fo
         task.error_message
     );
     assert!(task.error_message.starts_with("gemini: "), "{}", task.error_message);
-    assert!(!format!("{done:?}{failed:?}{events:?}").contains(SECRET));
-    mesh.stop().await.unwrap();
-    infra.cleanup().await.unwrap();
-    let _ = std::fs::remove_dir_all(home);
+    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_cannot_read_the_executors_secrets() {
     use std::os::unix::fs::PermissionsExt;
-    let infra = Infra::new().await.unwrap();
+    let mut rig = Rig::start().await;
     let secrets = tempdir("secrets");
     let token_file = secrets.join("auth-token");
     let token = format!("omoi-token-{}", uuid::Uuid::new_v4().simple());
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut mesh = ProcessMesh::start(
-        &infra,
-        Options {
-            executors: 0,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
     // The agent tries the executor's environment and its secret file, and
     // writes in its workspace; its last line says how each went.
     let script = format!(
@@ -526,10 +480,9 @@ async fn an_agent_cannot_read_the_executors_secrets() {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
-    mesh.add_executor(&infra, &env).await.unwrap();
-    let tickets = mesh.tickets();
-    let created = file(&tickets, "try the secrets", vec![spec("try", 1, vec![], 0)]).await;
-    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    rig.executor(&env).await;
+    let created = file(&rig.tickets, "try the secrets", vec![spec("try", 1, vec![], 0)]).await;
+    let done = wait_ticket(&rig.tickets, &created.ticket.unwrap().id, COMPLETED).await;
     let result = omoi_proto::convert::struct_to_json(done.tasks[0].result.as_ref().unwrap());
     let summary = result["summary"].as_str().unwrap();
     assert!(summary.starts_with("user=nobody home="), "{summary}");
@@ -538,8 +491,7 @@ async fn an_agent_cannot_read_the_executors_secrets() {
     assert_eq!(std::fs::read_to_string(ws.join("proof.txt")).unwrap(), "proof\n");
     let everything = format!("{done:?}");
     assert!(!everything.contains(SECRET) && !everything.contains(&token));
-    mesh.stop().await.unwrap();
-    infra.cleanup().await.unwrap();
+    rig.stop().await;
     let _ = std::fs::remove_dir_all(secrets);
 }
 

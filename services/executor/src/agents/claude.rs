@@ -10,14 +10,15 @@
 //! `result`, `num_turns`, `duration_ms`, `total_cost_usd`, `usage`,
 //! `modelUsage`). Anything else is passed on as OUTPUT.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 
 use omoi_domain::ErrorClass;
 use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
 use serde_json::Value;
 
-use super::{AgentCli, AgentStream, class_of_status, relative, str_at, text_of};
+use super::tools::{Dialect, Tools};
+use super::{AgentCli, AgentStream, class_of_status, str_at, text_of};
 use crate::events::{self, event};
 use crate::runner::Verdict;
 
@@ -26,8 +27,13 @@ use crate::runner::Verdict;
 /// permission mode; `OMOI_AGENT_ARGS` can add to both.
 const ALLOWED_TOOLS: &str = "Bash,Edit,MultiEdit,Write,Read,Glob,Grep,LS,NotebookEdit,TodoWrite";
 
-/// Tools that write the file named in their input.
-const FILE_TOOLS: [&str; 4] = ["Write", "Edit", "MultiEdit", "NotebookEdit"];
+/// How Claude Code names its tools.
+static DIALECT: Dialect = Dialect {
+    path_keys: &["file_path", "notebook_path", "path"],
+    shell: "Bash",
+    file_writers: &["Write", "Edit", "MultiEdit", "NotebookEdit"],
+    todos: ("TodoWrite", "content"),
+};
 
 /// The command line of a run.
 pub fn argv(cli: &AgentCli, prompt: &str) -> Vec<String> {
@@ -61,14 +67,6 @@ pub fn env() -> Vec<(String, String)> {
     ]
 }
 
-/// A tool call waiting for its result.
-#[derive(Debug, Clone)]
-struct Pending {
-    tool: String,
-    path: Option<String>,
-    command: Option<String>,
-}
-
 /// The closing `result` line.
 #[derive(Debug, Clone)]
 struct Closing {
@@ -82,9 +80,8 @@ struct Closing {
 /// Reads Claude Code's stream-json output, one line at a time.
 #[derive(Debug)]
 pub struct ClaudeStream {
-    workspace: PathBuf,
     model: String,
-    tools: HashMap<String, Pending>,
+    tools: Tools,
     /// Usage per assistant message id (the parts of one message repeat it),
     /// for a run that ends without its result line.
     messages: BTreeMap<String, Usage>,
@@ -110,9 +107,8 @@ impl AgentStream for ClaudeStream {
 impl ClaudeStream {
     pub fn new(workspace: &Path) -> Self {
         Self {
-            workspace: workspace.to_path_buf(),
             model: String::new(),
-            tools: HashMap::new(),
+            tools: Tools::new(&DIALECT, workspace.to_path_buf()),
             messages: BTreeMap::new(),
             api_error: None,
             closing: None,
@@ -171,33 +167,14 @@ impl ClaudeStream {
             match str_at(block, "type") {
                 "text" => out.push(event(AgentEventKind::Message, str_at(block, "text"))),
                 "thinking" => out.push(event(AgentEventKind::Thinking, str_at(block, "thinking"))),
-                "tool_use" => out.extend(self.tool_use(block)),
+                "tool_use" => out.extend(self.tools.called(
+                    str_at(block, "id"),
+                    str_at(block, "name"),
+                    &block["input"],
+                )),
                 _ => {}
             }
         }
-        out
-    }
-
-    fn tool_use(&mut self, block: &Value) -> Vec<AgentEvent> {
-        let tool = str_at(block, "name").to_owned();
-        let input = &block["input"];
-        let path = ["file_path", "notebook_path", "path"]
-            .into_iter()
-            .find_map(|k| input.get(k).and_then(Value::as_str))
-            .map(|p| relative(&self.workspace, p));
-        let mut out = vec![events::tool_call(&tool, input.to_string(), path.as_deref())];
-        if tool == "TodoWrite"
-            && let Some(todos) = input.get("todos").and_then(Value::as_array)
-        {
-            let plan: Vec<String> = todos
-                .iter()
-                .map(|t| format!("[{}] {}", str_at(t, "status"), str_at(t, "content")))
-                .collect();
-            out.push(event(AgentEventKind::Plan, plan.join("\n")));
-        }
-        let command = input.get("command").and_then(Value::as_str).map(str::to_owned);
-        self.tools
-            .insert(str_at(block, "id").to_owned(), Pending { tool, path, command });
         out
     }
 
@@ -207,28 +184,16 @@ impl ClaudeStream {
             if str_at(block, "type") != "tool_result" {
                 continue;
             }
-            let pending = self.tools.remove(str_at(block, "tool_use_id")).unwrap_or(Pending {
-                tool: String::new(),
-                path: None,
-                command: None,
-            });
             let is_error = block.get("is_error").and_then(Value::as_bool).unwrap_or(false);
-            out.push(events::tool_result(&pending.tool, text_of(&block["content"]), is_error));
-            if let Some(command) = &pending.command
-                && pending.tool == "Bash"
-            {
-                out.push(events::command(command, None, is_error));
-            }
-            if !is_error
-                && FILE_TOOLS.contains(&pending.tool.as_str())
-                && let Some(path) = &pending.path
-            {
-                let how = match str_at(&v["tool_use_result"], "type") {
-                    "create" => "created",
-                    _ => "edited",
-                };
-                out.push(events::file_change(path, how));
-            }
+            let written = match str_at(&v["tool_use_result"], "type") {
+                "create" => "created",
+                _ => "edited",
+            };
+            let output = text_of(&block["content"]);
+            out.extend(
+                self.tools
+                    .returned(str_at(block, "tool_use_id"), output, is_error, written),
+            );
         }
         out
     }

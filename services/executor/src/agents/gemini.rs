@@ -10,19 +10,24 @@
 //! `models`). Exit codes: 0 ok, 1 error, 42 bad input, 53 turn limit.
 //! Gemini CLI reports no money: the cost comes from the price table.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use omoi_domain::ErrorClass;
 use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
 use serde_json::Value;
 
-use super::{AgentCli, AgentStream, class_of_status, relative, str_at};
+use super::tools::{Dialect, Tools};
+use super::{AgentCli, AgentStream, class_of_status, str_at};
 use crate::events::{self, event};
 use crate::runner::Verdict;
 
-/// Tools that write the file named in their parameters.
-const FILE_TOOLS: [&str; 2] = ["write_file", "replace"];
+/// How Gemini CLI names its tools.
+static DIALECT: Dialect = Dialect {
+    path_keys: &["file_path", "absolute_path", "path", "dir_path"],
+    shell: "run_shell_command",
+    file_writers: &["write_file", "replace"],
+    todos: ("write_todos", "description"),
+};
 
 /// The command line of a run: every tool call approved (the workspace is
 /// the agent's own).
@@ -64,13 +69,6 @@ pub fn prepare_home(home: &Path) -> std::io::Result<()> {
 }
 
 #[derive(Debug, Clone)]
-struct Pending {
-    tool: String,
-    path: Option<String>,
-    command: Option<String>,
-}
-
-#[derive(Debug, Clone)]
 struct Closing {
     ok: bool,
     error_type: String,
@@ -81,9 +79,8 @@ struct Closing {
 /// Reads Gemini CLI's stream-json output, one line at a time.
 #[derive(Debug)]
 pub struct GeminiStream {
-    workspace: PathBuf,
     model: String,
-    tools: HashMap<String, Pending>,
+    tools: Tools,
     /// The assistant's message being streamed in pieces.
     message: String,
     /// The last whole assistant message: the run's answer.
@@ -98,9 +95,8 @@ pub struct GeminiStream {
 impl GeminiStream {
     pub fn new(workspace: &Path) -> Self {
         Self {
-            workspace: workspace.to_path_buf(),
             model: String::new(),
-            tools: HashMap::new(),
+            tools: Tools::new(&DIALECT, workspace.to_path_buf()),
             message: String::new(),
             answer: String::new(),
             turns: 0,
@@ -127,53 +123,18 @@ impl GeminiStream {
 
     fn tool_use(&mut self, v: &Value) -> Vec<AgentEvent> {
         self.model_spoke();
-        let tool = str_at(v, "tool_name").to_owned();
-        let params = &v["parameters"];
-        let path = ["file_path", "absolute_path", "path", "dir_path"]
-            .into_iter()
-            .find_map(|k| params.get(k).and_then(Value::as_str))
-            .map(|p| relative(&self.workspace, p));
-        let mut out = vec![events::tool_call(&tool, params.to_string(), path.as_deref())];
-        if tool == "write_todos"
-            && let Some(todos) = params.get("todos").and_then(Value::as_array)
-        {
-            let plan: Vec<String> = todos
-                .iter()
-                .map(|t| format!("[{}] {}", str_at(t, "status"), str_at(t, "description")))
-                .collect();
-            out.push(event(AgentEventKind::Plan, plan.join("\n")));
-        }
-        let command = params.get("command").and_then(Value::as_str).map(str::to_owned);
         self.tools
-            .insert(str_at(v, "tool_id").to_owned(), Pending { tool, path, command });
-        out
+            .called(str_at(v, "tool_id"), str_at(v, "tool_name"), &v["parameters"])
     }
 
     fn tool_result(&mut self, v: &Value) -> Vec<AgentEvent> {
         self.awaiting_model = true;
-        let pending = self.tools.remove(str_at(v, "tool_id")).unwrap_or(Pending {
-            tool: String::new(),
-            path: None,
-            command: None,
-        });
         let failed = str_at(v, "status") != "success";
         let output = match (str_at(v, "output"), str_at(&v["error"], "message")) {
             (out, err) if failed && !err.is_empty() && out.is_empty() => err.to_owned(),
             (out, _) => out.to_owned(),
         };
-        let mut out = vec![events::tool_result(&pending.tool, output, failed)];
-        if let Some(command) = &pending.command
-            && pending.tool == "run_shell_command"
-        {
-            out.push(events::command(command, None, failed));
-        }
-        if !failed
-            && FILE_TOOLS.contains(&pending.tool.as_str())
-            && let Some(path) = &pending.path
-        {
-            out.push(events::file_change(path, "written"));
-        }
-        out
+        self.tools.returned(str_at(v, "tool_id"), output, failed, "written")
     }
 
     fn result(&mut self, v: &Value) -> Vec<AgentEvent> {

@@ -6,6 +6,7 @@
 mod claude;
 mod codex;
 mod gemini;
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
