@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod events;
+pub mod http;
 pub mod infra;
 pub mod mesh;
 pub mod model_api;

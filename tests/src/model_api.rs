@@ -23,9 +23,9 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+
+use crate::http::{Reply, Server};
 use tokio::sync::Notify;
 
 /// The usage the stand-in reported, summed over its answers.
@@ -79,33 +79,18 @@ struct State {
 pub struct ModelApi {
     pub url: String,
     state: Arc<State>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for ModelApi {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _server: Server,
 }
 
 impl ModelApi {
     pub async fn start() -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
         let state = Arc::new(State::default());
-        let s = Arc::clone(&state);
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let s = Arc::clone(&s);
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(Arc::clone(&s), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Ok(Self { url, state, task })
+        let server = Server::start(Arc::clone(&state), handle).await?;
+        Ok(Self {
+            url: server.url.clone(),
+            state,
+            _server: server,
+        })
     }
 
     pub fn tally(&self) -> Tally {
@@ -207,7 +192,7 @@ enum Api {
     Gemini,
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
     let api = match req.uri().path() {
         p if p.ends_with("/v1/messages") => Api::Messages,
         p if p.ends_with("/v1/responses") => Api::Responses,

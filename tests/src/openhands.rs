@@ -11,9 +11,9 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+
+use crate::http::{Reply, Server};
 
 #[derive(Debug, Clone, Default)]
 pub struct Conversation {
@@ -36,36 +36,21 @@ struct State {
 pub struct StandIn {
     pub url: String,
     state: Arc<State>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _server: Server,
 }
 
 impl StandIn {
     pub async fn start(key: Option<&str>) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
         let state = Arc::new(State {
             key: key.map(str::to_owned),
             conversations: Mutex::new(HashMap::new()),
         });
-        let s = Arc::clone(&state);
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let s = Arc::clone(&s);
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(Arc::clone(&s), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Ok(Self { url, state, task })
+        let server = Server::start(Arc::clone(&state), handle).await?;
+        Ok(Self {
+            url: server.url.clone(),
+            state,
+            _server: server,
+        })
     }
 
     pub fn conversation(&self, id: &str) -> Option<Conversation> {
@@ -89,7 +74,7 @@ fn reply(status: StatusCode, body: Value) -> Result<Response<Full<Bytes>>, std::
         .unwrap())
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
     if let Some(key) = &state.key {
         let given = req.headers().get("X-Session-API-Key").and_then(|v| v.to_str().ok());
         if given != Some(key.as_str()) {

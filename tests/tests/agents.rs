@@ -141,6 +141,18 @@ fn assert_usage(usage: &omoi_proto::common::Usage, tally: &Tally, turns: i32) {
     assert_eq!(usage.turns, turns);
 }
 
+/// A usage whose tokens are the stand-in's and whose cost came from the
+/// price table for `model`.
+fn assert_estimated(usage: &omoi_proto::common::Usage, tally: &Tally, cost: f64, model: &str) {
+    assert_eq!(
+        (usage.input_tokens, usage.cache_read_tokens, usage.output_tokens),
+        (tally.input_tokens, tally.cache_read_tokens, tally.output_tokens)
+    );
+    assert!((usage.cost_usd - cost).abs() < 1e-9, "{usage:?}");
+    assert!(usage.cost_estimated);
+    assert_eq!(usage.model, model);
+}
+
 fn kinds(events: &[AgentEvent]) -> Vec<AgentEventKind> {
     events
         .iter()
@@ -210,6 +222,22 @@ impl Rig {
             .collect()
             .await;
         (done, result, events)
+    }
+
+    /// A refused key fails for good, at once, saying which agent refused.
+    async fn refused(&self, agent: &str) {
+        let task = self.failed("outcome=unauthorized", 1, 2).await;
+        assert_eq!(
+            (task.attempt, task.error_class),
+            (1, PERMANENT),
+            "{}",
+            task.error_message
+        );
+        assert!(
+            task.error_message.starts_with(&format!("{agent}: ")),
+            "{}",
+            task.error_message
+        );
     }
 
     /// The task of a one-task ticket of `phase` that failed for good.
@@ -323,15 +351,7 @@ async fn claude_code_failures_are_classified_from_what_it_reports() {
         .await;
 
     // Refused credentials: permanent, at once.
-    let task = rig.failed("outcome=unauthorized", 1, 2).await;
-    assert_eq!(
-        (task.attempt, task.error_class),
-        (1, PERMANENT),
-        "{}",
-        task.error_message
-    );
-    assert!(task.error_message.starts_with("claude: "), "{}", task.error_message);
-    assert!(task.error_message.contains("401"), "{}", task.error_message);
+    rig.refused("claude").await;
 
     // A rate limit: retryable, so retried until the retries run out.
     let task = rig.failed("outcome=rate_limited", 1, 1).await;
@@ -379,25 +399,12 @@ async fn codex_works_a_ticket_with_an_estimated_cost_and_classified_failures() {
     let usage = done.tasks[0].usage.as_ref().expect("usage on the task");
     let tally = rig.api.tally();
     assert_eq!(tally.answers, 3);
-    assert_eq!(
-        (usage.input_tokens, usage.cache_read_tokens, usage.output_tokens),
-        (tally.input_tokens, tally.cache_read_tokens, tally.output_tokens)
-    );
-    assert!((usage.cost_usd - tally.gpt_5_codex_cost()).abs() < 1e-9, "{usage:?}");
-    assert!(usage.cost_estimated);
-    assert_eq!(usage.model, "gpt-5-codex");
+    assert_estimated(usage, &tally, tally.gpt_5_codex_cost(), "gpt-5-codex");
     assert_eq!(done.ticket.as_ref().unwrap().usage.as_ref(), Some(usage));
     assert!(!format!("{done:?}{events:?}").contains(SECRET));
 
     // Refused credentials fail for good; a rate limit is retried.
-    let task = rig.failed("outcome=unauthorized", 1, 2).await;
-    assert_eq!(
-        (task.attempt, task.error_class),
-        (1, PERMANENT),
-        "{}",
-        task.error_message
-    );
-    assert!(task.error_message.starts_with("codex: "), "{}", task.error_message);
+    rig.refused("codex").await;
     let task = rig.failed("outcome=rate_limited", 1, 1).await;
     assert_eq!(
         (task.attempt, task.error_class),
@@ -422,32 +429,11 @@ async fn gemini_works_a_ticket_with_an_estimated_cost_and_a_refused_key_fails_fo
     );
     let usage = done.tasks[0].usage.as_ref().expect("usage on the task");
     let tally = rig.api.tally();
-    assert_eq!(tally.answers, 3);
-    assert_eq!(
-        (
-            usage.input_tokens,
-            usage.cache_read_tokens,
-            usage.output_tokens,
-            usage.turns
-        ),
-        (tally.input_tokens, tally.cache_read_tokens, tally.output_tokens, 3)
-    );
-    assert!(
-        (usage.cost_usd - tally.gemini_2_5_flash_cost()).abs() < 1e-9,
-        "{usage:?}"
-    );
-    assert!(usage.cost_estimated);
-    assert_eq!(usage.model, "gemini-2.5-flash");
+    assert_eq!((tally.answers, usage.turns), (3, 3));
+    assert_estimated(usage, &tally, tally.gemini_2_5_flash_cost(), "gemini-2.5-flash");
     assert!(!format!("{done:?}{events:?}").contains(SECRET));
 
-    let task = rig.failed("outcome=unauthorized", 1, 2).await;
-    assert_eq!(
-        (task.attempt, task.error_class),
-        (1, PERMANENT),
-        "{}",
-        task.error_message
-    );
-    assert!(task.error_message.starts_with("gemini: "), "{}", task.error_message);
+    rig.refused("gemini").await;
     rig.stop().await;
 }
 
