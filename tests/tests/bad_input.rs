@@ -116,7 +116,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
 
     for round in 0..300 {
         let before = counts(&pool).await;
-        let rpc = rng.next() % 24;
+        let rpc = rng.next() % 26;
         let result: Result<(), tonic::Status> = match rpc {
             0 => q
                 .enqueue_tasks(tq::EnqueueTasksRequest {
@@ -299,6 +299,20 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
             22 => e
                 .cancel_execution(ex::CancelExecutionRequest {
                     task_id: rng.text(),
+                    reason: rng.text(),
+                })
+                .await
+                .map(|_| ()),
+            23 => q
+                .retry_task(tq::RetryTaskRequest {
+                    task_id: rng.text(),
+                    reason: rng.text(),
+                })
+                .await
+                .map(|_| ()),
+            24 => t
+                .retry_ticket(pb::RetryTicketRequest {
+                    ticket_id: rng.text(),
                     reason: rng.text(),
                 })
                 .await

@@ -917,3 +917,84 @@ async fn an_assignment_not_started_within_its_lease_goes_back_to_the_queue() {
     );
     s.finish().await;
 }
+
+#[tokio::test]
+async fn an_operator_retries_a_failed_task_and_its_cancelled_dependents_come_back() {
+    let s = setup().await;
+    let root = enqueue(&s.client, vec![new_task("root", 1)]).await.remove(0);
+    let child = pb::NewTask {
+        depends_on: vec![root.id.clone()],
+        ..new_task("child", 1)
+    };
+    let child = enqueue(&s.client, vec![child]).await.remove(0);
+    let grandchild = pb::NewTask {
+        depends_on: vec![child.id.clone()],
+        ..new_task("grandchild", 1)
+    };
+    let grandchild = enqueue(&s.client, vec![grandchild]).await.remove(0);
+    let retry = |task_id: &str| {
+        let mut c = s.client.clone();
+        let request = pb::RetryTaskRequest {
+            task_id: task_id.to_owned(),
+            reason: "the disk is back".into(),
+        };
+        async move { c.retry_task(request).await }
+    };
+    // Not finished: nothing to retry.
+    assert_eq!(retry(&root.id).await.unwrap_err().code(), Code::FailedPrecondition);
+    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let a1 = agent.next_assignment(WAIT).await.unwrap();
+    agent.start(&a1).await.unwrap();
+    agent.fail(&a1, "No space left on device", PERMANENT).await.unwrap();
+    assert_eq!(get(&s.client, &grandchild.id).await.status, CANCELLED);
+    // A dependent waits for its dependency: that one goes round first.
+    let refused = retry(&child.id).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains(&root.id), "{}", refused.message());
+
+    let retried = retry(&root.id).await.unwrap().into_inner();
+    let task = retried.task.unwrap();
+    assert_eq!((task.status, task.retry_count, task.attempt), (PENDING, 0, 1));
+    assert_eq!(task.error_message, "");
+    assert_eq!(retried.restored_dependents, [child.id.clone(), grandchild.id.clone()]);
+    for t in [&child, &grandchild] {
+        assert_eq!(get(&s.client, &t.id).await.status, PENDING);
+    }
+    // Round again, to the end.
+    for want in [&root, &child, &grandchild] {
+        let a = agent.next_assignment(WAIT).await.unwrap();
+        assert_eq!(a.task.as_ref().unwrap().id, want.id);
+        agent.start(&a).await.unwrap();
+        agent.complete(&a).await.unwrap();
+    }
+    let events = events::read_all(&s.infra.nats_url, &s.infra.topology.stream, 20, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        events::history(&events, &root.id),
+        [
+            "TASK_CREATED",
+            "TASK_ASSIGNED",
+            "TASK_STARTED",
+            "TASK_FAILED",
+            "TASK_RETRIED",
+            "TASK_ASSIGNED",
+            "TASK_STARTED",
+            "TASK_COMPLETED"
+        ]
+    );
+    assert_eq!(
+        events::history(&events, &child.id),
+        [
+            "TASK_CREATED",
+            "TASK_CANCELLED",
+            "TASK_RETRIED",
+            "TASK_ASSIGNED",
+            "TASK_STARTED",
+            "TASK_COMPLETED"
+        ]
+    );
+    // Finished well: nothing to retry.
+    assert_eq!(retry(&root.id).await.unwrap_err().code(), Code::FailedPrecondition);
+    s.finish().await;
+}

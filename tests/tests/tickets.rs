@@ -19,6 +19,7 @@ const COMPLETED: i32 = 3;
 const FAILED: i32 = 4;
 const CANCELLED: i32 = 5;
 const TASK_PENDING: i32 = 1;
+const TASK_FAILED: i32 = 5;
 const TASK_CANCELLED: i32 = 7;
 
 fn create(title: &str) -> pb::CreateTicketRequest {
@@ -355,7 +356,7 @@ async fn cancelling_a_ticket_mid_run_stops_its_agent_and_cancels_its_tasks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_task_failing_for_good_fails_the_ticket() {
+async fn a_task_failing_for_good_fails_the_ticket_and_a_retry_brings_it_back() {
     let infra = Infra::new().await.unwrap();
     let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
     let tickets = mesh.tickets();
@@ -371,6 +372,36 @@ async fn a_task_failing_for_good_fails_the_ticket() {
     agent.start(&a).await.unwrap();
     agent.fail(&a, "permission denied", 0).await.unwrap();
     wait_status(&tickets, &id, FAILED).await;
+
+    // The operator fixed the permissions: the ticket goes round again, the
+    // failed task with a fresh budget and its cancelled phases with it.
+    let retry = |ticket_id: &str| {
+        let mut c = tickets.clone();
+        let request = pb::RetryTicketRequest {
+            ticket_id: ticket_id.to_owned(),
+            reason: "permissions fixed".into(),
+        };
+        async move { c.retry_ticket(request).await }
+    };
+    assert_eq!(
+        retry(&Uuid::now_v7().to_string()).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let retried = retry(&id).await.unwrap().into_inner();
+    // Back in the queue (the first already on its way to the agent).
+    assert!(
+        retried
+            .tasks
+            .iter()
+            .all(|t| t.status != TASK_FAILED && t.status != TASK_CANCELLED),
+        "{:?}",
+        retried.tasks
+    );
+    wait_status(&tickets, &id, IN_PROGRESS).await;
+    let again = work(&mut agent, 4).await;
+    assert_eq!(again[0].id, a.task.as_ref().unwrap().id);
+    wait_status(&tickets, &id, COMPLETED).await;
+    assert_eq!(retry(&id).await.unwrap_err().code(), Code::FailedPrecondition);
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }

@@ -302,6 +302,10 @@ pub struct TaskRetried {
     /// What the attempt spent, when its agent reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// Sent round again by an operator (RetryTask): `error` holds the
+    /// reason, the retry budget starts afresh.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub manual: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -435,6 +439,7 @@ mod tests {
                 max_retries: 3,
                 delay_ms: 1100,
                 usage: None,
+                manual: false,
             }),
             Event::TaskCancelled(TaskCancelled {
                 reason: "dependency failed".into(),

@@ -40,6 +40,8 @@ pub enum Change {
     Fail { error: String, class: ErrorClass },
     /// Cancelled; the reason is kept as the task's error message.
     Cancel { reason: String },
+    /// Back to pending by an operator, with a fresh retry budget.
+    Reset,
 }
 
 impl Change {
@@ -48,6 +50,7 @@ impl Change {
             Change::Retry { .. } => TaskStatus::Pending,
             Change::Fail { .. } => TaskStatus::Failed,
             Change::Cancel { .. } => TaskStatus::Cancelled,
+            Change::Reset => TaskStatus::Pending,
         }
     }
 }
@@ -172,6 +175,88 @@ pub fn on_cancel(task: &Task, reason: &str) -> Result<Transition, DomainError> {
         cancel_dependents: Some(format!("dependency {} was cancelled: {reason}", task.id)),
         usage: None,
     })
+}
+
+/// An operator's retry of a failed, timed-out or cancelled task: back to
+/// pending with a fresh retry budget (TASK_RETRIED with `manual`). Refused
+/// while a dependency has failed or was cancelled (`ended_dependency`):
+/// that one is to be retried first.
+pub fn on_manual_retry(
+    task: &Task,
+    reason: &str,
+    ended_dependency: Option<(Uuid, TaskStatus)>,
+) -> Result<Transition, DomainError> {
+    task.status.apply(Action::Retry)?;
+    if let Some((id, status)) = ended_dependency {
+        return Err(DomainError::DependencyEnded {
+            field: "task_id".into(),
+            id,
+            status,
+        });
+    }
+    let reason = if reason.is_empty() {
+        "retried by an operator"
+    } else {
+        reason
+    };
+    Ok(Transition {
+        task_id: task.id,
+        change: Change::Reset,
+        events: vec![task_event(
+            task,
+            Event::TaskRetried(TaskRetried {
+                attempt: task.attempt,
+                agent_id: None,
+                error: reason.to_owned(),
+                error_class: ErrorClass::Retryable,
+                retry_count: 0,
+                max_retries: task.max_retries,
+                delay_ms: 0,
+                usage: None,
+                manual: true,
+            }),
+        )],
+        revoke: None,
+        cancel_dependents: None,
+        usage: None,
+    })
+}
+
+/// Which of the tasks cancelled because `root` failed or was cancelled come
+/// back with it: each, given with its dependencies' ids and statuses, unless
+/// one of those has ended (failed, timed out or cancelled) and does not come
+/// back itself; decided until nothing changes, so that no task comes back
+/// to wait for one that never will.
+pub fn restorable(root: Uuid, candidates: &[(Uuid, Vec<(Uuid, TaskStatus)>)]) -> Vec<Uuid> {
+    let mut back: HashSet<Uuid> = candidates.iter().map(|(id, _)| *id).collect();
+    loop {
+        let blocked: Vec<Uuid> = candidates
+            .iter()
+            .filter(|(id, _)| back.contains(id))
+            .filter(|(_, deps)| {
+                deps.iter().any(|(dep, status)| {
+                    *dep != root
+                        && !back.contains(dep)
+                        && matches!(
+                            status,
+                            TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled
+                        )
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if blocked.is_empty() {
+            break;
+        }
+        for id in blocked {
+            back.remove(&id);
+        }
+    }
+    candidates
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| back.contains(id))
+        .collect()
 }
 
 /// The event of a pending task cancelled because `cause` will never complete.
@@ -311,6 +396,7 @@ fn end_attempt(
                 max_retries: task.max_retries,
                 delay_ms: delay.as_millis() as i64,
                 usage: None,
+                manual: false,
             }),
         ));
         return Transition {
@@ -532,6 +618,56 @@ mod tests {
         let tr = on_reported_timeout(&t, t.attempt, Some(Usage::default()), &mut rng()).unwrap();
         assert_eq!(tr.usage, None);
         assert_eq!(completed(&t, Some(Usage::default())).event.attempt_usage(), None);
+    }
+
+    #[test]
+    fn an_operator_retries_finished_unsuccessful_tasks_only() {
+        for status in [TaskStatus::Failed, TaskStatus::Cancelled, TaskStatus::TimedOut] {
+            let t = task(status, 3, 3);
+            let tr = on_manual_retry(&t, "fixed the flaky test", None).unwrap();
+            assert_eq!(tr.change, Change::Reset);
+            let Event::TaskRetried(e) = &tr.events[0].event else {
+                panic!("{tr:?}")
+            };
+            assert!(e.manual);
+            assert_eq!(
+                (e.error.as_str(), e.retry_count, e.delay_ms),
+                ("fixed the flaky test", 0, 0)
+            );
+        }
+        for status in [TaskStatus::Pending, TaskStatus::Running, TaskStatus::Completed] {
+            assert!(matches!(
+                on_manual_retry(&task(status, 0, 3), "", None),
+                Err(DomainError::IllegalTransition { .. })
+            ));
+        }
+        let dep = Uuid::now_v7();
+        assert!(matches!(
+            on_manual_retry(&task(TaskStatus::Cancelled, 0, 3), "", Some((dep, TaskStatus::Failed))),
+            Err(DomainError::DependencyEnded { id, .. }) if id == dep
+        ));
+    }
+
+    #[test]
+    fn dependents_come_back_unless_something_else_they_wait_for_ended() {
+        let (root, a, b, c, x) = (
+            Uuid::from_u128(1),
+            Uuid::from_u128(2),
+            Uuid::from_u128(3),
+            Uuid::from_u128(4),
+            Uuid::from_u128(5),
+        );
+        use TaskStatus::*;
+        // root -> a -> b; c waits for root and for x, which failed on its own.
+        let candidates = vec![
+            (a, vec![(root, Failed)]),
+            (b, vec![(a, Cancelled)]),
+            (c, vec![(root, Failed), (x, Failed)]),
+        ];
+        assert_eq!(restorable(root, &candidates), [a, b]);
+        // With a blocked, b (waiting for a) stays too.
+        let candidates = vec![(a, vec![(root, Failed), (x, Cancelled)]), (b, vec![(a, Cancelled)])];
+        assert!(restorable(root, &candidates).is_empty());
     }
 
     #[test]

@@ -44,7 +44,8 @@ impl TaskStatus {
         }
     }
 
-    /// Final unless the task is retried, which only the queue itself does.
+    /// Final unless the task is retried: by the queue after a retryable
+    /// failure, or by an operator (RetryTask).
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -147,6 +148,8 @@ pub enum Action {
     /// A stale agent's task is taken back (counted as a retry).
     Reclaim,
     Cancel,
+    /// An operator sends a finished, unsuccessful task round again.
+    Retry,
 }
 
 impl fmt::Display for Action {
@@ -160,6 +163,7 @@ impl fmt::Display for Action {
             Action::Requeue => "requeue",
             Action::Reclaim => "reclaim",
             Action::Cancel => "cancel",
+            Action::Retry => "retry",
         })
     }
 }
@@ -180,6 +184,7 @@ impl TaskStatus {
             (S::Assigned, A::Requeue) => S::Pending,
             (S::Assigned | S::Running, A::Reclaim) => S::Pending,
             (S::Pending | S::Assigned | S::Running, A::Cancel) => S::Cancelled,
+            (S::Failed | S::TimedOut | S::Cancelled, A::Retry) => S::Pending,
             (from, action) => return Err(DomainError::IllegalTransition { from, action }),
         };
         Ok(next)
@@ -245,7 +250,7 @@ impl ErrorClass {
 mod tests {
     use super::*;
 
-    const ACTIONS: [Action; 11] = [
+    const ACTIONS: [Action; 12] = [
         Action::Assign,
         Action::Start,
         Action::Complete,
@@ -257,6 +262,7 @@ mod tests {
         Action::Reclaim,
         Action::Cancel,
         Action::Cancel,
+        Action::Retry,
     ];
 
     /// Every legal transition; anything not listed must be refused.
@@ -279,6 +285,9 @@ mod tests {
             (S::Running, A::TimeOut { retry: false }, S::Failed),
             (S::Running, A::Reclaim, S::Pending),
             (S::Running, A::Cancel, S::Cancelled),
+            (S::Failed, A::Retry, S::Pending),
+            (S::TimedOut, A::Retry, S::Pending),
+            (S::Cancelled, A::Retry, S::Pending),
         ]
     }
 
@@ -303,12 +312,13 @@ mod tests {
     }
 
     #[test]
-    fn terminal_states_accept_nothing() {
+    fn terminal_states_accept_nothing_but_an_operators_retry() {
         for from in TaskStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
-            for action in ACTIONS {
+            for action in ACTIONS.into_iter().filter(|a| *a != Action::Retry) {
                 assert!(from.apply(action).is_err(), "{from} accepted {action}");
             }
         }
+        assert!(TaskStatus::Completed.apply(Action::Retry).is_err());
     }
 
     #[test]

@@ -45,6 +45,19 @@ impl<'r> FromRow<'r, PgRow> for TicketRow {
     }
 }
 
+/// What one task event tells the ticket that owns the task.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskReport<'a> {
+    /// The task started.
+    pub started: bool,
+    /// The task ended so.
+    pub outcome: Option<TaskOutcome>,
+    /// What the attempt it ended spent.
+    pub usage: Option<&'a Usage>,
+    /// An operator sent the task round again: its outcome is open.
+    pub reopened: bool,
+}
+
 /// One task of a ticket's plan, with what its events reported.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TicketTask {
@@ -300,10 +313,14 @@ impl Store {
         consumer: &str,
         event_id: Uuid,
         task_id: Uuid,
-        started: bool,
-        outcome: Option<TaskOutcome>,
-        usage: Option<&Usage>,
+        report: &TaskReport<'_>,
     ) -> Result<Option<Ticket>> {
+        let TaskReport {
+            started,
+            outcome,
+            usage,
+            reopened,
+        } = *report;
         let mut tx = self.pool().begin().await?;
         if !consumed::first_time(&mut tx, consumer, event_id).await? {
             return Ok(None);
@@ -318,13 +335,16 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        // The first outcome stands, until an operator's retry opens it again.
         let owner: Option<Uuid> = sqlx::query_scalar(
-            "UPDATE ticket_tasks SET started = started OR $2, outcome = COALESCE(outcome, $3)
+            "UPDATE ticket_tasks SET started = started OR $2,
+                 outcome = CASE WHEN $4 THEN NULL ELSE COALESCE(outcome, $3) END
              WHERE task_id = $1 RETURNING ticket_id",
         )
         .bind(task_id)
         .bind(started)
         .bind(outcome.map(TaskOutcome::as_str))
+        .bind(reopened)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(ticket_id) = owner else {
@@ -333,7 +353,8 @@ impl Store {
         };
         let ticket = select_ticket(&mut tx, ticket_id, true).await?;
         let mut changed = None;
-        if !ticket.status.is_final() {
+        // A final ticket changes no more, but for a retry of one of its tasks.
+        if !ticket.status.is_final() || reopened {
             let progress: Vec<TaskProgress> = select_ticket_tasks(&mut tx, ticket_id)
                 .await?
                 .into_iter()

@@ -62,6 +62,13 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Send a ticket's failed and cancelled tasks round again, each with a
+    /// fresh retry budget.
+    Retry {
+        ticket_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 pub type Tickets = TicketServiceClient<omoi_runtime::grpc::Client>;
@@ -263,6 +270,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             let t = r.ticket.unwrap_or_default();
             println!("ticket {}  {}", t.id, status_name(t.status));
+            Ok(())
+        }
+        Command::Retry { ticket_id, reason } => {
+            let r = tickets(&cli.ticket_url, connector)?
+                .retry_ticket(pb::RetryTicketRequest { ticket_id, reason })
+                .await?
+                .into_inner();
+            print_ticket(&r.ticket.unwrap_or_default(), &r.tasks);
             Ok(())
         }
     }

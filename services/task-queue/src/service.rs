@@ -180,6 +180,17 @@ impl TaskQueue {
         })
     }
 
+    async fn retry(&self, req: &pb::RetryTaskRequest) -> ApiResult<pb::RetryTaskResponse> {
+        let id = validate::uuid("task_id", &req.task_id)?;
+        let reason = validate::text("reason", &req.reason, MAX_REASON_BYTES)?;
+        let retried = self.store.retry(id, &reason).await?;
+        self.dispatcher.wake();
+        Ok(pb::RetryTaskResponse {
+            task: one_task(retried.task),
+            restored_dependents: retried.restored.iter().map(ToString::to_string).collect(),
+        })
+    }
+
     async fn connect(&self, req: &pb::WatchAssignmentsRequest) -> ApiResult<AgentStream> {
         let agent_id = validate::uuid("agent_id", &req.agent_id)?;
         let capacity = validate::range("capacity", req.capacity, 1, MAX_CAPACITY)?;
@@ -298,6 +309,13 @@ impl TaskQueueService for TaskQueue {
         request: Request<pb::CancelTaskRequest>,
     ) -> Result<Response<pb::CancelTaskResponse>, Status> {
         Ok(Response::new(self.cancel(request.get_ref()).await?))
+    }
+
+    async fn retry_task(
+        &self,
+        request: Request<pb::RetryTaskRequest>,
+    ) -> Result<Response<pb::RetryTaskResponse>, Status> {
+        Ok(Response::new(self.retry(request.get_ref()).await?))
     }
 
     type WatchAssignmentsStream = AgentStream;

@@ -10,12 +10,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use omoi_domain::Entity;
 use omoi_domain::Ticket;
 use omoi_domain::ticket::{TaskOutcome, TicketStatus, event_starts};
+use omoi_domain::{Entity, Event};
 use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_client::TaskQueueServiceClient};
-use omoi_store::tickets::TicketTask;
+use omoi_store::tickets::{TaskReport, TicketTask};
 use omoi_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
@@ -80,6 +80,16 @@ impl Queue {
             }
             token = page.next_page_token;
         }
+    }
+
+    pub async fn retry(&self, task_id: &str, reason: &str) -> Result<(), Status> {
+        let mut c = self.client.clone();
+        c.retry_task(pb::RetryTaskRequest {
+            task_id: task_id.to_owned(),
+            reason: reason.to_owned(),
+        })
+        .await?;
+        Ok(())
     }
 
     pub async fn cancel(&self, task_id: &str, reason: &str) -> Result<(), Status> {
@@ -220,13 +230,21 @@ impl Planner {
                     let started = event_starts(event_type);
                     let outcome = TaskOutcome::of_event(event_type);
                     let usage = envelope.event.attempt_usage();
-                    if envelope.ticket_id.is_none() || (!started && outcome.is_none() && usage.is_none()) {
+                    // An operator's retry: the task's outcome is open again.
+                    let reopened = matches!(&envelope.event, Event::TaskRetried(r) if r.manual);
+                    if envelope.ticket_id.is_none() || (!started && outcome.is_none() && usage.is_none() && !reopened) {
                         return Ok(());
                     }
                     let task_id = envelope.entity_id;
+                    let report = TaskReport {
+                        started,
+                        outcome,
+                        usage,
+                        reopened,
+                    };
                     let changed = this
                         .store
-                        .apply_task_event(CONSUMER, event_id, task_id, started, outcome, usage)
+                        .apply_task_event(CONSUMER, event_id, task_id, &report)
                         .await
                         .map_err(|e| e.to_string())?;
                     if let Some(ticket) = changed {

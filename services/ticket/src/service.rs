@@ -171,6 +171,51 @@ impl Tickets {
         })
     }
 
+    async fn retry(&self, req: &pb::RetryTicketRequest) -> ApiResult<pb::RetryTicketResponse> {
+        let id = validate::uuid("ticket_id", &req.ticket_id)?;
+        let reason = validate::text("reason", &req.reason, validate::MAX_REASON_BYTES)?;
+        let reason = if reason.is_empty() {
+            "ticket retried".to_owned()
+        } else {
+            reason
+        };
+        let (t, _) = self.store.get_ticket(id).await?;
+        let tasks = if t.tasks_enqueued {
+            self.planner.queue.list(id).await.map_err(queue_unavailable)?
+        } else {
+            Vec::new()
+        };
+        let ended = |t: &&omoi_proto::taskqueue::Task| {
+            matches!(
+                TaskStatus::given(t.status).known(),
+                Some(TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled)
+            )
+        };
+        let mut retried = 0;
+        // In plan order, so that a dependency goes round before what waits
+        // for it; a dependent its retry brought back is refused, and skipped.
+        for task in tasks.iter().filter(ended) {
+            match self.planner.queue.retry(&task.id, &reason).await {
+                Ok(()) => retried += 1,
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
+                Err(s) => return Err(queue_unavailable(s).into()),
+            }
+        }
+        if retried == 0 {
+            let nothing = format!("ticket {id} has no failed, timed-out or cancelled task to retry");
+            return Err(Status::failed_precondition(nothing).into());
+        }
+        let now = self
+            .get(&pb::GetTicketRequest {
+                ticket_id: id.to_string(),
+            })
+            .await?;
+        Ok(pb::RetryTicketResponse {
+            ticket: now.ticket,
+            tasks: now.tasks,
+        })
+    }
+
     /// Cancels the ticket's unfinished tasks on the queue.
     async fn cancel_open_tasks(&self, id: Uuid, reason: &str) -> ApiResult<()> {
         let tasks = self.planner.queue.list(id).await.map_err(queue_unavailable)?;
@@ -228,6 +273,13 @@ fn repository(value: &str) -> ApiResult<String> {
 
 #[tonic::async_trait]
 impl TicketService for Tickets {
+    async fn retry_ticket(
+        &self,
+        request: Request<pb::RetryTicketRequest>,
+    ) -> Result<Response<pb::RetryTicketResponse>, Status> {
+        Ok(Response::new(self.retry(request.get_ref()).await?))
+    }
+
     async fn create_ticket(
         &self,
         request: Request<pb::CreateTicketRequest>,

@@ -2,16 +2,80 @@
 //! and taking back a stale agent's work.
 
 use chrono::{DateTime, Utc};
-use omoi_domain::rules;
+use omoi_domain::{Task, TaskStatus, rules};
 use uuid::Uuid;
 
-use super::{Outcome, TaskRow, task_columns, unwrap_rows};
+use super::{Outcome, TaskRow, lock_task, persist, select_tasks, task_columns, unwrap_rows};
 use crate::{Result, Store};
+
+/// What an operator's retry did.
+#[derive(Debug, Clone)]
+pub struct Retried {
+    pub task: Task,
+    /// Dependents cancelled because of the task, pending again with it.
+    pub restored: Vec<Uuid>,
+}
+
+fn status(s: &str) -> std::result::Result<TaskStatus, sqlx::Error> {
+    s.parse().map_err(|e: String| sqlx::Error::Decode(e.into()))
+}
 
 impl Store {
     /// Cancels a pending, assigned or running task and its pending dependents.
     pub async fn cancel(&self, task_id: Uuid, reason: &str) -> Result<Outcome> {
         self.change_one(task_id, |task| rules::on_cancel(task, reason)).await
+    }
+
+    /// An operator's retry: a failed, timed-out or cancelled task back to
+    /// pending with a fresh retry budget, and with it the dependents its end
+    /// cancelled (unless something else they wait for ended too).
+    pub async fn retry(&self, task_id: Uuid, reason: &str) -> Result<Retried> {
+        let mut tx = self.pool().begin().await?;
+        let task = lock_task(&mut tx, task_id).await?;
+        let ended: Option<(Uuid, String)> = sqlx::query_as(
+            "SELECT p.id, p.status FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
+             WHERE d.task_id = $1 AND p.status IN ('failed', 'timed_out', 'cancelled')
+             ORDER BY p.seq LIMIT 1",
+        )
+        .bind(task_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let ended = match ended {
+            Some((id, s)) => Some((id, status(&s)?)),
+            None => None,
+        };
+        let outcome = persist(&mut tx, rules::on_manual_retry(&task, reason, ended)?).await?;
+        let cancelled: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM tasks WHERE cancelled_by = $1 AND status = 'cancelled' ORDER BY seq FOR UPDATE",
+        )
+        .bind(task_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut candidates = Vec::with_capacity(cancelled.len());
+        for id in cancelled {
+            let deps: Vec<(Uuid, String)> = sqlx::query_as(
+                "SELECT p.id, p.status FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
+                 WHERE d.task_id = $1",
+            )
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let deps = deps
+                .into_iter()
+                .map(|(dep, s)| Ok((dep, status(&s)?)))
+                .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
+            candidates.push((id, deps));
+        }
+        let restored = rules::restorable(task_id, &candidates);
+        let because = format!("dependency {task_id} retried");
+        for dependent in select_tasks(&mut tx, &restored).await? {
+            persist(&mut tx, rules::on_manual_retry(&dependent, &because, None)?).await?;
+        }
+        self.commit(tx).await?;
+        Ok(Retried {
+            task: outcome.task,
+            restored,
+        })
     }
 
     /// Times out running tasks past their deadline (at most `limit` per call):

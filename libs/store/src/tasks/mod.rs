@@ -21,6 +21,7 @@ use crate::events;
 use crate::{Result, Store, StoreError};
 
 pub use claim::Slot;
+pub use maintenance::Retried;
 pub use query::{ListFilter, Stats};
 pub use reports::Report;
 
@@ -192,6 +193,18 @@ async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
             .execute(&mut *conn)
             .await?;
         }
+        Change::Reset => {
+            sqlx::query(
+                "UPDATE tasks SET status = 'pending', retry_count = 0, error_message = NULL,
+                     error_class = NULL, result = NULL, completed_at = NULL, started_at = NULL,
+                     deadline_at = NULL, assigned_agent_id = NULL, assignment_session = NULL,
+                     cancelled_by = NULL, next_attempt_at = now(), updated_at = now()
+                 WHERE id = $1",
+            )
+            .bind(tr.task_id)
+            .execute(&mut *conn)
+            .await?;
+        }
         Change::Cancel { reason } => {
             sqlx::query(
                 "UPDATE tasks SET status = 'cancelled', error_message = $2, completed_at = now(),
@@ -227,7 +240,8 @@ async fn cancel_dependents(conn: &mut PgConnection, root: Uuid, reason: &str) ->
              SELECT d.task_id FROM task_dependencies d JOIN down ON d.depends_on = down.id
          ), t AS (
              UPDATE tasks t
-             SET status = 'cancelled', error_message = $2, completed_at = now(), updated_at = now()
+             SET status = 'cancelled', error_message = $2, completed_at = now(), updated_at = now(),
+                 cancelled_by = $1
              FROM down WHERE t.id = down.id AND t.status = 'pending'
              RETURNING t.id, t.ticket_id, t.seq, t.trace_context
          )
