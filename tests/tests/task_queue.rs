@@ -998,3 +998,29 @@ async fn an_operator_retries_a_failed_task_and_its_cancelled_dependents_come_bac
     assert_eq!(retry(&root.id).await.unwrap_err().code(), Code::FailedPrecondition);
     s.finish().await;
 }
+
+#[tokio::test]
+async fn a_failure_that_says_when_a_retry_can_help_waits_that_long() {
+    let s = setup().await;
+    let (_, mut agent, a1) = started_with_one_retry(&s, 0).await;
+    let failure = |seconds: i64| pb::FailTaskRequest {
+        error_message: "rate limited".into(),
+        error_class: RETRYABLE,
+        retry_after: Some(prost_types::Duration { seconds, nanos: 0 }),
+        ..Default::default()
+    };
+    let bad = agent.send_failure(&a1, failure(-1)).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("retry_after"), "{}", bad.message());
+    let before = std::time::SystemTime::now();
+    let retried = agent.send_failure(&a1, failure(30)).await.unwrap();
+    assert_eq!(retried.status, PENDING);
+    let next = retried.next_attempt_at.unwrap();
+    let wait = std::time::UNIX_EPOCH + Duration::new(next.seconds as u64, next.nanos as u32);
+    assert!(
+        wait.duration_since(before).unwrap() >= Duration::from_secs(29),
+        "retried at {wait:?}"
+    );
+    assert!(agent.next_assignment(QUIET).await.is_none(), "not before its time");
+    s.finish().await;
+}

@@ -72,6 +72,22 @@ pub struct Transition {
 }
 
 impl Transition {
+    /// A retry waits at least `wait`, its event saying so; nothing for a
+    /// change that is not a retry.
+    fn wait_at_least(&mut self, wait: Duration) {
+        if let Change::Retry { delay, .. } = &mut self.change
+            && *delay < wait
+        {
+            // Whole milliseconds, as the event tells.
+            *delay = Duration::from_millis(wait.as_millis() as u64);
+            for e in &mut self.events {
+                if let Event::TaskRetried(r) = &mut e.event {
+                    r.delay_ms = delay.as_millis() as i64;
+                }
+            }
+        }
+    }
+
     /// Records what the ended attempt spent: added to the task, and told by
     /// the first event that ends the attempt (only one, so that summing
     /// events sums attempts).
@@ -96,6 +112,9 @@ pub fn on_failure(task: &Task, report: &Failure, rng: &mut impl Rng) -> Result<T
     })?;
     let mut transition = end_attempt(task, &report.message, class, Vec::new(), rng);
     transition.revoke = None;
+    if let Some(wait) = report.retry_after {
+        transition.wait_at_least(wait.min(MAX_RETRY_AFTER));
+    }
     Ok(transition.spent(report.usage.clone()))
 }
 
@@ -107,7 +126,13 @@ pub struct Failure {
     /// The reporter's class; `None` lets the message decide.
     pub class: Option<ErrorClass>,
     pub usage: Option<Usage>,
+    /// When the agent knows a retry cannot help sooner (a rate limit's
+    /// reset): a retry waits at least this long.
+    pub retry_after: Option<Duration>,
 }
+
+/// The longest a reported `retry_after` holds a retry back.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// A running attempt past its deadline: retried like a retryable failure, or
 /// failed when out of retries.
@@ -591,7 +616,37 @@ mod tests {
             message: message.to_owned(),
             class,
             usage: None,
+            retry_after: None,
         }
+    }
+
+    #[test]
+    fn a_retry_waits_until_the_agent_says_it_can_help() {
+        let t = task(TaskStatus::Running, 0, 3);
+        let report = |secs: u64| Failure {
+            retry_after: Some(Duration::from_secs(secs)),
+            ..failure(t.attempt, "rate limited", Some(ErrorClass::Retryable))
+        };
+        let tr = on_failure(&t, &report(90), &mut rng()).unwrap();
+        let Change::Retry { delay, .. } = tr.change else {
+            panic!()
+        };
+        assert_eq!(delay, Duration::from_secs(90));
+        let Event::TaskRetried(e) = &tr.events[0].event else {
+            panic!()
+        };
+        assert_eq!(e.delay_ms, 90_000);
+        // Shorter than the backoff: the backoff stands; longer than a day: a day.
+        let tr = on_failure(&t, &report(0), &mut rng()).unwrap();
+        let Change::Retry { delay, .. } = tr.change else {
+            panic!()
+        };
+        assert!(delay >= Duration::from_millis(700), "{delay:?}");
+        let tr = on_failure(&t, &report(7 * 86_400), &mut rng()).unwrap();
+        let Change::Retry { delay, .. } = tr.change else {
+            panic!()
+        };
+        assert_eq!(delay, MAX_RETRY_AFTER);
     }
 
     #[test]

@@ -77,6 +77,17 @@ pub fn title(field: &str, value: &str) -> Result<String, DomainError> {
     Ok(trimmed.to_owned())
 }
 
+/// A non-negative duration as the wire gives it (seconds and nanoseconds).
+pub fn duration(field: &str, seconds: i64, nanos: i32) -> Result<std::time::Duration, DomainError> {
+    if seconds < 0 || !(0..1_000_000_000).contains(&nanos) {
+        return Err(DomainError::invalid(
+            field,
+            format!("must be a non-negative duration, got {seconds} s {nanos} ns"),
+        ));
+    }
+    Ok(std::time::Duration::new(seconds as u64, nanos as u32))
+}
+
 /// Free text with a size limit (descriptions, reasons, error messages).
 pub fn text(field: &str, value: &str, max_bytes: usize) -> Result<String, DomainError> {
     if value.len() > max_bytes {

@@ -222,6 +222,7 @@ impl OpenHandsRunner {
                     duration: started.elapsed(),
                     usage,
                     verdict: None,
+                    retry_after: None,
                 });
             }
             if let Some(stopped) = self.pause(deadline, stop).await {
@@ -235,6 +236,7 @@ impl OpenHandsRunner {
                     duration: started.elapsed(),
                     usage: None,
                     verdict: None,
+                    retry_after: None,
                 });
             }
         }

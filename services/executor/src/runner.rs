@@ -84,6 +84,9 @@ pub struct RunOutcome {
     pub usage: Option<Usage>,
     /// None: the exit code decides.
     pub verdict: Option<Verdict>,
+    /// A failed run's agent said a retry cannot help sooner than this (a
+    /// rate limit's reset).
+    pub retry_after: Option<Duration>,
 }
 
 impl From<process::Ended> for RunOutcome {
@@ -94,6 +97,7 @@ impl From<process::Ended> for RunOutcome {
             duration: e.duration,
             usage: None,
             verdict: None,
+            retry_after: None,
         }
     }
 }

@@ -224,11 +224,16 @@ impl TaskQueue {
                 .time_out_attempt(report.task_id, report.attempt, usage)
                 .await?
         } else {
+            let retry_after = req
+                .retry_after
+                .map(|d| validate::duration("retry_after", d.seconds, d.nanos))
+                .transpose()?;
             let failure = Failure {
                 attempt: report.attempt,
                 message,
                 class,
                 usage,
+                retry_after,
             };
             self.store.fail(report.task_id, &failure).await?
         };

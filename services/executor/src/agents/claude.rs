@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use omoi_domain::ErrorClass;
 use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
@@ -87,6 +88,9 @@ pub struct ClaudeStream {
     messages: BTreeMap<String, Usage>,
     /// The last API failure the CLI retried.
     api_error: Option<String>,
+    /// That failure's HTTP status and how long the CLI waited before trying
+    /// again.
+    last_retry: Option<(i64, Duration)>,
     closing: Option<Closing>,
 }
 
@@ -102,6 +106,16 @@ impl AgentStream for ClaudeStream {
     fn verdict(&self, exit_code: Option<i32>) -> Option<Verdict> {
         self.outcome(exit_code)
     }
+
+    /// A run that gave up on a rate-limited API: as long as the CLI itself
+    /// was told to wait before its last try (the API's retry-after).
+    fn retry_after(&self) -> Option<Duration> {
+        let rate_limited = self.closing.as_ref().is_none_or(|c| c.api_error_status == Some(429));
+        match self.last_retry {
+            Some((429, wait)) if rate_limited => Some(wait),
+            _ => None,
+        }
+    }
 }
 
 impl ClaudeStream {
@@ -111,6 +125,7 @@ impl ClaudeStream {
             tools: Tools::new(&DIALECT, workspace.to_path_buf()),
             messages: BTreeMap::new(),
             api_error: None,
+            last_retry: None,
             closing: None,
         }
     }
@@ -149,6 +164,9 @@ impl ClaudeStream {
                     v.get("retry_delay_ms").and_then(Value::as_i64).unwrap_or_default()
                 );
                 self.api_error = Some(error);
+                let status = v.get("error_status").and_then(Value::as_i64).unwrap_or_default();
+                let wait = v.get("retry_delay_ms").and_then(Value::as_u64).unwrap_or_default();
+                self.last_retry = Some((status, Duration::from_millis(wait)));
                 vec![event(AgentEventKind::Error, text)]
             }
             _ => Vec::new(),
@@ -462,5 +480,11 @@ mod tests {
                 class: Some(ErrorClass::Retryable)
             })
         );
+        // The API's retry-after, as the CLI waited it, holds the task's retry back.
+        assert_eq!(s.retry_after(), Some(Duration::from_millis(507)));
+        let (s, _) = read(&format!("{line}\n{}", closing("success", Some(429), "API Error: 429")));
+        assert_eq!(s.retry_after(), Some(Duration::from_millis(507)));
+        let (s, _) = read(&format!("{line}\n{}", closing("success", Some(401), "API Error: 401")));
+        assert_eq!(s.retry_after(), None);
     }
 }

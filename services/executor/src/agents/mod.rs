@@ -50,6 +50,10 @@ pub trait AgentStream: Send {
     fn usage(&self) -> Option<Usage>;
     /// How the run ended as the agent tells it; None leaves it to the exit code.
     fn verdict(&self, exit_code: Option<i32>) -> Option<Verdict>;
+    /// How long the agent said a retry should wait, when it said so.
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
 }
 
 pub struct CliRunner {
@@ -164,6 +168,7 @@ impl CliRunner {
             );
         }
         outcome.verdict = stream.verdict(outcome.exit_code);
+        outcome.retry_after = stream.retry_after();
         Ok(outcome)
     }
 }

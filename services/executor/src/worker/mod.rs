@@ -262,35 +262,33 @@ impl Worker {
     }
 
     async fn fail(&self, task_id: Uuid, attempt: i32, message: &str, class: Option<ErrorClass>) {
-        self.report_failure(task_id, attempt, message, class, false, None).await;
+        self.report_failure(task_id, attempt, message, class, tq::FailTaskRequest::default())
+            .await;
     }
 
-    /// FailTask, delivered; `timed_out` when the task's deadline stopped it.
+    /// FailTask, delivered; `more` says what else the report tells
+    /// (`timed_out`, `usage`, `retry_after`).
     async fn report_failure(
         &self,
         task_id: Uuid,
         attempt: i32,
         message: &str,
         class: Option<ErrorClass>,
-        timed_out: bool,
-        usage: Option<omoi_proto::common::Usage>,
+        more: tq::FailTaskRequest,
     ) {
         let message: String = message.chars().take(8000).collect();
         let class = class.unwrap_or_else(|| classify::classify(&message, None));
+        let request = tq::FailTaskRequest {
+            task_id: task_id.to_string(),
+            attempt,
+            error_message: message,
+            error_class: class.wire(),
+            ..more
+        };
         report("FailTask", || {
             let mut q = self.queue.clone();
-            let (message, usage) = (message.clone(), usage.clone());
-            async move {
-                q.fail_task(tq::FailTaskRequest {
-                    task_id: task_id.to_string(),
-                    attempt,
-                    error_message: message,
-                    error_class: class.wire(),
-                    timed_out,
-                    usage,
-                })
-                .await
-            }
+            let request = request.clone();
+            async move { q.fail_task(request).await }
         })
         .await;
     }

@@ -221,6 +221,7 @@ impl Worker {
                     // The queue itself took the attempt back: nothing to tell.
                     report: request.report.then_some(request.reason),
                     timed_out: false,
+                    retry_after: None,
                 }
             }
             (Some(Stopped::TimedOut), _) => End {
@@ -236,7 +237,10 @@ impl Worker {
                 return self.succeeded(run, &outcome, summary, changed).await;
             }
             (None, None) if exit == 0 => return self.succeeded(run, &outcome, last_out, changed).await,
-            (None, Some(Verdict::Failed { message, class })) => End::failed(ExecutionState::Failed, message, class),
+            (None, Some(Verdict::Failed { message, class })) => End {
+                retry_after: outcome.retry_after,
+                ..End::failed(ExecutionState::Failed, message, class)
+            },
             (None, None) => {
                 let detail = run.tail(OutputStream::Stderr, 1).pop().unwrap_or(last_out);
                 // The queue classifies the message (docs/rules.md word lists).
@@ -259,7 +263,13 @@ impl Worker {
         run.finish(end.state, exit, last_out, error, changed);
         let Some(message) = end.report else { return };
         run.flush(FLUSH_WITHIN).await;
-        self.report_failure(run.task_id, run.attempt, &message, end.class, end.timed_out, usage)
+        let more = tq::FailTaskRequest {
+            timed_out: end.timed_out,
+            usage,
+            retry_after: end.retry_after.and_then(|d| prost_types::Duration::try_from(d).ok()),
+            ..Default::default()
+        };
+        self.report_failure(run.task_id, run.attempt, &message, end.class, more)
             .await;
     }
 
@@ -321,6 +331,8 @@ struct End {
     /// The failure to report (None: nothing to report).
     report: Option<String>,
     timed_out: bool,
+    /// The agent said a retry cannot help sooner.
+    retry_after: Option<Duration>,
 }
 
 impl End {
@@ -331,6 +343,7 @@ impl End {
             message,
             class,
             timed_out: false,
+            retry_after: None,
         }
     }
 }
