@@ -116,7 +116,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
 
     for round in 0..300 {
         let before = counts(&pool).await;
-        let rpc = rng.next() % 26;
+        let rpc = rng.next() % 28;
         let result: Result<(), tonic::Status> = match rpc {
             0 => q
                 .enqueue_tasks(tq::EnqueueTasksRequest {
@@ -314,6 +314,21 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                 .retry_ticket(pb::RetryTicketRequest {
                     ticket_id: rng.text(),
                     reason: rng.text(),
+                })
+                .await
+                .map(|_| ()),
+            25 => q
+                .pause_dispatch(tq::PauseDispatchRequest {
+                    phase: rng.int(),
+                    ticket_id: rng.text(),
+                    reason: rng.text(),
+                })
+                .await
+                .map(|_| ()),
+            26 => q
+                .resume_dispatch(tq::ResumeDispatchRequest {
+                    phase: rng.int(),
+                    ticket_id: rng.text(),
                 })
                 .await
                 .map(|_| ()),

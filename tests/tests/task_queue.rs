@@ -1024,3 +1024,88 @@ async fn a_failure_that_says_when_a_retry_can_help_waits_that_long() {
     assert!(agent.next_assignment(QUIET).await.is_none(), "not before its time");
     s.finish().await;
 }
+
+#[tokio::test]
+async fn paused_work_waits_across_a_restart_until_resumed() {
+    let Setup { infra, tq, client } = setup().await;
+    let pause = |c: &TaskQueueClient, phase: i32, reason: &str| {
+        let mut c = c.clone();
+        let request = pb::PauseDispatchRequest {
+            phase,
+            ticket_id: String::new(),
+            reason: reason.to_owned(),
+        };
+        async move { c.pause_dispatch(request).await }
+    };
+    let resume = |c: &TaskQueueClient, phase: i32| {
+        let mut c = c.clone();
+        async move {
+            c.resume_dispatch(pb::ResumeDispatchRequest {
+                phase,
+                ticket_id: String::new(),
+            })
+            .await
+        }
+    };
+    pause(&client, INITIAL, "deploy freeze").await.unwrap();
+    let again = pause(&client, INITIAL, "deploy freeze, day two")
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.pause.unwrap().reason, "deploy freeze, day two");
+    let bad = pause(&client, 99, "").await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("phase"), "{}", bad.message());
+    assert_eq!(
+        resume(&client, IMPLEMENTATION).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+
+    let held = enqueue(&client, vec![new_task("held", 1)]).await.remove(0);
+    let mut free = new_task("free", 1);
+    free.phase = IMPLEMENTATION;
+    let free = enqueue(&client, vec![free]).await.remove(0);
+    let mut agent = ScriptedAgent::connect(&client, 2, vec![]).await.unwrap();
+    let a = agent.next_assignment(WAIT).await.unwrap();
+    assert_eq!(a.task.as_ref().unwrap().id, free.id, "other phases go on");
+    agent.start(&a).await.unwrap();
+    agent.complete(&a).await.unwrap();
+    assert!(agent.next_assignment(QUIET).await.is_none(), "the paused phase waits");
+    let stats = client
+        .clone()
+        .get_queue_stats(pb::GetQueueStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.pauses.len(), 1);
+    assert_eq!(
+        (stats.pauses[0].phase, stats.pauses[0].reason.as_str()),
+        (INITIAL, "deploy freeze, day two")
+    );
+
+    // A restarted replica keeps the pause.
+    drop(agent);
+    tq.stop().await.unwrap();
+    let tq = InProcess::start(infra.task_queue_config()).await.unwrap();
+    let client = tq.client();
+    let mut agent = ScriptedAgent::connect(&client, 2, vec![]).await.unwrap();
+    assert!(
+        agent.next_assignment(QUIET).await.is_none(),
+        "still paused after a restart"
+    );
+    let lifted = resume(&client, 0).await.unwrap().into_inner();
+    assert_eq!(lifted.resumed.len(), 1);
+    let a = agent.next_assignment(WAIT).await.expect("resumed");
+    assert_eq!(a.task.unwrap().id, held.id);
+    let events = events::read_all(&infra.nats_url, &infra.topology.stream, 8, WAIT)
+        .await
+        .unwrap();
+    let types: Vec<&str> = events
+        .iter()
+        .filter(|e| e.entity_type == "queue")
+        .map(|e| e.event_type.as_str())
+        .collect();
+    assert_eq!(types, ["QUEUE_PAUSED", "QUEUE_RESUMED"], "one event per change");
+    tq.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}

@@ -19,6 +19,8 @@ pub enum Entity {
     Ticket,
     Task,
     Agent,
+    /// The queue's dispatch as a whole (pauses).
+    Queue,
 }
 
 impl Entity {
@@ -27,11 +29,12 @@ impl Entity {
             Entity::Ticket => "ticket",
             Entity::Task => "task",
             Entity::Agent => "agent",
+            Entity::Queue => "queue",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Entity::Ticket, Entity::Task, Entity::Agent]
+        [Entity::Ticket, Entity::Task, Entity::Agent, Entity::Queue]
             .into_iter()
             .find(|e| e.as_str() == s)
     }
@@ -119,6 +122,8 @@ events! {
     AgentDeregistered(AgentChanged) = "AGENT_DEREGISTERED", Agent;
     AgentStale(AgentStale) = "AGENT_STALE", Agent;
     AgentRecovered(AgentChanged) = "AGENT_RECOVERED", Agent;
+    QueuePaused(QueuePaused) = "QUEUE_PAUSED", Queue;
+    QueueResumed(QueueResumed) = "QUEUE_RESUMED", Queue;
 }
 
 impl std::fmt::Display for EventType {
@@ -243,6 +248,26 @@ named! {
     ErrorClass => ErrorClass::parse;
     TicketStatus => TicketStatus::parse;
     AgentStatus => AgentStatus::parse;
+}
+
+/// Dispatch stopped for a scope: every task (both unset), a phase, a
+/// ticket, or a phase of a ticket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueuePaused {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket_id: Option<Uuid>,
+    pub reason: String,
+}
+
+/// Dispatch goes on for a scope that was paused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueResumed {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket_id: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,10 +10,10 @@ use uuid::Uuid;
 
 use crate::error::DomainError;
 use crate::event::{
-    Envelope, Event, TaskAssigned, TaskCancelled, TaskCompleted, TaskCreated, TaskFailed, TaskRequeued, TaskRetried,
-    TaskStarted, TaskTimedOut,
+    Envelope, Event, QueuePaused, QueueResumed, TaskAssigned, TaskCancelled, TaskCompleted, TaskCreated, TaskFailed,
+    TaskRequeued, TaskRetried, TaskStarted, TaskTimedOut,
 };
-use crate::task::{Action, ErrorClass, Task, TaskStatus};
+use crate::task::{Action, ErrorClass, Phase, Task, TaskStatus};
 use crate::usage::Usage;
 use crate::validate::NewTask;
 use crate::{backoff, classify};
@@ -360,6 +360,52 @@ pub fn requeued(task_id: Uuid, ticket_id: Option<Uuid>, attempt: i32, reason: &s
             reason: reason.to_owned(),
         }),
     )
+}
+
+/// What a dispatch pause holds back: every task (both unset), a phase, a
+/// ticket, or a phase of a ticket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Scope {
+    pub phase: Option<Phase>,
+    pub ticket_id: Option<Uuid>,
+}
+
+impl Scope {
+    /// The event of a scope: about its ticket when it has one (so that the
+    /// ticket's watchers see it), else about the queue as a whole.
+    fn envelope(self, event: Event) -> Envelope {
+        Envelope::new(self.ticket_id.unwrap_or(Uuid::nil()), self.ticket_id, event)
+    }
+
+    pub fn is_everything(self) -> bool {
+        self.phase.is_none() && self.ticket_id.is_none()
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.phase, self.ticket_id) {
+            (None, None) => f.write_str("all dispatch"),
+            (Some(p), None) => write!(f, "dispatch of {}", p.as_str()),
+            (None, Some(t)) => write!(f, "dispatch of ticket {t}"),
+            (Some(p), Some(t)) => write!(f, "dispatch of {} of ticket {t}", p.as_str()),
+        }
+    }
+}
+
+pub fn paused(scope: Scope, reason: &str) -> Envelope {
+    scope.envelope(Event::QueuePaused(QueuePaused {
+        phase: scope.phase,
+        ticket_id: scope.ticket_id,
+        reason: reason.to_owned(),
+    }))
+}
+
+pub fn resumed(scope: Scope) -> Envelope {
+    scope.envelope(Event::QueueResumed(QueueResumed {
+        phase: scope.phase,
+        ticket_id: scope.ticket_id,
+    }))
 }
 
 /// Why an assignment not started within the start lease went back to the

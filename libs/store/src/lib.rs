@@ -7,6 +7,7 @@ pub mod consumed;
 mod error;
 pub mod events;
 pub mod outbox;
+pub mod pauses;
 pub mod tasks;
 pub mod tickets;
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use omoi_domain::rules::Failure;
+use omoi_domain::rules::{Failure, Scope};
 use omoi_domain::validate::{self, MAX_BATCH, MAX_ERROR_MESSAGE_BYTES, MAX_REASON_BYTES, RawNewTask};
 use omoi_domain::{ErrorClass, Phase, TaskStatus, Usage};
 use omoi_proto::convert::struct_to_json;
@@ -10,6 +10,7 @@ use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_server::TaskQueueService};
 use omoi_runtime::status::{ApiError, ApiResult};
 use omoi_store::Store;
+use omoi_store::pauses::Pause;
 use omoi_store::tasks::{ListFilter, Outcome, Report};
 use prost::Message;
 use tokio::sync::mpsc;
@@ -81,6 +82,23 @@ fn report(task_id: &str, attempt: i32) -> ApiResult<Report> {
         // Read here, in the RPC's span: the batch runs in a task of its own.
         trace: omoi_runtime::trace::current(),
     })
+}
+
+/// A pause's scope as a request gives it: an optional phase and ticket.
+fn scope(phase: i32, ticket_id: &str) -> ApiResult<Scope> {
+    Ok(Scope {
+        phase: validate::optional("phase", Phase::given(phase), "phase")?,
+        ticket_id: validate::optional_uuid("ticket_id", ticket_id)?,
+    })
+}
+
+fn pause_message(p: &Pause) -> pb::Pause {
+    pb::Pause {
+        phase: p.scope.phase.map_or(0, WireEnum::wire),
+        ticket_id: p.scope.ticket_id.map(|t| t.to_string()).unwrap_or_default(),
+        reason: p.reason.clone(),
+        paused_at: Some(omoi_proto::convert::timestamp(p.paused_at)),
+    }
 }
 
 /// A reported usage, checked.
@@ -258,12 +276,37 @@ impl TaskQueue {
         Ok(ReceiverStream::new(rx))
     }
 
+    async fn pause(&self, req: &pb::PauseDispatchRequest) -> ApiResult<pb::PauseDispatchResponse> {
+        let scope = scope(req.phase, &req.ticket_id)?;
+        let reason = validate::text("reason", &req.reason, MAX_REASON_BYTES)?;
+        let pause = self.store.pause(scope, &reason).await?;
+        tracing::info!(%scope, reason, "dispatch paused");
+        Ok(pb::PauseDispatchResponse {
+            pause: Some(pause_message(&pause)),
+        })
+    }
+
+    async fn resume(&self, req: &pb::ResumeDispatchRequest) -> ApiResult<pb::ResumeDispatchResponse> {
+        let scope = scope(req.phase, &req.ticket_id)?;
+        let lifted = self.store.resume(scope).await?;
+        if lifted.is_empty() {
+            return Err(Status::failed_precondition(format!("{scope} is not paused")).into());
+        }
+        tracing::info!(%scope, lifted = lifted.len(), "dispatch resumed");
+        // Every replica looks for work again.
+        self.dispatcher.wake();
+        Ok(pb::ResumeDispatchResponse {
+            resumed: lifted.iter().map(pause_message).collect(),
+        })
+    }
+
     async fn stats(&self) -> ApiResult<pb::GetQueueStatsResponse> {
         let stats = self.store.stats().await?;
         let mut resp = pb::GetQueueStatsResponse {
             ready: stats.ready,
             oldest_ready_age_seconds: stats.oldest_ready_age.as_secs_f64(),
             connected_agents: i32::try_from(self.dispatcher.connected_agents()).unwrap_or(i32::MAX),
+            pauses: self.store.pauses().await?.iter().map(pause_message).collect(),
             ..Default::default()
         };
         for (st, phase, count) in stats.counts {
@@ -321,6 +364,20 @@ impl TaskQueueService for TaskQueue {
         request: Request<pb::RetryTaskRequest>,
     ) -> Result<Response<pb::RetryTaskResponse>, Status> {
         Ok(Response::new(self.retry(request.get_ref()).await?))
+    }
+
+    async fn pause_dispatch(
+        &self,
+        request: Request<pb::PauseDispatchRequest>,
+    ) -> Result<Response<pb::PauseDispatchResponse>, Status> {
+        Ok(Response::new(self.pause(request.get_ref()).await?))
+    }
+
+    async fn resume_dispatch(
+        &self,
+        request: Request<pb::ResumeDispatchRequest>,
+    ) -> Result<Response<pb::ResumeDispatchResponse>, Status> {
+        Ok(Response::new(self.resume(request.get_ref()).await?))
     }
 
     type WatchAssignmentsStream = AgentStream;
