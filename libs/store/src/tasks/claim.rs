@@ -41,10 +41,14 @@ impl Store {
                  SELECT id, priority, seq FROM tasks
                  WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at <= now()
                    AND ($3::int2[] IS NULL OR phase = ANY($3))
-                   AND NOT EXISTS (
-                       SELECT 1 FROM dispatch_pauses p
-                       WHERE (p.phase IS NULL OR p.phase = tasks.phase)
-                         AND (p.ticket_id IS NULL OR p.ticket_id = tasks.ticket_id))
+                   -- Paused scopes hand out nothing. The first test runs once
+                   -- per statement (an init plan), so that with no pause at all
+                   -- no row pays for the second.
+                   AND (NOT EXISTS (SELECT 1 FROM dispatch_pauses)
+                        OR NOT EXISTS (
+                            SELECT 1 FROM dispatch_pauses p
+                            WHERE (p.phase IS NULL OR p.phase = tasks.phase)
+                              AND (p.ticket_id IS NULL OR p.ticket_id = tasks.ticket_id)))
                  ORDER BY priority DESC, seq
                  LIMIT $4
                  FOR UPDATE SKIP LOCKED
