@@ -150,11 +150,12 @@ impl Infra {
         env
     }
 
-    /// Drops the database and the stream.
+    /// Drops the database and the streams (events and agent output).
     pub async fn cleanup(self) -> anyhow::Result<()> {
         if let Ok(client) = async_nats::connect(&self.nats_url).await {
             let js = async_nats::jetstream::new(client);
             let _ = js.delete_stream(&self.topology.stream).await;
+            let _ = js.delete_stream(self.topology.output_stream()).await;
         }
         self.db.drop_now().await
     }
