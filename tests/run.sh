@@ -17,7 +17,8 @@ if ! "$venv/bin/python" -c 'import helm_python' 2>/dev/null; then
     "$venv/bin/pip" install -q -r .ci/requirements.txt
 fi
 export OMOI_HELM_PYTHON="$PWD/$venv/bin/python"
-# The coding-agent CLIs the agent tests drive, at the pinned versions.
+# The coding-agent CLIs the agent tests drive, at the pinned versions
+# (npm ci of deploy/agents into .ci/agents; see deploy/local/services.sh).
 ensure_agent_clis
 cargo build --workspace --bins
 cargo test --workspace "$@"

@@ -259,14 +259,8 @@ pub fn restorable(root: Uuid, candidates: &[(Uuid, Vec<(Uuid, TaskStatus)>)]) ->
             .iter()
             .filter(|(id, _)| back.contains(id))
             .filter(|(_, deps)| {
-                deps.iter().any(|(dep, status)| {
-                    *dep != root
-                        && !back.contains(dep)
-                        && matches!(
-                            status,
-                            TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled
-                        )
-                })
+                deps.iter()
+                    .any(|(dep, status)| *dep != root && !back.contains(dep) && status.ended_unsuccessfully())
             })
             .map(|(id, _)| *id)
             .collect();

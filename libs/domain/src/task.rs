@@ -44,6 +44,13 @@ impl TaskStatus {
         }
     }
 
+    /// Ended without completing (failed, timed out or cancelled): what an
+    /// operator's retry takes back, and what keeps a dependent from ever
+    /// being ready.
+    pub fn ended_unsuccessfully(self) -> bool {
+        matches!(self, TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled)
+    }
+
     /// Final unless the task is retried: by the queue after a retryable
     /// failure, or by an operator (RetryTask).
     pub fn is_terminal(self) -> bool {
@@ -184,7 +191,7 @@ impl TaskStatus {
             (S::Assigned, A::Requeue) => S::Pending,
             (S::Assigned | S::Running, A::Reclaim) => S::Pending,
             (S::Pending | S::Assigned | S::Running, A::Cancel) => S::Cancelled,
-            (S::Failed | S::TimedOut | S::Cancelled, A::Retry) => S::Pending,
+            (from, A::Retry) if from.ended_unsuccessfully() => S::Pending,
             (from, action) => return Err(DomainError::IllegalTransition { from, action }),
         };
         Ok(next)

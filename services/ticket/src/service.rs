@@ -186,10 +186,9 @@ impl Tickets {
             Vec::new()
         };
         let ended = |t: &&omoi_proto::taskqueue::Task| {
-            matches!(
-                TaskStatus::given(t.status).known(),
-                Some(TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled)
-            )
+            TaskStatus::given(t.status)
+                .known()
+                .is_some_and(TaskStatus::ended_unsuccessfully)
         };
         let mut retried = 0;
         // In plan order, so that a dependency goes round before what waits

@@ -19,7 +19,7 @@ use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
 use serde_json::Value;
 
 use super::tools::{Dialect, Tools};
-use super::{AgentCli, AgentStream, class_of_status, str_at, text_of};
+use super::{AgentCli, AgentStream, add_tokens, class_of_status, str_at, text_of};
 use crate::events::{self, event};
 use crate::runner::Verdict;
 
@@ -95,16 +95,74 @@ pub struct ClaudeStream {
 }
 
 impl AgentStream for ClaudeStream {
+    /// The events one line of output says.
     fn line(&mut self, line: &str) -> Vec<AgentEvent> {
-        self.read(line)
+        let raw = || vec![events::output(OutputStream::Stdout, line.to_owned())];
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            return raw();
+        };
+        match str_at(&v, "type") {
+            "system" => self.system(&v),
+            "assistant" => self.assistant(&v),
+            "user" => self.user(&v),
+            "result" => self.result(&v),
+            _ => raw(),
+        }
     }
 
+    /// What the run spent: the result line's account, else the sum of the
+    /// messages seen (no cost known then).
     fn usage(&self) -> Option<Usage> {
-        self.spent()
+        if let Some(c) = &self.closing {
+            return Some(c.usage.clone());
+        }
+        if self.messages.is_empty() {
+            return None;
+        }
+        let mut sum = Usage {
+            model: self.model.clone(),
+            turns: i32::try_from(self.messages.len()).unwrap_or(i32::MAX),
+            ..Default::default()
+        };
+        for u in self.messages.values() {
+            add_tokens(&mut sum, u);
+        }
+        Some(sum)
     }
 
+    /// How the run ended, as the agent tells it; None leaves it to the exit
+    /// code.
     fn verdict(&self, exit_code: Option<i32>) -> Option<Verdict> {
-        self.outcome(exit_code)
+        let Some(c) = &self.closing else {
+            return match (&self.api_error, exit_code) {
+                (_, Some(0)) => Some(Verdict::Failed {
+                    message: "claude ended without reporting a result".into(),
+                    class: Some(ErrorClass::Retryable),
+                }),
+                (Some(error), _) => Some(Verdict::Failed {
+                    message: format!("claude stopped after model API errors: {error}"),
+                    class: Some(ErrorClass::Retryable),
+                }),
+                (None, _) => None,
+            };
+        };
+        if !c.is_error && c.subtype == "success" {
+            return Some(Verdict::Succeeded {
+                summary: c.text.clone(),
+            });
+        }
+        let class = match (c.subtype.as_str(), c.api_error_status.and_then(class_of_status)) {
+            // Limits the deployment set: another attempt hits them again.
+            ("error_max_budget_usd" | "error_max_turns", _) => Some(ErrorClass::Permanent),
+            (_, Some(class)) => Some(class),
+            ("error_during_execution", _) => Some(ErrorClass::Retryable),
+            _ => None,
+        };
+        let detail = if c.text.is_empty() { c.subtype.as_str() } else { &c.text };
+        Some(Verdict::Failed {
+            message: format!("claude: {detail}"),
+            class,
+        })
     }
 
     /// A run that gave up on a rate-limited API: as long as the CLI itself
@@ -130,21 +188,6 @@ impl ClaudeStream {
         }
     }
 
-    /// The events one line of output says.
-    fn read(&mut self, line: &str) -> Vec<AgentEvent> {
-        let raw = || vec![events::output(OutputStream::Stdout, line.to_owned())];
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            return raw();
-        };
-        match str_at(&v, "type") {
-            "system" => self.system(&v),
-            "assistant" => self.assistant(&v),
-            "user" => self.user(&v),
-            "result" => self.result(&v),
-            _ => raw(),
-        }
-    }
-
     fn system(&mut self, v: &Value) -> Vec<AgentEvent> {
         match str_at(v, "subtype") {
             "init" => {
@@ -152,21 +195,19 @@ impl ClaudeStream {
                 Vec::new()
             }
             "api_retry" => {
-                let error = format!(
-                    "{} ({})",
-                    str_at(v, "error"),
-                    v.get("error_status").map(Value::to_string).unwrap_or_default()
-                );
+                let n = |k: &str| v.get(k).and_then(Value::as_i64).unwrap_or_default();
+                let (status, wait_ms) = (n("error_status"), n("retry_delay_ms"));
+                let error = format!("{} ({status})", str_at(v, "error"));
                 let text = format!(
-                    "model API failed: {error}; retry {} of {} in {} ms",
-                    v.get("attempt").and_then(Value::as_i64).unwrap_or_default(),
-                    v.get("max_retries").and_then(Value::as_i64).unwrap_or_default(),
-                    v.get("retry_delay_ms").and_then(Value::as_i64).unwrap_or_default()
+                    "model API failed: {error}; retry {} of {} in {wait_ms} ms",
+                    n("attempt"),
+                    n("max_retries")
                 );
                 self.api_error = Some(error);
-                let status = v.get("error_status").and_then(Value::as_i64).unwrap_or_default();
-                let wait = v.get("retry_delay_ms").and_then(Value::as_u64).unwrap_or_default();
-                self.last_retry = Some((status, Duration::from_millis(wait)));
+                self.last_retry = Some((
+                    status,
+                    Duration::from_millis(u64::try_from(wait_ms).unwrap_or_default()),
+                ));
                 vec![event(AgentEventKind::Error, text)]
             }
             _ => Vec::new(),
@@ -248,64 +289,6 @@ impl ClaudeStream {
         let out = vec![events::usage(&closing.usage), event(kind, closing.text.clone())];
         self.closing = Some(closing);
         out
-    }
-
-    /// What the run spent: the result line's account, else the sum of the
-    /// messages seen (no cost known then).
-    fn spent(&self) -> Option<Usage> {
-        if let Some(c) = &self.closing {
-            return Some(c.usage.clone());
-        }
-        if self.messages.is_empty() {
-            return None;
-        }
-        let mut sum = Usage {
-            model: self.model.clone(),
-            turns: i32::try_from(self.messages.len()).unwrap_or(i32::MAX),
-            ..Default::default()
-        };
-        for u in self.messages.values() {
-            sum.input_tokens += u.input_tokens;
-            sum.output_tokens += u.output_tokens;
-            sum.cache_read_tokens += u.cache_read_tokens;
-            sum.cache_write_tokens += u.cache_write_tokens;
-        }
-        Some(sum)
-    }
-
-    /// How the run ended, as the agent tells it; None leaves it to the exit
-    /// code.
-    fn outcome(&self, exit_code: Option<i32>) -> Option<Verdict> {
-        let Some(c) = &self.closing else {
-            return match (&self.api_error, exit_code) {
-                (_, Some(0)) => Some(Verdict::Failed {
-                    message: "claude ended without reporting a result".into(),
-                    class: Some(ErrorClass::Retryable),
-                }),
-                (Some(error), _) => Some(Verdict::Failed {
-                    message: format!("claude stopped after model API errors: {error}"),
-                    class: Some(ErrorClass::Retryable),
-                }),
-                (None, _) => None,
-            };
-        };
-        if !c.is_error && c.subtype == "success" {
-            return Some(Verdict::Succeeded {
-                summary: c.text.clone(),
-            });
-        }
-        let class = match (c.subtype.as_str(), c.api_error_status.and_then(class_of_status)) {
-            // Limits the deployment set: another attempt hits them again.
-            ("error_max_budget_usd" | "error_max_turns", _) => Some(ErrorClass::Permanent),
-            (_, Some(class)) => Some(class),
-            ("error_during_execution", _) => Some(ErrorClass::Retryable),
-            _ => None,
-        };
-        let detail = if c.text.is_empty() { c.subtype.as_str() } else { &c.text };
-        Some(Verdict::Failed {
-            message: format!("claude: {detail}"),
-            class,
-        })
     }
 }
 

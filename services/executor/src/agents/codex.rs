@@ -18,7 +18,7 @@ use omoi_domain::ErrorClass;
 use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
 use serde_json::Value;
 
-use super::{AgentCli, AgentStream, class_of_status, relative, str_at};
+use super::{AgentCli, AgentStream, add_tokens, class_of_status, relative, str_at};
 use crate::events::{self, event};
 use crate::runner::Verdict;
 
@@ -169,17 +169,14 @@ impl CodexStream {
             output_tokens: n("output_tokens"),
             cache_read_tokens: cached,
             cache_write_tokens: n("cache_write_input_tokens"),
-            model: self.model.clone(),
-            turns: 1,
             ..Default::default()
         };
-        let sum = self.usage.get_or_insert_with(Usage::default);
-        sum.input_tokens += turn.input_tokens;
-        sum.output_tokens += turn.output_tokens;
-        sum.cache_read_tokens += turn.cache_read_tokens;
-        sum.cache_write_tokens += turn.cache_write_tokens;
+        let sum = self.usage.get_or_insert_with(|| Usage {
+            model: self.model.clone(),
+            ..Default::default()
+        });
+        add_tokens(sum, &turn);
         sum.turns += 1;
-        sum.model.clone_from(&turn.model);
         self.completed = true;
         vec![events::usage(sum)]
     }

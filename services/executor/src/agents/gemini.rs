@@ -71,7 +71,6 @@ pub fn prepare_home(home: &Path) -> std::io::Result<()> {
 #[derive(Debug, Clone)]
 struct Closing {
     ok: bool,
-    error_type: String,
     error: String,
     usage: Usage,
 }
@@ -162,7 +161,6 @@ impl GeminiStream {
         };
         let closing = Closing {
             ok: str_at(v, "status") == "success",
-            error_type: str_at(&v["error"], "type").to_owned(),
             error: str_at(&v["error"], "message").to_owned(),
             usage,
         };
@@ -238,7 +236,7 @@ impl AgentStream for GeminiStream {
             }),
             Some(c) if !c.ok => Some(Verdict::Failed {
                 message: format!("gemini: {}", c.error),
-                class: failure_class(&c.error_type, &c.error),
+                class: failure_class(&c.error),
             }),
             Some(_) | None => match exit_code {
                 Some(0) => Some(Verdict::Failed {
@@ -255,7 +253,7 @@ impl AgentStream for GeminiStream {
 /// carries (`[API Error: {"error": {"code": 401, "status":
 /// "UNAUTHENTICATED", …}}]`), its HTTP code first, then its gRPC-style
 /// status.
-fn failure_class(error_type: &str, message: &str) -> Option<ErrorClass> {
+fn failure_class(message: &str) -> Option<ErrorClass> {
     let api_error = message
         .find('{')
         .and_then(|start| {
@@ -267,9 +265,9 @@ fn failure_class(error_type: &str, message: &str) -> Option<ErrorClass> {
     if let Some(class) = api_error.get("code").and_then(Value::as_i64).and_then(class_of_status) {
         return Some(class);
     }
-    match (str_at(&api_error, "status"), error_type) {
-        ("UNAUTHENTICATED" | "PERMISSION_DENIED" | "INVALID_ARGUMENT" | "NOT_FOUND", _) => Some(ErrorClass::Permanent),
-        ("RESOURCE_EXHAUSTED" | "UNAVAILABLE" | "INTERNAL" | "DEADLINE_EXCEEDED", _) => Some(ErrorClass::Retryable),
+    match str_at(&api_error, "status") {
+        "UNAUTHENTICATED" | "PERMISSION_DENIED" | "INVALID_ARGUMENT" | "NOT_FOUND" => Some(ErrorClass::Permanent),
+        "RESOURCE_EXHAUSTED" | "UNAVAILABLE" | "INTERNAL" | "DEADLINE_EXCEEDED" => Some(ErrorClass::Retryable),
         _ => None,
     }
 }

@@ -184,6 +184,14 @@ pub fn class_of_status(status: i64) -> Option<ErrorClass> {
     }
 }
 
+/// Adds `part`'s token counts to `sum`.
+fn add_tokens(sum: &mut Usage, part: &Usage) {
+    sum.input_tokens += part.input_tokens;
+    sum.output_tokens += part.output_tokens;
+    sum.cache_read_tokens += part.cache_read_tokens;
+    sum.cache_write_tokens += part.cache_write_tokens;
+}
+
 fn str_at<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or_default()
 }
