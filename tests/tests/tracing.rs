@@ -143,7 +143,9 @@ async fn one_trace_follows_a_ticket_through_every_service() {
     )
     .await;
 
-    // Spans are exported in batches: wait for the last link of the chain.
+    // Spans are exported in batches, each process on its own clock: wait
+    // for the last link of the chain in each (an executor's run span ends
+    // after its CompleteTask and the ticket's status change).
     let status_span = "omoi-ticket-status TASK_COMPLETED";
     let complete_name = "/omoi.taskqueue.v1.TaskQueueService/CompleteTask";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -151,6 +153,7 @@ async fn one_trace_follows_a_ticket_through_every_service() {
         let trace = collector.trace(&trace_id);
         if named(&trace, "omoi-ticket", status_span).len() == tasks
             && named(&trace, "omoi-task-queue", complete_name).len() == tasks
+            && named(&trace, "omoi-executor", "run").len() == tasks
         {
             break trace;
         }
