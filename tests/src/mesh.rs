@@ -123,7 +123,7 @@ impl ProcessMesh {
             ),
             (
                 "OMOI_RUNNER_ENV_ALLOW".to_string(),
-                "PATH,HOME,OMOI_DEMO_SLEEP_MS,OMOI_DEMO_FAIL".to_string(),
+                "PATH,HOME,OMOI_DEMO_SLEEP_MS,OMOI_DEMO_FAIL,OMOI_DEMO_FAIL_FIRST".to_string(),
             ),
             ("OMOI_KILL_GRACE_SECONDS".to_string(), "1".to_string()),
         ]);

@@ -166,6 +166,16 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                     task_id: rng.text(),
                     attempt: rng.int(),
                     result: None,
+                    git: (rng.next() % 2 == 0).then(|| omoi_proto::common::GitChange {
+                        branch: rng.text(),
+                        base_commit: rng.text(),
+                        commit: rng.text(),
+                        files_changed: rng.int(),
+                        insertions: i64::from(rng.int()),
+                        deletions: i64::from(rng.int()),
+                        patch: rng.text(),
+                        patch_truncated: false,
+                    }),
                     ..Default::default()
                 })
                 .await
@@ -216,6 +226,8 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                     description: rng.text(),
                     priority: rng.int(),
                     repository: rng.text(),
+                    base_ref: rng.text(),
+                    pull_request: rng.next() % 2 == 0,
                     request_id: rng.text(),
                     plan: (0..rng.next() % 3)
                         .map(|_| pb::TaskSpec {

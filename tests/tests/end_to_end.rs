@@ -75,7 +75,10 @@ async fn a_ticket_runs_through_two_executors_in_phase_order_with_workspaces() {
         let ws = result["workspace"].as_str().unwrap();
         assert!(ws.starts_with(&mesh.workspace_root.display().to_string()), "{ws}");
         assert!(ws.ends_with(&format!("{}/{}", t.id, t.attempt)), "{ws}");
-        let log = std::fs::read_to_string(Path::new(ws).join("AGENT_LOG.md")).unwrap();
+        let name = omoi_proto::common::Phase::try_from(t.phase).unwrap().as_str_name();
+        let name = name.trim_start_matches("PHASE_").to_ascii_lowercase();
+        let log_file = format!("agent-log/{name}.md");
+        let log = std::fs::read_to_string(Path::new(ws).join(&log_file)).unwrap();
         assert!(log.contains(&t.id), "{log}");
         let changed: Vec<&str> = result["changed_files"]
             .as_array()
@@ -83,7 +86,7 @@ async fn a_ticket_runs_through_two_executors_in_phase_order_with_workspaces() {
             .iter()
             .filter_map(|v| v.as_str())
             .collect();
-        assert!(changed.contains(&"AGENT_LOG.md"), "{changed:?}");
+        assert!(changed.contains(&log_file.as_str()), "{changed:?}");
         assert_eq!(result["exit_code"], 0);
     }
     assert!(

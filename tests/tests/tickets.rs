@@ -226,6 +226,35 @@ async fn an_explicit_dag_is_kept_and_a_cycle_is_refused_with_nothing_written() {
         ),
         (
             pb::CreateTicketRequest {
+                repository: "https://bot:hunter2@example.com/r.git".into(),
+                ..create("t")
+            },
+            "repository",
+        ),
+        (
+            pb::CreateTicketRequest {
+                base_ref: "main".into(),
+                ..create("t")
+            },
+            "base_ref",
+        ),
+        (
+            pb::CreateTicketRequest {
+                repository: "/srv/repo".into(),
+                base_ref: "--orphan".into(),
+                ..create("t")
+            },
+            "base_ref",
+        ),
+        (
+            pb::CreateTicketRequest {
+                pull_request: true,
+                ..create("t")
+            },
+            "pull_request",
+        ),
+        (
+            pb::CreateTicketRequest {
                 description: "d".repeat(70_000),
                 ..create("t")
             },

@@ -300,6 +300,10 @@ pub struct TaskCompleted {
     /// What the attempt spent, when its agent reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// What it left on the ticket's branch (without the patch, which the
+    /// task keeps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<crate::git::GitChange>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -369,6 +373,9 @@ pub struct TicketCreated {
     pub title: String,
     pub priority: i32,
     pub repository: String,
+    /// The branch its work lands on, when it names a repository.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub branch: String,
     pub task_ids: Vec<Uuid>,
 }
 
@@ -452,6 +459,15 @@ mod tests {
                     input_tokens: 120,
                     cost_usd: 0.5,
                     model: "m".into(),
+                    ..Default::default()
+                }),
+                git: Some(crate::git::GitChange {
+                    branch: "omoi/0192a3b4-x".into(),
+                    base_commit: "a".repeat(40),
+                    commit: "b".repeat(40),
+                    files_changed: 2,
+                    insertions: 10,
+                    deletions: 1,
                     ..Default::default()
                 }),
             }),

@@ -13,6 +13,7 @@ use crate::event::{
     Envelope, Event, QueuePaused, QueueResumed, TaskAssigned, TaskCancelled, TaskCompleted, TaskCreated, TaskFailed,
     TaskRequeued, TaskRetried, TaskStarted, TaskTimedOut,
 };
+use crate::git::GitChange;
 use crate::task::{Action, ErrorClass, Phase, Task, TaskStatus};
 use crate::usage::Usage;
 use crate::validate::NewTask;
@@ -339,6 +340,11 @@ pub fn completed(task: &Task, usage: Option<Usage>) -> Envelope {
             agent_id: task.assigned_agent_id,
             result: task.result.clone(),
             usage: usage.filter(|u| !u.is_empty()),
+            git: task.git.as_ref().map(|g| GitChange {
+                patch: String::new(),
+                patch_truncated: false,
+                ..g.clone()
+            }),
         }),
     )
 }
@@ -578,6 +584,7 @@ mod tests {
             error_class: None,
             result: None,
             usage: None,
+            git: None,
             created_at: now,
             updated_at: now,
             started_at: None,

@@ -104,6 +104,8 @@ pub struct Task {
     pub result: Option<Value>,
     /// What its attempts spent, summed; `None` until one reported usage.
     pub usage: Option<crate::usage::Usage>,
+    /// What its completed attempt left on the ticket's branch.
+    pub git: Option<crate::git::GitChange>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,

@@ -25,6 +25,18 @@ pub struct Ticket {
     pub priority: i32,
     pub status: TicketStatus,
     pub repository: String,
+    /// Where its branch starts (empty: the remote's HEAD).
+    pub base_ref: String,
+    /// The branch its work lands on (`git::branch_name`); empty without a
+    /// repository.
+    pub branch: String,
+    /// The last commit one of its tasks reported on the branch.
+    pub head_commit: String,
+    /// Whether the branch ends in a pull request.
+    pub pull_request: bool,
+    pub pull_request_url: String,
+    /// Why the pull request could not be opened (empty once it is).
+    pub pull_request_error: String,
     /// String labels as a JSON object.
     pub labels: Value,
     pub request_id: Option<String>,

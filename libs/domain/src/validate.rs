@@ -300,7 +300,16 @@ pub fn repository(field: &str, value: &str) -> Result<Option<Repository>, Domain
         ));
     }
     for scheme in ["https://", "http://", "ssh://", "git://", "file://"] {
-        if v.starts_with(scheme) {
+        if let Some(rest) = v.strip_prefix(scheme) {
+            // A password in the URL would end up in logs, events and the
+            // workspace; credentials belong to the executor's secret.
+            let authority = rest.split('/').next().unwrap_or_default();
+            if authority.rsplit_once('@').is_some_and(|(user, _)| user.contains(':')) {
+                return Err(DomainError::invalid(
+                    field,
+                    "must not carry a password; give the executor OMOI_GIT_TOKEN instead",
+                ));
+            }
             return Ok(Some(Repository::Url(v.to_owned())));
         }
     }
@@ -467,6 +476,14 @@ mod tests {
             Ok(Some(Repository::Local("/srv/repo".into())))
         );
         assert_eq!(repository("r", "  "), Ok(None));
+        assert_eq!(
+            repository("r", "ssh://git@example.com/r.git"),
+            Ok(Some(Repository::Url("ssh://git@example.com/r.git".into())))
+        );
+        assert_eq!(
+            field_of(repository("repository", "https://x:secret@example.com/r.git").unwrap_err()),
+            "repository"
+        );
         for bad in ["../secret", "relative/path", "/srv/../etc", "--upload-pack=x", "/a\nb"] {
             assert_eq!(
                 field_of(repository("repository", bad).unwrap_err()),

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use omoi_domain::validate::Given;
-use omoi_domain::{Agent, AgentStatus, ErrorClass, Phase, Task, TaskStatus, Ticket, TicketStatus, Usage};
+use omoi_domain::{Agent, AgentStatus, ErrorClass, GitChange, Phase, Task, TaskStatus, Ticket, TicketStatus, Usage};
 use serde_json::Value;
 
 use crate::common as c;
@@ -97,6 +97,38 @@ impl From<&Task> for taskqueue::Task {
             next_attempt_at: Some(timestamp(t.next_attempt_at)),
             unmet_dependencies: t.unmet_deps,
             usage: t.usage.as_ref().map(c::Usage::from),
+            git: t.git.as_ref().map(c::GitChange::from),
+        }
+    }
+}
+
+impl From<&GitChange> for c::GitChange {
+    fn from(g: &GitChange) -> Self {
+        c::GitChange {
+            branch: g.branch.clone(),
+            base_commit: g.base_commit.clone(),
+            commit: g.commit.clone(),
+            files_changed: g.files_changed,
+            insertions: g.insertions,
+            deletions: g.deletions,
+            patch: g.patch.clone(),
+            patch_truncated: g.patch_truncated,
+        }
+    }
+}
+
+/// A reported change, before the domain checks it (`GitChange::validated`).
+impl From<c::GitChange> for GitChange {
+    fn from(g: c::GitChange) -> Self {
+        GitChange {
+            branch: g.branch,
+            base_commit: g.base_commit,
+            commit: g.commit,
+            files_changed: g.files_changed,
+            insertions: g.insertions,
+            deletions: g.deletions,
+            patch: g.patch,
+            patch_truncated: g.patch_truncated,
         }
     }
 }
@@ -147,6 +179,12 @@ impl From<&Ticket> for ticket::Ticket {
             created_at: Some(timestamp(t.created_at)),
             updated_at: Some(timestamp(t.updated_at)),
             usage: t.usage.as_ref().map(c::Usage::from),
+            base_ref: t.base_ref.clone(),
+            branch: t.branch.clone(),
+            head_commit: t.head_commit.clone(),
+            pull_request: t.pull_request,
+            pull_request_url: t.pull_request_url.clone(),
+            pull_request_error: t.pull_request_error.clone(),
         }
     }
 }

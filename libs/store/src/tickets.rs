@@ -14,7 +14,9 @@ use crate::codes::{phase_code, phase_of};
 use crate::events;
 use crate::{Result, Store, StoreError, consumed};
 
-const TICKET_COLUMNS: &str = "id, seq, title, description, priority, status, repository, labels, request_id, tasks_enqueued, usage, created_at, updated_at";
+const TICKET_COLUMNS: &str = "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
+     pull_request, pull_request_url, pull_request_error, labels, request_id, tasks_enqueued, usage, created_at,
+     updated_at";
 const TICKET_TASK_COLUMNS: &str = "ticket_id, task_id, position, title, description, phase, priority, depends_on,
      max_retries, timeout_seconds, started, outcome";
 
@@ -34,6 +36,12 @@ impl<'r> FromRow<'r, PgRow> for TicketRow {
             status: TicketStatus::parse(&status)
                 .ok_or_else(|| sqlx::Error::Decode(format!("ticket status {status}").into()))?,
             repository: row.try_get("repository")?,
+            base_ref: row.try_get("base_ref")?,
+            branch: row.try_get("branch")?,
+            head_commit: row.try_get("head_commit")?,
+            pull_request: row.try_get("pull_request")?,
+            pull_request_url: row.try_get("pull_request_url")?,
+            pull_request_error: row.try_get("pull_request_error")?,
             labels: row.try_get("labels")?,
             request_id: row.try_get("request_id")?,
             tasks_enqueued: row.try_get("tasks_enqueued")?,
@@ -56,6 +64,8 @@ pub struct TaskReport<'a> {
     pub usage: Option<&'a Usage>,
     /// An operator sent the task round again: its outcome is open.
     pub reopened: bool,
+    /// The commit the attempt it completed left on the ticket's branch.
+    pub head_commit: Option<&'a str>,
 }
 
 /// One task of a ticket's plan, with what its events reported.
@@ -102,6 +112,10 @@ pub struct NewTicket {
     pub description: String,
     pub priority: i32,
     pub repository: String,
+    pub base_ref: String,
+    /// Empty without a repository.
+    pub branch: String,
+    pub pull_request: bool,
     pub labels: Value,
     pub request_id: Option<String>,
 }
@@ -134,8 +148,9 @@ impl Store {
         }
         let mut tx = self.pool().begin().await?;
         let inserted: Option<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO tickets (id, title, description, priority, status, repository, labels, request_id)
-             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7)
+            "INSERT INTO tickets (id, title, description, priority, status, repository, labels, request_id,
+                                  base_ref, branch, pull_request)
+             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10)
              ON CONFLICT (request_id) DO NOTHING
              RETURNING {TICKET_COLUMNS}"
         )))
@@ -146,6 +161,9 @@ impl Store {
         .bind(&t.repository)
         .bind(&t.labels)
         .bind(&t.request_id)
+        .bind(&t.base_ref)
+        .bind(&t.branch)
+        .bind(t.pull_request)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(TicketRow(ticket)) = inserted else {
@@ -188,6 +206,7 @@ impl Store {
             title: ticket.title.clone(),
             priority: ticket.priority,
             repository: ticket.repository.clone(),
+            branch: ticket.branch.clone(),
             task_ids: plan.iter().map(|(id, _)| *id).collect(),
         });
         events::insert(&mut tx, &[Envelope::new(ticket.id, Some(ticket.id), created)]).await?;
@@ -320,18 +339,20 @@ impl Store {
             outcome,
             usage,
             reopened,
+            head_commit,
         } = *report;
         let mut tx = self.pool().begin().await?;
         if !consumed::first_time(&mut tx, consumer, event_id).await? {
             return Ok(None);
         }
-        if usage.is_some() {
+        if usage.is_some() || head_commit.is_some() {
             sqlx::query(
-                "UPDATE tickets SET usage = usage_add(usage, $2::jsonb)
+                "UPDATE tickets SET usage = usage_add(usage, $2::jsonb), head_commit = COALESCE($3, head_commit)
                  WHERE id = (SELECT ticket_id FROM ticket_tasks WHERE task_id = $1)",
             )
             .bind(task_id)
             .bind(crate::tasks::usage_json(usage))
+            .bind(head_commit)
             .execute(&mut *tx)
             .await?;
         }

@@ -108,6 +108,7 @@ fn report(task_id: Uuid, attempt: i32) -> Report {
         attempt,
         result: None,
         usage: None,
+        git: None,
         trace: None,
     }
 }

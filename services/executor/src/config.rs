@@ -186,6 +186,31 @@ pub struct Config {
     #[arg(long, env = "OMOI_PRICE_TABLE_FILE")]
     pub price_table_file: Option<PathBuf>,
 
+    /// Author (and committer) of the commits a task's work lands as.
+    #[arg(long, env = "OMOI_GIT_AUTHOR_NAME", default_value = "omoi")]
+    pub git_author_name: String,
+
+    #[arg(long, env = "OMOI_GIT_AUTHOR_EMAIL", default_value = "omoi@localhost")]
+    pub git_author_email: String,
+
+    /// HTTPS token for tickets' repositories (from a secret): given to git
+    /// alone, through a credential helper, never to the agent or a workspace.
+    #[arg(long, env = "OMOI_GIT_TOKEN", hide_env_values = true)]
+    pub git_token: Option<String>,
+
+    /// A file holding OMOI_GIT_TOKEN, read instead of it (the secret stays out of
+    /// the executor's environment). Parsed, the field holds the content.
+    #[arg(long, env = "OMOI_GIT_TOKEN_FILE", value_parser = secret_file, hide_env_values = true)]
+    pub git_token_file: Option<String>,
+
+    /// The user name that goes with OMOI_GIT_TOKEN (GitHub accepts any).
+    #[arg(long, env = "OMOI_GIT_USERNAME", default_value = "x-access-token")]
+    pub git_username: String,
+
+    /// SSH private key for tickets' `ssh://` repositories (git alone uses it).
+    #[arg(long, env = "OMOI_GIT_SSH_KEY_FILE")]
+    pub git_ssh_key_file: Option<PathBuf>,
+
     /// OpenHands agent server (openhands runner).
     #[arg(long, env = "OPENHANDS_URL", default_value = "http://127.0.0.1:8000")]
     pub openhands_url: String,

@@ -6,6 +6,7 @@ mod agent_user;
 mod agents;
 pub mod config;
 mod events;
+mod git;
 mod openhands;
 mod prices;
 mod process;

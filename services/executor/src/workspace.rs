@@ -1,6 +1,6 @@
 //! Workspaces: one directory per task attempt under the workspace root,
-//! optionally a git checkout of the ticket's repository, and what a run
-//! changed in it.
+//! (a checkout of the ticket's branch when it names a repository, see
+//! `git`), and what a run changed in it.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -19,8 +19,6 @@ pub enum WorkspaceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("git clone of {repo} failed: {detail}")]
-    Clone { repo: String, detail: String },
 }
 
 /// `<root>/<task_id>/<attempt>`; both parts are typed, so nothing in them can
@@ -53,8 +51,8 @@ pub fn parse_repository(value: &str) -> Result<Option<Repository>, WorkspaceErro
     parse_repository_field("repository", value).map_err(|e| WorkspaceError::Repository(e.to_string()))
 }
 
-/// Creates the workspace, cloning the repository into it when there is one.
-pub async fn prepare(dir: &Path, repository: Option<&Repository>) -> Result<(), WorkspaceError> {
+/// A fresh, empty workspace directory (a crash's leftover is removed).
+pub async fn fresh(dir: &Path) -> Result<(), WorkspaceError> {
     let io = |source| WorkspaceError::Io {
         path: dir.display().to_string(),
         source,
@@ -66,37 +64,13 @@ pub async fn prepare(dir: &Path, repository: Option<&Repository>) -> Result<(), 
     if tokio::fs::try_exists(dir).await.map_err(io)? {
         tokio::fs::remove_dir_all(dir).await.map_err(io)?;
     }
-    let Some(repo) = repository else {
-        return tokio::fs::create_dir_all(dir).await.map_err(io);
-    };
-    let source = match repo {
-        Repository::Local(p) => p.display().to_string(),
-        Repository::Url(u) => u.clone(),
-    };
-    let mut cmd = tokio::process::Command::new("git");
-    cmd.arg("clone").arg("--quiet");
-    if matches!(repo, Repository::Url(_)) {
-        cmd.args(["--depth", "1"]);
-    }
-    let out = cmd
-        .arg("--")
-        .arg(&source)
-        .arg(dir)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| WorkspaceError::Clone {
-            repo: source.clone(),
-            detail: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(WorkspaceError::Clone {
-            repo: source,
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
+    tokio::fs::create_dir_all(dir).await.map_err(io)
+}
+
+/// The executor's own clone of the ticket's repository for an attempt,
+/// next to (never inside) the agent's workspace.
+pub fn mirror_path(workspace: &Path) -> PathBuf {
+    workspace.with_extension("git")
 }
 
 /// Files of a workspace with their size and modification time (`.git` left

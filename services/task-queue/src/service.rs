@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use omoi_domain::rules::{Failure, Scope};
 use omoi_domain::validate::{self, MAX_BATCH, MAX_ERROR_MESSAGE_BYTES, MAX_REASON_BYTES, RawNewTask};
-use omoi_domain::{ErrorClass, Phase, TaskStatus, Usage};
+use omoi_domain::{ErrorClass, GitChange, Phase, TaskStatus, Usage};
 use omoi_proto::convert::struct_to_json;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_server::TaskQueueService};
@@ -79,6 +79,7 @@ fn report(task_id: &str, attempt: i32) -> ApiResult<Report> {
         attempt: validate::attempt("attempt", attempt)?,
         result: None,
         usage: None,
+        git: None,
         // Read here, in the RPC's span: the batch runs in a task of its own.
         trace: omoi_runtime::trace::current(),
     })
@@ -228,6 +229,11 @@ impl TaskQueue {
             report.result = Some(struct_to_json(result));
         }
         report.usage = usage(req.usage.as_ref())?;
+        report.git = req
+            .git
+            .clone()
+            .map(|g| GitChange::from(g).validated("git"))
+            .transpose()?;
         let task = self.completions.submit(report).await?;
         Ok(pb::CompleteTaskResponse { task: one_task(task) })
     }

@@ -232,6 +232,10 @@ impl Planner {
                     let usage = envelope.event.attempt_usage();
                     // An operator's retry: the task's outcome is open again.
                     let reopened = matches!(&envelope.event, Event::TaskRetried(r) if r.manual);
+                    let head_commit = match &envelope.event {
+                        Event::TaskCompleted(c) => c.git.as_ref().filter(|g| g.committed()).map(|g| g.commit.as_str()),
+                        _ => None,
+                    };
                     if envelope.ticket_id.is_none() || (!started && outcome.is_none() && usage.is_none() && !reopened) {
                         return Ok(());
                     }
@@ -241,6 +245,7 @@ impl Planner {
                         outcome,
                         usage,
                         reopened,
+                        head_commit,
                     };
                     let changed = this
                         .store

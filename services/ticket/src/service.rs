@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use omoi_bus::Topology;
 use omoi_domain::ticket::{self as rules, RawTaskSpec};
-use omoi_domain::{Phase, TaskStatus, Ticket, TicketStatus, validate};
+use omoi_domain::{Phase, TaskStatus, Ticket, TicketStatus, git, validate};
 use omoi_proto::common::TicketPriority;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::events::Event;
@@ -70,6 +70,16 @@ impl Tickets {
             }
         };
         let repository = repository(&req.repository)?;
+        let base_ref = if req.base_ref.is_empty() {
+            String::new()
+        } else if repository.is_empty() {
+            return Err(ApiError::invalid("base_ref", "needs a repository"));
+        } else {
+            git::git_ref("base_ref", &req.base_ref)?
+        };
+        if req.pull_request && repository.is_empty() {
+            return Err(ApiError::invalid("pull_request", "needs a repository"));
+        }
         validate::labels("labels", req.labels.iter())?;
         let request_id = if req.request_id.is_empty() {
             None
@@ -82,8 +92,17 @@ impl Tickets {
             let specs: Vec<RawTaskSpec<'_>> = req.plan.iter().map(task_spec).collect();
             rules::explicit_plan(&specs, priority)?
         };
+        let id = Uuid::now_v7();
+        let branch = if repository.is_empty() {
+            String::new()
+        } else {
+            git::branch_name(id, &title)
+        };
         let new = NewTicket {
-            id: Uuid::now_v7(),
+            id,
+            base_ref,
+            branch,
+            pull_request: req.pull_request,
             title,
             description,
             priority,

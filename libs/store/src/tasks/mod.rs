@@ -30,7 +30,7 @@ macro_rules! task_columns {
     () => {
         "t.id, t.seq, t.ticket_id, t.title, t.description, t.phase, t.priority, t.status,
          t.unmet_deps, t.retry_count, t.max_retries, t.timeout_seconds, t.attempt,
-         t.assigned_agent_id, t.error_message, t.error_class, t.result, t.usage, t.created_at,
+         t.assigned_agent_id, t.error_message, t.error_class, t.result, t.usage, t.git, t.created_at,
          t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context,
          ARRAY(SELECT d.depends_on FROM task_dependencies d WHERE d.task_id = t.id
                ORDER BY d.depends_on) AS depends_on"
@@ -66,6 +66,11 @@ impl<'r> FromRow<'r, PgRow> for TaskRow {
             error_class: error_class.as_deref().and_then(ErrorClass::parse),
             result: row.try_get("result")?,
             usage: usage_of(row.try_get("usage")?).map_err(|e| corrupt(format!("usage: {e}")))?,
+            git: row
+                .try_get::<Option<Value>, _>("git")?
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| corrupt(format!("git: {e}")))?,
             created_at: row.try_get("created_at")?,
             updated_at: row.try_get("updated_at")?,
             started_at: row.try_get("started_at")?,
@@ -196,7 +201,7 @@ async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
         Change::Reset => {
             sqlx::query(
                 "UPDATE tasks SET status = 'pending', retry_count = 0, error_message = NULL,
-                     error_class = NULL, result = NULL, completed_at = NULL, started_at = NULL,
+                     error_class = NULL, result = NULL, git = NULL, completed_at = NULL, started_at = NULL,
                      deadline_at = NULL, assigned_agent_id = NULL, assignment_session = NULL,
                      cancelled_by = NULL, next_attempt_at = now(), updated_at = now()
                  WHERE id = $1",

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use omoi_domain::rules::Failure;
-use omoi_domain::{Action, Envelope, Task, Usage, rules};
+use omoi_domain::{Action, Envelope, GitChange, Task, Usage, rules};
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -21,6 +21,8 @@ pub struct Report {
     pub result: Option<Value>,
     /// What a completed attempt spent.
     pub usage: Option<Usage>,
+    /// What a completed attempt left on its ticket's branch.
+    pub git: Option<GitChange>,
     /// The reporting request's `traceparent`, for the event it causes.
     pub trace: Option<String>,
 }
@@ -63,14 +65,23 @@ impl Store {
             .map(|r| r.result.as_ref().map(Value::to_string))
             .collect();
         let usages: Vec<Option<String>> = reports.iter().map(|r| usage_json(r.usage.as_ref())).collect();
+        let gits: Vec<Option<String>> = reports
+            .iter()
+            .map(|r| {
+                r.git
+                    .as_ref()
+                    .map(|g| serde_json::to_string(g).expect("a git change always serializes"))
+            })
+            .collect();
         let mut tx = self.pool().begin().await?;
         let rows: Vec<TaskRow> = sqlx::query_as(concat!(
             "WITH t AS (
                  UPDATE tasks t
                  SET status = 'completed', result = r.result::jsonb, completed_at = now(),
                      updated_at = now(), deadline_at = NULL, error_message = NULL, error_class = NULL,
-                     usage = usage_add(t.usage, r.usage::jsonb)
-                 FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[]) AS r(id, attempt, result, usage)
+                     usage = usage_add(t.usage, r.usage::jsonb), git = r.git::jsonb
+                 FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[])
+                      AS r(id, attempt, result, usage, git)
                  WHERE t.id = r.id AND t.attempt = r.attempt AND t.status = 'running'
                  RETURNING t.*
              )
@@ -82,6 +93,7 @@ impl Store {
         .bind(&attempts)
         .bind(&results)
         .bind(&usages)
+        .bind(&gits)
         .fetch_all(&mut *tx)
         .await?;
         let tasks = unwrap_rows(rows);

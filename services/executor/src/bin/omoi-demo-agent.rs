@@ -1,9 +1,13 @@
 //! A small stand-in coding agent for local runs and tests: it reads the task
 //! prompt (stdin or OMOI_TASK_PROMPT), does some visible work in its
-//! workspace, and reports on stdout.
+//! workspace (a file per phase, and `agent-log/<phase>.md` saying what it
+//! found of earlier phases' work), and reports on stdout; its last line is
+//! the summary.
 //!
 //! Knobs (environment): OMOI_DEMO_SLEEP_MS (pause between steps, default
-//! 200), OMOI_DEMO_FAIL (exit 1 with this message on stderr).
+//! 200), OMOI_DEMO_FAIL (exit 1 with this message on stderr),
+//! OMOI_DEMO_FAIL_FIRST (a phase, e.g. PHASE_IMPLEMENTATION: its first
+//! attempt writes a stray file, then fails with a connection error).
 
 use std::io::Read;
 use std::path::Path;
@@ -35,6 +39,26 @@ fn main() -> std::process::ExitCode {
         eprintln!("{message}");
         return std::process::ExitCode::FAILURE;
     }
+    let attempt = std::env::var("OMOI_TASK_ATTEMPT").unwrap_or_default();
+    if std::env::var("OMOI_DEMO_FAIL_FIRST").is_ok_and(|p| p == phase) && attempt == "1" {
+        let _ = std::fs::write("STRAY.md", "half-done work of a failed attempt\n");
+        eprintln!("connection reset by peer");
+        return std::process::ExitCode::FAILURE;
+    }
+    // What the phases before this one left in the workspace, and what the
+    // prompt says they did.
+    let earlier: Vec<&str> = ["PLAN.md", "src/feature.rs", "tests/feature.rs", "NOTES.md"]
+        .into_iter()
+        .filter(|f| Path::new(f).exists())
+        .collect();
+    let quoted: Vec<&str> = prompt
+        .lines()
+        .skip_while(|l| !l.starts_with("## Work this task builds on"))
+        .filter(|l| l.contains(" done: "))
+        .collect();
+    if !earlier.is_empty() {
+        println!("found earlier work: {}", earlier.join(", "));
+    }
     let steps: &[(&str, &str)] = match phase.as_str() {
         "PHASE_INITIAL" => &[("PLAN.md", "# Plan\n\n1. Implement\n2. Integrate\n3. Refactor\n")],
         "PHASE_IMPLEMENTATION" => &[(
@@ -62,12 +86,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     }
-    let log = format!("{phase} {task}: {title}\n");
-    let _ = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open("AGENT_LOG.md")
-        .and_then(|mut f| std::io::Write::write_all(&mut f, log.as_bytes()));
+    let mut log = format!("{phase} {task}: {title}\n");
+    if !earlier.is_empty() {
+        log.push_str(&format!("found: {}\n", earlier.join(", ")));
+    }
+    for q in &quoted {
+        log.push_str(&format!("told: {q}\n"));
+    }
+    let name = phase.trim_start_matches("PHASE_").to_ascii_lowercase();
+    let _ = std::fs::create_dir_all("agent-log").and_then(|_| std::fs::write(format!("agent-log/{name}.md"), log));
     println!("{phase} done: {} file(s) written", steps.len() + 1);
     std::process::ExitCode::SUCCESS
 }

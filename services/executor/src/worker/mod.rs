@@ -29,6 +29,7 @@ use crate::agent_user::AgentUser;
 use crate::agents::{AgentCli, CliKind, CliRunner};
 use crate::config::{Config, RunnerKind};
 use crate::events::EventSink;
+use crate::git::GitSettings;
 use crate::openhands::OpenHandsRunner;
 use crate::prices::PriceTable;
 use crate::runner::{CommandRunner, RunContext, RunnerError, split_args};
@@ -161,9 +162,11 @@ pub struct Worker {
     pub registered: AtomicBool,
     pub accepting: AtomicBool,
     interval_secs: AtomicU64,
-    repositories: Mutex<HashMap<String, String>>,
+    /// Tickets' fixed facts (repository, branch), read once per ticket.
+    tickets_seen: Mutex<HashMap<String, run::TicketInfo>>,
     /// Who agents run as (`OMOI_AGENT_USER`).
     agent_user: Option<Arc<AgentUser>>,
+    git: GitSettings,
 }
 
 /// Phases from `INITIAL,IMPLEMENTATION` (with or without the PHASE_ prefix).
@@ -243,6 +246,13 @@ impl Worker {
             config.capacity
         );
         let connector = config.common.connector()?;
+        let git = GitSettings {
+            author_name: config.git_author_name.clone(),
+            author_email: config.git_author_email.clone(),
+            token: secret(&config.git_token, &config.git_token_file),
+            username: config.git_username.clone(),
+            ssh_key: config.git_ssh_key_file.clone(),
+        };
         Ok(Self {
             agent_id,
             phases: parse_phases(&config.phases)?,
@@ -256,8 +266,9 @@ impl Worker {
             registered: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
             interval_secs: AtomicU64::new(30),
-            repositories: Mutex::new(HashMap::new()),
+            tickets_seen: Mutex::new(HashMap::new()),
             agent_user,
+            git,
         })
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use omoi_domain::{ErrorClass, Phase};
+use omoi_domain::{ErrorClass, GitChange, Phase};
 use omoi_proto::common::{OutputStream, Usage};
 use omoi_proto::domain::WireEnum;
 use omoi_proto::executor::ExecutionState;
@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::{Worker, report};
 use crate::config::WorkspacePolicy;
 use crate::events::EventSink;
+use crate::git::{self, Checkout, GitError, WorkspaceUser};
 use crate::runner::{RunContext, RunOutcome, RunnerError, Stopped, Verdict};
 use crate::runs::{NewRun, Run, StopRequest};
 use crate::workspace;
@@ -37,18 +38,49 @@ pub(super) fn run_span(a: &tq::Assignment) -> tracing::Span {
     span
 }
 
+/// What the worker keeps of a ticket: what never changes after creation.
+#[derive(Debug, Clone, Default)]
+pub(super) struct TicketInfo {
+    title: String,
+    description: String,
+    repository: String,
+    base_ref: String,
+    branch: String,
+}
+
+/// A completed dependency, as the prompt and the base commit need it.
+struct Prior {
+    title: String,
+    phase: String,
+    summary: String,
+    changed_files: Vec<String>,
+    git: Option<GitChange>,
+}
+
+/// What an attempt starts with besides its task.
+#[derive(Default)]
+struct Prepared {
+    ticket: TicketInfo,
+    priors: Vec<Prior>,
+    /// The ticket's branch, checked out (when it names a repository).
+    checkout: Option<Checkout>,
+}
+
+/// Longest dependency summary a prompt quotes.
+const MAX_PRIOR_SUMMARY_CHARS: usize = 4000;
+
 impl Worker {
-    async fn repository_of(&self, ticket_id: &str) -> Result<String, Status> {
+    async fn ticket_of(&self, ticket_id: &str) -> Result<TicketInfo, Status> {
         if ticket_id.is_empty() {
-            return Ok(String::new());
+            return Ok(TicketInfo::default());
         }
-        if let Some(r) = self
-            .repositories
+        if let Some(t) = self
+            .tickets_seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(ticket_id)
         {
-            return Ok(r.clone());
+            return Ok(t.clone());
         }
         let t = self
             .tickets
@@ -60,22 +92,103 @@ impl Worker {
             .into_inner()
             .ticket
             .unwrap_or_default();
-        self.repositories
+        let info = TicketInfo {
+            title: t.title,
+            description: t.description,
+            repository: t.repository,
+            base_ref: t.base_ref,
+            branch: t.branch,
+        };
+        self.tickets_seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(ticket_id.to_owned(), t.repository.clone());
-        Ok(t.repository)
+            .insert(ticket_id.to_owned(), info.clone());
+        Ok(info)
     }
 
-    fn prompt(task: &tq::Task, phase: Phase) -> String {
-        format!(
+    /// The task's completed dependencies, in its order.
+    async fn priors_of(&self, task: &tq::Task) -> Result<Vec<Prior>, Status> {
+        let mut out = Vec::with_capacity(task.depends_on.len());
+        for id in &task.depends_on {
+            let dep = self
+                .queue
+                .clone()
+                .get_task(tq::GetTaskRequest { task_id: id.clone() })
+                .await?
+                .into_inner()
+                .task
+                .unwrap_or_default();
+            let result = dep.result.as_ref().map(omoi_proto::convert::struct_to_json);
+            let field = |name: &str| result.as_ref().and_then(|r| r.get(name)).cloned();
+            out.push(Prior {
+                title: dep.title,
+                phase: phase_name(dep.phase),
+                summary: field("summary")
+                    .and_then(|v| v.as_str().map(|s| s.chars().take(MAX_PRIOR_SUMMARY_CHARS).collect()))
+                    .unwrap_or_default(),
+                changed_files: field("changed_files")
+                    .and_then(|v| serde_json::from_value(v).ok())
+                    .unwrap_or_default(),
+                git: dep.git.map(GitChange::from),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The prompt: the task, its ticket, where it stands on the branch, and
+    /// what the work before it did.
+    fn prompt(task: &tq::Task, phase: Phase, prepared: &Prepared) -> String {
+        let mut p = format!(
             "# {}\n\nPhase: {}\nTask: {}\nTicket: {}\n\n{}\n",
             task.title,
             phase.as_str(),
             task.id,
             task.ticket_id,
             task.description
-        )
+        );
+        let ticket = &prepared.ticket;
+        if !ticket.title.is_empty() && !task.description.contains(&ticket.title) {
+            p.push_str(&format!(
+                "\n## The ticket: {}\n\n{}\n",
+                ticket.title, ticket.description
+            ));
+        }
+        if let Some(c) = &prepared.checkout {
+            p.push_str(&format!(
+                "\n## Repository\n\nThis directory is the ticket's repository, on branch `{}` at commit {}. \
+                 Everything you change here is committed to that branch for you when you finish.\n",
+                c.branch, c.base_commit
+            ));
+        }
+        if !prepared.priors.is_empty() {
+            p.push_str("\n## Work this task builds on\n");
+            for prior in &prepared.priors {
+                p.push_str(&format!("\n### {} ({})\n\n", prior.title, prior.phase));
+                if let Some(g) = &prior.git {
+                    let what = if g.commit != g.base_commit {
+                        "Commit"
+                    } else {
+                        "No change; at commit"
+                    };
+                    p.push_str(&format!("{what}: {}\n", g.commit));
+                }
+                if !prior.changed_files.is_empty() {
+                    p.push_str(&format!("Changed files: {}\n", prior.changed_files.join(", ")));
+                }
+                if !prior.summary.is_empty() {
+                    p.push_str(&format!("Summary:\n{}\n", prior.summary));
+                }
+            }
+        }
+        p
+    }
+
+    /// Who runs git in a workspace after its agent: the agent's user.
+    fn workspace_user(&self) -> WorkspaceUser {
+        WorkspaceUser {
+            identity: self.agent_user.as_ref().map(|u| (u.uid, u.gid)),
+            home: self.agent_user.as_ref().map(|u| u.home.clone()),
+        }
     }
 
     /// Works one assignment from start to report.
@@ -109,12 +222,22 @@ impl Worker {
             workspace: dir.clone(),
         });
         run.line(OutputStream::System, format!("attempt {attempt} in {}", dir.display()));
-        if let Err((message, class)) = self.prepare(&task.ticket_id, &dir).await {
-            run.line(OutputStream::System, message.clone());
-            run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), vec![]);
-            self.runs.end(&run);
-            self.fail(task_id, attempt, &message, class).await;
-            return;
+        let prepared = match self.prepare(&task, &dir).await {
+            Ok(p) => p,
+            Err((message, class)) => {
+                run.line(OutputStream::System, message.clone());
+                run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), vec![]);
+                self.runs.end(&run);
+                self.fail(task_id, attempt, &message, class).await;
+                self.clean_up(&dir, false).await;
+                return;
+            }
+        };
+        if let Some(c) = &prepared.checkout {
+            run.line(
+                OutputStream::System,
+                format!("on branch {} at {}", c.branch, c.base_commit),
+            );
         }
         let before = workspace::snapshot(&dir);
         run.set_state(ExecutionState::Running);
@@ -122,14 +245,18 @@ impl Worker {
             task_id,
             attempt,
             phase,
-            prompt: Self::prompt(&task, phase),
+            prompt: Self::prompt(&task, phase, &prepared),
             workspace: dir.clone(),
             timeout: (task.timeout_seconds > 0).then(|| Duration::from_secs(task.timeout_seconds as u64)),
             user: self.agent_user.clone(),
         };
         let outcome = self.runner.run(&ctx, &*run, &run.stop).await;
         let changed = workspace::changed(&before, &workspace::snapshot(&dir));
-        let succeeded = self.settle(&run, outcome, changed, task.timeout_seconds).await;
+        let landing = prepared.checkout.as_ref().map(|c| Landing {
+            checkout: c,
+            message: git::commit_message(&phase_name(task.phase), &task.title, &task.id, attempt),
+        });
+        let succeeded = self.settle(&run, outcome, changed, task.timeout_seconds, landing).await;
         self.runs.end(&run);
         self.clean_up(&dir, succeeded).await;
     }
@@ -149,27 +276,74 @@ impl Worker {
         .await
     }
 
-    /// The workspace, with the ticket's repository checked out when it names
-    /// one; a failure says how it should be classified.
-    async fn prepare(&self, ticket_id: &str, dir: &Path) -> Result<(), (String, Option<ErrorClass>)> {
-        let repo = self
-            .repository_of(ticket_id)
+    /// The workspace (a checkout of the ticket's branch at the commit the
+    /// dependencies ended on, when the ticket names a repository), the
+    /// ticket and the dependencies' work; a failure says how it should be
+    /// classified.
+    async fn prepare(&self, task: &tq::Task, dir: &Path) -> Result<Prepared, (String, Option<ErrorClass>)> {
+        let unreachable = |what: &str, s: Status| {
+            (
+                format!("cannot read {what}: {}", s.message()),
+                Some(ErrorClass::Retryable),
+            )
+        };
+        let ticket = self
+            .ticket_of(&task.ticket_id)
             .await
-            .map_err(|s| (format!("cannot read the ticket: {}", s.message()), None))?;
-        let parsed = workspace::parse_repository(&repo).map_err(|e| (e.to_string(), Some(ErrorClass::Permanent)))?;
-        workspace::prepare(dir, parsed.as_ref())
+            .map_err(|s| unreachable("the ticket", s))?;
+        let priors = self
+            .priors_of(task)
             .await
-            .map_err(|e| (e.to_string(), None))?;
+            .map_err(|s| unreachable("the task's dependencies", s))?;
+        let repository = workspace::parse_repository(&ticket.repository)
+            .map_err(|e| (e.to_string(), Some(ErrorClass::Permanent)))?;
+        workspace::fresh(dir).await.map_err(|e| (e.to_string(), None))?;
+        let checkout = match &repository {
+            None => None,
+            Some(repository) => {
+                let start = git::Start {
+                    repository,
+                    branch: &ticket.branch,
+                    base_ref: &ticket.base_ref,
+                    parents: priors
+                        .iter()
+                        .filter_map(|p| {
+                            p.git.as_ref().map(|g| git::Parent {
+                                name: p.title.clone(),
+                                commit: g.commit.clone(),
+                            })
+                        })
+                        .collect(),
+                };
+                let checkout = self
+                    .git
+                    .prepare(&start, &workspace::mirror_path(dir), dir)
+                    .await
+                    .map_err(git_failure)?;
+                Some(checkout)
+            }
+        };
         if let Some(user) = &self.agent_user {
             user.give(dir).map_err(|e| {
                 let message = format!("cannot hand the workspace to {}: {e}", user.name);
                 (message, Some(ErrorClass::Permanent))
             })?;
         }
-        Ok(())
+        Ok(Prepared {
+            ticket,
+            priors,
+            checkout,
+        })
     }
 
     async fn clean_up(&self, dir: &Path, succeeded: bool) {
+        // The executor's clone has done its job whatever happened.
+        let mirror = workspace::mirror_path(dir);
+        if tokio::fs::try_exists(&mirror).await.unwrap_or(false)
+            && let Err(e) = tokio::fs::remove_dir_all(&mirror).await
+        {
+            tracing::warn!(mirror = %mirror.display(), error = %e, "repository clone not removed");
+        }
         let remove = match self.config.workspace_policy {
             WorkspacePolicy::Keep => false,
             WorkspacePolicy::Remove => true,
@@ -187,6 +361,7 @@ impl Worker {
         outcome: Result<RunOutcome, RunnerError>,
         changed: Vec<String>,
         timeout_seconds: i32,
+        landing: Option<Landing<'_>>,
     ) -> bool {
         let outcome = match outcome {
             Ok(o) => o,
@@ -234,9 +409,9 @@ impl Worker {
                 )
             },
             (None, Some(Verdict::Succeeded { summary })) => {
-                return self.succeeded(run, &outcome, summary, changed).await;
+                return self.succeeded(run, &outcome, summary, changed, landing).await;
             }
-            (None, None) if exit == 0 => return self.succeeded(run, &outcome, last_out, changed).await,
+            (None, None) if exit == 0 => return self.succeeded(run, &outcome, last_out, changed, landing).await,
             (None, Some(Verdict::Failed { message, class })) => End {
                 retry_after: outcome.retry_after,
                 ..End::failed(ExecutionState::Failed, message, class)
@@ -275,7 +450,30 @@ impl Worker {
 
     /// A successful run: the result (summary, changed files, output tail)
     /// reported as the task's completion.
-    async fn succeeded(&self, run: &Run, outcome: &RunOutcome, summary: String, changed: Vec<String>) -> bool {
+    async fn succeeded(
+        &self,
+        run: &Run,
+        outcome: &RunOutcome,
+        summary: String,
+        changed: Vec<String>,
+        landing: Option<Landing<'_>>,
+    ) -> bool {
+        let git = match landing {
+            None => None,
+            Some(l) => match self.git.land(l.checkout, &l.message, &self.workspace_user()).await {
+                Ok(g) => {
+                    run.line(OutputStream::System, landed_line(&g));
+                    Some(g)
+                }
+                Err(e) => {
+                    let (message, class) = git_failure(e);
+                    let message = format!("the work did not land on {}: {message}", l.checkout.branch);
+                    let end = End::failed(ExecutionState::Failed, message, class);
+                    self.end_failed(run, end, 0, changed, outcome.usage.clone()).await;
+                    return false;
+                }
+            },
+        };
         let mut tail = run.tail(OutputStream::Stdout, 20);
         tail.extend(
             run.tail(OutputStream::Stderr, 10)
@@ -301,21 +499,57 @@ impl Worker {
         };
         run.flush(FLUSH_WITHIN).await;
         let (task_id, attempt, usage) = (run.task_id, run.attempt, outcome.usage.clone());
+        let git = git.as_ref().map(omoi_proto::common::GitChange::from);
         report("CompleteTask", || {
             let mut q = self.queue.clone();
-            let (result, usage) = (result.clone(), usage.clone());
+            let (result, usage, git) = (result.clone(), usage.clone(), git.clone());
             async move {
                 q.complete_task(tq::CompleteTaskRequest {
                     task_id: task_id.to_string(),
                     attempt,
                     result: Some(result),
                     usage,
+                    git,
                 })
                 .await
             }
         })
         .await
     }
+}
+
+/// A successful run's way onto the ticket's branch.
+struct Landing<'a> {
+    checkout: &'a Checkout,
+    message: String,
+}
+
+/// A git failure as a report classifies it.
+fn git_failure(e: GitError) -> (String, Option<ErrorClass>) {
+    match e {
+        GitError::Refused(m) => (m, Some(ErrorClass::Permanent)),
+        GitError::Transient(m) => (m, Some(ErrorClass::Retryable)),
+    }
+}
+
+/// What a landing did, for the run's output.
+fn landed_line(g: &GitChange) -> String {
+    if g.committed() {
+        format!(
+            "committed {} to {} ({} files, +{} -{})",
+            g.commit, g.branch, g.files_changed, g.insertions, g.deletions
+        )
+    } else {
+        format!("nothing to commit; {} stays at {}", g.branch, g.commit)
+    }
+}
+
+/// `implementation` for PHASE_IMPLEMENTATION.
+fn phase_name(wire: i32) -> String {
+    Phase::given(wire)
+        .known()
+        .map(|p| p.as_str().trim_start_matches("PHASE_").to_ascii_lowercase())
+        .unwrap_or_default()
 }
 
 /// How long a run's end waits for its events to reach JetStream before it

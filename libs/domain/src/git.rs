@@ -1,0 +1,255 @@
+//! A ticket's work on git: the branch it lands on, the refs a client may
+//! name, and what one task's attempt committed there.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::DomainError;
+
+/// Longest ref name accepted (git itself allows more; nobody needs it).
+pub const MAX_REF_BYTES: usize = 255;
+/// Most patch text kept with a task; the full patch is its commit's.
+pub const MAX_PATCH_BYTES: usize = 64 * 1024;
+/// Longest title slug in a branch name.
+const MAX_SLUG_CHARS: usize = 40;
+
+/// What a task's successful attempt left on the ticket's branch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GitChange {
+    pub branch: String,
+    /// The commit the attempt's workspace started from.
+    pub base_commit: String,
+    /// The branch's commit after the attempt: its own commit, or the base
+    /// when it changed nothing.
+    pub commit: String,
+    pub files_changed: i32,
+    pub insertions: i64,
+    pub deletions: i64,
+    /// The commit's patch, cut at `MAX_PATCH_BYTES`.
+    pub patch: String,
+    pub patch_truncated: bool,
+}
+
+impl GitChange {
+    /// Whether the attempt committed anything.
+    pub fn committed(&self) -> bool {
+        self.commit != self.base_commit
+    }
+
+    /// A reported change, checked field by field (`field` names the message
+    /// it came in, e.g. `git`).
+    pub fn validated(self, field: &str) -> Result<GitChange, DomainError> {
+        git_ref(&format!("{field}.branch"), &self.branch)?;
+        commit_id(&format!("{field}.base_commit"), &self.base_commit)?;
+        commit_id(&format!("{field}.commit"), &self.commit)?;
+        let counts = [
+            ("files_changed", i64::from(self.files_changed)),
+            ("insertions", self.insertions),
+            ("deletions", self.deletions),
+        ];
+        for (name, value) in counts {
+            if value < 0 {
+                return Err(DomainError::invalid(
+                    format!("{field}.{name}"),
+                    format!("must not be negative, got {value}"),
+                ));
+            }
+        }
+        if self.patch.len() > MAX_PATCH_BYTES || self.patch.contains('\0') {
+            return Err(DomainError::invalid(
+                format!("{field}.patch"),
+                format!("must be at most {MAX_PATCH_BYTES} bytes without NUL characters"),
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// The patch as kept with a task: whole, or cut on a line boundary within
+/// `MAX_PATCH_BYTES` (true when cut).
+pub fn bounded_patch(patch: &str) -> (String, bool) {
+    let patch = patch.replace('\0', "");
+    if patch.len() <= MAX_PATCH_BYTES {
+        return (patch, false);
+    }
+    let mut end = MAX_PATCH_BYTES;
+    while !patch.is_char_boundary(end) {
+        end -= 1;
+    }
+    let end = patch[..end].rfind('\n').map(|i| i + 1).unwrap_or(end);
+    (patch[..end].to_owned(), true)
+}
+
+/// The branch of a ticket's work: `omoi/<first 8 hex of its id>-<slug>`.
+pub fn branch_name(ticket_id: Uuid, title: &str) -> String {
+    let mut slug = String::new();
+    for c in title.chars() {
+        if c.is_ascii_alphanumeric() {
+            slug.push(c.to_ascii_lowercase());
+        } else if !slug.is_empty() && !slug.ends_with('-') {
+            slug.push('-');
+        }
+        if slug.chars().count() >= MAX_SLUG_CHARS {
+            break;
+        }
+    }
+    let slug = slug.trim_end_matches('-');
+    let hex = ticket_id.simple().to_string();
+    if slug.is_empty() {
+        format!("omoi/{}", &hex[..8])
+    } else {
+        format!("omoi/{}-{slug}", &hex[..8])
+    }
+}
+
+/// A branch, tag or other ref name as `git check-ref-format` accepts it,
+/// and never one that reads as an option.
+pub fn git_ref(field: &str, value: &str) -> Result<String, DomainError> {
+    let bad = |why: &str| {
+        Err(DomainError::invalid(
+            field,
+            format!("{value:?} is not a usable git ref: {why}"),
+        ))
+    };
+    if value.is_empty() {
+        return bad("empty");
+    }
+    if value.len() > MAX_REF_BYTES {
+        return bad("too long");
+    }
+    if value.starts_with('-') {
+        return bad("starts with '-'");
+    }
+    if value == "@" || value.contains("@{") || value.contains("..") || value.contains("//") {
+        return bad("contains '@', '@{', '..' or '//'");
+    }
+    if value
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(c))
+    {
+        return bad("contains a space, a control character or one of ~^:?*[\\");
+    }
+    if value.starts_with('/') || value.ends_with('/') || value.ends_with('.') {
+        return bad("starts or ends with '/', or ends with '.'");
+    }
+    if value
+        .split('/')
+        .any(|part| part.starts_with('.') || part.ends_with(".lock"))
+    {
+        return bad("a part starts with '.' or ends with '.lock'");
+    }
+    Ok(value.to_owned())
+}
+
+/// A full commit id: 40 (SHA-1) or 64 (SHA-256) lowercase hex digits.
+pub fn commit_id(field: &str, value: &str) -> Result<String, DomainError> {
+    let hex = value.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+    if !hex || !(value.len() == 40 || value.len() == 64) {
+        return Err(DomainError::invalid(
+            field,
+            "must be a full commit id (40 or 64 lowercase hex digits)",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(e: DomainError) -> String {
+        match e {
+            DomainError::InvalidArgument(f) => f.field,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn branch_names_are_short_lowercase_slugs_after_the_ticket_id() {
+        let id: Uuid = "0192a3b4-c5d6-7e8f-9a0b-1c2d3e4f5a6b".parse().unwrap();
+        assert_eq!(
+            branch_name(id, "Add a /health endpoint!"),
+            "omoi/0192a3b4-add-a-health-endpoint"
+        );
+        assert_eq!(branch_name(id, "日本語"), "omoi/0192a3b4");
+        let long = branch_name(id, &"word ".repeat(30));
+        assert!(long.len() <= "omoi/0192a3b4-".len() + 40, "{long}");
+        assert!(!long.ends_with('-'));
+        for title in ["x", "..", "a..b", "-x-", "a.lock"] {
+            let b = branch_name(id, title);
+            assert_eq!(git_ref("b", &b), Ok(b.clone()));
+        }
+    }
+
+    #[test]
+    fn refs_follow_git_check_ref_format_and_never_read_as_options() {
+        for good in ["main", "release/1.2", "refs/heads/main", "v1.0.0", "feature_x-y"] {
+            assert_eq!(git_ref("base_ref", good), Ok(good.to_owned()));
+        }
+        for bad in [
+            "",
+            "-main",
+            "--upload-pack=x",
+            "a..b",
+            "a b",
+            "a~1",
+            "a^",
+            "a:b",
+            "a?",
+            "a*",
+            "a[",
+            "a\\b",
+            "/a",
+            "a/",
+            "a.",
+            ".a",
+            "a/.b",
+            "a.lock",
+            "@",
+            "a@{1}",
+            "a//b",
+            "a\nb",
+        ] {
+            assert_eq!(field_of(git_ref("base_ref", bad).unwrap_err()), "base_ref", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_reported_change_is_checked_field_by_field() {
+        let good = GitChange {
+            branch: "omoi/0192a3b4-x".into(),
+            base_commit: "a".repeat(40),
+            commit: "b".repeat(40),
+            files_changed: 1,
+            insertions: 2,
+            deletions: 0,
+            patch: "diff --git a/x b/x\n".into(),
+            patch_truncated: false,
+        };
+        assert!(good.clone().validated("git").unwrap().committed());
+        type Spoil = fn(&mut GitChange);
+        let cases: [(&str, Spoil); 6] = [
+            ("git.branch", |g| g.branch = "-x".into()),
+            ("git.base_commit", |g| g.base_commit = "abc".into()),
+            ("git.commit", |g| g.commit = "B".repeat(40)),
+            ("git.files_changed", |g| g.files_changed = -1),
+            ("git.deletions", |g| g.deletions = -1),
+            ("git.patch", |g| g.patch = "x".repeat(MAX_PATCH_BYTES + 1)),
+        ];
+        for (field, spoil) in cases {
+            let mut bad = good.clone();
+            spoil(&mut bad);
+            assert_eq!(field_of(bad.validated("git").unwrap_err()), field);
+        }
+    }
+
+    #[test]
+    fn long_patches_are_cut_on_a_line_boundary() {
+        let (p, cut) = bounded_patch("a\nb\n");
+        assert_eq!((p.as_str(), cut), ("a\nb\n", false));
+        let long = "line é\n".repeat(MAX_PATCH_BYTES / 4);
+        let (p, cut) = bounded_patch(&long);
+        assert!(cut && p.len() <= MAX_PATCH_BYTES && p.ends_with('\n'));
+    }
+}

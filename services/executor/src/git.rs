@@ -1,0 +1,592 @@
+//! A ticket's branch, one task at a time. Each attempt gets two clones:
+//!
+//! - the *mirror*, a bare clone the executor alone owns: the only place
+//!   that talks to the ticket's repository, so credentials (a credential
+//!   helper fed from the executor's secret, or an SSH key) reach git there
+//!   and nowhere else;
+//! - the *workspace*, a clone of the mirror without any remote, checked out
+//!   on the ticket's branch at the commit the task's dependencies ended on.
+//!
+//! After a successful run, whatever the agent changed (its own commits
+//! included) becomes one commit on top of that base, made in the workspace
+//! as the agent's user with a clean environment; it travels to the mirror
+//! as a bundle (so the executor never runs git inside a repository the
+//! agent controlled) and is pushed from there, fast-forward only: a push
+//! that loses a race is rebased onto the branch and pushed again.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use omoi_domain::git::{GitChange, bounded_patch};
+use omoi_domain::validate::Repository;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GitError {
+    /// Trying again can help: the remote was unreachable, or the branch
+    /// moved under the task in a way a rebase could not settle.
+    #[error("{0}")]
+    Transient(String),
+    /// It cannot work as asked: a ref or commit that does not exist,
+    /// dependencies whose changes conflict, a workspace the agent broke.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// How the executor reaches tickets' repositories and signs its commits.
+#[derive(Clone, Default)]
+pub struct GitSettings {
+    pub author_name: String,
+    pub author_email: String,
+    /// HTTPS token, handed to git by a credential helper.
+    pub token: Option<String>,
+    pub username: String,
+    pub ssh_key: Option<PathBuf>,
+}
+
+impl fmt::Debug for GitSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GitSettings")
+            .field("author_name", &self.author_name)
+            .field("author_email", &self.author_email)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("username", &self.username)
+            .field("ssh_key", &self.ssh_key)
+            .finish()
+    }
+}
+
+/// Who runs git inside a workspace: the agent's user, or the executor's own.
+#[derive(Debug, Clone, Default)]
+pub struct WorkspaceUser {
+    pub identity: Option<(u32, u32)>,
+    pub home: Option<PathBuf>,
+}
+
+/// A dependency whose work the task builds on.
+#[derive(Debug, Clone)]
+pub struct Parent {
+    /// How to name it in an error (its title).
+    pub name: String,
+    pub commit: String,
+}
+
+/// Where one attempt's work starts.
+#[derive(Debug, Clone)]
+pub struct Start<'a> {
+    pub repository: &'a Repository,
+    pub branch: &'a str,
+    /// Empty: the remote's HEAD.
+    pub base_ref: &'a str,
+    /// Completed dependencies that left a commit; none: start at `base_ref`.
+    pub parents: Vec<Parent>,
+}
+
+/// An attempt's two clones and the commit it started from.
+#[derive(Debug, Clone)]
+pub struct Checkout {
+    pub mirror: PathBuf,
+    pub workspace: PathBuf,
+    pub branch: String,
+    pub base_commit: String,
+    /// Commits the mirror has that the workspace's history includes (what a
+    /// bundle of the attempt's work may leave out).
+    known: Vec<String>,
+}
+
+/// Most attempts at pushing when other tasks keep moving the branch.
+const PUSH_ATTEMPTS: usize = 5;
+
+impl GitSettings {
+    /// Clones the repository into `mirror` and prepares `workspace` on the
+    /// branch at the attempt's base.
+    pub async fn prepare(&self, start: &Start<'_>, mirror: &Path, workspace: &Path) -> Result<Checkout, GitError> {
+        let source = match start.repository {
+            Repository::Local(p) => p.display().to_string(),
+            Repository::Url(u) => u.clone(),
+        };
+        if tokio::fs::try_exists(mirror).await.unwrap_or(false) {
+            tokio::fs::remove_dir_all(mirror)
+                .await
+                .map_err(|e| GitError::Transient(format!("cannot clear {}: {e}", mirror.display())))?;
+        }
+        self.remote(
+            None,
+            &["clone", "--bare", "--quiet", "--no-tags", "--", &source, &path(mirror)],
+        )
+        .await
+        .map_err(|e| match e {
+            GitError::Transient(m) | GitError::Refused(m) => {
+                GitError::Transient(format!("git clone of {source} failed: {m}"))
+            }
+        })?;
+        let mut known = Vec::new();
+        for p in &start.parents {
+            if known.contains(&p.commit) {
+                continue;
+            }
+            if !self.has_commit(mirror, &p.commit).await {
+                // Not on a branch any more; a server may still hand it out.
+                let _ = self
+                    .remote(Some(mirror), &["fetch", "--quiet", "origin", &p.commit])
+                    .await;
+                if !self.has_commit(mirror, &p.commit).await {
+                    return Err(GitError::Refused(format!(
+                        "commit {} of dependency {:?} is not in the repository (was the branch rewritten?)",
+                        p.commit, p.name
+                    )));
+                }
+            }
+            known.push(p.commit.clone());
+        }
+        if known.is_empty() {
+            let rev = if start.base_ref.is_empty() {
+                "HEAD"
+            } else {
+                start.base_ref
+            };
+            let commit = self
+                .local(
+                    mirror,
+                    &[
+                        "rev-parse",
+                        "--verify",
+                        "--quiet",
+                        "--end-of-options",
+                        &format!("{rev}^{{commit}}"),
+                    ],
+                )
+                .await
+                .map_err(|_| GitError::Refused(format!("base_ref {rev:?} is not a commit of the repository")))?;
+            known.push(commit);
+        }
+        // A dependency whose commit another one's history holds adds nothing.
+        let mut tips = Vec::new();
+        for c in &known {
+            let mut contained = false;
+            for d in known.iter().filter(|d| *d != c) {
+                if self.local(mirror, &["merge-base", "--is-ancestor", c, d]).await.is_ok() {
+                    contained = true;
+                    break;
+                }
+            }
+            if !contained {
+                tips.push(c.clone());
+            }
+        }
+        let ws = path(workspace);
+        self.local(
+            mirror,
+            &[
+                "clone",
+                "--quiet",
+                "--no-checkout",
+                "--no-hardlinks",
+                "--",
+                &path(mirror),
+                &ws,
+            ],
+        )
+        .await?;
+        self.local(workspace, &["remote", "remove", "origin"]).await?;
+        self.local(workspace, &["checkout", "--quiet", "-B", start.branch, &tips[0]])
+            .await?;
+        if tips.len() > 1 {
+            self.merge(workspace, &tips[1..], &start.parents).await?;
+        }
+        let base_commit = self.local(workspace, &["rev-parse", "HEAD"]).await?;
+        Ok(Checkout {
+            mirror: mirror.to_path_buf(),
+            workspace: workspace.to_path_buf(),
+            branch: start.branch.to_owned(),
+            base_commit,
+            known,
+        })
+    }
+
+    /// Merges dependencies' commits into the workspace's first one; refused,
+    /// naming the files, when they conflict.
+    async fn merge(&self, workspace: &Path, others: &[String], parents: &[Parent]) -> Result<(), GitError> {
+        let mut args = vec![
+            "merge",
+            "--quiet",
+            "--no-edit",
+            "-m",
+            "Merge the work of this task's dependencies",
+        ];
+        args.extend(others.iter().map(String::as_str));
+        if self.local(workspace, &args).await.is_ok() {
+            return Ok(());
+        }
+        let files = self
+            .local(workspace, &["diff", "--name-only", "--diff-filter=U"])
+            .await
+            .unwrap_or_default();
+        let _ = self.local(workspace, &["merge", "--abort"]).await;
+        let names: Vec<&str> = parents.iter().map(|p| p.name.as_str()).collect();
+        Err(GitError::Refused(format!(
+            "the changes of this task's dependencies ({}) conflict in: {}",
+            names.join(", "),
+            files.lines().collect::<Vec<_>>().join(", ")
+        )))
+    }
+
+    /// Commits what the run changed (one commit on the base; none when
+    /// nothing changed) and pushes it to the ticket's branch.
+    pub async fn land(&self, checkout: &Checkout, message: &str, user: &WorkspaceUser) -> Result<GitChange, GitError> {
+        let ws = &checkout.workspace;
+        let base = &checkout.base_commit;
+        let head = self
+            .as_agent(ws, user, &["rev-parse", "--verify", "HEAD^{commit}"], None)
+            .await
+            .map_err(|e| GitError::Refused(format!("the workspace's git repository is unusable: {e}")))?;
+        if head.trim() != base {
+            self.as_agent(ws, user, &["merge-base", "--is-ancestor", base, "HEAD"], None)
+                .await
+                .map_err(|_| GitError::Refused(format!("the agent moved the branch off its base {base}")))?;
+            // Its own commits become part of the task's one commit.
+            self.as_agent(ws, user, &["reset", "--quiet", "--soft", base], None)
+                .await?;
+        }
+        self.as_agent(ws, user, &["add", "--all"], None).await?;
+        let unchanged = self
+            .as_agent(ws, user, &["diff", "--cached", "--quiet", "--no-ext-diff"], None)
+            .await
+            .is_ok();
+        if unchanged {
+            return Ok(GitChange {
+                branch: checkout.branch.clone(),
+                base_commit: base.clone(),
+                commit: base.clone(),
+                ..Default::default()
+            });
+        }
+        self.as_agent(
+            ws,
+            user,
+            &["commit", "--quiet", "--no-verify", "-F", "-"],
+            Some(message),
+        )
+        .await?;
+        let commit = self.as_agent(ws, user, &["rev-parse", "HEAD"], None).await?;
+        let commit = self.receive(checkout, &commit, user).await?;
+        let commit = self.push(checkout, commit).await?;
+        self.describe(checkout, commit).await
+    }
+
+    /// Brings the workspace's commit into the mirror as a bundle the agent's
+    /// user writes to a pipe.
+    async fn receive(&self, checkout: &Checkout, commit: &str, user: &WorkspaceUser) -> Result<String, GitError> {
+        let mut args = vec!["bundle", "create", "--quiet", "-", "HEAD", "--not"];
+        args.extend(checkout.known.iter().map(String::as_str));
+        let bundle = self.as_agent_bytes(&checkout.workspace, user, &args).await?;
+        let file = checkout.mirror.join("attempt.bundle");
+        tokio::fs::write(&file, bundle)
+            .await
+            .map_err(|e| GitError::Transient(format!("cannot write {}: {e}", file.display())))?;
+        let fetched = self
+            .local(
+                &checkout.mirror,
+                &[
+                    "-c",
+                    "transfer.fsckObjects=true",
+                    "fetch",
+                    "--quiet",
+                    "--no-tags",
+                    &path(&file),
+                    "+HEAD:refs/omoi/attempt",
+                ],
+            )
+            .await;
+        let _ = tokio::fs::remove_file(&file).await;
+        fetched?;
+        let got = self
+            .local(&checkout.mirror, &["rev-parse", "refs/omoi/attempt"])
+            .await?;
+        if got != commit {
+            return Err(GitError::Refused(format!(
+                "the workspace's commit {commit} did not arrive"
+            )));
+        }
+        Ok(got)
+    }
+
+    /// Pushes `commit` to the branch, fast-forward only, rebasing it onto the
+    /// branch when another push got there first; the commit that landed.
+    async fn push(&self, checkout: &Checkout, mut commit: String) -> Result<String, GitError> {
+        let mirror = &checkout.mirror;
+        let target = format!("refs/heads/{}", checkout.branch);
+        for _ in 0..PUSH_ATTEMPTS {
+            let refused = match self
+                .remote(
+                    Some(mirror),
+                    &["push", "--quiet", "origin", &format!("{commit}:{target}")],
+                )
+                .await
+            {
+                Ok(_) => return Ok(commit),
+                Err(e) => e,
+            };
+            // Someone else's commit is on the branch now: fetch it and go
+            // on top of it (never over it).
+            self.remote(
+                Some(mirror),
+                &[
+                    "fetch",
+                    "--quiet",
+                    "--no-tags",
+                    "origin",
+                    &format!("+{target}:refs/omoi/upstream"),
+                ],
+            )
+            .await
+            .map_err(|_| GitError::Transient(format!("push to {} refused: {refused}", checkout.branch)))?;
+            if self
+                .local(mirror, &["merge-base", "--is-ancestor", &commit, "refs/omoi/upstream"])
+                .await
+                .is_ok()
+            {
+                return Ok(commit);
+            }
+            commit = self.rebase(checkout, &commit).await?;
+        }
+        Err(GitError::Transient(format!(
+            "the branch {} kept moving; gave up after {PUSH_ATTEMPTS} pushes",
+            checkout.branch
+        )))
+    }
+
+    /// Replays the attempt's commit onto `refs/omoi/upstream` in a scratch
+    /// worktree of the mirror.
+    async fn rebase(&self, checkout: &Checkout, commit: &str) -> Result<String, GitError> {
+        let mirror = &checkout.mirror;
+        let tree = mirror.with_extension("rebase");
+        let _ = tokio::fs::remove_dir_all(&tree).await;
+        self.local(
+            mirror,
+            &["worktree", "add", "--quiet", "--detach", &path(&tree), commit],
+        )
+        .await?;
+        let parent = format!("{commit}^");
+        let rebased = self
+            .local(
+                &tree,
+                &[
+                    "-c",
+                    "core.hooksPath=/dev/null",
+                    "rebase",
+                    "--quiet",
+                    "--onto",
+                    "refs/omoi/upstream",
+                    &parent,
+                ],
+            )
+            .await;
+        let out = match rebased {
+            Ok(_) => self.local(&tree, &["rev-parse", "HEAD"]).await,
+            Err(e) => {
+                let _ = self.local(&tree, &["rebase", "--abort"]).await;
+                Err(GitError::Transient(format!(
+                    "the branch {} moved under the task and its change does not apply on top: {e}",
+                    checkout.branch
+                )))
+            }
+        };
+        let _ = self
+            .local(mirror, &["worktree", "remove", "--force", &path(&tree)])
+            .await;
+        out
+    }
+
+    /// What `commit` changed, from the mirror.
+    async fn describe(&self, checkout: &Checkout, commit: String) -> Result<GitChange, GitError> {
+        let range = format!("{commit}^!");
+        let numstat = self
+            .local(
+                &checkout.mirror,
+                &["diff", "--numstat", "--no-ext-diff", "--no-textconv", &range],
+            )
+            .await?;
+        let (mut files, mut insertions, mut deletions) = (0, 0, 0);
+        for line in numstat.lines() {
+            let mut parts = line.split('\t');
+            let n = |p: Option<&str>| p.and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+            insertions += n(parts.next());
+            deletions += n(parts.next());
+            files += 1;
+        }
+        let patch = self
+            .local(
+                &checkout.mirror,
+                &["diff", "--no-color", "--no-ext-diff", "--no-textconv", &range],
+            )
+            .await?;
+        let (patch, patch_truncated) = bounded_patch(&patch);
+        Ok(GitChange {
+            branch: checkout.branch.clone(),
+            base_commit: checkout.base_commit.clone(),
+            commit,
+            files_changed: files,
+            insertions,
+            deletions,
+            patch,
+            patch_truncated,
+        })
+    }
+
+    async fn has_commit(&self, repo: &Path, commit: &str) -> bool {
+        self.local(repo, &["cat-file", "-e", &format!("{commit}^{{commit}}")])
+            .await
+            .is_ok()
+    }
+
+    /// git talking to the ticket's repository: the executor's environment
+    /// (its git configuration included) plus the credentials.
+    async fn remote(&self, dir: Option<&Path>, args: &[&str]) -> Result<String, GitError> {
+        let mut cmd = tokio::process::Command::new("git");
+        if let Some(dir) = dir {
+            cmd.arg("-C").arg(dir);
+        }
+        cmd.args(args).env("GIT_TERMINAL_PROMPT", "0");
+        if let Some(token) = &self.token {
+            // Appended to whatever configuration the environment already
+            // carries; the token itself travels in a variable of git's own
+            // environment, read by the helper, never written anywhere.
+            let n: usize = std::env::var("GIT_CONFIG_COUNT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let helper = r#"!f() { test "$1" = get && printf 'username=%s\npassword=%s\n' "$OMOI_GIT_USERNAME" "$OMOI_GIT_PASSWORD"; }; f"#;
+            cmd.env("GIT_CONFIG_COUNT", (n + 2).to_string())
+                .env(format!("GIT_CONFIG_KEY_{n}"), "credential.helper")
+                .env(format!("GIT_CONFIG_VALUE_{n}"), "")
+                .env(format!("GIT_CONFIG_KEY_{}", n + 1), "credential.helper")
+                .env(format!("GIT_CONFIG_VALUE_{}", n + 1), helper)
+                .env("OMOI_GIT_USERNAME", &self.username)
+                .env("OMOI_GIT_PASSWORD", token);
+        }
+        if let Some(key) = &self.ssh_key {
+            let command = format!(
+                "ssh -i '{}' -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=accept-new",
+                key.display().to_string().replace('\'', "")
+            );
+            cmd.env("GIT_SSH_COMMAND", command);
+        }
+        self.output(cmd, None).await.map(|o| o.trim().to_owned())
+    }
+
+    /// git on the executor's own repositories (mirror, scratch worktree),
+    /// without credentials.
+    async fn local(&self, dir: &Path, args: &[&str]) -> Result<String, GitError> {
+        let mut cmd = tokio::process::Command::new("git");
+        cmd.arg("-C").arg(dir).args(args).env("GIT_TERMINAL_PROMPT", "0");
+        self.author(&mut cmd);
+        self.output(cmd, None).await.map(|o| o.trim().to_owned())
+    }
+
+    /// git inside a workspace the agent had: as the agent's user, with a
+    /// clean environment (no secret to find), hooks off.
+    fn agent_command(&self, dir: &Path, user: &WorkspaceUser, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("git");
+        if let Some((uid, gid)) = user.identity {
+            cmd.uid(uid).gid(gid);
+        }
+        let home = user.home.clone().unwrap_or_else(|| dir.to_path_buf());
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
+            .env("HOME", home)
+            .env("LANG", "C.UTF-8")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"])
+            .args(args);
+        self.author(&mut cmd);
+        cmd
+    }
+
+    async fn as_agent(
+        &self,
+        dir: &Path,
+        user: &WorkspaceUser,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<String, GitError> {
+        let cmd = self.agent_command(dir, user, args);
+        self.output(cmd, stdin).await.map(|o| o.trim().to_owned())
+    }
+
+    async fn as_agent_bytes(&self, dir: &Path, user: &WorkspaceUser, args: &[&str]) -> Result<Vec<u8>, GitError> {
+        let mut cmd = self.agent_command(dir, user, args);
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| GitError::Transient(format!("cannot run git: {e}")))?;
+        if !out.status.success() {
+            return Err(GitError::Refused(self.scrub(&String::from_utf8_lossy(&out.stderr))));
+        }
+        Ok(out.stdout)
+    }
+
+    fn author(&self, cmd: &mut tokio::process::Command) {
+        cmd.env("GIT_AUTHOR_NAME", &self.author_name)
+            .env("GIT_AUTHOR_EMAIL", &self.author_email)
+            .env("GIT_COMMITTER_NAME", &self.author_name)
+            .env("GIT_COMMITTER_EMAIL", &self.author_email);
+    }
+
+    async fn output(&self, mut cmd: tokio::process::Command, stdin: Option<&str>) -> Result<String, GitError> {
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| GitError::Transient(format!("cannot run git: {e}")))?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            use tokio::io::AsyncWriteExt;
+            pipe.write_all(text.as_bytes())
+                .await
+                .map_err(|e| GitError::Transient(format!("cannot talk to git: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| GitError::Transient(format!("git did not finish: {e}")))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let err = if err.trim().is_empty() {
+                format!("git exited with {}", out.status)
+            } else {
+                err.trim().to_owned()
+            };
+            return Err(GitError::Transient(self.scrub(&err)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// An error message with the token taken out, should git ever echo it.
+    fn scrub(&self, text: &str) -> String {
+        match &self.token {
+            Some(t) if !t.is_empty() => text.replace(t.as_str(), "<redacted>"),
+            _ => text.to_owned(),
+        }
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// The message of a task's commit: `<phase>: <title>` and trailers that
+/// lead back to the task and attempt.
+pub fn commit_message(phase: &str, title: &str, task_id: &str, attempt: i32) -> String {
+    let subject: String = format!("{phase}: {title}")
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect();
+    format!("{subject}\n\nOmoi-Task: {task_id}\nOmoi-Attempt: {attempt}\n")
+}

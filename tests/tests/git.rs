@@ -1,0 +1,267 @@
+//! A ticket's work lands on one branch of a real repository (a local bare
+//! one as the remote): a commit per task, each phase building on the last,
+//! pushed by executors running as separate processes; a failed attempt
+//! leaves nothing behind, and parallel tasks' pushes never overwrite each
+//! other.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use omoi_proto::taskqueue as tq;
+use omoi_proto::ticket as pb;
+use omoi_tests::mesh::{Options, ProcessMesh};
+use omoi_tests::{Infra, wait_ticket};
+
+const COMPLETED: i32 = 3;
+const FAILED: i32 = 4;
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "seed")
+        .env("GIT_AUTHOR_EMAIL", "seed@example.com")
+        .env("GIT_COMMITTER_NAME", "seed")
+        .env("GIT_COMMITTER_EMAIL", "seed@example.com")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A bare repository with one commit on `main`, and that commit.
+fn remote() -> (PathBuf, String) {
+    let root = std::env::temp_dir().join(format!("omoi-git-{}", uuid::Uuid::new_v4().simple()));
+    let (bare, seed) = (root.join("remote.git"), root.join("seed"));
+    std::fs::create_dir_all(&seed).unwrap();
+    git(
+        &root,
+        &["init", "--quiet", "--bare", "-b", "main", bare.to_str().unwrap()],
+    );
+    git(&seed, &["init", "--quiet", "-b", "main"]);
+    std::fs::write(seed.join("README.md"), "# The product\n").unwrap();
+    git(&seed, &["add", "README.md"]);
+    git(&seed, &["commit", "--quiet", "-m", "Initial commit"]);
+    git(&seed, &["push", "--quiet", bare.to_str().unwrap(), "main"]);
+    let head = git(&bare, &["rev-parse", "main"]);
+    (bare, head)
+}
+
+fn task_git(t: &tq::Task) -> &omoi_proto::common::GitChange {
+    t.git
+        .as_ref()
+        .unwrap_or_else(|| panic!("task {} has no git result", t.title))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tickets_phases_land_as_one_commit_each_on_its_branch_and_a_failed_attempt_leaves_nothing() {
+    let infra = Infra::new().await.unwrap();
+    let mut options = Options::default();
+    options
+        .executor_env
+        .push(("OMOI_DEMO_FAIL_FIRST".into(), "PHASE_IMPLEMENTATION".into()));
+    let mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    let (bare, main) = remote();
+    let tickets = mesh.tickets();
+    let created = tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "Add OAuth login".into(),
+            description: "Billing needs OAuth.".into(),
+            repository: bare.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ticket = created.ticket.unwrap();
+    let short = &ticket.id.replace('-', "")[..8];
+    assert_eq!(ticket.branch, format!("omoi/{short}-add-oauth-login"));
+    let done = wait_ticket(&tickets, &ticket.id, COMPLETED).await;
+    let mut tasks = done.tasks.clone();
+    tasks.sort_by_key(|t| t.phase);
+
+    // One commit per phase, in phase order, on top of main.
+    let branch = &ticket.branch;
+    let commits: Vec<String> = git(&bare, &["rev-list", "--reverse", &format!("main..{branch}")])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(commits.len(), 4, "{commits:?}");
+    assert_eq!(done.ticket.as_ref().unwrap().head_commit, commits[3]);
+    let mut base = main.clone();
+    for (t, commit) in tasks.iter().zip(&commits) {
+        let g = task_git(t);
+        assert_eq!(&g.branch, branch);
+        assert_eq!(&g.commit, commit, "{}", t.title);
+        assert_eq!(
+            g.base_commit, base,
+            "{} starts where the phase before it ended",
+            t.title
+        );
+        assert_eq!(git(&bare, &["rev-parse", &format!("{commit}^")]), base);
+        assert!(g.files_changed >= 2 && g.insertions > 0, "{g:?}");
+        assert!(g.patch.starts_with("diff --git"), "{}", g.patch);
+        let message = git(&bare, &["log", "-1", "--format=%B", commit]);
+        let phase = omoi_proto::common::Phase::try_from(t.phase).unwrap().as_str_name();
+        let phase = phase.trim_start_matches("PHASE_").to_ascii_lowercase();
+        assert!(message.starts_with(&format!("{phase}: {}", t.title)), "{message}");
+        assert!(message.contains(&format!("Omoi-Task: {}", t.id)), "{message}");
+        assert!(message.contains(&format!("Omoi-Attempt: {}", t.attempt)), "{message}");
+        assert_eq!(
+            git(&bare, &["log", "-1", "--format=%an <%ae>", commit]),
+            "omoi <omoi@localhost>"
+        );
+        base = commit.clone();
+    }
+
+    // Each phase saw the files and the summary of the phase before it.
+    let log = |phase: &str| git(&bare, &["show", &format!("{branch}:agent-log/{phase}.md")]);
+    let implementation = log("implementation");
+    assert!(implementation.contains("found: PLAN.md"), "{implementation}");
+    assert!(implementation.contains("told: PHASE_INITIAL done"), "{implementation}");
+    let refactoring = log("refactoring");
+    assert!(
+        refactoring.contains("found: PLAN.md, src/feature.rs, tests/feature.rs"),
+        "{refactoring}"
+    );
+    assert!(refactoring.contains("told: PHASE_INTEGRATION done"), "{refactoring}");
+
+    // The implementation's first attempt failed after writing a file: it is
+    // nowhere on the branch, and the retry started from the same base.
+    let implement = &tasks[1];
+    assert_eq!(implement.attempt, 2);
+    assert_eq!(task_git(implement).base_commit, commits[0]);
+    let files = git(&bare, &["ls-tree", "-r", "--name-only", branch]);
+    assert!(!files.contains("STRAY.md"), "{files}");
+    for f in ["README.md", "PLAN.md", "src/feature.rs", "tests/feature.rs", "NOTES.md"] {
+        assert!(files.lines().any(|l| l == f), "{f} missing from {files}");
+    }
+    // Nothing else moved: main is where it was, and no other branch exists.
+    assert_eq!(git(&bare, &["rev-parse", "main"]), main);
+    assert_eq!(
+        git(&bare, &["for-each-ref", "--format=%(refname)"]),
+        format!("refs/heads/main\nrefs/heads/{branch}")
+    );
+    // The agent's workspace has no way to reach the remote.
+    let result = omoi_proto::convert::struct_to_json(implement.result.as_ref().unwrap());
+    let ws = Path::new(result["workspace"].as_str().unwrap());
+    assert_eq!(git(ws, &["remote"]), "");
+    assert!(!ws.with_extension("git").exists(), "the executor's clone is removed");
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(bare.parent().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_tasks_push_one_after_the_other_and_their_dependent_builds_on_both() {
+    let infra = Infra::new().await.unwrap();
+    let options = Options {
+        // Long enough that both roots run at once on the two executors.
+        executor_env: vec![("OMOI_DEMO_SLEEP_MS".into(), "400".into())],
+        ..Default::default()
+    };
+    let mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    let (bare, main) = remote();
+    let spec = |title: &str, phase: i32, depends_on: Vec<i32>| pb::TaskSpec {
+        title: title.into(),
+        phase,
+        depends_on,
+        ..Default::default()
+    };
+    let tickets = mesh.tickets();
+    let ticket = tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "Two at once".into(),
+            repository: format!("file://{}", bare.display()),
+            base_ref: "main".into(),
+            plan: vec![
+                spec("Plan it", 1, vec![]),
+                spec("Test it", 3, vec![]),
+                spec("Tidy up", 4, vec![0, 1]),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    let done = wait_ticket(&tickets, &ticket.id, COMPLETED).await;
+    let by_title = |title: &str| done.tasks.iter().find(|t| t.title == title).unwrap();
+    let (plan, test, tidy) = (by_title("Plan it"), by_title("Test it"), by_title("Tidy up"));
+    // Both roots started from main; the second to push went on top of the
+    // first, never over it.
+    assert_eq!(task_git(plan).base_commit, main);
+    assert_eq!(task_git(test).base_commit, main);
+    let history = git(
+        &bare,
+        &[
+            "rev-list",
+            "--parents",
+            "--reverse",
+            &format!("main..{}", ticket.branch),
+        ],
+    );
+    let chain: Vec<Vec<&str>> = history.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(chain.len(), 3, "{history}");
+    assert_eq!(chain[0][1], main, "linear history: {history}");
+    assert_eq!(chain[1][1], chain[0][0], "linear history: {history}");
+    assert_eq!(chain[2][1], chain[1][0], "linear history: {history}");
+    let mut roots = [task_git(plan).commit.as_str(), task_git(test).commit.as_str()];
+    roots.sort_by_key(|c| chain.iter().position(|l| l[0] == *c));
+    assert_eq!(roots, [chain[0][0], chain[1][0]]);
+    // The dependent started from the commit holding both.
+    assert_eq!(task_git(tidy).base_commit, chain[1][0]);
+    assert_eq!(task_git(tidy).commit, chain[2][0]);
+    let files = git(&bare, &["ls-tree", "-r", "--name-only", &ticket.branch]);
+    for f in ["PLAN.md", "tests/feature.rs", "NOTES.md"] {
+        assert!(files.lines().any(|l| l == f), "{f} missing from {files}");
+    }
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(bare.parent().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_ref_the_repository_lacks_fails_the_task_naming_it() {
+    let infra = Infra::new().await.unwrap();
+    let mesh = ProcessMesh::start(&infra, Options::default()).await.unwrap();
+    let (bare, _) = remote();
+    let tickets = mesh.tickets();
+    let ticket = tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "Start nowhere".into(),
+            repository: bare.display().to_string(),
+            base_ref: "no-such-branch".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    let done = wait_ticket(&tickets, &ticket.id, FAILED).await;
+    let first = done.tasks.iter().min_by_key(|t| t.phase).unwrap();
+    // Permanent: no retry can find it.
+    assert_eq!(first.attempt, 1);
+    assert!(
+        first.error_message.contains("no-such-branch"),
+        "{}",
+        first.error_message
+    );
+    assert_eq!(git(&bare, &["for-each-ref", "--format=%(refname)"]), "refs/heads/main");
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(bare.parent().unwrap());
+}
