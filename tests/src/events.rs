@@ -24,6 +24,21 @@ pub async fn read_all(nats_url: &str, stream: &str, at_least: u64, within: Durat
     }
     // Let stragglers (duplicates would be among them) arrive.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    raw(&js, stream)
+        .await?
+        .iter()
+        .map(|m| Event::decode(m.as_slice()).map_err(anyhow::Error::from))
+        .collect()
+}
+
+/// Every message in `stream` as it is stored (headers aside), in order.
+pub async fn payloads(nats_url: &str, stream: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let js = jetstream::new(async_nats::connect(nats_url).await?);
+    raw(&js, stream).await
+}
+
+async fn raw(js: &jetstream::Context, stream: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut s = js.get_stream(stream).await?;
     let total = s.info().await?.state.messages;
     let consumer = s
         .create_consumer(consumer::pull::Config {
@@ -44,7 +59,7 @@ pub async fn read_all(nats_url: &str, stream: &str, at_least: u64, within: Durat
         let before = out.len();
         while let Some(msg) = batch.next().await {
             let msg = msg.map_err(|e| anyhow::anyhow!("{e}"))?;
-            out.push(Event::decode(msg.payload.as_ref())?);
+            out.push(msg.payload.to_vec());
         }
         if out.len() == before {
             break;

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod events;
+pub mod git_http;
 pub mod http;
 pub mod infra;
 pub mod mesh;

@@ -61,6 +61,9 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The test-side setting that sends a service's output to a file.
+pub const LOG_FILE: &str = "LOG_FILE";
+
 /// A running service process.
 pub struct Service {
     pub child: Child,
@@ -69,7 +72,9 @@ pub struct Service {
 }
 
 impl Service {
-    /// Starts `bin` with `env` (and RUST_LOG=warn unless set), listening on `port`.
+    /// Starts `bin` with `env` (and RUST_LOG=warn unless set), listening on
+    /// `port`. `LOG_FILE` in `env` is not passed on: the process's output
+    /// goes to that file instead of the test's.
     pub fn spawn(bin: &str, port: u16, env: &[(String, String)]) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary(bin));
         cmd.env_clear()
@@ -78,9 +83,13 @@ impl Service {
                 "RUST_LOG",
                 std::env::var("OMOI_TEST_SERVICE_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().filter(|(k, _)| k != LOG_FILE).map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        if let Some((_, path)) = env.iter().find(|(k, _)| k == LOG_FILE) {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            cmd.stdout(file.try_clone()?).stderr(file);
+        }
         let child = cmd.spawn()?;
         Ok(Self {
             child,

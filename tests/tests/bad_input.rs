@@ -166,7 +166,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                     task_id: rng.text(),
                     attempt: rng.int(),
                     result: None,
-                    git: (rng.next() % 2 == 0).then(|| omoi_proto::common::GitChange {
+                    git: rng.next().is_multiple_of(2).then(|| omoi_proto::common::GitChange {
                         branch: rng.text(),
                         base_commit: rng.text(),
                         commit: rng.text(),
@@ -227,7 +227,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                     priority: rng.int(),
                     repository: rng.text(),
                     base_ref: rng.text(),
-                    pull_request: rng.next() % 2 == 0,
+                    pull_request: rng.next().is_multiple_of(2),
                     request_id: rng.text(),
                     plan: (0..rng.next() % 3)
                         .map(|_| pb::TaskSpec {

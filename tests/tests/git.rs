@@ -9,7 +9,10 @@ use std::process::Command;
 
 use omoi_proto::taskqueue as tq;
 use omoi_proto::ticket as pb;
+use omoi_tests::events::payloads;
+use omoi_tests::git_http::GitServer;
 use omoi_tests::mesh::{Options, ProcessMesh};
+use omoi_tests::process::LOG_FILE;
 use omoi_tests::{Infra, wait_ticket};
 
 const COMPLETED: i32 = 3;
@@ -264,4 +267,104 @@ async fn a_base_ref_the_repository_lacks_fails_the_task_naming_it() {
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
     let _ = std::fs::remove_dir_all(bare.parent().unwrap());
+}
+
+/// Every file under `dir` (`.git` directories included) containing `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_forge_repository_is_reached_with_the_token_and_nothing_else_ever_sees_it() {
+    const TOKEN: &str = "ghp_omoiTestTokenThatMustNeverLeak0123";
+    let infra = Infra::new().await.unwrap();
+    let (bare, main) = remote();
+    let root = bare.parent().unwrap().to_path_buf();
+    let forge = GitServer::start(root.clone(), "x-access-token", TOKEN).await.unwrap();
+    let log = root.join("executor.log");
+    // The agent writes its whole environment into the workspace, so that it
+    // lands on the branch for the test to read.
+    let agent = format!(
+        "sh -c 'env > agent-env.txt; exec {}'",
+        omoi_tests::process::binary("omoi-demo-agent").display()
+    );
+    let options = Options {
+        executors: 1,
+        executor_env: vec![
+            ("OMOI_DEMO_SLEEP_MS".into(), "20".into()),
+            ("OMOI_RUNNER_COMMAND".into(), agent),
+            ("OMOI_GIT_TOKEN".into(), TOKEN.into()),
+            // A GitHub-shaped URL reaches the stand-in forge.
+            ("GIT_CONFIG_COUNT".into(), "1".into()),
+            ("GIT_CONFIG_KEY_0".into(), format!("url.{}/.insteadOf", forge.url)),
+            ("GIT_CONFIG_VALUE_0".into(), "https://github.example.com/acme/".into()),
+            ("RUST_LOG".into(), "info,omoi_executor=debug".into()),
+            (LOG_FILE.into(), log.display().to_string()),
+        ],
+        ..Default::default()
+    };
+    let mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    let tickets = mesh.tickets();
+    let ticket = tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "Private work".into(),
+            repository: "https://github.example.com/acme/remote.git".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    let done = wait_ticket(&tickets, &ticket.id, COMPLETED).await;
+    let branch = &ticket.branch;
+    assert_eq!(git(&bare, &["rev-list", "--count", &format!("{main}..{branch}")]), "4");
+    // Anonymous requests were refused; the credential helper's were served.
+    assert!(forge.refused() > 0 && forge.authorized() > 0);
+
+    // The agent's environment (on the branch) has no git credentials.
+    let agent_env = git(&bare, &["show", &format!("{branch}:agent-env.txt")]);
+    assert!(agent_env.contains("OMOI_TASK_ID="), "{agent_env}");
+    assert!(
+        !agent_env.contains(TOKEN) && !agent_env.contains("OMOI_GIT"),
+        "{agent_env}"
+    );
+    // Nor does anything else the mesh wrote: workspaces (their .git too),
+    // the executor's log, the ticket and its tasks, events, agent output.
+    assert_eq!(
+        files_containing(&mesh.workspace_root, TOKEN.as_bytes()),
+        Vec::<PathBuf>::new()
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("run"), "the log was written: {log_text}");
+    assert!(!log_text.contains(TOKEN));
+    assert!(!format!("{done:?}").contains(TOKEN));
+    for stream in [infra.topology.stream.clone(), infra.topology.output_stream()] {
+        let messages = payloads(&infra.nats_url, &stream).await.unwrap();
+        assert!(!messages.is_empty(), "{stream} has messages");
+        assert!(
+            !messages
+                .iter()
+                .any(|m| m.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes())),
+            "{stream} carries the token"
+        );
+    }
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(&root);
 }

@@ -40,9 +40,17 @@ enum Command {
         title: String,
         #[arg(long, default_value = "")]
         description: String,
-        /// A git URL or an absolute path the agents work on.
-        #[arg(long, default_value = "")]
+        /// A git URL or an absolute path the agents work on; the work lands
+        /// on a branch of its own there.
+        #[arg(long, visible_alias = "repo", default_value = "")]
         repository: String,
+        /// Where the ticket's branch starts (a branch, tag or commit);
+        /// default: the repository's HEAD.
+        #[arg(long, visible_alias = "base", default_value = "")]
+        base_ref: String,
+        /// Open a pull request from the branch when the ticket completes.
+        #[arg(long)]
+        pull_request: bool,
         /// LOW, MEDIUM, HIGH or CRITICAL.
         #[arg(long, default_value = "MEDIUM")]
         priority: String,
@@ -104,14 +112,52 @@ pub fn task_status_name(status: i32) -> &'static str {
 
 fn print_ticket(t: &pb::Ticket, tasks: &[omoi_proto::taskqueue::Task]) {
     println!("ticket {}  {}  {:?}", t.id, status_name(t.status), t.title);
+    if !t.branch.is_empty() {
+        println!("  branch {}  in {}{}", t.branch, t.repository, head_note(t));
+    }
     for task in tasks {
+        let commit = task
+            .git
+            .as_ref()
+            .filter(|g| g.commit != g.base_commit)
+            .map(|g| format!("  commit {}", short_commit(&g.commit)))
+            .unwrap_or_default();
         println!(
-            "  task {}  {:<11} attempt {}  {}",
+            "  task {}  {:<11} attempt {}  {}{commit}",
             task.id,
             task_status_name(task.status),
             task.attempt,
             task.title
         );
+    }
+}
+
+fn head_note(t: &pb::Ticket) -> String {
+    if t.head_commit.is_empty() {
+        String::new()
+    } else {
+        format!(" at {}", short_commit(&t.head_commit))
+    }
+}
+
+/// A commit id as people quote it.
+pub fn short_commit(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// What a task left on its ticket's branch, on one line.
+fn git_line(g: &omoi_proto::common::GitChange) -> String {
+    if g.commit == g.base_commit {
+        format!("no change; {} stays at {}", g.branch, short_commit(&g.commit))
+    } else {
+        format!(
+            "commit {} on {}: {} files, +{} -{}",
+            short_commit(&g.commit),
+            g.branch,
+            g.files_changed,
+            g.insertions,
+            g.deletions
+        )
     }
 }
 
@@ -141,12 +187,23 @@ pub fn print_ticket_summary(r: &pb::GetTicketResponse, workspaces: &std::path::P
         } else if !task.error_message.is_empty() {
             println!("              error: {}", task.error_message);
         }
+        if let Some(g) = &task.git {
+            println!("              {}", git_line(g));
+        }
         if let Some(u) = &task.usage {
             println!("              {}", usage_line(u));
         }
     }
     if let Some(u) = &t.usage {
         println!("Spent: {}", usage_line(u));
+    }
+    if !t.branch.is_empty() {
+        println!(
+            "The work is on branch {} of {}{}.",
+            t.branch,
+            t.repository,
+            head_note(&t)
+        );
     }
     println!("Workspaces are under {}.", workspaces.display());
 }
@@ -226,6 +283,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             title,
             description,
             repository,
+            base_ref,
+            pull_request,
             priority: p,
         } => {
             let r = tickets(&cli.ticket_url, connector)?
@@ -233,6 +292,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     title,
                     description,
                     repository,
+                    base_ref,
+                    pull_request,
                     priority: priority(&p)?,
                     ..Default::default()
                 })

@@ -1,5 +1,6 @@
 //! `omoi up`: the whole mesh as local processes on this machine's
-//! PostgreSQL and NATS, with a sample ticket followed to its end.
+//! PostgreSQL and NATS, with a sample ticket followed to its end: its four
+//! phases land as four commits on a branch of a local sample repository.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -35,6 +36,82 @@ pub struct Up {
     /// OPENAI_API_KEY or GEMINI_API_KEY, or their *_FILE forms).
     #[arg(long, default_value = "command", value_parser = ["command", "claude-code", "codex", "gemini"])]
     runner: String,
+    /// The repository the sample ticket works on (a git URL or an absolute
+    /// path); default: a local sample repository made on first use.
+    #[arg(long, visible_alias = "repo")]
+    repository: Option<String>,
+}
+
+/// The sample ticket's repository when none is given: a bare repository
+/// under `base` holding one commit on `main`, made once and reused (each
+/// ticket works on a branch of its own).
+fn sample_repository(base: &Path) -> anyhow::Result<PathBuf> {
+    let repo = base.join("sample-repo.git");
+    if repo.join("HEAD").exists() {
+        return Ok(repo);
+    }
+    let seed = base.join("sample-repo-seed");
+    let _ = std::fs::remove_dir_all(&seed);
+    std::fs::create_dir_all(&seed)?;
+    git(
+        base,
+        &["init", "--quiet", "--bare", "-b", "main", &repo.display().to_string()],
+    )?;
+    git(&seed, &["init", "--quiet", "-b", "main"])?;
+    std::fs::write(
+        seed.join("README.md"),
+        "# Greeter\n\nA small app that greets people. omoi's sample tickets work on it.\n",
+    )?;
+    git(&seed, &["add", "README.md"])?;
+    git(&seed, &["commit", "--quiet", "-m", "Start the greeter"])?;
+    git(&seed, &["push", "--quiet", &repo.display().to_string(), "main"])?;
+    std::fs::remove_dir_all(&seed)?;
+    Ok(repo)
+}
+
+/// Runs git (as the omoi author, for the sample's first commit); its output.
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "omoi")
+        .env("GIT_AUTHOR_EMAIL", "omoi@localhost")
+        .env("GIT_COMMITTER_NAME", "omoi")
+        .env("GIT_COMMITTER_EMAIL", "omoi@localhost")
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run git (is it installed?): {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "git {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The ticket's branch in a local repository: its commits and what they
+/// changed, and how to look closer.
+fn print_branch(repository: &str, ticket: &pb::Ticket) -> anyhow::Result<()> {
+    let repo = Path::new(repository);
+    if ticket.branch.is_empty() || !repo.is_absolute() {
+        return Ok(());
+    }
+    let base = if ticket.base_ref.is_empty() {
+        "HEAD"
+    } else {
+        &ticket.base_ref
+    };
+    let range = format!("{base}..{}", ticket.branch);
+    println!();
+    println!("Branch {} in {}:", ticket.branch, repo.display());
+    print!("{}", git(repo, &["log", "--reverse", "--format=  %h %s", &range])?);
+    print!(
+        "{}",
+        git(repo, &["diff", "--stat", &format!("{base}...{}", ticket.branch)])?
+    );
+    println!("Look closer: git -C {} log -p {range}", repo.display());
+    Ok(())
 }
 
 /// The key a coding-agent runner needs, by the variable that holds it.
@@ -177,7 +254,11 @@ impl Up {
             let outcome = if self.no_ticket {
                 None
             } else {
-                Some(self.sample(&url(ports[0]), &workspaces).await?)
+                let repository = match &self.repository {
+                    Some(r) => r.clone(),
+                    None => sample_repository(&base)?.display().to_string(),
+                };
+                Some(self.sample(&url(ports[0]), &workspaces, &repository).await?)
             };
             print_hints(&ports);
             if !self.exit_when_done {
@@ -226,7 +307,7 @@ impl Up {
     }
 
     /// Files the sample ticket and follows it; returns its final status.
-    async fn sample(&self, ticket_url: &str, workspaces: &Path) -> anyhow::Result<i32> {
+    async fn sample(&self, ticket_url: &str, workspaces: &Path, repository: &str) -> anyhow::Result<i32> {
         let connector = Connector::new(
             std::env::var("OMOI_AUTH_TOKEN").ok().as_deref(),
             &omoi_runtime::tls::TlsArgs::default(),
@@ -237,6 +318,7 @@ impl Up {
                 title: "Add a greeting feature".into(),
                 description: "Greet users by name on the home page, with tests.".into(),
                 priority: 3,
+                repository: repository.to_owned(),
                 ..Default::default()
             })
             .await?
@@ -256,7 +338,9 @@ impl Up {
             .into_inner();
         println!();
         print_ticket_summary(&done, workspaces);
-        Ok(done.ticket.map(|t| t.status).unwrap_or_default())
+        let ticket = done.ticket.unwrap_or_default();
+        print_branch(repository, &ticket)?;
+        Ok(ticket.status)
     }
 }
 
