@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod events;
 pub mod git_http;
+pub mod github;
 pub mod http;
 pub mod infra;
 pub mod mesh;

@@ -45,6 +45,8 @@ pub struct ProcessMesh {
     pub workspace_root: PathBuf,
     executor_env: Vec<(String, String)>,
     env: Vec<(String, String)>,
+    /// The ticket service's, to restart it as it was.
+    ticket_env: Vec<(String, String)>,
     connector: Option<Connector>,
 }
 
@@ -82,6 +84,7 @@ impl ProcessMesh {
         env.push(("OMOI_ENQUEUE_RETRY_SECONDS".into(), "0.2".into()));
         env.extend(options.env.iter().cloned());
         let ticket = spawn("omoi-ticket", t_port, &env)?;
+        let ticket_env = env;
         wait(&connector, &health.url).await?;
         wait(&connector, &ticket.url).await?;
         let workspace_root = std::env::temp_dir().join(format!("omoi-ws-{}", uuid::Uuid::new_v4().simple()));
@@ -95,6 +98,7 @@ impl ProcessMesh {
             workspace_root,
             executor_env: options.executor_env,
             env: options.env,
+            ticket_env,
             connector: options.tls,
         };
         for _ in 0..options.executors {
@@ -141,6 +145,15 @@ impl ProcessMesh {
             Some(c) => TicketClient::new(c.channel(&self.ticket.url).expect("valid url")),
             None => crate::ticket_client(&self.ticket.url),
         }
+    }
+
+    /// Kills the ticket service (SIGKILL, mid-whatever) and starts it again
+    /// as it was, on its port; returns once it serves.
+    pub async fn restart_ticket(&mut self) -> anyhow::Result<()> {
+        self.ticket.child.kill().await?;
+        let port = self.ticket.port;
+        self.ticket = spawn("omoi-ticket", port, &self.ticket_env, self.connector.is_some())?;
+        wait(&self.connector.clone().unwrap_or_default(), &self.ticket.url).await
     }
 
     /// SIGTERM to everything, executors first; returns their exit codes.

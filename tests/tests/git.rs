@@ -6,17 +6,20 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use omoi_proto::taskqueue as tq;
 use omoi_proto::ticket as pb;
-use omoi_tests::events::payloads;
+use omoi_tests::events::{payloads, read_all};
 use omoi_tests::git_http::GitServer;
+use omoi_tests::github::GitHubApi;
 use omoi_tests::mesh::{Options, ProcessMesh};
 use omoi_tests::process::LOG_FILE;
-use omoi_tests::{Infra, wait_ticket};
+use omoi_tests::{Infra, eventually, wait_ticket};
 
 const COMPLETED: i32 = 3;
 const FAILED: i32 = 4;
+const WAIT: Duration = Duration::from_secs(60);
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
@@ -363,6 +366,146 @@ async fn a_private_forge_repository_is_reached_with_the_token_and_nothing_else_e
             "{stream} carries the token"
         );
     }
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_ticket_opens_its_pull_request_once_across_a_lost_answer_and_a_restart() {
+    const TOKEN: &str = "ghs_pullRequestTokenForTheTicketService";
+    let infra = Infra::new().await.unwrap();
+    let (bare, _) = remote();
+    let root = bare.parent().unwrap().to_path_buf();
+    git(&root, &["clone", "--quiet", "--bare", "remote.git", "locked.git"]);
+    let github = GitHubApi::start(TOKEN, "https://github.example.com").await.unwrap();
+    let options = Options {
+        env: vec![
+            ("OMOI_GITHUB_API_URL".into(), github.url.clone()),
+            ("OMOI_GITHUB_TOKEN".into(), TOKEN.into()),
+            ("OMOI_PULL_REQUEST_INTERVAL_SECONDS".into(), "0.2".into()),
+        ],
+        executor_env: vec![
+            ("OMOI_DEMO_SLEEP_MS".into(), "20".into()),
+            // GitHub-shaped URLs reach the local bare repositories.
+            ("GIT_CONFIG_COUNT".into(), "1".into()),
+            (
+                "GIT_CONFIG_KEY_0".into(),
+                format!("url.file://{}/.insteadOf", root.display()),
+            ),
+            ("GIT_CONFIG_VALUE_0".into(), "https://github.example.com/acme/".into()),
+        ],
+        ..Default::default()
+    };
+    let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    let tickets = mesh.tickets();
+    let create = |title: &str, repo: &str| pb::CreateTicketRequest {
+        title: title.into(),
+        description: "Say hello.".into(),
+        repository: format!("https://github.example.com/acme/{repo}.git"),
+        pull_request: true,
+        ..Default::default()
+    };
+    // The first opening reaches GitHub, but its answer is lost.
+    github.lose_next_answer();
+    let ticket = tickets
+        .clone()
+        .create_ticket(create("Greet people", "remote"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    wait_ticket(&tickets, &ticket.id, COMPLETED).await;
+    eventually(WAIT, "the first opening", || async {
+        (!github.pulls().is_empty()).then_some(())
+    })
+    .await;
+    // The ticket service dies before it could record anything, and comes back.
+    mesh.restart_ticket().await.unwrap();
+    let tickets = mesh.tickets();
+    let done = eventually(WAIT, "the pull request recorded", || async {
+        let t = tickets
+            .clone()
+            .get_ticket(pb::GetTicketRequest {
+                ticket_id: ticket.id.clone(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .ticket?;
+        (!t.pull_request_url.is_empty()).then_some(t)
+    })
+    .await;
+    let pulls = github.pulls();
+    assert_eq!(pulls.len(), 1, "{pulls:?}");
+    let pr = &pulls[0];
+    assert_eq!(
+        (pr.repo.as_str(), pr.head.as_str(), pr.base.as_str(), pr.title.as_str()),
+        ("acme/remote", ticket.branch.as_str(), "main", "Greet people")
+    );
+    assert!(pr.body.contains(&ticket.id), "{}", pr.body);
+    assert_eq!(done.pull_request_url, "https://github.example.com/acme/remote/pull/1");
+    assert_eq!(done.pull_request_error, "");
+    // The branch the pull request names holds the ticket's four commits.
+    assert_eq!(
+        git(&bare, &["rev-list", "--count", &format!("main..{}", ticket.branch)]),
+        "4"
+    );
+
+    // A repository that refuses: the refusal is on the ticket, once.
+    github.lock("acme/locked");
+    let refused = tickets
+        .clone()
+        .create_ticket(create("Locked out", "locked"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    wait_ticket(&tickets, &refused.id, COMPLETED).await;
+    let t = eventually(WAIT, "the refusal recorded", || async {
+        let t = tickets
+            .clone()
+            .get_ticket(pb::GetTicketRequest {
+                ticket_id: refused.id.clone(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .ticket?;
+        (!t.pull_request_error.is_empty()).then_some(t)
+    })
+    .await;
+    assert!(
+        t.pull_request_error.contains("Resource not accessible by integration"),
+        "{}",
+        t.pull_request_error
+    );
+    assert_eq!(t.pull_request_url, "");
+    let posts = |calls: Vec<String>| {
+        calls
+            .iter()
+            .filter(|c| c.starts_with("POST /repos/acme/locked/"))
+            .count()
+    };
+    let before = posts(github.calls());
+    assert_eq!(before, 1);
+
+    // One TICKET_PULL_REQUEST_OPENED, for the first ticket only.
+    let events = read_all(&infra.nats_url, &infra.topology.stream, 0, Duration::ZERO)
+        .await
+        .unwrap();
+    let opened: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == "TICKET_PULL_REQUEST_OPENED")
+        .collect();
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    assert_eq!(opened[0].entity_id, ticket.id);
+    let payload = omoi_proto::convert::struct_to_json(opened[0].payload.as_ref().unwrap());
+    assert_eq!(payload["url"], "https://github.example.com/acme/remote/pull/1");
+    assert_eq!(posts(github.calls()), before, "a refusal is not asked again");
 
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();

@@ -118,6 +118,7 @@ events! {
     TicketCompleted(TicketChanged) = "TICKET_COMPLETED", Ticket;
     TicketFailed(TicketChanged) = "TICKET_FAILED", Ticket;
     TicketCancelled(TicketChanged) = "TICKET_CANCELLED", Ticket;
+    TicketPullRequestOpened(PullRequestOpened) = "TICKET_PULL_REQUEST_OPENED", Ticket;
     AgentRegistered(AgentRegistered) = "AGENT_REGISTERED", Agent;
     AgentDeregistered(AgentChanged) = "AGENT_DEREGISTERED", Agent;
     AgentStale(AgentStale) = "AGENT_STALE", Agent;
@@ -377,6 +378,17 @@ pub struct TicketCreated {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub branch: String,
     pub task_ids: Vec<Uuid>,
+}
+
+/// The pull request a completed ticket's branch ended in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullRequestOpened {
+    pub url: String,
+    pub number: i64,
+    /// The ticket's branch (the pull request's head).
+    pub branch: String,
+    /// The branch it asks to be merged into.
+    pub base: String,
 }
 
 /// A ticket's status change, with what caused it.

@@ -142,6 +142,38 @@ pub fn git_ref(field: &str, value: &str) -> Result<String, DomainError> {
     Ok(value.to_owned())
 }
 
+/// A repository on a forge, as its API names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForgeRepo {
+    pub host: String,
+    pub owner: String,
+    pub name: String,
+}
+
+/// The forge repository a URL names: `https://host/owner/name[.git]` or
+/// `ssh://git@host/owner/name[.git]`; None for anything else (a local path,
+/// a deeper path, odd characters).
+pub fn forge_repo(url: &str) -> Option<ForgeRepo> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .or_else(|| url.strip_prefix("ssh://"))?;
+    let (authority, path) = rest.split_once('/')?;
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = host.split(':').next().unwrap_or_default();
+    let path = path.trim_end_matches('/');
+    let path = path.strip_suffix(".git").unwrap_or(path);
+    let (owner, name) = path.split_once('/')?;
+    let fine = |s: &str| {
+        !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    (!host.is_empty() && fine(owner) && fine(name)).then(|| ForgeRepo {
+        host: host.to_owned(),
+        owner: owner.to_owned(),
+        name: name.to_owned(),
+    })
+}
+
 /// A full commit id: 40 (SHA-1) or 64 (SHA-256) lowercase hex digits.
 pub fn commit_id(field: &str, value: &str) -> Result<String, DomainError> {
     let hex = value.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
@@ -241,6 +273,32 @@ mod tests {
             let mut bad = good.clone();
             spoil(&mut bad);
             assert_eq!(field_of(bad.validated("git").unwrap_err()), field);
+        }
+    }
+
+    #[test]
+    fn forge_repositories_are_owner_and_name_on_a_host() {
+        let acme = |host: &str| {
+            Some(ForgeRepo {
+                host: host.into(),
+                owner: "acme".into(),
+                name: "greeter".into(),
+            })
+        };
+        assert_eq!(forge_repo("https://github.com/acme/greeter.git"), acme("github.com"));
+        assert_eq!(forge_repo("https://github.com/acme/greeter"), acme("github.com"));
+        assert_eq!(
+            forge_repo("ssh://git@ghe.example.com:2222/acme/greeter.git"),
+            acme("ghe.example.com")
+        );
+        for bad in [
+            "/srv/greeter.git",
+            "https://github.com/acme",
+            "https://github.com/a/b/c",
+            "file:///a/b",
+            "https://h/../x",
+        ] {
+            assert_eq!(forge_repo(bad), None, "{bad}");
         }
     }
 

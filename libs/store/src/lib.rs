@@ -8,6 +8,7 @@ mod error;
 pub mod events;
 pub mod outbox;
 pub mod pauses;
+pub mod pulls;
 pub mod tasks;
 pub mod tickets;
 

@@ -14,14 +14,15 @@ use crate::codes::{phase_code, phase_of};
 use crate::events;
 use crate::{Result, Store, StoreError, consumed};
 
-const TICKET_COLUMNS: &str = "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
+pub(crate) const TICKET_COLUMNS: &str =
+    "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
      pull_request, pull_request_url, pull_request_error, labels, request_id, tasks_enqueued, usage, created_at,
      updated_at";
 const TICKET_TASK_COLUMNS: &str = "ticket_id, task_id, position, title, description, phase, priority, depends_on,
      max_retries, timeout_seconds, started, outcome";
 
 /// A `tickets` row.
-struct TicketRow(Ticket);
+pub(crate) struct TicketRow(pub(crate) Ticket);
 
 impl<'r> FromRow<'r, PgRow> for TicketRow {
     fn from_row(row: &'r PgRow) -> sqlx::Result<Self> {

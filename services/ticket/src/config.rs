@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use omoi_runtime::config::{Command, CommonArgs, parse_listen};
+use omoi_runtime::config::{Command, CommonArgs, parse_listen, secret, secret_file};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -30,6 +30,23 @@ pub struct Config {
     #[arg(long, env = "OMOI_ENQUEUE_RETRY_SECONDS", default_value_t = 2.0)]
     pub enqueue_retry_seconds: f64,
 
+    /// GitHub API root (GitHub Enterprise: `https://<host>/api/v3`).
+    #[arg(long, env = "OMOI_GITHUB_API_URL", default_value = "https://api.github.com")]
+    pub github_api_url: String,
+
+    /// Token that opens tickets' pull requests (from a secret; never logged).
+    #[arg(long, env = "OMOI_GITHUB_TOKEN", hide_env_values = true)]
+    pub github_token: Option<String>,
+
+    /// A file holding OMOI_GITHUB_TOKEN, read instead of it (the secret stays out of
+    /// the service's environment). Parsed, the field holds the content.
+    #[arg(long, env = "OMOI_GITHUB_TOKEN_FILE", value_parser = secret_file, hide_env_values = true)]
+    pub github_token_file: Option<String>,
+
+    /// How often completed tickets are checked for pull requests to open.
+    #[arg(long, env = "OMOI_PULL_REQUEST_INTERVAL_SECONDS", default_value_t = 2.0)]
+    pub pull_request_interval_seconds: f64,
+
     /// Most PostgreSQL connections of this process.
     #[arg(long, env = "OMOI_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,
@@ -39,5 +56,9 @@ impl Config {
     /// A configuration from defaults and the environment only (tests, tools).
     pub fn from_env() -> Self {
         Config::parse_from(["omoi-ticket"])
+    }
+
+    pub fn github_token(&self) -> Option<String> {
+        secret(&self.github_token, &self.github_token_file)
     }
 }

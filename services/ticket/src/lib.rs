@@ -1,9 +1,11 @@
 //! omoi's ticket service: validates tickets, splits them into phase tasks on
 //! the task queue, follows their tasks' events to keep each ticket's status,
-//! and streams a ticket's events to watchers.
+//! streams a ticket's events to watchers, and opens a completed ticket's
+//! pull request.
 
 pub mod config;
 mod planner;
+mod pulls;
 mod service;
 mod watch;
 
@@ -35,6 +37,10 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         let p = Arc::clone(&planner);
         let (nats, topology) = (base.nats.clone(), base.topology.clone());
         base.spawn_after_migration(move |stop| p.follow_tasks(nats, topology, stop));
+        let github = pulls::GitHub::new(&config.github_api_url, config.github_token())?;
+        let store = base.store.clone();
+        let every = Duration::from_secs_f64(config.pull_request_interval_seconds.max(0.05));
+        base.spawn_after_migration(move |stop| pulls::run(store, github, every, stop));
     }
     let watchers = CancellationToken::new();
     let router = base.router(&[SERVICE_NAME], &shutdown).await?;

@@ -77,8 +77,11 @@ impl Tickets {
         } else {
             git::git_ref("base_ref", &req.base_ref)?
         };
-        if req.pull_request && repository.is_empty() {
-            return Err(ApiError::invalid("pull_request", "needs a repository"));
+        if req.pull_request && git::forge_repo(&repository).is_none() {
+            return Err(ApiError::invalid(
+                "pull_request",
+                "needs a GitHub repository URL (https://<host>/<owner>/<repo>)",
+            ));
         }
         validate::labels("labels", req.labels.iter())?;
         let request_id = if req.request_id.is_empty() {

@@ -1,0 +1,288 @@
+//! Pull requests at the end: a completed ticket created with
+//! `pull_request` gets one from its branch to its base on GitHub (REST
+//! `POST /repos/{owner}/{repo}/pulls`). Opening is idempotent: before
+//! creating one, the forge is asked for a pull request from that branch, so
+//! a restart or a lost answer never opens a second. A forge that cannot be
+//! reached (or answers 5xx / 429) is asked again with backoff; a refusal
+//! (no rights, no such branch) is recorded on the ticket with the forge's
+//! message. Every replica runs this; a ticket is worked by one at a time.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use omoi_domain::Ticket;
+use omoi_domain::event::PullRequestOpened;
+use omoi_domain::git::{ForgeRepo, forge_repo};
+use omoi_store::Store;
+use omoi_store::pulls::PullRequestClaim;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// The GitHub REST API, as one token sees it.
+pub struct GitHub {
+    api: String,
+    token: Option<String>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+/// What asking the forge came to.
+#[derive(Debug, PartialEq)]
+enum Asked {
+    Opened(PullRequestOpened),
+    /// Final: recorded, not asked again.
+    Refused(String),
+    /// Asked again later.
+    Later(String),
+}
+
+/// Longest wait between attempts at a forge that keeps failing.
+const MAX_DELAY: Duration = Duration::from_secs(600);
+/// How long one request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl GitHub {
+    pub fn new(api: &str, token: Option<String>) -> anyhow::Result<Self> {
+        let api = api.trim_end_matches('/').to_owned();
+        api.parse::<http::Uri>()
+            .map_err(|e| anyhow::anyhow!("OMOI_GITHUB_API_URL {api:?}: {e}"))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .map_err(|e| anyhow::anyhow!("no TLS roots for GitHub: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(Self {
+            api,
+            token: token.filter(|t| !t.is_empty()),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        })
+    }
+
+    /// One API call: the status and the JSON body, or why it could not be
+    /// made (worth trying again).
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<(StatusCode, Value), String> {
+        let token = self.token.as_deref().unwrap_or_default();
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(format!("{}{path}", self.api))
+            .header("accept", "application/vnd.github+json")
+            .header("x-github-api-version", "2022-11-28")
+            .header("user-agent", "omoi")
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Full::new(body.map(|b| Bytes::from(b.to_string())).unwrap_or_default()))
+            .map_err(|e| format!("{method} {path}: {e}"))?;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
+            .await
+            .map_err(|_| format!("{method} {path}: no answer within {} s", REQUEST_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("{method} {path}: {e}"))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{method} {path}: {e}"))?
+            .to_bytes();
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    }
+
+    /// Finds or opens the ticket's pull request.
+    async fn open(&self, ticket: &Ticket) -> Asked {
+        let Some(repo) = forge_repo(&ticket.repository) else {
+            return Asked::Refused(format!("{} is not a GitHub repository URL", ticket.repository));
+        };
+        if self.token.is_none() {
+            return Asked::Later("OMOI_GITHUB_TOKEN is not set on the ticket service".into());
+        }
+        match self.try_open(&repo, ticket).await {
+            Ok(asked) => asked,
+            Err(later) => Asked::Later(later),
+        }
+    }
+
+    async fn try_open(&self, repo: &ForgeRepo, ticket: &Ticket) -> Result<Asked, String> {
+        let root = format!("/repos/{}/{}", repo.owner, repo.name);
+        let base = if ticket.base_ref.is_empty() {
+            let (status, body) = self.call(Method::GET, &root, None).await?;
+            if !status.is_success() {
+                return Ok(refusal_or_later(status, &body));
+            }
+            match body["default_branch"].as_str() {
+                Some(b) => b.to_owned(),
+                None => return Err(format!("GET {root}: no default_branch in the answer")),
+            }
+        } else {
+            ticket.base_ref.clone()
+        };
+        if let Some(found) = self.existing(repo, ticket, &base).await? {
+            return Ok(Asked::Opened(found));
+        }
+        let body = json!({
+            "title": ticket.title,
+            "head": ticket.branch,
+            "base": base,
+            "body": format!(
+                "{}\n\n---\nOpened by omoi for ticket `{}`; each commit is one of its tasks.",
+                ticket.description, ticket.id
+            ),
+        });
+        let (status, answer) = self.call(Method::POST, &format!("{root}/pulls"), Some(body)).await?;
+        if status == StatusCode::CREATED {
+            return opened(&answer, ticket, &base)
+                .ok_or_else(|| format!("POST {root}/pulls: no html_url in the answer"));
+        }
+        // Ours already, after all (an answer lost on the way back).
+        if status == StatusCode::UNPROCESSABLE_ENTITY
+            && let Some(found) = self.existing(repo, ticket, &base).await?
+        {
+            return Ok(Asked::Opened(found));
+        }
+        Ok(refusal_or_later(status, &answer))
+    }
+
+    /// A pull request from the ticket's branch, open or not, if one exists.
+    async fn existing(
+        &self,
+        repo: &ForgeRepo,
+        ticket: &Ticket,
+        base: &str,
+    ) -> Result<Option<PullRequestOpened>, String> {
+        let path = format!(
+            "/repos/{}/{}/pulls?state=all&head={}:{}",
+            repo.owner, repo.name, repo.owner, ticket.branch
+        );
+        let (status, body) = self.call(Method::GET, &path, None).await?;
+        if !status.is_success() {
+            return Err(format!("GET {path}: {status} {}", message(&body)));
+        }
+        Ok(body
+            .as_array()
+            .and_then(|list| list.first())
+            .and_then(|pr| match opened(pr, ticket, base) {
+                Some(Asked::Opened(o)) => Some(o),
+                _ => None,
+            }))
+    }
+}
+
+fn opened(pr: &Value, ticket: &Ticket, base: &str) -> Option<Asked> {
+    Some(Asked::Opened(PullRequestOpened {
+        url: pr["html_url"].as_str()?.to_owned(),
+        number: pr["number"].as_i64().unwrap_or_default(),
+        branch: ticket.branch.clone(),
+        base: pr["base"]["ref"].as_str().unwrap_or(base).to_owned(),
+    }))
+}
+
+/// GitHub's error message: `message`, and what `errors` add.
+fn message(body: &Value) -> String {
+    let mut out = body["message"].as_str().unwrap_or_default().to_owned();
+    for e in body["errors"].as_array().into_iter().flatten() {
+        if let Some(m) = e["message"].as_str().or_else(|| e["code"].as_str()) {
+            out.push_str(&format!("; {m}"));
+        }
+    }
+    out
+}
+
+/// A non-success answer: a server's trouble or a rate limit is worth
+/// another try; anything else is the forge saying no.
+fn refusal_or_later(status: StatusCode, body: &Value) -> Asked {
+    let text = format!("GitHub answered {status}: {}", message(body));
+    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        Asked::Later(text)
+    } else {
+        Asked::Refused(text)
+    }
+}
+
+/// The wait before the next attempt after `attempts` failed ones.
+fn delay(attempts: i32) -> Duration {
+    let exp = attempts.clamp(0, 10) as u32;
+    (Duration::from_secs(2) * 2u32.pow(exp)).min(MAX_DELAY)
+}
+
+/// Opens the pull requests of completed tickets until `shutdown`, looking
+/// for due ones every `interval`.
+pub async fn run(store: Store, github: GitHub, interval: Duration, shutdown: CancellationToken) {
+    loop {
+        loop {
+            let claim = match store.next_pull_request().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot look for pull requests to open");
+                    break;
+                }
+            };
+            if let Err(e) = settle(&github, claim).await {
+                tracing::warn!(error = %e, "pull request outcome not recorded; asked again");
+                break;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+async fn settle(github: &GitHub, claim: PullRequestClaim) -> omoi_store::Result<()> {
+    let ticket_id = claim.ticket.id;
+    match github.open(&claim.ticket).await {
+        Asked::Opened(o) => {
+            tracing::info!(%ticket_id, url = %o.url, "pull request opened");
+            claim.opened(o).await
+        }
+        Asked::Refused(m) => {
+            tracing::warn!(%ticket_id, error = %m, "pull request refused");
+            claim.refused(&m).await
+        }
+        Asked::Later(m) => {
+            let wait = delay(claim.attempts);
+            tracing::info!(%ticket_id, error = %m, retry_in_s = wait.as_secs(), "pull request not opened yet");
+            claim.retry_after(&m, wait).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_refusals_unless_the_forge_is_in_trouble() {
+        let body = json!({"message": "Validation Failed", "errors": [{"message": "No commits between main and x"}]});
+        assert_eq!(
+            refusal_or_later(StatusCode::UNPROCESSABLE_ENTITY, &body),
+            Asked::Refused(
+                "GitHub answered 422 Unprocessable Entity: Validation Failed; No commits between main and x".into()
+            )
+        );
+        assert!(matches!(
+            refusal_or_later(StatusCode::BAD_GATEWAY, &Value::Null),
+            Asked::Later(_)
+        ));
+        assert!(matches!(
+            refusal_or_later(StatusCode::TOO_MANY_REQUESTS, &Value::Null),
+            Asked::Later(_)
+        ));
+        assert!(matches!(
+            refusal_or_later(StatusCode::FORBIDDEN, &Value::Null),
+            Asked::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn attempts_back_off_to_ten_minutes() {
+        assert_eq!(delay(0), Duration::from_secs(2));
+        assert_eq!(delay(3), Duration::from_secs(16));
+        assert_eq!(delay(50), MAX_DELAY);
+    }
+}

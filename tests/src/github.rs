@@ -1,0 +1,172 @@
+//! A stand-in for GitHub's pull-request API (the parts omoi uses): a
+//! repository's default branch, pull requests listed by head, and opening
+//! one, behind a bearer token. Knobs let a test lose an answer or have a
+//! repository refuse.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::http::{Reply, Server};
+
+/// A pull request as the stand-in keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PullRequest {
+    pub repo: String,
+    pub number: i64,
+    pub head: String,
+    pub base: String,
+    pub title: String,
+    pub body: String,
+}
+
+pub struct GitHubApi {
+    pub url: String,
+    state: Arc<State>,
+    _server: Server,
+}
+
+struct State {
+    token: String,
+    /// The html address's root, e.g. https://github.example.com.
+    web: String,
+    pulls: Mutex<Vec<PullRequest>>,
+    /// Every request: method, path and query.
+    calls: Mutex<Vec<String>>,
+    /// The next opening succeeds but its answer is a 502.
+    lose_next_answer: AtomicBool,
+    /// Repositories (`owner/name`) whose openings are refused with a 403.
+    locked: Mutex<Vec<String>>,
+}
+
+impl GitHubApi {
+    pub async fn start(token: &str, web: &str) -> anyhow::Result<Self> {
+        let state = Arc::new(State {
+            token: token.to_owned(),
+            web: web.to_owned(),
+            pulls: Mutex::new(Vec::new()),
+            calls: Mutex::new(Vec::new()),
+            lose_next_answer: AtomicBool::new(false),
+            locked: Mutex::new(Vec::new()),
+        });
+        let server = Server::start(Arc::clone(&state), handle).await?;
+        Ok(Self {
+            url: server.url.clone(),
+            state,
+            _server: server,
+        })
+    }
+
+    pub fn pulls(&self) -> Vec<PullRequest> {
+        self.state.pulls.lock().unwrap().clone()
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.state.calls.lock().unwrap().clone()
+    }
+
+    pub fn lose_next_answer(&self) {
+        self.state.lose_next_answer.store(true, Ordering::SeqCst);
+    }
+
+    pub fn lock(&self, repo: &str) {
+        self.state.locked.lock().unwrap().push(repo.to_owned());
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Reply {
+    Ok(Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("a response"))
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().unwrap_or_default().to_owned();
+    state
+        .calls
+        .lock()
+        .unwrap()
+        .push(format!("{} {path}?{query}", parts.method));
+    let auth = parts.headers.get("authorization").and_then(|v| v.to_str().ok());
+    if auth != Some(&format!("Bearer {}", state.token)) {
+        return reply(StatusCode::UNAUTHORIZED, json!({"message": "Bad credentials"}));
+    }
+    let body: Value = match body.collect().await {
+        Ok(b) => serde_json::from_slice(&b.to_bytes()).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    let parts_of: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (repo, rest) = match parts_of.as_slice() {
+        ["repos", owner, name, rest @ ..] => (format!("{owner}/{name}"), rest.to_vec()),
+        _ => return reply(StatusCode::NOT_FOUND, json!({"message": "Not Found"})),
+    };
+    match (parts.method, rest.as_slice()) {
+        (Method::GET, []) => reply(StatusCode::OK, json!({"full_name": repo, "default_branch": "main"})),
+        (Method::GET, ["pulls"]) => {
+            let head = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("head="))
+                .map(|h| h.split_once(':').map_or(h, |(_, b)| b).to_owned());
+            let list: Vec<Value> = state
+                .pulls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|p| p.repo == repo && head.as_ref().is_none_or(|h| *h == p.head))
+                .map(|p| pull_json(&state.web, p))
+                .collect();
+            reply(StatusCode::OK, Value::Array(list))
+        }
+        (Method::POST, ["pulls"]) => {
+            if state.locked.lock().unwrap().contains(&repo) {
+                return reply(
+                    StatusCode::FORBIDDEN,
+                    json!({"message": "Resource not accessible by integration"}),
+                );
+            }
+            let head = body["head"].as_str().unwrap_or_default().to_owned();
+            let mut pulls = state.pulls.lock().unwrap();
+            if pulls.iter().any(|p| p.repo == repo && p.head == head) {
+                return reply(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    json!({"message": "Validation Failed",
+                           "errors": [{"message": format!("A pull request already exists for {head}.")}]}),
+                );
+            }
+            let pr = PullRequest {
+                repo: repo.clone(),
+                number: pulls.len() as i64 + 1,
+                head,
+                base: body["base"].as_str().unwrap_or_default().to_owned(),
+                title: body["title"].as_str().unwrap_or_default().to_owned(),
+                body: body["body"].as_str().unwrap_or_default().to_owned(),
+            };
+            let answer = pull_json(&state.web, &pr);
+            pulls.push(pr);
+            if state.lose_next_answer.swap(false, Ordering::SeqCst) {
+                return reply(StatusCode::BAD_GATEWAY, json!({"message": "upstream went away"}));
+            }
+            reply(StatusCode::CREATED, answer)
+        }
+        _ => reply(StatusCode::NOT_FOUND, json!({"message": "Not Found"})),
+    }
+}
+
+fn pull_json(web: &str, p: &PullRequest) -> Value {
+    json!({
+        "number": p.number,
+        "html_url": format!("{web}/{}/pull/{}", p.repo, p.number),
+        "title": p.title,
+        "head": {"ref": p.head},
+        "base": {"ref": p.base},
+    })
+}
