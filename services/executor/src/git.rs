@@ -590,3 +590,170 @@ pub fn commit_message(phase: &str, title: &str, task_id: &str, attempt: i32) -> 
         .collect();
     format!("{subject}\n\nOmoi-Task: {task_id}\nOmoi-Attempt: {attempt}\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scratch directory with a bare "remote" holding `main` with one
+    /// commit, and a helper to commit on branches of it.
+    struct Scratch {
+        root: PathBuf,
+        remote: PathBuf,
+    }
+
+    fn run(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    impl Scratch {
+        fn new() -> Self {
+            let root = std::env::temp_dir().join(format!("omoi-git-unit-{}", uuid::Uuid::new_v4().simple()));
+            let remote = root.join("remote.git");
+            std::fs::create_dir_all(&root).unwrap();
+            run(&root, &["init", "--quiet", "--bare", "-b", "main", "remote.git"]);
+            let s = Scratch { root, remote };
+            s.commit("main", "main", &[("README.md", "hello\n")]);
+            s
+        }
+
+        /// Commits `files` on `branch` (made from `from`) of the remote; the commit.
+        fn commit(&self, from: &str, branch: &str, files: &[(&str, &str)]) -> String {
+            let seed = self.root.join(format!("seed-{}", uuid::Uuid::new_v4().simple()));
+            let remote = self.remote.display().to_string();
+            if run(&self.remote, &["for-each-ref", "refs/heads/main"]).is_empty() {
+                std::fs::create_dir_all(&seed).unwrap();
+                run(&seed, &["init", "--quiet", "-b", from]);
+            } else {
+                run(
+                    &self.root,
+                    &["clone", "--quiet", "--branch", from, &remote, seed.to_str().unwrap()],
+                );
+            }
+            for (f, text) in files {
+                std::fs::write(seed.join(f), text).unwrap();
+            }
+            run(&seed, &["add", "--all"]);
+            run(&seed, &["commit", "--quiet", "-m", branch]);
+            run(
+                &seed,
+                &["push", "--quiet", &remote, &format!("HEAD:refs/heads/{branch}")],
+            );
+            run(&seed, &["rev-parse", "HEAD"])
+        }
+
+        fn settings() -> GitSettings {
+            GitSettings {
+                author_name: "omoi".into(),
+                author_email: "omoi@localhost".into(),
+                ..Default::default()
+            }
+        }
+
+        async fn prepare(&self, parents: Vec<Parent>) -> Result<Checkout, GitError> {
+            let repository = Repository::Local(self.remote.clone());
+            let ws = self.root.join(format!("ws-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&ws).unwrap();
+            let start = Start {
+                repository: &repository,
+                branch: "omoi/0000abcd-unit",
+                base_ref: "",
+                parents,
+            };
+            Self::settings().prepare(&start, &ws.with_extension("git"), &ws).await
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    fn parent(name: &str, commit: &str) -> Parent {
+        Parent {
+            name: name.into(),
+            commit: commit.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn divergent_dependencies_are_merged_and_conflicting_ones_refused_by_name() {
+        let s = Scratch::new();
+        let a = s.commit("main", "a", &[("a.txt", "a\n")]);
+        let b = s.commit("main", "b", &[("b.txt", "b\n")]);
+        let c = s.commit("main", "c", &[("a.txt", "not a\n")]);
+        let merged = s.prepare(vec![parent("A", &a), parent("B", &b)]).await.unwrap();
+        assert!(merged.workspace.join("a.txt").exists() && merged.workspace.join("b.txt").exists());
+        let parents = run(&merged.workspace, &["rev-list", "--parents", "-n", "1", "HEAD"]);
+        assert!(parents.contains(&a) && parents.contains(&b), "{parents}");
+        assert_eq!(run(&merged.workspace, &["remote"]), "", "the workspace has no remote");
+
+        let refused = s.prepare(vec![parent("A", &a), parent("C", &c)]).await.unwrap_err();
+        let GitError::Refused(message) = refused else {
+            panic!("{refused:?}")
+        };
+        assert!(message.contains("A, C") && message.contains("a.txt"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn an_ancestor_dependency_adds_nothing_and_a_missing_commit_is_refused() {
+        let s = Scratch::new();
+        let a = s.commit("main", "a", &[("a.txt", "a\n")]);
+        let b = s.commit("a", "b", &[("b.txt", "b\n")]);
+        let c = s.prepare(vec![parent("A", &a), parent("B", &b)]).await.unwrap();
+        assert_eq!(c.base_commit, b);
+        let gone = "0".repeat(40);
+        let e = s.prepare(vec![parent("Gone", &gone)]).await.unwrap_err();
+        assert!(
+            matches!(&e, GitError::Refused(m) if m.contains(&gone) && m.contains("Gone")),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_agents_own_commits_and_leftovers_land_as_one_commit_and_no_change_as_none() {
+        let s = Scratch::new();
+        let main = run(&s.remote, &["rev-parse", "main"]);
+        let user = WorkspaceUser::default();
+        let settings = Scratch::settings();
+
+        let idle = s.prepare(vec![]).await.unwrap();
+        let none = settings.land(&idle, "initial: nothing", &user).await.unwrap();
+        assert_eq!((none.commit.as_str(), none.committed()), (main.as_str(), false));
+        assert!(
+            run(&s.remote, &["for-each-ref", "refs/heads/omoi"]).is_empty(),
+            "nothing pushed"
+        );
+
+        let busy = s.prepare(vec![]).await.unwrap();
+        std::fs::write(busy.workspace.join("one.txt"), "1\n").unwrap();
+        run(&busy.workspace, &["add", "one.txt"]);
+        run(&busy.workspace, &["commit", "--quiet", "-m", "the agent's own"]);
+        std::fs::write(busy.workspace.join("two.txt"), "2\n2\n").unwrap();
+        let message = commit_message("implementation", "Do it", "t-1", 3);
+        let landed = settings.land(&busy, &message, &user).await.unwrap();
+        assert_eq!(landed.base_commit, main);
+        assert_eq!((landed.files_changed, landed.insertions, landed.deletions), (2, 3, 0));
+        assert_eq!(run(&s.remote, &["rev-parse", "omoi/0000abcd-unit"]), landed.commit);
+        assert_eq!(run(&s.remote, &["rev-parse", &format!("{}^", landed.commit)]), main);
+        let body = run(&s.remote, &["log", "-1", "--format=%B%n%an", &landed.commit]);
+        assert_eq!(body, "implementation: Do it\n\nOmoi-Task: t-1\nOmoi-Attempt: 3\n\nomoi");
+        assert!(landed.patch.contains("+2") && !landed.patch_truncated);
+    }
+}
