@@ -567,3 +567,33 @@ async fn with_the_task_queue_down_a_ticket_is_kept_and_its_tasks_created_once_it
     queue.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_may_reword_what_the_default_plan_tells_each_phase() {
+    let infra = Infra::new().await.unwrap();
+    let file = std::env::temp_dir().join(format!("omoi-phases-{}.json", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&file, r#"{"implementation": "Write it in Rust, with property tests."}"#).unwrap();
+    let options = omoi_tests::mesh::Options {
+        executors: 0,
+        env: vec![("OMOI_PHASE_INSTRUCTIONS_FILE".into(), file.display().to_string())],
+        ..Default::default()
+    };
+    let mesh = omoi_tests::mesh::ProcessMesh::start(&infra, options).await.unwrap();
+    let created = mesh
+        .tickets()
+        .create_ticket(create("Add OAuth login"))
+        .await
+        .unwrap()
+        .into_inner();
+    let told: Vec<&str> = created
+        .tasks
+        .iter()
+        .map(|t| t.description.split("\n\n").next().unwrap_or_default())
+        .collect();
+    assert_eq!(told[1], "Write it in Rust, with property tests.");
+    assert!(told[0].starts_with("Prepare the ground"), "{}", told[0]);
+    assert!(created.tasks[1].description.contains("Users sign in with OAuth."));
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_file(file);
+}

@@ -210,38 +210,47 @@ pub struct RawTaskSpec<'a> {
 /// Most tasks in one plan.
 pub const MAX_PLAN: usize = 100;
 
+/// What each phase's task of the default plan is told to do (its
+/// description, before the ticket). A deployment may override any of them
+/// (the ticket service's `OMOI_PHASE_INSTRUCTIONS_FILE`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PhaseInstructions {
+    pub initial: String,
+    pub implementation: String,
+    pub integration: String,
+    pub refactoring: String,
+}
+
+impl Default for PhaseInstructions {
+    fn default() -> Self {
+        Self {
+            initial: "Prepare the ground for the ticket: study the repository, scaffold what is missing, \
+                      and write down the plan."
+                .into(),
+            implementation: "Implement what the ticket asks for, following the plan from the initial phase.".into(),
+            integration: "Integrate the change with the rest of the system: wire it up, write and run the tests, \
+                          and fix what they find."
+                .into(),
+            refactoring: "Clean up the change: simplify, remove duplication, and make sure it reads well.".into(),
+        }
+    }
+}
+
 /// The four chained phase tasks of a ticket without an explicit plan.
-pub fn default_plan(title: &str, description: &str, priority: i32) -> Vec<PlannedTask> {
+pub fn default_plan(title: &str, description: &str, priority: i32, told: &PhaseInstructions) -> Vec<PlannedTask> {
     let steps: [(Phase, &str, &str); 4] = [
-        (
-            Phase::Initial,
-            "Set up",
-            "Prepare the ground for the ticket: study the repository, scaffold what is missing, \
-             and write down the plan.",
-        ),
-        (
-            Phase::Implementation,
-            "Implement",
-            "Implement what the ticket asks for, following the plan from the initial phase.",
-        ),
-        (
-            Phase::Integration,
-            "Integrate",
-            "Integrate the change with the rest of the system: wire it up, write and run the tests, \
-             and fix what they find.",
-        ),
-        (
-            Phase::Refactoring,
-            "Refactor",
-            "Clean up the change: simplify, remove duplication, and make sure it reads well.",
-        ),
+        (Phase::Initial, "Set up", &told.initial),
+        (Phase::Implementation, "Implement", &told.implementation),
+        (Phase::Integration, "Integrate", &told.integration),
+        (Phase::Refactoring, "Refactor", &told.refactoring),
     ];
     steps
         .iter()
         .enumerate()
         .map(|(i, (phase, verb, what))| PlannedTask {
             title: truncate_title(&format!("{verb}: {title}")),
-            description: format!("{what}\n\nTicket: {title}\n\n{description}")
+            description: format!("{}\n\nTicket: {title}\n\n{description}", what.trim())
                 .trim_end()
                 .to_owned(),
             phase: *phase,
@@ -359,7 +368,7 @@ mod tests {
 
     #[test]
     fn default_plan_chains_the_four_phases() {
-        let plan = default_plan("Add OAuth login", "to billing", 3);
+        let plan = default_plan("Add OAuth login", "to billing", 3, &PhaseInstructions::default());
         let phases: Vec<Phase> = plan.iter().map(|t| t.phase).collect();
         assert_eq!(
             phases,
@@ -379,10 +388,23 @@ mod tests {
         assert_eq!(plan[1].title, "Implement: Add OAuth login");
         let long = "x".repeat(200);
         assert!(
-            default_plan(&long, "", 1)
+            default_plan(&long, "", 1, &PhaseInstructions::default())
                 .iter()
                 .all(|t| t.title.chars().count() <= 200)
         );
+    }
+
+    #[test]
+    fn phase_instructions_may_be_overridden_one_by_one() {
+        let told: PhaseInstructions = serde_json::from_str(r#"{"implementation": "Write it in Rust."}"#).unwrap();
+        assert_eq!(told.initial, PhaseInstructions::default().initial);
+        let plan = default_plan("Add OAuth login", "to billing", 3, &told);
+        assert!(
+            plan[1]
+                .description
+                .starts_with("Write it in Rust.\n\nTicket: Add OAuth login")
+        );
+        assert!(serde_json::from_str::<PhaseInstructions>(r#"{"implement": "typo"}"#).is_err());
     }
 
     #[test]

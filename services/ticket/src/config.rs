@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
+use omoi_domain::ticket::PhaseInstructions;
 use omoi_runtime::config::{Command, CommonArgs, parse_listen, secret, secret_file};
 
 #[derive(Debug, Clone, Parser)]
@@ -47,9 +48,24 @@ pub struct Config {
     #[arg(long, env = "OMOI_PULL_REQUEST_INTERVAL_SECONDS", default_value_t = 2.0)]
     pub pull_request_interval_seconds: f64,
 
+    /// A JSON object overriding what the default plan tells each phase
+    /// (`initial`, `implementation`, `integration`, `refactoring`; any
+    /// left out keeps the built-in text). Parsed, the field holds them.
+    #[arg(long, env = "OMOI_PHASE_INSTRUCTIONS_FILE", value_parser = phase_instructions, default_value = "")]
+    pub phase_instructions: PhaseInstructions,
+
     /// Most PostgreSQL connections of this process.
     #[arg(long, env = "OMOI_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,
+}
+
+/// The phase instructions in `path` (empty: the built-in ones).
+fn phase_instructions(path: &str) -> Result<PhaseInstructions, String> {
+    if path.is_empty() {
+        return Ok(PhaseInstructions::default());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    serde_json::from_str(&text).map_err(|e| format!("{path}: {e}"))
 }
 
 impl Config {

@@ -50,6 +50,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         base.nats.clone(),
         base.topology.clone(),
         watchers.clone(),
+        config.phase_instructions.clone(),
     ))
     .max_decoding_message_size(common.max_message_bytes)
     .max_encoding_message_size(common.max_message_bytes);

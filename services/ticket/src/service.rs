@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use omoi_bus::Topology;
-use omoi_domain::ticket::{self as rules, RawTaskSpec};
+use omoi_domain::ticket::{self as rules, PhaseInstructions, RawTaskSpec};
 use omoi_domain::{Phase, TaskStatus, Ticket, TicketStatus, git, validate};
 use omoi_proto::common::TicketPriority;
 use omoi_proto::domain::WireEnum;
@@ -31,6 +31,7 @@ pub struct Tickets {
     nats: async_nats::Client,
     topology: Topology,
     watchers: CancellationToken,
+    told: PhaseInstructions,
 }
 
 impl Tickets {
@@ -40,6 +41,7 @@ impl Tickets {
         nats: async_nats::Client,
         topology: Topology,
         watchers: CancellationToken,
+        told: PhaseInstructions,
     ) -> Self {
         Self {
             store,
@@ -47,6 +49,7 @@ impl Tickets {
             nats,
             topology,
             watchers,
+            told,
         }
     }
 
@@ -90,7 +93,7 @@ impl Tickets {
             Some(validate::token("request_id", &req.request_id, MAX_REQUEST_ID, "-_.:")?)
         };
         let plan = if req.plan.is_empty() {
-            rules::default_plan(&title, &description, priority)
+            rules::default_plan(&title, &description, priority, &self.told)
         } else {
             let specs: Vec<RawTaskSpec<'_>> = req.plan.iter().map(task_spec).collect();
             rules::explicit_plan(&specs, priority)?
