@@ -13,6 +13,7 @@ pub mod model_api;
 pub mod openhands;
 pub mod pki;
 pub mod process;
+pub mod repo;
 
 use std::time::Duration;
 

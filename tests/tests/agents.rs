@@ -467,18 +467,41 @@ async fn an_agent_cannot_read_the_executors_secrets() {
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     rig.executor(&env).await;
-    let created = file(&rig.tickets, "try the secrets", vec![spec("try", 1, vec![], 0)]).await;
-    let done = wait_ticket(&rig.tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    // On a repository: its git steps after the run happen as the agent's
+    // user too, and the work lands on the branch.
+    let (bare, _) = omoi_tests::repo::remote();
+    let created = rig
+        .tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "try the secrets".into(),
+            repository: bare.display().to_string(),
+            plan: vec![spec("try", 1, vec![], 0)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ticket = created.ticket.unwrap();
+    let done = wait_ticket(&rig.tickets, &ticket.id, COMPLETED).await;
     let result = omoi_proto::convert::struct_to_json(done.tasks[0].result.as_ref().unwrap());
     let summary = result["summary"].as_str().unwrap();
     assert!(summary.starts_with("user=nobody home="), "{summary}");
     assert!(summary.ends_with("environ=denied file=denied wrote=yes"), "{summary}");
     let ws = std::path::Path::new(result["workspace"].as_str().unwrap());
     assert_eq!(std::fs::read_to_string(ws.join("proof.txt")).unwrap(), "proof\n");
+    let landed = done.tasks[0].git.as_ref().expect("the work landed");
+    let show = format!("{}:proof.txt", ticket.branch);
+    assert_eq!(omoi_tests::repo::git(&bare, &["show", &show]), "proof");
+    assert_eq!(
+        omoi_tests::repo::git(&bare, &["rev-parse", &ticket.branch]),
+        landed.commit
+    );
     let everything = format!("{done:?}");
     assert!(!everything.contains(SECRET) && !everything.contains(&token));
     rig.stop().await;
     let _ = std::fs::remove_dir_all(secrets);
+    let _ = std::fs::remove_dir_all(bare.parent().unwrap());
 }
 
 fn tempdir(what: &str) -> std::path::PathBuf {

@@ -5,7 +5,6 @@
 //! other.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use omoi_proto::taskqueue as tq;
@@ -15,48 +14,12 @@ use omoi_tests::git_http::GitServer;
 use omoi_tests::github::GitHubApi;
 use omoi_tests::mesh::{Options, ProcessMesh};
 use omoi_tests::process::LOG_FILE;
+use omoi_tests::repo::{git, remote};
 use omoi_tests::{Infra, eventually, wait_ticket};
 
 const COMPLETED: i32 = 3;
 const FAILED: i32 = 4;
 const WAIT: Duration = Duration::from_secs(60);
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "seed")
-        .env("GIT_AUTHOR_EMAIL", "seed@example.com")
-        .env("GIT_COMMITTER_NAME", "seed")
-        .env("GIT_COMMITTER_EMAIL", "seed@example.com")
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// A bare repository with one commit on `main`, and that commit.
-fn remote() -> (PathBuf, String) {
-    let root = std::env::temp_dir().join(format!("omoi-git-{}", uuid::Uuid::new_v4().simple()));
-    let (bare, seed) = (root.join("remote.git"), root.join("seed"));
-    std::fs::create_dir_all(&seed).unwrap();
-    git(
-        &root,
-        &["init", "--quiet", "--bare", "-b", "main", bare.to_str().unwrap()],
-    );
-    git(&seed, &["init", "--quiet", "-b", "main"]);
-    std::fs::write(seed.join("README.md"), "# The product\n").unwrap();
-    git(&seed, &["add", "README.md"]);
-    git(&seed, &["commit", "--quiet", "-m", "Initial commit"]);
-    git(&seed, &["push", "--quiet", bare.to_str().unwrap(), "main"]);
-    let head = git(&bare, &["rev-parse", "main"]);
-    (bare, head)
-}
 
 fn task_git(t: &tq::Task) -> &omoi_proto::common::GitChange {
     t.git
