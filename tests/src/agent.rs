@@ -97,6 +97,26 @@ impl ScriptedAgent {
         Ok(r.into_inner().task.unwrap_or_default())
     }
 
+    /// Completes the attempt, reporting what it spent.
+    pub async fn complete_spending(&mut self, a: &pb::Assignment, cost_usd: f64) -> Result<pb::Task, tonic::Status> {
+        let task_id = a.task.as_ref().map(|t| t.id.clone()).unwrap_or_default();
+        let usage = omoi_proto::common::Usage {
+            cost_usd,
+            model: "stand-in".into(),
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .complete_task(pb::CompleteTaskRequest {
+                task_id,
+                attempt: a.attempt,
+                usage: Some(usage),
+                ..Default::default()
+            })
+            .await?;
+        Ok(r.into_inner().task.unwrap_or_default())
+    }
+
     pub async fn fail(&mut self, a: &pb::Assignment, message: &str, class: i32) -> Result<pb::Task, tonic::Status> {
         let request = pb::FailTaskRequest {
             error_message: message.to_owned(),

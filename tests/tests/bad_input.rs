@@ -116,7 +116,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
 
     for round in 0..300 {
         let before = counts(&pool).await;
-        let rpc = rng.next() % 28;
+        let rpc = rng.next() % 29;
         let result: Result<(), tonic::Status> = match rpc {
             0 => q
                 .enqueue_tasks(tq::EnqueueTasksRequest {
@@ -341,6 +341,27 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                 .resume_dispatch(tq::ResumeDispatchRequest {
                     phase: rng.int(),
                     ticket_id: rng.text(),
+                })
+                .await
+                .map(|_| ()),
+            27 => t
+                .update_ticket(pb::UpdateTicketRequest {
+                    ticket: if rng.next().is_multiple_of(4) {
+                        None
+                    } else {
+                        Some(pb::Ticket {
+                            id: rng.text(),
+                            priority: rng.int(),
+                            labels: [(rng.text(), rng.text())].into(),
+                            max_cost_usd: Some(f64::from(rng.int()) / 3.0),
+                            ..Default::default()
+                        })
+                    },
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: (0..rng.next() % 3)
+                            .map(|_| rng.pick(&["priority", "labels", "max_cost_usd", "title"]).to_string())
+                            .collect(),
+                    }),
                 })
                 .await
                 .map(|_| ()),

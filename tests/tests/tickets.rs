@@ -597,3 +597,198 @@ async fn a_deployment_may_reword_what_the_default_plan_tells_each_phase() {
     infra.cleanup().await.unwrap();
     let _ = std::fs::remove_file(file);
 }
+
+async fn get(c: &TicketClient, id: &str) -> pb::Ticket {
+    c.clone()
+        .get_ticket(pb::GetTicketRequest {
+            ticket_id: id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap()
+}
+
+/// UpdateTicket setting the budget (None lifts it).
+fn budget(id: &str, max_cost_usd: Option<f64>) -> pb::UpdateTicketRequest {
+    pb::UpdateTicketRequest {
+        ticket: Some(pb::Ticket {
+            id: id.to_owned(),
+            max_cost_usd,
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["max_cost_usd".into()],
+        }),
+    }
+}
+
+/// Whether the task queue holds the ticket's tasks back.
+async fn dispatch_paused(mesh: &Mesh, ticket_id: &str) -> bool {
+    let stats = mesh
+        .queue()
+        .get_queue_stats(tq::GetQueueStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    stats.pauses.iter().any(|p| p.ticket_id == ticket_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_budget_pauses_the_ticket_until_it_is_raised() {
+    const PAUSED: i32 = 6;
+    let infra = Infra::new().await.unwrap();
+    let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
+    let tickets = mesh.tickets();
+    let spec = |title: &str, phase: i32, deps: Vec<i32>| pb::TaskSpec {
+        title: title.into(),
+        phase,
+        depends_on: deps,
+        ..Default::default()
+    };
+    let t = tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            max_cost_usd: Some(1.0),
+            plan: vec![
+                spec("one", 1, vec![]),
+                spec("two", 2, vec![0]),
+                spec("three", 3, vec![1]),
+            ],
+            ..create("On a budget")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    assert_eq!(t.max_cost_usd, Some(1.0));
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), 1, vec![]).await.unwrap();
+
+    // Under budget, the ticket runs.
+    let one = agent.next_assignment(WAIT).await.unwrap();
+    agent.start(&one).await.unwrap();
+    agent.complete_spending(&one, 0.6).await.unwrap();
+    // Reaching it pauses the ticket: its next ready task stays PENDING. (No
+    // agent waits meanwhile: a task released in the moment between the
+    // completion and the pause could still go out.)
+    let two = agent.next_assignment(WAIT).await.unwrap();
+    agent.start(&two).await.unwrap();
+    drop(agent);
+    mesh.queue()
+        .complete_task(tq::CompleteTaskRequest {
+            task_id: two.task.as_ref().unwrap().id.clone(),
+            attempt: two.attempt,
+            usage: Some(omoi_proto::common::Usage {
+                cost_usd: 0.5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_status(&tickets, &t.id, PAUSED).await;
+    let paused = get(&tickets, &t.id).await;
+    assert_eq!(paused.paused_reason, "budget of $1.00 reached: $1.1000 spent");
+    assert!((paused.usage.as_ref().unwrap().cost_usd - 1.1).abs() < 1e-9);
+    eventually(WAIT, "the ticket's dispatch paused", || async {
+        dispatch_paused(&mesh, &t.id).await.then_some(())
+    })
+    .await;
+    let tasks = mesh
+        .queue()
+        .list_tasks(tq::ListTasksRequest {
+            ticket_id: t.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    let three = tasks.into_iter().find(|x| x.title == "three").unwrap();
+    assert_eq!((three.status, three.unmet_dependencies), (TASK_PENDING, 0));
+
+    // Bad updates change nothing.
+    for (req, field) in [
+        (
+            pb::UpdateTicketRequest {
+                update_mask: None,
+                ..budget(&t.id, Some(5.0))
+            },
+            "update_mask",
+        ),
+        (
+            pb::UpdateTicketRequest {
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["title".into()],
+                }),
+                ..budget(&t.id, Some(5.0))
+            },
+            "update_mask",
+        ),
+        (budget(&t.id, Some(-1.0)), "ticket.max_cost_usd"),
+        (budget(&t.id, Some(f64::NAN)), "ticket.max_cost_usd"),
+        (budget("nope", Some(5.0)), "ticket.id"),
+        (
+            pb::UpdateTicketRequest {
+                ticket: None,
+                ..budget(&t.id, Some(5.0))
+            },
+            "ticket",
+        ),
+    ] {
+        let err = tickets.clone().update_ticket(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    assert_eq!(get(&tickets, &t.id).await.status, PAUSED);
+
+    // An agent that comes now gets nothing of it; raising the budget sends
+    // it on: the pause is lifted, the task goes out.
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), 1, vec![]).await.unwrap();
+    assert!(agent.next_assignment(Duration::from_millis(300)).await.is_none());
+    let raised = tickets.clone().update_ticket(budget(&t.id, Some(5.0))).await.unwrap();
+    let raised = raised.into_inner().ticket.unwrap();
+    assert_eq!((raised.status, raised.paused_reason.as_str()), (IN_PROGRESS, ""));
+    assert!(!dispatch_paused(&mesh, &t.id).await);
+    let third = agent.next_assignment(WAIT).await.unwrap();
+    assert_eq!(third.task.as_ref().unwrap().title, "three");
+    agent.start(&third).await.unwrap();
+    // Lowered under what it spent, it pauses at once; the running task
+    // finishes, and the last one's completion still completes the ticket.
+    let lowered = tickets.clone().update_ticket(budget(&t.id, Some(1.0))).await.unwrap();
+    assert_eq!(lowered.into_inner().ticket.unwrap().status, PAUSED);
+    assert!(dispatch_paused(&mesh, &t.id).await);
+    agent.complete_spending(&third, 0.1).await.unwrap();
+    wait_status(&tickets, &t.id, COMPLETED).await;
+
+    // Every status change has its event, TICKET_PAUSED twice.
+    let mut watch = tickets
+        .clone()
+        .watch_ticket(pb::WatchTicketRequest {
+            ticket_id: t.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(Ok(e)) = watch.next().await {
+        if e.event_type.starts_with("TICKET_") {
+            seen.push(e.event_type);
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "TICKET_CREATED",
+            "TICKET_STARTED",
+            "TICKET_PAUSED",
+            "TICKET_STARTED",
+            "TICKET_PAUSED",
+            "TICKET_COMPLETED"
+        ]
+    );
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}

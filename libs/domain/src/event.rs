@@ -118,6 +118,7 @@ events! {
     TicketCompleted(TicketChanged) = "TICKET_COMPLETED", Ticket;
     TicketFailed(TicketChanged) = "TICKET_FAILED", Ticket;
     TicketCancelled(TicketChanged) = "TICKET_CANCELLED", Ticket;
+    TicketPaused(TicketChanged) = "TICKET_PAUSED", Ticket;
     TicketPullRequestOpened(PullRequestOpened) = "TICKET_PULL_REQUEST_OPENED", Ticket;
     AgentRegistered(AgentRegistered) = "AGENT_REGISTERED", Agent;
     AgentDeregistered(AgentChanged) = "AGENT_DEREGISTERED", Agent;
@@ -197,6 +198,7 @@ impl Event {
             TicketStatus::Completed => Event::TicketCompleted(change),
             TicketStatus::Failed => Event::TicketFailed(change),
             TicketStatus::Cancelled => Event::TicketCancelled(change),
+            TicketStatus::Paused => Event::TicketPaused(change),
         }
     }
 }

@@ -37,6 +37,10 @@ pub struct Ticket {
     pub pull_request_url: String,
     /// Why the pull request could not be opened (empty once it is).
     pub pull_request_error: String,
+    /// Most its agents may spend (USD); `None` = no limit.
+    pub max_cost_usd: Option<f64>,
+    /// Why it is PAUSED.
+    pub paused_reason: String,
     /// String labels as a JSON object.
     pub labels: Value,
     pub request_id: Option<String>,
@@ -67,15 +71,18 @@ impl Ticket {
 pub enum TicketStatus {
     Open,
     InProgress,
+    /// Its budget is spent: nothing of it is dispatched until it is raised.
+    Paused,
     Completed,
     Failed,
     Cancelled,
 }
 
 impl TicketStatus {
-    pub const ALL: [TicketStatus; 5] = [
+    pub const ALL: [TicketStatus; 6] = [
         TicketStatus::Open,
         TicketStatus::InProgress,
+        TicketStatus::Paused,
         TicketStatus::Completed,
         TicketStatus::Failed,
         TicketStatus::Cancelled,
@@ -85,6 +92,7 @@ impl TicketStatus {
         match self {
             TicketStatus::Open => "open",
             TicketStatus::InProgress => "in_progress",
+            TicketStatus::Paused => "paused",
             TicketStatus::Completed => "completed",
             TicketStatus::Failed => "failed",
             TicketStatus::Cancelled => "cancelled",
@@ -176,6 +184,30 @@ pub fn derive_status(tasks: &[TaskProgress]) -> TicketStatus {
         return TicketStatus::InProgress;
     }
     TicketStatus::Open
+}
+
+impl Ticket {
+    /// What it spent, in USD.
+    pub fn spent_usd(&self) -> f64 {
+        self.usage.as_ref().map_or(0.0, |u| u.cost_usd)
+    }
+
+    /// Why its budget stops it, if it does.
+    pub fn over_budget(&self) -> Option<String> {
+        let max = self.max_cost_usd?;
+        let spent = self.spent_usd();
+        (spent >= max).then(|| format!("budget of ${max:.2} reached: ${spent:.4} spent"))
+    }
+
+    /// What its status should be: as its tasks say, but PAUSED while its
+    /// budget is spent and it is not over yet.
+    pub fn budgeted(&self, derived: TicketStatus) -> TicketStatus {
+        if !derived.is_final() && self.over_budget().is_some() {
+            TicketStatus::Paused
+        } else {
+            derived
+        }
+    }
 }
 
 /// Ticket priority (1..=4) as task priority: LOW 1 .. CRITICAL 4.
@@ -392,6 +424,45 @@ mod tests {
                 .iter()
                 .all(|t| t.title.chars().count() <= 200)
         );
+    }
+
+    #[test]
+    fn a_spent_budget_pauses_an_open_ticket_but_never_a_finished_one() {
+        let now = chrono::Utc::now();
+        let mut t = Ticket {
+            id: Uuid::nil(),
+            seq: 1,
+            title: "t".into(),
+            description: String::new(),
+            priority: 2,
+            status: TicketStatus::InProgress,
+            repository: String::new(),
+            base_ref: String::new(),
+            branch: String::new(),
+            head_commit: String::new(),
+            pull_request: false,
+            pull_request_url: String::new(),
+            pull_request_error: String::new(),
+            max_cost_usd: Some(1.0),
+            paused_reason: String::new(),
+            labels: serde_json::json!({}),
+            request_id: None,
+            tasks_enqueued: true,
+            usage: None,
+            created_at: now,
+            updated_at: now,
+        };
+        assert_eq!(t.budgeted(TicketStatus::InProgress), TicketStatus::InProgress);
+        t.usage = Some(crate::usage::Usage {
+            cost_usd: 1.25,
+            ..Default::default()
+        });
+        assert_eq!(t.budgeted(TicketStatus::InProgress), TicketStatus::Paused);
+        assert_eq!(t.budgeted(TicketStatus::Open), TicketStatus::Paused);
+        assert_eq!(t.budgeted(TicketStatus::Completed), TicketStatus::Completed);
+        assert_eq!(t.over_budget().unwrap(), "budget of $1.00 reached: $1.2500 spent");
+        t.max_cost_usd = None;
+        assert_eq!(t.budgeted(TicketStatus::InProgress), TicketStatus::InProgress);
     }
 
     #[test]

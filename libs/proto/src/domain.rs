@@ -52,7 +52,7 @@ wire_enums! {
     TaskStatus { Pending, Assigned, Running, Completed, Failed, TimedOut, Cancelled }
     Phase { Initial, Implementation, Integration, Refactoring }
     ErrorClass { Retryable, Permanent }
-    TicketStatus { Open, InProgress, Completed, Failed, Cancelled }
+    TicketStatus { Open, InProgress, Paused, Completed, Failed, Cancelled }
     AgentStatus { Healthy, Stale, Deregistered }
 }
 
@@ -185,6 +185,8 @@ impl From<&Ticket> for ticket::Ticket {
             pull_request: t.pull_request,
             pull_request_url: t.pull_request_url.clone(),
             pull_request_error: t.pull_request_error.clone(),
+            max_cost_usd: t.max_cost_usd,
+            paused_reason: t.paused_reason.clone(),
         }
     }
 }

@@ -16,8 +16,8 @@ use crate::{Result, Store, StoreError, consumed};
 
 pub(crate) const TICKET_COLUMNS: &str =
     "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
-     pull_request, pull_request_url, pull_request_error, labels, request_id, tasks_enqueued, usage, created_at,
-     updated_at";
+     pull_request, pull_request_url, pull_request_error, max_cost_usd, paused_reason, labels, request_id,
+     tasks_enqueued, usage, created_at, updated_at";
 const TICKET_TASK_COLUMNS: &str = "ticket_id, task_id, position, title, description, phase, priority, depends_on,
      max_retries, timeout_seconds, started, outcome";
 
@@ -43,6 +43,8 @@ impl<'r> FromRow<'r, PgRow> for TicketRow {
             pull_request: row.try_get("pull_request")?,
             pull_request_url: row.try_get("pull_request_url")?,
             pull_request_error: row.try_get("pull_request_error")?,
+            max_cost_usd: row.try_get("max_cost_usd")?,
+            paused_reason: row.try_get("paused_reason")?,
             labels: row.try_get("labels")?,
             request_id: row.try_get("request_id")?,
             tasks_enqueued: row.try_get("tasks_enqueued")?,
@@ -117,6 +119,7 @@ pub struct NewTicket {
     /// Empty without a repository.
     pub branch: String,
     pub pull_request: bool,
+    pub max_cost_usd: Option<f64>,
     pub labels: Value,
     pub request_id: Option<String>,
 }
@@ -150,8 +153,8 @@ impl Store {
         let mut tx = self.pool().begin().await?;
         let inserted: Option<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "INSERT INTO tickets (id, title, description, priority, status, repository, labels, request_id,
-                                  base_ref, branch, pull_request)
-             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10)
+                                  base_ref, branch, pull_request, max_cost_usd)
+             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (request_id) DO NOTHING
              RETURNING {TICKET_COLUMNS}"
         )))
@@ -165,6 +168,7 @@ impl Store {
         .bind(&t.base_ref)
         .bind(&t.branch)
         .bind(t.pull_request)
+        .bind(t.max_cost_usd)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(TicketRow(ticket)) = inserted else {
@@ -316,7 +320,7 @@ impl Store {
                 ticket.status
             )));
         }
-        ticket = set_status(&mut tx, id, TicketStatus::Cancelled).await?;
+        ticket = set_status(&mut tx, id, TicketStatus::Cancelled, "").await?;
         events::insert(
             &mut tx,
             &[ticket_event(&ticket, |c| c.reason = Some(reason.to_owned()))],
@@ -327,14 +331,15 @@ impl Store {
     }
 
     /// Applies one task event to the ticket that owns the task, once per
-    /// event id. Returns the ticket when its status changed.
+    /// event id (a repeat changes nothing). Returns the ticket as it stands
+    /// then, and whether its status changed; None for a task of no ticket.
     pub async fn apply_task_event(
         &self,
         consumer: &str,
         event_id: Uuid,
         task_id: Uuid,
         report: &TaskReport<'_>,
-    ) -> Result<Option<Ticket>> {
+    ) -> Result<Option<Applied>> {
         let TaskReport {
             started,
             outcome,
@@ -344,7 +349,15 @@ impl Store {
         } = *report;
         let mut tx = self.pool().begin().await?;
         if !consumed::first_time(&mut tx, consumer, event_id).await? {
-            return Ok(None);
+            drop(tx);
+            let owner: Option<Uuid> = sqlx::query_scalar("SELECT ticket_id FROM ticket_tasks WHERE task_id = $1")
+                .bind(task_id)
+                .fetch_optional(self.pool())
+                .await?;
+            let Some(ticket_id) = owner else { return Ok(None) };
+            let mut conn = self.pool().acquire().await?;
+            let ticket = select_ticket(&mut conn, ticket_id, false).await?;
+            return Ok(Some(Applied { ticket, changed: false }));
         }
         if usage.is_some() || head_commit.is_some() {
             sqlx::query(
@@ -374,28 +387,127 @@ impl Store {
             return Ok(None);
         };
         let ticket = select_ticket(&mut tx, ticket_id, true).await?;
-        let mut changed = None;
         // A final ticket changes no more, but for a retry of one of its tasks.
-        if !ticket.status.is_final() || reopened {
-            let progress: Vec<TaskProgress> = select_ticket_tasks(&mut tx, ticket_id)
-                .await?
-                .into_iter()
-                .map(|t| t.progress)
-                .collect();
-            let status = derive_status(&progress);
-            if status != ticket.status {
-                let updated = set_status(&mut tx, ticket_id, status).await?;
-                let changed_by = ticket_event(&updated, |c| {
-                    c.previous_status = Some(ticket.status);
-                    c.task_id = Some(task_id);
-                });
-                events::insert(&mut tx, &[changed_by]).await?;
-                changed = Some(updated);
-            }
-        }
+        let applied = if !ticket.status.is_final() || reopened {
+            settle_status(&mut tx, ticket, |c| c.task_id = Some(task_id)).await?
+        } else {
+            Applied { ticket, changed: false }
+        };
         self.commit(tx).await?;
-        Ok(changed)
+        Ok(Some(applied))
     }
+
+    /// Changes what `update` names of a ticket: its priority, labels or
+    /// budget. A budget raised above what it spent sends a PAUSED ticket
+    /// on; one lowered to what it spent pauses it. Nothing is kept until the
+    /// caller commits what this returns (after telling the task queue to
+    /// pause or resume the ticket's dispatch).
+    pub async fn update_ticket(&self, id: Uuid, update: &TicketUpdate) -> Result<PendingUpdate> {
+        let mut tx = self.pool().begin().await?;
+        let ticket = select_ticket(&mut tx, id, true).await?;
+        sqlx::query(
+            "UPDATE tickets SET priority = COALESCE($2, priority), labels = COALESCE($3, labels),
+                 max_cost_usd = CASE WHEN $4 THEN $5 ELSE max_cost_usd END, updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(update.priority.map(|p| p as i16))
+        .bind(&update.labels)
+        .bind(update.max_cost_usd.is_some())
+        .bind(update.max_cost_usd.flatten())
+        .execute(&mut *tx)
+        .await?;
+        let updated = select_ticket(&mut tx, id, false).await?;
+        let applied = if ticket.status.is_final() {
+            Applied {
+                ticket: updated,
+                changed: false,
+            }
+        } else {
+            let budget = match updated.max_cost_usd {
+                Some(max) => format!("budget raised to ${max:.2}"),
+                None => "budget lifted".to_owned(),
+            };
+            // A pause says why itself; anything else is the new budget's doing.
+            settle_status(&mut tx, updated, |c| {
+                c.reason.get_or_insert(budget);
+            })
+            .await?
+        };
+        Ok(PendingUpdate {
+            store: self.clone(),
+            tx,
+            applied,
+        })
+    }
+}
+
+/// An update made but not kept yet.
+pub struct PendingUpdate {
+    store: Store,
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    pub applied: Applied,
+}
+
+impl PendingUpdate {
+    pub async fn commit(self) -> Result<Ticket> {
+        self.store.commit(self.tx).await?;
+        Ok(self.applied.ticket)
+    }
+}
+
+/// What applying a change to a ticket came to.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The ticket after it.
+    pub ticket: Ticket,
+    /// Its status changed (and an event says so).
+    pub changed: bool,
+}
+
+/// What UpdateTicket changes: `Some` for each field its mask names
+/// (`max_cost_usd: Some(None)` lifts the budget).
+#[derive(Debug, Clone, Default)]
+pub struct TicketUpdate {
+    pub priority: Option<i32>,
+    pub labels: Option<Value>,
+    pub max_cost_usd: Option<Option<f64>>,
+}
+
+/// Sets the status a ticket's tasks and budget give it (with its event)
+/// when it differs from the stored one.
+async fn settle_status(
+    conn: &mut PgConnection,
+    ticket: Ticket,
+    cause: impl FnOnce(&mut TicketChanged),
+) -> Result<Applied> {
+    let progress: Vec<TaskProgress> = select_ticket_tasks(conn, ticket.id)
+        .await?
+        .into_iter()
+        .map(|t| t.progress)
+        .collect();
+    let status = ticket.budgeted(derive_status(&progress));
+    if status == ticket.status {
+        return Ok(Applied { ticket, changed: false });
+    }
+    let reason = if status == TicketStatus::Paused {
+        ticket.over_budget().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let updated = set_status(conn, ticket.id, status, &reason).await?;
+    let event = ticket_event(&updated, |c| {
+        c.previous_status = Some(ticket.status);
+        if !reason.is_empty() {
+            c.reason = Some(reason.clone());
+        }
+        cause(c);
+    });
+    events::insert(conn, &[event]).await?;
+    Ok(Applied {
+        ticket: updated,
+        changed: true,
+    })
 }
 
 async fn select_ticket(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result<Ticket> {
@@ -425,12 +537,14 @@ async fn select_ticket_tasks(conn: &mut PgConnection, ticket_id: Uuid) -> Result
     .await?)
 }
 
-async fn set_status(conn: &mut PgConnection, id: Uuid, status: TicketStatus) -> Result<Ticket> {
+async fn set_status(conn: &mut PgConnection, id: Uuid, status: TicketStatus, paused_reason: &str) -> Result<Ticket> {
     let TicketRow(ticket) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "UPDATE tickets SET status = $2, updated_at = now() WHERE id = $1 RETURNING {TICKET_COLUMNS}"
+        "UPDATE tickets SET status = $2, paused_reason = $3, updated_at = now() WHERE id = $1
+         RETURNING {TICKET_COLUMNS}"
     )))
     .bind(id)
     .bind(status.as_str())
+    .bind(paused_reason)
     .fetch_one(conn)
     .await?;
     Ok(ticket)

@@ -51,12 +51,30 @@ enum Command {
         /// Open a pull request from the branch when the ticket completes.
         #[arg(long)]
         pull_request: bool,
+        /// Most the ticket's agents may spend, in USD; once spent, the
+        /// ticket is PAUSED until the budget is raised.
+        #[arg(long)]
+        budget: Option<f64>,
         /// LOW, MEDIUM, HIGH or CRITICAL.
         #[arg(long, default_value = "MEDIUM")]
         priority: String,
     },
     /// Print a ticket and its tasks.
     Get { ticket_id: String },
+    /// Change a ticket's budget or priority (a PAUSED ticket whose budget is
+    /// raised above what it spent goes on).
+    Update {
+        ticket_id: String,
+        /// The new budget in USD.
+        #[arg(long, conflicts_with = "no_budget")]
+        budget: Option<f64>,
+        /// Lift the budget.
+        #[arg(long)]
+        no_budget: bool,
+        /// LOW, MEDIUM, HIGH or CRITICAL.
+        #[arg(long)]
+        priority: Option<String>,
+    },
     /// List tickets, newest first.
     List {
         #[arg(long, default_value_t = 20)]
@@ -112,6 +130,13 @@ pub fn task_status_name(status: i32) -> &'static str {
 
 fn print_ticket(t: &pb::Ticket, tasks: &[omoi_proto::taskqueue::Task]) {
     println!("ticket {}  {}  {:?}", t.id, status_name(t.status), t.title);
+    if !t.paused_reason.is_empty() {
+        println!("  paused: {}", t.paused_reason);
+    }
+    if let Some(max) = t.max_cost_usd {
+        let spent = t.usage.as_ref().map_or(0.0, |u| u.cost_usd);
+        println!("  budget ${max:.2}, spent ${spent:.4}");
+    }
     if !t.branch.is_empty() {
         println!("  branch {}  in {}{}", t.branch, t.repository, head_note(t));
     }
@@ -285,6 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             repository,
             base_ref,
             pull_request,
+            budget,
             priority: p,
         } => {
             let r = tickets(&cli.ticket_url, connector)?
@@ -294,12 +320,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     repository,
                     base_ref,
                     pull_request,
+                    max_cost_usd: budget,
                     priority: priority(&p)?,
                     ..Default::default()
                 })
                 .await?
                 .into_inner();
             print_ticket(&r.ticket.unwrap_or_default(), &r.tasks);
+            Ok(())
+        }
+        Command::Update {
+            ticket_id,
+            budget,
+            no_budget,
+            priority: p,
+        } => {
+            let mut paths = Vec::new();
+            if budget.is_some() || no_budget {
+                paths.push("max_cost_usd".to_owned());
+            }
+            let priority = p.as_deref().map(priority).transpose()?;
+            if priority.is_some() {
+                paths.push("priority".to_owned());
+            }
+            anyhow::ensure!(
+                !paths.is_empty(),
+                "say what to change: --budget, --no-budget or --priority"
+            );
+            let r = tickets(&cli.ticket_url, connector)?
+                .update_ticket(pb::UpdateTicketRequest {
+                    ticket: Some(pb::Ticket {
+                        id: ticket_id,
+                        max_cost_usd: budget,
+                        priority: priority.unwrap_or_default(),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                })
+                .await?
+                .into_inner();
+            print_ticket(&r.ticket.unwrap_or_default(), &[]);
             Ok(())
         }
         Command::Get { ticket_id } => {

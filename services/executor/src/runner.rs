@@ -28,6 +28,9 @@ pub struct RunContext {
     pub timeout: Option<Duration>,
     /// Who the agent process runs as; None: the executor's own user.
     pub user: Option<Arc<AgentUser>>,
+    /// What the ticket may still spend (USD), for an agent that can hold
+    /// itself to it.
+    pub budget_left_usd: Option<f64>,
 }
 
 impl RunContext {
@@ -214,6 +217,7 @@ mod tests {
             workspace: dir.to_path_buf(),
             timeout: None,
             user: None,
+            budget_left_usd: None,
         }
     }
 

@@ -92,6 +92,35 @@ impl Queue {
         Ok(())
     }
 
+    /// Holds back the ticket's tasks; a paused ticket stays paused (its
+    /// reason updated), so this may be said again.
+    pub async fn pause(&self, ticket_id: Uuid, reason: &str) -> Result<(), Status> {
+        let mut c = self.client.clone();
+        c.pause_dispatch(pb::PauseDispatchRequest {
+            ticket_id: ticket_id.to_string(),
+            reason: reason.to_owned(),
+            ..Default::default()
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Lets the ticket's tasks go again; one that is not paused is fine.
+    pub async fn resume(&self, ticket_id: Uuid) -> Result<(), Status> {
+        let mut c = self.client.clone();
+        match c
+            .resume_dispatch(pb::ResumeDispatchRequest {
+                ticket_id: ticket_id.to_string(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::FailedPrecondition => Ok(()),
+            Err(s) => Err(s),
+        }
+    }
+
     pub async fn cancel(&self, task_id: &str, reason: &str) -> Result<(), Status> {
         let mut c = self.client.clone();
         c.cancel_task(pb::CancelTaskRequest {
@@ -247,13 +276,24 @@ impl Planner {
                         reopened,
                         head_commit,
                     };
-                    let changed = this
+                    let applied = this
                         .store
                         .apply_task_event(CONSUMER, event_id, task_id, &report)
                         .await
                         .map_err(|e| e.to_string())?;
-                    if let Some(ticket) = changed {
+                    let Some(applied) = applied else { return Ok(()) };
+                    let ticket = &applied.ticket;
+                    if applied.changed {
                         tracing::info!(ticket_id = %ticket.id, status = %ticket.status, "ticket status changed");
+                    }
+                    // Its budget is spent: the queue holds its tasks back. Said
+                    // again on every event of a paused ticket (a redelivery
+                    // included), so a crash between the two is made good.
+                    if ticket.status == TicketStatus::Paused {
+                        this.queue
+                            .pause(ticket.id, &ticket.paused_reason)
+                            .await
+                            .map_err(|s| format!("pausing the ticket's dispatch: {}", s.message()))?;
                     }
                     Ok(())
                 }

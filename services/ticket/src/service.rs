@@ -11,7 +11,7 @@ use omoi_proto::events::Event;
 use omoi_proto::ticket::{self as pb, ticket_service_server::TicketService};
 use omoi_runtime::status::{ApiError, ApiResult};
 use omoi_store::Store;
-use omoi_store::tickets::{Created, NewTicket, TicketTask};
+use omoi_store::tickets::{Created, NewTicket, TicketTask, TicketUpdate};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -64,14 +64,11 @@ impl Tickets {
     async fn create(&self, req: pb::CreateTicketRequest) -> ApiResult<pb::CreateTicketResponse> {
         let title = validate::title("title", &req.title)?;
         let description = validate::text("description", &req.description, validate::MAX_DESCRIPTION_BYTES)?;
-        let priority = match TicketPriority::try_from(req.priority) {
-            Ok(TicketPriority::Unspecified) => TicketPriority::Medium.into(),
-            Ok(p) => i32::from(p),
-            Err(_) => {
-                let reason = format!("{} is not a known ticket priority", req.priority);
-                return Err(ApiError::invalid("priority", reason));
-            }
+        let priority = match req.priority {
+            0 => TicketPriority::Medium.into(),
+            p => ticket_priority("priority", p)?,
         };
+        let max_cost_usd = budget("max_cost_usd", req.max_cost_usd)?;
         let repository = repository(&req.repository)?;
         let base_ref = if req.base_ref.is_empty() {
             String::new()
@@ -109,6 +106,7 @@ impl Tickets {
             base_ref,
             branch,
             pull_request: req.pull_request,
+            max_cost_usd,
             title,
             description,
             priority,
@@ -191,7 +189,57 @@ impl Tickets {
             Err(omoi_store::StoreError::FailedPrecondition(_)) => self.store.get_ticket(id).await?.0,
             Err(e) => return Err(e.into()),
         };
+        // A budget's pause has nothing left to hold back.
+        if let Err(s) = self.planner.queue.resume(id).await {
+            tracing::warn!(ticket_id = %id, error = %s.message(), "the cancelled ticket's dispatch pause stays");
+        }
         Ok(pb::CancelTicketResponse {
+            ticket: Some(pb::Ticket::from(&t)),
+        })
+    }
+
+    async fn update(&self, req: &pb::UpdateTicketRequest) -> ApiResult<pb::UpdateTicketResponse> {
+        let given = req
+            .ticket
+            .as_ref()
+            .ok_or_else(|| ApiError::invalid("ticket", "required: the ticket's id and the new values"))?;
+        let id = validate::uuid("ticket.id", &given.id)?;
+        let paths = req.update_mask.as_ref().map(|m| m.paths.as_slice()).unwrap_or_default();
+        if paths.is_empty() {
+            return Err(ApiError::invalid(
+                "update_mask",
+                "name at least one of priority, labels, max_cost_usd",
+            ));
+        }
+        let mut update = TicketUpdate::default();
+        for path in paths {
+            match path.as_str() {
+                "priority" => update.priority = Some(ticket_priority("ticket.priority", given.priority)?),
+                "labels" => {
+                    validate::labels("ticket.labels", given.labels.iter())?;
+                    update.labels = Some(serde_json::to_value(&given.labels).unwrap_or_default());
+                }
+                "max_cost_usd" => update.max_cost_usd = Some(budget("ticket.max_cost_usd", given.max_cost_usd)?),
+                other => {
+                    let reason = format!("{other:?} cannot be updated; name priority, labels or max_cost_usd");
+                    return Err(ApiError::invalid("update_mask", reason));
+                }
+            }
+        }
+        let pending = self.store.update_ticket(id, &update).await?;
+        let applied = &pending.applied;
+        // The queue first: should it be out of reach, nothing changes.
+        if applied.changed {
+            let t = &applied.ticket;
+            let told = if t.status == TicketStatus::Paused {
+                self.planner.queue.pause(id, &t.paused_reason).await
+            } else {
+                self.planner.queue.resume(id).await
+            };
+            told.map_err(queue_unavailable)?;
+        }
+        let t = pending.commit().await?;
+        Ok(pb::UpdateTicketResponse {
             ticket: Some(pb::Ticket::from(&t)),
         })
     }
@@ -289,6 +337,27 @@ fn task_spec(s: &pb::TaskSpec) -> RawTaskSpec<'_> {
     }
 }
 
+/// A known ticket priority (LOW 1 .. CRITICAL 4).
+fn ticket_priority(field: &str, value: i32) -> ApiResult<i32> {
+    match TicketPriority::try_from(value) {
+        Ok(TicketPriority::Unspecified) | Err(_) => Err(ApiError::invalid(
+            field,
+            format!("{value} is not a known ticket priority (LOW, MEDIUM, HIGH, CRITICAL)"),
+        )),
+        Ok(p) => Ok(i32::from(p)),
+    }
+}
+
+/// A budget: more than 0 USD, or none.
+fn budget(field: &str, value: Option<f64>) -> ApiResult<Option<f64>> {
+    match value {
+        Some(v) if !(v.is_finite() && v > 0.0) => {
+            Err(ApiError::invalid(field, format!("must be more than 0 USD, got {v}")))
+        }
+        v => Ok(v),
+    }
+}
+
 /// A repository is a git URL or an absolute local path (see the domain rules).
 fn repository(value: &str) -> ApiResult<String> {
     validate::repository("repository", value)?;
@@ -297,6 +366,13 @@ fn repository(value: &str) -> ApiResult<String> {
 
 #[tonic::async_trait]
 impl TicketService for Tickets {
+    async fn update_ticket(
+        &self,
+        request: Request<pb::UpdateTicketRequest>,
+    ) -> Result<Response<pb::UpdateTicketResponse>, Status> {
+        Ok(Response::new(self.update(request.get_ref()).await?))
+    }
+
     async fn retry_ticket(
         &self,
         request: Request<pb::RetryTicketRequest>,

@@ -36,8 +36,9 @@ static DIALECT: Dialect = Dialect {
     todos: ("TodoWrite", "content"),
 };
 
-/// The command line of a run.
-pub fn argv(cli: &AgentCli, prompt: &str) -> Vec<String> {
+/// The command line of a run (`budget`: what the ticket may still spend,
+/// which Claude Code holds itself to).
+pub fn argv(cli: &AgentCli, prompt: &str, budget: Option<f64>) -> Vec<String> {
     let mut argv: Vec<String> = [
         cli.bin.as_str(),
         "-p",
@@ -54,6 +55,10 @@ pub fn argv(cli: &AgentCli, prompt: &str) -> Vec<String> {
     .into();
     if let Some(model) = &cli.model {
         argv.extend(["--model".to_owned(), model.clone()]);
+    }
+    if let Some(left) = budget {
+        // A cent at least: a spent budget pauses the ticket before dispatch.
+        argv.extend(["--max-budget-usd".to_owned(), format!("{:.2}", left.max(0.01))]);
     }
     argv.extend(cli.args.iter().cloned());
     argv
@@ -314,6 +319,24 @@ fn token_usage(u: &Value) -> Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ticket_budget_becomes_claude_codes_own_limit() {
+        let cli = AgentCli {
+            bin: "claude".into(),
+            model: None,
+            args: vec!["--x".into()],
+            env: vec![],
+            kill_grace: Duration::ZERO,
+        };
+        let with = argv(&cli, "do it", Some(0.4567));
+        let at = with.iter().position(|a| a == "--max-budget-usd").expect("the flag");
+        assert_eq!(with[at + 1], "0.46");
+        assert_eq!(with.last().map(String::as_str), Some("--x"));
+        let spent = argv(&cli, "do it", Some(-1.0));
+        assert!(spent.windows(2).any(|w| w == ["--max-budget-usd", "0.01"]));
+        assert!(!argv(&cli, "do it", None).contains(&"--max-budget-usd".to_owned()));
+    }
 
     /// A run recorded from Claude Code 2.1 against a stand-in model API
     /// (trimmed of fields the parser does not read): a text, a Write, a

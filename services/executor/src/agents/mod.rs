@@ -116,7 +116,7 @@ impl CliRunner {
             CliKind::Claude => {
                 env.extend(claude::env());
                 (
-                    claude::argv(&self.cli, &ctx.prompt),
+                    claude::argv(&self.cli, &ctx.prompt, ctx.budget_left_usd),
                     Box::new(claude::ClaudeStream::new(&ctx.workspace)),
                 )
             }

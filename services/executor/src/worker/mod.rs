@@ -9,8 +9,8 @@ mod stream;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use omoi_domain::backoff::Backoff;
@@ -162,8 +162,6 @@ pub struct Worker {
     pub registered: AtomicBool,
     pub accepting: AtomicBool,
     interval_secs: AtomicU64,
-    /// Tickets' fixed facts (repository, branch), read once per ticket.
-    tickets_seen: Mutex<HashMap<String, run::TicketInfo>>,
     /// Who agents run as (`OMOI_AGENT_USER`).
     agent_user: Option<Arc<AgentUser>>,
     git: GitSettings,
@@ -266,7 +264,6 @@ impl Worker {
             registered: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
             interval_secs: AtomicU64::new(30),
-            tickets_seen: Mutex::new(HashMap::new()),
             agent_user,
             git,
         })

@@ -38,14 +38,16 @@ pub(super) fn run_span(a: &tq::Assignment) -> tracing::Span {
     span
 }
 
-/// What the worker keeps of a ticket: what never changes after creation.
+/// What an attempt needs of its ticket.
 #[derive(Debug, Clone, Default)]
-pub(super) struct TicketInfo {
+struct TicketInfo {
     title: String,
     description: String,
     repository: String,
     base_ref: String,
     branch: String,
+    /// What it may still spend, when it has a budget.
+    budget_left_usd: Option<f64>,
 }
 
 /// A completed dependency, as the prompt and the base commit need it.
@@ -70,17 +72,10 @@ struct Prepared {
 const MAX_PRIOR_SUMMARY_CHARS: usize = 4000;
 
 impl Worker {
+    /// The ticket as it is now (its budget moves as its tasks spend).
     async fn ticket_of(&self, ticket_id: &str) -> Result<TicketInfo, Status> {
         if ticket_id.is_empty() {
             return Ok(TicketInfo::default());
-        }
-        if let Some(t) = self
-            .tickets_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(ticket_id)
-        {
-            return Ok(t.clone());
         }
         let t = self
             .tickets
@@ -92,18 +87,15 @@ impl Worker {
             .into_inner()
             .ticket
             .unwrap_or_default();
-        let info = TicketInfo {
+        let spent = t.usage.as_ref().map_or(0.0, |u| u.cost_usd);
+        Ok(TicketInfo {
+            budget_left_usd: t.max_cost_usd.map(|max| max - spent),
             title: t.title,
             description: t.description,
             repository: t.repository,
             base_ref: t.base_ref,
             branch: t.branch,
-        };
-        self.tickets_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ticket_id.to_owned(), info.clone());
-        Ok(info)
+        })
     }
 
     /// The task's completed dependencies, in its order.
@@ -249,6 +241,7 @@ impl Worker {
             workspace: dir.clone(),
             timeout: (task.timeout_seconds > 0).then(|| Duration::from_secs(task.timeout_seconds as u64)),
             user: self.agent_user.clone(),
+            budget_left_usd: prepared.ticket.budget_left_usd,
         };
         let outcome = self.runner.run(&ctx, &*run, &run.stop).await;
         let changed = workspace::changed(&before, &workspace::snapshot(&dir));
