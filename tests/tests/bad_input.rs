@@ -116,7 +116,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
 
     for round in 0..300 {
         let before = counts(&pool).await;
-        let rpc = rng.next() % 29;
+        let rpc = rng.next() % 30;
         let result: Result<(), tonic::Status> = match rpc {
             0 => q
                 .enqueue_tasks(tq::EnqueueTasksRequest {
@@ -362,6 +362,14 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                             .map(|_| rng.pick(&["priority", "labels", "max_cost_usd", "title"]).to_string())
                             .collect(),
                     }),
+                })
+                .await
+                .map(|_| ()),
+            28 => q
+                .extend_lease(tq::ExtendLeaseRequest {
+                    task_id: rng.text(),
+                    attempt: rng.int(),
+                    seconds: rng.int(),
                 })
                 .await
                 .map(|_| ()),

@@ -177,6 +177,54 @@ pub fn on_stale_agent(task: &Task, agent_id: Uuid, rng: &mut impl Rng) -> Result
     Ok(end_attempt(task, &reason, ErrorClass::Retryable, Vec::new(), rng))
 }
 
+/// Why nobody holds a running task any more (see `on_lease_lapsed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unheld {
+    /// Its agent never registered with the health service.
+    UnknownAgent,
+    /// Its agent deregistered.
+    Deregistered,
+    /// Its agent went stale.
+    Stale,
+    /// Its agent's heartbeats go on without it.
+    NotListed,
+}
+
+impl Unheld {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "unknown" => Unheld::UnknownAgent,
+            "deregistered" => Unheld::Deregistered,
+            "stale" => Unheld::Stale,
+            "unlisted" => Unheld::NotListed,
+            _ => return None,
+        })
+    }
+}
+
+/// A running task whose lease lapsed with nobody holding it: retried (the
+/// lost attempt counts) or failed when out of retries.
+pub fn on_lease_lapsed(task: &Task, why: Unheld, rng: &mut impl Rng) -> Result<Transition, DomainError> {
+    task.status.apply(Action::Reclaim)?;
+    let agent = task.assigned_agent_id.map(|a| a.to_string()).unwrap_or_default();
+    let reason = match why {
+        Unheld::UnknownAgent => format!("lease lapsed: agent {agent} is not registered"),
+        Unheld::Deregistered => format!("lease lapsed: agent {agent} deregistered"),
+        Unheld::Stale => format!("lease lapsed: agent {agent} stopped heartbeating"),
+        Unheld::NotListed => format!("lease lapsed: agent {agent} no longer lists the task as running"),
+    };
+    Ok(end_attempt(task, &reason, ErrorClass::Retryable, Vec::new(), rng))
+}
+
+/// Longest ExtendLease.
+pub const MAX_LEASE_SECONDS: i32 = 86_400;
+
+/// Whether `attempt` of `task` may have its lease extended.
+pub fn extendable(task: &Task, attempt: i32) -> Result<(), DomainError> {
+    task.check_attempt(attempt)?;
+    task.status.apply(Action::ExtendLease).map(|_| ())
+}
+
 /// A cancellation of a pending, assigned or running task; its pending
 /// dependents are cancelled with it.
 pub fn on_cancel(task: &Task, reason: &str) -> Result<Transition, DomainError> {

@@ -159,6 +159,8 @@ pub enum Action {
     Cancel,
     /// An operator sends a finished, unsuccessful task round again.
     Retry,
+    /// The agent extends a running attempt's lease (the status stays).
+    ExtendLease,
 }
 
 impl fmt::Display for Action {
@@ -173,6 +175,7 @@ impl fmt::Display for Action {
             Action::Reclaim => "reclaim",
             Action::Cancel => "cancel",
             Action::Retry => "retry",
+            Action::ExtendLease => "extend the lease of",
         })
     }
 }
@@ -194,6 +197,7 @@ impl TaskStatus {
             (S::Assigned | S::Running, A::Reclaim) => S::Pending,
             (S::Pending | S::Assigned | S::Running, A::Cancel) => S::Cancelled,
             (from, A::Retry) if from.ended_unsuccessfully() => S::Pending,
+            (S::Running, A::ExtendLease) => S::Running,
             (from, action) => return Err(DomainError::IllegalTransition { from, action }),
         };
         Ok(next)

@@ -37,6 +37,14 @@ pub struct Config {
     #[arg(long, env = "OMOI_START_TIMEOUT_SECONDS", default_value_t = 60.0)]
     pub start_timeout_seconds: f64,
 
+    /// Running lease: a running task is held this many seconds after its
+    /// start, then while its agent's heartbeats list it (or an ExtendLease
+    /// holds it); one nobody holds (agent unknown, deregistered, stale, or
+    /// no longer listing it) goes back to the queue as a retry. Keep it
+    /// above the agents' heartbeat interval; 0 = never.
+    #[arg(long, env = "OMOI_LEASE_SECONDS", default_value_t = 90.0)]
+    pub lease_seconds: f64,
+
     /// Longest the dispatcher waits without a wake-up before it looks for
     /// ready tasks anyway (a safety net; enqueues and completions wake it).
     #[arg(long, env = "OMOI_DISPATCH_SWEEP_MS", default_value_t = 2000)]

@@ -40,6 +40,11 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         "OMOI_START_TIMEOUT_SECONDS must be 0 (never) to 86400, got {}",
         config.start_timeout_seconds
     );
+    anyhow::ensure!(
+        config.lease_seconds.is_finite() && (0.0..=86_400.0).contains(&config.lease_seconds),
+        "OMOI_LEASE_SECONDS must be 0 (never) to 86400, got {}",
+        config.lease_seconds
+    );
     let mut base = Base::connect(common, "omoi-task-queue", config.db_max_connections).await?;
     let dispatcher = Dispatcher::new(
         base.store.clone(),
@@ -54,8 +59,11 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         let d = Arc::clone(&dispatcher);
         base.spawn_after_migration(move |stop| d.follow_peers(stop));
         let (store, d) = (base.store.clone(), Arc::clone(&dispatcher));
-        let start_lease = (config.start_timeout_seconds > 0.0).then_some(config.start_timeout_seconds);
-        base.spawn_after_migration(move |stop| monitor::run(store, d, interval, start_lease, stop));
+        let leases = monitor::Leases {
+            start: (config.start_timeout_seconds > 0.0).then_some(config.start_timeout_seconds),
+            running: (config.lease_seconds > 0.0).then_some(config.lease_seconds),
+        };
+        base.spawn_after_migration(move |stop| monitor::run(store, d, interval, leases, stop));
         let store = base.store.clone();
         base.spawn_after_migration(move |stop| monitor::sample(store, Duration::from_secs(5), stop));
         let (store, d) = (base.store.clone(), Arc::clone(&dispatcher));

@@ -1,6 +1,7 @@
 //! Taking work back: the timeout monitor times out running tasks past their
-//! deadline and puts back assignments not started within the start lease,
-//! and the stale-agent consumer takes back the tasks of agents the health
+//! deadline, puts back assignments not started within the start lease and
+//! takes back running tasks nobody holds (the running lease), and the
+//! stale-agent consumer takes back the tasks of agents the health
 //! service declared stale. Their agents are told to stop, and the tasks are
 //! retried, failed or requeued.
 
@@ -15,11 +16,25 @@ use crate::dispatcher::Dispatcher;
 
 const BATCH: i64 = 100;
 
+/// After its start, a heartbeat that does not list a task only counts once
+/// this many seconds passed (one built before the run was registered may
+/// arrive just after the start); less for a short lease.
+fn listing_slack(lease_seconds: f64) -> f64 {
+    (lease_seconds / 4.0).min(10.0)
+}
+
+/// How long assignments and running attempts are held (None: forever).
+#[derive(Debug, Clone, Copy)]
+pub struct Leases {
+    pub start: Option<f64>,
+    pub running: Option<f64>,
+}
+
 pub async fn run(
     store: Store,
     dispatcher: Arc<Dispatcher>,
     every: Duration,
-    start_lease: Option<f64>,
+    leases: Leases,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -29,8 +44,11 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Some(seconds) = start_lease {
+        if let Some(seconds) = leases.start {
             put_back_unstarted(&store, &dispatcher, seconds).await;
+        }
+        if let Some(seconds) = leases.running {
+            take_back_unheld(&store, &dispatcher, seconds).await;
         }
         loop {
             match store.time_out_expired(BATCH).await {
@@ -75,6 +93,26 @@ async fn put_back_unstarted(store: &Store, dispatcher: &Dispatcher, seconds: f64
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "start lease check failed"),
+    }
+}
+
+/// Running tasks nobody holds go back to the queue (or fail when out of
+/// retries); their holders, if any, are told to stop.
+async fn take_back_unheld(store: &Store, dispatcher: &Dispatcher, seconds: f64) {
+    match store.reclaim_unheld(seconds, listing_slack(seconds), BATCH).await {
+        Ok(outcomes) => {
+            for outcome in &outcomes {
+                count(outcome);
+                tracing::info!(task_id = %outcome.task.id, status = %outcome.task.status, "running lease lapsed");
+                if let Some(revoked) = &outcome.revoked {
+                    dispatcher.revoke(revoked);
+                }
+            }
+            if !outcomes.is_empty() {
+                dispatcher.wake();
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "running lease check failed"),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use omoi_domain::rules::{Failure, Scope};
+use omoi_domain::rules::{self, Failure, Scope};
 use omoi_domain::validate::{self, MAX_BATCH, MAX_ERROR_MESSAGE_BYTES, MAX_REASON_BYTES, RawNewTask};
 use omoi_domain::{ErrorClass, GitChange, Phase, TaskStatus, Usage};
 use omoi_proto::convert::struct_to_json;
@@ -393,6 +393,25 @@ impl TaskQueueService for TaskQueue {
         request: Request<pb::WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
         Ok(Response::new(self.connect(request.get_ref()).await?))
+    }
+
+    async fn extend_lease(
+        &self,
+        request: Request<pb::ExtendLeaseRequest>,
+    ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
+        let req = request.get_ref();
+        let task_id = validate::uuid("task_id", &req.task_id).map_err(ApiError::from)?;
+        let attempt = validate::attempt("attempt", req.attempt).map_err(ApiError::from)?;
+        let seconds = validate::range("seconds", req.seconds, 1, rules::MAX_LEASE_SECONDS).map_err(ApiError::from)?;
+        let (task, until) = self
+            .store
+            .extend_lease(task_id, attempt, seconds)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ExtendLeaseResponse {
+            task: one_task(task),
+            lease_expires_at: Some(omoi_proto::convert::timestamp(until)),
+        }))
     }
 
     async fn start_task(

@@ -117,4 +117,76 @@ impl Store {
         })
         .await
     }
+
+    /// Takes back running tasks nobody holds (at most `limit` per call):
+    /// started more than `lease_seconds` ago, without an ExtendLease still
+    /// in force, and whose agent is unknown, deregistered or stale, or whose
+    /// agent's heartbeats since (`slack_seconds` after the start) no longer
+    /// list them. Each is retried, or failed when out of retries. An agent
+    /// the health service has not heard from since the start holds its
+    /// tasks: a health-service outage takes nothing back.
+    pub async fn reclaim_unheld(&self, lease_seconds: f64, slack_seconds: f64, limit: i64) -> Result<Vec<Outcome>> {
+        let mut tx = self.pool().begin().await?;
+        let rows: Vec<(TaskRow, String)> = sqlx::query_as(concat!(
+            "SELECT ",
+            task_columns!(),
+            ", CASE WHEN a.id IS NULL THEN 'unknown'
+                    WHEN a.status = 'deregistered' THEN 'deregistered'
+                    WHEN a.status = 'stale' THEN 'stale'
+                    ELSE 'unlisted' END AS unheld
+             FROM tasks t LEFT JOIN agents a ON a.id = t.assigned_agent_id
+             WHERE t.status = 'running'
+               AND t.started_at < now() - make_interval(secs => $1)
+               AND (t.lease_expires_at IS NULL OR t.lease_expires_at < now())
+               AND (a.id IS NULL OR a.status <> 'healthy'
+                    OR (a.last_heartbeat_at > t.started_at + make_interval(secs => $2)
+                        AND NOT t.id = ANY(a.running_task_ids)))
+             ORDER BY t.started_at LIMIT $3 FOR UPDATE OF t SKIP LOCKED"
+        ))
+        .bind(lease_seconds)
+        .bind(slack_seconds)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r: UnheldRow| (r.0, r.1))
+        .collect();
+        let (tasks, why): (Vec<Task>, Vec<rules::Unheld>) = rows
+            .into_iter()
+            .map(|(TaskRow(t), w)| (t, rules::Unheld::parse(&w).unwrap_or(rules::Unheld::NotListed)))
+            .unzip();
+        let mut why = why.into_iter();
+        self.change_locked(tx, tasks, |task| {
+            let w = why.next().unwrap_or(rules::Unheld::NotListed);
+            rules::on_lease_lapsed(task, w, &mut rand::rng())
+        })
+        .await
+    }
+
+    /// Holds a running attempt until at least `seconds` from now.
+    pub async fn extend_lease(&self, task_id: Uuid, attempt: i32, seconds: i32) -> Result<(Task, DateTime<Utc>)> {
+        let mut tx = self.pool().begin().await?;
+        let task = lock_task(&mut tx, task_id).await?;
+        rules::extendable(&task, attempt)?;
+        let until: DateTime<Utc> = sqlx::query_scalar(
+            "UPDATE tasks SET lease_expires_at = greatest(lease_expires_at, now() + make_interval(secs => $2))
+             WHERE id = $1 RETURNING lease_expires_at",
+        )
+        .bind(task_id)
+        .bind(f64::from(seconds))
+        .fetch_one(&mut *tx)
+        .await?;
+        self.commit(tx).await?;
+        Ok((task, until))
+    }
+}
+
+/// A task row and why nobody holds it.
+struct UnheldRow(TaskRow, String);
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for UnheldRow {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> sqlx::Result<Self> {
+        use sqlx::Row;
+        Ok(Self(TaskRow::from_row(row)?, row.try_get("unheld")?))
+    }
 }

@@ -172,7 +172,7 @@ async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
                 "UPDATE tasks SET status = 'pending', retry_count = retry_count + 1,
                      next_attempt_at = now() + make_interval(secs => $2::float8 / 1000.0),
                      assigned_agent_id = NULL, assignment_session = NULL, deadline_at = NULL,
-                     started_at = NULL, error_message = $3, error_class = $4, updated_at = now(),
+                     started_at = NULL, lease_expires_at = NULL, error_message = $3, error_class = $4, updated_at = now(),
                      usage = usage_add(usage, $5::jsonb)
                  WHERE id = $1",
             )
@@ -201,7 +201,7 @@ async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
         Change::Reset => {
             sqlx::query(
                 "UPDATE tasks SET status = 'pending', retry_count = 0, error_message = NULL,
-                     error_class = NULL, result = NULL, git = NULL, completed_at = NULL, started_at = NULL,
+                     error_class = NULL, result = NULL, git = NULL, completed_at = NULL, started_at = NULL, lease_expires_at = NULL,
                      deadline_at = NULL, assigned_agent_id = NULL, assignment_session = NULL,
                      cancelled_by = NULL, next_attempt_at = now(), updated_at = now()
                  WHERE id = $1",
