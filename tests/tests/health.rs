@@ -363,3 +363,49 @@ async fn statistics_after_a_scripted_run() {
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_gone_past_their_retention_are_forgotten_and_healthy_ones_kept() {
+    let infra = Infra::new().await.unwrap();
+    let mut config = infra.health_config();
+    config.stale_after_seconds = 0.5;
+    config.agent_retention_seconds = 1.0;
+    let health = InProcess::health(config).await.unwrap();
+    let c = health_client(&health.url);
+    let (gone, silent, alive) = (
+        register(&c, "executor").await.id,
+        register(&c, "executor").await.id,
+        register(&c, "executor").await.id,
+    );
+    c.clone()
+        .deregister_agent(pb::DeregisterAgentRequest { agent_id: gone.clone() })
+        .await
+        .unwrap();
+    let listed = || async {
+        let agents = c
+            .clone()
+            .list_agents(pb::ListAgentsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .agents;
+        agents.into_iter().map(|a| a.id).collect::<Vec<_>>()
+    };
+    // The living one heartbeats all along; the others go, one deregistered,
+    // one stale, and are forgotten a second later.
+    let left = eventually(WAIT, "the gone agents forgotten", || async {
+        beat(&c, &alive).await.unwrap();
+        let ids = listed().await;
+        (!ids.contains(&gone) && !ids.contains(&silent)).then_some(ids)
+    })
+    .await;
+    assert_eq!(left, [alive]);
+    let err = c
+        .clone()
+        .get_agent(pb::GetAgentRequest { agent_id: gone })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    health.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}

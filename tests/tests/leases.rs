@@ -263,3 +263,77 @@ async fn extend_lease_holds_a_task_its_agent_does_not_list() {
     }
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_killed_mid_run_comes_back_as_itself_and_its_task_runs_again() {
+    use omoi_proto::ticket as pb;
+    use omoi_tests::mesh::{Options, ProcessMesh};
+    let infra = Infra::new().await.unwrap();
+    let options = Options {
+        executors: 0,
+        heartbeat_interval_seconds: 1,
+        env: vec![("OMOI_LEASE_SECONDS".into(), "2".into())],
+        ..Default::default()
+    };
+    let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    let me = |sleep_ms: &str| {
+        vec![
+            ("OMOI_AGENT_ID".to_string(), "executor-a".to_string()),
+            ("OMOI_DEMO_SLEEP_MS".to_string(), sleep_ms.to_string()),
+        ]
+    };
+    mesh.add_executor(&infra, &me("10000")).await.unwrap();
+    let tickets = mesh.tickets();
+    let ticket = tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "Survive a kill".into(),
+            plan: vec![pb::TaskSpec {
+                title: "slow".into(),
+                phase: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let task_id = ticket.tasks[0].id.clone();
+    let queue = omoi_tests::client(&mesh.task_queue.url);
+    let get = || async {
+        queue
+            .clone()
+            .get_task(tq::GetTaskRequest {
+                task_id: task_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap()
+    };
+    let first = eventually(WAIT, "the task running", || async {
+        let t = get().await;
+        (t.status == RUNNING).then_some(t)
+    })
+    .await;
+    mesh.executors.pop().unwrap().kill9().await.unwrap();
+    mesh.add_executor(&infra, &me("20")).await.unwrap();
+    let id = ticket.ticket.unwrap().id;
+    let done = omoi_tests::wait_ticket(&tickets, &id, 3).await;
+    let t = &done.tasks[0];
+    // Its lost attempt was taken back once its agent, back under the same
+    // identity, heartbeated without it; the retry ran on the same agent.
+    assert_eq!(t.attempt, 2);
+    assert_eq!(t.assigned_agent_id, first.assigned_agent_id);
+    let agents = omoi_tests::health_client(&mesh.health.url)
+        .list_agents(hp::ListAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(agents.len(), 1, "one identity, however often it starts: {agents:?}");
+    assert_eq!(agents[0].id, first.assigned_agent_id);
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}

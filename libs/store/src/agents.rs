@@ -236,6 +236,19 @@ impl Store {
         Ok(agents)
     }
 
+    /// Forgets agents deregistered or stale for longer than `retention`, so
+    /// that listings stay readable; how many went.
+    pub async fn prune_agents(&self, retention: Duration) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM agents WHERE status IN ('deregistered', 'stale')
+                 AND status_changed_at < now() - make_interval(secs => $1)",
+        )
+        .bind(retention.as_secs_f64())
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Counts a task outcome for the agent that held it, once per event.
     pub async fn count_agent_outcome(
         &self,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 use omoi_runtime::config::{CommonArgs, parse_listen, secret_file};
+use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RunnerKind {
@@ -99,6 +100,12 @@ pub struct Config {
     /// INTEGRATION, REFACTORING); empty = all.
     #[arg(long, env = "OMOI_AGENT_PHASES", default_value = "")]
     pub phases: String,
+
+    /// The agent's identity, kept across restarts: a UUID, or any other
+    /// name (e.g. the pod's) from which one is derived. Unique per running
+    /// executor. Unset: a new identity each start.
+    #[arg(long, env = "OMOI_AGENT_ID")]
+    pub agent_id: Option<String>,
 
     #[arg(long, env = "OMOI_AGENT_TYPE", default_value = "executor")]
     pub agent_type: String,
@@ -245,5 +252,35 @@ pub struct Config {
 impl Config {
     pub fn from_env() -> Self {
         Config::parse_from(["omoi-executor"])
+    }
+
+    /// The agent id `OMOI_AGENT_ID` gives: itself when a UUID, else derived
+    /// from the name (the same name, the same id); a new one when unset.
+    pub fn agent_id(&self) -> Uuid {
+        /// The namespace of names-turned-agent-ids.
+        const AGENT_NAMES: Uuid = Uuid::from_u128(0x6f6d_6f69_6167_656e_7400_0000_0000_0001);
+        match self.agent_id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            None => Uuid::now_v7(),
+            Some(s) => s.parse().unwrap_or_else(|_| Uuid::new_v5(&AGENT_NAMES, s.as_bytes())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_id_is_given_derived_from_a_name_or_new() {
+        let with = |id: Option<&str>| Config {
+            agent_id: id.map(str::to_owned),
+            ..Config::from_env()
+        };
+        let given = "01a2122c-5a88-73bc-993d-dc045b7a7905";
+        assert_eq!(with(Some(given)).agent_id().to_string(), given);
+        let pod = with(Some("omoi-executor-7d9f8-abcde")).agent_id();
+        assert_eq!(pod, with(Some("omoi-executor-7d9f8-abcde")).agent_id());
+        assert_ne!(pod, with(Some("omoi-executor-7d9f8-zzzzz")).agent_id());
+        assert_ne!(with(None).agent_id(), with(None).agent_id());
     }
 }

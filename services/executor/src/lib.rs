@@ -27,7 +27,6 @@ use omoi_runtime::host::Host;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
-use uuid::Uuid;
 
 pub use config::Config;
 
@@ -41,7 +40,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     let mut host = Host::new(&common, "omoi-executor")?;
     let nats = omoi_bus::connect(common.nats_url(), "omoi-executor").await?;
     let topology = common.topology();
-    let agent_id = Uuid::now_v7();
+    let agent_id = config.agent_id();
     let runs = Arc::new(runs::Runs::new(agent_id, Some(nats.clone()), topology.clone()));
     let runner = config.runner.as_str();
     let worker = Arc::new(worker::Worker::new(config, Arc::clone(&runs), agent_id)?);

@@ -34,6 +34,11 @@ pub struct Config {
     #[arg(long, env = "OMOI_STALE_CHECK_INTERVAL_SECONDS", default_value_t = 5.0)]
     pub stale_check_interval_seconds: f64,
 
+    /// Deregistered and stale agents are forgotten after this many seconds
+    /// (their rows deleted), so that ListAgents stays readable; 0 = never.
+    #[arg(long, env = "OMOI_AGENT_RETENTION_SECONDS", default_value_t = 604_800.0)]
+    pub agent_retention_seconds: f64,
+
     /// How often buffered heartbeats are written to the database.
     #[arg(long, env = "OMOI_HEARTBEAT_FLUSH_MS", default_value_t = 500)]
     pub heartbeat_flush_ms: u64,

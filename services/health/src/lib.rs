@@ -34,7 +34,9 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         let r = Arc::clone(&registry);
         base.spawn_after_migration(move |stop| r.flush_loop(flush_every, stop));
         let r = Arc::clone(&registry);
-        base.spawn_after_migration(move |stop| r.stale_loop(stale_after, check_every, stop));
+        let retention = (config.agent_retention_seconds > 0.0)
+            .then(|| Duration::from_secs_f64(config.agent_retention_seconds.min(1e9)));
+        base.spawn_after_migration(move |stop| r.stale_loop(stale_after, retention, check_every, stop));
         let (r, nats, topology) = (Arc::clone(&registry), base.nats.clone(), base.topology.clone());
         base.spawn_after_migration(move |stop| r.count_outcomes(nats, topology, stop));
     }
