@@ -183,6 +183,28 @@ where
     }
 }
 
+/// Waits (up to a minute) until `holds` says yes of the ticket; returns it.
+pub async fn wait_ticket_where(
+    c: &TicketClient,
+    id: &str,
+    what: &str,
+    holds: impl Fn(&omoi_proto::ticket::Ticket) -> bool,
+) -> omoi_proto::ticket::Ticket {
+    eventually(Duration::from_secs(60), what, || async {
+        let t = c
+            .clone()
+            .get_ticket(omoi_proto::ticket::GetTicketRequest {
+                ticket_id: id.to_owned(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .ticket?;
+        holds(&t).then_some(t)
+    })
+    .await
+}
+
 /// Waits (up to a minute) until the ticket has `status`; returns it.
 pub async fn wait_ticket(c: &TicketClient, id: &str, status: i32) -> omoi_proto::ticket::GetTicketResponse {
     eventually(

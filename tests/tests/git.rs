@@ -15,7 +15,7 @@ use omoi_tests::github::GitHubApi;
 use omoi_tests::mesh::{Options, ProcessMesh};
 use omoi_tests::process::LOG_FILE;
 use omoi_tests::repo::{git, remote};
-use omoi_tests::{Infra, eventually, wait_ticket};
+use omoi_tests::{Infra, eventually, wait_ticket, wait_ticket_where};
 
 const COMPLETED: i32 = 3;
 const FAILED: i32 = 4;
@@ -388,17 +388,8 @@ async fn a_completed_ticket_opens_its_pull_request_once_across_a_lost_answer_and
     // The ticket service dies before it could record anything, and comes back.
     mesh.restart_ticket().await.unwrap();
     let tickets = mesh.tickets();
-    let done = eventually(WAIT, "the pull request recorded", || async {
-        let t = tickets
-            .clone()
-            .get_ticket(pb::GetTicketRequest {
-                ticket_id: ticket.id.clone(),
-            })
-            .await
-            .ok()?
-            .into_inner()
-            .ticket?;
-        (!t.pull_request_url.is_empty()).then_some(t)
+    let done = wait_ticket_where(&tickets, &ticket.id, "the pull request recorded", |t| {
+        !t.pull_request_url.is_empty()
     })
     .await;
     let pulls = github.pulls();
@@ -428,17 +419,8 @@ async fn a_completed_ticket_opens_its_pull_request_once_across_a_lost_answer_and
         .ticket
         .unwrap();
     wait_ticket(&tickets, &refused.id, COMPLETED).await;
-    let t = eventually(WAIT, "the refusal recorded", || async {
-        let t = tickets
-            .clone()
-            .get_ticket(pb::GetTicketRequest {
-                ticket_id: refused.id.clone(),
-            })
-            .await
-            .ok()?
-            .into_inner()
-            .ticket?;
-        (!t.pull_request_error.is_empty()).then_some(t)
+    let t = wait_ticket_where(&tickets, &refused.id, "the refusal recorded", |t| {
+        !t.pull_request_error.is_empty()
     })
     .await;
     assert!(

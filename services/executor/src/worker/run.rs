@@ -254,6 +254,30 @@ impl Worker {
         self.clean_up(&dir, succeeded).await;
     }
 
+    /// Whether the queue still has the attempt running for us, asked (by
+    /// extending its lease over the push) before its work is pushed. A queue
+    /// out of reach cannot say: the work lands, and the report that follows
+    /// settles it.
+    async fn still_ours(&self, task_id: Uuid, attempt: i32) -> bool {
+        let asked = self
+            .queue
+            .clone()
+            .extend_lease(tq::ExtendLeaseRequest {
+                task_id: task_id.to_string(),
+                attempt,
+                seconds: LANDING_LEASE_SECONDS,
+            })
+            .await;
+        match asked {
+            Ok(_) => true,
+            Err(s) if omoi_runtime::status::transient(s.code()) => true,
+            Err(s) => {
+                tracing::info!(%task_id, attempt, error = %s.message(), "attempt no longer ours");
+                false
+            }
+        }
+    }
+
     /// Tells the queue the attempt started; false when it is no longer ours.
     async fn start(&self, task_id: Uuid, attempt: i32) -> bool {
         report("StartTask", || {
@@ -451,6 +475,14 @@ impl Worker {
         changed: Vec<String>,
         landing: Option<Landing<'_>>,
     ) -> bool {
+        if landing.is_some() && !self.still_ours(run.task_id, run.attempt).await {
+            // Taken back while the agent worked (its lease lapsed): nothing
+            // of it may land on the branch, and nothing is reported.
+            let message = "the attempt was taken back before its work could land".to_owned();
+            run.line(OutputStream::System, message.clone());
+            run.finish(ExecutionState::Cancelled, 0, String::new(), message, changed);
+            return false;
+        }
         let git = match landing {
             None => None,
             Some(l) => match self.git.land(l.checkout, &l.message, &self.workspace_user()).await {
@@ -544,6 +576,9 @@ fn phase_name(wire: i32) -> String {
         .map(|p| p.as_str().trim_start_matches("PHASE_").to_ascii_lowercase())
         .unwrap_or_default()
 }
+
+/// How long a landing (commit, bundle, push with rebases) holds its attempt.
+const LANDING_LEASE_SECONDS: i32 = 600;
 
 /// How long a run's end waits for its events to reach JetStream before it
 /// reports anyway (they follow when NATS is back).
