@@ -1,6 +1,7 @@
 //! `omoi`: the command-line client of the mesh, and `omoi up`, which runs
 //! the whole mesh on this machine and puts a sample ticket through it.
 
+mod ops;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,25 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     ticket_url: String,
+    /// The task queue (tasks, stats, logs, pause, resume).
+    #[arg(
+        long,
+        global = true,
+        env = "OMOI_TASK_QUEUE_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    task_queue_url: String,
+    /// The health service (agents).
+    #[arg(
+        long,
+        global = true,
+        env = "OMOI_HEALTH_URL",
+        default_value = "http://127.0.0.1:50053"
+    )]
+    health_url: String,
+    /// How read commands print: text, or the API's messages as JSON.
+    #[arg(short, long, global = true, value_enum, default_value_t = ops::Output::Text)]
+    output: ops::Output,
     /// Bearer token, when the services require one.
     #[arg(long, global = true, env = "OMOI_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
@@ -88,13 +108,63 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// Send a ticket's failed and cancelled tasks round again, each with a
-    /// fresh retry budget.
+    /// Send a ticket's failed and cancelled tasks (or one task) round
+    /// again, each with a fresh retry budget.
     Retry {
-        ticket_id: String,
+        /// A ticket id, or a task id.
+        id: String,
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// List tasks, oldest first.
+    Tasks {
+        #[arg(long)]
+        ticket: Option<String>,
+        /// pending, assigned, running, completed, failed, timed_out, cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// initial, implementation, integration, refactoring.
+        #[arg(long)]
+        phase: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Print one task.
+    Task { task_id: String },
+    /// List the agents the health service knows.
+    Agents {
+        /// healthy, stale or deregistered.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// The queue: counts by status, ready work, pauses.
+    Stats,
+    /// What the agent of a task did (its events), readable; `-f` follows
+    /// it live until the task ends.
+    Logs {
+        task_id: String,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Hold back dispatch: everything, a phase, a ticket, or a phase of a
+    /// ticket (pending work waits, running work finishes).
+    Pause {
+        #[arg(long)]
+        phase: Option<String>,
+        #[arg(long)]
+        ticket: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lift a pause (no scope: every pause).
+    Resume {
+        #[arg(long)]
+        phase: Option<String>,
+        #[arg(long)]
+        ticket: Option<String>,
+    },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 pub type Tickets = TicketServiceClient<omoi_runtime::grpc::Client>;
@@ -114,7 +184,7 @@ fn priority(name: &str) -> anyhow::Result<i32> {
 
 /// An enum value's name without its prefix (`IN_PROGRESS`); UNSPECIFIED
 /// for numbers this version does not know.
-fn short_name(full: &'static str, prefix: &str) -> &'static str {
+pub fn short_name(full: &'static str, prefix: &str) -> &'static str {
     full.strip_prefix(prefix).unwrap_or(full)
 }
 
@@ -367,6 +437,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .get_ticket(pb::GetTicketRequest { ticket_id })
                 .await?
                 .into_inner();
+            if cli.output == ops::Output::Json {
+                println!("{}", ops::json(&r, "omoi.ticket.v1.GetTicketResponse")?);
+                return Ok(());
+            }
             print_ticket(&r.ticket.unwrap_or_default(), &r.tasks);
             Ok(())
         }
@@ -378,6 +452,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
+            if cli.output == ops::Output::Json {
+                println!("{}", ops::json(&r, "omoi.ticket.v1.ListTicketsResponse")?);
+                return Ok(());
+            }
             for t in r.tickets {
                 println!("{}  {:<11} {:?}", t.id, status_name(t.status), t.title);
             }
@@ -393,12 +471,87 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("ticket {}  {}", t.id, status_name(t.status));
             Ok(())
         }
-        Command::Retry { ticket_id, reason } => {
-            let r = tickets(&cli.ticket_url, connector)?
-                .retry_ticket(pb::RetryTicketRequest { ticket_id, reason })
-                .await?
-                .into_inner();
-            print_ticket(&r.ticket.unwrap_or_default(), &r.tasks);
+        Command::Retry { id, reason } => {
+            let asked = tickets(&cli.ticket_url, connector)?
+                .retry_ticket(pb::RetryTicketRequest {
+                    ticket_id: id.clone(),
+                    reason: reason.clone(),
+                })
+                .await;
+            match asked {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    print_ticket(&r.ticket.unwrap_or_default(), &r.tasks);
+                    Ok(())
+                }
+                // Not a ticket: a task, then.
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    let mut q = ops::queue(&cli.task_queue_url, connector)?;
+                    q.retry_task(omoi_proto::taskqueue::RetryTaskRequest {
+                        task_id: id.clone(),
+                        reason,
+                    })
+                    .await?;
+                    ops::task(&mut q, id, ops::Output::Text).await
+                }
+                Err(s) => Err(s.into()),
+            }
+        }
+        Command::Tasks {
+            ticket,
+            status,
+            phase,
+            limit,
+        } => {
+            let filter = omoi_proto::taskqueue::ListTasksRequest {
+                ticket_id: ticket.unwrap_or_default(),
+                status: status.as_deref().map(ops::task_status).transpose()?.unwrap_or_default(),
+                phase: phase.as_deref().map(ops::phase).transpose()?.unwrap_or_default(),
+                page_size: 1000,
+                ..Default::default()
+            };
+            ops::tasks(
+                &mut ops::queue(&cli.task_queue_url, connector)?,
+                filter,
+                limit,
+                cli.output,
+            )
+            .await
+        }
+        Command::Task { task_id } => {
+            ops::task(&mut ops::queue(&cli.task_queue_url, connector)?, task_id, cli.output).await
+        }
+        Command::Agents { status } => {
+            let status = status
+                .as_deref()
+                .map(ops::agent_status)
+                .transpose()?
+                .unwrap_or_default();
+            ops::agents(&mut ops::health(&cli.health_url, connector)?, status, cli.output).await
+        }
+        Command::Stats => ops::stats(&mut ops::queue(&cli.task_queue_url, connector)?, cli.output).await,
+        Command::Logs { task_id, follow } => {
+            ops::logs(
+                &mut ops::queue(&cli.task_queue_url, connector)?,
+                task_id,
+                follow,
+                cli.output,
+            )
+            .await
+        }
+        Command::Pause { phase, ticket, reason } => {
+            let phase = phase.as_deref().map(ops::phase).transpose()?.unwrap_or_default();
+            let mut q = ops::queue(&cli.task_queue_url, connector)?;
+            ops::pause(&mut q, phase, ticket.unwrap_or_default(), reason).await
+        }
+        Command::Resume { phase, ticket } => {
+            let phase = phase.as_deref().map(ops::phase).transpose()?.unwrap_or_default();
+            let mut q = ops::queue(&cli.task_queue_url, connector)?;
+            ops::resume(&mut q, phase, ticket.unwrap_or_default()).await
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "omoi", &mut std::io::stdout());
             Ok(())
         }
     }

@@ -1,0 +1,93 @@
+//! The `omoi` command line against a real mesh (every service a process):
+//! tickets, tasks, agents, stats, logs, pause and resume, text and JSON.
+
+use std::process::Command;
+
+use omoi_tests::mesh::{Options, ProcessMesh};
+use omoi_tests::process::binary;
+use omoi_tests::{Infra, wait_ticket};
+use serde_json::Value;
+
+/// Runs `omoi` against the mesh; its stdout, or its stderr as the error.
+fn omoi(mesh: &ProcessMesh, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(binary("omoi"))
+        .args(["--ticket-url", &mesh.ticket.url])
+        .args(["--task-queue-url", &mesh.task_queue.url])
+        .args(["--health-url", &mesh.health.url])
+        .args(args)
+        .env_remove("OMOI_AUTH_TOKEN")
+        .output()
+        .expect("omoi runs");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_shows_and_steers_the_whole_mesh() {
+    let infra = Infra::new().await.unwrap();
+    let mesh = ProcessMesh::start(&infra, Options::default()).await.unwrap();
+    let created = omoi(&mesh, &["create", "Add a greeting", "--budget", "5"]).unwrap();
+    let ticket_id = created.split_whitespace().nth(1).unwrap().to_owned();
+    assert!(created.contains("budget $5.00"), "{created}");
+    wait_ticket(&mesh.tickets(), &ticket_id, 3).await;
+
+    // Tasks, as text and as the API's JSON.
+    let tasks = json(&omoi(&mesh, &["tasks", "--ticket", &ticket_id, "-o", "json"]).unwrap());
+    let tasks = tasks["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 4);
+    assert!(
+        tasks.iter().all(|t| t["status"] == "TASK_STATUS_COMPLETED"),
+        "{tasks:?}"
+    );
+    let first = tasks[0]["id"].as_str().unwrap();
+    let text = omoi(&mesh, &["tasks", "--ticket", &ticket_id, "--phase", "implementation"]).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("COMPLETED") && text.contains("IMPLEMENTATION"), "{text}");
+    assert!(omoi(&mesh, &["task", first]).unwrap().contains(&ticket_id));
+    let got = json(&omoi(&mesh, &["get", &ticket_id, "-o", "json"]).unwrap());
+    assert_eq!(got["ticket"]["maxCostUsd"], 5.0);
+
+    // Agents and the queue.
+    let agents = json(&omoi(&mesh, &["agents", "-o", "json"]).unwrap());
+    assert_eq!(agents["agents"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        omoi(&mesh, &["agents", "--status", "healthy"]).unwrap().lines().count(),
+        2
+    );
+    let stats = omoi(&mesh, &["stats"]).unwrap();
+    assert!(stats.contains("completed 4"), "{stats}");
+
+    // What the agent of the first task did.
+    let logs = omoi(&mesh, &["logs", first]).unwrap();
+    assert!(logs.contains("writing PLAN.md"), "{logs}");
+    let followed = omoi(&mesh, &["logs", "-f", first]).unwrap();
+    assert_eq!(followed, logs, "a finished task's follow ends with its history");
+
+    // Brakes.
+    let paused = omoi(&mesh, &["pause", "--phase", "integration", "--reason", "flaky tests"]).unwrap();
+    assert!(paused.contains("paused: phase INTEGRATION  flaky tests"), "{paused}");
+    let stats = json(&omoi(&mesh, &["stats", "-o", "json"]).unwrap());
+    assert_eq!(stats["pauses"][0]["phase"], "PHASE_INTEGRATION");
+    let resumed = omoi(&mesh, &["resume", "--phase", "integration"]).unwrap();
+    assert!(!resumed.contains("paused:"), "{resumed}");
+
+    // Clear errors for what does not exist or does not parse.
+    let missing = uuid::Uuid::now_v7().to_string();
+    assert!(omoi(&mesh, &["retry", &missing]).unwrap_err().contains("not found"));
+    assert!(
+        omoi(&mesh, &["tasks", "--status", "sleeping"])
+            .unwrap_err()
+            .contains("\"sleeping\"")
+    );
+    assert!(omoi(&mesh, &["completions", "bash"]).unwrap().contains("omoi"));
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
