@@ -53,17 +53,8 @@ pub async fn run(
         loop {
             match store.time_out_expired(BATCH).await {
                 Ok(outcomes) => {
-                    for outcome in &outcomes {
-                        omoi_runtime::metrics::TASK_TIMEOUTS.inc();
-                        count(outcome);
-                        tracing::info!(task_id = %outcome.task.id, status = %outcome.task.status, "task timed out");
-                        if let Some(revoked) = &outcome.revoked {
-                            dispatcher.revoke(revoked);
-                        }
-                    }
-                    if !outcomes.is_empty() {
-                        dispatcher.wake();
-                    }
+                    omoi_runtime::metrics::TASK_TIMEOUTS.inc_by(outcomes.len() as u64);
+                    took_back(&dispatcher, &outcomes, "task timed out");
                     if (outcomes.len() as i64) < BATCH {
                         break;
                     }
@@ -74,6 +65,21 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// Counts and logs what taking work back did, tells the holders to stop,
+/// and wakes dispatch for the tasks back in the queue.
+fn took_back(dispatcher: &Dispatcher, outcomes: &[omoi_store::tasks::Outcome], what: &str) {
+    for outcome in outcomes {
+        count(outcome);
+        tracing::info!(task_id = %outcome.task.id, status = %outcome.task.status, "{what}");
+        if let Some(revoked) = &outcome.revoked {
+            dispatcher.revoke(revoked);
+        }
+    }
+    if !outcomes.is_empty() {
+        dispatcher.wake();
     }
 }
 
@@ -100,18 +106,7 @@ async fn put_back_unstarted(store: &Store, dispatcher: &Dispatcher, seconds: f64
 /// retries); their holders, if any, are told to stop.
 async fn take_back_unheld(store: &Store, dispatcher: &Dispatcher, seconds: f64) {
     match store.reclaim_unheld(seconds, listing_slack(seconds), BATCH).await {
-        Ok(outcomes) => {
-            for outcome in &outcomes {
-                count(outcome);
-                tracing::info!(task_id = %outcome.task.id, status = %outcome.task.status, "running lease lapsed");
-                if let Some(revoked) = &outcome.revoked {
-                    dispatcher.revoke(revoked);
-                }
-            }
-            if !outcomes.is_empty() {
-                dispatcher.wake();
-            }
-        }
+        Ok(outcomes) => took_back(dispatcher, &outcomes, "running lease lapsed"),
         Err(e) => tracing::warn!(error = %e, "running lease check failed"),
     }
 }
@@ -144,16 +139,7 @@ pub async fn reclaim_from_stale_agents(
                     .await
                     .map_err(|e| e.to_string())?;
                 dispatcher.evict(agent_id).await;
-                if !outcomes.is_empty() {
-                    tracing::info!(%agent_id, count = outcomes.len(), "took back the tasks of a stale agent");
-                    for outcome in &outcomes {
-                        count(outcome);
-                        if let Some(revoked) = &outcome.revoked {
-                            dispatcher.revoke(revoked);
-                        }
-                    }
-                    dispatcher.wake();
-                }
+                took_back(&dispatcher, &outcomes, "took back a task of a stale agent");
                 Ok(())
             }
         },

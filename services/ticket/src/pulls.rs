@@ -135,6 +135,7 @@ impl GitHub {
         let (status, answer) = self.call(Method::POST, &format!("{root}/pulls"), Some(body)).await?;
         if status == StatusCode::CREATED {
             return opened(&answer, ticket, &base)
+                .map(Asked::Opened)
                 .ok_or_else(|| format!("POST {root}/pulls: no html_url in the answer"));
         }
         // Ours already, after all (an answer lost on the way back).
@@ -164,20 +165,18 @@ impl GitHub {
         Ok(body
             .as_array()
             .and_then(|list| list.first())
-            .and_then(|pr| match opened(pr, ticket, base) {
-                Some(Asked::Opened(o)) => Some(o),
-                _ => None,
-            }))
+            .and_then(|pr| opened(pr, ticket, base)))
     }
 }
 
-fn opened(pr: &Value, ticket: &Ticket, base: &str) -> Option<Asked> {
-    Some(Asked::Opened(PullRequestOpened {
+/// The pull request a GitHub answer describes.
+fn opened(pr: &Value, ticket: &Ticket, base: &str) -> Option<PullRequestOpened> {
+    Some(PullRequestOpened {
         url: pr["html_url"].as_str()?.to_owned(),
         number: pr["number"].as_i64().unwrap_or_default(),
         branch: ticket.branch.clone(),
         base: pr["base"]["ref"].as_str().unwrap_or(base).to_owned(),
-    }))
+    })
 }
 
 /// GitHub's error message: `message`, and what `errors` add.
