@@ -87,6 +87,7 @@ async fn counts(pool: &sqlx::PgPool) -> Vec<i64> {
         "tickets",
         "ticket_tasks",
         "agents",
+        "concurrency_limits",
         "event_outbox",
     ] {
         out.push(
@@ -116,7 +117,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
 
     for round in 0..300 {
         let before = counts(&pool).await;
-        let rpc = rng.next() % 30;
+        let rpc = rng.next() % 31;
         let result: Result<(), tonic::Status> = match rpc {
             0 => q
                 .enqueue_tasks(tq::EnqueueTasksRequest {
@@ -131,6 +132,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                             depends_on: rng.texts(),
                             max_retries: Some(rng.int()),
                             timeout_seconds: rng.int(),
+                            concurrency_key: rng.text(),
                         })
                         .collect(),
                 })
@@ -238,6 +240,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                             depends_on: vec![rng.int()],
                             max_retries: Some(rng.int()),
                             timeout_seconds: rng.int(),
+                            concurrency_key: rng.text(),
                         })
                         .collect(),
                     ..Default::default()
@@ -373,6 +376,14 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                 })
                 .await
                 .map(|_| ()),
+            29 => q
+                .set_concurrency_limit(tq::SetConcurrencyLimitRequest {
+                    key: rng.text(),
+                    max_running: rng.int(),
+                    clear: rng.next().is_multiple_of(2),
+                })
+                .await
+                .map(|_| ()),
             _ => e
                 .stream_execution_output(ex::StreamExecutionOutputRequest { task_id: rng.text() })
                 .await
@@ -388,8 +399,8 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                 let after = counts(&pool).await;
                 // The outbox drains on its own; compare the tables that hold state.
                 assert_eq!(
-                    before[..5],
-                    after[..5],
+                    before[..6],
+                    after[..6],
                     "round {round}, rpc {rpc}: a refused request changed rows"
                 );
             }

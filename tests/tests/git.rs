@@ -153,7 +153,10 @@ async fn parallel_tasks_push_one_after_the_other_and_their_dependent_builds_on_b
             base_ref: "main".into(),
             plan: vec![
                 spec("Plan it", 1, vec![]),
-                spec("Test it", 3, vec![]),
+                pb::TaskSpec {
+                    concurrency_key: "test-runners".into(),
+                    ..spec("Test it", 3, vec![])
+                },
                 spec("Tidy up", 4, vec![0, 1]),
             ],
             ..Default::default()
@@ -166,6 +169,10 @@ async fn parallel_tasks_push_one_after_the_other_and_their_dependent_builds_on_b
     let done = wait_ticket(&tickets, &ticket.id, COMPLETED).await;
     let by_title = |title: &str| done.tasks.iter().find(|t| t.title == title).unwrap();
     let (plan, test, tidy) = (by_title("Plan it"), by_title("Test it"), by_title("Tidy up"));
+    // A ticket's tasks share its repository's concurrency key unless the
+    // plan names another.
+    assert_eq!(plan.concurrency_key, format!("file://{}", bare.display()));
+    assert_eq!(test.concurrency_key, "test-runners");
     // Both roots started from main; the second to push went on top of the
     // first, never over it.
     assert_eq!(task_git(plan).base_commit, main);

@@ -126,6 +126,7 @@ events! {
     AgentRecovered(AgentChanged) = "AGENT_RECOVERED", Agent;
     QueuePaused(QueuePaused) = "QUEUE_PAUSED", Queue;
     QueueResumed(QueueResumed) = "QUEUE_RESUMED", Queue;
+    ConcurrencyLimitSet(ConcurrencyLimitSet) = "QUEUE_LIMIT_SET", Queue;
 }
 
 impl std::fmt::Display for EventType {
@@ -271,6 +272,15 @@ pub struct QueueResumed {
     pub phase: Option<Phase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ticket_id: Option<Uuid>,
+}
+
+/// A concurrency key's limit changed: at most `max_running` of its tasks
+/// ASSIGNED or RUNNING at once; none when the limit was removed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConcurrencyLimitSet {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_running: Option<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

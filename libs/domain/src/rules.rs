@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use crate::error::DomainError;
 use crate::event::{
-    Envelope, Event, QueuePaused, QueueResumed, TaskAssigned, TaskCancelled, TaskCompleted, TaskCreated, TaskFailed,
-    TaskRequeued, TaskRetried, TaskStarted, TaskTimedOut,
+    ConcurrencyLimitSet, Envelope, Event, QueuePaused, QueueResumed, TaskAssigned, TaskCancelled, TaskCompleted,
+    TaskCreated, TaskFailed, TaskRequeued, TaskRetried, TaskStarted, TaskTimedOut,
 };
 use crate::git::GitChange;
 use crate::task::{Action, ErrorClass, Phase, Task, TaskStatus};
@@ -456,6 +456,18 @@ pub fn resumed(scope: Scope) -> Envelope {
     }))
 }
 
+/// A concurrency key's limit set (`Some`) or removed (`None`).
+pub fn limit_set(key: &str, max_running: Option<i32>) -> Envelope {
+    Envelope::new(
+        Uuid::nil(),
+        None,
+        Event::ConcurrencyLimitSet(ConcurrencyLimitSet {
+            key: key.to_owned(),
+            max_running,
+        }),
+    )
+}
+
 /// Why an assignment not started within the start lease went back to the
 /// queue.
 pub fn start_lapsed(seconds: f64) -> String {
@@ -640,6 +652,7 @@ mod tests {
             next_attempt_at: now,
             trace_context: None,
             depends_on: Vec::new(),
+            concurrency_key: None,
         }
     }
 
@@ -961,6 +974,7 @@ mod tests {
             depends_on: deps,
             max_retries: 3,
             timeout_seconds: 0,
+            concurrency_key: None,
         };
         let batch = [task(vec![done]), task(vec![open, failed])];
         let met = met_dependencies(&batch[..1], &[(done, TaskStatus::Completed)]).unwrap();

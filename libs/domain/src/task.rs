@@ -114,6 +114,8 @@ pub struct Task {
     /// The `traceparent` of the request that enqueued it.
     pub trace_context: Option<String>,
     pub depends_on: Vec<Uuid>,
+    /// Tasks sharing a key run no more at once than the key's limit.
+    pub concurrency_key: Option<String>,
 }
 
 impl Task {

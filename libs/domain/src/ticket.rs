@@ -225,6 +225,8 @@ pub struct PlannedTask {
     pub depends_on: Vec<usize>,
     pub max_retries: i32,
     pub timeout_seconds: i32,
+    /// None: the ticket's repository, if it names one.
+    pub concurrency_key: Option<String>,
 }
 
 /// A plan entry as the request carries it.
@@ -237,6 +239,7 @@ pub struct RawTaskSpec<'a> {
     pub depends_on: &'a [i32],
     pub max_retries: Option<i32>,
     pub timeout_seconds: i32,
+    pub concurrency_key: &'a str,
 }
 
 /// Most tasks in one plan.
@@ -290,6 +293,7 @@ pub fn default_plan(title: &str, description: &str, priority: i32, told: &PhaseI
             depends_on: if i == 0 { vec![] } else { vec![i - 1] },
             max_retries: crate::backoff::DEFAULT_MAX_RETRIES,
             timeout_seconds: 0,
+            concurrency_key: None,
         })
         .collect()
 }
@@ -343,6 +347,7 @@ pub fn explicit_plan(specs: &[RawTaskSpec<'_>], ticket_priority: i32) -> Result<
                 0,
                 validate::MAX_TIMEOUT_SECONDS,
             )?,
+            concurrency_key: validate::optional_concurrency_key(&f("concurrency_key"), s.concurrency_key)?,
         });
     }
     let graph: Vec<Vec<usize>> = plan.iter().map(|t| t.depends_on.clone()).collect();

@@ -28,6 +28,8 @@ pub struct NewTask {
     pub depends_on: Vec<Uuid>,
     pub max_retries: i32,
     pub timeout_seconds: i32,
+    /// Tasks sharing a key run no more at once than the key's limit.
+    pub concurrency_key: Option<String>,
 }
 
 /// A task as a request carries it, before validation.
@@ -42,6 +44,7 @@ pub struct RawNewTask<'a> {
     pub depends_on: &'a [String],
     pub max_retries: Option<i32>,
     pub timeout_seconds: i32,
+    pub concurrency_key: &'a str,
 }
 
 /// A required UUID.
@@ -215,7 +218,35 @@ pub fn new_task(field: &str, raw: &RawNewTask<'_>) -> Result<NewTask, DomainErro
             0,
             MAX_TIMEOUT_SECONDS,
         )?,
+        concurrency_key: optional_concurrency_key(&format!("{field}.concurrency_key"), raw.concurrency_key)?,
     })
+}
+
+/// Longest concurrency key: room for any repository, a ticket's default.
+pub const MAX_CONCURRENCY_KEY_BYTES: usize = MAX_REPOSITORY_BYTES;
+
+/// A concurrency key: 1 to 2,048 bytes, no control characters, not blank.
+pub fn concurrency_key(field: &str, value: &str) -> Result<String, DomainError> {
+    if value.trim().is_empty() {
+        return Err(DomainError::invalid(field, "is required"));
+    }
+    if value.len() > MAX_CONCURRENCY_KEY_BYTES {
+        return Err(DomainError::invalid(
+            field,
+            format!("is {} bytes; at most {MAX_CONCURRENCY_KEY_BYTES} allowed", value.len()),
+        ));
+    }
+    no_control_chars(field, value)?;
+    Ok(value.to_owned())
+}
+
+/// An optional concurrency key: empty means none.
+pub fn optional_concurrency_key(field: &str, value: &str) -> Result<Option<String>, DomainError> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        concurrency_key(field, value).map(Some)
+    }
 }
 
 pub const MAX_LABELS: usize = 64;

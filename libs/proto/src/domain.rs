@@ -98,6 +98,7 @@ impl From<&Task> for taskqueue::Task {
             unmet_dependencies: t.unmet_deps,
             usage: t.usage.as_ref().map(c::Usage::from),
             git: t.git.as_ref().map(c::GitChange::from),
+            concurrency_key: t.concurrency_key.clone().unwrap_or_default(),
         }
     }
 }

@@ -65,7 +65,7 @@ pub fn transient(code: tonic::Code) -> bool {
 fn store(err: StoreError) -> Status {
     match err {
         StoreError::Domain(d) => domain(d),
-        StoreError::NotFound { .. } => Status::not_found(err.to_string()),
+        StoreError::NotFound { .. } | StoreError::Missing(_) => Status::not_found(err.to_string()),
         StoreError::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
         StoreError::AlreadyExists(_) => Status::already_exists(err.to_string()),
         StoreError::Unavailable(_) => {

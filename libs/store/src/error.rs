@@ -8,6 +8,9 @@ pub enum StoreError {
     Domain(#[from] DomainError),
     #[error("{entity} {id} not found")]
     NotFound { entity: &'static str, id: Uuid },
+    /// Something not named by an id (a concurrency key's limit).
+    #[error("{0}")]
+    Missing(String),
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]

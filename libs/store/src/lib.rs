@@ -6,6 +6,7 @@ mod codes;
 pub mod consumed;
 mod error;
 pub mod events;
+pub mod limits;
 pub mod outbox;
 pub mod pauses;
 pub mod pulls;

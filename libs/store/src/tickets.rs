@@ -19,7 +19,7 @@ pub(crate) const TICKET_COLUMNS: &str =
      pull_request, pull_request_url, pull_request_error, max_cost_usd, paused_reason, labels, request_id,
      tasks_enqueued, usage, created_at, updated_at";
 const TICKET_TASK_COLUMNS: &str = "ticket_id, task_id, position, title, description, phase, priority, depends_on,
-     max_retries, timeout_seconds, started, outcome";
+     max_retries, timeout_seconds, concurrency_key, started, outcome";
 
 /// A `tickets` row.
 pub(crate) struct TicketRow(pub(crate) Ticket);
@@ -98,6 +98,7 @@ impl<'r> FromRow<'r, PgRow> for TicketTask {
                 depends_on: deps.into_iter().filter_map(|d| usize::try_from(d).ok()).collect(),
                 max_retries: row.try_get("max_retries")?,
                 timeout_seconds: row.try_get("timeout_seconds")?,
+                concurrency_key: row.try_get("concurrency_key")?,
             },
             progress: TaskProgress {
                 started: row.try_get("started")?,
@@ -183,12 +184,14 @@ impl Store {
         };
         sqlx::query(
             "INSERT INTO ticket_tasks (ticket_id, task_id, position, title, description, phase, priority,
-                                       depends_on, max_retries, timeout_seconds)
+                                       depends_on, max_retries, timeout_seconds, concurrency_key)
              SELECT $1, p.task_id, p.position, p.title, p.description, p.phase, p.priority,
-                    ARRAY(SELECT jsonb_array_elements_text(p.deps::jsonb)::int), p.max_retries, p.timeout_seconds
+                    ARRAY(SELECT jsonb_array_elements_text(p.deps::jsonb)::int), p.max_retries, p.timeout_seconds,
+                    p.concurrency_key
              FROM unnest($2::uuid[], $3::int4[], $4::text[], $5::text[], $6::int2[], $7::int4[], $8::text[],
-                         $9::int4[], $10::int4[])
-                  AS p(task_id, position, title, description, phase, priority, deps, max_retries, timeout_seconds)",
+                         $9::int4[], $10::int4[], $11::text[])
+                  AS p(task_id, position, title, description, phase, priority, deps, max_retries, timeout_seconds,
+                       concurrency_key)",
         )
         .bind(ticket.id)
         .bind(plan.iter().map(|(id, _)| *id).collect::<Vec<_>>())
@@ -204,6 +207,11 @@ impl Store {
         )
         .bind(plan.iter().map(|(_, p)| p.max_retries).collect::<Vec<_>>())
         .bind(plan.iter().map(|(_, p)| p.timeout_seconds).collect::<Vec<_>>())
+        .bind(
+            plan.iter()
+                .map(|(_, p)| p.concurrency_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *tx)
         .await?;
         let created = Event::TicketCreated(TicketCreated {

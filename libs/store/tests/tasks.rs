@@ -92,6 +92,7 @@ fn new_task(title: &str, priority: i32, depends_on: &[Uuid]) -> NewTask {
         depends_on: depends_on.to_vec(),
         max_retries: 3,
         timeout_seconds: 0,
+        concurrency_key: None,
     }
 }
 

@@ -163,6 +163,19 @@ enum Command {
         #[arg(long)]
         ticket: Option<String>,
     },
+    /// Cap how many tasks with a concurrency key are out at once, on every
+    /// replica (a ticket's tasks carry its repository as their key), or
+    /// lift the cap.
+    Limit {
+        key: String,
+        /// Most of the key's tasks assigned or running at once (0 holds
+        /// them all back).
+        #[arg(required_unless_present = "clear")]
+        max_running: Option<i32>,
+        /// Lift the key's cap.
+        #[arg(long, conflicts_with = "max_running")]
+        clear: bool,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -548,6 +561,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let phase = phase.as_deref().map(ops::phase).transpose()?.unwrap_or_default();
             let mut q = ops::queue(&cli.task_queue_url, connector)?;
             ops::resume(&mut q, phase, ticket.unwrap_or_default()).await
+        }
+        Command::Limit {
+            key,
+            max_running,
+            clear,
+        } => {
+            let mut q = ops::queue(&cli.task_queue_url, connector)?;
+            ops::limit(&mut q, key, max_running.unwrap_or_default(), clear).await
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;

@@ -1,5 +1,6 @@
 //! The operator's commands beyond tickets: tasks, agents, queue statistics,
-//! an agent's live events, pausing and resuming dispatch. Each read command
+//! an agent's live events, pausing and resuming dispatch, concurrency
+//! limits. Each read command
 //! prints text or, with `-o json`, the API's own messages in the proto3
 //! JSON mapping.
 
@@ -211,6 +212,9 @@ pub async fn stats(q: &mut Queue, out: Output) -> anyhow::Result<()> {
         };
         println!("paused: {scope}  {}", p.reason);
     }
+    for l in &s.limits {
+        println!("limit: {} of {:?} out (cap {})", l.held, l.key, l.max_running);
+    }
     Ok(())
 }
 
@@ -251,6 +255,16 @@ pub async fn pause(q: &mut Queue, phase: i32, ticket_id: String, reason: String)
         phase,
         ticket_id,
         reason,
+    })
+    .await?;
+    stats(q, Output::Text).await
+}
+
+pub async fn limit(q: &mut Queue, key: String, max_running: i32, clear: bool) -> anyhow::Result<()> {
+    q.set_concurrency_limit(tq::SetConcurrencyLimitRequest {
+        key,
+        max_running,
+        clear,
     })
     .await?;
     stats(q, Output::Text).await

@@ -10,6 +10,7 @@ use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_server::TaskQueueService};
 use omoi_runtime::status::{ApiError, ApiResult};
 use omoi_store::Store;
+use omoi_store::limits::Limit;
 use omoi_store::pauses::Pause;
 use omoi_store::tasks::{ListFilter, Outcome, Report};
 use prost::Message;
@@ -93,6 +94,18 @@ fn scope(phase: i32, ticket_id: &str) -> ApiResult<Scope> {
     })
 }
 
+/// Largest concurrency limit a key may have.
+const MAX_CONCURRENCY_LIMIT: i32 = 1_000_000;
+
+fn limit_message(l: &Limit) -> pb::ConcurrencyLimit {
+    pb::ConcurrencyLimit {
+        key: l.key.clone(),
+        max_running: l.max_running,
+        held: l.held,
+        updated_at: Some(omoi_proto::convert::timestamp(l.updated_at)),
+    }
+}
+
 fn pause_message(p: &Pause) -> pb::Pause {
     pb::Pause {
         phase: p.scope.phase.map_or(0, WireEnum::wire),
@@ -122,6 +135,7 @@ fn new_task(field: &str, t: &pb::NewTask) -> Result<omoi_domain::validate::NewTa
         depends_on: &t.depends_on,
         max_retries: t.max_retries,
         timeout_seconds: t.timeout_seconds,
+        concurrency_key: &t.concurrency_key,
     };
     validate::new_task(field, &raw)
 }
@@ -306,6 +320,24 @@ impl TaskQueue {
         })
     }
 
+    async fn set_limit(&self, req: &pb::SetConcurrencyLimitRequest) -> ApiResult<pb::SetConcurrencyLimitResponse> {
+        let key = validate::concurrency_key("key", &req.key)?;
+        if req.clear {
+            self.store.clear_limit(&key).await?;
+            tracing::info!(key, "concurrency limit removed");
+            self.dispatcher.wake();
+            return Ok(pb::SetConcurrencyLimitResponse { limit: None });
+        }
+        let max_running = validate::range("max_running", req.max_running, 0, MAX_CONCURRENCY_LIMIT)?;
+        let limit = self.store.set_limit(&key, max_running).await?;
+        tracing::info!(key, max_running, "concurrency limit set");
+        // A raised limit may let waiting tasks out, on any replica.
+        self.dispatcher.wake();
+        Ok(pb::SetConcurrencyLimitResponse {
+            limit: Some(limit_message(&limit)),
+        })
+    }
+
     async fn stats(&self) -> ApiResult<pb::GetQueueStatsResponse> {
         let stats = self.store.stats().await?;
         let mut resp = pb::GetQueueStatsResponse {
@@ -313,6 +345,7 @@ impl TaskQueue {
             oldest_ready_age_seconds: stats.oldest_ready_age.as_secs_f64(),
             connected_agents: i32::try_from(self.dispatcher.connected_agents()).unwrap_or(i32::MAX),
             pauses: self.store.pauses().await?.iter().map(pause_message).collect(),
+            limits: self.store.limits().await?.iter().map(limit_message).collect(),
             ..Default::default()
         };
         for (st, phase, count) in stats.counts {
@@ -384,6 +417,13 @@ impl TaskQueueService for TaskQueue {
         request: Request<pb::ResumeDispatchRequest>,
     ) -> Result<Response<pb::ResumeDispatchResponse>, Status> {
         Ok(Response::new(self.resume(request.get_ref()).await?))
+    }
+
+    async fn set_concurrency_limit(
+        &self,
+        request: Request<pb::SetConcurrencyLimitRequest>,
+    ) -> Result<Response<pb::SetConcurrencyLimitResponse>, Status> {
+        Ok(Response::new(self.set_limit(request.get_ref()).await?))
     }
 
     type WatchAssignmentsStream = AgentStream;

@@ -52,6 +52,7 @@ impl Queue {
                     depends_on: dependency_ids(t, tasks),
                     max_retries: Some(t.planned.max_retries),
                     timeout_seconds: t.planned.timeout_seconds,
+                    concurrency_key: t.planned.concurrency_key.clone().unwrap_or_default(),
                 })
                 .collect(),
         };
@@ -157,6 +158,7 @@ pub fn planned_tasks(ticket: &Ticket, tasks: &[TicketTask]) -> Vec<pb::Task> {
             max_retries: t.planned.max_retries,
             timeout_seconds: t.planned.timeout_seconds,
             unmet_dependencies: t.planned.depends_on.len() as i32,
+            concurrency_key: t.planned.concurrency_key.clone().unwrap_or_default(),
             ..Default::default()
         })
         .collect()

@@ -114,7 +114,17 @@ impl Tickets {
             labels: serde_json::to_value(&req.labels).unwrap_or_default(),
             request_id,
         };
-        let plan: Vec<(Uuid, rules::PlannedTask)> = plan.into_iter().map(|p| (Uuid::now_v7(), p)).collect();
+        // A ticket's tasks share its repository's concurrency key unless
+        // the plan names another.
+        let plan: Vec<(Uuid, rules::PlannedTask)> = plan
+            .into_iter()
+            .map(|mut p| {
+                if p.concurrency_key.is_none() && !new.repository.is_empty() {
+                    p.concurrency_key = Some(new.repository.clone());
+                }
+                (Uuid::now_v7(), p)
+            })
+            .collect();
         let (t, planned) = match self.store.create_ticket(&new, &plan).await? {
             Created::Existing(t, planned) => {
                 let tasks = self.tasks_of(&t, &planned).await?;
@@ -334,6 +344,7 @@ fn task_spec(s: &pb::TaskSpec) -> RawTaskSpec<'_> {
         depends_on: &s.depends_on,
         max_retries: s.max_retries,
         timeout_seconds: s.timeout_seconds,
+        concurrency_key: &s.concurrency_key,
     }
 }
 

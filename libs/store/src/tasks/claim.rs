@@ -33,10 +33,35 @@ impl Store {
         }
         let phases: Option<Vec<i16>> = phases.map(|p| p.iter().copied().map(phase_code).collect());
         let mut tx = self.pool().begin().await?;
+        // The limited keys with ready work, locked: a replica claiming for
+        // one of them waits here for another doing the same, and then (a
+        // new statement, a new snapshot) counts what that one handed out.
+        let locked: Vec<String> = sqlx::query_scalar(
+            "SELECT l.key FROM concurrency_limits l
+             WHERE EXISTS (SELECT 1 FROM tasks r
+                           WHERE r.concurrency_key = l.key AND r.status = 'pending' AND r.unmet_deps = 0
+                             AND r.next_attempt_at <= now())
+             ORDER BY l.key FOR UPDATE",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         let rows: Vec<TaskRow> = sqlx::query_as(concat!(
             "WITH slots AS (
                  SELECT s.agent, s.session, s.ord
                  FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS s(agent, session, ord)
+             ), allowed AS (
+                 -- Of each locked key, as many ready tasks as it has room for.
+                 SELECT r.id FROM concurrency_limits l
+                 CROSS JOIN LATERAL (
+                     SELECT r.id FROM tasks r
+                     WHERE r.concurrency_key = l.key AND r.status = 'pending' AND r.unmet_deps = 0
+                       AND r.next_attempt_at <= now() AND ($3::int2[] IS NULL OR r.phase = ANY($3))
+                     ORDER BY r.priority DESC, r.seq
+                     LIMIT greatest(l.max_running - (
+                         SELECT count(*) FROM tasks h
+                         WHERE h.concurrency_key = l.key AND h.status IN ('assigned', 'running')), 0)
+                 ) r
+                 WHERE l.key = ANY($6::text[])
              ), picked AS MATERIALIZED (
                  SELECT id, priority, seq FROM tasks
                  WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at <= now()
@@ -49,6 +74,11 @@ impl Store {
                             SELECT 1 FROM dispatch_pauses p
                             WHERE (p.phase IS NULL OR p.phase = tasks.phase)
                               AND (p.ticket_id IS NULL OR p.ticket_id = tasks.ticket_id)))
+                   -- A limited key's tasks only within its room, and only
+                   -- when its lock is held (a limit set since is honoured).
+                   AND (tasks.concurrency_key IS NULL
+                        OR NOT EXISTS (SELECT 1 FROM concurrency_limits l WHERE l.key = tasks.concurrency_key)
+                        OR tasks.id IN (SELECT id FROM allowed))
                  ORDER BY priority DESC, seq
                  LIMIT $4
                  FOR UPDATE SKIP LOCKED
@@ -71,6 +101,7 @@ impl Store {
         .bind(phases)
         .bind(slots.len() as i64)
         .bind(stamp)
+        .bind(&locked)
         .fetch_all(&mut *tx)
         .await?;
         let tasks = unwrap_rows(rows);

@@ -80,13 +80,13 @@ async fn refuse_existing(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
 async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32]) -> Result<()> {
     sqlx::query(
         "INSERT INTO tasks (id, ticket_id, title, description, phase, priority, status,
-                            unmet_deps, max_retries, timeout_seconds, trace_context)
+                            unmet_deps, max_retries, timeout_seconds, trace_context, concurrency_key)
          SELECT n.id, n.ticket_id, n.title, n.description, n.phase, n.priority, 'pending',
-                n.unmet, n.max_retries, n.timeout_seconds, $10
+                n.unmet, n.max_retries, n.timeout_seconds, $10, n.concurrency_key
          FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int2[], $6::int4[],
-                     $7::int4[], $8::int4[], $9::int4[]) WITH ORDINALITY
+                     $7::int4[], $8::int4[], $9::int4[], $11::text[]) WITH ORDINALITY
               AS n(id, ticket_id, title, description, phase, priority, unmet, max_retries,
-                   timeout_seconds, ord)
+                   timeout_seconds, concurrency_key, ord)
          ORDER BY n.ord",
     )
     .bind(tasks.iter().map(|t| t.id).collect::<Vec<_>>())
@@ -99,6 +99,7 @@ async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32])
     .bind(tasks.iter().map(|t| t.max_retries).collect::<Vec<_>>())
     .bind(tasks.iter().map(|t| t.timeout_seconds).collect::<Vec<_>>())
     .bind(events::current_trace())
+    .bind(tasks.iter().map(|t| t.concurrency_key.as_deref()).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

@@ -31,7 +31,7 @@ macro_rules! task_columns {
         "t.id, t.seq, t.ticket_id, t.title, t.description, t.phase, t.priority, t.status,
          t.unmet_deps, t.retry_count, t.max_retries, t.timeout_seconds, t.attempt,
          t.assigned_agent_id, t.error_message, t.error_class, t.result, t.usage, t.git, t.created_at,
-         t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context,
+         t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context, t.concurrency_key,
          ARRAY(SELECT d.depends_on FROM task_dependencies d WHERE d.task_id = t.id
                ORDER BY d.depends_on) AS depends_on"
     };
@@ -78,6 +78,7 @@ impl<'r> FromRow<'r, PgRow> for TaskRow {
             next_attempt_at: row.try_get("next_attempt_at")?,
             trace_context: row.try_get("trace_context")?,
             depends_on: row.try_get("depends_on")?,
+            concurrency_key: row.try_get("concurrency_key")?,
         }))
     }
 }
