@@ -1,5 +1,6 @@
 //! The `omoi` command line against a real mesh (every service a process):
-//! tickets, tasks, agents, stats, logs, pause and resume, text and JSON.
+//! tickets (planned in a file too), tasks, agents, stats, logs, pause and
+//! resume, limits, cancelling a task, text and JSON.
 
 use std::process::Command;
 
@@ -77,6 +78,37 @@ async fn the_cli_shows_and_steers_the_whole_mesh() {
     assert_eq!(stats["pauses"][0]["phase"], "PHASE_INTEGRATION");
     let resumed = omoi(&mesh, &["resume", "--phase", "integration"]).unwrap();
     assert!(!resumed.contains("paused:"), "{resumed}");
+    let limited = omoi(&mesh, &["limit", "repo-x", "2"]).unwrap();
+    assert!(limited.contains("limit: 0 of \"repo-x\" out (cap 2)"), "{limited}");
+    let stats = json(&omoi(&mesh, &["stats", "-o", "json"]).unwrap());
+    assert_eq!(stats["limits"][0]["maxRunning"], 2);
+    let cleared = omoi(&mesh, &["limit", "repo-x", "--clear"]).unwrap();
+    assert!(!cleared.contains("limit:"), "{cleared}");
+
+    // A ticket planned in a file; one of its tasks cancelled while the
+    // queue holds everything back.
+    omoi(&mesh, &["pause", "--reason", "planning"]).unwrap();
+    let plan = std::env::temp_dir().join(format!("omoi-plan-{}.yaml", uuid::Uuid::now_v7()));
+    std::fs::write(
+        &plan,
+        "- title: Sketch the parser\n  phase: initial\n\
+         - title: Write the parser\n  phase: implementation\n  depends_on: [Sketch the parser]\n",
+    )
+    .unwrap();
+    let created = omoi(&mesh, &["create", "Parse it", "--plan", plan.to_str().unwrap()]).unwrap();
+    let planned = created.split_whitespace().nth(1).unwrap().to_owned();
+    let tasks = json(&omoi(&mesh, &["tasks", "--ticket", &planned, "-o", "json"]).unwrap());
+    let tasks = tasks["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2, "{tasks:?}");
+    assert_eq!(tasks[1]["dependsOn"][0], tasks[0]["id"]);
+    assert_eq!(tasks[1]["phase"], "PHASE_IMPLEMENTATION");
+    let cancelled = omoi(&mesh, &["cancel", tasks[1]["id"].as_str().unwrap()]).unwrap();
+    assert!(cancelled.contains("CANCELLED"), "{cancelled}");
+    std::fs::write(&plan, "- title: Dream\n  phase: dreaming\n").unwrap();
+    let refused = omoi(&mesh, &["create", "Never", "--plan", plan.to_str().unwrap()]).unwrap_err();
+    assert!(refused.contains("\"dreaming\""), "{refused}");
+    std::fs::remove_file(&plan).unwrap();
+    omoi(&mesh, &["resume"]).unwrap();
 
     // Clear errors for what does not exist or does not parse.
     let missing = uuid::Uuid::now_v7().to_string();

@@ -2,6 +2,7 @@
 //! the whole mesh on this machine and puts a sample ticket through it.
 
 mod ops;
+mod plan;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -78,6 +79,12 @@ enum Command {
         /// LOW, MEDIUM, HIGH or CRITICAL.
         #[arg(long, default_value = "MEDIUM")]
         priority: String,
+        /// The ticket's tasks from a YAML file (a list of `title`, `phase`,
+        /// and optionally `description`, `depends_on` by title or position,
+        /// `priority`, `max_retries`, `timeout_seconds`, `concurrency_key`);
+        /// default: the four phases one after the other.
+        #[arg(long)]
+        plan: Option<std::path::PathBuf>,
     },
     /// Print a ticket and its tasks.
     Get { ticket_id: String },
@@ -102,9 +109,11 @@ enum Command {
     },
     /// Follow a ticket's events until it ends.
     Watch { ticket_id: String },
-    /// Cancel a ticket and its open tasks.
+    /// Cancel a ticket and its open tasks, or one task (and the tasks that
+    /// wait for it).
     Cancel {
-        ticket_id: String,
+        /// A ticket id, or a task id.
+        id: String,
         #[arg(long, default_value = "")]
         reason: String,
     },
@@ -395,7 +404,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pull_request,
             budget,
             priority: p,
+            plan: plan_file,
         } => {
+            let plan = plan_file.as_deref().map(plan::read).transpose()?.unwrap_or_default();
             let r = tickets(&cli.ticket_url, connector)?
                 .create_ticket(pb::CreateTicketRequest {
                     title,
@@ -405,6 +416,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     pull_request,
                     max_cost_usd: budget,
                     priority: priority(&p)?,
+                    plan,
                     ..Default::default()
                 })
                 .await?
@@ -475,14 +487,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Watch { ticket_id } => watch(&mut tickets(&cli.ticket_url, connector)?, &ticket_id).await,
-        Command::Cancel { ticket_id, reason } => {
-            let r = tickets(&cli.ticket_url, connector)?
-                .cancel_ticket(pb::CancelTicketRequest { ticket_id, reason })
-                .await?
-                .into_inner();
-            let t = r.ticket.unwrap_or_default();
-            println!("ticket {}  {}", t.id, status_name(t.status));
-            Ok(())
+        Command::Cancel { id, reason } => {
+            let asked = tickets(&cli.ticket_url, connector)?
+                .cancel_ticket(pb::CancelTicketRequest {
+                    ticket_id: id.clone(),
+                    reason: reason.clone(),
+                })
+                .await;
+            match asked {
+                Ok(r) => {
+                    let t = r.into_inner().ticket.unwrap_or_default();
+                    println!("ticket {}  {}", t.id, status_name(t.status));
+                    Ok(())
+                }
+                // Not a ticket: a task, then.
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    let mut q = ops::queue(&cli.task_queue_url, connector)?;
+                    q.cancel_task(omoi_proto::taskqueue::CancelTaskRequest {
+                        task_id: id.clone(),
+                        reason,
+                    })
+                    .await?;
+                    ops::task(&mut q, id, ops::Output::Text).await
+                }
+                Err(s) => Err(s.into()),
+            }
         }
         Command::Retry { id, reason } => {
             let asked = tickets(&cli.ticket_url, connector)?
