@@ -49,7 +49,7 @@ async fn a_tickets_phases_land_as_one_commit_each_on_its_branch_and_a_failed_att
         .unwrap()
         .into_inner();
     let ticket = created.ticket.unwrap();
-    let short = &ticket.id.replace('-', "")[..8];
+    let short = &ticket.id[ticket.id.len() - 12..];
     assert_eq!(ticket.branch, format!("omoi/{short}-add-oauth-login"));
     let done = wait_ticket(&tickets, &ticket.id, COMPLETED).await;
     let mut tasks = done.tasks.clone();

@@ -81,7 +81,9 @@ pub fn bounded_patch(patch: &str) -> (String, bool) {
     (patch[..end].to_owned(), true)
 }
 
-/// The branch of a ticket's work: `omoi/<first 8 hex of its id>-<slug>`.
+/// The branch of a ticket's work: `omoi/<last 12 hex of its id>-<slug>`.
+/// The tail, not the head: a UUIDv7 starts with its timestamp, so tickets
+/// filed within a minute of each other share their first hex digits.
 pub fn branch_name(ticket_id: Uuid, title: &str) -> String {
     let mut slug = String::new();
     for c in title.chars() {
@@ -96,10 +98,11 @@ pub fn branch_name(ticket_id: Uuid, title: &str) -> String {
     }
     let slug = slug.trim_end_matches('-');
     let hex = ticket_id.simple().to_string();
+    let tail = &hex[hex.len() - 12..];
     if slug.is_empty() {
-        format!("omoi/{}", &hex[..8])
+        format!("omoi/{tail}")
     } else {
-        format!("omoi/{}-{slug}", &hex[..8])
+        format!("omoi/{tail}-{slug}")
     }
 }
 
@@ -202,11 +205,14 @@ mod tests {
         let id: Uuid = "0192a3b4-c5d6-7e8f-9a0b-1c2d3e4f5a6b".parse().unwrap();
         assert_eq!(
             branch_name(id, "Add a /health endpoint!"),
-            "omoi/0192a3b4-add-a-health-endpoint"
+            "omoi/1c2d3e4f5a6b-add-a-health-endpoint"
         );
-        assert_eq!(branch_name(id, "日本語"), "omoi/0192a3b4");
+        assert_eq!(branch_name(id, "日本語"), "omoi/1c2d3e4f5a6b");
         let long = branch_name(id, &"word ".repeat(30));
-        assert!(long.len() <= "omoi/0192a3b4-".len() + 40, "{long}");
+        assert!(long.len() <= "omoi/1c2d3e4f5a6b-".len() + 40, "{long}");
+        // Filed in the same millisecond, told apart.
+        let twin: Uuid = "0192a3b4-c5d6-7e8f-9a0b-ffeeddccbbaa".parse().unwrap();
+        assert_ne!(branch_name(id, "Same"), branch_name(twin, "Same"));
         assert!(!long.ends_with('-'));
         for title in ["x", "..", "a..b", "-x-", "a.lock"] {
             let b = branch_name(id, title);

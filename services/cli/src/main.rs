@@ -1,6 +1,7 @@
 //! `omoi`: the command-line client of the mesh, and `omoi up`, which runs
 //! the whole mesh on this machine and puts a sample ticket through it.
 
+mod local;
 mod ops;
 mod plan;
 mod up;

@@ -1,6 +1,7 @@
-//! `omoi up`: the whole mesh as local processes on this machine's
-//! PostgreSQL and NATS, with a sample ticket followed to its end: its four
-//! phases land as four commits on a branch of a local sample repository.
+//! `omoi up`: the whole mesh as local processes, on this machine's
+//! PostgreSQL and NATS or on private ones (`local`), with a sample ticket
+//! followed to its end: its four phases land as four commits on a branch of
+//! a local sample repository.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -11,6 +12,7 @@ use tokio::process::{Child, Command};
 
 use omoi_runtime::grpc::Connector;
 
+use crate::local::{self, Backing};
 use crate::{print_ticket_summary, status_name, tickets, watch};
 
 #[derive(Debug, clap::Args)]
@@ -165,7 +167,7 @@ fn url(port: u16) -> String {
 }
 
 impl Launcher {
-    fn new(logs: PathBuf, ports: &[u16]) -> anyhow::Result<Self> {
+    fn new(logs: PathBuf, ports: &[u16], backing: &Backing) -> anyhow::Result<Self> {
         let bin_dir = std::env::current_exe()?
             .parent()
             .map(Path::to_path_buf)
@@ -177,11 +179,17 @@ impl Launcher {
                 bin_dir.join(bin).display()
             );
         }
-        let peers = vec![
+        let mut peers = vec![
             ("OMOI_TICKET_URL".into(), url(ports[0])),
             ("OMOI_TASK_QUEUE_URL".into(), url(ports[1])),
             ("OMOI_HEALTH_URL".into(), url(ports[2])),
         ];
+        if let Some(db) = &backing.database_url {
+            peers.push(("DATABASE_URL".into(), db.clone()));
+        }
+        if let Some(nats) = &backing.nats_url {
+            peers.push(("NATS_URL".into(), nats.clone()));
+        }
         Ok(Self { bin_dir, logs, peers })
     }
 
@@ -246,7 +254,17 @@ impl Up {
         let workspaces = self.workspace_root.clone().unwrap_or_else(|| base.join("workspaces"));
         std::fs::create_dir_all(&logs)?;
         std::fs::create_dir_all(&workspaces)?;
-        let launcher = Launcher::new(logs.clone(), &ports)?;
+        let mut backing = Backing::prepare(&local::state_dir()).await?;
+        for note in &backing.notes {
+            println!("omoi: {note}");
+        }
+        let launcher = match Launcher::new(logs.clone(), &ports, &backing) {
+            Ok(launcher) => launcher,
+            Err(e) => {
+                backing.stop().await;
+                return Err(e);
+            }
+        };
         println!("omoi: starting the mesh (logs in {})", logs.display());
         let mut procs = Vec::new();
         let result = async {
@@ -270,6 +288,7 @@ impl Up {
         .await;
         println!("omoi: stopping the mesh");
         stop_all(&mut procs).await;
+        backing.stop().await;
         match result? {
             Some(status) if status != i32::from(omoi_proto::common::TicketStatus::Completed) => {
                 anyhow::bail!("the sample ticket ended {}", status_name(status))
