@@ -1,7 +1,7 @@
 //! Test agents: a scripted one that the test drives step by step, and a
 //! worker pool that completes everything it is given.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,20 +11,89 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use uuid::Uuid;
 
-use crate::TaskQueueClient;
+use crate::{HealthClient, TaskQueueClient};
+
+/// An agent registered with the health service, heartbeating every 300 ms
+/// (listing the tasks it started and has not reported) until dropped.
+pub struct Registered {
+    pub id: Uuid,
+    running: Arc<Mutex<HashSet<String>>>,
+    beats: tokio::task::AbortHandle,
+}
+
+impl Registered {
+    pub async fn new(health: &HealthClient, capacity: i32) -> anyhow::Result<Self> {
+        let mut h = health.clone();
+        let agent = h
+            .register_agent(omoi_proto::health::RegisterAgentRequest {
+                agent_type: "scripted".into(),
+                capacity,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .agent
+            .ok_or_else(|| anyhow::anyhow!("RegisterAgent answered no agent"))?;
+        let id: Uuid = agent.id.parse()?;
+        let running = Arc::new(Mutex::new(HashSet::new()));
+        let listed = Arc::clone(&running);
+        let beats = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let running_task_ids = listed.lock().unwrap().iter().cloned().collect();
+                // A health service that is down or restarting hears the next one.
+                let _ = h
+                    .heartbeat(omoi_proto::health::HeartbeatRequest {
+                        agent_id: id.to_string(),
+                        running_task_ids,
+                    })
+                    .await;
+            }
+        })
+        .abort_handle();
+        Ok(Self { id, running, beats })
+    }
+
+    fn started(&self, task_id: &str) {
+        self.running.lock().unwrap().insert(task_id.to_owned());
+    }
+
+    fn reported(&self, task_id: &str) {
+        self.running.lock().unwrap().remove(task_id);
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.beats.abort();
+    }
+}
 
 /// An agent whose every step the test performs itself.
 pub struct ScriptedAgent {
     pub id: Uuid,
     pub client: TaskQueueClient,
     stream: Streaming<pb::WatchAssignmentsResponse>,
+    registered: Option<Registered>,
 }
 
 impl ScriptedAgent {
-    pub async fn connect(client: &TaskQueueClient, capacity: i32, phases: Vec<i32>) -> anyhow::Result<Self> {
-        Self::connect_as(client, Uuid::new_v4(), capacity, phases).await
+    /// A new agent, registered with the health service and heartbeating
+    /// while it lives.
+    pub async fn connect(
+        client: &TaskQueueClient,
+        health: &HealthClient,
+        capacity: i32,
+        phases: Vec<i32>,
+    ) -> anyhow::Result<Self> {
+        let registered = Registered::new(health, capacity).await?;
+        let mut agent = Self::connect_as(client, registered.id, capacity, phases).await?;
+        agent.registered = Some(registered);
+        Ok(agent)
     }
 
+    /// The stream of an agent the test registered (and heartbeats for)
+    /// itself.
     pub async fn connect_as(
         client: &TaskQueueClient,
         id: Uuid,
@@ -40,7 +109,22 @@ impl ScriptedAgent {
             })
             .await?
             .into_inner();
-        Ok(Self { id, client, stream })
+        Ok(Self {
+            id,
+            client,
+            stream,
+            registered: None,
+        })
+    }
+
+    fn note(&self, task_id: &str, started: bool) {
+        if let Some(r) = &self.registered {
+            if started {
+                r.started(task_id);
+            } else {
+                r.reported(task_id);
+            }
+        }
     }
 
     /// The next message on the stream, or None after `within`.
@@ -76,45 +160,46 @@ impl ScriptedAgent {
         let r = self
             .client
             .start_task(pb::StartTaskRequest {
-                task_id,
+                task_id: task_id.clone(),
                 attempt: a.attempt,
             })
             .await?;
+        self.note(&task_id, true);
         Ok(r.into_inner().task.unwrap_or_default())
     }
 
     pub async fn complete(&mut self, a: &pb::Assignment) -> Result<pb::Task, tonic::Status> {
-        let task_id = a.task.as_ref().map(|t| t.id.clone()).unwrap_or_default();
-        let r = self
-            .client
-            .complete_task(pb::CompleteTaskRequest {
-                task_id,
-                attempt: a.attempt,
-                result: None,
-                ..Default::default()
-            })
-            .await?;
-        Ok(r.into_inner().task.unwrap_or_default())
+        self.send_completion(a, None).await
     }
 
     /// Completes the attempt, reporting what it spent.
     pub async fn complete_spending(&mut self, a: &pb::Assignment, cost_usd: f64) -> Result<pb::Task, tonic::Status> {
-        let task_id = a.task.as_ref().map(|t| t.id.clone()).unwrap_or_default();
         let usage = omoi_proto::common::Usage {
             cost_usd,
             model: "stand-in".into(),
             ..Default::default()
         };
+        self.send_completion(a, Some(usage)).await
+    }
+
+    async fn send_completion(
+        &mut self,
+        a: &pb::Assignment,
+        usage: Option<omoi_proto::common::Usage>,
+    ) -> Result<pb::Task, tonic::Status> {
+        let task_id = a.task.as_ref().map(|t| t.id.clone()).unwrap_or_default();
         let r = self
             .client
             .complete_task(pb::CompleteTaskRequest {
-                task_id,
+                task_id: task_id.clone(),
                 attempt: a.attempt,
-                usage: Some(usage),
+                usage,
                 ..Default::default()
             })
-            .await?;
-        Ok(r.into_inner().task.unwrap_or_default())
+            .await;
+        // Reported, accepted or not: the agent is done with it.
+        self.note(&task_id, false);
+        Ok(r?.into_inner().task.unwrap_or_default())
     }
 
     pub async fn fail(&mut self, a: &pb::Assignment, message: &str, class: i32) -> Result<pb::Task, tonic::Status> {
@@ -144,8 +229,10 @@ impl ScriptedAgent {
     ) -> Result<pb::Task, tonic::Status> {
         request.task_id = a.task.as_ref().map(|t| t.id.clone()).unwrap_or_default();
         request.attempt = a.attempt;
-        let r = self.client.fail_task(request).await?;
-        Ok(r.into_inner().task.unwrap_or_default())
+        let task_id = request.task_id.clone();
+        let r = self.client.fail_task(request).await;
+        self.note(&task_id, false);
+        Ok(r?.into_inner().task.unwrap_or_default())
     }
 }
 
@@ -169,11 +256,13 @@ impl Ledger {
     }
 }
 
-/// Workers that start and complete every task they get, reconnecting (to
-/// any of `urls`, round robin) whenever their stream or a report fails.
+/// Workers, each registered with `health`, that start and complete every
+/// task they get, reconnecting (to any of `urls`, round robin) whenever
+/// their stream or a report fails.
 /// Stale-attempt refusals are expected after a requeue and are skipped.
 pub fn spawn_workers(
     urls: Vec<String>,
+    health: HealthClient,
     agents: usize,
     capacity: i32,
     ledger: Ledger,
@@ -181,9 +270,17 @@ pub fn spawn_workers(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..agents)
         .map(|i| {
-            let (urls, ledger, stop) = (urls.clone(), ledger.clone(), stop.clone());
+            let (urls, ledger, stop, health) = (urls.clone(), ledger.clone(), stop.clone(), health.clone());
             tokio::spawn(async move {
-                let id = Uuid::new_v4();
+                // Heartbeats listing nothing: tasks here end in moments.
+                let registered = loop {
+                    match Registered::new(&health, capacity).await {
+                        Ok(r) => break r,
+                        Err(_) if !stop.is_cancelled() => tokio::time::sleep(Duration::from_millis(100)).await,
+                        Err(_) => return,
+                    }
+                };
+                let id = registered.id;
                 let mut turn = i;
                 while !stop.is_cancelled() {
                     let url = &urls[turn % urls.len()];

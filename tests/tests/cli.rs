@@ -26,6 +26,25 @@ fn omoi(mesh: &ProcessMesh, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Runs `omoi` on a pseudo-terminal (util-linux `script`), 160 columns
+/// wide; everything it drew.
+fn on_a_terminal(mesh: &ProcessMesh, args: &[&str]) -> String {
+    let command = format!(
+        "stty cols 160 rows 40; {} --ticket-url {} {}",
+        binary("omoi").display(),
+        mesh.ticket.url,
+        args.join(" ")
+    );
+    let out = Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .env_remove("OMOI_AUTH_TOKEN")
+        .output()
+        .expect("script runs");
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{shown}");
+    shown
+}
+
 fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
@@ -54,6 +73,29 @@ async fn the_cli_shows_and_steers_the_whole_mesh() {
     assert!(omoi(&mesh, &["task", first]).unwrap().contains(&ticket_id));
     let got = json(&omoi(&mesh, &["get", &ticket_id, "-o", "json"]).unwrap());
     assert_eq!(got["ticket"]["maxCostUsd"], 5.0);
+
+    // Following it: piped, its events as lines (or JSON); on a terminal, its
+    // tasks as a table redrawn in place.
+    let lines = omoi(&mesh, &["watch", &ticket_id]).unwrap();
+    assert!(lines.contains("TICKET_COMPLETED") && !lines.contains('\x1b'), "{lines}");
+    let first_event = json(
+        omoi(&mesh, &["watch", &ticket_id, "-o", "json"])
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    );
+    assert_eq!(first_event["eventType"], "TICKET_CREATED");
+    let shown = on_a_terminal(&mesh, &["watch", &ticket_id]);
+    for needle in [
+        "IMPLEMENTATION",
+        "REFACTORING",
+        "COMPLETED",
+        "Implement: Add a greeting",
+        "\x1b[",
+    ] {
+        assert!(shown.contains(needle), "{needle:?} missing from {shown:?}");
+    }
 
     // Agents and the queue.
     let agents = json(&omoi(&mesh, &["agents", "-o", "json"]).unwrap());

@@ -216,7 +216,9 @@ async fn a_silent_agent_goes_stale_its_tasks_move_to_another_and_a_heartbeat_rec
     })
     .await;
     // Its task goes back to the queue, counted as a retry, and another agent takes it.
-    let mut alive = ScriptedAgent::connect(&mesh.queue(), 1, vec![]).await.unwrap();
+    let mut alive = ScriptedAgent::connect(&mesh.queue(), &mesh.agents(), 1, vec![])
+        .await
+        .unwrap();
     let again = alive.next_assignment(WAIT).await.expect("requeued to another agent");
     assert_eq!(again.task.as_ref().unwrap().id, a.task.as_ref().unwrap().id);
     assert_eq!(again.attempt, 2);

@@ -26,9 +26,14 @@ struct Rig {
 
 impl Rig {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(tune: impl FnOnce(&mut omoi_task_queue::Config)) -> Self {
         let infra = Infra::new().await.unwrap();
         let mut config = infra.task_queue_config();
         config.lease_seconds = LEASE_SECONDS;
+        tune(&mut config);
         let queue = InProcess::start(config).await.unwrap();
         let health = InProcess::health(infra.health_config()).await.unwrap();
         Self { infra, queue, health }
@@ -69,8 +74,7 @@ impl Rig {
             .unwrap();
     }
 
-    /// A task, started by `agent`; its assignment.
-    async fn running(&self, agent: &mut ScriptedAgent, title: &str) -> tq::Assignment {
+    async fn enqueue(&self, title: &str) {
         self.q()
             .enqueue_tasks(tq::EnqueueTasksRequest {
                 tasks: vec![tq::NewTask {
@@ -81,6 +85,11 @@ impl Rig {
             })
             .await
             .unwrap();
+    }
+
+    /// A task, started by `agent`; its assignment.
+    async fn running(&self, agent: &mut ScriptedAgent, title: &str) -> tq::Assignment {
+        self.enqueue(title).await;
         let a = agent.next_assignment(WAIT).await.expect("an assignment");
         agent.start(&a).await.unwrap();
         a
@@ -118,13 +127,52 @@ fn id_of(a: &tq::Assignment) -> &str {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unregistered_agent_that_leaves_strands_nothing() {
+async fn an_agent_the_health_service_does_not_know_is_refused() {
     let rig = Rig::start().await;
-    let mut agent = ScriptedAgent::connect(&rig.q(), 1, vec![]).await.unwrap();
-    let a = rig.running(&mut agent, "orphan").await;
-    drop(agent);
-    let t = rig.taken_back(&a).await;
-    assert!(t.error_message.contains("is not registered"), "{}", t.error_message);
+    let refused = ScriptedAgent::connect_as(&rig.q(), Uuid::now_v7(), 1, vec![])
+        .await
+        .err()
+        .expect("refused");
+    let status = refused.downcast_ref::<tonic::Status>().expect("a status");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("RegisterAgent first"), "{}", status.message());
+    // Nor one that left.
+    let id = rig.register().await;
+    rig.h()
+        .deregister_agent(hp::DeregisterAgentRequest {
+            agent_id: id.to_string(),
+        })
+        .await
+        .unwrap();
+    let refused = ScriptedAgent::connect_as(&rig.q(), id, 1, vec![])
+        .await
+        .err()
+        .expect("refused");
+    let status = refused.downcast_ref::<tonic::Status>().expect("a status");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_silent_for_two_heartbeat_intervals_gets_no_new_work_until_heard() {
+    // Heartbeats every second: two seconds of silence and no new work,
+    // long before the health service would call the agent stale (90 s).
+    let rig = Rig::start_with(|c| c.heartbeat_interval_seconds = 1).await;
+    let id = rig.register().await;
+    let heard = tokio::time::Instant::now();
+    let mut agent = ScriptedAgent::connect_as(&rig.q(), id, 1, vec![]).await.unwrap();
+    let first = rig.running(&mut agent, "while heard").await;
+    agent.complete(&first).await.unwrap();
+    // The silence under test: more than two intervals since registering.
+    tokio::time::sleep_until(heard + Duration::from_millis(2500)).await;
+    rig.enqueue("while silent").await;
+    assert!(
+        agent.next_assignment(Duration::from_secs(3)).await.is_none(),
+        "nothing for a silent agent"
+    );
+    rig.heartbeat(id, &[]).await;
+    let a = agent.next_assignment(WAIT).await.expect("work again once heard");
+    assert_eq!(a.task.unwrap().title, "while silent");
     rig.stop().await;
 }
 
@@ -180,7 +228,8 @@ async fn a_deregistered_agents_running_task_goes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extend_lease_holds_a_task_its_agent_does_not_list() {
     let rig = Rig::start().await;
-    let mut agent = ScriptedAgent::connect(&rig.q(), 1, vec![]).await.unwrap();
+    let id = rig.register().await;
+    let mut agent = ScriptedAgent::connect_as(&rig.q(), id, 1, vec![]).await.unwrap();
     let a = rig.running(&mut agent, "long").await;
     let asked = std::time::Instant::now();
     let extended = rig
@@ -194,10 +243,21 @@ async fn extend_lease_holds_a_task_its_agent_does_not_list() {
         .unwrap()
         .into_inner();
     assert!(extended.lease_expires_at.is_some());
-    let t = rig.taken_back(&a).await;
+    // The agent heartbeats, never listing the task.
+    let task_id = id_of(&a).to_owned();
+    let t = eventually(WAIT, "the task taken back", || async {
+        rig.heartbeat(id, &[]).await;
+        let t = rig.task(&task_id).await;
+        (t.status == PENDING).then_some(t)
+    })
+    .await;
     // Held until the extension ran out, well past the 1 s lease.
     assert!(asked.elapsed() >= Duration::from_millis(2900), "{:?}", asked.elapsed());
-    assert!(t.error_message.contains("is not registered"), "{}", t.error_message);
+    assert!(
+        t.error_message.contains("no longer lists the task"),
+        "{}",
+        t.error_message
+    );
 
     // Bad requests are refused, naming the field; a finished or stale
     // attempt has nothing to extend.

@@ -9,7 +9,7 @@ use omoi_proto::events::Event;
 use omoi_proto::taskqueue::{self as pb};
 use omoi_tests::agent::{Ledger, spawn_workers};
 use omoi_tests::process::{PrivateNats, PrivatePostgres, Service, free_port};
-use omoi_tests::{InProcess, Infra, TaskQueueClient, client, events, eventually, wait_serving};
+use omoi_tests::{InProcess, Infra, TaskQueueClient, client, events, eventually, health_client, wait_serving};
 use tokio_util::sync::CancellationToken;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -81,6 +81,16 @@ async fn wait_all_completed(infra: &Infra, ledger: &Ledger, n: usize) {
     }
 }
 
+/// The stream's task events, once it holds at least `at_least` events.
+async fn task_events(infra: &Infra, at_least: u64) -> Vec<Event> {
+    events::read_all(&infra.nats_url, &infra.topology.stream, at_least, LONG)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.entity_type == "task")
+        .collect()
+}
+
 async fn outbox_backlog(infra: &Infra) -> i64 {
     let pool = infra.db.connect().await.unwrap();
     let n = sqlx::query_scalar("SELECT count(*) FROM event_outbox")
@@ -131,7 +141,15 @@ async fn two_replicas_and_eight_agents_run_two_thousand_tasks_exactly_once() {
 
     let ledger = Ledger::default();
     let stop = CancellationToken::new();
-    let workers = spawn_workers(vec![a.url.clone(), b.url.clone()], 8, 16, ledger.clone(), stop.clone());
+    let health = InProcess::health(infra.health_config()).await.unwrap();
+    let workers = spawn_workers(
+        vec![a.url.clone(), b.url.clone()],
+        health_client(&health.url),
+        8,
+        16,
+        ledger.clone(),
+        stop.clone(),
+    );
     // Enqueue through both replicas.
     let mut ids = enqueue_many(&client(&a.url), N / 2).await;
     ids.extend(enqueue_many(&client(&b.url), N / 2).await);
@@ -153,9 +171,8 @@ async fn two_replicas_and_eight_agents_run_two_thousand_tasks_exactly_once() {
     assert_eq!(max_attempt, 1, "a task was assigned more than once");
     pool.close().await;
 
-    let events = events::read_all(&infra.nats_url, &infra.topology.stream, 4 * N as u64, LONG)
-        .await
-        .unwrap();
+    // The task events, and each worker's AGENT_REGISTERED.
+    let events = task_events(&infra, 4 * N as u64 + 8).await;
     assert_eq!(events.len(), 4 * N);
     assert_exactly_once(
         &events,
@@ -164,6 +181,7 @@ async fn two_replicas_and_eight_agents_run_two_thousand_tasks_exactly_once() {
     );
     assert_eq!(a.terminate(LONG).await.unwrap().code(), Some(0));
     assert_eq!(b.terminate(LONG).await.unwrap().code(), Some(0));
+    health.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
 
@@ -176,7 +194,15 @@ async fn a_nats_outage_mid_run_loses_and_doubles_no_event() {
     let tq = InProcess::start(infra.task_queue_config()).await.unwrap();
     let ledger = Ledger::default();
     let stop = CancellationToken::new();
-    let workers = spawn_workers(vec![tq.url.clone()], 4, 8, ledger.clone(), stop.clone());
+    let health = InProcess::health(infra.health_config()).await.unwrap();
+    let workers = spawn_workers(
+        vec![tq.url.clone()],
+        health_client(&health.url),
+        4,
+        8,
+        ledger.clone(),
+        stop.clone(),
+    );
     let mut ids = enqueue_many(&tq.client(), N / 2).await;
     eventually(LONG, "some progress", || async {
         (ledger.completed() >= N / 6).then_some(())
@@ -216,9 +242,7 @@ async fn a_nats_outage_mid_run_loses_and_doubles_no_event() {
     for w in workers {
         let _ = w.await;
     }
-    let events = events::read_all(&infra.nats_url, &infra.topology.stream, 4 * N as u64, LONG)
-        .await
-        .unwrap();
+    let events = task_events(&infra, 4 * N as u64 + 4).await;
     assert_eq!(events.len(), 4 * N, "every event exactly once");
     assert_exactly_once(
         &events,
@@ -226,6 +250,7 @@ async fn a_nats_outage_mid_run_loses_and_doubles_no_event() {
         &["TASK_CREATED", "TASK_ASSIGNED", "TASK_STARTED", "TASK_COMPLETED"],
     );
     tq.stop().await.unwrap();
+    health.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
 
@@ -248,7 +273,15 @@ async fn restart_mid_run(how: Stop) {
     let url = first.url.clone();
     let ledger = Ledger::default();
     let stop = CancellationToken::new();
-    let workers = spawn_workers(vec![url.clone()], 4, 8, ledger.clone(), stop.clone());
+    let health = InProcess::health(infra.health_config()).await.unwrap();
+    let workers = spawn_workers(
+        vec![url.clone()],
+        health_client(&health.url),
+        4,
+        8,
+        ledger.clone(),
+        stop.clone(),
+    );
     let ids = enqueue_many(&client(&url), N).await;
     eventually(LONG, "some progress", || async {
         (ledger.completed() >= N / 4).then_some(())
@@ -282,6 +315,7 @@ async fn restart_mid_run(how: Stop) {
         .unwrap();
     assert_exactly_once(&events, &ids, &["TASK_CREATED", "TASK_COMPLETED"]);
     second.terminate(LONG).await.unwrap();
+    health.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
 
@@ -306,7 +340,15 @@ async fn a_postgres_crash_mid_run_loses_no_acknowledged_work() {
     let ledger = Ledger::default();
     let stop = CancellationToken::new();
     let ids = enqueue_many(&tq.client(), N).await;
-    let workers = spawn_workers(vec![tq.url.clone()], 4, 8, ledger.clone(), stop.clone());
+    let health = InProcess::health(infra.health_config()).await.unwrap();
+    let workers = spawn_workers(
+        vec![tq.url.clone()],
+        health_client(&health.url),
+        4,
+        8,
+        ledger.clone(),
+        stop.clone(),
+    );
     eventually(LONG, "some progress", || async {
         (ledger.completed() >= N / 4).then_some(())
     })
@@ -366,5 +408,6 @@ async fn a_postgres_crash_mid_run_loses_no_acknowledged_work() {
     tq.stop().await.unwrap();
     // The stream, and the unused database made on the shared server; the
     // test's own database goes with the private server.
+    health.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }

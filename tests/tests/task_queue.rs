@@ -6,7 +6,7 @@ use std::time::Duration;
 use omoi_proto::taskqueue::watch_assignments_response::Event as StreamEvent;
 use omoi_proto::taskqueue::{self as pb};
 use omoi_tests::agent::ScriptedAgent;
-use omoi_tests::{InProcess, Infra, TaskQueueClient, events, eventually};
+use omoi_tests::{HealthClient, InProcess, Infra, TaskQueueClient, events, eventually};
 use tonic::Code;
 use uuid::Uuid;
 
@@ -81,6 +81,9 @@ struct Setup {
     infra: Infra,
     tq: InProcess,
     client: TaskQueueClient,
+    /// The health service the test's agents register with.
+    health: InProcess,
+    agents: HealthClient,
 }
 
 async fn setup() -> Setup {
@@ -93,11 +96,20 @@ async fn setup_with(tune: impl FnOnce(&mut omoi_task_queue::Config)) -> Setup {
     tune(&mut config);
     let tq = InProcess::start(config).await.expect("task-queue");
     let client = tq.client();
-    Setup { infra, tq, client }
+    let health = InProcess::health(infra.health_config()).await.expect("health");
+    let agents = omoi_tests::health_client(&health.url);
+    Setup {
+        infra,
+        tq,
+        client,
+        health,
+        agents,
+    }
 }
 
 impl Setup {
     async fn finish(self) {
+        self.health.stop().await.expect("clean stop");
         self.tq.stop().await.expect("clean stop");
         self.infra.cleanup().await.expect("cleanup");
     }
@@ -134,7 +146,7 @@ async fn ready_tasks_go_out_by_priority_then_age() {
     )
     .await;
     assert!(tasks.iter().all(|t| t.status == PENDING && t.attempt == 0));
-    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&s.client, &s.agents, 1, vec![]).await.unwrap();
     let mut order = Vec::new();
     for _ in 0..4 {
         let a = agent.next_assignment(WAIT).await.expect("assignment");
@@ -167,7 +179,7 @@ async fn agents_only_get_their_phases_and_never_more_than_capacity() {
         });
     }
     enqueue(&s.client, tasks).await;
-    let mut implementer = ScriptedAgent::connect(&s.client, 2, vec![IMPLEMENTATION])
+    let mut implementer = ScriptedAgent::connect(&s.client, &s.agents, 2, vec![IMPLEMENTATION])
         .await
         .unwrap();
     let mut got = Vec::new();
@@ -204,7 +216,7 @@ async fn completion_releases_dependents_and_failure_cascades() {
         created.iter().map(|t| t.unmet_dependencies).collect::<Vec<_>>(),
         [0, 1, 1, 2]
     );
-    let mut agent = ScriptedAgent::connect(&s.client, 4, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&s.client, &s.agents, 4, vec![]).await.unwrap();
     let first = agent.next_assignment(WAIT).await.unwrap();
     assert_eq!(first.task.as_ref().unwrap().title, "a");
     assert!(agent.next(QUIET).await.is_none(), "b must wait for a");
@@ -481,7 +493,7 @@ async fn malformed_requests_to_every_rpc_name_the_field() {
 async fn a_retryable_failure_is_retried_after_a_stored_backoff() {
     let s = setup().await;
     let t = &enqueue(&s.client, vec![new_task("flaky", 1)]).await[0];
-    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&s.client, &s.agents, 1, vec![]).await.unwrap();
     let a1 = agent.next_assignment(WAIT).await.unwrap();
     agent.start(&a1).await.unwrap();
     let before = chrono::Utc::now();
@@ -520,7 +532,7 @@ async fn a_retryable_failure_is_retried_after_a_stored_backoff() {
 async fn permanent_errors_fail_at_once_and_retries_run_out() {
     let s = setup().await;
     let perm = &enqueue(&s.client, vec![new_task("perm", 2)]).await[0];
-    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&s.client, &s.agents, 1, vec![]).await.unwrap();
     let a = agent.next_assignment(WAIT).await.unwrap();
     assert_eq!(a.task.as_ref().unwrap().id, perm.id);
     agent.start(&a).await.unwrap();
@@ -567,7 +579,7 @@ async fn started_with_one_retry(s: &Setup, timeout_seconds: i32) -> (pb::Task, S
         ..new_task("slow", 1)
     };
     let t = enqueue(&s.client, vec![task]).await.remove(0);
-    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&s.client, &s.agents, 1, vec![]).await.unwrap();
     let a1 = agent.next_assignment(WAIT).await.unwrap();
     agent.start(&a1).await.unwrap();
     (t, agent, a1)
@@ -643,7 +655,7 @@ async fn cancel_works_in_every_open_state_and_not_after() {
             .await
         }
     };
-    let mut agent = ScriptedAgent::connect(&s.client, 2, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&s.client, &s.agents, 2, vec![]).await.unwrap();
     let running = agent.next_assignment(WAIT).await.unwrap();
     let assigned = agent.next_assignment(WAIT).await.unwrap();
     agent.start(&running).await.unwrap();
@@ -693,7 +705,7 @@ async fn cancel_works_in_every_open_state_and_not_after() {
 async fn stale_attempts_and_illegal_reports_are_refused() {
     let s = setup().await;
     enqueue(&s.client, vec![new_task("t", 1)]).await;
-    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&s.client, &s.agents, 1, vec![]).await.unwrap();
     let a = agent.next_assignment(WAIT).await.unwrap();
     // Completing before starting is illegal.
     assert_eq!(agent.complete(&a).await.unwrap_err().code(), Code::FailedPrecondition);
@@ -730,7 +742,7 @@ async fn stale_attempts_and_illegal_reports_are_refused() {
 async fn a_dropped_stream_requeues_its_unstarted_tasks_at_once() {
     let s = setup().await;
     enqueue(&s.client, (0..3).map(|i| new_task(&format!("t{i}"), 1)).collect()).await;
-    let mut first = ScriptedAgent::connect(&s.client, 3, vec![]).await.unwrap();
+    let mut first = ScriptedAgent::connect(&s.client, &s.agents, 3, vec![]).await.unwrap();
     let mut got = Vec::new();
     for _ in 0..3 {
         got.push(first.next_assignment(WAIT).await.unwrap());
@@ -738,7 +750,7 @@ async fn a_dropped_stream_requeues_its_unstarted_tasks_at_once() {
     first.start(&got[0]).await.unwrap();
     let started_id = got[0].task.as_ref().unwrap().id.clone();
     drop(first);
-    let mut second = ScriptedAgent::connect(&s.client, 3, vec![]).await.unwrap();
+    let mut second = ScriptedAgent::connect(&s.client, &s.agents, 3, vec![]).await.unwrap();
     let mut again = HashSet::new();
     for _ in 0..2 {
         let a = second.next_assignment(WAIT).await.expect("requeued task");
@@ -882,7 +894,7 @@ async fn an_assignment_not_started_within_its_lease_goes_back_to_the_queue() {
     let s = setup_with(|c| c.start_timeout_seconds = 1.0).await;
     let t = enqueue(&s.client, vec![new_task("lost", 1)]).await.remove(0);
     // An agent that takes the task and never says a word about it.
-    let mut silent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let mut silent = ScriptedAgent::connect(&s.client, &s.agents, 1, vec![]).await.unwrap();
     let a1 = silent.next_assignment(WAIT).await.unwrap();
     assert_eq!(a1.attempt, 1);
     let revoked = silent.next_cancellation(WAIT).await.expect("told to drop it");
@@ -942,7 +954,7 @@ async fn an_operator_retries_a_failed_task_and_its_cancelled_dependents_come_bac
     };
     // Not finished: nothing to retry.
     assert_eq!(retry(&root.id).await.unwrap_err().code(), Code::FailedPrecondition);
-    let mut agent = ScriptedAgent::connect(&s.client, 1, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&s.client, &s.agents, 1, vec![]).await.unwrap();
     let a1 = agent.next_assignment(WAIT).await.unwrap();
     agent.start(&a1).await.unwrap();
     agent.fail(&a1, "No space left on device", PERMANENT).await.unwrap();
@@ -1027,7 +1039,13 @@ async fn a_failure_that_says_when_a_retry_can_help_waits_that_long() {
 
 #[tokio::test]
 async fn paused_work_waits_across_a_restart_until_resumed() {
-    let Setup { infra, tq, client } = setup().await;
+    let Setup {
+        infra,
+        tq,
+        client,
+        health,
+        agents,
+    } = setup().await;
     let pause = |c: &TaskQueueClient, phase: i32, reason: &str| {
         let mut c = c.clone();
         let request = pb::PauseDispatchRequest {
@@ -1065,7 +1083,7 @@ async fn paused_work_waits_across_a_restart_until_resumed() {
     let mut free = new_task("free", 1);
     free.phase = IMPLEMENTATION;
     let free = enqueue(&client, vec![free]).await.remove(0);
-    let mut agent = ScriptedAgent::connect(&client, 2, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&client, &agents, 2, vec![]).await.unwrap();
     let a = agent.next_assignment(WAIT).await.unwrap();
     assert_eq!(a.task.as_ref().unwrap().id, free.id, "other phases go on");
     agent.start(&a).await.unwrap();
@@ -1088,7 +1106,7 @@ async fn paused_work_waits_across_a_restart_until_resumed() {
     tq.stop().await.unwrap();
     let tq = InProcess::start(infra.task_queue_config()).await.unwrap();
     let client = tq.client();
-    let mut agent = ScriptedAgent::connect(&client, 2, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&client, &agents, 2, vec![]).await.unwrap();
     assert!(
         agent.next_assignment(QUIET).await.is_none(),
         "still paused after a restart"
@@ -1106,6 +1124,7 @@ async fn paused_work_waits_across_a_restart_until_resumed() {
         .map(|e| e.event_type.as_str())
         .collect();
     assert_eq!(types, ["QUEUE_PAUSED", "QUEUE_RESUMED"], "one event per change");
+    health.stop().await.unwrap();
     tq.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
@@ -1158,7 +1177,13 @@ fn with_key<'a>(got: &'a [(usize, pb::Assignment)], key: &str) -> Vec<&'a (usize
 
 #[tokio::test]
 async fn a_concurrency_limit_caps_its_key_on_every_replica_and_nothing_else() {
-    let Setup { infra, tq, client } = setup().await;
+    let Setup {
+        infra,
+        tq,
+        client,
+        health,
+        agents,
+    } = setup().await;
     let other = InProcess::start(infra.task_queue_config()).await.unwrap();
     let bad = set_limit(&client, "", 1, false).await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
@@ -1190,8 +1215,10 @@ async fn a_concurrency_limit_caps_its_key_on_every_replica_and_nothing_else() {
     let mut batch: Vec<_> = (0..8).map(|i| keyed(&format!("a{i}"), 5, "repo-a")).collect();
     batch.extend((0..4).map(|i| new_task(&format!("free{i}"), 1)));
     enqueue(&client, batch).await;
-    let mut first = ScriptedAgent::connect(&client, 6, vec![]).await.unwrap();
-    let mut second = ScriptedAgent::connect(&other.client(), 6, vec![]).await.unwrap();
+    let mut first = ScriptedAgent::connect(&client, &agents, 6, vec![]).await.unwrap();
+    let mut second = ScriptedAgent::connect(&other.client(), &agents, 6, vec![])
+        .await
+        .unwrap();
     let got = assignments(&mut [&mut first, &mut second]).await;
     assert_eq!(with_key(&got, "repo-a").len(), 2, "two of the key at once: {got:?}");
     assert_eq!(with_key(&got, "").len(), 4, "unrelated work goes on");
@@ -1243,6 +1270,7 @@ async fn a_concurrency_limit_caps_its_key_on_every_replica_and_nothing_else() {
         .collect();
     assert_eq!(limits, [Some(2.0), Some(4.0), None], "one event per change");
     other.stop().await.unwrap();
+    health.stop().await.unwrap();
     tq.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
@@ -1253,7 +1281,13 @@ async fn agents_racing_on_two_replicas_never_exceed_a_concurrency_limit() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     const TASKS: usize = 60;
     const LIMIT: usize = 3;
-    let Setup { infra, tq, client } = setup().await;
+    let Setup {
+        infra,
+        tq,
+        client,
+        health,
+        agents,
+    } = setup().await;
     let other = InProcess::start(infra.task_queue_config()).await.unwrap();
     set_limit(&client, "shared", LIMIT as i32, false).await.unwrap();
     enqueue(
@@ -1271,8 +1305,9 @@ async fn agents_racing_on_two_replicas_never_exceed_a_concurrency_limit() {
     for i in 0..6 {
         let replica = if i % 2 == 0 { client.clone() } else { other.client() };
         let (out, done, most, mut reached) = (Arc::clone(&out), Arc::clone(&done), Arc::clone(&most), reached.clone());
+        let agents = agents.clone();
         workers.push(tokio::spawn(async move {
-            let mut agent = ScriptedAgent::connect(&replica, 1, vec![]).await.unwrap();
+            let mut agent = ScriptedAgent::connect(&replica, &agents, 1, vec![]).await.unwrap();
             while let Some(a) = agent.next_assignment(Duration::from_secs(2)).await {
                 // Counted from delivery to just before completion: never more
                 // than the queue itself holds out.
@@ -1295,6 +1330,7 @@ async fn agents_racing_on_two_replicas_never_exceed_a_concurrency_limit() {
     assert_eq!(done.load(Ordering::SeqCst), TASKS, "every task ran");
     assert_eq!(*most.borrow(), LIMIT, "the cap, never passed");
     other.stop().await.unwrap();
+    health.stop().await.unwrap();
     tq.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }

@@ -112,7 +112,9 @@ async fn the_default_plan_runs_through_its_phases_and_the_ticket_follows() {
         .unwrap()
         .into_inner();
 
-    let mut agent = ScriptedAgent::connect(&mesh.queue(), 2, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), &mesh.agents(), 2, vec![])
+        .await
+        .unwrap();
     let first = agent.next_assignment(WAIT).await.unwrap();
     assert_eq!(first.task.as_ref().unwrap().phase, 1);
     agent.start(&first).await.unwrap();
@@ -300,7 +302,9 @@ async fn an_explicit_dag_is_kept_and_a_cycle_is_refused_with_nothing_written() {
     want.sort();
     assert_eq!(d_deps, want);
     assert_eq!(created.tasks[0].priority, 3, "ticket priority HIGH -> 3");
-    let mut agent = ScriptedAgent::connect(&mesh.queue(), 4, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), &mesh.agents(), 4, vec![])
+        .await
+        .unwrap();
     let order = work(&mut agent, 4).await;
     assert_eq!(order[0].title, "a");
     assert_eq!(order[3].title, "d");
@@ -340,7 +344,9 @@ async fn cancelling_a_ticket_mid_run_stops_its_agent_and_cancels_its_tasks() {
         .unwrap()
         .into_inner();
     let id = created.ticket.unwrap().id;
-    let mut agent = ScriptedAgent::connect(&mesh.queue(), 1, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), &mesh.agents(), 1, vec![])
+        .await
+        .unwrap();
     let a = agent.next_assignment(WAIT).await.unwrap();
     agent.start(&a).await.unwrap();
     wait_status(&tickets, &id, IN_PROGRESS).await;
@@ -396,7 +402,9 @@ async fn a_task_failing_for_good_fails_the_ticket_and_a_retry_brings_it_back() {
         .unwrap()
         .into_inner();
     let id = created.ticket.unwrap().id;
-    let mut agent = ScriptedAgent::connect(&mesh.queue(), 1, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), &mesh.agents(), 1, vec![])
+        .await
+        .unwrap();
     let a = agent.next_assignment(WAIT).await.unwrap();
     agent.start(&a).await.unwrap();
     agent.fail(&a, "permission denied", 0).await.unwrap();
@@ -664,7 +672,9 @@ async fn a_spent_budget_pauses_the_ticket_until_it_is_raised() {
         .ticket
         .unwrap();
     assert_eq!(t.max_cost_usd, Some(1.0));
-    let mut agent = ScriptedAgent::connect(&mesh.queue(), 1, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), &mesh.agents(), 1, vec![])
+        .await
+        .unwrap();
 
     // Under budget, the ticket runs.
     let one = agent.next_assignment(WAIT).await.unwrap();
@@ -746,7 +756,9 @@ async fn a_spent_budget_pauses_the_ticket_until_it_is_raised() {
 
     // An agent that comes now gets nothing of it; raising the budget sends
     // it on: the pause is lifted, the task goes out.
-    let mut agent = ScriptedAgent::connect(&mesh.queue(), 1, vec![]).await.unwrap();
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), &mesh.agents(), 1, vec![])
+        .await
+        .unwrap();
     assert!(agent.next_assignment(Duration::from_millis(300)).await.is_none());
     let raised = tickets.clone().update_ticket(budget(&t.id, Some(5.0))).await.unwrap();
     let raised = raised.into_inner().ticket.unwrap();

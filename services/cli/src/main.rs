@@ -1,6 +1,7 @@
 //! `omoi`: the command-line client of the mesh, and `omoi up`, which runs
 //! the whole mesh on this machine and puts a sample ticket through it.
 
+mod live;
 mod local;
 mod ops;
 mod plan;
@@ -108,8 +109,15 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: i32,
     },
-    /// Follow a ticket's events until it ends.
-    Watch { ticket_id: String },
+    /// Follow a ticket until it ends: on a terminal, its tasks as a live
+    /// table (phase, status, attempt, agent, elapsed time, cost); piped, or
+    /// with --events, its events as lines.
+    Watch {
+        ticket_id: String,
+        /// Print the events as lines even on a terminal.
+        #[arg(long)]
+        events: bool,
+    },
     /// Cancel a ticket and its open tasks, or one task (and the tasks that
     /// wait for it).
     Cancel {
@@ -339,8 +347,9 @@ pub fn usage_line(u: &omoi_proto::common::Usage) -> String {
     )
 }
 
-/// Prints events of a ticket as they come, until its stream ends.
-pub async fn watch(client: &mut Tickets, ticket_id: &str) -> anyhow::Result<()> {
+/// Prints events of a ticket as they come, until its stream ends (as
+/// JSON, one event per line, with `-o json`).
+pub async fn watch(client: &mut Tickets, ticket_id: &str, out: ops::Output) -> anyhow::Result<()> {
     let mut events = client
         .watch_ticket(pb::WatchTicketRequest {
             ticket_id: ticket_id.to_owned(),
@@ -349,6 +358,10 @@ pub async fn watch(client: &mut Tickets, ticket_id: &str) -> anyhow::Result<()> 
         .into_inner();
     while let Some(event) = events.next().await {
         let e = event?;
+        if out == ops::Output::Json {
+            println!("{}", ops::json_line(&e, "omoi.events.v1.Event")?);
+            continue;
+        }
         let at = e
             .occurred_at
             .as_ref()
@@ -487,7 +500,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Watch { ticket_id } => watch(&mut tickets(&cli.ticket_url, connector)?, &ticket_id).await,
+        Command::Watch { ticket_id, events } => {
+            use std::io::IsTerminal;
+            let mut client = tickets(&cli.ticket_url, connector)?;
+            if events || cli.output == ops::Output::Json || !std::io::stdout().is_terminal() {
+                watch(&mut client, &ticket_id, cli.output).await
+            } else {
+                live::watch(&mut client, &ticket_id).await
+            }
+        }
         Command::Cancel { id, reason } => {
             let asked = tickets(&cli.ticket_url, connector)?
                 .cancel_ticket(pb::CancelTicketRequest {

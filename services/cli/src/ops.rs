@@ -33,7 +33,7 @@ pub fn json<M: prost::Message>(message: &M, name: &str) -> anyhow::Result<String
 }
 
 /// The same on one line (a stream's messages, one per line).
-fn json_line<M: prost::Message>(message: &M, name: &str) -> anyhow::Result<String> {
+pub fn json_line<M: prost::Message>(message: &M, name: &str) -> anyhow::Result<String> {
     Ok(serde_json::to_string(&dynamic(message, name)?)?)
 }
 

@@ -348,7 +348,7 @@ impl Up {
             println!("  {}  {}", crate::short(&t.id), t.title);
         }
         println!();
-        watch(&mut client, &ticket.id).await?;
+        watch(&mut client, &ticket.id, crate::ops::Output::Text).await?;
         let done = client
             .get_ticket(pb::GetTicketRequest {
                 ticket_id: ticket.id.clone(),

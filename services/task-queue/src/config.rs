@@ -45,6 +45,12 @@ pub struct Config {
     #[arg(long, env = "OMOI_LEASE_SECONDS", default_value_t = 90.0)]
     pub lease_seconds: f64,
 
+    /// The agents' heartbeat interval (as the health service tells them):
+    /// an agent not heard from for two of them gets no new work, well
+    /// before the health service declares it stale.
+    #[arg(long, env = "OMOI_HEARTBEAT_INTERVAL_SECONDS", default_value_t = 30)]
+    pub heartbeat_interval_seconds: u32,
+
     /// Longest the dispatcher waits without a wake-up before it looks for
     /// ready tasks anyway (a safety net; enqueues and completions wake it).
     #[arg(long, env = "OMOI_DISPATCH_SWEEP_MS", default_value_t = 2000)]

@@ -51,13 +51,21 @@ pub struct Dispatcher {
     topology: Topology,
     replica: Uuid,
     sweep: Duration,
+    /// Silence after which an agent gets no new work.
+    silent_after: Duration,
     /// Claims whose answer was lost (the database went away mid-statement):
     /// they may have committed, so their tasks are looked up and delivered.
     unsure: Mutex<Vec<(chrono::DateTime<chrono::Utc>, Vec<Slot>)>>,
 }
 
 impl Dispatcher {
-    pub fn new(store: Store, nats: Option<async_nats::Client>, topology: Topology, sweep: Duration) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        nats: Option<async_nats::Client>,
+        topology: Topology,
+        sweep: Duration,
+        silent_after: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             sessions: Mutex::new(HashMap::new()),
@@ -67,6 +75,7 @@ impl Dispatcher {
             topology,
             replica: Uuid::new_v4(),
             sweep,
+            silent_after,
             unsure: Mutex::new(Vec::new()),
         })
     }
@@ -306,11 +315,16 @@ impl Dispatcher {
         }
         self.recover_unsure().await?;
         let agents: Vec<Uuid> = conns.iter().map(|c| c.1).collect();
-        let held = self.store.held_counts(&agents).await?;
+        let held = self
+            .store
+            .dispatchable_agents(&agents, self.silent_after.as_secs_f64())
+            .await?;
 
         let mut groups: HashMap<Option<Vec<Phase>>, Vec<(Slot, i64)>> = HashMap::new();
         for (session, agent_id, phases, capacity) in conns {
-            let free = capacity - held.get(&agent_id).copied().unwrap_or(0);
+            // Not listed: silent, stale or gone; no new work until heard.
+            let Some(held) = held.get(&agent_id) else { continue };
+            let free = capacity - held;
             if free > 0 {
                 groups
                     .entry(phases)

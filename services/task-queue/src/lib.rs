@@ -51,6 +51,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         Some(base.nats.clone()),
         base.topology.clone(),
         Duration::from_millis(config.dispatch_sweep_ms.max(10)),
+        Duration::from_secs(2 * u64::from(config.heartbeat_interval_seconds.max(1))),
     );
     let interval = Duration::from_secs_f64(config.timeout_check_interval_seconds.max(0.05));
     {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use omoi_domain::rules::{self, Failure, Scope};
 use omoi_domain::validate::{self, MAX_BATCH, MAX_ERROR_MESSAGE_BYTES, MAX_REASON_BYTES, RawNewTask};
-use omoi_domain::{ErrorClass, GitChange, Phase, TaskStatus, Usage};
+use omoi_domain::{AgentStatus, ErrorClass, GitChange, Phase, TaskStatus, Usage};
 use omoi_proto::convert::struct_to_json;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_server::TaskQueueService};
@@ -228,6 +228,23 @@ impl TaskQueue {
         let agent_id = validate::uuid("agent_id", &req.agent_id)?;
         let capacity = validate::range("capacity", req.capacity, 1, MAX_CAPACITY)?;
         let phases = phases(&req.phases)?;
+        // Only agents the health service knows take work: one it never
+        // registered (or that left) would hold tasks nobody watches.
+        match self.store.agent_status(agent_id).await? {
+            None => {
+                return Err(Status::not_found(format!(
+                    "agent {agent_id} is not registered with the health service; RegisterAgent first"
+                ))
+                .into());
+            }
+            Some(AgentStatus::Deregistered) => {
+                return Err(Status::not_found(format!(
+                    "agent {agent_id} deregistered; register it again before taking work"
+                ))
+                .into());
+            }
+            Some(_) => {}
+        }
         let stream = self.dispatcher.connect(agent_id, phases, i64::from(capacity)).await?;
         Ok(stream.ok_or_else(|| Status::unavailable("the task-queue is shutting down; reconnect"))?)
     }

@@ -16,7 +16,6 @@ use omoi_proto::taskqueue::watch_assignments_response::Event as StreamEvent;
 use omoi_proto::taskqueue::{self as pb};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 #[derive(Debug, Parser)]
 #[command(name = "omoi-bench", about = "Benchmark a running omoi task-queue")]
@@ -101,7 +100,14 @@ async fn main() -> anyhow::Result<()> {
         let tq = omoi_tests::InProcess::start(config).await?;
         eprintln!("omoi-bench: task-queue serving at {}", tq.url);
         args.url = tq.url.clone();
-        Some(tq)
+        // The agents register with a health service on the same database.
+        let mut config = omoi_health::Config::from_env();
+        config.common.auth_token = args.auth_token.clone();
+        config.common.events_stream = args.events_stream.clone();
+        config.common.nats_url = args.nats_url.clone();
+        let health = omoi_tests::InProcess::health(config).await?;
+        args.health_url = health.url.clone();
+        Some((tq, health))
     } else {
         None
     };
@@ -117,13 +123,36 @@ async fn main() -> anyhow::Result<()> {
     let done = Arc::new(AtomicUsize::new(0));
     let all_done = CancellationToken::new();
     let stop = CancellationToken::new();
-    // Agents connect first, so that dispatch starts with the first enqueue.
+    // Agents register and connect first, so that dispatch starts with the
+    // first enqueue; they heartbeat while the bench runs.
+    let health = health_client(&args).await?;
+    let ids = register_agents(&health, args.agents, args.capacity).await?;
+    let beats: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (mut h, id, stop) = (health.clone(), id.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    let _ = h
+                        .heartbeat(omoi_proto::health::HeartbeatRequest {
+                            agent_id: id.clone(),
+                            running_task_ids: vec![],
+                        })
+                        .await;
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                }
+            })
+        })
+        .collect();
     let mut agents = Vec::new();
-    for _ in 0..args.agents {
+    for id in &ids {
         let mut c = client(&args)?;
         let stream = c
             .watch_assignments(pb::WatchAssignmentsRequest {
-                agent_id: Uuid::new_v4().to_string(),
+                agent_id: id.clone(),
                 phases: vec![],
                 capacity: args.capacity,
             })
@@ -177,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let e2e_secs = start.elapsed().as_secs_f64();
     stop.cancel();
-    for a in agents {
+    for a in agents.into_iter().chain(beats) {
         let _ = a.await;
     }
 
@@ -245,7 +274,8 @@ async fn main() -> anyhow::Result<()> {
             4 * args.tasks
         );
     }
-    if let Some(tq) = spawned {
+    if let Some((tq, health)) = spawned {
+        health.stop().await?;
         tq.stop().await?;
     }
     Ok(())
@@ -330,28 +360,26 @@ async fn agent(
     }
 }
 
-/// Closed-loop heartbeat load on the health service.
-async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
-    use omoi_proto::health as hp;
-    anyhow::ensure!(
-        agents > 0 && args.seconds > 0.0,
-        "--heartbeat-agents and --seconds must be positive"
-    );
+type Health = omoi_proto::health::agent_health_service_client::AgentHealthServiceClient<omoi_runtime::grpc::Client>;
+
+async fn health_client(args: &Args) -> anyhow::Result<Health> {
     let connector = connector(args)?;
     connector
         .wait_serving(&args.health_url, Duration::from_secs(30))
         .await
         .map_err(anyhow::Error::msg)?;
-    let client = hp::agent_health_service_client::AgentHealthServiceClient::new(
-        connector.client(&args.health_url, "--health-url")?,
-    );
-    let mut ids = Vec::with_capacity(agents);
-    for _ in 0..agents {
-        let agent = client
+    Ok(Health::new(connector.client(&args.health_url, "--health-url")?))
+}
+
+/// Registers `n` agents with the health service; their ids.
+async fn register_agents(health: &Health, n: usize, capacity: i32) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        let agent = health
             .clone()
-            .register_agent(hp::RegisterAgentRequest {
+            .register_agent(omoi_proto::health::RegisterAgentRequest {
                 agent_type: "bench".into(),
-                capacity: 1,
+                capacity,
                 ..Default::default()
             })
             .await?
@@ -360,6 +388,18 @@ async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("no agent in the answer"))?;
         ids.push(agent.id);
     }
+    Ok(ids)
+}
+
+/// Closed-loop heartbeat load on the health service.
+async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
+    use omoi_proto::health as hp;
+    anyhow::ensure!(
+        agents > 0 && args.seconds > 0.0,
+        "--heartbeat-agents and --seconds must be positive"
+    );
+    let client = health_client(args).await?;
+    let ids = register_agents(&client, agents, 1).await?;
     let until = Instant::now() + Duration::from_secs_f64(args.seconds);
     let start = Instant::now();
     let mut workers = Vec::new();

@@ -128,14 +128,20 @@ impl Store {
         Ok(unwrap_rows(rows))
     }
 
-    /// Tasks held (assigned or running) by each of the given agents.
-    pub async fn held_counts(&self, agents: &[Uuid]) -> Result<HashMap<Uuid, i64>> {
+    /// Of the given agents, those that may take work — registered, healthy,
+    /// and heard from within `silent_seconds` — with the tasks each holds
+    /// (assigned or running). An agent gone quiet gets nothing new well
+    /// before the health service declares it stale.
+    pub async fn dispatchable_agents(&self, agents: &[Uuid], silent_seconds: f64) -> Result<HashMap<Uuid, i64>> {
         let rows: Vec<(Uuid, i64)> = sqlx::query_as(
-            "SELECT assigned_agent_id, count(*) FROM tasks
-             WHERE assigned_agent_id = ANY($1) AND status IN ('assigned', 'running')
-             GROUP BY assigned_agent_id",
+            "SELECT a.id, (SELECT count(*) FROM tasks t
+                           WHERE t.assigned_agent_id = a.id AND t.status IN ('assigned', 'running'))
+             FROM agents a
+             WHERE a.id = ANY($1) AND a.status = 'healthy'
+               AND a.last_heartbeat_at > now() - make_interval(secs => $2)",
         )
         .bind(agents)
+        .bind(silent_seconds)
         .fetch_all(self.pool())
         .await?;
         Ok(rows.into_iter().collect())
