@@ -50,7 +50,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     let ready = {
         let (w, nats) = (Arc::clone(&worker), nats.clone());
         move || {
-            let ready = w.registered.load(Ordering::Relaxed)
+            let ready = *w.registered.borrow()
                 && w.accepting.load(Ordering::Relaxed)
                 && nats.connection_state() == async_nats::connection::State::Connected;
             async move { ready }

@@ -30,7 +30,7 @@ impl Worker {
             .into_inner();
         self.interval_secs
             .store(r.heartbeat_interval_seconds.max(1) as u64, Ordering::Relaxed);
-        self.registered.store(true, Ordering::Relaxed);
+        self.registered.send_replace(true);
         tracing::info!(agent_id = %self.agent_id, interval = r.heartbeat_interval_seconds, "registered");
         Ok(())
     }
@@ -40,7 +40,7 @@ impl Worker {
     pub async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !stop.is_cancelled() {
-            if !self.registered.load(Ordering::Relaxed) {
+            if !*self.registered.borrow() {
                 if let Err(e) = self.register().await {
                     tracing::warn!(error = %e.message(), "registration failed; retrying");
                     tokio::select! {
@@ -52,9 +52,12 @@ impl Worker {
                 backoff.reset();
             }
             let wait = Duration::from_secs(self.interval_secs.load(Ordering::Relaxed));
+            let mut registered = self.registered.subscribe();
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
+                // The task queue did not know us: register now.
+                _ = registered.wait_for(|known| !*known) => continue,
             }
             let beat = self
                 .health
@@ -71,7 +74,7 @@ impl Worker {
                 }
                 Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
                     tracing::warn!(error = %s.message(), "registration lost; registering again");
-                    self.registered.store(false, Ordering::Relaxed);
+                    self.registered.send_replace(false);
                 }
                 Err(s) => tracing::warn!(error = %s.message(), "heartbeat failed"),
             }

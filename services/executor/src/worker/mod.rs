@@ -159,7 +159,9 @@ pub struct Worker {
     queue: TaskQueueServiceClient<Ch>,
     health: AgentHealthServiceClient<Ch>,
     tickets: TicketServiceClient<Ch>,
-    pub registered: AtomicBool,
+    /// Whether the health service knows this agent: the assignment stream
+    /// waits for it, and a refusal anywhere registers again at once.
+    pub registered: tokio::sync::watch::Sender<bool>,
     pub accepting: AtomicBool,
     interval_secs: AtomicU64,
     /// Who agents run as (`OMOI_AGENT_USER`).
@@ -261,7 +263,7 @@ impl Worker {
             runner,
             runs,
             config,
-            registered: AtomicBool::new(false),
+            registered: tokio::sync::watch::Sender::new(false),
             accepting: AtomicBool::new(true),
             interval_secs: AtomicU64::new(30),
             agent_user,

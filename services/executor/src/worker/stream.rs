@@ -18,7 +18,13 @@ impl Worker {
     /// task queue goes away).
     pub async fn assignment_loop(self: Arc<Self>, stop: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut registered = self.registered.subscribe();
         while !stop.is_cancelled() {
+            // The task queue takes only agents the health service knows.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = registered.wait_for(|known| *known) => {}
+            }
             let opened = self
                 .queue
                 .clone()
@@ -64,6 +70,10 @@ impl Worker {
                             }
                         }
                     }
+                }
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    tracing::warn!(error = %s.message(), "the task queue does not know this agent; registering again");
+                    self.registered.send_replace(false);
                 }
                 Err(s) => tracing::warn!(error = %s.message(), "cannot open the assignment stream"),
             }
