@@ -104,6 +104,10 @@ async fn the_cli_shows_and_steers_the_whole_mesh() {
         omoi(&mesh, &["agents", "--status", "healthy"]).unwrap().lines().count(),
         2
     );
+    let agent_id = agents["agents"][0]["id"].as_str().unwrap();
+    let one = json(&omoi(&mesh, &["agent", agent_id, "-o", "json"]).unwrap());
+    assert_eq!(one["agent"]["id"], agent_id);
+    assert!(omoi(&mesh, &["tickets"]).unwrap().contains(&ticket_id));
     let stats = omoi(&mesh, &["stats"]).unwrap();
     assert!(stats.contains("completed 4"), "{stats}");
 

@@ -105,6 +105,7 @@ enum Command {
         priority: Option<String>,
     },
     /// List tickets, newest first.
+    #[command(visible_alias = "tickets")]
     List {
         #[arg(long, default_value_t = 20)]
         limit: i32,
@@ -149,6 +150,8 @@ enum Command {
     },
     /// Print one task.
     Task { task_id: String },
+    /// Print one agent.
+    Agent { agent_id: String },
     /// List the agents the health service knows.
     Agents {
         /// healthy, stale or deregistered.
@@ -592,6 +595,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .transpose()?
                 .unwrap_or_default();
             ops::agents(&mut ops::health(&cli.health_url, connector)?, status, cli.output).await
+        }
+        Command::Agent { agent_id } => {
+            ops::agent(&mut ops::health(&cli.health_url, connector)?, agent_id, cli.output).await
         }
         Command::Stats => ops::stats(&mut ops::queue(&cli.task_queue_url, connector)?, cli.output).await,
         Command::Logs { task_id, follow } => {

@@ -162,28 +162,49 @@ pub async fn agents(h: &mut Health, status: i32, out: Output) -> anyhow::Result<
         return Ok(());
     }
     for a in &r.agents {
-        let status = short_name(
-            AgentStatus::try_from(a.status)
-                .unwrap_or(AgentStatus::Unspecified)
-                .as_str_name(),
-            "AGENT_STATUS_",
-        );
-        let seen = a
-            .last_heartbeat_at
-            .as_ref()
-            .and_then(omoi_proto::convert::from_timestamp)
-            .map(|t| t.format("%H:%M:%S").to_string())
-            .unwrap_or_default();
-        println!(
-            "{}  {:<12} {:<9} capacity {}  running {}  last heard {seen}",
-            a.id,
-            a.agent_type,
-            status,
-            a.capacity,
-            a.running_task_ids.len()
-        );
+        println!("{}", agent_line(a));
     }
     Ok(())
+}
+
+pub async fn agent(h: &mut Health, agent_id: String, out: Output) -> anyhow::Result<()> {
+    let r = h.get_agent(hp::GetAgentRequest { agent_id }).await?.into_inner();
+    if out == Output::Json {
+        println!("{}", json(&r, "omoi.health.v1.GetAgentResponse")?);
+        return Ok(());
+    }
+    let a = r.agent.unwrap_or_default();
+    println!("{}", agent_line(&a));
+    for task in &a.running_task_ids {
+        println!("  running {task}");
+    }
+    for (k, v) in &a.labels {
+        println!("  {k}={v}");
+    }
+    Ok(())
+}
+
+fn agent_line(a: &hp::Agent) -> String {
+    let status = short_name(
+        AgentStatus::try_from(a.status)
+            .unwrap_or(AgentStatus::Unspecified)
+            .as_str_name(),
+        "AGENT_STATUS_",
+    );
+    let seen = a
+        .last_heartbeat_at
+        .as_ref()
+        .and_then(omoi_proto::convert::from_timestamp)
+        .map(|t| t.format("%H:%M:%S").to_string())
+        .unwrap_or_default();
+    format!(
+        "{}  {:<12} {:<9} capacity {}  running {}  last heard {seen}",
+        a.id,
+        a.agent_type,
+        status,
+        a.capacity,
+        a.running_task_ids.len()
+    )
 }
 
 pub async fn stats(q: &mut Queue, out: Output) -> anyhow::Result<()> {
