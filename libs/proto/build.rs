@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use prost::Message;
-
 const FILES: &[&str] = &[
     "omoi/common/v1/common.proto",
     "omoi/events/v1/events.proto",
@@ -16,9 +14,16 @@ const FILES: &[&str] = &[
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     println!("cargo:rerun-if-changed={}", root.display());
-    let fds = protox::compile(FILES, [&root])?;
+    let mut compiler = protox::Compiler::new([&root])?;
+    compiler
+        .include_source_info(true)
+        .include_imports(true)
+        .open_files(FILES)?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("omoi_descriptor.bin"), fds.encode_to_vec())?;
+    // Encoded by the compiler itself: the prost types would drop the
+    // methods' `google.api.http` options the console's transcoder reads.
+    std::fs::write(out.join("omoi_descriptor.bin"), compiler.encode_file_descriptor_set())?;
+    let fds = compiler.file_descriptor_set();
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -21,22 +21,25 @@ impl RequireBearer {
     }
 }
 
-impl Interceptor for RequireBearer {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+impl RequireBearer {
+    /// Checks an `authorization` header value (gRPC metadata or HTTP).
+    pub fn check(&self, authorization: Option<&str>) -> Result<(), Status> {
         let Some(expected) = &self.token else {
-            return Ok(request);
+            return Ok(());
         };
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::as_bytes);
-        match presented {
-            Some(p) if constant_time_eq(p, expected) => Ok(request),
+        match authorization.and_then(|v| v.strip_prefix("Bearer ")).map(str::as_bytes) {
+            Some(p) if constant_time_eq(p, expected) => Ok(()),
             Some(_) => Err(Status::unauthenticated("invalid bearer token")),
             None => Err(Status::unauthenticated("missing authorization: Bearer <token>")),
         }
+    }
+}
+
+impl Interceptor for RequireBearer {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let presented = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        self.check(presented)?;
+        Ok(request)
     }
 }
 

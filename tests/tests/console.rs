@@ -1,0 +1,181 @@
+//! omoi-console's HTTP/JSON API against a real mesh: routes from the protos'
+//! annotations, bodies in the proto3 JSON mapping, gRPC statuses as HTTP
+//! statuses with google.rpc.Status bodies, the bearer token, and a server
+//! stream as Server-Sent Events resumed from Last-Event-ID.
+
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use omoi_tests::{Infra, Mesh};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+struct Console {
+    url: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Console {
+    async fn start(mesh: &Mesh, token: Option<&str>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let config = omoi_console::Config {
+            listen_addr: listener.local_addr().unwrap(),
+            ticket_url: mesh.ticket.url.clone(),
+            task_queue_url: mesh.task_queue.url.clone(),
+            health_url: mesh.health.url.clone(),
+            auth_token: token.map(str::to_owned),
+            auth_token_file: None,
+            max_body_bytes: 1 << 20,
+            tls: Default::default(),
+            log_format: omoi_runtime::config::LogFormat::Text,
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(omoi_console::serve(config, listener, stop.clone()));
+        Self { url, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// One request; the status, the content type and the body.
+async fn send(method: &str, url: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, String, String) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let mut request = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let response = client.request(request.body(Full::from(body)).unwrap()).await.unwrap();
+    let status = response.status().as_u16();
+    let kind = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, kind, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+async fn call(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
+    let (status, kind, text) = send(method, url, body, &[]).await;
+    assert_eq!(kind, "application/json", "{status} {text}");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_speaks_json_over_http_as_the_annotations_say() {
+    let infra = Infra::new().await.unwrap();
+    let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
+    let console = Console::start(&mesh, None).await;
+    let api = |path: &str| format!("{}{path}", console.url);
+
+    let (status, created) = call(
+        "POST",
+        &api("/v1/tickets"),
+        Some(json!({"title": "Greet people", "priority": "TICKET_PRIORITY_HIGH"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{created}");
+    let id = created["ticket"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["tasks"].as_array().unwrap().len(), 4);
+    assert_eq!(created["ticket"]["priority"], "TICKET_PRIORITY_HIGH");
+
+    let (status, got) = call("GET", &api(&format!("/v1/tickets/{id}")), None).await;
+    assert_eq!((status, got["ticket"]["title"].as_str()), (200, Some("Greet people")));
+    let (_, listed) = call("GET", &api("/v1/tickets?page_size=5"), None).await;
+    assert_eq!(listed["tickets"][0]["id"], id.as_str());
+    let (_, tasks) = call(
+        "GET",
+        &api(&format!("/v1/tasks?ticket_id={id}&phase=PHASE_INITIAL")),
+        None,
+    )
+    .await;
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 1, "{tasks}");
+    let task_id = tasks["tasks"][0]["id"].as_str().unwrap().to_owned();
+    let (status, task) = call("GET", &api(&format!("/v1/tasks/{task_id}")), None).await;
+    assert_eq!(
+        (status, task["task"]["title"].as_str()),
+        (200, Some("Set up: Greet people"))
+    );
+
+    let (status, paused) = call("POST", &api("/v1/queue:pause"), Some(json!({"reason": "lunch"}))).await;
+    assert_eq!((status, paused["pause"]["reason"].as_str()), (200, Some("lunch")));
+    let (_, stats) = call("GET", &api("/v1/queue/stats"), None).await;
+    assert_eq!(stats["pauses"][0]["reason"], "lunch");
+    assert_eq!(stats["pending"], "4", "int64 as a string, as the JSON mapping says");
+    let (status, _) = call("POST", &api("/v1/queue:resume"), Some(json!({}))).await;
+    assert_eq!(status, 200);
+    let (status, limit) = call("PUT", &api("/v1/queue/limits/repo-a"), Some(json!({"maxRunning": 2}))).await;
+    assert_eq!((status, limit["limit"]["key"].as_str()), (200, Some("repo-a")));
+    let (status, agents) = call("GET", &api("/v1/agents"), None).await;
+    assert_eq!((status, agents["agents"].as_array().map(Vec::len)), (200, Some(0)));
+
+    let (status, cancelled) = call(
+        "POST",
+        &api(&format!("/v1/tickets/{id}:cancel")),
+        Some(json!({"reason": "not now"})),
+    )
+    .await;
+    assert_eq!(
+        (status, cancelled["ticket"]["status"].as_str()),
+        (200, Some("TICKET_STATUS_CANCELLED"))
+    );
+
+    // gRPC statuses as HTTP statuses, google.rpc.Status bodies.
+    let (status, refused) = call("GET", &api("/v1/tickets/not-a-uuid"), None).await;
+    assert_eq!((status, refused["code"].as_i64()), (400, Some(3)));
+    assert!(refused["message"].as_str().unwrap().contains("ticket_id"), "{refused}");
+    let missing = uuid::Uuid::now_v7();
+    let (status, refused) = call("GET", &api(&format!("/v1/tickets/{missing}")), None).await;
+    assert_eq!((status, refused["code"].as_i64()), (404, Some(5)));
+    let (status, refused) = call("POST", &api("/v1/tickets"), Some(json!({"title": 7}))).await;
+    assert_eq!((status, refused["code"].as_i64()), (400, Some(3)));
+    let (status, refused) = call("GET", &api(&format!("/v1/tickets/{id}:retry")), None).await;
+    assert_eq!(status, 405, "{refused}");
+    let (status, _) = call("GET", &api("/v1/nowhere"), None).await;
+    assert_eq!(status, 404);
+    let (status, refused) = call("GET", &api("/v1/tasks?colour=red"), None).await;
+    assert!(
+        status == 400 && refused["message"].as_str().unwrap().contains("colour"),
+        "{refused}"
+    );
+
+    // The ticket's events as Server-Sent Events: the history, then the end
+    // (it is cancelled); resumed after the first, the first is not sent again.
+    let watch = api(&format!("/v1/tickets/{id}:watch"));
+    let (status, kind, stream) = send("GET", &watch, None, &[]).await;
+    assert_eq!((status, kind.as_str()), (200, "text/event-stream"), "{stream}");
+    let ids: Vec<&str> = stream.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert!(ids.len() >= 6, "{stream}");
+    assert!(
+        stream.contains("TICKET_CREATED") && stream.contains("TICKET_CANCELLED"),
+        "{stream}"
+    );
+    let (_, _, resumed) = send("GET", &watch, None, &[("last-event-id", ids[0])]).await;
+    let again: Vec<&str> = resumed.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert_eq!(again, ids[1..], "resumed after the first");
+    console.stop().await;
+
+    // With a token, the console asks for it as the services do.
+    let guarded = Console::start(&mesh, Some("s3cret")).await;
+    let stats = format!("{}/v1/queue/stats", guarded.url);
+    let (status, _, text) = send("GET", &stats, None, &[]).await;
+    assert_eq!(status, 401, "{text}");
+    let (status, _, _) = send("GET", &stats, None, &[("authorization", "Bearer wrong")]).await;
+    assert_eq!(status, 401);
+    let (status, _, _) = send("GET", &stats, None, &[("authorization", "Bearer s3cret")]).await;
+    assert_eq!(status, 200);
+    guarded.stop().await;
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
