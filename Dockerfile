@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Images of omoi. Two runtime targets:
-#   runtime   omoi-ticket, omoi-task-queue, omoi-health and omoi (non-root, minimal)
+#   runtime   omoi-ticket, omoi-task-queue, omoi-health, omoi-console and omoi (non-root, minimal)
 #   executor  omoi-executor and omoi-demo-agent, plus git for repository checkouts and
 #             the coding-agent CLIs (Claude Code, Codex, Gemini CLI) at the versions
 #             pinned in deploy/agents/package-lock.json
@@ -14,7 +14,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --bins \
  && mkdir -p /out \
  && cp target/release/omoi target/release/omoi-ticket target/release/omoi-task-queue \
-       target/release/omoi-health target/release/omoi-executor target/release/omoi-demo-agent /out/
+       target/release/omoi-health target/release/omoi-console target/release/omoi-executor \
+       target/release/omoi-demo-agent /out/
 
 FROM debian:bookworm-slim AS base
 RUN apt-get update \
@@ -24,9 +25,9 @@ RUN apt-get update \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin omoi
 
 FROM base AS runtime
-COPY --from=build /out/omoi /out/omoi-ticket /out/omoi-task-queue /out/omoi-health /usr/local/bin/
+COPY --from=build /out/omoi /out/omoi-ticket /out/omoi-task-queue /out/omoi-health /out/omoi-console /usr/local/bin/
 USER 10001:10001
-EXPOSE 50051 50052 50053
+EXPOSE 50051 50052 50053 8080
 ENTRYPOINT ["/usr/local/bin/omoi-task-queue"]
 
 FROM node:22-bookworm-slim AS agents

@@ -38,6 +38,7 @@ async fn up_brings_its_own_postgres_and_nats_when_the_machines_are_out_of_reach(
     assert!(out.contains("creating a private PostgreSQL cluster"), "{out}");
     assert!(out.contains("NATS: a private nats-server"), "{out}");
     assert!(out.contains(" is COMPLETED."), "{out}");
+    assert!(out.contains("console      http://127.0.0.1:8080"), "{out}");
     let data = state.join("postgres/data");
     assert!(!data.join("postmaster.pid").exists(), "the cluster stops with the mesh");
 

@@ -30,6 +30,9 @@ pub struct Up {
     /// Ports: ticket on this one, then task-queue, health and the executors.
     #[arg(long, default_value_t = 50051)]
     base_port: u16,
+    /// Port of omoi-console, the HTTP/JSON API.
+    #[arg(long, default_value_t = 8080)]
+    console_port: u16,
     /// Where the executors make their workspaces.
     #[arg(long, env = "OMOI_WORKSPACE_ROOT")]
     workspace_root: Option<PathBuf>,
@@ -146,10 +149,11 @@ fn port_free(port: u16) -> bool {
 }
 
 /// The omoi binaries this one was built with.
-const BINARIES: [&str; 5] = [
+const BINARIES: [&str; 6] = [
     "omoi-task-queue",
     "omoi-health",
     "omoi-ticket",
+    "omoi-console",
     "omoi-executor",
     "omoi-demo-agent",
 ];
@@ -243,7 +247,7 @@ impl Up {
             );
         }
         let ports: Vec<u16> = (0..3 + self.executors).map(|i| self.base_port + i).collect();
-        for p in &ports {
+        for p in ports.iter().chain([&self.console_port]) {
             anyhow::ensure!(
                 port_free(*p),
                 "port {p} is taken; stop what uses it or pick other ports with --base-port"
@@ -278,7 +282,7 @@ impl Up {
                 };
                 Some(self.sample(&url(ports[0]), &workspaces, &repository).await?)
             };
-            print_hints(&ports);
+            print_hints(&ports, self.console_port);
             if !self.exit_when_done {
                 println!("Ctrl-C stops everything.");
                 wait_for_stop().await?;
@@ -317,6 +321,9 @@ impl Up {
             let last = procs.len() - 1;
             ready(&mut procs[last]).await?;
         }
+        let mut console = launcher.start("console", "omoi-console", self.console_port, vec![])?;
+        listening(&mut console).await?;
+        procs.push(console);
         println!();
         for p in procs.iter() {
             println!("  {:<12} {}", p.name, p.url);
@@ -363,9 +370,11 @@ impl Up {
     }
 }
 
-fn print_hints(ports: &[u16]) {
+fn print_hints(ports: &[u16], console: u16) {
     println!();
     println!("The mesh is up. Try, from another terminal:");
+    println!("  curl http://127.0.0.1:{console}/v1/tickets");
+    println!("  curl -d '{{\"title\":\"Write a changelog\"}}' http://127.0.0.1:{console}/v1/tickets");
     println!("  grpcurl -plaintext 127.0.0.1:{} list", ports[0]);
     println!(
         "  grpcurl -plaintext -d '{{\"title\":\"Write a changelog\"}}' 127.0.0.1:{} omoi.ticket.v1.TicketService/CreateTicket",
@@ -401,6 +410,25 @@ async fn stop_all(procs: &mut [Proc]) {
     for p in procs.iter_mut().rev() {
         let _ = tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await;
     }
+}
+
+/// Waits until an HTTP process accepts connections.
+async fn listening(p: &mut Proc) -> anyhow::Result<()> {
+    let addr = p.url.trim_start_matches("http://").to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(&addr).await.is_err() {
+        if let Some(status) = p.child.try_wait()? {
+            anyhow::bail!("{} exited ({status}) at start; see {}", p.name, p.log.display());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} not listening at {addr}; see {}",
+            p.name,
+            p.log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 async fn ready(p: &mut Proc) -> anyhow::Result<()> {
