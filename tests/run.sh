@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 ensure_postgres
 ensure_nats
 venv=.ci/.venv
-if ! "$venv/bin/python" -c 'import helm_python' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import helm_python, openapi_spec_validator' 2>/dev/null; then
     echo "omoi: installing the pinned tools into $venv" >&2
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q -r .ci/requirements.txt

@@ -62,6 +62,28 @@ async fn send(method: &str, url: &str, body: Option<Value>, headers: &[(&str, &s
     (status, kind, String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// Checks the document with openapi-spec-validator (pinned in
+/// .ci/requirements.txt; tests/run.sh installs it with the chart tools).
+fn assert_valid_openapi(doc: &Value) {
+    let python = std::env::var("OMOI_HELM_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/.venv/bin/python"));
+    let file = std::env::temp_dir().join(format!("omoi-openapi-{}.json", uuid::Uuid::now_v7()));
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let out = std::process::Command::new(&python)
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}; run the tests with `bash tests/run.sh`", python.display()));
+    std::fs::remove_file(&file).unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 async fn call(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
     let (status, kind, text) = send(method, url, body, &[]).await;
     assert_eq!(kind, "application/json", "{status} {text}");
@@ -163,6 +185,16 @@ async fn the_api_speaks_json_over_http_as_the_annotations_say() {
     let (_, _, resumed) = send("GET", &watch, None, &[("last-event-id", ids[0])]).await;
     let again: Vec<&str> = resumed.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
     assert_eq!(again, ids[1..], "resumed after the first");
+    // The document of it all, generated from the protos.
+    let (status, doc) = call("GET", &api("/openapi.json"), None).await;
+    assert_eq!((status, doc["openapi"].as_str()), (200, Some("3.0.3")));
+    assert!(
+        doc["paths"]["/v1/tickets/{ticket_id}:watch"]["get"].is_object(),
+        "{doc}"
+    );
+    let (status, kind, page) = send("GET", &api("/docs"), None, &[]).await;
+    assert!(status == 200 && kind.starts_with("text/html") && page.contains("/v1/queue:pause"));
+    assert_valid_openapi(&doc);
     console.stop().await;
 
     // With a token, the console asks for it as the services do.

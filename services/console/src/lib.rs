@@ -5,6 +5,7 @@
 //! other client, with the same bearer token it requires of its own callers.
 
 mod call;
+mod openapi;
 mod routes;
 
 use std::convert::Infallible;
@@ -82,8 +83,19 @@ pub async fn serve(
         max_body_bytes: config.max_body_bytes,
     });
     tracing::info!(routes = console.routes.len(), addr = ?listener.local_addr().ok(), "serving");
+    let document = openapi::document(&console.routes);
+    let page = openapi::page(&document);
+    let document = document.to_string();
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || async move { ([(http::header::CONTENT_TYPE, "application/json")], document) }),
+        )
+        .route(
+            "/docs",
+            axum::routing::get(move || async move { axum::response::Html(page) }),
+        )
         .fallback(api)
         .with_state(console);
     axum::serve(listener, app)
