@@ -73,10 +73,9 @@ fn field_schema(f: &FieldDescriptor, todo: &mut Vec<MessageDescriptor>) -> Value
         kind_schema(&f.kind(), todo)
     };
     if let (Some(text), Value::Object(map)) = (comment(f.parent_file().file_descriptor_proto(), f.path()), &mut schema)
+        && !map.contains_key("$ref")
     {
-        if !map.contains_key("$ref") {
-            map.insert("description".into(), Value::String(text));
-        }
+        map.insert("description".into(), Value::String(text));
     }
     schema
 }
