@@ -1,6 +1,6 @@
-//! A local HTTP/1 server for the tests' stand-ins of outside services: it
+//! A local HTTP/1 server for the tests' stand-ins of outside services (it
 //! answers every request with a handler over shared state, on a free port,
-//! until dropped.
+//! until dropped), and a plain HTTP/1 client call.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -48,4 +48,31 @@ impl Server {
         });
         Ok(Self { url, task })
     }
+}
+
+/// One HTTP request; the status, the content type and the body.
+pub async fn send(
+    method: &str,
+    url: &str,
+    body: Option<String>,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String, String)> {
+    use http_body_util::BodyExt;
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut request = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let request = request.body(Full::from(body.unwrap_or_default()))?;
+    let response = client.request(request).await?;
+    let status = response.status().as_u16();
+    let kind = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, kind, String::from_utf8_lossy(&bytes).into_owned()))
 }

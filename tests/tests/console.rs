@@ -3,9 +3,6 @@
 //! statuses with google.rpc.Status bodies, the bearer token, and a server
 //! stream as Server-Sent Events resumed from Last-Event-ID.
 
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use omoi_tests::{Infra, Mesh};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -44,22 +41,9 @@ impl Console {
 
 /// One request; the status, the content type and the body.
 async fn send(method: &str, url: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, String, String) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
-    let mut request = http::Request::builder().method(method).uri(url);
-    for (k, v) in headers {
-        request = request.header(*k, *v);
-    }
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let response = client.request(request.body(Full::from(body)).unwrap()).await.unwrap();
-    let status = response.status().as_u16();
-    let kind = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, kind, String::from_utf8_lossy(&bytes).into_owned())
+    omoi_tests::http::send(method, url, body.map(|b| b.to_string()), headers)
+        .await
+        .unwrap()
 }
 
 /// Checks the document with openapi-spec-validator (pinned in

@@ -267,6 +267,42 @@ async fn run_the_charts_pods(tls: Option<&Pki>) {
     let id = created.ticket.unwrap().id;
     wait_ticket(&tickets, &id, omoi_proto::common::TicketStatus::Completed as i32).await;
 
+    // The console's pod: its HTTP probe, and the ticket read through it (over
+    // the mesh's TLS when the chart turns it on).
+    let console = pod(&docs, find(&docs, "Deployment", "omoi-console"), &ports, &files);
+    let listen = console
+        .env
+        .iter()
+        .find(|(k, _)| k == "OMOI_LISTEN_ADDR")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    assert!(
+        console.env.iter().all(|(k, _)| k != "DATABASE_URL" && k != "NATS_URL"),
+        "the console gets no database or broker credentials"
+    );
+    let port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    let console_svc = Service::spawn("omoi-console", port, &console.env).unwrap();
+    let probe_path = find(&docs, "Deployment", "omoi-console")["spec"]["template"]["spec"]["containers"][0]
+        ["readinessProbe"]["httpGet"]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let base = format!("http://{listen}");
+    eventually(WAIT, "console ready on its readiness probe", || async {
+        let (status, _, _) = omoi_tests::http::send("GET", &format!("{base}{probe_path}"), None, &[])
+            .await
+            .ok()?;
+        (status == 200).then_some(())
+    })
+    .await;
+    let (status, _, body) = omoi_tests::http::send("GET", &format!("{base}/v1/tickets/{id}"), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("TICKET_STATUS_COMPLETED"), "{body}");
+    let status = console_svc.terminate(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(status.code(), Some(0), "console exit");
+
     // SIGTERM, as the kubelet sends it: each exits cleanly within its grace period.
     for (component, svc) in running.into_iter().rev() {
         let grace = find(&docs, "Deployment", &format!("omoi-{component}"))["spec"]["template"]["spec"]
