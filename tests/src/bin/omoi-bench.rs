@@ -210,8 +210,10 @@ async fn main() -> anyhow::Result<()> {
         let _ = a.await;
     }
 
-    // Created, assigned, started, completed: four events per task.
-    let expected = events_before + 4 * args.tasks as u64;
+    // Created, assigned, started, completed: four events per task; and
+    // each agent's registration.
+    let task_events = 4 * args.tasks as u64;
+    let expected = events_before + task_events + args.agents as u64;
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut events_now = stream_messages(&js, &args.events_stream).await;
     while events_now < expected && Instant::now() < deadline {
@@ -219,7 +221,9 @@ async fn main() -> anyhow::Result<()> {
         events_now = stream_messages(&js, &args.events_stream).await;
     }
     let events_secs = start.elapsed().as_secs_f64();
-    let published = events_now.saturating_sub(events_before);
+    let published = events_now
+        .saturating_sub(events_before)
+        .saturating_sub(args.agents as u64);
 
     let mut lat = latencies.lock().await.clone();
     lat.sort_by(f64::total_cmp);
