@@ -190,6 +190,8 @@ async fn the_api_speaks_json_over_http_as_the_annotations_say() {
     assert_eq!(status, 401);
     let (status, _, _) = send("GET", &stats, None, &[("authorization", "Bearer s3cret")]).await;
     assert_eq!(status, 200);
+    let (status, _, _) = send("GET", &format!("{}/v1/nowhere", guarded.url), None, &[]).await;
+    assert_eq!(status, 401, "not even which paths exist");
     guarded.stop().await;
 
     mesh.stop().await.unwrap();

@@ -129,6 +129,13 @@ fn json_type(headers: &mut HeaderMap) {
 impl Console {
     async fn answer(&self, request: Request) -> Result<Response, Status> {
         let (parts, body) = request.into_parts();
+        // The token first: without it, nothing about the API is told, not
+        // even which paths exist.
+        let authorization = parts
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        self.bearer.check(authorization)?;
         let (route, vars) = match routes::find(&self.routes, &parts.method, parts.uri.path()) {
             Found::Route(route, vars) => (route, vars),
             Found::WrongMethod => {
@@ -140,11 +147,6 @@ impl Console {
             }
             Found::None => return Err(Status::not_found(format!("no API at {}", parts.uri.path()))),
         };
-        let authorization = parts
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        self.bearer.check(authorization)?;
         tracing::debug!(route = %route.template, rpc = route.rpc.name(), "transcoding");
         let body = axum::body::to_bytes(body, self.max_body_bytes)
             .await
