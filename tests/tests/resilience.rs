@@ -81,6 +81,28 @@ async fn wait_all_completed(infra: &Infra, ledger: &Ledger, n: usize) {
     }
 }
 
+/// A health service and `agents` workers registered with it, taking work
+/// from the task queues at `urls`.
+async fn workers(
+    infra: &Infra,
+    urls: Vec<String>,
+    agents: usize,
+    capacity: i32,
+    ledger: &Ledger,
+    stop: &CancellationToken,
+) -> (InProcess, Vec<tokio::task::JoinHandle<()>>) {
+    let health = InProcess::health(infra.health_config()).await.unwrap();
+    let handles = spawn_workers(
+        urls,
+        health_client(&health.url),
+        agents,
+        capacity,
+        ledger.clone(),
+        stop.clone(),
+    );
+    (health, handles)
+}
+
 /// The stream's task events, once it holds at least `at_least` events.
 async fn task_events(infra: &Infra, at_least: u64) -> Vec<Event> {
     events::read_all(&infra.nats_url, &infra.topology.stream, at_least, LONG)
@@ -141,15 +163,7 @@ async fn two_replicas_and_eight_agents_run_two_thousand_tasks_exactly_once() {
 
     let ledger = Ledger::default();
     let stop = CancellationToken::new();
-    let health = InProcess::health(infra.health_config()).await.unwrap();
-    let workers = spawn_workers(
-        vec![a.url.clone(), b.url.clone()],
-        health_client(&health.url),
-        8,
-        16,
-        ledger.clone(),
-        stop.clone(),
-    );
+    let (health, workers) = workers(&infra, vec![a.url.clone(), b.url.clone()], 8, 16, &ledger, &stop).await;
     // Enqueue through both replicas.
     let mut ids = enqueue_many(&client(&a.url), N / 2).await;
     ids.extend(enqueue_many(&client(&b.url), N / 2).await);
@@ -194,15 +208,7 @@ async fn a_nats_outage_mid_run_loses_and_doubles_no_event() {
     let tq = InProcess::start(infra.task_queue_config()).await.unwrap();
     let ledger = Ledger::default();
     let stop = CancellationToken::new();
-    let health = InProcess::health(infra.health_config()).await.unwrap();
-    let workers = spawn_workers(
-        vec![tq.url.clone()],
-        health_client(&health.url),
-        4,
-        8,
-        ledger.clone(),
-        stop.clone(),
-    );
+    let (health, workers) = workers(&infra, vec![tq.url.clone()], 4, 8, &ledger, &stop).await;
     let mut ids = enqueue_many(&tq.client(), N / 2).await;
     eventually(LONG, "some progress", || async {
         (ledger.completed() >= N / 6).then_some(())
@@ -273,15 +279,7 @@ async fn restart_mid_run(how: Stop) {
     let url = first.url.clone();
     let ledger = Ledger::default();
     let stop = CancellationToken::new();
-    let health = InProcess::health(infra.health_config()).await.unwrap();
-    let workers = spawn_workers(
-        vec![url.clone()],
-        health_client(&health.url),
-        4,
-        8,
-        ledger.clone(),
-        stop.clone(),
-    );
+    let (health, workers) = workers(&infra, vec![url.clone()], 4, 8, &ledger, &stop).await;
     let ids = enqueue_many(&client(&url), N).await;
     eventually(LONG, "some progress", || async {
         (ledger.completed() >= N / 4).then_some(())
@@ -340,15 +338,7 @@ async fn a_postgres_crash_mid_run_loses_no_acknowledged_work() {
     let ledger = Ledger::default();
     let stop = CancellationToken::new();
     let ids = enqueue_many(&tq.client(), N).await;
-    let health = InProcess::health(infra.health_config()).await.unwrap();
-    let workers = spawn_workers(
-        vec![tq.url.clone()],
-        health_client(&health.url),
-        4,
-        8,
-        ledger.clone(),
-        stop.clone(),
-    );
+    let (health, workers) = workers(&infra, vec![tq.url.clone()], 4, 8, &ledger, &stop).await;
     eventually(LONG, "some progress", || async {
         (ledger.completed() >= N / 4).then_some(())
     })

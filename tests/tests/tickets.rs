@@ -32,16 +32,7 @@ fn create(title: &str) -> pb::CreateTicketRequest {
 }
 
 async fn ticket_status(c: &TicketClient, id: &str) -> i32 {
-    c.clone()
-        .get_ticket(pb::GetTicketRequest {
-            ticket_id: id.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .ticket
-        .unwrap()
-        .status
+    get(c, id).await.status
 }
 
 async fn wait_status(c: &TicketClient, id: &str, want: i32) {

@@ -152,9 +152,7 @@ impl Console {
             .await
             .map_err(|e| Status::invalid_argument(format!("body: {e}")))?;
         let message = call::request(route, &vars, parts.uri.query(), &body)?;
-        let path: http::uri::PathAndQuery = format!("/{}/{}", route.rpc.parent_service().full_name(), route.rpc.name())
-            .parse()
-            .map_err(|e| Status::internal(format!("{e}")))?;
+        let path = route.grpc_path.clone();
         let codec = DynamicCodec {
             output: route.rpc.output(),
         };

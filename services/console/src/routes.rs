@@ -5,6 +5,7 @@
 use std::sync::LazyLock;
 
 use http::Method;
+use http::uri::PathAndQuery;
 use prost_reflect::{DescriptorPool, DynamicMessage, MethodDescriptor, Value};
 
 pub static POOL: LazyLock<DescriptorPool> =
@@ -55,6 +56,8 @@ pub struct Route {
     verb: Option<String>,
     pub body: Body,
     pub rpc: MethodDescriptor,
+    /// The gRPC path of the RPC, made once.
+    pub grpc_path: PathAndQuery,
     pub upstream: Upstream,
 }
 
@@ -123,6 +126,9 @@ fn route(rule: &DynamicMessage, rpc: &MethodDescriptor, upstream: Upstream) -> O
         segments,
         verb,
         body,
+        grpc_path: format!("/{}/{}", rpc.parent_service().full_name(), rpc.name())
+            .parse()
+            .ok()?,
         rpc: rpc.clone(),
         upstream,
     })
