@@ -2,7 +2,8 @@
 # The whole test suite: starts PostgreSQL and NATS if they are not running,
 # installs the pinned chart tools (for the pods test, which renders the Helm
 # chart) and the pinned coding-agent CLIs (for the agent tests, which run
-# them against a stand-in model API), then builds and runs every test of the
+# them against a stand-in model API), Chromium and its driver (for the
+# console's browser tests), then builds and runs every test of the
 # workspace against them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 ensure_postgres
 ensure_nats
 venv=.ci/.venv
-if ! "$venv/bin/python" -c 'import helm_python, openapi_spec_validator' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import helm_python, openapi_spec_validator, selenium' 2>/dev/null; then
     echo "omoi: installing the pinned tools into $venv" >&2
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q -r .ci/requirements.txt
@@ -20,5 +21,7 @@ export OMOI_HELM_PYTHON="$PWD/$venv/bin/python"
 # The coding-agent CLIs the agent tests drive, at the pinned versions
 # (npm ci of deploy/agents into .ci/agents; see deploy/local/services.sh).
 ensure_agent_clis
+# The console's browser tests drive Debian's Chromium over WebDriver.
+ensure_chromium
 cargo build --workspace --bins
 cargo test --workspace "$@"

@@ -64,3 +64,17 @@ ensure_agent_clis() {
     PATH="$PWD/$agents/node_modules/.bin:$PATH"
     export PATH
 }
+
+# Chromium and its WebDriver, for the console's browser tests (Debian's
+# packages; installed when missing and root may).
+ensure_chromium() {
+    if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+        return
+    fi
+    if [ "$(id -u)" != 0 ]; then
+        echo "omoi: the browser tests need chromium and chromium-driver (apt-get install chromium chromium-driver)" >&2
+        return 1
+    fi
+    echo "omoi: installing chromium and chromium-driver" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+}

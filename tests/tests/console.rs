@@ -179,6 +179,47 @@ async fn the_api_speaks_json_over_http_as_the_annotations_say() {
     let (status, kind, page) = send("GET", &api("/docs"), None, &[]).await;
     assert!(status == 200 && kind.starts_with("text/html") && page.contains("/v1/queue:pause"));
     assert_valid_openapi(&doc);
+
+    // The web console: every page's URL answers with the page, its assets
+    // are built in; a browser on another site cannot change anything.
+    for page in ["/", &format!("/tickets/{id}"), "/agents", "/queue"] {
+        let (status, kind, html) = send("GET", &api(page), None, &[]).await;
+        assert!(
+            status == 200 && kind.starts_with("text/html") && html.contains("/assets/app.js"),
+            "{page}: {status} {kind}"
+        );
+    }
+    let (status, kind, script) = send("GET", &api("/assets/app.js"), None, &[]).await;
+    assert!(
+        status == 200 && kind.starts_with("text/javascript") && script.contains("/v1/tickets"),
+        "{status} {kind}"
+    );
+    let (status, kind, _) = send("GET", &api("/assets/app.css"), None, &[]).await;
+    assert!(status == 200 && kind.starts_with("text/css"), "{status} {kind}");
+    let host = console.url.trim_start_matches("http://").to_owned();
+    let pause = Some(json!({"reason": "from elsewhere"}));
+    for headers in [
+        vec![("origin", "https://evil.example")],
+        vec![("sec-fetch-site", "cross-site")],
+        vec![("sec-fetch-site", "same-site"), ("origin", "http://other.localhost")],
+    ] {
+        let (status, _, text) = send("POST", &api("/v1/queue:pause"), pause.clone(), &headers).await;
+        assert!(
+            status == 403 && text.contains("may not change anything"),
+            "{headers:?}: {status} {text}"
+        );
+    }
+    let (_, stats) = call("GET", &api("/v1/queue/stats"), None).await;
+    assert!(
+        stats["pauses"].as_array().unwrap().is_empty(),
+        "nothing paused: {stats}"
+    );
+    let origin = format!("http://{host}");
+    let own = [("origin", origin.as_str()), ("sec-fetch-site", "same-origin")];
+    let (status, _, text) = send("POST", &api("/v1/queue:pause"), pause, &own).await;
+    assert_eq!(status, 200, "the console's own page may: {text}");
+    let (status, _, text) = send("POST", &api("/v1/queue:resume"), Some(json!({})), &own).await;
+    assert_eq!(status, 200, "{text}");
     console.stop().await;
 
     // With a token, the console asks for it as the services do.

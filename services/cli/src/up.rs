@@ -273,6 +273,10 @@ impl Up {
         let mut procs = Vec::new();
         let result = async {
             self.start_mesh(&launcher, &ports, &workspaces, &mut procs).await?;
+            println!(
+                "omoi: the console is at http://127.0.0.1:{}/ (the board, each ticket's tasks and its agents' work, live)",
+                self.console_port
+            );
             let outcome = if self.no_ticket {
                 None
             } else {
@@ -372,7 +376,8 @@ impl Up {
 
 fn print_hints(ports: &[u16], console: u16) {
     println!();
-    println!("The mesh is up. Try, from another terminal:");
+    println!("The mesh is up. The console: http://127.0.0.1:{console}/");
+    println!("Try, from another terminal:");
     println!("  curl http://127.0.0.1:{console}/v1/tickets");
     println!("  curl -d '{{\"title\":\"Write a changelog\"}}' http://127.0.0.1:{console}/v1/tickets");
     println!("  grpcurl -plaintext 127.0.0.1:{} list", ports[0]);

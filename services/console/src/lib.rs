@@ -7,6 +7,7 @@
 mod call;
 mod openapi;
 mod routes;
+mod ui;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -96,6 +97,7 @@ pub async fn serve(
             "/docs",
             axum::routing::get(move || async move { axum::response::Html(page) }),
         )
+        .merge(ui::routes())
         .fallback(api)
         .with_state(console);
     axum::serve(listener, app)
@@ -136,6 +138,7 @@ impl Console {
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         self.bearer.check(authorization)?;
+        refuse_cross_site(&parts.method, &parts.headers)?;
         let (route, vars) = match routes::find(&self.routes, &parts.method, parts.uri.path()) {
             Found::Route(route, vars) => (route, vars),
             Found::WrongMethod => {
@@ -188,6 +191,34 @@ impl Console {
             Upstream::Health => self.health.clone(),
         }
     }
+}
+
+/// A browser sends a state-changing request from another site with the
+/// user's ambient credentials (a token the browser holds for a proxy in
+/// front, or none when the mesh has no token): such requests are refused.
+/// The console's own page calls from its own origin; clients outside a
+/// browser send neither header.
+fn refuse_cross_site(method: &http::Method, headers: &HeaderMap) -> Result<(), Status> {
+    if matches!(*method, http::Method::GET | http::Method::HEAD) {
+        return Ok(());
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = header("sec-fetch-site")
+        && !matches!(site, "same-origin" | "none")
+    {
+        return Err(Status::permission_denied(format!(
+            "a {site} request may not change anything"
+        )));
+    }
+    if let Some(origin) = header("origin") {
+        let from = origin.split_once("://").map_or(origin, |(_, host)| host);
+        if Some(from) != header("host") {
+            return Err(Status::permission_denied(format!(
+                "a request from {origin} may not change anything"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A message in the proto3 JSON mapping, every field present.

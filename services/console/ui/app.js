@@ -1,0 +1,590 @@
+// omoi console: a client of the console's own HTTP/JSON API. Every page is
+// drawn from DOM nodes (never from HTML strings), so nothing an agent or a
+// ticket says can become markup. The bearer token lives in sessionStorage and
+// travels in the Authorization header only, never in a URL or a cookie.
+"use strict";
+
+const TOKEN_KEY = "omoi.token";
+const POLL_MS = 1500;
+
+// ---------- small helpers ----------
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+function s(tag, attrs, ...children) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v);
+  }
+  for (const c of children.flat(Infinity)) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return el;
+}
+
+// "TICKET_STATUS_IN_PROGRESS" -> "in_progress"
+const short = (value, prefix) => (value || "").replace(prefix, "").toLowerCase();
+const ticketStatus = (t) => short(t.status, "TICKET_STATUS_");
+const taskStatus = (t) => short(t.status, "TASK_STATUS_");
+const phaseName = (p) => { const n = short(p, "PHASE_"); return n === "unspecified" ? "" : n; };
+const label = (x) => x.replace(/_/g, " ");
+
+function usd(usage) {
+  if (!usage || !usage.costUsd) return "";
+  return "$" + Number(usage.costUsd).toFixed(4) + (usage.costEstimated ? " (est.)" : "");
+}
+
+function tokens(usage) {
+  if (!usage) return "";
+  const n = Number(usage.inputTokens || 0) + Number(usage.outputTokens || 0);
+  return n ? n.toLocaleString() + " tok" : "";
+}
+
+function ago(ts) {
+  if (!ts) return "";
+  const secs = Math.max(0, Math.round((Date.now() - Date.parse(ts)) / 1000));
+  if (secs < 60) return secs + " s ago";
+  if (secs < 3600) return Math.round(secs / 60) + " min ago";
+  return Math.round(secs / 3600) + " h ago";
+}
+
+function elapsed(task) {
+  if (!task.startedAt) return "";
+  const end = task.completedAt ? Date.parse(task.completedAt) : Date.now();
+  return ((end - Date.parse(task.startedAt)) / 1000).toFixed(1) + " s";
+}
+
+function toast(text) {
+  const el = document.getElementById("toast");
+  el.textContent = text;
+  el.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { el.hidden = true; }, 5000);
+}
+
+function setLive(on) {
+  const el = document.getElementById("live");
+  el.textContent = on ? "live" : "offline";
+  el.classList.toggle("on", on);
+}
+
+// ---------- the API ----------
+
+class Unauthenticated extends Error {}
+
+function headers(extra) {
+  const out = Object.assign({ Accept: "application/json" }, extra || {});
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) out.Authorization = "Bearer " + token;
+  return out;
+}
+
+async function api(method, path, body) {
+  const init = { method, headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
+  if (body !== undefined) init.body = JSON.stringify(body);
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (e) {
+    setLive(false);
+    throw e;
+  }
+  setLive(true);
+  const text = await response.text();
+  const json = text ? JSON.parse(text) : {};
+  if (response.status === 401) {
+    showLogin(json.message);
+    throw new Unauthenticated(json.message || "unauthenticated");
+  }
+  if (!response.ok) throw new Error(json.message || response.statusText);
+  return json;
+}
+
+// A server stream as Server-Sent Events, read with fetch so that the token
+// goes in a header (EventSource cannot send one). Reconnects with
+// Last-Event-ID when the connection drops; a stream the server ends is done.
+function stream(path, onEvent, onEnd) {
+  const abort = new AbortController();
+  let lastId = null;
+  const run = async () => {
+    while (!abort.signal.aborted) {
+      try {
+        const extra = lastId ? { "Last-Event-ID": lastId } : {};
+        const response = await fetch(path, { headers: headers(Object.assign({ Accept: "text/event-stream" }, extra)), signal: abort.signal });
+        if (response.status === 401) { showLogin(); return; }
+        if (!response.ok) throw new Error(response.statusText);
+        setLive(true);
+        const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) { if (onEnd) onEnd(); return; }
+          buffer += value;
+          let cut;
+          while ((cut = buffer.indexOf("\n\n")) >= 0) {
+            const block = buffer.slice(0, cut);
+            buffer = buffer.slice(cut + 2);
+            let data = "", id = null, kind = "message";
+            for (const line of block.split("\n")) {
+              if (line.startsWith("data:")) data += line.slice(5).trimStart();
+              else if (line.startsWith("id:")) id = line.slice(3).trim();
+              else if (line.startsWith("event:")) kind = line.slice(6).trim();
+            }
+            if (!data) continue;
+            if (id) lastId = id;
+            const message = JSON.parse(data);
+            if (kind === "error") toast(message.message || "stream error");
+            else onEvent(message);
+          }
+        }
+      } catch (e) {
+        if (abort.signal.aborted) return;
+        setLive(false);
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+    }
+  };
+  run();
+  return () => abort.abort();
+}
+
+// Calls fn now and every POLL_MS until stopped; errors show once.
+function poll(fn) {
+  let stopped = false, timer = null;
+  const tick = async () => {
+    try { await fn(); } catch (e) { if (!(e instanceof Unauthenticated)) setLive(false); }
+    if (!stopped) timer = setTimeout(tick, POLL_MS);
+  };
+  tick();
+  return () => { stopped = true; clearTimeout(timer); };
+}
+
+// Runs fn at most once per frame of `ms`, for bursts of events.
+function coalesce(fn, ms) {
+  let pending = false;
+  return () => {
+    if (pending) return;
+    pending = true;
+    setTimeout(() => { pending = false; fn(); }, ms);
+  };
+}
+
+async function act(what, call) {
+  try {
+    await call();
+    toast(what);
+  } catch (e) {
+    if (!(e instanceof Unauthenticated)) toast(what + " refused: " + e.message);
+  }
+}
+
+// ---------- routing ----------
+
+let cleanup = () => {};
+const main = () => document.getElementById("main");
+
+function navigate(path, replace) {
+  if (replace) history.replaceState({}, "", path);
+  else history.pushState({}, "", path);
+  render();
+}
+
+function render() {
+  cleanup();
+  cleanup = () => {};
+  const path = location.pathname;
+  for (const id of ["nav-board", "nav-agents", "nav-queue"]) document.getElementById(id).classList.remove("active");
+  const root = main();
+  root.replaceChildren();
+  let m;
+  if (path === "/" || path === "/tickets") {
+    document.getElementById("nav-board").classList.add("active");
+    cleanup = boardPage(root);
+  } else if ((m = path.match(/^\/tickets\/([^/]+)$/))) {
+    document.getElementById("nav-board").classList.add("active");
+    cleanup = ticketPage(root, decodeURIComponent(m[1]));
+  } else if (path === "/agents") {
+    document.getElementById("nav-agents").classList.add("active");
+    cleanup = agentsPage(root);
+  } else if (path === "/queue") {
+    document.getElementById("nav-queue").classList.add("active");
+    cleanup = queuePage(root);
+  } else {
+    root.append(h("h1", {}, "Not found"), h("p", {}, h("a", { href: "/", "data-nav": true }, "Back to the board")));
+  }
+}
+
+function showLogin(message) {
+  cleanup();
+  cleanup = () => {};
+  sessionStorage.removeItem(TOKEN_KEY);
+  document.getElementById("logout").hidden = true;
+  const root = main();
+  const input = h("input", { type: "password", name: "token", autocomplete: "current-password", placeholder: "bearer token", required: true });
+  const form = h("form", { class: "login", id: "login", onsubmit: (e) => {
+    e.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, input.value);
+    document.getElementById("logout").hidden = false;
+    render();
+  } }, h("label", {}, "This mesh asks for its bearer token."), input, h("button", { class: "primary", type: "submit" }, "Log in"));
+  root.replaceChildren(h("h1", {}, "Log in"), message ? h("p", { class: "error" }, message) : null, form);
+  input.focus();
+}
+
+// ---------- board ----------
+
+const COLUMNS = ["open", "in_progress", "paused", "completed", "failed", "cancelled"];
+const FINAL = new Set(["completed", "failed", "cancelled"]);
+
+function progress(tasks) {
+  const rank = (t) => PHASES.indexOf(phaseName(t.phase).toUpperCase());
+  const order = tasks.slice().sort((a, b) => rank(a) - rank(b));
+  return h("div", { class: "progress", title: order.map((t) => phaseName(t.phase) + ": " + taskStatus(t)).join(", ") },
+    order.map((t) => h("span", { class: "s-" + taskStatus(t) })));
+}
+
+function card(ticket, tasks) {
+  const done = tasks.filter((t) => taskStatus(t) === "completed").length;
+  return h("a", { class: "card s-" + ticketStatus(ticket), href: "/tickets/" + ticket.id, "data-nav": true, "data-ticket": ticket.id },
+    h("div", { class: "title" }, ticket.title),
+    progress(tasks),
+    h("div", { class: "meta" },
+      tasks.length ? done + "/" + tasks.length + " tasks" : "",
+      ticket.usage && ticket.usage.costUsd ? " · " + usd(ticket.usage) : "",
+      ticket.branch ? " · " + ticket.branch : ""),
+    ticket.pullRequestUrl ? h("div", { class: "meta" }, "PR: ", ticket.pullRequestUrl) : null);
+}
+
+function createForm(onCreated) {
+  const title = h("input", { name: "title", placeholder: "What should the agents do?", required: true, maxlength: 500 });
+  const description = h("input", { name: "description", placeholder: "details (optional)" });
+  const repository = h("input", { name: "repository", placeholder: "repository URL (optional)" });
+  const priority = h("select", { name: "priority" },
+    ["MEDIUM", "LOW", "HIGH", "CRITICAL"].map((p) => h("option", { value: "TICKET_PRIORITY_" + p }, p.toLowerCase())));
+  const submit = h("button", { class: "primary", type: "submit" }, "Create ticket");
+  return h("form", { class: "create", id: "create-ticket", onsubmit: async (e) => {
+    e.preventDefault();
+    submit.disabled = true;
+    const body = { title: title.value, description: description.value, priority: priority.value, requestId: crypto.randomUUID() };
+    if (repository.value) body.repository = repository.value;
+    try {
+      const created = await api("POST", "/v1/tickets", body);
+      title.value = description.value = repository.value = "";
+      toast("Ticket created: " + created.ticket.title);
+      onCreated();
+    } catch (err) {
+      if (!(err instanceof Unauthenticated)) toast("Not created: " + err.message);
+    } finally {
+      submit.disabled = false;
+    }
+  } }, title, description, repository, priority, submit);
+}
+
+function boardPage(root) {
+  const columns = Object.fromEntries(COLUMNS.map((c) => [c, h("div", { class: "cards" })]));
+  const tasksOf = new Map(); // ticket id -> { updatedAt, tasks }
+  const refresh = async () => {
+    const { tickets = [] } = await api("GET", "/v1/tickets?page_size=200");
+    await Promise.all(tickets.map(async (t) => {
+      const known = tasksOf.get(t.id);
+      if (known && known.updatedAt === t.updatedAt && FINAL.has(ticketStatus(t))) return;
+      const { tasks = [] } = await api("GET", "/v1/tasks?page_size=1000&ticket_id=" + encodeURIComponent(t.id));
+      tasksOf.set(t.id, { updatedAt: t.updatedAt, tasks });
+    }));
+    for (const c of COLUMNS) columns[c].replaceChildren();
+    for (const t of tickets) {
+      const column = columns[ticketStatus(t)];
+      if (column) column.append(card(t, (tasksOf.get(t.id) || { tasks: [] }).tasks));
+    }
+  };
+  const stop = poll(refresh);
+  root.append(
+    h("h1", {}, "Tickets"),
+    createForm(refresh),
+    h("div", { class: "board" }, COLUMNS.map((c) => h("section", { class: "column", "data-column": c }, h("h2", {}, label(c)), columns[c]))));
+  return stop;
+}
+
+// ---------- ticket ----------
+
+// Lays the tasks out by dependency depth: a column per depth, a row per task.
+function dag(tasks, selected, onSelect) {
+  const byId = new Map(tasks.map((t) => [t.id, t]));
+  const depth = new Map();
+  const depthOf = (t, seen = new Set()) => {
+    if (depth.has(t.id)) return depth.get(t.id);
+    if (seen.has(t.id)) return 0;
+    seen.add(t.id);
+    const d = Math.max(-1, ...(t.dependsOn || []).filter((d) => byId.has(d)).map((d) => depthOf(byId.get(d), seen))) + 1;
+    depth.set(t.id, d);
+    return d;
+  };
+  tasks.forEach((t) => depthOf(t));
+  const columns = [];
+  for (const t of tasks) (columns[depth.get(t.id)] ||= []).push(t);
+  const W = 180, H = 46, GX = 36, GY = 18, PAD = 12;
+  const at = new Map();
+  columns.forEach((col, x) => col.forEach((t, y) => at.set(t.id, { x: PAD + x * (W + GX), y: PAD + y * (H + GY) })));
+  const width = PAD * 2 + columns.length * (W + GX) - GX;
+  const height = PAD * 2 + Math.max(1, ...columns.map((c) => c.length)) * (H + GY) - GY;
+  const edges = [];
+  for (const t of tasks) for (const d of t.dependsOn || []) {
+    if (!at.has(d)) continue;
+    const a = at.get(d), b = at.get(t.id);
+    const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2, mx = (x1 + x2) / 2;
+    edges.push(s("path", { d: `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}` }));
+  }
+  const nodes = tasks.map((t) => {
+    const p = at.get(t.id);
+    const name = t.title.length > 26 ? t.title.slice(0, 25) + "…" : t.title;
+    return s("g", { class: "node s-" + taskStatus(t) + (t.id === selected ? " selected" : ""), "data-task": t.id, "data-status": taskStatus(t), transform: `translate(${p.x},${p.y})`, onclick: () => onSelect(t.id) },
+      s("title", {}, t.title + " — " + taskStatus(t)),
+      s("rect", { width: W, height: H }),
+      s("text", { x: 10, y: 19 }, name),
+      s("text", { x: 10, y: 36, "font-size": 11 }, phaseName(t.phase) + " · " + label(taskStatus(t)) + (t.attempt > 1 ? " · #" + t.attempt : "")));
+  });
+  return h("div", { class: "dag", id: "dag" }, s("svg", { width, height, viewBox: `0 0 ${width} ${height}` }, edges, nodes));
+}
+
+function facts(pairs) {
+  return h("dl", { class: "facts" }, pairs.filter(([, v]) => v !== "" && v !== undefined && v !== null).map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+}
+
+function eventLine(e) {
+  const kind = short(e.kind, "AGENT_EVENT_KIND_");
+  const parts = [];
+  if (e.tool) parts.push(e.tool);
+  if (e.path) parts.push(e.path);
+  if (e.text) parts.push(e.text);
+  if (e.exitCode !== undefined && e.exitCode !== null) parts.push("exit " + e.exitCode);
+  if (kind === "usage" && e.usage) parts.push(tokens(e.usage) + " " + usd(e.usage));
+  return h("div", { "data-kind": kind, "data-seq": e.seq }, h("span", { class: "kind k-" + kind, title: "attempt " + e.attempt + ", event " + e.seq }, e.attempt + "." + e.seq + " " + label(kind)), parts.join("  "));
+}
+
+function ticketPage(root, id) {
+  let selected = null, ticket = null, tasks = [];
+  let stopOutput = () => {};
+  let outputFor = null, endedAttempt = null;
+  const header = h("div");
+  const graph = h("div");
+  const table = h("div");
+  const detail = h("div", { id: "task-detail" });
+
+  const showTask = (taskId) => {
+    selected = taskId;
+    draw();
+  };
+
+  const drawDetail = () => {
+    const t = tasks.find((x) => x.id === selected);
+    if (!t) { detail.replaceChildren(h("p", { class: "muted" }, "Select a task to see its agent's work.")); return; }
+    // A new attempt of a task whose stream had ended (a retry) is followed
+    // again, from its history.
+    if (outputFor !== t.id || (endedAttempt !== null && t.attempt > endedAttempt)) {
+      stopOutput();
+      outputFor = t.id;
+      endedAttempt = null;
+      const log = h("div", { class: "events", id: "events" });
+      const ended = h("p", { class: "muted", id: "events-end" });
+      detail.replaceChildren(h("h2", {}, t.title), h("div", { id: "task-facts" }), h("div", { class: "actions", id: "task-actions" }), h("h2", {}, "Agent events"), log, ended);
+      stopOutput = stream("/v1/tasks/" + encodeURIComponent(t.id) + "/output?follow=true", (m) => {
+        if (!m.event) return;
+        const stick = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+        log.append(eventLine(m.event));
+        if (stick) log.scrollTop = log.scrollHeight;
+      }, () => { ended.textContent = "The task has ended."; endedAttempt = t.attempt; reload(); });
+    }
+    const g = t.git || {};
+    detail.querySelector("#task-facts").replaceChildren(facts([
+      ["status", h("span", { class: "badge s-" + taskStatus(t), id: "task-status" }, label(taskStatus(t)))],
+      ["phase", phaseName(t.phase)],
+      ["attempt", t.attempt + " (retries " + t.retryCount + "/" + t.maxRetries + ")"],
+      ["agent", t.assignedAgentId || ""],
+      ["started", t.startedAt ? ago(t.startedAt) : ""],
+      ["elapsed", elapsed(t)],
+      ["usage", [tokens(t.usage), usd(t.usage), t.usage && t.usage.model].filter(Boolean).join(" · ")],
+      ["commit", g.commit ? g.commit.slice(0, 12) + " (+" + g.insertions + " −" + g.deletions + ", " + g.filesChanged + " files)" : ""],
+      ["error", t.errorMessage || ""],
+    ]));
+    const status = taskStatus(t);
+    detail.querySelector("#task-actions").replaceChildren(
+      h("button", { id: "retry-task", disabled: !["failed", "cancelled", "timed_out"].includes(status), onclick: () =>
+        act("Task retried", () => api("POST", "/v1/tasks/" + encodeURIComponent(t.id) + ":retry", { reason: "retried from the console" })).then(load) }, "Retry task"),
+      h("button", { id: "cancel-task", disabled: FINAL.has(status) || status === "timed_out", onclick: () =>
+        act("Task cancelled", () => api("POST", "/v1/tasks/" + encodeURIComponent(t.id) + ":cancel", { reason: "cancelled from the console" })).then(load) }, "Cancel task"));
+  };
+
+  const draw = () => {
+    if (!ticket) return;
+    const st = ticketStatus(ticket);
+    header.replaceChildren(
+      h("h1", {}, ticket.title, " ", h("span", { class: "badge s-" + st, id: "ticket-status" }, label(st))),
+      facts([
+        ["id", ticket.id],
+        ["description", ticket.description],
+        ["repository", ticket.repository],
+        ["branch", ticket.branch],
+        ["head", ticket.headCommit ? ticket.headCommit.slice(0, 12) : ""],
+        ["pull request", ticket.pullRequestUrl || ticket.pullRequestError || ""],
+        ["usage", [tokens(ticket.usage), usd(ticket.usage)].filter(Boolean).join(" · ")],
+        ["budget", ticket.maxCostUsd !== undefined && ticket.maxCostUsd !== null ? "$" + ticket.maxCostUsd : ""],
+        ["paused", ticket.pausedReason],
+      ]),
+      h("div", { class: "actions" },
+        h("button", { id: "retry-ticket", disabled: !["failed", "cancelled"].includes(st), onclick: () =>
+          act("Ticket retried", () => api("POST", "/v1/tickets/" + encodeURIComponent(id) + ":retry", { reason: "retried from the console" })).then(load) }, "Retry ticket"),
+        h("button", { id: "cancel-ticket", disabled: FINAL.has(st), onclick: () =>
+          act("Ticket cancelled", () => api("POST", "/v1/tickets/" + encodeURIComponent(id) + ":cancel", { reason: "cancelled from the console" })).then(load) }, "Cancel ticket")));
+    graph.replaceChildren(h("h2", {}, "Tasks"), dag(tasks, selected, showTask));
+    table.replaceChildren(h("table", { id: "tasks" },
+      h("tr", {}, ["task", "phase", "status", "attempt", "agent", "elapsed", "usage", "commit"].map((c) => h("th", {}, c))),
+      tasks.map((t) => h("tr", { class: "clickable" + (t.id === selected ? " selected" : ""), "data-task": t.id, onclick: () => showTask(t.id) },
+        h("td", {}, t.title), h("td", {}, phaseName(t.phase)),
+        h("td", {}, h("span", { class: "badge s-" + taskStatus(t) }, label(taskStatus(t)))),
+        h("td", {}, t.attempt), h("td", { class: "muted" }, (t.assignedAgentId || "").slice(0, 8)),
+        h("td", {}, elapsed(t)), h("td", {}, [tokens(t.usage), usd(t.usage)].filter(Boolean).join(" · ")),
+        h("td", {}, t.git && t.git.commit ? t.git.commit.slice(0, 10) : "")))));
+    drawDetail();
+  };
+
+  const load = async () => {
+    try {
+      const got = await api("GET", "/v1/tickets/" + encodeURIComponent(id));
+      ticket = got.ticket;
+      tasks = got.tasks || [];
+      watched();
+      if (!selected) {
+        const running = tasks.find((t) => taskStatus(t) === "running");
+        if (running) selected = running.id;
+      }
+      draw();
+    } catch (e) {
+      if (!(e instanceof Unauthenticated)) root.replaceChildren(h("h1", {}, "Ticket"), h("p", { class: "error" }, e.message));
+    }
+  };
+  let watched = () => {};
+  const reload = coalesce(load, 150);
+  root.append(header, h("div", { class: "split" }, h("div", {}, graph, table), detail));
+  load();
+  // The ticket's events, history then live; each one redraws from GetTicket.
+  // The stream ends with the ticket; timers keep elapsed times moving.
+  // The stream ends with the ticket; a ticket that comes back (a retry)
+  // is watched again.
+  let stopWatch = null;
+  const watch = () => {
+    stopWatch = stream("/v1/tickets/" + encodeURIComponent(id) + ":watch", reload, () => { stopWatch = null; reload(); });
+  };
+  watched = () => { if (!stopWatch && ticket && !FINAL.has(ticketStatus(ticket))) watch(); };
+  watch();
+  const clock = setInterval(() => { if (tasks.some((t) => taskStatus(t) === "running")) drawDetail(); }, 1000);
+  return () => { if (stopWatch) stopWatch(); stopOutput(); clearInterval(clock); };
+}
+
+// ---------- agents ----------
+
+function agentsPage(root) {
+  const body = h("div");
+  root.append(h("h1", {}, "Agents"), body);
+  return poll(async () => {
+    const { agents = [] } = await api("GET", "/v1/agents");
+    body.replaceChildren(agents.length === 0 ? h("p", { class: "muted" }, "No agent is registered.") :
+      h("table", { id: "agents" },
+        h("tr", {}, ["agent", "type", "status", "heartbeat", "phases", "capacity", "running"].map((c) => h("th", {}, c))),
+        agents.map((a) => {
+          const st = short(a.status, "AGENT_STATUS_");
+          const phases = (a.phases && a.phases.length ? a.phases : [a.phase]).map(phaseName).filter(Boolean);
+          return h("tr", { "data-agent": a.id },
+            h("td", {}, a.id), h("td", {}, a.agentType),
+            h("td", {}, h("span", { class: "badge s-" + (st === "healthy" ? "completed" : st === "stale" ? "paused" : "cancelled") }, st)),
+            h("td", {}, ago(a.lastHeartbeatAt)), h("td", {}, phases.join(", ") || "any"),
+            h("td", {}, (a.runningTaskIds || []).length + " / " + a.capacity),
+            h("td", {}, (a.runningTaskIds || []).map((t) => h("div", { class: "muted" }, t))));
+        })));
+  });
+}
+
+// ---------- queue ----------
+
+const PHASES = ["INITIAL", "IMPLEMENTATION", "INTEGRATION", "REFACTORING"];
+
+function queuePage(root) {
+  const counts = h("div");
+  const pauses = h("div");
+  const limits = h("div");
+  let refresh = async () => {};
+  const phase = h("select", { name: "phase" }, h("option", { value: "" }, "every phase"), PHASES.map((p) => h("option", { value: "PHASE_" + p }, p.toLowerCase())));
+  const ticketId = h("input", { name: "ticket_id", placeholder: "ticket id (optional)" });
+  const reason = h("input", { name: "reason", placeholder: "reason" });
+  const pauseForm = h("form", { class: "create", id: "pause", onsubmit: (e) => {
+    e.preventDefault();
+    const body = { reason: reason.value };
+    if (phase.value) body.phase = phase.value;
+    if (ticketId.value) body.ticketId = ticketId.value;
+    act("Dispatch paused", () => api("POST", "/v1/queue:pause", body)).then(() => { reason.value = ""; return refresh(); });
+  } }, phase, ticketId, reason, h("button", { class: "primary", type: "submit" }, "Pause dispatch"));
+  const key = h("input", { name: "key", placeholder: "concurrency key", required: true });
+  const max = h("input", { name: "max_running", type: "number", min: 0, placeholder: "max running", required: true });
+  const limitForm = h("form", { class: "create", id: "limit", onsubmit: (e) => {
+    e.preventDefault();
+    act("Limit set", () => api("PUT", "/v1/queue/limits/" + encodeURIComponent(key.value), { maxRunning: Number(max.value) })).then(refresh);
+  } }, key, max, h("button", { type: "submit" }, "Set limit"));
+  root.append(h("h1", {}, "Queue"), counts, h("h2", {}, "Pauses"), pauseForm, pauses, h("h2", {}, "Concurrency limits"), limitForm, limits);
+  refresh = async () => {
+    const q = await api("GET", "/v1/queue/stats");
+    const statuses = ["pending", "assigned", "running", "completed", "failed", "cancelled", "timedOut"];
+    const byPhase = new Map();
+    for (const c of q.counts || []) {
+      const p = phaseName(c.phase) || "none";
+      if (!byPhase.has(p)) byPhase.set(p, {});
+      byPhase.get(p)[short(c.status, "TASK_STATUS_")] = Number(c.count);
+    }
+    counts.replaceChildren(
+      h("p", {}, "ready to dispatch: ", h("strong", { id: "ready" }, q.ready || "0")),
+      h("table", { id: "depth" },
+        h("tr", {}, h("th", {}, "phase"), statuses.map((st) => h("th", {}, label(st.replace("timedOut", "timed_out"))))),
+        [...byPhase].map(([p, row]) => h("tr", {}, h("td", {}, p), statuses.map((st) => h("td", {}, row[st === "timedOut" ? "timed_out" : st] || 0)))),
+        h("tr", {}, h("td", {}, h("strong", {}, "all")), statuses.map((st) => h("td", {}, h("strong", {}, q[st] || "0"))))));
+    pauses.replaceChildren((q.pauses || []).length === 0 ? h("p", { class: "muted", id: "no-pauses" }, "Nothing is paused.") :
+      h("table", { id: "pauses" }, h("tr", {}, ["phase", "ticket", "reason", "since", ""].map((c) => h("th", {}, c))),
+        q.pauses.map((p) => h("tr", {},
+          h("td", {}, phaseName(p.phase) || "every phase"), h("td", {}, p.ticketId || "every ticket"), h("td", {}, p.reason), h("td", {}, ago(p.pausedAt)),
+          h("td", {}, h("button", { class: "resume", onclick: () => {
+            const body = {};
+            if (p.phase && p.phase !== "PHASE_UNSPECIFIED") body.phase = p.phase;
+            if (p.ticketId) body.ticketId = p.ticketId;
+            act("Dispatch resumed", () => api("POST", "/v1/queue:resume", body)).then(refresh);
+          } }, "Resume"))))));
+    limits.replaceChildren((q.limits || []).length === 0 ? h("p", { class: "muted" }, "No limits.") :
+      h("table", { id: "limits" }, h("tr", {}, ["key", "max running", "held now"].map((c) => h("th", {}, c))),
+        q.limits.map((l) => h("tr", {}, h("td", {}, l.key), h("td", {}, l.maxRunning), h("td", {}, l.held || "0")))));
+  };
+  return poll(() => refresh());
+}
+
+// ---------- start ----------
+
+document.addEventListener("click", (e) => {
+  const a = e.target.closest("a[data-nav]");
+  if (!a || e.metaKey || e.ctrlKey || e.shiftKey || e.button !== 0) return;
+  e.preventDefault();
+  navigate(a.getAttribute("href"));
+});
+window.addEventListener("popstate", render);
+document.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("logout").hidden = !sessionStorage.getItem(TOKEN_KEY);
+  document.getElementById("logout").addEventListener("click", () => showLogin());
+  render();
+});

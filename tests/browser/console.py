@@ -1,0 +1,203 @@
+"""Drives the web console in Debian's headless Chromium over WebDriver, as a
+person would: create a ticket from the board's form and watch its card move,
+follow its task graph turning green and a running task's agent events
+arriving, all without a reload; retry a failed task with its button; pause
+and resume dispatch; log in to a console that asks for a token. Run by
+tests/tests/browser.rs against a real mesh, which passes the addresses in
+the environment. Screenshots of each page go to OMOI_ARTEFACTS."""
+
+import os
+import sys
+import time
+
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+URL = os.environ["OMOI_CONSOLE_URL"]
+AUTH_URL = os.environ["OMOI_CONSOLE_AUTH_URL"]
+TOKEN = os.environ["OMOI_CONSOLE_TOKEN"]
+FAILED_TICKET = os.environ["OMOI_FAILED_TICKET"]
+ARTEFACTS = os.environ["OMOI_ARTEFACTS"]
+WAIT = float(os.environ.get("OMOI_BROWSER_WAIT_SECONDS", "90"))
+
+
+def driver():
+    options = webdriver.ChromeOptions()
+    options.binary_location = os.environ.get("OMOI_CHROMIUM", "/usr/bin/chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1000",
+                "--disable-gpu", "--no-first-run", "--disable-extensions"):
+        options.add_argument(arg)
+    service = Service(executable_path=os.environ.get("OMOI_CHROMEDRIVER", "/usr/bin/chromedriver"))
+    return webdriver.Chrome(options=options, service=service)
+
+
+def until(what, check, within=WAIT):
+    """Polls check() until it returns something truthy; fails naming `what`."""
+    deadline = time.monotonic() + within
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            got = check()
+            if got:
+                return got
+        except (StaleElementReferenceException, WebDriverException) as e:
+            last = e
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last})")
+
+
+def click(d, what, selector):
+    """Clicks the first element matching selector, again if the page redrew
+    it between finding and clicking (live pages redraw as events arrive)."""
+    def attempt():
+        found = d.find_elements(By.CSS_SELECTOR, selector)
+        if not found:
+            return False
+        found[0].click()
+        return True
+    until(what, attempt)
+
+
+def shot(d, name):
+    path = os.path.join(ARTEFACTS, f"{name}.png")
+    d.save_screenshot(path)
+    print(f"screenshot {path}")
+
+
+def marked(d):
+    """True while the page has not been reloaded since mark()."""
+    return d.execute_script("return window.__omoiMark === 42")
+
+
+def mark(d):
+    d.execute_script("window.__omoiMark = 42")
+
+
+def column_of(d, title):
+    for card in d.find_elements(By.CSS_SELECTOR, ".column .card"):
+        if card.find_element(By.CSS_SELECTOR, ".title").text == title:
+            return card.find_element(By.XPATH, "ancestor::section").get_attribute("data-column")
+    return None
+
+
+def node_statuses(d):
+    return [n.get_attribute("data-status") for n in d.find_elements(By.CSS_SELECTOR, "#dag g.node")]
+
+
+def board_and_ticket(d):
+    d.get(URL + "/")
+    until("the board", lambda: d.find_element(By.ID, "create-ticket"))
+    mark(d)
+    title = "Browser ticket: add a greeting"
+    form = d.find_element(By.ID, "create-ticket")
+    form.find_element(By.NAME, "title").send_keys(title)
+    form.find_element(By.NAME, "description").send_keys("filed from the console's form")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    # The card appears and moves on while its tasks run.
+    first = until("the new card on the board", lambda: column_of(d, title))
+    assert first in ("open", "in_progress"), first
+    until("the card in progress", lambda: column_of(d, title) == "in_progress")
+    shot(d, "board-in-progress")
+    # Its page: the graph goes green as the phases complete, and a running
+    # task's agent events arrive as the agent works.
+    def open_card():
+        for c in d.find_elements(By.CSS_SELECTOR, ".column .card"):
+            if c.find_element(By.CSS_SELECTOR, ".title").text == title:
+                c.click()
+                return True
+        return False
+    until("a click on the card", open_card)
+    until("the ticket page", lambda: d.find_element(By.CSS_SELECTOR, "#dag svg"))
+    assert d.current_url.startswith(URL + "/tickets/"), d.current_url
+    until("four tasks in the graph", lambda: len(node_statuses(d)) == 4)
+    click(d, "a running task in the graph", "#dag g.node[data-status=running]")
+    seen_live = until(
+        "agent events of a running task",
+        lambda: d.find_elements(By.CSS_SELECTOR, "#events div")
+        and d.find_element(By.ID, "task-status").text == "running",
+    )
+    assert seen_live
+    shot(d, "ticket-running")
+    until("every task completed", lambda: node_statuses(d) == ["completed"] * 4, within=WAIT * 2)
+    until("the ticket completed", lambda: d.find_element(By.ID, "ticket-status").text == "completed")
+    until("the selected task's stream ended", lambda: d.find_element(By.ID, "events-end").text)
+    kinds = {e.get_attribute("data-kind") for e in d.find_elements(By.CSS_SELECTOR, "#events div")}
+    assert "output" in kinds or "result" in kinds, kinds
+    shot(d, "ticket-completed")
+    # Back on the board (no reload: the page was never left).
+    d.find_element(By.ID, "nav-board").click()
+    until("the card in the completed column", lambda: column_of(d, title) == "completed")
+    assert marked(d), "the page was reloaded"
+    shot(d, "board-completed")
+
+
+def retry_failed(d):
+    d.get(URL + "/tickets/" + FAILED_TICKET)
+    until("the failed ticket", lambda: d.find_element(By.ID, "ticket-status").text == "failed")
+    mark(d)
+    click(d, "the failed task", "#dag g.node[data-status=failed]")
+    until("an enabled retry button", lambda: d.find_element(By.ID, "retry-task").is_enabled())
+    shot(d, "ticket-failed")
+    click(d, "the retry button", "#retry-task:enabled")
+    until("the retried task completed", lambda: node_statuses(d) == ["completed"])
+    until("the ticket completed after the retry", lambda: d.find_element(By.ID, "ticket-status").text == "completed")
+    assert marked(d), "the page was reloaded"
+    shot(d, "ticket-retried")
+
+
+def agents_and_queue(d):
+    d.find_element(By.ID, "nav-agents").click()
+    rows = until("two agents", lambda: len(d.find_elements(By.CSS_SELECTOR, "#agents tr[data-agent]")) >= 2 and
+                 d.find_elements(By.CSS_SELECTOR, "#agents tr[data-agent]"))
+    assert "healthy" in rows[0].text, rows[0].text
+    shot(d, "agents")
+    d.find_element(By.ID, "nav-queue").click()
+    form = until("the pause form", lambda: d.find_element(By.ID, "pause"))
+    until("the depth table", lambda: d.find_element(By.ID, "depth"))
+    form.find_element(By.NAME, "reason").send_keys("lunch break")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    until("the pause listed", lambda: "lunch break" in d.find_element(By.ID, "pauses").text)
+    shot(d, "queue-paused")
+    click(d, "the resume button", "#pauses button.resume")
+    until("nothing paused", lambda: d.find_element(By.ID, "no-pauses"))
+    assert marked(d), "the page was reloaded"
+
+
+def login(d):
+    d.get(AUTH_URL + "/agents")
+    form = until("the login form", lambda: d.find_element(By.ID, "login"))
+    form.find_element(By.NAME, "token").send_keys("not the token")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    until("the login form again after a wrong token", lambda: d.find_element(By.ID, "login"))
+    assert TOKEN not in d.current_url
+    form = d.find_element(By.ID, "login")
+    form.find_element(By.NAME, "token").send_keys(TOKEN)
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    until("the agents behind the login", lambda: d.find_elements(By.CSS_SELECTOR, "#agents tr[data-agent]"))
+    assert TOKEN not in d.current_url
+    shot(d, "login-agents")
+
+
+def main():
+    os.makedirs(ARTEFACTS, exist_ok=True)
+    d = driver()
+    try:
+        for step in (board_and_ticket, retry_failed, agents_and_queue, login):
+            try:
+                step(d)
+            except Exception:
+                shot(d, f"failed-{step.__name__}")
+                try:
+                    print("browser console log:", d.get_log("browser"), file=sys.stderr)
+                except WebDriverException:
+                    pass
+                raise
+            print(f"ok {step.__name__}")
+    finally:
+        d.quit()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+//! The web console in a real browser: Debian's headless Chromium, driven over
+//! WebDriver by tests/browser/console.py (selenium, pinned in
+//! .ci/requirements.txt), against a mesh of real processes whose executors
+//! run the demo agent. Screenshots of each page land in
+//! target/browser-artefacts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use omoi_proto::ticket as pb;
+use omoi_tests::mesh::{Options, ProcessMesh};
+use omoi_tests::{Infra, wait_ticket};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "console-browser-token";
+
+/// omoi-console in this process, in front of the mesh's services.
+async fn console(mesh: &ProcessMesh, token: Option<&str>) -> (String, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = omoi_console::Config {
+        listen_addr: listener.local_addr().unwrap(),
+        ticket_url: mesh.ticket.url.clone(),
+        task_queue_url: mesh.task_queue.url.clone(),
+        health_url: mesh.health.url.clone(),
+        auth_token: token.map(str::to_owned),
+        auth_token_file: None,
+        max_body_bytes: 1 << 20,
+        tls: Default::default(),
+        log_format: omoi_runtime::config::LogFormat::Text,
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(omoi_console::serve(config, listener, stop.clone()));
+    (url, stop)
+}
+
+fn python() -> PathBuf {
+    std::env::var("OMOI_HELM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/.venv/bin/python"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_watches_and_steers_the_mesh_in_a_browser() {
+    let infra = Infra::new().await.unwrap();
+    // Slow enough steps that a task is seen running, its events arriving;
+    // an implementation task's first attempt fails (retried by the queue
+    // for the board's ticket, for good where retries are 0).
+    let options = Options {
+        executor_env: vec![
+            ("OMOI_DEMO_SLEEP_MS".into(), "1500".into()),
+            ("OMOI_DEMO_FAIL_FIRST".into(), "PHASE_IMPLEMENTATION".into()),
+        ],
+        ..Options::default()
+    };
+    let mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    let failing = mesh
+        .tickets()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "Fails once, then works".into(),
+            plan: vec![pb::TaskSpec {
+                title: "Implement it".into(),
+                phase: omoi_proto::common::Phase::Implementation as i32,
+                max_retries: Some(0),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    wait_ticket(
+        &mesh.tickets(),
+        &failing.id,
+        pb_status(omoi_proto::common::TicketStatus::Failed),
+    )
+    .await;
+
+    let (open, stop_open) = console(&mesh, None).await;
+    let (guarded, stop_guarded) = console(&mesh, Some(TOKEN)).await;
+    let artefacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/browser-artefacts");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/console.py");
+    let run = tokio::process::Command::new(python())
+        .arg(&script)
+        .env("OMOI_CONSOLE_URL", &open)
+        .env("OMOI_CONSOLE_AUTH_URL", &guarded)
+        .env("OMOI_CONSOLE_TOKEN", TOKEN)
+        .env("OMOI_FAILED_TICKET", &failing.id)
+        .env("OMOI_ARTEFACTS", &artefacts)
+        // Selenium must not look for drivers on the network.
+        .env("SE_OFFLINE", "true")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(360), run)
+        .await
+        .expect("the browser run ended within 6 minutes")
+        .unwrap_or_else(|e| panic!("{}: {e}; run the tests with `bash tests/run.sh`", python().display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "browser run failed:\n{stdout}\n{stderr}");
+    for step in ["board_and_ticket", "retry_failed", "agents_and_queue", "login"] {
+        assert!(stdout.contains(&format!("ok {step}")), "{step} did not pass:\n{stdout}");
+    }
+    // What the browser did, as the mesh has it: the retried task's ticket
+    // completed on its second attempt.
+    let got = wait_ticket(
+        &mesh.tickets(),
+        &failing.id,
+        pb_status(omoi_proto::common::TicketStatus::Completed),
+    )
+    .await;
+    assert_eq!(got.tasks[0].attempt, 2, "{:?}", got.tasks[0]);
+    stop_open.cancel();
+    stop_guarded.cancel();
+}
+
+fn pb_status(s: omoi_proto::common::TicketStatus) -> i32 {
+    s as i32
+}
