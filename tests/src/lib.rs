@@ -3,6 +3,7 @@
 //! scripted agents, and readers of the events stream.
 
 pub mod agent;
+pub mod console;
 pub mod events;
 pub mod git_http;
 pub mod github;

@@ -7,31 +7,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use omoi_proto::common::{Phase, TicketStatus};
 use omoi_proto::ticket as pb;
+use omoi_tests::console::Console;
 use omoi_tests::mesh::{Options, ProcessMesh};
 use omoi_tests::{Infra, wait_ticket};
-use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "console-browser-token";
 
-/// omoi-console in this process, in front of the mesh's services.
-async fn console(mesh: &ProcessMesh, token: Option<&str>) -> (String, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let config = omoi_console::Config {
-        listen_addr: listener.local_addr().unwrap(),
-        ticket_url: mesh.ticket.url.clone(),
-        task_queue_url: mesh.task_queue.url.clone(),
-        health_url: mesh.health.url.clone(),
-        auth_token: token.map(str::to_owned),
-        auth_token_file: None,
-        max_body_bytes: 1 << 20,
-        tls: Default::default(),
-        log_format: omoi_runtime::config::LogFormat::Text,
-    };
-    let stop = CancellationToken::new();
-    tokio::spawn(omoi_console::serve(config, listener, stop.clone()));
-    (url, stop)
+async fn console(mesh: &ProcessMesh, token: Option<&str>) -> Console {
+    Console::start(&mesh.ticket.url, &mesh.task_queue.url, &mesh.health.url, token).await
 }
 
 fn python() -> PathBuf {
@@ -60,7 +45,7 @@ async fn a_person_watches_and_steers_the_mesh_in_a_browser() {
             title: "Fails once, then works".into(),
             plan: vec![pb::TaskSpec {
                 title: "Implement it".into(),
-                phase: omoi_proto::common::Phase::Implementation as i32,
+                phase: Phase::Implementation as i32,
                 max_retries: Some(0),
                 ..Default::default()
             }],
@@ -71,21 +56,16 @@ async fn a_person_watches_and_steers_the_mesh_in_a_browser() {
         .into_inner()
         .ticket
         .unwrap();
-    wait_ticket(
-        &mesh.tickets(),
-        &failing.id,
-        pb_status(omoi_proto::common::TicketStatus::Failed),
-    )
-    .await;
+    wait_ticket(&mesh.tickets(), &failing.id, TicketStatus::Failed as i32).await;
 
-    let (open, stop_open) = console(&mesh, None).await;
-    let (guarded, stop_guarded) = console(&mesh, Some(TOKEN)).await;
+    let open = console(&mesh, None).await;
+    let guarded = console(&mesh, Some(TOKEN)).await;
     let artefacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/browser-artefacts");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/console.py");
     let run = tokio::process::Command::new(python())
         .arg(&script)
-        .env("OMOI_CONSOLE_URL", &open)
-        .env("OMOI_CONSOLE_AUTH_URL", &guarded)
+        .env("OMOI_CONSOLE_URL", &open.url)
+        .env("OMOI_CONSOLE_AUTH_URL", &guarded.url)
         .env("OMOI_CONSOLE_TOKEN", TOKEN)
         .env("OMOI_FAILED_TICKET", &failing.id)
         .env("OMOI_ARTEFACTS", &artefacts)
@@ -105,17 +85,10 @@ async fn a_person_watches_and_steers_the_mesh_in_a_browser() {
     }
     // What the browser did, as the mesh has it: the retried task's ticket
     // completed on its second attempt.
-    let got = wait_ticket(
-        &mesh.tickets(),
-        &failing.id,
-        pb_status(omoi_proto::common::TicketStatus::Completed),
-    )
-    .await;
+    let got = wait_ticket(&mesh.tickets(), &failing.id, TicketStatus::Completed as i32).await;
     assert_eq!(got.tasks[0].attempt, 2, "{:?}", got.tasks[0]);
-    stop_open.cancel();
-    stop_guarded.cancel();
-}
-
-fn pb_status(s: omoi_proto::common::TicketStatus) -> i32 {
-    s as i32
+    open.stop().await;
+    guarded.stop().await;
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
 }

@@ -3,40 +3,12 @@
 //! statuses with google.rpc.Status bodies, the bearer token, and a server
 //! stream as Server-Sent Events resumed from Last-Event-ID.
 
+use omoi_tests::console::Console;
 use omoi_tests::{Infra, Mesh};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-struct Console {
-    url: String,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Console {
-    async fn start(mesh: &Mesh, token: Option<&str>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let config = omoi_console::Config {
-            listen_addr: listener.local_addr().unwrap(),
-            ticket_url: mesh.ticket.url.clone(),
-            task_queue_url: mesh.task_queue.url.clone(),
-            health_url: mesh.health.url.clone(),
-            auth_token: token.map(str::to_owned),
-            auth_token_file: None,
-            max_body_bytes: 1 << 20,
-            tls: Default::default(),
-            log_format: omoi_runtime::config::LogFormat::Text,
-        };
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(omoi_console::serve(config, listener, stop.clone()));
-        Self { url, stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.task.await.unwrap().unwrap();
-    }
+async fn start(mesh: &Mesh, token: Option<&str>) -> Console {
+    Console::start(&mesh.ticket.url, &mesh.task_queue.url, &mesh.health.url, token).await
 }
 
 /// One request; the status, the content type and the body.
@@ -81,7 +53,7 @@ async fn call(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
 async fn the_api_speaks_json_over_http_as_the_annotations_say() {
     let infra = Infra::new().await.unwrap();
     let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
-    let console = Console::start(&mesh, None).await;
+    let console = start(&mesh, None).await;
     let api = |path: &str| format!("{}{path}", console.url);
 
     let (status, created) = call(
@@ -223,7 +195,7 @@ async fn the_api_speaks_json_over_http_as_the_annotations_say() {
     console.stop().await;
 
     // With a token, the console asks for it as the services do.
-    let guarded = Console::start(&mesh, Some("s3cret")).await;
+    let guarded = start(&mesh, Some("s3cret")).await;
     let stats = format!("{}/v1/queue/stats", guarded.url);
     let (status, _, text) = send("GET", &stats, None, &[]).await;
     assert_eq!(status, 401, "{text}");
