@@ -94,6 +94,7 @@ def board_and_ticket(d):
     form = d.find_element(By.ID, "create-ticket")
     form.find_element(By.NAME, "title").send_keys(title)
     form.find_element(By.NAME, "description").send_keys("filed from the console's form")
+    form.find_element(By.NAME, "max_cost_usd").send_keys("5")
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     # The card appears and moves on while its tasks run.
     first = until("the new card on the board", lambda: column_of(d, title))
@@ -112,6 +113,7 @@ def board_and_ticket(d):
     until("the ticket page", lambda: d.find_element(By.CSS_SELECTOR, "#dag svg"))
     assert d.current_url.startswith(URL + "/tickets/"), d.current_url
     until("four tasks in the graph", lambda: len(node_statuses(d)) == 4)
+    assert d.find_element(By.ID, "budget").text == "$5.00", d.find_element(By.ID, "budget").text
     click(d, "a running task in the graph", "#dag g.node[data-status=running]")
     seen_live = until(
         "agent events of a running task",

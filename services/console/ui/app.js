@@ -272,6 +272,9 @@ function createForm(onCreated) {
   const title = h("input", { name: "title", placeholder: "What should the agents do?", required: true, maxlength: 500 });
   const description = h("input", { name: "description", placeholder: "details (optional)" });
   const repository = h("input", { name: "repository", placeholder: "repository URL (optional)" });
+  const baseRef = h("input", { name: "base_ref", placeholder: "base branch", size: 10 });
+  const budget = h("input", { name: "max_cost_usd", type: "number", min: 0, step: "0.01", placeholder: "budget $", class: "budget" });
+  const pull = h("input", { name: "pull_request", type: "checkbox" });
   const priority = h("select", { name: "priority" },
     ["MEDIUM", "LOW", "HIGH", "CRITICAL"].map((p) => h("option", { value: "TICKET_PRIORITY_" + p }, p.toLowerCase())));
   const submit = h("button", { class: "primary", type: "submit" }, "Create ticket");
@@ -280,9 +283,13 @@ function createForm(onCreated) {
     submit.disabled = true;
     const body = { title: title.value, description: description.value, priority: priority.value, requestId: crypto.randomUUID() };
     if (repository.value) body.repository = repository.value;
+    if (baseRef.value) body.baseRef = baseRef.value;
+    if (budget.value !== "") body.maxCostUsd = Number(budget.value);
+    if (pull.checked) body.pullRequest = true;
     try {
       const created = await api("POST", "/v1/tickets", body);
-      title.value = description.value = repository.value = "";
+      title.value = description.value = repository.value = baseRef.value = budget.value = "";
+      pull.checked = false;
       toast("Ticket created: " + created.ticket.title);
       onCreated();
     } catch (err) {
@@ -290,7 +297,7 @@ function createForm(onCreated) {
     } finally {
       submit.disabled = false;
     }
-  } }, title, description, repository, priority, submit);
+  } }, title, description, repository, baseRef, h("label", {}, pull, " pull request"), budget, priority, submit);
 }
 
 function boardPage(root) {
@@ -438,9 +445,11 @@ function ticketPage(root, id) {
         ["repository", ticket.repository],
         ["branch", ticket.branch],
         ["head", ticket.headCommit ? ticket.headCommit.slice(0, 12) : ""],
-        ["pull request", ticket.pullRequestUrl || ticket.pullRequestError || ""],
+        ["pull request", ticket.pullRequestUrl && /^https:\/\//.test(ticket.pullRequestUrl)
+          ? h("a", { href: ticket.pullRequestUrl, rel: "noopener noreferrer", target: "_blank", id: "pull-request" }, ticket.pullRequestUrl)
+          : ticket.pullRequestError || ""],
         ["usage", [tokens(ticket.usage), usd(ticket.usage)].filter(Boolean).join(" · ")],
-        ["budget", ticket.maxCostUsd !== undefined && ticket.maxCostUsd !== null ? "$" + ticket.maxCostUsd : ""],
+        ["budget", ticket.maxCostUsd !== undefined && ticket.maxCostUsd !== null ? h("span", { id: "budget" }, "$" + Number(ticket.maxCostUsd).toFixed(2)) : ""],
         ["paused", ticket.pausedReason],
       ]),
       h("div", { class: "actions" },
