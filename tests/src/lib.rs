@@ -27,6 +27,21 @@ use tonic::transport::server::TcpIncoming;
 
 pub use infra::{Infra, TestDb};
 
+/// The Python of the pinned test tools (helm-python-sdk,
+/// openapi-spec-validator, selenium): `OMOI_HELM_PYTHON`, which tests/run.sh
+/// and .ci/run set, or the workspace's `.ci/.venv`.
+pub fn tools_python() -> std::path::PathBuf {
+    let p = std::env::var("OMOI_HELM_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/.venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} not found: run the tests with `bash tests/run.sh`, which installs the pinned tools",
+        p.display()
+    );
+    p
+}
+
 pub type TaskQueueClient = TaskQueueServiceClient<Channel>;
 
 /// A service served inside the test process.

@@ -4,7 +4,7 @@
 //! run the demo agent. Screenshots of each page land in
 //! target/browser-artefacts.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use omoi_proto::common::{Phase, TicketStatus};
@@ -17,12 +17,6 @@ const TOKEN: &str = "console-browser-token";
 
 async fn console(mesh: &ProcessMesh, token: Option<&str>) -> Console {
     Console::start(&mesh.ticket.url, &mesh.task_queue.url, &mesh.health.url, token).await
-}
-
-fn python() -> PathBuf {
-    std::env::var("OMOI_HELM_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/.venv/bin/python"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +56,7 @@ async fn a_person_watches_and_steers_the_mesh_in_a_browser() {
     let guarded = console(&mesh, Some(TOKEN)).await;
     let artefacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/browser-artefacts");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/console.py");
-    let run = tokio::process::Command::new(python())
+    let run = tokio::process::Command::new(omoi_tests::tools_python())
         .arg(&script)
         .env("OMOI_CONSOLE_URL", &open.url)
         .env("OMOI_CONSOLE_AUTH_URL", &guarded.url)
@@ -76,7 +70,7 @@ async fn a_person_watches_and_steers_the_mesh_in_a_browser() {
     let out = tokio::time::timeout(Duration::from_secs(360), run)
         .await
         .expect("the browser run ended within 6 minutes")
-        .unwrap_or_else(|e| panic!("{}: {e}; run the tests with `bash tests/run.sh`", python().display()));
+        .expect("the browser script runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "browser run failed:\n{stdout}\n{stderr}");

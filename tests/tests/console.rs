@@ -21,9 +21,7 @@ async fn send(method: &str, url: &str, body: Option<Value>, headers: &[(&str, &s
 /// Checks the document with openapi-spec-validator (pinned in
 /// .ci/requirements.txt; tests/run.sh installs it with the chart tools).
 fn assert_valid_openapi(doc: &Value) {
-    let python = std::env::var("OMOI_HELM_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/.venv/bin/python"));
+    let python = omoi_tests::tools_python();
     let file = std::env::temp_dir().join(format!("omoi-openapi-{}.json", uuid::Uuid::now_v7()));
     std::fs::write(&file, doc.to_string()).unwrap();
     let out = std::process::Command::new(&python)

@@ -23,15 +23,7 @@ fn workspace_root() -> PathBuf {
 
 /// The Python that has helm-python-sdk (tests/run.sh and .ci/run set it up).
 fn helm_python() -> PathBuf {
-    let p = std::env::var("OMOI_HELM_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join(".ci/.venv/bin/python"));
-    assert!(
-        p.exists(),
-        "{} not found: run the tests with `bash tests/run.sh`, which installs the chart tools",
-        p.display()
-    );
-    p
+    omoi_tests::tools_python()
 }
 
 fn render(overrides: &Value) -> Vec<Value> {
