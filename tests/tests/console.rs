@@ -142,10 +142,9 @@ async fn the_api_speaks_json_over_http_as_the_annotations_say() {
     // The document of it all, generated from the protos.
     let (status, doc) = call("GET", &api("/openapi.json"), None).await;
     assert_eq!((status, doc["openapi"].as_str()), (200, Some("3.0.3")));
-    assert!(
-        doc["paths"]["/v1/tickets/{ticket_id}:watch"]["get"].is_object(),
-        "{doc}"
-    );
+    for stream in ["/v1/tickets/{ticket_id}:watch", "/v1/tickets:watch"] {
+        assert!(doc["paths"][stream]["get"].is_object(), "{stream}: {doc}");
+    }
     let (status, kind, page) = send("GET", &api("/docs"), None, &[]).await;
     assert!(status == 200 && kind.starts_with("text/html") && page.contains("/v1/queue:pause"));
     assert_valid_openapi(&doc);

@@ -795,3 +795,162 @@ async fn a_spent_budget_pauses_the_ticket_until_it_is_raised() {
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
+
+type Board = tonic::Streaming<pb::WatchTicketsResponse>;
+
+/// Reads the board stream until a message satisfies `want`.
+async fn board_until(
+    board: &mut Board,
+    what: &str,
+    want: impl Fn(&pb::WatchTicketsResponse) -> bool,
+) -> pb::WatchTicketsResponse {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let m = board
+                .next()
+                .await
+                .expect("the board stream goes on")
+                .expect("a message");
+            if want(&m) {
+                return m;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no board message: {what}"))
+}
+
+/// The ticket `id`'s message on the board, with `check` on it.
+fn about(m: &pb::WatchTicketsResponse, id: &str, check: impl Fn(&pb::Ticket, &[tq::Task]) -> bool) -> bool {
+    m.ticket.as_ref().is_some_and(|t| t.id == id && check(t, &m.tasks))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_board_stream_sends_the_newest_tickets_then_every_change_from_any_replica() {
+    const TASK_RUNNING: i32 = 3;
+    const TASK_COMPLETED: i32 = 4;
+    let infra = Infra::new().await.unwrap();
+    let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
+    // Another replica of the ticket service, where the changes are made.
+    let other = InProcess::ticket(infra.ticket_config(&mesh.task_queue.url))
+        .await
+        .unwrap();
+    let (watched, writer) = (mesh.tickets(), ticket_client(&other.url));
+    let file = |c: &TicketClient, title: &str| {
+        let (mut c, req) = (c.clone(), create(title));
+        async move { c.create_ticket(req).await.unwrap().into_inner().ticket.unwrap() }
+    };
+    file(&writer, "older").await;
+    let newest = file(&writer, "newest").await;
+
+    for bad in [-1, 1001] {
+        let err = watched
+            .clone()
+            .watch_tickets(pb::WatchTicketsRequest { page_size: bad })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("page_size"), "{}", err.message());
+    }
+    let mut board = watched
+        .clone()
+        .watch_tickets(pb::WatchTicketsRequest { page_size: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    // The snapshot: the newest ticket with its planned tasks, then its end.
+    let first = board.next().await.unwrap().unwrap();
+    assert!(
+        about(&first, &newest.id, |t, tasks| t.status == OPEN && tasks.len() == 4),
+        "{first:?}"
+    );
+    assert!(board.next().await.unwrap().unwrap().snapshot_done);
+
+    // A ticket filed on the other replica appears, its tasks with it.
+    let fresh = file(&writer, "filed while watching").await;
+    board_until(&mut board, "the new ticket", |m| {
+        about(m, &fresh.id, |_, tasks| tasks.len() == 4)
+    })
+    .await;
+
+    // Its task's progress and the ticket's own status follow.
+    let mut agent = ScriptedAgent::connect(&mesh.queue(), &mesh.agents(), 8, vec![])
+        .await
+        .unwrap();
+    let a = loop {
+        let a = agent.next_assignment(WAIT).await.unwrap();
+        if a.task.as_ref().unwrap().ticket_id == fresh.id {
+            break a;
+        }
+    };
+    let task_id = a.task.as_ref().unwrap().id.clone();
+    agent.start(&a).await.unwrap();
+    let status_of = |tasks: &[tq::Task]| tasks.iter().find(|t| t.id == task_id).map(|t| t.status);
+    board_until(&mut board, "running task, ticket in progress", |m| {
+        about(m, &fresh.id, |t, tasks| {
+            t.status == IN_PROGRESS && status_of(tasks) == Some(TASK_RUNNING)
+        })
+    })
+    .await;
+    agent.complete(&a).await.unwrap();
+    board_until(&mut board, "completed task", |m| {
+        about(m, &fresh.id, |_, tasks| status_of(tasks) == Some(TASK_COMPLETED))
+    })
+    .await;
+    writer
+        .clone()
+        .cancel_ticket(pb::CancelTicketRequest {
+            ticket_id: fresh.id.clone(),
+            reason: "enough".into(),
+        })
+        .await
+        .unwrap();
+    board_until(&mut board, "cancelled ticket", |m| {
+        about(m, &fresh.id, |t, _| t.status == CANCELLED)
+    })
+    .await;
+
+    // The watched replica loses its database listener: what it may have
+    // missed comes again as a snapshot, and changes keep coming after it.
+    let pool = infra.db.connect().await.unwrap();
+    let listeners = "FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'";
+    eventually(WAIT, "a listener per replica", || async {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) {listeners}")))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (n == 2).then_some(())
+    })
+    .await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_terminate_backend(pid) {listeners}"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    board_until(&mut board, "a fresh snapshot", |m| m.snapshot_done).await;
+    writer
+        .clone()
+        .update_ticket(pb::UpdateTicketRequest {
+            ticket: Some(pb::Ticket {
+                id: newest.id.clone(),
+                priority: 4,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["priority".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    board_until(&mut board, "the new priority", |m| {
+        about(m, &newest.id, |t, _| t.priority == 4)
+    })
+    .await;
+
+    drop(board);
+    other.stop().await.unwrap();
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}

@@ -6,6 +6,7 @@
 
 const TOKEN_KEY = "omoi.token";
 const POLL_MS = 1500;
+const BOARD_SIZE = 200; // tickets on the board, newest first
 
 // ---------- small helpers ----------
 
@@ -161,6 +162,15 @@ function stream(path, onEvent, onEnd) {
   return () => abort.abort();
 }
 
+// A stream that does not end by itself: when the server ends it (a replica
+// shutting down), it is opened again a second later.
+function lasting(path, onEvent) {
+  let stopped = false, stop = null, timer = null;
+  const open = () => { stop = stream(path, onEvent, () => { if (!stopped) timer = setTimeout(open, 1000); }); };
+  open();
+  return () => { stopped = true; clearTimeout(timer); stop(); };
+}
+
 // Calls fn now and every POLL_MS until stopped; errors show once.
 function poll(fn) {
   let stopped = false, timer = null;
@@ -302,25 +312,23 @@ function createForm(onCreated) {
 
 function boardPage(root) {
   const columns = Object.fromEntries(COLUMNS.map((c) => [c, h("div", { class: "cards" })]));
-  const tasksOf = new Map(); // ticket id -> { updatedAt, tasks }
-  const refresh = async () => {
-    const { tickets = [] } = await api("GET", "/v1/tickets?page_size=200");
-    await Promise.all(tickets.map(async (t) => {
-      const known = tasksOf.get(t.id);
-      if (known && known.updatedAt === t.updatedAt && FINAL.has(ticketStatus(t))) return;
-      const { tasks = [] } = await api("GET", "/v1/tasks?page_size=1000&ticket_id=" + encodeURIComponent(t.id));
-      tasksOf.set(t.id, { updatedAt: t.updatedAt, tasks });
-    }));
+  const known = new Map(); // ticket id -> { ticket, tasks }
+  const newest = (a, b) => (Date.parse(b.ticket.createdAt) - Date.parse(a.ticket.createdAt)) || (a.ticket.id < b.ticket.id ? 1 : -1);
+  const draw = coalesce(() => {
     for (const c of COLUMNS) columns[c].replaceChildren();
-    for (const t of tickets) {
-      const column = columns[ticketStatus(t)];
-      if (column) column.append(card(t, (tasksOf.get(t.id) || { tasks: [] }).tasks));
+    for (const { ticket, tasks } of [...known.values()].sort(newest).slice(0, BOARD_SIZE)) {
+      const column = columns[ticketStatus(ticket)];
+      if (column) column.append(card(ticket, tasks));
     }
-  };
-  const stop = poll(refresh);
+  }, 50);
+  // The newest tickets, then each one again as it or its tasks change.
+  const stop = lasting("/v1/tickets:watch?page_size=" + BOARD_SIZE, (m) => {
+    if (m.ticket) known.set(m.ticket.id, { ticket: m.ticket, tasks: m.tasks || [] });
+    draw();
+  });
   root.append(
     h("h1", {}, "Tickets"),
-    createForm(refresh),
+    createForm(() => {}),
     h("div", { class: "board" }, COLUMNS.map((c) => h("section", { class: "column", "data-column": c }, h("h2", {}, label(c)), columns[c]))));
   return stop;
 }

@@ -1,8 +1,10 @@
 //! omoi's ticket service: validates tickets, splits them into phase tasks on
 //! the task queue, follows their tasks' events to keep each ticket's status,
-//! streams a ticket's events to watchers, and opens a completed ticket's
+//! streams a ticket's events to watchers and the tickets' changes to
+//! boards, and opens a completed ticket's
 //! pull request.
 
+mod board;
 pub mod config;
 mod planner;
 mod pulls;
@@ -42,6 +44,13 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         let every = Duration::from_secs_f64(config.pull_request_interval_seconds.max(0.05));
         base.spawn_after_migration(move |stop| pulls::run(store, github, every, stop));
     }
+    let hub = board::Hub::new();
+    {
+        let (h, store) = (Arc::clone(&hub), base.store.clone());
+        base.spawn_after_migration(move |stop| h.follow_database(store, stop));
+        let (h, nats, topology) = (Arc::clone(&hub), base.nats.clone(), base.topology.clone());
+        base.spawn_after_migration(move |stop| h.follow_events(nats, topology, stop));
+    }
     let watchers = CancellationToken::new();
     let router = base.router(&[SERVICE_NAME], &shutdown).await?;
     let api = TicketServiceServer::new(Tickets::new(
@@ -51,6 +60,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         base.topology.clone(),
         watchers.clone(),
         config.phase_instructions.clone(),
+        hub,
     ))
     .max_decoding_message_size(common.max_message_bytes)
     .max_encoding_message_size(common.max_message_bytes);

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::planner::{Enqueued, Planner, planned_tasks};
-use crate::watch;
+use crate::{board, watch};
 
 pub const MAX_REQUEST_ID: usize = 128;
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
@@ -32,6 +32,7 @@ pub struct Tickets {
     topology: Topology,
     watchers: CancellationToken,
     told: PhaseInstructions,
+    board: Arc<board::Hub>,
 }
 
 impl Tickets {
@@ -42,6 +43,7 @@ impl Tickets {
         topology: Topology,
         watchers: CancellationToken,
         told: PhaseInstructions,
+        board: Arc<board::Hub>,
     ) -> Self {
         Self {
             store,
@@ -50,6 +52,7 @@ impl Tickets {
             topology,
             watchers,
             told,
+            board,
         }
     }
 
@@ -327,9 +330,30 @@ impl Tickets {
         ));
         Ok(ReceiverStream::new(rx))
     }
+
+    fn watch_all(&self, req: &pb::WatchTicketsRequest) -> ApiResult<BoardStream> {
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => validate::range("page_size", n, 1, MAX_PAGE_SIZE)?,
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let reader = board::Reader {
+            store: self.store.clone(),
+            planner: Arc::clone(&self.planner),
+        };
+        tokio::spawn(board::follow(
+            Arc::clone(&self.board),
+            reader,
+            i64::from(page_size),
+            tx,
+            self.watchers.clone(),
+        ));
+        Ok(ReceiverStream::new(rx))
+    }
 }
 
 type EventStream = ReceiverStream<Result<Event, Status>>;
+type BoardStream = ReceiverStream<Result<pb::WatchTicketsResponse, Status>>;
 
 fn queue_unavailable(s: Status) -> Status {
     Status::unavailable(format!("task queue: {}", s.message()))
@@ -426,5 +450,14 @@ impl TicketService for Tickets {
         request: Request<pb::WatchTicketRequest>,
     ) -> Result<Response<Self::WatchTicketStream>, Status> {
         Ok(Response::new(self.watch(request.get_ref()).await?))
+    }
+
+    type WatchTicketsStream = BoardStream;
+
+    async fn watch_tickets(
+        &self,
+        request: Request<pb::WatchTicketsRequest>,
+    ) -> Result<Response<Self::WatchTicketsStream>, Status> {
+        Ok(Response::new(self.watch_all(request.get_ref())?))
     }
 }

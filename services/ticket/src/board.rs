@@ -1,0 +1,294 @@
+//! WatchTickets: the newest tickets with their tasks, then each ticket again
+//! whenever it or one of its tasks changes.
+//!
+//! One hub per replica follows two sources and tells every watcher which
+//! tickets changed: the tickets table's commit-time announcements (status,
+//! usage, branch, pull request: whatever any replica wrote) and the task
+//! events on JetStream (a task's status, which the ticket row does not hold).
+//! When either source was out of reach, watchers are told to send a fresh
+//! snapshot instead, since changes may have gone by unseen.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use omoi_bus::Topology;
+use omoi_domain::Entity;
+use omoi_domain::backoff::Backoff;
+use omoi_proto::ticket as pb;
+use omoi_runtime::status::status;
+use omoi_store::Store;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::planner::{Planner, planned_tasks};
+
+/// Changes arriving within this long of the first are sent together, each
+/// ticket once: a ticket's task completing moves the ticket too.
+const GATHER: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Ticket(Uuid),
+    /// Changes may have been missed: start again from a snapshot.
+    Resync,
+}
+
+pub struct Hub {
+    changes: broadcast::Sender<Change>,
+}
+
+fn reconnect_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(5))
+}
+
+impl Hub {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            changes: broadcast::channel(4096).0,
+        })
+    }
+
+    fn tell(&self, change: Change) {
+        // No watcher: nobody to tell.
+        let _ = self.changes.send(change);
+    }
+
+    /// Relays the tickets table's announcements until `shutdown`.
+    pub async fn follow_database(self: Arc<Self>, store: Store, shutdown: CancellationToken) {
+        let mut backoff = reconnect_backoff();
+        let mut first = true;
+        while !shutdown.is_cancelled() {
+            let mut changes = match store.ticket_changes().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "listening for ticket changes");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                    }
+                }
+            };
+            backoff.reset();
+            if !std::mem::take(&mut first) {
+                self.tell(Change::Resync);
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    n = changes.next() => n,
+                };
+                match next {
+                    Ok(Some(id)) => self.tell(Change::Ticket(id)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "ticket changes interrupted");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Relays which tickets' tasks changed, from the task events, until
+    /// `shutdown`.
+    pub async fn follow_events(
+        self: Arc<Self>,
+        nats: async_nats::Client,
+        topology: Topology,
+        shutdown: CancellationToken,
+    ) {
+        let js = jetstream::new(nats);
+        let mut backoff = reconnect_backoff();
+        let mut first = true;
+        while !shutdown.is_cancelled() {
+            let opened = async {
+                let stream = omoi_bus::ensure_stream(&js, &topology)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let consumer = stream
+                    .create_consumer(consumer::pull::OrderedConfig {
+                        filter_subject: topology.entity_filter(Entity::Task),
+                        deliver_policy: consumer::DeliverPolicy::New,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                consumer.messages().await.map_err(|e| e.to_string())
+            };
+            let mut messages = match tokio::time::timeout(Duration::from_secs(10), opened).await {
+                Ok(Ok(m)) => m,
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e,
+                        _ => "timed out".to_owned(),
+                    };
+                    tracing::debug!(%error, "following task events");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                    }
+                }
+            };
+            backoff.reset();
+            if !std::mem::take(&mut first) {
+                self.tell(Change::Resync);
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = messages.next() => m,
+                };
+                match next {
+                    // The subject ends with the event's ticket id, or "none".
+                    Some(Ok(m)) => {
+                        if let Some(id) = m.subject.rsplit('.').next().and_then(|t| t.parse().ok()) {
+                            self.tell(Change::Ticket(id));
+                        }
+                    }
+                    // The ordered consumer recreates itself after a hiccup,
+                    // from where it was.
+                    Some(Err(e)) => tracing::debug!(error = %e, "task events hiccup"),
+                    None => break,
+                }
+            }
+        }
+    }
+}
+
+pub type Sink = mpsc::Sender<Result<pb::WatchTicketsResponse, Status>>;
+
+/// What a watcher reads tickets with.
+#[derive(Clone)]
+pub struct Reader {
+    pub store: Store,
+    pub planner: Arc<Planner>,
+}
+
+impl Reader {
+    /// The ticket and its tasks for a board: from the queue once enqueued,
+    /// as planned before; the tasks' patches left out.
+    async fn state(&self, ticket: &omoi_domain::Ticket) -> Result<pb::WatchTicketsResponse, Status> {
+        let mut tasks = if ticket.tasks_enqueued {
+            self.planner
+                .queue
+                .list(ticket.id)
+                .await
+                .map_err(|s| Status::unavailable(format!("task queue: {}", s.message())))?
+        } else {
+            let (_, plan) = self.store.get_ticket(ticket.id).await.map_err(status)?;
+            planned_tasks(ticket, &plan)
+        };
+        for task in &mut tasks {
+            if let Some(git) = task.git.as_mut() {
+                git.patch.clear();
+            }
+        }
+        Ok(pb::WatchTicketsResponse {
+            ticket: Some(pb::Ticket::from(ticket)),
+            tasks,
+            snapshot_done: false,
+        })
+    }
+
+    async fn snapshot(&self, page_size: i64, sink: &Sink) -> Result<(), Status> {
+        let (tickets, _) = self.store.list_tickets(None, page_size, None).await.map_err(status)?;
+        for ticket in &tickets {
+            send(sink, self.state(ticket).await?).await?;
+        }
+        send(
+            sink,
+            pb::WatchTicketsResponse {
+                snapshot_done: true,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    async fn changed(&self, ids: &HashSet<Uuid>, sink: &Sink) -> Result<(), Status> {
+        for &id in ids {
+            match self.store.get_ticket(id).await {
+                Ok((ticket, _)) => send(sink, self.state(&ticket).await?).await?,
+                // Announced by an event whose ticket this database does not
+                // hold (another deployment's on a shared stream).
+                Err(omoi_store::StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(status(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The watcher went away: stop.
+struct Gone;
+
+impl From<Gone> for Status {
+    fn from(_: Gone) -> Self {
+        Status::cancelled("watcher gone")
+    }
+}
+
+async fn send(sink: &Sink, message: pb::WatchTicketsResponse) -> Result<(), Status> {
+    sink.send(Ok(message)).await.map_err(|_| Status::from(Gone))
+}
+
+/// Streams a snapshot of the newest `page_size` tickets into `sink`, then
+/// the tickets that change, until the watcher goes away or `shutdown`.
+pub async fn follow(hub: Arc<Hub>, reader: Reader, page_size: i64, sink: Sink, shutdown: CancellationToken) {
+    // Subscribed before the snapshot is read: a change made meanwhile is
+    // sent again after it rather than lost.
+    let mut changes = hub.changes.subscribe();
+    let mut resync = true;
+    let mut dirty = HashSet::new();
+    loop {
+        let outcome = if std::mem::take(&mut resync) {
+            dirty.clear();
+            reader.snapshot(page_size, &sink).await
+        } else {
+            reader.changed(&std::mem::take(&mut dirty), &sink).await
+        };
+        if let Err(status) = outcome {
+            if status.code() != tonic::Code::Cancelled {
+                let _ = sink.send(Err(status)).await;
+            }
+            return;
+        }
+        // Wait for a change, then gather those arriving with it.
+        let mut deadline = None;
+        loop {
+            let wait = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let change = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = sink.send(Err(Status::unavailable("server shutting down; watch again"))).await;
+                    return;
+                }
+                _ = sink.closed() => return,
+                _ = wait => break,
+                c = changes.recv() => c,
+            };
+            match change {
+                Ok(Change::Ticket(id)) => {
+                    dirty.insert(id);
+                }
+                Ok(Change::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => resync = true,
+                Err(broadcast::error::RecvError::Closed) => {
+                    let _ = sink
+                        .send(Err(Status::unavailable("server shutting down; watch again")))
+                        .await;
+                    return;
+                }
+            }
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + GATHER);
+        }
+    }
+}
