@@ -4,7 +4,10 @@
 //! deciding the outcome and the usage.
 //!
 //! Lines (one JSON object each): `system` (`init` with the model and tools,
-//! `api_retry` while the API fails), `assistant` and `user` messages whose
+//! `api_retry` while the API fails), `rate_limit_event` (a subscription's
+//! usage limit: `rate_limit_info.status` allowed / allowed_warning /
+//! rejected, `resetsAt` in Unix seconds, `rateLimitType`), `assistant` and
+//! `user` messages whose
 //! content blocks are `text`, `thinking`, `tool_use` and `tool_result`, and
 //! the closing `result` (`subtype`, `is_error`, `api_error_status`,
 //! `result`, `num_turns`, `duration_ms`, `total_cost_usd`, `usage`,
@@ -12,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use omoi_domain::ErrorClass;
 use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
@@ -96,6 +99,8 @@ pub struct ClaudeStream {
     /// That failure's HTTP status and how long the CLI waited before trying
     /// again.
     last_retry: Option<(i64, Duration)>,
+    /// When the usage limit that turned the run away resets.
+    limit_resets_at: Option<SystemTime>,
     closing: Option<Closing>,
 }
 
@@ -108,6 +113,7 @@ impl AgentStream for ClaudeStream {
         };
         match str_at(&v, "type") {
             "system" => self.system(&v),
+            "rate_limit_event" => self.rate_limit(&v["rate_limit_info"]),
             "assistant" => self.assistant(&v),
             "user" => self.user(&v),
             "result" => self.result(&v),
@@ -160,6 +166,8 @@ impl AgentStream for ClaudeStream {
             // Limits the deployment set: another attempt hits them again.
             ("error_max_budget_usd" | "error_max_turns", _) => Some(ErrorClass::Permanent),
             (_, Some(class)) => Some(class),
+            // Turned away by the usage limit: it resets.
+            _ if self.limit_resets_at.is_some() => Some(ErrorClass::Retryable),
             ("error_during_execution", _) => Some(ErrorClass::Retryable),
             _ => None,
         };
@@ -171,13 +179,23 @@ impl AgentStream for ClaudeStream {
     }
 
     /// A run that gave up on a rate-limited API: as long as the CLI itself
-    /// was told to wait before its last try (the API's retry-after).
+    /// was told to wait before its last try (the API's retry-after), or
+    /// until the usage limit that turned it away resets, whichever is later.
     fn retry_after(&self) -> Option<Duration> {
+        let failed = self
+            .closing
+            .as_ref()
+            .is_none_or(|c| c.is_error || c.subtype != "success");
         let rate_limited = self.closing.as_ref().is_none_or(|c| c.api_error_status == Some(429));
-        match self.last_retry {
+        let api_wait = match self.last_retry {
             Some((429, wait)) if rate_limited => Some(wait),
             _ => None,
-        }
+        };
+        let until_reset = self
+            .limit_resets_at
+            .filter(|_| failed)
+            .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default());
+        api_wait.max(until_reset)
     }
 }
 
@@ -189,8 +207,31 @@ impl ClaudeStream {
             messages: BTreeMap::new(),
             api_error: None,
             last_retry: None,
+            limit_resets_at: None,
             closing: None,
         }
+    }
+
+    /// A subscription's usage limit: said as an error when it turns the run
+    /// away (and remembered, for when to try again), kept quiet otherwise.
+    fn rate_limit(&mut self, info: &Value) -> Vec<AgentEvent> {
+        if str_at(info, "status") != "rejected" {
+            self.limit_resets_at = None;
+            return Vec::new();
+        }
+        let resets = info
+            .get("resetsAt")
+            .and_then(Value::as_u64)
+            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        self.limit_resets_at = Some(resets.unwrap_or_else(SystemTime::now));
+        let kind = match str_at(info, "rateLimitType") {
+            "" => "usage".to_owned(),
+            k => k.replace('_', " "),
+        };
+        let when = resets
+            .map(|at| format!("; resets at {}", chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339()))
+            .unwrap_or_default();
+        vec![event(AgentEventKind::Error, format!("{kind} limit reached{when}"))]
     }
 
     fn system(&mut self, v: &Value) -> Vec<AgentEvent> {
@@ -491,6 +532,64 @@ mod tests {
         let (s, _) = read(&format!("{line}\n{}", closing("success", Some(429), "API Error: 429")));
         assert_eq!(s.retry_after(), Some(Duration::from_millis(507)));
         let (s, _) = read(&format!("{line}\n{}", closing("success", Some(401), "API Error: 401")));
+        assert_eq!(s.retry_after(), None);
+    }
+
+    #[test]
+    fn a_usage_limit_that_turns_the_run_away_holds_the_retry_until_it_resets() {
+        let resets = SystemTime::now() + Duration::from_secs(3600);
+        let at = resets.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let event = |status: &str| {
+            serde_json::json!({
+                "type": "rate_limit_event",
+                "rate_limit_info": {"status": status, "resetsAt": at, "rateLimitType": "five_hour", "isUsingOverage": false},
+                "uuid": "76258cfb-0dc8-4d4b-8682-77082b59c03f", "session_id": "s"
+            })
+            .to_string()
+        };
+        // Allowed: nothing to say, nothing to wait for.
+        let (s, events) = read(&event("allowed"));
+        assert!(events.is_empty(), "{events:?}");
+        assert_eq!(s.retry_after(), None);
+
+        let (s, events) = read(&format!(
+            "{}\n{}",
+            event("rejected"),
+            closing("success", None, "Limit reached")
+        ));
+        assert_eq!(kinds(&events)[0], AgentEventKind::Error);
+        assert!(
+            events[0].text.starts_with("five hour limit reached; resets at 20"),
+            "{}",
+            events[0].text
+        );
+        assert!(
+            matches!(
+                s.verdict(Some(1)),
+                Some(Verdict::Failed {
+                    class: Some(ErrorClass::Retryable),
+                    ..
+                })
+            ),
+            "a limit that resets is worth waiting for"
+        );
+        let wait = s.retry_after().unwrap();
+        assert!(
+            wait > Duration::from_secs(3590) && wait <= Duration::from_secs(3600),
+            "{wait:?}"
+        );
+
+        // A later, longer API retry-after wins; a limit lifted again is no
+        // reason to wait.
+        let retry = r#"{"type":"system","subtype":"api_retry","attempt":1,"max_retries":10,"retry_delay_ms":7200000,"error_status":429,"error":"rate_limit"}"#;
+        let (s, _) = read(&format!("{}\n{retry}", event("rejected")));
+        assert_eq!(s.retry_after(), Some(Duration::from_secs(7200)));
+        let (s, _) = read(&format!(
+            "{}\n{}\n{}",
+            event("rejected"),
+            event("allowed"),
+            closing("success", Some(500), "")
+        ));
         assert_eq!(s.retry_after(), None);
     }
 }
