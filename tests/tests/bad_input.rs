@@ -117,7 +117,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
 
     for round in 0..300 {
         let before = counts(&pool).await;
-        let rpc = rng.next() % 32;
+        let rpc = rng.next() % 33;
         let result: Result<(), tonic::Status> = match rpc {
             0 => q
                 .enqueue_tasks(tq::EnqueueTasksRequest {
@@ -385,6 +385,13 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                 .await
                 .map(|_| ()),
             30 => match t.watch_tickets(pb::WatchTicketsRequest { page_size: rng.int() }).await {
+                Ok(s) => {
+                    drop(s);
+                    Ok(())
+                }
+                Err(s) => Err(s),
+            },
+            31 => match h.watch_agents(hp::WatchAgentsRequest { status: rng.int() }).await {
                 Ok(s) => {
                     drop(s);
                     Ok(())

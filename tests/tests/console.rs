@@ -142,7 +142,12 @@ async fn the_api_speaks_json_over_http_as_the_annotations_say() {
     // The document of it all, generated from the protos.
     let (status, doc) = call("GET", &api("/openapi.json"), None).await;
     assert_eq!((status, doc["openapi"].as_str()), (200, Some("3.0.3")));
-    for stream in ["/v1/tickets/{ticket_id}:watch", "/v1/tickets:watch"] {
+    for stream in [
+        "/v1/tickets/{ticket_id}:watch",
+        "/v1/tickets:watch",
+        "/v1/agents:watch",
+        "/v1/queue/stats:watch",
+    ] {
         assert!(doc["paths"][stream]["get"].is_object(), "{stream}: {doc}");
     }
     let (status, kind, page) = send("GET", &api("/docs"), None, &[]).await;

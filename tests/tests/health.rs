@@ -411,3 +411,86 @@ async fn agents_gone_past_their_retention_are_forgotten_and_healthy_ones_kept() 
     health.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_list_stream_follows_changes_made_on_any_replica() {
+    use futures::StreamExt;
+    let infra = Infra::new().await.unwrap();
+    let a = InProcess::health(infra.health_config()).await.unwrap();
+    let b = InProcess::health(infra.health_config()).await.unwrap();
+    let (watched, writer) = (health_client(&a.url), health_client(&b.url));
+    let first = register(&writer, "executor").await;
+
+    let err = watched
+        .clone()
+        .watch_agents(pb::WatchAgentsRequest { status: 9 })
+        .await
+        .unwrap_err();
+    assert!(
+        err.code() == Code::InvalidArgument && err.message().contains("status"),
+        "{err:?}"
+    );
+    let mut list = watched
+        .clone()
+        .watch_agents(pb::WatchAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // Reads lists until agent `id` in one satisfies `want`.
+    let mut until = async |what: &str, id: &str, want: &dyn Fn(&pb::Agent) -> bool| {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let m = list.next().await.expect("the stream goes on").expect("a list");
+                if m.agents.iter().any(|x| x.id == id && want(x)) {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no list with {what}"))
+    };
+    until("the registered agent", &first.id, &|x| x.status == HEALTHY).await;
+
+    let second = register(&writer, "reviewer").await;
+    until("the second agent", &second.id, &|_| true).await;
+    let task = Uuid::now_v7().to_string();
+    writer
+        .clone()
+        .heartbeat(pb::HeartbeatRequest {
+            agent_id: second.id.clone(),
+            running_task_ids: vec![task.clone()],
+        })
+        .await
+        .unwrap();
+    until("its running task", &second.id, &|x| {
+        x.running_task_ids == [task.clone()]
+    })
+    .await;
+    writer
+        .clone()
+        .deregister_agent(pb::DeregisterAgentRequest {
+            agent_id: first.id.clone(),
+        })
+        .await
+        .unwrap();
+    until("the first deregistered", &first.id, &|x| x.status == DEREGISTERED).await;
+
+    // The watched replica's listener is cut: the list comes again once it
+    // listens anew, and changes keep coming.
+    let pool = infra.db.connect().await.unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let third = register(&writer, "tester").await;
+    until("an agent registered after the cut", &third.id, &|_| true).await;
+
+    drop(list);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}

@@ -1334,3 +1334,45 @@ async fn agents_racing_on_two_replicas_never_exceed_a_concurrency_limit() {
     tq.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stats_stream_sends_the_queue_again_when_it_changes() {
+    use futures::StreamExt;
+    let s = setup().await;
+    let mut stats = s
+        .client
+        .clone()
+        .watch_queue_stats(pb::WatchQueueStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(WAIT, stats.next())
+            .await
+            .expect("stats within the wait")
+            .expect("the stream goes on")
+            .expect("stats")
+            .stats
+            .unwrap()
+    };
+    let empty = next().await;
+    assert_eq!((empty.pending, empty.ready), (0, 0));
+
+    enqueue(&s.client, vec![new_task("a", 2), new_task("b", 2)]).await;
+    let queued = next().await;
+    assert_eq!((queued.pending, queued.ready), (2, 2), "{queued:?}");
+
+    s.client
+        .clone()
+        .pause_dispatch(pb::PauseDispatchRequest {
+            reason: "lunch".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let paused = next().await;
+    assert_eq!(paused.pauses.len(), 1, "{paused:?}");
+    assert_eq!(paused.pauses[0].reason, "lunch");
+    drop(stats);
+    s.finish().await;
+}

@@ -2,6 +2,7 @@
 //! server's health, reflection and auth, client channels, and shutdown.
 
 pub mod auth;
+pub mod changes;
 pub mod config;
 pub mod grpc;
 pub mod host;

@@ -309,3 +309,7 @@ async fn select_agent(conn: &mut PgConnection, id: Uuid) -> Result<Agent> {
 fn unwrap_rows(rows: Vec<AgentRow>) -> Vec<Agent> {
     rows.into_iter().map(|AgentRow(a)| a).collect()
 }
+
+/// The channel the agents table's trigger announces a committed change of
+/// what an agent list shows on.
+pub const CHANGED_CHANNEL: &str = "omoi_agents_changed";

@@ -7,6 +7,7 @@ pub mod consumed;
 mod error;
 pub mod events;
 pub mod limits;
+pub mod listen;
 pub mod outbox;
 pub mod pauses;
 pub mod pulls;

@@ -560,32 +560,4 @@ async fn set_status(conn: &mut PgConnection, id: Uuid, status: TicketStatus, pau
 
 /// The channel the tickets table's trigger announces each written ticket's
 /// id on, once the write commits.
-const CHANGED_CHANNEL: &str = "omoi_ticket_changed";
-
-/// Tickets' writes as they commit, in this database, from any replica.
-pub struct TicketChanges(sqlx::postgres::PgListener);
-
-impl Store {
-    /// Listens for tickets' writes on a connection of its own (outside the
-    /// pool's count): from now on, every committed write is announced.
-    pub async fn ticket_changes(&self) -> Result<TicketChanges> {
-        let mut listener = sqlx::postgres::PgListener::connect_with(self.pool()).await?;
-        listener.listen(CHANGED_CHANNEL).await?;
-        Ok(TicketChanges(listener))
-    }
-}
-
-impl TicketChanges {
-    /// The id of the next ticket written; None when the connection was
-    /// lost, after which announcements may have been missed (listen again).
-    pub async fn next(&mut self) -> Result<Option<Uuid>> {
-        loop {
-            let Some(note) = self.0.try_recv().await? else {
-                return Ok(None);
-            };
-            if let Ok(id) = note.payload().parse() {
-                return Ok(Some(id));
-            }
-        }
-    }
-}
+pub const CHANGED_CHANNEL: &str = "omoi_ticket_changed";

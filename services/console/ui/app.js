@@ -5,7 +5,6 @@
 "use strict";
 
 const TOKEN_KEY = "omoi.token";
-const POLL_MS = 1500;
 const BOARD_SIZE = 200; // tickets on the board, newest first
 
 // ---------- small helpers ----------
@@ -169,17 +168,6 @@ function lasting(path, onEvent) {
   const open = () => { stop = stream(path, onEvent, () => { if (!stopped) timer = setTimeout(open, 1000); }); };
   open();
   return () => { stopped = true; clearTimeout(timer); stop(); };
-}
-
-// Calls fn now and every POLL_MS until stopped; errors show once.
-function poll(fn) {
-  let stopped = false, timer = null;
-  const tick = async () => {
-    try { await fn(); } catch (e) { if (!(e instanceof Unauthenticated)) setLive(false); }
-    if (!stopped) timer = setTimeout(tick, POLL_MS);
-  };
-  tick();
-  return () => { stopped = true; clearTimeout(timer); };
 }
 
 // Runs fn at most once per frame of `ms`, for bursts of events.
@@ -515,8 +503,9 @@ function ticketPage(root, id) {
 function agentsPage(root) {
   const body = h("div");
   root.append(h("h1", {}, "Agents"), body);
-  return poll(async () => {
-    const { agents = [] } = await api("GET", "/v1/agents");
+  let agents = null;
+  const draw = () => {
+    if (agents === null) return;
     body.replaceChildren(agents.length === 0 ? h("p", { class: "muted" }, "No agent is registered.") :
       h("table", { id: "agents" },
         h("tr", {}, ["agent", "type", "status", "heartbeat", "phases", "capacity", "running"].map((c) => h("th", {}, c))),
@@ -530,7 +519,12 @@ function agentsPage(root) {
             h("td", {}, (a.runningTaskIds || []).length + " / " + a.capacity),
             h("td", {}, (a.runningTaskIds || []).map((t) => h("div", { class: "muted" }, t))));
         })));
-  });
+  };
+  // The list as the health service sends it on every change; the heartbeat
+  // ages tick here.
+  const stop = lasting("/v1/agents:watch", (m) => { agents = m.agents || []; draw(); });
+  const clock = setInterval(draw, 1000);
+  return () => { stop(); clearInterval(clock); };
 }
 
 // ---------- queue ----------
@@ -559,8 +553,7 @@ function queuePage(root) {
     act("Limit set", () => api("PUT", "/v1/queue/limits/" + encodeURIComponent(key.value), { maxRunning: Number(max.value) })).then(refresh);
   } }, key, max, h("button", { type: "submit" }, "Set limit"));
   root.append(h("h1", {}, "Queue"), counts, h("h2", {}, "Pauses"), pauseForm, pauses, h("h2", {}, "Concurrency limits"), limitForm, limits);
-  refresh = async () => {
-    const q = await api("GET", "/v1/queue/stats");
+  const draw = (q) => {
     const statuses = ["pending", "assigned", "running", "completed", "failed", "cancelled", "timedOut"];
     const byPhase = new Map();
     for (const c of q.counts || []) {
@@ -588,7 +581,9 @@ function queuePage(root) {
       h("table", { id: "limits" }, h("tr", {}, ["key", "max running", "held now"].map((c) => h("th", {}, c))),
         q.limits.map((l) => h("tr", {}, h("td", {}, l.key), h("td", {}, l.maxRunning), h("td", {}, l.held || "0")))));
   };
-  return poll(() => refresh());
+  // After the page's own action, at once; otherwise as the queue sends them.
+  refresh = async () => draw(await api("GET", "/v1/queue/stats"));
+  return lasting("/v1/queue/stats:watch", (m) => draw(m.stats || {}));
 }
 
 // ---------- start ----------

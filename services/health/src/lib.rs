@@ -5,6 +5,7 @@
 pub mod config;
 mod registry;
 mod service;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,14 +41,23 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         let (r, nats, topology) = (Arc::clone(&registry), base.nats.clone(), base.topology.clone());
         base.spawn_after_migration(move |stop| r.count_outcomes(nats, topology, stop));
     }
+    let hub = Arc::new(watch::Hub::new());
+    {
+        let (h, store) = (Arc::clone(&hub), base.store.clone());
+        base.spawn_after_migration(move |stop| async move { h.follow_database(store, stop).await });
+    }
+    let watchers = CancellationToken::new();
     let router = base.router(&[SERVICE_NAME], &shutdown).await?;
     let api = AgentHealthServiceServer::new(Health::new(
         base.store.clone(),
         Arc::clone(&registry),
         config.heartbeat_interval_seconds,
+        hub,
+        watchers.clone(),
     ))
     .max_decoding_message_size(common.max_message_bytes)
     .max_encoding_message_size(common.max_message_bytes);
     let router = router.add_service(InterceptedService::new(api, base.auth()));
-    base.run(router, incoming, shutdown, async {}).await
+    base.run(router, incoming, shutdown, async move { watchers.cancel() })
+        .await
 }

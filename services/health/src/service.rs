@@ -12,9 +12,15 @@ use omoi_runtime::status::{ApiError, ApiResult};
 use omoi_store::Store;
 use omoi_store::agents::Registration;
 use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::registry::Registry;
+use crate::watch;
+
+type AgentStream = ReceiverStream<Result<pb::WatchAgentsResponse, Status>>;
 
 pub const MAX_CAPACITY: i32 = 1000;
 pub const MAX_RUNNING_IDS: usize = 1000;
@@ -23,14 +29,24 @@ pub struct Health {
     store: Store,
     registry: Arc<Registry>,
     interval_seconds: i32,
+    hub: Arc<watch::Hub>,
+    watchers: CancellationToken,
 }
 
 impl Health {
-    pub fn new(store: Store, registry: Arc<Registry>, interval_seconds: u32) -> Self {
+    pub fn new(
+        store: Store,
+        registry: Arc<Registry>,
+        interval_seconds: u32,
+        hub: Arc<watch::Hub>,
+        watchers: CancellationToken,
+    ) -> Self {
         Self {
             store,
             registry,
             interval_seconds: i32::try_from(interval_seconds).unwrap_or(i32::MAX),
+            hub,
+            watchers,
         }
     }
 }
@@ -118,6 +134,21 @@ impl Health {
         Ok(pb::ListAgentsResponse {
             agents: agents.iter().map(pb::Agent::from).collect(),
         })
+    }
+
+    async fn watch(&self, req: &pb::WatchAgentsRequest) -> ApiResult<AgentStream> {
+        let status = validate::optional("status", AgentStatus::given(req.status), "agent status")?;
+        // Buffered heartbeats first, so the first list is current.
+        let _ = self.registry.flush().await;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(watch::follow(
+            self.hub.subscribe(),
+            self.store.clone(),
+            status,
+            tx,
+            self.watchers.clone(),
+        ));
+        Ok(ReceiverStream::new(rx))
     }
 
     async fn statistics(&self) -> ApiResult<pb::GetHealthStatisticsResponse> {
@@ -208,5 +239,14 @@ impl AgentHealthService for Health {
         _request: Request<pb::GetHealthStatisticsRequest>,
     ) -> Result<Response<pb::GetHealthStatisticsResponse>, Status> {
         Ok(Response::new(self.statistics().await?))
+    }
+
+    type WatchAgentsStream = AgentStream;
+
+    async fn watch_agents(
+        &self,
+        request: Request<pb::WatchAgentsRequest>,
+    ) -> Result<Response<Self::WatchAgentsStream>, Status> {
+        Ok(Response::new(self.watch(request.get_ref()).await?))
     }
 }

@@ -8,6 +8,7 @@ mod dispatcher;
 mod monitor;
 mod output;
 mod service;
+mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +73,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         base.spawn_after_migration(move |stop| monitor::reclaim_from_stale_agents(nats, topology, store, d, stop));
     }
 
+    let watchers = CancellationToken::new();
     let router = base.router(&[SERVICE_NAME], &shutdown).await?;
     let api = TaskQueueServiceServer::new(TaskQueue::new(
         base.store.clone(),
@@ -79,10 +81,14 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         base.nats.clone(),
         base.topology.clone(),
         config.default_task_timeout_seconds,
+        watchers.clone(),
     ))
     .max_decoding_message_size(common.max_message_bytes)
     .max_encoding_message_size(common.max_message_bytes);
     let router = router.add_service(InterceptedService::new(api, base.auth()));
-    let before_stop = async move { dispatcher.close_all().await };
+    let before_stop = async move {
+        watchers.cancel();
+        dispatcher.close_all().await
+    };
     base.run(router, incoming, shutdown, before_stop).await
 }

@@ -16,10 +16,12 @@ use omoi_store::tasks::{ListFilter, Outcome, Report};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::batcher::{Batcher, Kind};
 use crate::dispatcher::{AgentStream, Dispatcher};
+use crate::stats;
 
 /// Largest encoded `result` of a completion.
 pub const MAX_RESULT_BYTES: usize = 256 * 1024;
@@ -35,6 +37,8 @@ pub struct TaskQueue {
     starts: Batcher,
     completions: Batcher,
     default_timeout_seconds: i32,
+    /// Ends the statistics watchers when the server stops.
+    watchers: CancellationToken,
 }
 
 impl TaskQueue {
@@ -44,6 +48,7 @@ impl TaskQueue {
         nats: async_nats::Client,
         topology: omoi_bus::Topology,
         default_timeout_seconds: i32,
+        watchers: CancellationToken,
     ) -> Self {
         let starts = Batcher::spawn(store.clone(), Kind::Start, |_| {});
         let disp = Arc::clone(&dispatcher);
@@ -62,6 +67,7 @@ impl TaskQueue {
             starts,
             completions,
             default_timeout_seconds,
+            watchers,
         }
     }
 
@@ -97,7 +103,7 @@ fn scope(phase: i32, ticket_id: &str) -> ApiResult<Scope> {
 /// Largest concurrency limit a key may have.
 const MAX_CONCURRENCY_LIMIT: i32 = 1_000_000;
 
-fn limit_message(l: &Limit) -> pb::ConcurrencyLimit {
+pub(crate) fn limit_message(l: &Limit) -> pb::ConcurrencyLimit {
     pb::ConcurrencyLimit {
         key: l.key.clone(),
         max_running: l.max_running,
@@ -106,7 +112,7 @@ fn limit_message(l: &Limit) -> pb::ConcurrencyLimit {
     }
 }
 
-fn pause_message(p: &Pause) -> pb::Pause {
+pub(crate) fn pause_message(p: &Pause) -> pb::Pause {
     pb::Pause {
         phase: p.scope.phase.map_or(0, WireEnum::wire),
         ticket_id: p.scope.ticket_id.map(|t| t.to_string()).unwrap_or_default(),
@@ -356,36 +362,30 @@ impl TaskQueue {
     }
 
     async fn stats(&self) -> ApiResult<pb::GetQueueStatsResponse> {
-        let stats = self.store.stats().await?;
-        let mut resp = pb::GetQueueStatsResponse {
-            ready: stats.ready,
-            oldest_ready_age_seconds: stats.oldest_ready_age.as_secs_f64(),
-            connected_agents: i32::try_from(self.dispatcher.connected_agents()).unwrap_or(i32::MAX),
-            pauses: self.store.pauses().await?.iter().map(pause_message).collect(),
-            limits: self.store.limits().await?.iter().map(limit_message).collect(),
-            ..Default::default()
-        };
-        for (st, phase, count) in stats.counts {
-            resp.counts.push(pb::StatusPhaseCount {
-                status: st.wire(),
-                phase: phase.wire(),
-                count,
-            });
-            let total = match st {
-                TaskStatus::Pending => &mut resp.pending,
-                TaskStatus::Assigned => &mut resp.assigned,
-                TaskStatus::Running => &mut resp.running,
-                TaskStatus::Completed => &mut resp.completed,
-                TaskStatus::Failed => &mut resp.failed,
-                TaskStatus::Cancelled => &mut resp.cancelled,
-                TaskStatus::TimedOut => &mut resp.timed_out,
-            };
-            *total += count;
+        self.stats_source().read().await
+    }
+
+    fn stats_source(&self) -> stats::Source {
+        stats::Source {
+            store: self.store.clone(),
+            dispatcher: Arc::clone(&self.dispatcher),
         }
-        Ok(resp)
+    }
+
+    fn watch_stats(&self) -> StatsStream {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(stats::follow(
+            self.stats_source(),
+            self.nats.clone(),
+            self.topology.clone(),
+            tx,
+            self.watchers.clone(),
+        ));
+        ReceiverStream::new(rx)
     }
 }
 
+type StatsStream = ReceiverStream<Result<pb::WatchQueueStatsResponse, Status>>;
 type OutputStream = ReceiverStream<Result<pb::StreamTaskOutputResponse, Status>>;
 
 #[tonic::async_trait]
@@ -505,5 +505,14 @@ impl TaskQueueService for TaskQueue {
         _request: Request<pb::GetQueueStatsRequest>,
     ) -> Result<Response<pb::GetQueueStatsResponse>, Status> {
         Ok(Response::new(self.stats().await?))
+    }
+
+    type WatchQueueStatsStream = StatsStream;
+
+    async fn watch_queue_stats(
+        &self,
+        _request: Request<pb::WatchQueueStatsRequest>,
+    ) -> Result<Response<Self::WatchQueueStatsStream>, Status> {
+        Ok(Response::new(self.watch_stats()))
     }
 }

@@ -18,8 +18,9 @@ use omoi_bus::Topology;
 use omoi_domain::Entity;
 use omoi_domain::backoff::Backoff;
 use omoi_proto::ticket as pb;
+use omoi_runtime::changes::{self, Notice};
 use omoi_runtime::status::status;
-use omoi_store::Store;
+use omoi_store::{Store, tickets};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -60,38 +61,15 @@ impl Hub {
 
     /// Relays the tickets table's announcements until `shutdown`.
     pub async fn follow_database(self: Arc<Self>, store: Store, shutdown: CancellationToken) {
-        let mut backoff = reconnect_backoff();
-        let mut first = true;
-        while !shutdown.is_cancelled() {
-            let mut changes = match store.ticket_changes().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(error = %e, "listening for ticket changes");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff.next_delay()) => continue,
-                    }
-                }
-            };
-            backoff.reset();
-            if !std::mem::take(&mut first) {
-                self.tell(Change::Resync);
-            }
-            loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    n = changes.next() => n,
-                };
-                match next {
-                    Ok(Some(id)) => self.tell(Change::Ticket(id)),
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "ticket changes interrupted");
-                        break;
-                    }
+        changes::follow(store, tickets::CHANGED_CHANNEL, shutdown, |notice| match notice {
+            Notice::Changed(id) => {
+                if let Ok(id) = id.parse() {
+                    self.tell(Change::Ticket(id));
                 }
             }
-        }
+            Notice::Missed => self.tell(Change::Resync),
+        })
+        .await;
     }
 
     /// Relays which tickets' tasks changed, from the task events, until
