@@ -480,7 +480,7 @@ async fn the_agent_list_stream_follows_changes_made_on_any_replica() {
     let pool = infra.db.connect().await.unwrap();
     sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+         WHERE datname = current_database() AND query LIKE 'LISTEN%omoi_agents_changed%'",
     )
     .execute(&pool)
     .await
