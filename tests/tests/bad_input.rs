@@ -88,7 +88,7 @@ async fn counts(pool: &sqlx::PgPool) -> Vec<i64> {
         "ticket_tasks",
         "agents",
         "concurrency_limits",
-        "event_outbox",
+        "event_batches",
     ] {
         out.push(
             sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))

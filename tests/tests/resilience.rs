@@ -115,7 +115,7 @@ async fn task_events(infra: &Infra, at_least: u64) -> Vec<Event> {
 
 async fn outbox_backlog(infra: &Infra) -> i64 {
     let pool = infra.db.connect().await.unwrap();
-    let n = sqlx::query_scalar("SELECT count(*) FROM event_outbox")
+    let n = sqlx::query_scalar("SELECT coalesce(sum(n), 0)::bigint FROM event_batches")
         .fetch_one(&pool)
         .await
         .unwrap();

@@ -485,7 +485,7 @@ async fn malformed_requests_to_every_rpc_name_the_field() {
         );
     }
     assert_eq!(count_rows(&s.infra, "tasks").await, 0);
-    assert_eq!(count_rows(&s.infra, "event_outbox").await, 0);
+    assert_eq!(count_rows(&s.infra, "event_batches").await, 0);
     s.finish().await;
 }
 

@@ -913,7 +913,8 @@ async fn the_board_stream_sends_the_newest_tickets_then_every_change_from_any_re
     // The watched replica loses its database listener: what it may have
     // missed comes again as a snapshot, and changes keep coming after it.
     let pool = infra.db.connect().await.unwrap();
-    let listeners = "FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%omoi_ticket_changed%'";
+    let listeners =
+        "FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%omoi_ticket_changed%'";
     eventually(WAIT, "a listener per replica", || async {
         let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) {listeners}")))
             .fetch_one(&pool)

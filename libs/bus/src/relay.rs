@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{BusError, Topology, ensure_stream};
 
+/// How long the relay lets commits gather after the first wakes it.
+const GATHER: Duration = Duration::from_millis(2);
+
 pub struct Relay {
     store: Store,
     js: jetstream::Context,
@@ -62,7 +65,8 @@ impl Relay {
                     Ok(n) => {
                         failures = 0;
                         backoff.reset();
-                        if n as i64 == self.batch {
+                        // A full batch: more may wait.
+                        if n as i64 >= self.batch {
                             continue;
                         }
                         None
@@ -79,7 +83,9 @@ impl Relay {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = self.wake.notified(), if pause.is_none() => {}
+                // Commits come in bursts (a claim, its starts, their
+                // completions): a moment's wait publishes them together.
+                _ = self.wake.notified(), if pause.is_none() => tokio::time::sleep(GATHER).await,
                 _ = tokio::time::sleep(pause.unwrap_or(self.poll)) => {}
             }
         }
@@ -102,18 +108,17 @@ impl Relay {
         }
     }
 
-    /// Publishes one batch; returns how many events it published (0 when the
-    /// outbox is empty or another relay holds the lock).
+    /// Publishes the oldest batches (about `batch` events); returns how many
+    /// events it published (0 when the outbox is empty or another relay
+    /// holds the lock).
     pub async fn publish_batch(&self) -> Result<usize, BusError> {
         let mut tx = self.store.pool().begin().await.map_err(omoi_store::StoreError::from)?;
-        let Some(events) = outbox::lock_batch(&mut tx, self.batch).await? else {
-            return Ok(0);
-        };
-        if events.is_empty() {
+        let taken = outbox::lock_batch(&mut tx, self.batch).await?;
+        if taken.seqs.is_empty() {
             return Ok(0);
         }
-        let mut pending = Vec::with_capacity(events.len());
-        for event in &events {
+        let mut pending = Vec::with_capacity(taken.events.len());
+        for event in &taken.events {
             let (subject, headers, payload) = self.message(event);
             let ack = self
                 .js
@@ -125,10 +130,9 @@ impl Relay {
         for ack in join_all(pending).await {
             ack.map_err(|e| BusError::Publish(e.to_string()))?;
         }
-        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-        outbox::delete(&mut tx, &seqs).await?;
+        outbox::delete(&mut tx, &taken.seqs).await?;
         tx.commit().await.map_err(omoi_store::StoreError::from)?;
-        Ok(events.len())
+        Ok(taken.events.len())
     }
 
     fn message(&self, event: &OutboxEvent) -> (String, HeaderMap, Vec<u8>) {

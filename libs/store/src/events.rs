@@ -1,11 +1,13 @@
 //! Writing events to the outbox inside the transaction of their change.
 //! The events and their payloads are the domain's (`omoi_domain::event`).
 
+use chrono::Utc;
 use omoi_domain::Envelope;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::Result;
+use crate::outbox::OutboxEvent;
 
 static TRACE_SOURCE: std::sync::OnceLock<fn() -> Option<String>> = std::sync::OnceLock::new();
 
@@ -28,32 +30,32 @@ pub async fn insert(conn: &mut PgConnection, events: &[Envelope]) -> Result<()> 
     insert_traced(conn, events, &traces).await
 }
 
-/// Appends events to the outbox in one statement, each with its own trace
-/// context (`traces[i]` for `events[i]`).
+/// Appends events to the outbox as one batch (one row), each with its own
+/// trace context (`traces[i]` for `events[i]`).
 pub async fn insert_traced(conn: &mut PgConnection, events: &[Envelope], traces: &[Option<String>]) -> Result<()> {
     if events.is_empty() {
         return Ok(());
     }
     debug_assert_eq!(events.len(), traces.len());
-    let types: Vec<&str> = events.iter().map(|e| e.event.event_type().as_str()).collect();
-    let entities: Vec<&str> = events.iter().map(|e| e.entity().as_str()).collect();
-    let ids: Vec<Uuid> = events.iter().map(|e| e.entity_id).collect();
-    let tickets: Vec<Option<Uuid>> = events.iter().map(|e| e.ticket_id).collect();
-    let payloads: Vec<String> = events.iter().map(|e| e.event.payload().to_string()).collect();
-    sqlx::query(
-        "INSERT INTO event_outbox (event_type, entity_type, entity_id, ticket_id, payload, trace_context)
-         SELECT e.event_type, e.entity_type, e.entity_id, e.ticket_id, e.payload::jsonb, e.trace
-         FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[])
-              WITH ORDINALITY AS e(event_type, entity_type, entity_id, ticket_id, payload, trace, ord)
-         ORDER BY e.ord",
-    )
-    .bind(types)
-    .bind(entities)
-    .bind(ids)
-    .bind(tickets)
-    .bind(payloads)
-    .bind(traces)
-    .execute(conn)
-    .await?;
+    let now = Utc::now();
+    let batch: Vec<OutboxEvent> = events
+        .iter()
+        .zip(traces)
+        .map(|(e, trace)| OutboxEvent {
+            id: Uuid::now_v7(),
+            event_type: e.event.event_type().as_str().to_owned(),
+            entity_type: e.entity().as_str().to_owned(),
+            entity_id: e.entity_id,
+            ticket_id: e.ticket_id,
+            payload: e.event.payload(),
+            occurred_at: now,
+            trace_context: trace.clone(),
+        })
+        .collect();
+    sqlx::query("INSERT INTO event_batches (n, events) VALUES ($1, $2::json)")
+        .bind(i32::try_from(batch.len()).unwrap_or(i32::MAX))
+        .bind(serde_json::to_string(&batch).expect("events always serialize"))
+        .execute(conn)
+        .await?;
     Ok(())
 }

@@ -18,11 +18,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool, Postgres, Transaction};
+use sqlx::{ConnectOptions, Connection, PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
 
 pub use error::{Result, StoreError};
 pub use omoi_domain::Task;
+
+/// How long a pooled connection may sit idle and still be used untested.
+const IDLE_BEFORE_TEST: Duration = Duration::from_secs(1);
 
 /// The schema history, embedded in every binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
@@ -59,6 +62,19 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            // A connection back in use within a second is alive: testing
+            // each acquire would cost a round trip per transaction on the
+            // hot path. One that sat idle longer (the database may have
+            // restarted meanwhile) is tested first, and replaced if dead.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for < IDLE_BEFORE_TEST {
+                        return Ok(true);
+                    }
+                    Ok(conn.ping().await.is_ok())
+                })
+            })
             .connect_lazy_with(options);
         Ok(Self {
             pool,

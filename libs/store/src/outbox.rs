@@ -1,9 +1,11 @@
-//! The relay's side of the outbox: take a batch in order, delete it once
-//! published.
+//! The relay's side of the outbox: take batches of events in order, delete
+//! them once published.
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::{Result, Store};
@@ -11,9 +13,9 @@ use crate::{Result, Store};
 /// Any value works as long as every relay of one database uses the same.
 const RELAY_LOCK_KEY: i64 = 0x6f6d_6f69_0001;
 
-#[derive(Debug, Clone)]
+/// One event as the outbox keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OutboxEvent {
-    pub seq: i64,
     pub id: Uuid,
     pub event_type: String,
     pub entity_type: String,
@@ -24,43 +26,46 @@ pub struct OutboxEvent {
     pub trace_context: Option<String>,
 }
 
-/// Takes the relay lock for this transaction and the oldest `limit` events.
-/// Returns `None` when another relay holds the lock: one relay at a time keeps
-/// the stream in commit order for every entity.
-pub async fn lock_batch(conn: &mut PgConnection, limit: i64) -> Result<Option<Vec<OutboxEvent>>> {
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(RELAY_LOCK_KEY)
-        .fetch_one(&mut *conn)
-        .await?;
-    if !locked {
-        return Ok(None);
-    }
-    let rows = sqlx::query(
-        "SELECT seq, id, event_type, entity_type, entity_id, ticket_id, payload, occurred_at, trace_context
-         FROM event_outbox ORDER BY seq LIMIT $1",
+/// Events taken from the outbox: the batches' positions (to delete them
+/// once published) and their events, in order.
+#[derive(Debug, Default)]
+pub struct Taken {
+    pub seqs: Vec<i64>,
+    pub events: Vec<OutboxEvent>,
+}
+
+/// Takes the relay lock for this transaction and the oldest batches, at
+/// least one and, past the first, no more than `limit` events in all, in
+/// one statement. Takes nothing when the outbox is empty or another relay
+/// holds the lock: one relay at a time keeps the stream in commit order for
+/// every entity.
+pub async fn lock_batch(conn: &mut PgConnection, limit: i64) -> Result<Taken> {
+    // The running count of events up to each batch: batches are taken
+    // whole, the first even when it alone holds more than the limit.
+    let rows: Vec<(i64, Json<Vec<OutboxEvent>>)> = sqlx::query_as(
+        "SELECT seq, events FROM (
+             SELECT seq, n, events, sum(n) OVER (ORDER BY seq) AS upto
+             FROM (SELECT seq, n, events FROM event_batches
+                   WHERE pg_try_advisory_xact_lock($2)
+                   ORDER BY seq LIMIT $1) oldest
+         ) b
+         WHERE upto <= $1 OR upto = n
+         ORDER BY seq",
     )
     .bind(limit)
+    .bind(RELAY_LOCK_KEY)
     .fetch_all(&mut *conn)
     .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        out.push(OutboxEvent {
-            seq: row.try_get("seq")?,
-            id: row.try_get("id")?,
-            event_type: row.try_get("event_type")?,
-            entity_type: row.try_get("entity_type")?,
-            entity_id: row.try_get("entity_id")?,
-            ticket_id: row.try_get("ticket_id")?,
-            payload: row.try_get("payload")?,
-            occurred_at: row.try_get("occurred_at")?,
-            trace_context: row.try_get("trace_context")?,
-        });
+    let mut taken = Taken::default();
+    for (seq, Json(events)) in rows {
+        taken.seqs.push(seq);
+        taken.events.extend(events);
     }
-    Ok(Some(out))
+    Ok(taken)
 }
 
 pub async fn delete(conn: &mut PgConnection, seqs: &[i64]) -> Result<()> {
-    sqlx::query("DELETE FROM event_outbox WHERE seq = ANY($1)")
+    sqlx::query("DELETE FROM event_batches WHERE seq = ANY($1)")
         .bind(seqs)
         .execute(conn)
         .await?;
@@ -70,8 +75,18 @@ pub async fn delete(conn: &mut PgConnection, seqs: &[i64]) -> Result<()> {
 impl Store {
     /// Events waiting to be published.
     pub async fn outbox_backlog(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM event_outbox")
-            .fetch_one(self.pool())
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT coalesce(sum(n), 0)::bigint FROM event_batches")
+                .fetch_one(self.pool())
+                .await?,
+        )
+    }
+
+    /// Every event in the outbox, oldest first.
+    pub async fn outbox_events(&self) -> Result<Vec<OutboxEvent>> {
+        let rows: Vec<Json<Vec<OutboxEvent>>> = sqlx::query_scalar("SELECT events FROM event_batches ORDER BY seq")
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows.into_iter().flat_map(|Json(events)| events).collect())
     }
 }

@@ -49,15 +49,13 @@ impl Db {
 
     /// The outbox, oldest first, read back as the domain's events.
     async fn events(&self) -> Vec<(Uuid, Event)> {
-        let rows: Vec<(String, Uuid, serde_json::Value)> =
-            sqlx::query_as("SELECT event_type, entity_id, payload FROM event_outbox ORDER BY seq")
-                .fetch_all(self.store.pool())
-                .await
-                .unwrap();
-        rows.into_iter()
-            .map(|(ty, id, payload)| {
-                let ty = EventType::parse(&ty).unwrap_or_else(|| panic!("unknown event type {ty}"));
-                (id, Event::parse(ty, payload).unwrap())
+        let events = self.store.outbox_events().await.unwrap();
+        events
+            .into_iter()
+            .map(|e| {
+                let ty =
+                    EventType::parse(&e.event_type).unwrap_or_else(|| panic!("unknown event type {}", e.event_type));
+                (e.entity_id, Event::parse(ty, e.payload).unwrap())
             })
             .collect()
     }
@@ -67,7 +65,7 @@ impl Db {
     }
 
     async fn clear_events(&self) {
-        sqlx::query("DELETE FROM event_outbox")
+        sqlx::query("DELETE FROM event_batches")
             .execute(self.store.pool())
             .await
             .unwrap();
@@ -125,7 +123,7 @@ fn failure(attempt: i32, message: &str) -> Failure {
 /// Enqueues, assigns and starts one task; returns it running.
 async fn running(db: &Db, task: NewTask, agent: Uuid) -> omoi_domain::Task {
     db.store.enqueue(&[task]).await.unwrap();
-    let assigned = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
+    let assigned = db.store.assign(None, &[slot(agent)], Utc::now(), true).await.unwrap();
     assert_eq!(assigned.len(), 1);
     let started = db.store.start_batch(&[report(assigned[0].id, 1)]).await.unwrap();
     started.into_iter().next().unwrap().unwrap()
@@ -179,7 +177,7 @@ async fn claims_go_by_priority_then_age_each_with_an_assigned_event() {
     let agent = Uuid::now_v7();
     let got = db
         .store
-        .assign(None, &[slot(agent), slot(agent), slot(agent)], Utc::now())
+        .assign(None, &[slot(agent), slot(agent), slot(agent)], Utc::now(), true)
         .await
         .unwrap();
     assert_eq!(got.iter().map(|t| t.id).collect::<Vec<_>>(), [high.id, low.id]);
@@ -194,7 +192,7 @@ async fn claims_go_by_priority_then_age_each_with_an_assigned_event() {
     db.store.enqueue(&[new_task("more", 1, &[])]).await.unwrap();
     let none = db
         .store
-        .assign(Some(&[Phase::Refactoring]), &[slot(agent)], Utc::now())
+        .assign(Some(&[Phase::Refactoring]), &[slot(agent)], Utc::now(), true)
         .await
         .unwrap();
     assert!(none.is_empty());
@@ -209,7 +207,7 @@ async fn reports_apply_once_and_completion_releases_dependents() {
     let second = new_task("second", 1, &[first.id]);
     db.store.enqueue(std::slice::from_ref(&second)).await.unwrap_err();
     db.store.enqueue(&[first.clone(), second.clone()]).await.unwrap();
-    let t = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
+    let t = db.store.assign(None, &[slot(agent)], Utc::now(), true).await.unwrap();
     assert_eq!(t.len(), 1, "the dependent waits");
 
     // Wrong attempt, and completing before starting: refused.
@@ -246,7 +244,7 @@ async fn reports_apply_once_and_completion_releases_dependents() {
     };
     assert_eq!(c.result, Some(serde_json::json!({"summary": "ok"})));
     assert_eq!(db.store.get(second.id).await.unwrap().unmet_deps, 0);
-    let next = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
+    let next = db.store.assign(None, &[slot(agent)], Utc::now(), true).await.unwrap();
     assert_eq!(next[0].id, second.id);
     db.drop().await;
 }
@@ -278,7 +276,7 @@ async fn a_retryable_failure_waits_its_backoff() {
     // Not ready before its time.
     assert!(
         db.store
-            .assign(None, &[slot(agent)], Utc::now())
+            .assign(None, &[slot(agent)], Utc::now(), true)
             .await
             .unwrap()
             .is_empty()
@@ -323,7 +321,7 @@ async fn usage_adds_up_over_attempts_and_each_event_tells_its_own() {
         .execute(db.store.pool())
         .await
         .unwrap();
-    let again = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
+    let again = db.store.assign(None, &[slot(agent)], Utc::now(), true).await.unwrap();
     db.store.start_batch(&[report(again[0].id, 2)]).await.unwrap();
     let done = Report {
         usage: Some(second.clone()),
@@ -368,7 +366,7 @@ async fn a_permanent_failure_cancels_its_dependents_transitively() {
         .enqueue(&[root.clone(), child.clone(), grandchild.clone()])
         .await
         .unwrap();
-    let t = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
+    let t = db.store.assign(None, &[slot(agent)], Utc::now(), true).await.unwrap();
     db.store.start_batch(&[report(t[0].id, 1)]).await.unwrap();
     db.clear_events().await;
     let outcome = db.store.fail(root.id, &failure(1, "permission denied")).await.unwrap();
@@ -464,7 +462,7 @@ async fn a_closed_stream_gives_back_what_it_never_started() {
         .await
         .unwrap();
     let s = slot(agent);
-    let got = db.store.assign(None, &[s, s], Utc::now()).await.unwrap();
+    let got = db.store.assign(None, &[s, s], Utc::now(), true).await.unwrap();
     db.store.start_batch(&[report(got[0].id, 1)]).await.unwrap();
     db.clear_events().await;
     let back = db.store.requeue_session(s.session).await.unwrap();
@@ -474,11 +472,91 @@ async fn a_closed_stream_gives_back_what_it_never_started() {
         panic!("{events:?}")
     };
     assert_eq!((r.attempt, r.reason.as_str()), (1, "stream closed"));
-    let again = db.store.assign(None, &[slot(agent)], Utc::now()).await.unwrap();
+    let again = db.store.assign(None, &[slot(agent)], Utc::now(), true).await.unwrap();
     assert_eq!(
         (again[0].id, again[0].attempt),
         (got[1].id, 2),
         "its attempt stays spent"
     );
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn the_relay_takes_whole_batches_of_events_in_order_up_to_its_limit() {
+    let db = Db::new().await;
+    // Three writes: 3, 5 and 2 events, one outbox row each.
+    let mut written = Vec::new();
+    for n in [3, 5, 2] {
+        let tasks: Vec<NewTask> = (0..n).map(|i| new_task(&format!("t{i}"), 1, &[])).collect();
+        written.extend(db.store.enqueue(&tasks).await.unwrap().into_iter().map(|t| t.id));
+    }
+    assert_eq!(db.store.outbox_backlog().await.unwrap(), 10);
+    let take = |limit: i64| {
+        let store = db.store.clone();
+        async move {
+            let mut tx = store.pool().begin().await.unwrap();
+            let taken = omoi_store::outbox::lock_batch(&mut tx, limit).await.unwrap();
+            (tx, taken)
+        }
+    };
+    // A limit smaller than the first batch still takes it, whole and alone.
+    let (tx, first) = take(2).await;
+    assert_eq!((first.seqs.len(), first.events.len()), (1, 3));
+    drop(tx);
+    // Up to the limit, never splitting a batch.
+    let (mut tx, taken) = take(8).await;
+    assert_eq!((taken.seqs.len(), taken.events.len()), (2, 8));
+    let ids: Vec<Uuid> = taken.events.iter().map(|e| e.entity_id).collect();
+    assert_eq!(ids, written[..8], "in the order written");
+    // While one relay holds the lock, another takes nothing.
+    let mut other = db.store.pool().begin().await.unwrap();
+    assert!(
+        omoi_store::outbox::lock_batch(&mut other, 8)
+            .await
+            .unwrap()
+            .seqs
+            .is_empty()
+    );
+    drop(other);
+    omoi_store::outbox::delete(&mut tx, &taken.seqs).await.unwrap();
+    tx.commit().await.unwrap();
+    let rest = db.store.outbox_events().await.unwrap();
+    assert_eq!(rest.iter().map(|e| e.entity_id).collect::<Vec<_>>(), written[8..]);
+    // Each event keeps the id it was written with.
+    let (tx, again) = take(100).await;
+    assert_eq!(
+        again.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        rest.iter().map(|e| e.id).collect::<Vec<_>>()
+    );
+    drop(tx);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_round_that_saw_no_limit_still_honours_one_set_since() {
+    let db = Db::new().await;
+    let agent = Uuid::now_v7();
+    let keyed = NewTask {
+        concurrency_key: Some("repo".into()),
+        ..new_task("keyed", 5, &[])
+    };
+    let plain = new_task("plain", 1, &[]);
+    db.store.enqueue(&[keyed.clone(), plain.clone()]).await.unwrap();
+    // The round's view: no limit, nothing backed off.
+    let view = db.store.round_view(&[agent], 60.0).await.unwrap();
+    assert!(!view.limits && view.next_retry.is_none() && view.held.is_empty());
+    // A limit of none running, set before the claim.
+    db.store.set_limit("repo", 0).await.unwrap();
+    let got = db
+        .store
+        .assign(None, &[slot(agent), slot(agent)], Utc::now(), view.limits)
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|t| t.id).collect::<Vec<_>>(),
+        [plain.id],
+        "the limited key waits"
+    );
+    assert!(db.store.round_view(&[agent], 60.0).await.unwrap().limits);
     db.drop().await;
 }

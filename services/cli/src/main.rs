@@ -7,6 +7,9 @@ mod ops;
 mod plan;
 mod up;
 
+#[global_allocator]
+static ALLOCATOR: omoi_runtime::Allocator = omoi_runtime::ALLOCATOR;
+
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use omoi_proto::common::{TaskStatus, TicketPriority, TicketStatus};

@@ -1,6 +1,9 @@
 use clap::Parser;
 use omoi_console::{Config, serve};
 
+#[global_allocator]
+static ALLOCATOR: omoi_runtime::Allocator = omoi_runtime::ALLOCATOR;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();

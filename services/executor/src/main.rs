@@ -2,6 +2,9 @@ use clap::Parser;
 use omoi_executor::{Config, serve};
 use omoi_runtime::service::{exit, listen};
 
+#[global_allocator]
+static ALLOCATOR: omoi_runtime::Allocator = omoi_runtime::ALLOCATOR;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();

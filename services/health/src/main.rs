@@ -3,6 +3,9 @@ use omoi_health::{Config, serve};
 use omoi_runtime::config::Command;
 use omoi_runtime::service::{exit, listen, migrate};
 
+#[global_allocator]
+static ALLOCATOR: omoi_runtime::Allocator = omoi_runtime::ALLOCATOR;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();

@@ -315,10 +315,8 @@ impl Dispatcher {
         }
         self.recover_unsure().await?;
         let agents: Vec<Uuid> = conns.iter().map(|c| c.1).collect();
-        let held = self
-            .store
-            .dispatchable_agents(&agents, self.silent_after.as_secs_f64())
-            .await?;
+        let view = self.store.round_view(&agents, self.silent_after.as_secs_f64()).await?;
+        let held = &view.held;
 
         let mut groups: HashMap<Option<Vec<Phase>>, Vec<(Slot, i64)>> = HashMap::new();
         for (session, agent_id, phases, capacity) in conns {
@@ -336,7 +334,7 @@ impl Dispatcher {
         for (phases, agents) in groups {
             let slots = interleave(agents, MAX_SLOTS_PER_ROUND);
             let stamp = chrono::Utc::now();
-            let tasks = match self.store.assign(phases.as_deref(), &slots, stamp).await {
+            let tasks = match self.store.assign(phases.as_deref(), &slots, stamp, view.limits).await {
                 Ok(tasks) => tasks,
                 Err(e) => {
                     self.remember_unsure(stamp, slots);
@@ -351,8 +349,7 @@ impl Dispatcher {
         if !unfilled {
             return Ok(None);
         }
-        let next = self.store.next_retry_at().await?;
-        Ok(next.map(|at| {
+        Ok(view.next_retry.map(|at| {
             let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
             Instant::now() + wait + Duration::from_millis(5)
         }))

@@ -6,6 +6,9 @@
 //! and measures enqueue rate, end-to-end rate, dispatch latency (task ready →
 //! assignment received) and how fast the events reach JetStream.
 
+#[global_allocator]
+static ALLOCATOR: omoi_runtime::Allocator = omoi_runtime::ALLOCATOR;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -61,6 +64,10 @@ struct Args {
     /// environment: DATABASE_URL, NATS_URL, …) instead of using --url.
     #[arg(long)]
     spawn: bool,
+    /// Delete the events stream when done (a stream of the bench's own,
+    /// named with OMOI_EVENTS_STREAM).
+    #[arg(long)]
+    drop_stream: bool,
     /// Bearer token, when the task-queue requires one.
     #[arg(long, env = "OMOI_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
@@ -281,6 +288,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some((tq, health)) = spawned {
         health.stop().await?;
         tq.stop().await?;
+    }
+    if args.drop_stream {
+        js.delete_stream(&args.events_stream).await?;
     }
     Ok(())
 }

@@ -26,8 +26,17 @@ impl Store {
     /// locked by another dispatcher are skipped, so replicas never hand out
     /// the same task.
     /// `stamp` becomes the tasks' `assigned_at`: when the statement's answer
-    /// is lost, `assigned_in_round` finds what it did.
-    pub async fn assign(&self, phases: Option<&[Phase]>, slots: &[Slot], stamp: DateTime<Utc>) -> Result<Vec<Task>> {
+    /// is lost, `assigned_in_round` finds what it did. `limits`: whether any
+    /// concurrency limit may exist (a round's `Round::limits`); without one
+    /// the keys are not locked, and a limit set meanwhile still holds, since
+    /// the claim hands out a limited key's tasks only under its lock.
+    pub async fn assign(
+        &self,
+        phases: Option<&[Phase]>,
+        slots: &[Slot],
+        stamp: DateTime<Utc>,
+        limits: bool,
+    ) -> Result<Vec<Task>> {
         if slots.is_empty() {
             return Ok(Vec::new());
         }
@@ -36,15 +45,19 @@ impl Store {
         // The limited keys with ready work, locked: a replica claiming for
         // one of them waits here for another doing the same, and then (a
         // new statement, a new snapshot) counts what that one handed out.
-        let locked: Vec<String> = sqlx::query_scalar(
-            "SELECT l.key FROM concurrency_limits l
-             WHERE EXISTS (SELECT 1 FROM tasks r
-                           WHERE r.concurrency_key = l.key AND r.status = 'pending' AND r.unmet_deps = 0
-                             AND r.next_attempt_at <= now())
-             ORDER BY l.key FOR UPDATE",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+        let locked: Vec<String> = if limits {
+            sqlx::query_scalar(
+                "SELECT l.key FROM concurrency_limits l
+                 WHERE EXISTS (SELECT 1 FROM tasks r
+                               WHERE r.concurrency_key = l.key AND r.status = 'pending' AND r.unmet_deps = 0
+                                 AND r.next_attempt_at <= now())
+                 ORDER BY l.key FOR UPDATE",
+            )
+            .fetch_all(&mut *tx)
+            .await?
+        } else {
+            Vec::new()
+        };
         let rows: Vec<TaskRow> = sqlx::query_as(concat!(
             "WITH slots AS (
                  SELECT s.agent, s.session, s.ord
@@ -128,33 +141,41 @@ impl Store {
         Ok(unwrap_rows(rows))
     }
 
-    /// Of the given agents, those that may take work — registered, healthy,
-    /// and heard from within `silent_seconds` — with the tasks each holds
-    /// (assigned or running). An agent gone quiet gets nothing new well
-    /// before the health service declares it stale.
-    pub async fn dispatchable_agents(&self, agents: &[Uuid], silent_seconds: f64) -> Result<HashMap<Uuid, i64>> {
-        let rows: Vec<(Uuid, i64)> = sqlx::query_as(
-            "SELECT a.id, (SELECT count(*) FROM tasks t
-                           WHERE t.assigned_agent_id = a.id AND t.status IN ('assigned', 'running'))
-             FROM agents a
-             WHERE a.id = ANY($1) AND a.status = 'healthy'
-               AND a.last_heartbeat_at > now() - make_interval(secs => $2)",
+    /// What a dispatch round starts from, in one statement: of the given
+    /// agents, those that may take work — registered, healthy, and heard
+    /// from within `silent_seconds` — with the tasks each holds (assigned or
+    /// running); whether any concurrency limit exists; and when the earliest
+    /// backed-off task becomes ready. An agent gone quiet gets nothing new
+    /// well before the health service declares it stale.
+    pub async fn round_view(&self, agents: &[Uuid], silent_seconds: f64) -> Result<Round> {
+        let rows: Vec<RoundRow> = sqlx::query_as(
+            "WITH live AS (
+                 SELECT a.id, (SELECT count(*) FROM tasks t
+                               WHERE t.assigned_agent_id = a.id AND t.status IN ('assigned', 'running')) AS held
+                 FROM agents a
+                 WHERE a.id = ANY($1) AND a.status = 'healthy'
+                   AND a.last_heartbeat_at > now() - make_interval(secs => $2)
+             ), facts AS (
+                 SELECT EXISTS (SELECT 1 FROM concurrency_limits) AS limits,
+                        (SELECT min(next_attempt_at) FROM tasks
+                         WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at > now()) AS next_retry
+             )
+             SELECT live.id, live.held, facts.limits, facts.next_retry
+             FROM facts LEFT JOIN live ON true",
         )
         .bind(agents)
         .bind(silent_seconds)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows.into_iter().collect())
-    }
-
-    /// When the earliest backed-off task becomes ready, if any waits.
-    pub async fn next_retry_at(&self) -> Result<Option<DateTime<Utc>>> {
-        Ok(sqlx::query_scalar(
-            "SELECT min(next_attempt_at) FROM tasks
-             WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at > now()",
-        )
-        .fetch_one(self.pool())
-        .await?)
+        let mut round = Round::default();
+        for (id, held, limits, next_retry) in rows {
+            round.limits = limits;
+            round.next_retry = next_retry;
+            if let (Some(id), Some(held)) = (id, held) {
+                round.held.insert(id, held);
+            }
+        }
+        Ok(round)
     }
 
     /// Puts back the tasks delivered on an assignment stream that were not
@@ -230,6 +251,21 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// A row of `round_view`: an agent that may take work (none when no agent
+/// may) and what it holds, then the facts every row repeats.
+type RoundRow = (Option<Uuid>, Option<i64>, bool, Option<DateTime<Utc>>);
+
+/// What a dispatch round starts from (`Store::round_view`).
+#[derive(Debug, Default)]
+pub struct Round {
+    /// The agents that may take work, with the tasks each holds.
+    pub held: HashMap<Uuid, i64>,
+    /// Whether any concurrency limit exists.
+    pub limits: bool,
+    /// When the earliest backed-off task becomes ready.
+    pub next_retry: Option<DateTime<Utc>>,
 }
 
 /// A task put back: id, ticket, attempt, trace context, and the agent that

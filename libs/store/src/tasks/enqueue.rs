@@ -7,7 +7,7 @@ use omoi_domain::{Task, TaskStatus, graph, rules};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::select_tasks;
+use super::{TaskRow, task_columns_without_dependencies, unwrap_rows};
 use crate::codes::phase_code;
 use crate::events;
 use crate::{Result, Store, StoreError};
@@ -18,16 +18,24 @@ impl Store {
         let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
         let mut tx = self.pool().begin().await?;
         let met = lock_dependencies(&mut tx, tasks).await?;
-        refuse_existing(&mut tx, &ids).await?;
         let unmet: Vec<i32> = tasks
             .iter()
             .map(|t| t.depends_on.iter().filter(|d| !met.contains(d)).count() as i32)
             .collect();
-        insert_tasks(&mut tx, tasks, &unmet).await?;
+        let mut rows = insert_tasks(&mut tx, tasks, &unmet).await?;
+        if rows.len() < tasks.len() {
+            // Dropping the transaction rolls the rest of the batch back.
+            return Err(already_exists(&ids, &rows));
+        }
         insert_edges(&mut tx, tasks).await?;
-        let mut rows = select_tasks(&mut tx, &ids).await?;
         let order: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         rows.sort_by_key(|t| order.get(&t.id).copied().unwrap_or(usize::MAX));
+        // The edges are the batch's own: as given, in the order a read
+        // gives them.
+        for (row, task) in rows.iter_mut().zip(tasks) {
+            row.depends_on = task.depends_on.clone();
+            row.depends_on.sort();
+        }
         let created: Vec<_> = rows.iter().map(rules::created).collect();
         events::insert(&mut tx, &created).await?;
         self.commit(tx).await?;
@@ -47,11 +55,14 @@ async fn lock_dependencies(conn: &mut PgConnection, tasks: &[NewTask]) -> Result
         })
         .collect();
     let external = graph::external_dependencies(&nodes);
-    let existing: Vec<(Uuid, String)> =
+    let existing: Vec<(Uuid, String)> = if external.is_empty() {
+        Vec::new()
+    } else {
         sqlx::query_as("SELECT id, status FROM tasks WHERE id = ANY($1) ORDER BY id FOR SHARE")
             .bind(&external)
             .fetch_all(&mut *conn)
-            .await?;
+            .await?
+    };
     let known: HashSet<Uuid> = existing.iter().map(|(id, _)| *id).collect();
     graph::validate_batch("tasks", &nodes, &known)?;
     let existing = existing
@@ -61,34 +72,39 @@ async fn lock_dependencies(conn: &mut PgConnection, tasks: &[NewTask]) -> Result
     Ok(rules::met_dependencies(tasks, &existing)?)
 }
 
-async fn refuse_existing(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
-    let taken = sqlx::query_scalar::<_, Uuid>("SELECT id FROM tasks WHERE id = ANY($1) LIMIT 1")
-        .bind(ids)
-        .fetch_optional(conn)
-        .await?;
-    match taken {
-        Some(id) => {
-            let i = ids.iter().position(|x| *x == id).unwrap_or(0);
-            Err(StoreError::AlreadyExists(format!(
-                "tasks[{i}].id: task {id} already exists"
-            )))
-        }
-        None => Ok(()),
-    }
+/// The batch's first task whose id was taken (the insert skipped it).
+fn already_exists(ids: &[Uuid], inserted: &[Task]) -> StoreError {
+    let inserted: HashSet<Uuid> = inserted.iter().map(|t| t.id).collect();
+    let (i, id) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| !inserted.contains(id))
+        .map_or((0, Uuid::nil()), |(i, id)| (i, *id));
+    StoreError::AlreadyExists(format!("tasks[{i}].id: task {id} already exists"))
 }
 
-async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32]) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO tasks (id, ticket_id, title, description, phase, priority, status,
-                            unmet_deps, max_retries, timeout_seconds, trace_context, concurrency_key)
-         SELECT n.id, n.ticket_id, n.title, n.description, n.phase, n.priority, 'pending',
-                n.unmet, n.max_retries, n.timeout_seconds, $10, n.concurrency_key
-         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int2[], $6::int4[],
-                     $7::int4[], $8::int4[], $9::int4[], $11::text[]) WITH ORDINALITY
-              AS n(id, ticket_id, title, description, phase, priority, unmet, max_retries,
-                   timeout_seconds, concurrency_key, ord)
-         ORDER BY n.ord",
-    )
+/// Inserts the tasks whose ids are free (a taken one is skipped, also when
+/// a concurrent batch takes it first) and returns them as stored, without
+/// their dependencies.
+async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32]) -> Result<Vec<Task>> {
+    let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+        "WITH t AS (
+             INSERT INTO tasks (id, ticket_id, title, description, phase, priority, status,
+                                unmet_deps, max_retries, timeout_seconds, trace_context, concurrency_key)
+             SELECT n.id, n.ticket_id, n.title, n.description, n.phase, n.priority, 'pending',
+                    n.unmet, n.max_retries, n.timeout_seconds, $10, n.concurrency_key
+             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int2[], $6::int4[],
+                         $7::int4[], $8::int4[], $9::int4[], $11::text[]) WITH ORDINALITY
+                  AS n(id, ticket_id, title, description, phase, priority, unmet, max_retries,
+                       timeout_seconds, concurrency_key, ord)
+             ORDER BY n.ord
+             ON CONFLICT (id) DO NOTHING
+             RETURNING *
+         )
+         SELECT ",
+        task_columns_without_dependencies!(),
+        " FROM t"
+    ))
     .bind(tasks.iter().map(|t| t.id).collect::<Vec<_>>())
     .bind(tasks.iter().map(|t| t.ticket_id).collect::<Vec<_>>())
     .bind(tasks.iter().map(|t| t.title.as_str()).collect::<Vec<_>>())
@@ -100,9 +116,9 @@ async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32])
     .bind(tasks.iter().map(|t| t.timeout_seconds).collect::<Vec<_>>())
     .bind(events::current_trace())
     .bind(tasks.iter().map(|t| t.concurrency_key.as_deref()).collect::<Vec<_>>())
-    .execute(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(())
+    Ok(unwrap_rows(rows))
 }
 
 async fn insert_edges(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<()> {

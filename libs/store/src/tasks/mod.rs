@@ -26,17 +26,32 @@ pub use query::{ListFilter, Stats};
 pub use reports::Report;
 
 /// Columns of a task as every query returns it (`t` is the tasks alias).
-macro_rules! task_columns {
+macro_rules! task_fields {
     () => {
         "t.id, t.seq, t.ticket_id, t.title, t.description, t.phase, t.priority, t.status,
          t.unmet_deps, t.retry_count, t.max_retries, t.timeout_seconds, t.attempt,
          t.assigned_agent_id, t.error_message, t.error_class, t.result, t.usage, t.git, t.created_at,
-         t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context, t.concurrency_key,
-         ARRAY(SELECT d.depends_on FROM task_dependencies d WHERE d.task_id = t.id
-               ORDER BY d.depends_on) AS depends_on"
+         t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context, t.concurrency_key"
     };
 }
-use task_columns;
+macro_rules! task_columns {
+    () => {
+        concat!(
+            $crate::tasks::task_fields!(),
+            ", ARRAY(SELECT d.depends_on FROM task_dependencies d WHERE d.task_id = t.id
+                     ORDER BY d.depends_on) AS depends_on"
+        )
+    };
+}
+/// For rows whose dependencies the caller knows (being written by the
+/// same statement, they are not visible to it).
+macro_rules! task_columns_without_dependencies {
+    () => {
+        concat!($crate::tasks::task_fields!(), ", '{}'::uuid[] AS depends_on")
+    };
+}
+pub(crate) use task_fields;
+use {task_columns, task_columns_without_dependencies};
 
 /// A task read from a row.
 struct TaskRow(Task);
