@@ -140,6 +140,33 @@ pub async fn ensure_stream(js: &jetstream::Context, topology: &Topology) -> Resu
     })
 }
 
+/// Reads the events stream's `filter` subjects from `deliver` on, in order
+/// and without acknowledgements (a watcher's view; an ordered consumer
+/// recreates itself after a hiccup from where it was). Gives up after 10 s.
+pub async fn read_events(
+    js: &jetstream::Context,
+    topology: &Topology,
+    filter: String,
+    deliver: jetstream::consumer::DeliverPolicy,
+) -> Result<jetstream::consumer::pull::Ordered, String> {
+    let opened = async {
+        let stream = ensure_stream(js, topology).await.map_err(|e| e.to_string())?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: deliver,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        consumer.messages().await.map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), opened).await {
+        Ok(opened) => opened,
+        Err(_) => Err("timed out".to_owned()),
+    }
+}
+
 /// Creates the output stream if it does not exist: a day of lines, at most
 /// 10,000 per task, so a chatty agent cannot fill the server.
 pub async fn ensure_output_stream(js: &jetstream::Context, topology: &Topology) -> Result<stream::Stream, BusError> {

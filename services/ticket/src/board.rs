@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
 use omoi_bus::Topology;
 use omoi_domain::Entity;
@@ -84,27 +84,10 @@ impl Hub {
         let mut backoff = reconnect_backoff();
         let mut first = true;
         while !shutdown.is_cancelled() {
-            let opened = async {
-                let stream = omoi_bus::ensure_stream(&js, &topology)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let consumer = stream
-                    .create_consumer(consumer::pull::OrderedConfig {
-                        filter_subject: topology.entity_filter(Entity::Task),
-                        deliver_policy: consumer::DeliverPolicy::New,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                consumer.messages().await.map_err(|e| e.to_string())
-            };
-            let mut messages = match tokio::time::timeout(Duration::from_secs(10), opened).await {
-                Ok(Ok(m)) => m,
-                failed => {
-                    let error = match failed {
-                        Ok(Err(e)) => e,
-                        _ => "timed out".to_owned(),
-                    };
+            let filter = topology.entity_filter(Entity::Task);
+            let mut messages = match omoi_bus::read_events(&js, &topology, filter, DeliverPolicy::New).await {
+                Ok(m) => m,
+                Err(error) => {
                     tracing::debug!(%error, "following task events");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,

@@ -1,9 +1,7 @@
 //! WatchTicket: a ticket's events from JetStream, the history first, then
 //! live, ending after the ticket's final event.
 
-use std::time::Duration;
-
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
 use omoi_bus::Topology;
 use omoi_domain::EventType;
@@ -30,30 +28,13 @@ pub async fn follow(
     shutdown: CancellationToken,
 ) {
     let js = jetstream::new(nats);
-    let opened = async {
-        let stream = omoi_bus::ensure_stream(&js, &topology)
-            .await
-            .map_err(|e| e.to_string())?;
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: topology.ticket_filter(&ticket_id),
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        consumer.messages().await.map_err(|e| e.to_string())
-    };
-    let mut messages = match tokio::time::timeout(Duration::from_secs(10), opened).await {
-        Ok(Ok(m)) => m,
-        Ok(Err(e)) => {
+    let filter = topology.ticket_filter(&ticket_id);
+    let mut messages = match omoi_bus::read_events(&js, &topology, filter, DeliverPolicy::All).await {
+        Ok(m) => m,
+        Err(e) => {
             let _ = sink
                 .send(Err(Status::unavailable(format!("event stream unavailable: {e}"))))
                 .await;
-            return;
-        }
-        Err(_) => {
-            let _ = sink.send(Err(Status::unavailable("event stream unavailable"))).await;
             return;
         }
     };
