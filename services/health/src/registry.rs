@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::Utc;
+use omoi_domain::EventType;
 use omoi_domain::agent::AgentStatus;
-use omoi_domain::{Entity, EventType};
 use omoi_store::agents::Beat;
 use omoi_store::{Store, StoreError};
 use tokio::sync::Notify;
@@ -185,33 +185,36 @@ impl Registry {
         topology: omoi_bus::Topology,
         shutdown: CancellationToken,
     ) {
-        let filter = topology.entity_filter(Entity::Task);
-        let store = self.store.clone();
-        omoi_runtime::trace::consume(
-            nats,
-            topology,
-            "omoi-health-task-outcomes".to_owned(),
-            filter,
-            shutdown,
-            move |event_id, envelope| {
-                let store = store.clone();
-                async move {
-                    let completed = match envelope.event.event_type() {
-                        EventType::TaskCompleted => true,
-                        EventType::TaskFailed => false,
-                        _ => return Ok(()),
-                    };
-                    let Some(agent) = envelope.event.agent_id() else {
-                        return Ok(());
-                    };
-                    store
-                        .count_agent_outcome("omoi-health-task-outcomes", event_id, agent, completed)
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-            },
-        )
-        .await;
+        // A consumer each for the two events counted, rather than one for
+        // every task event: three of a task's four events would be
+        // delivered, decoded and acknowledged for nothing. Both record
+        // what they counted under one name, so that an event counted by
+        // the earlier single consumer is not counted again.
+        retire_consumer(&nats, &topology, OUTCOMES).await;
+        let count = |event: EventType| {
+            let store = self.store.clone();
+            omoi_runtime::trace::consume(
+                nats.clone(),
+                topology.clone(),
+                format!("omoi-health-{}", event.as_str().to_ascii_lowercase().replace('_', "-")),
+                topology.event_filter(event),
+                shutdown.clone(),
+                move |event_id, envelope| {
+                    let store = store.clone();
+                    async move {
+                        let Some(agent) = envelope.event.agent_id() else {
+                            return Ok(());
+                        };
+                        let completed = envelope.event.event_type() == EventType::TaskCompleted;
+                        store
+                            .count_agent_outcome(OUTCOMES, event_id, agent, completed)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                },
+            )
+        };
+        futures::join!(count(EventType::TaskCompleted), count(EventType::TaskFailed));
     }
 
     pub fn now_beat(agent_id: Uuid, running_task_ids: Vec<Uuid>) -> Beat {
@@ -220,5 +223,20 @@ impl Registry {
             at: Utc::now(),
             running_task_ids,
         }
+    }
+}
+
+/// What counted outcomes are recorded under (and the name of the single
+/// consumer that once read every task event for them).
+const OUTCOMES: &str = "omoi-health-task-outcomes";
+
+/// Deletes a durable consumer of the events stream that is no longer read
+/// (it would hold its place in the stream for ever); gone already is fine.
+async fn retire_consumer(nats: &async_nats::Client, topology: &omoi_bus::Topology, name: &str) {
+    let js = async_nats::jetstream::new(nats.clone());
+    if let Ok(stream) = js.get_stream(&topology.stream).await
+        && stream.delete_consumer(name).await.is_ok()
+    {
+        tracing::info!(consumer = name, "retired a consumer no longer read");
     }
 }
