@@ -502,7 +502,7 @@ async fn the_relay_takes_whole_batches_of_events_in_order_up_to_its_limit() {
     // A limit smaller than the first batch still takes it, whole and alone.
     let (tx, first) = take(2).await;
     assert_eq!((first.seqs.len(), first.events.len()), (1, 3));
-    drop(tx);
+    tx.rollback().await.unwrap();
     // Up to the limit, never splitting a batch.
     let (mut tx, taken) = take(8).await;
     assert_eq!((taken.seqs.len(), taken.events.len()), (2, 8));
@@ -517,7 +517,7 @@ async fn the_relay_takes_whole_batches_of_events_in_order_up_to_its_limit() {
             .seqs
             .is_empty()
     );
-    drop(other);
+    other.rollback().await.unwrap();
     omoi_store::outbox::delete(&mut tx, &taken.seqs).await.unwrap();
     tx.commit().await.unwrap();
     let rest = db.store.outbox_events().await.unwrap();
@@ -528,7 +528,7 @@ async fn the_relay_takes_whole_batches_of_events_in_order_up_to_its_limit() {
         again.events.iter().map(|e| e.id).collect::<Vec<_>>(),
         rest.iter().map(|e| e.id).collect::<Vec<_>>()
     );
-    drop(tx);
+    tx.rollback().await.unwrap();
     db.drop().await;
 }
 
