@@ -115,6 +115,9 @@ impl Relay {
         let mut tx = self.store.pool().begin().await.map_err(omoi_store::StoreError::from)?;
         let taken = outbox::lock_batch(&mut tx, self.batch).await?;
         if taken.seqs.is_empty() {
+            // Ended here rather than when the connection is next flushed:
+            // the relay lock may be held.
+            tx.rollback().await.map_err(omoi_store::StoreError::from)?;
             return Ok(0);
         }
         let mut pending = Vec::with_capacity(taken.events.len());
