@@ -113,7 +113,8 @@ def board_and_ticket(d):
     until("the ticket page", lambda: d.find_element(By.CSS_SELECTOR, "#dag svg"))
     assert d.current_url.startswith(URL + "/tickets/"), d.current_url
     until("four tasks in the graph", lambda: len(node_statuses(d)) == 4)
-    assert d.find_element(By.ID, "budget").text == "$5.00", d.find_element(By.ID, "budget").text
+    # The page redraws as events arrive: read the budget until it holds.
+    until("the ticket's $5.00 budget", lambda: d.find_element(By.ID, "budget").text == "$5.00")
     click(d, "a running task in the graph", "#dag g.node[data-status=running]")
     seen_live = until(
         "agent events of a running task",
