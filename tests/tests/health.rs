@@ -44,6 +44,15 @@ async fn status(c: &HealthClient, id: &str) -> i32 {
         .status
 }
 
+async fn deregister(c: &HealthClient, id: &str) -> Result<pb::DeregisterAgentResponse, tonic::Status> {
+    c.clone()
+        .deregister_agent(pb::DeregisterAgentRequest {
+            agent_id: id.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
 async fn beat(c: &HealthClient, id: &str) -> Result<pb::HeartbeatResponse, tonic::Status> {
     c.clone()
         .heartbeat(pb::HeartbeatRequest {
@@ -108,12 +117,7 @@ async fn register_heartbeat_list_and_deregister() {
         .into_inner()
         .agents;
     assert_eq!(listed.len(), 2);
-    c.clone()
-        .deregister_agent(pb::DeregisterAgentRequest {
-            agent_id: other.id.clone(),
-        })
-        .await
-        .unwrap();
+    deregister(&c, &other.id).await.unwrap();
     let err = beat(&c, &other.id).await.unwrap_err();
     assert_eq!(
         err.code(),
@@ -121,13 +125,7 @@ async fn register_heartbeat_list_and_deregister() {
         "a deregistered agent's heartbeat is refused"
     );
     assert_eq!(status(&c, &other.id).await, DEREGISTERED);
-    let err = c
-        .clone()
-        .deregister_agent(pb::DeregisterAgentRequest {
-            agent_id: other.id.clone(),
-        })
-        .await
-        .unwrap_err();
+    let err = deregister(&c, &other.id).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
     let missing = Uuid::now_v7().to_string();
@@ -308,13 +306,7 @@ async fn statistics_after_a_scripted_run() {
     let worker = register(&agents, "executor").await;
     let _idle = register(&agents, "reviewer").await;
     let gone = register(&agents, "executor").await;
-    agents
-        .clone()
-        .deregister_agent(pb::DeregisterAgentRequest {
-            agent_id: gone.id.clone(),
-        })
-        .await
-        .unwrap();
+    deregister(&agents, &gone.id).await.unwrap();
     let queue = mesh.queue();
     let mut q = queue.clone();
     q.enqueue_tasks(omoi_proto::taskqueue::EnqueueTasksRequest {
@@ -379,10 +371,7 @@ async fn agents_gone_past_their_retention_are_forgotten_and_healthy_ones_kept() 
         register(&c, "executor").await.id,
         register(&c, "executor").await.id,
     );
-    c.clone()
-        .deregister_agent(pb::DeregisterAgentRequest { agent_id: gone.clone() })
-        .await
-        .unwrap();
+    deregister(&c, &gone).await.unwrap();
     let listed = || async {
         let agents = c
             .clone()
@@ -466,13 +455,7 @@ async fn the_agent_list_stream_follows_changes_made_on_any_replica() {
         x.running_task_ids == [task.clone()]
     })
     .await;
-    writer
-        .clone()
-        .deregister_agent(pb::DeregisterAgentRequest {
-            agent_id: first.id.clone(),
-        })
-        .await
-        .unwrap();
+    deregister(&writer, &first.id).await.unwrap();
     until("the first deregistered", &first.id, &|x| x.status == DEREGISTERED).await;
 
     // The watched replica's listener is cut: the list comes again once it

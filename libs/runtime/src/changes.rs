@@ -1,9 +1,6 @@
 //! Following a table's change announcements for a service's watchers,
 //! through database restarts and lost connections.
 
-use std::time::Duration;
-
-use omoi_domain::backoff::Backoff;
 use omoi_store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -20,7 +17,7 @@ pub enum Notice {
 /// Listens on `channel` until `shutdown`, telling each announcement, and
 /// `Missed` each time listening resumes after it was interrupted.
 pub async fn follow(store: Store, channel: &'static str, shutdown: CancellationToken, tell: impl Fn(Notice)) {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut backoff = crate::service::database_backoff();
     let mut first = true;
     while !shutdown.is_cancelled() {
         let mut listener = match store.listen(channel).await {

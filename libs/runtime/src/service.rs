@@ -135,10 +135,15 @@ impl Base {
     }
 }
 
+/// Pauses between attempts to reach PostgreSQL: 200 ms doubling to 5 s.
+pub fn database_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(5))
+}
+
 /// Migrates, retrying with backoff while the database is not there; false
 /// when `stop` came first.
 async fn migrate_until_done(store: &Store, database_url: &str, stop: &CancellationToken) -> bool {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut backoff = database_backoff();
     loop {
         let attempt = async {
             Store::ensure_database(database_url).await?;

@@ -266,7 +266,7 @@ function card(ticket, tasks) {
     ticket.pullRequestUrl ? h("div", { class: "meta" }, "PR: ", ticket.pullRequestUrl) : null);
 }
 
-function createForm(onCreated) {
+function createForm() {
   const title = h("input", { name: "title", placeholder: "What should the agents do?", required: true, maxlength: 500 });
   const description = h("input", { name: "description", placeholder: "details (optional)" });
   const repository = h("input", { name: "repository", placeholder: "repository URL (optional)" });
@@ -289,7 +289,6 @@ function createForm(onCreated) {
       title.value = description.value = repository.value = baseRef.value = budget.value = "";
       pull.checked = false;
       toast("Ticket created: " + created.ticket.title);
-      onCreated();
     } catch (err) {
       if (!(err instanceof Unauthenticated)) toast("Not created: " + err.message);
     } finally {
@@ -316,7 +315,7 @@ function boardPage(root) {
   });
   root.append(
     h("h1", {}, "Tickets"),
-    createForm(() => {}),
+    createForm(),
     h("div", { class: "board" }, COLUMNS.map((c) => h("section", { class: "column", "data-column": c }, h("h2", {}, label(c)), columns[c]))));
   return stop;
 }

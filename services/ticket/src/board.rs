@@ -15,18 +15,18 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
 use omoi_bus::Topology;
-use omoi_domain::Entity;
-use omoi_domain::backoff::Backoff;
+use omoi_domain::{Entity, Ticket};
 use omoi_proto::ticket as pb;
 use omoi_runtime::changes::{self, Notice};
 use omoi_runtime::status::status;
-use omoi_store::{Store, tickets};
+use omoi_store::Store;
+use omoi_store::tickets::{self, TicketTask};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
 
-use crate::planner::{Planner, planned_tasks};
+use crate::planner::Planner;
 
 /// Changes arriving within this long of the first are sent together, each
 /// ticket once: a ticket's task completing moves the ticket too.
@@ -41,10 +41,6 @@ pub enum Change {
 
 pub struct Hub {
     changes: broadcast::Sender<Change>,
-}
-
-fn reconnect_backoff() -> Backoff {
-    Backoff::new(Duration::from_millis(200), Duration::from_secs(5))
 }
 
 impl Hub {
@@ -81,7 +77,7 @@ impl Hub {
         shutdown: CancellationToken,
     ) {
         let js = jetstream::new(nats);
-        let mut backoff = reconnect_backoff();
+        let mut backoff = omoi_bus::retry_backoff();
         let mut first = true;
         while !shutdown.is_cancelled() {
             let filter = topology.entity_filter(Entity::Task);
@@ -123,66 +119,57 @@ impl Hub {
 
 pub type Sink = mpsc::Sender<Result<pb::WatchTicketsResponse, Status>>;
 
-/// What a watcher reads tickets with.
-#[derive(Clone)]
-pub struct Reader {
-    pub store: Store,
-    pub planner: Arc<Planner>,
+/// The ticket and its tasks for a board (their patches left out).
+async fn state(planner: &Planner, ticket: &Ticket, plan: &[TicketTask]) -> Result<pb::WatchTicketsResponse, Status> {
+    let mut tasks = planner.tasks_of(ticket, plan).await?;
+    for task in &mut tasks {
+        if let Some(git) = task.git.as_mut() {
+            git.patch.clear();
+        }
+    }
+    Ok(pb::WatchTicketsResponse {
+        ticket: Some(pb::Ticket::from(ticket)),
+        tasks,
+        snapshot_done: false,
+    })
 }
 
-impl Reader {
-    /// The ticket and its tasks for a board: from the queue once enqueued,
-    /// as planned before; the tasks' patches left out.
-    async fn state(&self, ticket: &omoi_domain::Ticket) -> Result<pb::WatchTicketsResponse, Status> {
-        let mut tasks = if ticket.tasks_enqueued {
-            self.planner
-                .queue
-                .list(ticket.id)
-                .await
-                .map_err(|s| Status::unavailable(format!("task queue: {}", s.message())))?
-        } else {
-            let (_, plan) = self.store.get_ticket(ticket.id).await.map_err(status)?;
-            planned_tasks(ticket, &plan)
-        };
-        for task in &mut tasks {
-            if let Some(git) = task.git.as_mut() {
-                git.patch.clear();
-            }
-        }
-        Ok(pb::WatchTicketsResponse {
-            ticket: Some(pb::Ticket::from(ticket)),
-            tasks,
-            snapshot_done: false,
-        })
-    }
-
-    async fn snapshot(&self, page_size: i64, sink: &Sink) -> Result<(), Status> {
-        let (tickets, _) = self.store.list_tickets(None, page_size, None).await.map_err(status)?;
-        for ticket in &tickets {
-            send(sink, self.state(ticket).await?).await?;
-        }
-        send(
-            sink,
-            pb::WatchTicketsResponse {
-                snapshot_done: true,
-                ..Default::default()
-            },
-        )
+async fn snapshot(planner: &Planner, page_size: i64, sink: &Sink) -> Result<(), Status> {
+    let (tickets, _) = planner
+        .store
+        .list_tickets(None, page_size, None)
         .await
+        .map_err(status)?;
+    for ticket in &tickets {
+        // A list holds no plans: read one only where it is the tasks.
+        let plan = if ticket.tasks_enqueued {
+            Vec::new()
+        } else {
+            planner.store.get_ticket(ticket.id).await.map_err(status)?.1
+        };
+        send(sink, state(planner, ticket, &plan).await?).await?;
     }
+    send(
+        sink,
+        pb::WatchTicketsResponse {
+            snapshot_done: true,
+            ..Default::default()
+        },
+    )
+    .await
+}
 
-    async fn changed(&self, ids: &HashSet<Uuid>, sink: &Sink) -> Result<(), Status> {
-        for &id in ids {
-            match self.store.get_ticket(id).await {
-                Ok((ticket, _)) => send(sink, self.state(&ticket).await?).await?,
-                // Announced by an event whose ticket this database does not
-                // hold (another deployment's on a shared stream).
-                Err(omoi_store::StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(status(e)),
-            }
+async fn changed(planner: &Planner, ids: &HashSet<Uuid>, sink: &Sink) -> Result<(), Status> {
+    for &id in ids {
+        match planner.store.get_ticket(id).await {
+            Ok((ticket, plan)) => send(sink, state(planner, &ticket, &plan).await?).await?,
+            // Announced by an event whose ticket this database does not
+            // hold (another deployment's on a shared stream).
+            Err(omoi_store::StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(status(e)),
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// The watcher went away: stop.
@@ -200,7 +187,7 @@ async fn send(sink: &Sink, message: pb::WatchTicketsResponse) -> Result<(), Stat
 
 /// Streams a snapshot of the newest `page_size` tickets into `sink`, then
 /// the tickets that change, until the watcher goes away or `shutdown`.
-pub async fn follow(hub: Arc<Hub>, reader: Reader, page_size: i64, sink: Sink, shutdown: CancellationToken) {
+pub async fn follow(hub: Arc<Hub>, planner: Arc<Planner>, page_size: i64, sink: Sink, shutdown: CancellationToken) {
     // Subscribed before the snapshot is read: a change made meanwhile is
     // sent again after it rather than lost.
     let mut changes = hub.changes.subscribe();
@@ -209,9 +196,9 @@ pub async fn follow(hub: Arc<Hub>, reader: Reader, page_size: i64, sink: Sink, s
     loop {
         let outcome = if std::mem::take(&mut resync) {
             dirty.clear();
-            reader.snapshot(page_size, &sink).await
+            snapshot(&planner, page_size, &sink).await
         } else {
-            reader.changed(&std::mem::take(&mut dirty), &sink).await
+            changed(&planner, &std::mem::take(&mut dirty), &sink).await
         };
         if let Err(status) = outcome {
             if status.code() != tonic::Code::Cancelled {

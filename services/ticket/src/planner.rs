@@ -133,6 +133,11 @@ impl Queue {
     }
 }
 
+/// The task queue's refusal as the caller's: it is unavailable.
+pub fn queue_unavailable(s: Status) -> Status {
+    Status::unavailable(format!("task queue: {}", s.message()))
+}
+
 fn dependency_ids(task: &TicketTask, all: &[TicketTask]) -> Vec<String> {
     task.planned
         .depends_on
@@ -182,6 +187,15 @@ pub struct Planner {
 impl Planner {
     pub fn new(store: Store, queue: Queue) -> Self {
         Self { store, queue }
+    }
+
+    /// The ticket's tasks from the queue, or as planned (`plan`) when not
+    /// enqueued yet.
+    pub async fn tasks_of(&self, ticket: &Ticket, plan: &[TicketTask]) -> Result<Vec<pb::Task>, Status> {
+        if !ticket.tasks_enqueued {
+            return Ok(planned_tasks(ticket, plan));
+        }
+        self.queue.list(ticket.id).await.map_err(queue_unavailable)
     }
 
     pub async fn enqueue(&self, ticket: &Ticket, tasks: &[TicketTask]) -> Result<Enqueued, StoreError> {

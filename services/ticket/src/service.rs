@@ -4,21 +4,21 @@ use std::sync::Arc;
 
 use omoi_bus::Topology;
 use omoi_domain::ticket::{self as rules, PhaseInstructions, RawTaskSpec};
-use omoi_domain::{Phase, TaskStatus, Ticket, TicketStatus, git, validate};
+use omoi_domain::{Phase, TaskStatus, TicketStatus, git, validate};
 use omoi_proto::common::TicketPriority;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::events::Event;
 use omoi_proto::ticket::{self as pb, ticket_service_server::TicketService};
 use omoi_runtime::status::{ApiError, ApiResult};
 use omoi_store::Store;
-use omoi_store::tickets::{Created, NewTicket, TicketTask, TicketUpdate};
+use omoi_store::tickets::{Created, NewTicket, TicketUpdate};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::planner::{Enqueued, Planner, planned_tasks};
+use crate::planner::{Enqueued, Planner, planned_tasks, queue_unavailable};
 use crate::{board, watch};
 
 pub const MAX_REQUEST_ID: usize = 128;
@@ -54,14 +54,6 @@ impl Tickets {
             told,
             board,
         }
-    }
-
-    /// The ticket's tasks from the queue, or as planned when not enqueued yet.
-    async fn tasks_of(&self, ticket: &Ticket, plan: &[TicketTask]) -> ApiResult<Vec<omoi_proto::taskqueue::Task>> {
-        if !ticket.tasks_enqueued {
-            return Ok(planned_tasks(ticket, plan));
-        }
-        Ok(self.planner.queue.list(ticket.id).await.map_err(queue_unavailable)?)
     }
 
     async fn create(&self, req: pb::CreateTicketRequest) -> ApiResult<pb::CreateTicketResponse> {
@@ -130,7 +122,7 @@ impl Tickets {
             .collect();
         let (t, planned) = match self.store.create_ticket(&new, &plan).await? {
             Created::Existing(t, planned) => {
-                let tasks = self.tasks_of(&t, &planned).await?;
+                let tasks = self.planner.tasks_of(&t, &planned).await?;
                 let ticket = Some(pb::Ticket::from(&t));
                 return Ok(pb::CreateTicketResponse { ticket, tasks });
             }
@@ -154,7 +146,7 @@ impl Tickets {
     async fn get(&self, req: &pb::GetTicketRequest) -> ApiResult<pb::GetTicketResponse> {
         let id = validate::uuid("ticket_id", &req.ticket_id)?;
         let (t, planned) = self.store.get_ticket(id).await?;
-        let tasks = self.tasks_of(&t, &planned).await?;
+        let tasks = self.planner.tasks_of(&t, &planned).await?;
         Ok(pb::GetTicketResponse {
             ticket: Some(pb::Ticket::from(&t)),
             tasks,
@@ -337,13 +329,9 @@ impl Tickets {
             n => validate::range("page_size", n, 1, MAX_PAGE_SIZE)?,
         };
         let (tx, rx) = mpsc::channel(256);
-        let reader = board::Reader {
-            store: self.store.clone(),
-            planner: Arc::clone(&self.planner),
-        };
         tokio::spawn(board::follow(
             Arc::clone(&self.board),
-            reader,
+            Arc::clone(&self.planner),
             i64::from(page_size),
             tx,
             self.watchers.clone(),
@@ -354,10 +342,6 @@ impl Tickets {
 
 type EventStream = ReceiverStream<Result<Event, Status>>;
 type BoardStream = ReceiverStream<Result<pb::WatchTicketsResponse, Status>>;
-
-fn queue_unavailable(s: Status) -> Status {
-    Status::unavailable(format!("task queue: {}", s.message()))
-}
 
 fn task_spec(s: &pb::TaskSpec) -> RawTaskSpec<'_> {
     RawTaskSpec {
