@@ -3,8 +3,10 @@
 //! scripted agents, and readers of the events stream.
 
 pub mod agent;
+pub mod chaos;
 pub mod console;
 pub mod events;
+pub mod fleet;
 pub mod git_http;
 pub mod github;
 pub mod http;

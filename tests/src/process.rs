@@ -34,13 +34,16 @@ pub fn agent_cli(name: &str) -> PathBuf {
     path
 }
 
-/// target/<profile>, from where this test executable lives (target/<profile>/deps/…).
+/// target/<profile>, from where this executable lives: a test's in
+/// target/<profile>/deps/…, a harness binary's (omoi-chaos) beside the
+/// services' in target/<profile>.
 fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .expect("test executable under target/<profile>/deps")
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable under target/<profile>");
+    match dir.file_name() {
+        Some(name) if name == "deps" => dir.parent().expect("target/<profile>/deps").to_path_buf(),
+        _ => dir.to_path_buf(),
+    }
 }
 
 /// A free loopback port (bound then released), never handed out twice in

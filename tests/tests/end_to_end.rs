@@ -150,6 +150,45 @@ async fn a_ticket_runs_through_two_executors_in_phase_order_with_workspaces() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_remove_policy_leaves_no_workspace_behind_not_even_a_failed_attempts() {
+    let infra = Infra::new().await.unwrap();
+    let options = Options {
+        executors: 1,
+        executor_env: vec![
+            ("OMOI_DEMO_SLEEP_MS".into(), "10".into()),
+            ("OMOI_WORKSPACE_POLICY".into(), "remove".into()),
+            ("OMOI_DEMO_FAIL_FIRST".into(), "PHASE_INTEGRATION".into()),
+        ],
+        ..Default::default()
+    };
+    let mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    let tickets = mesh.tickets();
+    let created = tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "tidy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    assert!(done.tasks.iter().any(|t| t.attempt == 2), "one task ran twice");
+    // Each run's workspace, and with the last one its task's directory.
+    eventually(WAIT, "an empty workspace root", || async {
+        let left: Vec<_> = std::fs::read_dir(&mesh.workspace_root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        left.is_empty().then_some(())
+    })
+    .await;
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_command_is_retried_then_fails_the_ticket() {
     let infra = Infra::new().await.unwrap();
     let options = Options {

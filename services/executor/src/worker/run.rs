@@ -366,8 +366,20 @@ impl Worker {
             WorkspacePolicy::Remove => true,
             WorkspacePolicy::RemoveOnSuccess => succeeded,
         };
-        if remove && let Err(e) = tokio::fs::remove_dir_all(dir).await {
-            tracing::warn!(workspace = %dir.display(), error = %e, "workspace not removed");
+        if !remove {
+            return;
+        }
+        match tokio::fs::remove_dir_all(dir).await {
+            // A run that failed before its workspace was made has none.
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(workspace = %dir.display(), error = %e, "workspace not removed");
+            }
+            _ => {}
+        }
+        // The task's directory goes with its last attempt's, or the root
+        // fills with empty ones; one still holding an attempt stays.
+        if let Some(task_dir) = dir.parent() {
+            let _ = tokio::fs::remove_dir(task_dir).await;
         }
     }
 
