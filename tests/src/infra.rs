@@ -77,6 +77,7 @@ impl Infra {
             topology: Topology {
                 prefix: format!("t{}", &id[..12]),
                 stream: format!("T_{}", &id[..12].to_uppercase()),
+                ..Default::default()
             },
         })
     }

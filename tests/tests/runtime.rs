@@ -199,3 +199,28 @@ async fn not_serving_until_nats_is_reachable_then_serving() {
     server.await.unwrap().unwrap();
     infra.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_streams_keep_what_they_are_told_and_a_changed_retention_is_applied() {
+    let infra = Infra::new().await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(&infra.nats_url).await.unwrap());
+    let mut topology = infra.topology.clone();
+    topology.events_max_age = Duration::from_secs(3600);
+    topology.output_max_age = Duration::from_secs(600);
+    let mut events = omoi_bus::ensure_stream(&js, &topology).await.unwrap();
+    let mut output = omoi_bus::ensure_output_stream(&js, &topology).await.unwrap();
+    assert_eq!(events.info().await.unwrap().config.max_age, Duration::from_secs(3600));
+    assert_eq!(output.info().await.unwrap().config.max_age, Duration::from_secs(600));
+    // A restart with another retention changes the existing streams.
+    topology.events_max_age = Duration::from_secs(7200);
+    topology.output_max_age = Duration::from_secs(1200);
+    let mut events = omoi_bus::ensure_stream(&js, &topology).await.unwrap();
+    let mut output = omoi_bus::ensure_output_stream(&js, &topology).await.unwrap();
+    let info = events.info().await.unwrap().config.clone();
+    assert_eq!(info.max_age, Duration::from_secs(7200));
+    assert_eq!(info.duplicate_window, Duration::from_secs(120), "the rest as it was");
+    let info = output.info().await.unwrap().config.clone();
+    assert_eq!(info.max_age, Duration::from_secs(1200));
+    assert_eq!(info.max_messages_per_subject, 10_000, "the rest as it was");
+    infra.cleanup().await.unwrap();
+}

@@ -955,3 +955,72 @@ async fn the_board_stream_sends_the_newest_tickets_then_every_change_from_any_re
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_that_ended_go_after_their_retention_and_open_ones_stay() {
+    let infra = Infra::new().await.unwrap();
+    let task_queue = InProcess::start(infra.task_queue_config()).await.unwrap();
+    let mut config = infra.ticket_config(&task_queue.url);
+    // Passes every 3 s (a tenth of it).
+    config.ticket_retention_seconds = 30.0;
+    let ticket = InProcess::ticket(config).await.unwrap();
+    let c = ticket_client(&ticket.url);
+    let create = |title: &str| {
+        let mut c = c.clone();
+        let title = title.to_owned();
+        async move {
+            c.create_ticket(pb::CreateTicketRequest {
+                title,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .ticket
+            .unwrap()
+            .id
+        }
+    };
+    let (ended, young, open) = (create("ended").await, create("young").await, create("open").await);
+    for id in [&ended, &young] {
+        c.clone()
+            .cancel_ticket(pb::CancelTicketRequest {
+                ticket_id: id.clone(),
+                reason: "done with it".into(),
+            })
+            .await
+            .unwrap();
+    }
+    let pool = infra.db.connect().await.unwrap();
+    sqlx::query("UPDATE tickets SET updated_at = now() - interval '1 hour' WHERE id = ANY($1)")
+        .bind(vec![ended.parse::<Uuid>().unwrap(), open.parse().unwrap()])
+        .execute(&pool)
+        .await
+        .unwrap();
+    let exists = |id: String| {
+        let mut c = c.clone();
+        async move {
+            match c.get_ticket(pb::GetTicketRequest { ticket_id: id }).await {
+                Ok(_) => true,
+                Err(s) if s.code() == Code::NotFound => false,
+                Err(s) => panic!("GetTicket: {s}"),
+            }
+        }
+    };
+    eventually(Duration::from_secs(30), "the old cancelled ticket gone", || async {
+        (!exists(ended.clone()).await).then_some(())
+    })
+    .await;
+    assert!(exists(young.clone()).await, "ended within the retention: kept");
+    assert!(exists(open.clone()).await, "still open, however old: kept");
+    let plans: i64 = sqlx::query_scalar("SELECT count(*) FROM ticket_tasks WHERE ticket_id = $1")
+        .bind(ended.parse::<Uuid>().unwrap())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(plans, 0, "its plan went with it");
+    pool.close().await;
+    ticket.stop().await.unwrap();
+    task_queue.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}

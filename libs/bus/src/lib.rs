@@ -36,13 +36,24 @@ pub struct Topology {
     pub prefix: String,
     /// The JetStream stream holding the events, `OMOI_EVENTS` by default.
     pub stream: String,
+    /// How long the events stream keeps an event (7 days by default).
+    pub events_max_age: Duration,
+    /// How long the output stream keeps an agent's output line (a day).
+    pub output_max_age: Duration,
 }
+
+/// How long the events stream keeps events unless told otherwise.
+pub const EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long the output stream keeps agents' output unless told otherwise.
+pub const OUTPUT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 impl Default for Topology {
     fn default() -> Self {
         Self {
             prefix: "omoi".to_owned(),
             stream: "OMOI_EVENTS".to_owned(),
+            events_max_age: EVENTS_MAX_AGE,
+            output_max_age: OUTPUT_MAX_AGE,
         }
     }
 }
@@ -122,22 +133,40 @@ pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusErr
         })
 }
 
-/// Creates the events stream if it does not exist. The duplicate window is
-/// what turns the relay's at-least-once publishing into exactly-once storage.
+/// Creates the events stream if it does not exist, and gives an existing
+/// one the configured retention. The duplicate window is what turns the
+/// relay's at-least-once publishing into exactly-once storage.
 pub async fn ensure_stream(js: &jetstream::Context, topology: &Topology) -> Result<stream::Stream, BusError> {
-    js.get_or_create_stream(stream::Config {
+    let config = stream::Config {
         name: topology.stream.clone(),
         subjects: vec![topology.events_wildcard()],
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(120),
-        max_age: Duration::from_secs(7 * 24 * 3600),
+        max_age: topology.events_max_age,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| BusError::Stream {
-        stream: topology.stream.clone(),
+    };
+    keep_for(js, config).await
+}
+
+/// Gets or creates a stream; one whose `max_age` differs from `config`'s
+/// (the retention was changed) is updated to it.
+async fn keep_for(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, BusError> {
+    let failed = |name: &str, e: &dyn std::fmt::Display| BusError::Stream {
+        stream: name.to_owned(),
         message: e.to_string(),
-    })
+    };
+    let name = config.name.clone();
+    let max_age = config.max_age;
+    let stream = js.get_or_create_stream(config).await.map_err(|e| failed(&name, &e))?;
+    let current = stream.cached_info().config.clone();
+    if current.max_age == max_age {
+        return Ok(stream);
+    }
+    tracing::info!(stream = %name, from = ?current.max_age, to = ?max_age, "changing the stream's retention");
+    js.update_stream(stream::Config { max_age, ..current })
+        .await
+        .map_err(|e| failed(&name, &e))?;
+    js.get_stream(&name).await.map_err(|e| failed(&name, &e))
 }
 
 /// Reads the events stream's `filter` subjects from `deliver` on, in order
@@ -167,23 +196,20 @@ pub async fn read_events(
     }
 }
 
-/// Creates the output stream if it does not exist: a day of lines, at most
-/// 10,000 per task, so a chatty agent cannot fill the server.
+/// Creates the output stream if it does not exist: `output_max_age` (a day)
+/// of lines, at most 10,000 per task, so a chatty agent cannot fill the
+/// server.
 pub async fn ensure_output_stream(js: &jetstream::Context, topology: &Topology) -> Result<stream::Stream, BusError> {
-    js.get_or_create_stream(stream::Config {
+    let config = stream::Config {
         name: topology.output_stream(),
         subjects: vec![format!("{}.output.>", topology.prefix)],
         storage: stream::StorageType::File,
-        max_age: Duration::from_secs(24 * 3600),
+        max_age: topology.output_max_age,
         max_messages_per_subject: 10_000,
         discard: stream::DiscardPolicy::Old,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| BusError::Stream {
-        stream: topology.output_stream(),
-        message: e.to_string(),
-    })
+    };
+    keep_for(js, config).await
 }
 
 #[cfg(test)]

@@ -57,6 +57,15 @@ pub struct CommonArgs {
     #[arg(long, env = "OMOI_EVENTS_STREAM", default_value = "OMOI_EVENTS")]
     pub events_stream: String,
 
+    /// Seconds the events stream keeps an event (consumers' records of
+    /// what they applied are kept a day longer).
+    #[arg(long, env = "OMOI_EVENTS_MAX_AGE_SECONDS", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(60..))]
+    pub events_max_age_seconds: u64,
+
+    /// Seconds the output stream keeps agents' output lines.
+    #[arg(long, env = "OMOI_OUTPUT_MAX_AGE_SECONDS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(60..))]
+    pub output_max_age_seconds: u64,
+
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "OMOI_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
@@ -142,6 +151,8 @@ impl CommonArgs {
         omoi_bus::Topology {
             prefix: self.subject_prefix.clone(),
             stream: self.events_stream.clone(),
+            events_max_age: std::time::Duration::from_secs(self.events_max_age_seconds),
+            output_max_age: std::time::Duration::from_secs(self.output_max_age_seconds),
         }
     }
 }

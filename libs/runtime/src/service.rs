@@ -71,6 +71,39 @@ impl Base {
         self.host.auth()
     }
 
+    /// Deletes what is past a retention of `keep_seconds` (0: keep
+    /// forever) once the schema is migrated and then every
+    /// [`prune_interval`], `prune(store, keep, batch)` taking at most a
+    /// batch a time until a pass finds less.
+    pub fn spawn_retention<F, Fut>(&mut self, what: &'static str, keep_seconds: f64, prune: F)
+    where
+        F: Fn(Store, Duration, i64) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = omoi_store::Result<u64>> + Send + 'static,
+    {
+        const BATCH: i64 = 1000;
+        if !(keep_seconds.is_finite() && keep_seconds > 0.0) {
+            return;
+        }
+        let keep = Duration::from_secs_f64(keep_seconds.min(1e9));
+        let store = self.store.clone();
+        let prune = Arc::new(prune);
+        self.spawn_after_migration(move |stop| {
+            prune_every(what, prune_interval(keep), stop, move || {
+                let (store, prune) = (store.clone(), Arc::clone(&prune));
+                async move {
+                    let mut gone = 0;
+                    loop {
+                        let n = prune(store.clone(), keep, BATCH).await?;
+                        gone += n;
+                        if n < BATCH as u64 {
+                            return Ok(gone);
+                        }
+                    }
+                }
+            })
+        });
+    }
+
     /// Runs `job` once the schema is migrated, until the stop token fires
     /// (after the server has stopped serving).
     pub fn spawn_after_migration<F, Fut>(&mut self, job: F)
@@ -110,6 +143,7 @@ impl Base {
         let relay = Relay::new(self.store.clone(), self.nats.clone(), self.topology.clone());
         let (store, database_url, jobs) = (self.store.clone(), self.database_url.clone(), self.jobs);
         let (grace, migrated) = (self.host.grace(), self.migrated);
+        let events_max_age = self.topology.events_max_age;
         self.host.spawn(async move {
             if !migrate_until_done(&store, &database_url, &background).await {
                 return;
@@ -118,7 +152,7 @@ impl Base {
             tracing::info!("database migrated");
             let mut loops = JoinSet::new();
             loops.spawn(relay.run(background.clone(), grace));
-            loops.spawn(prune_loop(store.clone(), background.clone()));
+            loops.spawn(prune_loop(store.clone(), events_max_age, background.clone()));
             loops.spawn(sample_outbox(store, background.clone()));
             for job in jobs {
                 loops.spawn(job(background.clone()));
@@ -203,20 +237,41 @@ pub fn server<H: Health>(
         .add_service(health))
 }
 
-/// Forgets consumed-event records once the stream can no longer redeliver
-/// them (it keeps events 7 days).
-async fn prune_loop(store: Store, stop: CancellationToken) {
+/// Forgets consumed-event records a day after the stream stops keeping
+/// their events (it can no longer redeliver them).
+async fn prune_loop(store: Store, keep: Duration, stop: CancellationToken) {
+    let keep = keep + Duration::from_secs(86_400);
+    prune_every("consumed-event records", Duration::from_secs(3600), stop, move || {
+        let store = store.clone();
+        async move { store.prune_processed_events(keep).await }
+    })
+    .await
+}
+
+/// Runs a retention pass now and then every `every` until `stop`: `pass`
+/// deletes what is past its retention and says how much went.
+pub async fn prune_every<F, Fut>(what: &'static str, every: Duration, stop: CancellationToken, pass: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = omoi_store::Result<u64>>,
+{
     loop {
-        match store.prune_processed_events(8).await {
-            Ok(n) if n > 0 => tracing::info!(removed = n, "pruned consumed-event records"),
+        match pass().await {
+            Ok(n) if n > 0 => tracing::info!(removed = n, "removed {what} past their retention"),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "pruning consumed-event records failed"),
+            Err(e) => tracing::warn!(error = %e, "removing {what} past their retention failed"),
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = tokio::time::sleep(every) => {}
         }
     }
+}
+
+/// How often a retention of `keep` is applied: a tenth of it, between a
+/// second and a minute.
+pub fn prune_interval(keep: Duration) -> Duration {
+    (keep / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
 /// Keeps the outbox backlog gauge current.

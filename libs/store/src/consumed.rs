@@ -18,12 +18,12 @@ pub async fn first_time(conn: &mut PgConnection, consumer: &str, event_id: Uuid)
 }
 
 impl Store {
-    /// Forgets applied events older than the stream keeps messages (they can
-    /// no longer be redelivered).
-    pub async fn prune_processed_events(&self, older_than_days: i32) -> Result<u64> {
+    /// Forgets applied events older than `older_than` (once the stream can
+    /// no longer redeliver them).
+    pub async fn prune_processed_events(&self, older_than: std::time::Duration) -> Result<u64> {
         Ok(
-            sqlx::query("DELETE FROM processed_events WHERE processed_at < now() - make_interval(days => $1)")
-                .bind(older_than_days)
+            sqlx::query("DELETE FROM processed_events WHERE processed_at < now() - make_interval(secs => $1)")
+                .bind(older_than.as_secs_f64())
                 .execute(self.pool())
                 .await?
                 .rows_affected(),

@@ -143,6 +143,27 @@ fn ticket_event(ticket: &Ticket, cause: impl FnOnce(&mut TicketChanged)) -> Enve
 }
 
 impl Store {
+    /// Deletes up to `batch` tickets that ended (completed, failed or
+    /// cancelled) more than `keep` ago, with their plans; a completed one
+    /// whose pull request is still being opened stays. How many went.
+    pub async fn prune_tickets(&self, keep: std::time::Duration, batch: i64) -> Result<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM tickets WHERE id IN (
+                 SELECT id FROM tickets
+                 WHERE status IN ('completed', 'failed', 'cancelled')
+                   AND updated_at < now() - make_interval(secs => $1)
+                   AND NOT (status = 'completed' AND pull_request AND pull_request_url = ''
+                            AND pull_request_next_at <> 'infinity')
+                 ORDER BY seq LIMIT $2
+                 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(keep.as_secs_f64())
+        .bind(batch)
+        .execute(self.pool())
+        .await?
+        .rows_affected())
+    }
+
     /// Stores a ticket and its plan (task ids chosen up front, so enqueueing
     /// them later is idempotent). A known request id returns that ticket.
     pub async fn create_ticket(&self, t: &NewTicket, plan: &[(Uuid, PlannedTask)]) -> Result<Created> {

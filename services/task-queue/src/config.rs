@@ -56,6 +56,13 @@ pub struct Config {
     #[arg(long, env = "OMOI_DISPATCH_SWEEP_MS", default_value_t = 2000)]
     pub dispatch_sweep_ms: u64,
 
+    /// Seconds a finished task is kept (with its result, once its ticket's
+    /// other tasks and the tasks it is tied to by dependencies finished as
+    /// long ago); then it is deleted and can no longer be read or retried.
+    /// 0 = keep forever.
+    #[arg(long, env = "OMOI_TASK_RETENTION_SECONDS", default_value_t = 604_800.0)]
+    pub task_retention_seconds: f64,
+
     /// Most PostgreSQL connections of this process.
     #[arg(long, env = "OMOI_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,

@@ -54,6 +54,11 @@ pub struct Config {
     #[arg(long, env = "OMOI_PHASE_INSTRUCTIONS_FILE", value_parser = phase_instructions, default_value = "")]
     pub phase_instructions: PhaseInstructions,
 
+    /// Seconds a ticket that ended (completed, failed or cancelled) is
+    /// kept; then it and its plan are deleted. 0 = keep forever.
+    #[arg(long, env = "OMOI_TICKET_RETENTION_SECONDS", default_value_t = 604_800.0)]
+    pub ticket_retention_seconds: f64,
+
     /// Most PostgreSQL connections of this process.
     #[arg(long, env = "OMOI_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,

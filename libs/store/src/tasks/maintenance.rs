@@ -21,6 +21,51 @@ fn status(s: &str) -> std::result::Result<TaskStatus, sqlx::Error> {
 }
 
 impl Store {
+    /// Deletes up to `batch` tasks finished more than `keep` ago, with their
+    /// dependency links, when every task tied to them (the rest of their
+    /// ticket, their dependencies and their dependents) finished that long
+    /// ago too: a ticket's tasks go together, and nothing still in play
+    /// loses a link. How many went. Finished tasks past retention can no
+    /// longer be read or retried.
+    pub async fn prune_tasks(&self, keep: std::time::Duration, batch: i64) -> Result<u64> {
+        let mut tx = self.pool().begin().await?;
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "WITH cutoff AS (SELECT now() - make_interval(secs => $1) AS at)
+             SELECT t.id FROM tasks t, cutoff
+             WHERE t.status IN ('completed', 'failed', 'timed_out', 'cancelled') AND t.updated_at < cutoff.at
+               AND NOT EXISTS (SELECT 1 FROM tasks o
+                   WHERE t.ticket_id IS NOT NULL AND o.ticket_id = t.ticket_id
+                     AND (o.status NOT IN ('completed', 'failed', 'timed_out', 'cancelled') OR o.updated_at >= cutoff.at))
+               AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks o ON o.id = d.depends_on
+                   WHERE d.task_id = t.id
+                     AND (o.status NOT IN ('completed', 'failed', 'timed_out', 'cancelled') OR o.updated_at >= cutoff.at))
+               AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks o ON o.id = d.task_id
+                   WHERE d.depends_on = t.id
+                     AND (o.status NOT IN ('completed', 'failed', 'timed_out', 'cancelled') OR o.updated_at >= cutoff.at))
+             ORDER BY t.seq LIMIT $2
+             FOR UPDATE OF t SKIP LOCKED",
+        )
+        .bind(keep.as_secs_f64())
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        sqlx::query("DELETE FROM task_dependencies WHERE task_id = ANY($1) OR depends_on = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        let gone = sqlx::query("DELETE FROM tasks WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        self.commit(tx).await?;
+        Ok(gone)
+    }
+
     /// Cancels a pending, assigned or running task and its pending dependents.
     pub async fn cancel(&self, task_id: Uuid, reason: &str) -> Result<Outcome> {
         self.change_one(task_id, |task| rules::on_cancel(task, reason)).await
