@@ -13,6 +13,32 @@ use uuid::Uuid;
 
 use crate::{HealthClient, TaskQueueClient};
 
+/// Registers an agent of `agent_type` with the health service behind any
+/// transport; its id.
+pub async fn register<T>(
+    health: &mut omoi_proto::health::agent_health_service_client::AgentHealthServiceClient<T>,
+    agent_type: &str,
+    capacity: i32,
+) -> anyhow::Result<String>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    let agent = health
+        .register_agent(omoi_proto::health::RegisterAgentRequest {
+            agent_type: agent_type.to_owned(),
+            capacity,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .agent
+        .ok_or_else(|| anyhow::anyhow!("RegisterAgent answered no agent"))?;
+    Ok(agent.id)
+}
+
 /// An agent registered with the health service, heartbeating every 300 ms
 /// (listing the tasks it started and has not reported) until dropped.
 pub struct Registered {
@@ -24,17 +50,7 @@ pub struct Registered {
 impl Registered {
     pub async fn new(health: &HealthClient, capacity: i32) -> anyhow::Result<Self> {
         let mut h = health.clone();
-        let agent = h
-            .register_agent(omoi_proto::health::RegisterAgentRequest {
-                agent_type: "scripted".into(),
-                capacity,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .agent
-            .ok_or_else(|| anyhow::anyhow!("RegisterAgent answered no agent"))?;
-        let id: Uuid = agent.id.parse()?;
+        let id: Uuid = register(&mut h, "scripted", capacity).await?.parse()?;
         let running = Arc::new(Mutex::new(HashSet::new()));
         let listed = Arc::clone(&running);
         let beats = tokio::spawn(async move {

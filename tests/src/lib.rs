@@ -17,6 +17,7 @@ pub mod openhands;
 pub mod pki;
 pub mod process;
 pub mod repo;
+pub mod soak;
 
 use std::time::Duration;
 

@@ -1463,3 +1463,33 @@ async fn finished_tasks_go_after_their_retention_with_their_ticket_and_dependenc
     tq.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_autovacuum_leaves_alone_are_vacuumed_by_the_service() {
+    let infra = Infra::new().await.unwrap();
+    let mut config = infra.task_queue_config();
+    config.common.vacuum_interval_seconds = 0.5;
+    let pool = infra.db.connect().await.unwrap();
+    let tq = InProcess::start(config).await.unwrap();
+    // Whatever the server's setting, the table's own says no autovacuum.
+    sqlx::query("ALTER TABLE tasks SET (autovacuum_enabled = false)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let vacuums = || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT vacuum_count + analyze_count FROM pg_stat_user_tables WHERE relname = 'tasks'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        n
+    };
+    let before = vacuums().await;
+    eventually(WAIT, "tasks vacuumed and analyzed by the service", || async {
+        (vacuums().await >= before + 2).then_some(())
+    })
+    .await;
+    pool.close().await;
+    tq.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}

@@ -66,6 +66,11 @@ pub struct CommonArgs {
     #[arg(long, env = "OMOI_OUTPUT_MAX_AGE_SECONDS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(60..))]
     pub output_max_age_seconds: u64,
 
+    /// Seconds between vacuums of the service's tables that nothing else
+    /// vacuums (the server's or the table's autovacuum is off).
+    #[arg(long, env = "OMOI_VACUUM_INTERVAL_SECONDS", default_value_t = 30.0)]
+    pub vacuum_interval_seconds: f64,
+
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "OMOI_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,

@@ -41,6 +41,7 @@ pub struct Base {
     database_url: String,
     jobs: Vec<Job>,
     migrated: Arc<OnceCell<()>>,
+    vacuum_every: Duration,
 }
 
 impl Base {
@@ -63,12 +64,23 @@ impl Base {
             database_url: common.database_url().to_owned(),
             jobs: Vec::new(),
             migrated: Arc::new(OnceCell::new()),
+            vacuum_every: Duration::from_secs_f64(common.vacuum_interval_seconds.clamp(0.1, 86_400.0)),
         })
     }
 
     /// The interceptor that enforces `OMOI_AUTH_TOKEN` on the service's API.
     pub fn auth(&self) -> RequireBearer {
         self.host.auth()
+    }
+
+    /// Keeps `tables` vacuumed and analyzed when nothing else does (the
+    /// server's autovacuum is off, or the table's): a hot table left alone
+    /// fills with dead rows and every statement on it slows, until the
+    /// queue crawls. Every `OMOI_VACUUM_INTERVAL_SECONDS`; any replica
+    /// may, one at a time.
+    pub fn spawn_vacuum(&mut self, tables: &'static [&'static str]) {
+        let (store, every) = (self.store.clone(), self.vacuum_every);
+        self.spawn_after_migration(move |stop| vacuum_loop(store, tables, every, stop));
     }
 
     /// Deletes what is past a retention of `keep_seconds` (0: keep
@@ -143,7 +155,7 @@ impl Base {
         let relay = Relay::new(self.store.clone(), self.nats.clone(), self.topology.clone());
         let (store, database_url, jobs) = (self.store.clone(), self.database_url.clone(), self.jobs);
         let (grace, migrated) = (self.host.grace(), self.migrated);
-        let events_max_age = self.topology.events_max_age;
+        let (events_max_age, vacuum_every) = (self.topology.events_max_age, self.vacuum_every);
         self.host.spawn(async move {
             if !migrate_until_done(&store, &database_url, &background).await {
                 return;
@@ -153,6 +165,13 @@ impl Base {
             let mut loops = JoinSet::new();
             loops.spawn(relay.run(background.clone(), grace));
             loops.spawn(prune_loop(store.clone(), events_max_age, background.clone()));
+            // The outbox and the consumers' records, which every service writes.
+            loops.spawn(vacuum_loop(
+                store.clone(),
+                &["event_batches", "processed_events"],
+                vacuum_every,
+                background.clone(),
+            ));
             loops.spawn(sample_outbox(store, background.clone()));
             for job in jobs {
                 loops.spawn(job(background.clone()));
@@ -235,6 +254,24 @@ pub fn server<H: Health>(
         })
         .layer(GrpcMetricsLayer)
         .add_service(health))
+}
+
+async fn vacuum_loop(store: Store, tables: &'static [&'static str], every: Duration, stop: CancellationToken) {
+    let mut told = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match store.vacuum_unattended(tables).await {
+            Ok(done) if !done.is_empty() && !told => {
+                told = true;
+                tracing::info!(tables = ?done, every = ?every, "autovacuum is off for these tables; vacuuming them");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "vacuuming failed"),
+        }
+    }
 }
 
 /// Forgets consumed-event records a day after the stream stops keeping

@@ -130,3 +130,34 @@ impl Store {
         self.pool.close().await;
     }
 }
+
+impl Store {
+    /// Vacuums and analyzes those of `tables` nothing else looks after (the
+    /// server's autovacuum is off, or the table's); a table another vacuum
+    /// holds is skipped. Which were vacuumed.
+    pub async fn vacuum_unattended(&self, tables: &[&str]) -> Result<Vec<String>> {
+        let unattended: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_class c
+             WHERE c.relname = ANY($1) AND c.relkind = 'r' AND pg_table_is_visible(c.oid)
+               AND (current_setting('autovacuum') = 'off'
+                    OR EXISTS (SELECT 1 FROM unnest(c.reloptions) o
+                               WHERE o IN ('autovacuum_enabled=false', 'autovacuum_enabled=off',
+                                           'autovacuum_enabled=0', 'autovacuum_enabled=no')))
+             ORDER BY c.relname",
+        )
+        .bind(tables)
+        .fetch_all(self.pool())
+        .await?;
+        for table in &unattended {
+            // The names come from the caller's fixed list and pg_class.
+            let sql = format!("VACUUM (SKIP_LOCKED, ANALYZE) {}", quote_ident(table));
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(self.pool()).await?;
+        }
+        Ok(unattended)
+    }
+}
+
+/// A PostgreSQL identifier, quoted.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

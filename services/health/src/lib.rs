@@ -27,6 +27,7 @@ pub const SERVICE_NAME: &str = "omoi.health.v1.AgentHealthService";
 pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
     let common = &config.common;
     let mut base = Base::connect(common, "omoi-health", config.db_max_connections).await?;
+    base.spawn_vacuum(&["agents"]);
     let registry = Arc::new(Registry::new(base.store.clone()));
     let flush_every = Duration::from_millis(config.heartbeat_flush_ms.max(10));
     let stale_after = Duration::from_secs_f64(config.stale_after_seconds.max(0.1));

@@ -52,6 +52,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         config.task_retention_seconds
     );
     let mut base = Base::connect(common, "omoi-task-queue", config.db_max_connections).await?;
+    base.spawn_vacuum(&["tasks", "task_dependencies"]);
     base.spawn_retention(
         "finished tasks",
         config.task_retention_seconds,

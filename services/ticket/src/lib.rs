@@ -35,6 +35,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         config.ticket_retention_seconds
     );
     let mut base = Base::connect(common, "omoi-ticket", config.db_max_connections).await?;
+    base.spawn_vacuum(&["tickets", "ticket_tasks"]);
     base.spawn_retention(
         "ended tickets",
         config.ticket_retention_seconds,

@@ -389,18 +389,7 @@ async fn health_client(args: &Args) -> anyhow::Result<Health> {
 async fn register_agents(health: &Health, n: usize, capacity: i32) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::with_capacity(n);
     for _ in 0..n {
-        let agent = health
-            .clone()
-            .register_agent(omoi_proto::health::RegisterAgentRequest {
-                agent_type: "bench".into(),
-                capacity,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .agent
-            .ok_or_else(|| anyhow::anyhow!("no agent in the answer"))?;
-        ids.push(agent.id);
+        ids.push(omoi_tests::agent::register(&mut health.clone(), "bench", capacity).await?);
     }
     Ok(ids)
 }
