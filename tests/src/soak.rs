@@ -55,6 +55,8 @@ pub struct Sample {
 
 #[derive(Debug, Default)]
 pub struct SoakReport {
+    /// Each process's (RSS, descriptors) before the load.
+    pub idle: BTreeMap<String, (u64, u64)>,
     pub peak: Option<f64>,
     pub rate: f64,
     pub warm_up: Duration,
@@ -81,6 +83,12 @@ impl fmt::Display for SoakReport {
         } else {
             writeln!(f, "soak at {:.0} tasks/s", self.rate)?;
         }
+        let idle: Vec<String> = self
+            .idle
+            .iter()
+            .map(|(n, (rss, fds))| format!("{n} {:.1} MB, {fds} fds", *rss as f64 / MB))
+            .collect();
+        writeln!(f, "idle: {}", idle.join("; "))?;
         let names: Vec<&String> = self
             .samples
             .first()
@@ -173,11 +181,18 @@ async fn soak(o: &SoakOptions, infra: &Infra, fleet: &Fleet) -> anyhow::Result<S
     let queue = crate::client(&fleet.urls("omoi-task-queue")[0]);
     let health = crate::health_client(&fleet.urls("omoi-health")[0]);
     let tickets = crate::ticket_client(&fleet.urls("omoi-ticket")[0]);
+    let pool = infra.db.connect().await?;
+    let js = async_nats::jetstream::new(async_nats::connect(&infra.nats_url).await?);
+    let mut report = SoakReport::default();
+    // Each process's memory before any load, once it settled.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    report.idle = look(fleet, &pool, &js, &infra.db.name, &infra.topology.stream)
+        .await?
+        .procs;
     let load = Load::default();
     let stop = CancellationToken::new();
     let agents = load.agents(&queue, &health, o.agents, o.capacity, &stop).await?;
 
-    let mut report = SoakReport::default();
     report.rate = match o.rate {
         Some(r) => r,
         None => {
@@ -189,8 +204,6 @@ async fn soak(o: &SoakOptions, infra: &Infra, fleet: &Fleet) -> anyhow::Result<S
     anyhow::ensure!(report.rate > 0.0, "the rate must be positive");
     report.warm_up = (o.duration / 5).max(Duration::from_secs(150)).min(o.duration / 2);
 
-    let pool = infra.db.connect().await?;
-    let js = async_nats::jetstream::new(async_nats::connect(&infra.nats_url).await?);
     let pacing = CancellationToken::new();
     let paced = tokio::spawn(load.clone().paced(queue.clone(), tickets, report.rate, pacing.clone()));
     let start = Instant::now();
@@ -273,7 +286,8 @@ async fn look(
     Ok(s)
 }
 
-fn rss(pid: u32) -> u64 {
+/// A process's resident memory, in bytes (0 when it is gone).
+pub fn rss(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

@@ -20,7 +20,7 @@ use omoi_proto::taskqueue::{self as pb};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "omoi-bench", about = "Benchmark a running omoi task-queue")]
 struct Args {
     /// Instead of the task queue, load the health service: this many agents
@@ -30,6 +30,10 @@ struct Args {
     /// Length of the heartbeat load, in seconds.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Heartbeat load: each agent heartbeats once every this many seconds
+    /// (spread evenly) instead of back to back.
+    #[arg(long)]
+    interval: Option<f64>,
     /// Health service address (heartbeat load).
     #[arg(long, env = "OMOI_HEALTH_URL", default_value = "http://127.0.0.1:50053")]
     health_url: String,
@@ -48,6 +52,13 @@ struct Args {
     /// Tasks per EnqueueTasks call when unpaced.
     #[arg(long, default_value_t = 500)]
     batch: usize,
+    /// Before the run, fill the queue with this many tasks of a phase the
+    /// agents do not take (REFACTORING, at the highest priority, so every
+    /// claim has them in its way); the agents then take INITIAL to
+    /// INTEGRATION only, and so do the measured tasks. Give 0 for the
+    /// baseline with the same phases.
+    #[arg(long)]
+    prefill: Option<usize>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -124,7 +135,26 @@ async fn main() -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let nats = async_nats::connect(&args.nats_url).await?;
     let js = async_nats::jetstream::new(nats);
-    let events_before = stream_messages(&js, &args.events_stream).await;
+    let mut events_before = stream_messages(&js, &args.events_stream).await;
+    if let Some(n) = args.prefill {
+        let started = Instant::now();
+        prefill(&mut client(&args)?, n).await?;
+        eprintln!(
+            "omoi-bench: {n} tasks queued ahead in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        // Their TASK_CREATED events are not the run's.
+        events_before += n as u64;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while stream_messages(&js, &args.events_stream).await < events_before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let phases: Vec<i32> = if args.prefill.is_some() {
+        vec![1, 2, 3]
+    } else {
+        Vec::new()
+    };
 
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.tasks)));
     let done = Arc::new(AtomicUsize::new(0));
@@ -160,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
         let stream = c
             .watch_assignments(pb::WatchAssignmentsRequest {
                 agent_id: id.clone(),
-                phases: vec![],
+                phases: phases.clone(),
                 capacity: args.capacity,
             })
             .await?
@@ -184,7 +214,7 @@ async fn main() -> anyhow::Result<()> {
         None => {
             while sent < args.tasks {
                 let k = args.batch.min(args.tasks - sent);
-                enq.enqueue_tasks(batch(sent, k)).await?;
+                enq.enqueue_tasks(batch(sent, k, phases.len())).await?;
                 sent += k;
             }
         }
@@ -198,7 +228,7 @@ async fn main() -> anyhow::Result<()> {
                 let due = ((n as f64) * rate * tick.as_secs_f64()).round() as usize;
                 let k = due.saturating_sub(sent).min(args.tasks - sent);
                 if k > 0 {
-                    enq.enqueue_tasks(batch(sent, k)).await?;
+                    enq.enqueue_tasks(batch(sent, k, phases.len())).await?;
                     sent += k;
                 }
             }
@@ -245,6 +275,7 @@ async fn main() -> anyhow::Result<()> {
         "tasks": args.tasks,
         "agents": args.agents,
         "capacity": args.capacity,
+        "prefill": args.prefill,
         "rate": args.rate,
         "enqueue_tasks_per_s": round(args.tasks as f64 / enqueue_secs),
         "end_to_end_tasks_per_s": round(args.tasks as f64 / e2e_secs),
@@ -299,17 +330,39 @@ fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn batch(from: usize, k: usize) -> pb::EnqueueTasksRequest {
+/// Tasks `from..from + k`, over the first `phases` phases (0: all four).
+fn batch(from: usize, k: usize, phases: usize) -> pb::EnqueueTasksRequest {
+    let phases = if phases == 0 { 4 } else { phases };
     pb::EnqueueTasksRequest {
         tasks: (from..from + k)
             .map(|i| pb::NewTask {
                 title: format!("bench task {i}"),
-                phase: 1 + (i % 4) as i32,
+                phase: 1 + (i % phases) as i32,
                 priority: (i % 3) as i32,
                 ..Default::default()
             })
             .collect(),
     }
+}
+
+/// `n` REFACTORING tasks at priority 3 (above every measured task), which
+/// the run's agents never take.
+async fn prefill(client: &mut Client, n: usize) -> anyhow::Result<()> {
+    let mut sent = 0;
+    while sent < n {
+        let k = 1000.min(n - sent);
+        let tasks = (sent..sent + k)
+            .map(|i| pb::NewTask {
+                title: format!("queued ahead {i}"),
+                phase: 4,
+                priority: 3,
+                ..Default::default()
+            })
+            .collect();
+        client.enqueue_tasks(pb::EnqueueTasksRequest { tasks }).await?;
+        sent += k;
+    }
+    Ok(())
 }
 
 async fn stream_messages(js: &async_nats::jetstream::Context, name: &str) -> u64 {
@@ -398,20 +451,51 @@ async fn register_agents(health: &Health, n: usize, capacity: i32) -> anyhow::Re
 async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
     use omoi_proto::health as hp;
     anyhow::ensure!(
-        agents > 0 && args.seconds > 0.0,
-        "--heartbeat-agents and --seconds must be positive"
+        agents > 0 && args.seconds > 0.0 && args.interval.is_none_or(|i| i > 0.0),
+        "--heartbeat-agents, --seconds and --interval must be positive"
     );
-    let client = health_client(args).await?;
+    // With --spawn, the health service runs as a process of its own, so
+    // that its CPU time and memory can be read.
+    let mut args = args.clone();
+    let spawned = if args.spawn {
+        let port = omoi_tests::process::free_port();
+        let mut env: Vec<(String, String)> = ["DATABASE_URL", "OMOI_SUBJECT_PREFIX", "OMOI_EVENTS_STREAM"]
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect();
+        env.push(("NATS_URL".into(), args.nats_url.clone()));
+        env.push(("OMOI_LISTEN_ADDR".into(), format!("127.0.0.1:{port}")));
+        let interval = args.interval.unwrap_or(30.0).ceil().max(1.0) as u32;
+        env.push(("OMOI_HEARTBEAT_INTERVAL_SECONDS".into(), interval.to_string()));
+        let health = omoi_tests::process::Service::spawn("omoi-health", port, &env)?;
+        args.health_url = health.url.clone();
+        Some(health)
+    } else {
+        None
+    };
+    let client = health_client(&args).await?;
     let ids = register_agents(&client, agents, 1).await?;
+    let pid = spawned.as_ref().and_then(|h| h.child.id());
+    let cpu_before = pid.map(cpu_seconds);
     let until = Instant::now() + Duration::from_secs_f64(args.seconds);
     let start = Instant::now();
     let mut workers = Vec::new();
-    for id in ids {
+    for (i, id) in ids.into_iter().enumerate() {
         let mut c = client.clone();
+        let every = args.interval.map(Duration::from_secs_f64);
+        // Paced agents start spread over one interval, as a fleet's would.
+        let offset = every.map(|e| e.mul_f64(i as f64 / agents as f64));
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0usize;
-            while Instant::now() < until {
+            let mut next = Instant::now() + offset.unwrap_or_default();
+            loop {
+                if every.is_some() {
+                    tokio::time::sleep_until(next.into()).await;
+                }
+                if Instant::now() >= until {
+                    break;
+                }
                 let t = Instant::now();
                 let r = c
                     .heartbeat(hp::HeartbeatRequest {
@@ -422,6 +506,9 @@ async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
                 match r {
                     Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1000.0),
                     Err(_) => errors += 1,
+                }
+                if let Some(e) = every {
+                    next += e;
                 }
             }
             (lat, errors)
@@ -435,6 +522,18 @@ async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
         errors += e;
     }
     let secs = start.elapsed().as_secs_f64();
+    // The health service's share of a core while it took the load, and its
+    // memory at the end.
+    let (cpu, rss) = match (pid, cpu_before) {
+        (Some(pid), Some(before)) => (
+            Some(round(100.0 * (cpu_seconds(pid) - before) / secs)),
+            Some(round(rss_mb(pid))),
+        ),
+        _ => (None, None),
+    };
+    if let Some(health) = spawned {
+        health.terminate(Duration::from_secs(30)).await?;
+    }
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         lat.get(((p / 100.0) * (lat.len().max(1) - 1) as f64).round() as usize)
@@ -449,20 +548,41 @@ async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
         "heartbeats_per_s": round(lat.len() as f64 / secs),
         "heartbeat_p50_ms": round(pct(50.0)),
         "heartbeat_p99_ms": round(pct(99.0)),
+        "interval_s": args.interval,
+        "health_cpu_percent_of_a_core": cpu,
+        "health_rss_mb": rss,
     });
     if args.json {
         println!("{report}");
     } else {
-        println!(
-            "omoi-bench: {agents} agents heartbeating back to back for {:.1} s",
-            secs
-        );
+        let pace = args
+            .interval
+            .map_or("back to back".to_owned(), |i| format!("every {i} s"));
+        println!("omoi-bench: {agents} agents heartbeating {pace} for {secs:.1} s");
         println!(
             "  heartbeats       {:>10.0} /s ({} in all, {errors} errors)",
             lat.len() as f64 / secs,
             lat.len()
         );
         println!("  latency          p50 {:.2} ms, p99 {:.2} ms", pct(50.0), pct(99.0));
+        if let (Some(cpu), Some(rss)) = (cpu, rss) {
+            println!("  health service   {cpu:.1} % of a core, {rss:.1} MB RSS");
+        }
     }
     Ok(())
+}
+
+/// CPU seconds (user and system) a process has used so far; /proc counts
+/// in USER_HZ, which is 100 on Linux.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from "state".
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    omoi_tests::soak::rss(pid) as f64 / (1024.0 * 1024.0)
 }
