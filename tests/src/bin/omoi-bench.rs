@@ -491,6 +491,9 @@ async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
             let mut next = Instant::now() + offset.unwrap_or_default();
             loop {
                 if every.is_some() {
+                    if next >= until {
+                        break;
+                    }
                     tokio::time::sleep_until(next.into()).await;
                 }
                 if Instant::now() >= until {

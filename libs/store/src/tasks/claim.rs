@@ -76,25 +76,33 @@ impl Store {
                  ) r
                  WHERE l.key = ANY($6::text[])
              ), picked AS MATERIALIZED (
-                 SELECT id, priority, seq FROM tasks
-                 WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at <= now()
-                   AND ($3::int2[] IS NULL OR phase = ANY($3))
-                   -- Paused scopes hand out nothing. The first test runs once
-                   -- per statement (an init plan), so that with no pause at all
-                   -- no row pays for the second.
-                   AND (NOT EXISTS (SELECT 1 FROM dispatch_pauses)
-                        OR NOT EXISTS (
-                            SELECT 1 FROM dispatch_pauses p
-                            WHERE (p.phase IS NULL OR p.phase = tasks.phase)
-                              AND (p.ticket_id IS NULL OR p.ticket_id = tasks.ticket_id)))
-                   -- A limited key's tasks only within its room, and only
-                   -- when its lock is held (a limit set since is honoured).
-                   AND (tasks.concurrency_key IS NULL
-                        OR NOT EXISTS (SELECT 1 FROM concurrency_limits l WHERE l.key = tasks.concurrency_key)
-                        OR tasks.id IN (SELECT id FROM allowed))
-                 ORDER BY priority DESC, seq
+                 -- The head of each phase taken (tasks_ready_phase), merged:
+                 -- the ready work of phases not taken is never walked over.
+                 SELECT c.id, c.priority, c.seq
+                 FROM unnest(coalesce($3::int2[], '{1,2,3,4}'::int2[])) AS ph(phase)
+                 CROSS JOIN LATERAL (
+                     SELECT id, priority, seq FROM tasks
+                     WHERE status = 'pending' AND unmet_deps = 0 AND phase = ph.phase
+                       AND next_attempt_at <= now()
+                       -- Paused scopes hand out nothing. The first test runs
+                       -- once per statement (an init plan), so that with no
+                       -- pause at all no row pays for the second.
+                       AND (NOT EXISTS (SELECT 1 FROM dispatch_pauses)
+                            OR NOT EXISTS (
+                                SELECT 1 FROM dispatch_pauses p
+                                WHERE (p.phase IS NULL OR p.phase = tasks.phase)
+                                  AND (p.ticket_id IS NULL OR p.ticket_id = tasks.ticket_id)))
+                       -- A limited key's tasks only within its room, and only
+                       -- when its lock is held (a limit set since is honoured).
+                       AND (tasks.concurrency_key IS NULL
+                            OR NOT EXISTS (SELECT 1 FROM concurrency_limits l WHERE l.key = tasks.concurrency_key)
+                            OR tasks.id IN (SELECT id FROM allowed))
+                     ORDER BY priority DESC, seq
+                     LIMIT $4
+                     FOR UPDATE SKIP LOCKED
+                 ) c
+                 ORDER BY c.priority DESC, c.seq
                  LIMIT $4
-                 FOR UPDATE SKIP LOCKED
              ), numbered AS (
                  SELECT id, row_number() OVER (ORDER BY priority DESC, seq) AS ord FROM picked
              ), t AS (
