@@ -135,13 +135,18 @@ async fn a_task_without_a_timeout_gets_the_default_deadline() {
 #[tokio::test]
 async fn ready_tasks_go_out_by_priority_then_age() {
     let s = setup().await;
+    // Across phases too: an agent taking them all gets one order.
+    let in_phase = |title: &str, priority: i32, phase: i32| pb::NewTask {
+        phase,
+        ..new_task(title, priority)
+    };
     let tasks = enqueue(
         &s.client,
         vec![
-            new_task("low", 1),
-            new_task("high-old", 5),
-            new_task("mid", 3),
-            new_task("high-new", 5),
+            in_phase("low", 1, 3),
+            in_phase("high-old", 5, 2),
+            in_phase("mid", 3, 1),
+            in_phase("high-new", 5, 4),
         ],
     )
     .await;
