@@ -168,6 +168,7 @@ pub fn count(outcome: &omoi_store::tasks::Outcome) {
 pub async fn sample(store: Store, every: Duration, shutdown: CancellationToken) {
     use omoi_runtime::metrics::{TASKS, TASKS_READY};
     loop {
+        let started = tokio::time::Instant::now();
         if let Ok(stats) = store.stats().await {
             TASKS.reset();
             for (status, phase, n) in stats.counts {
@@ -175,9 +176,13 @@ pub async fn sample(store: Store, every: Duration, shutdown: CancellationToken) 
             }
             TASKS_READY.set(stats.ready);
         }
+        // Counting is a scan of the table: with millions of rows it is
+        // done less often, so that it never takes more than a twentieth of
+        // the database's time away from the queue.
+        let pause = every.max(started.elapsed() * 20);
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
 }
