@@ -84,17 +84,28 @@ impl Base {
     }
 
     /// Deletes what is past a retention of `keep_seconds` (0: keep
-    /// forever) once the schema is migrated and then every
-    /// [`prune_interval`], `prune(store, keep, batch)` taking at most a
-    /// batch a time until a pass finds less.
-    pub fn spawn_retention<F, Fut>(&mut self, what: &'static str, keep_seconds: f64, prune: F)
+    /// forever), the value of the setting `setting`, once the schema is
+    /// migrated and then every [`prune_interval`], `prune(store, keep,
+    /// batch)` taking at most a batch a time until a pass finds less.
+    /// Refuses a negative or non-finite retention.
+    pub fn spawn_retention<F, Fut>(
+        &mut self,
+        what: &'static str,
+        setting: &str,
+        keep_seconds: f64,
+        prune: F,
+    ) -> anyhow::Result<()>
     where
         F: Fn(Store, Duration, i64) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = omoi_store::Result<u64>> + Send + 'static,
     {
         const BATCH: i64 = 1000;
-        if !(keep_seconds.is_finite() && keep_seconds > 0.0) {
-            return;
+        anyhow::ensure!(
+            keep_seconds.is_finite() && keep_seconds >= 0.0,
+            "{setting} must be 0 (forever) or more, got {keep_seconds}"
+        );
+        if keep_seconds == 0.0 {
+            return Ok(());
         }
         let keep = Duration::from_secs_f64(keep_seconds.min(1e9));
         let store = self.store.clone();
@@ -114,6 +125,7 @@ impl Base {
                 }
             })
         });
+        Ok(())
     }
 
     /// Runs `job` once the schema is migrated, until the stop token fires
@@ -287,7 +299,7 @@ async fn prune_loop(store: Store, keep: Duration, stop: CancellationToken) {
 
 /// Runs a retention pass now and then every `every` until `stop`: `pass`
 /// deletes what is past its retention and says how much went.
-pub async fn prune_every<F, Fut>(what: &'static str, every: Duration, stop: CancellationToken, pass: F)
+async fn prune_every<F, Fut>(what: &'static str, every: Duration, stop: CancellationToken, pass: F)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = omoi_store::Result<u64>>,
@@ -307,7 +319,7 @@ where
 
 /// How often a retention of `keep` is applied: a tenth of it, between a
 /// second and a minute.
-pub fn prune_interval(keep: Duration) -> Duration {
+fn prune_interval(keep: Duration) -> Duration {
     (keep / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 

@@ -236,14 +236,19 @@ impl Store {
         Ok(agents)
     }
 
-    /// Forgets agents deregistered or stale for longer than `retention`, so
-    /// that listings stay readable; how many went.
-    pub async fn prune_agents(&self, retention: Duration) -> Result<u64> {
+    /// Forgets up to `batch` agents deregistered or stale for longer than
+    /// `retention`, so that listings stay readable; how many went.
+    pub async fn prune_agents(&self, retention: Duration, batch: i64) -> Result<u64> {
         let done = sqlx::query(
-            "DELETE FROM agents WHERE status IN ('deregistered', 'stale')
-                 AND status_changed_at < now() - make_interval(secs => $1)",
+            "DELETE FROM agents WHERE id IN (
+                 SELECT id FROM agents
+                 WHERE status IN ('deregistered', 'stale')
+                   AND status_changed_at < now() - make_interval(secs => $1)
+                 ORDER BY seq LIMIT $2
+                 FOR UPDATE SKIP LOCKED)",
         )
         .bind(retention.as_secs_f64())
+        .bind(batch)
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected())

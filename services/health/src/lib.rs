@@ -28,6 +28,12 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     let common = &config.common;
     let mut base = Base::connect(common, "omoi-health", config.db_max_connections).await?;
     base.spawn_vacuum(&["agents"]);
+    base.spawn_retention(
+        "agents gone",
+        "OMOI_AGENT_RETENTION_SECONDS",
+        config.agent_retention_seconds,
+        |store, keep, batch| async move { store.prune_agents(keep, batch).await },
+    )?;
     let registry = Arc::new(Registry::new(base.store.clone()));
     let flush_every = Duration::from_millis(config.heartbeat_flush_ms.max(10));
     let stale_after = Duration::from_secs_f64(config.stale_after_seconds.max(0.1));
@@ -36,9 +42,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         let r = Arc::clone(&registry);
         base.spawn_after_migration(move |stop| r.flush_loop(flush_every, stop));
         let r = Arc::clone(&registry);
-        let retention = (config.agent_retention_seconds > 0.0)
-            .then(|| Duration::from_secs_f64(config.agent_retention_seconds.min(1e9)));
-        base.spawn_after_migration(move |stop| r.stale_loop(stale_after, retention, check_every, stop));
+        base.spawn_after_migration(move |stop| r.stale_loop(stale_after, check_every, stop));
         let (r, nats, topology) = (Arc::clone(&registry), base.nats.clone(), base.topology.clone());
         base.spawn_after_migration(move |stop| r.count_outcomes(nats, topology, stop));
     }

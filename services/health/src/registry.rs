@@ -129,14 +129,8 @@ impl Registry {
     }
 
     /// Marks silent agents stale (the AGENT_STALE events make the task-queue
-    /// take their work back) and forgets those gone longer than `retention`.
-    pub async fn stale_loop(
-        self: Arc<Self>,
-        stale_after: Duration,
-        retention: Option<Duration>,
-        every: Duration,
-        shutdown: CancellationToken,
-    ) {
+    /// take their work back).
+    pub async fn stale_loop(self: Arc<Self>, stale_after: Duration, every: Duration, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -148,13 +142,6 @@ impl Registry {
             if let Err(e) = self.flush().await {
                 tracing::warn!(error = %e, "writing heartbeats before the stale check failed");
                 continue;
-            }
-            if let Some(retention) = retention {
-                match self.store.prune_agents(retention).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(count = n, "forgot agents gone past their retention"),
-                    Err(e) => tracing::warn!(error = %e, "pruning agents failed"),
-                }
             }
             if let Ok(counts) = self.store.agent_status_counts().await {
                 omoi_runtime::metrics::AGENTS.reset();

@@ -46,18 +46,14 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         "OMOI_LEASE_SECONDS must be 0 (never) to 86400, got {}",
         config.lease_seconds
     );
-    anyhow::ensure!(
-        config.task_retention_seconds.is_finite() && config.task_retention_seconds >= 0.0,
-        "OMOI_TASK_RETENTION_SECONDS must be 0 (forever) or more, got {}",
-        config.task_retention_seconds
-    );
     let mut base = Base::connect(common, "omoi-task-queue", config.db_max_connections).await?;
     base.spawn_vacuum(&["tasks", "task_dependencies"]);
     base.spawn_retention(
         "finished tasks",
+        "OMOI_TASK_RETENTION_SECONDS",
         config.task_retention_seconds,
         |store, keep, batch| async move { store.prune_tasks(keep, batch).await },
-    );
+    )?;
     let dispatcher = Dispatcher::new(
         base.store.clone(),
         Some(base.nats.clone()),

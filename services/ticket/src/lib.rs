@@ -29,18 +29,14 @@ pub const SERVICE_NAME: &str = "omoi.ticket.v1.TicketService";
 /// streams end first.
 pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
     let common = &config.common;
-    anyhow::ensure!(
-        config.ticket_retention_seconds.is_finite() && config.ticket_retention_seconds >= 0.0,
-        "OMOI_TICKET_RETENTION_SECONDS must be 0 (forever) or more, got {}",
-        config.ticket_retention_seconds
-    );
     let mut base = Base::connect(common, "omoi-ticket", config.db_max_connections).await?;
     base.spawn_vacuum(&["tickets", "ticket_tasks"]);
     base.spawn_retention(
         "ended tickets",
+        "OMOI_TICKET_RETENTION_SECONDS",
         config.ticket_retention_seconds,
         |store, keep, batch| async move { store.prune_tickets(keep, batch).await },
-    );
+    )?;
     let queue = planner::Queue::connect(&config.task_queue_url, &common.connector()?)?;
     let planner = Arc::new(planner::Planner::new(base.store.clone(), queue));
     {
