@@ -204,7 +204,9 @@ pub async fn run(o: &ChaosOptions) -> anyhow::Result<Report> {
     settle(&pool, created.len()).await?;
     let state = State::read(&pool).await?;
     pool.close().await;
-    let events = events::read_all(&nats.url(), "OMOI_EVENTS", 0, Duration::from_secs(1)).await?;
+    // The fleet runs with the default stream.
+    let stream = omoi_bus::Topology::default().stream;
+    let events = events::read_all(&nats.url(), &stream, 0, Duration::from_secs(1)).await?;
     check(&created, &state, &events, &mut report);
     for unclean in fleet.stop().await? {
         report.violations.push(format!("clean stop: {unclean}"));

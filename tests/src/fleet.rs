@@ -6,8 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::process::{LOG_FILE, Service, binary, free_port};
-use omoi_runtime::shutdown::SIGTERM;
+use crate::process::{LOG_FILE, Service, free_port};
 
 /// How the fleet is made up and tuned.
 #[derive(Debug, Clone)]
@@ -72,13 +71,6 @@ impl Proc {
             .map_err(|e| anyhow::anyhow!("{} did not serve: {e}", self.name))
     }
 
-    /// Starts it without waiting (for a restart while a broker is away,
-    /// when it reports NOT_SERVING until the broker is back).
-    pub fn spawn(&mut self) -> anyhow::Result<()> {
-        self.service = Some(Service::spawn(self.bin, self.port, &self.env)?);
-        Ok(())
-    }
-
     /// SIGKILL: it dies at once, mid-whatever.
     pub async fn kill9(&mut self) -> anyhow::Result<()> {
         if let Some(s) = self.service.take() {
@@ -90,11 +82,7 @@ impl Proc {
     /// SIGTERM and its exit code (None: killed by a signal, or not running).
     pub async fn terminate(&mut self, within: Duration) -> anyhow::Result<Option<i32>> {
         match self.service.take() {
-            Some(s) => {
-                s.signal(SIGTERM);
-                let mut s = s;
-                Ok(tokio::time::timeout(within, s.child.wait()).await??.code())
-            }
+            Some(s) => Ok(s.terminate(within).await?.code()),
             None => Ok(None),
         }
     }
@@ -152,16 +140,9 @@ impl Fleet {
                 ("OMOI_TICKET_URL", url(ticket[r])),
                 ("OMOI_AGENT_ID", format!("executor-{j}")),
                 ("OMOI_EXECUTOR_CAPACITY", o.executor_capacity.to_string()),
-                ("OMOI_RUNNER", "command".into()),
-                ("OMOI_RUNNER_COMMAND", binary("omoi-demo-agent").display().to_string()),
-                ("OMOI_WORKSPACE_ROOT", workspaces.display().to_string()),
                 ("OMOI_WORKSPACE_POLICY", "remove".into()),
-                (
-                    "OMOI_RUNNER_ENV_ALLOW",
-                    "PATH,HOME,OMOI_DEMO_SLEEP_MS,OMOI_DEMO_FAIL,OMOI_DEMO_FAIL_FIRST".into(),
-                ),
-                ("OMOI_KILL_GRACE_SECONDS", "1".into()),
             ]);
+            env.extend(crate::mesh::demo_executor_env(&workspaces));
             env.extend(o.executor_env.iter().cloned());
             procs.push(Proc::new(
                 format!("executor-{j}"),

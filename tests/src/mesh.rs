@@ -116,21 +116,8 @@ impl ProcessMesh {
             ("OMOI_TASK_QUEUE_URL".to_string(), self.task_queue.url.clone()),
             ("OMOI_HEALTH_URL".to_string(), self.health.url.clone()),
             ("OMOI_TICKET_URL".to_string(), self.ticket.url.clone()),
-            ("OMOI_RUNNER".to_string(), "command".to_string()),
-            (
-                "OMOI_RUNNER_COMMAND".to_string(),
-                binary("omoi-demo-agent").display().to_string(),
-            ),
-            (
-                "OMOI_WORKSPACE_ROOT".to_string(),
-                self.workspace_root.display().to_string(),
-            ),
-            (
-                "OMOI_RUNNER_ENV_ALLOW".to_string(),
-                "PATH,HOME,OMOI_DEMO_SLEEP_MS,OMOI_DEMO_FAIL,OMOI_DEMO_FAIL_FIRST".to_string(),
-            ),
-            ("OMOI_KILL_GRACE_SECONDS".to_string(), "1".to_string()),
         ]);
+        env.extend(demo_executor_env(&self.workspace_root));
         env.extend(self.env.iter().cloned());
         env.extend(self.executor_env.iter().cloned());
         env.extend(extra.iter().cloned());
@@ -168,6 +155,25 @@ impl ProcessMesh {
         let _ = std::fs::remove_dir_all(&self.workspace_root);
         Ok(codes)
     }
+}
+
+/// What an executor running the demo agent through the command runner
+/// needs, with workspaces under `workspace_root`: the agent sees its knobs
+/// (OMOI_DEMO_*) and is stopped a second after it is asked to.
+pub fn demo_executor_env(workspace_root: &std::path::Path) -> Vec<(String, String)> {
+    [
+        ("OMOI_RUNNER", "command".to_owned()),
+        ("OMOI_RUNNER_COMMAND", binary("omoi-demo-agent").display().to_string()),
+        ("OMOI_WORKSPACE_ROOT", workspace_root.display().to_string()),
+        (
+            "OMOI_RUNNER_ENV_ALLOW",
+            "PATH,HOME,OMOI_DEMO_SLEEP_MS,OMOI_DEMO_FAIL,OMOI_DEMO_FAIL_FIRST".to_owned(),
+        ),
+        ("OMOI_KILL_GRACE_SECONDS", "1".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
 }
 
 /// Starts a service process, reached at https:// when the mesh runs TLS.
