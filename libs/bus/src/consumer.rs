@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use omoi_proto::events::Event;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +27,53 @@ pub async fn consume<F, Fut>(
 ) where
     F: FnMut(Event, Option<String>) -> Fut,
     Fut: Future<Output = Result<(), String>>,
+{
+    batches(client, topology, durable, filter, shutdown, Duration::ZERO, |events| {
+        // Made now, run one after the other: effects in stream order.
+        let effects: Vec<Fut> = events.into_iter().map(|(e, tp)| handle(e, tp)).collect();
+        async move {
+            let mut results = Vec::with_capacity(effects.len());
+            for effect in effects {
+                results.push(effect.await);
+            }
+            results
+        }
+    })
+    .await
+}
+
+/// Like [`consume`], but hands `handle` the events delivered within a
+/// moment of each other (up to a fetch's worth) at once, so that their
+/// effects can be written in one statement. It answers one result per
+/// event, in order: each `Ok` event is acknowledged, each `Err` one
+/// redelivered after a pause.
+pub async fn consume_batches<F, Fut>(
+    client: async_nats::Client,
+    topology: Topology,
+    durable: String,
+    filter: String,
+    shutdown: CancellationToken,
+    handle: F,
+) where
+    F: FnMut(Vec<(Event, Option<String>)>) -> Fut,
+    Fut: Future<Output = Vec<Result<(), String>>>,
+{
+    batches(client, topology, durable, filter, shutdown, GATHER, handle).await
+}
+
+/// The consumer loop: after the first event of a batch, what else arrives
+/// within `gather` (nothing more than what already arrived, for zero) joins it.
+async fn batches<F, Fut>(
+    client: async_nats::Client,
+    topology: Topology,
+    durable: String,
+    filter: String,
+    shutdown: CancellationToken,
+    gather: Duration,
+    mut handle: F,
+) where
+    F: FnMut(Vec<(Event, Option<String>)>) -> Fut,
+    Fut: Future<Output = Vec<Result<(), String>>>,
 {
     let js = jetstream::new(client);
     let mut failures = 0u32;
@@ -50,38 +97,64 @@ pub async fn consume<F, Fut>(
                 .await
                 .map_err(|e| e.to_string())?;
             loop {
-                let mut batch = consumer
+                let mut fetched = consumer
                     .fetch()
-                    .max_messages(100)
+                    .max_messages(FETCH)
                     .expires(Duration::from_secs(1))
                     .messages()
                     .await
                     .map_err(|e| e.to_string())?;
-                while let Some(msg) = batch.next().await {
-                    let msg = msg.map_err(|e| e.to_string())?;
+                while let Some(first) = fetched.next().await {
+                    // The first, then whatever else arrives while gathering.
+                    let mut messages = vec![first.map_err(|e| e.to_string())?];
+                    let until = tokio::time::Instant::now() + gather;
+                    while messages.len() < FETCH {
+                        let more = if gather.is_zero() {
+                            fetched.next().now_or_never().flatten()
+                        } else {
+                            tokio::time::timeout_at(until, fetched.next()).await.ok().flatten()
+                        };
+                        let Some(more) = more else { break };
+                        messages.push(more.map_err(|e| e.to_string())?);
+                    }
                     failures = 0;
                     backoff.reset();
-                    let event = match Event::decode(msg.payload.as_ref()) {
-                        Ok(e) => e,
-                        Err(e) => {
-                            tracing::warn!(subject = %msg.subject, error = %e, "undecodable event skipped");
-                            let _ = msg.ack().await;
-                            continue;
+                    let mut readable = Vec::with_capacity(messages.len());
+                    let mut events = Vec::with_capacity(messages.len());
+                    for msg in messages {
+                        match Event::decode(msg.payload.as_ref()) {
+                            Ok(event) => {
+                                // The publisher's trace context, for the handler's span.
+                                let traceparent = msg
+                                    .headers
+                                    .as_ref()
+                                    .and_then(|h| h.get("traceparent"))
+                                    .map(|v| v.as_str().to_owned());
+                                events.push((event, traceparent));
+                                readable.push(msg);
+                            }
+                            Err(e) => {
+                                tracing::warn!(subject = %msg.subject, error = %e, "undecodable event skipped");
+                                let _ = msg.ack().await;
+                            }
                         }
-                    };
-                    // The publisher's trace context, for the handler's span.
-                    let traceparent = msg
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get("traceparent"))
-                        .map(|v| v.as_str().to_owned());
-                    match handle(event, traceparent).await {
-                        Ok(()) => {
-                            let _ = msg.ack().await;
-                        }
-                        Err(e) => {
-                            tracing::warn!(consumer = %durable, error = %e, "event not applied; redelivering");
-                            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    }
+                    if events.is_empty() {
+                        continue;
+                    }
+                    let results = handle(events).await;
+                    debug_assert_eq!(results.len(), readable.len());
+                    for (i, msg) in readable.into_iter().enumerate() {
+                        match results.get(i) {
+                            Some(Ok(())) => {
+                                let _ = msg.ack().await;
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(consumer = %durable, error = %e, "event not applied; redelivering");
+                                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                            }
+                            // No answer: redelivered once its ack wait ends.
+                            None => {}
                         }
                     }
                 }
@@ -105,3 +178,10 @@ pub async fn consume<F, Fut>(
         }
     }
 }
+
+/// Most events asked for at once (and so handed to a batch handler).
+const FETCH: usize = 100;
+
+/// How long a batch handler's batch gathers after its first event: events
+/// come in bursts, and one statement for many is what batching is for.
+const GATHER: Duration = Duration::from_millis(10);

@@ -146,6 +146,55 @@ pub async fn consume<F, Fut>(
     .await
 }
 
+/// [`omoi_bus::consumer::consume_batches`] with the events read as the
+/// domain's (id and envelope) and handed over together; `handle` applies
+/// them all or none (one transaction), so its one answer is every event's.
+/// Each event gets its span, in the trace its publisher recorded, open
+/// while its batch is applied. Events this version cannot read are skipped.
+pub async fn consume_batches<F, Fut>(
+    client: async_nats::Client,
+    topology: omoi_bus::Topology,
+    durable: String,
+    filter: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    mut handle: F,
+) where
+    F: FnMut(Vec<(uuid::Uuid, omoi_domain::Envelope)>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let name = durable.clone();
+    omoi_bus::consumer::consume_batches(client, topology, durable, filter, shutdown, move |events| {
+        let n = events.len();
+        let mut spans = Vec::with_capacity(n);
+        let mut batch = Vec::with_capacity(n);
+        for (event, traceparent) in events {
+            let span = consumed(&name, &event.event_type, traceparent.as_deref());
+            let read = event
+                .id
+                .parse::<uuid::Uuid>()
+                .map_err(|e| e.to_string())
+                .and_then(|id| Ok((id, omoi_domain::Envelope::try_from(&event).map_err(|e| e.to_string())?)));
+            match read {
+                Ok(read) => batch.push(read),
+                Err(error) => {
+                    span.in_scope(|| tracing::warn!(%error, event_id = %event.id, "skipping an unreadable event"));
+                }
+            }
+            spans.push(span);
+        }
+        let applied = (!batch.is_empty()).then(|| handle(batch));
+        async move {
+            let outcome = match applied {
+                Some(applied) => applied.await,
+                None => Ok(()),
+            };
+            drop(spans);
+            vec![outcome; n]
+        }
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use crate::codes::{phase_code, phase_of};
 use omoi_domain::{Envelope, Event};
 
 use crate::events;
-use crate::{Result, Store, StoreError, consumed};
+use crate::{Result, Store, StoreError};
 
 const AGENT_COLUMNS: &str = "id, agent_type, phases, capacity, labels, status, registered_at, last_heartbeat_at,
      running_task_ids, status_changed_at, completed_tasks, failed_tasks";
@@ -254,24 +254,42 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// Counts a task outcome for the agent that held it, once per event.
-    pub async fn count_agent_outcome(
-        &self,
-        consumer: &str,
-        event_id: Uuid,
-        agent_id: Uuid,
-        completed: bool,
-    ) -> Result<()> {
-        let mut tx = self.pool().begin().await?;
-        if consumed::first_time(&mut tx, consumer, event_id).await? {
-            let sql = if completed {
-                "UPDATE agents SET completed_tasks = completed_tasks + 1 WHERE id = $1"
-            } else {
-                "UPDATE agents SET failed_tasks = failed_tasks + 1 WHERE id = $1"
-            };
-            sqlx::query(sql).bind(agent_id).execute(&mut *tx).await?;
+    /// Counts task outcomes for the agents that held them, each event once,
+    /// in one statement: `(event id, agent, completed)` per event (a failure
+    /// when not completed). Events already counted (redelivered) change
+    /// nothing.
+    pub async fn count_agent_outcomes(&self, consumer: &str, outcomes: &[(Uuid, Uuid, bool)]) -> Result<()> {
+        if outcomes.is_empty() {
+            return Ok(());
         }
-        self.commit(tx).await?;
+        let ids: Vec<Uuid> = outcomes.iter().map(|o| o.0).collect();
+        let agents: Vec<Uuid> = outcomes.iter().map(|o| o.1).collect();
+        let completed: Vec<bool> = outcomes.iter().map(|o| o.2).collect();
+        sqlx::query(
+            "WITH e AS (
+                 SELECT DISTINCT ON (id) id, agent, completed
+                 FROM unnest($2::uuid[], $3::uuid[], $4::bool[]) AS e(id, agent, completed)
+             ), fresh AS (
+                 INSERT INTO processed_events (consumer, event_id)
+                 SELECT $1, id FROM e
+                 ON CONFLICT DO NOTHING
+                 RETURNING event_id
+             ), counts AS (
+                 SELECT e.agent, count(*) FILTER (WHERE e.completed) AS done,
+                        count(*) FILTER (WHERE NOT e.completed) AS failed
+                 FROM e JOIN fresh ON fresh.event_id = e.id
+                 GROUP BY e.agent
+             )
+             UPDATE agents a
+             SET completed_tasks = a.completed_tasks + counts.done, failed_tasks = a.failed_tasks + counts.failed
+             FROM counts WHERE a.id = counts.agent",
+        )
+        .bind(consumer)
+        .bind(&ids)
+        .bind(&agents)
+        .bind(&completed)
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 

@@ -560,3 +560,42 @@ async fn a_round_that_saw_no_limit_still_honours_one_set_since() {
     assert!(db.store.round_view(&[agent], 60.0).await.unwrap().limits);
     db.drop().await;
 }
+
+#[tokio::test]
+async fn agent_outcomes_count_each_event_once_however_often_it_is_delivered() {
+    let db = Db::new().await;
+    let register = |id| omoi_store::agents::Registration {
+        id: Some(id),
+        agent_type: "executor".into(),
+        phases: vec![Phase::Initial],
+        capacity: 1,
+        labels: serde_json::json!({}),
+    };
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    db.store.register_agent(&register(a)).await.unwrap();
+    db.store.register_agent(&register(b)).await.unwrap();
+    let (e1, e2, e3, e4) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    // A batch with one event twice (redelivered within one fetch).
+    db.store
+        .count_agent_outcomes("health", &[(e1, a, true), (e2, a, false), (e1, a, true), (e3, b, true)])
+        .await
+        .unwrap();
+    // A redelivered batch, partly new.
+    db.store
+        .count_agent_outcomes("health", &[(e2, a, false), (e3, b, true), (e4, b, false)])
+        .await
+        .unwrap();
+    db.store.count_agent_outcomes("health", &[]).await.unwrap();
+    let counts = |id| {
+        let store = db.store.clone();
+        async move {
+            let agent = store.get_agent(id).await.unwrap();
+            (agent.completed_tasks, agent.failed_tasks)
+        }
+    };
+    assert_eq!(counts(a).await, (1, 1));
+    assert_eq!(counts(b).await, (1, 1));
+    db.store.count_agent_outcomes("other", &[(e1, a, true)]).await.unwrap();
+    assert_eq!(counts(a).await, (2, 1), "another consumer counts on its own");
+    db.drop().await;
+}

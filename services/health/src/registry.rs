@@ -180,21 +180,29 @@ impl Registry {
         retire_consumer(&nats, &topology, OUTCOMES).await;
         let count = |event: EventType| {
             let store = self.store.clone();
-            omoi_runtime::trace::consume(
+            // A fetch's worth of events counted in one statement.
+            omoi_runtime::trace::consume_batches(
                 nats.clone(),
                 topology.clone(),
                 format!("omoi-health-{}", event.as_str().to_ascii_lowercase().replace('_', "-")),
                 topology.event_filter(event),
                 shutdown.clone(),
-                move |event_id, envelope| {
+                move |events| {
                     let store = store.clone();
+                    let outcomes: Vec<(Uuid, Uuid, bool)> = events
+                        .iter()
+                        .filter_map(|(event_id, envelope)| {
+                            let agent = envelope.event.agent_id()?;
+                            Some((
+                                *event_id,
+                                agent,
+                                envelope.event.event_type() == EventType::TaskCompleted,
+                            ))
+                        })
+                        .collect();
                     async move {
-                        let Some(agent) = envelope.event.agent_id() else {
-                            return Ok(());
-                        };
-                        let completed = envelope.event.event_type() == EventType::TaskCompleted;
                         store
-                            .count_agent_outcome(OUTCOMES, event_id, agent, completed)
+                            .count_agent_outcomes(OUTCOMES, &outcomes)
                             .await
                             .map_err(|e| e.to_string())
                     }
