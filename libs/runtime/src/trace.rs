@@ -104,6 +104,29 @@ pub fn consumed(consumer: &str, event_type: &str, traceparent: Option<&str>) -> 
     span
 }
 
+/// A consumed event's span and the event read as the domain's (id and
+/// envelope); None, with a warning in its span, when this version cannot
+/// read it.
+fn read_consumed(
+    consumer: &str,
+    event: &omoi_proto::events::Event,
+    traceparent: Option<&str>,
+) -> (tracing::Span, Option<(uuid::Uuid, omoi_domain::Envelope)>) {
+    let span = consumed(consumer, &event.event_type, traceparent);
+    let read = event
+        .id
+        .parse::<uuid::Uuid>()
+        .map_err(|e| e.to_string())
+        .and_then(|id| Ok((id, omoi_domain::Envelope::try_from(event).map_err(|e| e.to_string())?)));
+    match read {
+        Ok(read) => (span, Some(read)),
+        Err(error) => {
+            span.in_scope(|| tracing::warn!(%error, event_id = %event.id, "skipping an unreadable event"));
+            (span, None)
+        }
+    }
+}
+
 /// [`omoi_bus::consumer::consume`] with each event read as the domain's
 /// (id and envelope) and handled in a span that continues the trace its
 /// publisher recorded. Events this version cannot read are skipped.
@@ -128,18 +151,10 @@ pub async fn consume<F, Fut>(
         filter,
         shutdown,
         move |event, traceparent| {
-            let span = consumed(&name, &event.event_type, traceparent.as_deref());
-            let read = event
-                .id
-                .parse::<uuid::Uuid>()
-                .map_err(|e| e.to_string())
-                .and_then(|id| Ok((id, omoi_domain::Envelope::try_from(&event).map_err(|e| e.to_string())?)));
+            let (span, read) = read_consumed(&name, &event, traceparent.as_deref());
             match read {
-                Ok((id, envelope)) => handle(id, envelope).instrument(span).boxed(),
-                Err(error) => {
-                    span.in_scope(|| tracing::warn!(%error, event_id = %event.id, "skipping an unreadable event"));
-                    futures::future::ready(Ok(())).boxed()
-                }
+                Some((id, envelope)) => handle(id, envelope).instrument(span).boxed(),
+                None => futures::future::ready(Ok(())).boxed(),
             }
         },
     )
@@ -168,18 +183,8 @@ pub async fn consume_batches<F, Fut>(
         let mut spans = Vec::with_capacity(n);
         let mut batch = Vec::with_capacity(n);
         for (event, traceparent) in events {
-            let span = consumed(&name, &event.event_type, traceparent.as_deref());
-            let read = event
-                .id
-                .parse::<uuid::Uuid>()
-                .map_err(|e| e.to_string())
-                .and_then(|id| Ok((id, omoi_domain::Envelope::try_from(&event).map_err(|e| e.to_string())?)));
-            match read {
-                Ok(read) => batch.push(read),
-                Err(error) => {
-                    span.in_scope(|| tracing::warn!(%error, event_id = %event.id, "skipping an unreadable event"));
-                }
-            }
+            let (span, read) = read_consumed(&name, &event, traceparent.as_deref());
+            batch.extend(read);
             spans.push(span);
         }
         let applied = (!batch.is_empty()).then(|| handle(batch));
