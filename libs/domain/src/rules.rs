@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use rand::Rng;
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::error::DomainError;
@@ -370,31 +371,52 @@ pub fn assigned(task: &Task) -> Envelope {
 }
 
 pub fn started(task: &Task) -> Envelope {
-    task_event(
-        task,
-        Event::TaskStarted(TaskStarted {
-            attempt: task.attempt,
-            agent_id: task.assigned_agent_id,
-        }),
-    )
+    task_event(task, start_event(task.attempt, task.assigned_agent_id))
+}
+
+/// The event of a started attempt, from what its report knows: a batch
+/// write makes it before the statement that applies the report, with no
+/// agent, and fills in the task's stored agent (`agent_id`) in the
+/// statement itself.
+pub fn start_event(attempt: i32, agent_id: Option<Uuid>) -> Event {
+    Event::TaskStarted(TaskStarted { attempt, agent_id })
 }
 
 /// The event of a completed attempt and what it spent.
 pub fn completed(task: &Task, usage: Option<Usage>) -> Envelope {
     task_event(
         task,
-        Event::TaskCompleted(TaskCompleted {
-            attempt: task.attempt,
-            agent_id: task.assigned_agent_id,
-            result: task.result.clone(),
-            usage: usage.filter(|u| !u.is_empty()),
-            git: task.git.as_ref().map(|g| GitChange {
-                patch: String::new(),
-                patch_truncated: false,
-                ..g.clone()
-            }),
-        }),
+        completion_event(
+            task.attempt,
+            task.assigned_agent_id,
+            task.result.clone(),
+            usage,
+            task.git.as_ref(),
+        ),
     )
+}
+
+/// The event of a completed attempt from its report (as `start_event`):
+/// its result, what it spent, and its git change without the patch (which
+/// only the task keeps).
+pub fn completion_event(
+    attempt: i32,
+    agent_id: Option<Uuid>,
+    result: Option<Value>,
+    usage: Option<Usage>,
+    git: Option<&GitChange>,
+) -> Event {
+    Event::TaskCompleted(TaskCompleted {
+        attempt,
+        agent_id,
+        result,
+        usage: usage.filter(|u| !u.is_empty()),
+        git: git.map(|g| GitChange {
+            patch: String::new(),
+            patch_truncated: false,
+            ..g.clone()
+        }),
+    })
 }
 
 /// The event of an assigned task put back unstarted (its stream closed);

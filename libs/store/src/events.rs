@@ -59,3 +59,35 @@ pub async fn insert_traced(conn: &mut PgConnection, events: &[Envelope], traces:
         .await?;
     Ok(())
 }
+
+/// The statement part that writes a batch statement's events in the
+/// statement itself, so that the change and its events take one round trip
+/// and need no transaction of their own: an `INSERT` of one outbox batch
+/// (the same shape `insert_traced` writes) from a CTE `ev` with columns
+/// `id` (the event id), `ord` (its place in the batch), `entity_id`,
+/// `ticket_id`, `payload` (json) and `trace`, nothing when `ev` is empty.
+/// The event type and entity type are the parameters named.
+macro_rules! insert_events {
+    ($event_type:literal, $entity_type:literal) => {
+        concat!(
+            "INSERT INTO event_batches (n, events)
+             SELECT count(*), json_agg(json_build_object(
+                        'id', ev.id, 'event_type', ",
+            $event_type,
+            "::text, 'entity_type', ",
+            $entity_type,
+            "::text,
+                        'entity_id', ev.entity_id, 'ticket_id', ev.ticket_id, 'payload', ev.payload,
+                        'occurred_at', now(), 'trace_context', ev.trace) ORDER BY ev.ord)
+             FROM ev HAVING count(*) > 0"
+        )
+    };
+}
+pub(crate) use insert_events;
+
+/// Fresh event ids for a batch statement's events, one per row it may
+/// change: made here (time-ordered, like every event id) and handed to the
+/// statement, which uses those of the rows it did change.
+pub(crate) fn event_ids(n: usize) -> Vec<Uuid> {
+    (0..n).map(|_| Uuid::now_v7()).collect()
+}

@@ -95,8 +95,14 @@ impl Store {
     /// Commits a write; the events it put in the outbox are visible now.
     pub(crate) async fn commit(&self, tx: Transaction<'_, Postgres>) -> Result<()> {
         tx.commit().await?;
-        self.committed.notify_one();
+        self.wrote();
         Ok(())
+    }
+
+    /// A statement that wrote events committed on its own (no transaction
+    /// of its own around it): they are visible now.
+    pub(crate) fn wrote(&self) {
+        self.committed.notify_one();
     }
 
     /// Creates the database named in `url` when it does not exist yet (a

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use omoi_domain::event::{Event, EventType};
+use omoi_domain::rules;
 use omoi_domain::rules::Failure;
 use omoi_domain::validate::NewTask;
-use omoi_domain::{DomainError, ErrorClass, Phase, TaskStatus, Usage};
+use omoi_domain::{DomainError, Envelope, ErrorClass, GitChange, Phase, TaskStatus, Usage};
 use omoi_store::tasks::{Report, Slot};
 use omoi_store::{Store, StoreError};
 use sqlx::{Connection, PgConnection};
@@ -197,6 +198,152 @@ async fn claims_go_by_priority_then_age_each_with_an_assigned_event() {
         .unwrap();
     assert!(none.is_empty());
     db.drop().await;
+}
+
+/// Claims, starts and completions write their events in the statement
+/// that changes the tasks: what the outbox holds must be exactly what the
+/// domain makes of the changed tasks (`rules::assigned`, `started`,
+/// `completed`), with the right ids, order and trace contexts.
+#[tokio::test]
+async fn batch_statements_write_the_events_the_domain_makes() {
+    let db = Db::new().await;
+    let committed = db.store.committed();
+    let ticket = Uuid::now_v7();
+    let tasks: Vec<NewTask> = (0..3)
+        .map(|i| NewTask {
+            ticket_id: (i != 1).then_some(ticket),
+            ..new_task(&format!("t{i}"), 3 - i, &[])
+        })
+        .collect();
+    db.store.enqueue(&tasks).await.unwrap();
+    // The enqueue's trace context, as a traced request leaves it.
+    let enqueue_trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    sqlx::query("UPDATE tasks SET trace_context = $1")
+        .bind(enqueue_trace)
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    db.clear_events().await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+
+    // Claimed without limits: one statement, committed on its own.
+    let claimed = db
+        .store
+        .assign(None, &[slot(a), slot(b), slot(a), slot(b)], Utc::now(), false)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), committed.notified())
+        .await
+        .expect("a claim wakes the outbox relay");
+    assert_eq!(claimed.len(), 3);
+    let assigned: Vec<Envelope> = claimed.iter().map(rules::assigned).collect();
+    assert_outbox(&db, &assigned, &[Some(enqueue_trace); 3]).await;
+
+    // Started, one report with a trace of its own; a report that does not
+    // apply makes no event.
+    let report_trace = "00-1bf7651916cd43dd8448eb211c80319c-c7ad6b7169203331-01";
+    let reports = [
+        Report {
+            trace: Some(report_trace.to_owned()),
+            ..report(claimed[2].id, 1)
+        },
+        report(Uuid::now_v7(), 1),
+        report(claimed[0].id, 1),
+        report(claimed[1].id, 1),
+    ];
+    let started = db.store.start_batch(&reports).await.unwrap();
+    assert!(started[1].is_err());
+    let started: Vec<_> = started.into_iter().filter_map(|r| r.ok()).collect();
+    let expected: Vec<Envelope> = started.iter().map(rules::started).collect();
+    assert_outbox(
+        &db,
+        &expected,
+        &[Some(report_trace), Some(enqueue_trace), Some(enqueue_trace)],
+    )
+    .await;
+
+    // Completed with a result, usage (an empty one tells nothing) and a git
+    // change (the event leaves out its patch).
+    let git = GitChange {
+        branch: "omoi/t".into(),
+        base_commit: "a".repeat(40),
+        commit: "b".repeat(40),
+        files_changed: 2,
+        insertions: 10,
+        deletions: 1,
+        patch: "diff --git a/x b/x".into(),
+        patch_truncated: true,
+    };
+    let usage = Usage {
+        input_tokens: 12,
+        cost_usd: 0.5,
+        model: "m".into(),
+        turns: 1,
+        ..Default::default()
+    };
+    let reports = [
+        Report {
+            result: Some(serde_json::json!({"summary": "done", "n": [1, 2.5, null]})),
+            usage: Some(usage),
+            git: Some(git),
+            trace: Some(report_trace.to_owned()),
+            ..report(claimed[1].id, 1)
+        },
+        Report {
+            usage: Some(Usage::default()),
+            ..report(claimed[0].id, 1)
+        },
+    ];
+    let done = db.store.complete_batch(&reports).await.unwrap();
+    let expected: Vec<Envelope> = done
+        .iter()
+        .zip(&reports)
+        .map(|(t, r)| rules::completed(t.as_ref().unwrap(), r.usage.clone()))
+        .collect();
+    assert_outbox(&db, &expected, &[Some(report_trace), Some(enqueue_trace)]).await;
+    db.drop().await;
+}
+
+/// The outbox holds exactly `expected` (then is emptied): same entities,
+/// tickets, types and payloads, in order, with fresh distinct ids and the
+/// given trace contexts.
+async fn assert_outbox(db: &Db, expected: &[Envelope], traces: &[Option<&str>]) {
+    let stored = db.store.outbox_events().await.unwrap();
+    let got: Vec<_> = stored
+        .iter()
+        .map(|e| {
+            (
+                e.entity_type.as_str(),
+                e.entity_id,
+                e.ticket_id,
+                e.event_type.as_str(),
+                e.payload.clone(),
+                e.trace_context.as_deref(),
+            )
+        })
+        .collect();
+    let want: Vec<_> = expected
+        .iter()
+        .zip(traces)
+        .map(|(e, trace)| {
+            (
+                e.entity().as_str(),
+                e.entity_id,
+                e.ticket_id,
+                e.event.event_type().as_str(),
+                e.event.payload(),
+                *trace,
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    let mut ids: Vec<Uuid> = stored.iter().map(|e| e.id).collect();
+    assert!(ids.iter().all(|id| id.get_version_num() == 7), "{ids:?}");
+    ids.dedup();
+    assert_eq!(ids.len(), stored.len(), "event ids are distinct");
+    let age = Utc::now() - stored[0].occurred_at;
+    assert!(age.num_seconds().abs() < 60, "occurred_at is now: {age}");
+    db.clear_events().await;
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use omoi_domain::rules::{self, Revoked};
-use omoi_domain::{Phase, Task};
+use omoi_domain::{Entity, EventType, Phase, Task};
 use uuid::Uuid;
 
 use super::{TaskRow, task_columns, unwrap_rows};
@@ -18,6 +18,80 @@ use crate::{Result, Store};
 pub struct Slot {
     pub agent_id: Uuid,
     pub session: Uuid,
+}
+
+/// The claim: ready tasks of the phases `$3`, highest priority then oldest,
+/// onto the slots (`$1` agents, `$2` their sessions, in order), at most
+/// `$4`, stamped `$5`, with their TASK_ASSIGNED events (ids `$6`, types
+/// `$7`, `$8`) written by the same statement. `$allowed` adds CTEs (each
+/// followed by a comma) and `$room` the way a task of a limited key may
+/// still be taken.
+///
+/// The phases are a fixed list filtered by `$3` rather than `unnest($3)`:
+/// its size is then known to the planner without the parameter's value, so
+/// that the statement's generic plan costs what its custom plans do and is
+/// kept, instead of the statement being planned again on every claim.
+macro_rules! claim_statement {
+    ($allowed:literal, $room:literal) => {
+        concat!(
+            "WITH ",
+            $allowed,
+            " picked AS MATERIALIZED (
+                 -- The head of each phase taken (tasks_ready_phase), merged:
+                 -- the ready work of phases not taken is never walked over.
+                 SELECT c.id, c.priority, c.seq
+                 FROM (VALUES (1::int2), (2::int2), (3::int2), (4::int2)) AS ph(phase)
+                 CROSS JOIN LATERAL (
+                     SELECT id, priority, seq FROM tasks
+                     WHERE status = 'pending' AND unmet_deps = 0 AND phase = ph.phase
+                       AND next_attempt_at <= now()
+                       -- Paused scopes hand out nothing. The first test runs
+                       -- once per statement (an init plan), so that with no
+                       -- pause at all no row pays for the second.
+                       AND (NOT EXISTS (SELECT 1 FROM dispatch_pauses)
+                            OR NOT EXISTS (
+                                SELECT 1 FROM dispatch_pauses p
+                                WHERE (p.phase IS NULL OR p.phase = tasks.phase)
+                                  AND (p.ticket_id IS NULL OR p.ticket_id = tasks.ticket_id)))
+                       -- A limited key's tasks only within its room, and only
+                       -- when its lock is held (a limit set since is honoured).
+                       AND (tasks.concurrency_key IS NULL
+                            OR NOT EXISTS (SELECT 1 FROM concurrency_limits l WHERE l.key = tasks.concurrency_key) ",
+            $room,
+            ")
+                     ORDER BY priority DESC, seq
+                     LIMIT $4
+                     FOR UPDATE SKIP LOCKED
+                 ) c
+                 WHERE ph.phase = ANY($3)
+                 ORDER BY c.priority DESC, c.seq
+                 LIMIT $4
+             ), numbered AS (
+                 SELECT id, row_number() OVER (ORDER BY priority DESC, seq) AS ord FROM picked
+             ), t AS (
+                 -- The n-th task to the n-th slot, by subscript: no join
+                 -- whose cost a generic plan could misjudge.
+                 UPDATE tasks t
+                 SET status = 'assigned', attempt = t.attempt + 1, assigned_agent_id = ($1::uuid[])[n.ord],
+                     assignment_session = ($2::uuid[])[n.ord], assigned_at = $5, updated_at = now()
+                 FROM numbered n
+                 WHERE t.id = n.id
+                 RETURNING t.*, n.ord AS claim_ord
+             ), ev AS (
+                 -- TASK_ASSIGNED (`rules::assigned`), in claim order.
+                 SELECT ($6::uuid[])[t.claim_ord] AS id, t.claim_ord AS ord, t.id AS entity_id, t.ticket_id,
+                        t.trace_context AS trace,
+                        json_build_object('attempt', t.attempt, 'agent_id', t.assigned_agent_id,
+                                          'priority', t.priority) AS payload
+                 FROM t
+             ), outbox AS (",
+            events::insert_events!("$7", "$8"),
+            ")
+             SELECT ",
+            task_columns!(),
+            " FROM t ORDER BY t.priority DESC, t.seq"
+        )
+    };
 }
 
 impl Store {
@@ -40,13 +114,29 @@ impl Store {
         if slots.is_empty() {
             return Ok(Vec::new());
         }
-        let phases: Option<Vec<i16>> = phases.map(|p| p.iter().copied().map(phase_code).collect());
-        let mut tx = self.pool().begin().await?;
-        // The limited keys with ready work, locked: a replica claiming for
-        // one of them waits here for another doing the same, and then (a
-        // new statement, a new snapshot) counts what that one handed out.
-        let locked: Vec<String> = if limits {
-            sqlx::query_scalar(
+        // Every phase when none is named: one statement shape either way.
+        let phases: Vec<i16> = phases.unwrap_or(&Phase::ALL).iter().copied().map(phase_code).collect();
+        let agents: Vec<Uuid> = slots.iter().map(|s| s.agent_id).collect();
+        let sessions: Vec<Uuid> = slots.iter().map(|s| s.session).collect();
+        let event_ids = events::event_ids(slots.len());
+        let bind = |query: sqlx::query::QueryAs<'static, _, TaskRow, _>| {
+            query
+                .bind(agents.clone())
+                .bind(sessions.clone())
+                .bind(phases.clone())
+                .bind(slots.len() as i64)
+                .bind(stamp)
+                .bind(event_ids.clone())
+                .bind(EventType::TaskAssigned.as_str())
+                .bind(Entity::Task.as_str())
+        };
+        let rows = if limits {
+            let mut tx = self.pool().begin().await?;
+            // The limited keys with ready work, locked: a replica claiming
+            // for one of them waits here for another doing the same, and
+            // then (a new statement, a new snapshot) counts what that one
+            // handed out.
+            let locked: Vec<String> = sqlx::query_scalar(
                 "SELECT l.key FROM concurrency_limits l
                  WHERE EXISTS (SELECT 1 FROM tasks r
                                WHERE r.concurrency_key = l.key AND r.status = 'pending' AND r.unmet_deps = 0
@@ -54,83 +144,37 @@ impl Store {
                  ORDER BY l.key FOR UPDATE",
             )
             .fetch_all(&mut *tx)
-            .await?
+            .await?;
+            let claim = sqlx::query_as(claim_statement!(
+                "allowed AS (
+                     -- Of each locked key ($9), as many ready tasks as it has room for.
+                     SELECT r.id FROM concurrency_limits l
+                     CROSS JOIN LATERAL (
+                         SELECT r.id FROM tasks r
+                         WHERE r.concurrency_key = l.key AND r.status = 'pending' AND r.unmet_deps = 0
+                           AND r.next_attempt_at <= now() AND r.phase = ANY($3)
+                         ORDER BY r.priority DESC, r.seq
+                         LIMIT greatest(l.max_running - (
+                             SELECT count(*) FROM tasks h
+                             WHERE h.concurrency_key = l.key AND h.status IN ('assigned', 'running')), 0)
+                     ) r
+                     WHERE l.key = ANY($9::text[])
+                 ),",
+                "OR tasks.id IN (SELECT id FROM allowed)"
+            ));
+            let rows = bind(claim).bind(locked).fetch_all(&mut *tx).await?;
+            self.commit(tx).await?;
+            rows
         } else {
-            Vec::new()
+            // Without limits the claim and its events are one statement,
+            // committed on its own.
+            let rows = bind(sqlx::query_as(claim_statement!("", "")))
+                .fetch_all(self.pool())
+                .await?;
+            self.wrote();
+            rows
         };
-        let rows: Vec<TaskRow> = sqlx::query_as(concat!(
-            "WITH slots AS (
-                 SELECT s.agent, s.session, s.ord
-                 FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS s(agent, session, ord)
-             ), allowed AS (
-                 -- Of each locked key, as many ready tasks as it has room for.
-                 SELECT r.id FROM concurrency_limits l
-                 CROSS JOIN LATERAL (
-                     SELECT r.id FROM tasks r
-                     WHERE r.concurrency_key = l.key AND r.status = 'pending' AND r.unmet_deps = 0
-                       AND r.next_attempt_at <= now() AND ($3::int2[] IS NULL OR r.phase = ANY($3))
-                     ORDER BY r.priority DESC, r.seq
-                     LIMIT greatest(l.max_running - (
-                         SELECT count(*) FROM tasks h
-                         WHERE h.concurrency_key = l.key AND h.status IN ('assigned', 'running')), 0)
-                 ) r
-                 WHERE l.key = ANY($6::text[])
-             ), picked AS MATERIALIZED (
-                 -- The head of each phase taken (tasks_ready_phase), merged:
-                 -- the ready work of phases not taken is never walked over.
-                 SELECT c.id, c.priority, c.seq
-                 FROM unnest(coalesce($3::int2[], '{1,2,3,4}'::int2[])) AS ph(phase)
-                 CROSS JOIN LATERAL (
-                     SELECT id, priority, seq FROM tasks
-                     WHERE status = 'pending' AND unmet_deps = 0 AND phase = ph.phase
-                       AND next_attempt_at <= now()
-                       -- Paused scopes hand out nothing. The first test runs
-                       -- once per statement (an init plan), so that with no
-                       -- pause at all no row pays for the second.
-                       AND (NOT EXISTS (SELECT 1 FROM dispatch_pauses)
-                            OR NOT EXISTS (
-                                SELECT 1 FROM dispatch_pauses p
-                                WHERE (p.phase IS NULL OR p.phase = tasks.phase)
-                                  AND (p.ticket_id IS NULL OR p.ticket_id = tasks.ticket_id)))
-                       -- A limited key's tasks only within its room, and only
-                       -- when its lock is held (a limit set since is honoured).
-                       AND (tasks.concurrency_key IS NULL
-                            OR NOT EXISTS (SELECT 1 FROM concurrency_limits l WHERE l.key = tasks.concurrency_key)
-                            OR tasks.id IN (SELECT id FROM allowed))
-                     ORDER BY priority DESC, seq
-                     LIMIT $4
-                     FOR UPDATE SKIP LOCKED
-                 ) c
-                 ORDER BY c.priority DESC, c.seq
-                 LIMIT $4
-             ), numbered AS (
-                 SELECT id, row_number() OVER (ORDER BY priority DESC, seq) AS ord FROM picked
-             ), t AS (
-                 UPDATE tasks t
-                 SET status = 'assigned', attempt = t.attempt + 1, assigned_agent_id = s.agent,
-                     assignment_session = s.session, assigned_at = $5, updated_at = now()
-                 FROM numbered n JOIN slots s ON s.ord = n.ord
-                 WHERE t.id = n.id
-                 RETURNING t.*
-             )
-             SELECT ",
-            task_columns!(),
-            " FROM t ORDER BY t.priority DESC, t.seq"
-        ))
-        .bind(slots.iter().map(|s| s.agent_id).collect::<Vec<_>>())
-        .bind(slots.iter().map(|s| s.session).collect::<Vec<_>>())
-        .bind(phases)
-        .bind(slots.len() as i64)
-        .bind(stamp)
-        .bind(&locked)
-        .fetch_all(&mut *tx)
-        .await?;
-        let tasks = unwrap_rows(rows);
-        let assigned: Vec<_> = tasks.iter().map(rules::assigned).collect();
-        let traces: Vec<_> = tasks.iter().map(|t| t.trace_context.clone()).collect();
-        events::insert_traced(&mut tx, &assigned, &traces).await?;
-        self.commit(tx).await?;
-        Ok(tasks)
+        Ok(unwrap_rows(rows))
     }
 
     /// The tasks an `assign` with this stamp handed to these sessions and

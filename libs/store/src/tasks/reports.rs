@@ -4,9 +4,8 @@
 use std::collections::HashMap;
 
 use omoi_domain::rules::Failure;
-use omoi_domain::{Action, Envelope, GitChange, Task, Usage, rules};
+use omoi_domain::{Action, Entity, Event, EventType, GitChange, Task, Usage, rules};
 use serde_json::Value;
-use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{Outcome, TaskRow, release_dependents, select_tasks, task_columns, unwrap_rows, usage_json};
@@ -28,36 +27,48 @@ pub struct Report {
 }
 
 impl Store {
-    /// Starts a batch of attempts in one statement; one result per report.
+    /// Starts a batch of attempts in one statement, their events written
+    /// by the same statement; one result per report.
     pub async fn start_batch(&self, reports: &[Report]) -> Result<Vec<Result<Task>>> {
         let (ids, attempts) = ids_and_attempts(reports);
-        let mut tx = self.pool().begin().await?;
+        let events = ReportEvents::new(reports, |r| rules::start_event(r.attempt, None));
         let rows: Vec<TaskRow> = sqlx::query_as(concat!(
-            "WITH t AS (
+            "WITH r AS (
+                 SELECT * FROM unnest($1::uuid[], $2::int4[], $3::uuid[], $4::text[], $5::text[])
+                          WITH ORDINALITY AS r(id, attempt, event_id, event_payload, trace, ord)
+             ), t AS (
                  UPDATE tasks t
                  SET status = 'running', started_at = now(), updated_at = now(),
                      deadline_at = CASE WHEN t.timeout_seconds > 0
                                         THEN now() + make_interval(secs => t.timeout_seconds) END
-                 FROM unnest($1::uuid[], $2::int4[]) AS r(id, attempt)
+                 FROM r
                  WHERE t.id = r.id AND t.attempt = r.attempt AND t.status = 'assigned'
-                 RETURNING t.*
-             )
+                 RETURNING t.*, r.event_id, r.event_payload, r.trace AS report_trace, r.ord AS report_ord
+             ), ev AS (",
+            report_events!(),
+            "), outbox AS (",
+            events::insert_events!("$6", "$7"),
+            ")
              SELECT ",
             task_columns!(),
             " FROM t"
         ))
         .bind(&ids)
         .bind(&attempts)
-        .fetch_all(&mut *tx)
+        .bind(&events.ids)
+        .bind(&events.payloads)
+        .bind(&events.traces)
+        .bind(EventType::TaskStarted.as_str())
+        .bind(Entity::Task.as_str())
+        .fetch_all(self.pool())
         .await?;
-        let tasks = unwrap_rows(rows);
-        record(&mut tx, reports, &tasks, |task, _| rules::started(task)).await?;
-        self.commit(tx).await?;
-        self.match_reports(reports, tasks, Action::Start).await
+        self.wrote();
+        self.match_reports(reports, unwrap_rows(rows), Action::Start).await
     }
 
-    /// Completes a batch of attempts in one transaction and releases their
-    /// dependents; one result per report.
+    /// Completes a batch of attempts in one transaction (the completions
+    /// and their events in one statement) and releases their dependents;
+    /// one result per report.
     pub async fn complete_batch(&self, reports: &[Report]) -> Result<Vec<Result<Task>>> {
         let (ids, attempts) = ids_and_attempts(reports);
         let results: Vec<Option<String>> = reports
@@ -73,18 +84,28 @@ impl Store {
                     .map(|g| serde_json::to_string(g).expect("a git change always serializes"))
             })
             .collect();
+        let events = ReportEvents::new(reports, |r| {
+            rules::completion_event(r.attempt, None, r.result.clone(), r.usage.clone(), r.git.as_ref())
+        });
         let mut tx = self.pool().begin().await?;
         let rows: Vec<TaskRow> = sqlx::query_as(concat!(
-            "WITH t AS (
+            "WITH r AS (
+                 SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
+                                      $6::uuid[], $7::text[], $8::text[])
+                          WITH ORDINALITY AS r(id, attempt, result, usage, git, event_id, event_payload, trace, ord)
+             ), t AS (
                  UPDATE tasks t
                  SET status = 'completed', result = r.result::jsonb, completed_at = now(),
                      updated_at = now(), deadline_at = NULL, error_message = NULL, error_class = NULL,
                      usage = usage_add(t.usage, r.usage::jsonb), git = r.git::jsonb
-                 FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[])
-                      AS r(id, attempt, result, usage, git)
+                 FROM r
                  WHERE t.id = r.id AND t.attempt = r.attempt AND t.status = 'running'
-                 RETURNING t.*
-             )
+                 RETURNING t.*, r.event_id, r.event_payload, r.trace AS report_trace, r.ord AS report_ord
+             ), ev AS (",
+            report_events!(),
+            "), outbox AS (",
+            events::insert_events!("$9", "$10"),
+            ")
              SELECT ",
             task_columns!(),
             " FROM t"
@@ -94,13 +115,14 @@ impl Store {
         .bind(&results)
         .bind(&usages)
         .bind(&gits)
+        .bind(&events.ids)
+        .bind(&events.payloads)
+        .bind(&events.traces)
+        .bind(EventType::TaskCompleted.as_str())
+        .bind(Entity::Task.as_str())
         .fetch_all(&mut *tx)
         .await?;
         let tasks = unwrap_rows(rows);
-        record(&mut tx, reports, &tasks, |task, report| {
-            rules::completed(task, report.and_then(|r| r.usage.clone()))
-        })
-        .await?;
         // A separate statement, so that its snapshot includes dependents
         // enqueued by transactions that held our rows until just now.
         let done: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
@@ -162,27 +184,41 @@ impl Store {
     }
 }
 
-/// Records the events of applied reports, each in the trace of the request
-/// that reported it (or of the task's enqueue).
-async fn record(
-    conn: &mut PgConnection,
-    reports: &[Report],
-    tasks: &[Task],
-    event: impl Fn(&Task, Option<&Report>) -> Envelope,
-) -> Result<()> {
-    let by_id: HashMap<Uuid, &Report> = reports.iter().map(|r| (r.task_id, r)).collect();
-    let evs: Vec<Envelope> = tasks.iter().map(|t| event(t, by_id.get(&t.id).copied())).collect();
-    let traces: Vec<Option<String>> = tasks
-        .iter()
-        .map(|t| {
-            by_id
-                .get(&t.id)
-                .and_then(|r| r.trace.clone())
-                .or_else(|| t.trace_context.clone())
-        })
-        .collect();
-    events::insert_traced(conn, &evs, &traces).await
+/// The events of a batch of reports, made before the statement that
+/// applies them (one per report, as if each applied; the statement keeps
+/// those of the reports it did apply): ids, payloads without the agent
+/// (the statement adds the task's), and the reporting requests' trace
+/// contexts.
+struct ReportEvents {
+    ids: Vec<Uuid>,
+    payloads: Vec<String>,
+    traces: Vec<Option<String>>,
 }
+
+impl ReportEvents {
+    fn new(reports: &[Report], event: impl Fn(&Report) -> Event) -> Self {
+        Self {
+            ids: events::event_ids(reports.len()),
+            payloads: reports.iter().map(|r| event(r).payload().to_string()).collect(),
+            traces: reports.iter().map(|r| r.trace.clone()).collect(),
+        }
+    }
+}
+
+/// The `ev` rows (see `events::insert_events`) of a report statement whose
+/// CTE `t` returns the applied rows with their report's `event_id`,
+/// `event_payload`, `report_trace` and `report_ord`: the payload gets the
+/// task's agent, and an event without the request's trace context takes
+/// the task's (its enqueue's), in report order.
+macro_rules! report_events {
+    () => {
+        "SELECT t.event_id AS id, t.report_ord AS ord, t.id AS entity_id, t.ticket_id,
+                (t.event_payload::jsonb || jsonb_build_object('agent_id', t.assigned_agent_id))::json AS payload,
+                coalesce(t.report_trace, t.trace_context) AS trace
+         FROM t"
+    };
+}
+use report_events;
 
 fn ids_and_attempts(reports: &[Report]) -> (Vec<Uuid>, Vec<i32>) {
     reports.iter().map(|r| (r.task_id, r.attempt)).unzip()
