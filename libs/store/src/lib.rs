@@ -57,6 +57,11 @@ impl Store {
     pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self> {
         let options: PgConnectOptions = url.parse().map_err(StoreError::Database)?;
         let options = options
+            // Every statement here is short and prepared once per
+            // connection; a generic plan's estimate for a deep queue can
+            // pass the JIT threshold, and compiling it costs hundreds of
+            // milliseconds a claim that takes one or two.
+            .options([("jit", "off")])
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
         let pool = PgPoolOptions::new()

@@ -200,6 +200,14 @@ async fn claims_go_by_priority_then_age_each_with_an_assigned_event() {
     db.drop().await;
 }
 
+#[tokio::test]
+async fn connections_never_compile_statements_to_machine_code() {
+    let db = Db::new().await;
+    let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(db.store.pool()).await.unwrap();
+    assert_eq!(jit, "off");
+    db.drop().await;
+}
+
 /// Claims, starts and completions write their events in the statement
 /// that changes the tasks: what the outbox holds must be exactly what the
 /// domain makes of the changed tasks (`rules::assigned`, `started`,
