@@ -255,6 +255,50 @@ async fn completion_releases_dependents_and_failure_cascades() {
     s.finish().await;
 }
 
+/// With the dispatcher's sweep out of the picture, each completion's own
+/// wake-up hands out what it made possible: a dependent it released (no
+/// agent was short of capacity), or ready work that was waiting for the
+/// capacity it freed.
+#[tokio::test]
+async fn each_completion_dispatches_what_it_makes_possible_without_a_sweep() {
+    let s = setup_with(|c| c.dispatch_sweep_ms = 600_000).await;
+    let title = |a: &pb::Assignment| a.task.as_ref().unwrap().title.clone();
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let with = |id: Uuid, name: &str, deps: &[Uuid]| pb::NewTask {
+        id: id.to_string(),
+        depends_on: deps.iter().map(ToString::to_string).collect(),
+        ..new_task(name, 1)
+    };
+    let mut agent = ScriptedAgent::connect(&s.client, &s.agents, 2, vec![]).await.unwrap();
+    enqueue(&s.client, vec![with(a, "a", &[]), with(b, "b", &[a])]).await;
+    // A slot stays free: nothing waits for capacity.
+    let first = agent.next_assignment(WAIT).await.unwrap();
+    assert_eq!(title(&first), "a");
+    agent.start(&first).await.unwrap();
+    agent.complete(&first).await.unwrap();
+    let second = agent
+        .next_assignment(WAIT)
+        .await
+        .expect("the released dependent goes out");
+    assert_eq!(title(&second), "b");
+
+    // b holds one slot; of three more, one fits and two wait for capacity.
+    enqueue(&s.client, vec![new_task("c", 3), new_task("d", 2), new_task("e", 1)]).await;
+    let third = agent.next_assignment(WAIT).await.unwrap();
+    assert_eq!(title(&third), "c");
+    assert!(agent.next(QUIET).await.is_none(), "capacity 2");
+    let mut held = vec![second, third];
+    for expected in ["d", "e"] {
+        let done = held.remove(0);
+        agent.start(&done).await.unwrap();
+        agent.complete(&done).await.unwrap();
+        let next = agent.next_assignment(WAIT).await.expect("freed capacity is filled");
+        assert_eq!(title(&next), expected);
+        held.push(next);
+    }
+    s.finish().await;
+}
+
 #[tokio::test]
 async fn a_cycle_or_bad_field_is_refused_and_nothing_is_written() {
     let s = setup().await;

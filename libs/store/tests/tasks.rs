@@ -302,7 +302,7 @@ async fn batch_statements_write_the_events_the_domain_makes() {
             ..report(claimed[0].id, 1)
         },
     ];
-    let done = db.store.complete_batch(&reports).await.unwrap();
+    let done = db.store.complete_batch(&reports).await.unwrap().results;
     let expected: Vec<Envelope> = done
         .iter()
         .zip(&reports)
@@ -371,7 +371,7 @@ async fn reports_apply_once_and_completion_releases_dependents() {
         stale[0],
         Err(StoreError::Domain(omoi_domain::DomainError::StaleAttempt { .. }))
     ));
-    let early = db.store.complete_batch(&[report(first.id, 1)]).await.unwrap();
+    let early = db.store.complete_batch(&[report(first.id, 1)]).await.unwrap().results;
     assert!(matches!(
         early[0],
         Err(StoreError::Domain(omoi_domain::DomainError::IllegalTransition { .. }))
@@ -388,6 +388,8 @@ async fn reports_apply_once_and_completion_releases_dependents() {
         ..report(first.id, 1)
     };
     let completed = db.store.complete_batch(&[done]).await.unwrap();
+    assert_eq!(completed.released, 1, "the dependent lost its one unmet dependency");
+    let completed = completed.results;
     assert_eq!(completed[0].as_ref().unwrap().status, TaskStatus::Completed);
     let events = db.events().await;
     assert_eq!(
@@ -482,7 +484,14 @@ async fn usage_adds_up_over_attempts_and_each_event_tells_its_own() {
         usage: Some(second.clone()),
         ..report(task.id, 2)
     };
-    let completed = db.store.complete_batch(&[done]).await.unwrap().remove(0).unwrap();
+    let completed = db
+        .store
+        .complete_batch(&[done])
+        .await
+        .unwrap()
+        .results
+        .remove(0)
+        .unwrap();
     let sum = completed.usage.expect("the sum is kept");
     assert_eq!(
         (sum.input_tokens, sum.output_tokens, sum.cache_read_tokens),

@@ -13,7 +13,10 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 type Reply = oneshot::Sender<Result<Task, Status>>;
-type BatchFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<Result<Task, StoreError>>, StoreError>> + Send + 'a>>;
+/// A batch write: one result per report, and how many dependents it
+/// released.
+type BatchFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<(Vec<Result<Task, StoreError>>, u64), StoreError>> + Send + 'a>>;
 
 /// Largest batch written at once.
 const MAX_BATCH: usize = 512;
@@ -31,7 +34,9 @@ pub enum Kind {
 
 impl Batcher {
     /// Spawns the batch writer; it ends when every handle is dropped.
-    pub fn spawn(store: Store, kind: Kind, after_commit: impl Fn(&[Task]) + Send + 'static) -> Self {
+    /// `after_commit` gets the tasks a batch changed and how many
+    /// dependents it released.
+    pub fn spawn(store: Store, kind: Kind, after_commit: impl Fn(&[Task], u64) + Send + 'static) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(run(store, kind, rx, after_commit));
         Self { tx }
@@ -51,7 +56,7 @@ async fn run(
     store: Store,
     kind: Kind,
     mut rx: mpsc::Receiver<(Report, Reply)>,
-    after_commit: impl Fn(&[Task]) + Send + 'static,
+    after_commit: impl Fn(&[Task], u64) + Send + 'static,
 ) {
     let mut carried: Vec<(Report, Reply)> = Vec::new();
     loop {
@@ -76,14 +81,17 @@ async fn run(
 
         let reports: Vec<Report> = batch.iter().map(|(r, _)| r.clone()).collect();
         let write: BatchFuture<'_> = match kind {
-            Kind::Start => Box::pin(store.start_batch(&reports)),
-            Kind::Complete => Box::pin(store.complete_batch(&reports)),
+            Kind::Start => Box::pin(async { Ok((store.start_batch(&reports).await?, 0)) }),
+            Kind::Complete => Box::pin(async {
+                let done = store.complete_batch(&reports).await?;
+                Ok((done.results, done.released))
+            }),
         };
         match write.await {
-            Ok(results) => {
+            Ok((results, released)) => {
                 let applied: Vec<Task> = results.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
                 if !applied.is_empty() {
-                    after_commit(&applied);
+                    after_commit(&applied, released);
                 }
                 for ((_, reply), result) in batch.into_iter().zip(results) {
                     let _ = reply.send(result.map_err(status));

@@ -52,7 +52,8 @@ pub struct Config {
     pub heartbeat_interval_seconds: u32,
 
     /// Longest the dispatcher waits without a wake-up before it looks for
-    /// ready tasks anyway (a safety net; enqueues and completions wake it).
+    /// ready tasks anyway (a safety net; enqueues, completions that release
+    /// work and completions that free capacity work waits for wake it).
     #[arg(long, env = "OMOI_DISPATCH_SWEEP_MS", default_value_t = 2000)]
     pub dispatch_sweep_ms: u64,
 

@@ -47,6 +47,13 @@ pub struct Dispatcher {
     /// Set (under the sessions lock) by `close_all`: no stream opens after.
     closed: AtomicBool,
     wake: Notify,
+    /// Why it was woken since its last look: work may be ready (`work`),
+    /// or agents' capacity was freed (`freed`), which needs a round only
+    /// when the last one left ready work for want of capacity
+    /// (`capacity_short`).
+    work: AtomicBool,
+    freed: AtomicBool,
+    capacity_short: AtomicBool,
     nats: Option<async_nats::Client>,
     topology: Topology,
     replica: Uuid,
@@ -71,6 +78,9 @@ impl Dispatcher {
             sessions: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             wake: Notify::new(),
+            work: AtomicBool::new(false),
+            freed: AtomicBool::new(false),
+            capacity_short: AtomicBool::new(true),
             nats,
             topology,
             replica: Uuid::new_v4(),
@@ -196,20 +206,36 @@ impl Dispatcher {
         }
     }
 
-    /// Wakes this replica's dispatch loop and, through NATS, the others'.
+    /// Wakes this replica's dispatch loop and, through NATS, the others':
+    /// work may be ready.
     pub fn wake(&self) {
         self.wake_local();
+        self.tell_peers(Wake::Work);
+    }
+
+    /// Tells this replica's dispatch loop and the others' that agents'
+    /// capacity was freed (a completion that released nothing): a replica
+    /// looks again only if its last round left ready work unclaimed for
+    /// want of it.
+    pub fn capacity_freed(&self) {
+        self.freed.store(true, Ordering::Release);
+        self.wake.notify_one();
+        self.tell_peers(Wake::Freed);
+    }
+
+    fn tell_peers(&self, wake: Wake) {
         if let Some(nats) = &self.nats {
             let nats = nats.clone();
             let subject = self.topology.control_subject("wake");
-            let origin = self.replica.to_string();
+            let payload = wake.payload(self.replica);
             tokio::spawn(async move {
-                let _ = nats.publish(subject, origin.into()).await;
+                let _ = nats.publish(subject, payload.into()).await;
             });
         }
     }
 
     fn wake_local(&self) {
+        self.work.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 
@@ -260,11 +286,14 @@ impl Dispatcher {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                Some(msg) = wakes.next() => {
-                    if msg.payload.as_ref() != me.as_bytes() {
-                        self.wake_local();
+                Some(msg) = wakes.next() => match Wake::parse(&msg.payload, &me) {
+                    Some(Wake::Work) => self.wake_local(),
+                    Some(Wake::Freed) => {
+                        self.freed.store(true, Ordering::Release);
+                        self.wake.notify_one();
                     }
-                }
+                    None => {}
+                },
                 Some(msg) = revokes.next() => {
                     if let Some(r) = parse_revoke(&msg.payload, self.replica) {
                         self.revoke_local(&r);
@@ -277,20 +306,31 @@ impl Dispatcher {
 
     /// The dispatch loop.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut due = true;
+        let mut until = Instant::now();
         loop {
-            let next = match self.round().await {
-                Ok(next) => next,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dispatch round failed");
-                    Some(Instant::now() + Duration::from_millis(500))
-                }
-            };
-            let sweep = Instant::now() + self.sweep;
-            let until = next.map_or(sweep, |n| n.min(sweep));
+            if due {
+                let next = match self.round().await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dispatch round failed");
+                        self.capacity_short.store(true, Ordering::Release);
+                        Some(Instant::now() + Duration::from_millis(500))
+                    }
+                };
+                let sweep = Instant::now() + self.sweep;
+                until = next.map_or(sweep, |n| n.min(sweep));
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep_until(until) => {}
+                _ = self.wake.notified() => {
+                    // Both flags are taken, so that a wake of either kind
+                    // that came during the round is looked at once.
+                    let work = self.work.swap(false, Ordering::AcqRel);
+                    let freed = self.freed.swap(false, Ordering::AcqRel);
+                    due = work || (freed && self.capacity_short.load(Ordering::Acquire));
+                }
+                _ = tokio::time::sleep_until(until) => due = true,
             }
         }
     }
@@ -311,6 +351,7 @@ impl Dispatcher {
                 .collect()
         };
         if conns.is_empty() {
+            self.capacity_short.store(true, Ordering::Release);
             return Ok(None);
         }
         self.recover_unsure().await?;
@@ -318,16 +359,25 @@ impl Dispatcher {
         let view = self.store.round_view(&agents, self.silent_after.as_secs_f64()).await?;
         let held = &view.held;
 
+        // Whether ready work may be left waiting for capacity: an agent
+        // had none free or was not heard from lately, or a claim filled
+        // every slot it was given.
+        let mut short = false;
         let mut groups: HashMap<Option<Vec<Phase>>, Vec<(Slot, i64)>> = HashMap::new();
         for (session, agent_id, phases, capacity) in conns {
             // Not listed: silent, stale or gone; no new work until heard.
-            let Some(held) = held.get(&agent_id) else { continue };
+            let Some(held) = held.get(&agent_id) else {
+                short = true;
+                continue;
+            };
             let free = capacity - held;
             if free > 0 {
                 groups
                     .entry(phases)
                     .or_default()
                     .push((Slot { agent_id, session }, free));
+            } else {
+                short = true;
             }
         }
         let mut unfilled = false;
@@ -343,9 +393,12 @@ impl Dispatcher {
             };
             if tasks.len() < slots.len() {
                 unfilled = true;
+            } else {
+                short = true;
             }
             self.deliver(&slots, tasks).await;
         }
+        self.capacity_short.store(short, Ordering::Release);
         if !unfilled {
             return Ok(None);
         }
@@ -466,6 +519,35 @@ fn interleave(mut agents: Vec<(Slot, i64)>, max: usize) -> Vec<Slot> {
     }
 }
 
+/// A wake-up told to the other replicas on the control subject `wake`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// Work may be ready: the sender's id.
+    Work,
+    /// Only capacity was freed: the sender's id and `freed`.
+    Freed,
+}
+
+impl Wake {
+    fn payload(self, origin: Uuid) -> String {
+        match self {
+            Wake::Work => origin.to_string(),
+            Wake::Freed => format!("{origin} freed"),
+        }
+    }
+
+    /// A peer's wake; `None` for our own. Anything else unknown is taken
+    /// as work, so that no wake-up is lost.
+    fn parse(payload: &[u8], me: &str) -> Option<Wake> {
+        let text = std::str::from_utf8(payload).unwrap_or_default();
+        let (origin, kind) = text.split_once(' ').unwrap_or((text, ""));
+        if origin == me {
+            return None;
+        }
+        Some(if kind == "freed" { Wake::Freed } else { Wake::Work })
+    }
+}
+
 /// A revocation told to the other replicas: the agent may be connected to
 /// any of them.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -526,6 +608,20 @@ mod tests {
         assert_eq!(slots, vec![a, b, a, a]);
         assert_eq!(interleave(vec![(a, 3), (b, 3)], 4).len(), 4);
         assert!(interleave(vec![(a, 0)], 10).is_empty());
+    }
+
+    #[test]
+    fn wakes_from_peers_keep_their_kind_and_own_ones_are_ignored() {
+        let (me, peer) = (Uuid::from_u128(5), Uuid::from_u128(6));
+        let me_text = me.to_string();
+        let parse = |w: Wake, from: Uuid| Wake::parse(w.payload(from).as_bytes(), &me_text);
+        assert_eq!(parse(Wake::Work, peer), Some(Wake::Work));
+        assert_eq!(parse(Wake::Freed, peer), Some(Wake::Freed));
+        assert_eq!(parse(Wake::Work, me), None);
+        assert_eq!(parse(Wake::Freed, me), None);
+        // An older replica's, or anything unreadable: work, to be safe.
+        assert_eq!(Wake::parse(b"\xff\xfe", &me_text), Some(Wake::Work));
+        assert_eq!(Wake::parse(b"x something-new", &me_text), Some(Wake::Work));
     }
 
     #[test]

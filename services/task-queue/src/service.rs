@@ -50,14 +50,20 @@ impl TaskQueue {
         default_timeout_seconds: i32,
         watchers: CancellationToken,
     ) -> Self {
-        let starts = Batcher::spawn(store.clone(), Kind::Start, |_| {});
+        let starts = Batcher::spawn(store.clone(), Kind::Start, |_, _| {});
         let disp = Arc::clone(&dispatcher);
-        let completions = Batcher::spawn(store.clone(), Kind::Complete, move |done| {
+        let completions = Batcher::spawn(store.clone(), Kind::Complete, move |done, released| {
             omoi_runtime::metrics::TASK_OUTCOMES
                 .with_label_values(&["completed"])
                 .inc_by(done.len() as u64);
-            // Capacity freed and dependents may be ready.
-            disp.wake();
+            // Dependents may be ready, or a limited key has room again:
+            // work for any replica. Otherwise only capacity was freed,
+            // which matters to a replica whose agents had none left.
+            if released > 0 || done.iter().any(|t| t.concurrency_key.is_some()) {
+                disp.wake();
+            } else {
+                disp.capacity_freed();
+            }
         });
         Self {
             store,

@@ -23,7 +23,7 @@ use crate::{Result, Store, StoreError};
 pub use claim::Slot;
 pub use maintenance::Retried;
 pub use query::{ListFilter, Stats};
-pub use reports::Report;
+pub use reports::{Completions, Report};
 
 /// Columns of a task as every query returns it (`t` is the tasks alias).
 macro_rules! task_fields {

@@ -26,6 +26,16 @@ pub struct Report {
     pub trace: Option<String>,
 }
 
+/// What a completion batch did.
+#[derive(Debug)]
+pub struct Completions {
+    /// One per report, in order.
+    pub results: Vec<Result<Task>>,
+    /// Dependents of the completed tasks that had one dependency fewer to
+    /// wait for (some may be ready now).
+    pub released: u64,
+}
+
 impl Store {
     /// Starts a batch of attempts in one statement, their events written
     /// by the same statement; one result per report.
@@ -68,8 +78,8 @@ impl Store {
 
     /// Completes a batch of attempts in one transaction (the completions
     /// and their events in one statement) and releases their dependents;
-    /// one result per report.
-    pub async fn complete_batch(&self, reports: &[Report]) -> Result<Vec<Result<Task>>> {
+    /// one result per report, and how many dependents it released.
+    pub async fn complete_batch(&self, reports: &[Report]) -> Result<Completions> {
         let (ids, attempts) = ids_and_attempts(reports);
         let results: Vec<Option<String>> = reports
             .iter()
@@ -126,9 +136,12 @@ impl Store {
         // A separate statement, so that its snapshot includes dependents
         // enqueued by transactions that held our rows until just now.
         let done: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
-        release_dependents(&mut tx, &done).await?;
+        let released = release_dependents(&mut tx, &done).await?;
         self.commit(tx).await?;
-        self.match_reports(reports, tasks, Action::Complete).await
+        Ok(Completions {
+            results: self.match_reports(reports, tasks, Action::Complete).await?,
+            released,
+        })
     }
 
     /// A failure report: retried with backoff when retryable and retries
