@@ -134,7 +134,7 @@ impl Dispatcher {
             );
         }
         tracing::info!(%agent_id, %session, capacity, "agent stream opened");
-        self.wake_local();
+        self.note(Wake::Work);
         Ok(Some(AgentStream {
             inner: UnboundedReceiverStream::new(rx),
             _guard: Disconnect {
@@ -209,7 +209,7 @@ impl Dispatcher {
     /// Wakes this replica's dispatch loop and, through NATS, the others':
     /// work may be ready.
     pub fn wake(&self) {
-        self.wake_local();
+        self.note(Wake::Work);
         self.tell_peers(Wake::Work);
     }
 
@@ -218,8 +218,7 @@ impl Dispatcher {
     /// looks again only if its last round left ready work unclaimed for
     /// want of it.
     pub fn capacity_freed(&self) {
-        self.freed.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.note(Wake::Freed);
         self.tell_peers(Wake::Freed);
     }
 
@@ -234,8 +233,13 @@ impl Dispatcher {
         }
     }
 
-    fn wake_local(&self) {
-        self.work.store(true, Ordering::Release);
+    /// Records why this replica's dispatch loop is woken, and wakes it.
+    fn note(&self, wake: Wake) {
+        let reason = match wake {
+            Wake::Work => &self.work,
+            Wake::Freed => &self.freed,
+        };
+        reason.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 
@@ -286,14 +290,11 @@ impl Dispatcher {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                Some(msg) = wakes.next() => match Wake::parse(&msg.payload, &me) {
-                    Some(Wake::Work) => self.wake_local(),
-                    Some(Wake::Freed) => {
-                        self.freed.store(true, Ordering::Release);
-                        self.wake.notify_one();
+                Some(msg) = wakes.next() => {
+                    if let Some(wake) = Wake::parse(&msg.payload, &me) {
+                        self.note(wake);
                     }
-                    None => {}
-                },
+                }
                 Some(msg) = revokes.next() => {
                     if let Some(r) = parse_revoke(&msg.payload, self.replica) {
                         self.revoke_local(&r);

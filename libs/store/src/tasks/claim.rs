@@ -27,7 +27,8 @@ pub struct Slot {
 /// followed by a comma) and `$room` the way a task of a limited key may
 /// still be taken.
 ///
-/// The phases are a fixed list filtered by `$3` rather than `unnest($3)`:
+/// The phases are a fixed list (the stored codes of `Phase::ALL`, which
+/// `codes.rs` pins) filtered by `$3` rather than `unnest($3)`:
 /// its size is then known to the planner without the parameter's value, so
 /// that the statement's generic plan costs what its custom plans do and is
 /// kept, instead of the statement being planned again on every claim.
@@ -119,14 +120,16 @@ impl Store {
         let agents: Vec<Uuid> = slots.iter().map(|s| s.agent_id).collect();
         let sessions: Vec<Uuid> = slots.iter().map(|s| s.session).collect();
         let event_ids = events::event_ids(slots.len());
-        let bind = |query: sqlx::query::QueryAs<'static, _, TaskRow, _>| {
+        let limit = slots.len() as i64;
+        // Used once, by whichever statement runs.
+        let bind = move |query: sqlx::query::QueryAs<'static, _, TaskRow, _>| {
             query
-                .bind(agents.clone())
-                .bind(sessions.clone())
-                .bind(phases.clone())
-                .bind(slots.len() as i64)
+                .bind(agents)
+                .bind(sessions)
+                .bind(phases)
+                .bind(limit)
                 .bind(stamp)
-                .bind(event_ids.clone())
+                .bind(event_ids)
                 .bind(EventType::TaskAssigned.as_str())
                 .bind(Entity::Task.as_str())
         };
