@@ -12,7 +12,7 @@ use futures::future::join_all;
 use omoi_proto::convert;
 use omoi_proto::events::Event;
 use omoi_store::Store;
-use omoi_store::outbox::{self, OutboxEvent};
+use omoi_store::outbox::{OutboxEvent, RelaySession, Taken};
 use prost::Message;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,9 @@ pub struct Relay {
     wake: Arc<Notify>,
     batch: i64,
     poll: Duration,
+    /// Opened on first use; dropped after any failure, which frees the
+    /// relay lock it may hold.
+    session: Option<RelaySession>,
 }
 
 impl Relay {
@@ -44,12 +47,13 @@ impl Relay {
             wake,
             batch: 500,
             poll: Duration::from_millis(250),
+            session: None,
         }
     }
 
     /// Publishes until `shutdown`, then drains what is left (bounded by
     /// `drain_for`) so that a clean stop leaves no event behind.
-    pub async fn run(self, shutdown: CancellationToken, drain_for: Duration) {
+    pub async fn run(mut self, shutdown: CancellationToken, drain_for: Duration) {
         let mut failures = 0u32;
         let mut backoff = crate::retry_backoff();
         let mut stream_ready = false;
@@ -106,58 +110,75 @@ impl Relay {
             }
             Err(_) => tracing::warn!("outbox drain timed out; events wait for the next start"),
         }
+        if let Some(session) = self.session.take() {
+            session.close().await;
+        }
     }
 
     /// Publishes the oldest batches (about `batch` events); returns how many
     /// events it published (0 when the outbox is empty or another relay
     /// holds the lock).
-    pub async fn publish_batch(&self) -> Result<usize, BusError> {
-        let mut tx = self.store.pool().begin().await.map_err(omoi_store::StoreError::from)?;
-        let taken = outbox::lock_batch(&mut tx, self.batch).await?;
-        if taken.seqs.is_empty() {
-            // Ended here rather than when the connection is next flushed:
-            // the relay lock may be held.
-            tx.rollback().await.map_err(omoi_store::StoreError::from)?;
-            return Ok(0);
-        }
-        let mut pending = Vec::with_capacity(taken.events.len());
-        for event in &taken.events {
-            let (subject, headers, payload) = self.message(event);
-            let ack = self
-                .js
-                .publish_with_headers(subject, headers, payload.into())
-                .await
-                .map_err(|e| BusError::Publish(e.to_string()))?;
-            pending.push(ack.into_future());
-        }
-        for ack in join_all(pending).await {
-            ack.map_err(|e| BusError::Publish(e.to_string()))?;
-        }
-        outbox::delete(&mut tx, &taken.seqs).await?;
-        tx.commit().await.map_err(omoi_store::StoreError::from)?;
-        Ok(taken.events.len())
-    }
-
-    fn message(&self, event: &OutboxEvent) -> (String, HeaderMap, Vec<u8>) {
-        let ticket = event.ticket_id.map(|t| t.to_string());
-        let subject = self
-            .topology
-            .event_subject(&event.entity_type, &event.event_type, ticket.as_deref());
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
-        headers.insert("Omoi-Event-Type", event.event_type.as_str());
-        if let Some(tp) = &event.trace_context {
-            headers.insert("traceparent", tp.as_str());
-        }
-        let proto = Event {
-            id: event.id.to_string(),
-            event_type: event.event_type.clone(),
-            entity_type: event.entity_type.clone(),
-            entity_id: event.entity_id.to_string(),
-            ticket_id: ticket.unwrap_or_default(),
-            occurred_at: Some(convert::timestamp(event.occurred_at)),
-            payload: Some(convert::json_to_struct(&event.payload)),
+    async fn publish_batch(&mut self) -> Result<usize, BusError> {
+        let session = match &mut self.session {
+            Some(session) => session,
+            empty => empty.insert(self.store.relay_session().await?),
         };
-        (subject, headers, proto.encode_to_vec())
+        let published = match session.take(self.batch).await {
+            Ok(None) => Ok(0),
+            Ok(Some(taken)) => match publish(&self.js, &self.topology, &taken).await {
+                Ok(()) => session
+                    .finish(&taken.seqs)
+                    .await
+                    .map(|()| taken.events.len())
+                    .map_err(BusError::from),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e.into()),
+        };
+        if published.is_err() {
+            // The session may hold the relay lock: ending it frees the lock
+            // for the other relays; the next attempt opens a new one.
+            self.session = None;
+        }
+        published
     }
+}
+
+/// Publishes every event taken, many in flight at once, and waits until
+/// JetStream acknowledged all of them.
+async fn publish(js: &jetstream::Context, topology: &Topology, taken: &Taken) -> Result<(), BusError> {
+    let mut pending = Vec::with_capacity(taken.events.len());
+    for event in &taken.events {
+        let (subject, headers, payload) = message(topology, event);
+        let ack = js
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))?;
+        pending.push(ack.into_future());
+    }
+    for ack in join_all(pending).await {
+        ack.map_err(|e| BusError::Publish(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn message(topology: &Topology, event: &OutboxEvent) -> (String, HeaderMap, Vec<u8>) {
+    let ticket = event.ticket_id.map(|t| t.to_string());
+    let subject = topology.event_subject(&event.entity_type, &event.event_type, ticket.as_deref());
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+    headers.insert("Omoi-Event-Type", event.event_type.as_str());
+    if let Some(tp) = &event.trace_context {
+        headers.insert("traceparent", tp.as_str());
+    }
+    let proto = Event {
+        id: event.id.to_string(),
+        event_type: event.event_type.clone(),
+        entity_type: event.entity_type.clone(),
+        entity_id: event.entity_id.to_string(),
+        ticket_id: ticket.unwrap_or_default(),
+        occurred_at: Some(convert::timestamp(event.occurred_at)),
+        payload: Some(convert::json_to_struct(&event.payload)),
+    };
+    (subject, headers, proto.encode_to_vec())
 }

@@ -348,14 +348,28 @@ pub fn dependent_cancelled(task_id: Uuid, ticket_id: Option<Uuid>, cause: Uuid, 
 pub fn created(task: &Task) -> Envelope {
     task_event(
         task,
-        Event::TaskCreated(TaskCreated {
-            title: task.title.clone(),
-            phase: task.phase,
-            priority: task.priority,
-            depends_on: task.depends_on.clone(),
-            unmet_dependencies: task.unmet_deps,
-        }),
+        creation_event(
+            &task.title,
+            task.phase,
+            task.priority,
+            task.depends_on.clone(),
+            task.unmet_deps,
+        ),
     )
+}
+
+/// The event of a task about to be stored, from what its request says (as
+/// `start_event`): an enqueue makes it before the statement that stores
+/// the task and its event together. `depends_on` in the order a read of
+/// the task gives them (sorted).
+pub fn creation_event(title: &str, phase: Phase, priority: i32, depends_on: Vec<Uuid>, unmet: i32) -> Event {
+    Event::TaskCreated(TaskCreated {
+        title: title.to_owned(),
+        phase,
+        priority,
+        depends_on,
+        unmet_dependencies: unmet,
+    })
 }
 
 /// The event of a task handed to an agent (`attempt` already bumped).

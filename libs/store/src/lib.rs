@@ -55,15 +55,7 @@ impl Store {
     /// Connects lazily: the pool opens connections on first use, so a service
     /// can start (and report NOT_SERVING) while the database is still down.
     pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self> {
-        let options: PgConnectOptions = url.parse().map_err(StoreError::Database)?;
-        let options = options
-            // Every statement here is short and prepared once per
-            // connection; a generic plan's estimate for a deep queue can
-            // pass the JIT threshold, and compiling it costs hundreds of
-            // milliseconds a claim that takes one or two.
-            .options([("jit", "off")])
-            .log_statements(tracing::log::LevelFilter::Trace)
-            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+        let options = connect_options(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -166,6 +158,19 @@ impl Store {
         }
         Ok(unattended)
     }
+}
+
+/// Every connection's settings.
+fn connect_options(url: &str) -> Result<PgConnectOptions> {
+    let options: PgConnectOptions = url.parse().map_err(StoreError::Database)?;
+    Ok(options
+        // Every statement here is short and prepared once per connection; a
+        // generic plan's estimate for a deep queue can pass the JIT
+        // threshold, and compiling it costs hundreds of milliseconds a claim
+        // that takes one or two.
+        .options([("jit", "off")])
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
 }
 
 /// A PostgreSQL identifier, quoted.

@@ -205,6 +205,12 @@ async fn connections_never_compile_statements_to_machine_code() {
     let db = Db::new().await;
     let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(db.store.pool()).await.unwrap();
     assert_eq!(jit, "off");
+    // Acknowledged work waits for the WAL flush.
+    let sync: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(sync, "on");
     db.drop().await;
 }
 
@@ -223,7 +229,21 @@ async fn batch_statements_write_the_events_the_domain_makes() {
             ..new_task(&format!("t{i}"), 3 - i, &[])
         })
         .collect();
-    db.store.enqueue(&tasks).await.unwrap();
+    // Enqueued without dependencies: one statement, committed on its own.
+    let stored = db.store.enqueue(&tasks).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), committed.notified())
+        .await
+        .expect("an enqueue wakes the outbox relay");
+    let created: Vec<Envelope> = stored.iter().map(rules::created).collect();
+    assert_outbox(&db, &created, &[None; 3]).await;
+    // With dependencies, stored and in the batch (a transaction): the
+    // unmet ones counted, the edges in the order a read gives them.
+    let x = new_task("x", 1, &[stored[2].id, stored[0].id]);
+    let y = new_task("y", 1, &[x.id]);
+    let waiting = db.store.enqueue(&[x, y]).await.unwrap();
+    assert_eq!(waiting.iter().map(|t| t.unmet_deps).collect::<Vec<_>>(), [2, 1]);
+    let created: Vec<Envelope> = waiting.iter().map(rules::created).collect();
+    assert_outbox(&db, &created, &[None; 2]).await;
     // The enqueue's trace context, as a traced request leaves it.
     let enqueue_trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     sqlx::query("UPDATE tasks SET trace_context = $1")
@@ -655,44 +675,53 @@ async fn the_relay_takes_whole_batches_of_events_in_order_up_to_its_limit() {
         written.extend(db.store.enqueue(&tasks).await.unwrap().into_iter().map(|t| t.id));
     }
     assert_eq!(db.store.outbox_backlog().await.unwrap(), 10);
-    let take = |limit: i64| {
-        let store = db.store.clone();
-        async move {
-            let mut tx = store.pool().begin().await.unwrap();
-            let taken = omoi_store::outbox::lock_batch(&mut tx, limit).await.unwrap();
-            (tx, taken)
-        }
-    };
+    let mut relay = db.store.relay_session().await.unwrap();
+    let mut other = db.store.relay_session().await.unwrap();
     // A limit smaller than the first batch still takes it, whole and alone.
-    let (tx, first) = take(2).await;
+    let first = relay.take(2).await.unwrap().expect("batches to take");
     assert_eq!((first.seqs.len(), first.events.len()), (1, 3));
-    tx.rollback().await.unwrap();
+    // While one relay holds the lock, another takes nothing.
+    assert!(other.take(8).await.unwrap().is_none());
+    relay.release().await.unwrap();
     // Up to the limit, never splitting a batch.
-    let (mut tx, taken) = take(8).await;
+    let taken = relay.take(8).await.unwrap().expect("batches to take");
     assert_eq!((taken.seqs.len(), taken.events.len()), (2, 8));
     let ids: Vec<Uuid> = taken.events.iter().map(|e| e.entity_id).collect();
     assert_eq!(ids, written[..8], "in the order written");
-    // While one relay holds the lock, another takes nothing.
-    let mut other = db.store.pool().begin().await.unwrap();
-    assert!(
-        omoi_store::outbox::lock_batch(&mut other, 8)
-            .await
-            .unwrap()
-            .seqs
-            .is_empty()
-    );
-    other.rollback().await.unwrap();
-    omoi_store::outbox::delete(&mut tx, &taken.seqs).await.unwrap();
-    tx.commit().await.unwrap();
+    assert!(other.take(8).await.unwrap().is_none());
+    relay.finish(&taken.seqs).await.unwrap();
     let rest = db.store.outbox_events().await.unwrap();
     assert_eq!(rest.iter().map(|e| e.entity_id).collect::<Vec<_>>(), written[8..]);
-    // Each event keeps the id it was written with.
-    let (tx, again) = take(100).await;
+    // Finished, the lock is free: the other relay takes the rest, each
+    // event with the id it was written with.
+    let again = other.take(100).await.unwrap().expect("the rest to take");
     assert_eq!(
         again.events.iter().map(|e| e.id).collect::<Vec<_>>(),
         rest.iter().map(|e| e.id).collect::<Vec<_>>()
     );
-    tx.rollback().await.unwrap();
+    // A relay that dies holding the lock frees it with its session.
+    drop(other);
+    let mut third = db.store.relay_session().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let retaken = loop {
+        if let Some(taken) = third.take(100).await.unwrap() {
+            break taken;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead session's lock was never freed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(retaken.seqs, again.seqs);
+    third.finish(&retaken.seqs).await.unwrap();
+    assert_eq!(db.store.outbox_backlog().await.unwrap(), 0);
+    // An empty outbox gives the lock back at once.
+    assert!(third.take(100).await.unwrap().is_none());
+    let n = new_task("late", 1, &[]);
+    db.store.enqueue(&[n]).await.unwrap();
+    assert!(relay.take(100).await.unwrap().is_some());
+    third.close().await;
     db.drop().await;
 }
 

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use omoi_domain::validate::NewTask;
-use omoi_domain::{Task, TaskStatus, graph, rules};
+use omoi_domain::{Entity, EventType, Task, TaskStatus, graph, rules};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -13,34 +13,81 @@ use crate::events;
 use crate::{Result, Store, StoreError};
 
 impl Store {
-    /// Adds a batch of validated tasks, all or nothing.
+    /// Adds a batch of validated tasks and their events, all or nothing. A
+    /// batch without dependencies is one statement; one with dependencies
+    /// is a transaction (they are locked and checked first, the edges
+    /// stored after).
     pub async fn enqueue(&self, tasks: &[NewTask]) -> Result<Vec<Task>> {
         let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
-        let mut tx = self.pool().begin().await?;
-        let met = lock_dependencies(&mut tx, tasks).await?;
-        let unmet: Vec<i32> = tasks
-            .iter()
-            .map(|t| t.depends_on.iter().filter(|d| !met.contains(d)).count() as i32)
-            .collect();
-        let mut rows = insert_tasks(&mut tx, tasks, &unmet).await?;
-        if rows.len() < tasks.len() {
-            // Dropping the transaction rolls the rest of the batch back.
-            return Err(already_exists(&ids, &rows));
-        }
-        insert_edges(&mut tx, tasks).await?;
+        let inserted = if tasks.iter().any(|t| !t.depends_on.is_empty()) {
+            let mut tx = self.pool().begin().await?;
+            match insert_batch(&mut tx, tasks).await? {
+                Some(rows) => {
+                    self.commit(tx).await?;
+                    Some(rows)
+                }
+                // Dropping the transaction rolls the rest of the batch back.
+                None => None,
+            }
+        } else {
+            let mut conn = self.pool().acquire().await?;
+            let rows = insert_batch(&mut conn, tasks).await?;
+            if rows.is_some() {
+                self.wrote();
+            }
+            rows
+        };
+        let Some(mut rows) = inserted else {
+            return Err(self.already_exists(&ids).await);
+        };
         let order: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         rows.sort_by_key(|t| order.get(&t.id).copied().unwrap_or(usize::MAX));
         // The edges are the batch's own: as given, in the order a read
         // gives them.
         for (row, task) in rows.iter_mut().zip(tasks) {
-            row.depends_on = task.depends_on.clone();
-            row.depends_on.sort();
+            row.depends_on = sorted(&task.depends_on);
         }
-        let created: Vec<_> = rows.iter().map(rules::created).collect();
-        events::insert(&mut tx, &created).await?;
-        self.commit(tx).await?;
         Ok(rows)
     }
+
+    /// The refusal of a batch one of whose ids was taken: the first such.
+    async fn already_exists(&self, ids: &[Uuid]) -> StoreError {
+        let taken: HashSet<Uuid> = match sqlx::query_scalar("SELECT id FROM tasks WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(self.pool())
+            .await
+        {
+            Ok(taken) => taken.into_iter().collect(),
+            Err(e) => return e.into(),
+        };
+        match ids.iter().enumerate().find(|(_, id)| taken.contains(id)) {
+            Some((i, id)) => StoreError::AlreadyExists(format!("tasks[{i}].id: task {id} already exists")),
+            None => StoreError::AlreadyExists("tasks: a task id is already taken".into()),
+        }
+    }
+}
+
+/// Stores a batch: dependencies checked (and locked, when stored ones are
+/// named), the tasks and their events, the edges. None when one of the ids
+/// is taken (nothing of the batch is stored then, once the caller's
+/// transaction ends).
+async fn insert_batch(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<Option<Vec<Task>>> {
+    let met = lock_dependencies(conn, tasks).await?;
+    let unmet: Vec<i32> = tasks
+        .iter()
+        .map(|t| t.depends_on.iter().filter(|d| !met.contains(d)).count() as i32)
+        .collect();
+    let Some(rows) = insert_tasks(conn, tasks, &unmet).await? else {
+        return Ok(None);
+    };
+    insert_edges(conn, tasks).await?;
+    Ok(Some(rows))
+}
+
+fn sorted(ids: &[Uuid]) -> Vec<Uuid> {
+    let mut ids = ids.to_vec();
+    ids.sort();
+    ids
 }
 
 /// Locks the batch's stored dependencies and checks the batch's graph;
@@ -72,35 +119,42 @@ async fn lock_dependencies(conn: &mut PgConnection, tasks: &[NewTask]) -> Result
     Ok(rules::met_dependencies(tasks, &existing)?)
 }
 
-/// The batch's first task whose id was taken (the insert skipped it).
-fn already_exists(ids: &[Uuid], inserted: &[Task]) -> StoreError {
-    let inserted: HashSet<Uuid> = inserted.iter().map(|t| t.id).collect();
-    let (i, id) = ids
+/// Inserts the tasks with their events (one outbox batch) in one
+/// statement and returns them as stored, without their dependencies; None
+/// when one of the ids is taken (also by a concurrent batch that took it
+/// first), when nothing was stored.
+async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32]) -> Result<Option<Vec<Task>>> {
+    let payloads: Vec<String> = tasks
         .iter()
-        .enumerate()
-        .find(|(_, id)| !inserted.contains(id))
-        .map_or((0, Uuid::nil()), |(i, id)| (i, *id));
-    StoreError::AlreadyExists(format!("tasks[{i}].id: task {id} already exists"))
-}
-
-/// Inserts the tasks whose ids are free (a taken one is skipped, also when
-/// a concurrent batch takes it first) and returns them as stored, without
-/// their dependencies.
-async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32]) -> Result<Vec<Task>> {
-    let rows: Vec<TaskRow> = sqlx::query_as(concat!(
-        "WITH t AS (
+        .zip(unmet)
+        .map(|(t, unmet)| {
+            rules::creation_event(&t.title, t.phase, t.priority, sorted(&t.depends_on), *unmet)
+                .payload()
+                .to_string()
+        })
+        .collect();
+    let inserted = sqlx::query_as::<_, TaskRow>(concat!(
+        "WITH n AS (
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int2[], $6::int4[],
+                                  $7::int4[], $8::int4[], $9::int4[], $11::text[], $12::uuid[], $13::text[])
+                      WITH ORDINALITY
+                      AS n(id, ticket_id, title, description, phase, priority, unmet, max_retries,
+                           timeout_seconds, concurrency_key, event_id, event_payload, ord)
+         ), t AS (
              INSERT INTO tasks (id, ticket_id, title, description, phase, priority, status,
                                 unmet_deps, max_retries, timeout_seconds, trace_context, concurrency_key)
              SELECT n.id, n.ticket_id, n.title, n.description, n.phase, n.priority, 'pending',
                     n.unmet, n.max_retries, n.timeout_seconds, $10, n.concurrency_key
-             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int2[], $6::int4[],
-                         $7::int4[], $8::int4[], $9::int4[], $11::text[]) WITH ORDINALITY
-                  AS n(id, ticket_id, title, description, phase, priority, unmet, max_retries,
-                       timeout_seconds, concurrency_key, ord)
-             ORDER BY n.ord
-             ON CONFLICT (id) DO NOTHING
+             FROM n ORDER BY n.ord
              RETURNING *
-         )
+         ), ev AS (
+             -- Every task of the batch is stored, or the statement fails.
+             SELECT n.event_id AS id, n.ord, n.id AS entity_id, n.ticket_id,
+                    n.event_payload::json AS payload, $10 AS trace
+             FROM n
+         ), outbox AS (",
+        events::insert_events!("$14", "$15"),
+        ")
          SELECT ",
         task_columns_without_dependencies!(),
         " FROM t"
@@ -116,9 +170,21 @@ async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32])
     .bind(tasks.iter().map(|t| t.timeout_seconds).collect::<Vec<_>>())
     .bind(events::current_trace())
     .bind(tasks.iter().map(|t| t.concurrency_key.as_deref()).collect::<Vec<_>>())
+    .bind(events::event_ids(tasks.len()))
+    .bind(&payloads)
+    .bind(EventType::TaskCreated.as_str())
+    .bind(Entity::Task.as_str())
     .fetch_all(conn)
-    .await?;
-    Ok(unwrap_rows(rows))
+    .await;
+    match inserted {
+        Ok(rows) => Ok(Some(unwrap_rows(rows))),
+        Err(sqlx::Error::Database(e))
+            if e.code().as_deref() == Some("23505") && e.constraint() == Some("tasks_pkey") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn insert_edges(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<()> {
