@@ -426,6 +426,96 @@ async fn reports_apply_once_and_completion_releases_dependents() {
     db.drop().await;
 }
 
+/// A completion of a task nothing depended on is one statement; a
+/// dependent added while that statement waits for the task's row must
+/// still be released. The edge here is inserted bare, as any writer of
+/// edges might (the table's trigger marks the dependency).
+#[tokio::test]
+async fn a_dependent_added_while_its_dependency_completes_is_released() {
+    let db = Db::new().await;
+    let first = running(&db, new_task("first", 1, &[]), Uuid::now_v7()).await;
+    let second = Uuid::now_v7();
+    let mut adding = db.store.pool().begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO tasks (id, title, description, phase, priority, status, unmet_deps, max_retries)
+         VALUES ($1, 'second', '', 1, 1, 'pending', 1, 3)",
+    )
+    .bind(second)
+    .execute(&mut *adding)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO task_dependencies (task_id, depends_on) VALUES ($1, $2)")
+        .bind(second)
+        .bind(first.id)
+        .execute(&mut *adding)
+        .await
+        .unwrap();
+    let store = db.store.clone();
+    let completing = tokio::spawn(async move { store.complete_batch(&[report(first.id, 1)]).await });
+    // The completion waits for the row the uncommitted writer holds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(!completing.is_finished(), "the completion did not wait for the row");
+        assert!(std::time::Instant::now() < deadline, "the completion never waited");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    adding.commit().await.unwrap();
+    let done = completing.await.unwrap().unwrap();
+    assert_eq!(done.results[0].as_ref().unwrap().status, TaskStatus::Completed);
+    assert_eq!(done.released, 1);
+    assert_eq!(
+        db.store.get(second).await.unwrap().unmet_deps,
+        0,
+        "the dependent waits for nothing"
+    );
+    db.drop().await;
+}
+
+/// Enqueues of dependents race the completions of their dependencies
+/// (several at once on each): every enqueue and completion succeeds, and
+/// no dependent is left waiting for a completed task.
+#[tokio::test]
+async fn dependents_enqueued_while_their_dependencies_complete_are_never_stranded() {
+    let db = Db::new().await;
+    let agent = Uuid::now_v7();
+    let mut firsts = Vec::new();
+    for i in 0..12 {
+        firsts.push(running(&db, new_task(&format!("first {i}"), 1, &[]), agent).await);
+    }
+    let mut work = tokio::task::JoinSet::new();
+    let mut dependents = Vec::new();
+    for first in &firsts {
+        for j in 0..3 {
+            let task = new_task(&format!("after {j}"), 1, &[first.id]);
+            dependents.push(task.id);
+            let store = db.store.clone();
+            work.spawn(async move { store.enqueue(&[task]).await.map(|_| ()) });
+        }
+        let (store, id) = (db.store.clone(), first.id);
+        work.spawn(async move {
+            let done = store.complete_batch(&[report(id, 1)]).await?;
+            done.results.into_iter().next().unwrap().map(|_| ())
+        });
+    }
+    while let Some(outcome) = work.join_next().await {
+        outcome.unwrap().unwrap();
+    }
+    for id in dependents {
+        assert_eq!(db.store.get(id).await.unwrap().unmet_deps, 0, "dependent {id} stranded");
+    }
+    db.drop().await;
+}
+
 #[tokio::test]
 async fn a_retryable_failure_waits_its_backoff() {
     let db = Db::new().await;

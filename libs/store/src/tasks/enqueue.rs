@@ -90,9 +90,13 @@ fn sorted(ids: &[Uuid]) -> Vec<Uuid> {
     ids
 }
 
-/// Locks the batch's stored dependencies and checks the batch's graph;
-/// returns the dependencies already met. Locking orders this insert against
-/// their completion: whichever commits second sees the other.
+/// Locks the batch's stored dependencies, marks them as depended on, and
+/// checks the batch's graph; returns the dependencies already met. Locking
+/// orders this insert against their completion: whichever commits second
+/// sees the other (a completion waiting on the lock then finds the mark and
+/// releases its dependents). The lock is taken for update at once, not
+/// shared and then raised by the edges' trigger: two enqueues raising
+/// their shared locks on one task would deadlock.
 async fn lock_dependencies(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<HashSet<Uuid>> {
     let nodes: Vec<graph::BatchNode> = tasks
         .iter()
@@ -105,10 +109,18 @@ async fn lock_dependencies(conn: &mut PgConnection, tasks: &[NewTask]) -> Result
     let existing: Vec<(Uuid, String)> = if external.is_empty() {
         Vec::new()
     } else {
-        sqlx::query_as("SELECT id, status FROM tasks WHERE id = ANY($1) ORDER BY id FOR SHARE")
-            .bind(&external)
-            .fetch_all(&mut *conn)
-            .await?
+        sqlx::query_as(
+            "WITH l AS (
+                 SELECT id, status, has_dependents FROM tasks WHERE id = ANY($1)
+                 ORDER BY id FOR NO KEY UPDATE
+             ), marked AS (
+                 UPDATE tasks t SET has_dependents = true FROM l WHERE t.id = l.id AND NOT l.has_dependents
+             )
+             SELECT id, status FROM l",
+        )
+        .bind(&external)
+        .fetch_all(&mut *conn)
+        .await?
     };
     let known: HashSet<Uuid> = existing.iter().map(|(id, _)| *id).collect();
     graph::validate_batch("tasks", &nodes, &known)?;
@@ -133,18 +145,22 @@ async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32])
                 .to_string()
         })
         .collect();
+    // Marked as they are stored (the edges' trigger would mark them after).
+    let depended_on: HashSet<Uuid> = tasks.iter().flat_map(|t| t.depends_on.iter().copied()).collect();
     let inserted = sqlx::query_as::<_, TaskRow>(concat!(
         "WITH n AS (
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int2[], $6::int4[],
-                                  $7::int4[], $8::int4[], $9::int4[], $11::text[], $12::uuid[], $13::text[])
+                                  $7::int4[], $8::int4[], $9::int4[], $11::text[], $12::uuid[], $13::text[],
+                                  $16::bool[])
                       WITH ORDINALITY
                       AS n(id, ticket_id, title, description, phase, priority, unmet, max_retries,
-                           timeout_seconds, concurrency_key, event_id, event_payload, ord)
+                           timeout_seconds, concurrency_key, event_id, event_payload, has_dependents, ord)
          ), t AS (
              INSERT INTO tasks (id, ticket_id, title, description, phase, priority, status,
-                                unmet_deps, max_retries, timeout_seconds, trace_context, concurrency_key)
+                                unmet_deps, max_retries, timeout_seconds, trace_context, concurrency_key,
+                                has_dependents)
              SELECT n.id, n.ticket_id, n.title, n.description, n.phase, n.priority, 'pending',
-                    n.unmet, n.max_retries, n.timeout_seconds, $10, n.concurrency_key
+                    n.unmet, n.max_retries, n.timeout_seconds, $10, n.concurrency_key, n.has_dependents
              FROM n ORDER BY n.ord
              RETURNING *
          ), ev AS (
@@ -174,6 +190,7 @@ async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32])
     .bind(&payloads)
     .bind(EventType::TaskCreated.as_str())
     .bind(Entity::Task.as_str())
+    .bind(tasks.iter().map(|t| depended_on.contains(&t.id)).collect::<Vec<_>>())
     .fetch_all(conn)
     .await;
     match inserted {

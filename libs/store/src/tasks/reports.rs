@@ -1,11 +1,12 @@
 //! Agents' reports of their attempts: start and completion in batches (one
 //! statement for many reports), failure one at a time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use omoi_domain::rules::Failure;
 use omoi_domain::{Action, Entity, Event, EventType, GitChange, Task, Usage, rules};
 use serde_json::Value;
+use sqlx::{Acquire, PgConnection};
 use uuid::Uuid;
 
 use super::{Outcome, TaskRow, release_dependents, select_tasks, task_columns, unwrap_rows, usage_json};
@@ -76,68 +77,35 @@ impl Store {
         self.match_reports(reports, unwrap_rows(rows), Action::Start).await
     }
 
-    /// Completes a batch of attempts in one transaction (the completions
-    /// and their events in one statement) and releases their dependents;
-    /// one result per report, and how many dependents it released.
+    /// Completes a batch of attempts; one result per report, and how many
+    /// dependents it released. The tasks nothing depends on are completed
+    /// by one autocommit statement (the completions and their events); the
+    /// rest in a transaction that also releases their dependents.
     pub async fn complete_batch(&self, reports: &[Report]) -> Result<Completions> {
-        let (ids, attempts) = ids_and_attempts(reports);
-        let results: Vec<Option<String>> = reports
+        let mut conn = self.pool().acquire().await?;
+        let mut tasks = complete(&mut conn, reports, Leaves::Only).await?;
+        if !tasks.is_empty() {
+            self.wrote();
+        }
+        let mut released = 0;
+        let applied: HashSet<Uuid> = tasks.iter().map(|t| t.id).collect();
+        let rest: Vec<Report> = reports
             .iter()
-            .map(|r| r.result.as_ref().map(Value::to_string))
+            .filter(|r| !applied.contains(&r.task_id))
+            .cloned()
             .collect();
-        let usages: Vec<Option<String>> = reports.iter().map(|r| usage_json(r.usage.as_ref())).collect();
-        let gits: Vec<Option<String>> = reports
-            .iter()
-            .map(|r| {
-                r.git
-                    .as_ref()
-                    .map(|g| serde_json::to_string(g).expect("a git change always serializes"))
-            })
-            .collect();
-        let events = ReportEvents::new(reports, |r| {
-            rules::completion_event(r.attempt, None, r.result.clone(), r.usage.clone(), r.git.as_ref())
-        });
-        let mut tx = self.pool().begin().await?;
-        let rows: Vec<TaskRow> = sqlx::query_as(concat!(
-            "WITH r AS (
-                 SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
-                                      $6::uuid[], $7::text[], $8::text[])
-                          WITH ORDINALITY AS r(id, attempt, result, usage, git, event_id, event_payload, trace, ord)
-             ), t AS (
-                 UPDATE tasks t
-                 SET status = 'completed', result = r.result::jsonb, completed_at = now(),
-                     updated_at = now(), deadline_at = NULL, error_message = NULL, error_class = NULL,
-                     usage = usage_add(t.usage, r.usage::jsonb), git = r.git::jsonb
-                 FROM r
-                 WHERE t.id = r.id AND t.attempt = r.attempt AND t.status = 'running'
-                 RETURNING t.*, r.event_id, r.event_payload, r.trace AS report_trace, r.ord AS report_ord
-             ), ev AS (",
-            report_events!(),
-            "), outbox AS (",
-            events::insert_events!("$9", "$10"),
-            ")
-             SELECT ",
-            task_columns!(),
-            " FROM t"
-        ))
-        .bind(&ids)
-        .bind(&attempts)
-        .bind(&results)
-        .bind(&usages)
-        .bind(&gits)
-        .bind(&events.ids)
-        .bind(&events.payloads)
-        .bind(&events.traces)
-        .bind(EventType::TaskCompleted.as_str())
-        .bind(Entity::Task.as_str())
-        .fetch_all(&mut *tx)
-        .await?;
-        let tasks = unwrap_rows(rows);
-        // A separate statement, so that its snapshot includes dependents
-        // enqueued by transactions that held our rows until just now.
-        let done: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
-        let released = release_dependents(&mut tx, &done).await?;
-        self.commit(tx).await?;
+        if !rest.is_empty() {
+            let mut tx = conn.begin().await?;
+            let done = complete(&mut tx, &rest, Leaves::Too).await?;
+            // A separate statement, so that its snapshot includes
+            // dependents enqueued by transactions that held our rows until
+            // just now.
+            let ids: Vec<Uuid> = done.iter().map(|t| t.id).collect();
+            released = release_dependents(&mut tx, &ids).await?;
+            self.commit(tx).await?;
+            tasks.extend(done);
+        }
+        drop(conn);
         Ok(Completions {
             results: self.match_reports(reports, tasks, Action::Complete).await?,
             released,
@@ -195,6 +163,76 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// Which tasks a completion statement may complete.
+#[derive(Clone, Copy, PartialEq)]
+enum Leaves {
+    /// Only those nothing depends on (no dependents to release).
+    Only,
+    /// Any.
+    Too,
+}
+
+/// Completes the attempts of `reports` that are running, with their
+/// events, in one statement; the tasks it completed.
+async fn complete(conn: &mut PgConnection, reports: &[Report], which: Leaves) -> Result<Vec<Task>> {
+    let (ids, attempts) = ids_and_attempts(reports);
+    let results: Vec<Option<String>> = reports
+        .iter()
+        .map(|r| r.result.as_ref().map(Value::to_string))
+        .collect();
+    let usages: Vec<Option<String>> = reports.iter().map(|r| usage_json(r.usage.as_ref())).collect();
+    let gits: Vec<Option<String>> = reports
+        .iter()
+        .map(|r| {
+            r.git
+                .as_ref()
+                .map(|g| serde_json::to_string(g).expect("a git change always serializes"))
+        })
+        .collect();
+    let events = ReportEvents::new(reports, |r| {
+        rules::completion_event(r.attempt, None, r.result.clone(), r.usage.clone(), r.git.as_ref())
+    });
+    let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+        "WITH r AS (
+             SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
+                                  $6::uuid[], $7::text[], $8::text[])
+                      WITH ORDINALITY AS r(id, attempt, result, usage, git, event_id, event_payload, trace, ord)
+         ), t AS (
+             UPDATE tasks t
+             SET status = 'completed', result = r.result::jsonb, completed_at = now(),
+                 updated_at = now(), deadline_at = NULL, error_message = NULL, error_class = NULL,
+                 usage = usage_add(t.usage, r.usage::jsonb), git = r.git::jsonb
+             FROM r
+             WHERE t.id = r.id AND t.attempt = r.attempt AND t.status = 'running'
+               -- Checked again on the row's latest version when the update
+               -- waited for it: an enqueue adding a dependent marks it.
+               AND ($11 OR NOT t.has_dependents)
+             RETURNING t.*, r.event_id, r.event_payload, r.trace AS report_trace, r.ord AS report_ord
+         ), ev AS (",
+        report_events!(),
+        "), outbox AS (",
+        events::insert_events!("$9", "$10"),
+        ")
+         SELECT ",
+        task_columns!(),
+        " FROM t"
+    ))
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&results)
+    .bind(&usages)
+    .bind(&gits)
+    .bind(&events.ids)
+    .bind(&events.payloads)
+    .bind(&events.traces)
+    .bind(EventType::TaskCompleted.as_str())
+    .bind(Entity::Task.as_str())
+    .bind(which == Leaves::Too)
+    .fetch_all(conn)
+    .await?;
+    Ok(unwrap_rows(rows))
 }
 
 /// The events of a batch of reports, made before the statement that
