@@ -123,18 +123,16 @@ impl Relay {
             Some(session) => session,
             empty => empty.insert(self.store.relay_session().await?),
         };
-        let published = match session.take(self.batch).await {
-            Ok(None) => Ok(0),
-            Ok(Some(taken)) => match publish(&self.js, &self.topology, &taken).await {
-                Ok(()) => session
-                    .finish(&taken.seqs)
-                    .await
-                    .map(|()| taken.events.len())
-                    .map_err(BusError::from),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e.into()),
-        };
+        let (js, topology, batch) = (&self.js, &self.topology, self.batch);
+        let published = async {
+            let Some(taken) = session.take(batch).await? else {
+                return Ok(0);
+            };
+            publish(js, topology, &taken).await?;
+            session.finish(&taken.seqs).await?;
+            Ok(taken.events.len())
+        }
+        .await;
         if published.is_err() {
             // The session may hold the relay lock: ending it frees the lock
             // for the other relays; the next attempt opens a new one.
