@@ -83,7 +83,7 @@ impl Store {
     /// rest in a transaction that also releases their dependents.
     pub async fn complete_batch(&self, reports: &[Report]) -> Result<Completions> {
         let mut conn = self.pool().acquire().await?;
-        let mut tasks = complete(&mut conn, reports, Leaves::Only).await?;
+        let mut tasks = complete(&mut conn, reports, Completable::Leaves).await?;
         if !tasks.is_empty() {
             self.wrote();
         }
@@ -96,7 +96,7 @@ impl Store {
             .collect();
         if !rest.is_empty() {
             let mut tx = conn.begin().await?;
-            let done = complete(&mut tx, &rest, Leaves::Too).await?;
+            let done = complete(&mut tx, &rest, Completable::Any).await?;
             // A separate statement, so that its snapshot includes
             // dependents enqueued by transactions that held our rows until
             // just now.
@@ -105,6 +105,8 @@ impl Store {
             self.commit(tx).await?;
             tasks.extend(done);
         }
+        // Back to the pool before explaining the reports not applied, which
+        // may take a connection of its own.
         drop(conn);
         Ok(Completions {
             results: self.match_reports(reports, tasks, Action::Complete).await?,
@@ -167,16 +169,16 @@ impl Store {
 
 /// Which tasks a completion statement may complete.
 #[derive(Clone, Copy, PartialEq)]
-enum Leaves {
+enum Completable {
     /// Only those nothing depends on (no dependents to release).
-    Only,
+    Leaves,
     /// Any.
-    Too,
+    Any,
 }
 
 /// Completes the attempts of `reports` that are running, with their
 /// events, in one statement; the tasks it completed.
-async fn complete(conn: &mut PgConnection, reports: &[Report], which: Leaves) -> Result<Vec<Task>> {
+async fn complete(conn: &mut PgConnection, reports: &[Report], which: Completable) -> Result<Vec<Task>> {
     let (ids, attempts) = ids_and_attempts(reports);
     let results: Vec<Option<String>> = reports
         .iter()
@@ -229,7 +231,7 @@ async fn complete(conn: &mut PgConnection, reports: &[Report], which: Leaves) ->
     .bind(&events.traces)
     .bind(EventType::TaskCompleted.as_str())
     .bind(Entity::Task.as_str())
-    .bind(which == Leaves::Too)
+    .bind(which == Completable::Any)
     .fetch_all(conn)
     .await?;
     Ok(unwrap_rows(rows))
