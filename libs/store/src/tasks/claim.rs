@@ -213,7 +213,10 @@ impl Store {
              ), facts AS (
                  SELECT EXISTS (SELECT 1 FROM concurrency_limits) AS limits,
                         (SELECT min(next_attempt_at) FROM tasks
-                         WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at > now()) AS next_retry
+                         -- Stated as tasks_retry_at's predicate (a task ready in
+                         -- the future was put off since its creation).
+                         WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at > now()
+                           AND next_attempt_at > created_at) AS next_retry
              )
              SELECT live.id, live.held, facts.limits, facts.next_retry
              FROM facts LEFT JOIN live ON true",
