@@ -152,8 +152,10 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         for table in &unattended {
-            // The names come from the caller's fixed list and pg_class.
-            let sql = format!("VACUUM (SKIP_LOCKED, ANALYZE) {}", quote_ident(table));
+            // The names come from the caller's fixed list and pg_class. One
+            // process: parallel index vacuuming of a table of millions of
+            // rows would take every core of a small server from the queue.
+            let sql = format!("VACUUM (SKIP_LOCKED, ANALYZE, PARALLEL 0) {}", quote_ident(table));
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(self.pool()).await?;
         }
         Ok(unattended)
@@ -167,8 +169,11 @@ fn connect_options(url: &str) -> Result<PgConnectOptions> {
         // Every statement here is short and prepared once per connection; a
         // generic plan's estimate for a deep queue can pass the JIT
         // threshold, and compiling it costs hundreds of milliseconds a claim
-        // that takes one or two.
-        .options([("jit", "off")])
+        // that takes one or two. No parallel workers either: the only
+        // statements a plan would give them are background scans (the
+        // queue's counts, retention), which on a small server would take
+        // every core from the claims for as long as they ran.
+        .options([("jit", "off"), ("max_parallel_workers_per_gather", "0")])
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
 }

@@ -201,10 +201,15 @@ async fn claims_go_by_priority_then_age_each_with_an_assigned_event() {
 }
 
 #[tokio::test]
-async fn connections_never_compile_statements_to_machine_code() {
+async fn connections_never_compile_statements_to_machine_code_nor_run_parallel_workers() {
     let db = Db::new().await;
     let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(db.store.pool()).await.unwrap();
     assert_eq!(jit, "off");
+    let workers: String = sqlx::query_scalar("SHOW max_parallel_workers_per_gather")
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(workers, "0");
     // Acknowledged work waits for the WAL flush.
     let sync: String = sqlx::query_scalar("SHOW synchronous_commit")
         .fetch_one(db.store.pool())
