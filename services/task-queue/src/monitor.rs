@@ -176,10 +176,7 @@ pub async fn sample(store: Store, every: Duration, shutdown: CancellationToken) 
             }
             TASKS_READY.set(stats.ready);
         }
-        // Counting is a scan of the table: with millions of rows it is
-        // done less often, so that it never takes more than a twentieth of
-        // the database's time away from the queue.
-        let pause = every.max(started.elapsed() * 20);
+        let pause = crate::stats::next_read_after(every, started.elapsed());
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}

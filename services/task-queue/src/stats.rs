@@ -29,6 +29,15 @@ const REFRESH: Duration = Duration::from_secs(15);
 
 pub type Sink = mpsc::Sender<Result<pb::WatchQueueStatsResponse, Status>>;
 
+/// How long a reader of the statistics waits before reading them again:
+/// at least `at_least`, and twenty times what the last read took.
+/// Counting is a scan of the tasks table (half a second at a million rows):
+/// with a deep queue it is done less often, so that no reader keeps the
+/// database counting more than a twentieth of the time.
+pub fn next_read_after(at_least: Duration, last_read: Duration) -> Duration {
+    at_least.max(last_read * 20)
+}
+
 /// What the statistics are read from.
 #[derive(Clone)]
 pub struct Source {
@@ -56,11 +65,7 @@ pub async fn follow(
     loop {
         let reading = tokio::time::Instant::now();
         let read = source.read().await;
-        // Counting is a scan of the tasks table (half a second at a million
-        // rows): a watcher of a deep queue reads again only after twenty
-        // times what the last read took, so that it never keeps the
-        // database busier than a twentieth of the time.
-        let gather = GATHER.max(reading.elapsed() * 20);
+        let gather = next_read_after(GATHER, reading.elapsed());
         match read {
             Ok(now) if sent.as_ref() != Some(&now) => {
                 let message = pb::WatchQueueStatsResponse {
@@ -135,5 +140,24 @@ impl Source {
             *total += count;
         }
         Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_read_puts_the_next_off_by_twenty_times_its_length() {
+        let second = Duration::from_secs(1);
+        assert_eq!(next_read_after(second, Duration::from_millis(2)), second);
+        assert_eq!(
+            next_read_after(second, Duration::from_millis(500)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            next_read_after(Duration::from_secs(5), Duration::from_millis(300)),
+            Duration::from_secs(6)
+        );
     }
 }
