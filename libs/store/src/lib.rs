@@ -174,6 +174,9 @@ fn connect_options(url: &str) -> Result<PgConnectOptions> {
         // queue's counts, retention), which on a small server would take
         // every core from the claims for as long as they ran.
         .options([("jit", "off"), ("max_parallel_workers_per_gather", "0")])
+        // Room for every statement of the store (about a hundred, the claim
+        // alone has eleven), so that none is evicted and prepared again.
+        .statement_cache_capacity(256)
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
 }

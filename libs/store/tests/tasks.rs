@@ -39,6 +39,12 @@ impl Db {
         Db { name, admin, store }
     }
 
+    /// The URL of this test's database.
+    fn store_url(&self) -> String {
+        let base = self.admin.rsplit_once('/').map_or(self.admin.as_str(), |(b, _)| b);
+        format!("{base}/{}", self.name)
+    }
+
     async fn drop(self) {
         self.store.close().await;
         let mut conn = PgConnection::connect(&self.admin).await.unwrap();
@@ -197,6 +203,84 @@ async fn claims_go_by_priority_then_age_each_with_an_assigned_event() {
         .await
         .unwrap();
     assert!(none.is_empty());
+    db.drop().await;
+}
+
+/// The claim's statement differs by how many slots it fills (a constant
+/// LIMIT per power of two, the parameter above 512): whatever the size, it
+/// hands out exactly that many of the best ready tasks, and the extra rows
+/// its phase heads looked at are free again for the next claim.
+#[tokio::test]
+async fn claims_of_every_size_hand_out_exactly_their_slots_best_first() {
+    let db = Db::new().await;
+    let tasks: Vec<NewTask> = (0..1200)
+        .map(|i| NewTask {
+            phase: Phase::ALL[i % 4],
+            ..new_task(&format!("t{i}"), (i % 7) as i32, &[])
+        })
+        .collect();
+    db.store.enqueue(&tasks).await.unwrap();
+    // Dispatch order: highest priority, then oldest.
+    let mut order: Vec<(i32, usize)> = tasks.iter().enumerate().map(|(i, t)| (-t.priority, i)).collect();
+    order.sort();
+    let mut expected = order.into_iter().map(|(_, i)| tasks[i].id);
+    let agent = Uuid::now_v7();
+    for n in [1, 3, 5, 8, 17, 100, 513, 553] {
+        let slots: Vec<Slot> = (0..n).map(|_| slot(agent)).collect();
+        let got = db.store.assign(None, &slots, Utc::now(), false).await.unwrap();
+        let want: Vec<Uuid> = expected.by_ref().take(n).collect();
+        assert_eq!(got.len(), n, "a claim of {n} slots");
+        assert_eq!(
+            got.iter().map(|t| t.id).collect::<Vec<_>>(),
+            want,
+            "a claim of {n} slots"
+        );
+    }
+    // 1,200 − 1,200: nothing left, and nothing handed out twice.
+    let more = db.store.assign(None, &[slot(agent)], Utc::now(), false).await.unwrap();
+    assert!(more.is_empty());
+    db.drop().await;
+}
+
+/// On a deep queue the claim is not planned again on every call: its
+/// prepared statement goes over to the generic plan after PostgreSQL's five
+/// custom ones (`pg_prepared_statements` counts both, per connection).
+#[tokio::test]
+async fn the_claim_keeps_its_generic_plan_on_a_deep_queue() {
+    let db = Db::new().await;
+    sqlx::query(
+        "INSERT INTO tasks (id, title, phase, priority, status, max_retries)
+         SELECT gen_random_uuid(), 'deep', 1 + i % 4, i % 10, 'pending', 3 FROM generate_series(1, 200000) i",
+    )
+    .execute(db.store.pool())
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE tasks").execute(db.store.pool()).await.unwrap();
+    let url = db.store_url();
+    let one = Store::connect_lazy(&url, 1).unwrap();
+    let agent = Uuid::now_v7();
+    // Claims of one slot for agents of every phase, of two for agents of
+    // three phases: two statements.
+    let some = [Phase::Initial, Phase::Implementation, Phase::Integration];
+    for (n, phases) in [(1, None), (2, Some(&some[..]))].repeat(7) {
+        let slots: Vec<Slot> = (0..n).map(|_| slot(agent)).collect();
+        let got = one.assign(phases, &slots, Utc::now(), false).await.unwrap();
+        assert_eq!(got.len(), n);
+    }
+    let plans: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements
+         WHERE statement LIKE 'WITH %picked AS MATERIALIZED%' ORDER BY statement",
+    )
+    .fetch_all(one.pool())
+    .await
+    .unwrap();
+    // Each ran seven times: five custom plans, then the generic one kept.
+    assert_eq!(plans.len(), 2, "{plans:?}");
+    for (generic, custom) in plans {
+        assert_eq!(custom, 5, "custom plans");
+        assert_eq!(generic, 2, "generic plans");
+    }
+    one.close().await;
     db.drop().await;
 }
 
