@@ -1388,14 +1388,15 @@ async fn agents_racing_on_two_replicas_never_exceed_a_concurrency_limit() {
 async fn the_stats_stream_sends_the_queue_again_when_it_changes() {
     use futures::StreamExt;
     let s = setup().await;
-    let mut stats = s
-        .client
-        .clone()
-        .watch_queue_stats(pb::WatchQueueStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let mut next = async || {
+    let watch = async || {
+        s.client
+            .clone()
+            .watch_queue_stats(pb::WatchQueueStatsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    async fn next(stats: &mut tonic::Streaming<pb::WatchQueueStatsResponse>) -> pb::GetQueueStatsResponse {
         tokio::time::timeout(WAIT, stats.next())
             .await
             .expect("stats within the wait")
@@ -1403,13 +1404,38 @@ async fn the_stats_stream_sends_the_queue_again_when_it_changes() {
             .expect("stats")
             .stats
             .unwrap()
-    };
-    let empty = next().await;
+    }
+    // The statistics change all the time (the oldest task's age), so a
+    // message may come from before the change: wait for one that shows it.
+    async fn until(
+        stats: &mut tonic::Streaming<pb::WatchQueueStatsResponse>,
+        what: &str,
+        done: impl Fn(&pb::GetQueueStatsResponse) -> bool,
+    ) -> pb::GetQueueStatsResponse {
+        let change = async {
+            loop {
+                let now = next(stats).await;
+                if done(&now) {
+                    return now;
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, change)
+            .await
+            .unwrap_or_else(|_| panic!("{what} within the wait"))
+    }
+    let mut first = watch().await;
+    let empty = next(&mut first).await;
     assert_eq!((empty.pending, empty.ready), (0, 0));
 
     enqueue(&s.client, vec![new_task("a", 2), new_task("b", 2)]).await;
-    let queued = next().await;
-    assert_eq!((queued.pending, queued.ready), (2, 2), "{queued:?}");
+    until(&mut first, "queued", |q| (q.pending, q.ready) == (2, 2)).await;
+
+    // A watcher joining later (one reader serves both) starts from what
+    // the queue is now.
+    let mut second = watch().await;
+    let joined = next(&mut second).await;
+    assert_eq!((joined.pending, joined.ready), (2, 2), "{joined:?}");
 
     s.client
         .clone()
@@ -1419,10 +1445,33 @@ async fn the_stats_stream_sends_the_queue_again_when_it_changes() {
         })
         .await
         .unwrap();
-    let paused = next().await;
-    assert_eq!(paused.pauses.len(), 1, "{paused:?}");
-    assert_eq!(paused.pauses[0].reason, "lunch");
-    drop(stats);
+    for stats in [&mut first, &mut second] {
+        let paused = until(stats, "paused", |q| !q.pauses.is_empty()).await;
+        assert_eq!(paused.pauses[0].reason, "lunch");
+    }
+
+    // When every watcher has gone, the next one is served by a new reader.
+    drop((first, second));
+    s.client
+        .clone()
+        .resume_dispatch(pb::ResumeDispatchRequest::default())
+        .await
+        .unwrap();
+    let mut third = watch().await;
+    let resumed = next(&mut third).await;
+    assert!(resumed.pauses.is_empty(), "{resumed:?}");
+    assert_eq!(resumed.pending, 2);
+    s.client
+        .clone()
+        .pause_dispatch(pb::PauseDispatchRequest {
+            reason: "tea".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let paused = until(&mut third, "paused again", |q| !q.pauses.is_empty()).await;
+    assert_eq!(paused.pauses[0].reason, "tea");
+    drop(third);
     s.finish().await;
 }
 

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::batcher::{Batcher, Kind};
 use crate::dispatcher::{AgentStream, Dispatcher};
-use crate::stats;
+use crate::stats::{self, StatsStream};
 
 /// Largest encoded `result` of a completion.
 pub const MAX_RESULT_BYTES: usize = 256 * 1024;
@@ -37,8 +37,8 @@ pub struct TaskQueue {
     starts: Batcher,
     completions: Batcher,
     default_timeout_seconds: i32,
-    /// Ends the statistics watchers when the server stops.
-    watchers: CancellationToken,
+    /// The WatchQueueStats streams and their reader.
+    stats: stats::Hub,
 }
 
 impl TaskQueue {
@@ -65,6 +65,11 @@ impl TaskQueue {
                 disp.capacity_freed();
             }
         });
+        let source = stats::Source {
+            store: store.clone(),
+            dispatcher: Arc::clone(&dispatcher),
+        };
+        let stats = stats::Hub::new(source, nats.clone(), topology.clone(), watchers);
         Self {
             store,
             dispatcher,
@@ -73,7 +78,7 @@ impl TaskQueue {
             starts,
             completions,
             default_timeout_seconds,
-            watchers,
+            stats,
         }
     }
 
@@ -368,30 +373,15 @@ impl TaskQueue {
     }
 
     async fn stats(&self) -> ApiResult<pb::GetQueueStatsResponse> {
-        self.stats_source().read().await
-    }
-
-    fn stats_source(&self) -> stats::Source {
-        stats::Source {
-            store: self.store.clone(),
-            dispatcher: Arc::clone(&self.dispatcher),
-        }
+        // A request reads them itself: it must see what it just did.
+        self.stats.source().read().await
     }
 
     fn watch_stats(&self) -> StatsStream {
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(stats::follow(
-            self.stats_source(),
-            self.nats.clone(),
-            self.topology.clone(),
-            tx,
-            self.watchers.clone(),
-        ));
-        ReceiverStream::new(rx)
+        self.stats.watch()
     }
 }
 
-type StatsStream = ReceiverStream<Result<pb::WatchQueueStatsResponse, Status>>;
 type OutputStream = ReceiverStream<Result<pb::StreamTaskOutputResponse, Status>>;
 
 #[tonic::async_trait]

@@ -1,13 +1,19 @@
 //! WatchQueueStats: the statistics, then again when they changed. What can
 //! change them is any event of the mesh (a task's state, a pause, a limit,
-//! an agent), so each watcher listens to the events' subjects on core NATS
+//! an agent), so a reader listens to the events' subjects on core NATS
 //! (nothing to acknowledge or keep: it only needs a nudge), gathers a
 //! second's worth (or twenty times what the last read took, on a deep
 //! queue), and reads the statistics again; without events (NATS away, or
 //! an idle queue whose oldest ready task ages), it reads them every 15
 //! seconds.
+//!
+//! One reader serves every watcher of the process (`Hub`): counting is a
+//! scan of the tasks table, and each reader receives every event of the
+//! mesh, so ten consoles open on a busy or deep queue must not cost ten
+//! times that. The reader starts with the first watcher and ends with the
+//! last.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -17,7 +23,8 @@ use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue as pb;
 use omoi_runtime::status::{ApiResult, status};
 use omoi_store::Store;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -27,7 +34,15 @@ use crate::service::{limit_message, pause_message};
 const GATHER: Duration = Duration::from_secs(1);
 const REFRESH: Duration = Duration::from_secs(15);
 
-pub type Sink = mpsc::Sender<Result<pb::WatchQueueStatsResponse, Status>>;
+pub type StatsStream = ReceiverStream<Result<pb::WatchQueueStatsResponse, Status>>;
+type Sink = mpsc::Sender<Result<pb::WatchQueueStatsResponse, Status>>;
+
+/// What the reader last read: nothing yet, the statistics, or why it could
+/// not read them (it then ends, and so do its watchers).
+type Reading = Option<Result<pb::GetQueueStatsResponse, Status>>;
+
+/// The reader's channel while it runs.
+type Slot = Arc<Mutex<Option<watch::Sender<Reading>>>>;
 
 /// How long a reader of the statistics waits before reading them again:
 /// at least `at_least`, and twenty times what the last read took.
@@ -45,40 +60,117 @@ pub struct Source {
     pub dispatcher: Arc<Dispatcher>,
 }
 
-/// Streams the statistics into `sink`, and again after each change, until
-/// the watcher goes away or `shutdown`.
-pub async fn follow(
+/// The WatchQueueStats streams of this process and their one reader.
+pub struct Hub {
     source: Source,
     nats: async_nats::Client,
     topology: omoi_bus::Topology,
-    sink: Sink,
+    /// Ends the reader and the watchers when the server stops.
+    shutdown: CancellationToken,
+    reader: Slot,
+}
+
+impl Hub {
+    pub fn new(
+        source: Source,
+        nats: async_nats::Client,
+        topology: omoi_bus::Topology,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            source,
+            nats,
+            topology,
+            shutdown,
+            reader: Slot::default(),
+        }
+    }
+
+    /// Where the statistics are read.
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// A new watcher: the statistics now, then again after each change,
+    /// until it goes away or the server stops.
+    pub fn watch(&self) -> StatsStream {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(forward(
+            self.source.clone(),
+            self.subscribe(),
+            tx,
+            self.shutdown.clone(),
+        ));
+        ReceiverStream::new(rx)
+    }
+
+    /// The running reader's readings, starting it if none runs.
+    fn subscribe(&self) -> watch::Receiver<Reading> {
+        let mut slot = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(readings) = slot.as_ref() {
+            return readings.subscribe();
+        }
+        let (readings, rx) = watch::channel(None);
+        *slot = Some(readings.clone());
+        tokio::spawn(read(
+            self.source.clone(),
+            self.nats.clone(),
+            self.topology.clone(),
+            readings,
+            Arc::clone(&self.reader),
+            self.shutdown.clone(),
+        ));
+        rx
+    }
+}
+
+/// Takes the reader out of the hub, unless a watcher has just subscribed
+/// (both happen under the hub's lock, so none subscribes to a reader that
+/// is gone). `force`: the reader ends whoever watches.
+fn retire(slot: &Slot, readings: &watch::Sender<Reading>, force: bool) -> bool {
+    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if !force && readings.receiver_count() > 0 {
+        return false;
+    }
+    *slot = None;
+    true
+}
+
+/// The reader: reads the statistics, publishes them when they changed, and
+/// waits for events, until no watcher is left, a read fails, or the server
+/// stops.
+async fn read(
+    source: Source,
+    nats: async_nats::Client,
+    topology: omoi_bus::Topology,
+    readings: watch::Sender<Reading>,
+    slot: Slot,
     shutdown: CancellationToken,
 ) {
     let mut events = match nats.subscribe(topology.events_wildcard()).await {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::debug!(error = %e, "stats watcher without events; reading every {REFRESH:?}");
+            tracing::debug!(error = %e, "stats reader without events; reading every {REFRESH:?}");
             None
         }
     };
-    let mut sent: Option<pb::GetQueueStatsResponse> = None;
     loop {
         let reading = tokio::time::Instant::now();
         let read = source.read().await;
         let gather = next_read_after(GATHER, reading.elapsed());
         match read {
-            Ok(now) if sent.as_ref() != Some(&now) => {
-                let message = pb::WatchQueueStatsResponse {
-                    stats: Some(now.clone()),
-                };
-                if sink.send(Ok(message)).await.is_err() {
-                    return;
-                }
-                sent = Some(now);
+            Ok(now) => {
+                readings.send_if_modified(|last| {
+                    let changed = !matches!(last, Some(Ok(before)) if *before == now);
+                    if changed {
+                        *last = Some(Ok(now));
+                    }
+                    changed
+                });
             }
-            Ok(_) => {}
             Err(e) => {
-                let _ = sink.send(Err(status(e))).await;
+                retire(&slot, &readings, true);
+                readings.send_replace(Some(Err(status(e))));
                 return;
             }
         }
@@ -92,21 +184,66 @@ pub async fn follow(
         };
         tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = sink.send(Err(Status::unavailable("server shutting down; watch again"))).await;
+                retire(&slot, &readings, true);
                 return;
             }
-            _ = sink.closed() => return,
+            _ = readings.closed() => if retire(&slot, &readings, false) {
+                return;
+            },
             open = nudged => if !open { events = None },
             _ = tokio::time::sleep(REFRESH) => {}
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = sink.closed() => return,
+            _ = shutdown.cancelled() => {
+                retire(&slot, &readings, true);
+                return;
+            }
             _ = tokio::time::sleep(gather) => {}
         }
         if let Some(s) = events.as_mut() {
             while let Some(Some(_)) = s.next().now_or_never() {}
         }
+    }
+}
+
+/// One watcher: the statistics read for it, then each new reading into
+/// `sink`, until the watcher goes away, the reader fails, or the server
+/// stops. Its first read is its own: the reader's last one may be up to a
+/// gather old, and a watcher starts from the queue as it is.
+async fn forward(source: Source, mut readings: watch::Receiver<Reading>, sink: Sink, shutdown: CancellationToken) {
+    readings.borrow_and_update();
+    let mut reading = Some(source.read().await.map_err(status));
+    let mut sent = None;
+    loop {
+        match reading {
+            Some(Ok(stats)) if sent.as_ref() != Some(&stats) => {
+                let message = pb::WatchQueueStatsResponse {
+                    stats: Some(stats.clone()),
+                };
+                if sink.send(Ok(message)).await.is_err() {
+                    return;
+                }
+                sent = Some(stats);
+            }
+            Some(Err(e)) => {
+                let _ = sink.send(Err(e)).await;
+                return;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = sink.send(Err(Status::unavailable("server shutting down; watch again"))).await;
+                return;
+            }
+            _ = sink.closed() => return,
+            changed = readings.changed() => if changed.is_err() {
+                // The reader ended without a word: the server is stopping.
+                let _ = sink.send(Err(Status::unavailable("server shutting down; watch again"))).await;
+                return;
+            },
+        }
+        reading = readings.borrow_and_update().clone();
     }
 }
 
