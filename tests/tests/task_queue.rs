@@ -1424,6 +1424,16 @@ async fn the_stats_stream_sends_the_queue_again_when_it_changes() {
             .await
             .unwrap_or_else(|_| panic!("{what} within the wait"))
     }
+    let pause = async |reason: &str| {
+        s.client
+            .clone()
+            .pause_dispatch(pb::PauseDispatchRequest {
+                reason: reason.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    };
     let mut first = watch().await;
     let empty = next(&mut first).await;
     assert_eq!((empty.pending, empty.ready), (0, 0));
@@ -1437,14 +1447,7 @@ async fn the_stats_stream_sends_the_queue_again_when_it_changes() {
     let joined = next(&mut second).await;
     assert_eq!((joined.pending, joined.ready), (2, 2), "{joined:?}");
 
-    s.client
-        .clone()
-        .pause_dispatch(pb::PauseDispatchRequest {
-            reason: "lunch".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    pause("lunch").await;
     for stats in [&mut first, &mut second] {
         let paused = until(stats, "paused", |q| !q.pauses.is_empty()).await;
         assert_eq!(paused.pauses[0].reason, "lunch");
@@ -1461,14 +1464,7 @@ async fn the_stats_stream_sends_the_queue_again_when_it_changes() {
     let resumed = next(&mut third).await;
     assert!(resumed.pauses.is_empty(), "{resumed:?}");
     assert_eq!(resumed.pending, 2);
-    s.client
-        .clone()
-        .pause_dispatch(pb::PauseDispatchRequest {
-            reason: "tea".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    pause("tea").await;
     let paused = until(&mut third, "paused again", |q| !q.pauses.is_empty()).await;
     assert_eq!(paused.pauses[0].reason, "tea");
     drop(third);
