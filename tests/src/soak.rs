@@ -322,6 +322,32 @@ pub fn flat(values: &[f64], tolerance: f64, slack: f64) -> (bool, String) {
     (ok, format!("{first:.1} -> {last:.1} ({:+.1} %)", change * 100.0))
 }
 
+/// Whether what a retention window holds stayed bounded: `values` per unit
+/// of `rate` (rows per completed task a second: the seconds of work they
+/// hold), the last quarter's within `tolerance` of the first quarter's. A
+/// table or stream under retention grows with the rate the mesh keeps,
+/// which drifts with the machine's speed; one that retention does not bound
+/// grows whatever the rate.
+pub fn bounded(values: &[f64], rate: &[f64], tolerance: f64) -> (bool, String) {
+    if values.len() < 4 || values.len() != rate.len() {
+        return (false, format!("too few samples ({})", values.len()));
+    }
+    let ((v0, v1), (r0, r1)) = (ends(values), ends(rate));
+    if r0 <= 0.0 || r1 <= 0.0 {
+        return (false, format!("no load ({r0:.0} -> {r1:.0} tasks/s)"));
+    }
+    let (first, last) = (v0 / r0, v1 / r1);
+    let change = (last - first) / first.max(f64::MIN_POSITIVE);
+    let how = format!(
+        "{v0:.0} -> {v1:.0} at {r0:.0} -> {r1:.0} tasks/s: {first:.1} -> {last:.1} s of work ({:+.1} %)",
+        change * 100.0
+    );
+    (change.abs() <= tolerance, how)
+}
+
+/// The events each task makes (created, assigned, started, completed).
+const EVENTS_PER_TASK: f64 = 4.0;
+
 fn judge(r: &mut SoakReport, drained: bool) {
     let after: Vec<&Sample> = r.samples.iter().filter(|s| s.at >= r.warm_up).collect();
     let series = |f: &dyn Fn(&Sample) -> f64| after.iter().map(|s| f(s)).collect::<Vec<f64>>();
@@ -339,21 +365,22 @@ fn judge(r: &mut SoakReport, drained: bool) {
     }
     let (ok, how) = flat(&series(&|s| s.db_connections as f64), 0.10, 2.0);
     v.push((format!("database connections flat: {how}"), ok));
+    let done = series(&|s| s.done_per_s);
     for (what, f) in [
         ("tasks table", &(|s: &Sample| s.tasks as f64) as &dyn Fn(&Sample) -> f64),
         ("events stream (messages)", &|s: &Sample| s.stream_messages as f64),
     ] {
-        let (ok, how) = flat(&series(f), 0.10, 0.0);
+        let (ok, how) = bounded(&series(f), &done, 0.10);
         v.push((format!("{what} bounded by its retention: {how}"), ok));
     }
-    let bound = (r.rate * 2.0).max(1000.0);
+    // Two seconds of the load's events.
+    let bound = (r.rate * EVENTS_PER_TASK * 2.0).max(1000.0);
     let worst = after.iter().map(|s| s.outbox).max().unwrap_or(0);
     v.push((
         format!("outbox backlog bounded (at most {worst} events after warm-up, limit {bound:.0}) and drained at the end ({drained})"),
         (worst as f64) <= bound && drained,
     ));
-    let achieved = series(&|s| s.done_per_s);
-    let mean = achieved.iter().sum::<f64>() / achieved.len().max(1) as f64;
+    let mean = done.iter().sum::<f64>() / done.len().max(1) as f64;
     v.push((
         format!("the load held ({mean:.0} of {:.0} tasks/s after warm-up)", r.rate),
         mean >= 0.9 * r.rate,
@@ -548,7 +575,20 @@ fn batch(from: u64, k: u64) -> pb::EnqueueTasksRequest {
 
 #[cfg(test)]
 mod tests {
-    use super::flat;
+    use super::{bounded, flat};
+
+    #[test]
+    fn retention_bounds_follow_the_rate_and_catch_growth() {
+        let rate = [1400.0, 1400.0, 1450.0, 1500.0, 1700.0, 1850.0, 1900.0, 1900.0];
+        // A minute's work, as the mesh sped up by a third: bounded.
+        let held: Vec<f64> = rate.iter().map(|r| r * 61.0).collect();
+        assert!(bounded(&held, &rate, 0.10).0);
+        // The same rows at a steady rate: growth retention does not stop.
+        let steady = [1400.0; 8];
+        assert!(!bounded(&held, &steady, 0.10).0);
+        assert!(!bounded(&held, &[0.0; 8], 0.10).0, "no load");
+        assert!(!bounded(&held[..2], &rate[..2], 0.10).0, "too few samples");
+    }
 
     #[test]
     fn flat_allows_noise_and_catches_growth() {
