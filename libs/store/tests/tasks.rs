@@ -23,6 +23,12 @@ struct Db {
     store: Store,
 }
 
+/// The database `name` on the server `admin` names.
+fn database_url(admin: &str, name: &str) -> String {
+    let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b);
+    format!("{base}/{name}")
+}
+
 impl Db {
     async fn new() -> Db {
         let admin = std::env::var("OMOI_TEST_DATABASE_URL")
@@ -33,16 +39,14 @@ impl Db {
             .execute(&mut conn)
             .await
             .unwrap();
-        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-        let store = Store::connect_lazy(&format!("{base}/{name}"), 4).unwrap();
+        let store = Store::connect_lazy(&database_url(&admin, &name), 4).unwrap();
         store.migrate().await.unwrap();
         Db { name, admin, store }
     }
 
     /// The URL of this test's database.
     fn store_url(&self) -> String {
-        let base = self.admin.rsplit_once('/').map_or(self.admin.as_str(), |(b, _)| b);
-        format!("{base}/{}", self.name)
+        database_url(&self.admin, &self.name)
     }
 
     async fn drop(self) {

@@ -231,17 +231,17 @@ async fn forward(source: Source, mut readings: watch::Receiver<Reading>, sink: S
             }
             _ => {}
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = sink.send(Err(Status::unavailable("server shutting down; watch again"))).await;
-                return;
-            }
+        let stopping = tokio::select! {
+            _ = shutdown.cancelled() => true,
             _ = sink.closed() => return,
-            changed = readings.changed() => if changed.is_err() {
-                // The reader ended without a word: the server is stopping.
-                let _ = sink.send(Err(Status::unavailable("server shutting down; watch again"))).await;
-                return;
-            },
+            // The reader ended without a word: the server is stopping.
+            changed = readings.changed() => changed.is_err(),
+        };
+        if stopping {
+            let _ = sink
+                .send(Err(Status::unavailable("server shutting down; watch again")))
+                .await;
+            return;
         }
         reading = readings.borrow_and_update().clone();
     }
