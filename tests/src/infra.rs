@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use omoi_bus::Topology;
+use omoi_base::DatabaseArgs;
+use omoi_bus::{BusArgs, Topology};
+use omoi_runtime::config::HostArgs;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
@@ -85,7 +87,7 @@ impl Infra {
     /// A task-queue configuration for this test; tests adjust fields.
     pub fn task_queue_config(&self) -> omoi_task_queue::Config {
         let mut config = omoi_task_queue::Config::from_env();
-        self.common(&mut config.common);
+        self.common(&mut config.host, &mut config.bus, Some(&mut config.database));
         config.timeout_check_interval_seconds = 0.2;
         config.db_max_connections = 8;
         config
@@ -93,7 +95,7 @@ impl Infra {
 
     pub fn health_config(&self) -> omoi_health::Config {
         let mut config = omoi_health::Config::from_env();
-        self.common(&mut config.common);
+        self.common(&mut config.host, &mut config.bus, Some(&mut config.database));
         config.stale_check_interval_seconds = 0.2;
         config.heartbeat_flush_ms = 100;
         config.db_max_connections = 4;
@@ -102,7 +104,7 @@ impl Infra {
 
     pub fn ticket_config(&self, task_queue_url: &str) -> omoi_ticket::Config {
         let mut config = omoi_ticket::Config::from_env();
-        self.common(&mut config.common);
+        self.common(&mut config.host, &mut config.bus, Some(&mut config.database));
         config.task_queue_url = task_queue_url.to_owned();
         config.enqueue_retry_seconds = 0.2;
         config.db_max_connections = 4;
@@ -113,7 +115,7 @@ impl Infra {
     /// once), pointed at the given services.
     pub fn executor_config(&self, task_queue: &str, health: &str, ticket: &str) -> omoi_executor::Config {
         let mut config = omoi_executor::Config::from_env();
-        self.common(&mut config.common);
+        self.common(&mut config.host, &mut config.bus, None);
         config.task_queue_url = task_queue.to_owned();
         config.health_url = health.to_owned();
         config.ticket_url = ticket.to_owned();
@@ -122,13 +124,16 @@ impl Infra {
         config
     }
 
-    fn common(&self, common: &mut omoi_runtime::config::CommonArgs) {
-        common.database_url = self.db.url.clone();
-        common.nats_url = self.nats_url.clone();
-        common.subject_prefix = self.topology.prefix.clone();
-        common.events_stream = self.topology.stream.clone();
-        common.auth_token = None;
-        common.shutdown_grace_seconds = 10;
+    /// Points a service's settings at this test's database and NATS topology.
+    fn common(&self, host: &mut HostArgs, bus: &mut BusArgs, database: Option<&mut DatabaseArgs>) {
+        host.auth_token = None;
+        host.shutdown_grace_seconds = 10;
+        bus.nats_url = self.nats_url.clone();
+        bus.subject_prefix = self.topology.prefix.clone();
+        bus.events_stream = self.topology.stream.clone();
+        if let Some(database) = database {
+            database.database_url = self.db.url.clone();
+        }
     }
 
     /// The environment every service process of this test shares.

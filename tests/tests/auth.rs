@@ -24,18 +24,18 @@ fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_requires_the_token_and_presents_it_to_the_others() {
     let infra = Infra::new().await.unwrap();
-    let secure = |common: &mut omoi_runtime::config::CommonArgs| common.auth_token = Some(TOKEN.into());
+    let secure = |host: &mut omoi_runtime::config::HostArgs| host.auth_token = Some(TOKEN.into());
     let mut qc = infra.task_queue_config();
-    secure(&mut qc.common);
+    secure(&mut qc.host);
     let queue = InProcess::start(qc).await.unwrap();
     let mut hc = infra.health_config();
-    secure(&mut hc.common);
+    secure(&mut hc.host);
     let health = InProcess::health(hc).await.unwrap();
     let mut tc = infra.ticket_config(&queue.url);
-    secure(&mut tc.common);
+    secure(&mut tc.host);
     let ticket = InProcess::ticket(tc).await.unwrap();
     let mut ec = infra.executor_config(&queue.url, &health.url, &ticket.url);
-    ec.common.auth_token = Some(TOKEN.into());
+    ec.host.auth_token = Some(TOKEN.into());
     let executor = InProcess::spawn(move |incoming, stop| omoi_executor::serve(ec, incoming, stop))
         .await
         .unwrap();
@@ -128,7 +128,7 @@ async fn every_service_requires_the_token_and_presents_it_to_the_others() {
 async fn a_flood_on_one_connection_gets_answers_and_the_server_stays_up() {
     let infra = Infra::new().await.unwrap();
     let mut config = infra.task_queue_config();
-    config.common.max_concurrent_requests_per_connection = 8;
+    config.host.max_concurrent_requests_per_connection = 8;
     let queue = InProcess::start(config).await.unwrap();
     let c = queue.client();
     let mut calls = Vec::new();

@@ -85,7 +85,7 @@ async fn reflection_v1_and_v1alpha_list_the_services() {
 async fn with_a_token_every_rpc_needs_it_but_health_and_nothing_is_done_without() {
     let infra = Infra::new().await.unwrap();
     let mut config = infra.task_queue_config();
-    config.common.auth_token = Some("s3cret-token".into());
+    config.host.auth_token = Some("s3cret-token".into());
     let tq = InProcess::start(config).await.unwrap();
     assert_eq!(
         health(&tq.url, "omoi.taskqueue.v1.TaskQueueService").await,
@@ -141,7 +141,7 @@ async fn with_a_token_every_rpc_needs_it_but_health_and_nothing_is_done_without(
 async fn oversized_messages_are_refused_and_the_server_stays_up() {
     let infra = Infra::new().await.unwrap();
     let mut config = infra.task_queue_config();
-    config.common.max_message_bytes = 64 * 1024;
+    config.host.max_message_bytes = 64 * 1024;
     let tq = InProcess::start(config).await.unwrap();
     let mut c = tq.client();
     let big = pb::EnqueueTasksRequest {
@@ -195,6 +195,63 @@ async fn not_serving_until_nats_is_reachable_then_serving() {
         (health(&url, "omoi.taskqueue.v1.TaskQueueService").await == ServingStatus::Serving as i32).then_some(())
     })
     .await;
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+    infra.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_before_the_schema_is_migrated_are_unavailable_never_internal() {
+    let infra = Infra::new().await.unwrap();
+    // A table in the way of the first migration: it fails until the table
+    // goes, and the service keeps retrying it meanwhile.
+    let pool = infra.db.connect().await.unwrap();
+    sqlx::query("CREATE TABLE tasks (x int)").execute(&pool).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(omoi_task_queue::serve(
+        infra.task_queue_config(),
+        omoi_runtime::grpc::incoming(listener),
+        shutdown.clone(),
+    ));
+    let mut c = client(&url);
+    let refused = eventually(WAIT, "the server answering", || {
+        let mut c = c.clone();
+        async move {
+            match c.get_queue_stats(pb::GetQueueStatsRequest {}).await {
+                Err(s) if s.code() == Code::Unavailable && s.message().contains("not migrated") => Some(s),
+                Err(s) if s.code() == Code::Unavailable => None,
+                other => panic!("before its migration the service answered {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(refused.message().contains("omoi-task-queue"), "{refused:?}");
+    let enqueue = c
+        .enqueue_tasks(pb::EnqueueTasksRequest {
+            tasks: vec![pb::NewTask {
+                title: "early".into(),
+                phase: omoi_proto::common::Phase::Initial.into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(enqueue.code(), Code::Unavailable, "{enqueue:?}");
+    sqlx::query("DROP TABLE tasks").execute(&pool).await.unwrap();
+    eventually(WAIT, "served once migrated", || {
+        let mut c = c.clone();
+        async move { c.get_queue_stats(pb::GetQueueStatsRequest {}).await.ok() }
+    })
+    .await;
+    let listed = c
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.tasks.is_empty(), "the refused enqueue wrote nothing: {listed:?}");
+    pool.close().await;
     shutdown.cancel();
     server.await.unwrap().unwrap();
     infra.cleanup().await.unwrap();

@@ -9,14 +9,21 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::{FutureExt, StreamExt};
 use omoi_proto::events::Event;
+use omoi_runtime::background::{pause, policy};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{Topology, ensure_stream};
 
+/// An event as a handler receives it: its id and the domain's envelope.
+pub type Received = (uuid::Uuid, omoi_domain::Envelope);
+
 /// Reads `filter` (a subject under the events prefix) through the durable
-/// consumer `durable` until `shutdown`, calling `handle` for each event. An
-/// `Err` from the handler redelivers the event after a pause.
+/// consumer `durable` until `shutdown`, calling `handle` for each event, in
+/// stream order, read as the domain's and handled in a span that continues
+/// the trace its publisher recorded. An `Err` from the handler redelivers
+/// the event after a pause; events this version cannot read are skipped.
 pub async fn consume<F, Fut>(
     client: async_nats::Client,
     topology: Topology,
@@ -25,12 +32,22 @@ pub async fn consume<F, Fut>(
     shutdown: CancellationToken,
     mut handle: F,
 ) where
-    F: FnMut(Event, Option<String>) -> Fut,
-    Fut: Future<Output = Result<(), String>>,
+    F: FnMut(uuid::Uuid, omoi_domain::Envelope) -> Fut,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
+    let name = durable.clone();
     batches(client, topology, durable, filter, shutdown, Duration::ZERO, |events| {
         // Made now, run one after the other: effects in stream order.
-        let effects: Vec<Fut> = events.into_iter().map(|(e, tp)| handle(e, tp)).collect();
+        let effects: Vec<_> = events
+            .into_iter()
+            .map(|(event, traceparent)| {
+                let (span, read) = read(&name, &event, traceparent.as_deref());
+                match read {
+                    Some((id, envelope)) => handle(id, envelope).instrument(span).boxed(),
+                    None => futures::future::ready(Ok(())).boxed(),
+                }
+            })
+            .collect();
         async move {
             let mut results = Vec::with_capacity(effects.len());
             for effect in effects {
@@ -44,21 +61,59 @@ pub async fn consume<F, Fut>(
 
 /// Like [`consume`], but hands `handle` the events delivered within a
 /// moment of each other (up to a fetch's worth) at once, so that their
-/// effects can be written in one statement. It answers one result per
-/// event, in order: each `Ok` event is acknowledged, each `Err` one
-/// redelivered after a pause.
+/// effects can be written in one statement: `handle` applies them all or
+/// none, so its one answer is every event's (acknowledged, or redelivered
+/// after a pause). Each event's span is open while its batch is applied.
 pub async fn consume_batches<F, Fut>(
     client: async_nats::Client,
     topology: Topology,
     durable: String,
     filter: String,
     shutdown: CancellationToken,
-    handle: F,
+    mut handle: F,
 ) where
-    F: FnMut(Vec<(Event, Option<String>)>) -> Fut,
-    Fut: Future<Output = Vec<Result<(), String>>>,
+    F: FnMut(Vec<Received>) -> Fut,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
-    batches(client, topology, durable, filter, shutdown, GATHER, handle).await
+    let name = durable.clone();
+    batches(client, topology, durable, filter, shutdown, GATHER, move |events| {
+        let n = events.len();
+        let mut spans = Vec::with_capacity(n);
+        let mut batch = Vec::with_capacity(n);
+        for (event, traceparent) in events {
+            let (span, read) = read(&name, &event, traceparent.as_deref());
+            batch.extend(read);
+            spans.push(span);
+        }
+        let applied = (!batch.is_empty()).then(|| handle(batch));
+        async move {
+            let outcome = match applied {
+                Some(applied) => applied.await,
+                None => Ok(()),
+            };
+            drop(spans);
+            vec![outcome; n]
+        }
+    })
+    .await
+}
+
+/// A consumed event's span and the event read as the domain's; None, with
+/// a warning in its span, when this version cannot read it.
+fn read(consumer: &str, event: &Event, traceparent: Option<&str>) -> (tracing::Span, Option<Received>) {
+    let span = omoi_runtime::trace::consumed(consumer, &event.event_type, traceparent);
+    let read = event
+        .id
+        .parse::<uuid::Uuid>()
+        .map_err(|e| e.to_string())
+        .and_then(|id| Ok((id, omoi_domain::Envelope::try_from(event).map_err(|e| e.to_string())?)));
+    match read {
+        Ok(read) => (span, Some(read)),
+        Err(error) => {
+            span.in_scope(|| tracing::warn!(%error, event_id = %event.id, "skipping an unreadable event"));
+            (span, None)
+        }
+    }
 }
 
 /// The consumer loop: after the first event of a batch, what else arrives
@@ -77,7 +132,7 @@ async fn batches<F, Fut>(
 {
     let js = jetstream::new(client);
     let mut failures = 0u32;
-    let mut backoff = crate::retry_backoff();
+    let mut backoff = policy::NATS.start();
     while !shutdown.is_cancelled() {
         let result = async {
             let stream = ensure_stream(&js, &topology).await.map_err(|e| e.to_string())?;
@@ -172,9 +227,8 @@ async fn batches<F, Fut>(
                 }
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        if !pause(&shutdown, backoff.next_delay()).await {
+            return;
         }
     }
 }

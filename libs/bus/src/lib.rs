@@ -1,15 +1,72 @@
-//! omoi's event bus on NATS JetStream: subjects, the events stream, and the
-//! relay that publishes the PostgreSQL outbox exactly once per event.
+//! omoi's event bus on NATS JetStream: where it is and how it is laid out
+//! (settings, subjects, the events and output streams) and the durable
+//! consumers services react to each other's events through. The relay that
+//! fills the events stream from the PostgreSQL outbox is `omoi-base`'s.
 
 pub mod consumer;
-mod relay;
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use omoi_domain::{Entity, EventType};
+use omoi_runtime::config::secret_file;
 
-pub use relay::Relay;
+/// Where a process finds NATS and how omoi's subjects and streams are
+/// named there; every binary that talks to NATS flattens it into its own
+/// configuration.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BusArgs {
+    /// NATS URL (JetStream enabled).
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
+    pub nats_url: String,
+
+    /// A file holding the NATS URL, read instead of NATS_URL.
+    #[arg(long, env = "NATS_URL_FILE", value_parser = secret_file, hide_env_values = true)]
+    pub nats_url_file: Option<String>,
+
+    /// Subject prefix of omoi's NATS messages.
+    #[arg(long, env = "OMOI_SUBJECT_PREFIX", default_value = "omoi")]
+    pub subject_prefix: String,
+
+    /// JetStream stream holding the events.
+    #[arg(long, env = "OMOI_EVENTS_STREAM", default_value = "OMOI_EVENTS")]
+    pub events_stream: String,
+
+    /// Seconds the events stream keeps an event (consumers' records of
+    /// what they applied are kept a day longer).
+    #[arg(long, env = "OMOI_EVENTS_MAX_AGE_SECONDS", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(60..))]
+    pub events_max_age_seconds: u64,
+
+    /// Seconds the output stream keeps agents' output lines.
+    #[arg(long, env = "OMOI_OUTPUT_MAX_AGE_SECONDS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(60..))]
+    pub output_max_age_seconds: u64,
+}
+
+impl BusArgs {
+    pub fn nats_url(&self) -> &str {
+        self.nats_url_file.as_deref().unwrap_or(&self.nats_url)
+    }
+
+    /// Where this process's events and output go on NATS.
+    pub fn topology(&self) -> Topology {
+        Topology {
+            prefix: self.subject_prefix.clone(),
+            stream: self.events_stream.clone(),
+            events_max_age: Duration::from_secs(self.events_max_age_seconds),
+            output_max_age: Duration::from_secs(self.output_max_age_seconds),
+        }
+    }
+
+    /// Connects to NATS as `name` (see [`connect`]).
+    pub async fn connect(&self, name: &str) -> Result<async_nats::Client, BusError> {
+        connect(self.nats_url(), name).await
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -23,8 +80,6 @@ pub enum BusError {
     Stream { stream: String, message: String },
     #[error("publishing failed: {0}")]
     Publish(String),
-    #[error(transparent)]
-    Store(#[from] omoi_store::StoreError),
 }
 
 /// Where omoi's messages go. Tests give each run its own prefix and stream,
@@ -109,12 +164,6 @@ impl Topology {
     pub fn control_subject(&self, name: &str) -> String {
         format!("{}.control.{name}", self.prefix)
     }
-}
-
-/// Pauses between attempts to reach NATS or JetStream: 200 ms doubling
-/// to 6.4 s, back to the start after a success.
-pub fn retry_backoff() -> omoi_domain::backoff::Backoff {
-    omoi_domain::backoff::Backoff::new(Duration::from_millis(200), Duration::from_millis(6400))
 }
 
 /// Connects to NATS; the client reconnects by itself for as long as the

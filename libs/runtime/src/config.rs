@@ -1,5 +1,5 @@
-//! Settings every service shares; each binary flattens these into its own
-//! clap configuration, so one `--help` lists them all with their variables.
+//! The settings every serving process shares, and the helpers for reading
+//! secrets and addresses from them.
 
 use std::net::SocketAddr;
 
@@ -12,35 +12,12 @@ pub enum LogFormat {
     Json,
 }
 
+/// What every omoi process that serves gRPC shares: the API's limits,
+/// auth, TLS, metrics, probes, logs and stop. Each binary flattens it into
+/// its own clap configuration, so one `--help` lists it all with the
+/// variables.
 #[derive(Debug, Clone, clap::Args)]
-pub struct CommonArgs {
-    /// PostgreSQL URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/omoi"
-    )]
-    pub database_url: String,
-
-    /// A file holding the PostgreSQL URL, read instead of DATABASE_URL (so
-    /// that the secret is not in the process's environment). Parsed, the
-    /// field holds the file's content.
-    #[arg(long, env = "DATABASE_URL_FILE", value_parser = secret_file, hide_env_values = true)]
-    pub database_url_file: Option<String>,
-
-    /// NATS URL (JetStream enabled).
-    #[arg(
-        long,
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        hide_env_values = true
-    )]
-    pub nats_url: String,
-
-    /// A file holding the NATS URL, read instead of NATS_URL.
-    #[arg(long, env = "NATS_URL_FILE", value_parser = secret_file, hide_env_values = true)]
-    pub nats_url_file: Option<String>,
-
+pub struct HostArgs {
     /// Bearer token required on every RPC but health and reflection; unset = no auth.
     #[arg(long, env = "OMOI_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
@@ -48,28 +25,6 @@ pub struct CommonArgs {
     /// A file holding the bearer token, read instead of OMOI_AUTH_TOKEN.
     #[arg(long, env = "OMOI_AUTH_TOKEN_FILE", value_parser = secret_file, hide_env_values = true)]
     pub auth_token_file: Option<String>,
-
-    /// Subject prefix of omoi's NATS messages.
-    #[arg(long, env = "OMOI_SUBJECT_PREFIX", default_value = "omoi")]
-    pub subject_prefix: String,
-
-    /// JetStream stream holding the events.
-    #[arg(long, env = "OMOI_EVENTS_STREAM", default_value = "OMOI_EVENTS")]
-    pub events_stream: String,
-
-    /// Seconds the events stream keeps an event (consumers' records of
-    /// what they applied are kept a day longer).
-    #[arg(long, env = "OMOI_EVENTS_MAX_AGE_SECONDS", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(60..))]
-    pub events_max_age_seconds: u64,
-
-    /// Seconds the output stream keeps agents' output lines.
-    #[arg(long, env = "OMOI_OUTPUT_MAX_AGE_SECONDS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(60..))]
-    pub output_max_age_seconds: u64,
-
-    /// Seconds between vacuums of the service's tables that nothing else
-    /// vacuums (the server's or the table's autovacuum is off).
-    #[arg(long, env = "OMOI_VACUUM_INTERVAL_SECONDS", default_value_t = 30.0)]
-    pub vacuum_interval_seconds: f64,
 
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "OMOI_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
@@ -124,24 +79,7 @@ pub fn parse_listen(value: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{value:?} is not a socket address like 0.0.0.0:50052"))
 }
 
-/// What a service binary does; serving is the default.
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum Command {
-    /// Serve gRPC (the default).
-    Serve,
-    /// Apply database migrations and exit.
-    Migrate,
-}
-
-impl CommonArgs {
-    pub fn database_url(&self) -> &str {
-        self.database_url_file.as_deref().unwrap_or(&self.database_url)
-    }
-
-    pub fn nats_url(&self) -> &str {
-        self.nats_url_file.as_deref().unwrap_or(&self.nats_url)
-    }
-
+impl HostArgs {
     pub fn auth_token(&self) -> Option<String> {
         secret(&self.auth_token, &self.auth_token_file)
     }
@@ -150,14 +88,28 @@ impl CommonArgs {
     pub fn connector(&self) -> anyhow::Result<crate::grpc::Connector> {
         crate::grpc::Connector::new(self.auth_token().as_deref(), &self.tls)
     }
+}
 
-    /// Where this process's events and output go on NATS.
-    pub fn topology(&self) -> omoi_bus::Topology {
-        omoi_bus::Topology {
-            prefix: self.subject_prefix.clone(),
-            stream: self.events_stream.clone(),
-            events_max_age: std::time::Duration::from_secs(self.events_max_age_seconds),
-            output_max_age: std::time::Duration::from_secs(self.output_max_age_seconds),
+/// A URL with its password hidden, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &creds[..colon], &url[at..]),
+                None => url.to_owned(),
+            }
         }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_passwords_only() {
+        assert_eq!(super::redact("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact("nats://h:4222"), "nats://h:4222");
     }
 }

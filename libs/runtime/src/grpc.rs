@@ -79,9 +79,8 @@ pub async fn follow_readiness<F, Fut>(
         } else {
             every.min(Duration::from_millis(250))
         };
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(wait) => {}
+        if !crate::background::pause(&shutdown, wait).await {
+            break;
         }
     }
     set_all(&reporter, &services, ServingStatus::NotServing).await;

@@ -10,19 +10,25 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Router, TcpIncoming};
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tower::layer::util::{Identity, Stack};
 
 use crate::auth::RequireBearer;
-use crate::config::CommonArgs;
+use crate::config::HostArgs;
 use crate::grpc;
-use crate::service::{MeshRouter, server};
+use crate::metrics::GrpcMetricsLayer;
+
+/// A service's server: metrics around every RPC, then health, reflection
+/// and the API.
+pub type MeshRouter = Router<Stack<GrpcMetricsLayer, Identity>>;
 
 /// How often readiness is re-checked once ready.
 const READINESS_EVERY: Duration = Duration::from_secs(2);
 
 pub struct Host {
     pub name: &'static str,
-    common: CommonArgs,
+    args: HostArgs,
     auth: RequireBearer,
     grace: Duration,
     /// Cancelled once the server stopped serving: tracked work ends then.
@@ -33,13 +39,13 @@ pub struct Host {
 impl Host {
     /// Checks the configuration that can be checked before serving (bad
     /// TLS files stop the start here, before anything connects).
-    pub fn new(common: &CommonArgs, name: &'static str) -> anyhow::Result<Self> {
-        common.tls.server(common.tls_client_ca.as_deref())?;
+    pub fn new(args: &HostArgs, name: &'static str) -> anyhow::Result<Self> {
+        args.tls.server(args.tls_client_ca.as_deref())?;
         Ok(Self {
             name,
-            common: common.clone(),
-            auth: RequireBearer::new(common.auth_token().as_deref()),
-            grace: Duration::from_secs(common.shutdown_grace_seconds),
+            args: args.clone(),
+            auth: RequireBearer::new(args.auth_token().as_deref()),
+            grace: Duration::from_secs(args.shutdown_grace_seconds),
             background: CancellationToken::new(),
             tasks: JoinSet::new(),
         })
@@ -94,7 +100,7 @@ impl Host {
             ready,
         ));
         // Probes keep answering while the server drains.
-        Ok(server(&self.common, health, &self.background)?
+        Ok(server(&self.args, health, &self.background)?
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha))
     }
@@ -108,7 +114,7 @@ impl Host {
         incoming: TcpIncoming,
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        if let Some(addr) = self.common.metrics_addr {
+        if let Some(addr) = self.args.metrics_addr {
             let stop = self.background.clone();
             self.tasks.spawn(async move {
                 if let Err(e) = crate::metrics::serve(addr, stop).await {
@@ -127,5 +133,73 @@ impl Host {
         served.context("gRPC server failed")?;
         tracing::info!(service = self.name, "stopped");
         Ok(())
+    }
+}
+
+/// The gRPC server of every omoi process: TLS when configured, the
+/// per-connection concurrency limit, a span and metrics per RPC, and
+/// grpc.health.v1 (also on the plaintext probe address, when set).
+fn server<H: Health>(
+    args: &HostArgs,
+    health: HealthServer<H>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<MeshRouter> {
+    if let Some(addr) = args.probe_addr {
+        let (health, incoming, stop) = (health.clone(), probe_listener(addr)?, shutdown.clone());
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(%addr, error = %e, "probe endpoint failed");
+            }
+        });
+    }
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = args.tls.server(args.tls_client_ca.as_deref())? {
+        server = server
+            .tls_config(tls)
+            .context("OMOI_TLS_CERT, OMOI_TLS_KEY or OMOI_TLS_CLIENT_CA is not usable")?;
+    }
+    Ok(server
+        .concurrency_limit_per_connection(args.max_concurrent_requests_per_connection.max(1))
+        .trace_fn(|req| {
+            let path = req.uri().path();
+            // Probes and reflection are not worth a trace each.
+            let span = if path.starts_with("/grpc.") {
+                tracing::debug_span!("grpc", method = path)
+            } else {
+                tracing::info_span!("grpc", otel.name = path, otel.kind = "server", method = path)
+            };
+            crate::trace::adopt(&span, &crate::trace::Headers(req.headers()));
+            span
+        })
+        .layer(GrpcMetricsLayer)
+        .add_service(health))
+}
+
+/// Binds the listen address, or explains what to change.
+pub fn listen(addr: std::net::SocketAddr) -> anyhow::Result<TcpIncoming> {
+    grpc::bind(addr).map_err(|e| {
+        anyhow::anyhow!("cannot listen on {addr} ({e}); set OMOI_LISTEN_ADDR or --listen-addr to a free address")
+    })
+}
+
+fn probe_listener(addr: std::net::SocketAddr) -> anyhow::Result<TcpIncoming> {
+    grpc::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for probes ({e}); set OMOI_PROBE_ADDR to a free address"))
+}
+
+/// Runs a binary's main: `result` is its outcome; errors are logged and
+/// printed, and become the exit code.
+pub fn exit(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{name} failed");
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -1,13 +1,15 @@
-//! What every omoi binary shares: common configuration, telemetry, the gRPC
-//! server's health, reflection and auth, client channels, and shutdown.
+//! The host every omoi binary runs on, with a database or without: its
+//! settings, the gRPC server (health, reflection, auth, TLS, metrics),
+//! client channels, telemetry and W3C trace context, the shapes of
+//! background work, and shutdown. What a database service adds on top is
+//! `omoi-base`.
 
 pub mod auth;
-pub mod changes;
+pub mod background;
 pub mod config;
 pub mod grpc;
 pub mod host;
 pub mod metrics;
-pub mod service;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;

@@ -1,47 +1,9 @@
-//! The one error type of every RPC handler, and its one mapping to the
-//! gRPC status a client sees.
+//! How errors become the gRPC status a client sees, for what every process
+//! shares: the domain's refusals, and which codes are worth a retry. The
+//! database services' handler error (`omoi_base::ApiError`) builds on it.
 
 use omoi_domain::DomainError;
-use omoi_store::StoreError;
 use tonic::Status;
-
-/// What an RPC handler can fail with. Handlers return it and use `?` on
-/// domain and store results; the service trait turns it into a `Status`
-/// with `?` too.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error(transparent)]
-    Domain(#[from] DomainError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A status the handler decided itself or passes on from a peer.
-    #[error("{}", .0.message())]
-    Status(#[from] Status),
-}
-
-impl ApiError {
-    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        ApiError::Domain(DomainError::invalid(field, reason))
-    }
-}
-
-pub type ApiResult<T> = Result<T, ApiError>;
-
-/// The status of an error sent where a `Status` travels by itself (a
-/// stream's item, a batch's reply).
-pub fn status(err: impl Into<ApiError>) -> Status {
-    Status::from(err.into())
-}
-
-impl From<ApiError> for Status {
-    fn from(err: ApiError) -> Status {
-        match err {
-            ApiError::Domain(d) => domain(d),
-            ApiError::Store(s) => store(s),
-            ApiError::Status(s) => s,
-        }
-    }
-}
 
 /// Whether a call that failed with `code` may succeed when sent again:
 /// the peer is restarting, overloaded, cut off mid-call, or not accepting
@@ -61,25 +23,9 @@ pub fn transient(code: tonic::Code) -> bool {
     )
 }
 
-/// Internal details are logged, not sent.
-fn store(err: StoreError) -> Status {
-    match err {
-        StoreError::Domain(d) => domain(d),
-        StoreError::NotFound { .. } | StoreError::Missing(_) => Status::not_found(err.to_string()),
-        StoreError::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
-        StoreError::AlreadyExists(_) => Status::already_exists(err.to_string()),
-        StoreError::Unavailable(_) => {
-            tracing::warn!(error = %err, "database unavailable");
-            Status::unavailable("database unavailable; retry later")
-        }
-        StoreError::Database(_) | StoreError::Migrate(_) | StoreError::Corrupt(_) => {
-            tracing::error!(error = %err, "internal error");
-            Status::internal("internal error")
-        }
-    }
-}
-
-fn domain(err: DomainError) -> Status {
+/// A refusal of the domain's rules: bad input is INVALID_ARGUMENT naming
+/// the field, a move the rules forbid FAILED_PRECONDITION.
+pub fn domain(err: DomainError) -> Status {
     match err {
         DomainError::InvalidArgument(_) | DomainError::Cycle { .. } => Status::invalid_argument(err.to_string()),
         DomainError::IllegalTransition { .. }
@@ -116,31 +62,15 @@ mod tests {
     }
 
     #[test]
-    fn codes() {
-        let id = Uuid::nil();
-        assert_eq!(
-            store(StoreError::NotFound { entity: "task", id }).code(),
-            Code::NotFound
-        );
-        assert_eq!(
-            store(StoreError::Domain(DomainError::StaleAttempt {
-                task_id: id,
-                reported: 1,
-                current: 2
-            }))
-            .code(),
-            Code::FailedPrecondition
-        );
-        assert_eq!(store(StoreError::AlreadyExists("x".into())).code(), Code::AlreadyExists);
-        assert_eq!(
-            store(StoreError::Unavailable(sqlx::Error::PoolTimedOut)).code(),
-            Code::Unavailable
-        );
-        let internal = store(StoreError::Corrupt("secret detail".into()));
-        assert_eq!(internal.code(), Code::Internal);
-        assert!(!internal.message().contains("secret"));
+    fn the_domain_refusals_name_their_field_or_rule() {
         let invalid = domain(DomainError::invalid("tasks[0].title", "must not be empty"));
         assert_eq!(invalid.code(), Code::InvalidArgument);
         assert!(invalid.message().contains("tasks[0].title"));
+        let stale = domain(DomainError::StaleAttempt {
+            task_id: Uuid::nil(),
+            reported: 1,
+            current: 2,
+        });
+        assert_eq!(stale.code(), Code::FailedPrecondition);
     }
 }

@@ -1,6 +1,8 @@
 //! Logging and tracing set-up: `tracing` to stdout (text or JSON), and spans
 //! exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
@@ -14,6 +16,14 @@ use crate::config::LogFormat;
 
 /// What is exported as spans: omoi's own at info, not its libraries' inner workings.
 const TRACE_FILTER: &str = "info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,sqlx=warn,async_nats=warn";
+
+/// Whether this process exports spans: only then is there a trace context
+/// worth carrying (e.g. into the events it writes).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 /// Flushes exported spans when dropped; keep it alive for the process.
 #[must_use = "spans are flushed when the guard drops"]
@@ -76,8 +86,7 @@ pub fn init(service: &'static str, format: LogFormat, default_filter: &str) -> T
     if let Some(p) = &provider {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         opentelemetry::global::set_tracer_provider(p.clone());
-        // Events written to the outbox carry the trace they were written in.
-        omoi_store::events::set_trace_source(crate::trace::current);
+        EXPORTING.store(true, Ordering::Relaxed);
     }
     Telemetry { provider }
 }

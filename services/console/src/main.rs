@@ -12,5 +12,5 @@ async fn main() -> std::process::ExitCode {
         Ok(listener) => serve(config, listener, omoi_runtime::shutdown::on_signal()).await,
         Err(e) => Err(anyhow::anyhow!("cannot listen on {}: {e}", config.listen_addr)),
     };
-    omoi_runtime::service::exit("omoi-console", result)
+    omoi_runtime::host::exit("omoi-console", result)
 }

@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
-use omoi_runtime::config::{CommonArgs, parse_listen, secret_file};
+use omoi_bus::BusArgs;
+use omoi_runtime::config::{HostArgs, parse_listen, secret_file};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,7 +62,10 @@ pub enum WorkspacePolicy {
 )]
 pub struct Config {
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub host: HostArgs,
+
+    #[command(flatten)]
+    pub bus: BusArgs,
 
     /// Address the gRPC server listens on.
     #[arg(long, env = "OMOI_LISTEN_ADDR", default_value = "0.0.0.0:50054", value_parser = parse_listen)]

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use omoi_bus::Topology;
 use omoi_proto::executor::executor_service_server::ExecutorServiceServer;
+use omoi_runtime::background::{policy, retry};
 use omoi_runtime::host::Host;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -36,10 +37,10 @@ pub const SERVICE_NAME: &str = "omoi.executor.v1.ExecutorService";
 /// the grace period to finish, the rest is stopped and handed back.
 pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
     agent_user::protect_executor();
-    let common = config.common.clone();
-    let mut host = Host::new(&common, "omoi-executor")?;
-    let nats = omoi_bus::connect(common.nats_url(), "omoi-executor").await?;
-    let topology = common.topology();
+    let mut host = Host::new(&config.host, "omoi-executor")?;
+    let nats = config.bus.connect("omoi-executor").await?;
+    let topology = config.bus.topology();
+    let max_message_bytes = config.host.max_message_bytes;
     let agent_id = config.agent_id();
     let runs = Arc::new(runs::Runs::new(agent_id, Some(nats.clone()), topology.clone()));
     let runner = config.runner.as_str();
@@ -62,8 +63,8 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     host.spawn(Arc::clone(&worker).heartbeat_loop(stop_heartbeats.clone()));
     host.spawn(Arc::clone(&worker).assignment_loop(stop_taking.clone()));
     let api = ExecutorServiceServer::new(service::Executor::new(Arc::clone(&worker), runner))
-        .max_decoding_message_size(common.max_message_bytes)
-        .max_encoding_message_size(common.max_message_bytes);
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
     let router = router.add_service(InterceptedService::new(api, host.auth()));
     let grace = host.grace();
     let drain = async move {
@@ -78,15 +79,21 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     served
 }
 
-/// Creates the output stream, retrying until NATS has it (or the stop).
+/// Creates the output stream, retrying by [`policy::NATS`] until NATS has
+/// it (or the stop).
 async fn ensure_output_stream(nats: async_nats::Client, topology: Topology, stop: CancellationToken) {
     let js = async_nats::jetstream::new(nats);
-    let mut backoff = omoi_bus::retry_backoff();
-    while let Err(e) = omoi_bus::ensure_output_stream(&js, &topology).await {
-        tracing::warn!(error = %e, "output stream not ready; retrying");
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-        }
-    }
+    let (js, topology) = (&js, &topology);
+    retry(
+        "creating the output stream",
+        policy::NATS,
+        &stop,
+        |_| true,
+        move || async move {
+            omoi_bus::ensure_output_stream(js, topology)
+                .await
+                .inspect_err(|e| tracing::warn!(error = %e, "output stream not ready; retrying"))
+        },
+    )
+    .await;
 }

@@ -1,6 +1,6 @@
 use clap::Parser;
 use omoi_executor::{Config, serve};
-use omoi_runtime::service::{exit, listen};
+use omoi_runtime::host::{exit, listen};
 
 #[global_allocator]
 static ALLOCATOR: omoi_runtime::Allocator = omoi_runtime::ALLOCATOR;
@@ -8,7 +8,7 @@ static ALLOCATOR: omoi_runtime::Allocator = omoi_runtime::ALLOCATOR;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();
-    let _telemetry = omoi_runtime::telemetry::init("omoi-executor", config.common.log_format, "info");
+    let _telemetry = omoi_runtime::telemetry::init("omoi-executor", config.host.log_format, "info");
     let result = match listen(config.listen_addr) {
         Ok(incoming) => serve(config.clone(), incoming, omoi_runtime::shutdown::on_signal()).await,
         Err(e) => Err(e),

@@ -6,12 +6,14 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
-use omoi_domain::backoff::Backoff;
 use omoi_proto::common::AgentEvent;
+use omoi_runtime::background::{Retried, policy, retry};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 pub struct Publisher {
     queue: mpsc::UnboundedSender<AgentEvent>,
@@ -43,6 +45,12 @@ impl Publisher {
     }
 }
 
+/// Whether a failed publish is worth sending again: all but one too
+/// large for the server.
+fn too_large_not(e: &PublishError) -> bool {
+    e.kind() != PublishErrorKind::MaxPayloadExceeded
+}
+
 async fn pump(
     js: jetstream::Context,
     subject: String,
@@ -50,27 +58,27 @@ async fn pump(
     mut events: mpsc::UnboundedReceiver<AgentEvent>,
     done: watch::Sender<i64>,
 ) {
+    // Agent events are sent whatever the executor's state: a run's end waits
+    // for them (`flush`), the process's stop bounds that wait.
+    let never = CancellationToken::new();
     while let Some(event) = events.recv().await {
         let payload = Bytes::from(event.encode_to_vec());
         let id = format!("{id_prefix}:{}", event.seq);
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-        loop {
-            let message = PublishMessage::build().payload(payload.clone()).message_id(&id);
-            let acked = match js.send_publish(subject.clone(), message).await {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            };
-            match acked {
-                Ok(_) => break,
-                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
-                    tracing::warn!(seq = event.seq, error = %e, "agent event too large to publish; dropped");
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(seq = event.seq, error = %e, "agent event not acknowledged; sending again");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-            }
+        // Sent until JetStream has it: nothing but its size can refuse it.
+        let (js, subject, id, payload) = (&js, &subject, &id, &payload);
+        let published = retry(
+            "publishing an agent event",
+            policy::OUTPUT,
+            &never,
+            too_large_not,
+            move || async move {
+                let message = PublishMessage::build().payload(payload.clone()).message_id(id);
+                js.send_publish(subject.clone(), message).await?.await
+            },
+        )
+        .await;
+        if let Retried::Refused(e) = published {
+            tracing::warn!(seq = event.seq, error = %e, "agent event too large to publish; dropped");
         }
         done.send_modify(|n| *n += 1);
     }

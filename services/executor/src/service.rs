@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use omoi_domain::validate;
 use omoi_proto::executor::{self as pb, executor_service_server::ExecutorService};
-use omoi_runtime::status::ApiResult;
+use omoi_runtime::status::domain;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -24,10 +24,10 @@ impl Executor {
         Self { worker, runner }
     }
 
-    fn list(&self, req: &pb::ListExecutionsRequest) -> ApiResult<pb::ListExecutionsResponse> {
+    fn list(&self, req: &pb::ListExecutionsRequest) -> Result<pb::ListExecutionsResponse, Status> {
         let limit = match req.limit {
             0 => 100,
-            n => validate::range("limit", n, 1, 1000)?,
+            n => validate::range("limit", n, 1, 1000).map_err(domain)?,
         };
         let runs = self.worker.runs.recent(limit as usize);
         Ok(pb::ListExecutionsResponse {
@@ -35,9 +35,9 @@ impl Executor {
         })
     }
 
-    fn cancel(&self, req: &pb::CancelExecutionRequest) -> ApiResult<pb::CancelExecutionResponse> {
-        let task_id = validate::uuid("task_id", &req.task_id)?;
-        let reason = validate::text("reason", &req.reason, validate::MAX_REASON_BYTES)?;
+    fn cancel(&self, req: &pb::CancelExecutionRequest) -> Result<pb::CancelExecutionResponse, Status> {
+        let task_id = validate::uuid("task_id", &req.task_id).map_err(domain)?;
+        let reason = validate::text("reason", &req.reason, validate::MAX_REASON_BYTES).map_err(domain)?;
         let run = self
             .worker
             .runs
@@ -56,8 +56,8 @@ impl Executor {
         })
     }
 
-    fn output(&self, req: &pb::StreamExecutionOutputRequest) -> ApiResult<OutputStream> {
-        let task_id = validate::uuid("task_id", &req.task_id)?;
+    fn output(&self, req: &pb::StreamExecutionOutputRequest) -> Result<OutputStream, Status> {
+        let task_id = validate::uuid("task_id", &req.task_id).map_err(domain)?;
         let run = self
             .worker
             .runs

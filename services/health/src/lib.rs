@@ -10,8 +10,8 @@ mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
+use omoi_base::Base;
 use omoi_proto::health::agent_health_service_server::AgentHealthServiceServer;
-use omoi_runtime::service::Base;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
@@ -25,8 +25,14 @@ pub const SERVICE_NAME: &str = "omoi.health.v1.AgentHealthService";
 /// Runs the service on `incoming` until `shutdown`; buffered heartbeats are
 /// written before it exits.
 pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let common = &config.common;
-    let mut base = Base::connect(common, "omoi-health", config.db_max_connections).await?;
+    let mut base = Base::connect(
+        &config.host,
+        &config.bus,
+        &config.database,
+        "omoi-health",
+        config.db_max_connections,
+    )
+    .await?;
     base.spawn_vacuum(&["agents"]);
     base.spawn_retention(
         "agents gone",
@@ -60,9 +66,9 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         hub,
         watchers.clone(),
     ))
-    .max_decoding_message_size(common.max_message_bytes)
-    .max_encoding_message_size(common.max_message_bytes);
-    let router = router.add_service(InterceptedService::new(api, base.auth()));
+    .max_decoding_message_size(config.host.max_message_bytes)
+    .max_encoding_message_size(config.host.max_message_bytes);
+    let router = router.add_service(InterceptedService::new(api, base.admission()));
     base.run(router, incoming, shutdown, async move { watchers.cancel() })
         .await
 }

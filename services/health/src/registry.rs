@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use omoi_domain::EventType;
 use omoi_domain::agent::AgentStatus;
+use omoi_runtime::background::every;
 use omoi_store::agents::Beat;
 use omoi_store::{Store, StoreError};
 use tokio::sync::Notify;
@@ -130,20 +131,12 @@ impl Registry {
 
     /// Marks silent agents stale (the AGENT_STALE events make the task-queue
     /// take their work back).
-    pub async fn stale_loop(self: Arc<Self>, stale_after: Duration, every: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+    pub async fn stale_loop(self: Arc<Self>, stale_after: Duration, period: Duration, shutdown: CancellationToken) {
+        let this = &self;
+        every("the stale check", period, &shutdown, move || async move {
             // Heartbeats this replica holds must count before judging.
-            if let Err(e) = self.flush().await {
-                tracing::warn!(error = %e, "writing heartbeats before the stale check failed");
-                continue;
-            }
-            if let Ok(counts) = self.store.agent_status_counts().await {
+            this.flush().await?;
+            if let Ok(counts) = this.store.agent_status_counts().await {
                 omoi_runtime::metrics::AGENTS.reset();
                 for (status, n) in counts {
                     omoi_runtime::metrics::AGENTS
@@ -151,18 +144,15 @@ impl Registry {
                         .set(n);
                 }
             }
-            match self.store.mark_stale(stale_after).await {
-                Ok(agents) if !agents.is_empty() => {
-                    omoi_runtime::metrics::STALE_AGENTS.inc_by(agents.len() as u64);
-                    for a in &agents {
-                        tracing::info!(agent_id = %a.id, last_heartbeat_at = %a.last_heartbeat_at, "agent stale");
-                        self.remember(a.id, AgentStatus::Stale);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "stale check failed"),
+            let agents = this.store.mark_stale(stale_after).await?;
+            omoi_runtime::metrics::STALE_AGENTS.inc_by(agents.len() as u64);
+            for a in &agents {
+                tracing::info!(agent_id = %a.id, last_heartbeat_at = %a.last_heartbeat_at, "agent stale");
+                this.remember(a.id, AgentStatus::Stale);
             }
-        }
+            Ok::<_, StoreError>(())
+        })
+        .await
     }
 
     /// Counts completed and failed tasks per agent from task events.
@@ -181,7 +171,7 @@ impl Registry {
         let count = |event: EventType| {
             let store = self.store.clone();
             // A fetch's worth of events counted in one statement.
-            omoi_runtime::trace::consume_batches(
+            omoi_bus::consumer::consume_batches(
                 nats.clone(),
                 topology.clone(),
                 format!("omoi-health-{}", event.as_str().to_ascii_lowercase().replace('_', "-")),

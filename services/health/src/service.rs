@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::Utc;
+use omoi_base::{ApiError, ApiResult};
 use omoi_domain::{Agent, AgentStatus, Phase, validate};
 use omoi_proto::domain::WireEnum;
 use omoi_proto::health::{self as pb, agent_health_service_server::AgentHealthService};
-use omoi_runtime::status::{ApiError, ApiResult};
 use omoi_store::Store;
 use omoi_store::agents::Registration;
 use serde_json::Value;

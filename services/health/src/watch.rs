@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
+use omoi_base::changes::{self, Notice};
+use omoi_base::status;
 use omoi_domain::AgentStatus;
 use omoi_proto::health as pb;
-use omoi_runtime::changes::{self, Notice};
-use omoi_runtime::status::status;
 use omoi_store::{Store, agents};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;

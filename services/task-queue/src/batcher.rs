@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 
-use omoi_runtime::status::status;
+use omoi_base::status;
 use omoi_store::tasks::Report;
 use omoi_store::{Store, StoreError, Task};
 use tokio::sync::{mpsc, oneshot};

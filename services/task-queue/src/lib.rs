@@ -13,9 +13,9 @@ mod stats;
 use std::sync::Arc;
 use std::time::Duration;
 
+use omoi_base::Base;
 use omoi_domain::validate::MAX_TIMEOUT_SECONDS;
 use omoi_proto::taskqueue::task_queue_service_server::TaskQueueServiceServer;
-use omoi_runtime::service::Base;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
@@ -30,7 +30,6 @@ pub const SERVICE_NAME: &str = "omoi.taskqueue.v1.TaskQueueService";
 /// streams end (their unstarted tasks return to the queue), in-flight RPCs
 /// finish, and the outbox is flushed to JetStream.
 pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let common = &config.common;
     anyhow::ensure!(
         (0..=MAX_TIMEOUT_SECONDS).contains(&config.default_task_timeout_seconds),
         "OMOI_DEFAULT_TASK_TIMEOUT_SECONDS must be 0 (none) to {MAX_TIMEOUT_SECONDS}, got {}",
@@ -46,7 +45,14 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         "OMOI_LEASE_SECONDS must be 0 (never) to 86400, got {}",
         config.lease_seconds
     );
-    let mut base = Base::connect(common, "omoi-task-queue", config.db_max_connections).await?;
+    let mut base = Base::connect(
+        &config.host,
+        &config.bus,
+        &config.database,
+        "omoi-task-queue",
+        config.db_max_connections,
+    )
+    .await?;
     base.spawn_vacuum(&["tasks", "task_dependencies"]);
     base.spawn_retention(
         "finished tasks",
@@ -90,9 +96,9 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         config.default_task_timeout_seconds,
         watchers.clone(),
     ))
-    .max_decoding_message_size(common.max_message_bytes)
-    .max_encoding_message_size(common.max_message_bytes);
-    let router = router.add_service(InterceptedService::new(api, base.auth()));
+    .max_decoding_message_size(config.host.max_message_bytes)
+    .max_encoding_message_size(config.host.max_message_bytes);
+    let router = router.add_service(InterceptedService::new(api, base.admission()));
     let before_stop = async move {
         watchers.cancel();
         dispatcher.close_all().await

@@ -5,10 +5,12 @@
 //! service declared stale. Their agents are told to stop, and the tasks are
 //! retried, failed or requeued.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use omoi_domain::{Event, EventType};
+use omoi_runtime::background::{every, pause};
 use omoi_store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -30,39 +32,44 @@ pub struct Leases {
     pub running: Option<f64>,
 }
 
+/// Every `period` until `shutdown`: assignments and running attempts whose
+/// lease lapsed go back to the queue, running tasks past their deadline
+/// time out. Each step logs its own failure; the next pass tries again.
 pub async fn run(
     store: Store,
     dispatcher: Arc<Dispatcher>,
-    every: Duration,
+    period: Duration,
     leases: Leases,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let (store, dispatcher) = (&store, &dispatcher);
+    every("the lease and timeout check", period, &shutdown, move || async move {
         if let Some(seconds) = leases.start {
-            put_back_unstarted(&store, &dispatcher, seconds).await;
+            put_back_unstarted(store, dispatcher, seconds).await;
         }
         if let Some(seconds) = leases.running {
-            take_back_unheld(&store, &dispatcher, seconds).await;
+            take_back_unheld(store, dispatcher, seconds).await;
         }
-        loop {
-            match store.time_out_expired(BATCH).await {
-                Ok(outcomes) => {
-                    omoi_runtime::metrics::TASK_TIMEOUTS.inc_by(outcomes.len() as u64);
-                    took_back(&dispatcher, &outcomes, "task timed out");
-                    if (outcomes.len() as i64) < BATCH {
-                        break;
-                    }
+        time_out_expired(store, dispatcher).await;
+        Ok::<_, Infallible>(())
+    })
+    .await
+}
+
+/// Running tasks past their deadline are timed out, a batch at a time.
+async fn time_out_expired(store: &Store, dispatcher: &Dispatcher) {
+    loop {
+        match store.time_out_expired(BATCH).await {
+            Ok(outcomes) => {
+                omoi_runtime::metrics::TASK_TIMEOUTS.inc_by(outcomes.len() as u64);
+                took_back(dispatcher, &outcomes, "task timed out");
+                if (outcomes.len() as i64) < BATCH {
+                    return;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "timeout check failed");
-                    break;
-                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "timeout check failed");
+                return;
             }
         }
     }
@@ -121,7 +128,7 @@ pub async fn reclaim_from_stale_agents(
     shutdown: CancellationToken,
 ) {
     let filter = topology.event_filter(EventType::AgentStale);
-    omoi_runtime::trace::consume(
+    omoi_bus::consumer::consume(
         nats,
         topology,
         "omoi-task-queue-stale-agents".to_owned(),
@@ -176,10 +183,8 @@ pub async fn sample(store: Store, every: Duration, shutdown: CancellationToken) 
             }
             TASKS_READY.set(stats.ready);
         }
-        let pause = crate::stats::next_read_after(every, started.elapsed());
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+        if !pause(&shutdown, crate::stats::next_read_after(every, started.elapsed())).await {
+            return;
         }
     }
 }

@@ -80,7 +80,7 @@ pub async fn follow(nats: async_nats::Client, topology: Topology, store: Store, 
                     Ok(t) if t.status.is_terminal() => return,
                     Ok(_) => {}
                     Err(e) => {
-                        let _ = sink.send(Err(omoi_runtime::status::status(e))).await;
+                        let _ = sink.send(Err(omoi_base::status(e))).await;
                         return;
                     }
                 }

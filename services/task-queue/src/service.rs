@@ -2,13 +2,13 @@
 
 use std::sync::Arc;
 
+use omoi_base::{ApiError, ApiResult};
 use omoi_domain::rules::{self, Failure, Scope};
 use omoi_domain::validate::{self, MAX_BATCH, MAX_ERROR_MESSAGE_BYTES, MAX_REASON_BYTES, RawNewTask};
 use omoi_domain::{AgentStatus, ErrorClass, GitChange, Phase, TaskStatus, Usage};
 use omoi_proto::convert::struct_to_json;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_server::TaskQueueService};
-use omoi_runtime::status::{ApiError, ApiResult};
 use omoi_store::Store;
 use omoi_store::limits::Limit;
 use omoi_store::pauses::Pause;

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::FutureExt;
+use omoi_base::{ApiResult, status};
 use omoi_domain::TaskStatus;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue as pb;
-use omoi_runtime::status::{ApiResult, status};
 use omoi_store::Store;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;

@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
+use omoi_base::changes::{self, Notice};
+use omoi_base::status;
 use omoi_bus::Topology;
 use omoi_domain::{Entity, Ticket};
 use omoi_proto::ticket as pb;
-use omoi_runtime::changes::{self, Notice};
-use omoi_runtime::status::status;
+use omoi_runtime::background::{pause, policy};
 use omoi_store::Store;
 use omoi_store::tickets::{self, TicketTask};
 use tokio::sync::{broadcast, mpsc};
@@ -77,7 +78,7 @@ impl Hub {
         shutdown: CancellationToken,
     ) {
         let js = jetstream::new(nats);
-        let mut backoff = omoi_bus::retry_backoff();
+        let mut backoff = policy::NATS.start();
         let mut first = true;
         while !shutdown.is_cancelled() {
             let filter = topology.entity_filter(Entity::Task);
@@ -85,10 +86,10 @@ impl Hub {
                 Ok(m) => m,
                 Err(error) => {
                     tracing::debug!(%error, "following task events");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                    if !pause(&shutdown, backoff.next_delay()).await {
+                        return;
                     }
+                    continue;
                 }
             };
             backoff.reset();

@@ -3,8 +3,10 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
+use omoi_base::{Command, DatabaseArgs};
+use omoi_bus::BusArgs;
 use omoi_domain::ticket::PhaseInstructions;
-use omoi_runtime::config::{Command, CommonArgs, parse_listen, secret, secret_file};
+use omoi_runtime::config::{HostArgs, parse_listen, secret, secret_file};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -17,7 +19,13 @@ pub struct Config {
     pub command: Option<Command>,
 
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub host: HostArgs,
+
+    #[command(flatten)]
+    pub bus: BusArgs,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 
     /// Address the gRPC server listens on.
     #[arg(long, env = "OMOI_LISTEN_ADDR", default_value = "0.0.0.0:50051", value_parser = parse_listen)]

@@ -14,8 +14,8 @@ mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
+use omoi_base::Base;
 use omoi_proto::ticket::ticket_service_server::TicketServiceServer;
-use omoi_runtime::service::Base;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
@@ -28,8 +28,14 @@ pub const SERVICE_NAME: &str = "omoi.ticket.v1.TicketService";
 /// Runs the service on `incoming` until `shutdown`; open WatchTicket
 /// streams end first.
 pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let common = &config.common;
-    let mut base = Base::connect(common, "omoi-ticket", config.db_max_connections).await?;
+    let mut base = Base::connect(
+        &config.host,
+        &config.bus,
+        &config.database,
+        "omoi-ticket",
+        config.db_max_connections,
+    )
+    .await?;
     base.spawn_vacuum(&["tickets", "ticket_tasks"]);
     base.spawn_retention(
         "ended tickets",
@@ -37,7 +43,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         config.ticket_retention_seconds,
         |store, keep, batch| async move { store.prune_tickets(keep, batch).await },
     )?;
-    let queue = planner::Queue::connect(&config.task_queue_url, &common.connector()?)?;
+    let queue = planner::Queue::connect(&config.task_queue_url, &config.host.connector()?)?;
     let planner = Arc::new(planner::Planner::new(base.store.clone(), queue));
     {
         let p = Arc::clone(&planner);
@@ -69,9 +75,9 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         config.phase_instructions.clone(),
         hub,
     ))
-    .max_decoding_message_size(common.max_message_bytes)
-    .max_encoding_message_size(common.max_message_bytes);
-    let router = router.add_service(InterceptedService::new(api, base.auth()));
+    .max_decoding_message_size(config.host.max_message_bytes)
+    .max_encoding_message_size(config.host.max_message_bytes);
+    let router = router.add_service(InterceptedService::new(api, base.admission()));
     base.run(router, incoming, shutdown, async move { watchers.cancel() })
         .await
 }

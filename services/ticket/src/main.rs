@@ -1,6 +1,6 @@
 use clap::Parser;
-use omoi_runtime::config::Command;
-use omoi_runtime::service::{exit, listen, migrate};
+use omoi_base::{Command, migrate};
+use omoi_runtime::host::{exit, listen};
 use omoi_ticket::{Config, serve};
 
 #[global_allocator]
@@ -9,9 +9,9 @@ static ALLOCATOR: omoi_runtime::Allocator = omoi_runtime::ALLOCATOR;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();
-    let _telemetry = omoi_runtime::telemetry::init("omoi-ticket", config.common.log_format, "info");
+    let _telemetry = omoi_runtime::telemetry::init("omoi-ticket", config.host.log_format, "info");
     let result = match config.command {
-        Some(Command::Migrate) => migrate(config.common.database_url()).await,
+        Some(Command::Migrate) => migrate(&config.database).await,
         Some(Command::Serve) | None => match listen(config.listen_addr) {
             Ok(incoming) => serve(config.clone(), incoming, omoi_runtime::shutdown::on_signal()).await,
             Err(e) => Err(e),

@@ -15,6 +15,7 @@ use omoi_domain::ticket::{TaskOutcome, TicketStatus, event_starts};
 use omoi_domain::{Entity, Event};
 use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_client::TaskQueueServiceClient};
+use omoi_runtime::background::every;
 use omoi_store::tickets::{TaskReport, TicketTask};
 use omoi_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
@@ -224,33 +225,25 @@ impl Planner {
         Ok(Enqueued::Done(created))
     }
 
-    /// Enqueues the tickets stored while the queue was unreachable.
-    pub async fn retry_loop(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
-        loop {
-            match self.store.tickets_to_enqueue(50).await {
-                Ok(waiting) => {
-                    for (ticket, tasks) in waiting {
-                        match self.enqueue(&ticket, &tasks).await {
-                            Ok(Enqueued::Done(_)) => tracing::info!(ticket_id = %ticket.id, "ticket's tasks enqueued"),
-                            Ok(Enqueued::Refused(_)) => {}
-                            Ok(Enqueued::Deferred(s)) => {
-                                tracing::debug!(error = %s.message(), "task queue still unreachable");
-                                break;
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "enqueue retry failed");
-                                break;
-                            }
-                        }
+    /// Enqueues the tickets stored while the queue was unreachable, every
+    /// `period` until `shutdown`; a pass ends at the first ticket the queue
+    /// still cannot take.
+    pub async fn retry_loop(self: Arc<Self>, period: Duration, shutdown: CancellationToken) {
+        let this = &self;
+        every("enqueueing tickets' tasks", period, &shutdown, move || async move {
+            for (ticket, tasks) in this.store.tickets_to_enqueue(50).await? {
+                match this.enqueue(&ticket, &tasks).await? {
+                    Enqueued::Done(_) => tracing::info!(ticket_id = %ticket.id, "ticket's tasks enqueued"),
+                    Enqueued::Refused(_) => {}
+                    Enqueued::Deferred(s) => {
+                        tracing::debug!(error = %s.message(), "task queue still unreachable");
+                        break;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "reading tickets to enqueue failed"),
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
-        }
+            Ok::<_, StoreError>(())
+        })
+        .await
     }
 
     /// Keeps ticket statuses in step with task events (durable consumer).
@@ -262,7 +255,7 @@ impl Planner {
     ) {
         let filter = topology.entity_filter(Entity::Task);
         let this = Arc::clone(&self);
-        omoi_runtime::trace::consume(
+        omoi_bus::consumer::consume(
             nats,
             topology,
             CONSUMER.to_owned(),

@@ -19,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use omoi_domain::Ticket;
 use omoi_domain::event::PullRequestOpened;
 use omoi_domain::git::{ForgeRepo, forge_repo};
+use omoi_runtime::background::{every, policy};
 use omoi_store::Store;
 use omoi_store::pulls::PullRequestClaim;
 use serde_json::{Value, json};
@@ -41,8 +42,6 @@ enum Asked {
     Later(String),
 }
 
-/// Longest wait between attempts at a forge that keeps failing.
-const MAX_DELAY: Duration = Duration::from_secs(600);
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -203,33 +202,21 @@ fn refusal_or_later(status: StatusCode, body: &Value) -> Asked {
 
 /// The wait before the next attempt after `attempts` failed ones.
 fn delay(attempts: i32) -> Duration {
-    let exp = attempts.clamp(0, 10) as u32;
-    (Duration::from_secs(2) * 2u32.pow(exp)).min(MAX_DELAY)
+    policy::FORGE.delay_with_factor(attempts.max(0) as u32, 1.0)
 }
 
 /// Opens the pull requests of completed tickets until `shutdown`, looking
-/// for due ones every `interval`.
+/// for due ones every `interval`; a ticket whose outcome could not be
+/// recorded is asked about again on a later pass.
 pub async fn run(store: Store, github: GitHub, interval: Duration, shutdown: CancellationToken) {
-    loop {
-        loop {
-            let claim = match store.next_pull_request().await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot look for pull requests to open");
-                    break;
-                }
-            };
-            if let Err(e) = settle(&github, claim).await {
-                tracing::warn!(error = %e, "pull request outcome not recorded; asked again");
-                break;
-            }
+    let (store, github) = (&store, &github);
+    every("opening pull requests", interval, &shutdown, move || async move {
+        while let Some(claim) = store.next_pull_request().await? {
+            settle(github, claim).await?;
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-    }
+        Ok::<_, omoi_store::StoreError>(())
+    })
+    .await
 }
 
 async fn settle(github: &GitHub, claim: PullRequestClaim) -> omoi_store::Result<()> {
@@ -282,6 +269,6 @@ mod tests {
     fn attempts_back_off_to_ten_minutes() {
         assert_eq!(delay(0), Duration::from_secs(2));
         assert_eq!(delay(3), Duration::from_secs(16));
-        assert_eq!(delay(50), MAX_DELAY);
+        assert_eq!(delay(50), Duration::from_secs(600));
     }
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use omoi_base::{ApiError, ApiResult};
 use omoi_bus::Topology;
 use omoi_domain::ticket::{self as rules, PhaseInstructions, RawTaskSpec};
 use omoi_domain::{Phase, TaskStatus, TicketStatus, git, validate};
@@ -9,7 +10,6 @@ use omoi_proto::common::TicketPriority;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::events::Event;
 use omoi_proto::ticket::{self as pb, ticket_service_server::TicketService};
-use omoi_runtime::status::{ApiError, ApiResult};
 use omoi_store::Store;
 use omoi_store::tickets::{Created, NewTicket, TicketUpdate};
 use tokio::sync::mpsc;

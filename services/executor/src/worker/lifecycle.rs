@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use omoi_domain::backoff::Backoff;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::health as hp;
+use omoi_runtime::background::{pause, policy};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
@@ -38,14 +38,13 @@ impl Worker {
     /// Registers (again whenever the registry lost us) and heartbeats at the
     /// interval the health service tells, until `stop`.
     pub async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = policy::RECONNECT.start();
         while !stop.is_cancelled() {
             if !*self.registered.borrow() {
                 if let Err(e) = self.register().await {
                     tracing::warn!(error = %e.message(), "registration failed; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    if !pause(&stop, backoff.next_delay()).await {
+                        return;
                     }
                     continue;
                 }

@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
-use omoi_domain::backoff::Backoff;
 use omoi_domain::{ErrorClass, Phase, classify};
 use omoi_proto::domain::WireEnum;
 use omoi_proto::health::agent_health_service_client::AgentHealthServiceClient;
 use omoi_proto::taskqueue::{self as tq, task_queue_service_client::TaskQueueServiceClient};
 use omoi_proto::ticket::ticket_service_client::TicketServiceClient;
+use omoi_runtime::background::{Retried, policy, retry};
 use omoi_runtime::config::secret;
 use omoi_runtime::status::transient;
 use tokio_util::sync::CancellationToken;
@@ -203,32 +203,30 @@ pub fn parse_labels(list: &str) -> anyhow::Result<HashMap<String, String>> {
         .collect()
 }
 
-/// Sends a report until a service answers it (restarts are ridden out);
-/// `Ok(false)` when it was refused, i.e. the attempt is no longer ours.
-async fn report<F, Fut, T>(what: &str, mut send: F) -> bool
+/// Sends a report until a service answers it (restarts are ridden out,
+/// by [`policy::REPORT`]); false when it was refused, i.e. the attempt is
+/// no longer ours, or could not be delivered.
+async fn report<F, Fut, T>(what: &str, send: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,
 {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    for _ in 0..60 {
-        match send().await {
-            Ok(_) => return true,
-            Err(s) if transient(s.code()) => {
-                tracing::debug!(what, error = %s.message(), "report not delivered; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-            Err(s) => {
-                tracing::info!(what, code = ?s.code(), error = %s.message(), "report refused");
-                return false;
-            }
+    // A report is sent whatever the executor's state: a drain waits for it.
+    let never = CancellationToken::new();
+    match retry(what, policy::REPORT, &never, |s: &Status| transient(s.code()), send).await {
+        Retried::Done(_) => true,
+        Retried::Refused(s) => {
+            tracing::info!(what, code = ?s.code(), error = %s.message(), "report refused");
+            false
+        }
+        Retried::GaveUp(_) | Retried::Stopped => {
+            tracing::warn!(
+                what,
+                "report undelivered; the task queue's timeouts and stale detection take over"
+            );
+            false
         }
     }
-    tracing::warn!(
-        what,
-        "report undelivered; the task queue's timeouts and stale detection take over"
-    );
-    false
 }
 
 impl Worker {
@@ -245,7 +243,7 @@ impl Worker {
             "OMOI_EXECUTOR_CAPACITY must be 1 to 1000, got {}",
             config.capacity
         );
-        let connector = config.common.connector()?;
+        let connector = config.host.connector()?;
         let git = GitSettings {
             author_name: config.git_author_name.clone(),
             author_email: config.git_author_email.clone(),

@@ -1,11 +1,10 @@
 //! The assignment stream: assignments start runs, cancellations stop them.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use omoi_domain::backoff::Backoff;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as tq, watch_assignments_response::Event as StreamEvent};
+use omoi_runtime::background::{pause, policy};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -17,7 +16,7 @@ impl Worker {
     /// Takes assignments until `stop` (reconnecting with backoff whenever the
     /// task queue goes away).
     pub async fn assignment_loop(self: Arc<Self>, stop: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = policy::RECONNECT.start();
         let mut registered = self.registered.subscribe();
         while !stop.is_cancelled() {
             // The task queue takes only agents the health service knows.
@@ -77,9 +76,8 @@ impl Worker {
                 }
                 Err(s) => tracing::warn!(error = %s.message(), "cannot open the assignment stream"),
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            if !pause(&stop, backoff.next_delay()).await {
+                return;
             }
         }
     }

@@ -17,7 +17,17 @@ use prost::Message;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::{BusError, Topology, ensure_stream};
+use omoi_bus::{BusError, Topology, ensure_stream};
+use omoi_runtime::background::policy;
+
+/// Why a relay cycle failed; the events stay in the outbox either way.
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Store(#[from] omoi_store::StoreError),
+}
 
 /// How long the relay lets commits gather after the first wakes it: each
 /// relay cycle is two statements (take, finish), and at 1,000 tasks/s a
@@ -57,7 +67,7 @@ impl Relay {
     /// `drain_for`) so that a clean stop leaves no event behind.
     pub async fn run(mut self, shutdown: CancellationToken, drain_for: Duration) {
         let mut failures = 0u32;
-        let mut backoff = crate::retry_backoff();
+        let mut backoff = policy::NATS.start();
         let mut stream_ready = false;
         loop {
             if !stream_ready {
@@ -120,7 +130,7 @@ impl Relay {
     /// Publishes the oldest batches (about `batch` events); returns how many
     /// events it published (0 when the outbox is empty or another relay
     /// holds the lock).
-    async fn publish_batch(&mut self) -> Result<usize, BusError> {
+    async fn publish_batch(&mut self) -> Result<usize, RelayError> {
         let session = match &mut self.session {
             Some(session) => session,
             empty => empty.insert(self.store.relay_session().await?),

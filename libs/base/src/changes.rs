@@ -1,6 +1,7 @@
 //! Following a table's change announcements for a service's watchers,
 //! through database restarts and lost connections.
 
+use omoi_runtime::background::{pause, policy};
 use omoi_store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -17,17 +18,17 @@ pub enum Notice {
 /// Listens on `channel` until `shutdown`, telling each announcement, and
 /// `Missed` each time listening resumes after it was interrupted.
 pub async fn follow(store: Store, channel: &'static str, shutdown: CancellationToken, tell: impl Fn(Notice)) {
-    let mut backoff = crate::service::database_backoff();
+    let mut backoff = policy::DATABASE.start();
     let mut first = true;
     while !shutdown.is_cancelled() {
         let mut listener = match store.listen(channel).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::debug!(error = %e, channel, "listening for changes");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                if !pause(&shutdown, backoff.next_delay()).await {
+                    return;
                 }
+                continue;
             }
         };
         backoff.reset();
