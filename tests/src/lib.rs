@@ -214,6 +214,7 @@ pub async fn wait_ticket_where(
             .clone()
             .get_ticket(omoi_proto::ticket::GetTicketRequest {
                 ticket_id: id.to_owned(),
+                ..Default::default()
             })
             .await
             .ok()?
@@ -234,6 +235,7 @@ pub async fn wait_ticket(c: &TicketClient, id: &str, status: i32) -> omoi_proto:
                 .clone()
                 .get_ticket(omoi_proto::ticket::GetTicketRequest {
                     ticket_id: id.to_owned(),
+                    ..Default::default()
                 })
                 .await
                 .expect("GetTicket")

@@ -35,9 +35,16 @@ impl Default for Options {
     }
 }
 
+/// Where the services of a [`ProcessMesh`] serve /metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsPorts {
+    pub task_queue: u16,
+    pub health: u16,
+    pub ticket: u16,
+}
+
 pub struct ProcessMesh {
-    /// Where the task-queue and health serve /metrics.
-    pub metrics: (u16, u16),
+    pub metrics: MetricsPorts,
     pub task_queue: Service,
     pub health: Service,
     pub ticket: Service,
@@ -55,9 +62,13 @@ const WAIT: Duration = Duration::from_secs(60);
 impl ProcessMesh {
     pub async fn start(infra: &Infra, options: Options) -> anyhow::Result<Self> {
         let tq_port = free_port();
-        let metrics = (free_port(), free_port());
+        let metrics = MetricsPorts {
+            task_queue: free_port(),
+            health: free_port(),
+            ticket: free_port(),
+        };
         let mut env = infra.task_queue_env(&format!("127.0.0.1:{tq_port}"));
-        env.push(("OMOI_METRICS_ADDR".into(), format!("127.0.0.1:{}", metrics.0)));
+        env.push(("OMOI_METRICS_ADDR".into(), format!("127.0.0.1:{}", metrics.task_queue)));
         env.extend(options.env.iter().cloned());
         let spawn = |bin: &str, port: u16, env: &[(String, String)]| spawn(bin, port, env, options.tls.is_some());
         let connector = options.tls.clone().unwrap_or_default();
@@ -75,13 +86,14 @@ impl ProcessMesh {
             options.heartbeat_interval_seconds.to_string(),
         ));
         env.push(("OMOI_HEARTBEAT_FLUSH_MS".into(), "100".into()));
-        env.push(("OMOI_METRICS_ADDR".into(), format!("127.0.0.1:{}", metrics.1)));
+        env.push(("OMOI_METRICS_ADDR".into(), format!("127.0.0.1:{}", metrics.health)));
         env.extend(options.env.iter().cloned());
         let health = spawn("omoi-health", h_port, &env)?;
         let t_port = free_port();
         let mut env = infra.service_env(&format!("127.0.0.1:{t_port}"));
         env.push(("OMOI_TASK_QUEUE_URL".into(), task_queue.url.clone()));
         env.push(("OMOI_ENQUEUE_RETRY_SECONDS".into(), "0.2".into()));
+        env.push(("OMOI_METRICS_ADDR".into(), format!("127.0.0.1:{}", metrics.ticket)));
         env.extend(options.env.iter().cloned());
         let ticket = spawn("omoi-ticket", t_port, &env)?;
         let ticket_env = env;
@@ -197,6 +209,24 @@ pub async fn scrape(port: u16) -> anyhow::Result<String> {
     let mut body = String::new();
     s.read_to_string(&mut body).await?;
     Ok(body)
+}
+
+/// The gRPC calls a scrape counts, by method (`Service/Method`, package
+/// left out) and summed over their codes.
+pub fn calls(text: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("omoi_grpc_requests_total{")) {
+        let method = line
+            .split("method=\"/")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .map(|m| m.rsplit_once('.').map_or(m, |(_, short)| short));
+        let count = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(method), Some(count)) = (method, count) {
+            *out.entry(method.to_owned()).or_default() += count as u64;
+        }
+    }
+    out
 }
 
 /// The value of one sample line (`name{labels} value`) in a scrape.

@@ -103,7 +103,13 @@ async fn every_service_requires_the_token_and_presents_it_to_the_others() {
     eventually(Duration::from_secs(30), "ticket completed", || async {
         let t = tickets
             .clone()
-            .get_ticket(with_token(pb::GetTicketRequest { ticket_id: id.clone() }, TOKEN))
+            .get_ticket(with_token(
+                pb::GetTicketRequest {
+                    ticket_id: id.clone(),
+                    ..Default::default()
+                },
+                TOKEN,
+            ))
             .await
             .ok()?
             .into_inner();

@@ -248,7 +248,10 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                 .await
                 .map(|_| ()),
             11 => t
-                .get_ticket(pb::GetTicketRequest { ticket_id: rng.text() })
+                .get_ticket(pb::GetTicketRequest {
+                    ticket_id: rng.text(),
+                    ..Default::default()
+                })
                 .await
                 .map(|_| ()),
             12 => t

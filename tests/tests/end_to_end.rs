@@ -114,7 +114,7 @@ async fn a_ticket_runs_through_two_executors_in_phase_order_with_workspaces() {
 
     // Prometheus metrics of the run.
     let tq = eventually(Duration::from_secs(15), "queue depth sampled", || async {
-        let text = scrape(mesh.metrics.0).await.ok()?;
+        let text = scrape(mesh.metrics.task_queue).await.ok()?;
         (sample(&text, r#"omoi_tasks{phase="PHASE_REFACTORING",status="completed"}"#) == Some(1.0)).then_some(text)
     })
     .await;
@@ -131,7 +131,7 @@ async fn a_ticket_runs_through_two_executors_in_phase_order_with_workspaces() {
         Some(4.0)
     );
     assert!(sample(&tq, "omoi_outbox_backlog").is_some());
-    let health = scrape(mesh.metrics.1).await.unwrap();
+    let health = scrape(mesh.metrics.health).await.unwrap();
     assert_eq!(
         sample(&health, r#"omoi_agents{status="healthy"}"#),
         Some(2.0),
@@ -408,5 +408,68 @@ async fn a_ticket_on_a_local_git_repository_works_in_a_clone_and_traversal_is_re
     assert!(ws.join("src/feature.rs").exists());
     mesh.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&repo);
+    infra.cleanup().await.unwrap();
+}
+
+/// What an attempt costs in calls between the services: the executor reads
+/// its ticket without the ticket's tasks (no ListTasks behind it) and its
+/// dependencies in one call, whatever the ticket's size. A default ticket
+/// (four chained tasks) on a git remote: every attempt starts, reads its
+/// ticket, lands its work (ExtendLease first) and completes; the three with
+/// a dependency read it once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_costs_the_same_few_calls_whatever_its_ticket() {
+    let infra = Infra::new().await.unwrap();
+    let (remote, _) = omoi_tests::repo::remote();
+    let mesh = ProcessMesh::start(
+        &infra,
+        Options {
+            executors: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let tickets = mesh.tickets();
+    let created = tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "count the calls".into(),
+            repository: remote.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.ticket.unwrap().id;
+    // Waited for by listing (not reading) tickets: the count is the mesh's own.
+    eventually(WAIT, "the ticket completed", || {
+        let mut tickets = tickets.clone();
+        let id = id.clone();
+        async move {
+            let listed = tickets.list_tickets(pb::ListTicketsRequest::default()).await.ok()?;
+            let t = listed.into_inner().tickets.into_iter().find(|t| t.id == id)?;
+            (t.status == COMPLETED).then_some(())
+        }
+    })
+    .await;
+    let mut calls = omoi_tests::mesh::calls(&scrape(mesh.metrics.task_queue).await.unwrap());
+    calls.extend(omoi_tests::mesh::calls(&scrape(mesh.metrics.ticket).await.unwrap()));
+    let count = |m: &str| calls.get(m).copied().unwrap_or_default();
+    eprintln!("calls for a ticket of 4 attempts: {calls:?}");
+    let per_ticket = [
+        ("TaskQueueService/StartTask", 4),
+        ("TicketService/GetTicket", 4),
+        ("TaskQueueService/BatchGetTasks", 3),
+        ("TaskQueueService/ExtendLease", 4),
+        ("TaskQueueService/CompleteTask", 4),
+        ("TaskQueueService/GetTask", 0),
+        ("TaskQueueService/ListTasks", 0),
+    ];
+    for (method, expected) in per_ticket {
+        assert_eq!(count(method), expected, "{method}: {calls:?}");
+    }
+    mesh.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(remote.parent().unwrap());
     infra.cleanup().await.unwrap();
 }

@@ -245,6 +245,7 @@ async fn a_silent_agent_goes_stale_its_tasks_move_to_another_and_a_heartbeat_rec
             .tickets()
             .get_ticket(tk::GetTicketRequest {
                 ticket_id: ticket_id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()

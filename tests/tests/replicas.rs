@@ -52,7 +52,10 @@ async fn two_of_every_service_run_tickets_exactly_once() {
         eventually(Duration::from_secs(120), "ticket completed", || async {
             let t = clients[(i + 1) % 2]
                 .clone()
-                .get_ticket(pb::GetTicketRequest { ticket_id: id.clone() })
+                .get_ticket(pb::GetTicketRequest {
+                    ticket_id: id.clone(),
+                    ..Default::default()
+                })
                 .await
                 .ok()?
                 .into_inner();

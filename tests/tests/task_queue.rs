@@ -438,6 +438,27 @@ async fn malformed_requests_to_every_rpc_name_the_field() {
         Code::NotFound,
         &missing,
     );
+    let batch = |ids: Vec<String>| pb::BatchGetTasksRequest { task_ids: ids };
+    expect(
+        c.batch_get_tasks(batch(vec![])).await,
+        Code::InvalidArgument,
+        "task_ids",
+    );
+    expect(
+        c.batch_get_tasks(batch(vec![missing.clone(); 1001])).await,
+        Code::InvalidArgument,
+        "task_ids",
+    );
+    expect(
+        c.batch_get_tasks(batch(vec![missing.clone(), "x".into()])).await,
+        Code::InvalidArgument,
+        "task_ids[1]",
+    );
+    expect(
+        c.batch_get_tasks(batch(vec![missing.clone()])).await,
+        Code::NotFound,
+        &missing,
+    );
     expect(
         c.list_tasks(pb::ListTasksRequest {
             page_size: -1,
@@ -828,8 +849,17 @@ async fn list_filters_and_pages_and_stats_count() {
         phase: IMPLEMENTATION,
         ..new_task("other", 1)
     });
-    enqueue(&s.client, tasks).await;
+    let created = enqueue(&s.client, tasks).await;
     let mut c = s.client.clone();
+    // Several by id, in the order asked (one asked twice comes twice).
+    let ids = [&created[3], &created[0], &created[5], &created[3]].map(|t| t.id.clone());
+    let batch = c
+        .batch_get_tasks(pb::BatchGetTasksRequest { task_ids: ids.to_vec() })
+        .await
+        .unwrap()
+        .into_inner();
+    let titles: Vec<&str> = batch.tasks.iter().map(|t| t.title.as_str()).collect();
+    assert_eq!(titles, ["t3", "t0", "other", "t3"]);
     let mut seen = Vec::new();
     let mut token = String::new();
     loop {

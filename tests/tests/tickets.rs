@@ -360,7 +360,10 @@ async fn cancelling_a_ticket_mid_run_stops_its_agent_and_cancels_its_tasks() {
     assert_eq!(c.reason, "priorities changed");
     let got = tickets
         .clone()
-        .get_ticket(pb::GetTicketRequest { ticket_id: id.clone() })
+        .get_ticket(pb::GetTicketRequest {
+            ticket_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -504,10 +507,21 @@ async fn tickets_list_newest_first_by_status_and_page() {
         .clone()
         .get_ticket(pb::GetTicketRequest {
             ticket_id: missing.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    let err = tickets
+        .clone()
+        .get_ticket(pb::GetTicketRequest {
+            ticket_id: missing.clone(),
+            view: 9,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("view"), "{err:?}");
     let err = tickets
         .clone()
         .watch_ticket(pb::WatchTicketRequest {
@@ -552,7 +566,10 @@ async fn with_the_task_queue_down_a_ticket_is_kept_and_its_tasks_created_once_it
     .await;
     let got = tickets
         .clone()
-        .get_ticket(pb::GetTicketRequest { ticket_id: id.clone() })
+        .get_ticket(pb::GetTicketRequest {
+            ticket_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -562,8 +579,26 @@ async fn with_the_task_queue_down_a_ticket_is_kept_and_its_tasks_created_once_it
         ids(&created.tasks),
         "the tasks announced are the tasks created"
     );
-    ticket.stop().await.unwrap();
+    // The ticket alone (what an executor reads for an attempt) does not ask
+    // the task queue: it is there while the queue is away, its tasks not.
     queue.stop().await.unwrap();
+    let read = |view: pb::TicketView| {
+        let (mut tickets, id) = (tickets.clone(), id.clone());
+        async move {
+            tickets
+                .get_ticket(pb::GetTicketRequest {
+                    ticket_id: id,
+                    view: view.into(),
+                })
+                .await
+        }
+    };
+    let basic = read(pb::TicketView::Basic).await.unwrap().into_inner();
+    assert_eq!(basic.ticket.map(|t| t.id), Some(id.clone()));
+    assert!(basic.tasks.is_empty(), "{:?}", basic.tasks);
+    let full = read(pb::TicketView::Full).await.unwrap_err();
+    assert_eq!(full.code(), Code::Unavailable, "{full:?}");
+    ticket.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
 
@@ -601,6 +636,7 @@ async fn get(c: &TicketClient, id: &str) -> pb::Ticket {
     c.clone()
         .get_ticket(pb::GetTicketRequest {
             ticket_id: id.to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1000,7 +1036,13 @@ async fn tickets_that_ended_go_after_their_retention_and_open_ones_stay() {
     let exists = |id: String| {
         let mut c = c.clone();
         async move {
-            match c.get_ticket(pb::GetTicketRequest { ticket_id: id }).await {
+            match c
+                .get_ticket(pb::GetTicketRequest {
+                    ticket_id: id,
+                    ..Default::default()
+                })
+                .await
+            {
                 Ok(_) => true,
                 Err(s) if s.code() == Code::NotFound => false,
                 Err(s) => panic!("GetTicket: {s}"),

@@ -61,6 +61,7 @@ async fn fetch(client: &mut Tickets, ticket_id: &str) -> anyhow::Result<pb::GetT
     Ok(client
         .get_ticket(pb::GetTicketRequest {
             ticket_id: ticket_id.to_owned(),
+            ..Default::default()
         })
         .await?
         .into_inner())

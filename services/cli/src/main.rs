@@ -479,7 +479,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Get { ticket_id } => {
             let r = tickets(&cli.ticket_url, connector)?
-                .get_ticket(pb::GetTicketRequest { ticket_id })
+                .get_ticket(pb::GetTicketRequest {
+                    ticket_id,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             if cli.output == ops::Output::Json {

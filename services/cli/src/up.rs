@@ -363,6 +363,7 @@ impl Up {
         let done = client
             .get_ticket(pb::GetTicketRequest {
                 ticket_id: ticket.id.clone(),
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -239,6 +239,10 @@ mod tests {
             find_rpc(&routes, Method::GET, "/v1/tasks/t%201/output").unwrap().1[0].1,
             "t 1"
         );
+        assert_eq!(
+            find_rpc(&routes, Method::GET, "/v1/tasks:batchGet").unwrap(),
+            ("BatchGetTasks", vec![])
+        );
         assert!(matches!(
             find(&routes, &Method::DELETE, "/v1/tickets"),
             Found::WrongMethod

@@ -258,6 +258,12 @@ impl Config {
         Config::parse_from(["omoi-executor"])
     }
 
+    /// The executor's own directory beside the workspaces, which are
+    /// `<root>/<task id>/<attempt>`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.workspace_root.join(".omoi")
+    }
+
     /// The agent id `OMOI_AGENT_ID` gives: itself when a UUID, else derived
     /// from the name (the same name, the same id); a new one when unset.
     pub fn agent_id(&self) -> Uuid {

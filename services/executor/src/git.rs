@@ -233,7 +233,12 @@ impl GitSettings {
 
     /// Commits what the run changed (one commit on the base; none when
     /// nothing changed) and pushes it to the ticket's branch.
-    pub async fn land(&self, checkout: &Checkout, message: &str, user: &WorkspaceUser) -> Result<GitChange, GitError> {
+    pub async fn commit_and_push(
+        &self,
+        checkout: &Checkout,
+        message: &str,
+        user: &WorkspaceUser,
+    ) -> Result<GitChange, GitError> {
         let ws = &checkout.workspace;
         let base = &checkout.base_commit;
         let head = self
@@ -734,7 +739,10 @@ mod tests {
         let settings = Scratch::settings();
 
         let idle = s.prepare(vec![]).await.unwrap();
-        let none = settings.land(&idle, "initial: nothing", &user).await.unwrap();
+        let none = settings
+            .commit_and_push(&idle, "initial: nothing", &user)
+            .await
+            .unwrap();
         assert_eq!((none.commit.as_str(), none.committed()), (main.as_str(), false));
         assert!(
             run(&s.remote, &["for-each-ref", "refs/heads/omoi"]).is_empty(),
@@ -747,7 +755,7 @@ mod tests {
         run(&busy.workspace, &["commit", "--quiet", "-m", "the agent's own"]);
         std::fs::write(busy.workspace.join("two.txt"), "2\n2\n").unwrap();
         let message = commit_message("implementation", "Do it", "t-1", 3);
-        let landed = settings.land(&busy, &message, &user).await.unwrap();
+        let landed = settings.commit_and_push(&busy, &message, &user).await.unwrap();
         assert_eq!(landed.base_commit, main);
         assert_eq!((landed.files_changed, landed.insertions, landed.deletions), (2, 3, 0));
         assert_eq!(run(&s.remote, &["rev-parse", "omoi/0000abcd-unit"]), landed.commit);

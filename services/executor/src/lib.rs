@@ -3,16 +3,12 @@
 //! streams the output, reports the outcome, and drains on SIGTERM.
 
 mod agent_user;
-mod agents;
 pub mod config;
 mod events;
+mod executions;
 mod git;
-mod openhands;
-mod prices;
-mod process;
 mod publish;
-mod runner;
-mod runs;
+mod runners;
 mod service;
 mod worker;
 pub mod workspace;
@@ -42,9 +38,13 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     let topology = config.bus.topology();
     let max_message_bytes = config.host.max_message_bytes;
     let agent_id = config.agent_id();
-    let runs = Arc::new(runs::Runs::new(agent_id, Some(nats.clone()), topology.clone()));
+    let executions = Arc::new(executions::Executions::new(
+        agent_id,
+        Some(nats.clone()),
+        topology.clone(),
+    ));
     let runner = config.runner.as_str();
-    let worker = Arc::new(worker::Worker::new(config, Arc::clone(&runs), agent_id)?);
+    let worker = Arc::new(worker::Worker::new(config, Arc::clone(&executions), agent_id)?);
     tracing::info!(%agent_id, runner, "executor starting");
     host.spawn(ensure_output_stream(nats.clone(), topology, host.background()));
 

@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::runs::StopRequest;
+use crate::executions::StopRequest;
 use crate::worker::Worker;
 
 pub struct Executor {
@@ -29,7 +29,7 @@ impl Executor {
             0 => 100,
             n => validate::range("limit", n, 1, 1000).map_err(domain)?,
         };
-        let runs = self.worker.runs.recent(limit as usize);
+        let runs = self.worker.executions.recent(limit as usize);
         Ok(pb::ListExecutionsResponse {
             executions: runs.iter().map(|r| r.to_proto()).collect(),
         })
@@ -40,7 +40,7 @@ impl Executor {
         let reason = validate::text("reason", &req.reason, validate::MAX_REASON_BYTES).map_err(domain)?;
         let run = self
             .worker
-            .runs
+            .executions
             .get_active(task_id)
             .ok_or_else(|| Status::not_found(format!("no run of task {task_id} in progress here")))?;
         let reason = if reason.is_empty() {
@@ -60,7 +60,7 @@ impl Executor {
         let task_id = validate::uuid("task_id", &req.task_id).map_err(domain)?;
         let run = self
             .worker
-            .runs
+            .executions
             .latest(task_id)
             .ok_or_else(|| Status::not_found(format!("no run of task {task_id} on this executor")))?;
         let (past, mut live) = run.subscribe();
@@ -126,7 +126,7 @@ impl ExecutorService for Executor {
         Ok(Response::new(pb::GetExecutorStatusResponse {
             agent_id: w.agent_id.to_string(),
             capacity: w.config.capacity,
-            running: w.runs.active().iter().map(|r| r.to_proto()).collect(),
+            running: w.executions.active().iter().map(|r| r.to_proto()).collect(),
             runner: self.runner.to_owned(),
             accepting: w.accepting.load(Ordering::Relaxed),
         }))

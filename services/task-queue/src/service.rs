@@ -28,6 +28,8 @@ pub const MAX_RESULT_BYTES: usize = 256 * 1024;
 pub const MAX_CAPACITY: i32 = 1000;
 pub const DEFAULT_PAGE_SIZE: i32 = 100;
 pub const MAX_PAGE_SIZE: i32 = 1000;
+/// Most ids one BatchGetTasks names.
+pub const MAX_BATCH_GET: usize = 1000;
 
 pub struct TaskQueue {
     store: Store,
@@ -195,6 +197,23 @@ impl TaskQueue {
         let id = validate::uuid("task_id", &req.task_id)?;
         let task = self.store.get(id).await?;
         Ok(pb::GetTaskResponse { task: one_task(task) })
+    }
+
+    async fn batch_get(&self, req: &pb::BatchGetTasksRequest) -> ApiResult<pb::BatchGetTasksResponse> {
+        if req.task_ids.is_empty() || req.task_ids.len() > MAX_BATCH_GET {
+            let reason = format!("1 to {MAX_BATCH_GET} ids, got {}", req.task_ids.len());
+            return Err(ApiError::invalid("task_ids", reason));
+        }
+        let ids = req
+            .task_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| validate::uuid(&format!("task_ids[{i}]"), id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tasks = self.store.get_many(&ids).await?;
+        Ok(pb::BatchGetTasksResponse {
+            tasks: tasks.iter().map(pb::Task::from).collect(),
+        })
     }
 
     async fn list(&self, req: &pb::ListTasksRequest) -> ApiResult<pb::ListTasksResponse> {
@@ -395,6 +414,13 @@ impl TaskQueueService for TaskQueue {
 
     async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::GetTaskResponse>, Status> {
         Ok(Response::new(self.get(request.get_ref()).await?))
+    }
+
+    async fn batch_get_tasks(
+        &self,
+        request: Request<pb::BatchGetTasksRequest>,
+    ) -> Result<Response<pb::BatchGetTasksResponse>, Status> {
+        Ok(Response::new(self.batch_get(request.get_ref()).await?))
     }
 
     async fn list_tasks(

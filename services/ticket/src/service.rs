@@ -145,8 +145,13 @@ impl Tickets {
 
     async fn get(&self, req: &pb::GetTicketRequest) -> ApiResult<pb::GetTicketResponse> {
         let id = validate::uuid("ticket_id", &req.ticket_id)?;
+        let view = pb::TicketView::try_from(req.view)
+            .map_err(|_| ApiError::invalid("view", format!("{} is not a ticket view (BASIC, FULL)", req.view)))?;
         let (t, planned) = self.store.get_ticket(id).await?;
-        let tasks = self.planner.tasks_of(&t, &planned).await?;
+        let tasks = match view {
+            pb::TicketView::Basic => Vec::new(),
+            pb::TicketView::Unspecified | pb::TicketView::Full => self.planner.tasks_of(&t, &planned).await?,
+        };
         Ok(pb::GetTicketResponse {
             ticket: Some(pb::Ticket::from(&t)),
             tasks,
@@ -285,6 +290,7 @@ impl Tickets {
         let now = self
             .get(&pb::GetTicketRequest {
                 ticket_id: id.to_string(),
+                view: pb::TicketView::Full.into(),
             })
             .await?;
         Ok(pb::RetryTicketResponse {

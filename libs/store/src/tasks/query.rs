@@ -34,6 +34,25 @@ impl Store {
             .ok_or(StoreError::NotFound { entity: "task", id })
     }
 
+    /// The tasks `ids` names, in that order (an id named twice, twice);
+    /// NotFound for the first that does not exist.
+    pub async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<Task>> {
+        let mut conn = self.pool().acquire().await?;
+        let found: std::collections::HashMap<Uuid, Task> = select_tasks(&mut conn, ids)
+            .await?
+            .into_iter()
+            .map(|t| (t.id, t))
+            .collect();
+        ids.iter()
+            .map(|id| {
+                found.get(id).cloned().ok_or(StoreError::NotFound {
+                    entity: "task",
+                    id: *id,
+                })
+            })
+            .collect()
+    }
+
     /// A page of tasks in insertion order after `after_seq`; the second value
     /// is the cursor of the next page, if there is one.
     pub async fn list(&self, filter: &ListFilter, page_size: i64, after_seq: i64) -> Result<(Vec<Task>, Option<i64>)> {

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
 use super::Worker;
-use crate::runs::StopRequest;
+use crate::executions::StopRequest;
 
 impl Worker {
     async fn register(&self) -> Result<(), Status> {
@@ -63,7 +63,7 @@ impl Worker {
                 .clone()
                 .heartbeat(hp::HeartbeatRequest {
                     agent_id: self.agent_id.to_string(),
-                    running_task_ids: self.runs.running_ids(),
+                    running_task_ids: self.executions.running_ids(),
                 })
                 .await;
             match beat {
@@ -85,10 +85,10 @@ impl Worker {
     pub async fn drain(&self, grace: Duration) {
         self.accepting.store(false, Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + grace;
-        while !self.runs.active().is_empty() && tokio::time::Instant::now() < deadline {
+        while !self.executions.active().is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let left = self.runs.active();
+        let left = self.executions.active();
         for run in &left {
             run.stop_with(StopRequest {
                 reason: "executor shutting down".into(),

@@ -4,6 +4,7 @@
 //! workspace through the runner and report the outcome (`run`).
 
 mod lifecycle;
+mod prompt;
 mod run;
 mod stream;
 
@@ -11,7 +12,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::time::Duration;
 
 use omoi_domain::{ErrorClass, Phase, classify};
 use omoi_proto::domain::WireEnum;
@@ -26,134 +26,18 @@ use tonic::Status;
 use uuid::Uuid;
 
 use crate::agent_user::AgentUser;
-use crate::agents::{AgentCli, CliKind, CliRunner};
-use crate::config::{Config, RunnerKind};
-use crate::events::EventSink;
+use crate::config::Config;
+use crate::executions::Executions;
 use crate::git::GitSettings;
-use crate::openhands::OpenHandsRunner;
-use crate::prices::PriceTable;
-use crate::runner::{CommandRunner, RunContext, RunnerError, split_args};
-use crate::runs::Runs;
+use crate::runners::{self, Runner};
 
 type Ch = omoi_runtime::grpc::Client;
-
-/// The configured runner.
-enum Runner {
-    Command(CommandRunner),
-    OpenHands(Box<OpenHandsRunner>),
-    Cli(CliRunner),
-}
-
-/// The executor's own directory beside the workspaces, which are
-/// `<root>/<task id>/<attempt>`.
-fn state_dir(config: &Config) -> std::path::PathBuf {
-    config.workspace_root.join(".omoi")
-}
-
-impl Runner {
-    fn new(config: &Config, user: Option<&AgentUser>) -> anyhow::Result<Self> {
-        let kill_grace = Duration::from_secs_f64(config.kill_grace_seconds.max(0.0));
-        Ok(match config.runner {
-            RunnerKind::Command => {
-                let command = config.runner_command.clone().ok_or_else(|| {
-                    anyhow::anyhow!("OMOI_RUNNER_COMMAND is required for the command runner (e.g. \"omoi-demo-agent\")")
-                })?;
-                Runner::Command(CommandRunner::new(&command, &config.env_allow, kill_grace)?)
-            }
-            RunnerKind::Openhands => Runner::OpenHands(Box::new(OpenHandsRunner::new(
-                &config.openhands_url,
-                secret(&config.openhands_api_key, &config.openhands_api_key_file),
-                config.llm_model.clone(),
-                secret(&config.llm_api_key, &config.llm_api_key_file),
-                Duration::from_millis(config.openhands_poll_ms.max(10)),
-            )?)),
-            RunnerKind::ClaudeCode | RunnerKind::Codex | RunnerKind::Gemini => {
-                let kind = match config.runner {
-                    RunnerKind::ClaudeCode => CliKind::Claude,
-                    RunnerKind::Codex => CliKind::Codex,
-                    _ => CliKind::Gemini,
-                };
-                Runner::Cli(CliRunner::new(
-                    kind,
-                    agent_cli(config, kill_grace)?,
-                    PriceTable::load(config.price_table_file.as_deref())?,
-                    &state_dir(config),
-                    user,
-                )?)
-            }
-        })
-    }
-
-    async fn run(
-        &self,
-        ctx: &RunContext,
-        out: &dyn EventSink,
-        stop: &CancellationToken,
-    ) -> Result<crate::runner::RunOutcome, RunnerError> {
-        match self {
-            Runner::Command(r) => r.run(ctx, out, stop).await,
-            Runner::OpenHands(r) => r.run(ctx, out, stop).await,
-            Runner::Cli(r) => r.run(ctx, out, stop).await,
-        }
-    }
-}
-
-/// How a coding-agent CLI is started, from the common agent settings.
-fn agent_cli(config: &Config, kill_grace: Duration) -> Result<AgentCli, RunnerError> {
-    let bin = match (&config.agent_bin, config.runner.default_bin()) {
-        (Some(bin), _) if !bin.trim().is_empty() => bin.trim().to_owned(),
-        (_, Some(default)) => default.to_owned(),
-        (_, None) => {
-            return Err(RunnerError::Config {
-                setting: "OMOI_AGENT_BIN",
-                message: format!("the {} runner starts no agent CLI", config.runner.as_str()),
-            });
-        }
-    };
-    let mut env = crate::process::allowed_env(&config.env_allow);
-    // The agent's key and API reach only the agent that uses them.
-    let keys = match config.runner {
-        RunnerKind::ClaudeCode => [
-            (
-                "ANTHROPIC_API_KEY",
-                secret(&config.anthropic_api_key, &config.anthropic_api_key_file),
-            ),
-            ("ANTHROPIC_BASE_URL", config.anthropic_base_url.clone()),
-        ],
-        RunnerKind::Gemini => [
-            (
-                "GEMINI_API_KEY",
-                secret(&config.gemini_api_key, &config.gemini_api_key_file),
-            ),
-            ("GOOGLE_GEMINI_BASE_URL", config.google_gemini_base_url.clone()),
-        ],
-        _ => [
-            (
-                "OPENAI_API_KEY",
-                secret(&config.openai_api_key, &config.openai_api_key_file),
-            ),
-            ("OPENAI_BASE_URL", config.openai_base_url.clone()),
-        ],
-    };
-    for (name, value) in keys {
-        if let Some(v) = value.filter(|v| !v.is_empty()) {
-            env.push((name.to_owned(), v));
-        }
-    }
-    Ok(AgentCli {
-        bin,
-        model: config.agent_model.clone().filter(|m| !m.trim().is_empty()),
-        args: split_args("OMOI_AGENT_ARGS", &config.agent_args)?,
-        env,
-        kill_grace,
-    })
-}
 
 pub struct Worker {
     pub agent_id: Uuid,
     pub config: Config,
-    pub runs: Arc<Runs>,
-    runner: Runner,
+    pub executions: Arc<Executions>,
+    runner: Box<dyn Runner>,
     phases: Vec<Phase>,
     labels: HashMap<String, String>,
     queue: TaskQueueServiceClient<Ch>,
@@ -230,14 +114,14 @@ where
 }
 
 impl Worker {
-    pub fn new(config: Config, runs: Arc<Runs>, agent_id: Uuid) -> anyhow::Result<Self> {
+    pub fn new(config: Config, executions: Arc<Executions>, agent_id: Uuid) -> anyhow::Result<Self> {
         let agent_user = config
             .agent_user
             .as_deref()
             .filter(|u| !u.trim().is_empty())
-            .map(|u| AgentUser::resolve(u, &state_dir(&config)).map(Arc::new))
+            .map(|u| AgentUser::resolve(u, &config.state_dir()).map(Arc::new))
             .transpose()?;
-        let runner = Runner::new(&config, agent_user.as_deref())?;
+        let runner = runners::from_config(&config, agent_user.as_deref())?;
         anyhow::ensure!(
             (1..=1000).contains(&config.capacity),
             "OMOI_EXECUTOR_CAPACITY must be 1 to 1000, got {}",
@@ -259,7 +143,7 @@ impl Worker {
             health: AgentHealthServiceClient::new(connector.client(&config.health_url, "OMOI_HEALTH_URL")?),
             tickets: TicketServiceClient::new(connector.client(&config.ticket_url, "OMOI_TICKET_URL")?),
             runner,
-            runs,
+            executions,
             config,
             registered: tokio::sync::watch::Sender::new(false),
             accepting: AtomicBool::new(true),

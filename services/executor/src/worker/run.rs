@@ -16,12 +16,13 @@ use serde_json::json;
 use tonic::Status;
 use uuid::Uuid;
 
+use super::prompt::{self, Dependency, TicketContext, phase_name};
 use super::{Worker, report};
 use crate::config::WorkspacePolicy;
 use crate::events::EventSink;
+use crate::executions::{Execution, NewExecution, StopRequest};
 use crate::git::{self, Checkout, GitError, WorkspaceUser};
-use crate::runner::{RunContext, RunOutcome, RunnerError, Stopped, Verdict};
-use crate::runs::{NewRun, Run, StopRequest};
+use crate::runners::{RunContext, RunOutcome, RunnerError, Stopped, Verdict};
 use crate::workspace;
 
 /// The span of one attempt, continuing the trace the dispatch sent along.
@@ -38,141 +39,60 @@ pub(super) fn run_span(a: &tq::Assignment) -> tracing::Span {
     span
 }
 
-/// What an attempt needs of its ticket.
-#[derive(Debug, Clone, Default)]
-struct TicketInfo {
-    title: String,
-    description: String,
-    repository: String,
-    base_ref: String,
-    branch: String,
-    /// What it may still spend, when it has a budget.
-    budget_left_usd: Option<f64>,
-}
-
-/// A completed dependency, as the prompt and the base commit need it.
-struct Prior {
-    title: String,
-    phase: String,
-    summary: String,
-    changed_files: Vec<String>,
-    git: Option<GitChange>,
-}
-
 /// What an attempt starts with besides its task.
-#[derive(Default)]
 struct Prepared {
-    ticket: TicketInfo,
-    priors: Vec<Prior>,
+    ticket: TicketContext,
+    dependencies: Vec<Dependency>,
     /// The ticket's branch, checked out (when it names a repository).
     checkout: Option<Checkout>,
 }
 
-/// Longest dependency summary a prompt quotes.
-const MAX_PRIOR_SUMMARY_CHARS: usize = 4000;
-
 impl Worker {
-    /// The ticket as it is now (its budget moves as its tasks spend).
-    async fn ticket_of(&self, ticket_id: &str) -> Result<TicketInfo, Status> {
-        if ticket_id.is_empty() {
-            return Ok(TicketInfo::default());
-        }
-        let t = self
-            .tickets
-            .clone()
-            .get_ticket(tk::GetTicketRequest {
-                ticket_id: ticket_id.to_owned(),
-            })
-            .await?
-            .into_inner()
-            .ticket
-            .unwrap_or_default();
-        let spent = t.usage.as_ref().map_or(0.0, |u| u.cost_usd);
-        Ok(TicketInfo {
-            budget_left_usd: t.max_cost_usd.map(|max| max - spent),
-            title: t.title,
-            description: t.description,
-            repository: t.repository,
-            base_ref: t.base_ref,
-            branch: t.branch,
-        })
-    }
-
-    /// The task's completed dependencies, in its order.
-    async fn priors_of(&self, task: &tq::Task) -> Result<Vec<Prior>, Status> {
-        let mut out = Vec::with_capacity(task.depends_on.len());
-        for id in &task.depends_on {
-            let dep = self
+    /// The attempt's ticket and the task's completed dependencies (in its
+    /// order), read together: the ticket alone (its budget moves as its
+    /// tasks spend), the dependencies in one call.
+    async fn read_context(
+        &self,
+        task: &tq::Task,
+    ) -> Result<(TicketContext, Vec<Dependency>), (String, Option<ErrorClass>)> {
+        let unreachable = |what: &str, s: Status| {
+            (
+                format!("cannot read {what}: {}", s.message()),
+                Some(ErrorClass::Retryable),
+            )
+        };
+        let ticket = async {
+            if task.ticket_id.is_empty() {
+                return Ok(TicketContext::default());
+            }
+            let read = self
+                .tickets
+                .clone()
+                .get_ticket(tk::GetTicketRequest {
+                    ticket_id: task.ticket_id.clone(),
+                    view: tk::TicketView::Basic.into(),
+                })
+                .await?;
+            Ok(TicketContext::from(read.into_inner().ticket.unwrap_or_default()))
+        };
+        let dependencies = async {
+            if task.depends_on.is_empty() {
+                return Ok(Vec::new());
+            }
+            let read = self
                 .queue
                 .clone()
-                .get_task(tq::GetTaskRequest { task_id: id.clone() })
-                .await?
-                .into_inner()
-                .task
-                .unwrap_or_default();
-            let result = dep.result.as_ref().map(omoi_proto::convert::struct_to_json);
-            let field = |name: &str| result.as_ref().and_then(|r| r.get(name)).cloned();
-            out.push(Prior {
-                title: dep.title,
-                phase: phase_name(dep.phase),
-                summary: field("summary")
-                    .and_then(|v| v.as_str().map(|s| s.chars().take(MAX_PRIOR_SUMMARY_CHARS).collect()))
-                    .unwrap_or_default(),
-                changed_files: field("changed_files")
-                    .and_then(|v| serde_json::from_value(v).ok())
-                    .unwrap_or_default(),
-                git: dep.git.map(GitChange::from),
-            });
-        }
-        Ok(out)
-    }
-
-    /// The prompt: the task, its ticket, where it stands on the branch, and
-    /// what the work before it did.
-    fn prompt(task: &tq::Task, phase: Phase, prepared: &Prepared) -> String {
-        let mut p = format!(
-            "# {}\n\nPhase: {}\nTask: {}\nTicket: {}\n\n{}\n",
-            task.title,
-            phase.as_str(),
-            task.id,
-            task.ticket_id,
-            task.description
-        );
-        let ticket = &prepared.ticket;
-        if !ticket.title.is_empty() && !task.description.contains(&ticket.title) {
-            p.push_str(&format!(
-                "\n## The ticket: {}\n\n{}\n",
-                ticket.title, ticket.description
-            ));
-        }
-        if let Some(c) = &prepared.checkout {
-            p.push_str(&format!(
-                "\n## Repository\n\nThis directory is the ticket's repository, on branch `{}` at commit {}. \
-                 Everything you change here is committed to that branch for you when you finish.\n",
-                c.branch, c.base_commit
-            ));
-        }
-        if !prepared.priors.is_empty() {
-            p.push_str("\n## Work this task builds on\n");
-            for prior in &prepared.priors {
-                p.push_str(&format!("\n### {} ({})\n\n", prior.title, prior.phase));
-                if let Some(g) = &prior.git {
-                    let what = if g.commit != g.base_commit {
-                        "Commit"
-                    } else {
-                        "No change; at commit"
-                    };
-                    p.push_str(&format!("{what}: {}\n", g.commit));
-                }
-                if !prior.changed_files.is_empty() {
-                    p.push_str(&format!("Changed files: {}\n", prior.changed_files.join(", ")));
-                }
-                if !prior.summary.is_empty() {
-                    p.push_str(&format!("Summary:\n{}\n", prior.summary));
-                }
-            }
-        }
-        p
+                .batch_get_tasks(tq::BatchGetTasksRequest {
+                    task_ids: task.depends_on.clone(),
+                })
+                .await?;
+            Ok(read.into_inner().tasks.into_iter().map(Dependency::from).collect())
+        };
+        let (ticket, dependencies) = tokio::join!(ticket, dependencies);
+        Ok((
+            ticket.map_err(|s| unreachable("the ticket", s))?,
+            dependencies.map_err(|s| unreachable("the task's dependencies", s))?,
+        ))
     }
 
     /// Who runs git in a workspace after its agent: the agent's user.
@@ -206,7 +126,7 @@ impl Worker {
                 return;
             }
         };
-        let run = self.runs.begin(NewRun {
+        let run = self.executions.begin(NewExecution {
             task_id,
             attempt,
             ticket_id: task.ticket_id.clone(),
@@ -219,7 +139,7 @@ impl Worker {
             Err((message, class)) => {
                 run.line(OutputStream::System, message.clone());
                 run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), vec![]);
-                self.runs.end(&run);
+                self.executions.end(&run);
                 self.fail(task_id, attempt, &message, class).await;
                 self.clean_up(&dir, false).await;
                 return;
@@ -237,7 +157,13 @@ impl Worker {
             task_id,
             attempt,
             phase,
-            prompt: Self::prompt(&task, phase, &prepared),
+            prompt: prompt::prompt(
+                &task,
+                phase,
+                &prepared.ticket,
+                &prepared.dependencies,
+                prepared.checkout.as_ref(),
+            ),
             workspace: dir.clone(),
             timeout: (task.timeout_seconds > 0).then(|| Duration::from_secs(task.timeout_seconds as u64)),
             user: self.agent_user.clone(),
@@ -245,27 +171,29 @@ impl Worker {
         };
         let outcome = self.runner.run(&ctx, &*run, &run.stop).await;
         let changed = workspace::changed(&before, &workspace::snapshot(&dir));
-        let landing = prepared.checkout.as_ref().map(|c| Landing {
+        let commit = prepared.checkout.as_ref().map(|c| BranchCommit {
             checkout: c,
             message: git::commit_message(&phase_name(task.phase), &task.title, &task.id, attempt),
         });
-        let succeeded = self.settle(&run, outcome, changed, task.timeout_seconds, landing).await;
-        self.runs.end(&run);
+        let succeeded = self
+            .report_end(&run, outcome, changed, task.timeout_seconds, commit)
+            .await;
+        self.executions.end(&run);
         self.clean_up(&dir, succeeded).await;
     }
 
     /// Whether the queue still has the attempt running for us, asked (by
     /// extending its lease over the push) before its work is pushed. A queue
-    /// out of reach cannot say: the work lands, and the report that follows
-    /// settles it.
-    async fn still_ours(&self, task_id: Uuid, attempt: i32) -> bool {
+    /// out of reach cannot say: the work is pushed, and the report that
+    /// follows decides.
+    async fn hold_for_push(&self, task_id: Uuid, attempt: i32) -> bool {
         let asked = self
             .queue
             .clone()
             .extend_lease(tq::ExtendLeaseRequest {
                 task_id: task_id.to_string(),
                 attempt,
-                seconds: LANDING_LEASE_SECONDS,
+                seconds: PUSH_LEASE_SECONDS,
             })
             .await;
         match asked {
@@ -298,20 +226,7 @@ impl Worker {
     /// ticket and the dependencies' work; a failure says how it should be
     /// classified.
     async fn prepare(&self, task: &tq::Task, dir: &Path) -> Result<Prepared, (String, Option<ErrorClass>)> {
-        let unreachable = |what: &str, s: Status| {
-            (
-                format!("cannot read {what}: {}", s.message()),
-                Some(ErrorClass::Retryable),
-            )
-        };
-        let ticket = self
-            .ticket_of(&task.ticket_id)
-            .await
-            .map_err(|s| unreachable("the ticket", s))?;
-        let priors = self
-            .priors_of(task)
-            .await
-            .map_err(|s| unreachable("the task's dependencies", s))?;
+        let (ticket, dependencies) = self.read_context(task).await?;
         let repository = workspace::parse_repository(&ticket.repository)
             .map_err(|e| (e.to_string(), Some(ErrorClass::Permanent)))?;
         workspace::fresh(dir).await.map_err(|e| (e.to_string(), None))?;
@@ -322,11 +237,11 @@ impl Worker {
                     repository,
                     branch: &ticket.branch,
                     base_ref: &ticket.base_ref,
-                    parents: priors
+                    parents: dependencies
                         .iter()
-                        .filter_map(|p| {
-                            p.git.as_ref().map(|g| git::Parent {
-                                name: p.title.clone(),
+                        .filter_map(|d| {
+                            d.git.as_ref().map(|g| git::Parent {
+                                name: d.title.clone(),
                                 commit: g.commit.clone(),
                             })
                         })
@@ -348,7 +263,7 @@ impl Worker {
         }
         Ok(Prepared {
             ticket,
-            priors,
+            dependencies,
             checkout,
         })
     }
@@ -384,13 +299,13 @@ impl Worker {
     }
 
     /// Records the run's end and reports it; true when it succeeded.
-    async fn settle(
+    async fn report_end(
         &self,
-        run: &Run,
+        run: &Execution,
         outcome: Result<RunOutcome, RunnerError>,
         changed: Vec<String>,
         timeout_seconds: i32,
-        landing: Option<Landing<'_>>,
+        commit: Option<BranchCommit<'_>>,
     ) -> bool {
         let outcome = match outcome {
             Ok(o) => o,
@@ -438,9 +353,9 @@ impl Worker {
                 )
             },
             (None, Some(Verdict::Succeeded { summary })) => {
-                return self.succeeded(run, &outcome, summary, changed, landing).await;
+                return self.succeeded(run, &outcome, summary, changed, commit).await;
             }
-            (None, None) if exit == 0 => return self.succeeded(run, &outcome, last_out, changed, landing).await,
+            (None, None) if exit == 0 => return self.succeeded(run, &outcome, last_out, changed, commit).await,
             (None, Some(Verdict::Failed { message, class })) => End {
                 retry_after: outcome.retry_after,
                 ..End::failed(ExecutionState::Failed, message, class)
@@ -460,7 +375,7 @@ impl Worker {
     }
 
     /// Records a run that did not succeed and reports it when it should.
-    async fn end_failed(&self, run: &Run, end: End, exit: i32, changed: Vec<String>, usage: Option<Usage>) {
+    async fn end_failed(&self, run: &Execution, end: End, exit: i32, changed: Vec<String>, usage: Option<Usage>) {
         let last_out = run.tail(OutputStream::Stdout, 1).pop().unwrap_or_default();
         run.line(OutputStream::System, end.message.clone());
         let error = end.report.clone().unwrap_or_else(|| end.message.clone());
@@ -481,13 +396,13 @@ impl Worker {
     /// reported as the task's completion.
     async fn succeeded(
         &self,
-        run: &Run,
+        run: &Execution,
         outcome: &RunOutcome,
         summary: String,
         changed: Vec<String>,
-        landing: Option<Landing<'_>>,
+        commit: Option<BranchCommit<'_>>,
     ) -> bool {
-        if landing.is_some() && !self.still_ours(run.task_id, run.attempt).await {
+        if commit.is_some() && !self.hold_for_push(run.task_id, run.attempt).await {
             // Taken back while the agent worked (its lease lapsed): nothing
             // of it may land on the branch, and nothing is reported.
             let message = "the attempt was taken back before its work could land".to_owned();
@@ -495,16 +410,20 @@ impl Worker {
             run.finish(ExecutionState::Cancelled, 0, String::new(), message, changed);
             return false;
         }
-        let git = match landing {
+        let git = match commit {
             None => None,
-            Some(l) => match self.git.land(l.checkout, &l.message, &self.workspace_user()).await {
+            Some(c) => match self
+                .git
+                .commit_and_push(c.checkout, &c.message, &self.workspace_user())
+                .await
+            {
                 Ok(g) => {
-                    run.line(OutputStream::System, landed_line(&g));
+                    run.line(OutputStream::System, pushed_line(&g));
                     Some(g)
                 }
                 Err(e) => {
                     let (message, class) = git_failure(e);
-                    let message = format!("the work did not land on {}: {message}", l.checkout.branch);
+                    let message = format!("the work did not land on {}: {message}", c.checkout.branch);
                     let end = End::failed(ExecutionState::Failed, message, class);
                     self.end_failed(run, end, 0, changed, outcome.usage.clone()).await;
                     return false;
@@ -555,8 +474,9 @@ impl Worker {
     }
 }
 
-/// A successful run's way onto the ticket's branch.
-struct Landing<'a> {
+/// A successful run's commit onto the ticket's branch: where and with what
+/// message.
+struct BranchCommit<'a> {
     checkout: &'a Checkout,
     message: String,
 }
@@ -569,8 +489,8 @@ fn git_failure(e: GitError) -> (String, Option<ErrorClass>) {
     }
 }
 
-/// What a landing did, for the run's output.
-fn landed_line(g: &GitChange) -> String {
+/// What a commit and push did, for the run's output.
+fn pushed_line(g: &GitChange) -> String {
     if g.committed() {
         format!(
             "committed {} to {} ({} files, +{} -{})",
@@ -581,16 +501,9 @@ fn landed_line(g: &GitChange) -> String {
     }
 }
 
-/// `implementation` for PHASE_IMPLEMENTATION.
-fn phase_name(wire: i32) -> String {
-    Phase::given(wire)
-        .known()
-        .map(|p| p.as_str().trim_start_matches("PHASE_").to_ascii_lowercase())
-        .unwrap_or_default()
-}
-
-/// How long a landing (commit, bundle, push with rebases) holds its attempt.
-const LANDING_LEASE_SECONDS: i32 = 600;
+/// How long a commit and push (commit, bundle, push with rebases) holds
+/// its attempt.
+const PUSH_LEASE_SECONDS: i32 = 600;
 
 /// How long a run's end waits for its events to reach JetStream before it
 /// reports anyway (they follow when NATS is back).

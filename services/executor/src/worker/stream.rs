@@ -10,7 +10,7 @@ use tracing::Instrument as _;
 
 use super::Worker;
 use super::run::run_span;
-use crate::runs::StopRequest;
+use crate::executions::StopRequest;
 
 impl Worker {
     /// Takes assignments until `stop` (reconnecting with backoff whenever the
@@ -55,7 +55,7 @@ impl Worker {
                                             reason: c.reason,
                                             report: false,
                                         };
-                                        if self.runs.stop(id, Some(c.attempt), request) {
+                                        if self.executions.stop(id, Some(c.attempt), request) {
                                             tracing::info!(task_id = %id, "run stopped by the task queue");
                                         }
                                     }

@@ -1,136 +1,16 @@
-//! What every runner shares (the run's context, its outcome, its errors)
-//! and the `command` runner: a configured program given the task prompt as
-//! an argument, on stdin and in `OMOI_TASK_PROMPT`, whose output lines are
-//! the run's events.
+//! The `command` runner: a configured program given the task prompt as an
+//! argument (`{prompt}` and the other placeholders of
+//! `OMOI_RUNNER_COMMAND`), on stdin and in `OMOI_TASK_PROMPT`, whose output
+//! lines are the run's events.
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use omoi_domain::{ErrorClass, Phase};
-use omoi_proto::common::{OutputStream, Usage};
+use omoi_proto::common::OutputStream;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use crate::agent_user::AgentUser;
+use super::process::{self, Spawn};
+use super::{RunContext, RunOutcome, Runner, RunnerError, split_args};
 use crate::events::EventSink;
-use crate::process::{self, Spawn};
-
-/// What a run is given.
-#[derive(Debug, Clone)]
-pub struct RunContext {
-    pub task_id: Uuid,
-    pub attempt: i32,
-    pub phase: Phase,
-    pub prompt: String,
-    pub workspace: PathBuf,
-    /// Kill the run after this long (the task's own timeout).
-    pub timeout: Option<Duration>,
-    /// Who the agent process runs as; None: the executor's own user.
-    pub user: Option<Arc<AgentUser>>,
-    /// What the ticket may still spend (USD), for an agent that can hold
-    /// itself to it.
-    pub budget_left_usd: Option<f64>,
-}
-
-impl RunContext {
-    /// The variables every agent process gets about its task (and, run as
-    /// an agent user, its HOME, over the allow-listed one).
-    pub fn task_env(&self) -> Vec<(String, String)> {
-        let mut env = vec![
-            ("OMOI_TASK_PROMPT".into(), self.prompt.clone()),
-            ("OMOI_TASK_ID".into(), self.task_id.to_string()),
-            ("OMOI_TASK_ATTEMPT".into(), self.attempt.to_string()),
-            ("OMOI_TASK_PHASE".into(), self.phase.as_str().into()),
-            ("OMOI_WORKSPACE".into(), self.workspace.display().to_string()),
-        ];
-        if let Some(user) = &self.user {
-            env.push(("HOME".into(), user.home.display().to_string()));
-            env.push(("USER".into(), user.name.clone()));
-        }
-        env
-    }
-
-    /// The (uid, gid) the agent process runs as, if not the executor's.
-    pub fn identity(&self) -> Option<(u32, u32)> {
-        self.user.as_ref().map(|u| (u.uid, u.gid))
-    }
-}
-
-/// Why a run was stopped before it ended by itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stopped {
-    Cancelled,
-    TimedOut,
-}
-
-/// The agent's own account of how its run ended, for runners that read one.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    Succeeded {
-        summary: String,
-    },
-    /// `class` None lets the queue classify the message.
-    Failed {
-        message: String,
-        class: Option<ErrorClass>,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub struct RunOutcome {
-    /// None when killed by a signal.
-    pub exit_code: Option<i32>,
-    pub stopped: Option<Stopped>,
-    pub duration: Duration,
-    /// What the agent reported spending.
-    pub usage: Option<Usage>,
-    /// None: the exit code decides.
-    pub verdict: Option<Verdict>,
-    /// A failed run's agent said a retry cannot help sooner than this (a
-    /// rate limit's reset).
-    pub retry_after: Option<Duration>,
-}
-
-impl From<process::Ended> for RunOutcome {
-    fn from(e: process::Ended) -> Self {
-        RunOutcome {
-            exit_code: e.exit_code,
-            stopped: e.stopped,
-            duration: e.duration,
-            usage: None,
-            verdict: None,
-            retry_after: None,
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunnerError {
-    #[error("invalid argument {setting}: {message}")]
-    Config { setting: &'static str, message: String },
-    #[error("cannot start {program} (set by {setting}): {source}")]
-    Spawn {
-        program: String,
-        setting: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("waiting for the agent process failed: {0}")]
-    Wait(std::io::Error),
-    /// The agent server failed the run; `permanent` when retrying cannot help
-    /// (refused credentials, a malformed request).
-    #[error("{message}")]
-    Agent { message: String, permanent: bool },
-}
-
-/// `value` split like a shell, for the setting it came from.
-pub fn split_args(setting: &'static str, value: &str) -> Result<Vec<String>, RunnerError> {
-    shlex::split(value).ok_or_else(|| RunnerError::Config {
-        setting,
-        message: format!("cannot split {value:?}"),
-    })
-}
 
 pub struct CommandRunner {
     argv: Vec<String>,
@@ -169,8 +49,11 @@ impl CommandRunner {
             })
             .collect()
     }
+}
 
-    pub async fn run(
+#[async_trait::async_trait]
+impl Runner for CommandRunner {
+    async fn run(
         &self,
         ctx: &RunContext,
         out: &dyn EventSink,
@@ -197,7 +80,13 @@ impl CommandRunner {
 mod tests {
     use std::sync::Mutex;
 
+    use std::path::PathBuf;
+
+    use omoi_domain::Phase;
+    use uuid::Uuid;
+
     use super::*;
+    use crate::runners::Stopped;
 
     #[derive(Default)]
     struct Lines(Mutex<Vec<(OutputStream, String)>>);

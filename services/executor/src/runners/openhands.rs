@@ -15,8 +15,8 @@ use omoi_proto::common::{OutputStream, Usage};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use super::{RunContext, RunOutcome, Runner, RunnerError, Stopped};
 use crate::events::{self, EventSink};
-use crate::runner::{RunContext, RunOutcome, RunnerError, Stopped};
 
 pub struct OpenHandsRunner {
     base: String,
@@ -130,8 +130,11 @@ impl OpenHandsRunner {
             })
         }
     }
+}
 
-    pub async fn run(
+#[async_trait::async_trait]
+impl Runner for OpenHandsRunner {
+    async fn run(
         &self,
         ctx: &RunContext,
         out: &dyn EventSink,
@@ -176,7 +179,9 @@ impl OpenHandsRunner {
         }
         result
     }
+}
 
+impl OpenHandsRunner {
     async fn follow(
         &self,
         ctx: &RunContext,

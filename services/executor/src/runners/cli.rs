@@ -1,14 +1,11 @@
-//! The coding-agent CLI runners (`claude-code`, `codex`, `gemini`): the CLI started
-//! headless in the task's workspace with the prompt, its structured output
-//! read line by line into agent events by the CLI's own reader, which also
-//! says what the run spent and how it ended.
+//! What the coding-agent CLI runners (`claude-code`, `codex`, `gemini`)
+//! share: the CLI started headless in the task's workspace with the
+//! prompt, its structured output read line by line into agent events by
+//! the CLI's own reader ([`AgentStream`]), which also says what the run
+//! spent and how it ended; the cost priced from the table when the CLI
+//! reports none. What sets each CLI apart is its [`Cli`].
 
-mod claude;
-mod codex;
-mod gemini;
-mod tools;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use omoi_domain::ErrorClass;
@@ -16,11 +13,10 @@ use omoi_proto::common::{AgentEvent, OutputStream, Usage};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent_user::AgentUser;
+use super::prices::PriceTable;
+use super::process::{self, Spawn};
+use super::{RunContext, RunOutcome, Runner, RunnerError, Verdict};
 use crate::events::EventSink;
-use crate::prices::PriceTable;
-use crate::process::{self, Spawn};
-use crate::runner::{RunContext, RunOutcome, RunnerError, Verdict};
 
 /// How an agent CLI is started.
 #[derive(Debug, Clone)]
@@ -34,12 +30,17 @@ pub struct AgentCli {
     pub kill_grace: Duration,
 }
 
-/// Which CLI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CliKind {
-    Claude,
-    Codex,
-    Gemini,
+/// What sets one coding-agent CLI apart.
+pub trait Cli: Send + Sync {
+    /// Whether the CLI reports what its run cost in money (else the price
+    /// table estimates it).
+    const REPORTS_COST: bool;
+    /// The command line of a run.
+    fn argv(&self, cli: &AgentCli, ctx: &RunContext) -> Vec<String>;
+    /// What the CLI needs in its environment besides the agent's own.
+    fn env(&self, cli: &AgentCli) -> Vec<(String, String)>;
+    /// A reader of one run's output.
+    fn reader(&self, cli: &AgentCli, ctx: &RunContext) -> Box<dyn AgentStream>;
 }
 
 /// Reads one CLI's output.
@@ -56,55 +57,22 @@ pub trait AgentStream: Send {
     }
 }
 
-pub struct CliRunner {
-    kind: CliKind,
+/// A coding-agent CLI as a runner.
+pub struct CliRunner<C> {
+    kind: C,
     cli: AgentCli,
     prices: PriceTable,
-    /// Gemini CLI's home of its own (see `gemini::env`).
-    home: Option<PathBuf>,
 }
 
-impl CliKind {
-    /// Whether the CLI reports what its run cost in money.
-    fn reports_cost(self) -> bool {
-        matches!(self, CliKind::Claude)
+impl<C: Cli> CliRunner<C> {
+    pub fn new(kind: C, cli: AgentCli, prices: PriceTable) -> Self {
+        Self { kind, cli, prices }
     }
 }
 
-impl CliRunner {
-    /// `state` is a directory of the executor's own, for what a CLI needs
-    /// set up once.
-    pub fn new(
-        kind: CliKind,
-        cli: AgentCli,
-        prices: PriceTable,
-        state: &Path,
-        user: Option<&AgentUser>,
-    ) -> Result<Self, RunnerError> {
-        let home = match kind {
-            CliKind::Gemini => {
-                let home = state.join("gemini");
-                let prepared = gemini::prepare_home(&home).and_then(|()| match user {
-                    Some(u) => u.give(&home),
-                    None => Ok(()),
-                });
-                prepared.map_err(|e| RunnerError::Config {
-                    setting: "OMOI_WORKSPACE_ROOT",
-                    message: format!("cannot prepare {}: {e}", home.display()),
-                })?;
-                Some(home)
-            }
-            CliKind::Claude | CliKind::Codex => None,
-        };
-        Ok(Self {
-            kind,
-            cli,
-            prices,
-            home,
-        })
-    }
-
-    pub async fn run(
+#[async_trait::async_trait]
+impl<C: Cli> Runner for CliRunner<C> {
+    async fn run(
         &self,
         ctx: &RunContext,
         out: &dyn EventSink,
@@ -112,28 +80,10 @@ impl CliRunner {
     ) -> Result<RunOutcome, RunnerError> {
         let mut env = self.cli.env.clone();
         env.extend(ctx.task_env());
-        let (argv, mut stream): (Vec<String>, Box<dyn AgentStream>) = match self.kind {
-            CliKind::Claude => {
-                env.extend(claude::env());
-                (
-                    claude::argv(&self.cli, &ctx.prompt, ctx.budget_left_usd),
-                    Box::new(claude::ClaudeStream::new(&ctx.workspace)),
-                )
-            }
-            CliKind::Codex => (
-                codex::argv(&self.cli, &ctx.prompt),
-                Box::new(codex::CodexStream::new(&ctx.workspace, self.cli.model.clone())),
-            ),
-            CliKind::Gemini => {
-                env.extend(gemini::env(&self.cli, self.home.as_deref()));
-                (
-                    gemini::argv(&self.cli, &ctx.prompt),
-                    Box::new(gemini::GeminiStream::new(&ctx.workspace)),
-                )
-            }
-        };
+        env.extend(self.kind.env(&self.cli));
+        let mut stream = self.kind.reader(&self.cli, ctx);
         let spawn = Spawn {
-            argv,
+            argv: self.kind.argv(&self.cli, ctx),
             setting: "OMOI_AGENT_BIN",
             env,
             cwd: ctx.workspace.clone(),
@@ -156,7 +106,7 @@ impl CliRunner {
         let mut outcome = RunOutcome::from(ended);
         outcome.usage = stream.usage();
         if let Some(usage) = outcome.usage.as_mut()
-            && !self.kind.reports_cost()
+            && !C::REPORTS_COST
             && !self.prices.estimate(usage)
         {
             out.line(
@@ -185,19 +135,19 @@ pub fn class_of_status(status: i64) -> Option<ErrorClass> {
 }
 
 /// Adds `part`'s token counts to `sum`.
-fn add_tokens(sum: &mut Usage, part: &Usage) {
+pub(super) fn add_tokens(sum: &mut Usage, part: &Usage) {
     sum.input_tokens += part.input_tokens;
     sum.output_tokens += part.output_tokens;
     sum.cache_read_tokens += part.cache_read_tokens;
     sum.cache_write_tokens += part.cache_write_tokens;
 }
 
-fn str_at<'a>(v: &'a Value, key: &str) -> &'a str {
+pub(super) fn str_at<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or_default()
 }
 
 /// A tool result's or error list's text: a string, or the text of its parts.
-fn text_of(content: &Value) -> String {
+pub(super) fn text_of(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
         Value::Array(parts) => parts
@@ -215,7 +165,7 @@ fn text_of(content: &Value) -> String {
 }
 
 /// `path` relative to the workspace when it is inside it.
-fn relative(workspace: &Path, path: &str) -> String {
+pub(super) fn relative(workspace: &Path, path: &str) -> String {
     Path::new(path)
         .strip_prefix(workspace)
         .map(|p| p.display().to_string())

@@ -8,7 +8,7 @@ use std::path::Path;
 use omoi_proto::common::Usage;
 use serde::Deserialize;
 
-const BUILT_IN: &str = include_str!("../prices.json");
+const BUILT_IN: &str = include_str!("../../prices.json");
 
 /// US dollars per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]

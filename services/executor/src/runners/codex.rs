@@ -18,9 +18,9 @@ use omoi_domain::ErrorClass;
 use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
 use serde_json::Value;
 
-use super::{AgentCli, AgentStream, add_tokens, class_of_status, relative, str_at};
+use super::cli::{AgentCli, AgentStream, Cli, add_tokens, class_of_status, relative, str_at};
+use super::{RunContext, Verdict};
 use crate::events::{self, event};
-use crate::runner::Verdict;
 
 /// The provider name under which a custom `OPENAI_BASE_URL` is configured.
 const PROVIDER: &str = "omoi";
@@ -73,6 +73,25 @@ fn toml_string(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// Codex, as the `codex` runner starts it.
+pub struct Codex;
+
+impl Cli for Codex {
+    const REPORTS_COST: bool = false;
+
+    fn argv(&self, cli: &AgentCli, ctx: &RunContext) -> Vec<String> {
+        argv(cli, &ctx.prompt)
+    }
+
+    fn env(&self, _: &AgentCli) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    fn reader(&self, cli: &AgentCli, ctx: &RunContext) -> Box<dyn AgentStream> {
+        Box::new(CodexStream::new(&ctx.workspace, cli.model.clone()))
+    }
 }
 
 /// Reads `codex exec --json` output, one line at a time.

@@ -12,8 +12,8 @@ use omoi_runtime::shutdown::{SIGKILL, SIGTERM};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
+use super::{RunnerError, Stopped};
 use crate::events::EventSink;
-use crate::runner::{RunnerError, Stopped};
 
 /// What to start.
 pub struct Spawn {

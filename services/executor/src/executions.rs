@@ -1,4 +1,4 @@
-//! The executor's runs: their state, their agent events (kept in memory for
+//! The execution registry: the executor's runs, their state, their agent events (kept in memory for
 //! StreamExecutionOutput, published on JetStream in order for everyone), and
 //! stopping them.
 
@@ -55,7 +55,7 @@ struct Log {
     next_seq: i64,
 }
 
-pub struct Run {
+pub struct Execution {
     pub task_id: Uuid,
     pub attempt: i32,
     pub ticket_id: String,
@@ -71,7 +71,7 @@ pub struct Run {
     publisher: Option<Publisher>,
 }
 
-impl Run {
+impl Execution {
     pub fn stop_with(&self, request: StopRequest) {
         lock(&self.stop_request).get_or_insert(request);
         self.stop.cancel();
@@ -156,7 +156,7 @@ impl Run {
     }
 }
 
-impl EventSink for Run {
+impl EventSink for Execution {
     fn emit(&self, mut event: AgentEvent) {
         event.task_id = self.task_id.to_string();
         event.attempt = self.attempt;
@@ -179,15 +179,15 @@ impl EventSink for Run {
 }
 
 /// Every run of this executor: the ones in progress and the recent ones.
-pub struct Runs {
+pub struct Executions {
     agent_id: String,
     jetstream: Option<async_nats::jetstream::Context>,
     topology: omoi_bus::Topology,
-    active: Mutex<HashMap<Uuid, Arc<Run>>>,
-    recent: Mutex<VecDeque<Arc<Run>>>,
+    active: Mutex<HashMap<Uuid, Arc<Execution>>>,
+    recent: Mutex<VecDeque<Arc<Execution>>>,
 }
 
-pub struct NewRun {
+pub struct NewExecution {
     pub task_id: Uuid,
     pub attempt: i32,
     pub ticket_id: String,
@@ -195,7 +195,7 @@ pub struct NewRun {
     pub workspace: PathBuf,
 }
 
-impl Runs {
+impl Executions {
     pub fn new(agent_id: Uuid, nats: Option<async_nats::Client>, topology: omoi_bus::Topology) -> Self {
         Self {
             agent_id: agent_id.to_string(),
@@ -206,8 +206,8 @@ impl Runs {
         }
     }
 
-    pub fn begin(&self, new: NewRun) -> Arc<Run> {
-        let run = Arc::new(Run {
+    pub fn begin(&self, new: NewExecution) -> Arc<Execution> {
+        let run = Arc::new(Execution {
             task_id: new.task_id,
             attempt: new.attempt,
             ticket_id: new.ticket_id,
@@ -250,14 +250,14 @@ impl Runs {
         run
     }
 
-    pub fn end(&self, run: &Run) {
+    pub fn end(&self, run: &Execution) {
         let mut active = lock(&self.active);
         if active.get(&run.task_id).is_some_and(|r| r.attempt == run.attempt) {
             active.remove(&run.task_id);
         }
     }
 
-    pub fn active(&self) -> Vec<Arc<Run>> {
+    pub fn active(&self) -> Vec<Arc<Execution>> {
         lock(&self.active).values().cloned().collect()
     }
 
@@ -265,18 +265,18 @@ impl Runs {
         lock(&self.active).keys().map(ToString::to_string).collect()
     }
 
-    pub fn get_active(&self, task_id: Uuid) -> Option<Arc<Run>> {
+    pub fn get_active(&self, task_id: Uuid) -> Option<Arc<Execution>> {
         lock(&self.active).get(&task_id).cloned()
     }
 
     /// The newest run of a task, in progress or recent.
-    pub fn latest(&self, task_id: Uuid) -> Option<Arc<Run>> {
+    pub fn latest(&self, task_id: Uuid) -> Option<Arc<Execution>> {
         self.get_active(task_id)
             .or_else(|| lock(&self.recent).iter().rev().find(|r| r.task_id == task_id).cloned())
     }
 
     /// Newest first.
-    pub fn recent(&self, limit: usize) -> Vec<Arc<Run>> {
+    pub fn recent(&self, limit: usize) -> Vec<Arc<Execution>> {
         lock(&self.recent).iter().rev().take(limit).cloned().collect()
     }
 

@@ -21,10 +21,10 @@ use omoi_domain::ErrorClass;
 use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
 use serde_json::Value;
 
+use super::cli::{AgentCli, AgentStream, Cli, add_tokens, class_of_status, str_at, text_of};
 use super::tools::{Dialect, Tools};
-use super::{AgentCli, AgentStream, add_tokens, class_of_status, str_at, text_of};
+use super::{RunContext, Verdict};
 use crate::events::{self, event};
-use crate::runner::Verdict;
 
 /// Tools an unattended run may use without asking (Claude Code refuses
 /// `--dangerously-skip-permissions` as root). Edits are accepted by the
@@ -74,6 +74,25 @@ pub fn env() -> Vec<(String, String)> {
         ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(), "1".into()),
         ("DISABLE_AUTOUPDATER".into(), "1".into()),
     ]
+}
+
+/// Claude Code, as the `claude-code` runner starts it.
+pub struct Claude;
+
+impl Cli for Claude {
+    const REPORTS_COST: bool = true;
+
+    fn argv(&self, cli: &AgentCli, ctx: &RunContext) -> Vec<String> {
+        argv(cli, &ctx.prompt, ctx.budget_left_usd)
+    }
+
+    fn env(&self, _: &AgentCli) -> Vec<(String, String)> {
+        env()
+    }
+
+    fn reader(&self, _: &AgentCli, ctx: &RunContext) -> Box<dyn AgentStream> {
+        Box::new(ClaudeStream::new(&ctx.workspace))
+    }
 }
 
 /// The closing `result` line.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use omoi_proto::common::{AgentEvent, AgentEventKind};
 use serde_json::Value;
 
-use super::{relative, str_at};
+use super::cli::{relative, str_at};
 use crate::events::{self, event};
 
 /// How one CLI names its tools and their inputs.

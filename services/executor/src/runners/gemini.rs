@@ -10,16 +10,17 @@
 //! `models`). Exit codes: 0 ok, 1 error, 42 bad input, 53 turn limit.
 //! Gemini CLI reports no money: the cost comes from the price table.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use omoi_domain::ErrorClass;
 use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
 use serde_json::Value;
 
+use super::cli::{AgentCli, AgentStream, Cli, class_of_status, str_at};
 use super::tools::{Dialect, Tools};
-use super::{AgentCli, AgentStream, class_of_status, str_at};
+use super::{RunContext, RunnerError, Verdict};
+use crate::agent_user::AgentUser;
 use crate::events::{self, event};
-use crate::runner::Verdict;
 
 /// How Gemini CLI names its tools.
 static DIALECT: Dialect = Dialect {
@@ -66,6 +67,45 @@ pub fn prepare_home(home: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700))?;
     let settings = serde_json::json!({"security": {"auth": {"selectedType": "gemini-api-key"}}});
     std::fs::write(dir.join("settings.json"), settings.to_string())
+}
+
+/// Gemini CLI, as the `gemini` runner starts it: with a home of its own
+/// (see [`env`]).
+pub struct Gemini {
+    home: PathBuf,
+}
+
+impl Gemini {
+    /// Prepares the CLI's home under `state` (the executor's own
+    /// directory), owned by the agents' `user` when they run as one.
+    pub fn new(state: &Path, user: Option<&AgentUser>) -> Result<Self, RunnerError> {
+        let home = state.join("gemini");
+        let prepared = prepare_home(&home).and_then(|()| match user {
+            Some(u) => u.give(&home),
+            None => Ok(()),
+        });
+        prepared.map_err(|e| RunnerError::Config {
+            setting: "OMOI_WORKSPACE_ROOT",
+            message: format!("cannot prepare {}: {e}", home.display()),
+        })?;
+        Ok(Self { home })
+    }
+}
+
+impl Cli for Gemini {
+    const REPORTS_COST: bool = false;
+
+    fn argv(&self, cli: &AgentCli, ctx: &RunContext) -> Vec<String> {
+        argv(cli, &ctx.prompt)
+    }
+
+    fn env(&self, cli: &AgentCli) -> Vec<(String, String)> {
+        env(cli, Some(&self.home))
+    }
+
+    fn reader(&self, _: &AgentCli, ctx: &RunContext) -> Box<dyn AgentStream> {
+        Box::new(GeminiStream::new(&ctx.workspace))
+    }
 }
 
 #[derive(Debug, Clone)]

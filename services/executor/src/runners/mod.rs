@@ -1,0 +1,248 @@
+//! The runners: what works a task's attempt in its workspace. Every one
+//! is a [`Runner`] given the same [`RunContext`] and answering the same
+//! [`RunOutcome`]: `command` (a configured program), `openhands` (an
+//! OpenHands agent server), and the coding-agent CLIs `claude-code`,
+//! `codex` and `gemini` (one [`cli::CliRunner`] each, over what sets the
+//! CLI apart). They share the agent process ([`process`]), the reading of
+//! tool calls ([`tools`]) and the price table ([`prices`]).
+
+mod claude;
+mod cli;
+mod codex;
+mod command;
+mod gemini;
+mod openhands;
+mod prices;
+pub mod process;
+mod tools;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use omoi_domain::{ErrorClass, Phase};
+use omoi_proto::common::Usage;
+use omoi_runtime::config::secret;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::agent_user::AgentUser;
+use crate::config::{Config, RunnerKind};
+use crate::events::EventSink;
+
+/// Works one attempt: runs its agent in the attempt's workspace until the
+/// agent ends, `stop` fires or the context's timeout passes, every event on
+/// `out`; says how it ended. A runner is shared by all the executor's
+/// attempts at once.
+#[async_trait::async_trait]
+pub trait Runner: Send + Sync {
+    async fn run(
+        &self,
+        ctx: &RunContext,
+        out: &dyn EventSink,
+        stop: &CancellationToken,
+    ) -> Result<RunOutcome, RunnerError>;
+}
+
+/// The runner `OMOI_RUNNER` names, set up from the configuration; `user`
+/// is who its agents run as.
+pub fn from_config(config: &Config, user: Option<&AgentUser>) -> anyhow::Result<Box<dyn Runner>> {
+    let kill_grace = Duration::from_secs_f64(config.kill_grace_seconds.max(0.0));
+    let prices = || prices::PriceTable::load(config.price_table_file.as_deref());
+    Ok(match config.runner {
+        RunnerKind::Command => {
+            let command = config.runner_command.clone().ok_or_else(|| {
+                anyhow::anyhow!("OMOI_RUNNER_COMMAND is required for the command runner (e.g. \"omoi-demo-agent\")")
+            })?;
+            Box::new(command::CommandRunner::new(&command, &config.env_allow, kill_grace)?)
+        }
+        RunnerKind::Openhands => Box::new(openhands::OpenHandsRunner::new(
+            &config.openhands_url,
+            secret(&config.openhands_api_key, &config.openhands_api_key_file),
+            config.llm_model.clone(),
+            secret(&config.llm_api_key, &config.llm_api_key_file),
+            Duration::from_millis(config.openhands_poll_ms.max(10)),
+        )?),
+        RunnerKind::ClaudeCode => Box::new(cli::CliRunner::new(
+            claude::Claude,
+            agent_cli(config, kill_grace)?,
+            prices()?,
+        )),
+        RunnerKind::Codex => Box::new(cli::CliRunner::new(
+            codex::Codex,
+            agent_cli(config, kill_grace)?,
+            prices()?,
+        )),
+        RunnerKind::Gemini => {
+            let gemini = gemini::Gemini::new(&config.state_dir(), user)?;
+            Box::new(cli::CliRunner::new(gemini, agent_cli(config, kill_grace)?, prices()?))
+        }
+    })
+}
+
+/// How a coding-agent CLI is started, from the common agent settings.
+fn agent_cli(config: &Config, kill_grace: Duration) -> Result<cli::AgentCli, RunnerError> {
+    let bin = match (&config.agent_bin, config.runner.default_bin()) {
+        (Some(bin), _) if !bin.trim().is_empty() => bin.trim().to_owned(),
+        (_, Some(default)) => default.to_owned(),
+        (_, None) => {
+            return Err(RunnerError::Config {
+                setting: "OMOI_AGENT_BIN",
+                message: format!("the {} runner starts no agent CLI", config.runner.as_str()),
+            });
+        }
+    };
+    let mut env = process::allowed_env(&config.env_allow);
+    // The agent's key and API reach only the agent that uses them.
+    let keys = match config.runner {
+        RunnerKind::ClaudeCode => [
+            (
+                "ANTHROPIC_API_KEY",
+                secret(&config.anthropic_api_key, &config.anthropic_api_key_file),
+            ),
+            ("ANTHROPIC_BASE_URL", config.anthropic_base_url.clone()),
+        ],
+        RunnerKind::Gemini => [
+            (
+                "GEMINI_API_KEY",
+                secret(&config.gemini_api_key, &config.gemini_api_key_file),
+            ),
+            ("GOOGLE_GEMINI_BASE_URL", config.google_gemini_base_url.clone()),
+        ],
+        _ => [
+            (
+                "OPENAI_API_KEY",
+                secret(&config.openai_api_key, &config.openai_api_key_file),
+            ),
+            ("OPENAI_BASE_URL", config.openai_base_url.clone()),
+        ],
+    };
+    for (name, value) in keys {
+        if let Some(v) = value.filter(|v| !v.is_empty()) {
+            env.push((name.to_owned(), v));
+        }
+    }
+    Ok(cli::AgentCli {
+        bin,
+        model: config.agent_model.clone().filter(|m| !m.trim().is_empty()),
+        args: split_args("OMOI_AGENT_ARGS", &config.agent_args)?,
+        env,
+        kill_grace,
+    })
+}
+
+/// What a run is given.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    pub task_id: Uuid,
+    pub attempt: i32,
+    pub phase: Phase,
+    pub prompt: String,
+    pub workspace: PathBuf,
+    /// Kill the run after this long (the task's own timeout).
+    pub timeout: Option<Duration>,
+    /// Who the agent process runs as; None: the executor's own user.
+    pub user: Option<Arc<AgentUser>>,
+    /// What the ticket may still spend (USD), for an agent that can hold
+    /// itself to it.
+    pub budget_left_usd: Option<f64>,
+}
+
+impl RunContext {
+    /// The variables every agent process gets about its task (and, run as
+    /// an agent user, its HOME, over the allow-listed one).
+    pub fn task_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("OMOI_TASK_PROMPT".into(), self.prompt.clone()),
+            ("OMOI_TASK_ID".into(), self.task_id.to_string()),
+            ("OMOI_TASK_ATTEMPT".into(), self.attempt.to_string()),
+            ("OMOI_TASK_PHASE".into(), self.phase.as_str().into()),
+            ("OMOI_WORKSPACE".into(), self.workspace.display().to_string()),
+        ];
+        if let Some(user) = &self.user {
+            env.push(("HOME".into(), user.home.display().to_string()));
+            env.push(("USER".into(), user.name.clone()));
+        }
+        env
+    }
+
+    /// The (uid, gid) the agent process runs as, if not the executor's.
+    pub fn identity(&self) -> Option<(u32, u32)> {
+        self.user.as_ref().map(|u| (u.uid, u.gid))
+    }
+}
+
+/// Why a run was stopped before it ended by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    Cancelled,
+    TimedOut,
+}
+
+/// The agent's own account of how its run ended, for runners that read one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Succeeded {
+        summary: String,
+    },
+    /// `class` None lets the queue classify the message.
+    Failed {
+        message: String,
+        class: Option<ErrorClass>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// None when killed by a signal.
+    pub exit_code: Option<i32>,
+    pub stopped: Option<Stopped>,
+    pub duration: Duration,
+    /// What the agent reported spending.
+    pub usage: Option<Usage>,
+    /// None: the exit code decides.
+    pub verdict: Option<Verdict>,
+    /// A failed run's agent said a retry cannot help sooner than this (a
+    /// rate limit's reset).
+    pub retry_after: Option<Duration>,
+}
+
+impl From<process::Ended> for RunOutcome {
+    fn from(e: process::Ended) -> Self {
+        RunOutcome {
+            exit_code: e.exit_code,
+            stopped: e.stopped,
+            duration: e.duration,
+            usage: None,
+            verdict: None,
+            retry_after: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("invalid argument {setting}: {message}")]
+    Config { setting: &'static str, message: String },
+    #[error("cannot start {program} (set by {setting}): {source}")]
+    Spawn {
+        program: String,
+        setting: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for the agent process failed: {0}")]
+    Wait(std::io::Error),
+    /// The agent server failed the run; `permanent` when retrying cannot help
+    /// (refused credentials, a malformed request).
+    #[error("{message}")]
+    Agent { message: String, permanent: bool },
+}
+
+/// `value` split like a shell, for the setting it came from.
+pub fn split_args(setting: &'static str, value: &str) -> Result<Vec<String>, RunnerError> {
+    shlex::split(value).ok_or_else(|| RunnerError::Config {
+        setting,
+        message: format!("cannot split {value:?}"),
+    })
+}

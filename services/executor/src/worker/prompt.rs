@@ -1,0 +1,127 @@
+//! What the agent is told: its task, its ticket, where it stands on the
+//! ticket's branch, and what the work it builds on did.
+
+use omoi_domain::{GitChange, Phase};
+use omoi_proto::domain::WireEnum;
+use omoi_proto::taskqueue as tq;
+use omoi_proto::ticket as tk;
+
+use crate::git::Checkout;
+
+/// Longest dependency summary a prompt quotes.
+const MAX_SUMMARY_CHARS: usize = 4000;
+
+/// What an attempt needs of its ticket.
+#[derive(Debug, Clone, Default)]
+pub struct TicketContext {
+    pub title: String,
+    pub description: String,
+    pub repository: String,
+    pub base_ref: String,
+    pub branch: String,
+    /// What it may still spend, when it has a budget.
+    pub budget_left_usd: Option<f64>,
+}
+
+impl From<tk::Ticket> for TicketContext {
+    fn from(t: tk::Ticket) -> Self {
+        let spent = t.usage.as_ref().map_or(0.0, |u| u.cost_usd);
+        TicketContext {
+            budget_left_usd: t.max_cost_usd.map(|max| max - spent),
+            title: t.title,
+            description: t.description,
+            repository: t.repository,
+            base_ref: t.base_ref,
+            branch: t.branch,
+        }
+    }
+}
+
+/// A completed dependency, as the prompt and the base commit need it.
+#[derive(Debug, Clone)]
+pub struct Dependency {
+    pub title: String,
+    pub phase: String,
+    pub summary: String,
+    pub changed_files: Vec<String>,
+    pub git: Option<GitChange>,
+}
+
+impl From<tq::Task> for Dependency {
+    fn from(dep: tq::Task) -> Self {
+        let result = dep.result.as_ref().map(omoi_proto::convert::struct_to_json);
+        let field = |name: &str| result.as_ref().and_then(|r| r.get(name)).cloned();
+        Dependency {
+            phase: phase_name(dep.phase),
+            summary: field("summary")
+                .and_then(|v| v.as_str().map(|s| s.chars().take(MAX_SUMMARY_CHARS).collect()))
+                .unwrap_or_default(),
+            changed_files: field("changed_files")
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default(),
+            git: dep.git.map(GitChange::from),
+            title: dep.title,
+        }
+    }
+}
+
+/// The prompt of `task` (in `phase`) of `ticket`, checked out at
+/// `checkout` (when the ticket names a repository), after `dependencies`.
+pub fn prompt(
+    task: &tq::Task,
+    phase: Phase,
+    ticket: &TicketContext,
+    dependencies: &[Dependency],
+    checkout: Option<&Checkout>,
+) -> String {
+    let mut p = format!(
+        "# {}\n\nPhase: {}\nTask: {}\nTicket: {}\n\n{}\n",
+        task.title,
+        phase.as_str(),
+        task.id,
+        task.ticket_id,
+        task.description
+    );
+    if !ticket.title.is_empty() && !task.description.contains(&ticket.title) {
+        p.push_str(&format!(
+            "\n## The ticket: {}\n\n{}\n",
+            ticket.title, ticket.description
+        ));
+    }
+    if let Some(c) = checkout {
+        p.push_str(&format!(
+            "\n## Repository\n\nThis directory is the ticket's repository, on branch `{}` at commit {}. \
+             Everything you change here is committed to that branch for you when you finish.\n",
+            c.branch, c.base_commit
+        ));
+    }
+    if !dependencies.is_empty() {
+        p.push_str("\n## Work this task builds on\n");
+        for dep in dependencies {
+            p.push_str(&format!("\n### {} ({})\n\n", dep.title, dep.phase));
+            if let Some(g) = &dep.git {
+                let what = if g.commit != g.base_commit {
+                    "Commit"
+                } else {
+                    "No change; at commit"
+                };
+                p.push_str(&format!("{what}: {}\n", g.commit));
+            }
+            if !dep.changed_files.is_empty() {
+                p.push_str(&format!("Changed files: {}\n", dep.changed_files.join(", ")));
+            }
+            if !dep.summary.is_empty() {
+                p.push_str(&format!("Summary:\n{}\n", dep.summary));
+            }
+        }
+    }
+    p
+}
+
+/// `implementation` for PHASE_IMPLEMENTATION.
+pub fn phase_name(wire: i32) -> String {
+    Phase::given(wire)
+        .known()
+        .map(|p| p.as_str().trim_start_matches("PHASE_").to_ascii_lowercase())
+        .unwrap_or_default()
+}
