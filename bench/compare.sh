@@ -31,7 +31,7 @@ server="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 server="${server%/*}"
 export NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
 
-cargo build --release --locked -q -p omoi-tests --bin omoi-bench
+cargo build --release --locked -q -p omoi-bench --bin omoi-bench
 if ! cmp -s bench/peer/package-lock.json bench/peer/node_modules/.omoi-installed 2>/dev/null; then
     (cd bench/peer && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.omoi-installed)
 fi

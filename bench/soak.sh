@@ -14,5 +14,5 @@ cd "$(dirname "$0")/.."
 . deploy/local/services.sh
 if [ -z "${DATABASE_URL:-}" ]; then ensure_postgres; else export OMOI_TEST_DATABASE_URL="$DATABASE_URL"; fi
 if [ -z "${NATS_URL:-}" ]; then ensure_nats; else export OMOI_TEST_NATS_URL="$NATS_URL"; fi
-cargo build --release --locked -q -p omoi-task-queue -p omoi-health -p omoi-ticket -p omoi-tests --bins
+cargo build --release --locked -q -p omoi-task-queue -p omoi-health -p omoi-ticket -p omoi-bench --bins
 exec target/release/omoi-soak "$@"

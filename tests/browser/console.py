@@ -3,7 +3,7 @@ person would: create a ticket from the board's form and watch its card move,
 follow its task graph turning green and a running task's agent events
 arriving, all without a reload; retry a failed task with its button; pause
 and resume dispatch; log in to a console that asks for a token. Run by
-tests/tests/browser.rs against a real mesh, which passes the addresses in
+tests/tests/integration/browser.rs against a real mesh, which passes the addresses in
 the environment. Screenshots of each page go to OMOI_ARTEFACTS."""
 
 import os

@@ -1,12 +1,11 @@
-//! Harness for omoi's integration tests: isolated databases and NATS
-//! topologies, services started in-process or as real processes, clients,
-//! scripted agents, and readers of the events stream.
+//! Harness for omoi's integration tests (and the drivers under bench/):
+//! isolated databases and NATS topologies, services started in-process or
+//! as real processes, clients, scripted agents, stand-ins for the model
+//! APIs and GitHub, and readers of the events stream.
 
 pub mod agent;
-pub mod chaos;
 pub mod console;
 pub mod events;
-pub mod fleet;
 pub mod git_http;
 pub mod github;
 pub mod http;
@@ -17,7 +16,6 @@ pub mod openhands;
 pub mod pki;
 pub mod process;
 pub mod repo;
-pub mod soak;
 
 use std::time::Duration;
 

@@ -36,14 +36,14 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     let dir = args
         .dir
         .unwrap_or_else(|| std::env::temp_dir().join(format!("omoi-chaos-{}-{}", args.seed, std::process::id())));
-    let options = omoi_tests::chaos::ChaosOptions {
+    let options = omoi_bench::chaos::ChaosOptions {
         seed: args.seed,
         load: Duration::from_secs_f64(args.minutes * 60.0),
         tickets_per_second: args.tickets_per_second,
         executors: args.executors,
         dir: dir.clone(),
     };
-    let report = omoi_tests::chaos::run(&options).await?;
+    let report = omoi_bench::chaos::run(&options).await?;
     println!("{report}");
     if report.violations.is_empty() {
         let _ = std::fs::remove_dir_all(&dir);

@@ -603,5 +603,5 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn rss_mb(pid: u32) -> f64 {
-    omoi_tests::soak::rss(pid) as f64 / (1024.0 * 1024.0)
+    omoi_bench::soak::rss(pid) as f64 / (1024.0 * 1024.0)
 }

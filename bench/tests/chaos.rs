@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use omoi_tests::chaos::{ChaosOptions, run};
+use omoi_bench::chaos::{ChaosOptions, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_keeps_every_promise_under_kills_and_outages() {

@@ -21,8 +21,8 @@ use rand::{Rng, SeedableRng};
 use sqlx::PgPool;
 
 use crate::fleet::{Fleet, FleetOptions};
-use crate::process::{PrivateNats, PrivatePostgres};
-use crate::{events, ticket_client};
+use omoi_tests::process::{PrivateNats, PrivatePostgres};
+use omoi_tests::{events, ticket_client};
 
 /// What a chaos run does.
 #[derive(Debug, Clone)]
@@ -283,7 +283,7 @@ impl Load {
 
 /// Ticket `k` of the load: the default plan, or (two in five) a diamond of
 /// four tasks; one in ten cancelled up to three seconds after it is made.
-async fn one_ticket(seed: u64, k: u64, clients: Vec<crate::TicketClient>, errors: Errors) -> Created {
+async fn one_ticket(seed: u64, k: u64, clients: Vec<omoi_tests::TicketClient>, errors: Errors) -> Created {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k);
     let plan = if rng.random_bool(0.4) {
         let spec = |title: &str, phase: Phase, depends_on: Vec<i32>| TaskSpec {
@@ -344,9 +344,9 @@ async fn one_ticket(seed: u64, k: u64, clients: Vec<crate::TicketClient>, errors
 
 /// Calls until a replica answers OK, going round the replicas; counts the
 /// errors by code.
-async fn persist<T, F, Fut>(clients: &[crate::TicketClient], first: usize, errors: &Errors, call: F) -> T
+async fn persist<T, F, Fut>(clients: &[omoi_tests::TicketClient], first: usize, errors: &Errors, call: F) -> T
 where
-    F: Fn(crate::TicketClient) -> Fut,
+    F: Fn(omoi_tests::TicketClient) -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
     for attempt in 0.. {

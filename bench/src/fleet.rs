@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::process::{LOG_FILE, Service, free_port};
+use omoi_tests::process::{LOG_FILE, Service, free_port};
 
 /// How the fleet is made up and tuned.
 #[derive(Debug, Clone)]
@@ -142,7 +142,7 @@ impl Fleet {
                 ("OMOI_EXECUTOR_CAPACITY", o.executor_capacity.to_string()),
                 ("OMOI_WORKSPACE_POLICY", "remove".into()),
             ]);
-            env.extend(crate::mesh::demo_executor_env(&workspaces));
+            env.extend(omoi_tests::mesh::demo_executor_env(&workspaces));
             env.extend(o.executor_env.iter().cloned());
             procs.push(Proc::new(
                 format!("executor-{j}"),

@@ -43,7 +43,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     );
     let _ = omoi_runtime::telemetry::init("omoi-soak", omoi_runtime::config::LogFormat::Text, "warn");
     let dir = std::env::temp_dir().join(format!("omoi-soak-{}", std::process::id()));
-    let report = omoi_tests::soak::run(&omoi_tests::soak::SoakOptions {
+    let report = omoi_bench::soak::run(&omoi_bench::soak::SoakOptions {
         duration: Duration::from_secs_f64(args.minutes * 60.0),
         rate: args.rate,
         sample_every: Duration::from_secs_f64(args.sample_seconds),

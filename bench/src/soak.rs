@@ -23,7 +23,7 @@ use omoi_proto::taskqueue::{self as pb};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{Fleet, FleetOptions};
-use crate::{Infra, TaskQueueClient};
+use omoi_tests::{Infra, TaskQueueClient};
 
 #[derive(Debug, Clone)]
 pub struct SoakOptions {
@@ -178,9 +178,9 @@ pub async fn run(o: &SoakOptions) -> anyhow::Result<SoakReport> {
 }
 
 async fn soak(o: &SoakOptions, infra: &Infra, fleet: &Fleet) -> anyhow::Result<SoakReport> {
-    let queue = crate::client(&fleet.urls("omoi-task-queue")[0]);
-    let health = crate::health_client(&fleet.urls("omoi-health")[0]);
-    let tickets = crate::ticket_client(&fleet.urls("omoi-ticket")[0]);
+    let queue = omoi_tests::client(&fleet.urls("omoi-task-queue")[0]);
+    let health = omoi_tests::health_client(&fleet.urls("omoi-health")[0]);
+    let tickets = omoi_tests::ticket_client(&fleet.urls("omoi-ticket")[0]);
     let pool = infra.db.connect().await?;
     let js = async_nats::jetstream::new(async_nats::connect(&infra.nats_url).await?);
     let mut report = SoakReport::default();
@@ -412,7 +412,7 @@ impl Load {
     async fn agents(
         &self,
         queue: &TaskQueueClient,
-        health: &crate::HealthClient,
+        health: &omoi_tests::HealthClient,
         n: usize,
         capacity: i32,
         stop: &CancellationToken,
@@ -420,7 +420,7 @@ impl Load {
         let mut handles = Vec::new();
         for _ in 0..n {
             let mut h = health.clone();
-            let agent_id = crate::agent::register(&mut h, "soak", capacity).await?;
+            let agent_id = omoi_tests::agent::register(&mut h, "soak", capacity).await?;
             let (id, load, stop2) = (agent_id.clone(), self.clone(), stop.clone());
             handles.push(tokio::spawn(async move {
                 while !stop2.is_cancelled() {
@@ -522,7 +522,7 @@ impl Load {
     async fn paced(
         self,
         queue: TaskQueueClient,
-        tickets: crate::TicketClient,
+        tickets: omoi_tests::TicketClient,
         rate: f64,
         stop: CancellationToken,
     ) -> anyhow::Result<u64> {
