@@ -14,15 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 /// Vacuums those of `tables` nothing else vacuums, every `period`.
 pub async fn vacuum(store: Store, tables: &'static [&'static str], period: Duration, stop: CancellationToken) {
-    let told = AtomicBool::new(false);
-    let (store, told) = (&store, &told);
+    let announced = AtomicBool::new(false);
+    let (store, announced) = (&store, &announced);
     // The tables were just migrated or written: the first pass waits a period.
     if !pause(&stop, period).await {
         return;
     }
     every("vacuuming", period, &stop, move || async move {
         let done = store.vacuum_unattended(tables).await?;
-        if !done.is_empty() && !told.swap(true, Ordering::Relaxed) {
+        if !done.is_empty() && !announced.swap(true, Ordering::Relaxed) {
             tracing::info!(tables = ?done, every = ?period, "autovacuum is off for these tables; vacuuming them");
         }
         Ok::<_, omoi_store::StoreError>(())

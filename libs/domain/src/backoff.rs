@@ -68,9 +68,9 @@ impl Policy {
     /// The delay before retry `n` (0: the first retry) for a jitter draw
     /// `factor` in [1 − jitter, 1 + jitter].
     pub fn delay_with_factor(&self, n: u32, factor: f64) -> Duration {
-        // Past 2^7 times the first delay every policy here is at its cap, so
-        // larger exponents need no arithmetic (and cannot overflow).
-        let growth = f64::from(self.factor.max(1)).powi(n.min(7) as i32);
+        // In f64 the growth cannot overflow for any exponent this is given
+        // (at most 64: far past every cap), and the cap applies after it.
+        let growth = f64::from(self.factor.max(1)).powi(n.min(64) as i32);
         let secs = (self.first.as_secs_f64() * growth * factor).min(self.max.as_secs_f64());
         Duration::from_secs_f64(secs.max(0.0))
     }

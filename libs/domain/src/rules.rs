@@ -811,8 +811,8 @@ mod tests {
         assert_eq!(tr.events[0].event.attempt_usage(), Some(&spent));
         // A reported timeout: on TASK_TIMED_OUT, not again on TASK_RETRIED.
         let tr = on_reported_timeout(&t, t.attempt, Some(spent.clone()), &mut rng()).unwrap();
-        let told: Vec<Option<&Usage>> = tr.events.iter().map(|e| e.event.attempt_usage()).collect();
-        assert_eq!(told, [Some(&spent), None]);
+        let reported: Vec<Option<&Usage>> = tr.events.iter().map(|e| e.event.attempt_usage()).collect();
+        assert_eq!(reported, [Some(&spent), None]);
         // Nothing spent is nothing recorded.
         let tr = on_reported_timeout(&t, t.attempt, Some(Usage::default()), &mut rng()).unwrap();
         assert_eq!(tr.usage, None);

@@ -229,6 +229,26 @@ pub struct PlannedTask {
     pub concurrency_key: Option<String>,
 }
 
+impl PlannedTask {
+    /// The task to enqueue for this entry of `ticket_id`'s plan, as task
+    /// `id`; `ids` are the plan's task ids in plan order (a dependency by
+    /// index becomes one by id).
+    pub fn new_task(&self, id: Uuid, ticket_id: Uuid, ids: &[Uuid]) -> validate::NewTask {
+        validate::NewTask {
+            id,
+            ticket_id: Some(ticket_id),
+            title: self.title.clone(),
+            description: self.description.clone(),
+            phase: self.phase,
+            priority: self.priority,
+            depends_on: self.depends_on.iter().filter_map(|i| ids.get(*i).copied()).collect(),
+            max_retries: self.max_retries,
+            timeout_seconds: self.timeout_seconds,
+            concurrency_key: self.concurrency_key.clone(),
+        }
+    }
+}
+
 /// A plan entry as the request carries it.
 #[derive(Debug, Clone, Default)]
 pub struct RawTaskSpec<'a> {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use omoi_domain::validate::Given;
+use omoi_domain::validate::{Given, NewTask};
 use omoi_domain::{Agent, AgentStatus, ErrorClass, GitChange, Phase, Task, TaskStatus, Ticket, TicketStatus, Usage};
 use serde_json::Value;
 
@@ -98,6 +98,23 @@ impl From<&Task> for taskqueue::Task {
             unmet_dependencies: t.unmet_deps,
             usage: t.usage.as_ref().map(c::Usage::from),
             git: t.git.as_ref().map(c::GitChange::from),
+            concurrency_key: t.concurrency_key.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&NewTask> for taskqueue::NewTask {
+    fn from(t: &NewTask) -> Self {
+        taskqueue::NewTask {
+            id: t.id.to_string(),
+            ticket_id: id_or_empty(t.ticket_id),
+            title: t.title.clone(),
+            description: t.description.clone(),
+            phase: t.phase.wire(),
+            priority: t.priority,
+            depends_on: t.depends_on.iter().map(ToString::to_string).collect(),
+            max_retries: Some(t.max_retries),
+            timeout_seconds: t.timeout_seconds,
             concurrency_key: t.concurrency_key.clone().unwrap_or_default(),
         }
     }

@@ -1,5 +1,7 @@
 //! Tickets, their plans, and their status as task events report it.
 
+use std::time::Duration;
+
 use omoi_domain::ticket::{PlannedTask, TaskOutcome, TaskProgress, derive_status};
 use omoi_domain::{Ticket, TicketStatus, Usage};
 use serde_json::{Value, json};
@@ -320,13 +322,17 @@ impl Store {
         Ok(())
     }
 
-    /// Tickets whose tasks are not on the queue yet (the queue was down).
-    pub async fn tickets_to_enqueue(&self, limit: i64) -> Result<Vec<(Ticket, Vec<TicketTask>)>> {
+    /// Tickets whose tasks are not on the queue yet (the queue was down),
+    /// created more than `older_than` ago (a younger one is still being
+    /// enqueued by the request that created it).
+    pub async fn tickets_to_enqueue(&self, limit: i64, older_than: Duration) -> Result<Vec<(Ticket, Vec<TicketTask>)>> {
         let tickets: Vec<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {TICKET_COLUMNS} FROM tickets WHERE NOT tasks_enqueued AND status <> 'cancelled'
+               AND created_at < now() - make_interval(secs => $2)
              ORDER BY seq LIMIT $1"
         )))
         .bind(limit)
+        .bind(older_than.as_secs_f64())
         .fetch_all(self.pool())
         .await?;
         let tickets = unwrap_rows(tickets);

@@ -705,7 +705,7 @@ async fn usage_adds_up_over_attempts_and_each_event_tells_its_own() {
     assert_eq!(sum.model, "claude-sonnet-4-5, gpt-5-codex");
     assert_eq!(sum.turns, 3);
     assert_eq!(db.store.get(task.id).await.unwrap().usage, Some(sum));
-    let told: Vec<(EventType, Option<Usage>)> = db
+    let reported: Vec<(EventType, Option<Usage>)> = db
         .events()
         .await
         .into_iter()
@@ -713,7 +713,7 @@ async fn usage_adds_up_over_attempts_and_each_event_tells_its_own() {
         .filter(|(_, u)| u.is_some())
         .collect();
     assert_eq!(
-        told,
+        reported,
         [
             (EventType::TaskRetried, Some(first)),
             (EventType::TaskCompleted, Some(second))

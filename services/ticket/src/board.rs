@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
 
-use crate::planner::Planner;
+use crate::tasks::TicketTasks;
 
 /// Changes arriving within this long of the first are sent together, each
 /// ticket once: a ticket's task completing moves the ticket too.
@@ -121,8 +121,8 @@ impl Hub {
 pub type Sink = mpsc::Sender<Result<pb::WatchTicketsResponse, Status>>;
 
 /// The ticket and its tasks for a board (their patches left out).
-async fn state(planner: &Planner, ticket: &Ticket, plan: &[TicketTask]) -> Result<pb::WatchTicketsResponse, Status> {
-    let mut tasks = planner.tasks_of(ticket, plan).await?;
+async fn state(tasks: &TicketTasks, ticket: &Ticket, plan: &[TicketTask]) -> Result<pb::WatchTicketsResponse, Status> {
+    let mut tasks = tasks.of(ticket, plan).await?;
     for task in &mut tasks {
         if let Some(git) = task.git.as_mut() {
             git.patch.clear();
@@ -135,20 +135,16 @@ async fn state(planner: &Planner, ticket: &Ticket, plan: &[TicketTask]) -> Resul
     })
 }
 
-async fn snapshot(planner: &Planner, page_size: i64, sink: &Sink) -> Result<(), Status> {
-    let (tickets, _) = planner
-        .store
-        .list_tickets(None, page_size, None)
-        .await
-        .map_err(status)?;
+async fn snapshot(tasks: &TicketTasks, page_size: i64, sink: &Sink) -> Result<(), Status> {
+    let (tickets, _) = tasks.store.list_tickets(None, page_size, None).await.map_err(status)?;
     for ticket in &tickets {
         // A list holds no plans: read one only where it is the tasks.
         let plan = if ticket.tasks_enqueued {
             Vec::new()
         } else {
-            planner.store.get_ticket(ticket.id).await.map_err(status)?.1
+            tasks.store.get_ticket(ticket.id).await.map_err(status)?.1
         };
-        send(sink, state(planner, ticket, &plan).await?).await?;
+        send(sink, state(tasks, ticket, &plan).await?).await?;
     }
     send(
         sink,
@@ -160,10 +156,10 @@ async fn snapshot(planner: &Planner, page_size: i64, sink: &Sink) -> Result<(), 
     .await
 }
 
-async fn changed(planner: &Planner, ids: &HashSet<Uuid>, sink: &Sink) -> Result<(), Status> {
+async fn changed(tasks: &TicketTasks, ids: &HashSet<Uuid>, sink: &Sink) -> Result<(), Status> {
     for &id in ids {
-        match planner.store.get_ticket(id).await {
-            Ok((ticket, plan)) => send(sink, state(planner, &ticket, &plan).await?).await?,
+        match tasks.store.get_ticket(id).await {
+            Ok((ticket, plan)) => send(sink, state(tasks, &ticket, &plan).await?).await?,
             // Announced by an event whose ticket this database does not
             // hold (another deployment's on a shared stream).
             Err(omoi_store::StoreError::NotFound { .. }) => {}
@@ -188,7 +184,7 @@ async fn send(sink: &Sink, message: pb::WatchTicketsResponse) -> Result<(), Stat
 
 /// Streams a snapshot of the newest `page_size` tickets into `sink`, then
 /// the tickets that change, until the watcher goes away or `shutdown`.
-pub async fn follow(hub: Arc<Hub>, planner: Arc<Planner>, page_size: i64, sink: Sink, shutdown: CancellationToken) {
+pub async fn follow(hub: Arc<Hub>, tasks: Arc<TicketTasks>, page_size: i64, sink: Sink, shutdown: CancellationToken) {
     // Subscribed before the snapshot is read: a change made meanwhile is
     // sent again after it rather than lost.
     let mut changes = hub.changes.subscribe();
@@ -197,9 +193,9 @@ pub async fn follow(hub: Arc<Hub>, planner: Arc<Planner>, page_size: i64, sink: 
     loop {
         let outcome = if std::mem::take(&mut resync) {
             dirty.clear();
-            snapshot(&planner, page_size, &sink).await
+            snapshot(&tasks, page_size, &sink).await
         } else {
-            changed(&planner, &std::mem::take(&mut dirty), &sink).await
+            changed(&tasks, &std::mem::take(&mut dirty), &sink).await
         };
         if let Err(status) = outcome {
             if status.code() != tonic::Code::Cancelled {

@@ -6,9 +6,11 @@
 
 mod board;
 pub mod config;
-mod planner;
 mod pulls;
+mod queue;
 mod service;
+mod task_events;
+mod tasks;
 mod watch;
 
 use std::sync::Arc;
@@ -43,15 +45,15 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         config.ticket_retention_seconds,
         |store, keep, batch| async move { store.prune_tickets(keep, batch).await },
     )?;
-    let queue = planner::Queue::connect(&config.task_queue_url, &config.host.connector()?)?;
-    let planner = Arc::new(planner::Planner::new(base.store.clone(), queue));
+    let queue = queue::Queue::connect(&config.task_queue_url, &config.host.connector()?)?;
+    let tasks = Arc::new(tasks::TicketTasks::new(base.store.clone(), queue));
     {
-        let p = Arc::clone(&planner);
+        let t = Arc::clone(&tasks);
         let every = Duration::from_secs_f64(config.enqueue_retry_seconds.max(0.05));
-        base.spawn_after_migration(move |stop| p.retry_loop(every, stop));
-        let p = Arc::clone(&planner);
+        base.spawn_after_migration(move |stop| t.enqueue_waiting(every, stop));
+        let t = Arc::clone(&tasks);
         let (nats, topology) = (base.nats.clone(), base.topology.clone());
-        base.spawn_after_migration(move |stop| p.follow_tasks(nats, topology, stop));
+        base.spawn_after_migration(move |stop| task_events::follow(t, nats, topology, stop));
         let github = pulls::GitHub::new(&config.github_api_url, config.github_token())?;
         let store = base.store.clone();
         let every = Duration::from_secs_f64(config.pull_request_interval_seconds.max(0.05));
@@ -68,7 +70,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     let router = base.router(&[SERVICE_NAME], &shutdown).await?;
     let api = TicketServiceServer::new(Tickets::new(
         base.store.clone(),
-        planner,
+        tasks,
         base.nats.clone(),
         base.topology.clone(),
         watchers.clone(),

@@ -212,14 +212,16 @@ pub async fn run(store: Store, github: GitHub, interval: Duration, shutdown: Can
     let (store, github) = (&store, &github);
     every("opening pull requests", interval, &shutdown, move || async move {
         while let Some(claim) = store.next_pull_request().await? {
-            settle(github, claim).await?;
+            open_and_record(github, claim).await?;
         }
         Ok::<_, omoi_store::StoreError>(())
     })
     .await
 }
 
-async fn settle(github: &GitHub, claim: PullRequestClaim) -> omoi_store::Result<()> {
+/// Asks the forge for the claimed ticket's pull request and records the answer:
+/// opened, refused for good, or to ask again after its backoff.
+async fn open_and_record(github: &GitHub, claim: PullRequestClaim) -> omoi_store::Result<()> {
     let ticket_id = claim.ticket.id;
     match github.open(&claim.ticket).await {
         Asked::Opened(o) => {

@@ -1,4 +1,5 @@
-//! TicketService: maps gRPC requests to validation, the planner and the store.
+//! TicketService: maps gRPC requests to validation, the domain's plans,
+//! the ticket's tasks on the queue and the store.
 
 use std::sync::Arc;
 
@@ -18,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::planner::{Enqueued, Planner, planned_tasks, queue_unavailable};
+use crate::queue::queue_unavailable;
+use crate::tasks::{Enqueued, TicketTasks, planned_tasks};
 use crate::{board, watch};
 
 pub const MAX_REQUEST_ID: usize = 128;
@@ -27,31 +29,31 @@ pub const MAX_PAGE_SIZE: i32 = 1000;
 
 pub struct Tickets {
     store: Store,
-    planner: Arc<Planner>,
+    tasks: Arc<TicketTasks>,
     nats: async_nats::Client,
     topology: Topology,
     watchers: CancellationToken,
-    told: PhaseInstructions,
+    phase_instructions: PhaseInstructions,
     board: Arc<board::Hub>,
 }
 
 impl Tickets {
     pub fn new(
         store: Store,
-        planner: Arc<Planner>,
+        tasks: Arc<TicketTasks>,
         nats: async_nats::Client,
         topology: Topology,
         watchers: CancellationToken,
-        told: PhaseInstructions,
+        phase_instructions: PhaseInstructions,
         board: Arc<board::Hub>,
     ) -> Self {
         Self {
             store,
-            planner,
+            tasks,
             nats,
             topology,
             watchers,
-            told,
+            phase_instructions,
             board,
         }
     }
@@ -85,7 +87,7 @@ impl Tickets {
             Some(validate::token("request_id", &req.request_id, MAX_REQUEST_ID, "-_.:")?)
         };
         let plan = if req.plan.is_empty() {
-            rules::default_plan(&title, &description, priority, &self.told)
+            rules::default_plan(&title, &description, priority, &self.phase_instructions)
         } else {
             let specs: Vec<RawTaskSpec<'_>> = req.plan.iter().map(task_spec).collect();
             rules::explicit_plan(&specs, priority)?
@@ -122,13 +124,13 @@ impl Tickets {
             .collect();
         let (t, planned) = match self.store.create_ticket(&new, &plan).await? {
             Created::Existing(t, planned) => {
-                let tasks = self.planner.tasks_of(&t, &planned).await?;
+                let tasks = self.tasks.of(&t, &planned).await?;
                 let ticket = Some(pb::Ticket::from(&t));
                 return Ok(pb::CreateTicketResponse { ticket, tasks });
             }
             Created::New(t, planned) => (t, planned),
         };
-        let tasks = match self.planner.enqueue(&t, &planned).await? {
+        let tasks = match self.tasks.enqueue(&t, &planned).await? {
             Enqueued::Done(tasks) => tasks,
             Enqueued::Deferred(s) => {
                 tracing::warn!(ticket_id = %t.id, error = %s.message(), "task queue unreachable; tasks will be created when it is back");
@@ -150,7 +152,7 @@ impl Tickets {
         let (t, planned) = self.store.get_ticket(id).await?;
         let tasks = match view {
             pb::TicketView::Basic => Vec::new(),
-            pb::TicketView::Unspecified | pb::TicketView::Full => self.planner.tasks_of(&t, &planned).await?,
+            pb::TicketView::Unspecified | pb::TicketView::Full => self.tasks.of(&t, &planned).await?,
         };
         Ok(pb::GetTicketResponse {
             ticket: Some(pb::Ticket::from(&t)),
@@ -200,7 +202,7 @@ impl Tickets {
             Err(e) => return Err(e.into()),
         };
         // A budget's pause has nothing left to hold back.
-        if let Err(s) = self.planner.queue.resume(id).await {
+        if let Err(s) = self.tasks.queue.resume(id).await {
             tracing::warn!(ticket_id = %id, error = %s.message(), "the cancelled ticket's dispatch pause stays");
         }
         Ok(pb::CancelTicketResponse {
@@ -241,12 +243,12 @@ impl Tickets {
         // The queue first: should it be out of reach, nothing changes.
         if applied.changed {
             let t = &applied.ticket;
-            let told = if t.status == TicketStatus::Paused {
-                self.planner.queue.pause(id, &t.paused_reason).await
+            let held = if t.status == TicketStatus::Paused {
+                self.tasks.queue.pause(id, &t.paused_reason).await
             } else {
-                self.planner.queue.resume(id).await
+                self.tasks.queue.resume(id).await
             };
-            told.map_err(queue_unavailable)?;
+            held.map_err(queue_unavailable)?;
         }
         let t = pending.commit().await?;
         Ok(pb::UpdateTicketResponse {
@@ -264,7 +266,7 @@ impl Tickets {
         };
         let (t, _) = self.store.get_ticket(id).await?;
         let tasks = if t.tasks_enqueued {
-            self.planner.queue.list(id).await.map_err(queue_unavailable)?
+            self.tasks.queue.list(id).await.map_err(queue_unavailable)?
         } else {
             Vec::new()
         };
@@ -277,7 +279,7 @@ impl Tickets {
         // In plan order, so that a dependency goes round before what waits
         // for it; a dependent its retry brought back is refused, and skipped.
         for task in tasks.iter().filter(ended) {
-            match self.planner.queue.retry(&task.id, &reason).await {
+            match self.tasks.queue.retry(&task.id, &reason).await {
                 Ok(()) => retried += 1,
                 Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
                 Err(s) => return Err(queue_unavailable(s).into()),
@@ -301,11 +303,11 @@ impl Tickets {
 
     /// Cancels the ticket's unfinished tasks on the queue.
     async fn cancel_open_tasks(&self, id: Uuid, reason: &str) -> ApiResult<()> {
-        let tasks = self.planner.queue.list(id).await.map_err(queue_unavailable)?;
+        let tasks = self.tasks.queue.list(id).await.map_err(queue_unavailable)?;
         let open =
             |t: &&omoi_proto::taskqueue::Task| TaskStatus::given(t.status).known().is_some_and(|s| !s.is_terminal());
         for task in tasks.iter().filter(open) {
-            match self.planner.queue.cancel(&task.id, reason).await {
+            match self.tasks.queue.cancel(&task.id, reason).await {
                 Ok(()) => {}
                 // Finished meanwhile: nothing left to cancel.
                 Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) => {}
@@ -337,7 +339,7 @@ impl Tickets {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(board::follow(
             Arc::clone(&self.board),
-            Arc::clone(&self.planner),
+            Arc::clone(&self.tasks),
             i64::from(page_size),
             tx,
             self.watchers.clone(),

@@ -1,0 +1,123 @@
+//! Getting a ticket's tasks onto the task queue, and reading them back.
+//!
+//! A ticket is stored with its plan (task ids chosen up front) before its
+//! tasks are enqueued. When the task queue cannot be reached the ticket
+//! stays, marked not enqueued, and a loop enqueues it once the queue is
+//! back; the fixed task ids make a repeated enqueue harmless (the queue
+//! answers ALREADY_EXISTS). Only a permanent refusal removes the ticket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use omoi_domain::ticket::TicketStatus;
+use omoi_domain::validate::NewTask;
+use omoi_domain::{Task, Ticket};
+use omoi_proto::taskqueue as pb;
+use omoi_runtime::background::every;
+use omoi_store::tickets::TicketTask;
+use omoi_store::{Store, StoreError};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+use crate::queue::{Queue, queue_unavailable};
+
+/// How long the request that created a ticket has to enqueue its tasks
+/// before the loop that enqueues waiting tickets takes it on: before then
+/// both would send them (harmlessly, but twice, and a list to learn what
+/// the first did).
+const CREATE_GRACE: Duration = Duration::from_secs(5);
+
+/// What the queue is to hold of a ticket: its plan's tasks by id.
+pub fn new_tasks(ticket: &Ticket, plan: &[TicketTask]) -> Vec<NewTask> {
+    let ids: Vec<Uuid> = plan.iter().map(|t| t.task_id).collect();
+    plan.iter()
+        .map(|t| t.planned.new_task(t.task_id, ticket.id, &ids))
+        .collect()
+}
+
+/// The tasks of a ticket not on the queue yet, as the queue will show them.
+pub fn planned_tasks(ticket: &Ticket, plan: &[TicketTask]) -> Vec<pb::Task> {
+    new_tasks(ticket, plan)
+        .into_iter()
+        .map(|new| pb::Task::from(&Task::pending(new, ticket.created_at)))
+        .collect()
+}
+
+/// What became of an attempt to enqueue a ticket's tasks.
+pub enum Enqueued {
+    /// The queue has them.
+    Done(Vec<pb::Task>),
+    /// The queue is unreachable; the retry loop will try again.
+    Deferred(Status),
+    /// The queue refused them for good; the ticket was removed.
+    Refused(Status),
+}
+
+/// A ticket's tasks, on the queue or planned: the store and the queue.
+pub struct TicketTasks {
+    pub store: Store,
+    pub queue: Queue,
+}
+
+impl TicketTasks {
+    pub fn new(store: Store, queue: Queue) -> Self {
+        Self { store, queue }
+    }
+
+    /// The ticket's tasks from the queue, or as planned (`plan`) when not
+    /// enqueued yet.
+    pub async fn of(&self, ticket: &Ticket, plan: &[TicketTask]) -> Result<Vec<pb::Task>, Status> {
+        if !ticket.tasks_enqueued {
+            return Ok(planned_tasks(ticket, plan));
+        }
+        self.queue.list(ticket.id).await.map_err(queue_unavailable)
+    }
+
+    pub async fn enqueue(&self, ticket: &Ticket, tasks: &[TicketTask]) -> Result<Enqueued, StoreError> {
+        let created = match self.queue.enqueue(&new_tasks(ticket, tasks)).await {
+            Ok(created) => created,
+            // An earlier try got through (its answer was lost).
+            Err(s) if s.code() == Code::AlreadyExists => match self.queue.list(ticket.id).await {
+                Ok(existing) => existing,
+                Err(s) => return Ok(Enqueued::Deferred(s)),
+            },
+            Err(s) if omoi_runtime::status::transient(s.code()) => return Ok(Enqueued::Deferred(s)),
+            Err(s) => {
+                tracing::warn!(ticket_id = %ticket.id, error = %s.message(), "task queue refused the ticket's tasks");
+                self.store.discard_ticket(ticket.id, s.message()).await?;
+                return Ok(Enqueued::Refused(s));
+            }
+        };
+        self.store.mark_tasks_enqueued(ticket.id).await?;
+        // Cancelled while its tasks were on their way: cancel them too.
+        let (now, _) = self.store.get_ticket(ticket.id).await?;
+        if now.status == TicketStatus::Cancelled {
+            for t in &created {
+                let _ = self.queue.cancel(&t.id, "ticket cancelled").await;
+            }
+        }
+        Ok(Enqueued::Done(created))
+    }
+
+    /// Enqueues the tickets stored while the queue was unreachable, every
+    /// `period` until `shutdown`; a pass ends at the first ticket the queue
+    /// still cannot take.
+    pub async fn enqueue_waiting(self: Arc<Self>, period: Duration, shutdown: CancellationToken) {
+        let this = &self;
+        every("enqueueing tickets' tasks", period, &shutdown, move || async move {
+            for (ticket, tasks) in this.store.tickets_to_enqueue(50, CREATE_GRACE).await? {
+                match this.enqueue(&ticket, &tasks).await? {
+                    Enqueued::Done(_) => tracing::info!(ticket_id = %ticket.id, "ticket's tasks enqueued"),
+                    Enqueued::Refused(_) => {}
+                    Enqueued::Deferred(s) => {
+                        tracing::debug!(error = %s.message(), "task queue still unreachable");
+                        break;
+                    }
+                }
+            }
+            Ok::<_, StoreError>(())
+        })
+        .await
+    }
+}
