@@ -1,5 +1,15 @@
 //! The agent registry: registration, batched heartbeats, staleness, and
 //! per-agent task counts.
+//!
+//! The `agents` table is shared by design, across the gRPC boundary between
+//! the health service and the task queue: the health service is its only
+//! writer (everything here but the reads), and the task queue reads it in
+//! the statements that need liveness and tasks together — a dispatch
+//! round's live agents with what each holds (`round_view`), the running
+//! lease's check of who still holds a task (`reclaim_unheld`). Asking the
+//! health service over gRPC instead would cost a call per dispatch round
+//! and lose the one snapshot those statements judge from; the services
+//! share the database anyway (one schema history, one migrator).
 
 use std::time::Duration;
 
