@@ -1,13 +1,12 @@
 //! Agents and their health.
 
-use std::fmt;
-
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::Phase;
 use crate::event::AgentChanged;
+pub use crate::status::AgentStatus;
 
 /// A registered agent as the health service knows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,35 +35,6 @@ impl Agent {
             status: self.status,
             last_heartbeat_at: self.last_heartbeat_at,
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AgentStatus {
-    Healthy,
-    Stale,
-    Deregistered,
-}
-
-impl AgentStatus {
-    pub const ALL: [AgentStatus; 3] = [AgentStatus::Healthy, AgentStatus::Stale, AgentStatus::Deregistered];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AgentStatus::Healthy => "healthy",
-            AgentStatus::Stale => "stale",
-            AgentStatus::Deregistered => "deregistered",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|a| a.as_str() == s)
-    }
-}
-
-impl fmt::Display for AgentStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

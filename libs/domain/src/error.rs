@@ -2,6 +2,9 @@ use std::fmt;
 
 use uuid::Uuid;
 
+// The domain's one error names the task states a transition was refused
+// in, and the state machine in task.rs returns it: the two modules import
+// each other by design (the error is the state machine's vocabulary).
 use crate::task::{Action, TaskStatus};
 
 /// A refused request field: which field, and why.

@@ -8,9 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::agent::AgentStatus;
+use crate::status::{AgentStatus, TicketStatus};
 use crate::task::{ErrorClass, Phase, TaskStatus};
-use crate::ticket::TicketStatus;
 use crate::usage::Usage;
 
 /// What an event is about.

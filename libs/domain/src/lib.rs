@@ -8,6 +8,7 @@ pub mod event;
 pub mod git;
 pub mod graph;
 pub mod rules;
+pub mod status;
 pub mod task;
 pub mod ticket;
 pub mod usage;

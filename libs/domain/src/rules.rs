@@ -454,6 +454,23 @@ pub struct Scope {
     pub ticket_id: Option<Uuid>,
 }
 
+/// A scope on hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pause {
+    pub scope: Scope,
+    pub reason: String,
+    pub paused_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A key's cap and how many of its tasks are out now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limit {
+    pub key: String,
+    pub max_running: i32,
+    pub held: i64,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
 impl Scope {
     /// The event of a scope: about its ticket when it has one (so that the
     /// ticket's watchers see it), else about the queue as a whole.

@@ -119,40 +119,6 @@ pub struct Task {
 }
 
 impl Task {
-    /// A task as it stands once enqueued, before anything happened to it
-    /// (what a ticket shows of tasks not yet on the queue).
-    pub fn pending(new: crate::validate::NewTask, at: DateTime<Utc>) -> Task {
-        Task {
-            id: new.id,
-            seq: 0,
-            ticket_id: new.ticket_id,
-            title: new.title,
-            description: new.description,
-            phase: new.phase,
-            priority: new.priority,
-            status: TaskStatus::Pending,
-            unmet_deps: new.depends_on.len() as i32,
-            retry_count: 0,
-            max_retries: new.max_retries,
-            timeout_seconds: new.timeout_seconds,
-            attempt: 0,
-            assigned_agent_id: None,
-            error_message: None,
-            error_class: None,
-            result: None,
-            usage: None,
-            git: None,
-            created_at: at,
-            updated_at: at,
-            started_at: None,
-            completed_at: None,
-            next_attempt_at: at,
-            trace_context: None,
-            depends_on: new.depends_on,
-            concurrency_key: new.concurrency_key,
-        }
-    }
-
     /// Refuses a report about any attempt but the current one.
     pub fn check_attempt(&self, reported: i32) -> Result<(), DomainError> {
         if self.attempt != reported {

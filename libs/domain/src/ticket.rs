@@ -1,8 +1,6 @@
 //! Tickets: splitting into phase tasks, and deriving a ticket's status from
 //! its tasks.
 
-use std::fmt;
-
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
@@ -10,6 +8,7 @@ use uuid::Uuid;
 use crate::error::DomainError;
 use crate::event::{EventType, TicketChanged};
 use crate::graph;
+pub use crate::status::TicketStatus;
 use crate::task::Phase;
 use crate::validate;
 
@@ -64,56 +63,6 @@ impl Ticket {
         };
         cause(&mut change);
         change
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TicketStatus {
-    Open,
-    InProgress,
-    /// Its budget is spent: nothing of it is dispatched until it is raised.
-    Paused,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl TicketStatus {
-    pub const ALL: [TicketStatus; 6] = [
-        TicketStatus::Open,
-        TicketStatus::InProgress,
-        TicketStatus::Paused,
-        TicketStatus::Completed,
-        TicketStatus::Failed,
-        TicketStatus::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TicketStatus::Open => "open",
-            TicketStatus::InProgress => "in_progress",
-            TicketStatus::Paused => "paused",
-            TicketStatus::Completed => "completed",
-            TicketStatus::Failed => "failed",
-            TicketStatus::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.as_str() == s)
-    }
-
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            TicketStatus::Completed | TicketStatus::Failed | TicketStatus::Cancelled
-        )
-    }
-}
-
-impl fmt::Display for TicketStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use crate::backoff::DEFAULT_MAX_RETRIES;
 use crate::error::DomainError;
-use crate::task::Phase;
+use crate::task::{Phase, Task, TaskStatus};
 
 pub const MAX_TITLE_CHARS: usize = 200;
 pub const MAX_DESCRIPTION_BYTES: usize = 64 * 1024;
@@ -30,6 +30,43 @@ pub struct NewTask {
     pub timeout_seconds: i32,
     /// Tasks sharing a key run no more at once than the key's limit.
     pub concurrency_key: Option<String>,
+}
+
+impl NewTask {
+    /// A task as it stands once enqueued, before anything happened to it
+    /// (what a ticket shows of tasks not yet on the queue).
+    pub fn pending(self, at: chrono::DateTime<chrono::Utc>) -> Task {
+        let new = self;
+        Task {
+            id: new.id,
+            seq: 0,
+            ticket_id: new.ticket_id,
+            title: new.title,
+            description: new.description,
+            phase: new.phase,
+            priority: new.priority,
+            status: TaskStatus::Pending,
+            unmet_deps: new.depends_on.len() as i32,
+            retry_count: 0,
+            max_retries: new.max_retries,
+            timeout_seconds: new.timeout_seconds,
+            attempt: 0,
+            assigned_agent_id: None,
+            error_message: None,
+            error_class: None,
+            result: None,
+            usage: None,
+            git: None,
+            created_at: at,
+            updated_at: at,
+            started_at: None,
+            completed_at: None,
+            next_attempt_at: at,
+            trace_context: None,
+            depends_on: new.depends_on,
+            concurrency_key: new.concurrency_key,
+        }
+    }
 }
 
 /// A task as a request carries it, before validation.

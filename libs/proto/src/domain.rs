@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use omoi_domain::rules::{Limit, Pause};
 use omoi_domain::validate::{Given, NewTask};
 use omoi_domain::{Agent, AgentStatus, ErrorClass, GitChange, Phase, Task, TaskStatus, Ticket, TicketStatus, Usage};
 use serde_json::Value;
@@ -116,6 +117,28 @@ impl From<&NewTask> for taskqueue::NewTask {
             max_retries: Some(t.max_retries),
             timeout_seconds: t.timeout_seconds,
             concurrency_key: t.concurrency_key.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&Pause> for taskqueue::Pause {
+    fn from(p: &Pause) -> Self {
+        taskqueue::Pause {
+            phase: p.scope.phase.map_or(0, WireEnum::wire),
+            ticket_id: id_or_empty(p.scope.ticket_id),
+            reason: p.reason.clone(),
+            paused_at: Some(timestamp(p.paused_at)),
+        }
+    }
+}
+
+impl From<&Limit> for taskqueue::ConcurrencyLimit {
+    fn from(l: &Limit) -> Self {
+        taskqueue::ConcurrencyLimit {
+            key: l.key.clone(),
+            max_running: l.max_running,
+            held: l.held,
+            updated_at: Some(timestamp(l.updated_at)),
         }
     }
 }

@@ -3,18 +3,10 @@
 
 use chrono::{DateTime, Utc};
 use omoi_domain::rules;
+pub use omoi_domain::rules::Limit;
 
 use crate::events;
 use crate::{Result, Store, StoreError};
-
-/// A key's cap and how many of its tasks are out now.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Limit {
-    pub key: String,
-    pub max_running: i32,
-    pub held: i64,
-    pub updated_at: DateTime<Utc>,
-}
 
 type LimitRow = (String, i32, i64, DateTime<Utc>);
 

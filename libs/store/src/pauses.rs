@@ -2,20 +2,13 @@
 //! resumed (`dispatch_pauses`; the claim statement checks it).
 
 use chrono::{DateTime, Utc};
+pub use omoi_domain::rules::Pause;
 use omoi_domain::rules::{self, Scope};
 use uuid::Uuid;
 
 use crate::codes::{phase_code, phase_of};
 use crate::events;
 use crate::{Result, Store, StoreError};
-
-/// A scope on hold.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pause {
-    pub scope: Scope,
-    pub reason: String,
-    pub paused_at: DateTime<Utc>,
-}
 
 type PauseRow = (Option<i16>, Option<Uuid>, String, DateTime<Utc>);
 

@@ -10,8 +10,6 @@ use omoi_proto::convert::struct_to_json;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_server::TaskQueueService};
 use omoi_store::Store;
-use omoi_store::limits::Limit;
-use omoi_store::pauses::Pause;
 use omoi_store::tasks::{ListFilter, Outcome, Report};
 use prost::Message;
 use tokio::sync::mpsc;
@@ -115,24 +113,6 @@ fn scope(phase: i32, ticket_id: &str) -> ApiResult<Scope> {
 
 /// Largest concurrency limit a key may have.
 const MAX_CONCURRENCY_LIMIT: i32 = 1_000_000;
-
-pub(crate) fn limit_message(l: &Limit) -> pb::ConcurrencyLimit {
-    pb::ConcurrencyLimit {
-        key: l.key.clone(),
-        max_running: l.max_running,
-        held: l.held,
-        updated_at: Some(omoi_proto::convert::timestamp(l.updated_at)),
-    }
-}
-
-pub(crate) fn pause_message(p: &Pause) -> pb::Pause {
-    pb::Pause {
-        phase: p.scope.phase.map_or(0, WireEnum::wire),
-        ticket_id: p.scope.ticket_id.map(|t| t.to_string()).unwrap_or_default(),
-        reason: p.reason.clone(),
-        paused_at: Some(omoi_proto::convert::timestamp(p.paused_at)),
-    }
-}
 
 /// A reported usage, checked.
 fn usage(given: Option<&omoi_proto::common::Usage>) -> ApiResult<Option<Usage>> {
@@ -355,7 +335,7 @@ impl TaskQueue {
         let pause = self.store.pause(scope, &reason).await?;
         tracing::info!(%scope, reason, "dispatch paused");
         Ok(pb::PauseDispatchResponse {
-            pause: Some(pause_message(&pause)),
+            pause: Some(pb::Pause::from(&pause)),
         })
     }
 
@@ -369,7 +349,7 @@ impl TaskQueue {
         // Every replica looks for work again.
         self.dispatcher.wake();
         Ok(pb::ResumeDispatchResponse {
-            resumed: lifted.iter().map(pause_message).collect(),
+            resumed: lifted.iter().map(pb::Pause::from).collect(),
         })
     }
 
@@ -387,7 +367,7 @@ impl TaskQueue {
         // A raised limit may let waiting tasks out, on any replica.
         self.dispatcher.wake();
         Ok(pb::SetConcurrencyLimitResponse {
-            limit: Some(limit_message(&limit)),
+            limit: Some(pb::ConcurrencyLimit::from(&limit)),
         })
     }
 

@@ -29,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::dispatcher::Dispatcher;
-use crate::service::{limit_message, pause_message};
 
 const GATHER: Duration = Duration::from_secs(1);
 const REFRESH: Duration = Duration::from_secs(15);
@@ -255,8 +254,14 @@ impl Source {
             ready: stats.ready,
             oldest_ready_age_seconds: stats.oldest_ready_age.as_secs_f64(),
             connected_agents: i32::try_from(self.dispatcher.connected_agents()).unwrap_or(i32::MAX),
-            pauses: self.store.pauses().await?.iter().map(pause_message).collect(),
-            limits: self.store.limits().await?.iter().map(limit_message).collect(),
+            pauses: self.store.pauses().await?.iter().map(pb::Pause::from).collect(),
+            limits: self
+                .store
+                .limits()
+                .await?
+                .iter()
+                .map(pb::ConcurrencyLimit::from)
+                .collect(),
             ..Default::default()
         };
         for (st, phase, count) in stats.counts {

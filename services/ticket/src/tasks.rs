@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use omoi_domain::Ticket;
 use omoi_domain::ticket::TicketStatus;
 use omoi_domain::validate::NewTask;
-use omoi_domain::{Task, Ticket};
 use omoi_proto::taskqueue as pb;
 use omoi_runtime::background::every;
 use omoi_store::tickets::TicketTask;
@@ -40,7 +40,7 @@ pub fn new_tasks(ticket: &Ticket, plan: &[TicketTask]) -> Vec<NewTask> {
 pub fn planned_tasks(ticket: &Ticket, plan: &[TicketTask]) -> Vec<pb::Task> {
     new_tasks(ticket, plan)
         .into_iter()
-        .map(|new| pb::Task::from(&Task::pending(new, ticket.created_at)))
+        .map(|new| pb::Task::from(&new.pending(ticket.created_at)))
         .collect()
 }
 

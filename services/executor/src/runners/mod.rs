@@ -5,6 +5,11 @@
 //! `codex` and `gemini` (one [`cli::CliRunner`] each, over what sets the
 //! CLI apart). They share the agent process ([`process`]), the reading of
 //! tool calls ([`tools`]) and the price table ([`prices`]).
+//!
+//! The runners and the process speak this module's terms (`RunContext`,
+//! `RunOutcome`, `RunnerError`, `Stopped`) and this module builds the
+//! runner the configuration names from them: the shape of a parent and its
+//! parts, which import each other by design.
 
 mod claude;
 mod cli;
