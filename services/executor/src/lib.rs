@@ -8,6 +8,7 @@ mod events;
 mod executions;
 mod git;
 mod publish;
+mod requests;
 mod runners;
 mod service;
 mod worker;

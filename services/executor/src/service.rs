@@ -4,14 +4,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use omoi_domain::validate;
 use omoi_proto::executor::{self as pb, executor_service_server::ExecutorService};
-use omoi_runtime::status::domain;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::executions::StopRequest;
+use crate::requests;
 use crate::worker::Worker;
 
 pub struct Executor {
@@ -24,20 +23,15 @@ impl Executor {
         Self { worker, runner }
     }
 
-    fn list(&self, req: &pb::ListExecutionsRequest) -> Result<pb::ListExecutionsResponse, Status> {
-        let limit = match req.limit {
-            0 => 100,
-            n => validate::range("limit", n, 1, 1000).map_err(domain)?,
-        };
-        let runs = self.worker.executions.recent(limit as usize);
+    fn list(&self, req: pb::ListExecutionsRequest) -> Result<pb::ListExecutionsResponse, Status> {
+        let runs = self.worker.executions.recent(requests::list(req)?);
         Ok(pb::ListExecutionsResponse {
             executions: runs.iter().map(|r| r.to_proto()).collect(),
         })
     }
 
-    fn cancel(&self, req: &pb::CancelExecutionRequest) -> Result<pb::CancelExecutionResponse, Status> {
-        let task_id = validate::uuid("task_id", &req.task_id).map_err(domain)?;
-        let reason = validate::text("reason", &req.reason, validate::MAX_REASON_BYTES).map_err(domain)?;
+    fn cancel(&self, req: pb::CancelExecutionRequest) -> Result<pb::CancelExecutionResponse, Status> {
+        let (task_id, reason) = requests::cancel(req)?;
         let run = self
             .worker
             .executions
@@ -56,8 +50,8 @@ impl Executor {
         })
     }
 
-    fn output(&self, req: &pb::StreamExecutionOutputRequest) -> Result<OutputStream, Status> {
-        let task_id = validate::uuid("task_id", &req.task_id).map_err(domain)?;
+    fn output(&self, req: pb::StreamExecutionOutputRequest) -> Result<OutputStream, Status> {
+        let task_id = requests::output(req)?;
         let run = self
             .worker
             .executions
@@ -120,8 +114,9 @@ type OutputStream = ReceiverStream<Result<pb::StreamExecutionOutputResponse, Sta
 impl ExecutorService for Executor {
     async fn get_executor_status(
         &self,
-        _request: Request<pb::GetExecutorStatusRequest>,
+        request: Request<pb::GetExecutorStatusRequest>,
     ) -> Result<Response<pb::GetExecutorStatusResponse>, Status> {
+        requests::status(request.into_inner());
         let w = &self.worker;
         Ok(Response::new(pb::GetExecutorStatusResponse {
             agent_id: w.agent_id.to_string(),
@@ -136,14 +131,14 @@ impl ExecutorService for Executor {
         &self,
         request: Request<pb::ListExecutionsRequest>,
     ) -> Result<Response<pb::ListExecutionsResponse>, Status> {
-        Ok(Response::new(self.list(request.get_ref())?))
+        Ok(Response::new(self.list(request.into_inner())?))
     }
 
     async fn cancel_execution(
         &self,
         request: Request<pb::CancelExecutionRequest>,
     ) -> Result<Response<pb::CancelExecutionResponse>, Status> {
-        Ok(Response::new(self.cancel(request.get_ref())?))
+        Ok(Response::new(self.cancel(request.into_inner())?))
     }
 
     type StreamExecutionOutputStream = OutputStream;
@@ -152,6 +147,6 @@ impl ExecutorService for Executor {
         &self,
         request: Request<pb::StreamExecutionOutputRequest>,
     ) -> Result<Response<Self::StreamExecutionOutputStream>, Status> {
-        Ok(Response::new(self.output(request.get_ref())?))
+        Ok(Response::new(self.output(request.into_inner())?))
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod config;
 mod registry;
+mod requests;
 mod service;
 mod watch;
 

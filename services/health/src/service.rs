@@ -1,29 +1,24 @@
 //! AgentHealthService: maps gRPC requests to validation, the registry and
 //! the store.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::Utc;
-use omoi_base::{ApiError, ApiResult};
-use omoi_domain::{Agent, AgentStatus, Phase, validate};
+use omoi_base::ApiResult;
+use omoi_domain::{Agent, AgentStatus};
 use omoi_proto::domain::WireEnum;
 use omoi_proto::health::{self as pb, agent_health_service_server::AgentHealthService};
 use omoi_store::Store;
-use omoi_store::agents::Registration;
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::registry::Registry;
+use crate::requests;
 use crate::watch;
 
 type AgentStream = ReceiverStream<Result<pb::WatchAgentsResponse, Status>>;
-
-pub const MAX_CAPACITY: i32 = 1000;
-pub const MAX_RUNNING_IDS: usize = 1000;
 
 pub struct Health {
     store: Store,
@@ -51,27 +46,9 @@ impl Health {
     }
 }
 
-fn labels(map: &HashMap<String, String>) -> ApiResult<Value> {
-    validate::labels("labels", map.iter())?;
-    Ok(serde_json::to_value(map).unwrap_or_default())
-}
-
-/// The phases an agent takes: the list and the older single field, each once.
-fn phases(req: &pb::RegisterAgentRequest) -> ApiResult<Vec<Phase>> {
-    let mut phases = validate::phase_set("phases", req.phases.iter().map(|p| Phase::given(*p)))?;
-    phases.extend(validate::optional("phase", Phase::given(req.phase), "phase")?);
-    Ok(phases.into_iter().collect())
-}
-
 impl Health {
-    async fn register(&self, req: &pb::RegisterAgentRequest) -> ApiResult<pb::RegisterAgentResponse> {
-        let registration = Registration {
-            agent_type: validate::token("agent_type", &req.agent_type, 64, "-_.")?,
-            capacity: validate::range("capacity", req.capacity, 1, MAX_CAPACITY)?,
-            phases: phases(req)?,
-            id: validate::optional_uuid("agent_id", &req.agent_id)?,
-            labels: labels(&req.labels)?,
-        };
+    async fn register(&self, req: pb::RegisterAgentRequest) -> ApiResult<pb::RegisterAgentResponse> {
+        let registration = requests::register(req)?;
         let a = self.store.register_agent(&registration).await?;
         self.registry.remember(a.id, a.status);
         Ok(pb::RegisterAgentResponse {
@@ -80,18 +57,8 @@ impl Health {
         })
     }
 
-    async fn beat(&self, req: &pb::HeartbeatRequest) -> ApiResult<pb::HeartbeatResponse> {
-        let id = validate::uuid("agent_id", &req.agent_id)?;
-        if req.running_task_ids.len() > MAX_RUNNING_IDS {
-            let reason = format!("at most {MAX_RUNNING_IDS} ids allowed");
-            return Err(ApiError::invalid("running_task_ids", reason));
-        }
-        let running = req
-            .running_task_ids
-            .iter()
-            .enumerate()
-            .map(|(i, t)| validate::uuid(&format!("running_task_ids[{i}]"), t))
-            .collect::<Result<Vec<_>, _>>()?;
+    async fn beat(&self, req: pb::HeartbeatRequest) -> ApiResult<pb::HeartbeatResponse> {
+        let (id, running) = requests::heartbeat(req)?;
         match self.registry.status(id).await? {
             None => return Err(Status::not_found(format!("agent {id} not found; register first")).into()),
             Some(AgentStatus::Deregistered) => {
@@ -108,8 +75,8 @@ impl Health {
         })
     }
 
-    async fn deregister(&self, req: &pb::DeregisterAgentRequest) -> ApiResult<pb::DeregisterAgentResponse> {
-        let id = validate::uuid("agent_id", &req.agent_id)?;
+    async fn deregister(&self, req: pb::DeregisterAgentRequest) -> ApiResult<pb::DeregisterAgentResponse> {
+        let id = requests::deregister(req)?;
         let a = self.store.deregister_agent(id).await?;
         self.registry.remember(id, AgentStatus::Deregistered);
         Ok(pb::DeregisterAgentResponse {
@@ -117,8 +84,8 @@ impl Health {
         })
     }
 
-    async fn get(&self, req: &pb::GetAgentRequest) -> ApiResult<pb::GetAgentResponse> {
-        let id = validate::uuid("agent_id", &req.agent_id)?;
+    async fn get(&self, req: pb::GetAgentRequest) -> ApiResult<pb::GetAgentResponse> {
+        let id = requests::get(req)?;
         // Buffered heartbeats first, so the answer is current.
         let _ = self.registry.flush().await;
         let a = self.store.get_agent(id).await?;
@@ -127,8 +94,8 @@ impl Health {
         })
     }
 
-    async fn list(&self, req: &pb::ListAgentsRequest) -> ApiResult<pb::ListAgentsResponse> {
-        let status = validate::optional("status", AgentStatus::given(req.status), "agent status")?;
+    async fn list(&self, req: pb::ListAgentsRequest) -> ApiResult<pb::ListAgentsResponse> {
+        let status = requests::list(req)?;
         let _ = self.registry.flush().await;
         let agents = self.store.list_agents(status).await?;
         Ok(pb::ListAgentsResponse {
@@ -136,8 +103,8 @@ impl Health {
         })
     }
 
-    async fn watch(&self, req: &pb::WatchAgentsRequest) -> ApiResult<AgentStream> {
-        let status = validate::optional("status", AgentStatus::given(req.status), "agent status")?;
+    async fn watch(&self, req: pb::WatchAgentsRequest) -> ApiResult<AgentStream> {
+        let status = requests::watch(req)?;
         // Buffered heartbeats first, so the first list is current.
         let _ = self.registry.flush().await;
         let (tx, rx) = mpsc::channel(16);
@@ -151,7 +118,8 @@ impl Health {
         Ok(ReceiverStream::new(rx))
     }
 
-    async fn statistics(&self) -> ApiResult<pb::GetHealthStatisticsResponse> {
+    async fn statistics(&self, req: pb::GetHealthStatisticsRequest) -> ApiResult<pb::GetHealthStatisticsResponse> {
+        requests::statistics(req);
         let _ = self.registry.flush().await;
         let stats = self.store.agent_stats().await?;
         let now = Utc::now();
@@ -206,39 +174,39 @@ impl AgentHealthService for Health {
         &self,
         request: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
-        Ok(Response::new(self.register(request.get_ref()).await?))
+        Ok(Response::new(self.register(request.into_inner()).await?))
     }
 
     async fn heartbeat(
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        Ok(Response::new(self.beat(request.get_ref()).await?))
+        Ok(Response::new(self.beat(request.into_inner()).await?))
     }
 
     async fn deregister_agent(
         &self,
         request: Request<pb::DeregisterAgentRequest>,
     ) -> Result<Response<pb::DeregisterAgentResponse>, Status> {
-        Ok(Response::new(self.deregister(request.get_ref()).await?))
+        Ok(Response::new(self.deregister(request.into_inner()).await?))
     }
 
     async fn get_agent(&self, request: Request<pb::GetAgentRequest>) -> Result<Response<pb::GetAgentResponse>, Status> {
-        Ok(Response::new(self.get(request.get_ref()).await?))
+        Ok(Response::new(self.get(request.into_inner()).await?))
     }
 
     async fn list_agents(
         &self,
         request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        Ok(Response::new(self.list(request.get_ref()).await?))
+        Ok(Response::new(self.list(request.into_inner()).await?))
     }
 
     async fn get_health_statistics(
         &self,
-        _request: Request<pb::GetHealthStatisticsRequest>,
+        request: Request<pb::GetHealthStatisticsRequest>,
     ) -> Result<Response<pb::GetHealthStatisticsResponse>, Status> {
-        Ok(Response::new(self.statistics().await?))
+        Ok(Response::new(self.statistics(request.into_inner()).await?))
     }
 
     type WatchAgentsStream = AgentStream;
@@ -247,6 +215,6 @@ impl AgentHealthService for Health {
         &self,
         request: Request<pb::WatchAgentsRequest>,
     ) -> Result<Response<Self::WatchAgentsStream>, Status> {
-        Ok(Response::new(self.watch(request.get_ref()).await?))
+        Ok(Response::new(self.watch(request.into_inner()).await?))
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 mod dispatcher;
 mod monitor;
 mod output;
+mod requests;
 mod service;
 mod stats;
 

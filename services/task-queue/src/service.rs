@@ -2,16 +2,11 @@
 
 use std::sync::Arc;
 
-use omoi_base::{ApiError, ApiResult};
-use omoi_domain::rules::{self, Failure, Scope};
-use omoi_domain::validate::{self, MAX_BATCH, MAX_ERROR_MESSAGE_BYTES, MAX_REASON_BYTES, RawNewTask};
-use omoi_domain::{AgentStatus, ErrorClass, GitChange, Phase, TaskStatus, Usage};
-use omoi_proto::convert::struct_to_json;
-use omoi_proto::domain::WireEnum;
+use omoi_base::ApiResult;
+use omoi_domain::AgentStatus;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_server::TaskQueueService};
 use omoi_store::Store;
-use omoi_store::tasks::{ListFilter, Outcome, Report};
-use prost::Message;
+use omoi_store::tasks::Outcome;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -19,15 +14,8 @@ use tonic::{Request, Response, Status};
 
 use crate::batcher::{Batcher, Kind};
 use crate::dispatcher::{AgentStream, Dispatcher};
+use crate::requests::{self, Failed, LimitChange};
 use crate::stats::{self, StatsStream};
-
-/// Largest encoded `result` of a completion.
-pub const MAX_RESULT_BYTES: usize = 256 * 1024;
-pub const MAX_CAPACITY: i32 = 1000;
-pub const DEFAULT_PAGE_SIZE: i32 = 100;
-pub const MAX_PAGE_SIZE: i32 = 1000;
-/// Most ids one BatchGetTasks names.
-pub const MAX_BATCH_GET: usize = 1000;
 
 pub struct TaskQueue {
     store: Store,
@@ -91,79 +79,13 @@ impl TaskQueue {
     }
 }
 
-fn report(task_id: &str, attempt: i32) -> ApiResult<Report> {
-    Ok(Report {
-        task_id: validate::uuid("task_id", task_id)?,
-        attempt: validate::attempt("attempt", attempt)?,
-        result: None,
-        usage: None,
-        git: None,
-        // Read here, in the RPC's span: the batch runs in a task of its own.
-        trace: omoi_runtime::trace::current(),
-    })
-}
-
-/// A pause's scope as a request gives it: an optional phase and ticket.
-fn scope(phase: i32, ticket_id: &str) -> ApiResult<Scope> {
-    Ok(Scope {
-        phase: validate::optional("phase", Phase::given(phase), "phase")?,
-        ticket_id: validate::optional_uuid("ticket_id", ticket_id)?,
-    })
-}
-
-/// Largest concurrency limit a key may have.
-const MAX_CONCURRENCY_LIMIT: i32 = 1_000_000;
-
-/// A reported usage, checked.
-fn usage(given: Option<&omoi_proto::common::Usage>) -> ApiResult<Option<Usage>> {
-    Ok(given.map(|u| Usage::from(u.clone()).validated("usage")).transpose()?)
-}
-
 fn one_task(task: omoi_store::Task) -> Option<pb::Task> {
     Some(pb::Task::from(&task))
 }
 
-fn new_task(field: &str, t: &pb::NewTask) -> Result<omoi_domain::validate::NewTask, omoi_domain::DomainError> {
-    let raw = RawNewTask {
-        id: &t.id,
-        ticket_id: &t.ticket_id,
-        title: &t.title,
-        description: &t.description,
-        phase: Phase::given(t.phase),
-        priority: t.priority,
-        depends_on: &t.depends_on,
-        max_retries: t.max_retries,
-        timeout_seconds: t.timeout_seconds,
-        concurrency_key: &t.concurrency_key,
-    };
-    validate::new_task(field, &raw)
-}
-
-/// The phases an agent takes; `None` for all of them.
-fn phases(given: &[i32]) -> ApiResult<Option<Vec<Phase>>> {
-    let phases = validate::phase_set("phases", given.iter().map(|p| Phase::given(*p)))?;
-    let some = !phases.is_empty() && phases.len() < Phase::ALL.len();
-    Ok(some.then(|| phases.into_iter().collect()))
-}
-
 impl TaskQueue {
-    async fn enqueue(&self, req: &pb::EnqueueTasksRequest) -> ApiResult<pb::EnqueueTasksResponse> {
-        if req.tasks.is_empty() {
-            return Err(ApiError::invalid("tasks", "at least one task is required"));
-        }
-        if req.tasks.len() > MAX_BATCH {
-            let reason = format!("{} tasks in one request; at most {MAX_BATCH} allowed", req.tasks.len());
-            return Err(ApiError::invalid("tasks", reason));
-        }
-        let mut tasks = req
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| new_task(&format!("tasks[{i}]"), t))
-            .collect::<Result<Vec<_>, _>>()?;
-        for t in tasks.iter_mut().filter(|t| t.timeout_seconds == 0) {
-            t.timeout_seconds = self.default_timeout_seconds;
-        }
+    async fn enqueue(&self, req: pb::EnqueueTasksRequest) -> ApiResult<pb::EnqueueTasksResponse> {
+        let tasks = requests::enqueue(req, self.default_timeout_seconds)?;
         let created = self.store.enqueue(&tasks).await?;
         if created.iter().any(|t| t.unmet_deps == 0) {
             self.dispatcher.wake();
@@ -173,55 +95,29 @@ impl TaskQueue {
         })
     }
 
-    async fn get(&self, req: &pb::GetTaskRequest) -> ApiResult<pb::GetTaskResponse> {
-        let id = validate::uuid("task_id", &req.task_id)?;
-        let task = self.store.get(id).await?;
+    async fn get(&self, req: pb::GetTaskRequest) -> ApiResult<pb::GetTaskResponse> {
+        let task = self.store.get(requests::get(req)?).await?;
         Ok(pb::GetTaskResponse { task: one_task(task) })
     }
 
-    async fn batch_get(&self, req: &pb::BatchGetTasksRequest) -> ApiResult<pb::BatchGetTasksResponse> {
-        if req.task_ids.is_empty() || req.task_ids.len() > MAX_BATCH_GET {
-            let reason = format!("1 to {MAX_BATCH_GET} ids, got {}", req.task_ids.len());
-            return Err(ApiError::invalid("task_ids", reason));
-        }
-        let ids = req
-            .task_ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| validate::uuid(&format!("task_ids[{i}]"), id))
-            .collect::<Result<Vec<_>, _>>()?;
-        let tasks = self.store.get_many(&ids).await?;
+    async fn batch_get(&self, req: pb::BatchGetTasksRequest) -> ApiResult<pb::BatchGetTasksResponse> {
+        let tasks = self.store.get_many(&requests::batch_get(req)?).await?;
         Ok(pb::BatchGetTasksResponse {
             tasks: tasks.iter().map(pb::Task::from).collect(),
         })
     }
 
-    async fn list(&self, req: &pb::ListTasksRequest) -> ApiResult<pb::ListTasksResponse> {
-        let filter = ListFilter {
-            ticket_id: validate::optional_uuid("ticket_id", &req.ticket_id)?,
-            status: validate::optional("status", TaskStatus::given(req.status), "task status")?,
-            phase: validate::optional("phase", Phase::given(req.phase), "phase")?,
-        };
-        let page_size = match req.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n => validate::range("page_size", n, 1, MAX_PAGE_SIZE)?,
-        };
-        let after = if req.page_token.is_empty() {
-            0
-        } else {
-            let token = req.page_token.parse::<i64>().ok().filter(|n| *n >= 0);
-            token.ok_or_else(|| ApiError::invalid("page_token", "not a token from a previous response"))?
-        };
-        let (tasks, next) = self.store.list(&filter, i64::from(page_size), after).await?;
+    async fn list(&self, req: pb::ListTasksRequest) -> ApiResult<pb::ListTasksResponse> {
+        let page = requests::list(req)?;
+        let (tasks, next) = self.store.list(&page.filter, page.size, page.after).await?;
         Ok(pb::ListTasksResponse {
             tasks: tasks.iter().map(pb::Task::from).collect(),
             next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
         })
     }
 
-    async fn cancel(&self, req: &pb::CancelTaskRequest) -> ApiResult<pb::CancelTaskResponse> {
-        let id = validate::uuid("task_id", &req.task_id)?;
-        let reason = validate::text("reason", &req.reason, MAX_REASON_BYTES)?;
+    async fn cancel(&self, req: pb::CancelTaskRequest) -> ApiResult<pb::CancelTaskResponse> {
+        let (id, reason) = requests::cancel(req)?;
         let outcome = self.store.cancel(id, &reason).await?;
         self.after_outcome(&outcome);
         Ok(pb::CancelTaskResponse {
@@ -229,9 +125,8 @@ impl TaskQueue {
         })
     }
 
-    async fn retry(&self, req: &pb::RetryTaskRequest) -> ApiResult<pb::RetryTaskResponse> {
-        let id = validate::uuid("task_id", &req.task_id)?;
-        let reason = validate::text("reason", &req.reason, MAX_REASON_BYTES)?;
+    async fn retry(&self, req: pb::RetryTaskRequest) -> ApiResult<pb::RetryTaskResponse> {
+        let (id, reason) = requests::retry(req)?;
         let retried = self.store.retry(id, &reason).await?;
         self.dispatcher.wake();
         Ok(pb::RetryTaskResponse {
@@ -240,10 +135,12 @@ impl TaskQueue {
         })
     }
 
-    async fn connect(&self, req: &pb::WatchAssignmentsRequest) -> ApiResult<AgentStream> {
-        let agent_id = validate::uuid("agent_id", &req.agent_id)?;
-        let capacity = validate::range("capacity", req.capacity, 1, MAX_CAPACITY)?;
-        let phases = phases(&req.phases)?;
+    async fn connect(&self, req: pb::WatchAssignmentsRequest) -> ApiResult<AgentStream> {
+        let requests::Watch {
+            agent_id,
+            phases,
+            capacity,
+        } = requests::watch(req)?;
         // Only agents the health service knows take work: one it never
         // registered (or that left) would hold tasks nobody watches.
         match self.store.agent_status(agent_id).await? {
@@ -261,52 +158,37 @@ impl TaskQueue {
             }
             Some(_) => {}
         }
-        let stream = self.dispatcher.connect(agent_id, phases, i64::from(capacity)).await?;
+        let stream = self.dispatcher.connect(agent_id, phases, capacity).await?;
         Ok(stream.ok_or_else(|| Status::unavailable("the task-queue is shutting down; reconnect"))?)
     }
 
-    async fn complete(&self, req: &pb::CompleteTaskRequest) -> ApiResult<pb::CompleteTaskResponse> {
-        let mut report = report(&req.task_id, req.attempt)?;
-        if let Some(result) = &req.result {
-            let size = result.encoded_len();
-            if size > MAX_RESULT_BYTES {
-                let reason = format!("{size} bytes encoded; at most {MAX_RESULT_BYTES} allowed");
-                return Err(ApiError::invalid("result", reason));
-            }
-            report.result = Some(struct_to_json(result));
-        }
-        report.usage = usage(req.usage.as_ref())?;
-        report.git = req
-            .git
-            .clone()
-            .map(|g| GitChange::from(g).validated("git"))
-            .transpose()?;
-        let task = self.completions.submit(report).await?;
+    async fn start(&self, req: pb::StartTaskRequest) -> ApiResult<pb::StartTaskResponse> {
+        let task = self.starts.submit(requests::start(req)?).await?;
+        Ok(pb::StartTaskResponse { task: one_task(task) })
+    }
+
+    async fn extend(&self, req: pb::ExtendLeaseRequest) -> ApiResult<pb::ExtendLeaseResponse> {
+        let e = requests::extend_lease(req)?;
+        let (task, until) = self.store.extend_lease(e.task_id, e.attempt, e.seconds).await?;
+        Ok(pb::ExtendLeaseResponse {
+            task: one_task(task),
+            lease_expires_at: Some(omoi_proto::convert::timestamp(until)),
+        })
+    }
+
+    async fn complete(&self, req: pb::CompleteTaskRequest) -> ApiResult<pb::CompleteTaskResponse> {
+        let task = self.completions.submit(requests::complete(req)?).await?;
         Ok(pb::CompleteTaskResponse { task: one_task(task) })
     }
 
-    async fn fail(&self, req: &pb::FailTaskRequest) -> ApiResult<pb::FailTaskResponse> {
-        let report = report(&req.task_id, req.attempt)?;
-        let message = validate::text("error_message", &req.error_message, MAX_ERROR_MESSAGE_BYTES)?;
-        let class = validate::optional("error_class", ErrorClass::given(req.error_class), "error class")?;
-        let usage = usage(req.usage.as_ref())?;
-        let outcome = if req.timed_out {
-            self.store
-                .time_out_attempt(report.task_id, report.attempt, usage)
-                .await?
-        } else {
-            let retry_after = req
-                .retry_after
-                .map(|d| validate::duration("retry_after", d.seconds, d.nanos))
-                .transpose()?;
-            let failure = Failure {
-                attempt: report.attempt,
-                message,
-                class,
+    async fn fail(&self, req: pb::FailTaskRequest) -> ApiResult<pb::FailTaskResponse> {
+        let outcome = match requests::fail(req)? {
+            Failed::TimedOut {
+                task_id,
+                attempt,
                 usage,
-                retry_after,
-            };
-            self.store.fail(report.task_id, &failure).await?
+            } => self.store.time_out_attempt(task_id, attempt, usage).await?,
+            Failed::Failed { task_id, failure } => self.store.fail(task_id, &failure).await?,
         };
         self.after_outcome(&outcome);
         Ok(pb::FailTaskResponse {
@@ -314,8 +196,8 @@ impl TaskQueue {
         })
     }
 
-    async fn output(&self, req: &pb::StreamTaskOutputRequest) -> ApiResult<OutputStream> {
-        let id = validate::uuid("task_id", &req.task_id)?;
+    async fn output(&self, req: pb::StreamTaskOutputRequest) -> ApiResult<OutputStream> {
+        let (id, follow) = requests::output(req)?;
         self.store.get(id).await?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(crate::output::follow(
@@ -323,15 +205,14 @@ impl TaskQueue {
             self.topology.clone(),
             self.store.clone(),
             id,
-            req.follow,
+            follow,
             tx,
         ));
         Ok(ReceiverStream::new(rx))
     }
 
-    async fn pause(&self, req: &pb::PauseDispatchRequest) -> ApiResult<pb::PauseDispatchResponse> {
-        let scope = scope(req.phase, &req.ticket_id)?;
-        let reason = validate::text("reason", &req.reason, MAX_REASON_BYTES)?;
+    async fn pause(&self, req: pb::PauseDispatchRequest) -> ApiResult<pb::PauseDispatchResponse> {
+        let (scope, reason) = requests::pause(req)?;
         let pause = self.store.pause(scope, &reason).await?;
         tracing::info!(%scope, reason, "dispatch paused");
         Ok(pb::PauseDispatchResponse {
@@ -339,8 +220,8 @@ impl TaskQueue {
         })
     }
 
-    async fn resume(&self, req: &pb::ResumeDispatchRequest) -> ApiResult<pb::ResumeDispatchResponse> {
-        let scope = scope(req.phase, &req.ticket_id)?;
+    async fn resume(&self, req: pb::ResumeDispatchRequest) -> ApiResult<pb::ResumeDispatchResponse> {
+        let scope = requests::resume(req)?;
         let lifted = self.store.resume(scope).await?;
         if lifted.is_empty() {
             return Err(Status::failed_precondition(format!("{scope} is not paused")).into());
@@ -353,96 +234,100 @@ impl TaskQueue {
         })
     }
 
-    async fn set_limit(&self, req: &pb::SetConcurrencyLimitRequest) -> ApiResult<pb::SetConcurrencyLimitResponse> {
-        let key = validate::concurrency_key("key", &req.key)?;
-        if req.clear {
-            self.store.clear_limit(&key).await?;
-            tracing::info!(key, "concurrency limit removed");
-            self.dispatcher.wake();
-            return Ok(pb::SetConcurrencyLimitResponse { limit: None });
-        }
-        let max_running = validate::range("max_running", req.max_running, 0, MAX_CONCURRENCY_LIMIT)?;
-        let limit = self.store.set_limit(&key, max_running).await?;
-        tracing::info!(key, max_running, "concurrency limit set");
-        // A raised limit may let waiting tasks out, on any replica.
+    async fn set_limit(&self, req: pb::SetConcurrencyLimitRequest) -> ApiResult<pb::SetConcurrencyLimitResponse> {
+        let limit = match requests::set_limit(req)? {
+            LimitChange::Clear { key } => {
+                self.store.clear_limit(&key).await?;
+                tracing::info!(key, "concurrency limit removed");
+                None
+            }
+            LimitChange::Set { key, max_running } => {
+                let limit = self.store.set_limit(&key, max_running).await?;
+                tracing::info!(key, max_running, "concurrency limit set");
+                Some(pb::ConcurrencyLimit::from(&limit))
+            }
+        };
+        // A raised or lifted limit may let waiting tasks out, on any replica.
         self.dispatcher.wake();
-        Ok(pb::SetConcurrencyLimitResponse {
-            limit: Some(pb::ConcurrencyLimit::from(&limit)),
-        })
+        Ok(pb::SetConcurrencyLimitResponse { limit })
     }
 
-    async fn stats(&self) -> ApiResult<pb::GetQueueStatsResponse> {
+    async fn stats(&self, req: pb::GetQueueStatsRequest) -> ApiResult<pb::GetQueueStatsResponse> {
+        requests::stats(req);
         // A request reads them itself: it must see what it just did.
         self.stats.source().read().await
     }
 
-    fn watch_stats(&self) -> StatsStream {
+    fn watch_stats(&self, req: pb::WatchQueueStatsRequest) -> StatsStream {
+        requests::watch_stats(req);
         self.stats.watch()
     }
 }
 
 type OutputStream = ReceiverStream<Result<pb::StreamTaskOutputResponse, Status>>;
 
+/// Each RPC: its request read (`requests`), its work, its answer; an error
+/// becomes its status through `ApiError`.
 #[tonic::async_trait]
 impl TaskQueueService for TaskQueue {
     async fn enqueue_tasks(
         &self,
         request: Request<pb::EnqueueTasksRequest>,
     ) -> Result<Response<pb::EnqueueTasksResponse>, Status> {
-        Ok(Response::new(self.enqueue(request.get_ref()).await?))
+        Ok(Response::new(self.enqueue(request.into_inner()).await?))
     }
 
     async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::GetTaskResponse>, Status> {
-        Ok(Response::new(self.get(request.get_ref()).await?))
+        Ok(Response::new(self.get(request.into_inner()).await?))
     }
 
     async fn batch_get_tasks(
         &self,
         request: Request<pb::BatchGetTasksRequest>,
     ) -> Result<Response<pb::BatchGetTasksResponse>, Status> {
-        Ok(Response::new(self.batch_get(request.get_ref()).await?))
+        Ok(Response::new(self.batch_get(request.into_inner()).await?))
     }
 
     async fn list_tasks(
         &self,
         request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        Ok(Response::new(self.list(request.get_ref()).await?))
+        Ok(Response::new(self.list(request.into_inner()).await?))
     }
 
     async fn cancel_task(
         &self,
         request: Request<pb::CancelTaskRequest>,
     ) -> Result<Response<pb::CancelTaskResponse>, Status> {
-        Ok(Response::new(self.cancel(request.get_ref()).await?))
+        Ok(Response::new(self.cancel(request.into_inner()).await?))
     }
 
     async fn retry_task(
         &self,
         request: Request<pb::RetryTaskRequest>,
     ) -> Result<Response<pb::RetryTaskResponse>, Status> {
-        Ok(Response::new(self.retry(request.get_ref()).await?))
+        Ok(Response::new(self.retry(request.into_inner()).await?))
     }
 
     async fn pause_dispatch(
         &self,
         request: Request<pb::PauseDispatchRequest>,
     ) -> Result<Response<pb::PauseDispatchResponse>, Status> {
-        Ok(Response::new(self.pause(request.get_ref()).await?))
+        Ok(Response::new(self.pause(request.into_inner()).await?))
     }
 
     async fn resume_dispatch(
         &self,
         request: Request<pb::ResumeDispatchRequest>,
     ) -> Result<Response<pb::ResumeDispatchResponse>, Status> {
-        Ok(Response::new(self.resume(request.get_ref()).await?))
+        Ok(Response::new(self.resume(request.into_inner()).await?))
     }
 
     async fn set_concurrency_limit(
         &self,
         request: Request<pb::SetConcurrencyLimitRequest>,
     ) -> Result<Response<pb::SetConcurrencyLimitResponse>, Status> {
-        Ok(Response::new(self.set_limit(request.get_ref()).await?))
+        Ok(Response::new(self.set_limit(request.into_inner()).await?))
     }
 
     type WatchAssignmentsStream = AgentStream;
@@ -451,46 +336,32 @@ impl TaskQueueService for TaskQueue {
         &self,
         request: Request<pb::WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
-        Ok(Response::new(self.connect(request.get_ref()).await?))
+        Ok(Response::new(self.connect(request.into_inner()).await?))
     }
 
     async fn extend_lease(
         &self,
         request: Request<pb::ExtendLeaseRequest>,
     ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
-        let req = request.get_ref();
-        let task_id = validate::uuid("task_id", &req.task_id).map_err(ApiError::from)?;
-        let attempt = validate::attempt("attempt", req.attempt).map_err(ApiError::from)?;
-        let seconds = validate::range("seconds", req.seconds, 1, rules::MAX_LEASE_SECONDS).map_err(ApiError::from)?;
-        let (task, until) = self
-            .store
-            .extend_lease(task_id, attempt, seconds)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(pb::ExtendLeaseResponse {
-            task: one_task(task),
-            lease_expires_at: Some(omoi_proto::convert::timestamp(until)),
-        }))
+        Ok(Response::new(self.extend(request.into_inner()).await?))
     }
 
     async fn start_task(
         &self,
         request: Request<pb::StartTaskRequest>,
     ) -> Result<Response<pb::StartTaskResponse>, Status> {
-        let req = request.get_ref();
-        let task = self.starts.submit(report(&req.task_id, req.attempt)?).await?;
-        Ok(Response::new(pb::StartTaskResponse { task: one_task(task) }))
+        Ok(Response::new(self.start(request.into_inner()).await?))
     }
 
     async fn complete_task(
         &self,
         request: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
-        Ok(Response::new(self.complete(request.get_ref()).await?))
+        Ok(Response::new(self.complete(request.into_inner()).await?))
     }
 
     async fn fail_task(&self, request: Request<pb::FailTaskRequest>) -> Result<Response<pb::FailTaskResponse>, Status> {
-        Ok(Response::new(self.fail(request.get_ref()).await?))
+        Ok(Response::new(self.fail(request.into_inner()).await?))
     }
 
     type StreamTaskOutputStream = OutputStream;
@@ -499,22 +370,22 @@ impl TaskQueueService for TaskQueue {
         &self,
         request: Request<pb::StreamTaskOutputRequest>,
     ) -> Result<Response<Self::StreamTaskOutputStream>, Status> {
-        Ok(Response::new(self.output(request.get_ref()).await?))
+        Ok(Response::new(self.output(request.into_inner()).await?))
     }
 
     async fn get_queue_stats(
         &self,
-        _request: Request<pb::GetQueueStatsRequest>,
+        request: Request<pb::GetQueueStatsRequest>,
     ) -> Result<Response<pb::GetQueueStatsResponse>, Status> {
-        Ok(Response::new(self.stats().await?))
+        Ok(Response::new(self.stats(request.into_inner()).await?))
     }
 
     type WatchQueueStatsStream = StatsStream;
 
     async fn watch_queue_stats(
         &self,
-        _request: Request<pb::WatchQueueStatsRequest>,
+        request: Request<pb::WatchQueueStatsRequest>,
     ) -> Result<Response<Self::WatchQueueStatsStream>, Status> {
-        Ok(Response::new(self.watch_stats()))
+        Ok(Response::new(self.watch_stats(request.into_inner())))
     }
 }

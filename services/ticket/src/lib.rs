@@ -8,6 +8,7 @@ mod board;
 pub mod config;
 mod pulls;
 mod queue;
+mod requests;
 mod service;
 mod task_events;
 mod tasks;

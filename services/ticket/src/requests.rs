@@ -1,0 +1,254 @@
+//! Every request of TicketService read into what the domain and the store
+//! take, in one place. Each request is destructured whole, so a field added
+//! to the proto fails the build here until it is read; anything bad is
+//! refused with INVALID_ARGUMENT naming the field, before anything is done.
+
+use omoi_base::{ApiError, ApiResult};
+use omoi_domain::ticket::{self as rules, PhaseInstructions, PlannedTask, RawTaskSpec};
+use omoi_domain::{Phase, TicketStatus, git, validate};
+use omoi_proto::common::TicketPriority;
+use omoi_proto::domain::WireEnum;
+use omoi_proto::ticket as pb;
+use omoi_store::tickets::{NewTicket, TicketUpdate};
+use uuid::Uuid;
+
+pub const MAX_REQUEST_ID: usize = 128;
+pub const DEFAULT_PAGE_SIZE: i32 = 50;
+pub const MAX_PAGE_SIZE: i32 = 1000;
+
+/// CreateTicket: the ticket to store, with a new id (and its branch), and
+/// its plan, each task with the id it will have on the queue.
+pub fn create(
+    req: pb::CreateTicketRequest,
+    instructions: &PhaseInstructions,
+) -> ApiResult<(NewTicket, Vec<(Uuid, PlannedTask)>)> {
+    let pb::CreateTicketRequest {
+        title,
+        description,
+        priority,
+        repository,
+        labels,
+        plan,
+        request_id,
+        base_ref,
+        pull_request,
+        max_cost_usd,
+    } = req;
+    let title = validate::title("title", &title)?;
+    let description = validate::text("description", &description, validate::MAX_DESCRIPTION_BYTES)?;
+    let priority = match priority {
+        0 => TicketPriority::Medium.into(),
+        p => ticket_priority("priority", p)?,
+    };
+    let max_cost_usd = budget("max_cost_usd", max_cost_usd)?;
+    validate::repository("repository", &repository)?;
+    let repository = repository.trim().to_owned();
+    let base_ref = if base_ref.is_empty() {
+        String::new()
+    } else if repository.is_empty() {
+        return Err(ApiError::invalid("base_ref", "needs a repository"));
+    } else {
+        git::git_ref("base_ref", &base_ref)?
+    };
+    if pull_request && git::forge_repo(&repository).is_none() {
+        return Err(ApiError::invalid(
+            "pull_request",
+            "needs a GitHub repository URL (https://<host>/<owner>/<repo>)",
+        ));
+    }
+    validate::labels("labels", labels.iter())?;
+    let request_id = if request_id.is_empty() {
+        None
+    } else {
+        Some(validate::token("request_id", &request_id, MAX_REQUEST_ID, "-_.:")?)
+    };
+    let plan = if plan.is_empty() {
+        rules::default_plan(&title, &description, priority, instructions)
+    } else {
+        let specs: Vec<RawTaskSpec<'_>> = plan.iter().map(task_spec).collect();
+        rules::explicit_plan(&specs, priority)?
+    };
+    let id = Uuid::now_v7();
+    let branch = if repository.is_empty() {
+        String::new()
+    } else {
+        git::branch_name(id, &title)
+    };
+    // A ticket's tasks share its repository's concurrency key unless the
+    // plan names another.
+    let plan = plan
+        .into_iter()
+        .map(|mut p| {
+            if p.concurrency_key.is_none() && !repository.is_empty() {
+                p.concurrency_key = Some(repository.clone());
+            }
+            (Uuid::now_v7(), p)
+        })
+        .collect();
+    let ticket = NewTicket {
+        id,
+        base_ref,
+        branch,
+        pull_request,
+        max_cost_usd,
+        title,
+        description,
+        priority,
+        repository,
+        labels: serde_json::to_value(&labels).unwrap_or_default(),
+        request_id,
+    };
+    Ok((ticket, plan))
+}
+
+fn task_spec(s: &pb::TaskSpec) -> RawTaskSpec<'_> {
+    let pb::TaskSpec {
+        title,
+        description,
+        phase,
+        priority,
+        depends_on,
+        max_retries,
+        timeout_seconds,
+        concurrency_key,
+    } = s;
+    RawTaskSpec {
+        title,
+        description,
+        phase: Phase::given(*phase),
+        priority: *priority,
+        depends_on,
+        max_retries: *max_retries,
+        timeout_seconds: *timeout_seconds,
+        concurrency_key,
+    }
+}
+
+/// GetTicket: the ticket and how much of it to return.
+pub fn get(req: pb::GetTicketRequest) -> ApiResult<(Uuid, pb::TicketView)> {
+    let pb::GetTicketRequest { ticket_id, view } = req;
+    let id = validate::uuid("ticket_id", &ticket_id)?;
+    let view = pb::TicketView::try_from(view)
+        .map_err(|_| ApiError::invalid("view", format!("{view} is not a ticket view (BASIC, FULL)")))?;
+    Ok((id, view))
+}
+
+/// ListTickets: a page of the newest tickets of a status, if one is asked.
+pub struct Page {
+    pub status: Option<TicketStatus>,
+    pub size: i64,
+    /// The position to continue before (None: the newest).
+    pub before: Option<i64>,
+}
+
+pub fn list(req: pb::ListTicketsRequest) -> ApiResult<Page> {
+    let pb::ListTicketsRequest {
+        page_size,
+        page_token,
+        status,
+    } = req;
+    let status = validate::optional("status", TicketStatus::given(status), "ticket status")?;
+    let size = page_size_of(page_size)?;
+    let before = if page_token.is_empty() {
+        None
+    } else {
+        let token = page_token.parse::<i64>().ok().filter(|n| *n > 0);
+        Some(token.ok_or_else(|| ApiError::invalid("page_token", "not a token from a previous response"))?)
+    };
+    Ok(Page { status, size, before })
+}
+
+/// CancelTicket: the ticket and why ("ticket cancelled" unless said).
+pub fn cancel(req: pb::CancelTicketRequest) -> ApiResult<(Uuid, String)> {
+    let pb::CancelTicketRequest { ticket_id, reason } = req;
+    Ok((
+        validate::uuid("ticket_id", &ticket_id)?,
+        reason_or(&reason, "ticket cancelled")?,
+    ))
+}
+
+/// UpdateTicket: the ticket and the fields its mask names, with their new
+/// values.
+pub fn update(req: pb::UpdateTicketRequest) -> ApiResult<(Uuid, TicketUpdate)> {
+    let pb::UpdateTicketRequest { ticket, update_mask } = req;
+    let given = ticket.ok_or_else(|| ApiError::invalid("ticket", "required: the ticket's id and the new values"))?;
+    let id = validate::uuid("ticket.id", &given.id)?;
+    let paths = update_mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        return Err(ApiError::invalid(
+            "update_mask",
+            "name at least one of priority, labels, max_cost_usd",
+        ));
+    }
+    let mut update = TicketUpdate::default();
+    for path in paths {
+        match path.as_str() {
+            "priority" => update.priority = Some(ticket_priority("ticket.priority", given.priority)?),
+            "labels" => {
+                validate::labels("ticket.labels", given.labels.iter())?;
+                update.labels = Some(serde_json::to_value(&given.labels).unwrap_or_default());
+            }
+            "max_cost_usd" => update.max_cost_usd = Some(budget("ticket.max_cost_usd", given.max_cost_usd)?),
+            other => {
+                let reason = format!("{other:?} cannot be updated; name priority, labels or max_cost_usd");
+                return Err(ApiError::invalid("update_mask", reason));
+            }
+        }
+    }
+    Ok((id, update))
+}
+
+/// RetryTicket: the ticket and why ("ticket retried" unless said).
+pub fn retry(req: pb::RetryTicketRequest) -> ApiResult<(Uuid, String)> {
+    let pb::RetryTicketRequest { ticket_id, reason } = req;
+    Ok((
+        validate::uuid("ticket_id", &ticket_id)?,
+        reason_or(&reason, "ticket retried")?,
+    ))
+}
+
+/// WatchTicket: the ticket.
+pub fn watch(req: pb::WatchTicketRequest) -> ApiResult<Uuid> {
+    let pb::WatchTicketRequest { ticket_id } = req;
+    Ok(validate::uuid("ticket_id", &ticket_id)?)
+}
+
+/// WatchTickets: how many of the newest tickets the snapshot holds.
+pub fn watch_all(req: pb::WatchTicketsRequest) -> ApiResult<i64> {
+    let pb::WatchTicketsRequest { page_size } = req;
+    page_size_of(page_size)
+}
+
+fn page_size_of(given: i32) -> ApiResult<i64> {
+    Ok(i64::from(match given {
+        0 => DEFAULT_PAGE_SIZE,
+        n => validate::range("page_size", n, 1, MAX_PAGE_SIZE)?,
+    }))
+}
+
+/// A reason given, or `default` for none.
+fn reason_or(given: &str, default: &str) -> ApiResult<String> {
+    let reason = validate::text("reason", given, validate::MAX_REASON_BYTES)?;
+    Ok(if reason.is_empty() { default.to_owned() } else { reason })
+}
+
+/// A known ticket priority (LOW 1 .. CRITICAL 4).
+fn ticket_priority(field: &str, value: i32) -> ApiResult<i32> {
+    match TicketPriority::try_from(value) {
+        Ok(TicketPriority::Unspecified) | Err(_) => Err(ApiError::invalid(
+            field,
+            format!("{value} is not a known ticket priority (LOW, MEDIUM, HIGH, CRITICAL)"),
+        )),
+        Ok(p) => Ok(i32::from(p)),
+    }
+}
+
+/// A budget: more than 0 USD, or none.
+fn budget(field: &str, value: Option<f64>) -> ApiResult<Option<f64>> {
+    match value {
+        Some(v) if !(v.is_finite() && v > 0.0) => {
+            Err(ApiError::invalid(field, format!("must be more than 0 USD, got {v}")))
+        }
+        v => Ok(v),
+    }
+}
