@@ -87,7 +87,11 @@ impl Infra {
     /// A task-queue configuration for this test; tests adjust fields.
     pub fn task_queue_config(&self) -> omoi_task_queue::Config {
         let mut config = omoi_task_queue::Config::from_env();
-        self.common(&mut config.host, &mut config.bus, Some(&mut config.database));
+        self.common(
+            &mut config.common.host,
+            &mut config.common.bus,
+            Some(&mut config.common.database),
+        );
         config.timeout_check_interval_seconds = 0.2;
         config.db_max_connections = 8;
         config
@@ -95,7 +99,11 @@ impl Infra {
 
     pub fn health_config(&self) -> omoi_health::Config {
         let mut config = omoi_health::Config::from_env();
-        self.common(&mut config.host, &mut config.bus, Some(&mut config.database));
+        self.common(
+            &mut config.common.host,
+            &mut config.common.bus,
+            Some(&mut config.common.database),
+        );
         config.stale_check_interval_seconds = 0.2;
         config.heartbeat_flush_ms = 100;
         config.db_max_connections = 4;
@@ -104,7 +112,11 @@ impl Infra {
 
     pub fn ticket_config(&self, task_queue_url: &str) -> omoi_ticket::Config {
         let mut config = omoi_ticket::Config::from_env();
-        self.common(&mut config.host, &mut config.bus, Some(&mut config.database));
+        self.common(
+            &mut config.common.host,
+            &mut config.common.bus,
+            Some(&mut config.common.database),
+        );
         config.task_queue_url = task_queue_url.to_owned();
         config.enqueue_retry_seconds = 0.2;
         config.db_max_connections = 4;

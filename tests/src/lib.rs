@@ -200,6 +200,24 @@ where
     }
 }
 
+/// Files a ticket; the answer (the ticket and its tasks). Panics with the
+/// status when it is refused.
+pub async fn file_ticket(
+    c: &TicketClient,
+    req: omoi_proto::ticket::CreateTicketRequest,
+) -> omoi_proto::ticket::CreateTicketResponse {
+    c.clone().create_ticket(req).await.expect("CreateTicket").into_inner()
+}
+
+/// A ticket with its tasks, as GetTicket answers.
+pub async fn read_ticket(c: &TicketClient, id: &str) -> Result<omoi_proto::ticket::GetTicketResponse, tonic::Status> {
+    let req = omoi_proto::ticket::GetTicketRequest {
+        ticket_id: id.to_owned(),
+        ..Default::default()
+    };
+    Ok(c.clone().get_ticket(req).await?.into_inner())
+}
+
 /// Waits (up to a minute) until `holds` says yes of the ticket; returns it.
 pub async fn wait_ticket_where(
     c: &TicketClient,
@@ -208,16 +226,7 @@ pub async fn wait_ticket_where(
     holds: impl Fn(&omoi_proto::ticket::Ticket) -> bool,
 ) -> omoi_proto::ticket::Ticket {
     eventually(Duration::from_secs(60), what, || async {
-        let t = c
-            .clone()
-            .get_ticket(omoi_proto::ticket::GetTicketRequest {
-                ticket_id: id.to_owned(),
-                ..Default::default()
-            })
-            .await
-            .ok()?
-            .into_inner()
-            .ticket?;
+        let t = read_ticket(c, id).await.ok()?.ticket?;
         holds(&t).then_some(t)
     })
     .await
@@ -229,15 +238,7 @@ pub async fn wait_ticket(c: &TicketClient, id: &str, status: i32) -> omoi_proto:
         Duration::from_secs(60),
         &format!("ticket {id} status {status}"),
         || async {
-            let t = c
-                .clone()
-                .get_ticket(omoi_proto::ticket::GetTicketRequest {
-                    ticket_id: id.to_owned(),
-                    ..Default::default()
-                })
-                .await
-                .expect("GetTicket")
-                .into_inner();
+            let t = read_ticket(c, id).await.expect("GetTicket");
             (t.ticket.as_ref()?.status == status).then_some(t)
         },
     )

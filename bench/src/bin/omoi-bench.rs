@@ -113,17 +113,17 @@ async fn main() -> anyhow::Result<()> {
     }
     let spawned = if args.spawn {
         let mut config = omoi_task_queue::Config::from_env();
-        config.host.auth_token = args.auth_token.clone();
-        config.bus.events_stream = args.events_stream.clone();
-        config.bus.nats_url = args.nats_url.clone();
+        config.common.host.auth_token = args.auth_token.clone();
+        config.common.bus.events_stream = args.events_stream.clone();
+        config.common.bus.nats_url = args.nats_url.clone();
         let tq = omoi_tests::InProcess::start(config).await?;
         eprintln!("omoi-bench: task-queue serving at {}", tq.url);
         args.url = tq.url.clone();
         // The agents register with a health service on the same database.
         let mut config = omoi_health::Config::from_env();
-        config.host.auth_token = args.auth_token.clone();
-        config.bus.events_stream = args.events_stream.clone();
-        config.bus.nats_url = args.nats_url.clone();
+        config.common.host.auth_token = args.auth_token.clone();
+        config.common.bus.events_stream = args.events_stream.clone();
+        config.common.bus.nats_url = args.nats_url.clone();
         let health = omoi_tests::InProcess::health(config).await?;
         args.health_url = health.url.clone();
         Some((tq, health))

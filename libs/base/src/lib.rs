@@ -60,6 +60,20 @@ impl DatabaseArgs {
     }
 }
 
+/// Every setting a database service shares: its host's, NATS's and
+/// PostgreSQL's; each service flattens it into its configuration.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+
+    #[command(flatten)]
+    pub bus: BusArgs,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
 /// What a database service binary does; serving is the default.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
@@ -88,13 +102,8 @@ pub struct Base {
 impl Base {
     /// Connects lazily to PostgreSQL and NATS: nothing here waits for them,
     /// so the server comes up and reports NOT_SERVING until they are there.
-    pub async fn connect(
-        host: &HostArgs,
-        bus: &BusArgs,
-        database: &DatabaseArgs,
-        name: &'static str,
-        db_max_connections: u32,
-    ) -> anyhow::Result<Self> {
+    pub async fn connect(args: &ServiceArgs, name: &'static str, db_max_connections: u32) -> anyhow::Result<Self> {
+        let ServiceArgs { host, bus, database } = args;
         let store = Store::connect_lazy(database.url(), db_max_connections)
             .with_context(|| format!("DATABASE_URL {} is not a valid PostgreSQL URL", redact(database.url())))?;
         let host = Host::new(host, name)?;

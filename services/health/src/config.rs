@@ -3,9 +3,8 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use omoi_base::{Command, DatabaseArgs};
-use omoi_bus::BusArgs;
-use omoi_runtime::config::{HostArgs, parse_listen};
+use omoi_base::{Command, ServiceArgs};
+use omoi_runtime::config::parse_listen;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -18,13 +17,7 @@ pub struct Config {
     pub command: Option<Command>,
 
     #[command(flatten)]
-    pub host: HostArgs,
-
-    #[command(flatten)]
-    pub bus: BusArgs,
-
-    #[command(flatten)]
-    pub database: DatabaseArgs,
+    pub common: ServiceArgs,
 
     /// Address the gRPC server listens on.
     #[arg(long, env = "OMOI_LISTEN_ADDR", default_value = "0.0.0.0:50053", value_parser = parse_listen)]

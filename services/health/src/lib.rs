@@ -26,14 +26,7 @@ pub const SERVICE_NAME: &str = "omoi.health.v1.AgentHealthService";
 /// Runs the service on `incoming` until `shutdown`; buffered heartbeats are
 /// written before it exits.
 pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut base = Base::connect(
-        &config.host,
-        &config.bus,
-        &config.database,
-        "omoi-health",
-        config.db_max_connections,
-    )
-    .await?;
+    let mut base = Base::connect(&config.common, "omoi-health", config.db_max_connections).await?;
     base.spawn_vacuum(&["agents"]);
     base.spawn_retention(
         "agents gone",
@@ -67,8 +60,8 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         hub,
         watchers.clone(),
     ))
-    .max_decoding_message_size(config.host.max_message_bytes)
-    .max_encoding_message_size(config.host.max_message_bytes);
+    .max_decoding_message_size(config.common.host.max_message_bytes)
+    .max_encoding_message_size(config.common.host.max_message_bytes);
     let router = router.add_service(InterceptedService::new(api, base.admission()));
     base.run(router, incoming, shutdown, async move { watchers.cancel() })
         .await

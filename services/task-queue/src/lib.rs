@@ -46,14 +46,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         "OMOI_LEASE_SECONDS must be 0 (never) to 86400, got {}",
         config.lease_seconds
     );
-    let mut base = Base::connect(
-        &config.host,
-        &config.bus,
-        &config.database,
-        "omoi-task-queue",
-        config.db_max_connections,
-    )
-    .await?;
+    let mut base = Base::connect(&config.common, "omoi-task-queue", config.db_max_connections).await?;
     base.spawn_vacuum(&["tasks", "task_dependencies"]);
     base.spawn_retention(
         "finished tasks",
@@ -97,8 +90,8 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         config.default_task_timeout_seconds,
         watchers.clone(),
     ))
-    .max_decoding_message_size(config.host.max_message_bytes)
-    .max_encoding_message_size(config.host.max_message_bytes);
+    .max_decoding_message_size(config.common.host.max_message_bytes)
+    .max_encoding_message_size(config.common.host.max_message_bytes);
     let router = router.add_service(InterceptedService::new(api, base.admission()));
     let before_stop = async move {
         watchers.cancel();

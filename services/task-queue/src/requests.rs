@@ -137,18 +137,19 @@ pub fn list(req: pb::ListTasksRequest) -> ApiResult<Page> {
 /// CancelTask: the task and why.
 pub fn cancel(req: pb::CancelTaskRequest) -> ApiResult<(Uuid, String)> {
     let pb::CancelTaskRequest { task_id, reason } = req;
-    Ok((
-        validate::uuid("task_id", &task_id)?,
-        validate::text("reason", &reason, MAX_REASON_BYTES)?,
-    ))
+    task_and_reason(&task_id, &reason)
 }
 
 /// RetryTask: the task and why.
 pub fn retry(req: pb::RetryTaskRequest) -> ApiResult<(Uuid, String)> {
     let pb::RetryTaskRequest { task_id, reason } = req;
+    task_and_reason(&task_id, &reason)
+}
+
+fn task_and_reason(task_id: &str, reason: &str) -> ApiResult<(Uuid, String)> {
     Ok((
-        validate::uuid("task_id", &task_id)?,
-        validate::text("reason", &reason, MAX_REASON_BYTES)?,
+        validate::uuid("task_id", task_id)?,
+        validate::text("reason", reason, MAX_REASON_BYTES)?,
     ))
 }
 

@@ -31,14 +31,7 @@ pub const SERVICE_NAME: &str = "omoi.ticket.v1.TicketService";
 /// Runs the service on `incoming` until `shutdown`; open WatchTicket
 /// streams end first.
 pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut base = Base::connect(
-        &config.host,
-        &config.bus,
-        &config.database,
-        "omoi-ticket",
-        config.db_max_connections,
-    )
-    .await?;
+    let mut base = Base::connect(&config.common, "omoi-ticket", config.db_max_connections).await?;
     base.spawn_vacuum(&["tickets", "ticket_tasks"]);
     base.spawn_retention(
         "ended tickets",
@@ -46,7 +39,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         config.ticket_retention_seconds,
         |store, keep, batch| async move { store.prune_tickets(keep, batch).await },
     )?;
-    let queue = queue::Queue::connect(&config.task_queue_url, &config.host.connector()?)?;
+    let queue = queue::Queue::connect(&config.task_queue_url, &config.common.host.connector()?)?;
     let tasks = Arc::new(tasks::TicketTasks::new(base.store.clone(), queue));
     {
         let t = Arc::clone(&tasks);
@@ -78,8 +71,8 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         config.phase_instructions.clone(),
         hub,
     ))
-    .max_decoding_message_size(config.host.max_message_bytes)
-    .max_encoding_message_size(config.host.max_message_bytes);
+    .max_decoding_message_size(config.common.host.max_message_bytes)
+    .max_encoding_message_size(config.common.host.max_message_bytes);
     let router = router.add_service(InterceptedService::new(api, base.admission()));
     base.run(router, incoming, shutdown, async move { watchers.cancel() })
         .await

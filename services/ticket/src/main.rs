@@ -9,9 +9,9 @@ static ALLOCATOR: omoi_runtime::Allocator = omoi_runtime::ALLOCATOR;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();
-    let _telemetry = omoi_runtime::telemetry::init("omoi-ticket", config.host.log_format, "info");
+    let _telemetry = omoi_runtime::telemetry::init("omoi-ticket", config.common.host.log_format, "info");
     let result = match config.command {
-        Some(Command::Migrate) => migrate(&config.database).await,
+        Some(Command::Migrate) => migrate(&config.common.database).await,
         Some(Command::Serve) | None => match listen(config.listen_addr) {
             Ok(incoming) => serve(config.clone(), incoming, omoi_runtime::shutdown::on_signal()).await,
             Err(e) => Err(e),

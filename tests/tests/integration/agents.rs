@@ -12,7 +12,7 @@ use omoi_proto::ticket::{self as pb};
 use omoi_tests::mesh::{Options, ProcessMesh};
 use omoi_tests::model_api::{ModelApi, Tally};
 use omoi_tests::process::agent_cli;
-use omoi_tests::{Infra, TicketClient, client, wait_ticket};
+use omoi_tests::{Infra, TicketClient, client, file_ticket, wait_ticket};
 
 const WAIT: Duration = Duration::from_secs(90);
 const COMPLETED: i32 = 3;
@@ -90,15 +90,15 @@ fn spec(title: &str, phase: i32, depends_on: Vec<i32>, max_retries: i32) -> pb::
 }
 
 async fn file(c: &TicketClient, title: &str, plan: Vec<pb::TaskSpec>) -> pb::CreateTicketResponse {
-    c.clone()
-        .create_ticket(pb::CreateTicketRequest {
+    file_ticket(
+        c,
+        pb::CreateTicketRequest {
             title: title.to_owned(),
             plan,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
+        },
+    )
+    .await
 }
 
 /// What one run of the stand-in's `write` script reports: turns 1 to 3.
@@ -470,18 +470,16 @@ async fn an_agent_cannot_read_the_executors_secrets() {
     // On a repository: its git steps after the run happen as the agent's
     // user too, and the work lands on the branch.
     let (bare, _) = omoi_tests::repo::remote();
-    let created = rig
-        .tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let created = file_ticket(
+        &rig.tickets,
+        pb::CreateTicketRequest {
             title: "try the secrets".into(),
             repository: bare.display().to_string(),
             plan: vec![spec("try", 1, vec![], 0)],
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let ticket = created.ticket.unwrap();
     let done = wait_ticket(&rig.tickets, &ticket.id, COMPLETED).await;
     let result = omoi_proto::convert::struct_to_json(done.tasks[0].result.as_ref().unwrap());

@@ -26,13 +26,13 @@ async fn every_service_requires_the_token_and_presents_it_to_the_others() {
     let infra = Infra::new().await.unwrap();
     let secure = |host: &mut omoi_runtime::config::HostArgs| host.auth_token = Some(TOKEN.into());
     let mut qc = infra.task_queue_config();
-    secure(&mut qc.host);
+    secure(&mut qc.common.host);
     let queue = InProcess::start(qc).await.unwrap();
     let mut hc = infra.health_config();
-    secure(&mut hc.host);
+    secure(&mut hc.common.host);
     let health = InProcess::health(hc).await.unwrap();
     let mut tc = infra.ticket_config(&queue.url);
-    secure(&mut tc.host);
+    secure(&mut tc.common.host);
     let ticket = InProcess::ticket(tc).await.unwrap();
     let mut ec = infra.executor_config(&queue.url, &health.url, &ticket.url);
     ec.host.auth_token = Some(TOKEN.into());
@@ -134,7 +134,7 @@ async fn every_service_requires_the_token_and_presents_it_to_the_others() {
 async fn a_flood_on_one_connection_gets_answers_and_the_server_stays_up() {
     let infra = Infra::new().await.unwrap();
     let mut config = infra.task_queue_config();
-    config.host.max_concurrent_requests_per_connection = 8;
+    config.common.host.max_concurrent_requests_per_connection = 8;
     let queue = InProcess::start(config).await.unwrap();
     let c = queue.client();
     let mut calls = Vec::new();

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use omoi_proto::taskqueue as tq;
 use omoi_proto::ticket::{self as pb};
 use omoi_tests::mesh::{Options, ProcessMesh, sample, scrape};
-use omoi_tests::{Infra, client, events, eventually, wait_ticket};
+use omoi_tests::{Infra, client, events, eventually, file_ticket, wait_ticket};
 
 const WAIT: Duration = Duration::from_secs(60);
 const COMPLETED: i32 = 3;
@@ -46,16 +46,15 @@ async fn a_ticket_runs_through_two_executors_in_phase_order_with_workspaces() {
     let infra = Infra::new().await.unwrap();
     let mesh = ProcessMesh::start(&infra, Options::default()).await.unwrap();
     let tickets = mesh.tickets();
-    let created = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             title: "Add OAuth login".into(),
             description: "Billing needs OAuth.".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let id = created.ticket.unwrap().id;
     let done = wait_ticket(&tickets, &id, COMPLETED).await;
     let mut tasks = done.tasks.clone();
@@ -163,15 +162,14 @@ async fn the_remove_policy_leaves_no_workspace_behind_not_even_a_failed_attempts
     };
     let mesh = ProcessMesh::start(&infra, options).await.unwrap();
     let tickets = mesh.tickets();
-    let created = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             title: "tidy".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
     assert!(done.tasks.iter().any(|t| t.attempt == 2), "one task ran twice");
     // Each run's workspace, and with the last one its task's directory.
@@ -198,9 +196,9 @@ async fn a_failing_command_is_retried_then_fails_the_ticket() {
     };
     let mesh = ProcessMesh::start(&infra, options).await.unwrap();
     let tickets = mesh.tickets();
-    let created = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             title: "flaky".into(),
             plan: vec![pb::TaskSpec {
                 title: "try".into(),
@@ -209,10 +207,9 @@ async fn a_failing_command_is_retried_then_fails_the_ticket() {
                 ..Default::default()
             }],
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let id = created.ticket.unwrap().id;
     let failed = wait_ticket(&tickets, &id, FAILED).await;
     let task = &failed.tasks[0];
@@ -247,7 +244,7 @@ async fn cancelling_kills_the_agent_process_group_and_a_timeout_kills_it_too() {
         }],
         ..Default::default()
     };
-    let created = tickets.clone().create_ticket(plan(0)).await.unwrap().into_inner();
+    let created = file_ticket(&tickets, plan(0)).await;
     let (id, task_id) = (created.ticket.unwrap().id, created.tasks[0].id.clone());
     let pid = agent_pid(&mesh.task_queue.url, &task_id).await;
     assert!(pid_alive(pid));
@@ -265,7 +262,7 @@ async fn cancelling_kills_the_agent_process_group_and_a_timeout_kills_it_too() {
     .await;
     wait_ticket(&tickets, &id, CANCELLED).await;
 
-    let created = tickets.clone().create_ticket(plan(1)).await.unwrap().into_inner();
+    let created = file_ticket(&tickets, plan(1)).await;
     let (id, task_id) = (created.ticket.unwrap().id, created.tasks[0].id.clone());
     let pid = agent_pid(&mesh.task_queue.url, &task_id).await;
     eventually(Duration::from_secs(15), "timed-out agent gone", || async {
@@ -301,9 +298,9 @@ async fn an_executor_killed_mid_task_loses_it_to_the_other_after_stale_detection
     };
     let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
     let tickets = mesh.tickets();
-    let created = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             title: "survive".into(),
             plan: vec![pb::TaskSpec {
                 title: "one".into(),
@@ -311,10 +308,9 @@ async fn an_executor_killed_mid_task_loses_it_to_the_other_after_stale_detection
                 ..Default::default()
             }],
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let (id, task_id) = (created.ticket.unwrap().id, created.tasks[0].id.clone());
     // Killed while its agent is mid-run: the task must still finish elsewhere.
     agent_pid(&mesh.task_queue.url, &task_id).await;
@@ -380,9 +376,9 @@ async fn a_ticket_on_a_local_git_repository_works_in_a_clone_and_traversal_is_re
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
         assert!(err.message().contains("repository"), "{bad}: {}", err.message());
     }
-    let created = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             title: "in a repo".into(),
             repository: repo.display().to_string(),
             plan: vec![pb::TaskSpec {
@@ -391,10 +387,9 @@ async fn a_ticket_on_a_local_git_repository_works_in_a_clone_and_traversal_is_re
                 ..Default::default()
             }],
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let id = created.ticket.unwrap().id;
     let done = wait_ticket(&tickets, &id, COMPLETED).await;
     let result = omoi_proto::convert::struct_to_json(done.tasks[0].result.as_ref().unwrap());
@@ -431,16 +426,15 @@ async fn an_attempt_costs_the_same_few_calls_whatever_its_ticket() {
     .await
     .unwrap();
     let tickets = mesh.tickets();
-    let created = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             title: "count the calls".into(),
             repository: remote.display().to_string(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let id = created.ticket.unwrap().id;
     // Waited for by listing (not reading) tickets: the count is the mesh's own.
     eventually(WAIT, "the ticket completed", || {

@@ -15,7 +15,7 @@ use omoi_tests::github::GitHubApi;
 use omoi_tests::mesh::{Options, ProcessMesh};
 use omoi_tests::process::LOG_FILE;
 use omoi_tests::repo::{git, remote};
-use omoi_tests::{Infra, eventually, wait_ticket, wait_ticket_where};
+use omoi_tests::{Infra, eventually, file_ticket, wait_ticket, wait_ticket_where};
 
 const COMPLETED: i32 = 3;
 const FAILED: i32 = 4;
@@ -37,17 +37,16 @@ async fn a_tickets_phases_land_as_one_commit_each_on_its_branch_and_a_failed_att
     let mesh = ProcessMesh::start(&infra, options).await.unwrap();
     let (bare, main) = remote();
     let tickets = mesh.tickets();
-    let created = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             title: "Add OAuth login".into(),
             description: "Billing needs OAuth.".into(),
             repository: bare.display().to_string(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let ticket = created.ticket.unwrap();
     let short = &ticket.id[ticket.id.len() - 12..];
     assert_eq!(ticket.branch, format!("omoi/{short}-add-oauth-login"));
@@ -145,9 +144,9 @@ async fn parallel_tasks_push_one_after_the_other_and_their_dependent_builds_on_b
         ..Default::default()
     };
     let tickets = mesh.tickets();
-    let ticket = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let ticket = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             title: "Two at once".into(),
             repository: format!("file://{}", bare.display()),
             base_ref: "main".into(),
@@ -160,12 +159,11 @@ async fn parallel_tasks_push_one_after_the_other_and_their_dependent_builds_on_b
                 spec("Tidy up", 4, vec![0, 1]),
             ],
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .ticket
-        .unwrap();
+        },
+    )
+    .await
+    .ticket
+    .unwrap();
     let done = wait_ticket(&tickets, &ticket.id, COMPLETED).await;
     let by_title = |title: &str| done.tasks.iter().find(|t| t.title == title).unwrap();
     let (plan, test, tidy) = (by_title("Plan it"), by_title("Test it"), by_title("Tidy up"));
@@ -213,19 +211,18 @@ async fn a_base_ref_the_repository_lacks_fails_the_task_naming_it() {
     let mesh = ProcessMesh::start(&infra, Options::default()).await.unwrap();
     let (bare, _) = remote();
     let tickets = mesh.tickets();
-    let ticket = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let ticket = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             title: "Start nowhere".into(),
             repository: bare.display().to_string(),
             base_ref: "no-such-branch".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .ticket
-        .unwrap();
+        },
+    )
+    .await
+    .ticket
+    .unwrap();
     let done = wait_ticket(&tickets, &ticket.id, FAILED).await;
     let first = done.tasks.iter().min_by_key(|t| t.phase).unwrap();
     // Permanent: no retry can find it.
@@ -291,18 +288,17 @@ async fn a_private_forge_repository_is_reached_with_the_token_and_nothing_else_e
     };
     let mesh = ProcessMesh::start(&infra, options).await.unwrap();
     let tickets = mesh.tickets();
-    let ticket = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let ticket = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             title: "Private work".into(),
             repository: "https://github.example.com/acme/remote.git".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .ticket
-        .unwrap();
+        },
+    )
+    .await
+    .ticket
+    .unwrap();
     let done = wait_ticket(&tickets, &ticket.id, COMPLETED).await;
     let branch = &ticket.branch;
     assert_eq!(git(&bare, &["rev-list", "--count", &format!("{main}..{branch}")]), "4");
@@ -379,12 +375,8 @@ async fn a_completed_ticket_opens_its_pull_request_once_across_a_lost_answer_and
     };
     // The first opening reaches GitHub, but its answer is lost.
     github.lose_next_answer();
-    let ticket = tickets
-        .clone()
-        .create_ticket(create("Greet people", "remote"))
+    let ticket = file_ticket(&tickets, create("Greet people", "remote"))
         .await
-        .unwrap()
-        .into_inner()
         .ticket
         .unwrap();
     wait_ticket(&tickets, &ticket.id, COMPLETED).await;
@@ -417,12 +409,8 @@ async fn a_completed_ticket_opens_its_pull_request_once_across_a_lost_answer_and
 
     // A repository that refuses: the refusal is on the ticket, once.
     github.lock("acme/locked");
-    let refused = tickets
-        .clone()
-        .create_ticket(create("Locked out", "locked"))
+    let refused = file_ticket(&tickets, create("Locked out", "locked"))
         .await
-        .unwrap()
-        .into_inner()
         .ticket
         .unwrap();
     wait_ticket(&tickets, &refused.id, COMPLETED).await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use omoi_proto::health as hp;
 use omoi_proto::taskqueue as tq;
 use omoi_tests::agent::ScriptedAgent;
-use omoi_tests::{HealthClient, InProcess, Infra, TaskQueueClient, eventually};
+use omoi_tests::{HealthClient, InProcess, Infra, TaskQueueClient, eventually, file_ticket};
 use tonic::Code;
 use uuid::Uuid;
 
@@ -344,9 +344,9 @@ async fn an_executor_killed_mid_run_comes_back_as_itself_and_its_task_runs_again
     };
     mesh.add_executor(&infra, &me("10000")).await.unwrap();
     let tickets = mesh.tickets();
-    let ticket = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let ticket = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             title: "Survive a kill".into(),
             plan: vec![pb::TaskSpec {
                 title: "slow".into(),
@@ -354,10 +354,9 @@ async fn an_executor_killed_mid_run_comes_back_as_itself_and_its_task_runs_again
                 ..Default::default()
             }],
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let task_id = ticket.tasks[0].id.clone();
     let queue = omoi_tests::client(&mesh.task_queue.url);
     let get = || async {

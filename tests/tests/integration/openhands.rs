@@ -6,7 +6,7 @@ use std::time::Duration;
 use omoi_proto::ticket::{self as pb};
 use omoi_tests::mesh::{Options, ProcessMesh};
 use omoi_tests::openhands::StandIn;
-use omoi_tests::{Infra, TicketClient, eventually, wait_ticket};
+use omoi_tests::{Infra, TicketClient, eventually, file_ticket, wait_ticket};
 
 const WAIT: Duration = Duration::from_secs(60);
 const COMPLETED: i32 = 3;
@@ -14,9 +14,9 @@ const FAILED: i32 = 4;
 const CANCELLED: i32 = 5;
 
 async fn file(c: &TicketClient, title: &str, phase: i32, max_retries: i32) -> (String, String) {
-    let r = c
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let r = file_ticket(
+        c,
+        pb::CreateTicketRequest {
             title: title.to_owned(),
             plan: vec![pb::TaskSpec {
                 title: title.to_owned(),
@@ -25,10 +25,9 @@ async fn file(c: &TicketClient, title: &str, phase: i32, max_retries: i32) -> (S
                 ..Default::default()
             }],
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     (r.ticket.unwrap().id, r.tasks[0].id.clone())
 }
 

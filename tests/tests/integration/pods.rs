@@ -12,7 +12,7 @@ use omoi_runtime::grpc::Connector;
 use omoi_runtime::tls::TlsArgs;
 use omoi_tests::pki::Pki;
 use omoi_tests::process::{Service, binary, free_port};
-use omoi_tests::{Infra, eventually, ticket_client, wait_ticket};
+use omoi_tests::{Infra, eventually, file_ticket, ticket_client, wait_ticket};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -247,15 +247,14 @@ async fn run_the_charts_pods(tls: Option<&Pki>) {
         }
         None => ticket_client(&format!("http://127.0.0.1:{}", ports[&50051])),
     };
-    let created = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             title: "from the chart".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let id = created.ticket.unwrap().id;
     wait_ticket(&tickets, &id, omoi_proto::common::TicketStatus::Completed as i32).await;
 

@@ -23,6 +23,23 @@ async fn health(url: &str, service: &str) -> i32 {
     .unwrap_or(-1)
 }
 
+/// A task-queue served at once, not waiting until it is SERVING (as
+/// `InProcess` does): its URL, its stop and its end.
+async fn serve_unready(
+    config: omoi_task_queue::Config,
+) -> (
+    String,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let incoming = omoi_runtime::grpc::incoming(listener);
+    let server = tokio::spawn(omoi_task_queue::serve(config, incoming, shutdown.clone()));
+    (url, shutdown, server)
+}
+
 #[tokio::test]
 async fn reflection_v1_and_v1alpha_list_the_services() {
     let infra = Infra::new().await.unwrap();
@@ -85,7 +102,7 @@ async fn reflection_v1_and_v1alpha_list_the_services() {
 async fn with_a_token_every_rpc_needs_it_but_health_and_nothing_is_done_without() {
     let infra = Infra::new().await.unwrap();
     let mut config = infra.task_queue_config();
-    config.host.auth_token = Some("s3cret-token".into());
+    config.common.host.auth_token = Some("s3cret-token".into());
     let tq = InProcess::start(config).await.unwrap();
     assert_eq!(
         health(&tq.url, "omoi.taskqueue.v1.TaskQueueService").await,
@@ -141,7 +158,7 @@ async fn with_a_token_every_rpc_needs_it_but_health_and_nothing_is_done_without(
 async fn oversized_messages_are_refused_and_the_server_stays_up() {
     let infra = Infra::new().await.unwrap();
     let mut config = infra.task_queue_config();
-    config.host.max_message_bytes = 64 * 1024;
+    config.common.host.max_message_bytes = 64 * 1024;
     let tq = InProcess::start(config).await.unwrap();
     let mut c = tq.client();
     let big = pb::EnqueueTasksRequest {
@@ -171,14 +188,7 @@ async fn not_serving_until_nats_is_reachable_then_serving() {
     nats.stop().await.unwrap();
     let mut infra = Infra::new().await.unwrap();
     infra.nats_url = nats.url();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(omoi_task_queue::serve(
-        infra.task_queue_config(),
-        omoi_runtime::grpc::incoming(listener),
-        shutdown.clone(),
-    ));
+    let (url, shutdown, server) = serve_unready(infra.task_queue_config()).await;
     eventually(WAIT, "NOT_SERVING reported", || async {
         (health(&url, "").await == ServingStatus::NotServing as i32).then_some(())
     })
@@ -207,14 +217,7 @@ async fn calls_before_the_schema_is_migrated_are_unavailable_never_internal() {
     // goes, and the service keeps retrying it meanwhile.
     let pool = infra.db.connect().await.unwrap();
     sqlx::query("CREATE TABLE tasks (x int)").execute(&pool).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(omoi_task_queue::serve(
-        infra.task_queue_config(),
-        omoi_runtime::grpc::incoming(listener),
-        shutdown.clone(),
-    ));
+    let (url, shutdown, server) = serve_unready(infra.task_queue_config()).await;
     let mut c = client(&url);
     let refused = eventually(WAIT, "the server answering", || {
         let mut c = c.clone();

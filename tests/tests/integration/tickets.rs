@@ -7,7 +7,7 @@ use futures::StreamExt;
 use omoi_proto::taskqueue as tq;
 use omoi_proto::ticket::{self as pb};
 use omoi_tests::agent::ScriptedAgent;
-use omoi_tests::{InProcess, Infra, Mesh, TicketClient, eventually, ticket_client};
+use omoi_tests::{InProcess, Infra, Mesh, TicketClient, eventually, file_ticket, ticket_client};
 use tonic::Code;
 use uuid::Uuid;
 
@@ -70,12 +70,7 @@ async fn the_default_plan_runs_through_its_phases_and_the_ticket_follows() {
     let infra = Infra::new().await.unwrap();
     let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
     let tickets = mesh.tickets();
-    let created = tickets
-        .clone()
-        .create_ticket(create("Add OAuth login"))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = file_ticket(&tickets, create("Add OAuth login")).await;
     let t = created.ticket.unwrap();
     assert_eq!((t.status, t.priority, t.title.as_str()), (OPEN, 3, "Add OAuth login"));
     assert_eq!(created.tasks.len(), 4);
@@ -285,7 +280,7 @@ async fn an_explicit_dag_is_kept_and_a_cycle_is_refused_with_nothing_written() {
         ],
         ..create("diamond")
     };
-    let created = tickets.clone().create_ticket(dag).await.unwrap().into_inner();
+    let created = file_ticket(&tickets, dag).await;
     let ids: Vec<&str> = created.tasks.iter().map(|t| t.id.as_str()).collect();
     let mut d_deps = created.tasks[3].depends_on.clone();
     d_deps.sort();
@@ -312,8 +307,8 @@ async fn a_retried_create_with_the_same_request_id_returns_the_first_ticket() {
         request_id: "req-42".into(),
         ..create("once")
     };
-    let first = mesh.tickets().create_ticket(req.clone()).await.unwrap().into_inner();
-    let again = mesh.tickets().create_ticket(req).await.unwrap().into_inner();
+    let first = file_ticket(&mesh.tickets(), req.clone()).await;
+    let again = file_ticket(&mesh.tickets(), req).await;
     assert_eq!(first.ticket.as_ref().unwrap().id, again.ticket.as_ref().unwrap().id);
     let ids = |r: &pb::CreateTicketResponse| r.tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
     assert_eq!(ids(&first), ids(&again));
@@ -328,12 +323,7 @@ async fn cancelling_a_ticket_mid_run_stops_its_agent_and_cancels_its_tasks() {
     let infra = Infra::new().await.unwrap();
     let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
     let tickets = mesh.tickets();
-    let created = tickets
-        .clone()
-        .create_ticket(create("to cancel"))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = file_ticket(&tickets, create("to cancel")).await;
     let id = created.ticket.unwrap().id;
     let mut agent = ScriptedAgent::connect(&mesh.queue(), &mesh.agents(), 1, vec![])
         .await
@@ -389,12 +379,7 @@ async fn a_task_failing_for_good_fails_the_ticket_and_a_retry_brings_it_back() {
     let infra = Infra::new().await.unwrap();
     let mesh = Mesh::start(&infra, |_| {}).await.unwrap();
     let tickets = mesh.tickets();
-    let created = tickets
-        .clone()
-        .create_ticket(create("doomed"))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = file_ticket(&tickets, create("doomed")).await;
     let id = created.ticket.unwrap().id;
     let mut agent = ScriptedAgent::connect(&mesh.queue(), &mesh.agents(), 1, vec![])
         .await
@@ -542,12 +527,7 @@ async fn with_the_task_queue_down_a_ticket_is_kept_and_its_tasks_created_once_it
     let queue_url = format!("http://127.0.0.1:{port}");
     let ticket = InProcess::ticket(infra.ticket_config(&queue_url)).await.unwrap();
     let tickets = ticket_client(&ticket.url);
-    let created = tickets
-        .clone()
-        .create_ticket(create("queued later"))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = file_ticket(&tickets, create("queued later")).await;
     let id = created.ticket.unwrap().id;
     assert_eq!(created.tasks.len(), 4);
     assert!(created.tasks.iter().all(|t| t.status == TASK_PENDING));
@@ -682,9 +662,9 @@ async fn a_spent_budget_pauses_the_ticket_until_it_is_raised() {
         depends_on: deps,
         ..Default::default()
     };
-    let t = tickets
-        .clone()
-        .create_ticket(pb::CreateTicketRequest {
+    let t = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
             max_cost_usd: Some(1.0),
             plan: vec![
                 spec("one", 1, vec![]),
@@ -692,12 +672,11 @@ async fn a_spent_budget_pauses_the_ticket_until_it_is_raised() {
                 spec("three", 3, vec![1]),
             ],
             ..create("On a budget")
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .ticket
-        .unwrap();
+        },
+    )
+    .await
+    .ticket
+    .unwrap();
     assert_eq!(t.max_cost_usd, Some(1.0));
     let mut agent = ScriptedAgent::connect(&mesh.queue(), &mesh.agents(), 1, vec![])
         .await

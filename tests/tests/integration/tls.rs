@@ -125,8 +125,8 @@ async fn the_probe_port_answers_health_in_plaintext_while_the_api_needs_tls() {
     let infra = Infra::new().await.unwrap();
     let probe = free_port();
     let mut config = infra.task_queue_config();
-    config.host.tls = service;
-    config.host.probe_addr = Some(format!("127.0.0.1:{probe}").parse().unwrap());
+    config.common.host.tls = service;
+    config.common.host.probe_addr = Some(format!("127.0.0.1:{probe}").parse().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let stop = omoi_runtime::CancellationToken::new();

@@ -1,7 +1,13 @@
 //! The `openhands` runner: drives an OpenHands agent server over its HTTP
 //! API (one conversation per task attempt, the task id as conversation id),
 //! following it by polling until it finishes, and stopping it on
-//! cancellation or timeout. See OPENHANDS.md for the protocol.
+//! cancellation or timeout. The agent server's API as used here:
+//! `POST /api/conversations` (create one with the model), `POST
+//! /api/conversations/{id}/events` (the prompt) and `.../run`, `GET
+//! /api/conversations/{id}` (its status and stats), `GET
+//! .../events/search` (its events, paged), `GET .../agent_final_response`,
+//! `POST .../interrupt` to stop it and `DELETE /api/conversations/{id}` at
+//! the end; every call with `X-Session-API-Key` when the server has one.
 
 use std::time::{Duration, Instant};
 

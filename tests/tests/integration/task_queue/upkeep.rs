@@ -93,7 +93,7 @@ async fn finished_tasks_go_after_their_retention_with_their_ticket_and_dependenc
 async fn tables_autovacuum_leaves_alone_are_vacuumed_by_the_service() {
     let infra = Infra::new().await.unwrap();
     let mut config = infra.task_queue_config();
-    config.database.vacuum_interval_seconds = 0.5;
+    config.common.database.vacuum_interval_seconds = 0.5;
     let pool = infra.db.connect().await.unwrap();
     let tq = InProcess::start(config).await.unwrap();
     // Whatever the server's setting, the table's own says no autovacuum.
