@@ -23,13 +23,19 @@ use uuid::Uuid;
 use omoi_domain::event::{AgentChanged, AgentRegistered, AgentStale};
 
 use crate::codes::{phase_code, phase_of};
+use crate::statements::sql;
 use omoi_domain::{Envelope, Event};
 
 use crate::events;
 use crate::{Result, Store, StoreError};
 
-const AGENT_COLUMNS: &str = "id, agent_type, phases, capacity, labels, status, registered_at, last_heartbeat_at,
-     running_task_ids, status_changed_at, completed_tasks, failed_tasks";
+/// The columns an `AgentRow` reads.
+macro_rules! agent_columns {
+    () => {
+        "id, agent_type, phases, capacity, labels, status, registered_at, last_heartbeat_at,
+     running_task_ids, status_changed_at, completed_tasks, failed_tasks"
+    };
+}
 
 /// An `agents` row.
 struct AgentRow(Agent);
@@ -91,13 +97,14 @@ impl Store {
     pub async fn register_agent(&self, r: &Registration) -> Result<Agent> {
         let mut tx = self.pool().begin().await?;
         let phases: Vec<i16> = r.phases.iter().copied().map(phase_code).collect();
-        let AgentRow(agent) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let AgentRow(agent) = sqlx::query_as(sql!(concat!(
             "INSERT INTO agents (id, agent_type, phases, capacity, labels, status)
              VALUES ($1, $2, $3, $4, $5, 'healthy')
              ON CONFLICT (id) DO UPDATE SET agent_type = EXCLUDED.agent_type, phases = EXCLUDED.phases,
                  capacity = EXCLUDED.capacity, labels = EXCLUDED.labels, status = 'healthy',
-                 last_heartbeat_at = now(), status_changed_at = now(), running_task_ids = '{{}}'
-             RETURNING {AGENT_COLUMNS}"
+                 last_heartbeat_at = now(), status_changed_at = now(), running_task_ids = '{}'
+             RETURNING ",
+            agent_columns!()
         )))
         .bind(r.id.unwrap_or_else(Uuid::now_v7))
         .bind(&r.agent_type)
@@ -122,7 +129,7 @@ impl Store {
     }
 
     pub async fn agent_status(&self, id: Uuid) -> Result<Option<AgentStatus>> {
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM agents WHERE id = $1")
+        let status: Option<String> = sqlx::query_scalar(sql!("SELECT status FROM agents WHERE id = $1"))
             .bind(id)
             .fetch_optional(self.pool())
             .await?;
@@ -130,8 +137,10 @@ impl Store {
     }
 
     pub async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<Agent>> {
-        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE ($1::text IS NULL OR status = $1) ORDER BY seq"
+        let rows = sqlx::query_as(sql!(concat!(
+            "SELECT ",
+            agent_columns!(),
+            " FROM agents WHERE ($1::text IS NULL OR status = $1) ORDER BY seq"
         )))
         .bind(status.map(AgentStatus::as_str))
         .fetch_all(self.pool())
@@ -147,9 +156,10 @@ impl Store {
                 "agent {id} is already deregistered"
             )));
         }
-        let AgentRow(agent) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "UPDATE agents SET status = 'deregistered', status_changed_at = now(), running_task_ids = '{{}}'
-             WHERE id = $1 RETURNING {AGENT_COLUMNS}"
+        let AgentRow(agent) = sqlx::query_as(sql!(concat!(
+            "UPDATE agents SET status = 'deregistered', status_changed_at = now(), running_task_ids = '{}'
+             WHERE id = $1 RETURNING ",
+            agent_columns!()
         )))
         .bind(id)
         .fetch_one(&mut *tx)
@@ -170,7 +180,7 @@ impl Store {
         let ats: Vec<DateTime<Utc>> = beats.iter().map(|b| b.at).collect();
         let running: Vec<String> = beats.iter().map(|b| json!(b.running_task_ids).to_string()).collect();
         let mut tx = self.pool().begin().await?;
-        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(sql!(
             "WITH beat AS (
                  SELECT DISTINCT ON (b.id) b.id, b.at, b.running
                  FROM unnest($1::uuid[], $2::timestamptz[], $3::text[]) AS b(id, at, running)
@@ -186,8 +196,8 @@ impl Store {
                  status_changed_at = CASE WHEN prev.status = 'stale' THEN now() ELSE a.status_changed_at END
              FROM beat, prev
              WHERE a.id = beat.id AND prev.id = a.id
-             RETURNING a.id, prev.status",
-        )
+             RETURNING a.id, prev.status"
+        ))
         .bind(&ids)
         .bind(&ats)
         .bind(&running)
@@ -199,8 +209,10 @@ impl Store {
             .map(|(id, _)| *id)
             .collect();
         if !recovered.is_empty() {
-            let agents = sqlx::query_as::<_, AgentRow>(sqlx::AssertSqlSafe(format!(
-                "SELECT {AGENT_COLUMNS} FROM agents WHERE id = ANY($1) ORDER BY seq"
+            let agents = sqlx::query_as::<_, AgentRow>(sql!(concat!(
+                "SELECT ",
+                agent_columns!(),
+                " FROM agents WHERE id = ANY($1) ORDER BY seq"
             )))
             .bind(&recovered)
             .fetch_all(&mut *tx)
@@ -218,13 +230,14 @@ impl Store {
     /// agent turns stale once.
     pub async fn mark_stale(&self, stale_after: Duration) -> Result<Vec<Agent>> {
         let mut tx = self.pool().begin().await?;
-        let agents = sqlx::query_as::<_, AgentRow>(sqlx::AssertSqlSafe(format!(
+        let agents = sqlx::query_as::<_, AgentRow>(sql!(concat!(
             "UPDATE agents SET status = 'stale', status_changed_at = now()
              WHERE id IN (SELECT id FROM agents
                           WHERE status = 'healthy'
                             AND last_heartbeat_at < now() - make_interval(secs => $1)
                           ORDER BY id FOR UPDATE SKIP LOCKED)
-             RETURNING {AGENT_COLUMNS}"
+             RETURNING ",
+            agent_columns!()
         )))
         .bind(stale_after.as_secs_f64())
         .fetch_all(&mut *tx)
@@ -249,14 +262,14 @@ impl Store {
     /// Forgets up to `batch` agents deregistered or stale for longer than
     /// `retention`, so that listings stay readable; how many went.
     pub async fn prune_agents(&self, retention: Duration, batch: i64) -> Result<u64> {
-        let done = sqlx::query(
+        let done = sqlx::query(sql!(
             "DELETE FROM agents WHERE id IN (
                  SELECT id FROM agents
                  WHERE status IN ('deregistered', 'stale')
                    AND status_changed_at < now() - make_interval(secs => $1)
                  ORDER BY seq LIMIT $2
-                 FOR UPDATE SKIP LOCKED)",
-        )
+                 FOR UPDATE SKIP LOCKED)"
+        ))
         .bind(retention.as_secs_f64())
         .bind(batch)
         .execute(self.pool())
@@ -275,7 +288,7 @@ impl Store {
         let ids: Vec<Uuid> = outcomes.iter().map(|o| o.0).collect();
         let agents: Vec<Uuid> = outcomes.iter().map(|o| o.1).collect();
         let completed: Vec<bool> = outcomes.iter().map(|o| o.2).collect();
-        sqlx::query(
+        sqlx::query(sql!(
             "WITH e AS (
                  SELECT DISTINCT ON (id) id, agent, completed
                  FROM unnest($2::uuid[], $3::uuid[], $4::bool[]) AS e(id, agent, completed)
@@ -292,8 +305,8 @@ impl Store {
              )
              UPDATE agents a
              SET completed_tasks = a.completed_tasks + counts.done, failed_tasks = a.failed_tasks + counts.failed
-             FROM counts WHERE a.id = counts.agent",
-        )
+             FROM counts WHERE a.id = counts.agent"
+        ))
         .bind(consumer)
         .bind(&ids)
         .bind(&agents)
@@ -305,10 +318,11 @@ impl Store {
 
     /// Agents by status (one aggregate; cheap enough for a metrics sampler).
     pub async fn agent_status_counts(&self) -> Result<Vec<(AgentStatus, i64)>> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, count(*) FROM agents GROUP BY status ORDER BY status")
-                .fetch_all(self.pool())
-                .await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(sql!(
+            "SELECT status, count(*) FROM agents GROUP BY status ORDER BY status"
+        ))
+        .fetch_all(self.pool())
+        .await?;
         Ok(rows
             .into_iter()
             .filter_map(|(s, n)| AgentStatus::parse(&s).map(|s| (s, n)))
@@ -316,10 +330,11 @@ impl Store {
     }
 
     pub async fn agent_stats(&self) -> Result<AgentStats> {
-        let by_type: Vec<(String, i64)> =
-            sqlx::query_as("SELECT agent_type, count(*) FROM agents GROUP BY agent_type ORDER BY agent_type")
-                .fetch_all(self.pool())
-                .await?;
+        let by_type: Vec<(String, i64)> = sqlx::query_as(sql!(
+            "SELECT agent_type, count(*) FROM agents GROUP BY agent_type ORDER BY agent_type"
+        ))
+        .fetch_all(self.pool())
+        .await?;
         Ok(AgentStats {
             by_status: self.agent_status_counts().await?,
             by_type,
@@ -329,14 +344,12 @@ impl Store {
 }
 
 async fn select_agent(conn: &mut PgConnection, id: Uuid) -> Result<Agent> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"
-    )))
-    .bind(id)
-    .fetch_optional(conn)
-    .await?
-    .map(|AgentRow(a)| a)
-    .ok_or(StoreError::NotFound { entity: "agent", id })
+    sqlx::query_as(sql!(concat!("SELECT ", agent_columns!(), " FROM agents WHERE id = $1")))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .map(|AgentRow(a)| a)
+        .ok_or(StoreError::NotFound { entity: "agent", id })
 }
 
 fn unwrap_rows(rows: Vec<AgentRow>) -> Vec<Agent> {

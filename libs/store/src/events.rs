@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use crate::Result;
 use crate::outbox::OutboxEvent;
+use crate::statements::sql;
 
 static TRACE_SOURCE: std::sync::OnceLock<fn() -> Option<String>> = std::sync::OnceLock::new();
 
@@ -52,7 +53,7 @@ pub async fn insert_traced(conn: &mut PgConnection, events: &[Envelope], traces:
             trace_context: trace.clone(),
         })
         .collect();
-    sqlx::query("INSERT INTO event_batches (n, events) VALUES ($1, $2::json)")
+    sqlx::query(sql!("INSERT INTO event_batches (n, events) VALUES ($1, $2::json)"))
         .bind(i32::try_from(batch.len()).unwrap_or(i32::MAX))
         .bind(serde_json::to_string(&batch).expect("events always serialize"))
         .execute(conn)

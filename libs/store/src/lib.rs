@@ -11,6 +11,7 @@ pub mod listen;
 pub mod outbox;
 pub mod pauses;
 pub mod pulls;
+mod statements;
 pub mod tasks;
 pub mod tickets;
 
@@ -20,6 +21,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
+
+use crate::statements::sql;
 
 pub use error::{Result, StoreError};
 pub use omoi_domain::Task;
@@ -126,7 +129,7 @@ impl Store {
 
     /// True when the database answers.
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+        sqlx::query(sql!("SELECT 1")).execute(&self.pool).await.is_ok()
     }
 
     pub async fn close(&self) {
@@ -139,15 +142,15 @@ impl Store {
     /// server's autovacuum is off, or the table's); a table another vacuum
     /// holds is skipped. Which were vacuumed.
     pub async fn vacuum_unattended(&self, tables: &[&str]) -> Result<Vec<String>> {
-        let unattended: Vec<String> = sqlx::query_scalar(
+        let unattended: Vec<String> = sqlx::query_scalar(sql!(
             "SELECT c.relname::text FROM pg_class c
              WHERE c.relname = ANY($1) AND c.relkind = 'r' AND pg_table_is_visible(c.oid)
                AND (current_setting('autovacuum') = 'off'
                     OR EXISTS (SELECT 1 FROM unnest(c.reloptions) o
                                WHERE o IN ('autovacuum_enabled=false', 'autovacuum_enabled=off',
                                            'autovacuum_enabled=0', 'autovacuum_enabled=no')))
-             ORDER BY c.relname",
-        )
+             ORDER BY c.relname"
+        ))
         .bind(tables)
         .fetch_all(self.pool())
         .await?;

@@ -9,6 +9,7 @@ use sqlx::types::Json;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
+use crate::statements::sql;
 use crate::{Result, Store};
 
 /// Any value works as long as every relay of one database uses the same.
@@ -82,7 +83,7 @@ impl RelaySession {
         // it at most once and one unlock frees it. The running count of
         // events up to each batch: batches are taken whole, the first even
         // when it alone holds more than the limit.
-        let rows: Vec<TakenRow> = sqlx::query_as(
+        let rows: Vec<TakenRow> = sqlx::query_as(sql!(
             "WITH lock AS MATERIALIZED (SELECT pg_try_advisory_lock($2) AS held)
              SELECT lock.held, b.seq, b.events FROM lock LEFT JOIN LATERAL (
                  SELECT seq, events FROM (
@@ -92,8 +93,8 @@ impl RelaySession {
                  ) counted
                  WHERE upto <= $1 OR upto = n
              ) b ON true
-             ORDER BY b.seq",
-        )
+             ORDER BY b.seq"
+        ))
         .bind(limit)
         .bind(RELAY_LOCK_KEY)
         .fetch_all(&mut self.conn)
@@ -119,10 +120,10 @@ impl RelaySession {
     /// Deletes the published batches and gives the lock back, in one
     /// statement.
     pub async fn finish(&mut self, seqs: &[i64]) -> Result<()> {
-        sqlx::query(
+        sqlx::query(sql!(
             "WITH gone AS (DELETE FROM event_batches WHERE seq = ANY($1))
-             SELECT pg_advisory_unlock($2)",
-        )
+             SELECT pg_advisory_unlock($2)"
+        ))
         .bind(seqs)
         .bind(RELAY_LOCK_KEY)
         .execute(&mut self.conn)
@@ -132,7 +133,7 @@ impl RelaySession {
 
     /// Gives the lock back, leaving the batches for the next relay.
     pub async fn release(&mut self) -> Result<()> {
-        sqlx::query("SELECT pg_advisory_unlock($1)")
+        sqlx::query(sql!("SELECT pg_advisory_unlock($1)"))
             .bind(RELAY_LOCK_KEY)
             .execute(&mut self.conn)
             .await?;
@@ -150,7 +151,7 @@ impl Store {
     /// Events waiting to be published.
     pub async fn outbox_backlog(&self) -> Result<i64> {
         Ok(
-            sqlx::query_scalar("SELECT coalesce(sum(n), 0)::bigint FROM event_batches")
+            sqlx::query_scalar(sql!("SELECT coalesce(sum(n), 0)::bigint FROM event_batches"))
                 .fetch_one(self.pool())
                 .await?,
         )
@@ -158,9 +159,10 @@ impl Store {
 
     /// Every event in the outbox, oldest first.
     pub async fn outbox_events(&self) -> Result<Vec<OutboxEvent>> {
-        let rows: Vec<Json<Vec<OutboxEvent>>> = sqlx::query_scalar("SELECT events FROM event_batches ORDER BY seq")
-            .fetch_all(self.pool())
-            .await?;
+        let rows: Vec<Json<Vec<OutboxEvent>>> =
+            sqlx::query_scalar(sql!("SELECT events FROM event_batches ORDER BY seq"))
+                .fetch_all(self.pool())
+                .await?;
         Ok(rows.into_iter().flat_map(|Json(events)| events).collect())
     }
 }

@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use crate::codes::{phase_code, phase_of};
 use crate::events;
+use crate::statements::sql;
 use crate::{Result, Store, StoreError};
 
 type PauseRow = (Option<i16>, Option<Uuid>, String, DateTime<Utc>);
@@ -38,11 +39,11 @@ impl Store {
             String,
             DateTime<Utc>,
             bool,
-        ) = sqlx::query_as(
+        ) = sqlx::query_as(sql!(
             "INSERT INTO dispatch_pauses (phase, ticket_id, reason) VALUES ($1, $2, $3)
                  ON CONFLICT (phase, ticket_id) DO UPDATE SET reason = EXCLUDED.reason
-                 RETURNING phase, ticket_id, reason, paused_at, xmax = 0",
-        )
+                 RETURNING phase, ticket_id, reason, paused_at, xmax = 0"
+        ))
         .bind(scope.phase.map(phase_code))
         .bind(scope.ticket_id)
         .bind(reason)
@@ -60,11 +61,11 @@ impl Store {
     /// was paused.
     pub async fn resume(&self, scope: Scope) -> Result<Vec<Pause>> {
         let mut tx = self.pool().begin().await?;
-        let rows: Vec<PauseRow> = sqlx::query_as(
+        let rows: Vec<PauseRow> = sqlx::query_as(sql!(
             "DELETE FROM dispatch_pauses
              WHERE ($3 OR (phase IS NOT DISTINCT FROM $1 AND ticket_id IS NOT DISTINCT FROM $2))
-             RETURNING phase, ticket_id, reason, paused_at",
-        )
+             RETURNING phase, ticket_id, reason, paused_at"
+        ))
         .bind(scope.phase.map(phase_code))
         .bind(scope.ticket_id)
         .bind(scope.is_everything())
@@ -79,10 +80,11 @@ impl Store {
 
     /// Every pause, oldest first.
     pub async fn pauses(&self) -> Result<Vec<Pause>> {
-        let rows: Vec<PauseRow> =
-            sqlx::query_as("SELECT phase, ticket_id, reason, paused_at FROM dispatch_pauses ORDER BY paused_at")
-                .fetch_all(self.pool())
-                .await?;
+        let rows: Vec<PauseRow> = sqlx::query_as(sql!(
+            "SELECT phase, ticket_id, reason, paused_at FROM dispatch_pauses ORDER BY paused_at"
+        ))
+        .fetch_all(self.pool())
+        .await?;
         rows.into_iter().map(pause_of).collect()
     }
 }

@@ -8,7 +8,8 @@ use omoi_domain::event::PullRequestOpened;
 use omoi_domain::{Envelope, Event, Ticket};
 use sqlx::{Postgres, Transaction};
 
-use crate::tickets::{TICKET_COLUMNS, TicketRow};
+use crate::statements::sql;
+use crate::tickets::{TicketRow, ticket_columns};
 use crate::{Result, Store, events};
 
 /// A due ticket, held until its outcome is recorded (dropping it releases
@@ -26,8 +27,10 @@ impl Store {
     /// this caller; None when nothing is due.
     pub async fn next_pull_request(&self) -> Result<Option<PullRequestClaim>> {
         let mut tx = self.pool().begin().await?;
-        let row: Option<(TicketRow, i32)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {TICKET_COLUMNS}, pull_request_attempts FROM tickets
+        let row: Option<(TicketRow, i32)> = sqlx::query_as(sql!(concat!(
+            "SELECT ",
+            ticket_columns!(),
+            ", pull_request_attempts FROM tickets
              WHERE pull_request AND pull_request_url = '' AND status = 'completed'
                AND pull_request_next_at <= now()
              ORDER BY pull_request_next_at
@@ -58,11 +61,11 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for TicketRowWithAttempts {
 impl PullRequestClaim {
     /// The pull request exists: recorded, with its event.
     pub async fn opened(mut self, opened: PullRequestOpened) -> Result<()> {
-        sqlx::query(
+        sqlx::query(sql!(
             "UPDATE tickets SET pull_request_url = $2, pull_request_error = '',
                  pull_request_attempts = pull_request_attempts + 1, updated_at = now()
-             WHERE id = $1",
-        )
+             WHERE id = $1"
+        ))
         .bind(self.ticket.id)
         .bind(&opened.url)
         .execute(&mut *self.tx)
@@ -85,13 +88,13 @@ impl PullRequestClaim {
     }
 
     async fn record(mut self, message: &str, delay: Option<Duration>) -> Result<()> {
-        sqlx::query(
+        sqlx::query(sql!(
             "UPDATE tickets SET pull_request_error = $2, pull_request_attempts = pull_request_attempts + 1,
                  pull_request_next_at = CASE WHEN $3::float8 IS NULL THEN 'infinity'
                                              ELSE now() + make_interval(secs => $3) END,
                  updated_at = now()
-             WHERE id = $1",
-        )
+             WHERE id = $1"
+        ))
         .bind(self.ticket.id)
         .bind(message)
         .bind(delay.map(|d| d.as_secs_f64()))

@@ -14,14 +14,25 @@ use omoi_domain::{Envelope, Event};
 
 use crate::codes::{phase_code, phase_of};
 use crate::events;
+use crate::statements::sql;
 use crate::{Result, Store, StoreError, consumed};
 
-pub(crate) const TICKET_COLUMNS: &str =
-    "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
+/// The columns a `TicketRow` reads.
+macro_rules! ticket_columns {
+    () => {
+        "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
      pull_request, pull_request_url, pull_request_error, max_cost_usd, paused_reason, labels, request_id,
-     tasks_enqueued, usage, created_at, updated_at";
-const TICKET_TASK_COLUMNS: &str = "ticket_id, task_id, position, title, description, phase, priority, depends_on,
-     max_retries, timeout_seconds, concurrency_key, started, outcome";
+     tasks_enqueued, usage, created_at, updated_at"
+    };
+}
+pub(crate) use ticket_columns;
+/// The columns a `TicketTask` reads.
+macro_rules! ticket_task_columns {
+    () => {
+        "ticket_id, task_id, position, title, description, phase, priority, depends_on,
+     max_retries, timeout_seconds, concurrency_key, started, outcome"
+    };
+}
 
 /// A `tickets` row.
 pub(crate) struct TicketRow(pub(crate) Ticket);
@@ -149,7 +160,7 @@ impl Store {
     /// cancelled) more than `keep` ago, with their plans; a completed one
     /// whose pull request is still being opened stays. How many went.
     pub async fn prune_tickets(&self, keep: std::time::Duration, batch: i64) -> Result<u64> {
-        Ok(sqlx::query(
+        Ok(sqlx::query(sql!(
             "DELETE FROM tickets WHERE id IN (
                  SELECT id FROM tickets
                  WHERE status IN ('completed', 'failed', 'cancelled')
@@ -157,8 +168,8 @@ impl Store {
                    AND NOT (status = 'completed' AND pull_request AND pull_request_url = ''
                             AND pull_request_next_at <> 'infinity')
                  ORDER BY seq LIMIT $2
-                 FOR UPDATE SKIP LOCKED)",
-        )
+                 FOR UPDATE SKIP LOCKED)"
+        ))
         .bind(keep.as_secs_f64())
         .bind(batch)
         .execute(self.pool())
@@ -175,12 +186,13 @@ impl Store {
             return Ok(Created::Existing(existing.0, existing.1));
         }
         let mut tx = self.pool().begin().await?;
-        let inserted: Option<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let inserted: Option<TicketRow> = sqlx::query_as(sql!(concat!(
             "INSERT INTO tickets (id, title, description, priority, status, repository, labels, request_id,
                                   base_ref, branch, pull_request, max_cost_usd)
              VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (request_id) DO NOTHING
-             RETURNING {TICKET_COLUMNS}"
+             RETURNING ",
+            ticket_columns!()
         )))
         .bind(t.id)
         .bind(&t.title)
@@ -205,7 +217,7 @@ impl Store {
                 .ok_or_else(|| StoreError::FailedPrecondition(format!("request_id {rid:?} conflicts")))?;
             return Ok(Created::Existing(ticket, tasks));
         };
-        sqlx::query(
+        sqlx::query(sql!(
             "INSERT INTO ticket_tasks (ticket_id, task_id, position, title, description, phase, priority,
                                        depends_on, max_retries, timeout_seconds, concurrency_key)
              SELECT $1, p.task_id, p.position, p.title, p.description, p.phase, p.priority,
@@ -214,8 +226,8 @@ impl Store {
              FROM unnest($2::uuid[], $3::int4[], $4::text[], $5::text[], $6::int2[], $7::int4[], $8::text[],
                          $9::int4[], $10::int4[], $11::text[])
                   AS p(task_id, position, title, description, phase, priority, deps, max_retries, timeout_seconds,
-                       concurrency_key)",
-        )
+                       concurrency_key)"
+        ))
         .bind(ticket.id)
         .bind(plan.iter().map(|(id, _)| *id).collect::<Vec<_>>())
         .bind((0..plan.len() as i32).collect::<Vec<_>>())
@@ -253,8 +265,10 @@ impl Store {
 
     pub async fn ticket_by_request(&self, request_id: &str) -> Result<Option<(Ticket, Vec<TicketTask>)>> {
         let mut conn = self.pool().acquire().await?;
-        let ticket: Option<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {TICKET_COLUMNS} FROM tickets WHERE request_id = $1"
+        let ticket: Option<TicketRow> = sqlx::query_as(sql!(concat!(
+            "SELECT ",
+            ticket_columns!(),
+            " FROM tickets WHERE request_id = $1"
         )))
         .bind(request_id)
         .fetch_optional(&mut *conn)
@@ -282,8 +296,10 @@ impl Store {
         page_size: i64,
         before_seq: Option<i64>,
     ) -> Result<(Vec<Ticket>, Option<i64>)> {
-        let rows: Vec<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {TICKET_COLUMNS} FROM tickets
+        let rows: Vec<TicketRow> = sqlx::query_as(sql!(concat!(
+            "SELECT ",
+            ticket_columns!(),
+            " FROM tickets
              WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR seq < $2)
              ORDER BY seq DESC LIMIT $3"
         )))
@@ -296,10 +312,12 @@ impl Store {
     }
 
     pub async fn mark_tasks_enqueued(&self, id: Uuid) -> Result<()> {
-        sqlx::query("UPDATE tickets SET tasks_enqueued = true, updated_at = now() WHERE id = $1")
-            .bind(id)
-            .execute(self.pool())
-            .await?;
+        sqlx::query(sql!(
+            "UPDATE tickets SET tasks_enqueued = true, updated_at = now() WHERE id = $1"
+        ))
+        .bind(id)
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 
@@ -308,7 +326,7 @@ impl Store {
     pub async fn discard_ticket(&self, id: Uuid, reason: &str) -> Result<()> {
         let mut tx = self.pool().begin().await?;
         let mut ticket = select_ticket(&mut tx, id, true).await?;
-        sqlx::query("DELETE FROM tickets WHERE id = $1")
+        sqlx::query(sql!("DELETE FROM tickets WHERE id = $1"))
             .bind(id)
             .execute(&mut *tx)
             .await?;
@@ -326,8 +344,10 @@ impl Store {
     /// created more than `older_than` ago (a younger one is still being
     /// enqueued by the request that created it).
     pub async fn tickets_to_enqueue(&self, limit: i64, older_than: Duration) -> Result<Vec<(Ticket, Vec<TicketTask>)>> {
-        let tickets: Vec<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {TICKET_COLUMNS} FROM tickets WHERE NOT tasks_enqueued AND status <> 'cancelled'
+        let tickets: Vec<TicketRow> = sqlx::query_as(sql!(concat!(
+            "SELECT ",
+            ticket_columns!(),
+            " FROM tickets WHERE NOT tasks_enqueued AND status <> 'cancelled'
                AND created_at < now() - make_interval(secs => $2)
              ORDER BY seq LIMIT $1"
         )))
@@ -385,7 +405,7 @@ impl Store {
         let mut tx = self.pool().begin().await?;
         if !consumed::first_time(&mut tx, consumer, event_id).await? {
             drop(tx);
-            let owner: Option<Uuid> = sqlx::query_scalar("SELECT ticket_id FROM ticket_tasks WHERE task_id = $1")
+            let owner: Option<Uuid> = sqlx::query_scalar(sql!("SELECT ticket_id FROM ticket_tasks WHERE task_id = $1"))
                 .bind(task_id)
                 .fetch_optional(self.pool())
                 .await?;
@@ -395,10 +415,10 @@ impl Store {
             return Ok(Some(Applied { ticket, changed: false }));
         }
         if usage.is_some() || head_commit.is_some() {
-            sqlx::query(
+            sqlx::query(sql!(
                 "UPDATE tickets SET usage = usage_add(usage, $2::jsonb), head_commit = COALESCE($3, head_commit)
-                 WHERE id = (SELECT ticket_id FROM ticket_tasks WHERE task_id = $1)",
-            )
+                 WHERE id = (SELECT ticket_id FROM ticket_tasks WHERE task_id = $1)"
+            ))
             .bind(task_id)
             .bind(crate::tasks::usage_json(usage))
             .bind(head_commit)
@@ -406,11 +426,11 @@ impl Store {
             .await?;
         }
         // The first outcome stands, until an operator's retry opens it again.
-        let owner: Option<Uuid> = sqlx::query_scalar(
+        let owner: Option<Uuid> = sqlx::query_scalar(sql!(
             "UPDATE ticket_tasks SET started = started OR $2,
                  outcome = CASE WHEN $4 THEN NULL ELSE COALESCE(outcome, $3) END
-             WHERE task_id = $1 RETURNING ticket_id",
-        )
+             WHERE task_id = $1 RETURNING ticket_id"
+        ))
         .bind(task_id)
         .bind(started)
         .bind(outcome.map(TaskOutcome::as_str))
@@ -440,11 +460,11 @@ impl Store {
     pub async fn update_ticket(&self, id: Uuid, update: &TicketUpdate) -> Result<PendingUpdate> {
         let mut tx = self.pool().begin().await?;
         let ticket = select_ticket(&mut tx, id, true).await?;
-        sqlx::query(
+        sqlx::query(sql!(
             "UPDATE tickets SET priority = COALESCE($2, priority), labels = COALESCE($3, labels),
                  max_cost_usd = CASE WHEN $4 THEN $5 ELSE max_cost_usd END, updated_at = now()
-             WHERE id = $1",
-        )
+             WHERE id = $1"
+        ))
         .bind(id)
         .bind(update.priority.map(|p| p as i16))
         .bind(&update.labels)
@@ -546,12 +566,20 @@ async fn settle_status(
 }
 
 async fn select_ticket(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result<Ticket> {
-    let sql = if lock {
-        format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = $1 FOR UPDATE")
+    let query = if lock {
+        sqlx::query_as(sql!(concat!(
+            "SELECT ",
+            ticket_columns!(),
+            " FROM tickets WHERE id = $1 FOR UPDATE"
+        )))
     } else {
-        format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = $1")
+        sqlx::query_as(sql!(concat!(
+            "SELECT ",
+            ticket_columns!(),
+            " FROM tickets WHERE id = $1"
+        )))
     };
-    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    query
         .bind(id)
         .fetch_optional(conn)
         .await?
@@ -564,8 +592,10 @@ fn unwrap_rows(rows: Vec<TicketRow>) -> Vec<Ticket> {
 }
 
 async fn select_ticket_tasks(conn: &mut PgConnection, ticket_id: Uuid) -> Result<Vec<TicketTask>> {
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {TICKET_TASK_COLUMNS} FROM ticket_tasks WHERE ticket_id = $1 ORDER BY position"
+    Ok(sqlx::query_as(sql!(concat!(
+        "SELECT ",
+        ticket_task_columns!(),
+        " FROM ticket_tasks WHERE ticket_id = $1 ORDER BY position"
     )))
     .bind(ticket_id)
     .fetch_all(conn)
@@ -573,9 +603,10 @@ async fn select_ticket_tasks(conn: &mut PgConnection, ticket_id: Uuid) -> Result
 }
 
 async fn set_status(conn: &mut PgConnection, id: Uuid, status: TicketStatus, paused_reason: &str) -> Result<Ticket> {
-    let TicketRow(ticket) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let TicketRow(ticket) = sqlx::query_as(sql!(concat!(
         "UPDATE tickets SET status = $2, paused_reason = $3, updated_at = now() WHERE id = $1
-         RETURNING {TICKET_COLUMNS}"
+         RETURNING ",
+        ticket_columns!()
     )))
     .bind(id)
     .bind(status.as_str())

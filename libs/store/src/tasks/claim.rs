@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::{TaskRow, task_columns, unwrap_rows};
 use crate::codes::phase_code;
 use crate::events;
+use crate::statements::{built, built_statements, sql};
 use crate::{Result, Store};
 
 /// One free place on a connected agent's stream.
@@ -129,6 +130,33 @@ static PLAIN_CLAIMS: LazyLock<Vec<String>> = LazyLock::new(|| {
         .collect()
 });
 
+/// The claim under concurrency limits (rarely set): the heads keep the
+/// parameter.
+static LIMITED_CLAIM: LazyLock<String> = LazyLock::new(|| {
+    let template = claim_statement!(
+        "allowed AS (
+             -- Of each locked key ($9), as many ready tasks as it has room for.
+             SELECT r.id FROM concurrency_limits l
+             CROSS JOIN LATERAL (
+                 SELECT r.id FROM tasks r
+                 WHERE r.concurrency_key = l.key AND r.status = 'pending' AND r.unmet_deps = 0
+                   AND r.next_attempt_at <= now() AND r.phase = ANY($3)
+                 ORDER BY r.priority DESC, r.seq
+                 LIMIT greatest(l.max_running - (
+                     SELECT count(*) FROM tasks h
+                     WHERE h.concurrency_key = l.key AND h.status IN ('assigned', 'running')), 0)
+             ) r
+             WHERE l.key = ANY($9::text[])
+         ),",
+        "OR tasks.id IN (SELECT id FROM allowed)"
+    );
+    template.replace("{head}", "$4")
+});
+
+built_statements!(CLAIMS, || {
+    PLAIN_CLAIMS.iter().chain([&*LIMITED_CLAIM]).cloned().collect()
+});
+
 /// The claim statement for this many slots (`PLAIN_CLAIMS`).
 fn plain_claim(slots: usize) -> &'static str {
     let bucket = (slots.next_power_of_two().trailing_zeros() as usize).min(HEADS);
@@ -179,35 +207,16 @@ impl Store {
             // for one of them waits here for another doing the same, and
             // then (a new statement, a new snapshot) counts what that one
             // handed out.
-            let locked: Vec<String> = sqlx::query_scalar(
+            let locked: Vec<String> = sqlx::query_scalar(sql!(
                 "SELECT l.key FROM concurrency_limits l
                  WHERE EXISTS (SELECT 1 FROM tasks r
                                WHERE r.concurrency_key = l.key AND r.status = 'pending' AND r.unmet_deps = 0
                                  AND r.next_attempt_at <= now())
-                 ORDER BY l.key FOR UPDATE",
-            )
+                 ORDER BY l.key FOR UPDATE"
+            ))
             .fetch_all(&mut *tx)
             .await?;
-            // With limits (rarely set), the heads keep the parameter.
-            const LIMITED: &str = claim_statement!(
-                "allowed AS (
-                     -- Of each locked key ($9), as many ready tasks as it has room for.
-                     SELECT r.id FROM concurrency_limits l
-                     CROSS JOIN LATERAL (
-                         SELECT r.id FROM tasks r
-                         WHERE r.concurrency_key = l.key AND r.status = 'pending' AND r.unmet_deps = 0
-                           AND r.next_attempt_at <= now() AND r.phase = ANY($3)
-                         ORDER BY r.priority DESC, r.seq
-                         LIMIT greatest(l.max_running - (
-                             SELECT count(*) FROM tasks h
-                             WHERE h.concurrency_key = l.key AND h.status IN ('assigned', 'running')), 0)
-                     ) r
-                     WHERE l.key = ANY($9::text[])
-                 ),",
-                "OR tasks.id IN (SELECT id FROM allowed)"
-            );
-            static LIMITED_CLAIM: LazyLock<String> = LazyLock::new(|| LIMITED.replace("{head}", "$4"));
-            let rows = bind(sqlx::query_as(sqlx::AssertSqlSafe(LIMITED_CLAIM.as_str())))
+            let rows = bind(sqlx::query_as(built(LIMITED_CLAIM.as_str())))
                 .bind(locked)
                 .fetch_all(&mut *tx)
                 .await?;
@@ -216,7 +225,7 @@ impl Store {
         } else {
             // Without limits the claim and its events are one statement,
             // committed on its own.
-            let rows = bind(sqlx::query_as(sqlx::AssertSqlSafe(plain_claim(slots.len()))))
+            let rows = bind(sqlx::query_as(built(plain_claim(slots.len()))))
                 .fetch_all(self.pool())
                 .await?;
             self.wrote();
@@ -228,12 +237,12 @@ impl Store {
     /// The tasks an `assign` with this stamp handed to these sessions and
     /// that are still waiting to start.
     pub async fn assigned_in_round(&self, stamp: DateTime<Utc>, sessions: &[Uuid]) -> Result<Vec<Task>> {
-        let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+        let rows: Vec<TaskRow> = sqlx::query_as(sql!(concat!(
             "SELECT ",
             task_columns!(),
             " FROM tasks t
              WHERE t.status = 'assigned' AND t.assigned_at = $1 AND t.assignment_session = ANY($2)"
-        ))
+        )))
         .bind(stamp)
         .bind(sessions)
         .fetch_all(self.pool())
@@ -248,7 +257,7 @@ impl Store {
     /// backed-off task becomes ready. An agent gone quiet gets nothing new
     /// well before the health service declares it stale.
     pub async fn round_view(&self, agents: &[Uuid], silent_seconds: f64) -> Result<Round> {
-        let rows: Vec<RoundRow> = sqlx::query_as(
+        let rows: Vec<RoundRow> = sqlx::query_as(sql!(
             "WITH live AS (
                  SELECT a.id, (SELECT count(*) FROM tasks t
                                WHERE t.assigned_agent_id = a.id AND t.status IN ('assigned', 'running')) AS held
@@ -264,8 +273,8 @@ impl Store {
                            AND next_attempt_at > created_at) AS next_retry
              )
              SELECT live.id, live.held, facts.limits, facts.next_retry
-             FROM facts LEFT JOIN live ON true",
-        )
+             FROM facts LEFT JOIN live ON true"
+        ))
         .bind(agents)
         .bind(silent_seconds)
         .fetch_all(self.pool())
@@ -305,34 +314,26 @@ impl Store {
 
     async fn requeue_where(&self, which: Unstarted) -> Result<Vec<Revoked>> {
         // The statement per case, so that each uses its own index.
-        let (filter, reason) = match which {
-            Unstarted::OnStream(_) => ("t.assignment_session = $1", "stream closed".to_owned()),
-            Unstarted::OtherStreams(..) => (
-                "t.assignment_session IS DISTINCT FROM $1 AND t.assigned_agent_id = $2",
+        let (query, reason) = match which {
+            Unstarted::OnStream(session) => (
+                sqlx::query_as(sql!(requeue_statement!("t.assignment_session = $1"))).bind(session),
+                "stream closed".to_owned(),
+            ),
+            Unstarted::OtherStreams(agent, session) => (
+                sqlx::query_as(sql!(requeue_statement!(
+                    "t.assignment_session IS DISTINCT FROM $1 AND t.assigned_agent_id = $2"
+                )))
+                .bind(session)
+                .bind(agent),
                 "agent reconnected".to_owned(),
             ),
             Unstarted::Lapsed(seconds) => (
-                "t.assigned_at < now() - make_interval(secs => $1)",
+                sqlx::query_as(sql!(requeue_statement!(
+                    "t.assigned_at < now() - make_interval(secs => $1)"
+                )))
+                .bind(seconds),
                 rules::start_lapsed(seconds),
             ),
-        };
-        let sql = format!(
-            "WITH held AS (
-                 SELECT t.id, t.assigned_agent_id FROM tasks t
-                 WHERE t.status = 'assigned' AND {filter}
-                 ORDER BY t.seq FOR UPDATE SKIP LOCKED
-             )
-             UPDATE tasks t
-             SET status = 'pending', assigned_agent_id = NULL, assignment_session = NULL,
-                 updated_at = now(), next_attempt_at = now()
-             FROM held WHERE t.id = held.id
-             RETURNING t.id, t.ticket_id, t.attempt, t.trace_context, held.assigned_agent_id"
-        );
-        let query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
-        let query = match which {
-            Unstarted::OnStream(session) => query.bind(session),
-            Unstarted::OtherStreams(agent, session) => query.bind(session).bind(agent),
-            Unstarted::Lapsed(seconds) => query.bind(seconds),
         };
         let mut tx = self.pool().begin().await?;
         let rows: Vec<PutBack> = query.fetch_all(&mut *tx).await?;
@@ -374,6 +375,27 @@ pub struct Round {
 /// A task put back: id, ticket, attempt, trace context, and the agent that
 /// held it.
 type PutBack = (Uuid, Option<Uuid>, i32, Option<String>, Option<Uuid>);
+
+/// Puts back the assigned, unstarted tasks `$filter` selects.
+macro_rules! requeue_statement {
+    ($filter:literal) => {
+        concat!(
+            "WITH held AS (
+                 SELECT t.id, t.assigned_agent_id FROM tasks t
+                 WHERE t.status = 'assigned' AND ",
+            $filter,
+            "
+                 ORDER BY t.seq FOR UPDATE SKIP LOCKED
+             )
+             UPDATE tasks t
+             SET status = 'pending', assigned_agent_id = NULL, assignment_session = NULL,
+                 updated_at = now(), next_attempt_at = now()
+             FROM held WHERE t.id = held.id
+             RETURNING t.id, t.ticket_id, t.attempt, t.trace_context, held.assigned_agent_id"
+        )
+    };
+}
+use requeue_statement;
 
 /// Which assigned, unstarted tasks go back to the queue.
 #[derive(Debug, Clone, Copy)]

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::{TaskRow, task_columns_without_dependencies, unwrap_rows};
 use crate::codes::phase_code;
 use crate::events;
+use crate::statements::sql;
 use crate::{Result, Store, StoreError};
 
 impl Store {
@@ -52,7 +53,7 @@ impl Store {
 
     /// The refusal of a batch one of whose ids was taken: the first such.
     async fn already_exists(&self, ids: &[Uuid]) -> StoreError {
-        let taken: HashSet<Uuid> = match sqlx::query_scalar("SELECT id FROM tasks WHERE id = ANY($1)")
+        let taken: HashSet<Uuid> = match sqlx::query_scalar(sql!("SELECT id FROM tasks WHERE id = ANY($1)"))
             .bind(ids)
             .fetch_all(self.pool())
             .await
@@ -109,15 +110,15 @@ async fn lock_dependencies(conn: &mut PgConnection, tasks: &[NewTask]) -> Result
     let existing: Vec<(Uuid, String)> = if external.is_empty() {
         Vec::new()
     } else {
-        sqlx::query_as(
+        sqlx::query_as(sql!(
             "WITH l AS (
                  SELECT id, status, has_dependents FROM tasks WHERE id = ANY($1)
                  ORDER BY id FOR NO KEY UPDATE
              ), marked AS (
                  UPDATE tasks t SET has_dependents = true FROM l WHERE t.id = l.id AND NOT l.has_dependents
              )
-             SELECT id, status FROM l",
-        )
+             SELECT id, status FROM l"
+        ))
         .bind(&external)
         .fetch_all(&mut *conn)
         .await?
@@ -147,7 +148,7 @@ async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32])
         .collect();
     // Marked as they are stored (the edges' trigger would mark them after).
     let depended_on: HashSet<Uuid> = tasks.iter().flat_map(|t| t.depends_on.iter().copied()).collect();
-    let inserted = sqlx::query_as::<_, TaskRow>(concat!(
+    let inserted = sqlx::query_as::<_, TaskRow>(sql!(concat!(
         "WITH n AS (
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int2[], $6::int4[],
                                   $7::int4[], $8::int4[], $9::int4[], $11::text[], $12::uuid[], $13::text[],
@@ -174,7 +175,7 @@ async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32])
          SELECT ",
         task_columns_without_dependencies!(),
         " FROM t"
-    ))
+    )))
     .bind(tasks.iter().map(|t| t.id).collect::<Vec<_>>())
     .bind(tasks.iter().map(|t| t.ticket_id).collect::<Vec<_>>())
     .bind(tasks.iter().map(|t| t.title.as_str()).collect::<Vec<_>>())
@@ -210,10 +211,10 @@ async fn insert_edges(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<()> 
         .flat_map(|t| t.depends_on.iter().map(move |d| (t.id, *d)))
         .unzip();
     if !from.is_empty() {
-        sqlx::query(
+        sqlx::query(sql!(
             "INSERT INTO task_dependencies (task_id, depends_on)
-             SELECT * FROM unnest($1::uuid[], $2::uuid[])",
-        )
+             SELECT * FROM unnest($1::uuid[], $2::uuid[])"
+        ))
         .bind(&from)
         .bind(&to)
         .execute(conn)

@@ -6,6 +6,7 @@ use omoi_domain::{Task, TaskStatus, rules};
 use uuid::Uuid;
 
 use super::{Outcome, TaskRow, lock_task, persist, select_tasks, task_columns, unwrap_rows};
+use crate::statements::sql;
 use crate::{Result, Store};
 
 /// What an operator's retry did.
@@ -30,7 +31,7 @@ impl Store {
     pub async fn prune_tasks(&self, keep: std::time::Duration, batch: i64) -> Result<u64> {
         let mut tx = self.pool().begin().await?;
         let ids: Vec<Uuid> = sqlx::query_scalar(
-            "WITH cutoff AS (SELECT now() - make_interval(secs => $1) AS at)
+            sql!("WITH cutoff AS (SELECT now() - make_interval(secs => $1) AS at)
              SELECT t.id FROM tasks t, cutoff
              WHERE t.status IN ('completed', 'failed', 'timed_out', 'cancelled') AND t.updated_at < cutoff.at
                AND NOT EXISTS (SELECT 1 FROM tasks o
@@ -43,7 +44,7 @@ impl Store {
                    WHERE d.depends_on = t.id
                      AND (o.status NOT IN ('completed', 'failed', 'timed_out', 'cancelled') OR o.updated_at >= cutoff.at))
              ORDER BY t.seq LIMIT $2
-             FOR UPDATE OF t SKIP LOCKED",
+             FOR UPDATE OF t SKIP LOCKED"),
         )
         .bind(keep.as_secs_f64())
         .bind(batch)
@@ -53,11 +54,13 @@ impl Store {
             tx.rollback().await?;
             return Ok(0);
         }
-        sqlx::query("DELETE FROM task_dependencies WHERE task_id = ANY($1) OR depends_on = ANY($1)")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
-        let gone = sqlx::query("DELETE FROM tasks WHERE id = ANY($1)")
+        sqlx::query(sql!(
+            "DELETE FROM task_dependencies WHERE task_id = ANY($1) OR depends_on = ANY($1)"
+        ))
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        let gone = sqlx::query(sql!("DELETE FROM tasks WHERE id = ANY($1)"))
             .bind(&ids)
             .execute(&mut *tx)
             .await?
@@ -77,11 +80,11 @@ impl Store {
     pub async fn retry(&self, task_id: Uuid, reason: &str) -> Result<Retried> {
         let mut tx = self.pool().begin().await?;
         let task = lock_task(&mut tx, task_id).await?;
-        let ended: Option<(Uuid, String)> = sqlx::query_as(
+        let ended: Option<(Uuid, String)> = sqlx::query_as(sql!(
             "SELECT p.id, p.status FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
              WHERE d.task_id = $1 AND p.status IN ('failed', 'timed_out', 'cancelled')
-             ORDER BY p.seq LIMIT 1",
-        )
+             ORDER BY p.seq LIMIT 1"
+        ))
         .bind(task_id)
         .fetch_optional(&mut *tx)
         .await?;
@@ -90,18 +93,18 @@ impl Store {
             None => None,
         };
         let outcome = persist(&mut tx, rules::on_manual_retry(&task, reason, ended)?).await?;
-        let cancelled: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM tasks WHERE cancelled_by = $1 AND status = 'cancelled' ORDER BY seq FOR UPDATE",
-        )
+        let cancelled: Vec<Uuid> = sqlx::query_scalar(sql!(
+            "SELECT id FROM tasks WHERE cancelled_by = $1 AND status = 'cancelled' ORDER BY seq FOR UPDATE"
+        ))
         .bind(task_id)
         .fetch_all(&mut *tx)
         .await?;
         let mut candidates = Vec::with_capacity(cancelled.len());
         for id in cancelled {
-            let deps: Vec<(Uuid, String)> = sqlx::query_as(
+            let deps: Vec<(Uuid, String)> = sqlx::query_as(sql!(
                 "SELECT p.id, p.status FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
-                 WHERE d.task_id = $1",
-            )
+                 WHERE d.task_id = $1"
+            ))
             .bind(id)
             .fetch_all(&mut *tx)
             .await?;
@@ -127,12 +130,12 @@ impl Store {
     /// each is retried like a retryable failure or failed when out of retries.
     pub async fn time_out_expired(&self, limit: i64) -> Result<Vec<Outcome>> {
         let mut tx = self.pool().begin().await?;
-        let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+        let rows: Vec<TaskRow> = sqlx::query_as(sql!(concat!(
             "SELECT ",
             task_columns!(),
             " FROM tasks t WHERE t.status = 'running' AND t.deadline_at < now()
              ORDER BY t.deadline_at LIMIT $1 FOR UPDATE SKIP LOCKED"
-        ))
+        )))
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
@@ -146,13 +149,13 @@ impl Store {
     /// reports for those attempts are refused by the attempt fence.
     pub async fn reclaim_agent(&self, agent_id: Uuid, stale_at: DateTime<Utc>) -> Result<Vec<Outcome>> {
         let mut tx = self.pool().begin().await?;
-        let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+        let rows: Vec<TaskRow> = sqlx::query_as(sql!(concat!(
             "SELECT ",
             task_columns!(),
             " FROM tasks t
              WHERE t.assigned_agent_id = $1 AND t.status IN ('assigned', 'running') AND t.assigned_at <= $2
              ORDER BY t.seq FOR UPDATE"
-        ))
+        )))
         .bind(agent_id)
         .bind(stale_at)
         .fetch_all(&mut *tx)
@@ -172,7 +175,7 @@ impl Store {
     /// tasks: a health-service outage takes nothing back.
     pub async fn reclaim_unheld(&self, lease_seconds: f64, slack_seconds: f64, limit: i64) -> Result<Vec<Outcome>> {
         let mut tx = self.pool().begin().await?;
-        let rows: Vec<(TaskRow, String)> = sqlx::query_as(concat!(
+        let rows: Vec<(TaskRow, String)> = sqlx::query_as(sql!(concat!(
             "SELECT ",
             task_columns!(),
             ", CASE WHEN a.id IS NULL THEN 'unknown'
@@ -187,7 +190,7 @@ impl Store {
                     OR (a.last_heartbeat_at > t.started_at + make_interval(secs => $2)
                         AND NOT t.id = ANY(a.running_task_ids)))
              ORDER BY t.started_at LIMIT $3 FOR UPDATE OF t SKIP LOCKED"
-        ))
+        )))
         .bind(lease_seconds)
         .bind(slack_seconds)
         .bind(limit)
@@ -213,10 +216,10 @@ impl Store {
         let mut tx = self.pool().begin().await?;
         let task = lock_task(&mut tx, task_id).await?;
         rules::extendable(&task, attempt)?;
-        let until: DateTime<Utc> = sqlx::query_scalar(
+        let until: DateTime<Utc> = sqlx::query_scalar(sql!(
             "UPDATE tasks SET lease_expires_at = greatest(lease_expires_at, now() + make_interval(secs => $2))
-             WHERE id = $1 RETURNING lease_expires_at",
-        )
+             WHERE id = $1 RETURNING lease_expires_at"
+        ))
         .bind(task_id)
         .bind(f64::from(seconds))
         .fetch_one(&mut *tx)

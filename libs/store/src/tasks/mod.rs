@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::codes::phase_of;
 use crate::events;
+use crate::statements::sql;
 use crate::{Result, Store, StoreError};
 
 pub use claim::Slot;
@@ -123,11 +124,11 @@ pub struct Outcome {
 }
 
 async fn select_tasks(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Task>> {
-    let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+    let rows: Vec<TaskRow> = sqlx::query_as(sql!(concat!(
         "SELECT ",
         task_columns!(),
         " FROM tasks t WHERE t.id = ANY($1)"
-    ))
+    )))
     .bind(ids)
     .fetch_all(conn)
     .await?;
@@ -135,11 +136,11 @@ async fn select_tasks(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Task>
 }
 
 async fn lock_task(conn: &mut PgConnection, id: Uuid) -> Result<Task> {
-    let row: Option<TaskRow> = sqlx::query_as(concat!(
+    let row: Option<TaskRow> = sqlx::query_as(sql!(concat!(
         "SELECT ",
         task_columns!(),
         " FROM tasks t WHERE t.id = $1 FOR UPDATE"
-    ))
+    )))
     .bind(id)
     .fetch_optional(conn)
     .await?;
@@ -185,12 +186,12 @@ async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
     match &tr.change {
         Change::Retry { delay, error, class } => {
             sqlx::query(
-                "UPDATE tasks SET status = 'pending', retry_count = retry_count + 1,
+                sql!("UPDATE tasks SET status = 'pending', retry_count = retry_count + 1,
                      next_attempt_at = now() + make_interval(secs => $2::float8 / 1000.0),
                      assigned_agent_id = NULL, assignment_session = NULL, deadline_at = NULL,
                      started_at = NULL, lease_expires_at = NULL, error_message = $3, error_class = $4, updated_at = now(),
                      usage = usage_add(usage, $5::jsonb)
-                 WHERE id = $1",
+                 WHERE id = $1"),
             )
             .bind(tr.task_id)
             .bind(delay.as_millis() as f64)
@@ -201,12 +202,12 @@ async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
             .await?;
         }
         Change::Fail { error, class } => {
-            sqlx::query(
+            sqlx::query(sql!(
                 "UPDATE tasks SET status = 'failed', error_message = $2, error_class = $3,
                      completed_at = now(), deadline_at = NULL, updated_at = now(),
                      usage = usage_add(usage, $4::jsonb)
-                 WHERE id = $1",
-            )
+                 WHERE id = $1"
+            ))
             .bind(tr.task_id)
             .bind(error)
             .bind(class.as_str())
@@ -216,22 +217,22 @@ async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
         }
         Change::Reset => {
             sqlx::query(
-                "UPDATE tasks SET status = 'pending', retry_count = 0, error_message = NULL,
+                sql!("UPDATE tasks SET status = 'pending', retry_count = 0, error_message = NULL,
                      error_class = NULL, result = NULL, git = NULL, completed_at = NULL, started_at = NULL, lease_expires_at = NULL,
                      deadline_at = NULL, assigned_agent_id = NULL, assignment_session = NULL,
                      cancelled_by = NULL, next_attempt_at = now(), updated_at = now()
-                 WHERE id = $1",
+                 WHERE id = $1"),
             )
             .bind(tr.task_id)
             .execute(&mut *conn)
             .await?;
         }
         Change::Cancel { reason } => {
-            sqlx::query(
+            sqlx::query(sql!(
                 "UPDATE tasks SET status = 'cancelled', error_message = $2, completed_at = now(),
                      updated_at = now(), deadline_at = NULL
-                 WHERE id = $1",
-            )
+                 WHERE id = $1"
+            ))
             .bind(tr.task_id)
             .bind(reason)
             .execute(&mut *conn)
@@ -254,7 +255,7 @@ async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
 
 /// Cancels the pending tasks that depend, directly or not, on `root`.
 async fn cancel_dependents(conn: &mut PgConnection, root: Uuid, reason: &str) -> Result<Vec<Uuid>> {
-    let rows: Vec<(Uuid, Option<Uuid>, Option<String>)> = sqlx::query_as(
+    let rows: Vec<(Uuid, Option<Uuid>, Option<String>)> = sqlx::query_as(sql!(
         "WITH RECURSIVE down(id) AS (
              SELECT task_id FROM task_dependencies WHERE depends_on = $1
              UNION
@@ -266,8 +267,8 @@ async fn cancel_dependents(conn: &mut PgConnection, root: Uuid, reason: &str) ->
              FROM down WHERE t.id = down.id AND t.status = 'pending'
              RETURNING t.id, t.ticket_id, t.seq, t.trace_context
          )
-         SELECT id, ticket_id, trace_context FROM t ORDER BY seq",
-    )
+         SELECT id, ticket_id, trace_context FROM t ORDER BY seq"
+    ))
     .bind(root)
     .bind(reason)
     .fetch_all(&mut *conn)
@@ -286,15 +287,15 @@ async fn release_dependents(conn: &mut PgConnection, done: &[Uuid]) -> Result<u6
     if done.is_empty() {
         return Ok(0);
     }
-    let released = sqlx::query(
+    let released = sqlx::query(sql!(
         "UPDATE tasks t
          SET unmet_deps = t.unmet_deps - c.n, updated_at = now(),
              next_attempt_at = CASE WHEN t.unmet_deps = c.n THEN greatest(t.next_attempt_at, now())
                                     ELSE t.next_attempt_at END
          FROM (SELECT task_id, count(*)::int AS n FROM task_dependencies
                WHERE depends_on = ANY($1) GROUP BY task_id ORDER BY task_id) c
-         WHERE t.id = c.task_id",
-    )
+         WHERE t.id = c.task_id"
+    ))
     .bind(done)
     .execute(conn)
     .await?;

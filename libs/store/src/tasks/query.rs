@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::{TaskRow, select_tasks, task_columns, unwrap_rows};
 use crate::codes::{phase_code, phase_of};
+use crate::statements::sql;
 use crate::{Result, Store, StoreError};
 
 /// Filters of `list`.
@@ -56,7 +57,7 @@ impl Store {
     /// A page of tasks in insertion order after `after_seq`; the second value
     /// is the cursor of the next page, if there is one.
     pub async fn list(&self, filter: &ListFilter, page_size: i64, after_seq: i64) -> Result<(Vec<Task>, Option<i64>)> {
-        let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+        let rows: Vec<TaskRow> = sqlx::query_as(sql!(concat!(
             "SELECT ",
             task_columns!(),
             " FROM tasks t
@@ -65,7 +66,7 @@ impl Store {
                AND ($3::int2 IS NULL OR t.phase = $3)
                AND t.seq > $4
              ORDER BY t.seq LIMIT $5"
-        ))
+        )))
         .bind(filter.ticket_id)
         .bind(filter.status.map(TaskStatus::as_str))
         .bind(filter.phase.map(phase_code))
@@ -77,20 +78,21 @@ impl Store {
     }
 
     pub async fn stats(&self) -> Result<Stats> {
-        let rows: Vec<(String, i16, i64)> =
-            sqlx::query_as("SELECT status, phase, count(*) FROM tasks GROUP BY status, phase ORDER BY 1, 2")
-                .fetch_all(self.pool())
-                .await?;
+        let rows: Vec<(String, i16, i64)> = sqlx::query_as(sql!(
+            "SELECT status, phase, count(*) FROM tasks GROUP BY status, phase ORDER BY 1, 2"
+        ))
+        .fetch_all(self.pool())
+        .await?;
         let mut counts = Vec::with_capacity(rows.len());
         for (status, phase, n) in rows {
             let status: TaskStatus = status.parse().map_err(StoreError::Corrupt)?;
             let phase = phase_of(phase).ok_or_else(|| StoreError::Corrupt(format!("phase {phase}")))?;
             counts.push((status, phase, n));
         }
-        let (ready, age): (i64, Option<f64>) = sqlx::query_as(
+        let (ready, age): (i64, Option<f64>) = sqlx::query_as(sql!(
             "SELECT count(*), extract(epoch FROM now() - min(next_attempt_at))::float8 FROM tasks
-             WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at <= now()",
-        )
+             WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at <= now()"
+        ))
         .fetch_one(self.pool())
         .await?;
         Ok(Stats {

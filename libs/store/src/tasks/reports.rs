@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::{Outcome, TaskRow, release_dependents, select_tasks, task_columns, unwrap_rows, usage_json};
 use crate::events;
+use crate::statements::sql;
 use crate::{Result, Store, StoreError};
 
 /// A report of an attempt: task, attempt, and (for completions) the result.
@@ -43,7 +44,7 @@ impl Store {
     pub async fn start_batch(&self, reports: &[Report]) -> Result<Vec<Result<Task>>> {
         let (ids, attempts) = ids_and_attempts(reports);
         let events = ReportEvents::new(reports, |r| rules::start_event(r.attempt, None));
-        let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+        let rows: Vec<TaskRow> = sqlx::query_as(sql!(concat!(
             "WITH r AS (
                  SELECT * FROM unnest($1::uuid[], $2::int4[], $3::uuid[], $4::text[], $5::text[])
                           WITH ORDINALITY AS r(id, attempt, event_id, event_payload, trace, ord)
@@ -63,7 +64,7 @@ impl Store {
              SELECT ",
             task_columns!(),
             " FROM t"
-        ))
+        )))
         .bind(&ids)
         .bind(&attempts)
         .bind(&events.ids)
@@ -196,7 +197,7 @@ async fn complete(conn: &mut PgConnection, reports: &[Report], which: Completabl
     let events = ReportEvents::new(reports, |r| {
         rules::completion_event(r.attempt, None, r.result.clone(), r.usage.clone(), r.git.as_ref())
     });
-    let rows: Vec<TaskRow> = sqlx::query_as(concat!(
+    let rows: Vec<TaskRow> = sqlx::query_as(sql!(concat!(
         "WITH r AS (
              SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
                                   $6::uuid[], $7::text[], $8::text[])
@@ -220,7 +221,7 @@ async fn complete(conn: &mut PgConnection, reports: &[Report], which: Completabl
          SELECT ",
         task_columns!(),
         " FROM t"
-    ))
+    )))
     .bind(&ids)
     .bind(&attempts)
     .bind(&results)
