@@ -148,9 +148,9 @@ impl Base {
 
     /// Deletes what is past a retention of `keep_seconds` (0: keep
     /// forever), the value of the setting `setting`, once the schema is
-    /// migrated and then every [`maintenance::prune_interval`], `prune(store, keep,
-    /// batch)` taking at most a batch a time until a pass finds less.
-    /// Refuses a negative or non-finite retention.
+    /// migrated and then every tenth of the retention (a second to a
+    /// minute), `prune(store, keep, batch)` taking at most a batch a time
+    /// until a pass finds less. Refuses a negative or non-finite retention.
     pub fn spawn_retention<F, Fut>(
         &mut self,
         what: &'static str,
