@@ -47,7 +47,7 @@ impl Publisher {
 
 /// Whether a failed publish is worth sending again: all but one too
 /// large for the server.
-fn too_large_not(e: &PublishError) -> bool {
+fn worth_resending(e: &PublishError) -> bool {
     e.kind() != PublishErrorKind::MaxPayloadExceeded
 }
 
@@ -70,7 +70,7 @@ async fn pump(
             "publishing an agent event",
             policy::OUTPUT,
             &never,
-            too_large_not,
+            worth_resending,
             move || async move {
                 let message = PublishMessage::build().payload(payload.clone()).message_id(id);
                 js.send_publish(subject.clone(), message).await?.await
