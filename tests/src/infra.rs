@@ -148,6 +148,11 @@ impl Infra {
         }
     }
 
+    /// This test's Object Store bucket of agent session checkpoints.
+    pub fn sessions_bucket(&self) -> String {
+        format!("{}_SESSIONS", self.topology.stream)
+    }
+
     /// The environment every service process of this test shares.
     pub fn service_env(&self, listen: &str) -> Vec<(String, String)> {
         vec![
@@ -155,6 +160,7 @@ impl Infra {
             ("NATS_URL".into(), self.nats_url.clone()),
             ("OMOI_SUBJECT_PREFIX".into(), self.topology.prefix.clone()),
             ("OMOI_EVENTS_STREAM".into(), self.topology.stream.clone()),
+            ("OMOI_SESSIONS_BUCKET".into(), self.sessions_bucket()),
             ("OMOI_LISTEN_ADDR".into(), listen.to_owned()),
             ("OMOI_SHUTDOWN_GRACE_SECONDS".into(), "10".into()),
             ("OMOI_DB_MAX_CONNECTIONS".into(), "6".into()),
@@ -174,6 +180,7 @@ impl Infra {
             let js = async_nats::jetstream::new(client);
             let _ = js.delete_stream(&self.topology.stream).await;
             let _ = js.delete_stream(self.topology.output_stream()).await;
+            let _ = js.delete_object_store(self.sessions_bucket()).await;
         }
         self.db.drop_now().await
     }

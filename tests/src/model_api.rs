@@ -13,6 +13,11 @@
 //! - `unauthorized`: 401.
 //! - `rate_limited`: 429.
 //!
+//! A later prompt of the conversation (a follow-up's) with `file=<name>`
+//! in it starts the script again from there, writing `<name>` (Messages
+//! API); any other later prompt (a resumed session's) carries on where the
+//! conversation is.
+//!
 //! It adds up the usage it reported, so that a test can compare what the
 //! agent and omoi made of it; `hold(turn)` keeps that turn's answer back
 //! until `release()`, so that a test can look at a run in the middle.
@@ -74,6 +79,8 @@ struct State {
     release: Notify,
     /// The working directories of the runs seen.
     directories: Mutex<Vec<String>>,
+    /// The conversation each Messages API request carried (`messages`).
+    conversations: Mutex<Vec<Value>>,
 }
 
 pub struct ModelApi {
@@ -99,6 +106,11 @@ impl ModelApi {
 
     pub fn directories(&self) -> Vec<String> {
         self.state.directories.lock().unwrap().clone()
+    }
+
+    /// The `messages` of every Messages API request so far, in order.
+    pub fn conversations(&self) -> Vec<Value> {
+        self.state.conversations.lock().unwrap().clone()
     }
 
     /// Keeps the answer to turn `turn` (from 1) back until `release`.
@@ -221,10 +233,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
         // Never script a write to a path we do not know.
         return Ok(error(api, StatusCode::BAD_REQUEST));
     }
+    if api == Api::Messages {
+        state.conversations.lock().unwrap().push(body["messages"].clone());
+    }
+    let (since, file) = follow_up_script(&body);
     let turn = 1 + match api {
         Api::Messages => body["messages"]
             .as_array()
-            .map_or(0, |m| m.iter().filter(|m| m["role"] == "assistant").count()),
+            .map_or(0, |m| m.iter().skip(since).filter(|m| m["role"] == "assistant").count()),
         Api::Responses => body["input"]
             .as_array()
             .map_or(0, |i| i.iter().filter(|i| i["type"] == "function_call_output").count()),
@@ -251,7 +267,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
         }
     }
     let out = match api {
-        Api::Messages => messages(&body, turn, &dir, (input, output, cache_read, cache_write)),
+        Api::Messages => messages(&body, turn, &dir, &file, (input, output, cache_read, cache_write)),
         Api::Responses => responses(turn, (input, output, cache_read)),
         Api::Gemini => gemini(turn, &dir, (input, output, cache_read)),
     };
@@ -323,22 +339,49 @@ fn responses(turn: usize, (input, output, cached): (i64, i64, i64)) -> String {
     out
 }
 
-/// A turn of the Messages API: Claude's Write, then Bash, then the answer.
+/// Where the script starts in a Messages API conversation, and the file
+/// it writes: from the last user prompt naming `file=<name>`, else from
+/// the start with `hello.txt`.
+fn follow_up_script(body: &Value) -> (usize, String) {
+    let Some(messages) = body["messages"].as_array() else {
+        return (0, "hello.txt".into());
+    };
+    messages
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, m)| m["role"] == "user")
+        .find_map(|(i, m)| {
+            let text = m["content"].to_string();
+            let name = text.split("file=").nth(1)?;
+            let name: String = name
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                .collect();
+            (!name.is_empty()).then_some((i, name))
+        })
+        .unwrap_or((0, "hello.txt".into()))
+}
+
+/// A turn of the Messages API: Claude's Write of `file`, then Bash, then
+/// the answer.
 fn messages(
     body: &Value,
     turn: usize,
     dir: &str,
+    file: &str,
     (input, output, cache_read, cache_write): (i64, i64, i64, i64),
 ) -> String {
+    let id = |what: &str| format!("toolu_{what}_{}", file.replace('.', "_"));
     let blocks = match turn {
         1 => vec![
             json!({"type": "text", "text": "I will write the file."}),
-            json!({"type": "tool_use", "id": "toolu_write", "name": "Write",
-                   "input": {"file_path": format!("{dir}/hello.txt"), "content": "hello from claude\n"}}),
+            json!({"type": "tool_use", "id": id("write"), "name": "Write",
+                   "input": {"file_path": format!("{dir}/{file}"), "content": "hello from claude\n"}}),
         ],
-        2 => vec![json!({"type": "tool_use", "id": "toolu_cat", "name": "Bash",
-                         "input": {"command": "cat hello.txt", "description": "Show the file"}})],
-        _ => vec![json!({"type": "text", "text": "Done: wrote hello.txt"})],
+        2 => vec![json!({"type": "tool_use", "id": id("cat"), "name": "Bash",
+                         "input": {"command": format!("cat {file}"), "description": "Show the file"}})],
+        _ => vec![json!({"type": "text", "text": format!("Done: wrote {file}")})],
     };
     let mut out = String::new();
     sse(

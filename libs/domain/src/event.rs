@@ -112,12 +112,14 @@ events! {
     TaskTimedOut(TaskTimedOut) = "TASK_TIMED_OUT", Task;
     TaskCancelled(TaskCancelled) = "TASK_CANCELLED", Task;
     TaskRequeued(TaskRequeued) = "TASK_REQUEUED", Task;
+    TaskResumed(TaskResumed) = "TASK_RESUMED", Task;
     TicketCreated(TicketCreated) = "TICKET_CREATED", Ticket;
     TicketStarted(TicketChanged) = "TICKET_STARTED", Ticket;
     TicketCompleted(TicketChanged) = "TICKET_COMPLETED", Ticket;
     TicketFailed(TicketChanged) = "TICKET_FAILED", Ticket;
     TicketCancelled(TicketChanged) = "TICKET_CANCELLED", Ticket;
     TicketPaused(TicketChanged) = "TICKET_PAUSED", Ticket;
+    TicketReopened(TicketChanged) = "TICKET_REOPENED", Ticket;
     TicketPullRequestOpened(PullRequestOpened) = "TICKET_PULL_REQUEST_OPENED", Ticket;
     AgentRegistered(AgentRegistered) = "AGENT_REGISTERED", Agent;
     AgentDeregistered(AgentChanged) = "AGENT_DEREGISTERED", Agent;
@@ -159,6 +161,7 @@ impl Event {
             Event::TaskRetried(e) => e.agent_id,
             Event::TaskTimedOut(e) => e.agent_id,
             Event::TaskCancelled(e) => e.agent_id,
+            Event::TaskResumed(e) => e.agent_id,
             _ => None,
         }
     }
@@ -347,6 +350,21 @@ pub struct TaskRetried {
     /// reason, the retry budget starts afresh.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub manual: bool,
+}
+
+/// An attempt took up the agent session an earlier attempt (or, for a
+/// follow-up, another task) left at its checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResumed {
+    pub attempt: i32,
+    pub agent_id: Option<Uuid>,
+    pub runner: String,
+    pub session_id: String,
+    pub resumed_from_attempt: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_task_id: Option<Uuid>,
+    /// The checkpoint it was restored from.
+    pub checkpoint: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,9 +12,10 @@ use uuid::Uuid;
 use crate::error::DomainError;
 use crate::event::{
     ConcurrencyLimitSet, Envelope, Event, QueuePaused, QueueResumed, TaskAssigned, TaskCancelled, TaskCompleted,
-    TaskCreated, TaskFailed, TaskRequeued, TaskRetried, TaskStarted, TaskTimedOut,
+    TaskCreated, TaskFailed, TaskRequeued, TaskResumed, TaskRetried, TaskStarted, TaskTimedOut,
 };
 use crate::git::GitChange;
+use crate::session::AgentSession;
 use crate::task::{Action, ErrorClass, Phase, Task, TaskStatus};
 use crate::usage::Usage;
 use crate::validate::NewTask;
@@ -224,6 +225,39 @@ pub const MAX_LEASE_SECONDS: i32 = 86_400;
 pub fn extendable(task: &Task, attempt: i32) -> Result<(), DomainError> {
     task.check_attempt(attempt)?;
     task.status.apply(Action::ExtendLease).map(|_| ())
+}
+
+/// A running attempt's record of its agent session (RecordSession): only
+/// the attempt running may record one, and only its own (`session.attempt`
+/// is the attempt). The first record of an attempt that resumed a
+/// checkpoint is TASK_RESUMED; the others change the record only.
+pub fn on_session(task: &Task, attempt: i32, session: &AgentSession) -> Result<Option<Envelope>, DomainError> {
+    extendable(task, attempt)?;
+    if session.attempt != attempt {
+        return Err(DomainError::invalid(
+            "session.attempt",
+            format!("is {}, not the attempt reporting ({attempt})", session.attempt),
+        ));
+    }
+    let recorded_before = task
+        .session
+        .as_ref()
+        .is_some_and(|s| s.attempt == attempt && s.resumed());
+    if !session.resumed() || recorded_before {
+        return Ok(None);
+    }
+    Ok(Some(task_event(
+        task,
+        Event::TaskResumed(TaskResumed {
+            attempt,
+            agent_id: task.assigned_agent_id,
+            runner: session.runner.clone(),
+            session_id: session.session_id.clone(),
+            resumed_from_attempt: session.resumed_from_attempt,
+            resumed_from_task_id: session.resumed_from_task_id,
+            checkpoint: session.checkpoint.clone(),
+        }),
+    )))
 }
 
 /// A cancellation of a pending, assigned or running task; its pending
@@ -706,6 +740,7 @@ mod tests {
             trace_context: None,
             depends_on: Vec::new(),
             concurrency_key: None,
+            session: None,
         }
     }
 
@@ -1028,6 +1063,7 @@ mod tests {
             max_retries: 3,
             timeout_seconds: 0,
             concurrency_key: None,
+            session: None,
         };
         let batch = [task(vec![done]), task(vec![open, failed])];
         let met = met_dependencies(&batch[..1], &[(done, TaskStatus::Completed)]).unwrap();

@@ -116,6 +116,9 @@ pub struct Task {
     pub depends_on: Vec<Uuid>,
     /// Tasks sharing a key run no more at once than the key's limit.
     pub concurrency_key: Option<String>,
+    /// The agent session its attempts last recorded (or the one a
+    /// follow-up continues).
+    pub session: Option<crate::session::AgentSession>,
 }
 
 impl Task {

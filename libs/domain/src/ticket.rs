@@ -73,6 +73,8 @@ impl Ticket {
 pub struct TaskProgress {
     pub started: bool,
     pub outcome: Option<TaskOutcome>,
+    /// Added after the plan by a follow-up.
+    pub follow_up: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +122,23 @@ pub fn event_starts(event_type: EventType) -> bool {
 /// for good; completed when all completed; cancelled when all ended and some
 /// were cancelled; in progress once one started; open before.
 pub fn derive_status(tasks: &[TaskProgress]) -> TicketStatus {
+    let (follow_ups, plan): (Vec<TaskProgress>, Vec<TaskProgress>) = tasks.iter().partition(|t| t.follow_up);
+    // A reopened ticket is judged by its follow-ups: open while one is;
+    // then the last one decides, a completed one over any earlier failure
+    // once the plan ended too. A cancelled one leaves it to the plan.
+    if follow_ups.iter().any(|t| t.outcome.is_none()) {
+        return TicketStatus::InProgress;
+    }
+    match follow_ups.last().and_then(|t| t.outcome) {
+        Some(TaskOutcome::Failed) => TicketStatus::Failed,
+        Some(TaskOutcome::Completed) if plan.iter().any(|t| t.outcome.is_none()) => TicketStatus::InProgress,
+        Some(TaskOutcome::Completed) => TicketStatus::Completed,
+        _ => derive_plan_status(&plan),
+    }
+}
+
+/// The status a ticket's plan gives it.
+fn derive_plan_status(tasks: &[TaskProgress]) -> TicketStatus {
     if tasks.iter().any(|t| t.outcome == Some(TaskOutcome::Failed)) {
         return TicketStatus::Failed;
     }
@@ -194,6 +213,7 @@ impl PlannedTask {
             max_retries: self.max_retries,
             timeout_seconds: self.timeout_seconds,
             concurrency_key: self.concurrency_key.clone(),
+            session: None,
         }
     }
 }
@@ -340,7 +360,36 @@ mod tests {
     use TaskOutcome::*;
 
     fn p(started: bool, outcome: Option<TaskOutcome>) -> TaskProgress {
-        TaskProgress { started, outcome }
+        TaskProgress {
+            started,
+            outcome,
+            follow_up: false,
+        }
+    }
+
+    fn f(outcome: Option<TaskOutcome>) -> TaskProgress {
+        TaskProgress {
+            follow_up: true,
+            ..p(true, outcome)
+        }
+    }
+
+    #[test]
+    fn a_reopened_ticket_is_judged_by_its_follow_ups() {
+        let done = p(true, Some(Completed));
+        let failed = p(true, Some(Failed));
+        let table: Vec<(Vec<TaskProgress>, TicketStatus)> = vec![
+            (vec![done, f(None)], TicketStatus::InProgress),
+            (vec![done, f(Some(Completed))], TicketStatus::Completed),
+            (vec![failed, f(Some(Completed))], TicketStatus::Completed),
+            (vec![done, f(Some(Completed)), f(Some(Failed))], TicketStatus::Failed),
+            (vec![failed, f(Some(Cancelled))], TicketStatus::Failed),
+            (vec![done, f(Some(Cancelled))], TicketStatus::Completed),
+            (vec![done, p(true, None), f(Some(Completed))], TicketStatus::InProgress),
+        ];
+        for (tasks, want) in table {
+            assert_eq!(derive_status(&tasks), want, "{tasks:?}");
+        }
     }
 
     #[test]

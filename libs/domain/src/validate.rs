@@ -30,6 +30,8 @@ pub struct NewTask {
     pub timeout_seconds: i32,
     /// Tasks sharing a key run no more at once than the key's limit.
     pub concurrency_key: Option<String>,
+    /// A session to continue (a follow-up's).
+    pub session: Option<crate::session::AgentSession>,
 }
 
 impl NewTask {
@@ -65,6 +67,7 @@ impl NewTask {
             trace_context: None,
             depends_on: new.depends_on,
             concurrency_key: new.concurrency_key,
+            session: new.session,
         }
     }
 }
@@ -82,6 +85,7 @@ pub struct RawNewTask<'a> {
     pub max_retries: Option<i32>,
     pub timeout_seconds: i32,
     pub concurrency_key: &'a str,
+    pub session: Option<crate::session::AgentSession>,
 }
 
 /// A required UUID.
@@ -256,6 +260,11 @@ pub fn new_task(field: &str, raw: &RawNewTask<'_>) -> Result<NewTask, DomainErro
             MAX_TIMEOUT_SECONDS,
         )?,
         concurrency_key: optional_concurrency_key(&format!("{field}.concurrency_key"), raw.concurrency_key)?,
+        session: raw
+            .session
+            .clone()
+            .map(|s| s.validated(&format!("{field}.session")))
+            .transpose()?,
     })
 }
 

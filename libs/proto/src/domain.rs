@@ -6,7 +6,9 @@ use std::collections::HashMap;
 
 use omoi_domain::rules::{Limit, Pause};
 use omoi_domain::validate::{Given, NewTask};
-use omoi_domain::{Agent, AgentStatus, ErrorClass, GitChange, Phase, Task, TaskStatus, Ticket, TicketStatus, Usage};
+use omoi_domain::{
+    Agent, AgentSession, AgentStatus, ErrorClass, GitChange, Phase, Task, TaskStatus, Ticket, TicketStatus, Usage,
+};
 use serde_json::Value;
 
 use crate::common as c;
@@ -100,8 +102,56 @@ impl From<&Task> for taskqueue::Task {
             usage: t.usage.as_ref().map(c::Usage::from),
             git: t.git.as_ref().map(c::GitChange::from),
             concurrency_key: t.concurrency_key.clone().unwrap_or_default(),
+            session: t.session.as_ref().map(c::AgentSession::from),
         }
     }
+}
+
+impl From<&AgentSession> for c::AgentSession {
+    fn from(s: &AgentSession) -> Self {
+        c::AgentSession {
+            runner: s.runner.clone(),
+            session_id: s.session_id.clone(),
+            checkpoint_at: s.checkpoint_at.map(timestamp),
+            resumed_from_attempt: s.resumed_from_attempt,
+            checkpoint: s.checkpoint.clone(),
+            attempt: s.attempt,
+            checkpoints: s.checkpoints,
+            checkpoint_bytes: s.checkpoint_bytes,
+            resumed_from_task_id: id_or_empty(s.resumed_from_task_id),
+        }
+    }
+}
+
+/// A reported session, before the domain checks it
+/// (`AgentSession::validated`); an id that is no UUID is refused by name.
+pub fn agent_session(field: &str, s: c::AgentSession) -> Result<AgentSession, omoi_domain::DomainError> {
+    let c::AgentSession {
+        runner,
+        session_id,
+        checkpoint_at,
+        resumed_from_attempt,
+        checkpoint,
+        attempt,
+        checkpoints,
+        checkpoint_bytes,
+        resumed_from_task_id,
+    } = s;
+    AgentSession {
+        runner,
+        session_id,
+        checkpoint,
+        checkpoint_at: checkpoint_at.as_ref().and_then(crate::convert::from_timestamp),
+        attempt,
+        checkpoints,
+        checkpoint_bytes,
+        resumed_from_attempt,
+        resumed_from_task_id: omoi_domain::validate::optional_uuid(
+            &format!("{field}.resumed_from_task_id"),
+            &resumed_from_task_id,
+        )?,
+    }
+    .validated(field)
 }
 
 impl From<&NewTask> for taskqueue::NewTask {
@@ -117,6 +167,7 @@ impl From<&NewTask> for taskqueue::NewTask {
             max_retries: Some(t.max_retries),
             timeout_seconds: t.timeout_seconds,
             concurrency_key: t.concurrency_key.clone().unwrap_or_default(),
+            session: t.session.as_ref().map(c::AgentSession::from),
         }
     }
 }

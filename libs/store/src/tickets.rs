@@ -30,7 +30,7 @@ pub(crate) use ticket_columns;
 macro_rules! ticket_task_columns {
     () => {
         "ticket_id, task_id, position, title, description, phase, priority, depends_on,
-     max_retries, timeout_seconds, concurrency_key, started, outcome"
+     max_retries, timeout_seconds, concurrency_key, started, outcome, follow_up"
     };
 }
 
@@ -116,6 +116,7 @@ impl<'r> FromRow<'r, PgRow> for TicketTask {
             progress: TaskProgress {
                 started: row.try_get("started")?,
                 outcome: outcome.as_deref().and_then(TaskOutcome::parse),
+                follow_up: row.try_get("follow_up")?,
             },
         })
     }
@@ -361,6 +362,127 @@ impl Store {
         for t in tickets {
             let tasks = select_ticket_tasks(&mut conn, t.id).await?;
             out.push((t, tasks));
+        }
+        Ok(out)
+    }
+
+    /// Adds a follow-up task (`task_id`, as `planned`, resuming the session
+    /// of task `resumes`) to a ticket that is not cancelled, not yet on the
+    /// queue (see [`Store::follow_up_enqueued`]). A final ticket is open
+    /// again: IN_PROGRESS, with TICKET_REOPENED naming the follow-up and
+    /// `reason`.
+    pub async fn add_follow_up(
+        &self,
+        ticket_id: Uuid,
+        task_id: Uuid,
+        planned: &PlannedTask,
+        resumes: Uuid,
+        reason: &str,
+    ) -> Result<(Ticket, TicketTask)> {
+        let mut tx = self.pool().begin().await?;
+        let ticket = select_ticket(&mut tx, ticket_id, true).await?;
+        if ticket.status == TicketStatus::Cancelled {
+            return Err(StoreError::FailedPrecondition(format!(
+                "ticket {ticket_id} is cancelled: nothing follows up on it"
+            )));
+        }
+        let task: TicketTask = sqlx::query_as(sql!(concat!(
+            "INSERT INTO ticket_tasks (ticket_id, task_id, position, title, description, phase, priority,
+                                       depends_on, max_retries, timeout_seconds, concurrency_key,
+                                       follow_up, resumes, enqueued)
+             SELECT $1, $2, coalesce(max(position), -1) + 1, $3, $4, $5, $6, $7, $8, $9, $10, true, $11, false
+             FROM ticket_tasks WHERE ticket_id = $1
+             RETURNING ",
+            ticket_task_columns!()
+        )))
+        .bind(ticket_id)
+        .bind(task_id)
+        .bind(&planned.title)
+        .bind(&planned.description)
+        .bind(phase_code(planned.phase))
+        .bind(planned.priority)
+        .bind(planned.depends_on.iter().map(|d| *d as i32).collect::<Vec<_>>())
+        .bind(planned.max_retries)
+        .bind(planned.timeout_seconds)
+        .bind(planned.concurrency_key.as_deref())
+        .bind(resumes)
+        .fetch_one(&mut *tx)
+        .await?;
+        let ticket = if ticket.status.is_final() {
+            let previous = ticket.status;
+            let reopened = set_status(&mut tx, ticket_id, TicketStatus::InProgress, "").await?;
+            let change = reopened.change(|c| {
+                c.previous_status = Some(previous);
+                c.task_id = Some(task_id);
+                c.reason = Some(reason.to_owned());
+            });
+            let event = Envelope::new(ticket_id, Some(ticket_id), Event::TicketReopened(change));
+            events::insert(&mut tx, &[event]).await?;
+            reopened
+        } else {
+            ticket
+        };
+        self.commit(tx).await?;
+        Ok((ticket, task))
+    }
+
+    /// The queue holds the follow-up's task.
+    pub async fn follow_up_enqueued(&self, task_id: Uuid) -> Result<()> {
+        sqlx::query(sql!("UPDATE ticket_tasks SET enqueued = true WHERE task_id = $1"))
+            .bind(task_id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a follow-up the queue refused for good; the ticket's status
+    /// is what its other tasks say again.
+    pub async fn discard_follow_up(&self, task_id: Uuid) -> Result<Option<Ticket>> {
+        let mut tx = self.pool().begin().await?;
+        let owner: Option<Uuid> = sqlx::query_scalar(sql!(
+            "DELETE FROM ticket_tasks WHERE task_id = $1 AND follow_up AND NOT enqueued RETURNING ticket_id"
+        ))
+        .bind(task_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(ticket_id) = owner else { return Ok(None) };
+        let ticket = select_ticket(&mut tx, ticket_id, true).await?;
+        let applied = settle_status(&mut tx, ticket, |c| c.task_id = Some(task_id)).await?;
+        self.commit(tx).await?;
+        Ok(Some(applied.ticket))
+    }
+
+    /// Follow-ups not on the queue yet, stored more than `older_than` ago
+    /// (a younger one is still being enqueued by its request): each with
+    /// its ticket and the task it resumes.
+    pub async fn follow_ups_to_enqueue(
+        &self,
+        limit: i64,
+        older_than: Duration,
+    ) -> Result<Vec<(Ticket, TicketTask, Uuid)>> {
+        let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(sql!(
+            "SELECT f.task_id, f.resumes FROM ticket_tasks f JOIN tickets t ON t.id = f.ticket_id
+             WHERE NOT f.enqueued AND f.resumes IS NOT NULL AND t.status <> 'cancelled'
+               AND f.added_at < now() - make_interval(secs => $2)
+             ORDER BY f.added_at LIMIT $1"
+        ))
+        .bind(limit)
+        .bind(older_than.as_secs_f64())
+        .fetch_all(self.pool())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut conn = self.pool().acquire().await?;
+        for (task_id, resumes) in rows {
+            let task: TicketTask = sqlx::query_as(sql!(concat!(
+                "SELECT ",
+                ticket_task_columns!(),
+                " FROM ticket_tasks WHERE task_id = $1"
+            )))
+            .bind(task_id)
+            .fetch_one(&mut *conn)
+            .await?;
+            let ticket = select_ticket(&mut conn, task.ticket_id, false).await?;
+            out.push((ticket, task, resumes));
         }
         Ok(out)
     }

@@ -102,6 +102,7 @@ fn new_task(title: &str, priority: i32, depends_on: &[Uuid]) -> NewTask {
         max_retries: 3,
         timeout_seconds: 0,
         concurrency_key: None,
+        session: None,
     }
 }
 

@@ -137,6 +137,20 @@ enum Command {
         id: String,
         #[arg(long, default_value = "")]
         reason: String,
+        /// A task's next attempt starts a new agent session instead of
+        /// resuming the last one.
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Ask the agent that worked a ticket for more: a new task resuming its
+    /// session with the message, one more commit on the ticket's branch.
+    FollowUp {
+        ticket_id: String,
+        message: String,
+        /// The task whose session to resume (default: the ticket's last
+        /// completed task).
+        #[arg(long, default_value = "")]
+        task: String,
     },
     /// List tasks, oldest first.
     Tasks {
@@ -544,7 +558,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(s) => Err(s.into()),
             }
         }
-        Command::Retry { id, reason } => {
+        Command::FollowUp {
+            ticket_id,
+            message,
+            task,
+        } => {
+            let r = tickets(&cli.ticket_url, connector)?
+                .follow_up(pb::FollowUpRequest {
+                    ticket_id,
+                    message,
+                    task_id: task,
+                })
+                .await?
+                .into_inner();
+            let task = r.task.unwrap_or_default();
+            print_ticket(&r.ticket.unwrap_or_default(), std::slice::from_ref(&task));
+            Ok(())
+        }
+        Command::Retry { id, reason, fresh } => {
             let asked = tickets(&cli.ticket_url, connector)?
                 .retry_ticket(pb::RetryTicketRequest {
                     ticket_id: id.clone(),
@@ -563,6 +594,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     q.retry_task(omoi_proto::taskqueue::RetryTaskRequest {
                         task_id: id.clone(),
                         reason,
+                        fresh,
                     })
                     .await?;
                     ops::task(&mut q, id, ops::Output::Text).await

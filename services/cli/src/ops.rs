@@ -152,7 +152,40 @@ pub async fn task(q: &mut Queue, task_id: String, out: Output) -> anyhow::Result
     if let Some(u) = &t.usage {
         println!("  {}", crate::usage_line(u));
     }
+    if let Some(s) = &t.session {
+        println!("  {}", session_line(s));
+    }
     Ok(())
+}
+
+/// A task's agent session: runner and id, its latest checkpoint, where it
+/// was resumed from.
+fn session_line(s: &omoi_proto::common::AgentSession) -> String {
+    let id = if s.session_id.is_empty() {
+        "(no id)"
+    } else {
+        s.session_id.as_str()
+    };
+    let mut line = format!("session {} {id}", s.runner);
+    if !s.checkpoint.is_empty() {
+        let at = s
+            .checkpoint_at
+            .as_ref()
+            .and_then(omoi_proto::convert::from_timestamp)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_else(|| "-".into());
+        line.push_str(&format!(
+            "; checkpoint {} of attempt {} ({} so far, {} bytes, at {at})",
+            s.checkpoint, s.attempt, s.checkpoints, s.checkpoint_bytes
+        ));
+    }
+    if s.resumed_from_attempt > 0 {
+        line.push_str(&format!("; resumed from attempt {}", s.resumed_from_attempt));
+        if !s.resumed_from_task_id.is_empty() {
+            line.push_str(&format!(" of task {}", s.resumed_from_task_id));
+        }
+    }
+    line
 }
 
 pub async fn agents(h: &mut Health, status: i32, out: Output) -> anyhow::Result<()> {

@@ -251,6 +251,26 @@ pub struct Config {
     /// the executor's environment). Parsed, the field holds the content.
     #[arg(long, env = "LLM_API_KEY_FILE", value_parser = secret_file, hide_env_values = true)]
     pub llm_api_key_file: Option<String>,
+
+    /// Seconds between two checkpoints of a running agent (its session's
+    /// files and the workspace's work so far); one more is stored when it
+    /// ends. 0: only at the end.
+    #[arg(long, env = "OMOI_CHECKPOINT_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub checkpoint_seconds: u64,
+
+    /// The JetStream Object Store bucket holding the checkpoints.
+    #[arg(long, env = "OMOI_SESSIONS_BUCKET", default_value = "OMOI_SESSIONS")]
+    pub sessions_bucket: String,
+
+    /// Seconds a checkpoint is kept (the bucket's age limit, set when the
+    /// executor creates it); as long as tasks are kept by default.
+    #[arg(long, env = "OMOI_SESSION_RETENTION_SECONDS", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(60..))]
+    pub session_retention_seconds: u64,
+
+    /// The largest checkpoint stored, compressed (a bigger one is skipped
+    /// with a warning: the attempt goes on).
+    #[arg(long, env = "OMOI_CHECKPOINT_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub checkpoint_max_bytes: u64,
 }
 
 impl Config {

@@ -11,6 +11,7 @@ mod publish;
 mod requests;
 mod runners;
 mod service;
+mod sessions;
 mod worker;
 pub mod workspace;
 
@@ -45,7 +46,12 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         topology.clone(),
     ));
     let runner = config.runner.as_str();
-    let worker = Arc::new(worker::Worker::new(config, Arc::clone(&executions), agent_id)?);
+    let worker = Arc::new(worker::Worker::new(
+        config,
+        Arc::clone(&executions),
+        agent_id,
+        nats.clone(),
+    )?);
     tracing::info!(%agent_id, runner, "executor starting");
     host.spawn(ensure_output_stream(nats.clone(), topology, host.background()));
 

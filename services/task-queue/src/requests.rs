@@ -7,9 +7,9 @@
 use omoi_base::{ApiError, ApiResult};
 use omoi_domain::rules::{self, Failure, Scope};
 use omoi_domain::validate::{self, MAX_BATCH, MAX_ERROR_MESSAGE_BYTES, MAX_REASON_BYTES, NewTask, RawNewTask};
-use omoi_domain::{ErrorClass, GitChange, Phase, TaskStatus, Usage};
+use omoi_domain::{AgentSession, ErrorClass, GitChange, Phase, TaskStatus, Usage};
 use omoi_proto::convert::struct_to_json;
-use omoi_proto::domain::WireEnum;
+use omoi_proto::domain::{WireEnum, agent_session};
 use omoi_proto::taskqueue as pb;
 use omoi_store::tasks::{ListFilter, Report};
 use prost::Message;
@@ -60,7 +60,12 @@ fn new_task(field: &str, t: &pb::NewTask) -> Result<NewTask, omoi_domain::Domain
         max_retries,
         timeout_seconds,
         concurrency_key,
+        session,
     } = t;
+    let session = session
+        .clone()
+        .map(|s| agent_session(&format!("{field}.session"), s))
+        .transpose()?;
     let raw = RawNewTask {
         id,
         ticket_id,
@@ -72,6 +77,7 @@ fn new_task(field: &str, t: &pb::NewTask) -> Result<NewTask, omoi_domain::Domain
         max_retries: *max_retries,
         timeout_seconds: *timeout_seconds,
         concurrency_key,
+        session,
     };
     validate::new_task(field, &raw)
 }
@@ -141,9 +147,27 @@ pub fn cancel(req: pb::CancelTaskRequest) -> ApiResult<(Uuid, String)> {
 }
 
 /// RetryTask: the task and why.
-pub fn retry(req: pb::RetryTaskRequest) -> ApiResult<(Uuid, String)> {
-    let pb::RetryTaskRequest { task_id, reason } = req;
-    task_and_reason(&task_id, &reason)
+/// RetryTask: the task, why, and whether its next attempt starts a new
+/// agent session.
+pub fn retry(req: pb::RetryTaskRequest) -> ApiResult<(Uuid, String, bool)> {
+    let pb::RetryTaskRequest { task_id, reason, fresh } = req;
+    let (id, reason) = task_and_reason(&task_id, &reason)?;
+    Ok((id, reason, fresh))
+}
+
+/// RecordSession: the attempt and its session.
+pub fn record_session(req: pb::RecordSessionRequest) -> ApiResult<(Uuid, i32, AgentSession)> {
+    let pb::RecordSessionRequest {
+        task_id,
+        attempt,
+        session,
+    } = req;
+    let session = session.ok_or_else(|| ApiError::invalid("session", "is required"))?;
+    Ok((
+        validate::uuid("task_id", &task_id)?,
+        validate::attempt("attempt", attempt)?,
+        agent_session("session", session)?,
+    ))
 }
 
 fn task_and_reason(task_id: &str, reason: &str) -> ApiResult<(Uuid, String)> {

@@ -126,8 +126,8 @@ impl TaskQueue {
     }
 
     async fn retry(&self, req: pb::RetryTaskRequest) -> ApiResult<pb::RetryTaskResponse> {
-        let (id, reason) = requests::retry(req)?;
-        let retried = self.store.retry(id, &reason).await?;
+        let (id, reason, fresh) = requests::retry(req)?;
+        let retried = self.store.retry(id, &reason, fresh).await?;
         self.dispatcher.wake();
         Ok(pb::RetryTaskResponse {
             task: one_task(retried.task),
@@ -174,6 +174,12 @@ impl TaskQueue {
             task: one_task(task),
             lease_expires_at: Some(omoi_proto::convert::timestamp(until)),
         })
+    }
+
+    async fn record(&self, req: pb::RecordSessionRequest) -> ApiResult<pb::RecordSessionResponse> {
+        let (id, attempt, session) = requests::record_session(req)?;
+        let task = self.store.record_session(id, attempt, &session).await?;
+        Ok(pb::RecordSessionResponse { task: one_task(task) })
     }
 
     async fn complete(&self, req: pb::CompleteTaskRequest) -> ApiResult<pb::CompleteTaskResponse> {
@@ -351,6 +357,13 @@ impl TaskQueueService for TaskQueue {
         request: Request<pb::StartTaskRequest>,
     ) -> Result<Response<pb::StartTaskResponse>, Status> {
         Ok(Response::new(self.start(request.into_inner()).await?))
+    }
+
+    async fn record_session(
+        &self,
+        request: Request<pb::RecordSessionRequest>,
+    ) -> Result<Response<pb::RecordSessionResponse>, Status> {
+        Ok(Response::new(self.record(request.into_inner()).await?))
     }
 
     async fn complete_task(

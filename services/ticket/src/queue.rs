@@ -30,6 +30,18 @@ impl Queue {
         Ok(c.enqueue_tasks(request).await?.into_inner().tasks)
     }
 
+    pub async fn get(&self, task_id: Uuid) -> Result<pb::Task, Status> {
+        let mut c = self.client.clone();
+        let got = c
+            .get_task(pb::GetTaskRequest {
+                task_id: task_id.to_string(),
+            })
+            .await?;
+        got.into_inner()
+            .task
+            .ok_or_else(|| Status::internal("GetTask answered no task"))
+    }
+
     /// Every task of the ticket, in creation order.
     pub async fn list(&self, ticket_id: Uuid) -> Result<Vec<pb::Task>, Status> {
         let mut c = self.client.clone();
@@ -58,6 +70,7 @@ impl Queue {
         c.retry_task(pb::RetryTaskRequest {
             task_id: task_id.to_owned(),
             reason: reason.to_owned(),
+            fresh: false,
         })
         .await?;
         Ok(())

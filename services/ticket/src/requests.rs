@@ -207,6 +207,25 @@ pub fn retry(req: pb::RetryTicketRequest) -> ApiResult<(Uuid, String)> {
     ))
 }
 
+/// Longest follow-up message.
+pub const MAX_FOLLOW_UP_BYTES: usize = 64 * 1024;
+
+/// FollowUp: the ticket, the message, and the task whose session it
+/// resumes (None: the ticket's last completed task).
+pub fn follow_up(req: pb::FollowUpRequest) -> ApiResult<(Uuid, String, Option<Uuid>)> {
+    let pb::FollowUpRequest {
+        ticket_id,
+        message,
+        task_id,
+    } = req;
+    let ticket_id = validate::uuid("ticket_id", &ticket_id)?;
+    if message.trim().is_empty() {
+        return Err(omoi_base::ApiError::invalid("message", "must not be empty"));
+    }
+    let message = validate::text("message", &message, MAX_FOLLOW_UP_BYTES)?;
+    Ok((ticket_id, message, validate::optional_uuid("task_id", &task_id)?))
+}
+
 /// WatchTicket: the ticket.
 pub fn watch(req: pb::WatchTicketRequest) -> ApiResult<Uuid> {
     let pb::WatchTicketRequest { ticket_id } = req;

@@ -185,6 +185,45 @@ impl Tickets {
         })
     }
 
+    async fn follow_up(&self, req: pb::FollowUpRequest) -> ApiResult<pb::FollowUpResponse> {
+        let (id, message, task_id) = requests::follow_up(req)?;
+        let (t, _) = self.store.get_ticket(id).await?;
+        if t.status == TicketStatus::Cancelled {
+            let cancelled = format!("ticket {id} is cancelled: nothing follows up on it");
+            return Err(Status::failed_precondition(cancelled).into());
+        }
+        if !t.tasks_enqueued {
+            let waiting = format!("ticket {id}'s tasks are not on the queue yet");
+            return Err(Status::failed_precondition(waiting).into());
+        }
+        let tasks = self.tasks.queue.list(id).await.map_err(queue_unavailable)?;
+        let source = follow_up_source(&tasks, task_id)?;
+        let planned = follow_up_task(&t, source, &message);
+        let follow_up_id = Uuid::new_v4();
+        let resumes: Uuid = source
+            .id
+            .parse()
+            .map_err(|_| Status::internal("the queue named a task by no UUID"))?;
+        let reason = format!("follow-up: {}", planned.title.trim_start_matches("Follow-up: "));
+        let (ticket, row) = self
+            .store
+            .add_follow_up(id, follow_up_id, &planned, resumes, &reason)
+            .await?;
+        let task = match self.tasks.enqueue_follow_up(&ticket, &row, resumes).await? {
+            Enqueued::Done(mut tasks) => tasks.pop(),
+            Enqueued::Deferred(s) => {
+                tracing::warn!(ticket_id = %id, error = %s.message(), "task queue unreachable; the follow-up will be enqueued when it is back");
+                planned_tasks(&ticket, std::slice::from_ref(&row)).pop()
+            }
+            Enqueued::Refused(s) => return Err(s.into()),
+        };
+        let (ticket, _) = self.store.get_ticket(id).await?;
+        Ok(pb::FollowUpResponse {
+            ticket: Some(pb::Ticket::from(&ticket)),
+            task,
+        })
+    }
+
     /// Cancels the ticket's unfinished tasks on the queue.
     async fn cancel_open_tasks(&self, id: Uuid, reason: &str) -> ApiResult<()> {
         let tasks = self.tasks.queue.list(id).await.map_err(queue_unavailable)?;
@@ -278,6 +317,10 @@ impl TicketService for Tickets {
 
     type WatchTicketStream = EventStream;
 
+    async fn follow_up(&self, request: Request<pb::FollowUpRequest>) -> Result<Response<pb::FollowUpResponse>, Status> {
+        Ok(Response::new(Tickets::follow_up(self, request.into_inner()).await?))
+    }
+
     async fn watch_ticket(
         &self,
         request: Request<pb::WatchTicketRequest>,
@@ -292,5 +335,60 @@ impl TicketService for Tickets {
         request: Request<pb::WatchTicketsRequest>,
     ) -> Result<Response<Self::WatchTicketsStream>, Status> {
         Ok(Response::new(self.watch_all(request.into_inner())?))
+    }
+}
+
+/// The task a follow-up resumes: `asked` when it is one of the ticket's
+/// tasks that ran, else the ticket's last completed task.
+fn follow_up_source(
+    tasks: &[omoi_proto::taskqueue::Task],
+    asked: Option<Uuid>,
+) -> Result<&omoi_proto::taskqueue::Task, Status> {
+    let ran = |t: &&omoi_proto::taskqueue::Task| t.attempt > 0;
+    if let Some(asked) = asked {
+        let id = asked.to_string();
+        let task = tasks
+            .iter()
+            .find(|t| t.id == id)
+            .ok_or_else(|| Status::not_found(format!("task_id: task {asked} is not a task of this ticket")))?;
+        return Some(task)
+            .filter(ran)
+            .ok_or_else(|| Status::failed_precondition(format!("task_id: task {asked} has not run yet")));
+    }
+    tasks
+        .iter()
+        .filter(|t| TaskStatus::given(t.status).known() == Some(TaskStatus::Completed))
+        .max_by_key(|t| t.completed_at.as_ref().map(|c| (c.seconds, c.nanos)))
+        .ok_or_else(|| {
+            Status::failed_precondition("the ticket has no completed task to follow up; name one in task_id")
+        })
+}
+
+/// The follow-up as the ticket's plan keeps it: the followed task's phase
+/// and limits, the message as its description.
+fn follow_up_task(
+    ticket: &omoi_domain::Ticket,
+    source: &omoi_proto::taskqueue::Task,
+    message: &str,
+) -> omoi_domain::ticket::PlannedTask {
+    let first_line: String = message
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .take(80)
+        .collect();
+    omoi_domain::ticket::PlannedTask {
+        title: format!("Follow-up: {first_line}"),
+        description: message.to_owned(),
+        phase: omoi_domain::Phase::given(source.phase)
+            .known()
+            .unwrap_or(omoi_domain::Phase::Implementation),
+        priority: omoi_domain::ticket::task_priority(ticket.priority),
+        depends_on: Vec::new(),
+        max_retries: source.max_retries,
+        timeout_seconds: source.timeout_seconds,
+        concurrency_key: (!source.concurrency_key.is_empty()).then(|| source.concurrency_key.clone()),
     }
 }

@@ -100,6 +100,45 @@ impl TicketTasks {
         Ok(Enqueued::Done(created))
     }
 
+    /// Puts a follow-up's task on the queue: the task it follows read for
+    /// the session to resume, the task enqueued, the follow-up marked as
+    /// on the queue. A refusal for good removes the follow-up.
+    pub async fn enqueue_follow_up(
+        &self,
+        ticket: &Ticket,
+        follow_up: &TicketTask,
+        resumes: Uuid,
+    ) -> Result<Enqueued, StoreError> {
+        let source = match self.queue.get(resumes).await {
+            Ok(t) => t,
+            Err(s) if omoi_runtime::status::transient(s.code()) => return Ok(Enqueued::Deferred(s)),
+            Err(s) => {
+                self.store.discard_follow_up(follow_up.task_id).await?;
+                return Ok(Enqueued::Refused(s));
+            }
+        };
+        let mut new = follow_up.planned.new_task(follow_up.task_id, ticket.id, &[]);
+        new.depends_on = vec![resumes];
+        new.session = source
+            .session
+            .and_then(|s| omoi_proto::domain::agent_session("session", s).ok());
+        let created = match self.queue.enqueue(std::slice::from_ref(&new)).await {
+            Ok(created) => created,
+            Err(s) if s.code() == Code::AlreadyExists => match self.queue.get(follow_up.task_id).await {
+                Ok(existing) => vec![existing],
+                Err(s) => return Ok(Enqueued::Deferred(s)),
+            },
+            Err(s) if omoi_runtime::status::transient(s.code()) => return Ok(Enqueued::Deferred(s)),
+            Err(s) => {
+                tracing::warn!(ticket_id = %ticket.id, error = %s.message(), "task queue refused the follow-up");
+                self.store.discard_follow_up(follow_up.task_id).await?;
+                return Ok(Enqueued::Refused(s));
+            }
+        };
+        self.store.follow_up_enqueued(follow_up.task_id).await?;
+        Ok(Enqueued::Done(created))
+    }
+
     /// Enqueues the tickets stored while the queue was unreachable, every
     /// `period` until `shutdown`; a pass ends at the first ticket the queue
     /// still cannot take.
@@ -109,6 +148,16 @@ impl TicketTasks {
             for (ticket, tasks) in this.store.tickets_to_enqueue(50, CREATE_GRACE).await? {
                 match this.enqueue(&ticket, &tasks).await? {
                     Enqueued::Done(_) => tracing::info!(ticket_id = %ticket.id, "ticket's tasks enqueued"),
+                    Enqueued::Refused(_) => {}
+                    Enqueued::Deferred(s) => {
+                        tracing::debug!(error = %s.message(), "task queue still unreachable");
+                        return Ok(());
+                    }
+                }
+            }
+            for (ticket, follow_up, resumes) in this.store.follow_ups_to_enqueue(50, CREATE_GRACE).await? {
+                match this.enqueue_follow_up(&ticket, &follow_up, resumes).await? {
+                    Enqueued::Done(_) => tracing::info!(ticket_id = %ticket.id, "follow-up enqueued"),
                     Enqueued::Refused(_) => {}
                     Enqueued::Deferred(s) => {
                         tracing::debug!(error = %s.message(), "task queue still unreachable");

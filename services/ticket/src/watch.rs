@@ -1,5 +1,6 @@
 //! WatchTicket: a ticket's events from JetStream, the history first, then
-//! live, ending after the ticket's final event.
+//! live, ending after the ticket's final event (the last one: a ticket
+//! opened again by a retry or a follow-up goes on).
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
@@ -63,7 +64,10 @@ pub async fn follow(
         let Ok(event) = Event::decode(msg.payload.as_ref()) else {
             continue;
         };
-        let done = is_final(&event);
+        // A final event with more of the ticket's events after it was not
+        // the end: the ticket was opened again (a retry, a follow-up).
+        let more = msg.info().map_or(0, |i| i.pending);
+        let done = is_final(&event) && more == 0;
         if sink.send(Ok(event)).await.is_err() || done {
             return;
         }

@@ -133,6 +133,14 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                             max_retries: Some(rng.int()),
                             timeout_seconds: rng.int(),
                             concurrency_key: rng.text(),
+                            session: rng.next().is_multiple_of(2).then(|| omoi_proto::common::AgentSession {
+                                runner: rng.text(),
+                                session_id: rng.text(),
+                                checkpoint: rng.text(),
+                                resumed_from_task_id: rng.text(),
+                                attempt: rng.int(),
+                                ..Default::default()
+                            }),
                         })
                         .collect(),
                 })
@@ -325,6 +333,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                 .retry_task(tq::RetryTaskRequest {
                     task_id: rng.text(),
                     reason: rng.text(),
+                    fresh: rng.next().is_multiple_of(2),
                 })
                 .await
                 .map(|_| ()),

@@ -20,6 +20,7 @@ mod pods;
 mod replicas;
 mod resilience;
 mod runtime;
+mod sessions;
 mod task_queue;
 mod tickets;
 mod tls;

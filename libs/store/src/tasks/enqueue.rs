@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use omoi_domain::validate::NewTask;
 use omoi_domain::{Entity, EventType, Task, TaskStatus, graph, rules};
+use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -152,16 +153,17 @@ async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32])
         "WITH n AS (
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int2[], $6::int4[],
                                   $7::int4[], $8::int4[], $9::int4[], $11::text[], $12::uuid[], $13::text[],
-                                  $16::bool[])
+                                  $16::bool[], $17::text[])
                       WITH ORDINALITY
                       AS n(id, ticket_id, title, description, phase, priority, unmet, max_retries,
-                           timeout_seconds, concurrency_key, event_id, event_payload, has_dependents, ord)
+                           timeout_seconds, concurrency_key, event_id, event_payload, has_dependents, session, ord)
          ), t AS (
              INSERT INTO tasks (id, ticket_id, title, description, phase, priority, status,
                                 unmet_deps, max_retries, timeout_seconds, trace_context, concurrency_key,
-                                has_dependents)
+                                has_dependents, session)
              SELECT n.id, n.ticket_id, n.title, n.description, n.phase, n.priority, 'pending',
-                    n.unmet, n.max_retries, n.timeout_seconds, $10, n.concurrency_key, n.has_dependents
+                    n.unmet, n.max_retries, n.timeout_seconds, $10, n.concurrency_key, n.has_dependents,
+                    n.session::jsonb
              FROM n ORDER BY n.ord
              RETURNING *
          ), ev AS (
@@ -192,6 +194,12 @@ async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32])
     .bind(EventType::TaskCreated.as_str())
     .bind(Entity::Task.as_str())
     .bind(tasks.iter().map(|t| depended_on.contains(&t.id)).collect::<Vec<_>>())
+    .bind(
+        tasks
+            .iter()
+            .map(|t| t.session.as_ref().map(|s| json!(s).to_string()))
+            .collect::<Vec<_>>(),
+    )
     .fetch_all(conn)
     .await;
     match inserted {

@@ -2,10 +2,12 @@
 //! and taking back a stale agent's work.
 
 use chrono::{DateTime, Utc};
-use omoi_domain::{Task, TaskStatus, rules};
+use omoi_domain::{AgentSession, Task, TaskStatus, rules};
+use serde_json::json;
 use uuid::Uuid;
 
 use super::{Outcome, TaskRow, lock_task, persist, select_tasks, task_columns, unwrap_rows};
+use crate::events;
 use crate::statements::sql;
 use crate::{Result, Store};
 
@@ -77,9 +79,16 @@ impl Store {
     /// An operator's retry: a failed, timed-out or cancelled task back to
     /// pending with a fresh retry budget, and with it the dependents its end
     /// cancelled (unless something else they wait for ended too).
-    pub async fn retry(&self, task_id: Uuid, reason: &str) -> Result<Retried> {
+    pub async fn retry(&self, task_id: Uuid, reason: &str, fresh: bool) -> Result<Retried> {
         let mut tx = self.pool().begin().await?;
         let task = lock_task(&mut tx, task_id).await?;
+        if fresh && task.status.ended_unsuccessfully() {
+            // Its next attempt starts a new conversation.
+            sqlx::query(sql!("UPDATE tasks SET session = NULL WHERE id = $1"))
+                .bind(task_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         let ended: Option<(Uuid, String)> = sqlx::query_as(sql!(
             "SELECT p.id, p.status FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
              WHERE d.task_id = $1 AND p.status IN ('failed', 'timed_out', 'cancelled')
@@ -212,6 +221,27 @@ impl Store {
     }
 
     /// Holds a running attempt until at least `seconds` from now.
+    /// Records the agent session of a running attempt (see
+    /// [`rules::on_session`]); the task as it stands after.
+    pub async fn record_session(&self, task_id: Uuid, attempt: i32, session: &AgentSession) -> Result<Task> {
+        let mut tx = self.pool().begin().await?;
+        let task = lock_task(&mut tx, task_id).await?;
+        let resumed = rules::on_session(&task, attempt, session)?;
+        let TaskRow(task) = sqlx::query_as(sql!(concat!(
+            "UPDATE tasks t SET session = $2::jsonb WHERE id = $1 RETURNING ",
+            task_columns!()
+        )))
+        .bind(task_id)
+        .bind(json!(session).to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(event) = resumed {
+            events::insert(&mut tx, &[event]).await?;
+        }
+        self.commit(tx).await?;
+        Ok(task)
+    }
+
     pub async fn extend_lease(&self, task_id: Uuid, attempt: i32, seconds: i32) -> Result<(Task, DateTime<Utc>)> {
         let mut tx = self.pool().begin().await?;
         let task = lock_task(&mut tx, task_id).await?;

@@ -32,7 +32,8 @@ macro_rules! task_fields {
         "t.id, t.seq, t.ticket_id, t.title, t.description, t.phase, t.priority, t.status,
          t.unmet_deps, t.retry_count, t.max_retries, t.timeout_seconds, t.attempt,
          t.assigned_agent_id, t.error_message, t.error_class, t.result, t.usage, t.git, t.created_at,
-         t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context, t.concurrency_key"
+         t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context, t.concurrency_key,
+         t.session"
     };
 }
 macro_rules! task_columns {
@@ -95,6 +96,11 @@ impl<'r> FromRow<'r, PgRow> for TaskRow {
             trace_context: row.try_get("trace_context")?,
             depends_on: row.try_get("depends_on")?,
             concurrency_key: row.try_get("concurrency_key")?,
+            session: row
+                .try_get::<Option<Value>, _>("session")?
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| corrupt(format!("session: {e}")))?,
         }))
     }
 }

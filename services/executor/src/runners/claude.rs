@@ -14,7 +14,7 @@
 //! `modelUsage`). Anything else is passed on as OUTPUT.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use omoi_domain::ErrorClass;
@@ -40,8 +40,9 @@ static DIALECT: Dialect = Dialect {
 };
 
 /// The command line of a run (`budget`: what the ticket may still spend,
-/// which Claude Code holds itself to).
-pub fn argv(cli: &AgentCli, prompt: &str, budget: Option<f64>) -> Vec<String> {
+/// which Claude Code holds itself to; `resume`: the session to take up,
+/// its transcript already where [`session_paths`] says).
+pub fn argv(cli: &AgentCli, prompt: &str, budget: Option<f64>, resume: Option<&str>) -> Vec<String> {
     let mut argv: Vec<String> = [
         cli.bin.as_str(),
         "-p",
@@ -58,6 +59,9 @@ pub fn argv(cli: &AgentCli, prompt: &str, budget: Option<f64>) -> Vec<String> {
     .into();
     if let Some(model) = &cli.model {
         argv.extend(["--model".to_owned(), model.clone()]);
+    }
+    if let Some(id) = resume {
+        argv.extend(["--resume".to_owned(), id.to_owned()]);
     }
     if let Some(left) = budget {
         // A cent at least: a spent budget pauses the ticket before dispatch.
@@ -76,6 +80,23 @@ pub fn env() -> Vec<(String, String)> {
     ]
 }
 
+/// Where Claude Code keeps session `id` of a run in `workspace`, relative
+/// to its home: the transcript `.claude/projects/<dir>/<id>.jsonl` and the
+/// session's own directory beside it (its subagents' transcripts, large
+/// tool results), `<dir>` being the workspace's path with every character
+/// but ASCII letters and digits made `-` (Claude Code's own naming; its
+/// `--resume` looks there for the directory it runs in).
+pub fn session_paths(workspace: &Path, id: &str) -> Vec<PathBuf> {
+    let dir: String = workspace
+        .display()
+        .to_string()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let project = Path::new(".claude/projects").join(dir);
+    vec![project.join(format!("{id}.jsonl")), project.join(id)]
+}
+
 /// Claude Code, as the `claude-code` runner starts it.
 pub struct Claude;
 
@@ -83,7 +104,11 @@ impl Cli for Claude {
     const REPORTS_COST: bool = true;
 
     fn argv(&self, cli: &AgentCli, ctx: &RunContext) -> Vec<String> {
-        argv(cli, &ctx.prompt, ctx.budget_left_usd)
+        argv(cli, &ctx.prompt, ctx.budget_left_usd, ctx.resume.as_deref())
+    }
+
+    fn session_paths(&self, workspace: &Path, id: &str) -> Vec<PathBuf> {
+        session_paths(workspace, id)
     }
 
     fn env(&self, _: &AgentCli) -> Vec<(String, String)> {
@@ -109,6 +134,8 @@ struct Closing {
 #[derive(Debug)]
 pub struct ClaudeStream {
     model: String,
+    /// The session's id, from `system/init` (or any later line).
+    session_id: Option<String>,
     tools: Tools,
     /// Usage per assistant message id (the parts of one message repeat it),
     /// for a run that ends without its result line.
@@ -216,12 +243,17 @@ impl AgentStream for ClaudeStream {
             .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default());
         api_wait.max(until_reset)
     }
+
+    fn session_id(&self) -> Option<&str> {
+        self.session_id.as_deref()
+    }
 }
 
 impl ClaudeStream {
     pub fn new(workspace: &Path) -> Self {
         Self {
             model: String::new(),
+            session_id: None,
             tools: Tools::new(&DIALECT, workspace.to_path_buf()),
             messages: BTreeMap::new(),
             api_error: None,
@@ -257,6 +289,10 @@ impl ClaudeStream {
         match str_at(v, "subtype") {
             "init" => {
                 self.model = str_at(v, "model").to_owned();
+                let id = str_at(v, "session_id");
+                if !id.is_empty() {
+                    self.session_id = Some(id.to_owned());
+                }
                 Vec::new()
             }
             "api_retry" => {
@@ -389,13 +425,25 @@ mod tests {
             env: vec![],
             kill_grace: Duration::ZERO,
         };
-        let with = argv(&cli, "do it", Some(0.4567));
+        let with = argv(&cli, "do it", Some(0.4567), None);
         let at = with.iter().position(|a| a == "--max-budget-usd").expect("the flag");
         assert_eq!(with[at + 1], "0.46");
         assert_eq!(with.last().map(String::as_str), Some("--x"));
-        let spent = argv(&cli, "do it", Some(-1.0));
+        let spent = argv(&cli, "do it", Some(-1.0), Some("s-1"));
+        assert!(spent.windows(2).any(|w| w == ["--resume", "s-1"]));
         assert!(spent.windows(2).any(|w| w == ["--max-budget-usd", "0.01"]));
-        assert!(!argv(&cli, "do it", None).contains(&"--max-budget-usd".to_owned()));
+        assert!(!argv(&cli, "do it", None, None).contains(&"--max-budget-usd".to_owned()));
+    }
+
+    #[test]
+    fn sessions_are_where_claude_code_keeps_them_for_the_directory() {
+        assert_eq!(
+            session_paths(Path::new("/tmp/omoi/ws.one/3"), "abc"),
+            [
+                PathBuf::from(".claude/projects/-tmp-omoi-ws-one-3/abc.jsonl"),
+                PathBuf::from(".claude/projects/-tmp-omoi-ws-one-3/abc")
+            ]
+        );
     }
 
     /// A run recorded from Claude Code 2.1 against a stand-in model API
@@ -425,6 +473,7 @@ mod tests {
     fn a_recorded_run_reads_as_events_usage_and_success() {
         use AgentEventKind::*;
         let (s, events) = read(RECORDED);
+        assert_eq!(s.session_id(), Some("s1"));
         assert_eq!(
             kinds(&events),
             [

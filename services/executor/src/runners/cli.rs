@@ -5,7 +5,7 @@
 //! spent and how it ended; the cost priced from the table when the CLI
 //! reports none. What sets each CLI apart is its [`Cli`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use omoi_domain::ErrorClass;
@@ -41,6 +41,11 @@ pub trait Cli: Send + Sync {
     fn env(&self, cli: &AgentCli) -> Vec<(String, String)>;
     /// A reader of one run's output.
     fn reader(&self, cli: &AgentCli, ctx: &RunContext) -> Box<dyn AgentStream>;
+    /// Where the CLI keeps session `id` of a run in `workspace` (see
+    /// [`Runner::session_paths`]); empty: it cannot resume one.
+    fn session_paths(&self, _workspace: &Path, _id: &str) -> Vec<PathBuf> {
+        Vec::new()
+    }
 }
 
 /// Reads one CLI's output.
@@ -53,6 +58,10 @@ pub trait AgentStream: Send {
     fn verdict(&self, exit_code: Option<i32>) -> Option<Verdict>;
     /// How long the agent said a retry should wait, when it said so.
     fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+    /// The agent's id of its session, once it said it.
+    fn session_id(&self) -> Option<&str> {
         None
     }
 }
@@ -99,6 +108,15 @@ impl<C: Cli> Runner for CliRunner<C> {
                 for e in stream.line(&line) {
                     out.emit(e);
                 }
+                if let Some(id) = stream.session_id().filter(|id| !id.is_empty()) {
+                    ctx.session.send_if_modified(|known| {
+                        let new = known.as_deref() != Some(id);
+                        if new {
+                            *known = Some(id.to_owned());
+                        }
+                        new
+                    });
+                }
             },
             stop,
         )
@@ -120,6 +138,28 @@ impl<C: Cli> Runner for CliRunner<C> {
         outcome.verdict = stream.verdict(outcome.exit_code);
         outcome.retry_after = stream.retry_after();
         Ok(outcome)
+    }
+
+    fn session_paths(&self, workspace: &Path, id: &str) -> Vec<PathBuf> {
+        self.kind.session_paths(workspace, id)
+    }
+
+    fn resumes(&self) -> bool {
+        !self.kind.session_paths(Path::new("/"), "id").is_empty()
+    }
+
+    /// The agent user's home, else the HOME it is given, else the
+    /// executor's.
+    fn home(&self, ctx: &RunContext) -> Option<PathBuf> {
+        if let Some(user) = &ctx.user {
+            return Some(user.home.clone());
+        }
+        self.cli
+            .env
+            .iter()
+            .find(|(k, _)| k == "HOME")
+            .map(|(_, v)| PathBuf::from(v))
+            .or_else(|| std::env::var_os("HOME").map(PathBuf::from))
     }
 }
 

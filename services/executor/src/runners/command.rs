@@ -107,6 +107,8 @@ mod tests {
             timeout: None,
             user: None,
             budget_left_usd: None,
+            resume: None,
+            session: Default::default(),
         }
     }
 

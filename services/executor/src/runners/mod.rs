@@ -21,7 +21,7 @@ mod prices;
 pub mod process;
 mod tools;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +47,24 @@ pub trait Runner: Send + Sync {
         out: &dyn EventSink,
         stop: &CancellationToken,
     ) -> Result<RunOutcome, RunnerError>;
+
+    /// Where the agent keeps its session `id` of a run in `workspace`:
+    /// paths relative to its home, always in the same order (a checkpoint
+    /// stores them, a restore puts them where the same call names for the
+    /// new workspace). Empty for a runner that keeps none.
+    fn session_paths(&self, _workspace: &Path, _id: &str) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    /// Whether it can take up a session by its id (`RunContext::resume`).
+    fn resumes(&self) -> bool {
+        false
+    }
+
+    /// The agent process's home.
+    fn home(&self, ctx: &RunContext) -> Option<PathBuf> {
+        ctx.user.as_ref().map(|u| u.home.clone())
+    }
 }
 
 /// The runner `OMOI_RUNNER` names, set up from the configuration; `user`
@@ -151,6 +169,10 @@ pub struct RunContext {
     /// What the ticket may still spend (USD), for an agent that can hold
     /// itself to it.
     pub budget_left_usd: Option<f64>,
+    /// The session to take up (its files restored where the agent looks).
+    pub resume: Option<String>,
+    /// The agent's session id, as soon as the runner learns it.
+    pub session: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 impl RunContext {

@@ -6,6 +6,7 @@
 mod lifecycle;
 mod prompt;
 mod run;
+mod session;
 mod stream;
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ use crate::config::Config;
 use crate::executions::Executions;
 use crate::git::GitSettings;
 use crate::runners::{self, Runner};
+use crate::sessions::Sessions;
 
 type Ch = omoi_runtime::grpc::Client;
 
@@ -51,6 +53,8 @@ pub struct Worker {
     /// Who agents run as (`OMOI_AGENT_USER`).
     agent_user: Option<Arc<AgentUser>>,
     git: GitSettings,
+    /// Where checkpoints of agent sessions are kept.
+    sessions: Sessions,
 }
 
 /// Phases from `INITIAL,IMPLEMENTATION` (with or without the PHASE_ prefix).
@@ -114,7 +118,12 @@ where
 }
 
 impl Worker {
-    pub fn new(config: Config, executions: Arc<Executions>, agent_id: Uuid) -> anyhow::Result<Self> {
+    pub fn new(
+        config: Config,
+        executions: Arc<Executions>,
+        agent_id: Uuid,
+        nats: async_nats::Client,
+    ) -> anyhow::Result<Self> {
         let agent_user = config
             .agent_user
             .as_deref()
@@ -144,12 +153,13 @@ impl Worker {
             tickets: TicketServiceClient::new(connector.client(&config.ticket_url, "OMOI_TICKET_URL")?),
             runner,
             executions,
-            config,
             registered: tokio::sync::watch::Sender::new(false),
             accepting: AtomicBool::new(true),
             interval_secs: AtomicU64::new(30),
             agent_user,
             git,
+            sessions: Sessions::new(nats, &config),
+            config,
         })
     }
 

@@ -118,6 +118,47 @@ pub fn prompt(
     p
 }
 
+/// What a resumed session is told when an earlier attempt of its task
+/// stopped before the end: it knows the task already.
+pub fn continuation(task: &tq::Task, checkout: Option<&Checkout>) -> String {
+    let why = if task.error_message.is_empty() {
+        "it was interrupted".to_owned()
+    } else {
+        format!(
+            "it ended with: {}",
+            task.error_message.chars().take(2000).collect::<String>()
+        )
+    };
+    let mut p = format!(
+        "Your previous run on this task stopped before it finished ({why}). \
+         Your work so far is in this directory. Continue the task \"{}\" from where you left off, and finish it.\n",
+        task.title
+    );
+    if let Some(c) = checkout {
+        p.push_str(&format!(
+            "\nThe directory is on branch `{}`, based on commit {}; what you change is committed for you when you finish.\n",
+            c.branch, c.base_commit
+        ));
+    }
+    p
+}
+
+/// What a resumed session is told by a follow-up: the message, on the
+/// work it did before (committed to the branch it is on).
+pub fn follow_up(task: &tq::Task, checkout: Option<&Checkout>) -> String {
+    let mut p = String::from("A follow-up on the work you did in this session:\n\n");
+    p.push_str(&task.description);
+    p.push('\n');
+    if let Some(c) = checkout {
+        p.push_str(&format!(
+            "\nThis directory is the ticket's repository on branch `{}` at commit {}, with your earlier work \
+             committed. What you change now is committed to that branch for you when you finish.\n",
+            c.branch, c.base_commit
+        ));
+    }
+    p
+}
+
 /// `implementation` for PHASE_IMPLEMENTATION.
 pub fn phase_name(wire: i32) -> String {
     Phase::given(wire)

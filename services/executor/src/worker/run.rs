@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use omoi_domain::{ErrorClass, GitChange, Phase};
@@ -17,6 +17,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use super::prompt::{self, Dependency, TicketContext, phase_name};
+use super::session::{Checkpointing, Continues};
 use super::{Worker, report};
 use crate::config::WorkspacePolicy;
 use crate::events::EventSink;
@@ -151,25 +152,52 @@ impl Worker {
                 format!("on branch {} at {}", c.branch, c.base_commit),
             );
         }
+        // The attempt's work is what differs from here: restored work too.
         let before = workspace::snapshot(&dir);
-        run.set_state(ExecutionState::Running);
-        let ctx = RunContext {
+        let mut ctx = RunContext {
             task_id,
             attempt,
             phase,
-            prompt: prompt::prompt(
-                &task,
-                phase,
-                &prepared.ticket,
-                &prepared.dependencies,
-                prepared.checkout.as_ref(),
-            ),
+            prompt: String::new(),
             workspace: dir.clone(),
             timeout: (task.timeout_seconds > 0).then(|| Duration::from_secs(task.timeout_seconds as u64)),
             user: self.agent_user.clone(),
             budget_left_usd: prepared.ticket.budget_left_usd,
+            resume: None,
+            session: Default::default(),
         };
-        let outcome = self.runner.run(&ctx, &*run, &run.stop).await;
+        let continues = Continues::of(&task, task_id);
+        let restored = self.restore(&run, &continues, &ctx).await;
+        ctx.resume = restored.resume.clone();
+        let checkout = prepared.checkout.as_ref();
+        ctx.prompt = match (&continues, &ctx.resume) {
+            (Continues::Retry(_), Some(_)) => prompt::continuation(&task, checkout),
+            (Continues::FollowUp { .. }, Some(_)) => prompt::follow_up(&task, checkout),
+            _ => prompt::prompt(&task, phase, &prepared.ticket, &prepared.dependencies, checkout),
+        };
+        if let Some(session) = restored.session.as_ref().filter(|_| ctx.resume.is_some()) {
+            // TASK_RESUMED, and the record of where it came from.
+            let mut first = session.clone();
+            first.attempt = attempt;
+            first.checkpoint = continues.session().map(|s| s.checkpoint.clone()).unwrap_or_default();
+            self.record_session(task_id, attempt, &first).await;
+        }
+        run.set_state(ExecutionState::Running);
+        let checkpointing = Checkpointing {
+            run: &run,
+            ctx: &ctx,
+            ticket_id: task.ticket_id.parse().ok(),
+            before: &before,
+            resumed: restored.session,
+            count: AtomicI32::new(0),
+        };
+        let outcome = tokio::select! {
+            outcome = self.runner.run(&ctx, &*run, &run.stop) => outcome,
+            never = self.checkpoint_every(&checkpointing) => match never {},
+        };
+        if worth_a_last_checkpoint(&outcome, &run, &ctx) {
+            self.checkpoint(&checkpointing).await;
+        }
         let changed = workspace::changed(&before, &workspace::snapshot(&dir));
         let commit = prepared.checkout.as_ref().map(|c| BranchCommit {
             checkout: c,
@@ -472,6 +500,25 @@ impl Worker {
         })
         .await
     }
+}
+
+/// Whether a run's end is checkpointed: when it has a session to take up
+/// later (a retry's, a follow-up's), or work a retry would redo; not when
+/// the queue took the attempt back (it is no longer ours to record).
+fn worth_a_last_checkpoint(outcome: &Result<RunOutcome, RunnerError>, run: &Execution, ctx: &RunContext) -> bool {
+    let Ok(o) = outcome else { return false };
+    let taken_back = o.stopped == Some(Stopped::Cancelled) && run.stop_request().is_none_or(|r| !r.report);
+    if taken_back {
+        return false;
+    }
+    let has_session = ctx.session.borrow().is_some() || ctx.resume.is_some();
+    let ended_well = o.stopped.is_none()
+        && match &o.verdict {
+            Some(Verdict::Succeeded { .. }) => true,
+            Some(Verdict::Failed { .. }) => false,
+            None => o.exit_code == Some(0),
+        };
+    has_session || !ended_well
 }
 
 /// A successful run's commit onto the ticket's branch: where and with what

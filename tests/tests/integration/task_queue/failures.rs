@@ -220,6 +220,7 @@ async fn an_operator_retries_a_failed_task_and_its_cancelled_dependents_come_bac
         let request = pb::RetryTaskRequest {
             task_id: task_id.to_owned(),
             reason: "the disk is back".into(),
+            fresh: false,
         };
         async move { c.retry_task(request).await }
     };

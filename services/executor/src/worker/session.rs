@@ -1,0 +1,375 @@
+//! An attempt's agent session: restored from the checkpoint the task
+//! names before the agent starts (an earlier attempt's, or for a follow-up
+//! the session of the task it follows), checkpointed while the agent runs
+//! and once more when it ends, each checkpoint recorded on the task
+//! (RecordSession) so that whichever executor runs the next attempt finds
+//! it. Nothing here stops an attempt: a store out of reach skips a
+//! checkpoint with a warning (the next one tries again), a checkpoint that
+//! cannot be restored starts the agent afresh and says why.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use omoi_domain::AgentSession;
+use omoi_domain::session::{checkpoint_name, parse_checkpoint_name};
+use omoi_proto::common::{AgentEventKind, OutputStream};
+use omoi_proto::taskqueue as tq;
+use uuid::Uuid;
+
+use super::Worker;
+use crate::events::{EventSink, event};
+use crate::executions::Execution;
+use crate::runners::RunContext;
+use crate::sessions::SessionError;
+use crate::sessions::archive::{self, Contents, Manifest};
+use crate::workspace::{self, Snapshot};
+
+/// What an attempt takes up.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Continues {
+    /// Nothing: a new session.
+    Fresh,
+    /// The checkpoint of an earlier attempt of the same task.
+    Retry(AgentSession),
+    /// The session of the task a follow-up follows.
+    FollowUp { session: AgentSession, from_task: Uuid },
+}
+
+impl Continues {
+    /// What the task's recorded session offers its next attempt.
+    pub(super) fn of(task: &tq::Task, task_id: Uuid) -> Self {
+        let Some(recorded) = task.session.clone() else {
+            return Continues::Fresh;
+        };
+        let Ok(session) = omoi_proto::domain::agent_session("session", recorded) else {
+            return Continues::Fresh;
+        };
+        match parse_checkpoint_name(&session.checkpoint) {
+            None => Continues::Fresh,
+            Some((from, _)) if from == task_id => Continues::Retry(session),
+            Some((from_task, _)) => Continues::FollowUp { session, from_task },
+        }
+    }
+
+    pub(super) fn session(&self) -> Option<&AgentSession> {
+        match self {
+            Continues::Fresh => None,
+            Continues::Retry(s) | Continues::FollowUp { session: s, .. } => Some(s),
+        }
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Default)]
+pub(super) struct Restored {
+    /// The session id to resume (the runner can, and its files are back).
+    pub resume: Option<String>,
+    /// The record of this attempt's session so far (resumed from where).
+    pub session: Option<AgentSession>,
+}
+
+impl Worker {
+    /// Puts back what `continues` names into the attempt's workspace (an
+    /// earlier attempt's work) and the agent's home (its session files,
+    /// where the runner looks for them in this workspace).
+    pub(super) async fn restore(&self, run: &Execution, continues: &Continues, ctx: &RunContext) -> Restored {
+        let Some(session) = continues.session() else {
+            return Restored::default();
+        };
+        let runner = self.config.runner.as_str();
+        let same_runner = session.runner == runner;
+        let resumes = same_runner && self.runner.resumes() && !session.session_id.is_empty();
+        // A follow-up's work is on the branch already; only the session
+        // is taken up, and only by the runner that holds it.
+        if matches!(continues, Continues::FollowUp { .. }) && !resumes {
+            return Restored::default();
+        }
+        let bytes = match self.sessions.get(&session.checkpoint).await {
+            Ok(b) => b,
+            Err(e) => return self.fresh(run, &e.to_string()),
+        };
+        let home = self.runner.home(ctx);
+        let (workspace, paths) = (
+            ctx.workspace.clone(),
+            session_paths(resumes, &*self.runner, ctx, session),
+        );
+        let restore_work = matches!(continues, Continues::Retry(_));
+        let placed = tokio::task::spawn_blocking(move || -> Result<(usize, bool), String> {
+            let checkpoint = archive::read(&bytes).map_err(|e| e.to_string())?;
+            let manifest = checkpoint
+                .manifest
+                .clone()
+                .unwrap_or_else(|| unreachable!("read checks it"));
+            let files = if restore_work {
+                put_back_work(&workspace, &checkpoint, &manifest).map_err(|e| format!("workspace: {e}"))?
+            } else {
+                0
+            };
+            let session_back = match (&home, paths.is_empty()) {
+                (Some(home), false) => put_back_session(home, &paths, &checkpoint, &manifest, &workspace)
+                    .map_err(|e| format!("session: {e}"))?,
+                _ => false,
+            };
+            Ok((files, session_back))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        let (files, session_back) = match placed {
+            Ok(p) => p,
+            Err(e) => {
+                return self.fresh(
+                    run,
+                    &format!("checkpoint {} cannot be restored: {e}", session.checkpoint),
+                );
+            }
+        };
+        if let (Some(user), Some(home)) = (&self.agent_user, self.runner.home(ctx)) {
+            // Restored as the executor: the agent's again.
+            for dir in [ctx.workspace.as_path(), home.as_path()] {
+                if let Err(e) = user.give(dir) {
+                    return self.fresh(run, &format!("cannot hand the restored files to {}: {e}", user.name));
+                }
+            }
+        }
+        let resume = (resumes && session_back).then(|| session.session_id.clone());
+        let (from_task, what) = match continues {
+            Continues::FollowUp { from_task, .. } => (Some(*from_task), format!("task {from_task}'s session")),
+            _ => (None, format!("attempt {}", session.attempt)),
+        };
+        run.line(
+            OutputStream::System,
+            match &resume {
+                Some(id) => format!("resuming session {id} of {what} ({files} files of its work restored)"),
+                None => format!("{files} files of {what}'s work restored; the {runner} runner starts a new session"),
+            },
+        );
+        Restored {
+            session: Some(AgentSession {
+                runner: runner.to_owned(),
+                session_id: resume.clone().unwrap_or_default(),
+                resumed_from_attempt: session.attempt,
+                resumed_from_task_id: from_task,
+                ..Default::default()
+            }),
+            resume,
+        }
+    }
+
+    /// A checkpoint that could not be used: said in the run's events, and
+    /// the agent starts afresh.
+    fn fresh(&self, run: &Execution, why: &str) -> Restored {
+        let text = format!("starting a new session: {why}");
+        tracing::warn!(task_id = %run.task_id, attempt = run.attempt, "{text}");
+        run.emit(event(AgentEventKind::Error, text.clone()));
+        Restored::default()
+    }
+
+    /// Stores a checkpoint of the attempt and records it on the task; the
+    /// session as recorded, or None when it was skipped (said in the run's
+    /// output).
+    pub(super) async fn checkpoint(&self, c: &Checkpointing<'_>) -> Option<AgentSession> {
+        let session_id = c
+            .ctx
+            .session
+            .borrow()
+            .clone()
+            .or_else(|| c.ctx.resume.clone())
+            .unwrap_or_default();
+        let runner = self.config.runner.as_str();
+        let taken_at = Utc::now();
+        let name = checkpoint_name(c.ticket_id, c.ctx.task_id, c.ctx.attempt);
+        let (changed, removed) = changes(c.before, &workspace::snapshot(&c.ctx.workspace));
+        let session_paths = if session_id.is_empty() {
+            Vec::new()
+        } else {
+            self.runner.session_paths(&c.ctx.workspace, &session_id)
+        };
+        let manifest = Manifest {
+            runner: runner.to_owned(),
+            session_id: session_id.clone(),
+            task_id: c.ctx.task_id.to_string(),
+            attempt: c.ctx.attempt,
+            workspace: c.ctx.workspace.display().to_string(),
+            taken_at,
+            removed,
+            skipped: Vec::new(),
+            session_paths: 0,
+        };
+        let (workspace, home, redactor) = (
+            c.ctx.workspace.clone(),
+            self.runner.home(c.ctx),
+            self.sessions.redactor.clone(),
+        );
+        let built = tokio::task::spawn_blocking(move || {
+            archive::build(Contents {
+                manifest,
+                workspace: &workspace,
+                changed,
+                home: home.as_deref(),
+                session_paths,
+                redactor: &redactor,
+            })
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        let stored = match built {
+            Ok(bytes) => self.sessions.put(&name, bytes).await,
+            Err(e) => Err(SessionError::Corrupt(e.into())),
+        };
+        let bytes = match stored {
+            Ok(b) => b,
+            Err(e) => {
+                c.run.line(
+                    OutputStream::System,
+                    format!("checkpoint skipped (the attempt goes on; the next one tries again): {e}"),
+                );
+                return None;
+            }
+        };
+        let mut session = c.resumed.clone().unwrap_or_default();
+        session.runner = runner.to_owned();
+        session.session_id = session_id;
+        session.checkpoint = name;
+        session.checkpoint_at = Some(taken_at);
+        session.attempt = c.ctx.attempt;
+        session.checkpoints = c.count.fetch_add(1, Ordering::Relaxed) + 1;
+        session.checkpoint_bytes = bytes as i64;
+        self.record_session(c.ctx.task_id, c.ctx.attempt, &session).await;
+        Some(session)
+    }
+
+    /// RecordSession, delivered as a report is (a refusal means the
+    /// attempt is no longer ours: nothing more to do).
+    pub(super) async fn record_session(&self, task_id: Uuid, attempt: i32, session: &AgentSession) -> bool {
+        let wire = omoi_proto::common::AgentSession::from(session);
+        super::report("RecordSession", || {
+            let mut q = self.queue.clone();
+            let session = wire.clone();
+            async move {
+                q.record_session(tq::RecordSessionRequest {
+                    task_id: task_id.to_string(),
+                    attempt,
+                    session: Some(session),
+                })
+                .await
+            }
+        })
+        .await
+    }
+
+    /// Checkpoints every `OMOI_CHECKPOINT_SECONDS` while the agent runs
+    /// (never returns; dropped when the run ends). A checkpoint is taken
+    /// only once there is something to keep: a session, or work.
+    pub(super) async fn checkpoint_every(&self, c: &Checkpointing<'_>) -> std::convert::Infallible {
+        if self.config.checkpoint_seconds == 0 {
+            return std::future::pending().await;
+        }
+        let period = Duration::from_secs(self.config.checkpoint_seconds);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let has_session = c.ctx.session.borrow().is_some() || c.ctx.resume.is_some();
+            let has_work =
+                has_session || !workspace::changed(c.before, &workspace::snapshot(&c.ctx.workspace)).is_empty();
+            if has_work {
+                self.checkpoint(c).await;
+            }
+        }
+    }
+}
+
+/// An attempt's checkpointing: what it is about and how many it stored.
+pub(super) struct Checkpointing<'a> {
+    pub run: &'a Execution,
+    pub ctx: &'a RunContext,
+    pub ticket_id: Option<Uuid>,
+    /// The workspace as the attempt started (its work is what differs).
+    pub before: &'a Snapshot,
+    /// Where its session came from, when it resumed one.
+    pub resumed: Option<AgentSession>,
+    pub count: AtomicI32,
+}
+
+/// The paths (relative to the agent's home) a restore puts the session's
+/// files at, for this workspace; none when the session is not resumed.
+fn session_paths(
+    resumes: bool,
+    runner: &dyn crate::runners::Runner,
+    ctx: &RunContext,
+    session: &AgentSession,
+) -> Vec<PathBuf> {
+    if resumes {
+        runner.session_paths(&ctx.workspace, &session.session_id)
+    } else {
+        Vec::new()
+    }
+}
+
+/// The files added or changed since `before` and those removed.
+fn changes(before: &Snapshot, after: &Snapshot) -> (Vec<PathBuf>, Vec<String>) {
+    let changed = after
+        .iter()
+        .filter(|(p, v)| before.get(*p) != Some(v))
+        .map(|(p, _)| p.clone())
+        .collect();
+    let removed = before
+        .keys()
+        .filter(|p| !after.contains_key(*p))
+        .map(|p| p.display().to_string())
+        .collect();
+    (changed, removed)
+}
+
+/// The earlier attempt's work, over this attempt's checkout; how many
+/// files (and links) it put back.
+fn put_back_work(workspace: &Path, c: &archive::Checkpoint, manifest: &Manifest) -> std::io::Result<usize> {
+    for (rel, data, mode) in &c.files {
+        archive::write_under(workspace, rel, data, *mode)?;
+    }
+    for rel in &manifest.removed {
+        let rel = Path::new(rel);
+        if rel.components().all(|p| matches!(p, std::path::Component::Normal(_))) {
+            archive::remove_any(&workspace.join(rel))?;
+        }
+    }
+    // Links last: none of them can carry a file's write elsewhere.
+    for (rel, target) in &c.links {
+        let at = workspace.join(rel);
+        if let Some(parent) = at.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        archive::remove_any(&at)?;
+        std::os::unix::fs::symlink(target, &at)?;
+    }
+    Ok(c.files.len() + c.links.len())
+}
+
+/// The session's files where the runner looks for them in `workspace`
+/// (the old workspace's path in them made the new one's); whether any were
+/// placed.
+fn put_back_session(
+    home: &Path,
+    paths: &[PathBuf],
+    c: &archive::Checkpoint,
+    manifest: &Manifest,
+    workspace: &Path,
+) -> std::io::Result<bool> {
+    let (old, new) = (manifest.workspace.as_bytes(), workspace.display().to_string());
+    let mut placed = false;
+    for (index, inner, data) in &c.session {
+        let Some(path) = paths.get(*index) else { continue };
+        let rel = if inner.as_os_str().is_empty() {
+            path.clone()
+        } else {
+            path.join(inner)
+        };
+        let data = archive::replace(data, old, new.as_bytes());
+        archive::write_under(home, &rel, &data, 0o600)?;
+        placed = true;
+    }
+    Ok(placed)
+}

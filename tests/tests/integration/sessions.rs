@@ -1,0 +1,287 @@
+//! Agent sessions that outlive their attempt, with the real Claude Code
+//! against a stand-in model API: a follow-up resumes the conversation of
+//! the task it follows and lands one more commit on the ticket's branch;
+//! an executor killed in the middle of a run leaves a checkpoint from which
+//! another executor resumes the same conversation, the agent's work in its
+//! new workspace, and the crash costs at most the call it interrupted.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use omoi_proto::taskqueue as tq;
+use omoi_proto::ticket as pb;
+use omoi_tests::mesh::{Options, ProcessMesh};
+use omoi_tests::model_api::ModelApi;
+use omoi_tests::process::agent_cli;
+use omoi_tests::repo::{git, remote};
+use omoi_tests::{Infra, client, eventually, file_ticket, wait_ticket};
+use serde_json::Value;
+use tonic::Code;
+
+const COMPLETED: i32 = 3;
+const IN_PROGRESS: i32 = 2;
+const SECRET: &str = "sk-ant-test-sessions-do-not-leak";
+
+fn claude(api: &ModelApi, home: &std::path::Path, id: &str) -> Vec<(String, String)> {
+    [
+        ("OMOI_RUNNER", "claude-code"),
+        ("OMOI_AGENT_BIN", &agent_cli("claude").display().to_string()),
+        ("OMOI_AGENT_MODEL", "claude-sonnet-4-5"),
+        ("OMOI_AGENT_ID", id),
+        ("ANTHROPIC_BASE_URL", api.url.as_str()),
+        ("ANTHROPIC_API_KEY", SECRET),
+        ("HOME", &home.display().to_string()),
+        ("CLAUDE_CODE_MAX_RETRIES", "0"),
+        ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME,CLAUDE_CODE_MAX_RETRIES"),
+        ("OMOI_CHECKPOINT_SECONDS", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+fn one_task(repository: &str, max_retries: i32) -> pb::CreateTicketRequest {
+    pb::CreateTicketRequest {
+        title: "hello, sessions".into(),
+        repository: repository.to_owned(),
+        plan: vec![pb::TaskSpec {
+            title: "write hello.txt".into(),
+            phase: 1,
+            max_retries: Some(max_retries),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn tempdir(what: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("omoi-{what}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Every event of a final ticket, its tasks' included.
+async fn history(tickets: &omoi_tests::TicketClient, id: &str) -> Vec<omoi_proto::events::Event> {
+    let stream = tickets
+        .clone()
+        .watch_ticket(pb::WatchTicketRequest { ticket_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(30), stream.map(|e| e.unwrap()).collect::<Vec<_>>())
+        .await
+        .expect("a final ticket's history ends")
+}
+
+/// Whether the conversation of a model request holds `text` anywhere.
+fn holds(conversation: &Value, text: &str) -> bool {
+    conversation.to_string().contains(text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_up_resumes_the_agents_session_and_lands_one_more_commit() {
+    let infra = Infra::new().await.unwrap();
+    let api = ModelApi::start().await.unwrap();
+    let home = tempdir("agent-home");
+    let options = Options {
+        executors: 0,
+        ..Default::default()
+    };
+    let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    mesh.add_executor(&infra, &claude(&api, &home, "claude-a"))
+        .await
+        .unwrap();
+    let tickets = mesh.tickets();
+    let (bare, _) = remote();
+    let created = file_ticket(&tickets, one_task(&bare.display().to_string(), 0)).await;
+    let ticket = created.ticket.unwrap();
+    let first = created.tasks[0].id.clone();
+    let done = wait_ticket(&tickets, &ticket.id, COMPLETED).await;
+    let session = done.tasks[0].session.clone().expect("the task's session");
+    assert_eq!(session.runner, "claude-code");
+    assert!(!session.session_id.is_empty());
+    assert!(session.checkpoints >= 1 && session.checkpoint_bytes > 0, "{session:?}");
+    let branch = &ticket.branch;
+    assert_eq!(git(&bare, &["rev-list", "--count", &format!("main..{branch}")]), "1");
+
+    // Bad input changes nothing.
+    let mut t = tickets.clone();
+    let ask = |ticket_id: &str, message: &str, task_id: &str| pb::FollowUpRequest {
+        ticket_id: ticket_id.into(),
+        message: message.into(),
+        task_id: task_id.into(),
+    };
+    for (req, code, field) in [
+        (ask(&ticket.id, " ", ""), Code::InvalidArgument, "message"),
+        (
+            ask(&ticket.id, &"x".repeat(64 * 1024 + 1), ""),
+            Code::InvalidArgument,
+            "message",
+        ),
+        (ask("nope", "hi", ""), Code::InvalidArgument, "ticket_id"),
+        (ask(&uuid::Uuid::new_v4().to_string(), "hi", ""), Code::NotFound, ""),
+        (
+            ask(&ticket.id, "hi", &uuid::Uuid::new_v4().to_string()),
+            Code::NotFound,
+            "task_id",
+        ),
+    ] {
+        let s = t.follow_up(req).await.unwrap_err();
+        assert_eq!(s.code(), code, "{}", s.message());
+        assert!(s.message().contains(field), "{}", s.message());
+    }
+    assert_eq!(wait_ticket(&tickets, &ticket.id, COMPLETED).await.tasks.len(), 1);
+
+    // The follow-up: the ticket opens again and completes again.
+    let asked = t
+        .follow_up(ask(&ticket.id, "Also cover the empty case: file=extra.txt", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(asked.ticket.unwrap().status, IN_PROGRESS);
+    let follow_up = asked.task.unwrap();
+    assert_eq!(follow_up.depends_on, std::slice::from_ref(&first));
+    let done = wait_ticket(&tickets, &ticket.id, COMPLETED).await;
+    assert_eq!(done.tasks.len(), 2);
+    let task = done.tasks.iter().find(|t| t.id == follow_up.id).unwrap();
+    let resumed = task.session.clone().expect("the follow-up's session");
+    assert_eq!(resumed.session_id, session.session_id, "the same conversation");
+    assert_eq!(resumed.resumed_from_task_id, first);
+    assert_eq!(resumed.resumed_from_attempt, 1);
+
+    // The model saw the first conversation's turns with the message.
+    let conversations = api.conversations();
+    let asked_more = conversations
+        .iter()
+        .find(|c| holds(c, "file=extra.txt"))
+        .expect("the follow-up reached the model");
+    assert!(holds(asked_more, "toolu_write_hello_txt"), "{asked_more}");
+    assert!(holds(asked_more, "Done: wrote hello.txt"), "{asked_more}");
+
+    // One more commit on the branch, with the follow-up's file; the
+    // ticket's cost counts both tasks.
+    let commits = git(&bare, &["rev-list", "--count", &format!("main..{branch}")]);
+    assert_eq!(commits, "2");
+    assert_eq!(
+        git(&bare, &["show", &format!("{branch}:extra.txt")]),
+        "hello from claude"
+    );
+    let ticket_usage = done.ticket.as_ref().unwrap().usage.clone().unwrap();
+    let task_costs: f64 = done.tasks.iter().map(|t| t.usage.as_ref().unwrap().cost_usd).sum();
+    assert!((ticket_usage.cost_usd - task_costs).abs() < 1e-9);
+
+    // Reopened and completed again, each said by an event.
+    let events = history(&tickets, &ticket.id).await;
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let reopened = types
+        .iter()
+        .position(|t| *t == "TICKET_REOPENED")
+        .unwrap_or_else(|| panic!("{types:?}"));
+    assert!(types[reopened..].contains(&"TICKET_COMPLETED"), "{types:?}");
+    assert!(!format!("{events:?}{done:?}").contains(SECRET));
+
+    // A cancelled ticket takes no follow-up.
+    let other = file_ticket(&tickets, one_task("", 0)).await.ticket.unwrap();
+    t.cancel_ticket(pb::CancelTicketRequest {
+        ticket_id: other.id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let s = t.follow_up(ask(&other.id, "more", "")).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message());
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(home);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_executors_attempt_resumes_its_session_on_another() {
+    let infra = Infra::new().await.unwrap();
+    let api = ModelApi::start().await.unwrap();
+    let home = tempdir("agent-home");
+    let options = Options {
+        executors: 0,
+        heartbeat_interval_seconds: 1,
+        stale_after_seconds: 3.0,
+        env: vec![("OMOI_LEASE_SECONDS".into(), "2".into())],
+        ..Default::default()
+    };
+    let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    mesh.add_executor(&infra, &claude(&api, &home, "claude-a"))
+        .await
+        .unwrap();
+    let tickets = mesh.tickets();
+    let queue = client(&mesh.task_queue.url);
+
+    // The agent writes its file, then waits on its second model call.
+    api.hold(2);
+    let created = file_ticket(&tickets, one_task("", 2)).await;
+    let id = created.tasks[0].id.clone();
+    tokio::time::timeout(Duration::from_secs(90), api.held())
+        .await
+        .expect("turn 2 asked for");
+    let held_at = chrono::Utc::now();
+    // A checkpoint taken wholly after that: the write and its result in it.
+    let checkpointed = eventually(Duration::from_secs(30), "a checkpoint after the write", || {
+        let mut q = queue.clone();
+        let id = id.clone();
+        async move {
+            let t = q
+                .get_task(tq::GetTaskRequest { task_id: id })
+                .await
+                .ok()?
+                .into_inner()
+                .task?;
+            let s = t.session?;
+            let at = omoi_proto::convert::from_timestamp(s.checkpoint_at.as_ref()?)?;
+            (at > held_at + chrono::Duration::milliseconds(1100)).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!((checkpointed.runner.as_str(), checkpointed.attempt), ("claude-code", 1));
+
+    // Killed mid-call; another executor takes the attempt up.
+    mesh.executors.pop().unwrap().kill9().await.unwrap();
+    api.release();
+    mesh.add_executor(&infra, &claude(&api, &home, "claude-b"))
+        .await
+        .unwrap();
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let task = &done.tasks[0];
+    assert_eq!(task.attempt, 2);
+    let session = task.session.clone().unwrap();
+    assert_eq!(session.session_id, checkpointed.session_id, "the same conversation");
+    assert_eq!((session.attempt, session.resumed_from_attempt), (2, 1));
+
+    // The resumed call carried the earlier turn, the tool call and its
+    // result; the work was in the new workspace; the crash cost no more
+    // than the call it cut short.
+    let conversations = api.conversations();
+    assert!(conversations.len() <= 4, "{} model calls", conversations.len());
+    let resumed = &conversations[2];
+    assert!(holds(resumed, "toolu_write_hello_txt"), "{resumed}");
+    assert!(holds(resumed, "File created successfully"), "{resumed}");
+    let result = omoi_proto::convert::struct_to_json(task.result.as_ref().unwrap());
+    assert_eq!(result["summary"], "Done: wrote hello.txt");
+    let ws = std::path::Path::new(result["workspace"].as_str().unwrap());
+    assert!(ws.ends_with("2"), "{}", ws.display());
+    assert_eq!(
+        std::fs::read_to_string(ws.join("hello.txt")).unwrap(),
+        "hello from claude\n"
+    );
+    let events = history(&tickets, &task.ticket_id).await;
+    let resumed_event = events
+        .iter()
+        .find(|e| e.event_type == "TASK_RESUMED")
+        .expect("TASK_RESUMED");
+    let payload = omoi_proto::convert::struct_to_json(resumed_event.payload.as_ref().unwrap());
+    assert_eq!(payload["resumed_from_attempt"], 1);
+    assert_eq!(payload["session_id"], checkpointed.session_id.as_str());
+    assert!(!format!("{events:?}{done:?}").contains(SECRET));
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(home);
+}
