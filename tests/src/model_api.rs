@@ -79,7 +79,8 @@ struct State {
     release: Notify,
     /// The working directories of the runs seen.
     directories: Mutex<Vec<String>>,
-    /// The conversation each Messages API request carried (`messages`).
+    /// The conversation each request carried (`messages`, `input`,
+    /// `contents`).
     conversations: Mutex<Vec<Value>>,
 }
 
@@ -108,7 +109,7 @@ impl ModelApi {
         self.state.directories.lock().unwrap().clone()
     }
 
-    /// The `messages` of every Messages API request so far, in order.
+    /// The conversation of every request so far, in order.
     pub fn conversations(&self) -> Vec<Value> {
         self.state.conversations.lock().unwrap().clone()
     }
@@ -233,8 +234,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
         // Never script a write to a path we do not know.
         return Ok(error(api, StatusCode::BAD_REQUEST));
     }
-    if api == Api::Messages {
-        state.conversations.lock().unwrap().push(body["messages"].clone());
+    match api {
+        Api::Messages => state.conversations.lock().unwrap().push(body["messages"].clone()),
+        Api::Responses => state.conversations.lock().unwrap().push(body["input"].clone()),
+        Api::Gemini => state.conversations.lock().unwrap().push(body["contents"].clone()),
     }
     let (since, file) = follow_up_script(&body);
     let turn = 1 + match api {

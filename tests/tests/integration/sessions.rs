@@ -196,8 +196,64 @@ async fn a_follow_up_resumes_the_agents_session_and_lands_one_more_commit() {
     let _ = std::fs::remove_dir_all(home);
 }
 
+/// An agent CLI as the crash test drives it: the executor's environment,
+/// and what the resumed call and the work look like.
+struct Agent {
+    env: fn(&ModelApi, &std::path::Path, &str) -> Vec<(String, String)>,
+    /// In the resumed model call: the earlier tool call and its result.
+    earlier_call: &'static str,
+    earlier_result: &'static str,
+    hello: &'static str,
+}
+
+fn codex(api: &ModelApi, home: &std::path::Path, id: &str) -> Vec<(String, String)> {
+    let base_url = format!("{}/v1", api.url);
+    [
+        ("OMOI_RUNNER", "codex"),
+        ("OMOI_AGENT_BIN", &agent_cli("codex").display().to_string()),
+        ("OMOI_AGENT_MODEL", "gpt-5-codex"),
+        (
+            "OMOI_AGENT_ARGS",
+            "-c model_providers.omoi.request_max_retries=0 -c model_providers.omoi.stream_max_retries=0",
+        ),
+        ("OMOI_AGENT_ID", id),
+        ("OPENAI_BASE_URL", &base_url),
+        ("OPENAI_API_KEY", SECRET),
+        ("HOME", &home.display().to_string()),
+        ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME"),
+        ("OMOI_CHECKPOINT_SECONDS", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_executors_attempt_resumes_its_session_on_another() {
+async fn a_killed_executors_claude_code_attempt_resumes_its_session_on_another() {
+    crash_and_resume(Agent {
+        env: claude,
+        earlier_call: "toolu_write_hello_txt",
+        earlier_result: "File created successfully",
+        hello: "hello from claude\n",
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_executors_codex_attempt_resumes_its_thread_on_another() {
+    crash_and_resume(Agent {
+        env: codex,
+        earlier_call: "call_1",
+        earlier_result: "function_call_output",
+        hello: "hello from codex\n",
+    })
+    .await;
+}
+
+/// The agent writes its file, a checkpoint is taken, its executor is
+/// killed while the agent waits on its next model call, and another
+/// executor resumes the same conversation over the same work.
+async fn crash_and_resume(agent: Agent) {
     let infra = Infra::new().await.unwrap();
     let api = ModelApi::start().await.unwrap();
     let home = tempdir("agent-home");
@@ -209,7 +265,7 @@ async fn a_killed_executors_attempt_resumes_its_session_on_another() {
         ..Default::default()
     };
     let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
-    mesh.add_executor(&infra, &claude(&api, &home, "claude-a"))
+    mesh.add_executor(&infra, &(agent.env)(&api, &home, "agent-a"))
         .await
         .unwrap();
     let tickets = mesh.tickets();
@@ -240,12 +296,12 @@ async fn a_killed_executors_attempt_resumes_its_session_on_another() {
         }
     })
     .await;
-    assert_eq!((checkpointed.runner.as_str(), checkpointed.attempt), ("claude-code", 1));
+    assert_eq!(checkpointed.attempt, 1);
 
     // Killed mid-call; another executor takes the attempt up.
     mesh.executors.pop().unwrap().kill9().await.unwrap();
     api.release();
-    mesh.add_executor(&infra, &claude(&api, &home, "claude-b"))
+    mesh.add_executor(&infra, &(agent.env)(&api, &home, "agent-b"))
         .await
         .unwrap();
     let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
@@ -261,16 +317,13 @@ async fn a_killed_executors_attempt_resumes_its_session_on_another() {
     let conversations = api.conversations();
     assert!(conversations.len() <= 4, "{} model calls", conversations.len());
     let resumed = &conversations[2];
-    assert!(holds(resumed, "toolu_write_hello_txt"), "{resumed}");
-    assert!(holds(resumed, "File created successfully"), "{resumed}");
+    assert!(holds(resumed, agent.earlier_call), "{resumed}");
+    assert!(holds(resumed, agent.earlier_result), "{resumed}");
     let result = omoi_proto::convert::struct_to_json(task.result.as_ref().unwrap());
     assert_eq!(result["summary"], "Done: wrote hello.txt");
     let ws = std::path::Path::new(result["workspace"].as_str().unwrap());
     assert!(ws.ends_with("2"), "{}", ws.display());
-    assert_eq!(
-        std::fs::read_to_string(ws.join("hello.txt")).unwrap(),
-        "hello from claude\n"
-    );
+    assert_eq!(std::fs::read_to_string(ws.join("hello.txt")).unwrap(), agent.hello);
     let events = history(&tickets, &task.ticket_id).await;
     let resumed_event = events
         .iter()

@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use super::cli::{AgentCli, AgentStream, Cli, add_tokens, class_of_status, str_at, text_of};
 use super::tools::{Dialect, Tools};
-use super::{RunContext, Verdict};
+use super::{RunContext, SessionLayout, Verdict, plain};
 use crate::events::{self, event};
 
 /// Tools an unattended run may use without asking (Claude Code refuses
@@ -41,7 +41,7 @@ static DIALECT: Dialect = Dialect {
 
 /// The command line of a run (`budget`: what the ticket may still spend,
 /// which Claude Code holds itself to; `resume`: the session to take up,
-/// its transcript already where [`session_paths`] says).
+/// its transcript already where [`Claude`]'s layout places it).
 pub fn argv(cli: &AgentCli, prompt: &str, budget: Option<f64>, resume: Option<&str>) -> Vec<String> {
     let mut argv: Vec<String> = [
         cli.bin.as_str(),
@@ -80,21 +80,35 @@ pub fn env() -> Vec<(String, String)> {
     ]
 }
 
-/// Where Claude Code keeps session `id` of a run in `workspace`, relative
-/// to its home: the transcript `.claude/projects/<dir>/<id>.jsonl` and the
-/// session's own directory beside it (its subagents' transcripts, large
-/// tool results), `<dir>` being the workspace's path with every character
-/// but ASCII letters and digits made `-` (Claude Code's own naming; its
-/// `--resume` looks there for the directory it runs in).
-pub fn session_paths(workspace: &Path, id: &str) -> Vec<PathBuf> {
+/// Where Claude Code keeps the sessions of runs in `workspace`, relative to
+/// its home: `.claude/projects/<dir>`, `<dir>` being the workspace's path
+/// with every character but ASCII letters and digits made `-` (Claude
+/// Code's own naming; its `--resume` looks there for the directory it runs
+/// in). A session is its transcript `<id>.jsonl` and its own directory
+/// `<id>/` (subagents' transcripts, large tool results).
+pub fn project_dir(workspace: &Path) -> PathBuf {
     let dir: String = workspace
         .display()
         .to_string()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
-    let project = Path::new(".claude/projects").join(dir);
-    vec![project.join(format!("{id}.jsonl")), project.join(id)]
+    Path::new(".claude/projects").join(dir)
+}
+
+impl SessionLayout for Claude {
+    fn files(&self, home: &Path, workspace: &Path, id: &str) -> Vec<PathBuf> {
+        let project = project_dir(workspace);
+        [project.join(format!("{id}.jsonl")), project.join(id)]
+            .into_iter()
+            .filter(|p| home.join(p).exists())
+            .collect()
+    }
+
+    fn place(&self, kept: &Path, old: &Path, new: &Path) -> Option<PathBuf> {
+        let rest = kept.strip_prefix(project_dir(old)).ok()?;
+        (plain(rest) && !rest.as_os_str().is_empty()).then(|| project_dir(new).join(rest))
+    }
 }
 
 /// Claude Code, as the `claude-code` runner starts it.
@@ -107,8 +121,8 @@ impl Cli for Claude {
         argv(cli, &ctx.prompt, ctx.budget_left_usd, ctx.resume.as_deref())
     }
 
-    fn session_paths(&self, workspace: &Path, id: &str) -> Vec<PathBuf> {
-        session_paths(workspace, id)
+    fn sessions(&self) -> Option<&dyn SessionLayout> {
+        Some(self)
     }
 
     fn env(&self, _: &AgentCli) -> Vec<(String, String)> {
@@ -438,12 +452,22 @@ mod tests {
     #[test]
     fn sessions_are_where_claude_code_keeps_them_for_the_directory() {
         assert_eq!(
-            session_paths(Path::new("/tmp/omoi/ws.one/3"), "abc"),
-            [
-                PathBuf::from(".claude/projects/-tmp-omoi-ws-one-3/abc.jsonl"),
-                PathBuf::from(".claude/projects/-tmp-omoi-ws-one-3/abc")
-            ]
+            project_dir(Path::new("/tmp/omoi/ws.one/3")),
+            PathBuf::from(".claude/projects/-tmp-omoi-ws-one-3")
         );
+        let (old, new) = (Path::new("/w/t/1"), Path::new("/w/t/2"));
+        let kept = Path::new(".claude/projects/-w-t-1/abc.jsonl");
+        assert_eq!(
+            Claude.place(kept, old, new),
+            Some(PathBuf::from(".claude/projects/-w-t-2/abc.jsonl"))
+        );
+        for elsewhere in [
+            ".claude/projects/-w-t-9/abc.jsonl",
+            ".claude/projects/-w-t-1/../../x",
+            ".ssh/id",
+        ] {
+            assert_eq!(Claude.place(Path::new(elsewhere), old, new), None, "{elsewhere}");
+        }
     }
 
     /// A run recorded from Claude Code 2.1 against a stand-in model API

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::prices::PriceTable;
 use super::process::{self, Spawn};
-use super::{RunContext, RunOutcome, Runner, RunnerError, Verdict};
+use super::{RunContext, RunOutcome, Runner, RunnerError, SessionLayout, Verdict};
 use crate::events::EventSink;
 
 /// How an agent CLI is started.
@@ -41,10 +41,9 @@ pub trait Cli: Send + Sync {
     fn env(&self, cli: &AgentCli) -> Vec<(String, String)>;
     /// A reader of one run's output.
     fn reader(&self, cli: &AgentCli, ctx: &RunContext) -> Box<dyn AgentStream>;
-    /// Where the CLI keeps session `id` of a run in `workspace` (see
-    /// [`Runner::session_paths`]); empty: it cannot resume one.
-    fn session_paths(&self, _workspace: &Path, _id: &str) -> Vec<PathBuf> {
-        Vec::new()
+    /// Where the CLI keeps its sessions, when it can take one up again.
+    fn sessions(&self) -> Option<&dyn SessionLayout> {
+        None
     }
 }
 
@@ -140,12 +139,8 @@ impl<C: Cli> Runner for CliRunner<C> {
         Ok(outcome)
     }
 
-    fn session_paths(&self, workspace: &Path, id: &str) -> Vec<PathBuf> {
-        self.kind.session_paths(workspace, id)
-    }
-
-    fn resumes(&self) -> bool {
-        !self.kind.session_paths(Path::new("/"), "id").is_empty()
+    fn sessions(&self) -> Option<&dyn SessionLayout> {
+        self.kind.sessions()
     }
 
     /// The agent user's home, else the HOME it is given, else the

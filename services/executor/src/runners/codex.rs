@@ -19,26 +19,39 @@ use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
 use serde_json::Value;
 
 use super::cli::{AgentCli, AgentStream, Cli, add_tokens, class_of_status, relative, str_at};
-use super::{RunContext, Verdict};
+use super::{RunContext, SessionLayout, Verdict, plain};
 use crate::events::{self, event};
 
 /// The provider name under which a custom `OPENAI_BASE_URL` is configured.
 const PROVIDER: &str = "omoi";
 
-/// The command line of a run. With `OPENAI_BASE_URL` in the agent's
-/// environment, Codex is pointed at it as a Responses API provider whose
-/// key is `OPENAI_API_KEY`.
-pub fn argv(cli: &AgentCli, prompt: &str) -> Vec<String> {
-    let mut argv: Vec<String> = [
-        cli.bin.as_str(),
-        "exec",
-        "--json",
-        "--skip-git-repo-check",
-        "--sandbox",
-        "workspace-write",
-    ]
-    .map(str::to_owned)
-    .into();
+/// The command line of a run (`resume`: the thread to take up, its
+/// rollout already where Codex finds it, through `codex exec resume`,
+/// which takes the sandbox as configuration). With `OPENAI_BASE_URL` in the
+/// agent's environment, Codex is pointed at it as a Responses API provider
+/// whose key is `OPENAI_API_KEY`.
+pub fn argv(cli: &AgentCli, prompt: &str, resume: Option<&str>) -> Vec<String> {
+    let head: &[&str] = match resume {
+        None => &[
+            "exec",
+            "--json",
+            "--skip-git-repo-check",
+            "--sandbox",
+            "workspace-write",
+        ],
+        Some(_) => &[
+            "exec",
+            "resume",
+            "--json",
+            "--skip-git-repo-check",
+            "-c",
+            "sandbox_mode=\"workspace-write\"",
+        ],
+    };
+    let mut argv: Vec<String> = std::iter::once(cli.bin.as_str())
+        .chain(head.iter().copied())
+        .map(str::to_owned)
+        .collect();
     if let Some(model) = &cli.model {
         argv.extend(["--model".to_owned(), model.clone()]);
     }
@@ -56,8 +69,41 @@ pub fn argv(cli: &AgentCli, prompt: &str) -> Vec<String> {
     }
     argv.extend(cli.args.iter().cloned());
     // The prompt last, after `--` so that none of it reads as an option.
-    argv.extend(["--".to_owned(), prompt.to_owned()]);
+    argv.push("--".to_owned());
+    argv.extend(resume.map(str::to_owned));
+    argv.push(prompt.to_owned());
     argv
+}
+
+/// Where Codex keeps its threads, relative to its home: one rollout
+/// `.codex/sessions/YYYY/MM/DD/rollout-<time>-<thread id>.jsonl` per thread,
+/// whatever the directory it ran in (its `exec resume <id>` finds it by
+/// name there).
+impl SessionLayout for Codex {
+    fn files(&self, home: &Path, _workspace: &Path, id: &str) -> Vec<PathBuf> {
+        let root = Path::new(".codex/sessions");
+        let suffix = format!("-{id}.jsonl");
+        let mut found = Vec::new();
+        let mut stack = vec![(root.to_path_buf(), 0)];
+        while let Some((dir, depth)) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(home.join(&dir)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let (name, rel) = (e.file_name(), dir.join(e.file_name()));
+                match e.file_type() {
+                    Ok(t) if t.is_dir() && depth < 3 => stack.push((rel, depth + 1)),
+                    Ok(t) if t.is_file() && name.to_string_lossy().ends_with(&suffix) => found.push(rel),
+                    _ => {}
+                }
+            }
+        }
+        found
+    }
+
+    fn place(&self, kept: &Path, _old: &Path, _new: &Path) -> Option<PathBuf> {
+        (kept.starts_with(".codex/sessions") && plain(kept)).then(|| kept.to_path_buf())
+    }
 }
 
 /// `s` as a TOML basic string.
@@ -82,7 +128,11 @@ impl Cli for Codex {
     const REPORTS_COST: bool = false;
 
     fn argv(&self, cli: &AgentCli, ctx: &RunContext) -> Vec<String> {
-        argv(cli, &ctx.prompt)
+        argv(cli, &ctx.prompt, ctx.resume.as_deref())
+    }
+
+    fn sessions(&self) -> Option<&dyn SessionLayout> {
+        Some(self)
     }
 
     fn env(&self, _: &AgentCli) -> Vec<(String, String)> {
@@ -104,6 +154,8 @@ pub struct CodexStream {
     answer: String,
     completed: bool,
     failure: Option<String>,
+    /// The thread's id, from `thread.started`.
+    thread_id: Option<String>,
 }
 
 impl CodexStream {
@@ -115,6 +167,7 @@ impl CodexStream {
             answer: String::new(),
             completed: false,
             failure: None,
+            thread_id: None,
         }
     }
 
@@ -223,7 +276,14 @@ impl AgentStream for CodexStream {
             return raw();
         };
         match str_at(&v, "type") {
-            "thread.started" | "turn.started" => Vec::new(),
+            "thread.started" => {
+                let id = str_at(&v, "thread_id");
+                if !id.is_empty() {
+                    self.thread_id = Some(id.to_owned());
+                }
+                Vec::new()
+            }
+            "turn.started" => Vec::new(),
             "item.started" => self.item_started(&v["item"]),
             // Only to-do lists are worth showing before they finish.
             "item.updated" if str_at(&v["item"], "type") == "todo_list" => vec![plan(&v["item"])],
@@ -242,6 +302,10 @@ impl AgentStream for CodexStream {
 
     fn usage(&self) -> Option<Usage> {
         self.usage.clone()
+    }
+
+    fn session_id(&self) -> Option<&str> {
+        self.thread_id.as_deref()
     }
 
     fn verdict(&self, exit_code: Option<i32>) -> Option<Verdict> {
@@ -313,6 +377,7 @@ mod tests {
     fn a_recorded_run_reads_as_events_usage_and_success() {
         use AgentEventKind::*;
         let (s, events) = read(RECORDED);
+        assert_eq!(s.session_id(), Some("01a21158-d858-7432-8e57-8ee13b17509a"));
         let kinds: Vec<AgentEventKind> = events.iter().map(AgentEvent::kind).collect();
         assert_eq!(
             kinds,
@@ -400,7 +465,11 @@ mod tests {
             env: vec![("OPENAI_BASE_URL".into(), "http://127.0.0.1:9/v1".into())],
             kill_grace: std::time::Duration::ZERO,
         };
-        let argv = argv(&cli, "--do it");
+        let resumed = argv(&cli, "go on", Some("t-1"));
+        assert_eq!(resumed[1..3], ["exec", "resume"]);
+        assert!(resumed.contains(&r#"sandbox_mode="workspace-write""#.to_owned()));
+        assert_eq!(resumed[resumed.len() - 3..], ["--", "t-1", "go on"]);
+        let argv = argv(&cli, "--do it", None);
         assert_eq!(
             argv[..6],
             [

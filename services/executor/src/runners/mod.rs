@@ -48,23 +48,31 @@ pub trait Runner: Send + Sync {
         stop: &CancellationToken,
     ) -> Result<RunOutcome, RunnerError>;
 
-    /// Where the agent keeps its session `id` of a run in `workspace`:
-    /// paths relative to its home, always in the same order (a checkpoint
-    /// stores them, a restore puts them where the same call names for the
-    /// new workspace). Empty for a runner that keeps none.
-    fn session_paths(&self, _workspace: &Path, _id: &str) -> Vec<PathBuf> {
-        Vec::new()
-    }
-
-    /// Whether it can take up a session by its id (`RunContext::resume`).
-    fn resumes(&self) -> bool {
-        false
+    /// Where its agent keeps sessions, when it can take one up again by
+    /// its id (`RunContext::resume`); None: every run starts afresh.
+    fn sessions(&self) -> Option<&dyn SessionLayout> {
+        None
     }
 
     /// The agent process's home.
     fn home(&self, ctx: &RunContext) -> Option<PathBuf> {
         ctx.user.as_ref().map(|u| u.home.clone())
     }
+}
+
+/// Where an agent CLI keeps its sessions on disk, under its home.
+pub trait SessionLayout: Send + Sync {
+    /// The files and directories of session `id` of a run in `workspace`,
+    /// relative to `home`, as they are now: what a checkpoint keeps.
+    fn files(&self, home: &Path, workspace: &Path, id: &str) -> Vec<PathBuf>;
+    /// Where `kept` (one of the `files` of a run in `old`) goes for a run
+    /// in `new`, relative to the home; None: nowhere it may go.
+    fn place(&self, kept: &Path, old: &Path, new: &Path) -> Option<PathBuf>;
+}
+
+/// `p` made only of plain names (nothing that climbs or starts at the root).
+pub fn plain(p: &Path) -> bool {
+    p.components().all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 /// The runner `OMOI_RUNNER` names, set up from the configuration; `user`

@@ -33,8 +33,9 @@ pub struct Manifest {
     pub removed: Vec<String>,
     /// Files left out for their size.
     pub skipped: Vec<String>,
-    /// How many session paths it holds (`session/<i>`).
-    pub session_paths: usize,
+    /// The session's files and directories as the agent kept them,
+    /// relative to its home; the i-th is stored as `session/<i>`.
+    pub session_files: Vec<String>,
 }
 
 /// A file bigger than this is left out of a checkpoint (and named in it).
@@ -92,9 +93,9 @@ pub struct Contents<'a> {
     pub workspace: &'a Path,
     /// Workspace paths (relative) added or changed.
     pub changed: Vec<PathBuf>,
-    /// The agent's home and its session paths relative to it.
+    /// The agent's home and its session's files relative to it.
     pub home: Option<&'a Path>,
-    pub session_paths: Vec<PathBuf>,
+    pub session_files: Vec<PathBuf>,
     pub redactor: &'a Redactor,
 }
 
@@ -112,10 +113,12 @@ pub fn build(mut c: Contents<'_>) -> io::Result<Vec<u8>> {
         }
     }
     let home_paths: Vec<PathBuf> = match c.home {
-        Some(home) => c.session_paths.iter().map(|p| home.join(p)).collect(),
+        Some(home) => c.session_files.iter().map(|p| home.join(p)).collect(),
         None => Vec::new(),
     };
-    c.manifest.session_paths = home_paths.len();
+    if c.home.is_some() {
+        c.manifest.session_files = c.session_files.iter().map(|p| p.display().to_string()).collect();
+    }
     for (i, path) in home_paths.iter().enumerate() {
         let name = Path::new("session").join(i.to_string());
         match entry(path)? {
@@ -356,7 +359,7 @@ mod tests {
             taken_at: Utc::now(),
             removed: vec!["gone.txt".into()],
             skipped: vec![],
-            session_paths: 0,
+            session_files: vec![],
         }
     }
 
@@ -375,12 +378,12 @@ mod tests {
             workspace: &ws,
             changed: vec!["src/a.rs".into(), "link".into(), "vanished.txt".into()],
             home: Some(&home),
-            session_paths: vec![".agent/s.jsonl".into(), ".agent/s".into()],
+            session_files: vec![".agent/s.jsonl".into(), ".agent/s".into()],
             redactor: &redactor,
         })
         .unwrap();
         let c = read(&bytes).unwrap();
-        assert_eq!(c.manifest.unwrap().session_paths, 2);
+        assert_eq!(c.manifest.unwrap().session_files, [".agent/s.jsonl", ".agent/s"]);
         assert_eq!(c.files.len(), 1);
         assert_eq!(c.files[0].0, PathBuf::from("src/a.rs"));
         assert_eq!(String::from_utf8_lossy(&c.files[0].1), "key [REDACTED] here");

@@ -143,6 +143,22 @@ pub fn continuation(task: &tq::Task, checkout: Option<&Checkout>) -> String {
     p
 }
 
+/// What a new session is told of an earlier attempt of its task that it
+/// cannot take up: how it ended and what it had changed (its work is not
+/// in the directory).
+pub fn earlier_attempt(task: &tq::Task, changed: &[String]) -> String {
+    let mut p = String::from("\n## An earlier attempt\n\nAn earlier attempt at this task stopped before it finished");
+    if !task.error_message.is_empty() {
+        let error: String = task.error_message.chars().take(2000).collect();
+        p.push_str(&format!(" ({error})"));
+    }
+    p.push_str(". This directory is a fresh start; none of its work is here.\n");
+    if !changed.is_empty() {
+        p.push_str(&format!("It had changed: {}\n", changed.join(", ")));
+    }
+    p
+}
+
 /// What a resumed session is told by a follow-up: the message, on the
 /// work it did before (committed to the branch it is on).
 pub fn follow_up(task: &tq::Task, checkout: Option<&Checkout>) -> String {

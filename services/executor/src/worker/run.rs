@@ -173,7 +173,13 @@ impl Worker {
         ctx.prompt = match (&continues, &ctx.resume) {
             (Continues::Retry(_), Some(_)) => prompt::continuation(&task, checkout),
             (Continues::FollowUp { .. }, Some(_)) => prompt::follow_up(&task, checkout),
-            _ => prompt::prompt(&task, phase, &prepared.ticket, &prepared.dependencies, checkout),
+            _ => {
+                let mut p = prompt::prompt(&task, phase, &prepared.ticket, &prepared.dependencies, checkout);
+                if let Some(changed) = &restored.earlier {
+                    p.push_str(&prompt::earlier_attempt(&task, changed));
+                }
+                p
+            }
         };
         if let Some(session) = restored.session.as_ref().filter(|_| ctx.resume.is_some()) {
             // TASK_RESUMED, and the record of where it came from.

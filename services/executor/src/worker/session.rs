@@ -68,56 +68,75 @@ pub(super) struct Restored {
     pub resume: Option<String>,
     /// The record of this attempt's session so far (resumed from where).
     pub session: Option<AgentSession>,
+    /// What an earlier attempt left, for a runner that starts afresh: the
+    /// files it had changed (its work is not put back: a new session would
+    /// not know it).
+    pub earlier: Option<Vec<String>>,
 }
 
 impl Worker {
-    /// Puts back what `continues` names into the attempt's workspace (an
-    /// earlier attempt's work) and the agent's home (its session files,
-    /// where the runner looks for them in this workspace).
+    /// Takes up what `continues` names. The runner that holds the session
+    /// resumes it: its files go back where the runner looks for them in
+    /// this workspace and, for a retry, the earlier attempt's work over the
+    /// fresh checkout (a follow-up's work is on the branch already). Any
+    /// other runner starts a new session, told what the earlier attempt had
+    /// changed.
     pub(super) async fn restore(&self, run: &Execution, continues: &Continues, ctx: &RunContext) -> Restored {
         let Some(session) = continues.session() else {
             return Restored::default();
         };
         let runner = self.config.runner.as_str();
-        let same_runner = session.runner == runner;
-        let resumes = same_runner && self.runner.resumes() && !session.session_id.is_empty();
-        // A follow-up's work is on the branch already; only the session
-        // is taken up, and only by the runner that holds it.
-        if matches!(continues, Continues::FollowUp { .. }) && !resumes {
-            return Restored::default();
-        }
+        let layout = self
+            .runner
+            .sessions()
+            .filter(|_| session.runner == runner && !session.session_id.is_empty());
+        let home = self.runner.home(ctx);
+        let (layout, home) = match (layout, home, continues) {
+            (Some(layout), Some(home), _) => (layout, home),
+            (_, _, Continues::FollowUp { .. }) => return Restored::default(),
+            _ => return self.earlier(run, session).await,
+        };
         let bytes = match self.sessions.get(&session.checkpoint).await {
             Ok(b) => b,
             Err(e) => return self.fresh(run, &e.to_string()),
         };
-        let home = self.runner.home(ctx);
-        let (workspace, paths) = (
-            ctx.workspace.clone(),
-            session_paths(resumes, &*self.runner, ctx, session),
-        );
+        let checkpoint = match archive::read(&bytes) {
+            Ok(c) => c,
+            Err(e) => return self.fresh(run, &format!("checkpoint {}: {e}", session.checkpoint)),
+        };
+        let manifest = checkpoint
+            .manifest
+            .clone()
+            .unwrap_or_else(|| unreachable!("read checks it"));
+        // Where each kept session file goes for this workspace.
+        let old = PathBuf::from(&manifest.workspace);
+        let places: Vec<Option<PathBuf>> = manifest
+            .session_files
+            .iter()
+            .map(|kept| layout.place(Path::new(kept), &old, &ctx.workspace))
+            .collect();
+        let workspace = ctx.workspace.clone();
         let restore_work = matches!(continues, Continues::Retry(_));
         let placed = tokio::task::spawn_blocking(move || -> Result<(usize, bool), String> {
-            let checkpoint = archive::read(&bytes).map_err(|e| e.to_string())?;
-            let manifest = checkpoint
-                .manifest
-                .clone()
-                .unwrap_or_else(|| unreachable!("read checks it"));
             let files = if restore_work {
                 put_back_work(&workspace, &checkpoint, &manifest).map_err(|e| format!("workspace: {e}"))?
             } else {
                 0
             };
-            let session_back = match (&home, paths.is_empty()) {
-                (Some(home), false) => put_back_session(home, &paths, &checkpoint, &manifest, &workspace)
-                    .map_err(|e| format!("session: {e}"))?,
-                _ => false,
-            };
+            let session_back = put_back_session(&home, &places, &checkpoint, &manifest, &workspace)
+                .map_err(|e| format!("session: {e}"))?;
             Ok((files, session_back))
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
-        let (files, session_back) = match placed {
-            Ok(p) => p,
+        let files = match placed {
+            Ok((files, true)) => files,
+            Ok((_, false)) => {
+                return self.fresh(
+                    run,
+                    &format!("checkpoint {} holds no session files", session.checkpoint),
+                );
+            }
             Err(e) => {
                 return self.fresh(
                     run,
@@ -133,27 +152,67 @@ impl Worker {
                 }
             }
         }
-        let resume = (resumes && session_back).then(|| session.session_id.clone());
         let (from_task, what) = match continues {
-            Continues::FollowUp { from_task, .. } => (Some(*from_task), format!("task {from_task}'s session")),
+            Continues::FollowUp { from_task, .. } => (Some(*from_task), format!("task {from_task}")),
             _ => (None, format!("attempt {}", session.attempt)),
         };
         run.line(
             OutputStream::System,
-            match &resume {
-                Some(id) => format!("resuming session {id} of {what} ({files} files of its work restored)"),
-                None => format!("{files} files of {what}'s work restored; the {runner} runner starts a new session"),
-            },
+            format!(
+                "resuming session {} of {what} ({files} files of its work restored)",
+                session.session_id
+            ),
         );
         Restored {
             session: Some(AgentSession {
                 runner: runner.to_owned(),
-                session_id: resume.clone().unwrap_or_default(),
+                session_id: session.session_id.clone(),
                 resumed_from_attempt: session.attempt,
                 resumed_from_task_id: from_task,
                 ..Default::default()
             }),
-            resume,
+            resume: Some(session.session_id.clone()),
+            earlier: None,
+        }
+    }
+
+    /// What an earlier attempt had changed, from its checkpoint, for a
+    /// runner that starts afresh.
+    async fn earlier(&self, run: &Execution, session: &AgentSession) -> Restored {
+        let read = match self.sessions.get(&session.checkpoint).await {
+            Ok(bytes) => archive::read(&bytes).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let changed = match read {
+            Ok(c) => {
+                let mut files: Vec<String> = c.files.iter().map(|(p, _, _)| p.display().to_string()).collect();
+                files.extend(c.links.iter().map(|(p, _)| p.display().to_string()));
+                if let Some(m) = &c.manifest {
+                    files.extend(m.removed.iter().map(|p| format!("{p} (removed)")));
+                }
+                files.sort();
+                files
+            }
+            Err(e) => {
+                run.line(
+                    OutputStream::System,
+                    format!("the earlier attempt's checkpoint is unreadable: {e}"),
+                );
+                Vec::new()
+            }
+        };
+        run.line(
+            OutputStream::System,
+            format!(
+                "a new session: the {} runner does not take up attempt {}'s ({} files changed)",
+                self.config.runner.as_str(),
+                session.attempt,
+                changed.len()
+            ),
+        );
+        Restored {
+            earlier: Some(changed),
+            ..Default::default()
         }
     }
 
@@ -181,10 +240,10 @@ impl Worker {
         let taken_at = Utc::now();
         let name = checkpoint_name(c.ticket_id, c.ctx.task_id, c.ctx.attempt);
         let (changed, removed) = changes(c.before, &workspace::snapshot(&c.ctx.workspace));
-        let session_paths = if session_id.is_empty() {
-            Vec::new()
-        } else {
-            self.runner.session_paths(&c.ctx.workspace, &session_id)
+        let home = self.runner.home(c.ctx);
+        let session_files = match (self.runner.sessions(), &home) {
+            (Some(layout), Some(home)) if !session_id.is_empty() => layout.files(home, &c.ctx.workspace, &session_id),
+            _ => Vec::new(),
         };
         let manifest = Manifest {
             runner: runner.to_owned(),
@@ -195,20 +254,16 @@ impl Worker {
             taken_at,
             removed,
             skipped: Vec::new(),
-            session_paths: 0,
+            session_files: Vec::new(),
         };
-        let (workspace, home, redactor) = (
-            c.ctx.workspace.clone(),
-            self.runner.home(c.ctx),
-            self.sessions.redactor.clone(),
-        );
+        let (workspace, redactor) = (c.ctx.workspace.clone(), self.sessions.redactor.clone());
         let built = tokio::task::spawn_blocking(move || {
             archive::build(Contents {
                 manifest,
                 workspace: &workspace,
                 changed,
                 home: home.as_deref(),
-                session_paths,
+                session_files,
                 redactor: &redactor,
             })
         })
@@ -294,21 +349,6 @@ pub(super) struct Checkpointing<'a> {
     pub count: AtomicI32,
 }
 
-/// The paths (relative to the agent's home) a restore puts the session's
-/// files at, for this workspace; none when the session is not resumed.
-fn session_paths(
-    resumes: bool,
-    runner: &dyn crate::runners::Runner,
-    ctx: &RunContext,
-    session: &AgentSession,
-) -> Vec<PathBuf> {
-    if resumes {
-        runner.session_paths(&ctx.workspace, &session.session_id)
-    } else {
-        Vec::new()
-    }
-}
-
 /// The files added or changed since `before` and those removed.
 fn changes(before: &Snapshot, after: &Snapshot) -> (Vec<PathBuf>, Vec<String>) {
     let changed = after
@@ -349,11 +389,11 @@ fn put_back_work(workspace: &Path, c: &archive::Checkpoint, manifest: &Manifest)
 }
 
 /// The session's files where the runner looks for them in `workspace`
-/// (the old workspace's path in them made the new one's); whether any were
-/// placed.
+/// (`places`: where each kept one goes; the old workspace's path in them
+/// made the new one's); whether any were placed.
 fn put_back_session(
     home: &Path,
-    paths: &[PathBuf],
+    places: &[Option<PathBuf>],
     c: &archive::Checkpoint,
     manifest: &Manifest,
     workspace: &Path,
@@ -361,7 +401,7 @@ fn put_back_session(
     let (old, new) = (manifest.workspace.as_bytes(), workspace.display().to_string());
     let mut placed = false;
     for (index, inner, data) in &c.session {
-        let Some(path) = paths.get(*index) else { continue };
+        let Some(Some(path)) = places.get(*index) else { continue };
         let rel = if inner.as_os_str().is_empty() {
             path.clone()
         } else {
