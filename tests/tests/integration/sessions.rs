@@ -204,6 +204,26 @@ struct Agent {
     earlier_call: &'static str,
     earlier_result: &'static str,
     hello: &'static str,
+    /// Whether the resumed session keeps its id (Gemini CLI gives an
+    /// imported conversation a new one).
+    same_id: bool,
+}
+
+fn gemini(api: &ModelApi, home: &std::path::Path, id: &str) -> Vec<(String, String)> {
+    [
+        ("OMOI_RUNNER", "gemini"),
+        ("OMOI_AGENT_BIN", &agent_cli("gemini").display().to_string()),
+        ("OMOI_AGENT_MODEL", "gemini-2.5-flash"),
+        ("OMOI_AGENT_ID", id),
+        ("GOOGLE_GEMINI_BASE_URL", api.url.as_str()),
+        ("GEMINI_API_KEY", SECRET),
+        ("HOME", &home.display().to_string()),
+        ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME"),
+        ("OMOI_CHECKPOINT_SECONDS", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
 }
 
 fn codex(api: &ModelApi, home: &std::path::Path, id: &str) -> Vec<(String, String)> {
@@ -235,6 +255,7 @@ async fn a_killed_executors_claude_code_attempt_resumes_its_session_on_another()
         earlier_call: "toolu_write_hello_txt",
         earlier_result: "File created successfully",
         hello: "hello from claude\n",
+        same_id: true,
     })
     .await;
 }
@@ -246,17 +267,32 @@ async fn a_killed_executors_codex_attempt_resumes_its_thread_on_another() {
         earlier_call: "call_1",
         earlier_result: "function_call_output",
         hello: "hello from codex\n",
+        same_id: true,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_executors_gemini_attempt_resumes_its_conversation_on_another() {
+    crash_and_resume(Agent {
+        env: gemini,
+        earlier_call: "write_file",
+        earlier_result: "functionResponse",
+        hello: "hello from gemini\n",
+        same_id: false,
     })
     .await;
 }
 
 /// The agent writes its file, a checkpoint is taken, its executor is
 /// killed while the agent waits on its next model call, and another
-/// executor resumes the same conversation over the same work.
+/// executor (a home and a workspace root of its own: nothing of the first
+/// reaches it but the checkpoint) resumes the same conversation over the
+/// same work.
 async fn crash_and_resume(agent: Agent) {
     let infra = Infra::new().await.unwrap();
     let api = ModelApi::start().await.unwrap();
-    let home = tempdir("agent-home");
+    let (home, home_b, root_b) = (tempdir("agent-home"), tempdir("agent-home-b"), tempdir("ws-b"));
     let options = Options {
         executors: 0,
         heartbeat_interval_seconds: 1,
@@ -301,14 +337,16 @@ async fn crash_and_resume(agent: Agent) {
     // Killed mid-call; another executor takes the attempt up.
     mesh.executors.pop().unwrap().kill9().await.unwrap();
     api.release();
-    mesh.add_executor(&infra, &(agent.env)(&api, &home, "agent-b"))
-        .await
-        .unwrap();
+    let mut b = (agent.env)(&api, &home_b, "agent-b");
+    b.push(("OMOI_WORKSPACE_ROOT".into(), root_b.display().to_string()));
+    mesh.add_executor(&infra, &b).await.unwrap();
     let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
     let task = &done.tasks[0];
     assert_eq!(task.attempt, 2);
     let session = task.session.clone().unwrap();
-    assert_eq!(session.session_id, checkpointed.session_id, "the same conversation");
+    if agent.same_id {
+        assert_eq!(session.session_id, checkpointed.session_id, "the same conversation");
+    }
     assert_eq!((session.attempt, session.resumed_from_attempt), (2, 1));
 
     // The resumed call carried the earlier turn, the tool call and its
@@ -322,7 +360,7 @@ async fn crash_and_resume(agent: Agent) {
     let result = omoi_proto::convert::struct_to_json(task.result.as_ref().unwrap());
     assert_eq!(result["summary"], "Done: wrote hello.txt");
     let ws = std::path::Path::new(result["workspace"].as_str().unwrap());
-    assert!(ws.ends_with("2"), "{}", ws.display());
+    assert!(ws.ends_with("2") && ws.starts_with(&root_b), "{}", ws.display());
     assert_eq!(std::fs::read_to_string(ws.join("hello.txt")).unwrap(), agent.hello);
     let events = history(&tickets, &task.ticket_id).await;
     let resumed_event = events
@@ -331,10 +369,16 @@ async fn crash_and_resume(agent: Agent) {
         .expect("TASK_RESUMED");
     let payload = omoi_proto::convert::struct_to_json(resumed_event.payload.as_ref().unwrap());
     assert_eq!(payload["resumed_from_attempt"], 1);
-    assert_eq!(payload["session_id"], checkpointed.session_id.as_str());
+    assert_eq!(
+        payload["session_id"],
+        checkpointed.session_id.as_str(),
+        "the session taken up"
+    );
     assert!(!format!("{events:?}{done:?}").contains(SECRET));
 
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
-    let _ = std::fs::remove_dir_all(home);
+    for dir in [home, home_b, root_b] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

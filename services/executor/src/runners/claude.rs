@@ -105,7 +105,7 @@ impl SessionLayout for Claude {
             .collect()
     }
 
-    fn place(&self, kept: &Path, old: &Path, new: &Path) -> Option<PathBuf> {
+    fn place(&self, kept: &Path, _id: &str, old: &Path, new: &Path) -> Option<PathBuf> {
         let rest = kept.strip_prefix(project_dir(old)).ok()?;
         (plain(rest) && !rest.as_os_str().is_empty()).then(|| project_dir(new).join(rest))
     }
@@ -458,7 +458,7 @@ mod tests {
         let (old, new) = (Path::new("/w/t/1"), Path::new("/w/t/2"));
         let kept = Path::new(".claude/projects/-w-t-1/abc.jsonl");
         assert_eq!(
-            Claude.place(kept, old, new),
+            Claude.place(kept, "abc", old, new),
             Some(PathBuf::from(".claude/projects/-w-t-2/abc.jsonl"))
         );
         for elsewhere in [
@@ -466,7 +466,7 @@ mod tests {
             ".claude/projects/-w-t-1/../../x",
             ".ssh/id",
         ] {
-            assert_eq!(Claude.place(Path::new(elsewhere), old, new), None, "{elsewhere}");
+            assert_eq!(Claude.place(Path::new(elsewhere), "abc", old, new), None, "{elsewhere}");
         }
     }
 

@@ -45,6 +45,10 @@ pub trait Cli: Send + Sync {
     fn sessions(&self) -> Option<&dyn SessionLayout> {
         None
     }
+    /// The CLI's own home, when it keeps one apart from the agent's.
+    fn home(&self, _cli: &AgentCli) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// Reads one CLI's output.
@@ -143,9 +147,12 @@ impl<C: Cli> Runner for CliRunner<C> {
         self.kind.sessions()
     }
 
-    /// The agent user's home, else the HOME it is given, else the
-    /// executor's.
+    /// The CLI's own home, else the agent user's, else the HOME it is
+    /// given, else the executor's.
     fn home(&self, ctx: &RunContext) -> Option<PathBuf> {
+        if let Some(home) = self.kind.home(&self.cli) {
+            return Some(home);
+        }
         if let Some(user) = &ctx.user {
             return Some(user.home.clone());
         }

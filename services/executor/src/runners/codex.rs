@@ -101,7 +101,7 @@ impl SessionLayout for Codex {
         found
     }
 
-    fn place(&self, kept: &Path, _old: &Path, _new: &Path) -> Option<PathBuf> {
+    fn place(&self, kept: &Path, _id: &str, _old: &Path, _new: &Path) -> Option<PathBuf> {
         (kept.starts_with(".codex/sessions") && plain(kept)).then(|| kept.to_path_buf())
     }
 }

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use super::cli::{AgentCli, AgentStream, Cli, class_of_status, str_at};
 use super::tools::{Dialect, Tools};
-use super::{RunContext, RunnerError, Verdict};
+use super::{RunContext, RunnerError, SessionLayout, Verdict, plain};
 use crate::agent_user::AgentUser;
 use crate::events::{self, event};
 
@@ -32,12 +32,15 @@ static DIALECT: Dialect = Dialect {
 
 /// The command line of a run: every tool call approved (the workspace is
 /// the agent's own).
-pub fn argv(cli: &AgentCli, prompt: &str) -> Vec<String> {
+pub fn argv(cli: &AgentCli, prompt: &str, resume: Option<&Path>) -> Vec<String> {
     let mut argv: Vec<String> = [cli.bin.as_str(), "--output-format", "stream-json", "--yolo"]
         .map(str::to_owned)
         .into();
     if let Some(model) = &cli.model {
         argv.extend(["--model".to_owned(), model.clone()]);
+    }
+    if let Some(file) = resume {
+        argv.extend(["--session-file".to_owned(), file.display().to_string()]);
     }
     argv.extend(cli.args.iter().cloned());
     argv.extend(["--prompt".to_owned(), prompt.to_owned()]);
@@ -96,7 +99,12 @@ impl Cli for Gemini {
     const REPORTS_COST: bool = false;
 
     fn argv(&self, cli: &AgentCli, ctx: &RunContext) -> Vec<String> {
-        argv(cli, &ctx.prompt)
+        let home = self.home(cli).or_else(|| ctx.user.as_ref().map(|u| u.home.clone()));
+        let resume = match (&ctx.resume, home) {
+            (Some(id), Some(home)) => Some(home.join(resume_file(id))),
+            _ => None,
+        };
+        argv(cli, &ctx.prompt, resume.as_deref())
     }
 
     fn env(&self, cli: &AgentCli) -> Vec<(String, String)> {
@@ -105,6 +113,65 @@ impl Cli for Gemini {
 
     fn reader(&self, _: &AgentCli, ctx: &RunContext) -> Box<dyn AgentStream> {
         Box::new(GeminiStream::new(&ctx.workspace))
+    }
+
+    fn sessions(&self) -> Option<&dyn SessionLayout> {
+        Some(self)
+    }
+
+    fn home(&self, cli: &AgentCli) -> Option<PathBuf> {
+        // Its own home only with a key: see `env`.
+        cli.env
+            .iter()
+            .any(|(k, _)| k == "GEMINI_API_KEY")
+            .then(|| self.home.clone())
+    }
+}
+
+/// Where a session to resume is put for `--session-file`, relative to the
+/// CLI's home.
+fn resume_file(id: &str) -> PathBuf {
+    Path::new(".gemini/resume").join(format!("{id}.jsonl"))
+}
+
+/// Gemini CLI keeps a session as `.gemini/tmp/<project>/chats/session-<time>-<first
+/// 8 characters of its id>.jsonl` (one more, holding the whole
+/// conversation, when it imported one); it resumes one from any file
+/// (`--session-file`), under a new id.
+impl SessionLayout for Gemini {
+    fn files(&self, home: &Path, _workspace: &Path, id: &str) -> Vec<PathBuf> {
+        let suffix = format!("-{}.jsonl", id.chars().take(8).collect::<String>());
+        let tmp = Path::new(".gemini/tmp");
+        let Ok(projects) = std::fs::read_dir(home.join(tmp)) else {
+            return Vec::new();
+        };
+        // The largest of the session's files: the whole conversation.
+        projects
+            .flatten()
+            .filter_map(|p| {
+                std::fs::read_dir(p.path().join("chats"))
+                    .ok()
+                    .map(|c| (p.file_name(), c))
+            })
+            .flat_map(|(project, chats)| {
+                let suffix = suffix.clone();
+                chats.flatten().filter_map(move |c| {
+                    let name = c.file_name();
+                    let size = c.metadata().ok().filter(|m| m.is_file())?.len();
+                    name.to_string_lossy()
+                        .ends_with(&suffix)
+                        .then(|| (size, tmp.join(&project).join("chats").join(&name)))
+                })
+            })
+            .max()
+            .map(|(_, path)| path)
+            .into_iter()
+            .collect()
+    }
+
+    fn place(&self, kept: &Path, id: &str, _old: &Path, _new: &Path) -> Option<PathBuf> {
+        let plain_id = !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        (kept.starts_with(".gemini/tmp") && plain(kept) && plain_id).then(|| resume_file(id))
     }
 }
 
@@ -129,6 +196,8 @@ pub struct GeminiStream {
     turns: i32,
     awaiting_model: bool,
     closing: Option<Closing>,
+    /// The session's id, from `init`.
+    session_id: Option<String>,
 }
 
 impl GeminiStream {
@@ -141,6 +210,7 @@ impl GeminiStream {
             turns: 0,
             awaiting_model: true,
             closing: None,
+            session_id: None,
         }
     }
 
@@ -241,7 +311,13 @@ impl AgentStream for GeminiStream {
         }
         let mut out: Vec<AgentEvent> = self.flush_message().into_iter().collect();
         match kind {
-            "init" => self.model = str_at(&v, "model").to_owned(),
+            "init" => {
+                self.model = str_at(&v, "model").to_owned();
+                let id = str_at(&v, "session_id");
+                if !id.is_empty() {
+                    self.session_id = Some(id.to_owned());
+                }
+            }
             // The prompt echoed back.
             "message" => {}
             "tool_use" => out.extend(self.tool_use(&v)),
@@ -254,6 +330,10 @@ impl AgentStream for GeminiStream {
 
     fn usage(&self) -> Option<Usage> {
         self.closing.as_ref().map(|c| c.usage.clone())
+    }
+
+    fn session_id(&self) -> Option<&str> {
+        self.session_id.as_deref()
     }
 
     fn verdict(&self, exit_code: Option<i32>) -> Option<Verdict> {

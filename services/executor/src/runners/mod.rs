@@ -65,9 +65,10 @@ pub trait SessionLayout: Send + Sync {
     /// The files and directories of session `id` of a run in `workspace`,
     /// relative to `home`, as they are now: what a checkpoint keeps.
     fn files(&self, home: &Path, workspace: &Path, id: &str) -> Vec<PathBuf>;
-    /// Where `kept` (one of the `files` of a run in `old`) goes for a run
-    /// in `new`, relative to the home; None: nowhere it may go.
-    fn place(&self, kept: &Path, old: &Path, new: &Path) -> Option<PathBuf>;
+    /// Where `kept` (one of the `files` of session `id` of a run in `old`)
+    /// goes for a run in `new` to resume it, relative to the home; None:
+    /// nowhere it may go.
+    fn place(&self, kept: &Path, id: &str, old: &Path, new: &Path) -> Option<PathBuf>;
 }
 
 /// `p` made only of plain names (nothing that climbs or starts at the root).

@@ -113,7 +113,7 @@ impl Worker {
         let places: Vec<Option<PathBuf>> = manifest
             .session_files
             .iter()
-            .map(|kept| layout.place(Path::new(kept), &old, &ctx.workspace))
+            .map(|kept| layout.place(Path::new(kept), &session.session_id, &old, &ctx.workspace))
             .collect();
         let workspace = ctx.workspace.clone();
         let restore_work = matches!(continues, Continues::Retry(_));
