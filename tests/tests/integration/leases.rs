@@ -206,8 +206,9 @@ async fn heartbeats_that_list_a_task_hold_it_and_one_that_drops_it_lets_it_go() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deregistered_agents_running_task_goes_back() {
-    let rig = Rig::start().await;
+async fn a_deregistered_agents_running_task_goes_back_at_once() {
+    // A lease far longer than the test: only the deregistration lets go.
+    let rig = Rig::start_with(|c| c.lease_seconds = 3600.0).await;
     let id = rig.register().await;
     let mut agent = ScriptedAgent::connect_as(&rig.q(), id, 1, vec![]).await.unwrap();
     let a = rig.running(&mut agent, "abandoned").await;

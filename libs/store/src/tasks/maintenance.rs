@@ -176,8 +176,9 @@ impl Store {
     }
 
     /// Takes back running tasks nobody holds (at most `limit` per call):
-    /// started more than `lease_seconds` ago, without an ExtendLease still
-    /// in force, and whose agent is unknown, deregistered or stale, or whose
+    /// those of an agent that deregistered, at once; the others started
+    /// more than `lease_seconds` ago, without an ExtendLease still in
+    /// force, and whose agent is unknown or stale, or whose
     /// agent's heartbeats since (`slack_seconds` after the start) no longer
     /// list them. Each is retried, or failed when out of retries. An agent
     /// the health service has not heard from since the start holds its
@@ -193,8 +194,10 @@ impl Store {
                     ELSE 'unlisted' END AS unheld
              FROM tasks t LEFT JOIN agents a ON a.id = t.assigned_agent_id
              WHERE t.status = 'running'
-               AND t.started_at < now() - make_interval(secs => $1)
-               AND (t.lease_expires_at IS NULL OR t.lease_expires_at < now())
+               AND ((t.started_at < now() - make_interval(secs => $1)
+                     AND (t.lease_expires_at IS NULL OR t.lease_expires_at < now()))
+                    -- Its agent said it is gone: nothing holds it any more.
+                    OR a.status = 'deregistered')
                AND (a.id IS NULL OR a.status <> 'healthy'
                     OR (a.last_heartbeat_at > t.started_at + make_interval(secs => $2)
                         AND NOT t.id = ANY(a.running_task_ids)))
