@@ -148,6 +148,25 @@ def retry_failed(d):
     until("the ticket completed after the retry", lambda: d.find_element(By.ID, "ticket-status").text == "completed")
     assert marked(d), "the page was reloaded"
     shot(d, "ticket-retried")
+    # The retried task's session: its first attempt's checkpoint, taken up.
+    until("the task's session", lambda: "checkpoint" in d.find_element(By.ID, "task-facts").text)
+
+
+def follow_up(d):
+    # On the retried ticket's page, completed: ask for more.
+    until("the follow-up form", lambda: d.find_element(By.ID, "follow-up"))
+    mark(d)
+    form = d.find_element(By.ID, "follow-up")
+    form.find_element(By.NAME, "message").send_keys("Also log the greeting")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    until("the follow-up in the graph", lambda: len(node_statuses(d)) == 2)
+    until("the ticket reopened or done again", lambda: d.find_element(By.ID, "ticket-status").text in ("in progress", "in_progress", "completed"))
+    until("the follow-up completed", lambda: node_statuses(d) == ["completed", "completed"], within=WAIT * 2)
+    until("the ticket completed again", lambda: d.find_element(By.ID, "ticket-status").text == "completed")
+    rows = [r.text for r in d.find_elements(By.CSS_SELECTOR, "#tasks tr[data-task]")]
+    assert any("Follow-up: Also log the greeting" in r for r in rows), rows
+    assert marked(d), "the page was reloaded"
+    shot(d, "ticket-followed-up")
 
 
 def agents_and_queue(d):
@@ -187,7 +206,7 @@ def main():
     os.makedirs(ARTEFACTS, exist_ok=True)
     d = driver()
     try:
-        for step in (board_and_ticket, retry_failed, agents_and_queue, login):
+        for step in (board_and_ticket, retry_failed, follow_up, agents_and_queue, login):
             try:
                 step(d)
             except Exception:

@@ -376,11 +376,42 @@ function eventLine(e) {
   return h("div", { "data-kind": kind, "data-seq": e.seq }, h("span", { class: "kind k-" + kind, title: "attempt " + e.attempt + ", event " + e.seq }, e.attempt + "." + e.seq + " " + label(kind)), parts.join("  "));
 }
 
+// A task's agent session: its runner and id, its latest checkpoint, and
+// where it was resumed from (a follow-up's source task is a link).
+function sessionFacts(s, showTask) {
+  const parts = [h("span", { id: "task-session" }, (s.runner || "") + " " + (s.sessionId || "(no id)"))];
+  if (s.checkpoint) {
+    const kib = Math.max(1, Math.round(Number(s.checkpointBytes || 0) / 1024));
+    const n = s.checkpoints || 0;
+    parts.push(" · " + n + (n === 1 ? " checkpoint" : " checkpoints") + " of attempt " + (s.attempt || 0) + ", last " +
+      (s.checkpointAt ? ago(s.checkpointAt) : "") + " (" + kib + " KiB)");
+  }
+  if (s.resumedFromAttempt) {
+    parts.push(" · resumed from attempt " + s.resumedFromAttempt);
+    if (s.resumedFromTaskId) {
+      parts.push(" of ", h("a", { href: "#", class: "resumed-from", onclick: (ev) => { ev.preventDefault(); showTask(s.resumedFromTaskId); } },
+        "task " + s.resumedFromTaskId.slice(0, 8)));
+    }
+  }
+  return h("span", {}, ...parts);
+}
+
 function ticketPage(root, id) {
   let selected = null, ticket = null, tasks = [];
   let stopOutput = () => {};
   let outputFor = null, endedAttempt = null;
   const header = h("div");
+  // Made once: the page redraws on every event, and a message being
+  // typed must survive that.
+  const followUp = h("form", { id: "follow-up", class: "follow-up", onsubmit: (ev) => {
+    ev.preventDefault();
+    const message = followUp.message.value.trim();
+    if (!message) return;
+    act("Follow-up asked", () => api("POST", "/v1/tickets/" + encodeURIComponent(id) + ":followUp", { message }))
+      .then(() => { followUp.reset(); load(); });
+  } },
+  h("textarea", { name: "message", rows: "2", placeholder: "Ask the agent that did this for more: a follow-up resumes its session" }),
+  h("button", { type: "submit" }, "Follow up"));
   const graph = h("div");
   const table = h("div");
   const detail = h("div", { id: "task-detail" });
@@ -419,6 +450,7 @@ function ticketPage(root, id) {
       ["elapsed", elapsed(t)],
       ["usage", [tokens(t.usage), usd(t.usage), t.usage && t.usage.model].filter(Boolean).join(" · ")],
       ["commit", g.commit ? g.commit.slice(0, 12) + " (+" + g.insertions + " −" + g.deletions + ", " + g.filesChanged + " files)" : ""],
+      ["session", t.session ? sessionFacts(t.session, showTask) : ""],
       ["error", t.errorMessage || ""],
     ]));
     const status = taskStatus(t);
@@ -451,7 +483,9 @@ function ticketPage(root, id) {
         h("button", { id: "retry-ticket", disabled: !["failed", "cancelled"].includes(st), onclick: () =>
           act("Ticket retried", () => api("POST", "/v1/tickets/" + encodeURIComponent(id) + ":retry", { reason: "retried from the console" })).then(load) }, "Retry ticket"),
         h("button", { id: "cancel-ticket", disabled: FINAL.has(st), onclick: () =>
-          act("Ticket cancelled", () => api("POST", "/v1/tickets/" + encodeURIComponent(id) + ":cancel", { reason: "cancelled from the console" })).then(load) }, "Cancel ticket")));
+          act("Ticket cancelled", () => api("POST", "/v1/tickets/" + encodeURIComponent(id) + ":cancel", { reason: "cancelled from the console" })).then(load) }, "Cancel ticket")),
+      followUp);
+    followUp.querySelector("button").disabled = st === "cancelled";
     graph.replaceChildren(h("h2", {}, "Tasks"), dag(tasks, selected, showTask));
     table.replaceChildren(h("table", { id: "tasks" },
       h("tr", {}, ["task", "phase", "status", "attempt", "agent", "elapsed", "usage", "commit"].map((c) => h("th", {}, c))),

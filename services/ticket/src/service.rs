@@ -365,7 +365,8 @@ fn follow_up_source(
 }
 
 /// The follow-up as the ticket's plan keeps it: the followed task's phase
-/// and limits, the message as its description.
+/// and timeout, the default retries (a person's new request, whatever the
+/// plan allowed the task it follows), the message as its description.
 fn follow_up_task(
     ticket: &omoi_domain::Ticket,
     source: &omoi_proto::taskqueue::Task,
@@ -387,7 +388,7 @@ fn follow_up_task(
             .unwrap_or(omoi_domain::Phase::Implementation),
         priority: omoi_domain::ticket::task_priority(ticket.priority),
         depends_on: Vec::new(),
-        max_retries: source.max_retries,
+        max_retries: omoi_domain::backoff::DEFAULT_MAX_RETRIES,
         timeout_seconds: source.timeout_seconds,
         concurrency_key: (!source.concurrency_key.is_empty()).then(|| source.concurrency_key.clone()),
     }

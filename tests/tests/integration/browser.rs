@@ -74,13 +74,22 @@ async fn a_person_watches_and_steers_the_mesh_in_a_browser() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "browser run failed:\n{stdout}\n{stderr}");
-    for step in ["board_and_ticket", "retry_failed", "agents_and_queue", "login"] {
+    for step in [
+        "board_and_ticket",
+        "retry_failed",
+        "follow_up",
+        "agents_and_queue",
+        "login",
+    ] {
         assert!(stdout.contains(&format!("ok {step}")), "{step} did not pass:\n{stdout}");
     }
     // What the browser did, as the mesh has it: the retried task's ticket
     // completed on its second attempt.
     let got = wait_ticket(&mesh.tickets(), &failing.id, TicketStatus::Completed as i32).await;
     assert_eq!(got.tasks[0].attempt, 2, "{:?}", got.tasks[0]);
+    // And the follow-up asked from its page ran after it.
+    assert_eq!(got.tasks.len(), 2, "{:?}", got.tasks);
+    assert_eq!(got.tasks[1].depends_on, std::slice::from_ref(&got.tasks[0].id));
     open.stop().await;
     guarded.stop().await;
     mesh.stop().await.unwrap();

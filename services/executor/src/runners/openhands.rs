@@ -171,6 +171,10 @@ impl Runner for OpenHandsRunner {
             )
             .await?;
         Self::expect_ok(&created, "create conversation", &[])?;
+        // Recorded as the attempt's session. The agent server's
+        // conversation is deleted when the run ends, so a later attempt
+        // starts a new one (told what this one changed), not resumes it.
+        ctx.session.send_replace(Some(id.clone()));
         out.line(
             OutputStream::System,
             format!("openhands conversation {id} ({})", self.model),
