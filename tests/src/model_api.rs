@@ -33,6 +33,10 @@ use serde_json::{Value, json};
 use crate::http::{Reply, Server};
 use tokio::sync::Notify;
 
+/// One model request: when it arrived, the agent's working directory, the
+/// conversation it carried.
+pub type Asked = (chrono::DateTime<chrono::Utc>, String, Value);
+
 /// The usage the stand-in reported, summed over its answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {
@@ -79,9 +83,9 @@ struct State {
     release: Notify,
     /// The working directories of the runs seen.
     directories: Mutex<Vec<String>>,
-    /// The conversation each request carried (`messages`, `input`,
-    /// `contents`).
-    conversations: Mutex<Vec<Value>>,
+    /// Each request: when it arrived, the agent's working directory, the
+    /// conversation it carried (`messages`, `input`, `contents`).
+    conversations: Mutex<Vec<Asked>>,
 }
 
 pub struct ModelApi {
@@ -111,6 +115,11 @@ impl ModelApi {
 
     /// The conversation of every request so far, in order.
     pub fn conversations(&self) -> Vec<Value> {
+        self.asked().into_iter().map(|(_, _, c)| c).collect()
+    }
+
+    /// Every request so far, in order.
+    pub fn asked(&self) -> Vec<Asked> {
         self.state.conversations.lock().unwrap().clone()
     }
 
@@ -234,11 +243,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
         // Never script a write to a path we do not know.
         return Ok(error(api, StatusCode::BAD_REQUEST));
     }
-    match api {
-        Api::Messages => state.conversations.lock().unwrap().push(body["messages"].clone()),
-        Api::Responses => state.conversations.lock().unwrap().push(body["input"].clone()),
-        Api::Gemini => state.conversations.lock().unwrap().push(body["contents"].clone()),
-    }
+    let conversation = match api {
+        Api::Messages => body["messages"].clone(),
+        Api::Responses => body["input"].clone(),
+        Api::Gemini => body["contents"].clone(),
+    };
+    state
+        .conversations
+        .lock()
+        .unwrap()
+        .push((chrono::Utc::now(), working_directory(&body), conversation));
     let (since, file) = follow_up_script(&body);
     let turn = 1 + match api {
         Api::Messages => body["messages"]

@@ -93,6 +93,41 @@ pub static TASKS_READY: LazyLock<IntGauge> = LazyLock::new(|| {
         .expect("valid metric"),
     )
 });
+pub static CHECKPOINT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    register(
+        Histogram::with_opts(
+            HistogramOpts::new(
+                "omoi_checkpoint_seconds",
+                "Taking one checkpoint of an agent's session and work: archiving, storing, recording.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric"),
+    )
+});
+pub static CHECKPOINTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "omoi_checkpoints_total",
+        "Checkpoints of agent sessions, by outcome (stored, skipped).",
+        &["outcome"],
+    )
+});
+pub static CHECKPOINT_BYTES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new(
+            "omoi_checkpoint_bytes_total",
+            "Bytes of checkpoints stored, compressed.",
+        )
+        .expect("valid metric"),
+    )
+});
+pub static SESSIONS_RESUMED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "omoi_sessions_resumed_total",
+        "Attempts that took up an earlier agent session, by outcome (resumed, fresh: its checkpoint could not be used).",
+        &["outcome"],
+    )
+});
 pub static DISPATCH_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register(
         Histogram::with_opts(

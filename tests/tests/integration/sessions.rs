@@ -336,6 +336,7 @@ async fn crash_and_resume(agent: Agent) {
 
     // Killed mid-call; another executor takes the attempt up.
     mesh.executors.pop().unwrap().kill9().await.unwrap();
+    let killed_at = chrono::Utc::now();
     api.release();
     let mut b = (agent.env)(&api, &home_b, "agent-b");
     b.push(("OMOI_WORKSPACE_ROOT".into(), root_b.display().to_string()));
@@ -352,9 +353,25 @@ async fn crash_and_resume(agent: Agent) {
     // The resumed call carried the earlier turn, the tool call and its
     // result; the work was in the new workspace; the crash cost no more
     // than the call it cut short.
-    let conversations = api.conversations();
-    assert!(conversations.len() <= 4, "{} model calls", conversations.len());
-    let resumed = &conversations[2];
+    let asked = api.asked();
+    // Three calls without the crash: the crash cost the one it cut short.
+    // After it, only the resumed run's, in the second executor's
+    // workspace: the killed executor's agent made none (it died with its
+    // executor).
+    assert!(asked.len() <= 4, "{} model calls", asked.len());
+    let after: Vec<&str> = asked
+        .iter()
+        .filter(|(at, _, _)| *at > killed_at)
+        .map(|(_, dir, _)| dir.as_str())
+        .collect();
+    assert!(
+        !after.is_empty() && after.iter().all(|d| d.starts_with(&*root_b.to_string_lossy())),
+        "{after:?}"
+    );
+    let (resumed_at, _, resumed) = asked
+        .iter()
+        .find(|(at, _, _)| *at > killed_at)
+        .expect("a model call after the crash");
     assert!(holds(resumed, agent.earlier_call), "{resumed}");
     assert!(holds(resumed, agent.earlier_result), "{resumed}");
     let result = omoi_proto::convert::struct_to_json(task.result.as_ref().unwrap());
@@ -375,6 +392,45 @@ async fn crash_and_resume(agent: Agent) {
         "the session taken up"
     );
     assert!(!format!("{events:?}{done:?}").contains(SECRET));
+
+    // What it cost, for the record (`--nocapture` shows it): from the
+    // attempt taken back to the resumed agent's first model call; the
+    // checkpoints' size and time.
+    let taken_back = events
+        .iter()
+        .find(|e| e.event_type == "TASK_RETRIED")
+        .and_then(|e| omoi_proto::convert::from_timestamp(e.occurred_at.as_ref()?))
+        .expect("TASK_RETRIED");
+    let output: Vec<String> = client(&mesh.task_queue.url)
+        .stream_task_output(tq::StreamTaskOutputRequest {
+            task_id: id.clone(),
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|m| m.unwrap().event.unwrap().text)
+        .collect()
+        .await;
+    let took: Vec<u64> = output
+        .iter()
+        .filter_map(|l| {
+            l.strip_prefix("checkpoint ")?
+                .split(" in ")
+                .nth(1)?
+                .strip_suffix(" ms")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    eprintln!(
+        "{}: resumed {} ms after the attempt was taken back; {} checkpoints, {:.1} ms each on average, the last {} bytes",
+        session.runner,
+        (*resumed_at - taken_back).num_milliseconds(),
+        took.len(),
+        took.iter().sum::<u64>() as f64 / took.len().max(1) as f64,
+        session.checkpoint_bytes
+    );
 
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();

@@ -55,6 +55,16 @@ pub async fn run(
         // Dropping from root also drops the supplementary groups.
         command.uid(uid).gid(gid);
     }
+    // The agent dies with the executor: one killed outright (SIGKILL, a
+    // lost node) must not leave its agent working, and spending, on a
+    // run whose next attempt resumes elsewhere. Set after the change of
+    // user (which would clear it), in the child, before it runs the agent.
+    // SAFETY: prctl is async-signal-safe, as a pre-exec hook must be.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
     let mut child = command
         .args(&spawn.argv[1..])
         .current_dir(&spawn.cwd)

@@ -16,6 +16,7 @@ use omoi_domain::AgentSession;
 use omoi_domain::session::{checkpoint_name, parse_checkpoint_name};
 use omoi_proto::common::{AgentEventKind, OutputStream};
 use omoi_proto::taskqueue as tq;
+use omoi_runtime::metrics::{CHECKPOINT_BYTES, CHECKPOINT_SECONDS, CHECKPOINTS, SESSIONS_RESUMED};
 use uuid::Uuid;
 
 use super::Worker;
@@ -156,6 +157,7 @@ impl Worker {
             Continues::FollowUp { from_task, .. } => (Some(*from_task), format!("task {from_task}")),
             _ => (None, format!("attempt {}", session.attempt)),
         };
+        SESSIONS_RESUMED.with_label_values(&["resumed"]).inc();
         run.line(
             OutputStream::System,
             format!(
@@ -219,6 +221,7 @@ impl Worker {
     /// A checkpoint that could not be used: said in the run's events, and
     /// the agent starts afresh.
     fn fresh(&self, run: &Execution, why: &str) -> Restored {
+        SESSIONS_RESUMED.with_label_values(&["fresh"]).inc();
         let text = format!("starting a new session: {why}");
         tracing::warn!(task_id = %run.task_id, attempt = run.attempt, "{text}");
         run.emit(event(AgentEventKind::Error, text.clone()));
@@ -229,6 +232,7 @@ impl Worker {
     /// session as recorded, or None when it was skipped (said in the run's
     /// output).
     pub(super) async fn checkpoint(&self, c: &Checkpointing<'_>) -> Option<AgentSession> {
+        let began = std::time::Instant::now();
         let session_id = c
             .ctx
             .session
@@ -277,6 +281,7 @@ impl Worker {
         let bytes = match stored {
             Ok(b) => b,
             Err(e) => {
+                CHECKPOINTS.with_label_values(&["skipped"]).inc();
                 c.run.line(
                     OutputStream::System,
                     format!("checkpoint skipped (the attempt goes on; the next one tries again): {e}"),
@@ -293,6 +298,19 @@ impl Worker {
         session.checkpoints = c.count.fetch_add(1, Ordering::Relaxed) + 1;
         session.checkpoint_bytes = bytes as i64;
         self.record_session(c.ctx.task_id, c.ctx.attempt, &session).await;
+        let took = began.elapsed();
+        CHECKPOINT_SECONDS.observe(took.as_secs_f64());
+        CHECKPOINTS.with_label_values(&["stored"]).inc();
+        CHECKPOINT_BYTES.inc_by(bytes);
+        c.run.line(
+            OutputStream::System,
+            format!(
+                "checkpoint {} stored: {} bytes in {} ms",
+                session.checkpoints,
+                bytes,
+                took.as_millis()
+            ),
+        );
         Some(session)
     }
 
