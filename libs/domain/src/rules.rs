@@ -744,6 +744,45 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_resumed_session_is_said_once_per_attempt_and_only_by_it() {
+        let resumed = AgentSession {
+            runner: "claude-code".into(),
+            session_id: "s".into(),
+            attempt: 2,
+            resumed_from_attempt: 1,
+            ..Default::default()
+        };
+        let mut t = task(TaskStatus::Running, 1, 3);
+        let said = on_session(&t, 2, &resumed).unwrap().expect("TASK_RESUMED");
+        let Event::TaskResumed(e) = &said.event else {
+            panic!("{said:?}")
+        };
+        assert_eq!((e.attempt, e.resumed_from_attempt, e.session_id.as_str()), (2, 1, "s"));
+        // Recorded: the next checkpoints of the attempt say nothing.
+        t.session = Some(resumed.clone());
+        assert_eq!(on_session(&t, 2, &resumed).unwrap(), None);
+        // A session that started afresh says nothing either.
+        let fresh = AgentSession {
+            resumed_from_attempt: 0,
+            ..resumed.clone()
+        };
+        assert_eq!(on_session(&task(TaskStatus::Running, 1, 3), 2, &fresh).unwrap(), None);
+        // Only the attempt running records, and only its own session.
+        assert!(on_session(&t, 1, &resumed).is_err());
+        let other = AgentSession {
+            attempt: 1,
+            ..resumed.clone()
+        };
+        assert!(
+            on_session(&t, 2, &other)
+                .unwrap_err()
+                .to_string()
+                .contains("session.attempt")
+        );
+        assert!(on_session(&task(TaskStatus::Completed, 1, 3), 2, &resumed).is_err());
+    }
+
     fn types(t: &Transition) -> Vec<EventType> {
         t.events.iter().map(|e| e.event.event_type()).collect()
     }
