@@ -438,3 +438,120 @@ async fn crash_and_resume(agent: Agent) {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_that_cannot_be_kept_or_used_never_stops_an_attempt() {
+    let infra = Infra::new().await.unwrap();
+    let api = ModelApi::start().await.unwrap();
+    let (home, home_b) = (tempdir("agent-home"), tempdir("agent-home-b"));
+    let options = Options {
+        executors: 0,
+        heartbeat_interval_seconds: 1,
+        stale_after_seconds: 3.0,
+        env: vec![("OMOI_LEASE_SECONDS".into(), "2".into())],
+        ..Default::default()
+    };
+    let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    // The first executor's checkpoint store is out of reach (no bucket can
+    // have that name): its checkpoints are skipped, its agent works on.
+    let mut a = claude(&api, &home, "agent-a");
+    a.push(("OMOI_SESSIONS_BUCKET".into(), "not a bucket!".into()));
+    mesh.add_executor(&infra, &a).await.unwrap();
+    let tickets = mesh.tickets();
+    let queue = client(&mesh.task_queue.url);
+    api.hold(2);
+    let created = file_ticket(&tickets, one_task("", 2)).await;
+    let (ticket_id, id) = (created.ticket.unwrap().id, created.tasks[0].id.clone());
+    tokio::time::timeout(Duration::from_secs(90), api.held())
+        .await
+        .expect("turn 2 asked for");
+    let output = |task_id: String| {
+        let q = queue.clone();
+        async move {
+            q.clone()
+                .stream_task_output(tq::StreamTaskOutputRequest { task_id, follow: false })
+                .await
+                .unwrap()
+                .into_inner()
+                .map(|m| m.unwrap().event.unwrap())
+                .collect::<Vec<_>>()
+                .await
+        }
+    };
+    eventually(Duration::from_secs(30), "a skipped checkpoint said", || {
+        let out = output(id.clone());
+        async move {
+            out.await
+                .iter()
+                .any(|e| e.text.starts_with("checkpoint skipped"))
+                .then_some(())
+        }
+    })
+    .await;
+
+    // The task's record names a checkpoint that is not one.
+    let js = async_nats::jetstream::new(async_nats::connect(&infra.nats_url).await.unwrap());
+    let bucket = js
+        .create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: infra.sessions_bucket(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let name = format!("{ticket_id}/{id}/1");
+    bucket.put(name.as_str(), &mut &b"not a checkpoint"[..]).await.unwrap();
+    queue
+        .clone()
+        .record_session(tq::RecordSessionRequest {
+            task_id: id.clone(),
+            attempt: 1,
+            session: Some(omoi_proto::common::AgentSession {
+                runner: "claude-code".into(),
+                session_id: "0b5e3f3c-2f0e-4a7e-9b7e-3c1d2e4f5a6b".into(),
+                checkpoint: name.clone(),
+                attempt: 1,
+                checkpoints: 1,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+
+    // Killed; the next attempt cannot use it: a new session, saying why.
+    mesh.executors.pop().unwrap().kill9().await.unwrap();
+    let killed_at = chrono::Utc::now();
+    api.release();
+    mesh.add_executor(&infra, &claude(&api, &home_b, "agent-b"))
+        .await
+        .unwrap();
+    let done = wait_ticket(&tickets, &ticket_id, COMPLETED).await;
+    let task = &done.tasks[0];
+    assert_eq!(task.attempt, 2);
+    assert_eq!(task.session.as_ref().unwrap().resumed_from_attempt, 0);
+    let said: Vec<String> = output(id.clone())
+        .await
+        .into_iter()
+        .filter(|e| e.attempt == 2 && e.kind() == omoi_proto::common::AgentEventKind::Error)
+        .map(|e| e.text)
+        .collect();
+    assert!(
+        said.iter()
+            .any(|t| t.starts_with("starting a new session") && t.contains(&name)),
+        "{said:?}"
+    );
+    // It started from an empty conversation, and did the whole task.
+    let first_after = api
+        .asked()
+        .into_iter()
+        .find(|(at, _, _)| *at > killed_at)
+        .expect("a model call after the crash");
+    assert_eq!(first_after.2.as_array().map(Vec::len), Some(1), "{}", first_after.2);
+    let result = omoi_proto::convert::struct_to_json(task.result.as_ref().unwrap());
+    assert_eq!(result["summary"], "Done: wrote hello.txt");
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    for dir in [home, home_b] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
