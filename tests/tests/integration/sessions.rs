@@ -555,3 +555,91 @@ async fn a_checkpoint_that_cannot_be_kept_or_used_never_stops_an_attempt() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_programs_own_session_is_checkpointed_and_resumed_by_the_command_runner() {
+    let infra = Infra::new().await.unwrap();
+    let (home, home_b, root_b) = (tempdir("agent-home"), tempdir("agent-home-b"), tempdir("ws-b"));
+    let options = Options {
+        executors: 0,
+        heartbeat_interval_seconds: 1,
+        stale_after_seconds: 3.0,
+        env: vec![("OMOI_LEASE_SECONDS".into(), "2".into())],
+        ..Default::default()
+    };
+    let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    // The demo agent works eight turns of 400 ms, its session in its home.
+    let demo = |home: &std::path::Path, id: &str| -> Vec<(String, String)> {
+        [
+            ("OMOI_AGENT_ID", id),
+            ("HOME", &home.display().to_string()),
+            ("OMOI_DEMO_TURNS", "8"),
+            ("OMOI_DEMO_SLEEP_MS", "400"),
+            ("OMOI_CHECKPOINT_SECONDS", "1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    };
+    mesh.add_executor(&infra, &demo(&home, "demo-a")).await.unwrap();
+    let tickets = mesh.tickets();
+    let queue = client(&mesh.task_queue.url);
+    let created = file_ticket(&tickets, one_task("", 2)).await;
+    let id = created.tasks[0].id.clone();
+    // Killed once two checkpoints of its session are kept.
+    let checkpointed = eventually(Duration::from_secs(30), "two checkpoints", || {
+        let mut q = queue.clone();
+        let id = id.clone();
+        async move {
+            let t = q
+                .get_task(tq::GetTaskRequest { task_id: id })
+                .await
+                .ok()?
+                .into_inner()
+                .task?;
+            t.session.filter(|s| s.checkpoints >= 2)
+        }
+    })
+    .await;
+    assert_eq!(checkpointed.runner, "command");
+    assert_eq!(checkpointed.session_id, format!("demo-{id}-1"));
+    mesh.executors.pop().unwrap().kill9().await.unwrap();
+    let mut b = demo(&home_b, "demo-b");
+    b.push(("OMOI_WORKSPACE_ROOT".into(), root_b.display().to_string()));
+    mesh.add_executor(&infra, &b).await.unwrap();
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let task = &done.tasks[0];
+    assert_eq!(task.attempt, 2);
+    let session = task.session.clone().unwrap();
+    assert_eq!(
+        (session.session_id.as_str(), session.resumed_from_attempt),
+        (checkpointed.session_id.as_str(), 1)
+    );
+    // Every turn once, in order: the first attempt's up to its last
+    // checkpoint (two at least), the second's after.
+    let result = omoi_proto::convert::struct_to_json(task.result.as_ref().unwrap());
+    let summary = result["summary"].as_str().unwrap();
+    let turns: Vec<(usize, i32)> = summary
+        .split("turns ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .map(|t| {
+            let (turn, attempt) = t.split_once(':').unwrap();
+            (turn.parse().unwrap(), attempt.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        turns.iter().map(|t| t.0).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>(),
+        "{summary}"
+    );
+    let first = turns.iter().filter(|t| t.1 == 1).count();
+    assert!(first >= 2 && turns[first..].iter().all(|t| t.1 == 2), "{summary}");
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    for dir in [home, home_b, root_b] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -7,7 +7,11 @@
 //! Knobs (environment): OMOI_DEMO_SLEEP_MS (pause between steps, default
 //! 200), OMOI_DEMO_FAIL (exit 1 with this message on stderr),
 //! OMOI_DEMO_FAIL_FIRST (a phase, e.g. PHASE_IMPLEMENTATION: its first
-//! attempt writes a stray file, then fails with a connection error).
+//! attempt writes a stray file, then fails with a connection error),
+//! OMOI_DEMO_TURNS (work over this many turns first, one pause each, kept
+//! as a session the executor checkpoints: `$OMOI_SESSIONS_DIR/<id>/turns`,
+//! declared with `omoi:session=<id>`; resumed from where it was with
+//! `OMOI_RESUME_SESSION`; the summary says which attempt did each turn).
 
 use std::io::Read;
 use std::path::Path;
@@ -45,6 +49,13 @@ fn main() -> std::process::ExitCode {
         eprintln!("connection reset by peer");
         return std::process::ExitCode::FAILURE;
     }
+    let conversation = match turns(&task, &attempt, pause) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cannot keep the session: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     // What the phases before this one left in the workspace, and what the
     // prompt says they did.
     let earlier: Vec<&str> = ["PLAN.md", "src/feature.rs", "tests/feature.rs", "NOTES.md"]
@@ -95,6 +106,41 @@ fn main() -> std::process::ExitCode {
     }
     let name = phase.trim_start_matches("PHASE_").to_ascii_lowercase();
     let _ = std::fs::create_dir_all("agent-log").and_then(|_| std::fs::write(format!("agent-log/{name}.md"), log));
-    println!("{phase} done: {} file(s) written", steps.len() + 1);
+    match conversation {
+        Some(turns) => println!("{phase} done: {} file(s) written; turns {turns}", steps.len() + 1),
+        None => println!("{phase} done: {} file(s) written", steps.len() + 1),
+    }
     std::process::ExitCode::SUCCESS
+}
+
+/// The turns of OMOI_DEMO_TURNS, a pause each, in a session resumed where
+/// it was: `turn:attempt` of each, or None when there are none to work.
+fn turns(task: &str, attempt: &str, pause: Duration) -> std::io::Result<Option<String>> {
+    let wanted: usize = std::env::var("OMOI_DEMO_TURNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let Some(root) = std::env::var_os("OMOI_SESSIONS_DIR").filter(|_| wanted > 0) else {
+        return Ok(None);
+    };
+    let resumed = std::env::var("OMOI_RESUME_SESSION").ok().filter(|s| !s.is_empty());
+    let id = resumed.clone().unwrap_or_else(|| format!("demo-{task}-{attempt}"));
+    let dir = Path::new(&root).join(&id);
+    std::fs::create_dir_all(&dir)?;
+    println!("omoi:session={id}");
+    let log = dir.join("turns");
+    let mut done: Vec<String> = match std::fs::read_to_string(&log) {
+        Ok(text) if resumed.is_some() => text.lines().map(str::to_owned).collect(),
+        _ => Vec::new(),
+    };
+    if resumed.is_some() {
+        println!("resumed session {id} after turn {}", done.len());
+    }
+    while done.len() < wanted {
+        std::thread::sleep(pause);
+        done.push(format!("{}:{attempt}", done.len() + 1));
+        std::fs::write(&log, done.join("\n") + "\n")?;
+        println!("turn {}", done.len());
+    }
+    Ok(Some(done.join(" ")))
 }

@@ -2,14 +2,21 @@
 //! argument (`{prompt}` and the other placeholders of
 //! `OMOI_RUNNER_COMMAND`), on stdin and in `OMOI_TASK_PROMPT`, whose output
 //! lines are the run's events.
+//!
+//! A program may keep a session the executor checkpoints and resumes: it
+//! keeps it in `$OMOI_SESSIONS_DIR/<id>/` and says so with a line
+//! `omoi:session=<id>` on stdout (the id: letters, digits, `-`, `_`, `.`).
+//! A later attempt gets that directory back and `OMOI_RESUME_SESSION=<id>`,
+//! with a continuation prompt.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use omoi_proto::common::OutputStream;
 use tokio_util::sync::CancellationToken;
 
 use super::process::{self, Spawn};
-use super::{RunContext, RunOutcome, Runner, RunnerError, split_args};
+use super::{RunContext, RunOutcome, Runner, RunnerError, SessionLayout, plain, split_args};
 use crate::events::EventSink;
 
 pub struct CommandRunner {
@@ -61,6 +68,12 @@ impl Runner for CommandRunner {
     ) -> Result<RunOutcome, RunnerError> {
         let mut env = self.env.clone();
         env.extend(ctx.task_env());
+        if let Some(home) = self.home_of(ctx) {
+            env.push(("OMOI_SESSIONS_DIR".into(), home.join(SESSIONS).display().to_string()));
+        }
+        if let Some(id) = &ctx.resume {
+            env.push(("OMOI_RESUME_SESSION".into(), id.clone()));
+        }
         let spawn = Spawn {
             argv: self.render(ctx),
             setting: "OMOI_RUNNER_COMMAND",
@@ -71,8 +84,70 @@ impl Runner for CommandRunner {
             kill_grace: self.kill_grace,
             identity: ctx.identity(),
         };
-        let ended = process::run(spawn, out, &mut |l| out.line(OutputStream::Stdout, l), stop).await?;
+        let on_line = &mut |l: String| {
+            if let Some(id) = declared_session(&l) {
+                ctx.session.send_replace(Some(id.to_owned()));
+            }
+            out.line(OutputStream::Stdout, l)
+        };
+        let ended = process::run(spawn, out, on_line, stop).await?;
         Ok(ended.into())
+    }
+
+    fn sessions(&self) -> Option<&dyn SessionLayout> {
+        Some(self)
+    }
+
+    fn home(&self, ctx: &RunContext) -> Option<PathBuf> {
+        self.home_of(ctx)
+    }
+}
+
+/// Where programs keep their sessions, relative to their home.
+const SESSIONS: &str = ".omoi/sessions";
+
+impl CommandRunner {
+    /// The program's home: the agent user's, else the HOME it is given,
+    /// else the executor's.
+    fn home_of(&self, ctx: &RunContext) -> Option<PathBuf> {
+        if let Some(user) = &ctx.user {
+            return Some(user.home.clone());
+        }
+        self.env
+            .iter()
+            .find(|(k, _)| k == "HOME")
+            .map(|(_, v)| PathBuf::from(v))
+            .or_else(|| std::env::var_os("HOME").map(PathBuf::from))
+    }
+}
+
+/// The session a program's output line declares (`omoi:session=<id>`).
+fn declared_session(line: &str) -> Option<&str> {
+    let id = line.trim().strip_prefix("omoi:session=")?;
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    ok.then_some(id)
+}
+
+/// A program's session is its directory, wherever it ran.
+impl SessionLayout for CommandRunner {
+    fn files(&self, home: &Path, _workspace: &Path, id: &str) -> Vec<PathBuf> {
+        let dir = Path::new(SESSIONS).join(id);
+        if declared_session(&format!("omoi:session={id}")).is_some() && home.join(&dir).is_dir() {
+            vec![dir]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn place(&self, kept: &Path, id: &str, _old: &Path, _new: &Path) -> Option<PathBuf> {
+        let dir = Path::new(SESSIONS).join(id);
+        (declared_session(&format!("omoi:session={id}")).is_some() && kept == dir && plain(kept)).then_some(dir)
     }
 }
 
