@@ -57,6 +57,8 @@ pub struct Report {
     pub reclaims: usize,
     /// Assignments that went back to the queue unstarted.
     pub requeues: usize,
+    /// Attempts that took up an earlier attempt's agent session.
+    pub resumes: usize,
     pub events: usize,
     /// Refused or failed calls of the load (all retried), by code.
     pub call_errors: BTreeMap<String, usize>,
@@ -79,8 +81,8 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  cancels {}, retries {}, reclaims {}, requeues {}",
-            self.cancels_asked, self.retries, self.reclaims, self.requeues
+            "  cancels {}, retries {}, reclaims {}, requeues {}, sessions resumed {}",
+            self.cancels_asked, self.retries, self.reclaims, self.requeues, self.resumes
         )?;
         writeln!(f, "  events    {}", self.events)?;
         writeln!(f, "  call errors (retried) {:?}", self.call_errors)?;
@@ -108,7 +110,8 @@ pub async fn run(o: &ChaosOptions) -> anyhow::Result<Report> {
         nats_url: nats.url(),
         replicas: 2,
         executors: o.executors,
-        executor_capacity: 4,
+        // Room for the sessions' turns below: the agents mostly wait.
+        executor_capacity: 8,
         dir: o.dir.clone(),
         env: [
             // Lost work comes back in seconds rather than minutes.
@@ -129,6 +132,12 @@ pub async fn run(o: &ChaosOptions) -> anyhow::Result<Report> {
             // Every ticket's integration task fails its first attempt
             // with a retryable error.
             ("OMOI_DEMO_FAIL_FIRST".into(), "PHASE_INTEGRATION".into()),
+            // Every task works three turns of 500 ms in a session
+            // checkpointed every second, which a killed executor's next
+            // attempt resumes.
+            ("OMOI_DEMO_TURNS".into(), "3".into()),
+            ("OMOI_DEMO_TURN_MS".into(), "500".into()),
+            ("OMOI_CHECKPOINT_SECONDS".into(), "1".into()),
         ],
     };
     let mut fleet = Fleet::start(&fleet_options).await?;
@@ -414,6 +423,9 @@ struct State {
     tasks: HashMap<String, (String, String, i32)>,
     /// task → the outcome the ticket service recorded
     outcomes: HashMap<String, Option<String>>,
+    /// completed task → its result's summary (the demo agent's says which
+    /// attempt did each turn of its session)
+    summaries: HashMap<String, String>,
 }
 
 impl State {
@@ -427,6 +439,10 @@ impl State {
         let outcomes: Vec<(uuid::Uuid, Option<String>)> = sqlx::query_as("SELECT task_id, outcome FROM ticket_tasks")
             .fetch_all(pool)
             .await?;
+        let summaries: Vec<(uuid::Uuid, Option<String>)> =
+            sqlx::query_as("SELECT id, result->>'summary' FROM tasks WHERE status = 'completed'")
+                .fetch_all(pool)
+                .await?;
         Ok(Self {
             tickets: tickets.into_iter().map(|(i, s)| (i.to_string(), s)).collect(),
             tasks: tasks
@@ -434,17 +450,61 @@ impl State {
                 .map(|(i, t, s, a)| (i.to_string(), (t.map(|t| t.to_string()).unwrap_or_default(), s, a)))
                 .collect(),
             outcomes: outcomes.into_iter().map(|(i, o)| (i.to_string(), o)).collect(),
+            summaries: summaries
+                .into_iter()
+                .map(|(i, s)| (i.to_string(), s.unwrap_or_default()))
+                .collect(),
         })
+    }
+}
+
+/// A completed task's session as the demo agent summed it up (`turns
+/// <turn>:<attempt> …`): every turn once and in order, by attempts that
+/// never go back, none later than the last; and every attempt that resumed
+/// an earlier one's session (TASK_RESUMED) carried on its conversation,
+/// not an empty one: turns of that earlier attempt, or one before it, are
+/// in it.
+fn conversation(id: &str, summary: &str, last: i32, resumed: &[&Event], v: &mut Vec<String>) {
+    let Some(turns) = summary.split("turns ").nth(1) else {
+        return;
+    };
+    let turns: Vec<(usize, i32)> = turns
+        .split_whitespace()
+        .filter_map(|t| {
+            let (turn, attempt) = t.split_once(':')?;
+            Some((turn.parse().ok()?, attempt.parse().ok()?))
+        })
+        .collect();
+    let in_order = turns.iter().enumerate().all(|(i, t)| t.0 == i + 1);
+    let forward = turns.windows(2).all(|w| w[0].1 <= w[1].1) && turns.iter().all(|t| t.1 <= last);
+    if turns.is_empty() || !in_order || !forward {
+        v.push(format!("task {id}: its session's turns went wrong: {summary:?}"));
+    }
+    for e in resumed {
+        let from = number(e, "resumed_from_attempt");
+        let carried =
+            from.is_some_and(|from| attempt(e).is_some_and(|a| from < a) && turns.iter().any(|t| t.1 <= from));
+        if !carried {
+            v.push(format!(
+                "task {id}: attempt {:?} resumed attempt {from:?} but its conversation holds none of it: {summary:?}",
+                attempt(e)
+            ));
+        }
+    }
+}
+
+/// A number of an event's payload.
+fn number(e: &Event, field: &str) -> Option<i32> {
+    use prost_types::value::Kind;
+    match e.payload.as_ref()?.fields.get(field)?.kind.as_ref()? {
+        Kind::NumberValue(n) => Some(*n as i32),
+        _ => None,
     }
 }
 
 /// The attempt an event is about, from its payload.
 fn attempt(e: &Event) -> Option<i32> {
-    use prost_types::value::Kind;
-    match e.payload.as_ref()?.fields.get("attempt")?.kind.as_ref()? {
-        Kind::NumberValue(n) => Some(*n as i32),
-        _ => None,
-    }
+    number(e, "attempt")
 }
 
 fn error_text(e: &Event) -> String {
@@ -574,6 +634,11 @@ fn check(created: &[Created], state: &State, stream: &[Event], report: &mut Repo
             }
         }
         report.requeues += of(id, "TASK_REQUEUED").len();
+        let resumed = of(id, "TASK_RESUMED");
+        report.resumes += resumed.len();
+        if let Some(summary) = state.summaries.get(id) {
+            conversation(id, summary, *last, &resumed, v);
+        }
         let mut ended: Vec<i32> = ["TASK_RETRIED", "TASK_REQUEUED", "TASK_TIMED_OUT"]
             .iter()
             .flat_map(|t| of(id, t))
@@ -654,6 +719,11 @@ mod tests {
             tickets: [("k".to_owned(), "completed".to_owned())].into(),
             tasks: [("t".to_owned(), ("k".to_owned(), "completed".to_owned(), 2))].into(),
             outcomes: [("t".to_owned(), Some("completed".to_owned()))].into(),
+            summaries: [(
+                "t".to_owned(),
+                "PHASE_INITIAL done: 2 file(s) written; turns 1:1 2:2".to_owned(),
+            )]
+            .into(),
         };
         let stream = vec![
             event("ticket", "k", "TICKET_CREATED", None),
@@ -673,6 +743,30 @@ mod tests {
         let mut report = Report::default();
         check(created, state, stream, &mut report);
         report.violations
+    }
+
+    #[test]
+    fn a_session_that_went_wrong_or_a_resume_that_carried_nothing_is_found() {
+        let (created, mut state, mut stream) = good();
+        let mut resumed = event("task", "t", "TASK_RESUMED", Some(2));
+        resumed.payload.as_mut().unwrap().fields.insert(
+            "resumed_from_attempt".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(1.0)),
+            },
+        );
+        stream.insert(7, resumed);
+        assert!(violations(&created, &state, &stream).is_empty());
+        for (summary, found) in [
+            ("turns 1:1 1:2 2:2", "turns went wrong"),
+            ("turns 1:2 2:1", "turns went wrong"),
+            ("turns 1:1 2:3", "turns went wrong"),
+            ("turns 1:2 2:2", "holds none of it"),
+        ] {
+            state.summaries.insert("t".into(), format!("done; {summary}"));
+            let v = violations(&created, &state, &stream);
+            assert!(v.iter().any(|v| v.contains(found)), "{summary}: {v:?}");
+        }
     }
 
     #[test]

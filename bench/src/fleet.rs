@@ -134,7 +134,12 @@ impl Fleet {
         let workspaces = o.dir.join("workspaces");
         for j in 0..o.executors {
             let r = j % o.replicas;
+            // A home of its own: what an agent keeps there (its session)
+            // reaches another executor only through a checkpoint.
+            let home = o.dir.join(format!("home-{j}"));
+            std::fs::create_dir_all(&home)?;
             let mut env = base(&[
+                ("HOME", home.display().to_string()),
                 ("OMOI_TASK_QUEUE_URL", url(tq[r])),
                 ("OMOI_HEALTH_URL", url(health[r])),
                 ("OMOI_TICKET_URL", url(ticket[r])),

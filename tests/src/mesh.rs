@@ -179,7 +179,8 @@ pub fn demo_executor_env(workspace_root: &std::path::Path) -> Vec<(String, Strin
         ("OMOI_WORKSPACE_ROOT", workspace_root.display().to_string()),
         (
             "OMOI_RUNNER_ENV_ALLOW",
-            "PATH,HOME,OMOI_DEMO_SLEEP_MS,OMOI_DEMO_FAIL,OMOI_DEMO_FAIL_FIRST,OMOI_DEMO_TURNS".to_owned(),
+            "PATH,HOME,OMOI_DEMO_SLEEP_MS,OMOI_DEMO_FAIL,OMOI_DEMO_FAIL_FIRST,OMOI_DEMO_TURNS,OMOI_DEMO_TURN_MS"
+                .to_owned(),
         ),
         ("OMOI_KILL_GRACE_SECONDS", "1".to_owned()),
     ]

@@ -11,7 +11,8 @@
 //! OMOI_DEMO_TURNS (work over this many turns first, one pause each, kept
 //! as a session the executor checkpoints: `$OMOI_SESSIONS_DIR/<id>/turns`,
 //! declared with `omoi:session=<id>`; resumed from where it was with
-//! `OMOI_RESUME_SESSION`; the summary says which attempt did each turn).
+//! `OMOI_RESUME_SESSION`; the summary says which attempt did each turn;
+//! OMOI_DEMO_TURN_MS: a turn's pause, default OMOI_DEMO_SLEEP_MS's).
 
 use std::io::Read;
 use std::path::Path;
@@ -123,6 +124,10 @@ fn turns(task: &str, attempt: &str, pause: Duration) -> std::io::Result<Option<S
     let Some(root) = std::env::var_os("OMOI_SESSIONS_DIR").filter(|_| wanted > 0) else {
         return Ok(None);
     };
+    let pause = std::env::var("OMOI_DEMO_TURN_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(pause, Duration::from_millis);
     let resumed = std::env::var("OMOI_RESUME_SESSION").ok().filter(|s| !s.is_empty());
     let id = resumed.clone().unwrap_or_else(|| format!("demo-{task}-{attempt}"));
     let dir = Path::new(&root).join(&id);
