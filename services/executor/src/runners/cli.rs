@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::prices::PriceTable;
 use super::process::{self, Spawn};
-use super::{RunContext, RunOutcome, Runner, RunnerError, SessionLayout, Verdict};
+use super::{RunContext, RunOutcome, Runner, RunnerError, SessionLayout, Verdict, session_id_ok};
 use crate::events::EventSink;
 
 /// How an agent CLI is started.
@@ -111,7 +111,7 @@ impl<C: Cli> Runner for CliRunner<C> {
                 for e in stream.line(&line) {
                     out.emit(e);
                 }
-                if let Some(id) = stream.session_id().filter(|id| !id.is_empty()) {
+                if let Some(id) = stream.session_id().filter(|id| session_id_ok(id)) {
                     ctx.session.send_if_modified(|known| {
                         let new = known.as_deref() != Some(id);
                         if new {

@@ -16,7 +16,7 @@ use omoi_proto::common::OutputStream;
 use tokio_util::sync::CancellationToken;
 
 use super::process::{self, Spawn};
-use super::{RunContext, RunOutcome, Runner, RunnerError, SessionLayout, plain, split_args};
+use super::{RunContext, RunOutcome, Runner, RunnerError, SessionLayout, plain, session_id_ok, split_args};
 use crate::events::EventSink;
 
 pub struct CommandRunner {
@@ -124,21 +124,14 @@ impl CommandRunner {
 /// The session a program's output line declares (`omoi:session=<id>`).
 fn declared_session(line: &str) -> Option<&str> {
     let id = line.trim().strip_prefix("omoi:session=")?;
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    ok.then_some(id)
+    session_id_ok(id).then_some(id)
 }
 
 /// A program's session is its directory, wherever it ran.
 impl SessionLayout for CommandRunner {
     fn files(&self, home: &Path, _workspace: &Path, id: &str) -> Vec<PathBuf> {
         let dir = Path::new(SESSIONS).join(id);
-        if declared_session(&format!("omoi:session={id}")).is_some() && home.join(&dir).is_dir() {
+        if session_id_ok(id) && home.join(&dir).is_dir() {
             vec![dir]
         } else {
             Vec::new()
@@ -147,7 +140,26 @@ impl SessionLayout for CommandRunner {
 
     fn place(&self, kept: &Path, id: &str, _old: &Path, _new: &Path) -> Option<PathBuf> {
         let dir = Path::new(SESSIONS).join(id);
-        (declared_session(&format!("omoi:session={id}")).is_some() && kept == dir && plain(kept)).then_some(dir)
+        (session_id_ok(id) && kept == dir && plain(kept)).then_some(dir)
+    }
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::declared_session;
+
+    #[test]
+    fn a_session_is_declared_by_a_plain_id_only() {
+        assert_eq!(declared_session("omoi:session=demo-1_a.b"), Some("demo-1_a.b"));
+        for refused in [
+            "omoi:session=",
+            "omoi:session=..",
+            "omoi:session=a/b",
+            "omoi:session=a b",
+            "session=a",
+        ] {
+            assert_eq!(declared_session(refused), None, "{refused}");
+        }
     }
 }
 

@@ -71,6 +71,19 @@ pub trait SessionLayout: Send + Sync {
     fn place(&self, kept: &Path, id: &str, old: &Path, new: &Path) -> Option<PathBuf>;
 }
 
+/// Whether an agent's session id may name files: letters, digits, `-`,
+/// `_` and `.`, at most 128, not `.` or `..` (it comes from the agent's own
+/// output, and ends up in paths the executor reads and writes).
+pub fn session_id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// `p` made only of plain names (nothing that climbs or starts at the root).
 pub fn plain(p: &Path) -> bool {
     p.components().all(|c| matches!(c, std::path::Component::Normal(_)))

@@ -87,6 +87,40 @@ pub fn replace(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The content of the regular file at `root/rel`, opened without following
+/// a link anywhere on the way and without leaving `root` (the agent owns
+/// what is below it and may swap a directory for a link at any moment:
+/// the executor must not read elsewhere through it); None when it is not
+/// a regular file there any more, or is bigger than `max` bytes.
+pub fn read_beneath(root: &Path, rel: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    let dir = std::fs::File::open(root)?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = match openat2(&dir, rel, how) {
+        Ok(fd) => fd,
+        // Gone, a link on the way, or out of bounds: nothing to keep.
+        Err(
+            nix::errno::Errno::ENOENT
+            | nix::errno::Errno::ELOOP
+            | nix::errno::Errno::EXDEV
+            | nix::errno::Errno::ENOTDIR,
+        ) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(io::Error::from(e)),
+    };
+    let mut file = std::fs::File::from(fd);
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() > max {
+        return Ok(None);
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    (&mut file).take(max + 1).read_to_end(&mut data)?;
+    Ok((data.len() as u64 <= max).then_some(data))
+}
+
 /// What goes into a checkpoint.
 pub struct Contents<'a> {
     pub manifest: Manifest,
@@ -103,46 +137,50 @@ pub struct Contents<'a> {
 pub fn build(mut c: Contents<'_>) -> io::Result<Vec<u8>> {
     let mut tar = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
     tar.follow_symlinks(false);
-    let mut files = Vec::new();
+    // (name in the archive, root, path below the root, what it is)
+    let mut files: Vec<(PathBuf, &Path, PathBuf, Entry)> = Vec::new();
     for rel in &c.changed {
-        let path = c.workspace.join(rel);
-        match entry(&path)? {
+        if rel.as_os_str().is_empty() || !plain(rel) {
+            continue;
+        }
+        match entry(&c.workspace.join(rel))? {
             Some(Entry::File(size)) if size > MAX_FILE_BYTES => c.manifest.skipped.push(rel.display().to_string()),
-            Some(e) => files.push((Path::new("workspace").join(rel), path, e)),
+            Some(e) => files.push((Path::new("workspace").join(rel), c.workspace, rel.clone(), e)),
             None => {}
         }
     }
-    let home_paths: Vec<PathBuf> = match c.home {
-        Some(home) => c.session_files.iter().map(|p| home.join(p)).collect(),
-        None => Vec::new(),
-    };
-    if c.home.is_some() {
-        c.manifest.session_files = c.session_files.iter().map(|p| p.display().to_string()).collect();
-    }
-    for (i, path) in home_paths.iter().enumerate() {
-        let name = Path::new("session").join(i.to_string());
-        match entry(path)? {
-            Some(Entry::Dir) => {
-                for (rel, e) in walk(path)? {
-                    files.push((name.join(&rel), path.join(&rel), e));
+    if let Some(home) = c.home {
+        let kept: Vec<&PathBuf> = c
+            .session_files
+            .iter()
+            .filter(|p| !p.as_os_str().is_empty() && plain(p))
+            .collect();
+        c.manifest.session_files = kept.iter().map(|p| p.display().to_string()).collect();
+        for (i, rel) in kept.into_iter().enumerate() {
+            let name = Path::new("session").join(i.to_string());
+            match entry(&home.join(rel))? {
+                Some(Entry::Dir) => {
+                    for (inner, e) in walk(&home.join(rel))? {
+                        files.push((name.join(&inner), home, rel.join(&inner), e));
+                    }
                 }
+                Some(e) => files.push((name, home, rel.clone(), e)),
+                None => {}
             }
-            Some(e) => files.push((name, path.clone(), e)),
-            None => {}
         }
     }
     let manifest = serde_json::to_vec(&c.manifest).map_err(io::Error::other)?;
     append_bytes(&mut tar, Path::new("checkpoint.json"), &manifest, 0o644)?;
-    for (name, path, e) in files {
+    for (name, root, rel, e) in files {
         match e {
             Entry::File(size) if size <= MAX_FILE_BYTES => {
-                let data = match std::fs::read(&path) {
-                    Ok(d) => c.redactor.redact(d),
-                    // Gone since it was listed: the agent is still at work.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
+                // Gone or changed since it was listed: the agent is still
+                // at work.
+                let Some(data) = read_beneath(root, &rel, MAX_FILE_BYTES)? else {
+                    continue;
                 };
-                append_bytes(&mut tar, &name, &data, mode_of(&path))?;
+                let data = c.redactor.redact(data);
+                append_bytes(&mut tar, &name, &data, mode_of(&root.join(&rel)))?;
             }
             Entry::File(_) => {}
             Entry::Link(target) => {
@@ -392,6 +430,30 @@ mod tests {
         session.sort();
         assert_eq!(session, vec![(0, PathBuf::new()), (1, PathBuf::from("part"))]);
         for d in [ws, home] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
+
+    #[test]
+    fn reads_stay_below_their_root_and_follow_no_link() {
+        let (root, outside) = (temp("beneath"), temp("secret"));
+        std::fs::write(outside.join("shadow"), "secret").unwrap();
+        std::fs::create_dir_all(root.join("src")).unwrap();
+        std::fs::write(root.join("src/a.rs"), "fn a() {}").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("swapped")).unwrap();
+        std::os::unix::fs::symlink(outside.join("shadow"), root.join("link")).unwrap();
+        nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let read = |rel: &str| read_beneath(&root, Path::new(rel), 1024).unwrap();
+        assert_eq!(read("src/a.rs").as_deref(), Some(&b"fn a() {}"[..]));
+        for elsewhere in ["swapped/shadow", "link", "../secret/shadow", "fifo", "missing"] {
+            assert_eq!(read(elsewhere), None, "{elsewhere}");
+        }
+        assert_eq!(
+            read_beneath(&root, Path::new("src/a.rs"), 3).unwrap(),
+            None,
+            "over the limit"
+        );
+        for d in [root, outside] {
             std::fs::remove_dir_all(d).unwrap();
         }
     }

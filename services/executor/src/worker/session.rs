@@ -22,7 +22,7 @@ use uuid::Uuid;
 use super::Worker;
 use crate::events::{EventSink, event};
 use crate::executions::Execution;
-use crate::runners::RunContext;
+use crate::runners::{RunContext, session_id_ok};
 use crate::sessions::SessionError;
 use crate::sessions::archive::{self, Contents, Manifest};
 use crate::workspace::{self, Snapshot};
@@ -90,7 +90,7 @@ impl Worker {
         let layout = self
             .runner
             .sessions()
-            .filter(|_| session.runner == runner && !session.session_id.is_empty());
+            .filter(|_| session.runner == runner && session_id_ok(&session.session_id));
         let home = self.runner.home(ctx);
         let (layout, home) = match (layout, home, continues) {
             (Some(layout), Some(home), _) => (layout, home),
@@ -246,7 +246,9 @@ impl Worker {
         let (changed, removed) = changes(c.before, &workspace::snapshot(&c.ctx.workspace));
         let home = self.runner.home(c.ctx);
         let session_files = match (self.runner.sessions(), &home) {
-            (Some(layout), Some(home)) if !session_id.is_empty() => layout.files(home, &c.ctx.workspace, &session_id),
+            (Some(layout), Some(home)) if session_id_ok(&session_id) => {
+                layout.files(home, &c.ctx.workspace, &session_id)
+            }
             _ => Vec::new(),
         };
         let manifest = Manifest {
