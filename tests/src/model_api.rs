@@ -139,6 +139,60 @@ impl ModelApi {
     }
 }
 
+/// An agent CLI, set up to talk to a [`ModelApi`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cli {
+    Claude,
+    Codex,
+    Gemini,
+}
+
+impl ModelApi {
+    /// The environment of an executor running `cli` (the pinned one)
+    /// against this stand-in, with `home` as its HOME and `key` as its API
+    /// key, the CLI's own retries of a failing API off (a test does not
+    /// wait them out).
+    pub fn executor_env(&self, cli: Cli, home: &std::path::Path, key: &str) -> Vec<(String, String)> {
+        let home = home.display().to_string();
+        let (runner, model, bin) = match cli {
+            Cli::Claude => ("claude-code", "claude-sonnet-4-5", "claude"),
+            Cli::Codex => ("codex", "gpt-5-codex", "codex"),
+            Cli::Gemini => ("gemini", "gemini-2.5-flash", "gemini"),
+        };
+        let bin = crate::process::agent_cli(bin).display().to_string();
+        let mut env = vec![
+            ("OMOI_RUNNER", runner.to_owned()),
+            ("OMOI_AGENT_BIN", bin),
+            ("OMOI_AGENT_MODEL", model.to_owned()),
+            ("HOME", home),
+        ];
+        env.extend(match cli {
+            Cli::Claude => vec![
+                ("ANTHROPIC_BASE_URL", self.url.clone()),
+                ("ANTHROPIC_API_KEY", key.to_owned()),
+                ("CLAUDE_CODE_MAX_RETRIES", "0".to_owned()),
+                ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME,CLAUDE_CODE_MAX_RETRIES".to_owned()),
+            ],
+            Cli::Codex => vec![
+                (
+                    "OMOI_AGENT_ARGS",
+                    "-c model_providers.omoi.request_max_retries=0 -c model_providers.omoi.stream_max_retries=0"
+                        .to_owned(),
+                ),
+                ("OPENAI_BASE_URL", format!("{}/v1", self.url)),
+                ("OPENAI_API_KEY", key.to_owned()),
+                ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME".to_owned()),
+            ],
+            Cli::Gemini => vec![
+                ("GOOGLE_GEMINI_BASE_URL", self.url.clone()),
+                ("GEMINI_API_KEY", key.to_owned()),
+                ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME".to_owned()),
+            ],
+        });
+        env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+}
+
 fn outcome(script: &str) -> String {
     script
         .split("outcome=")

@@ -10,7 +10,7 @@ use omoi_proto::common::{AgentEvent, AgentEventKind};
 use omoi_proto::taskqueue as tq;
 use omoi_proto::ticket::{self as pb};
 use omoi_tests::mesh::{Options, ProcessMesh};
-use omoi_tests::model_api::{ModelApi, Tally};
+use omoi_tests::model_api::{Cli, ModelApi, Tally};
 use omoi_tests::process::agent_cli;
 use omoi_tests::{Infra, TicketClient, client, file_ticket, wait_ticket};
 
@@ -21,62 +21,12 @@ const RETRYABLE: i32 = 1;
 const PERMANENT: i32 = 2;
 const SECRET: &str = "sk-ant-test-do-not-leak";
 
-/// An executor running Claude Code against `api`, for `phases`.
+/// An executor running Claude Code against `api`, for `phases`, as `bin`.
 fn claude(api: &ModelApi, home: &std::path::Path, phases: &str, bin: &str) -> Vec<(String, String)> {
-    [
-        ("OMOI_RUNNER", "claude-code"),
-        ("OMOI_AGENT_BIN", bin),
-        ("OMOI_AGENT_MODEL", "claude-sonnet-4-5"),
-        ("OMOI_AGENT_PHASES", phases),
-        ("ANTHROPIC_BASE_URL", api.url.as_str()),
-        ("ANTHROPIC_API_KEY", SECRET),
-        ("HOME", &home.display().to_string()),
-        // The CLI's own retries of a failing API: none, so a test does not
-        // wait out its backoff.
-        ("CLAUDE_CODE_MAX_RETRIES", "0"),
-        ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME,CLAUDE_CODE_MAX_RETRIES"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
-}
-
-/// An executor running Codex against `api`'s Responses API.
-fn codex(api: &ModelApi, home: &std::path::Path) -> Vec<(String, String)> {
-    let base_url = format!("{}/v1", api.url);
-    [
-        ("OMOI_RUNNER", "codex"),
-        ("OMOI_AGENT_BIN", &agent_cli("codex").display().to_string()),
-        ("OMOI_AGENT_MODEL", "gpt-5-codex"),
-        // No retries of a failing API, so a test does not wait them out.
-        (
-            "OMOI_AGENT_ARGS",
-            "-c model_providers.omoi.request_max_retries=0 -c model_providers.omoi.stream_max_retries=0",
-        ),
-        ("OPENAI_BASE_URL", &base_url),
-        ("OPENAI_API_KEY", SECRET),
-        ("HOME", &home.display().to_string()),
-        ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
-}
-
-/// An executor running Gemini CLI against `api`'s Gemini API.
-fn gemini(api: &ModelApi, home: &std::path::Path) -> Vec<(String, String)> {
-    [
-        ("OMOI_RUNNER", "gemini"),
-        ("OMOI_AGENT_BIN", &agent_cli("gemini").display().to_string()),
-        ("OMOI_AGENT_MODEL", "gemini-2.5-flash"),
-        ("GOOGLE_GEMINI_BASE_URL", api.url.as_str()),
-        ("GEMINI_API_KEY", SECRET),
-        ("HOME", &home.display().to_string()),
-        ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
+    let mut env = api.executor_env(Cli::Claude, home, SECRET);
+    env.push(("OMOI_AGENT_PHASES".into(), phases.into()));
+    env.push(("OMOI_AGENT_BIN".into(), bin.into()));
+    env
 }
 
 fn spec(title: &str, phase: i32, depends_on: Vec<i32>, max_retries: i32) -> pb::TaskSpec {
@@ -382,7 +332,7 @@ async fn claude_code_failures_are_classified_from_what_it_reports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn codex_works_a_ticket_with_an_estimated_cost_and_classified_failures() {
     let mut rig = Rig::start().await;
-    rig.executor(&codex(&rig.api, &rig.home)).await;
+    rig.executor(&rig.api.executor_env(Cli::Codex, &rig.home, SECRET)).await;
     let (done, _, events) = rig.write_hello("hello from codex\n").await;
     use AgentEventKind::*;
     let seen: Vec<AgentEventKind> = kinds(&events).into_iter().filter(|k| *k != Error).collect();
@@ -418,7 +368,8 @@ async fn codex_works_a_ticket_with_an_estimated_cost_and_classified_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemini_works_a_ticket_with_an_estimated_cost_and_a_refused_key_fails_for_good() {
     let mut rig = Rig::start().await;
-    rig.executor(&gemini(&rig.api, &rig.home)).await;
+    rig.executor(&rig.api.executor_env(Cli::Gemini, &rig.home, SECRET))
+        .await;
     let (done, _, events) = rig.write_hello("hello from gemini\n").await;
     use AgentEventKind::*;
     assert_eq!(

@@ -11,8 +11,7 @@ use futures::StreamExt;
 use omoi_proto::taskqueue as tq;
 use omoi_proto::ticket as pb;
 use omoi_tests::mesh::{Options, ProcessMesh};
-use omoi_tests::model_api::ModelApi;
-use omoi_tests::process::agent_cli;
+use omoi_tests::model_api::{Cli, ModelApi};
 use omoi_tests::repo::{git, remote};
 use omoi_tests::{Infra, client, eventually, file_ticket, wait_ticket};
 use serde_json::Value;
@@ -22,22 +21,25 @@ const COMPLETED: i32 = 3;
 const IN_PROGRESS: i32 = 2;
 const SECRET: &str = "sk-ant-test-sessions-do-not-leak";
 
+/// An executor running `cli` against `api` as agent `id`, checkpointing
+/// every second.
+fn agent(cli: Cli, api: &ModelApi, home: &std::path::Path, id: &str) -> Vec<(String, String)> {
+    let mut env = api.executor_env(cli, home, SECRET);
+    env.push(("OMOI_AGENT_ID".into(), id.into()));
+    env.push(("OMOI_CHECKPOINT_SECONDS".into(), "1".into()));
+    env
+}
+
 fn claude(api: &ModelApi, home: &std::path::Path, id: &str) -> Vec<(String, String)> {
-    [
-        ("OMOI_RUNNER", "claude-code"),
-        ("OMOI_AGENT_BIN", &agent_cli("claude").display().to_string()),
-        ("OMOI_AGENT_MODEL", "claude-sonnet-4-5"),
-        ("OMOI_AGENT_ID", id),
-        ("ANTHROPIC_BASE_URL", api.url.as_str()),
-        ("ANTHROPIC_API_KEY", SECRET),
-        ("HOME", &home.display().to_string()),
-        ("CLAUDE_CODE_MAX_RETRIES", "0"),
-        ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME,CLAUDE_CODE_MAX_RETRIES"),
-        ("OMOI_CHECKPOINT_SECONDS", "1"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
+    agent(Cli::Claude, api, home, id)
+}
+
+fn codex(api: &ModelApi, home: &std::path::Path, id: &str) -> Vec<(String, String)> {
+    agent(Cli::Codex, api, home, id)
+}
+
+fn gemini(api: &ModelApi, home: &std::path::Path, id: &str) -> Vec<(String, String)> {
+    agent(Cli::Gemini, api, home, id)
 }
 
 fn one_task(repository: &str, max_retries: i32) -> pb::CreateTicketRequest {
@@ -50,6 +52,18 @@ fn one_task(repository: &str, max_retries: i32) -> pb::CreateTicketRequest {
             max_retries: Some(max_retries),
             ..Default::default()
         }],
+        ..Default::default()
+    }
+}
+
+/// A mesh without executors that takes an attempt back within seconds of
+/// its executor's death (a 2 s lease, stale after 3 s of silence).
+fn quick_leases() -> Options {
+    Options {
+        executors: 0,
+        heartbeat_interval_seconds: 1,
+        stale_after_seconds: 3.0,
+        env: vec![("OMOI_LEASE_SECONDS".into(), "2".into())],
         ..Default::default()
     }
 }
@@ -71,6 +85,29 @@ async fn history(tickets: &omoi_tests::TicketClient, id: &str) -> Vec<omoi_proto
     tokio::time::timeout(Duration::from_secs(30), stream.map(|e| e.unwrap()).collect::<Vec<_>>())
         .await
         .expect("a final ticket's history ends")
+}
+
+/// The task's session once it is as `what` says.
+async fn session_where(
+    queue: &omoi_tests::TaskQueueClient,
+    id: &str,
+    what: &str,
+    holds: impl Fn(&omoi_proto::common::AgentSession) -> bool,
+) -> omoi_proto::common::AgentSession {
+    eventually(Duration::from_secs(30), what, || {
+        let (mut q, task_id) = (queue.clone(), id.to_owned());
+        let holds = &holds;
+        async move {
+            let t = q
+                .get_task(tq::GetTaskRequest { task_id })
+                .await
+                .ok()?
+                .into_inner()
+                .task?;
+            t.session.filter(|s| holds(s))
+        }
+    })
+    .await
 }
 
 /// Whether the conversation of a model request holds `text` anywhere.
@@ -209,45 +246,6 @@ struct Agent {
     same_id: bool,
 }
 
-fn gemini(api: &ModelApi, home: &std::path::Path, id: &str) -> Vec<(String, String)> {
-    [
-        ("OMOI_RUNNER", "gemini"),
-        ("OMOI_AGENT_BIN", &agent_cli("gemini").display().to_string()),
-        ("OMOI_AGENT_MODEL", "gemini-2.5-flash"),
-        ("OMOI_AGENT_ID", id),
-        ("GOOGLE_GEMINI_BASE_URL", api.url.as_str()),
-        ("GEMINI_API_KEY", SECRET),
-        ("HOME", &home.display().to_string()),
-        ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME"),
-        ("OMOI_CHECKPOINT_SECONDS", "1"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
-}
-
-fn codex(api: &ModelApi, home: &std::path::Path, id: &str) -> Vec<(String, String)> {
-    let base_url = format!("{}/v1", api.url);
-    [
-        ("OMOI_RUNNER", "codex"),
-        ("OMOI_AGENT_BIN", &agent_cli("codex").display().to_string()),
-        ("OMOI_AGENT_MODEL", "gpt-5-codex"),
-        (
-            "OMOI_AGENT_ARGS",
-            "-c model_providers.omoi.request_max_retries=0 -c model_providers.omoi.stream_max_retries=0",
-        ),
-        ("OMOI_AGENT_ID", id),
-        ("OPENAI_BASE_URL", &base_url),
-        ("OPENAI_API_KEY", SECRET),
-        ("HOME", &home.display().to_string()),
-        ("OMOI_RUNNER_ENV_ALLOW", "PATH,HOME"),
-        ("OMOI_CHECKPOINT_SECONDS", "1"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_executors_claude_code_attempt_resumes_its_session_on_another() {
     crash_and_resume(Agent {
@@ -293,14 +291,7 @@ async fn crash_and_resume(agent: Agent) {
     let infra = Infra::new().await.unwrap();
     let api = ModelApi::start().await.unwrap();
     let (home, home_b, root_b) = (tempdir("agent-home"), tempdir("agent-home-b"), tempdir("ws-b"));
-    let options = Options {
-        executors: 0,
-        heartbeat_interval_seconds: 1,
-        stale_after_seconds: 3.0,
-        env: vec![("OMOI_LEASE_SECONDS".into(), "2".into())],
-        ..Default::default()
-    };
-    let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    let mut mesh = ProcessMesh::start(&infra, quick_leases()).await.unwrap();
     mesh.add_executor(&infra, &(agent.env)(&api, &home, "agent-a"))
         .await
         .unwrap();
@@ -316,20 +307,11 @@ async fn crash_and_resume(agent: Agent) {
         .expect("turn 2 asked for");
     let held_at = chrono::Utc::now();
     // A checkpoint taken wholly after that: the write and its result in it.
-    let checkpointed = eventually(Duration::from_secs(30), "a checkpoint after the write", || {
-        let mut q = queue.clone();
-        let id = id.clone();
-        async move {
-            let t = q
-                .get_task(tq::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner()
-                .task?;
-            let s = t.session?;
-            let at = omoi_proto::convert::from_timestamp(s.checkpoint_at.as_ref()?)?;
-            (at > held_at + chrono::Duration::milliseconds(1100)).then_some(s)
-        }
+    let checkpointed = session_where(&queue, &id, "a checkpoint after the write", |s| {
+        s.checkpoint_at
+            .as_ref()
+            .and_then(omoi_proto::convert::from_timestamp)
+            .is_some_and(|at| at > held_at + chrono::Duration::milliseconds(1100))
     })
     .await;
     assert_eq!(checkpointed.attempt, 1);
@@ -444,14 +426,7 @@ async fn a_checkpoint_that_cannot_be_kept_or_used_never_stops_an_attempt() {
     let infra = Infra::new().await.unwrap();
     let api = ModelApi::start().await.unwrap();
     let (home, home_b) = (tempdir("agent-home"), tempdir("agent-home-b"));
-    let options = Options {
-        executors: 0,
-        heartbeat_interval_seconds: 1,
-        stale_after_seconds: 3.0,
-        env: vec![("OMOI_LEASE_SECONDS".into(), "2".into())],
-        ..Default::default()
-    };
-    let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    let mut mesh = ProcessMesh::start(&infra, quick_leases()).await.unwrap();
     // The first executor's checkpoint store is out of reach (no bucket can
     // have that name): its checkpoints are skipped, its agent works on.
     let mut a = claude(&api, &home, "agent-a");
@@ -560,14 +535,7 @@ async fn a_checkpoint_that_cannot_be_kept_or_used_never_stops_an_attempt() {
 async fn a_programs_own_session_is_checkpointed_and_resumed_by_the_command_runner() {
     let infra = Infra::new().await.unwrap();
     let (home, home_b, root_b) = (tempdir("agent-home"), tempdir("agent-home-b"), tempdir("ws-b"));
-    let options = Options {
-        executors: 0,
-        heartbeat_interval_seconds: 1,
-        stale_after_seconds: 3.0,
-        env: vec![("OMOI_LEASE_SECONDS".into(), "2".into())],
-        ..Default::default()
-    };
-    let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    let mut mesh = ProcessMesh::start(&infra, quick_leases()).await.unwrap();
     // The demo agent works eight turns of 400 ms, its session in its home.
     let demo = |home: &std::path::Path, id: &str| -> Vec<(String, String)> {
         [
@@ -587,20 +555,7 @@ async fn a_programs_own_session_is_checkpointed_and_resumed_by_the_command_runne
     let created = file_ticket(&tickets, one_task("", 2)).await;
     let id = created.tasks[0].id.clone();
     // Killed once two checkpoints of its session are kept.
-    let checkpointed = eventually(Duration::from_secs(30), "two checkpoints", || {
-        let mut q = queue.clone();
-        let id = id.clone();
-        async move {
-            let t = q
-                .get_task(tq::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner()
-                .task?;
-            t.session.filter(|s| s.checkpoints >= 2)
-        }
-    })
-    .await;
+    let checkpointed = session_where(&queue, &id, "two checkpoints", |s| s.checkpoints >= 2).await;
     assert_eq!(checkpointed.runner, "command");
     assert_eq!(checkpointed.session_id, format!("demo-{id}-1"));
     mesh.executors.pop().unwrap().kill9().await.unwrap();
