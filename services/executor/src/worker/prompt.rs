@@ -146,7 +146,7 @@ pub fn continuation(task: &tq::Task, checkout: Option<&Checkout>) -> String {
 /// What a new session is told of an earlier attempt of its task that it
 /// cannot take up: how it ended and what it had changed (its work is not
 /// in the directory).
-pub fn earlier_attempt(task: &tq::Task, changed: &[String]) -> String {
+pub fn earlier_attempt(task: &tq::Task, changed: &[String], diff: &str) -> String {
     let mut p = String::from("\n## An earlier attempt\n\nAn earlier attempt at this task stopped before it finished");
     if !task.error_message.is_empty() {
         let error: String = task.error_message.chars().take(2000).collect();
@@ -155,6 +155,11 @@ pub fn earlier_attempt(task: &tq::Task, changed: &[String]) -> String {
     p.push_str(". This directory is a fresh start; none of its work is here.\n");
     if !changed.is_empty() {
         p.push_str(&format!("It had changed: {}\n", changed.join(", ")));
+    }
+    if !diff.is_empty() {
+        p.push_str(&format!(
+            "\nIts changes, against this directory:\n\n```diff\n{diff}```\n"
+        ));
     }
     p
 }

@@ -175,8 +175,8 @@ impl Worker {
             (Continues::FollowUp { .. }, Some(_)) => prompt::follow_up(&task, checkout),
             _ => {
                 let mut p = prompt::prompt(&task, phase, &prepared.ticket, &prepared.dependencies, checkout);
-                if let Some(changed) = &restored.earlier {
-                    p.push_str(&prompt::earlier_attempt(&task, changed));
+                if let Some(earlier) = &restored.earlier {
+                    p.push_str(&prompt::earlier_attempt(&task, &earlier.changed, &earlier.diff));
                 }
                 p
             }

@@ -62,6 +62,17 @@ impl Continues {
     }
 }
 
+/// An earlier attempt's work, told to a new session: the files it had
+/// changed, and its diff against this attempt's checkout (bounded).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(super) struct Earlier {
+    pub changed: Vec<String>,
+    pub diff: String,
+}
+
+/// The most of an earlier attempt's diff a prompt quotes.
+const MAX_DIFF_BYTES: usize = 16 * 1024;
+
 /// What a restore did.
 #[derive(Debug, Default)]
 pub(super) struct Restored {
@@ -69,10 +80,9 @@ pub(super) struct Restored {
     pub resume: Option<String>,
     /// The record of this attempt's session so far (resumed from where).
     pub session: Option<AgentSession>,
-    /// What an earlier attempt left, for a runner that starts afresh: the
-    /// files it had changed (its work is not put back: a new session would
-    /// not know it).
-    pub earlier: Option<Vec<String>>,
+    /// What an earlier attempt left, for a runner that starts afresh (its
+    /// work is not put back: a new session would not know it).
+    pub earlier: Option<Earlier>,
 }
 
 impl Worker {
@@ -95,7 +105,7 @@ impl Worker {
         let (layout, home) = match (layout, home, continues) {
             (Some(layout), Some(home), _) => (layout, home),
             (_, _, Continues::FollowUp { .. }) => return Restored::default(),
-            _ => return self.earlier(run, session).await,
+            _ => return self.earlier(run, session, &ctx.workspace).await,
         };
         let bytes = match self.sessions.get(&session.checkpoint).await {
             Ok(b) => b,
@@ -180,29 +190,27 @@ impl Worker {
 
     /// What an earlier attempt had changed, from its checkpoint, for a
     /// runner that starts afresh.
-    async fn earlier(&self, run: &Execution, session: &AgentSession) -> Restored {
+    async fn earlier(&self, run: &Execution, session: &AgentSession, workspace: &Path) -> Restored {
         let read = match self.sessions.get(&session.checkpoint).await {
             Ok(bytes) => archive::read(&bytes).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        let changed = match read {
+        let earlier = match read {
             Ok(c) => {
-                let mut files: Vec<String> = c.files.iter().map(|(p, _, _)| p.display().to_string()).collect();
-                files.extend(c.links.iter().map(|(p, _)| p.display().to_string()));
-                if let Some(m) = &c.manifest {
-                    files.extend(m.removed.iter().map(|p| format!("{p} (removed)")));
-                }
-                files.sort();
-                files
+                let workspace = workspace.to_path_buf();
+                tokio::task::spawn_blocking(move || earlier_work(&c, &workspace))
+                    .await
+                    .unwrap_or_default()
             }
             Err(e) => {
                 run.line(
                     OutputStream::System,
                     format!("the earlier attempt's checkpoint is unreadable: {e}"),
                 );
-                Vec::new()
+                Earlier::default()
             }
         };
+        let changed = &earlier.changed;
         run.line(
             OutputStream::System,
             format!(
@@ -213,7 +221,7 @@ impl Worker {
             ),
         );
         Restored {
-            earlier: Some(changed),
+            earlier: Some(earlier),
             ..Default::default()
         }
     }
@@ -369,6 +377,50 @@ pub(super) struct Checkpointing<'a> {
     pub count: AtomicI32,
 }
 
+/// What a checkpoint's work was against `workspace` (this attempt's fresh
+/// checkout): the files, and a unified diff of the text ones, cut at
+/// [`MAX_DIFF_BYTES`].
+fn earlier_work(c: &archive::Checkpoint, workspace: &Path) -> Earlier {
+    let mut changed: Vec<String> = c.files.iter().map(|(p, _, _)| p.display().to_string()).collect();
+    changed.extend(c.links.iter().map(|(p, _)| p.display().to_string()));
+    let removed = c.manifest.as_ref().map(|m| m.removed.clone()).unwrap_or_default();
+    changed.extend(removed.iter().map(|p| format!("{p} (removed)")));
+    changed.sort();
+    let mut diff = String::new();
+    let mut files: Vec<&(PathBuf, Vec<u8>, u32)> = c.files.iter().collect();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    for (rel, data, _) in files {
+        let before = archive::read_beneath(workspace, rel, archive::MAX_FILE_BYTES)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let name = rel.display().to_string();
+        match (std::str::from_utf8(&before), std::str::from_utf8(data)) {
+            (Ok(old), Ok(new)) => {
+                let text = similar::TextDiff::from_lines(old, new);
+                let header = (format!("a/{name}"), format!("b/{name}"));
+                diff.push_str(&text.unified_diff().header(&header.0, &header.1).to_string());
+            }
+            _ => diff.push_str(&format!("Binary file {name} differs\n")),
+        }
+        if diff.len() > MAX_DIFF_BYTES {
+            break;
+        }
+    }
+    for rel in &removed {
+        diff.push_str(&format!("File {rel} removed\n"));
+    }
+    if diff.len() > MAX_DIFF_BYTES {
+        let mut cut = MAX_DIFF_BYTES;
+        while !diff.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        diff.truncate(cut);
+        diff.push_str("\n… (cut)\n");
+    }
+    Earlier { changed, diff }
+}
+
 /// The files added or changed since `before` and those removed.
 fn changes(before: &Snapshot, after: &Snapshot) -> (Vec<PathBuf>, Vec<String>) {
     let changed = after
@@ -432,4 +484,59 @@ fn put_back_session(
         placed = true;
     }
     Ok(placed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_earlier_attempts_work_reads_as_a_bounded_diff_against_the_checkout() {
+        let ws = std::env::temp_dir().join(format!("omoi-earlier-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(ws.join("src")).unwrap();
+        std::fs::write(ws.join("src/lib.rs"), "fn a() {}\nfn b() {}\n").unwrap();
+        let checkpoint = archive::Checkpoint {
+            manifest: Some(Manifest {
+                runner: "command".into(),
+                session_id: String::new(),
+                task_id: "t".into(),
+                attempt: 1,
+                workspace: "/old".into(),
+                taken_at: Utc::now(),
+                removed: vec!["gone.txt".into()],
+                skipped: vec![],
+                session_files: vec![],
+            }),
+            files: vec![
+                ("src/lib.rs".into(), b"fn a() {}\nfn c() {}\n".to_vec(), 0o644),
+                ("new.txt".into(), b"hello\n".to_vec(), 0o644),
+                ("blob.bin".into(), vec![0xff, 0xfe, 0x00], 0o644),
+            ],
+            ..Default::default()
+        };
+        let e = earlier_work(&checkpoint, &ws);
+        assert_eq!(e.changed, ["blob.bin", "gone.txt (removed)", "new.txt", "src/lib.rs"]);
+        for said in [
+            "--- a/src/lib.rs",
+            "-fn b() {}",
+            "+fn c() {}",
+            "+hello",
+            "Binary file blob.bin differs",
+            "File gone.txt removed",
+        ] {
+            assert!(e.diff.contains(said), "{said} in {}", e.diff);
+        }
+        // A large one is cut, on a character boundary.
+        let big = archive::Checkpoint {
+            files: vec![("big.txt".into(), "é\n".repeat(20_000).into_bytes(), 0o644)],
+            ..checkpoint
+        };
+        let e = earlier_work(&big, &ws);
+        assert!(
+            e.diff.len() < MAX_DIFF_BYTES + 100 && e.diff.ends_with("… (cut)\n"),
+            "{}",
+            e.diff.len()
+        );
+        std::fs::remove_dir_all(ws).unwrap();
+    }
 }
