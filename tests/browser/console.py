@@ -165,6 +165,11 @@ def follow_up(d):
     until("the ticket completed again", lambda: d.find_element(By.ID, "ticket-status").text == "completed")
     rows = [r.text for r in d.find_elements(By.CSS_SELECTOR, "#tasks tr[data-task]")]
     assert any("Follow-up: Also log the greeting" in r for r in rows), rows
+    # The follow-up's events follow those of the task whose session it
+    # continues: one conversation.
+    click(d, "the follow-up's row", "#tasks tr[data-task]:nth-of-type(3)")
+    until("the conversation's earlier part", lambda: d.find_elements(By.CSS_SELECTOR, "#events .conversation-part"))
+    until("the follow-up's own events", lambda: "this task" in d.find_element(By.ID, "events").text)
     assert marked(d), "the page was reloaded"
     shot(d, "ticket-followed-up")
 

@@ -38,8 +38,8 @@ pub struct AgentSession {
     /// The attempt whose checkpoint this one resumed; 0: started afresh.
     #[serde(default)]
     pub resumed_from_attempt: i32,
-    /// The task whose checkpoint it resumed, when not its own (a
-    /// follow-up's).
+    /// The task whose conversation this one continues, when another (a
+    /// follow-up's source); every attempt of the follow-up keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from_task_id: Option<Uuid>,
 }

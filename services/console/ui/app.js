@@ -376,9 +376,33 @@ function eventLine(e) {
   return h("div", { "data-kind": kind, "data-seq": e.seq }, h("span", { class: "kind k-" + kind, title: "attempt " + e.attempt + ", event " + e.seq }, e.attempt + "." + e.seq + " " + label(kind)), parts.join("  "));
 }
 
+// The task whose session `t` continues, if another: named by its record, or
+// by the checkpoint it starts from (`<ticket>/<task>/<attempt>`).
+function sessionSource(t) {
+  const s = t.session;
+  if (!s) return null;
+  if (s.resumedFromTaskId) return s.resumedFromTaskId;
+  const parts = (s.checkpoint || "").split("/");
+  return parts.length === 3 && parts[1] !== t.id ? parts[1] : null;
+}
+
+// The tasks of `tasks` whose conversation `t` continues, oldest first.
+function conversationOf(t, tasks) {
+  const chain = [], seen = new Set([t.id]);
+  for (let id = sessionSource(t); id && !seen.has(id); ) {
+    const earlier = tasks.find((x) => x.id === id);
+    if (!earlier) break;
+    seen.add(id);
+    chain.unshift(id);
+    id = sessionSource(earlier);
+  }
+  return chain;
+}
+
 // A task's agent session: its runner and id, its latest checkpoint, and
 // where it was resumed from (a follow-up's source task is a link).
-function sessionFacts(s, showTask) {
+function sessionFacts(t, showTask) {
+  const s = t.session;
   const parts = [h("span", { id: "task-session" }, (s.runner || "") + " " + (s.sessionId || "(no id)"))];
   if (s.checkpoint) {
     const kib = Math.max(1, Math.round(Number(s.checkpointBytes || 0) / 1024));
@@ -386,12 +410,11 @@ function sessionFacts(s, showTask) {
     parts.push(" · " + n + (n === 1 ? " checkpoint" : " checkpoints") + " of attempt " + (s.attempt || 0) + ", last " +
       (s.checkpointAt ? ago(s.checkpointAt) : "") + " (" + kib + " KiB)");
   }
-  if (s.resumedFromAttempt) {
-    parts.push(" · resumed from attempt " + s.resumedFromAttempt);
-    if (s.resumedFromTaskId) {
-      parts.push(" of ", h("a", { href: "#", class: "resumed-from", onclick: (ev) => { ev.preventDefault(); showTask(s.resumedFromTaskId); } },
-        "task " + s.resumedFromTaskId.slice(0, 8)));
-    }
+  if (s.resumedFromAttempt) parts.push(" · resumed from attempt " + s.resumedFromAttempt);
+  const source = sessionSource(t);
+  if (source) {
+    parts.push(" · continues the session of ", h("a", { href: "#", class: "resumed-from", onclick: (ev) => { ev.preventDefault(); showTask(source); } },
+      "task " + source.slice(0, 8)));
   }
   return h("span", {}, ...parts);
 }
@@ -433,12 +456,30 @@ function ticketPage(root, id) {
       const log = h("div", { class: "events", id: "events" });
       const ended = h("p", { class: "muted", id: "events-end" });
       detail.replaceChildren(h("h2", {}, t.title), h("div", { id: "task-facts" }), h("div", { class: "actions", id: "task-actions" }), h("h2", {}, "Agent events"), log, ended);
-      stopOutput = stream("/v1/tasks/" + encodeURIComponent(t.id) + "/output?follow=true", (m) => {
+      const onEvent = (m) => {
         if (!m.event) return;
         const stick = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
         log.append(eventLine(m.event));
         if (stick) log.scrollTop = log.scrollHeight;
-      }, () => { ended.textContent = "The task has ended."; endedAttempt = t.attempt; reload(); });
+      };
+      // The whole conversation: the events of the tasks whose session this
+      // one continues (a follow-up's), oldest first, then its own, live.
+      const chain = conversationOf(t, tasks);
+      let stopped = false, stopPart = () => {};
+      const part = (i) => {
+        if (stopped) return;
+        const own = i >= chain.length;
+        const id = own ? t.id : chain[i];
+        if (chain.length) {
+          log.append(h("div", { class: "conversation-part", "data-task": id },
+            own ? "— this task —" : "— earlier in this conversation: " + ((tasks.find((x) => x.id === id) || {}).title || id) + " —"));
+        }
+        stopPart = stream("/v1/tasks/" + encodeURIComponent(id) + "/output" + (own ? "?follow=true" : ""), onEvent, own
+          ? () => { ended.textContent = "The task has ended."; endedAttempt = t.attempt; reload(); }
+          : () => part(i + 1));
+      };
+      part(0);
+      stopOutput = () => { stopped = true; stopPart(); };
     }
     const g = t.git || {};
     detail.querySelector("#task-facts").replaceChildren(facts([
@@ -450,7 +491,7 @@ function ticketPage(root, id) {
       ["elapsed", elapsed(t)],
       ["usage", [tokens(t.usage), usd(t.usage), t.usage && t.usage.model].filter(Boolean).join(" · ")],
       ["commit", g.commit ? g.commit.slice(0, 12) + " (+" + g.insertions + " −" + g.deletions + ", " + g.filesChanged + " files)" : ""],
-      ["session", t.session ? sessionFacts(t.session, showTask) : ""],
+      ["session", t.session ? sessionFacts(t, showTask) : ""],
       ["error", t.errorMessage || ""],
     ]));
     const status = taskStatus(t);

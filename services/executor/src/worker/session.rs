@@ -91,8 +91,26 @@ impl Worker {
     /// this workspace and, for a retry, the earlier attempt's work over the
     /// fresh checkout (a follow-up's work is on the branch already). Any
     /// other runner starts a new session, told what the earlier attempt had
-    /// changed.
+    /// changed. Whatever happens, a follow-up's records keep naming the
+    /// task whose conversation it continues.
     pub(super) async fn restore(&self, run: &Execution, continues: &Continues, ctx: &RunContext) -> Restored {
+        let link = match continues {
+            Continues::FollowUp { from_task, .. } => Some(*from_task),
+            Continues::Retry(s) => s.resumed_from_task_id,
+            Continues::Fresh => None,
+        };
+        let mut restored = self.take_up(run, continues, ctx).await;
+        if restored.session.is_none() && link.is_some() {
+            restored.session = Some(AgentSession {
+                runner: self.config.runner.as_str().to_owned(),
+                resumed_from_task_id: link,
+                ..Default::default()
+            });
+        }
+        restored
+    }
+
+    async fn take_up(&self, run: &Execution, continues: &Continues, ctx: &RunContext) -> Restored {
         let Some(session) = continues.session() else {
             return Restored::default();
         };
@@ -165,7 +183,7 @@ impl Worker {
         }
         let (from_task, what) = match continues {
             Continues::FollowUp { from_task, .. } => (Some(*from_task), format!("task {from_task}")),
-            _ => (None, format!("attempt {}", session.attempt)),
+            _ => (session.resumed_from_task_id, format!("attempt {}", session.attempt)),
         };
         SESSIONS_RESUMED.with_label_values(&["resumed"]).inc();
         run.line(
