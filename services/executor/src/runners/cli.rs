@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::prices::PriceTable;
 use super::process::{self, Spawn};
-use super::{RunContext, RunOutcome, Runner, RunnerError, SessionLayout, Verdict, session_id_ok};
+use super::{RunContext, RunOutcome, Runner, RunnerError, SessionLayout, Verdict, agent_home, session_id_ok};
 use crate::events::EventSink;
 
 /// How an agent CLI is started.
@@ -147,22 +147,16 @@ impl<C: Cli> Runner for CliRunner<C> {
         self.kind.sessions()
     }
 
-    /// The CLI's own home, else the agent user's, else the HOME it is
-    /// given, else the executor's.
     fn home(&self, ctx: &RunContext) -> Option<PathBuf> {
-        if let Some(home) = self.kind.home(&self.cli) {
-            return Some(home);
-        }
-        if let Some(user) = &ctx.user {
-            return Some(user.home.clone());
-        }
-        self.cli
-            .env
-            .iter()
-            .find(|(k, _)| k == "HOME")
-            .map(|(_, v)| PathBuf::from(v))
-            .or_else(|| std::env::var_os("HOME").map(PathBuf::from))
+        home_of(&self.kind, &self.cli, ctx)
     }
+}
+
+/// Where a CLI's run of `ctx` keeps its files: the CLI's own home, else the
+/// agent's (see [`agent_home`]). The one answer for a checkpoint, a restore
+/// and a command line that names a restored file.
+pub(super) fn home_of<C: Cli + ?Sized>(kind: &C, cli: &AgentCli, ctx: &RunContext) -> Option<PathBuf> {
+    kind.home(cli).or_else(|| agent_home(ctx, &cli.env))
 }
 
 /// The class of a model API's HTTP status: refused credentials and requests

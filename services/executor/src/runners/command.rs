@@ -16,7 +16,7 @@ use omoi_proto::common::OutputStream;
 use tokio_util::sync::CancellationToken;
 
 use super::process::{self, Spawn};
-use super::{RunContext, RunOutcome, Runner, RunnerError, SessionLayout, plain, session_id_ok, split_args};
+use super::{RunContext, RunOutcome, Runner, RunnerError, SessionLayout, agent_home, plain, session_id_ok, split_args};
 use crate::events::EventSink;
 
 pub struct CommandRunner {
@@ -68,7 +68,7 @@ impl Runner for CommandRunner {
     ) -> Result<RunOutcome, RunnerError> {
         let mut env = self.env.clone();
         env.extend(ctx.task_env());
-        if let Some(home) = self.home_of(ctx) {
+        if let Some(home) = agent_home(ctx, &self.env) {
             env.push(("OMOI_SESSIONS_DIR".into(), home.join(SESSIONS).display().to_string()));
         }
         if let Some(id) = &ctx.resume {
@@ -99,27 +99,12 @@ impl Runner for CommandRunner {
     }
 
     fn home(&self, ctx: &RunContext) -> Option<PathBuf> {
-        self.home_of(ctx)
+        agent_home(ctx, &self.env)
     }
 }
 
 /// Where programs keep their sessions, relative to their home.
 const SESSIONS: &str = ".omoi/sessions";
-
-impl CommandRunner {
-    /// The program's home: the agent user's, else the HOME it is given,
-    /// else the executor's.
-    fn home_of(&self, ctx: &RunContext) -> Option<PathBuf> {
-        if let Some(user) = &ctx.user {
-            return Some(user.home.clone());
-        }
-        self.env
-            .iter()
-            .find(|(k, _)| k == "HOME")
-            .map(|(_, v)| PathBuf::from(v))
-            .or_else(|| std::env::var_os("HOME").map(PathBuf::from))
-    }
-}
 
 /// The session a program's output line declares (`omoi:session=<id>`).
 fn declared_session(line: &str) -> Option<&str> {

@@ -16,7 +16,7 @@ use omoi_domain::ErrorClass;
 use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream, Usage};
 use serde_json::Value;
 
-use super::cli::{AgentCli, AgentStream, Cli, class_of_status, str_at};
+use super::cli::{AgentCli, AgentStream, Cli, class_of_status, home_of, str_at};
 use super::tools::{Dialect, Tools};
 use super::{RunContext, RunnerError, SessionLayout, Verdict, plain};
 use crate::agent_user::AgentUser;
@@ -99,8 +99,7 @@ impl Cli for Gemini {
     const REPORTS_COST: bool = false;
 
     fn argv(&self, cli: &AgentCli, ctx: &RunContext) -> Vec<String> {
-        let home = self.home(cli).or_else(|| ctx.user.as_ref().map(|u| u.home.clone()));
-        let resume = match (&ctx.resume, home) {
+        let resume = match (&ctx.resume, home_of(self, cli, ctx)) {
             (Some(id), Some(home)) => Some(home.join(resume_file(id))),
             _ => None,
         };

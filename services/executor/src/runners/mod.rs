@@ -84,6 +84,18 @@ pub fn session_id_ok(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// The home of an agent process of `ctx` given the environment `env`: the
+/// agent user's, else the HOME `env` sets, else the executor's.
+pub fn agent_home(ctx: &RunContext, env: &[(String, String)]) -> Option<PathBuf> {
+    if let Some(user) = &ctx.user {
+        return Some(user.home.clone());
+    }
+    env.iter()
+        .find(|(k, _)| k == "HOME")
+        .map(|(_, v)| PathBuf::from(v))
+        .or_else(|| std::env::var_os("HOME").map(PathBuf::from))
+}
+
 /// `p` made only of plain names (nothing that climbs or starts at the root).
 pub fn plain(p: &Path) -> bool {
     p.components().all(|c| matches!(c, std::path::Component::Normal(_)))
