@@ -102,19 +102,26 @@ pub fn snapshot(dir: &Path) -> Snapshot {
     out
 }
 
-/// Paths added, modified or removed between two snapshots, sorted.
-pub fn changed(before: &Snapshot, after: &Snapshot) -> Vec<String> {
-    let mut out: Vec<String> = after
+/// Paths added or modified, and paths removed, between two snapshots, each
+/// sorted.
+pub fn differences(before: &Snapshot, after: &Snapshot) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let written = after
         .iter()
         .filter(|(p, v)| before.get(*p) != Some(v))
-        .map(|(p, _)| p.display().to_string())
+        .map(|(p, _)| p.clone())
         .collect();
-    out.extend(
-        before
-            .keys()
-            .filter(|p| !after.contains_key(*p))
-            .map(|p| p.display().to_string()),
-    );
+    let removed = before.keys().filter(|p| !after.contains_key(*p)).cloned().collect();
+    (written, removed)
+}
+
+/// Paths added, modified or removed between two snapshots, sorted.
+pub fn changed(before: &Snapshot, after: &Snapshot) -> Vec<String> {
+    let (written, removed) = differences(before, after);
+    let mut out: Vec<String> = written
+        .iter()
+        .chain(&removed)
+        .map(|p| p.display().to_string())
+        .collect();
     out.sort();
     out
 }

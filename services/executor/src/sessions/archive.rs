@@ -38,6 +38,25 @@ pub struct Manifest {
     pub session_files: Vec<String>,
 }
 
+#[cfg(test)]
+impl Manifest {
+    /// A manifest of `runner`'s attempt 1 of task `t` in `/old`, which
+    /// removed `gone.txt`.
+    pub fn sample(runner: &str) -> Self {
+        Manifest {
+            runner: runner.into(),
+            session_id: String::new(),
+            task_id: "t".into(),
+            attempt: 1,
+            workspace: "/old".into(),
+            taken_at: Utc::now(),
+            removed: vec!["gone.txt".into()],
+            skipped: vec![],
+            session_files: vec![],
+        }
+    }
+}
+
 /// A file bigger than this is left out of a checkpoint (and named in it).
 pub const MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;
 
@@ -389,15 +408,8 @@ mod tests {
 
     fn manifest() -> Manifest {
         Manifest {
-            runner: "claude-code".into(),
             session_id: "s".into(),
-            task_id: "t".into(),
-            attempt: 1,
-            workspace: "/old".into(),
-            taken_at: Utc::now(),
-            removed: vec!["gone.txt".into()],
-            skipped: vec![],
-            session_files: vec![],
+            ..Manifest::sample("claude-code")
         }
     }
 

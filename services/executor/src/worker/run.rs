@@ -201,10 +201,11 @@ impl Worker {
             outcome = self.runner.run(&ctx, &*run, &run.stop) => outcome,
             never = self.checkpoint_every(&checkpointing) => match never {},
         };
+        let after = workspace::snapshot(&dir);
         if worth_a_last_checkpoint(&outcome, &run, &ctx) {
-            self.checkpoint(&checkpointing).await;
+            self.checkpoint(&checkpointing, &after).await;
         }
-        let changed = workspace::changed(&before, &workspace::snapshot(&dir));
+        let changed = workspace::changed(&before, &after);
         let commit = prepared.checkout.as_ref().map(|c| BranchCommit {
             checkout: c,
             message: git::commit_message(&phase_name(task.phase), &task.title, &task.id, attempt),

@@ -144,7 +144,7 @@ impl Worker {
             .iter()
             .map(|kept| layout.place(Path::new(kept), &session.session_id, &old, &ctx.workspace))
             .collect();
-        let workspace = ctx.workspace.clone();
+        let (workspace, agent_home) = (ctx.workspace.clone(), home.clone());
         let restore_work = matches!(continues, Continues::Retry(_));
         let placed = tokio::task::spawn_blocking(move || -> Result<(usize, bool), String> {
             let files = if restore_work {
@@ -152,7 +152,7 @@ impl Worker {
             } else {
                 0
             };
-            let session_back = put_back_session(&home, &places, &checkpoint, &manifest, &workspace)
+            let session_back = put_back_session(&agent_home, &places, &checkpoint, &manifest, &workspace)
                 .map_err(|e| format!("session: {e}"))?;
             Ok((files, session_back))
         })
@@ -173,7 +173,7 @@ impl Worker {
                 );
             }
         };
-        if let (Some(user), Some(home)) = (&self.agent_user, self.runner.home(ctx)) {
+        if let Some(user) = &self.agent_user {
             // Restored as the executor: the agent's again.
             for dir in [ctx.workspace.as_path(), home.as_path()] {
                 if let Err(e) = user.give(dir) {
@@ -254,10 +254,10 @@ impl Worker {
         Restored::default()
     }
 
-    /// Stores a checkpoint of the attempt and records it on the task; the
-    /// session as recorded, or None when it was skipped (said in the run's
-    /// output).
-    pub(super) async fn checkpoint(&self, c: &Checkpointing<'_>) -> Option<AgentSession> {
+    /// Stores a checkpoint of the attempt, its workspace as `after`, and
+    /// records it on the task; the session as recorded, or None when it
+    /// was skipped (said in the run's output).
+    pub(super) async fn checkpoint(&self, c: &Checkpointing<'_>, after: &Snapshot) -> Option<AgentSession> {
         let began = std::time::Instant::now();
         let session_id = c
             .ctx
@@ -269,7 +269,8 @@ impl Worker {
         let runner = self.config.runner.as_str();
         let taken_at = Utc::now();
         let name = checkpoint_name(c.ticket_id, c.ctx.task_id, c.ctx.attempt);
-        let (changed, removed) = changes(c.before, &workspace::snapshot(&c.ctx.workspace));
+        let (changed, removed) = workspace::differences(c.before, after);
+        let removed = removed.iter().map(|p| p.display().to_string()).collect();
         let home = self.runner.home(c.ctx);
         let session_files = match (self.runner.sessions(), &home) {
             (Some(layout), Some(home)) if session_id_ok(&session_id) => {
@@ -374,10 +375,9 @@ impl Worker {
         loop {
             tick.tick().await;
             let has_session = c.ctx.session.borrow().is_some() || c.ctx.resume.is_some();
-            let has_work =
-                has_session || !workspace::changed(c.before, &workspace::snapshot(&c.ctx.workspace)).is_empty();
-            if has_work {
-                self.checkpoint(c).await;
+            let after = workspace::snapshot(&c.ctx.workspace);
+            if has_session || c.before != &after {
+                self.checkpoint(c, &after).await;
             }
         }
     }
@@ -437,21 +437,6 @@ fn earlier_work(c: &archive::Checkpoint, workspace: &Path) -> Earlier {
         diff.push_str("\n… (cut)\n");
     }
     Earlier { changed, diff }
-}
-
-/// The files added or changed since `before` and those removed.
-fn changes(before: &Snapshot, after: &Snapshot) -> (Vec<PathBuf>, Vec<String>) {
-    let changed = after
-        .iter()
-        .filter(|(p, v)| before.get(*p) != Some(v))
-        .map(|(p, _)| p.clone())
-        .collect();
-    let removed = before
-        .keys()
-        .filter(|p| !after.contains_key(*p))
-        .map(|p| p.display().to_string())
-        .collect();
-    (changed, removed)
 }
 
 /// The earlier attempt's work, over this attempt's checkout; how many
@@ -514,17 +499,7 @@ mod tests {
         std::fs::create_dir_all(ws.join("src")).unwrap();
         std::fs::write(ws.join("src/lib.rs"), "fn a() {}\nfn b() {}\n").unwrap();
         let checkpoint = archive::Checkpoint {
-            manifest: Some(Manifest {
-                runner: "command".into(),
-                session_id: String::new(),
-                task_id: "t".into(),
-                attempt: 1,
-                workspace: "/old".into(),
-                taken_at: Utc::now(),
-                removed: vec!["gone.txt".into()],
-                skipped: vec![],
-                session_files: vec![],
-            }),
+            manifest: Some(Manifest::sample("command")),
             files: vec![
                 ("src/lib.rs".into(), b"fn a() {}\nfn c() {}\n".to_vec(), 0o644),
                 ("new.txt".into(), b"hello\n".to_vec(), 0o644),
