@@ -132,6 +132,9 @@ impl Infra {
         config.health_url = health.to_owned();
         config.ticket_url = ticket.to_owned();
         config.runner_command = Some("true".into());
+        // Agents start in their sandbox through the executor's binary, not
+        // this test's.
+        config.sandbox_init = Some(crate::process::binary("omoi-executor"));
         config.workspace_root = std::env::temp_dir().join(format!("omoi-ws-{}", Uuid::new_v4().simple()));
         config
     }

@@ -239,7 +239,14 @@ pub async fn wait_ticket(c: &TicketClient, id: &str, status: i32) -> omoi_proto:
         &format!("ticket {id} status {status}"),
         || async {
             let t = read_ticket(c, id).await.expect("GetTicket");
-            (t.ticket.as_ref()?.status == status).then_some(t)
+            let now = t.ticket.as_ref()?.status;
+            // A ticket that failed instead stays failed: say why at once.
+            let failed = omoi_proto::common::TicketStatus::Failed as i32;
+            if now == failed && status != failed {
+                let errors: Vec<&str> = t.tasks.iter().map(|task| task.error_message.as_str()).collect();
+                panic!("ticket {id} failed, waiting for status {status}: {errors:?}");
+            }
+            (now == status).then_some(t)
         },
     )
     .await

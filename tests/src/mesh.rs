@@ -183,6 +183,16 @@ pub fn demo_executor_env(workspace_root: &std::path::Path) -> Vec<(String, Strin
                 .to_owned(),
         ),
         ("OMOI_KILL_GRACE_SECONDS", "1".to_owned()),
+        // A command that starts the demo agent through a shell names it
+        // inside its script, where the sandbox cannot see it: show it the
+        // binaries' directory.
+        (
+            "OMOI_SANDBOX_READ_ONLY",
+            binary("omoi-demo-agent")
+                .parent()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

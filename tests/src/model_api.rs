@@ -12,6 +12,8 @@
 //!   `cat hello.txt`, turn 3 answers "Done: wrote hello.txt".
 //! - `unauthorized`: 401.
 //! - `rate_limited`: 429.
+//! - `reveal` (Messages API): as `write`, but turn 2 runs `env`, so that the
+//!   agent's environment comes back in the conversation.
 //!
 //! A later prompt of the conversation (a follow-up's) with `file=<name>`
 //! in it starts the script again from there, writing `<name>` (Messages
@@ -86,6 +88,8 @@ struct State {
     /// Each request: when it arrived, the agent's working directory, the
     /// conversation it carried (`messages`, `input`, `contents`).
     conversations: Mutex<Vec<Asked>>,
+    /// The API key each request carried.
+    keys: Mutex<Vec<String>>,
 }
 
 pub struct ModelApi {
@@ -121,6 +125,13 @@ impl ModelApi {
     /// Every request so far, in order.
     pub fn asked(&self) -> Vec<Asked> {
         self.state.conversations.lock().unwrap().clone()
+    }
+
+    /// The API key every request so far carried, in order (`x-api-key`,
+    /// a bearer token, `x-goog-api-key` or the `key` parameter; empty when
+    /// none).
+    pub fn keys(&self) -> Vec<String> {
+        self.state.keys.lock().unwrap().clone()
     }
 
     /// Keeps the answer to turn `turn` (from 1) back until `release`.
@@ -268,7 +279,23 @@ enum Api {
     Gemini,
 }
 
+/// The API key `req` carries, however its API takes it.
+fn key_of(req: &Request<Incoming>) -> String {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    header("x-api-key")
+        .or_else(|| header("authorization").map(|v| v.trim_start_matches("Bearer ")))
+        .or_else(|| header("x-goog-api-key"))
+        .or_else(|| {
+            req.uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("key=")))
+        })
+        .unwrap_or_default()
+        .to_owned()
+}
+
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
+    state.keys.lock().unwrap().push(key_of(&req));
     let api = match req.uri().path() {
         p if p.ends_with("/v1/messages") => Api::Messages,
         p if p.ends_with("/v1/responses") => Api::Responses,
@@ -338,7 +365,21 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
         }
     }
     let out = match api {
-        Api::Messages => messages(&body, turn, &dir, &file, (input, output, cache_read, cache_write)),
+        Api::Messages => {
+            // `outcome=reveal`: its shell command shows the agent's environment.
+            let command = match outcome(&script).as_str() {
+                "reveal" => "env".to_owned(),
+                _ => format!("cat {file}"),
+            };
+            messages(
+                &body,
+                turn,
+                &dir,
+                &file,
+                &command,
+                (input, output, cache_read, cache_write),
+            )
+        }
         Api::Responses => responses(turn, (input, output, cache_read)),
         Api::Gemini => gemini(turn, &dir, (input, output, cache_read)),
     };
@@ -434,13 +475,14 @@ fn follow_up_script(body: &Value) -> (usize, String) {
         .unwrap_or((0, "hello.txt".into()))
 }
 
-/// A turn of the Messages API: Claude's Write of `file`, then Bash, then
-/// the answer.
+/// A turn of the Messages API: Claude's Write of `file`, then Bash running
+/// `command`, then the answer.
 fn messages(
     body: &Value,
     turn: usize,
     dir: &str,
     file: &str,
+    command: &str,
     (input, output, cache_read, cache_write): (i64, i64, i64, i64),
 ) -> String {
     let id = |what: &str| format!("toolu_{what}_{}", file.replace('.', "_"));
@@ -451,7 +493,7 @@ fn messages(
                    "input": {"file_path": format!("{dir}/{file}"), "content": "hello from claude\n"}}),
         ],
         2 => vec![json!({"type": "tool_use", "id": id("cat"), "name": "Bash",
-                         "input": {"command": format!("cat {file}"), "description": "Show the file"}})],
+                         "input": {"command": command, "description": "Show the file"}})],
         _ => vec![json!({"type": "text", "text": format!("Done: wrote {file}")})],
     };
     let mut out = String::new();

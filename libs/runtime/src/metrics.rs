@@ -128,6 +128,22 @@ pub static SESSIONS_RESUMED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["outcome"],
     )
 });
+pub static AGENT_SANDBOX: LazyLock<IntGauge> = LazyLock::new(|| {
+    register(
+        IntGauge::new(
+            "omoi_agent_sandbox",
+            "1 when this executor runs its agents sandboxed, 0 when it cannot or is told not to.",
+        )
+        .expect("valid metric"),
+    )
+});
+pub static EGRESS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "omoi_agent_egress_refused_total",
+        "Connections sandboxed agents asked the egress proxy for and were refused, by reason (not_allowed, mesh, unresolved).",
+        &["reason"],
+    )
+});
 pub static DISPATCH_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register(
         Histogram::with_opts(

@@ -39,6 +39,19 @@ impl AgentUser {
             me.is_root() || me == user.uid,
             "OMOI_AGENT_USER: running agents as {spec:?} needs the executor to run as root (it runs as uid {me})"
         );
+        Self::with_home(user, state)
+    }
+
+    /// The executor's own user, with a home of its own for agents under
+    /// `state`: what a sandboxed agent runs as when no other user is set,
+    /// so that its home is not the executor's.
+    pub fn own(state: &Path) -> anyhow::Result<Self> {
+        let me = nix::unistd::geteuid();
+        let user = User::from_uid(me)?.ok_or_else(|| anyhow::anyhow!("uid {me} has no name on this machine"))?;
+        Self::with_home(user, state)
+    }
+
+    fn with_home(user: User, state: &Path) -> anyhow::Result<Self> {
         // The state directory: the agent user may pass through, not list.
         std::fs::DirBuilder::new().recursive(true).mode(0o711).create(state)?;
         std::fs::set_permissions(state, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;

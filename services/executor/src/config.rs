@@ -54,6 +54,13 @@ pub enum WorkspacePolicy {
     Remove,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SandboxMode {
+    Auto,
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "omoi-executor",
@@ -266,6 +273,43 @@ pub struct Config {
     /// executor creates it); as long as tasks are kept by default.
     #[arg(long, env = "OMOI_SESSION_RETENTION_SECONDS", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(60..))]
     pub session_retention_seconds: u64,
+
+    /// Whether each agent run is sandboxed (bubblewrap: its own network,
+    /// PID and mount namespaces, a filesystem view of its workspace, its
+    /// home and the read-only system; the network only through the
+    /// executor's egress and model proxies). `auto`: where the kernel
+    /// allows it, else without, said loudly at start; `on`: refuse to start
+    /// without; `off`: never.
+    #[arg(long, env = "OMOI_SANDBOX", value_enum, default_value_t = SandboxMode::Auto)]
+    pub sandbox: SandboxMode,
+
+    /// The bubblewrap program.
+    #[arg(long, env = "OMOI_SANDBOX_BWRAP", default_value = "bwrap")]
+    pub sandbox_bwrap: String,
+
+    /// The program that starts an agent inside its sandbox (run as
+    /// `<program> --sandbox-init`): this executor's own binary unless set,
+    /// for an executor embedded in another program.
+    #[arg(long, env = "OMOI_SANDBOX_INIT")]
+    pub sandbox_init: Option<PathBuf>,
+
+    /// Paths (comma list) a sandboxed agent may read besides the system,
+    /// its program and the directories on its PATH.
+    #[arg(long, env = "OMOI_SANDBOX_READ_ONLY", default_value = "")]
+    pub sandbox_read_only: String,
+
+    /// Hosts a sandboxed agent may reach through the egress proxy (comma
+    /// list of `host`, `host:port`, `*.domain`, `*.domain:port`): the
+    /// package registries, the forge, whatever the operator allows. The
+    /// model API is reached through the model proxy, not this list.
+    #[arg(long, env = "OMOI_AGENT_ALLOWED_HOSTS", default_value = "")]
+    pub agent_allowed_hosts: String,
+
+    /// Addresses (`host:port` comma list) of the mesh no agent may reach
+    /// whatever the allow-list says, besides those this executor knows
+    /// (NATS, the services, its own): PostgreSQL, and anything else.
+    #[arg(long, env = "OMOI_AGENT_DENIED_ADDRS", default_value = "")]
+    pub agent_denied_addrs: String,
 
     /// The largest checkpoint stored, compressed (a bigger one is skipped
     /// with a warning: the attempt goes on).

@@ -10,6 +10,7 @@ mod git;
 mod publish;
 mod requests;
 mod runners;
+pub mod sandbox;
 mod service;
 mod sessions;
 mod worker;

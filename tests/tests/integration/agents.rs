@@ -397,11 +397,12 @@ async fn an_agent_cannot_read_the_executors_secrets() {
     let token = format!("omoi-token-{}", uuid::Uuid::new_v4().simple());
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    // The agent tries the executor's environment and its secret file, and
-    // writes in its workspace; its last line says how each went.
+    // The agent tries every process's environment it can see (the
+    // executor's holds the key) and the executor's secret file, and writes
+    // in its workspace; its last line says how each went.
     let script = format!(
         "e=denied; f=denied; w=no; \
-         cat /proc/$PPID/environ >/dev/null 2>&1 && e=READ; \
+         cat /proc/*/environ 2>/dev/null | grep -q {SECRET} && e=READ; \
          cat {file} >/dev/null 2>&1 && f=READ; \
          echo proof > proof.txt && w=yes; \
          echo \"user=$(id -un) home=$HOME environ=$e file=$f wrote=$w\"",

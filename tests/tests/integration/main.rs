@@ -20,6 +20,7 @@ mod pods;
 mod replicas;
 mod resilience;
 mod runtime;
+mod sandbox;
 mod sessions;
 mod task_queue;
 mod tickets;

@@ -103,6 +103,12 @@ impl<C: Cli> Runner for CliRunner<C> {
             timeout: ctx.timeout,
             kill_grace: self.cli.kill_grace,
             identity: ctx.identity(),
+            fence: ctx.fence.clone(),
+            // The agent's home, and the CLI's own when it keeps one apart.
+            writable: agent_home(ctx, &self.cli.env)
+                .into_iter()
+                .chain(self.kind.home(&self.cli))
+                .collect(),
         };
         let ended = process::run(
             spawn,

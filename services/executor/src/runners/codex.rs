@@ -29,24 +29,19 @@ const PROVIDER: &str = "omoi";
 /// rollout already where Codex finds it, through `codex exec resume`,
 /// which takes the sandbox as configuration). With `OPENAI_BASE_URL` in the
 /// agent's environment, Codex is pointed at it as a Responses API provider
-/// whose key is `OPENAI_API_KEY`.
-pub fn argv(cli: &AgentCli, prompt: &str, resume: Option<&str>) -> Vec<String> {
-    let head: &[&str] = match resume {
-        None => &[
-            "exec",
-            "--json",
-            "--skip-git-repo-check",
-            "--sandbox",
-            "workspace-write",
-        ],
-        Some(_) => &[
-            "exec",
-            "resume",
-            "--json",
-            "--skip-git-repo-check",
-            "-c",
-            "sandbox_mode=\"workspace-write\"",
-        ],
+/// whose key is `OPENAI_API_KEY`. `fenced`: the executor's sandbox is
+/// around it, so Codex's own (a bubblewrap of its own, which cannot nest
+/// in another) stands aside.
+pub fn argv(cli: &AgentCli, prompt: &str, resume: Option<&str>, fenced: bool) -> Vec<String> {
+    let mode = if fenced {
+        "danger-full-access"
+    } else {
+        "workspace-write"
+    };
+    let sandbox = format!("sandbox_mode=\"{mode}\"");
+    let head: Vec<&str> = match resume {
+        None => vec!["exec", "--json", "--skip-git-repo-check", "--sandbox", mode],
+        Some(_) => vec!["exec", "resume", "--json", "--skip-git-repo-check", "-c", &sandbox],
     };
     let mut argv: Vec<String> = std::iter::once(cli.bin.as_str())
         .chain(head.iter().copied())
@@ -128,7 +123,7 @@ impl Cli for Codex {
     const REPORTS_COST: bool = false;
 
     fn argv(&self, cli: &AgentCli, ctx: &RunContext) -> Vec<String> {
-        argv(cli, &ctx.prompt, ctx.resume.as_deref())
+        argv(cli, &ctx.prompt, ctx.resume.as_deref(), ctx.fence.is_some())
     }
 
     fn sessions(&self) -> Option<&dyn SessionLayout> {
@@ -465,11 +460,13 @@ mod tests {
             env: vec![("OPENAI_BASE_URL".into(), "http://127.0.0.1:9/v1".into())],
             kill_grace: std::time::Duration::ZERO,
         };
-        let resumed = argv(&cli, "go on", Some("t-1"));
+        let resumed = argv(&cli, "go on", Some("t-1"), false);
         assert_eq!(resumed[1..3], ["exec", "resume"]);
         assert!(resumed.contains(&r#"sandbox_mode="workspace-write""#.to_owned()));
         assert_eq!(resumed[resumed.len() - 3..], ["--", "t-1", "go on"]);
-        let argv = argv(&cli, "--do it", None);
+        let fenced = argv(&cli, "--do it", None, true);
+        assert_eq!(fenced[4..6], ["--sandbox", "danger-full-access"]);
+        let argv = argv(&cli, "--do it", None, false);
         assert_eq!(
             argv[..6],
             [

@@ -83,6 +83,8 @@ impl Runner for CommandRunner {
             timeout: ctx.timeout,
             kill_grace: self.kill_grace,
             identity: ctx.identity(),
+            fence: ctx.fence.clone(),
+            writable: agent_home(ctx, &self.env).into_iter().collect(),
         };
         let on_line = &mut |l: String| {
             if let Some(id) = declared_session(&l) {
@@ -181,6 +183,7 @@ mod tests {
             budget_left_usd: None,
             resume: None,
             session: Default::default(),
+            fence: None,
         }
     }
 

@@ -34,6 +34,7 @@ use uuid::Uuid;
 use crate::agent_user::AgentUser;
 use crate::config::{Config, RunnerKind};
 use crate::events::EventSink;
+use crate::sandbox::{self, Sandbox};
 
 /// Works one attempt: runs its agent in the attempt's workspace until the
 /// agent ends, `stop` fires or the context's timeout passes, every event on
@@ -102,8 +103,12 @@ pub fn plain(p: &Path) -> bool {
 }
 
 /// The runner `OMOI_RUNNER` names, set up from the configuration; `user`
-/// is who its agents run as.
-pub fn from_config(config: &Config, user: Option<&AgentUser>) -> anyhow::Result<Box<dyn Runner>> {
+/// is who its agents run as, `sandbox` what they run in.
+pub fn from_config(
+    config: &Config,
+    user: Option<&AgentUser>,
+    sandbox: Option<&Sandbox>,
+) -> anyhow::Result<Box<dyn Runner>> {
     let kill_grace = Duration::from_secs_f64(config.kill_grace_seconds.max(0.0));
     let prices = || prices::PriceTable::load(config.price_table_file.as_deref());
     Ok(match config.runner {
@@ -122,23 +127,80 @@ pub fn from_config(config: &Config, user: Option<&AgentUser>) -> anyhow::Result<
         )?),
         RunnerKind::ClaudeCode => Box::new(cli::CliRunner::new(
             claude::Claude,
-            agent_cli(config, kill_grace)?,
+            agent_cli(config, kill_grace, sandbox)?,
             prices()?,
         )),
         RunnerKind::Codex => Box::new(cli::CliRunner::new(
             codex::Codex,
-            agent_cli(config, kill_grace)?,
+            agent_cli(config, kill_grace, sandbox)?,
             prices()?,
         )),
         RunnerKind::Gemini => {
             let gemini = gemini::Gemini::new(&config.state_dir(), user)?;
-            Box::new(cli::CliRunner::new(gemini, agent_cli(config, kill_grace)?, prices()?))
+            Box::new(cli::CliRunner::new(
+                gemini,
+                agent_cli(config, kill_grace, sandbox)?,
+                prices()?,
+            ))
         }
     })
 }
 
+/// The model API a coding-agent CLI calls, as the configuration gives it.
+pub struct ModelApi {
+    /// The variables the CLI reads its key and base URL from.
+    pub key_var: &'static str,
+    pub url_var: &'static str,
+    pub key: Option<String>,
+    /// As configured; None: the vendor's.
+    pub base_url: Option<String>,
+    /// The vendor's, for the model proxy when none is configured.
+    pub vendor_url: &'static str,
+    pub header: sandbox::KeyHeader,
+}
+
+impl ModelApi {
+    /// The API of the configured runner; None when it starts no CLI.
+    pub fn of(config: &Config) -> Option<Self> {
+        let set = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+        Some(match config.runner {
+            RunnerKind::ClaudeCode => ModelApi {
+                key_var: "ANTHROPIC_API_KEY",
+                url_var: "ANTHROPIC_BASE_URL",
+                key: secret(&config.anthropic_api_key, &config.anthropic_api_key_file),
+                base_url: set(&config.anthropic_base_url),
+                vendor_url: "https://api.anthropic.com",
+                header: sandbox::KeyHeader::XApiKey,
+            },
+            RunnerKind::Codex => ModelApi {
+                key_var: "OPENAI_API_KEY",
+                url_var: "OPENAI_BASE_URL",
+                key: secret(&config.openai_api_key, &config.openai_api_key_file),
+                base_url: set(&config.openai_base_url),
+                vendor_url: "https://api.openai.com/v1",
+                header: sandbox::KeyHeader::Bearer,
+            },
+            RunnerKind::Gemini => ModelApi {
+                key_var: "GEMINI_API_KEY",
+                url_var: "GOOGLE_GEMINI_BASE_URL",
+                key: secret(&config.gemini_api_key, &config.gemini_api_key_file),
+                base_url: set(&config.google_gemini_base_url),
+                vendor_url: "https://generativelanguage.googleapis.com",
+                header: sandbox::KeyHeader::GoogApiKey,
+            },
+            RunnerKind::Command | RunnerKind::Openhands => return None,
+        })
+    }
+
+    /// The model proxy's route to this API.
+    pub fn route(self) -> anyhow::Result<sandbox::ModelRoute> {
+        let upstream = self.base_url.as_deref().unwrap_or(self.vendor_url);
+        sandbox::ModelRoute::new(upstream, self.url_var, self.key, self.header)
+    }
+}
+
 /// How a coding-agent CLI is started, from the common agent settings.
-fn agent_cli(config: &Config, kill_grace: Duration) -> Result<cli::AgentCli, RunnerError> {
+fn agent_cli(config: &Config, kill_grace: Duration, sandbox: Option<&Sandbox>) -> Result<cli::AgentCli, RunnerError> {
     let bin = match (&config.agent_bin, config.runner.default_bin()) {
         (Some(bin), _) if !bin.trim().is_empty() => bin.trim().to_owned(),
         (_, Some(default)) => default.to_owned(),
@@ -150,33 +212,18 @@ fn agent_cli(config: &Config, kill_grace: Duration) -> Result<cli::AgentCli, Run
         }
     };
     let mut env = process::allowed_env(&config.env_allow);
-    // The agent's key and API reach only the agent that uses them.
-    let keys = match config.runner {
-        RunnerKind::ClaudeCode => [
-            (
-                "ANTHROPIC_API_KEY",
-                secret(&config.anthropic_api_key, &config.anthropic_api_key_file),
-            ),
-            ("ANTHROPIC_BASE_URL", config.anthropic_base_url.clone()),
-        ],
-        RunnerKind::Gemini => [
-            (
-                "GEMINI_API_KEY",
-                secret(&config.gemini_api_key, &config.gemini_api_key_file),
-            ),
-            ("GOOGLE_GEMINI_BASE_URL", config.google_gemini_base_url.clone()),
-        ],
-        _ => [
-            (
-                "OPENAI_API_KEY",
-                secret(&config.openai_api_key, &config.openai_api_key_file),
-            ),
-            ("OPENAI_BASE_URL", config.openai_base_url.clone()),
-        ],
-    };
-    for (name, value) in keys {
-        if let Some(v) = value.filter(|v| !v.is_empty()) {
-            env.push((name.to_owned(), v));
+    // The agent's key and API reach only the agent that uses them; a
+    // sandboxed agent gets neither, but the model proxy and a placeholder.
+    if let Some(api) = ModelApi::of(config) {
+        let brokered = sandbox.and_then(|s| s.model_base_url());
+        let (key, url) = match brokered {
+            Some(proxy) => (api.key.map(|_| sandbox::PLACEHOLDER_KEY.to_owned()), Some(proxy)),
+            None => (api.key, api.base_url),
+        };
+        for (name, value) in [(api.key_var, key), (api.url_var, url)] {
+            if let Some(v) = value {
+                env.push((name.to_owned(), v));
+            }
         }
     }
     Ok(cli::AgentCli {
@@ -207,6 +254,8 @@ pub struct RunContext {
     pub resume: Option<String>,
     /// The agent's session id, as soon as the runner learns it.
     pub session: Arc<tokio::sync::watch::Sender<Option<String>>>,
+    /// The attempt's sandbox, when agents run in one.
+    pub fence: Option<Arc<crate::sandbox::Fence>>,
 }
 
 impl RunContext {

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use omoi_proto::common::OutputStream;
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{RunnerError, Stopped};
 use crate::events::EventSink;
+use crate::sandbox::Fence;
 
 /// What to start.
 pub struct Spawn {
@@ -30,6 +32,10 @@ pub struct Spawn {
     pub kill_grace: Duration,
     /// (uid, gid) to run as; None: the executor's own.
     pub identity: Option<(u32, u32)>,
+    /// The attempt's sandbox, when agents run in one.
+    pub fence: Option<Arc<Fence>>,
+    /// What the agent may write in the sandbox besides `cwd`: its home.
+    pub writable: Vec<PathBuf>,
 }
 
 /// How it ended.
@@ -49,7 +55,31 @@ pub async fn run(
     stop: &CancellationToken,
 ) -> Result<Ended, RunnerError> {
     let started = Instant::now();
-    let program = &spawn.argv[0];
+    let (argv, setting, env) = match &spawn.fence {
+        Some(fence) => {
+            let path = spawn.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
+            // Found out here, as it would be unsandboxed: a program that is
+            // not there is a setting to fix, not an agent that failed.
+            if crate::sandbox::which(&spawn.argv[0], path).is_none() {
+                return Err(RunnerError::Spawn {
+                    program: spawn.argv[0].clone(),
+                    setting: spawn.setting,
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                });
+            }
+            let mut writable = vec![spawn.cwd.clone()];
+            writable.extend(spawn.writable.iter().cloned());
+            let mut env = spawn.env.clone();
+            env.extend(fence.env());
+            (
+                fence.argv(&spawn.argv, path, &spawn.cwd, &writable),
+                fence.program().1,
+                env,
+            )
+        }
+        None => (spawn.argv.clone(), spawn.setting, spawn.env.clone()),
+    };
+    let program = &argv[0];
     let mut command = tokio::process::Command::new(program);
     if let Some((uid, gid)) = spawn.identity {
         // Dropping from root also drops the supplementary groups.
@@ -59,33 +89,36 @@ pub async fn run(
     // lost node) must not leave its agent working, and spending, on a
     // run whose next attempt resumes elsewhere. Set after the change of
     // user (which would clear it), in the child, before it runs the agent.
-    // SAFETY: prctl is async-signal-safe, as a pre-exec hook must be.
+    // Its own session, so that it has no terminal to reach, and so its own
+    // process group, so that a stop reaches everything it started.
+    // SAFETY: prctl and setsid are async-signal-safe, as a pre-exec hook
+    // must be.
     unsafe {
         command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)?;
+            nix::unistd::setsid().map(drop).map_err(std::io::Error::from)
         });
     }
     let mut child = command
-        .args(&spawn.argv[1..])
+        .args(&argv[1..])
         .current_dir(&spawn.cwd)
         .env_clear()
-        .envs(spawn.env.iter().map(|(k, v)| (k, v)))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Its own group, so that a stop reaches everything it started.
-        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| RunnerError::Spawn {
             program: program.clone(),
-            setting: spawn.setting,
+            setting,
             source,
         })?;
     let pgid = child.id().map(|p| p as i32);
+    let fenced = if spawn.fence.is_some() { " in its sandbox" } else { "" };
     out.line(
         OutputStream::System,
-        format!("started {program} (pid {})", pgid.unwrap_or_default()),
+        format!("started {}{fenced} (pid {})", spawn.argv[0], pgid.unwrap_or_default()),
     );
     if let Some(mut stdin) = child.stdin.take() {
         let input = spawn.stdin.clone().unwrap_or_default();

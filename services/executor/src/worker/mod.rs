@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::executions::Executions;
 use crate::git::GitSettings;
 use crate::runners::{self, Runner};
+use crate::sandbox::Sandbox;
 use crate::sessions::Sessions;
 
 type Ch = omoi_runtime::grpc::Client;
@@ -55,6 +56,8 @@ pub struct Worker {
     git: GitSettings,
     /// Where checkpoints of agent sessions are kept.
     sessions: Sessions,
+    /// What agents run in, when the machine can sandbox them.
+    sandbox: Option<Arc<Sandbox>>,
 }
 
 /// Phases from `INITIAL,IMPLEMENTATION` (with or without the PHASE_ prefix).
@@ -130,7 +133,16 @@ impl Worker {
             .filter(|u| !u.trim().is_empty())
             .map(|u| AgentUser::resolve(u, &config.state_dir()).map(Arc::new))
             .transpose()?;
-        let runner = runners::from_config(&config, agent_user.as_deref())?;
+        let model = runners::ModelApi::of(&config)
+            .map(runners::ModelApi::route)
+            .transpose()?;
+        let sandbox = Sandbox::from_config(&config, agent_user.as_deref(), model)?.map(Arc::new);
+        // Sandboxed, an agent never gets the executor's own home.
+        let agent_user = match (agent_user, &sandbox) {
+            (None, Some(_)) => Some(Arc::new(AgentUser::own(&config.state_dir())?)),
+            (user, _) => user,
+        };
+        let runner = runners::from_config(&config, agent_user.as_deref(), sandbox.as_deref())?;
         anyhow::ensure!(
             (1..=1000).contains(&config.capacity),
             "OMOI_EXECUTOR_CAPACITY must be 1 to 1000, got {}",
@@ -159,6 +171,7 @@ impl Worker {
             agent_user,
             git,
             sessions: Sessions::new(nats, &config),
+            sandbox,
             config,
         })
     }

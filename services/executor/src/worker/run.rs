@@ -152,6 +152,18 @@ impl Worker {
                 format!("on branch {} at {}", c.branch, c.base_commit),
             );
         }
+        let fence = match self.sandbox.as_ref().map(|s| s.fence(task_id, attempt)).transpose() {
+            Ok(f) => f.map(Arc::new),
+            Err(e) => {
+                let message = format!("cannot set up the agent's sandbox (its proxies' sockets): {e}");
+                run.line(OutputStream::System, message.clone());
+                run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), vec![]);
+                self.executions.end(&run);
+                self.fail(task_id, attempt, &message, Some(ErrorClass::Retryable)).await;
+                self.clean_up(&dir, false).await;
+                return;
+            }
+        };
         // The attempt's work is what differs from here: restored work too.
         let before = workspace::snapshot(&dir);
         let mut ctx = RunContext {
@@ -165,6 +177,7 @@ impl Worker {
             budget_left_usd: prepared.ticket.budget_left_usd,
             resume: None,
             session: Default::default(),
+            fence,
         };
         let continues = Continues::of(&task, task_id);
         let restored = self.restore(&run, &continues, &ctx).await;

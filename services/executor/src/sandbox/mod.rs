@@ -1,0 +1,522 @@
+//! The sandbox around every agent run (`OMOI_SANDBOX`): bubblewrap gives
+//! the agent's process tree network, PID, IPC, UTS and user namespaces of
+//! its own and a filesystem of the read-only system, its program, its
+//! workspace and its home — not the executor's state, other attempts'
+//! workspaces, the git cache or the machine's secrets. Its network is
+//! loopback alone, where the init ([`init`]) bridges two ports to the
+//! executor's proxies for this attempt (a [`Fence`]): the egress proxy
+//! ([`egress`], the allow-listed hosts, never the mesh) and the model
+//! proxy ([`model`], the agent's model API with the real key, which the
+//! agent never holds). The sandbox dies with the executor
+//! (`--die-with-parent`, and the PID namespace with its first process).
+
+mod egress;
+mod hosts;
+pub mod init;
+mod model;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::agent_user::AgentUser;
+use crate::config::{Config, SandboxMode};
+pub use model::{KeyHeader, ModelRoute, PLACEHOLDER_KEY};
+
+/// The loopback port inside the sandbox that reaches the egress proxy.
+pub const EGRESS_PORT: u16 = 13128;
+/// The loopback port inside the sandbox that reaches the model proxy.
+pub const MODEL_PORT: u16 = 13129;
+
+/// Where the init and the proxies' sockets appear inside.
+const INSIDE: &str = "/omoi";
+
+/// What of /etc an agent sees: names, users, certificates, the loader's
+/// cache; not the machine's configuration or keys.
+const ETC: [&str; 17] = [
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
+    "/etc/ca-certificates",
+    "/etc/ca-certificates.conf",
+    "/etc/alternatives",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/gitconfig",
+    "/etc/mime.types",
+    "/etc/os-release",
+];
+
+/// The top-level system directories, bound read-only (or recreated as the
+/// links they are on a merged-/usr system).
+const SYSTEM: [&str; 7] = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+
+/// One attempt, as the proxies name it in what they log.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub task_id: Uuid,
+    pub attempt: i32,
+}
+
+/// The executor's sandbox: how agents are fenced in.
+#[derive(Debug)]
+pub struct Sandbox {
+    bwrap: PathBuf,
+    init: PathBuf,
+    rules: Arc<egress::Rules>,
+    model: Option<Arc<ModelRoute>>,
+    read_only: Vec<PathBuf>,
+    /// Where each attempt's proxy sockets live.
+    dir: PathBuf,
+    /// Who the proxies' sockets belong to (the agent's user).
+    owner: Option<(u32, u32)>,
+    /// Numbers the fences (short names: a socket's path is limited).
+    fences: std::sync::atomic::AtomicU64,
+}
+
+/// The longest path of a unix socket (`sun_path`, with its NUL).
+const SOCKET_PATH_MAX: usize = 107;
+
+/// Where fences' sockets go: under the state directory, unless its path
+/// leaves no room for a socket's name, then a directory of this
+/// executor's own under the temporary one.
+fn fences_dir(state: &Path) -> std::io::Result<PathBuf> {
+    let under_state = state.join("fences");
+    let dir = if under_state.as_os_str().len() + 24 <= SOCKET_PATH_MAX {
+        std::fs::create_dir_all(&under_state)?;
+        under_state
+    } else {
+        let dir = std::env::temp_dir().join(format!("omoi-fences-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir)?;
+        dir
+    };
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    Ok(dir)
+}
+
+impl Sandbox {
+    /// The sandbox `OMOI_SANDBOX` asks for, checked on this machine by
+    /// starting one as `user` (None: the executor's own user); None when
+    /// off, or when `auto` and the machine cannot (said loudly). `model`:
+    /// where the agent's model calls go.
+    pub fn from_config(
+        config: &Config,
+        user: Option<&AgentUser>,
+        model: Option<ModelRoute>,
+    ) -> anyhow::Result<Option<Self>> {
+        let allow = hosts::AllowList::parse(&config.agent_allowed_hosts).map_err(anyhow::Error::msg)?;
+        if config.sandbox == SandboxMode::Off {
+            omoi_runtime::metrics::AGENT_SANDBOX.set(0);
+            tracing::warn!("OMOI_SANDBOX=off: agents run without a sandbox, with this machine's network and files");
+            return Ok(None);
+        }
+        let identity = user.map(|u| (u.uid, u.gid));
+        let found = which(&config.sandbox_bwrap, std::env::var("PATH").ok().as_deref());
+        let checked = found
+            .ok_or_else(|| format!("{} (OMOI_SANDBOX_BWRAP) is not installed", config.sandbox_bwrap))
+            .and_then(|bwrap| probe(&bwrap, identity).map(|took| (bwrap, took)));
+        let (bwrap, took) = match (checked, config.sandbox) {
+            (Ok(found), _) => found,
+            (Err(why), SandboxMode::On) => {
+                anyhow::bail!("OMOI_SANDBOX=on, but agents cannot be sandboxed on this machine: {why}")
+            }
+            (Err(why), _) => {
+                omoi_runtime::metrics::AGENT_SANDBOX.set(0);
+                tracing::error!(
+                    reason = %why,
+                    "AGENTS RUN WITHOUT A SANDBOX: this machine cannot sandbox them (OMOI_SANDBOX=auto); \
+                     they can reach the network, the mesh and this machine's files as their user can"
+                );
+                return Ok(None);
+            }
+        };
+        let mut endpoints: Vec<(&str, &str)> = vec![
+            ("OMOI_TASK_QUEUE_URL", config.task_queue_url.as_str()),
+            ("OMOI_HEALTH_URL", config.health_url.as_str()),
+            ("OMOI_TICKET_URL", config.ticket_url.as_str()),
+        ];
+        endpoints.extend(config.bus.nats_url().split(',').map(|u| ("NATS_URL", u)));
+        endpoints.extend(
+            config
+                .agent_denied_addrs
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|a| ("OMOI_AGENT_DENIED_ADDRS", a)),
+        );
+        let listen = config.listen_addr.to_string();
+        endpoints.push(("OMOI_LISTEN_ADDR", &listen));
+        let metrics = config.host.metrics_addr.map(|a| a.to_string());
+        if let Some(m) = &metrics {
+            endpoints.push(("OMOI_METRICS_ADDR", m));
+        }
+        let denied = hosts::Denied::resolve(endpoints).map_err(anyhow::Error::msg)?;
+        let dir = fences_dir(&config.state_dir())?;
+        omoi_runtime::metrics::AGENT_SANDBOX.set(1);
+        tracing::info!(
+            bwrap = %bwrap.display(),
+            startup_ms = took.as_secs_f64() * 1e3,
+            allowed_hosts = %config.agent_allowed_hosts,
+            model_proxy = model.as_ref().map(|m| m.upstream.to_string()).unwrap_or_default(),
+            "agents run sandboxed"
+        );
+        Ok(Some(Sandbox {
+            bwrap,
+            init: match &config.sandbox_init {
+                Some(init) => init.clone(),
+                None => std::env::current_exe()?,
+            },
+            rules: Arc::new(egress::Rules { allow, denied }),
+            model: model.map(Arc::new),
+            read_only: config
+                .sandbox_read_only
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+                .collect(),
+            dir,
+            owner: identity,
+            fences: Default::default(),
+        }))
+    }
+
+    /// The base URL an agent calls its model at: the model proxy, inside.
+    pub fn model_base_url(&self) -> Option<String> {
+        self.model
+            .as_ref()
+            .map(|m| format!("http://127.0.0.1:{MODEL_PORT}{}", m.base_path()))
+    }
+
+    /// The fence of one attempt: its proxies listening, until it is dropped.
+    pub fn fence(self: &Arc<Self>, task_id: Uuid, attempt: i32) -> std::io::Result<Fence> {
+        let n = self.fences.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self.dir.join(format!("{}.{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        let who = Attempt { task_id, attempt };
+        let stop = CancellationToken::new();
+        let fence = Fence {
+            sandbox: Arc::clone(self),
+            dir: dir.clone(),
+            stop: stop.clone(),
+        };
+        let egress = self.socket(&dir.join("e.sock"))?;
+        tokio::spawn(egress::serve(
+            egress,
+            Arc::clone(&self.rules),
+            who.clone(),
+            stop.clone(),
+        ));
+        if let Some(route) = &self.model {
+            let model = self.socket(&dir.join("m.sock"))?;
+            tokio::spawn(model::serve(model, Arc::clone(route), who, stop));
+        }
+        Ok(fence)
+    }
+
+    /// A listening socket the agent's user may connect to, and no one else.
+    fn socket(&self, path: &Path) -> std::io::Result<UnixListener> {
+        let listener = UnixListener::bind(path)?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+        }
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        Ok(listener)
+    }
+}
+
+/// One attempt's sandbox: its proxies, and how its agent is started.
+pub struct Fence {
+    sandbox: Arc<Sandbox>,
+    dir: PathBuf,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fence").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Fence {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Fence {
+    /// The program that starts the sandbox, and the setting naming it.
+    pub fn program(&self) -> (&Path, &'static str) {
+        (&self.sandbox.bwrap, "OMOI_SANDBOX_BWRAP")
+    }
+
+    /// The variables the agent gets inside: the egress proxy for whatever
+    /// honours a proxy (loopback left alone: the model proxy is there).
+    pub fn env(&self) -> Vec<(String, String)> {
+        let proxy = format!("http://127.0.0.1:{EGRESS_PORT}");
+        let mut env: Vec<(String, String)> = ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"]
+            .into_iter()
+            .map(|k| (k.to_owned(), proxy.clone()))
+            .collect();
+        for k in ["NO_PROXY", "no_proxy"] {
+            env.push((k.to_owned(), "127.0.0.1,localhost,::1".to_owned()));
+        }
+        env.push(("TMPDIR".to_owned(), "/tmp".to_owned()));
+        env
+    }
+
+    /// bubblewrap's command line that runs `argv` (found on `path`) in
+    /// `cwd` inside the sandbox, `writable` bound read-write.
+    pub fn argv(&self, argv: &[String], path: Option<&str>, cwd: &Path, writable: &[PathBuf]) -> Vec<String> {
+        let sandbox = &self.sandbox;
+        let mut a: Vec<String> = [
+            "--unshare-all",
+            "--die-with-parent",
+            "--hostname",
+            "omoi-agent",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/tmp",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        for dir in SYSTEM.map(Path::new) {
+            match std::fs::read_link(dir) {
+                // Recreated, not bound: a bind would follow it.
+                Ok(target) => a.extend([
+                    "--symlink".into(),
+                    target.display().to_string(),
+                    dir.display().to_string(),
+                ]),
+                Err(_) if dir.is_dir() => bind_ro(&mut a, dir),
+                Err(_) => {}
+            }
+        }
+        let who = sandbox.owner;
+        for etc in ETC.map(Path::new).into_iter().filter(|p| reachable(p, who)) {
+            bind_ro(&mut a, etc);
+        }
+        for dir in path.unwrap_or_default().split(':').map(Path::new) {
+            if dir.is_absolute() && dir.is_dir() && reachable(dir, who) && !dir.starts_with(&sandbox.dir) {
+                bind_ro(&mut a, dir);
+            }
+        }
+        if let Some(program) = argv.first().and_then(|p| which(p, path)) {
+            for p in program_files(&program).iter().filter(|p| reachable(p, who)) {
+                bind_ro(&mut a, p);
+            }
+        }
+        for p in sandbox.read_only.iter().filter(|p| reachable(p, who)) {
+            bind_ro(&mut a, p);
+        }
+        for p in writable.iter().filter(|p| reachable(p, who)) {
+            a.extend(["--bind".into(), p.display().to_string(), p.display().to_string()]);
+        }
+        let inside = Path::new(INSIDE);
+        a.extend([
+            "--ro-bind".into(),
+            sandbox.init.display().to_string(),
+            inside.join("init").display().to_string(),
+        ]);
+        let mut bridges = vec![init::Bridge {
+            name: "egress-proxy".into(),
+            port: EGRESS_PORT,
+            socket: inside.join("egress.sock"),
+        }];
+        if sandbox.model.is_some() {
+            bridges.push(init::Bridge {
+                name: "model-proxy".into(),
+                port: MODEL_PORT,
+                socket: inside.join("model.sock"),
+            });
+        }
+        for (b, outside) in bridges.iter().zip(["e.sock", "m.sock"]) {
+            let outside = self.dir.join(outside);
+            a.extend([
+                "--bind".into(),
+                outside.display().to_string(),
+                b.socket.display().to_string(),
+            ]);
+        }
+        a.extend(["--chdir".into(), cwd.display().to_string(), "--".into()]);
+        a.push(inside.join("init").display().to_string());
+        a.push(init::FLAG.into());
+        for b in &bridges {
+            a.extend(["--bridge".into(), b.arg()]);
+        }
+        a.push("--".into());
+        a.extend(argv.iter().cloned());
+        let mut out = vec![sandbox.bwrap.display().to_string()];
+        out.extend(a);
+        out
+    }
+}
+
+fn bind_ro(a: &mut Vec<String>, p: &Path) {
+    a.extend(["--ro-bind".into(), p.display().to_string(), p.display().to_string()]);
+}
+
+/// Whether `who` (uid, gid; None: the executor's own user) can reach `p`:
+/// search every directory above it, read it. bubblewrap, run as the agent's
+/// user, cannot bind what that user cannot reach (and the agent could not
+/// use it anyway): such a directory on the PATH is left out.
+fn reachable(p: &Path, who: Option<(u32, u32)>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some((uid, gid)) = who.filter(|(uid, _)| *uid != 0) else {
+        return p.exists();
+    };
+    let allows = |m: &std::fs::Metadata, bits: u32| {
+        let shift = if m.uid() == uid {
+            6
+        } else if m.gid() == gid {
+            3
+        } else {
+            0
+        };
+        (m.mode() >> shift) & bits == bits
+    };
+    let Ok(target) = std::fs::metadata(p) else {
+        return false;
+    };
+    let read = if target.is_dir() { 0o5 } else { 0o4 };
+    allows(&target, read)
+        && p.ancestors()
+            .skip(1)
+            .all(|dir| std::fs::metadata(dir).is_ok_and(|m| allows(&m, 0o1)))
+}
+
+/// What of a program the sandbox must show: the path it is started by, the
+/// file it resolves to, and for a program of an npm package the whole
+/// `node_modules` it lives in (its dependencies beside it).
+fn program_files(program: &Path) -> Vec<PathBuf> {
+    let mut files = vec![program.to_path_buf()];
+    if let Ok(real) = program.canonicalize() {
+        let modules = real
+            .ancestors()
+            .filter(|p| p.file_name().is_some_and(|n| n == "node_modules"))
+            .last()
+            .map(Path::to_path_buf);
+        files.push(modules.unwrap_or(real));
+    }
+    files
+}
+
+/// `program` as found: itself when it names a path, else the first on
+/// `path` (a colon list).
+pub(crate) fn which(program: &str, path: Option<&str>) -> Option<PathBuf> {
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return p.exists().then_some(p);
+    }
+    path.unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+/// Starts an empty sandbox as `identity`: how long it took, or why it
+/// cannot start on this machine.
+fn probe(bwrap: &Path, identity: Option<(u32, u32)>) -> Result<Duration, String> {
+    let mut command = std::process::Command::new(bwrap);
+    command
+        .args([
+            "--unshare-all",
+            "--die-with-parent",
+            "--ro-bind",
+            "/",
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--",
+            "true",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some((uid, gid)) = identity {
+        std::os::unix::process::CommandExt::uid(&mut command, uid);
+        std::os::unix::process::CommandExt::gid(&mut command, gid);
+    }
+    let started = Instant::now();
+    let out = command
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bwrap.display()))?;
+    if out.status.success() {
+        Ok(started.elapsed())
+    } else {
+        Err(format!(
+            "{} failed ({}): {}",
+            bwrap.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_npm_program_brings_its_node_modules() {
+        let root = std::env::temp_dir().join(format!("omoi-program-{}", Uuid::new_v4()));
+        let pkg = root.join("node_modules/@scope/cli");
+        std::fs::create_dir_all(&pkg).unwrap();
+        std::fs::create_dir_all(root.join("node_modules/.bin")).unwrap();
+        std::fs::write(pkg.join("cli.js"), "").unwrap();
+        let bin = root.join("node_modules/.bin/cli");
+        std::os::unix::fs::symlink("../@scope/cli/cli.js", &bin).unwrap();
+        let files = program_files(&bin);
+        assert_eq!(files[0], bin);
+        assert_eq!(files[1], root.canonicalize().unwrap().join("node_modules"));
+        assert_eq!(
+            which(
+                "cli",
+                Some(&format!("/nonexistent:{}", root.join("node_modules/.bin").display()))
+            ),
+            Some(bin)
+        );
+        assert_eq!(which("no-such-program", Some("/usr/bin")), None);
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn what_the_agent_cannot_reach_is_not_bound() {
+        let root = std::env::temp_dir().join(format!("omoi-reach-{}", Uuid::new_v4()));
+        let closed = root.join("closed/bin");
+        let open = root.join("open/bin");
+        std::fs::create_dir_all(&closed).unwrap();
+        std::fs::create_dir_all(&open).unwrap();
+        let mode = |p: &Path, m| std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(m)).unwrap();
+        mode(&root, 0o755);
+        mode(&root.join("closed"), 0o700);
+        mode(&root.join("open"), 0o711);
+        mode(&open, 0o755);
+        let agent = Some((65534, 65534));
+        assert!(!reachable(&closed, agent));
+        assert!(reachable(&open, agent));
+        assert!(reachable(&closed, None), "the executor's own user reaches its own");
+        assert!(!reachable(&root.join("missing"), None));
+        let _ = std::fs::remove_dir_all(root);
+    }
+}

@@ -1,0 +1,235 @@
+//! The agents' sandbox, tried for real: a hostile agent under the
+//! executor's sandbox, told every address of the mesh, reaches its
+//! workspace and the allow-listed host and nothing else; the real Claude
+//! Code in the same sandbox completes a ticket through the model proxy
+//! while only the stand-in model API ever sees the real key.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use omoi_proto::ticket as pb;
+use omoi_tests::http::{Reply, Server};
+use omoi_tests::mesh::{Options, ProcessMesh};
+use omoi_tests::model_api::{Cli, ModelApi};
+use omoi_tests::{Infra, file_ticket, wait_ticket};
+
+const COMPLETED: i32 = 3;
+const SECRET: &str = "sk-ant-sandboxed-do-not-leak";
+/// What a sandboxed agent holds in place of its key.
+const PLACEHOLDER: &str = "omoi-brokered-placeholder-key";
+
+fn tempdir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("omoi-{what}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn port_of(url: &str) -> u16 {
+    let authority = url.split("://").nth(1).unwrap_or(url);
+    let authority = authority.rsplit('@').next().unwrap().split('/').next().unwrap();
+    authority.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// A host outside the mesh answering 200 to everything.
+async fn host() -> Server {
+    async fn ok(_: Arc<()>, _: http::Request<hyper::body::Incoming>) -> Reply {
+        Ok(http::Response::new(http_body_util::Full::new(
+            bytes::Bytes::from_static(b"reached\n"),
+        )))
+    }
+    Server::start(Arc::new(()), ok).await.unwrap()
+}
+
+fn one_task(title: &str) -> pb::CreateTicketRequest {
+    pb::CreateTicketRequest {
+        title: title.to_owned(),
+        plan: vec![pb::TaskSpec {
+            title: title.to_owned(),
+            phase: 1,
+            max_retries: Some(0),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_holding(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => found.extend(files_holding(&path, needle)),
+            Ok(t) if t.is_file() => {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                    found.push(path);
+                }
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_agent_reaches_its_workspace_and_the_allowed_host_and_nothing_else() {
+    let infra = Infra::new().await.unwrap();
+    let mut mesh = ProcessMesh::start(
+        &infra,
+        Options {
+            executors: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (allowed, outside) = (host().await, host().await);
+    // What an agent must not read though its user could: a world-readable
+    // secret of the machine's, and another task's workspace.
+    let secrets = tempdir("secrets");
+    let token = secrets.join("token");
+    std::fs::write(&token, "machine secret\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let root = mesh.workspace_root.clone();
+    let other = root.join("other-task/1");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("other.txt"), "another task's work\n").unwrap();
+    for dir in [root.join("other-task"), other.clone()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    // The agent: every address it was told, directly and through the
+    // proxy, and the files, one word each.
+    let scripts = tempdir("hostile");
+    let script = scripts.join("agent.sh");
+    let ports = scripts.join("ports.env");
+    std::fs::write(
+        &script,
+        format!(
+            r#". {ports}
+tcp() {{ timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null && echo open || echo closed; }}
+via() {{ curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 --noproxy '' -x http://127.0.0.1:13128 "$@"; }}
+tunnel() {{ curl -s -o /dev/null -w '%{{http_connect}}' --max-time 5 --noproxy '' -p -x http://127.0.0.1:13128 "$@"; }}
+seen() {{ cat "$1" >/dev/null 2>&1 && echo READ || echo hidden; }}
+r="nats=$(tcp $NATS) pg=$(tcp $PG) queue=$(tcp $QUEUE) ticket=$(tcp $TICKET) executor=$(tcp $EXECUTOR)"
+r="$r direct=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 --noproxy '*' http://127.0.0.1:$ALLOWED/)"
+r="$r allowed=$(via http://127.0.0.1:$ALLOWED/) outside=$(via http://localhost:$OUTSIDE/)"
+r="$r nats_via_proxy=$(tunnel http://127.0.0.1:$NATS/) pg_via_proxy=$(tunnel http://127.0.0.1:$PG/)"
+r="$r queue_via_proxy=$(via http://127.0.0.1:$QUEUE/) executor_via_proxy=$(tunnel http://localhost:$EXECUTOR/)"
+r="$r fences=$(ls $ROOT/.omoi/fences >/dev/null 2>&1 && echo READ || echo hidden)"
+r="$r other=$(seen $ROOT/other-task/1/other.txt) token=$(seen $TOKEN)"
+echo proof > proof.txt && r="$r wrote=yes"
+echo "$r"
+"#,
+            ports = ports.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let pg = port_of(&infra.db.url);
+    let env: Vec<(String, String)> = [
+        ("OMOI_RUNNER_COMMAND", format!("bash {}", script.display())),
+        ("OMOI_RUNNER_ENV_ALLOW", "PATH".into()),
+        ("OMOI_AGENT_USER", "nobody".into()),
+        ("OMOI_SANDBOX", "on".into()),
+        ("OMOI_SANDBOX_READ_ONLY", scripts.display().to_string()),
+        // Every port of this machine: only the mesh's own stay shut.
+        ("OMOI_AGENT_ALLOWED_HOSTS", "127.0.0.1".into()),
+        ("OMOI_AGENT_DENIED_ADDRS", format!("127.0.0.1:{pg}")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    mesh.add_executor(&infra, &env).await.unwrap();
+    let told = format!(
+        "NATS={} PG={pg} QUEUE={} TICKET={} EXECUTOR={} ALLOWED={} OUTSIDE={} ROOT={} TOKEN={}\n",
+        port_of(&infra.nats_url),
+        mesh.task_queue.port,
+        mesh.ticket.port,
+        mesh.executors[0].port,
+        port_of(&allowed.url),
+        port_of(&outside.url),
+        root.display(),
+        token.display()
+    );
+    std::fs::write(&ports, told).unwrap();
+    std::fs::set_permissions(&ports, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let tickets = mesh.tickets();
+    let created = file_ticket(&tickets, one_task("try everything")).await;
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let result = omoi_proto::convert::struct_to_json(done.tasks[0].result.as_ref().unwrap());
+    assert_eq!(
+        result["summary"].as_str().unwrap(),
+        "nats=closed pg=closed queue=closed ticket=closed executor=closed direct=000 \
+         allowed=200 outside=403 nats_via_proxy=403 pg_via_proxy=403 queue_via_proxy=403 executor_via_proxy=403 \
+         fences=hidden other=hidden token=hidden wrote=yes"
+    );
+    let ws = Path::new(result["workspace"].as_str().unwrap());
+    assert_eq!(std::fs::read_to_string(ws.join("proof.txt")).unwrap(), "proof\n");
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    for dir in [secrets, scripts] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_in_the_sandbox_works_through_the_model_proxy_without_its_key() {
+    let infra = Infra::new().await.unwrap();
+    let api = ModelApi::start().await.unwrap();
+    let home = tempdir("agent-home");
+    let mut mesh = ProcessMesh::start(
+        &infra,
+        Options {
+            executors: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut env = api.executor_env(Cli::Claude, &home, SECRET);
+    env.extend([
+        ("OMOI_SANDBOX".to_owned(), "on".to_owned()),
+        ("OMOI_AGENT_USER".to_owned(), "nobody".to_owned()),
+    ]);
+    mesh.add_executor(&infra, &env).await.unwrap();
+    let tickets = mesh.tickets();
+    let created = file_ticket(&tickets, one_task("write hello.txt outcome=reveal")).await;
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let result = omoi_proto::convert::struct_to_json(done.tasks[0].result.as_ref().unwrap());
+    assert_eq!(result["summary"], "Done: wrote hello.txt");
+    let ws = Path::new(result["workspace"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(ws.join("hello.txt")).unwrap(),
+        "hello from claude\n"
+    );
+
+    // The model API got the real key on every call, through the proxy.
+    let keys = api.keys();
+    assert!(keys.len() >= 3, "{keys:?}");
+    assert!(keys.iter().all(|k| k == SECRET), "{keys:?}");
+    // The agent held the placeholder, and the proxy's address.
+    let conversation = api.conversations().last().unwrap().to_string();
+    assert!(
+        conversation.contains(&format!("ANTHROPIC_API_KEY={PLACEHOLDER}")),
+        "{conversation}"
+    );
+    assert!(conversation.contains("ANTHROPIC_BASE_URL=http://127.0.0.1:13129"));
+    assert!(!conversation.contains(SECRET));
+    // Nothing the agent had or wrote holds the key: its workspace, its home,
+    // the executor's state; nor does anything the mesh reports.
+    assert_eq!(files_holding(&mesh.workspace_root, SECRET), Vec::<PathBuf>::new());
+    assert!(!format!("{done:?}").contains(SECRET));
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(home);
+}
