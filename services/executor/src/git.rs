@@ -17,9 +17,12 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use omoi_domain::git::{GitChange, bounded_patch};
 use omoi_domain::validate::Repository;
+
+use crate::sandbox::Fence;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GitError {
@@ -56,11 +59,14 @@ impl fmt::Debug for GitSettings {
     }
 }
 
-/// Who runs git inside a workspace: the agent's user, or the executor's own.
+/// Who runs git inside a workspace: the agent's user, or the executor's own;
+/// in the agent's sandbox when it had one (the repository's configuration
+/// is the agent's to write: a filter or a pager it set runs fenced in).
 #[derive(Debug, Clone, Default)]
 pub struct WorkspaceUser {
     pub identity: Option<(u32, u32)>,
     pub home: Option<PathBuf>,
+    pub fence: Option<Arc<Fence>>,
 }
 
 /// A dependency whose work the task builds on.
@@ -492,22 +498,31 @@ impl GitSettings {
     /// git inside a workspace the agent had: as the agent's user, with a
     /// clean environment (no secret to find), hooks off.
     fn agent_command(&self, dir: &Path, user: &WorkspaceUser, args: &[&str]) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new("git");
+        let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
+        let mut git: Vec<String> = vec!["git".into(), "-C".into(), dir.display().to_string()];
+        git.extend(
+            ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]
+                .iter()
+                .chain(args)
+                .map(|a| (*a).to_owned()),
+        );
+        let argv = match &user.fence {
+            Some(fence) => fence.argv(&git, Some(&path), dir, &[dir.to_path_buf()]),
+            None => git,
+        };
+        let mut cmd = tokio::process::Command::new(&argv[0]);
         if let Some((uid, gid)) = user.identity {
             cmd.uid(uid).gid(gid);
         }
         let home = user.home.clone().unwrap_or_else(|| dir.to_path_buf());
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
+        cmd.args(&argv[1..])
+            .env_clear()
+            .env("PATH", path)
             .env("HOME", home)
             .env("LANG", "C.UTF-8")
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .arg("-C")
-            .arg(dir)
-            .args(["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"])
-            .args(args);
+            .env("GIT_CONFIG_GLOBAL", "/dev/null");
         self.author(&mut cmd);
         cmd
     }

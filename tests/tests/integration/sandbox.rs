@@ -125,6 +125,8 @@ r="$r queue_via_proxy=$(via http://127.0.0.1:$QUEUE/) executor_via_proxy=$(tunne
 r="$r fences=$(ls $ROOT/.omoi/fences >/dev/null 2>&1 && echo READ || echo hidden)"
 r="$r other=$(seen $ROOT/other-task/1/other.txt) token=$(seen $TOKEN)"
 echo proof > proof.txt && r="$r wrote=yes"
+# A clean filter of its own, for the executor's `git add` after the run.
+git config filter.omoi.clean "touch $MARKER; cat" && echo '* filter=omoi' > .gitattributes
 echo "$r"
 "#,
             ports = ports.display()
@@ -147,8 +149,9 @@ echo "$r"
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     mesh.add_executor(&infra, &env).await.unwrap();
+    let marker = std::env::temp_dir().join(format!("omoi-escaped-{}", uuid::Uuid::new_v4().simple()));
     let told = format!(
-        "NATS={} PG={pg} QUEUE={} TICKET={} EXECUTOR={} ALLOWED={} OUTSIDE={} ROOT={} TOKEN={}\n",
+        "NATS={} PG={pg} QUEUE={} TICKET={} EXECUTOR={} ALLOWED={} OUTSIDE={} ROOT={} TOKEN={} MARKER={}\n",
         port_of(&infra.nats_url),
         mesh.task_queue.port,
         mesh.ticket.port,
@@ -156,13 +159,18 @@ echo "$r"
         port_of(&allowed.url),
         port_of(&outside.url),
         root.display(),
-        token.display()
+        token.display(),
+        marker.display()
     );
     std::fs::write(&ports, told).unwrap();
     std::fs::set_permissions(&ports, std::fs::Permissions::from_mode(0o644)).unwrap();
 
     let tickets = mesh.tickets();
-    let created = file_ticket(&tickets, one_task("try everything")).await;
+    let (bare, _) = omoi_tests::repo::remote();
+    let mut request = one_task("try everything");
+    request.repository = bare.display().to_string();
+    let created = file_ticket(&tickets, request).await;
+    let branch = created.ticket.as_ref().unwrap().branch.clone();
     let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
     let result = omoi_proto::convert::struct_to_json(done.tasks[0].result.as_ref().unwrap());
     assert_eq!(
@@ -173,10 +181,15 @@ echo "$r"
     );
     let ws = Path::new(result["workspace"].as_str().unwrap());
     assert_eq!(std::fs::read_to_string(ws.join("proof.txt")).unwrap(), "proof\n");
+    // Its work landed, through the executor's git in its workspace, which
+    // ran the agent's filter in the sandbox: nothing reached this machine.
+    let show = format!("{branch}:proof.txt");
+    assert_eq!(omoi_tests::repo::git(&bare, &["show", &show]), "proof");
+    assert!(!marker.exists(), "the agent's git filter ran outside its sandbox");
 
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
-    for dir in [secrets, scripts] {
+    for dir in [secrets, scripts, bare.parent().unwrap().to_path_buf()] {
         let _ = std::fs::remove_dir_all(dir);
     }
 }

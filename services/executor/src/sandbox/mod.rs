@@ -313,18 +313,27 @@ impl Fence {
         for etc in ETC.map(Path::new).into_iter().filter(|p| reachable(p, who)) {
             bind_ro(&mut a, etc);
         }
-        for dir in path.unwrap_or_default().split(':').map(Path::new) {
-            if dir.is_absolute() && dir.is_dir() && reachable(dir, who) && !dir.starts_with(&sandbox.dir) {
-                bind_ro(&mut a, dir);
+        // The program first, then the PATH and the extras; each once, and
+        // nothing already inside another (a bind inside a read-only bind
+        // cannot make its mount point there).
+        let mut read_only: Vec<PathBuf> = argv
+            .first()
+            .and_then(|p| which(p, path))
+            .map(|program| program_files(&program))
+            .unwrap_or_default();
+        read_only.extend(
+            path.unwrap_or_default()
+                .split(':')
+                .map(PathBuf::from)
+                .filter(|d| d.is_absolute() && d.is_dir() && !d.starts_with(&sandbox.dir)),
+        );
+        read_only.extend(sandbox.read_only.iter().cloned());
+        let mut bound: Vec<PathBuf> = SYSTEM.iter().chain(ETC.iter()).map(PathBuf::from).collect();
+        for p in read_only {
+            if reachable(&p, who) && !bound.iter().any(|b| p.starts_with(b)) {
+                bind_ro(&mut a, &p);
+                bound.push(p);
             }
-        }
-        if let Some(program) = argv.first().and_then(|p| which(p, path)) {
-            for p in program_files(&program).iter().filter(|p| reachable(p, who)) {
-                bind_ro(&mut a, p);
-            }
-        }
-        for p in sandbox.read_only.iter().filter(|p| reachable(p, who)) {
-            bind_ro(&mut a, p);
         }
         for p in writable.iter().filter(|p| reachable(p, who)) {
             a.extend(["--bind".into(), p.display().to_string(), p.display().to_string()]);
@@ -402,20 +411,23 @@ fn reachable(p: &Path, who: Option<(u32, u32)>) -> bool {
             .all(|dir| std::fs::metadata(dir).is_ok_and(|m| allows(&m, 0o1)))
 }
 
-/// What of a program the sandbox must show: the path it is started by, the
-/// file it resolves to, and for a program of an npm package the whole
-/// `node_modules` it lives in (its dependencies beside it).
+/// What of a program the sandbox must show: for a program of an npm
+/// package, the whole `node_modules` it lives in (its dependencies beside
+/// it, its `.bin` link among them); else the path it is started by and the
+/// file that resolves to.
 fn program_files(program: &Path) -> Vec<PathBuf> {
-    let mut files = vec![program.to_path_buf()];
-    if let Ok(real) = program.canonicalize() {
-        let modules = real
-            .ancestors()
-            .filter(|p| p.file_name().is_some_and(|n| n == "node_modules"))
+    let modules = |p: &Path| {
+        p.ancestors()
+            .filter(|a| a.file_name().is_some_and(|n| n == "node_modules"))
             .last()
-            .map(Path::to_path_buf);
-        files.push(modules.unwrap_or(real));
+            .map(Path::to_path_buf)
+    };
+    let real = program.canonicalize().ok();
+    match (modules(program), real.as_deref().and_then(modules)) {
+        (Some(linked), Some(resolved)) if linked == resolved => vec![linked],
+        (linked, Some(resolved)) => linked.into_iter().chain([resolved]).collect(),
+        (_, None) => std::iter::once(program.to_path_buf()).chain(real).collect(),
     }
-    files
 }
 
 /// `program` as found: itself when it names a path, else the first on
@@ -486,9 +498,10 @@ mod tests {
         std::fs::write(pkg.join("cli.js"), "").unwrap();
         let bin = root.join("node_modules/.bin/cli");
         std::os::unix::fs::symlink("../@scope/cli/cli.js", &bin).unwrap();
-        let files = program_files(&bin);
-        assert_eq!(files[0], bin);
-        assert_eq!(files[1], root.canonicalize().unwrap().join("node_modules"));
+        assert_eq!(program_files(&bin), [root.join("node_modules")]);
+        let plain = root.join("agent");
+        std::fs::write(&plain, "").unwrap();
+        assert_eq!(program_files(&plain), [plain.clone(), plain.canonicalize().unwrap()]);
         assert_eq!(
             which(
                 "cli",

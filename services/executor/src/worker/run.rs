@@ -24,6 +24,7 @@ use crate::events::EventSink;
 use crate::executions::{Execution, NewExecution, StopRequest};
 use crate::git::{self, Checkout, GitError, WorkspaceUser};
 use crate::runners::{RunContext, RunOutcome, RunnerError, Stopped, Verdict};
+use crate::sandbox::Fence;
 use crate::workspace;
 
 /// The span of one attempt, continuing the trace the dispatch sent along.
@@ -96,11 +97,13 @@ impl Worker {
         ))
     }
 
-    /// Who runs git in a workspace after its agent: the agent's user.
-    fn workspace_user(&self) -> WorkspaceUser {
+    /// Who runs git in a workspace after its agent: the agent's user, in
+    /// the agent's sandbox (`fence`).
+    fn workspace_user(&self, fence: Option<Arc<Fence>>) -> WorkspaceUser {
         WorkspaceUser {
             identity: self.agent_user.as_ref().map(|u| (u.uid, u.gid)),
             home: self.agent_user.as_ref().map(|u| u.home.clone()),
+            fence,
         }
     }
 
@@ -222,6 +225,7 @@ impl Worker {
         let commit = prepared.checkout.as_ref().map(|c| BranchCommit {
             checkout: c,
             message: git::commit_message(&phase_name(task.phase), &task.title, &task.id, attempt),
+            fence: ctx.fence.clone(),
         });
         let succeeded = self
             .report_end(&run, outcome, changed, task.timeout_seconds, commit)
@@ -462,7 +466,7 @@ impl Worker {
             None => None,
             Some(c) => match self
                 .git
-                .commit_and_push(c.checkout, &c.message, &self.workspace_user())
+                .commit_and_push(c.checkout, &c.message, &self.workspace_user(c.fence))
                 .await
             {
                 Ok(g) => {
@@ -546,6 +550,8 @@ fn worth_a_last_checkpoint(outcome: &Result<RunOutcome, RunnerError>, run: &Exec
 struct BranchCommit<'a> {
     checkout: &'a Checkout,
     message: String,
+    /// The attempt's sandbox, which git in its workspace runs in too.
+    fence: Option<Arc<Fence>>,
 }
 
 /// A git failure as a report classifies it.
