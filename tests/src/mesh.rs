@@ -187,7 +187,7 @@ pub fn demo_executor_env(workspace_root: &std::path::Path) -> Vec<(String, Strin
         // inside its script, where the sandbox cannot see it: show it the
         // binaries' directory.
         (
-            "OMOI_SANDBOX_READ_ONLY",
+            "OMOI_AGENT_SANDBOX_READ_ONLY",
             binary("omoi-demo-agent")
                 .parent()
                 .map(|d| d.display().to_string())

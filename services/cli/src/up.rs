@@ -220,10 +220,22 @@ impl Launcher {
     }
 
     /// An executor running `runner` (the demo agent for `command`) in
-    /// `workspaces`; a coding agent's key comes from this environment.
-    fn executor(&self, n: u16, port: u16, workspaces: &Path, runner: &str) -> anyhow::Result<Proc> {
+    /// `workspaces`; a coding agent's key comes from this environment. Its
+    /// sandboxed agents may not reach the database or the console, which
+    /// it does not otherwise know of.
+    fn executor(&self, n: u16, port: u16, workspaces: &Path, runner: &str, console: u16) -> anyhow::Result<Proc> {
         let agent = self.bin_dir.join("omoi-demo-agent").display().to_string();
+        let database = self
+            .peers
+            .iter()
+            .find(|(k, _)| k == "DATABASE_URL")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var("DATABASE_URL").ok());
+        let denied: Vec<String> = std::iter::once(format!("127.0.0.1:{console}"))
+            .chain(database)
+            .collect();
         let env = vec![
+            ("OMOI_AGENT_DENIED_ADDRS".to_string(), denied.join(",")),
             ("OMOI_RUNNER".to_string(), runner.to_string()),
             ("OMOI_RUNNER_COMMAND".to_string(), agent),
             ("OMOI_WORKSPACE_ROOT".to_string(), workspaces.display().to_string()),
@@ -321,7 +333,13 @@ impl Up {
         ready(&mut procs[1]).await?;
         ready(&mut procs[2]).await?;
         for i in 0..self.executors {
-            procs.push(launcher.executor(i + 1, ports[3 + i as usize], workspaces, &self.runner)?);
+            procs.push(launcher.executor(
+                i + 1,
+                ports[3 + i as usize],
+                workspaces,
+                &self.runner,
+                self.console_port,
+            )?);
             let last = procs.len() - 1;
             ready(&mut procs[last]).await?;
         }

@@ -280,22 +280,22 @@ pub struct Config {
     /// executor's egress and model proxies). `auto`: where the kernel
     /// allows it, else without, said loudly at start; `on`: refuse to start
     /// without; `off`: never.
-    #[arg(long, env = "OMOI_SANDBOX", value_enum, default_value_t = SandboxMode::Auto)]
+    #[arg(long, env = "OMOI_AGENT_SANDBOX", value_enum, default_value_t = SandboxMode::Auto)]
     pub sandbox: SandboxMode,
 
     /// The bubblewrap program.
-    #[arg(long, env = "OMOI_SANDBOX_BWRAP", default_value = "bwrap")]
+    #[arg(long, env = "OMOI_AGENT_SANDBOX_BWRAP", default_value = "bwrap")]
     pub sandbox_bwrap: String,
 
     /// The program that starts an agent inside its sandbox (run as
     /// `<program> --sandbox-init`): this executor's own binary unless set,
     /// for an executor embedded in another program.
-    #[arg(long, env = "OMOI_SANDBOX_INIT")]
+    #[arg(long, env = "OMOI_AGENT_SANDBOX_INIT")]
     pub sandbox_init: Option<PathBuf>,
 
     /// Paths (comma list) a sandboxed agent may read besides the system,
     /// its program and the directories on its PATH.
-    #[arg(long, env = "OMOI_SANDBOX_READ_ONLY", default_value = "")]
+    #[arg(long, env = "OMOI_AGENT_SANDBOX_READ_ONLY", default_value = "")]
     pub sandbox_read_only: String,
 
     /// Hosts a sandboxed agent may reach through the egress proxy (comma
@@ -305,7 +305,7 @@ pub struct Config {
     #[arg(long, env = "OMOI_AGENT_ALLOWED_HOSTS", default_value = "")]
     pub agent_allowed_hosts: String,
 
-    /// Addresses (`host:port` comma list) of the mesh no agent may reach
+    /// Addresses (`host:port` or URLs, comma list) of the mesh no agent may reach
     /// whatever the allow-list says, besides those this executor knows
     /// (NATS, the services, its own): PostgreSQL, and anything else.
     #[arg(long, env = "OMOI_AGENT_DENIED_ADDRS", default_value = "")]

@@ -8,11 +8,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use futures::StreamExt;
+use omoi_proto::taskqueue as tq;
 use omoi_proto::ticket as pb;
 use omoi_tests::http::{Reply, Server};
 use omoi_tests::mesh::{Options, ProcessMesh};
 use omoi_tests::model_api::{Cli, ModelApi};
-use omoi_tests::{Infra, file_ticket, wait_ticket};
+use omoi_tests::{Infra, client, file_ticket, wait_ticket};
 
 const COMPLETED: i32 = 3;
 const SECRET: &str = "sk-ant-sandboxed-do-not-leak";
@@ -139,8 +141,8 @@ echo "$r"
         ("OMOI_RUNNER_COMMAND", format!("bash {}", script.display())),
         ("OMOI_RUNNER_ENV_ALLOW", "PATH".into()),
         ("OMOI_AGENT_USER", "nobody".into()),
-        ("OMOI_SANDBOX", "on".into()),
-        ("OMOI_SANDBOX_READ_ONLY", scripts.display().to_string()),
+        ("OMOI_AGENT_SANDBOX", "on".into()),
+        ("OMOI_AGENT_SANDBOX_READ_ONLY", scripts.display().to_string()),
         // Every port of this machine: only the mesh's own stay shut.
         ("OMOI_AGENT_ALLOWED_HOSTS", "127.0.0.1".into()),
         ("OMOI_AGENT_DENIED_ADDRS", format!("127.0.0.1:{pg}")),
@@ -210,7 +212,7 @@ async fn claude_code_in_the_sandbox_works_through_the_model_proxy_without_its_ke
     .unwrap();
     let mut env = api.executor_env(Cli::Claude, &home, SECRET);
     env.extend([
-        ("OMOI_SANDBOX".to_owned(), "on".to_owned()),
+        ("OMOI_AGENT_SANDBOX".to_owned(), "on".to_owned()),
         ("OMOI_AGENT_USER".to_owned(), "nobody".to_owned()),
     ]);
     mesh.add_executor(&infra, &env).await.unwrap();
@@ -237,6 +239,30 @@ async fn claude_code_in_the_sandbox_works_through_the_model_proxy_without_its_ke
     );
     assert!(conversation.contains("ANTHROPIC_BASE_URL=http://127.0.0.1:13129"));
     assert!(!conversation.contains(SECRET));
+    // The proxy counted what the answers said was used: a second source,
+    // in the run's output, the same as the agent's own account.
+    let t = api.tally();
+    let counted = format!(
+        "model proxy counted {} answers: {} input, {} output, {} cache read, {} cache write tokens",
+        t.answers, t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens
+    );
+    let output: Vec<String> = client(&mesh.task_queue.url)
+        .stream_task_output(tq::StreamTaskOutputRequest {
+            task_id: done.tasks[0].id.clone(),
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|m| m.unwrap().event.unwrap().text)
+        .collect()
+        .await;
+    assert!(output.contains(&counted), "{counted:?} not in {output:#?}");
+    let usage = done.tasks[0].usage.as_ref().unwrap();
+    assert_eq!(
+        (usage.input_tokens, usage.output_tokens),
+        (t.input_tokens, t.output_tokens)
+    );
     // Nothing the agent had or wrote holds the key: its workspace, its home,
     // the executor's state; nor does anything the mesh reports.
     assert_eq!(files_holding(&mesh.workspace_root, SECRET), Vec::<PathBuf>::new());

@@ -132,8 +132,34 @@ impl<C: Cli> Runner for CliRunner<C> {
         .await?;
         let mut outcome = RunOutcome::from(ended);
         outcome.usage = stream.usage();
+        // The model proxy's count: said beside the agent's, and its usage
+        // when the agent said none (killed, or a CLI that never reports).
+        let metered = ctx.fence.as_ref().and_then(|f| f.metered());
+        let mut from_proxy = false;
+        if let Some(m) = &metered {
+            out.line(
+                OutputStream::System,
+                format!(
+                    "model proxy counted {} answers: {} input, {} output, {} cache read, {} cache write tokens",
+                    m.responses, m.input_tokens, m.output_tokens, m.cache_read_tokens, m.cache_write_tokens
+                ),
+            );
+            if outcome.usage.is_none() {
+                outcome.usage = Some(Usage {
+                    input_tokens: m.input_tokens,
+                    output_tokens: m.output_tokens,
+                    cache_read_tokens: m.cache_read_tokens,
+                    cache_write_tokens: m.cache_write_tokens,
+                    model: self.cli.model.clone().unwrap_or_else(|| m.model.clone()),
+                    turns: m.responses as i32,
+                    duration_ms: outcome.duration.as_millis() as i64,
+                    ..Default::default()
+                });
+                from_proxy = true;
+            }
+        }
         if let Some(usage) = outcome.usage.as_mut()
-            && !C::REPORTS_COST
+            && (!C::REPORTS_COST || from_proxy)
             && !self.prices.estimate(usage)
         {
             out.line(

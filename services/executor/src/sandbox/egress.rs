@@ -62,6 +62,9 @@ impl Rules {
         if !self.allow.permits(host, port) {
             return Err(Refusal::NotAllowed);
         }
+        if self.denied.names(host, port) {
+            return Err(Refusal::Mesh);
+        }
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, port))
             .await

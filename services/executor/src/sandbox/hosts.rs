@@ -96,27 +96,50 @@ fn split_port(entry: &str) -> Option<(&str, Option<u16>)> {
     }
 }
 
-/// The mesh's own addresses, which no agent may reach.
+/// The mesh's own addresses, which no agent may reach: as they resolved
+/// at start, and by name (one that did not resolve then is still refused
+/// by its name).
 #[derive(Debug, Clone, Default)]
-pub struct Denied(Vec<SocketAddr>);
+pub struct Denied {
+    addrs: Vec<SocketAddr>,
+    names: Vec<(String, u16)>,
+}
 
 impl Denied {
-    /// The addresses of `endpoints` (URLs or `host:port`), as they resolve
-    /// now; one that does not resolve is refused, named by `setting`.
+    /// The addresses of `endpoints` (setting, URL or `host:port`); one whose
+    /// address cannot be told is refused, named by its setting.
     pub fn resolve<'a>(endpoints: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, String> {
-        let mut all = Vec::new();
+        let mut denied = Denied::default();
         for (setting, endpoint) in endpoints {
             let Some(hostport) = host_port(endpoint) else {
                 return Err(format!("{setting}: cannot tell the address of {endpoint:?}"));
             };
-            let resolved = hostport
-                .to_socket_addrs()
-                .map_err(|e| format!("{setting}: cannot resolve {hostport}: {e}"))?;
-            all.extend(resolved);
+            if let Some((host, port)) = hostport.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse().ok()?))) {
+                let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+                denied.names.push((host, port));
+            }
+            match hostport.to_socket_addrs() {
+                Ok(resolved) => denied.addrs.extend(resolved),
+                Err(e) => tracing::warn!(
+                    setting,
+                    endpoint = %hostport,
+                    error = %e,
+                    "a mesh address does not resolve now; agents are refused it by name"
+                ),
+            }
         }
-        all.sort();
-        all.dedup();
-        Ok(Denied(all))
+        denied.addrs.sort();
+        denied.addrs.dedup();
+        Ok(denied)
+    }
+
+    /// Whether `host` (as the agent asked for it) on `port` names one of
+    /// the mesh's endpoints.
+    pub fn names(&self, host: &str, port: u16) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.');
+        self.names
+            .iter()
+            .any(|(h, p)| *p == port && h.eq_ignore_ascii_case(host))
     }
 
     /// Whether `to` is one of the mesh's addresses: the same address and
@@ -124,7 +147,7 @@ impl Denied {
     /// (loopback, every interface, or one of the machine's own addresses —
     /// all of which reach the same listener).
     pub fn covers(&self, to: SocketAddr) -> bool {
-        self.0.iter().any(|d| {
+        self.addrs.iter().any(|d| {
             d.port() == to.port() && (d.ip() == to.ip() || (on_this_machine(d.ip()) && on_this_machine(to.ip())))
         })
     }
@@ -235,11 +258,12 @@ mod tests {
             !denied.covers(at("192.0.2.1:4222")),
             "another machine's port is not the mesh's"
         );
-        assert!(
-            Denied::resolve([("X", "no-such-host.invalid:1")])
-                .unwrap_err()
-                .contains("X")
-        );
+        assert!(denied.names("LOCALHOST", 5432));
+        // A name that does not resolve (yet) is still refused by name.
+        let later = Denied::resolve([("X", "omoi-console.invalid:8080")]).unwrap();
+        assert!(later.names("omoi-console.invalid", 8080));
+        assert!(!later.names("omoi-console.invalid", 8081));
+        assert!(Denied::resolve([("X", "ftp://x")]).unwrap_err().contains("X"));
     }
 
     #[test]

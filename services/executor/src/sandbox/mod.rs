@@ -1,4 +1,4 @@
-//! The sandbox around every agent run (`OMOI_SANDBOX`): bubblewrap gives
+//! The sandbox around every agent run (`OMOI_AGENT_SANDBOX`): bubblewrap gives
 //! the agent's process tree network, PID, IPC, UTS and user namespaces of
 //! its own and a filesystem of the read-only system, its program, its
 //! workspace and its home — not the executor's state, other attempts'
@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::agent_user::AgentUser;
 use crate::config::{Config, SandboxMode};
-pub use model::{KeyHeader, ModelRoute, PLACEHOLDER_KEY};
+pub use model::{KeyHeader, Metered, ModelRoute, PLACEHOLDER_KEY};
 
 /// The loopback port inside the sandbox that reaches the egress proxy.
 pub const EGRESS_PORT: u16 = 13128;
@@ -106,7 +106,7 @@ fn fences_dir(state: &Path) -> std::io::Result<PathBuf> {
 }
 
 impl Sandbox {
-    /// The sandbox `OMOI_SANDBOX` asks for, checked on this machine by
+    /// The sandbox `OMOI_AGENT_SANDBOX` asks for, checked on this machine by
     /// starting one as `user` (None: the executor's own user); None when
     /// off, or when `auto` and the machine cannot (said loudly). `model`:
     /// where the agent's model calls go.
@@ -118,24 +118,26 @@ impl Sandbox {
         let allow = hosts::AllowList::parse(&config.agent_allowed_hosts).map_err(anyhow::Error::msg)?;
         if config.sandbox == SandboxMode::Off {
             omoi_runtime::metrics::AGENT_SANDBOX.set(0);
-            tracing::warn!("OMOI_SANDBOX=off: agents run without a sandbox, with this machine's network and files");
+            tracing::warn!(
+                "OMOI_AGENT_SANDBOX=off: agents run without a sandbox, with this machine's network and files"
+            );
             return Ok(None);
         }
         let identity = user.map(|u| (u.uid, u.gid));
         let found = which(&config.sandbox_bwrap, std::env::var("PATH").ok().as_deref());
         let checked = found
-            .ok_or_else(|| format!("{} (OMOI_SANDBOX_BWRAP) is not installed", config.sandbox_bwrap))
+            .ok_or_else(|| format!("{} (OMOI_AGENT_SANDBOX_BWRAP) is not installed", config.sandbox_bwrap))
             .and_then(|bwrap| probe(&bwrap, identity).map(|took| (bwrap, took)));
         let (bwrap, took) = match (checked, config.sandbox) {
             (Ok(found), _) => found,
             (Err(why), SandboxMode::On) => {
-                anyhow::bail!("OMOI_SANDBOX=on, but agents cannot be sandboxed on this machine: {why}")
+                anyhow::bail!("OMOI_AGENT_SANDBOX=on, but agents cannot be sandboxed on this machine: {why}")
             }
             (Err(why), _) => {
                 omoi_runtime::metrics::AGENT_SANDBOX.set(0);
                 tracing::error!(
                     reason = %why,
-                    "AGENTS RUN WITHOUT A SANDBOX: this machine cannot sandbox them (OMOI_SANDBOX=auto); \
+                    "AGENTS RUN WITHOUT A SANDBOX: this machine cannot sandbox them (OMOI_AGENT_SANDBOX=auto); \
                      they can reach the network, the mesh and this machine's files as their user can"
                 );
                 return Ok(None);
@@ -212,6 +214,7 @@ impl Sandbox {
             sandbox: Arc::clone(self),
             dir: dir.clone(),
             stop: stop.clone(),
+            metered: Default::default(),
         };
         let egress = self.socket(&dir.join("e.sock"))?;
         tokio::spawn(egress::serve(
@@ -222,7 +225,13 @@ impl Sandbox {
         ));
         if let Some(route) = &self.model {
             let model = self.socket(&dir.join("m.sock"))?;
-            tokio::spawn(model::serve(model, Arc::clone(route), who, stop));
+            tokio::spawn(model::serve(
+                model,
+                Arc::clone(route),
+                who,
+                Arc::clone(&fence.metered),
+                stop,
+            ));
         }
         Ok(fence)
     }
@@ -243,6 +252,8 @@ pub struct Fence {
     sandbox: Arc<Sandbox>,
     dir: PathBuf,
     stop: CancellationToken,
+    /// What the model proxy counted in this attempt's answers.
+    metered: Arc<std::sync::Mutex<Metered>>,
 }
 
 impl std::fmt::Debug for Fence {
@@ -259,9 +270,16 @@ impl Drop for Fence {
 }
 
 impl Fence {
+    /// What the model proxy counted in the attempt's answers so far; None
+    /// when no answer carried a usage.
+    pub fn metered(&self) -> Option<Metered> {
+        let m = self.metered.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        (m.responses > 0).then_some(m)
+    }
+
     /// The program that starts the sandbox, and the setting naming it.
     pub fn program(&self) -> (&Path, &'static str) {
-        (&self.sandbox.bwrap, "OMOI_SANDBOX_BWRAP")
+        (&self.sandbox.bwrap, "OMOI_AGENT_SANDBOX_BWRAP")
     }
 
     /// The variables the agent gets inside: the egress proxy for whatever

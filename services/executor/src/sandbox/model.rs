@@ -136,8 +136,15 @@ impl ModelRoute {
     }
 }
 
-/// Serves the proxy on `listener` for `attempt` until `stop`.
-pub async fn serve(listener: UnixListener, route: Arc<ModelRoute>, attempt: Attempt, stop: CancellationToken) {
+/// Serves the proxy on `listener` for `attempt` until `stop`, counting
+/// what the answers say was used into `tally`.
+pub async fn serve(
+    listener: UnixListener,
+    route: Arc<ModelRoute>,
+    attempt: Attempt,
+    tally: Arc<std::sync::Mutex<Metered>>,
+    stop: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -147,10 +154,11 @@ pub async fn serve(listener: UnixListener, route: Arc<ModelRoute>, attempt: Atte
             },
         };
         let (route, attempt, stop) = (Arc::clone(&route), attempt.clone(), stop.clone());
+        let tally = Arc::clone(&tally);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let (route, attempt) = (Arc::clone(&route), attempt.clone());
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &route, &attempt).await) }
+                let (route, attempt, tally) = (Arc::clone(&route), attempt.clone(), Arc::clone(&tally));
+                async move { Ok::<_, std::convert::Infallible>(handle(req, &route, &attempt, tally).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             tokio::select! {
@@ -161,7 +169,12 @@ pub async fn serve(listener: UnixListener, route: Arc<ModelRoute>, attempt: Atte
     }
 }
 
-async fn handle(req: Request<Incoming>, route: &ModelRoute, attempt: &Attempt) -> Response<Body> {
+async fn handle(
+    req: Request<Incoming>,
+    route: &ModelRoute,
+    attempt: &Attempt,
+    tally: Arc<std::sync::Mutex<Metered>>,
+) -> Response<Body> {
     let req = match route.outgoing(req) {
         Ok(r) => r,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("omoi model proxy: {e}\n")),
@@ -171,7 +184,15 @@ async fn handle(req: Request<Incoming>, route: &ModelRoute, attempt: &Attempt) -
             for h in HOP_BY_HOP {
                 resp.headers_mut().remove(h);
             }
-            resp.map(BodyExt::boxed)
+            let header = route.header;
+            resp.map(|inner| {
+                MeteredBody {
+                    inner,
+                    scan: Some(Scan::new(header)),
+                    tally,
+                }
+                .boxed()
+            })
         }
         Err(e) => {
             tracing::warn!(
@@ -189,5 +210,253 @@ async fn handle(req: Request<Incoming>, route: &ModelRoute, attempt: &Attempt) -
                 ),
             )
         }
+    }
+}
+
+/// What the model proxy counted in the answers of one attempt's model
+/// API: a second source for its usage, beside what the agent reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metered {
+    pub responses: u32,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_read_tokens: i64,
+    pub cache_write_tokens: i64,
+    /// The model the last answer named.
+    pub model: String,
+}
+
+/// The usage one answer carries, read from its lines as they stream by
+/// (server-sent events, or a JSON body).
+struct Scan {
+    api: KeyHeader,
+    line: Vec<u8>,
+    /// The whole body while it is small, for a JSON answer over many lines.
+    body: Vec<u8>,
+    seen: Metered,
+    found: bool,
+}
+
+/// The most of a body kept to read as one JSON document.
+const BODY_KEPT: usize = 1 << 20;
+
+impl Scan {
+    fn new(api: KeyHeader) -> Self {
+        Scan {
+            api,
+            line: Vec::new(),
+            body: Vec::new(),
+            seen: Metered::default(),
+            found: false,
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        if self.body.len() + data.len() <= BODY_KEPT {
+            self.body.extend_from_slice(data);
+        } else {
+            self.body = Vec::new();
+        }
+        for &b in data {
+            if b == b'\n' {
+                let line = std::mem::take(&mut self.line);
+                self.line_of(&line);
+            } else if self.line.len() < BODY_KEPT {
+                self.line.push(b);
+            }
+        }
+    }
+
+    fn line_of(&mut self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim();
+        let json = text.strip_prefix("data:").map(str::trim).unwrap_or(text);
+        if json.starts_with('{')
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(json)
+        {
+            self.value(&v);
+        }
+    }
+
+    /// Reads the usage `v` (an event or a whole answer) carries.
+    fn value(&mut self, v: &serde_json::Value) {
+        let n = |v: &serde_json::Value| v.as_i64().unwrap_or(0);
+        let s = &mut self.seen;
+        match self.api {
+            KeyHeader::XApiKey => {
+                let (usage, model) = match v["type"].as_str() {
+                    Some("message_start") => (&v["message"]["usage"], &v["message"]["model"]),
+                    Some("message_delta") | Some("message") => (&v["usage"], &v["model"]),
+                    _ => return,
+                };
+                for (field, slot) in [
+                    ("input_tokens", &mut s.input_tokens),
+                    ("output_tokens", &mut s.output_tokens),
+                    ("cache_read_input_tokens", &mut s.cache_read_tokens),
+                    ("cache_creation_input_tokens", &mut s.cache_write_tokens),
+                ] {
+                    // Later events restate a count: the last one holds.
+                    if usage[field].is_i64() {
+                        *slot = n(&usage[field]);
+                        self.found = true;
+                    }
+                }
+                if let Some(m) = model.as_str() {
+                    s.model = m.to_owned();
+                }
+            }
+            KeyHeader::Bearer => {
+                let response = match v["type"].as_str() {
+                    Some("response.completed") => &v["response"],
+                    _ if v["object"] == "response" => v,
+                    _ => return,
+                };
+                let usage = &response["usage"];
+                if usage.is_object() {
+                    let cached = n(&usage["input_tokens_details"]["cached_tokens"]);
+                    s.input_tokens = n(&usage["input_tokens"]) - cached;
+                    s.cache_read_tokens = cached;
+                    s.output_tokens = n(&usage["output_tokens"]);
+                    self.found = true;
+                }
+                if let Some(m) = response["model"].as_str() {
+                    s.model = m.to_owned();
+                }
+            }
+            KeyHeader::GoogApiKey => {
+                let usage = &v["usageMetadata"];
+                if usage.is_object() {
+                    // Each chunk restates the answer's counts so far.
+                    let cached = n(&usage["cachedContentTokenCount"]);
+                    s.input_tokens = n(&usage["promptTokenCount"]) - cached;
+                    s.cache_read_tokens = cached;
+                    s.output_tokens = n(&usage["candidatesTokenCount"]) + n(&usage["thoughtsTokenCount"]);
+                    self.found = true;
+                }
+                if let Some(m) = v["modelVersion"].as_str() {
+                    s.model = m.to_owned();
+                }
+            }
+        }
+    }
+
+    /// The answer ended: what it carried.
+    fn finish(&mut self) -> Option<Metered> {
+        let rest = std::mem::take(&mut self.line);
+        self.line_of(&rest);
+        if !self.found
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.body)
+        {
+            // A JSON answer spread over lines.
+            match &v {
+                serde_json::Value::Array(chunks) => chunks.iter().for_each(|c| self.value(c)),
+                one => self.value(one),
+            }
+        }
+        self.found.then(|| std::mem::take(&mut self.seen))
+    }
+}
+
+/// An answer's body on its way to the agent, its usage counted into the
+/// attempt's tally as it passes (and when it ends or is dropped).
+pub struct MeteredBody {
+    inner: Incoming,
+    scan: Option<Scan>,
+    tally: Arc<std::sync::Mutex<Metered>>,
+}
+
+impl MeteredBody {
+    fn count(&mut self) {
+        if let Some(seen) = self.scan.take().and_then(|mut s| s.finish()) {
+            let mut t = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+            t.responses += 1;
+            t.input_tokens += seen.input_tokens;
+            t.output_tokens += seen.output_tokens;
+            t.cache_read_tokens += seen.cache_read_tokens;
+            t.cache_write_tokens += seen.cache_write_tokens;
+            if !seen.model.is_empty() {
+                t.model = seen.model;
+            }
+        }
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        self.count();
+    }
+}
+
+impl hyper::body::Body for MeteredBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(scan)) = (frame.data_ref(), this.scan.as_mut()) {
+                    scan.feed(data);
+                }
+            }
+            std::task::Poll::Ready(None) => this.count(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(api: KeyHeader, body: &str) -> Option<Metered> {
+        let mut s = Scan::new(api);
+        // In pieces that split lines, as a stream does.
+        for piece in body.as_bytes().chunks(7) {
+            s.feed(piece);
+        }
+        s.finish()
+    }
+
+    #[test]
+    fn each_apis_answers_are_counted_streamed_or_whole() {
+        let messages = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":110,\"output_tokens\":1,\"cache_read_input_tokens\":20,\"cache_creation_input_tokens\":10}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":31}}\n\n";
+        let m = scan(KeyHeader::XApiKey, messages).unwrap();
+        assert_eq!(
+            (
+                m.input_tokens,
+                m.output_tokens,
+                m.cache_read_tokens,
+                m.cache_write_tokens,
+                m.model.as_str()
+            ),
+            (110, 31, 20, 10, "claude-sonnet-4-5")
+        );
+        let responses = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-5-codex\",\"usage\":{\"input_tokens\":130,\"input_tokens_details\":{\"cached_tokens\":20},\"output_tokens\":31}}}\n\n";
+        let m = scan(KeyHeader::Bearer, responses).unwrap();
+        assert_eq!((m.input_tokens, m.cache_read_tokens, m.output_tokens), (110, 20, 31));
+        let gemini = "data: {\"candidates\":[],\"usageMetadata\":{\"promptTokenCount\":10,\"candidatesTokenCount\":1}}\r\n\r\ndata: {\"usageMetadata\":{\"promptTokenCount\":130,\"cachedContentTokenCount\":20,\"candidatesTokenCount\":31},\"modelVersion\":\"gemini-2.5-flash\"}\r\n\r\n";
+        let m = scan(KeyHeader::GoogApiKey, gemini).unwrap();
+        assert_eq!((m.input_tokens, m.cache_read_tokens, m.output_tokens), (110, 20, 31));
+        let whole = "{\n  \"type\": \"message\",\n  \"model\": \"claude-haiku-4-5\",\n  \"usage\": {\"input_tokens\": 5, \"output_tokens\": 7}\n}";
+        let m = scan(KeyHeader::XApiKey, whole).unwrap();
+        assert_eq!(
+            (m.input_tokens, m.output_tokens, m.model.as_str()),
+            (5, 7, "claude-haiku-4-5")
+        );
+        assert_eq!(scan(KeyHeader::XApiKey, "{\"type\":\"error\"}"), None);
     }
 }
