@@ -48,6 +48,46 @@ pub struct Backing {
     pub notes: Vec<String>,
 }
 
+/// Where `omoi up` keeps the mesh's bearer token.
+pub fn token_file(state: &Path) -> PathBuf {
+    state.join("auth-token")
+}
+
+/// The bearer token of the mesh `omoi up` runs: None when
+/// OMOI_AUTH_TOKEN(_FILE) gives one (the services read it themselves), else
+/// the file holding the mesh's own, made once (32 random bytes, hex; mode
+/// 0600) and kept in the state directory, where the CLI finds it too.
+pub fn mesh_token(state: &Path) -> anyhow::Result<Option<PathBuf>> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    if given("OMOI_AUTH_TOKEN") {
+        return Ok(None);
+    }
+    let file = token_file(state);
+    if !file.exists() {
+        std::fs::create_dir_all(state)?;
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)?
+            .write_all(hex.as_bytes())?;
+    }
+    Ok(Some(file))
+}
+
+/// The token of the mesh `omoi up` runs on this machine, for the CLI when
+/// it was given none and talks to services on this machine.
+pub fn local_token() -> Option<String> {
+    std::fs::read_to_string(token_file(&state_dir()))
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+}
+
 fn given(name: &str) -> bool {
     [name.to_owned(), format!("{name}_FILE")]
         .iter()

@@ -426,8 +426,29 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Whether `url` names this machine's loopback.
+fn on_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let connector = &Connector::new(cli.auth_token.as_deref(), &cli.tls)?;
+    // Given no token, the CLI presents the local mesh's to services on this
+    // machine (never to another).
+    let loopback = [&cli.ticket_url, &cli.task_queue_url, &cli.health_url]
+        .iter()
+        .all(|u| on_loopback(u));
+    let token = cli
+        .auth_token
+        .clone()
+        .or_else(|| loopback.then(local::local_token).flatten());
+    let connector = &Connector::new(token.as_deref(), &cli.tls)?;
     match cli.command {
         Command::Up(up) => up.run().await,
         Command::Create {
@@ -669,6 +690,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "omoi", &mut std::io::stdout());
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_machines_services_get_the_local_token() {
+        for url in [
+            "http://127.0.0.1:50051",
+            "https://localhost:1",
+            "http://[::1]:5",
+            "127.0.0.2:9",
+        ] {
+            assert!(on_loopback(url), "{url}");
+        }
+        for url in [
+            "http://omoi.example:50051",
+            "https://10.0.0.1",
+            "http://127.0.0.1.evil.example",
+        ] {
+            assert!(!on_loopback(url), "{url}");
         }
     }
 }

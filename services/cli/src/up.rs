@@ -171,7 +171,7 @@ fn url(port: u16) -> String {
 }
 
 impl Launcher {
-    fn new(logs: PathBuf, ports: &[u16], backing: &Backing) -> anyhow::Result<Self> {
+    fn new(logs: PathBuf, ports: &[u16], backing: &Backing, token: Option<&Path>) -> anyhow::Result<Self> {
         let bin_dir = std::env::current_exe()?
             .parent()
             .map(Path::to_path_buf)
@@ -193,6 +193,11 @@ impl Launcher {
         }
         if let Some(nats) = &backing.nats_url {
             peers.push(("NATS_URL".into(), nats.clone()));
+        }
+        // Every service requires the mesh's token of the others and of
+        // clients (an agent on this machine cannot just call them).
+        if let Some(file) = token {
+            peers.push(("OMOI_AUTH_TOKEN_FILE".into(), file.display().to_string()));
         }
         Ok(Self { bin_dir, logs, peers })
     }
@@ -270,11 +275,13 @@ impl Up {
         let workspaces = self.workspace_root.clone().unwrap_or_else(|| base.join("workspaces"));
         std::fs::create_dir_all(&logs)?;
         std::fs::create_dir_all(&workspaces)?;
-        let mut backing = Backing::prepare(&local::state_dir()).await?;
+        let state = local::state_dir();
+        let token_file = local::mesh_token(&state)?;
+        let mut backing = Backing::prepare(&state).await?;
         for note in &backing.notes {
             println!("omoi: {note}");
         }
-        let launcher = match Launcher::new(logs.clone(), &ports, &backing) {
+        let launcher = match Launcher::new(logs.clone(), &ports, &backing, token_file.as_deref()) {
             Ok(launcher) => launcher,
             Err(e) => {
                 backing.stop().await;
@@ -296,9 +303,12 @@ impl Up {
                     Some(r) => r.clone(),
                     None => sample_repository(&base)?.display().to_string(),
                 };
-                Some(self.sample(&url(ports[0]), &workspaces, &repository).await?)
+                Some(
+                    self.sample(&url(ports[0]), &workspaces, &repository, token_file.as_deref())
+                        .await?,
+                )
             };
-            print_hints(&ports, self.console_port);
+            print_hints(&ports, self.console_port, token_file.as_deref());
             if !self.exit_when_done {
                 println!("Ctrl-C stops everything.");
                 wait_for_stop().await?;
@@ -355,11 +365,19 @@ impl Up {
     }
 
     /// Files the sample ticket and follows it; returns its final status.
-    async fn sample(&self, ticket_url: &str, workspaces: &Path, repository: &str) -> anyhow::Result<i32> {
-        let connector = Connector::new(
-            std::env::var("OMOI_AUTH_TOKEN").ok().as_deref(),
-            &omoi_runtime::tls::TlsArgs::default(),
-        )?;
+    async fn sample(
+        &self,
+        ticket_url: &str,
+        workspaces: &Path,
+        repository: &str,
+        token_file: Option<&Path>,
+    ) -> anyhow::Result<i32> {
+        let token = std::env::var("OMOI_AUTH_TOKEN")
+            .ok()
+            .or_else(|| omoi_runtime::config::secret_file(&std::env::var("OMOI_AUTH_TOKEN_FILE").ok()?).ok())
+            .or_else(|| std::fs::read_to_string(token_file?).ok())
+            .map(|t| t.trim().to_owned());
+        let connector = Connector::new(token.as_deref(), &omoi_runtime::tls::TlsArgs::default())?;
         let mut client = tickets(ticket_url, &connector)?;
         let created = client
             .create_ticket(pb::CreateTicketRequest {
@@ -393,27 +411,41 @@ impl Up {
     }
 }
 
-fn print_hints(ports: &[u16], console: u16) {
+fn print_hints(ports: &[u16], console: u16, token_file: Option<&Path>) {
     println!();
     println!("The mesh is up. The console: http://127.0.0.1:{console}/");
+    // The token itself is never printed: it is read where it is kept.
+    let (curl, grpc) = match token_file {
+        Some(file) => {
+            println!(
+                "Every service asks for the mesh's bearer token, kept in {} (the omoi CLI reads it there; the console asks for it once).",
+                file.display()
+            );
+            (
+                format!(" -H \"Authorization: Bearer $(cat {})\"", file.display()),
+                format!(" -H \"authorization: Bearer $(cat {})\"", file.display()),
+            )
+        }
+        None => (String::new(), String::new()),
+    };
     println!("Try, from another terminal:");
-    println!("  curl http://127.0.0.1:{console}/v1/tickets");
-    println!("  curl -d '{{\"title\":\"Write a changelog\"}}' http://127.0.0.1:{console}/v1/tickets");
-    println!("  grpcurl -plaintext 127.0.0.1:{} list", ports[0]);
+    println!("  curl{curl} http://127.0.0.1:{console}/v1/tickets");
+    println!("  curl{curl} -d '{{\"title\":\"Write a changelog\"}}' http://127.0.0.1:{console}/v1/tickets");
+    println!("  grpcurl -plaintext{grpc} 127.0.0.1:{} list", ports[0]);
     println!(
-        "  grpcurl -plaintext -d '{{\"title\":\"Write a changelog\"}}' 127.0.0.1:{} omoi.ticket.v1.TicketService/CreateTicket",
+        "  grpcurl -plaintext{grpc} -d '{{\"title\":\"Write a changelog\"}}' 127.0.0.1:{} omoi.ticket.v1.TicketService/CreateTicket",
         ports[0]
     );
     println!(
-        "  grpcurl -plaintext 127.0.0.1:{} omoi.taskqueue.v1.TaskQueueService/GetQueueStats",
+        "  grpcurl -plaintext{grpc} 127.0.0.1:{} omoi.taskqueue.v1.TaskQueueService/GetQueueStats",
         ports[1]
     );
     println!(
-        "  grpcurl -plaintext 127.0.0.1:{} omoi.health.v1.AgentHealthService/ListAgents",
+        "  grpcurl -plaintext{grpc} 127.0.0.1:{} omoi.health.v1.AgentHealthService/ListAgents",
         ports[2]
     );
     if let Some(executor) = ports.get(3) {
-        println!("  grpcurl -plaintext 127.0.0.1:{executor} omoi.executor.v1.ExecutorService/ListExecutions");
+        println!("  grpcurl -plaintext{grpc} 127.0.0.1:{executor} omoi.executor.v1.ExecutorService/ListExecutions");
     }
 }
 

@@ -3,7 +3,8 @@
 //! nothing listens at 127.0.0.1:5432 or :4222, with DATABASE_URL and
 //! NATS_URL unset, it starts a private PostgreSQL cluster and nats-server
 //! under OMOI_STATE_DIR, completes the sample ticket, stops them, and reuses
-//! the cluster on the next run.
+//! the cluster on the next run; every service requires the bearer token it
+//! made and keeps in the state directory.
 
 use std::path::Path;
 use std::process::Output;
@@ -41,6 +42,18 @@ async fn up_brings_its_own_postgres_and_nats_when_the_machines_are_out_of_reach(
     assert!(out.contains("console      http://127.0.0.1:8080"), "{out}");
     let data = state.join("postgres/data");
     assert!(!data.join("postmaster.pid").exists(), "the cluster stops with the mesh");
+    // The mesh had a token of its own, kept where the CLI finds it, never
+    // printed.
+    let token_file = state.join("auth-token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(token.len(), 64, "{token:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(out.contains("Every service asks for the mesh's bearer token"), "{out}");
+    assert!(!out.contains(&token) && !String::from_utf8_lossy(&first.stderr).contains(&token));
 
     let second = up_alone(&state).await;
     let out = String::from_utf8_lossy(&second.stdout);
@@ -49,5 +62,10 @@ async fn up_brings_its_own_postgres_and_nats_when_the_machines_are_out_of_reach(
     assert!(out.contains("PostgreSQL: a private cluster in"), "{out}");
     assert!(out.contains(" is COMPLETED."), "{out}");
     assert!(!data.join("postmaster.pid").exists());
+    assert_eq!(
+        std::fs::read_to_string(&token_file).unwrap(),
+        token,
+        "the token is kept"
+    );
     std::fs::remove_dir_all(&state).unwrap();
 }
