@@ -128,16 +128,37 @@ pub struct PrivateNats {
     pub port: u16,
     pub dir: PathBuf,
     child: Option<Child>,
+    /// A configuration file it runs with, when it has one.
+    config: Option<PathBuf>,
 }
 
 impl PrivateNats {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// One that runs with `config` (nats-server's configuration syntax:
+    /// authorization, say) besides the usual flags.
+    pub async fn start_with_config(config: &str) -> anyhow::Result<Self> {
+        Self::start_with(Some(config)).await
+    }
+
+    async fn start_with(config: Option<&str>) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("omoi-nats-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
+        let config = match config {
+            Some(text) => {
+                let file = dir.join("nats.conf");
+                std::fs::write(&file, text)?;
+                Some(file)
+            }
+            None => None,
+        };
         let mut nats = Self {
             port: free_port(),
-            dir,
+            dir: dir.clone(),
             child: None,
+            config,
         };
         nats.restart().await?;
         Ok(nats)
@@ -149,9 +170,13 @@ impl PrivateNats {
 
     /// Starts it (again), on the same port and storage.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        let child = Command::new(nats_server_binary())
+        let mut command = Command::new(nats_server_binary());
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(&self.dir)
+            .arg(self.dir.join("store"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)

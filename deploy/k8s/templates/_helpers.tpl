@@ -50,7 +50,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s://%s-%s.%s.svc:%v" $scheme (include "omoi.fullname" .root) .component .root.Release.Namespace .port -}}
 {{- end -}}
 
-{{/* Environment every container shares: config, secrets and peers. */}}
+{{/* Environment every service's container has: its database and NATS,
+     then what it shares with executors. */}}
 {{- define "omoi.env" -}}
 - name: DATABASE_URL
   valueFrom:
@@ -62,6 +63,12 @@ app.kubernetes.io/component: {{ .component }}
     secretKeyRef:
       name: {{ include "omoi.secretName" . }}
       key: NATS_URL
+{{ include "omoi.peerEnv" . }}
+{{- end -}}
+
+{{/* Environment executors share with the services: secrets, peers, TLS
+     (no database: executors never use one). */}}
+{{- define "omoi.peerEnv" -}}
 - name: OMOI_AUTH_TOKEN
   valueFrom:
     secretKeyRef:

@@ -3,6 +3,7 @@
 //! consumers services react to each other's events through. The relay that
 //! fills the events stream from the PostgreSQL outbox is `omoi-base`'s.
 
+pub mod auth;
 pub mod consumer;
 
 use std::time::Duration;
@@ -169,7 +170,13 @@ impl Topology {
 /// Connects to NATS; the client reconnects by itself for as long as the
 /// process lives, and buffers publications meanwhile.
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusError> {
-    async_nats::ConnectOptions::new()
+    // The URL's credentials, which the client library leaves to us.
+    let options = match auth::credentials(url) {
+        Some((user, Some(password))) => async_nats::ConnectOptions::with_user_and_password(user, password),
+        Some((token, None)) => async_nats::ConnectOptions::with_token(token),
+        None => async_nats::ConnectOptions::new(),
+    };
+    options
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -177,7 +184,7 @@ pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusErr
         .connect(url)
         .await
         .map_err(|source| BusError::Connect {
-            url: url.to_owned(),
+            url: auth::redacted(url),
             source,
         })
 }

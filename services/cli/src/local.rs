@@ -42,6 +42,9 @@ pub struct Backing {
     /// To hand to the services; None when their environment already says.
     pub database_url: Option<String>,
     pub nats_url: Option<String>,
+    /// The executors' own, when the private NATS gives them a user of
+    /// their own.
+    pub executor_nats_url: Option<String>,
     postgres: Option<PrivatePostgres>,
     nats: Option<Child>,
     /// One line each, for the user.
@@ -104,6 +107,7 @@ impl Backing {
         let mut backing = Backing {
             database_url: None,
             nats_url: None,
+            executor_nats_url: None,
             postgres: None,
             nats: None,
             notes: Vec::new(),
@@ -125,7 +129,7 @@ impl Backing {
             backing.nats_url = Some(format!("nats://{SHARED_NATS}"));
             backing.notes.push(format!("NATS: {SHARED_NATS}"));
         } else {
-            let (child, url) = match private_nats(&state.join("nats")).await {
+            let nats = match private_nats(&state.join("nats")).await {
                 Ok(started) => started,
                 Err(e) => {
                     backing.stop().await;
@@ -133,11 +137,13 @@ impl Backing {
                 }
             };
             backing.notes.push(format!(
-                "NATS: a private nats-server at {url} (JetStream in {})",
+                "NATS: a private nats-server at {} (JetStream in {}; a user for the services, another for executors)",
+                nats.address,
                 state.join("nats").display()
             ));
-            backing.nats_url = Some(url);
-            backing.nats = Some(child);
+            backing.nats_url = Some(nats.services_url);
+            backing.executor_nats_url = Some(nats.executor_url);
+            backing.nats = Some(nats.child);
         }
         Ok(backing)
     }
@@ -356,9 +362,29 @@ impl PrivatePostgres {
     }
 }
 
+/// A private nats-server, and how each part of the mesh connects to it.
+struct PrivateNats {
+    child: Child,
+    /// Where it listens (no credentials: for messages).
+    address: String,
+    services_url: String,
+    executor_url: String,
+}
+
+/// A random password (32 bytes, hex).
+fn password() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// A `nats-server -js` of omoi's own on a free loopback port, its
 /// JetStream store under `dir`; runs until stopped (or this process ends).
-async fn private_nats(dir: &Path) -> anyhow::Result<(Child, String)> {
+/// Its users (new passwords each start, in a configuration only this user
+/// may read): the services may do anything, executors only publish their
+/// agents' output and keep their checkpoints (`omoi_bus::auth`).
+async fn private_nats(dir: &Path) -> anyhow::Result<PrivateNats> {
     let find = || {
         which("nats-server").or_else(|| {
             ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
@@ -378,8 +404,41 @@ async fn private_nats(dir: &Path) -> anyhow::Result<(Child, String)> {
         ),
     };
     std::fs::create_dir_all(dir)?;
+    let (services, executor) = (password()?, password()?);
+    let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    let topology = omoi_bus::Topology {
+        prefix: env("OMOI_SUBJECT_PREFIX", "omoi"),
+        stream: env("OMOI_EVENTS_STREAM", "OMOI_EVENTS"),
+        ..Default::default()
+    };
+    let config = omoi_bus::auth::server_authorization(
+        &topology,
+        &env("OMOI_SESSIONS_BUCKET", "OMOI_SESSIONS"),
+        &omoi_bus::auth::User {
+            name: "omoi",
+            password: &services,
+        },
+        &omoi_bus::auth::User {
+            name: "omoi-executor",
+            password: &executor,
+        },
+    );
+    let config_file = dir.join("nats.conf");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&config_file);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&config_file)?
+            .write_all(config.as_bytes())?;
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut child = Command::new(&bin)
+        .arg("-c")
+        .arg(&config_file)
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(dir.join("store"))
         .arg("-l")
@@ -403,5 +462,10 @@ async fn private_nats(dir: &Path) -> anyhow::Result<(Child, String)> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok((child, format!("nats://{addr}")))
+    Ok(PrivateNats {
+        child,
+        services_url: format!("nats://omoi:{services}@{addr}"),
+        executor_url: format!("nats://omoi-executor:{executor}@{addr}"),
+        address: format!("nats://{addr}"),
+    })
 }

@@ -164,6 +164,8 @@ struct Launcher {
     bin_dir: PathBuf,
     logs: PathBuf,
     peers: Vec<(String, String)>,
+    /// The executors' NATS user, when they have one of their own.
+    executor_nats: Option<String>,
 }
 
 fn url(port: u16) -> String {
@@ -199,7 +201,12 @@ impl Launcher {
         if let Some(file) = token {
             peers.push(("OMOI_AUTH_TOKEN_FILE".into(), file.display().to_string()));
         }
-        Ok(Self { bin_dir, logs, peers })
+        Ok(Self {
+            bin_dir,
+            logs,
+            peers,
+            executor_nats: backing.executor_nats_url.clone(),
+        })
     }
 
     fn start(&self, name: &str, bin: &str, port: u16, extra: Vec<(String, String)>) -> anyhow::Result<Proc> {
@@ -239,7 +246,7 @@ impl Launcher {
         let denied: Vec<String> = std::iter::once(format!("127.0.0.1:{console}"))
             .chain(database)
             .collect();
-        let env = vec![
+        let mut env = vec![
             ("OMOI_AGENT_DENIED_ADDRS".to_string(), denied.join(",")),
             ("OMOI_RUNNER".to_string(), runner.to_string()),
             ("OMOI_RUNNER_COMMAND".to_string(), agent),
@@ -249,6 +256,9 @@ impl Launcher {
                 "PATH,HOME,LANG,OMOI_DEMO_SLEEP_MS".to_string(),
             ),
         ];
+        if let Some(nats) = &self.executor_nats {
+            env.push(("NATS_URL".to_string(), nats.clone()));
+        }
         self.start(&format!("executor-{n}"), "omoi-executor", port, env)
     }
 }

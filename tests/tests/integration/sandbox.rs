@@ -2,7 +2,9 @@
 //! executor's sandbox, told every address of the mesh, reaches its
 //! workspace and the allow-listed host and nothing else; the real Claude
 //! Code in the same sandbox completes a ticket through the model proxy
-//! while only the stand-in model API ever sees the real key.
+//! while only the stand-in model API ever sees the real key; and on NATS,
+//! the executor's user can publish its output and keep its checkpoints but
+//! not forge an event or delete a stream.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -14,6 +16,7 @@ use omoi_proto::ticket as pb;
 use omoi_tests::http::{Reply, Server};
 use omoi_tests::mesh::{Options, ProcessMesh};
 use omoi_tests::model_api::{Cli, ModelApi};
+use omoi_tests::process::PrivateNats;
 use omoi_tests::{Infra, client, file_ticket, wait_ticket};
 
 const COMPLETED: i32 = 3;
@@ -271,4 +274,91 @@ async fn claude_code_in_the_sandbox_works_through_the_model_proxy_without_its_ke
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
     let _ = std::fs::remove_dir_all(home);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_executors_nats_user_publishes_output_and_checkpoints_and_nothing_else() {
+    use omoi_bus::auth::{User, server_authorization};
+    let mut infra = Infra::new().await.unwrap();
+    let machines_nats = infra.nats_url.clone();
+    let (services, executor) = (
+        uuid::Uuid::new_v4().simple().to_string(),
+        uuid::Uuid::new_v4().simple().to_string(),
+    );
+    let config = server_authorization(
+        &infra.topology,
+        &infra.sessions_bucket(),
+        &User {
+            name: "omoi",
+            password: &services,
+        },
+        &User {
+            name: "omoi-executor",
+            password: &executor,
+        },
+    );
+    let nats = PrivateNats::start_with_config(&config).await.unwrap();
+    infra.nats_url = format!("nats://omoi:{services}@127.0.0.1:{}", nats.port);
+    let executor_url = format!("nats://omoi-executor:{executor}@127.0.0.1:{}", nats.port);
+    let mut mesh = ProcessMesh::start(
+        &infra,
+        Options {
+            executors: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // The executor on its own user: its agent's output and its session's
+    // checkpoints go through.
+    let env: Vec<(String, String)> = [
+        ("NATS_URL", executor_url.as_str()),
+        ("OMOI_DEMO_TURNS", "3"),
+        ("OMOI_DEMO_SLEEP_MS", "300"),
+        ("OMOI_CHECKPOINT_SECONDS", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    mesh.add_executor(&infra, &env).await.unwrap();
+    let tickets = mesh.tickets();
+    let created = file_ticket(&tickets, one_task("talk for a while")).await;
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let task = &done.tasks[0];
+    let session = task.session.as_ref().expect("a session");
+    assert!(session.checkpoints >= 1 && session.checkpoint_bytes > 0, "{session:?}");
+    let output: Vec<String> = client(&mesh.task_queue.url)
+        .stream_task_output(tq::StreamTaskOutputRequest {
+            task_id: task.id.clone(),
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|m| m.unwrap().event.unwrap().text)
+        .collect()
+        .await;
+    assert!(output.iter().any(|l| l.starts_with("checkpoint ")), "{output:#?}");
+
+    // With the executor's credentials: no forged event, no deleted stream.
+    let forged = omoi_bus::connect(&executor_url, "forger").await.unwrap();
+    let js = async_nats::jetstream::new(forged);
+    let subject = infra.topology.event_subject("task", "TASK_COMPLETED", None);
+    let published = async { js.publish(subject.clone(), "forged".into()).await?.await };
+    assert!(
+        published.await.is_err(),
+        "an event published with the executor's credentials"
+    );
+    assert!(js.delete_stream(&infra.topology.stream).await.is_err());
+    assert!(js.delete_stream(infra.topology.output_stream()).await.is_err());
+    // As the services see it: both streams there, no forged event in.
+    let owner = async_nats::jetstream::new(omoi_bus::connect(&infra.nats_url, "owner").await.unwrap());
+    let events = owner.get_stream(&infra.topology.stream).await.unwrap();
+    assert!(events.get_last_raw_message_by_subject(&subject).await.is_err());
+    owner.get_stream(infra.topology.output_stream()).await.unwrap();
+
+    mesh.stop().await.unwrap();
+    infra.nats_url = machines_nats;
+    infra.cleanup().await.unwrap();
+    drop(nats);
 }

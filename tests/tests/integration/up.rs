@@ -38,6 +38,16 @@ async fn up_brings_its_own_postgres_and_nats_when_the_machines_are_out_of_reach(
     );
     assert!(out.contains("creating a private PostgreSQL cluster"), "{out}");
     assert!(out.contains("NATS: a private nats-server"), "{out}");
+    // Its users' passwords stay in its configuration, which only we read.
+    assert!(out.contains("a user for the services, another for executors"), "{out}");
+    let conf = state.join("nats/nats.conf");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&conf).unwrap().permissions().mode() & 0o777, 0o600);
+    let text = std::fs::read_to_string(&conf).unwrap();
+    assert!(
+        text.contains(r#"user: "omoi-executor""#) && !out.contains("omoi-executor:"),
+        "{out}"
+    );
     assert!(out.contains(" is COMPLETED."), "{out}");
     assert!(out.contains("console      http://127.0.0.1:8080"), "{out}");
     let data = state.join("postgres/data");
@@ -47,7 +57,6 @@ async fn up_brings_its_own_postgres_and_nats_when_the_machines_are_out_of_reach(
     let token_file = state.join("auth-token");
     let token = std::fs::read_to_string(&token_file).unwrap();
     assert_eq!(token.len(), 64, "{token:?}");
-    use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
         0o600
