@@ -362,3 +362,97 @@ async fn the_executors_nats_user_publishes_output_and_checkpoints_and_nothing_el
     infra.cleanup().await.unwrap();
     drop(nats);
 }
+
+/// An executor started with `env` (and the machine's NATS), until it
+/// exits by itself: its exit status and what it said.
+async fn executor_refusing(env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let out = tokio::process::Command::new(omoi_tests::process::binary("omoi-executor"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("NATS_URL", omoi_tests::infra::nats_url())
+        .env(
+            "OMOI_LISTEN_ADDR",
+            format!("127.0.0.1:{}", omoi_tests::process::free_port()),
+        )
+        .env("OMOI_RUNNER_COMMAND", "true")
+        .env(
+            "OMOI_WORKSPACE_ROOT",
+            std::env::temp_dir().join(format!("omoi-ws-{}", uuid::Uuid::new_v4().simple())),
+        )
+        .envs(env.iter().copied())
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), out)
+        .await
+        .expect("the executor stops by itself")
+        .unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_that_cannot_fence_its_agents_as_told_does_not_start() {
+    // No sandbox to be had, and one required: it says why and stops.
+    let (status, said) = executor_refusing(&[
+        ("OMOI_AGENT_SANDBOX", "on"),
+        ("OMOI_AGENT_SANDBOX_BWRAP", "/nonexistent/bwrap"),
+    ])
+    .await;
+    assert!(!status.success());
+    assert!(
+        said.contains("OMOI_AGENT_SANDBOX=on, but agents cannot be sandboxed on this machine")
+            && said.contains("/nonexistent/bwrap"),
+        "{said}"
+    );
+    // An allow-list entry that is not a host: named.
+    let (status, said) = executor_refusing(&[("OMOI_AGENT_ALLOWED_HOSTS", "registry.npmjs.org,*")]).await;
+    assert!(!status.success());
+    assert!(
+        said.contains(r#"OMOI_AGENT_ALLOWED_HOSTS: "*" is not a host"#),
+        "{said}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_sandbox_to_be_had_auto_runs_agents_and_says_so_loudly() {
+    let infra = Infra::new().await.unwrap();
+    let mut mesh = ProcessMesh::start(
+        &infra,
+        Options {
+            executors: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let logs = tempdir("executor-log");
+    let log = logs.join("executor.log");
+    let env: Vec<(String, String)> = [
+        ("OMOI_AGENT_SANDBOX_BWRAP", "/nonexistent/bwrap".to_owned()),
+        (omoi_tests::process::LOG_FILE, log.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    mesh.add_executor(&infra, &env).await.unwrap();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("AGENTS RUN WITHOUT A SANDBOX"), "{said}");
+    assert!(said.contains("/nonexistent/bwrap"), "{said}");
+    let tickets = mesh.tickets();
+    let created = file_ticket(&tickets, one_task("unfenced")).await;
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let output: Vec<String> = client(&mesh.task_queue.url)
+        .stream_task_output(tq::StreamTaskOutputRequest {
+            task_id: done.tasks[0].id.clone(),
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|m| m.unwrap().event.unwrap().text)
+        .collect()
+        .await;
+    let started = output.iter().find(|l| l.starts_with("started ")).unwrap();
+    assert!(!started.contains("in its sandbox"), "{started}");
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(logs);
+}
