@@ -57,7 +57,15 @@ pub async fn run(
     let started = Instant::now();
     let (argv, setting, env) = match &spawn.fence {
         Some(fence) => {
-            let path = spawn.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
+            // Found on the agent's PATH, else on the executor's, as an
+            // unsandboxed start would.
+            let own_path = std::env::var("PATH").ok();
+            let path = spawn
+                .env
+                .iter()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v.as_str())
+                .or(own_path.as_deref());
             // Found out here, as it would be unsandboxed: a program that is
             // not there is a setting to fix, not an agent that failed.
             if crate::sandbox::which(&spawn.argv[0], path).is_none() {

@@ -116,6 +116,11 @@ impl Sandbox {
         model: Option<ModelRoute>,
     ) -> anyhow::Result<Option<Self>> {
         let allow = hosts::AllowList::parse(&config.agent_allowed_hosts).map_err(anyhow::Error::msg)?;
+        if config.runner == crate::config::RunnerKind::Openhands {
+            // Its agent runs in the OpenHands server, not here.
+            tracing::info!("the openhands runner starts no agent process here: no sandbox to make");
+            return Ok(None);
+        }
         if config.sandbox == SandboxMode::Off {
             omoi_runtime::metrics::AGENT_SANDBOX.set(0);
             tracing::warn!(
@@ -334,11 +339,9 @@ impl Fence {
         // The program first, then the PATH and the extras; each once, and
         // nothing already inside another (a bind inside a read-only bind
         // cannot make its mount point there).
-        let mut read_only: Vec<PathBuf> = argv
-            .first()
-            .and_then(|p| which(p, path))
-            .map(|program| program_files(&program))
-            .unwrap_or_default();
+        // The program as found here: inside, it is started by that path.
+        let program = argv.first().and_then(|p| which(p, path));
+        let mut read_only: Vec<PathBuf> = program.as_deref().map(program_files).unwrap_or_default();
         read_only.extend(
             path.unwrap_or_default()
                 .split(':')
@@ -389,7 +392,11 @@ impl Fence {
             a.extend(["--bridge".into(), b.arg()]);
         }
         a.push("--".into());
-        a.extend(argv.iter().cloned());
+        a.push(match &program {
+            Some(p) => p.display().to_string(),
+            None => argv.first().cloned().unwrap_or_default(),
+        });
+        a.extend(argv.iter().skip(1).cloned());
         let mut out = vec![sandbox.bwrap.display().to_string()];
         out.extend(a);
         out
