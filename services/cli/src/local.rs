@@ -61,7 +61,7 @@ pub fn token_file(state: &Path) -> PathBuf {
 /// the file holding the mesh's own, made once (32 random bytes, hex; mode
 /// 0600) and kept in the state directory, where the CLI finds it too.
 pub fn mesh_token(state: &Path) -> anyhow::Result<Option<PathBuf>> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if given("OMOI_AUTH_TOKEN") {
         return Ok(None);
@@ -69,9 +69,7 @@ pub fn mesh_token(state: &Path) -> anyhow::Result<Option<PathBuf>> {
     let file = token_file(state);
     if !file.exists() {
         std::fs::create_dir_all(state)?;
-        let mut bytes = [0u8; 32];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = password()?;
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -371,7 +369,7 @@ struct PrivateNats {
     executor_url: String,
 }
 
-/// A random password (32 bytes, hex).
+/// A random secret (32 bytes, hex): a password, a token.
 fn password() -> anyhow::Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 32];

@@ -47,6 +47,30 @@ async fn host() -> Server {
     Server::start(Arc::new(()), ok).await.unwrap()
 }
 
+/// The mesh's services as processes, with no executor yet.
+async fn bare_mesh(infra: &Infra) -> ProcessMesh {
+    let options = Options {
+        executors: 0,
+        ..Default::default()
+    };
+    ProcessMesh::start(infra, options).await.unwrap()
+}
+
+/// Every line a task's attempts wrote, as the queue streams them.
+async fn output_of(mesh: &ProcessMesh, task_id: &str) -> Vec<String> {
+    client(&mesh.task_queue.url)
+        .stream_task_output(tq::StreamTaskOutputRequest {
+            task_id: task_id.to_owned(),
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|m| m.unwrap().event.unwrap().text)
+        .collect()
+        .await
+}
+
 fn one_task(title: &str) -> pb::CreateTicketRequest {
     pb::CreateTicketRequest {
         title: title.to_owned(),
@@ -85,15 +109,7 @@ fn files_holding(dir: &Path, needle: &str) -> Vec<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_agent_reaches_its_workspace_and_the_allowed_host_and_nothing_else() {
     let infra = Infra::new().await.unwrap();
-    let mut mesh = ProcessMesh::start(
-        &infra,
-        Options {
-            executors: 0,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut mesh = bare_mesh(&infra).await;
     let (allowed, outside) = (host().await, host().await);
     // What an agent must not read though its user could: a world-readable
     // secret of the machine's, and another task's workspace.
@@ -204,15 +220,7 @@ async fn claude_code_in_the_sandbox_works_through_the_model_proxy_without_its_ke
     let infra = Infra::new().await.unwrap();
     let api = ModelApi::start().await.unwrap();
     let home = tempdir("agent-home");
-    let mut mesh = ProcessMesh::start(
-        &infra,
-        Options {
-            executors: 0,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut mesh = bare_mesh(&infra).await;
     let mut env = api.executor_env(Cli::Claude, &home, SECRET);
     env.extend([
         ("OMOI_AGENT_SANDBOX".to_owned(), "on".to_owned()),
@@ -249,17 +257,7 @@ async fn claude_code_in_the_sandbox_works_through_the_model_proxy_without_its_ke
         "model proxy counted {} answers: {} input, {} output, {} cache read, {} cache write tokens",
         t.answers, t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens
     );
-    let output: Vec<String> = client(&mesh.task_queue.url)
-        .stream_task_output(tq::StreamTaskOutputRequest {
-            task_id: done.tasks[0].id.clone(),
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|m| m.unwrap().event.unwrap().text)
-        .collect()
-        .await;
+    let output = output_of(&mesh, &done.tasks[0].id).await;
     assert!(output.contains(&counted), "{counted:?} not in {output:#?}");
     let usage = done.tasks[0].usage.as_ref().unwrap();
     assert_eq!(
@@ -300,15 +298,7 @@ async fn the_executors_nats_user_publishes_output_and_checkpoints_and_nothing_el
     let nats = PrivateNats::start_with_config(&config).await.unwrap();
     infra.nats_url = format!("nats://omoi:{services}@127.0.0.1:{}", nats.port);
     let executor_url = format!("nats://omoi-executor:{executor}@127.0.0.1:{}", nats.port);
-    let mut mesh = ProcessMesh::start(
-        &infra,
-        Options {
-            executors: 0,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut mesh = bare_mesh(&infra).await;
     // The executor on its own user: its agent's output and its session's
     // checkpoints go through.
     let env: Vec<(String, String)> = [
@@ -327,17 +317,7 @@ async fn the_executors_nats_user_publishes_output_and_checkpoints_and_nothing_el
     let task = &done.tasks[0];
     let session = task.session.as_ref().expect("a session");
     assert!(session.checkpoints >= 1 && session.checkpoint_bytes > 0, "{session:?}");
-    let output: Vec<String> = client(&mesh.task_queue.url)
-        .stream_task_output(tq::StreamTaskOutputRequest {
-            task_id: task.id.clone(),
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|m| m.unwrap().event.unwrap().text)
-        .collect()
-        .await;
+    let output = output_of(&mesh, &task.id).await;
     assert!(output.iter().any(|l| l.starts_with("checkpoint ")), "{output:#?}");
 
     // With the executor's credentials: no forged event, no deleted stream.
@@ -414,15 +394,7 @@ async fn an_executor_that_cannot_fence_its_agents_as_told_does_not_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_sandbox_to_be_had_auto_runs_agents_and_says_so_loudly() {
     let infra = Infra::new().await.unwrap();
-    let mut mesh = ProcessMesh::start(
-        &infra,
-        Options {
-            executors: 0,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut mesh = bare_mesh(&infra).await;
     let logs = tempdir("executor-log");
     let log = logs.join("executor.log");
     let env: Vec<(String, String)> = [
@@ -439,17 +411,7 @@ async fn without_a_sandbox_to_be_had_auto_runs_agents_and_says_so_loudly() {
     let tickets = mesh.tickets();
     let created = file_ticket(&tickets, one_task("unfenced")).await;
     let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
-    let output: Vec<String> = client(&mesh.task_queue.url)
-        .stream_task_output(tq::StreamTaskOutputRequest {
-            task_id: done.tasks[0].id.clone(),
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|m| m.unwrap().event.unwrap().text)
-        .collect()
-        .await;
+    let output = output_of(&mesh, &done.tasks[0].id).await;
     let started = output.iter().find(|l| l.starts_with("started ")).unwrap();
     assert!(!started.contains("in its sandbox"), "{started}");
     mesh.stop().await.unwrap();

@@ -6,15 +6,13 @@
 //! connected to, so a name cannot be turned to the mesh between the two.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpStream, UnixListener};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 use super::Attempt;
 use super::hosts::{AllowList, Denied};
@@ -77,33 +75,6 @@ impl Rules {
     }
 }
 
-/// Serves the proxy on `listener` for `attempt` until `stop`.
-pub async fn serve(listener: UnixListener, rules: Arc<Rules>, attempt: Attempt, stop: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(_) => continue,
-            },
-        };
-        let (rules, attempt, stop) = (Arc::clone(&rules), attempt.clone(), stop.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let (rules, attempt) = (Arc::clone(&rules), attempt.clone());
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &rules, &attempt).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::select! {
-                _ = conn => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
-}
-
 pub fn text(status: StatusCode, body: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
     *r.status_mut() = status;
@@ -112,7 +83,8 @@ pub fn text(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
-async fn handle(req: Request<Incoming>, rules: &Rules, attempt: &Attempt) -> Response<Body> {
+/// Answers one request of an attempt's agent.
+pub async fn handle(req: Request<Incoming>, rules: &Rules, attempt: &Attempt) -> Response<Body> {
     let Some((host, port)) = target(&req) else {
         return text(
             StatusCode::BAD_REQUEST,

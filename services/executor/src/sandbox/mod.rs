@@ -222,21 +222,18 @@ impl Sandbox {
             metered: Default::default(),
         };
         let egress = self.socket(&dir.join("e.sock"))?;
-        tokio::spawn(egress::serve(
-            egress,
-            Arc::clone(&self.rules),
-            who.clone(),
-            stop.clone(),
-        ));
+        let (rules, to) = (Arc::clone(&self.rules), who.clone());
+        tokio::spawn(serve_http(egress, stop.clone(), move |req| {
+            let (rules, to) = (Arc::clone(&rules), to.clone());
+            async move { egress::handle(req, &rules, &to).await }
+        }));
         if let Some(route) = &self.model {
             let model = self.socket(&dir.join("m.sock"))?;
-            tokio::spawn(model::serve(
-                model,
-                Arc::clone(route),
-                who,
-                Arc::clone(&fence.metered),
-                stop,
-            ));
+            let (route, tally) = (Arc::clone(route), Arc::clone(&fence.metered));
+            tokio::spawn(serve_http(model, stop, move |req| {
+                let (route, to, tally) = (Arc::clone(&route), who.clone(), Arc::clone(&tally));
+                async move { model::handle(req, &route, &to, tally).await }
+            }));
         }
         Ok(fence)
     }
@@ -249,6 +246,38 @@ impl Sandbox {
         }
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         Ok(listener)
+    }
+}
+
+/// Serves HTTP/1 on `listener` until `stop`, each request answered by
+/// `answer` (a CONNECT's tunnel included).
+async fn serve_http<F, Fut>(listener: UnixListener, stop: CancellationToken, answer: F)
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<egress::Body>> + Send + 'static,
+{
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+        };
+        let (answer, stop) = (answer.clone(), stop.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let answer = answer.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
     }
 }
 

@@ -12,9 +12,7 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::UnixListener;
-use tokio_util::sync::CancellationToken;
+use hyper_util::rt::TokioExecutor;
 
 use super::Attempt;
 use super::egress::{Body, text};
@@ -136,40 +134,9 @@ impl ModelRoute {
     }
 }
 
-/// Serves the proxy on `listener` for `attempt` until `stop`, counting
-/// what the answers say was used into `tally`.
-pub async fn serve(
-    listener: UnixListener,
-    route: Arc<ModelRoute>,
-    attempt: Attempt,
-    tally: Arc<std::sync::Mutex<Metered>>,
-    stop: CancellationToken,
-) {
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(_) => continue,
-            },
-        };
-        let (route, attempt, stop) = (Arc::clone(&route), attempt.clone(), stop.clone());
-        let tally = Arc::clone(&tally);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let (route, attempt, tally) = (Arc::clone(&route), attempt.clone(), Arc::clone(&tally));
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &route, &attempt, tally).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
-}
-
-async fn handle(
+/// Answers one request of an attempt's agent, counting what the answer
+/// says was used into `tally`.
+pub async fn handle(
     req: Request<Incoming>,
     route: &ModelRoute,
     attempt: &Attempt,
