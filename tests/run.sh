@@ -2,7 +2,8 @@
 # The whole test suite: starts PostgreSQL and NATS if they are not running,
 # installs the pinned chart tools (for the pods test, which renders the Helm
 # chart) and the pinned coding-agent CLIs (for the agent tests, which run
-# them against a stand-in model API), Chromium and its driver (for the
+# them against a stand-in model API), bubblewrap (the agents' sandbox),
+# Chromium and its driver (for the
 # console's browser tests), then builds and runs every test of the
 # workspace against them.
 set -euo pipefail
@@ -21,6 +22,8 @@ export OMOI_HELM_PYTHON="$PWD/$venv/bin/python"
 # The coding-agent CLIs the agent tests drive, at the pinned versions
 # (npm ci of deploy/agents into .ci/agents; see deploy/local/services.sh).
 ensure_agent_clis
+# Executors sandbox their agents with bubblewrap (the sandbox tests require it).
+ensure_bubblewrap
 # The console's browser tests drive Debian's Chromium over WebDriver.
 ensure_chromium
 cargo build --workspace --bins

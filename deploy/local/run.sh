@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=services.sh
 . deploy/local/services.sh
+ensure_bubblewrap
 case " $* " in
     *" --runner claude-code "* | *" --runner codex "* | *" --runner gemini "* | *--runner=claude-code* | *--runner=codex* | *--runner=gemini*)
         ensure_agent_clis ;;

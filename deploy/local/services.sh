@@ -78,3 +78,18 @@ ensure_chromium() {
     echo "omoi: installing chromium and chromium-driver" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 }
+
+# bubblewrap, which executors sandbox every agent run with (OMOI_AGENT_SANDBOX):
+# from Debian's packages when missing and this runs as root; otherwise the
+# executors say at start that they run agents unsandboxed.
+ensure_bubblewrap() {
+    if command -v bwrap >/dev/null 2>&1; then
+        return
+    fi
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "omoi: bwrap is missing (apt-get install bubblewrap): agents will run without a sandbox" >&2
+        return 0
+    fi
+    echo "omoi: installing bubblewrap" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+}
