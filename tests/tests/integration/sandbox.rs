@@ -202,6 +202,17 @@ echo "$r"
     );
     let ws = Path::new(result["workspace"].as_str().unwrap());
     assert_eq!(std::fs::read_to_string(ws.join("proof.txt")).unwrap(), "proof\n");
+    // Each refusal is on the attempt's own output, for its timeline.
+    let output = output_of(&mesh, &done.tasks[0].id).await;
+    let said = |line: String| assert!(output.contains(&line), "{line:?} not in {output:#?}");
+    said(format!(
+        "omoi egress proxy: localhost:{} is not on the executor's OMOI_AGENT_ALLOWED_HOSTS",
+        port_of(&outside.url)
+    ));
+    said(format!(
+        "omoi egress proxy: 127.0.0.1:{} is one of omoi's own addresses",
+        port_of(&infra.nats_url)
+    ));
     // Its work landed, through the executor's git in its workspace, which
     // ran the agent's filter in the sandbox: nothing reached this machine.
     let show = format!("{branch}:proof.txt");

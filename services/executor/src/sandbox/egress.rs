@@ -105,7 +105,9 @@ pub async fn handle(req: Request<Incoming>, rules: &Rules, attempt: &Attempt) ->
                 reason = refusal.reason(),
                 "agent egress refused"
             );
-            return text(StatusCode::FORBIDDEN, refusal.explain(&host, port));
+            let why = refusal.explain(&host, port);
+            (attempt.say)(why.trim_end().to_owned());
+            return text(StatusCode::FORBIDDEN, why);
         }
     };
     let upstream = match TcpStream::connect(addr).await {

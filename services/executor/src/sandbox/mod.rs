@@ -62,11 +62,22 @@ const ETC: [&str; 17] = [
 /// links they are on a merged-/usr system).
 const SYSTEM: [&str; 7] = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
 
-/// One attempt, as the proxies name it in what they log.
-#[derive(Debug, Clone)]
+/// One attempt, as the proxies name it in what they log, and where they
+/// tell its run's output what they refused.
+#[derive(Clone)]
 pub struct Attempt {
     pub task_id: Uuid,
     pub attempt: i32,
+    pub say: Arc<dyn Fn(String) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attempt")
+            .field("task_id", &self.task_id)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The executor's sandbox: how agents are fenced in.
@@ -206,14 +217,20 @@ impl Sandbox {
             .map(|m| format!("http://127.0.0.1:{MODEL_PORT}{}", m.base_path()))
     }
 
-    /// The fence of one attempt: its proxies listening, until it is dropped.
-    pub fn fence(self: &Arc<Self>, task_id: Uuid, attempt: i32) -> std::io::Result<Fence> {
+    /// The fence of one attempt: its proxies listening, until it is
+    /// dropped; what they refuse is also said to `say` (the run's output).
+    pub fn fence(
+        self: &Arc<Self>,
+        task_id: Uuid,
+        attempt: i32,
+        say: Arc<dyn Fn(String) + Send + Sync>,
+    ) -> std::io::Result<Fence> {
         let n = self.fences.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = self.dir.join(format!("{}.{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
-        let who = Attempt { task_id, attempt };
+        let who = Attempt { task_id, attempt, say };
         let stop = CancellationToken::new();
         let fence = Fence {
             sandbox: Arc::clone(self),

@@ -155,7 +155,16 @@ impl Worker {
                 format!("on branch {} at {}", c.branch, c.base_commit),
             );
         }
-        let fence = match self.sandbox.as_ref().map(|s| s.fence(task_id, attempt)).transpose() {
+        let say: Arc<dyn Fn(String) + Send + Sync> = {
+            let run = Arc::clone(&run);
+            Arc::new(move |line| run.line(OutputStream::System, line))
+        };
+        let fence = match self
+            .sandbox
+            .as_ref()
+            .map(|s| s.fence(task_id, attempt, say))
+            .transpose()
+        {
             Ok(f) => f.map(Arc::new),
             Err(e) => {
                 let message = format!("cannot set up the agent's sandbox (its proxies' sockets): {e}");
