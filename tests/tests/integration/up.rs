@@ -14,7 +14,11 @@ use omoi_tests::process::binary;
 async fn up_alone(state: &Path) -> Output {
     tokio::process::Command::new("unshare")
         .args(["--net", "--", "sh", "-c"])
-        .arg(r#"ip link set lo up && exec "$0" up --exit-when-done --executors 1"#)
+        // Its ports below the ephemeral range (32768-60999): in a network
+        // namespace of its own the services' outgoing connections take
+        // ephemeral ports, and one could hold 50054 before the executor
+        // listens there.
+        .arg(r#"ip link set lo up && exec "$0" up --exit-when-done --executors 1 --base-port 21051"#)
         .arg(binary("omoi"))
         .env_remove("DATABASE_URL")
         .env_remove("NATS_URL")
