@@ -61,21 +61,13 @@ pub fn token_file(state: &Path) -> PathBuf {
 /// the file holding the mesh's own, made once (32 random bytes, hex; mode
 /// 0600) and kept in the state directory, where the CLI finds it too.
 pub fn mesh_token(state: &Path) -> anyhow::Result<Option<PathBuf>> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if given("OMOI_AUTH_TOKEN") {
         return Ok(None);
     }
     let file = token_file(state);
     if !file.exists() {
         std::fs::create_dir_all(state)?;
-        let hex = password()?;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&file)?
-            .write_all(hex.as_bytes())?;
+        write_private(&file, &password()?)?;
     }
     Ok(Some(file))
 }
@@ -369,6 +361,19 @@ struct PrivateNats {
     executor_url: String,
 }
 
+/// Writes `text` to the new file `path`, which only this user may read
+/// (mode 0600 from its creation, never wider).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
+
 /// A random secret (32 bytes, hex): a password, a token.
 fn password() -> anyhow::Result<String> {
     use std::io::Read;
@@ -422,17 +427,8 @@ async fn private_nats(dir: &Path) -> anyhow::Result<PrivateNats> {
         },
     );
     let config_file = dir.join("nats.conf");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let _ = std::fs::remove_file(&config_file);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&config_file)?
-            .write_all(config.as_bytes())?;
-    }
+    let _ = std::fs::remove_file(&config_file);
+    write_private(&config_file, &config)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut child = Command::new(&bin)
         .arg("-c")

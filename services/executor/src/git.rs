@@ -507,7 +507,8 @@ impl GitSettings {
                 .map(|a| (*a).to_owned()),
         );
         let argv = match &user.fence {
-            Some(fence) => fence.argv(&git, Some(&path), dir, &[dir.to_path_buf()]),
+            // No git to find: started as it is, it fails like one unsandboxed.
+            Some(fence) => fence.argv(&git, Some(&path), dir, &[dir.to_path_buf()]).unwrap_or(git),
             None => git,
         };
         let mut cmd = tokio::process::Command::new(&argv[0]);

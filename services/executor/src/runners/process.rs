@@ -66,24 +66,20 @@ pub async fn run(
                 .find(|(k, _)| k == "PATH")
                 .map(|(_, v)| v.as_str())
                 .or(own_path.as_deref());
+            let mut writable = vec![spawn.cwd.clone()];
+            writable.extend(spawn.writable.iter().cloned());
             // Found out here, as it would be unsandboxed: a program that is
             // not there is a setting to fix, not an agent that failed.
-            if crate::sandbox::which(&spawn.argv[0], path).is_none() {
+            let Some(argv) = fence.argv(&spawn.argv, path, &spawn.cwd, &writable) else {
                 return Err(RunnerError::Spawn {
                     program: spawn.argv[0].clone(),
                     setting: spawn.setting,
                     source: std::io::Error::from(std::io::ErrorKind::NotFound),
                 });
-            }
-            let mut writable = vec![spawn.cwd.clone()];
-            writable.extend(spawn.writable.iter().cloned());
+            };
             let mut env = spawn.env.clone();
             env.extend(fence.env());
-            (
-                fence.argv(&spawn.argv, path, &spawn.cwd, &writable),
-                fence.program().1,
-                env,
-            )
+            (argv, fence.program().1, env)
         }
         None => (spawn.argv.clone(), spawn.setting, spawn.env.clone()),
     };

@@ -350,7 +350,8 @@ impl Fence {
 
     /// bubblewrap's command line that runs `argv` (found on `path`) in
     /// `cwd` inside the sandbox, `writable` bound read-write.
-    pub fn argv(&self, argv: &[String], path: Option<&str>, cwd: &Path, writable: &[PathBuf]) -> Vec<String> {
+    /// None when the program is not there to start.
+    pub fn argv(&self, argv: &[String], path: Option<&str>, cwd: &Path, writable: &[PathBuf]) -> Option<Vec<String>> {
         let sandbox = &self.sandbox;
         let mut a: Vec<String> = [
             "--unshare-all",
@@ -386,8 +387,8 @@ impl Fence {
         // nothing already inside another (a bind inside a read-only bind
         // cannot make its mount point there).
         // The program as found here: inside, it is started by that path.
-        let program = argv.first().and_then(|p| which(p, path));
-        let mut read_only: Vec<PathBuf> = program.as_deref().map(program_files).unwrap_or_default();
+        let program = which(argv.first()?, path)?;
+        let mut read_only: Vec<PathBuf> = program_files(&program);
         read_only.extend(
             path.unwrap_or_default()
                 .split(':')
@@ -438,14 +439,11 @@ impl Fence {
             a.extend(["--bridge".into(), b.arg()]);
         }
         a.push("--".into());
-        a.push(match &program {
-            Some(p) => p.display().to_string(),
-            None => argv.first().cloned().unwrap_or_default(),
-        });
+        a.push(program.display().to_string());
         a.extend(argv.iter().skip(1).cloned());
         let mut out = vec![sandbox.bwrap.display().to_string()];
         out.extend(a);
-        out
+        Some(out)
     }
 }
 
@@ -503,7 +501,7 @@ fn program_files(program: &Path) -> Vec<PathBuf> {
 
 /// `program` as found: itself when it names a path, else the first on
 /// `path` (a colon list).
-pub(crate) fn which(program: &str, path: Option<&str>) -> Option<PathBuf> {
+fn which(program: &str, path: Option<&str>) -> Option<PathBuf> {
     if program.contains('/') {
         let p = PathBuf::from(program);
         return p.exists().then_some(p);
