@@ -67,6 +67,9 @@ impl TestDb {
 pub struct Infra {
     pub db: TestDb,
     pub nats_url: String,
+    /// A NATS credentials file the services connect with, when the test's
+    /// NATS runs in operator (JWT) mode.
+    pub nats_creds: Option<std::path::PathBuf>,
     pub topology: Topology,
 }
 
@@ -76,6 +79,7 @@ impl Infra {
         Ok(Self {
             db: TestDb::create().await?,
             nats_url: nats_url(),
+            nats_creds: None,
             topology: Topology {
                 prefix: format!("t{}", &id[..12]),
                 stream: format!("T_{}", &id[..12].to_uppercase()),
@@ -144,6 +148,7 @@ impl Infra {
         host.auth_token = None;
         host.shutdown_grace_seconds = 10;
         bus.nats_url = self.nats_url.clone();
+        bus.nats_creds_file = self.nats_creds.clone();
         bus.subject_prefix = self.topology.prefix.clone();
         bus.events_stream = self.topology.stream.clone();
         if let Some(database) = database {
@@ -158,7 +163,11 @@ impl Infra {
 
     /// The environment every service process of this test shares.
     pub fn service_env(&self, listen: &str) -> Vec<(String, String)> {
-        vec![
+        let creds = self
+            .nats_creds
+            .iter()
+            .map(|c| ("NATS_CREDS_FILE".into(), c.display().to_string()));
+        let env = vec![
             ("DATABASE_URL".into(), self.db.url.clone()),
             ("NATS_URL".into(), self.nats_url.clone()),
             ("OMOI_SUBJECT_PREFIX".into(), self.topology.prefix.clone()),
@@ -167,7 +176,8 @@ impl Infra {
             ("OMOI_LISTEN_ADDR".into(), listen.to_owned()),
             ("OMOI_SHUTDOWN_GRACE_SECONDS".into(), "10".into()),
             ("OMOI_DB_MAX_CONNECTIONS".into(), "6".into()),
-        ]
+        ];
+        env.into_iter().chain(creds).collect()
     }
 
     /// The environment a task-queue process needs for this test.

@@ -12,6 +12,7 @@ pub mod http;
 pub mod infra;
 pub mod mesh;
 pub mod model_api;
+pub mod nats_jwt;
 pub mod openhands;
 pub mod pki;
 pub mod process;

@@ -101,6 +101,30 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
+{{/* NATS in operator mode (nats.auth.credsSecret): one credentials file
+     of the Secret (.file) per pod, mounted read-only, named by
+     NATS_CREDS_FILE. */}}
+{{- define "omoi.natsCredsEnv" -}}
+- name: NATS_CREDS_FILE
+  value: /etc/omoi/nats/{{ .file }}
+{{- end -}}
+
+{{- define "omoi.natsCredsMount" -}}
+- name: nats-creds
+  mountPath: /etc/omoi/nats
+  readOnly: true
+{{- end -}}
+
+{{- define "omoi.natsCredsVolume" -}}
+- name: nats-creds
+  secret:
+    secretName: {{ .secret }}
+    defaultMode: 0440
+    items:
+      - key: {{ .file }}
+        path: {{ .file }}
+{{- end -}}
+
 {{/* The TLS Secret, mounted read-only where omoi.env points. */}}
 {{- define "omoi.tlsMount" -}}
 - name: tls

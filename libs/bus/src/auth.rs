@@ -72,44 +72,64 @@ pub struct User<'a> {
     pub password: &'a str,
 }
 
-/// The `authorization` block of a nats-server configuration for one omoi
-/// deployment: `services` may do anything; `executor` only its part (see
-/// the module), with `bucket` the Object Store bucket of its checkpoints.
-pub fn server_authorization(topology: &Topology, bucket: &str, services: &User, executor: &User) -> String {
+/// What a NATS user may publish and subscribe to (nats-server's
+/// `permissions`, a user JWT's `pub`/`sub`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    pub publish_allow: Vec<String>,
+    /// Said outright as well, so that no later allow can open them.
+    pub publish_deny: Vec<String>,
+    pub subscribe_allow: Vec<String>,
+}
+
+/// An executor's part of one omoi deployment (see the module), with
+/// `bucket` the Object Store bucket of its checkpoints: what
+/// [`server_authorization`] gives the executor's user, and what an
+/// operator's executor user (JWT) should carry.
+pub fn executor_permissions(topology: &Topology, bucket: &str) -> Permissions {
     let events = &topology.stream;
     let output = topology.output_stream();
     let prefix = &topology.prefix;
-    let quote = |items: &[String]| items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
     let obj = format!("OBJ_{bucket}");
-    let allow = [
-        format!("{prefix}.output.>"),
-        format!("$O.{bucket}.>"),
-        "$JS.API.INFO".to_owned(),
-        format!("$JS.API.STREAM.INFO.{output}"),
-        format!("$JS.API.STREAM.CREATE.{output}"),
-        format!("$JS.API.STREAM.UPDATE.{output}"),
-        format!("$JS.API.STREAM.INFO.{obj}"),
-        format!("$JS.API.STREAM.CREATE.{obj}"),
-        format!("$JS.API.STREAM.PURGE.{obj}"),
-        format!("$JS.API.STREAM.MSG.GET.{obj}"),
-        format!("$JS.API.DIRECT.GET.{obj}"),
-        format!("$JS.API.DIRECT.GET.{obj}.>"),
-        format!("$JS.API.CONSUMER.CREATE.{obj}"),
-        format!("$JS.API.CONSUMER.CREATE.{obj}.>"),
-        format!("$JS.API.CONSUMER.DELETE.{obj}.>"),
-        format!("$JS.API.CONSUMER.INFO.{obj}.>"),
-        "$JS.FC.>".to_owned(),
-        "$JS.ACK.>".to_owned(),
-        "_INBOX.>".to_owned(),
-    ];
-    // Said outright as well, so that no later allow can open them.
-    let deny = [
-        format!("{prefix}.events.>"),
-        format!("{prefix}.control.>"),
-        "$JS.API.STREAM.DELETE.>".to_owned(),
-        format!("$JS.API.STREAM.PURGE.{events}"),
-        format!("$JS.API.STREAM.PURGE.{output}"),
-    ];
+    Permissions {
+        publish_allow: vec![
+            format!("{prefix}.output.>"),
+            format!("$O.{bucket}.>"),
+            "$JS.API.INFO".to_owned(),
+            format!("$JS.API.STREAM.INFO.{output}"),
+            format!("$JS.API.STREAM.CREATE.{output}"),
+            format!("$JS.API.STREAM.UPDATE.{output}"),
+            format!("$JS.API.STREAM.INFO.{obj}"),
+            format!("$JS.API.STREAM.CREATE.{obj}"),
+            format!("$JS.API.STREAM.PURGE.{obj}"),
+            format!("$JS.API.STREAM.MSG.GET.{obj}"),
+            format!("$JS.API.DIRECT.GET.{obj}"),
+            format!("$JS.API.DIRECT.GET.{obj}.>"),
+            format!("$JS.API.CONSUMER.CREATE.{obj}"),
+            format!("$JS.API.CONSUMER.CREATE.{obj}.>"),
+            format!("$JS.API.CONSUMER.DELETE.{obj}.>"),
+            format!("$JS.API.CONSUMER.INFO.{obj}.>"),
+            "$JS.FC.>".to_owned(),
+            "$JS.ACK.>".to_owned(),
+            "_INBOX.>".to_owned(),
+        ],
+        publish_deny: vec![
+            format!("{prefix}.events.>"),
+            format!("{prefix}.control.>"),
+            "$JS.API.STREAM.DELETE.>".to_owned(),
+            format!("$JS.API.STREAM.PURGE.{events}"),
+            format!("$JS.API.STREAM.PURGE.{output}"),
+        ],
+        subscribe_allow: vec!["_INBOX.>".to_owned()],
+    }
+}
+
+/// The `authorization` block of a nats-server configuration for one omoi
+/// deployment: `services` may do anything; `executor` only its part (see
+/// [`executor_permissions`]).
+pub fn server_authorization(topology: &Topology, bucket: &str, services: &User, executor: &User) -> String {
+    let quote = |items: &[String]| items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+    let p = executor_permissions(topology, bucket);
     format!(
         r#"authorization {{
   users = [
@@ -118,7 +138,7 @@ pub fn server_authorization(topology: &Topology, bucket: &str, services: &User, 
       user: {ex_user:?}, password: {ex_pass:?}
       permissions: {{
         publish: {{ allow: [{allow}], deny: [{deny}] }}
-        subscribe: {{ allow: ["_INBOX.>"] }}
+        subscribe: {{ allow: [{subscribe}] }}
       }}
     }}
   ]
@@ -128,8 +148,9 @@ pub fn server_authorization(topology: &Topology, bucket: &str, services: &User, 
         svc_pass = services.password,
         ex_user = executor.name,
         ex_pass = executor.password,
-        allow = quote(&allow),
-        deny = quote(&deny),
+        allow = quote(&p.publish_allow),
+        deny = quote(&p.publish_deny),
+        subscribe = quote(&p.subscribe_allow),
     )
 }
 

@@ -30,6 +30,12 @@ pub struct BusArgs {
     #[arg(long, env = "NATS_URL_FILE", value_parser = secret_file, hide_env_values = true)]
     pub nats_url_file: Option<String>,
 
+    /// A NATS credentials file (a user JWT and its nkey seed, as `nsc`
+    /// writes them) to connect with, for servers in operator (JWT) mode;
+    /// else the URL's user:password or token, if any.
+    #[arg(long, env = "NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<std::path::PathBuf>,
+
     /// Subject prefix of omoi's NATS messages.
     #[arg(long, env = "OMOI_SUBJECT_PREFIX", default_value = "omoi")]
     pub subject_prefix: String,
@@ -65,7 +71,7 @@ impl BusArgs {
 
     /// Connects to NATS as `name` (see [`connect`]).
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, BusError> {
-        connect(self.nats_url(), name).await
+        connect_with(self.nats_url(), self.nats_creds_file.as_deref(), name).await
     }
 }
 
@@ -79,6 +85,12 @@ pub enum BusError {
     },
     #[error("JetStream stream {stream}: {message}")]
     Stream { stream: String, message: String },
+    #[error("NATS_CREDS_FILE {path}: {source}")]
+    Credentials {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("publishing failed: {0}")]
     Publish(String),
 }
@@ -170,11 +182,27 @@ impl Topology {
 /// Connects to NATS; the client reconnects by itself for as long as the
 /// process lives, and buffers publications meanwhile.
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusError> {
+    connect_with(url, None, name).await
+}
+
+/// [`connect`] with the credentials file `creds` (see
+/// `BusArgs::nats_creds_file`) when one is given.
+pub async fn connect_with(
+    url: &str,
+    creds: Option<&std::path::Path>,
+    name: &str,
+) -> Result<async_nats::Client, BusError> {
     // The URL's credentials, which the client library leaves to us.
-    let options = match auth::credentials(url) {
-        Some((user, Some(password))) => async_nats::ConnectOptions::with_user_and_password(user, password),
-        Some((token, None)) => async_nats::ConnectOptions::with_token(token),
-        None => async_nats::ConnectOptions::new(),
+    let options = match (creds, auth::credentials(url)) {
+        (Some(path), _) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|source| BusError::Credentials {
+                path: path.display().to_string(),
+                source,
+            })?,
+        (None, Some((user, Some(password)))) => async_nats::ConnectOptions::with_user_and_password(user, password),
+        (None, Some((token, None))) => async_nats::ConnectOptions::with_token(token),
+        (None, None) => async_nats::ConnectOptions::new(),
     };
     options
         .name(name)
@@ -287,5 +315,28 @@ mod tests {
         assert_eq!(t.event_filter(EventType::AgentStale), "omoi.events.agent.agent_stale.>");
         assert_eq!(t.entity_filter(Entity::Task), "omoi.events.task.>");
         assert_eq!(t.control_subject("wake"), "omoi.control.wake");
+    }
+
+    #[tokio::test]
+    async fn a_credentials_file_that_cannot_be_read_is_named() {
+        let err = connect_with(
+            "nats://127.0.0.1:4222",
+            Some(std::path::Path::new("/nonexistent/omoi.creds")),
+            "t",
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, BusError::Credentials { .. })
+                && err.to_string().starts_with("NATS_CREDS_FILE /nonexistent/omoi.creds: "),
+            "{err}"
+        );
+        let garbage = std::env::temp_dir().join(format!("omoi-{}.creds", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&garbage, "not a credentials file").unwrap();
+        let err = connect_with("nats://127.0.0.1:4222", Some(&garbage), "t")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BusError::Credentials { .. }), "{err}");
+        let _ = std::fs::remove_file(garbage);
     }
 }

@@ -216,6 +216,22 @@ enum Command {
     },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+    /// Print the `nsc` command that makes the executors' NATS user for a
+    /// NATS in operator (JWT) mode: publish agents' output and keep session
+    /// checkpoints, never an event or a stream deletion (the permissions
+    /// `omoi up`'s private NATS gives it).
+    NatsPermissions {
+        /// The user's name.
+        #[arg(long, default_value = "omoi-executor")]
+        name: String,
+        #[arg(long, env = "OMOI_SUBJECT_PREFIX", default_value = "omoi")]
+        subject_prefix: String,
+        #[arg(long, env = "OMOI_EVENTS_STREAM", default_value = "OMOI_EVENTS")]
+        events_stream: String,
+        /// The Object Store bucket of session checkpoints.
+        #[arg(long, env = "OMOI_SESSIONS_BUCKET", default_value = "OMOI_SESSIONS")]
+        sessions_bucket: String,
+    },
 }
 
 pub type Tickets = TicketServiceClient<omoi_runtime::grpc::Client>;
@@ -691,12 +707,57 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "omoi", &mut std::io::stdout());
             Ok(())
         }
+        Command::NatsPermissions {
+            name,
+            subject_prefix,
+            events_stream,
+            sessions_bucket,
+        } => {
+            let topology = omoi_bus::Topology {
+                prefix: subject_prefix,
+                stream: events_stream,
+                ..Default::default()
+            };
+            println!("{}", nsc_add_user(&name, &topology, &sessions_bucket));
+            Ok(())
+        }
     }
+}
+
+/// `nsc add user` with the executors' permissions, quoted for a shell.
+fn nsc_add_user(name: &str, topology: &omoi_bus::Topology, bucket: &str) -> String {
+    let p = omoi_bus::auth::executor_permissions(topology, bucket);
+    let list = |subjects: &[String]| format!("'{}'", subjects.join(","));
+    format!(
+        "nsc add user --name '{name}' \\\n  --allow-pub {} \\\n  --deny-pub {} \\\n  --allow-sub {}",
+        list(&p.publish_allow),
+        list(&p.publish_deny),
+        list(&p.subscribe_allow)
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_executors_nsc_user_carries_its_permissions() {
+        let topology = omoi_bus::Topology::default();
+        let command = nsc_add_user("omoi-executor", &topology, "OMOI_SESSIONS");
+        assert!(
+            command.starts_with("nsc add user --name 'omoi-executor' \\\n"),
+            "{command}"
+        );
+        assert!(
+            command.contains("--allow-pub 'omoi.output.>,$O.OMOI_SESSIONS.>,"),
+            "{command}"
+        );
+        assert!(
+            command.contains("--deny-pub 'omoi.events.>,omoi.control.>,$JS.API.STREAM.DELETE.>"),
+            "{command}"
+        );
+        assert!(command.ends_with("--allow-sub '_INBOX.>'"), "{command}");
+    }
 
     #[test]
     fn only_this_machines_services_get_the_local_token() {

@@ -16,8 +16,9 @@ pub struct AgentUser {
     pub name: String,
     pub uid: u32,
     pub gid: u32,
-    /// HOME of the agent: a directory of the agent user's own.
-    pub home: PathBuf,
+    /// HOME of the agent: a directory of the agent user's own, made for
+    /// each attempt (`for_attempt`); None for the user as configured.
+    pub home: Option<PathBuf>,
 }
 
 impl AgentUser {
@@ -39,32 +40,48 @@ impl AgentUser {
             me.is_root() || me == user.uid,
             "OMOI_AGENT_USER: running agents as {spec:?} needs the executor to run as root (it runs as uid {me})"
         );
-        Self::with_home(user, state)
+        Self::with_state(user, state)
     }
 
-    /// The executor's own user, with a home of its own for agents under
-    /// `state`: what a sandboxed agent runs as when no other user is set,
-    /// so that its home is not the executor's.
+    /// The executor's own user, whose attempts get homes of their own: what
+    /// a sandboxed agent runs as when no other user is set, so that its
+    /// home is not the executor's.
     pub fn own(state: &Path) -> anyhow::Result<Self> {
         let me = nix::unistd::geteuid();
         let user = User::from_uid(me)?.ok_or_else(|| anyhow::anyhow!("uid {me} has no name on this machine"))?;
-        Self::with_home(user, state)
+        Self::with_state(user, state)
     }
 
-    fn with_home(user: User, state: &Path) -> anyhow::Result<Self> {
+    fn with_state(user: User, state: &Path) -> anyhow::Result<Self> {
         // The state directory: the agent user may pass through, not list.
         std::fs::DirBuilder::new().recursive(true).mode(0o711).create(state)?;
         std::fs::set_permissions(state, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
-        let home = state.join(format!("home-{}", user.uid));
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&home)?;
-        let agent = AgentUser {
+        Ok(AgentUser {
             name: user.name,
             uid: user.uid.as_raw(),
             gid: user.gid.as_raw(),
-            home,
+            home: None,
+        })
+    }
+
+    /// The same user with `home` as the home of one attempt: made afresh
+    /// (a crashed run's leftover goes), filled by `prepare` (as the
+    /// executor), then handed to the user. An attempt's home is bound into
+    /// its sandbox alone, so no agent sees another attempt's session files;
+    /// it goes with its attempt.
+    pub fn for_attempt(&self, home: &Path, prepare: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<Self> {
+        match std::fs::remove_dir_all(home) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::DirBuilder::new().mode(0o700).create(home)?;
+        prepare(home)?;
+        let attempt = AgentUser {
+            home: Some(home.to_path_buf()),
+            ..self.clone()
         };
-        agent.give(&agent.home)?;
-        Ok(agent)
+        attempt.give(home)?;
+        Ok(attempt)
     }
 
     /// Makes everything under `dir` (itself included) the agent user's.
@@ -107,6 +124,24 @@ mod tests {
                 .to_string()
                 .contains("no user")
         );
+        let _ = std::fs::remove_dir_all(state);
+    }
+
+    #[test]
+    fn an_attempts_home_is_made_afresh_and_prepared() {
+        let state = std::env::temp_dir().join(format!("omoi-agent-user-{}", uuid::Uuid::new_v4()));
+        let user = AgentUser::own(&state).unwrap();
+        let home = state.join("1.home");
+        std::fs::create_dir_all(home.join("left-over")).unwrap();
+        let attempt = user
+            .for_attempt(&home, |h| std::fs::write(h.join("settings"), "x"))
+            .unwrap();
+        assert_eq!(attempt.home.as_deref(), Some(home.as_path()));
+        assert_eq!(attempt.uid, user.uid);
+        assert!(!home.join("left-over").exists());
+        assert!(home.join("settings").exists());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&home).unwrap().permissions().mode() & 0o777, 0o700);
         let _ = std::fs::remove_dir_all(state);
     }
 }

@@ -73,6 +73,12 @@ pub fn mirror_path(workspace: &Path) -> PathBuf {
     workspace.with_extension("git")
 }
 
+/// The home of an attempt's agent (when it runs as an agent user), beside
+/// its workspace: `<root>/<task>/<attempt>.home`.
+pub fn home_path(workspace: &Path) -> PathBuf {
+    workspace.with_extension("home")
+}
+
 /// Files of a workspace with their size and modification time (`.git` left
 /// out), to tell what a run changed.
 pub type Snapshot = BTreeMap<PathBuf, (u64, Option<SystemTime>)>;

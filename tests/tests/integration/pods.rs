@@ -142,7 +142,14 @@ async fn probe(port: u16, service: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_charts_pods_serve_and_run_a_ticket() {
-    run_the_charts_pods(None).await;
+    run_the_charts_pods(None, false).await;
+}
+
+/// `nats.auth.credsSecret`: a NATS in operator (JWT) mode, each pod with
+/// its own user's credentials file where the chart mounts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_pods_run_a_ticket_on_nats_credentials_files() {
+    run_the_charts_pods(None, true).await;
 }
 
 /// `tls.enabled`: mTLS between the pods, probes on their plaintext port, the
@@ -152,14 +159,35 @@ async fn the_charts_pods_run_a_ticket_over_mtls() {
     let pki = Pki::new();
     let ca = pki.ca("ca");
     pki.leaf("tls", &ca);
-    run_the_charts_pods(Some(&pki)).await;
+    run_the_charts_pods(Some(&pki), false).await;
 }
 
-async fn run_the_charts_pods(tls: Option<&Pki>) {
-    let infra = Infra::new().await.unwrap();
+async fn run_the_charts_pods(tls: Option<&Pki>, nats_creds: bool) {
+    let mut infra = Infra::new().await.unwrap();
+    let machines_nats = infra.nats_url.clone();
+    let creds_dir = std::env::temp_dir().join(format!("omoi-creds-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&creds_dir).unwrap();
+    // Operator mode: a NATS of its own that knows no one without a user JWT.
+    let mut files = HashMap::new();
+    let private_nats = match nats_creds {
+        false => None,
+        true => {
+            let operator = omoi_tests::nats_jwt::Operator::new();
+            let permissions = omoi_bus::auth::executor_permissions(&infra.topology, &infra.sessions_bucket());
+            for (file, limits) in [("services", None), ("executor", Some(&permissions))] {
+                let local = operator.user(&creds_dir, file, limits);
+                files.insert(format!("/etc/omoi/nats/{file}.creds"), local.display().to_string());
+            }
+            let nats = omoi_tests::process::PrivateNats::start_with_config(&operator.server_config)
+                .await
+                .unwrap();
+            infra.nats_url = nats.url();
+            Some(nats)
+        }
+    };
     let docs = render(&json!({
         "database": {"url": infra.db.url},
-        "nats": {"url": infra.nats_url},
+        "nats": {"url": infra.nats_url, "auth": {"credsSecret": if nats_creds { "omoi-nats-creds" } else { "" }}},
         "config": {
             "subjectPrefix": infra.topology.prefix,
             "eventsStream": infra.topology.stream,
@@ -175,7 +203,7 @@ async fn run_the_charts_pods(tls: Option<&Pki>) {
         .collect();
     let workspaces = std::env::temp_dir().join(format!("omoi-pods-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&workspaces).unwrap();
-    let mut files = HashMap::from([("/workspaces".to_string(), workspaces.display().to_string())]);
+    files.insert("/workspaces".to_string(), workspaces.display().to_string());
     if let Some(pki) = tls {
         for (mounted, local) in [("tls.crt", "tls.pem"), ("tls.key", "tls.key"), ("ca.crt", "ca.pem")] {
             files.insert(
@@ -203,12 +231,23 @@ async fn run_the_charts_pods(tls: Option<&Pki>) {
 
     let mut running = Vec::new();
     for component in ["task-queue", "health", "ticket", "executor"] {
-        let p = pod(
-            &docs,
-            find(&docs, "Deployment", &format!("omoi-{component}")),
-            &ports,
-            &files,
-        );
+        let workload = find(&docs, "Deployment", &format!("omoi-{component}"));
+        if nats_creds {
+            // Each pod gets its own user's file and no other.
+            let own = if component == "executor" {
+                "executor.creds"
+            } else {
+                "services.creds"
+            };
+            let volumes = workload["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+            let creds = volumes.iter().find(|v| v["name"] == "nats-creds").unwrap();
+            assert_eq!(
+                creds["secret"]["items"],
+                json!([{"key": own, "path": own}]),
+                "{component}"
+            );
+        }
+        let p = pod(&docs, workload, &ports, &files);
         let bin = Path::new(&p.command[0])
             .file_name()
             .unwrap()
@@ -304,5 +343,8 @@ async fn run_the_charts_pods(tls: Option<&Pki>) {
         assert_eq!(status.code(), Some(0), "{component} exit");
     }
     let _ = std::fs::remove_dir_all(&workspaces);
+    let _ = std::fs::remove_dir_all(&creds_dir);
+    drop(private_nats);
+    infra.nats_url = machines_nats;
     infra.cleanup().await.unwrap();
 }

@@ -124,6 +124,22 @@ async fn a_hostile_agent_reaches_its_workspace_and_the_allowed_host_and_nothing_
     for dir in [root.join("other-task"), other.clone()] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    // Another attempt's home, its agent's session in it: the agent's own
+    // user's, as every attempt's home is.
+    let other_home = root.join("other-task/1.home");
+    std::fs::create_dir_all(&other_home).unwrap();
+    std::fs::write(other_home.join("session.jsonl"), "another agent's conversation\n").unwrap();
+    let id = |flag: &str| -> u32 {
+        let out = std::process::Command::new("id")
+            .args([flag, "nobody"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
+    };
+    for p in [other_home.clone(), other_home.join("session.jsonl")] {
+        std::os::unix::fs::chown(&p, Some(id("-u")), Some(id("-g"))).unwrap();
+    }
+    std::fs::set_permissions(&other_home, std::fs::Permissions::from_mode(0o700)).unwrap();
 
     // The agent: every address it was told, directly and through the
     // proxy, and the files, one word each.
@@ -144,7 +160,8 @@ r="$r allowed=$(via http://127.0.0.1:$ALLOWED/) outside=$(via http://localhost:$
 r="$r nats_via_proxy=$(tunnel http://127.0.0.1:$NATS/) pg_via_proxy=$(tunnel http://127.0.0.1:$PG/)"
 r="$r queue_via_proxy=$(via http://127.0.0.1:$QUEUE/) executor_via_proxy=$(tunnel http://localhost:$EXECUTOR/)"
 r="$r fences=$(ls $ROOT/.omoi/fences >/dev/null 2>&1 && echo READ || echo hidden)"
-r="$r other=$(seen $ROOT/other-task/1/other.txt) token=$(seen $TOKEN)"
+r="$r other=$(seen $ROOT/other-task/1/other.txt) other_home=$(seen $ROOT/other-task/1.home/session.jsonl)"
+r="$r token=$(seen $TOKEN) home=$([ "$HOME" = "$PWD.home" ] && touch "$HOME/mine" && echo own || echo "$HOME")"
 echo proof > proof.txt && r="$r wrote=yes"
 # A clean filter of its own, for the executor's `git add` after the run.
 git config filter.omoi.clean "touch $MARKER; cat" && echo '* filter=omoi' > .gitattributes
@@ -198,10 +215,12 @@ echo "$r"
         result["summary"].as_str().unwrap(),
         "nats=closed pg=closed queue=closed ticket=closed executor=closed direct=000 \
          allowed=200 outside=403 nats_via_proxy=403 pg_via_proxy=403 queue_via_proxy=403 executor_via_proxy=403 \
-         fences=hidden other=hidden token=hidden wrote=yes"
+         fences=hidden other=hidden other_home=hidden token=hidden home=own wrote=yes"
     );
     let ws = Path::new(result["workspace"].as_str().unwrap());
     assert_eq!(std::fs::read_to_string(ws.join("proof.txt")).unwrap(), "proof\n");
+    // The attempt's home went with it.
+    assert!(!ws.with_extension("home").exists());
     // Each refusal is on the attempt's own output, for its timeline.
     let output = output_of(&mesh, &done.tasks[0].id).await;
     let said = |line: String| assert!(output.contains(&line), "{line:?} not in {output:#?}");
@@ -285,34 +304,75 @@ async fn claude_code_in_the_sandbox_works_through_the_model_proxy_without_its_ke
     let _ = std::fs::remove_dir_all(home);
 }
 
+/// How the test's private NATS knows its users.
+enum NatsAuth {
+    /// Users and passwords (`server_authorization`), in the URLs.
+    Passwords,
+    /// Operator mode: user JWTs in credentials files (`NATS_CREDS_FILE`).
+    Jwt,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_executors_nats_user_publishes_output_and_checkpoints_and_nothing_else() {
-    use omoi_bus::auth::{User, server_authorization};
+    executor_user_is_fenced(NatsAuth::Passwords).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_executors_nats_credentials_file_holds_it_to_the_same() {
+    executor_user_is_fenced(NatsAuth::Jwt).await;
+}
+
+async fn executor_user_is_fenced(auth: NatsAuth) {
+    use omoi_bus::auth::{User, executor_permissions, server_authorization};
     let mut infra = Infra::new().await.unwrap();
     let machines_nats = infra.nats_url.clone();
-    let (services, executor) = (
-        uuid::Uuid::new_v4().simple().to_string(),
-        uuid::Uuid::new_v4().simple().to_string(),
-    );
-    let config = server_authorization(
-        &infra.topology,
-        &infra.sessions_bucket(),
-        &User {
-            name: "omoi",
-            password: &services,
-        },
-        &User {
-            name: "omoi-executor",
-            password: &executor,
-        },
-    );
+    let creds_dir = tempdir("creds");
+    let permissions = executor_permissions(&infra.topology, &infra.sessions_bucket());
+    // The server's configuration, and how the services and the executor
+    // present themselves: (its NATS_URL, its NATS_CREDS_FILE).
+    let (config, services, executor) = match auth {
+        NatsAuth::Passwords => {
+            let (services, executor) = (
+                uuid::Uuid::new_v4().simple().to_string(),
+                uuid::Uuid::new_v4().simple().to_string(),
+            );
+            let config = server_authorization(
+                &infra.topology,
+                &infra.sessions_bucket(),
+                &User {
+                    name: "omoi",
+                    password: &services,
+                },
+                &User {
+                    name: "omoi-executor",
+                    password: &executor,
+                },
+            );
+            (
+                config,
+                (format!("omoi:{services}@"), None),
+                (format!("omoi-executor:{executor}@"), None),
+            )
+        }
+        NatsAuth::Jwt => {
+            let operator = omoi_tests::nats_jwt::Operator::new();
+            let services = operator.user(&creds_dir, "omoi", None);
+            let executor = operator.user(&creds_dir, "omoi-executor", Some(&permissions));
+            (
+                operator.server_config.clone(),
+                (String::new(), Some(services)),
+                (String::new(), Some(executor)),
+            )
+        }
+    };
     let nats = PrivateNats::start_with_config(&config).await.unwrap();
-    infra.nats_url = format!("nats://omoi:{services}@127.0.0.1:{}", nats.port);
-    let executor_url = format!("nats://omoi-executor:{executor}@127.0.0.1:{}", nats.port);
+    infra.nats_url = format!("nats://{}127.0.0.1:{}", services.0, nats.port);
+    infra.nats_creds = services.1.clone();
+    let executor_url = format!("nats://{}127.0.0.1:{}", executor.0, nats.port);
     let mut mesh = bare_mesh(&infra).await;
     // The executor on its own user: its agent's output and its session's
     // checkpoints go through.
-    let env: Vec<(String, String)> = [
+    let mut env: Vec<(String, String)> = [
         ("NATS_URL", executor_url.as_str()),
         ("OMOI_DEMO_TURNS", "3"),
         ("OMOI_DEMO_SLEEP_MS", "300"),
@@ -321,6 +381,9 @@ async fn the_executors_nats_user_publishes_output_and_checkpoints_and_nothing_el
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
+    if let Some(creds) = &executor.1 {
+        env.push(("NATS_CREDS_FILE".into(), creds.display().to_string()));
+    }
     mesh.add_executor(&infra, &env).await.unwrap();
     let tickets = mesh.tickets();
     let created = file_ticket(&tickets, one_task("talk for a while")).await;
@@ -332,7 +395,9 @@ async fn the_executors_nats_user_publishes_output_and_checkpoints_and_nothing_el
     assert!(output.iter().any(|l| l.starts_with("checkpoint ")), "{output:#?}");
 
     // With the executor's credentials: no forged event, no deleted stream.
-    let forged = omoi_bus::connect(&executor_url, "forger").await.unwrap();
+    let forged = omoi_bus::connect_with(&executor_url, executor.1.as_deref(), "forger")
+        .await
+        .unwrap();
     let js = async_nats::jetstream::new(forged);
     let subject = infra.topology.event_subject("task", "TASK_COMPLETED", None);
     let published = async { js.publish(subject.clone(), "forged".into()).await?.await };
@@ -343,15 +408,20 @@ async fn the_executors_nats_user_publishes_output_and_checkpoints_and_nothing_el
     assert!(js.delete_stream(&infra.topology.stream).await.is_err());
     assert!(js.delete_stream(infra.topology.output_stream()).await.is_err());
     // As the services see it: both streams there, no forged event in.
-    let owner = async_nats::jetstream::new(omoi_bus::connect(&infra.nats_url, "owner").await.unwrap());
+    let owner = omoi_bus::connect_with(&infra.nats_url, services.1.as_deref(), "owner")
+        .await
+        .unwrap();
+    let owner = async_nats::jetstream::new(owner);
     let events = owner.get_stream(&infra.topology.stream).await.unwrap();
     assert!(events.get_last_raw_message_by_subject(&subject).await.is_err());
     owner.get_stream(infra.topology.output_stream()).await.unwrap();
 
     mesh.stop().await.unwrap();
     infra.nats_url = machines_nats;
+    infra.nats_creds = None;
     infra.cleanup().await.unwrap();
     drop(nats);
+    let _ = std::fs::remove_dir_all(creds_dir);
 }
 
 /// An executor started with `env` (and the machine's NATS), until it

@@ -49,6 +49,10 @@ pub trait Cli: Send + Sync {
     fn home(&self, _cli: &AgentCli) -> Option<PathBuf> {
         None
     }
+    /// What the CLI needs in a new attempt's home.
+    fn prepare_home(&self, _cli: &AgentCli, _home: &Path) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reads one CLI's output.
@@ -181,6 +185,10 @@ impl<C: Cli> Runner for CliRunner<C> {
 
     fn home(&self, ctx: &RunContext) -> Option<PathBuf> {
         home_of(&self.kind, &self.cli, ctx)
+    }
+
+    fn prepare_home(&self, home: &Path) -> std::io::Result<()> {
+        self.kind.prepare_home(&self.cli, home)
     }
 }
 

@@ -54,7 +54,7 @@ pub fn argv(cli: &AgentCli, prompt: &str, resume: Option<&Path>) -> Vec<String> 
 pub fn env(cli: &AgentCli, home: Option<&Path>) -> Vec<(String, String)> {
     let mut env = vec![("GEMINI_CLI_TRUST_WORKSPACE".to_owned(), "true".to_owned())];
     if let Some(home) = home
-        && cli.env.iter().any(|(k, _)| k == "GEMINI_API_KEY")
+        && keyed(cli)
     {
         env.push(("GEMINI_CLI_HOME".to_owned(), home.display().to_string()));
     }
@@ -73,26 +73,32 @@ pub fn prepare_home(home: &Path) -> std::io::Result<()> {
 }
 
 /// Gemini CLI, as the `gemini` runner starts it: with a home of its own
-/// (see [`env`]).
+/// (see [`env`]): the attempt's own when agents run as an agent user, else
+/// one under the executor's state directory.
 pub struct Gemini {
-    home: PathBuf,
+    home: Option<PathBuf>,
 }
 
 impl Gemini {
     /// Prepares the CLI's home under `state` (the executor's own
-    /// directory), owned by the agents' `user` when they run as one.
+    /// directory) unless agents run as a `user`, whose attempts each get a
+    /// home of their own (prepared by `prepare_home`).
     pub fn new(state: &Path, user: Option<&AgentUser>) -> Result<Self, RunnerError> {
+        if user.is_some() {
+            return Ok(Self { home: None });
+        }
         let home = state.join("gemini");
-        let prepared = prepare_home(&home).and_then(|()| match user {
-            Some(u) => u.give(&home),
-            None => Ok(()),
-        });
-        prepared.map_err(|e| RunnerError::Config {
+        prepare_home(&home).map_err(|e| RunnerError::Config {
             setting: "OMOI_WORKSPACE_ROOT",
             message: format!("cannot prepare {}: {e}", home.display()),
         })?;
-        Ok(Self { home })
+        Ok(Self { home: Some(home) })
     }
+}
+
+/// Whether the CLI is given an API key (and so needs its settings to say so).
+fn keyed(cli: &AgentCli) -> bool {
+    cli.env.iter().any(|(k, _)| k == "GEMINI_API_KEY")
 }
 
 impl Cli for Gemini {
@@ -107,7 +113,7 @@ impl Cli for Gemini {
     }
 
     fn env(&self, cli: &AgentCli) -> Vec<(String, String)> {
-        env(cli, Some(&self.home))
+        env(cli, self.home.as_deref())
     }
 
     fn reader(&self, _: &AgentCli, ctx: &RunContext) -> Box<dyn AgentStream> {
@@ -120,10 +126,11 @@ impl Cli for Gemini {
 
     fn home(&self, cli: &AgentCli) -> Option<PathBuf> {
         // Its own home only with a key: see `env`.
-        cli.env
-            .iter()
-            .any(|(k, _)| k == "GEMINI_API_KEY")
-            .then(|| self.home.clone())
+        self.home.clone().filter(|_| keyed(cli))
+    }
+
+    fn prepare_home(&self, cli: &AgentCli, home: &Path) -> std::io::Result<()> {
+        if keyed(cli) { prepare_home(home) } else { Ok(()) }
     }
 }
 

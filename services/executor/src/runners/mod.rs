@@ -55,9 +55,15 @@ pub trait Runner: Send + Sync {
         None
     }
 
+    /// Fills a new attempt's home (see `AgentUser::for_attempt`) with what
+    /// the agent needs there before it starts.
+    fn prepare_home(&self, _home: &Path) -> std::io::Result<()> {
+        Ok(())
+    }
+
     /// The agent process's home.
     fn home(&self, ctx: &RunContext) -> Option<PathBuf> {
-        ctx.user.as_ref().map(|u| u.home.clone())
+        ctx.user.as_ref().and_then(|u| u.home.clone())
     }
 }
 
@@ -89,7 +95,7 @@ pub fn session_id_ok(id: &str) -> bool {
 /// agent user's, else the HOME `env` sets, else the executor's.
 pub fn agent_home(ctx: &RunContext, env: &[(String, String)]) -> Option<PathBuf> {
     if let Some(user) = &ctx.user {
-        return Some(user.home.clone());
+        return user.home.clone();
     }
     env.iter()
         .find(|(k, _)| k == "HOME")
@@ -270,7 +276,9 @@ impl RunContext {
             ("OMOI_WORKSPACE".into(), self.workspace.display().to_string()),
         ];
         if let Some(user) = &self.user {
-            env.push(("HOME".into(), user.home.display().to_string()));
+            if let Some(home) = &user.home {
+                env.push(("HOME".into(), home.display().to_string()));
+            }
             env.push(("USER".into(), user.name.clone()));
         }
         env

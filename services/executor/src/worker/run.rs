@@ -19,12 +19,12 @@ use uuid::Uuid;
 use super::prompt::{self, Dependency, TicketContext, phase_name};
 use super::session::{Checkpointing, Continues};
 use super::{Worker, report};
+use crate::agent_user::AgentUser;
 use crate::config::WorkspacePolicy;
 use crate::events::EventSink;
 use crate::executions::{Execution, NewExecution, StopRequest};
 use crate::git::{self, Checkout, GitError, WorkspaceUser};
 use crate::runners::{RunContext, RunOutcome, RunnerError, Stopped, Verdict};
-use crate::sandbox::Fence;
 use crate::workspace;
 
 /// The span of one attempt, continuing the trace the dispatch sent along.
@@ -97,16 +97,6 @@ impl Worker {
         ))
     }
 
-    /// Who runs git in a workspace after its agent: the agent's user, in
-    /// the agent's sandbox (`fence`).
-    fn workspace_user(&self, fence: Option<Arc<Fence>>) -> WorkspaceUser {
-        WorkspaceUser {
-            identity: self.agent_user.as_ref().map(|u| (u.uid, u.gid)),
-            home: self.agent_user.as_ref().map(|u| u.home.clone()),
-            fence,
-        }
-    }
-
     /// Works one assignment from start to report.
     pub(super) async fn execute(self: Arc<Self>, a: tq::Assignment) {
         let Some(task) = a.task else { return };
@@ -176,6 +166,17 @@ impl Worker {
                 return;
             }
         };
+        let user = match self.attempt_user(&dir) {
+            Ok(u) => u,
+            Err(message) => {
+                run.line(OutputStream::System, message.clone());
+                run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), vec![]);
+                self.executions.end(&run);
+                self.fail(task_id, attempt, &message, Some(ErrorClass::Retryable)).await;
+                self.clean_up(&dir, false).await;
+                return;
+            }
+        };
         // The attempt's work is what differs from here: restored work too.
         let before = workspace::snapshot(&dir);
         let mut ctx = RunContext {
@@ -185,7 +186,7 @@ impl Worker {
             prompt: String::new(),
             workspace: dir.clone(),
             timeout: (task.timeout_seconds > 0).then(|| Duration::from_secs(task.timeout_seconds as u64)),
-            user: self.agent_user.clone(),
+            user,
             budget_left_usd: prepared.ticket.budget_left_usd,
             resume: None,
             session: Default::default(),
@@ -234,7 +235,7 @@ impl Worker {
         let commit = prepared.checkout.as_ref().map(|c| BranchCommit {
             checkout: c,
             message: git::commit_message(&phase_name(task.phase), &task.title, &task.id, attempt),
-            fence: ctx.fence.clone(),
+            user: workspace_user(&ctx),
         });
         let succeeded = self
             .report_end(&run, outcome, changed, task.timeout_seconds, commit)
@@ -329,13 +330,30 @@ impl Worker {
         })
     }
 
+    /// The agent user of one attempt, with a home of its own beside the
+    /// workspace (see `AgentUser::for_attempt`); None when agents run as
+    /// the executor's user.
+    fn attempt_user(&self, dir: &Path) -> Result<Option<Arc<AgentUser>>, String> {
+        let Some(user) = &self.agent_user else {
+            return Ok(None);
+        };
+        user.for_attempt(&workspace::home_path(dir), |h| self.runner.prepare_home(h))
+            .map(|u| Some(Arc::new(u)))
+            .map_err(|e| format!("cannot make the agent's home: {e}"))
+    }
+
     async fn clean_up(&self, dir: &Path, succeeded: bool) {
-        // The executor's clone has done its job whatever happened.
-        let mirror = workspace::mirror_path(dir);
-        if tokio::fs::try_exists(&mirror).await.unwrap_or(false)
-            && let Err(e) = tokio::fs::remove_dir_all(&mirror).await
-        {
-            tracing::warn!(mirror = %mirror.display(), error = %e, "repository clone not removed");
+        // The executor's clone and the agent's home have done their job
+        // whatever happened (the session is in its checkpoints).
+        for (done, what) in [
+            (workspace::mirror_path(dir), "repository clone"),
+            (workspace::home_path(dir), "agent's home"),
+        ] {
+            if tokio::fs::try_exists(&done).await.unwrap_or(false)
+                && let Err(e) = tokio::fs::remove_dir_all(&done).await
+            {
+                tracing::warn!(path = %done.display(), error = %e, "{what} not removed");
+            }
         }
         let remove = match self.config.workspace_policy {
             WorkspacePolicy::Keep => false,
@@ -473,11 +491,7 @@ impl Worker {
         }
         let git = match commit {
             None => None,
-            Some(c) => match self
-                .git
-                .commit_and_push(c.checkout, &c.message, &self.workspace_user(c.fence))
-                .await
-            {
+            Some(c) => match self.git.commit_and_push(c.checkout, &c.message, &c.user).await {
                 Ok(g) => {
                     run.line(OutputStream::System, pushed_line(&g));
                     Some(g)
@@ -559,8 +573,18 @@ fn worth_a_last_checkpoint(outcome: &Result<RunOutcome, RunnerError>, run: &Exec
 struct BranchCommit<'a> {
     checkout: &'a Checkout,
     message: String,
-    /// The attempt's sandbox, which git in its workspace runs in too.
-    fence: Option<Arc<Fence>>,
+    /// Who runs git in the workspace: the agent's user, in its sandbox.
+    user: WorkspaceUser,
+}
+
+/// Who runs git in a workspace after its agent: the agent's user, with its
+/// home, in the agent's sandbox.
+fn workspace_user(ctx: &RunContext) -> WorkspaceUser {
+    WorkspaceUser {
+        identity: ctx.identity(),
+        home: ctx.user.as_ref().and_then(|u| u.home.clone()),
+        fence: ctx.fence.clone(),
+    }
 }
 
 /// A git failure as a report classifies it.
