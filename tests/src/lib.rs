@@ -10,6 +10,7 @@ pub mod git_http;
 pub mod github;
 pub mod http;
 pub mod infra;
+pub mod kube;
 pub mod mesh;
 pub mod model_api;
 pub mod nats_jwt;

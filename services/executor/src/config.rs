@@ -59,6 +59,91 @@ pub enum SandboxMode {
     Auto,
     On,
     Off,
+    /// Each attempt in a Kubernetes pod of its own (see [`PodArgs`]).
+    Pod,
+}
+
+/// Where and how `OMOI_AGENT_SANDBOX=pod` runs each attempt: a pod of its
+/// own in the executor's namespace, on the workspaces' volume, reaching the
+/// network only through this executor's proxies.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PodArgs {
+    /// The image attempts' pods run (the executor's own: it holds the
+    /// agent CLIs and this binary, the pod's first process).
+    #[arg(long, env = "OMOI_AGENT_POD_IMAGE")]
+    pub agent_pod_image: Option<String>,
+
+    /// The namespace of the pods; default the executor's own (its service
+    /// account's).
+    #[arg(long, env = "OMOI_AGENT_POD_NAMESPACE")]
+    pub agent_pod_namespace: Option<String>,
+
+    /// The PersistentVolumeClaim holding OMOI_WORKSPACE_ROOT, which each
+    /// pod mounts its attempt's workspace and home from.
+    #[arg(long, env = "OMOI_AGENT_POD_WORKSPACE_CLAIM")]
+    pub agent_pod_workspace_claim: Option<String>,
+
+    /// The executor's own pod (the downward API's metadata.name and
+    /// metadata.uid): attempts' pods are its dependents, deleted with it,
+    /// and swept by it when it restarts.
+    #[arg(long, env = "OMOI_AGENT_POD_OWNER_NAME")]
+    pub agent_pod_owner_name: Option<String>,
+    #[arg(long, env = "OMOI_AGENT_POD_OWNER_UID")]
+    pub agent_pod_owner_uid: Option<String>,
+
+    /// The address attempts' pods reach this executor's proxies at (its
+    /// pod's IP: the downward API's status.podIP).
+    #[arg(long, env = "OMOI_AGENT_POD_PROXY_HOST")]
+    pub agent_pod_proxy_host: Option<String>,
+
+    /// Where this executor listens for its attempts' pods (both proxies,
+    /// each connection naming its attempt's proxy by a token).
+    #[arg(long, env = "OMOI_AGENT_POD_PROXY_ADDR", default_value = "0.0.0.0:13130")]
+    pub agent_pod_proxy_addr: std::net::SocketAddr,
+
+    /// The pods' RuntimeClass (gVisor, Kata); empty = the cluster's default.
+    #[arg(long, env = "OMOI_AGENT_POD_RUNTIME_CLASS", default_value = "")]
+    pub agent_pod_runtime_class: String,
+
+    /// The pods' service account (its token is never mounted); empty = the
+    /// namespace's default.
+    #[arg(long, env = "OMOI_AGENT_POD_SERVICE_ACCOUNT", default_value = "")]
+    pub agent_pod_service_account: String,
+
+    /// The agent container's resources, as JSON (`{"requests": {...},
+    /// "limits": {...}}`); empty = none set.
+    #[arg(long, env = "OMOI_AGENT_POD_RESOURCES", default_value = "")]
+    pub agent_pod_resources: String,
+
+    /// Labels (comma list of key=value) every attempt's pod carries besides
+    /// omoi's own: what the chart's NetworkPolicy selects them by.
+    #[arg(long, env = "OMOI_AGENT_POD_LABELS", default_value = "")]
+    pub agent_pod_labels: String,
+
+    /// Seconds a pod may take to start (scheduling, image pull) before the
+    /// attempt fails, retryably.
+    #[arg(long, env = "OMOI_AGENT_POD_START_SECONDS", default_value_t = 300)]
+    pub agent_pod_start_seconds: u64,
+
+    /// The Kubernetes API; default the in-cluster one
+    /// (`https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`).
+    #[arg(long, env = "OMOI_AGENT_POD_API")]
+    pub agent_pod_api: Option<String>,
+
+    /// The bearer token and CA the API is called with (the service
+    /// account's).
+    #[arg(
+        long,
+        env = "OMOI_AGENT_POD_API_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub agent_pod_api_token_file: PathBuf,
+    #[arg(
+        long,
+        env = "OMOI_AGENT_POD_API_CA_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    pub agent_pod_api_ca_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -279,9 +364,13 @@ pub struct Config {
     /// home and the read-only system; the network only through the
     /// executor's egress and model proxies). `auto`: where the kernel
     /// allows it, else without, said loudly at start; `on`: refuse to start
-    /// without; `off`: never.
+    /// without; `off`: never; `pod`: each attempt in a Kubernetes pod of
+    /// its own (`OMOI_AGENT_POD_*`).
     #[arg(long, env = "OMOI_AGENT_SANDBOX", value_enum, default_value_t = SandboxMode::Auto)]
     pub sandbox: SandboxMode,
+
+    #[command(flatten)]
+    pub pod: PodArgs,
 
     /// The bubblewrap program.
     #[arg(long, env = "OMOI_AGENT_SANDBOX_BWRAP", default_value = "bwrap")]

@@ -53,6 +53,9 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         agent_id,
         nats.clone(),
     )?);
+    if let Some(sandbox) = &worker.sandbox {
+        sandbox.sweep().await?;
+    }
     tracing::info!(%agent_id, runner, "executor starting");
     host.spawn(ensure_output_stream(nats.clone(), topology, host.background()));
 

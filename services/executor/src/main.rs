@@ -11,6 +11,10 @@ fn main() -> std::process::ExitCode {
     if args.peek().is_some_and(|a| a == sandbox::init::FLAG) {
         return sandbox::init::main(args.skip(1));
     }
+    // And launches each attempt's pod when agents run in pods of their own.
+    if args.peek().is_some_and(|a| a == sandbox::pod::FLAG) {
+        return sandbox::pod::main(args.skip(1));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
     match runtime {
         Ok(rt) => rt.block_on(run()),

@@ -6,6 +6,7 @@
 //! The chaos run is bench/'s (`bench/tests/chaos.rs`).
 
 mod agents;
+mod attempt_pods;
 mod auth;
 mod bad_input;
 mod browser;

@@ -16,6 +16,19 @@ use omoi_tests::{Infra, eventually, file_ticket, ticket_client, wait_ticket};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
+/// The uid the downward API gives a pod here.
+const POD_UID: &str = "5c5d8e1a-2f7b-4c1e-9a33-6d1f0e7b2c44";
+
+/// How the chart is installed for a run of its pods.
+#[derive(Default)]
+struct Variant<'a> {
+    /// `tls.enabled`, with this PKI's files as the Secret's.
+    tls: Option<&'a Pki>,
+    /// `nats.auth.credsSecret`, NATS in operator mode.
+    nats_creds: bool,
+    /// `executor.podPerAttempt`, against a stand-in Kubernetes API.
+    pod_per_attempt: bool,
+}
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -100,6 +113,15 @@ fn pod(docs: &[Value], workload: &Value, ports: &HashMap<u64, u16>, files: &Hash
         let name = e["name"].as_str().unwrap().to_owned();
         if let Some(v) = e["value"].as_str() {
             env.push((name, rewrite(v)));
+        } else if let Some(field) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            // The downward API, as for a pod of this workload.
+            let value = match field {
+                "metadata.name" => format!("{}-0", workload["metadata"]["name"].as_str().unwrap()),
+                "metadata.uid" => POD_UID.to_owned(),
+                "status.podIP" => "127.0.0.1".to_owned(),
+                other => panic!("no downward API value for {other}"),
+            };
+            env.push((name, value));
         } else if let Some(r) = e["valueFrom"]["secretKeyRef"].as_object() {
             let secret = find(docs, "Secret", r["name"].as_str().unwrap());
             match secret["stringData"][r["key"].as_str().unwrap()].as_str() {
@@ -142,14 +164,29 @@ async fn probe(port: u16, service: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_charts_pods_serve_and_run_a_ticket() {
-    run_the_charts_pods(None, false).await;
+    run_the_charts_pods(Variant::default()).await;
+}
+
+/// `executor.podPerAttempt`: the executor's pod, as the chart sets it up,
+/// runs each attempt in a pod of its own through the (stand-in) API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_executor_runs_each_attempt_in_a_pod_of_its_own() {
+    run_the_charts_pods(Variant {
+        pod_per_attempt: true,
+        ..Default::default()
+    })
+    .await;
 }
 
 /// `nats.auth.credsSecret`: a NATS in operator (JWT) mode, each pod with
 /// its own user's credentials file where the chart mounts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_charts_pods_run_a_ticket_on_nats_credentials_files() {
-    run_the_charts_pods(None, true).await;
+    run_the_charts_pods(Variant {
+        nats_creds: true,
+        ..Default::default()
+    })
+    .await;
 }
 
 /// `tls.enabled`: mTLS between the pods, probes on their plaintext port, the
@@ -159,10 +196,15 @@ async fn the_charts_pods_run_a_ticket_over_mtls() {
     let pki = Pki::new();
     let ca = pki.ca("ca");
     pki.leaf("tls", &ca);
-    run_the_charts_pods(Some(&pki), false).await;
+    run_the_charts_pods(Variant {
+        tls: Some(&pki),
+        ..Default::default()
+    })
+    .await;
 }
 
-async fn run_the_charts_pods(tls: Option<&Pki>, nats_creds: bool) {
+async fn run_the_charts_pods(variant: Variant<'_>) {
+    let (tls, nats_creds) = (variant.tls, variant.nats_creds);
     let mut infra = Infra::new().await.unwrap();
     let machines_nats = infra.nats_url.clone();
     let creds_dir = std::env::temp_dir().join(format!("omoi-creds-{}", uuid::Uuid::new_v4().simple()));
@@ -194,7 +236,12 @@ async fn run_the_charts_pods(tls: Option<&Pki>, nats_creds: bool) {
             "rustLog": "warn",
             "timeoutCheckIntervalSeconds": 1,
         },
-        "executor": {"replicas": 1, "command": "omoi-demo-agent"},
+        "executor": {
+            "replicas": 1,
+            "command": "omoi-demo-agent",
+            "podPerAttempt": {"enabled": variant.pod_per_attempt},
+            "workspace": {"type": if variant.pod_per_attempt { "pvc" } else { "emptyDir" }},
+        },
         "tls": {"enabled": tls.is_some(), "secretName": "omoi-tls"},
     }));
     let ports: HashMap<u64, u16> = [50051u64, 50052, 50053, 50054]
@@ -204,6 +251,18 @@ async fn run_the_charts_pods(tls: Option<&Pki>, nats_creds: bool) {
     let workspaces = std::env::temp_dir().join(format!("omoi-pods-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&workspaces).unwrap();
     files.insert("/workspaces".to_string(), workspaces.display().to_string());
+    // The cluster's API and the executor's mounted service account token.
+    let sa = std::env::temp_dir().join(format!("omoi-sa-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&sa).unwrap();
+    std::fs::write(sa.join("token"), "chart-executor-token").unwrap();
+    let kube = match variant.pod_per_attempt {
+        true => Some(
+            omoi_tests::kube::Kube::start("chart-executor-token", workspaces.clone())
+                .await
+                .unwrap(),
+        ),
+        false => None,
+    };
     if let Some(pki) = tls {
         for (mounted, local) in [("tls.crt", "tls.pem"), ("tls.key", "tls.key"), ("ca.crt", "ca.pem")] {
             files.insert(
@@ -256,7 +315,15 @@ async fn run_the_charts_pods(tls: Option<&Pki>, nats_creds: bool) {
             .to_owned();
         assert_eq!(p.command.len(), 1, "{component}: no arguments expected");
         let (ready_port, live_port, live_service) = p.probes.clone().expect("gRPC probes declared");
-        let svc = Service::spawn(&bin, ready_port, &p.env).unwrap();
+        let mut env = p.env.clone();
+        if let (true, Some(kube)) = (component == "executor", &kube) {
+            env.push(("OMOI_AGENT_POD_API".into(), kube.url.clone()));
+            env.push((
+                "OMOI_AGENT_POD_API_TOKEN_FILE".into(),
+                sa.join("token").display().to_string(),
+            ));
+        }
+        let svc = Service::spawn(&bin, ready_port, &env).unwrap();
         eventually(WAIT, &format!("{component} ready on its readiness probe"), || async {
             probe(ready_port, "").await.then_some(())
         })
@@ -296,6 +363,21 @@ async fn run_the_charts_pods(tls: Option<&Pki>, nats_creds: bool) {
     .await;
     let id = created.ticket.unwrap().id;
     wait_ticket(&tickets, &id, omoi_proto::common::TicketStatus::Completed as i32).await;
+    if let Some(kube) = &kube {
+        // A pod per phase, each the chart's image on its claim, all gone.
+        let created = kube.seen(|s| s.created.clone());
+        assert_eq!(created.len(), 4, "{created:#?}");
+        for pod in &created {
+            assert_eq!(pod["spec"]["containers"][0]["image"], json!("omoi-executor:0.1.0"));
+            assert_eq!(pod["spec"]["serviceAccountName"], json!("omoi-agent"));
+            assert_eq!(
+                pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+                json!("omoi-workspaces")
+            );
+            assert_eq!(pod["metadata"]["labels"]["app.kubernetes.io/instance"], json!("omoi"));
+        }
+        assert!(kube.pods().is_empty(), "{:?}", kube.pods());
+    }
 
     // The console's pod: its HTTP probe, and the ticket read through it (over
     // the mesh's TLS when the chart turns it on).
@@ -344,6 +426,7 @@ async fn run_the_charts_pods(tls: Option<&Pki>, nats_creds: bool) {
     }
     let _ = std::fs::remove_dir_all(&workspaces);
     let _ = std::fs::remove_dir_all(&creds_dir);
+    let _ = std::fs::remove_dir_all(&sa);
     drop(private_nats);
     infra.nats_url = machines_nats;
     infra.cleanup().await.unwrap();

@@ -24,21 +24,21 @@ const SECRET: &str = "sk-ant-sandboxed-do-not-leak";
 /// What a sandboxed agent holds in place of its key.
 const PLACEHOLDER: &str = "omoi-brokered-placeholder-key";
 
-fn tempdir(what: &str) -> PathBuf {
+pub(super) fn tempdir(what: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("omoi-{what}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
 }
 
-fn port_of(url: &str) -> u16 {
+pub(super) fn port_of(url: &str) -> u16 {
     let authority = url.split("://").nth(1).unwrap_or(url);
     let authority = authority.rsplit('@').next().unwrap().split('/').next().unwrap();
     authority.rsplit(':').next().unwrap().parse().unwrap()
 }
 
 /// A host outside the mesh answering 200 to everything.
-async fn host() -> Server {
+pub(super) async fn host() -> Server {
     async fn ok(_: Arc<()>, _: http::Request<hyper::body::Incoming>) -> Reply {
         Ok(http::Response::new(http_body_util::Full::new(
             bytes::Bytes::from_static(b"reached\n"),
@@ -48,7 +48,7 @@ async fn host() -> Server {
 }
 
 /// The mesh's services as processes, with no executor yet.
-async fn bare_mesh(infra: &Infra) -> ProcessMesh {
+pub(super) async fn bare_mesh(infra: &Infra) -> ProcessMesh {
     let options = Options {
         executors: 0,
         ..Default::default()
@@ -57,7 +57,7 @@ async fn bare_mesh(infra: &Infra) -> ProcessMesh {
 }
 
 /// Every line a task's attempts wrote, as the queue streams them.
-async fn output_of(mesh: &ProcessMesh, task_id: &str) -> Vec<String> {
+pub(super) async fn output_of(mesh: &ProcessMesh, task_id: &str) -> Vec<String> {
     client(&mesh.task_queue.url)
         .stream_task_output(tq::StreamTaskOutputRequest {
             task_id: task_id.to_owned(),
@@ -71,7 +71,7 @@ async fn output_of(mesh: &ProcessMesh, task_id: &str) -> Vec<String> {
         .await
 }
 
-fn one_task(title: &str) -> pb::CreateTicketRequest {
+pub(super) fn one_task(title: &str) -> pb::CreateTicketRequest {
     pb::CreateTicketRequest {
         title: title.to_owned(),
         plan: vec![pb::TaskSpec {
@@ -426,7 +426,7 @@ async fn executor_user_is_fenced(auth: NatsAuth) {
 
 /// An executor started with `env` (and the machine's NATS), until it
 /// exits by itself: its exit status and what it said.
-async fn executor_refusing(env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+pub(super) async fn executor_refusing(env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
     let out = tokio::process::Command::new(omoi_tests::process::binary("omoi-executor"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())

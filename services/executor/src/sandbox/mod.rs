@@ -14,6 +14,7 @@ mod egress;
 mod hosts;
 pub mod init;
 mod model;
+pub mod pod;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -83,7 +84,7 @@ impl std::fmt::Debug for Attempt {
 /// The executor's sandbox: how agents are fenced in.
 #[derive(Debug)]
 pub struct Sandbox {
-    bwrap: PathBuf,
+    how: How,
     init: PathBuf,
     rules: Arc<egress::Rules>,
     model: Option<Arc<ModelRoute>>,
@@ -94,6 +95,18 @@ pub struct Sandbox {
     owner: Option<(u32, u32)>,
     /// Numbers the fences (short names: a socket's path is limited).
     fences: std::sync::atomic::AtomicU64,
+    /// Between a stop's SIGTERM and SIGKILL (a pod's grace period).
+    kill_grace: Duration,
+}
+
+/// What each attempt's agent runs in.
+#[derive(Debug)]
+enum How {
+    /// bubblewrap, on this machine.
+    Bwrap(PathBuf),
+    /// A Kubernetes pod of its own, whose bridges reach the attempt's
+    /// proxies through this executor's pod proxy listener.
+    Pod { pods: Box<pod::Pods>, tokens: Arc<pod::Tokens> },
 }
 
 /// The longest path of a unix socket (`sun_path`, with its NUL).
@@ -140,23 +153,39 @@ impl Sandbox {
             return Ok(None);
         }
         let identity = user.map(|u| (u.uid, u.gid));
-        let found = which(&config.sandbox_bwrap, std::env::var("PATH").ok().as_deref());
-        let checked = found
-            .ok_or_else(|| format!("{} (OMOI_AGENT_SANDBOX_BWRAP) is not installed", config.sandbox_bwrap))
-            .and_then(|bwrap| probe(&bwrap, identity).map(|took| (bwrap, took)));
-        let (bwrap, took) = match (checked, config.sandbox) {
-            (Ok(found), _) => found,
-            (Err(why), SandboxMode::On) => {
-                anyhow::bail!("OMOI_AGENT_SANDBOX=on, but agents cannot be sandboxed on this machine: {why}")
-            }
-            (Err(why), _) => {
-                omoi_runtime::metrics::AGENT_SANDBOX.set(0);
-                tracing::error!(
-                    reason = %why,
-                    "AGENTS RUN WITHOUT A SANDBOX: this machine cannot sandbox them (OMOI_AGENT_SANDBOX=auto); \
-                     they can reach the network, the mesh and this machine's files as their user can"
-                );
-                return Ok(None);
+        let (how, took) = if config.sandbox == SandboxMode::Pod {
+            anyhow::ensure!(
+                user.is_none(),
+                "OMOI_AGENT_SANDBOX=pod runs agents as their pod's user: unset OMOI_AGENT_USER"
+            );
+            let pods = pod::Pods::from_args(&config.pod, &config.workspace_root)?;
+            let addr = config.pod.agent_pod_proxy_addr;
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|e| anyhow::anyhow!("OMOI_AGENT_POD_PROXY_ADDR {addr}: {e}"))?;
+            let tokens = Arc::new(pod::Tokens::default());
+            tokio::spawn(Arc::clone(&tokens).serve(listener));
+            (How::Pod { pods: Box::new(pods), tokens }, Duration::ZERO)
+        } else {
+            let found = which(&config.sandbox_bwrap, std::env::var("PATH").ok().as_deref());
+            let checked = found
+                .ok_or_else(|| format!("{} (OMOI_AGENT_SANDBOX_BWRAP) is not installed", config.sandbox_bwrap))
+                .and_then(|bwrap| probe(&bwrap, identity).map(|took| (bwrap, took)));
+            match (checked, config.sandbox) {
+                (Ok((bwrap, took)), _) => (How::Bwrap(bwrap), took),
+                (Err(why), SandboxMode::On) => {
+                    anyhow::bail!("OMOI_AGENT_SANDBOX=on, but agents cannot be sandboxed on this machine: {why}")
+                }
+                (Err(why), _) => {
+                    omoi_runtime::metrics::AGENT_SANDBOX.set(0);
+                    tracing::error!(
+                        reason = %why,
+                        "AGENTS RUN WITHOUT A SANDBOX: this machine cannot sandbox them (OMOI_AGENT_SANDBOX=auto); \
+                         they can reach the network, the mesh and this machine's files as their user can"
+                    );
+                    return Ok(None);
+                }
             }
         };
         let mut endpoints: Vec<(&str, &str)> = vec![
@@ -175,6 +204,24 @@ impl Sandbox {
         );
         let listen = config.listen_addr.to_string();
         endpoints.push(("OMOI_LISTEN_ADDR", &listen));
+        let pod_proxy = config.pod.agent_pod_proxy_addr.to_string();
+        if config.sandbox == SandboxMode::Pod {
+            endpoints.push(("OMOI_AGENT_POD_PROXY_ADDR", &pod_proxy));
+        }
+        // The cluster's API, when there is one.
+        let kubernetes = match (
+            std::env::var("KUBERNETES_SERVICE_HOST"),
+            std::env::var("KUBERNETES_SERVICE_PORT"),
+        ) {
+            (Ok(host), Ok(port)) => Some(format!("https://{host}:{port}")),
+            _ => None,
+        };
+        if let Some(api) = &kubernetes {
+            endpoints.push(("KUBERNETES_SERVICE_HOST", api));
+        }
+        if let (How::Pod { .. }, Some(api)) = (&how, &config.pod.agent_pod_api) {
+            endpoints.push(("OMOI_AGENT_POD_API", api));
+        }
         let metrics = config.host.metrics_addr.map(|a| a.to_string());
         if let Some(m) = &metrics {
             endpoints.push(("OMOI_METRICS_ADDR", m));
@@ -183,14 +230,18 @@ impl Sandbox {
         let dir = fences_dir(&config.state_dir())?;
         omoi_runtime::metrics::AGENT_SANDBOX.set(1);
         tracing::info!(
-            bwrap = %bwrap.display(),
+            sandbox = %match &how {
+                How::Bwrap(bwrap) => bwrap.display().to_string(),
+                How::Pod { .. } => "a pod per attempt".to_owned(),
+            },
             startup_ms = took.as_secs_f64() * 1e3,
             allowed_hosts = %config.agent_allowed_hosts,
             model_proxy = model.as_ref().map(|m| m.upstream.to_string()).unwrap_or_default(),
             "agents run sandboxed"
         );
         Ok(Some(Sandbox {
-            bwrap,
+            how,
+            kill_grace: Duration::from_secs_f64(config.kill_grace_seconds.max(0.0)),
             init: match &config.sandbox_init {
                 Some(init) => init.clone(),
                 None => std::env::current_exe()?,
@@ -232,11 +283,15 @@ impl Sandbox {
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
         let who = Attempt { task_id, attempt, say };
         let stop = CancellationToken::new();
-        let fence = Fence {
+        let mut fence = Fence {
             sandbox: Arc::clone(self),
             dir: dir.clone(),
             stop: stop.clone(),
             metered: Default::default(),
+            task_id,
+            attempt,
+            tokens: Vec::new(),
+            launches: Default::default(),
         };
         let egress = self.socket(&dir.join("e.sock"))?;
         let (rules, to) = (Arc::clone(&self.rules), who.clone());
@@ -252,7 +307,29 @@ impl Sandbox {
                 async move { model::handle(req, &route, &to, tally).await }
             }));
         }
+        if let How::Pod { tokens, .. } = &self.how {
+            fence.tokens = fence
+                .proxies()
+                .into_iter()
+                .map(|(_, _, sock)| tokens.issue(dir.join(sock)))
+                .collect();
+        }
         Ok(fence)
+    }
+
+    /// Deletes the attempts' pods an earlier run of this executor left
+    /// (none when agents run on this machine). Also proves, at start, that
+    /// the executor may manage pods.
+    pub async fn sweep(&self) -> anyhow::Result<()> {
+        if let How::Pod { pods, .. } = &self.how {
+            let swept = pods.sweep().await.map_err(|e| {
+                anyhow::anyhow!("OMOI_AGENT_SANDBOX=pod: cannot list this executor's attempt pods: {e}")
+            })?;
+            if swept > 0 {
+                tracing::warn!(swept, "deleted attempt pods an earlier run of this executor left");
+            }
+        }
+        Ok(())
     }
 
     /// A listening socket the agent's user may connect to, and no one else.
@@ -305,6 +382,12 @@ pub struct Fence {
     stop: CancellationToken,
     /// What the model proxy counted in this attempt's answers.
     metered: Arc<std::sync::Mutex<Metered>>,
+    task_id: Uuid,
+    attempt: i32,
+    /// The tokens its pod reaches its proxies with (one per proxy).
+    tokens: Vec<String>,
+    /// Numbers the pods it starts.
+    launches: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Fence {
@@ -315,6 +398,11 @@ impl std::fmt::Debug for Fence {
 
 impl Drop for Fence {
     fn drop(&mut self) {
+        if let How::Pod { tokens, .. } = &self.sandbox.how {
+            for t in &self.tokens {
+                tokens.forget(t);
+            }
+        }
         self.stop.cancel();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -328,9 +416,21 @@ impl Fence {
         (m.responses > 0).then_some(m)
     }
 
+    /// The proxies an agent reaches: (name, port inside, socket's name).
+    fn proxies(&self) -> Vec<(&'static str, u16, &'static str)> {
+        let mut proxies = vec![("egress-proxy", EGRESS_PORT, "e.sock")];
+        if self.sandbox.model.is_some() {
+            proxies.push(("model-proxy", MODEL_PORT, "m.sock"));
+        }
+        proxies
+    }
+
     /// The program that starts the sandbox, and the setting naming it.
     pub fn program(&self) -> (&Path, &'static str) {
-        (&self.sandbox.bwrap, "OMOI_AGENT_SANDBOX_BWRAP")
+        match &self.sandbox.how {
+            How::Bwrap(bwrap) => (bwrap, "OMOI_AGENT_SANDBOX_BWRAP"),
+            How::Pod { .. } => (&self.sandbox.init, "OMOI_AGENT_SANDBOX_INIT"),
+        }
     }
 
     /// The variables the agent gets inside: the egress proxy for whatever
@@ -352,6 +452,10 @@ impl Fence {
     /// `cwd` inside the sandbox, `writable` bound read-write.
     /// None when the program is not there to start.
     pub fn argv(&self, argv: &[String], path: Option<&str>, cwd: &Path, writable: &[PathBuf]) -> Option<Vec<String>> {
+        let bwrap = match &self.sandbox.how {
+            How::Bwrap(bwrap) => bwrap,
+            How::Pod { pods, .. } => return self.pod_argv(pods, argv, path, cwd, writable),
+        };
         let sandbox = &self.sandbox;
         let mut a: Vec<String> = [
             "--unshare-all",
@@ -412,25 +516,18 @@ impl Fence {
             sandbox.init.display().to_string(),
             inside.join("init").display().to_string(),
         ]);
-        let mut bridges = vec![init::Bridge {
-            name: "egress-proxy".into(),
-            port: EGRESS_PORT,
-            socket: inside.join("egress.sock"),
-        }];
-        if sandbox.model.is_some() {
-            bridges.push(init::Bridge {
-                name: "model-proxy".into(),
-                port: MODEL_PORT,
-                socket: inside.join("model.sock"),
-            });
-        }
-        for (b, outside) in bridges.iter().zip(["e.sock", "m.sock"]) {
-            let outside = self.dir.join(outside);
+        let mut bridges = Vec::new();
+        for (name, port, sock) in self.proxies() {
             a.extend([
                 "--bind".into(),
-                outside.display().to_string(),
-                b.socket.display().to_string(),
+                self.dir.join(sock).display().to_string(),
+                inside.join(sock).display().to_string(),
             ]);
+            bridges.push(init::Bridge {
+                name: name.into(),
+                port,
+                to: init::Target::Socket(inside.join(sock)),
+            });
         }
         a.extend(["--chdir".into(), cwd.display().to_string(), "--".into()]);
         a.push(inside.join("init").display().to_string());
@@ -441,9 +538,60 @@ impl Fence {
         a.push("--".into());
         a.push(program.display().to_string());
         a.extend(argv.iter().skip(1).cloned());
-        let mut out = vec![sandbox.bwrap.display().to_string()];
+        let mut out = vec![bwrap.display().to_string()];
         out.extend(a);
         Some(out)
+    }
+
+    /// The launcher's command line that runs `argv` in a pod of its own
+    /// (see [`pod`]): the pod's description written beside the attempt's
+    /// proxies' sockets.
+    fn pod_argv(
+        &self,
+        pods: &pod::Pods,
+        argv: &[String],
+        path: Option<&str>,
+        cwd: &Path,
+        writable: &[PathBuf],
+    ) -> Option<Vec<String>> {
+        // The pod runs this executor's image: the program is where it is here.
+        let program = which(argv.first()?, path)?;
+        let mut argv = argv.to_vec();
+        argv[0] = program.display().to_string();
+        let bridges: Vec<init::Bridge> = self
+            .proxies()
+            .into_iter()
+            .zip(&self.tokens)
+            .map(|((name, port, _), token)| init::Bridge {
+                name: name.into(),
+                port,
+                to: init::Target::Tcp {
+                    addr: pods.proxy().to_owned(),
+                    token: token.clone(),
+                },
+            })
+            .collect();
+        let manifest = pods.manifest(&pod::AttemptPod {
+            task_id: self.task_id,
+            attempt: self.attempt,
+            argv: &argv,
+            cwd,
+            writable,
+            bridges: &bridges,
+            grace: self.sandbox.kill_grace,
+        });
+        // One per start (the agent and the git steps after it).
+        let n = self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = self.dir.join(format!("pod.{n}.json"));
+        if let Err(e) = pods.write_launch(&file, manifest, self.sandbox.kill_grace) {
+            tracing::error!(file = %file.display(), error = %e, "cannot describe an attempt's pod");
+            return None;
+        }
+        Some(vec![
+            self.sandbox.init.display().to_string(),
+            pod::FLAG.to_owned(),
+            file.display().to_string(),
+        ])
     }
 }
 

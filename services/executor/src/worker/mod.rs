@@ -57,7 +57,7 @@ pub struct Worker {
     /// Where checkpoints of agent sessions are kept.
     sessions: Sessions,
     /// What agents run in, when the machine can sandbox them.
-    sandbox: Option<Arc<Sandbox>>,
+    pub(crate) sandbox: Option<Arc<Sandbox>>,
 }
 
 /// Phases from `INITIAL,IMPLEMENTATION` (with or without the PHASE_ prefix).
