@@ -106,7 +106,10 @@ enum How {
     Bwrap(PathBuf),
     /// A Kubernetes pod of its own, whose bridges reach the attempt's
     /// proxies through this executor's pod proxy listener.
-    Pod { pods: Box<pod::Pods>, tokens: Arc<pod::Tokens> },
+    Pod {
+        pods: Box<pod::Pods>,
+        tokens: Arc<pod::Tokens>,
+    },
 }
 
 /// The longest path of a unix socket (`sun_path`, with its NUL).
@@ -166,7 +169,13 @@ impl Sandbox {
                 .map_err(|e| anyhow::anyhow!("OMOI_AGENT_POD_PROXY_ADDR {addr}: {e}"))?;
             let tokens = Arc::new(pod::Tokens::default());
             tokio::spawn(Arc::clone(&tokens).serve(listener));
-            (How::Pod { pods: Box::new(pods), tokens }, Duration::ZERO)
+            (
+                How::Pod {
+                    pods: Box::new(pods),
+                    tokens,
+                },
+                Duration::ZERO,
+            )
         } else {
             let found = which(&config.sandbox_bwrap, std::env::var("PATH").ok().as_deref());
             let checked = found

@@ -554,7 +554,8 @@ async fn launch(file: PathBuf) -> ExitCode {
     .await
     .unwrap_or_default();
     let mut pod = launch.pod;
-    let mut env: Vec<Value> = std::env::vars()
+    let mut env: Vec<Value> = std::env::vars_os()
+        .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
         .filter(|(k, _)| k != STDIN_ENV)
         .map(|(k, v)| json!({"name": k, "value": v}))
         .collect();
@@ -562,6 +563,11 @@ async fn launch(file: PathBuf) -> ExitCode {
     pod["spec"]["containers"][0]["env"] = Value::Array(env);
     let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_owned();
     let ns = launch.namespace.clone();
+    // Caught from before the pod exists, so that a stop never leaves one.
+    let mut stop = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot handle SIGTERM: {e}")),
+    };
     let pods = format!("/api/v1/namespaces/{ns}/pods");
     match kube.call(Method::POST, &pods, Some(&pod)).await {
         Ok((s, _)) if s.is_success() => {}
@@ -569,13 +575,6 @@ async fn launch(file: PathBuf) -> ExitCode {
         Err(e) => return fail(&format!("cannot create pod {name}: {e}")),
     }
     eprintln!("omoi attempt pod: created pod {name} in namespace {ns}");
-    let mut stop = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = kube.delete(&ns, &name, 0).await;
-            return fail(&format!("cannot handle SIGTERM: {e}"));
-        }
-    };
     let code = tokio::select! {
         code = follow(&kube, &ns, &name, launch.start_seconds) => {
             // Done with: its workspace is on the volume, its log relayed.
@@ -627,7 +626,9 @@ async fn follow(kube: &Kube, ns: &str, name: &str, start_seconds: u64) -> i32 {
     if let Err(e) = relay_log(kube, &format!("{path}/log?container=agent&follow=true")).await {
         eprintln!("omoi attempt pod: the log of pod {name} broke off: {e}");
     }
-    // The log ends with the container; its status follows shortly.
+    // The log ends with the container (or broke off: then the agent runs
+    // on unwatched); its status follows. The API may be away for a while.
+    let mut unanswered = 0;
     loop {
         match get().await {
             Ok(Phase::Ended(code)) => return code,
@@ -635,10 +636,13 @@ async fn follow(kube: &Kube, ns: &str, name: &str, start_seconds: u64) -> i32 {
                 eprintln!("omoi attempt pod: pod {name} ended without its agent's status: {why}");
                 return 125;
             }
-            Ok(_) => {}
+            Ok(_) => unanswered = 0,
             Err(e) => {
-                eprintln!("omoi attempt pod: pod {name}: {e}");
-                return 125;
+                unanswered += 1;
+                if unanswered == 120 {
+                    eprintln!("omoi attempt pod: pod {name}: {e}");
+                    return 125;
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
