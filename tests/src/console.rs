@@ -11,6 +11,17 @@ pub struct Console {
 impl Console {
     /// Serves on a free loopback port; `token` is the mesh's bearer token.
     pub async fn start(ticket: &str, task_queue: &str, health: &str, token: Option<&str>) -> Self {
+        Self::start_with_webhooks(ticket, task_queue, health, token, None).await
+    }
+
+    /// One that takes GitHub's webhook deliveries signed with `secret`.
+    pub async fn start_with_webhooks(
+        ticket: &str,
+        task_queue: &str,
+        health: &str,
+        token: Option<&str>,
+        secret: Option<&str>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let config = omoi_console::Config {
@@ -21,6 +32,8 @@ impl Console {
             auth_token: token.map(str::to_owned),
             auth_token_file: None,
             max_body_bytes: 1 << 20,
+            github_webhook_secret: secret.map(str::to_owned),
+            github_webhook_secret_file: None,
             tls: Default::default(),
             log_format: omoi_runtime::config::LogFormat::Text,
         };

@@ -1,7 +1,8 @@
-//! A stand-in for GitHub's pull-request API (the parts omoi uses): a
-//! repository's default branch, pull requests listed by head, and opening
-//! one, behind a bearer token. Knobs let a test lose an answer or have a
-//! repository refuse.
+//! A stand-in for GitHub (the parts omoi uses): a repository's default
+//! branch, pull requests listed by head and opened, a check suite's check
+//! runs and a check run's annotations, behind a bearer token; and webhook
+//! deliveries signed as GitHub signs them. Knobs let a test lose an answer
+//! or have a repository refuse.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +43,9 @@ struct State {
     lose_next_answer: AtomicBool,
     /// Repositories (`owner/name`) whose openings are refused with a 403.
     locked: Mutex<Vec<String>>,
+    /// Check runs by check suite id, annotations by check run id.
+    suites: Mutex<std::collections::HashMap<i64, Vec<Value>>>,
+    annotations: Mutex<std::collections::HashMap<i64, Vec<Value>>>,
 }
 
 impl GitHubApi {
@@ -53,6 +57,8 @@ impl GitHubApi {
             calls: Mutex::new(Vec::new()),
             lose_next_answer: AtomicBool::new(false),
             locked: Mutex::new(Vec::new()),
+            suites: Mutex::default(),
+            annotations: Mutex::default(),
         });
         let server = Server::start(Arc::clone(&state), handle).await?;
         Ok(Self {
@@ -77,6 +83,47 @@ impl GitHubApi {
     pub fn lock(&self, repo: &str) {
         self.state.locked.lock().unwrap().push(repo.to_owned());
     }
+
+    /// Check suite `suite` holds check run `run` (GitHub's JSON), whose
+    /// annotations are `annotations`.
+    pub fn check_run(&self, suite: i64, run: Value, annotations: Vec<Value>) {
+        let id = run["id"].as_i64().expect("a check run has an id");
+        self.state.suites.lock().unwrap().entry(suite).or_default().push(run);
+        self.state.annotations.lock().unwrap().insert(id, annotations);
+    }
+}
+
+/// A webhook delivery as GitHub sends it: the event, its id, and the body
+/// signed with `secret` (None: unsigned).
+pub async fn deliver(
+    url: &str,
+    secret: Option<&str>,
+    event: &str,
+    delivery: &str,
+    body: &Value,
+) -> anyhow::Result<(u16, String)> {
+    use hmac::{Hmac, KeyInit, Mac};
+    let body = body.to_string();
+    let signature = secret.map(|s| {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(s.as_bytes()).expect("any key");
+        mac.update(body.as_bytes());
+        let bytes = mac.finalize().into_bytes();
+        format!(
+            "sha256={}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    });
+    let mut headers = vec![
+        ("x-github-event", event),
+        ("x-github-delivery", delivery),
+        ("content-type", "application/json"),
+    ];
+    if let Some(s) = &signature {
+        headers.push(("x-hub-signature-256", s));
+    }
+    let (status, _, answer) =
+        crate::http::send("POST", &format!("{url}/webhooks/github"), Some(body), &headers).await?;
+    Ok((status, answer))
 }
 
 fn reply(status: StatusCode, body: Value) -> Reply {
@@ -156,6 +203,22 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
                 return reply(StatusCode::BAD_GATEWAY, json!({"message": "upstream went away"}));
             }
             reply(StatusCode::CREATED, answer)
+        }
+        (Method::GET, ["check-suites", suite, "check-runs"]) => {
+            let runs = suite
+                .parse::<i64>()
+                .ok()
+                .and_then(|s| state.suites.lock().unwrap().get(&s).cloned())
+                .unwrap_or_default();
+            reply(StatusCode::OK, json!({"total_count": runs.len(), "check_runs": runs}))
+        }
+        (Method::GET, ["check-runs", run, "annotations"]) => {
+            let list = run
+                .parse::<i64>()
+                .ok()
+                .and_then(|r| state.annotations.lock().unwrap().get(&r).cloned())
+                .unwrap_or_default();
+            reply(StatusCode::OK, Value::Array(list))
         }
         _ => reply(StatusCode::NOT_FOUND, json!({"message": "Not Found"})),
     }

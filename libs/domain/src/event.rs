@@ -121,6 +121,7 @@ events! {
     TicketPaused(TicketChanged) = "TICKET_PAUSED", Ticket;
     TicketReopened(TicketChanged) = "TICKET_REOPENED", Ticket;
     TicketPullRequestOpened(PullRequestOpened) = "TICKET_PULL_REQUEST_OPENED", Ticket;
+    TicketReaction(TicketReaction) = "TICKET_REACTION", Ticket;
     AgentRegistered(AgentRegistered) = "AGENT_REGISTERED", Agent;
     AgentDeregistered(AgentChanged) = "AGENT_DEREGISTERED", Agent;
     AgentStale(AgentStale) = "AGENT_STALE", Agent;
@@ -418,6 +419,20 @@ pub struct PullRequestOpened {
     pub branch: String,
     /// The branch it asks to be merged into.
     pub base: String,
+}
+
+/// A follow-up the forge started on a ticket's pull request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TicketReaction {
+    /// `ci_failure` or `mention`.
+    pub kind: String,
+    /// What caused it: the comment, the failing commit's checks.
+    pub url: String,
+    /// The follow-up task.
+    pub task_id: Uuid,
+    /// How many of its `max_reactions` the ticket has used, this one included.
+    pub reactions: i32,
+    pub max_reactions: i32,
 }
 
 /// A ticket's status change, with what caused it.

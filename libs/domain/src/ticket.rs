@@ -40,6 +40,9 @@ pub struct Ticket {
     pub max_cost_usd: Option<f64>,
     /// Why it is PAUSED.
     pub paused_reason: String,
+    /// Most follow-ups the forge may start on it, and how many it started.
+    pub max_reactions: i32,
+    pub reactions: i32,
     /// String labels as a JSON object.
     pub labels: Value,
     pub request_id: Option<String>,
@@ -468,6 +471,8 @@ mod tests {
             pull_request_error: String::new(),
             max_cost_usd: Some(1.0),
             paused_reason: String::new(),
+            max_reactions: 5,
+            reactions: 0,
             labels: serde_json::json!({}),
             request_id: None,
             tasks_enqueued: true,

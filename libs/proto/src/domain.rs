@@ -279,6 +279,8 @@ impl From<&Ticket> for ticket::Ticket {
             pull_request_error: t.pull_request_error.clone(),
             max_cost_usd: t.max_cost_usd,
             paused_reason: t.paused_reason.clone(),
+            max_reactions: t.max_reactions,
+            reactions: t.reactions,
         }
     }
 }

@@ -22,7 +22,7 @@ macro_rules! ticket_columns {
     () => {
         "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
      pull_request, pull_request_url, pull_request_error, max_cost_usd, paused_reason, labels, request_id,
-     tasks_enqueued, usage, created_at, updated_at"
+     tasks_enqueued, usage, created_at, updated_at, max_reactions, reactions"
     };
 }
 pub(crate) use ticket_columns;
@@ -58,6 +58,8 @@ impl<'r> FromRow<'r, PgRow> for TicketRow {
             pull_request_error: row.try_get("pull_request_error")?,
             max_cost_usd: row.try_get("max_cost_usd")?,
             paused_reason: row.try_get("paused_reason")?,
+            max_reactions: row.try_get("max_reactions")?,
+            reactions: row.try_get("reactions")?,
             labels: row.try_get("labels")?,
             request_id: row.try_get("request_id")?,
             tasks_enqueued: row.try_get("tasks_enqueued")?,
@@ -135,6 +137,8 @@ pub struct NewTicket {
     pub branch: String,
     pub pull_request: bool,
     pub max_cost_usd: Option<f64>,
+    /// Most follow-ups the forge may start on it.
+    pub max_reactions: i32,
     pub labels: Value,
     pub request_id: Option<String>,
 }
@@ -189,8 +193,8 @@ impl Store {
         let mut tx = self.pool().begin().await?;
         let inserted: Option<TicketRow> = sqlx::query_as(sql!(concat!(
             "INSERT INTO tickets (id, title, description, priority, status, repository, labels, request_id,
-                                  base_ref, branch, pull_request, max_cost_usd)
-             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11)
+                                  base_ref, branch, pull_request, max_cost_usd, max_reactions)
+             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12)
              ON CONFLICT (request_id) DO NOTHING
              RETURNING ",
             ticket_columns!()
@@ -206,6 +210,7 @@ impl Store {
         .bind(&t.branch)
         .bind(t.pull_request)
         .bind(t.max_cost_usd)
+        .bind(t.max_reactions)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(TicketRow(ticket)) = inserted else {
@@ -386,44 +391,87 @@ impl Store {
                 "ticket {ticket_id} is cancelled: nothing follows up on it"
             )));
         }
-        let task: TicketTask = sqlx::query_as(sql!(concat!(
-            "INSERT INTO ticket_tasks (ticket_id, task_id, position, title, description, phase, priority,
-                                       depends_on, max_retries, timeout_seconds, concurrency_key,
-                                       follow_up, resumes, enqueued)
-             SELECT $1, $2, coalesce(max(position), -1) + 1, $3, $4, $5, $6, $7, $8, $9, $10, true, $11, false
-             FROM ticket_tasks WHERE ticket_id = $1
-             RETURNING ",
-            ticket_task_columns!()
-        )))
-        .bind(ticket_id)
-        .bind(task_id)
-        .bind(&planned.title)
-        .bind(&planned.description)
-        .bind(phase_code(planned.phase))
-        .bind(planned.priority)
-        .bind(planned.depends_on.iter().map(|d| *d as i32).collect::<Vec<_>>())
-        .bind(planned.max_retries)
-        .bind(planned.timeout_seconds)
-        .bind(planned.concurrency_key.as_deref())
-        .bind(resumes)
-        .fetch_one(&mut *tx)
-        .await?;
-        let ticket = if ticket.status.is_final() {
-            let previous = ticket.status;
-            let reopened = set_status(&mut tx, ticket_id, TicketStatus::InProgress, "").await?;
-            let change = reopened.change(|c| {
-                c.previous_status = Some(previous);
-                c.task_id = Some(task_id);
-                c.reason = Some(reason.to_owned());
-            });
-            let event = Envelope::new(ticket_id, Some(ticket_id), Event::TicketReopened(change));
-            events::insert(&mut tx, &[event]).await?;
-            reopened
-        } else {
-            ticket
-        };
+        let added = insert_follow_up(&mut tx, ticket, task_id, planned, resumes, reason).await?;
         self.commit(tx).await?;
-        Ok((ticket, task))
+        Ok(added)
+    }
+
+    /// Starts a reaction of the forge on ticket `r.ticket_id`: a follow-up
+    /// (as [`Store::add_follow_up`]) and TICKET_REACTION, once per delivery
+    /// and once per thing it answers (`r.kind`, `r.key`), while the ticket is
+    /// neither cancelled nor paused and has reactions left.
+    pub async fn add_reaction(
+        &self,
+        r: &NewReaction<'_>,
+        task_id: Uuid,
+        planned: &PlannedTask,
+        resumes: Uuid,
+    ) -> Result<Reacted> {
+        let mut tx = self.pool().begin().await?;
+        // Locked first: a ticket's reactions are counted one at a time.
+        let ticket = select_ticket(&mut tx, r.ticket_id, true).await?;
+        let recorded: Option<i32> = sqlx::query_scalar(sql!(
+            "INSERT INTO ticket_reactions (ticket_id, kind, key, delivery_id, url, task_id)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1"
+        ))
+        .bind(r.ticket_id)
+        .bind(r.kind)
+        .bind(r.key)
+        .bind(r.delivery_id)
+        .bind(r.url)
+        .bind(task_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if recorded.is_none() {
+            return Ok(Reacted::Again);
+        }
+        let refused = match ticket.status {
+            TicketStatus::Cancelled => Some("the ticket is cancelled".to_owned()),
+            TicketStatus::Paused => Some(format!("the ticket is paused ({})", ticket.paused_reason)),
+            _ if ticket.reactions >= ticket.max_reactions => {
+                Some(format!("the ticket's {} reactions are used up", ticket.max_reactions))
+            }
+            _ => None,
+        };
+        if let Some(why) = refused {
+            return Ok(Reacted::Refused(why));
+        }
+        sqlx::query(sql!("UPDATE tickets SET reactions = reactions + 1 WHERE id = $1"))
+            .bind(r.ticket_id)
+            .execute(&mut *tx)
+            .await?;
+        let reason = format!("{}: {}", r.kind, r.url);
+        let (mut ticket, task) = insert_follow_up(&mut tx, ticket, task_id, planned, resumes, &reason).await?;
+        ticket.reactions += 1;
+        let reaction = Event::TicketReaction(omoi_domain::event::TicketReaction {
+            kind: r.kind.to_owned(),
+            url: r.url.to_owned(),
+            task_id,
+            reactions: ticket.reactions,
+            max_reactions: ticket.max_reactions,
+        });
+        events::insert(&mut tx, &[Envelope::new(ticket.id, Some(ticket.id), reaction)]).await?;
+        self.commit(tx).await?;
+        Ok(Reacted::Started(Box::new((ticket, task))))
+    }
+
+    /// The ticket whose pull request is `url`, or whose branch is `branch`
+    /// in a repository whose URL ends in `repository` (`owner/name`).
+    pub async fn ticket_for_forge(&self, url: &str, repository: &str, branch: &str) -> Result<Option<Ticket>> {
+        let found: Option<TicketRow> = sqlx::query_as(sql!(concat!(
+            "SELECT ",
+            ticket_columns!(),
+            " FROM tickets
+             WHERE ($1 <> '' AND pull_request_url = $1)
+                OR ($3 <> '' AND branch = $3 AND (repository ILIKE '%/' || $2 OR repository ILIKE '%/' || $2 || '.git'))
+             ORDER BY seq DESC LIMIT 1"
+        )))
+        .bind(url)
+        .bind(repository)
+        .bind(branch)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(found.map(|r| r.0))
     }
 
     /// The queue holds the follow-up's task.
@@ -642,6 +690,30 @@ pub struct Applied {
     pub changed: bool,
 }
 
+/// A reaction to record: the delivery it came in, what it answers.
+#[derive(Debug, Clone)]
+pub struct NewReaction<'a> {
+    pub ticket_id: Uuid,
+    /// `ci_failure` or `mention`.
+    pub kind: &'a str,
+    /// What it answers, one reaction each: the commit whose checks failed,
+    /// the comment.
+    pub key: &'a str,
+    pub delivery_id: &'a str,
+    pub url: &'a str,
+}
+
+/// What recording a reaction came to.
+#[derive(Debug, Clone)]
+pub enum Reacted {
+    /// Started: the ticket (reopened when it had ended) and the follow-up.
+    Started(Box<(Ticket, TicketTask)>),
+    /// The delivery, or what it answers, was acted on before.
+    Again,
+    /// Not started, and why.
+    Refused(String),
+}
+
 /// What UpdateTicket changes: `Some` for each field its mask names
 /// (`max_cost_usd: Some(None)` lifts the budget).
 #[derive(Debug, Clone, Default)]
@@ -649,6 +721,55 @@ pub struct TicketUpdate {
     pub priority: Option<i32>,
     pub labels: Option<Value>,
     pub max_cost_usd: Option<Option<f64>>,
+}
+
+/// Adds follow-up `task_id` to `ticket` (locked by the caller, not
+/// cancelled); a final ticket is open again, with TICKET_REOPENED naming
+/// the follow-up and `reason`.
+async fn insert_follow_up(
+    tx: &mut PgConnection,
+    ticket: Ticket,
+    task_id: Uuid,
+    planned: &PlannedTask,
+    resumes: Uuid,
+    reason: &str,
+) -> Result<(Ticket, TicketTask)> {
+    let ticket_id = ticket.id;
+    let task: TicketTask = sqlx::query_as(sql!(concat!(
+        "INSERT INTO ticket_tasks (ticket_id, task_id, position, title, description, phase, priority,
+                                   depends_on, max_retries, timeout_seconds, concurrency_key,
+                                   follow_up, resumes, enqueued)
+         SELECT $1, $2, coalesce(max(position), -1) + 1, $3, $4, $5, $6, $7, $8, $9, $10, true, $11, false
+         FROM ticket_tasks WHERE ticket_id = $1
+         RETURNING ",
+        ticket_task_columns!()
+    )))
+    .bind(ticket_id)
+    .bind(task_id)
+    .bind(&planned.title)
+    .bind(&planned.description)
+    .bind(phase_code(planned.phase))
+    .bind(planned.priority)
+    .bind(planned.depends_on.iter().map(|d| *d as i32).collect::<Vec<_>>())
+    .bind(planned.max_retries)
+    .bind(planned.timeout_seconds)
+    .bind(planned.concurrency_key.as_deref())
+    .bind(resumes)
+    .fetch_one(&mut *tx)
+    .await?;
+    if !ticket.status.is_final() {
+        return Ok((ticket, task));
+    }
+    let previous = ticket.status;
+    let reopened = set_status(&mut *tx, ticket_id, TicketStatus::InProgress, "").await?;
+    let change = reopened.change(|c| {
+        c.previous_status = Some(previous);
+        c.task_id = Some(task_id);
+        c.reason = Some(reason.to_owned());
+    });
+    let event = Envelope::new(ticket_id, Some(ticket_id), Event::TicketReopened(change));
+    events::insert(&mut *tx, &[event]).await?;
+    Ok((reopened, task))
 }
 
 /// Sets the status a ticket's tasks and budget give it (with its event)

@@ -277,6 +277,12 @@ fn print_ticket(t: &pb::Ticket, tasks: &[omoi_proto::taskqueue::Task]) {
     if !t.branch.is_empty() {
         println!("  branch {}  in {}{}", t.branch, t.repository, head_note(t));
     }
+    if !t.pull_request_url.is_empty() {
+        println!(
+            "  pull request {}  reactions {} of {}",
+            t.pull_request_url, t.reactions, t.max_reactions
+        );
+    }
     for task in tasks {
         let commit = task
             .git

@@ -8,6 +8,7 @@ mod call;
 mod openapi;
 mod routes;
 mod ui;
+mod webhooks;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -52,6 +53,13 @@ pub struct Config {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "OMOI_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// The secret GitHub signs its webhook deliveries with (a repository's
+    /// or a GitHub App's); unset = `POST /webhooks/github` is off.
+    #[arg(long, env = "OMOI_GITHUB_WEBHOOK_SECRET", hide_env_values = true)]
+    pub github_webhook_secret: Option<String>,
+    /// A file holding OMOI_GITHUB_WEBHOOK_SECRET, read instead of it.
+    #[arg(long, env = "OMOI_GITHUB_WEBHOOK_SECRET_FILE", value_parser = secret_file, hide_env_values = true)]
+    pub github_webhook_secret_file: Option<String>,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[arg(long, env = "OMOI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -65,6 +73,8 @@ struct Console {
     health: Client,
     bearer: RequireBearer,
     max_body_bytes: usize,
+    /// GitHub's webhook secret; None: webhooks are off.
+    webhook_secret: Option<String>,
 }
 
 /// Serves on `listener` until `shutdown`.
@@ -82,6 +92,8 @@ pub async fn serve(
         health: connector.client(&config.health_url, "OMOI_HEALTH_URL")?,
         bearer: RequireBearer::new(token.as_deref()),
         max_body_bytes: config.max_body_bytes,
+        webhook_secret: secret(&config.github_webhook_secret, &config.github_webhook_secret_file)
+            .filter(|s| !s.is_empty()),
     });
     tracing::info!(routes = console.routes.len(), addr = ?listener.local_addr().ok(), "serving");
     let document = openapi::document(&console.routes);
@@ -96,6 +108,12 @@ pub async fn serve(
         .route(
             "/docs",
             axum::routing::get(move || async move { axum::response::Html(page) }),
+        )
+        // Signed by GitHub, not by the mesh's bearer token.
+        .route(
+            "/webhooks/github",
+            axum::routing::post(webhooks::github)
+                .layer(axum::extract::DefaultBodyLimit::max(webhooks::MAX_DELIVERY_BYTES)),
         )
         .merge(ui::routes())
         .fallback(api)

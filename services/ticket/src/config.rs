@@ -60,6 +60,15 @@ pub struct Config {
     #[arg(long, env = "OMOI_TICKET_RETENTION_SECONDS", default_value_t = 604_800.0)]
     pub ticket_retention_seconds: f64,
 
+    /// Most follow-ups the forge may start on a ticket's pull request (CI
+    /// failures, mentions) unless the ticket says otherwise.
+    #[arg(long, env = "OMOI_MAX_REACTIONS", default_value_t = 5, value_parser = clap::value_parser!(i32).range(0..=100))]
+    pub max_reactions: i32,
+
+    /// What a pull request comment must name to ask the agent for more.
+    #[arg(long, env = "OMOI_GITHUB_MENTION", default_value = "@omoi")]
+    pub github_mention: String,
+
     /// Most PostgreSQL connections of this process.
     #[arg(long, env = "OMOI_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,

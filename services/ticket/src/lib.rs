@@ -8,6 +8,7 @@ mod board;
 pub mod config;
 mod pulls;
 mod queue;
+mod reactions;
 mod requests;
 mod service;
 mod task_events;
@@ -39,6 +40,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         config.ticket_retention_seconds,
         |store, keep, batch| async move { store.prune_tickets(keep, batch).await },
     )?;
+    let github = Arc::new(pulls::GitHub::new(&config.github_api_url, config.github_token())?);
     let queue = queue::Queue::connect(&config.task_queue_url, &config.common.host.connector()?)?;
     let tasks = Arc::new(tasks::TicketTasks::new(base.store.clone(), queue));
     {
@@ -48,9 +50,9 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         let t = Arc::clone(&tasks);
         let (nats, topology) = (base.nats.clone(), base.topology.clone());
         base.spawn_after_migration(move |stop| task_events::follow(t, nats, topology, stop));
-        let github = pulls::GitHub::new(&config.github_api_url, config.github_token())?;
         let store = base.store.clone();
         let every = Duration::from_secs_f64(config.pull_request_interval_seconds.max(0.05));
+        let github = Arc::clone(&github);
         base.spawn_after_migration(move |stop| pulls::run(store, github, every, stop));
     }
     let hub = board::Hub::new();
@@ -70,6 +72,11 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         watchers.clone(),
         config.phase_instructions.clone(),
         hub,
+        reactions::Forge {
+            github,
+            mention: config.github_mention.clone(),
+            max_reactions: config.max_reactions,
+        },
     ))
     .max_decoding_message_size(config.common.host.max_message_bytes)
     .max_encoding_message_size(config.common.host.max_message_bytes);

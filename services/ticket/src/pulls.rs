@@ -146,6 +146,58 @@ impl GitHub {
         Ok(refusal_or_later(status, &answer))
     }
 
+    /// The check runs of check suite `suite` that did not succeed, each with
+    /// its output and (a page of) its annotations.
+    pub async fn failed_checks(&self, owner: &str, name: &str, suite: i64) -> Result<Vec<FailedCheck>, String> {
+        let root = format!("/repos/{owner}/{name}");
+        let path = format!("{root}/check-suites/{suite}/check-runs?filter=latest&per_page=100");
+        let (status, body) = self.call(Method::GET, &path, None).await?;
+        if !status.is_success() {
+            return Err(format!("GET {path}: {status} {}", message(&body)));
+        }
+        let mut failed = Vec::new();
+        for run in body["check_runs"].as_array().into_iter().flatten() {
+            let conclusion = run["conclusion"].as_str().unwrap_or_default();
+            if !matches!(conclusion, "failure" | "timed_out" | "action_required" | "cancelled") {
+                continue;
+            }
+            let text = |k: &str| run["output"][k].as_str().unwrap_or_default().to_owned();
+            let mut check = FailedCheck {
+                name: run["name"].as_str().unwrap_or_default().to_owned(),
+                conclusion: conclusion.to_owned(),
+                url: run["html_url"].as_str().unwrap_or_default().to_owned(),
+                title: text("title"),
+                summary: text("summary"),
+                text: text("text"),
+                annotations: Vec::new(),
+            };
+            if run["output"]["annotations_count"].as_i64().unwrap_or(0) > 0
+                && let Some(id) = run["id"].as_i64()
+            {
+                let path = format!("{root}/check-runs/{id}/annotations?per_page=50");
+                let (status, body) = self.call(Method::GET, &path, None).await?;
+                if status.is_success() {
+                    check.annotations = body
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|a| {
+                            format!(
+                                "{}:{}: {}: {}",
+                                a["path"].as_str().unwrap_or_default(),
+                                a["start_line"].as_i64().unwrap_or_default(),
+                                a["annotation_level"].as_str().unwrap_or("failure"),
+                                a["message"].as_str().unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                }
+            }
+            failed.push(check);
+        }
+        Ok(failed)
+    }
+
     /// A pull request from the ticket's branch, open or not, if one exists.
     async fn existing(
         &self,
@@ -166,6 +218,19 @@ impl GitHub {
             .and_then(|list| list.first())
             .and_then(|pr| opened(pr, ticket, base)))
     }
+}
+
+/// A check run that did not succeed, as its prompt tells it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FailedCheck {
+    pub name: String,
+    pub conclusion: String,
+    pub url: String,
+    pub title: String,
+    pub summary: String,
+    pub text: String,
+    /// `path:line: level: message`.
+    pub annotations: Vec<String>,
 }
 
 /// The pull request a GitHub answer describes.
@@ -208,7 +273,7 @@ fn delay(attempts: i32) -> Duration {
 /// Opens the pull requests of completed tickets until `shutdown`, looking
 /// for due ones every `interval`; a ticket whose outcome could not be
 /// recorded is asked about again on a later pass.
-pub async fn run(store: Store, github: GitHub, interval: Duration, shutdown: CancellationToken) {
+pub async fn run(store: Store, github: std::sync::Arc<GitHub>, interval: Duration, shutdown: CancellationToken) {
     let (store, github) = (&store, &github);
     every("opening pull requests", interval, &shutdown, move || async move {
         while let Some(claim) = store.next_pull_request().await? {

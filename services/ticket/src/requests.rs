@@ -21,6 +21,7 @@ pub const MAX_PAGE_SIZE: i32 = 1000;
 pub fn create(
     req: pb::CreateTicketRequest,
     instructions: &PhaseInstructions,
+    default_max_reactions: i32,
 ) -> ApiResult<(NewTicket, Vec<(Uuid, PlannedTask)>)> {
     let pb::CreateTicketRequest {
         title,
@@ -33,8 +34,13 @@ pub fn create(
         base_ref,
         pull_request,
         max_cost_usd,
+        max_reactions,
     } = req;
     let title = validate::title("title", &title)?;
+    let max_reactions = match max_reactions {
+        Some(n) => validate::range("max_reactions", n, 0, MAX_REACTIONS)?,
+        None => default_max_reactions,
+    };
     let description = validate::text("description", &description, validate::MAX_DESCRIPTION_BYTES)?;
     let priority = match priority {
         0 => TicketPriority::Medium.into(),
@@ -91,6 +97,7 @@ pub fn create(
         branch,
         pull_request,
         max_cost_usd,
+        max_reactions,
         title,
         description,
         priority,
@@ -226,6 +233,131 @@ pub fn follow_up(req: pb::FollowUpRequest) -> ApiResult<(Uuid, String, Option<Uu
     Ok((ticket_id, message, validate::optional_uuid("task_id", &task_id)?))
 }
 
+/// Most reactions a ticket may allow.
+pub const MAX_REACTIONS: i32 = 100;
+
+/// What a React request asks, read and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reaction {
+    pub delivery_id: String,
+    /// `owner/name`.
+    pub repository: String,
+    pub url: String,
+    pub asked: Asked,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Asked {
+    /// A check suite on `branch` did not succeed on `head_sha`.
+    CiFailure {
+        branch: String,
+        suite_id: i64,
+        head_sha: String,
+    },
+    /// `author` wrote `body` (which names the mention) on the pull request.
+    Mention {
+        pull_request_url: String,
+        author: String,
+        body: String,
+        comment_id: i64,
+    },
+}
+
+/// React: the reaction, or (Err of Ok) why the delivery asks for none:
+/// checks that passed, a comment without the mention or from someone
+/// without write access.
+pub fn react(req: pb::ReactRequest, mention: &str) -> ApiResult<Result<Reaction, String>> {
+    let pb::ReactRequest {
+        delivery_id,
+        kind,
+        repository,
+        pull_request_url,
+        branch,
+        url,
+        author,
+        author_association,
+        body,
+        check_suite_id,
+        head_sha,
+        conclusion,
+        comment_id,
+    } = req;
+    let delivery_id = validate::token("delivery_id", &delivery_id, 100, "-")?;
+    let repository = match repository.split_once('/') {
+        Some((owner, name)) if git::forge_repo(&format!("https://github.com/{owner}/{name}")).is_some() => repository,
+        _ => return Err(ApiError::invalid("repository", "must be owner/name")),
+    };
+    let url = validate::text("url", &url, validate::MAX_REPOSITORY_BYTES)?;
+    let asked = match pb::ReactionKind::try_from(kind) {
+        Ok(pb::ReactionKind::CiFailure) => {
+            if !matches!(
+                conclusion.as_str(),
+                "failure" | "timed_out" | "action_required" | "startup_failure"
+            ) {
+                return Ok(Err(format!("the checks concluded {conclusion:?}: nothing to fix")));
+            }
+            if check_suite_id <= 0 {
+                return Err(ApiError::invalid("check_suite_id", "must be a check suite's id"));
+            }
+            Asked::CiFailure {
+                branch: git::git_ref("branch", &branch)?,
+                suite_id: check_suite_id,
+                head_sha: git::commit_id("head_sha", &head_sha)?,
+            }
+        }
+        Ok(pb::ReactionKind::Mention) => {
+            let body = validate::text("body", &body, MAX_FOLLOW_UP_BYTES)?;
+            if !mentions(&body, mention) {
+                return Ok(Err(format!("the comment does not mention {mention}")));
+            }
+            if !matches!(author_association.as_str(), "OWNER" | "MEMBER" | "COLLABORATOR") {
+                return Ok(Err(format!(
+                    "{author} may not ask ({author_association}: only owners, members and collaborators may)"
+                )));
+            }
+            if !(pull_request_url.starts_with("https://") || pull_request_url.starts_with("http://")) {
+                return Err(ApiError::invalid(
+                    "pull_request_url",
+                    "must be the pull request's web address",
+                ));
+            }
+            if comment_id <= 0 {
+                return Err(ApiError::invalid("comment_id", "must be the comment's id"));
+            }
+            Asked::Mention {
+                pull_request_url: validate::text(
+                    "pull_request_url",
+                    &pull_request_url,
+                    validate::MAX_REPOSITORY_BYTES,
+                )?,
+                author: validate::text("author", &author, 100)?,
+                body,
+                comment_id,
+            }
+        }
+        _ => return Err(ApiError::invalid("kind", "must be CI_FAILURE or MENTION")),
+    };
+    Ok(Ok(Reaction {
+        delivery_id,
+        repository,
+        url,
+        asked,
+    }))
+}
+
+/// Whether `body` names `mention` as a word of its own (`@omoi`, not
+/// `@omoi-bot` or `me@omoi.dev`).
+pub fn mentions(body: &str, mention: &str) -> bool {
+    let word = |c: char| c.is_alphanumeric() || c == '-' || c == '_' || c == '.' || c == '@';
+    let lower = body.to_lowercase();
+    let mention = mention.to_lowercase();
+    lower.match_indices(&mention).any(|(i, m)| {
+        let before = lower[..i].chars().next_back();
+        let after = lower[i + m.len()..].chars().next();
+        !before.is_some_and(word) && !after.is_some_and(|c| word(c) && c != '.')
+    })
+}
+
 /// WatchTicket: the ticket.
 pub fn watch(req: pb::WatchTicketRequest) -> ApiResult<Uuid> {
     let pb::WatchTicketRequest { ticket_id } = req;
@@ -269,5 +401,72 @@ fn budget(field: &str, value: Option<f64>) -> ApiResult<Option<f64>> {
             Err(ApiError::invalid(field, format!("must be more than 0 USD, got {v}")))
         }
         v => Ok(v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mention_is_the_word_itself() {
+        assert!(mentions("@omoi please", "@omoi"));
+        assert!(mentions("Thanks! @OMOI, also the empty case.", "@omoi"));
+        assert!(mentions("(@omoi)", "@omoi"));
+        assert!(!mentions("@omoi-bot please", "@omoi"));
+        assert!(!mentions("mail me@omoi.dev", "@omoi"));
+        assert!(!mentions("nothing here", "@omoi"));
+    }
+
+    fn mention(association: &str) -> pb::ReactRequest {
+        pb::ReactRequest {
+            delivery_id: "72d3162e-cc78-11e3-81ab-4c9367dc0958".into(),
+            kind: pb::ReactionKind::Mention.into(),
+            repository: "acme/r".into(),
+            pull_request_url: "https://github.com/acme/r/pull/1".into(),
+            url: "https://github.com/acme/r/pull/1#issuecomment-5".into(),
+            author: "octo".into(),
+            author_association: association.into(),
+            body: "@omoi go".into(),
+            comment_id: 5,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reactions_are_read_or_refused_naming_the_field() {
+        let asked = react(mention("MEMBER"), "@omoi").unwrap().unwrap();
+        assert!(matches!(asked.asked, Asked::Mention { comment_id: 5, .. }));
+        assert!(react(mention("CONTRIBUTOR"), "@omoi").unwrap().is_err());
+        // The field the refusal names (INVALID_ARGUMENT, "invalid argument <field>: why").
+        let field = |req: pb::ReactRequest| {
+            let status = tonic::Status::from(react(req, "@omoi").unwrap_err());
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            let named = status.message().trim_start_matches("invalid argument ");
+            named.split(':').next().unwrap().to_owned()
+        };
+        let mut bad = mention("OWNER");
+        bad.delivery_id = String::new();
+        assert_eq!(field(bad), "delivery_id");
+        let mut bad = mention("OWNER");
+        bad.repository = "no-slash".into();
+        assert_eq!(field(bad), "repository");
+        let mut bad = mention("OWNER");
+        bad.kind = 0;
+        assert_eq!(field(bad), "kind");
+        let ci = pb::ReactRequest {
+            kind: pb::ReactionKind::CiFailure.into(),
+            branch: "omoi/x".into(),
+            check_suite_id: 3,
+            head_sha: "not-a-sha".into(),
+            conclusion: "failure".into(),
+            ..mention("OWNER")
+        };
+        assert_eq!(field(ci.clone()), "head_sha");
+        let passed = pb::ReactRequest {
+            conclusion: "success".into(),
+            ..ci
+        };
+        assert!(react(passed, "@omoi").unwrap().is_err());
     }
 }

@@ -11,7 +11,7 @@ use omoi_proto::domain::WireEnum;
 use omoi_proto::events::Event;
 use omoi_proto::ticket::{self as pb, ticket_service_server::TicketService};
 use omoi_store::Store;
-use omoi_store::tickets::Created;
+use omoi_store::tickets::{Created, NewReaction, Reacted};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::queue::queue_unavailable;
+use crate::reactions::Forge;
 use crate::requests;
 use crate::tasks::{Enqueued, TicketTasks, planned_tasks};
 use crate::{board, watch};
@@ -31,9 +32,11 @@ pub struct Tickets {
     watchers: CancellationToken,
     phase_instructions: PhaseInstructions,
     board: Arc<board::Hub>,
+    forge: Forge,
 }
 
 impl Tickets {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         tasks: Arc<TicketTasks>,
@@ -42,6 +45,7 @@ impl Tickets {
         watchers: CancellationToken,
         phase_instructions: PhaseInstructions,
         board: Arc<board::Hub>,
+        forge: Forge,
     ) -> Self {
         Self {
             store,
@@ -51,11 +55,12 @@ impl Tickets {
             watchers,
             phase_instructions,
             board,
+            forge,
         }
     }
 
     async fn create(&self, req: pb::CreateTicketRequest) -> ApiResult<pb::CreateTicketResponse> {
-        let (new, plan) = requests::create(req, &self.phase_instructions)?;
+        let (new, plan) = requests::create(req, &self.phase_instructions, self.forge.max_reactions)?;
         let (t, planned) = match self.store.create_ticket(&new, &plan).await? {
             Created::Existing(t, planned) => {
                 let tasks = self.tasks.of(&t, &planned).await?;
@@ -224,6 +229,76 @@ impl Tickets {
         })
     }
 
+    async fn react(&self, req: pb::ReactRequest) -> ApiResult<pb::ReactResponse> {
+        let not = |reason: String| {
+            tracing::info!(%reason, "no reaction");
+            Ok(pb::ReactResponse {
+                reason,
+                ..Default::default()
+            })
+        };
+        let reaction = match requests::react(req, &self.forge.mention)? {
+            Ok(r) => r,
+            Err(why) => return not(why),
+        };
+        let found = match &reaction.asked {
+            requests::Asked::CiFailure { branch, .. } => {
+                self.store.ticket_for_forge("", &reaction.repository, branch).await?
+            }
+            requests::Asked::Mention { pull_request_url, .. } => {
+                self.store.ticket_for_forge(pull_request_url, "", "").await?
+            }
+        };
+        let Some(ticket) = found else {
+            return not(format!("no ticket owns it ({})", reaction.url));
+        };
+        if ticket.pull_request_url.is_empty() {
+            return not(format!("ticket {} has no pull request yet", ticket.id));
+        }
+        if !ticket.tasks_enqueued {
+            return not(format!("ticket {}'s tasks are not on the queue yet", ticket.id));
+        }
+        let tasks = self.tasks.queue.list(ticket.id).await.map_err(queue_unavailable)?;
+        let source = match follow_up_source(&tasks, None) {
+            Ok(s) => s,
+            Err(s) => return not(format!("ticket {}: {}", ticket.id, s.message())),
+        };
+        let resumes: Uuid = source
+            .id
+            .parse()
+            .map_err(|_| Status::internal("the queue named a task by no UUID"))?;
+        let (kind, key, message) = self.forge.follow_up(&reaction).await;
+        let planned = follow_up_task(&ticket, source, &message);
+        let new = NewReaction {
+            ticket_id: ticket.id,
+            kind,
+            key: &key,
+            delivery_id: &reaction.delivery_id,
+            url: &reaction.url,
+        };
+        let (ticket, row) = match self.store.add_reaction(&new, Uuid::new_v4(), &planned, resumes).await? {
+            Reacted::Started(started) => *started,
+            Reacted::Again => return not(format!("delivery {} was acted on before", reaction.delivery_id)),
+            Reacted::Refused(why) => return not(format!("ticket {}: {why}", ticket.id)),
+        };
+        tracing::info!(ticket_id = %ticket.id, kind, url = %reaction.url, task_id = %row.task_id, "reacting");
+        let task = match self.tasks.enqueue_follow_up(&ticket, &row, resumes).await? {
+            Enqueued::Done(mut tasks) => tasks.pop(),
+            Enqueued::Deferred(s) => {
+                tracing::warn!(ticket_id = %ticket.id, error = %s.message(), "task queue unreachable; the reaction's follow-up will be enqueued when it is back");
+                planned_tasks(&ticket, std::slice::from_ref(&row)).pop()
+            }
+            Enqueued::Refused(s) => return Err(s.into()),
+        };
+        let (ticket, _) = self.store.get_ticket(ticket.id).await?;
+        Ok(pb::ReactResponse {
+            reacted: true,
+            reason: String::new(),
+            ticket: Some(pb::Ticket::from(&ticket)),
+            task,
+        })
+    }
+
     /// Cancels the ticket's unfinished tasks on the queue.
     async fn cancel_open_tasks(&self, id: Uuid, reason: &str) -> ApiResult<()> {
         let tasks = self.tasks.queue.list(id).await.map_err(queue_unavailable)?;
@@ -319,6 +394,10 @@ impl TicketService for Tickets {
 
     async fn follow_up(&self, request: Request<pb::FollowUpRequest>) -> Result<Response<pb::FollowUpResponse>, Status> {
         Ok(Response::new(Tickets::follow_up(self, request.into_inner()).await?))
+    }
+
+    async fn react(&self, request: Request<pb::ReactRequest>) -> Result<Response<pb::ReactResponse>, Status> {
+        Ok(Response::new(Tickets::react(self, request.into_inner()).await?))
     }
 
     async fn watch_ticket(

@@ -13,6 +13,7 @@ mod browser;
 mod cli;
 mod console;
 mod end_to_end;
+mod forge;
 mod git;
 mod health;
 mod leases;

@@ -1,0 +1,208 @@
+//! GitHub's webhooks (`POST /webhooks/github`): each delivery's
+//! `X-Hub-Signature-256` (HMAC-SHA256 of the raw body, keyed with
+//! `OMOI_GITHUB_WEBHOOK_SECRET`) is checked in constant time before the body
+//! is read; a delivery with none or a wrong one is answered 401 and does
+//! nothing. The events omoi reacts to become a typed `React` request to the
+//! ticket service, which decides (and acts on each delivery once); the
+//! others are answered 202 and ignored.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use hmac::{Hmac, KeyInit, Mac};
+use http::{HeaderMap, StatusCode};
+use omoi_proto::ticket::{self as pb, ticket_service_client::TicketServiceClient};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use crate::Console;
+
+/// The largest delivery GitHub sends.
+pub const MAX_DELIVERY_BYTES: usize = 25 * 1024 * 1024;
+
+/// Whether `signature` (`sha256=<hex>`) is the HMAC-SHA256 of `body` under
+/// `secret`.
+pub fn signed(secret: &[u8], body: &[u8], signature: Option<&str>) -> bool {
+    let Some(hex) = signature.and_then(|s| s.strip_prefix("sha256=")) else {
+        return false;
+    };
+    let Some(given) = unhex(hex) else { return false };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return false;
+    };
+    mac.update(body);
+    mac.verify_slice(&given).is_ok()
+}
+
+fn unhex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// What a delivery of event `event` asks of omoi: a reaction to decide, or
+/// None for an event (or action) omoi does not react to; Err for a body
+/// that is not the event's JSON.
+pub fn read(event: &str, delivery_id: &str, body: &[u8]) -> Result<Option<pb::ReactRequest>, String> {
+    let p: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let base = pb::ReactRequest {
+        delivery_id: delivery_id.to_owned(),
+        repository: s(&p["repository"]["full_name"]),
+        ..Default::default()
+    };
+    let action = p["action"].as_str().unwrap_or_default();
+    Ok(match (event, action) {
+        ("check_suite", "completed") => {
+            let suite = &p["check_suite"];
+            let head_sha = s(&suite["head_sha"]);
+            Some(pb::ReactRequest {
+                kind: pb::ReactionKind::CiFailure.into(),
+                branch: s(&suite["head_branch"]),
+                check_suite_id: suite["id"].as_i64().unwrap_or_default(),
+                conclusion: s(&suite["conclusion"]),
+                url: format!("{}/commit/{head_sha}/checks", s(&p["repository"]["html_url"])),
+                head_sha,
+                ..base
+            })
+        }
+        // A comment on a pull request's conversation (issues carry no
+        // `pull_request`), or on its diff.
+        ("issue_comment", "created") if p["issue"]["pull_request"].is_object() => {
+            Some(mention(base, &p["comment"], s(&p["issue"]["pull_request"]["html_url"])))
+        }
+        ("pull_request_review_comment", "created") => {
+            Some(mention(base, &p["comment"], s(&p["pull_request"]["html_url"])))
+        }
+        _ => None,
+    })
+}
+
+fn mention(base: pb::ReactRequest, comment: &Value, pull_request_url: String) -> pb::ReactRequest {
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    pb::ReactRequest {
+        kind: pb::ReactionKind::Mention.into(),
+        pull_request_url,
+        url: s(&comment["html_url"]),
+        author: s(&comment["user"]["login"]),
+        author_association: s(&comment["author_association"]),
+        body: s(&comment["body"]),
+        comment_id: comment["id"].as_i64().unwrap_or_default(),
+        ..base
+    }
+}
+
+/// `POST /webhooks/github`.
+pub async fn github(State(console): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let Some(secret) = &console.webhook_secret else {
+        let why = "GitHub webhooks are not configured here (OMOI_GITHUB_WEBHOOK_SECRET)";
+        return (StatusCode::NOT_FOUND, why).into_response();
+    };
+    if !signed(secret.as_bytes(), &body, header("x-hub-signature-256")) {
+        tracing::warn!(
+            delivery = header("x-github-delivery").unwrap_or_default(),
+            "webhook delivery with a missing or wrong signature refused"
+        );
+        return (StatusCode::UNAUTHORIZED, "missing or wrong X-Hub-Signature-256").into_response();
+    }
+    let (Some(event), Some(delivery)) = (header("x-github-event"), header("x-github-delivery")) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "X-GitHub-Event and X-GitHub-Delivery are required",
+        )
+            .into_response();
+    };
+    if event == "ping" {
+        return (StatusCode::OK, "pong").into_response();
+    }
+    let request = match read(event, delivery, &body) {
+        Ok(Some(r)) => r,
+        Ok(None) => return (StatusCode::ACCEPTED, format!("{event} is not acted on")).into_response(),
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let mut tickets = TicketServiceClient::new(console.ticket.clone());
+    match tickets.react(request).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            let task = r.task.map(|t| t.id).unwrap_or_default();
+            let answer = json!({"reacted": r.reacted, "reason": r.reason, "task_id": task});
+            (
+                StatusCode::OK,
+                [(http::header::CONTENT_TYPE, "application/json")],
+                answer.to_string(),
+            )
+                .into_response()
+        }
+        Err(s) => {
+            // GitHub shows the answer on the delivery; a 5xx invites a redelivery.
+            let code = match s.code() {
+                tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+                tonic::Code::NotFound => StatusCode::NOT_FOUND,
+                tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            (code, s.message().to_owned()).into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign(secret: &[u8], body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+        mac.update(body);
+        let bytes = mac.finalize().into_bytes();
+        format!(
+            "sha256={}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    }
+
+    #[test]
+    fn only_the_secrets_signature_of_these_very_bytes_passes() {
+        let body = br#"{"action":"created"}"#;
+        let good = sign(b"s3cret", body);
+        assert!(signed(b"s3cret", body, Some(&good)));
+        assert!(!signed(b"other", body, Some(&good)));
+        assert!(!signed(b"s3cret", br#"{"action":"deleted"}"#, Some(&good)));
+        assert!(!signed(b"s3cret", body, None));
+        assert!(!signed(b"s3cret", body, Some(good.trim_start_matches("sha256="))));
+        assert!(!signed(b"s3cret", body, Some("sha256=zz")));
+        assert!(!signed(b"s3cret", body, Some("sha256=")));
+    }
+
+    #[test]
+    fn deliveries_read_as_reactions_or_nothing() {
+        let suite = json!({
+            "action": "completed",
+            "repository": {"full_name": "acme/r", "html_url": "https://github.com/acme/r"},
+            "check_suite": {"id": 9, "head_branch": "omoi/x", "head_sha": "abc", "conclusion": "failure"}
+        });
+        let r = read("check_suite", "d1", suite.to_string().as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.kind, pb::ReactionKind::CiFailure as i32);
+        assert_eq!(
+            (r.check_suite_id, r.branch.as_str(), r.conclusion.as_str()),
+            (9, "omoi/x", "failure")
+        );
+        assert_eq!(r.url, "https://github.com/acme/r/commit/abc/checks");
+        let on_issue = json!({"action": "created", "issue": {"number": 1}, "comment": {"body": "@omoi"}});
+        assert_eq!(
+            read("issue_comment", "d2", on_issue.to_string().as_bytes()).unwrap(),
+            None
+        );
+        assert_eq!(read("push", "d3", b"{}").unwrap(), None);
+        assert!(read("check_suite", "d4", b"not json").is_err());
+    }
+}
