@@ -14,9 +14,15 @@ CREATE TABLE ticket_reactions (
     delivery_id text NOT NULL UNIQUE,
     url text NOT NULL,
     task_id uuid NOT NULL,
+    -- A review's comments, answered (replied) once its follow-up landed.
+    pull_number bigint NOT NULL DEFAULT 0,
+    reply_to bigint[] NOT NULL DEFAULT '{}',
+    replied bigint[] NOT NULL DEFAULT '{}',
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (ticket_id, kind, key)
 );
+
+CREATE INDEX ticket_reactions_task ON ticket_reactions (task_id);
 
 -- A delivery names the ticket by its pull request or its branch.
 CREATE INDEX tickets_pull_request_url ON tickets (pull_request_url) WHERE pull_request_url <> '';

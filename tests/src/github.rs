@@ -46,6 +46,9 @@ struct State {
     /// Check runs by check suite id, annotations by check run id.
     suites: Mutex<std::collections::HashMap<i64, Vec<Value>>>,
     annotations: Mutex<std::collections::HashMap<i64, Vec<Value>>>,
+    /// Review comments by review id; the replies posted: (comment id, body).
+    reviews: Mutex<std::collections::HashMap<i64, Vec<Value>>>,
+    replies: Mutex<Vec<(i64, String)>>,
 }
 
 impl GitHubApi {
@@ -59,6 +62,8 @@ impl GitHubApi {
             locked: Mutex::new(Vec::new()),
             suites: Mutex::default(),
             annotations: Mutex::default(),
+            reviews: Mutex::default(),
+            replies: Mutex::default(),
         });
         let server = Server::start(Arc::clone(&state), handle).await?;
         Ok(Self {
@@ -82,6 +87,16 @@ impl GitHubApi {
 
     pub fn lock(&self, repo: &str) {
         self.state.locked.lock().unwrap().push(repo.to_owned());
+    }
+
+    /// Review `review` holds `comments` (GitHub's JSON).
+    pub fn review(&self, review: i64, comments: Vec<Value>) {
+        self.state.reviews.lock().unwrap().insert(review, comments);
+    }
+
+    /// The replies posted to review comments: (comment id, body).
+    pub fn replies(&self) -> Vec<(i64, String)> {
+        self.state.replies.lock().unwrap().clone()
     }
 
     /// Check suite `suite` holds check run `run` (GitHub's JSON), whose
@@ -211,6 +226,25 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
                 .and_then(|s| state.suites.lock().unwrap().get(&s).cloned())
                 .unwrap_or_default();
             reply(StatusCode::OK, json!({"total_count": runs.len(), "check_runs": runs}))
+        }
+        (Method::GET, ["pulls", _, "reviews", review, "comments"]) => {
+            let list = review
+                .parse::<i64>()
+                .ok()
+                .and_then(|r| state.reviews.lock().unwrap().get(&r).cloned())
+                .unwrap_or_default();
+            reply(StatusCode::OK, Value::Array(list))
+        }
+        (Method::POST, ["pulls", _, "comments", comment, "replies"]) => {
+            let Ok(comment) = comment.parse::<i64>() else {
+                return reply(StatusCode::NOT_FOUND, json!({"message": "Not Found"}));
+            };
+            let text = body["body"].as_str().unwrap_or_default().to_owned();
+            state.replies.lock().unwrap().push((comment, text.clone()));
+            reply(
+                StatusCode::CREATED,
+                json!({"id": comment * 10, "in_reply_to_id": comment, "body": text}),
+            )
         }
         (Method::GET, ["check-runs", run, "annotations"]) => {
             let list = run

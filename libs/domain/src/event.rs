@@ -424,7 +424,7 @@ pub struct PullRequestOpened {
 /// A follow-up the forge started on a ticket's pull request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TicketReaction {
-    /// `ci_failure` or `mention`.
+    /// `ci_failure`, `review` or `mention`.
     pub kind: String,
     /// What caused it: the comment, the failing commit's checks.
     pub url: String,

@@ -411,8 +411,8 @@ impl Store {
         // Locked first: a ticket's reactions are counted one at a time.
         let ticket = select_ticket(&mut tx, r.ticket_id, true).await?;
         let recorded: Option<i32> = sqlx::query_scalar(sql!(
-            "INSERT INTO ticket_reactions (ticket_id, kind, key, delivery_id, url, task_id)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1"
+            "INSERT INTO ticket_reactions (ticket_id, kind, key, delivery_id, url, task_id, reply_to, pull_number)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING RETURNING 1"
         ))
         .bind(r.ticket_id)
         .bind(r.kind)
@@ -420,6 +420,8 @@ impl Store {
         .bind(r.delivery_id)
         .bind(r.url)
         .bind(task_id)
+        .bind(r.reply_to)
+        .bind(r.pull_number)
         .fetch_optional(&mut *tx)
         .await?;
         if recorded.is_none() {
@@ -453,6 +455,37 @@ impl Store {
         events::insert(&mut tx, &[Envelope::new(ticket.id, Some(ticket.id), reaction)]).await?;
         self.commit(tx).await?;
         Ok(Reacted::Started(Box::new((ticket, task))))
+    }
+
+    /// Reactions whose follow-up completed and whose review comments are
+    /// not all answered yet: each with its ticket's repository.
+    pub async fn replies_due(&self, limit: i64) -> Result<Vec<DueReplies>> {
+        Ok(sqlx::query_as(sql!(
+            "SELECT r.task_id, r.pull_number, t.repository,
+                    ARRAY(SELECT c FROM unnest(r.reply_to) c WHERE c <> ALL (r.replied)) AS comments
+             FROM ticket_reactions r
+             JOIN ticket_tasks f ON f.task_id = r.task_id
+             JOIN tickets t ON t.id = r.ticket_id
+             WHERE cardinality(r.reply_to) > cardinality(r.replied) AND f.outcome = 'completed'
+             ORDER BY r.created_at LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Review comment `comment` of reaction task `task_id` is answered (or
+    /// will never be).
+    pub async fn replied(&self, task_id: Uuid, comment: i64) -> Result<()> {
+        sqlx::query(sql!(
+            "UPDATE ticket_reactions SET replied = array_append(replied, $2)
+             WHERE task_id = $1 AND $2 <> ALL (replied)"
+        ))
+        .bind(task_id)
+        .bind(comment)
+        .execute(self.pool())
+        .await?;
+        Ok(())
     }
 
     /// The ticket whose pull request is `url`, or whose branch is `branch`
@@ -694,13 +727,27 @@ pub struct Applied {
 #[derive(Debug, Clone)]
 pub struct NewReaction<'a> {
     pub ticket_id: Uuid,
-    /// `ci_failure` or `mention`.
+    /// `ci_failure`, `review` or `mention`.
     pub kind: &'a str,
     /// What it answers, one reaction each: the commit whose checks failed,
     /// the comment.
     pub key: &'a str,
     pub delivery_id: &'a str,
     pub url: &'a str,
+    /// Review comments to answer once the follow-up landed, on pull
+    /// request `pull_number`.
+    pub reply_to: &'a [i64],
+    pub pull_number: i64,
+}
+
+/// Review comments to answer: the follow-up that addressed them, in which
+/// repository's pull request.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DueReplies {
+    pub task_id: Uuid,
+    pub pull_number: i64,
+    pub repository: String,
+    pub comments: Vec<i64>,
 }
 
 /// What recording a reaction came to.

@@ -80,6 +80,25 @@ pub fn read(event: &str, delivery_id: &str, body: &[u8]) -> Result<Option<pb::Re
         ("pull_request_review_comment", "created") => {
             Some(mention(base, &p["comment"], s(&p["pull_request"]["html_url"])))
         }
+        // A review requesting changes (its comments are read from GitHub).
+        ("pull_request_review", "submitted")
+            if p["review"]["state"]
+                .as_str()
+                .is_some_and(|state| state.eq_ignore_ascii_case("changes_requested")) =>
+        {
+            let review = &p["review"];
+            Some(pb::ReactRequest {
+                kind: pb::ReactionKind::Review.into(),
+                pull_request_url: s(&p["pull_request"]["html_url"]),
+                pull_number: p["pull_request"]["number"].as_i64().unwrap_or_default(),
+                url: s(&review["html_url"]),
+                author: s(&review["user"]["login"]),
+                author_association: s(&review["author_association"]),
+                body: s(&review["body"]),
+                review_id: review["id"].as_i64().unwrap_or_default(),
+                ..base
+            })
+        }
         _ => None,
     })
 }
@@ -203,6 +222,23 @@ mod tests {
             None
         );
         assert_eq!(read("push", "d3", b"{}").unwrap(), None);
+        let approved = json!({"action": "submitted", "review": {"state": "approved"}});
+        assert_eq!(
+            read("pull_request_review", "d5", approved.to_string().as_bytes()).unwrap(),
+            None
+        );
+        let changes = json!({
+            "action": "submitted",
+            "pull_request": {"number": 4, "html_url": "https://github.com/acme/r/pull/4"},
+            "review": {"id": 11, "state": "changes_requested", "body": null, "user": {"login": "rev"}}
+        });
+        let r = read("pull_request_review", "d6", changes.to_string().as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.kind, r.review_id, r.pull_number),
+            (pb::ReactionKind::Review as i32, 11, 4)
+        );
         assert!(read("check_suite", "d4", b"not json").is_err());
     }
 }

@@ -50,10 +50,13 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         let t = Arc::clone(&tasks);
         let (nats, topology) = (base.nats.clone(), base.topology.clone());
         base.spawn_after_migration(move |stop| task_events::follow(t, nats, topology, stop));
-        let store = base.store.clone();
+        // Pull requests opened, and review comments answered once their fix
+        // landed: both looked for as often.
         let every = Duration::from_secs_f64(config.pull_request_interval_seconds.max(0.05));
-        let github = Arc::clone(&github);
-        base.spawn_after_migration(move |stop| pulls::run(store, github, every, stop));
+        let (store, gh) = (base.store.clone(), Arc::clone(&github));
+        base.spawn_after_migration(move |stop| pulls::run(store, gh, every, stop));
+        let (store, gh, t) = (base.store.clone(), Arc::clone(&github), Arc::clone(&tasks));
+        base.spawn_after_migration(move |stop| reactions::answer_reviews(store, gh, t, every, stop));
     }
     let hub = board::Hub::new();
     {

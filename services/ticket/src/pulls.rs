@@ -198,6 +198,51 @@ impl GitHub {
         Ok(failed)
     }
 
+    /// The comments of review `review` of pull request `number`.
+    pub async fn review_comments(
+        &self,
+        owner: &str,
+        name: &str,
+        number: i64,
+        review: i64,
+    ) -> Result<Vec<ReviewComment>, String> {
+        let path = format!("/repos/{owner}/{name}/pulls/{number}/reviews/{review}/comments?per_page=100");
+        let (status, body) = self.call(Method::GET, &path, None).await?;
+        if !status.is_success() {
+            return Err(format!("GET {path}: {status} {}", message(&body)));
+        }
+        Ok(body
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                Some(ReviewComment {
+                    id: c["id"].as_i64()?,
+                    path: c["path"].as_str().unwrap_or_default().to_owned(),
+                    line: c["line"].as_i64().or_else(|| c["original_line"].as_i64()),
+                    diff_hunk: c["diff_hunk"].as_str().unwrap_or_default().to_owned(),
+                    body: c["body"].as_str().unwrap_or_default().to_owned(),
+                })
+            })
+            .collect())
+    }
+
+    /// Answers review comment `comment` of pull request `number` in its
+    /// thread: Ok(true) when answered, Ok(false) when GitHub will never take
+    /// it (the comment is gone, no rights), Err to try again later.
+    pub async fn reply(&self, owner: &str, name: &str, number: i64, comment: i64, text: &str) -> Result<bool, String> {
+        let path = format!("/repos/{owner}/{name}/pulls/{number}/comments/{comment}/replies");
+        let (status, body) = self.call(Method::POST, &path, Some(json!({"body": text}))).await?;
+        match refusal_or_later(status, &body) {
+            _ if status.is_success() => Ok(true),
+            Asked::Later(why) => Err(why),
+            _ => {
+                tracing::warn!(comment, %status, message = %message(&body), "a review comment cannot be answered");
+                Ok(false)
+            }
+        }
+    }
+
     /// A pull request from the ticket's branch, open or not, if one exists.
     async fn existing(
         &self,
@@ -231,6 +276,16 @@ pub struct FailedCheck {
     pub text: String,
     /// `path:line: level: message`.
     pub annotations: Vec<String>,
+}
+
+/// A review's comment on a line of the pull request's diff.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReviewComment {
+    pub id: i64,
+    pub path: String,
+    pub line: Option<i64>,
+    pub diff_hunk: String,
+    pub body: String,
 }
 
 /// The pull request a GitHub answer describes.

@@ -3,14 +3,36 @@
 //! (read from GitHub: their output and annotations), a mention its comment.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::pulls::{FailedCheck, GitHub};
+use omoi_domain::git::forge_repo;
+use omoi_runtime::background::every;
+use omoi_store::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::pulls::{FailedCheck, GitHub, ReviewComment};
 use crate::requests::{Asked, Reaction};
+use crate::tasks::TicketTasks;
 
 /// Most of a prompt one check's output may take.
 const MAX_CHECK_BYTES: usize = 8 * 1024;
 /// Most of a prompt the failures may take in all.
 const MAX_FAILURES_BYTES: usize = 32 * 1024;
+
+/// A reaction's follow-up, as the forge's side of it says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ask {
+    /// `ci_failure`, `mention` or `review`.
+    pub kind: &'static str,
+    /// What it answers (one reaction each): the commit, the comment, the review.
+    pub key: String,
+    /// The follow-up's prompt.
+    pub message: String,
+    /// Review comments to answer once the follow-up landed, and their pull
+    /// request's number.
+    pub reply_to: Vec<i64>,
+    pub pull_number: i64,
+}
 
 /// How this deployment reacts.
 pub struct Forge {
@@ -22,21 +44,28 @@ pub struct Forge {
 }
 
 impl Forge {
-    /// What the reaction is (`ci_failure`, `mention`), what it answers (one
-    /// reaction each), and the follow-up's prompt.
-    pub async fn follow_up(&self, r: &Reaction) -> (&'static str, String, String) {
+    /// The follow-up reaction `r` asks for (its comments and checks read
+    /// from GitHub).
+    pub async fn follow_up(&self, r: &Reaction) -> Ask {
+        let (owner, name) = r.repository.split_once('/').unwrap_or_default();
+        let ask = |kind, key: String, message| Ask {
+            kind,
+            key,
+            message,
+            reply_to: Vec::new(),
+            pull_number: 0,
+        };
         match &r.asked {
             Asked::CiFailure { suite_id, head_sha, .. } => {
-                let (owner, name) = r.repository.split_once('/').unwrap_or_default();
                 let failed = self.github.failed_checks(owner, name, *suite_id).await;
-                ("ci_failure", head_sha.clone(), ci_prompt(head_sha, &r.url, failed))
+                ask("ci_failure", head_sha.clone(), ci_prompt(head_sha, &r.url, failed))
             }
             Asked::Mention {
                 pull_request_url,
                 author,
                 body,
                 comment_id,
-            } => (
+            } => ask(
                 "mention",
                 comment_id.to_string(),
                 format!(
@@ -45,8 +74,98 @@ impl Forge {
                     url = r.url
                 ),
             ),
+            Asked::Review {
+                pull_request_url,
+                pull_number,
+                review_id,
+                author,
+                body,
+            } => {
+                let comments = self.github.review_comments(owner, name, *pull_number, *review_id).await;
+                Ask {
+                    reply_to: comments.iter().flatten().map(|c| c.id).collect(),
+                    pull_number: *pull_number,
+                    ..ask(
+                        "review",
+                        review_id.to_string(),
+                        review_prompt(author, pull_request_url, &r.url, body, comments),
+                    )
+                }
+            }
         }
     }
+}
+
+/// Answers the review comments of reactions whose follow-up landed, each
+/// in its thread naming the commit, looking every `interval` until
+/// `shutdown`. A comment GitHub will never take an answer to (gone, no
+/// rights) is given up; GitHub away is asked again on a later pass.
+pub async fn answer_reviews(
+    store: Store,
+    github: Arc<GitHub>,
+    tasks: Arc<TicketTasks>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let (store, github, tasks) = (&store, &github, &tasks);
+    every("answering review comments", interval, &shutdown, move || async move {
+        for due in store.replies_due(20).await.map_err(|e| e.to_string())? {
+            let Some(repo) = forge_repo(&due.repository) else {
+                continue;
+            };
+            let task = tasks.queue.get(due.task_id).await.map_err(|s| s.message().to_owned())?;
+            let commit = task.git.as_ref().map(|g| g.commit.as_str()).unwrap_or_default();
+            let text = if commit.is_empty() {
+                format!("Looked into this in omoi task `{}`: no change was needed.", due.task_id)
+            } else {
+                format!("Addressed in {commit} (omoi task `{}`).", due.task_id)
+            };
+            for comment in due.comments {
+                github
+                    .reply(&repo.owner, &repo.name, due.pull_number, comment, &text)
+                    .await?;
+                store.replied(due.task_id, comment).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Ok::<_, String>(())
+    })
+    .await
+}
+
+/// The prompt of a review that requested changes: what it says, and each
+/// of its comments with the lines it is about.
+fn review_prompt(
+    author: &str,
+    pull_request_url: &str,
+    url: &str,
+    body: &str,
+    comments: Result<Vec<ReviewComment>, String>,
+) -> String {
+    let mut p = format!("{author} requested changes on the pull request {pull_request_url} ({url}).\n");
+    if !body.trim().is_empty() {
+        p.push_str(&format!("\n{}\n", body.trim()));
+    }
+    match comments {
+        Ok(comments) => {
+            for c in comments {
+                let at = c.line.map(|l| format!(":{l}")).unwrap_or_default();
+                let part = format!(
+                    "\n### {}{at}\n```diff\n{}\n```\n{}\n",
+                    c.path,
+                    c.diff_hunk.trim_end(),
+                    c.body.trim()
+                );
+                p.push_str(&bounded(&part, MAX_CHECK_BYTES));
+                if p.len() > MAX_FAILURES_BYTES {
+                    p = bounded(&p, MAX_FAILURES_BYTES);
+                    break;
+                }
+            }
+        }
+        Err(e) => p.push_str(&format!("\nIts comments could not be read from GitHub ({e}).\n")),
+    }
+    p.push_str("\nMake the changes asked for on this branch; your work lands as a new commit on the pull request, and each comment is answered with it.");
+    p
 }
 
 /// The prompt of a failed check suite: each failed check's name, output
@@ -139,6 +258,33 @@ mod tests {
             unread.contains("could not be read from GitHub (GET …: 403)"),
             "{unread}"
         );
+    }
+
+    #[test]
+    fn a_reviews_prompt_holds_each_comment_with_its_lines() {
+        let comments = vec![ReviewComment {
+            id: 1,
+            path: "src/lib.rs".into(),
+            line: Some(3),
+            diff_hunk: "@@ -1,3 +1,3 @@\n-a\n+b".into(),
+            body: "Handle the empty list.".into(),
+        }];
+        let p = review_prompt(
+            "rev",
+            "https://g/acme/r/pull/1",
+            "https://g/r#review-1",
+            "Two things.",
+            Ok(comments),
+        );
+        for part in [
+            "rev requested changes",
+            "Two things.",
+            "### src/lib.rs:3",
+            "+b",
+            "Handle the empty list.",
+        ] {
+            assert!(p.contains(part), "{part:?} not in {p}");
+        }
     }
 
     #[test]

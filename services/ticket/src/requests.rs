@@ -261,6 +261,15 @@ pub enum Asked {
         body: String,
         comment_id: i64,
     },
+    /// `author`'s review `review_id` of pull request `pull_number` requested
+    /// changes, saying `body` (and its comments).
+    Review {
+        pull_request_url: String,
+        pull_number: i64,
+        review_id: i64,
+        author: String,
+        body: String,
+    },
 }
 
 /// React: the reaction, or (Err of Ok) why the delivery asks for none:
@@ -281,6 +290,8 @@ pub fn react(req: pb::ReactRequest, mention: &str) -> ApiResult<Result<Reaction,
         head_sha,
         conclusion,
         comment_id,
+        review_id,
+        pull_number,
     } = req;
     let delivery_id = validate::token("delivery_id", &delivery_id, 100, "-")?;
     let repository = match repository.split_once('/') {
@@ -310,32 +321,38 @@ pub fn react(req: pb::ReactRequest, mention: &str) -> ApiResult<Result<Reaction,
             if !mentions(&body, mention) {
                 return Ok(Err(format!("the comment does not mention {mention}")));
             }
-            if !matches!(author_association.as_str(), "OWNER" | "MEMBER" | "COLLABORATOR") {
-                return Ok(Err(format!(
-                    "{author} may not ask ({author_association}: only owners, members and collaborators may)"
-                )));
-            }
-            if !(pull_request_url.starts_with("https://") || pull_request_url.starts_with("http://")) {
-                return Err(ApiError::invalid(
-                    "pull_request_url",
-                    "must be the pull request's web address",
-                ));
+            if let Some(refused) = may_not_ask(&author, &author_association) {
+                return Ok(Err(refused));
             }
             if comment_id <= 0 {
                 return Err(ApiError::invalid("comment_id", "must be the comment's id"));
             }
             Asked::Mention {
-                pull_request_url: validate::text(
-                    "pull_request_url",
-                    &pull_request_url,
-                    validate::MAX_REPOSITORY_BYTES,
-                )?,
+                pull_request_url: pull_request("pull_request_url", &pull_request_url)?,
                 author: validate::text("author", &author, 100)?,
                 body,
                 comment_id,
             }
         }
-        _ => return Err(ApiError::invalid("kind", "must be CI_FAILURE or MENTION")),
+        Ok(pb::ReactionKind::Review) => {
+            if let Some(refused) = may_not_ask(&author, &author_association) {
+                return Ok(Err(refused));
+            }
+            if review_id <= 0 {
+                return Err(ApiError::invalid("review_id", "must be the review's id"));
+            }
+            if pull_number <= 0 {
+                return Err(ApiError::invalid("pull_number", "must be the pull request's number"));
+            }
+            Asked::Review {
+                pull_request_url: pull_request("pull_request_url", &pull_request_url)?,
+                pull_number,
+                review_id,
+                author: validate::text("author", &author, 100)?,
+                body: validate::text("body", &body, MAX_FOLLOW_UP_BYTES)?,
+            }
+        }
+        _ => return Err(ApiError::invalid("kind", "must be CI_FAILURE, MENTION or REVIEW")),
     };
     Ok(Ok(Reaction {
         delivery_id,
@@ -343,6 +360,21 @@ pub fn react(req: pb::ReactRequest, mention: &str) -> ApiResult<Result<Reaction,
         url,
         asked,
     }))
+}
+
+/// Why `author` may not ask for work (only a repository's owners, members
+/// and collaborators may), or None.
+fn may_not_ask(author: &str, association: &str) -> Option<String> {
+    (!matches!(association, "OWNER" | "MEMBER" | "COLLABORATOR"))
+        .then(|| format!("{author} may not ask ({association}: only owners, members and collaborators may)"))
+}
+
+/// A pull request's web address.
+fn pull_request(field: &str, url: &str) -> ApiResult<String> {
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err(ApiError::invalid(field, "must be the pull request's web address"));
+    }
+    Ok(validate::text(field, url, validate::MAX_REPOSITORY_BYTES)?)
 }
 
 /// Whether `body` names `mention` as a word of its own (`@omoi`, not
@@ -463,6 +495,12 @@ mod tests {
             ..mention("OWNER")
         };
         assert_eq!(field(ci.clone()), "head_sha");
+        let review = pb::ReactRequest {
+            kind: pb::ReactionKind::Review.into(),
+            pull_number: 1,
+            ..mention("MEMBER")
+        };
+        assert_eq!(field(review), "review_id");
         let passed = pb::ReactRequest {
             conclusion: "success".into(),
             ..ci

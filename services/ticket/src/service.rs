@@ -245,7 +245,7 @@ impl Tickets {
             requests::Asked::CiFailure { branch, .. } => {
                 self.store.ticket_for_forge("", &reaction.repository, branch).await?
             }
-            requests::Asked::Mention { pull_request_url, .. } => {
+            requests::Asked::Mention { pull_request_url, .. } | requests::Asked::Review { pull_request_url, .. } => {
                 self.store.ticket_for_forge(pull_request_url, "", "").await?
             }
         };
@@ -267,14 +267,17 @@ impl Tickets {
             .id
             .parse()
             .map_err(|_| Status::internal("the queue named a task by no UUID"))?;
-        let (kind, key, message) = self.forge.follow_up(&reaction).await;
-        let planned = follow_up_task(&ticket, source, &message);
+        let ask = self.forge.follow_up(&reaction).await;
+        let kind = ask.kind;
+        let planned = follow_up_task(&ticket, source, &ask.message);
         let new = NewReaction {
             ticket_id: ticket.id,
             kind,
-            key: &key,
+            key: &ask.key,
             delivery_id: &reaction.delivery_id,
             url: &reaction.url,
+            reply_to: &ask.reply_to,
+            pull_number: ask.pull_number,
         };
         let (ticket, row) = match self.store.add_reaction(&new, Uuid::new_v4(), &planned, resumes).await? {
             Reacted::Started(started) => *started,

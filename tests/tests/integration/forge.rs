@@ -86,7 +86,7 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
             description: "Write sum().".into(),
             repository: format!("{WEB}/acme/remote.git"),
             pull_request: true,
-            max_reactions: Some(2),
+            max_reactions: Some(3),
             plan: vec![pb::TaskSpec {
                 title: "Write sum".into(),
                 phase: 2,
@@ -99,7 +99,7 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     .ticket
     .unwrap();
     let (id, branch) = (created.id.clone(), created.branch.clone());
-    assert_eq!((created.max_reactions, created.reactions), (2, 0));
+    assert_eq!((created.max_reactions, created.reactions), (3, 0));
     let ticket = wait_ticket_where(&tickets, &id, "its pull request open", |t| {
         !t.pull_request_url.is_empty()
     })
@@ -213,7 +213,56 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     assert_eq!(commits(), "3");
     assert_eq!(done.ticket.as_ref().unwrap().reactions, 2);
 
-    // The cap: a third reaction starts nothing.
+    // A review requesting changes, with two comments: one follow-up holding
+    // both, then an answer in each thread naming the commit.
+    github.review(
+        31,
+        vec![
+            json!({"id": 701, "path": "src/lib.rs", "line": 2, "diff_hunk": "@@ -1 +1,2 @@\n+fn sum()",
+                   "body": "Take a slice, not a Vec."}),
+            json!({"id": 702, "path": "README.md", "line": 1, "diff_hunk": "@@ -0,0 +1 @@\n+# r",
+                   "body": "Document sum()."}),
+        ],
+    );
+    let review = json!({
+        "action": "submitted",
+        "repository": {"full_name": "acme/remote", "html_url": format!("{WEB}/acme/remote")},
+        "pull_request": {"number": 1, "html_url": pr},
+        "review": {"id": 31, "state": "changes_requested", "body": "Two things.",
+                   "html_url": format!("{pr}#pullrequestreview-31"),
+                   "user": {"login": "maintainer"}, "author_association": "MEMBER"}
+    });
+    let (status, answer) = deliver(&console.url, Some(SECRET), "pull_request_review", "d-review-1", &review)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["reacted"], json!(true), "{answer}");
+    let done = wait_ticket(&tickets, &id, COMPLETED).await;
+    let fix = done.tasks.iter().find(|t| t.id == answer["task_id"]).unwrap();
+    for part in [
+        "maintainer requested changes",
+        "Two things.",
+        "### src/lib.rs:2",
+        "Take a slice",
+        "### README.md:1",
+        "Document sum().",
+    ] {
+        assert!(fix.description.contains(part), "{part:?} not in {}", fix.description);
+    }
+    assert_eq!(commits(), "4");
+    let commit = fix.git.as_ref().unwrap().commit.clone();
+    let replies = omoi_tests::eventually(Duration::from_secs(60), "both threads answered", || async {
+        let r = github.replies();
+        (r.len() >= 2).then_some(r)
+    })
+    .await;
+    let mut answered: Vec<i64> = replies.iter().map(|(c, _)| *c).collect();
+    answered.sort();
+    assert_eq!(answered, vec![701, 702], "{replies:?}");
+    assert!(replies.iter().all(|(_, text)| text.contains(&commit)), "{replies:?}");
+
+    // The cap: a fourth reaction starts nothing.
     let (_, capped) = deliver(
         &console.url,
         Some(SECRET),
@@ -224,7 +273,9 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     .await
     .unwrap();
     assert!(capped.contains("reactions are used up"), "{capped}");
-    assert_eq!(tasks_now(&wait_ticket(&tickets, &id, COMPLETED).await), 3);
+    let after = wait_ticket(&tickets, &id, COMPLETED).await;
+    assert_eq!((tasks_now(&after), after.ticket.as_ref().unwrap().reactions), (4, 3));
+    assert_eq!(github.replies().len(), 2, "each thread answered once");
 
     // Each reaction is an event: its kind and what caused it.
     let events = read_all(&infra.nats_url, &infra.topology.stream, 0, Duration::ZERO)
@@ -235,9 +286,8 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
         .filter(|e| e.event_type == "TICKET_REACTION")
         .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
         .collect();
-    assert_eq!(reactions.len(), 2, "{reactions:?}");
-    assert_eq!(reactions[0]["kind"], "ci_failure");
-    assert_eq!(reactions[1]["kind"], "mention");
+    let kinds: Vec<&str> = reactions.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["ci_failure", "mention", "review"], "{reactions:?}");
     assert_eq!(reactions[1]["url"], format!("{pr}#issuecomment-501"));
 
     console.stop().await;
