@@ -24,6 +24,12 @@ CREATE TABLE ticket_reactions (
 
 CREATE INDEX ticket_reactions_task ON ticket_reactions (task_id);
 
+-- Where a ticket came from when not from CreateTicket: a GitHub issue
+-- (`github_issue` and its address).
+ALTER TABLE tickets
+    ADD COLUMN source_kind text NOT NULL DEFAULT '',
+    ADD COLUMN source_url text NOT NULL DEFAULT '';
+
 -- A delivery names the ticket by its pull request or its branch.
 CREATE INDEX tickets_pull_request_url ON tickets (pull_request_url) WHERE pull_request_url <> '';
 CREATE INDEX tickets_branch ON tickets (branch) WHERE branch <> '';

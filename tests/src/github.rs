@@ -49,6 +49,8 @@ struct State {
     /// Review comments by review id; the replies posted: (comment id, body).
     reviews: Mutex<std::collections::HashMap<i64, Vec<Value>>>,
     replies: Mutex<Vec<(i64, String)>>,
+    /// Comments on issues: (issue number, body).
+    issue_comments: Mutex<Vec<(i64, String)>>,
 }
 
 impl GitHubApi {
@@ -64,6 +66,7 @@ impl GitHubApi {
             annotations: Mutex::default(),
             reviews: Mutex::default(),
             replies: Mutex::default(),
+            issue_comments: Mutex::default(),
         });
         let server = Server::start(Arc::clone(&state), handle).await?;
         Ok(Self {
@@ -92,6 +95,11 @@ impl GitHubApi {
     /// Review `review` holds `comments` (GitHub's JSON).
     pub fn review(&self, review: i64, comments: Vec<Value>) {
         self.state.reviews.lock().unwrap().insert(review, comments);
+    }
+
+    /// The comments posted on issues: (issue number, body).
+    pub fn issue_comments(&self) -> Vec<(i64, String)> {
+        self.state.issue_comments.lock().unwrap().clone()
     }
 
     /// The replies posted to review comments: (comment id, body).
@@ -234,6 +242,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
                 .and_then(|r| state.reviews.lock().unwrap().get(&r).cloned())
                 .unwrap_or_default();
             reply(StatusCode::OK, Value::Array(list))
+        }
+        (Method::POST, ["issues", number, "comments"]) => {
+            let Ok(number) = number.parse::<i64>() else {
+                return reply(StatusCode::NOT_FOUND, json!({"message": "Not Found"}));
+            };
+            let text = body["body"].as_str().unwrap_or_default().to_owned();
+            state.issue_comments.lock().unwrap().push((number, text.clone()));
+            reply(StatusCode::CREATED, json!({"id": number * 100, "body": text}))
         }
         (Method::POST, ["pulls", _, "comments", comment, "replies"]) => {
             let Ok(comment) = comment.parse::<i64>() else {

@@ -43,6 +43,10 @@ pub struct Ticket {
     /// Most follow-ups the forge may start on it, and how many it started.
     pub max_reactions: i32,
     pub reactions: i32,
+    /// Where it came from when not from CreateTicket (`github_issue`, and
+    /// the issue's address); empty otherwise.
+    pub source_kind: String,
+    pub source_url: String,
     /// String labels as a JSON object.
     pub labels: Value,
     pub request_id: Option<String>,
@@ -473,6 +477,8 @@ mod tests {
             paused_reason: String::new(),
             max_reactions: 5,
             reactions: 0,
+            source_kind: String::new(),
+            source_url: String::new(),
             labels: serde_json::json!({}),
             request_id: None,
             tasks_enqueued: true,

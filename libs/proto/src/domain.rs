@@ -281,6 +281,10 @@ impl From<&Ticket> for ticket::Ticket {
             paused_reason: t.paused_reason.clone(),
             max_reactions: t.max_reactions,
             reactions: t.reactions,
+            source: (!t.source_kind.is_empty()).then(|| ticket::TicketSource {
+                kind: t.source_kind.clone(),
+                url: t.source_url.clone(),
+            }),
         }
     }
 }

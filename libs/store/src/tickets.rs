@@ -22,7 +22,7 @@ macro_rules! ticket_columns {
     () => {
         "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
      pull_request, pull_request_url, pull_request_error, max_cost_usd, paused_reason, labels, request_id,
-     tasks_enqueued, usage, created_at, updated_at, max_reactions, reactions"
+     tasks_enqueued, usage, created_at, updated_at, max_reactions, reactions, source_kind, source_url"
     };
 }
 pub(crate) use ticket_columns;
@@ -60,6 +60,8 @@ impl<'r> FromRow<'r, PgRow> for TicketRow {
             paused_reason: row.try_get("paused_reason")?,
             max_reactions: row.try_get("max_reactions")?,
             reactions: row.try_get("reactions")?,
+            source_kind: row.try_get("source_kind")?,
+            source_url: row.try_get("source_url")?,
             labels: row.try_get("labels")?,
             request_id: row.try_get("request_id")?,
             tasks_enqueued: row.try_get("tasks_enqueued")?,
@@ -139,6 +141,9 @@ pub struct NewTicket {
     pub max_cost_usd: Option<f64>,
     /// Most follow-ups the forge may start on it.
     pub max_reactions: i32,
+    /// Where it came from (see `Ticket::source_kind`); empty: a caller.
+    pub source_kind: String,
+    pub source_url: String,
     pub labels: Value,
     pub request_id: Option<String>,
 }
@@ -193,8 +198,8 @@ impl Store {
         let mut tx = self.pool().begin().await?;
         let inserted: Option<TicketRow> = sqlx::query_as(sql!(concat!(
             "INSERT INTO tickets (id, title, description, priority, status, repository, labels, request_id,
-                                  base_ref, branch, pull_request, max_cost_usd, max_reactions)
-             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12)
+                                  base_ref, branch, pull_request, max_cost_usd, max_reactions, source_kind, source_url)
+             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
              ON CONFLICT (request_id) DO NOTHING
              RETURNING ",
             ticket_columns!()
@@ -211,6 +216,8 @@ impl Store {
         .bind(t.pull_request)
         .bind(t.max_cost_usd)
         .bind(t.max_reactions)
+        .bind(&t.source_kind)
+        .bind(&t.source_url)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(TicketRow(ticket)) = inserted else {

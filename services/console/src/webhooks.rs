@@ -46,18 +46,45 @@ fn unhex(hex: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// What a delivery of event `event` asks of omoi: a reaction to decide, or
-/// None for an event (or action) omoi does not react to; Err for a body
-/// that is not the event's JSON.
-pub fn read(event: &str, delivery_id: &str, body: &[u8]) -> Result<Option<pb::ReactRequest>, String> {
+/// What a delivery asks of the ticket service.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Asked {
+    React(pb::ReactRequest),
+    Intake(pb::IntakeRequest),
+}
+
+/// What a delivery of event `event` asks of omoi: a reaction or an issue's
+/// change to decide, or None for an event (or action) omoi does not act
+/// on; Err for a body that is not the event's JSON.
+pub fn read(event: &str, delivery_id: &str, body: &[u8]) -> Result<Option<Asked>, String> {
     let p: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
     let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let action = p["action"].as_str().unwrap_or_default();
+    if event == "issues" {
+        let action = match action {
+            "labeled" => pb::IssueAction::Labeled,
+            "unlabeled" => pb::IssueAction::Unlabeled,
+            "closed" => pb::IssueAction::Closed,
+            _ => return Ok(None),
+        };
+        let issue = &p["issue"];
+        return Ok(Some(Asked::Intake(pb::IntakeRequest {
+            delivery_id: delivery_id.to_owned(),
+            action: action.into(),
+            repository: s(&p["repository"]["full_name"]),
+            clone_url: s(&p["repository"]["clone_url"]),
+            issue_number: issue["number"].as_i64().unwrap_or_default(),
+            issue_url: s(&issue["html_url"]),
+            title: s(&issue["title"]),
+            body: s(&issue["body"]),
+            label: s(&p["label"]["name"]),
+        })));
+    }
     let base = pb::ReactRequest {
         delivery_id: delivery_id.to_owned(),
         repository: s(&p["repository"]["full_name"]),
         ..Default::default()
     };
-    let action = p["action"].as_str().unwrap_or_default();
     Ok(match (event, action) {
         ("check_suite", "completed") => {
             let suite = &p["check_suite"];
@@ -100,7 +127,8 @@ pub fn read(event: &str, delivery_id: &str, body: &[u8]) -> Result<Option<pb::Re
             })
         }
         _ => None,
-    })
+    }
+    .map(Asked::React))
 }
 
 fn mention(base: pb::ReactRequest, comment: &Value, pull_request_url: String) -> pb::ReactRequest {
@@ -141,24 +169,31 @@ pub async fn github(State(console): State<Arc<Console>>, headers: HeaderMap, bod
     if event == "ping" {
         return (StatusCode::OK, "pong").into_response();
     }
-    let request = match read(event, delivery, &body) {
+    let asked = match read(event, delivery, &body) {
         Ok(Some(r)) => r,
         Ok(None) => return (StatusCode::ACCEPTED, format!("{event} is not acted on")).into_response(),
         Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
     };
     let mut tickets = TicketServiceClient::new(console.ticket.clone());
-    match tickets.react(request).await {
-        Ok(r) => {
+    let answered = match asked {
+        Asked::React(request) => tickets.react(request).await.map(|r| {
             let r = r.into_inner();
             let task = r.task.map(|t| t.id).unwrap_or_default();
-            let answer = json!({"reacted": r.reacted, "reason": r.reason, "task_id": task});
-            (
-                StatusCode::OK,
-                [(http::header::CONTENT_TYPE, "application/json")],
-                answer.to_string(),
-            )
-                .into_response()
-        }
+            json!({"reacted": r.reacted, "reason": r.reason, "task_id": task})
+        }),
+        Asked::Intake(request) => tickets.intake(request).await.map(|r| {
+            let r = r.into_inner();
+            let ticket = r.ticket.map(|t| t.id).unwrap_or_default();
+            json!({"outcome": r.outcome, "ticket_id": ticket})
+        }),
+    };
+    match answered {
+        Ok(answer) => (
+            StatusCode::OK,
+            [(http::header::CONTENT_TYPE, "application/json")],
+            answer.to_string(),
+        )
+            .into_response(),
         Err(s) => {
             // GitHub shows the answer on the delivery; a 5xx invites a redelivery.
             let code = match s.code() {
@@ -207,9 +242,11 @@ mod tests {
             "repository": {"full_name": "acme/r", "html_url": "https://github.com/acme/r"},
             "check_suite": {"id": 9, "head_branch": "omoi/x", "head_sha": "abc", "conclusion": "failure"}
         });
-        let r = read("check_suite", "d1", suite.to_string().as_bytes())
-            .unwrap()
-            .unwrap();
+        let react = |event: &str, body: &Value| match read(event, "d", body.to_string().as_bytes()).unwrap() {
+            Some(Asked::React(r)) => Some(r),
+            _ => None,
+        };
+        let r = react("check_suite", &suite).unwrap();
         assert_eq!(r.kind, pb::ReactionKind::CiFailure as i32);
         assert_eq!(
             (r.check_suite_id, r.branch.as_str(), r.conclusion.as_str()),
@@ -232,13 +269,21 @@ mod tests {
             "pull_request": {"number": 4, "html_url": "https://github.com/acme/r/pull/4"},
             "review": {"id": 11, "state": "changes_requested", "body": null, "user": {"login": "rev"}}
         });
-        let r = read("pull_request_review", "d6", changes.to_string().as_bytes())
-            .unwrap()
-            .unwrap();
+        let r = react("pull_request_review", &changes).unwrap();
         assert_eq!(
             (r.kind, r.review_id, r.pull_number),
             (pb::ReactionKind::Review as i32, 11, 4)
         );
         assert!(read("check_suite", "d4", b"not json").is_err());
+        let labeled = json!({
+            "action": "labeled", "label": {"name": "omoi"},
+            "repository": {"full_name": "acme/r", "clone_url": "https://github.com/acme/r.git"},
+            "issue": {"number": 7, "html_url": "https://github.com/acme/r/issues/7", "title": "Sum", "body": "b"}
+        });
+        match read("issues", "d7", labeled.to_string().as_bytes()).unwrap() {
+            Some(Asked::Intake(i)) => assert_eq!((i.issue_number, i.label.as_str()), (7, "omoi")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(read("issues", "d8", br#"{"action":"opened"}"#).unwrap(), None);
     }
 }

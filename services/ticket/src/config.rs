@@ -69,6 +69,20 @@ pub struct Config {
     #[arg(long, env = "OMOI_GITHUB_MENTION", default_value = "@omoi")]
     pub github_mention: String,
 
+    /// Repositories (comma list of `owner/name`) whose labelled issues
+    /// become tickets; empty = none.
+    #[arg(long, env = "OMOI_GITHUB_REPOSITORIES", default_value = "")]
+    pub github_repositories: String,
+
+    /// The label that makes an issue a ticket.
+    #[arg(long, env = "OMOI_GITHUB_ISSUE_LABEL", default_value = "omoi")]
+    pub github_issue_label: String,
+
+    /// The console's address, for links to tickets in what omoi writes on
+    /// the forge; empty = no links.
+    #[arg(long, env = "OMOI_CONSOLE_URL", default_value = "")]
+    pub console_url: String,
+
     /// Most PostgreSQL connections of this process.
     #[arg(long, env = "OMOI_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,

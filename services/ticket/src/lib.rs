@@ -6,6 +6,7 @@
 
 mod board;
 pub mod config;
+mod issues;
 mod pulls;
 mod queue;
 mod reactions;
@@ -57,6 +58,14 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         base.spawn_after_migration(move |stop| pulls::run(store, gh, every, stop));
         let (store, gh, t) = (base.store.clone(), Arc::clone(&github), Arc::clone(&tasks));
         base.spawn_after_migration(move |stop| reactions::answer_reviews(store, gh, t, every, stop));
+        // The issues tickets came from hear what becomes of them.
+        let (store, gh, console) = (
+            base.store.clone(),
+            Arc::clone(&github),
+            config.console_url.trim_end_matches('/').to_owned(),
+        );
+        let (nats, topology) = (base.nats.clone(), base.topology.clone());
+        base.spawn_after_migration(move |stop| issues::follow(store, gh, console, nats, topology, stop));
     }
     let hub = board::Hub::new();
     {
@@ -79,6 +88,15 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
             github,
             mention: config.github_mention.clone(),
             max_reactions: config.max_reactions,
+            repositories: config
+                .github_repositories
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(str::to_lowercase)
+                .collect(),
+            issue_label: config.github_issue_label.clone(),
+            console_url: config.console_url.trim_end_matches('/').to_owned(),
         },
     ))
     .max_decoding_message_size(config.common.host.max_message_bytes)

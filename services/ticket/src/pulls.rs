@@ -122,12 +122,17 @@ impl GitHub {
         if let Some(found) = self.existing(repo, ticket, &base).await? {
             return Ok(Asked::Opened(found));
         }
+        // The issue it came from, in this repository, closes with it.
+        let closes = match crate::issues::issue_of(&ticket.source_kind, &ticket.source_url) {
+            Some((owner, name, number)) if owner == repo.owner && name == repo.name => format!("\n\nCloses #{number}"),
+            _ => String::new(),
+        };
         let body = json!({
             "title": ticket.title,
             "head": ticket.branch,
             "base": base,
             "body": format!(
-                "{}\n\n---\nOpened by omoi for ticket `{}`; each commit is one of its tasks.",
+                "{}{closes}\n\n---\nOpened by omoi for ticket `{}`; each commit is one of its tasks.",
                 ticket.description, ticket.id
             ),
         });
@@ -196,6 +201,19 @@ impl GitHub {
             failed.push(check);
         }
         Ok(failed)
+    }
+
+    /// Comments `text` on issue `number`: Ok(true) when it took it,
+    /// Ok(false) when it never will (no such issue, no rights), Err to try
+    /// again later.
+    pub async fn comment_on_issue(&self, owner: &str, name: &str, number: i64, text: &str) -> Result<bool, String> {
+        let path = format!("/repos/{owner}/{name}/issues/{number}/comments");
+        let (status, body) = self.call(Method::POST, &path, Some(json!({"body": text}))).await?;
+        match refusal_or_later(status, &body) {
+            _ if status.is_success() => Ok(true),
+            Asked::Later(why) => Err(why),
+            _ => Ok(false),
+        }
     }
 
     /// The comments of review `review` of pull request `number`.

@@ -41,6 +41,19 @@ pub struct Forge {
     pub mention: String,
     /// The reactions a ticket may have unless it says otherwise.
     pub max_reactions: i32,
+    /// Repositories (`owner/name`, lowercase) whose labelled issues become
+    /// tickets, and the label.
+    pub repositories: Vec<String>,
+    pub issue_label: String,
+    /// The console's address (for links), without a trailing slash.
+    pub console_url: String,
+}
+
+impl Forge {
+    /// Whether this deployment takes issues from `repository`.
+    pub fn serves(&self, repository: &str) -> bool {
+        self.repositories.iter().any(|r| r.eq_ignore_ascii_case(repository))
+    }
 }
 
 impl Forge {

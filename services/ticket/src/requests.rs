@@ -104,6 +104,8 @@ pub fn create(
         repository,
         labels: serde_json::to_value(&labels).unwrap_or_default(),
         request_id,
+        source_kind: String::new(),
+        source_url: String::new(),
     };
     Ok((ticket, plan))
 }
@@ -360,6 +362,82 @@ pub fn react(req: pb::ReactRequest, mention: &str) -> ApiResult<Result<Reaction,
         url,
         asked,
     }))
+}
+
+/// What an Intake request says happened to an issue, read and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Issue {
+    pub action: pb::IssueAction,
+    /// `owner/name`.
+    pub repository: String,
+    pub clone_url: String,
+    pub number: i64,
+    pub url: String,
+    pub title: String,
+    pub body: String,
+    pub label: String,
+}
+
+impl Issue {
+    /// The request id of the issue's ticket: one ticket per issue.
+    pub fn request_id(&self) -> String {
+        format!("github-issue:{}:{}", self.repository.replace('/', ":"), self.number).to_lowercase()
+    }
+}
+
+/// Intake: the issue and what happened to it.
+pub fn intake(req: pb::IntakeRequest) -> ApiResult<Issue> {
+    let pb::IntakeRequest {
+        delivery_id,
+        action,
+        repository,
+        clone_url,
+        issue_number,
+        issue_url,
+        title,
+        body,
+        label,
+    } = req;
+    validate::token("delivery_id", &delivery_id, 100, "-")?;
+    let action = match pb::IssueAction::try_from(action) {
+        Ok(pb::IssueAction::Unspecified) | Err(_) => {
+            return Err(ApiError::invalid("action", "must be LABELED, UNLABELED or CLOSED"));
+        }
+        Ok(a) => a,
+    };
+    let repository = match repository.split_once('/') {
+        Some((owner, name)) if git::forge_repo(&format!("https://github.com/{owner}/{name}")).is_some() => repository,
+        _ => return Err(ApiError::invalid("repository", "must be owner/name")),
+    };
+    if git::forge_repo(&clone_url).is_none() {
+        return Err(ApiError::invalid(
+            "clone_url",
+            "must be the repository's https clone URL",
+        ));
+    }
+    if issue_number <= 0 {
+        return Err(ApiError::invalid("issue_number", "must be the issue's number"));
+    }
+    // GitHub's titles run to 256 characters, a ticket's to 200.
+    let title: String = title.trim().chars().take(validate::MAX_TITLE_CHARS).collect();
+    let mut body = body;
+    if body.len() > MAX_FOLLOW_UP_BYTES {
+        let mut end = MAX_FOLLOW_UP_BYTES;
+        while !body.is_char_boundary(end) {
+            end -= 1;
+        }
+        body.truncate(end);
+    }
+    Ok(Issue {
+        action,
+        repository,
+        clone_url,
+        number: issue_number,
+        url: pull_request("issue_url", &issue_url)?,
+        title,
+        body,
+        label,
+    })
 }
 
 /// Why `author` may not ask for work (only a repository's owners, members

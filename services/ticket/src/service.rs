@@ -61,6 +61,15 @@ impl Tickets {
 
     async fn create(&self, req: pb::CreateTicketRequest) -> ApiResult<pb::CreateTicketResponse> {
         let (new, plan) = requests::create(req, &self.phase_instructions, self.forge.max_reactions)?;
+        self.create_new(new, plan).await
+    }
+
+    /// Stores a checked ticket and puts its tasks on the queue.
+    async fn create_new(
+        &self,
+        new: omoi_store::tickets::NewTicket,
+        plan: Vec<(Uuid, omoi_domain::ticket::PlannedTask)>,
+    ) -> ApiResult<pb::CreateTicketResponse> {
         let (t, planned) = match self.store.create_ticket(&new, &plan).await? {
             Created::Existing(t, planned) => {
                 let tasks = self.tasks.of(&t, &planned).await?;
@@ -302,6 +311,86 @@ impl Tickets {
         })
     }
 
+    async fn intake(&self, req: pb::IntakeRequest) -> ApiResult<pb::IntakeResponse> {
+        let issue = requests::intake(req)?;
+        let nothing = |outcome: String| {
+            tracing::info!(issue = %issue.url, %outcome, "issue not taken");
+            Ok(pb::IntakeResponse { ticket: None, outcome })
+        };
+        if !self.forge.serves(&issue.repository) {
+            return nothing(format!(
+                "this deployment takes no issues from {} (OMOI_GITHUB_REPOSITORIES)",
+                issue.repository
+            ));
+        }
+        let ours = issue.label.eq_ignore_ascii_case(&self.forge.issue_label);
+        let existing = self.store.ticket_by_request(&issue.request_id()).await?.map(|(t, _)| t);
+        match (issue.action, existing) {
+            (pb::IssueAction::Labeled, Some(t)) if ours => Ok(pb::IntakeResponse {
+                ticket: Some(pb::Ticket::from(&t)),
+                outcome: "the issue has its ticket already".into(),
+            }),
+            (pb::IssueAction::Labeled, None) if ours => {
+                let description = if issue.body.trim().is_empty() {
+                    format!("Resolve {}.", issue.url)
+                } else {
+                    format!("{}\n\n(From {}.)", issue.body.trim(), issue.url)
+                };
+                let title = if issue.title.is_empty() {
+                    format!("Issue #{}", issue.number)
+                } else {
+                    issue.title.clone()
+                };
+                let request = pb::CreateTicketRequest {
+                    title,
+                    description,
+                    repository: issue.clone_url.clone(),
+                    pull_request: true,
+                    request_id: issue.request_id(),
+                    ..Default::default()
+                };
+                let (mut new, plan) = requests::create(request, &self.phase_instructions, self.forge.max_reactions)?;
+                new.source_kind = "github_issue".into();
+                new.source_url = issue.url.clone();
+                let created = self.create_new(new, plan).await?;
+                tracing::info!(issue = %issue.url, ticket_id = ?created.ticket.as_ref().map(|t| &t.id), "issue taken on");
+                Ok(pb::IntakeResponse {
+                    ticket: created.ticket,
+                    outcome: "created".into(),
+                })
+            }
+            (pb::IssueAction::Labeled, _) => nothing(format!(
+                "the label {:?} is not {:?}",
+                issue.label, self.forge.issue_label
+            )),
+            (pb::IssueAction::Unlabeled, _) if !ours => nothing(format!(
+                "the label {:?} is not {:?}",
+                issue.label, self.forge.issue_label
+            )),
+            (_, None) => nothing("the issue has no ticket".into()),
+            (_, Some(t)) if t.status.is_final() => Ok(pb::IntakeResponse {
+                outcome: format!("its ticket is {} already", t.status),
+                ticket: Some(pb::Ticket::from(&t)),
+            }),
+            (action, Some(t)) => {
+                let reason = match action {
+                    pb::IssueAction::Closed => "the issue was closed",
+                    _ => "the issue's label was removed",
+                };
+                let cancelled = self
+                    .cancel(pb::CancelTicketRequest {
+                        ticket_id: t.id.to_string(),
+                        reason: reason.into(),
+                    })
+                    .await?;
+                Ok(pb::IntakeResponse {
+                    ticket: cancelled.ticket,
+                    outcome: "cancelled".into(),
+                })
+            }
+        }
+    }
+
     /// Cancels the ticket's unfinished tasks on the queue.
     async fn cancel_open_tasks(&self, id: Uuid, reason: &str) -> ApiResult<()> {
         let tasks = self.tasks.queue.list(id).await.map_err(queue_unavailable)?;
@@ -401,6 +490,10 @@ impl TicketService for Tickets {
 
     async fn react(&self, request: Request<pb::ReactRequest>) -> Result<Response<pb::ReactResponse>, Status> {
         Ok(Response::new(Tickets::react(self, request.into_inner()).await?))
+    }
+
+    async fn intake(&self, request: Request<pb::IntakeRequest>) -> Result<Response<pb::IntakeResponse>, Status> {
+        Ok(Response::new(Tickets::intake(self, request.into_inner()).await?))
     }
 
     async fn watch_ticket(

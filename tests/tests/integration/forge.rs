@@ -17,6 +17,7 @@ use omoi_tests::{Infra, file_ticket, wait_ticket, wait_ticket_where};
 use serde_json::{Value, json};
 
 const COMPLETED: i32 = 3;
+const CANCELLED: i32 = 5;
 const TOKEN: &str = "ghs_forgeLoopToken";
 const SECRET: &str = "webhook-secret-of-the-repository";
 const WEB: &str = "https://github.example.com";
@@ -44,40 +45,81 @@ fn comment(id: i64, pr_url: &str, association: &str, body: &str) -> Value {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_each() {
-    let infra = Infra::new().await.unwrap();
-    let (bare, _) = remote();
-    let root = bare.parent().unwrap().to_path_buf();
-    let github = GitHubApi::start(TOKEN, WEB).await.unwrap();
-    let options = Options {
-        executors: 1,
-        env: vec![
+/// The mesh on a stand-in GitHub, its console taking webhook deliveries,
+/// with `env` for the services.
+struct Forge {
+    infra: Infra,
+    mesh: ProcessMesh,
+    console: Console,
+    github: GitHubApi,
+    bare: std::path::PathBuf,
+    root: std::path::PathBuf,
+}
+
+impl Forge {
+    async fn start(env: &[(&str, &str)]) -> Self {
+        let infra = Infra::new().await.unwrap();
+        let (bare, _) = remote();
+        let root = bare.parent().unwrap().to_path_buf();
+        let github = GitHubApi::start(TOKEN, WEB).await.unwrap();
+        let mut services: Vec<(String, String)> = vec![
             ("OMOI_GITHUB_API_URL".into(), github.url.clone()),
             ("OMOI_GITHUB_TOKEN".into(), TOKEN.into()),
             ("OMOI_PULL_REQUEST_INTERVAL_SECONDS".into(), "0.2".into()),
-        ],
-        executor_env: vec![
-            ("OMOI_DEMO_SLEEP_MS".into(), "20".into()),
-            // GitHub-shaped URLs reach the local bare repository.
-            ("GIT_CONFIG_COUNT".into(), "1".into()),
-            (
-                "GIT_CONFIG_KEY_0".into(),
-                format!("url.file://{}/.insteadOf", root.display()),
-            ),
-            ("GIT_CONFIG_VALUE_0".into(), format!("{WEB}/acme/")),
-        ],
-        ..Default::default()
-    };
-    let mesh = ProcessMesh::start(&infra, options).await.unwrap();
-    let console = Console::start_with_webhooks(
-        &mesh.ticket.url,
-        &mesh.task_queue.url,
-        &mesh.health.url,
-        None,
-        Some(SECRET),
-    )
-    .await;
+        ];
+        services.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let options = Options {
+            executors: 1,
+            env: services,
+            executor_env: vec![
+                ("OMOI_DEMO_SLEEP_MS".into(), "20".into()),
+                // GitHub-shaped URLs reach the local bare repository.
+                ("GIT_CONFIG_COUNT".into(), "1".into()),
+                (
+                    "GIT_CONFIG_KEY_0".into(),
+                    format!("url.file://{}/.insteadOf", root.display()),
+                ),
+                ("GIT_CONFIG_VALUE_0".into(), format!("{WEB}/acme/")),
+            ],
+            ..Default::default()
+        };
+        let mesh = ProcessMesh::start(&infra, options).await.unwrap();
+        let console = Console::start_with_webhooks(
+            &mesh.ticket.url,
+            &mesh.task_queue.url,
+            &mesh.health.url,
+            None,
+            Some(SECRET),
+        )
+        .await;
+        Self {
+            infra,
+            mesh,
+            console,
+            github,
+            bare,
+            root,
+        }
+    }
+
+    async fn deliver(&self, event: &str, delivery: &str, body: &Value) -> (u16, String) {
+        deliver(&self.console.url, Some(SECRET), event, delivery, body)
+            .await
+            .unwrap()
+    }
+
+    async fn stop(self) {
+        self.console.stop().await;
+        self.mesh.stop().await.unwrap();
+        self.infra.cleanup().await.unwrap();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_each() {
+    let forge = Forge::start(&[]).await;
+    let (mesh, console, github, bare, infra) = (&forge.mesh, &forge.console, &forge.github, &forge.bare, &forge.infra);
     let tickets = mesh.tickets();
     let created = file_ticket(
         &tickets,
@@ -105,7 +147,7 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     })
     .await;
     let pr = ticket.pull_request_url.clone();
-    let commits = || git(&bare, &["rev-list", "--count", &format!("main..{branch}")]);
+    let commits = || git(bare, &["rev-list", "--count", &format!("main..{branch}")]);
     assert_eq!(commits(), "1");
     let tasks_now = |r: &pb::GetTicketResponse| r.tasks.len();
     let settled = wait_ticket(&tickets, &id, COMPLETED).await;
@@ -290,8 +332,103 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     assert_eq!(kinds, ["ci_failure", "mention", "review"], "{reactions:?}");
     assert_eq!(reactions[1]["url"], format!("{pr}#issuecomment-501"));
 
-    console.stop().await;
-    mesh.stop().await.unwrap();
-    infra.cleanup().await.unwrap();
-    let _ = std::fs::remove_dir_all(&root);
+    forge.stop().await;
+}
+
+fn issue_event(action: &str, number: i64, label: &str, title: &str) -> Value {
+    json!({
+        "action": action,
+        "label": {"name": label},
+        "repository": {"full_name": "acme/remote", "html_url": format!("{WEB}/acme/remote"),
+                       "clone_url": format!("{WEB}/acme/remote.git")},
+        "issue": {"number": number, "html_url": format!("{WEB}/acme/remote/issues/{number}"),
+                  "title": title, "body": "The README needs a greeting."}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_labelled_issue_becomes_a_ticket_whose_pull_request_closes_it() {
+    let forge = Forge::start(&[
+        ("OMOI_GITHUB_REPOSITORIES", "acme/remote"),
+        ("OMOI_CONSOLE_URL", "https://omoi.example.com/"),
+    ])
+    .await;
+    let tickets = forge.mesh.tickets();
+
+    // Another label, another repository: nothing.
+    let (_, answer) = forge
+        .deliver("issues", "i-0", &issue_event("labeled", 7, "bug", "Greet"))
+        .await;
+    assert!(answer.contains("is not"), "{answer}");
+    let mut elsewhere = issue_event("labeled", 8, "omoi", "Greet");
+    elsewhere["repository"]["full_name"] = json!("other/repo");
+    let (_, answer) = forge.deliver("issues", "i-1", &elsewhere).await;
+    assert!(answer.contains("takes no issues from other/repo"), "{answer}");
+
+    // Labelled omoi: a ticket, once, whose source is the issue.
+    let (status, answer) = forge
+        .deliver("issues", "i-2", &issue_event("labeled", 7, "omoi", "Greet people"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["outcome"], "created", "{answer}");
+    let id = answer["ticket_id"].as_str().unwrap().to_owned();
+    let (_, again) = forge
+        .deliver("issues", "i-3", &issue_event("labeled", 7, "omoi", "Greet people"))
+        .await;
+    assert!(
+        again.contains("has its ticket already") && again.contains(&id),
+        "{again}"
+    );
+    let done = wait_ticket_where(&tickets, &id, "its pull request open", |t| {
+        !t.pull_request_url.is_empty()
+    })
+    .await;
+    let source = done.source.clone().unwrap();
+    assert_eq!(
+        (source.kind.as_str(), source.url.as_str()),
+        ("github_issue", format!("{WEB}/acme/remote/issues/7").as_str())
+    );
+    assert_eq!(done.title, "Greet people");
+    assert!(done.description.contains("The README needs a greeting."));
+    let pulls = forge.github.pulls();
+    assert_eq!(pulls.len(), 1);
+    assert!(pulls[0].body.contains("Closes #7"), "{}", pulls[0].body);
+
+    // The issue heard when work started and when the pull request opened.
+    let said = omoi_tests::eventually(Duration::from_secs(30), "two comments on the issue", || async {
+        let c = forge.github.issue_comments();
+        (c.len() >= 2).then_some(c)
+    })
+    .await;
+    assert!(said.iter().all(|(n, _)| *n == 7), "{said:?}");
+    assert!(
+        said[0].1.contains(&format!("(https://omoi.example.com/tickets/{id})")) && said[0].1.contains(&done.branch),
+        "{said:?}"
+    );
+    assert!(said[1].1.contains(&done.pull_request_url), "{said:?}");
+
+    // Closing the issue of a ticket still at work cancels it.
+    let (_, answer) = forge
+        .deliver(
+            "issues",
+            "i-4",
+            &issue_event("labeled", 9, "omoi", "Refactor everything"),
+        )
+        .await;
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    let running = answer["ticket_id"].as_str().unwrap().to_owned();
+    let (_, closed) = forge
+        .deliver("issues", "i-5", &issue_event("closed", 9, "", "Refactor everything"))
+        .await;
+    assert!(closed.contains("cancelled"), "{closed}");
+    wait_ticket(&tickets, &running, CANCELLED).await;
+    // A finished ticket's issue closing changes nothing.
+    let (_, answer) = forge
+        .deliver("issues", "i-6", &issue_event("closed", 7, "", "Greet people"))
+        .await;
+    assert!(answer.contains("already"), "{answer}");
+    wait_ticket(&tickets, &id, COMPLETED).await;
+
+    forge.stop().await;
 }
