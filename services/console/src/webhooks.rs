@@ -99,6 +99,35 @@ pub fn read(event: &str, delivery_id: &str, body: &[u8]) -> Result<Option<Asked>
                 ..base
             })
         }
+        // A commit status that failed, on a branch (omoi's first).
+        ("status", _) if matches!(p["state"].as_str(), Some("failure" | "error")) => {
+            let branches: Vec<String> = p["branches"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b["name"].as_str().map(str::to_owned))
+                .collect();
+            let branch = branches
+                .iter()
+                .find(|b| b.starts_with("omoi/"))
+                .or(branches.first())
+                .cloned()
+                .unwrap_or_default();
+            let head_sha = s(&p["sha"]);
+            Some(pb::ReactRequest {
+                kind: pb::ReactionKind::CiFailure.into(),
+                branch,
+                conclusion: s(&p["state"]),
+                url: format!("{}/commit/{head_sha}", s(&p["repository"]["html_url"])),
+                head_sha,
+                status: Some(pb::CommitStatus {
+                    context: s(&p["context"]),
+                    description: s(&p["description"]),
+                    target_url: s(&p["target_url"]),
+                }),
+                ..base
+            })
+        }
         // A comment on a pull request's conversation (issues carry no
         // `pull_request`), or on its diff.
         ("issue_comment", "created") if p["issue"]["pull_request"].is_object() => {
@@ -259,6 +288,18 @@ mod tests {
             None
         );
         assert_eq!(read("push", "d3", b"{}").unwrap(), None);
+        let failed = json!({
+            "state": "error", "sha": "abc", "context": "ci/jenkins", "description": "build broke",
+            "branches": [{"name": "main"}, {"name": "omoi/0123-x"}],
+            "repository": {"full_name": "acme/r", "html_url": "https://github.com/acme/r"}
+        });
+        let r = react("status", &failed).unwrap();
+        assert_eq!(
+            (r.branch.as_str(), r.status.unwrap().context.as_str()),
+            ("omoi/0123-x", "ci/jenkins")
+        );
+        let pending = json!({"state": "pending", "sha": "abc"});
+        assert_eq!(react("status", &pending), None);
         let approved = json!({"action": "submitted", "review": {"state": "approved"}});
         assert_eq!(
             read("pull_request_review", "d5", approved.to_string().as_bytes()).unwrap(),

@@ -250,10 +250,12 @@ pub struct Reaction {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Asked {
-    /// A check suite on `branch` did not succeed on `head_sha`.
+    /// A check suite (`suite_id`), or a commit status (`status`), on
+    /// `branch` did not succeed on `head_sha`.
     CiFailure {
         branch: String,
         suite_id: i64,
+        status: Option<pb::CommitStatus>,
         head_sha: String,
     },
     /// `author` wrote `body` (which names the mention) on the pull request.
@@ -294,6 +296,7 @@ pub fn react(req: pb::ReactRequest, mention: &str) -> ApiResult<Result<Reaction,
         comment_id,
         review_id,
         pull_number,
+        status,
     } = req;
     let delivery_id = validate::token("delivery_id", &delivery_id, 100, "-")?;
     let repository = match repository.split_once('/') {
@@ -305,16 +308,29 @@ pub fn react(req: pb::ReactRequest, mention: &str) -> ApiResult<Result<Reaction,
         Ok(pb::ReactionKind::CiFailure) => {
             if !matches!(
                 conclusion.as_str(),
-                "failure" | "timed_out" | "action_required" | "startup_failure"
+                "failure" | "timed_out" | "action_required" | "startup_failure" | "error"
             ) {
                 return Ok(Err(format!("the checks concluded {conclusion:?}: nothing to fix")));
             }
-            if check_suite_id <= 0 {
-                return Err(ApiError::invalid("check_suite_id", "must be a check suite's id"));
+            let status = status
+                .map(|s| -> ApiResult<pb::CommitStatus> {
+                    Ok(pb::CommitStatus {
+                        context: validate::text("status.context", &s.context, 255)?,
+                        description: validate::text("status.description", &s.description, validate::MAX_REASON_BYTES)?,
+                        target_url: validate::text("status.target_url", &s.target_url, validate::MAX_REPOSITORY_BYTES)?,
+                    })
+                })
+                .transpose()?;
+            if check_suite_id <= 0 && status.is_none() {
+                return Err(ApiError::invalid(
+                    "check_suite_id",
+                    "must be a check suite's id (or give a status)",
+                ));
             }
             Asked::CiFailure {
                 branch: git::git_ref("branch", &branch)?,
                 suite_id: check_suite_id,
+                status,
                 head_sha: git::commit_id("head_sha", &head_sha)?,
             }
         }

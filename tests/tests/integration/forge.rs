@@ -231,6 +231,18 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
         .await
         .unwrap();
     assert!(again.contains("acted on before"), "{again}");
+    let status = json!({
+        "state": "failure", "sha": "c".repeat(40), "context": "ci/jenkins", "description": "build broke",
+        "target_url": "https://ci.example.com/1", "branches": [{"name": branch}],
+        "repository": {"full_name": "acme/remote", "html_url": format!("{WEB}/acme/remote")}
+    });
+    let (_, same_commit) = deliver(&console.url, Some(SECRET), "status", "d-status-1", &status)
+        .await
+        .unwrap();
+    assert!(
+        same_commit.contains("acted on before"),
+        "one reaction per failed commit: {same_commit}"
+    );
 
     // A collaborator's mention: one more follow-up with their words.
     let (status, answer) = deliver(
