@@ -51,6 +51,8 @@ struct State {
     replies: Mutex<Vec<(i64, String)>>,
     /// Comments on issues: (issue number, body).
     issue_comments: Mutex<Vec<(i64, String)>>,
+    /// Commit statuses set, in order (GitHub's JSON with the commit's `sha`).
+    statuses: Mutex<Vec<Value>>,
 }
 
 impl GitHubApi {
@@ -67,6 +69,7 @@ impl GitHubApi {
             reviews: Mutex::default(),
             replies: Mutex::default(),
             issue_comments: Mutex::default(),
+            statuses: Mutex::default(),
         });
         let server = Server::start(Arc::clone(&state), handle).await?;
         Ok(Self {
@@ -95,6 +98,11 @@ impl GitHubApi {
     /// Review `review` holds `comments` (GitHub's JSON).
     pub fn review(&self, review: i64, comments: Vec<Value>) {
         self.state.reviews.lock().unwrap().insert(review, comments);
+    }
+
+    /// The commit statuses set, in order, each with its commit's `sha`.
+    pub fn statuses(&self) -> Vec<Value> {
+        self.state.statuses.lock().unwrap().clone()
     }
 
     /// The comments posted on issues: (issue number, body).
@@ -242,6 +250,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
                 .and_then(|r| state.reviews.lock().unwrap().get(&r).cloned())
                 .unwrap_or_default();
             reply(StatusCode::OK, Value::Array(list))
+        }
+        (Method::POST, ["statuses", sha]) => {
+            let mut status = body.clone();
+            status["sha"] = json!(sha);
+            state.statuses.lock().unwrap().push(status.clone());
+            reply(StatusCode::CREATED, status)
         }
         (Method::POST, ["issues", number, "comments"]) => {
             let Ok(number) = number.parse::<i64>() else {

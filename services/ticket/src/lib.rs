@@ -6,7 +6,7 @@
 
 mod board;
 pub mod config;
-mod issues;
+mod forge_news;
 mod pulls;
 mod queue;
 mod reactions;
@@ -58,14 +58,14 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         base.spawn_after_migration(move |stop| pulls::run(store, gh, every, stop));
         let (store, gh, t) = (base.store.clone(), Arc::clone(&github), Arc::clone(&tasks));
         base.spawn_after_migration(move |stop| reactions::answer_reviews(store, gh, t, every, stop));
-        // The issues tickets came from hear what becomes of them.
+        // The forge hears what becomes of its issues and branches.
         let (store, gh, console) = (
             base.store.clone(),
             Arc::clone(&github),
             config.console_url.trim_end_matches('/').to_owned(),
         );
         let (nats, topology) = (base.nats.clone(), base.topology.clone());
-        base.spawn_after_migration(move |stop| issues::follow(store, gh, console, nats, topology, stop));
+        base.spawn_after_migration(move |stop| forge_news::follow(store, gh, console, nats, topology, stop));
     }
     let hub = board::Hub::new();
     {

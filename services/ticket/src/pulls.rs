@@ -123,7 +123,7 @@ impl GitHub {
             return Ok(Asked::Opened(found));
         }
         // The issue it came from, in this repository, closes with it.
-        let closes = match crate::issues::issue_of(&ticket.source_kind, &ticket.source_url) {
+        let closes = match crate::forge_news::issue_of(&ticket.source_kind, &ticket.source_url) {
             Some((owner, name, number)) if owner == repo.owner && name == repo.name => format!("\n\nCloses #{number}"),
             _ => String::new(),
         };
@@ -211,6 +211,31 @@ impl GitHub {
         let (status, body) = self.call(Method::POST, &path, Some(json!({"body": text}))).await?;
         match refusal_or_later(status, &body) {
             _ if status.is_success() => Ok(true),
+            Asked::Later(why) => Err(why),
+            _ => Ok(false),
+        }
+    }
+
+    /// Sets omoi's commit status on `sha`: Ok(true) when set, Ok(false)
+    /// when GitHub never will, Err to try again later.
+    pub async fn set_status(
+        &self,
+        owner: &str,
+        name: &str,
+        sha: &str,
+        state: &str,
+        description: &str,
+        link: Option<&str>,
+    ) -> Result<bool, String> {
+        let path = format!("/repos/{owner}/{name}/statuses/{sha}");
+        let mut status =
+            json!({"state": state, "description": description, "context": crate::forge_news::STATUS_CONTEXT});
+        if let Some(link) = link {
+            status["target_url"] = json!(link);
+        }
+        let (answer, body) = self.call(Method::POST, &path, Some(status)).await?;
+        match refusal_or_later(answer, &body) {
+            _ if answer.is_success() => Ok(true),
             Asked::Later(why) => Err(why),
             _ => Ok(false),
         }

@@ -226,6 +226,27 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     }
     assert!(!fix.description.contains("lint"), "{}", fix.description);
     assert_eq!(commits(), "2");
+    // The branch head says so: pending while the fix worked (on the head
+    // it started from), success on the new head, each linking nowhere (no
+    // console address here).
+    let heads = git(bare, &["rev-list", "--max-count=2", &branch]);
+    let heads: Vec<&str> = heads.lines().collect();
+    let statuses = omoi_tests::eventually(Duration::from_secs(30), "the new head's status", || async {
+        let s = github.statuses();
+        s.iter()
+            .any(|st| st["sha"] == heads[0] && st["state"] == "success")
+            .then_some(s)
+    })
+    .await;
+    let on = |sha: &str| -> Vec<String> {
+        statuses
+            .iter()
+            .filter(|st| st["sha"] == sha)
+            .map(|st| format!("{}:{}", st["context"].as_str().unwrap(), st["state"].as_str().unwrap()))
+            .collect()
+    };
+    assert_eq!(on(heads[1]), ["omoi:success", "omoi:pending"], "{statuses:#?}");
+    assert_eq!(on(heads[0]), ["omoi:success"], "{statuses:#?}");
     // Redelivered, or the same commit's suite again: nothing more.
     let (_, again) = deliver(&console.url, Some(SECRET), "check_suite", "d-ci-1", &suite)
         .await
@@ -419,6 +440,15 @@ async fn a_labelled_issue_becomes_a_ticket_whose_pull_request_closes_it() {
         "{said:?}"
     );
     assert!(said[1].1.contains(&done.pull_request_url), "{said:?}");
+    // Its branch head's status links to the ticket in the console.
+    let link = format!("https://omoi.example.com/tickets/{id}");
+    let statuses = forge.github.statuses();
+    assert!(
+        statuses.iter().any(|st| st["sha"] == done.head_commit.as_str()
+            && st["state"] == "success"
+            && st["target_url"] == link.as_str()),
+        "{statuses:#?}"
+    );
 
     // Closing the issue of a ticket still at work cancels it.
     let (_, answer) = forge

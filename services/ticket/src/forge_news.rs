@@ -1,8 +1,11 @@
-//! The issues tickets came from hear what becomes of them: a durable
-//! consumer of the ticket events comments on a ticket's issue when the
+//! What the forge hears of its tickets, from a durable consumer of the
+//! ticket events: the issue a ticket came from gets a comment when the
 //! ticket is taken on, when its pull request opens, and when it fails or
-//! pauses. At least once: a comment GitHub could not take (5xx, no answer)
-//! is tried again; one it refuses for good is logged and let go.
+//! pauses; the branch head of a ticket with a pull request gets a commit
+//! status `omoi` (pending while a follow-up works, then success, failure or
+//! error), linking to the ticket in the console. At least once: what GitHub
+//! could not take (5xx, no answer) is tried again; what it refuses for good
+//! is logged and let go.
 
 use std::sync::Arc;
 
@@ -13,7 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pulls::GitHub;
 
-const CONSUMER: &str = "omoi-ticket-issues";
+const CONSUMER: &str = "omoi-ticket-forge";
+
+/// The context of omoi's commit statuses.
+pub const STATUS_CONTEXT: &str = "omoi";
 
 /// The issue a ticket came from (its source): its repository's owner and
 /// name, and its number; None for a ticket that came from elsewhere.
@@ -56,7 +62,25 @@ fn comment(ticket: &Ticket, event: &Event, console: &str) -> Option<String> {
     })
 }
 
-/// Follows the ticket events until `shutdown`, commenting on their issues.
+/// The commit status `event` of `ticket` sets on its branch head: (state,
+/// description), if any.
+fn status(ticket: &Ticket, event: &Event) -> Option<(&'static str, String)> {
+    let reason = |c: &omoi_domain::event::TicketChanged| c.reason.clone().unwrap_or_default();
+    let cut = |s: String| s.chars().take(140).collect::<String>();
+    Some(match event {
+        Event::TicketReopened(c) => ("pending", cut(format!("omoi is at work: {}", reason(c)))),
+        Event::TicketCompleted(_) => ("success", "omoi's ticket completed".to_owned()),
+        Event::TicketFailed(c) => ("failure", cut(format!("omoi's ticket failed: {}", reason(c)))),
+        Event::TicketCancelled(_) => ("error", "omoi's ticket was cancelled".to_owned()),
+        Event::TicketPaused(_) => (
+            "pending",
+            cut(format!("omoi's ticket is paused: {}", ticket.paused_reason)),
+        ),
+        _ => return None,
+    })
+}
+
+/// Follows the ticket events until `shutdown`, telling the forge.
 pub async fn follow(
     store: Store,
     github: Arc<GitHub>,
@@ -71,7 +95,13 @@ pub async fn follow(
         async move {
             if !matches!(
                 envelope.event,
-                Event::TicketCreated(_) | Event::TicketPullRequestOpened(_) | Event::TicketFailed(_) | Event::TicketPaused(_)
+                Event::TicketCreated(_)
+                    | Event::TicketPullRequestOpened(_)
+                    | Event::TicketFailed(_)
+                    | Event::TicketPaused(_)
+                    | Event::TicketReopened(_)
+                    | Event::TicketCompleted(_)
+                    | Event::TicketCancelled(_)
             ) {
                 return Ok(());
             }
@@ -81,12 +111,24 @@ pub async fn follow(
                 Err(omoi_store::StoreError::NotFound { .. }) => return Ok(()),
                 Err(e) => return Err(e.to_string()),
             };
-            let (Some((owner, name, number)), Some(text)) =
-                (issue_of(&ticket.source_kind, &ticket.source_url), comment(&ticket, &envelope.event, &console))
-            else {
-                return Ok(());
-            };
-            if !github.comment_on_issue(&owner, &name, number, &text).await? {
+            let link = (!console.is_empty()).then(|| format!("{console}/tickets/{}", ticket.id));
+            if ticket.pull_request
+                && !ticket.head_commit.is_empty()
+                && let (Some(repo), Some((state, description))) =
+                    (forge_repo(&ticket.repository), status(&ticket, &envelope.event))
+            {
+                let set = github
+                    .set_status(&repo.owner, &repo.name, &ticket.head_commit, state, &description, link.as_deref())
+                    .await?;
+                if !set {
+                    tracing::warn!(ticket_id = %ticket.id, "the branch head would not take omoi's status");
+                }
+            }
+            if let (Some((owner, name, number)), Some(text)) = (
+                issue_of(&ticket.source_kind, &ticket.source_url),
+                comment(&ticket, &envelope.event, &console),
+            ) && !github.comment_on_issue(&owner, &name, number, &text).await?
+            {
                 tracing::warn!(ticket_id = %ticket.id, issue = %ticket.source_url, "the issue would not take a comment");
             }
             Ok(())
