@@ -53,6 +53,13 @@ struct State {
     issue_comments: Mutex<Vec<(i64, String)>>,
     /// Commit statuses set, in order (GitHub's JSON with the commit's `sha`).
     statuses: Mutex<Vec<Value>>,
+    /// Pull requests' head commits, by number; check suites by commit;
+    /// reviews by pull request number.
+    heads: Mutex<std::collections::HashMap<i64, String>>,
+    commit_suites: Mutex<std::collections::HashMap<String, Vec<Value>>>,
+    pull_reviews: Mutex<std::collections::HashMap<i64, Vec<Value>>>,
+    /// GETs answered 304 Not Modified.
+    not_modified: std::sync::atomic::AtomicUsize,
 }
 
 impl GitHubApi {
@@ -70,6 +77,10 @@ impl GitHubApi {
             replies: Mutex::default(),
             issue_comments: Mutex::default(),
             statuses: Mutex::default(),
+            heads: Mutex::default(),
+            commit_suites: Mutex::default(),
+            pull_reviews: Mutex::default(),
+            not_modified: Default::default(),
         });
         let server = Server::start(Arc::clone(&state), handle).await?;
         Ok(Self {
@@ -98,6 +109,27 @@ impl GitHubApi {
     /// Review `review` holds `comments` (GitHub's JSON).
     pub fn review(&self, review: i64, comments: Vec<Value>) {
         self.state.reviews.lock().unwrap().insert(review, comments);
+    }
+
+    /// Pull request `number`'s head is `sha`.
+    pub fn pull_head(&self, number: i64, sha: &str) {
+        self.state.heads.lock().unwrap().insert(number, sha.to_owned());
+    }
+
+    /// Commit `sha` has check suite `suite` (GitHub's JSON).
+    pub fn commit_suite(&self, sha: &str, suite: Value) {
+        self.state
+            .commit_suites
+            .lock()
+            .unwrap()
+            .entry(sha.to_owned())
+            .or_default()
+            .push(suite);
+    }
+
+    /// How many GETs were answered 304 Not Modified.
+    pub fn not_modified(&self) -> usize {
+        self.state.not_modified.load(Ordering::SeqCst)
     }
 
     /// The commit statuses set, in order, each with its commit's `sha`.
@@ -251,6 +283,47 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
                 .unwrap_or_default();
             reply(StatusCode::OK, Value::Array(list))
         }
+        (Method::GET, ["pulls", number]) => {
+            let Ok(number) = number.parse::<i64>() else {
+                return reply(StatusCode::NOT_FOUND, json!({"message": "Not Found"}));
+            };
+            let pr = state
+                .pulls
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|p| p.repo == repo && p.number == number)
+                .cloned();
+            let Some(pr) = pr else {
+                return reply(StatusCode::NOT_FOUND, json!({"message": "Not Found"}));
+            };
+            let mut answer = pull_json(&state.web, &pr);
+            answer["state"] = json!("open");
+            answer["head"]["sha"] = json!(state.heads.lock().unwrap().get(&number).cloned().unwrap_or_default());
+            conditional(&state, &parts.headers, answer)
+        }
+        (Method::GET, ["commits", sha, "check-suites"]) => {
+            let suites = state
+                .commit_suites
+                .lock()
+                .unwrap()
+                .get(*sha)
+                .cloned()
+                .unwrap_or_default();
+            conditional(
+                &state,
+                &parts.headers,
+                json!({"total_count": suites.len(), "check_suites": suites}),
+            )
+        }
+        (Method::GET, ["pulls", number, "reviews"]) => {
+            let reviews = number
+                .parse::<i64>()
+                .ok()
+                .and_then(|n| state.pull_reviews.lock().unwrap().get(&n).cloned())
+                .unwrap_or_default();
+            conditional(&state, &parts.headers, Value::Array(reviews))
+        }
         (Method::POST, ["statuses", sha]) => {
             let mut status = body.clone();
             status["sha"] = json!(sha);
@@ -286,6 +359,29 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
         }
         _ => reply(StatusCode::NOT_FOUND, json!({"message": "Not Found"})),
     }
+}
+
+/// `body` with its ETag, or 304 Not Modified when the request's
+/// `If-None-Match` names it.
+fn conditional(state: &State, headers: &http::HeaderMap, body: Value) -> Reply {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    body.to_string().hash(&mut hasher);
+    let etag = format!("\"{:016x}\"", hasher.finish());
+    if headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+        state.not_modified.fetch_add(1, Ordering::SeqCst);
+        return Ok(Response::builder()
+            .status(StatusCode::NOT_MODIFIED)
+            .header("etag", etag)
+            .body(Full::new(Bytes::new()))
+            .expect("a response"));
+    }
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .header("etag", etag)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("a response"))
 }
 
 fn pull_json(web: &str, p: &PullRequest) -> Value {

@@ -464,6 +464,22 @@ impl Store {
         Ok(Reacted::Started(Box::new((ticket, task))))
     }
 
+    /// Tickets with a pull request that may still react (not cancelled,
+    /// reactions left), most recently changed first.
+    pub async fn tickets_with_pull_requests(&self, limit: i64) -> Result<Vec<Ticket>> {
+        let rows: Vec<TicketRow> = sqlx::query_as(sql!(concat!(
+            "SELECT ",
+            ticket_columns!(),
+            " FROM tickets
+             WHERE pull_request_url <> '' AND status <> 'cancelled' AND reactions < max_reactions
+             ORDER BY updated_at DESC LIMIT $1"
+        )))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
     /// Reactions whose follow-up completed and whose review comments are
     /// not all answered yet: each with its ticket's repository.
     pub async fn replies_due(&self, limit: i64) -> Result<Vec<DueReplies>> {

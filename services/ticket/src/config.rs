@@ -69,6 +69,11 @@ pub struct Config {
     #[arg(long, env = "OMOI_GITHUB_MENTION", default_value = "@omoi")]
     pub github_mention: String,
 
+    /// Seconds between looks at the open pull requests' checks and reviews
+    /// over REST, for deployments GitHub's webhooks cannot reach; 0 = never.
+    #[arg(long, env = "OMOI_GITHUB_POLL_SECONDS", default_value_t = 0.0)]
+    pub github_poll_seconds: f64,
+
     /// Repositories (comma list of `owner/name`) whose labelled issues
     /// become tickets; empty = none.
     #[arg(long, env = "OMOI_GITHUB_REPOSITORIES", default_value = "")]

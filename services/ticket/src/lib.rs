@@ -7,6 +7,7 @@
 mod board;
 pub mod config;
 mod forge_news;
+mod poll;
 mod pulls;
 mod queue;
 mod reactions;
@@ -76,7 +77,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
     }
     let watchers = CancellationToken::new();
     let router = base.router(&[SERVICE_NAME], &shutdown).await?;
-    let api = TicketServiceServer::new(Tickets::new(
+    let tickets = Arc::new(Tickets::new(
         base.store.clone(),
         tasks,
         base.nats.clone(),
@@ -85,7 +86,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         config.phase_instructions.clone(),
         hub,
         reactions::Forge {
-            github,
+            github: Arc::clone(&github),
             mention: config.github_mention.clone(),
             max_reactions: config.max_reactions,
             repositories: config
@@ -98,9 +99,15 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
             issue_label: config.github_issue_label.clone(),
             console_url: config.console_url.trim_end_matches('/').to_owned(),
         },
-    ))
-    .max_decoding_message_size(config.common.host.max_message_bytes)
-    .max_encoding_message_size(config.common.host.max_message_bytes);
+    ));
+    if config.github_poll_seconds > 0.0 {
+        let (t, gh) = (Arc::clone(&tickets), Arc::clone(&github));
+        let every = Duration::from_secs_f64(config.github_poll_seconds.max(0.05));
+        base.spawn_after_migration(move |stop| poll::run(t, gh, every, stop));
+    }
+    let api = TicketServiceServer::from_arc(tickets)
+        .max_decoding_message_size(config.common.host.max_message_bytes)
+        .max_encoding_message_size(config.common.host.max_message_bytes);
     let router = router.add_service(InterceptedService::new(api, base.admission()));
     base.run(router, incoming, shutdown, async move { watchers.cancel() })
         .await

@@ -66,15 +66,33 @@ impl GitHub {
     /// One API call: the status and the JSON body, or why it could not be
     /// made (worth trying again).
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<(StatusCode, Value), String> {
+        self.call_with(method, path, body, None)
+            .await
+            .map(|(status, body, _)| (status, body))
+    }
+
+    /// [`GitHub::call`], conditional on `etag` (`If-None-Match`): also the
+    /// answer's ETag. A 304 comes with no body.
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        etag: Option<&str>,
+    ) -> Result<(StatusCode, Value, Option<String>), String> {
         let token = self.token.as_deref().unwrap_or_default();
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method.clone())
             .uri(format!("{}{path}", self.api))
             .header("accept", "application/vnd.github+json")
             .header("x-github-api-version", "2022-11-28")
             .header("user-agent", "omoi")
             .header("authorization", format!("Bearer {token}"))
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(etag) = etag {
+            req = req.header("if-none-match", etag);
+        }
+        let req = req
             .body(Full::new(body.map(|b| Bytes::from(b.to_string())).unwrap_or_default()))
             .map_err(|e| format!("{method} {path}: {e}"))?;
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
@@ -82,13 +100,34 @@ impl GitHub {
             .map_err(|_| format!("{method} {path}: no answer within {} s", REQUEST_TIMEOUT.as_secs()))?
             .map_err(|e| format!("{method} {path}: {e}"))?;
         let status = resp.status();
+        let etag = resp
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let bytes = resp
             .into_body()
             .collect()
             .await
             .map_err(|e| format!("{method} {path}: {e}"))?
             .to_bytes();
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), etag))
+    }
+
+    /// A conditional GET of `path`: GitHub answers 304 (which costs no rate
+    /// limit) when nothing changed since `cached`'s ETag, and `cached`'s
+    /// body is the answer again. The answer, with its ETag.
+    pub async fn get_cached(&self, path: &str, cached: Option<(String, Value)>) -> Result<(String, Value), String> {
+        let (etag, body) = match cached {
+            Some((etag, body)) => (Some(etag), Some(body)),
+            None => (None, None),
+        };
+        let (status, answer, new_etag) = self.call_with(Method::GET, path, None, etag.as_deref()).await?;
+        match (status, body) {
+            (StatusCode::NOT_MODIFIED, Some(body)) => Ok((etag.unwrap_or_default(), body)),
+            (s, _) if s.is_success() => Ok((new_etag.unwrap_or_default(), answer)),
+            (s, _) => Err(format!("GET {path}: {s} {}", message(&answer))),
+        }
     }
 
     /// Finds or opens the ticket's pull request.

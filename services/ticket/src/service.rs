@@ -238,9 +238,20 @@ impl Tickets {
         })
     }
 
+    /// The store, for the service's background work.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// What React does, for what a look at the forge found.
+    pub async fn react_to(&self, req: pb::ReactRequest) -> ApiResult<pb::ReactResponse> {
+        Tickets::react(self, req).await
+    }
+
     async fn react(&self, req: pb::ReactRequest) -> ApiResult<pb::ReactResponse> {
         let not = |reason: String| {
-            tracing::info!(%reason, "no reaction");
+            // Said to the caller; a poll asks again and again.
+            tracing::debug!(%reason, "no reaction");
             Ok(pb::ReactResponse {
                 reason,
                 ..Default::default()

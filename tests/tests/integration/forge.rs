@@ -474,3 +474,87 @@ async fn a_labelled_issue_becomes_a_ticket_whose_pull_request_closes_it() {
 
     forge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_webhooks_a_look_at_the_pull_request_finds_the_failed_checks() {
+    let forge = Forge::start(&[("OMOI_GITHUB_POLL_SECONDS", "0.3")]).await;
+    let tickets = forge.mesh.tickets();
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
+            title: "Sum a list".into(),
+            repository: format!("{WEB}/acme/remote.git"),
+            pull_request: true,
+            plan: vec![pb::TaskSpec {
+                title: "Write sum".into(),
+                phase: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await
+    .ticket
+    .unwrap();
+    let (id, branch) = (created.id.clone(), created.branch.clone());
+    wait_ticket_where(&tickets, &id, "its pull request open", |t| {
+        !t.pull_request_url.is_empty()
+    })
+    .await;
+    let head = git(&forge.bare, &["rev-parse", &branch]);
+    forge.github.pull_head(1, &head);
+    // Looked at, unchanged: conditional requests answered 304.
+    omoi_tests::eventually(Duration::from_secs(30), "unchanged answers", || async {
+        (forge.github.not_modified() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(tasks(&tickets, &id).await, 1);
+
+    // The head's suite fails: found, and followed up like a delivery.
+    forge.github.check_run(
+        88,
+        json!({"id": 9100, "name": "test", "conclusion": "failure",
+               "output": {"title": "1 test failed", "text": "assertion failed: sum(&[]) == 0"}}),
+        vec![],
+    );
+    forge.github.commit_suite(
+        &head,
+        json!({"id": 88, "status": "completed", "conclusion": "failure", "head_sha": head, "head_branch": branch}),
+    );
+    let done = wait_ticket_where(&tickets, &id, "a follow-up", |t| t.reactions == 1).await;
+    assert_eq!(done.reactions, 1);
+    let settled = wait_ticket(&tickets, &id, COMPLETED).await;
+    assert_eq!(settled.tasks.len(), 2);
+    assert!(
+        settled.tasks[1].description.contains("assertion failed: sum(&[]) == 0"),
+        "{}",
+        settled.tasks[1].description
+    );
+    assert_eq!(
+        git(&forge.bare, &["rev-list", "--count", &format!("main..{branch}")]),
+        "2"
+    );
+    // Looked at again and again, acted on once.
+    let before = forge.github.not_modified();
+    omoi_tests::eventually(Duration::from_secs(30), "more looks", || async {
+        (forge.github.not_modified() > before + 2).then_some(())
+    })
+    .await;
+    assert_eq!(tasks(&tickets, &id).await, 2);
+
+    forge.stop().await;
+}
+
+async fn tasks(tickets: &omoi_tests::TicketClient, id: &str) -> usize {
+    tickets
+        .clone()
+        .get_ticket(pb::GetTicketRequest {
+            ticket_id: id.to_owned(),
+            view: pb::TicketView::Full.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks
+        .len()
+}
