@@ -60,6 +60,11 @@ struct State {
     pull_reviews: Mutex<std::collections::HashMap<i64, Vec<Value>>>,
     /// GETs answered 304 Not Modified.
     not_modified: std::sync::atomic::AtomicUsize,
+    /// While set, a check suite's check runs are answered only once
+    /// `released` (`asked` says one is waiting).
+    hold_checks: AtomicBool,
+    asked: tokio::sync::Notify,
+    released: tokio::sync::Notify,
 }
 
 impl GitHubApi {
@@ -81,6 +86,9 @@ impl GitHubApi {
             commit_suites: Mutex::default(),
             pull_reviews: Mutex::default(),
             not_modified: Default::default(),
+            hold_checks: AtomicBool::new(false),
+            asked: tokio::sync::Notify::new(),
+            released: tokio::sync::Notify::new(),
         });
         let server = Server::start(Arc::clone(&state), handle).await?;
         Ok(Self {
@@ -125,6 +133,21 @@ impl GitHubApi {
             .entry(sha.to_owned())
             .or_default()
             .push(suite);
+    }
+
+    /// Holds the answers to check-run reads until [`GitHubApi::release_checks`].
+    pub fn hold_checks(&self) {
+        self.state.hold_checks.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until a check-run read is being held.
+    pub async fn checks_held(&self) {
+        self.state.asked.notified().await;
+    }
+
+    pub fn release_checks(&self) {
+        self.state.hold_checks.store(false, Ordering::SeqCst);
+        self.state.released.notify_waiters();
     }
 
     /// How many GETs were answered 304 Not Modified.
@@ -268,6 +291,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
             reply(StatusCode::CREATED, answer)
         }
         (Method::GET, ["check-suites", suite, "check-runs"]) => {
+            if state.hold_checks.load(Ordering::SeqCst) {
+                let released = state.released.notified();
+                state.asked.notify_one();
+                released.await;
+            }
             let runs = suite
                 .parse::<i64>()
                 .ok()

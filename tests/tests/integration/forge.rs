@@ -57,7 +57,13 @@ struct Forge {
 }
 
 impl Forge {
+    /// With the demo agent.
     async fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_with(env, vec![("OMOI_DEMO_SLEEP_MS".into(), "20".into())]).await
+    }
+
+    /// With one executor whose environment `executor` completes.
+    async fn start_with(env: &[(&str, &str)], executor: Vec<(String, String)>) -> Self {
         let infra = Infra::new().await.unwrap();
         let (bare, _) = remote();
         let root = bare.parent().unwrap().to_path_buf();
@@ -69,10 +75,9 @@ impl Forge {
         ];
         services.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let options = Options {
-            executors: 1,
+            executors: 0,
             env: services,
             executor_env: vec![
-                ("OMOI_DEMO_SLEEP_MS".into(), "20".into()),
                 // GitHub-shaped URLs reach the local bare repository.
                 ("GIT_CONFIG_COUNT".into(), "1".into()),
                 (
@@ -83,7 +88,8 @@ impl Forge {
             ],
             ..Default::default()
         };
-        let mesh = ProcessMesh::start(&infra, options).await.unwrap();
+        let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
+        mesh.add_executor(&infra, &executor).await.unwrap();
         let console = Console::start_with_webhooks(
             &mesh.ticket.url,
             &mesh.task_queue.url,
@@ -557,4 +563,130 @@ async fn tasks(tickets: &omoi_tests::TicketClient, id: &str) -> usize {
         .into_inner()
         .tasks
         .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mention_resumes_claude_codes_session_within_seconds_of_the_delivery() {
+    let api = omoi_tests::model_api::ModelApi::start().await.unwrap();
+    let home = std::env::temp_dir().join(format!("omoi-forge-home-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&home).unwrap();
+    let claude = api.executor_env(omoi_tests::model_api::Cli::Claude, &home, "sk-ant-forge");
+    let forge = Forge::start_with(&[], claude).await;
+    let tickets = forge.mesh.tickets();
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
+            title: "hello, forge".into(),
+            repository: format!("{WEB}/acme/remote.git"),
+            pull_request: true,
+            plan: vec![pb::TaskSpec {
+                title: "write hello.txt".into(),
+                phase: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await
+    .ticket
+    .unwrap();
+    let (id, branch) = (created.id.clone(), created.branch.clone());
+    let open = wait_ticket_where(&tickets, &id, "its pull request open", |t| {
+        !t.pull_request_url.is_empty()
+    })
+    .await;
+    let first_calls = api.asked().len();
+
+    // A collaborator asks; the agent that wrote the code is back at it.
+    let delivered = chrono::Utc::now();
+    let (status, answer) = forge
+        .deliver(
+            "issue_comment",
+            "d-claude-1",
+            &comment(
+                900,
+                &open.pull_request_url,
+                "COLLABORATOR",
+                "@omoi please also add file=extra.txt",
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let done = wait_ticket(&tickets, &id, COMPLETED).await;
+    assert_eq!(done.tasks.len(), 2);
+    let asked = api.asked();
+    let (at, _, conversation) = &asked[first_calls];
+    let latency = (*at - delivered).to_std().unwrap();
+    eprintln!(
+        "webhook delivery → the follow-up's first model call: {} ms",
+        latency.as_millis()
+    );
+    assert!(latency < Duration::from_secs(30), "{latency:?}");
+    // The same conversation, taken up: the first task's turns come first.
+    let text = conversation.to_string();
+    assert!(text.contains("hello.txt") && text.contains("file=extra.txt"), "{text}");
+    let files = git(&forge.bare, &["ls-tree", "--name-only", &branch]);
+    assert!(files.lines().any(|f| f == "extra.txt"), "{files}");
+
+    forge.stop().await;
+    let _ = std::fs::remove_dir_all(home);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_whose_handling_the_ticket_service_died_in_is_acted_on_once_when_redelivered() {
+    let mut forge = Forge::start(&[]).await;
+    let tickets = forge.mesh.tickets();
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
+            title: "Sum a list".into(),
+            repository: format!("{WEB}/acme/remote.git"),
+            pull_request: true,
+            plan: vec![pb::TaskSpec {
+                title: "Write sum".into(),
+                phase: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await
+    .ticket
+    .unwrap();
+    let (id, branch) = (created.id.clone(), created.branch.clone());
+    wait_ticket_where(&tickets, &id, "its pull request open", |t| {
+        !t.pull_request_url.is_empty()
+    })
+    .await;
+    forge.github.check_run(
+        5,
+        json!({"id": 51, "name": "test", "conclusion": "failure", "output": {"title": "red"}}),
+        vec![],
+    );
+    // The ticket service reads the failed checks — and dies meanwhile.
+    forge.github.hold_checks();
+    let suite = check_suite(5, &branch, &"d".repeat(40), "failure");
+    let (url, body) = (forge.console.url.clone(), suite.clone());
+    let first = tokio::spawn(async move { deliver(&url, Some(SECRET), "check_suite", "d-crash", &body).await });
+    forge.github.checks_held().await;
+    forge.mesh.restart_ticket().await.unwrap();
+    forge.github.release_checks();
+    let (status, answer) = first.await.unwrap().unwrap();
+    assert!(status >= 500, "{status} {answer}");
+    let tickets = forge.mesh.tickets();
+    assert_eq!(
+        tasks(&tickets, &id).await,
+        1,
+        "nothing came of the interrupted delivery"
+    );
+    // GitHub redelivers it (twice): one follow-up.
+    let (status, answer) = forge.deliver("check_suite", "d-crash", &suite).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"reacted\":true"), "{answer}");
+    let (_, again) = forge.deliver("check_suite", "d-crash", &suite).await;
+    assert!(again.contains("acted on before"), "{again}");
+    let done = wait_ticket(&tickets, &id, COMPLETED).await;
+    assert_eq!((done.tasks.len(), done.ticket.unwrap().reactions), (2, 1));
+
+    forge.stop().await;
 }

@@ -427,7 +427,7 @@ async fn a_completed_ticket_opens_its_pull_request_once_across_a_lost_answer_and
     let posts = |calls: Vec<String>| {
         calls
             .iter()
-            .filter(|c| c.starts_with("POST /repos/acme/locked/"))
+            .filter(|c| c.starts_with("POST /repos/acme/locked/pulls"))
             .count()
     };
     let before = posts(github.calls());
