@@ -65,6 +65,11 @@ struct State {
     hold_checks: AtomicBool,
     asked: tokio::sync::Notify,
     released: tokio::sync::Notify,
+    /// Actions jobs' logs, by job id, downloaded from `{url}/job-logs/{id}`
+    /// where the API redirects; whether a download carried a token.
+    job_logs: Mutex<std::collections::HashMap<i64, String>>,
+    url: Mutex<String>,
+    token_on_download: AtomicBool,
 }
 
 impl GitHubApi {
@@ -89,8 +94,12 @@ impl GitHubApi {
             hold_checks: AtomicBool::new(false),
             asked: tokio::sync::Notify::new(),
             released: tokio::sync::Notify::new(),
+            job_logs: Mutex::default(),
+            url: Mutex::default(),
+            token_on_download: AtomicBool::new(false),
         });
         let server = Server::start(Arc::clone(&state), handle).await?;
+        *state.url.lock().unwrap() = server.url.clone();
         Ok(Self {
             url: server.url.clone(),
             state,
@@ -133,6 +142,16 @@ impl GitHubApi {
             .entry(sha.to_owned())
             .or_default()
             .push(suite);
+    }
+
+    /// Actions job `job`'s log.
+    pub fn job_log(&self, job: i64, log: &str) {
+        self.state.job_logs.lock().unwrap().insert(job, log.to_owned());
+    }
+
+    /// Whether a log download carried the API token (it must not).
+    pub fn token_on_download(&self) -> bool {
+        self.state.token_on_download.load(Ordering::SeqCst)
     }
 
     /// Holds the answers to check-run reads until [`GitHubApi::release_checks`].
@@ -230,6 +249,20 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
         .unwrap()
         .push(format!("{} {path}?{query}", parts.method));
     let auth = parts.headers.get("authorization").and_then(|v| v.to_str().ok());
+    // Where the API sends log downloads: no token asked for (nor wanted).
+    if let Some(job) = path.strip_prefix("/job-logs/") {
+        if auth.is_some() {
+            state.token_on_download.store(true, Ordering::SeqCst);
+        }
+        let log = job
+            .parse::<i64>()
+            .ok()
+            .and_then(|j| state.job_logs.lock().unwrap().get(&j).cloned());
+        return match log {
+            Some(log) => Ok(Response::new(Full::new(Bytes::from(log)))),
+            None => reply(StatusCode::NOT_FOUND, json!({"message": "Not Found"})),
+        };
+    }
     if auth != Some(&format!("Bearer {}", state.token)) {
         return reply(StatusCode::UNAUTHORIZED, json!({"message": "Bad credentials"}));
     }
@@ -377,6 +410,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
                 json!({"id": comment * 10, "in_reply_to_id": comment, "body": text}),
             )
         }
+        (Method::GET, ["actions", "jobs", job, "logs"]) => Ok(Response::builder()
+            .status(StatusCode::FOUND)
+            .header("location", format!("{}/job-logs/{job}", state.url.lock().unwrap()))
+            .body(Full::new(Bytes::new()))
+            .expect("a response")),
         (Method::GET, ["check-runs", run, "annotations"]) => {
             let list = run
                 .parse::<i64>()

@@ -270,6 +270,9 @@ fn print_ticket(t: &pb::Ticket, tasks: &[omoi_proto::taskqueue::Task]) {
     if !t.paused_reason.is_empty() {
         println!("  paused: {}", t.paused_reason);
     }
+    if let Some(source) = &t.source {
+        println!("  from {} ({})", source.url, source.kind);
+    }
     if let Some(max) = t.max_cost_usd {
         let spent = t.usage.as_ref().map_or(0.0, |u| u.cost_usd);
         println!("  budget ${max:.2}, spent ${spent:.4}");

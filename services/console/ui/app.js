@@ -519,6 +519,12 @@ function ticketPage(root, id) {
         ["usage", [tokens(ticket.usage), usd(ticket.usage)].filter(Boolean).join(" · ")],
         ["budget", ticket.maxCostUsd !== undefined && ticket.maxCostUsd !== null ? h("span", { id: "budget" }, "$" + Number(ticket.maxCostUsd).toFixed(2)) : ""],
         ["paused", ticket.pausedReason],
+        ["from", ticket.source && /^https:\/\//.test(ticket.source.url)
+          ? h("a", { href: ticket.source.url, rel: "noopener noreferrer", target: "_blank", id: "source" }, ticket.source.url)
+          : ""],
+        ["reactions", ticket.pullRequestUrl
+          ? h("span", { id: "reactions" }, (ticket.reactions || 0) + " of " + (ticket.maxReactions || 0) + " used")
+          : ""],
       ]),
       h("div", { class: "actions" },
         h("button", { id: "retry-ticket", disabled: !["failed", "cancelled"].includes(st), onclick: () =>

@@ -214,7 +214,17 @@ impl GitHub {
                 summary: text("summary"),
                 text: text("text"),
                 annotations: Vec::new(),
+                log_tail: String::new(),
             };
+            // An Actions job (its check run's id is the job's): its log's end.
+            if run["app"]["slug"].as_str() == Some("github-actions")
+                && let Some(id) = run["id"].as_i64()
+            {
+                match self.job_log(&root, id).await {
+                    Ok(log) => check.log_tail = tail(&log, LOG_TAIL_BYTES),
+                    Err(e) => tracing::info!(job = id, error = %e, "no job log for the prompt"),
+                }
+            }
             if run["output"]["annotations_count"].as_i64().unwrap_or(0) > 0
                 && let Some(id) = run["id"].as_i64()
             {
@@ -242,16 +252,79 @@ impl GitHub {
         Ok(failed)
     }
 
+    /// The log of Actions job `job`: GitHub answers with a redirect to where
+    /// it can be downloaded for a while (no token needed there).
+    async fn job_log(&self, root: &str, job: i64) -> Result<String, String> {
+        let path = format!("{root}/actions/jobs/{job}/logs");
+        let token = self.token.as_deref().unwrap_or_default();
+        let (status, location, body) = self.fetch(&format!("{}{path}", self.api), Some(token)).await?;
+        let (status, body) = match (status.is_redirection(), location) {
+            (true, Some(to)) => {
+                let (status, _, body) = self.fetch(&to, None).await?;
+                (status, body)
+            }
+            _ => (status, body),
+        };
+        if !status.is_success() {
+            return Err(format!("GET {path}: {status}"));
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// A plain GET of `url` (with the token when given): its status, where
+    /// it redirects, its body.
+    async fn fetch(&self, url: &str, token: Option<&str>) -> Result<(StatusCode, Option<String>, Bytes), String> {
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(url)
+            .header("user-agent", "omoi")
+            .header("x-github-api-version", "2022-11-28");
+        if let Some(token) = token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
+            .await
+            .map_err(|_| format!("GET {url}: no answer within {} s", REQUEST_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let status = resp.status();
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?
+            .to_bytes();
+        Ok((status, location, body))
+    }
+
     /// Comments `text` on issue `number`: Ok(true) when it took it,
     /// Ok(false) when it never will (no such issue, no rights), Err to try
     /// again later.
     pub async fn comment_on_issue(&self, owner: &str, name: &str, number: i64, text: &str) -> Result<bool, String> {
         let path = format!("/repos/{owner}/{name}/issues/{number}/comments");
-        let (status, body) = self.call(Method::POST, &path, Some(json!({"body": text}))).await?;
-        match refusal_or_later(status, &body) {
-            _ if status.is_success() => Ok(true),
+        self.post(&path, json!({"body": text})).await
+    }
+
+    /// POSTs `body` to `path`: Ok(true) when GitHub took it, Ok(false)
+    /// when it never will (refused, logged), Err to try again later.
+    async fn post(&self, path: &str, body: Value) -> Result<bool, String> {
+        let (status, answer) = self.call(Method::POST, path, Some(body)).await?;
+        if status.is_success() {
+            return Ok(true);
+        }
+        match refusal_or_later(status, &answer) {
             Asked::Later(why) => Err(why),
-            _ => Ok(false),
+            refused => {
+                tracing::warn!(path, answer = ?refused, "GitHub refused it");
+                Ok(false)
+            }
         }
     }
 
@@ -272,12 +345,7 @@ impl GitHub {
         if let Some(link) = link {
             status["target_url"] = json!(link);
         }
-        let (answer, body) = self.call(Method::POST, &path, Some(status)).await?;
-        match refusal_or_later(answer, &body) {
-            _ if answer.is_success() => Ok(true),
-            Asked::Later(why) => Err(why),
-            _ => Ok(false),
-        }
+        self.post(&path, status).await
     }
 
     /// The comments of review `review` of pull request `number`.
@@ -314,15 +382,7 @@ impl GitHub {
     /// it (the comment is gone, no rights), Err to try again later.
     pub async fn reply(&self, owner: &str, name: &str, number: i64, comment: i64, text: &str) -> Result<bool, String> {
         let path = format!("/repos/{owner}/{name}/pulls/{number}/comments/{comment}/replies");
-        let (status, body) = self.call(Method::POST, &path, Some(json!({"body": text}))).await?;
-        match refusal_or_later(status, &body) {
-            _ if status.is_success() => Ok(true),
-            Asked::Later(why) => Err(why),
-            _ => {
-                tracing::warn!(comment, %status, message = %message(&body), "a review comment cannot be answered");
-                Ok(false)
-            }
-        }
+        self.post(&path, json!({"body": text})).await
     }
 
     /// A pull request from the ticket's branch, open or not, if one exists.
@@ -358,6 +418,24 @@ pub struct FailedCheck {
     pub text: String,
     /// `path:line: level: message`.
     pub annotations: Vec<String>,
+    /// The end of its Actions job's log, when it is one.
+    pub log_tail: String,
+}
+
+/// How much of a failed job's log a prompt gets: its end.
+const LOG_TAIL_BYTES: usize = 4 * 1024;
+
+/// The last `max` bytes of `log`, from a line's start.
+fn tail(log: &str, max: usize) -> String {
+    if log.len() <= max {
+        return log.to_owned();
+    }
+    let mut start = log.len() - max;
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    let cut = &log[start..];
+    cut.split_once('\n').map_or(cut, |(_, rest)| rest).to_owned()
 }
 
 /// A review's comment on a line of the pull request's diff.
@@ -467,6 +545,17 @@ mod tests {
             refusal_or_later(StatusCode::FORBIDDEN, &Value::Null),
             Asked::Refused(_)
         ));
+    }
+
+    #[test]
+    fn a_logs_tail_starts_on_a_line() {
+        let log = (1..=1000).map(|i| format!("line {i}\n")).collect::<String>();
+        let t = tail(&log, 100);
+        assert!(
+            t.len() <= 100 && t.starts_with("line ") && t.ends_with("line 1000\n"),
+            "{t}"
+        );
+        assert_eq!(tail("short", 100), "short");
     }
 
     #[test]

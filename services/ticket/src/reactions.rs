@@ -207,6 +207,9 @@ fn ci_prompt(head_sha: &str, url: &str, failed: Result<Vec<FailedCheck>, String>
                         part.push_str(&format!("- {a}\n"));
                     }
                 }
+                if !c.log_tail.trim().is_empty() {
+                    part.push_str(&format!("The end of its log:\n```\n{}\n```\n", c.log_tail.trim_end()));
+                }
                 p.push_str(&bounded(&part, MAX_CHECK_BYTES));
                 if p.len() > MAX_FAILURES_BYTES {
                     p = bounded(&p, MAX_FAILURES_BYTES);
@@ -248,6 +251,7 @@ mod tests {
             summary: "empty_list panicked".into(),
             text: "thread 'empty_list' panicked at src/lib.rs:9".into(),
             annotations: vec!["src/lib.rs:9: failure: index out of bounds".into()],
+            log_tail: "error: test failed, to rerun pass `--lib`\n".into(),
         }];
         let p = ci_prompt(
             &"a".repeat(40),
@@ -263,6 +267,7 @@ mod tests {
             "1 test failed",
             "empty_list panicked",
             "- src/lib.rs:9: failure: index out of bounds",
+            "The end of its log:\n```\nerror: test failed, to rerun pass `--lib`\n```",
         ] {
             assert!(p.contains(part), "{part:?} not in {p}");
         }

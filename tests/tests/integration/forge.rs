@@ -108,6 +108,38 @@ impl Forge {
         }
     }
 
+    /// A one-task ticket with a pull request (`max_reactions` given or not),
+    /// once its pull request is open: its id and branch.
+    async fn sum_ticket(&self, max_reactions: Option<i32>) -> (String, String) {
+        let tickets = self.mesh.tickets();
+        let created = file_ticket(
+            &tickets,
+            pb::CreateTicketRequest {
+                title: "Sum a list".into(),
+                description: "Write sum().".into(),
+                repository: format!("{WEB}/acme/remote.git"),
+                pull_request: true,
+                max_reactions,
+                plan: vec![pb::TaskSpec {
+                    title: "Write sum".into(),
+                    phase: 2,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )
+        .await
+        .ticket
+        .unwrap();
+        let (id, branch) = (created.id.clone(), created.branch.clone());
+        assert_eq!(created.max_reactions, max_reactions.unwrap_or(5));
+        wait_ticket_where(&tickets, &id, "its pull request open", |t| {
+            !t.pull_request_url.is_empty()
+        })
+        .await;
+        (id, branch)
+    }
+
     async fn deliver(&self, event: &str, delivery: &str, body: &Value) -> (u16, String) {
         deliver(&self.console.url, Some(SECRET), event, delivery, body)
             .await
@@ -127,31 +159,9 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     let forge = Forge::start(&[]).await;
     let (mesh, console, github, bare, infra) = (&forge.mesh, &forge.console, &forge.github, &forge.bare, &forge.infra);
     let tickets = mesh.tickets();
-    let created = file_ticket(
-        &tickets,
-        pb::CreateTicketRequest {
-            title: "Sum a list".into(),
-            description: "Write sum().".into(),
-            repository: format!("{WEB}/acme/remote.git"),
-            pull_request: true,
-            max_reactions: Some(3),
-            plan: vec![pb::TaskSpec {
-                title: "Write sum".into(),
-                phase: 2,
-                ..Default::default()
-            }],
-            ..Default::default()
-        },
-    )
-    .await
-    .ticket
-    .unwrap();
-    let (id, branch) = (created.id.clone(), created.branch.clone());
-    assert_eq!((created.max_reactions, created.reactions), (3, 0));
-    let ticket = wait_ticket_where(&tickets, &id, "its pull request open", |t| {
-        !t.pull_request_url.is_empty()
-    })
-    .await;
+    let (id, branch) = forge.sum_ticket(Some(3)).await;
+    let ticket = wait_ticket(&tickets, &id, COMPLETED).await.ticket.unwrap();
+    assert_eq!((ticket.max_reactions, ticket.reactions), (3, 0));
     let pr = ticket.pull_request_url.clone();
     let commits = || git(bare, &["rev-list", "--count", &format!("main..{branch}")]);
     assert_eq!(commits(), "1");
@@ -195,10 +205,13 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
 
     // A failing check suite: its failed check's output and annotation in
     // the follow-up's prompt, one more commit, the ticket completed again.
+    let log = (1..=500).map(|i| format!("compiling step {i}\n")).collect::<String>()
+        + "thread 'sum_of_empty_list' panicked at src/lib.rs:3:5\nerror: test failed, to rerun pass `--lib`\n";
+    github.job_log(9001, &log);
     github.check_run(
         77,
         json!({
-            "id": 9001, "name": "test", "conclusion": "failure",
+            "id": 9001, "name": "test", "conclusion": "failure", "app": {"slug": "github-actions"},
             "html_url": format!("{WEB}/acme/remote/runs/9001"),
             "output": {"title": "1 test failed", "summary": "sum_of_empty_list panicked",
                        "text": "assertion failed: sum(&[]) == 0", "annotations_count": 1}
@@ -227,10 +240,14 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
         "1 test failed",
         "assertion failed: sum(&[]) == 0",
         "src/lib.rs:3: failure: index out of bounds: the len is 0",
+        "error: test failed, to rerun pass `--lib`",
     ] {
         assert!(fix.description.contains(part), "{part:?} not in {}", fix.description);
     }
     assert!(!fix.description.contains("lint"), "{}", fix.description);
+    // The log's end, not all of it; fetched without the token.
+    assert!(!fix.description.contains("compiling step 1\n"), "{}", fix.description);
+    assert!(!github.token_on_download());
     assert_eq!(commits(), "2");
     // The branch head says so: pending while the fix worked (on the head
     // it started from), success on the new head, each linking nowhere (no
@@ -485,28 +502,7 @@ async fn a_labelled_issue_becomes_a_ticket_whose_pull_request_closes_it() {
 async fn without_webhooks_a_look_at_the_pull_request_finds_the_failed_checks() {
     let forge = Forge::start(&[("OMOI_GITHUB_POLL_SECONDS", "0.3")]).await;
     let tickets = forge.mesh.tickets();
-    let created = file_ticket(
-        &tickets,
-        pb::CreateTicketRequest {
-            title: "Sum a list".into(),
-            repository: format!("{WEB}/acme/remote.git"),
-            pull_request: true,
-            plan: vec![pb::TaskSpec {
-                title: "Write sum".into(),
-                phase: 2,
-                ..Default::default()
-            }],
-            ..Default::default()
-        },
-    )
-    .await
-    .ticket
-    .unwrap();
-    let (id, branch) = (created.id.clone(), created.branch.clone());
-    wait_ticket_where(&tickets, &id, "its pull request open", |t| {
-        !t.pull_request_url.is_empty()
-    })
-    .await;
+    let (id, branch) = forge.sum_ticket(None).await;
     let head = git(&forge.bare, &["rev-parse", &branch]);
     forge.github.pull_head(1, &head);
     // Looked at, unchanged: conditional requests answered 304.
@@ -635,29 +631,7 @@ async fn a_mention_resumes_claude_codes_session_within_seconds_of_the_delivery()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_whose_handling_the_ticket_service_died_in_is_acted_on_once_when_redelivered() {
     let mut forge = Forge::start(&[]).await;
-    let tickets = forge.mesh.tickets();
-    let created = file_ticket(
-        &tickets,
-        pb::CreateTicketRequest {
-            title: "Sum a list".into(),
-            repository: format!("{WEB}/acme/remote.git"),
-            pull_request: true,
-            plan: vec![pb::TaskSpec {
-                title: "Write sum".into(),
-                phase: 2,
-                ..Default::default()
-            }],
-            ..Default::default()
-        },
-    )
-    .await
-    .ticket
-    .unwrap();
-    let (id, branch) = (created.id.clone(), created.branch.clone());
-    wait_ticket_where(&tickets, &id, "its pull request open", |t| {
-        !t.pull_request_url.is_empty()
-    })
-    .await;
+    let (id, branch) = forge.sum_ticket(None).await;
     forge.github.check_run(
         5,
         json!({"id": 51, "name": "test", "conclusion": "failure", "output": {"title": "red"}}),

@@ -130,14 +130,7 @@ impl Worker {
         run.line(OutputStream::System, format!("attempt {attempt} in {}", dir.display()));
         let prepared = match self.prepare(&task, &dir).await {
             Ok(p) => p,
-            Err((message, class)) => {
-                run.line(OutputStream::System, message.clone());
-                run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), vec![]);
-                self.executions.end(&run);
-                self.fail(task_id, attempt, &message, class).await;
-                self.clean_up(&dir, false).await;
-                return;
-            }
+            Err((message, class)) => return self.abandon(&run, &dir, message, class).await,
         };
         if let Some(c) = &prepared.checkout {
             run.line(
@@ -158,24 +151,12 @@ impl Worker {
             Ok(f) => f.map(Arc::new),
             Err(e) => {
                 let message = format!("cannot set up the agent's sandbox (its proxies' sockets): {e}");
-                run.line(OutputStream::System, message.clone());
-                run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), vec![]);
-                self.executions.end(&run);
-                self.fail(task_id, attempt, &message, Some(ErrorClass::Retryable)).await;
-                self.clean_up(&dir, false).await;
-                return;
+                return self.abandon(&run, &dir, message, Some(ErrorClass::Retryable)).await;
             }
         };
         let user = match self.attempt_user(&dir) {
             Ok(u) => u,
-            Err(message) => {
-                run.line(OutputStream::System, message.clone());
-                run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), vec![]);
-                self.executions.end(&run);
-                self.fail(task_id, attempt, &message, Some(ErrorClass::Retryable)).await;
-                self.clean_up(&dir, false).await;
-                return;
-            }
+            Err(message) => return self.abandon(&run, &dir, message, Some(ErrorClass::Retryable)).await,
         };
         // The attempt's work is what differs from here: restored work too.
         let before = workspace::snapshot(&dir);
@@ -328,6 +309,16 @@ impl Worker {
             dependencies,
             checkout,
         })
+    }
+
+    /// Ends an attempt that could not start its agent: said on its output,
+    /// reported failed (as `class` says), its workspace cleaned up.
+    async fn abandon(&self, run: &Execution, dir: &Path, message: String, class: Option<ErrorClass>) {
+        run.line(OutputStream::System, message.clone());
+        run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), vec![]);
+        self.executions.end(run);
+        self.fail(run.task_id, run.attempt, &message, class).await;
+        self.clean_up(dir, false).await;
     }
 
     /// The agent user of one attempt, with a home of its own beside the
