@@ -464,6 +464,17 @@ impl Store {
         Ok(Reacted::Started(Box::new((ticket, task))))
     }
 
+    /// The reactions started on ticket `id`, oldest first: (kind, url,
+    /// task, when).
+    pub async fn reactions_of(&self, id: Uuid) -> Result<Vec<(String, String, Uuid, chrono::DateTime<chrono::Utc>)>> {
+        Ok(sqlx::query_as(sql!(
+            "SELECT kind, url, task_id, created_at FROM ticket_reactions WHERE ticket_id = $1 ORDER BY created_at, task_id"
+        ))
+        .bind(id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// Tickets with a pull request that may still react (not cancelled,
     /// reactions left), most recently changed first.
     pub async fn tickets_with_pull_requests(&self, limit: i64) -> Result<Vec<Ticket>> {

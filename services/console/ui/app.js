@@ -420,7 +420,7 @@ function sessionFacts(t, showTask) {
 }
 
 function ticketPage(root, id) {
-  let selected = null, ticket = null, tasks = [];
+  let selected = null, ticket = null, tasks = [], reactions = [];
   let stopOutput = () => {};
   let outputFor = null, endedAttempt = null;
   const header = h("div");
@@ -541,7 +541,18 @@ function ticketPage(root, id) {
         h("td", {}, h("span", { class: "badge s-" + taskStatus(t) }, label(taskStatus(t)))),
         h("td", {}, t.attempt), h("td", { class: "muted" }, (t.assignedAgentId || "").slice(0, 8)),
         h("td", {}, elapsed(t)), h("td", {}, [tokens(t.usage), usd(t.usage)].filter(Boolean).join(" · ")),
-        h("td", {}, t.git && t.git.commit ? t.git.commit.slice(0, 10) : "")))));
+        h("td", {}, t.git && t.git.commit ? t.git.commit.slice(0, 10) : "")))),
+      ...(reactions.length ? [h("h2", {}, "Reactions"), h("table", { id: "reactions-made" },
+        h("tr", {}, ["kind", "caused by", "task", "status", "usage"].map((c) => h("th", {}, c))),
+        reactions.map((r) => {
+          const t = tasks.find((x) => x.id === r.taskId);
+          return h("tr", { class: "clickable", onclick: () => showTask(r.taskId) },
+            h("td", {}, r.kind.replace("_", " ")),
+            h("td", {}, /^https:\/\//.test(r.url) ? h("a", { href: r.url, rel: "noopener noreferrer", target: "_blank" }, r.url) : r.url),
+            h("td", {}, t ? t.title : r.taskId.slice(0, 8)),
+            h("td", {}, t ? h("span", { class: "badge s-" + taskStatus(t) }, label(taskStatus(t))) : ""),
+            h("td", {}, t ? [tokens(t.usage), usd(t.usage)].filter(Boolean).join(" · ") : ""));
+        }))] : []));
     drawDetail();
   };
 
@@ -550,6 +561,7 @@ function ticketPage(root, id) {
       const got = await api("GET", "/v1/tickets/" + encodeURIComponent(id));
       ticket = got.ticket;
       tasks = got.tasks || [];
+      reactions = got.reactions || [];
       watched();
       if (!selected) {
         const running = tasks.find((t) => taskStatus(t) === "running");

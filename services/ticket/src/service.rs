@@ -96,13 +96,28 @@ impl Tickets {
     async fn get(&self, req: pb::GetTicketRequest) -> ApiResult<pb::GetTicketResponse> {
         let (id, view) = requests::get(req)?;
         let (t, planned) = self.store.get_ticket(id).await?;
-        let tasks = match view {
-            pb::TicketView::Basic => Vec::new(),
-            pb::TicketView::Unspecified | pb::TicketView::Full => self.tasks.of(&t, &planned).await?,
+        let (tasks, reactions) = match view {
+            pb::TicketView::Basic => (Vec::new(), Vec::new()),
+            pb::TicketView::Unspecified | pb::TicketView::Full => {
+                let reactions = match t.reactions {
+                    0 => Vec::new(),
+                    _ => self.store.reactions_of(id).await?,
+                };
+                (self.tasks.of(&t, &planned).await?, reactions)
+            }
         };
         Ok(pb::GetTicketResponse {
             ticket: Some(pb::Ticket::from(&t)),
             tasks,
+            reactions: reactions
+                .into_iter()
+                .map(|(kind, url, task_id, at)| pb::Reaction {
+                    kind,
+                    url,
+                    task_id: task_id.to_string(),
+                    created_at: Some(omoi_proto::convert::timestamp(at)),
+                })
+                .collect(),
         })
     }
 

@@ -373,6 +373,20 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     assert!(capped.contains("reactions are used up"), "{capped}");
     let after = wait_ticket(&tickets, &id, COMPLETED).await;
     assert_eq!((tasks_now(&after), after.ticket.as_ref().unwrap().reactions), (4, 3));
+    // The ticket lists them: kind, cause, the task each made.
+    let made: Vec<(String, bool)> = after
+        .reactions
+        .iter()
+        .map(|r| (r.kind.clone(), after.tasks.iter().any(|t| t.id == r.task_id)))
+        .collect();
+    assert_eq!(
+        made,
+        [
+            ("ci_failure".to_owned(), true),
+            ("mention".to_owned(), true),
+            ("review".to_owned(), true)
+        ]
+    );
     assert_eq!(github.replies().len(), 2, "each thread answered once");
 
     // Each reaction is an event: its kind and what caused it.
