@@ -17,9 +17,8 @@ use omoi_tests::process::free_port;
 use omoi_tests::{Infra, eventually, file_ticket, wait_ticket};
 use serde_json::{Value, json};
 
-use super::sandbox::{bare_mesh, host, one_task, output_of, port_of, tempdir};
+use super::sandbox::{bare_mesh, host, one_task, one_task_on_a_repository, output_of, port_of, tempdir};
 
-const COMPLETED: i32 = 3;
 const CANCELLED: i32 = 5;
 const TOKEN: &str = "stand-in-service-account-token";
 const OWNER_UID: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
@@ -124,12 +123,7 @@ echo "$r"
 
     // A ticket on a repository: the agent's pod, then git's, land a commit.
     let tickets = mesh.tickets();
-    let (bare, _) = omoi_tests::repo::remote();
-    let mut request = one_task("in a pod");
-    request.repository = bare.display().to_string();
-    let created = file_ticket(&tickets, request).await;
-    let branch = created.ticket.as_ref().unwrap().branch.clone();
-    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let (done, bare, branch) = one_task_on_a_repository(&mesh, "in a pod").await;
     let result = omoi_proto::convert::struct_to_json(done.tasks[0].result.as_ref().unwrap());
     assert_eq!(
         result["summary"].as_str().unwrap(),

@@ -111,6 +111,13 @@ impl Forge {
     /// A one-task ticket with a pull request (`max_reactions` given or not),
     /// once its pull request is open: its id and branch.
     async fn sum_ticket(&self, max_reactions: Option<i32>) -> (String, String) {
+        let t = self.pr_ticket("Write sum", 2, max_reactions).await;
+        (t.id, t.branch)
+    }
+
+    /// A ticket of one task `task` (in `phase`) with a pull request, once
+    /// its pull request is open.
+    async fn pr_ticket(&self, task: &str, phase: i32, max_reactions: Option<i32>) -> pb::Ticket {
         let tickets = self.mesh.tickets();
         let created = file_ticket(
             &tickets,
@@ -121,8 +128,8 @@ impl Forge {
                 pull_request: true,
                 max_reactions,
                 plan: vec![pb::TaskSpec {
-                    title: "Write sum".into(),
-                    phase: 2,
+                    title: task.into(),
+                    phase,
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -131,13 +138,11 @@ impl Forge {
         .await
         .ticket
         .unwrap();
-        let (id, branch) = (created.id.clone(), created.branch.clone());
         assert_eq!(created.max_reactions, max_reactions.unwrap_or(5));
-        wait_ticket_where(&tickets, &id, "its pull request open", |t| {
+        wait_ticket_where(&tickets, &created.id, "its pull request open", |t| {
             !t.pull_request_url.is_empty()
         })
-        .await;
-        (id, branch)
+        .await
     }
 
     async fn deliver(&self, event: &str, delivery: &str, body: &Value) -> (u16, String) {
@@ -583,28 +588,8 @@ async fn a_mention_resumes_claude_codes_session_within_seconds_of_the_delivery()
     let claude = api.executor_env(omoi_tests::model_api::Cli::Claude, &home, "sk-ant-forge");
     let forge = Forge::start_with(&[], claude).await;
     let tickets = forge.mesh.tickets();
-    let created = file_ticket(
-        &tickets,
-        pb::CreateTicketRequest {
-            title: "hello, forge".into(),
-            repository: format!("{WEB}/acme/remote.git"),
-            pull_request: true,
-            plan: vec![pb::TaskSpec {
-                title: "write hello.txt".into(),
-                phase: 1,
-                ..Default::default()
-            }],
-            ..Default::default()
-        },
-    )
-    .await
-    .ticket
-    .unwrap();
-    let (id, branch) = (created.id.clone(), created.branch.clone());
-    let open = wait_ticket_where(&tickets, &id, "its pull request open", |t| {
-        !t.pull_request_url.is_empty()
-    })
-    .await;
+    let open = forge.pr_ticket("write hello.txt", 1, None).await;
+    let (id, branch) = (open.id.clone(), open.branch.clone());
     let first_calls = api.asked().len();
 
     // A collaborator asks; the agent that wrote the code is back at it.

@@ -84,6 +84,22 @@ pub(super) fn one_task(title: &str) -> pb::CreateTicketRequest {
     }
 }
 
+/// A one-task ticket on a new bare repository, run to COMPLETED: the
+/// ticket, the repository and its branch.
+pub(super) async fn one_task_on_a_repository(
+    mesh: &ProcessMesh,
+    title: &str,
+) -> (pb::GetTicketResponse, PathBuf, String) {
+    let tickets = mesh.tickets();
+    let (bare, _) = omoi_tests::repo::remote();
+    let mut request = one_task(title);
+    request.repository = bare.display().to_string();
+    let created = file_ticket(&tickets, request).await;
+    let branch = created.ticket.as_ref().unwrap().branch.clone();
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    (done, bare, branch)
+}
+
 /// Every file under `dir` whose bytes contain `needle`.
 fn files_holding(dir: &Path, needle: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -203,13 +219,7 @@ echo "$r"
     std::fs::write(&ports, told).unwrap();
     std::fs::set_permissions(&ports, std::fs::Permissions::from_mode(0o644)).unwrap();
 
-    let tickets = mesh.tickets();
-    let (bare, _) = omoi_tests::repo::remote();
-    let mut request = one_task("try everything");
-    request.repository = bare.display().to_string();
-    let created = file_ticket(&tickets, request).await;
-    let branch = created.ticket.as_ref().unwrap().branch.clone();
-    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let (done, bare, branch) = one_task_on_a_repository(&mesh, "try everything").await;
     let result = omoi_proto::convert::struct_to_json(done.tasks[0].result.as_ref().unwrap());
     assert_eq!(
         result["summary"].as_str().unwrap(),
