@@ -95,23 +95,25 @@ impl GitHub {
         let req = req
             .body(Full::new(body.map(|b| Bytes::from(b.to_string())).unwrap_or_default()))
             .map_err(|e| format!("{method} {path}: {e}"))?;
+        let (status, headers, bytes) = self.send(req, &format!("{method} {path}")).await?;
+        let etag = header(&headers, "etag");
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), etag))
+    }
+
+    /// Sends `req` (`what` names it in errors) and reads the whole answer,
+    /// within the request timeout.
+    async fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+        what: &str,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
             .await
-            .map_err(|_| format!("{method} {path}: no answer within {} s", REQUEST_TIMEOUT.as_secs()))?
-            .map_err(|e| format!("{method} {path}: {e}"))?;
-        let status = resp.status();
-        let etag = resp
-            .headers()
-            .get("etag")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("{method} {path}: {e}"))?
-            .to_bytes();
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), etag))
+            .map_err(|_| format!("{what}: no answer within {} s", REQUEST_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("{what}: {e}"))?;
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await.map_err(|e| format!("{what}: {e}"))?.to_bytes();
+        Ok((parts.status, parts.headers, bytes))
     }
 
     /// A conditional GET of `path`: GitHub answers 304 (which costs no rate
@@ -285,23 +287,8 @@ impl GitHub {
         let req = req
             .body(Full::new(Bytes::new()))
             .map_err(|e| format!("GET {url}: {e}"))?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
-            .await
-            .map_err(|_| format!("GET {url}: no answer within {} s", REQUEST_TIMEOUT.as_secs()))?
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        let status = resp.status();
-        let location = resp
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("GET {url}: {e}"))?
-            .to_bytes();
-        Ok((status, location, body))
+        let (status, headers, body) = self.send(req, &format!("GET {url}")).await?;
+        Ok((status, header(&headers, "location"), body))
     }
 
     /// Comments `text` on issue `number`: Ok(true) when it took it,
@@ -405,6 +392,11 @@ impl GitHub {
             .and_then(|list| list.first())
             .and_then(|pr| opened(pr, ticket, base)))
     }
+}
+
+/// A header's value, when it is text.
+fn header(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
 /// A check run that did not succeed, as its prompt tells it.
