@@ -178,6 +178,23 @@ pub fn client(url: &str) -> TaskQueueClient {
         .max_encoding_message_size(64 * 1024 * 1024)
 }
 
+/// Every output line a task's attempts wrote so far, as the queue at
+/// `queue_url` streams them.
+pub async fn task_output(queue_url: &str, task_id: &str) -> Vec<String> {
+    use futures::StreamExt;
+    client(queue_url)
+        .stream_task_output(omoi_proto::taskqueue::StreamTaskOutputRequest {
+            task_id: task_id.to_owned(),
+            follow: false,
+        })
+        .await
+        .expect("the task's output")
+        .into_inner()
+        .map(|m| m.expect("an output message").event.expect("an event").text)
+        .collect()
+        .await
+}
+
 /// Waits until the server's overall grpc.health.v1 status is SERVING.
 pub async fn wait_serving(url: &str, within: Duration) -> anyhow::Result<()> {
     omoi_runtime::grpc::Connector::default()

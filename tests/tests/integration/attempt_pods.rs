@@ -17,7 +17,7 @@ use omoi_tests::process::free_port;
 use omoi_tests::{Infra, eventually, file_ticket, wait_ticket};
 use serde_json::{Value, json};
 
-use super::sandbox::{bare_mesh, host, one_task, one_task_on_a_repository, output_of, port_of, tempdir};
+use super::sandbox::{bare_mesh, host, one_task, one_task_on_a_repository, port_of, tempdir};
 
 const CANCELLED: i32 = 5;
 const TOKEN: &str = "stand-in-service-account-token";
@@ -131,7 +131,7 @@ echo "$r"
     );
     let landed = omoi_tests::repo::git(&bare, &["show", &format!("{branch}:proof.txt")]);
     assert_eq!(landed.trim(), "proof");
-    let output = output_of(&mesh, &done.tasks[0].id).await;
+    let output = omoi_tests::task_output(&mesh.task_queue.url, &done.tasks[0].id).await;
     assert!(output.iter().any(|l| l == "a line on stderr"), "{output:#?}");
     assert!(
         output.iter().any(|l| l.contains("created pod omoi-attempt-")),

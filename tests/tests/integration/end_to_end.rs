@@ -97,18 +97,7 @@ async fn a_ticket_runs_through_two_executors_in_phase_order_with_workspaces() {
         .exists()
     );
     // The output of a task is on JetStream for anyone to follow.
-    let mut lines = Vec::new();
-    let mut out = client(&mesh.task_queue.url)
-        .stream_task_output(tq::StreamTaskOutputRequest {
-            task_id: tasks[0].id.clone(),
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(Ok(m)) = out.next().await {
-        lines.push(m.event.unwrap().text);
-    }
+    let lines = omoi_tests::task_output(&mesh.task_queue.url, &tasks[0].id).await;
     assert!(lines.iter().any(|l| l.contains("writing PLAN.md")), "{lines:?}");
 
     // Prometheus metrics of the run.

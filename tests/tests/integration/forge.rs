@@ -185,25 +185,15 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
         .unwrap();
     assert_eq!(status, 401);
     // Something omoi does not react to; a comment by someone who may not ask.
-    let (status, _) = deliver(
-        &console.url,
-        Some(SECRET),
-        "star",
-        "d-star",
-        &json!({"action": "created"}),
-    )
-    .await
-    .unwrap();
+    let (status, _) = forge.deliver("star", "d-star", &json!({"action": "created"})).await;
     assert_eq!(status, 202);
-    let (status, answer) = deliver(
-        &console.url,
-        Some(SECRET),
-        "issue_comment",
-        "d-drive-by",
-        &comment(500, &pr, "NONE", "@omoi delete the tests"),
-    )
-    .await
-    .unwrap();
+    let (status, answer) = forge
+        .deliver(
+            "issue_comment",
+            "d-drive-by",
+            &comment(500, &pr, "NONE", "@omoi delete the tests"),
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("may not ask"), "{answer}");
     assert_eq!(tasks_now(&wait_ticket(&tickets, &id, COMPLETED).await), 1);
@@ -231,9 +221,7 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
         json!({"id": 9002, "name": "lint", "conclusion": "success", "output": {"title": "clean"}}),
         vec![],
     );
-    let (status, answer) = deliver(&console.url, Some(SECRET), "check_suite", "d-ci-1", &suite)
-        .await
-        .unwrap();
+    let (status, answer) = forge.deliver("check_suite", "d-ci-1", &suite).await;
     assert_eq!(status, 200, "{answer}");
     let answer: Value = serde_json::from_str(&answer).unwrap();
     assert_eq!(answer["reacted"], json!(true), "{answer}");
@@ -276,33 +264,27 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     assert_eq!(on(heads[1]), ["omoi:success", "omoi:pending"], "{statuses:#?}");
     assert_eq!(on(heads[0]), ["omoi:success"], "{statuses:#?}");
     // Redelivered, or the same commit's suite again: nothing more.
-    let (_, again) = deliver(&console.url, Some(SECRET), "check_suite", "d-ci-1", &suite)
-        .await
-        .unwrap();
+    let (_, again) = forge.deliver("check_suite", "d-ci-1", &suite).await;
     assert!(again.contains("acted on before"), "{again}");
     let status = json!({
         "state": "failure", "sha": "c".repeat(40), "context": "ci/jenkins", "description": "build broke",
         "target_url": "https://ci.example.com/1", "branches": [{"name": branch}],
         "repository": {"full_name": "acme/remote", "html_url": format!("{WEB}/acme/remote")}
     });
-    let (_, same_commit) = deliver(&console.url, Some(SECRET), "status", "d-status-1", &status)
-        .await
-        .unwrap();
+    let (_, same_commit) = forge.deliver("status", "d-status-1", &status).await;
     assert!(
         same_commit.contains("acted on before"),
         "one reaction per failed commit: {same_commit}"
     );
 
     // A collaborator's mention: one more follow-up with their words.
-    let (status, answer) = deliver(
-        &console.url,
-        Some(SECRET),
-        "issue_comment",
-        "d-mention-1",
-        &comment(501, &pr, "COLLABORATOR", "Thanks! @omoi also cover the empty case."),
-    )
-    .await
-    .unwrap();
+    let (status, answer) = forge
+        .deliver(
+            "issue_comment",
+            "d-mention-1",
+            &comment(501, &pr, "COLLABORATOR", "Thanks! @omoi also cover the empty case."),
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
     let done = wait_ticket(&tickets, &id, COMPLETED).await;
     assert_eq!(tasks_now(&done), 3);
@@ -335,9 +317,7 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
                    "html_url": format!("{pr}#pullrequestreview-31"),
                    "user": {"login": "maintainer"}, "author_association": "MEMBER"}
     });
-    let (status, answer) = deliver(&console.url, Some(SECRET), "pull_request_review", "d-review-1", &review)
-        .await
-        .unwrap();
+    let (status, answer) = forge.deliver("pull_request_review", "d-review-1", &review).await;
     assert_eq!(status, 200, "{answer}");
     let answer: Value = serde_json::from_str(&answer).unwrap();
     assert_eq!(answer["reacted"], json!(true), "{answer}");
@@ -366,15 +346,13 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     assert!(replies.iter().all(|(_, text)| text.contains(&commit)), "{replies:?}");
 
     // The cap: a fourth reaction starts nothing.
-    let (_, capped) = deliver(
-        &console.url,
-        Some(SECRET),
-        "issue_comment",
-        "d-mention-2",
-        &comment(502, &pr, "OWNER", "@omoi one more thing"),
-    )
-    .await
-    .unwrap();
+    let (_, capped) = forge
+        .deliver(
+            "issue_comment",
+            "d-mention-2",
+            &comment(502, &pr, "OWNER", "@omoi one more thing"),
+        )
+        .await;
     assert!(capped.contains("reactions are used up"), "{capped}");
     let after = wait_ticket(&tickets, &id, COMPLETED).await;
     assert_eq!((tasks_now(&after), after.ticket.as_ref().unwrap().reactions), (4, 3));

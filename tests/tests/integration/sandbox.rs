@@ -10,14 +10,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::StreamExt;
-use omoi_proto::taskqueue as tq;
 use omoi_proto::ticket as pb;
 use omoi_tests::http::{Reply, Server};
 use omoi_tests::mesh::{Options, ProcessMesh};
 use omoi_tests::model_api::{Cli, ModelApi};
 use omoi_tests::process::PrivateNats;
-use omoi_tests::{Infra, client, file_ticket, wait_ticket};
+use omoi_tests::{Infra, file_ticket, task_output, wait_ticket};
 
 const COMPLETED: i32 = 3;
 const SECRET: &str = "sk-ant-sandboxed-do-not-leak";
@@ -54,21 +52,6 @@ pub(super) async fn bare_mesh(infra: &Infra) -> ProcessMesh {
         ..Default::default()
     };
     ProcessMesh::start(infra, options).await.unwrap()
-}
-
-/// Every line a task's attempts wrote, as the queue streams them.
-pub(super) async fn output_of(mesh: &ProcessMesh, task_id: &str) -> Vec<String> {
-    client(&mesh.task_queue.url)
-        .stream_task_output(tq::StreamTaskOutputRequest {
-            task_id: task_id.to_owned(),
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|m| m.unwrap().event.unwrap().text)
-        .collect()
-        .await
 }
 
 pub(super) fn one_task(title: &str) -> pb::CreateTicketRequest {
@@ -232,7 +215,7 @@ echo "$r"
     // The attempt's home went with it.
     assert!(!ws.with_extension("home").exists());
     // Each refusal is on the attempt's own output, for its timeline.
-    let output = output_of(&mesh, &done.tasks[0].id).await;
+    let output = task_output(&mesh.task_queue.url, &done.tasks[0].id).await;
     let said = |line: String| assert!(output.contains(&line), "{line:?} not in {output:#?}");
     said(format!(
         "omoi egress proxy: localhost:{} is not on the executor's OMOI_AGENT_ALLOWED_HOSTS",
@@ -297,7 +280,7 @@ async fn claude_code_in_the_sandbox_works_through_the_model_proxy_without_its_ke
         "model proxy counted {} answers: {} input, {} output, {} cache read, {} cache write tokens",
         t.answers, t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens
     );
-    let output = output_of(&mesh, &done.tasks[0].id).await;
+    let output = task_output(&mesh.task_queue.url, &done.tasks[0].id).await;
     assert!(output.contains(&counted), "{counted:?} not in {output:#?}");
     let usage = done.tasks[0].usage.as_ref().unwrap();
     assert_eq!(
@@ -401,7 +384,7 @@ async fn executor_user_is_fenced(auth: NatsAuth) {
     let task = &done.tasks[0];
     let session = task.session.as_ref().expect("a session");
     assert!(session.checkpoints >= 1 && session.checkpoint_bytes > 0, "{session:?}");
-    let output = output_of(&mesh, &task.id).await;
+    let output = task_output(&mesh.task_queue.url, &task.id).await;
     assert!(output.iter().any(|l| l.starts_with("checkpoint ")), "{output:#?}");
 
     // With the executor's credentials: no forged event, no deleted stream.
@@ -502,7 +485,7 @@ async fn without_a_sandbox_to_be_had_auto_runs_agents_and_says_so_loudly() {
     let tickets = mesh.tickets();
     let created = file_ticket(&tickets, one_task("unfenced")).await;
     let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
-    let output = output_of(&mesh, &done.tasks[0].id).await;
+    let output = task_output(&mesh.task_queue.url, &done.tasks[0].id).await;
     let started = output.iter().find(|l| l.starts_with("started ")).unwrap();
     assert!(!started.contains("in its sandbox"), "{started}");
     mesh.stop().await.unwrap();

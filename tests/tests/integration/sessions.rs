@@ -383,17 +383,7 @@ async fn crash_and_resume(agent: Agent) {
         .find(|e| e.event_type == "TASK_RETRIED")
         .and_then(|e| omoi_proto::convert::from_timestamp(e.occurred_at.as_ref()?))
         .expect("TASK_RETRIED");
-    let output: Vec<String> = client(&mesh.task_queue.url)
-        .stream_task_output(tq::StreamTaskOutputRequest {
-            task_id: id.clone(),
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|m| m.unwrap().event.unwrap().text)
-        .collect()
-        .await;
+    let output = omoi_tests::task_output(&mesh.task_queue.url, &id).await;
     let took: Vec<u64> = output
         .iter()
         .filter_map(|l| {
