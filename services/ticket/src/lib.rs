@@ -97,7 +97,6 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
                 .map(str::to_lowercase)
                 .collect(),
             issue_label: config.github_issue_label.clone(),
-            console_url: config.console_url.trim_end_matches('/').to_owned(),
         },
     ));
     if config.github_poll_seconds > 0.0 {

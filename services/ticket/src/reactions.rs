@@ -45,8 +45,6 @@ pub struct Forge {
     /// tickets, and the label.
     pub repositories: Vec<String>,
     pub issue_label: String,
-    /// The console's address (for links), without a trailing slash.
-    pub console_url: String,
 }
 
 impl Forge {
