@@ -43,6 +43,9 @@ pub struct Ticket {
     /// Most follow-ups the forge may start on it, and how many it started.
     pub max_reactions: i32,
     pub reactions: i32,
+    /// The reaction its cap turned away (`kind: url`); while the cap is
+    /// not raised past `reactions`, the ticket stays PAUSED for a person.
+    pub reaction_refused: String,
     /// Where it came from when not from CreateTicket (`github_issue`, and
     /// the issue's address); empty otherwise.
     pub source_kind: String,
@@ -174,14 +177,36 @@ impl Ticket {
         (spent >= max).then(|| format!("budget of ${max:.2} reached: ${spent:.4} spent"))
     }
 
+    /// Why its reactions stop it, if they do: one was turned away by its
+    /// cap (until the cap is raised).
+    pub fn out_of_reactions(&self) -> Option<String> {
+        (!self.reaction_refused.is_empty() && self.reactions >= self.max_reactions).then(|| {
+            format!(
+                "its {} reactions are used up: {} was not answered",
+                self.max_reactions, self.reaction_refused
+            )
+        })
+    }
+
     /// What its status should be: as its tasks say, but PAUSED while its
-    /// budget is spent and it is not over yet.
+    /// budget is spent and it is not over yet, or while a reaction its cap
+    /// turned away waits for a person (the pull request's work is not over
+    /// even when its tasks are).
     pub fn budgeted(&self, derived: TicketStatus) -> TicketStatus {
-        if !derived.is_final() && self.over_budget().is_some() {
+        if self.pause_reason(derived).is_some() {
             TicketStatus::Paused
         } else {
             derived
         }
+    }
+
+    /// Why it is held PAUSED when its tasks say `derived`.
+    pub fn pause_reason(&self, derived: TicketStatus) -> Option<String> {
+        if derived == TicketStatus::Cancelled {
+            return None;
+        }
+        let budget = if derived.is_final() { None } else { self.over_budget() };
+        budget.or_else(|| self.out_of_reactions())
     }
 }
 
@@ -477,6 +502,7 @@ mod tests {
             paused_reason: String::new(),
             max_reactions: 5,
             reactions: 0,
+            reaction_refused: String::new(),
             source_kind: String::new(),
             source_url: String::new(),
             labels: serde_json::json!({}),
@@ -497,6 +523,19 @@ mod tests {
         assert_eq!(t.over_budget().unwrap(), "budget of $1.00 reached: $1.2500 spent");
         t.max_cost_usd = None;
         assert_eq!(t.budgeted(TicketStatus::InProgress), TicketStatus::InProgress);
+
+        // A reaction its cap turned away holds even a completed ticket,
+        // until the cap is raised past what it used; never a cancelled one.
+        t.reactions = 5;
+        t.reaction_refused = "ci_failure: https://github.com/o/r/pull/1/checks".into();
+        assert_eq!(t.budgeted(TicketStatus::Completed), TicketStatus::Paused);
+        assert_eq!(t.budgeted(TicketStatus::Cancelled), TicketStatus::Cancelled);
+        assert_eq!(
+            t.pause_reason(TicketStatus::Completed).unwrap(),
+            "its 5 reactions are used up: ci_failure: https://github.com/o/r/pull/1/checks was not answered"
+        );
+        t.max_reactions = 6;
+        assert_eq!(t.budgeted(TicketStatus::Completed), TicketStatus::Completed);
     }
 
     #[test]

@@ -22,7 +22,7 @@ macro_rules! ticket_columns {
     () => {
         "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
      pull_request, pull_request_url, pull_request_error, max_cost_usd, paused_reason, labels, request_id,
-     tasks_enqueued, usage, created_at, updated_at, max_reactions, reactions, source_kind, source_url"
+     tasks_enqueued, usage, created_at, updated_at, max_reactions, reactions, reaction_refused, source_kind, source_url"
     };
 }
 pub(crate) use ticket_columns;
@@ -60,6 +60,7 @@ impl<'r> FromRow<'r, PgRow> for TicketRow {
             paused_reason: row.try_get("paused_reason")?,
             max_reactions: row.try_get("max_reactions")?,
             reactions: row.try_get("reactions")?,
+            reaction_refused: row.try_get("reaction_refused")?,
             source_kind: row.try_get("source_kind")?,
             source_url: row.try_get("source_url")?,
             labels: row.try_get("labels")?,
@@ -437,13 +438,25 @@ impl Store {
         let refused = match ticket.status {
             TicketStatus::Cancelled => Some("the ticket is cancelled".to_owned()),
             TicketStatus::Paused => Some(format!("the ticket is paused ({})", ticket.paused_reason)),
-            _ if ticket.reactions >= ticket.max_reactions => {
-                Some(format!("the ticket's {} reactions are used up", ticket.max_reactions))
-            }
             _ => None,
         };
         if let Some(why) = refused {
             return Ok(Reacted::Refused(why));
+        }
+        if ticket.reactions >= ticket.max_reactions {
+            // Not recorded as answered: once a person raises the cap, a
+            // redelivery or the next look at the pull request answers it.
+            sqlx::query(sql!(
+                "DELETE FROM ticket_reactions WHERE ticket_id = $1 AND kind = $2 AND key = $3"
+            ))
+            .bind(r.ticket_id)
+            .bind(r.kind)
+            .bind(r.key)
+            .execute(&mut *tx)
+            .await?;
+            let paused = hold_for_reactions(&mut tx, ticket, &format!("{}: {}", r.kind, r.url)).await?;
+            self.commit(tx).await?;
+            return Ok(Reacted::CapReached(Box::new(paused)));
         }
         sqlx::query(sql!("UPDATE tickets SET reactions = reactions + 1 WHERE id = $1"))
             .bind(r.ticket_id)
@@ -699,7 +712,10 @@ impl Store {
         let ticket = select_ticket(&mut tx, id, true).await?;
         sqlx::query(sql!(
             "UPDATE tickets SET priority = COALESCE($2, priority), labels = COALESCE($3, labels),
-                 max_cost_usd = CASE WHEN $4 THEN $5 ELSE max_cost_usd END, updated_at = now()
+                 max_cost_usd = CASE WHEN $4 THEN $5 ELSE max_cost_usd END,
+                 max_reactions = COALESCE($6, max_reactions),
+                 reaction_refused = CASE WHEN COALESCE($6, max_reactions) > reactions THEN '' ELSE reaction_refused END,
+                 updated_at = now()
              WHERE id = $1"
         ))
         .bind(id)
@@ -707,6 +723,7 @@ impl Store {
         .bind(&update.labels)
         .bind(update.max_cost_usd.is_some())
         .bind(update.max_cost_usd.flatten())
+        .bind(update.max_reactions)
         .execute(&mut *tx)
         .await?;
         let updated = select_ticket(&mut tx, id, false).await?;
@@ -716,13 +733,17 @@ impl Store {
                 changed: false,
             }
         } else {
-            let budget = match updated.max_cost_usd {
-                Some(max) => format!("budget raised to ${max:.2}"),
-                None => "budget lifted".to_owned(),
+            let why = if update.max_reactions.is_some() && updated.max_reactions > ticket.max_reactions {
+                format!("reactions raised to {}", updated.max_reactions)
+            } else {
+                match updated.max_cost_usd {
+                    Some(max) => format!("budget raised to ${max:.2}"),
+                    None => "budget lifted".to_owned(),
+                }
             };
-            // A pause says why itself; anything else is the new budget's doing.
+            // A pause says why itself; anything else is the update's doing.
             settle_status(&mut tx, updated, |c| {
-                c.reason.get_or_insert(budget);
+                c.reason.get_or_insert(why);
             })
             .await?
         };
@@ -793,6 +814,9 @@ pub enum Reacted {
     Again,
     /// Not started, and why.
     Refused(String),
+    /// Not started: the ticket's reactions are used up, and it is PAUSED
+    /// now (as returned) until a person raises its cap.
+    CapReached(Box<Ticket>),
 }
 
 /// What UpdateTicket changes: `Some` for each field its mask names
@@ -802,6 +826,7 @@ pub struct TicketUpdate {
     pub priority: Option<i32>,
     pub labels: Option<Value>,
     pub max_cost_usd: Option<Option<f64>>,
+    pub max_reactions: Option<i32>,
 }
 
 /// Adds follow-up `task_id` to `ticket` (locked by the caller, not
@@ -853,6 +878,21 @@ async fn insert_follow_up(
     Ok((reopened, task))
 }
 
+/// Pauses `ticket` (locked by the caller) for a person: its cap turned
+/// away reaction `refused`.
+async fn hold_for_reactions(tx: &mut PgConnection, ticket: Ticket, refused: &str) -> Result<Ticket> {
+    sqlx::query(sql!("UPDATE tickets SET reaction_refused = $2 WHERE id = $1"))
+        .bind(ticket.id)
+        .bind(refused)
+        .execute(&mut *tx)
+        .await?;
+    let ticket = Ticket {
+        reaction_refused: refused.to_owned(),
+        ..ticket
+    };
+    Ok(settle_status(tx, ticket, |_| {}).await?.ticket)
+}
+
 /// Sets the status a ticket's tasks and budget give it (with its event)
 /// when it differs from the stored one.
 async fn settle_status(
@@ -865,12 +905,13 @@ async fn settle_status(
         .into_iter()
         .map(|t| t.progress)
         .collect();
-    let status = ticket.budgeted(derive_status(&progress));
+    let derived = derive_status(&progress);
+    let status = ticket.budgeted(derived);
     if status == ticket.status {
         return Ok(Applied { ticket, changed: false });
     }
     let reason = if status == TicketStatus::Paused {
-        ticket.over_budget().unwrap_or_default()
+        ticket.pause_reason(derived).unwrap_or_default()
     } else {
         String::new()
     };

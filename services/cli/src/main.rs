@@ -93,8 +93,9 @@ enum Command {
     },
     /// Print a ticket and its tasks.
     Get { ticket_id: String },
-    /// Change a ticket's budget or priority (a PAUSED ticket whose budget is
-    /// raised above what it spent goes on).
+    /// Change a ticket's budget, priority or reaction cap (a PAUSED ticket
+    /// whose budget is raised above what it spent, or whose cap above the
+    /// reactions it used, goes on).
     Update {
         ticket_id: String,
         /// The new budget in USD.
@@ -106,6 +107,9 @@ enum Command {
         /// LOW, MEDIUM, HIGH or CRITICAL.
         #[arg(long)]
         priority: Option<String>,
+        /// Most follow-ups the forge may start on its pull request.
+        #[arg(long)]
+        max_reactions: Option<i32>,
     },
     /// List tickets, newest first.
     #[command(visible_alias = "tickets")]
@@ -509,10 +513,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             budget,
             no_budget,
             priority: p,
+            max_reactions,
         } => {
             let mut paths = Vec::new();
             if budget.is_some() || no_budget {
                 paths.push("max_cost_usd".to_owned());
+            }
+            if max_reactions.is_some() {
+                paths.push("max_reactions".to_owned());
             }
             let priority = p.as_deref().map(priority).transpose()?;
             if priority.is_some() {
@@ -520,7 +528,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             anyhow::ensure!(
                 !paths.is_empty(),
-                "say what to change: --budget, --no-budget or --priority"
+                "say what to change: --budget, --no-budget, --priority or --max-reactions"
             );
             let r = tickets(&cli.ticket_url, connector)?
                 .update_ticket(pb::UpdateTicketRequest {
@@ -528,6 +536,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         id: ticket_id,
                         max_cost_usd: budget,
                         priority: priority.unwrap_or_default(),
+                        max_reactions: max_reactions.unwrap_or_default(),
                         ..Default::default()
                     }),
                     update_mask: Some(prost_types::FieldMask { paths }),

@@ -186,7 +186,7 @@ pub fn update(req: pb::UpdateTicketRequest) -> ApiResult<(Uuid, TicketUpdate)> {
     if paths.is_empty() {
         return Err(ApiError::invalid(
             "update_mask",
-            "name at least one of priority, labels, max_cost_usd",
+            "name at least one of priority, labels, max_cost_usd, max_reactions",
         ));
     }
     let mut update = TicketUpdate::default();
@@ -198,8 +198,17 @@ pub fn update(req: pb::UpdateTicketRequest) -> ApiResult<(Uuid, TicketUpdate)> {
                 update.labels = Some(serde_json::to_value(&given.labels).unwrap_or_default());
             }
             "max_cost_usd" => update.max_cost_usd = Some(budget("ticket.max_cost_usd", given.max_cost_usd)?),
+            "max_reactions" => {
+                update.max_reactions = Some(validate::range(
+                    "ticket.max_reactions",
+                    given.max_reactions,
+                    0,
+                    MAX_REACTIONS,
+                )?)
+            }
             other => {
-                let reason = format!("{other:?} cannot be updated; name priority, labels or max_cost_usd");
+                let reason =
+                    format!("{other:?} cannot be updated; name priority, labels, max_cost_usd or max_reactions");
                 return Err(ApiError::invalid("update_mask", reason));
             }
         }

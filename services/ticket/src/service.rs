@@ -318,6 +318,19 @@ impl Tickets {
             Reacted::Started(started) => *started,
             Reacted::Again => return not(format!("delivery {} was acted on before", reaction.delivery_id)),
             Reacted::Refused(why) => return not(format!("ticket {}: {why}", ticket.id)),
+            Reacted::CapReached(paused) => {
+                tracing::warn!(ticket_id = %paused.id, reason = %paused.paused_reason, "ticket paused: no reactions left");
+                // Its follow-ups wait with it; task events say it again
+                // should the queue be out of reach now.
+                if let Err(s) = self.tasks.queue.pause(paused.id, &paused.paused_reason).await {
+                    tracing::warn!(ticket_id = %paused.id, error = %s.message(), "could not pause the ticket's dispatch");
+                }
+                return Ok(pb::ReactResponse {
+                    reason: format!("ticket {}: {}", paused.id, paused.paused_reason),
+                    ticket: Some(pb::Ticket::from(&*paused)),
+                    ..Default::default()
+                });
+            }
         };
         tracing::info!(ticket_id = %ticket.id, kind, url = %reaction.url, task_id = %row.task_id, "reacting");
         let task = match self.tasks.enqueue_follow_up(&ticket, &row, resumes).await? {

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 const COMPLETED: i32 = 3;
 const CANCELLED: i32 = 5;
+const PAUSED: i32 = 6;
 const TOKEN: &str = "ghs_forgeLoopToken";
 const SECRET: &str = "webhook-secret-of-the-repository";
 const WEB: &str = "https://github.example.com";
@@ -345,17 +346,56 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     assert_eq!(answered, vec![701, 702], "{replies:?}");
     assert!(replies.iter().all(|(_, text)| text.contains(&commit)), "{replies:?}");
 
-    // The cap: a fourth reaction starts nothing.
-    let (_, capped) = forge
+    // The cap: a fourth reaction starts nothing, and the ticket waits for
+    // a person, saying why.
+    let one_more = comment(502, &pr, "OWNER", "@omoi one more thing");
+    let (_, capped) = forge.deliver("issue_comment", "d-mention-2", &one_more).await;
+    assert!(capped.contains("reactions are used up"), "{capped}");
+    let paused = wait_ticket(&tickets, &id, PAUSED).await;
+    let held = paused.ticket.as_ref().unwrap();
+    assert_eq!((tasks_now(&paused), held.reactions), (4, 3));
+    assert!(
+        held.paused_reason
+            .contains(&format!("its 3 reactions are used up: mention: {pr}#issuecomment-502")),
+        "{}",
+        held.paused_reason
+    );
+    let (_, again) = forge
         .deliver(
             "issue_comment",
-            "d-mention-2",
-            &comment(502, &pr, "OWNER", "@omoi one more thing"),
+            "d-mention-3",
+            &comment(503, &pr, "OWNER", "@omoi and this"),
         )
         .await;
-    assert!(capped.contains("reactions are used up"), "{capped}");
+    assert!(again.contains("the ticket is paused"), "{again}");
+    // Its cap raised, it is done again; GitHub's redelivery of the turned
+    // away comment is answered then.
+    let raised = tickets
+        .clone()
+        .update_ticket(pb::UpdateTicketRequest {
+            ticket: Some(pb::Ticket {
+                id: id.clone(),
+                max_reactions: 4,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["max_reactions".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    assert_eq!(
+        (raised.status, raised.max_reactions, raised.paused_reason.as_str()),
+        (COMPLETED, 4, "")
+    );
+    let (_, answered) = forge.deliver("issue_comment", "d-mention-2", &one_more).await;
+    assert!(answered.contains("\"reacted\":true"), "{answered}");
+    // Answered means reopened: it completes once the follow-up did.
     let after = wait_ticket(&tickets, &id, COMPLETED).await;
-    assert_eq!((tasks_now(&after), after.ticket.as_ref().unwrap().reactions), (4, 3));
+    assert_eq!((tasks_now(&after), after.ticket.as_ref().unwrap().reactions), (5, 4));
     // The ticket lists them: kind, cause, the task each made.
     let made: Vec<(String, bool)> = after
         .reactions
@@ -367,7 +407,8 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
         [
             ("ci_failure".to_owned(), true),
             ("mention".to_owned(), true),
-            ("review".to_owned(), true)
+            ("review".to_owned(), true),
+            ("mention".to_owned(), true)
         ]
     );
     assert_eq!(github.replies().len(), 2, "each thread answered once");
@@ -382,7 +423,7 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
         .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
         .collect();
     let kinds: Vec<&str> = reactions.iter().map(|r| r["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["ci_failure", "mention", "review"], "{reactions:?}");
+    assert_eq!(kinds, ["ci_failure", "mention", "review", "mention"], "{reactions:?}");
     assert_eq!(reactions[1]["url"], format!("{pr}#issuecomment-501"));
 
     forge.stop().await;
