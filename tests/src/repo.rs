@@ -43,3 +43,21 @@ pub fn remote() -> (PathBuf, String) {
     let head = git(&bare, &["rev-parse", "main"]);
     (bare, head)
 }
+
+/// A person's commit on `branch` of `bare` (made from its head): `file`
+/// written with `text`; the commit.
+pub fn push_commit(bare: &Path, branch: &str, file: &str, text: &str, message: &str) -> String {
+    let work = bare.with_file_name(format!("person-{}", uuid::Uuid::new_v4().simple()));
+    let (bare, work_path) = (bare.to_str().unwrap(), work.to_str().unwrap());
+    git(
+        Path::new("/"),
+        &["clone", "--quiet", "--branch", branch, bare, work_path],
+    );
+    std::fs::write(work.join(file), text).unwrap();
+    git(&work, &["add", file]);
+    git(&work, &["commit", "--quiet", "-m", message]);
+    git(&work, &["push", "--quiet", "origin", branch]);
+    let commit = git(&work, &["rev-parse", "HEAD"]);
+    std::fs::remove_dir_all(&work).unwrap();
+    commit
+}

@@ -5,7 +5,9 @@
 //!   helper fed from the executor's secret, or an SSH key) reach git there
 //!   and nowhere else;
 //! - the *workspace*, a clone of the mirror without any remote, checked out
-//!   on the ticket's branch at the commit the task's dependencies ended on.
+//!   on the ticket's branch at its head when that holds the work of the
+//!   task's dependencies (with what other tasks or people pushed since),
+//!   else at the commit the dependencies ended on.
 //!
 //! After a successful run, whatever the agent changed (its own commits
 //! included) becomes one commit on top of that base, made in the workspace
@@ -98,7 +100,13 @@ pub struct Checkout {
     /// Commits the mirror has that the workspace's history includes (what a
     /// bundle of the attempt's work may leave out).
     known: Vec<String>,
+    /// Commits on the branch since the parents' work (`--oneline`, newest
+    /// first), when the attempt started from the branch's head.
+    pub pushed_since: Vec<String>,
 }
+
+/// Most commits pushed since an attempt's parents that its prompt lists.
+const PUSHED_LISTED: usize = 20;
 
 /// Most attempts at pushing when other tasks keep moving the branch.
 const PUSH_ATTEMPTS: usize = 5;
@@ -144,6 +152,35 @@ impl GitSettings {
                 }
             }
             known.push(p.commit.clone());
+        }
+        // Where the branch holds the parents' work, its head is where the
+        // work goes on: what other tasks or people pushed since is kept.
+        let mut pushed_since = Vec::new();
+        if !known.is_empty() {
+            let tip = format!("refs/heads/{}^{{commit}}", start.branch);
+            if let Ok(head) = self.local(mirror, &["rev-parse", "--verify", "--quiet", &tip]).await {
+                let mut holds_parents = true;
+                for c in &known {
+                    if self
+                        .local(mirror, &["merge-base", "--is-ancestor", c, &head])
+                        .await
+                        .is_err()
+                    {
+                        holds_parents = false;
+                        break;
+                    }
+                }
+                if holds_parents && !known.contains(&head) {
+                    let mut range = vec!["log".to_owned(), "--oneline".to_owned(), "--no-decorate".to_owned()];
+                    range.push(format!("--max-count={PUSHED_LISTED}"));
+                    range.push(head.clone());
+                    range.extend(known.iter().map(|c| format!("^{c}")));
+                    let range: Vec<&str> = range.iter().map(String::as_str).collect();
+                    let log = self.local(mirror, &range).await.unwrap_or_default();
+                    pushed_since = log.lines().map(str::to_owned).collect();
+                    known.push(head);
+                }
+            }
         }
         if known.is_empty() {
             let rev = if start.base_ref.is_empty() {
@@ -207,6 +244,7 @@ impl GitSettings {
             branch: start.branch.to_owned(),
             base_commit,
             known,
+            pushed_since,
         })
     }
 
@@ -687,12 +725,16 @@ mod tests {
         }
 
         async fn prepare(&self, parents: Vec<Parent>) -> Result<Checkout, GitError> {
+            self.prepare_on(BRANCH, parents).await
+        }
+
+        async fn prepare_on(&self, branch: &str, parents: Vec<Parent>) -> Result<Checkout, GitError> {
             let repository = Repository::Local(self.remote.clone());
             let ws = self.root.join(format!("ws-{}", uuid::Uuid::new_v4().simple()));
             std::fs::create_dir_all(&ws).unwrap();
             let start = Start {
                 repository: &repository,
-                branch: "omoi/0000abcd-unit",
+                branch,
                 base_ref: "",
                 parents,
             };
@@ -705,6 +747,8 @@ mod tests {
             let _ = std::fs::remove_dir_all(&self.root);
         }
     }
+
+    const BRANCH: &str = "omoi/0000abcd-unit";
 
     fn parent(name: &str, commit: &str) -> Parent {
         Parent {
@@ -745,6 +789,23 @@ mod tests {
             matches!(&e, GitError::Refused(m) if m.contains(&gone) && m.contains("Gone")),
             "{e:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn work_goes_on_from_what_people_pushed_on_it_but_not_from_a_rewritten_branch() {
+        let s = Scratch::new();
+        let agent = s.commit("main", "t", &[("a.txt", "a\n")]);
+        let person = s.commit("t", "t", &[("NOTES.md", "by a person\n")]);
+        let c = s.prepare_on("t", vec![parent("Earlier", &agent)]).await.unwrap();
+        assert_eq!(c.base_commit, person);
+        assert!(c.workspace.join("NOTES.md").exists());
+        assert_eq!(c.pushed_since.len(), 1);
+        assert!(c.pushed_since[0].ends_with(" t"), "{:?}", c.pushed_since);
+        // A branch that no longer holds the work: the work, not the branch.
+        let rewritten = s.commit("main", "u", &[("b.txt", "b\n")]);
+        let c = s.prepare_on("u", vec![parent("Earlier", &agent)]).await.unwrap();
+        assert_ne!(c.base_commit, rewritten);
+        assert_eq!((c.base_commit.as_str(), c.pushed_since.len()), (agent.as_str(), 0));
     }
 
     #[tokio::test]

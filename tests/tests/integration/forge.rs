@@ -12,7 +12,7 @@ use omoi_tests::console::Console;
 use omoi_tests::events::read_all;
 use omoi_tests::github::{GitHubApi, deliver};
 use omoi_tests::mesh::{Options, ProcessMesh};
-use omoi_tests::repo::{git, remote};
+use omoi_tests::repo::{git, push_commit, remote};
 use omoi_tests::{Infra, file_ticket, wait_ticket, wait_ticket_where};
 use serde_json::{Value, json};
 
@@ -278,7 +278,15 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
         "one reaction per failed commit: {same_commit}"
     );
 
-    // A collaborator's mention: one more follow-up with their words.
+    // A person pushes to the pull request; then a collaborator's mention:
+    // one more follow-up with their words, on top of that person's commit.
+    let person = push_commit(
+        bare,
+        &branch,
+        "NOTES.md",
+        "Mind the empty case.\n",
+        "Notes from a person",
+    );
     let (status, answer) = forge
         .deliver(
             "issue_comment",
@@ -296,8 +304,16 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
         "{:#?}",
         done.tasks
     );
-    assert_eq!(commits(), "3");
+    assert_eq!(commits(), "4");
     assert_eq!(done.ticket.as_ref().unwrap().reactions, 2);
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    let mentioned = done.tasks.iter().find(|t| t.id == answer["task_id"]).unwrap();
+    let git_of = mentioned.git.as_ref().unwrap();
+    assert_eq!(
+        git_of.base_commit, person,
+        "the follow-up starts from the branch's head"
+    );
+    assert_eq!(git(bare, &["rev-parse", &format!("{}^", git_of.commit)]), person);
 
     // A review requesting changes, with two comments: one follow-up holding
     // both, then an answer in each thread naming the commit.
@@ -334,7 +350,7 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     ] {
         assert!(fix.description.contains(part), "{part:?} not in {}", fix.description);
     }
-    assert_eq!(commits(), "4");
+    assert_eq!(commits(), "5");
     let commit = fix.git.as_ref().unwrap().commit.clone();
     let replies = omoi_tests::eventually(Duration::from_secs(60), "both threads answered", || async {
         let r = github.replies();

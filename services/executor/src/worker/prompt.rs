@@ -139,6 +139,15 @@ pub fn continuation(task: &tq::Task, checkout: Option<&Checkout>) -> String {
             "\nThe directory is on branch `{}`, based on commit {}; what you change is committed for you when you finish.\n",
             c.branch, c.base_commit
         ));
+        if !c.pushed_since.is_empty() {
+            p.push_str(
+                "\nSince your earlier work, these commits were pushed to the branch (they are in this directory; \
+                 keep them):\n",
+            );
+            for line in &c.pushed_since {
+                p.push_str(&format!("- {line}\n"));
+            }
+        }
     }
     p
 }

@@ -264,8 +264,8 @@ impl Worker {
         .await
     }
 
-    /// The workspace (a checkout of the ticket's branch at the commit the
-    /// dependencies ended on, when the ticket names a repository), the
+    /// The workspace (a checkout of the ticket's branch where its
+    /// dependencies' work goes on, when the ticket names a repository), the
     /// ticket and the dependencies' work; a failure says how it should be
     /// classified.
     async fn prepare(&self, task: &tq::Task, dir: &Path) -> Result<Prepared, (String, Option<ErrorClass>)> {
