@@ -103,6 +103,10 @@ pub struct Checkout {
     /// Commits on the branch since the parents' work (`--oneline`, newest
     /// first), when the attempt started from the branch's head.
     pub pushed_since: Vec<String>,
+    /// The branch the ticket's work merges into and its current head, as
+    /// a branch of the workspace too (so an agent can merge it in); None
+    /// when the base is no branch of the repository.
+    pub base_branch: Option<(String, String)>,
 }
 
 /// Most commits pushed since an attempt's parents that its prompt lists.
@@ -231,6 +235,11 @@ impl GitSettings {
             ],
         )
         .await?;
+        let base_branch = self.base_branch(mirror, start).await;
+        if let Some((name, head)) = &base_branch {
+            self.local(workspace, &["update-ref", &format!("refs/heads/{name}"), head])
+                .await?;
+        }
         self.local(workspace, &["remote", "remove", "origin"]).await?;
         self.local(workspace, &["checkout", "--quiet", "-B", start.branch, &tips[0]])
             .await?;
@@ -245,7 +254,30 @@ impl GitSettings {
             base_commit,
             known,
             pushed_since,
+            base_branch,
         })
+    }
+
+    /// The branch `start` merges into (its `base_ref`, or the remote's
+    /// default branch) and its head in `mirror`, unless it is no branch or
+    /// the ticket's own.
+    async fn base_branch(&self, mirror: &Path, start: &Start<'_>) -> Option<(String, String)> {
+        let name = if start.base_ref.is_empty() {
+            self.local(mirror, &["symbolic-ref", "--quiet", "--short", "HEAD"])
+                .await
+                .ok()?
+        } else {
+            start.base_ref.to_owned()
+        };
+        if name == start.branch {
+            return None;
+        }
+        let tip = format!("refs/heads/{name}^{{commit}}");
+        let head = self
+            .local(mirror, &["rev-parse", "--verify", "--quiet", &tip])
+            .await
+            .ok()?;
+        Some((name, head))
     }
 
     /// Merges dependencies' commits into the workspace's first one; refused,
@@ -289,6 +321,12 @@ impl GitSettings {
             .as_agent(ws, user, &["rev-parse", "--verify", "HEAD^{commit}"], None)
             .await
             .map_err(|e| GitError::Refused(format!("the workspace's git repository is unusable: {e}")))?;
+        let merged = self.merged_base(checkout, user).await?;
+        if merged.is_some() {
+            // The index and files are what counts; the merge state (or the
+            // agent's merge commit) is made again below.
+            let _ = self.as_agent(ws, user, &["merge", "--quit"], None).await;
+        }
         if head.trim() != base {
             self.as_agent(ws, user, &["merge-base", "--is-ancestor", base, "HEAD"], None)
                 .await
@@ -302,7 +340,7 @@ impl GitSettings {
             .as_agent(ws, user, &["diff", "--cached", "--quiet", "--no-ext-diff"], None)
             .await
             .is_ok();
-        if unchanged {
+        if unchanged && merged.is_none() {
             return Ok(GitChange {
                 branch: checkout.branch.clone(),
                 base_commit: base.clone(),
@@ -310,17 +348,109 @@ impl GitSettings {
                 ..Default::default()
             });
         }
-        self.as_agent(
-            ws,
-            user,
-            &["commit", "--quiet", "--no-verify", "-F", "-"],
-            Some(message),
-        )
-        .await?;
-        let commit = self.as_agent(ws, user, &["rev-parse", "HEAD"], None).await?;
+        let commit = match &merged {
+            None => {
+                self.as_agent(
+                    ws,
+                    user,
+                    &["commit", "--quiet", "--no-verify", "-F", "-"],
+                    Some(message),
+                )
+                .await?;
+                self.as_agent(ws, user, &["rev-parse", "HEAD"], None).await?
+            }
+            Some((name, other)) => {
+                self.unmarked(checkout, user, name).await?;
+                // A merge commit: the pull request merges cleanly only when
+                // the base's head is one of its parents.
+                let tree = self.as_agent(ws, user, &["write-tree"], None).await?;
+                let message = format!("{message}\n\nMerge branch '{name}' into {}", checkout.branch);
+                let commit = self
+                    .as_agent(
+                        ws,
+                        user,
+                        &["commit-tree", &tree, "-p", base, "-p", other, "-F", "-"],
+                        Some(&message),
+                    )
+                    .await?;
+                self.as_agent(ws, user, &["reset", "--quiet", "--soft", &commit], None)
+                    .await?;
+                commit
+            }
+        };
         let commit = self.receive(checkout, &commit, user).await?;
         let commit = self.push(checkout, commit).await?;
         self.describe(checkout, commit).await
+    }
+
+    /// The base branch (name, commit) the agent merged into the workspace:
+    /// committed, or under way (its conflicts resolved or not).
+    async fn merged_base(
+        &self,
+        checkout: &Checkout,
+        user: &WorkspaceUser,
+    ) -> Result<Option<(String, String)>, GitError> {
+        let Some((name, other)) = &checkout.base_branch else {
+            return Ok(None);
+        };
+        let ws = &checkout.workspace;
+        if self
+            .as_agent(
+                ws,
+                user,
+                &["merge-base", "--is-ancestor", other, &checkout.base_commit],
+                None,
+            )
+            .await
+            .is_ok()
+        {
+            // Already in the branch: nothing to merge.
+            return Ok(None);
+        }
+        let committed = self
+            .as_agent(ws, user, &["merge-base", "--is-ancestor", other, "HEAD"], None)
+            .await
+            .is_ok();
+        let under_way = self
+            .as_agent(ws, user, &["rev-parse", "--verify", "--quiet", "MERGE_HEAD"], None)
+            .await
+            .is_ok_and(|m| m.trim() == other);
+        Ok((committed || under_way).then(|| (name.clone(), other.clone())))
+    }
+
+    /// Refuses a merge whose conflicts were left unresolved (conflict
+    /// markers added to a file), naming the files.
+    async fn unmarked(&self, checkout: &Checkout, user: &WorkspaceUser, name: &str) -> Result<(), GitError> {
+        let diff = self
+            .as_agent(
+                &checkout.workspace,
+                user,
+                &[
+                    "diff",
+                    "--cached",
+                    "--no-ext-diff",
+                    "--no-textconv",
+                    "-U0",
+                    &checkout.base_commit,
+                ],
+                None,
+            )
+            .await?;
+        let (mut file, mut marked) = ("", Vec::new());
+        for line in diff.lines() {
+            if let Some(f) = line.strip_prefix("+++ b/") {
+                file = f;
+            } else if (line.starts_with("+<<<<<<< ") || line.starts_with("+>>>>>>> ")) && !marked.contains(&file) {
+                marked.push(file);
+            }
+        }
+        if marked.is_empty() {
+            return Ok(());
+        }
+        Err(GitError::Refused(format!(
+            "the merge of {name} was left with conflict markers in: {}",
+            marked.join(", ")
+        )))
     }
 
     /// Brings the workspace's commit into the mirror as a bundle the agent's
@@ -328,6 +458,8 @@ impl GitSettings {
     async fn receive(&self, checkout: &Checkout, commit: &str, user: &WorkspaceUser) -> Result<String, GitError> {
         let mut args = vec!["bundle", "create", "--quiet", "-", "HEAD", "--not"];
         args.extend(checkout.known.iter().map(String::as_str));
+        // The mirror has the base branch a merge brought in.
+        args.extend(checkout.base_branch.iter().map(|(_, head)| head.as_str()));
         let bundle = self.as_agent_bytes(&checkout.workspace, user, &args).await?;
         let file = checkout.mirror.join("attempt.bundle");
         tokio::fs::write(&file, bundle)
@@ -397,6 +529,18 @@ impl GitSettings {
             {
                 return Ok(commit);
             }
+            if self
+                .local(mirror, &["rev-parse", "--verify", "--quiet", &format!("{commit}^2")])
+                .await
+                .is_ok()
+            {
+                // A merge is not replayed (a rebase would flatten it into
+                // the base's commits): its task goes round again instead.
+                return Err(GitError::Transient(format!(
+                    "the branch {} moved while its merge was made",
+                    checkout.branch
+                )));
+            }
             commit = self.rebase(checkout, &commit).await?;
         }
         Err(GitError::Transient(format!(
@@ -449,11 +593,12 @@ impl GitSettings {
 
     /// What `commit` changed, from the mirror.
     async fn describe(&self, checkout: &Checkout, commit: String) -> Result<GitChange, GitError> {
-        let range = format!("{commit}^!");
+        // Against its first parent: what the branch got (a merge's too).
+        let parent = format!("{commit}^1");
         let numstat = self
             .local(
                 &checkout.mirror,
-                &["diff", "--numstat", "--no-ext-diff", "--no-textconv", &range],
+                &["diff", "--numstat", "--no-ext-diff", "--no-textconv", &parent, &commit],
             )
             .await?;
         let (mut files, mut insertions, mut deletions) = (0, 0, 0);
@@ -467,7 +612,7 @@ impl GitSettings {
         let patch = self
             .local(
                 &checkout.mirror,
-                &["diff", "--no-color", "--no-ext-diff", "--no-textconv", &range],
+                &["diff", "--no-color", "--no-ext-diff", "--no-textconv", &parent, &commit],
             )
             .await?;
         let (patch, patch_truncated) = bounded_patch(&patch);
@@ -806,6 +951,64 @@ mod tests {
         let c = s.prepare_on("u", vec![parent("Earlier", &agent)]).await.unwrap();
         assert_ne!(c.base_commit, rewritten);
         assert_eq!((c.base_commit.as_str(), c.pushed_since.len()), (agent.as_str(), 0));
+    }
+
+    #[tokio::test]
+    async fn a_merge_of_the_moved_base_lands_as_a_merge_commit_and_never_with_its_conflicts_left() {
+        let s = Scratch::new();
+        let work = s.commit("main", "t", &[("README.md", "hello from the branch\n")]);
+        let moved = s.commit("main", "main", &[("README.md", "hello from main\n")]);
+        let user = WorkspaceUser::default();
+        let merge = |c: &Checkout| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(&c.workspace)
+                .args(["-c", "user.name=a", "-c", "user.email=a@a", "merge", "main"])
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "the merge conflicts");
+        };
+
+        // Conflicts left as they are: refused, naming the file.
+        let c = s.prepare_on("t", vec![parent("Work", &work)]).await.unwrap();
+        assert_eq!(c.base_branch, Some(("main".to_owned(), moved.clone())));
+        assert_eq!(
+            run(&c.workspace, &["rev-parse", "main"]),
+            moved,
+            "the base is a branch of the workspace"
+        );
+        merge(&c);
+        let e = Scratch::settings()
+            .commit_and_push(&c, "fix: merge", &user)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, GitError::Refused(m) if m.contains("conflict markers in: README.md")),
+            "{e:?}"
+        );
+
+        // Resolved and committed by the agent: one merge commit on the
+        // branch, its parents the work and the base's head.
+        let c = s.prepare_on("t", vec![parent("Work", &work)]).await.unwrap();
+        merge(&c);
+        std::fs::write(c.workspace.join("README.md"), "hello from main and the branch\n").unwrap();
+        run(&c.workspace, &["commit", "--quiet", "-am", "resolved"]);
+        let landed = Scratch::settings()
+            .commit_and_push(&c, "fix: merge", &user)
+            .await
+            .unwrap();
+        assert_eq!(run(&s.remote, &["rev-parse", "t"]), landed.commit);
+        let parents = run(&s.remote, &["rev-list", "--parents", "-n", "1", "t"]);
+        assert_eq!(parents, format!("{} {work} {moved}", landed.commit));
+        assert_eq!(
+            run(&s.remote, &["show", "t:README.md"]),
+            "hello from main and the branch"
+        );
+        assert!(
+            landed.patch.contains("+hello from main and the branch"),
+            "{}",
+            landed.patch
+        );
     }
 
     #[tokio::test]
