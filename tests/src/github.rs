@@ -70,6 +70,12 @@ struct State {
     job_logs: Mutex<std::collections::HashMap<i64, String>>,
     url: Mutex<String>,
     token_on_download: AtomicBool,
+    /// Bare repositories by `owner/name`: their pull requests' heads, bases
+    /// and mergeability are read from them (mergeability, as GitHub works
+    /// it out in the background, is unknown — null — the first time a head
+    /// and base are asked about).
+    repositories: Mutex<std::collections::HashMap<String, std::path::PathBuf>>,
+    merges_asked: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl GitHubApi {
@@ -97,6 +103,8 @@ impl GitHubApi {
             job_logs: Mutex::default(),
             url: Mutex::default(),
             token_on_download: AtomicBool::new(false),
+            repositories: Mutex::default(),
+            merges_asked: Mutex::default(),
         });
         let server = Server::start(Arc::clone(&state), handle).await?;
         *state.url.lock().unwrap() = server.url.clone();
@@ -126,6 +134,15 @@ impl GitHubApi {
     /// Review `review` holds `comments` (GitHub's JSON).
     pub fn review(&self, review: i64, comments: Vec<Value>) {
         self.state.reviews.lock().unwrap().insert(review, comments);
+    }
+
+    /// Repository `repo` (`owner/name`) is the bare repository `bare`.
+    pub fn serve_repository(&self, repo: &str, bare: &std::path::Path) {
+        self.state
+            .repositories
+            .lock()
+            .unwrap()
+            .insert(repo.to_owned(), bare.to_path_buf());
     }
 
     /// Pull request `number`'s head is `sha`.
@@ -361,6 +378,28 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
             let mut answer = pull_json(&state.web, &pr);
             answer["state"] = json!("open");
             answer["head"]["sha"] = json!(state.heads.lock().unwrap().get(&number).cloned().unwrap_or_default());
+            let bare = state.repositories.lock().unwrap().get(&repo).cloned();
+            if let Some(bare) = bare {
+                let tip = |branch: &str| crate::repo::git(&bare, &["rev-parse", &format!("refs/heads/{branch}")]);
+                let (head, base) = (tip(&pr.head), tip(&pr.base));
+                // Known from the second look at this head and base on.
+                let known = !state.merges_asked.lock().unwrap().insert((head.clone(), base.clone()));
+                answer["mergeable"] = if known {
+                    let clean = std::process::Command::new("git")
+                        .arg("-C")
+                        .arg(&bare)
+                        .args(["merge-tree", "--write-tree", &base, &head])
+                        .stdout(std::process::Stdio::null())
+                        .status()
+                        .expect("git runs")
+                        .success();
+                    json!(clean)
+                } else {
+                    Value::Null
+                };
+                answer["head"]["sha"] = json!(head);
+                answer["base"]["sha"] = json!(base);
+            }
             conditional(&state, &parts.headers, answer)
         }
         (Method::GET, ["commits", sha, "check-suites"]) => {

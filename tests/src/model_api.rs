@@ -17,8 +17,10 @@
 //!
 //! A later prompt of the conversation (a follow-up's) with `file=<name>`
 //! in it starts the script again from there, writing `<name>` (Messages
-//! API); any other later prompt (a resumed session's) carries on where the
-//! conversation is.
+//! API); one asking for ``(`git merge <base>`)`` starts the merge script:
+//! turn 1 runs that merge, turn 2 resolves each conflicted file by keeping
+//! both sides (its conflict markers deleted), turn 3 answers. Any other
+//! later prompt (a resumed session's) carries on where the conversation is.
 //!
 //! It adds up the usage it reported, so that a test can compare what the
 //! agent and omoi made of it; `hold(turn)` keeps that turn's answer back
@@ -334,7 +336,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
         .lock()
         .unwrap()
         .push((chrono::Utc::now(), working_directory(&body), conversation));
-    let (since, file) = follow_up_script(&body);
+    let (since, script_of) = follow_up_script(&body);
     let turn = 1 + match api {
         Api::Messages => body["messages"]
             .as_array()
@@ -367,15 +369,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
     let out = match api {
         Api::Messages => {
             // `outcome=reveal`: its shell command shows the agent's environment.
-            let command = match outcome(&script).as_str() {
-                "reveal" => "env".to_owned(),
-                _ => format!("cat {file}"),
+            let command = match (outcome(&script).as_str(), &script_of) {
+                ("reveal", _) => "env".to_owned(),
+                (_, Script::Write(file)) => format!("cat {file}"),
+                (_, Script::Merge(_)) => String::new(),
             };
             messages(
                 &body,
                 turn,
                 &dir,
-                &file,
+                &script_of,
                 &command,
                 (input, output, cache_read, cache_write),
             )
@@ -451,12 +454,29 @@ fn responses(turn: usize, (input, output, cached): (i64, i64, i64)) -> String {
     out
 }
 
-/// Where the script starts in a Messages API conversation, and the file
-/// it writes: from the last user prompt naming `file=<name>`, else from
-/// the start with `hello.txt`.
-fn follow_up_script(body: &Value) -> (usize, String) {
+/// What a Messages API conversation's script does.
+enum Script {
+    /// Writes the file.
+    Write(String),
+    /// Merges the branch and resolves its conflicts.
+    Merge(String),
+}
+
+/// Where the script starts in a Messages API conversation, and what it
+/// does: from the last user prompt naming `file=<name>` or asking for a
+/// merge, else from the start writing `hello.txt`.
+fn follow_up_script(body: &Value) -> (usize, Script) {
     let Some(messages) = body["messages"].as_array() else {
-        return (0, "hello.txt".into());
+        return (0, Script::Write("hello.txt".into()));
+    };
+    let name_after = |text: &str, marker: &str| -> Option<String> {
+        let name: String = text
+            .split(marker)
+            .nth(1)?
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+            .collect();
+        (!name.is_empty()).then_some(name)
     };
     messages
         .iter()
@@ -465,36 +485,54 @@ fn follow_up_script(body: &Value) -> (usize, String) {
         .filter(|(_, m)| m["role"] == "user")
         .find_map(|(i, m)| {
             let text = m["content"].to_string();
-            let name = text.split("file=").nth(1)?;
-            let name: String = name
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-                .collect();
-            (!name.is_empty()).then_some((i, name))
+            if let Some(base) = name_after(&text, "(`git merge ") {
+                return Some((i, Script::Merge(base)));
+            }
+            name_after(&text, "file=").map(|name| (i, Script::Write(name)))
         })
-        .unwrap_or((0, "hello.txt".into()))
+        .unwrap_or((0, Script::Write("hello.txt".into())))
 }
 
 /// A turn of the Messages API: Claude's Write of `file`, then Bash running
-/// `command`, then the answer.
+/// `command`, then the answer; or the merge script's turn.
 fn messages(
     body: &Value,
     turn: usize,
     dir: &str,
-    file: &str,
+    script: &Script,
     command: &str,
     (input, output, cache_read, cache_write): (i64, i64, i64, i64),
 ) -> String {
-    let id = |what: &str| format!("toolu_{what}_{}", file.replace('.', "_"));
-    let blocks = match turn {
-        1 => vec![
-            json!({"type": "text", "text": "I will write the file."}),
-            json!({"type": "tool_use", "id": id("write"), "name": "Write",
-                   "input": {"file_path": format!("{dir}/{file}"), "content": "hello from claude\n"}}),
-        ],
-        2 => vec![json!({"type": "tool_use", "id": id("cat"), "name": "Bash",
-                         "input": {"command": command, "description": "Show the file"}})],
-        _ => vec![json!({"type": "text", "text": format!("Done: wrote {file}")})],
+    let bash = |id: &str, command: String, description: &str| {
+        json!({"type": "tool_use", "id": id, "name": "Bash",
+               "input": {"command": command, "description": description}})
+    };
+    let blocks = match script {
+        Script::Write(file) => {
+            let id = |what: &str| format!("toolu_{what}_{}", file.replace('.', "_"));
+            match turn {
+                1 => vec![
+                    json!({"type": "text", "text": "I will write the file."}),
+                    json!({"type": "tool_use", "id": id("write"), "name": "Write",
+                           "input": {"file_path": format!("{dir}/{file}"), "content": "hello from claude\n"}}),
+                ],
+                2 => vec![bash(&id("cat"), command.to_owned(), "Show the file")],
+                _ => vec![json!({"type": "text", "text": format!("Done: wrote {file}")})],
+            }
+        }
+        Script::Merge(base) => match turn {
+            1 => vec![
+                json!({"type": "text", "text": format!("I will merge {base}.")}),
+                bash("toolu_merge", format!("git merge {base} || true"), "Merge the base"),
+            ],
+            2 => vec![bash(
+                "toolu_resolve",
+                "git diff --name-only --diff-filter=U | xargs sed -i -e '/^<<<<<<< /d' -e '/^=======$/d' -e '/^>>>>>>> /d'"
+                    .to_owned(),
+                "Keep both sides of each conflict",
+            )],
+            _ => vec![json!({"type": "text", "text": format!("Done: merged {base}")})],
+        },
     };
     let mut out = String::new();
     sse(

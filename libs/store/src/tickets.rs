@@ -504,6 +504,50 @@ impl Store {
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 
+    /// Marks tickets `ids` for a look at whether their pull request still
+    /// merges cleanly (its base moved).
+    pub async fn check_mergeable(&self, ids: &[Uuid]) -> Result<()> {
+        sqlx::query(sql!(
+            "UPDATE tickets SET merge_check_since = clock_timestamp() WHERE id = ANY($1)"
+        ))
+        .bind(ids)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Tickets marked by [`Store::check_mergeable`] that may still react,
+    /// each with when it was marked.
+    pub async fn merge_checks_due(&self, limit: i64) -> Result<Vec<(Ticket, chrono::DateTime<chrono::Utc>)>> {
+        let marked: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(sql!(
+            "SELECT id, merge_check_since FROM tickets
+             WHERE merge_check_since IS NOT NULL AND pull_request_url <> '' AND status <> 'cancelled'
+             ORDER BY merge_check_since LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        let mut due = Vec::with_capacity(marked.len());
+        for (id, since) in marked {
+            let mut conn = self.pool().acquire().await?;
+            due.push((select_ticket(&mut conn, id, false).await?, since));
+        }
+        Ok(due)
+    }
+
+    /// The forge said whether ticket `id`'s pull request merges cleanly,
+    /// as its base was when marked `since` (a later mark stays).
+    pub async fn merge_checked(&self, id: Uuid, since: chrono::DateTime<chrono::Utc>) -> Result<()> {
+        sqlx::query(sql!(
+            "UPDATE tickets SET merge_check_since = NULL WHERE id = $1 AND merge_check_since = $2"
+        ))
+        .bind(id)
+        .bind(since)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
     /// Reactions whose follow-up completed and whose review comments are
     /// not all answered yet: each with its ticket's repository.
     pub async fn replies_due(&self, limit: i64) -> Result<Vec<DueReplies>> {

@@ -49,7 +49,7 @@ fn unhex(hex: &str) -> Option<Vec<u8>> {
 /// What a delivery asks of the ticket service.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Asked {
-    React(pb::ReactRequest),
+    React(Box<pb::ReactRequest>),
     Intake(pb::IntakeRequest),
 }
 
@@ -128,6 +128,20 @@ pub fn read(event: &str, delivery_id: &str, body: &[u8]) -> Result<Option<Asked>
                 ..base
             })
         }
+        // A push to a branch: the pull requests into it may conflict now
+        // (the ticket service asks GitHub which do).
+        ("push", _)
+            if p["deleted"].as_bool() != Some(true)
+                && p["ref"].as_str().is_some_and(|r| r.starts_with("refs/heads/")) =>
+        {
+            Some(pb::ReactRequest {
+                kind: pb::ReactionKind::Conflict.into(),
+                base_ref: s(&p["ref"]).trim_start_matches("refs/heads/").to_owned(),
+                base_sha: s(&p["after"]),
+                url: s(&p["compare"]),
+                ..base
+            })
+        }
         // A comment on a pull request's conversation (issues carry no
         // `pull_request`), or on its diff.
         ("issue_comment", "created") if p["issue"]["pull_request"].is_object() => {
@@ -157,7 +171,7 @@ pub fn read(event: &str, delivery_id: &str, body: &[u8]) -> Result<Option<Asked>
         }
         _ => None,
     }
-    .map(Asked::React))
+    .map(|r| Asked::React(Box::new(r))))
 }
 
 fn mention(base: pb::ReactRequest, comment: &Value, pull_request_url: String) -> pb::ReactRequest {
@@ -205,7 +219,7 @@ pub async fn github(State(console): State<Arc<Console>>, headers: HeaderMap, bod
     };
     let mut tickets = TicketServiceClient::new(console.ticket.clone());
     let answered = match asked {
-        Asked::React(request) => tickets.react(request).await.map(|r| {
+        Asked::React(request) => tickets.react(*request).await.map(|r| {
             let r = r.into_inner();
             let task = r.task.map(|t| t.id).unwrap_or_default();
             json!({"reacted": r.reacted, "reason": r.reason, "task_id": task})
@@ -272,7 +286,7 @@ mod tests {
             "check_suite": {"id": 9, "head_branch": "omoi/x", "head_sha": "abc", "conclusion": "failure"}
         });
         let react = |event: &str, body: &Value| match read(event, "d", body.to_string().as_bytes()).unwrap() {
-            Some(Asked::React(r)) => Some(r),
+            Some(Asked::React(r)) => Some(*r),
             _ => None,
         };
         let r = react("check_suite", &suite).unwrap();
@@ -300,6 +314,22 @@ mod tests {
         );
         let pending = json!({"state": "pending", "sha": "abc"});
         assert_eq!(react("status", &pending), None);
+        let push = json!({"ref": "refs/heads/main", "after": "abc", "compare": "https://x/compare/a...b",
+                          "repository": {"full_name": "o/r"}});
+        let r = react("push", &push).unwrap();
+        assert_eq!(
+            (
+                r.kind,
+                r.base_ref.as_str(),
+                r.base_sha.as_str(),
+                r.pull_request_url.as_str()
+            ),
+            (pb::ReactionKind::Conflict as i32, "main", "abc", "")
+        );
+        let tag = json!({"ref": "refs/tags/v1", "after": "abc", "repository": {"full_name": "o/r"}});
+        assert_eq!(react("push", &tag), None);
+        let deleted = json!({"ref": "refs/heads/old", "deleted": true, "repository": {"full_name": "o/r"}});
+        assert_eq!(react("push", &deleted), None);
         let approved = json!({"action": "submitted", "review": {"state": "approved"}});
         assert_eq!(
             read("pull_request_review", "d5", approved.to_string().as_bytes()).unwrap(),

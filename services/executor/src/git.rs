@@ -235,6 +235,11 @@ impl GitSettings {
             ],
         )
         .await?;
+        // The agent may commit, or merge the base in: as omoi's author.
+        self.local(workspace, &["config", "user.name", &self.author_name])
+            .await?;
+        self.local(workspace, &["config", "user.email", &self.author_email])
+            .await?;
         let base_branch = self.base_branch(mirror, start).await;
         if let Some((name, head)) = &base_branch {
             self.local(workspace, &["update-ref", &format!("refs/heads/{name}"), head])
@@ -963,7 +968,7 @@ mod tests {
             let out = std::process::Command::new("git")
                 .arg("-C")
                 .arg(&c.workspace)
-                .args(["-c", "user.name=a", "-c", "user.email=a@a", "merge", "main"])
+                .args(["merge", "main"])
                 .output()
                 .unwrap();
             assert!(!out.status.success(), "the merge conflicts");

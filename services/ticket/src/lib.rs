@@ -99,6 +99,11 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
             issue_label: config.github_issue_label.clone(),
         },
     ));
+    {
+        let (t, gh) = (Arc::clone(&tickets), Arc::clone(&github));
+        let every = Duration::from_secs_f64(config.pull_request_interval_seconds.max(0.05));
+        base.spawn_after_migration(move |stop| poll::merge_checks(t, gh, every, stop));
+    }
     if config.github_poll_seconds > 0.0 {
         let (t, gh) = (Arc::clone(&tickets), Arc::clone(&github));
         let every = Duration::from_secs_f64(config.github_poll_seconds.max(0.05));

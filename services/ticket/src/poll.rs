@@ -4,7 +4,9 @@
 //! their reviews — with conditional requests (an unchanged answer is a 304,
 //! which costs no rate limit), and what a webhook would have brought goes
 //! the same way: a `React` request, acted on once per failed commit and per
-//! review whether a delivery or a look found it first.
+//! review whether a delivery or a look found it first. A pull request that
+//! no longer merges cleanly is a conflict reaction, found by these looks or
+//! by the look a push to its base asks for (`merge_checks`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use crate::pulls::GitHub;
 use crate::service::Tickets;
 
 /// The tickets looked at in one pass, most recently changed first.
-const PER_PASS: i64 = 200;
+pub const PER_PASS: i64 = 200;
 
 /// Looks every `interval` until `shutdown`.
 pub async fn run(tickets: Arc<Tickets>, github: Arc<GitHub>, interval: Duration, shutdown: CancellationToken) {
@@ -44,6 +46,103 @@ pub async fn run(tickets: Arc<Tickets>, github: Arc<GitHub>, interval: Duration,
     .await
 }
 
+/// Looks every `interval` until `shutdown` whether the pull requests whose
+/// base a push moved (`Store::check_mergeable`) still merge cleanly; one
+/// that does not is a conflict reaction. GitHub works mergeability out
+/// after the push: a pull request it has not yet is asked again next time.
+pub async fn merge_checks(tickets: Arc<Tickets>, github: Arc<GitHub>, interval: Duration, shutdown: CancellationToken) {
+    let (tickets, github) = (&tickets, &github);
+    every("looking at moved bases", interval, &shutdown, move || async move {
+        for (ticket, since) in tickets
+            .store()
+            .merge_checks_due(PER_PASS)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            match merge_check(tickets, github, &ticket).await {
+                Ok(false) => {}
+                Ok(true) => tickets
+                    .store()
+                    .merge_checked(ticket.id, since)
+                    .await
+                    .map_err(|e| e.to_string())?,
+                Err(e) => {
+                    tracing::warn!(ticket_id = %ticket.id, error = %e, "could not ask whether the pull request merges")
+                }
+            }
+        }
+        Ok::<_, String>(())
+    })
+    .await
+}
+
+/// Whether GitHub answered about the ticket's pull request (and a conflict
+/// it found is answered with a reaction).
+async fn merge_check(tickets: &Tickets, github: &GitHub, ticket: &Ticket) -> Result<bool, String> {
+    let Some((repo, number)) = pull_request_of(ticket) else {
+        return Ok(true);
+    };
+    let full_name = format!("{}/{}", repo.owner, repo.name);
+    let (_, pr) = github
+        .get_cached(&format!("/repos/{full_name}/pulls/{number}"), None)
+        .await?;
+    if pr["state"].as_str() != Some("open") {
+        return Ok(true);
+    }
+    if pr["mergeable"].is_null() {
+        return Ok(false);
+    }
+    if let Some(ask) = conflict(ticket, &full_name, &pr) {
+        react(tickets, ticket, ask).await?;
+    }
+    Ok(true)
+}
+
+/// The ticket's forge repository and pull request number.
+fn pull_request_of(ticket: &Ticket) -> Option<(omoi_domain::git::ForgeRepo, i64)> {
+    let repo = forge_repo(&ticket.repository)?;
+    let number = ticket
+        .pull_request_url
+        .rsplit_once("/pull/")
+        .and_then(|(_, n)| n.parse::<i64>().ok())?;
+    Some((repo, number))
+}
+
+/// A conflict reaction when GitHub says pull request `pr` no longer merges
+/// cleanly; once per head and base, however often it is seen.
+fn conflict(ticket: &Ticket, full_name: &str, pr: &Value) -> Option<pb::ReactRequest> {
+    if pr["mergeable"].as_bool() != Some(false) {
+        return None;
+    }
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let (head, base) = (s(&pr["head"]["sha"]), s(&pr["base"]["sha"]));
+    let short = |sha: &str| sha.chars().take(40).collect::<String>();
+    Some(pb::ReactRequest {
+        delivery_id: format!("conflict-{}-{}", short(&head), short(&base)),
+        kind: pb::ReactionKind::Conflict.into(),
+        repository: full_name.to_owned(),
+        pull_request_url: ticket.pull_request_url.clone(),
+        url: ticket.pull_request_url.clone(),
+        head_sha: head,
+        base_ref: s(&pr["base"]["ref"]),
+        base_sha: base,
+        ..Default::default()
+    })
+}
+
+/// Asks for reaction `ask` as a delivery would.
+async fn react(tickets: &Tickets, ticket: &Ticket, ask: pb::ReactRequest) -> Result<(), String> {
+    let asked = ask.delivery_id.clone();
+    match tickets.react_to(ask).await {
+        Ok(r) if r.reacted => {
+            tracing::info!(ticket_id = %ticket.id, found = %asked, "reacting to what a look found");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("{asked}: {}", tonic::Status::from(e).message())),
+    }
+}
+
 /// What GitHub answered each path last, by its ETag.
 type Cache = Mutex<HashMap<String, (String, Value)>>;
 
@@ -59,14 +158,7 @@ async fn get(github: &GitHub, cache: &Cache, path: &str) -> Result<Value, String
 /// One ticket's pull request: its head's failed check suites and the
 /// reviews that requested changes, each as a reaction.
 async fn look(tickets: &Tickets, github: &GitHub, cache: &Cache, ticket: &Ticket) -> Result<(), String> {
-    let Some(repo) = forge_repo(&ticket.repository) else {
-        return Ok(());
-    };
-    let Some(number) = ticket
-        .pull_request_url
-        .rsplit_once("/pull/")
-        .and_then(|(_, n)| n.parse::<i64>().ok())
-    else {
+    let Some((repo, number)) = pull_request_of(ticket) else {
         return Ok(());
     };
     let root = format!("/repos/{}/{}", repo.owner, repo.name);
@@ -76,7 +168,7 @@ async fn look(tickets: &Tickets, github: &GitHub, cache: &Cache, ticket: &Ticket
         return Ok(());
     }
     let head = pr["head"]["sha"].as_str().unwrap_or_default().to_owned();
-    let mut asks = Vec::new();
+    let mut asks: Vec<pb::ReactRequest> = conflict(ticket, &full_name, &pr).into_iter().collect();
     let suites = get(github, cache, &format!("{root}/commits/{head}/check-suites")).await?;
     for suite in suites["check_suites"].as_array().into_iter().flatten() {
         // The ticket service says which conclusions ask for a fix; the rest
@@ -119,14 +211,7 @@ async fn look(tickets: &Tickets, github: &GitHub, cache: &Cache, ticket: &Ticket
         });
     }
     for ask in asks {
-        let asked = ask.delivery_id.clone();
-        match tickets.react_to(ask).await {
-            Ok(r) if r.reacted => {
-                tracing::info!(ticket_id = %ticket.id, found = %asked, "reacting to what a look found")
-            }
-            Ok(_) => {}
-            Err(e) => return Err(format!("{asked}: {}", tonic::Status::from(e).message())),
-        }
+        react(tickets, ticket, ask).await?;
     }
     Ok(())
 }

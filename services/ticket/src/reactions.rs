@@ -103,8 +103,30 @@ impl Forge {
                     )
                 }
             }
+            Asked::Conflict {
+                pull_request_url,
+                head_sha,
+                base_ref,
+                base_sha,
+            } => ask(
+                "conflict",
+                format!("{head_sha}..{base_sha}"),
+                conflict_prompt(pull_request_url, base_ref, base_sha),
+            ),
         }
     }
+}
+
+fn conflict_prompt(pull_request_url: &str, base: &str, base_sha: &str) -> String {
+    format!(
+        "The pull request {pull_request_url} no longer merges cleanly into its base branch `{base}` (now at \
+         {base_sha}): `{base}` moved on with changes that conflict with this branch's.\n\n\
+         This directory has the branch `{base}` at its current head. Merge it into this branch \
+         (`git merge {base}`), resolve every conflict so that both sides' intent is kept, check that the \
+         project still builds and its tests pass, and commit the merge (`git commit --no-edit`). Do not \
+         rebase: the merge lands on the pull request as a merge commit, and is refused while a conflict \
+         marker is left in a file."
+    )
 }
 
 /// Answers the review comments of reactions whose follow-up landed, each

@@ -283,6 +283,35 @@ pub enum Asked {
         author: String,
         body: String,
     },
+    /// The pull request, at `head_sha`, no longer merges cleanly into
+    /// `base_ref` at `base_sha`.
+    Conflict {
+        pull_request_url: String,
+        head_sha: String,
+        base_ref: String,
+        base_sha: String,
+    },
+}
+
+/// A push to a branch (React CONFLICT without a pull request): the
+/// repository (`owner/name`) and the branch, whose pull requests may
+/// conflict now.
+pub fn base_moved(req: &pb::ReactRequest) -> ApiResult<(String, String)> {
+    validate::token("delivery_id", &req.delivery_id, 100, "-")?;
+    Ok((
+        repository("repository", &req.repository)?,
+        git::git_ref("base_ref", &req.base_ref)?,
+    ))
+}
+
+/// `owner/name`.
+fn repository(field: &str, value: &str) -> ApiResult<String> {
+    match value.split_once('/') {
+        Some((owner, name)) if git::forge_repo(&format!("https://github.com/{owner}/{name}")).is_some() => {
+            Ok(value.to_owned())
+        }
+        _ => Err(ApiError::invalid(field, "must be owner/name")),
+    }
 }
 
 /// React: the reaction, or (Err of Ok) why the delivery asks for none:
@@ -306,12 +335,11 @@ pub fn react(req: pb::ReactRequest, mention: &str) -> ApiResult<Result<Reaction,
         review_id,
         pull_number,
         status,
+        base_ref,
+        base_sha,
     } = req;
     let delivery_id = validate::token("delivery_id", &delivery_id, 100, "-")?;
-    let repository = match repository.split_once('/') {
-        Some((owner, name)) if git::forge_repo(&format!("https://github.com/{owner}/{name}")).is_some() => repository,
-        _ => return Err(ApiError::invalid("repository", "must be owner/name")),
-    };
+    let repository = self::repository("repository", &repository)?;
     let url = validate::text("url", &url, validate::MAX_REPOSITORY_BYTES)?;
     let asked = match pb::ReactionKind::try_from(kind) {
         Ok(pb::ReactionKind::CiFailure) => {
@@ -379,7 +407,18 @@ pub fn react(req: pb::ReactRequest, mention: &str) -> ApiResult<Result<Reaction,
                 body: validate::text("body", &body, MAX_FOLLOW_UP_BYTES)?,
             }
         }
-        _ => return Err(ApiError::invalid("kind", "must be CI_FAILURE, MENTION or REVIEW")),
+        Ok(pb::ReactionKind::Conflict) => Asked::Conflict {
+            pull_request_url: pull_request("pull_request_url", &pull_request_url)?,
+            head_sha: git::commit_id("head_sha", &head_sha)?,
+            base_ref: git::git_ref("base_ref", &base_ref)?,
+            base_sha: git::commit_id("base_sha", &base_sha)?,
+        },
+        _ => {
+            return Err(ApiError::invalid(
+                "kind",
+                "must be CI_FAILURE, MENTION, REVIEW or CONFLICT",
+            ));
+        }
     };
     Ok(Ok(Reaction {
         delivery_id,
@@ -609,5 +648,33 @@ mod tests {
             ..ci
         };
         assert!(react(passed, "@omoi").unwrap().is_err());
+        let conflict = pb::ReactRequest {
+            kind: pb::ReactionKind::Conflict.into(),
+            head_sha: "a".repeat(40),
+            base_ref: "main".into(),
+            base_sha: "b".repeat(39),
+            ..mention("NONE")
+        };
+        assert_eq!(field(conflict.clone()), "base_sha");
+        let fine = pb::ReactRequest {
+            base_sha: "b".repeat(40),
+            ..conflict.clone()
+        };
+        assert!(matches!(
+            react(fine, "@omoi").unwrap().unwrap().asked,
+            Asked::Conflict { ref base_ref, .. } if base_ref == "main"
+        ));
+        let pushed = pb::ReactRequest {
+            pull_request_url: String::new(),
+            base_ref: "-bad".into(),
+            ..conflict
+        };
+        let status = tonic::Status::from(base_moved(&pushed).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().starts_with("invalid argument base_ref:"),
+            "{}",
+            status.message()
+        );
     }
 }

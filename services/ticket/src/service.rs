@@ -272,6 +272,10 @@ impl Tickets {
                 ..Default::default()
             })
         };
+        if req.kind == i32::from(pb::ReactionKind::Conflict) && req.pull_request_url.is_empty() {
+            let (repository, base_ref) = requests::base_moved(&req)?;
+            return self.base_moved(&repository, &base_ref).await;
+        }
         let reaction = match requests::react(req, &self.forge.mention)? {
             Ok(r) => r,
             Err(why) => return not(why),
@@ -280,7 +284,9 @@ impl Tickets {
             requests::Asked::CiFailure { branch, .. } => {
                 self.store.ticket_for_forge("", &reaction.repository, branch).await?
             }
-            requests::Asked::Mention { pull_request_url, .. } | requests::Asked::Review { pull_request_url, .. } => {
+            requests::Asked::Mention { pull_request_url, .. }
+            | requests::Asked::Review { pull_request_url, .. }
+            | requests::Asked::Conflict { pull_request_url, .. } => {
                 self.store.ticket_for_forge(pull_request_url, "", "").await?
             }
         };
@@ -347,6 +353,32 @@ impl Tickets {
             reason: String::new(),
             ticket: Some(pb::Ticket::from(&ticket)),
             task,
+        })
+    }
+
+    /// A push moved `base_ref` of `repository`: the open pull requests of
+    /// its tickets are marked for a look at whether they still merge (the
+    /// forge works that out after the push; see `poll::merge_checks`).
+    async fn base_moved(&self, repository: &str, base_ref: &str) -> ApiResult<pb::ReactResponse> {
+        let ids: Vec<Uuid> = self
+            .store
+            .tickets_with_pull_requests(crate::poll::PER_PASS)
+            .await?
+            .into_iter()
+            .filter(|t| {
+                omoi_domain::git::forge_repo(&t.repository)
+                    .is_some_and(|r| format!("{}/{}", r.owner, r.name).eq_ignore_ascii_case(repository))
+            })
+            .map(|t| t.id)
+            .collect();
+        self.store.check_mergeable(&ids).await?;
+        tracing::info!(%repository, %base_ref, tickets = ids.len(), "a base moved: pull requests to look at");
+        Ok(pb::ReactResponse {
+            reason: format!(
+                "{base_ref} of {repository} moved: the pull requests of {} tickets will be looked at",
+                ids.len()
+            ),
+            ..Default::default()
         })
     }
 

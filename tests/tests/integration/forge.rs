@@ -663,6 +663,106 @@ async fn a_mention_resumes_claude_codes_session_within_seconds_of_the_delivery()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_its_base_moved_away_from_gets_the_base_merged_in_by_its_agent() {
+    let api = omoi_tests::model_api::ModelApi::start().await.unwrap();
+    let home = std::env::temp_dir().join(format!("omoi-forge-home-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&home).unwrap();
+    let claude = api.executor_env(omoi_tests::model_api::Cli::Claude, &home, "sk-ant-forge");
+    let forge = Forge::start_with(&[], claude).await;
+    forge.github.serve_repository("acme/remote", &forge.bare);
+    let (tickets, bare) = (forge.mesh.tickets(), &forge.bare);
+    let open = forge.pr_ticket("write hello.txt", 1, None).await;
+    let (id, branch) = (open.id.clone(), open.branch.clone());
+    let clean = |base: &str| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(bare)
+            .args(["merge-tree", "--write-tree", base, &branch])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(clean("main"));
+
+    // Someone lands a change to the same file on main: the pull request
+    // no longer merges. GitHub says main moved; omoi asks GitHub about its
+    // pull requests into it (which works mergeability out first).
+    let moved = push_commit(bare, "main", "hello.txt", "hello from main\n", "Greet from main");
+    assert!(!clean("main"));
+    let push = json!({
+        "ref": "refs/heads/main", "after": moved, "compare": format!("{WEB}/acme/remote/compare/a...b"),
+        "repository": {"full_name": "acme/remote", "html_url": format!("{WEB}/acme/remote")}
+    });
+    let (status, answer) = forge.deliver("push", "d-push-1", &push).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer.contains("the pull requests of 1 tickets will be looked at"),
+        "{answer}"
+    );
+
+    // A follow-up merges main in, resolving the conflict in the agent's
+    // session: one merge commit on the branch, whose second parent is
+    // main's head; the pull request merges cleanly again.
+    let done = omoi_tests::eventually(Duration::from_secs(90), "the merge landed", || async {
+        let t = omoi_tests::read_ticket(&tickets, &id).await.ok()?;
+        (t.tasks.len() == 2 && t.ticket.as_ref()?.status == COMPLETED).then_some(t)
+    })
+    .await;
+    let merge = done.tasks.iter().find(|t| t.title.starts_with("Follow-up")).unwrap();
+    assert!(
+        merge.description.contains("(`git merge main`)"),
+        "{}",
+        merge.description
+    );
+    let head = git(bare, &["rev-parse", &branch]);
+    assert_eq!(merge.git.as_ref().unwrap().commit, head);
+    let parents = git(bare, &["rev-list", "--parents", "-n", "1", &branch]);
+    let parents: Vec<&str> = parents.split(' ').collect();
+    assert_eq!((parents.len(), parents[2]), (3, moved.as_str()), "{parents:?}");
+    assert!(clean("main"), "the pull request merges cleanly again");
+    let hello = git(bare, &["show", &format!("{branch}:hello.txt")]);
+    assert!(
+        hello.contains("hello from claude") && hello.contains("hello from main") && !hello.contains("<<<<<<<"),
+        "{hello}"
+    );
+    assert_eq!(
+        done.reactions.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>(),
+        ["conflict"]
+    );
+    // Told again (a redelivery, another push): looked at until GitHub
+    // answers, and nothing more to merge.
+    let looks = || {
+        forge
+            .github
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("GET /repos/acme/remote/pulls/1?"))
+            .count()
+    };
+    let before = looks();
+    let (_, again) = forge.deliver("push", "d-push-2", &push).await;
+    assert!(again.contains("will be looked at"), "{again}");
+    omoi_tests::eventually(Duration::from_secs(30), "two more looks", || async {
+        (looks() >= before + 2).then_some(())
+    })
+    .await;
+    assert_eq!(omoi_tests::read_ticket(&tickets, &id).await.unwrap().tasks.len(), 2);
+    let events = read_all(&forge.infra.nats_url, &forge.infra.topology.stream, 0, Duration::ZERO)
+        .await
+        .unwrap();
+    let kinds: Vec<String> = events
+        .iter()
+        .filter(|e| e.event_type == "TICKET_REACTION")
+        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap())["kind"].to_string())
+        .collect();
+    assert_eq!(kinds, ["\"conflict\""]);
+
+    forge.stop().await;
+    let _ = std::fs::remove_dir_all(home);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_whose_handling_the_ticket_service_died_in_is_acted_on_once_when_redelivered() {
     let mut forge = Forge::start(&[]).await;
     let (id, branch) = forge.sum_ticket(None).await;
