@@ -14,6 +14,7 @@ pub mod pulls;
 mod statements;
 pub mod tasks;
 pub mod tickets;
+pub mod turns;
 
 use std::sync::Arc;
 use std::time::Duration;

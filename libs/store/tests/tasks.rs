@@ -976,3 +976,33 @@ async fn agent_outcomes_count_each_event_once_however_often_it_is_delivered() {
     assert_eq!(counts(a).await, (2, 1), "another consumer counts on its own");
     db.drop().await;
 }
+
+#[tokio::test]
+async fn a_turn_is_one_replicas_at_a_time_and_free_again_when_its_holder_is_gone() {
+    use omoi_store::turns::Turn;
+    let db = Db::new().await;
+    // Another replica: a store of its own on the same database.
+    let other = Store::connect_lazy(&db.store_url(), 4).unwrap();
+    let held = db.store.take_turn(Turn::PullRequestLook).await.unwrap().expect("free");
+    assert!(other.take_turn(Turn::PullRequestLook).await.unwrap().is_none());
+    // Another turn is not this one.
+    let merge = other.take_turn(Turn::MergeCheck).await.unwrap().expect("another turn");
+    merge.release().await.unwrap();
+    held.release().await.unwrap();
+    let theirs = other.take_turn(Turn::PullRequestLook).await.unwrap().expect("given back");
+    assert!(db.store.take_turn(Turn::PullRequestLook).await.unwrap().is_none());
+    // Its holder gone without giving it back (a replica that died): free
+    // once its connection is closed.
+    drop(theirs);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        if let Some(held) = db.store.take_turn(Turn::PullRequestLook).await.unwrap() {
+            break held;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the dead holder's turn stays taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    again.release().await.unwrap();
+    other.close().await;
+    db.drop().await;
+}

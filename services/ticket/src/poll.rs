@@ -15,6 +15,7 @@ use std::time::Duration;
 use omoi_domain::Ticket;
 use omoi_domain::git::forge_repo;
 use omoi_proto::ticket as pb;
+use omoi_store::turns::Turn;
 use omoi_runtime::background::every;
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -31,6 +32,16 @@ pub async fn run(tickets: Arc<Tickets>, github: Arc<GitHub>, interval: Duration,
     let cache = Mutex::new(HashMap::new());
     let (tickets, github, cache) = (&tickets, &github, &cache);
     every("looking at pull requests", interval, &shutdown, move || async move {
+        // One replica looks at a time: the others' looks would only cost
+        // rate limit.
+        let Some(turn) = tickets
+            .store()
+            .take_turn(Turn::PullRequestLook)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
         for ticket in tickets
             .store()
             .tickets_with_pull_requests(PER_PASS)
@@ -41,7 +52,7 @@ pub async fn run(tickets: Arc<Tickets>, github: Arc<GitHub>, interval: Duration,
                 tracing::warn!(ticket_id = %ticket.id, error = %e, "could not look at the pull request");
             }
         }
-        Ok::<_, String>(())
+        turn.release().await.map_err(|e| e.to_string())
     })
     .await
 }
@@ -53,6 +64,14 @@ pub async fn run(tickets: Arc<Tickets>, github: Arc<GitHub>, interval: Duration,
 pub async fn merge_checks(tickets: Arc<Tickets>, github: Arc<GitHub>, interval: Duration, shutdown: CancellationToken) {
     let (tickets, github) = (&tickets, &github);
     every("looking at moved bases", interval, &shutdown, move || async move {
+        let Some(turn) = tickets
+            .store()
+            .take_turn(Turn::MergeCheck)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
         for (ticket, since) in tickets
             .store()
             .merge_checks_due(PER_PASS)
@@ -71,7 +90,7 @@ pub async fn merge_checks(tickets: Arc<Tickets>, github: Arc<GitHub>, interval: 
                 }
             }
         }
-        Ok::<_, String>(())
+        turn.release().await.map_err(|e| e.to_string())
     })
     .await
 }
