@@ -30,32 +30,63 @@ pub async fn consume<F, Fut>(
     durable: String,
     filter: String,
     shutdown: CancellationToken,
+    handle: F,
+) where
+    F: FnMut(uuid::Uuid, omoi_domain::Envelope) -> Fut,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    consume_since(client, topology, durable, filter, None, shutdown, handle).await
+}
+
+/// Like [`consume`]; a consumer it creates (the first time this durable is
+/// read) starts at the events published since `since`, not at the
+/// stream's first: for a consumer new to a deployment whose stream already
+/// holds what it should not act on again.
+pub async fn consume_since<F, Fut>(
+    client: async_nats::Client,
+    topology: Topology,
+    durable: String,
+    filter: String,
+    since: Option<time::OffsetDateTime>,
+    shutdown: CancellationToken,
     mut handle: F,
 ) where
     F: FnMut(uuid::Uuid, omoi_domain::Envelope) -> Fut,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
     let name = durable.clone();
-    batches(client, topology, durable, filter, shutdown, Duration::ZERO, |events| {
-        // Made now, run one after the other: effects in stream order.
-        let effects: Vec<_> = events
-            .into_iter()
-            .map(|(event, traceparent)| {
-                let (span, read) = read(&name, &event, traceparent.as_deref());
-                match read {
-                    Some((id, envelope)) => handle(id, envelope).instrument(span).boxed(),
-                    None => futures::future::ready(Ok(())).boxed(),
+    let from = since.map_or(consumer::DeliverPolicy::All, |start_time| {
+        consumer::DeliverPolicy::ByStartTime { start_time }
+    });
+    batches(
+        client,
+        topology,
+        durable,
+        filter,
+        from,
+        shutdown,
+        Duration::ZERO,
+        |events| {
+            // Made now, run one after the other: effects in stream order.
+            let effects: Vec<_> = events
+                .into_iter()
+                .map(|(event, traceparent)| {
+                    let (span, read) = read(&name, &event, traceparent.as_deref());
+                    match read {
+                        Some((id, envelope)) => handle(id, envelope).instrument(span).boxed(),
+                        None => futures::future::ready(Ok(())).boxed(),
+                    }
+                })
+                .collect();
+            async move {
+                let mut results = Vec::with_capacity(effects.len());
+                for effect in effects {
+                    results.push(effect.await);
                 }
-            })
-            .collect();
-        async move {
-            let mut results = Vec::with_capacity(effects.len());
-            for effect in effects {
-                results.push(effect.await);
+                results
             }
-            results
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -76,25 +107,35 @@ pub async fn consume_batches<F, Fut>(
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
     let name = durable.clone();
-    batches(client, topology, durable, filter, shutdown, GATHER, move |events| {
-        let n = events.len();
-        let mut spans = Vec::with_capacity(n);
-        let mut batch = Vec::with_capacity(n);
-        for (event, traceparent) in events {
-            let (span, read) = read(&name, &event, traceparent.as_deref());
-            batch.extend(read);
-            spans.push(span);
-        }
-        let applied = (!batch.is_empty()).then(|| handle(batch));
-        async move {
-            let outcome = match applied {
-                Some(applied) => applied.await,
-                None => Ok(()),
-            };
-            drop(spans);
-            vec![outcome; n]
-        }
-    })
+    let from = consumer::DeliverPolicy::All;
+    batches(
+        client,
+        topology,
+        durable,
+        filter,
+        from,
+        shutdown,
+        GATHER,
+        move |events| {
+            let n = events.len();
+            let mut spans = Vec::with_capacity(n);
+            let mut batch = Vec::with_capacity(n);
+            for (event, traceparent) in events {
+                let (span, read) = read(&name, &event, traceparent.as_deref());
+                batch.extend(read);
+                spans.push(span);
+            }
+            let applied = (!batch.is_empty()).then(|| handle(batch));
+            async move {
+                let outcome = match applied {
+                    Some(applied) => applied.await,
+                    None => Ok(()),
+                };
+                drop(spans);
+                vec![outcome; n]
+            }
+        },
+    )
     .await
 }
 
@@ -118,11 +159,13 @@ fn read(consumer: &str, event: &Event, traceparent: Option<&str>) -> (tracing::S
 
 /// The consumer loop: after the first event of a batch, what else arrives
 /// within `gather` (nothing more than what already arrived, for zero) joins it.
+#[allow(clippy::too_many_arguments)]
 async fn batches<F, Fut>(
     client: async_nats::Client,
     topology: Topology,
     durable: String,
     filter: String,
+    from: consumer::DeliverPolicy,
     shutdown: CancellationToken,
     gather: Duration,
     mut handle: F,
@@ -144,7 +187,7 @@ async fn batches<F, Fut>(
                         filter_subject: filter.clone(),
                         ack_policy: consumer::AckPolicy::Explicit,
                         ack_wait: Duration::from_secs(30),
-                        deliver_policy: consumer::DeliverPolicy::All,
+                        deliver_policy: from.clone(),
                         max_ack_pending: 1000,
                         ..Default::default()
                     },

@@ -4,8 +4,8 @@
 //! held on a connection of its own: a replica that dies gives it back as
 //! its connection closes.
 
-use sqlx::pool::PoolConnection;
 use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
 
 use crate::statements::sql;
 

@@ -989,7 +989,11 @@ async fn a_turn_is_one_replicas_at_a_time_and_free_again_when_its_holder_is_gone
     let merge = other.take_turn(Turn::MergeCheck).await.unwrap().expect("another turn");
     merge.release().await.unwrap();
     held.release().await.unwrap();
-    let theirs = other.take_turn(Turn::PullRequestLook).await.unwrap().expect("given back");
+    let theirs = other
+        .take_turn(Turn::PullRequestLook)
+        .await
+        .unwrap()
+        .expect("given back");
     assert!(db.store.take_turn(Turn::PullRequestLook).await.unwrap().is_none());
     // Its holder gone without giving it back (a replica that died): free
     // once its connection is closed.
@@ -999,7 +1003,10 @@ async fn a_turn_is_one_replicas_at_a_time_and_free_again_when_its_holder_is_gone
         if let Some(held) = db.store.take_turn(Turn::PullRequestLook).await.unwrap() {
             break held;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the dead holder's turn stays taken");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dead holder's turn stays taken"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     again.release().await.unwrap();

@@ -80,6 +80,9 @@ fn status(ticket: &Ticket, event: &Event) -> Option<(&'static str, String)> {
     })
 }
 
+/// How long before the consumer's creation it starts reading.
+const FIRST_START_MARGIN: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Follows the ticket events until `shutdown`, telling the forge.
 pub async fn follow(
     store: Store,
@@ -90,7 +93,12 @@ pub async fn follow(
     shutdown: CancellationToken,
 ) {
     let filter = topology.entity_filter(Entity::Ticket);
-    omoi_bus::consumer::consume(nats, topology, CONSUMER.to_owned(), filter, shutdown, move |_, envelope| {
+    // Created by the first replica to start with it, the consumer begins
+    // about then (a margin for clocks and the start itself), not at the
+    // stream's first event: tickets that ended before it existed are not
+    // told about again.
+    let since = time::OffsetDateTime::now_utc() - FIRST_START_MARGIN;
+    omoi_bus::consumer::consume_since(nats, topology, CONSUMER.to_owned(), filter, Some(since), shutdown, move |_, envelope| {
         let (store, github, console) = (store.clone(), Arc::clone(&github), console.clone());
         async move {
             if !matches!(
