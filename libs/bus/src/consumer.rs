@@ -187,7 +187,7 @@ async fn batches<F, Fut>(
                         filter_subject: filter.clone(),
                         ack_policy: consumer::AckPolicy::Explicit,
                         ack_wait: Duration::from_secs(30),
-                        deliver_policy: from.clone(),
+                        deliver_policy: from,
                         max_ack_pending: 1000,
                         ..Default::default()
                     },
