@@ -11,14 +11,23 @@ use crate::statements::sql;
 
 use crate::{Result, Store};
 
-/// The turns there are (advisory lock keys; the outbox relay's is
-/// `0x6f6d_6f69_0001`).
+/// The turns there are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Turn {
     /// A look at the open pull requests (`OMOI_GITHUB_POLL_SECONDS`).
-    PullRequestLook = 0x6f6d_6f69_0101,
+    PullRequestLook,
     /// Asking whether pull requests whose base moved still merge.
-    MergeCheck = 0x6f6d_6f69_0102,
+    MergeCheck,
+}
+
+impl Turn {
+    /// Its advisory lock's key (the outbox relay's is `0x6f6d_6f69_0001`).
+    fn key(self) -> i64 {
+        match self {
+            Turn::PullRequestLook => 0x6f6d_6f69_0101,
+            Turn::MergeCheck => 0x6f6d_6f69_0102,
+        }
+    }
 }
 
 /// A turn held, until [`Held::release`] (or, dropped, until its connection
@@ -33,7 +42,7 @@ impl Store {
     pub async fn take_turn(&self, turn: Turn) -> Result<Option<Held>> {
         let mut conn = self.pool().acquire().await?;
         let held: bool = sqlx::query_scalar(sql!("SELECT pg_try_advisory_lock($1)"))
-            .bind(turn as i64)
+            .bind(turn.key())
             .fetch_one(&mut *conn)
             .await?;
         Ok(held.then_some(Held { conn: Some(conn), turn }))
@@ -45,7 +54,7 @@ impl Held {
     pub async fn release(mut self) -> Result<()> {
         if let Some(mut conn) = self.conn.take() {
             let unlocked = sqlx::query(sql!("SELECT pg_advisory_unlock($1)"))
-                .bind(self.turn as i64)
+                .bind(self.turn.key())
                 .execute(&mut *conn)
                 .await;
             if unlocked.is_err() {
