@@ -7,45 +7,15 @@ tests/tests/integration/browser.rs against a real mesh, which passes the address
 the environment. Screenshots of each page go to OMOI_ARTEFACTS."""
 
 import os
-import sys
-import time
 
-from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+
+from common import WAIT, run_steps, shot, until
 
 URL = os.environ["OMOI_CONSOLE_URL"]
 AUTH_URL = os.environ["OMOI_CONSOLE_AUTH_URL"]
 TOKEN = os.environ["OMOI_CONSOLE_TOKEN"]
 FAILED_TICKET = os.environ["OMOI_FAILED_TICKET"]
-ARTEFACTS = os.environ["OMOI_ARTEFACTS"]
-WAIT = float(os.environ.get("OMOI_BROWSER_WAIT_SECONDS", "90"))
-
-
-def driver():
-    options = webdriver.ChromeOptions()
-    options.binary_location = os.environ.get("OMOI_CHROMIUM", "/usr/bin/chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1000",
-                "--disable-gpu", "--no-first-run", "--disable-extensions"):
-        options.add_argument(arg)
-    service = Service(executable_path=os.environ.get("OMOI_CHROMEDRIVER", "/usr/bin/chromedriver"))
-    return webdriver.Chrome(options=options, service=service)
-
-
-def until(what, check, within=WAIT):
-    """Polls check() until it returns something truthy; fails naming `what`."""
-    deadline = time.monotonic() + within
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            got = check()
-            if got:
-                return got
-        except (StaleElementReferenceException, WebDriverException) as e:
-            last = e
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last})")
 
 
 def click(d, what, selector):
@@ -58,12 +28,6 @@ def click(d, what, selector):
         found[0].click()
         return True
     until(what, attempt)
-
-
-def shot(d, name):
-    path = os.path.join(ARTEFACTS, f"{name}.png")
-    d.save_screenshot(path)
-    print(f"screenshot {path}")
 
 
 def marked(d):
@@ -208,22 +172,7 @@ def login(d):
 
 
 def main():
-    os.makedirs(ARTEFACTS, exist_ok=True)
-    d = driver()
-    try:
-        for step in (board_and_ticket, retry_failed, follow_up, agents_and_queue, login):
-            try:
-                step(d)
-            except Exception:
-                shot(d, f"failed-{step.__name__}")
-                try:
-                    print("browser console log:", d.get_log("browser"), file=sys.stderr)
-                except WebDriverException:
-                    pass
-                raise
-            print(f"ok {step.__name__}")
-    finally:
-        d.quit()
+    run_steps((board_and_ticket, retry_failed, follow_up, agents_and_queue, login))
 
 
 if __name__ == "__main__":

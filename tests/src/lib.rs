@@ -4,6 +4,7 @@
 //! APIs and GitHub, and readers of the events stream.
 
 pub mod agent;
+pub mod browser;
 pub mod console;
 pub mod events;
 pub mod git_http;

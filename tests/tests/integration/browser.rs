@@ -4,7 +4,6 @@
 //! run the demo agent. Screenshots of each page land in
 //! target/browser-artefacts.
 
-use std::path::Path;
 use std::time::Duration;
 
 use omoi_proto::common::{Phase, TicketStatus};
@@ -54,35 +53,24 @@ async fn a_person_watches_and_steers_the_mesh_in_a_browser() {
 
     let open = console(&mesh, None).await;
     let guarded = console(&mesh, Some(TOKEN)).await;
-    let artefacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/browser-artefacts");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/console.py");
-    let run = tokio::process::Command::new(omoi_tests::tools_python())
-        .arg(&script)
-        .env("OMOI_CONSOLE_URL", &open.url)
-        .env("OMOI_CONSOLE_AUTH_URL", &guarded.url)
-        .env("OMOI_CONSOLE_TOKEN", TOKEN)
-        .env("OMOI_FAILED_TICKET", &failing.id)
-        .env("OMOI_ARTEFACTS", &artefacts)
-        // Selenium must not look for drivers on the network.
-        .env("SE_OFFLINE", "true")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(360), run)
-        .await
-        .expect("the browser run ended within 6 minutes")
-        .expect("the browser script runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "browser run failed:\n{stdout}\n{stderr}");
-    for step in [
-        "board_and_ticket",
-        "retry_failed",
-        "follow_up",
-        "agents_and_queue",
-        "login",
-    ] {
-        assert!(stdout.contains(&format!("ok {step}")), "{step} did not pass:\n{stdout}");
-    }
+    omoi_tests::browser::run(
+        "console.py",
+        &[
+            ("OMOI_CONSOLE_URL", &open.url),
+            ("OMOI_CONSOLE_AUTH_URL", &guarded.url),
+            ("OMOI_CONSOLE_TOKEN", TOKEN),
+            ("OMOI_FAILED_TICKET", &failing.id),
+        ],
+        &[
+            "board_and_ticket",
+            "retry_failed",
+            "follow_up",
+            "agents_and_queue",
+            "login",
+        ],
+        Duration::from_secs(360),
+    )
+    .await;
     // What the browser did, as the mesh has it: the retried task's ticket
     // completed on its second attempt.
     let got = wait_ticket(&mesh.tickets(), &failing.id, TicketStatus::Completed as i32).await;

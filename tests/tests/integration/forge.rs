@@ -442,6 +442,20 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
     assert_eq!(kinds, ["ci_failure", "mention", "review", "mention"], "{reactions:?}");
     assert_eq!(reactions[1]["url"], format!("{pr}#issuecomment-501"));
 
+    // A person sees them on the ticket's page.
+    omoi_tests::browser::run(
+        "reactions.py",
+        &[
+            ("OMOI_CONSOLE_URL", &console.url),
+            ("OMOI_TICKET", &id),
+            ("OMOI_EXPECT", "ci_failure,mention,review,mention"),
+            ("OMOI_EXPECT_USED", "4 of 4 used"),
+        ],
+        &["reactions"],
+        Duration::from_secs(120),
+    )
+    .await;
+
     forge.stop().await;
 }
 
