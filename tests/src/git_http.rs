@@ -31,6 +31,9 @@ struct State {
     expected: String,
     authorized: AtomicUsize,
     refused: AtomicUsize,
+    /// Fetches of objects (upload-pack) that named no commit the client
+    /// had: clones.
+    clones: AtomicUsize,
 }
 
 impl GitServer {
@@ -41,6 +44,7 @@ impl GitServer {
             expected: format!("Basic {}", STANDARD.encode(format!("{user}:{token}"))),
             authorized: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
+            clones: AtomicUsize::new(0),
         });
         let server = Server::start(Arc::clone(&state), handle).await?;
         Ok(Self {
@@ -58,6 +62,12 @@ impl GitServer {
     /// Requests refused for want of them.
     pub fn refused(&self) -> usize {
         self.state.refused.load(Ordering::Relaxed)
+    }
+
+    /// Object fetches that named no commit the client had (what a clone
+    /// asks; an incremental fetch says what it has).
+    pub fn clones(&self) -> usize {
+        self.state.clones.load(Ordering::Relaxed)
     }
 }
 
@@ -89,6 +99,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
 async fn cgi(state: &State, req: Request<Incoming>) -> anyhow::Result<Response<Full<Bytes>>> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await?.to_bytes();
+    // git sends long requests (many `have`s) compressed: never a clone's.
+    let compressed = parts.headers.contains_key(http::header::CONTENT_ENCODING);
+    let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    if parts.uri.path().ends_with("/git-upload-pack") && !compressed && has(b"want ") && !has(b"have ") {
+        state.clones.fetch_add(1, Ordering::Relaxed);
+    }
     let header = |name: &str| {
         parts
             .headers

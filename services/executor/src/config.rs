@@ -314,6 +314,17 @@ pub struct Config {
     #[arg(long, env = "OMOI_GIT_SSH_KEY_FILE")]
     pub git_ssh_key_file: Option<PathBuf>,
 
+    /// Where the executor keeps one mirror of each repository its tasks
+    /// work on (fetched, not cloned, per attempt); unset: `.git-cache`
+    /// under OMOI_WORKSPACE_ROOT.
+    #[arg(long, env = "OMOI_GIT_CACHE_DIR")]
+    pub git_cache_dir: Option<PathBuf>,
+
+    /// Most bytes the git cache may hold: beyond it, the least recently
+    /// used mirrors no attempt uses are removed (0: no bound).
+    #[arg(long, env = "OMOI_GIT_CACHE_MAX_BYTES", default_value_t = 10 * 1024 * 1024 * 1024)]
+    pub git_cache_max_bytes: u64,
+
     /// OpenHands agent server (openhands runner).
     #[arg(long, env = "OPENHANDS_URL", default_value = "http://127.0.0.1:8000")]
     pub openhands_url: String,
@@ -415,6 +426,13 @@ impl Config {
     /// `<root>/<task id>/<attempt>`.
     pub fn state_dir(&self) -> PathBuf {
         self.workspace_root.join(".omoi")
+    }
+
+    /// The git cache's directory (OMOI_GIT_CACHE_DIR, or its default).
+    pub fn git_cache_dir(&self) -> PathBuf {
+        self.git_cache_dir
+            .clone()
+            .unwrap_or_else(|| self.workspace_root.join(".git-cache"))
     }
 
     /// The agent id `OMOI_AGENT_ID` gives: itself when a UUID, else derived

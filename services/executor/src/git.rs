@@ -24,6 +24,7 @@ use std::sync::Arc;
 use omoi_domain::git::{GitChange, bounded_patch};
 use omoi_domain::validate::Repository;
 
+use crate::git_cache::{GitCache, Held};
 use crate::sandbox::Fence;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,6 +48,12 @@ pub struct GitSettings {
     pub token: Option<String>,
     pub username: String,
     pub ssh_key: Option<PathBuf>,
+    /// The mirrors attempts start from (`OMOI_GIT_CACHE_DIR`); None: each
+    /// attempt clones the remote.
+    pub cache: Option<Arc<GitCache>>,
+    /// Whether workspaces may borrow the cache's objects (an agent in a
+    /// pod of its own cannot reach them: its workspace gets copies).
+    pub borrow: bool,
 }
 
 impl fmt::Debug for GitSettings {
@@ -57,6 +64,7 @@ impl fmt::Debug for GitSettings {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("username", &self.username)
             .field("ssh_key", &self.ssh_key)
+            .field("cache", &self.cache)
             .finish()
     }
 }
@@ -107,6 +115,19 @@ pub struct Checkout {
     /// a branch of the workspace too (so an agent can merge it in); None
     /// when the base is no branch of the repository.
     pub base_branch: Option<(String, String)>,
+    /// The cache's mirror the attempt's repositories borrow objects from,
+    /// held (never evicted) while the attempt lasts.
+    cached: Option<Held>,
+    /// Whether the workspace borrows them too.
+    borrows: bool,
+}
+
+impl Checkout {
+    /// What the agent must be able to read beside its workspace: the
+    /// objects its repository borrows.
+    pub fn borrowed(&self) -> Option<PathBuf> {
+        self.cached.as_ref().filter(|_| self.borrows).map(Held::objects)
+    }
 }
 
 /// Most commits pushed since an attempt's parents that its prompt lists.
@@ -128,16 +149,26 @@ impl GitSettings {
                 .await
                 .map_err(|e| GitError::Transient(format!("cannot clear {}: {e}", mirror.display())))?;
         }
-        self.remote(
-            None,
-            &["clone", "--bare", "--quiet", "--no-tags", "--", &source, &path(mirror)],
-        )
-        .await
-        .map_err(|e| match e {
-            GitError::Transient(m) | GitError::Refused(m) => {
-                GitError::Transient(format!("git clone of {source} failed: {m}"))
+        let cached = match &self.cache {
+            Some(cache) => {
+                let held = cache.refreshed(self, &source).await?;
+                self.borrowing_mirror(&held, &source, mirror).await?;
+                Some(held)
             }
-        })?;
+            None => {
+                self.remote(
+                    None,
+                    &["clone", "--bare", "--quiet", "--no-tags", "--", &source, &path(mirror)],
+                )
+                .await
+                .map_err(|e| match e {
+                    GitError::Transient(m) | GitError::Refused(m) => {
+                        GitError::Transient(format!("git clone of {source} failed: {m}"))
+                    }
+                })?;
+                None
+            }
+        };
         let mut known = Vec::new();
         for p in &start.parents {
             if known.contains(&p.commit) {
@@ -222,19 +253,15 @@ impl GitSettings {
             }
         }
         let ws = path(workspace);
-        self.local(
-            mirror,
-            &[
-                "clone",
-                "--quiet",
-                "--no-checkout",
-                "--no-hardlinks",
-                "--",
-                &path(mirror),
-                &ws,
-            ],
-        )
-        .await?;
+        // Its objects borrowed from the cache (the mirror's alternates are
+        // the clone's), or copied where the agent cannot reach the cache.
+        let mut clone = vec!["clone", "--quiet", "--no-checkout", "--no-hardlinks"];
+        if cached.is_some() && !self.borrow {
+            clone.push("--dissociate");
+        }
+        let from = path(mirror);
+        clone.extend(["--", &from, &ws]);
+        self.local(mirror, &clone).await?;
         // The agent may commit, or merge the base in: as omoi's author.
         self.local(workspace, &["config", "user.name", &self.author_name])
             .await?;
@@ -260,7 +287,36 @@ impl GitSettings {
             known,
             pushed_since,
             base_branch,
+            borrows: cached.is_some() && self.borrow,
+            cached,
         })
+    }
+
+    /// The attempt's own mirror, borrowing the cache's objects: the
+    /// remote's address (it pushes from there), the cached mirror's
+    /// branches and HEAD, nothing copied.
+    async fn borrowing_mirror(&self, held: &Held, source: &str, mirror: &Path) -> Result<(), GitError> {
+        let root = Path::new("/");
+        self.local(root, &["init", "--quiet", "--bare", &path(mirror)]).await?;
+        let alternates = mirror.join("objects/info/alternates");
+        tokio::fs::write(&alternates, format!("{}\n", held.objects().display()))
+            .await
+            .map_err(|e| GitError::Transient(format!("cannot write {}: {e}", alternates.display())))?;
+        self.local(mirror, &["remote", "add", "origin", "--", source]).await?;
+        let cached = path(&held.objects().with_file_name(""));
+        // Every commit is there already: only the refs are written.
+        self.local(
+            mirror,
+            &["fetch", "--quiet", "--no-tags", &cached, "+refs/heads/*:refs/heads/*"],
+        )
+        .await?;
+        if let Ok(head) = self
+            .local(Path::new(&cached), &["symbolic-ref", "--quiet", "HEAD"])
+            .await
+        {
+            self.local(mirror, &["symbolic-ref", "HEAD", &head]).await?;
+        }
+        Ok(())
     }
 
     /// The branch `start` merges into (its `base_ref`, or the remote's
@@ -641,7 +697,7 @@ impl GitSettings {
 
     /// git talking to the ticket's repository: the executor's environment
     /// (its git configuration included) plus the credentials.
-    async fn remote(&self, dir: Option<&Path>, args: &[&str]) -> Result<String, GitError> {
+    pub(crate) async fn remote(&self, dir: Option<&Path>, args: &[&str]) -> Result<String, GitError> {
         let mut cmd = tokio::process::Command::new("git");
         if let Some(dir) = dir {
             cmd.arg("-C").arg(dir);
@@ -802,6 +858,8 @@ pub fn commit_message(phase: &str, title: &str, task_id: &str, attempt: i32) -> 
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     /// A scratch directory with a bare "remote" holding `main` with one
@@ -1013,6 +1071,141 @@ mod tests {
             landed.patch.contains("+hello from main and the branch"),
             "{}",
             landed.patch
+        );
+    }
+
+    fn cached(cache: &Arc<GitCache>) -> GitSettings {
+        GitSettings {
+            cache: Some(Arc::clone(cache)),
+            borrow: true,
+            ..Scratch::settings()
+        }
+    }
+
+    impl Scratch {
+        async fn prepare_with(&self, git: &GitSettings, parents: Vec<Parent>) -> Result<Checkout, GitError> {
+            let repository = Repository::Local(self.remote.clone());
+            let ws = self.root.join(format!("ws-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&ws).unwrap();
+            let start = Start {
+                repository: &repository,
+                branch: BRANCH,
+                base_ref: "",
+                parents,
+            };
+            git.prepare(&start, &ws.with_extension("git"), &ws).await
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cache_clones_once_then_fetches_and_workspaces_borrow_its_objects() {
+        let s = Scratch::new();
+        let cache = Arc::new(GitCache::new(&s.root.join("cache"), 0).unwrap());
+        let git = cached(&cache);
+        let c = s.prepare_with(&git, vec![]).await.unwrap();
+        assert_eq!(cache.talks(), 1);
+        let borrowed = c.borrowed().unwrap();
+        assert!(borrowed.starts_with(s.root.join("cache")), "{borrowed:?}");
+        let alternates = std::fs::read_to_string(c.workspace.join(".git/objects/info/alternates")).unwrap();
+        assert_eq!(alternates.trim(), borrowed.display().to_string());
+        assert!(
+            std::fs::read_dir(c.workspace.join(".git/objects/pack"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "nothing copied"
+        );
+        // Work lands from the borrowing repositories as from clones.
+        std::fs::write(c.workspace.join("a.txt"), "a\n").unwrap();
+        let user = WorkspaceUser::default();
+        let landed = git.commit_and_push(&c, "one", &user).await.unwrap();
+        assert_eq!(run(&s.remote, &["rev-parse", BRANCH]), landed.commit);
+
+        // The next attempt fetches (the branch the first one pushed too).
+        let next = s.prepare_with(&git, vec![parent("One", &landed.commit)]).await.unwrap();
+        assert_eq!((cache.talks(), next.base_commit.as_str()), (2, landed.commit.as_str()));
+
+        // Eight at once: one fetch between them.
+        let mut asks = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (cache, git, source) = (Arc::clone(&cache), git.clone(), s.remote.display().to_string());
+            asks.spawn(async move { cache.refreshed(&git, &source).await.map(|_| ()) });
+        }
+        while let Some(held) = asks.join_next().await {
+            held.unwrap().unwrap();
+        }
+        assert_eq!(cache.talks(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_leaves_the_mirror_as_it_was() {
+        let s = Scratch::new();
+        let cache = Arc::new(GitCache::new(&s.root.join("cache"), 0).unwrap());
+        let git = cached(&cache);
+        let first = s.prepare_with(&git, vec![]).await.unwrap();
+        let mirror = first.borrowed().unwrap().with_file_name("");
+        let heads = run(&mirror, &["for-each-ref"]);
+        let away = s.root.join("away.git");
+        std::fs::rename(&s.remote, &away).unwrap();
+        let e = s.prepare_with(&git, vec![]).await.unwrap_err();
+        assert!(matches!(&e, GitError::Transient(m) if m.contains("git fetch")), "{e:?}");
+        assert_eq!(run(&mirror, &["for-each-ref"]), heads);
+        std::fs::rename(&away, &s.remote).unwrap();
+        s.prepare_with(&git, vec![]).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn over_its_bound_the_cache_drops_the_least_recently_used_mirror_no_attempt_holds() {
+        let (a, b) = (Scratch::new(), Scratch::new());
+        let cache = Arc::new(GitCache::new(&a.root.join("cache"), 1).unwrap());
+        let git = cached(&cache);
+        let held = a.prepare_with(&git, vec![]).await.unwrap();
+        let mirror_a = held.borrowed().unwrap().with_file_name("");
+        b.prepare_with(&git, vec![]).await.unwrap();
+        assert!(mirror_a.exists(), "held by an attempt: kept");
+        drop(held);
+        // Another executor sharing the directory uses it now.
+        let other = GitCache::new(&a.root.join("cache"), 0).unwrap();
+        let theirs = other.refreshed(&git, a.remote.to_str().unwrap()).await.unwrap();
+        b.prepare_with(&git, vec![]).await.unwrap();
+        assert!(mirror_a.exists(), "held by another executor: kept");
+        drop(theirs);
+        let again = b.prepare_with(&git, vec![]).await.unwrap();
+        assert!(!mirror_a.exists(), "no longer held, least recently used: dropped");
+        assert!(again.borrowed().unwrap().exists(), "the one in use stays");
+    }
+
+    #[tokio::test]
+    async fn another_user_reads_the_shared_objects_but_neither_writes_them_nor_reads_the_remote() {
+        let s = Scratch::new();
+        let cache = Arc::new(GitCache::new(&s.root.join("cache"), 0).unwrap());
+        let c = s.prepare_with(&cached(&cache), vec![]).await.unwrap();
+        let objects = c.borrowed().unwrap();
+        let mirror = objects.with_file_name("");
+        std::fs::set_permissions(&s.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let as_nobody = |script: &str| {
+            std::process::Command::new("runuser")
+                .args(["-u", "nobody", "--", "sh", "-c", script])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap()
+                .success()
+        };
+        let some_object = run(&mirror, &["rev-parse", "HEAD"]);
+        let loose = objects.join(&some_object[..2]).join(&some_object[2..]);
+        let packs = objects.join("pack");
+        let readable = format!(
+            "cat {} >/dev/null || cat {}/*.pack >/dev/null",
+            loose.display(),
+            packs.display()
+        );
+        assert!(as_nobody(&readable), "the objects are readable");
+        assert!(!as_nobody(&format!("touch {}/x", objects.display())));
+        assert!(!as_nobody(&format!("touch {}/x", packs.display())));
+        assert!(!as_nobody(&format!("cat {}/config", mirror.display())));
+        assert!(
+            !as_nobody(&format!("ls {}", s.root.join("cache").display())),
+            "the cache is not listable"
         );
     }
 

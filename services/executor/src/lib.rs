@@ -7,6 +7,7 @@ pub mod config;
 mod events;
 mod executions;
 mod git;
+mod git_cache;
 mod publish;
 mod requests;
 mod runners;

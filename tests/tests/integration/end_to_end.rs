@@ -162,13 +162,13 @@ async fn the_remove_policy_leaves_no_workspace_behind_not_even_a_failed_attempts
     let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
     assert!(done.tasks.iter().any(|t| t.attempt == 2), "one task ran twice");
     // Each run's workspace, and with the last one its task's directory;
-    // the executor's own state (`.omoi`) stays.
+    // the executor's own state (`.omoi`) and its git cache stay.
     eventually(WAIT, "an empty workspace root", || async {
         let left: Vec<_> = std::fs::read_dir(&mesh.workspace_root)
             .unwrap()
             .flatten()
             .map(|e| e.path())
-            .filter(|p| !p.ends_with(".omoi"))
+            .filter(|p| !p.ends_with(".omoi") && !p.ends_with(".git-cache"))
             .collect();
         left.is_empty().then_some(())
     })

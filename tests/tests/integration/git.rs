@@ -304,6 +304,9 @@ async fn a_private_forge_repository_is_reached_with_the_token_and_nothing_else_e
     assert_eq!(git(&bare, &["rev-list", "--count", &format!("{main}..{branch}")]), "4");
     // Anonymous requests were refused; the credential helper's were served.
     assert!(forge.refused() > 0 && forge.authorized() > 0);
+    // One clone for the four phases: the executor's mirror of the
+    // repository, fetched since.
+    assert_eq!(forge.clones(), 1);
 
     // The agent's environment (on the branch) has no git credentials.
     let agent_env = git(&bare, &["show", &format!("{branch}:agent-env.txt")]);

@@ -162,6 +162,12 @@ r="$r fences=$(ls $ROOT/.omoi/fences >/dev/null 2>&1 && echo READ || echo hidden
 r="$r other=$(seen $ROOT/other-task/1/other.txt) other_home=$(seen $ROOT/other-task/1.home/session.jsonl)"
 r="$r token=$(seen $TOKEN) home=$([ "$HOME" = "$PWD.home" ] && touch "$HOME/mine" && echo own || echo "$HOME")"
 echo proof > proof.txt && r="$r wrote=yes"
+# The executor's git cache: its repository's objects, borrowed, read-only.
+borrowed=$(cat .git/objects/info/alternates)
+r="$r git=$(git rev-parse HEAD >/dev/null 2>&1 && echo ok || echo broken)"
+r="$r objects=$(ls "$borrowed" >/dev/null 2>&1 && echo READ || echo hidden)"
+r="$r cache_write=$(touch "$borrowed/x" 2>/dev/null && echo WROTE || echo refused)"
+r="$r cache_config=$(seen "$(dirname "$borrowed")/config") other_repo=$(seen $ROOT/.git-cache/other.git/objects/secret)"
 # A clean filter of its own, for the executor's `git add` after the run.
 git config filter.omoi.clean "touch $MARKER; cat" && echo '* filter=omoi' > .gitattributes
 echo "$r"
@@ -200,6 +206,11 @@ echo "$r"
         marker.display()
     );
     std::fs::write(&ports, told).unwrap();
+    // Another repository's objects in the executor's git cache, readable
+    // by anyone on this machine: not in this agent's sandbox.
+    let other_repo = root.join(".git-cache/other.git/objects");
+    std::fs::create_dir_all(&other_repo).unwrap();
+    std::fs::write(other_repo.join("secret"), "another ticket's code").unwrap();
     std::fs::set_permissions(&ports, std::fs::Permissions::from_mode(0o644)).unwrap();
 
     let (done, bare, branch) = one_task_on_a_repository(&mesh, "try everything").await;
@@ -208,7 +219,8 @@ echo "$r"
         result["summary"].as_str().unwrap(),
         "nats=closed pg=closed queue=closed ticket=closed executor=closed direct=000 \
          allowed=200 outside=403 nats_via_proxy=403 pg_via_proxy=403 queue_via_proxy=403 executor_via_proxy=403 \
-         fences=hidden other=hidden other_home=hidden token=hidden home=own wrote=yes"
+         fences=hidden other=hidden other_home=hidden token=hidden home=own wrote=yes \
+         git=ok objects=READ cache_write=refused cache_config=hidden other_repo=hidden"
     );
     let ws = Path::new(result["workspace"].as_str().unwrap());
     assert_eq!(std::fs::read_to_string(ws.join("proof.txt")).unwrap(), "proof\n");

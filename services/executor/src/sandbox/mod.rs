@@ -279,11 +279,18 @@ impl Sandbox {
 
     /// The fence of one attempt: its proxies listening, until it is
     /// dropped; what they refuse is also said to `say` (the run's output).
+    /// Whether each attempt runs in a Kubernetes pod of its own.
+    pub fn per_attempt_pod(&self) -> bool {
+        matches!(self.how, How::Pod { .. })
+    }
+
+    /// The fence of one attempt, whose agent may read `read_only` too.
     pub fn fence(
         self: &Arc<Self>,
         task_id: Uuid,
         attempt: i32,
         say: Arc<dyn Fn(String) + Send + Sync>,
+        read_only: Vec<PathBuf>,
     ) -> std::io::Result<Fence> {
         let n = self.fences.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = self.dir.join(format!("{}.{n}", std::process::id()));
@@ -301,6 +308,7 @@ impl Sandbox {
             attempt,
             tokens: Vec::new(),
             launches: Default::default(),
+            read_only,
         };
         let egress = self.socket(&dir.join("e.sock"))?;
         let (rules, to) = (Arc::clone(&self.rules), who.clone());
@@ -397,6 +405,9 @@ pub struct Fence {
     tokens: Vec<String>,
     /// Numbers the pods it starts.
     launches: std::sync::atomic::AtomicU64,
+    /// What this attempt's agent may read besides the sandbox's own list
+    /// (the git objects its workspace borrows).
+    read_only: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for Fence {
@@ -509,6 +520,7 @@ impl Fence {
                 .filter(|d| d.is_absolute() && d.is_dir() && !d.starts_with(&sandbox.dir)),
         );
         read_only.extend(sandbox.read_only.iter().cloned());
+        read_only.extend(self.read_only.iter().cloned());
         let mut bound: Vec<PathBuf> = SYSTEM.iter().chain(ETC.iter()).map(PathBuf::from).collect();
         for p in read_only {
             if reachable(&p, who) && !bound.iter().any(|b| p.starts_with(b)) {

@@ -14,6 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
+use anyhow::Context;
 use omoi_domain::{ErrorClass, Phase, classify};
 use omoi_proto::domain::WireEnum;
 use omoi_proto::health::agent_health_service_client::AgentHealthServiceClient;
@@ -30,6 +31,7 @@ use crate::agent_user::AgentUser;
 use crate::config::Config;
 use crate::executions::Executions;
 use crate::git::GitSettings;
+use crate::git_cache::GitCache;
 use crate::runners::{self, Runner};
 use crate::sandbox::Sandbox;
 use crate::sessions::Sessions;
@@ -155,6 +157,12 @@ impl Worker {
             token: secret(&config.git_token, &config.git_token_file),
             username: config.git_username.clone(),
             ssh_key: config.git_ssh_key_file.clone(),
+            cache: Some(Arc::new(
+                GitCache::new(&config.git_cache_dir(), config.git_cache_max_bytes)
+                    .with_context(|| format!("the git cache {}", config.git_cache_dir().display()))?,
+            )),
+            // An agent in a pod of its own cannot reach the cache.
+            borrow: !sandbox.as_ref().is_some_and(|s| s.per_attempt_pod()),
         };
         Ok(Self {
             agent_id,

@@ -145,7 +145,10 @@ impl Worker {
         let fence = match self
             .sandbox
             .as_ref()
-            .map(|s| s.fence(task_id, attempt, say))
+            .map(|s| {
+                let borrowed = prepared.checkout.as_ref().and_then(|c| c.borrowed());
+                s.fence(task_id, attempt, say, borrowed.into_iter().collect())
+            })
             .transpose()
         {
             Ok(f) => f.map(Arc::new),
