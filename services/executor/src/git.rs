@@ -937,6 +937,19 @@ mod tests {
         }
 
         async fn prepare_on(&self, branch: &str, parents: Vec<Parent>) -> Result<Checkout, GitError> {
+            self.prepare_in(&Self::settings(), branch, parents).await
+        }
+
+        async fn prepare_with(&self, git: &GitSettings, parents: Vec<Parent>) -> Result<Checkout, GitError> {
+            self.prepare_in(git, BRANCH, parents).await
+        }
+
+        async fn prepare_in(
+            &self,
+            git: &GitSettings,
+            branch: &str,
+            parents: Vec<Parent>,
+        ) -> Result<Checkout, GitError> {
             let repository = Repository::Local(self.remote.clone());
             let ws = self.root.join(format!("ws-{}", uuid::Uuid::new_v4().simple()));
             std::fs::create_dir_all(&ws).unwrap();
@@ -946,7 +959,7 @@ mod tests {
                 base_ref: "",
                 parents,
             };
-            Self::settings().prepare(&start, &ws.with_extension("git"), &ws).await
+            git.prepare(&start, &ws.with_extension("git"), &ws).await
         }
     }
 
@@ -1079,21 +1092,6 @@ mod tests {
             cache: Some(Arc::clone(cache)),
             borrow: true,
             ..Scratch::settings()
-        }
-    }
-
-    impl Scratch {
-        async fn prepare_with(&self, git: &GitSettings, parents: Vec<Parent>) -> Result<Checkout, GitError> {
-            let repository = Repository::Local(self.remote.clone());
-            let ws = self.root.join(format!("ws-{}", uuid::Uuid::new_v4().simple()));
-            std::fs::create_dir_all(&ws).unwrap();
-            let start = Start {
-                repository: &repository,
-                branch: BRANCH,
-                base_ref: "",
-                parents,
-            };
-            git.prepare(&start, &ws.with_extension("git"), &ws).await
         }
     }
 
