@@ -283,9 +283,11 @@ impl GitCache {
                 continue;
             }
             mirrors.remove(&path);
-            let out = path.with_extension(format!("evicted-{}", std::process::id()));
+            let out = path.with_extension(format!("evicted-{}", uuid::Uuid::new_v4().simple()));
             if std::fs::rename(&path, &out).is_ok() {
-                let _ = std::fs::remove_dir_all(&out);
+                // Gone from the cache at once; its files go in the
+                // background (gigabytes, maybe).
+                tokio::task::spawn_blocking(move || std::fs::remove_dir_all(out));
                 tracing::info!(mirror = %path.display(), bytes, "git cache: evicted the least recently used mirror");
                 total = total.saturating_sub(bytes);
             }

@@ -27,6 +27,9 @@ use crate::service::Tickets;
 /// The tickets looked at in one pass, most recently changed first.
 pub const PER_PASS: i64 = 200;
 
+/// How long a moved base's pull request is asked about.
+const MERGE_CHECK_FOR: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
 /// Looks every `interval` until `shutdown`.
 pub async fn run(tickets: Arc<Tickets>, github: Arc<GitHub>, interval: Duration, shutdown: CancellationToken) {
     let cache = Mutex::new(HashMap::new());
@@ -78,16 +81,25 @@ pub async fn merge_checks(tickets: Arc<Tickets>, github: Arc<GitHub>, interval: 
             .await
             .map_err(|e| e.to_string())?
         {
-            match merge_check(tickets, github, &ticket).await {
-                Ok(false) => {}
-                Ok(true) => tickets
+            // GitHub works it out within seconds; one it never answers
+            // about is not asked about for ever.
+            let given_up = chrono::Utc::now() - since > MERGE_CHECK_FOR;
+            let answered = match merge_check(tickets, github, &ticket).await {
+                Ok(answered) => answered,
+                Err(e) => {
+                    tracing::warn!(ticket_id = %ticket.id, error = %e, "could not ask whether the pull request merges");
+                    false
+                }
+            };
+            if !answered && given_up {
+                tracing::warn!(ticket_id = %ticket.id, "no answer on whether the pull request merges; no longer asked");
+            }
+            if answered || given_up {
+                tickets
                     .store()
                     .merge_checked(ticket.id, since)
                     .await
-                    .map_err(|e| e.to_string())?,
-                Err(e) => {
-                    tracing::warn!(ticket_id = %ticket.id, error = %e, "could not ask whether the pull request merges")
-                }
+                    .map_err(|e| e.to_string())?;
             }
         }
         turn.release().await.map_err(|e| e.to_string())
