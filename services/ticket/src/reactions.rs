@@ -32,6 +32,9 @@ pub struct Ask {
     /// request's number.
     pub reply_to: Vec<i64>,
     pub pull_number: i64,
+    /// The files it concerns (review comments', annotations'): the task
+    /// that last changed one of them is the one followed up.
+    pub paths: Vec<String>,
 }
 
 /// How this deployment reacts.
@@ -65,11 +68,22 @@ impl Forge {
             message,
             reply_to: Vec::new(),
             pull_number: 0,
+            paths: Vec::new(),
         };
         match &r.asked {
             Asked::CiFailure { suite_id, head_sha, .. } => {
                 let failed = self.github.failed_checks(owner, name, *suite_id).await;
-                ask("ci_failure", head_sha.clone(), ci_prompt(head_sha, &r.url, failed))
+                // Annotations read `path:line: level: message`.
+                let paths = failed
+                    .iter()
+                    .flatten()
+                    .flat_map(|c| &c.annotations)
+                    .filter_map(|a| a.split_once(':').map(|(path, _)| path.to_owned()))
+                    .collect();
+                Ask {
+                    paths,
+                    ..ask("ci_failure", head_sha.clone(), ci_prompt(head_sha, &r.url, failed))
+                }
             }
             Asked::Mention {
                 pull_request_url,
@@ -95,6 +109,7 @@ impl Forge {
                 let comments = self.github.review_comments(owner, name, *pull_number, *review_id).await;
                 Ask {
                     reply_to: comments.iter().flatten().map(|c| c.id).collect(),
+                    paths: comments.iter().flatten().map(|c| c.path.clone()).collect(),
                     pull_number: *pull_number,
                     ..ask(
                         "review",

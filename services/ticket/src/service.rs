@@ -300,7 +300,9 @@ impl Tickets {
             return not(format!("ticket {}'s tasks are not on the queue yet", ticket.id));
         }
         let tasks = self.tasks.queue.list(ticket.id).await.map_err(queue_unavailable)?;
-        let source = match follow_up_source(&tasks, None) {
+        let ask = self.forge.follow_up(&reaction).await;
+        // The agent that last changed the files concerned, else the last.
+        let source = match touched_last(&tasks, &ask.paths).map_or_else(|| follow_up_source(&tasks, None), Ok) {
             Ok(s) => s,
             Err(s) => return not(format!("ticket {}: {}", ticket.id, s.message())),
         };
@@ -308,7 +310,6 @@ impl Tickets {
             .id
             .parse()
             .map_err(|_| Status::internal("the queue named a task by no UUID"))?;
-        let ask = self.forge.follow_up(&reaction).await;
         let kind = ask.kind;
         let planned = follow_up_task(&ticket, source, &ask.message);
         let new = NewReaction {
@@ -608,6 +609,29 @@ fn follow_up_source(
         .ok_or_else(|| {
             Status::failed_precondition("the ticket has no completed task to follow up; name one in task_id")
         })
+}
+
+/// The completed task that last changed one of `paths` (as its stored
+/// patch says), if one did.
+fn touched_last<'a>(
+    tasks: &'a [omoi_proto::taskqueue::Task],
+    paths: &[String],
+) -> Option<&'a omoi_proto::taskqueue::Task> {
+    if paths.is_empty() {
+        return None;
+    }
+    let touched = |t: &&omoi_proto::taskqueue::Task| {
+        let patch = t.git.as_ref().map_or("", |g| g.patch.as_str());
+        patch.lines().any(|l| {
+            let file = l.strip_prefix("+++ b/").or_else(|| l.strip_prefix("--- a/"));
+            file.is_some_and(|f| paths.iter().any(|p| p == f))
+        })
+    };
+    tasks
+        .iter()
+        .filter(|t| TaskStatus::given(t.status).known() == Some(TaskStatus::Completed))
+        .filter(touched)
+        .max_by_key(|t| t.completed_at.as_ref().map(|c| (c.seconds, c.nanos)))
 }
 
 /// The follow-up as the ticket's plan keeps it: the followed task's phase

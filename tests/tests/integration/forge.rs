@@ -777,6 +777,62 @@ async fn a_pull_request_its_base_moved_away_from_gets_the_base_merged_in_by_its_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_review_goes_back_to_the_agent_that_last_changed_the_files_it_comments_on() {
+    let forge = Forge::start(&[]).await;
+    let tickets = forge.mesh.tickets();
+    // A plan, then its implementation: PLAN.md from the first task,
+    // src/feature.rs from the second (the demo agent's files).
+    let task = |title: &str, phase: i32, depends_on: Vec<i32>| pb::TaskSpec {
+        title: title.into(),
+        phase,
+        depends_on,
+        ..Default::default()
+    };
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
+            title: "Plan and build".into(),
+            repository: format!("{WEB}/acme/remote.git"),
+            pull_request: true,
+            plan: vec![task("Plan it", 1, vec![]), task("Build it", 2, vec![0])],
+            ..Default::default()
+        },
+    )
+    .await
+    .ticket
+    .unwrap();
+    let open = wait_ticket_where(&tickets, &created.id, "its pull request open", |t| {
+        !t.pull_request_url.is_empty()
+    })
+    .await;
+    let pr = open.pull_request_url.clone();
+    forge.github.review(
+        41,
+        vec![json!({"id": 801, "path": "PLAN.md", "line": 3, "diff_hunk": "@@ -0,0 +1,3 @@", "body": "Add a step."})],
+    );
+    let review = json!({
+        "action": "submitted",
+        "repository": {"full_name": "acme/remote", "html_url": format!("{WEB}/acme/remote")},
+        "pull_request": {"number": 1, "html_url": pr},
+        "review": {"id": 41, "state": "changes_requested", "body": "The plan first.",
+                   "html_url": format!("{pr}#pullrequestreview-41"),
+                   "user": {"login": "maintainer"}, "author_association": "MEMBER"}
+    });
+    let (_, answer) = forge.deliver("pull_request_review", "d-review-plan", &review).await;
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["reacted"], json!(true), "{answer}");
+    let done = wait_ticket(&tickets, &created.id, COMPLETED).await;
+    let by_id = |id: &Value| done.tasks.iter().find(|t| t.id == *id).unwrap();
+    let plan = done.tasks.iter().find(|t| t.title == "Plan it").unwrap();
+    // The planning agent is back at it (its phase, its work before): not
+    // the last task's.
+    let fix = by_id(&answer["task_id"]);
+    assert_eq!(fix.phase, plan.phase, "{fix:?}");
+    assert_eq!(fix.depends_on, std::slice::from_ref(&plan.id), "{fix:?}");
+    forge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_whose_handling_the_ticket_service_died_in_is_acted_on_once_when_redelivered() {
     let mut forge = Forge::start(&[]).await;
     let (id, branch) = forge.sum_ticket(None).await;
