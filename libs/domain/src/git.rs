@@ -153,6 +153,13 @@ pub struct ForgeRepo {
     pub name: String,
 }
 
+impl ForgeRepo {
+    /// `owner/name`, as the forge's API and webhooks name it.
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.owner, self.name)
+    }
+}
+
 /// The forge repository a URL names: `https://host/owner/name[.git]` or
 /// `ssh://git@host/owner/name[.git]`; None for anything else (a local path,
 /// a deeper path, odd characters).

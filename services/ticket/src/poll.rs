@@ -113,7 +113,7 @@ async fn merge_check(tickets: &Tickets, github: &GitHub, ticket: &Ticket) -> Res
     let Some((repo, number)) = pull_request_of(ticket) else {
         return Ok(true);
     };
-    let full_name = format!("{}/{}", repo.owner, repo.name);
+    let full_name = repo.full_name();
     let (_, pr) = github
         .get_cached(&format!("/repos/{full_name}/pulls/{number}"), None)
         .await?;
@@ -192,8 +192,8 @@ async fn look(tickets: &Tickets, github: &GitHub, cache: &Cache, ticket: &Ticket
     let Some((repo, number)) = pull_request_of(ticket) else {
         return Ok(());
     };
-    let root = format!("/repos/{}/{}", repo.owner, repo.name);
-    let full_name = format!("{}/{}", repo.owner, repo.name);
+    let full_name = repo.full_name();
+    let root = format!("/repos/{full_name}");
     let pr = get(github, cache, &format!("{root}/pulls/{number}")).await?;
     if pr["state"].as_str() != Some("open") {
         return Ok(());

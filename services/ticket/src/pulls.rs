@@ -147,7 +147,7 @@ impl GitHub {
     }
 
     async fn try_open(&self, repo: &ForgeRepo, ticket: &Ticket) -> Result<Asked, String> {
-        let root = format!("/repos/{}/{}", repo.owner, repo.name);
+        let root = format!("/repos/{}", repo.full_name());
         let base = if ticket.base_ref.is_empty() {
             let (status, body) = self.call(Method::GET, &root, None).await?;
             if !status.is_success() {

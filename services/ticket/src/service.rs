@@ -368,7 +368,7 @@ impl Tickets {
             .into_iter()
             .filter(|t| {
                 omoi_domain::git::forge_repo(&t.repository)
-                    .is_some_and(|r| format!("{}/{}", r.owner, r.name).eq_ignore_ascii_case(repository))
+                    .is_some_and(|r| r.full_name().eq_ignore_ascii_case(repository))
             })
             .map(|t| t.id)
             .collect();
