@@ -519,20 +519,19 @@ impl Store {
     /// Tickets marked by [`Store::check_mergeable`] that may still react,
     /// each with when it was marked.
     pub async fn merge_checks_due(&self, limit: i64) -> Result<Vec<(Ticket, chrono::DateTime<chrono::Utc>)>> {
-        let marked: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(sql!(
-            "SELECT id, merge_check_since FROM tickets
+        let rows = sqlx::query(sql!(concat!(
+            "SELECT ",
+            ticket_columns!(),
+            ", merge_check_since FROM tickets
              WHERE merge_check_since IS NOT NULL AND pull_request_url <> '' AND status <> 'cancelled'
              ORDER BY merge_check_since LIMIT $1"
-        ))
+        )))
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
-        let mut due = Vec::with_capacity(marked.len());
-        for (id, since) in marked {
-            let mut conn = self.pool().acquire().await?;
-            due.push((select_ticket(&mut conn, id, false).await?, since));
-        }
-        Ok(due)
+        rows.iter()
+            .map(|row| Ok((TicketRow::from_row(row)?.0, row.try_get("merge_check_since")?)))
+            .collect()
     }
 
     /// The forge said whether ticket `id`'s pull request merges cleanly,
