@@ -75,14 +75,19 @@ impl Held {
     }
 }
 
-/// Opens `path` (made when missing) and locks it, shared or not, waiting.
+/// A lock file of the cache, made when missing.
+fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+}
+
+/// Opens lock file `path` and locks it, shared or not, waiting.
 async fn locked(path: PathBuf, shared: bool) -> Result<std::fs::File, GitError> {
     tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)?;
+        let f = lock_file(&path)?;
         if shared {
             f.lock_shared()?
         } else {
@@ -271,12 +276,7 @@ impl GitCache {
             if mirrors.get(&path).is_some_and(|m| Arc::strong_count(m) > 1) {
                 continue;
             }
-            let Ok(using) = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(path.with_extension("use"))
-            else {
+            let Ok(using) = lock_file(&path.with_extension("use")) else {
                 continue;
             };
             if using.try_lock().is_err() {
