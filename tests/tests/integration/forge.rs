@@ -46,6 +46,18 @@ fn comment(id: i64, pr_url: &str, association: &str, body: &str) -> Value {
     })
 }
 
+/// A member's review of pull request 1 (`pr`) requesting changes.
+fn changes_requested(pr: &str, id: i64, body: &str) -> Value {
+    json!({
+        "action": "submitted",
+        "repository": {"full_name": "acme/remote", "html_url": format!("{WEB}/acme/remote")},
+        "pull_request": {"number": 1, "html_url": pr},
+        "review": {"id": id, "state": "changes_requested", "body": body,
+                   "html_url": format!("{pr}#pullrequestreview-{id}"),
+                   "user": {"login": "maintainer"}, "author_association": "MEMBER"}
+    })
+}
+
 /// The mesh on a stand-in GitHub, its console taking webhook deliveries,
 /// with `env` for the services.
 struct Forge {
@@ -326,14 +338,7 @@ async fn ci_failures_and_mentions_on_the_pull_request_become_follow_ups_once_eac
                    "body": "Document sum()."}),
         ],
     );
-    let review = json!({
-        "action": "submitted",
-        "repository": {"full_name": "acme/remote", "html_url": format!("{WEB}/acme/remote")},
-        "pull_request": {"number": 1, "html_url": pr},
-        "review": {"id": 31, "state": "changes_requested", "body": "Two things.",
-                   "html_url": format!("{pr}#pullrequestreview-31"),
-                   "user": {"login": "maintainer"}, "author_association": "MEMBER"}
-    });
+    let review = changes_requested(&pr, 31, "Two things.");
     let (status, answer) = forge.deliver("pull_request_review", "d-review-1", &review).await;
     assert_eq!(status, 200, "{answer}");
     let answer: Value = serde_json::from_str(&answer).unwrap();
@@ -810,14 +815,7 @@ async fn a_review_goes_back_to_the_agent_that_last_changed_the_files_it_comments
         41,
         vec![json!({"id": 801, "path": "PLAN.md", "line": 3, "diff_hunk": "@@ -0,0 +1,3 @@", "body": "Add a step."})],
     );
-    let review = json!({
-        "action": "submitted",
-        "repository": {"full_name": "acme/remote", "html_url": format!("{WEB}/acme/remote")},
-        "pull_request": {"number": 1, "html_url": pr},
-        "review": {"id": 41, "state": "changes_requested", "body": "The plan first.",
-                   "html_url": format!("{pr}#pullrequestreview-41"),
-                   "user": {"login": "maintainer"}, "author_association": "MEMBER"}
-    });
+    let review = changes_requested(&pr, 41, "The plan first.");
     let (_, answer) = forge.deliver("pull_request_review", "d-review-plan", &review).await;
     let answer: Value = serde_json::from_str(&answer).unwrap();
     assert_eq!(answer["reacted"], json!(true), "{answer}");
