@@ -122,6 +122,9 @@ events! {
     TicketReopened(TicketChanged) = "TICKET_REOPENED", Ticket;
     TicketPullRequestOpened(PullRequestOpened) = "TICKET_PULL_REQUEST_OPENED", Ticket;
     TicketReaction(TicketReaction) = "TICKET_REACTION", Ticket;
+    TicketApprovalRequested(ApprovalRequested) = "TICKET_APPROVAL_REQUESTED", Ticket;
+    TicketApproved(GateDecided) = "TICKET_APPROVED", Ticket;
+    TicketChangesRequested(GateDecided) = "TICKET_CHANGES_REQUESTED", Ticket;
     AgentRegistered(AgentRegistered) = "AGENT_REGISTERED", Agent;
     AgentDeregistered(AgentChanged) = "AGENT_DEREGISTERED", Agent;
     AgentStale(AgentStale) = "AGENT_STALE", Agent;
@@ -203,6 +206,10 @@ impl Event {
             TicketStatus::Failed => Event::TicketFailed(change),
             TicketStatus::Cancelled => Event::TicketCancelled(change),
             TicketStatus::Paused => Event::TicketPaused(change),
+            // Entering it is announced with what is to be approved
+            // (TICKET_APPROVAL_REQUESTED, see `gate`), where the gate is
+            // known; a bare change says the ticket goes on.
+            TicketStatus::AwaitingApproval => Event::TicketStarted(change),
         }
     }
 }
@@ -433,6 +440,46 @@ pub struct TicketReaction {
     /// How many of its `max_reactions` the ticket has used, this one included.
     pub reactions: i32,
     pub max_reactions: i32,
+}
+
+/// A phase of a ticket awaits a person's approval; the ticket's status
+/// (AWAITING_APPROVAL unless it is paused) with what is to be approved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRequested {
+    #[serde(flatten)]
+    pub change: TicketChanged,
+    pub phase: Phase,
+    /// The how-manieth time approval of the phase is asked (1 the first).
+    pub round: i32,
+    /// What is to be approved: the tasks whose work the phase builds on.
+    pub tasks: Vec<ReviewedTask>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub branch: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub head_commit: String,
+}
+
+/// A task whose work a person is asked to approve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewedTask {
+    pub task_id: Uuid,
+    pub title: String,
+    pub phase: Phase,
+    /// What its agent said it did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub summary: String,
+}
+
+/// A person's decision on a phase awaiting approval: approved, or changes
+/// asked for (`change.task_id` the follow-up making them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateDecided {
+    #[serde(flatten)]
+    pub change: TicketChanged,
+    pub phase: Phase,
+    pub by: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub comment: String,
 }
 
 /// A ticket's status change, with what caused it.

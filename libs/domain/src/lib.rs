@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod classify;
 pub mod error;
 pub mod event;
+pub mod gate;
 pub mod git;
 pub mod graph;
 pub mod rules;

@@ -10,16 +10,19 @@ pub enum TicketStatus {
     InProgress,
     /// Its budget is spent: nothing of it is dispatched until it is raised.
     Paused,
+    /// A phase of its plan waits for a person's approval.
+    AwaitingApproval,
     Completed,
     Failed,
     Cancelled,
 }
 
 impl TicketStatus {
-    pub const ALL: [TicketStatus; 6] = [
+    pub const ALL: [TicketStatus; 7] = [
         TicketStatus::Open,
         TicketStatus::InProgress,
         TicketStatus::Paused,
+        TicketStatus::AwaitingApproval,
         TicketStatus::Completed,
         TicketStatus::Failed,
         TicketStatus::Cancelled,
@@ -30,6 +33,7 @@ impl TicketStatus {
             TicketStatus::Open => "open",
             TicketStatus::InProgress => "in_progress",
             TicketStatus::Paused => "paused",
+            TicketStatus::AwaitingApproval => "awaiting_approval",
             TicketStatus::Completed => "completed",
             TicketStatus::Failed => "failed",
             TicketStatus::Cancelled => "cancelled",

@@ -238,6 +238,16 @@ impl Phase {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|p| p.as_str() == s)
     }
+
+    /// Its name in a sentence: `implementation`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Initial => "initial",
+            Phase::Implementation => "implementation",
+            Phase::Integration => "integration",
+            Phase::Refactoring => "refactoring",
+        }
+    }
 }
 
 /// How a failure is treated.

@@ -50,6 +50,10 @@ pub struct Ticket {
     /// the address); empty otherwise.
     pub source_kind: String,
     pub source_url: String,
+    /// Phases that wait for a person's approval, and where each stands
+    /// (read with the ticket when it has any).
+    pub approvals: Vec<Phase>,
+    pub gates: Vec<crate::gate::Gate>,
     /// String labels as a JSON object.
     pub labels: Value,
     pub request_id: Option<String>,
@@ -505,6 +509,8 @@ mod tests {
             reaction_refused: String::new(),
             source_kind: String::new(),
             source_url: String::new(),
+            approvals: Vec::new(),
+            gates: Vec::new(),
             labels: serde_json::json!({}),
             request_id: None,
             tasks_enqueued: true,

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use omoi_domain::gate::{Gate, GateState};
 use omoi_domain::rules::{Limit, Pause};
 use omoi_domain::validate::{Given, NewTask};
 use omoi_domain::{
@@ -55,7 +56,7 @@ wire_enums! {
     TaskStatus { Pending, Assigned, Running, Completed, Failed, TimedOut, Cancelled }
     Phase { Initial, Implementation, Integration, Refactoring }
     ErrorClass { Retryable, Permanent }
-    TicketStatus { Open, InProgress, Paused, Completed, Failed, Cancelled }
+    TicketStatus { Open, InProgress, Paused, AwaitingApproval, Completed, Failed, Cancelled }
     AgentStatus { Healthy, Stale, Deregistered }
 }
 
@@ -285,6 +286,43 @@ impl From<&Ticket> for ticket::Ticket {
                 kind: t.source_kind.clone(),
                 url: t.source_url.clone(),
             }),
+            gates: t.gates.iter().map(ticket::ApprovalGate::from).collect(),
+        }
+    }
+}
+
+impl From<GateState> for ticket::GateState {
+    fn from(s: GateState) -> Self {
+        match s {
+            GateState::Waiting => ticket::GateState::Waiting,
+            GateState::AwaitingApproval => ticket::GateState::AwaitingApproval,
+            GateState::ChangesRequested => ticket::GateState::ChangesRequested,
+            GateState::Approved => ticket::GateState::Approved,
+        }
+    }
+}
+
+impl From<&Gate> for ticket::ApprovalGate {
+    fn from(g: &Gate) -> Self {
+        ticket::ApprovalGate {
+            phase: g.phase.wire(),
+            state: ticket::GateState::from(g.state).into(),
+            review_task_ids: g.review_task_ids.iter().map(ToString::to_string).collect(),
+            rounds: g.rounds,
+            requested_at: g.requested_at.map(timestamp),
+            decided_by: g.decided_by.clone(),
+            decided_at: g.decided_at.map(timestamp),
+            comment: g.comment.clone(),
+            change_requests: g
+                .change_requests
+                .iter()
+                .map(|r| ticket::ChangeRequest {
+                    comment: r.comment.clone(),
+                    requested_by: r.requested_by.clone(),
+                    requested_at: Some(timestamp(r.requested_at)),
+                    task_id: r.task_id.to_string(),
+                })
+                .collect(),
         }
     }
 }

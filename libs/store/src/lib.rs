@@ -6,6 +6,7 @@ mod codes;
 pub mod consumed;
 mod error;
 pub mod events;
+pub mod gates;
 pub mod limits;
 pub mod listen;
 pub mod outbox;

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use omoi_domain::gate::{Gate, gated_status};
 use omoi_domain::ticket::{PlannedTask, TaskOutcome, TaskProgress, derive_status};
-use omoi_domain::{Ticket, TicketStatus, Usage};
+use omoi_domain::{Phase, Ticket, TicketStatus, Usage};
 use serde_json::{Value, json};
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, Row};
@@ -15,14 +16,15 @@ use omoi_domain::{Envelope, Event};
 use crate::codes::{phase_code, phase_of};
 use crate::events;
 use crate::statements::sql;
-use crate::{Result, Store, StoreError, consumed};
+use crate::{Result, Store, StoreError, consumed, gates};
 
 /// The columns a `TicketRow` reads.
 macro_rules! ticket_columns {
     () => {
         "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
      pull_request, pull_request_url, pull_request_error, max_cost_usd, paused_reason, labels, request_id,
-     tasks_enqueued, usage, created_at, updated_at, max_reactions, reactions, reaction_refused, source_kind, source_url"
+     tasks_enqueued, usage, created_at, updated_at, max_reactions, reactions, reaction_refused, source_kind, source_url,
+     approvals"
     };
 }
 pub(crate) use ticket_columns;
@@ -30,7 +32,7 @@ pub(crate) use ticket_columns;
 macro_rules! ticket_task_columns {
     () => {
         "ticket_id, task_id, position, title, description, phase, priority, depends_on,
-     max_retries, timeout_seconds, concurrency_key, started, outcome, follow_up"
+     max_retries, timeout_seconds, concurrency_key, started, outcome, follow_up, summary"
     };
 }
 
@@ -41,6 +43,11 @@ impl<'r> FromRow<'r, PgRow> for TicketRow {
     fn from_row(row: &'r PgRow) -> sqlx::Result<Self> {
         let status: String = row.try_get("status")?;
         let priority: i16 = row.try_get("priority")?;
+        let approvals: Vec<i16> = row.try_get("approvals")?;
+        let approvals = approvals
+            .into_iter()
+            .map(|code| phase_of(code).ok_or_else(|| sqlx::Error::Decode(format!("phase {code}").into())))
+            .collect::<sqlx::Result<Vec<_>>>()?;
         Ok(TicketRow(Ticket {
             id: row.try_get("id")?,
             seq: row.try_get("seq")?,
@@ -63,6 +70,9 @@ impl<'r> FromRow<'r, PgRow> for TicketRow {
             reaction_refused: row.try_get("reaction_refused")?,
             source_kind: row.try_get("source_kind")?,
             source_url: row.try_get("source_url")?,
+            approvals,
+            // Read apart, for the tickets that have any (`gates::load`).
+            gates: Vec::new(),
             labels: row.try_get("labels")?,
             request_id: row.try_get("request_id")?,
             tasks_enqueued: row.try_get("tasks_enqueued")?,
@@ -87,6 +97,8 @@ pub struct TaskReport<'a> {
     pub reopened: bool,
     /// The commit the attempt it completed left on the ticket's branch.
     pub head_commit: Option<&'a str>,
+    /// What the agent of the attempt it completed said it did.
+    pub summary: Option<&'a str>,
 }
 
 /// One task of a ticket's plan, with what its events reported.
@@ -97,6 +109,8 @@ pub struct TicketTask {
     pub position: i32,
     pub planned: PlannedTask,
     pub progress: TaskProgress,
+    /// What its agent said it did, once it completed.
+    pub summary: String,
 }
 
 impl<'r> FromRow<'r, PgRow> for TicketTask {
@@ -123,6 +137,7 @@ impl<'r> FromRow<'r, PgRow> for TicketTask {
                 outcome: outcome.as_deref().and_then(TaskOutcome::parse),
                 follow_up: row.try_get("follow_up")?,
             },
+            summary: row.try_get("summary")?,
         })
     }
 }
@@ -145,6 +160,8 @@ pub struct NewTicket {
     /// Where it came from (see `Ticket::source_kind`); empty: a caller.
     pub source_kind: String,
     pub source_url: String,
+    /// Phases that wait for a person's approval.
+    pub approvals: Vec<Phase>,
     pub labels: Value,
     pub request_id: Option<String>,
 }
@@ -199,8 +216,9 @@ impl Store {
         let mut tx = self.pool().begin().await?;
         let inserted: Option<TicketRow> = sqlx::query_as(sql!(concat!(
             "INSERT INTO tickets (id, title, description, priority, status, repository, labels, request_id,
-                                  base_ref, branch, pull_request, max_cost_usd, max_reactions, source_kind, source_url)
-             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                                  base_ref, branch, pull_request, max_cost_usd, max_reactions, source_kind, source_url,
+                                  approvals)
+             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
              ON CONFLICT (request_id) DO NOTHING
              RETURNING ",
             ticket_columns!()
@@ -219,9 +237,10 @@ impl Store {
         .bind(t.max_reactions)
         .bind(&t.source_kind)
         .bind(&t.source_url)
+        .bind(t.approvals.iter().map(|p| phase_code(*p)).collect::<Vec<_>>())
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(TicketRow(ticket)) = inserted else {
+        let Some(TicketRow(mut ticket)) = inserted else {
             // A concurrent create with the same request id won.
             drop(tx);
             let rid = t.request_id.as_deref().unwrap_or_default();
@@ -272,6 +291,12 @@ impl Store {
             task_ids: plan.iter().map(|(id, _)| *id).collect(),
         });
         events::insert(&mut tx, &[Envelope::new(ticket.id, Some(ticket.id), created)]).await?;
+        if !t.approvals.is_empty() {
+            // A gate on a phase that builds on nothing asks at once.
+            gates::insert(&mut tx, ticket.id, &t.approvals).await?;
+            gates::load(&mut tx, std::slice::from_mut(&mut ticket)).await?;
+            ticket = settle_status(&mut tx, ticket, |_| {}).await?.ticket;
+        }
         let tasks = select_ticket_tasks(&mut tx, ticket.id).await?;
         self.commit(tx).await?;
         Ok(Created::New(ticket, tasks))
@@ -288,7 +313,8 @@ impl Store {
         .fetch_optional(&mut *conn)
         .await?;
         match ticket {
-            Some(TicketRow(t)) => {
+            Some(TicketRow(mut t)) => {
+                gates::load(&mut conn, std::slice::from_mut(&mut t)).await?;
                 let tasks = select_ticket_tasks(&mut conn, t.id).await?;
                 Ok(Some((t, tasks)))
             }
@@ -322,7 +348,9 @@ impl Store {
         .bind(page_size + 1)
         .fetch_all(self.pool())
         .await?;
-        Ok(crate::page(unwrap_rows(rows), page_size, |t| t.seq))
+        let mut tickets = unwrap_rows(rows);
+        gates::load(&mut *self.pool().acquire().await?, &mut tickets).await?;
+        Ok(crate::page(tickets, page_size, |t| t.seq))
     }
 
     pub async fn mark_tasks_enqueued(&self, id: Uuid) -> Result<()> {
@@ -694,6 +722,7 @@ impl Store {
             usage,
             reopened,
             head_commit,
+            summary,
         } = *report;
         let mut tx = self.pool().begin().await?;
         if !consumed::first_time(&mut tx, consumer, event_id).await? {
@@ -721,13 +750,15 @@ impl Store {
         // The first outcome stands, until an operator's retry opens it again.
         let owner: Option<Uuid> = sqlx::query_scalar(sql!(
             "UPDATE ticket_tasks SET started = started OR $2,
-                 outcome = CASE WHEN $4 THEN NULL ELSE COALESCE(outcome, $3) END
+                 outcome = CASE WHEN $4 THEN NULL ELSE COALESCE(outcome, $3) END,
+                 summary = COALESCE(left($5, 4000), summary)
              WHERE task_id = $1 RETURNING ticket_id"
         ))
         .bind(task_id)
         .bind(started)
         .bind(outcome.map(TaskOutcome::as_str))
         .bind(reopened)
+        .bind(summary)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(ticket_id) = owner else {
@@ -875,7 +906,7 @@ pub struct TicketUpdate {
 /// Adds follow-up `task_id` to `ticket` (locked by the caller, not
 /// cancelled); a final ticket is open again, with TICKET_REOPENED naming
 /// the follow-up and `reason`.
-async fn insert_follow_up(
+pub(crate) async fn insert_follow_up(
     tx: &mut PgConnection,
     ticket: Ticket,
     task_id: Uuid,
@@ -936,21 +967,25 @@ async fn hold_for_reactions(tx: &mut PgConnection, ticket: Ticket, refused: &str
     Ok(settle_status(tx, ticket, |_| {}).await?.ticket)
 }
 
-/// Sets the status a ticket's tasks and budget give it (with its event)
-/// when it differs from the stored one.
-async fn settle_status(
+/// Sets the status a ticket's tasks, budget and gates give it (with its
+/// event) when it differs from the stored one; gates whose groundwork is
+/// done ask for approval (TICKET_APPROVAL_REQUESTED, which also says a
+/// change to AWAITING_APPROVAL).
+pub(crate) async fn settle_status(
     conn: &mut PgConnection,
-    ticket: Ticket,
+    mut ticket: Ticket,
     cause: impl FnOnce(&mut TicketChanged),
 ) -> Result<Applied> {
-    let progress: Vec<TaskProgress> = select_ticket_tasks(conn, ticket.id)
-        .await?
-        .into_iter()
-        .map(|t| t.progress)
-        .collect();
+    let tasks = select_ticket_tasks(conn, ticket.id).await?;
+    let progress: Vec<TaskProgress> = tasks.iter().map(|t| t.progress).collect();
     let derived = derive_status(&progress);
-    let status = ticket.budgeted(derived);
-    if status == ticket.status {
+    let asked = if ticket.gates.is_empty() {
+        Vec::new()
+    } else {
+        gates::ask_due(conn, &mut ticket, &tasks).await?
+    };
+    let status = gated_status(ticket.budgeted(derived), &ticket.gates);
+    if status == ticket.status && asked.is_empty() {
         return Ok(Applied { ticket, changed: false });
     }
     let reason = if status == TicketStatus::Paused {
@@ -958,22 +993,43 @@ async fn settle_status(
     } else {
         String::new()
     };
-    let updated = set_status(conn, ticket.id, status, &reason).await?;
-    let event = ticket_event(&updated, |c| {
-        c.previous_status = Some(ticket.status);
+    let changed = status != ticket.status;
+    let updated = if changed {
+        set_status(conn, ticket.id, status, &reason).await?
+    } else {
+        ticket.clone()
+    };
+    let change = updated.change(|c| {
+        if changed {
+            c.previous_status = Some(ticket.status);
+        }
         if !reason.is_empty() {
             c.reason = Some(reason.clone());
         }
         cause(c);
     });
-    events::insert(conn, &[event]).await?;
+    // Entering AWAITING_APPROVAL is said by the gates that await (those
+    // that just asked, else all: e.g. a pause lifted).
+    let asking: Vec<&Gate> = updated
+        .gates
+        .iter()
+        .filter(|g| asked.contains(&g.phase) || (changed && status == TicketStatus::AwaitingApproval && g.awaiting()))
+        .collect();
+    let mut evs: Vec<Envelope> = asking
+        .iter()
+        .map(|g| gates::requested(&updated, g, &tasks, change.clone()))
+        .collect();
+    if changed && status != TicketStatus::AwaitingApproval {
+        evs.insert(0, Envelope::new(updated.id, Some(updated.id), Event::ticket(status, change)));
+    }
+    events::insert(conn, &evs).await?;
     Ok(Applied {
         ticket: updated,
-        changed: true,
+        changed,
     })
 }
 
-async fn select_ticket(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result<Ticket> {
+pub(crate) async fn select_ticket(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result<Ticket> {
     let query = if lock {
         sqlx::query_as(sql!(concat!(
             "SELECT ",
@@ -987,12 +1043,14 @@ async fn select_ticket(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result<
             " FROM tickets WHERE id = $1"
         )))
     };
-    query
+    let mut ticket = query
         .bind(id)
-        .fetch_optional(conn)
+        .fetch_optional(&mut *conn)
         .await?
         .map(|TicketRow(t)| t)
-        .ok_or(StoreError::NotFound { entity: "ticket", id })
+        .ok_or(StoreError::NotFound { entity: "ticket", id })?;
+    gates::load(conn, std::slice::from_mut(&mut ticket)).await?;
+    Ok(ticket)
 }
 
 fn unwrap_rows(rows: Vec<TicketRow>) -> Vec<Ticket> {
@@ -1019,8 +1077,10 @@ async fn set_status(conn: &mut PgConnection, id: Uuid, status: TicketStatus, pau
     .bind(id)
     .bind(status.as_str())
     .bind(paused_reason)
-    .fetch_one(conn)
+    .fetch_one(&mut *conn)
     .await?;
+    let mut ticket = ticket;
+    gates::load(conn, std::slice::from_mut(&mut ticket)).await?;
     Ok(ticket)
 }
 

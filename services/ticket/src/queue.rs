@@ -1,7 +1,9 @@
 //! The task queue, as the ticket service calls it: enqueue a ticket's
 //! tasks, list them, retry, cancel, pause and resume them.
 
+use omoi_domain::Phase;
 use omoi_domain::validate::NewTask;
+use omoi_proto::domain::WireEnum;
 use omoi_proto::taskqueue::{self as pb, task_queue_service_client::TaskQueueServiceClient};
 use tonic::{Code, Status};
 use uuid::Uuid;
@@ -79,11 +81,20 @@ impl Queue {
     /// Holds back the ticket's tasks; a paused ticket stays paused (its
     /// reason updated), so this may be said again.
     pub async fn pause(&self, ticket_id: Uuid, reason: &str) -> Result<(), Status> {
+        self.pause_scope(ticket_id, None, reason).await
+    }
+
+    /// Holds back the ticket's tasks of `phase` (a gate), as `pause`.
+    pub async fn pause_phase(&self, ticket_id: Uuid, phase: Phase, reason: &str) -> Result<(), Status> {
+        self.pause_scope(ticket_id, Some(phase), reason).await
+    }
+
+    async fn pause_scope(&self, ticket_id: Uuid, phase: Option<Phase>, reason: &str) -> Result<(), Status> {
         let mut c = self.client.clone();
         c.pause_dispatch(pb::PauseDispatchRequest {
             ticket_id: ticket_id.to_string(),
             reason: reason.to_owned(),
-            ..Default::default()
+            phase: phase.map_or(0, Phase::wire),
         })
         .await?;
         Ok(())
@@ -91,11 +102,20 @@ impl Queue {
 
     /// Lets the ticket's tasks go again; one that is not paused is fine.
     pub async fn resume(&self, ticket_id: Uuid) -> Result<(), Status> {
+        self.resume_scope(ticket_id, None).await
+    }
+
+    /// Lets the ticket's tasks of `phase` go again, as `resume`.
+    pub async fn resume_phase(&self, ticket_id: Uuid, phase: Phase) -> Result<(), Status> {
+        self.resume_scope(ticket_id, Some(phase)).await
+    }
+
+    async fn resume_scope(&self, ticket_id: Uuid, phase: Option<Phase>) -> Result<(), Status> {
         let mut c = self.client.clone();
         match c
             .resume_dispatch(pb::ResumeDispatchRequest {
                 ticket_id: ticket_id.to_string(),
-                ..Default::default()
+                phase: phase.map_or(0, Phase::wire),
             })
             .await
         {

@@ -35,6 +35,7 @@ pub fn create(
         pull_request,
         max_cost_usd,
         max_reactions,
+        approvals,
     } = req;
     let title = validate::title("title", &title)?;
     let max_reactions = match max_reactions {
@@ -74,6 +75,7 @@ pub fn create(
         let specs: Vec<RawTaskSpec<'_>> = plan.iter().map(task_spec).collect();
         rules::explicit_plan(&specs, priority)?
     };
+    let approvals = omoi_domain::gate::approvals("approvals", approvals.into_iter().map(Phase::given), &plan)?;
     let id = Uuid::now_v7();
     let branch = if repository.is_empty() {
         String::new()
@@ -106,6 +108,7 @@ pub fn create(
         request_id,
         source_kind: String::new(),
         source_url: String::new(),
+        approvals,
     };
     Ok((ticket, plan))
 }
@@ -242,6 +245,47 @@ pub fn follow_up(req: pb::FollowUpRequest) -> ApiResult<(Uuid, String, Option<Uu
     }
     let message = validate::text("message", &message, MAX_FOLLOW_UP_BYTES)?;
     Ok((ticket_id, message, validate::optional_uuid("task_id", &task_id)?))
+}
+
+/// A person's decision on a phase awaiting approval: Approve's (the
+/// comment may be empty) or RequestChanges' (it may not).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub ticket_id: Uuid,
+    pub phase: Option<Phase>,
+    pub comment: String,
+}
+
+pub fn approve(req: pb::ApproveRequest) -> ApiResult<Decision> {
+    let pb::ApproveRequest {
+        ticket_id,
+        comment,
+        phase,
+    } = req;
+    decision(&ticket_id, comment, phase, false)
+}
+
+pub fn request_changes(req: pb::RequestChangesRequest) -> ApiResult<Decision> {
+    let pb::RequestChangesRequest {
+        ticket_id,
+        comment,
+        phase,
+    } = req;
+    decision(&ticket_id, comment, phase, true)
+}
+
+fn decision(ticket_id: &str, comment: String, phase: i32, comment_needed: bool) -> ApiResult<Decision> {
+    let ticket_id = validate::uuid("ticket_id", ticket_id)?;
+    if comment_needed && comment.trim().is_empty() {
+        return Err(omoi_base::ApiError::invalid("comment", "must say what to change"));
+    }
+    let comment = validate::text("comment", comment.trim(), omoi_domain::gate::MAX_COMMENT_BYTES)?;
+    let phase = validate::optional("phase", Phase::given(phase), "phase")?;
+    Ok(Decision {
+        ticket_id,
+        phase,
+        comment,
+    })
 }
 
 /// Most reactions a ticket may allow.

@@ -11,6 +11,8 @@ use omoi_proto::domain::WireEnum;
 use omoi_proto::events::Event;
 use omoi_proto::ticket::{self as pb, ticket_service_server::TicketService};
 use omoi_store::Store;
+use omoi_domain::gate::Gate;
+use omoi_store::gates::Decision;
 use omoi_store::tickets::{Created, NewReaction, Reacted};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -146,9 +148,14 @@ impl Tickets {
             Err(omoi_store::StoreError::FailedPrecondition(_)) => self.store.get_ticket(id).await?.0,
             Err(e) => return Err(e.into()),
         };
-        // A budget's pause has nothing left to hold back.
+        // A budget's pause and its gates have nothing left to hold back.
         if let Err(s) = self.tasks.queue.resume(id).await {
             tracing::warn!(ticket_id = %id, error = %s.message(), "the cancelled ticket's dispatch pause stays");
+        }
+        if t.tasks_enqueued {
+            for gate in t.gates.iter().filter(|g| !g.released) {
+                self.tasks.release_gate(id, gate.phase).await;
+            }
         }
         Ok(pb::CancelTicketResponse {
             ticket: Some(pb::Ticket::from(&t)),
@@ -248,6 +255,106 @@ impl Tickets {
         };
         let (ticket, _) = self.store.get_ticket(id).await?;
         Ok(pb::FollowUpResponse {
+            ticket: Some(pb::Ticket::from(&ticket)),
+            task,
+        })
+    }
+
+    async fn approve(&self, req: pb::ApproveRequest, by: &str) -> ApiResult<pb::ApproveResponse> {
+        let d = requests::approve(req)?;
+        let decision = Decision {
+            ticket_id: d.ticket_id,
+            phase: d.phase,
+            by,
+            comment: &d.comment,
+        };
+        let approved = self.store.approve(&decision).await?;
+        let t = &approved.ticket;
+        let phases: Vec<&str> = approved.phases.iter().map(|p| p.name()).collect();
+        tracing::info!(ticket_id = %t.id, phases = ?phases, by, "approved");
+        // Before its tasks are on the queue, enqueueing them holds only
+        // what is not approved.
+        if t.tasks_enqueued {
+            for phase in &approved.phases {
+                self.tasks.release_gate(t.id, *phase).await;
+            }
+        }
+        let (ticket, _) = self.store.get_ticket(t.id).await?;
+        Ok(pb::ApproveResponse {
+            ticket: Some(pb::Ticket::from(&ticket)),
+        })
+    }
+
+    async fn request_changes(
+        &self,
+        req: pb::RequestChangesRequest,
+        by: &str,
+    ) -> ApiResult<pb::RequestChangesResponse> {
+        let d = requests::request_changes(req)?;
+        let (t, _) = self.store.get_ticket(d.ticket_id).await?;
+        let awaiting: Vec<&Gate> = t
+            .gates
+            .iter()
+            .filter(|g| g.awaiting() && d.phase.is_none_or(|p| p == g.phase))
+            .collect();
+        let gate = match awaiting[..] {
+            [gate] => gate,
+            [] => {
+                let not = format!("ticket {} is {}: nothing of it awaits approval", t.id, t.status);
+                return Err(Status::failed_precondition(not).into());
+            }
+            _ => {
+                let which = "more than one phase awaits approval: name one in phase";
+                return Err(Status::failed_precondition(format!("ticket {}: {which}", t.id)).into());
+            }
+        };
+        let tasks = self.tasks.queue.list(t.id).await.map_err(queue_unavailable)?;
+        // The agent that last worked on what is to be approved.
+        let reviewed: Vec<String> = gate.review_task_ids.iter().map(ToString::to_string).collect();
+        let source = tasks
+            .iter()
+            .filter(|task| reviewed.contains(&task.id))
+            .filter(|task| TaskStatus::given(task.status).known() == Some(TaskStatus::Completed))
+            .max_by_key(|task| task.completed_at.as_ref().map(|c| (c.seconds, c.nanos)))
+            .ok_or_else(|| {
+                let none = format!(
+                    "the {} phase builds on no completed task: approve it or cancel the ticket",
+                    gate.phase.name()
+                );
+                Status::failed_precondition(none)
+            })?;
+        let resumes: Uuid = source
+            .id
+            .parse()
+            .map_err(|_| Status::internal("the queue named a task by no UUID"))?;
+        let message = format!(
+            "A person reviewing your work before the {phase} phase starts asks for changes:\n\n{comment}\n\n\
+             Make them here. The {phase} phase waits until they approve.",
+            phase = gate.phase.name(),
+            comment = d.comment
+        );
+        let planned = follow_up_task(&t, source, &message);
+        let decision = Decision {
+            ticket_id: d.ticket_id,
+            phase: Some(gate.phase),
+            by,
+            comment: &d.comment,
+        };
+        let (ticket, row) = self
+            .store
+            .request_changes(&decision, Uuid::new_v4(), &planned, resumes)
+            .await?;
+        tracing::info!(ticket_id = %ticket.id, phase = gate.phase.name(), by, task_id = %row.task_id, "changes requested");
+        let task = match self.tasks.enqueue_follow_up(&ticket, &row, resumes).await? {
+            Enqueued::Done(mut tasks) => tasks.pop(),
+            Enqueued::Deferred(s) => {
+                tracing::warn!(ticket_id = %ticket.id, error = %s.message(), "task queue unreachable; the changes' follow-up will be enqueued when it is back");
+                planned_tasks(&ticket, std::slice::from_ref(&row)).pop()
+            }
+            Enqueued::Refused(s) => return Err(s.into()),
+        };
+        let (ticket, _) = self.store.get_ticket(ticket.id).await?;
+        Ok(pb::RequestChangesResponse {
             ticket: Some(pb::Ticket::from(&ticket)),
             task,
         })
@@ -560,6 +667,21 @@ impl TicketService for Tickets {
         Ok(Response::new(Tickets::follow_up(self, request.into_inner()).await?))
     }
 
+    async fn approve(&self, request: Request<pb::ApproveRequest>) -> Result<Response<pb::ApproveResponse>, Status> {
+        let by = caller(&request);
+        Ok(Response::new(Tickets::approve(self, request.into_inner(), &by).await?))
+    }
+
+    async fn request_changes(
+        &self,
+        request: Request<pb::RequestChangesRequest>,
+    ) -> Result<Response<pb::RequestChangesResponse>, Status> {
+        let by = caller(&request);
+        Ok(Response::new(
+            Tickets::request_changes(self, request.into_inner(), &by).await?,
+        ))
+    }
+
     async fn react(&self, request: Request<pb::ReactRequest>) -> Result<Response<pb::ReactResponse>, Status> {
         Ok(Response::new(Tickets::react(self, request.into_inner()).await?))
     }
@@ -583,6 +705,16 @@ impl TicketService for Tickets {
     ) -> Result<Response<Self::WatchTicketsStream>, Status> {
         Ok(Response::new(self.watch_all(request.into_inner())?))
     }
+}
+
+/// Who made a request, for the record of a person's decision: the
+/// common name of the client certificate it came with (a deployment that
+/// requires them, OMOI_TLS_CLIENT_CA), else `operator`.
+fn caller<T>(request: &Request<T>) -> String {
+    request
+        .peer_certs()
+        .and_then(|certs| certs.first().and_then(|c| omoi_runtime::tls::common_name(c.as_ref())))
+        .unwrap_or_else(|| "operator".to_owned())
 }
 
 /// The task a follow-up resumes: `asked` when it is one of the ticket's

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use omoi_domain::Ticket;
+use omoi_domain::{Phase, Ticket};
 use omoi_domain::ticket::TicketStatus;
 use omoi_domain::validate::NewTask;
 use omoi_proto::taskqueue as pb;
@@ -75,6 +75,16 @@ impl TicketTasks {
     }
 
     pub async fn enqueue(&self, ticket: &Ticket, tasks: &[TicketTask]) -> Result<Enqueued, StoreError> {
+        // Its gates hold their phases before any task can be handed out
+        // (read afresh: one approved meanwhile is not held again).
+        if !ticket.approvals.is_empty() {
+            for phase in self.store.held_phases(ticket.id).await? {
+                let reason = format!("ticket {} waits for approval of its {} phase", ticket.id, phase.name());
+                if let Err(s) = self.queue.pause_phase(ticket.id, phase, &reason).await {
+                    return Ok(Enqueued::Deferred(s));
+                }
+            }
+        }
         let created = match self.queue.enqueue(&new_tasks(ticket, tasks)).await {
             Ok(created) => created,
             // An earlier try got through (its answer was lost).
@@ -139,6 +149,19 @@ impl TicketTasks {
         Ok(Enqueued::Done(created))
     }
 
+    /// Lets the queue dispatch a gate's phase again (approved, or its
+    /// ticket ended). Should the queue be out of reach, the gate stays
+    /// listed for [`TicketTasks::enqueue_waiting`] to release.
+    pub async fn release_gate(&self, ticket_id: Uuid, phase: Phase) {
+        let released = match self.queue.resume_phase(ticket_id, phase).await {
+            Ok(()) => self.store.gate_released(ticket_id, phase).await.map_err(|e| e.to_string()),
+            Err(s) => Err(s.message().to_owned()),
+        };
+        if let Err(error) = released {
+            tracing::warn!(%ticket_id, phase = phase.name(), %error, "gate not released yet; will retry");
+        }
+    }
+
     /// Enqueues the tickets stored while the queue was unreachable, every
     /// `period` until `shutdown`; a pass ends at the first ticket the queue
     /// still cannot take.
@@ -154,6 +177,9 @@ impl TicketTasks {
                         return Ok(());
                     }
                 }
+            }
+            for (ticket_id, phase) in this.store.gates_to_release(50).await? {
+                this.release_gate(ticket_id, phase).await;
             }
             for (ticket, follow_up, resumes) in this.store.follow_ups_to_enqueue(50, CREATE_GRACE).await? {
                 match this.enqueue_follow_up(&ticket, &follow_up, resumes).await? {

@@ -21,12 +21,37 @@ pub struct TicketContext {
     pub branch: String,
     /// What it may still spend, when it has a budget.
     pub budget_left_usd: Option<f64>,
+    /// The phases a person approved before they started.
+    pub approvals: Vec<Approval>,
+}
+
+/// A person's approval of a phase: who, what they said, and the changes
+/// they asked for before.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Approval {
+    pub phase: Option<Phase>,
+    pub by: String,
+    pub comment: String,
+    pub changes_requested: Vec<String>,
 }
 
 impl From<tk::Ticket> for TicketContext {
     fn from(t: tk::Ticket) -> Self {
         let spent = t.usage.as_ref().map_or(0.0, |u| u.cost_usd);
+        let approved = tk::GateState::Approved as i32;
+        let approvals = t
+            .gates
+            .iter()
+            .filter(|g| g.state == approved)
+            .map(|g| Approval {
+                phase: Phase::given(g.phase).known(),
+                by: g.decided_by.clone(),
+                comment: g.comment.clone(),
+                changes_requested: g.change_requests.iter().map(|r| r.comment.clone()).collect(),
+            })
+            .collect();
         TicketContext {
+            approvals,
             budget_left_usd: t.max_cost_usd.map(|max| max - spent),
             title: t.title,
             description: t.description,
@@ -94,6 +119,23 @@ pub fn prompt(
              Everything you change here is committed to that branch for you when you finish.\n",
             c.branch, c.base_commit
         ));
+    }
+    if let Some(a) = ticket.approvals.iter().find(|a| a.phase == Some(phase)) {
+        p.push_str(&format!(
+            "\n## Approved by {}\n\nA person looked at the work this phase builds on and approved it",
+            a.by
+        ));
+        if a.comment.is_empty() {
+            p.push_str(".\n");
+        } else {
+            p.push_str(&format!(", saying:\n\n{}\n", a.comment));
+        }
+        if !a.changes_requested.is_empty() {
+            p.push_str("\nBefore approving, they asked for these changes (made since, on the branch):\n");
+            for c in &a.changes_requested {
+                p.push_str(&format!("- {}\n", c.replace('\n', "\n  ")));
+            }
+        }
     }
     if !dependencies.is_empty() {
         p.push_str("\n## Work this task builds on\n");
@@ -195,4 +237,42 @@ pub fn phase_name(wire: i32) -> String {
         .known()
         .map(|p| p.as_str().trim_start_matches("PHASE_").to_ascii_lowercase())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_approved_phase_is_told_what_the_person_said() {
+        let ticket = tk::Ticket {
+            title: "Add login".into(),
+            gates: vec![tk::ApprovalGate {
+                phase: Phase::Implementation.wire(),
+                state: tk::GateState::Approved.into(),
+                decided_by: "ada".into(),
+                comment: "Keep the session table.".into(),
+                change_requests: vec![tk::ChangeRequest {
+                    comment: "Use argon2,\nnot bcrypt.".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let ctx = TicketContext::from(ticket);
+        let task = tq::Task {
+            title: "Implement".into(),
+            ..Default::default()
+        };
+        let p = prompt(&task, Phase::Implementation, &ctx, &[], None);
+        assert!(
+            p.contains("## Approved by ada\n\nA person looked at the work this phase builds on and approved it, saying:\n\nKeep the session table.\n"),
+            "{p}"
+        );
+        assert!(p.contains("- Use argon2,\n  not bcrypt.\n"), "{p}");
+        // Another phase is not told.
+        let other = prompt(&task, Phase::Integration, &ctx, &[], None);
+        assert!(!other.contains("Approved by"), "{other}");
+    }
 }
