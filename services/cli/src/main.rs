@@ -4,6 +4,7 @@
 mod live;
 mod local;
 mod ops;
+mod people;
 mod plan;
 mod up;
 
@@ -90,6 +91,33 @@ enum Command {
         /// default: the four phases one after the other.
         #[arg(long)]
         plan: Option<std::path::PathBuf>,
+        /// A phase that waits for a person's approval before it starts
+        /// (initial, implementation, integration, refactoring); repeat for
+        /// more.
+        #[arg(long = "approval", value_name = "PHASE")]
+        approvals: Vec<String>,
+    },
+    /// Tickets waiting for a person: phases awaiting approval, with the
+    /// work to approve, and paused tickets, with why.
+    Inbox,
+    /// Approve the phase of a ticket that awaits approval: its tasks start,
+    /// told the comment.
+    Approve {
+        ticket_id: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+        /// The phase, when more than one awaits approval.
+        #[arg(long)]
+        phase: Option<String>,
+    },
+    /// Send the work a phase awaiting approval builds on back to its agent
+    /// with what to change; the phase asks again once it is done.
+    RequestChanges {
+        ticket_id: String,
+        comment: String,
+        /// The phase, when more than one awaits approval.
+        #[arg(long)]
+        phase: Option<String>,
     },
     /// Print a ticket and its tasks.
     Get { ticket_id: String },
@@ -276,6 +304,9 @@ fn print_ticket(t: &pb::Ticket, tasks: &[omoi_proto::taskqueue::Task]) {
     }
     if let Some(source) = &t.source {
         println!("  from {} ({})", source.url, source.kind);
+    }
+    for line in people::gate_lines(t) {
+        println!("  {line}");
     }
     if let Some(max) = t.max_cost_usd {
         let spent = t.usage.as_ref().map_or(0.0, |u| u.cost_usd);
@@ -489,8 +520,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             budget,
             priority: p,
             plan: plan_file,
+            approvals,
         } => {
             let plan = plan_file.as_deref().map(plan::read).transpose()?.unwrap_or_default();
+            let approvals = approvals.iter().map(|a| ops::phase(a)).collect::<anyhow::Result<Vec<_>>>()?;
             let r = tickets(&cli.ticket_url, connector)?
                 .create_ticket(pb::CreateTicketRequest {
                     title,
@@ -501,6 +534,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     max_cost_usd: budget,
                     priority: priority(&p)?,
                     plan,
+                    approvals,
                     ..Default::default()
                 })
                 .await?
@@ -612,6 +646,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Err(s) => Err(s.into()),
             }
+        }
+        Command::Inbox => people::inbox(&mut tickets(&cli.ticket_url, connector)?, cli.output).await,
+        Command::Approve {
+            ticket_id,
+            comment,
+            phase,
+        } => {
+            let phase = phase.as_deref().map(ops::phase).transpose()?.unwrap_or_default();
+            people::approve(&mut tickets(&cli.ticket_url, connector)?, ticket_id, comment, phase).await
+        }
+        Command::RequestChanges {
+            ticket_id,
+            comment,
+            phase,
+        } => {
+            let phase = phase.as_deref().map(ops::phase).transpose()?.unwrap_or_default();
+            people::request_changes(&mut tickets(&cli.ticket_url, connector)?, ticket_id, comment, phase).await
         }
         Command::FollowUp {
             ticket_id,

@@ -204,7 +204,7 @@ function render() {
   cleanup();
   cleanup = () => {};
   const path = location.pathname;
-  for (const id of ["nav-board", "nav-agents", "nav-queue"]) document.getElementById(id).classList.remove("active");
+  for (const id of ["nav-board", "nav-inbox", "nav-agents", "nav-queue"]) document.getElementById(id).classList.remove("active");
   const root = main();
   root.replaceChildren();
   let m;
@@ -214,6 +214,9 @@ function render() {
   } else if ((m = path.match(/^\/tickets\/([^/]+)$/))) {
     document.getElementById("nav-board").classList.add("active");
     cleanup = ticketPage(root, decodeURIComponent(m[1]));
+  } else if (path === "/inbox") {
+    document.getElementById("nav-inbox").classList.add("active");
+    cleanup = inboxPage(root);
   } else if (path === "/agents") {
     document.getElementById("nav-agents").classList.add("active");
     cleanup = agentsPage(root);
@@ -244,7 +247,7 @@ function showLogin(message) {
 
 // ---------- board ----------
 
-const COLUMNS = ["open", "in_progress", "paused", "completed", "failed", "cancelled"];
+const COLUMNS = ["open", "in_progress", "awaiting_approval", "paused", "completed", "failed", "cancelled"];
 const FINAL = new Set(["completed", "failed", "cancelled"]);
 
 function progress(tasks) {
@@ -438,6 +441,14 @@ function ticketPage(root, id) {
   const graph = h("div");
   const table = h("div");
   const detail = h("div", { id: "task-detail" });
+  const gates = h("div", { id: "gates" });
+  // Made once per phase, as the follow-up's: a comment being typed
+  // survives redraws.
+  const decisions = new Map();
+  const decide = (phase) => {
+    if (!decisions.has(phase)) decisions.set(phase, decisionForm(id, phase, () => load()));
+    return decisions.get(phase);
+  };
 
   const showTask = (taskId) => {
     selected = taskId;
@@ -533,6 +544,8 @@ function ticketPage(root, id) {
           act("Ticket cancelled", () => api("POST", "/v1/tickets/" + encodeURIComponent(id) + ":cancel", { reason: "cancelled from the console" })).then(load) }, "Cancel ticket")),
       followUp);
     followUp.querySelector("button").disabled = st === "cancelled";
+    gates.replaceChildren(...(ticket.gates || []).length ? [h("h2", {}, "Approvals"),
+      ...ticket.gates.map((g) => gateView(g, tasks, gateState(g) === "awaiting_approval" ? decide(g.phase) : null))] : []);
     graph.replaceChildren(h("h2", {}, "Tasks"), dag(tasks, selected, showTask));
     table.replaceChildren(h("table", { id: "tasks" },
       h("tr", {}, ["task", "phase", "status", "attempt", "agent", "elapsed", "usage", "commit"].map((c) => h("th", {}, c))),
@@ -574,7 +587,7 @@ function ticketPage(root, id) {
   };
   let watched = () => {};
   const reload = coalesce(load, 150);
-  root.append(header, h("div", { class: "split" }, h("div", {}, graph, table), detail));
+  root.append(header, gates, h("div", { class: "split" }, h("div", {}, graph, table), detail));
   load();
   // The ticket's events, history then live; each one redraws from GetTicket.
   // The stream ends with the ticket; timers keep elapsed times moving.
@@ -588,6 +601,106 @@ function ticketPage(root, id) {
   watch();
   const clock = setInterval(() => { if (tasks.some((t) => taskStatus(t) === "running")) drawDetail(); }, 1000);
   return () => { if (stopWatch) stopWatch(); stopOutput(); clearInterval(clock); };
+}
+
+// ---------- people: approvals, the inbox, diffs ----------
+
+const gateState = (g) => short(g.state, "GATE_STATE_");
+
+// A unified diff, a collapsible block per file with its +/- counts; large
+// files start collapsed.
+function diffView(patch) {
+  const files = [];
+  for (const line of (patch || "").split("\n")) {
+    if (line.startsWith("diff --git ")) {
+      files.push({ name: line.replace(/^diff --git a\/(.*) b\/.*$/, "$1"), lines: [], add: 0, del: 0 });
+      continue;
+    }
+    const f = files[files.length - 1];
+    if (!f) continue;
+    if (line.startsWith("+++ ") || line.startsWith("--- ") || /^(index|new file|deleted file|similarity|rename) /.test(line)) continue;
+    if (line.startsWith("+")) f.add++;
+    else if (line.startsWith("-")) f.del++;
+    f.lines.push(line);
+  }
+  if (!files.length) return h("p", { class: "muted" }, "No change.");
+  return h("div", { class: "diffs" }, files.map((f) => h("details", { class: "diff", open: f.lines.length <= 200 ? "" : null, "data-file": f.name },
+    h("summary", {}, f.name, " ", h("span", { class: "add" }, "+" + f.add), " ", h("span", { class: "del" }, "−" + f.del)),
+    h("pre", {}, f.lines.map((l) => h("span", { class: l.startsWith("@@") ? "l-hunk" : l.startsWith("+") ? "l-add" : l.startsWith("-") ? "l-del" : "" }, l))))));
+}
+
+// Approve, or ask for changes, with a comment.
+function decisionForm(ticketId, phase, after) {
+  const base = "/v1/tickets/" + encodeURIComponent(ticketId);
+  const comment = h("textarea", { name: "comment", rows: "3", placeholder: "A comment: the agents of the next phase are told it; asking for changes, say what to change" });
+  const form = h("form", { class: "decide", "data-ticket": ticketId, "data-phase": phaseName(phase), onsubmit: (e) => e.preventDefault() },
+    comment,
+    h("button", { class: "primary", type: "button", "data-action": "approve", onclick: () =>
+      act("Approved", () => api("POST", base + ":approve", { comment: comment.value.trim(), phase })).then(() => { comment.value = ""; after(); }) }, "Approve"),
+    h("button", { type: "button", "data-action": "request-changes", onclick: () => {
+      if (!comment.value.trim()) { toast("Say what to change in the comment."); return; }
+      act("Changes requested", () => api("POST", base + ":requestChanges", { comment: comment.value.trim(), phase })).then(() => { comment.value = ""; after(); });
+    } }, "Request changes"));
+  return form;
+}
+
+// A gate: its state, what it asks to approve (each task's summary and
+// diff), and, when it awaits a person, the decision form.
+function gateView(g, tasks, form) {
+  const st = gateState(g);
+  const reviewed = (g.reviewTaskIds || []).map((id) => tasks.find((t) => t.id === id)).filter(Boolean);
+  const said = (t) => ((t.result || {}).summary || "");
+  return h("div", { class: "gate s-" + st, "data-phase": phaseName(g.phase) },
+    h("h3", {}, "The " + phaseName(g.phase) + " phase ", h("span", { class: "badge s-" + st }, label(st))),
+    facts([
+      ["asked", g.rounds ? g.rounds + (g.rounds === 1 ? " time" : " times") + (g.requestedAt ? ", last " + ago(g.requestedAt) : "") : ""],
+      ["decided", g.decidedBy ? g.decidedBy + (g.decidedAt ? ", " + ago(g.decidedAt) : "") : ""],
+      ["comment", g.comment || ""],
+      ["changes asked", (g.changeRequests || []).map((c) => c.comment).join(" · ")],
+    ]),
+    st === "awaiting_approval" ? reviewed.map((t) => h("div", { class: "reviewed", "data-task": t.id },
+      h("h4", {}, t.title, " ", h("span", { class: "muted" }, phaseName(t.phase))),
+      said(t) ? h("div", { class: "summary" }, said(t)) : null,
+      diffView(t.git && t.git.patch))) : null,
+    form);
+}
+
+function inboxPage(root) {
+  const body = h("div", { id: "inbox" }, h("p", { class: "muted" }, "Loading…"));
+  root.append(h("h1", {}, "Inbox"), h("p", { class: "muted" }, "Tickets waiting for a person: phases to approve, and paused tickets."), body);
+  // A comment being typed survives the page's redraws.
+  const forms = new Map();
+  const formFor = (id, phase) => {
+    const key = id + "/" + phase;
+    if (!forms.has(key)) forms.set(key, decisionForm(id, phase, () => load()));
+    return forms.get(key);
+  };
+  const load = async () => {
+    try {
+      const [awaiting, paused] = await Promise.all(["TICKET_STATUS_AWAITING_APPROVAL", "TICKET_STATUS_PAUSED"].map((st) =>
+        api("GET", "/v1/tickets?page_size=200&status=" + st)));
+      const tickets = [...(awaiting.tickets || []), ...(paused.tickets || [])];
+      if (!tickets.length) { body.replaceChildren(h("p", { id: "inbox-empty" }, "Nothing waits for a person.")); return; }
+      const items = await Promise.all(tickets.map(async (t) => {
+        const full = (t.gates || []).some((g) => gateState(g) === "awaiting_approval")
+          ? await api("GET", "/v1/tickets/" + encodeURIComponent(t.id)) : { ticket: t, tasks: [] };
+        const ticket = full.ticket;
+        return h("div", { class: "inbox-item", "data-ticket": ticket.id },
+          h("h2", {}, h("a", { href: "/tickets/" + ticket.id, "data-nav": true }, ticket.title), " ",
+            h("span", { class: "badge s-" + ticketStatus(ticket) }, label(ticketStatus(ticket)))),
+          ticket.pausedReason ? h("p", {}, "Paused: " + ticket.pausedReason) : null,
+          (ticket.gates || []).filter((g) => gateState(g) === "awaiting_approval")
+            .map((g) => gateView(g, full.tasks || [], formFor(ticket.id, g.phase))));
+      }));
+      body.replaceChildren(...items);
+    } catch (e) {
+      if (!(e instanceof Unauthenticated)) body.replaceChildren(h("p", { class: "error" }, e.message));
+    }
+  };
+  load();
+  // Anything a person may be asked about changes the board's stream.
+  const stop = lasting("/v1/tickets:watch?page_size=1", coalesce(load, 300));
+  return stop;
 }
 
 // ---------- agents ----------
