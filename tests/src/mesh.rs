@@ -52,8 +52,10 @@ pub struct ProcessMesh {
     pub workspace_root: PathBuf,
     executor_env: Vec<(String, String)>,
     env: Vec<(String, String)>,
-    /// The ticket service's, to restart it as it was.
+    /// The ticket service's and the task queue's, to restart them as they
+    /// were.
     ticket_env: Vec<(String, String)>,
+    task_queue_env: Vec<(String, String)>,
     connector: Option<Connector>,
 }
 
@@ -73,6 +75,7 @@ impl ProcessMesh {
         let spawn = |bin: &str, port: u16, env: &[(String, String)]| spawn(bin, port, env, options.tls.is_some());
         let connector = options.tls.clone().unwrap_or_default();
         let task_queue = spawn("omoi-task-queue", tq_port, &env)?;
+        let task_queue_env = env;
         wait(&connector, &task_queue.url).await?;
         let h_port = free_port();
         let mut env = infra.service_env(&format!("127.0.0.1:{h_port}"));
@@ -111,6 +114,7 @@ impl ProcessMesh {
             executor_env: options.executor_env,
             env: options.env,
             ticket_env,
+            task_queue_env,
             connector: options.tls,
         };
         for _ in 0..options.executors {
@@ -153,6 +157,15 @@ impl ProcessMesh {
         let port = self.ticket.port;
         self.ticket = spawn("omoi-ticket", port, &self.ticket_env, self.connector.is_some())?;
         wait(&self.connector.clone().unwrap_or_default(), &self.ticket.url).await
+    }
+
+    /// Kills the task queue (SIGKILL) and starts it again as it was, on its
+    /// port; returns once it serves.
+    pub async fn restart_task_queue(&mut self) -> anyhow::Result<()> {
+        self.task_queue.child.kill().await?;
+        let port = self.task_queue.port;
+        self.task_queue = spawn("omoi-task-queue", port, &self.task_queue_env, self.connector.is_some())?;
+        wait(&self.connector.clone().unwrap_or_default(), &self.task_queue.url).await
     }
 
     /// SIGTERM to everything, executors first; returns their exit codes.

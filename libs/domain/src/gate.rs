@@ -100,9 +100,7 @@ impl Gate {
     pub fn due(&self, tasks: &[(Uuid, &PlannedTask, TaskProgress)]) -> bool {
         let completed = |p: &TaskProgress| p.outcome == Some(TaskOutcome::Completed);
         match self.state {
-            GateState::Waiting => groundwork(self.phase, tasks)
-                .iter()
-                .all(|i| completed(&tasks[*i].2)),
+            GateState::Waiting => groundwork(self.phase, tasks).iter().all(|i| completed(&tasks[*i].2)),
             GateState::ChangesRequested => self.change_requests.last().is_some_and(|r| {
                 tasks
                     .iter()
@@ -280,10 +278,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(
-            err(
-                vec![Given::Known(Phase::Initial), Given::Known(Phase::Initial)],
-                &plan
-            ),
+            err(vec![Given::Known(Phase::Initial), Given::Known(Phase::Initial)], &plan),
             "approvals[1]: initial is named twice"
         );
         assert!(err(vec![Given::Unknown(9)], &plan).starts_with("approvals[0]"));

@@ -120,7 +120,14 @@ impl TlsArgs {
 /// who made a request), if it has one.
 pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let name = cert.subject().iter_common_name().next()?.as_str().ok()?.trim().to_owned();
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .trim()
+        .to_owned();
     (!name.is_empty()).then_some(name)
 }
 

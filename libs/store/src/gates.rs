@@ -32,8 +32,19 @@ type GateRow = (
 );
 
 fn gate_of(row: GateRow) -> Result<(Uuid, Gate)> {
-    let (ticket_id, phase, state, rounds, requested_at, review_task_ids, decided_by, decided_at, comment, changes, released) =
-        row;
+    let (
+        ticket_id,
+        phase,
+        state,
+        rounds,
+        requested_at,
+        review_task_ids,
+        decided_by,
+        decided_at,
+        comment,
+        changes,
+        released,
+    ) = row;
     let bad = |what: String| StoreError::from(sqlx::Error::Decode(what.into()));
     Ok((
         ticket_id,
@@ -267,13 +278,7 @@ impl Store {
         let (_, task) = insert_follow_up(&mut tx, ticket, task_id, planned, resumes, &reason).await?;
         let ticket = select_ticket(&mut tx, d.ticket_id, true).await?;
         let settled = settle_status(&mut tx, ticket, |c| c.reason = Some(reason.clone())).await?;
-        let event = decided(
-            &settled.ticket,
-            phase,
-            d,
-            Some(task_id),
-            Event::TicketChangesRequested,
-        );
+        let event = decided(&settled.ticket, phase, d, Some(task_id), Event::TicketChangesRequested);
         events::insert(&mut tx, &[event]).await?;
         self.commit(tx).await?;
         Ok((settled.ticket, task))
@@ -340,4 +345,3 @@ fn decided(
     });
     Envelope::new(ticket.id, Some(ticket.id), event)
 }
-

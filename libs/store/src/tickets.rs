@@ -1020,7 +1020,10 @@ pub(crate) async fn settle_status(
         .map(|g| gates::requested(&updated, g, &tasks, change.clone()))
         .collect();
     if changed && status != TicketStatus::AwaitingApproval {
-        evs.insert(0, Envelope::new(updated.id, Some(updated.id), Event::ticket(status, change)));
+        evs.insert(
+            0,
+            Envelope::new(updated.id, Some(updated.id), Event::ticket(status, change)),
+        );
     }
     events::insert(conn, &evs).await?;
     Ok(Applied {

@@ -523,7 +523,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             approvals,
         } => {
             let plan = plan_file.as_deref().map(plan::read).transpose()?.unwrap_or_default();
-            let approvals = approvals.iter().map(|a| ops::phase(a)).collect::<anyhow::Result<Vec<_>>>()?;
+            let approvals = approvals
+                .iter()
+                .map(|a| ops::phase(a))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let r = tickets(&cli.ticket_url, connector)?
                 .create_ticket(pb::CreateTicketRequest {
                     title,

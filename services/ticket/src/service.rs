@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use omoi_base::ApiResult;
 use omoi_bus::Topology;
+use omoi_domain::gate::Gate;
 use omoi_domain::ticket::PhaseInstructions;
 use omoi_domain::{TaskStatus, TicketStatus};
 use omoi_proto::domain::WireEnum;
 use omoi_proto::events::Event;
 use omoi_proto::ticket::{self as pb, ticket_service_server::TicketService};
 use omoi_store::Store;
-use omoi_domain::gate::Gate;
 use omoi_store::gates::Decision;
 use omoi_store::tickets::{Created, NewReaction, Reacted};
 use tokio::sync::mpsc;
@@ -285,11 +285,7 @@ impl Tickets {
         })
     }
 
-    async fn request_changes(
-        &self,
-        req: pb::RequestChangesRequest,
-        by: &str,
-    ) -> ApiResult<pb::RequestChangesResponse> {
+    async fn request_changes(&self, req: pb::RequestChangesRequest, by: &str) -> ApiResult<pb::RequestChangesResponse> {
         let d = requests::request_changes(req)?;
         let (t, _) = self.store.get_ticket(d.ticket_id).await?;
         let awaiting: Vec<&Gate> = t

@@ -40,7 +40,10 @@ pub async fn follow(
                 let (head_commit, summary) = match &envelope.event {
                     Event::TaskCompleted(c) => (
                         c.git.as_ref().filter(|g| g.committed()).map(|g| g.commit.as_str()),
-                        c.result.as_ref().and_then(|r| r.get("summary")).and_then(|s| s.as_str()),
+                        c.result
+                            .as_ref()
+                            .and_then(|r| r.get("summary"))
+                            .and_then(|s| s.as_str()),
                     ),
                     _ => (None, None),
                 };

@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use omoi_domain::{Phase, Ticket};
 use omoi_domain::ticket::TicketStatus;
 use omoi_domain::validate::NewTask;
+use omoi_domain::{Phase, Ticket};
 use omoi_proto::taskqueue as pb;
 use omoi_runtime::background::every;
 use omoi_store::tickets::TicketTask;
@@ -154,7 +154,11 @@ impl TicketTasks {
     /// listed for [`TicketTasks::enqueue_waiting`] to release.
     pub async fn release_gate(&self, ticket_id: Uuid, phase: Phase) {
         let released = match self.queue.resume_phase(ticket_id, phase).await {
-            Ok(()) => self.store.gate_released(ticket_id, phase).await.map_err(|e| e.to_string()),
+            Ok(()) => self
+                .store
+                .gate_released(ticket_id, phase)
+                .await
+                .map_err(|e| e.to_string()),
             Err(s) => Err(s.message().to_owned()),
         };
         if let Err(error) = released {

@@ -18,6 +18,7 @@ mod git;
 mod health;
 mod leases;
 mod openhands;
+mod people;
 mod pods;
 mod replicas;
 mod resilience;
