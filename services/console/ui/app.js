@@ -466,7 +466,8 @@ function ticketPage(root, id) {
       endedAttempt = null;
       const log = h("div", { class: "events", id: "events" });
       const ended = h("p", { class: "muted", id: "events-end" });
-      detail.replaceChildren(h("h2", {}, t.title), h("div", { id: "task-facts" }), h("div", { class: "actions", id: "task-actions" }), h("h2", {}, "Agent events"), log, ended);
+      detail.replaceChildren(h("h2", {}, t.title), h("div", { id: "task-facts" }), h("div", { class: "actions", id: "task-actions" }),
+        h("div", { id: "task-diff" }), h("h2", {}, "Agent events"), log, ended);
       const onEvent = (m) => {
         if (!m.event) return;
         const stick = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
@@ -505,6 +506,12 @@ function ticketPage(root, id) {
       ["session", t.session ? sessionFacts(t, showTask) : ""],
       ["error", t.errorMessage || ""],
     ]));
+    // The change its attempt committed, once (it stays as it is).
+    const changes = detail.querySelector("#task-diff");
+    if (g.patch && changes.dataset.commit !== g.commit) {
+      changes.dataset.commit = g.commit;
+      changes.replaceChildren(h("h2", {}, "Changes"), diffView(g.patch));
+    }
     const status = taskStatus(t);
     detail.querySelector("#task-actions").replaceChildren(
       h("button", { id: "retry-task", disabled: !["failed", "cancelled", "timed_out"].includes(status), onclick: () =>

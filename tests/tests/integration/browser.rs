@@ -83,3 +83,46 @@ async fn a_person_watches_and_steers_the_mesh_in_a_browser() {
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_approves_a_phase_from_the_inbox() {
+    let infra = Infra::new().await.unwrap();
+    let mesh = ProcessMesh::start(&infra, Options::default()).await.unwrap();
+    let (bare, _) = omoi_tests::repo::remote();
+    let tickets = mesh.tickets();
+    let ticket = tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "Greet people".into(),
+            repository: bare.display().to_string(),
+            approvals: vec![Phase::Implementation as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    wait_ticket(&tickets, &ticket.id, TicketStatus::AwaitingApproval as i32).await;
+    let console = console(&mesh, None).await;
+    let comment = "Plan approved: go on.";
+    omoi_tests::browser::run(
+        "inbox.py",
+        &[
+            ("OMOI_CONSOLE_URL", &console.url),
+            ("OMOI_TICKET", &ticket.id),
+            ("OMOI_COMMENT", comment),
+        ],
+        &["ticket_gate", "inbox_shows_the_work", "approve_from_the_inbox"],
+        Duration::from_secs(240),
+    )
+    .await;
+    // What the browser did, as the mesh has it.
+    let done = wait_ticket(&tickets, &ticket.id, TicketStatus::Completed as i32).await;
+    let gate = &done.ticket.unwrap().gates[0];
+    assert_eq!(gate.state, pb::GateState::Approved as i32);
+    assert_eq!((gate.comment.as_str(), gate.decided_by.as_str()), (comment, "operator"));
+    console.stop().await;
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+}

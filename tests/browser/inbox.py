@@ -1,0 +1,64 @@
+"""A person's inbox in the console: a ticket whose implementation phase
+awaits approval shows what is to be approved (the planning task's summary
+and its diff, a block per file with its +/- counts and coloured lines);
+the ticket's page shows its gate and each task's change; the person approves from the inbox with
+a comment and the ticket leaves it. Run by the browser tests against a
+real mesh: OMOI_CONSOLE_URL, OMOI_TICKET, OMOI_COMMENT."""
+
+import os
+
+from selenium.webdriver.common.by import By
+
+from common import run_steps, shot, until
+
+URL = os.environ["OMOI_CONSOLE_URL"]
+TICKET = os.environ["OMOI_TICKET"]
+COMMENT = os.environ["OMOI_COMMENT"]
+
+
+def item(d):
+    items = d.find_elements(By.CSS_SELECTOR, f'.inbox-item[data-ticket="{TICKET}"]')
+    return items[0] if items else None
+
+
+def ticket_gate(d):
+    d.get(URL + "/tickets/" + TICKET)
+    gate = until("the gate on the ticket's page", lambda: d.find_elements(By.CSS_SELECTOR, '#gates .gate[data-phase="implementation"]'))
+    assert "awaiting approval" in gate[0].text, gate[0].text
+    assert d.find_element(By.ID, "ticket-status").text == "awaiting approval"
+    shot(d, "ticket-gate")
+    # A task's own change, under its facts.
+    d.find_elements(By.CSS_SELECTOR, "#tasks tr.clickable")[0].click()
+    files = until("the task's diff", lambda: d.find_elements(By.CSS_SELECTOR, "#task-diff details.diff"))
+    assert any(f.get_attribute("data-file") == "PLAN.md" for f in files), [f.get_attribute("data-file") for f in files]
+    d.execute_script("arguments[0].scrollIntoView()", d.find_element(By.ID, "task-diff"))
+    shot(d, "task-diff")
+
+
+def inbox_shows_the_work(d):
+    d.get(URL + "/inbox")
+    it = until("the ticket in the inbox", lambda: item(d))
+    assert "awaiting approval" in it.text, it.text
+    reviewed = until("the work to approve", lambda: it.find_elements(By.CSS_SELECTOR, ".reviewed"))
+    assert "Set up: Greet people" in reviewed[0].text, reviewed[0].text
+    files = until("the diff, a block per file", lambda: it.find_elements(By.CSS_SELECTOR, "details.diff"))
+    summary = files[0].find_element(By.TAG_NAME, "summary").text
+    assert "+" in summary and "−" in summary, summary
+    added = files[0].find_elements(By.CSS_SELECTOR, "pre span.l-add")
+    assert added, files[0].get_attribute("innerHTML")
+    colour = added[0].value_of_css_property("background-color")
+    assert colour not in ("rgba(0, 0, 0, 0)", "transparent"), colour
+    shot(d, "inbox")
+
+
+def approve_from_the_inbox(d):
+    it = until("the ticket in the inbox", lambda: item(d))
+    form = it.find_element(By.CSS_SELECTOR, "form.decide")
+    form.find_element(By.NAME, "comment").send_keys(COMMENT)
+    form.find_element(By.CSS_SELECTOR, 'button[data-action="approve"]').click()
+    until("the ticket gone from the inbox", lambda: item(d) is None and d.find_elements(By.ID, "inbox"))
+    shot(d, "inbox-approved")
+
+
+if __name__ == "__main__":
+    run_steps((ticket_gate, inbox_shows_the_work, approve_from_the_inbox))
