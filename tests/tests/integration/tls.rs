@@ -75,6 +75,38 @@ async fn a_ticket_goes_through_a_mesh_that_speaks_only_mtls_and_strangers_get_no
     let id = create(&mut tickets(&good, &url), "over mTLS").await.unwrap();
     omoi_tests::wait_ticket(&mesh.tickets(), &id, omoi_proto::common::TicketStatus::Completed as i32).await;
 
+    // A person's decision is recorded under their certificate's name.
+    let ada = Connector::new(None, &trusting(pki.leaf("ada", &ca), &ca_pem)).unwrap();
+    let gated = tickets(&good, &url)
+        .create_ticket(pb::CreateTicketRequest {
+            title: "approved by a person".into(),
+            approvals: vec![omoi_proto::common::Phase::Initial as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    let approved = tickets(&ada, &url)
+        .approve(pb::ApproveRequest {
+            ticket_id: gated.id.clone(),
+            comment: "go".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    assert_eq!(approved.gates[0].decided_by, "ada");
+    omoi_tests::wait_ticket(
+        &mesh.tickets(),
+        &gated.id,
+        omoi_proto::common::TicketStatus::Completed as i32,
+    )
+    .await;
+
     // Plaintext to a TLS port; TLS without a client certificate; a
     // certificate from another CA; a server checked against the wrong CA.
     let plain_url = url.replacen("https://", "http://", 1);
@@ -111,7 +143,7 @@ async fn a_ticket_goes_through_a_mesh_that_speaks_only_mtls_and_strangers_get_no
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.tickets.len(), 1, "only the mTLS caller's ticket exists");
+    assert_eq!(listed.tickets.len(), 2, "only the mTLS callers' tickets exist");
 
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
