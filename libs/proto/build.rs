@@ -9,6 +9,7 @@ const FILES: &[&str] = &[
     "omoi/ticket/v1/ticket.proto",
     "omoi/health/v1/health.proto",
     "omoi/executor/v1/executor.proto",
+    "omoi/notify/v1/notify.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

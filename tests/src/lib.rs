@@ -18,6 +18,7 @@ pub mod nats_jwt;
 pub mod openhands;
 pub mod pki;
 pub mod process;
+pub mod receiver;
 pub mod repo;
 
 use std::time::Duration;

@@ -19,6 +19,19 @@ use crate::{Topology, ensure_stream};
 /// An event as a handler receives it: its id and the domain's envelope.
 pub type Received = (uuid::Uuid, omoi_domain::Envelope);
 
+/// An event as a batch handler receives it.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub id: uuid::Uuid,
+    pub envelope: omoi_domain::Envelope,
+    /// Its place in the stream: the order events were published in.
+    pub sequence: u64,
+    /// When the change it tells of was committed.
+    pub occurred_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The event as published.
+    pub event: Event,
+}
+
 /// Reads `filter` (a subject under the events prefix) through the durable
 /// consumer `durable` until `shutdown`, calling `handle` for each event, in
 /// stream order, read as the domain's and handled in a span that continues
@@ -70,7 +83,7 @@ pub async fn consume_since<F, Fut>(
             // Made now, run one after the other: effects in stream order.
             let effects: Vec<_> = events
                 .into_iter()
-                .map(|(event, traceparent)| {
+                .map(|(event, traceparent, _)| {
                     let (span, read) = read(&name, &event, traceparent.as_deref());
                     match read {
                         Some((id, envelope)) => handle(id, envelope).instrument(span).boxed(),
@@ -106,8 +119,31 @@ pub async fn consume_batches<F, Fut>(
     F: FnMut(Vec<Received>) -> Fut,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
+    consume_batches_since(client, topology, durable, filter, None, shutdown, move |batch| {
+        handle(batch.into_iter().map(|c| (c.id, c.envelope)).collect())
+    })
+    .await
+}
+
+/// Like [`consume_batches`], each event with its place in the stream and
+/// as published; a consumer it creates starts at `since` (as
+/// [`consume_since`]).
+pub async fn consume_batches_since<F, Fut>(
+    client: async_nats::Client,
+    topology: Topology,
+    durable: String,
+    filter: String,
+    since: Option<time::OffsetDateTime>,
+    shutdown: CancellationToken,
+    mut handle: F,
+) where
+    F: FnMut(Vec<Consumed>) -> Fut,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
     let name = durable.clone();
-    let from = consumer::DeliverPolicy::All;
+    let from = since.map_or(consumer::DeliverPolicy::All, |start_time| {
+        consumer::DeliverPolicy::ByStartTime { start_time }
+    });
     batches(
         client,
         topology,
@@ -120,9 +156,18 @@ pub async fn consume_batches<F, Fut>(
             let n = events.len();
             let mut spans = Vec::with_capacity(n);
             let mut batch = Vec::with_capacity(n);
-            for (event, traceparent) in events {
+            for (event, traceparent, sequence) in events {
                 let (span, read) = read(&name, &event, traceparent.as_deref());
-                batch.extend(read);
+                if let Some((id, envelope)) = read {
+                    let occurred_at = event.occurred_at.as_ref().and_then(omoi_proto::convert::from_timestamp);
+                    batch.push(Consumed {
+                        id,
+                        envelope,
+                        sequence,
+                        occurred_at,
+                        event,
+                    });
+                }
                 spans.push(span);
             }
             let applied = (!batch.is_empty()).then(|| handle(batch));
@@ -170,7 +215,7 @@ async fn batches<F, Fut>(
     gather: Duration,
     mut handle: F,
 ) where
-    F: FnMut(Vec<(Event, Option<String>)>) -> Fut,
+    F: FnMut(Vec<(Event, Option<String>, u64)>) -> Fut,
     Fut: Future<Output = Vec<Result<(), String>>>,
 {
     let js = jetstream::new(client);
@@ -228,7 +273,8 @@ async fn batches<F, Fut>(
                                     .as_ref()
                                     .and_then(|h| h.get("traceparent"))
                                     .map(|v| v.as_str().to_owned());
-                                events.push((event, traceparent));
+                                let sequence = msg.info().map_or(0, |i| i.stream_sequence);
+                                events.push((event, traceparent, sequence));
                                 readable.push(msg);
                             }
                             Err(e) => {

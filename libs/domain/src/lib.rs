@@ -8,6 +8,7 @@ pub mod event;
 pub mod gate;
 pub mod git;
 pub mod graph;
+pub mod notify;
 pub mod rules;
 pub mod session;
 pub mod status;

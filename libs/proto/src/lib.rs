@@ -38,12 +38,18 @@ pub mod omoi {
             tonic::include_proto!("omoi.executor.v1");
         }
     }
+    pub mod notify {
+        pub mod v1 {
+            tonic::include_proto!("omoi.notify.v1");
+        }
+    }
 }
 
 pub use omoi::common::v1 as common;
 pub use omoi::events::v1 as events;
 pub use omoi::executor::v1 as executor;
 pub use omoi::health::v1 as health;
+pub use omoi::notify::v1 as notify;
 pub use omoi::taskqueue::v1 as taskqueue;
 pub use omoi::ticket::v1 as ticket;
 pub use prost_types;

@@ -9,6 +9,7 @@ pub mod events;
 pub mod gates;
 pub mod limits;
 pub mod listen;
+pub mod notify;
 pub mod outbox;
 pub mod pauses;
 pub mod pulls;

@@ -22,7 +22,8 @@ pub enum Upstream {
 impl Upstream {
     fn of(service: &str) -> Option<Self> {
         match service {
-            "omoi.ticket.v1.TicketService" => Some(Self::Ticket),
+            // Notifications are the ticket service's too.
+            "omoi.ticket.v1.TicketService" | "omoi.notify.v1.NotificationService" => Some(Self::Ticket),
             "omoi.taskqueue.v1.TaskQueueService" => Some(Self::TaskQueue),
             "omoi.health.v1.AgentHealthService" => Some(Self::Health),
             _ => None,

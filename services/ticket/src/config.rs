@@ -88,6 +88,23 @@ pub struct Config {
     #[arg(long, env = "OMOI_CONSOLE_URL", default_value = "")]
     pub console_url: String,
 
+    /// Hosts (comma list) notifications may reach over plain http; any
+    /// other subscription must be https.
+    #[arg(long, env = "OMOI_NOTIFY_ALLOW_HTTP_HOSTS", default_value = "")]
+    pub notify_allow_http_hosts: String,
+
+    /// Most one try at a notification may take, connecting included.
+    #[arg(long, env = "OMOI_NOTIFY_TIMEOUT_SECONDS", default_value_t = 10.0)]
+    pub notify_timeout_seconds: f64,
+
+    /// The wait after a notification's first failed try, doubled after
+    /// each one after, up to OMOI_NOTIFY_MAX_BACKOFF_SECONDS (with jitter).
+    #[arg(long, env = "OMOI_NOTIFY_BACKOFF_SECONDS", default_value_t = 1.0)]
+    pub notify_backoff_seconds: f64,
+
+    #[arg(long, env = "OMOI_NOTIFY_MAX_BACKOFF_SECONDS", default_value_t = 300.0)]
+    pub notify_max_backoff_seconds: f64,
+
     /// Most PostgreSQL connections of this process.
     #[arg(long, env = "OMOI_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,
@@ -110,5 +127,31 @@ impl Config {
 
     pub fn github_token(&self) -> Option<String> {
         secret(&self.github_token, &self.github_token_file)
+    }
+
+    /// Where notifications may go: the allowed http hosts, and the mesh's
+    /// own endpoints to keep them from (this service, its task queue,
+    /// database, NATS, metrics and the console).
+    pub fn notify_targets(&self) -> crate::notify::target::Targets {
+        use crate::notify::target::endpoints;
+        let mut mesh = vec![(self.listen_addr.ip().to_string(), self.listen_addr.port())];
+        if let Some(m) = self.common.host.metrics_addr {
+            mesh.push((m.ip().to_string(), m.port()));
+        }
+        mesh.extend(endpoints(&self.task_queue_url, 80));
+        mesh.extend(endpoints(&self.common.database.database_url, 5432));
+        mesh.extend(endpoints(&self.common.bus.nats_url, 4222));
+        if !self.console_url.is_empty() {
+            mesh.extend(endpoints(&self.console_url, 80));
+        }
+        crate::notify::target::Targets {
+            allow_http_hosts: self
+                .notify_allow_http_hosts
+                .split(',')
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            mesh,
+        }
     }
 }

@@ -1,12 +1,13 @@
 //! omoi's ticket service: validates tickets, splits them into phase tasks on
 //! the task queue, follows their tasks' events to keep each ticket's status,
 //! streams a ticket's events to watchers and the tickets' changes to
-//! boards, and opens a completed ticket's
-//! pull request.
+//! boards, opens a completed ticket's pull request, and delivers
+//! notifications to the receivers people subscribe.
 
 mod board;
 pub mod config;
 mod forge_news;
+pub mod notify;
 mod poll;
 mod pulls;
 mod queue;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use omoi_base::Base;
+use omoi_proto::notify::notification_service_server::NotificationServiceServer;
 use omoi_proto::ticket::ticket_service_server::TicketServiceServer;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -35,12 +37,19 @@ pub const SERVICE_NAME: &str = "omoi.ticket.v1.TicketService";
 /// streams end first.
 pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut base = Base::connect(&config.common, "omoi-ticket", config.db_max_connections).await?;
-    base.spawn_vacuum(&["tickets", "ticket_tasks"]);
+    base.spawn_vacuum(&["tickets", "ticket_tasks", "deliveries"]);
     base.spawn_retention(
         "ended tickets",
         "OMOI_TICKET_RETENTION_SECONDS",
         config.ticket_retention_seconds,
         |store, keep, batch| async move { store.prune_tickets(keep, batch).await },
+    )?;
+    // A notification's record is kept as long as a ticket's.
+    base.spawn_retention(
+        "ended deliveries",
+        "OMOI_TICKET_RETENTION_SECONDS",
+        config.ticket_retention_seconds,
+        |store, keep, batch| async move { store.prune_deliveries(keep, batch).await },
     )?;
     let github = Arc::new(pulls::GitHub::new(&config.github_api_url, config.github_token())?);
     let queue = queue::Queue::connect(&config.task_queue_url, &config.common.host.connector()?)?;
@@ -109,10 +118,32 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
         let every = Duration::from_secs_f64(config.github_poll_seconds.max(0.05));
         base.spawn_after_migration(move |stop| poll::run(t, gh, every, stop));
     }
+    let targets = config.notify_targets();
+    {
+        let sender = Arc::new(notify::deliver::Sender {
+            store: base.store.clone(),
+            targets: targets.clone(),
+            backoff: omoi_domain::notify::Backoff {
+                base: Duration::from_secs_f64(config.notify_backoff_seconds.max(0.01)),
+                max: Duration::from_secs_f64(config.notify_max_backoff_seconds.max(0.01)),
+            },
+            timeout: Duration::from_secs_f64(config.notify_timeout_seconds.max(0.1)),
+            console_url: config.console_url.trim_end_matches('/').to_owned(),
+            wake: Arc::new(tokio::sync::Notify::new()),
+        });
+        let (s, nats, topology) = (Arc::clone(&sender), base.nats.clone(), base.topology.clone());
+        base.spawn_after_migration(move |stop| notify::deliver::follow(s, nats, topology, stop));
+        base.spawn_after_migration(move |stop| notify::deliver::send(sender, stop));
+    }
     let api = TicketServiceServer::from_arc(tickets)
         .max_decoding_message_size(config.common.host.max_message_bytes)
         .max_encoding_message_size(config.common.host.max_message_bytes);
-    let router = router.add_service(InterceptedService::new(api, base.admission()));
+    let notifications = NotificationServiceServer::new(notify::Notifications::new(base.store.clone(), targets))
+        .max_decoding_message_size(config.common.host.max_message_bytes)
+        .max_encoding_message_size(config.common.host.max_message_bytes);
+    let router = router
+        .add_service(InterceptedService::new(api, base.admission()))
+        .add_service(InterceptedService::new(notifications, base.admission()));
     base.run(router, incoming, shutdown, async move { watchers.cancel() })
         .await
 }

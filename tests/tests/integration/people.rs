@@ -3,15 +3,23 @@
 //! service and the task queue) until a person approves it over HTTP; a
 //! request for changes sends the work it builds on back to its agent, whose
 //! model sees the comment, and the gate asks again; the approval's comment
-//! reaches the gated phase's agent.
+//! reaches the gated phase's agent. Notifications reach the receivers
+//! people subscribe: each event once, signed, in order per ticket, through
+//! 503s and a killed notifier.
 
 use omoi_proto::common::{Phase, TicketStatus};
 use omoi_proto::events::Event;
+use omoi_proto::notify::notification_service_client::NotificationServiceClient;
+use omoi_proto::notify::{
+    CreateSubscriptionRequest, DeleteSubscriptionRequest, DeliveryState, ListDeliveriesRequest,
+    ListSubscriptionsRequest, SubscriptionFormat,
+};
 use omoi_proto::taskqueue as tq;
 use omoi_proto::ticket as pb;
 use omoi_tests::console::Console;
 use omoi_tests::mesh::{Options, ProcessMesh};
 use omoi_tests::model_api::{Cli, ModelApi};
+use omoi_tests::receiver::{Received, Receiver};
 use omoi_tests::repo::{git, remote};
 use omoi_tests::{Infra, client, eventually, file_ticket, read_ticket, wait_ticket, wait_ticket_where};
 use serde_json::{Value, json};
@@ -334,4 +342,334 @@ async fn a_gated_phase_waits_for_a_person_and_what_they_say_reaches_the_agents()
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
     let _ = std::fs::remove_dir_all(home);
+}
+
+/// A subscription of `path` on the receiver.
+fn subscribe(receiver: &Receiver, path: &str, types: &[&str], format: SubscriptionFormat) -> CreateSubscriptionRequest {
+    CreateSubscriptionRequest {
+        url: format!("{}{path}", receiver.url),
+        event_types: types.iter().map(|t| (*t).to_owned()).collect(),
+        format: format.into(),
+        secret: NOTIFY_SECRET.into(),
+    }
+}
+
+const NOTIFY_SECRET: &str = "whsec-people-test-0123456789";
+
+/// How many of a subscription's deliveries are delivered.
+async fn delivered(n: &mut NotificationServiceClient<tonic::transport::Channel>, id: &str) -> Option<usize> {
+    let log = n
+        .list_deliveries(ListDeliveriesRequest {
+            subscription_id: id.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .ok()?
+        .into_inner();
+    Some(
+        log.deliveries
+            .iter()
+            .filter(|d| d.state == DeliveryState::Delivered as i32)
+            .count(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_reach_each_subscriber_once_signed_and_in_order_across_a_killed_notifier() {
+    let infra = Infra::new().await.unwrap();
+    let receiver = Receiver::start(NOTIFY_SECRET).await.unwrap();
+    let options = Options {
+        executors: 1,
+        env: vec![
+            ("OMOI_NOTIFY_ALLOW_HTTP_HOSTS".into(), "127.0.0.1".into()),
+            ("OMOI_NOTIFY_TIMEOUT_SECONDS".into(), "2".into()),
+            ("OMOI_NOTIFY_BACKOFF_SECONDS".into(), "0.2".into()),
+            ("OMOI_NOTIFY_MAX_BACKOFF_SECONDS".into(), "1".into()),
+            ("OMOI_CONSOLE_URL".into(), "https://console.example".into()),
+        ],
+        ..Default::default()
+    };
+    let mut mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    let notify = |mesh: &ProcessMesh| NotificationServiceClient::new(omoi_tests::channel(&mesh.ticket.url));
+    let mut n = notify(&mesh);
+
+    // Bad subscriptions are refused, naming the field; nothing is kept.
+    let json_types = [
+        "TICKET_CREATED",
+        "TICKET_APPROVAL_REQUESTED",
+        "TICKET_APPROVED",
+        "TICKET_COMPLETED",
+    ];
+    let good = subscribe(&receiver, "/json", &json_types, SubscriptionFormat::Json);
+    for (req, field, why) in [
+        (
+            CreateSubscriptionRequest {
+                url: "http://example.com/hook".into(),
+                ..good.clone()
+            },
+            "url",
+            "must be https",
+        ),
+        (
+            CreateSubscriptionRequest {
+                url: format!("{}/hook", mesh.task_queue.url),
+                ..good.clone()
+            },
+            "url",
+            "the mesh's own",
+        ),
+        (
+            CreateSubscriptionRequest {
+                event_types: vec!["TICKET_DONE".into()],
+                ..good.clone()
+            },
+            "event_types[0]",
+            "not a ticket event type",
+        ),
+        (
+            CreateSubscriptionRequest {
+                secret: String::new(),
+                ..good.clone()
+            },
+            "secret",
+            "must not be empty",
+        ),
+    ] {
+        let s = n.create_subscription(req).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
+        assert!(
+            s.message().contains(field) && s.message().contains(why),
+            "{}",
+            s.message()
+        );
+    }
+    assert!(
+        n.list_subscriptions(ListSubscriptionsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .subscriptions
+            .is_empty()
+    );
+
+    let json = n
+        .create_subscription(good)
+        .await
+        .unwrap()
+        .into_inner()
+        .subscription
+        .unwrap();
+    let slack = n
+        .create_subscription(subscribe(
+            &receiver,
+            "/slack",
+            &["TICKET_COMPLETED"],
+            SubscriptionFormat::Slack,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .subscription
+        .unwrap();
+    let listed = n
+        .list_subscriptions(ListSubscriptionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.subscriptions.len(), 2);
+    assert!(!format!("{listed:?}").contains(NOTIFY_SECRET), "secrets are write-only");
+
+    // Two tickets, one gated; the notifier is killed in the middle of a
+    // delivery (its receiver holding the request).
+    receiver.hold(3);
+    let tickets = mesh.tickets();
+    let gated = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
+            title: "gated <and> noted".into(),
+            approvals: vec![Phase::Implementation.into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .ticket
+    .unwrap();
+    let plain = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
+            title: "plain".into(),
+            plan: vec![pb::TaskSpec {
+                title: "do it".into(),
+                phase: Phase::Implementation.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await
+    .ticket
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), receiver.held())
+        .await
+        .expect("a delivery held");
+    // Killed once every other answer it got is recorded: a receiver's 2xx
+    // in flight at the kill would be delivered again (X-Omoi-Event-Id lets
+    // a receiver see that).
+    eventually(Duration::from_secs(30), "the answers so far recorded", || {
+        let (receiver, json_id, slack_id) = (&receiver, json.id.clone(), slack.id.clone());
+        let mut n = notify(&mesh);
+        async move {
+            let taken = receiver.received().iter().filter(|r| r.status == 200).count();
+            let delivered = delivered(&mut n, &json_id).await? + delivered(&mut n, &slack_id).await?;
+            (delivered == taken).then_some(())
+        }
+    })
+    .await;
+    mesh.restart_ticket().await.unwrap();
+    receiver.release();
+    let tickets = mesh.tickets();
+    wait_ticket(&tickets, &gated.id, AWAITING).await;
+    tickets
+        .clone()
+        .approve(pb::ApproveRequest {
+            ticket_id: gated.id.clone(),
+            comment: "fine".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_ticket(&tickets, &gated.id, COMPLETED).await;
+    wait_ticket(&tickets, &plain.id, COMPLETED).await;
+
+    // Every subscribed event of both, taken once (a 200), after a 503, in
+    // the order of each ticket's events; every try signed and fresh.
+    let mut expected: Vec<(String, String)> = Vec::new();
+    for id in [&gated.id, &plain.id] {
+        for e in history(&tickets, id).await {
+            if json_types.contains(&e.event_type.as_str()) {
+                expected.push((id.clone(), e.id.clone()));
+            }
+        }
+    }
+    assert_eq!(expected.len(), 6, "{expected:?}");
+    let taken = |path: &str| -> Vec<Received> {
+        receiver
+            .received()
+            .into_iter()
+            .filter(|r| r.path == path && r.status == 200)
+            .collect()
+    };
+    eventually(Duration::from_secs(60), "every event delivered", || async {
+        (taken("/json").len() >= expected.len() && taken("/slack").len() >= 2).then_some(())
+    })
+    .await;
+    let all = receiver.received();
+    assert!(all.iter().all(|r| r.signed && r.fresh), "{all:#?}");
+    let json_taken = taken("/json");
+    let mut ids: Vec<&str> = json_taken.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!(ids.len(), expected.len(), "each event once: {ids:?}");
+    for ticket in [&gated.id, &plain.id] {
+        let want: Vec<&str> = expected
+            .iter()
+            .filter(|(t, _)| t == ticket)
+            .map(|(_, e)| e.as_str())
+            .collect();
+        let got: Vec<&str> = json_taken
+            .iter()
+            .filter(|r| r.body["ticketId"] == ticket.as_str())
+            .map(|r| r.event_id.as_str())
+            .collect();
+        let log: Vec<(String, String, u16, String)> = receiver
+            .received()
+            .into_iter()
+            .map(|r| (r.at.format("%H:%M:%S%.3f").to_string(), r.path, r.status, r.event_id))
+            .collect();
+        assert_eq!(got, want, "in order for ticket {ticket}: {log:#?}");
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), expected.len());
+    for r in all.iter().filter(|r| r.path == "/json" && r.status == 200) {
+        let first = all
+            .iter()
+            .position(|x| x.path == "/json" && x.event_id == r.event_id)
+            .unwrap();
+        assert_eq!(all[first].status, 503, "a 503 first: {:?}", all[first]);
+    }
+    let body = &json_taken[0].body;
+    assert!(
+        body["ticketUrl"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://console.example/tickets/"),
+        "{body}"
+    );
+
+    // Slack's shape: text and blocks, the ticket linked to the console.
+    let slack_taken = taken("/slack");
+    assert_eq!(slack_taken.len(), 2);
+    let message = slack_taken
+        .iter()
+        .find(|r| r.body["text"].as_str().unwrap_or_default().starts_with("gated"))
+        .expect("the gated ticket's completion");
+    assert_eq!(message.body["text"], "gated <and> noted: completed");
+    let section = message.body["blocks"][0]["text"]["text"].as_str().unwrap();
+    assert_eq!(
+        section,
+        format!(
+            "<https://console.example/tickets/{}|gated &lt;and&gt; noted>\ncompleted",
+            gated.id
+        )
+    );
+
+    // Each try is visible: the deliveries, delivered, with what each try got.
+    let mut n = notify(&mesh);
+    let log = n
+        .list_deliveries(ListDeliveriesRequest {
+            subscription_id: json.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(log.deliveries.len(), expected.len());
+    for d in &log.deliveries {
+        assert_eq!(d.state, DeliveryState::Delivered as i32, "{d:?}");
+        assert_eq!(d.attempts.last().unwrap().status_code, 200, "{d:?}");
+    }
+    assert!(
+        log.deliveries
+            .iter()
+            .any(|d| d.attempts.len() == 2 && d.attempts[0].status_code == 503 && d.attempts[0].latency_ms >= 0)
+    );
+
+    // How long an event took to reach its receiver (its first try).
+    let mut delays: Vec<i64> = json_taken
+        .iter()
+        .filter_map(|r| {
+            let occurred = chrono::DateTime::parse_from_rfc3339(r.body["occurredAt"].as_str()?).ok()?;
+            let first = all.iter().find(|x| x.path == "/json" && x.event_id == r.event_id)?;
+            Some((first.at - occurred.with_timezone(&chrono::Utc)).num_milliseconds())
+        })
+        .collect();
+    delays.sort_unstable();
+    eprintln!("event → first delivery try, ms: {delays:?}");
+
+    // A deleted subscription is gone, with its log.
+    n.delete_subscription(DeleteSubscriptionRequest {
+        subscription_id: slack.id.clone(),
+    })
+    .await
+    .unwrap();
+    let s = n
+        .list_deliveries(ListDeliveriesRequest {
+            subscription_id: slack.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::NotFound, "{}", s.message());
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
 }
