@@ -1,9 +1,12 @@
 """A person's inbox in the console: a ticket whose implementation phase
 awaits approval shows what is to be approved (the planning task's summary
 and its diff, a block per file with its +/- counts and coloured lines);
-the ticket's page shows its gate and each task's change; the person approves from the inbox with
-a comment and the ticket leaves it. Run by the browser tests against a
-real mesh: OMOI_CONSOLE_URL, OMOI_TICKET, OMOI_COMMENT."""
+the ticket's page shows its gate and each task's change; the person subscribes a receiver to ticket
+events on the notifications page, approves from the inbox with a comment
+and the ticket leaves it; the subscription's delivery log shows the
+completion delivered after a refused first try. Run by the browser tests
+against a real mesh: OMOI_CONSOLE_URL, OMOI_TICKET, OMOI_COMMENT,
+OMOI_RECEIVER_URL, OMOI_RECEIVER_SECRET."""
 
 import os
 
@@ -14,6 +17,8 @@ from common import run_steps, shot, until
 URL = os.environ["OMOI_CONSOLE_URL"]
 TICKET = os.environ["OMOI_TICKET"]
 COMMENT = os.environ["OMOI_COMMENT"]
+RECEIVER = os.environ["OMOI_RECEIVER_URL"]
+SECRET = os.environ["OMOI_RECEIVER_SECRET"]
 
 
 def item(d):
@@ -25,7 +30,7 @@ def ticket_gate(d):
     d.get(URL + "/tickets/" + TICKET)
     gate = until("the gate on the ticket's page", lambda: d.find_elements(By.CSS_SELECTOR, '#gates .gate[data-phase="implementation"]'))
     assert "awaiting approval" in gate[0].text, gate[0].text
-    assert d.find_element(By.ID, "ticket-status").text == "awaiting approval"
+    until("the ticket's status", lambda: d.find_element(By.ID, "ticket-status").text == "awaiting approval")
     shot(d, "ticket-gate")
     # A task's own change, under its facts.
     d.find_elements(By.CSS_SELECTOR, "#tasks tr.clickable")[0].click()
@@ -51,7 +56,21 @@ def inbox_shows_the_work(d):
     shot(d, "inbox")
 
 
+def subscribe(d):
+    d.get(URL + "/subscriptions")
+    until("no subscriptions yet", lambda: d.find_elements(By.ID, "no-subscriptions"))
+    form = d.find_element(By.ID, "subscribe")
+    form.find_element(By.NAME, "url").send_keys(RECEIVER + "/hook")
+    form.find_element(By.NAME, "secret").send_keys(SECRET)
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    row = until("the subscription listed", lambda: d.find_elements(By.CSS_SELECTOR, "#subscriptions tr[data-subscription]"))
+    assert RECEIVER in row[0].text and "TICKET_COMPLETED" in row[0].text, row[0].text
+    assert SECRET not in d.page_source
+    shot(d, "subscriptions")
+
+
 def approve_from_the_inbox(d):
+    d.get(URL + "/inbox")
     it = until("the ticket in the inbox", lambda: item(d))
     form = it.find_element(By.CSS_SELECTOR, "form.decide")
     form.find_element(By.NAME, "comment").send_keys(COMMENT)
@@ -60,5 +79,21 @@ def approve_from_the_inbox(d):
     shot(d, "inbox-approved")
 
 
+def delivery_log(d):
+    d.get(URL + "/subscriptions")
+    until("the subscription listed", lambda: d.find_elements(By.CSS_SELECTOR, "#subscriptions tr[data-subscription]"))[0].click()
+
+    def completed_delivered():
+        for row in d.find_elements(By.CSS_SELECTOR, "#delivery-log tr[data-event]"):
+            if "TICKET_COMPLETED" in row.text and "delivered" in row.text:
+                return row
+        return None
+
+    row = until("the completion delivered", completed_delivered)
+    tries = row.find_element(By.CSS_SELECTOR, "td.tries").text
+    assert tries.startswith("503") and "200" in tries, tries
+    shot(d, "delivery-log")
+
+
 if __name__ == "__main__":
-    run_steps((ticket_gate, inbox_shows_the_work, approve_from_the_inbox))
+    run_steps((ticket_gate, inbox_shows_the_work, subscribe, approve_from_the_inbox, delivery_log))

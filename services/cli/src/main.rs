@@ -246,6 +246,39 @@ enum Command {
         #[arg(long, conflicts_with = "max_running")]
         clear: bool,
     },
+    /// Subscribe a receiver (your webhook, a Slack incoming webhook) to
+    /// ticket events: each POSTed once, signed with the secret, retried
+    /// until it is taken.
+    Subscribe {
+        url: String,
+        /// Event types, comma-separated (TICKET_COMPLETED,TICKET_FAILED,...).
+        #[arg(long, value_delimiter = ',', required = true)]
+        events: Vec<String>,
+        /// json or slack.
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// The signing secret (16 to 256 bytes), from the environment or a
+        /// file: never on the command line.
+        #[arg(
+            long,
+            env = "OMOI_NOTIFY_SECRET",
+            hide_env_values = true,
+            conflicts_with = "secret_file"
+        )]
+        secret: Option<String>,
+        #[arg(long)]
+        secret_file: Option<std::path::PathBuf>,
+    },
+    /// List the subscriptions.
+    Subscriptions,
+    /// A subscription's deliveries, newest first, each with its tries.
+    Deliveries {
+        subscription_id: String,
+        #[arg(long, default_value_t = 20)]
+        limit: i32,
+    },
+    /// Remove a subscription.
+    Unsubscribe { subscription_id: String },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the `nsc` command that makes the executors' NATS user for a
@@ -773,6 +806,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let mut q = ops::queue(&cli.task_queue_url, connector)?;
             ops::limit(&mut q, key, max_running.unwrap_or_default(), clear).await
+        }
+        Command::Subscribe {
+            url,
+            events,
+            format,
+            secret,
+            secret_file,
+        } => {
+            let secret = match (secret, secret_file) {
+                (Some(s), _) => s,
+                (None, Some(file)) => std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+                    .trim_end()
+                    .to_owned(),
+                (None, None) => anyhow::bail!("give the signing secret: OMOI_NOTIFY_SECRET or --secret-file"),
+            };
+            let mut n = people::notifications(&cli.ticket_url, connector)?;
+            people::subscribe(&mut n, url, events, &format, secret, cli.output).await
+        }
+        Command::Subscriptions => {
+            people::subscriptions(&mut people::notifications(&cli.ticket_url, connector)?, cli.output).await
+        }
+        Command::Deliveries { subscription_id, limit } => {
+            let mut n = people::notifications(&cli.ticket_url, connector)?;
+            people::deliveries(&mut n, subscription_id, limit, cli.output).await
+        }
+        Command::Unsubscribe { subscription_id } => {
+            people::unsubscribe(&mut people::notifications(&cli.ticket_url, connector)?, subscription_id).await
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;

@@ -1,11 +1,15 @@
-//! What people are asked: `omoi inbox` (tickets waiting for a person:
-//! phases awaiting approval with the work to approve, pauses), `omoi
-//! approve`, `omoi request-changes`, and a ticket's gates as `omoi get`
-//! prints them.
+//! What people are asked and told: `omoi inbox` (tickets waiting for a
+//! person: phases awaiting approval with the work to approve, pauses),
+//! `omoi approve`, `omoi request-changes`, a ticket's gates as `omoi get`
+//! prints them; and the subscriptions that notify them (`omoi subscribe`,
+//! `subscriptions`, `deliveries`, `unsubscribe`).
 
 use omoi_proto::common::{Phase, TicketStatus};
 use omoi_proto::taskqueue::Task;
 use omoi_proto::ticket::{self as pb, GateState};
+
+use omoi_proto::notify::{self as notify, notification_service_client::NotificationServiceClient};
+use omoi_runtime::grpc::Connector;
 
 use crate::ops::{self, Output};
 use crate::{Tickets, print_ticket, short_commit, short_name, status_name};
@@ -189,4 +193,131 @@ fn print_reviewed(task: &Task) {
             println!("      ...");
         }
     }
+}
+
+pub type Notifications = NotificationServiceClient<omoi_runtime::grpc::Client>;
+
+/// NotificationService, which the ticket service serves.
+pub fn notifications(url: &str, connector: &Connector) -> anyhow::Result<Notifications> {
+    Ok(NotificationServiceClient::new(
+        connector.client(url, "OMOI_TICKET_URL")?,
+    ))
+}
+
+fn format_name(f: i32) -> &'static str {
+    short_name(
+        notify::SubscriptionFormat::try_from(f)
+            .unwrap_or(notify::SubscriptionFormat::Unspecified)
+            .as_str_name(),
+        "SUBSCRIPTION_FORMAT_",
+    )
+}
+
+fn print_subscription(s: &notify::Subscription) {
+    println!(
+        "subscription {}  {:<5} {}  {}",
+        s.id,
+        format_name(s.format).to_ascii_lowercase(),
+        s.url,
+        s.event_types.join(",")
+    );
+}
+
+/// `omoi subscribe`.
+pub async fn subscribe(
+    n: &mut Notifications,
+    url: String,
+    events: Vec<String>,
+    format: &str,
+    secret: String,
+    out: Output,
+) -> anyhow::Result<()> {
+    let format = match format.to_ascii_lowercase().as_str() {
+        "json" => notify::SubscriptionFormat::Json,
+        "slack" => notify::SubscriptionFormat::Slack,
+        other => anyhow::bail!("format {other:?}: use json or slack"),
+    };
+    let r = n
+        .create_subscription(notify::CreateSubscriptionRequest {
+            url,
+            event_types: events,
+            format: format.into(),
+            secret,
+        })
+        .await?
+        .into_inner();
+    if out == Output::Json {
+        println!("{}", ops::json(&r, "omoi.notify.v1.CreateSubscriptionResponse")?);
+        return Ok(());
+    }
+    print_subscription(&r.subscription.unwrap_or_default());
+    Ok(())
+}
+
+/// `omoi subscriptions`.
+pub async fn subscriptions(n: &mut Notifications, out: Output) -> anyhow::Result<()> {
+    let r = n
+        .list_subscriptions(notify::ListSubscriptionsRequest {})
+        .await?
+        .into_inner();
+    if out == Output::Json {
+        println!("{}", ops::json(&r, "omoi.notify.v1.ListSubscriptionsResponse")?);
+        return Ok(());
+    }
+    if r.subscriptions.is_empty() {
+        println!("No subscriptions.");
+    }
+    r.subscriptions.iter().for_each(print_subscription);
+    Ok(())
+}
+
+/// `omoi deliveries`.
+pub async fn deliveries(n: &mut Notifications, subscription_id: String, limit: i32, out: Output) -> anyhow::Result<()> {
+    let r = n
+        .list_deliveries(notify::ListDeliveriesRequest {
+            subscription_id,
+            page_size: limit,
+            page_token: String::new(),
+        })
+        .await?
+        .into_inner();
+    if out == Output::Json {
+        println!("{}", ops::json(&r, "omoi.notify.v1.ListDeliveriesResponse")?);
+        return Ok(());
+    }
+    for d in &r.deliveries {
+        let state = short_name(
+            notify::DeliveryState::try_from(d.state)
+                .unwrap_or(notify::DeliveryState::Unspecified)
+                .as_str_name(),
+            "DELIVERY_STATE_",
+        );
+        let tries: Vec<String> = d
+            .attempts
+            .iter()
+            .map(|a| match a.status_code {
+                0 => format!("- ({}, {} ms)", a.error, a.latency_ms),
+                code => format!("{code} ({} ms)", a.latency_ms),
+            })
+            .collect();
+        println!(
+            "{}  {:<26} {:<9} ticket {}  tries: {}",
+            d.event_id,
+            d.event_type,
+            state.to_ascii_lowercase(),
+            d.ticket_id,
+            tries.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `omoi unsubscribe`.
+pub async fn unsubscribe(n: &mut Notifications, subscription_id: String) -> anyhow::Result<()> {
+    n.delete_subscription(notify::DeleteSubscriptionRequest {
+        subscription_id: subscription_id.clone(),
+    })
+    .await?;
+    println!("subscription {subscription_id} removed");
+    Ok(())
 }

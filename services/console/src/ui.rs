@@ -25,6 +25,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/tickets/{ticket_id}", get(page))
         .route("/agents", get(page))
         .route("/inbox", get(page))
+        .route("/subscriptions", get(page))
         .route("/queue", get(page))
         .route(
             "/assets/app.js",

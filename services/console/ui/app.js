@@ -204,7 +204,7 @@ function render() {
   cleanup();
   cleanup = () => {};
   const path = location.pathname;
-  for (const id of ["nav-board", "nav-inbox", "nav-agents", "nav-queue"]) document.getElementById(id).classList.remove("active");
+  for (const id of ["nav-board", "nav-inbox", "nav-agents", "nav-queue", "nav-subscriptions"]) document.getElementById(id).classList.remove("active");
   const root = main();
   root.replaceChildren();
   let m;
@@ -220,6 +220,9 @@ function render() {
   } else if (path === "/agents") {
     document.getElementById("nav-agents").classList.add("active");
     cleanup = agentsPage(root);
+  } else if (path === "/subscriptions") {
+    document.getElementById("nav-subscriptions").classList.add("active");
+    cleanup = subscriptionsPage(root);
   } else if (path === "/queue") {
     document.getElementById("nav-queue").classList.add("active");
     cleanup = queuePage(root);
@@ -708,6 +711,70 @@ function inboxPage(root) {
   // Anything a person may be asked about changes the board's stream.
   const stop = lasting("/v1/tickets:watch?page_size=1", coalesce(load, 300));
   return stop;
+}
+
+// ---------- notifications ----------
+
+const TICKET_EVENTS = ["TICKET_COMPLETED", "TICKET_FAILED", "TICKET_PAUSED", "TICKET_APPROVAL_REQUESTED",
+  "TICKET_PULL_REQUEST_OPENED", "TICKET_CHANGES_REQUESTED", "TICKET_APPROVED", "TICKET_CANCELLED", "TICKET_CREATED",
+  "TICKET_REOPENED", "TICKET_REACTION"];
+
+function subscriptionsPage(root) {
+  const list = h("div", { id: "subscriptions" });
+  const log = h("div", { id: "deliveries" });
+  let selected = null;
+  const url = h("input", { name: "url", placeholder: "https://hooks.slack.com/services/… or your receiver", required: true });
+  const secret = h("input", { name: "secret", type: "password", placeholder: "signing secret (16+ bytes)", required: true, autocomplete: "new-password" });
+  const format = h("select", { name: "format" }, h("option", { value: "SUBSCRIPTION_FORMAT_JSON" }, "JSON"), h("option", { value: "SUBSCRIPTION_FORMAT_SLACK" }, "Slack"));
+  const boxes = TICKET_EVENTS.map((t, i) => h("label", { class: "event-type" },
+    h("input", { type: "checkbox", name: "event_types", value: t, checked: i < 4 }), " " + label(t.replace("TICKET_", "").toLowerCase())));
+  const form = h("form", { class: "create", id: "subscribe", onsubmit: async (e) => {
+    e.preventDefault();
+    const eventTypes = boxes.map((b) => b.querySelector("input")).filter((c) => c.checked).map((c) => c.value);
+    await act("Subscribed", () => api("POST", "/v1/subscriptions", { url: url.value.trim(), eventTypes, format: format.value, secret: secret.value }));
+    secret.value = "";
+    load();
+  } }, url, format, secret, h("button", { class: "primary", type: "submit" }, "Subscribe"), h("div", { class: "event-types" }, boxes));
+  const showLog = async (id) => {
+    selected = id;
+    try {
+      const got = await api("GET", "/v1/subscriptions/" + encodeURIComponent(id) + "/deliveries?page_size=100");
+      const rows = got.deliveries || [];
+      log.replaceChildren(h("h2", {}, "Deliveries"), rows.length === 0 ? h("p", { class: "muted" }, "Nothing delivered yet.") :
+        h("table", { id: "delivery-log" },
+          h("tr", {}, ["event", "ticket", "state", "tries", "created"].map((c) => h("th", {}, c))),
+          rows.map((d) => h("tr", { "data-event": d.eventId },
+            h("td", {}, d.eventType),
+            h("td", {}, d.ticketId ? h("a", { href: "/tickets/" + d.ticketId, "data-nav": true }, d.ticketId.slice(0, 8)) : ""),
+            h("td", {}, h("span", { class: "badge s-" + short(d.state, "DELIVERY_STATE_") }, label(short(d.state, "DELIVERY_STATE_")))),
+            h("td", { class: "tries" }, (d.attempts || []).map((a) => (a.statusCode || "—") + " " + a.latencyMs + " ms" + (a.error ? " (" + a.error + ")" : "")).join(" · ")),
+            h("td", {}, ago(d.createdAt))))));
+    } catch (e) {
+      if (!(e instanceof Unauthenticated)) log.replaceChildren(h("p", { class: "error" }, e.message));
+    }
+  };
+  const load = async () => {
+    try {
+      const got = await api("GET", "/v1/subscriptions");
+      const subs = got.subscriptions || [];
+      list.replaceChildren(subs.length === 0 ? h("p", { class: "muted", id: "no-subscriptions" }, "No subscriptions: nothing is sent anywhere.") :
+        h("table", {},
+          h("tr", {}, ["address", "format", "events", "since", ""].map((c) => h("th", {}, c))),
+          subs.map((sub) => h("tr", { class: "clickable" + (sub.id === selected ? " selected" : ""), "data-subscription": sub.id, onclick: () => { showLog(sub.id); load(); } },
+            h("td", {}, sub.url), h("td", {}, short(sub.format, "SUBSCRIPTION_FORMAT_")),
+            h("td", {}, (sub.eventTypes || []).join(", ")), h("td", {}, ago(sub.createdAt)),
+            h("td", {}, h("button", { onclick: (ev) => { ev.stopPropagation();
+              act("Unsubscribed", () => api("DELETE", "/v1/subscriptions/" + encodeURIComponent(sub.id))).then(() => { if (selected === sub.id) { selected = null; log.replaceChildren(); } load(); }); } }, "Delete"))))));
+    } catch (e) {
+      if (!(e instanceof Unauthenticated)) list.replaceChildren(h("p", { class: "error" }, e.message));
+    }
+  };
+  root.append(h("h1", {}, "Notifications"),
+    h("p", { class: "muted" }, "Ticket events POSTed to your receivers, signed (X-Omoi-Signature-256), each once, retried for a day."),
+    form, list, log);
+  load();
+  const timer = setInterval(() => { if (selected) showLog(selected); }, 2000);
+  return () => clearInterval(timer);
 }
 
 // ---------- agents ----------

@@ -85,9 +85,18 @@ async fn a_person_watches_and_steers_the_mesh_in_a_browser() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_person_approves_a_phase_from_the_inbox() {
+async fn a_person_approves_a_phase_from_the_inbox_and_hears_of_its_completion() {
     let infra = Infra::new().await.unwrap();
-    let mesh = ProcessMesh::start(&infra, Options::default()).await.unwrap();
+    let secret = "browser-receiver-secret-0123";
+    let receiver = omoi_tests::receiver::Receiver::start(secret).await.unwrap();
+    let options = Options {
+        env: vec![
+            ("OMOI_NOTIFY_ALLOW_HTTP_HOSTS".into(), "127.0.0.1".into()),
+            ("OMOI_NOTIFY_BACKOFF_SECONDS".into(), "0.2".into()),
+        ],
+        ..Options::default()
+    };
+    let mesh = ProcessMesh::start(&infra, options).await.unwrap();
     let (bare, _) = omoi_tests::repo::remote();
     let tickets = mesh.tickets();
     let ticket = tickets
@@ -112,8 +121,16 @@ async fn a_person_approves_a_phase_from_the_inbox() {
             ("OMOI_CONSOLE_URL", &console.url),
             ("OMOI_TICKET", &ticket.id),
             ("OMOI_COMMENT", comment),
+            ("OMOI_RECEIVER_URL", &receiver.url),
+            ("OMOI_RECEIVER_SECRET", secret),
         ],
-        &["ticket_gate", "inbox_shows_the_work", "approve_from_the_inbox"],
+        &[
+            "ticket_gate",
+            "inbox_shows_the_work",
+            "subscribe",
+            "approve_from_the_inbox",
+            "delivery_log",
+        ],
         Duration::from_secs(240),
     )
     .await;
@@ -122,6 +139,13 @@ async fn a_person_approves_a_phase_from_the_inbox() {
     let gate = &done.ticket.unwrap().gates[0];
     assert_eq!(gate.state, pb::GateState::Approved as i32);
     assert_eq!((gate.comment.as_str(), gate.decided_by.as_str()), (comment, "operator"));
+    // The receiver had it signed, once taken.
+    let taken: Vec<_> = receiver.received().into_iter().filter(|r| r.status == 200).collect();
+    assert!(taken.iter().all(|r| r.signed && r.fresh), "{taken:?}");
+    assert!(
+        taken.iter().any(|r| r.body["eventType"] == "TICKET_COMPLETED"),
+        "{taken:?}"
+    );
     console.stop().await;
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
