@@ -38,6 +38,9 @@ def ticket_gate(d):
     assert any(f.get_attribute("data-file") == "PLAN.md" for f in files), [f.get_attribute("data-file") for f in files]
     d.execute_script("arguments[0].scrollIntoView()", d.find_element(By.ID, "task-diff"))
     shot(d, "task-diff")
+    # The ticket's whole change against its base, so far.
+    whole = until("the branch's diff", lambda: d.find_elements(By.CSS_SELECTOR, "#branch-diff details.diff"))
+    assert any(f.get_attribute("data-file") == "PLAN.md" for f in whole), [f.get_attribute("data-file") for f in whole]
 
 
 def inbox_shows_the_work(d):

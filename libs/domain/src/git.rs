@@ -29,6 +29,23 @@ pub struct GitChange {
     /// The commit's patch, cut at `MAX_PATCH_BYTES`.
     pub patch: String,
     pub patch_truncated: bool,
+    /// The ticket's whole change after it: the branch against its base
+    /// branch (None when the base is no branch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branch_diff: Option<BranchDiff>,
+}
+
+/// A branch against where it left its base branch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BranchDiff {
+    pub merge_base: String,
+    pub files_changed: i32,
+    pub insertions: i64,
+    pub deletions: i64,
+    /// Cut at `MAX_PATCH_BYTES`.
+    pub patch: String,
+    pub patch_truncated: bool,
 }
 
 impl GitChange {
@@ -56,14 +73,52 @@ impl GitChange {
                 ));
             }
         }
-        if self.patch.len() > MAX_PATCH_BYTES || self.patch.contains('\0') {
-            return Err(DomainError::invalid(
-                format!("{field}.patch"),
-                format!("must be at most {MAX_PATCH_BYTES} bytes without NUL characters"),
-            ));
+        patch(&format!("{field}.patch"), &self.patch)?;
+        if let Some(d) = &self.branch_diff {
+            let at = format!("{field}.branch_diff");
+            commit_id(&format!("{at}.merge_base"), &d.merge_base)?;
+            let counts = [
+                ("files_changed", i64::from(d.files_changed)),
+                ("insertions", d.insertions),
+                ("deletions", d.deletions),
+            ];
+            for (name, value) in counts {
+                if value < 0 {
+                    return Err(DomainError::invalid(
+                        format!("{at}.{name}"),
+                        format!("must not be negative, got {value}"),
+                    ));
+                }
+            }
+            patch(&format!("{at}.patch"), &d.patch)?;
         }
         Ok(self)
     }
+
+    /// The change without its patches (what an event carries: the task
+    /// keeps them).
+    pub fn without_patches(&self) -> GitChange {
+        GitChange {
+            patch: String::new(),
+            patch_truncated: false,
+            branch_diff: self.branch_diff.as_ref().map(|d| BranchDiff {
+                patch: String::new(),
+                patch_truncated: false,
+                ..d.clone()
+            }),
+            ..self.clone()
+        }
+    }
+}
+
+fn patch(field: &str, patch: &str) -> Result<(), DomainError> {
+    if patch.len() > MAX_PATCH_BYTES || patch.contains('\0') {
+        return Err(DomainError::invalid(
+            field,
+            format!("must be at most {MAX_PATCH_BYTES} bytes without NUL characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// The patch as kept with a task: whole, or cut on a line boundary within
@@ -200,6 +255,26 @@ pub fn commit_id(field: &str, value: &str) -> Result<String, DomainError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_event_carries_a_change_without_its_patches() {
+        let g = GitChange {
+            commit: "b".repeat(40),
+            patch: "diff --git a/x b/x".into(),
+            branch_diff: Some(BranchDiff {
+                merge_base: "c".repeat(40),
+                files_changed: 2,
+                patch: "diff --git a/y b/y".into(),
+                patch_truncated: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let bare = g.without_patches();
+        assert!(!serde_json::to_string(&bare).unwrap().contains("diff --git"));
+        let d = bare.branch_diff.unwrap();
+        assert_eq!((d.files_changed, d.merge_base.len(), d.patch_truncated), (2, 40, false));
+    }
+
     fn field_of(e: DomainError) -> String {
         match e {
             DomainError::InvalidArgument(f) => f.field,
@@ -271,16 +346,30 @@ mod tests {
             deletions: 0,
             patch: "diff --git a/x b/x\n".into(),
             patch_truncated: false,
+            branch_diff: Some(BranchDiff {
+                merge_base: "c".repeat(40),
+                files_changed: 1,
+                ..Default::default()
+            }),
         };
         assert!(good.clone().validated("git").unwrap().committed());
         type Spoil = fn(&mut GitChange);
-        let cases: [(&str, Spoil); 6] = [
+        let cases: [(&str, Spoil); 9] = [
             ("git.branch", |g| g.branch = "-x".into()),
             ("git.base_commit", |g| g.base_commit = "abc".into()),
             ("git.commit", |g| g.commit = "B".repeat(40)),
             ("git.files_changed", |g| g.files_changed = -1),
             ("git.deletions", |g| g.deletions = -1),
             ("git.patch", |g| g.patch = "x".repeat(MAX_PATCH_BYTES + 1)),
+            ("git.branch_diff.merge_base", |g| {
+                g.branch_diff.as_mut().unwrap().merge_base = "main".into()
+            }),
+            ("git.branch_diff.insertions", |g| {
+                g.branch_diff.as_mut().unwrap().insertions = -3
+            }),
+            ("git.branch_diff.patch", |g| {
+                g.branch_diff.as_mut().unwrap().patch = "\0".into()
+            }),
         ];
         for (field, spoil) in cases {
             let mut bad = good.clone();

@@ -459,11 +459,7 @@ pub fn completion_event(
         agent_id,
         result,
         usage: usage.filter(|u| !u.is_empty()),
-        git: git.map(|g| GitChange {
-            patch: String::new(),
-            patch_truncated: false,
-            ..g.clone()
-        }),
+        git: git.map(GitChange::without_patches),
     })
 }
 

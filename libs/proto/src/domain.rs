@@ -206,6 +206,14 @@ impl From<&GitChange> for c::GitChange {
             deletions: g.deletions,
             patch: g.patch.clone(),
             patch_truncated: g.patch_truncated,
+            branch_diff: g.branch_diff.as_ref().map(|d| c::BranchDiff {
+                merge_base: d.merge_base.clone(),
+                files_changed: d.files_changed,
+                insertions: d.insertions,
+                deletions: d.deletions,
+                patch: d.patch.clone(),
+                patch_truncated: d.patch_truncated,
+            }),
         }
     }
 }
@@ -222,6 +230,14 @@ impl From<c::GitChange> for GitChange {
             deletions: g.deletions,
             patch: g.patch,
             patch_truncated: g.patch_truncated,
+            branch_diff: g.branch_diff.map(|d| omoi_domain::git::BranchDiff {
+                merge_base: d.merge_base,
+                files_changed: d.files_changed,
+                insertions: d.insertions,
+                deletions: d.deletions,
+                patch: d.patch,
+                patch_truncated: d.patch_truncated,
+            }),
         }
     }
 }

@@ -395,6 +395,14 @@ async fn batch_statements_write_the_events_the_domain_makes() {
         deletions: 1,
         patch: "diff --git a/x b/x".into(),
         patch_truncated: true,
+        branch_diff: Some(omoi_domain::git::BranchDiff {
+            merge_base: "c".repeat(40),
+            files_changed: 3,
+            insertions: 12,
+            deletions: 1,
+            patch: "diff --git a/y b/y".into(),
+            patch_truncated: false,
+        }),
     };
     let usage = Usage {
         input_tokens: 12,

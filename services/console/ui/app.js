@@ -445,6 +445,8 @@ function ticketPage(root, id) {
   const table = h("div");
   const detail = h("div", { id: "task-detail" });
   const gates = h("div", { id: "gates" });
+  const whole = h("div", { id: "branch-diff" });
+  let wholeAt = null;
   // Made once per phase, as the follow-up's: a comment being typed
   // survives redraws.
   const decisions = new Map();
@@ -554,6 +556,21 @@ function ticketPage(root, id) {
           act("Ticket cancelled", () => api("POST", "/v1/tickets/" + encodeURIComponent(id) + ":cancel", { reason: "cancelled from the console" })).then(load) }, "Cancel ticket")),
       followUp);
     followUp.querySelector("button").disabled = st === "cancelled";
+    // The ticket's whole change: the branch against its base, as the
+    // last task that landed work left it (redrawn only when that moves).
+    const landed = tasks.filter((t) => t.git && t.git.branchDiff && t.completedAt)
+      .sort((a, b) => Date.parse(b.completedAt) - Date.parse(a.completedAt))[0];
+    if (landed && wholeAt !== landed.git.commit) {
+      wholeAt = landed.git.commit;
+      const d = landed.git.branchDiff;
+      whole.replaceChildren(
+        h("details", { class: "branch", open: "" },
+          h("summary", {}, h("h2", {}, "The whole change"), " ",
+            h("span", { class: "muted" }, ticket.branch + " against its base (from " + (d.mergeBase || "").slice(0, 10) + "): " +
+              (d.filesChanged || 0) + " files, +" + (d.insertions || 0) + " −" + (d.deletions || 0) +
+              (d.patchTruncated ? " (cut: git diff " + (d.mergeBase || "").slice(0, 10) + " " + landed.git.commit.slice(0, 10) + " has all of it)" : ""))),
+          diffView(d.patch)));
+    }
     gates.replaceChildren(...(ticket.gates || []).length ? [h("h2", {}, "Approvals"),
       ...ticket.gates.map((g) => gateView(g, tasks, gateState(g) === "awaiting_approval" ? decide(g.phase) : null))] : []);
     graph.replaceChildren(h("h2", {}, "Tasks"), dag(tasks, selected, showTask));
@@ -597,7 +614,7 @@ function ticketPage(root, id) {
   };
   let watched = () => {};
   const reload = coalesce(load, 150);
-  root.append(header, gates, h("div", { class: "split" }, h("div", {}, graph, table), detail));
+  root.append(header, gates, whole, h("div", { class: "split" }, h("div", {}, graph, table), detail));
   load();
   // The ticket's events, history then live; each one redraws from GetTicket.
   // The stream ends with the ticket; timers keep elapsed times moving.

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 
-use omoi_domain::git::{GitChange, bounded_patch};
+use omoi_domain::git::{BranchDiff, GitChange, bounded_patch};
 use omoi_domain::validate::Repository;
 
 use crate::git_cache::{GitCache, Held};
@@ -656,20 +656,7 @@ impl GitSettings {
     async fn describe(&self, checkout: &Checkout, commit: String) -> Result<GitChange, GitError> {
         // Against its first parent: what the branch got (a merge's too).
         let parent = format!("{commit}^1");
-        let numstat = self
-            .local(
-                &checkout.mirror,
-                &["diff", "--numstat", "--no-ext-diff", "--no-textconv", &parent, &commit],
-            )
-            .await?;
-        let (mut files, mut insertions, mut deletions) = (0, 0, 0);
-        for line in numstat.lines() {
-            let mut parts = line.split('\t');
-            let n = |p: Option<&str>| p.and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
-            insertions += n(parts.next());
-            deletions += n(parts.next());
-            files += 1;
-        }
+        let (files, insertions, deletions) = self.numstat(&checkout.mirror, &parent, &commit).await?;
         let patch = self
             .local(
                 &checkout.mirror,
@@ -677,6 +664,10 @@ impl GitSettings {
             )
             .await?;
         let (patch, patch_truncated) = bounded_patch(&patch);
+        let branch_diff = match &checkout.base_branch {
+            Some((_, base_head)) => self.branch_diff(&checkout.mirror, base_head, &commit).await?,
+            None => None,
+        };
         Ok(GitChange {
             branch: checkout.branch.clone(),
             base_commit: checkout.base_commit.clone(),
@@ -686,7 +677,56 @@ impl GitSettings {
             deletions,
             patch,
             patch_truncated,
+            branch_diff,
         })
+    }
+
+    /// The ticket's whole change at `commit`: against where the branch left
+    /// `base_head`'s history (None when they share none).
+    async fn branch_diff(&self, mirror: &Path, base_head: &str, commit: &str) -> Result<Option<BranchDiff>, GitError> {
+        let Ok(merge_base) = self.local(mirror, &["merge-base", base_head, commit]).await else {
+            return Ok(None);
+        };
+        let merge_base = merge_base.trim().to_owned();
+        let (files_changed, insertions, deletions) = self.numstat(mirror, &merge_base, commit).await?;
+        let patch = self
+            .local(
+                mirror,
+                &[
+                    "diff",
+                    "--no-color",
+                    "--no-ext-diff",
+                    "--no-textconv",
+                    &merge_base,
+                    commit,
+                ],
+            )
+            .await?;
+        let (patch, patch_truncated) = bounded_patch(&patch);
+        Ok(Some(BranchDiff {
+            merge_base,
+            files_changed,
+            insertions,
+            deletions,
+            patch,
+            patch_truncated,
+        }))
+    }
+
+    /// Files changed, lines added and removed from `from` to `to`.
+    async fn numstat(&self, repo: &Path, from: &str, to: &str) -> Result<(i32, i64, i64), GitError> {
+        let numstat = self
+            .local(repo, &["diff", "--numstat", "--no-ext-diff", "--no-textconv", from, to])
+            .await?;
+        let (mut files, mut insertions, mut deletions) = (0, 0, 0);
+        for line in numstat.lines() {
+            let mut parts = line.split('\t');
+            let n = |p: Option<&str>| p.and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+            insertions += n(parts.next());
+            deletions += n(parts.next());
+            files += 1;
+        }
+        Ok((files, insertions, deletions))
     }
 
     async fn has_commit(&self, repo: &Path, commit: &str) -> bool {

@@ -126,6 +126,9 @@ async fn state(tasks: &TicketTasks, ticket: &Ticket, plan: &[TicketTask]) -> Res
     for task in &mut tasks {
         if let Some(git) = task.git.as_mut() {
             git.patch.clear();
+            if let Some(d) = git.branch_diff.as_mut() {
+                d.patch.clear();
+            }
         }
     }
     Ok(pb::WatchTicketsResponse {

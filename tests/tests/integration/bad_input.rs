@@ -185,6 +185,12 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                         deletions: i64::from(rng.int()),
                         patch: rng.text(),
                         patch_truncated: false,
+                        branch_diff: rng.next().is_multiple_of(2).then(|| omoi_proto::common::BranchDiff {
+                            merge_base: rng.text(),
+                            files_changed: rng.int(),
+                            patch: rng.text(),
+                            ..Default::default()
+                        }),
                     }),
                     ..Default::default()
                 })

@@ -81,6 +81,15 @@ async fn a_tickets_phases_land_as_one_commit_each_on_its_branch_and_a_failed_att
         assert!(message.starts_with(&format!("{phase}: {}", t.title)), "{message}");
         assert!(message.contains(&format!("Omoi-Task: {}", t.id)), "{message}");
         assert!(message.contains(&format!("Omoi-Attempt: {}", t.attempt)), "{message}");
+        // The whole change so far: the branch against main, as git has it.
+        let d = g.branch_diff.as_ref().expect("the branch against its base");
+        assert_eq!(d.merge_base, main);
+        assert_eq!(
+            d.patch,
+            git(&bare, &["diff", "--no-color", &main, commit]),
+            "{}",
+            t.title
+        );
         assert_eq!(
             git(&bare, &["log", "-1", "--format=%an <%ae>", commit]),
             "omoi <omoi@localhost>"

@@ -198,7 +198,7 @@ impl Sender {
     /// there was no answer.
     async fn post(&self, c: &Claimed) -> Result<(u16, Option<Duration>), String> {
         let target = self.targets.parse(&c.url)?;
-        let addresses = self.targets.resolve(&target).await?;
+        let addresses = self.targets.resolve(&target).await.map_err(|e| e.to_string())?;
         let body = render(c.format, &c.event, &self.console_url).to_string();
         let timestamp = chrono::Utc::now().timestamp().to_string();
         let signature = sign(&c.secret, &timestamp, &body);

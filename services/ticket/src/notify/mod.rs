@@ -12,7 +12,7 @@ use omoi_store::Store;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use target::Targets;
+use target::{Targets, Unreachable};
 
 pub struct Notifications {
     store: Store,
@@ -39,10 +39,11 @@ impl Notifications {
             Err(_) => return Err(ApiError::invalid("format", format!("{format} is not a known format"))),
         };
         rules::secret("secret", &secret)?;
-        self.targets
-            .resolve(&target)
-            .await
-            .map_err(|why| ApiError::invalid("url", why))?;
+        // A name that does not resolve yet is taken (it is looked up
+        // again before every try); one that resolves to the mesh is not.
+        if let Err(Unreachable::Forbidden(why)) = self.targets.resolve(&target).await {
+            return Err(ApiError::invalid("url", why));
+        }
         let created = self
             .store
             .create_subscription(Uuid::now_v7(), url.trim(), &event_types, format, &secret)

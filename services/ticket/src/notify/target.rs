@@ -18,6 +18,23 @@ pub struct Targets {
     pub mesh: Vec<(String, u16)>,
 }
 
+/// Why a destination cannot be reached now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unreachable {
+    /// Its name does not resolve (now: it may later).
+    Unresolved(String),
+    /// It resolves to an address notifications never go to.
+    Forbidden(String),
+}
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unreachable::Unresolved(why) | Unreachable::Forbidden(why) => f.write_str(why),
+        }
+    }
+}
+
 /// A checked destination: the URI, its host and port.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -62,24 +79,28 @@ impl Targets {
     }
 
     /// The addresses `target` may be reached at now: its host resolved,
-    /// each address checked; an error when none is allowed.
-    pub async fn resolve(&self, target: &Target) -> Result<Vec<SocketAddr>, String> {
+    /// each address checked.
+    pub async fn resolve(&self, target: &Target) -> Result<Vec<SocketAddr>, Unreachable> {
         let found: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
             .await
-            .map_err(|e| format!("{} cannot be resolved: {e}", target.host))?
+            .map_err(|e| Unreachable::Unresolved(format!("{} cannot be resolved: {e}", target.host)))?
             .collect();
         let mesh = self.mesh_addresses().await;
-        let mut allowed = Vec::with_capacity(found.len());
-        for addr in found {
-            if let Some(why) = forbidden(addr, &mesh) {
-                return Err(format!("{} resolves to {addr}: {why}", target.host));
+        for addr in &found {
+            if let Some(why) = forbidden(*addr, &mesh) {
+                return Err(Unreachable::Forbidden(format!(
+                    "{} resolves to {addr}: {why}",
+                    target.host
+                )));
             }
-            allowed.push(addr);
         }
-        if allowed.is_empty() {
-            return Err(format!("{} resolves to no address", target.host));
+        if found.is_empty() {
+            return Err(Unreachable::Unresolved(format!(
+                "{} resolves to no address",
+                target.host
+            )));
         }
-        Ok(allowed)
+        Ok(found)
     }
 
     /// The mesh's endpoints resolved (those that resolve now).
@@ -171,10 +192,18 @@ mod tests {
         // (it listens on every address).
         for url in ["http://127.0.0.1:50052/", "http://127.0.0.1:50051/"] {
             let err = t.resolve(&at(url)).await.unwrap_err();
-            assert!(err.contains("the mesh's own"), "{url}: {err}");
+            assert!(
+                matches!(&err, Unreachable::Forbidden(why) if why.contains("the mesh's own")),
+                "{url}: {err}"
+            );
         }
         let err = t.resolve(&at("https://169.254.169.254/latest")).await.unwrap_err();
-        assert!(err.contains("link-local"), "{err}");
+        assert!(
+            matches!(&err, Unreachable::Forbidden(why) if why.contains("link-local")),
+            "{err}"
+        );
+        let err = t.resolve(&at("https://no-such-host.invalid/")).await.unwrap_err();
+        assert!(matches!(err, Unreachable::Unresolved(_)), "{err}");
         // Another port of the same machine is someone else's receiver.
         assert_eq!(
             t.resolve(&at("http://127.0.0.1:9999/")).await.unwrap(),
