@@ -239,6 +239,24 @@ pub async fn read_ticket(c: &TicketClient, id: &str) -> Result<omoi_proto::ticke
     Ok(c.clone().get_ticket(req).await?.into_inner())
 }
 
+/// Every event of a final ticket, its tasks' included (WatchTicket's
+/// history, which ends with the ticket).
+pub async fn ticket_history(c: &TicketClient, id: &str) -> Vec<omoi_proto::events::Event> {
+    use futures::StreamExt;
+    let stream = c
+        .clone()
+        .watch_ticket(omoi_proto::ticket::WatchTicketRequest { ticket_id: id.into() })
+        .await
+        .expect("WatchTicket")
+        .into_inner();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        stream.map(|e| e.expect("an event")).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("a final ticket's history ends")
+}
+
 /// Waits (up to a minute) until `holds` says yes of the ticket; returns it.
 pub async fn wait_ticket_where(
     c: &TicketClient,

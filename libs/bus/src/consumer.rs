@@ -68,9 +68,7 @@ pub async fn consume_since<F, Fut>(
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
     let name = durable.clone();
-    let from = since.map_or(consumer::DeliverPolicy::All, |start_time| {
-        consumer::DeliverPolicy::ByStartTime { start_time }
-    });
+    let from = starting(since);
     batches(
         client,
         topology,
@@ -141,9 +139,7 @@ pub async fn consume_batches_since<F, Fut>(
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
     let name = durable.clone();
-    let from = since.map_or(consumer::DeliverPolicy::All, |start_time| {
-        consumer::DeliverPolicy::ByStartTime { start_time }
-    });
+    let from = starting(since);
     batches(
         client,
         topology,
@@ -182,6 +178,14 @@ pub async fn consume_batches_since<F, Fut>(
         },
     )
     .await
+}
+
+/// Where a consumer created now starts: at `since`, else the stream's
+/// first event.
+fn starting(since: Option<time::OffsetDateTime>) -> consumer::DeliverPolicy {
+    since.map_or(consumer::DeliverPolicy::All, |start_time| {
+        consumer::DeliverPolicy::ByStartTime { start_time }
+    })
 }
 
 /// A consumed event's span and the event read as the domain's; None, with

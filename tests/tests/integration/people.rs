@@ -59,24 +59,24 @@ fn gated(repository: &str, approvals: Vec<i32>) -> pb::CreateTicketRequest {
     }
 }
 
+/// A ticket of one implementation task.
+fn one_task(title: &str, repository: &str) -> pb::CreateTicketRequest {
+    pb::CreateTicketRequest {
+        title: title.into(),
+        repository: repository.to_owned(),
+        plan: vec![pb::TaskSpec {
+            title: "do it".into(),
+            phase: Phase::Implementation.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 fn tempdir(what: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("omoi-{what}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// Every event of a final ticket, its tasks' included.
-async fn history(tickets: &omoi_tests::TicketClient, id: &str) -> Vec<Event> {
-    use futures::StreamExt;
-    let stream = tickets
-        .clone()
-        .watch_ticket(pb::WatchTicketRequest { ticket_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::time::timeout(Duration::from_secs(30), stream.map(|e| e.unwrap()).collect::<Vec<_>>())
-        .await
-        .expect("a final ticket's history ends")
 }
 
 fn payload(e: &Event) -> Value {
@@ -227,22 +227,10 @@ async fn a_gated_phase_waits_for_a_person_and_what_they_say_reaches_the_agents()
     let tickets = mesh.tickets();
     let mut t = tickets.clone();
     let queue = client(&mesh.task_queue.url);
-    let other = file_ticket(
-        &tickets,
-        pb::CreateTicketRequest {
-            title: "meanwhile".into(),
-            repository: repository.clone(),
-            plan: vec![pb::TaskSpec {
-                title: "write hello".into(),
-                phase: Phase::Implementation.into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        },
-    )
-    .await
-    .ticket
-    .unwrap();
+    let other = file_ticket(&tickets, one_task("meanwhile", &repository))
+        .await
+        .ticket
+        .unwrap();
     wait_ticket(&tickets, &other.id, COMPLETED).await;
     let held = read_ticket(&tickets, &ticket.id).await.unwrap();
     assert_eq!(held.ticket.as_ref().unwrap().status, AWAITING);
@@ -287,7 +275,7 @@ async fn a_gated_phase_waits_for_a_person_and_what_they_say_reaches_the_agents()
     .await;
 
     // Each step is an event; the asks say what is to be approved.
-    let events = history(&tickets, &ticket.id).await;
+    let events = omoi_tests::ticket_history(&tickets, &ticket.id).await;
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     let at = |name: &str| {
         types
@@ -494,21 +482,7 @@ async fn notifications_reach_each_subscriber_once_signed_and_in_order_across_a_k
     .await
     .ticket
     .unwrap();
-    let plain = file_ticket(
-        &tickets,
-        pb::CreateTicketRequest {
-            title: "plain".into(),
-            plan: vec![pb::TaskSpec {
-                title: "do it".into(),
-                phase: Phase::Implementation.into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        },
-    )
-    .await
-    .ticket
-    .unwrap();
+    let plain = file_ticket(&tickets, one_task("plain", "")).await.ticket.unwrap();
     tokio::time::timeout(Duration::from_secs(60), receiver.held())
         .await
         .expect("a delivery held");
@@ -545,7 +519,7 @@ async fn notifications_reach_each_subscriber_once_signed_and_in_order_across_a_k
     // the order of each ticket's events; every try signed and fresh.
     let mut expected: Vec<(String, String)> = Vec::new();
     for id in [&gated.id, &plain.id] {
-        for e in history(&tickets, id).await {
+        for e in omoi_tests::ticket_history(&tickets, id).await {
             if json_types.contains(&e.event_type.as_str()) {
                 expected.push((id.clone(), e.id.clone()));
             }

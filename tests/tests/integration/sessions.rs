@@ -74,19 +74,6 @@ fn tempdir(what: &str) -> std::path::PathBuf {
     d
 }
 
-/// Every event of a final ticket, its tasks' included.
-async fn history(tickets: &omoi_tests::TicketClient, id: &str) -> Vec<omoi_proto::events::Event> {
-    let stream = tickets
-        .clone()
-        .watch_ticket(pb::WatchTicketRequest { ticket_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::time::timeout(Duration::from_secs(30), stream.map(|e| e.unwrap()).collect::<Vec<_>>())
-        .await
-        .expect("a final ticket's history ends")
-}
-
 /// The task's session once it is as `what` says.
 async fn session_where(
     queue: &omoi_tests::TaskQueueClient,
@@ -208,7 +195,7 @@ async fn a_follow_up_resumes_the_agents_session_and_lands_one_more_commit() {
     assert!((ticket_usage.cost_usd - task_costs).abs() < 1e-9);
 
     // Reopened and completed again, each said by an event.
-    let events = history(&tickets, &ticket.id).await;
+    let events = omoi_tests::ticket_history(&tickets, &ticket.id).await;
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     let reopened = types
         .iter()
@@ -361,7 +348,7 @@ async fn crash_and_resume(agent: Agent) {
     let ws = std::path::Path::new(result["workspace"].as_str().unwrap());
     assert!(ws.ends_with("2") && ws.starts_with(&root_b), "{}", ws.display());
     assert_eq!(std::fs::read_to_string(ws.join("hello.txt")).unwrap(), agent.hello);
-    let events = history(&tickets, &task.ticket_id).await;
+    let events = omoi_tests::ticket_history(&tickets, &task.ticket_id).await;
     let resumed_event = events
         .iter()
         .find(|e| e.event_type == "TASK_RESUMED")
