@@ -296,14 +296,13 @@ impl Store {
         Ok(codes.into_iter().filter_map(phase_of).collect())
     }
 
-    /// Gates whose phase the queue may still hold though nothing should:
-    /// approved, or of a ticket that ended; only of tickets whose tasks are
-    /// on the queue (before then, enqueueing holds what is not approved).
+    /// Approved gates whose phase the queue may still hold; only of
+    /// tickets whose tasks are on the queue (before then, enqueueing holds
+    /// what is not approved).
     pub async fn gates_to_release(&self, limit: i64) -> Result<Vec<(Uuid, Phase)>> {
         let rows: Vec<(Uuid, i16)> = sqlx::query_as(sql!(
             "SELECT g.ticket_id, g.phase FROM ticket_gates g JOIN tickets t ON t.id = g.ticket_id
-             WHERE NOT g.released AND t.tasks_enqueued
-               AND (g.state = 'approved' OR t.status IN ('completed', 'failed', 'cancelled'))
+             WHERE NOT g.released AND t.tasks_enqueued AND g.state = 'approved'
              LIMIT $1"
         ))
         .bind(limit)
@@ -313,6 +312,18 @@ impl Store {
             .into_iter()
             .filter_map(|(id, code)| phase_of(code).map(|p| (id, p)))
             .collect())
+    }
+
+    /// The queue holds the gate's phase again (a cancelled ticket retried).
+    pub async fn gate_held(&self, ticket_id: Uuid, phase: Phase) -> Result<()> {
+        sqlx::query(sql!(
+            "UPDATE ticket_gates SET released = false WHERE ticket_id = $1 AND phase = $2"
+        ))
+        .bind(ticket_id)
+        .bind(phase_code(phase))
+        .execute(self.pool())
+        .await?;
+        Ok(())
     }
 
     /// The queue no longer holds the gate's phase.

@@ -87,7 +87,8 @@ pub async fn request_changes(
 }
 
 /// `omoi inbox`: the tickets awaiting approval (with the work to approve)
-/// and the paused ones (with why), oldest request first.
+/// and the paused ones (with why), oldest request first; each linked to
+/// the console when OMOI_CONSOLE_URL is set.
 pub async fn inbox(client: &mut Tickets, out: Output) -> anyhow::Result<()> {
     let mut waiting = Vec::new();
     for status in [TicketStatus::AwaitingApproval, TicketStatus::Paused] {
@@ -155,6 +156,9 @@ pub async fn inbox(client: &mut Tickets, out: Output) -> anyhow::Result<()> {
             "  omoi approve {id} [--comment ...]   omoi request-changes {id} \"what to change\"",
             id = t.id
         );
+        if let Some(console) = std::env::var("OMOI_CONSOLE_URL").ok().filter(|c| !c.is_empty()) {
+            println!("  {}/tickets/{}", console.trim_end_matches('/'), t.id);
+        }
     }
     Ok(())
 }

@@ -195,6 +195,11 @@ impl Tickets {
                 .known()
                 .is_some_and(TaskStatus::ended_unsuccessfully)
         };
+        // Cancelling let go of its gates' holds: held again before
+        // anything of it can go out.
+        if !t.approvals.is_empty() && tasks.iter().any(|t| ended(&t)) {
+            self.tasks.hold_gates(id).await?.map_err(queue_unavailable)?;
+        }
         let mut retried = 0;
         // In plan order, so that a dependency goes round before what waits
         // for it; a dependent its retry brought back is refused, and skipped.

@@ -77,13 +77,10 @@ impl TicketTasks {
     pub async fn enqueue(&self, ticket: &Ticket, tasks: &[TicketTask]) -> Result<Enqueued, StoreError> {
         // Its gates hold their phases before any task can be handed out
         // (read afresh: one approved meanwhile is not held again).
-        if !ticket.approvals.is_empty() {
-            for phase in self.store.held_phases(ticket.id).await? {
-                let reason = format!("ticket {} waits for approval of its {} phase", ticket.id, phase.name());
-                if let Err(s) = self.queue.pause_phase(ticket.id, phase, &reason).await {
-                    return Ok(Enqueued::Deferred(s));
-                }
-            }
+        if !ticket.approvals.is_empty()
+            && let Err(s) = self.hold_gates(ticket.id).await?
+        {
+            return Ok(Enqueued::Deferred(s));
         }
         let created = match self.queue.enqueue(&new_tasks(ticket, tasks)).await {
             Ok(created) => created,
@@ -149,8 +146,22 @@ impl TicketTasks {
         Ok(Enqueued::Done(created))
     }
 
+    /// Has the queue hold the phases of the ticket's gates not approved
+    /// (again: pausing a paused scope is harmless); the queue's refusal when
+    /// it could not.
+    pub async fn hold_gates(&self, ticket_id: Uuid) -> Result<Result<(), Status>, StoreError> {
+        for phase in self.store.held_phases(ticket_id).await? {
+            let reason = format!("ticket {ticket_id} waits for approval of its {} phase", phase.name());
+            if let Err(s) = self.queue.pause_phase(ticket_id, phase, &reason).await {
+                return Ok(Err(s));
+            }
+            self.store.gate_held(ticket_id, phase).await?;
+        }
+        Ok(Ok(()))
+    }
+
     /// Lets the queue dispatch a gate's phase again (approved, or its
-    /// ticket ended). Should the queue be out of reach, the gate stays
+    /// ticket cancelled). Should the queue be out of reach, the gate stays
     /// listed for [`TicketTasks::enqueue_waiting`] to release.
     pub async fn release_gate(&self, ticket_id: Uuid, phase: Phase) {
         let released = match self.queue.resume_phase(ticket_id, phase).await {

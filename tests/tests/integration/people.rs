@@ -325,6 +325,16 @@ async fn a_gated_phase_waits_for_a_person_and_what_they_say_reaches_the_agents()
     .await
     .unwrap();
     assert!(holds_of(&queue, &first_ticket.id).await.is_empty());
+    // Sent round again, it is held again before anything goes out.
+    t.retry_ticket(pb::RetryTicketRequest {
+        ticket_id: first_ticket.id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(holds_of(&queue, &first_ticket.id).await.len(), 1);
+    let again = wait_ticket(&tickets, &first_ticket.id, AWAITING).await;
+    assert!(again.tasks.iter().all(|x| x.status == PENDING), "{:?}", again.tasks);
 
     console.stop().await;
     mesh.stop().await.unwrap();
