@@ -124,6 +124,15 @@ impl Gate {
     }
 }
 
+/// The gates a person's decision is about: those awaiting one, of
+/// `phase` when it is named.
+pub fn deciding(gates: &[Gate], phase: Option<Phase>) -> Vec<&Gate> {
+    gates
+        .iter()
+        .filter(|g| g.awaiting() && phase.is_none_or(|p| p == g.phase))
+        .collect()
+}
+
 /// The plan's tasks (indexes into `tasks`) that the tasks of `phase`
 /// depend on, outside the phase: what a gate on it waits for.
 pub fn groundwork(phase: Phase, tasks: &[(Uuid, &PlannedTask, TaskProgress)]) -> Vec<usize> {

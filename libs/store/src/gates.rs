@@ -166,10 +166,8 @@ fn task_view(tasks: &[TicketTask]) -> Vec<(Uuid, &PlannedTask, omoi_domain::tick
 /// The gate of `ticket` a person decides on: `phase`'s, or the only one
 /// awaiting; refused when it does not await a decision.
 fn awaiting(ticket: &Ticket, phase: Option<Phase>) -> Result<Vec<Phase>> {
-    let waiting: Vec<Phase> = ticket
-        .gates
+    let waiting: Vec<Phase> = omoi_domain::gate::deciding(&ticket.gates, phase)
         .iter()
-        .filter(|g| g.awaiting() && phase.is_none_or(|p| p == g.phase))
         .map(|g| g.phase)
         .collect();
     if waiting.is_empty() {

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use omoi_base::ApiResult;
 use omoi_bus::Topology;
-use omoi_domain::gate::Gate;
 use omoi_domain::ticket::PhaseInstructions;
 use omoi_domain::{TaskStatus, TicketStatus};
 use omoi_proto::domain::WireEnum;
@@ -250,14 +249,7 @@ impl Tickets {
             .store
             .add_follow_up(id, follow_up_id, &planned, resumes, &reason)
             .await?;
-        let task = match self.tasks.enqueue_follow_up(&ticket, &row, resumes).await? {
-            Enqueued::Done(mut tasks) => tasks.pop(),
-            Enqueued::Deferred(s) => {
-                tracing::warn!(ticket_id = %id, error = %s.message(), "task queue unreachable; the follow-up will be enqueued when it is back");
-                planned_tasks(&ticket, std::slice::from_ref(&row)).pop()
-            }
-            Enqueued::Refused(s) => return Err(s.into()),
-        };
+        let task = self.enqueue_follow_up(&ticket, &row, resumes, "the follow-up").await?;
         let (ticket, _) = self.store.get_ticket(id).await?;
         Ok(pb::FollowUpResponse {
             ticket: Some(pb::Ticket::from(&ticket)),
@@ -293,12 +285,7 @@ impl Tickets {
     async fn request_changes(&self, req: pb::RequestChangesRequest, by: &str) -> ApiResult<pb::RequestChangesResponse> {
         let d = requests::request_changes(req)?;
         let (t, _) = self.store.get_ticket(d.ticket_id).await?;
-        let awaiting: Vec<&Gate> = t
-            .gates
-            .iter()
-            .filter(|g| g.awaiting() && d.phase.is_none_or(|p| p == g.phase))
-            .collect();
-        let gate = match awaiting[..] {
+        let gate = match omoi_domain::gate::deciding(&t.gates, d.phase)[..] {
             [gate] => gate,
             [] => {
                 let not = format!("ticket {} is {}: nothing of it awaits approval", t.id, t.status);
@@ -346,19 +333,34 @@ impl Tickets {
             .request_changes(&decision, Uuid::new_v4(), &planned, resumes)
             .await?;
         tracing::info!(ticket_id = %ticket.id, phase = gate.phase.name(), by, task_id = %row.task_id, "changes requested");
-        let task = match self.tasks.enqueue_follow_up(&ticket, &row, resumes).await? {
-            Enqueued::Done(mut tasks) => tasks.pop(),
-            Enqueued::Deferred(s) => {
-                tracing::warn!(ticket_id = %ticket.id, error = %s.message(), "task queue unreachable; the changes' follow-up will be enqueued when it is back");
-                planned_tasks(&ticket, std::slice::from_ref(&row)).pop()
-            }
-            Enqueued::Refused(s) => return Err(s.into()),
-        };
+        let task = self
+            .enqueue_follow_up(&ticket, &row, resumes, "the changes' follow-up")
+            .await?;
         let (ticket, _) = self.store.get_ticket(ticket.id).await?;
         Ok(pb::RequestChangesResponse {
             ticket: Some(pb::Ticket::from(&ticket)),
             task,
         })
+    }
+
+    /// Puts a follow-up (`what`, for the log) on the queue: its task as
+    /// the queue has it, or as planned when the queue is out of reach (the
+    /// enqueue loop puts it there once it is back).
+    async fn enqueue_follow_up(
+        &self,
+        ticket: &omoi_domain::Ticket,
+        row: &omoi_store::tickets::TicketTask,
+        resumes: Uuid,
+        what: &str,
+    ) -> ApiResult<Option<omoi_proto::taskqueue::Task>> {
+        match self.tasks.enqueue_follow_up(ticket, row, resumes).await? {
+            Enqueued::Done(mut tasks) => Ok(tasks.pop()),
+            Enqueued::Deferred(s) => {
+                tracing::warn!(ticket_id = %ticket.id, error = %s.message(), "task queue unreachable; {what} will be enqueued when it is back");
+                Ok(planned_tasks(ticket, std::slice::from_ref(row)).pop())
+            }
+            Enqueued::Refused(s) => Err(s.into()),
+        }
     }
 
     /// The store, for the service's background work.
@@ -448,14 +450,9 @@ impl Tickets {
             }
         };
         tracing::info!(ticket_id = %ticket.id, kind, url = %reaction.url, task_id = %row.task_id, "reacting");
-        let task = match self.tasks.enqueue_follow_up(&ticket, &row, resumes).await? {
-            Enqueued::Done(mut tasks) => tasks.pop(),
-            Enqueued::Deferred(s) => {
-                tracing::warn!(ticket_id = %ticket.id, error = %s.message(), "task queue unreachable; the reaction's follow-up will be enqueued when it is back");
-                planned_tasks(&ticket, std::slice::from_ref(&row)).pop()
-            }
-            Enqueued::Refused(s) => return Err(s.into()),
-        };
+        let task = self
+            .enqueue_follow_up(&ticket, &row, resumes, "the reaction's follow-up")
+            .await?;
         let (ticket, _) = self.store.get_ticket(ticket.id).await?;
         Ok(pb::ReactResponse {
             reacted: true,
