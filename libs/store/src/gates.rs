@@ -204,7 +204,7 @@ impl Store {
     /// Approves the gates `d` names (TICKET_APPROVED each; the ticket goes
     /// on unless something else holds it). The queue still holds their
     /// phases: [`Store::gates_to_release`] lists them until
-    /// [`Store::gate_released`].
+    /// [`Store::set_gate_released`].
     pub async fn approve(&self, d: &Decision<'_>) -> Result<Approved> {
         let mut tx = self.pool().begin().await?;
         let ticket = select_ticket(&mut tx, d.ticket_id, true).await?;
@@ -312,25 +312,16 @@ impl Store {
             .collect())
     }
 
-    /// The queue holds the gate's phase again (a cancelled ticket retried).
-    pub async fn gate_held(&self, ticket_id: Uuid, phase: Phase) -> Result<()> {
+    /// Whether the queue lets the gate's phase go now (released: approved,
+    /// or its ticket cancelled) or holds it (again: a cancelled ticket
+    /// retried).
+    pub async fn set_gate_released(&self, ticket_id: Uuid, phase: Phase, released: bool) -> Result<()> {
         sqlx::query(sql!(
-            "UPDATE ticket_gates SET released = false WHERE ticket_id = $1 AND phase = $2"
+            "UPDATE ticket_gates SET released = $3 WHERE ticket_id = $1 AND phase = $2"
         ))
         .bind(ticket_id)
         .bind(phase_code(phase))
-        .execute(self.pool())
-        .await?;
-        Ok(())
-    }
-
-    /// The queue no longer holds the gate's phase.
-    pub async fn gate_released(&self, ticket_id: Uuid, phase: Phase) -> Result<()> {
-        sqlx::query(sql!(
-            "UPDATE ticket_gates SET released = true WHERE ticket_id = $1 AND phase = $2"
-        ))
-        .bind(ticket_id)
-        .bind(phase_code(phase))
+        .bind(released)
         .execute(self.pool())
         .await?;
         Ok(())

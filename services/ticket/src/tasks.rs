@@ -155,7 +155,7 @@ impl TicketTasks {
             if let Err(s) = self.queue.pause_phase(ticket_id, phase, &reason).await {
                 return Ok(Err(s));
             }
-            self.store.gate_held(ticket_id, phase).await?;
+            self.store.set_gate_released(ticket_id, phase, false).await?;
         }
         Ok(Ok(()))
     }
@@ -167,7 +167,7 @@ impl TicketTasks {
         let released = match self.queue.resume_phase(ticket_id, phase).await {
             Ok(()) => self
                 .store
-                .gate_released(ticket_id, phase)
+                .set_gate_released(ticket_id, phase, true)
                 .await
                 .map_err(|e| e.to_string()),
             Err(s) => Err(s.message().to_owned()),
