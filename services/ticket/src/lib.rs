@@ -130,6 +130,7 @@ pub async fn serve(config: Config, incoming: TcpIncoming, shutdown: Cancellation
             timeout: Duration::from_secs_f64(config.notify_timeout_seconds.max(0.1)),
             console_url: config.console_url.trim_end_matches('/').to_owned(),
             wake: Arc::new(tokio::sync::Notify::new()),
+            tls: notify::deliver::receivers_tls()?,
         });
         let (s, nats, topology) = (Arc::clone(&sender), base.nats.clone(), base.topology.clone());
         base.spawn_after_migration(move |stop| notify::deliver::follow(s, nats, topology, stop));

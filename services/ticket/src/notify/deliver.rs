@@ -26,7 +26,7 @@ use sha2::Sha256;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::target::Targets;
+use super::target::{Target, Targets};
 
 const CONSUMER: &str = "omoi-notify";
 
@@ -44,6 +44,20 @@ pub struct Sender {
     pub console_url: String,
     /// Rung when deliveries were written, so that they go at once.
     pub wake: Arc<Notify>,
+    /// TLS to receivers (the system's roots), read once.
+    pub tls: rustls::ClientConfig,
+}
+
+/// TLS as receivers are reached with: the system's root certificates.
+pub fn receivers_tls() -> anyhow::Result<rustls::ClientConfig> {
+    use hyper_rustls::ConfigBuilderExt;
+    Ok(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_native_roots()
+            .map_err(|e| anyhow::anyhow!("no TLS roots for notifications: {e}"))?
+            .with_no_client_auth(),
+    )
 }
 
 /// Follows the ticket events until `shutdown`, writing their deliveries
@@ -141,7 +155,15 @@ impl Sender {
     /// One try at a delivery, recorded.
     async fn try_once(&self, c: Claimed) {
         let started = Instant::now();
-        let (status, retry_after, error) = match self.post(&c).await {
+        let target = self.targets.parse(&c.url);
+        // The subscription's host only in the log: its address may hold a
+        // credential (a Slack webhook's path does).
+        let host = target.as_ref().map_or_else(|_| "?".to_owned(), |t| t.host.clone());
+        let posted = match target {
+            Ok(target) => self.post(&c, &target).await,
+            Err(e) => Err(e),
+        };
+        let (status, retry_after, error) = match posted {
             Ok((status, retry_after)) => (Some(status), retry_after, String::new()),
             Err(e) => (None, None, e),
         };
@@ -160,13 +182,6 @@ impl Sender {
                 }
             }
         };
-        // The subscription's host only: its address may hold a credential
-        // (a Slack webhook's path does).
-        let host = self
-            .targets
-            .parse(&c.url)
-            .map(|t| t.host)
-            .unwrap_or_else(|_| "?".into());
         tracing::info!(
             subscription_id = %c.subscription_id,
             event_id = %c.event_id,
@@ -196,9 +211,8 @@ impl Sender {
 
     /// POSTs the delivery: the receiver's status and Retry-After, or why
     /// there was no answer.
-    async fn post(&self, c: &Claimed) -> Result<(u16, Option<Duration>), String> {
-        let target = self.targets.parse(&c.url)?;
-        let addresses = self.targets.resolve(&target).await.map_err(|e| e.to_string())?;
+    async fn post(&self, c: &Claimed, target: &Target) -> Result<(u16, Option<Duration>), String> {
+        let addresses = self.targets.resolve(target).await.map_err(|e| e.to_string())?;
         let body = render(c.format, &c.event, &self.console_url).to_string();
         let timestamp = chrono::Utc::now().timestamp().to_string();
         let signature = sign(&c.secret, &timestamp, &body);
@@ -217,8 +231,7 @@ impl Sender {
         http.enforce_http(false);
         http.set_connect_timeout(Some(self.timeout));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()
-            .map_err(|e| format!("no TLS roots: {e}"))?
+            .with_tls_config(self.tls.clone())
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
