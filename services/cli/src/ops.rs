@@ -76,7 +76,7 @@ pub fn agent_status(value: &str) -> anyhow::Result<i32> {
     Ok(named("status", "AGENT_STATUS_", value, AgentStatus::from_str_name)?.into())
 }
 
-fn phase_name(p: i32) -> &'static str {
+pub fn phase_name(p: i32) -> &'static str {
     short_name(Phase::try_from(p).unwrap_or(Phase::Unspecified).as_str_name(), "PHASE_")
 }
 

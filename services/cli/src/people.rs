@@ -4,22 +4,18 @@
 //! prints them; and the subscriptions that notify them (`omoi subscribe`,
 //! `subscriptions`, `deliveries`, `unsubscribe`).
 
-use omoi_proto::common::{Phase, TicketStatus};
+use omoi_proto::common::TicketStatus;
 use omoi_proto::taskqueue::Task;
 use omoi_proto::ticket::{self as pb, GateState};
 
 use omoi_proto::notify::{self as notify, notification_service_client::NotificationServiceClient};
 use omoi_runtime::grpc::Connector;
 
-use crate::ops::{self, Output};
+use crate::ops::{self, Output, phase_name};
 use crate::{Tickets, print_ticket, short_commit, short_name, status_name};
 
 /// Longest part of a task's summary the inbox quotes.
 const SUMMARY_LINES: usize = 12;
-
-fn phase_name(p: i32) -> &'static str {
-    short_name(Phase::try_from(p).unwrap_or(Phase::Unspecified).as_str_name(), "PHASE_")
-}
 
 fn gate_state(s: i32) -> &'static str {
     short_name(
