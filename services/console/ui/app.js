@@ -449,11 +449,7 @@ function ticketPage(root, id) {
   let wholeAt = null;
   // Made once per phase, as the follow-up's: a comment being typed
   // survives redraws.
-  const decisions = new Map();
-  const decide = (phase) => {
-    if (!decisions.has(phase)) decisions.set(phase, decisionForm(id, phase, () => load()));
-    return decisions.get(phase);
-  };
+  const decide = decisionForms(() => load());
 
   const showTask = (taskId) => {
     selected = taskId;
@@ -572,7 +568,7 @@ function ticketPage(root, id) {
           diffView(d.patch)));
     }
     gates.replaceChildren(...(ticket.gates || []).length ? [h("h2", {}, "Approvals"),
-      ...ticket.gates.map((g) => gateView(g, tasks, gateState(g) === "awaiting_approval" ? decide(g.phase) : null))] : []);
+      ...ticket.gates.map((g) => gateView(g, tasks, gateState(g) === "awaiting_approval" ? decide(id, g.phase) : null))] : []);
     graph.replaceChildren(h("h2", {}, "Tasks"), dag(tasks, selected, showTask));
     table.replaceChildren(h("table", { id: "tasks" },
       h("tr", {}, ["task", "phase", "status", "attempt", "agent", "elapsed", "usage", "commit"].map((c) => h("th", {}, c))),
@@ -671,6 +667,17 @@ function decisionForm(ticketId, phase, after) {
   return form;
 }
 
+// The decision forms of a page, each made once per ticket and phase and
+// kept, so that a comment being typed survives the page's redraws.
+function decisionForms(after) {
+  const forms = new Map();
+  return (ticketId, phase) => {
+    const key = ticketId + "/" + phase;
+    if (!forms.has(key)) forms.set(key, decisionForm(ticketId, phase, after));
+    return forms.get(key);
+  };
+}
+
 // A gate: its state, what it asks to approve (each task's summary and
 // diff), and, when it awaits a person, the decision form.
 function gateView(g, tasks, form) {
@@ -696,12 +703,7 @@ function inboxPage(root) {
   const body = h("div", { id: "inbox" }, h("p", { class: "muted" }, "Loading…"));
   root.append(h("h1", {}, "Inbox"), h("p", { class: "muted" }, "Tickets waiting for a person: phases to approve, and paused tickets."), body);
   // A comment being typed survives the page's redraws.
-  const forms = new Map();
-  const formFor = (id, phase) => {
-    const key = id + "/" + phase;
-    if (!forms.has(key)) forms.set(key, decisionForm(id, phase, () => load()));
-    return forms.get(key);
-  };
+  const formFor = decisionForms(() => load());
   const load = async () => {
     try {
       const [awaiting, paused] = await Promise.all(["TICKET_STATUS_AWAITING_APPROVAL", "TICKET_STATUS_PAUSED"].map((st) =>
