@@ -9,6 +9,7 @@ pub mod gate;
 pub mod git;
 pub mod graph;
 pub mod notify;
+pub mod routing;
 pub mod rules;
 pub mod session;
 pub mod status;

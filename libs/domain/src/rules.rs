@@ -737,6 +737,7 @@ mod tests {
             depends_on: Vec::new(),
             concurrency_key: None,
             session: None,
+            requires: Default::default(),
         }
     }
 
@@ -1099,6 +1100,7 @@ mod tests {
             timeout_seconds: 0,
             concurrency_key: None,
             session: None,
+            requires: Default::default(),
         };
         let batch = [task(vec![done]), task(vec![open, failed])];
         let met = met_dependencies(&batch[..1], &[(done, TaskStatus::Completed)]).unwrap();

@@ -119,6 +119,8 @@ pub struct Task {
     /// The agent session its attempts last recorded (or the one a
     /// follow-up continues).
     pub session: Option<crate::session::AgentSession>,
+    /// Labels an agent must carry to be handed it; empty: any.
+    pub requires: crate::routing::Labels,
 }
 
 impl Task {

@@ -231,6 +231,8 @@ pub struct PlannedTask {
     pub timeout_seconds: i32,
     /// None: the ticket's repository, if it names one.
     pub concurrency_key: Option<String>,
+    /// Labels an agent must carry to be handed it; empty: any.
+    pub requires: crate::routing::Labels,
 }
 
 impl PlannedTask {
@@ -250,6 +252,7 @@ impl PlannedTask {
             timeout_seconds: self.timeout_seconds,
             concurrency_key: self.concurrency_key.clone(),
             session: None,
+            requires: self.requires.clone(),
         }
     }
 }
@@ -265,6 +268,7 @@ pub struct RawTaskSpec<'a> {
     pub max_retries: Option<i32>,
     pub timeout_seconds: i32,
     pub concurrency_key: &'a str,
+    pub requires: Option<&'a std::collections::HashMap<String, String>>,
 }
 
 /// Most tasks in one plan.
@@ -319,6 +323,7 @@ pub fn default_plan(title: &str, description: &str, priority: i32, told: &PhaseI
             max_retries: crate::backoff::DEFAULT_MAX_RETRIES,
             timeout_seconds: 0,
             concurrency_key: None,
+            requires: crate::routing::Labels::new(),
         })
         .collect()
 }
@@ -373,6 +378,10 @@ pub fn explicit_plan(specs: &[RawTaskSpec<'_>], ticket_priority: i32) -> Result<
                 validate::MAX_TIMEOUT_SECONDS,
             )?,
             concurrency_key: validate::optional_concurrency_key(&f("concurrency_key"), s.concurrency_key)?,
+            requires: match s.requires {
+                Some(r) => crate::routing::requires(&f("requires"), r)?,
+                None => crate::routing::Labels::new(),
+            },
         });
     }
     let graph: Vec<Vec<usize>> = plan.iter().map(|t| t.depends_on.clone()).collect();

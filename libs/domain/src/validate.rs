@@ -32,6 +32,8 @@ pub struct NewTask {
     pub concurrency_key: Option<String>,
     /// A session to continue (a follow-up's).
     pub session: Option<crate::session::AgentSession>,
+    /// Labels an agent must carry to be handed it; empty: any.
+    pub requires: crate::routing::Labels,
 }
 
 impl NewTask {
@@ -68,6 +70,7 @@ impl NewTask {
             depends_on: new.depends_on,
             concurrency_key: new.concurrency_key,
             session: new.session,
+            requires: new.requires,
         }
     }
 }
@@ -86,6 +89,7 @@ pub struct RawNewTask<'a> {
     pub timeout_seconds: i32,
     pub concurrency_key: &'a str,
     pub session: Option<crate::session::AgentSession>,
+    pub requires: Option<&'a std::collections::HashMap<String, String>>,
 }
 
 /// A required UUID.
@@ -265,6 +269,10 @@ pub fn new_task(field: &str, raw: &RawNewTask<'_>) -> Result<NewTask, DomainErro
             .clone()
             .map(|s| s.validated(&format!("{field}.session")))
             .transpose()?,
+        requires: match raw.requires {
+            Some(r) => crate::routing::requires(&format!("{field}.requires"), r)?,
+            None => crate::routing::Labels::new(),
+        },
     })
 }
 

@@ -104,6 +104,7 @@ impl From<&Task> for taskqueue::Task {
             git: t.git.as_ref().map(c::GitChange::from),
             concurrency_key: t.concurrency_key.clone().unwrap_or_default(),
             session: t.session.as_ref().map(c::AgentSession::from),
+            requires: t.requires.clone().into_iter().collect(),
         }
     }
 }
@@ -169,6 +170,7 @@ impl From<&NewTask> for taskqueue::NewTask {
             timeout_seconds: t.timeout_seconds,
             concurrency_key: t.concurrency_key.clone().unwrap_or_default(),
             session: t.session.as_ref().map(c::AgentSession::from),
+            requires: t.requires.clone().into_iter().collect(),
         }
     }
 }

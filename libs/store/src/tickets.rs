@@ -32,7 +32,7 @@ pub(crate) use ticket_columns;
 macro_rules! ticket_task_columns {
     () => {
         "ticket_id, task_id, position, title, description, phase, priority, depends_on,
-     max_retries, timeout_seconds, concurrency_key, started, outcome, follow_up, summary"
+     max_retries, timeout_seconds, concurrency_key, started, outcome, follow_up, summary, requires"
     };
 }
 
@@ -131,6 +131,7 @@ impl<'r> FromRow<'r, PgRow> for TicketTask {
                 max_retries: row.try_get("max_retries")?,
                 timeout_seconds: row.try_get("timeout_seconds")?,
                 concurrency_key: row.try_get("concurrency_key")?,
+                requires: crate::tasks::requires_of(row)?,
             },
             progress: TaskProgress {
                 started: row.try_get("started")?,
@@ -252,14 +253,14 @@ impl Store {
         };
         sqlx::query(sql!(
             "INSERT INTO ticket_tasks (ticket_id, task_id, position, title, description, phase, priority,
-                                       depends_on, max_retries, timeout_seconds, concurrency_key)
+                                       depends_on, max_retries, timeout_seconds, concurrency_key, requires)
              SELECT $1, p.task_id, p.position, p.title, p.description, p.phase, p.priority,
                     ARRAY(SELECT jsonb_array_elements_text(p.deps::jsonb)::int), p.max_retries, p.timeout_seconds,
-                    p.concurrency_key
+                    p.concurrency_key, p.requires::jsonb
              FROM unnest($2::uuid[], $3::int4[], $4::text[], $5::text[], $6::int2[], $7::int4[], $8::text[],
-                         $9::int4[], $10::int4[], $11::text[])
+                         $9::int4[], $10::int4[], $11::text[], $12::text[])
                   AS p(task_id, position, title, description, phase, priority, deps, max_retries, timeout_seconds,
-                       concurrency_key)"
+                       concurrency_key, requires)"
         ))
         .bind(ticket.id)
         .bind(plan.iter().map(|(id, _)| *id).collect::<Vec<_>>())
@@ -278,6 +279,11 @@ impl Store {
         .bind(
             plan.iter()
                 .map(|(_, p)| p.concurrency_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            plan.iter()
+                .map(|(_, p)| crate::tasks::requires_json(&p.requires))
                 .collect::<Vec<_>>(),
         )
         .execute(&mut *tx)
@@ -918,8 +924,9 @@ pub(crate) async fn insert_follow_up(
     let task: TicketTask = sqlx::query_as(sql!(concat!(
         "INSERT INTO ticket_tasks (ticket_id, task_id, position, title, description, phase, priority,
                                    depends_on, max_retries, timeout_seconds, concurrency_key,
-                                   follow_up, resumes, enqueued)
-         SELECT $1, $2, coalesce(max(position), -1) + 1, $3, $4, $5, $6, $7, $8, $9, $10, true, $11, false
+                                   follow_up, resumes, enqueued, requires)
+         SELECT $1, $2, coalesce(max(position), -1) + 1, $3, $4, $5, $6, $7, $8, $9, $10, true, $11, false,
+                $12::jsonb
          FROM ticket_tasks WHERE ticket_id = $1
          RETURNING ",
         ticket_task_columns!()
@@ -935,6 +942,7 @@ pub(crate) async fn insert_follow_up(
     .bind(planned.timeout_seconds)
     .bind(planned.concurrency_key.as_deref())
     .bind(resumes)
+    .bind(crate::tasks::requires_json(&planned.requires))
     .fetch_one(&mut *tx)
     .await?;
     if !ticket.status.is_final() {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use omoi_domain::event::{Event, EventType};
+use omoi_domain::routing::Labels;
 use omoi_domain::rules;
 use omoi_domain::rules::Failure;
 use omoi_domain::validate::NewTask;
@@ -103,6 +104,7 @@ fn new_task(title: &str, priority: i32, depends_on: &[Uuid]) -> NewTask {
         timeout_seconds: 0,
         concurrency_key: None,
         session: None,
+        requires: Labels::new(),
     }
 }
 
@@ -135,7 +137,11 @@ fn failure(attempt: i32, message: &str) -> Failure {
 /// Enqueues, assigns and starts one task; returns it running.
 async fn running(db: &Db, task: NewTask, agent: Uuid) -> omoi_domain::Task {
     db.store.enqueue(&[task]).await.unwrap();
-    let assigned = db.store.assign(None, &[slot(agent)], Utc::now(), true).await.unwrap();
+    let assigned = db
+        .store
+        .assign(None, &Labels::new(), &[slot(agent)], Utc::now(), true)
+        .await
+        .unwrap();
     assert_eq!(assigned.len(), 1);
     let started = db.store.start_batch(&[report(assigned[0].id, 1)]).await.unwrap();
     started.into_iter().next().unwrap().unwrap()
@@ -189,7 +195,13 @@ async fn claims_go_by_priority_then_age_each_with_an_assigned_event() {
     let agent = Uuid::now_v7();
     let got = db
         .store
-        .assign(None, &[slot(agent), slot(agent), slot(agent)], Utc::now(), true)
+        .assign(
+            None,
+            &Labels::new(),
+            &[slot(agent), slot(agent), slot(agent)],
+            Utc::now(),
+            true,
+        )
         .await
         .unwrap();
     assert_eq!(got.iter().map(|t| t.id).collect::<Vec<_>>(), [high.id, low.id]);
@@ -204,7 +216,13 @@ async fn claims_go_by_priority_then_age_each_with_an_assigned_event() {
     db.store.enqueue(&[new_task("more", 1, &[])]).await.unwrap();
     let none = db
         .store
-        .assign(Some(&[Phase::Refactoring]), &[slot(agent)], Utc::now(), true)
+        .assign(
+            Some(&[Phase::Refactoring]),
+            &Labels::new(),
+            &[slot(agent)],
+            Utc::now(),
+            true,
+        )
         .await
         .unwrap();
     assert!(none.is_empty());
@@ -232,7 +250,11 @@ async fn claims_of_every_size_hand_out_exactly_their_slots_best_first() {
     let agent = Uuid::now_v7();
     for n in [1, 3, 5, 8, 17, 100, 513, 553] {
         let slots: Vec<Slot> = (0..n).map(|_| slot(agent)).collect();
-        let got = db.store.assign(None, &slots, Utc::now(), false).await.unwrap();
+        let got = db
+            .store
+            .assign(None, &Labels::new(), &slots, Utc::now(), false)
+            .await
+            .unwrap();
         let want: Vec<Uuid> = expected.by_ref().take(n).collect();
         assert_eq!(got.len(), n, "a claim of {n} slots");
         assert_eq!(
@@ -242,7 +264,11 @@ async fn claims_of_every_size_hand_out_exactly_their_slots_best_first() {
         );
     }
     // 1,200 − 1,200: nothing left, and nothing handed out twice.
-    let more = db.store.assign(None, &[slot(agent)], Utc::now(), false).await.unwrap();
+    let more = db
+        .store
+        .assign(None, &Labels::new(), &[slot(agent)], Utc::now(), false)
+        .await
+        .unwrap();
     assert!(more.is_empty());
     db.drop().await;
 }
@@ -253,9 +279,20 @@ async fn claims_of_every_size_hand_out_exactly_their_slots_best_first() {
 #[tokio::test]
 async fn the_claim_keeps_its_generic_plan_on_a_deep_queue() {
     let db = Db::new().await;
+    // A quarter of them require labels, some of which no claim below carries.
     sqlx::query(
-        "INSERT INTO tasks (id, title, phase, priority, status, max_retries)
-         SELECT gen_random_uuid(), 'deep', 1 + i % 4, i % 10, 'pending', 3 FROM generate_series(1, 200000) i",
+        "INSERT INTO requirement_sets (id, requires)
+         VALUES (1, '{\"runner\": \"codex\"}'), (2, '{\"runner\": \"gemini\"}')",
+    )
+    .execute(db.store.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO tasks (id, title, phase, priority, status, max_retries, requirement, requires)
+         SELECT gen_random_uuid(), 'deep', 1 + i % 4, i % 10, 'pending', 3, s.id,
+                CASE WHEN s.id <> 0 THEN s.requires END
+         FROM generate_series(1, 200000) i
+         JOIN requirement_sets s ON s.id = CASE i % 8 WHEN 0 THEN 1 WHEN 1 THEN 2 ELSE 0 END",
     )
     .execute(db.store.pool())
     .await
@@ -265,12 +302,15 @@ async fn the_claim_keeps_its_generic_plan_on_a_deep_queue() {
     let one = Store::connect_lazy(&url, 1).unwrap();
     let agent = Uuid::now_v7();
     // Claims of one slot for agents of every phase, of two for agents of
-    // three phases: two statements.
+    // three phases (labelled codex or not): two statements.
     let some = [Phase::Initial, Phase::Implementation, Phase::Integration];
-    for (n, phases) in [(1, None), (2, Some(&some[..]))].repeat(7) {
+    let codex = labels(&[("runner", "codex")]);
+    for (i, (n, phases)) in [(1, None), (2, Some(&some[..]))].repeat(7).into_iter().enumerate() {
         let slots: Vec<Slot> = (0..n).map(|_| slot(agent)).collect();
-        let got = one.assign(phases, &slots, Utc::now(), false).await.unwrap();
+        let labels = if i % 3 == 0 { &codex } else { &Labels::new() };
+        let got = one.assign(phases, labels, &slots, Utc::now(), false).await.unwrap();
         assert_eq!(got.len(), n);
+        assert!(got.iter().all(|t| t.requires.is_empty() || t.requires == *labels));
     }
     let plans: Vec<(i64, i64)> = sqlx::query_as(
         "SELECT generic_plans, custom_plans FROM pg_prepared_statements
@@ -351,7 +391,13 @@ async fn batch_statements_write_the_events_the_domain_makes() {
     // Claimed without limits: one statement, committed on its own.
     let claimed = db
         .store
-        .assign(None, &[slot(a), slot(b), slot(a), slot(b)], Utc::now(), false)
+        .assign(
+            None,
+            &Labels::new(),
+            &[slot(a), slot(b), slot(a), slot(b)],
+            Utc::now(),
+            false,
+        )
         .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(5), committed.notified())
@@ -484,7 +530,11 @@ async fn reports_apply_once_and_completion_releases_dependents() {
     let second = new_task("second", 1, &[first.id]);
     db.store.enqueue(std::slice::from_ref(&second)).await.unwrap_err();
     db.store.enqueue(&[first.clone(), second.clone()]).await.unwrap();
-    let t = db.store.assign(None, &[slot(agent)], Utc::now(), true).await.unwrap();
+    let t = db
+        .store
+        .assign(None, &Labels::new(), &[slot(agent)], Utc::now(), true)
+        .await
+        .unwrap();
     assert_eq!(t.len(), 1, "the dependent waits");
 
     // Wrong attempt, and completing before starting: refused.
@@ -523,7 +573,11 @@ async fn reports_apply_once_and_completion_releases_dependents() {
     };
     assert_eq!(c.result, Some(serde_json::json!({"summary": "ok"})));
     assert_eq!(db.store.get(second.id).await.unwrap().unmet_deps, 0);
-    let next = db.store.assign(None, &[slot(agent)], Utc::now(), true).await.unwrap();
+    let next = db
+        .store
+        .assign(None, &Labels::new(), &[slot(agent)], Utc::now(), true)
+        .await
+        .unwrap();
     assert_eq!(next[0].id, second.id);
     db.drop().await;
 }
@@ -645,7 +699,7 @@ async fn a_retryable_failure_waits_its_backoff() {
     // Not ready before its time.
     assert!(
         db.store
-            .assign(None, &[slot(agent)], Utc::now(), true)
+            .assign(None, &Labels::new(), &[slot(agent)], Utc::now(), true)
             .await
             .unwrap()
             .is_empty()
@@ -690,7 +744,11 @@ async fn usage_adds_up_over_attempts_and_each_event_tells_its_own() {
         .execute(db.store.pool())
         .await
         .unwrap();
-    let again = db.store.assign(None, &[slot(agent)], Utc::now(), true).await.unwrap();
+    let again = db
+        .store
+        .assign(None, &Labels::new(), &[slot(agent)], Utc::now(), true)
+        .await
+        .unwrap();
     db.store.start_batch(&[report(again[0].id, 2)]).await.unwrap();
     let done = Report {
         usage: Some(second.clone()),
@@ -742,7 +800,11 @@ async fn a_permanent_failure_cancels_its_dependents_transitively() {
         .enqueue(&[root.clone(), child.clone(), grandchild.clone()])
         .await
         .unwrap();
-    let t = db.store.assign(None, &[slot(agent)], Utc::now(), true).await.unwrap();
+    let t = db
+        .store
+        .assign(None, &Labels::new(), &[slot(agent)], Utc::now(), true)
+        .await
+        .unwrap();
     db.store.start_batch(&[report(t[0].id, 1)]).await.unwrap();
     db.clear_events().await;
     let outcome = db.store.fail(root.id, &failure(1, "permission denied")).await.unwrap();
@@ -838,7 +900,11 @@ async fn a_closed_stream_gives_back_what_it_never_started() {
         .await
         .unwrap();
     let s = slot(agent);
-    let got = db.store.assign(None, &[s, s], Utc::now(), true).await.unwrap();
+    let got = db
+        .store
+        .assign(None, &Labels::new(), &[s, s], Utc::now(), true)
+        .await
+        .unwrap();
     db.store.start_batch(&[report(got[0].id, 1)]).await.unwrap();
     db.clear_events().await;
     let back = db.store.requeue_session(s.session).await.unwrap();
@@ -848,7 +914,11 @@ async fn a_closed_stream_gives_back_what_it_never_started() {
         panic!("{events:?}")
     };
     assert_eq!((r.attempt, r.reason.as_str()), (1, "stream closed"));
-    let again = db.store.assign(None, &[slot(agent)], Utc::now(), true).await.unwrap();
+    let again = db
+        .store
+        .assign(None, &Labels::new(), &[slot(agent)], Utc::now(), true)
+        .await
+        .unwrap();
     assert_eq!(
         (again[0].id, again[0].attempt),
         (got[1].id, 2),
@@ -934,7 +1004,13 @@ async fn a_round_that_saw_no_limit_still_honours_one_set_since() {
     db.store.set_limit("repo", 0).await.unwrap();
     let got = db
         .store
-        .assign(None, &[slot(agent), slot(agent)], Utc::now(), view.limits)
+        .assign(
+            None,
+            &Labels::new(),
+            &[slot(agent), slot(agent)],
+            Utc::now(),
+            view.limits,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -1019,5 +1095,127 @@ async fn a_turn_is_one_replicas_at_a_time_and_free_again_when_its_holder_is_gone
     };
     again.release().await.unwrap();
     other.close().await;
+    db.drop().await;
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// A task requiring labels goes only to agents carrying them all, however
+/// many such tasks wait ahead of the others; and while no healthy agent
+/// (taking its phase) carries them, it is counted as unsatisfied.
+#[tokio::test]
+async fn tasks_go_only_to_agents_carrying_the_labels_they_require() {
+    let db = Db::new().await;
+    let codex = labels(&[("runner", "codex")]);
+    let codex_gpu = labels(&[("runner", "codex"), ("gpu", "true")]);
+    let required = |title: &str, priority: i32, requires: &Labels| NewTask {
+        requires: requires.clone(),
+        ..new_task(title, priority, &[])
+    };
+    // Many tasks for codex ahead of one anybody may take.
+    let mut batch: Vec<NewTask> = (0..50).map(|i| required(&format!("codex {i}"), 9, &codex)).collect();
+    batch.push(required("gpu", 8, &codex_gpu));
+    let anyone = new_task("anyone", 1, &[]);
+    batch.push(anyone.clone());
+    let stored = db.store.enqueue(&batch).await.unwrap();
+    assert_eq!(stored[0].requires, codex);
+    assert_eq!(db.store.get(stored[50].id).await.unwrap().requires, codex_gpu);
+
+    let unsatisfied = db.store.unsatisfied().await.unwrap();
+    assert_eq!(unsatisfied.len(), 2, "{unsatisfied:?}");
+    assert_eq!((&unsatisfied[0].requires, unsatisfied[0].tasks), (&codex, 50));
+    assert_eq!(
+        (&unsatisfied[1].requires, unsatisfied[1].phase),
+        (&codex_gpu, Phase::Implementation)
+    );
+
+    let claude = Uuid::now_v7();
+    let claude_labels = labels(&[("runner", "claude-code")]);
+    let got = db
+        .store
+        .assign(None, &claude_labels, &[slot(claude), slot(claude)], Utc::now(), false)
+        .await
+        .unwrap();
+    assert_eq!(got.iter().map(|t| t.id).collect::<Vec<_>>(), [anyone.id]);
+
+    // A codex agent without a GPU takes the codex tasks, not the GPU one;
+    // one with a GPU takes that too (its labels satisfy both sets).
+    let codex_agent = Uuid::now_v7();
+    let slots: Vec<Slot> = (0..60).map(|_| slot(codex_agent)).collect();
+    let got = db.store.assign(None, &codex, &slots, Utc::now(), false).await.unwrap();
+    assert_eq!(got.len(), 50);
+    assert!(got.iter().all(|t| t.requires == codex));
+    let gpu_labels = labels(&[("runner", "codex"), ("gpu", "true"), ("model", "gpt-5")]);
+    let got = db
+        .store
+        .assign(
+            Some(&[Phase::Implementation]),
+            &gpu_labels,
+            &slots[..2],
+            Utc::now(),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.iter().map(|t| t.title.as_str()).collect::<Vec<_>>(), ["gpu"]);
+
+    // Agents that register change what is unsatisfied: one carrying the
+    // labels but not taking the phase does not count.
+    db.store.enqueue(&[required("later", 1, &codex_gpu)]).await.unwrap();
+    let register = |phases: Vec<Phase>, labels: &Labels| omoi_store::agents::Registration {
+        id: None,
+        agent_type: "executor".into(),
+        phases,
+        capacity: 1,
+        labels: serde_json::to_value(labels).unwrap(),
+    };
+    db.store
+        .register_agent(&register(vec![Phase::Initial], &gpu_labels))
+        .await
+        .unwrap();
+    assert_eq!(db.store.unsatisfied().await.unwrap().len(), 1);
+    db.store.register_agent(&register(vec![], &gpu_labels)).await.unwrap();
+    assert!(db.store.unsatisfied().await.unwrap().is_empty());
+    db.drop().await;
+}
+
+/// The same set of labels, enqueued concurrently for the first time by
+/// several batches, is stored once and every task finds it.
+#[tokio::test]
+async fn a_new_requirement_enqueued_concurrently_is_stored_once() {
+    let db = Db::new().await;
+    let need = labels(&[("runner", "gemini"), ("zone", "eu")]);
+    let batches: Vec<_> = (0..8)
+        .map(|i| {
+            let store = db.store.clone();
+            let task = NewTask {
+                requires: need.clone(),
+                ..new_task(&format!("t{i}"), 1, &[])
+            };
+            tokio::spawn(async move { store.enqueue(&[task]).await })
+        })
+        .collect();
+    for b in batches {
+        assert_eq!(b.await.unwrap().unwrap()[0].requires, need);
+    }
+    let sets: i64 = sqlx::query_scalar("SELECT count(*) FROM requirement_sets WHERE requires <> '{}'")
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(sets, 1);
+    let got = db
+        .store
+        .assign(
+            None,
+            &need,
+            &(0..8).map(|_| slot(Uuid::now_v7())).collect::<Vec<_>>(),
+            Utc::now(),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 8);
     db.drop().await;
 }

@@ -101,10 +101,48 @@ pub async fn tasks(q: &mut Queue, filter: tq::ListTasksRequest, limit: usize, ou
         println!("{}", json(&list, "omoi.taskqueue.v1.ListTasksResponse")?);
         return Ok(());
     }
+    let unsatisfied = unsatisfied(q, &all).await?;
     for t in &all {
-        println!("{}", task_line(t));
+        println!("{}{}", task_line(t), waiting_note(t, &unsatisfied));
     }
     Ok(())
+}
+
+/// The requirements no registered agent can meet, by phase, when any of
+/// `tasks` is pending with a requirement (else no question is asked).
+async fn unsatisfied(q: &mut Queue, tasks: &[tq::Task]) -> anyhow::Result<Vec<tq::UnsatisfiedRequirement>> {
+    let pending = tasks
+        .iter()
+        .any(|t| t.status == TaskStatus::Pending as i32 && !t.requires.is_empty());
+    if !pending {
+        return Ok(Vec::new());
+    }
+    let stats = q
+        .get_queue_stats(tq::GetQueueStatsRequest::default())
+        .await?
+        .into_inner();
+    Ok(stats.unsatisfied)
+}
+
+/// `  (no agent has runner=codex)` for a pending task whose requirement no
+/// registered agent meets.
+fn waiting_note(t: &tq::Task, unsatisfied: &[tq::UnsatisfiedRequirement]) -> String {
+    let stuck = t.status == TaskStatus::Pending as i32
+        && unsatisfied
+            .iter()
+            .any(|u| u.phase == t.phase && u.requires == t.requires);
+    if stuck {
+        format!("  (no agent has {})", labels_text(&t.requires))
+    } else {
+        String::new()
+    }
+}
+
+/// `gpu=true, runner=codex`: labels (an agent's or a requirement), sorted.
+pub fn labels_text(requires: &std::collections::HashMap<String, String>) -> String {
+    let mut pairs: Vec<String> = requires.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    pairs.join(", ")
 }
 
 fn task_line(t: &tq::Task) -> String {
@@ -113,8 +151,13 @@ fn task_line(t: &tq::Task) -> String {
         .as_ref()
         .map(|u| format!("  ${:.4}", u.cost_usd))
         .unwrap_or_default();
+    let needs = if t.requires.is_empty() {
+        String::new()
+    } else {
+        format!("  needs {}", labels_text(&t.requires))
+    };
     format!(
-        "{}  {:<11} {:<14} attempt {}  {}{cost}",
+        "{}  {:<11} {:<14} attempt {}  {}{cost}{needs}",
         t.id,
         task_status_name(t.status),
         phase_name(t.phase),
@@ -130,7 +173,8 @@ pub async fn task(q: &mut Queue, task_id: String, out: Output) -> anyhow::Result
         return Ok(());
     }
     let t = r.task.unwrap_or_default();
-    println!("{}", task_line(&t));
+    let unsatisfied = unsatisfied(q, std::slice::from_ref(&t)).await?;
+    println!("{}{}", task_line(&t), waiting_note(&t, &unsatisfied));
     if !t.ticket_id.is_empty() {
         println!("  ticket {}", t.ticket_id);
     }
@@ -211,9 +255,6 @@ pub async fn agent(h: &mut Health, agent_id: String, out: Output) -> anyhow::Res
     for task in &a.running_task_ids {
         println!("  running {task}");
     }
-    for (k, v) in &a.labels {
-        println!("  {k}={v}");
-    }
     Ok(())
 }
 
@@ -231,12 +272,13 @@ fn agent_line(a: &hp::Agent) -> String {
         .map(|t| t.format("%H:%M:%S").to_string())
         .unwrap_or_default();
     format!(
-        "{}  {:<12} {:<9} capacity {}  running {}  last heard {seen}",
+        "{}  {:<12} {:<9} capacity {}  running {}  last heard {seen}  {}",
         a.id,
         a.agent_type,
         status,
         a.capacity,
-        a.running_task_ids.len()
+        a.running_task_ids.len(),
+        labels_text(&a.labels)
     )
 }
 
@@ -268,6 +310,14 @@ pub async fn stats(q: &mut Queue, out: Output) -> anyhow::Result<()> {
     }
     for l in &s.limits {
         println!("limit: {} of {:?} out (cap {})", l.held, l.key, l.max_running);
+    }
+    for u in &s.unsatisfied {
+        println!(
+            "unsatisfiable: {} {} task(s) need {}, which no healthy agent taking that phase has",
+            u.tasks,
+            phase_name(u.phase),
+            labels_text(&u.requires)
+        );
     }
     Ok(())
 }

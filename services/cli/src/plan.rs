@@ -12,6 +12,7 @@
 //!   phase: integration
 //!   depends_on: [1]
 //!   concurrency_key: ci-runners
+//!   requires: {runner: codex}
 //! ```
 
 use std::collections::HashMap;
@@ -35,6 +36,9 @@ struct Entry {
     timeout_seconds: i32,
     #[serde(default)]
     concurrency_key: String,
+    /// Labels the agent must carry (`runner: codex`).
+    #[serde(default)]
+    requires: HashMap<String, String>,
 }
 
 /// Another task of the plan, by its position (from 0) or its title.
@@ -86,6 +90,7 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<TaskSpec>> {
                 max_retries: e.max_retries,
                 timeout_seconds: e.timeout_seconds,
                 concurrency_key: e.concurrency_key.clone(),
+                requires: e.requires.clone(),
             })
         })
         .collect()
@@ -100,7 +105,8 @@ mod tests {
         let plan = parse(
             "- title: Sketch\n  phase: initial\n\
              - title: Build\n  phase: IMPLEMENTATION\n  depends_on: [Sketch]\n  max_retries: 1\n\
-             - title: Ship\n  phase: integration\n  depends_on: [0, Build]\n  concurrency_key: ci\n",
+             - title: Ship\n  phase: integration\n  depends_on: [0, Build]\n  concurrency_key: ci\n\
+               requires: {runner: codex, gpu: 'true'}\n",
         )
         .unwrap();
         assert_eq!(plan.len(), 3);
@@ -109,6 +115,9 @@ mod tests {
         assert_eq!(plan[2].depends_on, [0, 1]);
         assert_eq!(plan[1].max_retries, Some(1));
         assert_eq!(plan[2].concurrency_key, "ci");
+        assert_eq!(plan[2].requires.get("runner").map(String::as_str), Some("codex"));
+        assert_eq!(plan[2].requires.get("gpu").map(String::as_str), Some("true"));
+        assert!(plan[0].requires.is_empty());
     }
 
     #[test]

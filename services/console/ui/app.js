@@ -500,6 +500,7 @@ function ticketPage(root, id) {
       ["phase", phaseName(t.phase)],
       ["attempt", t.attempt + " (retries " + t.retryCount + "/" + t.maxRetries + ")"],
       ["agent", t.assignedAgentId || ""],
+      ["requires", labelsText(t.requires)],
       ["started", t.startedAt ? ago(t.startedAt) : ""],
       ["elapsed", elapsed(t)],
       ["usage", [tokens(t.usage), usd(t.usage), t.usage && t.usage.model].filter(Boolean).join(" · ")],
@@ -798,6 +799,11 @@ function subscriptionsPage(root) {
 
 // ---------- agents ----------
 
+// `gpu=true, runner=codex`: an agent's labels or a task's requirement.
+function labelsText(labels) {
+  return Object.entries(labels || {}).sort(([a], [b]) => a.localeCompare(b)).map(([k, v]) => k + "=" + v).join(", ");
+}
+
 function agentsPage(root) {
   const body = h("div");
   root.append(h("h1", {}, "Agents"), body);
@@ -806,12 +812,12 @@ function agentsPage(root) {
     if (agents === null) return;
     body.replaceChildren(agents.length === 0 ? h("p", { class: "muted" }, "No agent is registered.") :
       h("table", { id: "agents" },
-        h("tr", {}, ["agent", "type", "status", "heartbeat", "phases", "capacity", "running"].map((c) => h("th", {}, c))),
+        h("tr", {}, ["agent", "type", "labels", "status", "heartbeat", "phases", "capacity", "running"].map((c) => h("th", {}, c))),
         agents.map((a) => {
           const st = short(a.status, "AGENT_STATUS_");
           const phases = (a.phases && a.phases.length ? a.phases : [a.phase]).map(phaseName).filter(Boolean);
           return h("tr", { "data-agent": a.id },
-            h("td", {}, a.id), h("td", {}, a.agentType),
+            h("td", {}, a.id), h("td", {}, a.agentType), h("td", { class: "labels" }, labelsText(a.labels)),
             h("td", {}, h("span", { class: "badge s-" + (st === "healthy" ? "completed" : st === "stale" ? "paused" : "cancelled") }, st)),
             h("td", {}, ago(a.lastHeartbeatAt)), h("td", {}, phases.join(", ") || "any"),
             h("td", {}, (a.runningTaskIds || []).length + " / " + a.capacity),
@@ -850,7 +856,8 @@ function queuePage(root) {
     e.preventDefault();
     act("Limit set", () => api("PUT", "/v1/queue/limits/" + encodeURIComponent(key.value), { maxRunning: Number(max.value) })).then(refresh);
   } }, key, max, h("button", { type: "submit" }, "Set limit"));
-  root.append(h("h1", {}, "Queue"), counts, h("h2", {}, "Pauses"), pauseForm, pauses, h("h2", {}, "Concurrency limits"), limitForm, limits);
+  const unsatisfied = h("div");
+  root.append(h("h1", {}, "Queue"), counts, unsatisfied, h("h2", {}, "Pauses"), pauseForm, pauses, h("h2", {}, "Concurrency limits"), limitForm, limits);
   const draw = (q) => {
     const statuses = ["pending", "assigned", "running", "completed", "failed", "cancelled", "timedOut"];
     const byPhase = new Map();
@@ -875,6 +882,13 @@ function queuePage(root) {
             if (p.ticketId) body.ticketId = p.ticketId;
             act("Dispatch resumed", () => api("POST", "/v1/queue:resume", body)).then(refresh);
           } }, "Resume"))))));
+    // Work no registered agent can take: it waits for one with these labels.
+    unsatisfied.replaceChildren(...((q.unsatisfied || []).length === 0 ? [] : [
+      h("h2", {}, "Waiting for an agent"),
+      h("table", { id: "unsatisfied" }, h("tr", {}, ["phase", "requires", "tasks"].map((c) => h("th", {}, c))),
+        q.unsatisfied.map((u) => h("tr", {}, h("td", {}, phaseName(u.phase)), h("td", {}, labelsText(u.requires)), h("td", {}, u.tasks)))),
+      h("p", { class: "muted" }, "No healthy agent taking the phase carries these labels: start an executor with them (OMOI_RUNNER, OMOI_AGENT_LABELS)."),
+    ]));
     limits.replaceChildren((q.limits || []).length === 0 ? h("p", { class: "muted" }, "No limits.") :
       h("table", { id: "limits" }, h("tr", {}, ["key", "max running", "held now"].map((c) => h("th", {}, c))),
         q.limits.map((l) => h("tr", {}, h("td", {}, l.key), h("td", {}, l.maxRunning), h("td", {}, l.held || "0")))));

@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use omoi_bus::Topology;
 use omoi_domain::Phase;
+use omoi_domain::routing::Labels;
 use omoi_domain::rules::Revoked;
 use omoi_proto::taskqueue::{self as pb, watch_assignments_response::Event as StreamEvent};
 use omoi_store::Store;
@@ -29,6 +30,10 @@ use tonic::Status;
 use uuid::Uuid;
 
 type Outbound = mpsc::UnboundedSender<Result<pb::WatchAssignmentsResponse, Status>>;
+
+/// Agents taking the same phases (`None`: all) with the same labels share
+/// a claim.
+type ClaimGroup = (Option<Vec<Phase>>, Labels);
 
 /// Most tasks claimed in one statement.
 const MAX_SLOTS_PER_ROUND: usize = 1000;
@@ -364,7 +369,7 @@ impl Dispatcher {
         // had none free or was not heard from lately, or a claim filled
         // every slot it was given.
         let mut short = false;
-        let mut groups: HashMap<Option<Vec<Phase>>, Vec<(Slot, i64)>> = HashMap::new();
+        let mut groups: HashMap<ClaimGroup, Vec<(Slot, i64)>> = HashMap::new();
         for (session, agent_id, phases, capacity) in conns {
             // Not listed: silent, stale or gone; no new work until heard.
             let Some(held) = held.get(&agent_id) else {
@@ -373,8 +378,9 @@ impl Dispatcher {
             };
             let free = capacity - held;
             if free > 0 {
+                let labels = view.labels.get(&agent_id).cloned().unwrap_or_default();
                 groups
-                    .entry(phases)
+                    .entry((phases, labels))
                     .or_default()
                     .push((Slot { agent_id, session }, free));
             } else {
@@ -382,10 +388,14 @@ impl Dispatcher {
             }
         }
         let mut unfilled = false;
-        for (phases, agents) in groups {
+        for ((phases, labels), agents) in groups {
             let slots = interleave(agents, MAX_SLOTS_PER_ROUND);
             let stamp = chrono::Utc::now();
-            let tasks = match self.store.assign(phases.as_deref(), &slots, stamp, view.limits).await {
+            let tasks = match self
+                .store
+                .assign(phases.as_deref(), &labels, &slots, stamp, view.limits)
+                .await
+            {
                 Ok(tasks) => tasks,
                 Err(e) => {
                     self.remember_unsure(stamp, slots);

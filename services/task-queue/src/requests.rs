@@ -61,6 +61,7 @@ fn new_task(field: &str, t: &pb::NewTask) -> Result<NewTask, omoi_domain::Domain
         timeout_seconds,
         concurrency_key,
         session,
+        requires,
     } = t;
     let session = session
         .clone()
@@ -78,6 +79,7 @@ fn new_task(field: &str, t: &pb::NewTask) -> Result<NewTask, omoi_domain::Domain
         timeout_seconds: *timeout_seconds,
         concurrency_key,
         session,
+        requires: Some(requires),
     };
     validate::new_task(field, &raw)
 }

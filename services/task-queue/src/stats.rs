@@ -262,6 +262,17 @@ impl Source {
                 .iter()
                 .map(pb::ConcurrencyLimit::from)
                 .collect(),
+            unsatisfied: self
+                .store
+                .unsatisfied()
+                .await?
+                .into_iter()
+                .map(|u| pb::UnsatisfiedRequirement {
+                    requires: u.requires.into_iter().collect(),
+                    phase: u.phase.wire(),
+                    tasks: u.tasks,
+                })
+                .collect(),
             ..Default::default()
         };
         for (st, phase, count) in stats.counts {

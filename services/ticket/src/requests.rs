@@ -123,6 +123,7 @@ fn task_spec(s: &pb::TaskSpec) -> RawTaskSpec<'_> {
         max_retries,
         timeout_seconds,
         concurrency_key,
+        requires,
     } = s;
     RawTaskSpec {
         title,
@@ -133,6 +134,7 @@ fn task_spec(s: &pb::TaskSpec) -> RawTaskSpec<'_> {
         max_retries: *max_retries,
         timeout_seconds: *timeout_seconds,
         concurrency_key,
+        requires: Some(requires),
     }
 }
 

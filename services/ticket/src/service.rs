@@ -764,8 +764,8 @@ fn touched_last<'a>(
         .max_by_key(|t| t.completed_at.as_ref().map(|c| (c.seconds, c.nanos)))
 }
 
-/// The follow-up as the ticket's plan keeps it: the followed task's phase
-/// and timeout, the default retries (a person's new request, whatever the
+/// The follow-up as the ticket's plan keeps it: the followed task's phase,
+/// timeout and required labels, the default retries (a person's new request, whatever the
 /// plan allowed the task it follows), the message as its description.
 fn follow_up_task(
     ticket: &omoi_domain::Ticket,
@@ -791,5 +791,7 @@ fn follow_up_task(
         max_retries: omoi_domain::backoff::DEFAULT_MAX_RETRIES,
         timeout_seconds: source.timeout_seconds,
         concurrency_key: (!source.concurrency_key.is_empty()).then(|| source.concurrency_key.clone()),
+        // Where the followed task could run, so can its follow-up.
+        requires: source.requires.clone().into_iter().collect(),
     }
 }

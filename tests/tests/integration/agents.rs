@@ -365,6 +365,96 @@ async fn codex_works_a_ticket_with_an_estimated_cost_and_classified_failures() {
     rig.stop().await;
 }
 
+/// Routing by capability: a task requiring `runner=codex` never reaches the
+/// Claude Code executor, idle as it is and working other tickets meanwhile;
+/// it waits, reported as unsatisfiable, until a Codex executor registers,
+/// which takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_requiring_codex_waits_for_a_codex_executor_whatever_else_is_idle() {
+    let mut rig = Rig::start().await;
+    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
+        .await;
+    let mut queue = client(&rig.mesh.task_queue.url);
+    let health = omoi_tests::health_client(&rig.mesh.health.url);
+    let codex: std::collections::HashMap<String, String> = [("runner".to_string(), "codex".to_string())].into();
+    let pinned = pb::TaskSpec {
+        requires: codex.clone(),
+        ..spec("write hello.txt", 2, vec![], 0)
+    };
+    let waiting = file(&rig.tickets, "for codex", vec![pinned]).await;
+    let waiting_id = waiting.tasks[0].id.clone();
+    assert_eq!(waiting.tasks[0].requires, codex);
+    let stats = omoi_tests::eventually(WAIT, "the codex task reported as unsatisfiable", || {
+        let mut queue = queue.clone();
+        async move {
+            let s = queue
+                .get_queue_stats(tq::GetQueueStatsRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            (!s.unsatisfied.is_empty()).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(stats.unsatisfied.len(), 1, "{stats:?}");
+    let u = &stats.unsatisfied[0];
+    assert_eq!((&u.requires, u.phase, u.tasks), (&codex, 2, 1));
+
+    // The Claude Code executor is free and works a ticket anybody may take,
+    // of the same phase, filed after; the codex task is never handed to it.
+    let other = file(&rig.tickets, "for anyone", vec![spec("write hello.txt", 2, vec![], 0)]).await;
+    let done = wait_ticket(&rig.tickets, &other.ticket.unwrap().id, COMPLETED).await;
+    let claude_agent = done.tasks[0].assigned_agent_id.clone();
+    let labels = |agent_id: String| {
+        let mut health = health.clone();
+        async move {
+            let a = health
+                .get_agent(omoi_proto::health::GetAgentRequest { agent_id })
+                .await
+                .unwrap()
+                .into_inner()
+                .agent
+                .unwrap();
+            a.labels
+        }
+    };
+    let claude_labels = labels(claude_agent.clone()).await;
+    assert_eq!(claude_labels.get("runner").map(String::as_str), Some("claude-code"));
+    assert_eq!(
+        claude_labels.get("model").map(String::as_str),
+        Some("claude-sonnet-4-5")
+    );
+    let still = queue
+        .get_task(tq::GetTaskRequest {
+            task_id: waiting_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(
+        (still.status, still.attempt, still.assigned_agent_id.as_str()),
+        (1, 0, "")
+    );
+    // A Codex executor registers: it takes the task and completes it.
+    rig.executor(&rig.api.executor_env(Cli::Codex, &rig.home, SECRET)).await;
+    let done = wait_ticket(&rig.tickets, &waiting.ticket.unwrap().id, COMPLETED).await;
+    let codex_agent = done.tasks[0].assigned_agent_id.clone();
+    assert_ne!(codex_agent, claude_agent);
+    assert_eq!(
+        labels(codex_agent).await.get("runner").map(String::as_str),
+        Some("codex")
+    );
+    let s = queue
+        .get_queue_stats(tq::GetQueueStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.unsatisfied.is_empty(), "{s:?}");
+    rig.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemini_works_a_ticket_with_an_estimated_cost_and_a_refused_key_fails_for_good() {
     let mut rig = Rig::start().await;

@@ -133,6 +133,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                             max_retries: Some(rng.int()),
                             timeout_seconds: rng.int(),
                             concurrency_key: rng.text(),
+                            requires: [(rng.text(), rng.text())].into(),
                             session: rng.next().is_multiple_of(2).then(|| omoi_proto::common::AgentSession {
                                 runner: rng.text(),
                                 session_id: rng.text(),
@@ -255,6 +256,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                             max_retries: Some(rng.int()),
                             timeout_seconds: rng.int(),
                             concurrency_key: rng.text(),
+                            requires: [(rng.text(), rng.text())].into(),
                         })
                         .collect(),
                     ..Default::default()

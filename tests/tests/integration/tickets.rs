@@ -262,6 +262,18 @@ async fn an_explicit_dag_is_kept_and_a_cycle_is_refused_with_nothing_written() {
             },
             "labels",
         ),
+        (
+            pb::CreateTicketRequest {
+                plan: vec![pb::TaskSpec {
+                    title: "t".into(),
+                    phase: 2,
+                    requires: [("runner".to_string(), "a\nb".to_string())].into(),
+                    ..Default::default()
+                }],
+                ..create("t")
+            },
+            "plan[0].requires[runner]",
+        ),
     ] {
         let err = tickets.clone().create_ticket(req).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{needle}");

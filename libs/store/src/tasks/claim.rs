@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
+use omoi_domain::routing::Labels;
 use omoi_domain::rules::{self, Revoked};
 use omoi_domain::{Entity, EventType, Phase, Task};
 use uuid::Uuid;
@@ -41,19 +42,30 @@ pub struct Slot {
 /// cheaper than the generic plan's guess, which was then never kept for
 /// agents that take some phases only); the planner cannot see through this
 /// one and guesses the same for both.
+///
+/// The requirement sets the labels satisfy (set 0, requiring nothing,
+/// always) are read from `requirement_sets`, a handful of rows: each head
+/// is then a (phase, set) of the ready index, and tasks requiring labels
+/// these agents lack are never walked over, however many wait.
 macro_rules! claim_statement {
     ($allowed:literal, $room:literal) => {
         concat!(
             "WITH ",
             $allowed,
             " picked AS MATERIALIZED (
-                 -- The head of each phase taken (tasks_ready_phase), merged:
-                 -- the ready work of phases not taken is never walked over.
+                 -- The head of each (phase taken, requirement met)
+                 -- (tasks_ready_phase), merged: the ready work of phases not
+                 -- taken, or requiring what the agents lack, is never walked over.
                  SELECT c.id, c.priority, c.seq
                  FROM (VALUES (1::int2), (2::int2), (3::int2), (4::int2)) AS ph(phase)
+                 -- As a function, not `<@`: the planner then guesses the
+                 -- same share of sets whatever `$9` holds (see above).
+                 CROSS JOIN (SELECT id FROM requirement_sets WHERE jsonb_contained(requires, $9::jsonb))
+                      AS rq(requirement)
                  CROSS JOIN LATERAL (
                      SELECT id, priority, seq FROM tasks
                      WHERE status = 'pending' AND unmet_deps = 0 AND phase = ph.phase
+                       AND requirement = rq.requirement
                        AND next_attempt_at <= now()
                        -- Paused scopes hand out nothing. The first test runs
                        -- once per statement (an init plan), so that with no
@@ -75,9 +87,15 @@ macro_rules! claim_statement {
                  ) c
                  WHERE array_position($3, ph.phase) IS NOT NULL
                  ORDER BY c.priority DESC, c.seq
-                 LIMIT $4
+                 -- The most a head gives, not `$4`: the rows the statement
+                 -- goes on with are then guessed alike whatever `$4` is
+                 -- (the generic plan is kept); `numbered` takes `$4`.
+                 LIMIT {head}
              ), numbered AS (
-                 SELECT id, row_number() OVER (ORDER BY priority DESC, seq) AS ord FROM picked
+                 SELECT id, ord FROM (
+                     SELECT id, row_number() OVER (ORDER BY priority DESC, seq) AS ord FROM picked
+                 ) o
+                 WHERE ord <= $4
              ), t AS (
                  -- The n-th task to the n-th slot, by subscript: no join
                  -- whose cost a generic plan could misjudge.
@@ -135,18 +153,20 @@ static PLAIN_CLAIMS: LazyLock<Vec<String>> = LazyLock::new(|| {
 static LIMITED_CLAIM: LazyLock<String> = LazyLock::new(|| {
     let template = claim_statement!(
         "allowed AS (
-             -- Of each locked key ($9), as many ready tasks as it has room for.
+             -- Of each locked key ($10), as many ready tasks these agents
+             -- may take as it has room for.
              SELECT r.id FROM concurrency_limits l
              CROSS JOIN LATERAL (
                  SELECT r.id FROM tasks r
                  WHERE r.concurrency_key = l.key AND r.status = 'pending' AND r.unmet_deps = 0
                    AND r.next_attempt_at <= now() AND r.phase = ANY($3)
+                   AND r.requirement IN (SELECT id FROM requirement_sets WHERE jsonb_contained(requires, $9::jsonb))
                  ORDER BY r.priority DESC, r.seq
                  LIMIT greatest(l.max_running - (
                      SELECT count(*) FROM tasks h
                      WHERE h.concurrency_key = l.key AND h.status IN ('assigned', 'running')), 0)
              ) r
-             WHERE l.key = ANY($9::text[])
+             WHERE l.key = ANY($10::text[])
          ),",
         "OR tasks.id IN (SELECT id FROM allowed)"
     );
@@ -165,7 +185,8 @@ fn plain_claim(slots: usize) -> &'static str {
 
 impl Store {
     /// Hands ready tasks to the given slots, highest priority then oldest
-    /// first, one task per slot. `phases` = None accepts every phase. Rows
+    /// first, one task per slot. `phases` = None accepts every phase; only
+    /// tasks whose required labels are all among `labels` are taken. Rows
     /// locked by another dispatcher are skipped, so replicas never hand out
     /// the same task.
     /// `stamp` becomes the tasks' `assigned_at`: when the statement's answer
@@ -176,6 +197,7 @@ impl Store {
     pub async fn assign(
         &self,
         phases: Option<&[Phase]>,
+        labels: &Labels,
         slots: &[Slot],
         stamp: DateTime<Utc>,
         limits: bool,
@@ -189,6 +211,7 @@ impl Store {
         let sessions: Vec<Uuid> = slots.iter().map(|s| s.session).collect();
         let event_ids = events::event_ids(slots.len());
         let limit = slots.len() as i64;
+        let labels = serde_json::to_string(labels).expect("labels always serialize");
         // Used once, by whichever statement runs.
         let bind = move |query: sqlx::query::QueryAs<'static, _, TaskRow, _>| {
             query
@@ -200,6 +223,7 @@ impl Store {
                 .bind(event_ids)
                 .bind(EventType::TaskAssigned.as_str())
                 .bind(Entity::Task.as_str())
+                .bind(labels)
         };
         let rows = if limits {
             let mut tx = self.pool().begin().await?;
@@ -253,13 +277,13 @@ impl Store {
     /// What a dispatch round starts from, in one statement: of the given
     /// agents, those that may take work — registered, healthy, and heard
     /// from within `silent_seconds` — with the tasks each holds (assigned or
-    /// running); whether any concurrency limit exists; and when the earliest
+    /// running) and the labels it registered with; whether any concurrency limit exists; and when the earliest
     /// backed-off task becomes ready. An agent gone quiet gets nothing new
     /// well before the health service declares it stale.
     pub async fn round_view(&self, agents: &[Uuid], silent_seconds: f64) -> Result<Round> {
         let rows: Vec<RoundRow> = sqlx::query_as(sql!(
             "WITH live AS (
-                 SELECT a.id, (SELECT count(*) FROM tasks t
+                 SELECT a.id, a.labels, (SELECT count(*) FROM tasks t
                                WHERE t.assigned_agent_id = a.id AND t.status IN ('assigned', 'running')) AS held
                  FROM agents a
                  WHERE a.id = ANY($1) AND a.status = 'healthy'
@@ -272,7 +296,7 @@ impl Store {
                          WHERE status = 'pending' AND unmet_deps = 0 AND next_attempt_at > now()
                            AND next_attempt_at > created_at) AS next_retry
              )
-             SELECT live.id, live.held, facts.limits, facts.next_retry
+             SELECT live.id, live.held, live.labels, facts.limits, facts.next_retry
              FROM facts LEFT JOIN live ON true"
         ))
         .bind(agents)
@@ -280,11 +304,17 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         let mut round = Round::default();
-        for (id, held, limits, next_retry) in rows {
+        for (id, held, labels, limits, next_retry) in rows {
             round.limits = limits;
             round.next_retry = next_retry;
             if let (Some(id), Some(held)) = (id, held) {
+                let labels: Labels = labels
+                    .map(serde_json::from_value)
+                    .transpose()
+                    .map_err(|e| crate::StoreError::Corrupt(format!("agent {id}'s labels: {e}")))?
+                    .unwrap_or_default();
                 round.held.insert(id, held);
+                round.labels.insert(id, labels);
             }
         }
         Ok(round)
@@ -358,14 +388,22 @@ impl Store {
 }
 
 /// A row of `round_view`: an agent that may take work (none when no agent
-/// may) and what it holds, then the facts every row repeats.
-type RoundRow = (Option<Uuid>, Option<i64>, bool, Option<DateTime<Utc>>);
+/// may), what it holds and its labels, then the facts every row repeats.
+type RoundRow = (
+    Option<Uuid>,
+    Option<i64>,
+    Option<serde_json::Value>,
+    bool,
+    Option<DateTime<Utc>>,
+);
 
 /// What a dispatch round starts from (`Store::round_view`).
 #[derive(Debug, Default)]
 pub struct Round {
     /// The agents that may take work, with the tasks each holds.
     pub held: HashMap<Uuid, i64>,
+    /// Their labels (what tasks they may take).
+    pub labels: HashMap<Uuid, Labels>,
     /// Whether any concurrency limit exists.
     pub limits: bool,
     /// When the earliest backed-off task becomes ready.

@@ -8,7 +8,7 @@ use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{TaskRow, task_columns_without_dependencies, unwrap_rows};
+use super::{TaskRow, requires_json, task_columns_without_dependencies, unwrap_rows};
 use crate::codes::phase_code;
 use crate::events;
 use crate::statements::sql;
@@ -79,7 +79,8 @@ async fn insert_batch(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<Opti
         .iter()
         .map(|t| t.depends_on.iter().filter(|d| !met.contains(d)).count() as i32)
         .collect();
-    let Some(rows) = insert_tasks(conn, tasks, &unmet).await? else {
+    let requirements = requirement_sets(conn, tasks).await?;
+    let Some(rows) = insert_tasks(conn, tasks, &unmet, &requirements).await? else {
         return Ok(None);
     };
     insert_edges(conn, tasks).await?;
@@ -137,7 +138,12 @@ async fn lock_dependencies(conn: &mut PgConnection, tasks: &[NewTask]) -> Result
 /// statement and returns them as stored, without their dependencies; None
 /// when one of the ids is taken (also by a concurrent batch that took it
 /// first), when nothing was stored.
-async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32]) -> Result<Option<Vec<Task>>> {
+async fn insert_tasks(
+    conn: &mut PgConnection,
+    tasks: &[NewTask],
+    unmet: &[i32],
+    requirements: &[i32],
+) -> Result<Option<Vec<Task>>> {
     let payloads: Vec<String> = tasks
         .iter()
         .zip(unmet)
@@ -153,17 +159,18 @@ async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32])
         "WITH n AS (
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int2[], $6::int4[],
                                   $7::int4[], $8::int4[], $9::int4[], $11::text[], $12::uuid[], $13::text[],
-                                  $16::bool[], $17::text[])
+                                  $16::bool[], $17::text[], $18::text[], $19::int4[])
                       WITH ORDINALITY
                       AS n(id, ticket_id, title, description, phase, priority, unmet, max_retries,
-                           timeout_seconds, concurrency_key, event_id, event_payload, has_dependents, session, ord)
+                           timeout_seconds, concurrency_key, event_id, event_payload, has_dependents, session,
+                           requires, requirement, ord)
          ), t AS (
              INSERT INTO tasks (id, ticket_id, title, description, phase, priority, status,
                                 unmet_deps, max_retries, timeout_seconds, trace_context, concurrency_key,
-                                has_dependents, session)
+                                has_dependents, session, requires, requirement)
              SELECT n.id, n.ticket_id, n.title, n.description, n.phase, n.priority, 'pending',
                     n.unmet, n.max_retries, n.timeout_seconds, $10, n.concurrency_key, n.has_dependents,
-                    n.session::jsonb
+                    n.session::jsonb, n.requires::jsonb, n.requirement
              FROM n ORDER BY n.ord
              RETURNING *
          ), ev AS (
@@ -200,6 +207,8 @@ async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32])
             .map(|t| t.session.as_ref().map(|s| json!(s).to_string()))
             .collect::<Vec<_>>(),
     )
+    .bind(tasks.iter().map(|t| requires_json(&t.requires)).collect::<Vec<_>>())
+    .bind(requirements)
     .fetch_all(conn)
     .await;
     match inserted {
@@ -211,6 +220,55 @@ async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask], unmet: &[i32])
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The number of each task's set of required labels (0: none), the sets
+/// not yet known stored first. Usually one read; a new set costs an insert
+/// and a second read, which (a new statement) also sees a set another
+/// enqueue stored meanwhile, whose insert this one's skipped.
+async fn requirement_sets(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<Vec<i32>> {
+    let wanted: Vec<String> = tasks
+        .iter()
+        .filter_map(|t| requires_json(&t.requires))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if wanted.is_empty() {
+        return Ok(vec![0; tasks.len()]);
+    }
+    let mut known = known_sets(&mut *conn, &wanted).await?;
+    if known.len() < wanted.len() {
+        let missing: Vec<&String> = wanted.iter().filter(|w| !known.contains_key(*w)).collect();
+        sqlx::query(sql!(
+            "INSERT INTO requirement_sets (requires) SELECT w::jsonb FROM unnest($1::text[]) w
+             ON CONFLICT (requires) DO NOTHING"
+        ))
+        .bind(missing)
+        .execute(&mut *conn)
+        .await?;
+        known = known_sets(&mut *conn, &wanted).await?;
+    }
+    tasks
+        .iter()
+        .map(|t| match requires_json(&t.requires) {
+            None => Ok(0),
+            Some(r) => known
+                .get(&r)
+                .copied()
+                .ok_or_else(|| StoreError::Corrupt(format!("requirement set {r} was not stored"))),
+        })
+        .collect()
+}
+
+/// The numbers of those of the `wanted` sets (as JSON text) stored.
+async fn known_sets(conn: &mut PgConnection, wanted: &[String]) -> Result<HashMap<String, i32>> {
+    let known: Vec<(String, i32)> = sqlx::query_as(sql!(
+        "SELECT w, s.id FROM unnest($1::text[]) w JOIN requirement_sets s ON s.requires = w::jsonb"
+    ))
+    .bind(wanted)
+    .fetch_all(conn)
+    .await?;
+    Ok(known.into_iter().collect())
 }
 
 async fn insert_edges(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<()> {

@@ -9,6 +9,7 @@ mod maintenance;
 mod query;
 mod reports;
 
+use omoi_domain::routing::Labels;
 use omoi_domain::rules::{self, Change, Revoked, Transition};
 use omoi_domain::{DomainError, ErrorClass, Task, Usage};
 use serde_json::Value;
@@ -23,7 +24,7 @@ use crate::{Result, Store, StoreError};
 
 pub use claim::Slot;
 pub use maintenance::Retried;
-pub use query::{ListFilter, Stats};
+pub use query::{ListFilter, Stats, Unsatisfied};
 pub use reports::{Completions, Report};
 
 /// Columns of a task as every query returns it (`t` is the tasks alias).
@@ -33,7 +34,7 @@ macro_rules! task_fields {
          t.unmet_deps, t.retry_count, t.max_retries, t.timeout_seconds, t.attempt,
          t.assigned_agent_id, t.error_message, t.error_class, t.result, t.usage, t.git, t.created_at,
          t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context, t.concurrency_key,
-         t.session"
+         t.session, t.requires"
     };
 }
 macro_rules! task_columns {
@@ -101,8 +102,23 @@ impl<'r> FromRow<'r, PgRow> for TaskRow {
                 .map(serde_json::from_value)
                 .transpose()
                 .map_err(|e| corrupt(format!("session: {e}")))?,
+            requires: requires_of(row)?,
         }))
     }
+}
+
+/// Required labels as stored (`requires` jsonb of tasks and ticket tasks).
+pub(crate) fn requires_of(row: &PgRow) -> sqlx::Result<Labels> {
+    row.try_get::<Option<Value>, _>("requires")?
+        .map(serde_json::from_value)
+        .transpose()
+        .map(Option::unwrap_or_default)
+        .map_err(|e| sqlx::Error::Decode(format!("requires: {e}").into()))
+}
+
+/// Required labels to store: none is NULL.
+pub(crate) fn requires_json(requires: &Labels) -> Option<String> {
+    (!requires.is_empty()).then(|| serde_json::to_string(requires).expect("labels always serialize"))
 }
 
 /// A stored usage (the `usage` jsonb of tasks and tickets).

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use omoi_domain::routing::Labels;
 use omoi_domain::{Phase, Task, TaskStatus};
 use uuid::Uuid;
 
@@ -16,6 +17,15 @@ pub struct ListFilter {
     pub ticket_id: Option<Uuid>,
     pub status: Option<TaskStatus>,
     pub phase: Option<Phase>,
+}
+
+/// Pending tasks of one phase requiring labels no healthy agent taking
+/// that phase carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unsatisfied {
+    pub requires: Labels,
+    pub phase: Phase,
+    pub tasks: i64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -100,5 +110,37 @@ impl Store {
             ready,
             oldest_ready_age: Duration::from_secs_f64(age.unwrap_or(0.0).max(0.0)),
         })
+    }
+
+    /// Pending tasks no healthy agent can take — none carries the labels
+    /// they require and takes their phase — counted by requirement and
+    /// phase. The tasks are grouped first (from their index), and each
+    /// group is checked against the agents once.
+    pub async fn unsatisfied(&self) -> Result<Vec<Unsatisfied>> {
+        let rows: Vec<(serde_json::Value, i16, i64)> = sqlx::query_as(sql!(
+            "WITH g AS (
+                 SELECT requirement, phase, count(*) AS n FROM tasks
+                 WHERE status = 'pending' AND requirement <> 0
+                 GROUP BY requirement, phase
+             )
+             SELECT s.requires, g.phase, g.n FROM g JOIN requirement_sets s ON s.id = g.requirement
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM agents a
+                 WHERE a.status = 'healthy' AND a.labels @> s.requires
+                   AND (a.phases = '{}' OR g.phase = ANY(a.phases)))
+             ORDER BY g.n DESC, g.phase"
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter()
+            .map(|(requires, phase, tasks)| {
+                Ok(Unsatisfied {
+                    requires: serde_json::from_value(requires)
+                        .map_err(|e| StoreError::Corrupt(format!("a requirement set: {e}")))?,
+                    phase: phase_of(phase).ok_or_else(|| StoreError::Corrupt(format!("phase {phase}")))?,
+                    tasks,
+                })
+            })
+            .collect()
     }
 }

@@ -84,6 +84,16 @@ pub fn parse_phases(list: &str) -> anyhow::Result<Vec<Phase>> {
 }
 
 /// Labels from `key=value,key=value`.
+/// What the executor registers as its labels: `runner=<runner>`,
+/// `model=<model>` when one is set, and OMOI_AGENT_LABELS; tasks requiring
+/// labels are routed by them.
+fn agent_labels(config: &Config) -> anyhow::Result<HashMap<String, String>> {
+    let extra = parse_labels(&config.labels)?.into_iter().collect();
+    let labels = omoi_domain::routing::agent_labels(config.runner.as_str(), config.agent_model.as_deref(), extra)
+        .map_err(|e| anyhow::anyhow!("OMOI_AGENT_LABELS: {e}"))?;
+    Ok(labels.into_iter().collect())
+}
+
 pub fn parse_labels(list: &str) -> anyhow::Result<HashMap<String, String>> {
     list.split(',')
         .map(str::trim)
@@ -167,7 +177,7 @@ impl Worker {
         Ok(Self {
             agent_id,
             phases: parse_phases(&config.phases)?,
-            labels: parse_labels(&config.labels)?,
+            labels: agent_labels(&config)?,
             queue: TaskQueueServiceClient::new(connector.client(&config.task_queue_url, "OMOI_TASK_QUEUE_URL")?),
             health: AgentHealthServiceClient::new(connector.client(&config.health_url, "OMOI_HEALTH_URL")?),
             tickets: TicketServiceClient::new(connector.client(&config.ticket_url, "OMOI_TICKET_URL")?),

@@ -95,6 +95,25 @@ async fn a_cycle_or_bad_field_is_refused_and_nothing_is_written() {
             "ticket_id",
         ),
         (vec![with(a, &[]), with(a, &[])], Code::InvalidArgument, "tasks[1].id"),
+        (
+            vec![
+                new_task("ok", 1),
+                pb::NewTask {
+                    requires: [("runner".to_string(), String::new())].into(),
+                    ..new_task("t", 1)
+                },
+            ],
+            Code::InvalidArgument,
+            "tasks[1].requires[runner]",
+        ),
+        (
+            vec![pb::NewTask {
+                requires: [("run ner".to_string(), "codex".to_string())].into(),
+                ..new_task("t", 1)
+            }],
+            Code::InvalidArgument,
+            "tasks[0].requires",
+        ),
         (vec![], Code::InvalidArgument, "tasks"),
         (
             (0..1001).map(|i| new_task(&i.to_string(), 1)).collect(),
