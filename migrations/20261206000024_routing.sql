@@ -31,3 +31,6 @@ ALTER TABLE ticket_tasks ADD COLUMN requires jsonb;
 
 -- Known to hold a row or so: the claim's plan counts on few sets.
 ANALYZE requirement_sets;
+
+-- A ticket's own check, run by the executor after each agent's work.
+ALTER TABLE tickets ADD COLUMN check_command text NOT NULL DEFAULT '';

@@ -60,6 +60,12 @@ struct Args {
     /// outbox tables are vacuumed after the fill, before the run.
     #[arg(long)]
     prefill: Option<usize>,
+    /// Routing in play: the agents carry the label `runner=bench` and every
+    /// other measured task requires it; the --prefill tasks are of the
+    /// measured phases instead, requiring `runner=elsewhere`, which no
+    /// agent carries (every claim has them ahead in its phases' index).
+    #[arg(long)]
+    requirements: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -139,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
     let mut events_before = stream_messages(&js, &args.events_stream).await;
     if let Some(n) = args.prefill {
         let started = Instant::now();
-        prefill(&mut client(&args)?, n).await?;
+        prefill(&mut client(&args)?, n, args.requirements).await?;
         eprintln!(
             "omoi-bench: {n} tasks queued ahead in {:.1} s",
             started.elapsed().as_secs_f64()
@@ -179,7 +185,7 @@ async fn main() -> anyhow::Result<()> {
     // Agents register and connect first, so that dispatch starts with the
     // first enqueue; they heartbeat while the bench runs.
     let health = health_client(&args).await?;
-    let ids = register_agents(&health, args.agents, args.capacity).await?;
+    let ids = register_agents(&health, args.agents, args.capacity, args.requirements).await?;
     let beats: Vec<_> = ids
         .iter()
         .map(|id| {
@@ -230,7 +236,8 @@ async fn main() -> anyhow::Result<()> {
         None => {
             while sent < args.tasks {
                 let k = args.batch.min(args.tasks - sent);
-                enq.enqueue_tasks(batch(sent, k, phases.len())).await?;
+                enq.enqueue_tasks(batch(sent, k, phases.len(), args.requirements))
+                    .await?;
                 sent += k;
             }
         }
@@ -244,7 +251,8 @@ async fn main() -> anyhow::Result<()> {
                 let due = ((n as f64) * rate * tick.as_secs_f64()).round() as usize;
                 let k = due.saturating_sub(sent).min(args.tasks - sent);
                 if k > 0 {
-                    enq.enqueue_tasks(batch(sent, k, phases.len())).await?;
+                    enq.enqueue_tasks(batch(sent, k, phases.len(), args.requirements))
+                        .await?;
                     sent += k;
                 }
             }
@@ -346,8 +354,9 @@ fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// Tasks `from..from + k`, over the first `phases` phases (0: all four).
-fn batch(from: usize, k: usize, phases: usize) -> pb::EnqueueTasksRequest {
+/// Tasks `from..from + k`, over the first `phases` phases (0: all four);
+/// with `requirements`, every other one requires `runner=bench`.
+fn batch(from: usize, k: usize, phases: usize, requirements: bool) -> pb::EnqueueTasksRequest {
     let phases = if phases == 0 { 4 } else { phases };
     pb::EnqueueTasksRequest {
         tasks: (from..from + k)
@@ -355,23 +364,39 @@ fn batch(from: usize, k: usize, phases: usize) -> pb::EnqueueTasksRequest {
                 title: format!("bench task {i}"),
                 phase: 1 + (i % phases) as i32,
                 priority: (i % 3) as i32,
+                requires: if requirements && i % 2 == 0 {
+                    runner("bench")
+                } else {
+                    Default::default()
+                },
                 ..Default::default()
             })
             .collect(),
     }
 }
 
-/// `n` REFACTORING tasks at priority 3 (above every measured task), which
-/// the run's agents never take.
-async fn prefill(client: &mut Client, n: usize) -> anyhow::Result<()> {
+/// The label set `runner=<name>`.
+fn runner(name: &str) -> std::collections::HashMap<String, String> {
+    [("runner".to_owned(), name.to_owned())].into()
+}
+
+/// `n` tasks at priority 3 (above every measured task), which the run's
+/// agents never take: REFACTORING ones, or with `requirements` ones of
+/// their phases requiring `runner=elsewhere`.
+async fn prefill(client: &mut Client, n: usize, requirements: bool) -> anyhow::Result<()> {
     let mut sent = 0;
     while sent < n {
         let k = 1000.min(n - sent);
         let tasks = (sent..sent + k)
             .map(|i| pb::NewTask {
                 title: format!("queued ahead {i}"),
-                phase: 4,
+                phase: if requirements { 1 + (i % 3) as i32 } else { 4 },
                 priority: 3,
+                requires: if requirements {
+                    runner("elsewhere")
+                } else {
+                    Default::default()
+                },
                 ..Default::default()
             })
             .collect();
@@ -455,10 +480,27 @@ async fn health_client(args: &Args) -> anyhow::Result<Health> {
 }
 
 /// Registers `n` agents with the health service; their ids.
-async fn register_agents(health: &Health, n: usize, capacity: i32) -> anyhow::Result<Vec<String>> {
+/// `n` agents; with `requirements`, labelled `runner=bench`.
+async fn register_agents(health: &Health, n: usize, capacity: i32, requirements: bool) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::with_capacity(n);
     for _ in 0..n {
-        ids.push(omoi_tests::agent::register(&mut health.clone(), "bench", capacity).await?);
+        let agent = health
+            .clone()
+            .register_agent(omoi_proto::health::RegisterAgentRequest {
+                agent_type: "bench".to_owned(),
+                capacity,
+                labels: if requirements {
+                    runner("bench")
+                } else {
+                    Default::default()
+                },
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .agent
+            .ok_or_else(|| anyhow::anyhow!("RegisterAgent answered no agent"))?;
+        ids.push(agent.id);
     }
     Ok(ids)
 }
@@ -490,7 +532,7 @@ async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
         None
     };
     let client = health_client(&args).await?;
-    let ids = register_agents(&client, agents, 1).await?;
+    let ids = register_agents(&client, agents, 1, false).await?;
     let pid = spawned.as_ref().and_then(|h| h.child.id());
     let cpu_before = pid.map(cpu_seconds);
     let until = Instant::now() + Duration::from_secs_f64(args.seconds);

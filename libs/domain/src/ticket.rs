@@ -54,6 +54,8 @@ pub struct Ticket {
     /// (read with the ticket when it has any).
     pub approvals: Vec<Phase>,
     pub gates: Vec<crate::gate::Gate>,
+    /// The project's own check, run after each agent's work; empty: none.
+    pub check_command: String,
     /// String labels as a JSON object.
     pub labels: Value,
     pub request_id: Option<String>,
@@ -519,6 +521,7 @@ mod tests {
             source_kind: String::new(),
             source_url: String::new(),
             approvals: Vec::new(),
+            check_command: String::new(),
             gates: Vec::new(),
             labels: serde_json::json!({}),
             request_id: None,

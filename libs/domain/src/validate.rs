@@ -341,6 +341,38 @@ pub fn labels<'a>(
     Ok(())
 }
 
+/// Longest check command.
+pub const MAX_CHECK_COMMAND_BYTES: usize = 4096;
+
+/// A ticket's check command: empty (none), or up to 4,096 bytes without
+/// control characters but newlines and tabs, on a ticket with a
+/// repository (it checks the repository's work).
+pub fn check_command(field: &str, value: &str, repository: &str) -> Result<String, DomainError> {
+    let command = value.trim();
+    if command.is_empty() {
+        return Ok(String::new());
+    }
+    if repository.is_empty() {
+        return Err(DomainError::invalid(
+            field,
+            "needs a repository: it checks the repository's work",
+        ));
+    }
+    if command.len() > MAX_CHECK_COMMAND_BYTES {
+        return Err(DomainError::invalid(
+            field,
+            format!("is {} bytes; at most {MAX_CHECK_COMMAND_BYTES} allowed", command.len()),
+        ));
+    }
+    if command.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Err(DomainError::invalid(
+            field,
+            "must not contain control characters but newlines and tabs",
+        ));
+    }
+    Ok(command.to_owned())
+}
+
 /// A short identifier-like string (agent types, request ids).
 pub fn token(field: &str, value: &str, max: usize, extra: &str) -> Result<String, DomainError> {
     let v = value.trim();

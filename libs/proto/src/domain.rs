@@ -305,6 +305,7 @@ impl From<&Ticket> for ticket::Ticket {
                 url: t.source_url.clone(),
             }),
             gates: t.gates.iter().map(ticket::ApprovalGate::from).collect(),
+            check_command: t.check_command.clone(),
         }
     }
 }

@@ -24,7 +24,7 @@ macro_rules! ticket_columns {
         "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
      pull_request, pull_request_url, pull_request_error, max_cost_usd, paused_reason, labels, request_id,
      tasks_enqueued, usage, created_at, updated_at, max_reactions, reactions, reaction_refused, source_kind, source_url,
-     approvals"
+     approvals, check_command"
     };
 }
 pub(crate) use ticket_columns;
@@ -73,6 +73,7 @@ impl<'r> FromRow<'r, PgRow> for TicketRow {
             approvals,
             // Read apart, for the tickets that have any (`gates::load`).
             gates: Vec::new(),
+            check_command: row.try_get("check_command")?,
             labels: row.try_get("labels")?,
             request_id: row.try_get("request_id")?,
             tasks_enqueued: row.try_get("tasks_enqueued")?,
@@ -163,6 +164,8 @@ pub struct NewTicket {
     pub source_url: String,
     /// Phases that wait for a person's approval.
     pub approvals: Vec<Phase>,
+    /// Run after each agent's work; empty: none.
+    pub check_command: String,
     pub labels: Value,
     pub request_id: Option<String>,
 }
@@ -218,8 +221,8 @@ impl Store {
         let inserted: Option<TicketRow> = sqlx::query_as(sql!(concat!(
             "INSERT INTO tickets (id, title, description, priority, status, repository, labels, request_id,
                                   base_ref, branch, pull_request, max_cost_usd, max_reactions, source_kind, source_url,
-                                  approvals)
-             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                                  approvals, check_command)
+             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
              ON CONFLICT (request_id) DO NOTHING
              RETURNING ",
             ticket_columns!()
@@ -239,6 +242,7 @@ impl Store {
         .bind(&t.source_kind)
         .bind(&t.source_url)
         .bind(t.approvals.iter().map(|p| phase_code(*p)).collect::<Vec<_>>())
+        .bind(&t.check_command)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(TicketRow(mut ticket)) = inserted else {

@@ -87,7 +87,8 @@ enum Command {
         priority: String,
         /// The ticket's tasks from a YAML file (a list of `title`, `phase`,
         /// and optionally `description`, `depends_on` by title or position,
-        /// `priority`, `max_retries`, `timeout_seconds`, `concurrency_key`);
+        /// `priority`, `max_retries`, `timeout_seconds`, `concurrency_key`,
+        /// `requires`: labels the agent must carry, e.g. `{runner: codex}`);
         /// default: the four phases one after the other.
         #[arg(long)]
         plan: Option<std::path::PathBuf>,
@@ -96,6 +97,11 @@ enum Command {
         /// more.
         #[arg(long = "approval", value_name = "PHASE")]
         approvals: Vec<String>,
+        /// The project's check (e.g. "cargo test"), run in the workspace
+        /// after each task's work is committed; its result is recorded on
+        /// the task. Needs --repository.
+        #[arg(long = "check", value_name = "COMMAND", default_value = "")]
+        check_command: String,
     },
     /// Tickets waiting for a person: phases awaiting approval, with the
     /// work to approve, and paused tickets, with why.
@@ -348,6 +354,9 @@ fn print_ticket(t: &pb::Ticket, tasks: &[omoi_proto::taskqueue::Task]) {
     if !t.branch.is_empty() {
         println!("  branch {}  in {}{}", t.branch, t.repository, head_note(t));
     }
+    if !t.check_command.is_empty() {
+        println!("  check: {}", t.check_command.replace('\n', "; "));
+    }
     if !t.pull_request_url.is_empty() {
         println!(
             "  pull request {}  reactions {} of {}",
@@ -554,6 +563,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             priority: p,
             plan: plan_file,
             approvals,
+            check_command,
         } => {
             let plan = plan_file.as_deref().map(plan::read).transpose()?.unwrap_or_default();
             let approvals = approvals
@@ -571,6 +581,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     priority: priority(&p)?,
                     plan,
                     approvals,
+                    check_command,
                     ..Default::default()
                 })
                 .await?

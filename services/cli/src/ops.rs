@@ -196,10 +196,42 @@ pub async fn task(q: &mut Queue, task_id: String, out: Output) -> anyhow::Result
     if let Some(u) = &t.usage {
         println!("  {}", crate::usage_line(u));
     }
+    if let Some(line) = check_line(&t) {
+        println!("  {line}");
+    }
     if let Some(s) = &t.session {
         println!("  {}", session_line(s));
     }
     Ok(())
+}
+
+/// `check passed: cargo test (exit 0, 12.3 s)` and the output's last
+/// lines, from a completed task's result, when its ticket has a check.
+fn check_line(t: &tq::Task) -> Option<String> {
+    let result = omoi_proto::convert::struct_to_json(t.result.as_ref()?);
+    let c = result.get("check")?;
+    let verdict = if c["passed"].as_bool() == Some(true) {
+        "passed"
+    } else {
+        "failed"
+    };
+    let how = match (c["exit_code"].as_i64(), c["timed_out"].as_bool() == Some(true)) {
+        (_, true) => "killed at its time limit".to_owned(),
+        (Some(code), _) => format!("exit {code}"),
+        (None, _) => "did not finish".to_owned(),
+    };
+    let seconds = c["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+    let mut line = format!(
+        "check {verdict}: {} ({how}, {seconds:.1} s)",
+        c["command"].as_str().unwrap_or_default()
+    );
+    if verdict == "failed" {
+        let tail = c["output_tail"].as_array().map(Vec::as_slice).unwrap_or_default();
+        for l in &tail[tail.len().saturating_sub(5)..] {
+            line.push_str(&format!("\n    {}", l.as_str().unwrap_or_default()));
+        }
+    }
+    Some(line)
 }
 
 /// A task's agent session: runner and id, its latest checkpoint, where it

@@ -277,6 +277,7 @@ function createForm() {
   const description = h("input", { name: "description", placeholder: "details (optional)" });
   const repository = h("input", { name: "repository", placeholder: "repository URL (optional)" });
   const baseRef = h("input", { name: "base_ref", placeholder: "base branch", size: 10 });
+  const check = h("input", { name: "check_command", placeholder: "check, e.g. cargo test", size: 14 });
   const budget = h("input", { name: "max_cost_usd", type: "number", min: 0, step: "0.01", placeholder: "budget $", class: "budget" });
   const pull = h("input", { name: "pull_request", type: "checkbox" });
   const priority = h("select", { name: "priority" },
@@ -288,11 +289,12 @@ function createForm() {
     const body = { title: title.value, description: description.value, priority: priority.value, requestId: crypto.randomUUID() };
     if (repository.value) body.repository = repository.value;
     if (baseRef.value) body.baseRef = baseRef.value;
+    if (check.value) body.checkCommand = check.value;
     if (budget.value !== "") body.maxCostUsd = Number(budget.value);
     if (pull.checked) body.pullRequest = true;
     try {
       const created = await api("POST", "/v1/tickets", body);
-      title.value = description.value = repository.value = baseRef.value = budget.value = "";
+      title.value = description.value = repository.value = baseRef.value = check.value = budget.value = "";
       pull.checked = false;
       toast("Ticket created: " + created.ticket.title);
     } catch (err) {
@@ -300,7 +302,7 @@ function createForm() {
     } finally {
       submit.disabled = false;
     }
-  } }, title, description, repository, baseRef, h("label", {}, pull, " pull request"), budget, priority, submit);
+  } }, title, description, repository, baseRef, check, h("label", {}, pull, " pull request"), budget, priority, submit);
 }
 
 function boardPage(root) {
@@ -405,6 +407,18 @@ function conversationOf(t, tasks) {
   return chain;
 }
 
+// What the ticket's check said of a completed task's work: verdict, exit
+// status, time, and (when it failed) the output's last lines.
+function checkFacts(t) {
+  const c = t.result && t.result.check;
+  if (!c) return "";
+  const how = c.timed_out ? "killed at its time limit" : c.exit_code !== undefined && c.exit_code !== null ? "exit " + c.exit_code : "did not finish";
+  const verdict = h("span", { class: "badge s-" + (c.passed ? "completed" : "failed"), id: "task-check" }, c.passed ? "passed" : "failed");
+  const parts = [verdict, " ", h("code", {}, c.command), " (" + how + ", " + (Number(c.duration_ms || 0) / 1000).toFixed(1) + " s)"];
+  if (!c.passed && (c.output_tail || []).length) parts.push(h("pre", { class: "check-output" }, c.output_tail.join("\n")));
+  return h("span", {}, parts);
+}
+
 // A task's agent session: its runner and id, its latest checkpoint, and
 // where it was resumed from (a follow-up's source task is a link).
 function sessionFacts(t, showTask) {
@@ -506,6 +520,7 @@ function ticketPage(root, id) {
       ["usage", [tokens(t.usage), usd(t.usage), t.usage && t.usage.model].filter(Boolean).join(" · ")],
       ["commit", g.commit ? g.commit.slice(0, 12) + " (+" + g.insertions + " −" + g.deletions + ", " + g.filesChanged + " files)" : ""],
       ["session", t.session ? sessionFacts(t, showTask) : ""],
+      ["check", checkFacts(t)],
       ["error", t.errorMessage || ""],
     ]));
     // The change its attempt committed, once (it stays as it is).
@@ -532,6 +547,7 @@ function ticketPage(root, id) {
         ["description", ticket.description],
         ["repository", ticket.repository],
         ["branch", ticket.branch],
+        ["check", ticket.checkCommand ? h("code", {}, ticket.checkCommand) : ""],
         ["head", ticket.headCommit ? ticket.headCommit.slice(0, 12) : ""],
         ["pull request", ticket.pullRequestUrl && /^https:\/\//.test(ticket.pullRequestUrl)
           ? h("a", { href: ticket.pullRequestUrl, rel: "noopener noreferrer", target: "_blank", id: "pull-request" }, ticket.pullRequestUrl)

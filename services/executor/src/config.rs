@@ -225,6 +225,11 @@ pub struct Config {
     )]
     pub env_allow: String,
 
+    /// Most a ticket's check command may run (seconds) before it is killed
+    /// and counts as failed.
+    #[arg(long, env = "OMOI_CHECK_TIMEOUT_SECONDS", default_value_t = 900)]
+    pub check_timeout_seconds: u64,
+
     /// Seconds between SIGTERM and SIGKILL when a run is stopped.
     #[arg(long, env = "OMOI_KILL_GRACE_SECONDS", default_value_t = 5.0)]
     pub kill_grace_seconds: f64,

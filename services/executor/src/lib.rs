@@ -3,6 +3,7 @@
 //! streams the output, reports the outcome, and drains on SIGTERM.
 
 mod agent_user;
+mod check;
 pub mod config;
 mod events;
 mod executions;

@@ -36,6 +36,7 @@ pub fn create(
         max_cost_usd,
         max_reactions,
         approvals,
+        check_command,
     } = req;
     let title = validate::title("title", &title)?;
     let max_reactions = match max_reactions {
@@ -57,6 +58,7 @@ pub fn create(
     } else {
         git::git_ref("base_ref", &base_ref)?
     };
+    let check_command = validate::check_command("check_command", &check_command, &repository)?;
     if pull_request && git::forge_repo(&repository).is_none() {
         return Err(ApiError::invalid(
             "pull_request",
@@ -109,6 +111,7 @@ pub fn create(
         source_kind: String::new(),
         source_url: String::new(),
         approvals,
+        check_command,
     };
     Ok((ticket, plan))
 }

@@ -136,6 +136,75 @@ async fn a_tickets_phases_land_as_one_commit_each_on_its_branch_and_a_failed_att
     let _ = std::fs::remove_dir_all(bare.parent().unwrap());
 }
 
+/// A ticket's check command runs on each task's committed work, in its
+/// workspace: its verdict, exit status and output are recorded on the task
+/// and in its timeline, and what it leaves behind is never committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tickets_check_runs_on_each_tasks_committed_work_and_is_recorded() {
+    let infra = Infra::new().await.unwrap();
+    let mesh = ProcessMesh::start(
+        &infra,
+        Options {
+            executors: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (bare, _) = remote();
+    let tickets = mesh.tickets();
+    let spec = |title: &str, phase: i32, depends_on: Vec<i32>| pb::TaskSpec {
+        title: title.into(),
+        phase,
+        depends_on,
+        ..Default::default()
+    };
+    let check = "echo checking; touch check-ran.txt; test -f src/feature.rs";
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
+            title: "Checked work".into(),
+            repository: bare.display().to_string(),
+            check_command: format!("  {check}\n"),
+            plan: vec![spec("Plan", 1, vec![]), spec("Build", 2, vec![0])],
+            ..Default::default()
+        },
+    )
+    .await;
+    let ticket = created.ticket.unwrap();
+    assert_eq!(ticket.check_command, check);
+    let done = wait_ticket(&tickets, &ticket.id, COMPLETED).await;
+    let mut tasks = done.tasks.clone();
+    tasks.sort_by_key(|t| t.phase);
+    // The plan phase wrote no src/feature.rs: its check failed (recorded,
+    // the task still completed); the build phase's passed.
+    for (t, passed) in tasks.iter().zip([false, true]) {
+        let result = omoi_proto::convert::struct_to_json(t.result.as_ref().unwrap());
+        let c = &result["check"];
+        assert_eq!(c["command"], check, "{}", t.title);
+        assert_eq!(c["passed"], passed, "{}: {c}", t.title);
+        assert_eq!(c["exit_code"], if passed { 0 } else { 1 }, "{c}");
+        assert_eq!(c["timed_out"], false);
+        assert!(c["duration_ms"].as_u64().is_some(), "{c}");
+        assert_eq!(c["output_tail"], serde_json::json!(["checking"]), "{c}");
+        // Run in the workspace, after the commit: what it left is there,
+        // and nowhere on the branch.
+        let ws = Path::new(result["workspace"].as_str().unwrap());
+        assert!(ws.join("check-ran.txt").exists());
+        let lines = omoi_tests::task_output(&mesh.task_queue.url, &t.id).await;
+        assert!(lines.contains(&format!("check: {check}")), "{lines:?}");
+        let verdict = if passed { "check passed" } else { "check failed" };
+        assert!(lines.iter().any(|l| l.starts_with(verdict)), "{lines:?}");
+    }
+    let files = git(&bare, &["ls-tree", "-r", "--name-only", &ticket.branch]);
+    assert!(!files.contains("check-ran.txt"), "{files}");
+    assert!(files.lines().any(|l| l == "src/feature.rs"), "{files}");
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(bare.parent().unwrap());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_tasks_push_one_after_the_other_and_their_dependent_builds_on_both() {
     let infra = Infra::new().await.unwrap();

@@ -274,6 +274,13 @@ async fn an_explicit_dag_is_kept_and_a_cycle_is_refused_with_nothing_written() {
             },
             "plan[0].requires[runner]",
         ),
+        (
+            pb::CreateTicketRequest {
+                check_command: "cargo test".into(),
+                ..create("t")
+            },
+            "check_command",
+        ),
     ] {
         let err = tickets.clone().create_ticket(req).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{needle}");

@@ -28,6 +28,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use crate::agent_user::AgentUser;
+use crate::check::CheckSettings;
 use crate::config::Config;
 use crate::executions::Executions;
 use crate::git::GitSettings;
@@ -56,6 +57,8 @@ pub struct Worker {
     /// Who agents run as (`OMOI_AGENT_USER`).
     agent_user: Option<Arc<AgentUser>>,
     git: GitSettings,
+    /// How tickets' check commands run.
+    check: CheckSettings,
     /// Where checkpoints of agent sessions are kept.
     sessions: Sessions,
     /// What agents run in, when the machine can sandbox them.
@@ -188,6 +191,11 @@ impl Worker {
             interval_secs: AtomicU64::new(30),
             agent_user,
             git,
+            check: CheckSettings {
+                timeout: std::time::Duration::from_secs(config.check_timeout_seconds.max(1)),
+                kill_grace: std::time::Duration::from_secs_f64(config.kill_grace_seconds.max(0.0)),
+                env_allow: config.env_allow.clone(),
+            },
             sessions: Sessions::new(nats, &config),
             sandbox,
             config,

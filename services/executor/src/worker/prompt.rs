@@ -23,6 +23,8 @@ pub struct TicketContext {
     pub budget_left_usd: Option<f64>,
     /// The phases a person approved before they started.
     pub approvals: Vec<Approval>,
+    /// The project's check, run after the agent's work; empty: none.
+    pub check_command: String,
 }
 
 /// A person's approval of a phase: who, what they said, and the changes
@@ -58,6 +60,7 @@ impl From<tk::Ticket> for TicketContext {
             repository: t.repository,
             base_ref: t.base_ref,
             branch: t.branch,
+            check_command: t.check_command,
         }
     }
 }
@@ -118,6 +121,13 @@ pub fn prompt(
             "\n## Repository\n\nThis directory is the ticket's repository, on branch `{}` at commit {}. \
              Everything you change here is committed to that branch for you when you finish.\n",
             c.branch, c.base_commit
+        ));
+    }
+    if !ticket.check_command.is_empty() {
+        p.push_str(&format!(
+            "\n## The project's check\n\nOnce your work is committed, this is run in this directory and \
+             its result is recorded with your work; make it pass:\n\n```sh\n{}\n```\n",
+            ticket.check_command
         ));
     }
     if let Some(a) = ticket.approvals.iter().find(|a| a.phase == Some(phase)) {
@@ -274,5 +284,22 @@ mod tests {
         // Another phase is not told.
         let other = prompt(&task, Phase::Integration, &ctx, &[], None);
         assert!(!other.contains("Approved by"), "{other}");
+        assert!(!other.contains("check"), "{other}");
+    }
+
+    #[test]
+    fn the_agent_is_told_the_projects_check() {
+        let ctx = TicketContext::from(tk::Ticket {
+            repository: "https://example.com/acme/app".into(),
+            check_command: "cargo test --workspace".into(),
+            ..Default::default()
+        });
+        let task = tq::Task {
+            title: "Implement".into(),
+            ..Default::default()
+        };
+        let p = prompt(&task, Phase::Implementation, &ctx, &[], None);
+        assert!(p.contains("## The project's check\n"), "{p}");
+        assert!(p.contains("```sh\ncargo test --workspace\n```\n"), "{p}");
     }
 }

@@ -220,6 +220,7 @@ impl Worker {
             checkout: c,
             message: git::commit_message(&phase_name(task.phase), &task.title, &task.id, attempt),
             user: workspace_user(&ctx),
+            check: Some(prepared.ticket.check_command.clone()).filter(|c| !c.is_empty()),
         });
         let succeeded = self
             .report_end(&run, outcome, changed, task.timeout_seconds, commit)
@@ -483,11 +484,21 @@ impl Worker {
             run.finish(ExecutionState::Cancelled, 0, String::new(), message, changed);
             return false;
         }
+        let mut check = None;
         let git = match commit {
             None => None,
             Some(c) => match self.git.commit_and_push(c.checkout, &c.message, &c.user).await {
                 Ok(g) => {
                     run.line(OutputStream::System, pushed_line(&g));
+                    // Checked as committed: what the check leaves behind
+                    // (builds, caches) is not the agent's work.
+                    if let Some(command) = &c.check {
+                        let said =
+                            crate::check::run(command, &run.workspace, &c.user, &self.check, run, &run.stop).await;
+                        run.line(OutputStream::System, said.line());
+                        run.emit(said.event());
+                        check = Some(said);
+                    }
                     Some(g)
                 }
                 Err(e) => {
@@ -505,7 +516,7 @@ impl Worker {
                 .into_iter()
                 .map(|l| format!("stderr: {l}")),
         );
-        let result = json!({
+        let mut result = json!({
             "exit_code": 0,
             "summary": summary,
             "changed_files": changed,
@@ -514,6 +525,9 @@ impl Worker {
             "workspace": run.workspace.display().to_string(),
             "agent_id": self.agent_id.to_string(),
         });
+        if let Some(check) = &check {
+            result["check"] = json!(check);
+        }
         run.line(
             OutputStream::System,
             format!("succeeded; {} files changed", changed.len()),
@@ -569,6 +583,8 @@ struct BranchCommit<'a> {
     message: String,
     /// Who runs git in the workspace: the agent's user, in its sandbox.
     user: WorkspaceUser,
+    /// The ticket's check command, run once the work is committed.
+    check: Option<String>,
 }
 
 /// Who runs git in a workspace after its agent: the agent's user, with its
