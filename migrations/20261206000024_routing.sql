@@ -34,3 +34,10 @@ ANALYZE requirement_sets;
 
 -- A ticket's own check, run by the executor after each agent's work.
 ALTER TABLE tickets ADD COLUMN check_command text NOT NULL DEFAULT '';
+
+-- Best-of-N: a candidate attempt at another task (which depends on it),
+-- numbered from 1; a plan keeps them by position.
+ALTER TABLE tasks ADD COLUMN candidate_of uuid;
+ALTER TABLE tasks ADD COLUMN candidate smallint;
+ALTER TABLE ticket_tasks ADD COLUMN candidate_of integer;
+ALTER TABLE ticket_tasks ADD COLUMN candidate smallint;

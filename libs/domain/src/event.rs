@@ -113,6 +113,8 @@ events! {
     TaskCancelled(TaskCancelled) = "TASK_CANCELLED", Task;
     TaskRequeued(TaskRequeued) = "TASK_REQUEUED", Task;
     TaskResumed(TaskResumed) = "TASK_RESUMED", Task;
+    TaskCandidateFinished(CandidateFinished) = "TASK_CANDIDATE_FINISHED", Task;
+    TaskCandidateChosen(CandidateChosen) = "TASK_CANDIDATE_CHOSEN", Task;
     TicketCreated(TicketCreated) = "TICKET_CREATED", Ticket;
     TicketStarted(TicketChanged) = "TICKET_STARTED", Ticket;
     TicketCompleted(TicketChanged) = "TICKET_COMPLETED", Ticket;
@@ -373,6 +375,47 @@ pub struct TaskResumed {
     pub resumed_from_task_id: Option<Uuid>,
     /// The checkpoint it was restored from.
     pub checkpoint: String,
+}
+
+/// A candidate attempt at a task ended (the event is about the candidate's
+/// task): how, and the evidence the choice will weigh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateFinished {
+    /// The task choosing among the candidates, and this one's number.
+    pub candidate_of: Uuid,
+    pub candidate: i32,
+    /// `completed`, `failed` or `cancelled`.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_passed: Option<bool>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub runner: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
+    /// Its kept commit; empty when it changed nothing or did not complete.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub commit: String,
+    #[serde(default)]
+    pub insertions: i64,
+    #[serde(default)]
+    pub deletions: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// The choice among a task's candidates was made and the chosen commit
+/// landed (the event is about the choosing task).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateChosen {
+    pub chosen: i32,
+    pub candidate_task_id: String,
+    /// Where it landed on the ticket's branch.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub commit: String,
+    pub reason: String,
+    /// Every candidate as the choice saw it: outcome, check, size, cost,
+    /// and why it was or was not chosen.
+    pub candidates: Vec<crate::candidates::Seen>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -208,6 +208,7 @@ mod tests {
             started: outcome.is_some(),
             outcome,
             follow_up,
+            candidate: false,
         }
     }
 

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod candidates;
 pub mod classify;
 pub mod error;
 pub mod event;

@@ -738,6 +738,7 @@ mod tests {
             concurrency_key: None,
             session: None,
             requires: Default::default(),
+            candidate: None,
         }
     }
 
@@ -1101,6 +1102,7 @@ mod tests {
             concurrency_key: None,
             session: None,
             requires: Default::default(),
+            candidate: None,
         };
         let batch = [task(vec![done]), task(vec![open, failed])];
         let met = met_dependencies(&batch[..1], &[(done, TaskStatus::Completed)]).unwrap();

@@ -121,6 +121,8 @@ pub struct Task {
     pub session: Option<crate::session::AgentSession>,
     /// Labels an agent must carry to be handed it; empty: any.
     pub requires: crate::routing::Labels,
+    /// A candidate attempt at this task, and its number (from 1).
+    pub candidate: Option<(Uuid, i32)>,
 }
 
 impl Task {

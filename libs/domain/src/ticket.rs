@@ -91,6 +91,9 @@ pub struct TaskProgress {
     pub outcome: Option<TaskOutcome>,
     /// Added after the plan by a follow-up.
     pub follow_up: bool,
+    /// A candidate attempt at another task: its start counts, its outcome
+    /// does not (the task choosing among the candidates decides).
+    pub candidate: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +157,9 @@ pub fn derive_status(tasks: &[TaskProgress]) -> TicketStatus {
 }
 
 /// The status a ticket's plan gives it.
-fn derive_plan_status(tasks: &[TaskProgress]) -> TicketStatus {
+fn derive_plan_status(all: &[TaskProgress]) -> TicketStatus {
+    let started = all.iter().any(|t| t.started || t.outcome.is_some());
+    let tasks: Vec<TaskProgress> = all.iter().filter(|t| !t.candidate).copied().collect();
     if tasks.iter().any(|t| t.outcome == Some(TaskOutcome::Failed)) {
         return TicketStatus::Failed;
     }
@@ -164,7 +169,7 @@ fn derive_plan_status(tasks: &[TaskProgress]) -> TicketStatus {
     if !tasks.is_empty() && tasks.iter().all(|t| t.outcome.is_some()) {
         return TicketStatus::Cancelled;
     }
-    if tasks.iter().any(|t| t.started || t.outcome.is_some()) {
+    if started {
         return TicketStatus::InProgress;
     }
     TicketStatus::Open
@@ -235,6 +240,9 @@ pub struct PlannedTask {
     pub concurrency_key: Option<String>,
     /// Labels an agent must carry to be handed it; empty: any.
     pub requires: crate::routing::Labels,
+    /// A candidate attempt at another step of the plan (by index), and its
+    /// number (from 1).
+    pub candidate: Option<(usize, i32)>,
 }
 
 impl PlannedTask {
@@ -255,6 +263,7 @@ impl PlannedTask {
             concurrency_key: self.concurrency_key.clone(),
             session: None,
             requires: self.requires.clone(),
+            candidate: self.candidate.and_then(|(of, n)| ids.get(of).map(|id| (*id, n))),
         }
     }
 }
@@ -271,6 +280,7 @@ pub struct RawTaskSpec<'a> {
     pub timeout_seconds: i32,
     pub concurrency_key: &'a str,
     pub requires: Option<&'a std::collections::HashMap<String, String>>,
+    pub candidates: Option<crate::candidates::RawCandidates<'a>>,
 }
 
 /// Most tasks in one plan.
@@ -326,6 +336,7 @@ pub fn default_plan(title: &str, description: &str, priority: i32, told: &PhaseI
             timeout_seconds: 0,
             concurrency_key: None,
             requires: crate::routing::Labels::new(),
+            candidate: None,
         })
         .collect()
 }
@@ -339,6 +350,7 @@ pub fn explicit_plan(specs: &[RawTaskSpec<'_>], ticket_priority: i32) -> Result<
         ));
     }
     let mut plan = Vec::with_capacity(specs.len());
+    let mut candidates = Vec::with_capacity(specs.len());
     for (i, s) in specs.iter().enumerate() {
         let f = |name: &str| format!("plan[{i}].{name}");
         let mut deps = Vec::with_capacity(s.depends_on.len());
@@ -384,7 +396,15 @@ pub fn explicit_plan(specs: &[RawTaskSpec<'_>], ticket_priority: i32) -> Result<
                 Some(r) => crate::routing::requires(&f("requires"), r)?,
                 None => crate::routing::Labels::new(),
             },
+            candidate: None,
         });
+        let step = plan.last().expect("just pushed");
+        candidates.push(
+            s.candidates
+                .as_ref()
+                .map(|c| crate::candidates::candidates(&f("candidates"), c, &step.requires))
+                .transpose()?,
+        );
     }
     let graph: Vec<Vec<usize>> = plan.iter().map(|t| t.depends_on.clone()).collect();
     if let Some(cycle) = graph::find_cycle(&graph) {
@@ -394,7 +414,55 @@ pub fn explicit_plan(specs: &[RawTaskSpec<'_>], ticket_priority: i32) -> Result<
             format!("dependency cycle {} -> {}", names.join(" -> "), names[0]),
         ));
     }
-    Ok(plan)
+    let expanded = with_candidates(plan, candidates);
+    if expanded.len() > MAX_PLAN {
+        return Err(DomainError::invalid(
+            "plan",
+            format!(
+                "has {} tasks with its candidates; at most {MAX_PLAN} allowed",
+                expanded.len()
+            ),
+        ));
+    }
+    Ok(expanded)
+}
+
+/// The plan with each step that runs candidates preceded by them: each
+/// candidate takes the step's place in the graph (its dependencies, its
+/// own labels, numbered in its title), and the step, now choosing among
+/// them, depends on them alone. Dependencies are renumbered to match.
+fn with_candidates(plan: Vec<PlannedTask>, candidates: Vec<Option<crate::candidates::Candidates>>) -> Vec<PlannedTask> {
+    if candidates.iter().all(Option::is_none) {
+        return plan;
+    }
+    // Where each step lands: after the candidates of every step up to it.
+    let mut at = Vec::with_capacity(plan.len());
+    let mut next = 0;
+    for c in &candidates {
+        next += c.as_ref().map_or(0, |c| c.count());
+        at.push(next);
+        next += 1;
+    }
+    let mut out = Vec::with_capacity(next);
+    for (i, (mut step, c)) in plan.into_iter().zip(candidates).enumerate() {
+        step.depends_on = step.depends_on.iter().map(|d| at[*d]).collect();
+        if let Some(c) = c {
+            let n = c.count();
+            let first = at[i] - n;
+            for (k, requires) in c.requires.into_iter().enumerate() {
+                out.push(PlannedTask {
+                    title: truncate_title(&format!("{} (candidate {} of {n})", step.title, k + 1)),
+                    requires,
+                    candidate: Some((at[i], k as i32 + 1)),
+                    ..step.clone()
+                });
+            }
+            step.depends_on = (first..at[i]).collect();
+            step.requires = crate::routing::Labels::new();
+        }
+        out.push(step);
+    }
+    out
 }
 
 fn truncate_title(s: &str) -> String {
@@ -411,6 +479,7 @@ mod tests {
             started,
             outcome,
             follow_up: false,
+            candidate: false,
         }
     }
 
@@ -598,6 +667,60 @@ mod tests {
             ..spec(&[])
         };
         assert!(err(&[bad_phase]).starts_with("plan[0].phase"));
+    }
+
+    #[test]
+    fn a_step_with_candidates_is_preceded_by_them_and_chooses_among_them() {
+        let codex: std::collections::HashMap<String, String> = [("runner".to_string(), "codex".to_string())].into();
+        let claude: std::collections::HashMap<String, String> =
+            [("runner".to_string(), "claude-code".to_string())].into();
+        let spec = |title: &'static str, deps: &'static [i32]| RawTaskSpec {
+            title,
+            phase: validate::Given::Known(Phase::Implementation),
+            depends_on: deps,
+            ..Default::default()
+        };
+        let best = RawTaskSpec {
+            candidates: Some(crate::candidates::RawCandidates {
+                count: 2,
+                requires: vec![&claude, &codex],
+            }),
+            ..spec("Build", &[0])
+        };
+        let plan = explicit_plan(&[spec("Plan", &[]), best, spec("Ship", &[1])], 2).unwrap();
+        let titles: Vec<&str> = plan.iter().map(|t| t.title.as_str()).collect();
+        assert_eq!(
+            titles,
+            [
+                "Plan",
+                "Build (candidate 1 of 2)",
+                "Build (candidate 2 of 2)",
+                "Build",
+                "Ship"
+            ]
+        );
+        // Each candidate in the step's place, with its own labels.
+        assert_eq!((plan[1].depends_on.clone(), plan[1].candidate), (vec![0], Some((3, 1))));
+        assert_eq!((plan[2].depends_on.clone(), plan[2].candidate), (vec![0], Some((3, 2))));
+        assert_eq!(plan[2].requires.get("runner").map(String::as_str), Some("codex"));
+        // The step waits for them, and what came after the step waits for it.
+        assert_eq!((plan[3].depends_on.clone(), plan[3].candidate), (vec![1, 2], None));
+        assert!(plan[3].requires.is_empty());
+        assert_eq!(plan[4].depends_on, vec![3]);
+        let ids: Vec<Uuid> = (0..5).map(|i| Uuid::from_u128(i + 1)).collect();
+        let task = plan[2].new_task(ids[2], Uuid::from_u128(99), &ids);
+        assert_eq!(task.candidate, Some((ids[3], 2)));
+        let count = |n: i32| RawTaskSpec {
+            candidates: Some(crate::candidates::RawCandidates {
+                count: n,
+                requires: vec![],
+            }),
+            ..spec("x", &[])
+        };
+        match explicit_plan(&[count(9)], 2).unwrap_err() {
+            DomainError::InvalidArgument(e) => assert_eq!(e.field, "plan[0].candidates.count"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct NewTask {
     pub session: Option<crate::session::AgentSession>,
     /// Labels an agent must carry to be handed it; empty: any.
     pub requires: crate::routing::Labels,
+    /// A candidate attempt at this task (which depends on it), and its
+    /// number (from 1).
+    pub candidate: Option<(Uuid, i32)>,
 }
 
 impl NewTask {
@@ -71,6 +74,7 @@ impl NewTask {
             concurrency_key: new.concurrency_key,
             session: new.session,
             requires: new.requires,
+            candidate: new.candidate,
         }
     }
 }
@@ -90,6 +94,8 @@ pub struct RawNewTask<'a> {
     pub concurrency_key: &'a str,
     pub session: Option<crate::session::AgentSession>,
     pub requires: Option<&'a std::collections::HashMap<String, String>>,
+    pub candidate_of: &'a str,
+    pub candidate: i32,
 }
 
 /// A required UUID.
@@ -272,6 +278,18 @@ pub fn new_task(field: &str, raw: &RawNewTask<'_>) -> Result<NewTask, DomainErro
         requires: match raw.requires {
             Some(r) => crate::routing::requires(&format!("{field}.requires"), r)?,
             None => crate::routing::Labels::new(),
+        },
+        candidate: match optional_uuid(&format!("{field}.candidate_of"), raw.candidate_of)? {
+            None => None,
+            Some(of) => Some((
+                of,
+                range(
+                    &format!("{field}.candidate"),
+                    raw.candidate,
+                    1,
+                    crate::candidates::MAX_CANDIDATES,
+                )?,
+            )),
         },
     })
 }

@@ -105,6 +105,35 @@ impl From<&Task> for taskqueue::Task {
             concurrency_key: t.concurrency_key.clone().unwrap_or_default(),
             session: t.session.as_ref().map(c::AgentSession::from),
             requires: t.requires.clone().into_iter().collect(),
+            candidate_of: id_or_empty(t.candidate.map(|(of, _)| of)),
+            candidate: t.candidate.map_or(0, |(_, n)| n),
+            candidates: omoi_domain::candidates::seen(t.result.as_ref())
+                .iter()
+                .map(taskqueue::Candidate::from)
+                .collect(),
+        }
+    }
+}
+
+impl From<&omoi_domain::candidates::Seen> for taskqueue::Candidate {
+    fn from(s: &omoi_domain::candidates::Seen) -> Self {
+        taskqueue::Candidate {
+            index: s.index,
+            task_id: s.task_id.clone(),
+            status: s
+                .status
+                .parse::<omoi_domain::TaskStatus>()
+                .map_or(c::TaskStatus::Unspecified.into(), WireEnum::wire),
+            runner: s.runner.clone(),
+            model: s.model.clone(),
+            check_passed: s.check_passed,
+            usage: s.usage.as_ref().map(c::Usage::from),
+            commit: s.commit.clone(),
+            files_changed: s.files_changed,
+            insertions: s.insertions,
+            deletions: s.deletions,
+            chosen: s.chosen,
+            reason: s.reason.clone(),
         }
     }
 }
@@ -171,6 +200,8 @@ impl From<&NewTask> for taskqueue::NewTask {
             concurrency_key: t.concurrency_key.clone().unwrap_or_default(),
             session: t.session.as_ref().map(c::AgentSession::from),
             requires: t.requires.clone().into_iter().collect(),
+            candidate_of: id_or_empty(t.candidate.map(|(of, _)| of)),
+            candidate: t.candidate.map_or(0, |(_, n)| n),
         }
     }
 }

@@ -32,7 +32,8 @@ pub(crate) use ticket_columns;
 macro_rules! ticket_task_columns {
     () => {
         "ticket_id, task_id, position, title, description, phase, priority, depends_on,
-     max_retries, timeout_seconds, concurrency_key, started, outcome, follow_up, summary, requires"
+     max_retries, timeout_seconds, concurrency_key, started, outcome, follow_up, summary, requires,
+     candidate_of, candidate"
     };
 }
 
@@ -100,6 +101,9 @@ pub struct TaskReport<'a> {
     pub head_commit: Option<&'a str>,
     /// What the agent of the attempt it completed said it did.
     pub summary: Option<&'a str>,
+    /// The result of the attempt it completed (a candidate's evidence, a
+    /// choice among candidates).
+    pub result: Option<&'a Value>,
 }
 
 /// One task of a ticket's plan, with what its events reported.
@@ -133,11 +137,19 @@ impl<'r> FromRow<'r, PgRow> for TicketTask {
                 timeout_seconds: row.try_get("timeout_seconds")?,
                 concurrency_key: row.try_get("concurrency_key")?,
                 requires: crate::tasks::requires_of(row)?,
+                candidate: match (
+                    row.try_get::<Option<i32>, _>("candidate_of")?,
+                    row.try_get::<Option<i16>, _>("candidate")?,
+                ) {
+                    (Some(of), Some(n)) => usize::try_from(of).ok().map(|of| (of, i32::from(n))),
+                    _ => None,
+                },
             },
             progress: TaskProgress {
                 started: row.try_get("started")?,
                 outcome: outcome.as_deref().and_then(TaskOutcome::parse),
                 follow_up: row.try_get("follow_up")?,
+                candidate: row.try_get::<Option<i32>, _>("candidate_of")?.is_some(),
             },
             summary: row.try_get("summary")?,
         })
@@ -257,14 +269,15 @@ impl Store {
         };
         sqlx::query(sql!(
             "INSERT INTO ticket_tasks (ticket_id, task_id, position, title, description, phase, priority,
-                                       depends_on, max_retries, timeout_seconds, concurrency_key, requires)
+                                       depends_on, max_retries, timeout_seconds, concurrency_key, requires,
+                                       candidate_of, candidate)
              SELECT $1, p.task_id, p.position, p.title, p.description, p.phase, p.priority,
                     ARRAY(SELECT jsonb_array_elements_text(p.deps::jsonb)::int), p.max_retries, p.timeout_seconds,
-                    p.concurrency_key, p.requires::jsonb
+                    p.concurrency_key, p.requires::jsonb, p.candidate_of, p.candidate
              FROM unnest($2::uuid[], $3::int4[], $4::text[], $5::text[], $6::int2[], $7::int4[], $8::text[],
-                         $9::int4[], $10::int4[], $11::text[], $12::text[])
+                         $9::int4[], $10::int4[], $11::text[], $12::text[], $13::int4[], $14::int2[])
                   AS p(task_id, position, title, description, phase, priority, deps, max_retries, timeout_seconds,
-                       concurrency_key, requires)"
+                       concurrency_key, requires, candidate_of, candidate)"
         ))
         .bind(ticket.id)
         .bind(plan.iter().map(|(id, _)| *id).collect::<Vec<_>>())
@@ -288,6 +301,16 @@ impl Store {
         .bind(
             plan.iter()
                 .map(|(_, p)| crate::tasks::requires_json(&p.requires))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            plan.iter()
+                .map(|(_, p)| p.candidate.map(|(of, _)| of as i32))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            plan.iter()
+                .map(|(_, p)| p.candidate.map(|(_, n)| n as i16))
                 .collect::<Vec<_>>(),
         )
         .execute(&mut *tx)
@@ -733,6 +756,7 @@ impl Store {
             reopened,
             head_commit,
             summary,
+            result,
         } = *report;
         let mut tx = self.pool().begin().await?;
         if !consumed::first_time(&mut tx, consumer, event_id).await? {
@@ -758,11 +782,17 @@ impl Store {
             .await?;
         }
         // The first outcome stands, until an operator's retry opens it again.
-        let owner: Option<Uuid> = sqlx::query_scalar(sql!(
-            "UPDATE ticket_tasks SET started = started OR $2,
-                 outcome = CASE WHEN $4 THEN NULL ELSE COALESCE(outcome, $3) END,
+        let owner: Option<(Uuid, bool, Option<Uuid>, Option<i16>)> = sqlx::query_as(sql!(
+            "WITH before AS (SELECT outcome FROM ticket_tasks WHERE task_id = $1 FOR UPDATE)
+             UPDATE ticket_tasks t SET started = started OR $2,
+                 outcome = CASE WHEN $4 THEN NULL ELSE COALESCE(t.outcome, $3) END,
                  summary = COALESCE(left($5, 4000), summary)
-             WHERE task_id = $1 RETURNING ticket_id"
+             WHERE task_id = $1
+             RETURNING t.ticket_id,
+                       (SELECT outcome FROM before) IS NULL AND t.outcome IS NOT NULL,
+                       (SELECT c.task_id FROM ticket_tasks c
+                        WHERE c.ticket_id = t.ticket_id AND c.position = t.candidate_of),
+                       t.candidate"
         ))
         .bind(task_id)
         .bind(started)
@@ -771,10 +801,16 @@ impl Store {
         .bind(summary)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(ticket_id) = owner else {
+        let Some((ticket_id, ended_now, candidate_of, candidate)) = owner else {
             self.commit(tx).await?;
             return Ok(None);
         };
+        if let (true, Some(outcome)) = (ended_now, outcome) {
+            let candidate = candidate_of.zip(candidate.map(i32::from));
+            let said =
+                omoi_domain::candidates::events(task_id, ticket_id, outcome, usage, result, head_commit, candidate);
+            events::insert(&mut tx, &said).await?;
+        }
         let ticket = select_ticket(&mut tx, ticket_id, true).await?;
         // A final ticket changes no more, but for a retry of one of its tasks.
         let applied = if !ticket.status.is_final() || reopened {

@@ -105,6 +105,7 @@ fn new_task(title: &str, priority: i32, depends_on: &[Uuid]) -> NewTask {
         concurrency_key: None,
         session: None,
         requires: Labels::new(),
+        candidate: None,
     }
 }
 
@@ -786,6 +787,62 @@ async fn usage_adds_up_over_attempts_and_each_event_tells_its_own() {
             (EventType::TaskCompleted, Some(second))
         ]
     );
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_candidates_end_whatever_it_is_releases_the_task_choosing_among_them() {
+    let db = Db::new().await;
+    let agent = Uuid::now_v7();
+    let chooser_id = Uuid::now_v7();
+    let candidate = |n: i32| NewTask {
+        candidate: Some((chooser_id, n)),
+        ..new_task(&format!("candidate {n}"), 1, &[])
+    };
+    let (one, two) = (candidate(1), candidate(2));
+    let chooser = NewTask {
+        id: chooser_id,
+        ..new_task("choose", 1, &[one.id, two.id])
+    };
+    let after = new_task("after", 1, &[chooser_id]);
+    let stored = db
+        .store
+        .enqueue(&[one.clone(), two.clone(), chooser.clone(), after.clone()])
+        .await
+        .unwrap();
+    assert_eq!(stored[1].candidate, Some((chooser_id, 2)));
+    let got = db
+        .store
+        .assign(None, &Labels::new(), &[slot(agent), slot(agent)], Utc::now(), true)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2, "the candidates run side by side");
+    db.store
+        .start_batch(&[report(one.id, 1), report(two.id, 1)])
+        .await
+        .unwrap();
+    // One fails for good: the choice is not cancelled, it waits for the other.
+    let failed = db.store.fail(one.id, &failure(1, "permission denied")).await.unwrap();
+    assert!(failed.cancelled_dependents.is_empty());
+    let waiting = db.store.get(chooser_id).await.unwrap();
+    assert_eq!((waiting.status, waiting.unmet_deps), (TaskStatus::Pending, 1));
+    db.store.complete_batch(&[report(two.id, 1)]).await.unwrap();
+    let ready = db.store.get(chooser_id).await.unwrap();
+    assert_eq!((ready.status, ready.unmet_deps), (TaskStatus::Pending, 0));
+    // The choosing task's own failure cancels what comes after it, as any.
+    let t = db
+        .store
+        .assign(None, &Labels::new(), &[slot(agent)], Utc::now(), true)
+        .await
+        .unwrap();
+    assert_eq!(t[0].id, chooser_id);
+    db.store.start_batch(&[report(chooser_id, 1)]).await.unwrap();
+    let gave_up = db
+        .store
+        .fail(chooser_id, &failure(1, "permission denied"))
+        .await
+        .unwrap();
+    assert_eq!(gave_up.cancelled_dependents, [after.id]);
     db.drop().await;
 }
 

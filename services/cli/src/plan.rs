@@ -13,6 +13,9 @@
 //!   depends_on: [1]
 //!   concurrency_key: ci-runners
 //!   requires: {runner: codex}
+//! - title: Implement the endpoint
+//!   phase: implementation
+//!   candidates: {count: 3, requires: [{runner: claude-code}, {runner: codex}, {runner: gemini}]}
 //! ```
 
 use std::collections::HashMap;
@@ -39,6 +42,17 @@ struct Entry {
     /// Labels the agent must carry (`runner: codex`).
     #[serde(default)]
     requires: HashMap<String, String>,
+    /// Run as best-of-N candidates.
+    candidates: Option<CandidatesEntry>,
+}
+
+/// `candidates: {count: 3, requires: [{runner: codex}, …]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CandidatesEntry {
+    count: i32,
+    #[serde(default)]
+    requires: Vec<HashMap<String, String>>,
 }
 
 /// Another task of the plan, by its position (from 0) or its title.
@@ -91,6 +105,14 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<TaskSpec>> {
                 timeout_seconds: e.timeout_seconds,
                 concurrency_key: e.concurrency_key.clone(),
                 requires: e.requires.clone(),
+                candidates: e.candidates.as_ref().map(|c| omoi_proto::ticket::Candidates {
+                    count: c.count,
+                    requires: c
+                        .requires
+                        .iter()
+                        .map(|labels| omoi_proto::ticket::LabelSet { labels: labels.clone() })
+                        .collect(),
+                }),
             })
         })
         .collect()
@@ -105,8 +127,8 @@ mod tests {
         let plan = parse(
             "- title: Sketch\n  phase: initial\n\
              - title: Build\n  phase: IMPLEMENTATION\n  depends_on: [Sketch]\n  max_retries: 1\n\
-             - title: Ship\n  phase: integration\n  depends_on: [0, Build]\n  concurrency_key: ci\n\
-               requires: {runner: codex, gpu: 'true'}\n",
+             - title: Ship\n  phase: integration\n  depends_on: [0, Build]\n  concurrency_key: ci\n  \
+             requires: {runner: codex, gpu: 'true'}\n",
         )
         .unwrap();
         assert_eq!(plan.len(), 3);
@@ -118,6 +140,17 @@ mod tests {
         assert_eq!(plan[2].requires.get("runner").map(String::as_str), Some("codex"));
         assert_eq!(plan[2].requires.get("gpu").map(String::as_str), Some("true"));
         assert!(plan[0].requires.is_empty());
+        let best = parse(
+            "- title: Build\n  phase: implementation\n  \
+             candidates: {count: 2, requires: [{runner: codex}, {runner: claude-code}]}\n",
+        )
+        .unwrap();
+        let c = best[0].candidates.as_ref().unwrap();
+        assert_eq!(c.count, 2);
+        assert_eq!(
+            c.requires[1].labels.get("runner").map(String::as_str),
+            Some("claude-code")
+        );
     }
 
     #[test]

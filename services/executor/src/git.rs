@@ -87,6 +87,14 @@ pub struct Parent {
     pub commit: String,
 }
 
+/// What a run's work came to in its workspace.
+enum Work {
+    /// Nothing changed: the branch stays where it was.
+    Unchanged(GitChange),
+    /// One commit on the base.
+    Committed(String),
+}
+
 /// Where one attempt's work starts.
 #[derive(Debug, Clone)]
 pub struct Start<'a> {
@@ -376,6 +384,45 @@ impl GitSettings {
         message: &str,
         user: &WorkspaceUser,
     ) -> Result<GitChange, GitError> {
+        let commit = match self.commit_work(checkout, message, user).await? {
+            Work::Unchanged(g) => return Ok(g),
+            Work::Committed(commit) => commit,
+        };
+        let (commit, _) = self.receive(checkout, &commit, user).await?;
+        let commit = self.push(checkout, commit).await?;
+        self.describe(checkout, commit).await
+    }
+
+    /// Commits what a candidate's run changed, as `commit_and_push` does,
+    /// without pushing it: what it changed, and the commit as a bundle (to
+    /// be kept; `land` pushes it if it is chosen). No bundle when nothing
+    /// changed.
+    pub async fn commit_and_keep(
+        &self,
+        checkout: &Checkout,
+        message: &str,
+        user: &WorkspaceUser,
+    ) -> Result<(GitChange, Option<Vec<u8>>), GitError> {
+        let commit = match self.commit_work(checkout, message, user).await? {
+            Work::Unchanged(g) => return Ok((g, None)),
+            Work::Committed(commit) => commit,
+        };
+        let (commit, bundle) = self.receive(checkout, &commit, user).await?;
+        Ok((self.describe(checkout, commit).await?, Some(bundle)))
+    }
+
+    /// Pushes a kept candidate's commit (its bundle, made by
+    /// `commit_and_keep` on any executor of the same repository) to the
+    /// ticket's branch, on top of whatever landed there since.
+    pub async fn land(&self, checkout: &Checkout, bundle: &[u8], commit: &str) -> Result<GitChange, GitError> {
+        let commit = self.fetch_bundle(checkout, bundle, commit).await?;
+        let commit = self.push(checkout, commit).await?;
+        self.describe(checkout, commit).await
+    }
+
+    /// The workspace's work as one commit on the base, made as the agent's
+    /// user (or what there was: nothing changed).
+    async fn commit_work(&self, checkout: &Checkout, message: &str, user: &WorkspaceUser) -> Result<Work, GitError> {
         let ws = &checkout.workspace;
         let base = &checkout.base_commit;
         let head = self
@@ -402,12 +449,12 @@ impl GitSettings {
             .await
             .is_ok();
         if unchanged && merged.is_none() {
-            return Ok(GitChange {
+            return Ok(Work::Unchanged(GitChange {
                 branch: checkout.branch.clone(),
                 base_commit: base.clone(),
                 commit: base.clone(),
                 ..Default::default()
-            });
+            }));
         }
         let commit = match &merged {
             None => {
@@ -439,9 +486,7 @@ impl GitSettings {
                 commit
             }
         };
-        let commit = self.receive(checkout, &commit, user).await?;
-        let commit = self.push(checkout, commit).await?;
-        self.describe(checkout, commit).await
+        Ok(Work::Committed(commit))
     }
 
     /// The base branch (name, commit) the agent merged into the workspace:
@@ -515,13 +560,25 @@ impl GitSettings {
     }
 
     /// Brings the workspace's commit into the mirror as a bundle the agent's
-    /// user writes to a pipe.
-    async fn receive(&self, checkout: &Checkout, commit: &str, user: &WorkspaceUser) -> Result<String, GitError> {
+    /// user writes to a pipe; the commit and the bundle.
+    async fn receive(
+        &self,
+        checkout: &Checkout,
+        commit: &str,
+        user: &WorkspaceUser,
+    ) -> Result<(String, Vec<u8>), GitError> {
         let mut args = vec!["bundle", "create", "--quiet", "-", "HEAD", "--not"];
         args.extend(checkout.known.iter().map(String::as_str));
         // The mirror has the base branch a merge brought in.
         args.extend(checkout.base_branch.iter().map(|(_, head)| head.as_str()));
         let bundle = self.as_agent_bytes(&checkout.workspace, user, &args).await?;
+        let got = self.fetch_bundle(checkout, &bundle, commit).await?;
+        Ok((got, bundle))
+    }
+
+    /// Fetches a bundle's HEAD into the mirror (objects checked), which
+    /// must be `commit`.
+    async fn fetch_bundle(&self, checkout: &Checkout, bundle: &[u8], commit: &str) -> Result<String, GitError> {
         let file = checkout.mirror.join("attempt.bundle");
         tokio::fs::write(&file, bundle)
             .await

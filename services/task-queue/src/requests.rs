@@ -45,6 +45,7 @@ pub fn enqueue(req: pb::EnqueueTasksRequest, default_timeout_seconds: i32) -> Ap
     for t in tasks.iter_mut().filter(|t| t.timeout_seconds == 0) {
         t.timeout_seconds = default_timeout_seconds;
     }
+    omoi_domain::candidates::check_batch("tasks", &tasks)?;
     Ok(tasks)
 }
 
@@ -62,6 +63,8 @@ fn new_task(field: &str, t: &pb::NewTask) -> Result<NewTask, omoi_domain::Domain
         concurrency_key,
         session,
         requires,
+        candidate_of,
+        candidate,
     } = t;
     let session = session
         .clone()
@@ -80,6 +83,8 @@ fn new_task(field: &str, t: &pb::NewTask) -> Result<NewTask, omoi_domain::Domain
         concurrency_key,
         session,
         requires: Some(requires),
+        candidate_of,
+        candidate: *candidate,
     };
     validate::new_task(field, &raw)
 }

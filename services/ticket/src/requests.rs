@@ -71,6 +71,15 @@ pub fn create(
     } else {
         Some(validate::token("request_id", &request_id, MAX_REQUEST_ID, "-_.:")?)
     };
+    // Candidates are commits kept apart until one is chosen: a repository's.
+    if let Some(i) = plan.iter().position(|s| s.candidates.is_some())
+        && repository.is_empty()
+    {
+        return Err(ApiError::invalid(
+            format!("plan[{i}].candidates"),
+            "needs a repository: candidates are commits, one of which lands",
+        ));
+    }
     let plan = if plan.is_empty() {
         rules::default_plan(&title, &description, priority, instructions)
     } else {
@@ -127,6 +136,7 @@ fn task_spec(s: &pb::TaskSpec) -> RawTaskSpec<'_> {
         timeout_seconds,
         concurrency_key,
         requires,
+        candidates,
     } = s;
     RawTaskSpec {
         title,
@@ -138,6 +148,10 @@ fn task_spec(s: &pb::TaskSpec) -> RawTaskSpec<'_> {
         timeout_seconds: *timeout_seconds,
         concurrency_key,
         requires: Some(requires),
+        candidates: candidates.as_ref().map(|c| omoi_domain::candidates::RawCandidates {
+            count: c.count,
+            requires: c.requires.iter().map(|l| &l.labels).collect(),
+        }),
     }
 }
 

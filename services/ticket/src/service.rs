@@ -793,5 +793,6 @@ fn follow_up_task(
         concurrency_key: (!source.concurrency_key.is_empty()).then(|| source.concurrency_key.clone()),
         // Where the followed task could run, so can its follow-up.
         requires: source.requires.clone().into_iter().collect(),
+        candidate: None,
     }
 }

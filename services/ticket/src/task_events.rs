@@ -37,15 +37,16 @@ pub async fn follow(
                 let usage = envelope.event.attempt_usage();
                 // An operator's retry: the task's outcome is open again.
                 let reopened = matches!(&envelope.event, Event::TaskRetried(r) if r.manual);
-                let (head_commit, summary) = match &envelope.event {
+                let (head_commit, summary, result) = match &envelope.event {
                     Event::TaskCompleted(c) => (
                         c.git.as_ref().filter(|g| g.committed()).map(|g| g.commit.as_str()),
                         c.result
                             .as_ref()
                             .and_then(|r| r.get("summary"))
                             .and_then(|s| s.as_str()),
+                        c.result.as_ref(),
                     ),
-                    _ => (None, None),
+                    _ => (None, None, None),
                 };
                 if envelope.ticket_id.is_none() || (!started && outcome.is_none() && usage.is_none() && !reopened) {
                     return Ok(());
@@ -58,6 +59,7 @@ pub async fn follow(
                     reopened,
                     head_commit,
                     summary,
+                    result,
                 };
                 let applied = this
                     .store

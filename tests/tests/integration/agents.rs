@@ -365,6 +365,135 @@ async fn codex_works_a_ticket_with_an_estimated_cost_and_classified_failures() {
     rig.stop().await;
 }
 
+/// Best-of-N: three candidates on two runners (Claude Code, Codex, Claude
+/// Code) from the same base, judged by the ticket's check, which only
+/// Codex's work passes: it lands on the branch, the others' commits never
+/// reach the remote, every candidate's evidence is listed on the choosing
+/// task and in the events, and all of them count on the ticket's cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_candidates_on_two_runners_and_the_one_passing_the_check_lands() {
+    let mut rig = Rig::start().await;
+    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
+        .await;
+    rig.executor(&rig.api.executor_env(Cli::Codex, &rig.home, SECRET)).await;
+    let (bare, main) = omoi_tests::repo::remote();
+    let runner = |r: &str| pb::LabelSet {
+        labels: [("runner".to_string(), r.to_string())].into(),
+    };
+    let step = pb::TaskSpec {
+        candidates: Some(pb::Candidates {
+            count: 3,
+            requires: vec![runner("claude-code"), runner("codex"), runner("claude-code")],
+        }),
+        ..spec("write hello.txt", 2, vec![], 0)
+    };
+    let created = file_ticket(
+        &rig.tickets,
+        pb::CreateTicketRequest {
+            title: "best of three".into(),
+            repository: bare.display().to_string(),
+            check_command: "grep -q codex hello.txt".into(),
+            plan: vec![step],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        created.tasks.len(),
+        4,
+        "three candidates and the step choosing among them"
+    );
+    let ticket = created.ticket.unwrap();
+    let done = wait_ticket(&rig.tickets, &ticket.id, COMPLETED).await;
+    let chooser = done.tasks.iter().find(|t| t.candidate_of.is_empty()).unwrap();
+    assert_eq!(chooser.title, "write hello.txt");
+    let mut candidates: Vec<&tq::Task> = done.tasks.iter().filter(|t| t.candidate_of == chooser.id).collect();
+    candidates.sort_by_key(|t| t.candidate);
+    assert_eq!(candidates.len(), 3);
+
+    // The choice: only Codex's work passed the check.
+    let seen = &chooser.candidates;
+    assert_eq!(seen.len(), 3, "{chooser:?}");
+    let runners: Vec<&str> = seen.iter().map(|c| c.runner.as_str()).collect();
+    assert_eq!(runners, ["claude-code", "codex", "claude-code"]);
+    let chosen: Vec<i32> = seen.iter().filter(|c| c.chosen).map(|c| c.index).collect();
+    assert_eq!(chosen, [2]);
+    for c in seen {
+        assert_eq!(c.check_passed, c.index == 2, "{c:?}");
+        assert!(!c.commit.is_empty() && c.insertions == 1, "{c:?}");
+        assert!(c.usage.as_ref().is_some_and(|u| u.input_tokens > 0), "{c:?}");
+        if c.index != 2 {
+            assert_eq!(c.reason, "its check failed");
+        }
+    }
+    assert!(
+        seen[1].reason.starts_with("chosen: the smallest change"),
+        "{}",
+        seen[1].reason
+    );
+
+    // Codex's commit is the branch's one commit; the others never left
+    // their executors.
+    let branch = &ticket.branch;
+    let commits = omoi_tests::repo::git(&bare, &["rev-list", &format!("{main}..{branch}")]);
+    assert_eq!(commits.lines().count(), 1, "{commits}");
+    let landed = chooser.git.as_ref().expect("the chosen work landed");
+    assert_eq!(commits.trim(), landed.commit);
+    assert_eq!(landed.base_commit, main);
+    assert_eq!(
+        omoi_tests::repo::git(&bare, &["show", &format!("{branch}:hello.txt")]),
+        "hello from codex"
+    );
+    assert_eq!(done.ticket.as_ref().unwrap().head_commit, landed.commit);
+    for c in [&seen[0], &seen[2]] {
+        let probe = std::process::Command::new("git")
+            .args(["-C", &bare.display().to_string(), "cat-file", "-e", &c.commit])
+            .status()
+            .unwrap();
+        assert!(!probe.success(), "candidate {}'s commit reached the remote", c.index);
+    }
+    for t in &candidates {
+        assert!(t.git.is_none(), "a candidate pushes nothing");
+        assert_eq!(t.status, omoi_proto::common::TaskStatus::Completed as i32);
+    }
+
+    // The events say how each ended and what was chosen, and why.
+    let history = omoi_tests::ticket_history(&rig.tickets, &ticket.id).await;
+    let of = |ty: &str| -> Vec<serde_json::Value> {
+        history
+            .iter()
+            .filter(|e| e.event_type == ty)
+            .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
+            .collect()
+    };
+    let finished = of("TASK_CANDIDATE_FINISHED");
+    assert_eq!(finished.len(), 3, "{finished:?}");
+    assert!(
+        finished
+            .iter()
+            .all(|f| f["outcome"] == "completed" && f["candidate_of"] == chooser.id.as_str())
+    );
+    assert_eq!(finished.iter().filter(|f| f["check_passed"] == true).count(), 1);
+    let picked = of("TASK_CANDIDATE_CHOSEN");
+    assert_eq!(picked.len(), 1, "{picked:?}");
+    assert_eq!(picked[0]["chosen"], 2);
+    assert_eq!(picked[0]["commit"], landed.commit.as_str());
+    assert!(
+        picked[0]["reason"].as_str().unwrap().starts_with("chosen:"),
+        "{}",
+        picked[0]
+    );
+    assert_eq!(picked[0]["candidates"].as_array().unwrap().len(), 3);
+
+    // Every candidate's spending is the ticket's.
+    let spent: f64 = candidates.iter().map(|t| t.usage.as_ref().unwrap().cost_usd).sum();
+    let ticket_cost = done.ticket.as_ref().unwrap().usage.as_ref().unwrap().cost_usd;
+    assert!((ticket_cost - spent).abs() < 1e-9, "{ticket_cost} vs {spent}");
+    assert!(!format!("{done:?}{history:?}").contains(SECRET));
+    rig.stop().await;
+    let _ = std::fs::remove_dir_all(bare.parent().unwrap());
+}
+
 /// Routing by capability: a task requiring `runner=codex` never reaches the
 /// Claude Code executor, idle as it is and working other tickets meanwhile;
 /// it waits, reported as unsatisfiable, until a Codex executor registers,

@@ -134,6 +134,8 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                             timeout_seconds: rng.int(),
                             concurrency_key: rng.text(),
                             requires: [(rng.text(), rng.text())].into(),
+                            candidate_of: rng.text(),
+                            candidate: rng.int(),
                             session: rng.next().is_multiple_of(2).then(|| omoi_proto::common::AgentSession {
                                 runner: rng.text(),
                                 session_id: rng.text(),
@@ -257,6 +259,12 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                             timeout_seconds: rng.int(),
                             concurrency_key: rng.text(),
                             requires: [(rng.text(), rng.text())].into(),
+                            candidates: rng.next().is_multiple_of(2).then(|| pb::Candidates {
+                                count: rng.int(),
+                                requires: vec![pb::LabelSet {
+                                    labels: [(rng.text(), rng.text())].into(),
+                                }],
+                            }),
                         })
                         .collect(),
                     ..Default::default()

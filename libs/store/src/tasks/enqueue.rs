@@ -159,18 +159,19 @@ async fn insert_tasks(
         "WITH n AS (
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int2[], $6::int4[],
                                   $7::int4[], $8::int4[], $9::int4[], $11::text[], $12::uuid[], $13::text[],
-                                  $16::bool[], $17::text[], $18::text[], $19::int4[])
+                                  $16::bool[], $17::text[], $18::text[], $19::int4[],
+                                  $20::uuid[], $21::int2[])
                       WITH ORDINALITY
                       AS n(id, ticket_id, title, description, phase, priority, unmet, max_retries,
                            timeout_seconds, concurrency_key, event_id, event_payload, has_dependents, session,
-                           requires, requirement, ord)
+                           requires, requirement, candidate_of, candidate, ord)
          ), t AS (
              INSERT INTO tasks (id, ticket_id, title, description, phase, priority, status,
                                 unmet_deps, max_retries, timeout_seconds, trace_context, concurrency_key,
-                                has_dependents, session, requires, requirement)
+                                has_dependents, session, requires, requirement, candidate_of, candidate)
              SELECT n.id, n.ticket_id, n.title, n.description, n.phase, n.priority, 'pending',
                     n.unmet, n.max_retries, n.timeout_seconds, $10, n.concurrency_key, n.has_dependents,
-                    n.session::jsonb, n.requires::jsonb, n.requirement
+                    n.session::jsonb, n.requires::jsonb, n.requirement, n.candidate_of, n.candidate
              FROM n ORDER BY n.ord
              RETURNING *
          ), ev AS (
@@ -209,6 +210,13 @@ async fn insert_tasks(
     )
     .bind(tasks.iter().map(|t| requires_json(&t.requires)).collect::<Vec<_>>())
     .bind(requirements)
+    .bind(tasks.iter().map(|t| t.candidate.map(|(of, _)| of)).collect::<Vec<_>>())
+    .bind(
+        tasks
+            .iter()
+            .map(|t| t.candidate.map(|(_, n)| n as i16))
+            .collect::<Vec<_>>(),
+    )
     .fetch_all(conn)
     .await;
     match inserted {

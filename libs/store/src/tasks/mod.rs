@@ -34,7 +34,7 @@ macro_rules! task_fields {
          t.unmet_deps, t.retry_count, t.max_retries, t.timeout_seconds, t.attempt,
          t.assigned_agent_id, t.error_message, t.error_class, t.result, t.usage, t.git, t.created_at,
          t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context, t.concurrency_key,
-         t.session, t.requires"
+         t.session, t.requires, t.candidate_of, t.candidate"
     };
 }
 macro_rules! task_columns {
@@ -103,6 +103,13 @@ impl<'r> FromRow<'r, PgRow> for TaskRow {
                 .transpose()
                 .map_err(|e| corrupt(format!("session: {e}")))?,
             requires: requires_of(row)?,
+            candidate: match (
+                row.try_get::<Option<Uuid>, _>("candidate_of")?,
+                row.try_get::<Option<i16>, _>("candidate")?,
+            ) {
+                (Some(of), Some(n)) => Some((of, i32::from(n))),
+                _ => None,
+            },
         }))
     }
 }
@@ -263,7 +270,20 @@ async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
     }
     events::insert(conn, &tr.events).await?;
     let cancelled_dependents = match &tr.cancel_dependents {
-        Some(reason) => cancel_dependents(conn, tr.task_id, reason).await?,
+        Some(reason) => {
+            let candidate: bool = sqlx::query_scalar(sql!("SELECT candidate_of IS NOT NULL FROM tasks WHERE id = $1"))
+                .bind(tr.task_id)
+                .fetch_one(&mut *conn)
+                .await?;
+            if candidate {
+                // A candidate's end, whatever it is, releases the task
+                // choosing among them: it sees every candidate ended.
+                release_dependents(conn, &[tr.task_id]).await?;
+                Vec::new()
+            } else {
+                cancel_dependents(conn, tr.task_id, reason).await?
+            }
+        }
         None => Vec::new(),
     };
     let task = lock_task(conn, tr.task_id).await?;

@@ -3,6 +3,7 @@
 //! assignments from the task queue (`stream`); work each in its own
 //! workspace through the runner and report the outcome (`run`).
 
+mod candidates;
 mod lifecycle;
 mod prompt;
 mod run;

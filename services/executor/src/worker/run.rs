@@ -42,11 +42,14 @@ pub(super) fn run_span(a: &tq::Assignment) -> tracing::Span {
 }
 
 /// What an attempt starts with besides its task.
-struct Prepared {
+pub(super) struct Prepared {
     ticket: TicketContext,
     dependencies: Vec<Dependency>,
+    /// The candidates this task chooses among (its dependencies that are
+    /// candidate attempts at it), as the queue has them; empty for others.
+    pub(super) candidates: Vec<tq::Task>,
     /// The ticket's branch, checked out (when it names a repository).
-    checkout: Option<Checkout>,
+    pub(super) checkout: Option<Checkout>,
 }
 
 impl Worker {
@@ -56,7 +59,7 @@ impl Worker {
     async fn read_context(
         &self,
         task: &tq::Task,
-    ) -> Result<(TicketContext, Vec<Dependency>), (String, Option<ErrorClass>)> {
+    ) -> Result<(TicketContext, Vec<tq::Task>), (String, Option<ErrorClass>)> {
         let unreachable = |what: &str, s: Status| {
             (
                 format!("cannot read {what}: {}", s.message()),
@@ -88,7 +91,7 @@ impl Worker {
                     task_ids: task.depends_on.clone(),
                 })
                 .await?;
-            Ok(read.into_inner().tasks.into_iter().map(Dependency::from).collect())
+            Ok(read.into_inner().tasks)
         };
         let (ticket, dependencies) = tokio::join!(ticket, dependencies);
         Ok((
@@ -137,6 +140,13 @@ impl Worker {
                 OutputStream::System,
                 format!("on branch {} at {}", c.branch, c.base_commit),
             );
+        }
+        if !prepared.candidates.is_empty() {
+            // It chooses among its candidates, all ended: no agent runs.
+            let landed = self.choose_and_land(&run, &prepared).await;
+            self.executions.end(&run);
+            self.clean_up(&dir, landed).await;
+            return;
         }
         let say: Arc<dyn Fn(String) + Send + Sync> = {
             let run = Arc::clone(&run);
@@ -221,6 +231,7 @@ impl Worker {
             message: git::commit_message(&phase_name(task.phase), &task.title, &task.id, attempt),
             user: workspace_user(&ctx),
             check: Some(prepared.ticket.check_command.clone()).filter(|c| !c.is_empty()),
+            candidate: task.candidate_of.parse::<Uuid>().ok().map(|of| (of, task.candidate)),
         });
         let succeeded = self
             .report_end(&run, outcome, changed, task.timeout_seconds, commit)
@@ -233,7 +244,7 @@ impl Worker {
     /// extending its lease over the push) before its work is pushed. A queue
     /// out of reach cannot say: the work is pushed, and the report that
     /// follows decides.
-    async fn hold_for_push(&self, task_id: Uuid, attempt: i32) -> bool {
+    pub(super) async fn hold_for_push(&self, task_id: Uuid, attempt: i32) -> bool {
         let asked = self
             .queue
             .clone()
@@ -274,6 +285,9 @@ impl Worker {
     /// classified.
     async fn prepare(&self, task: &tq::Task, dir: &Path) -> Result<Prepared, (String, Option<ErrorClass>)> {
         let (ticket, dependencies) = self.read_context(task).await?;
+        let (candidates, dependencies): (Vec<tq::Task>, Vec<tq::Task>) =
+            dependencies.into_iter().partition(|d| d.candidate_of == task.id);
+        let dependencies: Vec<Dependency> = dependencies.into_iter().map(Dependency::from).collect();
         let repository = workspace::parse_repository(&ticket.repository)
             .map_err(|e| (e.to_string(), Some(ErrorClass::Permanent)))?;
         workspace::fresh(dir).await.map_err(|e| (e.to_string(), None))?;
@@ -311,6 +325,7 @@ impl Worker {
         Ok(Prepared {
             ticket,
             dependencies,
+            candidates,
             checkout,
         })
     }
@@ -485,30 +500,41 @@ impl Worker {
             return false;
         }
         let mut check = None;
+        let mut kept = None;
         let git = match commit {
             None => None,
-            Some(c) => match self.git.commit_and_push(c.checkout, &c.message, &c.user).await {
-                Ok(g) => {
-                    run.line(OutputStream::System, pushed_line(&g));
-                    // Checked as committed: what the check leaves behind
-                    // (builds, caches) is not the agent's work.
-                    if let Some(command) = &c.check {
-                        let said =
-                            crate::check::run(command, &run.workspace, &c.user, &self.check, run, &run.stop).await;
-                        run.line(OutputStream::System, said.line());
-                        run.emit(said.event());
-                        check = Some(said);
+            Some(c) => {
+                let done = match c.candidate {
+                    // A candidate's work is kept, not pushed: it lands only if chosen.
+                    Some(_) => self.keep_candidate(run, &c).await.map(Err),
+                    None => self.git.commit_and_push(c.checkout, &c.message, &c.user).await.map(Ok),
+                };
+                let landed = match done {
+                    Ok(landed) => landed,
+                    Err(e) => {
+                        let (message, class) = git_failure(e);
+                        let message = format!("the work did not land on {}: {message}", c.checkout.branch);
+                        let end = End::failed(ExecutionState::Failed, message, class);
+                        self.end_failed(run, end, 0, changed, outcome.usage.clone()).await;
+                        return false;
                     }
-                    Some(g)
+                };
+                // Checked as committed: what the check leaves behind
+                // (builds, caches) is not the agent's work.
+                if let Some(command) = &c.check {
+                    let said = crate::check::run(command, &run.workspace, &c.user, &self.check, run, &run.stop).await;
+                    run.line(OutputStream::System, said.line());
+                    run.emit(said.event());
+                    check = Some(said);
                 }
-                Err(e) => {
-                    let (message, class) = git_failure(e);
-                    let message = format!("the work did not land on {}: {message}", c.checkout.branch);
-                    let end = End::failed(ExecutionState::Failed, message, class);
-                    self.end_failed(run, end, 0, changed, outcome.usage.clone()).await;
-                    return false;
+                match landed {
+                    Ok(g) => Some(g),
+                    Err(candidate) => {
+                        kept = Some(candidate);
+                        None
+                    }
                 }
-            },
+            }
         };
         let mut tail = run.tail(OutputStream::Stdout, 20);
         tail.extend(
@@ -528,17 +554,32 @@ impl Worker {
         if let Some(check) = &check {
             result["check"] = json!(check);
         }
+        if let Some(candidate) = kept {
+            result["candidate"] = candidate;
+        }
         run.line(
             OutputStream::System,
             format!("succeeded; {} files changed", changed.len()),
         );
         run.finish(ExecutionState::Succeeded, 0, summary, String::new(), changed);
+        let git = git.as_ref().map(omoi_proto::common::GitChange::from);
+        self.complete(run, result, outcome.usage.clone(), git).await
+    }
+
+    /// Reports the attempt completed (once its events are out), with its
+    /// result, usage and what it left on the branch.
+    pub(super) async fn complete(
+        &self,
+        run: &Execution,
+        result: serde_json::Value,
+        usage: Option<Usage>,
+        git: Option<omoi_proto::common::GitChange>,
+    ) -> bool {
         let Some(result) = result.as_object().map(omoi_proto::convert::map_to_struct) else {
             return false;
         };
         run.flush(FLUSH_WITHIN).await;
-        let (task_id, attempt, usage) = (run.task_id, run.attempt, outcome.usage.clone());
-        let git = git.as_ref().map(omoi_proto::common::GitChange::from);
+        let (task_id, attempt) = (run.task_id, run.attempt);
         report("CompleteTask", || {
             let mut q = self.queue.clone();
             let (result, usage, git) = (result.clone(), usage.clone(), git.clone());
@@ -578,13 +619,15 @@ fn worth_a_last_checkpoint(outcome: &Result<RunOutcome, RunnerError>, run: &Exec
 
 /// A successful run's commit onto the ticket's branch: where and with what
 /// message.
-struct BranchCommit<'a> {
-    checkout: &'a Checkout,
-    message: String,
+pub(super) struct BranchCommit<'a> {
+    pub(super) checkout: &'a Checkout,
+    pub(super) message: String,
     /// Who runs git in the workspace: the agent's user, in its sandbox.
-    user: WorkspaceUser,
+    pub(super) user: WorkspaceUser,
     /// The ticket's check command, run once the work is committed.
     check: Option<String>,
+    /// A candidate attempt at that task, numbered: kept, not pushed.
+    pub(super) candidate: Option<(Uuid, i32)>,
 }
 
 /// Who runs git in a workspace after its agent: the agent's user, with its
@@ -598,7 +641,7 @@ fn workspace_user(ctx: &RunContext) -> WorkspaceUser {
 }
 
 /// A git failure as a report classifies it.
-fn git_failure(e: GitError) -> (String, Option<ErrorClass>) {
+pub(super) fn git_failure(e: GitError) -> (String, Option<ErrorClass>) {
     match e {
         GitError::Refused(m) => (m, Some(ErrorClass::Permanent)),
         GitError::Transient(m) => (m, Some(ErrorClass::Retryable)),
@@ -606,7 +649,7 @@ fn git_failure(e: GitError) -> (String, Option<ErrorClass>) {
 }
 
 /// What a commit and push did, for the run's output.
-fn pushed_line(g: &GitChange) -> String {
+pub(super) fn pushed_line(g: &GitChange) -> String {
     if g.committed() {
         format!(
             "committed {} to {} ({} files, +{} -{})",

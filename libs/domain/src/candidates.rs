@@ -1,0 +1,413 @@
+//! Best-of-N: a plan step run as several candidate attempts in parallel,
+//! each from the same base in its own workspace (possibly on different
+//! runners), and one chosen by evidence to land.
+//!
+//! A step with candidates becomes, on the queue, its candidate tasks (each
+//! requiring its own labels) and the step's own task, which depends on
+//! them and chooses: a candidate's end, whatever it is, releases it, so the
+//! choice always sees every candidate ended.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::DomainError;
+use crate::routing::{self, Labels};
+
+/// Most candidates a step may run.
+pub const MAX_CANDIDATES: i32 = 8;
+
+/// A step's candidates as the request carries them.
+#[derive(Debug, Clone, Default)]
+pub struct RawCandidates<'a> {
+    pub count: i32,
+    /// One label set per candidate, or one for all, or none.
+    pub requires: Vec<&'a HashMap<String, String>>,
+}
+
+/// A step's candidates, validated: the labels each one requires.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidates {
+    pub requires: Vec<Labels>,
+}
+
+impl Candidates {
+    pub fn count(&self) -> usize {
+        self.requires.len()
+    }
+}
+
+/// Validates `field` (e.g. `plan[2].candidates`): a count of 1 to 8, and
+/// as many label sets, one for all, or none (then every candidate requires
+/// what the step requires).
+pub fn candidates(field: &str, raw: &RawCandidates<'_>, step_requires: &Labels) -> Result<Candidates, DomainError> {
+    if !(1..=MAX_CANDIDATES).contains(&raw.count) {
+        return Err(DomainError::invalid(
+            format!("{field}.count"),
+            format!("must be 1 to {MAX_CANDIDATES}, got {}", raw.count),
+        ));
+    }
+    let count = raw.count as usize;
+    let sets = raw
+        .requires
+        .iter()
+        .enumerate()
+        .map(|(i, r)| routing::requires(&format!("{field}.requires[{i}]"), r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let requires = match sets.len() {
+        0 => vec![step_requires.clone(); count],
+        1 => vec![sets[0].clone(); count],
+        n if n == count => sets,
+        n => {
+            return Err(DomainError::invalid(
+                format!("{field}.requires"),
+                format!("has {n} label sets; give one per candidate ({count}), one for all, or none"),
+            ));
+        }
+    };
+    Ok(Candidates { requires })
+}
+
+/// What a candidate's task says of it once it ended, for the choice.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Outcome {
+    pub index: i32,
+    pub task_id: Uuid,
+    /// Whether it completed.
+    pub completed: bool,
+    /// Its commit, when it completed having changed something.
+    pub commit: Option<String>,
+    /// The ticket's check on its work: None when the ticket has none.
+    pub check_passed: Option<bool>,
+    /// Lines added and removed.
+    pub changed_lines: i64,
+    pub cost_usd: f64,
+    /// How it ended, for the reasons (e.g. its error).
+    pub ended: String,
+}
+
+/// The choice among a step's candidates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    /// The chosen candidate's number; None when none may land.
+    pub chosen: Option<i32>,
+    /// Why, for each candidate (by number, in order).
+    pub reasons: Vec<(i32, String)>,
+}
+
+impl Choice {
+    /// The reason given for candidate `index`.
+    pub fn reason(&self, index: i32) -> &str {
+        self.reasons
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map_or("", |(_, r)| r.as_str())
+    }
+}
+
+/// Chooses without a judge: among the candidates that completed with a
+/// change and passed the check (every one that completed with a change,
+/// when the ticket has no check), the smallest change; ties go to the
+/// cheaper, then to the lower number.
+pub fn choose(outcomes: &[Outcome]) -> Choice {
+    let eligible = |o: &Outcome| o.completed && o.commit.is_some() && o.check_passed != Some(false);
+    let winner = outcomes.iter().filter(|o| eligible(o)).min_by(|a, b| {
+        a.changed_lines
+            .cmp(&b.changed_lines)
+            .then(a.cost_usd.total_cmp(&b.cost_usd))
+            .then(a.index.cmp(&b.index))
+    });
+    let reasons = outcomes
+        .iter()
+        .map(|o| {
+            let why = if !o.completed {
+                format!("did not complete: {}", o.ended)
+            } else if o.commit.is_none() {
+                "changed nothing".to_owned()
+            } else if o.check_passed == Some(false) {
+                "its check failed".to_owned()
+            } else {
+                let passed = if o.check_passed == Some(true) {
+                    "passed the check with "
+                } else {
+                    ""
+                };
+                let what = format!("{passed}{} changed lines, ${:.4}", o.changed_lines, o.cost_usd);
+                match winner {
+                    Some(w) if w.index == o.index => format!("chosen: the smallest change ({what})"),
+                    Some(w) => format!("not chosen: {what}; candidate {} changed less or cost less", w.index),
+                    None => what,
+                }
+            };
+            (o.index, why)
+        })
+        .collect();
+    Choice {
+        chosen: winner.map(|w| w.index),
+        reasons,
+    }
+}
+
+/// Why nothing may land, from a choice without a winner.
+pub fn none_chosen(choice: &Choice) -> String {
+    let each: Vec<String> = choice
+        .reasons
+        .iter()
+        .map(|(i, r)| format!("candidate {i} {r}"))
+        .collect();
+    format!("no candidate may land: {}", each.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn counts_and_label_sets_are_validated_naming_the_field() {
+        let step: Labels = [("zone".to_string(), "eu".to_string())].into();
+        let none = candidates(
+            "plan[1].candidates",
+            &RawCandidates {
+                count: 3,
+                requires: vec![],
+            },
+            &step,
+        )
+        .unwrap();
+        assert_eq!(none.requires, vec![step.clone(); 3]);
+        let codex = labels(&[("runner", "codex")]);
+        let one = candidates(
+            "c",
+            &RawCandidates {
+                count: 2,
+                requires: vec![&codex],
+            },
+            &step,
+        )
+        .unwrap();
+        assert_eq!(one.count(), 2);
+        assert_eq!(one.requires[1].get("runner").map(String::as_str), Some("codex"));
+        let claude = labels(&[("runner", "claude-code")]);
+        let each = candidates(
+            "c",
+            &RawCandidates {
+                count: 3,
+                requires: vec![&claude, &codex, &claude],
+            },
+            &step,
+        )
+        .unwrap();
+        assert_eq!(each.requires[1].get("runner").map(String::as_str), Some("codex"));
+        for count in [0, 9, -1] {
+            let e = candidates(
+                "plan[1].candidates",
+                &RawCandidates {
+                    count,
+                    requires: vec![],
+                },
+                &step,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("plan[1].candidates.count"), "{e}");
+        }
+        let e = candidates(
+            "plan[1].candidates",
+            &RawCandidates {
+                count: 3,
+                requires: vec![&claude, &codex],
+            },
+            &step,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("plan[1].candidates.requires"), "{e}");
+        let bad = labels(&[("runner", "")]);
+        let e = candidates(
+            "c",
+            &RawCandidates {
+                count: 2,
+                requires: vec![&bad],
+            },
+            &step,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("c.requires[0][runner]"), "{e}");
+    }
+
+    fn outcome(index: i32, check: Option<bool>, lines: i64, cost: f64) -> Outcome {
+        Outcome {
+            index,
+            task_id: Uuid::from_u128(index as u128),
+            completed: true,
+            commit: Some(format!("c{index}")),
+            check_passed: check,
+            changed_lines: lines,
+            cost_usd: cost,
+            ended: "completed".into(),
+        }
+    }
+
+    #[test]
+    fn the_smallest_passing_change_wins_ties_to_the_cheaper() {
+        let failed = Outcome {
+            completed: false,
+            commit: None,
+            ended: "agent exited with code 1".into(),
+            ..outcome(4, None, 0, 0.0)
+        };
+        let all = [
+            outcome(1, Some(false), 1, 0.01),
+            outcome(2, Some(true), 30, 0.02),
+            outcome(3, Some(true), 12, 0.05),
+            failed,
+            outcome(5, Some(true), 12, 0.04),
+        ];
+        let c = choose(&all);
+        assert_eq!(c.chosen, Some(5));
+        assert_eq!(c.reason(1), "its check failed");
+        assert!(
+            c.reason(5).starts_with("chosen: the smallest change"),
+            "{}",
+            c.reason(5)
+        );
+        assert!(
+            c.reason(3).contains("candidate 5 changed less or cost less"),
+            "{}",
+            c.reason(3)
+        );
+        assert_eq!(c.reason(4), "did not complete: agent exited with code 1");
+        // Without a check, whatever completed with a change is eligible.
+        assert_eq!(
+            choose(&[outcome(1, None, 9, 0.0), outcome(2, None, 3, 0.0)]).chosen,
+            Some(2)
+        );
+        // A candidate that changed nothing never wins.
+        let idle = Outcome {
+            commit: None,
+            ..outcome(1, Some(true), 0, 0.0)
+        };
+        assert_eq!(choose(&[idle.clone(), outcome(2, Some(true), 5, 0.0)]).chosen, Some(2));
+        let none = choose(&[idle, outcome(2, Some(false), 5, 0.0)]);
+        assert_eq!(none.chosen, None);
+        assert_eq!(
+            none_chosen(&none),
+            "no candidate may land: candidate 1 changed nothing; candidate 2 its check failed"
+        );
+    }
+}
+
+/// One candidate as the choice recorded it (`result.selection.candidates`
+/// of the choosing task).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Seen {
+    pub index: i32,
+    pub task_id: String,
+    pub status: String,
+    pub runner: String,
+    pub model: String,
+    pub check_passed: bool,
+    pub usage: Option<crate::usage::Usage>,
+    pub commit: String,
+    pub files_changed: i32,
+    pub insertions: i32,
+    pub deletions: i32,
+    pub chosen: bool,
+    pub reason: String,
+}
+
+/// What a choosing task's result says of its candidates.
+pub fn seen(result: Option<&serde_json::Value>) -> Vec<Seen> {
+    result
+        .and_then(|r| r.pointer("/selection/candidates"))
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default()
+}
+
+/// A batch's candidates each name a task of the same batch that depends on
+/// them (the one choosing among them): only that task is released by a
+/// candidate's end whatever it is, and no other waits on one.
+pub fn check_batch(field: &str, tasks: &[crate::validate::NewTask]) -> Result<(), DomainError> {
+    for (i, t) in tasks.iter().enumerate() {
+        let Some((of, _)) = t.candidate else { continue };
+        let chooser = tasks.iter().find(|c| c.id == of);
+        if !chooser.is_some_and(|c| c.depends_on.contains(&t.id)) {
+            return Err(DomainError::invalid(
+                format!("{field}[{i}].candidate_of"),
+                "must name a task of the same request that depends on this one",
+            ));
+        }
+        if let Some((j, _)) = tasks
+            .iter()
+            .enumerate()
+            .find(|(_, other)| other.id != of && other.depends_on.contains(&t.id))
+        {
+            return Err(DomainError::invalid(
+                format!("{field}[{j}].depends_on"),
+                format!(
+                    "only the task choosing among candidates may depend on candidate {}",
+                    t.id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The events a task's first outcome says about candidates: a candidate's
+/// TASK_CANDIDATE_FINISHED (`candidate`: the choosing task and its
+/// number), a choosing task's TASK_CANDIDATE_CHOSEN (its result holds the
+/// choice; `landed`: where the chosen commit landed).
+pub fn events(
+    task_id: Uuid,
+    ticket_id: Uuid,
+    outcome: crate::ticket::TaskOutcome,
+    usage: Option<&crate::usage::Usage>,
+    result: Option<&serde_json::Value>,
+    landed: Option<&str>,
+    candidate: Option<(Uuid, i32)>,
+) -> Vec<crate::Envelope> {
+    use crate::event::{CandidateChosen, CandidateFinished, Event};
+    let field = |path: &str| result.and_then(|r| r.pointer(path));
+    let text = |path: &str| field(path).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let number = |path: &str| field(path).and_then(|v| v.as_i64()).unwrap_or(0);
+    let mut out = Vec::new();
+    if let Some((of, index)) = candidate {
+        let finished = CandidateFinished {
+            candidate_of: of,
+            candidate: index,
+            outcome: outcome.as_str().to_owned(),
+            check_passed: field("/check/passed").and_then(|v| v.as_bool()),
+            runner: text("/candidate/runner"),
+            model: text("/candidate/model"),
+            commit: text("/candidate/commit"),
+            insertions: number("/candidate/insertions"),
+            deletions: number("/candidate/deletions"),
+            usage: usage.cloned(),
+        };
+        out.push(crate::Envelope::new(
+            task_id,
+            Some(ticket_id),
+            Event::TaskCandidateFinished(finished),
+        ));
+    }
+    if outcome == crate::ticket::TaskOutcome::Completed && field("/selection").is_some() {
+        let chosen = CandidateChosen {
+            chosen: number("/selection/chosen") as i32,
+            candidate_task_id: text("/selection/candidate_task_id"),
+            commit: landed.unwrap_or_default().to_owned(),
+            reason: text("/selection/reason"),
+            candidates: seen(result),
+        };
+        out.push(crate::Envelope::new(
+            task_id,
+            Some(ticket_id),
+            Event::TaskCandidateChosen(chosen),
+        ));
+    }
+    out
+}
