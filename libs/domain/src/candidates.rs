@@ -136,7 +136,16 @@ pub fn choose(outcomes: &[Outcome]) -> Choice {
                 let what = format!("{passed}{} changed lines, ${:.4}", o.changed_lines, o.cost_usd);
                 match winner {
                     Some(w) if w.index == o.index => format!("chosen: the smallest change ({what})"),
-                    Some(w) => format!("not chosen: {what}; candidate {} changed less or cost less", w.index),
+                    Some(w) => {
+                        let beaten = if w.changed_lines < o.changed_lines {
+                            "changed fewer lines"
+                        } else if w.cost_usd < o.cost_usd {
+                            "cost less"
+                        } else {
+                            "tied and comes first"
+                        };
+                        format!("not chosen: {what}; candidate {} {beaten}", w.index)
+                    }
                     None => what,
                 }
             };
@@ -274,10 +283,11 @@ mod tests {
             "{}",
             c.reason(5)
         );
+        assert!(c.reason(3).ends_with("; candidate 5 cost less"), "{}", c.reason(3));
         assert!(
-            c.reason(3).contains("candidate 5 changed less or cost less"),
+            c.reason(2).ends_with("; candidate 5 changed fewer lines"),
             "{}",
-            c.reason(3)
+            c.reason(2)
         );
         assert_eq!(c.reason(4), "did not complete: agent exited with code 1");
         // Without a check, whatever completed with a change is eligible.

@@ -199,10 +199,39 @@ pub async fn task(q: &mut Queue, task_id: String, out: Output) -> anyhow::Result
     if let Some(line) = check_line(&t) {
         println!("  {line}");
     }
+    if !t.candidate_of.is_empty() {
+        println!("  candidate {} of task {}", t.candidate, t.candidate_of);
+    }
+    for c in &t.candidates {
+        println!("  {}", candidate_line(c));
+    }
     if let Some(s) = &t.session {
         println!("  {}", session_line(s));
     }
     Ok(())
+}
+
+/// `candidate 2  codex gpt-5-codex  completed  check passed  +12 -3 in 2 files  $0.0123  chosen: …`
+fn candidate_line(c: &tq::Candidate) -> String {
+    let check = if c.check_passed { "check passed" } else { "check failed" };
+    let cost = c
+        .usage
+        .as_ref()
+        .map(|u| format!("  ${:.4}", u.cost_usd))
+        .unwrap_or_default();
+    let mark = if c.chosen { "*" } else { " " };
+    format!(
+        "{mark}candidate {}  {} {}  {}  {check}  +{} -{} in {} files{cost}  {}  task {}",
+        c.index,
+        c.runner,
+        c.model,
+        task_status_name(c.status),
+        c.insertions,
+        c.deletions,
+        c.files_changed,
+        c.reason,
+        c.task_id
+    )
 }
 
 /// `check passed: cargo test (exit 0, 12.3 s)` and the output's last

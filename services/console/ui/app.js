@@ -407,6 +407,42 @@ function conversationOf(t, tasks) {
   return chain;
 }
 
+// The candidates a best-of-N task chooses among, side by side: each one's
+// runner, model, check, change, cost and why it was or was not chosen,
+// then each one's kept diff. `key` changes when any of that does.
+function candidatesView(t, tasks, showTask) {
+  const own = tasks.filter((c) => c.candidateOf === t.id).sort((a, b) => a.candidate - b.candidate);
+  if (!own.length) return { key: "", nodes: [] };
+  const seen = new Map((t.candidates || []).map((c) => [c.index, c]));
+  const rows = own.map((c) => {
+    const kept = (c.result && c.result.candidate) || {};
+    const s = seen.get(c.candidate) || {};
+    const check = c.result && c.result.check;
+    return {
+      task: c, index: c.candidate, status: taskStatus(c),
+      runner: s.runner || kept.runner || "", model: s.model || kept.model || "",
+      check: check ? (check.passed ? "passed" : "failed") : c.result ? "no check" : "",
+      change: kept.commit ? "+" + (kept.insertions || 0) + " −" + (kept.deletions || 0) + " in " + (kept.files_changed || 0) + " files" : c.result ? "no change" : "",
+      cost: usd(c.usage) || "", chosen: !!s.chosen, reason: s.reason || "", patch: kept.patch || "",
+    };
+  });
+  const key = JSON.stringify(rows.map((r) => [r.index, r.status, r.check, r.change, r.cost, r.chosen, r.reason]));
+  const nodes = [
+    h("h2", {}, "Candidates"),
+    h("table", { id: "candidates" },
+      h("tr", {}, ["#", "status", "runner", "model", "check", "change", "cost", "choice"].map((x) => h("th", {}, x))),
+      rows.map((r) => h("tr", { "data-candidate": r.index, class: r.chosen ? "chosen" : "" },
+        h("td", {}, h("a", { href: "#", onclick: (ev) => { ev.preventDefault(); showTask(r.task.id); } }, String(r.index))),
+        h("td", {}, h("span", { class: "badge s-" + r.status }, label(r.status))),
+        h("td", {}, r.runner), h("td", {}, r.model), h("td", { class: "check" }, r.check), h("td", {}, r.change), h("td", {}, r.cost),
+        h("td", { class: "reason" }, r.chosen ? h("strong", {}, r.reason) : r.reason)))),
+    h("div", { class: "side-by-side" }, rows.map((r) => h("div", { class: "candidate-diff", "data-candidate": r.index },
+      h("h3", {}, "Candidate " + r.index + (r.runner ? " · " + r.runner : "") + (r.chosen ? " · chosen" : "")),
+      r.patch ? diffView(r.patch) : h("p", { class: "muted" }, r.task.result ? "No change kept." : "Not done yet.")))),
+  ];
+  return { key, nodes };
+}
+
 // What the ticket's check said of a completed task's work: verdict, exit
 // status, time, and (when it failed) the output's last lines.
 function checkFacts(t) {
@@ -482,7 +518,7 @@ function ticketPage(root, id) {
       const log = h("div", { class: "events", id: "events" });
       const ended = h("p", { class: "muted", id: "events-end" });
       detail.replaceChildren(h("h2", {}, t.title), h("div", { id: "task-facts" }), h("div", { class: "actions", id: "task-actions" }),
-        h("div", { id: "task-diff" }), h("h2", {}, "Agent events"), log, ended);
+        h("div", { id: "task-candidates" }), h("div", { id: "task-diff" }), h("h2", {}, "Agent events"), log, ended);
       const onEvent = (m) => {
         if (!m.event) return;
         const stick = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
@@ -528,6 +564,19 @@ function ticketPage(root, id) {
     if (g.patch && changes.dataset.commit !== g.commit) {
       changes.dataset.commit = g.commit;
       changes.replaceChildren(h("h2", {}, "Changes"), diffView(g.patch));
+    }
+    // A candidate's work is kept, not pushed: its diff is in its result.
+    const kept = t.result && t.result.candidate;
+    if (!g.patch && kept && kept.patch && changes.dataset.commit !== kept.commit) {
+      changes.dataset.commit = kept.commit;
+      changes.replaceChildren(h("h2", {}, "Changes (kept for the choice, not pushed)"), diffView(kept.patch));
+    }
+    // The candidates a best-of-N task chooses among, redrawn when they move.
+    const view = candidatesView(t, tasks, showTask);
+    const candidates = detail.querySelector("#task-candidates");
+    if (candidates.dataset.key !== view.key) {
+      candidates.dataset.key = view.key;
+      candidates.replaceChildren(...view.nodes);
     }
     const status = taskStatus(t);
     detail.querySelector("#task-actions").replaceChildren(

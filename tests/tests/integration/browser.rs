@@ -150,3 +150,54 @@ async fn a_person_approves_a_phase_from_the_inbox_and_hears_of_its_completion() 
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_compares_a_steps_candidates_side_by_side() {
+    let infra = Infra::new().await.unwrap();
+    let mesh = ProcessMesh::start(&infra, Options::default()).await.unwrap();
+    let (bare, _) = omoi_tests::repo::remote();
+    let tickets = mesh.tickets();
+    // Two demo-agent candidates doing the same work: both pass the check,
+    // the tie goes to the first.
+    let ticket = tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "Build the feature twice".into(),
+            repository: bare.display().to_string(),
+            check_command: "test -f src/feature.rs".into(),
+            plan: vec![pb::TaskSpec {
+                title: "Build it".into(),
+                phase: Phase::Implementation as i32,
+                candidates: Some(pb::Candidates {
+                    count: 2,
+                    requires: vec![],
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = ticket.ticket.as_ref().unwrap().id.clone();
+    let done = wait_ticket(&tickets, &id, TicketStatus::Completed as i32).await;
+    let chooser = done.tasks.iter().find(|t| t.candidate_of.is_empty()).unwrap();
+    let second = done.tasks.iter().find(|t| t.candidate == 2).unwrap();
+    let console = console(&mesh, None).await;
+    omoi_tests::browser::run(
+        "candidates.py",
+        &[
+            ("OMOI_CONSOLE_URL", &console.url),
+            ("OMOI_TICKET", &id),
+            ("OMOI_CHOOSER", &chooser.id),
+            ("OMOI_CANDIDATE", &second.id),
+        ],
+        &["side_by_side", "a_candidates_own_page"],
+        Duration::from_secs(180),
+    )
+    .await;
+    console.stop().await;
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(bare.parent().unwrap());
+}

@@ -575,3 +575,78 @@ async fn a_programs_own_session_is_checkpointed_and_resumed_by_the_command_runne
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// Best-of-N across a crash: a Claude Code candidate's executor is killed
+/// mid-conversation; the candidate resumes on another executor, the two
+/// Codex candidates run meanwhile, and the choice sees all three ended and
+/// completed (none picked from a partial set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidates_killed_executor_is_survived_and_the_choice_sees_every_candidate() {
+    let infra = Infra::new().await.unwrap();
+    let api = ModelApi::start().await.unwrap();
+    let (home, home_b, root_b) = (tempdir("agent-home"), tempdir("agent-home-b"), tempdir("ws-b"));
+    let mut mesh = ProcessMesh::start(&infra, quick_leases()).await.unwrap();
+    mesh.add_executor(&infra, &claude(&api, &home, "agent-a"))
+        .await
+        .unwrap();
+    let tickets = mesh.tickets();
+    let (bare, main) = remote();
+    let runner = |r: &str| pb::LabelSet {
+        labels: [("runner".to_string(), r.to_string())].into(),
+    };
+    api.hold(2);
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
+            title: "best of three, through a crash".into(),
+            repository: bare.display().to_string(),
+            check_command: "grep -q hello hello.txt".into(),
+            plan: vec![pb::TaskSpec {
+                title: "write hello.txt".into(),
+                phase: 2,
+                candidates: Some(pb::Candidates {
+                    count: 3,
+                    requires: vec![runner("claude-code"), runner("codex"), runner("codex")],
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    // The Claude Code candidate wrote its file and waits on its next call.
+    tokio::time::timeout(Duration::from_secs(90), api.held())
+        .await
+        .expect("turn 2 asked for");
+    mesh.executors.pop().unwrap().kill9().await.unwrap();
+    api.release();
+    let mut b = claude(&api, &home_b, "agent-b");
+    b.push(("OMOI_WORKSPACE_ROOT".into(), root_b.display().to_string()));
+    mesh.add_executor(&infra, &b).await.unwrap();
+    mesh.add_executor(&infra, &codex(&api, &home, "agent-c")).await.unwrap();
+    let done = wait_ticket(&tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let chooser = done.tasks.iter().find(|t| t.candidate_of.is_empty()).unwrap();
+    let seen = &chooser.candidates;
+    assert_eq!(seen.len(), 3, "{chooser:?}");
+    assert!(seen.iter().all(|c| c.status == 4 && c.check_passed), "{seen:?}");
+    let crashed = done.tasks.iter().find(|t| t.candidate == 1).unwrap();
+    assert_eq!(crashed.attempt, 2, "the killed candidate's attempt went round again");
+    assert_eq!(seen.iter().filter(|c| c.chosen).count(), 1);
+    let landed = chooser.git.as_ref().expect("the chosen work landed");
+    assert_eq!(landed.base_commit, main);
+    let chosen = seen.iter().find(|c| c.chosen).unwrap();
+    let hello = git(&bare, &["show", &format!("{}:hello.txt", landed.branch)]);
+    assert_eq!(
+        hello,
+        format!(
+            "hello from {}",
+            if chosen.runner == "codex" { "codex" } else { "claude" }
+        )
+    );
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    for d in [home, home_b, root_b] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let _ = std::fs::remove_dir_all(bare.parent().unwrap());
+}
