@@ -21,6 +21,10 @@
 //! turn 1 runs that merge, turn 2 resolves each conflicted file by keeping
 //! both sides (its conflict markers deleted), turn 3 answers. Any other
 //! later prompt (a resumed session's) carries on where the conversation is.
+//! A judge's prompt (omoi's, asking for `{"pick": …}` among `## Candidate
+//! <n>` sections; Messages API) is answered at once, picking the last
+//! candidate shown: `{"pick": <n>, "reasons": "candidate <n> is the most
+//! thorough"}`.
 //!
 //! It adds up the usage it reported, so that a test can compare what the
 //! agent and omoi made of it; `hold(turn)` keeps that turn's answer back
@@ -372,7 +376,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
             let command = match (outcome(&script).as_str(), &script_of) {
                 ("reveal", _) => "env".to_owned(),
                 (_, Script::Write(file)) => format!("cat {file}"),
-                (_, Script::Merge(_)) => String::new(),
+                (_, Script::Merge(_) | Script::Judge(_)) => String::new(),
             };
             messages(
                 &body,
@@ -460,6 +464,8 @@ enum Script {
     Write(String),
     /// Merges the branch and resolves its conflicts.
     Merge(String),
+    /// Judges candidates: picks this one.
+    Judge(u32),
 }
 
 /// Where the script starts in a Messages API conversation, and what it
@@ -485,6 +491,21 @@ fn follow_up_script(body: &Value) -> (usize, Script) {
         .filter(|(_, m)| m["role"] == "user")
         .find_map(|(i, m)| {
             let text = m["content"].to_string();
+            if text.contains("Answer with one JSON object and nothing else") {
+                let last = text
+                    .split("## Candidate ")
+                    .skip(1)
+                    .filter_map(|rest| {
+                        rest.chars()
+                            .take_while(char::is_ascii_digit)
+                            .collect::<String>()
+                            .parse()
+                            .ok()
+                    })
+                    .max()
+                    .unwrap_or(0);
+                return Some((i, Script::Judge(last)));
+            }
             if let Some(base) = name_after(&text, "(`git merge ") {
                 return Some((i, Script::Merge(base)));
             }
@@ -520,6 +541,9 @@ fn messages(
                 _ => vec![json!({"type": "text", "text": format!("Done: wrote {file}")})],
             }
         }
+        Script::Judge(pick) => vec![json!({"type": "text", "text": format!(
+            "{{\"pick\": {pick}, \"reasons\": \"candidate {pick} is the most thorough\"}}"
+        )})],
         Script::Merge(base) => match turn {
             1 => vec![
                 json!({"type": "text", "text": format!("I will merge {base}.")}),

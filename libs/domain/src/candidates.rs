@@ -24,12 +24,16 @@ pub struct RawCandidates<'a> {
     pub count: i32,
     /// One label set per candidate, or one for all, or none.
     pub requires: Vec<&'a HashMap<String, String>>,
+    /// The judge's labels; none: no judge.
+    pub judge: Option<&'a HashMap<String, String>>,
 }
 
 /// A step's candidates, validated: the labels each one requires.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidates {
     pub requires: Vec<Labels>,
+    /// The labels of the agent that judges; empty: no judge.
+    pub judge: Labels,
 }
 
 impl Candidates {
@@ -66,7 +70,11 @@ pub fn candidates(field: &str, raw: &RawCandidates<'_>, step_requires: &Labels) 
             ));
         }
     };
-    Ok(Candidates { requires })
+    let judge = match raw.judge {
+        Some(j) => routing::requires(&format!("{field}.judge"), j)?,
+        None => Labels::new(),
+    };
+    Ok(Candidates { requires, judge })
 }
 
 /// What a candidate's task says of it once it ended, for the choice.
@@ -111,8 +119,8 @@ impl Choice {
 /// when the ticket has no check), the smallest change; ties go to the
 /// cheaper, then to the lower number.
 pub fn choose(outcomes: &[Outcome]) -> Choice {
-    let eligible = |o: &Outcome| o.completed && o.commit.is_some() && o.check_passed != Some(false);
-    let winner = outcomes.iter().filter(|o| eligible(o)).min_by(|a, b| {
+    let eligible = eligible(outcomes);
+    let winner = outcomes.iter().filter(|o| eligible.contains(&o.index)).min_by(|a, b| {
         a.changed_lines
             .cmp(&b.changed_lines)
             .then(a.cost_usd.total_cmp(&b.cost_usd))
@@ -183,6 +191,7 @@ mod tests {
             "plan[1].candidates",
             &RawCandidates {
                 count: 3,
+                judge: None,
                 requires: vec![],
             },
             &step,
@@ -194,6 +203,7 @@ mod tests {
             "c",
             &RawCandidates {
                 count: 2,
+                judge: None,
                 requires: vec![&codex],
             },
             &step,
@@ -207,6 +217,7 @@ mod tests {
             &RawCandidates {
                 count: 3,
                 requires: vec![&claude, &codex, &claude],
+                judge: None,
             },
             &step,
         )
@@ -217,6 +228,7 @@ mod tests {
                 "plan[1].candidates",
                 &RawCandidates {
                     count,
+                    judge: None,
                     requires: vec![],
                 },
                 &step,
@@ -229,6 +241,7 @@ mod tests {
             &RawCandidates {
                 count: 3,
                 requires: vec![&claude, &codex],
+                judge: None,
             },
             &step,
         )
@@ -239,12 +252,92 @@ mod tests {
             "c",
             &RawCandidates {
                 count: 2,
+                judge: None,
                 requires: vec![&bad],
             },
             &step,
         )
         .unwrap_err();
         assert!(e.to_string().contains("c.requires[0][runner]"), "{e}");
+        let judge = labels(&[("runner", "claude-code")]);
+        let judged = candidates(
+            "c",
+            &RawCandidates {
+                count: 2,
+                requires: vec![],
+                judge: Some(&judge),
+            },
+            &step,
+        )
+        .unwrap();
+        assert_eq!(judged.judge.get("runner").map(String::as_str), Some("claude-code"));
+        let nobody = labels(&[("runner", " ")]);
+        let e = candidates(
+            "c",
+            &RawCandidates {
+                count: 2,
+                requires: vec![],
+                judge: Some(&nobody),
+            },
+            &step,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("c.judge[runner]"), "{e}");
+    }
+
+    #[test]
+    fn the_judge_is_shown_the_evidence_and_its_pick_must_be_one_shown() {
+        let shown = [
+            ForJudge {
+                index: 1,
+                runner: "claude-code".into(),
+                patch: "diff --git a/x b/x\n+one\n".into(),
+                check_tail: vec!["ok 3 tests".into()],
+                ..Default::default()
+            },
+            ForJudge {
+                index: 3,
+                runner: "codex".into(),
+                model: "gpt-5-codex".into(),
+                patch: "x".repeat(60 * 1024),
+                ..Default::default()
+            },
+        ];
+        let p = judge_prompt("Add login", "OAuth please", "cargo test", &shown);
+        assert!(p.contains("passed the project's check (`cargo test`)"), "{p}");
+        assert!(
+            p.contains("## Candidate 1\n\nRunner claude-code; cost $0.0000; +0 -0 in 0 files."),
+            "{p}"
+        );
+        assert!(p.contains("## Candidate 3\n\nRunner codex, model gpt-5-codex"), "{p}");
+        assert!(p.contains("```\nok 3 tests\n```"), "{p}");
+        assert!(p.contains("[… the rest of the diff is left out]"));
+        assert!(p.len() < 60 * 1024, "a long diff is cut");
+        assert!(p.ends_with("{\"pick\": <the candidate's number>, \"reasons\": \"<why, in a sentence or two>\"}\n"));
+
+        let v = verdict("After review:\n```json\n{\"pick\": 3, \"reasons\": \"simpler\"}\n```").unwrap();
+        assert_eq!((v.pick, v.reasons.as_str()), (3, "simpler"));
+        assert!(verdict("I like candidate 3").unwrap_err().contains("not {\"pick\""));
+        let rule = choose(&[
+            outcome(1, Some(true), 1, 0.0),
+            outcome(2, Some(false), 1, 0.0),
+            outcome(3, Some(true), 9, 0.0),
+        ]);
+        assert_eq!(rule.chosen, Some(1));
+        let c = judged(&rule, &[1, 3], &v).unwrap();
+        assert_eq!(c.chosen, Some(3));
+        assert_eq!(c.reason(3), "chosen by the judge: simpler");
+        assert_eq!(c.reason(1), "not chosen by the judge (it chose candidate 3)");
+        assert_eq!(c.reason(2), "its check failed");
+        let off = Verdict {
+            pick: 2,
+            reasons: "x".into(),
+        };
+        assert!(
+            judged(&rule, &[1, 3], &off)
+                .unwrap_err()
+                .contains("not one of those it was shown")
+        );
     }
 
     fn outcome(index: i32, check: Option<bool>, lines: i64, cost: f64) -> Outcome {
@@ -420,4 +513,129 @@ pub fn events(
         ));
     }
     out
+}
+
+/// What the judge is shown of one eligible candidate.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ForJudge {
+    pub index: i32,
+    pub runner: String,
+    pub model: String,
+    pub cost_usd: f64,
+    pub insertions: i64,
+    pub deletions: i64,
+    pub files_changed: i64,
+    /// The check's last lines, when the ticket has one.
+    pub check_tail: Vec<String>,
+    pub patch: String,
+}
+
+/// Most of a candidate's patch the judge is shown.
+const JUDGE_PATCH_BYTES: usize = 48 * 1024;
+
+/// The judge's prompt: the task, then each eligible candidate's evidence
+/// (runner, cost, size, check output, diff), then the answer's schema.
+pub fn judge_prompt(title: &str, description: &str, check: &str, shown: &[ForJudge]) -> String {
+    let mut p = format!(
+        "# Judge the candidates for: {title}\n\n{description}\n\n\
+         Several agents each attempted this task from the same starting point, in workspaces of their own. \
+         Each candidate below completed with a change{}. Pick the one whose change should land: the one \
+         that does what the task asks, correctly and simply. Do not change any file.\n",
+        if check.is_empty() {
+            String::new()
+        } else {
+            format!(" and passed the project's check (`{check}`)")
+        }
+    );
+    for c in shown {
+        let model = if c.model.is_empty() {
+            String::new()
+        } else {
+            format!(", model {}", c.model)
+        };
+        p.push_str(&format!(
+            "\n## Candidate {}\n\nRunner {}{model}; cost ${:.4}; +{} -{} in {} files.\n",
+            c.index, c.runner, c.cost_usd, c.insertions, c.deletions, c.files_changed
+        ));
+        if !c.check_tail.is_empty() {
+            p.push_str(&format!(
+                "\nThe check's output ended:\n\n```\n{}\n```\n",
+                c.check_tail.join("\n")
+            ));
+        }
+        let mut patch = c.patch.clone();
+        if patch.len() > JUDGE_PATCH_BYTES {
+            let mut cut = JUDGE_PATCH_BYTES;
+            while !patch.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            patch.truncate(cut);
+            patch.push_str("\n[… the rest of the diff is left out]");
+        }
+        p.push_str(&format!("\n```diff\n{patch}\n```\n"));
+    }
+    p.push_str(
+        "\n## Your answer\n\nAnswer with one JSON object and nothing else: \
+         {\"pick\": <the candidate's number>, \"reasons\": \"<why, in a sentence or two>\"}\n",
+    );
+    p
+}
+
+/// The judge's answer: its pick and reasons, read from the first JSON
+/// object in its final message.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Verdict {
+    pub pick: i32,
+    pub reasons: String,
+}
+
+/// Reads the judge's final message; why not, when it is not the schema.
+pub fn verdict(answer: &str) -> Result<Verdict, String> {
+    let start = answer.find('{');
+    let end = answer.rfind('}');
+    let parsed = match (start, end) {
+        (Some(s), Some(e)) if s < e => serde_json::from_str::<Verdict>(&answer[s..=e]).ok(),
+        _ => None,
+    };
+    let excerpt: String = answer.chars().take(200).collect();
+    parsed.ok_or_else(|| format!("the judge's answer is not {{\"pick\": n, \"reasons\": \"…\"}}: {excerpt:?}"))
+}
+
+/// The choice with the judge's pick in place of the smallest change: it
+/// must be one of the eligible candidates (those the judge was shown).
+pub fn judged(rule: &Choice, eligible: &[i32], v: &Verdict) -> Result<Choice, String> {
+    if !eligible.contains(&v.pick) {
+        return Err(format!(
+            "the judge picked candidate {}, which is not one of those it was shown ({eligible:?})",
+            v.pick
+        ));
+    }
+    let reasons = rule
+        .reasons
+        .iter()
+        .map(|(i, r)| {
+            let why = if *i == v.pick {
+                format!("chosen by the judge: {}", v.reasons)
+            } else if eligible.contains(i) {
+                format!("not chosen by the judge (it chose candidate {})", v.pick)
+            } else {
+                r.clone()
+            };
+            (*i, why)
+        })
+        .collect();
+    Ok(Choice {
+        chosen: Some(v.pick),
+        reasons,
+    })
+}
+
+/// The candidates the choice may land: completed with a change, check not
+/// failed.
+pub fn eligible(outcomes: &[Outcome]) -> Vec<i32> {
+    outcomes
+        .iter()
+        .filter(|o| o.completed && o.commit.is_some() && o.check_passed != Some(false))
+        .map(|o| o.index)
+        .collect()
 }

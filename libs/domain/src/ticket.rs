@@ -458,7 +458,8 @@ fn with_candidates(plan: Vec<PlannedTask>, candidates: Vec<Option<crate::candida
                 });
             }
             step.depends_on = (first..at[i]).collect();
-            step.requires = crate::routing::Labels::new();
+            // The step's task runs the judge, when there is one.
+            step.requires = c.judge;
         }
         out.push(step);
     }
@@ -684,6 +685,7 @@ mod tests {
             candidates: Some(crate::candidates::RawCandidates {
                 count: 2,
                 requires: vec![&claude, &codex],
+                judge: None,
             }),
             ..spec("Build", &[0])
         };
@@ -713,6 +715,7 @@ mod tests {
         let count = |n: i32| RawTaskSpec {
             candidates: Some(crate::candidates::RawCandidates {
                 count: n,
+                judge: None,
                 requires: vec![],
             }),
             ..spec("x", &[])

@@ -53,6 +53,9 @@ struct CandidatesEntry {
     count: i32,
     #[serde(default)]
     requires: Vec<HashMap<String, String>>,
+    /// The judge's labels (`{runner: claude-code}`).
+    #[serde(default)]
+    judge: HashMap<String, String>,
 }
 
 /// Another task of the plan, by its position (from 0) or its title.
@@ -112,6 +115,7 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<TaskSpec>> {
                         .iter()
                         .map(|labels| omoi_proto::ticket::LabelSet { labels: labels.clone() })
                         .collect(),
+                    judge: c.judge.clone(),
                 }),
             })
         })

@@ -151,6 +151,7 @@ fn task_spec(s: &pb::TaskSpec) -> RawTaskSpec<'_> {
         candidates: candidates.as_ref().map(|c| omoi_domain::candidates::RawCandidates {
             count: c.count,
             requires: c.requires.iter().map(|l| &l.labels).collect(),
+            judge: Some(&c.judge),
         }),
     }
 }

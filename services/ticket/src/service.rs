@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use omoi_base::ApiResult;
+use omoi_base::{ApiError, ApiResult};
 use omoi_bus::Topology;
+use omoi_domain::routing::{self, Labels};
 use omoi_domain::ticket::PhaseInstructions;
 use omoi_domain::{TaskStatus, TicketStatus};
 use omoi_proto::domain::WireEnum;
@@ -61,8 +62,42 @@ impl Tickets {
     }
 
     async fn create(&self, req: pb::CreateTicketRequest) -> ApiResult<pb::CreateTicketResponse> {
+        let judges: Vec<(usize, i32, Labels)> = req
+            .plan
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let judge = &s.candidates.as_ref()?.judge;
+                (!judge.is_empty()).then(|| (i, s.phase, judge.clone().into_iter().collect()))
+            })
+            .collect();
         let (new, plan) = requests::create(req, &self.phase_instructions, self.forge.max_reactions)?;
+        self.judges_exist(&judges).await?;
         self.create_new(new, plan).await
+    }
+
+    /// Refuses a plan whose judge no healthy agent (taking its step's
+    /// phase) could be: it would never choose.
+    async fn judges_exist(&self, judges: &[(usize, i32, Labels)]) -> ApiResult<()> {
+        if judges.is_empty() {
+            return Ok(());
+        }
+        let agents = self.store.list_agents(Some(omoi_domain::AgentStatus::Healthy)).await?;
+        for (i, phase, judge) in judges {
+            let phase = omoi_domain::Phase::given(*phase).known();
+            let able = agents.iter().any(|a| {
+                let labels: Labels = serde_json::from_value(a.labels.clone()).unwrap_or_default();
+                routing::satisfies(&labels, judge)
+                    && (a.phases.is_empty() || phase.is_some_and(|p| a.phases.contains(&p)))
+            });
+            if !able {
+                return Err(ApiError::invalid(
+                    format!("plan[{i}].candidates.judge"),
+                    format!("no healthy agent can judge: none carries {}", routing::describe(judge)),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Stores a checked ticket and puts its tasks on the queue.

@@ -384,6 +384,7 @@ async fn three_candidates_on_two_runners_and_the_one_passing_the_check_lands() {
         candidates: Some(pb::Candidates {
             count: 3,
             requires: vec![runner("claude-code"), runner("codex"), runner("claude-code")],
+            ..Default::default()
         }),
         ..spec("write hello.txt", 2, vec![], 0)
     };
@@ -490,6 +491,95 @@ async fn three_candidates_on_two_runners_and_the_one_passing_the_check_lands() {
     let ticket_cost = done.ticket.as_ref().unwrap().usage.as_ref().unwrap().cost_usd;
     assert!((ticket_cost - spent).abs() < 1e-9, "{ticket_cost} vs {spent}");
     assert!(!format!("{done:?}{history:?}").contains(SECRET));
+    rig.stop().await;
+    let _ = std::fs::remove_dir_all(bare.parent().unwrap());
+}
+
+/// Best-of-N with a judge: three candidates all pass the check; the judge
+/// (Claude Code, shown each one's diff, check output and cost) picks one —
+/// not the one the smallest-change rule would have (Codex's, the cheapest) —
+/// and its pick lands with its reasons; what the judge spent counts too. A
+/// judge no registered agent can be is refused up front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_judges_pick_among_passing_candidates_lands_with_its_reasons() {
+    let mut rig = Rig::start().await;
+    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
+        .await;
+    rig.executor(&rig.api.executor_env(Cli::Codex, &rig.home, SECRET)).await;
+    let (bare, _) = omoi_tests::repo::remote();
+    let labels =
+        |r: &str| -> std::collections::HashMap<String, String> { [("runner".to_string(), r.to_string())].into() };
+    let ticket = |judge: &str| pb::CreateTicketRequest {
+        title: "best of three, judged".into(),
+        repository: bare.display().to_string(),
+        check_command: "test -f hello.txt".into(),
+        plan: vec![pb::TaskSpec {
+            candidates: Some(pb::Candidates {
+                count: 3,
+                requires: ["claude-code", "codex", "claude-code"]
+                    .iter()
+                    .map(|r| pb::LabelSet { labels: labels(r) })
+                    .collect(),
+                judge: labels(judge),
+            }),
+            ..spec("write hello.txt", 2, vec![], 0)
+        }],
+        ..Default::default()
+    };
+    let refused = rig.tickets.clone().create_ticket(ticket("gemini")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("plan[0].candidates.judge"),
+        "{}",
+        refused.message()
+    );
+
+    let created = file_ticket(&rig.tickets, ticket("claude-code")).await;
+    let id = created.ticket.as_ref().unwrap().id.clone();
+    let done = wait_ticket(&rig.tickets, &id, COMPLETED).await;
+    let chooser = done.tasks.iter().find(|t| t.candidate_of.is_empty()).unwrap();
+    assert_eq!(
+        chooser.requires,
+        labels("claude-code"),
+        "the choosing task runs the judge"
+    );
+    let seen = &chooser.candidates;
+    assert!(seen.iter().all(|c| c.check_passed), "{seen:?}");
+    let chosen: Vec<i32> = seen.iter().filter(|c| c.chosen).map(|c| c.index).collect();
+    assert_eq!(chosen, [3], "{seen:?}");
+    assert_eq!(seen[2].reason, "chosen by the judge: candidate 3 is the most thorough");
+    assert_eq!(seen[1].reason, "not chosen by the judge (it chose candidate 3)");
+    let landed = chooser.git.as_ref().unwrap();
+    assert_eq!(
+        landed.commit, seen[2].commit,
+        "its commit landed as it was (the branch had not moved)"
+    );
+    assert_eq!(
+        omoi_tests::repo::git(&bare, &["show", &format!("{}:hello.txt", landed.branch)]),
+        "hello from claude"
+    );
+    let history = omoi_tests::ticket_history(&rig.tickets, &id).await;
+    let picked: Vec<serde_json::Value> = history
+        .iter()
+        .filter(|e| e.event_type == "TASK_CANDIDATE_CHOSEN")
+        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
+        .collect();
+    assert_eq!(picked.len(), 1);
+    assert_eq!(picked[0]["chosen"], 3);
+    assert_eq!(
+        picked[0]["reason"],
+        "chosen by the judge: candidate 3 is the most thorough"
+    );
+    // The judge's spending is the choosing task's, and the ticket's.
+    let judged = chooser.usage.as_ref().expect("the judge's usage").cost_usd;
+    assert!(judged > 0.0);
+    let spent: f64 = done
+        .tasks
+        .iter()
+        .map(|t| t.usage.as_ref().map_or(0.0, |u| u.cost_usd))
+        .sum();
+    let ticket_cost = done.ticket.as_ref().unwrap().usage.as_ref().unwrap().cost_usd;
+    assert!((ticket_cost - spent).abs() < 1e-9, "{ticket_cost} vs {spent}");
     rig.stop().await;
     let _ = std::fs::remove_dir_all(bare.parent().unwrap());
 }

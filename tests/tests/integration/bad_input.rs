@@ -264,6 +264,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                                 requires: vec![pb::LabelSet {
                                     labels: [(rng.text(), rng.text())].into(),
                                 }],
+                                judge: [(rng.text(), rng.text())].into(),
                             }),
                         })
                         .collect(),

@@ -171,6 +171,7 @@ async fn a_person_compares_a_steps_candidates_side_by_side() {
                 candidates: Some(pb::Candidates {
                     count: 2,
                     requires: vec![],
+                    ..Default::default()
                 }),
                 ..Default::default()
             }],

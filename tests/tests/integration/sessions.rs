@@ -607,6 +607,7 @@ async fn a_candidates_killed_executor_is_survived_and_the_choice_sees_every_cand
                 candidates: Some(pb::Candidates {
                     count: 3,
                     requires: vec![runner("claude-code"), runner("codex"), runner("codex")],
+                    ..Default::default()
                 }),
                 ..Default::default()
             }],

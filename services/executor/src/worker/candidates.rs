@@ -3,9 +3,9 @@
 //! task choosing among the candidates, once all of them ended, picks one by
 //! the evidence and lands its commit on the ticket's branch.
 
-use omoi_domain::candidates::{self, Outcome, Seen};
+use omoi_domain::candidates::{self, ForJudge, Outcome, Seen};
 use omoi_domain::{ErrorClass, Usage};
-use omoi_proto::common::{OutputStream, TaskStatus};
+use omoi_proto::common::{OutputStream, TaskStatus, Usage as UsagePb};
 use omoi_proto::executor::ExecutionState;
 use omoi_proto::taskqueue as tq;
 use serde_json::{Value, json};
@@ -16,6 +16,7 @@ use super::run::{BranchCommit, Prepared, pushed_line};
 use crate::events::EventSink;
 use crate::executions::Execution;
 use crate::git::GitError;
+use crate::runners::{RunContext, Verdict as RunVerdict};
 
 /// Where a candidate's kept commit is stored: beside its task's
 /// checkpoints in the sessions' bucket.
@@ -65,24 +66,39 @@ impl Worker {
         }))
     }
 
-    /// The task choosing among its candidates (all ended): the choice, and
-    /// the chosen commit landed on the branch; true when it completed.
-    pub(super) async fn choose_and_land(&self, run: &Execution, prepared: &Prepared) -> bool {
+    /// The task choosing among its candidates (all ended): the choice (the
+    /// judge's, with `judge`, when more than one may land), and the chosen
+    /// commit landed on the branch; true when it completed.
+    pub(super) async fn choose_and_land(
+        &self,
+        run: &Execution,
+        task: &tq::Task,
+        prepared: &Prepared,
+        judge: Option<&mut RunContext>,
+    ) -> bool {
         run.set_state(ExecutionState::Running);
         let outcomes: Vec<Outcome> = prepared.candidates.iter().map(outcome).collect();
-        let choice = candidates::choose(&outcomes);
+        let rule = candidates::choose(&outcomes);
+        let eligible = candidates::eligible(&outcomes);
+        let (choice, usage) = match judge {
+            Some(ctx) if eligible.len() > 1 => match self.judge(run, task, prepared, &rule, &eligible, ctx).await {
+                Ok(judged) => judged,
+                Err((message, usage)) => return self.give_up(run, message, ErrorClass::Retryable, usage).await,
+            },
+            _ => (rule, None),
+        };
         for (index, reason) in &choice.reasons {
             run.line(OutputStream::System, format!("candidate {index}: {reason}"));
         }
         let seen: Vec<Seen> = prepared.candidates.iter().map(|t| seen(t, &choice)).collect();
         let Some(chosen) = choice.chosen else {
             let message = candidates::none_chosen(&choice);
-            return self.give_up(run, message, ErrorClass::Permanent).await;
+            return self.give_up(run, message, ErrorClass::Permanent, usage).await;
         };
         let winner = seen.iter().find(|s| s.index == chosen).cloned().unwrap_or_default();
         let Some(checkout) = &prepared.checkout else {
             let message = "candidates need the ticket's repository".to_owned();
-            return self.give_up(run, message, ErrorClass::Permanent).await;
+            return self.give_up(run, message, ErrorClass::Permanent, usage).await;
         };
         if !self.hold_for_push(run.task_id, run.attempt).await {
             let message = "the attempt was taken back before the chosen work could land".to_owned();
@@ -95,7 +111,7 @@ impl Worker {
             Ok(b) => b,
             Err(e) => {
                 let message = format!("the chosen candidate {chosen}'s commit cannot be read: {e}");
-                return self.give_up(run, message, ErrorClass::Retryable).await;
+                return self.give_up(run, message, ErrorClass::Retryable, usage).await;
             }
         };
         let g = match self.git.land(checkout, &bundle, &winner.commit).await {
@@ -106,7 +122,9 @@ impl Worker {
                     "the chosen candidate {chosen} did not land on {}: {message}",
                     checkout.branch
                 );
-                return self.give_up(run, message, class.unwrap_or(ErrorClass::Retryable)).await;
+                return self
+                    .give_up(run, message, class.unwrap_or(ErrorClass::Retryable), usage)
+                    .await;
             }
         };
         run.line(OutputStream::System, pushed_line(&g));
@@ -129,14 +147,63 @@ impl Worker {
             "agent_id": self.agent_id.to_string(),
         });
         let git = omoi_proto::common::GitChange::from(&g);
-        self.complete(run, result, None, Some(git)).await
+        self.complete(run, result, usage, Some(git)).await
+    }
+
+    /// Asks the judge (this executor's agent) to pick among the eligible
+    /// candidates, shown their evidence; the choice with its pick, and what
+    /// the judge spent. Why not, when it did not answer in the schema.
+    async fn judge(
+        &self,
+        run: &Execution,
+        task: &tq::Task,
+        prepared: &Prepared,
+        rule: &candidates::Choice,
+        eligible: &[i32],
+        ctx: &mut RunContext,
+    ) -> Result<(candidates::Choice, Option<UsagePb>), (String, Option<UsagePb>)> {
+        let shown: Vec<ForJudge> = prepared
+            .candidates
+            .iter()
+            .filter(|t| eligible.contains(&t.candidate))
+            .map(for_judge)
+            .collect();
+        ctx.prompt = candidates::judge_prompt(&task.title, &task.description, &prepared.ticket.check_command, &shown);
+        run.line(
+            OutputStream::System,
+            format!("asking the judge to choose among candidates {eligible:?}"),
+        );
+        let outcome = match self.runner.run(ctx, run, &run.stop).await {
+            Ok(o) => o,
+            Err(e) => return Err((format!("the judge could not run: {e}"), None)),
+        };
+        let usage = outcome.usage.clone();
+        if let Some(u) = &usage {
+            crate::events::count_usage(u);
+        }
+        let answer = match (&outcome.stopped, outcome.verdict) {
+            (None, Some(RunVerdict::Succeeded { summary })) => summary,
+            (None, None) if outcome.exit_code == Some(0) => run.tail(OutputStream::Stdout, 1).pop().unwrap_or_default(),
+            (None, Some(RunVerdict::Failed { message, .. })) => {
+                return Err((format!("the judge failed: {message}"), usage));
+            }
+            _ => return Err(("the judge did not finish".to_owned(), usage)),
+        };
+        let verdict = candidates::verdict(&answer).map_err(|e| (e, usage.clone()))?;
+        let choice = candidates::judged(rule, eligible, &verdict).map_err(|e| (e, usage.clone()))?;
+        Ok((choice, usage))
     }
 
     /// Ends the choosing attempt without landing anything.
-    async fn give_up(&self, run: &Execution, message: String, class: ErrorClass) -> bool {
+    async fn give_up(&self, run: &Execution, message: String, class: ErrorClass, usage: Option<UsagePb>) -> bool {
         run.line(OutputStream::System, message.clone());
         run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), vec![]);
-        self.fail(run.task_id, run.attempt, &message, Some(class)).await;
+        let more = tq::FailTaskRequest {
+            usage,
+            ..Default::default()
+        };
+        self.report_failure(run.task_id, run.attempt, &message, Some(class), more)
+            .await;
         false
     }
 }
@@ -173,6 +240,27 @@ fn outcome(t: &tq::Task) -> Outcome {
         changed_lines: c["insertions"].as_i64().unwrap_or(0) + c["deletions"].as_i64().unwrap_or(0),
         cost_usd: t.usage.as_ref().map_or(0.0, |u| u.cost_usd),
         ended,
+    }
+}
+
+/// What the judge is shown of an eligible candidate.
+fn for_judge(t: &tq::Task) -> ForJudge {
+    let result = result_of(t);
+    let c = &result["candidate"];
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    ForJudge {
+        index: t.candidate,
+        runner: text(&c["runner"]),
+        model: text(&c["model"]),
+        cost_usd: t.usage.as_ref().map_or(0.0, |u| u.cost_usd),
+        insertions: c["insertions"].as_i64().unwrap_or(0),
+        deletions: c["deletions"].as_i64().unwrap_or(0),
+        files_changed: c["files_changed"].as_i64().unwrap_or(0),
+        check_tail: result["check"]["output_tail"]
+            .as_array()
+            .map(|l| l.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default(),
+        patch: text(&c["patch"]),
     }
 }
 

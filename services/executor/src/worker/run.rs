@@ -43,7 +43,7 @@ pub(super) fn run_span(a: &tq::Assignment) -> tracing::Span {
 
 /// What an attempt starts with besides its task.
 pub(super) struct Prepared {
-    ticket: TicketContext,
+    pub(super) ticket: TicketContext,
     dependencies: Vec<Dependency>,
     /// The candidates this task chooses among (its dependencies that are
     /// candidate attempts at it), as the queue has them; empty for others.
@@ -141,13 +141,6 @@ impl Worker {
                 format!("on branch {} at {}", c.branch, c.base_commit),
             );
         }
-        if !prepared.candidates.is_empty() {
-            // It chooses among its candidates, all ended: no agent runs.
-            let landed = self.choose_and_land(&run, &prepared).await;
-            self.executions.end(&run);
-            self.clean_up(&dir, landed).await;
-            return;
-        }
         let say: Arc<dyn Fn(String) + Send + Sync> = {
             let run = Arc::clone(&run);
             Arc::new(move |line| run.line(OutputStream::System, line))
@@ -186,6 +179,15 @@ impl Worker {
             session: Default::default(),
             fence,
         };
+        if !prepared.candidates.is_empty() {
+            // It chooses among its candidates, all ended; its agent, when
+            // it requires one (the judge's labels), judges them.
+            let judge = (!task.requires.is_empty()).then_some(&mut ctx);
+            let landed = self.choose_and_land(&run, &task, &prepared, judge).await;
+            self.executions.end(&run);
+            self.clean_up(&dir, landed).await;
+            return;
+        }
         let continues = Continues::of(&task, task_id);
         let restored = self.restore(&run, &continues, &ctx).await;
         ctx.resume = restored.resume.clone();
