@@ -453,6 +453,15 @@ async fn three_candidates_on_two_runners_and_the_one_passing_the_check_lands() {
             .unwrap();
         assert!(!probe.success(), "candidate {}'s commit reached the remote", c.index);
     }
+    // The step's task takes up the chosen conversation: a follow-up of it
+    // resumes Codex's session.
+    let winner = candidates[1].session.as_ref().expect("the candidate's session");
+    let taken = chooser.session.as_ref().expect("the chosen session, taken up");
+    assert_eq!(
+        (taken.runner.as_str(), &taken.session_id),
+        ("codex", &winner.session_id)
+    );
+    assert_eq!(taken.checkpoint, winner.checkpoint);
     for t in &candidates {
         assert!(t.git.is_none(), "a candidate pushes nothing");
         assert_eq!(t.status, omoi_proto::common::TaskStatus::Completed as i32);

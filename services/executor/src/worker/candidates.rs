@@ -128,6 +128,7 @@ impl Worker {
             }
         };
         run.line(OutputStream::System, pushed_line(&g));
+        self.take_up_session(run, prepared, task_id).await;
         let runner = if winner.runner.is_empty() {
             String::new()
         } else {
@@ -192,6 +193,29 @@ impl Worker {
         let verdict = candidates::verdict(&answer).map_err(|e| (e, usage.clone()))?;
         let choice = candidates::judged(rule, eligible, &verdict).map_err(|e| (e, usage.clone()))?;
         Ok((choice, usage))
+    }
+
+    /// Records the chosen candidate's agent session as the choosing task's:
+    /// a follow-up of the step (or changes a person asks for) resumes the
+    /// conversation whose work landed.
+    async fn take_up_session(&self, run: &Execution, prepared: &Prepared, chosen: Uuid) {
+        let Some(session) = prepared
+            .candidates
+            .iter()
+            .find(|t| t.id.parse() == Ok(chosen))
+            .and_then(|t| t.session.clone())
+        else {
+            return;
+        };
+        match omoi_proto::domain::agent_session("session", session) {
+            Ok(mut s) => {
+                s.attempt = run.attempt;
+                s.resumed_from_attempt = 0;
+                s.resumed_from_task_id = None;
+                self.record_session(run.task_id, run.attempt, &s).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "the chosen candidate's session is not recorded"),
+        }
     }
 
     /// Ends the choosing attempt without landing anything.
