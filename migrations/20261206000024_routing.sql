@@ -41,3 +41,5 @@ ALTER TABLE tasks ADD COLUMN candidate_of uuid;
 ALTER TABLE tasks ADD COLUMN candidate smallint;
 ALTER TABLE ticket_tasks ADD COLUMN candidate_of integer;
 ALTER TABLE ticket_tasks ADD COLUMN candidate smallint;
+-- The candidates of a choosing task (looked up when either goes round again).
+CREATE INDEX tasks_candidate_of ON tasks (candidate_of) WHERE candidate_of IS NOT NULL;

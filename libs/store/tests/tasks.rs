@@ -843,6 +843,29 @@ async fn a_candidates_end_whatever_it_is_releases_the_task_choosing_among_them()
         .await
         .unwrap();
     assert_eq!(gave_up.cancelled_dependents, [after.id]);
+
+    // Going round again, as RetryTicket does it (in plan order): the failed
+    // candidate first, then the choosing task, which its failed candidate
+    // does not keep from going round and which waits for that candidate
+    // again instead of choosing among the others at once.
+    db.store.retry(one.id, "again", false).await.unwrap();
+    let again = db.store.retry(chooser_id, "again", false).await.unwrap();
+    assert_eq!(again.restored, [after.id]);
+    let waiting = db.store.get(chooser_id).await.unwrap();
+    assert_eq!((waiting.status, waiting.unmet_deps), (TaskStatus::Pending, 1));
+    let t = db
+        .store
+        .assign(None, &Labels::new(), &[slot(agent), slot(agent)], Utc::now(), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        t.iter().map(|t| t.id).collect::<Vec<_>>(),
+        [one.id],
+        "only the candidate is ready"
+    );
+    db.store.start_batch(&[report(one.id, 2)]).await.unwrap();
+    db.store.complete_batch(&[report(one.id, 2)]).await.unwrap();
+    assert_eq!(db.store.get(chooser_id).await.unwrap().unmet_deps, 0);
     db.drop().await;
 }
 

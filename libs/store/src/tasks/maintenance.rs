@@ -90,8 +90,11 @@ impl Store {
                 .await?;
         }
         let ended: Option<(Uuid, String)> = sqlx::query_as(sql!(
+            // A candidate's end, whatever it is, is met for the task
+            // choosing among them: it may go round again.
             "SELECT p.id, p.status FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
              WHERE d.task_id = $1 AND p.status IN ('failed', 'timed_out', 'cancelled')
+               AND p.candidate_of IS DISTINCT FROM $1
              ORDER BY p.seq LIMIT 1"
         ))
         .bind(task_id)

@@ -255,6 +255,28 @@ async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
             .bind(tr.task_id)
             .execute(&mut *conn)
             .await?;
+            // A candidate going round again had released the task choosing
+            // among them: that one, while still waiting, waits for it again
+            // (it never chooses from a partial set).
+            sqlx::query(sql!(
+                "UPDATE tasks c SET unmet_deps = c.unmet_deps + 1, updated_at = now()
+                 FROM tasks k
+                 WHERE k.id = $1 AND c.id = k.candidate_of AND c.status = 'pending'"
+            ))
+            .bind(tr.task_id)
+            .execute(&mut *conn)
+            .await?;
+            // And a choosing task going round again waits for whichever of
+            // its candidates are not over.
+            sqlx::query(sql!(
+                "UPDATE tasks t SET unmet_deps = (
+                     SELECT count(*) FROM task_dependencies d JOIN tasks k ON k.id = d.depends_on
+                     WHERE d.task_id = t.id AND k.status NOT IN ('completed', 'failed', 'timed_out', 'cancelled'))
+                 WHERE t.id = $1 AND EXISTS (SELECT 1 FROM tasks k WHERE k.candidate_of = t.id)"
+            ))
+            .bind(tr.task_id)
+            .execute(&mut *conn)
+            .await?;
         }
         Change::Cancel { reason } => {
             sqlx::query(sql!(
