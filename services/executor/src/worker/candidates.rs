@@ -6,6 +6,7 @@
 use omoi_domain::candidates::{self, ForJudge, Outcome, Seen};
 use omoi_domain::{ErrorClass, Usage};
 use omoi_proto::common::{OutputStream, TaskStatus, Usage as UsagePb};
+use omoi_proto::domain::WireEnum;
 use omoi_proto::executor::ExecutionState;
 use omoi_proto::taskqueue as tq;
 use serde_json::{Value, json};
@@ -240,6 +241,14 @@ fn result_of(t: &tq::Task) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// A task's status as the domain names it (`completed`, `timed_out`).
+fn status_of(t: &tq::Task) -> String {
+    omoi_domain::TaskStatus::given(t.status)
+        .known()
+        .map_or("unknown", |s| s.as_str())
+        .to_owned()
+}
+
 /// What the choice weighs of a candidate's task.
 fn outcome(t: &tq::Task) -> Outcome {
     let result = result_of(t);
@@ -247,11 +256,7 @@ fn outcome(t: &tq::Task) -> Outcome {
     let commit = c["commit"].as_str().filter(|s| !s.is_empty()).map(str::to_owned);
     let completed = t.status == TaskStatus::Completed as i32;
     let ended = if t.error_message.is_empty() {
-        TaskStatus::try_from(t.status)
-            .unwrap_or(TaskStatus::Unspecified)
-            .as_str_name()
-            .trim_start_matches("TASK_STATUS_")
-            .to_ascii_lowercase()
+        status_of(t)
     } else {
         t.error_message.clone()
     };
@@ -297,11 +302,7 @@ fn seen(t: &tq::Task, choice: &candidates::Choice) -> Seen {
     Seen {
         index: t.candidate,
         task_id: t.id.clone(),
-        status: TaskStatus::try_from(t.status)
-            .unwrap_or(TaskStatus::Unspecified)
-            .as_str_name()
-            .trim_start_matches("TASK_STATUS_")
-            .to_ascii_lowercase(),
+        status: status_of(t),
         runner: text(&c["runner"]),
         model: text(&c["model"]),
         check_passed: result["check"]["passed"]
