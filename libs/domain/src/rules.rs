@@ -58,6 +58,41 @@ impl Change {
     }
 }
 
+/// What a task's change does to its pending dependents.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dependents {
+    /// Nothing: the task is not over (or completed, which releases them
+    /// its own way).
+    Untouched,
+    /// Cancelled (transitively) with this reason; their events come from
+    /// `dependent_cancelled`.
+    Cancelled(String),
+    /// Released as if it had completed: a candidate's end, whatever it is,
+    /// is met for the task choosing among the candidates.
+    Released,
+}
+
+impl Dependents {
+    /// What a task ending without completing does to its dependents:
+    /// cancels them saying `reason`, or releases its chooser when it is a
+    /// candidate.
+    fn of_end(task: &Task, reason: String) -> Self {
+        if task.candidate.is_some() {
+            Dependents::Released
+        } else {
+            Dependents::Cancelled(reason)
+        }
+    }
+
+    /// The reason they are cancelled with, when they are.
+    pub fn cancelled(&self) -> Option<&str> {
+        match self {
+            Dependents::Cancelled(reason) => Some(reason),
+            _ => None,
+        }
+    }
+}
+
 /// What a failure, timeout, cancellation or reclaim does to one task.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
@@ -67,9 +102,8 @@ pub struct Transition {
     pub events: Vec<Envelope>,
     /// The agent holding the attempt, to be told to stop.
     pub revoke: Option<Revoked>,
-    /// When set, the task's pending dependents (transitively) are cancelled
-    /// with this reason; their events come from `dependent_cancelled`.
-    pub cancel_dependents: Option<String>,
+    /// What becomes of the task's pending dependents.
+    pub dependents: Dependents,
     /// What the ended attempt spent, added to the task's usage.
     pub usage: Option<Usage>,
 }
@@ -281,7 +315,7 @@ pub fn on_cancel(task: &Task, reason: &str) -> Result<Transition, DomainError> {
             }),
         )],
         revoke: holder(task, reason),
-        cancel_dependents: Some(format!("dependency {} was cancelled: {reason}", task.id)),
+        dependents: Dependents::of_end(task, format!("dependency {} was cancelled: {reason}", task.id)),
         usage: None,
     })
 }
@@ -326,7 +360,7 @@ pub fn on_manual_retry(
             }),
         )],
         revoke: None,
-        cancel_dependents: None,
+        dependents: Dependents::Untouched,
         usage: None,
     })
 }
@@ -623,7 +657,7 @@ fn end_attempt(
             },
             events,
             revoke,
-            cancel_dependents: None,
+            dependents: Dependents::Untouched,
             usage: None,
         };
     }
@@ -646,7 +680,7 @@ fn end_attempt(
         },
         events,
         revoke,
-        cancel_dependents: Some(format!("dependency {} failed: {message}", task.id)),
+        dependents: Dependents::of_end(task, format!("dependency {} failed: {message}", task.id)),
         usage: None,
     }
 }
@@ -838,9 +872,29 @@ mod tests {
             let tr = on_failure(&t, &failure(t.attempt, message, class), &mut rng()).unwrap();
             assert_eq!(tr.change.status(), want, "{message} {class:?}");
             assert_eq!(types(&tr), events);
-            assert_eq!(tr.cancel_dependents.is_some(), cascades);
+            assert_eq!(tr.dependents.cancelled().is_some(), cascades);
             assert_eq!(tr.revoke, None, "the reporter knows its attempt ended");
         }
+        // A candidate failing for good, or cancelled, releases the task
+        // choosing among the candidates instead.
+        let candidate = Task {
+            candidate: Some((Uuid::now_v7(), 2)),
+            ..task(Running, 3, 3)
+        };
+        let failed = on_failure(
+            &candidate,
+            &failure(candidate.attempt, "oops", Some(Permanent)),
+            &mut rng(),
+        )
+        .unwrap();
+        assert_eq!(
+            (failed.change.status(), failed.dependents),
+            (Failed, Dependents::Released)
+        );
+        assert_eq!(
+            on_cancel(&candidate, "enough").unwrap().dependents,
+            Dependents::Released
+        );
     }
 
     fn failure(attempt: i32, message: &str, class: Option<ErrorClass>) -> Failure {
@@ -1045,7 +1099,7 @@ mod tests {
             );
             assert_eq!(tr.revoke.is_some(), status != TaskStatus::Pending);
             assert_eq!(
-                tr.cancel_dependents.as_deref(),
+                tr.dependents.cancelled(),
                 Some(format!("dependency {} was cancelled: cancelled", t.id).as_str())
             );
             let Event::TaskCancelled(e) = &tr.events[0].event else {

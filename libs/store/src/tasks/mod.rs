@@ -10,7 +10,7 @@ mod query;
 mod reports;
 
 use omoi_domain::routing::Labels;
-use omoi_domain::rules::{self, Change, Revoked, Transition};
+use omoi_domain::rules::{self, Change, Dependents, Revoked, Transition};
 use omoi_domain::{DomainError, ErrorClass, Task, Usage};
 use serde_json::Value;
 use sqlx::postgres::PgRow;
@@ -291,22 +291,13 @@ async fn persist(conn: &mut PgConnection, tr: Transition) -> Result<Outcome> {
         }
     }
     events::insert(conn, &tr.events).await?;
-    let cancelled_dependents = match &tr.cancel_dependents {
-        Some(reason) => {
-            let candidate: bool = sqlx::query_scalar(sql!("SELECT candidate_of IS NOT NULL FROM tasks WHERE id = $1"))
-                .bind(tr.task_id)
-                .fetch_one(&mut *conn)
-                .await?;
-            if candidate {
-                // A candidate's end, whatever it is, releases the task
-                // choosing among them: it sees every candidate ended.
-                release_dependents(conn, &[tr.task_id]).await?;
-                Vec::new()
-            } else {
-                cancel_dependents(conn, tr.task_id, reason).await?
-            }
+    let cancelled_dependents = match &tr.dependents {
+        Dependents::Cancelled(reason) => cancel_dependents(conn, tr.task_id, reason).await?,
+        Dependents::Released => {
+            release_dependents(conn, &[tr.task_id]).await?;
+            Vec::new()
         }
-        None => Vec::new(),
+        Dependents::Untouched => Vec::new(),
     };
     let task = lock_task(conn, tr.task_id).await?;
     debug_assert_eq!(task.status, tr.change.status());
