@@ -1,6 +1,7 @@
 //! Routing by capability: agents carry labels (what runner and model they
 //! run, and anything a deployment adds); a task may require labels, and is
-//! handed only to an agent carrying every one of them with the same value.
+//! handed only to an agent carrying every one of them with the same value
+//! (the claim and the queue's statistics ask PostgreSQL: jsonb containment).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -14,12 +15,6 @@ pub type Labels = BTreeMap<String, String>;
 /// The labels every executor sets on itself from its configuration.
 pub const RUNNER_LABEL: &str = "runner";
 pub const MODEL_LABEL: &str = "model";
-
-/// Whether an agent carrying `labels` may take a task requiring `requires`:
-/// every required key present with the same value. Nothing required: any.
-pub fn satisfies(labels: &Labels, requires: &Labels) -> bool {
-    requires.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
 
 /// A request's required labels, validated as labels are (at most 64; keys
 /// of letters, digits and `- _ . /`; short values without control
@@ -75,16 +70,6 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
-    #[test]
-    fn an_agent_satisfies_a_task_carrying_every_required_label_with_its_value() {
-        let agent = labels(&[("runner", "codex"), ("gpu", "true")]);
-        assert!(satisfies(&agent, &Labels::new()));
-        assert!(satisfies(&agent, &labels(&[("runner", "codex")])));
-        assert!(satisfies(&agent, &labels(&[("runner", "codex"), ("gpu", "true")])));
-        assert!(!satisfies(&agent, &labels(&[("runner", "claude-code")])));
-        assert!(!satisfies(&agent, &labels(&[("runner", "codex"), ("zone", "eu")])));
     }
 
     #[test]

@@ -11,6 +11,20 @@ use crate::codes::{phase_code, phase_of};
 use crate::statements::sql;
 use crate::{Result, Store, StoreError};
 
+/// A healthy agent `a` carrying the labels `$requires` and taking the
+/// phase `$phase` (SQL expressions): one that may be handed such a task.
+macro_rules! agent_takes {
+    ($requires:literal, $phase:literal) => {
+        concat!(
+            "a.status = 'healthy' AND a.labels @> ",
+            $requires,
+            " AND (a.phases = '{}' OR ",
+            $phase,
+            " = ANY(a.phases))"
+        )
+    };
+}
+
 /// Filters of `list`.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -112,24 +126,38 @@ impl Store {
         })
     }
 
+    /// Whether a healthy agent could take a task of `phase` requiring
+    /// `requires` (e.g. judge a step's candidates).
+    pub async fn can_take(&self, requires: &Labels, phase: Phase) -> Result<bool> {
+        let requires = serde_json::to_value(requires).expect("labels always serialize");
+        Ok(sqlx::query_scalar(sql!(concat!(
+            "SELECT EXISTS (SELECT 1 FROM agents a WHERE ",
+            agent_takes!("$1::jsonb", "$2::int2"),
+            ")"
+        )))
+        .bind(requires)
+        .bind(phase_code(phase))
+        .fetch_one(self.pool())
+        .await?)
+    }
+
     /// Pending tasks no healthy agent can take — none carries the labels
     /// they require and takes their phase — counted by requirement and
     /// phase. The tasks are grouped first (from their index), and each
     /// group is checked against the agents once.
     pub async fn unsatisfied(&self) -> Result<Vec<Unsatisfied>> {
-        let rows: Vec<(serde_json::Value, i16, i64)> = sqlx::query_as(sql!(
+        let rows: Vec<(serde_json::Value, i16, i64)> = sqlx::query_as(sql!(concat!(
             "WITH g AS (
                  SELECT requirement, phase, count(*) AS n FROM tasks
                  WHERE status = 'pending' AND requirement <> 0
                  GROUP BY requirement, phase
              )
              SELECT s.requires, g.phase, g.n FROM g JOIN requirement_sets s ON s.id = g.requirement
-             WHERE NOT EXISTS (
-                 SELECT 1 FROM agents a
-                 WHERE a.status = 'healthy' AND a.labels @> s.requires
-                   AND (a.phases = '{}' OR g.phase = ANY(a.phases)))
+             WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE ",
+            agent_takes!("s.requires", "g.phase"),
+            ")
              ORDER BY g.n DESC, g.phase"
-        ))
+        )))
         .fetch_all(self.pool())
         .await?;
         rows.into_iter()
