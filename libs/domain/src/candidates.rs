@@ -77,6 +77,39 @@ pub fn candidates(field: &str, raw: &RawCandidates<'_>, step_requires: &Labels) 
     Ok(Candidates { requires, judge })
 }
 
+/// A candidate's kept work, as its result records it (`result.candidate`):
+/// written by its executor, read by the choice and the events.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Kept {
+    /// The task choosing among the candidates, and this one's number.
+    pub of: String,
+    pub index: i32,
+    /// Its commit (kept as a bundle, not pushed); empty when it changed
+    /// nothing.
+    pub commit: String,
+    pub base_commit: String,
+    pub files_changed: i32,
+    pub insertions: i64,
+    pub deletions: i64,
+    pub patch: String,
+    pub patch_truncated: bool,
+    /// The labels of the agent that did the work.
+    pub runner: String,
+    pub model: String,
+}
+
+impl Kept {
+    /// What a candidate's result records of its work (default when it has
+    /// no result: it did not complete).
+    pub fn of(result: Option<&serde_json::Value>) -> Kept {
+        result
+            .and_then(|r| r.get("candidate"))
+            .and_then(|c| serde_json::from_value(c.clone()).ok())
+            .unwrap_or_default()
+    }
+}
+
 /// What a candidate's task says of it once it ended, for the choice.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Outcome {
@@ -477,19 +510,19 @@ pub fn events(
     use crate::event::{CandidateChosen, CandidateFinished, Event};
     let field = |path: &str| result.and_then(|r| r.pointer(path));
     let text = |path: &str| field(path).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
-    let number = |path: &str| field(path).and_then(|v| v.as_i64()).unwrap_or(0);
     let mut out = Vec::new();
     if let Some((of, index)) = candidate {
+        let kept = Kept::of(result);
         let finished = CandidateFinished {
             candidate_of: of,
             candidate: index,
             outcome: outcome.as_str().to_owned(),
-            check_passed: field("/check/passed").and_then(|v| v.as_bool()),
-            runner: text("/candidate/runner"),
-            model: text("/candidate/model"),
-            commit: text("/candidate/commit"),
-            insertions: number("/candidate/insertions"),
-            deletions: number("/candidate/deletions"),
+            check_passed: crate::check::Check::of(result).map(|c| c.passed),
+            runner: kept.runner,
+            model: kept.model,
+            commit: kept.commit,
+            insertions: kept.insertions,
+            deletions: kept.deletions,
             usage: usage.cloned(),
         };
         out.push(crate::Envelope::new(
@@ -500,7 +533,7 @@ pub fn events(
     }
     if outcome == crate::ticket::TaskOutcome::Completed && field("/selection").is_some() {
         let chosen = CandidateChosen {
-            chosen: number("/selection/chosen") as i32,
+            chosen: field("/selection/chosen").and_then(|v| v.as_i64()).unwrap_or(0) as i32,
             candidate_task_id: text("/selection/candidate_task_id"),
             commit: landed.unwrap_or_default().to_owned(),
             reason: text("/selection/reason"),

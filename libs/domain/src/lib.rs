@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod candidates;
+pub mod check;
 pub mod classify;
 pub mod error;
 pub mod event;

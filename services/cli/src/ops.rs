@@ -139,10 +139,8 @@ fn waiting_note(t: &tq::Task, unsatisfied: &[tq::UnsatisfiedRequirement]) -> Str
 }
 
 /// `gpu=true, runner=codex`: labels (an agent's or a requirement), sorted.
-pub fn labels_text(requires: &std::collections::HashMap<String, String>) -> String {
-    let mut pairs: Vec<String> = requires.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    pairs.sort();
-    pairs.join(", ")
+pub fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
+    omoi_domain::routing::describe(&labels.clone().into_iter().collect())
 }
 
 fn task_line(t: &tq::Task) -> String {
@@ -238,26 +236,11 @@ fn candidate_line(c: &tq::Candidate) -> String {
 /// lines, from a completed task's result, when its ticket has a check.
 fn check_line(t: &tq::Task) -> Option<String> {
     let result = omoi_proto::convert::struct_to_json(t.result.as_ref()?);
-    let c = result.get("check")?;
-    let verdict = if c["passed"].as_bool() == Some(true) {
-        "passed"
-    } else {
-        "failed"
-    };
-    let how = match (c["exit_code"].as_i64(), c["timed_out"].as_bool() == Some(true)) {
-        (_, true) => "killed at its time limit".to_owned(),
-        (Some(code), _) => format!("exit {code}"),
-        (None, _) => "did not finish".to_owned(),
-    };
-    let seconds = c["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0;
-    let mut line = format!(
-        "check {verdict}: {} ({how}, {seconds:.1} s)",
-        c["command"].as_str().unwrap_or_default()
-    );
-    if verdict == "failed" {
-        let tail = c["output_tail"].as_array().map(Vec::as_slice).unwrap_or_default();
-        for l in &tail[tail.len().saturating_sub(5)..] {
-            line.push_str(&format!("\n    {}", l.as_str().unwrap_or_default()));
+    let check = omoi_domain::check::Check::of(Some(&result))?;
+    let mut line = check.line();
+    if !check.passed {
+        for l in &check.output_tail[check.output_tail.len().saturating_sub(5)..] {
+            line.push_str(&format!("\n    {l}"));
         }
     }
     Some(line)

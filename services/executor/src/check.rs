@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use omoi_domain::check::Check;
 use omoi_proto::common::{AgentEvent, AgentEventKind, OutputStream};
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{self, EventSink};
@@ -30,43 +30,12 @@ pub struct CheckSettings {
     pub env_allow: String,
 }
 
-/// What a check said.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CheckResult {
-    pub command: String,
-    pub passed: bool,
-    /// None when it did not exit by itself (killed at its limit, stopped,
-    /// or it could not start).
-    pub exit_code: Option<i32>,
-    pub timed_out: bool,
-    pub duration_ms: u64,
-    /// Its last lines, stdout and stderr as they came.
-    pub output_tail: Vec<String>,
-}
-
-impl CheckResult {
-    /// `check passed: cargo test (exit 0, 12.3 s)`, for the run's output.
-    pub fn line(&self) -> String {
-        let how = match (self.exit_code, self.timed_out) {
-            (_, true) => "killed at its time limit".to_owned(),
-            (Some(code), _) => format!("exit {code}"),
-            (None, _) => "did not finish".to_owned(),
-        };
-        let verdict = if self.passed { "passed" } else { "failed" };
-        format!(
-            "check {verdict}: {} ({how}, {:.1} s)",
-            self.command,
-            self.duration_ms as f64 / 1000.0
-        )
-    }
-
-    /// The COMMAND event the attempt's timeline shows.
-    pub fn event(&self) -> AgentEvent {
-        AgentEvent {
-            exit_code: self.exit_code,
-            tool: "check".into(),
-            ..events::event(AgentEventKind::Command, format!("check: {}", self.command))
-        }
+/// The COMMAND event an attempt's timeline shows for its check.
+pub fn event(check: &Check) -> AgentEvent {
+    AgentEvent {
+        exit_code: check.exit_code,
+        tool: "check".into(),
+        ..events::event(AgentEventKind::Command, format!("check: {}", check.command))
     }
 }
 
@@ -104,7 +73,7 @@ pub async fn run(
     settings: &CheckSettings,
     run: &dyn EventSink,
     stop: &CancellationToken,
-) -> CheckResult {
+) -> Check {
     let mut env = process::allowed_env(&settings.env_allow);
     env.retain(|(k, _)| k != "HOME");
     env.push(("HOME".into(), user.home.as_deref().unwrap_or(dir).display().to_string()));
@@ -138,7 +107,7 @@ pub async fn run(
             (None, false)
         }
     };
-    CheckResult {
+    Check {
         command: command.to_owned(),
         passed: exit_code == Some(0),
         exit_code,
@@ -169,7 +138,7 @@ mod tests {
         }
     }
 
-    async fn check(command: &str, timeout: Duration) -> (CheckResult, Vec<AgentEvent>) {
+    async fn check(command: &str, timeout: Duration) -> (Check, Vec<AgentEvent>) {
         let dir = std::env::temp_dir().join(format!("omoi-check-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("hello.txt"), "hello\n").unwrap();
@@ -207,7 +176,7 @@ mod tests {
             bad.line()
                 .starts_with("check failed: seq 1 100; grep -q bye hello.txt (exit 1,")
         );
-        assert_eq!(bad.event().exit_code, Some(1));
+        assert_eq!(event(&bad).exit_code, Some(1));
     }
 
     #[tokio::test]

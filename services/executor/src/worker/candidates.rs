@@ -3,17 +3,18 @@
 //! task choosing among the candidates, once all of them ended, picks one by
 //! the evidence and lands its commit on the ticket's branch.
 
-use omoi_domain::candidates::{self, ForJudge, Outcome, Seen};
+use omoi_domain::candidates::{self, ForJudge, Kept, Outcome, Seen};
+use omoi_domain::check::Check;
 use omoi_domain::{ErrorClass, Usage};
 use omoi_proto::common::{OutputStream, TaskStatus, Usage as UsagePb};
 use omoi_proto::domain::WireEnum;
 use omoi_proto::executor::ExecutionState;
 use omoi_proto::taskqueue as tq;
-use serde_json::{Value, json};
+use serde_json::json;
 use uuid::Uuid;
 
 use super::Worker;
-use super::run::{BranchCommit, Prepared, pushed_line};
+use super::run::{BranchCommit, End, Prepared, pushed_line};
 use crate::events::EventSink;
 use crate::executions::Execution;
 use crate::git::GitError;
@@ -28,7 +29,7 @@ fn bundle_name(ticket_id: &str, task_id: Uuid) -> String {
 impl Worker {
     /// Commits a candidate's work without pushing it and keeps its bundle;
     /// what the choice will need of it (`result.candidate`).
-    pub(super) async fn keep_candidate(&self, run: &Execution, c: &BranchCommit<'_>) -> Result<Value, GitError> {
+    pub(super) async fn keep_candidate(&self, run: &Execution, c: &BranchCommit<'_>) -> Result<Kept, GitError> {
         let (g, bundle) = self.git.commit_and_keep(c.checkout, &c.message, &c.user).await?;
         let (of, index) = c.candidate.unwrap_or_default();
         let commit = match bundle {
@@ -52,19 +53,20 @@ impl Worker {
                 String::new()
             }
         };
-        Ok(json!({
-            "of": of.to_string(),
-            "index": index,
-            "commit": commit,
-            "base_commit": g.base_commit,
-            "files_changed": g.files_changed,
-            "insertions": g.insertions,
-            "deletions": g.deletions,
-            "patch": g.patch,
-            "patch_truncated": g.patch_truncated,
-            "runner": self.labels.get(omoi_domain::routing::RUNNER_LABEL).cloned().unwrap_or_default(),
-            "model": self.labels.get(omoi_domain::routing::MODEL_LABEL).cloned().unwrap_or_default(),
-        }))
+        let label = |key: &str| self.labels.get(key).cloned().unwrap_or_default();
+        Ok(Kept {
+            of: of.to_string(),
+            index,
+            commit,
+            base_commit: g.base_commit,
+            files_changed: g.files_changed,
+            insertions: g.insertions,
+            deletions: g.deletions,
+            patch: g.patch,
+            patch_truncated: g.patch_truncated,
+            runner: label(omoi_domain::routing::RUNNER_LABEL),
+            model: label(omoi_domain::routing::MODEL_LABEL),
+        })
     }
 
     /// The task choosing among its candidates (all ended): the choice (the
@@ -221,24 +223,16 @@ impl Worker {
 
     /// Ends the choosing attempt without landing anything.
     async fn give_up(&self, run: &Execution, message: String, class: ErrorClass, usage: Option<UsagePb>) -> bool {
-        run.line(OutputStream::System, message.clone());
-        run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), vec![]);
-        let more = tq::FailTaskRequest {
-            usage,
-            ..Default::default()
-        };
-        self.report_failure(run.task_id, run.attempt, &message, Some(class), more)
-            .await;
+        let end = End::failed(ExecutionState::Failed, message, Some(class));
+        self.end_failed(run, end, -1, vec![], usage).await;
         false
     }
 }
 
-/// The fields of a candidate's result (`result.candidate`, `result.check`).
-fn result_of(t: &tq::Task) -> Value {
-    t.result
-        .as_ref()
-        .map(omoi_proto::convert::struct_to_json)
-        .unwrap_or(Value::Null)
+/// What a candidate's task recorded of its work and its check.
+fn evidence(t: &tq::Task) -> (Kept, Option<Check>) {
+    let result = t.result.as_ref().map(omoi_proto::convert::struct_to_json);
+    (Kept::of(result.as_ref()), Check::of(result.as_ref()))
 }
 
 /// A task's status as the domain names it (`completed`, `timed_out`).
@@ -251,9 +245,7 @@ fn status_of(t: &tq::Task) -> String {
 
 /// What the choice weighs of a candidate's task.
 fn outcome(t: &tq::Task) -> Outcome {
-    let result = result_of(t);
-    let c = &result["candidate"];
-    let commit = c["commit"].as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+    let (kept, check) = evidence(t);
     let completed = t.status == TaskStatus::Completed as i32;
     let ended = if t.error_message.is_empty() {
         status_of(t)
@@ -264,9 +256,9 @@ fn outcome(t: &tq::Task) -> Outcome {
         index: t.candidate,
         task_id: t.id.parse().unwrap_or_default(),
         completed,
-        commit,
-        check_passed: result["check"]["passed"].as_bool(),
-        changed_lines: c["insertions"].as_i64().unwrap_or(0) + c["deletions"].as_i64().unwrap_or(0),
+        commit: Some(kept.commit).filter(|c| !c.is_empty()),
+        check_passed: check.map(|c| c.passed),
+        changed_lines: kept.insertions + kept.deletions,
         cost_usd: t.usage.as_ref().map_or(0.0, |u| u.cost_usd),
         ended,
     }
@@ -274,45 +266,35 @@ fn outcome(t: &tq::Task) -> Outcome {
 
 /// What the judge is shown of an eligible candidate.
 fn for_judge(t: &tq::Task) -> ForJudge {
-    let result = result_of(t);
-    let c = &result["candidate"];
-    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let (kept, check) = evidence(t);
     ForJudge {
         index: t.candidate,
-        runner: text(&c["runner"]),
-        model: text(&c["model"]),
+        runner: kept.runner,
+        model: kept.model,
         cost_usd: t.usage.as_ref().map_or(0.0, |u| u.cost_usd),
-        insertions: c["insertions"].as_i64().unwrap_or(0),
-        deletions: c["deletions"].as_i64().unwrap_or(0),
-        files_changed: c["files_changed"].as_i64().unwrap_or(0),
-        check_tail: result["check"]["output_tail"]
-            .as_array()
-            .map(|l| l.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
-            .unwrap_or_default(),
-        patch: text(&c["patch"]),
+        insertions: kept.insertions,
+        deletions: kept.deletions,
+        files_changed: i64::from(kept.files_changed),
+        check_tail: check.map(|c| c.output_tail).unwrap_or_default(),
+        patch: kept.patch,
     }
 }
 
 /// A candidate as the choice records it.
 fn seen(t: &tq::Task, choice: &candidates::Choice) -> Seen {
-    let result = result_of(t);
-    let c = &result["candidate"];
-    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
-    let number = |v: &Value| v.as_i64().unwrap_or(0) as i32;
+    let (kept, check) = evidence(t);
     Seen {
         index: t.candidate,
         task_id: t.id.clone(),
         status: status_of(t),
-        runner: text(&c["runner"]),
-        model: text(&c["model"]),
-        check_passed: result["check"]["passed"]
-            .as_bool()
-            .unwrap_or(t.status == TaskStatus::Completed as i32),
+        runner: kept.runner,
+        model: kept.model,
+        check_passed: check.map_or(t.status == TaskStatus::Completed as i32, |c| c.passed),
         usage: t.usage.clone().map(Usage::from),
-        commit: text(&c["commit"]),
-        files_changed: number(&c["files_changed"]),
-        insertions: number(&c["insertions"]),
-        deletions: number(&c["deletions"]),
+        commit: kept.commit,
+        files_changed: kept.files_changed,
+        insertions: kept.insertions as i32,
+        deletions: kept.deletions as i32,
         chosen: choice.chosen == Some(t.candidate),
         reason: choice.reason(t.candidate).to_owned(),
     }

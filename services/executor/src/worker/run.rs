@@ -466,7 +466,14 @@ impl Worker {
     }
 
     /// Records a run that did not succeed and reports it when it should.
-    async fn end_failed(&self, run: &Execution, end: End, exit: i32, changed: Vec<String>, usage: Option<Usage>) {
+    pub(super) async fn end_failed(
+        &self,
+        run: &Execution,
+        end: End,
+        exit: i32,
+        changed: Vec<String>,
+        usage: Option<Usage>,
+    ) {
         let last_out = run.tail(OutputStream::Stdout, 1).pop().unwrap_or_default();
         run.line(OutputStream::System, end.message.clone());
         let error = end.report.clone().unwrap_or_else(|| end.message.clone());
@@ -502,14 +509,17 @@ impl Worker {
             return false;
         }
         let mut check = None;
-        let mut kept = None;
-        let git = match commit {
+        let landed = match commit {
             None => None,
             Some(c) => {
                 let done = match c.candidate {
                     // A candidate's work is kept, not pushed: it lands only if chosen.
-                    Some(_) => self.keep_candidate(run, &c).await.map(Err),
-                    None => self.git.commit_and_push(c.checkout, &c.message, &c.user).await.map(Ok),
+                    Some(_) => self.keep_candidate(run, &c).await.map(Landed::Kept),
+                    None => self
+                        .git
+                        .commit_and_push(c.checkout, &c.message, &c.user)
+                        .await
+                        .map(Landed::Pushed),
                 };
                 let landed = match done {
                     Ok(landed) => landed,
@@ -526,16 +536,10 @@ impl Worker {
                 if let Some(command) = &c.check {
                     let said = crate::check::run(command, &run.workspace, &c.user, &self.check, run, &run.stop).await;
                     run.line(OutputStream::System, said.line());
-                    run.emit(said.event());
+                    run.emit(crate::check::event(&said));
                     check = Some(said);
                 }
-                match landed {
-                    Ok(g) => Some(g),
-                    Err(candidate) => {
-                        kept = Some(candidate);
-                        None
-                    }
-                }
+                Some(landed)
             }
         };
         let mut tail = run.tail(OutputStream::Stdout, 20);
@@ -556,15 +560,19 @@ impl Worker {
         if let Some(check) = &check {
             result["check"] = json!(check);
         }
-        if let Some(candidate) = kept {
-            result["candidate"] = candidate;
-        }
+        let git = match landed {
+            Some(Landed::Pushed(g)) => Some(omoi_proto::common::GitChange::from(&g)),
+            Some(Landed::Kept(kept)) => {
+                result["candidate"] = json!(kept);
+                None
+            }
+            None => None,
+        };
         run.line(
             OutputStream::System,
             format!("succeeded; {} files changed", changed.len()),
         );
         run.finish(ExecutionState::Succeeded, 0, summary, String::new(), changed);
-        let git = git.as_ref().map(omoi_proto::common::GitChange::from);
         self.complete(run, result, outcome.usage.clone(), git).await
     }
 
@@ -619,6 +627,14 @@ fn worth_a_last_checkpoint(outcome: &Result<RunOutcome, RunnerError>, run: &Exec
     has_session || !ended_well
 }
 
+/// Where a successful run's work went.
+enum Landed {
+    /// Pushed to the ticket's branch.
+    Pushed(GitChange),
+    /// A candidate's: committed and kept for the choice.
+    Kept(omoi_domain::candidates::Kept),
+}
+
 /// A successful run's commit onto the ticket's branch: where and with what
 /// message.
 pub(super) struct BranchCommit<'a> {
@@ -671,7 +687,7 @@ const PUSH_LEASE_SECONDS: i32 = 600;
 const FLUSH_WITHIN: Duration = Duration::from_secs(10);
 
 /// How a run that did not succeed ended.
-struct End {
+pub(super) struct End {
     state: ExecutionState,
     /// Said in the run's output.
     message: String,
@@ -684,7 +700,7 @@ struct End {
 }
 
 impl End {
-    fn failed(state: ExecutionState, message: String, class: Option<ErrorClass>) -> Self {
+    pub(super) fn failed(state: ExecutionState, message: String, class: Option<ErrorClass>) -> Self {
         End {
             state,
             report: Some(message.clone()),
