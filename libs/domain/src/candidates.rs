@@ -598,11 +598,7 @@ pub fn judge_prompt(title: &str, description: &str, check: &str, shown: &[ForJud
         }
         let mut patch = c.patch.clone();
         if patch.len() > JUDGE_PATCH_BYTES {
-            let mut cut = JUDGE_PATCH_BYTES;
-            while !patch.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            patch.truncate(cut);
+            patch.truncate(patch.floor_char_boundary(JUDGE_PATCH_BYTES));
             patch.push_str("\n[… the rest of the diff is left out]");
         }
         p.push_str(&format!("\n```diff\n{patch}\n```\n"));

@@ -128,10 +128,7 @@ pub fn bounded_patch(patch: &str) -> (String, bool) {
     if patch.len() <= MAX_PATCH_BYTES {
         return (patch, false);
     }
-    let mut end = MAX_PATCH_BYTES;
-    while !patch.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = patch.floor_char_boundary(MAX_PATCH_BYTES);
     let end = patch[..end].rfind('\n').map(|i| i + 1).unwrap_or(end);
     (patch[..end].to_owned(), true)
 }

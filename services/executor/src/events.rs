@@ -113,11 +113,7 @@ pub fn count_usage(usage: &Usage) {
 pub fn bounded(mut text: String) -> String {
     if text.len() > MAX_TEXT_BYTES {
         const MARK: &str = "… (cut)";
-        let mut end = MAX_TEXT_BYTES - MARK.len();
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
+        text.truncate(text.floor_char_boundary(MAX_TEXT_BYTES - MARK.len()));
         text.push_str(MARK);
     }
     text

@@ -422,10 +422,7 @@ fn tail(log: &str, max: usize) -> String {
     if log.len() <= max {
         return log.to_owned();
     }
-    let mut start = log.len() - max;
-    while !log.is_char_boundary(start) {
-        start += 1;
-    }
+    let start = log.ceil_char_boundary(log.len() - max);
     let cut = &log[start..];
     cut.split_once('\n').map_or(cut, |(_, rest)| rest).to_owned()
 }

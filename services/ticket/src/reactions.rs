@@ -265,10 +265,7 @@ fn bounded(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = text.floor_char_boundary(max);
     format!("{}\n[… cut: {} more bytes]\n", &text[..end], text.len() - end)
 }
 

@@ -549,13 +549,7 @@ pub fn intake(req: pb::IntakeRequest) -> ApiResult<Issue> {
     // GitHub's titles run to 256 characters, a ticket's to 200.
     let title: String = title.trim().chars().take(validate::MAX_TITLE_CHARS).collect();
     let mut body = body;
-    if body.len() > MAX_FOLLOW_UP_BYTES {
-        let mut end = MAX_FOLLOW_UP_BYTES;
-        while !body.is_char_boundary(end) {
-            end -= 1;
-        }
-        body.truncate(end);
-    }
+    body.truncate(body.floor_char_boundary(MAX_FOLLOW_UP_BYTES));
     Ok(Issue {
         action,
         repository,

@@ -429,11 +429,7 @@ fn earlier_work(c: &archive::Checkpoint, workspace: &Path) -> Earlier {
         diff.push_str(&format!("File {rel} removed\n"));
     }
     if diff.len() > MAX_DIFF_BYTES {
-        let mut cut = MAX_DIFF_BYTES;
-        while !diff.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        diff.truncate(cut);
+        diff.truncate(diff.floor_char_boundary(MAX_DIFF_BYTES));
         diff.push_str("\n… (cut)\n");
     }
     Earlier { changed, diff }
