@@ -31,32 +31,52 @@ def click(d, what, selector):
 def side_by_side(d):
     d.get(URL + "/tickets/" + TICKET)
     click(d, "the choosing task's row", f'#tasks tr[data-task="{CHOOSER}"]')
-    rows = until("a row per candidate", lambda: d.find_elements(By.CSS_SELECTOR, "#candidates tr[data-candidate]"))
-    assert len(rows) == 2, [r.text for r in rows]
-    chosen = [r for r in rows if "chosen" in (r.get_attribute("class") or "")]
-    assert len(chosen) == 1 and chosen[0].get_attribute("data-candidate") == "1", [r.text for r in rows]
-    assert "chosen: the smallest change" in chosen[0].text, chosen[0].text
+    # Read whole inside `until`: a row read across a redraw is stale.
+    def table():
+        rows = d.find_elements(By.CSS_SELECTOR, "#candidates tr[data-candidate]")
+        if len(rows) != 2:
+            return None
+        return [{
+            "index": r.get_attribute("data-candidate"),
+            "chosen": "chosen" in (r.get_attribute("class") or ""),
+            "text": r.text,
+            "check": r.find_element(By.CSS_SELECTOR, "td.check").text,
+            "reason": r.find_element(By.CSS_SELECTOR, "td.reason").text,
+        } for r in rows]
+
+    rows = until("a row per candidate", table)
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["index"] == "1", rows
+    assert "chosen: the smallest change" in chosen[0]["text"], chosen[0]
     for r in rows:
-        assert r.find_element(By.CSS_SELECTOR, "td.check").text == "passed", r.text
-        assert "command" in r.text, r.text
-    other = [r for r in rows if r not in chosen][0]
-    assert "candidate 1 tied and comes first" in other.find_element(By.CSS_SELECTOR, "td.reason").text, other.text
-    diffs = until("each candidate's diff", lambda: d.find_elements(By.CSS_SELECTOR, ".side-by-side .candidate-diff"))
-    assert len(diffs) == 2, len(diffs)
-    for block in diffs:
-        files = [f.get_attribute("data-file") for f in block.find_elements(By.CSS_SELECTOR, "details.diff")]
-        assert "src/feature.rs" in files, files
+        assert r["check"] == "passed", r
+        assert "command" in r["text"], r
+    other = [r for r in rows if not r["chosen"]][0]
+    assert "candidate 1 tied and comes first" in other["reason"], other
+
+    def diffs():
+        blocks = d.find_elements(By.CSS_SELECTOR, ".side-by-side .candidate-diff")
+        if len(blocks) != 2:
+            return None
+        return [{
+            "files": [f.get_attribute("data-file") for f in b.find_elements(By.CSS_SELECTOR, "details.diff")],
+            "y": b.location["y"],
+        } for b in blocks]
+
+    blocks = until("each candidate's diff", diffs)
+    for block in blocks:
+        assert "src/feature.rs" in block["files"], blocks
     # Side by side: the two diffs share a line of the page.
-    assert diffs[0].location["y"] == diffs[1].location["y"], (diffs[0].location, diffs[1].location)
+    assert blocks[0]["y"] == blocks[1]["y"], blocks
     d.execute_script("arguments[0].scrollIntoView()", d.find_element(By.ID, "task-candidates"))
     shot(d, "candidates")
 
 
 def a_candidates_own_page(d):
     click(d, "candidate 2's link", '#candidates tr[data-candidate="2"] a')
-    heading = until("its kept change", lambda: d.find_elements(By.CSS_SELECTOR, "#task-diff h2"))
-    assert "kept for the choice, not pushed" in heading[0].text, heading[0].text
-    files = [f.get_attribute("data-file") for f in d.find_elements(By.CSS_SELECTOR, "#task-diff details.diff")]
+    heading = until("its kept change", lambda: [h.text for h in d.find_elements(By.CSS_SELECTOR, "#task-diff h2")])
+    assert "kept for the choice, not pushed" in heading[0], heading
+    files = until("its kept diff", lambda: [f.get_attribute("data-file") for f in d.find_elements(By.CSS_SELECTOR, "#task-diff details.diff")])
     assert "src/feature.rs" in files, files
     assert until("the candidate's task", lambda: d.find_elements(By.CSS_SELECTOR, f'#tasks tr.selected[data-task="{CANDIDATE}"]'))
     shot(d, "candidate")

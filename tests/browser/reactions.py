@@ -20,19 +20,29 @@ EXPECT_USED = os.environ["OMOI_EXPECT_USED"]
 def reactions(d):
     d.get(URL + "/tickets/" + TICKET)
     until("the reactions used", lambda: d.find_element(By.ID, "reactions").text == EXPECT_USED)
-    rows = until(
-        "a row for each reaction",
-        lambda: [r for r in d.find_elements(By.CSS_SELECTOR, "#reactions-made tr.clickable") if r.text]
-        if len(d.find_elements(By.CSS_SELECTOR, "#reactions-made tr.clickable")) == len(EXPECT) else None,
-    )
-    cells = [[c.text for c in r.find_elements(By.TAG_NAME, "td")] for r in rows]
+    # Read whole inside `until`: the page redraws on every event, and a row
+    # read across a redraw is stale.
+    def table():
+        rows = d.find_elements(By.CSS_SELECTOR, "#reactions-made tr.clickable")
+        if len(rows) != len(EXPECT) or not all(r.text for r in rows):
+            return None
+        return [[c.text for c in r.find_elements(By.TAG_NAME, "td")] for r in rows]
+
+    cells = until("a row for each reaction", table)
     assert [c[0] for c in cells] == [k.replace("_", " ") for k in EXPECT], cells
     for kind, caused_by, task, status, _usage in cells:
         assert caused_by.startswith("https://"), cells
         assert task.startswith("Follow-up:"), cells
         assert status == "completed", cells
+
     # A row opens its task.
-    rows[0].click()
+    def click_first():
+        rows = d.find_elements(By.CSS_SELECTOR, "#reactions-made tr.clickable")
+        if rows:
+            rows[0].click()
+        return bool(rows)
+
+    until("the first reaction's row clicked", click_first)
     until("the reaction's task selected", lambda: d.find_elements(By.CSS_SELECTOR, "#tasks tr.selected"))
     d.execute_script("arguments[0].scrollIntoView()", d.find_element(By.ID, "reactions-made"))
     shot(d, "ticket-reactions")
