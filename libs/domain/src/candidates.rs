@@ -456,6 +456,27 @@ pub struct Seen {
     pub reason: String,
 }
 
+/// The title of the task that lands a person's choice of candidate
+/// `index` for the step titled `step`.
+pub fn choice_title(index: i32, step: &str) -> String {
+    crate::ticket::truncate_title(&format!("Choose candidate {index}: {step}"))
+}
+
+/// The description of the task that lands a person's choice (read back as
+/// the choice's reason): which candidate, in place of which, by whom, why.
+pub fn choice_description(replaced: Option<i32>, by: &str, comment: &str) -> String {
+    let instead = match replaced {
+        Some(n) => format!(" in place of candidate {n}"),
+        None => String::new(),
+    };
+    let why = if comment.is_empty() {
+        String::new()
+    } else {
+        format!(": {comment}")
+    };
+    format!("chosen by {by}{instead}{why}")
+}
+
 /// What a choosing task's result says of its candidates.
 pub fn seen(result: Option<&serde_json::Value>) -> Vec<Seen> {
     result

@@ -773,6 +773,7 @@ mod tests {
             session: None,
             requires: Default::default(),
             candidate: None,
+            lands_candidate: false,
         }
     }
 
@@ -1157,6 +1158,7 @@ mod tests {
             session: None,
             requires: Default::default(),
             candidate: None,
+            lands_candidate: false,
         };
         let batch = [task(vec![done]), task(vec![open, failed])];
         let met = met_dependencies(&batch[..1], &[(done, TaskStatus::Completed)]).unwrap();

@@ -123,6 +123,8 @@ pub struct Task {
     pub requires: crate::routing::Labels,
     /// A candidate attempt at this task, and its number (from 1).
     pub candidate: Option<(Uuid, i32)>,
+    /// Lands the candidate it depends on in place of the one chosen.
+    pub lands_candidate: bool,
 }
 
 impl Task {

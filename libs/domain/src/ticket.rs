@@ -243,6 +243,9 @@ pub struct PlannedTask {
     /// A candidate attempt at another step of the plan (by index), and its
     /// number (from 1).
     pub candidate: Option<(usize, i32)>,
+    /// Lands the candidate it follows in place of the one its step chose
+    /// (a person's choice).
+    pub lands_candidate: bool,
 }
 
 impl PlannedTask {
@@ -264,6 +267,7 @@ impl PlannedTask {
             session: None,
             requires: self.requires.clone(),
             candidate: self.candidate.and_then(|(of, n)| ids.get(of).map(|id| (*id, n))),
+            lands_candidate: self.lands_candidate,
         }
     }
 }
@@ -337,6 +341,7 @@ pub fn default_plan(title: &str, description: &str, priority: i32, told: &PhaseI
             concurrency_key: None,
             requires: crate::routing::Labels::new(),
             candidate: None,
+            lands_candidate: false,
         })
         .collect()
 }
@@ -397,6 +402,7 @@ pub fn explicit_plan(specs: &[RawTaskSpec<'_>], ticket_priority: i32) -> Result<
                 None => crate::routing::Labels::new(),
             },
             candidate: None,
+            lands_candidate: false,
         });
         let step = plan.last().expect("just pushed");
         candidates.push(
@@ -466,7 +472,7 @@ fn with_candidates(plan: Vec<PlannedTask>, candidates: Vec<Option<crate::candida
     out
 }
 
-fn truncate_title(s: &str) -> String {
+pub(crate) fn truncate_title(s: &str) -> String {
     s.chars().take(validate::MAX_TITLE_CHARS).collect()
 }
 

@@ -37,6 +37,8 @@ pub struct NewTask {
     /// A candidate attempt at this task (which depends on it), and its
     /// number (from 1).
     pub candidate: Option<(Uuid, i32)>,
+    /// Lands the candidate it depends on in place of the one chosen.
+    pub lands_candidate: bool,
 }
 
 impl NewTask {
@@ -75,6 +77,7 @@ impl NewTask {
             session: new.session,
             requires: new.requires,
             candidate: new.candidate,
+            lands_candidate: new.lands_candidate,
         }
     }
 }
@@ -96,6 +99,7 @@ pub struct RawNewTask<'a> {
     pub requires: Option<&'a std::collections::HashMap<String, String>>,
     pub candidate_of: &'a str,
     pub candidate: i32,
+    pub lands_candidate: bool,
 }
 
 /// A required UUID.
@@ -249,6 +253,12 @@ pub fn new_task(field: &str, raw: &RawNewTask<'_>) -> Result<NewTask, DomainErro
         .enumerate()
         .map(|(j, d)| uuid(&format!("{field}.depends_on[{j}]"), d))
         .collect::<Result<Vec<_>, _>>()?;
+    if raw.lands_candidate && (depends_on.len() != 1 || !raw.candidate_of.is_empty()) {
+        return Err(DomainError::invalid(
+            format!("{field}.lands_candidate"),
+            "needs exactly one dependency, the candidate it lands, and is no candidate itself",
+        ));
+    }
     Ok(NewTask {
         id,
         ticket_id: optional_uuid(&format!("{field}.ticket_id"), raw.ticket_id)?,
@@ -291,6 +301,7 @@ pub fn new_task(field: &str, raw: &RawNewTask<'_>) -> Result<NewTask, DomainErro
                 )?,
             )),
         },
+        lands_candidate: raw.lands_candidate,
     })
 }
 

@@ -111,6 +111,7 @@ impl From<&Task> for taskqueue::Task {
                 .iter()
                 .map(taskqueue::Candidate::from)
                 .collect(),
+            lands_candidate: t.lands_candidate,
         }
     }
 }
@@ -202,6 +203,7 @@ impl From<&NewTask> for taskqueue::NewTask {
             requires: t.requires.clone().into_iter().collect(),
             candidate_of: id_or_empty(t.candidate.map(|(of, _)| of)),
             candidate: t.candidate.map_or(0, |(_, n)| n),
+            lands_candidate: t.lands_candidate,
         }
     }
 }

@@ -54,5 +54,6 @@ pub use omoi::taskqueue::v1 as taskqueue;
 pub use omoi::ticket::v1 as ticket;
 pub use prost_types;
 
+pub mod candidates;
 pub mod convert;
 pub mod domain;

@@ -33,7 +33,7 @@ macro_rules! ticket_task_columns {
     () => {
         "ticket_id, task_id, position, title, description, phase, priority, depends_on,
      max_retries, timeout_seconds, concurrency_key, started, outcome, follow_up, summary, requires,
-     candidate_of, candidate"
+     candidate_of, candidate, lands_candidate"
     };
 }
 
@@ -144,6 +144,7 @@ impl<'r> FromRow<'r, PgRow> for TicketTask {
                     (Some(of), Some(n)) => usize::try_from(of).ok().map(|of| (of, i32::from(n))),
                     _ => None,
                 },
+                lands_candidate: row.try_get("lands_candidate")?,
             },
             progress: TaskProgress {
                 started: row.try_get("started")?,
@@ -964,9 +965,9 @@ pub(crate) async fn insert_follow_up(
     let task: TicketTask = sqlx::query_as(sql!(concat!(
         "INSERT INTO ticket_tasks (ticket_id, task_id, position, title, description, phase, priority,
                                    depends_on, max_retries, timeout_seconds, concurrency_key,
-                                   follow_up, resumes, enqueued, requires)
+                                   follow_up, resumes, enqueued, requires, lands_candidate)
          SELECT $1, $2, coalesce(max(position), -1) + 1, $3, $4, $5, $6, $7, $8, $9, $10, true, $11, false,
-                $12::jsonb
+                $12::jsonb, $13
          FROM ticket_tasks WHERE ticket_id = $1
          RETURNING ",
         ticket_task_columns!()
@@ -983,6 +984,7 @@ pub(crate) async fn insert_follow_up(
     .bind(planned.concurrency_key.as_deref())
     .bind(resumes)
     .bind(crate::tasks::requires_json(&planned.requires))
+    .bind(planned.lands_candidate)
     .fetch_one(&mut *tx)
     .await?;
     if !ticket.status.is_final() {

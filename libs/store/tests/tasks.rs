@@ -106,6 +106,7 @@ fn new_task(title: &str, priority: i32, depends_on: &[Uuid]) -> NewTask {
         session: None,
         requires: Labels::new(),
         candidate: None,
+        lands_candidate: false,
     }
 }
 

@@ -190,6 +190,15 @@ enum Command {
         #[arg(long, default_value = "")]
         task: String,
     },
+    /// Land another candidate of a best-of-N step in place of the one
+    /// chosen: the step's choosing task and the candidate's number.
+    Choose {
+        task_id: String,
+        candidate: i32,
+        /// Why, recorded with the choice.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
     /// List tasks, oldest first.
     Tasks {
         #[arg(long)]
@@ -721,6 +730,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ticket_id,
                     message,
                     task_id: task,
+                })
+                .await?
+                .into_inner();
+            let task = r.task.unwrap_or_default();
+            print_ticket(&r.ticket.unwrap_or_default(), std::slice::from_ref(&task));
+            Ok(())
+        }
+        Command::Choose {
+            task_id,
+            candidate,
+            comment,
+        } => {
+            let r = tickets(&cli.ticket_url, connector)?
+                .choose_candidate(pb::ChooseCandidateRequest {
+                    task_id,
+                    candidate,
+                    comment,
                 })
                 .await?
                 .into_inner();

@@ -87,6 +87,13 @@ pub struct Parent {
     pub commit: String,
 }
 
+/// A candidate's kept commit, as its bundle carries it.
+#[derive(Debug, Clone, Copy)]
+pub struct Kept<'a> {
+    pub bundle: &'a [u8],
+    pub commit: &'a str,
+}
+
 /// What a run's work came to in its workspace.
 enum Work {
     /// Nothing changed: the branch stays where it was.
@@ -420,6 +427,129 @@ impl GitSettings {
         self.describe(checkout, commit).await
     }
 
+    /// Lands a kept candidate's commit in place of another's on the branch
+    /// (`take_back`, the candidate whose change is there now; none when no
+    /// candidate of the step landed). Both come as their bundles (made by
+    /// `commit_and_keep` on any executor): one commit on the branch's head
+    /// undoing the one's change and doing the other's, made in a scratch
+    /// worktree of the mirror and pushed; none when they change the same.
+    /// Refused when either does not apply cleanly (later work on the branch
+    /// built on what is taken back).
+    pub async fn land_instead(
+        &self,
+        checkout: &Checkout,
+        land: Kept<'_>,
+        take_back: Option<Kept<'_>>,
+        message: &str,
+    ) -> Result<GitChange, GitError> {
+        let back = match take_back {
+            Some(k) => Some(self.fetch_bundle(checkout, k.bundle, k.commit).await?),
+            None => None,
+        };
+        let commit = self.fetch_bundle(checkout, land.bundle, land.commit).await?;
+        // On the branch as the mirror has it (the workspace starts where
+        // the task's dependencies' work is, and a choice has none).
+        let tip = format!("refs/heads/{}^{{commit}}", checkout.branch);
+        let head = match self
+            .local(&checkout.mirror, &["rev-parse", "--verify", "--quiet", &tip])
+            .await
+        {
+            Ok(head) => head,
+            Err(_) => checkout.base_commit.clone(),
+        };
+        let tree = self.scratch_tree(checkout, "choice", &head).await?;
+        let made = self.swap(&tree, &commit, back.as_deref(), message).await;
+        self.drop_scratch_tree(checkout, &tree).await;
+        match made? {
+            Some(made) => {
+                let made = self.push(checkout, made).await?;
+                let g = self.describe(checkout, made).await?;
+                Ok(GitChange { base_commit: head, ..g })
+            }
+            None => Ok(GitChange {
+                branch: checkout.branch.clone(),
+                base_commit: head.clone(),
+                commit: head,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// In the scratch worktree `tree`: `take_back`'s change undone,
+    /// `commit`'s applied, committed as one; the commit, or none when
+    /// nothing changed.
+    async fn swap(
+        &self,
+        tree: &Path,
+        commit: &str,
+        take_back: Option<&str>,
+        message: &str,
+    ) -> Result<Option<String>, GitError> {
+        if let Some(back) = take_back {
+            self.apply(tree, "revert", back).await.map_err(|e| {
+                refused(
+                    e,
+                    &format!("{back} cannot be taken back: later work on the branch builds on it"),
+                )
+            })?;
+        }
+        self.apply(tree, "cherry-pick", commit)
+            .await
+            .map_err(|e| refused(e, &format!("{commit} does not apply on the branch")))?;
+        if self.local(tree, &["diff", "--cached", "--quiet", "HEAD"]).await.is_ok() {
+            return Ok(None);
+        }
+        self.local(
+            tree,
+            &[
+                "-c",
+                "core.hooksPath=/dev/null",
+                "commit",
+                "--quiet",
+                "--no-verify",
+                "-m",
+                message,
+            ],
+        )
+        .await?;
+        self.local(tree, &["rev-parse", "HEAD"]).await.map(Some)
+    }
+
+    /// `git revert` or `git cherry-pick` of `commit` (against its first
+    /// parent when it is a merge) into the index and tree, not committed.
+    async fn apply(&self, tree: &Path, verb: &str, commit: &str) -> Result<String, GitError> {
+        let mut args = vec!["-c", "core.hooksPath=/dev/null", verb, "--no-commit"];
+        if self.is_merge(tree, commit).await {
+            args.extend(["-m", "1"]);
+        }
+        args.push(commit);
+        self.local(tree, &args).await
+    }
+
+    async fn is_merge(&self, repo: &Path, commit: &str) -> bool {
+        self.local(repo, &["rev-parse", "--verify", "--quiet", &format!("{commit}^2")])
+            .await
+            .is_ok()
+    }
+
+    /// A detached scratch worktree of the mirror at `at`, named `name`.
+    async fn scratch_tree(&self, checkout: &Checkout, name: &str, at: &str) -> Result<PathBuf, GitError> {
+        let tree = checkout.mirror.with_extension(name);
+        let _ = tokio::fs::remove_dir_all(&tree).await;
+        self.local(
+            &checkout.mirror,
+            &["worktree", "add", "--quiet", "--detach", &path(&tree), at],
+        )
+        .await?;
+        Ok(tree)
+    }
+
+    async fn drop_scratch_tree(&self, checkout: &Checkout, tree: &Path) {
+        let _ = self
+            .local(&checkout.mirror, &["worktree", "remove", "--force", &path(tree)])
+            .await;
+    }
+
     /// The workspace's work as one commit on the base, made as the agent's
     /// user (or what there was: nothing changed).
     async fn commit_work(&self, checkout: &Checkout, message: &str, user: &WorkspaceUser) -> Result<Work, GitError> {
@@ -647,11 +777,7 @@ impl GitSettings {
             {
                 return Ok(commit);
             }
-            if self
-                .local(mirror, &["rev-parse", "--verify", "--quiet", &format!("{commit}^2")])
-                .await
-                .is_ok()
-            {
+            if self.is_merge(mirror, &commit).await {
                 // A merge is not replayed (a rebase would flatten it into
                 // the base's commits): its task goes round again instead.
                 return Err(GitError::Transient(format!(
@@ -670,14 +796,7 @@ impl GitSettings {
     /// Replays the attempt's commit onto `refs/omoi/upstream` in a scratch
     /// worktree of the mirror.
     async fn rebase(&self, checkout: &Checkout, commit: &str) -> Result<String, GitError> {
-        let mirror = &checkout.mirror;
-        let tree = mirror.with_extension("rebase");
-        let _ = tokio::fs::remove_dir_all(&tree).await;
-        self.local(
-            mirror,
-            &["worktree", "add", "--quiet", "--detach", &path(&tree), commit],
-        )
-        .await?;
+        let tree = self.scratch_tree(checkout, "rebase", commit).await?;
         let parent = format!("{commit}^");
         let rebased = self
             .local(
@@ -703,9 +822,7 @@ impl GitSettings {
                 )))
             }
         };
-        let _ = self
-            .local(mirror, &["worktree", "remove", "--force", &path(&tree)])
-            .await;
+        self.drop_scratch_tree(checkout, &tree).await;
         out
     }
 
@@ -936,6 +1053,14 @@ impl GitSettings {
             Some(t) if !t.is_empty() => text.replace(t.as_str(), "<redacted>"),
             _ => text.to_owned(),
         }
+    }
+}
+
+/// A git step that failed as `what`: a change that does not apply stays so
+/// on a retry.
+fn refused(e: GitError, what: &str) -> GitError {
+    match e {
+        GitError::Transient(m) | GitError::Refused(m) => GitError::Refused(format!("{what}: {m}")),
     }
 }
 
@@ -1302,6 +1427,87 @@ mod tests {
             !as_nobody(&format!("ls {}", s.root.join("cache").display())),
             "the cache is not listable"
         );
+    }
+
+    #[tokio::test]
+    async fn a_chosen_candidate_lands_in_place_of_the_one_on_the_branch_unless_later_work_built_on_it() {
+        let s = Scratch::new();
+        let user = WorkspaceUser::default();
+        let settings = Scratch::settings();
+        let read = |file: &str| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(&s.remote)
+                .args(["show", &format!("{BRANCH}:{file}")])
+                .output()
+                .unwrap();
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        // Two candidates from the same base, kept, not pushed.
+        let mut kept = Vec::new();
+        for (text, extra) in [("a\n", None), ("b\n", Some("extra.txt"))] {
+            let c = s.prepare(vec![]).await.unwrap();
+            std::fs::write(c.workspace.join("hello.txt"), text).unwrap();
+            if let Some(extra) = extra {
+                std::fs::write(c.workspace.join(extra), "x\n").unwrap();
+            }
+            let (g, bundle) = settings.commit_and_keep(&c, "candidate", &user).await.unwrap();
+            kept.push((g.commit, bundle.unwrap()));
+        }
+        let k = |i: usize| Kept {
+            bundle: &kept[i].1,
+            commit: &kept[i].0,
+        };
+        let first = s.prepare(vec![]).await.unwrap();
+        settings.land(&first, k(0).bundle, k(0).commit).await.unwrap();
+        // Later work on the branch, elsewhere.
+        let later = s.prepare(vec![]).await.unwrap();
+        std::fs::write(later.workspace.join("other.txt"), "o\n").unwrap();
+        settings.commit_and_push(&later, "later", &user).await.unwrap();
+
+        // B in A's place: one commit on the branch's head.
+        let at = s.prepare(vec![]).await.unwrap();
+        let swapped = settings.land_instead(&at, k(1), Some(k(0)), "choose b").await.unwrap();
+        assert_eq!(
+            run(&s.remote, &["rev-parse", &format!("{}^", swapped.commit)]),
+            swapped.base_commit
+        );
+        assert_eq!(run(&s.remote, &["rev-parse", BRANCH]), swapped.commit);
+        assert_eq!(read("hello.txt").as_deref(), Some("b\n"));
+        assert_eq!(read("extra.txt").as_deref(), Some("x\n"));
+        assert_eq!(read("other.txt").as_deref(), Some("o\n"), "later work stays");
+        assert_eq!(
+            (swapped.files_changed, swapped.insertions, swapped.deletions),
+            (2, 2, 1)
+        );
+
+        // And back: B's change (not the landing's) is what is taken back.
+        let at = s.prepare(vec![]).await.unwrap();
+        settings.land_instead(&at, k(0), Some(k(1)), "choose a").await.unwrap();
+        assert_eq!(read("hello.txt").as_deref(), Some("a\n"));
+        assert_eq!(read("extra.txt"), None);
+        assert_eq!(read("other.txt").as_deref(), Some("o\n"));
+
+        // The same change in its own place: nothing to commit.
+        let at = s.prepare(vec![]).await.unwrap();
+        let same = settings.land_instead(&at, k(0), Some(k(0)), "again").await.unwrap();
+        let head = run(&s.remote, &["rev-parse", BRANCH]);
+        assert_eq!((same.commit.as_str(), same.committed()), (head.as_str(), false));
+
+        // Later work that edits what A wrote: A cannot be taken back.
+        let head = run(&s.remote, &["rev-parse", BRANCH]);
+        let edit = s.prepare(vec![parent("the branch", &head)]).await.unwrap();
+        std::fs::write(edit.workspace.join("hello.txt"), "a, edited\n").unwrap();
+        settings.commit_and_push(&edit, "edit", &user).await.unwrap();
+        let head = run(&s.remote, &["rev-parse", BRANCH]);
+        let at = s.prepare(vec![]).await.unwrap();
+        match settings.land_instead(&at, k(1), Some(k(0)), "choose b").await {
+            Err(GitError::Refused(m)) => assert!(m.contains("cannot be taken back"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(run(&s.remote, &["rev-parse", BRANCH]), head, "nothing pushed");
     }
 
     #[tokio::test]

@@ -65,6 +65,7 @@ fn new_task(field: &str, t: &pb::NewTask) -> Result<NewTask, omoi_domain::Domain
         requires,
         candidate_of,
         candidate,
+        lands_candidate,
     } = t;
     let session = session
         .clone()
@@ -85,6 +86,7 @@ fn new_task(field: &str, t: &pb::NewTask) -> Result<NewTask, omoi_domain::Domain
         requires: Some(requires),
         candidate_of,
         candidate: *candidate,
+        lands_candidate: *lands_candidate,
     };
     validate::new_task(field, &raw)
 }

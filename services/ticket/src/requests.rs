@@ -267,6 +267,20 @@ pub fn follow_up(req: pb::FollowUpRequest) -> ApiResult<(Uuid, String, Option<Uu
     Ok((ticket_id, message, validate::optional_uuid("task_id", &task_id)?))
 }
 
+/// ChooseCandidate: the choosing task, the candidate (1 to 8) and the
+/// person's reason (may be empty).
+pub fn choose_candidate(req: pb::ChooseCandidateRequest) -> ApiResult<(Uuid, i32, String)> {
+    let pb::ChooseCandidateRequest {
+        task_id,
+        candidate,
+        comment,
+    } = req;
+    let task_id = validate::uuid("task_id", &task_id)?;
+    let candidate = validate::range("candidate", candidate, 1, omoi_domain::candidates::MAX_CANDIDATES)?;
+    let comment = validate::text("comment", comment.trim(), MAX_FOLLOW_UP_BYTES)?;
+    Ok((task_id, candidate, comment))
+}
+
 /// A person's decision on a phase awaiting approval: Approve's (the
 /// comment may be empty) or RequestChanges' (it may not).
 #[derive(Debug, Clone, PartialEq)]

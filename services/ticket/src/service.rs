@@ -8,6 +8,7 @@ use omoi_bus::Topology;
 use omoi_domain::routing::{self, Labels};
 use omoi_domain::ticket::PhaseInstructions;
 use omoi_domain::{TaskStatus, TicketStatus};
+use omoi_proto::candidates::Step;
 use omoi_proto::domain::WireEnum;
 use omoi_proto::events::Event;
 use omoi_proto::ticket::{self as pb, ticket_service_server::TicketService};
@@ -281,6 +282,87 @@ impl Tickets {
         let task = self.enqueue_follow_up(&ticket, &row, resumes, "the follow-up").await?;
         let (ticket, _) = self.store.get_ticket(id).await?;
         Ok(pb::FollowUpResponse {
+            ticket: Some(pb::Ticket::from(&ticket)),
+            task,
+        })
+    }
+
+    async fn choose_candidate(
+        &self,
+        req: pb::ChooseCandidateRequest,
+        by: &str,
+    ) -> ApiResult<pb::ChooseCandidateResponse> {
+        let (task_id, index, comment) = requests::choose_candidate(req)?;
+        let chooser = match self.tasks.queue.get(task_id).await {
+            Ok(t) => t,
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Err(Status::not_found(format!("task_id: no task {task_id}")).into());
+            }
+            Err(s) => return Err(queue_unavailable(s).into()),
+        };
+        let precondition = |why: String| -> ApiError { Status::failed_precondition(why).into() };
+        let ticket_id: Uuid = chooser
+            .ticket_id
+            .parse()
+            .map_err(|_| precondition(format!("task_id: task {task_id} belongs to no ticket")))?;
+        let (t, _) = self.store.get_ticket(ticket_id).await?;
+        if t.status == TicketStatus::Cancelled {
+            return Err(precondition(format!(
+                "ticket {ticket_id} is cancelled: nothing lands on it"
+            )));
+        }
+        let tasks = self.tasks.queue.list(ticket_id).await.map_err(queue_unavailable)?;
+        let step = Step::of(&tasks, &chooser.id)
+            .ok_or_else(|| precondition(format!("task_id: task {task_id} chooses among no candidates")))?;
+        let ended = TaskStatus::given(step.chooser.status).known();
+        if !matches!(ended, Some(TaskStatus::Completed | TaskStatus::Failed)) {
+            let status = ended.map_or("unknown", |s| s.as_str());
+            return Err(precondition(format!(
+                "task_id: task {task_id} has not chosen yet ({status}); its choice comes first"
+            )));
+        }
+        if let Some(busy) = step.under_way("") {
+            return Err(precondition(format!(
+                "task_id: another choice of this step is under way (task {})",
+                busy.id
+            )));
+        }
+        let count = step.candidates.len();
+        let candidate = step
+            .candidate(index)
+            .ok_or_else(|| precondition(format!("candidate: task {task_id} has candidates 1 to {count}")))?;
+        let result = candidate.result.as_ref().map(omoi_proto::convert::struct_to_json);
+        let kept = omoi_domain::candidates::Kept::of(result.as_ref());
+        if TaskStatus::given(candidate.status).known() != Some(TaskStatus::Completed) || kept.commit.is_empty() {
+            return Err(precondition(format!(
+                "candidate: candidate {index} did not complete with a change: there is nothing of it to land"
+            )));
+        }
+        let landed = step.landed().map(|(_, n)| n);
+        if landed == Some(index) {
+            return Err(precondition(format!(
+                "candidate: candidate {index} is the one on the branch"
+            )));
+        }
+        let message = omoi_domain::candidates::choice_description(landed, by, &comment);
+        let mut planned = follow_up_task(&t, step.chooser, &message);
+        planned.title = omoi_domain::candidates::choice_title(index, &step.chooser.title);
+        planned.lands_candidate = true;
+        // Landing needs no agent: any executor of the phase does it.
+        planned.requires = Labels::new();
+        let resumes: Uuid = candidate
+            .id
+            .parse()
+            .map_err(|_| Status::internal("the queue named a task by no UUID"))?;
+        let reason = format!("candidate {index} chosen by {by}");
+        let (ticket, row) = self
+            .store
+            .add_follow_up(ticket_id, Uuid::new_v4(), &planned, resumes, &reason)
+            .await?;
+        tracing::info!(%ticket_id, %task_id, candidate = index, by, choice = %row.task_id, "candidate chosen by a person");
+        let task = self.enqueue_follow_up(&ticket, &row, resumes, "the choice").await?;
+        let (ticket, _) = self.store.get_ticket(ticket_id).await?;
+        Ok(pb::ChooseCandidateResponse {
             ticket: Some(pb::Ticket::from(&ticket)),
             task,
         })
@@ -694,6 +776,16 @@ impl TicketService for Tickets {
         Ok(Response::new(Tickets::follow_up(self, request.into_inner()).await?))
     }
 
+    async fn choose_candidate(
+        &self,
+        request: Request<pb::ChooseCandidateRequest>,
+    ) -> Result<Response<pb::ChooseCandidateResponse>, Status> {
+        let by = caller(&request);
+        Ok(Response::new(
+            Tickets::choose_candidate(self, request.into_inner(), &by).await?,
+        ))
+    }
+
     async fn approve(&self, request: Request<pb::ApproveRequest>) -> Result<Response<pb::ApproveResponse>, Status> {
         let by = caller(&request);
         Ok(Response::new(Tickets::approve(self, request.into_inner(), &by).await?))
@@ -757,12 +849,22 @@ fn follow_up_source(
             .iter()
             .find(|t| t.id == id)
             .ok_or_else(|| Status::not_found(format!("task_id: task {asked} is not a task of this ticket")))?;
+        if !task.candidate_of.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "task_id: task {asked} is candidate {} of task {}: follow up on that task, \
+                 or land this candidate with ChooseCandidate first",
+                task.candidate, task.candidate_of
+            )));
+        }
         return Some(task)
             .filter(ran)
             .ok_or_else(|| Status::failed_precondition(format!("task_id: task {asked} has not run yet")));
     }
     tasks
         .iter()
+        // A candidate's work is on the branch only through the task that
+        // landed it.
+        .filter(|t| t.candidate_of.is_empty())
         .filter(|t| TaskStatus::given(t.status).known() == Some(TaskStatus::Completed))
         .max_by_key(|t| t.completed_at.as_ref().map(|c| (c.seconds, c.nanos)))
         .ok_or_else(|| {
@@ -823,5 +925,6 @@ fn follow_up_task(
         // Where the followed task could run, so can its follow-up.
         requires: source.requires.clone().into_iter().collect(),
         candidate: None,
+        lands_candidate: false,
     }
 }

@@ -500,6 +500,122 @@ async fn three_candidates_on_two_runners_and_the_one_passing_the_check_lands() {
     let ticket_cost = done.ticket.as_ref().unwrap().usage.as_ref().unwrap().cost_usd;
     assert!((ticket_cost - spent).abs() < 1e-9, "{ticket_cost} vs {spent}");
     assert!(!format!("{done:?}{history:?}").contains(SECRET));
+
+    // A person prefers candidate 1 (its check failed, but it is theirs to
+    // say): it lands in place of Codex's, with their reason.
+    let choose = |candidate: i32, task_id: &str| {
+        let mut c = rig.tickets.clone();
+        let task_id = task_id.to_owned();
+        async move {
+            c.choose_candidate(pb::ChooseCandidateRequest {
+                task_id,
+                candidate,
+                comment: "prefer claude's greeting".into(),
+            })
+            .await
+        }
+    };
+    for (candidate, task_id, code, says) in [
+        (0, chooser.id.as_str(), tonic::Code::InvalidArgument, "candidate"),
+        (9, chooser.id.as_str(), tonic::Code::InvalidArgument, "candidate"),
+        (
+            4,
+            chooser.id.as_str(),
+            tonic::Code::FailedPrecondition,
+            "candidates 1 to 3",
+        ),
+        (
+            2,
+            chooser.id.as_str(),
+            tonic::Code::FailedPrecondition,
+            "is the one on the branch",
+        ),
+        (
+            1,
+            candidates[0].id.as_str(),
+            tonic::Code::FailedPrecondition,
+            "chooses among no candidates",
+        ),
+        (1, "not-a-task", tonic::Code::InvalidArgument, "task_id"),
+    ] {
+        let refused = choose(candidate, task_id).await.unwrap_err();
+        assert_eq!(refused.code(), code, "{candidate} {task_id}: {}", refused.message());
+        assert!(refused.message().contains(says), "{}", refused.message());
+    }
+    let aside = rig
+        .tickets
+        .clone()
+        .follow_up(pb::FollowUpRequest {
+            ticket_id: ticket.id.clone(),
+            message: "more".into(),
+            task_id: candidates[0].id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(aside.code(), tonic::Code::FailedPrecondition, "{}", aside.message());
+    assert!(aside.message().contains("ChooseCandidate"), "{}", aside.message());
+
+    let chose = choose(1, &chooser.id).await.unwrap().into_inner();
+    let choice_id = chose.task.as_ref().unwrap().id.clone();
+    assert!(chose.task.as_ref().unwrap().lands_candidate);
+    assert_eq!(
+        chose.task.as_ref().unwrap().title,
+        "Choose candidate 1: write hello.txt"
+    );
+    let done = wait_ticket(&rig.tickets, &ticket.id, COMPLETED).await;
+    let choice = done.tasks.iter().find(|t| t.id == choice_id).unwrap();
+    assert_eq!(
+        omoi_tests::repo::git(&bare, &["show", &format!("{branch}:hello.txt")]),
+        "hello from claude"
+    );
+    let commits = omoi_tests::repo::git(&bare, &["rev-list", &format!("{main}..{branch}")]);
+    assert_eq!(commits.lines().count(), 2, "one more commit: {commits}");
+    let swapped = choice.git.as_ref().expect("the choice landed");
+    assert_eq!(commits.lines().next(), Some(swapped.commit.as_str()));
+    assert_eq!(swapped.base_commit, landed.commit);
+    let reasons: Vec<(bool, &str)> = choice
+        .candidates
+        .iter()
+        .map(|c| (c.chosen, c.reason.as_str()))
+        .collect();
+    assert_eq!(reasons[1], (false, "replaced by candidate 1"), "{reasons:?}");
+    assert_eq!(reasons[2], (false, "its check failed"), "{reasons:?}");
+    assert!(reasons[0].0 && reasons[0].1.starts_with("chosen by "), "{reasons:?}");
+    assert!(
+        reasons[0]
+            .1
+            .ends_with(" in place of candidate 2: prefer claude's greeting"),
+        "{reasons:?}"
+    );
+    // Later follow-ups resume the chosen candidate's conversation.
+    let taken = choice.session.as_ref().expect("the chosen session, taken up");
+    let first = candidates[0].session.as_ref().unwrap();
+    assert_eq!(
+        (taken.runner.as_str(), &taken.session_id),
+        ("claude-code", &first.session_id)
+    );
+    let history = omoi_tests::ticket_history(&rig.tickets, &ticket.id).await;
+    let picked: Vec<serde_json::Value> = history
+        .iter()
+        .filter(|e| e.event_type == "TASK_CANDIDATE_CHOSEN")
+        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
+        .collect();
+    assert_eq!(picked.len(), 2, "{picked:?}");
+    assert_eq!(
+        (picked[1]["chosen"].as_i64(), picked[1]["commit"].as_str()),
+        (Some(1), Some(swapped.commit.as_str()))
+    );
+    assert_eq!(picked[1]["reason"], reasons[0].1);
+    assert!(history.iter().any(|e| e.event_type == "TICKET_REOPENED"));
+
+    // Candidate 3 wrote what candidate 1 did: chosen, with nothing to
+    // commit.
+    choose(3, &chooser.id).await.unwrap();
+    let done = wait_ticket(&rig.tickets, &ticket.id, COMPLETED).await;
+    let third = done.tasks.iter().rfind(|t| t.lands_candidate).unwrap();
+    assert!(third.candidates[2].chosen, "{:?}", third.candidates);
+    assert_eq!(third.git.as_ref().unwrap().commit, swapped.commit, "the branch stays");
+    assert_eq!(omoi_tests::repo::git(&bare, &["rev-parse", branch]), swapped.commit);
     rig.stop().await;
     let _ = std::fs::remove_dir_all(bare.parent().unwrap());
 }

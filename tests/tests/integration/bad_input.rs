@@ -117,7 +117,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
 
     for round in 0..300 {
         let before = counts(&pool).await;
-        let rpc = rng.next() % 33;
+        let rpc = rng.next() % 34;
         let result: Result<(), tonic::Status> = match rpc {
             0 => q
                 .enqueue_tasks(tq::EnqueueTasksRequest {
@@ -136,6 +136,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                             requires: [(rng.text(), rng.text())].into(),
                             candidate_of: rng.text(),
                             candidate: rng.int(),
+                            lands_candidate: rng.next().is_multiple_of(2),
                             session: rng.next().is_multiple_of(2).then(|| omoi_proto::common::AgentSession {
                                 runner: rng.text(),
                                 session_id: rng.text(),
@@ -427,6 +428,14 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                 }
                 Err(s) => Err(s),
             },
+            32 => t
+                .choose_candidate(pb::ChooseCandidateRequest {
+                    task_id: rng.text(),
+                    candidate: rng.int(),
+                    comment: rng.text(),
+                })
+                .await
+                .map(|_| ()),
             _ => e
                 .stream_execution_output(ex::StreamExecutionOutputRequest { task_id: rng.text() })
                 .await

@@ -160,18 +160,20 @@ async fn insert_tasks(
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int2[], $6::int4[],
                                   $7::int4[], $8::int4[], $9::int4[], $11::text[], $12::uuid[], $13::text[],
                                   $16::bool[], $17::text[], $18::text[], $19::int4[],
-                                  $20::uuid[], $21::int2[])
+                                  $20::uuid[], $21::int2[], $22::bool[])
                       WITH ORDINALITY
                       AS n(id, ticket_id, title, description, phase, priority, unmet, max_retries,
                            timeout_seconds, concurrency_key, event_id, event_payload, has_dependents, session,
-                           requires, requirement, candidate_of, candidate, ord)
+                           requires, requirement, candidate_of, candidate, lands_candidate, ord)
          ), t AS (
              INSERT INTO tasks (id, ticket_id, title, description, phase, priority, status,
                                 unmet_deps, max_retries, timeout_seconds, trace_context, concurrency_key,
-                                has_dependents, session, requires, requirement, candidate_of, candidate)
+                                has_dependents, session, requires, requirement, candidate_of, candidate,
+                                lands_candidate)
              SELECT n.id, n.ticket_id, n.title, n.description, n.phase, n.priority, 'pending',
                     n.unmet, n.max_retries, n.timeout_seconds, $10, n.concurrency_key, n.has_dependents,
-                    n.session::jsonb, n.requires::jsonb, n.requirement, n.candidate_of, n.candidate
+                    n.session::jsonb, n.requires::jsonb, n.requirement, n.candidate_of, n.candidate,
+                    n.lands_candidate
              FROM n ORDER BY n.ord
              RETURNING *
          ), ev AS (
@@ -217,6 +219,7 @@ async fn insert_tasks(
             .map(|t| t.candidate.map(|(_, n)| n as i16))
             .collect::<Vec<_>>(),
     )
+    .bind(tasks.iter().map(|t| t.lands_candidate).collect::<Vec<_>>())
     .fetch_all(conn)
     .await;
     match inserted {

@@ -34,7 +34,7 @@ macro_rules! task_fields {
          t.unmet_deps, t.retry_count, t.max_retries, t.timeout_seconds, t.attempt,
          t.assigned_agent_id, t.error_message, t.error_class, t.result, t.usage, t.git, t.created_at,
          t.updated_at, t.started_at, t.completed_at, t.next_attempt_at, t.trace_context, t.concurrency_key,
-         t.session, t.requires, t.candidate_of, t.candidate"
+         t.session, t.requires, t.candidate_of, t.candidate, t.lands_candidate"
     };
 }
 macro_rules! task_columns {
@@ -110,6 +110,7 @@ impl<'r> FromRow<'r, PgRow> for TaskRow {
                 (Some(of), Some(n)) => Some((of, i32::from(n))),
                 _ => None,
             },
+            lands_candidate: row.try_get("lands_candidate")?,
         }))
     }
 }

@@ -6,6 +6,7 @@
 use omoi_domain::candidates::{self, ForJudge, Kept, Outcome, Seen};
 use omoi_domain::check::Check;
 use omoi_domain::{ErrorClass, Usage};
+use omoi_proto::candidates::Step;
 use omoi_proto::common::{OutputStream, TaskStatus, Usage as UsagePb};
 use omoi_proto::domain::WireEnum;
 use omoi_proto::executor::ExecutionState;
@@ -14,10 +15,11 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::Worker;
+use super::prompt::phase_name;
 use super::run::{BranchCommit, End, Prepared, pushed_line};
 use crate::events::EventSink;
 use crate::executions::Execution;
-use crate::git::GitError;
+use crate::git::{self, GitError};
 use crate::runners::{RunContext, Verdict as RunVerdict};
 
 /// Where a candidate's kept commit is stored: beside its task's
@@ -130,28 +132,161 @@ impl Worker {
                     .await;
             }
         };
-        run.line(OutputStream::System, pushed_line(&g));
-        self.take_up_session(run, prepared, task_id).await;
+        self.landed(run, prepared, &winner, seen, &g, usage).await
+    }
+
+    /// A person's choice (a task that lands the candidate it depends on in
+    /// place of the step's landed one): the step's change on the branch
+    /// taken back and the candidate's put there, as one commit; true when
+    /// it completed.
+    pub(super) async fn land_choice(&self, run: &Execution, task: &tq::Task, prepared: &Prepared) -> bool {
+        run.set_state(ExecutionState::Running);
+        let Some(candidate) = prepared.candidates.first() else {
+            let message = "a choice lands the candidate it depends on, and it depends on none".to_owned();
+            return self.give_up(run, message, ErrorClass::Permanent, None).await;
+        };
+        let Some(checkout) = &prepared.checkout else {
+            let message = "candidates need the ticket's repository".to_owned();
+            return self.give_up(run, message, ErrorClass::Permanent, None).await;
+        };
+        let tasks = match self.ticket_tasks(&task.ticket_id).await {
+            Ok(t) => t,
+            Err(s) => {
+                let message = format!("cannot read the ticket's tasks: {}", s.message());
+                return self.give_up(run, message, ErrorClass::Retryable, None).await;
+            }
+        };
+        let Some(step) = Step::of(&tasks, &candidate.candidate_of) else {
+            let message = format!("task {} is no candidate of a step of this ticket", candidate.id);
+            return self.give_up(run, message, ErrorClass::Permanent, None).await;
+        };
+        let index = candidate.candidate;
+        let replaced = step.landed();
+        // The step's reasons as its last landing recorded them.
+        let before = replaced.map_or(step.chooser, |(t, _)| t);
+        let earlier = candidates::seen(before.result.as_ref().map(omoi_proto::convert::struct_to_json).as_ref());
+        let reason = task.description.clone();
+        let choice = candidates::Choice {
+            chosen: Some(index),
+            reasons: step
+                .candidates
+                .iter()
+                .map(|c| {
+                    let why = match replaced {
+                        _ if c.candidate == index => reason.clone(),
+                        Some((_, n)) if n == c.candidate => format!("replaced by candidate {index}"),
+                        _ => earlier
+                            .iter()
+                            .find(|s| s.index == c.candidate)
+                            .map(|s| s.reason.clone())
+                            .unwrap_or_default(),
+                    };
+                    (c.candidate, why)
+                })
+                .collect(),
+        };
+        let seen: Vec<Seen> = step.candidates.iter().map(|t| seen(t, &choice)).collect();
+        let winner = seen.iter().find(|s| s.index == index).cloned().unwrap_or_default();
+        if !self.hold_for_push(run.task_id, run.attempt).await {
+            let message = "the attempt was taken back before the chosen work could land".to_owned();
+            run.line(OutputStream::System, message.clone());
+            run.finish(ExecutionState::Cancelled, 0, String::new(), message, vec![]);
+            return false;
+        }
+        // The candidate on the branch now is taken back by its own change:
+        // whatever landings came before, the step's effect is that one.
+        let on_branch = replaced.and_then(|(_, n)| step.candidate(n));
+        let back_commit = on_branch.map(|t| evidence(t).0.commit).filter(|c| !c.is_empty());
+        let mut bundles = Vec::new();
+        for t in std::iter::once(candidate).chain(on_branch.filter(|_| back_commit.is_some())) {
+            match self
+                .sessions
+                .get(&bundle_name(&run.ticket_id, t.id.parse().unwrap_or_default()))
+                .await
+            {
+                Ok(b) => bundles.push(b),
+                Err(e) => {
+                    let message = format!("candidate {}'s commit cannot be read: {e}", t.candidate);
+                    return self.give_up(run, message, ErrorClass::Retryable, None).await;
+                }
+            }
+        }
+        let land = git::Kept {
+            bundle: &bundles[0],
+            commit: &winner.commit,
+        };
+        let take_back = back_commit.as_deref().map(|commit| git::Kept {
+            bundle: &bundles[1],
+            commit,
+        });
+        match replaced {
+            Some((_, n)) => run.line(
+                OutputStream::System,
+                format!("taking candidate {n}'s change back and landing candidate {index}'s in its place"),
+            ),
+            None => run.line(OutputStream::System, format!("landing candidate {index}")),
+        }
+        let message = git::commit_message(&phase_name(task.phase), &task.title, &task.id, run.attempt);
+        let g = match self.git.land_instead(checkout, land, take_back, &message).await {
+            Ok(g) => g,
+            Err(e) => {
+                let (message, class) = super::run::git_failure(e);
+                let message = format!("candidate {index} did not land on {}: {message}", checkout.branch);
+                return self
+                    .give_up(run, message, class.unwrap_or(ErrorClass::Retryable), None)
+                    .await;
+            }
+        };
+        self.landed(run, prepared, &winner, seen, &g, None).await
+    }
+
+    /// Ends a choice whose candidate (`winner`) landed as `g`: its session
+    /// taken up, the selection in the result, the task completed.
+    async fn landed(
+        &self,
+        run: &Execution,
+        prepared: &Prepared,
+        winner: &Seen,
+        seen: Vec<Seen>,
+        g: &omoi_domain::git::GitChange,
+        usage: Option<UsagePb>,
+    ) -> bool {
+        run.line(OutputStream::System, pushed_line(g));
+        self.take_up_session(run, prepared, winner.task_id.parse().unwrap_or_default())
+            .await;
         let runner = if winner.runner.is_empty() {
             String::new()
         } else {
             format!(" ({})", winner.runner)
         };
-        let summary = format!("chose candidate {chosen}{runner}: {}", winner.reason);
+        let summary = format!("chose candidate {}{runner}: {}", winner.index, winner.reason);
         run.finish(ExecutionState::Succeeded, 0, summary.clone(), String::new(), vec![]);
         let result = json!({
             "exit_code": 0,
             "summary": summary,
             "selection": {
-                "chosen": chosen,
+                "chosen": winner.index,
                 "candidate_task_id": winner.task_id,
                 "reason": winner.reason,
                 "candidates": seen,
             },
             "agent_id": self.agent_id.to_string(),
         });
-        let git = omoi_proto::common::GitChange::from(&g);
+        let git = omoi_proto::common::GitChange::from(g);
         self.complete(run, result, usage, Some(git)).await
+    }
+
+    /// Every task of the ticket, as the ticket service has them.
+    async fn ticket_tasks(&self, ticket_id: &str) -> Result<Vec<tq::Task>, tonic::Status> {
+        let read = self
+            .tickets
+            .clone()
+            .get_ticket(omoi_proto::ticket::GetTicketRequest {
+                ticket_id: ticket_id.to_owned(),
+                view: omoi_proto::ticket::TicketView::Full.into(),
+            })
+            .await?;
+        Ok(read.into_inner().tasks)
     }
 
     /// Asks the judge (this executor's agent) to pick among the eligible

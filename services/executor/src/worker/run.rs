@@ -179,6 +179,13 @@ impl Worker {
             session: Default::default(),
             fence,
         };
+        if task.lands_candidate {
+            // A person's choice among a step's candidates: no agent runs.
+            let landed = self.land_choice(&run, &task, &prepared).await;
+            self.executions.end(&run);
+            self.clean_up(&dir, landed).await;
+            return;
+        }
         if !prepared.candidates.is_empty() {
             // It chooses among its candidates, all ended; its agent, when
             // it requires one (the judge's labels), judges them.
@@ -287,8 +294,9 @@ impl Worker {
     /// classified.
     async fn prepare(&self, task: &tq::Task, dir: &Path) -> Result<Prepared, (String, Option<ErrorClass>)> {
         let (ticket, dependencies) = self.read_context(task).await?;
-        let (candidates, dependencies): (Vec<tq::Task>, Vec<tq::Task>) =
-            dependencies.into_iter().partition(|d| d.candidate_of == task.id);
+        let (candidates, dependencies): (Vec<tq::Task>, Vec<tq::Task>) = dependencies
+            .into_iter()
+            .partition(|d| d.candidate_of == task.id || task.lands_candidate);
         let dependencies: Vec<Dependency> = dependencies.into_iter().map(Dependency::from).collect();
         let repository = workspace::parse_repository(&ticket.repository)
             .map_err(|e| (e.to_string(), Some(ErrorClass::Permanent)))?;
