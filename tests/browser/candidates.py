@@ -1,8 +1,9 @@
 """Best-of-N in the console: the ticket's page lists a step's candidates
 as tasks of their own; the step's task shows them side by side — a row
 each with its runner, check, change, cost and the reason it was or was not
-chosen, the chosen one marked — and each one's kept diff; a candidate's own
-page shows its kept (not pushed) change. Run by the browser tests against a
+chosen, the chosen one marked — and each one's kept diff; a person lands
+the other candidate instead, with a reason, and the rows follow; a
+candidate's own page shows its kept (not pushed) change. Run by the browser tests against a
 real mesh: OMOI_CONSOLE_URL, OMOI_TICKET, OMOI_CHOOSER, OMOI_CANDIDATE."""
 
 import os
@@ -72,6 +73,37 @@ def side_by_side(d):
     shot(d, "candidates")
 
 
+def rows_now(d):
+    """The candidates' rows as they are, read whole (call it inside
+    `until`: a row read across a redraw is stale)."""
+    return [{
+        "index": r.get_attribute("data-candidate"),
+        "chosen": "chosen" in (r.get_attribute("class") or ""),
+        "reason": r.find_element(By.CSS_SELECTOR, "td.reason").text,
+        "can_land": bool(r.find_elements(By.CSS_SELECTOR, "button.choose")),
+    } for r in d.find_elements(By.CSS_SELECTOR, "#candidates tr[data-candidate]")]
+
+
+def a_person_lands_the_other(d):
+    rows = until("candidate 2 offered in 1's place", lambda: (r := rows_now(d)) and len(r) == 2 and r[1]["can_land"] and r)
+    assert not rows[0]["can_land"], rows
+    d.find_element(By.ID, "choice-comment").send_keys("the second reads better")
+    click(d, "candidate 2's land button", '#candidates tr[data-candidate="2"] button.choose')
+
+    def landed():
+        r = rows_now(d)
+        if not r or len(r) != 2 or not r[1]["chosen"]:
+            return None
+        return r
+    rows = until("candidate 2 on the branch", landed)
+    assert not rows[0]["chosen"] and rows[0]["reason"] == "replaced by candidate 2", rows
+    assert rows[1]["reason"].endswith("in place of candidate 1: the second reads better"), rows
+    assert [r["can_land"] for r in rows] == [True, False], rows
+    since = until("where the choice is", lambda: [e.text for e in d.find_elements(By.ID, "chosen-by")])
+    assert "Choose candidate 2: Build it" in since[0], since
+    shot(d, "candidate-chosen")
+
+
 def a_candidates_own_page(d):
     click(d, "candidate 2's link", '#candidates tr[data-candidate="2"] a')
     heading = until("its kept change", lambda: [h.text for h in d.find_elements(By.CSS_SELECTOR, "#task-diff h2")])
@@ -83,4 +115,4 @@ def a_candidates_own_page(d):
 
 
 if __name__ == "__main__":
-    run_steps([side_by_side, a_candidates_own_page])
+    run_steps([side_by_side, a_person_lands_the_other, a_candidates_own_page])

@@ -197,6 +197,10 @@ pub async fn task(q: &mut Queue, task_id: String, out: Output) -> anyhow::Result
     if let Some(line) = check_line(&t) {
         println!("  {line}");
     }
+    if t.lands_candidate {
+        let landed = t.depends_on.first().map_or("", String::as_str);
+        println!("  lands candidate task {landed} in place of the one chosen");
+    }
     if !t.candidate_of.is_empty() {
         println!("  candidate {} of task {}", t.candidate, t.candidate_of);
     }

@@ -410,11 +410,34 @@ function conversationOf(t, tasks) {
 // The candidates a best-of-N task chooses among, side by side: each one's
 // runner, model, check, change, cost and why it was or was not chosen,
 // then each one's kept diff. `key` changes when any of that does.
-function candidatesView(t, tasks, showTask) {
-  const own = tasks.filter((c) => c.candidateOf === t.id).sort((a, b) => a.candidate - b.candidate);
-  if (!own.length) return { key: "", nodes: [] };
-  const seen = new Map((t.candidates || []).map((c) => [c.index, c]));
-  const rows = own.map((c) => {
+// The step a task belongs to as best-of-N: the task choosing among the
+// candidates (or a person's later choice of one), its candidates, people's
+// choices, and the one whose change is on the branch now.
+function candidateStep(t, tasks) {
+  let chooserId = t.id;
+  if (t.landsCandidate) {
+    const landed = tasks.find((c) => c.id === (t.dependsOn || [])[0]);
+    if (!landed) return null;
+    chooserId = landed.candidateOf;
+  }
+  const chooser = tasks.find((c) => c.id === chooserId);
+  const own = tasks.filter((c) => c.candidateOf === chooserId).sort((a, b) => a.candidate - b.candidate);
+  if (!chooser || !own.length) return null;
+  const ids = new Set(own.map((c) => c.id));
+  const choices = tasks.filter((c) => c.landsCandidate && ids.has((c.dependsOn || [])[0]));
+  const landings = [chooser, ...choices].filter((c) => taskStatus(c) === "completed" && (c.candidates || []).some((x) => x.chosen));
+  landings.sort((a, b) => Date.parse(a.completedAt || 0) - Date.parse(b.completedAt || 0));
+  const current = landings[landings.length - 1] || chooser;
+  const underWay = choices.find((c) => !FINAL.has(taskStatus(c)) && taskStatus(c) !== "timed_out");
+  return { chooser, own, current, underWay };
+}
+
+function candidatesView(t, tasks, showTask, choose) {
+  const step = candidateStep(t, tasks);
+  if (!step) return { key: "", nodes: [] };
+  const seen = new Map((step.current.candidates || []).map((c) => [c.index, c]));
+  const decided = ["completed", "failed"].includes(taskStatus(step.chooser)) && !step.underWay;
+  const rows = step.own.map((c) => {
     const kept = (c.result && c.result.candidate) || {};
     const s = seen.get(c.candidate) || {};
     const check = c.result && c.result.check;
@@ -424,18 +447,28 @@ function candidatesView(t, tasks, showTask) {
       check: check ? (check.passed ? "passed" : "failed") : c.result ? "no check" : "",
       change: kept.commit ? "+" + (kept.insertions || 0) + " −" + (kept.deletions || 0) + " in " + (kept.files_changed || 0) + " files" : c.result ? "no change" : "",
       cost: usd(c.usage) || "", chosen: !!s.chosen, reason: s.reason || "", patch: kept.patch || "",
+      choosable: decided && !s.chosen && !!kept.commit && taskStatus(c) === "completed",
     };
   });
-  const key = JSON.stringify(rows.map((r) => [r.index, r.status, r.check, r.change, r.cost, r.chosen, r.reason]));
+  const key = JSON.stringify([step.current.id, step.underWay && step.underWay.id,
+    rows.map((r) => [r.index, r.status, r.check, r.change, r.cost, r.chosen, r.reason, r.choosable])]);
+  const why = h("input", { id: "choice-comment", placeholder: "Why (recorded with the choice)", maxlength: "2000" });
   const nodes = [
     h("h2", {}, "Candidates"),
+    step.current !== step.chooser ? h("p", { class: "muted", id: "chosen-by" }, "On the branch since ",
+      h("a", { href: "#", onclick: (ev) => { ev.preventDefault(); showTask(step.current.id); } }, step.current.title), ".") : "",
+    step.underWay ? h("p", { class: "muted", id: "choice-under-way" }, "Landing: ",
+      h("a", { href: "#", onclick: (ev) => { ev.preventDefault(); showTask(step.underWay.id); } }, step.underWay.title), "…") : "",
     h("table", { id: "candidates" },
-      h("tr", {}, ["#", "status", "runner", "model", "check", "change", "cost", "choice"].map((x) => h("th", {}, x))),
+      h("tr", {}, ["#", "status", "runner", "model", "check", "change", "cost", "choice", ""].map((x) => h("th", {}, x))),
       rows.map((r) => h("tr", { "data-candidate": r.index, class: r.chosen ? "chosen" : "" },
         h("td", {}, h("a", { href: "#", onclick: (ev) => { ev.preventDefault(); showTask(r.task.id); } }, String(r.index))),
         h("td", {}, h("span", { class: "badge s-" + r.status }, label(r.status))),
         h("td", {}, r.runner), h("td", {}, r.model), h("td", { class: "check" }, r.check), h("td", {}, r.change), h("td", {}, r.cost),
-        h("td", { class: "reason" }, r.chosen ? h("strong", {}, r.reason) : r.reason)))),
+        h("td", { class: "reason" }, r.chosen ? h("strong", {}, r.reason) : r.reason),
+        h("td", {}, r.choosable ? h("button", { class: "choose", title: "Land candidate " + r.index + " in place of the one on the branch",
+          onclick: () => choose(step.chooser.id, r.index, why.value.trim()) }, "Land this one") : "")))),
+    rows.some((r) => r.choosable) ? h("p", { class: "choice" }, why) : "",
     h("div", { class: "side-by-side" }, rows.map((r) => h("div", { class: "candidate-diff", "data-candidate": r.index },
       h("h3", {}, "Candidate " + r.index + (r.runner ? " · " + r.runner : "") + (r.chosen ? " · chosen" : "")),
       r.patch ? diffView(r.patch) : h("p", { class: "muted" }, r.task.result ? "No change kept." : "Not done yet.")))),
@@ -572,7 +605,10 @@ function ticketPage(root, id) {
       changes.replaceChildren(h("h2", {}, "Changes (kept for the choice, not pushed)"), diffView(kept.patch));
     }
     // The candidates a best-of-N task chooses among, redrawn when they move.
-    const view = candidatesView(t, tasks, showTask);
+    const choose = (chooserId, candidate, comment) =>
+      act("Candidate " + candidate + " chosen", () => api("POST", "/v1/tasks/" + encodeURIComponent(chooserId) + ":chooseCandidate", { candidate, comment }))
+        .then(load);
+    const view = candidatesView(t, tasks, showTask, choose);
     const candidates = detail.querySelector("#task-candidates");
     if (candidates.dataset.key !== view.key) {
       candidates.dataset.key = view.key;

@@ -193,10 +193,15 @@ async fn a_person_compares_a_steps_candidates_side_by_side() {
             ("OMOI_CHOOSER", &chooser.id),
             ("OMOI_CANDIDATE", &second.id),
         ],
-        &["side_by_side", "a_candidates_own_page"],
+        &["side_by_side", "a_person_lands_the_other", "a_candidates_own_page"],
         Duration::from_secs(180),
     )
     .await;
+    // The button made a person's choice: candidate 2 is the step's now.
+    let now = wait_ticket(&tickets, &id, TicketStatus::Completed as i32).await;
+    let choice = now.tasks.iter().find(|t| t.lands_candidate).expect("the choice's task");
+    assert!(choice.candidates[1].chosen, "{:?}", choice.candidates);
+    assert!(choice.candidates[1].reason.ends_with(": the second reads better"));
     console.stop().await;
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
