@@ -77,6 +77,73 @@ pub fn candidates(field: &str, raw: &RawCandidates<'_>, step_requires: &Labels) 
     Ok(Candidates { requires, judge })
 }
 
+/// What a deployment's recently finished tickets spent, and on how many
+/// agent runs (each candidate, each judge, every other task that ran).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Spent {
+    pub cost_usd: f64,
+    pub runs: i64,
+    pub tickets: i64,
+}
+
+impl Spent {
+    /// The mean cost of an agent run; None without history.
+    pub fn per_run(&self) -> Option<f64> {
+        (self.runs > 0 && self.cost_usd > 0.0).then(|| self.cost_usd / self.runs as f64)
+    }
+}
+
+/// The agent runs a plan (with its candidates expanded) takes: one per task,
+/// except that a step's choosing task runs one only as a judge; and how
+/// many of them are candidates and judges.
+pub fn agent_runs(plan: &[crate::ticket::PlannedTask]) -> (usize, usize, usize) {
+    let chooses: std::collections::HashSet<usize> = plan.iter().filter_map(|t| t.candidate.map(|(of, _)| of)).collect();
+    let candidates = plan.iter().filter(|t| t.candidate.is_some()).count();
+    let judges = chooses
+        .iter()
+        .filter(|i| plan.get(**i).is_some_and(|t| !t.requires.is_empty()))
+        .count();
+    let others = plan.len() - candidates - chooses.len();
+    (candidates + judges + others, candidates, judges)
+}
+
+/// Refuses (naming `field`) a budget that cannot cover a plan with
+/// candidates at what an agent run has cost here: its agent runs times the
+/// mean cost of a run over recent tickets. No candidates, no budget or no
+/// history: nothing to refuse.
+pub fn cover(
+    field: &str,
+    budget: Option<f64>,
+    plan: &[crate::ticket::PlannedTask],
+    spent: &Spent,
+) -> Result<(), DomainError> {
+    let (Some(budget), Some(per_run)) = (budget, spent.per_run()) else {
+        return Ok(());
+    };
+    let (runs, candidates, judges) = agent_runs(plan);
+    if candidates == 0 {
+        return Ok(());
+    }
+    let estimate = per_run * runs as f64;
+    if estimate <= budget {
+        return Ok(());
+    }
+    let judges = match judges {
+        0 => String::new(),
+        1 => ", a judge".to_owned(),
+        n => format!(", {n} judges"),
+    };
+    Err(DomainError::invalid(
+        field,
+        format!(
+            "${budget:.4} cannot cover this plan: its {runs} agent runs ({candidates} candidates{judges} and the \
+             other tasks) come to about ${estimate:.4} at ${per_run:.4} a run, what a run cost on average over \
+             the last {} finished tickets",
+            spent.tickets
+        ),
+    ))
+}
+
 /// A candidate's kept work, as its result records it (`result.candidate`):
 /// written by its executor, read by the choice and the events.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -215,6 +282,67 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_budget_that_cannot_cover_the_candidates_is_refused_with_the_estimate() {
+        use crate::ticket::PlannedTask;
+        let task = |candidate: Option<(usize, i32)>, judge: bool| PlannedTask {
+            title: "t".into(),
+            description: String::new(),
+            phase: crate::Phase::Implementation,
+            priority: 2,
+            depends_on: vec![],
+            max_retries: 0,
+            timeout_seconds: 0,
+            concurrency_key: None,
+            requires: if judge {
+                [("runner".to_owned(), "claude-code".to_owned())].into()
+            } else {
+                Labels::new()
+            },
+            candidate,
+            lands_candidate: false,
+        };
+        // Plan, three candidates of step 4 (judged), the step, integrate.
+        let plan = vec![
+            task(None, false),
+            task(Some((4, 1)), false),
+            task(Some((4, 2)), false),
+            task(Some((4, 3)), false),
+            task(None, true),
+            task(None, false),
+        ];
+        assert_eq!(agent_runs(&plan), (6, 3, 1));
+        let mut unjudged = plan.clone();
+        unjudged[4].requires = Labels::new();
+        assert_eq!(
+            agent_runs(&unjudged),
+            (5, 3, 0),
+            "a choice without a judge runs no agent"
+        );
+        let spent = Spent {
+            cost_usd: 0.5,
+            runs: 100,
+            tickets: 20,
+        };
+        // 6 runs at $0.005: $0.03.
+        assert_eq!(cover("max_cost_usd", Some(0.03), &plan, &spent), Ok(()));
+        match cover("max_cost_usd", Some(0.02), &plan, &spent) {
+            Err(DomainError::InvalidArgument(e)) => {
+                assert_eq!(e.field, "max_cost_usd");
+                assert_eq!(
+                    e.reason,
+                    "$0.0200 cannot cover this plan: its 6 agent runs (3 candidates, a judge and the other tasks) \
+                     come to about $0.0300 at $0.0050 a run, what a run cost on average over the last 20 finished tickets"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // No candidates, no budget, no history: nothing to refuse.
+        assert_eq!(cover("b", Some(0.001), &plan[..1], &spent), Ok(()));
+        assert_eq!(cover("b", None, &plan, &spent), Ok(()));
+        assert_eq!(cover("b", Some(0.001), &plan, &Spent::default()), Ok(()));
     }
 
     #[test]

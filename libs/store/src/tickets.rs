@@ -356,6 +356,35 @@ impl Store {
         }
     }
 
+    /// What the last `limit` finished tickets that spent anything spent,
+    /// and on how many agent runs: every task that started, except a
+    /// person's choice of a candidate and a choice among candidates made
+    /// without a judge (no agent runs for those).
+    pub async fn recent_spend(&self, limit: i64) -> Result<omoi_domain::candidates::Spent> {
+        let (tickets, cost_usd, runs): (i64, f64, i64) = sqlx::query_as(sql!(
+            "WITH recent AS (
+                 SELECT id, (usage->>'cost_usd')::float8 AS cost FROM tickets
+                 WHERE status IN ('completed', 'failed') AND (usage->>'cost_usd')::float8 > 0
+                 ORDER BY seq DESC LIMIT $1
+             )
+             SELECT count(*), coalesce(sum(r.cost), 0)::float8,
+                    coalesce(sum((SELECT count(*) FROM ticket_tasks t
+                                  WHERE t.ticket_id = r.id AND t.started AND NOT t.lands_candidate
+                                    AND NOT (coalesce(t.requires, '{}'::jsonb) = '{}'::jsonb AND EXISTS (
+                                        SELECT 1 FROM ticket_tasks c
+                                        WHERE c.ticket_id = t.ticket_id AND c.candidate_of = t.position)))), 0)::int8
+             FROM recent r"
+        ))
+        .bind(limit)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(omoi_domain::candidates::Spent {
+            cost_usd,
+            runs,
+            tickets,
+        })
+    }
+
     pub async fn get_ticket(&self, id: Uuid) -> Result<(Ticket, Vec<TicketTask>)> {
         let mut conn = self.pool().acquire().await?;
         let ticket = select_ticket(&mut conn, id, false).await?;

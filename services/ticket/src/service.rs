@@ -27,6 +27,10 @@ use crate::requests;
 use crate::tasks::{Enqueued, TicketTasks, planned_tasks};
 use crate::{board, watch};
 
+/// How many finished tickets the cost of an agent run is averaged over,
+/// for a plan with candidates whose budget may not cover them.
+const RECENT_TICKETS: i64 = 100;
+
 pub struct Tickets {
     store: Store,
     tasks: Arc<TicketTasks>,
@@ -74,6 +78,11 @@ impl Tickets {
             .collect();
         let (new, plan) = requests::create(req, &self.phase_instructions, self.forge.max_reactions)?;
         self.judges_exist(&judges).await?;
+        if new.max_cost_usd.is_some() && plan.iter().any(|(_, t)| t.candidate.is_some()) {
+            let spent = self.store.recent_spend(RECENT_TICKETS).await?;
+            let planned: Vec<_> = plan.iter().map(|(_, t)| t.clone()).collect();
+            omoi_domain::candidates::cover("max_cost_usd", new.max_cost_usd, &planned, &spent)?;
+        }
         self.create_new(new, plan).await
     }
 

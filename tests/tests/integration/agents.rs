@@ -616,6 +616,46 @@ async fn three_candidates_on_two_runners_and_the_one_passing_the_check_lands() {
     assert!(third.candidates[2].chosen, "{:?}", third.candidates);
     assert_eq!(third.git.as_ref().unwrap().commit, swapped.commit, "the branch stays");
     assert_eq!(omoi_tests::repo::git(&bare, &["rev-parse", branch]), swapped.commit);
+
+    // A budget that cannot cover three more candidates at what a run cost
+    // here is refused up front, with the estimate; one that can is taken.
+    let per_run = ticket_cost / 3.0;
+    let again = |budget: f64| pb::CreateTicketRequest {
+        title: "best of three again".into(),
+        repository: bare.display().to_string(),
+        max_cost_usd: Some(budget),
+        plan: vec![pb::TaskSpec {
+            candidates: Some(pb::Candidates {
+                count: 3,
+                ..Default::default()
+            }),
+            ..spec("write hello.txt", 2, vec![], 0)
+        }],
+        ..Default::default()
+    };
+    let refused = rig.tickets.clone().create_ticket(again(per_run)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let says = refused.message();
+    assert!(
+        says.contains("max_cost_usd") && says.contains("its 3 agent runs (3 candidates and the other tasks)"),
+        "{says}"
+    );
+    assert!(says.contains(&format!("at ${per_run:.4} a run")), "{says}");
+    let taken = rig
+        .tickets
+        .clone()
+        .create_ticket(again(per_run * 3.5))
+        .await
+        .unwrap()
+        .into_inner();
+    rig.tickets
+        .clone()
+        .cancel_ticket(pb::CancelTicketRequest {
+            ticket_id: taken.ticket.unwrap().id,
+            reason: "only its budget was in question".into(),
+        })
+        .await
+        .unwrap();
     rig.stop().await;
     let _ = std::fs::remove_dir_all(bare.parent().unwrap());
 }
