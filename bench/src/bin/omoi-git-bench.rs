@@ -163,6 +163,7 @@ async fn task(
         branch,
         base_ref: "main",
         parents: Vec::new(),
+        reuse: None,
     };
     let began = Instant::now();
     let checkout = git_settings

@@ -188,6 +188,12 @@ pub struct Config {
     #[arg(long, env = "OMOI_WORKSPACE_POLICY", value_enum, default_value_t = WorkspacePolicy::Keep)]
     pub workspace_policy: WorkspacePolicy,
 
+    /// Work trees of tickets' attempts kept for their tickets' next
+    /// attempts on this executor, which bring them to their base instead
+    /// of checking out every file again; 0: none.
+    #[arg(long, env = "OMOI_WORKSPACE_REUSE_SLOTS", default_value_t = 8)]
+    pub workspace_reuse_slots: usize,
+
     /// Runs at once.
     #[arg(long, env = "OMOI_EXECUTOR_CAPACITY", default_value_t = 1)]
     pub capacity: i32,

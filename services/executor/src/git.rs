@@ -109,6 +109,11 @@ pub struct Start<'a> {
     pub branch: &'a str,
     /// Empty: the remote's HEAD.
     pub base_ref: &'a str,
+    /// A work tree an earlier attempt of the ticket left on this executor,
+    /// to bring to the base (its `.git` replaced, what differs rewritten,
+    /// everything else removed; see `refresh`) instead of checking out a
+    /// fresh one. Used only where the base is one commit (no merge).
+    pub reuse: Option<&'a Path>,
     /// Completed dependencies that left a commit; none: start at `base_ref`.
     pub parents: Vec<Parent>,
 }
@@ -135,6 +140,9 @@ pub struct Checkout {
     cached: Option<Held>,
     /// Whether the workspace borrows them too.
     borrows: bool,
+    /// Whether the workspace is an earlier attempt's work tree, to be
+    /// brought to the base by `refresh`.
+    pub reused: bool,
 }
 
 impl Checkout {
@@ -267,33 +275,37 @@ impl GitSettings {
                 tips.push(c.clone());
             }
         }
-        let ws = path(workspace);
-        // Its objects borrowed from the cache (the mirror's alternates are
-        // the clone's), or copied where the agent cannot reach the cache.
-        let mut clone = vec!["clone", "--quiet", "--no-checkout", "--no-hardlinks"];
-        if cached.is_some() && !self.borrow {
-            clone.push("--dissociate");
-        }
-        let from = path(mirror);
-        clone.extend(["--", &from, &ws]);
-        self.local(mirror, &clone).await?;
-        // The agent may commit, or merge the base in: as omoi's author.
-        self.local(workspace, &["config", "user.name", &self.author_name])
-            .await?;
-        self.local(workspace, &["config", "user.email", &self.author_email])
-            .await?;
         let base_branch = self.base_branch(mirror, start).await;
-        if let Some((name, head)) = &base_branch {
-            self.local(workspace, &["update-ref", &format!("refs/heads/{name}"), head])
+        let mut reused = false;
+        if let Some(tree) = start.reuse.filter(|_| tips.len() == 1) {
+            match self
+                .reuse(mirror, workspace, tree, start.branch, &tips[0], &cached, &base_branch)
+                .await
+            {
+                Ok(()) => reused = true,
+                Err(e) => {
+                    // Only an optimisation: a fresh checkout instead.
+                    tracing::warn!(tree = %tree.display(), error = %e, "the ticket's earlier checkout is not reused");
+                    crate::workspace::fresh(workspace)
+                        .await
+                        .map_err(|e| GitError::Transient(e.to_string()))?;
+                }
+            }
+        }
+        if !reused {
+            self.repository(mirror, workspace, &cached, &base_branch).await?;
+            self.local(workspace, &["checkout", "--quiet", "-B", start.branch, &tips[0]])
                 .await?;
+            if tips.len() > 1 {
+                self.merge(workspace, &tips[1..], &start.parents).await?;
+            }
         }
-        self.local(workspace, &["remote", "remove", "origin"]).await?;
-        self.local(workspace, &["checkout", "--quiet", "-B", start.branch, &tips[0]])
-            .await?;
-        if tips.len() > 1 {
-            self.merge(workspace, &tips[1..], &start.parents).await?;
-        }
-        let base_commit = self.local(workspace, &["rev-parse", "HEAD"]).await?;
+        let base_commit = if reused {
+            // Its work tree is still the agent's: nothing runs there yet.
+            tips[0].clone()
+        } else {
+            self.local(workspace, &["rev-parse", "HEAD"]).await?
+        };
         Ok(Checkout {
             mirror: mirror.to_path_buf(),
             workspace: workspace.to_path_buf(),
@@ -304,7 +316,103 @@ impl GitSettings {
             base_branch,
             borrows: cached.is_some() && self.borrow,
             cached,
+            reused,
         })
+    }
+
+    /// The workspace's repository, made from the attempt's mirror with
+    /// nothing checked out: its objects borrowed from the cache (the
+    /// mirror's alternates are the clone's), or copied where the agent
+    /// cannot reach the cache; no remote; the base branch as a branch of
+    /// its own (so an agent can merge it in).
+    async fn repository(
+        &self,
+        mirror: &Path,
+        workspace: &Path,
+        cached: &Option<Held>,
+        base_branch: &Option<(String, String)>,
+    ) -> Result<(), GitError> {
+        let mut clone = vec!["clone", "--quiet", "--no-checkout", "--no-hardlinks"];
+        if cached.is_some() && !self.borrow {
+            clone.push("--dissociate");
+        }
+        let (from, ws) = (path(mirror), path(workspace));
+        clone.extend(["--", &from, &ws]);
+        self.local(mirror, &clone).await?;
+        // The agent may commit, or merge the base in: as omoi's author.
+        self.local(workspace, &["config", "user.name", &self.author_name])
+            .await?;
+        self.local(workspace, &["config", "user.email", &self.author_email])
+            .await?;
+        if let Some((name, head)) = base_branch {
+            self.local(workspace, &["update-ref", &format!("refs/heads/{name}"), head])
+                .await?;
+        }
+        self.local(workspace, &["remote", "remove", "origin"]).await?;
+        Ok(())
+    }
+
+    /// Makes `tree` (an earlier attempt's work tree) the workspace: a fresh
+    /// repository (`repository`) on `branch` at `tip`, whose index lists
+    /// `tip`'s files, takes the place of whatever `.git` it had (the
+    /// agent's: nothing of it is read), and the tree moves to `workspace`.
+    /// Its files are brought to `tip` by `refresh`, as the agent's user.
+    #[allow(clippy::too_many_arguments)]
+    async fn reuse(
+        &self,
+        mirror: &Path,
+        workspace: &Path,
+        tree: &Path,
+        branch: &str,
+        tip: &str,
+        cached: &Option<Held>,
+        base_branch: &Option<(String, String)>,
+    ) -> Result<(), GitError> {
+        let io = |what: &str, e: std::io::Error| GitError::Transient(format!("{what}: {e}"));
+        let made = workspace.with_extension("fresh");
+        let _ = tokio::fs::remove_dir_all(&made).await;
+        self.repository(mirror, &made, cached, base_branch).await?;
+        let head = format!("refs/heads/{branch}");
+        self.local(&made, &["update-ref", &head, tip]).await?;
+        self.local(&made, &["symbolic-ref", "HEAD", &head]).await?;
+        self.local(&made, &["read-tree", tip]).await?;
+        let old = tree.join(".git");
+        match tokio::fs::symlink_metadata(&old).await {
+            Ok(m) if m.is_dir() => tokio::fs::remove_dir_all(&old).await,
+            Ok(_) => tokio::fs::remove_file(&old).await,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| io("cannot remove the earlier .git", e))?;
+        tokio::fs::rename(made.join(".git"), &old)
+            .await
+            .map_err(|e| io("cannot move the repository in", e))?;
+        let _ = tokio::fs::remove_dir_all(&made).await;
+        tokio::fs::remove_dir_all(workspace)
+            .await
+            .map_err(|e| io("cannot clear the workspace", e))?;
+        tokio::fs::rename(tree, workspace)
+            .await
+            .map_err(|e| io("cannot move the earlier checkout in", e))
+    }
+
+    /// Brings a reused workspace's files to its base, as the agent's user
+    /// (they were the agent's): what matches is left as it is (compared by
+    /// content), what differs rewritten, everything else (untracked and
+    /// ignored files, a failed attempt's leftovers) removed.
+    pub async fn refresh(&self, checkout: &Checkout, user: &WorkspaceUser) -> Result<(), GitError> {
+        if !checkout.reused {
+            return Ok(());
+        }
+        let ws = &checkout.workspace;
+        // Exits 1 when files differ: the reset that follows rewrites them.
+        let _ = self
+            .as_agent(ws, user, &["update-index", "-q", "--refresh"], None)
+            .await;
+        self.as_agent(ws, user, &["reset", "--quiet", "--hard", "HEAD"], None)
+            .await?;
+        self.as_agent(ws, user, &["clean", "-ffdxq"], None).await?;
+        Ok(())
     }
 
     /// The attempt's own mirror, borrowing the cache's objects: the
@@ -1180,6 +1288,7 @@ mod tests {
                 branch,
                 base_ref: "",
                 parents,
+                reuse: None,
             };
             git.prepare(&start, &ws.with_extension("git"), &ws).await
         }
@@ -1427,6 +1536,68 @@ mod tests {
             !as_nobody(&format!("ls {}", s.root.join("cache").display())),
             "the cache is not listable"
         );
+    }
+
+    #[tokio::test]
+    async fn a_reused_checkout_is_brought_to_the_base_rewriting_only_what_differs_and_keeping_nothing_else() {
+        use std::os::unix::fs::MetadataExt;
+        let s = Scratch::new();
+        let user = WorkspaceUser::default();
+        let settings = Scratch::settings();
+        let first = s.prepare(vec![]).await.unwrap();
+        assert!(!first.reused);
+        std::fs::write(first.workspace.join("one.txt"), "1\n").unwrap();
+        std::fs::write(first.workspace.join(".gitignore"), "build/\n").unwrap();
+        let landed = settings.commit_and_push(&first, "first", &user).await.unwrap();
+        // What a failed attempt might leave: strays, an ignored build, an
+        // edit, and its own repository configuration.
+        let old = first.workspace.clone();
+        std::fs::write(old.join("stray.txt"), "x").unwrap();
+        std::fs::create_dir_all(old.join("build")).unwrap();
+        std::fs::write(old.join("build/out.o"), "x").unwrap();
+        std::fs::write(old.join("README.md"), "edited\n").unwrap();
+        run(&old, &["config", "alias.hostile", "!touch pwned"]);
+        // An old time that a rewrite would not keep.
+        let touched = std::process::Command::new("touch")
+            .args(["-d", "2001-02-03 04:05:06"])
+            .arg(old.join("one.txt"))
+            .status()
+            .unwrap();
+        assert!(touched.success());
+        let mtime = std::fs::metadata(old.join("one.txt")).unwrap().mtime();
+
+        let repository = Repository::Local(s.remote.clone());
+        let ws = s.root.join("ws-reused");
+        std::fs::create_dir_all(&ws).unwrap();
+        let start = Start {
+            repository: &repository,
+            branch: BRANCH,
+            base_ref: "",
+            parents: vec![parent("first", &landed.commit)],
+            reuse: Some(&old),
+        };
+        let next = settings.prepare(&start, &ws.with_extension("git"), &ws).await.unwrap();
+        assert!(next.reused && !old.exists(), "the tree moved in");
+        assert_eq!(next.base_commit, landed.commit);
+        settings.refresh(&next, &user).await.unwrap();
+        assert_eq!(run(&ws, &["status", "--porcelain", "--ignored"]), "");
+        assert_eq!(run(&ws, &["rev-parse", "--abbrev-ref", "HEAD"]), BRANCH);
+        assert_eq!(std::fs::read_to_string(ws.join("README.md")).unwrap(), "hello\n");
+        assert!(!ws.join("stray.txt").exists() && !ws.join("build").exists());
+        assert_eq!(
+            std::fs::metadata(ws.join("one.txt")).unwrap().mtime(),
+            mtime,
+            "an unchanged file is not written again"
+        );
+        assert!(!std::fs::read_to_string(ws.join(".git/config")).unwrap().contains("hostile"));
+        assert_eq!(run(&ws, &["remote"]), "");
+
+        // Its next commit holds its own change alone.
+        std::fs::write(ws.join("two.txt"), "2\n").unwrap();
+        let second = settings.commit_and_push(&next, "second", &user).await.unwrap();
+        assert_eq!(run(&s.remote, &["rev-parse", &format!("{}^", second.commit)]), landed.commit);
+        let files = run(&s.remote, &["diff", "--name-only", &landed.commit, &second.commit]);
+        assert_eq!(files, "two.txt");
     }
 
     #[tokio::test]

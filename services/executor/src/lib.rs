@@ -11,6 +11,7 @@ pub mod git;
 pub mod git_cache;
 mod publish;
 mod requests;
+mod reuse;
 mod runners;
 pub mod sandbox;
 mod service;

@@ -125,12 +125,72 @@ async fn a_tickets_phases_land_as_one_commit_each_on_its_branch_and_a_failed_att
         git(&bare, &["for-each-ref", "--format=%(refname)"]),
         format!("refs/heads/main\nrefs/heads/{branch}")
     );
-    // The agent's workspace has no way to reach the remote.
-    let result = omoi_proto::convert::struct_to_json(implement.result.as_ref().unwrap());
+    // Each phase after the first took over its predecessor's checkout on
+    // the executor (its work on the branch): the implementation's first
+    // attempt did; its retry started afresh (the failed attempt's
+    // workspace is kept to inspect).
+    let mut reused = Vec::new();
+    for t in &tasks {
+        let output = omoi_tests::task_output(&mesh.task_queue.url, &t.id).await;
+        reused.push(output.iter().filter(|l| l.contains("earlier checkout of the ticket")).count());
+    }
+    assert_eq!(reused, [0, 1, 1, 1]);
+    // The agent's workspace (the last one, which nothing took over) has
+    // no way to reach the remote.
+    let result = omoi_proto::convert::struct_to_json(tasks[3].result.as_ref().unwrap());
     let ws = Path::new(result["workspace"].as_str().unwrap());
     assert_eq!(git(ws, &["remote"]), "");
+    assert_eq!(git(ws, &["status", "--porcelain"]), "");
     assert!(!ws.with_extension("git").exists(), "the executor's clone is removed");
 
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(bare.parent().unwrap());
+}
+
+/// A retry on the executor whose attempt failed takes over that attempt's
+/// checkout when the workspace policy removes it anyway: what the failed
+/// attempt wrote is cleaned away first, so none of it reaches the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_reuses_the_failed_attempts_checkout_with_nothing_of_it_left() {
+    let infra = Infra::new().await.unwrap();
+    let mut options = Options::default();
+    options.executor_env.extend([
+        ("OMOI_DEMO_FAIL_FIRST".into(), "PHASE_IMPLEMENTATION".into()),
+        ("OMOI_WORKSPACE_POLICY".into(), "remove".into()),
+    ]);
+    let mesh = ProcessMesh::start(&infra, options).await.unwrap();
+    let (bare, main) = remote();
+    let tickets = mesh.tickets();
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
+            title: "Retry in place".into(),
+            repository: bare.display().to_string(),
+            plan: vec![pb::TaskSpec {
+                title: "Build it".into(),
+                phase: omoi_proto::common::Phase::Implementation as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let ticket = created.ticket.unwrap();
+    let done = wait_ticket(&tickets, &ticket.id, COMPLETED).await;
+    let task = &done.tasks[0];
+    assert_eq!(task.attempt, 2);
+    let output = omoi_tests::task_output(&mesh.task_queue.url, &task.id).await;
+    let reused: Vec<&String> = output
+        .iter()
+        .filter(|l| l.contains("earlier checkout of the ticket"))
+        .collect();
+    assert_eq!(reused.len(), 1, "the retry reused the checkout: {output:?}");
+    let g = task_git(task);
+    assert_eq!(g.base_commit, main);
+    let files = git(&bare, &["diff", "--name-only", &main, &g.commit]);
+    assert!(!files.contains("STRAY.md"), "{files}");
+    assert!(files.lines().any(|f| f == "src/feature.rs"), "{files}");
     mesh.stop().await.unwrap();
     infra.cleanup().await.unwrap();
     let _ = std::fs::remove_dir_all(bare.parent().unwrap());
@@ -187,10 +247,11 @@ async fn a_tickets_check_runs_on_each_tasks_committed_work_and_is_recorded() {
         assert_eq!(c["timed_out"], false);
         assert!(c["duration_ms"].as_u64().is_some(), "{c}");
         assert_eq!(c["output_tail"], serde_json::json!(["checking"]), "{c}");
-        // Run in the workspace, after the commit: what it left is there,
+        // Run in the workspace, after the commit: what it left is there
+        // (in the build's: the plan's went on to be the build's, cleaned),
         // and nowhere on the branch.
         let ws = Path::new(result["workspace"].as_str().unwrap());
-        assert!(ws.join("check-ran.txt").exists());
+        assert_eq!(ws.join("check-ran.txt").exists(), passed, "{}", t.title);
         let lines = omoi_tests::task_output(&mesh.task_queue.url, &t.id).await;
         assert!(lines.contains(&format!("check: {check}")), "{lines:?}");
         let verdict = if passed { "check passed" } else { "check failed" };

@@ -34,6 +34,7 @@ use crate::config::Config;
 use crate::executions::Executions;
 use crate::git::GitSettings;
 use crate::git_cache::GitCache;
+use crate::reuse::Parked;
 use crate::runners::{self, Runner};
 use crate::sandbox::Sandbox;
 use crate::sessions::Sessions;
@@ -64,6 +65,8 @@ pub struct Worker {
     sessions: Sessions,
     /// What agents run in, when the machine can sandbox them.
     pub(crate) sandbox: Option<Arc<Sandbox>>,
+    /// Tickets' work trees kept for their next attempts.
+    parked: Parked,
 }
 
 /// Phases from `INITIAL,IMPLEMENTATION` (with or without the PHASE_ prefix).
@@ -199,6 +202,7 @@ impl Worker {
             },
             sessions: Sessions::new(nats, &config),
             sandbox,
+            parked: Parked::new(&config.workspace_root, config.workspace_reuse_slots),
             config,
         })
     }

@@ -24,6 +24,7 @@ use crate::config::WorkspacePolicy;
 use crate::events::EventSink;
 use crate::executions::{Execution, NewExecution, StopRequest};
 use crate::git::{self, Checkout, GitError, WorkspaceUser};
+use crate::reuse;
 use crate::runners::{RunContext, RunOutcome, RunnerError, Stopped, Verdict};
 use crate::workspace;
 
@@ -136,9 +137,14 @@ impl Worker {
             Err((message, class)) => return self.abandon(&run, &dir, message, class).await,
         };
         if let Some(c) = &prepared.checkout {
+            let reused = if c.reused {
+                " (this executor's earlier checkout of the ticket, brought to it)"
+            } else {
+                ""
+            };
             run.line(
                 OutputStream::System,
-                format!("on branch {} at {}", c.branch, c.base_commit),
+                format!("on branch {} at {}{reused}", c.branch, c.base_commit),
             );
         }
         let say: Arc<dyn Fn(String) + Send + Sync> = {
@@ -183,7 +189,7 @@ impl Worker {
             // A person's choice among a step's candidates: no agent runs.
             let landed = self.land_choice(&run, &task, &prepared).await;
             self.executions.end(&run);
-            self.clean_up(&dir, landed).await;
+            self.clean_up(&dir, landed, None).await;
             return;
         }
         if !prepared.candidates.is_empty() {
@@ -192,7 +198,7 @@ impl Worker {
             let judge = (!task.requires.is_empty()).then_some(&mut ctx);
             let landed = self.choose_and_land(&run, &task, &prepared, judge).await;
             self.executions.end(&run);
-            self.clean_up(&dir, landed).await;
+            self.clean_up(&dir, landed, None).await;
             return;
         }
         let continues = Continues::of(&task, task_id);
@@ -246,7 +252,8 @@ impl Worker {
             .report_end(&run, outcome, changed, task.timeout_seconds, commit)
             .await;
         self.executions.end(&run);
-        self.clean_up(&dir, succeeded).await;
+        let ticket = prepared.checkout.as_ref().map(|_| task.ticket_id.as_str());
+        self.clean_up(&dir, succeeded, ticket).await;
     }
 
     /// Whether the queue still has the attempt running for us, asked (by
@@ -301,6 +308,11 @@ impl Worker {
         let repository = workspace::parse_repository(&ticket.repository)
             .map_err(|e| (e.to_string(), Some(ErrorClass::Permanent)))?;
         workspace::fresh(dir).await.map_err(|e| (e.to_string(), None))?;
+        // A choice among candidates runs no agent in its checkout.
+        let reuse = candidates
+            .is_empty()
+            .then(|| self.parked.take(&task.ticket_id))
+            .flatten();
         let checkout = match &repository {
             None => None,
             Some(repository) => {
@@ -317,20 +329,38 @@ impl Worker {
                             })
                         })
                         .collect(),
+                    reuse: reuse.as_ref().map(|t| t.path.as_path()),
                 };
-                let checkout = self
-                    .git
-                    .prepare(&start, &workspace::mirror_path(dir), dir)
-                    .await
-                    .map_err(git_failure)?;
+                let checkout = self.git.prepare(&start, &workspace::mirror_path(dir), dir).await;
                 Some(checkout)
             }
         };
+        let checkout = checkout.transpose();
+        let reused = matches!(&checkout, Ok(Some(c)) if c.reused);
+        if let Some(tree) = reuse {
+            if reused {
+                // Where the policy kept it, its task's directory may be empty now.
+                if let Some(task_dir) = tree.path.parent() {
+                    let _ = tokio::fs::remove_dir(task_dir).await;
+                }
+            } else {
+                reuse::discard(tree).await;
+            }
+        }
+        let checkout = checkout.map_err(git_failure)?;
         if let Some(user) = &self.agent_user {
             user.give(dir).map_err(|e| {
                 let message = format!("cannot hand the workspace to {}: {e}", user.name);
                 (message, Some(ErrorClass::Permanent))
             })?;
+        }
+        if let Some(c) = checkout.as_ref().filter(|c| c.reused) {
+            // Its files were the agent's: brought to the base as the agent.
+            let user = WorkspaceUser {
+                identity: self.agent_user.as_ref().map(|u| (u.uid, u.gid)),
+                ..Default::default()
+            };
+            self.git.refresh(c, &user).await.map_err(git_failure)?;
         }
         Ok(Prepared {
             ticket,
@@ -347,7 +377,7 @@ impl Worker {
         run.finish(ExecutionState::Failed, -1, String::new(), message.clone(), vec![]);
         self.executions.end(run);
         self.fail(run.task_id, run.attempt, &message, class).await;
-        self.clean_up(dir, false).await;
+        self.clean_up(dir, false, None).await;
     }
 
     /// The agent user of one attempt, with a home of its own beside the
@@ -362,7 +392,9 @@ impl Worker {
             .map_err(|e| format!("cannot make the agent's home: {e}"))
     }
 
-    async fn clean_up(&self, dir: &Path, succeeded: bool) {
+    /// `ticket`: the workspace is a checkout of that ticket's branch, which
+    /// its next attempt here may reuse.
+    async fn clean_up(&self, dir: &Path, succeeded: bool, ticket: Option<&str>) {
         // The executor's clone and the agent's home have done their job
         // whatever happened (the session is in its checkpoints).
         for (done, what) in [
@@ -380,6 +412,16 @@ impl Worker {
             WorkspacePolicy::Remove => true,
             WorkspacePolicy::RemoveOnSuccess => succeeded,
         };
+        if let Some(ticket) = ticket
+            && (succeeded || remove)
+        {
+            // Its work is on the branch, or nobody wants to look at it.
+            self.parked.park(ticket, dir, remove).await;
+            if remove && let Some(task_dir) = dir.parent() {
+                let _ = tokio::fs::remove_dir(task_dir).await;
+            }
+            return;
+        }
         if !remove {
             return;
         }
