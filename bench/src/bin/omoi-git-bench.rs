@@ -8,6 +8,9 @@
 //! - `clone per attempt`: no git cache (what every attempt cost before it);
 //! - `cold cache`: an empty `OMOI_GIT_CACHE_DIR` (the executor's first task);
 //! - `warm cache`: the mirror there, the remote one commit further on;
+//! - `reused checkout`: the warm cache, and the work tree the task before
+//!   left on the executor (the next task of a ticket), brought to the
+//!   remote's next commit;
 //! - `reference`: the same warm mirror fetched, `git worktree add`, commit,
 //!   push: what the fastest by-hand set-up costs.
 //!
@@ -147,13 +150,17 @@ fn settle() {
     let _ = std::process::Command::new("sync").status();
 }
 
-/// (prepare, land) of one task's work through the executor's git.
+/// (prepare, land) of one task's work through the executor's git, from
+/// the work tree `reuse` when given; its workspace kept (and returned)
+/// with `keep`.
 async fn task(
     git_settings: &GitSettings,
     url: &str,
     root: &Path,
     branch: &str,
-) -> anyhow::Result<(Duration, Duration)> {
+    reuse: Option<&Path>,
+    keep: bool,
+) -> anyhow::Result<(Duration, Duration, Option<PathBuf>)> {
     let repository = Repository::Url(url.to_owned());
     let ws = root.join(format!("ws-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&ws)?;
@@ -163,25 +170,34 @@ async fn task(
         branch,
         base_ref: "main",
         parents: Vec::new(),
-        reuse: None,
+        reuse,
     };
+    let user = WorkspaceUser::default();
     let began = Instant::now();
     let checkout = git_settings
         .prepare(&start, &ws.with_extension("git"), &ws)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(checkout.reused == reuse.is_some(), "the work tree was not reused");
+    git_settings
+        .refresh(&checkout, &user)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let prepared = began.elapsed();
     append(&ws)?;
     let began = Instant::now();
     git_settings
-        .commit_and_push(&checkout, "bench: one line", &WorkspaceUser::default())
+        .commit_and_push(&checkout, "bench: one line", &user)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let landed = began.elapsed();
     drop(checkout);
-    std::fs::remove_dir_all(&ws)?;
     std::fs::remove_dir_all(ws.with_extension("git"))?;
-    Ok((prepared, landed))
+    if keep {
+        return Ok((prepared, landed, Some(ws)));
+    }
+    std::fs::remove_dir_all(&ws)?;
+    Ok((prepared, landed, None))
 }
 
 fn append(ws: &Path) -> anyhow::Result<()> {
@@ -268,22 +284,25 @@ async fn main() -> anyhow::Result<()> {
         ("clone per attempt", vec![]),
         ("cold cache", vec![]),
         ("warm cache", vec![]),
+        ("reused checkout", vec![]),
         ("reference (worktree)", vec![]),
     ];
     for round in 0..args.rounds {
         eprintln!("round {}…", round + 1);
-        rows[0]
-            .1
-            .push(task(&settings, &url, &root, &format!("omoi/clone-{round}")).await?);
+        let (p, l, _) = task(&settings, &url, &root, &format!("omoi/clone-{round}"), None, false).await?;
+        rows[0].1.push((p, l));
         let cache = Arc::new(GitCache::new(&root.join(format!("cache-{round}")), 0)?);
         let cached = with_cache(&cache);
-        rows[1]
-            .1
-            .push(task(&cached, &url, &root, &format!("omoi/cold-{round}")).await?);
+        let (p, l, _) = task(&cached, &url, &root, &format!("omoi/cold-{round}"), None, false).await?;
+        rows[1].1.push((p, l));
         move_main(&root, &bare, round)?;
-        rows[2]
-            .1
-            .push(task(&cached, &url, &root, &format!("omoi/warm-{round}")).await?);
+        let (p, l, left) = task(&cached, &url, &root, &format!("omoi/warm-{round}"), None, true).await?;
+        rows[2].1.push((p, l));
+        // The ticket's next task on the executor, the remote moved on.
+        move_main(&root, &bare, 2000 + round)?;
+        let branch = format!("omoi/reused-{round}");
+        let (p, l, _) = task(&cached, &url, &root, &branch, left.as_deref(), false).await?;
+        rows[3].1.push((p, l));
         // The reference starts from a mirror as warm: its own clone, the
         // remote moved on once more.
         let mirror = root.join(format!("reference-{round}.git"));
@@ -292,7 +311,7 @@ async fn main() -> anyhow::Result<()> {
             &["clone", "--quiet", "--bare", &url, &mirror.display().to_string()],
         )?;
         move_main(&root, &bare, 1000 + round)?;
-        rows[3].1.push(reference(&mirror, &root, &format!("omoi/ref-{round}"))?);
+        rows[4].1.push(reference(&mirror, &root, &format!("omoi/ref-{round}"))?);
         std::fs::remove_dir_all(&mirror)?;
         drop(cached);
         std::fs::remove_dir_all(root.join(format!("cache-{round}")))?;
@@ -320,8 +339,9 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "warm cache / reference: {:.2}×; clone per attempt / warm cache: {:.1}×",
-        totals[2].as_secs_f64() / totals[3].as_secs_f64(),
+        "warm cache / reference: {:.2}×; reused checkout / reference: {:.2}×; clone per attempt / warm cache: {:.1}×",
+        totals[2].as_secs_f64() / totals[4].as_secs_f64(),
+        totals[3].as_secs_f64() / totals[4].as_secs_f64(),
         totals[0].as_secs_f64() / totals[2].as_secs_f64()
     );
     if temporary {

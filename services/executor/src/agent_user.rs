@@ -84,6 +84,11 @@ impl AgentUser {
         Ok(attempt)
     }
 
+    /// Makes `dir` (not what it holds) the agent user's.
+    pub fn give_top(&self, dir: &Path) -> io::Result<()> {
+        lchown(dir, Some(self.uid), Some(self.gid))
+    }
+
     /// Makes everything under `dir` (itself included) the agent user's.
     pub fn give(&self, dir: &Path) -> io::Result<()> {
         lchown(dir, Some(self.uid), Some(self.gid))?;

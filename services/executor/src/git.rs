@@ -1557,6 +1557,19 @@ mod tests {
         std::fs::write(old.join("build/out.o"), "x").unwrap();
         std::fs::write(old.join("README.md"), "edited\n").unwrap();
         run(&old, &["config", "alias.hostile", "!touch pwned"]);
+        // The agent's user (when the tests run as root): its files are its.
+        let agent = nix::unistd::Uid::effective().is_root().then_some((65534, 65534));
+        let chown = |p: &Path| {
+            if let Some((uid, gid)) = agent {
+                let done = std::process::Command::new("chown")
+                    .args(["-R", &format!("{uid}:{gid}")])
+                    .arg(p)
+                    .status()
+                    .unwrap();
+                assert!(done.success());
+            }
+        };
+        chown(&old);
         // An old time that a rewrite would not keep.
         let touched = std::process::Command::new("touch")
             .args(["-d", "2001-02-03 04:05:06"])
@@ -1579,9 +1592,17 @@ mod tests {
         let next = settings.prepare(&start, &ws.with_extension("git"), &ws).await.unwrap();
         assert!(next.reused && !old.exists(), "the tree moved in");
         assert_eq!(next.base_commit, landed.commit);
-        settings.refresh(&next, &user).await.unwrap();
-        assert_eq!(run(&ws, &["status", "--porcelain", "--ignored"]), "");
-        assert_eq!(run(&ws, &["rev-parse", "--abbrev-ref", "HEAD"]), BRANCH);
+        // As the worker hands it over: the new repository becomes the agent's.
+        chown(&ws.join(".git"));
+        let agent_user = WorkspaceUser {
+            identity: agent,
+            ..Default::default()
+        };
+        settings.refresh(&next, &agent_user).await.unwrap();
+        let any = ["-c", "safe.directory=*"];
+        let look = |args: &[&str]| run(&ws, &[&any[..], args].concat());
+        assert_eq!(look(&["status", "--porcelain", "--ignored"]), "");
+        assert_eq!(look(&["rev-parse", "--abbrev-ref", "HEAD"]), BRANCH);
         assert_eq!(std::fs::read_to_string(ws.join("README.md")).unwrap(), "hello\n");
         assert!(!ws.join("stray.txt").exists() && !ws.join("build").exists());
         assert_eq!(
@@ -1589,13 +1610,21 @@ mod tests {
             mtime,
             "an unchanged file is not written again"
         );
-        assert!(!std::fs::read_to_string(ws.join(".git/config")).unwrap().contains("hostile"));
-        assert_eq!(run(&ws, &["remote"]), "");
+        assert!(
+            !std::fs::read_to_string(ws.join(".git/config"))
+                .unwrap()
+                .contains("hostile")
+        );
+        assert_eq!(look(&["remote"]), "");
 
         // Its next commit holds its own change alone.
         std::fs::write(ws.join("two.txt"), "2\n").unwrap();
-        let second = settings.commit_and_push(&next, "second", &user).await.unwrap();
-        assert_eq!(run(&s.remote, &["rev-parse", &format!("{}^", second.commit)]), landed.commit);
+        chown(&ws.join("two.txt"));
+        let second = settings.commit_and_push(&next, "second", &agent_user).await.unwrap();
+        assert_eq!(
+            run(&s.remote, &["rev-parse", &format!("{}^", second.commit)]),
+            landed.commit
+        );
         let files = run(&s.remote, &["diff", "--name-only", &landed.commit, &second.commit]);
         assert_eq!(files, "two.txt");
     }

@@ -132,7 +132,12 @@ async fn a_tickets_phases_land_as_one_commit_each_on_its_branch_and_a_failed_att
     let mut reused = Vec::new();
     for t in &tasks {
         let output = omoi_tests::task_output(&mesh.task_queue.url, &t.id).await;
-        reused.push(output.iter().filter(|l| l.contains("earlier checkout of the ticket")).count());
+        reused.push(
+            output
+                .iter()
+                .filter(|l| l.contains("earlier checkout of the ticket"))
+                .count(),
+        );
     }
     assert_eq!(reused, [0, 1, 1, 1]);
     // The agent's workspace (the last one, which nothing took over) has

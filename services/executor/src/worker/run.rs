@@ -349,7 +349,15 @@ impl Worker {
         }
         let checkout = checkout.map_err(git_failure)?;
         if let Some(user) = &self.agent_user {
-            user.give(dir).map_err(|e| {
+            // A reused tree's files are the agent's already: only the new
+            // repository is handed over (never walking what the agent
+            // could have laid out, as root).
+            let given = if reused {
+                user.give_top(dir).and_then(|()| user.give(&dir.join(".git")))
+            } else {
+                user.give(dir)
+            };
+            given.map_err(|e| {
                 let message = format!("cannot hand the workspace to {}: {e}", user.name);
                 (message, Some(ErrorClass::Permanent))
             })?;
