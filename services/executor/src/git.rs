@@ -1467,6 +1467,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn packs_fetches_pile_up_are_repacked_in_the_background() {
+        let s = Scratch::new();
+        let cache = Arc::new(GitCache::new(&s.root.join("cache"), 0).unwrap());
+        let git = cached(&cache);
+        let source = s.remote.display().to_string();
+        drop(cache.refreshed(&git, &source).await.unwrap());
+        let mirror = std::fs::read_dir(s.root.join("cache"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "git"))
+            .unwrap();
+        // Every fetch keeps its pack; more than one is worth a repack.
+        run(&mirror, &["config", "transfer.unpackLimit", "1"]);
+        run(&mirror, &["config", "gc.autoPackLimit", "1"]);
+        let packs = || {
+            std::fs::read_dir(mirror.join("objects/pack"))
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+                .count()
+        };
+        for i in 0..3 {
+            s.commit("main", "main", &[(&format!("f{i}.txt"), "x\n")]);
+            drop(cache.refreshed(&git, &source).await.unwrap());
+        }
+        // A fetch whose housekeeping was under way starts none: the next
+        // one does.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while packs() != 1 {
+            assert!(std::time::Instant::now() < deadline, "{} packs", packs());
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            drop(cache.refreshed(&git, &source).await.unwrap());
+        }
+        assert_eq!(
+            run(&mirror, &["rev-parse", "main"]),
+            run(&s.remote, &["rev-parse", "main"]),
+            "the mirror is whole"
+        );
+    }
+
+    #[tokio::test]
     async fn a_failed_fetch_leaves_the_mirror_as_it_was() {
         let s = Scratch::new();
         let cache = Arc::new(GitCache::new(&s.root.join("cache"), 0).unwrap());

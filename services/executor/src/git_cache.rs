@@ -18,7 +18,10 @@
 //! that fetch: attempts asking together share one. A fetch that
 //! fails leaves the mirror as it was. `OMOI_GIT_CACHE_MAX_BYTES` bounds the
 //! cache: the least recently used mirrors no attempt holds are removed
-//! until it fits.
+//! until it fits. Git's housekeeping (`git maintenance run --auto`: a
+//! repack once fetches piled up packs or loose objects) runs in the
+//! background after a fetch, one at a time per mirror, never in a fetch an
+//! attempt waits for.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -48,6 +51,8 @@ pub struct Mirror {
     /// Held while a fetch (or the clone) runs.
     fetching: tokio::sync::Mutex<()>,
     fetches: Mutex<Fetches>,
+    /// Whether its housekeeping runs.
+    maintaining: std::sync::atomic::AtomicBool,
 }
 
 /// A mirror's fetches, numbered as they start.
@@ -157,6 +162,7 @@ impl GitCache {
         done?;
         touch(&mirror.path);
         self.evict();
+        maintain(git, &held);
         Ok(held)
     }
 
@@ -181,6 +187,7 @@ impl GitCache {
                 path,
                 fetching: tokio::sync::Mutex::new(()),
                 fetches: Mutex::default(),
+                maintaining: Default::default(),
             })
         }))
     }
@@ -200,6 +207,9 @@ impl GitCache {
             git.remote(
                 Some(path),
                 &[
+                    // Housekeeping runs after, in the background.
+                    "-c",
+                    "maintenance.auto=false",
                     "fetch",
                     "--quiet",
                     "--prune",
@@ -294,6 +304,30 @@ impl GitCache {
             drop(using);
         }
     }
+}
+
+/// Starts the mirror's housekeeping in the background unless it runs:
+/// `git maintenance run --auto` (nothing unless fetches piled up packs or
+/// loose objects), the mirror held (not evicted) meanwhile.
+fn maintain(git: &GitSettings, held: &Held) {
+    use std::sync::atomic::Ordering;
+    if held.mirror.maintaining.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let (git, held) = (git.clone(), held.clone());
+    tokio::spawn(async move {
+        let path = held.mirror.path.clone();
+        let done = git
+            .remote(
+                Some(&path),
+                &["-c", "gc.autoDetach=false", "maintenance", "run", "--auto", "--quiet"],
+            )
+            .await;
+        if let Err(e) = done {
+            tracing::warn!(mirror = %path.display(), error = %e, "git cache: housekeeping failed");
+        }
+        held.mirror.maintaining.store(false, Ordering::Release);
+    });
 }
 
 /// When a mirror was last used (its `omoi-used` stamp).
