@@ -80,43 +80,75 @@ pub fn home_path(workspace: &Path) -> PathBuf {
 }
 
 /// Files of a workspace with their size and modification time (`.git` left
-/// out), to tell what a run changed.
-pub type Snapshot = BTreeMap<PathBuf, (u64, Option<SystemTime>)>;
+/// out), to tell what a run changed: the first `MAX_FILES` in path order
+/// (a walk in name order), and where the walk stopped when it did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    files: BTreeMap<PathBuf, (u64, Option<SystemTime>)>,
+    /// The last path taken when there were more: nothing after it (in
+    /// path order) is known.
+    last: Option<PathBuf>,
+}
 
-const MAX_FILES: usize = 20_000;
+impl Snapshot {
+    /// Whether `path` is one the snapshot knows about (present or not).
+    fn covers(&self, path: &Path) -> bool {
+        self.last.as_deref().is_none_or(|last| path <= last)
+    }
+}
+
+/// Enough for the largest repositories agents work in; beyond it a
+/// snapshot says nothing of the rest rather than something wrong.
+const MAX_FILES: usize = 200_000;
 
 pub fn snapshot(dir: &Path) -> Snapshot {
-    let mut out = Snapshot::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            if out.len() >= MAX_FILES {
-                return out;
-            }
-            let p = e.path();
+    snapshot_at_most(dir, MAX_FILES)
+}
+
+fn snapshot_at_most(dir: &Path, max: usize) -> Snapshot {
+    fn walk(root: &Path, d: &Path, max: usize, out: &mut Snapshot) -> bool {
+        let Ok(entries) = std::fs::read_dir(d) else { return true };
+        let mut entries: Vec<_> = entries.flatten().collect();
+        // Path order: a directory's files come right after its name.
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
             let Ok(meta) = e.metadata() else { continue };
+            let p = e.path();
             if meta.is_dir() {
-                if e.file_name() != ".git" {
-                    stack.push(p);
+                if e.file_name() != ".git" && !walk(root, &p, max, out) {
+                    return false;
                 }
-            } else if let Ok(rel) = p.strip_prefix(dir) {
-                out.insert(rel.to_path_buf(), (meta.len(), meta.modified().ok()));
+            } else if let Ok(rel) = p.strip_prefix(root) {
+                if out.files.len() >= max {
+                    out.last = out.files.keys().next_back().cloned();
+                    return false;
+                }
+                out.files.insert(rel.to_path_buf(), (meta.len(), meta.modified().ok()));
             }
         }
+        true
     }
+    let mut out = Snapshot::default();
+    walk(dir, dir, max, &mut out);
     out
 }
 
 /// Paths added or modified, and paths removed, between two snapshots, each
-/// sorted.
+/// sorted; only among the paths both know about.
 pub fn differences(before: &Snapshot, after: &Snapshot) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let known = |p: &Path| before.covers(p) && after.covers(p);
     let written = after
+        .files
         .iter()
-        .filter(|(p, v)| before.get(*p) != Some(v))
+        .filter(|(p, v)| known(p) && before.files.get(*p) != Some(v))
         .map(|(p, _)| p.clone())
         .collect();
-    let removed = before.keys().filter(|p| !after.contains_key(*p)).cloned().collect();
+    let removed = before
+        .files
+        .keys()
+        .filter(|p| known(p) && !after.files.contains_key(*p))
+        .cloned()
+        .collect();
     (written, removed)
 }
 
@@ -174,6 +206,30 @@ mod tests {
         std::fs::write(dir.join("keep.txt"), "abc").unwrap();
         let after = snapshot(&dir);
         assert_eq!(changed(&before, &after), ["gone.txt", "keep.txt", "src/new.rs"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_walk_cut_short_tells_only_what_it_knows() {
+        let dir = std::env::temp_dir().join(format!("omoi-ws-{}", Uuid::new_v4()));
+        for d in ["a", "b", "c"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+            for f in ["1", "2"] {
+                std::fs::write(dir.join(d).join(f), "x").unwrap();
+            }
+        }
+        // Four of six files: a/1 a/2 b/1 b/2, in path order.
+        let before = snapshot_at_most(&dir, 4);
+        assert_eq!(before.last.as_deref(), Some(Path::new("b/2")));
+        // A new file early in path order pushes b/2 out of the next walk:
+        // it is not reported removed; c's changes are not known.
+        std::fs::write(dir.join("a/0"), "x").unwrap();
+        std::fs::write(dir.join("a/2"), "xyz").unwrap();
+        std::fs::write(dir.join("c/1"), "xyz").unwrap();
+        let after = snapshot_at_most(&dir, 4);
+        assert_eq!(changed(&before, &after), ["a/0", "a/2"]);
+        // Whole walks see everything.
+        assert_eq!(changed(&snapshot(&dir), &snapshot(&dir)), Vec::<String>::new());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
