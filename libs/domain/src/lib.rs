@@ -10,6 +10,7 @@ pub mod event;
 pub mod gate;
 pub mod git;
 pub mod graph;
+pub mod guardian;
 pub mod notify;
 pub mod routing;
 pub mod rules;

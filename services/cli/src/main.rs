@@ -1,6 +1,7 @@
 //! `omoi`: the command-line client of the mesh, and `omoi up`, which runs
 //! the whole mesh on this machine and puts a sample ticket through it.
 
+mod guardian;
 mod live;
 mod local;
 mod ops;
@@ -230,6 +231,18 @@ enum Command {
         task_id: String,
         #[arg(short, long)]
         follow: bool,
+    },
+    /// Run the guardian over recorded event streams (tasks' output, or files
+    /// of `omoi logs --output json`): which interventions would fire, and
+    /// the tokens stopping would have saved.
+    GuardianReplay {
+        /// Tasks whose every attempt to replay.
+        task_ids: Vec<String>,
+        /// Files of exported events (JSON lines).
+        #[arg(long = "file")]
+        files: Vec<std::path::PathBuf>,
+        #[command(flatten)]
+        settings: guardian::Settings,
     },
     /// Hold back dispatch: everything, a phase, a ticket, or a phase of a
     /// ticket (pending work waits, running work finishes).
@@ -817,6 +830,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ops::agent(&mut ops::health(&cli.health_url, connector)?, agent_id, cli.output).await
         }
         Command::Stats => ops::stats(&mut ops::queue(&cli.task_queue_url, connector)?, cli.output).await,
+        Command::GuardianReplay {
+            task_ids,
+            files,
+            settings,
+        } => {
+            guardian::replay(
+                &mut ops::queue(&cli.task_queue_url, connector)?,
+                task_ids,
+                files,
+                &settings,
+            )
+            .await
+        }
         Command::Logs { task_id, follow } => {
             ops::logs(
                 &mut ops::queue(&cli.task_queue_url, connector)?,

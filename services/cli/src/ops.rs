@@ -24,7 +24,7 @@ pub enum Output {
     Json,
 }
 
-static POOL: LazyLock<DescriptorPool> =
+pub(crate) static POOL: LazyLock<DescriptorPool> =
     LazyLock::new(|| DescriptorPool::decode(omoi_proto::FILE_DESCRIPTOR_SET).expect("the embedded descriptors decode"));
 
 /// A message of the API as JSON, named by its full proto name.
