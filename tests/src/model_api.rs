@@ -14,6 +14,8 @@
 //! - `rate_limited`: 429.
 //! - `reveal` (Messages API): as `write`, but turn 2 runs `env`, so that the
 //!   agent's environment comes back in the conversation.
+//! - `loop` (Messages API): every turn runs the same failing command, `cat
+//!   missing.txt`, whatever it is told — an agent going in circles.
 //!
 //! A later prompt of the conversation (a follow-up's) with `file=<name>`
 //! in it starts the script again from there, writing `<name>` (Messages
@@ -373,10 +375,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
     let out = match api {
         Api::Messages => {
             // `outcome=reveal`: its shell command shows the agent's environment.
+            let script_of = if outcome(&script) == "loop" {
+                Script::Loop
+            } else {
+                script_of
+            };
             let command = match (outcome(&script).as_str(), &script_of) {
                 ("reveal", _) => "env".to_owned(),
                 (_, Script::Write(file)) => format!("cat {file}"),
-                (_, Script::Merge(_) | Script::Judge(_)) => String::new(),
+                (_, Script::Merge(_) | Script::Judge(_) | Script::Loop) => String::new(),
             };
             messages(
                 &body,
@@ -466,6 +473,8 @@ enum Script {
     Merge(String),
     /// Judges candidates: picks this one.
     Judge(u32),
+    /// Runs the same failing command, turn after turn.
+    Loop,
 }
 
 /// Where the script starts in a Messages API conversation, and what it
@@ -541,6 +550,11 @@ fn messages(
                 _ => vec![json!({"type": "text", "text": format!("Done: wrote {file}")})],
             }
         }
+        Script::Loop => vec![bash(
+            &format!("toolu_loop_{turn}"),
+            "cat missing.txt".to_owned(),
+            "Show the file",
+        )],
         Script::Judge(pick) => vec![json!({"type": "text", "text": format!(
             "{{\"pick\": {pick}, \"reasons\": \"candidate {pick} is the most thorough\"}}"
         )})],

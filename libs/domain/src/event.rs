@@ -115,6 +115,7 @@ events! {
     TaskResumed(TaskResumed) = "TASK_RESUMED", Task;
     TaskCandidateFinished(CandidateFinished) = "TASK_CANDIDATE_FINISHED", Task;
     TaskCandidateChosen(CandidateChosen) = "TASK_CANDIDATE_CHOSEN", Task;
+    TaskGuardianIntervened(GuardianIntervened) = "TASK_GUARDIAN_INTERVENED", Task;
     TicketCreated(TicketCreated) = "TICKET_CREATED", Ticket;
     TicketStarted(TicketChanged) = "TICKET_STARTED", Ticket;
     TicketCompleted(TicketChanged) = "TICKET_COMPLETED", Ticket;
@@ -168,6 +169,7 @@ impl Event {
             Event::TaskTimedOut(e) => e.agent_id,
             Event::TaskCancelled(e) => e.agent_id,
             Event::TaskResumed(e) => e.agent_id,
+            Event::TaskGuardianIntervened(e) => e.agent_id,
             _ => None,
         }
     }
@@ -375,6 +377,20 @@ pub struct TaskResumed {
     pub resumed_from_task_id: Option<Uuid>,
     /// The checkpoint it was restored from.
     pub checkpoint: String,
+}
+
+/// The guardian stepped into a running attempt: what tripped, what it did,
+/// and the agent events (of that attempt, by seq) that show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuardianIntervened {
+    pub attempt: i32,
+    pub agent_id: Option<Uuid>,
+    pub signal: String,
+    pub action: String,
+    pub reason: String,
+    pub evidence: Vec<crate::guardian::Evidence>,
+    /// The event it tripped at.
+    pub seq: i64,
 }
 
 /// A candidate attempt at a task ended (the event is about the candidate's

@@ -294,6 +294,14 @@ pub fn on_session(task: &Task, attempt: i32, session: &AgentSession) -> Result<O
     )))
 }
 
+/// The guardian's intervention in a running attempt (RecordIntervention):
+/// only the attempt running may report one; TASK_GUARDIAN_INTERVENED.
+pub fn on_intervention(task: &Task, mut i: crate::event::GuardianIntervened) -> Result<Envelope, DomainError> {
+    extendable(task, i.attempt)?;
+    i.agent_id = task.assigned_agent_id;
+    Ok(task_event(task, Event::TaskGuardianIntervened(i)))
+}
+
 /// A cancellation of a pending, assigned or running task; its pending
 /// dependents are cancelled with it.
 pub fn on_cancel(task: &Task, reason: &str) -> Result<Transition, DomainError> {

@@ -443,3 +443,34 @@ mod tests {
         );
     }
 }
+
+/// An agent event as the guardian reads it (`usage`: the event's usage,
+/// converted by the caller).
+pub fn observed<'a>(
+    e: &'a c::AgentEvent,
+    usage: Option<&'a omoi_domain::usage::Usage>,
+) -> omoi_domain::guardian::Observed<'a> {
+    use omoi_domain::guardian::Kind;
+    let kind = match e.kind() {
+        c::AgentEventKind::ToolCall => Kind::ToolCall,
+        c::AgentEventKind::ToolResult => Kind::ToolResult,
+        c::AgentEventKind::Command => Kind::Command,
+        c::AgentEventKind::FileChange => Kind::FileChange,
+        c::AgentEventKind::Usage => Kind::Usage,
+        c::AgentEventKind::Error => Kind::Error,
+        _ => Kind::Other,
+    };
+    omoi_domain::guardian::Observed {
+        seq: e.seq,
+        at_ms: e
+            .at
+            .as_ref()
+            .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000),
+        kind,
+        text: &e.text,
+        tool: &e.tool,
+        exit_code: e.exit_code,
+        is_error: e.is_error,
+        usage,
+    }
+}

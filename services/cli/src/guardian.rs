@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use futures::StreamExt;
-use omoi_domain::guardian::{Action, Kind, Observed, Thresholds, Watch};
+use omoi_domain::guardian::{Action, Thresholds, Watch};
 use omoi_domain::usage::Usage;
-use omoi_proto::common::{AgentEvent, AgentEventKind};
+use omoi_proto::common::AgentEvent;
 use omoi_proto::taskqueue as tq;
 use prost_reflect::DynamicMessage;
 
@@ -136,19 +136,7 @@ fn watch(events: &[AgentEvent], thresholds: Thresholds, budget_usd: Option<f64>)
     };
     for e in events {
         let usage = e.usage.clone().map(Usage::from);
-        let at_ms =
-            e.at.as_ref()
-                .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
-        let observed = Observed {
-            seq: e.seq,
-            at_ms,
-            kind: kind(e.kind()),
-            text: &e.text,
-            tool: &e.tool,
-            exit_code: e.exit_code,
-            is_error: e.is_error,
-            usage: usage.as_ref(),
-        };
+        let observed = omoi_proto::domain::observed(e, usage.as_ref());
         for trip in w.observe(&observed) {
             let action = w.action(&trip);
             if action == Action::Stop && out.stopped_at.is_none() {
@@ -169,19 +157,6 @@ fn watch(events: &[AgentEvent], thresholds: Thresholds, budget_usd: Option<f64>)
     out
 }
 
-/// How the guardian reads an event's kind.
-pub fn kind(k: AgentEventKind) -> Kind {
-    match k {
-        AgentEventKind::ToolCall => Kind::ToolCall,
-        AgentEventKind::ToolResult => Kind::ToolResult,
-        AgentEventKind::Command => Kind::Command,
-        AgentEventKind::FileChange => Kind::FileChange,
-        AgentEventKind::Usage => Kind::Usage,
-        AgentEventKind::Error => Kind::Error,
-        _ => Kind::Other,
-    }
-}
-
 /// An event as `omoi logs --output json` writes it.
 fn read_event(line: &str) -> anyhow::Result<AgentEvent> {
     let descriptor = POOL
@@ -195,6 +170,7 @@ fn read_event(line: &str) -> anyhow::Result<AgentEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use omoi_proto::common::AgentEventKind;
 
     #[test]
     fn an_exported_loop_replays_to_two_nudges_and_a_stop_with_the_tokens_it_saves() {

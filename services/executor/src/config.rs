@@ -188,6 +188,26 @@ pub struct Config {
     #[arg(long, env = "OMOI_WORKSPACE_POLICY", value_enum, default_value_t = WorkspacePolicy::Keep)]
     pub workspace_policy: WorkspacePolicy,
 
+    /// The guardian (see README): the same call or error this many times
+    /// is a loop.
+    #[arg(long, env = "OMOI_GUARDIAN_REPEAT_THRESHOLD")]
+    pub guardian_repeat_threshold: Option<String>,
+    /// Seconds without a file written or a new command while tokens flow (0: off).
+    #[arg(long, env = "OMOI_GUARDIAN_STALL_SECONDS")]
+    pub guardian_stall_seconds: Option<String>,
+    /// Dollars a minute an attempt may spend (0: off).
+    #[arg(long, env = "OMOI_GUARDIAN_SPEND_PER_MINUTE_USD")]
+    pub guardian_spend_per_minute_usd: Option<String>,
+    /// Turns of one attempt (0: off).
+    #[arg(long, env = "OMOI_GUARDIAN_MAX_TURNS")]
+    pub guardian_max_turns: Option<String>,
+    /// Share of what the ticket may still spend one attempt may use (0: off).
+    #[arg(long, env = "OMOI_GUARDIAN_BUDGET_SHARE")]
+    pub guardian_budget_share: Option<String>,
+    /// Nudges before a loop or a stall stops the attempt.
+    #[arg(long, env = "OMOI_GUARDIAN_NUDGES")]
+    pub guardian_nudges: Option<String>,
+
     /// Work trees of tickets' attempts kept for their tickets' next
     /// attempts on this executor, which bring them to their base instead
     /// of checking out every file again; 0: none.
@@ -429,6 +449,21 @@ pub struct Config {
 }
 
 impl Config {
+    /// The guardian's thresholds: the defaults, with what `OMOI_GUARDIAN_*`
+    /// set; refused naming the setting out of range.
+    pub fn guardian(&self) -> anyhow::Result<omoi_domain::guardian::Thresholds> {
+        let given = |name: &str| match name {
+            "OMOI_GUARDIAN_REPEAT_THRESHOLD" => self.guardian_repeat_threshold.clone(),
+            "OMOI_GUARDIAN_STALL_SECONDS" => self.guardian_stall_seconds.clone(),
+            "OMOI_GUARDIAN_SPEND_PER_MINUTE_USD" => self.guardian_spend_per_minute_usd.clone(),
+            "OMOI_GUARDIAN_MAX_TURNS" => self.guardian_max_turns.clone(),
+            "OMOI_GUARDIAN_BUDGET_SHARE" => self.guardian_budget_share.clone(),
+            "OMOI_GUARDIAN_NUDGES" => self.guardian_nudges.clone(),
+            _ => None,
+        };
+        Ok(omoi_domain::guardian::Thresholds::from_settings(given)?)
+    }
+
     pub fn from_env() -> Self {
         Config::parse_from(["omoi-executor"])
     }

@@ -179,6 +179,73 @@ pub fn record_session(req: pb::RecordSessionRequest) -> ApiResult<(Uuid, i32, Ag
     ))
 }
 
+/// RecordIntervention: the task and what its guardian did.
+pub fn record_intervention(
+    req: pb::RecordInterventionRequest,
+) -> ApiResult<(Uuid, omoi_domain::event::GuardianIntervened)> {
+    let pb::RecordInterventionRequest {
+        task_id,
+        attempt,
+        signal,
+        action,
+        reason,
+        evidence,
+        seq,
+    } = req;
+    let known = |field: &str, value: &str, allowed: &[&str]| {
+        if allowed.contains(&value) {
+            Ok(value.to_owned())
+        } else {
+            Err(ApiError::invalid(
+                field,
+                format!("must be one of {allowed:?}, got {value:?}"),
+            ))
+        }
+    };
+    let signals = [
+        "repeated_call",
+        "repeated_error",
+        "stall",
+        "spend_rate",
+        "turns",
+        "budget_share",
+    ];
+    if evidence.len() > MAX_EVIDENCE {
+        return Err(ApiError::invalid(
+            "evidence",
+            format!("has {} events; at most {MAX_EVIDENCE}", evidence.len()),
+        ));
+    }
+    let evidence = evidence
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            Ok(omoi_domain::guardian::Evidence {
+                seq: e.seq,
+                text: validate::text(&format!("evidence[{i}].text"), &e.text, MAX_REASON_BYTES)?,
+            })
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
+    if seq < 0 {
+        return Err(ApiError::invalid("seq", format!("must be 0 or more, got {seq}")));
+    }
+    Ok((
+        validate::uuid("task_id", &task_id)?,
+        omoi_domain::event::GuardianIntervened {
+            attempt: validate::attempt("attempt", attempt)?,
+            agent_id: None,
+            signal: known("signal", &signal, &signals)?,
+            action: known("action", &action, &["nudge", "stop", "pause"])?,
+            reason: validate::text("reason", &reason, MAX_REASON_BYTES)?,
+            evidence,
+            seq,
+        },
+    ))
+}
+
+/// Most events an intervention names.
+const MAX_EVIDENCE: usize = 100;
+
 fn task_and_reason(task_id: &str, reason: &str) -> ApiResult<(Uuid, String)> {
     Ok((
         validate::uuid("task_id", task_id)?,

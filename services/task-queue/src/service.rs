@@ -182,6 +182,12 @@ impl TaskQueue {
         Ok(pb::RecordSessionResponse { task: one_task(task) })
     }
 
+    async fn intervene(&self, req: pb::RecordInterventionRequest) -> ApiResult<pb::RecordInterventionResponse> {
+        let (id, intervention) = requests::record_intervention(req)?;
+        self.store.record_intervention(id, intervention).await?;
+        Ok(pb::RecordInterventionResponse {})
+    }
+
     async fn complete(&self, req: pb::CompleteTaskRequest) -> ApiResult<pb::CompleteTaskResponse> {
         let task = self.completions.submit(requests::complete(req)?).await?;
         Ok(pb::CompleteTaskResponse { task: one_task(task) })
@@ -364,6 +370,13 @@ impl TaskQueueService for TaskQueue {
         request: Request<pb::RecordSessionRequest>,
     ) -> Result<Response<pb::RecordSessionResponse>, Status> {
         Ok(Response::new(self.record(request.into_inner()).await?))
+    }
+
+    async fn record_intervention(
+        &self,
+        request: Request<pb::RecordInterventionRequest>,
+    ) -> Result<Response<pb::RecordInterventionResponse>, Status> {
+        Ok(Response::new(self.intervene(request.into_inner()).await?))
     }
 
     async fn complete_task(

@@ -749,6 +749,67 @@ async fn the_judges_pick_among_passing_candidates_lands_with_its_reasons() {
     let _ = std::fs::remove_dir_all(bare.parent().unwrap());
 }
 
+/// The guardian on a looping agent: Claude Code against a stand-in that
+/// runs the same failing command every turn. After three repeats the
+/// guardian nudges (the agent's session resumed with guidance, which the
+/// stand-in is sent), then stops the attempt as a retryable failure with
+/// the evidence, which the retry's prompt carries; every intervention is a
+/// TASK_GUARDIAN_INTERVENED naming its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guardian_nudges_a_looping_agent_then_stops_it_with_the_evidence() {
+    let mut rig = Rig::start().await;
+    let mut env = rig.api.executor_env(Cli::Claude, &rig.home, SECRET);
+    env.extend([
+        ("OMOI_GUARDIAN_REPEAT_THRESHOLD".to_owned(), "3".to_owned()),
+        ("OMOI_GUARDIAN_NUDGES".to_owned(), "1".to_owned()),
+    ]);
+    rig.executor(&env).await;
+    let task = rig.failed("outcome=loop", 2, 1).await;
+    assert_eq!(task.attempt, 2, "{}", task.error_message);
+    assert!(task.error_message.contains("guardian: stop"), "{}", task.error_message);
+
+    let history = omoi_tests::ticket_history(&rig.tickets, &task.ticket_id).await;
+    let stepped: Vec<serde_json::Value> = history
+        .iter()
+        .filter(|e| e.event_type == "TASK_GUARDIAN_INTERVENED")
+        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
+        .collect();
+    let actions: Vec<(i64, &str)> = stepped
+        .iter()
+        .map(|e| (e["attempt"].as_i64().unwrap(), e["action"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [(1, "nudge"), (1, "stop"), (2, "nudge"), (2, "stop")],
+        "{stepped:?}"
+    );
+    for e in &stepped {
+        let evidence = e["evidence"].as_array().unwrap();
+        assert_eq!(evidence.len(), 3, "{e}");
+        assert!(e["reason"].as_str().unwrap().contains("3 times"), "{e}");
+    }
+    // The output names each intervention with the events that show it.
+    let output = omoi_tests::task_output(&rig.mesh.task_queue.url, &task.id).await;
+    assert_eq!(output.iter().filter(|l| l.starts_with("guardian: nudge")).count(), 2);
+    // The nudge reached the agent's resumed session; the stop's evidence
+    // reached the retry's prompt.
+    let asked = rig
+        .api
+        .conversations()
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>();
+    assert!(
+        asked.iter().any(|c| c.contains("guardian interrupted you")),
+        "no nudge reached the model"
+    );
+    assert!(
+        asked.iter().any(|c| c.contains("guardian: stop")),
+        "the retry was not told why"
+    );
+    rig.stop().await;
+}
+
 /// Routing by capability: a task requiring `runner=codex` never reaches the
 /// Claude Code executor, idle as it is and working other tickets meanwhile;
 /// it waits, reported as unsatisfiable, until a Codex executor registers,

@@ -248,6 +248,30 @@ impl Store {
         Ok(task)
     }
 
+    /// The guardian's intervention in running attempt `i.attempt`:
+    /// TASK_GUARDIAN_INTERVENED, once for each (attempt, seq) however often
+    /// it is reported.
+    pub async fn record_intervention(&self, task_id: Uuid, i: omoi_domain::event::GuardianIntervened) -> Result<()> {
+        let mut tx = self.pool().begin().await?;
+        let task = lock_task(&mut tx, task_id).await?;
+        let (attempt, seq) = (i.attempt, i.seq);
+        let event = rules::on_intervention(&task, i)?;
+        let first: Option<i32> = sqlx::query_scalar(sql!(
+            "UPDATE tasks SET intervened_attempt = $2, intervened_seq = $3
+             WHERE id = $1 AND (intervened_attempt, intervened_seq) < ($2, $3) RETURNING 1"
+        ))
+        .bind(task_id)
+        .bind(attempt)
+        .bind(seq)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if first.is_some() {
+            events::insert(&mut tx, &[event]).await?;
+        }
+        self.commit(tx).await?;
+        Ok(())
+    }
+
     pub async fn extend_lease(&self, task_id: Uuid, attempt: i32, seconds: i32) -> Result<(Task, DateTime<Utc>)> {
         let mut tx = self.pool().begin().await?;
         let task = lock_task(&mut tx, task_id).await?;

@@ -4,6 +4,7 @@
 //! workspace through the runner and report the outcome (`run`).
 
 mod candidates;
+mod guardian;
 mod lifecycle;
 mod prompt;
 mod run;
@@ -67,6 +68,8 @@ pub struct Worker {
     pub(crate) sandbox: Option<Arc<Sandbox>>,
     /// Tickets' work trees kept for their next attempts.
     parked: Parked,
+    /// When the guardian steps into a run.
+    guardian: omoi_domain::guardian::Thresholds,
 }
 
 /// Phases from `INITIAL,IMPLEMENTATION` (with or without the PHASE_ prefix).
@@ -203,6 +206,7 @@ impl Worker {
             sessions: Sessions::new(nats, &config),
             sandbox,
             parked: Parked::new(&config.workspace_root, config.workspace_reuse_slots),
+            guardian: config.guardian()?,
             config,
         })
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
+use omoi_domain::guardian::Watch;
 use omoi_domain::{ErrorClass, GitChange, Phase};
 use omoi_proto::common::{OutputStream, Usage};
 use omoi_proto::domain::WireEnum;
@@ -16,6 +17,7 @@ use serde_json::json;
 use tonic::Status;
 use uuid::Uuid;
 
+use super::guardian::Stepped;
 use super::prompt::{self, Dependency, TicketContext, phase_name};
 use super::session::{Checkpointing, Continues};
 use super::{Worker, report};
@@ -232,9 +234,43 @@ impl Worker {
             resumed: restored.session,
             count: AtomicI32::new(0),
         };
-        let outcome = tokio::select! {
-            outcome = self.runner.run(&ctx, &*run, &run.stop) => outcome,
-            never = self.checkpoint_every(&checkpointing) => match never {},
+        let mut watch = Watch::new(self.guardian, prepared.ticket.budget_left_usd);
+        let mut seen = -1;
+        // A run the guardian nudged goes on in the same session, told why.
+        let mut nudged: Option<RunContext> = None;
+        let outcome = loop {
+            let this = nudged.as_ref().unwrap_or(&ctx);
+            let turn = run.stop.child_token();
+            let mut stepped = None;
+            let outcome = {
+                let guard = async {
+                    stepped = Some(self.guard(&run, &mut watch, &mut seen, &turn).await);
+                    // The run ends as it was told to: wait for it.
+                    std::future::pending::<std::convert::Infallible>().await
+                };
+                tokio::select! {
+                    outcome = self.runner.run(this, &*run, &turn) => outcome,
+                    never = self.checkpoint_every(&checkpointing) => match never {},
+                    never = guard => match never {},
+                }
+            };
+            match stepped {
+                Some(Stepped::Nudge(prompt)) if !run.stop.is_cancelled() => {
+                    let Some(session) = ctx.session.borrow().clone() else {
+                        run.stop_with(StopRequest {
+                            reason: "the guardian stopped it: its agent has no session to resume".into(),
+                            report: true,
+                        });
+                        break outcome;
+                    };
+                    nudged = Some(RunContext {
+                        resume: Some(session),
+                        prompt,
+                        ..ctx.clone()
+                    });
+                }
+                _ => break outcome,
+            }
         };
         let after = workspace::snapshot(&dir);
         if worth_a_last_checkpoint(&outcome, &run, &ctx) {
