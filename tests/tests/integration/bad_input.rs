@@ -117,7 +117,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
 
     for round in 0..300 {
         let before = counts(&pool).await;
-        let rpc = rng.next() % 34;
+        let rpc = rng.next() % 35;
         let result: Result<(), tonic::Status> = match rpc {
             0 => q
                 .enqueue_tasks(tq::EnqueueTasksRequest {
@@ -433,6 +433,21 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                     task_id: rng.text(),
                     candidate: rng.int(),
                     comment: rng.text(),
+                })
+                .await
+                .map(|_| ()),
+            33 => q
+                .record_intervention(tq::RecordInterventionRequest {
+                    task_id: rng.text(),
+                    attempt: rng.int(),
+                    signal: rng.text(),
+                    action: rng.text(),
+                    reason: rng.text(),
+                    evidence: vec![tq::InterventionEvidence {
+                        seq: i64::from(rng.int()),
+                        text: rng.text(),
+                    }],
+                    seq: i64::from(rng.int()),
                 })
                 .await
                 .map(|_| ()),
