@@ -123,6 +123,45 @@ impl Thresholds {
     }
 }
 
+/// A ticket's own thresholds, where they differ from the deployment's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stall_seconds: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spend_per_minute_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_turns: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_share: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nudges: Option<u32>,
+}
+
+impl Overrides {
+    /// `base` with these in place.
+    pub fn over(&self, base: Thresholds) -> Thresholds {
+        Thresholds {
+            repeat: self.repeat.unwrap_or(base.repeat),
+            stall_seconds: self.stall_seconds.unwrap_or(base.stall_seconds),
+            spend_per_minute_usd: self.spend_per_minute_usd.unwrap_or(base.spend_per_minute_usd),
+            max_turns: self.max_turns.unwrap_or(base.max_turns),
+            budget_share: self.budget_share.unwrap_or(base.budget_share),
+            nudges: self.nudges.unwrap_or(base.nudges),
+        }
+    }
+
+    /// Each one given in range (named `<field>.<name>`).
+    pub fn validated(self, field: &str) -> Result<Overrides, DomainError> {
+        self.over(Thresholds::default())
+            .validated(&format!("{field}."), false)
+            .map(|_| self)
+    }
+}
+
 /// What the guardian reads of an agent event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

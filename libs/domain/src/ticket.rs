@@ -56,6 +56,8 @@ pub struct Ticket {
     pub gates: Vec<crate::gate::Gate>,
     /// The project's own check, run after each agent's work; empty: none.
     pub check_command: String,
+    /// The guardian's thresholds for its attempts, where they differ.
+    pub guardian: crate::guardian::Overrides,
     /// String labels as a JSON object.
     pub labels: Value,
     pub request_id: Option<String>,
@@ -598,6 +600,7 @@ mod tests {
             source_url: String::new(),
             approvals: Vec::new(),
             check_command: String::new(),
+            guardian: Default::default(),
             gates: Vec::new(),
             labels: serde_json::json!({}),
             request_id: None,

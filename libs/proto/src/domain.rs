@@ -339,8 +339,51 @@ impl From<&Ticket> for ticket::Ticket {
             }),
             gates: t.gates.iter().map(ticket::ApprovalGate::from).collect(),
             check_command: t.check_command.clone(),
+            guardian: Some(ticket::GuardianSettings::from(&t.guardian)),
         }
     }
+}
+
+impl From<&omoi_domain::guardian::Overrides> for ticket::GuardianSettings {
+    fn from(o: &omoi_domain::guardian::Overrides) -> Self {
+        let int = |v: Option<u32>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX));
+        ticket::GuardianSettings {
+            repeat: int(o.repeat),
+            stall_seconds: int(o.stall_seconds),
+            spend_per_minute_usd: o.spend_per_minute_usd,
+            max_turns: int(o.max_turns),
+            budget_share: o.budget_share,
+            nudges: int(o.nudges),
+        }
+    }
+}
+
+/// A ticket's guardian settings as a request carries them, checked
+/// (`field`: where they are, e.g. `guardian`): each given one in range.
+pub fn guardian_overrides(
+    field: &str,
+    g: Option<&ticket::GuardianSettings>,
+) -> Result<omoi_domain::guardian::Overrides, omoi_domain::DomainError> {
+    let Some(g) = g else {
+        return Ok(Default::default());
+    };
+    let count = |name: &str, v: Option<i32>| {
+        v.map(|v| {
+            u32::try_from(v).map_err(|_| {
+                omoi_domain::DomainError::invalid(format!("{field}.{name}"), format!("must not be negative, got {v}"))
+            })
+        })
+        .transpose()
+    };
+    omoi_domain::guardian::Overrides {
+        repeat: count("repeat", g.repeat)?,
+        stall_seconds: count("stall_seconds", g.stall_seconds)?,
+        spend_per_minute_usd: g.spend_per_minute_usd,
+        max_turns: count("max_turns", g.max_turns)?,
+        budget_share: g.budget_share,
+        nudges: count("nudges", g.nudges)?,
+    }
+    .validated(field)
 }
 
 impl From<GateState> for ticket::GateState {

@@ -24,7 +24,7 @@ macro_rules! ticket_columns {
         "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
      pull_request, pull_request_url, pull_request_error, max_cost_usd, paused_reason, labels, request_id,
      tasks_enqueued, usage, created_at, updated_at, max_reactions, reactions, reaction_refused, source_kind, source_url,
-     approvals, check_command"
+     approvals, check_command, guardian"
     };
 }
 pub(crate) use ticket_columns;
@@ -75,6 +75,8 @@ impl<'r> FromRow<'r, PgRow> for TicketRow {
             // Read apart, for the tickets that have any (`gates::load`).
             gates: Vec::new(),
             check_command: row.try_get("check_command")?,
+            guardian: serde_json::from_value(row.try_get("guardian")?)
+                .map_err(|e| sqlx::Error::Decode(format!("guardian: {e}").into()))?,
             labels: row.try_get("labels")?,
             request_id: row.try_get("request_id")?,
             tasks_enqueued: row.try_get("tasks_enqueued")?,
@@ -179,6 +181,8 @@ pub struct NewTicket {
     pub approvals: Vec<Phase>,
     /// Run after each agent's work; empty: none.
     pub check_command: String,
+    /// The guardian's thresholds, where they differ from the deployment's.
+    pub guardian: omoi_domain::guardian::Overrides,
     pub labels: Value,
     pub request_id: Option<String>,
 }
@@ -234,8 +238,8 @@ impl Store {
         let inserted: Option<TicketRow> = sqlx::query_as(sql!(concat!(
             "INSERT INTO tickets (id, title, description, priority, status, repository, labels, request_id,
                                   base_ref, branch, pull_request, max_cost_usd, max_reactions, source_kind, source_url,
-                                  approvals, check_command)
-             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                                  approvals, check_command, guardian)
+             VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
              ON CONFLICT (request_id) DO NOTHING
              RETURNING ",
             ticket_columns!()
@@ -256,6 +260,7 @@ impl Store {
         .bind(&t.source_url)
         .bind(t.approvals.iter().map(|p| phase_code(*p)).collect::<Vec<_>>())
         .bind(&t.check_command)
+        .bind(serde_json::json!(t.guardian))
         .fetch_optional(&mut *tx)
         .await?;
         let Some(TicketRow(mut ticket)) = inserted else {

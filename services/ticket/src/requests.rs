@@ -37,8 +37,10 @@ pub fn create(
         max_reactions,
         approvals,
         check_command,
+        guardian,
     } = req;
     let title = validate::title("title", &title)?;
+    let guardian = omoi_proto::domain::guardian_overrides("guardian", guardian.as_ref())?;
     let max_reactions = match max_reactions {
         Some(n) => validate::range("max_reactions", n, 0, MAX_REACTIONS)?,
         None => default_max_reactions,
@@ -121,6 +123,7 @@ pub fn create(
         source_url: String::new(),
         approvals,
         check_command,
+        guardian,
     };
     Ok((ticket, plan))
 }

@@ -759,12 +759,57 @@ async fn the_judges_pick_among_passing_candidates_lands_with_its_reasons() {
 async fn the_guardian_nudges_a_looping_agent_then_stops_it_with_the_evidence() {
     let mut rig = Rig::start().await;
     let mut env = rig.api.executor_env(Cli::Claude, &rig.home, SECRET);
-    env.extend([
-        ("OMOI_GUARDIAN_REPEAT_THRESHOLD".to_owned(), "3".to_owned()),
-        ("OMOI_GUARDIAN_NUDGES".to_owned(), "1".to_owned()),
-    ]);
+    env.push(("OMOI_GUARDIAN_REPEAT_THRESHOLD".to_owned(), "3".to_owned()));
     rig.executor(&env).await;
-    let task = rig.failed("outcome=loop", 2, 1).await;
+    // The ticket's own threshold over the deployment's two nudges; out of
+    // range ones are refused by name.
+    let ticket = |guardian: pb::GuardianSettings| pb::CreateTicketRequest {
+        title: "outcome=loop".into(),
+        plan: vec![spec("outcome=loop", 2, vec![], 1)],
+        guardian: Some(guardian),
+        ..Default::default()
+    };
+    for (bad, field) in [
+        (
+            pb::GuardianSettings {
+                repeat: Some(1),
+                ..Default::default()
+            },
+            "guardian.repeat",
+        ),
+        (
+            pb::GuardianSettings {
+                nudges: Some(-1),
+                ..Default::default()
+            },
+            "guardian.nudges",
+        ),
+        (
+            pb::GuardianSettings {
+                budget_share: Some(2.0),
+                ..Default::default()
+            },
+            "guardian.budget_share",
+        ),
+    ] {
+        let refused = rig.tickets.clone().create_ticket(ticket(bad)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains(field), "{}", refused.message());
+    }
+    let created = file_ticket(
+        &rig.tickets,
+        ticket(pb::GuardianSettings {
+            nudges: Some(1),
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert_eq!(
+        created.ticket.as_ref().unwrap().guardian.as_ref().unwrap().nudges,
+        Some(1)
+    );
+    let failed = wait_ticket(&rig.tickets, &created.ticket.unwrap().id, FAILED).await;
+    let task = failed.tasks[0].clone();
     assert_eq!(task.attempt, 2, "{}", task.error_message);
     assert!(task.error_message.contains("guardian: stop"), "{}", task.error_message);
 

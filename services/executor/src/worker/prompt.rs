@@ -25,6 +25,8 @@ pub struct TicketContext {
     pub approvals: Vec<Approval>,
     /// The project's check, run after the agent's work; empty: none.
     pub check_command: String,
+    /// The guardian's thresholds for the ticket, where they differ.
+    pub guardian: omoi_domain::guardian::Overrides,
 }
 
 /// A person's approval of a phase: who, what they said, and the changes
@@ -52,7 +54,10 @@ impl From<tk::Ticket> for TicketContext {
                 changes_requested: g.change_requests.iter().map(|r| r.comment.clone()).collect(),
             })
             .collect();
+        // Checked when the ticket was made.
+        let guardian = omoi_proto::domain::guardian_overrides("guardian", t.guardian.as_ref()).unwrap_or_default();
         TicketContext {
+            guardian,
             approvals,
             budget_left_usd: t.max_cost_usd.map(|max| max - spent),
             title: t.title,

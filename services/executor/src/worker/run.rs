@@ -234,7 +234,10 @@ impl Worker {
             resumed: restored.session,
             count: AtomicI32::new(0),
         };
-        let mut watch = Watch::new(self.guardian, prepared.ticket.budget_left_usd);
+        let mut watch = Watch::new(
+            prepared.ticket.guardian.over(self.guardian),
+            prepared.ticket.budget_left_usd,
+        );
         let mut seen = -1;
         // A run the guardian nudged goes on in the same session, told why.
         let mut nudged: Option<RunContext> = None;
