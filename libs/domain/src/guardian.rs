@@ -165,6 +165,8 @@ impl Overrides {
 /// What the guardian reads of an agent event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// The model's text or reasoning.
+    Message,
     ToolCall,
     ToolResult,
     Command,
@@ -273,6 +275,9 @@ pub struct Watch {
     first_ms: Option<i64>,
     progress_ms: Option<i64>,
     tokens_at_progress: i64,
+    /// The model's messages and calls since the last progress: it is at
+    /// work even where its usage is told only at the end.
+    active_since_progress: u32,
     tokens: i64,
     cost_usd: f64,
     turns: i32,
@@ -292,6 +297,7 @@ impl Watch {
             first_ms: None,
             progress_ms: None,
             tokens_at_progress: 0,
+            active_since_progress: 0,
             tokens: 0,
             cost_usd: 0.0,
             turns: 0,
@@ -319,6 +325,9 @@ impl Watch {
             seq: e.seq,
             text: excerpt(e.text),
         };
+        if matches!(e.kind, Kind::Message | Kind::ToolCall) {
+            self.active_since_progress += 1;
+        }
         match e.kind {
             Kind::ToolCall | Kind::Command => {
                 let tool = if e.kind == Kind::Command && e.tool.is_empty() {
@@ -363,13 +372,15 @@ impl Watch {
         }
         if t.stall_seconds > 0 {
             let since = self.progress_ms.unwrap_or(first);
-            if e.at_ms - since >= i64::from(t.stall_seconds) * 1000 && self.tokens > self.tokens_at_progress {
+            let working = self.tokens > self.tokens_at_progress || self.active_since_progress > 0;
+            if e.at_ms - since >= i64::from(t.stall_seconds) * 1000 && working {
                 out.push(Trip {
                     signal: Signal::Stall,
                     reason: format!(
-                        "{} tokens in {} s without writing a file or running a new command",
-                        self.tokens - self.tokens_at_progress,
-                        (e.at_ms - since) / 1000
+                        "{} s of work ({} messages and calls, {} tokens) without writing a file or running a new command",
+                        (e.at_ms - since) / 1000,
+                        self.active_since_progress,
+                        self.tokens - self.tokens_at_progress
                     ),
                     evidence: vec![evidence],
                     seq: e.seq,
@@ -395,6 +406,7 @@ impl Watch {
     fn progressed(&mut self, at_ms: i64) {
         self.progress_ms = Some(at_ms);
         self.tokens_at_progress = self.tokens;
+        self.active_since_progress = 0;
     }
 
     fn error(&mut self, e: &Observed<'_>, evidence: Evidence) -> Option<Trip> {

@@ -495,6 +495,7 @@ pub fn observed<'a>(
 ) -> omoi_domain::guardian::Observed<'a> {
     use omoi_domain::guardian::Kind;
     let kind = match e.kind() {
+        c::AgentEventKind::Message | c::AgentEventKind::Thinking => Kind::Message,
         c::AgentEventKind::ToolCall => Kind::ToolCall,
         c::AgentEventKind::ToolResult => Kind::ToolResult,
         c::AgentEventKind::Command => Kind::Command,

@@ -855,6 +855,47 @@ async fn the_guardian_nudges_a_looping_agent_then_stops_it_with_the_evidence() {
     rig.stop().await;
 }
 
+/// A stall: the agent keeps working (the same command, turn after turn:
+/// no file written, no new command) past the ticket's `stall_seconds`; with
+/// no nudges allowed the attempt is stopped, the stall as its evidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_agent_is_stopped_at_the_tickets_stall_limit() {
+    let mut rig = Rig::start().await;
+    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
+        .await;
+    let created = file_ticket(
+        &rig.tickets,
+        pb::CreateTicketRequest {
+            title: "outcome=loop".into(),
+            plan: vec![spec("outcome=loop", 2, vec![], 0)],
+            guardian: Some(pb::GuardianSettings {
+                repeat: Some(1000),
+                stall_seconds: Some(2),
+                nudges: Some(0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let failed = wait_ticket(&rig.tickets, &created.ticket.unwrap().id, FAILED).await;
+    let task = &failed.tasks[0];
+    assert!(task.error_message.contains("guardian: stop"), "{}", task.error_message);
+    assert!(
+        task.error_message.contains("without writing a file"),
+        "{}",
+        task.error_message
+    );
+    let history = omoi_tests::ticket_history(&rig.tickets, &task.ticket_id).await;
+    let signals: Vec<String> = history
+        .iter()
+        .filter(|e| e.event_type == "TASK_GUARDIAN_INTERVENED")
+        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap())["signal"].to_string())
+        .collect();
+    assert_eq!(signals, ["\"stall\""]);
+    rig.stop().await;
+}
+
 /// Routing by capability: a task requiring `runner=codex` never reaches the
 /// Claude Code executor, idle as it is and working other tickets meanwhile;
 /// it waits, reported as unsatisfiable, until a Codex executor registers,
