@@ -28,8 +28,9 @@ def item(d):
 
 def ticket_gate(d):
     d.get(URL + "/tickets/" + TICKET)
-    gate = until("the gate on the ticket's page", lambda: d.find_elements(By.CSS_SELECTOR, '#gates .gate[data-phase="implementation"]'))
-    assert "awaiting approval" in gate[0].text, gate[0].text
+    # Read whole inside `until`: the page redraws on every event.
+    gate = until("the gate on the ticket's page", lambda: [g.text for g in d.find_elements(By.CSS_SELECTOR, '#gates .gate[data-phase="implementation"]')])
+    assert "awaiting approval" in gate[0], gate
     until("the ticket's status", lambda: d.find_element(By.ID, "ticket-status").text == "awaiting approval")
     shot(d, "ticket-gate")
     # A task's own change, under its facts.
@@ -45,17 +46,27 @@ def ticket_gate(d):
 
 def inbox_shows_the_work(d):
     d.get(URL + "/inbox")
-    it = until("the ticket in the inbox", lambda: item(d))
-    assert "awaiting approval" in it.text, it.text
-    reviewed = until("the work to approve", lambda: it.find_elements(By.CSS_SELECTOR, ".reviewed"))
-    assert "Set up: Greet people" in reviewed[0].text, reviewed[0].text
-    files = until("the diff, a block per file", lambda: it.find_elements(By.CSS_SELECTOR, "details.diff"))
-    summary = files[0].find_element(By.TAG_NAME, "summary").text
-    assert "+" in summary and "−" in summary, summary
-    added = files[0].find_elements(By.CSS_SELECTOR, "pre span.l-add")
-    assert added, files[0].get_attribute("innerHTML")
-    colour = added[0].value_of_css_property("background-color")
-    assert colour not in ("rgba(0, 0, 0, 0)", "transparent"), colour
+    # Read whole inside `until`: the inbox redraws as events come.
+    def work():
+        it = item(d)
+        if it is None:
+            return None
+        reviewed = [r.text for r in it.find_elements(By.CSS_SELECTOR, ".reviewed")]
+        files = it.find_elements(By.CSS_SELECTOR, "details.diff")
+        if not reviewed or not files:
+            return None
+        added = files[0].find_elements(By.CSS_SELECTOR, "pre span.l-add")
+        return {
+            "text": it.text,
+            "reviewed": reviewed,
+            "summary": files[0].find_element(By.TAG_NAME, "summary").text,
+            "colour": added[0].value_of_css_property("background-color") if added else None,
+        }
+    seen = until("the ticket in the inbox with the work to approve", work)
+    assert "awaiting approval" in seen["text"], seen
+    assert "Set up: Greet people" in seen["reviewed"][0], seen
+    assert "+" in seen["summary"] and "−" in seen["summary"], seen
+    assert seen["colour"] not in (None, "rgba(0, 0, 0, 0)", "transparent"), seen
     shot(d, "inbox")
 
 
@@ -66,8 +77,8 @@ def subscribe(d):
     form.find_element(By.NAME, "url").send_keys(RECEIVER + "/hook")
     form.find_element(By.NAME, "secret").send_keys(SECRET)
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    row = until("the subscription listed", lambda: d.find_elements(By.CSS_SELECTOR, "#subscriptions tr[data-subscription]"))
-    assert RECEIVER in row[0].text and "TICKET_COMPLETED" in row[0].text, row[0].text
+    row = until("the subscription listed", lambda: [r.text for r in d.find_elements(By.CSS_SELECTOR, "#subscriptions tr[data-subscription]")])
+    assert RECEIVER in row[0] and "TICKET_COMPLETED" in row[0], row
     assert SECRET not in d.page_source
     shot(d, "subscriptions")
 
@@ -89,11 +100,10 @@ def delivery_log(d):
     def completed_delivered():
         for row in d.find_elements(By.CSS_SELECTOR, "#delivery-log tr[data-event]"):
             if "TICKET_COMPLETED" in row.text and "delivered" in row.text:
-                return row
+                return row.find_element(By.CSS_SELECTOR, "td.tries").text
         return None
 
-    row = until("the completion delivered", completed_delivered)
-    tries = row.find_element(By.CSS_SELECTOR, "td.tries").text
+    tries = until("the completion delivered", completed_delivered)
     assert tries.startswith("503") and "200" in tries, tries
     shot(d, "delivery-log")
 

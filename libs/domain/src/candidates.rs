@@ -128,17 +128,28 @@ pub fn cover(
     if estimate <= budget {
         return Ok(());
     }
-    let judges = match judges {
-        0 => String::new(),
-        1 => ", a judge".to_owned(),
-        n => format!(", {n} judges"),
+    let mut parts = vec![format!("{candidates} candidates")];
+    match judges {
+        0 => {}
+        1 => parts.push("a judge".to_owned()),
+        n => parts.push(format!("{n} judges")),
+    }
+    match runs - candidates - judges {
+        0 => {}
+        1 => parts.push("1 other task".to_owned()),
+        n => parts.push(format!("{n} other tasks")),
+    }
+    let last = parts.pop().unwrap_or_default();
+    let runs_are = if parts.is_empty() {
+        last
+    } else {
+        format!("{} and {last}", parts.join(", "))
     };
     Err(DomainError::invalid(
         field,
         format!(
-            "${budget:.4} cannot cover this plan: its {runs} agent runs ({candidates} candidates{judges} and the \
-             other tasks) come to about ${estimate:.4} at ${per_run:.4} a run, what a run cost on average over \
-             the last {} finished tickets",
+            "${budget:.4} cannot cover this plan: its {runs} agent runs ({runs_are}) come to about \
+             ${estimate:.4} at ${per_run:.4} a run, what a run cost on average over the last {} finished tickets",
             spent.tickets
         ),
     ))
@@ -333,7 +344,7 @@ mod tests {
                 assert_eq!(e.field, "max_cost_usd");
                 assert_eq!(
                     e.reason,
-                    "$0.0200 cannot cover this plan: its 6 agent runs (3 candidates, a judge and the other tasks) \
+                    "$0.0200 cannot cover this plan: its 6 agent runs (3 candidates, a judge and 2 other tasks) \
                      come to about $0.0300 at $0.0050 a run, what a run cost on average over the last 20 finished tickets"
                 );
             }

@@ -39,17 +39,6 @@ impl<'a> Step<'a> {
         })
     }
 
-    /// The step of which `task` is a person's choice (or the choosing task
-    /// itself), among a ticket's tasks.
-    pub fn around(tasks: &'a [Task], task: &Task) -> Option<Step<'a>> {
-        if !task.lands_candidate {
-            return Step::of(tasks, &task.id);
-        }
-        let landed = task.depends_on.first()?;
-        let candidate = tasks.iter().find(|t| &t.id == landed)?;
-        Step::of(tasks, &candidate.candidate_of)
-    }
-
     /// The candidate numbered `index`.
     pub fn candidate(&self, index: i32) -> Option<&'a Task> {
         self.candidates.iter().copied().find(|t| t.candidate == index)
@@ -66,15 +55,13 @@ impl<'a> Step<'a> {
             .max_by_key(|(t, _)| t.completed_at.as_ref().map(|c| (c.seconds, c.nanos)))
     }
 
-    /// A person's choice of the step that has not ended yet, other than
-    /// `except`.
-    pub fn under_way(&self, except: &str) -> Option<&'a Task> {
+    /// A person's choice of the step that has not ended yet.
+    pub fn under_way(&self) -> Option<&'a Task> {
         self.choices.iter().copied().find(|t| {
-            t.id != except
-                && matches!(
-                    TaskStatus::try_from(t.status),
-                    Ok(TaskStatus::Pending | TaskStatus::Assigned | TaskStatus::Running)
-                )
+            matches!(
+                TaskStatus::try_from(t.status),
+                Ok(TaskStatus::Pending | TaskStatus::Assigned | TaskStatus::Running)
+            )
         })
     }
 }

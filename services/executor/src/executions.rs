@@ -109,6 +109,11 @@ impl Execution {
         }
     }
 
+    /// The seq of the last event so far (-1: none).
+    pub fn last_seq(&self) -> i64 {
+        lock(&self.log).next_seq - 1
+    }
+
     pub fn is_finished(&self) -> bool {
         lock(&self.state).finished_at.is_some()
     }

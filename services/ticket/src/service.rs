@@ -330,7 +330,7 @@ impl Tickets {
                 "task_id: task {task_id} has not chosen yet ({status}); its choice comes first"
             )));
         }
-        if let Some(busy) = step.under_way("") {
+        if let Some(busy) = step.under_way() {
             return Err(precondition(format!(
                 "task_id: another choice of this step is under way (task {})",
                 busy.id

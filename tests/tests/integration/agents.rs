@@ -637,7 +637,7 @@ async fn three_candidates_on_two_runners_and_the_one_passing_the_check_lands() {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     let says = refused.message();
     assert!(
-        says.contains("max_cost_usd") && says.contains("its 3 agent runs (3 candidates and the other tasks)"),
+        says.contains("max_cost_usd") && says.contains("its 3 agent runs (3 candidates)"),
         "{says}"
     );
     assert!(says.contains(&format!("at ${per_run:.4} a run")), "{says}");

@@ -271,6 +271,9 @@ impl Worker {
                         prompt,
                         ..ctx.clone()
                     });
+                    // What the stopped run did after the trip is not held
+                    // against the resumed one.
+                    seen = run.last_seq();
                 }
                 _ => break outcome,
             }
