@@ -257,8 +257,10 @@ impl Worker {
                     never = guard => match never {},
                 }
             };
+            // A run that ended by itself as the nudge came stands as it ended.
+            let cut_short = matches!(&outcome, Ok(o) if o.stopped == Some(Stopped::Cancelled));
             match stepped {
-                Some(Stepped::Nudge(prompt)) if !run.stop.is_cancelled() => {
+                Some(Stepped::Nudge(prompt)) if cut_short && !run.stop.is_cancelled() => {
                     let Some(session) = ctx.session.borrow().clone() else {
                         run.stop_with(StopRequest {
                             reason: "the guardian stopped it: its agent has no session to resume".into(),
