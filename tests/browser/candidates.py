@@ -79,7 +79,7 @@ def rows_now(d):
     return [{
         "index": r.get_attribute("data-candidate"),
         "chosen": "chosen" in (r.get_attribute("class") or ""),
-        "reason": r.find_element(By.CSS_SELECTOR, "td.reason").text,
+        "reason": r.find_element(By.CSS_SELECTOR, "td.reason .why").text,
         "can_land": bool(r.find_elements(By.CSS_SELECTOR, "button.choose")),
     } for r in d.find_elements(By.CSS_SELECTOR, "#candidates tr[data-candidate]")]
 
