@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use futures::StreamExt;
-use omoi_domain::guardian::{Action, Thresholds, Watch};
+use omoi_domain::guardian::{Action, Overrides, Thresholds, Watch};
 use omoi_domain::usage::Usage;
 use omoi_proto::common::AgentEvent;
 use omoi_proto::taskqueue as tq;
@@ -45,13 +45,15 @@ pub struct Settings {
 
 impl Settings {
     fn thresholds(&self) -> anyhow::Result<Thresholds> {
-        let mut t = Thresholds::from_settings(|k| std::env::var(k).ok())?;
-        t.repeat = self.repeat.unwrap_or(t.repeat);
-        t.stall_seconds = self.stall_seconds.unwrap_or(t.stall_seconds);
-        t.spend_per_minute_usd = self.spend_per_minute_usd.unwrap_or(t.spend_per_minute_usd);
-        t.max_turns = self.max_turns.unwrap_or(t.max_turns);
-        t.budget_share = self.budget_share.unwrap_or(t.budget_share);
-        t.nudges = self.nudges.unwrap_or(t.nudges);
+        let given = Overrides {
+            repeat: self.repeat,
+            stall_seconds: self.stall_seconds,
+            spend_per_minute_usd: self.spend_per_minute_usd,
+            max_turns: self.max_turns,
+            budget_share: self.budget_share,
+            nudges: self.nudges,
+        };
+        let t = given.over(Thresholds::from_settings(|k| std::env::var(k).ok())?);
         // Named as the options are.
         t.validated("", false).map_err(|e| match e {
             omoi_domain::DomainError::InvalidArgument(f) => {
