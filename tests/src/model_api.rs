@@ -26,7 +26,10 @@
 //! A judge's prompt (omoi's, asking for `{"pick": …}` among `## Candidate
 //! <n>` sections; Messages API) is answered at once, picking the last
 //! candidate shown: `{"pick": <n>, "reasons": "candidate <n> is the most
-//! thorough"}`.
+//! thorough"}`. The guardian's reviewer (a prompt asking to review an
+//! agent's work in progress) is answered at once: not progressing, and
+//! what to tell the agent, when the agent keeps reading `missing.txt`;
+//! progressing otherwise.
 //!
 //! It adds up the usage it reported, so that a test can compare what the
 //! agent and omoi made of it; `hold(turn)` keeps that turn's answer back
@@ -375,7 +378,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
     let out = match api {
         Api::Messages => {
             // `outcome=reveal`: its shell command shows the agent's environment.
-            let script_of = if outcome(&script) == "loop" {
+            let script_of = if outcome(&script) == "loop" && !matches!(script_of, Script::Review { .. }) {
                 Script::Loop
             } else {
                 script_of
@@ -383,7 +386,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Reply {
             let command = match (outcome(&script).as_str(), &script_of) {
                 ("reveal", _) => "env".to_owned(),
                 (_, Script::Write(file)) => format!("cat {file}"),
-                (_, Script::Merge(_) | Script::Judge(_) | Script::Loop) => String::new(),
+                (_, Script::Merge(_) | Script::Judge(_) | Script::Loop | Script::Review { .. }) => String::new(),
             };
             messages(
                 &body,
@@ -475,6 +478,9 @@ enum Script {
     Judge(u32),
     /// Runs the same failing command, turn after turn.
     Loop,
+    /// Reviews an agent's work in progress: going in circles when it keeps
+    /// reading the missing file, else progressing.
+    Review { circles: bool },
 }
 
 /// Where the script starts in a Messages API conversation, and what it
@@ -500,6 +506,14 @@ fn follow_up_script(body: &Value) -> (usize, Script) {
         .filter(|(_, m)| m["role"] == "user")
         .find_map(|(i, m)| {
             let text = m["content"].to_string();
+            if text.contains("omoi's guardian asks you to review") {
+                return Some((
+                    i,
+                    Script::Review {
+                        circles: text.contains("missing.txt"),
+                    },
+                ));
+            }
             if text.contains("Answer with one JSON object and nothing else") {
                 let last = text
                     .split("## Candidate ")
@@ -555,6 +569,9 @@ fn messages(
             "cat missing.txt".to_owned(),
             "Show the file",
         )],
+        Script::Review { circles: true } => vec![json!({"type": "text", "text":
+            "{\"progressing\": false, \"say\": \"You keep reading missing.txt, which does not exist: write it first.\"}"})],
+        Script::Review { circles: false } => vec![json!({"type": "text", "text": "{\"progressing\": true, \"say\": \"\"}"})],
         Script::Judge(pick) => vec![json!({"type": "text", "text": format!(
             "{{\"pick\": {pick}, \"reasons\": \"candidate {pick} is the most thorough\"}}"
         )})],

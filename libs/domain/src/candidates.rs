@@ -780,14 +780,18 @@ pub struct Verdict {
 
 /// Reads the judge's final message; why not, when it is not the schema.
 pub fn verdict(answer: &str) -> Result<Verdict, String> {
-    let start = answer.find('{');
-    let end = answer.rfind('}');
-    let parsed = match (start, end) {
-        (Some(s), Some(e)) if s < e => serde_json::from_str::<Verdict>(&answer[s..=e]).ok(),
-        _ => None,
-    };
     let excerpt: String = answer.chars().take(200).collect();
-    parsed.ok_or_else(|| format!("the judge's answer is not {{\"pick\": n, \"reasons\": \"…\"}}: {excerpt:?}"))
+    json_answer(answer)
+        .ok_or_else(|| format!("the judge's answer is not {{\"pick\": n, \"reasons\": \"…\"}}: {excerpt:?}"))
+}
+
+/// The JSON object an agent was asked to answer with: from its answer's
+/// first `{` to its last `}` (models wrap it in prose or a code fence).
+pub(crate) fn json_answer<T: serde::de::DeserializeOwned>(answer: &str) -> Option<T> {
+    match (answer.find('{'), answer.rfind('}')) {
+        (Some(s), Some(e)) if s < e => serde_json::from_str(&answer[s..=e]).ok(),
+        _ => None,
+    }
 }
 
 /// The choice with the judge's pick in place of the smallest change: it

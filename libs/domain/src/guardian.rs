@@ -31,6 +31,9 @@ pub struct Thresholds {
     pub budget_share: f64,
     /// Nudges before a trip stops the attempt.
     pub nudges: u32,
+    /// Seconds between the reviewer's looks at a running attempt (0: no
+    /// reviewer).
+    pub review_seconds: u32,
 }
 
 impl Default for Thresholds {
@@ -42,19 +45,21 @@ impl Default for Thresholds {
             max_turns: 0,
             budget_share: 0.5,
             nudges: 2,
+            review_seconds: 0,
         }
     }
 }
 
 /// The settings' names, for errors and the environment
 /// (`OMOI_GUARDIAN_<NAME>`).
-pub const SETTINGS: [&str; 6] = [
+pub const SETTINGS: [&str; 7] = [
     "REPEAT_THRESHOLD",
     "STALL_SECONDS",
     "SPEND_PER_MINUTE_USD",
     "MAX_TURNS",
     "BUDGET_SHARE",
     "NUDGES",
+    "REVIEW_SECONDS",
 ];
 
 impl Thresholds {
@@ -83,6 +88,7 @@ impl Thresholds {
         count(self.stall_seconds, 1, 86_400, true, "stall_seconds", "STALL_SECONDS")?;
         count(self.max_turns, 1, 100_000, true, "max_turns", "MAX_TURNS")?;
         count(self.nudges, 0, 10, false, "nudges", "NUDGES")?;
+        count(self.review_seconds, 1, 86_400, true, "review_seconds", "REVIEW_SECONDS")?;
         if !(self.spend_per_minute_usd.is_finite() && (0.0..=1000.0).contains(&self.spend_per_minute_usd)) {
             return Err(DomainError::invalid(
                 name("spend_per_minute_usd", "SPEND_PER_MINUTE_USD"),
@@ -116,6 +122,7 @@ impl Thresholds {
                 "SPEND_PER_MINUTE_USD" => t.spend_per_minute_usd = raw.parse().map_err(|_| bad())?,
                 "MAX_TURNS" => t.max_turns = raw.parse().map_err(|_| bad())?,
                 "BUDGET_SHARE" => t.budget_share = raw.parse().map_err(|_| bad())?,
+                "REVIEW_SECONDS" => t.review_seconds = raw.parse().map_err(|_| bad())?,
                 _ => t.nudges = raw.parse().map_err(|_| bad())?,
             }
         }
@@ -139,6 +146,8 @@ pub struct Overrides {
     pub budget_share: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nudges: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review_seconds: Option<u32>,
 }
 
 impl Overrides {
@@ -151,6 +160,7 @@ impl Overrides {
             max_turns: self.max_turns.unwrap_or(base.max_turns),
             budget_share: self.budget_share.unwrap_or(base.budget_share),
             nudges: self.nudges.unwrap_or(base.nudges),
+            review_seconds: self.review_seconds.unwrap_or(base.review_seconds),
         }
     }
 
@@ -180,6 +190,8 @@ pub enum Kind {
 /// One event of an attempt, as the guardian reads it.
 #[derive(Debug, Clone, Copy)]
 pub struct Observed<'a> {
+    /// The attempt it is of.
+    pub attempt: i32,
     pub seq: i64,
     /// When, in milliseconds since any fixed point.
     pub at_ms: i64,
@@ -202,6 +214,8 @@ pub enum Signal {
     SpendRate,
     Turns,
     BudgetShare,
+    /// The reviewer found the attempt not progressing.
+    Review,
 }
 
 impl Signal {
@@ -213,6 +227,7 @@ impl Signal {
             Signal::SpendRate => "spend_rate",
             Signal::Turns => "turns",
             Signal::BudgetShare => "budget_share",
+            Signal::Review => "review",
         }
     }
 }
@@ -220,6 +235,11 @@ impl Signal {
 /// An event that is part of the evidence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
+    /// The attempt the event is of: an earlier one's where a retry took up
+    /// its counts (0 in records from before attempts were named: the
+    /// intervention's own).
+    #[serde(default)]
+    pub attempt: i32,
     pub seq: i64,
     pub text: String,
 }
@@ -231,8 +251,51 @@ pub struct Trip {
     /// Said to a person, and to the agent in a nudge.
     pub reason: String,
     pub evidence: Vec<Evidence>,
-    /// The event it tripped at.
+    /// The attempt and the event it tripped at.
+    #[serde(default)]
+    pub attempt: i32,
     pub seq: i64,
+}
+
+impl Trip {
+    /// Its evidence's events, as a person reads them: by seq, those of an
+    /// earlier attempt as `<attempt>:<seq>`.
+    pub fn events(&self) -> String {
+        let named: Vec<String> = self
+            .evidence
+            .iter()
+            .map(|e| match e.attempt {
+                a if a == self.attempt || a == 0 => e.seq.to_string(),
+                a => format!("{a}:{}", e.seq),
+            })
+            .collect();
+        named.join(", ")
+    }
+
+    /// What the guardian says on the attempt's output when it acts: read
+    /// back by [`ended_attempt`].
+    pub fn said(&self, action: Action) -> String {
+        format!(
+            "{GUARDIAN}{} — {} (events {})",
+            action.as_str(),
+            self.reason,
+            self.events()
+        )
+    }
+}
+
+/// How each line the guardian says begins.
+const GUARDIAN: &str = "guardian: ";
+
+/// Whether a line an attempt's output holds says the guardian ended it
+/// (stopped it, or paused its ticket): what the attempt counted is then
+/// behind it, and a retry starts counting afresh.
+pub fn ended_attempt(line: &str) -> bool {
+    line.strip_prefix(GUARDIAN).is_some_and(|rest| {
+        [Action::Stop, Action::Pause]
+            .iter()
+            .any(|a| rest.starts_with(&format!("{} — ", a.as_str())))
+    })
 }
 
 /// What to do about a trip.
@@ -284,6 +347,21 @@ pub struct Watch {
     /// Spending signals trip once an attempt.
     spent_tripped: std::collections::HashSet<Signal>,
     trips: u32,
+    /// What the earlier attempts taken up spent: a retry's usage events
+    /// count from its own start.
+    carried: Spent,
+    /// When the last event came, and whether the next one starts an attempt
+    /// taken up (the time between the two is nobody's work).
+    last_ms: Option<i64>,
+    resuming: bool,
+}
+
+/// Usage totals.
+#[derive(Debug, Clone, Copy, Default)]
+struct Spent {
+    tokens: i64,
+    cost_usd: f64,
+    turns: i32,
 }
 
 impl Watch {
@@ -303,7 +381,29 @@ impl Watch {
             turns: 0,
             spent_tripped: Default::default(),
             trips: 0,
+            carried: Spent::default(),
+            last_ms: None,
+            resuming: false,
         }
+    }
+
+    /// Takes the events followed so far as an earlier attempt's, which the
+    /// next events (a retry's, of the same session) go on from: the counts
+    /// carry on, the retry's usage adds to what was spent, the time between
+    /// the two attempts counts for no stall or rate, and the budget is what
+    /// the ticket could spend when the first attempt taken up started
+    /// (`budget_left_usd` at the retry's start, plus what they spent).
+    pub fn carry_on(&mut self, budget_left_usd: Option<f64>) {
+        self.carried = Spent {
+            tokens: self.tokens,
+            cost_usd: self.cost_usd,
+            turns: self.turns,
+        };
+        self.resuming = self.last_ms.is_some();
+        // What tripped then (with another budget) was the earlier
+        // attempt's to act on.
+        self.spent_tripped.clear();
+        self.budget_usd = budget_left_usd.filter(|b| *b > 0.0).map(|b| b + self.cost_usd);
     }
 
     /// What the attempt spent so far, as its events said.
@@ -319,9 +419,18 @@ impl Watch {
     /// Follows one more event; the signals it tripped.
     pub fn observe(&mut self, e: &Observed<'_>) -> Vec<Trip> {
         let t = self.thresholds;
+        if std::mem::take(&mut self.resuming)
+            && let Some(last) = self.last_ms
+        {
+            let gap = (e.at_ms - last).max(0);
+            self.first_ms = self.first_ms.map(|f| f + gap);
+            self.progress_ms = self.progress_ms.map(|p| p + gap);
+        }
+        self.last_ms = Some(e.at_ms);
         let first = *self.first_ms.get_or_insert(e.at_ms);
         let mut out = Vec::new();
         let evidence = Evidence {
+            attempt: e.attempt,
             seq: e.seq,
             text: excerpt(e.text),
         };
@@ -349,6 +458,7 @@ impl Watch {
                             signal: Signal::RepeatedCall,
                             reason: format!("the same {tool} call {} times: {}", evidence.len(), excerpt(e.text)),
                             evidence,
+                            attempt: e.attempt,
                             seq: e.seq,
                         });
                     }
@@ -362,9 +472,11 @@ impl Watch {
             Kind::FileChange => self.progressed(e.at_ms),
             Kind::Usage => {
                 if let Some(u) = e.usage {
-                    self.tokens = u.input_tokens + u.output_tokens + u.cache_read_tokens + u.cache_write_tokens;
-                    self.cost_usd = u.cost_usd;
-                    self.turns = u.turns;
+                    let c = self.carried;
+                    self.tokens =
+                        c.tokens + u.input_tokens + u.output_tokens + u.cache_read_tokens + u.cache_write_tokens;
+                    self.cost_usd = c.cost_usd + u.cost_usd;
+                    self.turns = c.turns + u.turns;
                 }
                 out.extend(self.spending(e, first));
             }
@@ -383,6 +495,7 @@ impl Watch {
                         self.tokens - self.tokens_at_progress
                     ),
                     evidence: vec![evidence],
+                    attempt: e.attempt,
                     seq: e.seq,
                 });
                 // Once a stall period.
@@ -420,6 +533,7 @@ impl Watch {
             signal: Signal::RepeatedError,
             reason: format!("the same error {} times: {}", evidence.len(), excerpt(e.text)),
             evidence,
+            attempt: e.attempt,
             seq: e.seq,
         })
     }
@@ -462,12 +576,97 @@ impl Watch {
                 signal,
                 reason,
                 evidence: vec![Evidence {
+                    attempt: e.attempt,
                     seq: e.seq,
                     text: excerpt(e.text),
                 }],
+                attempt: e.attempt,
                 seq: e.seq,
             })
             .collect()
+    }
+}
+
+/// The reviewer's answer, in the schema its prompt asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Review {
+    /// Whether the agent is getting closer to finishing the task.
+    pub progressing: bool,
+    /// What to tell the agent (when it is not progressing).
+    #[serde(default)]
+    pub say: String,
+}
+
+/// Most events of the digest the reviewer is shown.
+pub const DIGEST_EVENTS: usize = 40;
+
+/// How an event reads in the reviewer's digest: `#seq kind tool: text`,
+/// one line, bounded.
+pub fn digest_line(e: &Observed<'_>) -> String {
+    let kind = match e.kind {
+        Kind::Message => "message",
+        Kind::ToolCall => "call",
+        Kind::ToolResult if e.is_error => "error",
+        Kind::ToolResult => "result",
+        Kind::Command => "command",
+        Kind::FileChange => "file",
+        Kind::Usage => "usage",
+        Kind::Error => "error",
+        Kind::Other => "output",
+    };
+    let exit = e.exit_code.map(|c| format!(" (exit {c})")).unwrap_or_default();
+    let tool = if e.tool.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", e.tool)
+    };
+    format!("#{} {kind}{tool}{exit}: {}", e.seq, excerpt(&e.text.replace('\n', " ")))
+}
+
+/// What the reviewer is asked: the task, the attempt's recent events, and
+/// one JSON object for an answer.
+pub fn review_prompt(title: &str, description: &str, minutes: f64, digest: &[String]) -> String {
+    format!(
+        "omoi's guardian asks you to review a coding agent's work in progress. Do not use any tool; \
+         read, and answer.\n\n## The agent's task\n\n{title}\n\n{description}\n\n\
+         ## What the agent did lately ({minutes:.1} minutes into its attempt; its last {} events)\n\n{}\n\n\
+         ## Your answer\n\nIs the agent getting closer to finishing the task, or going in circles or \
+         off the task? Answer with one JSON object and nothing else: {{\"progressing\": true|false, \
+         \"say\": \"what to tell the agent, in one or two sentences, when it is not progressing\"}}",
+        digest.len(),
+        digest.join("\n")
+    )
+}
+
+/// Reads the reviewer's answer; why not, when it is not the schema.
+pub fn review(answer: &str) -> Result<Review, String> {
+    let excerpt: String = answer.chars().take(200).collect();
+    crate::candidates::json_answer(answer)
+        .ok_or_else(|| format!("the reviewer's answer is not {{\"progressing\": …, \"say\": \"…\"}}: {excerpt:?}"))
+}
+
+impl Watch {
+    /// The reviewer's verdict as a trip, when it found the agent not
+    /// progressing (shown `shown`, the digest's events): it escalates as
+    /// the other signals do.
+    pub fn reviewed(&mut self, review: &Review, shown: &[Evidence], attempt: i32) -> Option<Trip> {
+        if review.progressing {
+            return None;
+        }
+        let say = excerpt(&review.say);
+        let say = if say.is_empty() {
+            "(it said nothing more)".to_owned()
+        } else {
+            say
+        };
+        self.trips += 1;
+        Some(Trip {
+            signal: Signal::Review,
+            reason: format!("the reviewer finds it not progressing: {say}"),
+            evidence: shown.iter().rev().take(5).rev().cloned().collect(),
+            attempt,
+            seq: shown.last().map_or(0, |e| e.seq),
+        })
     }
 }
 
@@ -518,6 +717,7 @@ mod tests {
 
     fn call(seq: i64, at_s: i64, text: &str) -> Observed<'_> {
         Observed {
+            attempt: 1,
             seq,
             at_ms: at_s * 1000,
             kind: Kind::ToolCall,
@@ -656,6 +856,126 @@ mod tests {
         assert_eq!(signals, [Signal::SpendRate, Signal::Turns, Signal::BudgetShare]);
         assert_eq!(w.action(&trips[0]), Action::Pause);
         assert!(w.observe(&at(2, 130)).is_empty(), "once an attempt");
+    }
+
+    #[test]
+    fn a_retry_taking_up_an_attempt_goes_on_counting_from_where_it_stopped() {
+        static EARLIER: std::sync::LazyLock<Usage> = std::sync::LazyLock::new(|| Usage {
+            input_tokens: 5000,
+            cost_usd: 3.0,
+            turns: 4,
+            ..Default::default()
+        });
+        static LATER: std::sync::LazyLock<Usage> = std::sync::LazyLock::new(|| Usage {
+            input_tokens: 1000,
+            cost_usd: 1.0,
+            turns: 1,
+            ..Default::default()
+        });
+        let t = Thresholds {
+            repeat: 4,
+            stall_seconds: 120,
+            spend_per_minute_usd: 0.0,
+            ..Default::default()
+        };
+        let usage = |seq: i64, at_s: i64, u: &'static Usage| Observed {
+            kind: Kind::Usage,
+            usage: Some(u),
+            ..call(seq, at_s, "")
+        };
+        let mut w = Watch::new(t, None);
+        for i in 0..3 {
+            assert!(w.observe(&call(i, i, "cat missing.txt")).is_empty());
+        }
+        assert!(w.observe(&usage(3, 3, &EARLIER)).is_empty());
+        // The executor died; the retry starts ten minutes later, with $6
+        // left of the ticket's budget.
+        w.carry_on(Some(6.0));
+        let retry = |seq: i64, at_s: i64, text: &'static str| Observed {
+            attempt: 2,
+            ..call(seq, at_s, text)
+        };
+        // The ten minutes were nobody's stall.
+        assert!(w.observe(&retry(0, 603, "ls")).is_empty());
+        let trips = w.observe(&retry(1, 604, "cat missing.txt"));
+        assert_eq!(trips.len(), 1, "the fourth call of the two attempts");
+        let named: Vec<(i32, i64)> = trips[0].evidence.iter().map(|e| (e.attempt, e.seq)).collect();
+        assert_eq!(named, [(1, 0), (1, 1), (1, 2), (2, 1)]);
+        assert_eq!(trips[0].events(), "1:0, 1:1, 1:2, 1");
+        assert_eq!(
+            trips[0].said(Action::Stop),
+            "guardian: stop — the same Bash call 4 times: cat missing.txt (events 1:0, 1:1, 1:2, 1)"
+        );
+        assert!(ended_attempt(&trips[0].said(Action::Stop)));
+        assert!(ended_attempt(&trips[0].said(Action::Pause)));
+        assert!(!ended_attempt(&trips[0].said(Action::Nudge)));
+        // Its usage adds to what the earlier attempt spent: $4 of the $9
+        // the ticket could spend when the first attempt started.
+        assert!(
+            w.observe(&Observed {
+                attempt: 2,
+                ..usage(2, 605, &LATER)
+            })
+            .is_empty()
+        );
+        assert_eq!((w.tokens(), w.cost_usd()), (6000, 4.0));
+        let halfway = Usage {
+            cost_usd: 1.5,
+            ..LATER.clone()
+        };
+        let trips = w.observe(&Observed {
+            attempt: 2,
+            usage: Some(&halfway),
+            ..usage(3, 606, &LATER)
+        });
+        let signals: Vec<Signal> = trips.iter().map(|t| t.signal).collect();
+        assert_eq!(signals, [Signal::BudgetShare], "$4.50 of $9");
+    }
+
+    #[test]
+    fn the_reviewers_answer_is_read_in_its_schema_and_escalates_like_a_signal() {
+        let digest = [digest_line(&call(7, 1, "cat missing.txt\n"))];
+        assert_eq!(digest[0], "#7 call Bash: cat missing.txt");
+        let prompt = review_prompt("fix the build", "make passes", 2.5, &digest);
+        assert!(prompt.contains("fix the build") && prompt.contains("#7 call Bash") && prompt.contains("2.5 minutes"));
+        let answer = "Here it is:\n```json\n{\"progressing\": false, \"say\": \"Write the file first.\"}\n```";
+        let r = review(answer).unwrap();
+        assert_eq!((r.progressing, r.say.as_str()), (false, "Write the file first."));
+        assert!(review("it looks fine to me").unwrap_err().contains("not {\"progressing\""));
+        let shown: Vec<Evidence> = (0..8)
+            .map(|seq| Evidence {
+                attempt: 1,
+                seq,
+                text: "cat missing.txt".into(),
+            })
+            .collect();
+        let mut w = Watch::new(
+            Thresholds {
+                nudges: 1,
+                ..Default::default()
+            },
+            None,
+        );
+        let progressing = Review {
+            progressing: true,
+            say: String::new(),
+        };
+        assert!(w.reviewed(&progressing, &shown, 1).is_none());
+        let trip = w.reviewed(&r, &shown, 1).unwrap();
+        assert_eq!(trip.signal, Signal::Review);
+        assert_eq!(trip.reason, "the reviewer finds it not progressing: Write the file first.");
+        assert_eq!(trip.events(), "3, 4, 5, 6, 7", "the last events it was shown");
+        assert_eq!(w.action(&trip), Action::Nudge);
+        let again = w.reviewed(&r, &shown, 1).unwrap();
+        assert_eq!(w.action(&again), Action::Stop);
+        // Off, or 1 s to a day.
+        for (seconds, ok) in [(0, true), (1, true), (86_400, true), (86_401, false)] {
+            let t = Thresholds {
+                review_seconds: seconds,
+                ..Default::default()
+            };
+            assert_eq!(t.validated("guardian.", false).is_ok(), ok, "{seconds}");
+        }
     }
 
     #[test]

@@ -67,11 +67,56 @@ impl Usage {
     pub fn total_tokens(&self) -> i64 {
         self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens
     }
+
+    /// The sum of two runs' usage within one attempt (an agent's runs, its
+    /// reviewer's), as `usage_add` sums attempts: counts and costs add,
+    /// estimated if either was, the distinct models joined by `, `.
+    pub fn add(&mut self, other: &Usage) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cache_read_tokens += other.cache_read_tokens;
+        self.cache_write_tokens += other.cache_write_tokens;
+        self.cost_usd += other.cost_usd;
+        self.cost_estimated |= other.cost_estimated;
+        self.turns += other.turns;
+        self.duration_ms += other.duration_ms;
+        for model in other.model.split(", ").filter(|m| !m.is_empty()) {
+            if !self.model.split(", ").any(|m| m == model) {
+                if !self.model.is_empty() {
+                    self.model.push_str(", ");
+                }
+                self.model.push_str(model);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usages_add_up_with_each_model_once() {
+        let mut u = Usage {
+            input_tokens: 10,
+            cost_usd: 0.5,
+            model: "claude-sonnet".into(),
+            turns: 2,
+            ..Default::default()
+        };
+        u.add(&Usage {
+            input_tokens: 5,
+            cost_usd: 0.25,
+            cost_estimated: true,
+            model: "claude-haiku, claude-sonnet".into(),
+            turns: 1,
+            ..Default::default()
+        });
+        assert_eq!(
+            (u.input_tokens, u.cost_usd, u.cost_estimated, u.model.as_str(), u.turns),
+            (15, 0.75, true, "claude-sonnet, claude-haiku", 3)
+        );
+    }
 
     #[test]
     fn a_usage_is_checked_field_by_field() {

@@ -354,6 +354,7 @@ impl From<&omoi_domain::guardian::Overrides> for ticket::GuardianSettings {
             max_turns: int(o.max_turns),
             budget_share: o.budget_share,
             nudges: int(o.nudges),
+            review_seconds: int(o.review_seconds),
         }
     }
 }
@@ -382,6 +383,7 @@ pub fn guardian_overrides(
         max_turns: count("max_turns", g.max_turns)?,
         budget_share: g.budget_share,
         nudges: count("nudges", g.nudges)?,
+        review_seconds: count("review_seconds", g.review_seconds)?,
     }
     .validated(field)
 }
@@ -505,6 +507,7 @@ pub fn observed<'a>(
         _ => Kind::Other,
     };
     omoi_domain::guardian::Observed {
+        attempt: e.attempt,
         seq: e.seq,
         at_ms: e
             .at

@@ -52,6 +52,8 @@ impl Settings {
             max_turns: self.max_turns,
             budget_share: self.budget_share,
             nudges: self.nudges,
+            // The reviewer asks a model: no replay has one.
+            review_seconds: None,
         };
         let t = given.over(Thresholds::from_settings(|k| std::env::var(k).ok())?);
         // Named as the options are.

@@ -207,6 +207,11 @@ pub struct Config {
     /// Nudges before a loop or a stall stops the attempt.
     #[arg(long, env = "OMOI_GUARDIAN_NUDGES")]
     pub guardian_nudges: Option<String>,
+    /// Seconds between the reviewer's looks at a running attempt (0: no
+    /// reviewer): this executor's agent, shown the task and the attempt's
+    /// recent events, says whether it progresses and what to tell it.
+    #[arg(long, env = "OMOI_GUARDIAN_REVIEW_SECONDS")]
+    pub guardian_review_seconds: Option<String>,
 
     /// Work trees of tickets' attempts kept for their tickets' next
     /// attempts on this executor, which bring them to their base instead
@@ -459,6 +464,7 @@ impl Config {
             "OMOI_GUARDIAN_MAX_TURNS" => self.guardian_max_turns.clone(),
             "OMOI_GUARDIAN_BUDGET_SHARE" => self.guardian_budget_share.clone(),
             "OMOI_GUARDIAN_NUDGES" => self.guardian_nudges.clone(),
+            "OMOI_GUARDIAN_REVIEW_SECONDS" => self.guardian_review_seconds.clone(),
             _ => None,
         };
         Ok(omoi_domain::guardian::Thresholds::from_settings(given)?)

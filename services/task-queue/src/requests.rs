@@ -209,7 +209,9 @@ pub fn record_intervention(
         "spend_rate",
         "turns",
         "budget_share",
+        "review",
     ];
+    let attempt = validate::attempt("attempt", attempt)?;
     if evidence.len() > MAX_EVIDENCE {
         return Err(ApiError::invalid(
             "evidence",
@@ -220,7 +222,14 @@ pub fn record_intervention(
         .into_iter()
         .enumerate()
         .map(|(i, e)| {
+            if !(0..=attempt).contains(&e.attempt) {
+                return Err(ApiError::invalid(
+                    format!("evidence[{i}].attempt"),
+                    format!("must be 1 to the attempt ({attempt}), or 0 for it, got {}", e.attempt),
+                ));
+            }
             Ok(omoi_domain::guardian::Evidence {
+                attempt: if e.attempt == 0 { attempt } else { e.attempt },
                 seq: e.seq,
                 text: validate::text(&format!("evidence[{i}].text"), &e.text, MAX_REASON_BYTES)?,
             })
@@ -232,7 +241,7 @@ pub fn record_intervention(
     Ok((
         validate::uuid("task_id", &task_id)?,
         omoi_domain::event::GuardianIntervened {
-            attempt: validate::attempt("attempt", attempt)?,
+            attempt,
             agent_id: None,
             signal: known("signal", &signal, &signals)?,
             action: known("action", &action, &["nudge", "stop", "pause"])?,

@@ -896,6 +896,133 @@ async fn a_stalled_agent_is_stopped_at_the_tickets_stall_limit() {
     rig.stop().await;
 }
 
+/// The optional reviewer: every two seconds the executor's agent, in a
+/// session of its own, is shown the task and the attempt's recent events
+/// and asked whether it progresses; the stand-in finds the looping agent
+/// going in circles, so the guardian nudges it with the reviewer's words,
+/// then (one nudge allowed) stops the attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reviewer_finds_a_looping_agent_not_progressing_and_the_guardian_acts_on_it() {
+    let mut rig = Rig::start().await;
+    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
+        .await;
+    let created = file_ticket(
+        &rig.tickets,
+        pb::CreateTicketRequest {
+            title: "outcome=loop".into(),
+            plan: vec![spec("outcome=loop", 2, vec![], 0)],
+            guardian: Some(pb::GuardianSettings {
+                repeat: Some(1000),
+                stall_seconds: Some(0),
+                review_seconds: Some(2),
+                nudges: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let failed = wait_ticket(&rig.tickets, &created.ticket.unwrap().id, FAILED).await;
+    let task = &failed.tasks[0];
+    assert!(task.error_message.contains("guardian: stop"), "{}", task.error_message);
+    assert!(task.error_message.contains("write it first"), "{}", task.error_message);
+    let history = omoi_tests::ticket_history(&rig.tickets, &task.ticket_id).await;
+    let stepped: Vec<serde_json::Value> = history
+        .iter()
+        .filter(|e| e.event_type == "TASK_GUARDIAN_INTERVENED")
+        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
+        .collect();
+    let said: Vec<(&str, &str)> = stepped
+        .iter()
+        .map(|e| (e["signal"].as_str().unwrap(), e["action"].as_str().unwrap()))
+        .collect();
+    assert_eq!(said, [("review", "nudge"), ("review", "stop")], "{stepped:?}");
+    // Its evidence: the events it was shown, the agent's repeated call.
+    assert!(
+        stepped[0]["evidence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["text"].as_str().unwrap().contains("missing.txt")),
+        "{}",
+        stepped[0]
+    );
+    // The reviewer was shown the task and the digest; the agent was told
+    // what the reviewer said, in its own session.
+    let asked = rig.api.conversations();
+    let reviews: Vec<String> = asked
+        .iter()
+        .map(|c| c.to_string())
+        .filter(|c| c.contains("omoi's guardian asks you to review"))
+        .collect();
+    assert!(reviews.len() >= 2, "{} looks", reviews.len());
+    assert!(reviews[0].contains("cat missing.txt"), "{}", reviews[0]);
+    assert!(
+        asked.iter().any(|c| {
+            let c = c.to_string();
+            c.contains("guardian interrupted you") && c.contains("write it first") && !c.contains("asks you to review")
+        }),
+        "the reviewer's words did not reach the agent"
+    );
+    rig.stop().await;
+}
+
+/// A steady worker is never held by its reviewer, and what the reviewer
+/// spends is the attempt's: the agent's second turn waits until the
+/// reviewer has looked (and found it progressing), then the attempt
+/// completes reporting every turn the stand-in answered, the reviewer's
+/// with the agent's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_worker_passes_its_review_and_pays_for_it() {
+    let mut rig = Rig::start().await;
+    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
+        .await;
+    rig.api.hold(2);
+    let created = file_ticket(
+        &rig.tickets,
+        pb::CreateTicketRequest {
+            title: "a steady worker".into(),
+            plan: vec![spec("write hello.txt", 2, vec![], 0)],
+            guardian: Some(pb::GuardianSettings {
+                review_seconds: Some(5),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = created.tasks[0].id.clone();
+    tokio::time::timeout(Duration::from_secs(90), rig.api.held())
+        .await
+        .expect("turn 2 asked for");
+    omoi_tests::eventually(Duration::from_secs(60), "the reviewer's look", || {
+        let (url, id) = (rig.mesh.task_queue.url.clone(), id.clone());
+        async move {
+            omoi_tests::task_output(&url, &id)
+                .await
+                .iter()
+                .any(|l| l == "guardian: the reviewer finds it progressing")
+                .then_some(())
+        }
+    })
+    .await;
+    rig.api.release();
+    let done = wait_ticket(&rig.tickets, &created.ticket.unwrap().id, COMPLETED).await;
+    let reviews = rig
+        .api
+        .conversations()
+        .iter()
+        .filter(|c| c.to_string().contains("omoi's guardian asks you to review"))
+        .count();
+    assert_eq!(reviews, 1);
+    let history = omoi_tests::ticket_history(&rig.tickets, &done.ticket.as_ref().unwrap().id).await;
+    assert!(!history.iter().any(|e| e.event_type == "TASK_GUARDIAN_INTERVENED"));
+    // The agent's three turns and the reviewer's one.
+    assert_eq!(rig.api.tally().answers, 4);
+    assert_usage(done.tasks[0].usage.as_ref().unwrap(), &rig.api.tally(), 4);
+    rig.stop().await;
+}
+
 /// Routing by capability: a task requiring `runner=codex` never reaches the
 /// Claude Code executor, idle as it is and working other tickets meanwhile;
 /// it waits, reported as unsatisfiable, until a Codex executor registers,

@@ -446,6 +446,7 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                     evidence: vec![tq::InterventionEvidence {
                         seq: i64::from(rng.int()),
                         text: rng.text(),
+                        attempt: rng.int(),
                     }],
                     seq: i64::from(rng.int()),
                 })

@@ -19,6 +19,7 @@ use tonic::Code;
 
 const COMPLETED: i32 = 3;
 const IN_PROGRESS: i32 = 2;
+const FAILED: i32 = 4;
 const SECRET: &str = "sk-ant-test-sessions-do-not-leak";
 
 /// An executor running `cli` against `api` as agent `id`, checkpointing
@@ -396,6 +397,150 @@ async fn crash_and_resume(agent: Agent) {
     for dir in [home, home_b, root_b] {
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// The guardian's counts outlive an executor: a looping agent's executor
+/// is killed after two of its same failing calls; the retry on another
+/// executor resumes the session, and the guardian, counting on from the
+/// first attempt's durable events, stops it at the fourth call of the two
+/// attempts — not the fourth of its own — naming both attempts' events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guardians_counts_outlive_a_killed_executor() {
+    let infra = Infra::new().await.unwrap();
+    let api = ModelApi::start().await.unwrap();
+    let (home, home_b, root_b) = (tempdir("agent-home"), tempdir("agent-home-b"), tempdir("ws-b"));
+    let mut mesh = ProcessMesh::start(&infra, quick_leases()).await.unwrap();
+    mesh.add_executor(&infra, &claude(&api, &home, "agent-a"))
+        .await
+        .unwrap();
+    let tickets = mesh.tickets();
+    let queue = client(&mesh.task_queue.url);
+
+    // Two of the same failing call, then the third model call waits.
+    api.hold(3);
+    let created = file_ticket(
+        &tickets,
+        pb::CreateTicketRequest {
+            title: "outcome=loop".into(),
+            plan: vec![pb::TaskSpec {
+                title: "outcome=loop".into(),
+                phase: 1,
+                max_retries: Some(1),
+                ..Default::default()
+            }],
+            guardian: Some(pb::GuardianSettings {
+                repeat: Some(4),
+                nudges: Some(0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = created.tasks[0].id.clone();
+    tokio::time::timeout(Duration::from_secs(90), api.held())
+        .await
+        .expect("turn 3 asked for");
+    let held_at = chrono::Utc::now();
+    session_where(&queue, &id, "a checkpoint after the second call", |s| {
+        s.checkpoint_at
+            .as_ref()
+            .and_then(omoi_proto::convert::from_timestamp)
+            .is_some_and(|at| at > held_at + chrono::Duration::milliseconds(1100))
+    })
+    .await;
+    // Both calls are on the queue's record before the executor dies.
+    let calls = |events: &[omoi_proto::common::AgentEvent], attempt: i32| {
+        events
+            .iter()
+            .filter(|e| {
+                e.attempt == attempt
+                    && e.kind() == omoi_proto::common::AgentEventKind::ToolCall
+                    && e.text.contains("missing.txt")
+            })
+            .count()
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the first attempt's two calls recorded",
+        || {
+            let (q, id) = (queue.clone(), id.clone());
+            async move { (calls(&output_events(&q, &id).await, 1) == 2).then_some(()) }
+        },
+    )
+    .await;
+
+    mesh.executors.pop().unwrap().kill9().await.unwrap();
+    let killed_at = chrono::Utc::now();
+    api.release();
+    let mut b = claude(&api, &home_b, "agent-b");
+    b.push(("OMOI_WORKSPACE_ROOT".into(), root_b.display().to_string()));
+    mesh.add_executor(&infra, &b).await.unwrap();
+    let failed = wait_ticket(&tickets, &created.ticket.unwrap().id, FAILED).await;
+    let task = &failed.tasks[0];
+    assert_eq!(task.attempt, 2, "{}", task.error_message);
+    assert!(task.error_message.contains("guardian: stop"), "{}", task.error_message);
+    assert_eq!(
+        task.session.as_ref().unwrap().resumed_from_attempt,
+        1,
+        "the session resumed"
+    );
+
+    let history = omoi_tests::ticket_history(&tickets, &task.ticket_id).await;
+    let stepped: Vec<Value> = history
+        .iter()
+        .filter(|e| e.event_type == "TASK_GUARDIAN_INTERVENED")
+        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
+        .collect();
+    assert_eq!(stepped.len(), 1, "{stepped:?}");
+    let stop = &stepped[0];
+    assert_eq!(
+        (stop["attempt"].as_i64(), stop["action"].as_str()),
+        (Some(2), Some("stop")),
+        "{stop}"
+    );
+    assert!(stop["reason"].as_str().unwrap().contains("4 times"), "{stop}");
+    let attempts: Vec<i64> = stop["evidence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["attempt"].as_i64().unwrap())
+        .collect();
+    assert_eq!(attempts, [1, 1, 2, 2], "{stop}");
+    let events = output_events(&queue, &id).await;
+    assert_eq!(calls(&events, 2), 2, "two calls of its own, then stopped");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.attempt == 2 && e.text.starts_with("guardian: counting on from attempt 1")),
+        "the output says whose counts it took up"
+    );
+    // After the kill the resumed agent asked the model for its two calls
+    // (and at most the one the stop cut short), not four.
+    let after = api.asked().iter().filter(|(at, _, _)| *at > killed_at).count();
+    assert!((2..=3).contains(&after), "{after} model calls after the kill");
+
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    for dir in [home, home_b, root_b] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Every event of a task's attempts, as the queue keeps them.
+async fn output_events(queue: &omoi_tests::TaskQueueClient, task_id: &str) -> Vec<omoi_proto::common::AgentEvent> {
+    queue
+        .clone()
+        .stream_task_output(tq::StreamTaskOutputRequest {
+            task_id: task_id.to_owned(),
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|m| m.unwrap().event.unwrap())
+        .collect()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

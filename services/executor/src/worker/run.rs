@@ -17,7 +17,7 @@ use serde_json::json;
 use tonic::Status;
 use uuid::Uuid;
 
-use super::guardian::Stepped;
+use super::guardian::{Guarding, Reviewer, Stepped};
 use super::prompt::{self, Dependency, TicketContext, phase_name};
 use super::session::{Checkpointing, Continues};
 use super::{Worker, report};
@@ -234,11 +234,20 @@ impl Worker {
             resumed: restored.session,
             count: AtomicI32::new(0),
         };
-        let mut watch = Watch::new(
-            prepared.ticket.guardian.over(self.guardian),
-            prepared.ticket.budget_left_usd,
-        );
-        let mut seen = -1;
+        let thresholds = prepared.ticket.guardian.over(self.guardian);
+        let mut watch = Watch::new(thresholds, prepared.ticket.budget_left_usd);
+        if matches!(continues, Continues::Retry(_)) && ctx.resume.is_some() {
+            self.count_on(&run, &mut watch).await;
+            watch.carry_on(prepared.ticket.budget_left_usd);
+        }
+        let mut guarding = Guarding {
+            watch,
+            reviewer: Reviewer::new(thresholds.review_seconds),
+            seen: -1,
+        };
+        // What runs cut short by a nudge spent: the attempt's, as the last
+        // run's is.
+        let mut spent_before: Option<omoi_domain::Usage> = None;
         // A run the guardian nudged goes on in the same session, told why.
         let mut nudged: Option<RunContext> = None;
         let outcome = loop {
@@ -247,7 +256,7 @@ impl Worker {
             let mut stepped = None;
             let outcome = {
                 let guard = async {
-                    stepped = Some(self.guard(&run, &mut watch, &mut seen, &turn).await);
+                    stepped = Some(self.guard(&run, this, &task, &mut guarding, &turn).await);
                     // The run ends as it was told to: wait for it.
                     std::future::pending::<std::convert::Infallible>().await
                 };
@@ -268,6 +277,11 @@ impl Worker {
                         });
                         break outcome;
                     };
+                    if let Ok(RunOutcome { usage: Some(u), .. }) = &outcome {
+                        spent_before
+                            .get_or_insert_with(Default::default)
+                            .add(&omoi_domain::Usage::from(u.clone()));
+                    }
                     nudged = Some(RunContext {
                         resume: Some(session),
                         prompt,
@@ -275,11 +289,20 @@ impl Worker {
                     });
                     // What the stopped run did after the trip is not held
                     // against the resumed one.
-                    seen = run.last_seq();
+                    guarding.seen = run.last_seq();
                 }
                 _ => break outcome,
             }
         };
+        // The attempt spent what its runs and its reviewer did.
+        let outcome = outcome.map(|mut o| {
+            for spent in [spent_before, guarding.reviewer.spent.take()].into_iter().flatten() {
+                let mut sum = o.usage.take().map(omoi_domain::Usage::from).unwrap_or_default();
+                sum.add(&spent);
+                o.usage = Some(Usage::from(&sum));
+            }
+            o
+        });
         let after = workspace::snapshot(&dir);
         if worth_a_last_checkpoint(&outcome, &run, &ctx) {
             self.checkpoint(&checkpointing, &after).await;
