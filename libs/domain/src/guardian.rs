@@ -406,6 +406,17 @@ impl Watch {
         self.budget_usd = budget_left_usd.filter(|b| *b > 0.0).map(|b| b + self.cost_usd);
     }
 
+    /// The events that follow are another run of the same attempt (the
+    /// agent's session resumed after a nudge), whose usage events count
+    /// from the run's own start: they add to what the attempt spent.
+    pub fn next_run(&mut self) {
+        self.carried = Spent {
+            tokens: self.tokens,
+            cost_usd: self.cost_usd,
+            turns: self.turns,
+        };
+    }
+
     /// What the attempt spent so far, as its events said.
     pub fn cost_usd(&self) -> f64 {
         self.cost_usd
@@ -930,6 +941,16 @@ mod tests {
         });
         let signals: Vec<Signal> = trips.iter().map(|t| t.signal).collect();
         assert_eq!(signals, [Signal::BudgetShare], "$4.50 of $9");
+        // A nudged agent's next run tells its usage from its own start.
+        w.next_run();
+        assert!(
+            w.observe(&Observed {
+                attempt: 2,
+                ..usage(4, 607, &LATER)
+            })
+            .is_empty()
+        );
+        assert_eq!((w.tokens(), w.cost_usd()), (7000, 5.5));
     }
 
     #[test]
@@ -941,7 +962,11 @@ mod tests {
         let answer = "Here it is:\n```json\n{\"progressing\": false, \"say\": \"Write the file first.\"}\n```";
         let r = review(answer).unwrap();
         assert_eq!((r.progressing, r.say.as_str()), (false, "Write the file first."));
-        assert!(review("it looks fine to me").unwrap_err().contains("not {\"progressing\""));
+        assert!(
+            review("it looks fine to me")
+                .unwrap_err()
+                .contains("not {\"progressing\"")
+        );
         let shown: Vec<Evidence> = (0..8)
             .map(|seq| Evidence {
                 attempt: 1,
@@ -963,7 +988,10 @@ mod tests {
         assert!(w.reviewed(&progressing, &shown, 1).is_none());
         let trip = w.reviewed(&r, &shown, 1).unwrap();
         assert_eq!(trip.signal, Signal::Review);
-        assert_eq!(trip.reason, "the reviewer finds it not progressing: Write the file first.");
+        assert_eq!(
+            trip.reason,
+            "the reviewer finds it not progressing: Write the file first."
+        );
         assert_eq!(trip.events(), "3, 4, 5, 6, 7", "the last events it was shown");
         assert_eq!(w.action(&trip), Action::Nudge);
         let again = w.reviewed(&r, &shown, 1).unwrap();

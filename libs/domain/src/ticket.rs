@@ -58,6 +58,9 @@ pub struct Ticket {
     pub check_command: String,
     /// The guardian's thresholds for its attempts, where they differ.
     pub guardian: crate::guardian::Overrides,
+    /// Why the guardian paused it (an attempt's spending), until a person
+    /// sends it on; empty: it did not.
+    pub guardian_paused: String,
     /// String labels as a JSON object.
     pub labels: Value,
     pub request_id: Option<String>,
@@ -202,8 +205,9 @@ impl Ticket {
     }
 
     /// What its status should be: as its tasks say, but PAUSED while its
-    /// budget is spent and it is not over yet, or while a reaction its cap
-    /// turned away waits for a person (the pull request's work is not over
+    /// budget is spent and it is not over yet, while the guardian's pause
+    /// of it waits for a person, or while a reaction its cap turned away
+    /// waits for a person (the pull request's work is not over
     /// even when its tasks are).
     pub fn budgeted(&self, derived: TicketStatus) -> TicketStatus {
         if self.pause_reason(derived).is_some() {
@@ -219,7 +223,9 @@ impl Ticket {
             return None;
         }
         let budget = if derived.is_final() { None } else { self.over_budget() };
-        budget.or_else(|| self.out_of_reactions())
+        let guardian = (!derived.is_final() && !self.guardian_paused.is_empty())
+            .then(|| format!("the guardian paused it: {}", self.guardian_paused));
+        budget.or(guardian).or_else(|| self.out_of_reactions())
     }
 }
 
@@ -601,6 +607,7 @@ mod tests {
             approvals: Vec::new(),
             check_command: String::new(),
             guardian: Default::default(),
+            guardian_paused: String::new(),
             gates: Vec::new(),
             labels: serde_json::json!({}),
             request_id: None,

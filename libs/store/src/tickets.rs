@@ -24,7 +24,7 @@ macro_rules! ticket_columns {
         "id, seq, title, description, priority, status, repository, base_ref, branch, head_commit,
      pull_request, pull_request_url, pull_request_error, max_cost_usd, paused_reason, labels, request_id,
      tasks_enqueued, usage, created_at, updated_at, max_reactions, reactions, reaction_refused, source_kind, source_url,
-     approvals, check_command, guardian"
+     approvals, check_command, guardian, guardian_paused"
     };
 }
 pub(crate) use ticket_columns;
@@ -77,6 +77,7 @@ impl<'r> FromRow<'r, PgRow> for TicketRow {
             check_command: row.try_get("check_command")?,
             guardian: serde_json::from_value(row.try_get("guardian")?)
                 .map_err(|e| sqlx::Error::Decode(format!("guardian: {e}").into()))?,
+            guardian_paused: row.try_get("guardian_paused")?,
             labels: row.try_get("labels")?,
             request_id: row.try_get("request_id")?,
             tasks_enqueued: row.try_get("tasks_enqueued")?,
@@ -106,6 +107,17 @@ pub struct TaskReport<'a> {
     /// The result of the attempt it completed (a candidate's evidence, a
     /// choice among candidates).
     pub result: Option<&'a Value>,
+    /// What it says of the guardian's pause of the ticket.
+    pub guardian: Option<GuardianPause<'a>>,
+}
+
+/// The guardian's pause of a ticket, as a task event tells it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GuardianPause<'a> {
+    /// The guardian paused it (an attempt's spending), saying this.
+    Paused(&'a str),
+    /// A task of it started: a person sent it on.
+    SentOn,
 }
 
 /// One task of a ticket's plan, with what its events reported.
@@ -792,6 +804,7 @@ impl Store {
             head_commit,
             summary,
             result,
+            guardian,
         } = *report;
         let mut tx = self.pool().begin().await?;
         if !consumed::first_time(&mut tx, consumer, event_id).await? {
@@ -813,6 +826,22 @@ impl Store {
             .bind(task_id)
             .bind(crate::tasks::usage_json(usage))
             .bind(head_commit)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // The guardian's pause waits for a person; a task starting again
+        // means one sent the ticket on.
+        if let Some(said) = guardian {
+            let reason = match said {
+                GuardianPause::Paused(reason) => reason,
+                GuardianPause::SentOn => "",
+            };
+            sqlx::query(sql!(
+                "UPDATE tickets SET guardian_paused = $2
+                 WHERE id = (SELECT ticket_id FROM ticket_tasks WHERE task_id = $1) AND guardian_paused <> $2"
+            ))
+            .bind(task_id)
+            .bind(reason)
             .execute(&mut *tx)
             .await?;
         }
@@ -870,6 +899,8 @@ impl Store {
                  max_cost_usd = CASE WHEN $4 THEN $5 ELSE max_cost_usd END,
                  max_reactions = COALESCE($6, max_reactions),
                  reaction_refused = CASE WHEN COALESCE($6, max_reactions) > reactions THEN '' ELSE reaction_refused END,
+                 guardian = COALESCE($7, guardian),
+                 guardian_paused = CASE WHEN $4 OR $7 IS NOT NULL THEN '' ELSE guardian_paused END,
                  updated_at = now()
              WHERE id = $1"
         ))
@@ -879,6 +910,7 @@ impl Store {
         .bind(update.max_cost_usd.is_some())
         .bind(update.max_cost_usd.flatten())
         .bind(update.max_reactions)
+        .bind(update.guardian.map(|g| serde_json::to_value(g).unwrap_or_default()))
         .execute(&mut *tx)
         .await?;
         let updated = select_ticket(&mut tx, id, false).await?;
@@ -890,6 +922,8 @@ impl Store {
         } else {
             let why = if update.max_reactions.is_some() && updated.max_reactions > ticket.max_reactions {
                 format!("reactions raised to {}", updated.max_reactions)
+            } else if update.guardian.is_some() && update.max_cost_usd.is_none() {
+                "the guardian's settings changed".to_owned()
             } else {
                 match updated.max_cost_usd {
                     Some(max) => format!("budget raised to ${max:.2}"),
@@ -982,6 +1016,8 @@ pub struct TicketUpdate {
     pub labels: Option<Value>,
     pub max_cost_usd: Option<Option<f64>>,
     pub max_reactions: Option<i32>,
+    /// The guardian's thresholds, in place of the ticket's (all of them).
+    pub guardian: Option<omoi_domain::guardian::Overrides>,
 }
 
 /// Adds follow-up `task_id` to `ticket` (locked by the caller, not

@@ -66,6 +66,34 @@ impl Settings {
     }
 }
 
+/// A ticket's guardian settings from `NAME=VALUE` pairs (`--guardian`):
+/// the names of `GuardianSettings`; the service checks the ranges.
+pub fn given(pairs: &[String]) -> anyhow::Result<omoi_proto::ticket::GuardianSettings> {
+    let mut g = omoi_proto::ticket::GuardianSettings::default();
+    for pair in pairs {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--guardian {pair:?}: say NAME=VALUE"))?;
+        let bad = |e: &dyn std::fmt::Display| anyhow::anyhow!("--guardian {name}: {value:?} is not a number: {e}");
+        let int = || value.trim().parse::<i32>().map_err(|e| bad(&e));
+        let real = || value.trim().parse::<f64>().map_err(|e| bad(&e));
+        match name.trim() {
+            "repeat" => g.repeat = Some(int()?),
+            "stall_seconds" => g.stall_seconds = Some(int()?),
+            "spend_per_minute_usd" => g.spend_per_minute_usd = Some(real()?),
+            "max_turns" => g.max_turns = Some(int()?),
+            "budget_share" => g.budget_share = Some(real()?),
+            "nudges" => g.nudges = Some(int()?),
+            "review_seconds" => g.review_seconds = Some(int()?),
+            other => anyhow::bail!(
+                "--guardian {other:?}: not a threshold; name repeat, stall_seconds, spend_per_minute_usd, \
+                 max_turns, budget_share, nudges or review_seconds"
+            ),
+        }
+    }
+    Ok(g)
+}
+
 /// One attempt's events, in order.
 type Attempts = BTreeMap<(String, i32), Vec<AgentEvent>>;
 
@@ -175,6 +203,25 @@ fn read_event(line: &str) -> anyhow::Result<AgentEvent> {
 mod tests {
     use super::*;
     use omoi_proto::common::AgentEventKind;
+
+    #[test]
+    fn thresholds_are_given_by_name() {
+        let pairs = ["repeat=3", "budget_share=0", " review_seconds = 60"].map(String::from);
+        let g = given(&pairs).unwrap();
+        assert_eq!(
+            (g.repeat, g.budget_share, g.review_seconds),
+            (Some(3), Some(0.0), Some(60))
+        );
+        assert_eq!(g.nudges, None, "not given: the deployment's");
+        for (bad, says) in [
+            ("repeat", "NAME=VALUE"),
+            ("repeat=lots", "not a number"),
+            ("loops=3", "not a threshold"),
+        ] {
+            let e = given(&[bad.to_owned()]).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn an_exported_loop_replays_to_two_nudges_and_a_stop_with_the_tokens_it_saves() {

@@ -103,6 +103,11 @@ enum Command {
         /// the task. Needs --repository.
         #[arg(long = "check", value_name = "COMMAND", default_value = "")]
         check_command: String,
+        /// The ticket's own guardian thresholds, each `NAME=VALUE` (repeat,
+        /// stall_seconds, spend_per_minute_usd, max_turns, budget_share,
+        /// nudges, review_seconds).
+        #[arg(long = "guardian", value_name = "NAME=VALUE")]
+        guardian: Vec<String>,
     },
     /// Tickets waiting for a person: phases awaiting approval, with the
     /// work to approve, and paused tickets, with why.
@@ -128,9 +133,10 @@ enum Command {
     },
     /// Print a ticket and its tasks.
     Get { ticket_id: String },
-    /// Change a ticket's budget, priority or reaction cap (a PAUSED ticket
-    /// whose budget is raised above what it spent, or whose cap above the
-    /// reactions it used, goes on).
+    /// Change a ticket's budget, priority, reaction cap or guardian
+    /// thresholds (a PAUSED ticket whose budget is raised above what it
+    /// spent, whose cap above the reactions it used, or that the guardian
+    /// paused and is given thresholds, goes on).
     Update {
         ticket_id: String,
         /// The new budget in USD.
@@ -145,6 +151,11 @@ enum Command {
         /// Most follow-ups the forge may start on its pull request.
         #[arg(long)]
         max_reactions: Option<i32>,
+        /// The ticket's guardian thresholds, all of them (those not given
+        /// take the deployment's), each `NAME=VALUE`; sends on a ticket the
+        /// guardian paused.
+        #[arg(long = "guardian", value_name = "NAME=VALUE")]
+        guardian: Vec<String>,
     },
     /// List tickets, newest first.
     #[command(visible_alias = "tickets")]
@@ -586,7 +597,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             plan: plan_file,
             approvals,
             check_command,
+            guardian,
         } => {
+            let guardian = (!guardian.is_empty()).then(|| guardian::given(&guardian)).transpose()?;
             let plan = plan_file.as_deref().map(plan::read).transpose()?.unwrap_or_default();
             let approvals = approvals
                 .iter()
@@ -604,6 +617,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     plan,
                     approvals,
                     check_command,
+                    guardian,
                     ..Default::default()
                 })
                 .await?
@@ -617,8 +631,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_budget,
             priority: p,
             max_reactions,
+            guardian: thresholds,
         } => {
             let mut paths = Vec::new();
+            let guardian = (!thresholds.is_empty())
+                .then(|| guardian::given(&thresholds))
+                .transpose()?;
+            if guardian.is_some() {
+                paths.push("guardian".to_owned());
+            }
             if budget.is_some() || no_budget {
                 paths.push("max_cost_usd".to_owned());
             }
@@ -631,7 +652,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             anyhow::ensure!(
                 !paths.is_empty(),
-                "say what to change: --budget, --no-budget, --priority or --max-reactions"
+                "say what to change: --budget, --no-budget, --priority, --max-reactions or --guardian"
             );
             let r = tickets(&cli.ticket_url, connector)?
                 .update_ticket(pb::UpdateTicketRequest {
@@ -640,6 +661,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         max_cost_usd: budget,
                         priority: priority.unwrap_or_default(),
                         max_reactions: max_reactions.unwrap_or_default(),
+                        guardian,
                         ..Default::default()
                     }),
                     update_mask: Some(prost_types::FieldMask { paths }),

@@ -212,7 +212,7 @@ pub fn update(req: pb::UpdateTicketRequest) -> ApiResult<(Uuid, TicketUpdate)> {
     if paths.is_empty() {
         return Err(ApiError::invalid(
             "update_mask",
-            "name at least one of priority, labels, max_cost_usd, max_reactions",
+            "name at least one of priority, labels, max_cost_usd, max_reactions, guardian",
         ));
     }
     let mut update = TicketUpdate::default();
@@ -232,9 +232,16 @@ pub fn update(req: pb::UpdateTicketRequest) -> ApiResult<(Uuid, TicketUpdate)> {
                     MAX_REACTIONS,
                 )?)
             }
+            "guardian" => {
+                update.guardian = Some(omoi_proto::domain::guardian_overrides(
+                    "ticket.guardian",
+                    given.guardian.as_ref(),
+                )?)
+            }
             other => {
-                let reason =
-                    format!("{other:?} cannot be updated; name priority, labels, max_cost_usd or max_reactions");
+                let reason = format!(
+                    "{other:?} cannot be updated; name priority, labels, max_cost_usd, max_reactions or guardian"
+                );
                 return Err(ApiError::invalid("update_mask", reason));
             }
         }

@@ -1,12 +1,13 @@
 //! Keeping each ticket in step with its tasks: a durable consumer of the
 //! task events moves the ticket's status, sums its usage and records its
-//! branch's head; a ticket whose budget is spent has its tasks held back.
+//! branch's head; a ticket whose budget is spent, or which the guardian
+//! paused, has its tasks held back until a person sends it on.
 
 use std::sync::Arc;
 
 use omoi_domain::ticket::{TaskOutcome, TicketStatus, event_starts};
 use omoi_domain::{Entity, Event};
-use omoi_store::tickets::TaskReport;
+use omoi_store::tickets::{GuardianPause, TaskReport};
 use tokio_util::sync::CancellationToken;
 
 use crate::tasks::TicketTasks;
@@ -48,7 +49,14 @@ pub async fn follow(
                     ),
                     _ => (None, None, None),
                 };
-                if envelope.ticket_id.is_none() || (!started && outcome.is_none() && usage.is_none() && !reopened) {
+                let guardian = match &envelope.event {
+                    Event::TaskGuardianIntervened(g) if g.action == "pause" => Some(GuardianPause::Paused(&g.reason)),
+                    Event::TaskStarted(_) => Some(GuardianPause::SentOn),
+                    _ => None,
+                };
+                if envelope.ticket_id.is_none()
+                    || (!started && outcome.is_none() && usage.is_none() && !reopened && guardian.is_none())
+                {
                     return Ok(());
                 }
                 let task_id = envelope.entity_id;
@@ -60,6 +68,7 @@ pub async fn follow(
                     head_commit,
                     summary,
                     result,
+                    guardian,
                 };
                 let applied = this
                     .store
@@ -71,7 +80,8 @@ pub async fn follow(
                 if applied.changed {
                     tracing::info!(ticket_id = %ticket.id, status = %ticket.status, "ticket status changed");
                 }
-                // Its budget is spent: the queue holds its tasks back. Said
+                // Its budget is spent, or the guardian paused it: the queue
+                // holds its tasks back. Said
                 // again on every event of a paused ticket (a redelivery
                 // included), so a crash between the two is made good.
                 if ticket.status == TicketStatus::Paused {

@@ -17,6 +17,8 @@ use omoi_tests::{Infra, TicketClient, client, file_ticket, wait_ticket};
 const WAIT: Duration = Duration::from_secs(90);
 const COMPLETED: i32 = 3;
 const FAILED: i32 = 4;
+const PAUSED: i32 = 6;
+const PENDING: i32 = 1;
 const RETRYABLE: i32 = 1;
 const PERMANENT: i32 = 2;
 const SECRET: &str = "sk-ant-test-do-not-leak";
@@ -248,6 +250,21 @@ async fn claude_code_works_a_ticket_streaming_its_events_and_cost() {
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (0..events.len() as i64).collect::<Vec<_>>());
     use AgentEventKind::*;
+    // What it spent so far, told (and priced from the table) as each model
+    // message began, then Claude Code's own account.
+    let told: Vec<(i32, bool)> = events
+        .iter()
+        .filter_map(|e| e.usage.as_ref())
+        .map(|u| (u.turns, u.cost_usd > 0.0))
+        .collect();
+    assert_eq!(told, [(1, true), (2, true), (3, true), (3, true)]);
+    let account = events.iter().rposition(|e| e.kind() == Usage).unwrap();
+    let events: Vec<AgentEvent> = events
+        .into_iter()
+        .enumerate()
+        .filter(|(i, e)| e.kind() != Usage || *i == account)
+        .map(|(_, e)| e)
+        .collect();
     assert_eq!(
         kinds(&events),
         [
@@ -893,6 +910,114 @@ async fn a_stalled_agent_is_stopped_at_the_tickets_stall_limit() {
         .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap())["signal"].to_string())
         .collect();
     assert_eq!(signals, ["\"stall\""]);
+    rig.stop().await;
+}
+
+/// A spend limit: Claude Code's usage is told as it runs (each message as
+/// it begins, priced from the table), so the guardian sees a looping
+/// attempt eat into the ticket's budget and, at a fifth of it, pauses the
+/// ticket for a person — PAUSED with the reason, its retry held — long
+/// before the budget is gone. A person sends it on with other thresholds;
+/// the retry starts afresh and is stopped as a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_limit_pauses_the_ticket_for_a_person_before_the_budget_is_gone() {
+    let mut rig = Rig::start().await;
+    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
+        .await;
+    let budget = 0.01;
+    let created = file_ticket(
+        &rig.tickets,
+        pb::CreateTicketRequest {
+            title: "outcome=loop".into(),
+            plan: vec![spec("outcome=loop", 2, vec![], 1)],
+            max_cost_usd: Some(budget),
+            guardian: Some(pb::GuardianSettings {
+                repeat: Some(1000),
+                budget_share: Some(0.2),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ticket_id = created.ticket.unwrap().id;
+    let paused = wait_ticket(&rig.tickets, &ticket_id, PAUSED).await;
+    let t = paused.ticket.as_ref().unwrap();
+    assert!(
+        t.paused_reason.starts_with("the guardian paused it: $") && t.paused_reason.contains("of the ticket's"),
+        "{}",
+        t.paused_reason
+    );
+    // Its retry waits for the person; the attempt's spending, priced as it
+    // ran, is on the ticket: past the fifth, far from the budget.
+    let (held, spent) = omoi_tests::eventually(WAIT, "the retry held, the attempt's usage on the ticket", || {
+        let tickets = rig.tickets.clone();
+        let id = ticket_id.clone();
+        async move {
+            let read = omoi_tests::read_ticket(&tickets, &id).await.ok()?;
+            let task = read.tasks.first().filter(|t| t.status == PENDING)?.clone();
+            Some((task, read.ticket?.usage.filter(|u| u.cost_usd > 0.0)?))
+        }
+    })
+    .await;
+    assert_eq!(held.attempt, 1);
+    assert!(held.error_message.contains("guardian: pause"), "{}", held.error_message);
+    assert!(
+        spent.cost_usd >= 0.2 * budget && spent.cost_usd < 0.5 * budget,
+        "{spent:?}"
+    );
+    assert!(
+        spent.cost_estimated,
+        "priced from the table: the run was stopped before its account"
+    );
+    eprintln!("paused at ${:.5} of the ticket's ${budget}: {spent:?}", spent.cost_usd);
+    // The person's inbox says why; they send it on with thresholds of
+    // their own.
+    let omoi = |args: &[&str]| {
+        let out = std::process::Command::new(omoi_tests::process::binary("omoi"))
+            .args(["--ticket-url", &rig.mesh.ticket.url])
+            .args(args)
+            .env_remove("OMOI_AUTH_TOKEN")
+            .output()
+            .expect("omoi runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let inbox = omoi(&["inbox"]);
+    assert!(
+        inbox.contains(&ticket_id) && inbox.contains("paused: the guardian paused it"),
+        "{inbox}"
+    );
+    let mut update = vec!["update", ticket_id.as_str()];
+    for t in ["repeat=3", "nudges=0", "budget_share=0"] {
+        update.extend(["--guardian", t]);
+    }
+    omoi(&update);
+    let failed = wait_ticket(&rig.tickets, &ticket_id, FAILED).await;
+    let task = &failed.tasks[0];
+    assert_eq!(task.attempt, 2, "{}", task.error_message);
+    let history = omoi_tests::ticket_history(&rig.tickets, &ticket_id).await;
+    let stepped: Vec<(i64, String, String)> = history
+        .iter()
+        .filter(|e| e.event_type == "TASK_GUARDIAN_INTERVENED")
+        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
+        .map(|e| {
+            (
+                e["attempt"].as_i64().unwrap(),
+                e["signal"].as_str().unwrap().to_owned(),
+                e["action"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        stepped[0],
+        (1, "budget_share".to_owned(), "pause".to_owned()),
+        "{stepped:?}"
+    );
+    assert_eq!(stepped.len(), 2, "{stepped:?}");
+    assert_eq!((stepped[1].0, stepped[1].2.as_str()), (2, "stop"), "{stepped:?}");
+    let paused_events = history.iter().filter(|e| e.event_type == "TICKET_PAUSED").count();
+    assert_eq!(paused_events, 1);
     rig.stop().await;
 }
 

@@ -187,18 +187,7 @@ impl AgentStream for ClaudeStream {
         if let Some(c) = &self.closing {
             return Some(c.usage.clone());
         }
-        if self.messages.is_empty() {
-            return None;
-        }
-        let mut sum = Usage {
-            model: self.model.clone(),
-            turns: i32::try_from(self.messages.len()).unwrap_or(i32::MAX),
-            ..Default::default()
-        };
-        for u in self.messages.values() {
-            add_tokens(&mut sum, u);
-        }
-        Some(sum)
+        self.so_far()
     }
 
     /// How the run ended, as the agent tells it; None leaves it to the exit
@@ -329,14 +318,36 @@ impl ClaudeStream {
         }
     }
 
+    /// The sum of the messages seen so far (their tokens as each message
+    /// began: no cost, and output counted low until the result line).
+    fn so_far(&self) -> Option<Usage> {
+        if self.messages.is_empty() {
+            return None;
+        }
+        let mut sum = Usage {
+            model: self.model.clone(),
+            turns: i32::try_from(self.messages.len()).unwrap_or(i32::MAX),
+            ..Default::default()
+        };
+        for u in self.messages.values() {
+            add_tokens(&mut sum, u);
+        }
+        Some(sum)
+    }
+
     fn assistant(&mut self, v: &Value) -> Vec<AgentEvent> {
         let message = &v["message"];
+        let mut out = Vec::new();
         if let (Some(id), Some(u)) = (message.get("id").and_then(Value::as_str), message.get("usage")) {
             let mut usage = token_usage(u);
             usage.model = str_at(message, "model").to_owned();
-            self.messages.insert(id.to_owned(), usage);
+            // A new message: what the run spent so far, told as it runs
+            // (the guardian's spending signals read it) where the CLI
+            // tells its own account only at the end.
+            if self.messages.insert(id.to_owned(), usage).is_none() {
+                out.extend(self.so_far().map(|u| events::usage(&u)));
+            }
         }
-        let mut out = Vec::new();
         for block in blocks(message) {
             match str_at(block, "type") {
                 "text" => out.push(event(AgentEventKind::Message, str_at(block, "text"))),
@@ -496,13 +507,24 @@ mod tests {
     #[test]
     fn a_recorded_run_reads_as_events_usage_and_success() {
         use AgentEventKind::*;
-        let (s, events) = read(RECORDED);
+        let (s, all) = read(RECORDED);
         assert_eq!(s.session_id(), Some("s1"));
+        // What it spent so far as each message began (msg_1's two parts
+        // told once), then the result line's account.
+        let told: Vec<(i64, i32)> = all
+            .iter()
+            .filter_map(|e| e.usage.as_ref())
+            .map(|u| (u.input_tokens, u.turns))
+            .collect();
+        assert_eq!(told, [(100, 1), (200, 2), (300, 3), (400, 4), (200, 4)]);
+        assert_eq!(kinds(&all[all.len() - 2..]), [Usage, Result]);
+        let account = all[all.len() - 2].usage.clone();
+        let events: Vec<AgentEvent> = all.into_iter().filter(|e| e.kind() != Usage).collect();
         assert_eq!(
             kinds(&events),
             [
                 Message, ToolCall, ToolResult, FileChange, Thinking, ToolCall, ToolResult, Command, ToolCall, Plan,
-                Message, Usage, Result
+                Message, Result
             ]
         );
         let write = &events[1];
@@ -525,7 +547,7 @@ mod tests {
         assert_eq!((usage.cost_usd, usage.turns, usage.duration_ms), (0.002187, 4, 194));
         assert_eq!(usage.model, "claude-sonnet-4-5");
         assert!(!usage.cost_estimated);
-        assert_eq!(events[11].usage.as_ref(), Some(&usage));
+        assert_eq!(account, Some(usage));
         assert_eq!(
             s.verdict(Some(0)),
             Some(Verdict::Succeeded {

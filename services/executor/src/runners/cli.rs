@@ -118,7 +118,16 @@ impl<C: Cli> Runner for CliRunner<C> {
             spawn,
             out,
             &mut |line| {
-                for e in stream.line(&line) {
+                for mut e in stream.line(&line) {
+                    // Usage told as the agent runs, without its cost: the
+                    // price table's estimate, as for the run's account.
+                    if let Some(u) = e.usage.as_mut()
+                        && u.cost_usd == 0.0
+                        && !u.cost_estimated
+                        && u.input_tokens + u.output_tokens > 0
+                    {
+                        self.prices.estimate(u);
+                    }
                     out.emit(e);
                 }
                 if let Some(id) = stream.session_id().filter(|id| session_id_ok(id)) {
@@ -162,8 +171,11 @@ impl<C: Cli> Runner for CliRunner<C> {
                 from_proxy = true;
             }
         }
+        // Its cost, where the agent told none: a CLI that never does, the
+        // proxy's count, or a run stopped before its account (Claude Code's
+        // messages so far).
         if let Some(usage) = outcome.usage.as_mut()
-            && (!C::REPORTS_COST || from_proxy)
+            && (!C::REPORTS_COST || from_proxy || (usage.cost_usd == 0.0 && !usage.cost_estimated))
             && !self.prices.estimate(usage)
         {
             out.line(

@@ -290,6 +290,7 @@ impl Worker {
                     // What the stopped run did after the trip is not held
                     // against the resumed one.
                     guarding.seen = run.last_seq();
+                    guarding.watch.next_run();
                 }
                 _ => break outcome,
             }
