@@ -373,8 +373,28 @@ function facts(pairs) {
   return h("dl", { class: "facts" }, pairs.filter(([, v]) => v !== "" && v !== undefined && v !== null).map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
 }
 
+// A badge saying how often the guardian stepped into a task, and its last
+// intervention on hover.
+function guardianBadge(list) {
+  if (!list || !list.length) return "";
+  const last = list[list.length - 1];
+  return h("span", { class: "badge guardian", title: "guardian: " + last.action + " — " + last.reason },
+    "guardian ×" + list.length);
+}
+
+// Each intervention of the guardian on a task: its attempt, what it did,
+// the signal and why.
+function guardianFacts(list) {
+  if (!list || !list.length) return "";
+  return h("div", { id: "task-guardian" }, list.map((g) =>
+    h("div", { class: "intervention", "data-action": g.action, "data-signal": g.signal },
+      h("span", { class: "badge guardian" }, g.action), " attempt " + g.attempt + ", " + String(g.signal || "").replace(/_/g, " ") + ": " + g.reason)));
+}
+
 function eventLine(e) {
-  const kind = short(e.kind, "AGENT_EVENT_KIND_");
+  let kind = short(e.kind, "AGENT_EVENT_KIND_");
+  // What the guardian said on the run's output stands out.
+  if (kind === "output" && /^guardian: /.test(e.text || "")) kind = "guardian";
   const parts = [];
   if (e.tool) parts.push(e.tool);
   if (e.path) parts.push(e.path);
@@ -510,6 +530,14 @@ function sessionFacts(t, showTask) {
 
 function ticketPage(root, id) {
   let selected = null, ticket = null, tasks = [], reactions = [];
+  // The guardian's interventions on each task (TASK_GUARDIAN_INTERVENED of
+  // the ticket's events), by task id, each once.
+  const interventions = new Map(), heard = new Set();
+  const noteIntervention = (e) => {
+    if (!e || e.eventType !== "TASK_GUARDIAN_INTERVENED" || heard.has(e.id)) return;
+    heard.add(e.id);
+    interventions.set(e.entityId, (interventions.get(e.entityId) || []).concat([e.payload || {}]));
+  };
   let stopOutput = () => {};
   let outputFor = null, endedAttempt = null;
   const header = h("div");
@@ -590,6 +618,7 @@ function ticketPage(root, id) {
       ["commit", g.commit ? g.commit.slice(0, 12) + " (+" + g.insertions + " −" + g.deletions + ", " + g.filesChanged + " files)" : ""],
       ["session", t.session ? sessionFacts(t, showTask) : ""],
       ["check", checkFacts(t)],
+      ["guardian", guardianFacts(interventions.get(t.id))],
       ["error", t.errorMessage || ""],
     ]));
     // The change its attempt committed, once (it stays as it is).
@@ -676,7 +705,7 @@ function ticketPage(root, id) {
       h("tr", {}, ["task", "phase", "status", "attempt", "agent", "elapsed", "usage", "commit"].map((c) => h("th", {}, c))),
       tasks.map((t) => h("tr", { class: "clickable" + (t.id === selected ? " selected" : ""), "data-task": t.id, onclick: () => showTask(t.id) },
         h("td", {}, t.title), h("td", {}, phaseName(t.phase)),
-        h("td", {}, h("span", { class: "badge s-" + taskStatus(t) }, label(taskStatus(t)))),
+        h("td", {}, h("span", { class: "badge s-" + taskStatus(t) }, label(taskStatus(t))), guardianBadge(interventions.get(t.id))),
         h("td", {}, t.attempt), h("td", { class: "muted" }, (t.assignedAgentId || "").slice(0, 8)),
         h("td", {}, elapsed(t)), h("td", {}, [tokens(t.usage), usd(t.usage)].filter(Boolean).join(" · ")),
         h("td", {}, t.git && t.git.commit ? t.git.commit.slice(0, 10) : "")))),
@@ -720,7 +749,8 @@ function ticketPage(root, id) {
   // is watched again.
   let stopWatch = null;
   const watch = () => {
-    stopWatch = stream("/v1/tickets/" + encodeURIComponent(id) + ":watch", reload, () => { stopWatch = null; reload(); });
+    stopWatch = stream("/v1/tickets/" + encodeURIComponent(id) + ":watch", (e) => { noteIntervention(e); reload(); },
+      () => { stopWatch = null; reload(); });
   };
   watched = () => { if (!stopWatch && ticket && !FINAL.has(ticketStatus(ticket))) watch(); };
   watch();

@@ -387,12 +387,21 @@ async fn malformed_requests_get_proper_statuses_and_change_nothing() {
                             priority: rng.int(),
                             labels: [(rng.text(), rng.text())].into(),
                             max_cost_usd: Some(f64::from(rng.int()) / 3.0),
+                            guardian: Some(pb::GuardianSettings {
+                                repeat: Some(rng.int()),
+                                budget_share: Some(f64::from(rng.int()) / 7.0),
+                                review_seconds: Some(rng.int()),
+                                ..Default::default()
+                            }),
                             ..Default::default()
                         })
                     },
                     update_mask: Some(prost_types::FieldMask {
                         paths: (0..rng.next() % 3)
-                            .map(|_| rng.pick(&["priority", "labels", "max_cost_usd", "title"]).to_string())
+                            .map(|_| {
+                                rng.pick(&["priority", "labels", "max_cost_usd", "guardian", "title"])
+                                    .to_string()
+                            })
                             .collect(),
                     }),
                 })

@@ -207,3 +207,65 @@ async fn a_person_compares_a_steps_candidates_side_by_side() {
     infra.cleanup().await.unwrap();
     let _ = std::fs::remove_dir_all(bare.parent().unwrap());
 }
+
+/// The guardian's interventions in the console: real Claude Code against
+/// the stand-in that loops, nudged and stopped in each of two attempts;
+/// the ticket's page badges the task and lists the four interventions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_sees_where_the_guardian_stepped_in() {
+    use omoi_tests::model_api::{Cli, ModelApi};
+    let infra = Infra::new().await.unwrap();
+    let api = ModelApi::start().await.unwrap();
+    let home = std::env::temp_dir().join(format!("omoi-agent-home-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&home).unwrap();
+    let mut mesh = ProcessMesh::start(
+        &infra,
+        Options {
+            executors: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut env = api.executor_env(Cli::Claude, &home, "sk-ant-browser-guardian");
+    env.push(("OMOI_GUARDIAN_REPEAT_THRESHOLD".to_owned(), "3".to_owned()));
+    mesh.add_executor(&infra, &env).await.unwrap();
+    let tickets = mesh.tickets();
+    let created = tickets
+        .clone()
+        .create_ticket(pb::CreateTicketRequest {
+            title: "outcome=loop".into(),
+            plan: vec![pb::TaskSpec {
+                title: "outcome=loop".into(),
+                phase: Phase::Implementation as i32,
+                max_retries: Some(1),
+                ..Default::default()
+            }],
+            guardian: Some(pb::GuardianSettings {
+                nudges: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.ticket.as_ref().unwrap().id.clone();
+    let failed = wait_ticket(&tickets, &id, TicketStatus::Failed as i32).await;
+    let console = console(&mesh, None).await;
+    omoi_tests::browser::run(
+        "guardian.py",
+        &[
+            ("OMOI_CONSOLE_URL", &console.url),
+            ("OMOI_TICKET", &id),
+            ("OMOI_TASK", &failed.tasks[0].id),
+        ],
+        &["interventions_on_the_task"],
+        Duration::from_secs(120),
+    )
+    .await;
+    console.stop().await;
+    mesh.stop().await.unwrap();
+    infra.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(home);
+}

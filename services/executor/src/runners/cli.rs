@@ -121,12 +121,13 @@ impl<C: Cli> Runner for CliRunner<C> {
                 for mut e in stream.line(&line) {
                     // Usage told as the agent runs, without its cost: the
                     // price table's estimate, as for the run's account.
-                    if let Some(u) = e.usage.as_mut()
+                    if let Some(mut u) = e.usage.clone()
                         && u.cost_usd == 0.0
                         && !u.cost_estimated
                         && u.input_tokens + u.output_tokens > 0
+                        && self.prices.estimate(&mut u)
                     {
-                        self.prices.estimate(u);
+                        e = crate::events::usage(&u);
                     }
                     out.emit(e);
                 }
