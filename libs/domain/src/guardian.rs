@@ -480,7 +480,13 @@ impl Watch {
             }
             Kind::ToolResult if e.is_error => out.extend(self.error(e, evidence.clone())),
             Kind::Error => out.extend(self.error(e, evidence.clone())),
-            Kind::FileChange => self.progressed(e.at_ms),
+            Kind::FileChange => {
+                self.progressed(e.at_ms);
+                // The same call after a change is the next step, not a
+                // repeat (tests run after each edit); the same error after
+                // a change still counts (edits that fail the same way).
+                self.calls.clear();
+            }
             Kind::Usage => {
                 if let Some(u) = e.usage {
                     let c = self.carried;
@@ -767,6 +773,51 @@ mod tests {
             }
         }
         assert_eq!(actions, [Action::Nudge, Action::Nudge, Action::Stop]);
+    }
+
+    #[test]
+    fn a_steady_worker_running_its_tests_after_each_edit_never_trips() {
+        // Edit, test, edit, test…, for an hour, every test run passing.
+        let mut w = Watch::new(Thresholds::default(), None);
+        for i in 0..120 {
+            let edit = Observed {
+                kind: Kind::FileChange,
+                ..call(3 * i, 30 * i, "src/lib.rs")
+            };
+            assert!(w.observe(&edit).is_empty());
+            assert!(
+                w.observe(&call(3 * i + 1, 30 * i + 10, "cargo test")).is_empty(),
+                "run {i}"
+            );
+            let passed = Observed {
+                kind: Kind::ToolResult,
+                ..call(3 * i + 2, 30 * i + 20, "test result: ok. 12 passed")
+            };
+            assert!(w.observe(&passed).is_empty());
+        }
+        // Edits that fail the same way each time are going in circles.
+        let mut w = Watch::new(Thresholds::default(), None);
+        let mut trips = Vec::new();
+        for i in 0..5 {
+            let edit = Observed {
+                kind: Kind::FileChange,
+                ..call(3 * i, 30 * i, "src/lib.rs")
+            };
+            trips.extend(w.observe(&edit));
+            trips.extend(w.observe(&call(3 * i + 1, 30 * i + 10, "cargo test")));
+            let failed = Observed {
+                kind: Kind::ToolResult,
+                is_error: true,
+                ..call(
+                    3 * i + 2,
+                    30 * i + 20,
+                    "error[E0308]: mismatched types at src/lib.rs:12",
+                )
+            };
+            trips.extend(w.observe(&failed));
+        }
+        let signals: Vec<Signal> = trips.iter().map(|t| t.signal).collect();
+        assert_eq!(signals, [Signal::RepeatedError]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use futures::StreamExt;
 use omoi_domain::guardian::{Action, Overrides, Thresholds, Watch};
 use omoi_domain::usage::Usage;
-use omoi_proto::common::AgentEvent;
+use omoi_proto::common::{AgentEvent, OutputStream};
 use omoi_proto::taskqueue as tq;
 use prost_reflect::DynamicMessage;
 
@@ -167,6 +167,10 @@ fn watch(events: &[AgentEvent], thresholds: Thresholds, budget_usd: Option<f64>)
         cost_usd: 0.0,
     };
     for e in events {
+        // A nudge recorded: the agent's next run tells its usage afresh.
+        if e.stream() == OutputStream::System && e.text.starts_with("guardian: nudge — ") {
+            w.next_run();
+        }
         let usage = e.usage.clone().map(Usage::from);
         let observed = omoi_proto::domain::observed(e, usage.as_ref());
         for trip in w.observe(&observed) {
@@ -174,14 +178,9 @@ fn watch(events: &[AgentEvent], thresholds: Thresholds, budget_usd: Option<f64>)
             if action == Action::Stop && out.stopped_at.is_none() {
                 out.stopped_at = Some((trip.seq, w.tokens()));
             }
-            let seqs: Vec<String> = trip.evidence.iter().map(|e| e.seq.to_string()).collect();
-            out.trips.push((
-                trip.seq,
-                trip.signal.as_str(),
-                action.as_str(),
-                trip.reason,
-                seqs.join(", "),
-            ));
+            let evidence = trip.events();
+            out.trips
+                .push((trip.seq, trip.signal.as_str(), action.as_str(), trip.reason, evidence));
         }
     }
     out.tokens = w.tokens();

@@ -1021,6 +1021,108 @@ async fn a_spend_limit_pauses_the_ticket_for_a_person_before_the_budget_is_gone(
     rig.stop().await;
 }
 
+/// The defaults, measured: each real CLI's steady run (Claude Code, Codex,
+/// Gemini CLI writing a file) and an unguarded Claude Code loop are
+/// replayed with `omoi guardian-replay` (by task from the queue, and from
+/// a file `omoi logs --output json` exported); at the defaults no steady
+/// run trips, and the loop would have been stopped, most of its tokens
+/// saved. The sweep of the repeat threshold is printed for the docs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guardians_defaults_replayed_over_steady_runs_and_a_loop() {
+    let mut rig = Rig::start().await;
+    for cli in [Cli::Claude, Cli::Codex, Cli::Gemini] {
+        rig.executor(&rig.api.executor_env(cli, &rig.home, SECRET)).await;
+    }
+    let on = |runner: &str, title: &str, timeout: i32| pb::TaskSpec {
+        title: title.to_owned(),
+        phase: 2,
+        max_retries: Some(0),
+        timeout_seconds: timeout,
+        requires: [("runner".to_owned(), runner.to_owned())].into(),
+        ..Default::default()
+    };
+    let mut steady = Vec::new();
+    for runner in ["claude-code", "codex", "gemini"] {
+        let created = file(&rig.tickets, "steady", vec![on(runner, "write hello.txt", 0)]).await;
+        wait_ticket(&rig.tickets, &created.ticket.unwrap().id, COMPLETED).await;
+        steady.push(created.tasks[0].id.clone());
+    }
+    // The loop, its guardian off, until its task's 8-second timeout.
+    let unguarded = file_ticket(
+        &rig.tickets,
+        pb::CreateTicketRequest {
+            title: "outcome=loop".into(),
+            plan: vec![on("claude-code", "outcome=loop", 8)],
+            guardian: Some(pb::GuardianSettings {
+                repeat: Some(1000),
+                stall_seconds: Some(0),
+                spend_per_minute_usd: Some(0.0),
+                budget_share: Some(0.0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_ticket(&rig.tickets, &unguarded.ticket.unwrap().id, FAILED).await;
+    let looped = unguarded.tasks[0].id.clone();
+
+    let omoi = |args: &[&str]| {
+        let out = std::process::Command::new(omoi_tests::process::binary("omoi"))
+            .args(["--task-queue-url", &rig.mesh.task_queue.url])
+            .args(args)
+            .env_remove("OMOI_AUTH_TOKEN")
+            .output()
+            .expect("omoi runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let export = std::env::temp_dir().join(format!("omoi-loop-{}.jsonl", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&export, omoi(&["--output", "json", "logs", &looped])).unwrap();
+    let export = export.display().to_string();
+
+    // The defaults: the steady runs never trip; the loop is stopped.
+    let mut args = vec!["guardian-replay"];
+    args.extend(steady.iter().map(String::as_str));
+    let replayed = omoi(&args);
+    assert!(
+        replayed.ends_with("0 attempts nudged, 0 stopped, 0 paused; 0 tokens saved by stopping\n"),
+        "{replayed}"
+    );
+    assert!(!replayed.contains("  #"), "no trip: {replayed}");
+    let tokens = |text: &str| -> (i64, i64) {
+        let total = text
+            .lines()
+            .find_map(|l| l.split(" events, ").nth(1)?.split(" tokens").next()?.parse().ok())
+            .unwrap();
+        let saved = text
+            .lines()
+            .last()
+            .and_then(|l| l.split("; ").nth(1)?.split(' ').next()?.parse().ok())
+            .unwrap();
+        (total, saved)
+    };
+    let defaults = omoi(&["guardian-replay", "--file", &export]);
+    assert!(defaults.contains("1 stopped"), "{defaults}");
+    let (total, saved) = tokens(&defaults);
+    assert!(saved * 10 > total * 9, "stopping saves most of it: {defaults}");
+    // The same from the queue as from the export.
+    assert_eq!(tokens(&omoi(&["guardian-replay", &looped])), (total, saved));
+    for repeat in ["2", "3", "5", "8"] {
+        let on_loop = omoi(&["guardian-replay", "--file", &export, "--repeat", repeat]);
+        let mut args = vec!["guardian-replay", "--repeat", repeat];
+        args.extend(steady.iter().map(String::as_str));
+        let trips = omoi(&args).matches("\n  #").count();
+        let (total, saved) = tokens(&on_loop);
+        eprintln!(
+            "repeat {repeat}: steady runs trip {trips} times; the loop ({total} tokens) stopped with {saved} tokens ({:.1}%) unspent",
+            100.0 * saved as f64 / total as f64
+        );
+    }
+    let _ = std::fs::remove_file(&export);
+    rig.stop().await;
+}
+
 /// The optional reviewer: every two seconds the executor's agent, in a
 /// session of its own, is shown the task and the attempt's recent events
 /// and asked whether it progresses; the stand-in finds the looping agent
