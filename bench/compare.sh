@@ -3,8 +3,11 @@
 # omoi-bench (enqueue over gRPC, dispatch over WatchAssignments, StartTask,
 # CompleteTask, four events per task on JetStream) and graphile-worker
 # (pinned in bench/peer, local queue and batched completion), each on a
-# fresh database; then omoi paced at 1,000 tasks/s for its dispatch latency.
-# Prints both figures and the ratio.
+# fresh database; Temporal, the durable-execution peer (its dev server on a
+# SQLite file in WAL mode with full sync, a Python SDK worker running no-op
+# activities: bench/temporal, pinned in its requirements.txt); then omoi
+# paced at 1,000 tasks/s for its dispatch latency. Prints the figures and
+# both ratios.
 #
 #   bash bench/compare.sh [--tasks N] [--runs K]
 #
@@ -35,6 +38,12 @@ cargo build --release --locked -q -p omoi-bench --bin omoi-bench
 if ! cmp -s bench/peer/package-lock.json bench/peer/node_modules/.omoi-installed 2>/dev/null; then
     (cd bench/peer && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.omoi-installed)
 fi
+temporal_venv=bench/temporal/.venv
+if ! cmp -s bench/temporal/requirements.txt "$temporal_venv/.omoi-installed" 2>/dev/null; then
+    python3 -m venv "$temporal_venv"
+    "$temporal_venv/bin/pip" install -q -r bench/temporal/requirements.txt
+    cp bench/temporal/requirements.txt "$temporal_venv/.omoi-installed"
+fi
 
 # A fresh database on the server for one run; its URL.
 fresh() {
@@ -53,6 +62,10 @@ for run in $(seq 1 "$runs"); do
     url=$(fresh peer)
     peer=$(DATABASE_URL="$url" node bench/peer/run.mjs "$tasks" | grep "^{")
     drop "$url"
+    # At most 2,000 activities: past a few hundred a workflow, its history's
+    # replays slow it (20,000 took 7 minutes, at 49 activities/s).
+    temporal=$(PATH="$PWD/$temporal_venv/bin:$PATH" "$temporal_venv/bin/python" bench/temporal/run.py \
+        "$(( tasks < 2000 ? tasks : 2000 ))" 2>/dev/null | grep "^{")
     url=$(fresh paced)
     paced=$(DATABASE_URL="$url" OMOI_EVENTS_STREAM="OMOI_BENCH_$$" OMOI_SUBJECT_PREFIX="omoibench$$" RUST_LOG=warn \
         target/release/omoi-bench --spawn --drop-stream --json --tasks 10000 --agents 8 --rate 1000 | grep "^{")
@@ -63,5 +76,8 @@ for run in $(seq 1 "$runs"); do
     echo "  omoi            $ours tasks/s end to end (enqueue $(field enqueue_tasks_per_s <<<"$omoi")/s; $(field events_published <<<"$omoi") events)"
     echo "  graphile-worker $theirs jobs/s end to end (enqueue $(field enqueue_jobs_per_s <<<"$peer")/s)"
     python3 -c "import sys; print(f'  ratio           {float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$ours" "$theirs"
+    fanned=$(field fan_out_activities_per_s <<<"$temporal")
+    echo "  temporal        $fanned activities/s fanned out from 4 workflows ($(field fan_out_activities <<<"$temporal") activities), $(field one_activity_workflows_per_s <<<"$temporal") one-activity workflows/s; $(field store <<<"$temporal")"
+    python3 -c "import sys; print(f'  ratio           {float(sys.argv[1]) / float(sys.argv[2]):.1f}x temporal (tasks/s over fanned-out activities/s)')" "$ours" "$fanned"
     echo "  paced 1000/s    enqueue $(field enqueue_tasks_per_s <<<"$paced")/s, dispatch p50 $(field dispatch_p50_ms <<<"$paced") ms, p90 $(field dispatch_p90_ms <<<"$paced") ms, p99 $(field dispatch_p99_ms <<<"$paced") ms"
 done
