@@ -239,6 +239,16 @@ pub async fn read_ticket(c: &TicketClient, id: &str) -> Result<omoi_proto::ticke
     Ok(c.clone().get_ticket(req).await?.into_inner())
 }
 
+/// The payloads of the ticket's TASK_GUARDIAN_INTERVENED events, in order.
+pub async fn interventions(c: &TicketClient, id: &str) -> Vec<serde_json::Value> {
+    ticket_history(c, id)
+        .await
+        .iter()
+        .filter(|e| e.event_type == "TASK_GUARDIAN_INTERVENED")
+        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().expect("a payload")))
+        .collect()
+}
+
 /// Every event of a final ticket, its tasks' included (WatchTicket's
 /// history, which ends with the ticket).
 pub async fn ticket_history(c: &TicketClient, id: &str) -> Vec<omoi_proto::events::Event> {

@@ -291,6 +291,51 @@ pub fn none_chosen(choice: &Choice) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_person_may_land_a_completed_kept_candidate_not_on_the_branch_once_the_step_chose() {
+        use crate::TaskStatus::*;
+        let chooser = Uuid::nil();
+        let step = StepNow {
+            chooser,
+            chooser_status: Completed,
+            under_way: None,
+            candidates: vec![(1, Completed, true), (2, Completed, true), (3, Failed, false)],
+            landed: Some(2),
+        };
+        assert_eq!(may_land(&step, 1), Ok(()));
+        let refused = |s: &StepNow, i: i32| may_land(s, i).unwrap_err();
+        assert!(refused(&step, 2).ends_with("is the one on the branch"));
+        assert!(refused(&step, 3).contains("nothing of it to land"));
+        assert!(refused(&step, 4).starts_with("candidate: task"));
+        assert!(
+            refused(
+                &StepNow {
+                    chooser_status: Running,
+                    ..step.clone()
+                },
+                1
+            )
+            .contains("has not chosen yet (running)")
+        );
+        let busy = StepNow {
+            under_way: Some(chooser),
+            ..step.clone()
+        };
+        assert!(refused(&busy, 1).contains("under way"));
+        // A step no candidate could land can still get one a person picks.
+        assert_eq!(
+            may_land(
+                &StepNow {
+                    chooser_status: Failed,
+                    landed: None,
+                    ..step
+                },
+                2
+            ),
+            Ok(())
+        );
+    }
+
     fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
@@ -593,6 +638,59 @@ pub struct Seen {
     pub deletions: i32,
     pub chosen: bool,
     pub reason: String,
+}
+
+/// A best-of-N step as a person's choice of one of its candidates finds
+/// it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepNow {
+    pub chooser: Uuid,
+    /// How the choosing task ended, if it did.
+    pub chooser_status: crate::TaskStatus,
+    /// Another choice of the step still being landed.
+    pub under_way: Option<Uuid>,
+    /// Each candidate: its index, how it ended, whether it kept a commit.
+    pub candidates: Vec<(i32, crate::TaskStatus, bool)>,
+    /// The candidate whose work is on the branch.
+    pub landed: Option<i32>,
+}
+
+/// Whether a person may land candidate `index` of the step in place of the
+/// one on the branch; why not (a failed precondition, its field named)
+/// when they may not: the step chose (completed or failed: a step where no
+/// candidate could land can still get one a person picks), no other choice
+/// of it is under way, the candidate completed with a kept commit, and it
+/// is not the one on the branch.
+pub fn may_land(step: &StepNow, index: i32) -> Result<(), String> {
+    use crate::TaskStatus::{Completed, Failed};
+    if !matches!(step.chooser_status, Completed | Failed) {
+        return Err(format!(
+            "task_id: task {} has not chosen yet ({}); its choice comes first",
+            step.chooser,
+            step.chooser_status.as_str()
+        ));
+    }
+    if let Some(busy) = step.under_way {
+        return Err(format!(
+            "task_id: another choice of this step is under way (task {busy})"
+        ));
+    }
+    let Some((_, status, kept)) = step.candidates.iter().find(|(i, _, _)| *i == index) else {
+        return Err(format!(
+            "candidate: task {} has candidates 1 to {}",
+            step.chooser,
+            step.candidates.len()
+        ));
+    };
+    if *status != Completed || !kept {
+        return Err(format!(
+            "candidate: candidate {index} did not complete with a change: there is nothing of it to land"
+        ));
+    }
+    if step.landed == Some(index) {
+        return Err(format!("candidate: candidate {index} is the one on the branch"));
+    }
+    Ok(())
 }
 
 /// The title of the task that lands a person's choice of candidate

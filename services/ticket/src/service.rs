@@ -323,36 +323,28 @@ impl Tickets {
         let tasks = self.tasks.queue.list(ticket_id).await.map_err(queue_unavailable)?;
         let step = Step::of(&tasks, &chooser.id)
             .ok_or_else(|| precondition(format!("task_id: task {task_id} chooses among no candidates")))?;
-        let ended = TaskStatus::given(step.chooser.status).known();
-        if !matches!(ended, Some(TaskStatus::Completed | TaskStatus::Failed)) {
-            let status = ended.map_or("unknown", |s| s.as_str());
-            return Err(precondition(format!(
-                "task_id: task {task_id} has not chosen yet ({status}); its choice comes first"
-            )));
-        }
-        if let Some(busy) = step.under_way() {
-            return Err(precondition(format!(
-                "task_id: another choice of this step is under way (task {})",
-                busy.id
-            )));
-        }
-        let count = step.candidates.len();
+        let status =
+            |t: &omoi_proto::taskqueue::Task| TaskStatus::given(t.status).known().unwrap_or(TaskStatus::Pending);
+        let landed = step.landed().map(|(_, n)| n);
+        let now = omoi_domain::candidates::StepNow {
+            chooser: task_id,
+            chooser_status: status(step.chooser),
+            under_way: step.under_way().and_then(|t| t.id.parse().ok()),
+            candidates: step
+                .candidates
+                .iter()
+                .map(|c| {
+                    let result = c.result.as_ref().map(omoi_proto::convert::struct_to_json);
+                    let kept = !omoi_domain::candidates::Kept::of(result.as_ref()).commit.is_empty();
+                    (c.candidate, status(c), kept)
+                })
+                .collect(),
+            landed,
+        };
+        omoi_domain::candidates::may_land(&now, index).map_err(precondition)?;
         let candidate = step
             .candidate(index)
-            .ok_or_else(|| precondition(format!("candidate: task {task_id} has candidates 1 to {count}")))?;
-        let result = candidate.result.as_ref().map(omoi_proto::convert::struct_to_json);
-        let kept = omoi_domain::candidates::Kept::of(result.as_ref());
-        if TaskStatus::given(candidate.status).known() != Some(TaskStatus::Completed) || kept.commit.is_empty() {
-            return Err(precondition(format!(
-                "candidate: candidate {index} did not complete with a change: there is nothing of it to land"
-            )));
-        }
-        let landed = step.landed().map(|(_, n)| n);
-        if landed == Some(index) {
-            return Err(precondition(format!(
-                "candidate: candidate {index} is the one on the branch"
-            )));
-        }
+            .ok_or_else(|| Status::internal("the candidate may_land found is gone"))?;
         let message = omoi_domain::candidates::choice_description(landed, by, &comment);
         let mut planned = follow_up_task(&t, step.chooser, &message);
         planned.title = omoi_domain::candidates::choice_title(index, &step.chooser.title);

@@ -41,6 +41,31 @@ fn spec(title: &str, phase: i32, depends_on: Vec<i32>, max_retries: i32) -> pb::
     }
 }
 
+/// A ticket of one task the stand-in answers by looping (the same failing
+/// command every turn), under `guardian`.
+fn looping(guardian: pb::GuardianSettings, max_retries: i32) -> pb::CreateTicketRequest {
+    pb::CreateTicketRequest {
+        title: "outcome=loop".into(),
+        plan: vec![spec("outcome=loop", 2, vec![], max_retries)],
+        guardian: Some(guardian),
+        ..Default::default()
+    }
+}
+
+/// Runs the `omoi` command line against `mesh`; its output, having
+/// succeeded.
+fn omoi_cli(mesh: &ProcessMesh, args: &[&str]) -> String {
+    let out = std::process::Command::new(omoi_tests::process::binary("omoi"))
+        .args(["--ticket-url", &mesh.ticket.url])
+        .args(["--task-queue-url", &mesh.task_queue.url])
+        .args(args)
+        .env_remove("OMOI_AUTH_TOKEN")
+        .output()
+        .expect("omoi runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 async fn file(c: &TicketClient, title: &str, plan: Vec<pb::TaskSpec>) -> pb::CreateTicketResponse {
     file_ticket(
         c,
@@ -780,12 +805,7 @@ async fn the_guardian_nudges_a_looping_agent_then_stops_it_with_the_evidence() {
     rig.executor(&env).await;
     // The ticket's own threshold over the deployment's two nudges; out of
     // range ones are refused by name.
-    let ticket = |guardian: pb::GuardianSettings| pb::CreateTicketRequest {
-        title: "outcome=loop".into(),
-        plan: vec![spec("outcome=loop", 2, vec![], 1)],
-        guardian: Some(guardian),
-        ..Default::default()
-    };
+    let ticket = |guardian: pb::GuardianSettings| looping(guardian, 1);
     for (bad, field) in [
         (
             pb::GuardianSettings {
@@ -830,12 +850,7 @@ async fn the_guardian_nudges_a_looping_agent_then_stops_it_with_the_evidence() {
     assert_eq!(task.attempt, 2, "{}", task.error_message);
     assert!(task.error_message.contains("guardian: stop"), "{}", task.error_message);
 
-    let history = omoi_tests::ticket_history(&rig.tickets, &task.ticket_id).await;
-    let stepped: Vec<serde_json::Value> = history
-        .iter()
-        .filter(|e| e.event_type == "TASK_GUARDIAN_INTERVENED")
-        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
-        .collect();
+    let stepped = omoi_tests::interventions(&rig.tickets, &task.ticket_id).await;
     let actions: Vec<(i64, &str)> = stepped
         .iter()
         .map(|e| (e["attempt"].as_i64().unwrap(), e["action"].as_str().unwrap()))
@@ -882,17 +897,15 @@ async fn a_stalled_agent_is_stopped_at_the_tickets_stall_limit() {
         .await;
     let created = file_ticket(
         &rig.tickets,
-        pb::CreateTicketRequest {
-            title: "outcome=loop".into(),
-            plan: vec![spec("outcome=loop", 2, vec![], 0)],
-            guardian: Some(pb::GuardianSettings {
+        looping(
+            pb::GuardianSettings {
                 repeat: Some(1000),
                 stall_seconds: Some(2),
                 nudges: Some(0),
                 ..Default::default()
-            }),
-            ..Default::default()
-        },
+            },
+            0,
+        ),
     )
     .await;
     let failed = wait_ticket(&rig.tickets, &created.ticket.unwrap().id, FAILED).await;
@@ -903,11 +916,10 @@ async fn a_stalled_agent_is_stopped_at_the_tickets_stall_limit() {
         "{}",
         task.error_message
     );
-    let history = omoi_tests::ticket_history(&rig.tickets, &task.ticket_id).await;
-    let signals: Vec<String> = history
+    let signals: Vec<String> = omoi_tests::interventions(&rig.tickets, &task.ticket_id)
+        .await
         .iter()
-        .filter(|e| e.event_type == "TASK_GUARDIAN_INTERVENED")
-        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap())["signal"].to_string())
+        .map(|e| e["signal"].to_string())
         .collect();
     assert_eq!(signals, ["\"stall\""]);
     rig.stop().await;
@@ -928,15 +940,15 @@ async fn a_spend_limit_pauses_the_ticket_for_a_person_before_the_budget_is_gone(
     let created = file_ticket(
         &rig.tickets,
         pb::CreateTicketRequest {
-            title: "outcome=loop".into(),
-            plan: vec![spec("outcome=loop", 2, vec![], 1)],
             max_cost_usd: Some(budget),
-            guardian: Some(pb::GuardianSettings {
-                repeat: Some(1000),
-                budget_share: Some(0.2),
-                ..Default::default()
-            }),
-            ..Default::default()
+            ..looping(
+                pb::GuardianSettings {
+                    repeat: Some(1000),
+                    budget_share: Some(0.2),
+                    ..Default::default()
+                },
+                1,
+            )
         },
     )
     .await;
@@ -973,16 +985,7 @@ async fn a_spend_limit_pauses_the_ticket_for_a_person_before_the_budget_is_gone(
     eprintln!("paused at ${:.5} of the ticket's ${budget}: {spent:?}", spent.cost_usd);
     // The person's inbox says why; they send it on with thresholds of
     // their own.
-    let omoi = |args: &[&str]| {
-        let out = std::process::Command::new(omoi_tests::process::binary("omoi"))
-            .args(["--ticket-url", &rig.mesh.ticket.url])
-            .args(args)
-            .env_remove("OMOI_AUTH_TOKEN")
-            .output()
-            .expect("omoi runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let omoi = |args: &[&str]| omoi_cli(&rig.mesh, args);
     let inbox = omoi(&["inbox"]);
     assert!(
         inbox.contains(&ticket_id) && inbox.contains("paused: the guardian paused it"),
@@ -997,10 +1000,9 @@ async fn a_spend_limit_pauses_the_ticket_for_a_person_before_the_budget_is_gone(
     let task = &failed.tasks[0];
     assert_eq!(task.attempt, 2, "{}", task.error_message);
     let history = omoi_tests::ticket_history(&rig.tickets, &ticket_id).await;
-    let stepped: Vec<(i64, String, String)> = history
-        .iter()
-        .filter(|e| e.event_type == "TASK_GUARDIAN_INTERVENED")
-        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
+    let stepped: Vec<(i64, String, String)> = omoi_tests::interventions(&rig.tickets, &ticket_id)
+        .await
+        .into_iter()
         .map(|e| {
             (
                 e["attempt"].as_i64().unwrap(),
@@ -1067,16 +1069,7 @@ async fn the_guardians_defaults_replayed_over_steady_runs_and_a_loop() {
     wait_ticket(&rig.tickets, &unguarded.ticket.unwrap().id, FAILED).await;
     let looped = unguarded.tasks[0].id.clone();
 
-    let omoi = |args: &[&str]| {
-        let out = std::process::Command::new(omoi_tests::process::binary("omoi"))
-            .args(["--task-queue-url", &rig.mesh.task_queue.url])
-            .args(args)
-            .env_remove("OMOI_AUTH_TOKEN")
-            .output()
-            .expect("omoi runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let omoi = |args: &[&str]| omoi_cli(&rig.mesh, args);
     let export = std::env::temp_dir().join(format!("omoi-loop-{}.jsonl", uuid::Uuid::new_v4().simple()));
     std::fs::write(&export, omoi(&["--output", "json", "logs", &looped])).unwrap();
     let export = export.display().to_string();
@@ -1135,30 +1128,23 @@ async fn the_reviewer_finds_a_looping_agent_not_progressing_and_the_guardian_act
         .await;
     let created = file_ticket(
         &rig.tickets,
-        pb::CreateTicketRequest {
-            title: "outcome=loop".into(),
-            plan: vec![spec("outcome=loop", 2, vec![], 0)],
-            guardian: Some(pb::GuardianSettings {
+        looping(
+            pb::GuardianSettings {
                 repeat: Some(1000),
                 stall_seconds: Some(0),
                 review_seconds: Some(2),
                 nudges: Some(1),
                 ..Default::default()
-            }),
-            ..Default::default()
-        },
+            },
+            0,
+        ),
     )
     .await;
     let failed = wait_ticket(&rig.tickets, &created.ticket.unwrap().id, FAILED).await;
     let task = &failed.tasks[0];
     assert!(task.error_message.contains("guardian: stop"), "{}", task.error_message);
     assert!(task.error_message.contains("write it first"), "{}", task.error_message);
-    let history = omoi_tests::ticket_history(&rig.tickets, &task.ticket_id).await;
-    let stepped: Vec<serde_json::Value> = history
-        .iter()
-        .filter(|e| e.event_type == "TASK_GUARDIAN_INTERVENED")
-        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
-        .collect();
+    let stepped = omoi_tests::interventions(&rig.tickets, &task.ticket_id).await;
     let said: Vec<(&str, &str)> = stepped
         .iter()
         .map(|e| (e["signal"].as_str().unwrap(), e["action"].as_str().unwrap()))

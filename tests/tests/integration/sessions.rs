@@ -486,12 +486,7 @@ async fn the_guardians_counts_outlive_a_killed_executor() {
         "the session resumed"
     );
 
-    let history = omoi_tests::ticket_history(&tickets, &task.ticket_id).await;
-    let stepped: Vec<Value> = history
-        .iter()
-        .filter(|e| e.event_type == "TASK_GUARDIAN_INTERVENED")
-        .map(|e| omoi_proto::convert::struct_to_json(e.payload.as_ref().unwrap()))
-        .collect();
+    let stepped = omoi_tests::interventions(&tickets, &task.ticket_id).await;
     assert_eq!(stepped.len(), 1, "{stepped:?}");
     let stop = &stepped[0];
     assert_eq!(
