@@ -172,6 +172,14 @@ impl Rig {
         }
     }
 
+    /// A mesh with one Claude Code executor.
+    async fn with_claude() -> Rig {
+        let mut rig = Rig::start().await;
+        rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
+            .await;
+        rig
+    }
+
     async fn executor(&mut self, env: &[(String, String)]) {
         self.mesh.add_executor(&self.infra, env).await.unwrap();
     }
@@ -414,9 +422,7 @@ async fn codex_works_a_ticket_with_an_estimated_cost_and_classified_failures() {
 /// task and in the events, and all of them count on the ticket's cost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_candidates_on_two_runners_and_the_one_passing_the_check_lands() {
-    let mut rig = Rig::start().await;
-    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
-        .await;
+    let mut rig = Rig::with_claude().await;
     rig.executor(&rig.api.executor_env(Cli::Codex, &rig.home, SECRET)).await;
     let (bare, main) = omoi_tests::repo::remote();
     let runner = |r: &str| pb::LabelSet {
@@ -709,9 +715,7 @@ async fn three_candidates_on_two_runners_and_the_one_passing_the_check_lands() {
 /// judge no registered agent can be is refused up front.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_judges_pick_among_passing_candidates_lands_with_its_reasons() {
-    let mut rig = Rig::start().await;
-    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
-        .await;
+    let mut rig = Rig::with_claude().await;
     rig.executor(&rig.api.executor_env(Cli::Codex, &rig.home, SECRET)).await;
     let (bare, _) = omoi_tests::repo::remote();
     let labels =
@@ -892,9 +896,7 @@ async fn the_guardian_nudges_a_looping_agent_then_stops_it_with_the_evidence() {
 /// no nudges allowed the attempt is stopped, the stall as its evidence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_agent_is_stopped_at_the_tickets_stall_limit() {
-    let mut rig = Rig::start().await;
-    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
-        .await;
+    let rig = Rig::with_claude().await;
     let created = file_ticket(
         &rig.tickets,
         looping(
@@ -933,9 +935,7 @@ async fn a_stalled_agent_is_stopped_at_the_tickets_stall_limit() {
 /// the retry starts afresh and is stopped as a loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spend_limit_pauses_the_ticket_for_a_person_before_the_budget_is_gone() {
-    let mut rig = Rig::start().await;
-    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
-        .await;
+    let rig = Rig::with_claude().await;
     let budget = 0.01;
     let created = file_ticket(
         &rig.tickets,
@@ -1123,9 +1123,7 @@ async fn the_guardians_defaults_replayed_over_steady_runs_and_a_loop() {
 /// then (one nudge allowed) stops the attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reviewer_finds_a_looping_agent_not_progressing_and_the_guardian_acts_on_it() {
-    let mut rig = Rig::start().await;
-    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
-        .await;
+    let rig = Rig::with_claude().await;
     let created = file_ticket(
         &rig.tickets,
         looping(
@@ -1187,9 +1185,7 @@ async fn the_reviewer_finds_a_looping_agent_not_progressing_and_the_guardian_act
 /// with the agent's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steady_worker_passes_its_review_and_pays_for_it() {
-    let mut rig = Rig::start().await;
-    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
-        .await;
+    let rig = Rig::with_claude().await;
     rig.api.hold(2);
     let created = file_ticket(
         &rig.tickets,
@@ -1242,9 +1238,7 @@ async fn a_steady_worker_passes_its_review_and_pays_for_it() {
 /// which takes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_requiring_codex_waits_for_a_codex_executor_whatever_else_is_idle() {
-    let mut rig = Rig::start().await;
-    rig.executor(&rig.api.executor_env(Cli::Claude, &rig.home, SECRET))
-        .await;
+    let mut rig = Rig::with_claude().await;
     let mut queue = client(&rig.mesh.task_queue.url);
     let health = omoi_tests::health_client(&rig.mesh.health.url);
     let codex: std::collections::HashMap<String, String> = [("runner".to_string(), "codex".to_string())].into();
