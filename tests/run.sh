@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: starts PostgreSQL and NATS if they are not running,
+# The whole test suite: starts PostgreSQL and NATS if they are not running
+# (a current nats-server, see deploy/local/services.sh),
 # installs the pinned chart tools (for the pods test, which renders the Helm
 # chart) and the pinned coding-agent CLIs (for the agent tests, which run
 # them against a stand-in model API), bubblewrap (the agents' sandbox),
@@ -11,7 +12,9 @@ cd "$(dirname "$0")/.."
 # shellcheck source=../deploy/local/services.sh
 . deploy/local/services.sh
 ensure_postgres
-ensure_nats
+# The suite runs on a nats-server of 2.14 or later: the pinned one where the
+# machine's is older (CI runs the broker tests on the machine's as well).
+ensure_current_nats
 venv=.ci/.venv
 if ! "$venv/bin/python" -c 'import helm_python, openapi_spec_validator, selenium' 2>/dev/null; then
     echo "omoi: installing the pinned tools into $venv" >&2

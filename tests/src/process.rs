@@ -205,7 +205,12 @@ impl Drop for PrivateNats {
     }
 }
 
+/// The nats-server private brokers run: `OMOI_NATS_SERVER` when set (the
+/// pinned current one the test command installs), else the machine's.
 fn nats_server_binary() -> PathBuf {
+    if let Some(given) = std::env::var_os("OMOI_NATS_SERVER").filter(|v| !v.is_empty()) {
+        return PathBuf::from(given);
+    }
     for candidate in [
         "/usr/sbin/nats-server",
         "/usr/bin/nats-server",
