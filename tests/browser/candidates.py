@@ -10,23 +10,12 @@ import os
 
 from selenium.webdriver.common.by import By
 
-from common import run_steps, shot, until
+from common import click, run_steps, shot, until
 
 URL = os.environ["OMOI_CONSOLE_URL"]
 TICKET = os.environ["OMOI_TICKET"]
 CHOOSER = os.environ["OMOI_CHOOSER"]
 CANDIDATE = os.environ["OMOI_CANDIDATE"]
-
-
-def click(d, what, selector):
-    """Clicks the first element `selector` finds, again if the page redrew
-    it meanwhile (it redraws on every event)."""
-    def go():
-        found = d.find_elements(By.CSS_SELECTOR, selector)
-        if found:
-            found[0].click()
-        return bool(found)
-    until(what, go)
 
 
 def side_by_side(d):

@@ -39,6 +39,20 @@ def until(what, check, within=WAIT):
     raise AssertionError(f"timed out waiting for {what} (last error: {last})")
 
 
+def click(d, what, selector):
+    """Clicks the first element `selector` finds, again if the page redrew
+    it meanwhile (pages redraw on every event: a found element may be stale
+    by the time it is clicked)."""
+    from selenium.webdriver.common.by import By
+
+    def go():
+        found = d.find_elements(By.CSS_SELECTOR, selector)
+        if found:
+            found[0].click()
+        return bool(found)
+    until(what, go)
+
+
 def shot(d, name):
     path = os.path.join(ARTEFACTS, f"{name}.png")
     d.save_screenshot(path)

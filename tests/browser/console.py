@@ -10,24 +10,12 @@ import os
 
 from selenium.webdriver.common.by import By
 
-from common import WAIT, run_steps, shot, until
+from common import WAIT, click, run_steps, shot, until
 
 URL = os.environ["OMOI_CONSOLE_URL"]
 AUTH_URL = os.environ["OMOI_CONSOLE_AUTH_URL"]
 TOKEN = os.environ["OMOI_CONSOLE_TOKEN"]
 FAILED_TICKET = os.environ["OMOI_FAILED_TICKET"]
-
-
-def click(d, what, selector):
-    """Clicks the first element matching selector, again if the page redrew
-    it between finding and clicking (live pages redraw as events arrive)."""
-    def attempt():
-        found = d.find_elements(By.CSS_SELECTOR, selector)
-        if not found:
-            return False
-        found[0].click()
-        return True
-    until(what, attempt)
 
 
 def marked(d):

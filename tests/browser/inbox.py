@@ -12,7 +12,7 @@ import os
 
 from selenium.webdriver.common.by import By
 
-from common import run_steps, shot, until
+from common import click, run_steps, shot, until
 
 URL = os.environ["OMOI_CONSOLE_URL"]
 TICKET = os.environ["OMOI_TICKET"]
@@ -34,7 +34,7 @@ def ticket_gate(d):
     until("the ticket's status", lambda: d.find_element(By.ID, "ticket-status").text == "awaiting approval")
     shot(d, "ticket-gate")
     # A task's own change, under its facts.
-    d.find_elements(By.CSS_SELECTOR, "#tasks tr.clickable")[0].click()
+    click(d, "a task's row", "#tasks tr.clickable")
     files = until("the task's diff", lambda: d.find_elements(By.CSS_SELECTOR, "#task-diff details.diff"))
     assert any(f.get_attribute("data-file") == "PLAN.md" for f in files), [f.get_attribute("data-file") for f in files]
     d.execute_script("arguments[0].scrollIntoView()", d.find_element(By.ID, "task-diff"))
@@ -95,7 +95,7 @@ def approve_from_the_inbox(d):
 
 def delivery_log(d):
     d.get(URL + "/subscriptions")
-    until("the subscription listed", lambda: d.find_elements(By.CSS_SELECTOR, "#subscriptions tr[data-subscription]"))[0].click()
+    click(d, "the subscription listed", "#subscriptions tr[data-subscription]")
 
     def completed_delivered():
         for row in d.find_elements(By.CSS_SELECTOR, "#delivery-log tr[data-event]"):

@@ -9,7 +9,7 @@ import os
 
 from selenium.webdriver.common.by import By
 
-from common import run_steps, shot, until
+from common import click, run_steps, shot, until
 
 URL = os.environ["OMOI_CONSOLE_URL"]
 TICKET = os.environ["OMOI_TICKET"]
@@ -36,13 +36,7 @@ def reactions(d):
         assert status == "completed", cells
 
     # A row opens its task.
-    def click_first():
-        rows = d.find_elements(By.CSS_SELECTOR, "#reactions-made tr.clickable")
-        if rows:
-            rows[0].click()
-        return bool(rows)
-
-    until("the first reaction's row clicked", click_first)
+    click(d, "the first reaction's row clicked", "#reactions-made tr.clickable")
     until("the reaction's task selected", lambda: d.find_elements(By.CSS_SELECTOR, "#tasks tr.selected"))
     d.execute_script("arguments[0].scrollIntoView()", d.find_element(By.ID, "reactions-made"))
     shot(d, "ticket-reactions")
