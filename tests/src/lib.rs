@@ -183,6 +183,15 @@ pub fn client(url: &str) -> TaskQueueClient {
 /// Every output line a task's attempts wrote so far, as the queue at
 /// `queue_url` streams them.
 pub async fn task_output(queue_url: &str, task_id: &str) -> Vec<String> {
+    task_events(queue_url, task_id)
+        .await
+        .into_iter()
+        .map(|e| e.text)
+        .collect()
+}
+
+/// Every event of a task's attempts, as the task queue keeps them.
+pub async fn task_events(queue_url: &str, task_id: &str) -> Vec<omoi_proto::common::AgentEvent> {
     use futures::StreamExt;
     client(queue_url)
         .stream_task_output(omoi_proto::taskqueue::StreamTaskOutputRequest {
@@ -192,7 +201,7 @@ pub async fn task_output(queue_url: &str, task_id: &str) -> Vec<String> {
         .await
         .expect("the task's output")
         .into_inner()
-        .map(|m| m.expect("an output message").event.expect("an event").text)
+        .map(|m| m.expect("an output message").event.expect("an event"))
         .collect()
         .await
 }

@@ -244,6 +244,17 @@ pub struct Evidence {
     pub text: String,
 }
 
+impl Evidence {
+    /// The event as evidence: its place, and its text bounded.
+    pub fn of(e: &Observed<'_>) -> Evidence {
+        Evidence {
+            attempt: e.attempt,
+            seq: e.seq,
+            text: excerpt(e.text),
+        }
+    }
+}
+
 /// A signal that tripped, why, and the events that show it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Trip {
@@ -440,11 +451,7 @@ impl Watch {
         self.last_ms = Some(e.at_ms);
         let first = *self.first_ms.get_or_insert(e.at_ms);
         let mut out = Vec::new();
-        let evidence = Evidence {
-            attempt: e.attempt,
-            seq: e.seq,
-            text: excerpt(e.text),
-        };
+        let evidence = Evidence::of(e);
         if matches!(e.kind, Kind::Message | Kind::ToolCall) {
             self.active_since_progress += 1;
         }
@@ -592,11 +599,7 @@ impl Watch {
             .map(|(signal, reason)| Trip {
                 signal,
                 reason,
-                evidence: vec![Evidence {
-                    attempt: e.attempt,
-                    seq: e.seq,
-                    text: excerpt(e.text),
-                }],
+                evidence: vec![Evidence::of(e)],
                 attempt: e.attempt,
                 seq: e.seq,
             })

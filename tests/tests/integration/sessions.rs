@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use omoi_proto::taskqueue as tq;
 use omoi_proto::ticket as pb;
 use omoi_tests::mesh::{Options, ProcessMesh};
@@ -464,8 +463,8 @@ async fn the_guardians_counts_outlive_a_killed_executor() {
         Duration::from_secs(30),
         "the first attempt's two calls recorded",
         || {
-            let (q, id) = (queue.clone(), id.clone());
-            async move { (calls(&output_events(&q, &id).await, 1) == 2).then_some(()) }
+            let (url, id) = (mesh.task_queue.url.clone(), id.clone());
+            async move { (calls(&omoi_tests::task_events(&url, &id).await, 1) == 2).then_some(()) }
         },
     )
     .await;
@@ -502,7 +501,7 @@ async fn the_guardians_counts_outlive_a_killed_executor() {
         .map(|e| e["attempt"].as_i64().unwrap())
         .collect();
     assert_eq!(attempts, [1, 1, 2, 2], "{stop}");
-    let events = output_events(&queue, &id).await;
+    let events = omoi_tests::task_events(&mesh.task_queue.url, &id).await;
     assert_eq!(calls(&events, 2), 2, "two calls of its own, then stopped");
     assert!(
         events
@@ -520,22 +519,6 @@ async fn the_guardians_counts_outlive_a_killed_executor() {
     for dir in [home, home_b, root_b] {
         let _ = std::fs::remove_dir_all(dir);
     }
-}
-
-/// Every event of a task's attempts, as the queue keeps them.
-async fn output_events(queue: &omoi_tests::TaskQueueClient, task_id: &str) -> Vec<omoi_proto::common::AgentEvent> {
-    queue
-        .clone()
-        .stream_task_output(tq::StreamTaskOutputRequest {
-            task_id: task_id.to_owned(),
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|m| m.unwrap().event.unwrap())
-        .collect()
-        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -557,18 +540,10 @@ async fn a_checkpoint_that_cannot_be_kept_or_used_never_stops_an_attempt() {
     tokio::time::timeout(Duration::from_secs(90), api.held())
         .await
         .expect("turn 2 asked for");
+    let url = mesh.task_queue.url.clone();
     let output = |task_id: String| {
-        let q = queue.clone();
-        async move {
-            q.clone()
-                .stream_task_output(tq::StreamTaskOutputRequest { task_id, follow: false })
-                .await
-                .unwrap()
-                .into_inner()
-                .map(|m| m.unwrap().event.unwrap())
-                .collect::<Vec<_>>()
-                .await
-        }
+        let url = url.clone();
+        async move { omoi_tests::task_events(&url, &task_id).await }
     };
     eventually(Duration::from_secs(30), "a skipped checkpoint said", || {
         let out = output(id.clone());

@@ -20,7 +20,7 @@ use super::run::{BranchCommit, End, Prepared, pushed_line};
 use crate::events::EventSink;
 use crate::executions::Execution;
 use crate::git::{self, GitError};
-use crate::runners::{RunContext, Verdict as RunVerdict};
+use crate::runners::RunContext;
 
 /// Where a candidate's kept commit is stored: beside its task's
 /// checkpoints in the sessions' bucket.
@@ -320,14 +320,8 @@ impl Worker {
         if let Some(u) = &usage {
             crate::events::count_usage(u);
         }
-        let answer = match (&outcome.stopped, outcome.verdict) {
-            (None, Some(RunVerdict::Succeeded { summary })) => summary,
-            (None, None) if outcome.exit_code == Some(0) => run.tail(OutputStream::Stdout, 1).pop().unwrap_or_default(),
-            (None, Some(RunVerdict::Failed { message, .. })) => {
-                return Err((format!("the judge failed: {message}"), usage));
-            }
-            _ => return Err(("the judge did not finish".to_owned(), usage)),
-        };
+        let said_last = || Some(run.tail(OutputStream::Stdout, 1).pop().unwrap_or_default());
+        let answer = super::answer_of("judge", outcome, said_last).map_err(|e| (e, usage.clone()))?;
         let verdict = candidates::verdict(&answer).map_err(|e| (e, usage.clone()))?;
         let choice = candidates::judged(rule, eligible, &verdict).map_err(|e| (e, usage.clone()))?;
         Ok((choice, usage))

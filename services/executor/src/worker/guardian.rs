@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::Worker;
 use crate::events::EventSink;
 use crate::executions::{Execution, StopRequest};
-use crate::runners::{RunContext, Verdict};
+use crate::runners::RunContext;
 
 /// Longest a reviewer's look may take.
 const REVIEW_TIMEOUT: Duration = Duration::from_secs(300);
@@ -95,12 +95,7 @@ impl Reviewer {
         if self.recent.len() == guardian::DIGEST_EVENTS {
             self.recent.pop_front();
         }
-        let evidence = Evidence {
-            attempt: e.attempt,
-            seq: e.seq,
-            text: e.text.chars().take(300).collect(),
-        };
-        self.recent.push_back((evidence, guardian::digest_line(e)));
+        self.recent.push_back((Evidence::of(e), guardian::digest_line(e)));
     }
 }
 
@@ -254,14 +249,10 @@ impl Worker {
             Ok(o) => o,
             Err(e) => return (Err(format!("the reviewer could not run: {e}")), shown, None),
         };
-        let said = heard.0.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let answer = match (&outcome.stopped, outcome.verdict) {
-            (None, Some(Verdict::Succeeded { summary })) => Ok(summary),
-            (None, None) if outcome.exit_code == Some(0) => said.ok_or_else(|| "the reviewer said nothing".to_owned()),
-            (None, Some(Verdict::Failed { message, .. })) => Err(format!("the reviewer failed: {message}")),
-            _ => Err("the reviewer did not finish".to_owned()),
-        };
-        (answer.and_then(|a| guardian::review(&a)), shown, outcome.usage)
+        let usage = outcome.usage.clone();
+        let said_last = || heard.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let answer = super::answer_of("reviewer", outcome, said_last);
+        (answer.and_then(|a| guardian::review(&a)), shown, usage)
     }
 
     /// Takes up the counts of the earlier attempts `run` goes on from (a

@@ -244,6 +244,23 @@ impl Worker {
     }
 }
 
+/// The answer of an agent asked for one (the judge, the reviewer): its
+/// run's summary, or — a runner that tells no verdict, exiting 0 — what
+/// `said_last` gives; why not (naming `who`) when it failed or did not
+/// finish.
+fn answer_of(
+    who: &str,
+    outcome: runners::RunOutcome,
+    said_last: impl FnOnce() -> Option<String>,
+) -> Result<String, String> {
+    match (&outcome.stopped, outcome.verdict) {
+        (None, Some(runners::Verdict::Succeeded { summary })) => Ok(summary),
+        (None, None) if outcome.exit_code == Some(0) => said_last().ok_or_else(|| format!("the {who} said nothing")),
+        (None, Some(runners::Verdict::Failed { message, .. })) => Err(format!("the {who} failed: {message}")),
+        _ => Err(format!("the {who} did not finish")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
