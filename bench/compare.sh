@@ -12,7 +12,7 @@
 #   bash bench/compare.sh [--tasks N] [--runs K]
 #
 # DATABASE_URL names the server (any database on it; default the local
-# one), NATS_URL the broker.
+# one), NATS_URL the broker (default a current local one, see above).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,10 +29,12 @@ done
 # shellcheck source=../deploy/local/services.sh
 . deploy/local/services.sh
 if [ -z "${DATABASE_URL:-}" ]; then ensure_postgres; fi
-if [ -z "${NATS_URL:-}" ]; then ensure_nats; fi
+# A current nats-server: the machine's when it is 2.14 or later, else the
+# pinned one (deploy/local/services.sh).
+if [ -z "${NATS_URL:-}" ]; then ensure_current_nats; fi
 server="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 server="${server%/*}"
-export NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
+export NATS_URL="${NATS_URL:-$OMOI_CURRENT_NATS_URL}"
 
 cargo build --release --locked -q -p omoi-bench --bin omoi-bench
 if ! cmp -s bench/peer/package-lock.json bench/peer/node_modules/.omoi-installed 2>/dev/null; then
@@ -72,7 +74,7 @@ for run in $(seq 1 "$runs"); do
     drop "$url"
     ours=$(field end_to_end_tasks_per_s <<<"$omoi")
     theirs=$(field end_to_end_jobs_per_s <<<"$peer")
-    echo "run $run of $runs ($tasks tasks; $(nproc) cores; $(psql -d "$server/postgres" -Atc 'SHOW server_version'))"
+    echo "run $run of $runs ($tasks tasks; $(nproc) cores; PostgreSQL $(psql -d "$server/postgres" -Atc 'SHOW server_version'); nats-server $(field nats_server <<<"$omoi"))"
     echo "  omoi            $ours tasks/s end to end (enqueue $(field enqueue_tasks_per_s <<<"$omoi")/s; $(field events_published <<<"$omoi") events)"
     echo "  graphile-worker $theirs jobs/s end to end (enqueue $(field enqueue_jobs_per_s <<<"$peer")/s)"
     python3 -c "import sys; print(f'  ratio           {float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$ours" "$theirs"

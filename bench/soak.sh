@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 # shellcheck source=../deploy/local/services.sh
 . deploy/local/services.sh
 if [ -z "${DATABASE_URL:-}" ]; then ensure_postgres; else export OMOI_TEST_DATABASE_URL="$DATABASE_URL"; fi
-if [ -z "${NATS_URL:-}" ]; then ensure_nats; else export OMOI_TEST_NATS_URL="$NATS_URL"; fi
+# A current nats-server unless told (deploy/local/services.sh).
+if [ -z "${NATS_URL:-}" ]; then ensure_current_nats; NATS_URL="$OMOI_CURRENT_NATS_URL"; fi
+export OMOI_TEST_NATS_URL="$NATS_URL"
 cargo build --release --locked -q -p omoi-task-queue -p omoi-health -p omoi-ticket -p omoi-bench --bins
 exec target/release/omoi-soak "$@"

@@ -15,6 +15,7 @@ ensure_postgres
 # The suite runs on a nats-server of 2.14 or later: the pinned one where the
 # machine's is older (CI runs the broker tests on the machine's as well).
 ensure_current_nats
+export OMOI_TEST_NATS_URL="$OMOI_CURRENT_NATS_URL"
 venv=.ci/.venv
 if ! "$venv/bin/python" -c 'import helm_python, openapi_spec_validator, selenium' 2>/dev/null; then
     echo "omoi: installing the pinned tools into $venv" >&2

