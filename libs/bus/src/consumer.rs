@@ -244,25 +244,34 @@ async fn batches<F, Fut>(
                 .await
                 .map_err(|e| e.to_string())?;
             loop {
-                let mut fetched = consumer
-                    .fetch()
-                    .max_messages(FETCH)
-                    .expires(Duration::from_secs(1))
-                    .messages()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let mut fetched = pull(&consumer, FETCH, Duration::from_secs(1)).await?;
                 while let Some(first) = fetched.next().await {
                     // The first, then whatever else arrives while gathering.
                     let mut messages = vec![first.map_err(|e| e.to_string())?];
                     let until = tokio::time::Instant::now() + gather;
                     while messages.len() < FETCH {
-                        let more = if gather.is_zero() {
-                            fetched.next().now_or_never().flatten()
-                        } else {
-                            tokio::time::timeout_at(until, fetched.next()).await.ok().flatten()
-                        };
-                        let Some(more) = more else { break };
-                        messages.push(more.map_err(|e| e.to_string())?);
+                        if gather.is_zero() {
+                            match fetched.next().now_or_never().flatten() {
+                                Some(more) => messages.push(more.map_err(|e| e.to_string())?),
+                                None => break,
+                            }
+                            continue;
+                        }
+                        match tokio::time::timeout_at(until, fetched.next()).await {
+                            Ok(Some(more)) => messages.push(more.map_err(|e| e.to_string())?),
+                            // A pull ends with what was pending when it
+                            // came: under a steady trickle, a few events.
+                            // The gather goes on with another pull for the
+                            // time it has left.
+                            Ok(None) => {
+                                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                                if left < SHORTEST_PULL {
+                                    break;
+                                }
+                                fetched = pull(&consumer, FETCH - messages.len(), left).await?;
+                            }
+                            Err(_) => break,
+                        }
                     }
                     failures = 0;
                     backoff.reset();
@@ -326,8 +335,23 @@ async fn batches<F, Fut>(
     }
 }
 
+/// Asks for up to `most` events: the pull waits up to `wait` for the first
+/// and ends with what is pending then.
+async fn pull(consumer: &consumer::PullConsumer, most: usize, wait: Duration) -> Result<consumer::pull::Batch, String> {
+    consumer
+        .fetch()
+        .max_messages(most)
+        .expires(wait)
+        .messages()
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Most events asked for at once (and so handed to a batch handler).
 const FETCH: usize = 100;
+
+/// A gather with less time than this left ends rather than pull again.
+const SHORTEST_PULL: Duration = Duration::from_millis(5);
 
 /// How long a batch handler's batch gathers after its first event: events
 /// come in bursts, and one statement for many is what batching is for.

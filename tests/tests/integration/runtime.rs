@@ -284,3 +284,72 @@ async fn the_streams_keep_what_they_are_told_and_a_changed_retention_is_applied(
     assert_eq!(info.max_messages_per_subject, 10_000, "the rest as it was");
     infra.cleanup().await.unwrap();
 }
+
+/// A batch consumer hands its handler what arrives within its gather
+/// window as one batch, also when events come one at a time: each pull of
+/// the stream ends with what is pending when it comes (under a trickle, a
+/// single event), and the gather goes on with further pulls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_consumer_gathers_a_trickle_of_events_into_few_batches() {
+    use omoi_domain::event::{Event as Domain, TaskStarted};
+    use prost::Message as _;
+    use std::sync::{Arc, Mutex};
+
+    const EVENTS: usize = 60;
+    let infra = Infra::new().await.unwrap();
+    let client = async_nats::connect(&infra.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    omoi_bus::ensure_stream(&js, &infra.topology).await.unwrap();
+    let batches = Arc::new(Mutex::new(Vec::<usize>::new()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let consumer = tokio::spawn(omoi_bus::consumer::consume_batches(
+        client.clone(),
+        infra.topology.clone(),
+        "gathers".to_owned(),
+        infra.topology.event_filter(omoi_domain::EventType::TaskStarted),
+        shutdown.clone(),
+        {
+            let batches = Arc::clone(&batches);
+            move |batch| {
+                batches.lock().unwrap().push(batch.len());
+                async { Ok(()) }
+            }
+        },
+    ));
+    // One event every 2 ms: each is alone on the stream when it comes.
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    for _ in 0..EVENTS {
+        tick.tick().await;
+        let task = uuid::Uuid::now_v7();
+        let started = Domain::TaskStarted(TaskStarted {
+            attempt: 1,
+            agent_id: None,
+        });
+        let event = omoi_proto::events::Event {
+            id: uuid::Uuid::now_v7().to_string(),
+            event_type: "TASK_STARTED".into(),
+            entity_type: "task".into(),
+            entity_id: task.to_string(),
+            ticket_id: String::new(),
+            occurred_at: None,
+            payload: Some(omoi_proto::convert::json_to_struct(&started.payload())),
+        };
+        let subject = infra.topology.event_subject("task", "TASK_STARTED", None);
+        js.publish(subject, event.encode_to_vec().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "every event handled", || async {
+        (batches.lock().unwrap().iter().sum::<usize>() == EVENTS).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    consumer.await.unwrap();
+    let batches = batches.lock().unwrap().clone();
+    // 120 ms of events in 50 ms gathers: three or four batches, a few more
+    // on a loaded machine; one per event if each pull ended the gather.
+    assert!(batches.len() <= EVENTS / 6, "{} batches: {batches:?}", batches.len());
+    infra.cleanup().await.unwrap();
+}
