@@ -259,16 +259,22 @@ async fn batches<F, Fut>(
                         }
                         match tokio::time::timeout_at(until, fetched.next()).await {
                             Ok(Some(more)) => messages.push(more.map_err(|e| e.to_string())?),
-                            // A pull ends with what was pending when it
-                            // came: under a steady trickle, a few events.
-                            // The gather goes on with another pull for the
-                            // time it has left.
+                            // The first pull ends with what was pending
+                            // when it came: under a steady trickle, a few
+                            // events. The gather goes on with one pull that
+                            // waits out the time it has left.
                             Ok(None) => {
                                 let left = until.saturating_duration_since(tokio::time::Instant::now());
                                 if left < SHORTEST_PULL {
                                     break;
                                 }
-                                fetched = pull(&consumer, FETCH - messages.len(), left).await?;
+                                fetched = consumer
+                                    .batch()
+                                    .max_messages(FETCH - messages.len())
+                                    .expires(left)
+                                    .messages()
+                                    .await
+                                    .map_err(|e| e.to_string())?;
                             }
                             Err(_) => break,
                         }
