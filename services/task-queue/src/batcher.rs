@@ -21,9 +21,6 @@ type BatchFuture<'a> =
 /// Largest batch written at once.
 const MAX_BATCH: usize = 512;
 
-/// How long a batch waits for more reports after its first.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(2);
-
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<(Report, Reply)>,
@@ -70,17 +67,10 @@ async fn run(
                 None => return,
             }
         }
-        // What else is queued, then whatever comes within GATHER of the
-        // first: under a steady trickle each commit otherwise carries the
-        // one or two reports that arrived while the last one committed.
-        let until = tokio::time::Instant::now() + GATHER;
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(item) => batch.push(item),
-                Err(_) => match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(Some(item)) => batch.push(item),
-                    _ => break,
-                },
+                Err(_) => break,
             }
         }
         // Two reports of one task go to separate batches, so each gets its
