@@ -72,7 +72,8 @@ pinned_nats_server() {
 # with JetStream on 127.0.0.1:4322, its store in /var/tmp/omoi-nats-4322
 # (outside any checkout: the server outlives the command and serves the
 # next one). Exports OMOI_CURRENT_NATS_URL, and OMOI_NATS_SERVER (the
-# pinned binary, for the private brokers tests and `omoi up` start).
+# pinned binary, which the tests' private brokers and `omoi up`'s private
+# NATS then run).
 ensure_current_nats() {
     ensure_nats
     local have
