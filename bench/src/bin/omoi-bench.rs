@@ -535,7 +535,7 @@ async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
     let client = health_client(&args).await?;
     let ids = register_agents(&client, agents, 1, false).await?;
     let pid = spawned.as_ref().and_then(|h| h.child.id());
-    let cpu_before = pid.map(cpu_seconds);
+    let cpu_before = pid.map(omoi_bench::soak::cpu_seconds);
     let until = Instant::now() + Duration::from_secs_f64(args.seconds);
     let start = Instant::now();
     let mut workers = Vec::new();
@@ -588,7 +588,7 @@ async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
     // memory at the end.
     let (cpu, rss) = match (pid, cpu_before) {
         (Some(pid), Some(before)) => (
-            Some(round(100.0 * (cpu_seconds(pid) - before) / secs)),
+            Some(round(100.0 * (omoi_bench::soak::cpu_seconds(pid) - before) / secs)),
             Some(round(rss_mb(pid))),
         ),
         _ => (None, None),
@@ -632,17 +632,6 @@ async fn heartbeat_load(args: &Args, agents: usize) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// CPU seconds (user and system) a process has used so far; /proc counts
-/// in USER_HZ, which is 100 on Linux.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces), from "state".
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn rss_mb(pid: u32) -> f64 {

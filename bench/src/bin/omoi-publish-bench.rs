@@ -17,6 +17,7 @@ use async_nats::jetstream::{self, stream};
 use clap::Parser;
 use futures::StreamExt;
 use futures::future::join_all;
+use omoi_bench::soak::cpu_seconds;
 
 /// A message to publish.
 #[derive(Debug, Clone)]
@@ -80,35 +81,31 @@ async fn main() -> anyhow::Result<()> {
     for mode in &args.modes {
         let run = format!("PUBBENCH_{}", uuid::Uuid::new_v4().simple());
         let prefix = run.to_lowercase();
-        let stream = js
-            .create_stream(stream::Config {
-                name: run.clone(),
-                subjects: vec![format!("{prefix}.>")],
-                storage: stream::StorageType::File,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await?;
+        js.create_stream(stream::Config {
+            name: run.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await?;
         match mode {
             Mode::Each => {}
             Mode::Atomic => allow(&client, &run, "allow_atomic").await?,
             Mode::Fast => allow(&client, &run, "allow_batched").await?,
         }
         let messages: Vec<Outgoing> = (0..args.messages).map(|i| message(&prefix, i, args.size)).collect();
-        let cpu_before = args.server_pid.map(cpu_ticks).transpose()?;
+        let cpu_before = args.server_pid.map(cpu_seconds);
         let started = Instant::now();
         for batch in messages.chunks(args.batch) {
             send(&js, &client, *mode, batch.to_vec()).await?;
         }
         let secs = started.elapsed().as_secs_f64();
         let cpu = match (args.server_pid, cpu_before) {
-            (Some(pid), Some(before)) => {
-                let ticks = cpu_ticks(pid)? - before;
-                format!(
-                    ", nats-server {:.1} µs CPU/message",
-                    ticks as f64 * 10_000.0 / args.messages as f64
-                )
-            }
+            (Some(pid), Some(before)) => format!(
+                ", nats-server {:.1} µs CPU/message",
+                (cpu_seconds(pid) - before) * 1e6 / args.messages as f64
+            ),
             _ => String::new(),
         };
         let stored = js.get_stream(&run).await?.info().await?.state.messages;
@@ -130,7 +127,6 @@ async fn main() -> anyhow::Result<()> {
             },
             after
         );
-        drop(stream);
         js.delete_stream(&run).await?;
     }
     Ok(())
@@ -277,22 +273,6 @@ async fn answer(replies: &mut async_nats::Subscriber) -> anyhow::Result<serde_js
         .map_err(|_| anyhow::anyhow!("no answer from the server within 5 s"))?
         .ok_or_else(|| anyhow::anyhow!("the replies ended"))?;
     let value: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-    if std::env::var_os("OMOI_DEBUG_FAST").is_some() {
-        eprintln!("{value}");
-    }
     anyhow::ensure!(value["error"].is_null(), "{}", value["error"]);
     Ok(value)
-}
-
-/// User and system CPU of a process so far, in clock ticks (1/100 s).
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    Ok(fields.get(11).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0))
 }

@@ -286,9 +286,10 @@ async fn the_streams_keep_what_they_are_told_and_a_changed_retention_is_applied(
 }
 
 /// A batch consumer hands its handler what arrives within its gather
-/// window as one batch, also when events come one at a time: each pull of
-/// the stream ends with what is pending when it comes (under a trickle, a
-/// single event), and the gather goes on with further pulls.
+/// window as one batch, also when events come one at a time: the first
+/// pull of the stream ends with what is pending when it comes (under a
+/// trickle, a single event), and the gather goes on with a pull that waits
+/// out the time left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_consumer_gathers_a_trickle_of_events_into_few_batches() {
     use omoi_domain::event::{Event as Domain, TaskStarted};
