@@ -222,8 +222,12 @@ impl Base {
             }
             let _ = migrated.set(());
             tracing::info!("database migrated");
+            // The relay stops after every other loop has: a dispatch round
+            // or a lease check still committing when the stop came writes
+            // events the relay's drain must still find.
+            let relay_stop = CancellationToken::new();
+            let relay = tokio::spawn(relay.run(relay_stop.clone(), grace));
             let mut loops = JoinSet::new();
-            loops.spawn(relay.run(background.clone(), grace));
             loops.spawn(maintenance::forget_consumed(
                 store.clone(),
                 events_max_age,
@@ -240,7 +244,18 @@ impl Base {
             for job in jobs {
                 loops.spawn(job(background.clone()));
             }
-            while loops.join_next().await.is_some() {}
+            // The others get half the grace period after the stop to end.
+            let others_end = async { while loops.join_next().await.is_some() {} };
+            let others_late = async {
+                background.cancelled().await;
+                tokio::time::sleep(grace / 2).await;
+            };
+            tokio::select! {
+                _ = others_end => {}
+                _ = others_late => {}
+            }
+            relay_stop.cancel();
+            let _ = relay.await;
         });
         let stop = async move {
             shutdown.cancelled().await;
